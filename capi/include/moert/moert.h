@@ -1,0 +1,271 @@
+/*
+ * moert: an embeddable Mixture-of-Experts runtime. This is the only public header.
+ *
+ * Conventions that hold for every function below unless its comment says otherwise:
+ *  - Errors: every fallible function returns a moert_status*. NULL means success. A non-NULL
+ *    status carries a code (MOERT_ERR_*) and a message naming what is at fault; the caller owns
+ *    it and releases it with moert_status_free(). On error, output parameters are left unchanged
+ *    and every handle keeps the state it had before the call.
+ *  - Handles are opaque. Each *_create / *_load has a matching *_free; every *_free accepts NULL.
+ *  - Inputs are copied: the library keeps no pointer to caller memory after a call returns.
+ *    Outputs go to caller-allocated buffers whose length (in elements) the caller passes, so a
+ *    buffer of the wrong size is an error, never an overrun.
+ *  - Strings returned as `const char*` are owned by the library and stay valid for the lifetime of
+ *    the handle they came from.
+ *  - Thread-safety: a moert_model is immutable after loading and may be used from any number of
+ *    threads at once. A moert_session may be called from any thread; calls on one session are
+ *    serialised by the session itself. A moert_session_options object must not be modified
+ *    concurrently. Status objects are independent values.
+ *  - No function throws, aborts or exits on bad input.
+ */
+#ifndef MOERT_MOERT_H
+#define MOERT_MOERT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define MOERT_API __declspec(dllimport)
+#elif defined(MOERT_BUILDING_LIBRARY)
+#define MOERT_API __attribute__((visibility("default")))
+#else
+#define MOERT_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Versions ---------------------------------------------------------------------------- */
+
+/* ABI major: changes only when an existing function or constant changes meaning or signature. It
+ * is the SONAME's number (libmoert.so.1). Bindings compare it to moert_abi_version() at load. */
+#define MOERT_ABI_VERSION 1
+#define MOERT_VERSION_MAJOR 0
+#define MOERT_VERSION_MINOR 1
+#define MOERT_VERSION_PATCH 0
+
+/* The ABI major the loaded library implements. Thread-safe; never fails. */
+MOERT_API uint32_t moert_abi_version(void);
+
+/* The library version as "MAJOR.MINOR.PATCH". Static storage; thread-safe; never fails. */
+MOERT_API const char* moert_version_string(void);
+
+/* Major and minor of the model-description schema this library reads. A model file with another
+ * major is refused; any minor is read. Thread-safe; never fails. */
+MOERT_API void moert_schema_version(uint32_t* major, uint32_t* minor);
+
+/* ---- Status ------------------------------------------------------------------------------ */
+
+#define MOERT_OK 0
+#define MOERT_ERR_INVALID_ARGUMENT 1 /* NULL handle, wrong buffer size, out-of-range value */
+#define MOERT_ERR_INVALID_MODEL 2    /* the model description is malformed or inconsistent */
+#define MOERT_ERR_IO 3               /* a file could not be opened, read or written */
+#define MOERT_ERR_OUT_OF_MEMORY 4    /* an allocation failed; the state is unchanged */
+#define MOERT_ERR_UNSUPPORTED 5      /* valid request this build or device cannot serve */
+#define MOERT_ERR_INVALID_STATE 6    /* the call is not allowed in the handle's current state */
+#define MOERT_ERR_NUMERIC 7          /* NaN or infinity in an input or a result */
+#define MOERT_ERR_INTERNAL 8         /* a bug in moert: please report it with the message */
+
+typedef struct moert_status moert_status;
+
+/* The status code; MOERT_OK for NULL. Thread-safe. */
+MOERT_API int32_t moert_status_code(const moert_status* status);
+
+/* The message, "" for NULL. Owned by the status: valid until moert_status_free(status). */
+MOERT_API const char* moert_status_message(const moert_status* status);
+
+/* Releases a status. Accepts NULL. */
+MOERT_API void moert_status_free(moert_status* status);
+
+/* A constant name for a code ("MOERT_ERR_IO"), "MOERT_ERR_UNKNOWN" for other values. */
+MOERT_API const char* moert_status_code_name(int32_t code);
+
+/* ---- Model ------------------------------------------------------------------------------- */
+
+typedef struct moert_model moert_model;
+
+/* Layer kinds, as returned by moert_model_layer_kind(). */
+#define MOERT_LAYER_EMBEDDING 1
+#define MOERT_LAYER_RMSNORM 2
+#define MOERT_LAYER_MOE 3
+#define MOERT_LAYER_DENSE_FFN 4
+#define MOERT_LAYER_OUTPUT_HEAD 5
+
+/* Input kinds, as returned by moert_model_input(). */
+#define MOERT_INPUT_TOKENS 1 /* rows of token ids (int32); the first layer is an embedding */
+#define MOERT_INPUT_HIDDEN 2 /* rows of hidden states (float) */
+
+/* Loads and validates a binary model file (schemas/moert.fbs). External weights are read from the
+ * file named by the model, relative to the model file's directory. The FlatBuffers verifier runs
+ * first, then every field is checked for meaning; a defect gives MOERT_ERR_INVALID_MODEL with the
+ * layer and field at fault, an unreadable file MOERT_ERR_IO. On success *out receives a model the
+ * caller frees with moert_model_free(). */
+MOERT_API moert_status* moert_model_load_file(const char* path, moert_model** out);
+
+/* As moert_model_load_file(), from `size` bytes at `data` (copied; no alignment required).
+ * `external_dir` is the directory that a model with external weights resolves its data file
+ * against; it may be NULL when the model has none. */
+MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
+                                                const char* external_dir, moert_model** out);
+
+/* Releases a model. Accepts NULL. Sessions created from it stay valid: they hold what they need. */
+MOERT_API void moert_model_free(moert_model* model);
+
+/* The model's name ("" when it has none). */
+MOERT_API moert_status* moert_model_name(const moert_model* model, const char** out);
+
+/* Number of layers. */
+MOERT_API moert_status* moert_model_num_layers(const moert_model* model, uint32_t* out);
+
+/* Kind (MOERT_LAYER_*) of layer `index`. */
+MOERT_API moert_status* moert_model_layer_kind(const moert_model* model, uint32_t index,
+                                               int32_t* out);
+
+/* Name of layer `index`; layers without a name in the file are named "layer<index>". */
+MOERT_API moert_status* moert_model_layer_name(const moert_model* model, uint32_t index,
+                                               const char** out);
+
+/* Width of one input row and one output row of layer `index` (for an embedding, the input width
+ * is its context window in tokens). Either pointer may be NULL. */
+MOERT_API moert_status* moert_model_layer_dims(const moert_model* model, uint32_t index,
+                                               uint32_t* in_width, uint32_t* out_width);
+
+/* What a forward pass takes and returns: *input_kind is MOERT_INPUT_TOKENS or MOERT_INPUT_HIDDEN,
+ * *input_width the values per input row (tokens per row, or hidden width), *output_width the values
+ * per output row. Any pointer may be NULL. */
+MOERT_API moert_status* moert_model_io(const moert_model* model, int32_t* input_kind,
+                                       uint32_t* input_width, uint32_t* output_width);
+
+/* Parameter counts: *total counts every parameter (routed experts, the loss-free bias excluded);
+ * *activated counts those one input row uses (top_k routed experts per MoE layer, one embedding
+ * row per context token). Either pointer may be NULL. */
+MOERT_API moert_status* moert_model_num_parameters(const moert_model* model, uint64_t* total,
+                                                   uint64_t* activated);
+
+/* Integer configuration keys of a MoE layer, for moert_model_moe_int(). */
+#define MOERT_MOE_DIM 1
+#define MOERT_MOE_NUM_EXPERTS 2
+#define MOERT_MOE_TOP_K 3
+#define MOERT_MOE_EXPERT_HIDDEN 4
+#define MOERT_MOE_SCORE_FUNCTION 5 /* MOERT_SCORE_* */
+#define MOERT_MOE_NUM_GROUPS 6
+#define MOERT_MOE_TOPK_GROUPS 7
+#define MOERT_MOE_NORMALIZE_WEIGHTS 8 /* 0 or 1 */
+#define MOERT_MOE_NUM_SHARED_EXPERTS 9
+#define MOERT_MOE_SHARED_HIDDEN 10
+#define MOERT_MOE_RESIDUAL 11         /* 0 or 1 */
+#define MOERT_MOE_BALANCING_POLICY 12 /* MOERT_BALANCING_* */
+
+/* Floating-point configuration keys of a MoE layer, for moert_model_moe_float(). */
+#define MOERT_MOE_ROUTED_SCALING_FACTOR 101
+#define MOERT_MOE_BIAS_UPDATE_RATE 102
+#define MOERT_MOE_AUX_ALPHA 103
+#define MOERT_MOE_CAPACITY_FACTOR 104
+
+#define MOERT_SCORE_SIGMOID 0
+#define MOERT_SCORE_SOFTMAX 1
+
+#define MOERT_BALANCING_NONE 0
+#define MOERT_BALANCING_LOSS_FREE_BIAS 1
+#define MOERT_BALANCING_AUX_LOSS 2
+#define MOERT_BALANCING_SEQUENCE_AUX_LOSS 3
+#define MOERT_BALANCING_EXPERT_CHOICE 4
+
+/* Reads an integer setting of MoE layer `index`. MOERT_ERR_INVALID_ARGUMENT when the layer is not
+ * a MoE layer or the key is unknown. */
+MOERT_API moert_status* moert_model_moe_int(const moert_model* model, uint32_t index, int32_t key,
+                                            int64_t* out);
+
+/* Reads a floating-point setting of MoE layer `index`; errors as moert_model_moe_int(). */
+MOERT_API moert_status* moert_model_moe_float(const moert_model* model, uint32_t index, int32_t key,
+                                              double* out);
+
+/* ---- Session options --------------------------------------------------------------------- */
+
+typedef struct moert_session_options moert_session_options;
+
+#define MOERT_DEVICE_CPU 0
+#define MOERT_DEVICE_CUDA 1
+
+#define MOERT_MODE_INFERENCE 0
+#define MOERT_MODE_TRAINING 1
+
+/* Creates options with the defaults: CPU, 1 thread, seed 0, inference mode. Free with
+ * moert_session_options_free(). */
+MOERT_API moert_status* moert_session_options_create(moert_session_options** out);
+
+/* Releases options. Accepts NULL. */
+MOERT_API void moert_session_options_free(moert_session_options* options);
+
+/* Device kind (MOERT_DEVICE_*) and index. This build runs MOERT_DEVICE_CPU; asking for CUDA is
+ * accepted here and refused by moert_session_create() with MOERT_ERR_UNSUPPORTED when no CUDA
+ * backend can be loaded. */
+MOERT_API moert_status* moert_session_options_set_device(moert_session_options* options,
+                                                         int32_t device, int32_t index);
+
+/* Worker threads for the session's CPU work, 1 to 1024. */
+MOERT_API moert_status* moert_session_options_set_threads(moert_session_options* options,
+                                                          uint32_t threads);
+
+/* Seed for everything random the session does. */
+MOERT_API moert_status* moert_session_options_set_seed(moert_session_options* options,
+                                                       uint64_t seed);
+
+/* MOERT_MODE_INFERENCE or MOERT_MODE_TRAINING. */
+MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* options,
+                                                       int32_t mode);
+
+/* Backend knob by name. Known keys:
+ *   "check_finite"  "true" (default) | "false": refuse NaN or infinity in hidden-state inputs
+ *                   with MOERT_ERR_NUMERIC before any work is done.
+ * An unknown key or a value it does not accept is MOERT_ERR_INVALID_ARGUMENT. */
+MOERT_API moert_status* moert_session_options_set_config(moert_session_options* options,
+                                                         const char* key, const char* value);
+
+/* ---- Session ----------------------------------------------------------------------------- */
+
+typedef struct moert_session moert_session;
+
+/* Creates a session over `model` with `options` (NULL: defaults). The session keeps what it needs
+ * of the model: the model may be freed afterwards. Free with moert_session_free().
+ * MOERT_ERR_UNSUPPORTED when the options ask for a device or mode this build cannot serve. */
+MOERT_API moert_status* moert_session_create(const moert_model* model,
+                                             const moert_session_options* options,
+                                             moert_session** out);
+
+/* Releases a session. Accepts NULL. Must not race with another call on the same session. */
+MOERT_API void moert_session_free(moert_session* session);
+
+/* Forward pass over `rows` rows of token ids (a model whose input is MOERT_INPUT_TOKENS).
+ * `tokens` holds rows * input_width ids, row-major, each in [0, vocab_size); `num_tokens` is its
+ * length. `out` receives rows * output_width floats; `out_len` is its length. */
+MOERT_API moert_status* moert_session_forward_tokens(moert_session* session, const int32_t* tokens,
+                                                     uint64_t num_tokens, uint64_t rows, float* out,
+                                                     uint64_t out_len);
+
+/* Forward pass over `rows` rows of hidden states (a model whose input is MOERT_INPUT_HIDDEN).
+ * `in` holds rows * input_width floats (`in_len`), `out` receives rows * output_width (`out_len`).
+ */
+MOERT_API moert_status* moert_session_forward_hidden(moert_session* session, const float* in,
+                                                     uint64_t in_len, uint64_t rows, float* out,
+                                                     uint64_t out_len);
+
+/* Tokens routed to each expert of MoE layer `layer` in the last forward pass: `counts` receives
+ * num_experts integers (`len`). All zero before the first forward pass. */
+MOERT_API moert_status* moert_session_expert_counts(const moert_session* session, uint32_t layer,
+                                                    int64_t* counts, uint64_t len);
+
+/* Selects every MoE layer in moert_session_max_vio(). */
+#define MOERT_ALL_LAYERS 0xFFFFFFFFu
+
+/* MaxVio of the last forward pass, (max_i count_i - mean count) / mean count, for MoE layer
+ * `layer`, or averaged over all MoE layers with MOERT_ALL_LAYERS. 0 before the first forward. */
+MOERT_API moert_status* moert_session_max_vio(const moert_session* session, uint32_t layer,
+                                              double* out);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* MOERT_MOERT_H */

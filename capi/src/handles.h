@@ -1,0 +1,20 @@
+// What the opaque handles of moert.h hold.
+#pragma once
+
+#include <memory>
+
+#include "capi/src/status.h"
+#include "core/model.h"
+#include "core/session.h"
+
+struct moert_model {
+  std::shared_ptr<const moert::Model> model;
+};
+
+struct moert_session_options {
+  moert::SessionOptions options;
+};
+
+struct moert_session {
+  std::unique_ptr<moert::Session> session;
+};

@@ -1,0 +1,201 @@
+// C entry points for models: loading and inspection.
+#include <limits>
+#include <memory>
+
+#include "capi/src/handles.h"
+#include "core/model_loader.h"
+
+using moert::Code;
+using moert::fail;
+using moert::capi::guarded;
+using moert::capi::require;
+
+namespace {
+
+const moert::LayerSpec& layer_at(const moert_model* model, uint32_t index) {
+  require(model, "model");
+  const auto& layers = model->model->layers;
+  if (index >= layers.size())
+    fail(Code::InvalidArgument, "layer index ", index, " is out of range (the model has ",
+         layers.size(), " layers)");
+  return layers[index];
+}
+
+const moert::MoESpec& moe_at(const moert_model* model, uint32_t index) {
+  const auto& l = layer_at(model, index);
+  const auto* m = std::get_if<moert::MoESpec>(&l.spec);
+  if (!m)
+    fail(Code::InvalidArgument, "layer ", index, " ('", l.name, "') is a ",
+         moert::layer_kind_name(l.kind), " layer, not a MoE layer");
+  return *m;
+}
+
+}  // namespace
+
+extern "C" {
+
+void moert_schema_version(uint32_t* major, uint32_t* minor) {
+  if (major) *major = moert::kSchemaMajor;
+  if (minor) *minor = moert::kSchemaMinor;
+}
+
+moert_status* moert_model_load_file(const char* path, moert_model** out) {
+  return guarded([&] {
+    require(path, "path");
+    require(out, "out");
+    auto m = std::make_unique<moert_model>(moert_model{moert::load_model_file(path)});
+    *out = m.release();
+  });
+}
+
+moert_status* moert_model_load_buffer(const void* data, size_t size, const char* external_dir,
+                                      moert_model** out) {
+  return guarded([&] {
+    require(data, "data");
+    require(out, "out");
+    auto m = std::make_unique<moert_model>(
+        moert_model{moert::load_model_buffer(data, size, external_dir ? external_dir : "")});
+    *out = m.release();
+  });
+}
+
+void moert_model_free(moert_model* model) { delete model; }
+
+moert_status* moert_model_name(const moert_model* model, const char** out) {
+  return guarded([&] {
+    require(model, "model");
+    require(out, "out");
+    *out = model->model->name.c_str();
+  });
+}
+
+moert_status* moert_model_num_layers(const moert_model* model, uint32_t* out) {
+  return guarded([&] {
+    require(model, "model");
+    require(out, "out");
+    *out = static_cast<uint32_t>(model->model->layers.size());
+  });
+}
+
+moert_status* moert_model_layer_kind(const moert_model* model, uint32_t index, int32_t* out) {
+  return guarded([&] {
+    const auto& l = layer_at(model, index);
+    require(out, "out");
+    *out = static_cast<int32_t>(l.kind);
+  });
+}
+
+moert_status* moert_model_layer_name(const moert_model* model, uint32_t index, const char** out) {
+  return guarded([&] {
+    const auto& l = layer_at(model, index);
+    require(out, "out");
+    *out = l.name.c_str();
+  });
+}
+
+moert_status* moert_model_layer_dims(const moert_model* model, uint32_t index, uint32_t* in_width,
+                                     uint32_t* out_width) {
+  return guarded([&] {
+    const auto& l = layer_at(model, index);
+    if (in_width) *in_width = l.in_width;
+    if (out_width) *out_width = l.out_width;
+  });
+}
+
+moert_status* moert_model_io(const moert_model* model, int32_t* input_kind, uint32_t* input_width,
+                             uint32_t* output_width) {
+  return guarded([&] {
+    require(model, "model");
+    const auto& m = *model->model;
+    if (input_kind) *input_kind = m.token_input ? MOERT_INPUT_TOKENS : MOERT_INPUT_HIDDEN;
+    if (input_width) *input_width = m.input_width;
+    if (output_width) *output_width = m.output_width;
+  });
+}
+
+moert_status* moert_model_num_parameters(const moert_model* model, uint64_t* total,
+                                         uint64_t* activated) {
+  return guarded([&] {
+    require(model, "model");
+    if (total) *total = model->model->total_parameters();
+    if (activated) *activated = model->model->activated_parameters();
+  });
+}
+
+moert_status* moert_model_moe_int(const moert_model* model, uint32_t index, int32_t key,
+                                  int64_t* out) {
+  return guarded([&] {
+    const auto& m = moe_at(model, index);
+    require(out, "out");
+    int64_t v;
+    switch (key) {
+      case MOERT_MOE_DIM:
+        v = m.dim;
+        break;
+      case MOERT_MOE_NUM_EXPERTS:
+        v = m.router.num_experts;
+        break;
+      case MOERT_MOE_TOP_K:
+        v = m.router.top_k;
+        break;
+      case MOERT_MOE_EXPERT_HIDDEN:
+        v = m.expert_hidden;
+        break;
+      case MOERT_MOE_SCORE_FUNCTION:
+        v = static_cast<int64_t>(m.router.score);
+        break;
+      case MOERT_MOE_NUM_GROUPS:
+        v = m.router.num_groups;
+        break;
+      case MOERT_MOE_TOPK_GROUPS:
+        v = m.router.topk_groups;
+        break;
+      case MOERT_MOE_NORMALIZE_WEIGHTS:
+        v = m.router.normalize ? 1 : 0;
+        break;
+      case MOERT_MOE_NUM_SHARED_EXPERTS:
+        v = m.num_shared;
+        break;
+      case MOERT_MOE_SHARED_HIDDEN:
+        v = m.shared_hidden;
+        break;
+      case MOERT_MOE_RESIDUAL:
+        v = m.residual ? 1 : 0;
+        break;
+      case MOERT_MOE_BALANCING_POLICY:
+        v = static_cast<int64_t>(m.balancing.policy);
+        break;
+      default:
+        fail(Code::InvalidArgument, "unknown integer MoE key ", key);
+    }
+    *out = v;
+  });
+}
+
+moert_status* moert_model_moe_float(const moert_model* model, uint32_t index, int32_t key,
+                                    double* out) {
+  return guarded([&] {
+    const auto& m = moe_at(model, index);
+    require(out, "out");
+    double v;
+    switch (key) {
+      case MOERT_MOE_ROUTED_SCALING_FACTOR:
+        v = m.router.scaling;
+        break;
+      case MOERT_MOE_BIAS_UPDATE_RATE:
+        v = m.balancing.bias_update_rate;
+        break;
+      case MOERT_MOE_AUX_ALPHA:
+        v = m.balancing.aux_alpha;
+        break;
+      case MOERT_MOE_CAPACITY_FACTOR:
+        v = m.balancing.capacity_factor;
+        break;
+      default:
+        fail(Code::InvalidArgument, "unknown floating-point MoE key ", key);
+    }
+    *out = v;
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,44 @@
+// The status object behind moert_status, and the guard every entry point runs its body in.
+#pragma once
+
+#include <new>
+#include <string>
+
+#include "core/error.h"
+#include "moert/moert.h"
+
+struct moert_status {
+  int32_t code;
+  std::string message;
+};
+
+namespace moert::capi {
+
+// Returned when even the status for an allocation failure cannot be allocated; never freed.
+extern moert_status g_out_of_memory;
+
+moert_status* make_status(int32_t code, const std::string& message) noexcept;
+
+// Runs body(); maps every exception to a status. Nothing escapes across the C ABI.
+template <typename F>
+moert_status* guarded(F&& body) noexcept {
+  try {
+    body();
+    return nullptr;
+  } catch (const Error& e) {
+    return make_status(static_cast<int32_t>(e.code()), e.what());
+  } catch (const std::bad_alloc&) {
+    return make_status(MOERT_ERR_OUT_OF_MEMORY, "out of memory");
+  } catch (const std::exception& e) {
+    return make_status(MOERT_ERR_INTERNAL, std::string("internal error: ") + e.what());
+  } catch (...) {
+    return make_status(MOERT_ERR_INTERNAL, "internal error: unknown exception");
+  }
+}
+
+template <typename T>
+void require(const T* p, const char* what) {
+  if (!p) fail(Code::InvalidArgument, what, " is NULL");
+}
+
+}  // namespace moert::capi

@@ -1,0 +1,139 @@
+// The validated in-memory model: what the loader produces from a description and what sessions are
+// built from. Every invariant the loader checks holds here, so consumers need not re-check.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace moert {
+
+// The schema version this library reads (schemas/moert.fbs): any minor of this major.
+inline constexpr uint32_t kSchemaMajor = 1;
+inline constexpr uint32_t kSchemaMinor = 0;
+
+enum class LayerKind : int32_t {
+  Embedding = 1,
+  RMSNorm = 2,
+  MoE = 3,
+  DenseFFN = 4,
+  OutputHead = 5
+};
+enum class ScoreFunction : int32_t { Sigmoid = 0, Softmax = 1 };
+enum class BalancingPolicy : int32_t {
+  None = 0,
+  LossFreeBias = 1,
+  AuxLoss = 2,
+  SequenceAuxLoss = 3,
+  ExpertChoice = 4,
+};
+
+const char* layer_kind_name(LayerKind kind);
+
+// A dense fp32 host tensor, row-major.
+struct Tensor {
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+
+  int64_t numel() const { return static_cast<int64_t>(values.size()); }
+  float* data() { return values.data(); }
+  const float* data() const { return values.data(); }
+};
+
+struct EmbeddingSpec {
+  uint32_t vocab_size = 0;
+  uint32_t dim = 0;      // per token
+  uint32_t context = 1;  // tokens per row; the output row is context * dim wide
+  Tensor weight;         // [vocab_size, dim]
+};
+
+struct RMSNormSpec {
+  uint32_t dim = 0;
+  float eps = 1e-6f;
+  Tensor weight;  // [dim]
+};
+
+struct DenseFFNSpec {
+  uint32_t dim = 0;
+  uint32_t hidden = 0;
+  bool residual = true;
+  Tensor w1, w3;  // [hidden, dim]
+  Tensor w2;      // [dim, hidden]
+};
+
+// Everything the router needs; see DESIGN.md section 1.
+struct RouterConfig {
+  uint32_t num_experts = 0;
+  uint32_t top_k = 0;
+  ScoreFunction score = ScoreFunction::Sigmoid;
+  uint32_t num_groups = 1;
+  uint32_t topk_groups = 1;
+  bool normalize = false;
+  float scaling = 1.0f;
+};
+
+struct BalancingSpec {
+  BalancingPolicy policy = BalancingPolicy::None;
+  float bias_update_rate = 1e-3f;
+  bool bias_centering = false;
+  bool bias_frozen = false;
+  float aux_alpha = 0.0f;
+  float capacity_factor = 1.0f;
+};
+
+struct MoESpec {
+  uint32_t dim = 0;
+  uint32_t expert_hidden = 0;
+  uint32_t num_shared = 0;
+  uint32_t shared_hidden = 0;
+  bool residual = true;
+  RouterConfig router;
+  BalancingSpec balancing;
+  Tensor gate;                  // [E, dim]
+  Tensor gate_bias;             // [E], never a trained parameter
+  Tensor w1, w3;                // [E, expert_hidden, dim]
+  Tensor w2;                    // [E, dim, expert_hidden]
+  Tensor shared_w1, shared_w3;  // [S, shared_hidden, dim]
+  Tensor shared_w2;             // [S, dim, shared_hidden]
+};
+
+struct OutputHeadSpec {
+  uint32_t dim = 0;
+  uint32_t vocab_size = 0;
+  bool has_bias = false;
+  Tensor weight;  // [vocab_size, dim]
+  Tensor bias;    // [vocab_size] when has_bias
+};
+
+struct LayerSpec {
+  std::string name;
+  LayerKind kind = LayerKind::RMSNorm;
+  uint32_t in_width = 0;   // values per input row (tokens for an embedding)
+  uint32_t out_width = 0;  // values per output row
+  std::variant<EmbeddingSpec, RMSNormSpec, MoESpec, DenseFFNSpec, OutputHeadSpec> spec;
+};
+
+// A named view of one trainable tensor of a model, in a fixed order shared by every consumer.
+struct ParamRef {
+  std::string name;  // "<layer name>.<tensor>"
+  uint32_t layer = 0;
+  const Tensor* tensor = nullptr;
+};
+
+struct Model {
+  std::string name;
+  uint32_t schema_minor = 0;
+  bool token_input = false;  // first layer is an Embedding
+  uint32_t input_width = 0;  // tokens per row, or hidden width
+  uint32_t output_width = 0;
+  uint64_t seed = 0;
+  std::vector<LayerSpec> layers;
+
+  uint64_t total_parameters() const;
+  uint64_t activated_parameters() const;
+  // Every trainable tensor (the loss-free bias is state, not a parameter), in layer order.
+  std::vector<ParamRef> parameters() const;
+};
+
+}  // namespace moert

@@ -1,0 +1,46 @@
+// A fixed pool of worker threads owned by one session. Work is split into items whose boundaries do
+// not depend on the thread count, so results are identical whatever the pool size.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace moert::cpu {
+
+class ThreadPool {
+ public:
+  // threads >= 1; the calling thread counts as one, so threads - 1 workers are started.
+  explicit ThreadPool(unsigned threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  unsigned size() const { return static_cast<unsigned>(workers_.size()) + 1; }
+
+  // Runs fn(i, worker) for i in [0, n), worker in [0, size()). Returns when all are done; the first
+  // exception thrown by fn is rethrown here after the others finish. Not reentrant.
+  void parallel_for(int64_t n, const std::function<void(int64_t, unsigned)>& fn);
+
+ private:
+  void worker_loop(unsigned worker);
+  void run_items(unsigned worker);
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  const std::function<void(int64_t, unsigned)>* job_ = nullptr;
+  int64_t job_size_ = 0;
+  int64_t next_ = 0;
+  uint64_t generation_ = 0;
+  unsigned busy_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
+
+}  // namespace moert::cpu
