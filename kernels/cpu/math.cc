@@ -7,17 +7,17 @@ namespace moert::cpu {
 void matmul_nt(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
                bool accumulate) {
   if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
-              static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, x, static_cast<blasint>(k), w,
-              static_cast<blasint>(k), accumulate ? 1.0f : 0.0f, y, static_cast<blasint>(n));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<f77_int>(m),
+              static_cast<f77_int>(n), static_cast<f77_int>(k), 1.0f, x, static_cast<f77_int>(k), w,
+              static_cast<f77_int>(k), accumulate ? 1.0f : 0.0f, y, static_cast<f77_int>(n));
 }
 
 void matmul_nn(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
                bool accumulate) {
   if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(m),
-              static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, x, static_cast<blasint>(k), w,
-              static_cast<blasint>(n), accumulate ? 1.0f : 0.0f, y, static_cast<blasint>(n));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<f77_int>(m),
+              static_cast<f77_int>(n), static_cast<f77_int>(k), 1.0f, x, static_cast<f77_int>(k), w,
+              static_cast<f77_int>(n), accumulate ? 1.0f : 0.0f, y, static_cast<f77_int>(n));
 }
 
 void swiglu(const float* h1, const float* h3, float* a, int64_t n) {
