@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages moert builds and tests with, skipping those already present.
+# Needs root (or sudo) and apt-get. Safe to run again.
+set -euo pipefail
+
+packages=(
+  cmake ninja-build g++ pkg-config
+  libgtest-dev                                  # C++ and C ABI tests
+  flatbuffers-compiler libflatbuffers-dev       # the model schema
+  libblis-serial-dev                            # CPU BLAS (see cmake/MoertBlas.cmake)
+  python3 python3-numpy python3-torch           # the independent PyTorch oracle
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
