@@ -174,6 +174,7 @@ struct TrainingState {
   std::string optimizer;
   std::vector<ParamState> params;
   std::vector<LayerBalanceState> layers;
+  uint64_t digest = 0;
 };
 
 struct Model {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/model_writer.h"
 #include "core/tensor_codec.h"
 #include "moert_generated.h"
 
@@ -590,6 +591,10 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) const {
       }
       st.layers.push_back(std::move(ls));
     }
+  st.digest = t->digest();
+  if (st.digest == 0) bad_state("field 'digest' is missing");
+  if (checkpoint_digest(model, st) != st.digest)
+    bad_state("the digest does not match the content: the checkpoint is corrupt");
   model.training = std::move(st);
 }
 

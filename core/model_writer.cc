@@ -91,7 +91,7 @@ Offset<fb::TrainingState> training_state(FlatBufferBuilder& fbb, const TrainingS
                                                  l.gamma, l.frozen));
   return fb::CreateTrainingState(fbb, t.step, t.micro_batches, fbb.CreateVector(t.rng),
                                  fbb.CreateString(t.optimizer), fbb.CreateVector(params),
-                                 fbb.CreateVector(layers));
+                                 fbb.CreateVector(layers), t.digest);
 }
 
 uint64_t estimate_bytes(const Model& model, const TrainingState* t) {
@@ -126,6 +126,29 @@ std::vector<uint8_t> serialize_model(const Model& model, const TrainingState* tr
   if (training) b.add_training(state);
   fbb.Finish(b.Finish(), fb::ModelIdentifier());
   return std::vector<uint8_t>(fbb.GetBufferPointer(), fbb.GetBufferPointer() + fbb.GetSize());
+}
+
+uint64_t checkpoint_digest(const Model& model, const TrainingState& state) {
+  TrainingState zeroed = state;
+  zeroed.digest = 0;
+  const std::vector<uint8_t> bytes = serialize_model(model, &zeroed);
+  // 64-bit words through the splitmix64 finaliser, chained: a damaged byte anywhere changes it.
+  uint64_t h = 0x9E3779B97F4A7C15ull ^ bytes.size();
+  auto mix = [](uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  };
+  size_t i = 0;
+  for (; i + 8 <= bytes.size(); i += 8) {
+    uint64_t w;
+    std::memcpy(&w, bytes.data() + i, 8);
+    h = mix(h ^ w) + 0x632BE59BD9B4E019ull;
+  }
+  uint64_t tail = 0;
+  std::memcpy(&tail, bytes.data() + i, bytes.size() - i);
+  h = mix(h ^ tail ^ (static_cast<uint64_t>(bytes.size() - i) << 56));
+  return h == 0 ? 1 : h;  // 0 means "no digest"
 }
 
 void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes) {

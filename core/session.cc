@@ -559,7 +559,8 @@ TrainingState Session::training_state() const {
 
 void Session::save(const std::string& path) const {
   require_training("saving a checkpoint");
-  const TrainingState st = training_state();
+  TrainingState st = training_state();
+  st.digest = checkpoint_digest(*params_, st);
   write_file_atomically(path, serialize_model(*params_, &st));
 }
 
