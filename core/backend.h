@@ -1,37 +1,68 @@
 // What layers ask of a device. Layers say what (route, dispatch, grouped GEMM); a backend says how.
-// Pointers are host memory for the CPU backend. Every operation is deterministic for a given input.
+// Every pointer is the backend's memory (host memory for the CPU backend, device memory for
+// CUDA) unless its name says host. Every operation is deterministic for a given input.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "core/buffer.h"
 #include "core/model.h"
 
 namespace moert {
 
-// Token-to-expert assignments of one MoE layer, in expert-major order, tokens ascending within an
-// expert (a stable counting sort), so that the same routing always gives the same order.
-struct DispatchPlan {
-  int64_t rows = 0;
-  std::vector<int64_t> expert_offsets;  // [E + 1]: assignments of expert e are [o[e], o[e + 1])
-  std::vector<int64_t> token;           // [A]: the token of each assignment
-  std::vector<int32_t> expert;          // [A]: its expert
-  std::vector<float> weight;            // [A]: its gate weight
-  std::vector<int64_t> token_offsets;   // [rows + 1]: token t's assignments are listed in
-  std::vector<int64_t> token_assign;    // token_assign[token_offsets[t] .. token_offsets[t + 1])
+// A weight matrix as a backend reads it: fp32 values and, on backends that multiply in bf16, a
+// bf16 copy kept in step with them. Either may be null where the backend does not use it; a
+// weight without bf16 is multiplied in fp32 everywhere (the router, DESIGN.md section 5).
+struct Weight {
+  const float* f32 = nullptr;
+  const uint16_t* bf16 = nullptr;
 
-  int64_t num_assignments() const { return static_cast<int64_t>(token.size()); }
-  int64_t count(int64_t e) const { return expert_offsets[e + 1] - expert_offsets[e]; }
+  Weight offset(int64_t elements) const {
+    return {f32 ? f32 + elements : nullptr, bf16 ? bf16 + elements : nullptr};
+  }
 };
 
-class Backend {
+// Token-to-expert assignments of one MoE layer, in expert-major order, tokens ascending within an
+// expert (a stable sort), so that the same routing always gives the same order.
+struct DispatchPlan {
+  int64_t rows = 0;
+  std::vector<int64_t> host_offsets;  // [E + 1] on the host: expert e owns [o[e], o[e + 1])
+  Buffer<int64_t> expert_offsets;     // the same, in backend memory
+  Buffer<int32_t> token;              // [A]: the token of each assignment
+  Buffer<int32_t> expert;             // [A]: its expert
+  Buffer<float> weight;               // [A]: its gate weight
+  Buffer<int64_t> token_offsets;      // [rows + 1]: token t's assignments are listed in
+  Buffer<int32_t> token_assign;       // token_assign[token_offsets[t] .. token_offsets[t + 1]),
+                                      // in expert order
+
+  int64_t num_assignments() const { return host_offsets.empty() ? 0 : host_offsets.back(); }
+  int64_t count(int64_t e) const { return host_offsets[e + 1] - host_offsets[e]; }
+};
+
+class Backend : public Allocator {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
+  // Whether backend memory is host memory (the CPU): then host data can be used in place.
+  virtual bool host_memory() const = 0;
+  // Whether GEMM weights should carry a bf16 copy.
+  virtual bool wants_bf16() const = 0;
+
+  // ---- Memory. Transfers are complete when they return (host buffers may be reused at once).
+  virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual void zero(void* dst, size_t bytes) = 0;
+  // dst[i] = bf16(src[i]), round to nearest even.
+  virtual void to_bf16(const float* src, uint16_t* dst, int64_t n) = 0;
+
+  // ---- Forward.
 
   // y[rows, out] = x[rows, in] * w[out, in]^T (+ bias[out]) (+ y when accumulate).
-  virtual void linear(const float* x, const float* w, const float* bias, float* y, int64_t rows,
+  virtual void linear(const float* x, Weight w, const float* bias, float* y, int64_t rows,
                       int64_t in, int64_t out, bool accumulate) = 0;
 
   // y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w; inv_rms[r] (optional) keeps the scale.
@@ -42,9 +73,11 @@ class Backend {
   virtual void embedding(const int32_t* tokens, const float* table, float* y, int64_t rows,
                          int64_t context, int64_t dim) = 0;
 
-  // y[rows, dim] (+)= W2 (silu(W1 x) * W3 x) with w1, w3 [hidden, dim] and w2 [dim, hidden].
-  virtual void swiglu_ffn(const float* x, const float* w1, const float* w3, const float* w2,
-                          float* y, int64_t rows, int64_t dim, int64_t hidden, bool accumulate) = 0;
+  // y[rows, dim] (+)= W2 (silu(W1 x) * W3 x) with w1, w3 [hidden, dim] and w2 [dim, hidden]. With
+  // h1 and h3 not null, the pre-activations W1 x and W3 x ([rows, hidden]) are kept for backward.
+  virtual void swiglu_ffn(const float* x, Weight w1, Weight w3, Weight w2, float* y, float* h1,
+                          float* h3, int64_t rows, int64_t dim, int64_t hidden,
+                          bool accumulate) = 0;
 
   // Token-choice routing of `rows` tokens: scores [rows, E] (unbiased), experts and weights
   // [rows, top_k], exactly as DESIGN.md section 1.
@@ -56,7 +89,8 @@ class Backend {
   virtual void route_expert_choice(const RouterConfig& cfg, const float* logits, int64_t rows,
                                    int64_t capacity, float* scores, DispatchPlan& plan) = 0;
 
-  // Builds the plan of a token-choice routing (experts/weights [rows, top_k]).
+  // Builds the plan of a token-choice routing (experts/weights [rows, top_k]), host offsets
+  // included (the one place a device backend waits for the device: GEMM shapes need counts).
   virtual void plan_dispatch(const int32_t* experts, const float* weights, int64_t rows,
                              int64_t top_k, int64_t num_experts, DispatchPlan& plan) = 0;
 
@@ -65,9 +99,10 @@ class Backend {
 
   // For every expert e, y_perm over its assignments = SwiGLU FFN of expert e applied to x_perm
   // (grouped GEMM over the contiguous segments). w1, w3 [E, hidden, dim]; w2 [E, dim, hidden].
-  virtual void grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, const float* w1,
-                                  const float* w3, const float* w2, float* y_perm, int64_t dim,
-                                  int64_t hidden) = 0;
+  // h1, h3 ([A, hidden]) kept for backward when not null.
+  virtual void grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, Weight w1,
+                                  Weight w3, Weight w2, float* y_perm, float* h1, float* h3,
+                                  int64_t dim, int64_t hidden) = 0;
 
   // y[t] += sum over t's assignments a (in expert order) of plan.weight[a] * y_perm[a].
   virtual void combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) = 0;
@@ -76,7 +111,7 @@ class Backend {
   // so gradients are bitwise reproducible for any thread count.
 
   // dx (+)= dy * w (when dx is not null); dw += dy^T x; db += column sums of dy (when not null).
-  virtual void linear_backward(const float* x, const float* w, const float* dy, float* dx,
+  virtual void linear_backward(const float* x, Weight w, const float* dy, float* dx,
                                bool dx_accumulate, float* dw, float* db, int64_t rows, int64_t in,
                                int64_t out) = 0;
 
@@ -87,32 +122,19 @@ class Backend {
 
   // dtable[token] += the slice of dy that token produced.
   virtual void embedding_backward(const int32_t* tokens, const float* dy, float* dtable,
-                                  int64_t rows, int64_t context, int64_t dim) = 0;
-
-  // swiglu_ffn that also keeps the pre-activations h1 = W1 x and h3 = W3 x ([rows, hidden]).
-  virtual void swiglu_ffn_train(const float* x, const float* w1, const float* w3, const float* w2,
-                                float* y, float* h1, float* h3, int64_t rows, int64_t dim,
-                                int64_t hidden, bool accumulate) = 0;
+                                  int64_t rows, int64_t context, int64_t dim, int64_t vocab) = 0;
 
   // Backward of swiglu_ffn: dx (+)= d/dx, dw1, dw3, dw2 += d/dw.
-  virtual void swiglu_ffn_backward(const float* x, const float* w1, const float* w3,
-                                   const float* w2, const float* h1, const float* h3,
-                                   const float* dy, float* dx, bool dx_accumulate, float* dw1,
-                                   float* dw3, float* dw2, int64_t rows, int64_t dim,
+  virtual void swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2, const float* h1,
+                                   const float* h3, const float* dy, float* dx, bool dx_accumulate,
+                                   float* dw1, float* dw3, float* dw2, int64_t rows, int64_t dim,
                                    int64_t hidden) = 0;
 
-  // grouped_swiglu_ffn that keeps h1 and h3 ([assignments, hidden]).
-  virtual void grouped_swiglu_ffn_train(const DispatchPlan& plan, const float* x_perm,
-                                        const float* w1, const float* w3, const float* w2,
-                                        float* y_perm, float* h1, float* h3, int64_t dim,
-                                        int64_t hidden) = 0;
-
   // Backward of grouped_swiglu_ffn: dx_perm (overwritten) and per-expert dw1, dw3, dw2 (+=).
-  virtual void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm,
-                                           const float* w1, const float* w3, const float* w2,
-                                           const float* h1, const float* h3, const float* dy_perm,
-                                           float* dx_perm, float* dw1, float* dw3, float* dw2,
-                                           int64_t dim, int64_t hidden) = 0;
+  virtual void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
+                                           Weight w3, Weight w2, const float* h1, const float* h3,
+                                           const float* dy_perm, float* dx_perm, float* dw1,
+                                           float* dw3, float* dw2, int64_t dim, int64_t hidden) = 0;
 
   // Backward of combine: dy_perm[a] = weight[a] * dy[token[a]], dweight[a] = <dy[token[a]],
   // y_perm[a]>.
@@ -131,13 +153,39 @@ class Backend {
                                const DispatchPlan& plan, const float* dweight,
                                const float* ds_extra, float* dlogits, int64_t rows) = 0;
 
+  // The (sequence-wise) auxiliary balancing loss over sequences of `seq_len` rows: returns
+  // alpha * mean over sequences of sum_i f_i P_i, with f_i = E / (K L) * the sequence's tokens
+  // sent to i and P_i the sequence's mean of s_i / sum_j s_j; ds [rows, E] receives its gradient
+  // with respect to the scores (f carries none).
+  virtual double aux_loss(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                          int64_t rows, int64_t seq_len, double alpha, float* ds) = 0;
+
   // Softmax cross-entropy over `rows` rows of logits with one target each. Returns the summed
   // loss (in double); dlogits (optional) = scale * (softmax - onehot).
   virtual double cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
                                int64_t vocab, float* dlogits, float scale) = 0;
+
+  // ---- Optimizer.
+
+  // Sum of squares of n values, in double, in a fixed order.
+  virtual double sum_squares(const float* x, int64_t n) = 0;
+
+  // One AdamW update of n parameters from gradient g * gscale (decoupled weight decay wd).
+  virtual void adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr,
+                     double beta1, double beta2, double eps, double wd, double gscale,
+                     double bias_correction1, double bias_correction2) = 0;
+
+  // One SGD update with momentum buffer m and L2 weight decay wd.
+  virtual void sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum,
+                   double wd, double gscale) = 0;
 };
 
 // The CPU backend with `threads` worker threads (the caller's included).
 std::unique_ptr<Backend> make_cpu_backend(unsigned threads);
+
+// The CUDA backend from the plugin libmoert_cuda.so, loaded on first use: beside libmoert.so, or
+// at `plugin_path` when not empty. Throws Error(Unsupported) with the reason when the plugin, the
+// CUDA libraries or a usable GPU are missing.
+std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& plugin_path);
 
 }  // namespace moert

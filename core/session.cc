@@ -62,6 +62,8 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
   TrainingConfig& t = training;
   if (key == "check_finite") {
     check_finite = parse_bool(key, value);
+  } else if (key == "cuda_plugin") {
+    cuda_plugin = value;
   } else if (key == "optimizer") {
     if (value != "adamw" && value != "sgd")
       fail(Code::InvalidArgument, "option 'optimizer' takes adamw or sgd, got '", value, "'");
@@ -91,16 +93,17 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
         std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
   } else {
     fail(Code::InvalidArgument, "unknown session option '", key,
-         "' (known: check_finite, optimizer, lr, min_lr, weight_decay, beta1, beta2, eps, "
+         "' (known: check_finite, cuda_plugin, optimizer, lr, min_lr, weight_decay, beta1, beta2, "
+         "eps, "
          "momentum, clip_norm, warmup_steps, total_steps, sequence_length)");
   }
 }
 
 Session::Session(std::shared_ptr<const Model> model, const SessionOptions& options)
     : model_(std::move(model)), options_(options), rng_(options.seed) {
-  if (options_.device == Device::Cuda)
-    fail(Code::Unsupported, "CUDA device requested, but this build of moert has no CUDA backend");
-  backend_ = make_cpu_backend(options_.threads);
+  backend_ = options_.device == Device::Cuda
+                 ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
+                 : make_cpu_backend(options_.threads);
   const int64_t seq = options_.training.sequence_length;
   if (training()) {
     // The session trains its own copy; gradients mirror its layout.
@@ -112,25 +115,23 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
           l, [](const char*, Tensor& t) { std::fill(t.values.begin(), t.values.end(), 0.0f); });
       if (auto* m = std::get_if<MoESpec>(&l.spec)) m->gate_bias.values.clear();
     }
-    for (size_t i = 0; i < params_->layers.size(); ++i) {
-      auto& pl = params_->layers[i];
-      auto& gl = grads_->layers[i];
-      std::vector<Tensor*> grads;
-      visit_tensors(gl, [&](const char*, Tensor& t) { grads.push_back(&t); });
-      size_t k = 0;
+    for (auto& pl : params_->layers)
       visit_tensors(pl, [&](const char* field, Tensor& t) {
-        Tensor* g = grads[k++];
-        if (t.values.empty()) return;
-        slots_.push_back({pl.name + "." + field, &t, g, t.shape.size() >= 2, {}, {}});
+        if (!t.values.empty())
+          slots_.push_back({pl.name + "." + field, &t, t.shape.size() >= 2, {}, {}});
       });
-    }
+    store_ = std::make_unique<ParamStore>(*backend_, *params_, grads_.get());
+  } else {
+    // Inference never writes parameters: the shared model's tensors are only read (or, on a
+    // device backend, copied once).
+    store_ = std::make_unique<ParamStore>(*backend_, const_cast<Model&>(*model_), nullptr);
   }
   const Model& p = params();
   balance_.resize(p.layers.size());
   for (size_t i = 0; i < p.layers.size(); ++i) {
     if (const auto* m = std::get_if<MoESpec>(&p.layers[i].spec))
       balance_[i] = {m->balancing.bias_update_rate, m->balancing.bias_frozen};
-    layers_.push_back(make_layer(p.layers[i], grads_ ? &grads_->layers[i] : nullptr, seq));
+    layers_.push_back(make_layer(p.layers[i], *store_, seq));
   }
   activations_.resize(layers_.size());
 }
@@ -177,9 +178,12 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_
            " is outside the vocabulary [0, ", emb.vocab_size, ")");
   const Pass pass = next_pass();
   pending_backward_ = false;
+  tokens_.resize(*backend_, num_tokens);
+  backend_->upload(tokens_.data(), tokens, num_tokens * sizeof(int32_t));
   auto& a0 = activations_[0];
-  a0.resize(static_cast<size_t>(n) * model_->layers[0].out_width);
-  static_cast<EmbeddingLayer&>(*layers_[0]).forward_tokens(*backend_, tokens, a0.data(), n, pass);
+  a0.resize(*backend_, static_cast<size_t>(n) * model_->layers[0].out_width);
+  static_cast<EmbeddingLayer&>(*layers_[0])
+      .forward_tokens(*backend_, tokens_.data(), a0.data(), n, pass);
   run_from(1, a0.data(), n, out, pass);
 }
 
@@ -201,43 +205,38 @@ void Session::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, fl
              ", column ", i % model_->input_width);
   const Pass pass = next_pass();
   pending_backward_ = false;
-  if (pass == Pass::Train) {
-    // Backward reads the input again; the caller's buffer is not ours to keep.
-    input_.assign(in, in + in_len);
-    in = input_.data();
-  }
-  run_from(0, in, n, out, pass);
+  // The caller's buffer is not ours to keep (backward reads the input again).
+  input_.resize(*backend_, in_len);
+  backend_->upload(input_.data(), in, in_len * sizeof(float));
+  run_from(0, input_.data(), n, out, pass);
 }
 
 void Session::run_from(size_t first_layer, const float* x, int64_t rows, float* out, Pass pass) {
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
-    act.resize(static_cast<size_t>(rows) * model_->layers[i].out_width);
+    act.resize(*backend_, static_cast<size_t>(rows) * model_->layers[i].out_width);
     layers_[i]->forward(*backend_, x, act.data(), rows, pass);
     x = act.data();
   }
-  std::memcpy(out, x, sizeof(float) * static_cast<size_t>(rows) * model_->output_width);
+  backend_->download(out, x, sizeof(float) * static_cast<size_t>(rows) * model_->output_width);
   for (auto& l : layers_) l->commit_stats(pass);
   last_rows_ = rows;
   pending_backward_ = pass == Pass::Train;
 }
 
-double Session::run_backward(const float* grad_out, float* grad_in) {
+// dy_ holds the gradient of the outputs; grad_in (backend memory) receives the input's, if asked.
+double Session::run_backward(float* grad_in) {
   const int64_t rows = last_rows_;
-  std::vector<float> dy(grad_out, grad_out + rows * model_->output_width), dx;
   double aux = 0.0;
   for (size_t i = layers_.size(); i-- > 0;) {
     aux += layers_[i]->aux_loss();
-    const bool first = i == 0;
-    float* target = nullptr;
-    if (first) {
-      target = grad_in;  // may be null: nobody needs the input gradient
-    } else {
-      dx.resize(static_cast<size_t>(rows) * model_->layers[i].in_width);
-      target = dx.data();
+    float* target = grad_in;  // the first layer's dx: null when nobody needs it
+    if (i > 0) {
+      dx_.resize(*backend_, static_cast<size_t>(rows) * model_->layers[i].in_width);
+      target = dx_.data();
     }
-    layers_[i]->backward(*backend_, dy.data(), target, rows);
-    if (!first) dy.swap(dx);
+    layers_[i]->backward(*backend_, dy_.data(), target, rows);
+    if (i > 0) std::swap(dy_, dx_);
   }
   ++micro_batches_;
   pending_backward_ = false;
@@ -262,11 +261,13 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
       fail(Code::InvalidArgument, "target ", targets[i], " at row ", i,
            " is outside the vocabulary [0, ", vocab, ")");
   const auto& logits = activations_.back();
-  std::vector<float> dlogits(logits.size());
+  targets_.resize(*backend_, num_targets);
+  backend_->upload(targets_.data(), targets, num_targets * sizeof(int32_t));
+  dy_.resize(*backend_, logits.size());
   const double inv_rows = 1.0 / static_cast<double>(last_rows_);
-  const double ce = backend_->cross_entropy(logits.data(), targets, last_rows_, vocab,
-                                            dlogits.data(), static_cast<float>(inv_rows));
-  return ce * inv_rows + run_backward(dlogits.data(), nullptr);
+  const double ce = backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab,
+                                            dy_.data(), static_cast<float>(inv_rows));
+  return ce * inv_rows + run_backward(nullptr);
 }
 
 double Session::backward(const float* grad_out, uint64_t grad_out_len, float* grad_in,
@@ -287,16 +288,18 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
     for (uint64_t i = 0; i < grad_out_len; ++i)
       if (!std::isfinite(grad_out[i]))
         fail(Code::Numeric, "grad_out holds a NaN or infinity at element ", i);
-  std::vector<float> gin;
-  if (grad_in) gin.resize(grad_in_len);
-  const double aux = run_backward(grad_out, grad_in ? gin.data() : nullptr);
-  if (grad_in) std::copy(gin.begin(), gin.end(), grad_in);
+  dy_.resize(*backend_, grad_out_len);
+  backend_->upload(dy_.data(), grad_out, grad_out_len * sizeof(float));
+  Buffer<float> gin;
+  if (grad_in) gin.resize(*backend_, grad_in_len);
+  const double aux = run_backward(grad_in ? gin.data() : nullptr);
+  if (grad_in) backend_->download(grad_in, gin.data(), grad_in_len * sizeof(float));
   return aux;
 }
 
 void Session::zero_grad() {
   require_training("zero_grad");
-  for (auto& s : slots_) std::fill(s.grad->values.begin(), s.grad->values.end(), 0.0f);
+  store_->zero_grads();
   micro_batches_ = 0;
 }
 
@@ -311,7 +314,7 @@ StepInfo Session::step() {
     const double scale = 1.0 / micro_batches_;
     double sq = 0.0;
     for (const auto& s : slots_)
-      for (float g : s.grad->values) sq += static_cast<double>(g) * g;
+      sq += backend_->sum_squares(store_->grad(*s.param), s.param->numel());
     info.grad_norm = std::sqrt(sq) * scale;
     if (!std::isfinite(info.grad_norm))
       fail(Code::Numeric, "the gradient holds a NaN or infinity; parameters left unchanged");
@@ -320,32 +323,30 @@ StepInfo Session::step() {
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
+    const bool adamw = c.optimizer == "adamw";
+    // Moments first, for every slot, so that a failed allocation changes no parameter.
     for (auto& s : slots_) {
-      float* p = s.param->data();
-      const float* g = s.grad->data();
       const size_t n = s.param->values.size();
-      const double wd = s.matrix ? c.weight_decay : 0.0;
-      if (c.optimizer == "adamw") {
-        s.m.resize(n, 0.0f);
-        s.v.resize(n, 0.0f);
-        for (size_t i = 0; i < n; ++i) {
-          const double gi = g[i] * gscale;
-          const double m = c.beta1 * s.m[i] + (1.0 - c.beta1) * gi;
-          const double v = c.beta2 * s.v[i] + (1.0 - c.beta2) * gi * gi;
-          s.m[i] = static_cast<float>(m);
-          s.v[i] = static_cast<float>(v);
-          const double update = (m / bc1) / (std::sqrt(v / bc2) + c.eps) + wd * p[i];
-          p[i] = static_cast<float>(p[i] - info.lr * update);
-        }
-      } else {
-        s.m.resize(n, 0.0f);
-        for (size_t i = 0; i < n; ++i) {
-          const double gi = g[i] * gscale + wd * p[i];
-          const double buf = c.momentum * s.m[i] + gi;
-          s.m[i] = static_cast<float>(buf);
-          p[i] = static_cast<float>(p[i] - info.lr * buf);
-        }
+      if (s.m.size() != n) {
+        s.m.resize(*backend_, n);
+        backend_->zero(s.m.data(), n * sizeof(float));
       }
+      if (adamw && s.v.size() != n) {
+        s.v.resize(*backend_, n);
+        backend_->zero(s.v.data(), n * sizeof(float));
+      }
+    }
+    for (auto& s : slots_) {
+      float* p = store_->f32_mutable(*s.param);
+      const float* g = store_->grad(*s.param);
+      const int64_t n = s.param->numel();
+      const double wd = s.matrix ? c.weight_decay : 0.0;
+      if (adamw)
+        backend_->adamw(p, g, s.m.data(), s.v.data(), n, info.lr, c.beta1, c.beta2, c.eps, wd,
+                        gscale, bc1, bc2);
+      else
+        backend_->sgd(p, g, s.m.data(), n, info.lr, c.momentum, wd, gscale);
+      store_->refresh_bf16(*s.param);
     }
   }
   update_biases();
@@ -379,6 +380,8 @@ void Session::update_biases() {
         const float centre = static_cast<float>(sum / static_cast<double>(bias.size()));
         for (float& v : bias) v -= centre;
       }
+      // The update is computed on the host, the same code for every backend, then mirrored.
+      store_->upload(spec.gate_bias);
     }
     std::fill(counts.begin(), counts.end(), 0);
   }
@@ -403,8 +406,7 @@ void Session::set_config(const std::string& key, const std::string& value) {
   if (key == "sequence_length")
     for (size_t i = 0; i < layers_.size(); ++i)
       if (model_->layers[i].kind == LayerKind::MoE)
-        layers_[i] = make_layer(params().layers[i], grads_ ? &grads_->layers[i] : nullptr,
-                                options_.training.sequence_length);
+        layers_[i] = make_layer(params().layers[i], *store_, options_.training.sequence_length);
 }
 
 const std::string& Session::parameter_name(size_t index) const {
@@ -429,6 +431,7 @@ size_t Session::parameter_index(const std::string& name) const {
 
 void Session::read_parameter(size_t index, float* out, uint64_t len) const {
   check_len(len, parameter_size(index), "parameter");
+  store_->download(*slots_[index].param);
   std::copy(slots_[index].param->values.begin(), slots_[index].param->values.end(), out);
 }
 
@@ -440,11 +443,14 @@ void Session::write_parameter(size_t index, const float* in, uint64_t len) {
   if (pending_backward_)
     fail(Code::InvalidState, "parameters cannot change between a forward and its backward");
   std::copy(in, in + len, slots_[index].param->values.begin());
+  store_->upload(*slots_[index].param);
 }
 
 void Session::read_gradient(size_t index, float* out, uint64_t len) const {
   check_len(len, parameter_size(index), "gradient");
-  std::copy(slots_[index].grad->values.begin(), slots_[index].grad->values.end(), out);
+  std::vector<float> g;
+  store_->download_grad(*slots_[index].param, g);
+  std::copy(g.begin(), g.end(), out);
 }
 
 void Session::write_gradient(size_t index, const float* in, uint64_t len) {
@@ -452,7 +458,7 @@ void Session::write_gradient(size_t index, const float* in, uint64_t len) {
   for (uint64_t i = 0; i < len; ++i)
     if (!std::isfinite(in[i]))
       fail(Code::Numeric, "gradient of '", slots_[index].name, "' value ", i, " is not finite");
-  std::copy(in, in + len, slots_[index].grad->values.begin());
+  store_->upload_grad(*slots_[index].param, std::vector<float>(in, in + len));
 }
 
 MoELayer& Session::moe_layer(uint32_t layer) const {
@@ -494,6 +500,7 @@ void Session::write_bias(uint32_t layer, const float* in, uint64_t len) {
   if (pending_backward_)
     fail(Code::InvalidState, "the bias cannot change between a forward and its backward");
   std::copy(in, in + len, bias.begin());
+  store_->upload(std::get<MoESpec>(params_->layers[layer].spec).gate_bias);
 }
 
 void Session::set_bias_update_rate(uint32_t layer, double gamma) {
@@ -534,20 +541,30 @@ void Session::reset_eval_metrics() {
       std::fill(m->counts().eval.begin(), m->counts().eval.end(), 0);
 }
 
+void Session::sync_to_host() const {
+  for (const auto& s : slots_) store_->download(*s.param);
+}
+
 TrainingState Session::training_state() const {
   TrainingState st;
   st.step = step_;
   st.micro_batches = micro_batches_;
   st.rng = rng_.state();
   st.optimizer = options_.training.optimizer;
+  auto host = [&](const Buffer<float>& b) {
+    std::vector<float> v(b.size());
+    backend_->download(v.data(), b.data(), b.bytes());
+    return v;
+  };
   for (const auto& s : slots_) {
     ParamState ps;
     ps.name = s.name;
-    if (micro_batches_ > 0 || std::any_of(s.grad->values.begin(), s.grad->values.end(),
-                                          [](float g) { return g != 0.0f; }))
-      ps.grad = s.grad->values;
-    ps.m = s.m;
-    ps.v = s.v;
+    store_->download_grad(*s.param, ps.grad);
+    if (micro_batches_ == 0 &&
+        std::all_of(ps.grad.begin(), ps.grad.end(), [](float g) { return g == 0.0f; }))
+      ps.grad.clear();
+    ps.m = host(s.m);
+    ps.v = host(s.v);
     st.params.push_back(std::move(ps));
   }
   for (uint32_t i = 0; i < layers_.size(); ++i)
@@ -559,6 +576,7 @@ TrainingState Session::training_state() const {
 
 void Session::save(const std::string& path) const {
   require_training("saving a checkpoint");
+  sync_to_host();
   TrainingState st = training_state();
   st.digest = checkpoint_digest(*params_, st);
   write_file_atomically(path, serialize_model(*params_, &st));
@@ -624,17 +642,19 @@ void Session::load(const std::string& path) {
   }
 
   // Everything is staged before anything changes, so a refusal leaves the session intact.
-  std::vector<Slot> slots = slots_;
-  for (auto& s : slots) {
-    s.m.clear();
-    s.v.clear();
-  }
-  std::vector<std::vector<float>> grads(slots.size());
+  std::vector<Buffer<float>> m(slots_.size()), v(slots_.size());
+  std::vector<std::vector<float>> grads(slots_.size());
   for (const auto& ps : st.params) {
     const size_t i = parameter_index(ps.name);
     grads[i] = ps.grad;
-    slots[i].m = ps.m;
-    slots[i].v = ps.v;
+    if (!ps.m.empty()) {
+      m[i].resize(*backend_, ps.m.size());
+      backend_->upload(m[i].data(), ps.m.data(), ps.m.size() * sizeof(float));
+    }
+    if (!ps.v.empty()) {
+      v[i].resize(*backend_, ps.v.size());
+      backend_->upload(v[i].data(), ps.v.data(), ps.v.size() * sizeof(float));
+    }
   }
   std::vector<Balance> balance = balance_;
   std::vector<std::vector<int64_t>> step_counts(layers_.size());
@@ -645,28 +665,32 @@ void Session::load(const std::string& path) {
   Model staged = *ck;
   staged.training.reset();
 
-  // Commit: no allocation can fail past this point except the vector moves below, which do not
-  // allocate.
+  // Commit: copies into storage the session already owns (the parameter store points into the
+  // host tensors on host backends, so their storage must stay where it is).
+  auto assign = [](Tensor& dst, const Tensor& src) {
+    std::copy(src.values.begin(), src.values.end(), dst.values.begin());
+  };
   for (size_t li = 0; li < staged.layers.size(); ++li) {
     std::vector<Tensor*> src, dst;
     visit_tensors(staged.layers[li], [&](const char*, Tensor& t) { src.push_back(&t); });
     visit_tensors(params_->layers[li], [&](const char*, Tensor& t) { dst.push_back(&t); });
-    for (size_t k = 0; k < src.size(); ++k) dst[k]->values.swap(src[k]->values);
-    if (auto* m = std::get_if<MoESpec>(&params_->layers[li].spec))
-      m->gate_bias.values.swap(std::get<MoESpec>(staged.layers[li].spec).gate_bias.values);
+    for (size_t k = 0; k < src.size(); ++k) assign(*dst[k], *src[k]);
+    if (auto* moe = std::get_if<MoESpec>(&params_->layers[li].spec)) {
+      assign(moe->gate_bias, std::get<MoESpec>(staged.layers[li].spec).gate_bias);
+      store_->upload(moe->gate_bias);
+    }
   }
   for (size_t i = 0; i < slots_.size(); ++i) {
-    slots_[i].m.swap(slots[i].m);
-    slots_[i].v.swap(slots[i].v);
-    if (grads[i].empty())
-      std::fill(slots_[i].grad->values.begin(), slots_[i].grad->values.end(), 0.0f);
-    else
-      slots_[i].grad->values.swap(grads[i]);
+    store_->upload(*slots_[i].param);
+    slots_[i].m = std::move(m[i]);
+    slots_[i].v = std::move(v[i]);
+    if (grads[i].empty()) grads[i].assign(slots_[i].param->values.size(), 0.0f);
+    store_->upload_grad(*slots_[i].param, grads[i]);
   }
   balance_.swap(balance);
   for (size_t i = 0; i < layers_.size(); ++i)
-    if (auto* m = dynamic_cast<MoELayer*>(layers_[i].get())) {
-      auto& step = m->counts().step;
+    if (auto* moe = dynamic_cast<MoELayer*>(layers_[i].get())) {
+      auto& step = moe->counts().step;
       if (step_counts[i].empty())
         std::fill(step.begin(), step.end(), 0);
       else

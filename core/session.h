@@ -11,6 +11,7 @@
 #include "core/backend.h"
 #include "core/layers.h"
 #include "core/model.h"
+#include "core/param_store.h"
 #include "core/tensor_codec.h"
 
 namespace moert {
@@ -37,6 +38,7 @@ struct TrainingConfig {
 struct SessionOptions {
   Device device = Device::Cpu;
   int32_t device_index = 0;
+  std::string cuda_plugin;  // explicit path of libmoert_cuda.so; empty: beside libmoert.so
   uint32_t threads = 1;
   uint64_t seed = 0;
   Mode mode = Mode::Inference;
@@ -116,10 +118,9 @@ class Session {
  private:
   struct Slot {
     std::string name;
-    Tensor* param = nullptr;
-    Tensor* grad = nullptr;
-    bool matrix = false;  // weight decay applies
-    std::vector<float> m, v;
+    Tensor* param = nullptr;  // the host tensor of params_
+    bool matrix = false;      // weight decay applies
+    Buffer<float> m, v;       // optimizer moments in backend memory, allocated at the first step
   };
   struct Balance {
     float gamma = 0.0f;
@@ -127,13 +128,14 @@ class Session {
   };
 
   const Model& params() const { return params_ ? *params_ : *model_; }
+  void sync_to_host() const;
   MoELayer& moe_layer(uint32_t layer) const;
   std::vector<uint32_t> moe_layers(uint32_t layer) const;
   int64_t check_rows(uint64_t rows, uint64_t out_len) const;
   void require_training(const char* what) const;
   void run_from(size_t first_layer, const float* x, int64_t rows, float* out, Pass pass);
   Pass next_pass() const;
-  double run_backward(const float* grad_out, float* grad_in);
+  double run_backward(float* grad_in);
   void update_biases();
   TrainingState training_state() const;
 
@@ -142,9 +144,11 @@ class Session {
   std::unique_ptr<Model> grads_;   // training: gradients, laid out as params_
   SessionOptions options_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<ParamStore> store_;
   std::vector<std::unique_ptr<Layer>> layers_;
-  std::vector<std::vector<float>> activations_;  // output of each layer
-  std::vector<float> input_;                     // training: copy of the hidden-state input
+  std::vector<Buffer<float>> activations_;  // output of each layer, backend memory
+  Buffer<float> input_, dy_, dx_;           // hidden-state input; backward scratch
+  Buffer<int32_t> tokens_, targets_;
   std::vector<Slot> slots_;
   std::vector<Balance> balance_;  // by layer index
   Rng rng_;

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <numeric>
 
 #include "core/backend.h"
+#include "core/error.h"
 #include "kernels/cpu/math.h"
 #include "kernels/cpu/router.h"
 #include "kernels/cpu/thread_pool.h"
@@ -17,14 +19,28 @@ constexpr int64_t kRowBlock = 64;
 
 int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
-// Fills the token-major view of a plan from its expert-major lists.
-void index_by_token(DispatchPlan& plan) {
-  plan.token_offsets.assign(plan.rows + 1, 0);
-  for (int64_t t : plan.token) ++plan.token_offsets[t + 1];
-  for (int64_t t = 0; t < plan.rows; ++t) plan.token_offsets[t + 1] += plan.token_offsets[t];
-  plan.token_assign.resize(plan.token.size());
-  std::vector<int64_t> fill(plan.token_offsets.begin(), plan.token_offsets.end() - 1);
-  for (int64_t a = 0; a < plan.num_assignments(); ++a) plan.token_assign[fill[plan.token[a]]++] = a;
+// Fills the token-major view of a plan from its expert-major lists, and the offsets' copy.
+void index_by_token(Allocator& mem, DispatchPlan& plan) {
+  const int64_t A = plan.num_assignments();
+  plan.expert_offsets.resize(mem, plan.host_offsets.size());
+  std::copy(plan.host_offsets.begin(), plan.host_offsets.end(), plan.expert_offsets.data());
+  plan.token_offsets.resize(mem, static_cast<size_t>(plan.rows + 1));
+  int64_t* to = plan.token_offsets.data();
+  std::fill(to, to + plan.rows + 1, 0);
+  for (int64_t a = 0; a < A; ++a) ++to[plan.token.data()[a] + 1];
+  for (int64_t t = 0; t < plan.rows; ++t) to[t + 1] += to[t];
+  plan.token_assign.resize(mem, static_cast<size_t>(A));
+  std::vector<int64_t> fill(to, to + plan.rows);
+  for (int64_t a = 0; a < A; ++a)
+    plan.token_assign.data()[fill[plan.token.data()[a]]++] = static_cast<int32_t>(a);
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
 }
 
 class CpuBackend final : public Backend {
@@ -32,9 +48,34 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(unsigned threads) : pool_(threads), scratch_(threads) {}
 
   const char* name() const override { return "cpu"; }
+  bool host_memory() const override { return true; }
+  bool wants_bf16() const override { return false; }
 
-  void linear(const float* x, const float* w, const float* bias, float* y, int64_t rows, int64_t in,
+  // ---- Memory
+
+  void* allocate(size_t bytes) override {
+    void* p = ::operator new (bytes, std::align_val_t{64}, std::nothrow);
+    if (!p) fail(Code::OutOfMemory, "out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+  void deallocate(void* p) noexcept override { ::operator delete (p, std::align_val_t{64}); }
+  void upload(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (bytes && dst != src) std::memmove(dst, src, bytes);
+  }
+  void zero(void* dst, size_t bytes) override {
+    if (bytes) std::memset(dst, 0, bytes);
+  }
+  void to_bf16(const float* src, uint16_t* dst, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+  }
+
+  // ---- Forward
+
+  void linear(const float* x, Weight weight, const float* bias, float* y, int64_t rows, int64_t in,
               int64_t out, bool accumulate) override {
+    const float* w = weight.f32;
     pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned) {
       const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
       cpu::matmul_nt(x + r0 * in, w, y + r0 * out, n, out, in, accumulate);
@@ -63,11 +104,12 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void swiglu_ffn(const float* x, const float* w1, const float* w3, const float* w2, float* y,
+  void swiglu_ffn(const float* x, Weight w1, Weight w3, Weight w2, float* y, float* h1, float* h3,
                   int64_t rows, int64_t dim, int64_t hidden, bool accumulate) override {
     pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned worker) {
       const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
-      ffn_rows(x + r0 * dim, w1, w3, w2, y + r0 * dim, n, dim, hidden, accumulate, worker);
+      ffn_rows(x + r0 * dim, w1.f32, w3.f32, w2.f32, y + r0 * dim, h1 ? h1 + r0 * hidden : nullptr,
+               h3 ? h3 + r0 * hidden : nullptr, n, dim, hidden, accumulate, worker);
     });
   }
 
@@ -108,71 +150,80 @@ class CpuBackend final : public Backend {
       chosen[static_cast<size_t>(e)] = std::move(order);
     });
     plan.rows = rows;
-    plan.expert_offsets.assign(E + 1, 0);
-    plan.token.clear();
-    plan.expert.clear();
-    plan.weight.clear();
+    plan.host_offsets.assign(E + 1, 0);
+    const size_t A = static_cast<size_t>(E * capacity);
+    plan.token.resize(*this, A);
+    plan.expert.resize(*this, A);
+    plan.weight.resize(*this, A);
+    size_t a = 0;
     for (int64_t e = 0; e < E; ++e) {
       for (int64_t t : chosen[static_cast<size_t>(e)]) {
-        plan.token.push_back(t);
-        plan.expert.push_back(static_cast<int32_t>(e));
-        plan.weight.push_back(scores[t * E + e] * cfg.scaling);
+        plan.token.data()[a] = static_cast<int32_t>(t);
+        plan.expert.data()[a] = static_cast<int32_t>(e);
+        plan.weight.data()[a] = scores[t * E + e] * cfg.scaling;
+        ++a;
       }
-      plan.expert_offsets[e + 1] = plan.num_assignments();
+      plan.host_offsets[e + 1] = static_cast<int64_t>(a);
     }
-    index_by_token(plan);
+    index_by_token(*this, plan);
   }
 
   void plan_dispatch(const int32_t* experts, const float* weights, int64_t rows, int64_t top_k,
                      int64_t num_experts, DispatchPlan& plan) override {
     plan.rows = rows;
-    plan.expert_offsets.assign(num_experts + 1, 0);
+    auto& off = plan.host_offsets;
+    off.assign(num_experts + 1, 0);
     const int64_t A = rows * top_k;
-    for (int64_t a = 0; a < A; ++a) ++plan.expert_offsets[experts[a] + 1];
-    for (int64_t e = 0; e < num_experts; ++e) plan.expert_offsets[e + 1] += plan.expert_offsets[e];
-    plan.token.resize(A);
-    plan.expert.resize(A);
-    plan.weight.resize(A);
-    std::vector<int64_t> fill(plan.expert_offsets.begin(), plan.expert_offsets.end() - 1);
+    for (int64_t a = 0; a < A; ++a) ++off[experts[a] + 1];
+    for (int64_t e = 0; e < num_experts; ++e) off[e + 1] += off[e];
+    plan.token.resize(*this, static_cast<size_t>(A));
+    plan.expert.resize(*this, static_cast<size_t>(A));
+    plan.weight.resize(*this, static_cast<size_t>(A));
+    std::vector<int64_t> fill(off.begin(), off.end() - 1);
     for (int64_t a = 0; a < A; ++a) {
       const int64_t slot = fill[experts[a]]++;
-      plan.token[slot] = a / top_k;
-      plan.expert[slot] = experts[a];
-      plan.weight[slot] = weights[a];
+      plan.token.data()[slot] = static_cast<int32_t>(a / top_k);
+      plan.expert.data()[slot] = experts[a];
+      plan.weight.data()[slot] = weights[a];
     }
-    index_by_token(plan);
+    index_by_token(*this, plan);
   }
 
   void dispatch(const DispatchPlan& plan, const float* x, float* x_perm, int64_t dim) override {
     const int64_t A = plan.num_assignments();
+    const int32_t* token = plan.token.data();
     pool_.parallel_for(blocks(A, kRowBlock), [&](int64_t b, unsigned) {
       const int64_t a0 = b * kRowBlock, n = std::min(kRowBlock, A - a0);
       for (int64_t a = a0; a < a0 + n; ++a)
-        std::memcpy(x_perm + a * dim, x + plan.token[a] * dim,
+        std::memcpy(x_perm + a * dim, x + static_cast<int64_t>(token[a]) * dim,
                     sizeof(float) * static_cast<size_t>(dim));
     });
   }
 
-  void grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, const float* w1,
-                          const float* w3, const float* w2, float* y_perm, int64_t dim,
+  void grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, Weight w1, Weight w3,
+                          Weight w2, float* y_perm, float* h1, float* h3, int64_t dim,
                           int64_t hidden) override {
     const auto items = row_items(plan);
     const int64_t per_expert = hidden * dim;
     pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i, unsigned worker) {
       const Item& it = items[static_cast<size_t>(i)];
       const int64_t off = it.expert * per_expert;
-      ffn_rows(x_perm + it.begin * dim, w1 + off, w3 + off, w2 + off, y_perm + it.begin * dim,
-               it.rows, dim, hidden, false, worker);
+      ffn_rows(x_perm + it.begin * dim, w1.f32 + off, w3.f32 + off, w2.f32 + off,
+               y_perm + it.begin * dim, h1 ? h1 + it.begin * hidden : nullptr,
+               h3 ? h3 + it.begin * hidden : nullptr, it.rows, dim, hidden, false, worker);
     });
   }
 
   void combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) override {
+    const int64_t* to = plan.token_offsets.data();
+    const int32_t* ta = plan.token_assign.data();
+    const float* weight = plan.weight.data();
     pool_.parallel_for(blocks(plan.rows, kRowBlock), [&](int64_t b, unsigned) {
       const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, plan.rows - r0);
       for (int64_t t = r0; t < r0 + n; ++t)
-        for (int64_t j = plan.token_offsets[t]; j < plan.token_offsets[t + 1]; ++j) {
-          const int64_t a = plan.token_assign[j];
-          const float w = plan.weight[a];
+        for (int64_t j = to[t]; j < to[t + 1]; ++j) {
+          const int64_t a = ta[j];
+          const float w = weight[a];
           const float* src = y_perm + a * dim;
           float* dst = y + t * dim;
           for (int64_t d = 0; d < dim; ++d) dst[d] += w * src[d];
@@ -180,9 +231,12 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void linear_backward(const float* x, const float* w, const float* dy, float* dx,
+  // ---- Training
+
+  void linear_backward(const float* x, Weight weight, const float* dy, float* dx,
                        bool dx_accumulate, float* dw, float* db, int64_t rows, int64_t in,
                        int64_t out) override {
+    const float* w = weight.f32;
     if (dx)
       pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned) {
         const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
@@ -217,7 +271,7 @@ class CpuBackend final : public Backend {
   }
 
   void embedding_backward(const int32_t* tokens, const float* dy, float* dtable, int64_t rows,
-                          int64_t context, int64_t dim) override {
+                          int64_t context, int64_t dim, int64_t) override {
     // Serial in token order: rows that share a token add into the same table row.
     for (int64_t i = 0; i < rows * context; ++i) {
       float* dst = dtable + static_cast<int64_t>(tokens[i]) * dim;
@@ -226,55 +280,31 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void swiglu_ffn_train(const float* x, const float* w1, const float* w3, const float* w2, float* y,
-                        float* h1, float* h3, int64_t rows, int64_t dim, int64_t hidden,
-                        bool accumulate) override {
-    pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned worker) {
-      const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
-      ffn_rows_keep(x + r0 * dim, w1, w3, w2, y + r0 * dim, h1 + r0 * hidden, h3 + r0 * hidden, n,
-                    dim, hidden, accumulate, worker);
-    });
-  }
-
-  void swiglu_ffn_backward(const float* x, const float* w1, const float* w3, const float* w2,
-                           const float* h1, const float* h3, const float* dy, float* dx,
-                           bool dx_accumulate, float* dw1, float* dw3, float* dw2, int64_t rows,
-                           int64_t dim, int64_t hidden) override {
+  void swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2, const float* h1,
+                           const float* h3, const float* dy, float* dx, bool dx_accumulate,
+                           float* dw1, float* dw3, float* dw2, int64_t rows, int64_t dim,
+                           int64_t hidden) override {
     const size_t n = static_cast<size_t>(rows * hidden);
     std::vector<float> a(n), dh1(n), dh3(n);
     pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned) {
       const int64_t r0 = b * kRowBlock, m = std::min(kRowBlock, rows - r0);
-      ffn_backward_rows(h1 + r0 * hidden, h3 + r0 * hidden, w2, dy + r0 * dim,
+      ffn_backward_rows(h1 + r0 * hidden, h3 + r0 * hidden, w2.f32, dy + r0 * dim,
                         a.data() + r0 * hidden, dh1.data() + r0 * hidden, dh3.data() + r0 * hidden,
                         m, dim, hidden);
     });
     ffn_weight_grads(x, dy, a.data(), dh1.data(), dh3.data(), dw1, dw3, dw2, rows, dim, hidden);
     pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned) {
       const int64_t r0 = b * kRowBlock, m = std::min(kRowBlock, rows - r0);
-      cpu::matmul_nn(dh1.data() + r0 * hidden, w1, dx + r0 * dim, m, dim, hidden, dx_accumulate);
-      cpu::matmul_nn(dh3.data() + r0 * hidden, w3, dx + r0 * dim, m, dim, hidden, true);
+      cpu::matmul_nn(dh1.data() + r0 * hidden, w1.f32, dx + r0 * dim, m, dim, hidden,
+                     dx_accumulate);
+      cpu::matmul_nn(dh3.data() + r0 * hidden, w3.f32, dx + r0 * dim, m, dim, hidden, true);
     });
   }
 
-  void grouped_swiglu_ffn_train(const DispatchPlan& plan, const float* x_perm, const float* w1,
-                                const float* w3, const float* w2, float* y_perm, float* h1,
-                                float* h3, int64_t dim, int64_t hidden) override {
-    const auto items = row_items(plan);
-    const int64_t per_expert = hidden * dim;
-    pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i, unsigned worker) {
-      const Item& it = items[static_cast<size_t>(i)];
-      const int64_t off = it.expert * per_expert;
-      ffn_rows_keep(x_perm + it.begin * dim, w1 + off, w3 + off, w2 + off, y_perm + it.begin * dim,
-                    h1 + it.begin * hidden, h3 + it.begin * hidden, it.rows, dim, hidden, false,
-                    worker);
-    });
-  }
-
-  void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, const float* w1,
-                                   const float* w3, const float* w2, const float* h1,
-                                   const float* h3, const float* dy_perm, float* dx_perm,
-                                   float* dw1, float* dw3, float* dw2, int64_t dim,
-                                   int64_t hidden) override {
+  void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
+                                   Weight w3, Weight w2, const float* h1, const float* h3,
+                                   const float* dy_perm, float* dx_perm, float* dw1, float* dw3,
+                                   float* dw2, int64_t dim, int64_t hidden) override {
     const int64_t A = plan.num_assignments();
     const size_t n = static_cast<size_t>(A * hidden);
     std::vector<float> a(n), dh1(n), dh3(n);
@@ -283,7 +313,7 @@ class CpuBackend final : public Backend {
     pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i, unsigned) {
       const Item& it = items[static_cast<size_t>(i)];
       const int64_t o = it.begin * hidden;
-      ffn_backward_rows(h1 + o, h3 + o, w2 + it.expert * per_expert, dy_perm + it.begin * dim,
+      ffn_backward_rows(h1 + o, h3 + o, w2.f32 + it.expert * per_expert, dy_perm + it.begin * dim,
                         a.data() + o, dh1.data() + o, dh3.data() + o, it.rows, dim, hidden);
     });
     // Weight gradients: one item per (expert, block of output rows), each reducing over all of
@@ -292,7 +322,7 @@ class CpuBackend final : public Backend {
       int64_t expert, which, begin, count;  // which: 0 = w2 rows (dim), 1 = w1/w3 rows (hidden)
     };
     std::vector<WItem> witems;
-    const int64_t E = static_cast<int64_t>(plan.expert_offsets.size()) - 1;
+    const int64_t E = static_cast<int64_t>(plan.host_offsets.size()) - 1;
     for (int64_t e = 0; e < E; ++e) {
       if (plan.count(e) == 0) continue;
       for (int64_t d = 0; d < dim; d += kRowBlock)
@@ -302,7 +332,7 @@ class CpuBackend final : public Backend {
     }
     pool_.parallel_for(static_cast<int64_t>(witems.size()), [&](int64_t i, unsigned) {
       const WItem& w = witems[static_cast<size_t>(i)];
-      const int64_t a0 = plan.expert_offsets[w.expert], rows = plan.count(w.expert);
+      const int64_t a0 = plan.host_offsets[w.expert], rows = plan.count(w.expert);
       const int64_t off = w.expert * per_expert;
       if (w.which == 0) {
         cpu::matmul_tn(dy_perm + a0 * dim + w.begin, dim, a.data() + a0 * hidden, hidden,
@@ -317,9 +347,9 @@ class CpuBackend final : public Backend {
     pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i, unsigned) {
       const Item& it = items[static_cast<size_t>(i)];
       const int64_t o = it.begin * hidden, off = it.expert * per_expert;
-      cpu::matmul_nn(dh1.data() + o, w1 + off, dx_perm + it.begin * dim, it.rows, dim, hidden,
+      cpu::matmul_nn(dh1.data() + o, w1.f32 + off, dx_perm + it.begin * dim, it.rows, dim, hidden,
                      false);
-      cpu::matmul_nn(dh3.data() + o, w3 + off, dx_perm + it.begin * dim, it.rows, dim, hidden,
+      cpu::matmul_nn(dh3.data() + o, w3.f32 + off, dx_perm + it.begin * dim, it.rows, dim, hidden,
                      true);
     });
   }
@@ -327,12 +357,14 @@ class CpuBackend final : public Backend {
   void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
                         float* dy_perm, float* dweight, int64_t dim) override {
     const int64_t A = plan.num_assignments();
+    const int32_t* token = plan.token.data();
+    const float* weight = plan.weight.data();
     pool_.parallel_for(blocks(A, kRowBlock), [&](int64_t b, unsigned) {
       const int64_t a0 = b * kRowBlock, n = std::min(kRowBlock, A - a0);
       for (int64_t a = a0; a < a0 + n; ++a) {
-        const float* g = dy + plan.token[a] * dim;
+        const float* g = dy + static_cast<int64_t>(token[a]) * dim;
         const float* yp = y_perm + a * dim;
-        const float w = plan.weight[a];
+        const float w = weight[a];
         double dot = 0.0;
         for (int64_t d = 0; d < dim; ++d) {
           dy_perm[a * dim + d] = w * g[d];
@@ -345,11 +377,13 @@ class CpuBackend final : public Backend {
 
   void dispatch_backward(const DispatchPlan& plan, const float* dx_perm, float* dx,
                          int64_t dim) override {
+    const int64_t* to = plan.token_offsets.data();
+    const int32_t* ta = plan.token_assign.data();
     pool_.parallel_for(blocks(plan.rows, kRowBlock), [&](int64_t b, unsigned) {
       const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, plan.rows - r0);
       for (int64_t t = r0; t < r0 + n; ++t)
-        for (int64_t j = plan.token_offsets[t]; j < plan.token_offsets[t + 1]; ++j) {
-          const float* src = dx_perm + plan.token_assign[j] * dim;
+        for (int64_t j = to[t]; j < to[t + 1]; ++j) {
+          const float* src = dx_perm + static_cast<int64_t>(ta[j]) * dim;
           float* dst = dx + t * dim;
           for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
         }
@@ -360,6 +394,9 @@ class CpuBackend final : public Backend {
                        const DispatchPlan& plan, const float* dweight, const float* ds_extra,
                        float* dlogits, int64_t rows) override {
     const int64_t E = cfg.num_experts;
+    const int64_t* to = plan.token_offsets.data();
+    const int32_t* ta = plan.token_assign.data();
+    const int32_t* expert = plan.expert.data();
     pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned worker) {
       const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
       auto& ds = scratch_[worker].f;
@@ -370,34 +407,67 @@ class CpuBackend final : public Backend {
           std::copy(ds_extra + t * E, ds_extra + (t + 1) * E, ds.begin());
         else
           std::fill(ds.begin(), ds.end(), 0.0f);
-        const int64_t j0 = plan.token_offsets[t], j1 = plan.token_offsets[t + 1];
+        const int64_t j0 = to[t], j1 = to[t + 1];
         if (normalize) {
           // w_k = c s_k / (S + 1e-20), S = sum of the selected scores.
           double sum = 0.0, dot = 0.0;
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t a = plan.token_assign[j];
-            sum += s[plan.expert[a]];
-          }
+          for (int64_t j = j0; j < j1; ++j) sum += s[expert[ta[j]]];
           const float denom = static_cast<float>(sum) + 1e-20f;
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t a = plan.token_assign[j];
-            dot += static_cast<double>(dweight[a]) * s[plan.expert[a]];
-          }
+          for (int64_t j = j0; j < j1; ++j)
+            dot += static_cast<double>(dweight[ta[j]]) * s[expert[ta[j]]];
           const double c = cfg.scaling;
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t a = plan.token_assign[j];
-            ds[plan.expert[a]] += static_cast<float>(
-                c * dweight[a] / denom - c * dot / (static_cast<double>(denom) * denom));
-          }
+          for (int64_t j = j0; j < j1; ++j)
+            ds[expert[ta[j]]] += static_cast<float>(c * dweight[ta[j]] / denom -
+                                                    c * dot / (static_cast<double>(denom) * denom));
         } else {
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t a = plan.token_assign[j];
-            ds[plan.expert[a]] += cfg.scaling * dweight[a];
-          }
+          for (int64_t j = j0; j < j1; ++j) ds[expert[ta[j]]] += cfg.scaling * dweight[ta[j]];
         }
         cpu::scores_backward(cfg.score, s, ds.data(), dlogits + t * E, E);
       }
     });
+  }
+
+  double aux_loss(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                  int64_t rows, int64_t seq_len, double alpha, float* ds) override {
+    const int64_t E = cfg.num_experts, K = cfg.top_k, L = seq_len;
+    const int64_t num_seq = rows / L;
+    const int64_t* to = plan.token_offsets.data();
+    const int32_t* ta = plan.token_assign.data();
+    const int32_t* expert = plan.expert.data();
+    std::vector<double> loss(static_cast<size_t>(num_seq), 0.0);
+    pool_.parallel_for(num_seq, [&](int64_t q, unsigned) {
+      std::vector<double> f(static_cast<size_t>(E), 0.0), p(static_cast<size_t>(E), 0.0);
+      const int64_t t0 = q * L;
+      for (int64_t t = t0; t < t0 + L; ++t) {
+        for (int64_t j = to[t]; j < to[t + 1]; ++j) f[expert[ta[j]]] += 1.0;
+        const float* s = scores + t * E;
+        double z = 0.0;
+        for (int64_t e = 0; e < E; ++e) z += s[e];
+        for (int64_t e = 0; e < E; ++e) p[e] += s[e] / z;
+      }
+      double seq_loss = 0.0;
+      for (int64_t e = 0; e < E; ++e) {
+        f[e] *= static_cast<double>(E) / static_cast<double>(K * L);
+        p[e] /= static_cast<double>(L);
+        seq_loss += f[e] * p[e];
+      }
+      loss[static_cast<size_t>(q)] = alpha * seq_loss / static_cast<double>(num_seq);
+      // d loss / d s'_{t,i} = alpha f_i / (L num_seq); then through s' = s / z.
+      for (int64_t t = t0; t < t0 + L; ++t) {
+        const float* s = scores + t * E;
+        double z = 0.0;
+        for (int64_t e = 0; e < E; ++e) z += s[e];
+        double dot = 0.0;
+        for (int64_t e = 0; e < E; ++e)
+          dot += alpha * f[e] / static_cast<double>(L * num_seq) * s[e] / z;
+        for (int64_t e = 0; e < E; ++e)
+          ds[t * E + e] =
+              static_cast<float>((alpha * f[e] / static_cast<double>(L * num_seq) - dot) / z);
+      }
+    });
+    double total = 0.0;
+    for (double l : loss) total += l;
+    return total;
   }
 
   double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
@@ -428,6 +498,37 @@ class CpuBackend final : public Backend {
     return total;
   }
 
+  // ---- Optimizer
+
+  double sum_squares(const float* x, int64_t n) override {
+    double sq = 0.0;
+    for (int64_t i = 0; i < n; ++i) sq += static_cast<double>(x[i]) * x[i];
+    return sq;
+  }
+
+  void adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
+             double beta2, double eps, double wd, double gscale, double bc1, double bc2) override {
+    for (int64_t i = 0; i < n; ++i) {
+      const double gi = g[i] * gscale;
+      const double mi = beta1 * m[i] + (1.0 - beta1) * gi;
+      const double vi = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+      m[i] = static_cast<float>(mi);
+      v[i] = static_cast<float>(vi);
+      const double update = (mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i];
+      p[i] = static_cast<float>(p[i] - lr * update);
+    }
+  }
+
+  void sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum, double wd,
+           double gscale) override {
+    for (int64_t i = 0; i < n; ++i) {
+      const double gi = g[i] * gscale + wd * p[i];
+      const double buf = momentum * m[i] + gi;
+      m[i] = static_cast<float>(buf);
+      p[i] = static_cast<float>(p[i] - lr * buf);
+    }
+  }
+
  private:
   struct Item {
     int64_t expert, begin, rows;
@@ -436,23 +537,30 @@ class CpuBackend final : public Backend {
   // Work items of a grouped expert pass: each expert's assignments cut into row blocks.
   static std::vector<Item> row_items(const DispatchPlan& plan) {
     std::vector<Item> items;
-    const int64_t E = static_cast<int64_t>(plan.expert_offsets.size()) - 1;
+    const auto& off = plan.host_offsets;
+    const int64_t E = static_cast<int64_t>(off.size()) - 1;
     for (int64_t e = 0; e < E; ++e)
-      for (int64_t a = plan.expert_offsets[e]; a < plan.expert_offsets[e + 1]; a += kRowBlock)
-        items.push_back({e, a, std::min(kRowBlock, plan.expert_offsets[e + 1] - a)});
+      for (int64_t a = off[e]; a < off[e + 1]; a += kRowBlock)
+        items.push_back({e, a, std::min(kRowBlock, off[e + 1] - a)});
     return items;
   }
 
-  // SwiGLU FFN over a block of rows keeping h1 and h3 for backward.
-  void ffn_rows_keep(const float* x, const float* w1, const float* w3, const float* w2, float* y,
-                     float* h1, float* h3, int64_t rows, int64_t dim, int64_t hidden,
-                     bool accumulate, unsigned worker) {
+  // SwiGLU FFN over a block of rows; keeps h1 and h3 when given, else uses the worker's scratch.
+  void ffn_rows(const float* x, const float* w1, const float* w3, const float* w2, float* y,
+                float* h1, float* h3, int64_t rows, int64_t dim, int64_t hidden, bool accumulate,
+                unsigned worker) {
     auto& s = scratch_[worker].f;
-    s.resize(static_cast<size_t>(rows * hidden));
+    const bool keep = h1 != nullptr;
+    s.resize(static_cast<size_t>((keep ? 1 : 3) * rows * hidden));
+    float* a = s.data();
+    if (!keep) {
+      h1 = a + rows * hidden;
+      h3 = h1 + rows * hidden;
+    }
     cpu::matmul_nt(x, w1, h1, rows, hidden, dim, false);
     cpu::matmul_nt(x, w3, h3, rows, hidden, dim, false);
-    cpu::swiglu(h1, h3, s.data(), rows * hidden);
-    cpu::matmul_nt(s.data(), w2, y, rows, dim, hidden, accumulate);
+    cpu::swiglu(h1, h3, a, rows * hidden);
+    cpu::matmul_nt(a, w2, y, rows, dim, hidden, accumulate);
   }
 
   // First half of a SwiGLU backward over a block of rows: a = silu(h1) h3, dA = dy W2, and
@@ -486,19 +594,6 @@ class CpuBackend final : public Backend {
     std::vector<float> f;
     std::vector<int32_t> i;
   };
-
-  // One block of rows through a SwiGLU FFN, with the worker's scratch for the hidden activations.
-  void ffn_rows(const float* x, const float* w1, const float* w3, const float* w2, float* y,
-                int64_t rows, int64_t dim, int64_t hidden, bool accumulate, unsigned worker) {
-    auto& s = scratch_[worker].f;
-    s.resize(static_cast<size_t>(2 * rows * hidden));
-    float* h1 = s.data();
-    float* h3 = h1 + rows * hidden;
-    cpu::matmul_nt(x, w1, h1, rows, hidden, dim, false);
-    cpu::matmul_nt(x, w3, h3, rows, hidden, dim, false);
-    cpu::swiglu(h1, h3, h1, rows * hidden);
-    cpu::matmul_nt(h1, w2, y, rows, dim, hidden, accumulate);
-  }
 
   cpu::ThreadPool pool_;
   std::vector<Scratch> scratch_;  // one per worker

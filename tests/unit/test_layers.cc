@@ -61,15 +61,28 @@ Vec row(const std::vector<float>& x, int64_t r, int64_t dim) {
   return Vec(x.begin() + r * dim, x.begin() + (r + 1) * dim);
 }
 
+// A one-layer model with its backend, parameter store and runtime layer, kept alive until the
+// next run() so that a test can inspect the layer afterwards.
+struct Held {
+  std::unique_ptr<Backend> be;
+  Model model;
+  std::unique_ptr<ParamStore> store;
+  std::unique_ptr<Layer> layer;
+};
+
 std::vector<float> run(const LayerSpec& spec, const std::vector<float>& x, int64_t rows,
                        unsigned threads, Layer** keep = nullptr) {
-  static std::unique_ptr<Layer> held;
-  auto be = make_cpu_backend(threads);
-  held = make_layer(spec, nullptr, 0);
+  static Held held;
+  held.layer.reset();
+  held.store.reset();
+  held.be = make_cpu_backend(threads);
+  held.model.layers = {spec};
+  held.store = std::make_unique<ParamStore>(*held.be, held.model, nullptr);
+  held.layer = make_layer(held.model.layers[0], *held.store, 0);
   std::vector<float> y(static_cast<size_t>(rows) * spec.out_width);
-  held->forward(*be, x.data(), y.data(), rows, Pass::Eval);
-  held->commit_stats(Pass::Eval);
-  if (keep) *keep = held.get();
+  held.layer->forward(*held.be, x.data(), y.data(), rows, Pass::Eval);
+  held.layer->commit_stats(Pass::Eval);
+  if (keep) *keep = held.layer.get();
   return y;
 }
 
@@ -144,8 +157,11 @@ TEST(Layers, EmbeddingConcatenatesTheContextWindow) {
   s.dim = 3;
   s.context = 2;
   s.weight = random_tensor({11, 3}, rng);
-  EmbeddingLayer layer(s, nullptr);
   auto be = make_cpu_backend(2);
+  Model m;
+  m.layers.push_back({"e", LayerKind::Embedding, 2, 6, s});
+  ParamStore store(*be, m, nullptr);
+  EmbeddingLayer layer(std::get<EmbeddingSpec>(m.layers[0].spec), store);
   const std::vector<int32_t> tokens = {0, 10, 5, 5, 3, 1};
   std::vector<float> y(3 * 6);
   layer.forward_tokens(*be, tokens.data(), y.data(), 3, Pass::Eval);

@@ -1,0 +1,129 @@
+#include "core/param_store.h"
+
+#include "core/error.h"
+
+namespace moert {
+namespace {
+
+// Whether a tensor of a layer is multiplied as a GEMM weight (and so gets a bf16 copy).
+bool is_gemm_weight(const LayerSpec& layer, const std::string& field) {
+  switch (layer.kind) {
+    case LayerKind::DenseFFN:
+      return true;
+    case LayerKind::MoE:
+      return field != "gate";
+    case LayerKind::OutputHead:
+      return field == "weight";
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
+  const bool training = grads != nullptr;
+  for (size_t li = 0; li < params.layers.size(); ++li) {
+    LayerSpec& layer = params.layers[li];
+    std::vector<Tensor*> gs;
+    if (grads) visit_tensors(grads->layers[li], [&](const char*, Tensor& t) { gs.push_back(&t); });
+    size_t k = 0;
+    auto add = [&](const std::string& field, Tensor& t, Tensor* g) {
+      if (t.values.empty()) return;
+      Entry& e = entries_[&t];
+      e.host = &t;
+      e.host_grad = g;
+      const size_t n = t.values.size();
+      const bool bf16 = be.wants_bf16() && is_gemm_weight(layer, field);
+      if (be.host_memory()) {
+        e.f32_ptr = t.data();
+        e.grad_ptr = g ? g->data() : nullptr;
+      } else {
+        // Inference on a bf16 device keeps GEMM weights in bf16 only: a DeepSeek-V3 layer's
+        // routed experts are 22 GB in bf16 and would not fit beside their fp32 values.
+        if (training || !bf16) {
+          e.f32.resize(be, n);
+          e.f32_ptr = e.f32.data();
+        }
+        if (g) {
+          e.grad.resize(be, n);
+          e.grad_ptr = e.grad.data();
+        }
+      }
+      if (bf16) e.bf16.resize(be, n);
+      upload(t);
+      if (e.grad_ptr && !be.host_memory()) be.zero(e.grad_ptr, n * sizeof(float));
+    };
+    visit_tensors(layer, [&](const char* field, Tensor& t) {
+      Tensor* g = grads ? gs[k] : nullptr;
+      ++k;
+      add(field, t, g);
+    });
+    if (auto* m = std::get_if<MoESpec>(&layer.spec)) add("gate_bias", m->gate_bias, nullptr);
+  }
+}
+
+const ParamStore::Entry& ParamStore::entry(const Tensor& t) const {
+  auto it = entries_.find(&t);
+  if (it == entries_.end()) fail(Code::Internal, "tensor not in the parameter store");
+  return it->second;
+}
+
+ParamStore::Entry& ParamStore::entry(const Tensor& t) {
+  return const_cast<Entry&>(static_cast<const ParamStore*>(this)->entry(t));
+}
+
+Weight ParamStore::weight(const Tensor& t) const {
+  const Entry& e = entry(t);
+  return {e.f32_ptr, e.bf16.size() ? e.bf16.data() : nullptr};
+}
+
+const float* ParamStore::f32(const Tensor& t) const { return entry(t).f32_ptr; }
+float* ParamStore::f32_mutable(const Tensor& t) { return entry(t).f32_ptr; }
+float* ParamStore::grad(const Tensor& t) const { return entry(t).grad_ptr; }
+
+void ParamStore::upload(const Tensor& t) {
+  Entry& e = entry(t);
+  const size_t n = t.values.size();
+  if (e.f32_ptr && e.f32_ptr != t.data()) be_.upload(e.f32_ptr, t.data(), n * sizeof(float));
+  if (e.bf16.size()) {
+    if (e.f32_ptr) {
+      be_.to_bf16(e.f32_ptr, e.bf16.data(), static_cast<int64_t>(n));
+    } else {
+      // No fp32 copy on the device: convert through a temporary one.
+      Buffer<float> tmp(be_, n);
+      be_.upload(tmp.data(), t.data(), n * sizeof(float));
+      be_.to_bf16(tmp.data(), e.bf16.data(), static_cast<int64_t>(n));
+    }
+  }
+}
+
+void ParamStore::download(const Tensor& t) const {
+  const Entry& e = entry(t);
+  if (e.f32_ptr && e.f32_ptr != t.data())
+    be_.download(const_cast<float*>(t.data()), e.f32_ptr, t.values.size() * sizeof(float));
+}
+
+void ParamStore::download_grad(const Tensor& t, std::vector<float>& out) const {
+  const Entry& e = entry(t);
+  out.resize(t.values.size());
+  be_.download(out.data(), e.grad_ptr, out.size() * sizeof(float));
+}
+
+void ParamStore::upload_grad(const Tensor& t, const std::vector<float>& in) {
+  const Entry& e = entry(t);
+  be_.upload(e.grad_ptr, in.data(), in.size() * sizeof(float));
+}
+
+void ParamStore::refresh_bf16(const Tensor& t) {
+  Entry& e = entry(t);
+  if (e.bf16.size() && e.f32_ptr)
+    be_.to_bf16(e.f32_ptr, e.bf16.data(), static_cast<int64_t>(t.values.size()));
+}
+
+void ParamStore::zero_grads() {
+  for (auto& [key, e] : entries_)
+    if (e.grad_ptr) be_.zero(e.grad_ptr, e.host->values.size() * sizeof(float));
+}
+
+}  // namespace moert

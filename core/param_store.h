@@ -1,0 +1,56 @@
+// The session's parameters in backend memory. On a host backend the model's own tensors are used
+// in place; on a device backend each tensor has a device copy (fp32, and bf16 for GEMM weights
+// when the backend multiplies in bf16), and the host tensors are brought up to date on demand.
+#pragma once
+
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/model.h"
+
+namespace moert {
+
+class ParamStore {
+ public:
+  // Mirrors every tensor of `params` (parameters and MoE biases). `grads`, when training, is the
+  // gradient model laid out as `params`: gradients live in backend memory beside the values.
+  // Without training, a device backend keeps only the bf16 copy of GEMM weights.
+  ParamStore(Backend& be, Model& params, Model* grads);
+
+  Weight weight(const Tensor& t) const;  // t: a tensor of `params`
+  const float* f32(const Tensor& t) const;
+  float* f32_mutable(const Tensor& t);
+  float* grad(const Tensor& t) const;  // null without training
+
+  // Host tensor -> backend, after the host values changed (bf16 copy refreshed too).
+  void upload(const Tensor& t);
+  // Backend -> host tensor (no-op on host backends).
+  void download(const Tensor& t) const;
+  // Gradient in backend memory <-> host vector.
+  void download_grad(const Tensor& t, std::vector<float>& out) const;
+  void upload_grad(const Tensor& t, const std::vector<float>& in);
+  // bf16 copy <- fp32 copy, after the backend changed the fp32 values (an optimizer step).
+  void refresh_bf16(const Tensor& t);
+  // Zeroes every gradient.
+  void zero_grads();
+
+ private:
+  struct Entry {
+    Tensor* host = nullptr;
+    Tensor* host_grad = nullptr;
+    Buffer<float> f32;
+    Buffer<uint16_t> bf16;
+    Buffer<float> grad;
+    float* f32_ptr = nullptr;  // f32 data, in backend memory (the host tensor on host backends)
+    float* grad_ptr = nullptr;
+  };
+  const Entry& entry(const Tensor& t) const;
+  Entry& entry(const Tensor& t);
+
+  Backend& be_;
+  std::unordered_map<const Tensor*, Entry> entries_;
+};
+
+}  // namespace moert
