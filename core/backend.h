@@ -16,14 +16,13 @@ struct DispatchPlan {
   int64_t rows = 0;
   std::vector<int64_t> expert_offsets;  // [E + 1]: assignments of expert e are [o[e], o[e + 1])
   std::vector<int64_t> token;           // [A]: the token of each assignment
+  std::vector<int32_t> expert;          // [A]: its expert
   std::vector<float> weight;            // [A]: its gate weight
   std::vector<int64_t> token_offsets;   // [rows + 1]: token t's assignments are listed in
   std::vector<int64_t> token_assign;    // token_assign[token_offsets[t] .. token_offsets[t + 1])
 
   int64_t num_assignments() const { return static_cast<int64_t>(token.size()); }
-  int64_t count(int64_t expert) const {
-    return expert_offsets[expert + 1] - expert_offsets[expert];
-  }
+  int64_t count(int64_t e) const { return expert_offsets[e + 1] - expert_offsets[e]; }
 };
 
 class Backend {
@@ -72,6 +71,70 @@ class Backend {
 
   // y[t] += sum over t's assignments a (in expert order) of plan.weight[a] * y_perm[a].
   virtual void combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) = 0;
+
+  // ---- Training. Weight gradients are accumulated (+=); each reduction runs in a fixed order,
+  // so gradients are bitwise reproducible for any thread count.
+
+  // dx (+)= dy * w (when dx is not null); dw += dy^T x; db += column sums of dy (when not null).
+  virtual void linear_backward(const float* x, const float* w, const float* dy, float* dx,
+                               bool dx_accumulate, float* dw, float* db, int64_t rows, int64_t in,
+                               int64_t out) = 0;
+
+  // dx = d rmsnorm / dx applied to dy (overwritten); dw += d / dw.
+  virtual void rmsnorm_backward(const float* x, const float* w, const float* inv_rms,
+                                const float* dy, float* dx, float* dw, int64_t rows,
+                                int64_t dim) = 0;
+
+  // dtable[token] += the slice of dy that token produced.
+  virtual void embedding_backward(const int32_t* tokens, const float* dy, float* dtable,
+                                  int64_t rows, int64_t context, int64_t dim) = 0;
+
+  // swiglu_ffn that also keeps the pre-activations h1 = W1 x and h3 = W3 x ([rows, hidden]).
+  virtual void swiglu_ffn_train(const float* x, const float* w1, const float* w3, const float* w2,
+                                float* y, float* h1, float* h3, int64_t rows, int64_t dim,
+                                int64_t hidden, bool accumulate) = 0;
+
+  // Backward of swiglu_ffn: dx (+)= d/dx, dw1, dw3, dw2 += d/dw.
+  virtual void swiglu_ffn_backward(const float* x, const float* w1, const float* w3,
+                                   const float* w2, const float* h1, const float* h3,
+                                   const float* dy, float* dx, bool dx_accumulate, float* dw1,
+                                   float* dw3, float* dw2, int64_t rows, int64_t dim,
+                                   int64_t hidden) = 0;
+
+  // grouped_swiglu_ffn that keeps h1 and h3 ([assignments, hidden]).
+  virtual void grouped_swiglu_ffn_train(const DispatchPlan& plan, const float* x_perm,
+                                        const float* w1, const float* w3, const float* w2,
+                                        float* y_perm, float* h1, float* h3, int64_t dim,
+                                        int64_t hidden) = 0;
+
+  // Backward of grouped_swiglu_ffn: dx_perm (overwritten) and per-expert dw1, dw3, dw2 (+=).
+  virtual void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm,
+                                           const float* w1, const float* w3, const float* w2,
+                                           const float* h1, const float* h3, const float* dy_perm,
+                                           float* dx_perm, float* dw1, float* dw3, float* dw2,
+                                           int64_t dim, int64_t hidden) = 0;
+
+  // Backward of combine: dy_perm[a] = weight[a] * dy[token[a]], dweight[a] = <dy[token[a]],
+  // y_perm[a]>.
+  virtual void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
+                                float* dy_perm, float* dweight, int64_t dim) = 0;
+
+  // Backward of dispatch: dx[t] += sum over t's assignments of dx_perm[a].
+  virtual void dispatch_backward(const DispatchPlan& plan, const float* dx_perm, float* dx,
+                                 int64_t dim) = 0;
+
+  // Gradient of the router logits [rows, E]. dweight [A] is the gradient of each assignment's gate
+  // weight; it flows through the scaling, the renormalisation (when `normalize`) and the score
+  // function. ds_extra [rows, E] (optional) is added to the gradient of the scores first (the
+  // auxiliary losses). The bias receives nothing.
+  virtual void router_backward(const RouterConfig& cfg, bool normalize, const float* scores,
+                               const DispatchPlan& plan, const float* dweight,
+                               const float* ds_extra, float* dlogits, int64_t rows) = 0;
+
+  // Softmax cross-entropy over `rows` rows of logits with one target each. Returns the summed
+  // loss (in double); dlogits (optional) = scale * (softmax - onehot).
+  virtual double cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
+                               int64_t vocab, float* dlogits, float scale) = 0;
 };
 
 // The CPU backend with `threads` worker threads (the caller's included).

@@ -20,35 +20,10 @@ const char* layer_kind_name(LayerKind kind) {
 
 std::vector<ParamRef> Model::parameters() const {
   std::vector<ParamRef> out;
-  for (uint32_t i = 0; i < layers.size(); ++i) {
-    const LayerSpec& l = layers[i];
-    auto add = [&](const char* field, const Tensor& t) {
-      if (!t.values.empty()) out.push_back({l.name + "." + field, i, &t});
-    };
-    std::visit(
-        [&](const auto& s) {
-          using S = std::decay_t<decltype(s)>;
-          if constexpr (std::is_same_v<S, EmbeddingSpec> || std::is_same_v<S, RMSNormSpec>) {
-            add("weight", s.weight);
-          } else if constexpr (std::is_same_v<S, DenseFFNSpec>) {
-            add("w1", s.w1);
-            add("w3", s.w3);
-            add("w2", s.w2);
-          } else if constexpr (std::is_same_v<S, MoESpec>) {
-            add("gate", s.gate);
-            add("w1", s.w1);
-            add("w3", s.w3);
-            add("w2", s.w2);
-            add("shared_w1", s.shared_w1);
-            add("shared_w3", s.shared_w3);
-            add("shared_w2", s.shared_w2);
-          } else {
-            add("weight", s.weight);
-            add("bias", s.bias);
-          }
-        },
-        l.spec);
-  }
+  for (uint32_t i = 0; i < layers.size(); ++i)
+    visit_tensors(layers[i], [&](const char* field, const Tensor& t) {
+      if (!t.values.empty()) out.push_back({layers[i].name + "." + field, i, &t});
+    });
   return out;
 }
 

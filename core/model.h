@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <type_traits>
 #include <variant>
 #include <vector>
 
@@ -121,6 +123,60 @@ struct ParamRef {
   const Tensor* tensor = nullptr;
 };
 
+// Calls f(field name, tensor) for every trainable tensor of a layer, present or not, in the
+// fixed order of the schema. Works on const and mutable layers alike.
+template <typename LayerSpecT, typename F>
+void visit_tensors(LayerSpecT& layer, F&& f) {
+  std::visit(
+      [&](auto& s) {
+        using S = std::decay_t<decltype(s)>;
+        if constexpr (std::is_same_v<S, EmbeddingSpec> || std::is_same_v<S, RMSNormSpec>) {
+          f("weight", s.weight);
+        } else if constexpr (std::is_same_v<S, DenseFFNSpec>) {
+          f("w1", s.w1);
+          f("w3", s.w3);
+          f("w2", s.w2);
+        } else if constexpr (std::is_same_v<S, MoESpec>) {
+          f("gate", s.gate);
+          f("w1", s.w1);
+          f("w3", s.w3);
+          f("w2", s.w2);
+          f("shared_w1", s.shared_w1);
+          f("shared_w3", s.shared_w3);
+          f("shared_w2", s.shared_w2);
+        } else {
+          f("weight", s.weight);
+          f("bias", s.bias);
+        }
+      },
+      layer.spec);
+}
+
+// Optimizer state of one parameter in a checkpoint; empty vectors where the state has none.
+struct ParamState {
+  std::string name;
+  std::vector<float> grad, m, v;
+};
+
+// Balancing state of one MoE layer in a checkpoint.
+struct LayerBalanceState {
+  uint32_t layer = 0;
+  std::vector<int64_t> step_counts;
+  float gamma = 0.0f;
+  bool frozen = false;
+};
+
+// What a checkpoint adds to a model description.
+struct TrainingState {
+  uint64_t step = 0;
+  uint32_t micro_batches = 0;
+  std::vector<uint64_t> rng;  // generator words
+  std::string optimizer;
+  std::vector<ParamState> params;
+  std::vector<LayerBalanceState> layers;
+  uint64_t digest = 0;
+};
+
 struct Model {
   std::string name;
   uint32_t schema_minor = 0;
@@ -129,6 +185,7 @@ struct Model {
   uint32_t output_width = 0;
   uint64_t seed = 0;
   std::vector<LayerSpec> layers;
+  std::optional<TrainingState> training;  // checkpoints only
 
   uint64_t total_parameters() const;
   uint64_t activated_parameters() const;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/model_writer.h"
 #include "core/tensor_codec.h"
 #include "moert_generated.h"
 
@@ -134,6 +135,7 @@ class Loader {
               uint64_t numel, const uint8_t* bytes, Tensor& out) const;
   void initialise(const fb::Init* init, const char* field, Tensor& out);
 
+  void training_state(const fb::TrainingState* t, Model& model) const;
   LayerSpec embedding(const fb::Embedding* e);
   LayerSpec rmsnorm(const fb::RMSNorm* n, uint32_t width);
   LayerSpec dense(const fb::DenseFFN* f, uint32_t width);
@@ -533,7 +535,78 @@ std::shared_ptr<const Model> Loader::run() {
     model->layers.push_back(std::move(spec));
   }
   model->output_width = width;
+  if (root_->training()) training_state(root_->training(), *model);
   return model;
+}
+
+void Loader::training_state(const fb::TrainingState* t, Model& model) const {
+  auto bad_state = [](const std::string& what) {
+    fail(Code::InvalidModel, "checkpoint training state: ", what);
+  };
+  TrainingState st;
+  st.step = t->step();
+  st.micro_batches = t->micro_batches();
+  if (t->rng())
+    for (uint64_t w : *t->rng()) st.rng.push_back(w);
+  st.optimizer = t->optimizer() ? t->optimizer()->str() : "";
+  if (st.optimizer != "adamw" && st.optimizer != "sgd")
+    bad_state(cat("field 'optimizer' is '", st.optimizer, "', expected adamw or sgd"));
+  std::set<std::string> seen;
+  const auto params = model.parameters();
+  if (t->params())
+    for (const fb::ParamState* p : *t->params()) {
+      const std::string name = p->name() ? p->name()->str() : "";
+      const ParamRef* ref = nullptr;
+      for (const auto& r : params)
+        if (r.name == name) ref = &r;
+      if (!ref) bad_state(cat("names a parameter '", name, "' the model does not have"));
+      if (!seen.insert(name).second) bad_state(cat("repeats parameter '", name, "'"));
+      ParamState ps;
+      ps.name = name;
+      auto take = [&](const flatbuffers::Vector<float>* v, std::vector<float>& out,
+                      const char* field) {
+        if (!v || v->size() == 0) return;
+        if (static_cast<int64_t>(v->size()) != ref->tensor->numel())
+          bad_state(cat("parameter '", name, "' field '", field, "' holds ", v->size(),
+                        " values, the parameter has ", ref->tensor->numel()));
+        out.assign(v->begin(), v->end());
+        for (float x : out)
+          if (!std::isfinite(x))
+            bad_state(cat("parameter '", name, "' field '", field, "' holds a NaN or infinity"));
+      };
+      take(p->grad(), ps.grad, "grad");
+      take(p->m(), ps.m, "m");
+      take(p->v(), ps.v, "v");
+      st.params.push_back(std::move(ps));
+    }
+  if (t->layers())
+    for (const fb::LayerBalanceState* l : *t->layers()) {
+      if (l->layer() >= model.layers.size() || model.layers[l->layer()].kind != LayerKind::MoE)
+        bad_state(cat("balancing state names layer ", l->layer(), ", which is not a MoE layer"));
+      const auto& moe = std::get<MoESpec>(model.layers[l->layer()].spec);
+      LayerBalanceState ls;
+      ls.layer = l->layer();
+      ls.gamma = l->gamma();
+      ls.frozen = l->frozen();
+      if (!std::isfinite(ls.gamma) || ls.gamma < 0.0f)
+        bad_state(cat("layer ", l->layer(), " field 'gamma' must be finite and >= 0"));
+      if (l->step_counts()) {
+        if (l->step_counts()->size() != moe.router.num_experts)
+          bad_state(cat("layer ", l->layer(), " field 'step_counts' holds ",
+                        l->step_counts()->size(), " counts for ", moe.router.num_experts,
+                        " experts"));
+        for (int64_t c : *l->step_counts()) {
+          if (c < 0) bad_state(cat("layer ", l->layer(), " has a negative token count"));
+          ls.step_counts.push_back(c);
+        }
+      }
+      st.layers.push_back(std::move(ls));
+    }
+  st.digest = t->digest();
+  if (st.digest == 0) bad_state("field 'digest' is missing");
+  if (checkpoint_digest(model, st) != st.digest)
+    bad_state("the digest does not match the content: the checkpoint is corrupt");
+  model.training = std::move(st);
 }
 
 std::shared_ptr<const Model> parse(const void* data, size_t size, const std::string& external_dir) {

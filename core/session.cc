@@ -1,36 +1,147 @@
 #include "core/session.h"
 
+#include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numbers>
 
 #include "core/error.h"
+#include "core/model_loader.h"
+#include "core/model_writer.h"
 
 namespace moert {
+namespace {
+
+constexpr uint32_t kAllLayers = std::numeric_limits<uint32_t>::max();
+
+double parse_number(const std::string& key, const std::string& value, double lo, double hi) {
+  double v = 0.0;
+  const char* end = value.data() + value.size();
+  auto [ptr, ec] = std::from_chars(value.data(), end, v);
+  if (ec != std::errc() || ptr != end || !std::isfinite(v) || v < lo || v > hi)
+    fail(Code::InvalidArgument, "option '", key, "' takes a number in [", lo, ", ", hi, "], got '",
+         value, "'");
+  return v;
+}
+
+uint64_t parse_count(const std::string& key, const std::string& value) {
+  uint64_t v = 0;
+  const char* end = value.data() + value.size();
+  auto [ptr, ec] = std::from_chars(value.data(), end, v);
+  if (ec != std::errc() || ptr != end)
+    fail(Code::InvalidArgument, "option '", key, "' takes a non-negative integer, got '", value,
+         "'");
+  return v;
+}
+
+bool parse_bool(const std::string& key, const std::string& value) {
+  if (value == "true" || value == "1") return true;
+  if (value == "false" || value == "0") return false;
+  fail(Code::InvalidArgument, "option '", key, "' takes true or false, got '", value, "'");
+}
+
+void check_len(uint64_t len, int64_t want, const char* what) {
+  if (len != static_cast<uint64_t>(want))
+    fail(Code::InvalidArgument, what, " buffer holds ", len, " values but ", want, " are needed");
+}
+
+}  // namespace
+
+double TrainingConfig::lr_at(uint64_t step) const {
+  if (warmup_steps > 0 && step <= warmup_steps)
+    return lr * static_cast<double>(step) / static_cast<double>(warmup_steps);
+  if (total_steps == 0 || total_steps <= warmup_steps) return lr;
+  const double progress = std::min(1.0, static_cast<double>(step - warmup_steps) /
+                                            static_cast<double>(total_steps - warmup_steps));
+  return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(std::numbers::pi * progress));
+}
 
 void SessionOptions::set(const std::string& key, const std::string& value) {
+  TrainingConfig& t = training;
   if (key == "check_finite") {
-    if (value == "true" || value == "1")
-      check_finite = true;
-    else if (value == "false" || value == "0")
-      check_finite = false;
-    else
-      fail(Code::InvalidArgument, "option 'check_finite' takes true or false, got '", value, "'");
-    return;
+    check_finite = parse_bool(key, value);
+  } else if (key == "optimizer") {
+    if (value != "adamw" && value != "sgd")
+      fail(Code::InvalidArgument, "option 'optimizer' takes adamw or sgd, got '", value, "'");
+    t.optimizer = value;
+  } else if (key == "lr") {
+    t.lr = parse_number(key, value, 0.0, 1e6);
+  } else if (key == "min_lr") {
+    t.min_lr = parse_number(key, value, 0.0, 1e6);
+  } else if (key == "weight_decay") {
+    t.weight_decay = parse_number(key, value, 0.0, 1e6);
+  } else if (key == "beta1") {
+    t.beta1 = parse_number(key, value, 0.0, 0.999999);
+  } else if (key == "beta2") {
+    t.beta2 = parse_number(key, value, 0.0, 0.999999999);
+  } else if (key == "eps") {
+    t.eps = parse_number(key, value, 1e-30, 1.0);
+  } else if (key == "momentum") {
+    t.momentum = parse_number(key, value, 0.0, 0.999999);
+  } else if (key == "clip_norm") {
+    t.clip_norm = parse_number(key, value, 0.0, 1e12);
+  } else if (key == "warmup_steps") {
+    t.warmup_steps = parse_count(key, value);
+  } else if (key == "total_steps") {
+    t.total_steps = parse_count(key, value);
+  } else if (key == "sequence_length") {
+    t.sequence_length = static_cast<int64_t>(
+        std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
+  } else {
+    fail(Code::InvalidArgument, "unknown session option '", key,
+         "' (known: check_finite, optimizer, lr, min_lr, weight_decay, beta1, beta2, eps, "
+         "momentum, clip_norm, warmup_steps, total_steps, sequence_length)");
   }
-  fail(Code::InvalidArgument, "unknown session option '", key, "' (known: check_finite)");
 }
 
 Session::Session(std::shared_ptr<const Model> model, const SessionOptions& options)
-    : model_(std::move(model)), options_(options) {
+    : model_(std::move(model)), options_(options), rng_(options.seed) {
   if (options_.device == Device::Cuda)
     fail(Code::Unsupported, "CUDA device requested, but this build of moert has no CUDA backend");
-  if (options_.mode == Mode::Training)
-    fail(Code::Unsupported, "training mode is not available yet in this version of moert");
   backend_ = make_cpu_backend(options_.threads);
-  for (const auto& spec : model_->layers) layers_.push_back(make_layer(spec));
+  const int64_t seq = options_.training.sequence_length;
+  if (training()) {
+    // The session trains its own copy; gradients mirror its layout.
+    params_ = std::make_unique<Model>(*model_);
+    params_->training.reset();
+    grads_ = std::make_unique<Model>(*params_);
+    for (auto& l : grads_->layers) {
+      visit_tensors(
+          l, [](const char*, Tensor& t) { std::fill(t.values.begin(), t.values.end(), 0.0f); });
+      if (auto* m = std::get_if<MoESpec>(&l.spec)) m->gate_bias.values.clear();
+    }
+    for (size_t i = 0; i < params_->layers.size(); ++i) {
+      auto& pl = params_->layers[i];
+      auto& gl = grads_->layers[i];
+      std::vector<Tensor*> grads;
+      visit_tensors(gl, [&](const char*, Tensor& t) { grads.push_back(&t); });
+      size_t k = 0;
+      visit_tensors(pl, [&](const char* field, Tensor& t) {
+        Tensor* g = grads[k++];
+        if (t.values.empty()) return;
+        slots_.push_back({pl.name + "." + field, &t, g, t.shape.size() >= 2, {}, {}});
+      });
+    }
+  }
+  const Model& p = params();
+  balance_.resize(p.layers.size());
+  for (size_t i = 0; i < p.layers.size(); ++i) {
+    if (const auto* m = std::get_if<MoESpec>(&p.layers[i].spec))
+      balance_[i] = {m->balancing.bias_update_rate, m->balancing.bias_frozen};
+    layers_.push_back(make_layer(p.layers[i], grads_ ? &grads_->layers[i] : nullptr, seq));
+  }
   activations_.resize(layers_.size());
 }
+
+void Session::require_training(const char* what) const {
+  if (!training())
+    fail(Code::InvalidState, what,
+         " needs a session created in training mode (MOERT_MODE_TRAINING)");
+}
+
+Pass Session::next_pass() const { return training() && !eval_ ? Pass::Train : Pass::Eval; }
 
 int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
   if (rows == 0) fail(Code::InvalidArgument, "rows must be at least 1");
@@ -42,6 +153,9 @@ int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
       out_len != need)
     fail(Code::InvalidArgument, "output buffer holds ", out_len, " floats but ", rows,
          " rows of width ", model_->output_width, " need ", rows * model_->output_width);
+  const int64_t seq = options_.training.sequence_length;
+  if (training() && seq > 0 && rows % static_cast<uint64_t>(seq) != 0)
+    fail(Code::InvalidArgument, "rows = ", rows, " is not a multiple of sequence_length = ", seq);
   return static_cast<int64_t>(rows);
 }
 
@@ -62,10 +176,12 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_
     if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= emb.vocab_size)
       fail(Code::InvalidArgument, "token id ", tokens[i], " at position ", i,
            " is outside the vocabulary [0, ", emb.vocab_size, ")");
+  const Pass pass = next_pass();
+  pending_backward_ = false;
   auto& a0 = activations_[0];
   a0.resize(static_cast<size_t>(n) * model_->layers[0].out_width);
-  static_cast<EmbeddingLayer&>(*layers_[0]).forward_tokens(*backend_, tokens, a0.data(), n);
-  run_from(1, a0.data(), n, out);
+  static_cast<EmbeddingLayer&>(*layers_[0]).forward_tokens(*backend_, tokens, a0.data(), n, pass);
+  run_from(1, a0.data(), n, out, pass);
 }
 
 void Session::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, float* out,
@@ -85,45 +201,483 @@ void Session::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, fl
       if (!std::isfinite(in[i]))
         fail(Code::Numeric, "input holds a NaN or infinity at row ", i / model_->input_width,
              ", column ", i % model_->input_width);
-  run_from(0, in, n, out);
+  const Pass pass = next_pass();
+  pending_backward_ = false;
+  if (pass == Pass::Train) {
+    // Backward reads the input again; the caller's buffer is not ours to keep.
+    input_.assign(in, in + in_len);
+    in = input_.data();
+  }
+  run_from(0, in, n, out, pass);
 }
 
-void Session::run_from(size_t first_layer, const float* x, int64_t rows, float* out) {
+void Session::run_from(size_t first_layer, const float* x, int64_t rows, float* out, Pass pass) {
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
     act.resize(static_cast<size_t>(rows) * model_->layers[i].out_width);
-    layers_[i]->forward(*backend_, x, act.data(), rows);
+    layers_[i]->forward(*backend_, x, act.data(), rows, pass);
     x = act.data();
   }
   std::memcpy(out, x, sizeof(float) * static_cast<size_t>(rows) * model_->output_width);
-  for (auto& l : layers_) l->commit_stats();
+  for (auto& l : layers_) l->commit_stats(pass);
+  last_rows_ = rows;
+  pending_backward_ = pass == Pass::Train;
 }
 
-const MoELayer& Session::moe_layer(uint32_t layer) const {
+double Session::run_backward(const float* grad_out, float* grad_in) {
+  const int64_t rows = last_rows_;
+  std::vector<float> dy(grad_out, grad_out + rows * model_->output_width), dx;
+  double aux = 0.0;
+  for (size_t i = layers_.size(); i-- > 0;) {
+    aux += layers_[i]->aux_loss();
+    const bool first = i == 0;
+    float* target = nullptr;
+    if (first) {
+      target = grad_in;  // may be null: nobody needs the input gradient
+    } else {
+      dx.resize(static_cast<size_t>(rows) * model_->layers[i].in_width);
+      target = dx.data();
+    }
+    layers_[i]->backward(*backend_, dy.data(), target, rows);
+    if (!first) dy.swap(dx);
+  }
+  ++micro_batches_;
+  pending_backward_ = false;
+  return aux;
+}
+
+double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
+  require_training("backward");
+  if (!targets) fail(Code::InvalidArgument, "targets must not be NULL");
+  if (!pending_backward_)
+    fail(Code::InvalidState,
+         "backward needs a training-mode forward pass first (and only one "
+         "backward per forward)");
+  if (model_->layers.back().kind != LayerKind::OutputHead)
+    fail(Code::InvalidState,
+         "backward with targets needs an OutputHead as the last layer; use "
+         "moert_session_backward with the output gradient instead");
+  check_len(num_targets, last_rows_, "targets");
+  const uint32_t vocab = model_->output_width;
+  for (uint64_t i = 0; i < num_targets; ++i)
+    if (targets[i] < 0 || static_cast<uint32_t>(targets[i]) >= vocab)
+      fail(Code::InvalidArgument, "target ", targets[i], " at row ", i,
+           " is outside the vocabulary [0, ", vocab, ")");
+  const auto& logits = activations_.back();
+  std::vector<float> dlogits(logits.size());
+  const double inv_rows = 1.0 / static_cast<double>(last_rows_);
+  const double ce = backend_->cross_entropy(logits.data(), targets, last_rows_, vocab,
+                                            dlogits.data(), static_cast<float>(inv_rows));
+  return ce * inv_rows + run_backward(dlogits.data(), nullptr);
+}
+
+double Session::backward(const float* grad_out, uint64_t grad_out_len, float* grad_in,
+                         uint64_t grad_in_len) {
+  require_training("backward");
+  if (!grad_out) fail(Code::InvalidArgument, "grad_out must not be NULL");
+  if (!pending_backward_)
+    fail(Code::InvalidState,
+         "backward needs a training-mode forward pass first (and only one "
+         "backward per forward)");
+  check_len(grad_out_len, last_rows_ * model_->output_width, "grad_out");
+  if (grad_in) {
+    if (model_->token_input)
+      fail(Code::InvalidArgument, "grad_in must be NULL for a model that takes token ids");
+    check_len(grad_in_len, last_rows_ * model_->input_width, "grad_in");
+  }
+  if (options_.check_finite)
+    for (uint64_t i = 0; i < grad_out_len; ++i)
+      if (!std::isfinite(grad_out[i]))
+        fail(Code::Numeric, "grad_out holds a NaN or infinity at element ", i);
+  std::vector<float> gin;
+  if (grad_in) gin.resize(grad_in_len);
+  const double aux = run_backward(grad_out, grad_in ? gin.data() : nullptr);
+  if (grad_in) std::copy(gin.begin(), gin.end(), grad_in);
+  return aux;
+}
+
+void Session::zero_grad() {
+  require_training("zero_grad");
+  for (auto& s : slots_) std::fill(s.grad->values.begin(), s.grad->values.end(), 0.0f);
+  micro_batches_ = 0;
+}
+
+StepInfo Session::step() {
+  require_training("step");
+  if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
+  const TrainingConfig& c = options_.training;
+  StepInfo info;
+  info.lr = c.lr_at(step_ + 1);
+  if (micro_batches_ > 0) {
+    // The gradient of the mean loss over the micro-batches accumulated since zero_grad.
+    const double scale = 1.0 / micro_batches_;
+    double sq = 0.0;
+    for (const auto& s : slots_)
+      for (float g : s.grad->values) sq += static_cast<double>(g) * g;
+    info.grad_norm = std::sqrt(sq) * scale;
+    if (!std::isfinite(info.grad_norm))
+      fail(Code::Numeric, "the gradient holds a NaN or infinity; parameters left unchanged");
+    double gscale = scale;
+    if (c.clip_norm > 0.0 && info.grad_norm > c.clip_norm) gscale *= c.clip_norm / info.grad_norm;
+    const uint64_t t = step_ + 1;
+    const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
+    const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
+    for (auto& s : slots_) {
+      float* p = s.param->data();
+      const float* g = s.grad->data();
+      const size_t n = s.param->values.size();
+      const double wd = s.matrix ? c.weight_decay : 0.0;
+      if (c.optimizer == "adamw") {
+        s.m.resize(n, 0.0f);
+        s.v.resize(n, 0.0f);
+        for (size_t i = 0; i < n; ++i) {
+          const double gi = g[i] * gscale;
+          const double m = c.beta1 * s.m[i] + (1.0 - c.beta1) * gi;
+          const double v = c.beta2 * s.v[i] + (1.0 - c.beta2) * gi * gi;
+          s.m[i] = static_cast<float>(m);
+          s.v[i] = static_cast<float>(v);
+          const double update = (m / bc1) / (std::sqrt(v / bc2) + c.eps) + wd * p[i];
+          p[i] = static_cast<float>(p[i] - info.lr * update);
+        }
+      } else {
+        s.m.resize(n, 0.0f);
+        for (size_t i = 0; i < n; ++i) {
+          const double gi = g[i] * gscale + wd * p[i];
+          const double buf = c.momentum * s.m[i] + gi;
+          s.m[i] = static_cast<float>(buf);
+          p[i] = static_cast<float>(p[i] - info.lr * buf);
+        }
+      }
+    }
+  }
+  update_biases();
+  ++step_;
+  return info;
+}
+
+void Session::update_biases() {
+  for (uint32_t i = 0; i < layers_.size(); ++i) {
+    if (model_->layers[i].kind != LayerKind::MoE) continue;
+    auto& layer = static_cast<MoELayer&>(*layers_[i]);
+    auto& counts = layer.counts().step;
+    auto& spec = std::get<MoESpec>(params_->layers[i].spec);
+    const Balance& b = balance_[i];
+    if (spec.balancing.policy == BalancingPolicy::LossFreeBias && !b.frozen && b.gamma > 0.0f) {
+      // b_i += gamma * sign(mean - count_i), from integer counts over the whole step.
+      int64_t total = 0;
+      for (int64_t c : counts) total += c;
+      const double mean = static_cast<double>(total) / static_cast<double>(counts.size());
+      auto& bias = spec.gate_bias.values;
+      for (size_t e = 0; e < counts.size(); ++e) {
+        const double diff = mean - static_cast<double>(counts[e]);
+        if (diff > 0.0)
+          bias[e] += b.gamma;
+        else if (diff < 0.0)
+          bias[e] -= b.gamma;
+      }
+      if (spec.balancing.bias_centering) {
+        double sum = 0.0;
+        for (float v : bias) sum += v;
+        const float centre = static_cast<float>(sum / static_cast<double>(bias.size()));
+        for (float& v : bias) v -= centre;
+      }
+    }
+    std::fill(counts.begin(), counts.end(), 0);
+  }
+}
+
+void Session::set_eval(bool eval) {
+  require_training("set_eval");
+  eval_ = eval;
+  pending_backward_ = false;
+}
+
+void Session::set_config(const std::string& key, const std::string& value) {
+  SessionOptions updated = options_;
+  updated.set(key, value);
+  if (key == "optimizer" && updated.training.optimizer != options_.training.optimizer && step_ > 0)
+    fail(Code::InvalidState,
+         "the optimizer cannot change after the first step (its state would "
+         "not carry over)");
+  if (key == "sequence_length" && pending_backward_)
+    fail(Code::InvalidState, "sequence_length cannot change between a forward and its backward");
+  options_ = updated;
+  if (key == "sequence_length")
+    for (size_t i = 0; i < layers_.size(); ++i)
+      if (model_->layers[i].kind == LayerKind::MoE)
+        layers_[i] = make_layer(params().layers[i], grads_ ? &grads_->layers[i] : nullptr,
+                                options_.training.sequence_length);
+}
+
+const std::string& Session::parameter_name(size_t index) const {
+  require_training("parameter access");
+  if (index >= slots_.size())
+    fail(Code::InvalidArgument, "parameter index ", index, " is out of range (", slots_.size(),
+         " parameters)");
+  return slots_[index].name;
+}
+
+int64_t Session::parameter_size(size_t index) const {
+  parameter_name(index);
+  return slots_[index].param->numel();
+}
+
+size_t Session::parameter_index(const std::string& name) const {
+  require_training("parameter access");
+  for (size_t i = 0; i < slots_.size(); ++i)
+    if (slots_[i].name == name) return i;
+  fail(Code::InvalidArgument, "no parameter named '", name, "'");
+}
+
+void Session::read_parameter(size_t index, float* out, uint64_t len) const {
+  check_len(len, parameter_size(index), "parameter");
+  std::copy(slots_[index].param->values.begin(), slots_[index].param->values.end(), out);
+}
+
+void Session::write_parameter(size_t index, const float* in, uint64_t len) {
+  check_len(len, parameter_size(index), "parameter");
+  for (uint64_t i = 0; i < len; ++i)
+    if (!std::isfinite(in[i]))
+      fail(Code::Numeric, "parameter '", slots_[index].name, "' value ", i, " is not finite");
+  if (pending_backward_)
+    fail(Code::InvalidState, "parameters cannot change between a forward and its backward");
+  std::copy(in, in + len, slots_[index].param->values.begin());
+}
+
+void Session::read_gradient(size_t index, float* out, uint64_t len) const {
+  check_len(len, parameter_size(index), "gradient");
+  std::copy(slots_[index].grad->values.begin(), slots_[index].grad->values.end(), out);
+}
+
+void Session::write_gradient(size_t index, const float* in, uint64_t len) {
+  check_len(len, parameter_size(index), "gradient");
+  for (uint64_t i = 0; i < len; ++i)
+    if (!std::isfinite(in[i]))
+      fail(Code::Numeric, "gradient of '", slots_[index].name, "' value ", i, " is not finite");
+  std::copy(in, in + len, slots_[index].grad->values.begin());
+}
+
+MoELayer& Session::moe_layer(uint32_t layer) const {
   if (layer >= layers_.size())
     fail(Code::InvalidArgument, "layer ", layer, " does not exist (the model has ", layers_.size(),
          " layers)");
   if (model_->layers[layer].kind != LayerKind::MoE)
     fail(Code::InvalidArgument, "layer ", layer, " ('", model_->layers[layer].name, "') is a ",
          layer_kind_name(model_->layers[layer].kind), " layer, not a MoE layer");
-  return static_cast<const MoELayer&>(*layers_[layer]);
+  return static_cast<MoELayer&>(*layers_[layer]);
 }
 
-const std::vector<int64_t>& Session::expert_counts(uint32_t layer) const {
-  return moe_layer(layer).counts();
-}
-
-double Session::max_vio(uint32_t layer) const {
-  if (layer != std::numeric_limits<uint32_t>::max()) return moe_layer(layer).max_vio();
-  double sum = 0.0;
-  int n = 0;
+std::vector<uint32_t> Session::moe_layers(uint32_t layer) const {
+  if (layer != kAllLayers) {
+    moe_layer(layer);
+    return {layer};
+  }
+  std::vector<uint32_t> out;
   for (uint32_t i = 0; i < layers_.size(); ++i)
-    if (model_->layers[i].kind == LayerKind::MoE) {
-      sum += static_cast<const MoELayer&>(*layers_[i]).max_vio();
-      ++n;
+    if (model_->layers[i].kind == LayerKind::MoE) out.push_back(i);
+  if (out.empty()) fail(Code::InvalidArgument, "the model has no MoE layer");
+  return out;
+}
+
+void Session::read_bias(uint32_t layer, float* out, uint64_t len) const {
+  moe_layer(layer);
+  const auto& bias = std::get<MoESpec>(params().layers[layer].spec).gate_bias.values;
+  check_len(len, static_cast<int64_t>(bias.size()), "bias");
+  std::copy(bias.begin(), bias.end(), out);
+}
+
+void Session::write_bias(uint32_t layer, const float* in, uint64_t len) {
+  require_training("writing the expert bias");
+  moe_layer(layer);
+  auto& bias = std::get<MoESpec>(params_->layers[layer].spec).gate_bias.values;
+  check_len(len, static_cast<int64_t>(bias.size()), "bias");
+  for (uint64_t i = 0; i < len; ++i)
+    if (!std::isfinite(in[i])) fail(Code::Numeric, "bias value ", i, " is not finite");
+  if (pending_backward_)
+    fail(Code::InvalidState, "the bias cannot change between a forward and its backward");
+  std::copy(in, in + len, bias.begin());
+}
+
+void Session::set_bias_update_rate(uint32_t layer, double gamma) {
+  require_training("the bias update rate");
+  if (!std::isfinite(gamma) || gamma < 0.0)
+    fail(Code::InvalidArgument, "the bias update rate must be finite and >= 0, got ", gamma);
+  for (uint32_t i : moe_layers(layer)) balance_[i].gamma = static_cast<float>(gamma);
+}
+
+void Session::set_bias_frozen(uint32_t layer, bool frozen) {
+  require_training("freezing the bias");
+  for (uint32_t i : moe_layers(layer)) balance_[i].frozen = frozen;
+}
+
+const std::vector<int64_t>& Session::expert_counts(uint32_t layer, CountScope scope) const {
+  const auto& c = moe_layer(layer).counts();
+  switch (scope) {
+    case CountScope::Last:
+      return c.last;
+    case CountScope::Step:
+      return c.step;
+    case CountScope::Eval:
+      return c.eval;
+  }
+  fail(Code::InvalidArgument, "unknown count scope ", static_cast<int>(scope));
+}
+
+double Session::max_vio(uint32_t layer, CountScope scope) const {
+  const auto ids = moe_layers(layer);
+  double sum = 0.0;
+  for (uint32_t i : ids) sum += max_violation(expert_counts(i, scope));
+  return sum / static_cast<double>(ids.size());
+}
+
+void Session::reset_eval_metrics() {
+  for (auto& l : layers_)
+    if (auto* m = dynamic_cast<MoELayer*>(l.get()))
+      std::fill(m->counts().eval.begin(), m->counts().eval.end(), 0);
+}
+
+TrainingState Session::training_state() const {
+  TrainingState st;
+  st.step = step_;
+  st.micro_batches = micro_batches_;
+  st.rng = rng_.state();
+  st.optimizer = options_.training.optimizer;
+  for (const auto& s : slots_) {
+    ParamState ps;
+    ps.name = s.name;
+    if (micro_batches_ > 0 || std::any_of(s.grad->values.begin(), s.grad->values.end(),
+                                          [](float g) { return g != 0.0f; }))
+      ps.grad = s.grad->values;
+    ps.m = s.m;
+    ps.v = s.v;
+    st.params.push_back(std::move(ps));
+  }
+  for (uint32_t i = 0; i < layers_.size(); ++i)
+    if (model_->layers[i].kind == LayerKind::MoE)
+      st.layers.push_back({i, static_cast<const MoELayer&>(*layers_[i]).counts().step,
+                           balance_[i].gamma, balance_[i].frozen});
+  return st;
+}
+
+void Session::save(const std::string& path) const {
+  require_training("saving a checkpoint");
+  TrainingState st = training_state();
+  st.digest = checkpoint_digest(*params_, st);
+  write_file_atomically(path, serialize_model(*params_, &st));
+}
+
+namespace {
+
+// Whether two layers describe the same computation, tensors aside.
+std::string layer_mismatch(const LayerSpec& a, const LayerSpec& b) {
+  if (a.kind != b.kind) return "kind";
+  if (a.name != b.name) return "name";
+  if (a.in_width != b.in_width || a.out_width != b.out_width) return "width";
+  std::vector<std::vector<int64_t>> sa, sb;
+  visit_tensors(a, [&](const char*, const Tensor& t) {
+    sa.push_back(t.values.empty() ? std::vector<int64_t>{} : t.shape);
+  });
+  visit_tensors(b, [&](const char*, const Tensor& t) {
+    sb.push_back(t.values.empty() ? std::vector<int64_t>{} : t.shape);
+  });
+  if (sa != sb) return "tensor shapes";
+  if (const auto* ma = std::get_if<MoESpec>(&a.spec)) {
+    const auto& mb = std::get<MoESpec>(b.spec);
+    const RouterConfig &ra = ma->router, &rb = mb.router;
+    if (ra.num_experts != rb.num_experts || ra.top_k != rb.top_k || ra.score != rb.score ||
+        ra.num_groups != rb.num_groups || ra.topk_groups != rb.topk_groups ||
+        ra.normalize != rb.normalize || ra.scaling != rb.scaling)
+      return "routing configuration";
+    if (ma->balancing.policy != mb.balancing.policy) return "balancing policy";
+    if (ma->residual != mb.residual || ma->num_shared != mb.num_shared) return "structure";
+  }
+  if (const auto* da = std::get_if<DenseFFNSpec>(&a.spec))
+    if (da->residual != std::get<DenseFFNSpec>(b.spec).residual) return "residual";
+  return "";
+}
+
+}  // namespace
+
+void Session::load(const std::string& path) {
+  require_training("loading a checkpoint");
+  std::shared_ptr<const Model> ck = load_model_file(path);
+  if (!ck->training)
+    fail(Code::InvalidArgument, "'", path,
+         "' is a model file without training state, not a "
+         "checkpoint");
+  if (ck->layers.size() != params_->layers.size())
+    fail(Code::InvalidArgument, "checkpoint '", path, "' has ", ck->layers.size(),
+         " layers, this session's model ", params_->layers.size());
+  for (size_t i = 0; i < ck->layers.size(); ++i) {
+    const std::string what = layer_mismatch(ck->layers[i], params_->layers[i]);
+    if (!what.empty())
+      fail(Code::InvalidArgument, "checkpoint '", path, "' layer ", i, " ('", ck->layers[i].name,
+           "') differs from this session's model in its ", what);
+  }
+  const TrainingState& st = *ck->training;
+  if (st.optimizer != options_.training.optimizer)
+    fail(Code::InvalidArgument, "checkpoint '", path, "' was trained with ", st.optimizer,
+         " but this session uses ", options_.training.optimizer);
+  Rng rng(0);
+  try {
+    rng.set_state(st.rng);
+  } catch (const std::invalid_argument&) {
+    fail(Code::InvalidModel, "checkpoint '", path, "': field 'rng' is not a generator state");
+  }
+
+  // Everything is staged before anything changes, so a refusal leaves the session intact.
+  std::vector<Slot> slots = slots_;
+  for (auto& s : slots) {
+    s.m.clear();
+    s.v.clear();
+  }
+  std::vector<std::vector<float>> grads(slots.size());
+  for (const auto& ps : st.params) {
+    const size_t i = parameter_index(ps.name);
+    grads[i] = ps.grad;
+    slots[i].m = ps.m;
+    slots[i].v = ps.v;
+  }
+  std::vector<Balance> balance = balance_;
+  std::vector<std::vector<int64_t>> step_counts(layers_.size());
+  for (const auto& l : st.layers) {
+    balance[l.layer] = {l.gamma, l.frozen};
+    step_counts[l.layer] = l.step_counts;
+  }
+  Model staged = *ck;
+  staged.training.reset();
+
+  // Commit: no allocation can fail past this point except the vector moves below, which do not
+  // allocate.
+  for (size_t li = 0; li < staged.layers.size(); ++li) {
+    std::vector<Tensor*> src, dst;
+    visit_tensors(staged.layers[li], [&](const char*, Tensor& t) { src.push_back(&t); });
+    visit_tensors(params_->layers[li], [&](const char*, Tensor& t) { dst.push_back(&t); });
+    for (size_t k = 0; k < src.size(); ++k) dst[k]->values.swap(src[k]->values);
+    if (auto* m = std::get_if<MoESpec>(&params_->layers[li].spec))
+      m->gate_bias.values.swap(std::get<MoESpec>(staged.layers[li].spec).gate_bias.values);
+  }
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    slots_[i].m.swap(slots[i].m);
+    slots_[i].v.swap(slots[i].v);
+    if (grads[i].empty())
+      std::fill(slots_[i].grad->values.begin(), slots_[i].grad->values.end(), 0.0f);
+    else
+      slots_[i].grad->values.swap(grads[i]);
+  }
+  balance_.swap(balance);
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (auto* m = dynamic_cast<MoELayer*>(layers_[i].get())) {
+      auto& step = m->counts().step;
+      if (step_counts[i].empty())
+        std::fill(step.begin(), step.end(), 0);
+      else
+        step.swap(step_counts[i]);
     }
-  if (n == 0) fail(Code::InvalidArgument, "the model has no MoE layer");
-  return sum / n;
+  rng_ = rng;
+  step_ = st.step;
+  micro_batches_ = st.micro_batches;
+  pending_backward_ = false;
 }
 
 }  // namespace moert

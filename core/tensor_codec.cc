@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 #include <numbers>
+#include <stdexcept>
 
 namespace moert {
 
@@ -59,6 +60,19 @@ uint64_t Rng::next() {
   s_[2] ^= t;
   s_[3] = rotl(s_[3], 45);
   return result;
+}
+
+std::vector<uint64_t> Rng::state() const {
+  uint64_t spare_bits;
+  std::memcpy(&spare_bits, &spare_, sizeof spare_bits);
+  return {s_[0], s_[1], s_[2], s_[3], has_spare_ ? 1u : 0u, spare_bits};
+}
+
+void Rng::set_state(const std::vector<uint64_t>& words) {
+  if (words.size() != 6 || words[4] > 1) throw std::invalid_argument("not a generator state");
+  for (int i = 0; i < 4; ++i) s_[i] = words[static_cast<size_t>(i)];
+  has_spare_ = words[4] == 1;
+  std::memcpy(&spare_, &words[5], sizeof spare_);
 }
 
 double Rng::uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace moert {
 
@@ -17,6 +18,11 @@ class Rng {
   uint64_t next();
   double uniform();  // [0, 1)
   double normal();   // N(0, 1), Box-Muller
+
+  // The whole generator state as words (for checkpoints), and back. set_state throws
+  // std::invalid_argument for a vector that is not a state.
+  std::vector<uint64_t> state() const;
+  void set_state(const std::vector<uint64_t>& words);
 
  private:
   uint64_t s_[4];

@@ -9,6 +9,27 @@ using moert::fail;
 using moert::capi::guarded;
 using moert::capi::require;
 
+namespace {
+
+moert::CountScope scope_of(int32_t scope) {
+  if (scope != MOERT_COUNTS_LAST && scope != MOERT_COUNTS_STEP && scope != MOERT_COUNTS_EVAL)
+    fail(Code::InvalidArgument, "count scope ", scope,
+         " is not MOERT_COUNTS_LAST, MOERT_COUNTS_STEP or MOERT_COUNTS_EVAL");
+  return static_cast<moert::CountScope>(scope);
+}
+
+// Runs body(session) under the session's lock, after the NULL check.
+template <typename S, typename F>
+moert_status* locked(S* session, F&& body) {
+  return guarded([&] {
+    require(session, "session");
+    std::lock_guard<std::mutex> lock(session->session->mutex());
+    body(*session->session);
+  });
+}
+
+}  // namespace
+
 extern "C" {
 
 moert_status* moert_session_options_create(moert_session_options** out) {
@@ -90,29 +111,22 @@ void moert_session_free(moert_session* session) { delete session; }
 moert_status* moert_session_forward_tokens(moert_session* session, const int32_t* tokens,
                                            uint64_t num_tokens, uint64_t rows, float* out,
                                            uint64_t out_len) {
-  return guarded([&] {
-    require(session, "session");
-    std::lock_guard<std::mutex> lock(session->session->mutex());
-    session->session->forward_tokens(tokens, num_tokens, rows, out, out_len);
+  return locked(session, [&](moert::Session& s) {
+    s.forward_tokens(tokens, num_tokens, rows, out, out_len);
   });
 }
 
 moert_status* moert_session_forward_hidden(moert_session* session, const float* in, uint64_t in_len,
                                            uint64_t rows, float* out, uint64_t out_len) {
-  return guarded([&] {
-    require(session, "session");
-    std::lock_guard<std::mutex> lock(session->session->mutex());
-    session->session->forward_hidden(in, in_len, rows, out, out_len);
-  });
+  return locked(session,
+                [&](moert::Session& s) { s.forward_hidden(in, in_len, rows, out, out_len); });
 }
 
 moert_status* moert_session_expert_counts(const moert_session* session, uint32_t layer,
-                                          int64_t* counts, uint64_t len) {
-  return guarded([&] {
-    require(session, "session");
+                                          int32_t scope, int64_t* counts, uint64_t len) {
+  return locked(session, [&](const moert::Session& s) {
     require(counts, "counts");
-    std::lock_guard<std::mutex> lock(session->session->mutex());
-    const auto& c = session->session->expert_counts(layer);
+    const auto& c = s.expert_counts(layer, scope_of(scope));
     if (len != c.size())
       fail(Code::InvalidArgument, "counts buffer holds ", len, " values but layer ", layer, " has ",
            c.size(), " experts");
@@ -120,12 +134,157 @@ moert_status* moert_session_expert_counts(const moert_session* session, uint32_t
   });
 }
 
-moert_status* moert_session_max_vio(const moert_session* session, uint32_t layer, double* out) {
-  return guarded([&] {
-    require(session, "session");
+moert_status* moert_session_max_vio(const moert_session* session, uint32_t layer, int32_t scope,
+                                    double* out) {
+  return locked(session, [&](const moert::Session& s) {
     require(out, "out");
-    std::lock_guard<std::mutex> lock(session->session->mutex());
-    *out = session->session->max_vio(layer);
+    *out = s.max_vio(layer, scope_of(scope));
+  });
+}
+
+moert_status* moert_session_reset_metrics(moert_session* session) {
+  return locked(session, [&](moert::Session& s) { s.reset_eval_metrics(); });
+}
+
+moert_status* moert_session_backward_loss(moert_session* session, const int32_t* targets,
+                                          uint64_t num_targets, double* loss) {
+  return locked(session, [&](moert::Session& s) {
+    const double l = s.backward_loss(targets, num_targets);
+    if (loss) *loss = l;
+  });
+}
+
+moert_status* moert_session_backward(moert_session* session, const float* grad_out,
+                                     uint64_t grad_out_len, float* grad_in, uint64_t grad_in_len,
+                                     double* aux_loss) {
+  return locked(session, [&](moert::Session& s) {
+    const double aux = s.backward(grad_out, grad_out_len, grad_in, grad_in_len);
+    if (aux_loss) *aux_loss = aux;
+  });
+}
+
+moert_status* moert_session_zero_grad(moert_session* session) {
+  return locked(session, [&](moert::Session& s) { s.zero_grad(); });
+}
+
+moert_status* moert_session_step(moert_session* session, double* lr, double* grad_norm) {
+  return locked(session, [&](moert::Session& s) {
+    const moert::StepInfo info = s.step();
+    if (lr) *lr = info.lr;
+    if (grad_norm) *grad_norm = info.grad_norm;
+  });
+}
+
+moert_status* moert_session_step_count(const moert_session* session, uint64_t* out) {
+  return locked(session, [&](const moert::Session& s) {
+    require(out, "out");
+    *out = s.step_count();
+  });
+}
+
+moert_status* moert_session_set_eval(moert_session* session, int32_t eval) {
+  return locked(session, [&](moert::Session& s) { s.set_eval(eval != 0); });
+}
+
+moert_status* moert_session_set_config(moert_session* session, const char* key, const char* value) {
+  return locked(session, [&](moert::Session& s) {
+    require(key, "key");
+    require(value, "value");
+    s.set_config(key, value);
+  });
+}
+
+moert_status* moert_session_num_parameters(const moert_session* session, uint32_t* out) {
+  return locked(session, [&](const moert::Session& s) {
+    require(out, "out");
+    if (!s.training())
+      fail(Code::InvalidState, "parameter access needs a session created in training mode");
+    *out = static_cast<uint32_t>(s.num_parameters());
+  });
+}
+
+moert_status* moert_session_parameter_info(const moert_session* session, uint32_t index,
+                                           const char** name, uint64_t* numel) {
+  return locked(session, [&](const moert::Session& s) {
+    const std::string& n = s.parameter_name(index);
+    if (name) *name = n.c_str();
+    if (numel) *numel = static_cast<uint64_t>(s.parameter_size(index));
+  });
+}
+
+moert_status* moert_session_get_parameter(const moert_session* session, const char* name,
+                                          float* out, uint64_t len) {
+  return locked(session, [&](const moert::Session& s) {
+    require(name, "name");
+    require(out, "out");
+    s.read_parameter(s.parameter_index(name), out, len);
+  });
+}
+
+moert_status* moert_session_set_parameter(moert_session* session, const char* name, const float* in,
+                                          uint64_t len) {
+  return locked(session, [&](moert::Session& s) {
+    require(name, "name");
+    require(in, "in");
+    s.write_parameter(s.parameter_index(name), in, len);
+  });
+}
+
+moert_status* moert_session_get_gradient(const moert_session* session, const char* name, float* out,
+                                         uint64_t len) {
+  return locked(session, [&](const moert::Session& s) {
+    require(name, "name");
+    require(out, "out");
+    s.read_gradient(s.parameter_index(name), out, len);
+  });
+}
+
+moert_status* moert_session_set_gradient(moert_session* session, const char* name, const float* in,
+                                         uint64_t len) {
+  return locked(session, [&](moert::Session& s) {
+    require(name, "name");
+    require(in, "in");
+    s.write_gradient(s.parameter_index(name), in, len);
+  });
+}
+
+moert_status* moert_session_get_expert_bias(const moert_session* session, uint32_t layer,
+                                            float* out, uint64_t len) {
+  return locked(session, [&](const moert::Session& s) {
+    require(out, "out");
+    s.read_bias(layer, out, len);
+  });
+}
+
+moert_status* moert_session_set_expert_bias(moert_session* session, uint32_t layer, const float* in,
+                                            uint64_t len) {
+  return locked(session, [&](moert::Session& s) {
+    require(in, "in");
+    s.write_bias(layer, in, len);
+  });
+}
+
+moert_status* moert_session_set_bias_update_rate(moert_session* session, uint32_t layer,
+                                                 double gamma) {
+  return locked(session, [&](moert::Session& s) { s.set_bias_update_rate(layer, gamma); });
+}
+
+moert_status* moert_session_set_bias_frozen(moert_session* session, uint32_t layer,
+                                            int32_t frozen) {
+  return locked(session, [&](moert::Session& s) { s.set_bias_frozen(layer, frozen != 0); });
+}
+
+moert_status* moert_session_save(const moert_session* session, const char* path) {
+  return locked(session, [&](const moert::Session& s) {
+    require(path, "path");
+    s.save(path);
+  });
+}
+
+moert_status* moert_session_load(moert_session* session, const char* path) {
+  return locked(session, [&](moert::Session& s) {
+    require(path, "path");
+    s.load(path);
   });
 }
 

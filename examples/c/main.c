@@ -83,8 +83,10 @@ int main(int argc, char** argv) {
     free(counts);
     counts = malloc(sizeof *counts * (size_t)experts);
     if (!counts) goto done;
-    if (failed(moert_session_expert_counts(session, l, counts, (uint64_t)experts), "counts") ||
-        failed(moert_session_max_vio(session, l, &vio), "maxvio"))
+    if (failed(
+            moert_session_expert_counts(session, l, MOERT_COUNTS_LAST, counts, (uint64_t)experts),
+            "counts") ||
+        failed(moert_session_max_vio(session, l, MOERT_COUNTS_LAST, &vio), "maxvio"))
       goto done;
     printf("layer %u '%s' (%lld experts, top-%lld): tokens per expert:", l, lname,
            (long long)experts, (long long)top_k);
@@ -92,7 +94,9 @@ int main(int argc, char** argv) {
     printf("  MaxVio %.3f\n", vio);
   }
   double mean_vio = 0.0;
-  if (failed(moert_session_max_vio(session, MOERT_ALL_LAYERS, &mean_vio), "maxvio")) goto done;
+  if (failed(moert_session_max_vio(session, MOERT_ALL_LAYERS, MOERT_COUNTS_LAST, &mean_vio),
+             "maxvio"))
+    goto done;
   printf("mean MaxVio over MoE layers: %.3f\n", mean_vio);
   rc = 0;
 

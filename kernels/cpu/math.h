@@ -15,15 +15,28 @@ void matmul_nt(const float* x, const float* w, float* y, int64_t m, int64_t n, i
 void matmul_nn(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
                bool accumulate);
 
+// c[m, n] (+)= a[k, m]^T * b[k, n], with leading dimensions (row strides) lda, ldb, ldc.
+void matmul_tn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+               int64_t m, int64_t n, int64_t k, bool accumulate);
+
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float silu(float x) { return x * sigmoid(x); }
 
 // a[i] = silu(h1[i]) * h3[i]
 void swiglu(const float* h1, const float* h3, float* a, int64_t n);
 
+// Backward of swiglu: given dA, writes dh1 and dh3 in place of nothing (dh1 may alias da).
+void swiglu_backward(const float* h1, const float* h3, const float* da, float* dh1, float* dh3,
+                     int64_t n);
+
 // y = x / sqrt(mean(x^2) + eps) * w for each of `rows` rows of width dim; inv_rms (optional)
 // receives 1 / sqrt(mean(x^2) + eps) per row.
 void rmsnorm(const float* x, const float* w, float* y, float* inv_rms, int64_t rows, int64_t dim,
              float eps);
+
+// Backward of rmsnorm for `rows` rows: dx (overwritten) and dw (accumulated into, in double for
+// the caller to round once).
+void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,
+                      float* dx, double* dw, int64_t rows, int64_t dim);
 
 }  // namespace moert::cpu

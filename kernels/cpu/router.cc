@@ -24,6 +24,18 @@ void router_scores(ScoreFunction fn, const float* logits, float* scores, int64_t
   for (int64_t e = 0; e < num_experts; ++e) scores[e] /= sum;
 }
 
+void scores_backward(ScoreFunction fn, const float* scores, const float* ds, float* dlogits,
+                     int64_t num_experts) {
+  if (fn == ScoreFunction::Sigmoid) {
+    for (int64_t e = 0; e < num_experts; ++e) dlogits[e] = ds[e] * scores[e] * (1.0f - scores[e]);
+    return;
+  }
+  double dot = 0.0;
+  for (int64_t e = 0; e < num_experts; ++e) dot += static_cast<double>(ds[e]) * scores[e];
+  for (int64_t e = 0; e < num_experts; ++e)
+    dlogits[e] = static_cast<float>(scores[e] * (ds[e] - dot));
+}
+
 namespace {
 
 // Orders candidate indices by decreasing value, the lower index first among equals.

@@ -18,6 +18,10 @@ void route_token(const RouterConfig& cfg, const float* logits, const float* bias
 // Scores only (sigmoid or softmax over the E logits of one token).
 void router_scores(ScoreFunction fn, const float* logits, float* scores, int64_t num_experts);
 
+// Gradient of the logits of one token from the gradient ds of its scores (sigmoid or softmax).
+void scores_backward(ScoreFunction fn, const float* scores, const float* ds, float* dlogits,
+                     int64_t num_experts);
+
 // Number of floats and ints route_token needs as scratch.
 inline int64_t route_scratch_floats(const RouterConfig& cfg) {
   return 2 * static_cast<int64_t>(cfg.num_experts) + cfg.num_groups;

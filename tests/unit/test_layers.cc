@@ -65,10 +65,10 @@ std::vector<float> run(const LayerSpec& spec, const std::vector<float>& x, int64
                        unsigned threads, Layer** keep = nullptr) {
   static std::unique_ptr<Layer> held;
   auto be = make_cpu_backend(threads);
-  held = make_layer(spec);
+  held = make_layer(spec, nullptr, 0);
   std::vector<float> y(static_cast<size_t>(rows) * spec.out_width);
-  held->forward(*be, x.data(), y.data(), rows);
-  held->commit_stats();
+  held->forward(*be, x.data(), y.data(), rows, Pass::Eval);
+  held->commit_stats(Pass::Eval);
   if (keep) *keep = held.get();
   return y;
 }
@@ -144,11 +144,11 @@ TEST(Layers, EmbeddingConcatenatesTheContextWindow) {
   s.dim = 3;
   s.context = 2;
   s.weight = random_tensor({11, 3}, rng);
-  EmbeddingLayer layer(s);
+  EmbeddingLayer layer(s, nullptr);
   auto be = make_cpu_backend(2);
   const std::vector<int32_t> tokens = {0, 10, 5, 5, 3, 1};
   std::vector<float> y(3 * 6);
-  layer.forward_tokens(*be, tokens.data(), y.data(), 3);
+  layer.forward_tokens(*be, tokens.data(), y.data(), 3, Pass::Eval);
   for (int r = 0; r < 3; ++r)
     for (int c = 0; c < 2; ++c)
       for (int d = 0; d < 3; ++d)
@@ -264,7 +264,7 @@ TEST_P(MoELayerTest, MatchesNaiveReferenceAndCountsEveryAssignment) {
     want.insert(want.end(), o.begin(), o.end());
   }
   EXPECT_LT(rel_error(y, want), 1e-5);
-  EXPECT_EQ(static_cast<MoELayer*>(layer)->counts(), counts);
+  EXPECT_EQ(static_cast<MoELayer*>(layer)->counts().last, counts);
   // The same input on one thread gives bitwise the same output.
   EXPECT_EQ(run(l, x, rows, 1), y);
 }
@@ -287,8 +287,8 @@ TEST(Layers, ExpertChoiceGivesEachExpertItsCapacity) {
   Layer* layer = nullptr;
   auto y = run(l, x, rows, 2, &layer);
   const auto& spec = std::get<MoESpec>(l.spec);
-  EXPECT_EQ(static_cast<MoELayer*>(layer)->counts(), std::vector<int64_t>(8, 15));
-  EXPECT_EQ(static_cast<MoELayer*>(layer)->max_vio(), 0.0);
+  EXPECT_EQ(static_cast<MoELayer*>(layer)->counts().last, std::vector<int64_t>(8, 15));
+  EXPECT_EQ(max_violation(static_cast<MoELayer*>(layer)->counts().last), 0.0);
   // Reference: each expert takes its 15 best tokens by softmax score.
   std::vector<Vec> scores(rows);
   for (int64_t t = 0; t < rows; ++t) {

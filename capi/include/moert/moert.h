@@ -251,18 +251,135 @@ MOERT_API moert_status* moert_session_forward_hidden(moert_session* session, con
                                                      uint64_t in_len, uint64_t rows, float* out,
                                                      uint64_t out_len);
 
-/* Tokens routed to each expert of MoE layer `layer` in the last forward pass: `counts` receives
- * num_experts integers (`len`). All zero before the first forward pass. */
-MOERT_API moert_status* moert_session_expert_counts(const moert_session* session, uint32_t layer,
-                                                    int64_t* counts, uint64_t len);
+/* ---- Routing metrics ---------------------------------------------------------------------- */
 
-/* Selects every MoE layer in moert_session_max_vio(). */
+/* Which token counts a metrics call reads. */
+#define MOERT_COUNTS_LAST 0 /* the last forward pass: MaxVio_batch */
+#define MOERT_COUNTS_STEP 1 /* training-mode passes since the last optimizer step */
+#define MOERT_COUNTS_EVAL                                           \
+  2 /* eval-mode and inference passes since the last metrics reset: \
+       MaxVio_global over an evaluation set */
+
+/* Selects every MoE layer where a function takes a layer index and says so. */
 #define MOERT_ALL_LAYERS 0xFFFFFFFFu
 
-/* MaxVio of the last forward pass, (max_i count_i - mean count) / mean count, for MoE layer
- * `layer`, or averaged over all MoE layers with MOERT_ALL_LAYERS. 0 before the first forward. */
+/* Tokens routed to each expert of MoE layer `layer` in `scope` (MOERT_COUNTS_*): `counts`
+ * receives num_experts integers (`len`). All zero before any counted pass. */
+MOERT_API moert_status* moert_session_expert_counts(const moert_session* session, uint32_t layer,
+                                                    int32_t scope, int64_t* counts, uint64_t len);
+
+/* MaxVio = (max_i count_i - mean count) / mean count over `scope`, for MoE layer `layer`, or the
+ * mean over all MoE layers with MOERT_ALL_LAYERS. 0 when nothing was counted. */
 MOERT_API moert_status* moert_session_max_vio(const moert_session* session, uint32_t layer,
-                                              double* out);
+                                              int32_t scope, double* out);
+
+/* Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer (start of an evaluation pass). */
+MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
+
+/* ---- Training ---------------------------------------------------------------------------- */
+/* All functions below need a session created with MOERT_MODE_TRAINING and return
+ * MOERT_ERR_INVALID_STATE otherwise. Such a session trains its own copy of the parameters.
+ *
+ * A training step: moert_session_zero_grad(); for each micro-batch, a forward pass then
+ * moert_session_backward_loss() (or moert_session_backward()); then moert_session_step(). Every
+ * training-mode forward pass counts its tokens per expert (integers) for the loss-free bias update
+ * that moert_session_step() applies; eval-mode passes count nothing towards it.
+ *
+ * Training knobs go through moert_session_options_set_config() or moert_session_set_config():
+ *   "optimizer" adamw (default) | sgd        "lr" (1e-3)            "min_lr" (0)
+ *   "weight_decay" (0; decoupled for AdamW, L2 for SGD; matrices only)
+ *   "beta1" (0.9) "beta2" (0.999) "eps" (1e-8)  AdamW      "momentum" (0.9)  SGD
+ *   "clip_norm" (0 = off): clip the global gradient norm
+ *   "warmup_steps" (0): linear warm-up; "total_steps" (0 = constant): cosine decay to min_lr
+ *   "sequence_length" (0 = the whole batch): rows per sequence for the sequence-wise aux loss */
+
+/* Softmax cross-entropy of the last training-mode forward pass's logits against `targets` (one id
+ * per row, `num_targets` = rows), averaged over rows, plus the auxiliary balancing losses of the
+ * MoE layers; gradients of all parameters are accumulated. *loss (may be NULL) receives the loss.
+ * Needs an OutputHead as the last layer, and one backward per forward (MOERT_ERR_INVALID_STATE). */
+MOERT_API moert_status* moert_session_backward_loss(moert_session* session, const int32_t* targets,
+                                                    uint64_t num_targets, double* loss);
+
+/* Backward from a caller-given gradient of the last training-mode forward pass's outputs
+ * (`grad_out`, rows * output_width floats). When `grad_in` is not NULL (hidden-state models only)
+ * it receives the gradient of the inputs (`grad_in_len` = rows * input_width). *aux_loss (may be
+ * NULL) receives the auxiliary balancing losses, whose gradients are included. */
+MOERT_API moert_status* moert_session_backward(moert_session* session, const float* grad_out,
+                                               uint64_t grad_out_len, float* grad_in,
+                                               uint64_t grad_in_len, double* aux_loss);
+
+/* Zeroes the accumulated gradients and the micro-batch count. */
+MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
+
+/* One optimizer step over the gradients accumulated since moert_session_zero_grad(), averaged over
+ * the micro-batches (backward calls) since then, clipped if configured; then the loss-free bias
+ * update of every MoE layer from the integer token counts of the step,
+ * b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and
+ * *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before
+ * clipping. MOERT_ERR_NUMERIC (parameters unchanged) when the gradient is not finite. */
+MOERT_API moert_status* moert_session_step(moert_session* session, double* lr, double* grad_norm);
+
+/* Optimizer steps taken (restored from checkpoints). */
+MOERT_API moert_status* moert_session_step_count(const moert_session* session, uint64_t* out);
+
+/* eval != 0: forward passes neither keep state for backward nor count towards the bias update;
+ * they add to the MOERT_COUNTS_EVAL metrics. eval == 0: back to training. */
+MOERT_API moert_status* moert_session_set_eval(moert_session* session, int32_t eval);
+
+/* A training knob by name (list above), for this session from now on. */
+MOERT_API moert_status* moert_session_set_config(moert_session* session, const char* key,
+                                                 const char* value);
+
+/* Number of trainable parameter tensors. */
+MOERT_API moert_status* moert_session_num_parameters(const moert_session* session, uint32_t* out);
+
+/* Name ("<layer name>.<tensor>", e.g. "moe0.w1") and element count of parameter `index`. The name
+ * is owned by the session. Either output may be NULL. */
+MOERT_API moert_status* moert_session_parameter_info(const moert_session* session, uint32_t index,
+                                                     const char** name, uint64_t* numel);
+
+/* Copies parameter `name` (numel floats, row-major) out or in. Writing refuses NaN or infinity. */
+MOERT_API moert_status* moert_session_get_parameter(const moert_session* session, const char* name,
+                                                    float* out, uint64_t len);
+MOERT_API moert_status* moert_session_set_parameter(moert_session* session, const char* name,
+                                                    const float* in, uint64_t len);
+
+/* Copies the accumulated gradient of parameter `name` out or in (for users with their own
+ * optimizer: read gradients, write parameters). */
+MOERT_API moert_status* moert_session_get_gradient(const moert_session* session, const char* name,
+                                                   float* out, uint64_t len);
+MOERT_API moert_status* moert_session_set_gradient(moert_session* session, const char* name,
+                                                   const float* in, uint64_t len);
+
+/* The loss-free balancing bias (num_experts fp32 values) of MoE layer `layer`. It steers expert
+ * selection only and receives no gradient. Reading works in every mode. */
+MOERT_API moert_status* moert_session_get_expert_bias(const moert_session* session, uint32_t layer,
+                                                      float* out, uint64_t len);
+MOERT_API moert_status* moert_session_set_expert_bias(moert_session* session, uint32_t layer,
+                                                      const float* in, uint64_t len);
+
+/* The bias update rate gamma (>= 0; 0 stops updates) of MoE layer `layer` or MOERT_ALL_LAYERS,
+ * from the next step on: schedule it by calling this between steps. */
+MOERT_API moert_status* moert_session_set_bias_update_rate(moert_session* session, uint32_t layer,
+                                                           double gamma);
+
+/* Freezes (frozen != 0) or thaws the bias of MoE layer `layer` or MOERT_ALL_LAYERS. */
+MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, uint32_t layer,
+                                                      int32_t frozen);
+
+/* ---- Checkpoints ------------------------------------------------------------------------- */
+
+/* Writes a checkpoint: a model file (loadable with moert_model_load_file) holding this session's
+ * parameters and biases, plus its training state (step, gradients, optimizer moments, balancing
+ * counts and rates, RNG). Written atomically: a temporary file in the same directory, fsync,
+ * rename. MOERT_ERR_IO when it cannot be written; the previous file at `path` is then intact. */
+MOERT_API moert_status* moert_session_save(const moert_session* session, const char* path);
+
+/* Restores a checkpoint written by moert_session_save() for the same architecture. The file is
+ * verified like any model; a corrupt or truncated file, another architecture or another optimizer
+ * is refused and the session keeps its state. Training then continues bit-identically to the run
+ * that wrote the checkpoint. */
+MOERT_API moert_status* moert_session_load(moert_session* session, const char* path);
 
 #ifdef __cplusplus
 } /* extern "C" */

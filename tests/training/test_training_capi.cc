@@ -1,0 +1,486 @@
+// Training through the C ABI: the loss-free bias update rule exactly, eval mode, resume
+// determinism, corrupt checkpoints, misuse.
+#include <gtest/gtest.h>
+#include <moert/moert.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// Fails the test with the status message; frees the status.
+#define MOERT_OK_OR_FAIL(call)                                             \
+  do {                                                                     \
+    moert_status* st_ = (call);                                            \
+    ASSERT_EQ(st_, nullptr) << #call << ": " << moert_status_message(st_); \
+  } while (0)
+
+// The code of a call's status (MOERT_OK for success); frees it.
+int32_t code_of(moert_status* st, std::string* message = nullptr) {
+  const int32_t c = moert_status_code(st);
+  if (message) *message = moert_status_message(st);
+  moert_status_free(st);
+  return c;
+}
+
+struct Model {
+  moert_model* m = nullptr;
+  explicit Model(const char* path) {
+    moert_status* st = moert_model_load_file(path, &m);
+    EXPECT_EQ(st, nullptr) << moert_status_message(st);
+    moert_status_free(st);
+  }
+  ~Model() { moert_model_free(m); }
+};
+
+struct Session {
+  moert_session* s = nullptr;
+  Session(const moert_model* model, int32_t mode, const char* optimizer = "adamw",
+          uint32_t threads = 2) {
+    moert_session_options* o = nullptr;
+    moert_session_options_create(&o);
+    moert_status_free(moert_session_options_set_mode(o, mode));
+    moert_status_free(moert_session_options_set_threads(o, threads));
+    moert_status_free(moert_session_options_set_config(o, "optimizer", optimizer));
+    moert_status_free(moert_session_options_set_config(o, "lr", "0.01"));
+    moert_status* st = moert_session_create(model, o, &s);
+    EXPECT_EQ(st, nullptr) << moert_status_message(st);
+    moert_status_free(st);
+    moert_session_options_free(o);
+  }
+  ~Session() { moert_session_free(s); }
+};
+
+// One-hot rows that route to the given experts in the route4 model (gate = 4 * identity).
+std::vector<float> one_hot_rows(const std::vector<int>& experts) {
+  std::vector<float> x(experts.size() * 4, 0.0f);
+  for (size_t r = 0; r < experts.size(); ++r) x[r * 4 + experts[r]] = 1.0f;
+  return x;
+}
+
+std::vector<int64_t> counts(const moert_session* s, int32_t scope) {
+  std::vector<int64_t> c(4);
+  moert_status* st = moert_session_expert_counts(s, 0, scope, c.data(), 4);
+  EXPECT_EQ(st, nullptr) << moert_status_message(st);
+  moert_status_free(st);
+  return c;
+}
+
+void forward_route4(moert_session* s, const std::vector<int>& experts) {
+  auto x = one_hot_rows(experts);
+  std::vector<float> y(x.size());
+  moert_status* st =
+      moert_session_forward_hidden(s, x.data(), x.size(), experts.size(), y.data(), y.size());
+  ASSERT_EQ(st, nullptr) << moert_status_message(st);
+}
+
+std::vector<float> read_bias(const moert_session* s) {
+  std::vector<float> b(4);
+  moert_status* st = moert_session_get_expert_bias(s, 0, b.data(), 4);
+  EXPECT_EQ(st, nullptr) << moert_status_message(st);
+  moert_status_free(st);
+  return b;
+}
+
+TEST(LossFreeBias, UpdateIsGammaTimesSignOfMeanMinusCountWithSignOfZeroZero) {
+  Model model(MOERT_TEST_ROUTE4);
+  Session s(model.m, MOERT_MODE_TRAINING);
+  const std::vector<float> b0 = {0.05f, -0.02f, 0.0f, 0.125f};
+  MOERT_OK_OR_FAIL(moert_session_set_expert_bias(s.s, 0, b0.data(), 4));
+  // Counts 3, 2, 2, 1 over 8 tokens: mean 2, so signs -, 0, 0, +.
+  forward_route4(s.s, {0, 1, 0, 2, 3, 0, 1, 2});
+  EXPECT_EQ(counts(s.s, MOERT_COUNTS_STEP), (std::vector<int64_t>{3, 2, 2, 1}));
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, nullptr, nullptr));
+  const float g = 0.01f;
+  EXPECT_EQ(read_bias(s.s), (std::vector<float>{b0[0] - g, b0[1], b0[2], b0[3] + g}));
+  // The step's counts start again from zero.
+  EXPECT_EQ(counts(s.s, MOERT_COUNTS_STEP), (std::vector<int64_t>{0, 0, 0, 0}));
+}
+
+TEST(LossFreeBias, CountsAccumulateOverMicroBatchesAndNotInEval) {
+  Model model(MOERT_TEST_ROUTE4);
+  Session s(model.m, MOERT_MODE_TRAINING);
+  forward_route4(s.s, {0, 0, 1});
+  forward_route4(s.s, {2, 0, 3});
+  EXPECT_EQ(counts(s.s, MOERT_COUNTS_STEP), (std::vector<int64_t>{3, 1, 1, 1}));
+  EXPECT_EQ(counts(s.s, MOERT_COUNTS_LAST), (std::vector<int64_t>{1, 0, 1, 1}));
+  MOERT_OK_OR_FAIL(moert_session_set_eval(s.s, 1));
+  forward_route4(s.s, {0, 0, 0, 0, 0, 0});
+  EXPECT_EQ(counts(s.s, MOERT_COUNTS_STEP), (std::vector<int64_t>{3, 1, 1, 1}));
+  EXPECT_EQ(counts(s.s, MOERT_COUNTS_EVAL), (std::vector<int64_t>{6, 0, 0, 0}));
+  double vio = 0;
+  MOERT_OK_OR_FAIL(moert_session_max_vio(s.s, 0, MOERT_COUNTS_EVAL, &vio));
+  EXPECT_DOUBLE_EQ(vio, 3.0);  // (6 - 1.5) / 1.5
+  MOERT_OK_OR_FAIL(moert_session_reset_metrics(s.s));
+  EXPECT_EQ(counts(s.s, MOERT_COUNTS_EVAL), (std::vector<int64_t>{0, 0, 0, 0}));
+  EXPECT_EQ(code_of(moert_session_step(s.s, nullptr, nullptr)), MOERT_ERR_INVALID_STATE);
+  MOERT_OK_OR_FAIL(moert_session_set_eval(s.s, 0));
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, nullptr, nullptr));
+  // Step counts 3, 1, 1, 1: mean 1.5.
+  const float g = 0.01f;
+  EXPECT_EQ(read_bias(s.s), (std::vector<float>{-g, g, g, g}));
+}
+
+TEST(LossFreeBias, GammaScheduleAndFreeze) {
+  Model model(MOERT_TEST_ROUTE4);
+  Session s(model.m, MOERT_MODE_TRAINING);
+  MOERT_OK_OR_FAIL(moert_session_set_bias_update_rate(s.s, MOERT_ALL_LAYERS, 0.25));
+  forward_route4(s.s, {0, 0, 1, 2});
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, nullptr, nullptr));
+  EXPECT_EQ(read_bias(s.s), (std::vector<float>{-0.25f, 0.0f, 0.0f, 0.25f}));
+  // gamma = 0: no update (V3 sets it to zero for the final tokens).
+  MOERT_OK_OR_FAIL(moert_session_set_bias_update_rate(s.s, 0, 0.0));
+  forward_route4(s.s, {0, 0, 1, 2});
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, nullptr, nullptr));
+  EXPECT_EQ(read_bias(s.s), (std::vector<float>{-0.25f, 0.0f, 0.0f, 0.25f}));
+  MOERT_OK_OR_FAIL(moert_session_set_bias_update_rate(s.s, 0, 0.25));
+  MOERT_OK_OR_FAIL(moert_session_set_bias_frozen(s.s, 0, 1));
+  forward_route4(s.s, {0, 0, 1, 2});
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, nullptr, nullptr));
+  EXPECT_EQ(read_bias(s.s), (std::vector<float>{-0.25f, 0.0f, 0.0f, 0.25f}));
+  MOERT_OK_OR_FAIL(moert_session_set_bias_frozen(s.s, 0, 0));
+  forward_route4(s.s, {3, 3, 3, 3});
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, nullptr, nullptr));
+  EXPECT_EQ(read_bias(s.s), (std::vector<float>{0.0f, 0.25f, 0.25f, 0.0f}));
+  EXPECT_EQ(code_of(moert_session_set_bias_update_rate(s.s, 0, -1.0)), MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(code_of(moert_session_set_bias_update_rate(s.s, 0, NAN)), MOERT_ERR_INVALID_ARGUMENT);
+}
+
+TEST(LossFreeBias, BiasSteersSelectionButGateWeightsStayUnbiased) {
+  Model model(MOERT_TEST_ROUTE4);
+  Session plain(model.m, MOERT_MODE_TRAINING);
+  Session biased(model.m, MOERT_MODE_TRAINING);
+  // Row 0 routes to expert 0 (score sigmoid(4)); a bias of +1 on expert 2 moves it there, and its
+  // weight must be expert 2's unbiased score sigmoid(0) = 0.5.
+  const std::vector<float> b = {0.0f, 0.0f, 1.0f, 0.0f};
+  MOERT_OK_OR_FAIL(moert_session_set_expert_bias(biased.s, 0, b.data(), 4));
+  MOERT_OK_OR_FAIL(moert_session_set_eval(biased.s, 1));
+  forward_route4(biased.s, {0});
+  EXPECT_EQ(counts(biased.s, MOERT_COUNTS_LAST), (std::vector<int64_t>{0, 0, 1, 0}));
+  // The bias is not a parameter and gets no gradient.
+  uint32_t n = 0;
+  MOERT_OK_OR_FAIL(moert_session_num_parameters(biased.s, &n));
+  for (uint32_t i = 0; i < n; ++i) {
+    const char* name = nullptr;
+    MOERT_OK_OR_FAIL(moert_session_parameter_info(biased.s, i, &name, nullptr));
+    EXPECT_EQ(std::string(name).find("bias"), std::string::npos) << name;
+  }
+  std::vector<float> w1(4 * 3 * 4), w3(w1.size()), w2(w1.size());
+  // y = x + 0.5 * FFN_2(x): compare with the same expert run with weight 1 through a session whose
+  // gate makes the unbiased choice: compute FFN_2 directly from the parameters.
+  MOERT_OK_OR_FAIL(moert_session_get_parameter(biased.s, "moe.w1", w1.data(), w1.size()));
+  MOERT_OK_OR_FAIL(moert_session_get_parameter(biased.s, "moe.w3", w3.data(), w3.size()));
+  MOERT_OK_OR_FAIL(moert_session_get_parameter(biased.s, "moe.w2", w2.data(), w2.size()));
+  const float x[4] = {1, 0, 0, 0};
+  float y[4];
+  MOERT_OK_OR_FAIL(moert_session_forward_hidden(biased.s, x, 4, 1, y, 4));
+  double h[3];
+  for (int j = 0; j < 3; ++j) {
+    const double a = w1[(2 * 3 + j) * 4 + 0], c = w3[(2 * 3 + j) * 4 + 0];
+    h[j] = a / (1 + std::exp(-a)) * c;
+  }
+  for (int d = 0; d < 4; ++d) {
+    double f = 0;
+    for (int j = 0; j < 3; ++j) f += w2[(2 * 4 + d) * 3 + j] * h[j];
+    EXPECT_NEAR(y[d], x[d] + 0.5 * f, 1e-6) << d;
+  }
+}
+
+// Deterministic micro-batches of the tiny example model: rows of 4 token ids and a target each.
+struct Batch {
+  std::vector<int32_t> tokens, targets;
+};
+
+Batch batch(int step, int micro) {
+  Batch b;
+  const int rows = 32;
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < 4; ++c) b.tokens.push_back((step * 131 + micro * 17 + r * 7 + c * 3) % 64);
+    b.targets.push_back((step * 29 + micro * 5 + r * 11) % 64);
+  }
+  return b;
+}
+
+double train_micro(moert_session* s, int step, int micro) {
+  const Batch b = batch(step, micro);
+  std::vector<float> logits(b.targets.size() * 64);
+  moert_status* st = moert_session_forward_tokens(s, b.tokens.data(), b.tokens.size(),
+                                                  b.targets.size(), logits.data(), logits.size());
+  EXPECT_EQ(st, nullptr) << moert_status_message(st);
+  moert_status_free(st);
+  double loss = 0;
+  st = moert_session_backward_loss(s, b.targets.data(), b.targets.size(), &loss);
+  EXPECT_EQ(st, nullptr) << moert_status_message(st);
+  moert_status_free(st);
+  return loss;
+}
+
+std::vector<double> train_steps(moert_session* s, int from, int to) {
+  std::vector<double> losses;
+  for (int step = from; step < to; ++step) {
+    moert_status_free(moert_session_zero_grad(s));
+    for (int micro = 0; micro < 2; ++micro) losses.push_back(train_micro(s, step, micro));
+    moert_status* st = moert_session_step(s, nullptr, nullptr);
+    EXPECT_EQ(st, nullptr) << moert_status_message(st);
+    moert_status_free(st);
+  }
+  return losses;
+}
+
+// Every parameter, bias and the step count, for bitwise comparison.
+std::vector<float> snapshot(const moert_session* s) {
+  std::vector<float> all;
+  uint32_t n = 0;
+  moert_status_free(moert_session_num_parameters(s, &n));
+  for (uint32_t i = 0; i < n; ++i) {
+    const char* name = nullptr;
+    uint64_t numel = 0;
+    moert_status_free(moert_session_parameter_info(s, i, &name, &numel));
+    std::vector<float> v(numel);
+    moert_status_free(moert_session_get_parameter(s, name, v.data(), numel));
+    all.insert(all.end(), v.begin(), v.end());
+  }
+  for (uint32_t layer : {2u, 4u}) {
+    std::vector<float> b(8);
+    moert_status_free(moert_session_get_expert_bias(s, layer, b.data(), 8));
+    all.insert(all.end(), b.begin(), b.end());
+  }
+  uint64_t step = 0;
+  moert_status_free(moert_session_step_count(s, &step));
+  all.push_back(static_cast<float>(step));
+  return all;
+}
+
+class Checkpoint : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    dir_ =
+        fs::temp_directory_path() / ("moert-ckpt-" + std::to_string(::getpid()) + "-" + GetParam());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  fs::path dir_;
+};
+
+TEST_P(Checkpoint, ResumeContinuesBitIdentically) {
+  Model model(MOERT_TEST_TINY);
+  const std::string path = (dir_ / "ck.moert").string();
+  Session a(model.m, MOERT_MODE_TRAINING, GetParam());
+  train_steps(a.s, 0, 3);
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  const auto tail_a = train_steps(a.s, 3, 6);
+
+  Session b(model.m, MOERT_MODE_TRAINING, GetParam(), 3);
+  MOERT_OK_OR_FAIL(moert_session_load(b.s, path.c_str()));
+  const auto tail_b = train_steps(b.s, 3, 6);
+  EXPECT_EQ(tail_a, tail_b);
+  EXPECT_EQ(snapshot(a.s), snapshot(b.s));
+  // The loss moved: the run really trained.
+  EXPECT_NE(tail_a.front(), tail_a.back());
+}
+
+TEST_P(Checkpoint, ResumeBetweenMicroBatchesKeepsTheAccumulatedGradient) {
+  Model model(MOERT_TEST_TINY);
+  const std::string path = (dir_ / "mid.moert").string();
+  Session a(model.m, MOERT_MODE_TRAINING, GetParam());
+  train_steps(a.s, 0, 2);
+  MOERT_OK_OR_FAIL(moert_session_zero_grad(a.s));
+  train_micro(a.s, 2, 0);
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  train_micro(a.s, 2, 1);
+  MOERT_OK_OR_FAIL(moert_session_step(a.s, nullptr, nullptr));
+
+  Session b(model.m, MOERT_MODE_TRAINING, GetParam());
+  MOERT_OK_OR_FAIL(moert_session_load(b.s, path.c_str()));
+  train_micro(b.s, 2, 1);
+  MOERT_OK_OR_FAIL(moert_session_step(b.s, nullptr, nullptr));
+  EXPECT_EQ(snapshot(a.s), snapshot(b.s));
+}
+
+INSTANTIATE_TEST_SUITE_P(Optimizers, Checkpoint, ::testing::Values("adamw", "sgd"));
+
+class CheckpointFiles : public Checkpoint {};
+
+TEST_P(CheckpointFiles, CorruptOrTruncatedCheckpointIsRefusedAndTheSessionKeepsItsState) {
+  Model model(MOERT_TEST_TINY);
+  const std::string path = (dir_ / "ck.moert").string();
+  Session a(model.m, MOERT_MODE_TRAINING);
+  train_steps(a.s, 0, 2);
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  std::ifstream in(path, std::ios::binary);
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), {});
+  ASSERT_GT(bytes.size(), 1000u);
+
+  Session b(model.m, MOERT_MODE_TRAINING);
+  train_steps(b.s, 0, 1);
+  const auto before = snapshot(b.s);
+  const std::string bad = (dir_ / "bad.moert").string();
+  // What loading the intact checkpoint gives: a damaged file may only load if it means the same.
+  Session ref(model.m, MOERT_MODE_TRAINING);
+  MOERT_OK_OR_FAIL(moert_session_load(ref.s, path.c_str()));
+  const auto intact = snapshot(ref.s);
+  int refusals = 0;
+  auto try_load = [&](const std::vector<char>& content, const std::string& what) {
+    std::ofstream(bad, std::ios::binary).write(content.data(), static_cast<long>(content.size()));
+    std::string msg;
+    const int32_t code = code_of(moert_session_load(b.s, bad.c_str()), &msg);
+    if (code != MOERT_OK) {
+      ++refusals;
+      EXPECT_FALSE(msg.empty()) << what;
+      EXPECT_EQ(snapshot(b.s), before) << what;
+      return;
+    }
+    // Accepted: the damage hit padding, and the state is exactly the checkpoint's.
+    EXPECT_EQ(snapshot(b.s), intact) << what << " was accepted with different content";
+    Session fresh(model.m, MOERT_MODE_TRAINING);
+    train_steps(fresh.s, 0, 1);
+    std::swap(b.s, fresh.s);  // continue with an untouched session
+  };
+  int tries = 0;
+  for (size_t len :
+       {size_t{0}, size_t{7}, size_t{100}, bytes.size() / 2, bytes.size() - 8, bytes.size() - 1}) {
+    ++tries;
+    try_load(std::vector<char>(bytes.begin(), bytes.begin() + static_cast<long>(len)),
+             "truncated to " + std::to_string(len));
+  }
+  // Single damaged bytes across the file, weights and training state included.
+  for (size_t pos = 0; pos < bytes.size(); pos += bytes.size() / 97 + 1) {
+    ++tries;
+    auto c = bytes;
+    c[pos] = static_cast<char>(c[pos] ^ 0x10);
+    try_load(c, "byte " + std::to_string(pos) + " damaged");
+  }
+  // Padding is a small part of the file: nearly every damage must be caught.
+  EXPECT_GE(refusals, tries * 9 / 10) << refusals << " of " << tries << " damaged files refused";
+  // A plain model file is not a checkpoint.
+  std::string msg;
+  EXPECT_EQ(code_of(moert_session_load(b.s, MOERT_TEST_TINY), &msg), MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(msg.find("not a checkpoint"), std::string::npos) << msg;
+  // Another architecture.
+  Model other(MOERT_TEST_ROUTE4);
+  Session c(other.m, MOERT_MODE_TRAINING);
+  const std::string other_path = (dir_ / "other.moert").string();
+  MOERT_OK_OR_FAIL(moert_session_save(c.s, other_path.c_str()));
+  EXPECT_EQ(code_of(moert_session_load(b.s, other_path.c_str())), MOERT_ERR_INVALID_ARGUMENT);
+  // Another optimizer.
+  Session sgd(model.m, MOERT_MODE_TRAINING, "sgd");
+  EXPECT_EQ(code_of(moert_session_load(sgd.s, path.c_str()), &msg), MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(msg.find("adamw"), std::string::npos) << msg;
+  EXPECT_EQ(snapshot(b.s), before);
+  // The session still trains.
+  train_steps(b.s, 1, 2);
+  (void)before;
+}
+
+TEST_P(CheckpointFiles, SaveIsAtomicAndTheCheckpointIsAModel) {
+  Model model(MOERT_TEST_TINY);
+  Session a(model.m, MOERT_MODE_TRAINING);
+  train_steps(a.s, 0, 2);
+  const std::string path = (dir_ / "ck.moert").string();
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));  // overwrite in place
+  size_t files = 0;
+  for (const auto& e : fs::directory_iterator(dir_)) {
+    ++files;
+    EXPECT_EQ(e.path().filename(), "ck.moert") << "left behind: " << e.path();
+  }
+  EXPECT_EQ(files, 1u);
+  // Into a directory that does not exist: an I/O error, nothing written.
+  EXPECT_EQ(code_of(moert_session_save(a.s, (dir_ / "no" / "such.moert").c_str())), MOERT_ERR_IO);
+  // An inference session from the checkpoint computes what the training session computes in eval.
+  Model trained(path.c_str());
+  moert_session* inf = nullptr;
+  MOERT_OK_OR_FAIL(moert_session_create(trained.m, nullptr, &inf));
+  MOERT_OK_OR_FAIL(moert_session_set_eval(a.s, 1));
+  const Batch b = batch(9, 0);
+  std::vector<float> y1(b.targets.size() * 64), y2(y1.size());
+  MOERT_OK_OR_FAIL(moert_session_forward_tokens(a.s, b.tokens.data(), b.tokens.size(),
+                                                b.targets.size(), y1.data(), y1.size()));
+  MOERT_OK_OR_FAIL(moert_session_forward_tokens(inf, b.tokens.data(), b.tokens.size(),
+                                                b.targets.size(), y2.data(), y2.size()));
+  EXPECT_EQ(y1, y2);
+  std::vector<float> bias_a(8), bias_i(8);
+  MOERT_OK_OR_FAIL(moert_session_get_expert_bias(a.s, 2, bias_a.data(), 8));
+  MOERT_OK_OR_FAIL(moert_session_get_expert_bias(inf, 2, bias_i.data(), 8));
+  EXPECT_EQ(bias_a, bias_i);
+  moert_session_free(inf);
+}
+
+INSTANTIATE_TEST_SUITE_P(Files, CheckpointFiles, ::testing::Values("files"));
+
+TEST(TrainingMisuse, ClearStatusesAndNoStateChange) {
+  Model model(MOERT_TEST_TINY);
+  Session inf(model.m, MOERT_MODE_INFERENCE);
+  const Batch b = batch(0, 0);
+  double loss;
+  EXPECT_EQ(code_of(moert_session_backward_loss(inf.s, b.targets.data(), b.targets.size(), &loss)),
+            MOERT_ERR_INVALID_STATE);
+  EXPECT_EQ(code_of(moert_session_step(inf.s, nullptr, nullptr)), MOERT_ERR_INVALID_STATE);
+  EXPECT_EQ(code_of(moert_session_save(inf.s, "/tmp/never.moert")), MOERT_ERR_INVALID_STATE);
+
+  Session t(model.m, MOERT_MODE_TRAINING);
+  std::string msg;
+  EXPECT_EQ(
+      code_of(moert_session_backward_loss(t.s, b.targets.data(), b.targets.size(), &loss), &msg),
+      MOERT_ERR_INVALID_STATE);
+  EXPECT_NE(msg.find("forward"), std::string::npos) << msg;
+  std::vector<float> logits(b.targets.size() * 64);
+  MOERT_OK_OR_FAIL(moert_session_forward_tokens(t.s, b.tokens.data(), b.tokens.size(),
+                                                b.targets.size(), logits.data(), logits.size()));
+  EXPECT_EQ(code_of(moert_session_backward_loss(t.s, b.targets.data(), 5, &loss)),
+            MOERT_ERR_INVALID_ARGUMENT);
+  std::vector<int32_t> wrong = b.targets;
+  wrong[3] = 64;
+  EXPECT_EQ(code_of(moert_session_backward_loss(t.s, wrong.data(), wrong.size(), &loss), &msg),
+            MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(msg.find("row 3"), std::string::npos) << msg;
+  // The failed calls left the forward pass usable.
+  MOERT_OK_OR_FAIL(moert_session_backward_loss(t.s, b.targets.data(), b.targets.size(), &loss));
+  EXPECT_TRUE(std::isfinite(loss));
+  EXPECT_EQ(code_of(moert_session_backward_loss(t.s, b.targets.data(), b.targets.size(), &loss)),
+            MOERT_ERR_INVALID_STATE);
+  std::vector<float> g(4);
+  EXPECT_EQ(code_of(moert_session_get_gradient(t.s, "no.such", g.data(), 4), &msg),
+            MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(msg.find("no.such"), std::string::npos) << msg;
+  EXPECT_EQ(code_of(moert_session_get_gradient(t.s, "head.weight", g.data(), 4)),
+            MOERT_ERR_INVALID_ARGUMENT);
+  std::vector<float> nan_param(64 * 16, NAN);
+  EXPECT_EQ(
+      code_of(moert_session_set_parameter(t.s, "embed.weight", nan_param.data(), nan_param.size())),
+      MOERT_ERR_NUMERIC);
+  MOERT_OK_OR_FAIL(moert_session_step(t.s, nullptr, nullptr));
+  EXPECT_EQ(code_of(moert_session_set_config(t.s, "optimizer", "sgd")), MOERT_ERR_INVALID_STATE);
+  EXPECT_EQ(code_of(moert_session_set_config(t.s, "lr", "-1")), MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(code_of(moert_session_set_config(t.s, "no_such_knob", "1")),
+            MOERT_ERR_INVALID_ARGUMENT);
+  MOERT_OK_OR_FAIL(moert_session_set_config(t.s, "lr", "0.5"));
+
+  // A hidden-state model: NaN in the output gradient; grad_in of the wrong size.
+  Model r4(MOERT_TEST_ROUTE4);
+  Session h(r4.m, MOERT_MODE_TRAINING);
+  forward_route4(h.s, {0, 1});
+  std::vector<float> gout(8, 1.0f), gin(8);
+  gout[5] = NAN;
+  EXPECT_EQ(code_of(moert_session_backward(h.s, gout.data(), 8, gin.data(), 8, nullptr)),
+            MOERT_ERR_NUMERIC);
+  gout[5] = 1.0f;
+  EXPECT_EQ(code_of(moert_session_backward(h.s, gout.data(), 8, gin.data(), 7, nullptr)),
+            MOERT_ERR_INVALID_ARGUMENT);
+  MOERT_OK_OR_FAIL(moert_session_backward(h.s, gout.data(), 8, gin.data(), 8, nullptr));
+  // Residual: the input gradient is at least the output gradient's pass-through plus the experts.
+  bool differs = false;
+  for (int i = 0; i < 8; ++i) differs |= gin[i] != gout[i];
+  EXPECT_TRUE(differs);
+}
+
+}  // namespace
