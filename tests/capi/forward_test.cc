@@ -36,10 +36,10 @@ Stats stats_of(const moert_session* s, const std::vector<std::pair<uint32_t, uin
   Stats st;
   for (const auto& [layer, experts] : moe) {
     std::vector<int64_t> c(experts, -1);
-    EXPECT_TRUE(IsOk(moert_session_expert_counts(s, layer, c.data(), c.size())));
+    EXPECT_TRUE(IsOk(moert_session_expert_counts(s, layer, MOERT_COUNTS_LAST, c.data(), c.size())));
     st.counts.push_back(c);
   }
-  EXPECT_TRUE(IsOk(moert_session_max_vio(s, MOERT_ALL_LAYERS, &st.vio)));
+  EXPECT_TRUE(IsOk(moert_session_max_vio(s, MOERT_ALL_LAYERS, MOERT_COUNTS_LAST, &st.vio)));
   return st;
 }
 
@@ -102,7 +102,7 @@ TEST_F(TokenForward, ReferencePassIsSane) {
   }
   EXPECT_NEAR(ref_stats_.vio, sum / 2, 1e-12);
   double one = -1;
-  ASSERT_TRUE(IsOk(moert_session_max_vio(session_.get(), 2, &one)));
+  ASSERT_TRUE(IsOk(moert_session_max_vio(session_.get(), 2, MOERT_COUNTS_LAST, &one)));
   const auto& c2 = ref_stats_.counts[0];
   EXPECT_NEAR(one, (static_cast<double>(*std::max_element(c2.begin(), c2.end())) - 1.25) / 1.25,
               1e-12);
@@ -279,7 +279,8 @@ TEST_F(HiddenForward, CheckFiniteFalseLetsNonFiniteInputThrough) {
                           [](float x) { return !std::isfinite(x); }));
   // Every row was still routed to top_k experts.
   std::vector<int64_t> counts(4);
-  ASSERT_TRUE(IsOk(moert_session_expert_counts(unchecked.get(), 1, counts.data(), 4)));
+  ASSERT_TRUE(
+      IsOk(moert_session_expert_counts(unchecked.get(), 1, MOERT_COUNTS_LAST, counts.data(), 4)));
   EXPECT_EQ(std::accumulate(counts.begin(), counts.end(), int64_t{0}), int64_t{kRows * 2});
 }
 
@@ -313,7 +314,8 @@ TEST(RoutingVariants, EveryPolicyAndScoreFunctionRuns) {
           << int{policy} << " " << int{score};
       for (float x : out) EXPECT_TRUE(std::isfinite(x));
       std::vector<int64_t> counts(4, -1);
-      ASSERT_TRUE(IsOk(moert_session_expert_counts(s.get(), 1, counts.data(), 4)));
+      ASSERT_TRUE(
+          IsOk(moert_session_expert_counts(s.get(), 1, MOERT_COUNTS_LAST, counts.data(), 4)));
       const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
       if (policy == MOERT_BALANCING_EXPERT_CHOICE) {
         // Each expert takes the same capacity, about capacity_factor * rows * top_k / E = 2.5.
@@ -343,7 +345,7 @@ TEST(RoutingVariants, OutputDoesNotDependOnTheThreadCount) {
     ASSERT_TRUE(IsOk(moert_session_forward_tokens(s.get(), tokens.data(), tokens.size(), 37,
                                                   out.data(), out.size())));
     std::vector<int64_t> counts(8);
-    ASSERT_TRUE(IsOk(moert_session_expert_counts(s.get(), 4, counts.data(), 8)));
+    ASSERT_TRUE(IsOk(moert_session_expert_counts(s.get(), 4, MOERT_COUNTS_LAST, counts.data(), 8)));
     if (ref.empty()) {
       ref = out;
       ref_counts = counts;
@@ -397,7 +399,8 @@ TEST(ConcurrentForward, SharedSessionMatchesSingleThreadedRun) {
                                                   rows_of(t, i), out.data(), out.size()));
         if (st) ++failures[t];
         std::vector<int64_t> counts(8);
-        StatusPtr cs(moert_session_expert_counts(session.get(), 2, counts.data(), 8));
+        StatusPtr cs(
+            moert_session_expert_counts(session.get(), 2, MOERT_COUNTS_LAST, counts.data(), 8));
         if (cs) ++failures[t];
         // Every successful pass routes rows * top_k tokens: the counts are one pass's, never torn.
         const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});

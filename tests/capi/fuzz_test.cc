@@ -134,11 +134,13 @@ std::string exercise(const moert_model* model, Tally& tally) {
     StatusPtr es(moert_model_moe_int(model, i, MOERT_MOE_NUM_EXPERTS, &experts));
     std::vector<int64_t> counts(static_cast<size_t>(experts));
     double vio = 0;
-    if (auto e = clean(moert_session_expert_counts(session.get(), i, counts.data(), counts.size()),
+    if (auto e = clean(moert_session_expert_counts(session.get(), i, MOERT_COUNTS_LAST,
+                                                   counts.data(), counts.size()),
                        "expert_counts");
         !e.empty())
       return e;
-    if (auto e = clean(moert_session_max_vio(session.get(), i, &vio), "max_vio"); !e.empty())
+    if (auto e = clean(moert_session_max_vio(session.get(), i, MOERT_COUNTS_LAST, &vio), "max_vio");
+        !e.empty())
       return e;
   }
   return "";

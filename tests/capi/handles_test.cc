@@ -155,12 +155,14 @@ TEST_F(Handles, NullArgumentsOfSessions) {
 
   std::vector<int64_t> counts(8, 0);
   double vio = 7.0;
+  EXPECT_TRUE(IsError(moert_session_expert_counts(nullptr, 2, MOERT_COUNTS_LAST, counts.data(), 8),
+                      kInvalid, {"session"}));
+  EXPECT_TRUE(IsError(moert_session_expert_counts(session_.get(), 2, MOERT_COUNTS_LAST, nullptr, 8),
+                      kInvalid, {"counts"}));
   EXPECT_TRUE(
-      IsError(moert_session_expert_counts(nullptr, 2, counts.data(), 8), kInvalid, {"session"}));
-  EXPECT_TRUE(
-      IsError(moert_session_expert_counts(session_.get(), 2, nullptr, 8), kInvalid, {"counts"}));
-  EXPECT_TRUE(IsError(moert_session_max_vio(nullptr, 2, &vio), kInvalid, {"session"}));
-  EXPECT_TRUE(IsError(moert_session_max_vio(session_.get(), 2, nullptr), kInvalid, {"out"}));
+      IsError(moert_session_max_vio(nullptr, 2, MOERT_COUNTS_LAST, &vio), kInvalid, {"session"}));
+  EXPECT_TRUE(IsError(moert_session_max_vio(session_.get(), 2, MOERT_COUNTS_LAST, nullptr),
+                      kInvalid, {"out"}));
   EXPECT_EQ(vio, 7.0);
 }
 
@@ -181,11 +183,12 @@ TEST_F(Handles, LayerIndexOutOfRange) {
         IsError(moert_model_moe_float(model_.get(), index, MOERT_MOE_ROUTED_SCALING_FACTOR, &f),
                 kInvalid, {idx}));
     std::vector<int64_t> counts(8);
-    EXPECT_TRUE(
-        IsError(moert_session_expert_counts(session_.get(), index, counts.data(), counts.size()),
-                kInvalid, {idx}));
+    EXPECT_TRUE(IsError(moert_session_expert_counts(session_.get(), index, MOERT_COUNTS_LAST,
+                                                    counts.data(), counts.size()),
+                        kInvalid, {idx}));
     if (index != MOERT_ALL_LAYERS) {
-      EXPECT_TRUE(IsError(moert_session_max_vio(session_.get(), index, &f), kInvalid, {idx}));
+      EXPECT_TRUE(IsError(moert_session_max_vio(session_.get(), index, MOERT_COUNTS_LAST, &f),
+                          kInvalid, {idx}));
     }
   }
 }
@@ -204,11 +207,11 @@ TEST_F(Handles, MoeQueriesOnNonMoeLayers) {
         IsError(moert_model_moe_float(model_.get(), l.index, MOERT_MOE_ROUTED_SCALING_FACTOR, &f),
                 kInvalid, {l.name, "not a MoE layer"}));
     std::vector<int64_t> counts(8);
-    EXPECT_TRUE(
-        IsError(moert_session_expert_counts(session_.get(), l.index, counts.data(), counts.size()),
-                kInvalid, {l.name, "not a MoE layer"}));
-    EXPECT_TRUE(IsError(moert_session_max_vio(session_.get(), l.index, &f), kInvalid,
-                        {l.name, "not a MoE layer"}));
+    EXPECT_TRUE(IsError(moert_session_expert_counts(session_.get(), l.index, MOERT_COUNTS_LAST,
+                                                    counts.data(), counts.size()),
+                        kInvalid, {l.name, "not a MoE layer"}));
+    EXPECT_TRUE(IsError(moert_session_max_vio(session_.get(), l.index, MOERT_COUNTS_LAST, &f),
+                        kInvalid, {l.name, "not a MoE layer"}));
   }
   EXPECT_EQ(v, -1);
   EXPECT_EQ(f, -1);
@@ -239,16 +242,20 @@ TEST_F(Handles, UnknownMoeKeys) {
 
 TEST_F(Handles, ExpertCountsBufferLength) {
   std::vector<int64_t> counts(9, -5);
-  EXPECT_TRUE(IsError(moert_session_expert_counts(session_.get(), 2, counts.data(), 7), kInvalid,
-                      {"counts", "7", "8"}));
-  EXPECT_TRUE(IsError(moert_session_expert_counts(session_.get(), 2, counts.data(), 9), kInvalid,
-                      {"counts", "9", "8"}));
+  EXPECT_TRUE(
+      IsError(moert_session_expert_counts(session_.get(), 2, MOERT_COUNTS_LAST, counts.data(), 7),
+              kInvalid, {"counts", "7", "8"}));
+  EXPECT_TRUE(
+      IsError(moert_session_expert_counts(session_.get(), 2, MOERT_COUNTS_LAST, counts.data(), 9),
+              kInvalid, {"counts", "9", "8"}));
   EXPECT_EQ(counts, std::vector<int64_t>(9, -5));
   // Before any forward pass: zeros, and MaxVio 0.
-  EXPECT_TRUE(IsOk(moert_session_expert_counts(session_.get(), 2, counts.data(), 8)));
+  EXPECT_TRUE(
+      IsOk(moert_session_expert_counts(session_.get(), 2, MOERT_COUNTS_LAST, counts.data(), 8)));
   EXPECT_EQ(std::vector<int64_t>(counts.begin(), counts.begin() + 8), std::vector<int64_t>(8, 0));
   double vio = -1;
-  EXPECT_TRUE(IsOk(moert_session_max_vio(session_.get(), MOERT_ALL_LAYERS, &vio)));
+  EXPECT_TRUE(
+      IsOk(moert_session_max_vio(session_.get(), MOERT_ALL_LAYERS, MOERT_COUNTS_LAST, &vio)));
   EXPECT_EQ(vio, 0.0);
 }
 
@@ -347,12 +354,19 @@ TEST_F(Handles, CudaDeviceIsUnsupportedAtSessionCreation) {
   moert_session_free(s);
 }
 
-TEST_F(Handles, TrainingModeIsUnsupportedForNow) {
-  ASSERT_TRUE(IsOk(moert_session_options_set_mode(options_.get(), MOERT_MODE_TRAINING)));
+TEST_F(Handles, TrainingCallsNeedATrainingSession) {
   moert_session* s = nullptr;
-  EXPECT_TRUE(IsError(moert_session_create(model_.get(), options_.get(), &s), MOERT_ERR_UNSUPPORTED,
-                      {"training"}));
-  EXPECT_EQ(s, nullptr);
+  ASSERT_TRUE(IsOk(moert_session_create(model_.get(), options_.get(), &s)));
+  EXPECT_TRUE(IsError(moert_session_zero_grad(s), MOERT_ERR_INVALID_STATE, {"training mode"}));
+  EXPECT_TRUE(
+      IsError(moert_session_step(s, nullptr, nullptr), MOERT_ERR_INVALID_STATE, {"training mode"}));
+  EXPECT_TRUE(IsError(moert_session_set_eval(s, 1), MOERT_ERR_INVALID_STATE, {"training mode"}));
+  moert_session_free(s);
+  ASSERT_TRUE(IsOk(moert_session_options_set_mode(options_.get(), MOERT_MODE_TRAINING)));
+  s = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_create(model_.get(), options_.get(), &s)));
+  EXPECT_TRUE(IsOk(moert_session_zero_grad(s)));
+  moert_session_free(s);
 }
 
 TEST_F(Handles, SessionOutlivesItsModel) {
@@ -377,8 +391,10 @@ TEST_F(Handles, MaxVioOnAModelWithoutMoeLayers) {
   SessionPtr s = make_session(m.get());
   ASSERT_TRUE(s);
   double vio = -1;
-  EXPECT_TRUE(IsError(moert_session_max_vio(s.get(), MOERT_ALL_LAYERS, &vio), kInvalid, {"MoE"}));
-  EXPECT_TRUE(IsError(moert_session_max_vio(s.get(), 0, &vio), kInvalid, {"'norm'"}));
+  EXPECT_TRUE(IsError(moert_session_max_vio(s.get(), MOERT_ALL_LAYERS, MOERT_COUNTS_LAST, &vio),
+                      kInvalid, {"MoE"}));
+  EXPECT_TRUE(
+      IsError(moert_session_max_vio(s.get(), 0, MOERT_COUNTS_LAST, &vio), kInvalid, {"'norm'"}));
   EXPECT_EQ(vio, -1);
 }
 

@@ -52,6 +52,7 @@ REL_TOL = 1e-5
 TIE_TOL = 2e-5
 
 MOERT_ERR_INVALID_ARGUMENT = 1
+MOERT_COUNTS_LAST = 0
 MOERT_ERR_NUMERIC = 7
 MOERT_INPUT_TOKENS = 1
 MOERT_INPUT_HIDDEN = 2
@@ -421,8 +422,8 @@ class Lib:
             "moert_session_free": (None, [P]),
             "moert_session_forward_tokens": (P, [P, ctypes.POINTER(I32), U64, U64, FP, U64]),
             "moert_session_forward_hidden": (P, [P, FP, U64, U64, FP, U64]),
-            "moert_session_expert_counts": (P, [P, U32, ctypes.POINTER(ctypes.c_int64), U64]),
-            "moert_session_max_vio": (P, [P, U32, ctypes.POINTER(ctypes.c_double)]),
+            "moert_session_expert_counts": (P, [P, U32, I32, ctypes.POINTER(ctypes.c_int64), U64]),
+            "moert_session_max_vio": (P, [P, U32, I32, ctypes.POINTER(ctypes.c_double)]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
@@ -486,13 +487,13 @@ class Lib:
     def counts(self, sess, layer, E):
         c = np.zeros(E, dtype=np.int64)
         self.ok(self.lib.moert_session_expert_counts(
-            sess, layer, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), E),
+            sess, layer, MOERT_COUNTS_LAST, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), E),
             f"expert_counts layer {layer}")
         return c
 
     def max_vio(self, sess, layer):
         v = ctypes.c_double(-1.0)
-        self.ok(self.lib.moert_session_max_vio(sess, layer, ctypes.byref(v)), f"max_vio {layer}")
+        self.ok(self.lib.moert_session_max_vio(sess, layer, MOERT_COUNTS_LAST, ctypes.byref(v)), f"max_vio {layer}")
         return v.value
 
 
@@ -668,12 +669,12 @@ def check_errors(lib, sess, model, inp, out_width, moe_layers, counts_before):
     E = model.layers[first_moe]["E"]
     c = np.zeros(E + 1, dtype=np.int64)
     cp = c.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
-    lib.expect(lib.lib.moert_session_expert_counts(sess, first_moe, cp, E + 1),
+    lib.expect(lib.lib.moert_session_expert_counts(sess, first_moe, MOERT_COUNTS_LAST, cp, E + 1),
                MOERT_ERR_INVALID_ARGUMENT, "expert_counts with a wrong length")
     non_moe = [i for i, L in enumerate(model.layers) if L["kind"] != "MoE"][0]
-    lib.expect(lib.lib.moert_session_expert_counts(sess, non_moe, cp, E),
+    lib.expect(lib.lib.moert_session_expert_counts(sess, non_moe, MOERT_COUNTS_LAST, cp, E),
                MOERT_ERR_INVALID_ARGUMENT, "expert_counts of a non-MoE layer")
-    lib.expect(lib.lib.moert_session_expert_counts(sess, len(model.layers), cp, E),
+    lib.expect(lib.lib.moert_session_expert_counts(sess, len(model.layers), MOERT_COUNTS_LAST, cp, E),
                MOERT_ERR_INVALID_ARGUMENT, "expert_counts of a layer that does not exist")
     # The failures above changed nothing.
     for i in moe_layers:
