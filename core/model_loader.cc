@@ -79,6 +79,13 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
+// A name as it can appear in a message: control characters (a NUL would end a C string) as '?'.
+std::string printable(std::string s) {
+  for (char& c : s)
+    if (static_cast<unsigned char>(c) < 32 || c == 127) c = '?';
+  return s;
+}
+
 uint64_t physical_memory_bytes() {
   const long pages = ::sysconf(_SC_PHYS_PAGES);
   const long page = ::sysconf(_SC_PAGE_SIZE);
@@ -122,7 +129,7 @@ class Loader {
     return v;
   }
 
-  ExternalFile& external();
+  ExternalFile& external(const char* field);
   Tensor tensor(const fb::Tensor* t, const char* field, std::vector<int64_t> shape, bool required);
   void decode(const fb::Tensor* t, const char* field, const std::vector<int64_t>& shape,
               uint64_t numel, const uint8_t* bytes, Tensor& out) const;
@@ -144,14 +151,14 @@ class Loader {
   std::string where_ = "model";
   uint32_t layer_index_ = 0;
   uint32_t tensor_slot_ = 0;
-  std::string prev_desc_;
+  std::string prev_desc_ = "the model's input_dim";
 };
 
-ExternalFile& Loader::external() {
+ExternalFile& Loader::external(const char* field) {
   if (external_) return *external_;
   const auto* name = root_->external_data();
   if (!name || name->size() == 0)
-    bad("external", "refers to external data but the model's 'external_data' file name is not set");
+    bad(field, "refers to external data but the model's 'external_data' file name is not set");
   const std::filesystem::path rel(name->str());
   if (rel.is_absolute())
     fail(Code::InvalidModel, "model: field 'external_data' must be a relative path, got '",
@@ -247,6 +254,8 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
   uint64_t numel = 1;
   for (int64_t d : shape) numel = mul(numel, static_cast<uint64_t>(d), field);
   if (t->shape()) {
+    if (reinterpret_cast<uintptr_t>(t->shape()->Data()) % alignof(uint64_t) != 0)
+      bad(field, "shape vector is not 8-byte aligned: the file is corrupt");
     std::vector<int64_t> given;
     for (uint64_t d : *t->shape()) given.push_back(static_cast<int64_t>(d));
     if (given != shape)
@@ -299,7 +308,7 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
                      fb::EnumNameDType(t->dtype()), " needs ", bytes));
     if (offset % kExternalAlignment != 0)
       bad(field, cat("external.offset ", offset, " is not a multiple of ", kExternalAlignment));
-    ExternalFile& file = external();
+    ExternalFile& file = external(field);
     uint64_t end;
     if (__builtin_add_overflow(offset, size, &end) || end > file.size())
       bad(field, cat("external range [", offset, ", +", size, ") runs past the end of '",
@@ -479,11 +488,13 @@ std::shared_ptr<const Model> Loader::run() {
     const auto kind = layer->kind_type();
     const bool known = kind != fb::LayerKind::NONE &&
                        static_cast<int>(kind) <= static_cast<int>(fb::LayerKind::MAX);
-    where_ = cat("layer ", i, " ('", name, "', ",
+    where_ = cat("layer ", i, " ('", printable(name), "', ",
                  known ? fb::EnumNameLayerKind(kind) : "unknown kind", ")");
     if (!known || !layer->kind())
       fail(Code::InvalidModel, where_, ": field 'kind' ", static_cast<int>(kind),
            " is not a known layer kind");
+    if (name.find('\0') != std::string::npos)
+      fail(Code::InvalidModel, where_, ": field 'name' contains a NUL byte");
     if (!names.insert(name).second)
       fail(Code::InvalidModel, where_, ": field 'name' repeats an earlier layer's name");
     if (i == 0 && kind != fb::LayerKind::Embedding && width == 0)
@@ -599,12 +610,12 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) const {
 }
 
 std::shared_ptr<const Model> parse(const void* data, size_t size, const std::string& external_dir) {
-  if (!data) fail(Code::InvalidArgument, "model data is NULL");
   if (size < 8)
     fail(Code::InvalidModel, "model data is ", size, " bytes: too short to be a moert model");
   if (size >= kMaxBufferSize)
     fail(Code::InvalidModel, "model description is ", size,
          " bytes; FlatBuffers stops at 2 GiB (put weights in external data)");
+  if (!data) fail(Code::InvalidArgument, "model data is NULL");
   // Copied into 8-byte-aligned storage: the verifier checks field alignment against it.
   std::vector<uint64_t> aligned((size + 7) / 8);
   std::memcpy(aligned.data(), data, size);

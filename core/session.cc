@@ -166,7 +166,8 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_
     fail(Code::InvalidArgument,
          "this model takes hidden states (its first layer is not an "
          "Embedding): use forward_hidden");
-  if (!tokens || !out) fail(Code::InvalidArgument, "tokens and out must not be NULL");
+  if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
+  if (!out) fail(Code::InvalidArgument, "out is NULL");
   const int64_t n = check_rows(rows, out_len);
   if (num_tokens != rows * model_->input_width)
     fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
@@ -193,7 +194,8 @@ void Session::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, fl
     fail(Code::InvalidArgument,
          "this model takes token ids (its first layer is an Embedding): "
          "use forward_tokens");
-  if (!in || !out) fail(Code::InvalidArgument, "in and out must not be NULL");
+  if (!in) fail(Code::InvalidArgument, "in is NULL");
+  if (!out) fail(Code::InvalidArgument, "out is NULL");
   const int64_t n = check_rows(rows, out_len);
   if (in_len != rows * model_->input_width)
     fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,

@@ -25,15 +25,15 @@ using StatusPtr = std::unique_ptr<moert_status, StatusDeleter>;
 inline testing::AssertionResult IsOk(moert_status* status) {
   StatusPtr s(status);
   if (!s) return testing::AssertionSuccess();
-  return testing::AssertionFailure() << "expected success, got "
-                                     << moert_status_code_name(moert_status_code(s.get())) << ": "
-                                     << moert_status_message(s.get());
+  return testing::AssertionFailure()
+         << "expected success, got " << moert_status_code_name(moert_status_code(s.get())) << ": "
+         << moert_status_message(s.get());
 }
 
 // Passes when `status` carries `code`, a non-empty message, and every one of `needles` occurs in
 // the message. Frees the status.
-inline testing::AssertionResult IsError(moert_status* status, int32_t code,
-                                        std::initializer_list<std::string_view> needles = {}) {
+template <typename Needles>
+testing::AssertionResult IsErrorWith(moert_status* status, int32_t code, const Needles& needles) {
   StatusPtr s(status);
   if (!s)
     return testing::AssertionFailure()
@@ -45,12 +45,17 @@ inline testing::AssertionResult IsError(moert_status* status, int32_t code,
                                        << moert_status_code_name(got) << ": " << message;
   if (message.empty())
     return testing::AssertionFailure() << moert_status_code_name(code) << " with an empty message";
-  for (std::string_view n : needles)
+  for (const auto& n : needles)
     if (message.find(n) == std::string::npos)
       return testing::AssertionFailure()
              << moert_status_code_name(code) << " message does not mention \"" << n
              << "\": " << message;
   return testing::AssertionSuccess() << message;
+}
+
+inline testing::AssertionResult IsError(moert_status* status, int32_t code,
+                                        std::initializer_list<std::string_view> needles = {}) {
+  return IsErrorWith(status, code, needles);
 }
 
 struct ModelDeleter {

@@ -146,11 +146,11 @@ flatbuffers::Offset<fb::Tensor> tensor(flatbuffers::FlatBufferBuilder& b, const 
   if (t.shape) shape = b.CreateVector(*t.shape);
   flatbuffers::Offset<flatbuffers::Vector<uint8_t>> data = 0;
   if (t.source == TensorDesc::Source::kData) {
-    b.ForceVectorAlignment(t.data.size(), sizeof(uint8_t), 64);
+    b.ForceVectorAlignment(t.data.size(), sizeof(uint8_t), 32);
     data = b.CreateVector(t.data);
   }
   flatbuffers::Offset<fb::Init> init = 0;
-  if (t.source == TensorDesc::Source::kInit) {
+  if (t.source == TensorDesc::Source::kInit || t.also_init) {
     fb::InitBuilder ib(b);
     ib.add_kind(static_cast<fb::InitKind>(t.init_kind));
     ib.add_std(t.init_std);
@@ -172,7 +172,7 @@ flatbuffers::Offset<fb::Tensor> tensor(flatbuffers::FlatBufferBuilder& b, const 
   tb.add_dtype(static_cast<fb::DType>(t.dtype));
   if (t.source == TensorDesc::Source::kData) tb.add_data(data);
   if (t.source == TensorDesc::Source::kExternal) tb.add_external(&ref);
-  if (t.source == TensorDesc::Source::kInit) tb.add_init(init);
+  if (t.source == TensorDesc::Source::kInit || t.also_init) tb.add_init(init);
   if (t.has_scales) tb.add_scales(scales);
   return tb.Finish();
 }

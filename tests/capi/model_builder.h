@@ -22,6 +22,7 @@ struct TensorDesc {
   int8_t init_kind = 2;                        // kInit: InitKind, 2 = Normal
   float init_std = 0.1f;
   uint64_t init_seed = 0;
+  bool also_init = false;   // an Init table besides the data or external source (invalid)
   bool has_scales = false;  // BlockScales table (FP8)
   uint32_t block_rows = 128, block_cols = 128;
   std::vector<float> scales;

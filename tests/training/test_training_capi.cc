@@ -155,6 +155,65 @@ TEST(LossFreeBias, GammaScheduleAndFreeze) {
   EXPECT_EQ(code_of(moert_session_set_bias_update_rate(s.s, 0, NAN)), MOERT_ERR_INVALID_ARGUMENT);
 }
 
+TEST(LossFreeBias, CenteringKeepsTheBiasZeroMean) {
+  Model model(MOERT_TEST_ROUTE4_CENTERED);
+  Session s(model.m, MOERT_MODE_TRAINING);
+  const std::vector<float> b0 = {0.5f, 0.25f, -0.25f, 0.0f};
+  MOERT_OK_OR_FAIL(moert_session_set_expert_bias(s.s, 0, b0.data(), 4));
+  // Counts 3, 1, 0, 0 over 4 tokens: mean 1, signs -, 0, +, +. The update gives
+  // {0.49, 0.25, -0.24, 0.01}, whose mean 0.1275 is then subtracted.
+  forward_route4(s.s, {0, 0, 0, 1});
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, nullptr, nullptr));
+  const std::vector<float> b = read_bias(s.s);
+  const float g = 0.01f;
+  const std::vector<float> updated = {b0[0] - g, b0[1], b0[2] + g, b0[3] + g};
+  const float mean =
+      static_cast<float>((double{updated[0]} + updated[1] + updated[2] + updated[3]) / 4.0);
+  for (int e = 0; e < 4; ++e) EXPECT_EQ(b[e], updated[e] - mean) << e;
+  EXPECT_NEAR(b[0] + b[1] + b[2] + b[3], 0.0f, 1e-6f);
+}
+
+TEST(Optimizer, ClippingScalesTheGradientToTheConfiguredNorm) {
+  Model model(MOERT_TEST_ROUTE4);
+  Session s(model.m, MOERT_MODE_TRAINING, "sgd");
+  MOERT_OK_OR_FAIL(moert_session_set_config(s.s, "momentum", "0"));
+  MOERT_OK_OR_FAIL(moert_session_set_config(s.s, "lr", "1"));
+  MOERT_OK_OR_FAIL(moert_session_set_config(s.s, "clip_norm", "0.001"));
+  MOERT_OK_OR_FAIL(moert_session_zero_grad(s.s));
+  forward_route4(s.s, {0, 1, 2, 3});
+  std::vector<float> gout(16, 1.0f);
+  MOERT_OK_OR_FAIL(moert_session_backward(s.s, gout.data(), gout.size(), nullptr, 0, nullptr));
+  const char* names[] = {"moe.gate", "moe.w1", "moe.w3", "moe.w2"};
+  std::vector<std::vector<float>> before, grads;
+  double sq = 0.0;
+  for (const char* n : names) {
+    const size_t len = std::string(n) == "moe.gate" ? 16 : 48;
+    std::vector<float> p(len), g(len);
+    MOERT_OK_OR_FAIL(moert_session_get_parameter(s.s, n, p.data(), len));
+    MOERT_OK_OR_FAIL(moert_session_get_gradient(s.s, n, g.data(), len));
+    for (float v : g) sq += double{v} * v;
+    before.push_back(p);
+    grads.push_back(g);
+  }
+  double lr = 0, norm = 0;
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, &lr, &norm));
+  EXPECT_NEAR(norm, std::sqrt(sq), 1e-9 * std::sqrt(sq));
+  ASSERT_GT(norm, 0.01);  // well above the clip: clipping really happens
+  // Each parameter moved by lr * g * clip / norm.
+  double moved = 0.0;
+  for (size_t i = 0; i < 4; ++i) {
+    std::vector<float> p(before[i].size());
+    MOERT_OK_OR_FAIL(moert_session_get_parameter(s.s, names[i], p.data(), p.size()));
+    for (size_t j = 0; j < p.size(); ++j) {
+      const double d = double{before[i][j]} - p[j];
+      // Up to the fp32 rounding of parameters of magnitude up to 4.
+      EXPECT_NEAR(d, grads[i][j] * 0.001 / norm, 1e-6) << names[i] << " " << j;
+      moved += d * d;
+    }
+  }
+  EXPECT_NEAR(std::sqrt(moved), 0.001, 1e-5);
+}
+
 TEST(LossFreeBias, BiasSteersSelectionButGateWeightsStayUnbiased) {
   Model model(MOERT_TEST_ROUTE4);
   Session plain(model.m, MOERT_MODE_TRAINING);

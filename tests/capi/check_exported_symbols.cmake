@@ -1,0 +1,62 @@
+# Fails when the dynamic symbols that LIBRARY defines differ from the committed list SYMBOLS (one
+# name per line, sorted), printing the difference. Symbol versions (name@@MOERT_1) are stripped and
+# the version node itself (MOERT_1) is skipped.
+#   cmake -DNM=nm -DLIBRARY=libmoert.so -DSYMBOLS=capi/moert.symbols -P check_exported_symbols.cmake
+foreach(var NM LIBRARY SYMBOLS)
+  if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
+    message(FATAL_ERROR "check_exported_symbols: ${var} is not set")
+  endif()
+endforeach()
+
+execute_process(COMMAND ${NM} -D --defined-only ${LIBRARY}
+  OUTPUT_VARIABLE nm_out ERROR_VARIABLE nm_err RESULT_VARIABLE nm_rc)
+if(NOT nm_rc EQUAL 0)
+  message(FATAL_ERROR "${NM} -D --defined-only ${LIBRARY} failed (${nm_rc}): ${nm_err}")
+endif()
+
+set(exported "")
+string(REPLACE "\n" ";" nm_lines "${nm_out}")
+foreach(line IN LISTS nm_lines)
+  # "<address> <type> <name>[@@VERSION]"
+  if(NOT line MATCHES "^[0-9a-fA-F]* *[A-Za-z] +([^ ]+)$")
+    continue()
+  endif()
+  set(name "${CMAKE_MATCH_1}")
+  string(REGEX REPLACE "@@?[A-Za-z0-9_.]+$" "" name "${name}")
+  if(name STREQUAL "MOERT_1")
+    continue()
+  endif()
+  list(APPEND exported "${name}")
+endforeach()
+list(REMOVE_DUPLICATES exported)
+list(SORT exported)
+
+file(STRINGS ${SYMBOLS} committed)
+list(FILTER committed EXCLUDE REGEX "^[ \t]*$")
+set(sorted_committed ${committed})
+list(SORT sorted_committed)
+list(REMOVE_DUPLICATES sorted_committed)
+if(NOT committed STREQUAL sorted_committed)
+  message(FATAL_ERROR "${SYMBOLS} must be sorted and free of duplicates")
+endif()
+
+set(added ${exported})
+list(REMOVE_ITEM added ${committed})
+set(removed ${committed})
+if(exported)
+  list(REMOVE_ITEM removed ${exported})
+endif()
+
+list(LENGTH exported n_exported)
+if(added OR removed)
+  set(report "")
+  foreach(name IN LISTS added)
+    string(APPEND report "\n  + ${name}   (exported, not in the list)")
+  endforeach()
+  foreach(name IN LISTS removed)
+    string(APPEND report "\n  - ${name}   (in the list, not exported)")
+  endforeach()
+  message(FATAL_ERROR "the exports of ${LIBRARY} differ from ${SYMBOLS}:${report}\n"
+                      "Update the list only for a deliberate ABI change.")
+endif()
+message(STATUS "${n_exported} exported symbols match ${SYMBOLS}")

@@ -1,0 +1,48 @@
+# Fails unless the functions declared in HEADER (every "MOERT_API <type> moert_xxx(") are exactly
+# the names in the committed symbol list SYMBOLS.
+#   cmake -DHEADER=moert.h -DSYMBOLS=capi/moert.symbols -P check_header_symbols.cmake
+foreach(var HEADER SYMBOLS)
+  if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
+    message(FATAL_ERROR "check_header_symbols: ${var} is not set")
+  endif()
+endforeach()
+
+file(READ ${HEADER} text)
+# Declarations may wrap, so match across lines: the declared name is the last identifier before
+# the first parenthesis that follows MOERT_API.
+string(REGEX MATCHALL "MOERT_API[^;()#]*[ *]moert_[a-z0-9_]+[ \t]*\\(" decls "${text}")
+set(declared "")
+foreach(decl IN LISTS decls)
+  string(REGEX MATCH "moert_[a-z0-9_]+[ \t]*\\($" name "${decl}")
+  string(REGEX REPLACE "[ \t]*\\($" "" name "${name}")
+  list(APPEND declared "${name}")
+endforeach()
+list(LENGTH declared n_declared)
+if(n_declared EQUAL 0)
+  message(FATAL_ERROR "no MOERT_API declarations found in ${HEADER}")
+endif()
+set(unique ${declared})
+list(REMOVE_DUPLICATES unique)
+list(LENGTH unique n_unique)
+if(NOT n_unique EQUAL n_declared)
+  message(FATAL_ERROR "${HEADER} declares a function twice: ${declared}")
+endif()
+
+file(STRINGS ${SYMBOLS} committed)
+list(FILTER committed EXCLUDE REGEX "^[ \t]*$")
+
+set(missing ${declared})
+list(REMOVE_ITEM missing ${committed})
+set(undeclared ${committed})
+list(REMOVE_ITEM undeclared ${declared})
+if(missing OR undeclared)
+  set(report "")
+  foreach(name IN LISTS missing)
+    string(APPEND report "\n  + ${name}   (declared in moert.h, not in the list)")
+  endforeach()
+  foreach(name IN LISTS undeclared)
+    string(APPEND report "\n  - ${name}   (in the list, not declared in moert.h)")
+  endforeach()
+  message(FATAL_ERROR "${HEADER} and ${SYMBOLS} disagree:${report}")
+endif()
+message(STATUS "${n_declared} functions declared in ${HEADER}, all in ${SYMBOLS}")
