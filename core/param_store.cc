@@ -122,8 +122,25 @@ void ParamStore::refresh_bf16(const Tensor& t) {
 }
 
 void ParamStore::zero_grads() {
-  for (auto& [key, e] : entries_)
-    if (e.grad_ptr) be_.zero(e.grad_ptr, e.host->values.size() * sizeof(float));
+  for (auto& [key, e] : entries_) {
+    const size_t n = e.grad.size() ? e.grad.size() : e.host->values.size();
+    if (e.grad_ptr) be_.zero(e.grad_ptr, n * sizeof(float));
+  }
+}
+
+}  // namespace moert
+
+namespace moert {
+
+void ParamStore::adopt(const Tensor& t, Buffer<float> f32, Buffer<uint16_t> bf16,
+                       Buffer<float> grad) {
+  Entry& e = entries_[&t];
+  e.host = const_cast<Tensor*>(&t);
+  e.f32 = std::move(f32);
+  e.bf16 = std::move(bf16);
+  e.grad = std::move(grad);
+  e.f32_ptr = e.f32.size() ? e.f32.data() : nullptr;
+  e.grad_ptr = e.grad.size() ? e.grad.data() : nullptr;
 }
 
 }  // namespace moert

@@ -36,6 +36,10 @@ class ParamStore {
   // Zeroes every gradient.
   void zero_grads();
 
+  // Registers a tensor whose values live only in backend memory (benchmarks of models too large
+  // to hold on the host): `t` gives the shape; any buffer may be empty.
+  void adopt(const Tensor& t, Buffer<float> f32, Buffer<uint16_t> bf16, Buffer<float> grad);
+
  private:
   struct Entry {
     Tensor* host = nullptr;

@@ -1,0 +1,42 @@
+// Row-major GEMMs through cuBLASLt, with the heuristic's choice cached per shape.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <tuple>
+
+namespace moert::cuda {
+
+class Gemm {
+ public:
+  Gemm(cudaStream_t stream);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  // C[m, n] = op(A) op(B) + beta C, all row-major: op(A) is [m, k] (A stored [k, m] when ta),
+  // op(B) is [k, n] (B stored [n, k] when tb). A and B are bf16 when bf16 is true, else fp32
+  // (multiplied in full fp32, no TF32); C is fp32; accumulation is fp32.
+  void run(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+           const void* b, int64_t ldb, float* c, int64_t ldc, float beta, bool bf16);
+
+ private:
+  struct Plan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>;
+  Plan& plan(const Key& key);
+
+  cudaStream_t stream_;
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_size_ = 32u << 20;
+  std::map<Key, Plan> plans_;
+};
+
+}  // namespace moert::cuda
