@@ -50,6 +50,9 @@ class Backend : public Allocator {
   virtual bool host_memory() const = 0;
   // Whether GEMM weights should carry a bf16 copy.
   virtual bool wants_bf16() const = 0;
+  // Makes the backend's device current on the calling thread (a session may be called from any
+  // thread, e.g. by Go's scheduler).
+  virtual void activate() {}
 
   // ---- Memory. Transfers are complete when they return (host buffers may be reused at once).
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;

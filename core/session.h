@@ -114,6 +114,8 @@ class Session {
 
   // Serialises the public entry points: a session may be shared between threads.
   std::mutex& mutex() const { return mu_; }
+  // Called by every entry point after taking the lock: the backend's device on this thread.
+  void activate() const { backend_->activate(); }
 
  private:
   struct Slot {

@@ -24,6 +24,7 @@ moert_status* locked(S* session, F&& body) {
   return guarded([&] {
     require(session, "session");
     std::lock_guard<std::mutex> lock(session->session->mutex());
+    session->session->activate();
     body(*session->session);
   });
 }

@@ -58,6 +58,7 @@ class CudaBackend final : public Backend {
   const char* name() const override { return "cuda"; }
   bool host_memory() const override { return false; }
   bool wants_bf16() const override { return true; }
+  void activate() override { select(); }
 
   // ---- Memory
 

@@ -1,3 +1,5 @@
+#include <utility>
+
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemm.h"
 
@@ -24,7 +26,7 @@ Gemm::~Gemm() {
 Gemm::Plan& Gemm::plan(const Key& key) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
-  const auto [ta, tb, m, n, k, lda, ldb, ldc, bf16] = key;
+  const auto [ta, tb, m, n, k, lda, ldb, ldc, bf16, align_a, align_b, align_c] = key;
   Plan p;
   const cudaDataType_t ab = bf16 ? CUDA_R_16BF : CUDA_R_32F;
   check(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
@@ -45,6 +47,14 @@ Gemm::Plan& Gemm::plan(const Key& key) {
   check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                              &workspace_size_, sizeof workspace_size_),
         "workspace preference");
+  // cuBLASLt's first operand is our B, its second our A.
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_b},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_a},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c}};
+  for (const auto& [attr, value] : aligns)
+    check(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof value), "alignment");
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   const cublasStatus_t st =
@@ -66,7 +76,15 @@ void Gemm::run(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a,
         check(cudaMemsetAsync(c + i * ldc, 0, sizeof(float) * n, stream_), "zero GEMM output");
     return;
   }
-  Plan& p = plan({ta, tb, m, n, k, lda, ldb, ldc, bf16});
+  // The alignment every row start of an operand shares: its address and its row stride.
+  auto align = [](const void* ptr, int64_t ld, int64_t elem) {
+    const uint64_t bits =
+        reinterpret_cast<uintptr_t>(ptr) | static_cast<uint64_t>(ld * elem) | 256u;
+    return static_cast<uint32_t>(bits & (~bits + 1));
+  };
+  const int64_t elem = bf16 ? 2 : 4;
+  Plan& p = plan({ta, tb, m, n, k, lda, ldb, ldc, bf16, align(a, lda, elem), align(b, ldb, elem),
+                  align(c, ldc, 4)});
   const float alpha = 1.0f;
   check(cublasLtMatmul(handle_, p.desc, &alpha, b, p.a, a, p.b, &beta, c, p.c, c, p.c, &p.algo,
                        workspace_, workspace_size_, stream_),

@@ -29,7 +29,10 @@ class Gemm {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
   };
-  using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>;
+  // Shape, leading dimensions, types, and the alignments (bytes) of the three operands: an
+  // algorithm chosen for better-aligned pointers may refuse or misread worse-aligned ones.
+  using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
+                         uint32_t, uint32_t, uint32_t>;
   Plan& plan(const Key& key);
 
   cudaStream_t stream_;
