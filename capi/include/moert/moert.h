@@ -198,9 +198,13 @@ MOERT_API moert_status* moert_session_options_create(moert_session_options** out
 /* Releases options. Accepts NULL. */
 MOERT_API void moert_session_options_free(moert_session_options* options);
 
-/* Device kind (MOERT_DEVICE_*) and index. This build runs MOERT_DEVICE_CPU; asking for CUDA is
- * accepted here and refused by moert_session_create() with MOERT_ERR_UNSUPPORTED when no CUDA
- * backend can be loaded. */
+/* Device kind (MOERT_DEVICE_*) and index. MOERT_DEVICE_CUDA sessions run on the CUDA plugin,
+ * libmoert_cuda.so, which moert_session_create() loads on first use from the directory of
+ * libmoert.so (or from the "cuda_plugin" option), checks against this library's version and
+ * never unloads. Where the plugin, the CUDA libraries or a Hopper GPU are missing,
+ * moert_session_create() returns MOERT_ERR_UNSUPPORTED saying which; CPU sessions are unaffected.
+ * On CUDA, GEMMs run in bf16 with fp32 accumulation and everything else in fp32; Expert Choice
+ * layers are refused at their first forward pass (MOERT_ERR_UNSUPPORTED). */
 MOERT_API moert_status* moert_session_options_set_device(moert_session_options* options,
                                                          int32_t device, int32_t index);
 
@@ -219,6 +223,9 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
 /* Backend knob by name. Known keys:
  *   "check_finite"  "true" (default) | "false": refuse NaN or infinity in hidden-state inputs
  *                   with MOERT_ERR_NUMERIC before any work is done.
+ *   "cuda_plugin"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads
+ *                   one plugin: a second, different path is refused).
+ *   and the training knobs listed under Training below.
  * An unknown key or a value it does not accept is MOERT_ERR_INVALID_ARGUMENT. */
 MOERT_API moert_status* moert_session_options_set_config(moert_session_options* options,
                                                          const char* key, const char* value);
