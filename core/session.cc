@@ -142,6 +142,13 @@ void Session::require_training(const char* what) const {
          " needs a session created in training mode (MOERT_MODE_TRAINING)");
 }
 
+void Session::require_backward_ready() const {
+  require_training("backward");
+  if (!pending_backward_)
+    fail(Code::InvalidState,
+         "backward needs a training-mode forward pass first (and only one backward per forward)");
+}
+
 Pass Session::next_pass() const { return training() && !eval_ ? Pass::Train : Pass::Eval; }
 
 int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
@@ -246,12 +253,8 @@ double Session::run_backward(float* grad_in) {
 }
 
 double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
-  require_training("backward");
-  if (!targets) fail(Code::InvalidArgument, "targets must not be NULL");
-  if (!pending_backward_)
-    fail(Code::InvalidState,
-         "backward needs a training-mode forward pass first (and only one "
-         "backward per forward)");
+  require_backward_ready();
+  if (!targets) fail(Code::InvalidArgument, "targets is NULL");
   if (model_->layers.back().kind != LayerKind::OutputHead)
     fail(Code::InvalidState,
          "backward with targets needs an OutputHead as the last layer; use "
@@ -274,12 +277,8 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
 
 double Session::backward(const float* grad_out, uint64_t grad_out_len, float* grad_in,
                          uint64_t grad_in_len) {
-  require_training("backward");
-  if (!grad_out) fail(Code::InvalidArgument, "grad_out must not be NULL");
-  if (!pending_backward_)
-    fail(Code::InvalidState,
-         "backward needs a training-mode forward pass first (and only one "
-         "backward per forward)");
+  require_backward_ready();
+  if (!grad_out) fail(Code::InvalidArgument, "grad_out is NULL");
   check_len(grad_out_len, last_rows_ * model_->output_width, "grad_out");
   if (grad_in) {
     if (model_->token_input)

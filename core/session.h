@@ -135,6 +135,7 @@ class Session {
   std::vector<uint32_t> moe_layers(uint32_t layer) const;
   int64_t check_rows(uint64_t rows, uint64_t out_len) const;
   void require_training(const char* what) const;
+  void require_backward_ready() const;
   void run_from(size_t first_layer, const float* x, int64_t rows, float* out, Pass pass);
   Pass next_pass() const;
   double run_backward(float* grad_in);

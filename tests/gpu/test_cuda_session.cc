@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "gpu_test_main.h"
+#include "tests/support/session_tensors.h"
 
 namespace {
 
@@ -87,35 +88,9 @@ std::vector<int64_t> counts(const moert_session* s, uint32_t layer) {
   return c;
 }
 
-std::vector<std::pair<std::string, std::vector<float>>> gradients(const moert_session* s) {
-  std::vector<std::pair<std::string, std::vector<float>>> out;
-  uint32_t n = 0;
-  moert_status_free(moert_session_num_parameters(s, &n));
-  for (uint32_t i = 0; i < n; ++i) {
-    const char* name = nullptr;
-    uint64_t numel = 0;
-    moert_status_free(moert_session_parameter_info(s, i, &name, &numel));
-    std::vector<float> g(numel);
-    moert_status_free(moert_session_get_gradient(s, name, g.data(), numel));
-    out.push_back({name, g});
-  }
-  return out;
-}
-
-std::vector<float> parameters(const moert_session* s) {
-  std::vector<float> all;
-  uint32_t n = 0;
-  moert_status_free(moert_session_num_parameters(s, &n));
-  for (uint32_t i = 0; i < n; ++i) {
-    const char* name = nullptr;
-    uint64_t numel = 0;
-    moert_status_free(moert_session_parameter_info(s, i, &name, &numel));
-    std::vector<float> p(numel);
-    moert_status_free(moert_session_get_parameter(s, name, p.data(), numel));
-    all.insert(all.end(), p.begin(), p.end());
-  }
-  return all;
-}
+using moert_test::all_parameters;
+using moert_test::named_tensors;
+using moert_test::Read;
 
 TEST(CudaSession, ForwardMatchesTheCpuWithinBf16) {
   Model model(model_path("tiny_moe.moert"));
@@ -149,7 +124,7 @@ TEST(CudaSession, BackwardMatchesTheCpuWithinBf16) {
   OK(moert_session_backward_loss(gpu.s, b.targets.data(), b.targets.size(), &lg));
   std::printf("loss cpu %.6f gpu %.6f\n", lc, lg);
   EXPECT_NEAR(lg, lc, 1e-2 * lc);
-  const auto gc = gradients(cpu.s), gg = gradients(gpu.s);
+  const auto gc = named_tensors(cpu.s, Read::Gradients), gg = named_tensors(gpu.s, Read::Gradients);
   ASSERT_EQ(gc.size(), gg.size());
   for (size_t i = 0; i < gc.size(); ++i) {
     const double err = rel(gg[i].second, gc[i].second);
@@ -176,7 +151,7 @@ TEST(CudaSession, TrainingIsBitwiseDeterministic) {
       }
       moert_status_free(moert_session_step(s.s, nullptr, nullptr));
     }
-    return parameters(s.s);
+    return all_parameters(s.s);
   };
   std::vector<double> l1, l2;
   const auto p1 = run(l1), p2 = run(l2);

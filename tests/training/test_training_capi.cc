@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/support/session_tensors.h"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -297,17 +299,7 @@ std::vector<double> train_steps(moert_session* s, int from, int to) {
 
 // Every parameter, bias and the step count, for bitwise comparison.
 std::vector<float> snapshot(const moert_session* s) {
-  std::vector<float> all;
-  uint32_t n = 0;
-  moert_status_free(moert_session_num_parameters(s, &n));
-  for (uint32_t i = 0; i < n; ++i) {
-    const char* name = nullptr;
-    uint64_t numel = 0;
-    moert_status_free(moert_session_parameter_info(s, i, &name, &numel));
-    std::vector<float> v(numel);
-    moert_status_free(moert_session_get_parameter(s, name, v.data(), numel));
-    all.insert(all.end(), v.begin(), v.end());
-  }
+  std::vector<float> all = moert_test::all_parameters(s);
   for (uint32_t layer : {2u, 4u}) {
     std::vector<float> b(8);
     moert_status_free(moert_session_get_expert_bias(s, layer, b.data(), 8));

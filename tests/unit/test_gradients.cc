@@ -11,20 +11,12 @@
 #include <vector>
 
 #include "core/session.h"
+#include "tests/unit/random_tensor.h"
 
 namespace moert {
 namespace {
 
-Tensor random_tensor(std::vector<int64_t> shape, std::mt19937& rng, float scale) {
-  Tensor t;
-  t.shape = shape;
-  int64_t n = 1;
-  for (auto d : shape) n *= d;
-  std::normal_distribution<float> dist(0.0f, scale);
-  t.values.resize(static_cast<size_t>(n));
-  for (auto& v : t.values) v = dist(rng);
-  return t;
-}
+using test::random_tensor;
 
 struct Config {
   ScoreFunction score;

@@ -9,22 +9,14 @@
 
 #include "core/backend.h"
 #include "core/layers.h"
+#include "tests/unit/random_tensor.h"
 
 namespace moert {
 namespace {
 
 using Vec = std::vector<double>;
 
-Tensor random_tensor(std::vector<int64_t> shape, std::mt19937& rng, float scale = 0.3f) {
-  Tensor t;
-  t.shape = shape;
-  int64_t n = 1;
-  for (auto d : shape) n *= d;
-  std::normal_distribution<float> dist(0.0f, scale);
-  t.values.resize(static_cast<size_t>(n));
-  for (auto& v : t.values) v = dist(rng);
-  return t;
-}
+using test::random_tensor;
 
 std::vector<float> random_rows(int64_t n, std::mt19937& rng) {
   return random_tensor({n}, rng, 1.0f).values;
