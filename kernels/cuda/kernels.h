@@ -61,10 +61,11 @@ void router_backward(const RouterConfig& cfg, bool normalize, const float* score
                      const int32_t* expert, const float* dweight, const float* ds_extra,
                      float* dlogits, float* scratch, int64_t rows, cudaStream_t s);
 // Sequence-wise auxiliary loss: per (sequence, expert) partial losses into loss_part
-// [num_seq * E] (double) and ds [rows, E]; f_table [num_seq * E] scratch (double).
+// [num_seq * E] (double) and ds [rows, E]; z [rows] and f_table [num_seq * E] are scratch.
 void aux_loss(const RouterConfig& cfg, const float* scores, const int64_t* token_offsets,
               const int32_t* token_assign, const int32_t* expert, int64_t rows, int64_t seq_len,
-              double alpha, float* ds, double* f_table, double* loss_part, cudaStream_t s);
+              double alpha, float* ds, double* z, double* f_table, double* loss_part,
+              cudaStream_t s);
 
 // ---- Dispatch
 // keys[a] = expert[a] * rows + token, vals[a] = a, for a = t * K + k.

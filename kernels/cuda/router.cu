@@ -130,9 +130,18 @@ __global__ void router_backward_k(RouterConfig cfg, bool normalize, const float*
   }
 }
 
+// One thread per token: z = sum of its scores, computed once for every expert's statistics.
+__global__ void score_sums_k(const float* scores, int64_t rows, int E, double* z) {
+  const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (t >= rows) return;
+  double sum = 0.0;
+  for (int e = 0; e < E; ++e) sum += scores[t * E + e];
+  z[t] = sum;
+}
+
 // One thread per (sequence, expert): f (scaled count) and P (mean normalised score), and the
 // partial loss f * P * alpha / num_seq.
-__global__ void aux_stats_k(const float* scores, const int64_t* token_offsets,
+__global__ void aux_stats_k(const float* scores, const double* z, const int64_t* token_offsets,
                             const int32_t* token_assign, const int32_t* expert, int64_t num_seq,
                             int64_t L, int E, int K, double alpha, double* f_table,
                             double* loss_part) {
@@ -144,10 +153,7 @@ __global__ void aux_stats_k(const float* scores, const int64_t* token_offsets,
   for (int64_t t = q * L; t < (q + 1) * L; ++t) {
     for (int64_t j = token_offsets[t]; j < token_offsets[t + 1]; ++j)
       if (expert[token_assign[j]] == e) f += 1.0;
-    const float* s = scores + t * E;
-    double z = 0.0;
-    for (int x = 0; x < E; ++x) z += s[x];
-    p += s[e] / z;
+    p += scores[t * E + e] / z[t];
   }
   f *= static_cast<double>(E) / static_cast<double>(K * L);
   p /= static_cast<double>(L);
@@ -156,14 +162,14 @@ __global__ void aux_stats_k(const float* scores, const int64_t* token_offsets,
 }
 
 // One thread per token: d loss / d s through s' = s / z.
-__global__ void aux_grad_k(const float* scores, const double* f_table, int64_t rows, int64_t L,
-                           int64_t num_seq, int E, double alpha, float* ds) {
+__global__ void aux_grad_k(const float* scores, const double* z_all, const double* f_table,
+                           int64_t rows, int64_t L, int64_t num_seq, int E, double alpha,
+                           float* ds) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (t >= rows) return;
   const double* f = f_table + (t / L) * E;
   const float* s = scores + t * E;
-  double z = 0.0;
-  for (int e = 0; e < E; ++e) z += s[e];
+  const double z = z_all[t];
   const double c = alpha / static_cast<double>(L * num_seq);
   double dot = 0.0;
   for (int e = 0; e < E; ++e) dot += c * f[e] * s[e] / z;
@@ -193,15 +199,18 @@ void router_backward(const RouterConfig& cfg, bool normalize, const float* score
 
 void aux_loss(const RouterConfig& cfg, const float* scores, const int64_t* token_offsets,
               const int32_t* token_assign, const int32_t* expert, int64_t rows, int64_t seq_len,
-              double alpha, float* ds, double* f_table, double* loss_part, cudaStream_t s) {
+              double alpha, float* ds, double* z, double* f_table, double* loss_part,
+              cudaStream_t s) {
   const int E = static_cast<int>(cfg.num_experts), K = static_cast<int>(cfg.top_k);
   const int64_t num_seq = rows / seq_len;
+  score_sums_k<<<grid_for(rows, kThreads), kThreads, 0, s>>>(scores, rows, E, z);
+  check_launch("aux_loss score sums");
   aux_stats_k<<<grid_for(num_seq * E, kThreads), kThreads, 0, s>>>(
-      scores, token_offsets, token_assign, expert, num_seq, seq_len, E, K, alpha, f_table,
+      scores, z, token_offsets, token_assign, expert, num_seq, seq_len, E, K, alpha, f_table,
       loss_part);
   check_launch("aux_loss stats");
-  aux_grad_k<<<grid_for(rows, kThreads), kThreads, 0, s>>>(scores, f_table, rows, seq_len, num_seq,
-                                                           E, alpha, ds);
+  aux_grad_k<<<grid_for(rows, kThreads), kThreads, 0, s>>>(scores, z, f_table, rows, seq_len,
+                                                           num_seq, E, alpha, ds);
   check_launch("aux_loss grad");
 }
 
