@@ -21,242 +21,23 @@ Exit 0 when everything passes, 1 on any failure, 77 (skip) when torch or numpy i
 Run with Debian's /usr/bin/python3, which has python3-torch.
 """
 
-import argparse
 import ctypes
-import json
-import math
-import os
-import subprocess
 import sys
-import traceback
 
-try:
-    import numpy as np
-    import torch
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    print(f"SKIP: cannot import numpy/torch with {sys.executable}: {exc}")
-    sys.exit(77)
+from oracle_common import (  # first: exits 77 (skip) when numpy or torch is missing
+    MOERT_ALL_LAYERS, MOERT_COUNTS_LAST, MOERT_ERR_INVALID_ARGUMENT, MOERT_ERR_NUMERIC,
+    MOERT_INPUT_HIDDEN, MOERT_INPUT_TOKENS, TIE_TOL, Gaps, Lib, ModelBuilder, OracleFailure,
+    descending_order, ec_capacity, embed, moe_output, parse_args, ref_layer, route, run_models)
+import numpy as np
+import torch
 
-F64 = torch.float64
 REL_TOL = 1e-5
-# A routing decision whose deciding gap (between the last chosen and the first rejected biased
-# score, group score or, for Expert Choice, token score) is below this is a near-tie: the float64
-# reference and the fp32 library may legitimately decide it differently. Scores live in [0, 1]
-# (plus a bias below 1 in magnitude), and the fp32 library's scores differ from the float64 ones
-# by ~1e-6 at most for these sizes (the outputs agree to ~5e-7 relative), so 2e-5 leaves a 10x
-# margin. A model whose reference meets a near-tie is reported as a failure of the test's own
-# set-up (choose another seed or size), never hidden by a looser tolerance; with the seeds below
-# the smallest deciding gap is ~1e-4. Gaps of exactly 0 are structural ties built on purpose
-# (identical router rows or identical token rows), which both sides must break towards the lower
-# index; both BLAS builds tried (OpenBLAS, BLIS) give bitwise-equal dot products for them.
-TIE_TOL = 2e-5
-
-MOERT_ERR_INVALID_ARGUMENT = 1
-MOERT_COUNTS_LAST = 0
-MOERT_ERR_NUMERIC = 7
-MOERT_INPUT_TOKENS = 1
-MOERT_INPUT_HIDDEN = 2
-MOERT_ALL_LAYERS = 0xFFFFFFFF
+# Routing near-ties: see TIE_TOL. With the seeds below the smallest deciding gap is ~1e-4. For the
+# exact ties built on purpose, both BLAS builds tried (OpenBLAS, BLIS) give bitwise-equal dot
+# products.
 
 
-class OracleFailure(Exception):
-    pass
-
-
-def f32(v):
-    """The double that a float32 field written as `v` holds."""
-    return float(np.float32(v))
-
-
-# ---- bf16 -------------------------------------------------------------------------------------
-
-
-def f32_to_bf16_bits(a):
-    """Round-to-nearest-even fp32 -> bf16 bit patterns (finite inputs)."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = u + 0x7FFF + ((u >> 16) & 1)
-    return (u >> 16).astype(np.uint16)
-
-
-def bf16_bits_to_f32(bits):
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-# ---- weights and JSON -------------------------------------------------------------------------
-
-
-class WeightStore:
-    """Tensors either inline ("data": byte list) or in one external file at 64-byte offsets."""
-
-    def __init__(self, file_name):
-        self.file_name = file_name
-        self.blob = bytearray()
-
-    def add(self, values, where="ext", dtype="F32", shape=True):
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        if dtype == "BF16":
-            bits = f32_to_bf16_bits(values)
-            raw = bits.astype("<u2").tobytes()
-            used = bf16_bits_to_f32(bits).reshape(values.shape)
-        elif dtype == "F32":
-            raw = values.astype("<f4").tobytes()
-            used = values
-        else:
-            raise ValueError(dtype)
-        t = {"dtype": dtype}
-        if shape:
-            t["shape"] = [int(d) for d in values.shape]
-        if where == "ext":
-            self.blob += bytes((-len(self.blob)) % 64)
-            if len(self.blob) % 128 == 0:
-                self.blob += bytes(64)  # offsets not all multiples of 128: only 64 is promised
-            t["external"] = {"offset": len(self.blob), "size": len(raw)}
-            self.blob += raw
-        elif where == "inline":
-            t["data"] = list(raw)
-        else:
-            raise ValueError(where)
-        return t, torch.from_numpy(used.astype(np.float64))
-
-
-class ModelBuilder:
-    def __init__(self, name, seed, input_dim=None):
-        self.name = name
-        self.rng = np.random.default_rng(seed)
-        self.store = WeightStore(name + ".weights")
-        self.input_dim = input_dim
-        self.layers_json = []
-        self.layers = []  # reference description, one dict per layer
-        self.width = input_dim
-
-    def _normal(self, shape, std):
-        return (self.rng.standard_normal(shape) * std).astype(np.float32)
-
-    def _push(self, kind, body, ref):
-        name = f"{kind.lower()}{len(self.layers)}"
-        self.layers_json.append({"name": name, "kind_type": kind, "kind": body})
-        ref["kind"] = kind
-        self.layers.append(ref)
-
-    def embedding(self, vocab, dim, context, where="ext", dtype="F32"):
-        t, w = self.store.add(self._normal((vocab, dim), 1.0), where, dtype)
-        self._push("Embedding", {"vocab_size": vocab, "dim": dim, "context": context, "weight": t},
-                   {"vocab": vocab, "context": context, "weight": w})
-        self.width = dim * context
-
-    def rmsnorm(self, eps=1e-5, where="inline", dtype="F32"):
-        d = self.width
-        t, w = self.store.add(1.0 + self._normal((d,), 0.2), where, dtype)
-        self._push("RMSNorm", {"dim": d, "eps": f32(eps), "weight": t}, {"eps": f32(eps), "weight": w})
-
-    def dense(self, hidden, residual, where=("ext", "ext", "ext"), dtype="F32"):
-        d = self.width
-        t1, w1 = self.store.add(self._normal((hidden, d), d ** -0.5), where[0], dtype)
-        t3, w3 = self.store.add(self._normal((hidden, d), d ** -0.5), where[1], dtype)
-        t2, w2 = self.store.add(self._normal((d, hidden), hidden ** -0.5), where[2], dtype)
-        self._push("DenseFFN", {"dim": d, "hidden": hidden, "residual": residual,
-                                "w1": t1, "w3": t3, "w2": t2},
-                   {"residual": residual, "w1": w1, "w3": w3, "w2": w2})
-
-    def moe(self, E, K, H, score, G, TG, normalize, scaling, policy, residual, shared=0,
-            shared_hidden=0, bias_scale=0.0, bias_offset=0.0, capacity_factor=None, gate_std=None,
-            where="ext", inline=(), dtype="F32", gate_dtype="F32", tied_experts=(),
-            expect_bias_effect=False, expect_group_effect=False):
-        d = self.width
-        assert G == 1 or (E % G == 0 and E // G >= 2), "group size 1 has no top-2 group score"
-        gate = self._normal((E, d), (gate_std if gate_std is not None else 1.5) * d ** -0.5)
-        bias = None
-        if bias_scale:
-            bias = (bias_offset + self.rng.uniform(-bias_scale, bias_scale, E)).astype(np.float32)
-        for a, b in tied_experts:  # identical router row and bias: an exact tie on every token
-            gate[b] = gate[a]
-            if bias is not None:
-                bias[b] = bias[a]
-
-        def w(key):
-            return "inline" if key in inline else where
-
-        body = {
-            "dim": d, "num_experts": E, "top_k": K, "expert_hidden": H, "score_function": score,
-            "num_groups": G, "topk_groups": TG, "normalize_weights": normalize,
-            "routed_scaling_factor": f32(scaling), "num_shared_experts": shared,
-            "shared_hidden": shared_hidden, "residual": residual,
-            "balancing": {"policy": policy},
-        }
-        if capacity_factor is not None:
-            body["balancing"]["capacity_factor"] = f32(capacity_factor)
-        ref = {"E": E, "K": K, "score": score, "G": G, "TG": TG, "normalize": normalize,
-               "scaling": f32(scaling), "policy": policy, "residual": residual,
-               "cf": f32(capacity_factor) if capacity_factor is not None else 1.0,
-               "expect_bias_effect": expect_bias_effect,
-               "expect_group_effect": expect_group_effect}
-        body["gate"], ref["gate"] = self.store.add(gate, w("gate"), gate_dtype)
-        if bias is not None:
-            body["gate_bias"], ref["bias"] = self.store.add(bias, w("gate_bias"), "F32")
-        else:
-            ref["bias"] = torch.zeros(E, dtype=F64)
-        body["w1"], ref["w1"] = self.store.add(self._normal((E, H, d), d ** -0.5), w("w1"), dtype)
-        body["w3"], ref["w3"] = self.store.add(self._normal((E, H, d), d ** -0.5), w("w3"), dtype)
-        body["w2"], ref["w2"] = self.store.add(self._normal((E, d, H), H ** -0.5), w("w2"), dtype)
-        ref["shared"] = []
-        if shared:
-            S, HS = shared, shared_hidden
-            body["shared_w1"], s1 = self.store.add(self._normal((S, HS, d), d ** -0.5),
-                                                   w("shared_w1"), dtype)
-            body["shared_w3"], s3 = self.store.add(self._normal((S, HS, d), d ** -0.5),
-                                                   w("shared_w3"), dtype)
-            body["shared_w2"], s2 = self.store.add(self._normal((S, d, HS), HS ** -0.5),
-                                                   w("shared_w2"), dtype)
-            ref["shared"] = [(s1[i], s3[i], s2[i]) for i in range(S)]
-        self._push("MoE", body, ref)
-
-    def head(self, vocab, bias, where="ext", dtype="F32"):
-        d = self.width
-        body = {"dim": d, "vocab_size": vocab}
-        ref = {}
-        body["weight"], ref["weight"] = self.store.add(self._normal((vocab, d), d ** -0.5), where,
-                                                       dtype)
-        ref["bias"] = None
-        if bias:
-            body["bias"], ref["bias"] = self.store.add(self._normal((vocab,), 0.5), "inline", dtype)
-        self._push("OutputHead", body, ref)
-        self.width = vocab
-
-    @property
-    def token_input(self):
-        return self.layers[0]["kind"] == "Embedding"
-
-    def write(self, workdir, flatc, schema):
-        doc = {"schema_major": 1, "schema_minor": 0, "name": self.name, "layers": self.layers_json}
-        if self.input_dim is not None:
-            doc["input_dim"] = self.input_dim
-        if self.store.blob:
-            doc["external_data"] = self.store.file_name
-            with open(os.path.join(workdir, self.store.file_name), "wb") as f:
-                f.write(bytes(self.store.blob))
-        json_path = os.path.join(workdir, self.name + ".json")
-        with open(json_path, "w") as f:
-            json.dump(doc, f)
-        convert_json(flatc, schema, json_path, workdir)
-        path = os.path.join(workdir, self.name + ".moert")
-        if not os.path.isfile(path):
-            raise OracleFailure(f"flatc did not write {path}")
-        return path
-
-
-def convert_json(flatc, schema, json_path, workdir):
-    """flatc -b schema model.json, writing <name>.moert (the schema's file_extension)."""
-    cmd = [flatc, "-b", "-o", workdir, schema, json_path]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise OracleFailure(f"{' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
-
-
-# ---- the float64 reference --------------------------------------------------------------------
-
-
-def swiglu(x, w1, w3, w2):
-    return (torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+# ---- the float64 reference (the shared pieces are in oracle_common.py) -------------------------
 
 
 def router_logits(x, gate):
@@ -267,234 +48,41 @@ def router_logits(x, gate):
     return (xu @ gu.T)[xi][:, gi]
 
 
-def descending_order(v):
-    """Indices sorting the last dimension by decreasing value, the lower index first among equals."""
-    return torch.sort(-v, dim=-1, stable=True).indices
+def float64_weights(model):
+    return {k: torch.from_numpy(v.astype(np.float64)) for k, v in model.tensors.items()}
 
 
-class Gaps:
-    """Deciding gaps of routing decisions: exact ties are counted, near-ties are set-up errors."""
-
-    def __init__(self):
-        self.min_gap = math.inf
-        self.exact_ties = 0
-        self.near_ties = 0
-
-    def add(self, gap):
-        gap = gap.reshape(-1)
-        self.exact_ties += int((gap == 0).sum())
-        pos = gap[gap > 0]
-        if pos.numel():
-            self.min_gap = min(self.min_gap, float(pos.min()))
-        self.near_ties += int(((gap > 0) & (gap < TIE_TOL)).sum())
-
-
-def select_topk(biased, G, TG, K, gaps=None):
-    rows, E = biased.shape
-    masked = biased
-    if G > 1:
-        gsize = E // G
-        grouped = biased.reshape(rows, G, gsize)
-        group_score = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(-1)
-        gorder = descending_order(group_score)
-        keep = torch.zeros(rows, G, dtype=torch.bool)
-        keep.scatter_(1, gorder[:, :TG], True)
-        if gaps is not None and TG < G:
-            ranked = group_score.gather(1, gorder)
-            gaps.add(ranked[:, TG - 1] - ranked[:, TG])
-        masked = biased.masked_fill(~keep.repeat_interleave(gsize, dim=1), -math.inf)
-    order = descending_order(masked)
-    if gaps is not None and K < E:
-        ranked = masked.gather(1, order)
-        gaps.add(ranked[:, K - 1] - ranked[:, K])  # inf when the next one is masked
-    return order[:, :K]
-
-
-def as_sets(sel):
-    return [frozenset(r) for r in sel.tolist()]
-
-
-def ref_moe(L, x, gaps, diag):
-    rows = x.shape[0]
-    E, K = L["E"], L["K"]
-    logits = router_logits(x, L["gate"])
-    scores = torch.sigmoid(logits) if L["score"] == "Sigmoid" else torch.softmax(logits, dim=-1)
-    gate_w = torch.zeros(rows, E, dtype=F64)
-    chosen = torch.zeros(rows, E, dtype=torch.bool)
-    if L["policy"] == "ExpertChoice":
-        # Same double arithmetic as the definition: cf (an fp32 field) * rows * top_k / E.
-        cap = min(rows, math.ceil(L["cf"] * rows * K / E))
-        for e in range(E):
-            col = scores[:, e]
-            order = descending_order(col)
-            take = order[:cap]
-            chosen[take, e] = True
-            gate_w[take, e] = col[take] * L["scaling"]
-            if cap < rows:
-                gaps.add(col[order[cap - 1]] - col[order[cap]])
-        diag["capacity"] = cap
-    else:
-        biased = scores + L["bias"].unsqueeze(0)
-        sel = select_topk(biased, L["G"], L["TG"], K, gaps)
-        w = scores.gather(1, sel)
-        if L["normalize"]:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        w = w * L["scaling"]
-        gate_w.scatter_(1, sel, w)
-        chosen.scatter_(1, sel, True)
-        picked = as_sets(sel)
-        # How much the bias and the group limit actually steer this data (the test's own power).
-        diag["bias_changed"] = sum(
-            a != b for a, b in zip(picked, as_sets(select_topk(scores, L["G"], L["TG"], K))))
-        diag["group_changed"] = sum(
-            a != b for a, b in zip(picked, as_sets(select_topk(biased, 1, 1, K))))
-    out = x.clone() if L["residual"] else torch.zeros_like(x)
-    for s1, s3, s2 in L["shared"]:
-        out = out + swiglu(x, s1, s3, s2)
-    for e in range(E):
-        m = chosen[:, e]
-        if m.any():
-            out[m] += gate_w[m, e:e + 1] * swiglu(x[m], L["w1"][e], L["w3"][e], L["w2"][e])
-    counts = chosen.sum(0).to(torch.int64).numpy()
-    return out, counts
+def ref_moe(L, W, x, gaps, diag):
+    _, chosen, gate_w = route(L, router_logits(x, W[L["name"] + ".gate"]), gaps, diag)
+    return moe_output(L, W, x, chosen, gate_w), chosen.sum(0).to(torch.int64).numpy()
 
 
 def reference_forward(model, inp):
     """inp: int32 tokens [rows, context] or float32 hidden states [rows, input_dim]."""
+    W = float64_weights(model)
     gaps = Gaps()
     moe = {}  # layer index -> (counts, diagnostics)
     layers = model.layers
     if model.token_input:
-        L = layers[0]
-        x = L["weight"][torch.from_numpy(inp.astype(np.int64))].reshape(inp.shape[0], -1)
+        x = embed(layers[0], W, inp)
         start = 1
     else:
         x = torch.from_numpy(inp.astype(np.float64))
         start = 0
     for i in range(start, len(layers)):
         L = layers[i]
-        k = L["kind"]
-        if k == "RMSNorm":
-            x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + L["eps"]) * L["weight"]
-        elif k == "DenseFFN":
-            y = swiglu(x, L["w1"], L["w3"], L["w2"])
-            x = x + y if L["residual"] else y
-        elif k == "MoE":
+        if L["kind"] == "MoE":
             diag = {}
-            x, counts = ref_moe(L, x, gaps, diag)
+            x, counts = ref_moe(L, W, x, gaps, diag)
             moe[i] = (counts, diag)
-        elif k == "OutputHead":
-            x = x @ L["weight"].T
-            if L["bias"] is not None:
-                x = x + L["bias"]
         else:
-            raise AssertionError(k)
+            x = ref_layer(L, W, x)
     return x, moe, gaps
 
 
 def max_vio(counts):
     mean = float(np.sum(counts)) / len(counts)
     return 0.0 if mean == 0 else (float(np.max(counts)) - mean) / mean
-
-
-# ---- the library through ctypes ---------------------------------------------------------------
-
-
-class Lib:
-    def __init__(self, path):
-        lib = ctypes.CDLL(path)
-        P, U32, U64, I32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
-        PP = ctypes.POINTER(ctypes.c_void_p)
-        FP = ctypes.POINTER(ctypes.c_float)
-        sig = {
-            "moert_abi_version": (U32, []),
-            "moert_status_code": (I32, [P]),
-            "moert_status_message": (ctypes.c_char_p, [P]),
-            "moert_status_free": (None, [P]),
-            "moert_model_load_file": (P, [ctypes.c_char_p, PP]),
-            "moert_model_free": (None, [P]),
-            "moert_model_io": (P, [P, ctypes.POINTER(I32), ctypes.POINTER(U32),
-                                   ctypes.POINTER(U32)]),
-            "moert_session_options_create": (P, [PP]),
-            "moert_session_options_free": (None, [P]),
-            "moert_session_options_set_threads": (P, [P, U32]),
-            "moert_session_create": (P, [P, P, PP]),
-            "moert_session_free": (None, [P]),
-            "moert_session_forward_tokens": (P, [P, ctypes.POINTER(I32), U64, U64, FP, U64]),
-            "moert_session_forward_hidden": (P, [P, FP, U64, U64, FP, U64]),
-            "moert_session_expert_counts": (P, [P, U32, I32, ctypes.POINTER(ctypes.c_int64), U64]),
-            "moert_session_max_vio": (P, [P, U32, I32, ctypes.POINTER(ctypes.c_double)]),
-        }
-        for name, (res, args) in sig.items():
-            fn = getattr(lib, name)
-            fn.restype = res
-            fn.argtypes = args
-        self.lib = lib
-
-    def take(self, st):
-        """(code, message) of a status, freeing it; (0, '') for NULL."""
-        if not st:
-            return 0, ""
-        code = self.lib.moert_status_code(st)
-        msg = self.lib.moert_status_message(st).decode("utf-8", "replace")
-        self.lib.moert_status_free(st)
-        return code, msg
-
-    def ok(self, st, what):
-        code, msg = self.take(st)
-        if code != 0 or msg:
-            raise OracleFailure(f"{what}: status code {code}: {msg}")
-
-    def expect(self, st, want, what):
-        code, msg = self.take(st)
-        if code != want:
-            raise OracleFailure(f"{what}: expected status code {want}, got {code} ({msg!r})")
-        if not msg:
-            raise OracleFailure(f"{what}: error status without a message")
-        return msg
-
-    def load(self, path):
-        m = ctypes.c_void_p()
-        self.ok(self.lib.moert_model_load_file(path.encode(), ctypes.byref(m)), f"load {path}")
-        return m
-
-    def session(self, model, threads):
-        o = ctypes.c_void_p()
-        self.ok(self.lib.moert_session_options_create(ctypes.byref(o)), "options_create")
-        try:
-            self.ok(self.lib.moert_session_options_set_threads(o, threads), "set_threads")
-            s = ctypes.c_void_p()
-            self.ok(self.lib.moert_session_create(model, o, ctypes.byref(s)), "session_create")
-        finally:
-            self.lib.moert_session_options_free(o)
-        return s
-
-    def forward_raw(self, sess, token_input, inp, rows, out):
-        fp = ctypes.POINTER(ctypes.c_float)
-        if token_input:
-            return self.lib.moert_session_forward_tokens(
-                sess, inp.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), inp.size, rows,
-                out.ctypes.data_as(fp), out.size)
-        return self.lib.moert_session_forward_hidden(sess, inp.ctypes.data_as(fp), inp.size, rows,
-                                                     out.ctypes.data_as(fp), out.size)
-
-    def forward(self, sess, token_input, inp, out_width):
-        rows = inp.shape[0]
-        out = np.full((rows, out_width), np.nan, dtype=np.float32)
-        self.ok(self.forward_raw(sess, token_input, inp, rows, out), f"forward rows={rows}")
-        return out
-
-    def counts(self, sess, layer, E):
-        c = np.zeros(E, dtype=np.int64)
-        self.ok(self.lib.moert_session_expert_counts(
-            sess, layer, MOERT_COUNTS_LAST, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), E),
-            f"expert_counts layer {layer}")
-        return c
-
-    def max_vio(self, sess, layer):
-        v = ctypes.c_double(-1.0)
-        self.ok(self.lib.moert_session_max_vio(sess, layer, MOERT_COUNTS_LAST, ctypes.byref(v)), f"max_vio {layer}")
-        return v.value
 
 
 # ---- the models -------------------------------------------------------------------------------
@@ -586,10 +174,10 @@ def token_ties_input(model, x, rows):
     """Makes exact token ties straddle Expert Choice capacity boundaries: for some experts, the
     first rejected token becomes a copy of the last accepted one; the lower index must win."""
     L = model.layers[0]
-    E, K = L["E"], L["K"]
-    cap = min(rows, math.ceil(L["cf"] * rows * K / E))
-    for e in range(E):
-        logits = router_logits(torch.from_numpy(x.astype(np.float64)), L["gate"])
+    gate = float64_weights(model)[L["name"] + ".gate"]
+    cap = ec_capacity(L, rows)
+    for e in range(L["E"]):
+        logits = router_logits(torch.from_numpy(x.astype(np.float64)), gate)
         scores = torch.softmax(logits, dim=-1)[:, e]
         order = descending_order(scores)
         last_in, first_out = int(order[cap - 1]), int(order[cap])
@@ -701,7 +289,7 @@ def run_model(lib, factory, args, rng):
         # Sessions hold what they need: the model may go before they do.
         lib.lib.moert_model_free(handle)
         handle = None
-        moe_layers = [i for i, L in enumerate(model.layers) if L["kind"] == "MoE"]
+        moe_layers = model.moe_layers()
         for i in moe_layers:
             E = model.layers[i]["E"]
             if lib.counts(sessions[1], i, E).any() or lib.max_vio(sessions[1], i) != 0.0:
@@ -779,18 +367,9 @@ def run_model(lib, factory, args, rng):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lib", required=True, help="path of libmoert.so")
-    ap.add_argument("--flatc", required=True, help="path of flatc")
-    ap.add_argument("--schema", required=True, help="path of schemas/moert.fbs")
-    ap.add_argument("--workdir", required=True, help="where models are written")
-    args = ap.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    torch.set_num_threads(1)
-
+    args = parse_args(__doc__)
     lib = Lib(args.lib)
-    if lib.lib.moert_abi_version() != 1:
-        print(f"FAIL: moert_abi_version() is {lib.lib.moert_abi_version()}, expected 1")
+    if not lib.abi_ok():
         return 1
     # The NULL status is success: code 0, empty message; freeing NULL is allowed.
     if lib.take(None) != (0, "") or lib.lib.moert_status_code(None) != 0:
@@ -799,20 +378,7 @@ def main():
     lib.lib.moert_status_free(None)
 
     rng = np.random.default_rng(20240601)
-    all_failures = []
-    for factory in MODELS:
-        try:
-            lines, failures = run_model(lib, factory, args, rng)
-        except Exception as exc:  # one broken model must not hide the others
-            traceback.print_exc()
-            lines, failures = [], [f"{factory.__name__}: {type(exc).__name__}: {exc}"]
-        for line in lines:
-            print(line)
-        all_failures += failures
-    for f in all_failures:
-        print("FAIL:", f)
-    print("oracle:", "FAILED" if all_failures else "all models agree")
-    return 1 if all_failures else 0
+    return run_models(MODELS, lambda factory: run_model(lib, factory, args, rng), "oracle")
 
 
 if __name__ == "__main__":

@@ -42,23 +42,18 @@ Exit 0 when everything passes, 1 on any failure, 77 (skip) when torch or numpy i
 Run with Debian's /usr/bin/python3, which has python3-torch.
 """
 
-import argparse
 import ctypes
-import json
 import math
 import os
-import subprocess
 import sys
-import traceback
 
-try:
-    import numpy as np
-    import torch
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    print(f"SKIP: cannot import numpy/torch with {sys.executable}: {exc}")
-    sys.exit(77)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "oracle"))
+from oracle_common import (  # noqa: E402 - first: exits 77 (skip) when numpy or torch is missing
+    F64, MOERT_COUNTS_LAST, MOERT_COUNTS_STEP, MOERT_ERR_INVALID_STATE, MOERT_MODE_TRAINING,
+    TIE_TOL, Gaps, Lib, ModelBuilder, embed, moe_output, parse_args, ref_layer, route, run_models)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-F64 = torch.float64
 GRAD_REL_TOL = 1e-4   # fp32 accumulation against float64, per tensor
 GRAD_ABS_TOL = 1e-10  # where the reference gradient is exactly zero (experts without tokens)
 ZERO_REF = 1e-12      # a reference norm below this counts as zero
@@ -66,275 +61,43 @@ LOSS_REL_TOL = 1e-5
 ACCUM_REL_TOL = 1e-6  # accumulated = sum of the single micro-batch gradients (both fp32)
 OPT_REL_TOL = 1e-5
 OPT_MAX_ULP = 1.0     # the library does the update in double and rounds once
-# See the forward oracle (tests/oracle/torch_oracle.py): fp32 scores differ from float64 ones by
-# ~1e-6 at most for these sizes, so a decision with a smaller gap than this may legitimately go
-# the other way. These models have no structural ties, so an exact tie is a near-tie too.
-TIE_TOL = 2e-5
 AUX_POWER = 1e-2      # the aux loss's share of its gate gradient must be visible
-
-MOERT_ERR_INVALID_STATE = 6
-MOERT_MODE_TRAINING = 1
-MOERT_COUNTS_LAST = 0
-MOERT_COUNTS_STEP = 1
 DEFAULT_GAMMA = 0.001  # Balancing.bias_update_rate default in schemas/moert.fbs
 
 
-class OracleFailure(Exception):
-    pass
+# ---- weights and JSON (the builder itself is in oracle_common.py) ------------------------------
 
 
-def f32(v):
-    """The double that a float32 field written as `v` holds."""
-    return float(np.float32(v))
+class TrainBuilder(ModelBuilder):
+    """fp32 models with the gate biases, RMSNorm weights, the dense FFNs' w3, shared_w3 and the
+    head's bias inline, every other tensor in the external file (at 64-byte offsets as they fall).
+    sequence_length: rows per sequence for SequenceAuxLoss (0: the whole batch)."""
 
-
-# ---- weights and JSON -------------------------------------------------------------------------
-
-
-class WeightStore:
-    """fp32 tensors either inline ("data": byte list) or in one external file at 64-byte offsets."""
-
-    def __init__(self, file_name):
-        self.file_name = file_name
-        self.blob = bytearray()
-
-    def add(self, values, where="ext"):
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        raw = values.astype("<f4").tobytes()
-        t = {"dtype": "F32", "shape": [int(d) for d in values.shape]}
-        if where == "ext":
-            self.blob += bytes((-len(self.blob)) % 64)
-            t["external"] = {"offset": len(self.blob), "size": len(raw)}
-            self.blob += raw
-        elif where == "inline":
-            t["data"] = list(raw)
-        else:
-            raise ValueError(where)
-        return t
-
-
-class ModelBuilder:
     def __init__(self, name, seed, input_dim=None, sequence_length=0):
-        self.name = name
-        self.rng = np.random.default_rng(seed)
-        self.store = WeightStore(name + ".weights")
-        self.input_dim = input_dim
+        super().__init__(name, seed, input_dim, avoid_128=False)
         self.sequence_length = sequence_length
-        self.layers_json = []
-        self.layers = []  # reference description, one dict per layer
-        self.params = {}  # "<layer name>.<tensor>" -> float32 array: the trainable parameters
-        self.width = input_dim
-
-    def _normal(self, shape, std):
-        return (self.rng.standard_normal(shape) * std).astype(np.float32)
-
-    def _name(self, kind):
-        return f"{kind.lower()}{len(self.layers)}"
-
-    def _param(self, lname, field, values, where="ext"):
-        self.params[f"{lname}.{field}"] = values
-        return self.store.add(values, where)
-
-    def _push(self, kind, name, body, ref):
-        self.layers_json.append({"name": name, "kind_type": kind, "kind": body})
-        ref["kind"] = kind
-        ref["name"] = name
-        self.layers.append(ref)
-
-    def embedding(self, vocab, dim, context):
-        n = self._name("Embedding")
-        t = self._param(n, "weight", self._normal((vocab, dim), 1.0))
-        self._push("Embedding", n, {"vocab_size": vocab, "dim": dim, "context": context,
-                                    "weight": t}, {"vocab": vocab, "context": context})
-        self.width = dim * context
-
-    def rmsnorm(self, eps=1e-5):
-        d, n = self.width, self._name("RMSNorm")
-        t = self._param(n, "weight", 1.0 + self._normal((d,), 0.2), "inline")
-        self._push("RMSNorm", n, {"dim": d, "eps": f32(eps), "weight": t}, {"eps": f32(eps)})
 
     def dense(self, hidden, residual):
-        d, n = self.width, self._name("DenseFFN")
-        body = {"dim": d, "hidden": hidden, "residual": residual}
-        body["w1"] = self._param(n, "w1", self._normal((hidden, d), d ** -0.5))
-        body["w3"] = self._param(n, "w3", self._normal((hidden, d), d ** -0.5), "inline")
-        body["w2"] = self._param(n, "w2", self._normal((d, hidden), hidden ** -0.5))
-        self._push("DenseFFN", n, body, {"residual": residual})
+        super().dense(hidden, residual, where=("ext", "inline", "ext"))
 
-    def moe(self, E, K, H, score, G, TG, normalize, scaling, policy, residual, shared=0,
-            shared_hidden=0, bias_scale=0.0, bias_offset=0.0, aux_alpha=None,
-            capacity_factor=None, gate_std=None, expect_bias_effect=False,
-            expect_group_effect=False):
-        d, n = self.width, self._name("MoE")
-        assert G == 1 or (E % G == 0 and E // G >= 2), "group size 1 has no top-2 group score"
-        gate = self._normal((E, d), (gate_std if gate_std is not None else 1.5) * d ** -0.5)
-        body = {
-            "dim": d, "num_experts": E, "top_k": K, "expert_hidden": H, "score_function": score,
-            "num_groups": G, "topk_groups": TG, "normalize_weights": normalize,
-            "routed_scaling_factor": f32(scaling), "num_shared_experts": shared,
-            "shared_hidden": shared_hidden, "residual": residual,
-            "balancing": {"policy": policy},
-        }
-        if capacity_factor is not None:
-            body["balancing"]["capacity_factor"] = f32(capacity_factor)
-        if aux_alpha is not None:
-            body["balancing"]["aux_alpha"] = f32(aux_alpha)
-        ref = {"E": E, "K": K, "score": score, "G": G, "TG": TG, "normalize": normalize,
-               "scaling": f32(scaling), "policy": policy, "residual": residual, "S": shared,
-               "cf": f32(capacity_factor) if capacity_factor is not None else 1.0,
-               "alpha": f32(aux_alpha) if aux_alpha is not None else 0.0,
-               "expect_bias_effect": expect_bias_effect,
-               "expect_group_effect": expect_group_effect}
-        body["gate"] = self._param(n, "gate", gate)
-        if bias_scale:
-            bias = (bias_offset + self.rng.uniform(-bias_scale, bias_scale, E)).astype(np.float32)
-            body["gate_bias"] = self.store.add(bias, "inline")  # not a parameter
-        else:
-            bias = np.zeros(E, dtype=np.float32)
-        ref["bias"] = bias
-        body["w1"] = self._param(n, "w1", self._normal((E, H, d), d ** -0.5))
-        body["w3"] = self._param(n, "w3", self._normal((E, H, d), d ** -0.5))
-        body["w2"] = self._param(n, "w2", self._normal((E, d, H), H ** -0.5))
-        if shared:
-            S, HS = shared, shared_hidden
-            body["shared_w1"] = self._param(n, "shared_w1", self._normal((S, HS, d), d ** -0.5))
-            body["shared_w3"] = self._param(n, "shared_w3", self._normal((S, HS, d), d ** -0.5),
-                                            "inline")
-            body["shared_w2"] = self._param(n, "shared_w2", self._normal((S, d, HS), HS ** -0.5))
-        self._push("MoE", n, body, ref)
-
-    def head(self, vocab, bias):
-        d, n = self.width, self._name("OutputHead")
-        body = {"dim": d, "vocab_size": vocab}
-        body["weight"] = self._param(n, "weight", self._normal((vocab, d), d ** -0.5))
-        if bias:
-            body["bias"] = self._param(n, "bias", self._normal((vocab,), 0.5), "inline")
-        self._push("OutputHead", n, body, {"has_bias": bias})
-        self.width = vocab
+    def moe(self, *args, **kwargs):
+        super().moe(*args, inline=("gate_bias", "shared_w3"), **kwargs)
 
     @property
-    def token_input(self):
-        return self.layers[0]["kind"] == "Embedding"
-
-    @property
-    def ends_in_head(self):
-        return self.layers[-1]["kind"] == "OutputHead"
-
-    def moe_layers(self):
-        return [i for i, L in enumerate(self.layers) if L["kind"] == "MoE"]
-
-    def write(self, workdir, flatc, schema):
-        doc = {"schema_major": 1, "schema_minor": 0, "name": self.name, "layers": self.layers_json}
-        if self.input_dim is not None:
-            doc["input_dim"] = self.input_dim
-        if self.store.blob:
-            doc["external_data"] = self.store.file_name
-            with open(os.path.join(workdir, self.store.file_name), "wb") as f:
-                f.write(bytes(self.store.blob))
-        json_path = os.path.join(workdir, self.name + ".json")
-        with open(json_path, "w") as f:
-            json.dump(doc, f)
-        cmd = [flatc, "-b", "-o", workdir, schema, json_path]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise OracleFailure(f"{' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
-        path = os.path.join(workdir, self.name + ".moert")
-        if not os.path.isfile(path):
-            raise OracleFailure(f"flatc did not write {path}")
-        return path
+    def params(self):
+        """"<layer name>.<tensor>" -> float32 array: the trainable parameters, every stored
+        tensor but the gate biases."""
+        return {k: v for k, v in self.tensors.items() if not k.endswith(".gate_bias")}
 
 
-# ---- the float64 reference with autograd ------------------------------------------------------
-
-
-def swiglu(x, w1, w3, w2):
-    return (torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
-
-
-def descending_order(v):
-    """Indices sorting the last dimension by decreasing value, the lower index first among equals."""
-    return torch.sort(-v, dim=-1, stable=True).indices
-
-
-class Gaps:
-    """Deciding gaps of routing decisions; any gap below TIE_TOL (0 included) is a near-tie."""
-
-    def __init__(self):
-        self.min_gap = math.inf
-        self.near_ties = 0
-
-    def add(self, gap):
-        gap = gap.reshape(-1)
-        if gap.numel():
-            self.min_gap = min(self.min_gap, float(gap.min()))
-        self.near_ties += int((gap < TIE_TOL).sum())
-
-
-def select_topk(biased, G, TG, K, gaps=None):
-    rows, E = biased.shape
-    masked = biased
-    if G > 1:
-        gsize = E // G
-        grouped = biased.reshape(rows, G, gsize)
-        group_score = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(-1)
-        gorder = descending_order(group_score)
-        keep = torch.zeros(rows, G, dtype=torch.bool)
-        keep.scatter_(1, gorder[:, :TG], True)
-        if gaps is not None and TG < G:
-            ranked = group_score.gather(1, gorder)
-            gaps.add(ranked[:, TG - 1] - ranked[:, TG])
-        masked = biased.masked_fill(~keep.repeat_interleave(gsize, dim=1), -math.inf)
-    order = descending_order(masked)
-    if gaps is not None and K < E:
-        ranked = masked.gather(1, order)
-        gaps.add(ranked[:, K - 1] - ranked[:, K])  # inf when the next one is masked
-    return order[:, :K]
-
-
-def as_sets(sel):
-    return [frozenset(r) for r in sel.tolist()]
+# ---- the float64 reference with autograd (the shared pieces are in oracle_common.py) -----------
 
 
 def ref_moe(L, P, x, seq_len, gaps, diag):
     rows = x.shape[0]
-    E, K, n = L["E"], L["K"], L["name"]
-    logits = x @ P[n + ".gate"].T
-    scores = torch.sigmoid(logits) if L["score"] == "Sigmoid" else torch.softmax(logits, dim=-1)
-    sd = scores.detach()  # selection is not differentiable
-    chosen = torch.zeros(rows, E, dtype=torch.bool)
-    if L["policy"] == "ExpertChoice":
-        cap = min(rows, math.ceil(L["cf"] * rows * K / E))
-        for e in range(E):
-            order = descending_order(sd[:, e])
-            chosen[order[:cap], e] = True
-            if cap < rows:
-                gaps.add(sd[order[cap - 1], e] - sd[order[cap], e])
-        gate_w = scores * chosen.to(F64) * L["scaling"]  # no renormalisation
-        diag["capacity"] = cap
-    else:
-        biased = sd + torch.from_numpy(L["bias"].astype(np.float64)).unsqueeze(0)
-        sel = select_topk(biased, L["G"], L["TG"], K, gaps)
-        w = scores.gather(1, sel)  # the unbiased scores
-        if L["normalize"]:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        w = w * L["scaling"]
-        gate_w = torch.zeros(rows, E, dtype=F64).scatter(1, sel, w)
-        chosen.scatter_(1, sel, True)
-        picked = as_sets(sel)
-        diag["bias_changed"] = sum(
-            a != b for a, b in zip(picked, as_sets(select_topk(sd, L["G"], L["TG"], K))))
-        diag["group_changed"] = sum(
-            a != b for a, b in zip(picked, as_sets(select_topk(biased, 1, 1, K))))
-    out = x if L["residual"] else torch.zeros_like(x)
-    for s in range(L["S"]):
-        out = out + swiglu(x, P[n + ".shared_w1"][s], P[n + ".shared_w3"][s],
-                           P[n + ".shared_w2"][s])
-    for e in range(E):
-        idx = chosen[:, e].nonzero().squeeze(1)
-        if idx.numel():
-            y = gate_w[idx, e:e + 1] * swiglu(x[idx], P[n + ".w1"][e], P[n + ".w3"][e],
-                                              P[n + ".w2"][e])
-            out = torch.index_add(out, 0, idx, y)
+    E, K = L["E"], L["K"]
+    scores, chosen, gate_w = route(L, x @ P[L["name"] + ".gate"].T, gaps, diag)
+    out = moe_output(L, P, x, chosen, gate_w)
     aux = None
     alpha = L["alpha"]
     if L["policy"] in ("AuxLoss", "SequenceAuxLoss") and alpha > 0:
@@ -358,14 +121,12 @@ def reference(model, batch):
     P = {k: torch.from_numpy(v.astype(np.float64)).requires_grad_(True)
          for k, v in model.params.items()}
     inp = batch["inp"]
-    rows = inp.shape[0]
-    gaps = Gaps()
+    gaps = Gaps(allow_exact_ties=False)  # no structural ties here: an exact tie is a near-tie
     moe = {}
     aux_terms = {}
     x_in = None
     if model.token_input:
-        L = model.layers[0]
-        x = P[L["name"] + ".weight"][torch.from_numpy(inp.astype(np.int64))].reshape(rows, -1)
+        x = embed(model.layers[0], P, inp)
         start = 1
     else:
         x_in = torch.from_numpy(inp.astype(np.float64)).requires_grad_(True)
@@ -373,24 +134,14 @@ def reference(model, batch):
         start = 0
     for i in range(start, len(model.layers)):
         L = model.layers[i]
-        k, n = L["kind"], L["name"]
-        if k == "RMSNorm":
-            x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + L["eps"]) * P[n + ".weight"]
-        elif k == "DenseFFN":
-            y = swiglu(x, P[n + ".w1"], P[n + ".w3"], P[n + ".w2"])
-            x = x + y if L["residual"] else y
-        elif k == "MoE":
+        if L["kind"] == "MoE":
             diag = {}
             x, counts, aux = ref_moe(L, P, x, model.sequence_length, gaps, diag)
             moe[i] = (counts, diag)
             if aux is not None:
                 aux_terms[i] = aux
-        elif k == "OutputHead":
-            x = x @ P[n + ".weight"].T
-            if L["has_bias"]:
-                x = x + P[n + ".bias"]
         else:
-            raise AssertionError(k)
+            x = ref_layer(L, P, x)
     aux = sum(aux_terms.values()) if aux_terms else torch.zeros((), dtype=F64)
     if "targets" in batch:
         main = torch.nn.functional.cross_entropy(x, torch.from_numpy(
@@ -417,108 +168,10 @@ def reference(model, batch):
     }
 
 
-# ---- the library through ctypes ---------------------------------------------------------------
+# ---- the library through ctypes: the training calls -------------------------------------------
 
 
-class Lib:
-    def __init__(self, path):
-        lib = ctypes.CDLL(path)
-        P, U32, U64, I32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
-        PP = ctypes.POINTER(ctypes.c_void_p)
-        FP = ctypes.POINTER(ctypes.c_float)
-        DP = ctypes.POINTER(ctypes.c_double)
-        CP = ctypes.c_char_p
-        sig = {
-            "moert_abi_version": (U32, []),
-            "moert_status_code": (I32, [P]),
-            "moert_status_message": (CP, [P]),
-            "moert_status_free": (None, [P]),
-            "moert_model_load_file": (P, [CP, PP]),
-            "moert_model_free": (None, [P]),
-            "moert_session_options_create": (P, [PP]),
-            "moert_session_options_free": (None, [P]),
-            "moert_session_options_set_threads": (P, [P, U32]),
-            "moert_session_options_set_mode": (P, [P, I32]),
-            "moert_session_options_set_config": (P, [P, CP, CP]),
-            "moert_session_create": (P, [P, P, PP]),
-            "moert_session_free": (None, [P]),
-            "moert_session_forward_tokens": (P, [P, ctypes.POINTER(I32), U64, U64, FP, U64]),
-            "moert_session_forward_hidden": (P, [P, FP, U64, U64, FP, U64]),
-            "moert_session_expert_counts": (P, [P, U32, I32, ctypes.POINTER(ctypes.c_int64),
-                                                U64]),
-            "moert_session_backward_loss": (P, [P, ctypes.POINTER(I32), U64, DP]),
-            "moert_session_backward": (P, [P, FP, U64, FP, U64, DP]),
-            "moert_session_zero_grad": (P, [P]),
-            "moert_session_step": (P, [P, DP, DP]),
-            "moert_session_step_count": (P, [P, ctypes.POINTER(U64)]),
-            "moert_session_num_parameters": (P, [P, ctypes.POINTER(U32)]),
-            "moert_session_parameter_info": (P, [P, U32, ctypes.POINTER(CP),
-                                                 ctypes.POINTER(U64)]),
-            "moert_session_get_parameter": (P, [P, CP, FP, U64]),
-            "moert_session_get_gradient": (P, [P, CP, FP, U64]),
-            "moert_session_get_expert_bias": (P, [P, U32, FP, U64]),
-        }
-        for name, (res, args) in sig.items():
-            fn = getattr(lib, name)
-            fn.restype = res
-            fn.argtypes = args
-        self.lib = lib
-
-    def take(self, st):
-        """(code, message) of a status, freeing it; (0, '') for NULL."""
-        if not st:
-            return 0, ""
-        code = self.lib.moert_status_code(st)
-        msg = self.lib.moert_status_message(st).decode("utf-8", "replace")
-        self.lib.moert_status_free(st)
-        return code, msg
-
-    def ok(self, st, what):
-        code, msg = self.take(st)
-        if code != 0 or msg:
-            raise OracleFailure(f"{what}: status code {code}: {msg}")
-
-    def expect(self, st, want, what):
-        code, msg = self.take(st)
-        if code != want:
-            raise OracleFailure(f"{what}: expected status code {want}, got {code} ({msg!r})")
-        if not msg:
-            raise OracleFailure(f"{what}: error status without a message")
-
-    def load(self, path):
-        m = ctypes.c_void_p()
-        self.ok(self.lib.moert_model_load_file(path.encode(), ctypes.byref(m)), f"load {path}")
-        return m
-
-    def train_session(self, model, threads, config):
-        o = ctypes.c_void_p()
-        self.ok(self.lib.moert_session_options_create(ctypes.byref(o)), "options_create")
-        try:
-            self.ok(self.lib.moert_session_options_set_threads(o, threads), "set_threads")
-            self.ok(self.lib.moert_session_options_set_mode(o, MOERT_MODE_TRAINING), "set_mode")
-            for k, v in config.items():
-                self.ok(self.lib.moert_session_options_set_config(o, k.encode(), v.encode()),
-                        f"set_config {k}={v}")
-            s = ctypes.c_void_p()
-            self.ok(self.lib.moert_session_create(model, o, ctypes.byref(s)), "session_create")
-        finally:
-            self.lib.moert_session_options_free(o)
-        return s
-
-    def forward(self, sess, model, inp):
-        rows = inp.shape[0]
-        out = np.full((rows, model.width), np.nan, dtype=np.float32)
-        fp = ctypes.POINTER(ctypes.c_float)
-        if model.token_input:
-            st = self.lib.moert_session_forward_tokens(
-                sess, inp.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), inp.size, rows,
-                out.ctypes.data_as(fp), out.size)
-        else:
-            st = self.lib.moert_session_forward_hidden(sess, inp.ctypes.data_as(fp), inp.size,
-                                                       rows, out.ctypes.data_as(fp), out.size)
-        self.ok(st, f"forward rows={rows}")
-        return out
-
+class TrainLib(Lib):
     def backward_loss_raw(self, sess, targets, loss):
         return self.lib.moert_session_backward_loss(
             sess, targets.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), targets.size,
@@ -560,20 +213,13 @@ class Lib:
         return self._floats(self.lib.moert_session_get_expert_bias, sess, layer, E,
                             f"get_expert_bias {layer}")
 
-    def counts(self, sess, layer, scope, E):
-        c = np.zeros(E, dtype=np.int64)
-        self.ok(self.lib.moert_session_expert_counts(
-            sess, layer, scope, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), E),
-            f"expert_counts layer {layer}")
-        return c
-
 
 # ---- one session through the protocol ---------------------------------------------------------
 
 
 def run_session(lib, handle, model, threads, config, batches):
     """A on a fresh session; zero_grad; B; zero_grad; A + B; step. Returns what the library said."""
-    sess = lib.train_session(handle, threads, config)
+    sess = lib.session(handle, threads, MOERT_MODE_TRAINING, config)
     r = {}
     try:
         params = lib.parameters(sess)
@@ -589,11 +235,11 @@ def run_session(lib, handle, model, threads, config, batches):
             return {i: lib.bias(sess, i, model.layers[i]["E"]) for i in model.moe_layers()}
 
         def counts(scope):
-            return {i: lib.counts(sess, i, scope, model.layers[i]["E"])
+            return {i: lib.counts(sess, i, model.layers[i]["E"], scope)
                     for i in model.moe_layers()}
 
         def micro_batch(b):
-            out = lib.forward(sess, model, b["inp"])
+            out = lib.forward(sess, model.token_input, b["inp"], model.width)
             val = ctypes.c_double(math.nan)
             grad_in = None
             if "targets" in b:
@@ -963,7 +609,7 @@ def model_tok_groups_lfb():
     """Tokens (context 3); RMSNorm; grouped sigmoid MoE (4 groups, keep 2) with a loss-free bias,
     normalisation, scaling 2.5 and a shared expert; dense FFN with residual; RMSNorm; ungrouped
     softmax MoE without normalisation, policy None, 2 shared experts; head with bias."""
-    b = ModelBuilder("train_tok_groups_lfb", seed=1101)
+    b = TrainBuilder("train_tok_groups_lfb", seed=1101)
     b.embedding(vocab=40, dim=8, context=3)
     b.rmsnorm()
     b.moe(E=8, K=2, H=12, score="Sigmoid", G=4, TG=2, normalize=True, scaling=2.5,
@@ -982,7 +628,7 @@ def model_tok_aux_seq():
     scaling 1.5, SequenceAuxLoss, no residual; RMSNorm; sigmoid MoE top-3 without normalisation,
     scaling 0.8, AuxLoss (whole batch whatever sequence_length says), one shared expert; head
     without bias."""
-    b = ModelBuilder("train_tok_aux_seq", seed=2202, sequence_length=8)
+    b = TrainBuilder("train_tok_aux_seq", seed=2202, sequence_length=8)
     b.embedding(vocab=32, dim=12, context=2)
     b.moe(E=8, K=2, H=10, score="Softmax", G=2, TG=1, normalize=True, scaling=1.5,
           policy="SequenceAuxLoss", aux_alpha=0.3, residual=False, gate_std=2.5,
@@ -998,7 +644,7 @@ def model_hidden_ec():
     """Hidden states; sigmoid MoE, no normalisation, scaling 1, policy None, no residual, no shared
     expert; dense FFN without residual; RMSNorm; Expert Choice softmax MoE (cf 1.25, scaling 1.3)
     with a shared expert. No head: backward from a random output gradient, with grad_in."""
-    b = ModelBuilder("train_hidden_ec", seed=3303, input_dim=16)
+    b = TrainBuilder("train_hidden_ec", seed=3303, input_dim=16)
     b.moe(E=6, K=2, H=10, score="Sigmoid", G=1, TG=1, normalize=False, scaling=1.0,
           policy="None", residual=False)
     b.dense(hidden=16, residual=False)
@@ -1012,7 +658,7 @@ def model_hidden_aux_groups():
     """Hidden states; RMSNorm; grouped sigmoid MoE (3 groups, keep 2) top-3, normalised, scaling
     0.7, AuxLoss, 2 shared experts; Expert Choice sigmoid MoE (cf 0.5, scaling 2, no residual);
     head with bias, trained from a random output gradient (backward, not backward_loss)."""
-    b = ModelBuilder("train_hidden_aux_groups", seed=4404, input_dim=20)
+    b = TrainBuilder("train_hidden_aux_groups", seed=4404, input_dim=20)
     b.rmsnorm()
     b.moe(E=12, K=3, H=8, score="Sigmoid", G=3, TG=2, normalize=True, scaling=0.7,
           policy="AuxLoss", aux_alpha=0.5, residual=True, shared=2, shared_hidden=6,
@@ -1027,7 +673,7 @@ def model_tok_ec_lfb():
     """Tokens (context 1); grouped softmax MoE (4 groups, keep 2) with a loss-free bias,
     normalised; Expert Choice softmax MoE (cf 1.25, scaling 2, normalize_weights set but ignored
     by Expert Choice); head without bias."""
-    b = ModelBuilder("train_tok_ec_lfb", seed=5505)
+    b = TrainBuilder("train_tok_ec_lfb", seed=5505)
     b.embedding(vocab=120, dim=16, context=1)
     b.moe(E=8, K=2, H=12, score="Softmax", G=4, TG=2, normalize=True, scaling=1.0,
           policy="LossFreeBias", residual=True, bias_scale=0.04, gate_std=2.5,
@@ -1043,35 +689,12 @@ MODELS = [model_tok_groups_lfb, model_tok_aux_seq, model_hidden_ec, model_hidden
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lib", required=True, help="path of libmoert.so")
-    ap.add_argument("--flatc", required=True, help="path of flatc")
-    ap.add_argument("--schema", required=True, help="path of schemas/moert.fbs")
-    ap.add_argument("--workdir", required=True, help="where models are written")
-    args = ap.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    torch.set_num_threads(1)
-
-    lib = Lib(args.lib)
-    if lib.lib.moert_abi_version() != 1:
-        print(f"FAIL: moert_abi_version() is {lib.lib.moert_abi_version()}, expected 1")
+    args = parse_args(__doc__)
+    lib = TrainLib(args.lib)
+    if not lib.abi_ok():
         return 1
-
-    all_failures = []
-    for factory in MODELS:
-        try:
-            lines, failures = check_model(lib, factory, args)
-        except Exception as exc:  # one broken model must not hide the others
-            traceback.print_exc()
-            lines, failures = [], [f"{factory.__name__}: {type(exc).__name__}: {exc}"]
-        print(factory.__name__)
-        for line in lines:
-            print(line)
-        all_failures += failures
-    for f in all_failures:
-        print("FAIL:", f)
-    print("backward oracle:", "FAILED" if all_failures else "all models agree")
-    return 1 if all_failures else 0
+    return run_models(MODELS, lambda factory: check_model(lib, factory, args), "backward oracle",
+                      named=True)
 
 
 if __name__ == "__main__":
