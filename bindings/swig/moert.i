@@ -126,6 +126,9 @@ MOERT_GO_ARRAYS(int64_t, int64)
 /* Header constants as compile-time Java constants in the public interface CapiConstants: they
  * are the values this binding was built against (MOERT_ABI_VERSION among them). */
 %javaconst(1);
+/* Except where the C literal is not Java (an unsigned suffix): that value comes from the C side
+ * through JNI when CapiConstants initialises. */
+%javaconst(0) MOERT_ALL_LAYERS;
 
 /* The generated layer is package-private: the idiomatic classes of dev.moert are the API. */
 %pragma(java) jniclassclassmodifiers = "final class"
@@ -201,13 +204,18 @@ static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni
   jmethodID offset = (*env)->GetMethodID(env, cls, "arrayOffset", "()I");
   jmethodID capacity = (*env)->GetMethodID(env, cls, "capacity", "()I");
   if (!has_array || !array || !offset || !capacity) return 0;
-  if (!(*env)->CallBooleanMethod(env, buffer, has_array)) {
+  /* Every call into Java is followed by an exception check before the next JNI call. */
+  jboolean backed = (*env)->CallBooleanMethod(env, buffer, has_array);
+  if ((*env)->ExceptionCheck(env)) return 0;
+  if (!backed) {
     moert_jni_throw(env, "java/lang/IllegalArgumentException",
                     "moert: a buffer must be direct, or array-backed and writable");
     return 0;
   }
   b->array = (jarray)(*env)->CallObjectMethod(env, buffer, array);
+  if ((*env)->ExceptionCheck(env)) return 0;
   jint first = (*env)->CallIntMethod(env, buffer, offset);
+  if ((*env)->ExceptionCheck(env)) return 0;
   b->length = (*env)->CallIntMethod(env, buffer, capacity);
   if ((*env)->ExceptionCheck(env)) return 0;
   switch (type) {
@@ -310,17 +318,23 @@ MOERT_JAVA_SCALAR_OUT(int64_t, jlong, long, jlongArray, SetLongArrayRegion)
 MOERT_JAVA_SCALAR_OUT(uint64_t, jlong, long, jlongArray, SetLongArrayRegion)
 MOERT_JAVA_SCALAR_OUT(double, jdouble, double, jdoubleArray, SetDoubleArrayRegion)
 
-/* Arrays: java.nio buffers (see moert_jni_buffer above), their capacity as the C length. */
+/* Arrays: java.nio buffers (see moert_jni_buffer above), their capacity as the C length. The
+ * buffer state is declared in the code, not as a typemap local: SWIG attaches the locals of a
+ * list of multi-argument patterns to the last pattern only. */
 %define MOERT_JAVA_ARRAYS(CTYPE, BUFFER, TAG)
 %typemap(jni) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) "jobject"
 %typemap(jtype) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) #BUFFER
 %typemap(jstype) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) #BUFFER
 %typemap(javain) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) "$javainput"
-%typemap(in) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) (moert_jni_buffer buffer) %{
-  if (!moert_jni_buffer_get(jenv, $input, TAG, &buffer)) return $null;
-  $1 = ($1_ltype)buffer.data;
-  $2 = ($2_ltype)buffer.length;
+%typemap(in) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) %{
+  moert_jni_buffer buffer$argnum;
+  if (!moert_jni_buffer_get(jenv, $input, TAG, &buffer$argnum)) return $null;
+  $1 = ($1_ltype)buffer$argnum.data;
+  $2 = ($2_ltype)buffer$argnum.length;
 %}
+/* Nothing to copy after the call (the release below does it); this also keeps the scalar-out
+ * argout typemaps, which match T* alone, off these pointers. */
+%typemap(argout) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) ""
 %typemap(freearg) MOERT_IN_ARRAYS(CTYPE) %{ moert_jni_buffer_release(jenv, &buffer$argnum, TAG, 0); %}
 %typemap(freearg) MOERT_OUT_ARRAYS(CTYPE) %{ moert_jni_buffer_release(jenv, &buffer$argnum, TAG, 1); %}
 %enddef
@@ -332,10 +346,11 @@ MOERT_JAVA_ARRAYS(int64_t, java.nio.LongBuffer, MOERT_JNI_LONG)
 %typemap(jtype) (const void* data, size_t size) "java.nio.ByteBuffer"
 %typemap(jstype) (const void* data, size_t size) "java.nio.ByteBuffer"
 %typemap(javain) (const void* data, size_t size) "$javainput"
-%typemap(in) (const void* data, size_t size) (moert_jni_buffer buffer) %{
-  if (!moert_jni_buffer_get(jenv, $input, MOERT_JNI_BYTE, &buffer)) return $null;
-  $1 = ($1_ltype)buffer.data;
-  $2 = ($2_ltype)buffer.length;
+%typemap(in) (const void* data, size_t size) %{
+  moert_jni_buffer buffer$argnum;
+  if (!moert_jni_buffer_get(jenv, $input, MOERT_JNI_BYTE, &buffer$argnum)) return $null;
+  $1 = ($1_ltype)buffer$argnum.data;
+  $2 = ($2_ltype)buffer$argnum.length;
 %}
 %typemap(freearg) (const void* data, size_t size)
 %{ moert_jni_buffer_release(jenv, &buffer$argnum, MOERT_JNI_BYTE, 0); %}
