@@ -20,5 +20,7 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/moertConfigVersion.cmake
 install(FILES ${PROJECT_BINARY_DIR}/moertConfig.cmake ${PROJECT_BINARY_DIR}/moertConfigVersion.cmake
   DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/moert)
 
+file(RELATIVE_PATH MOERT_PC_TO_PREFIX ${CMAKE_INSTALL_FULL_LIBDIR}/pkgconfig ${CMAKE_INSTALL_PREFIX})
+string(REGEX REPLACE "/$" "" MOERT_PC_TO_PREFIX "${MOERT_PC_TO_PREFIX}")
 configure_file(${PROJECT_SOURCE_DIR}/cmake/moert.pc.in ${PROJECT_BINARY_DIR}/moert.pc @ONLY)
 install(FILES ${PROJECT_BINARY_DIR}/moert.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

@@ -9,7 +9,14 @@ packages=(
   flatbuffers-compiler libflatbuffers-dev       # the model schema
   libblis-serial-dev                            # CPU BLAS (see cmake/MoertBlas.cmake)
   python3 python3-numpy python3-torch           # the independent PyTorch oracle
+  swig                                          # generates the Go and Java layers (bindings/swig)
+  golang-go                                     # the Go binding and the Go service example
+  openjdk-17-jdk-headless junit5                # the Java binding (javac, jar, JNI headers), JUnit 5
+  bindgen libclang1-14 libclang-common-14-dev   # checks the committed Rust bindings; bindgen
+                                                # loads libclang at run time without depending on it
 )
+# Rust: cargo and rustc come from the toolchain in ~/.cargo/bin, not from Debian; the crates
+# have no dependencies and build offline. Without cargo the Rust tests report themselves skipped.
 
 missing=()
 for p in "${packages[@]}"; do

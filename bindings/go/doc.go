@@ -1,0 +1,17 @@
+// Package moert runs Mixture-of-Experts models through libmoert, the moert C library.
+//
+// It is the idiomatic layer over moert.dev/moert/internal/capi, which SWIG generates from
+// moert.h. Every fallible call returns (T, error); a library error is an *Error carrying the
+// status code and message. Model, SessionOptions and Session hold C handles: Close releases them
+// (a second Close does nothing), and a finalizer releases any the program forgets.
+//
+// Concurrency follows moert.h: a Model may be used from any number of goroutines; a Session may
+// be called from many goroutines at once, the library serialising the calls; a SessionOptions
+// must not be modified concurrently. Close waits for calls in flight on the same handle.
+//
+// The package checks at start-up that the loaded libmoert implements the ABI it was built for;
+// when it does not, every constructor returns an *Error with code ErrUnsupported.
+//
+// The library is found through pkg-config (package "moert"): set PKG_CONFIG_PATH to the
+// directory of moert.pc when it is not installed where pkg-config looks by default.
+package moert

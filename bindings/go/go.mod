@@ -1,0 +1,3 @@
+module moert.dev/moert
+
+go 1.19

@@ -1,0 +1,202 @@
+package moert
+
+import (
+	"runtime"
+
+	"moert.dev/moert/internal/capi"
+)
+
+// Model is a loaded, validated model description. It is immutable and may be used from any
+// number of goroutines. Sessions created from it stay valid after it is closed.
+type Model struct {
+	g   guard
+	ptr capi.Struct_SS_moert_model
+}
+
+// LayerInfo describes one layer of a model.
+type LayerInfo struct {
+	Index    int
+	Kind     LayerKind
+	Name     string // "layer<index>" when the file names none
+	InWidth  int    // values per input row; an embedding's context window in tokens
+	OutWidth int    // values per output row
+}
+
+// IO is what a model's forward pass takes and returns.
+type IO struct {
+	Input       InputKind
+	InputWidth  int // values per input row (token ids or hidden values)
+	OutputWidth int // values per output row
+}
+
+func newModel(p uintptr) *Model {
+	m := &Model{g: guard{what: "model"}, ptr: capi.SwigcptrStruct_SS_moert_model(p)}
+	runtime.SetFinalizer(m, (*Model).Close)
+	return m
+}
+
+// LoadModel loads and validates a binary model file. External weights are read relative to the
+// file's directory. A malformed file gives an *Error with ErrInvalidModel naming the layer and
+// field at fault; an unreadable one ErrIO.
+func LoadModel(path string) (*Model, error) {
+	if abiErr != nil {
+		return nil, abiErr
+	}
+	if err := noNUL("path", path); err != nil {
+		return nil, err
+	}
+	var p uintptr
+	if err := check(capi.Moert_model_load_file(path, &p)); err != nil {
+		return nil, err
+	}
+	return newModel(p), nil
+}
+
+// LoadModelBytes loads a model from memory (copied). externalDir is the directory a model with
+// external weights resolves its data file against; "" when it has none.
+func LoadModelBytes(data []byte, externalDir string) (*Model, error) {
+	if abiErr != nil {
+		return nil, abiErr
+	}
+	if err := noNUL("external directory", externalDir); err != nil {
+		return nil, err
+	}
+	var p uintptr
+	if err := check(capi.Moert_model_load_buffer(data, externalDir, &p)); err != nil {
+		return nil, err
+	}
+	return newModel(p), nil
+}
+
+// Close releases the model. It waits for calls in flight; a second Close does nothing.
+func (m *Model) Close() error {
+	m.g.close(func() {
+		capi.Moert_model_free(m.ptr)
+		runtime.SetFinalizer(m, nil)
+	})
+	return nil
+}
+
+// Name is the model's name ("" when it has none).
+func (m *Model) Name() (string, error) {
+	if err := m.g.enter(); err != nil {
+		return "", err
+	}
+	defer m.g.leave()
+	var name string
+	if err := check(capi.Moert_model_name(m.ptr, &name)); err != nil {
+		return "", err
+	}
+	return name, nil
+}
+
+// NumLayers is the number of layers.
+func (m *Model) NumLayers() (int, error) {
+	if err := m.g.enter(); err != nil {
+		return 0, err
+	}
+	defer m.g.leave()
+	var n uint32
+	if err := check(capi.Moert_model_num_layers(m.ptr, &n)); err != nil {
+		return 0, err
+	}
+	return int(n), nil
+}
+
+// Layer describes layer i.
+func (m *Model) Layer(i int) (LayerInfo, error) {
+	idx, err := index32("layer index", i)
+	if err != nil {
+		return LayerInfo{}, err
+	}
+	if err := m.g.enter(); err != nil {
+		return LayerInfo{}, err
+	}
+	defer m.g.leave()
+	var kind int32
+	var name string
+	var in, out uint32
+	if err := check(capi.Moert_model_layer_kind(m.ptr, idx, &kind)); err != nil {
+		return LayerInfo{}, err
+	}
+	if err := check(capi.Moert_model_layer_name(m.ptr, idx, &name)); err != nil {
+		return LayerInfo{}, err
+	}
+	if err := check(capi.Moert_model_layer_dims(m.ptr, idx, &in, &out)); err != nil {
+		return LayerInfo{}, err
+	}
+	return LayerInfo{Index: i, Kind: LayerKind(kind), Name: name, InWidth: int(in), OutWidth: int(out)}, nil
+}
+
+// Layers describes every layer.
+func (m *Model) Layers() ([]LayerInfo, error) {
+	n, err := m.NumLayers()
+	if err != nil {
+		return nil, err
+	}
+	layers := make([]LayerInfo, n)
+	for i := range layers {
+		if layers[i], err = m.Layer(i); err != nil {
+			return nil, err
+		}
+	}
+	return layers, nil
+}
+
+// IO is what a forward pass takes and returns.
+func (m *Model) IO() (IO, error) {
+	if err := m.g.enter(); err != nil {
+		return IO{}, err
+	}
+	defer m.g.leave()
+	var kind int32
+	var in, out uint32
+	if err := check(capi.Moert_model_io(m.ptr, &kind, &in, &out)); err != nil {
+		return IO{}, err
+	}
+	return IO{Input: InputKind(kind), InputWidth: int(in), OutputWidth: int(out)}, nil
+}
+
+// NumParameters counts every parameter (total) and those one input row uses (activated).
+func (m *Model) NumParameters() (total, activated uint64, err error) {
+	if err := m.g.enter(); err != nil {
+		return 0, 0, err
+	}
+	defer m.g.leave()
+	err = check(capi.Moert_model_num_parameters(m.ptr, &total, &activated))
+	return total, activated, err
+}
+
+// MoEInt reads an integer setting of MoE layer i.
+func (m *Model) MoEInt(i int, key MoEKey) (int64, error) {
+	idx, err := index32("layer index", i)
+	if err != nil {
+		return 0, err
+	}
+	if err := m.g.enter(); err != nil {
+		return 0, err
+	}
+	defer m.g.leave()
+	var v int64
+	if err := check(capi.Moert_model_moe_int(m.ptr, idx, int32(key), &v)); err != nil {
+		return 0, err
+	}
+	return v, nil
+}
+
+// MoEFloat reads a floating-point setting of MoE layer i.
+func (m *Model) MoEFloat(i int, key MoEKey) (float64, error) {
+	idx, err := index32("layer index", i)
+	if err != nil {
+		return 0, err
+	}
+	if err := m.g.enter(); err != nil {
+		return 0, err
+	}
+	defer m.g.leave()
+	var v float64
+	if err := check(capi.Moert_model_moe_float(m.ptr, idx, int32(key), &v)); err != nil {
+		return 0, err
+	}
+	return v, nil
+}

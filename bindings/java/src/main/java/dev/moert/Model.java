@@ -1,0 +1,148 @@
+package dev.moert;
+
+import java.nio.ByteBuffer;
+import java.nio.file.Path;
+
+/**
+ * A loaded, validated model description. Immutable: it may be used from any number of threads.
+ * Sessions created from it stay valid after it is closed.
+ */
+public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
+  /** One layer: kind ({@code CapiConstants.MOERT_LAYER_*}), name and row widths. */
+  public record Layer(int index, int kind, String name, int inWidth, int outWidth) {}
+
+  /**
+   * What a forward pass takes ({@code CapiConstants.MOERT_INPUT_*}, values per row) and returns
+   * (values per row).
+   */
+  public record Io(int inputKind, int inputWidth, int outputWidth) {}
+
+  /** Every parameter, and those one input row uses. */
+  public record ParameterCounts(long total, long activated) {}
+
+
+  private Model(SWIGTYPE_p_moert_model ptr) {
+    super("model", ptr, () -> Capi.moert_model_free(ptr));
+  }
+
+  /**
+   * Loads and validates a binary model file; external weights are read relative to its
+   * directory.
+   *
+   * @throws MoertException MOERT_ERR_INVALID_MODEL naming the layer and field at fault,
+   *     MOERT_ERR_IO when the file cannot be read
+   */
+  public static Model load(Path path) {
+    return load(path.toString());
+  }
+
+  /** As {@link #load(Path)}. */
+  public static Model load(String path) {
+    Moert.load();
+    SWIGTYPE_p_moert_model[] out = new SWIGTYPE_p_moert_model[1];
+    MoertException.check(Capi.moert_model_load_file(path, out));
+    return new Model(out[0]);
+  }
+
+  /**
+   * Loads a model from bytes (copied). externalDir is the directory a model with external weights
+   * resolves its data file against, null when it has none.
+   */
+  public static Model fromBytes(byte[] data, String externalDir) {
+    return fromBuffer(ByteBuffer.wrap(data), externalDir);
+  }
+
+  /**
+   * Loads a model from the remaining bytes of a buffer (direct, or array-backed), copied; the
+   * buffer's position is unchanged.
+   */
+  public static Model fromBuffer(ByteBuffer data, String externalDir) {
+    Moert.load();
+    SWIGTYPE_p_moert_model[] out = new SWIGTYPE_p_moert_model[1];
+    MoertException.check(Capi.moert_model_load_buffer(data.slice(), externalDir, out));
+    return new Model(out[0]);
+  }
+
+  /** The model's name ("" when it has none). */
+  public String name() {
+    try (Use u = use()) {
+      String[] out = new String[1];
+      MoertException.check(Capi.moert_model_name(u.ptr(), out));
+      return out[0];
+    }
+  }
+
+  /** Number of layers. */
+  public int numLayers() {
+    try (Use u = use()) {
+      int[] out = new int[1];
+      MoertException.check(Capi.moert_model_num_layers(u.ptr(), out));
+      return out[0];
+    }
+  }
+
+  /** Layer i. */
+  public Layer layer(int i) {
+    long index = checkUint32("layer index", i);
+    try (Use u = use()) {
+      int[] kind = new int[1];
+      String[] name = new String[1];
+      int[] in = new int[1];
+      int[] out = new int[1];
+      MoertException.check(Capi.moert_model_layer_kind(u.ptr(), index, kind));
+      MoertException.check(Capi.moert_model_layer_name(u.ptr(), index, name));
+      MoertException.check(Capi.moert_model_layer_dims(u.ptr(), index, in, out));
+      return new Layer(i, kind[0], name[0], in[0], out[0]);
+    }
+  }
+
+  /** Every layer. */
+  public Layer[] layers() {
+    Layer[] all = new Layer[numLayers()];
+    for (int i = 0; i < all.length; i++) {
+      all[i] = layer(i);
+    }
+    return all;
+  }
+
+  /** What a forward pass takes and returns. */
+  public Io io() {
+    try (Use u = use()) {
+      int[] kind = new int[1];
+      int[] in = new int[1];
+      int[] out = new int[1];
+      MoertException.check(Capi.moert_model_io(u.ptr(), kind, in, out));
+      return new Io(kind[0], in[0], out[0]);
+    }
+  }
+
+  /** Parameter counts (the loss-free bias excluded). */
+  public ParameterCounts numParameters() {
+    try (Use u = use()) {
+      long[] total = new long[1];
+      long[] activated = new long[1];
+      MoertException.check(Capi.moert_model_num_parameters(u.ptr(), total, activated));
+      return new ParameterCounts(total[0], activated[0]);
+    }
+  }
+
+  /** An integer setting ({@code CapiConstants.MOERT_MOE_*}) of MoE layer i. */
+  public long moeInt(int i, int key) {
+    long index = checkUint32("layer index", i);
+    try (Use u = use()) {
+      long[] out = new long[1];
+      MoertException.check(Capi.moert_model_moe_int(u.ptr(), index, key, out));
+      return out[0];
+    }
+  }
+
+  /** A floating-point setting ({@code CapiConstants.MOERT_MOE_*}) of MoE layer i. */
+  public double moeFloat(int i, int key) {
+    long index = checkUint32("layer index", i);
+    try (Use u = use()) {
+      double[] out = new double[1];
+      MoertException.check(Capi.moert_model_moe_float(u.ptr(), index, key, out));
+      return out[0];
+    }
+  }
+}

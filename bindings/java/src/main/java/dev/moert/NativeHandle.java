@@ -1,0 +1,102 @@
+package dev.moert;
+
+import java.lang.ref.Cleaner;
+import java.lang.ref.Reference;
+import java.util.concurrent.locks.ReentrantReadWriteLock;
+
+/**
+ * A C handle that is safe to close while other threads use it: calls hold the read lock, close()
+ * takes the write lock, so the C free function never races with a call (moert.h forbids that)
+ * and a call after close() throws instead of touching freed memory. A second close() does
+ * nothing; a handle nobody closed is freed by a Cleaner once it is unreachable.
+ *
+ * <p>The C pointer is reachable only through a {@link Use}, so no call can skip the lock.
+ *
+ * @param <P> the SWIG proxy type of the C pointer
+ */
+abstract class NativeHandle<P> implements AutoCloseable {
+  private static final Cleaner CLEANER = Cleaner.create();
+
+  /** Frees the C object at most once; refers to nothing but the pointer. */
+  private static final class Release implements Runnable {
+    private final Runnable free;
+
+    Release(Runnable free) {
+      this.free = free;
+    }
+
+    @Override
+    public void run() {
+      free.run();
+    }
+  }
+
+  /** A call in progress: it gives the pointer, and closing it releases the read lock. */
+  final class Use implements AutoCloseable {
+    P ptr() {
+      return ptr;
+    }
+
+    @Override
+    public void close() {
+      lock.readLock().unlock();
+      Reference.reachabilityFence(NativeHandle.this);
+    }
+  }
+
+  private final ReentrantReadWriteLock lock = new ReentrantReadWriteLock();
+  private final P ptr;
+  private final Cleaner.Cleanable cleanable;
+  private final String what;
+  private boolean closed;
+
+  /** free must not refer to this handle (it runs from the Cleaner once the handle is gone). */
+  NativeHandle(String what, P ptr, Runnable free) {
+    this.what = what;
+    this.ptr = ptr;
+    this.cleanable = CLEANER.register(this, new Release(free));
+  }
+
+  /** Starts a call; throws MOERT_ERR_INVALID_STATE after close(). */
+  final Use use() {
+    lock.readLock().lock();
+    if (closed) {
+      lock.readLock().unlock();
+      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_STATE, what + " is closed");
+    }
+    return new Use();
+  }
+
+  /** Releases the handle after the calls in flight; later calls do nothing. */
+  @Override
+  public final void close() {
+    lock.writeLock().lock();
+    try {
+      if (!closed) {
+        closed = true;
+        cleanable.clean();
+      }
+    } finally {
+      lock.writeLock().unlock();
+    }
+  }
+
+  /** Whether close() has run. */
+  public final boolean isClosed() {
+    lock.readLock().lock();
+    try {
+      return closed;
+    } finally {
+      lock.readLock().unlock();
+    }
+  }
+
+  /** An index or count for a uint32_t parameter of the C ABI. */
+  static long checkUint32(String what, long value) {
+    if (value < 0 || value > 0xFFFFFFFFL) {
+      throw new MoertException(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, what + " " + value + " out of range");
+    }
+    return value;
+  }
+}

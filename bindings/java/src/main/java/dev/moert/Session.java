@@ -1,0 +1,404 @@
+package dev.moert;
+
+import java.nio.Buffer;
+import java.nio.ByteOrder;
+import java.nio.FloatBuffer;
+import java.nio.IntBuffer;
+import java.nio.LongBuffer;
+import java.util.HashMap;
+import java.util.Map;
+
+/**
+ * Runs a model: forward passes and, in training mode, backward passes, optimizer steps and
+ * checkpoints. Any number of threads may call one session at once; the library serialises the
+ * calls.
+ *
+ * <p>Data goes in and out either as Java arrays (convenient; copied by JNI) or as NIO buffers. A
+ * direct buffer in native byte order is passed to the library in place, without a copy; an
+ * array-backed buffer is copied like an array. A buffer argument covers its remaining elements
+ * (position to limit) and its position is left as it was.
+ */
+public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
+  /** The learning rate an optimizer step used and the gradient norm before clipping. */
+  public record Step(double learningRate, double gradientNorm) {}
+
+  /** A trainable parameter tensor: "layer.tensor" name and element count. */
+  public record Parameter(String name, long numel) {}
+
+  private final Model.Io io;
+  private final Map<Integer, Integer> experts; // MoE layer index -> routed experts
+  private volatile Map<String, Long> numel; // parameter name -> elements, filled on first use
+
+  private Session(SWIGTYPE_p_moert_session ptr, Model.Io io, Map<Integer, Integer> experts) {
+    super("session", ptr, () -> Capi.moert_session_free(ptr));
+    this.io = io;
+    this.experts = experts;
+  }
+
+  /** A session over model with options (null: the defaults); the model may be closed after. */
+  public static Session create(Model model, SessionOptions options) {
+    Moert.load();
+    Model.Io io = model.io();
+    Map<Integer, Integer> experts = new HashMap<>();
+    for (Model.Layer layer : model.layers()) {
+      if (layer.kind() == CapiConstants.MOERT_LAYER_MOE) {
+        experts.put(
+            layer.index(), (int) model.moeInt(layer.index(), CapiConstants.MOERT_MOE_NUM_EXPERTS));
+      }
+    }
+    SWIGTYPE_p_moert_session[] out = new SWIGTYPE_p_moert_session[1];
+    try (var m = model.use();
+        var o = options == null ? null : options.use()) {
+      MoertException.check(Capi.moert_session_create(m.ptr(), o == null ? null : o.ptr(), out));
+    }
+    return new Session(out[0], io, experts);
+  }
+
+  /** What the forward pass takes and returns. */
+  public Model.Io io() {
+    return io;
+  }
+
+  // ---- Forward -------------------------------------------------------------------------------
+
+  /** Forward over rows rows of token ids (rows * inputWidth, row-major); rows * outputWidth out. */
+  public float[] forwardTokens(int[] tokens, int rows) {
+    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    forwardTokens(IntBuffer.wrap(tokens), rows, FloatBuffer.wrap(out));
+    return out;
+  }
+
+  /** Forward from and into buffers: out receives rows * outputWidth values. */
+  public void forwardTokens(IntBuffer tokens, int rows, FloatBuffer out) {
+    IntBuffer in = input(tokens);
+    FloatBuffer dst = output(out);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_forward_tokens(u.ptr(), in, checkRows(rows), dst));
+    }
+  }
+
+  /** Forward over rows rows of hidden states (rows * inputWidth); rows * outputWidth out. */
+  public float[] forwardHidden(float[] in, int rows) {
+    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    forwardHidden(FloatBuffer.wrap(in), rows, FloatBuffer.wrap(out));
+    return out;
+  }
+
+  /** Forward from and into buffers: out receives rows * outputWidth values. */
+  public void forwardHidden(FloatBuffer in, int rows, FloatBuffer out) {
+    FloatBuffer src = input(in);
+    FloatBuffer dst = output(out);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_forward_hidden(u.ptr(), src, checkRows(rows), dst));
+    }
+  }
+
+  // ---- Metrics -------------------------------------------------------------------------------
+
+  /** Tokens per expert of MoE layer `layer` in scope ({@code CapiConstants.MOERT_COUNTS_*}). */
+  public long[] expertCounts(int layer, int scope) {
+    long[] counts = new long[numExperts(layer)];
+    try (Use u = use()) {
+      MoertException.check(
+          Capi.moert_session_expert_counts(u.ptr(), layer, scope, LongBuffer.wrap(counts)));
+    }
+    return counts;
+  }
+
+  /**
+   * MaxVio of MoE layer `layer` in scope, or the mean over MoE layers with
+   * {@code CapiConstants.MOERT_ALL_LAYERS}; 0 when nothing was counted.
+   */
+  public double maxVio(long layer, int scope) {
+    long index = checkUint32("layer", layer);
+    try (Use u = use()) {
+      double[] out = new double[1];
+      MoertException.check(Capi.moert_session_max_vio(u.ptr(), index, scope, out));
+      return out[0];
+    }
+  }
+
+  /** Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer. */
+  public void resetMetrics() {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_reset_metrics(u.ptr()));
+    }
+  }
+
+  // ---- Training ------------------------------------------------------------------------------
+
+  /**
+   * Cross-entropy of the last training forward pass's logits against targets (one id per row)
+   * plus the auxiliary balancing losses; accumulates every gradient and returns the loss.
+   */
+  public double backwardLoss(int[] targets) {
+    return backwardLoss(IntBuffer.wrap(targets));
+  }
+
+  /** As {@link #backwardLoss(int[])}, from a buffer. */
+  public double backwardLoss(IntBuffer targets) {
+    IntBuffer src = input(targets);
+    try (Use u = use()) {
+      double[] loss = new double[1];
+      MoertException.check(Capi.moert_session_backward_loss(u.ptr(), src, loss));
+      return loss[0];
+    }
+  }
+
+  /**
+   * Back-propagates gradOut (gradient of the last training forward pass's outputs) and returns the
+   * auxiliary balancing loss; gradIn, when not null, receives the input gradient (hidden-state
+   * models only).
+   */
+  public double backward(float[] gradOut, float[] gradIn) {
+    return backward(FloatBuffer.wrap(gradOut), gradIn == null ? null : FloatBuffer.wrap(gradIn));
+  }
+
+  /** As {@link #backward(float[], float[])}, with buffers. */
+  public double backward(FloatBuffer gradOut, FloatBuffer gradIn) {
+    FloatBuffer src = input(gradOut);
+    FloatBuffer dst = gradIn == null ? null : output(gradIn);
+    try (Use u = use()) {
+      double[] aux = new double[1];
+      MoertException.check(Capi.moert_session_backward(u.ptr(), src, dst, aux));
+      return aux[0];
+    }
+  }
+
+  /** Zeroes the accumulated gradients and the micro-batch count. */
+  public void zeroGrad() {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_zero_grad(u.ptr()));
+    }
+  }
+
+  /** One optimizer step, then the loss-free bias update. */
+  public Step step() {
+    try (Use u = use()) {
+      double[] lr = new double[1];
+      double[] norm = new double[1];
+      MoertException.check(Capi.moert_session_step(u.ptr(), lr, norm));
+      return new Step(lr[0], norm[0]);
+    }
+  }
+
+  /** Optimizer steps taken (restored from checkpoints). */
+  public long stepCount() {
+    try (Use u = use()) {
+      long[] out = new long[1];
+      MoertException.check(Capi.moert_session_step_count(u.ptr(), out));
+      return out[0];
+    }
+  }
+
+  /** Evaluation mode (true) or training (false). */
+  public void setEval(boolean eval) {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_set_eval(u.ptr(), eval ? 1 : 0));
+    }
+  }
+
+  /** A training knob by name (see moert.h), for this session from now on. */
+  public void setConfig(String key, String value) {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_set_config(u.ptr(), key, value));
+    }
+  }
+
+  /** Number of trainable parameter tensors. */
+  public int numParameters() {
+    try (Use u = use()) {
+      int[] out = new int[1];
+      MoertException.check(Capi.moert_session_num_parameters(u.ptr(), out));
+      return out[0];
+    }
+  }
+
+  /** Trainable parameter i. */
+  public Parameter parameter(int i) {
+    long index = checkUint32("parameter index", i);
+    try (Use u = use()) {
+      String[] name = new String[1];
+      long[] count = new long[1];
+      MoertException.check(Capi.moert_session_parameter_info(u.ptr(), index, name, count));
+      return new Parameter(name[0], count[0]);
+    }
+  }
+
+  /** Every trainable parameter. */
+  public Parameter[] parameters() {
+    Parameter[] all = new Parameter[numParameters()];
+    for (int i = 0; i < all.length; i++) {
+      all[i] = parameter(i);
+    }
+    return all;
+  }
+
+  /** A copy of parameter `name` (row-major). */
+  public float[] getParameter(String name) {
+    float[] out = new float[numel(name)];
+    getParameter(name, FloatBuffer.wrap(out));
+    return out;
+  }
+
+  /** Copies parameter `name` into out (exactly its element count remaining). */
+  public void getParameter(String name, FloatBuffer out) {
+    FloatBuffer dst = output(out);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_get_parameter(u.ptr(), name, dst));
+    }
+  }
+
+  /** Writes parameter `name`; NaN or infinity is refused (MOERT_ERR_NUMERIC). */
+  public void setParameter(String name, float[] values) {
+    setParameter(name, FloatBuffer.wrap(values));
+  }
+
+  /** As {@link #setParameter(String, float[])}, from a buffer. */
+  public void setParameter(String name, FloatBuffer values) {
+    FloatBuffer src = input(values);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_set_parameter(u.ptr(), name, src));
+    }
+  }
+
+  /** A copy of the accumulated gradient of parameter `name`. */
+  public float[] getGradient(String name) {
+    float[] out = new float[numel(name)];
+    getGradient(name, FloatBuffer.wrap(out));
+    return out;
+  }
+
+  /** Copies the accumulated gradient of parameter `name` into out. */
+  public void getGradient(String name, FloatBuffer out) {
+    FloatBuffer dst = output(out);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_get_gradient(u.ptr(), name, dst));
+    }
+  }
+
+  /** Writes the accumulated gradient of parameter `name`. */
+  public void setGradient(String name, float[] values) {
+    setGradient(name, FloatBuffer.wrap(values));
+  }
+
+  /** As {@link #setGradient(String, float[])}, from a buffer. */
+  public void setGradient(String name, FloatBuffer values) {
+    FloatBuffer src = input(values);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_set_gradient(u.ptr(), name, src));
+    }
+  }
+
+  /** The loss-free balancing bias of MoE layer `layer`, one value per routed expert. */
+  public float[] expertBias(int layer) {
+    float[] out = new float[numExperts(layer)];
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_get_expert_bias(u.ptr(), layer, FloatBuffer.wrap(out)));
+    }
+    return out;
+  }
+
+  /** Sets the loss-free balancing bias of MoE layer `layer`. */
+  public void setExpertBias(int layer, float[] bias) {
+    long index = checkUint32("layer", layer);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_set_expert_bias(u.ptr(), index, FloatBuffer.wrap(bias)));
+    }
+  }
+
+  /** Bias update rate gamma of MoE layer `layer` or MOERT_ALL_LAYERS, from the next step on. */
+  public void setBiasUpdateRate(long layer, double gamma) {
+    long index = checkUint32("layer", layer);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_set_bias_update_rate(u.ptr(), index, gamma));
+    }
+  }
+
+  /** Freezes or thaws the bias of MoE layer `layer` or MOERT_ALL_LAYERS. */
+  public void setBiasFrozen(long layer, boolean frozen) {
+    long index = checkUint32("layer", layer);
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_set_bias_frozen(u.ptr(), index, frozen ? 1 : 0));
+    }
+  }
+
+  // ---- Checkpoints ---------------------------------------------------------------------------
+
+  /** Writes a checkpoint atomically; on MOERT_ERR_IO the previous file at path is intact. */
+  public void save(String path) {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_save(u.ptr(), path));
+    }
+  }
+
+  /** Restores a checkpoint; a corrupt or foreign file is refused and the state is kept. */
+  public void load(String path) {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_load(u.ptr(), path));
+    }
+  }
+
+  // ---- Helpers -------------------------------------------------------------------------------
+
+  private static long checkRows(int rows) {
+    if (rows < 0) {
+      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows " + rows);
+    }
+    return rows;
+  }
+
+  private int numExperts(int layer) {
+    Integer n = experts.get(layer);
+    if (n == null) {
+      throw new MoertException(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "layer " + layer + " is not a MoE layer");
+    }
+    return n;
+  }
+
+  private int numel(String name) {
+    Map<String, Long> table = numel;
+    if (table == null) {
+      table = new HashMap<>();
+      for (Parameter p : parameters()) {
+        table.put(p.name(), p.numel());
+      }
+      numel = table;
+    }
+    Long n = table.get(name);
+    if (n == null) {
+      throw new MoertException(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "no parameter named '" + name + "'");
+    }
+    return Math.toIntExact(n);
+  }
+
+  /** The remaining elements of a buffer as a buffer of its own, checked for the native side. */
+  private static <B extends Buffer> B checked(B buffer, boolean writable, ByteOrder order) {
+    if (buffer.isDirect() && order != ByteOrder.nativeOrder()) {
+      throw new IllegalArgumentException("a direct buffer must be in native byte order");
+    }
+    if (writable && buffer.isReadOnly()) {
+      throw new IllegalArgumentException("an output buffer must be writable");
+    }
+    if (!buffer.isDirect() && !buffer.hasArray()) {
+      throw new IllegalArgumentException("a buffer must be direct or array-backed");
+    }
+    @SuppressWarnings("unchecked")
+    B slice = (B) buffer.slice();
+    return slice;
+  }
+
+  private static IntBuffer input(IntBuffer b) {
+    return checked(b, false, b.order());
+  }
+
+  private static FloatBuffer input(FloatBuffer b) {
+    return checked(b, false, b.order());
+  }
+
+  private static FloatBuffer output(FloatBuffer b) {
+    return checked(b, true, b.order());
+  }
+}

@@ -1,0 +1,62 @@
+//! Finds libmoert for the linker, with no crates: MOERT_LIB_DIR when set (the directory holding
+//! libmoert.so), otherwise `pkg-config --libs moert` (PKG_CONFIG names another pkg-config; set
+//! PKG_CONFIG_PATH to the directory of moert.pc, or of moert-uninstalled.pc in a build tree).
+//! Dependents' build scripts see the directory as DEP_MOERT_LIB_DIR when it is known.
+
+use std::env;
+use std::process::Command;
+
+fn main() {
+    for var in [
+        "MOERT_LIB_DIR",
+        "PKG_CONFIG",
+        "PKG_CONFIG_PATH",
+        "PKG_CONFIG_LIBDIR",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    if let Some(dir) = env::var_os("MOERT_LIB_DIR").filter(|d| !d.is_empty()) {
+        let dir = dir.to_string_lossy();
+        println!("cargo:rustc-link-search=native={dir}");
+        println!("cargo:rustc-link-lib=dylib=moert");
+        println!("cargo:lib_dir={dir}");
+        return;
+    }
+
+    let pkg_config = env::var("PKG_CONFIG").unwrap_or_else(|_| "pkg-config".to_string());
+    let output = Command::new(&pkg_config).args(["--libs", "moert"]).output();
+    let flags = match output {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Ok(out) => fail(&format!(
+            "`{pkg_config} --libs moert` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(err) => fail(&format!("cannot run `{pkg_config}`: {err}")),
+    };
+
+    let mut linked = false;
+    for flag in flags.split_whitespace() {
+        if let Some(dir) = flag.strip_prefix("-L") {
+            println!("cargo:rustc-link-search=native={dir}");
+            println!("cargo:lib_dir={dir}");
+        } else if let Some(lib) = flag.strip_prefix("-l") {
+            println!("cargo:rustc-link-lib=dylib={lib}");
+            linked |= lib == "moert";
+        }
+    }
+    if !linked {
+        fail(&format!(
+            "`{pkg_config} --libs moert` names no -lmoert: {flags}"
+        ));
+    }
+}
+
+fn fail(why: &str) -> ! {
+    eprintln!(
+        "moert-sys: libmoert not found: {why}\n\
+         Set MOERT_LIB_DIR to the directory of libmoert.so, or PKG_CONFIG_PATH to the directory \
+         of moert.pc (after `cmake --install`, <prefix>/lib/pkgconfig)."
+    );
+    std::process::exit(1);
+}

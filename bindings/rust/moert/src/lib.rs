@@ -1,0 +1,958 @@
+//! Safe Rust API of moert, an embeddable Mixture-of-Experts runtime, over `moert-sys`.
+//!
+//! Every fallible call returns [`Result`]; an [`Error`] carries the library's status [`Code`]
+//! and message. [`Model`], [`SessionOptions`] and [`Session`] own C handles and free them on
+//! `Drop`. Strings the library owns are copied into `String`s before a call returns.
+//!
+//! Thread-safety is what `moert.h` documents, no more: a [`Model`] is immutable and may be used
+//! from any number of threads (`Send + Sync`); a [`Session`] may be called from any thread and
+//! serialises its calls itself (`Send + Sync`, every method takes `&self`, so an
+//! `Arc<Session>` serves many threads); [`SessionOptions`] must not be modified concurrently
+//! (`Send`, not `Sync`):
+//!
+//! ```compile_fail,E0277
+//! fn shared<T: Sync>() {}
+//! shared::<moert::SessionOptions>();
+//! ```
+//!
+//! The first constructor called checks that the loaded libmoert implements the ABI this crate
+//! was generated for; when it does not, every constructor returns [`Code::UNSUPPORTED`].
+//!
+//! ```no_run
+//! let model = moert::Model::load("examples/models/tiny_moe.moert")?;
+//! let session = moert::Session::new(&model, None)?;
+//! let logits = session.forward_tokens(&[1, 2, 3, 4], 1)?;
+//! println!("{} logits, MaxVio {}", logits.len(),
+//!          session.max_vio(moert::ALL_LAYERS, moert::Scope::LAST)?);
+//! # Ok::<(), moert::Error>(())
+//! ```
+
+use moert_sys as sys;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::os::raw::c_char;
+use std::path::Path;
+use std::ptr::{self, NonNull};
+use std::sync::OnceLock;
+
+// ---- Errors ------------------------------------------------------------------------------------
+
+/// A status code (`MOERT_ERR_*`). A newtype rather than an enum, so codes a newer library adds
+/// still come through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Code(pub i32);
+
+impl Code {
+    pub const OK: Code = Code(sys::MOERT_OK as i32);
+    pub const INVALID_ARGUMENT: Code = Code(sys::MOERT_ERR_INVALID_ARGUMENT as i32);
+    pub const INVALID_MODEL: Code = Code(sys::MOERT_ERR_INVALID_MODEL as i32);
+    pub const IO: Code = Code(sys::MOERT_ERR_IO as i32);
+    pub const OUT_OF_MEMORY: Code = Code(sys::MOERT_ERR_OUT_OF_MEMORY as i32);
+    pub const UNSUPPORTED: Code = Code(sys::MOERT_ERR_UNSUPPORTED as i32);
+    pub const INVALID_STATE: Code = Code(sys::MOERT_ERR_INVALID_STATE as i32);
+    pub const NUMERIC: Code = Code(sys::MOERT_ERR_NUMERIC as i32);
+    pub const INTERNAL: Code = Code(sys::MOERT_ERR_INTERNAL as i32);
+
+    /// The constant's name, e.g. "MOERT_ERR_IO"; "MOERT_ERR_UNKNOWN" for other values.
+    pub fn name(self) -> String {
+        // SAFETY: moert_status_code_name accepts any value and returns a constant string.
+        copy_string(unsafe { sys::moert_status_code_name(self.0) })
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// A failed moert call: the status code and the library's message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    code: Code,
+    message: String,
+}
+
+impl Error {
+    /// An error made on the Rust side of the binding (a closed handle, an unusable argument).
+    pub fn new(code: Code, message: impl Into<String>) -> Error {
+        Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The status code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The library's message, naming what is at fault.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The result of a moert call.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Converts a status into a Result and frees it.
+fn check(status: *mut sys::moert_status) -> Result<()> {
+    if status.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-NULL status comes from the library and is ours to read and free once; the
+    // message is copied before the free.
+    unsafe {
+        let code = Code(sys::moert_status_code(status));
+        let message = copy_string(sys::moert_status_message(status));
+        sys::moert_status_free(status);
+        Err(Error { code, message })
+    }
+}
+
+/// Copies a library string (NULL as "").
+fn copy_string(s: *const c_char) -> String {
+    if s.is_null() {
+        return String::new();
+    }
+    // SAFETY: the library returns NUL-terminated strings valid until the owning handle goes;
+    // this copies before any handle can.
+    unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+}
+
+fn c_string(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| {
+        Error::new(
+            Code::INVALID_ARGUMENT,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+fn c_path(path: &Path) -> Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::new(Code::INVALID_ARGUMENT, "path contains a NUL byte"))
+}
+
+fn invalid(message: String) -> Error {
+    Error::new(Code::INVALID_ARGUMENT, message)
+}
+
+// ---- Versions ----------------------------------------------------------------------------------
+
+/// The ABI major this crate was generated for.
+pub const BUILT_ABI_VERSION: u32 = sys::MOERT_ABI_VERSION;
+/// The library version this crate was generated for: (major, minor, patch).
+pub const BUILT_VERSION: (u32, u32, u32) = (
+    sys::MOERT_VERSION_MAJOR,
+    sys::MOERT_VERSION_MINOR,
+    sys::MOERT_VERSION_PATCH,
+);
+
+/// The ABI major of the loaded library.
+pub fn abi_version() -> u32 {
+    // SAFETY: takes nothing, never fails.
+    unsafe { sys::moert_abi_version() }
+}
+
+/// The loaded library's version, "MAJOR.MINOR.PATCH".
+pub fn version() -> String {
+    // SAFETY: returns static storage.
+    copy_string(unsafe { sys::moert_version_string() })
+}
+
+/// Major and minor of the model-description schema the library reads.
+pub fn schema_version() -> (u32, u32) {
+    let (mut major, mut minor) = (0u32, 0u32);
+    // SAFETY: two valid out-pointers.
+    unsafe { sys::moert_schema_version(&mut major, &mut minor) };
+    (major, minor)
+}
+
+/// Whether the loaded library implements the ABI this crate was generated for (checked once).
+pub fn check_abi() -> Result<()> {
+    static ABI: OnceLock<Result<()>> = OnceLock::new();
+    ABI.get_or_init(|| {
+        let got = abi_version();
+        if got == BUILT_ABI_VERSION {
+            Ok(())
+        } else {
+            Err(Error::new(
+                Code::UNSUPPORTED,
+                format!("libmoert implements ABI {got}, this crate was built for ABI {BUILT_ABI_VERSION}"),
+            ))
+        }
+    })
+    .clone()
+}
+
+// ---- Constants ---------------------------------------------------------------------------------
+
+/// Kind of a model layer (`MOERT_LAYER_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerKind(pub i32);
+
+impl LayerKind {
+    pub const EMBEDDING: LayerKind = LayerKind(sys::MOERT_LAYER_EMBEDDING as i32);
+    pub const RMSNORM: LayerKind = LayerKind(sys::MOERT_LAYER_RMSNORM as i32);
+    pub const MOE: LayerKind = LayerKind(sys::MOERT_LAYER_MOE as i32);
+    pub const DENSE_FFN: LayerKind = LayerKind(sys::MOERT_LAYER_DENSE_FFN as i32);
+    pub const OUTPUT_HEAD: LayerKind = LayerKind(sys::MOERT_LAYER_OUTPUT_HEAD as i32);
+}
+
+/// What a forward pass takes (`MOERT_INPUT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InputKind(pub i32);
+
+impl InputKind {
+    pub const TOKENS: InputKind = InputKind(sys::MOERT_INPUT_TOKENS as i32);
+    pub const HIDDEN: InputKind = InputKind(sys::MOERT_INPUT_HIDDEN as i32);
+}
+
+/// A setting of a MoE layer (`MOERT_MOE_*`): integer keys for [`Model::moe_int`], floating ones
+/// for [`Model::moe_float`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MoeKey(pub i32);
+
+impl MoeKey {
+    pub const DIM: MoeKey = MoeKey(sys::MOERT_MOE_DIM as i32);
+    pub const NUM_EXPERTS: MoeKey = MoeKey(sys::MOERT_MOE_NUM_EXPERTS as i32);
+    pub const TOP_K: MoeKey = MoeKey(sys::MOERT_MOE_TOP_K as i32);
+    pub const EXPERT_HIDDEN: MoeKey = MoeKey(sys::MOERT_MOE_EXPERT_HIDDEN as i32);
+    pub const SCORE_FUNCTION: MoeKey = MoeKey(sys::MOERT_MOE_SCORE_FUNCTION as i32);
+    pub const NUM_GROUPS: MoeKey = MoeKey(sys::MOERT_MOE_NUM_GROUPS as i32);
+    pub const TOPK_GROUPS: MoeKey = MoeKey(sys::MOERT_MOE_TOPK_GROUPS as i32);
+    pub const NORMALIZE_WEIGHTS: MoeKey = MoeKey(sys::MOERT_MOE_NORMALIZE_WEIGHTS as i32);
+    pub const NUM_SHARED_EXPERTS: MoeKey = MoeKey(sys::MOERT_MOE_NUM_SHARED_EXPERTS as i32);
+    pub const SHARED_HIDDEN: MoeKey = MoeKey(sys::MOERT_MOE_SHARED_HIDDEN as i32);
+    pub const RESIDUAL: MoeKey = MoeKey(sys::MOERT_MOE_RESIDUAL as i32);
+    pub const BALANCING_POLICY: MoeKey = MoeKey(sys::MOERT_MOE_BALANCING_POLICY as i32);
+    pub const ROUTED_SCALING_FACTOR: MoeKey = MoeKey(sys::MOERT_MOE_ROUTED_SCALING_FACTOR as i32);
+    pub const BIAS_UPDATE_RATE: MoeKey = MoeKey(sys::MOERT_MOE_BIAS_UPDATE_RATE as i32);
+    pub const AUX_ALPHA: MoeKey = MoeKey(sys::MOERT_MOE_AUX_ALPHA as i32);
+    pub const CAPACITY_FACTOR: MoeKey = MoeKey(sys::MOERT_MOE_CAPACITY_FACTOR as i32);
+}
+
+/// Values of [`MoeKey::SCORE_FUNCTION`] as [`Model::moe_int`] returns them.
+pub const SCORE_SIGMOID: i64 = sys::MOERT_SCORE_SIGMOID as i64;
+pub const SCORE_SOFTMAX: i64 = sys::MOERT_SCORE_SOFTMAX as i64;
+
+/// Values of [`MoeKey::BALANCING_POLICY`] as [`Model::moe_int`] returns them.
+pub const BALANCING_NONE: i64 = sys::MOERT_BALANCING_NONE as i64;
+pub const BALANCING_LOSS_FREE_BIAS: i64 = sys::MOERT_BALANCING_LOSS_FREE_BIAS as i64;
+pub const BALANCING_AUX_LOSS: i64 = sys::MOERT_BALANCING_AUX_LOSS as i64;
+pub const BALANCING_SEQUENCE_AUX_LOSS: i64 = sys::MOERT_BALANCING_SEQUENCE_AUX_LOSS as i64;
+pub const BALANCING_EXPERT_CHOICE: i64 = sys::MOERT_BALANCING_EXPERT_CHOICE as i64;
+
+/// Where a session runs (`MOERT_DEVICE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Device(pub i32);
+
+impl Device {
+    pub const CPU: Device = Device(sys::MOERT_DEVICE_CPU as i32);
+    pub const CUDA: Device = Device(sys::MOERT_DEVICE_CUDA as i32);
+}
+
+/// A session's mode (`MOERT_MODE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mode(pub i32);
+
+impl Mode {
+    pub const INFERENCE: Mode = Mode(sys::MOERT_MODE_INFERENCE as i32);
+    pub const TRAINING: Mode = Mode(sys::MOERT_MODE_TRAINING as i32);
+}
+
+/// Which token counts a metrics call reads (`MOERT_COUNTS_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Scope(pub i32);
+
+impl Scope {
+    /// The last forward pass (MaxVio_batch).
+    pub const LAST: Scope = Scope(sys::MOERT_COUNTS_LAST as i32);
+    /// Training passes since the last optimizer step.
+    pub const STEP: Scope = Scope(sys::MOERT_COUNTS_STEP as i32);
+    /// Eval and inference passes since the last metrics reset (MaxVio_global).
+    pub const EVAL: Scope = Scope(sys::MOERT_COUNTS_EVAL as i32);
+}
+
+/// Selects every MoE layer where a method takes a layer index and says so.
+pub const ALL_LAYERS: u32 = sys::MOERT_ALL_LAYERS;
+
+// ---- Model -------------------------------------------------------------------------------------
+
+/// One layer of a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub index: u32,
+    pub kind: LayerKind,
+    /// "layer<index>" when the file names none.
+    pub name: String,
+    /// Values per input row (an embedding's context window in tokens).
+    pub in_width: u32,
+    /// Values per output row.
+    pub out_width: u32,
+}
+
+/// What a forward pass takes and returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Io {
+    pub input: InputKind,
+    /// Values per input row (token ids or hidden values).
+    pub input_width: u32,
+    /// Values per output row.
+    pub output_width: u32,
+}
+
+/// A loaded, validated model description.
+pub struct Model {
+    ptr: NonNull<sys::moert_model>,
+}
+
+// SAFETY: moert.h: "a moert_model is immutable after loading and may be used from any number of
+// threads at once"; nothing ties it to the thread that loaded it.
+unsafe impl Send for Model {}
+// SAFETY: as above: concurrent use through shared references is what the header allows.
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Loads and validates a binary model file; external weights are read relative to its
+    /// directory. A malformed file is [`Code::INVALID_MODEL`] naming the layer and field at
+    /// fault, an unreadable one [`Code::IO`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        check_abi()?;
+        let path = c_path(path.as_ref())?;
+        let mut out = ptr::null_mut();
+        // SAFETY: a NUL-terminated path and a valid out-pointer; the library copies the path.
+        check(unsafe { sys::moert_model_load_file(path.as_ptr(), &mut out) })?;
+        Model::wrap(out)
+    }
+
+    /// Loads a model from memory (copied). `external_dir` is the directory a model with
+    /// external weights resolves its data file against.
+    pub fn from_bytes(data: &[u8], external_dir: Option<&Path>) -> Result<Model> {
+        check_abi()?;
+        let dir = external_dir.map(c_path).transpose()?;
+        let mut out = ptr::null_mut();
+        // SAFETY: data.len() bytes at data.as_ptr(), copied by the library; dir is NULL or a
+        // NUL-terminated string.
+        check(unsafe {
+            sys::moert_model_load_buffer(
+                data.as_ptr().cast(),
+                data.len(),
+                dir.as_ref().map_or(ptr::null(), |d| d.as_ptr()),
+                &mut out,
+            )
+        })?;
+        Model::wrap(out)
+    }
+
+    fn wrap(p: *mut sys::moert_model) -> Result<Model> {
+        NonNull::new(p)
+            .map(|ptr| Model { ptr })
+            .ok_or_else(|| Error::new(Code::INTERNAL, "the library returned no model"))
+    }
+
+    /// The model's name ("" when it has none).
+    pub fn name(&self) -> Result<String> {
+        let mut out: *const c_char = ptr::null();
+        // SAFETY: a live model and a valid out-pointer; the string is copied while self lives.
+        check(unsafe { sys::moert_model_name(self.ptr.as_ptr(), &mut out) })?;
+        Ok(copy_string(out))
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> Result<u32> {
+        let mut n = 0u32;
+        // SAFETY: a live model and a valid out-pointer.
+        check(unsafe { sys::moert_model_num_layers(self.ptr.as_ptr(), &mut n) })?;
+        Ok(n)
+    }
+
+    /// Layer `index`.
+    pub fn layer(&self, index: u32) -> Result<LayerInfo> {
+        let (mut kind, mut name, mut in_width, mut out_width) = (0i32, ptr::null(), 0u32, 0u32);
+        // SAFETY: a live model and valid out-pointers; the name is copied while self lives.
+        unsafe {
+            check(sys::moert_model_layer_kind(
+                self.ptr.as_ptr(),
+                index,
+                &mut kind,
+            ))?;
+            check(sys::moert_model_layer_name(
+                self.ptr.as_ptr(),
+                index,
+                &mut name,
+            ))?;
+            check(sys::moert_model_layer_dims(
+                self.ptr.as_ptr(),
+                index,
+                &mut in_width,
+                &mut out_width,
+            ))?;
+        }
+        Ok(LayerInfo {
+            index,
+            kind: LayerKind(kind),
+            name: copy_string(name),
+            in_width,
+            out_width,
+        })
+    }
+
+    /// Every layer.
+    pub fn layers(&self) -> Result<Vec<LayerInfo>> {
+        (0..self.num_layers()?).map(|i| self.layer(i)).collect()
+    }
+
+    /// What a forward pass takes and returns.
+    pub fn io(&self) -> Result<Io> {
+        let (mut kind, mut input_width, mut output_width) = (0i32, 0u32, 0u32);
+        // SAFETY: a live model and valid out-pointers.
+        check(unsafe {
+            sys::moert_model_io(
+                self.ptr.as_ptr(),
+                &mut kind,
+                &mut input_width,
+                &mut output_width,
+            )
+        })?;
+        Ok(Io {
+            input: InputKind(kind),
+            input_width,
+            output_width,
+        })
+    }
+
+    /// Parameter counts: (every parameter, those one input row uses).
+    pub fn num_parameters(&self) -> Result<(u64, u64)> {
+        let (mut total, mut activated) = (0u64, 0u64);
+        // SAFETY: a live model and valid out-pointers.
+        check(unsafe {
+            sys::moert_model_num_parameters(self.ptr.as_ptr(), &mut total, &mut activated)
+        })?;
+        Ok((total, activated))
+    }
+
+    /// An integer setting of MoE layer `index`.
+    pub fn moe_int(&self, index: u32, key: MoeKey) -> Result<i64> {
+        let mut v = 0i64;
+        // SAFETY: a live model and a valid out-pointer.
+        check(unsafe { sys::moert_model_moe_int(self.ptr.as_ptr(), index, key.0, &mut v) })?;
+        Ok(v)
+    }
+
+    /// A floating-point setting of MoE layer `index`.
+    pub fn moe_float(&self, index: u32, key: MoeKey) -> Result<f64> {
+        let mut v = 0f64;
+        // SAFETY: a live model and a valid out-pointer.
+        check(unsafe { sys::moert_model_moe_float(self.ptr.as_ptr(), index, key.0, &mut v) })?;
+        Ok(v)
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: the model is ours and &mut self means no call is in flight; sessions created
+        // from it keep what they need (moert.h).
+        unsafe { sys::moert_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name().unwrap_or_default())
+            .finish()
+    }
+}
+
+// ---- Session options ---------------------------------------------------------------------------
+
+/// Options for [`Session::new`]: CPU, 1 thread, seed 0, inference mode by default.
+pub struct SessionOptions {
+    ptr: NonNull<sys::moert_session_options>,
+}
+
+// SAFETY: moert.h: options "must not be modified concurrently"; moving them to another thread
+// is fine. Not Sync: the setters take &mut self, but the header promises nothing about reads
+// racing a modification elsewhere, so sharing is left out.
+unsafe impl Send for SessionOptions {}
+
+impl SessionOptions {
+    /// Options with the defaults.
+    pub fn new() -> Result<SessionOptions> {
+        check_abi()?;
+        let mut out = ptr::null_mut();
+        // SAFETY: a valid out-pointer.
+        check(unsafe { sys::moert_session_options_create(&mut out) })?;
+        NonNull::new(out)
+            .map(|ptr| SessionOptions { ptr })
+            .ok_or_else(|| Error::new(Code::INTERNAL, "the library returned no options"))
+    }
+
+    /// Device and index; CUDA is refused by [`Session::new`] ([`Code::UNSUPPORTED`]) where no
+    /// CUDA backend can be loaded.
+    pub fn device(&mut self, device: Device, index: i32) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe {
+            sys::moert_session_options_set_device(self.ptr.as_ptr(), device.0, index)
+        })?;
+        Ok(self)
+    }
+
+    /// Worker threads for the session's CPU work, 1 to 1024.
+    pub fn threads(&mut self, threads: u32) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe { sys::moert_session_options_set_threads(self.ptr.as_ptr(), threads) })?;
+        Ok(self)
+    }
+
+    /// Seed for everything random the session does.
+    pub fn seed(&mut self, seed: u64) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe { sys::moert_session_options_set_seed(self.ptr.as_ptr(), seed) })?;
+        Ok(self)
+    }
+
+    /// Inference or training.
+    pub fn mode(&mut self, mode: Mode) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe { sys::moert_session_options_set_mode(self.ptr.as_ptr(), mode.0) })?;
+        Ok(self)
+    }
+
+    /// A backend or training knob by name (see moert.h); unknown keys are an error.
+    pub fn config(&mut self, key: &str, value: &str) -> Result<&mut Self> {
+        let (k, v) = (c_string("key", key)?, c_string("value", value)?);
+        // SAFETY: live options, exclusively borrowed; NUL-terminated strings, copied.
+        check(unsafe {
+            sys::moert_session_options_set_config(self.ptr.as_ptr(), k.as_ptr(), v.as_ptr())
+        })?;
+        Ok(self)
+    }
+}
+
+impl fmt::Debug for SessionOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionOptions").finish_non_exhaustive()
+    }
+}
+
+impl Drop for SessionOptions {
+    fn drop(&mut self) {
+        // SAFETY: ours, and no call in flight.
+        unsafe { sys::moert_session_options_free(self.ptr.as_ptr()) }
+    }
+}
+
+// ---- Session -----------------------------------------------------------------------------------
+
+/// The learning rate an optimizer step used and the gradient norm before clipping.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Step {
+    pub learning_rate: f64,
+    pub gradient_norm: f64,
+}
+
+/// A trainable parameter tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParameterInfo {
+    /// "<layer name>.<tensor>", e.g. "moe0.w1".
+    pub name: String,
+    pub numel: u64,
+}
+
+/// Runs a model: forward passes and, in training mode, backward passes, optimizer steps and
+/// checkpoints. Every method takes `&self`: share one session between threads with an `Arc`.
+pub struct Session {
+    ptr: NonNull<sys::moert_session>,
+    io: Io,
+    experts: HashMap<u32, usize>,
+    numel: OnceLock<HashMap<String, u64>>,
+}
+
+// SAFETY: moert.h: "A moert_session may be called from any thread"; it is not tied to the thread
+// that created it.
+unsafe impl Send for Session {}
+// SAFETY: moert.h: "calls on one session are serialised by the session itself", so calls
+// through shared references from many threads are allowed. The one call that must not race
+// (moert_session_free) happens in Drop, which has &mut self.
+unsafe impl Sync for Session {}
+
+impl Session {
+    /// A session over `model` with `options` (None: the defaults). The session keeps what it
+    /// needs: the model may be dropped afterwards.
+    pub fn new(model: &Model, options: Option<&SessionOptions>) -> Result<Session> {
+        check_abi()?;
+        let io = model.io()?;
+        let mut experts = HashMap::new();
+        for layer in model.layers()? {
+            if layer.kind == LayerKind::MOE {
+                experts.insert(
+                    layer.index,
+                    model.moe_int(layer.index, MoeKey::NUM_EXPERTS)? as usize,
+                );
+            }
+        }
+        let mut out = ptr::null_mut();
+        // SAFETY: a live model, live options or NULL, a valid out-pointer.
+        check(unsafe {
+            sys::moert_session_create(
+                model.ptr.as_ptr(),
+                options.map_or(ptr::null(), |o| o.ptr.as_ptr()),
+                &mut out,
+            )
+        })?;
+        let ptr = NonNull::new(out)
+            .ok_or_else(|| Error::new(Code::INTERNAL, "the library returned no session"))?;
+        Ok(Session {
+            ptr,
+            io,
+            experts,
+            numel: OnceLock::new(),
+        })
+    }
+
+    /// What the forward pass takes and returns.
+    pub fn io(&self) -> Io {
+        self.io
+    }
+
+    fn raw(&self) -> *mut sys::moert_session {
+        self.ptr.as_ptr()
+    }
+
+    fn out_len(&self, rows: usize) -> Result<usize> {
+        rows.checked_mul(self.io.output_width as usize)
+            .ok_or_else(|| invalid(format!("{rows} rows overflow the output size")))
+    }
+
+    /// Forward over `rows` rows of token ids (rows * input_width, row-major); returns
+    /// rows * output_width values.
+    pub fn forward_tokens(&self, tokens: &[i32], rows: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.out_len(rows)?];
+        self.forward_tokens_into(tokens, rows, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Session::forward_tokens`], into `out` (rows * output_width values).
+    pub fn forward_tokens_into(&self, tokens: &[i32], rows: usize, out: &mut [f32]) -> Result<()> {
+        // SAFETY: slices with their true lengths; the library checks every size against them.
+        check(unsafe {
+            sys::moert_session_forward_tokens(
+                self.raw(),
+                tokens.as_ptr(),
+                tokens.len() as u64,
+                rows as u64,
+                out.as_mut_ptr(),
+                out.len() as u64,
+            )
+        })
+    }
+
+    /// Forward over `rows` rows of hidden states (rows * input_width); returns
+    /// rows * output_width values.
+    pub fn forward_hidden(&self, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.out_len(rows)?];
+        self.forward_hidden_into(input, rows, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Session::forward_hidden`], into `out`.
+    pub fn forward_hidden_into(&self, input: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
+        // SAFETY: slices with their true lengths.
+        check(unsafe {
+            sys::moert_session_forward_hidden(
+                self.raw(),
+                input.as_ptr(),
+                input.len() as u64,
+                rows as u64,
+                out.as_mut_ptr(),
+                out.len() as u64,
+            )
+        })
+    }
+
+    fn num_experts(&self, layer: u32) -> Result<usize> {
+        self.experts
+            .get(&layer)
+            .copied()
+            .ok_or_else(|| invalid(format!("layer {layer} is not a MoE layer")))
+    }
+
+    /// Tokens routed to each expert of MoE layer `layer` in `scope`.
+    pub fn expert_counts(&self, layer: u32, scope: Scope) -> Result<Vec<i64>> {
+        let mut counts = vec![0i64; self.num_experts(layer)?];
+        // SAFETY: a slice with its true length.
+        check(unsafe {
+            sys::moert_session_expert_counts(
+                self.raw(),
+                layer,
+                scope.0,
+                counts.as_mut_ptr(),
+                counts.len() as u64,
+            )
+        })?;
+        Ok(counts)
+    }
+
+    /// MaxVio of MoE layer `layer` in `scope`, or the mean over MoE layers with [`ALL_LAYERS`].
+    pub fn max_vio(&self, layer: u32, scope: Scope) -> Result<f64> {
+        let mut v = 0f64;
+        // SAFETY: a valid out-pointer.
+        check(unsafe { sys::moert_session_max_vio(self.raw(), layer, scope.0, &mut v) })?;
+        Ok(v)
+    }
+
+    /// Zeroes the [`Scope::EVAL`] counts of every MoE layer.
+    pub fn reset_metrics(&self) -> Result<()> {
+        // SAFETY: a live session.
+        check(unsafe { sys::moert_session_reset_metrics(self.raw()) })
+    }
+
+    /// Cross-entropy of the last training forward pass's logits against `targets` (one id per
+    /// row) plus the auxiliary balancing losses; accumulates every gradient; returns the loss.
+    pub fn backward_loss(&self, targets: &[i32]) -> Result<f64> {
+        let mut loss = 0f64;
+        // SAFETY: a slice with its true length and a valid out-pointer.
+        check(unsafe {
+            sys::moert_session_backward_loss(
+                self.raw(),
+                targets.as_ptr(),
+                targets.len() as u64,
+                &mut loss,
+            )
+        })?;
+        Ok(loss)
+    }
+
+    /// Back-propagates `grad_out` (gradient of the last training forward pass's outputs) and
+    /// returns the auxiliary loss; `grad_in` receives the input gradient (hidden-state models).
+    pub fn backward(&self, grad_out: &[f32], grad_in: Option<&mut [f32]>) -> Result<f64> {
+        let mut aux = 0f64;
+        let (gi, gi_len) =
+            grad_in.map_or((ptr::null_mut(), 0), |g| (g.as_mut_ptr(), g.len() as u64));
+        // SAFETY: slices with their true lengths (or NULL and 0), a valid out-pointer.
+        check(unsafe {
+            sys::moert_session_backward(
+                self.raw(),
+                grad_out.as_ptr(),
+                grad_out.len() as u64,
+                gi,
+                gi_len,
+                &mut aux,
+            )
+        })?;
+        Ok(aux)
+    }
+
+    /// Zeroes the accumulated gradients and the micro-batch count.
+    pub fn zero_grad(&self) -> Result<()> {
+        // SAFETY: a live session.
+        check(unsafe { sys::moert_session_zero_grad(self.raw()) })
+    }
+
+    /// One optimizer step, then the loss-free bias update.
+    pub fn step(&self) -> Result<Step> {
+        let (mut lr, mut norm) = (0f64, 0f64);
+        // SAFETY: valid out-pointers.
+        check(unsafe { sys::moert_session_step(self.raw(), &mut lr, &mut norm) })?;
+        Ok(Step {
+            learning_rate: lr,
+            gradient_norm: norm,
+        })
+    }
+
+    /// Optimizer steps taken (restored from checkpoints).
+    pub fn step_count(&self) -> Result<u64> {
+        let mut n = 0u64;
+        // SAFETY: a valid out-pointer.
+        check(unsafe { sys::moert_session_step_count(self.raw(), &mut n) })?;
+        Ok(n)
+    }
+
+    /// Evaluation mode (true) or training (false).
+    pub fn set_eval(&self, eval: bool) -> Result<()> {
+        // SAFETY: a live session.
+        check(unsafe { sys::moert_session_set_eval(self.raw(), i32::from(eval)) })
+    }
+
+    /// A training knob by name (see moert.h), for this session from now on.
+    pub fn set_config(&self, key: &str, value: &str) -> Result<()> {
+        let (k, v) = (c_string("key", key)?, c_string("value", value)?);
+        // SAFETY: NUL-terminated strings, copied.
+        check(unsafe { sys::moert_session_set_config(self.raw(), k.as_ptr(), v.as_ptr()) })
+    }
+
+    /// Number of trainable parameter tensors.
+    pub fn num_parameters(&self) -> Result<u32> {
+        let mut n = 0u32;
+        // SAFETY: a valid out-pointer.
+        check(unsafe { sys::moert_session_num_parameters(self.raw(), &mut n) })?;
+        Ok(n)
+    }
+
+    /// Trainable parameter `index`.
+    pub fn parameter(&self, index: u32) -> Result<ParameterInfo> {
+        let (mut name, mut numel) = (ptr::null(), 0u64);
+        // SAFETY: valid out-pointers; the name is copied while self lives.
+        check(unsafe {
+            sys::moert_session_parameter_info(self.raw(), index, &mut name, &mut numel)
+        })?;
+        Ok(ParameterInfo {
+            name: copy_string(name),
+            numel,
+        })
+    }
+
+    /// Every trainable parameter.
+    pub fn parameters(&self) -> Result<Vec<ParameterInfo>> {
+        (0..self.num_parameters()?)
+            .map(|i| self.parameter(i))
+            .collect()
+    }
+
+    fn numel(&self, name: &str) -> Result<usize> {
+        let table = match self.numel.get() {
+            Some(t) => t,
+            None => {
+                let t = self
+                    .parameters()?
+                    .into_iter()
+                    .map(|p| (p.name, p.numel))
+                    .collect();
+                self.numel.get_or_init(|| t)
+            }
+        };
+        table
+            .get(name)
+            .map(|&n| n as usize)
+            .ok_or_else(|| invalid(format!("no parameter named '{name}'")))
+    }
+
+    fn read(
+        &self,
+        name: &str,
+        f: unsafe extern "C" fn(
+            *const sys::moert_session,
+            *const c_char,
+            *mut f32,
+            u64,
+        ) -> *mut sys::moert_status,
+    ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.numel(name)?];
+        let n = c_string("name", name)?;
+        // SAFETY: f is one of the library's getters; a slice with its true length.
+        check(unsafe { f(self.raw(), n.as_ptr(), out.as_mut_ptr(), out.len() as u64) })?;
+        Ok(out)
+    }
+
+    fn write(
+        &self,
+        name: &str,
+        values: &[f32],
+        f: unsafe extern "C" fn(
+            *mut sys::moert_session,
+            *const c_char,
+            *const f32,
+            u64,
+        ) -> *mut sys::moert_status,
+    ) -> Result<()> {
+        let n = c_string("name", name)?;
+        // SAFETY: f is one of the library's setters; a slice with its true length, copied.
+        check(unsafe { f(self.raw(), n.as_ptr(), values.as_ptr(), values.len() as u64) })
+    }
+
+    /// A copy of parameter `name` (row-major).
+    pub fn get_parameter(&self, name: &str) -> Result<Vec<f32>> {
+        self.read(name, sys::moert_session_get_parameter)
+    }
+
+    /// Writes parameter `name`; NaN or infinity is refused ([`Code::NUMERIC`]).
+    pub fn set_parameter(&self, name: &str, values: &[f32]) -> Result<()> {
+        self.write(name, values, sys::moert_session_set_parameter)
+    }
+
+    /// A copy of the accumulated gradient of parameter `name`.
+    pub fn get_gradient(&self, name: &str) -> Result<Vec<f32>> {
+        self.read(name, sys::moert_session_get_gradient)
+    }
+
+    /// Writes the accumulated gradient of parameter `name`.
+    pub fn set_gradient(&self, name: &str, values: &[f32]) -> Result<()> {
+        self.write(name, values, sys::moert_session_set_gradient)
+    }
+
+    /// The loss-free balancing bias of MoE layer `layer`, one value per routed expert.
+    pub fn expert_bias(&self, layer: u32) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.num_experts(layer)?];
+        // SAFETY: a slice with its true length.
+        check(unsafe {
+            sys::moert_session_get_expert_bias(
+                self.raw(),
+                layer,
+                out.as_mut_ptr(),
+                out.len() as u64,
+            )
+        })?;
+        Ok(out)
+    }
+
+    /// Sets the loss-free balancing bias of MoE layer `layer`.
+    pub fn set_expert_bias(&self, layer: u32, bias: &[f32]) -> Result<()> {
+        // SAFETY: a slice with its true length, copied.
+        check(unsafe {
+            sys::moert_session_set_expert_bias(self.raw(), layer, bias.as_ptr(), bias.len() as u64)
+        })
+    }
+
+    /// Bias update rate gamma of MoE layer `layer` or [`ALL_LAYERS`], from the next step on.
+    pub fn set_bias_update_rate(&self, layer: u32, gamma: f64) -> Result<()> {
+        // SAFETY: a live session.
+        check(unsafe { sys::moert_session_set_bias_update_rate(self.raw(), layer, gamma) })
+    }
+
+    /// Freezes or thaws the bias of MoE layer `layer` or [`ALL_LAYERS`].
+    pub fn set_bias_frozen(&self, layer: u32, frozen: bool) -> Result<()> {
+        // SAFETY: a live session.
+        check(unsafe { sys::moert_session_set_bias_frozen(self.raw(), layer, i32::from(frozen)) })
+    }
+
+    /// Writes a checkpoint atomically; on [`Code::IO`] the previous file at `path` is intact.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let p = c_path(path.as_ref())?;
+        // SAFETY: a NUL-terminated path, copied.
+        check(unsafe { sys::moert_session_save(self.raw(), p.as_ptr()) })
+    }
+
+    /// Restores a checkpoint; a corrupt or foreign file is refused and the state is kept.
+    pub fn load(&self, path: impl AsRef<Path>) -> Result<()> {
+        let p = c_path(path.as_ref())?;
+        // SAFETY: a NUL-terminated path, copied.
+        check(unsafe { sys::moert_session_load(self.raw(), p.as_ptr()) })
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: ours, and &mut self means no call is in flight on any thread.
+        unsafe { sys::moert_session_free(self.raw()) }
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session").field("io", &self.io).finish()
+    }
+}

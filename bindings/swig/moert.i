@@ -1,0 +1,397 @@
+/* SWIG interface: generates the low-level Go (cgo) and Java (JNI) layers from moert.h.
+ *
+ * Nothing here restates a declaration of the header: the header itself is %include'd at the end,
+ * so every function and #define it has reaches both languages. What this file adds is the
+ * mapping of the header's conventions, keyed on types and on the parameter names the header uses
+ * for one convention, never on a particular function:
+ *
+ *   moert_x** out                    the new handle of a create/load call
+ *   T* out (any scalar T)            one value out; NULL allowed where the header says so
+ *   const char** out|name            a library-owned string out: copied into the language's string
+ *   (const T* in, uint64_t in_len)   a caller-owned array in, with its length in elements
+ *   (T* out, uint64_t out_len)       a caller-owned array out, with its length in elements
+ *
+ * The pointer+length pairs are matched by their names (SWIG matches multi-argument typemaps by
+ * name); bindings/swig/check_generated.cmake fails the build's tests when the header grows a
+ * parameter that falls through to SWIG's opaque-pointer default, so a new name is added here
+ * before it ships.
+ *
+ * Both generated layers are internal: the idiomatic Go package and Java classes are the API.
+ */
+#if defined(SWIGJAVA)
+%module(jniclassname = "CapiJNI") Capi
+#else
+%module capi
+#endif
+
+%{
+#include <moert/moert.h>
+#include <string.h>
+%}
+
+%include <stdint.i>
+
+/* The header's export macro means nothing to SWIG. */
+#define MOERT_API
+
+/* Pointer + length pairs, by direction, as the header names them. */
+#define MOERT_IN_ARRAYS(T)                                                            \
+  (const T* in, uint64_t in_len), (const T* in, uint64_t len),                        \
+      (const T* tokens, uint64_t num_tokens), (const T* targets, uint64_t num_targets), \
+      (const T* grad_out, uint64_t grad_out_len)
+#define MOERT_OUT_ARRAYS(T)                                                       \
+  (T* out, uint64_t out_len), (T* out, uint64_t len), (T* counts, uint64_t len),  \
+      (T* grad_in, uint64_t grad_in_len)
+
+/* ============================================================================================ */
+#if defined(SWIGGO)
+
+/* Exact widths: SWIG's defaults give int32_t the Go type int, and int32_t* the type *int, whose
+ * element is 8 bytes wide; the C side would write only half of it. */
+%typemap(gotype) int32_t, const int32_t& "int32"
+%typemap(gotype) uint32_t, const uint32_t& "uint32"
+
+/* One scalar out: a Go pointer, nil for NULL. cgo lets C write through a Go pointer to memory
+ * without Go pointers in it for the duration of the call. */
+%define MOERT_GO_SCALAR_OUT(CTYPE, GOTYPE)
+%typemap(gotype) CTYPE* "*GOTYPE"
+%typemap(in) CTYPE* %{ $1 = ($1_ltype)$input; %}
+%enddef
+MOERT_GO_SCALAR_OUT(int32_t, int32)
+MOERT_GO_SCALAR_OUT(uint32_t, uint32)
+MOERT_GO_SCALAR_OUT(int64_t, int64)
+MOERT_GO_SCALAR_OUT(uint64_t, uint64)
+MOERT_GO_SCALAR_OUT(double, float64)
+
+/* Arrays: Go slices, passed to C as SWIG's {array, len, cap} slice header; a nil slice is NULL
+ * with length 0. The element memory holds no Go pointers, so cgo's rules allow it. */
+%define MOERT_GO_ARRAYS(CTYPE, GOTYPE)
+%typemap(gotype) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) "[]GOTYPE"
+%typemap(in) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) %{
+  $1 = ($1_ltype)$input.array;
+  $2 = ($2_ltype)$input.len;
+%}
+%enddef
+MOERT_GO_ARRAYS(float, float32)
+MOERT_GO_ARRAYS(int32_t, int32)
+MOERT_GO_ARRAYS(int64_t, int64)
+
+%typemap(gotype) (const void* data, size_t size) "[]byte"
+%typemap(in) (const void* data, size_t size) %{
+  $1 = ($1_ltype)$input.array;
+  $2 = ($2_ltype)$input.len;
+%}
+
+/* A new handle out: the address of a Go uintptr that receives the C pointer. */
+%typemap(gotype) SWIGTYPE** out "*uintptr"
+%typemap(in) SWIGTYPE** out %{ $1 = ($1_ltype)$input; %}
+
+/* A library-owned string out, copied into Go memory before the call returns to Go (the string
+ * lives only as long as its handle, which Go may free right after). */
+%typemap(gotype) const char** out, const char** name "*string"
+%typemap(in) const char** out (const char* value = NULL), const char** name (const char* value = NULL)
+%{ $1 = $input ? ($1_ltype)&value : NULL; %}
+%typemap(argout, fragment = "AllocateString") const char** out, const char** name
+%{
+  if ($input && value$argnum) *$input = Swig_AllocateString(value$argnum, strlen(value$argnum));
+%}
+%typemap(goargout, fragment = "CopyString") const char** out, const char** name
+%{
+  if $input != nil && *$input != "" {
+    *$input = swigCopyString(*$input)
+  }
+%}
+
+/* An optional directory: "" is NULL. */
+%typemap(in) const char* external_dir %{
+  $1 = NULL;
+  if ($input.n > 0) {
+    $1 = ($1_ltype)malloc($input.n + 1);
+    memcpy($1, $input.p, $input.n);
+    $1[$input.n] = '\0';
+  }
+%}
+
+/* Link flags come from pkg-config: the installed moert.pc, or moert-uninstalled.pc in a build
+ * tree (pkg-config prefers it when its directory is on PKG_CONFIG_PATH). */
+%insert(cgo_comment_typedefs) %{
+#cgo pkg-config: moert
+%}
+
+#endif /* SWIGGO */
+
+/* ============================================================================================ */
+#if defined(SWIGJAVA)
+
+/* Header constants as compile-time Java constants in the public interface CapiConstants: they
+ * are the values this binding was built against (MOERT_ABI_VERSION among them). */
+%javaconst(1);
+/* Except where the C literal is not Java (an unsigned suffix): that value comes from the C side
+ * through JNI when CapiConstants initialises. */
+%javaconst(0) MOERT_ALL_LAYERS;
+
+/* The generated layer is package-private: the idiomatic classes of dev.moert are the API. */
+%pragma(java) jniclassclassmodifiers = "final class"
+%pragma(java) moduleclassmodifiers = "final class"
+%typemap(javaclassmodifiers) SWIGTYPE* "final class"
+
+/* 64-bit unsigned values travel as Java long bit patterns (SWIG's default is BigInteger). */
+%apply int64_t { uint64_t };
+%apply int64_t { size_t };
+
+%{
+#include <jni.h>
+
+static void moert_jni_throw(JNIEnv* env, const char* cls, const char* msg) {
+  jclass c = (*env)->FindClass(env, cls);
+  if (c) (*env)->ThrowNew(env, c, msg);
+}
+
+/* A library string (UTF-8) as a Java byte[]; Java decodes it as UTF-8 (NewStringUTF takes
+ * modified UTF-8 and would mangle characters outside the BMP). */
+static jbyteArray moert_jni_bytes(JNIEnv* env, const char* s) {
+  if (!s) return NULL;
+  jsize n = (jsize)strlen(s);
+  jbyteArray a = (*env)->NewByteArray(env, n);
+  if (a) (*env)->SetByteArrayRegion(env, a, 0, n, (const jbyte*)s);
+  return a;
+}
+
+/* UTF-8 bytes from Java (a String encoded by Capi.cstring) as a malloc'ed C string. */
+static char* moert_jni_cstring(JNIEnv* env, jbyteArray a, int* failed) {
+  *failed = 0;
+  if (!a) return NULL;
+  jsize n = (*env)->GetArrayLength(env, a);
+  char* s = (char*)malloc((size_t)n + 1);
+  if (!s) {
+    moert_jni_throw(env, "java/lang/OutOfMemoryError", "moert: string argument");
+    *failed = 1;
+    return NULL;
+  }
+  (*env)->GetByteArrayRegion(env, a, 0, n, (jbyte*)s);
+  s[n] = '\0';
+  return s;
+}
+
+/* One java.nio buffer seen from C: a direct buffer is used in place (zero copy); an
+ * array-backed one through Get<Type>ArrayElements, released after the call (copied back for
+ * outputs, discarded for inputs). The C length is the buffer's capacity, so the library can
+ * never run past it; the idiomatic layer passes slice()d buffers whose index 0 is the caller's
+ * position. */
+typedef struct {
+  void* data;
+  jlong length;
+  jarray array;
+  void* elements;
+} moert_jni_buffer;
+
+enum { MOERT_JNI_BYTE, MOERT_JNI_INT, MOERT_JNI_LONG, MOERT_JNI_FLOAT };
+
+static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni_buffer* b) {
+  static const size_t width[] = {1, 4, 8, 4};
+  memset(b, 0, sizeof *b);
+  if (!buffer) return 1;
+  void* address = (*env)->GetDirectBufferAddress(env, buffer);
+  if (address) {
+    b->data = address;
+    b->length = (*env)->GetDirectBufferCapacity(env, buffer);
+    return 1;
+  }
+  jclass cls = (*env)->FindClass(env, "java/nio/Buffer");
+  if (!cls) return 0;
+  jmethodID has_array = (*env)->GetMethodID(env, cls, "hasArray", "()Z");
+  jmethodID array = (*env)->GetMethodID(env, cls, "array", "()Ljava/lang/Object;");
+  jmethodID offset = (*env)->GetMethodID(env, cls, "arrayOffset", "()I");
+  jmethodID capacity = (*env)->GetMethodID(env, cls, "capacity", "()I");
+  if (!has_array || !array || !offset || !capacity) return 0;
+  /* Every call into Java is followed by an exception check before the next JNI call. */
+  jboolean backed = (*env)->CallBooleanMethod(env, buffer, has_array);
+  if ((*env)->ExceptionCheck(env)) return 0;
+  if (!backed) {
+    moert_jni_throw(env, "java/lang/IllegalArgumentException",
+                    "moert: a buffer must be direct, or array-backed and writable");
+    return 0;
+  }
+  b->array = (jarray)(*env)->CallObjectMethod(env, buffer, array);
+  if ((*env)->ExceptionCheck(env)) return 0;
+  jint first = (*env)->CallIntMethod(env, buffer, offset);
+  if ((*env)->ExceptionCheck(env)) return 0;
+  b->length = (*env)->CallIntMethod(env, buffer, capacity);
+  if ((*env)->ExceptionCheck(env)) return 0;
+  switch (type) {
+    case MOERT_JNI_BYTE:
+      b->elements = (*env)->GetByteArrayElements(env, (jbyteArray)b->array, NULL);
+      break;
+    case MOERT_JNI_INT:
+      b->elements = (*env)->GetIntArrayElements(env, (jintArray)b->array, NULL);
+      break;
+    case MOERT_JNI_LONG:
+      b->elements = (*env)->GetLongArrayElements(env, (jlongArray)b->array, NULL);
+      break;
+    default:
+      b->elements = (*env)->GetFloatArrayElements(env, (jfloatArray)b->array, NULL);
+      break;
+  }
+  if (!b->elements) return 0; /* OutOfMemoryError is pending */
+  b->data = (char*)b->elements + (size_t)first * width[type];
+  return 1;
+}
+
+static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type, int copy_back) {
+  if (!b->elements) return;
+  jint mode = copy_back ? 0 : JNI_ABORT;
+  switch (type) {
+    case MOERT_JNI_BYTE:
+      (*env)->ReleaseByteArrayElements(env, (jbyteArray)b->array, (jbyte*)b->elements, mode);
+      break;
+    case MOERT_JNI_INT:
+      (*env)->ReleaseIntArrayElements(env, (jintArray)b->array, (jint*)b->elements, mode);
+      break;
+    case MOERT_JNI_LONG:
+      (*env)->ReleaseLongArrayElements(env, (jlongArray)b->array, (jlong*)b->elements, mode);
+      break;
+    default:
+      (*env)->ReleaseFloatArrayElements(env, (jfloatArray)b->array, (jfloat*)b->elements, mode);
+      break;
+  }
+  b->elements = NULL;
+}
+%}
+
+/* Strings in: Java String -> UTF-8 bytes (Capi.cstring) -> C string; null is NULL. */
+%typemap(jni) const char* "jbyteArray"
+%typemap(jtype) const char* "byte[]"
+%typemap(jstype) const char* "String"
+%typemap(javain) const char* "Capi.cstring($javainput)"
+%typemap(in) const char* (int failed) %{
+  $1 = moert_jni_cstring(jenv, $input, &failed);
+  if (failed) return $null;
+%}
+%typemap(freearg) const char* %{ free((void*)$1); %}
+
+/* Strings out (static or library-owned): byte[] decoded as UTF-8 by Capi.string. */
+%typemap(out) const char* %{ $result = moert_jni_bytes(jenv, $1); %}
+%typemap(javaout) const char* { return Capi.string($jnicall); }
+
+/* A library-owned string out through const char**: a one-element String[] (null: NULL). */
+%typemap(jni) const char** out, const char** name "jobjectArray"
+%typemap(jtype) const char** out, const char** name "byte[][]"
+%typemap(jstype) const char** out, const char** name "String[]"
+%typemap(javain, pre = "    byte[][] bytes$javainput = $javainput == null ? null : new byte[1][];",
+         post = "      if ($javainput != null) $javainput[0] = Capi.string(bytes$javainput[0]);")
+    const char** out, const char** name "bytes$javainput"
+%typemap(in) const char** out (const char* value = NULL), const char** name (const char* value = NULL)
+%{ $1 = $input ? ($1_ltype)&value : NULL; %}
+%typemap(argout) const char** out, const char** name %{
+  if ($input && value$argnum) {
+    jbyteArray bytes = moert_jni_bytes(jenv, value$argnum);
+    if (bytes) (*jenv)->SetObjectArrayElement(jenv, $input, 0, bytes);
+  }
+%}
+
+/* One scalar out: a Java array of at least one element (null: NULL), written after the call. */
+%define MOERT_JAVA_SCALAR_OUT(CTYPE, JNITYPE, JTYPE, JARRAY, JSET)
+%typemap(jni) CTYPE* #JARRAY
+%typemap(jtype) CTYPE* #JTYPE "[]"
+%typemap(jstype) CTYPE* #JTYPE "[]"
+%typemap(javain) CTYPE* "$javainput"
+%typemap(in) CTYPE* (CTYPE value = 0) %{
+  $1 = NULL;
+  if ($input) {
+    if ((*jenv)->GetArrayLength(jenv, $input) < 1) {
+      moert_jni_throw(jenv, "java/lang/IllegalArgumentException", "moert: empty output array");
+      return $null;
+    }
+    $1 = &value;
+  }
+%}
+%typemap(argout) CTYPE* %{
+  if ($input) {
+    JNITYPE v = (JNITYPE)value$argnum;
+    (*jenv)->JSET(jenv, $input, 0, 1, &v);
+  }
+%}
+%enddef
+MOERT_JAVA_SCALAR_OUT(int32_t, jint, int, jintArray, SetIntArrayRegion)
+MOERT_JAVA_SCALAR_OUT(uint32_t, jint, int, jintArray, SetIntArrayRegion)
+MOERT_JAVA_SCALAR_OUT(int64_t, jlong, long, jlongArray, SetLongArrayRegion)
+MOERT_JAVA_SCALAR_OUT(uint64_t, jlong, long, jlongArray, SetLongArrayRegion)
+MOERT_JAVA_SCALAR_OUT(double, jdouble, double, jdoubleArray, SetDoubleArrayRegion)
+
+/* Arrays: java.nio buffers (see moert_jni_buffer above), their capacity as the C length. The
+ * buffer state is declared in the code, not as a typemap local: SWIG attaches the locals of a
+ * list of multi-argument patterns to the last pattern only. */
+%define MOERT_JAVA_ARRAYS(CTYPE, BUFFER, TAG)
+%typemap(jni) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) "jobject"
+%typemap(jtype) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) #BUFFER
+%typemap(jstype) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) #BUFFER
+%typemap(javain) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) "$javainput"
+%typemap(in) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) %{
+  moert_jni_buffer buffer$argnum;
+  if (!moert_jni_buffer_get(jenv, $input, TAG, &buffer$argnum)) return $null;
+  $1 = ($1_ltype)buffer$argnum.data;
+  $2 = ($2_ltype)buffer$argnum.length;
+%}
+/* Nothing to copy after the call (the release below does it); this also keeps the scalar-out
+ * argout typemaps, which match T* alone, off these pointers. */
+%typemap(argout) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) ""
+%typemap(freearg) MOERT_IN_ARRAYS(CTYPE) %{ moert_jni_buffer_release(jenv, &buffer$argnum, TAG, 0); %}
+%typemap(freearg) MOERT_OUT_ARRAYS(CTYPE) %{ moert_jni_buffer_release(jenv, &buffer$argnum, TAG, 1); %}
+%enddef
+MOERT_JAVA_ARRAYS(float, java.nio.FloatBuffer, MOERT_JNI_FLOAT)
+MOERT_JAVA_ARRAYS(int32_t, java.nio.IntBuffer, MOERT_JNI_INT)
+MOERT_JAVA_ARRAYS(int64_t, java.nio.LongBuffer, MOERT_JNI_LONG)
+
+%typemap(jni) (const void* data, size_t size) "jobject"
+%typemap(jtype) (const void* data, size_t size) "java.nio.ByteBuffer"
+%typemap(jstype) (const void* data, size_t size) "java.nio.ByteBuffer"
+%typemap(javain) (const void* data, size_t size) "$javainput"
+%typemap(in) (const void* data, size_t size) %{
+  moert_jni_buffer buffer$argnum;
+  if (!moert_jni_buffer_get(jenv, $input, MOERT_JNI_BYTE, &buffer$argnum)) return $null;
+  $1 = ($1_ltype)buffer$argnum.data;
+  $2 = ($2_ltype)buffer$argnum.length;
+%}
+%typemap(freearg) (const void* data, size_t size)
+%{ moert_jni_buffer_release(jenv, &buffer$argnum, MOERT_JNI_BYTE, 0); %}
+
+/* A new handle out: a one-element array of the handle's proxy class; null stays null. */
+%typemap(jni) SWIGTYPE** out "jlongArray"
+%typemap(jtype) SWIGTYPE** out "long[]"
+%typemap(jstype) SWIGTYPE** out "$*javaclassname[]"
+%typemap(javain, pre = "    long[] ptr$javainput = new long[1];",
+         post = "      if (ptr$javainput[0] != 0) $javainput[0] = new $*javaclassname(ptr$javainput[0], false);")
+    SWIGTYPE** out "ptr$javainput"
+%typemap(in) SWIGTYPE** out ($*1_ltype handle = NULL) %{ $1 = &handle; %}
+%typemap(argout) SWIGTYPE** out %{
+  {
+    jlong p = (jlong)(intptr_t)handle$argnum;
+    (*jenv)->SetLongArrayRegion(jenv, $input, 0, 1, &p);
+  }
+%}
+
+/* String helpers the typemaps above call. */
+%pragma(java) modulecode = %{
+  /** UTF-8 bytes of s (the C side adds the terminating NUL), or null. */
+  static byte[] cstring(String s) {
+    if (s == null) {
+      return null;
+    }
+    byte[] utf8 = s.getBytes(java.nio.charset.StandardCharsets.UTF_8);
+    for (byte b : utf8) {
+      if (b == 0) {
+        throw new IllegalArgumentException("moert: a string argument contains a NUL character");
+      }
+    }
+    return utf8;
+  }
+
+  /** A library string: UTF-8 bytes as a String, or null. */
+  static String string(byte[] utf8) {
+    return utf8 == null ? null : new String(utf8, java.nio.charset.StandardCharsets.UTF_8);
+  }
+%}
+
+#endif /* SWIGJAVA */
+
+%include "moert/moert.h"

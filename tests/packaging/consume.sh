@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Builds and runs a small consumer of an installed moert, the way the README tells each kind of
+# user to: packaging tests run it against `cmake --install --prefix PREFIX` of the build.
+#
+#   consume.sh KIND PREFIX WORKDIR MODEL
+#   KIND: c-cmake | c-pkgconfig | go | java | rust
+# Tools come from the environment: CMAKE, CC, GO, JAVAC, JAVA, CARGO (and PKG_CONFIG).
+set -euo pipefail
+kind=$1 prefix=$2 work=$3 model=$4
+here=$(cd "$(dirname "$0")" && pwd)
+libdir=$(dirname "$(find "$prefix" -name 'libmoert.so' -print -quit)")
+pcdir=$libdir/pkgconfig
+rm -rf "$work" && mkdir -p "$work"
+# Only the installed copy may be found: no build-tree pkg-config files, no build rpath.
+export PKG_CONFIG_PATH=$pcdir LD_LIBRARY_PATH=$libdir
+
+case $kind in
+c-cmake)
+  "$CMAKE" -S "$here/c" -B "$work/build" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" \
+    -DCMAKE_C_FLAGS="-Wall -Wextra -Werror"
+  "$CMAKE" --build "$work/build"
+  "$work/build/consumer" "$model"
+  ;;
+c-pkgconfig)
+  # shellcheck disable=SC2046
+  "$CC" -std=c11 -Wall -Wextra -Werror -o "$work/consumer" "$here/c/main.c" \
+    $(pkg-config --cflags --libs moert)
+  "$work/consumer" "$model"
+  ;;
+go)
+  mkdir -p "$work/src"
+  cp "$here/go/main.go" "$work/src/"
+  cat >"$work/src/go.mod" <<MOD
+module example.com/consumer
+
+go 1.19
+
+require moert.dev/moert v0.1.0
+
+replace moert.dev/moert => $prefix/share/moert/go
+MOD
+  cd "$work/src"
+  GOWORK=off GOFLAGS=-mod=mod GOPROXY=off GOENV=off GOPATH=$work/gopath \
+    GOCACHE=${GOCACHE:-$work/gocache} "$GO" run . "$model"
+  ;;
+java)
+  jar=$prefix/share/java/moert.jar
+  "$JAVAC" --release 17 -Xlint:all -Werror -cp "$jar" -d "$work/classes" "$here/java/Consumer.java"
+  "$JAVA" -Djava.library.path="$libdir" -cp "$jar:$work/classes" Consumer "$model"
+  ;;
+rust)
+  # The crates from the source tree (a path dependency), libmoert from the installed moert.pc.
+  CARGO_TARGET_DIR=$work/target "$CARGO" run --offline --locked --quiet \
+    --manifest-path "$here/rust/Cargo.toml" -- "$model"
+  ;;
+*)
+  echo "consume.sh: unknown kind '$kind'" >&2
+  exit 2
+  ;;
+esac
