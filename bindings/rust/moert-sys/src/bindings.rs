@@ -212,9 +212,13 @@ extern "C" {
     pub fn moert_session_options_free(options: *mut moert_session_options);
 }
 extern "C" {
-    #[doc = " Device kind (MOERT_DEVICE_*) and index. This build runs MOERT_DEVICE_CPU; asking for CUDA is"]
-    #[doc = " accepted here and refused by moert_session_create() with MOERT_ERR_UNSUPPORTED when no CUDA"]
-    #[doc = " backend can be loaded."]
+    #[doc = " Device kind (MOERT_DEVICE_*) and index. MOERT_DEVICE_CUDA sessions run on the CUDA plugin,"]
+    #[doc = " libmoert_cuda.so, which moert_session_create() loads on first use from the directory of"]
+    #[doc = " libmoert.so (or from the \"cuda_plugin\" option), checks against this library's version and"]
+    #[doc = " never unloads. Where the plugin, the CUDA libraries or a Hopper GPU are missing,"]
+    #[doc = " moert_session_create() returns MOERT_ERR_UNSUPPORTED saying which; CPU sessions are unaffected."]
+    #[doc = " On CUDA, GEMMs run in bf16 with fp32 accumulation and everything else in fp32; Expert Choice"]
+    #[doc = " layers are refused at their first forward pass (MOERT_ERR_UNSUPPORTED)."]
     pub fn moert_session_options_set_device(
         options: *mut moert_session_options,
         device: i32,
@@ -246,6 +250,9 @@ extern "C" {
     #[doc = " Backend knob by name. Known keys:"]
     #[doc = "   \"check_finite\"  \"true\" (default) | \"false\": refuse NaN or infinity in hidden-state inputs"]
     #[doc = "                   with MOERT_ERR_NUMERIC before any work is done."]
+    #[doc = "   \"cuda_plugin\"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads"]
+    #[doc = "                   one plugin: a second, different path is refused)."]
+    #[doc = "   and the training knobs listed under Training below."]
     #[doc = " An unknown key or a value it does not accept is MOERT_ERR_INVALID_ARGUMENT."]
     pub fn moert_session_options_set_config(
         options: *mut moert_session_options,
