@@ -29,7 +29,7 @@ stage)
   cp $build/tests/gpu/moert_gpu_kernel_tests $build/tests/gpu/moert_gpu_session_tests \
     $build/bench/moert_cuda_bench "$dir/bin/"
   cp $build/tests/gpu/models/*.moert "$dir/models/"
-  cp bench/torch_moe_bench.py scripts/gpu-run.sh "$dir/"
+  cp bench/torch_cuda_moe_bench.py scripts/gpu-run.sh "$dir/"
   strip --strip-debug "$dir"/bin/* "$dir"/lib/*.so.*.* 2>/dev/null || true
   du -sh "$dir"
   ;;
@@ -55,7 +55,7 @@ device)
     "$dir/bin/moert_cuda_bench" --reps "${MOERT_BENCH_REPS:-5}" --json "$out/moert_bench.json" 2>&1 |
       tee "$out/moert_bench.log" || status=1
     echo "== torch_moe_bench"
-    python3 "$dir/torch_moe_bench.py" --reps "${MOERT_BENCH_REPS:-5}" --json "$out/torch_bench.json" \
+    python3 "$dir/torch_cuda_moe_bench.py" --reps "${MOERT_BENCH_REPS:-5}" --json "$out/torch_bench.json" \
       >"$out/torch_bench.log" 2>&1 || status=1
     tail -3 "$out/torch_bench.log"
     python3 - "$out" <<'EOF' | tee "$out/table.md"

@@ -5,7 +5,7 @@ one shared expert. Two implementations: an eager loop over experts, and torch._g
 tokens sorted by expert where the installed PyTorch has it. Forward over 256 experts at 4096 and
 16384 tokens; forward+backward over 64 experts at 1024 and 4096 tokens. Prints JSON.
 
-    python3 bench/torch_moe_bench.py [--reps N] [--json FILE]
+    python3 bench/torch_cuda_moe_bench.py [--reps N] [--json FILE]
 """
 import argparse
 import json
