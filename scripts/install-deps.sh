@@ -8,7 +8,9 @@ packages=(
   libgtest-dev                                  # C++ and C ABI tests
   flatbuffers-compiler libflatbuffers-dev       # the model schema
   libblis-serial-dev                            # CPU BLAS (see cmake/MoertBlas.cmake)
-  python3 python3-numpy python3-torch           # the independent PyTorch oracle
+  python3 python3-numpy python3-torch           # the PyTorch oracle and bench/torch_moe_bench.py
+  fortunes                                      # English text for the balancing experiment
+  python3-matplotlib                            # the experiment's MaxVio plot (PNG)
 )
 
 missing=()
