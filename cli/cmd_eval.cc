@@ -93,7 +93,8 @@ int run_eval(const Args& args) {
     std::fputs(s.c_str(), stdout);
     return 0;
   }
-  std::printf("model %s on the %s text of %s (%llu characters)\n", path.c_str(), which.c_str(),
+  const std::string part = which == "all" ? "whole" : which;
+  std::printf("model %s on the %s text of %s (%llu characters)\n", path.c_str(), part.c_str(),
               corpus_path.c_str(), static_cast<unsigned long long>(r.tokens));
   std::printf("loss %.4f nats/char, perplexity %.3f\n", r.loss, r.perplexity);
   if (moe.empty()) return 0;

@@ -101,9 +101,10 @@ RunResult train_run(const moert_model* model, const std::string& label,
   constexpr uint64_t kWindow =
       50;  // live figures are means over the last steps, not one noisy batch
   auto live = [&](uint64_t done) {
-    const uint64_t n = std::min<uint64_t>(done, kWindow);
-    return cat("loss ", std::round(loss_window / static_cast<double>(n) * 1000) / 1000, "  MaxVio ",
-               std::round(vio_window / static_cast<double>(n) * 1000) / 1000);
+    const double n = static_cast<double>(std::min<uint64_t>(done, kWindow));
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "loss %.3f  MaxVio %.3f", loss_window / n, vio_window / n);
+    return std::string(buf);
   };
 
   for (uint64_t step = 1; step <= st.steps; ++step) {
@@ -147,7 +148,7 @@ RunResult train_run(const moert_model* model, const std::string& label,
   Progress eval_progress(label + " validation", pos.size(), pos.size());
   result.validation =
       evaluate(s, model, validation, context, pos, st.eval_batch, true, &eval_progress);
-  eval_progress.finish(cat("loss ", result.validation.loss));
+  eval_progress.finish(cat("loss ", std::round(result.validation.loss * 1e4) / 1e4));
   result.eval_seconds = eval_progress.elapsed_seconds();
   return result;
 }
