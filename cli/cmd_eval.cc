@@ -69,7 +69,7 @@ int run_eval(const Args& args) {
 
   SessionPtr session = create_session(model.get(), config);
   const std::vector<uint64_t> positions = eval_positions(stream.size(), context, max_rows);
-  Progress progress("eval", positions.size(), 0);
+  Progress progress("eval", positions.size(), 0, "row");
   const EvalResult r =
       evaluate(session.get(), model.get(), stream, context, positions, batch, false, &progress);
   progress.finish(cat("loss ", r.loss));

@@ -201,6 +201,18 @@ int run_train(const Args& args) {
   const std::string corpus_path = args.str("corpus", "/usr/share/games/fortunes");
   const Corpus corpus = read_corpus(corpus_path);
   const Split split = split_corpus(corpus, val_every);
+  if (split.train.size() <= shape.context || split.validation.size() <= shape.context)
+    fail(corpus_path, ": the ", split.train.size() <= shape.context ? "training" : "validation",
+         " text is not longer than the context (", shape.context, " characters)");
+  // Outputs are opened before any work, so that a bad path fails at once.
+  std::unique_ptr<StepCsv> csv;
+  if (args.has("csv")) csv = std::make_unique<StepCsv>(args.str("csv", ""));
+  const std::string save_dir = args.str("save", "");
+  if (!save_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(save_dir, ec);
+    if (ec) fail(save_dir, ": cannot create: ", ec.message());
+  }
   std::printf(
       "corpus: %s: %zu file%s, %zu records, %s bytes; training %llu records (%s chars), "
       "validation %llu records (%s chars); %llu chars outside the vocabulary\n",
@@ -238,15 +250,6 @@ int run_train(const Args& args) {
       static_cast<unsigned long long>(st.warmup), st.min_lr, st.clip_norm, st.weight_decay,
       static_cast<unsigned long long>(st.seed), st.threads, st.threads == 1 ? "" : "s");
   std::fflush(stdout);
-
-  std::unique_ptr<StepCsv> csv;
-  if (args.has("csv")) csv = std::make_unique<StepCsv>(args.str("csv", ""));
-  const std::string save_dir = args.str("save", "");
-  if (!save_dir.empty()) {
-    std::error_code ec;
-    std::filesystem::create_directories(save_dir, ec);
-    if (ec) fail(save_dir, ": cannot create: ", ec.message());
-  }
 
   std::vector<RunResult> runs;
   std::vector<std::vector<RouterStats>> probes;

@@ -22,7 +22,7 @@ const Command kCommands[] = {
     {moert_cli::kBenchSpec, moert_cli::run_bench},
 };
 
-void print_overview(FILE* to) {
+void print_overview(std::FILE* to) {
   std::fprintf(
       to,
       "usage: moert COMMAND [ARGS] [--help]\n\n"
@@ -39,7 +39,7 @@ void print_overview(FILE* to) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    print_overview(stderr);
+    std::fprintf(stderr, "moert: error: no command given (see 'moert --help')\n");
     return 2;
   }
   const std::string name = argv[1];

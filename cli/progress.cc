@@ -24,10 +24,12 @@ std::string clock_text(double seconds) {
   return buf;
 }
 
-Progress::Progress(std::string label, uint64_t total, uint64_t every)
+Progress::Progress(std::string label, uint64_t total, uint64_t every, std::string unit)
     : label_(std::move(label)),
+      unit_(std::move(unit)),
       total_(std::max<uint64_t>(total, 1)),
       every_(every ? every : std::max<uint64_t>(total / 10, 1)),
+      next_line_(every_),
       tty_(isatty(STDERR_FILENO) == 1),
       start_(std::chrono::steady_clock::now()),
       last_draw_(start_) {}
@@ -40,21 +42,29 @@ double Progress::elapsed_seconds() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
 }
 
+// ", figures", or nothing when there are none.
+static std::string with_sep(const std::string& figures) {
+  return figures.empty() ? "" : ", " + figures;
+}
+
 std::string Progress::rate_and_eta(uint64_t done) const {
   const double t = elapsed_seconds();
   const double rate = t > 0 ? static_cast<double>(done) / t : 0.0;
   const double eta = rate > 0 ? static_cast<double>(total_ - std::min(done, total_)) / rate : -1;
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.1f step/s, ETA %s", rate, clock_text(eta).c_str());
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "%.1f %s/s, ETA %s", rate, unit_.c_str(), clock_text(eta).c_str());
   return buf;
 }
 
 void Progress::update(uint64_t done, const std::string& figures) {
   if (!tty_) {
-    if (done % every_ != 0 || done >= total_) return;  // finish() reports the end
-    std::fprintf(stderr, "%s: step %llu/%llu, %s, %s\n", label_.c_str(),
+    // Work may advance by more than one unit per call (evaluation batches): a line is due each
+    // time another `every` units are done. finish() reports the end.
+    if (done < next_line_ || done >= total_) return;
+    while (next_line_ <= done) next_line_ += every_;
+    std::fprintf(stderr, "%s: %s %llu/%llu, %s%s\n", label_.c_str(), unit_.c_str(),
                  static_cast<unsigned long long>(done), static_cast<unsigned long long>(total_),
-                 rate_and_eta(done).c_str(), figures.c_str());
+                 rate_and_eta(done).c_str(), with_sep(figures).c_str());
     return;
   }
   const auto now = std::chrono::steady_clock::now();
@@ -81,9 +91,9 @@ void Progress::finish(const std::string& figures) {
     std::fputc('\n', stderr);
     open_ = false;
   } else {
-    std::fprintf(stderr, "%s: %llu/%llu done in %s, %s\n", label_.c_str(),
+    std::fprintf(stderr, "%s: %llu/%llu done in %s%s\n", label_.c_str(),
                  static_cast<unsigned long long>(total_), static_cast<unsigned long long>(total_),
-                 clock_text(t).c_str(), figures.c_str());
+                 clock_text(t).c_str(), with_sep(figures).c_str());
   }
 }
 

@@ -10,8 +10,9 @@ namespace moert_cli {
 
 class Progress {
  public:
-  // `every` = 0 picks about ten lines over the run when stderr is not a terminal.
-  Progress(std::string label, uint64_t total, uint64_t every);
+  // `every` = 0 picks about ten lines over the run when stderr is not a terminal; `unit` names
+  // what is counted ("step", "row").
+  Progress(std::string label, uint64_t total, uint64_t every, std::string unit = "step");
   ~Progress();
   Progress(const Progress&) = delete;
   Progress& operator=(const Progress&) = delete;
@@ -26,8 +27,8 @@ class Progress {
  private:
   std::string rate_and_eta(uint64_t done) const;
 
-  std::string label_;
-  uint64_t total_, every_;
+  std::string label_, unit_;
+  uint64_t total_, every_, next_line_;
   bool tty_;
   bool open_ = false;
   std::chrono::steady_clock::time_point start_, last_draw_;

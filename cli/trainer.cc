@@ -145,7 +145,7 @@ RunResult train_run(const moert_model* model, const std::string& label,
   result.tail_max_vio = sum / static_cast<double>(std::min(tail, st.steps));
 
   const std::vector<uint64_t> pos = eval_positions(validation.size(), context, st.eval_rows);
-  Progress eval_progress(label + " validation", pos.size(), pos.size());
+  Progress eval_progress(label + " validation", pos.size(), pos.size(), "row");
   result.validation =
       evaluate(s, model, validation, context, pos, st.eval_batch, true, &eval_progress);
   eval_progress.finish(cat("loss ", std::round(result.validation.loss * 1e4) / 1e4));

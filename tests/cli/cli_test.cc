@@ -208,9 +208,12 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("convert " + (dir / "cut.moert").string() + " x.json", dir), 1,
                         "convert", "cut.moert");
 
-  const Result unknown = run("frobnicate", dir);
-  EXPECT_EQ(unknown.code, 2);
-  EXPECT_EQ(count_lines(unknown.err), 1) << unknown.err;
+  for (const char* args : {"frobnicate", ""}) {
+    const Result r = run(args, dir);
+    EXPECT_EQ(r.code, 2) << args;
+    EXPECT_EQ(count_lines(r.err), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("moert: error: ", 0), 0u) << r.err;
+  }
 }
 
 std::vector<std::map<std::string, std::string>> read_csv(const fs::path& p,
