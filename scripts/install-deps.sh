@@ -8,7 +8,9 @@ packages=(
   libgtest-dev                                  # C++ and C ABI tests
   flatbuffers-compiler libflatbuffers-dev       # the model schema
   libblis-serial-dev                            # CPU BLAS (see cmake/MoertBlas.cmake)
-  python3 python3-numpy python3-torch           # the independent PyTorch oracle
+  python3 python3-numpy python3-torch           # the PyTorch oracles and benchmarks
+  fortunes                                      # English text for the balancing experiment
+  python3-matplotlib                            # the experiment's MaxVio plot (PNG)
   swig                                          # generates the Go and Java layers (bindings/swig)
   golang-go                                     # the Go binding and the Go service example
   openjdk-17-jdk-headless junit5                # the Java binding (javac, jar, JNI headers), JUnit 5

@@ -1,0 +1,177 @@
+#!/usr/bin/python3
+"""The MoE layer of `moert bench` in PyTorch, timed beside moert at the same thread count.
+
+Runs `moert bench --json` with the same layer options to get moert's figures in the same run,
+then builds the same layer in PyTorch (Debian's python3-torch, CPU): sigmoid router, top-K,
+renormalised weights, shared and routed SwiGLU experts, residual; routed experts computed with the
+standard loop over experts (gather the expert's tokens, run its FFN, index_add the weighted output
+back). Forward runs under torch.no_grad() (as moert's inference session); forward+backward lets
+autograd compute the gradients of every weight and of the input (as moert's training session).
+FLOPs use moert's formula, with the assignment count of the run (tokens * top_k). A plain GEMM of
+the same FLOPs is timed in PyTorch too, so each library's MoE speed can be read against its own
+GEMM speed as well as against the other library.
+
+Run with Debian's /usr/bin/python3 (python3-torch); exit 77 when torch is missing.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--moert", default=os.path.join(here, "..", "build", "release", "cli", "moert"),
+                    help="the moert command (default: build/release/cli/moert)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--expert-hidden", type=int, default=256)
+    ap.add_argument("--shared", type=int, default=1)
+    ap.add_argument("--shared-hidden", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=1)
+    return ap.parse_args()
+
+
+def moert_figures(a):
+    cmd = [a.moert, "bench", "--json", "--threads", str(a.threads), "--tokens", str(a.tokens),
+           "--dim", str(a.dim), "--experts", str(a.experts), "--top-k", str(a.top_k),
+           "--expert-hidden", str(a.expert_hidden), "--shared", str(a.shared),
+           "--shared-hidden", str(a.shared_hidden), "--repeats", str(a.repeats),
+           "--seed", str(a.seed)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        sys.exit(f"torch_moe_bench: error: cannot run {a.moert}: {e}")
+    if done.returncode != 0:
+        sys.exit(f"torch_moe_bench: error: moert bench failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def median_time(repeats, fn):
+    fn()  # warm-up, as moert bench does
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    a = parse()
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError as e:
+        print(f"SKIP: cannot import torch with {sys.executable}: {e}")
+        return 77
+    m = moert_figures(a)
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    T, D, E, K, H, S, HS = (a.tokens, a.dim, a.experts, a.top_k, a.expert_hidden, a.shared,
+                            a.shared_hidden)
+
+    def uniform(*shape, fan_in):
+        # The same distribution as moert bench's weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        b = 1.0 / math.sqrt(fan_in)
+        return (torch.rand(*shape) * 2 - 1) * b
+
+    weights = {
+        "gate": uniform(E, D, fan_in=D),
+        "w1": uniform(E, H, D, fan_in=D), "w3": uniform(E, H, D, fan_in=D),
+        "w2": uniform(E, D, H, fan_in=H),
+        "sw1": uniform(S, HS, D, fan_in=D), "sw3": uniform(S, HS, D, fan_in=D),
+        "sw2": uniform(S, D, HS, fan_in=HS),
+    }
+    x = torch.rand(T, D) * 2 - 1
+    dy = torch.rand(T, D) * 2 - 1
+
+    def layer(x, w):
+        scores = torch.sigmoid(x @ w["gate"].t())
+        top, idx = torch.topk(scores, K, dim=-1)
+        gate_w = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+        y = x
+        for s in range(S):
+            y = y + (F.silu(x @ w["sw1"][s].t()) * (x @ w["sw3"][s].t())) @ w["sw2"][s].t()
+        routed = torch.zeros_like(x)
+        for e in range(E):
+            rows, slot = torch.where(idx == e)
+            if rows.numel() == 0:
+                continue
+            xe = x[rows]
+            he = F.silu(xe @ w["w1"][e].t()) * (xe @ w["w3"][e].t())
+            routed = routed.index_add(0, rows, (he @ w["w2"][e].t()) * gate_w[rows, slot, None])
+        return y + routed, idx
+
+    with torch.no_grad():
+        _, idx = layer(x, weights)
+    assignments = idx.numel()
+    flops = T * (2.0 * D * E + S * 6.0 * D * HS) + assignments * 6.0 * D * H
+
+    def forward():
+        with torch.no_grad():
+            layer(x, weights)
+
+    trainable = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
+    xg = x.clone().requires_grad_(True)
+
+    def forward_backward():
+        for v in trainable.values():
+            v.grad = None
+        xg.grad = None
+        y, _ = layer(xg, trainable)
+        y.backward(dy)
+
+    t_fwd = median_time(a.repeats, forward)
+    t_fb = median_time(a.repeats, forward_backward)
+
+    # PyTorch's GEMM at moert's baseline width (equal FLOPs), forward and forward+backward.
+    N = m["gemm_width"]
+    wg = uniform(N, D, fan_in=D)
+    gemm_flops = 2.0 * T * D * N
+
+    def gemm_forward():
+        with torch.no_grad():
+            x @ wg.t()
+
+    wgt = wg.clone().requires_grad_(True)
+    dg = torch.rand(T, N)
+
+    def gemm_forward_backward():
+        wgt.grad = None
+        xg.grad = None
+        (xg @ wgt.t()).backward(dg)
+
+    g_fwd = median_time(a.repeats, gemm_forward)
+    g_fb = median_time(a.repeats, gemm_forward_backward)
+
+    torch_gf = [flops / t_fwd / 1e9, 3 * flops / t_fb / 1e9]
+    torch_gemm = [gemm_flops / g_fwd / 1e9, 3 * gemm_flops / g_fb / 1e9]
+    moert_gf = [m["moe"]["forward"]["gflops"], m["moe"]["forward_backward"]["gflops"]]
+    moert_gemm = [m["gemm"]["forward"]["gflops"], m["gemm"]["forward_backward"]["gflops"]]
+
+    print(f"MoE layer d={D}, {E} experts x hidden {H}, top-{K}, {S} shared x hidden {HS}; "
+          f"{T} tokens; {a.threads} thread{'s' if a.threads != 1 else ''}; median of {a.repeats}")
+    print(f"torch {torch.__version__} (loop over experts), moert {m.get('device', 'cpu')}; "
+          f"GEMM = linear {D} -> {N} (the MoE layer's forward FLOPs)")
+    print(f"{'pass':<18} {'moert GF/s':>11} {'torch GF/s':>11} {'moert/torch':>12} "
+          f"{'moert GEMM':>11} {'torch GEMM':>11}")
+    for i, name in enumerate(["forward", "forward+backward"]):
+        print(f"{name:<18} {moert_gf[i]:>11.2f} {torch_gf[i]:>11.2f} "
+              f"{moert_gf[i] / torch_gf[i]:>12.2f} {moert_gemm[i]:>11.2f} {torch_gemm[i]:>11.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+// `moert inspect`: what a model is and what a token costs in it.
+#include <cstdio>
+#include <string>
+
+#include "cli/commands.h"
+#include "cli/error.h"
+#include "cli/json_text.h"
+#include "cli/model_codec.h"
+#include "cli/model_info.h"
+
+namespace moert_cli {
+
+const CommandSpec kInspectSpec = {
+    "inspect",
+    "MODEL [--json]",
+    "print a model's layers, routing, parameter counts and forward FLOPs per token",
+    std::string("MODEL is a model or checkpoint file, binary (.moert) or JSON.\n"
+                "Activated parameters are those one token uses: its context's embedding rows, the\n"
+                "top-K routed experts of each MoE layer, and every other parameter.\n\n") +
+        kFlopsFormula,
+    1,
+    1,
+    {{"json", "", "print the same figures as one JSON object", ""}},
+};
+
+namespace {
+
+std::string flops_text(double f) {
+  char buf[32];
+  if (f >= 1e9)
+    std::snprintf(buf, sizeof buf, "%.3g GFLOP", f / 1e9);
+  else if (f >= 1e6)
+    std::snprintf(buf, sizeof buf, "%.3g MFLOP", f / 1e6);
+  else if (f >= 1e3)
+    std::snprintf(buf, sizeof buf, "%.3g kFLOP", f / 1e3);
+  else
+    std::snprintf(buf, sizeof buf, "%.0f FLOP", f);
+  return buf;
+}
+
+std::string routing_text(const LayerInfo& l) {
+  const MoEInfo& m = l.moe;
+  std::string s =
+      cat("  ", l.name, ": ", m.num_experts, " routed experts (hidden ", m.expert_hidden, "), top-",
+          m.top_k, ", ", score_name(m.score_function), " scores");
+  if (m.num_groups > 1) s += cat(", ", m.num_groups, " groups keep ", m.topk_groups);
+  s += m.normalize ? ", weights renormalised" : ", weights not renormalised";
+  s += cat(", scaling ", m.scaling);
+  if (m.num_shared > 0)
+    s += cat("; ", m.num_shared, " shared expert", m.num_shared > 1 ? "s" : "", " (hidden ",
+             m.shared_hidden, ")");
+  s += m.residual ? "; residual" : "; no residual";
+  s += cat("\n    balancing: ", balancing_name(m.policy));
+  if (m.policy == MOERT_BALANCING_LOSS_FREE_BIAS) s += cat(" (gamma ", m.gamma, ")");
+  if (m.policy == MOERT_BALANCING_AUX_LOSS || m.policy == MOERT_BALANCING_SEQUENCE_AUX_LOSS)
+    s += cat(" (alpha ", m.aux_alpha, ")");
+  if (m.policy == MOERT_BALANCING_EXPERT_CHOICE)
+    s += cat(" (capacity factor ", m.capacity_factor, ")");
+  return s + "\n";
+}
+
+void print_text(const std::string& path, const ModelInfo& info) {
+  std::printf("model '%s' from %s\n", info.name.c_str(), path.c_str());
+  if (info.input_kind == MOERT_INPUT_TOKENS)
+    std::printf("input: %u token ids per row; output: %u values per row\n\n", info.input_width,
+                info.output_width);
+  else
+    std::printf("input: hidden states of width %u; output: %u values per row\n\n", info.input_width,
+                info.output_width);
+  std::printf("%3s  %-12s %-10s %13s %12s %12s %14s  %s\n", "#", "name", "kind", "in -> out",
+              "parameters", "activated", "FLOPs/token", "shape");
+  for (const LayerInfo& l : info.layers) {
+    const std::string io = cat(l.in_width, " -> ", l.out_width);
+    std::printf("%3u  %-12s %-10s %13s %12llu %12llu %14.0f  %s\n", l.index, l.name.c_str(),
+                layer_kind_name(l.kind), io.c_str(), static_cast<unsigned long long>(l.parameters),
+                static_cast<unsigned long long>(l.activated), l.flops, l.detail.c_str());
+  }
+  bool any_moe = false;
+  for (const LayerInfo& l : info.layers) any_moe = any_moe || l.is_moe;
+  if (any_moe) {
+    std::printf("\nrouting:\n");
+    for (const LayerInfo& l : info.layers)
+      if (l.is_moe) std::fputs(routing_text(l).c_str(), stdout);
+  }
+  const double share = info.total_parameters
+                           ? 100.0 * static_cast<double>(info.activated_parameters) /
+                                 static_cast<double>(info.total_parameters)
+                           : 0.0;
+  std::printf("\nparameters: %llu total, %llu activated per token (%.1f%%)\n",
+              static_cast<unsigned long long>(info.total_parameters),
+              static_cast<unsigned long long>(info.activated_parameters), share);
+  std::printf("forward FLOPs per token: %.0f (%s) activated, %.0f (%s) dense-equivalent",
+              info.flops, flops_text(info.flops).c_str(), info.dense_flops,
+              flops_text(info.dense_flops).c_str());
+  if (info.flops > 0.0)
+    std::printf(": %.2fx less compute per token", info.dense_flops / info.flops);
+  std::printf("\n");
+}
+
+void print_json(const std::string& path, const ModelInfo& info) {
+  std::string s =
+      "{\n  \"file\": " + json_string(path) + ",\n  \"name\": " + json_string(info.name) +
+      ",\n  \"input\": " +
+      json_string(info.input_kind == MOERT_INPUT_TOKENS ? "tokens" : "hidden") +
+      cat(",\n  \"input_width\": ", info.input_width, ",\n  \"output_width\": ", info.output_width,
+          ",\n  \"total_parameters\": ", info.total_parameters,
+          ",\n  \"activated_parameters\": ", info.activated_parameters,
+          ",\n  \"flops_per_token\": ", json_number(info.flops),
+          ",\n  \"dense_equivalent_flops_per_token\": ", json_number(info.dense_flops),
+          ",\n  \"layers\": [");
+  for (size_t i = 0; i < info.layers.size(); ++i) {
+    const LayerInfo& l = info.layers[i];
+    s += cat(i ? "," : "", "\n    {\"index\": ", l.index, ", \"name\": ", json_string(l.name),
+             ", \"kind\": ", json_string(layer_kind_name(l.kind)), ", \"in\": ", l.in_width,
+             ", \"out\": ", l.out_width, ", \"parameters\": ", l.parameters,
+             ", \"activated\": ", l.activated, ", \"flops_per_token\": ", json_number(l.flops),
+             ", \"dense_equivalent_flops_per_token\": ", json_number(l.dense_flops));
+    if (l.is_moe) {
+      const MoEInfo& m = l.moe;
+      s += cat(", \"moe\": {\"num_experts\": ", m.num_experts, ", \"top_k\": ", m.top_k,
+               ", \"expert_hidden\": ", m.expert_hidden,
+               ", \"score_function\": ", json_string(score_name(m.score_function)),
+               ", \"num_groups\": ", m.num_groups, ", \"topk_groups\": ", m.topk_groups,
+               ", \"normalize_weights\": ", m.normalize ? "true" : "false",
+               ", \"routed_scaling_factor\": ", json_number(m.scaling),
+               ", \"num_shared_experts\": ", m.num_shared, ", \"shared_hidden\": ", m.shared_hidden,
+               ", \"residual\": ", m.residual ? "true" : "false",
+               ", \"balancing\": ", json_string(balancing_name(m.policy)),
+               ", \"bias_update_rate\": ", json_number(m.gamma),
+               ", \"aux_alpha\": ", json_number(m.aux_alpha),
+               ", \"capacity_factor\": ", json_number(m.capacity_factor), "}");
+    }
+    s += "}";
+  }
+  s += "\n  ]\n}\n";
+  std::fputs(s.c_str(), stdout);
+}
+
+}  // namespace
+
+int run_inspect(const Args& args) {
+  const std::string path = args.positional()[0];
+  ModelPtr model = load_model_file(path);
+  const ModelInfo info = describe_model(model.get());
+  if (args.has("json"))
+    print_json(path, info);
+  else
+    print_text(path, info);
+  return 0;
+}
+
+}  // namespace moert_cli

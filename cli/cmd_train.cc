@@ -1,0 +1,320 @@
+// `moert train`: character-level MoE language models on a text corpus, one run per balancing
+// strategy from the same seed, data order and budget, compared in one table.
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cli/charlm.h"
+#include "cli/commands.h"
+#include "cli/corpus.h"
+#include "cli/error.h"
+#include "cli/model_codec.h"
+#include "cli/router_probe.h"
+#include "cli/trainer.h"
+
+namespace moert_cli {
+
+const CommandSpec kTrainSpec = {
+    "train",
+    "[--corpus PATH] [--balancing LIST] [options]",
+    "train character-level MoE language models and compare load-balancing strategies",
+    "Reads a text corpus (fortune files or plain text), splits it by record into training and\n"
+    "validation text, and trains one model per balancing strategy in LIST: the same model, seed,\n"
+    "batches, optimizer and learning-rate schedule, the balancing policy being the only\n"
+    "difference. Strategies: none, aux (Switch/GShard auxiliary loss, alpha), loss-free (bias\n"
+    "update b_i += gamma * sign(mean - count_i) per step); 'aux:alpha=X' or 'loss-free:gamma=X'\n"
+    "overrides the setting for that run only and labels it so.\n\n"
+    "Model: Embedding of CONTEXT characters (EMBED-DIM each) -> BLOCKS x [RMSNorm -> MoE with\n"
+    "SHARED shared and EXPERTS routed SwiGLU experts, sigmoid routing, top-K, renormalised\n"
+    "weights] -> RMSNorm -> linear head over a fixed 98-character vocabulary (tab, newline,\n"
+    "printable ASCII, one id for everything else). Optimizer: AdamW, linear warm-up, cosine decay\n"
+    "to MIN-LR, global gradient-norm clipping.\n\n"
+    "Printed per strategy: validation loss (nats/char) and perplexity, computed by moert from the\n"
+    "logits; MaxVio_global over the validation set (mean over MoE blocks); mean MaxVio_batch over\n"
+    "the last TAIL of the steps; dead experts (no validation token); then router diagnostics:\n"
+    "the spread of the experts' mean scores against the learned bias range.",
+    0,
+    0,
+    {
+        {"corpus", "PATH", "text file or directory of fortune files", "/usr/share/games/fortunes"},
+        {"balancing", "LIST", "comma-separated strategies", "none,aux,loss-free"},
+        {"model", "FILE",
+         "train this model file (JSON or binary) instead of the generated one; it keeps its own "
+         "balancing",
+         ""},
+        {"steps", "N", "optimizer steps per run", "2500"},
+        {"batch", "N", "rows (predicted characters) per step", "512"},
+        {"lr", "X", "peak learning rate", "3e-3"},
+        {"min-lr", "X", "learning rate at the end of the cosine decay", "3e-4"},
+        {"warmup", "N", "linear warm-up steps", "100"},
+        {"clip", "X", "global gradient-norm clip, 0 = off", "1"},
+        {"weight-decay", "X", "AdamW decoupled weight decay on matrices", "0"},
+        {"seed", "N", "seed of the initial weights and the batch order", "1"},
+        {"threads", "N", "CPU threads", "2"},
+        {"context", "N", "characters in the window", "8"},
+        {"embed-dim", "N", "embedding width per character", "16"},
+        {"blocks", "N", "MoE blocks", "2"},
+        {"experts", "N", "routed experts per block", "16"},
+        {"top-k", "N", "routed experts per token", "4"},
+        {"expert-hidden", "N", "hidden width of a routed expert", "32"},
+        {"shared", "N", "shared experts per block", "1"},
+        {"shared-hidden", "N", "hidden width of a shared expert", "64"},
+        {"aux-alpha", "X", "alpha of the auxiliary loss", "0.01"},
+        {"gamma", "X", "bias update rate of loss-free balancing", "0.001"},
+        {"val-every", "N", "every N-th record goes to validation", "10"},
+        {"eval-rows", "N", "validation positions evaluated, evenly spaced; 0 = all", "0"},
+        {"probe-rows", "N", "validation rows for the router diagnostics; 0 = skip them", "8192"},
+        {"tail", "F", "fraction of the steps at the end over which MaxVio_batch is averaged",
+         "0.2"},
+        {"csv", "FILE", "write per-step metrics of every run here", ""},
+        {"save", "DIR", "write each trained model as DIR/<strategy>.moert (a checkpoint)", ""},
+        {"log-every", "N", "steps between progress lines when stderr is not a terminal",
+         "steps/10"},
+    },
+};
+
+namespace {
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= text.size()) {
+    const size_t comma = text.find(',', start);
+    const std::string item =
+        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    if (item.empty()) usage_fail("--balancing: empty entry in '", text, "'");
+    out.push_back(item);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+std::string human(double v) {
+  char buf[32];
+  if (v >= 1e6)
+    std::snprintf(buf, sizeof buf, "%.2fM", v / 1e6);
+  else if (v >= 1e3)
+    std::snprintf(buf, sizeof buf, "%.1fk", v / 1e3);
+  else
+    std::snprintf(buf, sizeof buf, "%.0f", v);
+  return buf;
+}
+
+// Mean MaxVio of a batch routed uniformly at random (each row picks top_k distinct experts with
+// equal chance): the level MaxVio_batch cannot go below on average however well the router is
+// balanced, because a finite batch fluctuates. A Monte Carlo estimate with a fixed seed.
+double random_routing_floor(uint32_t experts, uint32_t top_k, uint64_t rows, uint64_t seed) {
+  constexpr int kBatches = 1000;
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull;
+  auto next = [&x] {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return x;
+  };
+  std::vector<int64_t> counts(experts);
+  std::vector<uint32_t> pool(experts);
+  double sum = 0.0;
+  for (int b = 0; b < kBatches; ++b) {
+    std::fill(counts.begin(), counts.end(), 0);
+    for (uint64_t r = 0; r < rows; ++r) {
+      std::iota(pool.begin(), pool.end(), 0u);
+      for (uint32_t k = 0; k < top_k; ++k) {  // a partial Fisher-Yates shuffle
+        const uint32_t j = k + static_cast<uint32_t>(next() % (experts - k));
+        std::swap(pool[k], pool[j]);
+        ++counts[pool[k]];
+      }
+    }
+    const double mean = static_cast<double>(rows * top_k) / experts;
+    sum += (static_cast<double>(*std::max_element(counts.begin(), counts.end())) - mean) / mean;
+  }
+  return sum / kBatches;
+}
+
+uint32_t u32(const Args& a, const std::string& flag, int64_t fallback, int64_t lo, int64_t hi) {
+  return static_cast<uint32_t>(a.integer(flag, fallback, lo, hi));
+}
+
+}  // namespace
+
+int run_train(const Args& args) {
+  TrainSettings st;
+  st.steps = static_cast<uint64_t>(args.integer("steps", 2500, 1, 100000000));
+  st.batch = static_cast<uint64_t>(args.integer("batch", 512, 1, 1 << 20));
+  st.lr = args.real("lr", 3e-3, 0.0, 10.0);
+  st.min_lr = args.real("min-lr", 3e-4, 0.0, 10.0);
+  st.warmup = static_cast<uint64_t>(args.integer("warmup", 100, 0, 100000000));
+  st.clip_norm = args.real("clip", 1.0, 0.0, 1e9);
+  st.weight_decay = args.real("weight-decay", 0.0, 0.0, 10.0);
+  st.seed = static_cast<uint64_t>(args.integer("seed", 1, 0, INT64_MAX));
+  st.threads = u32(args, "threads", 2, 1, 1024);
+  st.tail_fraction = args.real("tail", 0.2, 1e-9, 1.0);
+  st.eval_rows = static_cast<uint64_t>(args.integer("eval-rows", 0, 0, INT64_MAX));
+  st.log_every = static_cast<uint64_t>(args.integer("log-every", 0, 1, INT64_MAX));
+  const uint64_t probe_rows = static_cast<uint64_t>(args.integer("probe-rows", 8192, 0, 1 << 24));
+  const auto val_every = u32(args, "val-every", 10, 2, 1000000);
+
+  CharLMShape shape;
+  shape.context = u32(args, "context", 8, 1, 4096);
+  shape.embed_dim = u32(args, "embed-dim", 16, 1, 65536);
+  shape.blocks = u32(args, "blocks", 2, 1, 1024);
+  shape.experts = u32(args, "experts", 16, 2, 65536);
+  shape.top_k = u32(args, "top-k", 4, 1, 65536);
+  shape.expert_hidden = u32(args, "expert-hidden", 32, 1, 1 << 20);
+  shape.shared = u32(args, "shared", 1, 0, 1024);
+  shape.shared_hidden = u32(args, "shared-hidden", 64, 1, 1 << 20);
+  if (shape.top_k >= shape.experts)
+    usage_fail("--top-k (", shape.top_k, ") must be smaller than --experts (", shape.experts, ")");
+  const double alpha = args.real("aux-alpha", 0.01, 0.0, 1e3);
+  const double gamma = args.real("gamma", 1e-3, 0.0, 1e3);
+
+  const bool given_model = args.has("model");
+  if (given_model && args.has("balancing"))
+    usage_fail("--balancing applies to the generated model; a --model file keeps its own policy");
+  std::vector<Balancing> strategies;
+  if (!given_model)
+    for (const std::string& s : split_list(args.str("balancing", "none,aux,loss-free")))
+      strategies.push_back(parse_balancing(s, alpha, gamma));
+  for (size_t i = 0; i < strategies.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (strategies[i].label == strategies[j].label)
+        usage_fail("--balancing lists '", strategies[i].label, "' twice");
+
+  ModelPtr file_model;
+  if (given_model) {
+    file_model = load_model_file(args.str("model", ""));
+    int32_t kind = 0;
+    uint32_t width = 0, out = 0;
+    check(moert_model_io(file_model.get(), &kind, &width, &out), "model");
+    if (kind != MOERT_INPUT_TOKENS)
+      fail(args.str("model", ""), ": the model takes hidden states; train needs token input");
+    if (out != static_cast<uint32_t>(kVocabSize))
+      fail(args.str("model", ""), ": the model predicts ", out,
+           " classes; the character vocabulary has ", kVocabSize);
+    shape.context = width;
+  }
+
+  const std::string corpus_path = args.str("corpus", "/usr/share/games/fortunes");
+  const Corpus corpus = read_corpus(corpus_path);
+  const Split split = split_corpus(corpus, val_every);
+  if (split.train.size() <= shape.context || split.validation.size() <= shape.context)
+    fail(corpus_path, ": the ", split.train.size() <= shape.context ? "training" : "validation",
+         " text is not longer than the context (", shape.context, " characters)");
+  // Outputs are opened before any work, so that a bad path fails at once.
+  std::unique_ptr<StepCsv> csv;
+  if (args.has("csv")) csv = std::make_unique<StepCsv>(args.str("csv", ""));
+  const std::string save_dir = args.str("save", "");
+  if (!save_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(save_dir, ec);
+    if (ec) fail(save_dir, ": cannot create: ", ec.message());
+  }
+  std::printf(
+      "corpus: %s: %zu file%s, %zu records, %s bytes; training %llu records (%s chars), "
+      "validation %llu records (%s chars); %llu chars outside the vocabulary\n",
+      corpus_path.c_str(), corpus.files.size(), corpus.files.size() == 1 ? "" : "s",
+      corpus.records.size(), human(static_cast<double>(corpus.bytes)).c_str(),
+      static_cast<unsigned long long>(split.train_records),
+      human(static_cast<double>(split.train.size())).c_str(),
+      static_cast<unsigned long long>(split.validation_records),
+      human(static_cast<double>(split.validation.size())).c_str(),
+      static_cast<unsigned long long>(split.other_chars));
+
+  {
+    ModelPtr m = given_model ? nullptr : charlm_model(shape, strategies.front(), st.seed);
+    const moert_model* shown = given_model ? file_model.get() : m.get();
+    uint64_t total = 0, activated = 0;
+    check(moert_model_num_parameters(shown, &total, &activated), "model");
+    if (given_model)
+      std::printf("model: %s, context %u; %s parameters, %s activated per token\n",
+                  args.str("model", "").c_str(), shape.context,
+                  human(static_cast<double>(total)).c_str(),
+                  human(static_cast<double>(activated)).c_str());
+    else
+      std::printf(
+          "model: %u chars x %u dims -> width %u; %u MoE block%s of %u routed experts "
+          "(hidden %u, top-%u, sigmoid) + %u shared (hidden %u); %s parameters, %s "
+          "activated per token\n",
+          shape.context, shape.embed_dim, shape.width(), shape.blocks, shape.blocks == 1 ? "" : "s",
+          shape.experts, shape.expert_hidden, shape.top_k, shape.shared, shape.shared_hidden,
+          human(static_cast<double>(total)).c_str(), human(static_cast<double>(activated)).c_str());
+  }
+  std::printf(
+      "budget per run: %llu steps x %llu rows, AdamW lr %g (warm-up %llu, cosine to %g), "
+      "clip %g, weight decay %g, seed %llu, %u thread%s\n\n",
+      static_cast<unsigned long long>(st.steps), static_cast<unsigned long long>(st.batch), st.lr,
+      static_cast<unsigned long long>(st.warmup), st.min_lr, st.clip_norm, st.weight_decay,
+      static_cast<unsigned long long>(st.seed), st.threads, st.threads == 1 ? "" : "s");
+  std::fflush(stdout);
+
+  std::vector<RunResult> runs;
+  std::vector<std::vector<RouterStats>> probes;
+  const size_t n_runs = given_model ? 1 : strategies.size();
+  for (size_t i = 0; i < n_runs; ++i) {
+    ModelPtr m = given_model ? nullptr : charlm_model(shape, strategies[i], st.seed);
+    const moert_model* model = given_model ? file_model.get() : m.get();
+    const std::string label = given_model ? "model" : strategies[i].label;
+    runs.push_back(
+        train_run(model, label, split.train, split.validation, shape.context, st, csv.get()));
+    if (!given_model && probe_rows > 0) {
+      const auto pos = eval_positions(split.validation.size(), shape.context, probe_rows);
+      probes.push_back(probe_routers(runs.back().session.get(), shape, strategies[i], st.seed,
+                                     split.validation, pos, st.threads));
+    }
+    if (!save_dir.empty()) {
+      const std::string path = (std::filesystem::path(save_dir) / (label + ".moert")).string();
+      check(moert_session_save(runs.back().session.get(), path.c_str()), path);
+    }
+  }
+  if (csv) csv->close();
+
+  const std::string tail_header = cat("MaxVio_batch(last ", st.tail_fraction * 100, "%)");
+  std::printf("\n%-24s %9s %8s %14s %22s %13s %11s\n", "strategy", "val loss", "val ppl",
+              "MaxVio_global", tail_header.c_str(), "dead experts", "train time");
+  for (const RunResult& r : runs) {
+    const std::string dead = cat(r.validation.dead_experts, "/", r.validation.experts);
+    std::printf("%-24s %9.4f %8.3f %14.3f %22.3f %13s %9.1f s\n", r.label.c_str(),
+                r.validation.loss, r.validation.perplexity, r.validation.max_vio_global,
+                r.tail_max_vio, dead.c_str(), r.train_seconds);
+  }
+  std::printf(
+      "(validation: %llu characters; MaxVio = (max load - mean load) / mean load, mean "
+      "over MoE blocks)\n",
+      static_cast<unsigned long long>(runs.front().validation.tokens));
+  if (!given_model)
+    std::printf(
+        "(MaxVio_batch of a perfectly balanced but random router on %llu-row batches: "
+        "%.3f, the floor a finite batch imposes)\n",
+        static_cast<unsigned long long>(st.batch),
+        random_routing_floor(shape.experts, shape.top_k, st.batch, st.seed));
+
+  if (!probes.empty()) {
+    std::printf("\nrouter diagnostics over %llu validation rows, per MoE block:\n",
+                static_cast<unsigned long long>(
+                    std::min<uint64_t>(probe_rows, split.validation.size() - shape.context)));
+    std::printf("%-24s %5s %13s %15s %11s %14s %14s\n", "strategy", "block", "score spread",
+                "median K-gap", "bias range", "MaxVio (bias)", "MaxVio (no bias)");
+    for (size_t i = 0; i < probes.size(); ++i)
+      for (size_t b = 0; b < probes[i].size(); ++b) {
+        const RouterStats& p = probes[i][b];
+        std::printf("%-24s %5zu %13.4f %15.5f %11.4f %14.3f %14.3f\n", runs[i].label.c_str(), b,
+                    p.score_spread, p.median_boundary_gap, p.bias_range, p.max_vio_biased,
+                    p.max_vio_unbiased);
+      }
+    std::printf(
+        "(score spread: max - min over experts of the mean sigmoid score; median K-gap: the\n"
+        " typical distance between a token's K-th and (K+1)-th biased score; bias range: max - "
+        "min\n"
+        " of the learned bias; MaxVio of the block's selection with the bias as learned and with\n"
+        " it zeroed, on the same inputs)\n");
+  }
+  if (csv) std::printf("\nper-step metrics: %s\n", args.str("csv", "").c_str());
+  if (!save_dir.empty()) std::printf("checkpoints: %s/<strategy>.moert\n", save_dir.c_str());
+  return 0;
+}
+
+}  // namespace moert_cli

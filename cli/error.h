@@ -1,0 +1,40 @@
+// The two ways a command fails: a usage error (bad flag or argument; exit 2, the user should read
+// --help) and an operational error (missing file, library refusal; exit 1). Either one is printed
+// as one line by main().
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace moert_cli {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class UsageError : public Error {
+ public:
+  using Error::Error;
+};
+
+// Concatenates its arguments with operator<<.
+template <typename... Parts>
+std::string cat(const Parts&... parts) {
+  std::ostringstream s;
+  (s << ... << parts);
+  return s.str();
+}
+
+template <typename... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  throw Error(cat(parts...));
+}
+
+template <typename... Parts>
+[[noreturn]] void usage_fail(const Parts&... parts) {
+  throw UsageError(cat(parts...));
+}
+
+}  // namespace moert_cli

@@ -1,0 +1,65 @@
+#include "cli/library.h"
+
+#include "cli/error.h"
+
+namespace moert_cli {
+
+void check(moert_status* status, const std::string& what) {
+  if (!status) return;
+  std::string message = moert_status_message(status);
+  moert_status_free(status);
+  fail(what, ": ", message);
+}
+
+ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& external_dir,
+                          const std::string& origin) {
+  moert_model* m = nullptr;
+  check(moert_model_load_buffer(bytes.data(), bytes.size(),
+                                external_dir.empty() ? nullptr : external_dir.c_str(), &m),
+        origin);
+  return ModelPtr(m);
+}
+
+SessionPtr create_session(const moert_model* model, const SessionConfig& config) {
+  moert_session_options* raw = nullptr;
+  check(moert_session_options_create(&raw), "session options");
+  OptionsPtr options(raw);
+  check(moert_session_options_set_device(options.get(), config.device, 0), "device");
+  check(moert_session_options_set_threads(options.get(), config.threads), "threads");
+  check(moert_session_options_set_seed(options.get(), config.seed), "seed");
+  check(moert_session_options_set_mode(
+            options.get(), config.training ? MOERT_MODE_TRAINING : MOERT_MODE_INFERENCE),
+        "mode");
+  for (const auto& [key, value] : config.knobs)
+    check(moert_session_options_set_config(options.get(), key.c_str(), value.c_str()),
+          "option " + key);
+  moert_session* s = nullptr;
+  check(moert_session_create(model, options.get(), &s), "session");
+  return SessionPtr(s);
+}
+
+std::vector<uint32_t> moe_layer_indices(const moert_model* model) {
+  uint32_t n = 0;
+  check(moert_model_num_layers(model, &n), "model");
+  std::vector<uint32_t> out;
+  for (uint32_t i = 0; i < n; ++i) {
+    int32_t kind = 0;
+    check(moert_model_layer_kind(model, i, &kind), "model");
+    if (kind == MOERT_LAYER_MOE) out.push_back(i);
+  }
+  return out;
+}
+
+int64_t moe_int(const moert_model* model, uint32_t layer, int32_t key) {
+  int64_t v = 0;
+  check(moert_model_moe_int(model, layer, key, &v), "MoE setting");
+  return v;
+}
+
+double moe_float(const moert_model* model, uint32_t layer, int32_t key) {
+  double v = 0.0;
+  check(moert_model_moe_float(model, layer, key, &v), "MoE setting");
+  return v;
+}
+
+}  // namespace moert_cli

@@ -1,0 +1,51 @@
+// Owning wrappers over the handles of the public C ABI (moert.h), and the conversion of a returned
+// status into an Error. This is the only way the CLI reaches the library.
+#pragma once
+
+#include <moert/moert.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moert_cli {
+
+// Throws Error("<what>: <library message>") when `status` is not NULL; frees it either way.
+void check(moert_status* status, const std::string& what);
+
+struct ModelDeleter {
+  void operator()(moert_model* m) const { moert_model_free(m); }
+};
+struct SessionDeleter {
+  void operator()(moert_session* s) const { moert_session_free(s); }
+};
+struct OptionsDeleter {
+  void operator()(moert_session_options* o) const { moert_session_options_free(o); }
+};
+using ModelPtr = std::unique_ptr<moert_model, ModelDeleter>;
+using SessionPtr = std::unique_ptr<moert_session, SessionDeleter>;
+using OptionsPtr = std::unique_ptr<moert_session_options, OptionsDeleter>;
+
+// Loads a binary model description held in memory; `external_dir` resolves external weights.
+ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& external_dir,
+                          const std::string& origin);
+
+struct SessionConfig {
+  int32_t device = MOERT_DEVICE_CPU;
+  uint32_t threads = 1;
+  uint64_t seed = 0;
+  bool training = false;
+  // Training knobs for moert_session_options_set_config(), applied in order.
+  std::vector<std::pair<std::string, std::string>> knobs;
+};
+
+SessionPtr create_session(const moert_model* model, const SessionConfig& config);
+
+// Indices of the model's MoE layers, in order.
+std::vector<uint32_t> moe_layer_indices(const moert_model* model);
+
+int64_t moe_int(const moert_model* model, uint32_t layer, int32_t key);
+double moe_float(const moert_model* model, uint32_t layer, int32_t key);
+
+}  // namespace moert_cli

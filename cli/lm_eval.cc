@@ -1,0 +1,96 @@
+#include "cli/lm_eval.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "cli/error.h"
+#include "cli/progress.h"
+
+namespace moert_cli {
+
+std::vector<uint64_t> eval_positions(uint64_t stream_size, uint32_t context, uint64_t max_rows) {
+  if (stream_size <= context)
+    fail("the evaluation text (", stream_size, " characters) is not longer than the context (",
+         context, ")");
+  const uint64_t available = stream_size - context;
+  const uint64_t n = max_rows == 0 ? available : std::min(available, max_rows);
+  std::vector<uint64_t> pos(n);
+  for (uint64_t i = 0; i < n; ++i)
+    pos[i] =
+        context + static_cast<uint64_t>(static_cast<double>(i) * static_cast<double>(available) /
+                                        static_cast<double>(n));
+  return pos;
+}
+
+void gather_rows(const std::vector<int32_t>& stream, uint32_t context, const uint64_t* positions,
+                 uint64_t rows, int32_t* tokens, int32_t* targets) {
+  for (uint64_t r = 0; r < rows; ++r) {
+    const uint64_t p = positions[r];
+    std::copy(stream.begin() + static_cast<std::ptrdiff_t>(p - context),
+              stream.begin() + static_cast<std::ptrdiff_t>(p), tokens + r * context);
+    targets[r] = stream[p];
+  }
+}
+
+double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows, uint32_t vocab) {
+  double total = 0.0;
+  for (uint64_t r = 0; r < rows; ++r) {
+    const float* z = logits + r * vocab;
+    const double mx = *std::max_element(z, z + vocab);
+    double sum = 0.0;
+    for (uint32_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(z[v]) - mx);
+    total += mx + std::log(sum) - static_cast<double>(z[targets[r]]);
+  }
+  return total / static_cast<double>(rows);
+}
+
+EvalResult evaluate(moert_session* session, const moert_model* model,
+                    const std::vector<int32_t>& stream, uint32_t context,
+                    const std::vector<uint64_t>& positions, uint64_t batch, bool training_session,
+                    Progress* progress) {
+  uint32_t vocab = 0, width = 0;
+  check(moert_model_io(model, nullptr, &width, &vocab), "model");
+  if (width != context) fail("the model reads ", width, " tokens per row, not ", context);
+  if (training_session) check(moert_session_set_eval(session, 1), "eval mode");
+  check(moert_session_reset_metrics(session), "metrics");
+
+  EvalResult r;
+  std::vector<int32_t> tokens(batch * context), targets(batch);
+  std::vector<float> logits(batch * vocab);
+  double loss_sum = 0.0;
+  const uint64_t n = positions.size();
+  for (uint64_t b = 0; b < n; b += batch) {
+    const uint64_t rows = std::min(batch, n - b);
+    gather_rows(stream, context, positions.data() + b, rows, tokens.data(), targets.data());
+    check(moert_session_forward_tokens(session, tokens.data(), rows * context, rows, logits.data(),
+                                       rows * vocab),
+          "forward");
+    loss_sum +=
+        cross_entropy(logits.data(), targets.data(), rows, vocab) * static_cast<double>(rows);
+    if (progress) progress->update(b + rows, "");
+  }
+  r.tokens = n;
+  r.loss = loss_sum / static_cast<double>(n);
+  r.perplexity = std::exp(r.loss);
+
+  const std::vector<uint32_t> moe = moe_layer_indices(model);
+  for (uint32_t l : moe) {
+    const auto experts = static_cast<uint64_t>(moe_int(model, l, MOERT_MOE_NUM_EXPERTS));
+    std::vector<int64_t> counts(experts);
+    check(moert_session_expert_counts(session, l, MOERT_COUNTS_EVAL, counts.data(), experts),
+          "expert counts");
+    double vio = 0.0;
+    check(moert_session_max_vio(session, l, MOERT_COUNTS_EVAL, &vio), "MaxVio");
+    r.layer_max_vio.push_back(vio);
+    r.experts += experts;
+    r.dead_experts += static_cast<uint64_t>(std::count(counts.begin(), counts.end(), 0));
+    r.counts.push_back(std::move(counts));
+  }
+  if (!moe.empty())
+    check(moert_session_max_vio(session, MOERT_ALL_LAYERS, MOERT_COUNTS_EVAL, &r.max_vio_global),
+          "MaxVio");
+  if (training_session) check(moert_session_set_eval(session, 0), "eval mode");
+  return r;
+}
+
+}  // namespace moert_cli

@@ -1,0 +1,84 @@
+// `moert`: the command-line front end of the moert library. It reaches the library only through
+// the public C ABI (moert.h), like any other program that links libmoert.
+#include <moert/moert.h>
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "cli/commands.h"
+#include "cli/error.h"
+
+namespace {
+
+using moert_cli::Command;
+
+const Command kCommands[] = {
+    {moert_cli::kTrainSpec, moert_cli::run_train},
+    {moert_cli::kEvalSpec, moert_cli::run_eval},
+    {moert_cli::kInspectSpec, moert_cli::run_inspect},
+    {moert_cli::kConvertSpec, moert_cli::run_convert},
+    {moert_cli::kBenchSpec, moert_cli::run_bench},
+};
+
+void print_overview(std::FILE* to) {
+  std::fprintf(
+      to,
+      "usage: moert COMMAND [ARGS] [--help]\n\n"
+      "The command-line front end of moert %s, an embeddable Mixture-of-Experts runtime.\n\n"
+      "commands:\n",
+      moert_version_string());
+  for (const Command& c : kCommands)
+    std::fprintf(to, "  %-9s %s\n", c.spec.name.c_str(), c.spec.summary.c_str());
+  std::fprintf(
+      to, "\n'moert COMMAND --help' describes a command. 'moert --version' prints versions.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "moert: error: no command given (see 'moert --help')\n");
+    return 2;
+  }
+  const std::string name = argv[1];
+  if (name == "--help" || name == "-h" || name == "help") {
+    print_overview(stdout);
+    return 0;
+  }
+  if (name == "--version") {
+    uint32_t major = 0, minor = 0;
+    moert_schema_version(&major, &minor);
+    std::printf("moert %s (library ABI %u, model schema %u.%u)\n", moert_version_string(),
+                moert_abi_version(), major, minor);
+    return 0;
+  }
+  if (moert_abi_version() != MOERT_ABI_VERSION) {
+    std::fprintf(stderr, "moert: error: libmoert implements ABI %u, this program needs %u\n",
+                 moert_abi_version(), MOERT_ABI_VERSION);
+    return 1;
+  }
+  for (const Command& c : kCommands) {
+    if (c.spec.name != name) continue;
+    try {
+      moert_cli::Args args(c.spec, argc, argv, 2);
+      if (args.help()) {
+        std::fputs(moert_cli::help_text(c.spec).c_str(), stdout);
+        return 0;
+      }
+      return c.run(args);
+    } catch (const moert_cli::UsageError& e) {
+      std::fprintf(stderr, "moert %s: error: %s\n", name.c_str(), e.what());
+      return 2;
+    } catch (const std::bad_alloc&) {
+      std::fprintf(stderr, "moert %s: error: out of memory\n", name.c_str());
+      return 1;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moert %s: error: %s\n", name.c_str(), e.what());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "moert: error: unknown command '%s' (see 'moert --help')\n", name.c_str());
+  return 2;
+}

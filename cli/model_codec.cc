@@ -1,0 +1,113 @@
+#include "cli/model_codec.h"
+
+#include <flatbuffers/idl.h>
+#include <flatbuffers/reflection.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include "cli/error.h"
+#include "moert_schema_text.h"
+
+namespace moert_cli {
+namespace {
+
+// The parser reports "LINE: COLUMN: error: MESSAGE" (no file name: the text came from memory),
+// sometimes over several lines; the CLI reports one line that says where.
+std::string one_line(std::string message) {
+  for (char& c : message)
+    if (c == '\n' || c == '\r') c = ' ';
+  while (!message.empty() && message.back() == ' ') message.pop_back();
+  const size_t c1 = message.find(": "), c2 = message.find(": ", c1 + 2);
+  const std::string tag = ": error: ";
+  if (c1 != std::string::npos && c2 != std::string::npos &&
+      message.compare(c2, tag.size(), tag) == 0 && message.find_first_not_of("0123456789") == c1 &&
+      message.find_first_not_of("0123456789", c1 + 2) == c2)
+    return "line " + message.substr(0, c1) + ", column " + message.substr(c1 + 2, c2 - c1 - 2) +
+           ": " + message.substr(c2 + tag.size());
+  return message;
+}
+
+// A parser that has read the schema and is ready for one JSON document.
+void load_schema(flatbuffers::Parser& parser) {
+  if (!parser.Parse(kMoertSchemaText))
+    throw std::logic_error("the embedded schema does not parse: " + parser.error_);
+}
+
+flatbuffers::IDLOptions json_options() {
+  flatbuffers::IDLOptions o;
+  o.strict_json = true;  // quoted field names: any JSON tool can read the output
+  o.indent_step = 2;
+  o.output_enum_identifiers = true;
+  return o;
+}
+
+}  // namespace
+
+bool is_binary_model(const std::vector<uint8_t>& bytes) {
+  return bytes.size() >= 8 && flatbuffers::BufferHasIdentifier(bytes.data(), "MOE1");
+}
+
+std::vector<uint8_t> json_to_binary(const std::string& json, const std::string& origin) {
+  flatbuffers::Parser parser(json_options());
+  load_schema(parser);
+  if (!parser.Parse(json.c_str()))
+    fail(origin, ": not a valid model description: ", one_line(parser.error_));
+  const uint8_t* p = parser.builder_.GetBufferPointer();
+  return std::vector<uint8_t>(p, p + parser.builder_.GetSize());
+}
+
+std::string binary_to_json(const std::vector<uint8_t>& bytes, const std::string& origin) {
+  if (!is_binary_model(bytes))
+    fail(origin, ": not a binary moert model (no 'MOE1' file identifier)");
+  // The reflection form of the schema drives a verifier that needs no generated code.
+  flatbuffers::Parser schema_parser;
+  load_schema(schema_parser);
+  schema_parser.Serialize();
+  const reflection::Schema* schema =
+      reflection::GetSchema(schema_parser.builder_.GetBufferPointer());
+  if (!schema->root_table() ||
+      !flatbuffers::Verify(*schema, *schema->root_table(), bytes.data(), bytes.size()))
+    fail(origin, ": damaged model file (the FlatBuffers verifier refuses it)");
+
+  flatbuffers::Parser parser(json_options());
+  load_schema(parser);
+  std::string text;
+  if (!flatbuffers::GenerateText(parser, bytes.data(), &text))
+    fail(origin, ": cannot render the model as JSON");
+  return text;
+}
+
+std::vector<uint8_t> read_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail(path, ": is a directory, not a file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, ": cannot open: ", std::strerror(errno));
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
+  if (in.bad()) fail(path, ": read error");
+  return bytes;
+}
+
+void write_file(const std::string& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) fail(path, ": cannot open for writing: ", std::strerror(errno));
+  out.write(data.data(), static_cast<std::streamsize>(data.size()));
+  out.close();
+  if (!out) fail(path, ": write error");
+}
+
+ModelPtr load_model_file(const std::string& path) {
+  std::vector<uint8_t> bytes = read_file(path);
+  if (!is_binary_model(bytes)) {
+    const std::string text(bytes.begin(), bytes.end());
+    bytes = json_to_binary(text, path);
+  }
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  return load_model_bytes(bytes, dir.empty() ? "." : dir, path);
+}
+
+}  // namespace moert_cli

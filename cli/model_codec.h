@@ -1,0 +1,32 @@
+// Model descriptions as text and as bytes. JSON and binary are converted with FlatBuffers' own
+// parser, driven by the schema text compiled into the program (schemas/moert.fbs is the only
+// source), so the CLI reads and writes exactly what flatc would.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cli/library.h"
+
+namespace moert_cli {
+
+// Whether `bytes` carry the schema's file identifier, i.e. are a binary model description.
+bool is_binary_model(const std::vector<uint8_t>& bytes);
+
+// JSON text -> binary (with the file identifier). Throws Error naming `origin` and the parser's
+// message on malformed JSON or a field the schema does not have.
+std::vector<uint8_t> json_to_binary(const std::string& json, const std::string& origin);
+
+// Binary -> JSON text. The buffer is checked with the FlatBuffers verifier against the schema
+// first, so a damaged file is refused rather than read out of bounds.
+std::string binary_to_json(const std::vector<uint8_t>& bytes, const std::string& origin);
+
+std::vector<uint8_t> read_file(const std::string& path);
+void write_file(const std::string& path, const std::string& data);
+
+// Loads a model file in either form (binary or JSON, told apart by content) through the library;
+// external weights resolve against the file's directory.
+ModelPtr load_model_file(const std::string& path);
+
+}  // namespace moert_cli

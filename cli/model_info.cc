@@ -1,0 +1,199 @@
+#include "cli/model_info.h"
+
+#include "cli/error.h"
+
+namespace moert_cli {
+
+const char* const kFlopsFormula =
+    "Forward FLOPs per token count 2 FLOPs per multiply-add of the GEMMs a token passes\n"
+    "through (d = layer width, V = vocabulary):\n"
+    "  MoE        2*d*E (router) + K*6*d*h (K routed SwiGLU experts of hidden h: W1, W3, W2)\n"
+    "             + S*6*d*hs (S shared experts of hidden hs)\n"
+    "  DenseFFN   6*d*h\n"
+    "  OutputHead 2*d*V\n"
+    "Embedding lookups, norms, activations and the softmax are not counted. The dense-equivalent\n"
+    "figure is the same sum with K replaced by E (every routed expert active). Under Expert "
+    "Choice\n"
+    "K is the average capacity_factor*top_k.";
+
+double MoEInfo::experts_per_token() const {
+  if (policy == MOERT_BALANCING_EXPERT_CHOICE) return capacity_factor * static_cast<double>(top_k);
+  return static_cast<double>(top_k);
+}
+
+const char* layer_kind_name(int32_t kind) {
+  switch (kind) {
+    case MOERT_LAYER_EMBEDDING:
+      return "Embedding";
+    case MOERT_LAYER_RMSNORM:
+      return "RMSNorm";
+    case MOERT_LAYER_MOE:
+      return "MoE";
+    case MOERT_LAYER_DENSE_FFN:
+      return "DenseFFN";
+    case MOERT_LAYER_OUTPUT_HEAD:
+      return "OutputHead";
+  }
+  return "unknown";
+}
+
+const char* balancing_name(int64_t policy) {
+  switch (policy) {
+    case MOERT_BALANCING_NONE:
+      return "none";
+    case MOERT_BALANCING_LOSS_FREE_BIAS:
+      return "loss-free bias";
+    case MOERT_BALANCING_AUX_LOSS:
+      return "auxiliary loss";
+    case MOERT_BALANCING_SEQUENCE_AUX_LOSS:
+      return "sequence-wise auxiliary loss";
+    case MOERT_BALANCING_EXPERT_CHOICE:
+      return "expert choice";
+  }
+  return "unknown";
+}
+
+const char* score_name(int64_t score) {
+  return score == MOERT_SCORE_SIGMOID ? "sigmoid" : score == MOERT_SCORE_SOFTMAX ? "softmax" : "?";
+}
+
+namespace {
+
+MoEInfo read_moe(const moert_model* m, uint32_t i) {
+  MoEInfo o;
+  o.num_experts = moe_int(m, i, MOERT_MOE_NUM_EXPERTS);
+  o.top_k = moe_int(m, i, MOERT_MOE_TOP_K);
+  o.expert_hidden = moe_int(m, i, MOERT_MOE_EXPERT_HIDDEN);
+  o.score_function = moe_int(m, i, MOERT_MOE_SCORE_FUNCTION);
+  o.num_groups = moe_int(m, i, MOERT_MOE_NUM_GROUPS);
+  o.topk_groups = moe_int(m, i, MOERT_MOE_TOPK_GROUPS);
+  o.normalize = moe_int(m, i, MOERT_MOE_NORMALIZE_WEIGHTS);
+  o.num_shared = moe_int(m, i, MOERT_MOE_NUM_SHARED_EXPERTS);
+  o.shared_hidden = moe_int(m, i, MOERT_MOE_SHARED_HIDDEN);
+  o.residual = moe_int(m, i, MOERT_MOE_RESIDUAL);
+  o.policy = moe_int(m, i, MOERT_MOE_BALANCING_POLICY);
+  o.scaling = moe_float(m, i, MOERT_MOE_ROUTED_SCALING_FACTOR);
+  o.gamma = moe_float(m, i, MOERT_MOE_BIAS_UPDATE_RATE);
+  o.aux_alpha = moe_float(m, i, MOERT_MOE_AUX_ALPHA);
+  o.capacity_factor = moe_float(m, i, MOERT_MOE_CAPACITY_FACTOR);
+  return o;
+}
+
+// Element counts of each parameter tensor, keyed by layer: the C ABI lists them by name
+// ("<layer>.<tensor>") on a training session, in layer order.
+struct TensorSizes {
+  std::vector<std::vector<std::pair<std::string, uint64_t>>> by_layer;
+  uint64_t get(uint32_t layer, const std::string& tensor) const {
+    for (const auto& [n, size] : by_layer[layer])
+      if (n == tensor) return size;
+    return 0;
+  }
+};
+
+TensorSizes tensor_sizes(const moert_model* model, const std::vector<std::string>& names) {
+  SessionConfig config;
+  config.training = true;
+  SessionPtr s = create_session(model, config);
+  uint32_t n = 0;
+  check(moert_session_num_parameters(s.get(), &n), "parameters");
+  TensorSizes out;
+  out.by_layer.resize(names.size());
+  size_t layer = 0;
+  for (uint32_t p = 0; p < n; ++p) {
+    const char* name = nullptr;
+    uint64_t numel = 0;
+    check(moert_session_parameter_info(s.get(), p, &name, &numel), "parameters");
+    const std::string full = name;
+    // Parameters come in layer order; layer names may repeat, so match from the current layer on.
+    while (layer < names.size() &&
+           full.compare(0, names[layer].size() + 1, names[layer] + ".") != 0)
+      ++layer;
+    if (layer == names.size()) fail("parameter '", full, "' matches no layer of the model");
+    out.by_layer[layer].emplace_back(full.substr(names[layer].size() + 1), numel);
+  }
+  return out;
+}
+
+}  // namespace
+
+ModelInfo describe_model(const moert_model* model) {
+  ModelInfo info;
+  const char* name = nullptr;
+  check(moert_model_name(model, &name), "model");
+  info.name = name;
+  check(moert_model_io(model, &info.input_kind, &info.input_width, &info.output_width), "model");
+  check(moert_model_num_parameters(model, &info.total_parameters, &info.activated_parameters),
+        "model");
+  uint32_t n = 0;
+  check(moert_model_num_layers(model, &n), "model");
+  std::vector<std::string> names(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    const char* lname = nullptr;
+    check(moert_model_layer_name(model, i, &lname), "model");
+    names[i] = lname;
+  }
+  const TensorSizes sizes = tensor_sizes(model, names);
+
+  for (uint32_t i = 0; i < n; ++i) {
+    LayerInfo l;
+    l.index = i;
+    l.name = names[i];
+    check(moert_model_layer_kind(model, i, &l.kind), "model");
+    check(moert_model_layer_dims(model, i, &l.in_width, &l.out_width), "model");
+    for (const auto& [t, size] : sizes.by_layer[i]) l.parameters += size;
+    const double d = l.in_width;
+    switch (l.kind) {
+      case MOERT_LAYER_EMBEDDING: {
+        const uint64_t context = l.in_width, dim = l.out_width / l.in_width;
+        const uint64_t vocab = sizes.get(i, "weight") / dim;
+        l.activated = context * dim;
+        l.detail = cat("vocab ", vocab, ", dim ", dim, ", context ", context);
+        break;
+      }
+      case MOERT_LAYER_RMSNORM:
+        l.activated = l.parameters;
+        l.detail = cat("dim ", l.in_width);
+        break;
+      case MOERT_LAYER_DENSE_FFN: {
+        const uint64_t hidden = sizes.get(i, "w1") / l.in_width;
+        l.activated = l.parameters;
+        l.flops = l.dense_flops = 6.0 * d * static_cast<double>(hidden);
+        l.detail = cat("SwiGLU hidden ", hidden);
+        break;
+      }
+      case MOERT_LAYER_OUTPUT_HEAD: {
+        const bool bias = sizes.get(i, "bias") > 0;
+        l.activated = l.parameters;
+        l.flops = l.dense_flops = 2.0 * d * l.out_width;
+        l.detail = cat("vocab ", l.out_width, bias ? ", with bias" : ", no bias");
+        break;
+      }
+      case MOERT_LAYER_MOE: {
+        l.is_moe = true;
+        const MoEInfo& m = l.moe = read_moe(model, i);
+        const uint64_t routed = sizes.get(i, "w1") + sizes.get(i, "w3") + sizes.get(i, "w2");
+        l.activated =
+            l.parameters - routed +
+            routed / static_cast<uint64_t>(m.num_experts) * static_cast<uint64_t>(m.top_k);
+        const double expert = 6.0 * d * static_cast<double>(m.expert_hidden);
+        const double fixed =
+            2.0 * d * static_cast<double>(m.num_experts) +
+            static_cast<double>(m.num_shared) * 6.0 * d * static_cast<double>(m.shared_hidden);
+        l.flops = fixed + m.experts_per_token() * expert;
+        l.dense_flops = fixed + static_cast<double>(m.num_experts) * expert;
+        l.detail = cat(m.num_experts, " experts x hidden ", m.expert_hidden, ", top-", m.top_k);
+        if (m.num_shared > 0)
+          l.detail += cat(", ", m.num_shared, " shared x hidden ", m.shared_hidden);
+        break;
+      }
+      default:
+        fail("layer ", i, " has a kind (", l.kind, ") this moert command does not know");
+    }
+    info.flops += l.flops;
+    info.dense_flops += l.dense_flops;
+    info.layers.push_back(std::move(l));
+  }
+  return info;
+}
+
+}  // namespace moert_cli

@@ -1,0 +1,56 @@
+// What `moert inspect` reports about a model: its layers, routing settings, parameter counts and
+// forward FLOPs per token, all obtained through the public C ABI.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cli/library.h"
+
+namespace moert_cli {
+
+struct MoEInfo {
+  int64_t num_experts = 0, top_k = 0, expert_hidden = 0, score_function = 0;
+  int64_t num_groups = 0, topk_groups = 0, normalize = 0, num_shared = 0, shared_hidden = 0;
+  int64_t residual = 0, policy = 0;
+  double scaling = 0.0, gamma = 0.0, aux_alpha = 0.0, capacity_factor = 0.0;
+  // Routed experts a token passes through on average: top_k, or capacity_factor * top_k under
+  // Expert Choice (each expert takes capacity_factor * tokens * top_k / num_experts tokens).
+  double experts_per_token() const;
+};
+
+struct LayerInfo {
+  uint32_t index = 0;
+  std::string name;
+  int32_t kind = 0;
+  uint32_t in_width = 0, out_width = 0;
+  uint64_t parameters = 0;  // every trainable value of the layer
+  uint64_t activated = 0;   // those one token (input row) uses
+  // Forward FLOPs per token of the GEMMs executed (2 per multiply-add), and the same if every
+  // routed expert were active.
+  double flops = 0.0, dense_flops = 0.0;
+  std::string detail;  // a short description of the layer's shape
+  bool is_moe = false;
+  MoEInfo moe;
+};
+
+struct ModelInfo {
+  std::string name;
+  int32_t input_kind = 0;
+  uint32_t input_width = 0, output_width = 0;
+  std::vector<LayerInfo> layers;
+  uint64_t total_parameters = 0, activated_parameters = 0;  // as the library reports them
+  double flops = 0.0, dense_flops = 0.0;
+};
+
+ModelInfo describe_model(const moert_model* model);
+
+const char* layer_kind_name(int32_t kind);
+const char* balancing_name(int64_t policy);
+const char* score_name(int64_t score);
+
+// The FLOP formula, for --help and the README.
+extern const char* const kFlopsFormula;
+
+}  // namespace moert_cli

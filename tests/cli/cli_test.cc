@@ -1,0 +1,337 @@
+// Runs the `moert` command as a user would and checks what it prints, writes and returns. Expected
+// numbers come from the C ABI or from formulas written out here, never from the CLI itself.
+#include <gtest/gtest.h>
+#include <moert/moert.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Result {
+  int code = -1;
+  std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+fs::path workdir(const std::string& test) {
+  fs::path d = fs::path(MOERT_CLI_WORKDIR) / test;
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+// Runs `moert ARGS` with stdout and stderr captured in files of `dir`.
+Result run(const std::string& args, const fs::path& dir) {
+  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
+  const std::string cmd = std::string("'") + MOERT_CLI + "' " + args + " >'" + out.string() +
+                          "' 2>'" + err.string() + "' </dev/null";
+  const int status = std::system(cmd.c_str());
+  Result r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
+
+int count_lines(const std::string& s) {
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+// The number after `"key": ` in a JSON text (the CLI writes one value per key at most once per
+// object we look at).
+double json_value(const std::string& text, const std::string& key, size_t from = 0) {
+  const std::string needle = "\"" + key + "\": ";
+  const size_t p = text.find(needle, from);
+  if (p == std::string::npos) ADD_FAILURE() << "no key " << key << " in " << text;
+  return p == std::string::npos ? NAN : std::stod(text.substr(p + needle.size()));
+}
+
+// Every error is exactly one line on stderr, names the command, and nothing goes to stdout.
+void expect_one_line_error(const Result& r, int code, const std::string& command,
+                           const std::string& mention) {
+  EXPECT_EQ(r.code, code) << r.err;
+  EXPECT_EQ(count_lines(r.err), 1) << r.err;
+  EXPECT_EQ(r.err.rfind("moert " + command + ": error: ", 0), 0u) << r.err;
+  EXPECT_NE(r.err.find(mention), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
+TEST(Cli, HelpEverywhere) {
+  const fs::path dir = workdir("help");
+  Result top = run("--help", dir);
+  EXPECT_EQ(top.code, 0);
+  for (const char* cmd : {"train", "eval", "inspect", "convert", "bench"}) {
+    EXPECT_NE(top.out.find(std::string("  ") + cmd + " "), std::string::npos) << cmd;
+    const Result r = run(std::string(cmd) + " --help", dir);
+    EXPECT_EQ(r.code, 0) << cmd << ": " << r.err;
+    EXPECT_EQ(r.out.rfind(std::string("usage: moert ") + cmd, 0), 0u) << r.out;
+    EXPECT_NE(r.out.find("--help"), std::string::npos) << r.out;
+    EXPECT_TRUE(r.err.empty()) << r.err;
+  }
+  // --help wins over missing or extra arguments.
+  EXPECT_EQ(run("convert --help", dir).code, 0);
+  EXPECT_EQ(run("inspect a b c --help", dir).code, 0);
+  const Result v = run("--version", dir);
+  EXPECT_EQ(v.code, 0);
+  EXPECT_NE(v.out.find(moert_version_string()), std::string::npos) << v.out;
+  // The FLOP formula is stated where the figures are printed.
+  EXPECT_NE(run("inspect --help", dir).out.find("2*d*E (router) + K*6*d*h"), std::string::npos);
+}
+
+TEST(Cli, InspectMatchesLibraryAndFormula) {
+  const fs::path dir = workdir("inspect");
+  moert_model* m = nullptr;
+  ASSERT_EQ(moert_model_load_file(MOERT_TINY_MODEL, &m), nullptr);
+  uint64_t total = 0, activated = 0;
+  ASSERT_EQ(moert_model_num_parameters(m, &total, &activated), nullptr);
+  uint32_t layers = 0;
+  ASSERT_EQ(moert_model_num_layers(m, &layers), nullptr);
+
+  // Forward FLOPs per token by the formula, from the model's settings as the C ABI reports them.
+  double flops = 0.0, dense = 0.0;
+  for (uint32_t i = 0; i < layers; ++i) {
+    int32_t kind = 0;
+    uint32_t in = 0, out = 0;
+    ASSERT_EQ(moert_model_layer_kind(m, i, &kind), nullptr);
+    ASSERT_EQ(moert_model_layer_dims(m, i, &in, &out), nullptr);
+    if (kind == MOERT_LAYER_OUTPUT_HEAD) {
+      flops += 2.0 * in * out;
+      dense += 2.0 * in * out;
+    }
+    if (kind != MOERT_LAYER_MOE) continue;
+    int64_t E = 0, K = 0, h = 0, S = 0, hs = 0;
+    ASSERT_EQ(moert_model_moe_int(m, i, MOERT_MOE_NUM_EXPERTS, &E), nullptr);
+    ASSERT_EQ(moert_model_moe_int(m, i, MOERT_MOE_TOP_K, &K), nullptr);
+    ASSERT_EQ(moert_model_moe_int(m, i, MOERT_MOE_EXPERT_HIDDEN, &h), nullptr);
+    ASSERT_EQ(moert_model_moe_int(m, i, MOERT_MOE_NUM_SHARED_EXPERTS, &S), nullptr);
+    ASSERT_EQ(moert_model_moe_int(m, i, MOERT_MOE_SHARED_HIDDEN, &hs), nullptr);
+    const double d = in, fixed = 2.0 * d * E + S * 6.0 * d * hs;
+    flops += fixed + K * 6.0 * d * h;
+    dense += fixed + E * 6.0 * d * h;
+  }
+  moert_model_free(m);
+  // tiny_moe by hand: moe0 (d 64, E 8, K 2, h 32, 1 shared of 32) 1024 + 2*12288 + 12288; moe1
+  // (no shared) 1024 + 2*12288; head 2*64*64.
+  EXPECT_EQ(flops, 37888.0 + 25600.0 + 8192.0);
+
+  const Result j = run(std::string("inspect --json ") + MOERT_TINY_MODEL, dir);
+  ASSERT_EQ(j.code, 0) << j.err;
+  EXPECT_EQ(json_value(j.out, "total_parameters"), static_cast<double>(total));
+  EXPECT_EQ(json_value(j.out, "activated_parameters"), static_cast<double>(activated));
+  EXPECT_EQ(json_value(j.out, "flops_per_token"), flops);
+  EXPECT_EQ(json_value(j.out, "dense_equivalent_flops_per_token"), dense);
+  // Per-layer counts add up to the library's totals.
+  double sum_params = 0.0, sum_activated = 0.0;
+  size_t at = j.out.find("\"layers\"");
+  for (uint32_t i = 0; i < layers; ++i) {
+    at = j.out.find("{\"index\": ", at + 1);
+    ASSERT_NE(at, std::string::npos);
+    sum_params += json_value(j.out, "parameters", at);
+    sum_activated += json_value(j.out, "activated", at);
+  }
+  EXPECT_EQ(sum_params, static_cast<double>(total));
+  EXPECT_EQ(sum_activated, static_cast<double>(activated));
+  EXPECT_NE(j.out.find("\"balancing\": \"loss-free bias\""), std::string::npos);
+  EXPECT_NE(j.out.find("\"balancing\": \"auxiliary loss\""), std::string::npos);
+
+  const Result t = run(std::string("inspect ") + MOERT_TINY_MODEL, dir);
+  ASSERT_EQ(t.code, 0) << t.err;
+  std::ostringstream want;
+  want << "parameters: " << total << " total, " << activated << " activated per token";
+  EXPECT_NE(t.out.find(want.str()), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("forward FLOPs per token: 71680"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("219136"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("4 groups keep 2"), std::string::npos) << t.out;
+  // JSON models are read too, with the same result.
+  const Result tj = run(std::string("inspect ") + MOERT_TINY_JSON, dir);
+  ASSERT_EQ(tj.code, 0) << tj.err;
+  EXPECT_EQ(tj.out.substr(tj.out.find('\n')), t.out.substr(t.out.find('\n')));
+}
+
+TEST(Cli, ConvertRoundTripIsByteIdentical) {
+  const fs::path dir = workdir("convert");
+  const fs::path b1 = dir / "a.moert", j1 = dir / "a.json", b2 = dir / "b.moert";
+  const fs::path j2 = dir / "b.json";
+  ASSERT_EQ(run(std::string("convert ") + MOERT_TINY_JSON + " " + b1.string(), dir).code, 0);
+  ASSERT_EQ(run("convert " + b1.string() + " " + j1.string(), dir).code, 0);
+  ASSERT_EQ(run("convert " + j1.string() + " " + b2.string(), dir).code, 0);
+  ASSERT_EQ(run("convert " + b2.string() + " " + j2.string(), dir).code, 0);
+  EXPECT_EQ(slurp(b1), slurp(b2));
+  EXPECT_EQ(slurp(j1), slurp(j2));
+  // The committed example binary was made by flatc from the same JSON.
+  EXPECT_EQ(slurp(b1), slurp(MOERT_TINY_MODEL));
+  EXPECT_NE(slurp(j1).find("\"kind_type\": \"MoE\""), std::string::npos);
+}
+
+TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
+  const fs::path dir = workdir("errors");
+  expect_one_line_error(run("inspect /no/such/model.moert", dir), 1, "inspect", "/no/such/model");
+  expect_one_line_error(run(std::string("inspect --frobnicate ") + MOERT_TINY_MODEL, dir), 2,
+                        "inspect", "--frobnicate");
+  expect_one_line_error(run("inspect", dir), 2, "inspect", "MODEL");
+  expect_one_line_error(run("convert /no/such.json out.moert", dir), 1, "convert", "/no/such");
+  expect_one_line_error(run("train --steps many", dir), 2, "train", "--steps");
+  expect_one_line_error(run("train --balancing none,bogus", dir), 2, "train", "bogus");
+  expect_one_line_error(run("train --corpus /no/such/dir --steps 1", dir), 1, "train",
+                        "/no/such/dir");
+  expect_one_line_error(run("bench --threads 0", dir), 2, "bench", "--threads");
+  expect_one_line_error(
+      run(std::string("eval ") + MOERT_TINY_MODEL + " --corpus " + MOERT_TINY_CORPUS, dir), 1,
+      "eval", "vocabulary");
+
+  // Damaged inputs: a JSON with an unknown field, a truncated binary.
+  std::ofstream(dir / "bad.json") << "{ \"schema_major\": 1, \"layerz\": [] }";
+  expect_one_line_error(run("convert " + (dir / "bad.json").string() + " x.moert", dir), 1,
+                        "convert", "unknown field: layerz");
+  const std::string bin = slurp(MOERT_TINY_MODEL);
+  std::ofstream(dir / "cut.moert", std::ios::binary) << bin.substr(0, bin.size() / 2);
+  expect_one_line_error(run("inspect " + (dir / "cut.moert").string(), dir), 1, "inspect",
+                        "cut.moert");
+  expect_one_line_error(run("convert " + (dir / "cut.moert").string() + " x.json", dir), 1,
+                        "convert", "cut.moert");
+
+  for (const char* args : {"frobnicate", ""}) {
+    const Result r = run(args, dir);
+    EXPECT_EQ(r.code, 2) << args;
+    EXPECT_EQ(count_lines(r.err), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("moert: error: ", 0), 0u) << r.err;
+  }
+}
+
+std::vector<std::map<std::string, std::string>> read_csv(const fs::path& p,
+                                                         std::vector<std::string>& header) {
+  std::ifstream in(p);
+  std::string line;
+  std::vector<std::map<std::string, std::string>> rows;
+  auto split = [](const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string cell;
+    while (std::getline(ss, cell, ',')) out.push_back(cell);
+    return out;
+  };
+  if (!std::getline(in, line)) return rows;
+  header = split(line);
+  while (std::getline(in, line)) {
+    const auto cells = split(line);
+    std::map<std::string, std::string> row;
+    for (size_t i = 0; i < cells.size() && i < header.size(); ++i) row[header[i]] = cells[i];
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
+  const fs::path dir = workdir("train");
+  const fs::path csv = dir / "steps.csv", save = dir / "models";
+  const int steps = 80;
+  const Result r =
+      run(std::string("train --corpus ") + MOERT_TINY_CORPUS + " --steps " + std::to_string(steps) +
+              " --batch 64 --context 4 --embed-dim 8 --blocks 1 --experts 4"
+              " --top-k 2 --expert-hidden 8 --shared 1 --shared-hidden 8"
+              " --warmup 5 --lr 0.01 --min-lr 0.001 --val-every 5 --threads 1"
+              " --probe-rows 256 --balancing none,aux,loss-free:gamma=0.01 --csv " +
+              csv.string() + " --save " + save.string(),
+          dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const char* s : {"none", "aux", "loss-free(gamma=0.01)"})
+    EXPECT_TRUE(std::regex_search(
+        r.out, std::regex(std::string("\n") + std::regex_replace(s, std::regex("[()]"), "\\$&") +
+                          " +[0-9.]+ +[0-9.]+ +[0-9.]+")))
+        << s << "\n"
+        << r.out;
+  EXPECT_NE(r.out.find("router diagnostics"), std::string::npos);
+  EXPECT_NE(r.out.find("validation 8 records"), std::string::npos) << r.out;
+  // Progress goes to stderr as plain lines when it is not a terminal.
+  EXPECT_NE(r.err.find("none: step 8/80"), std::string::npos) << r.err;
+
+  std::vector<std::string> header;
+  const auto rows = read_csv(csv, header);
+  EXPECT_EQ(header, (std::vector<std::string>{"strategy", "step", "train_loss", "aux_loss",
+                                              "max_vio_batch", "lr", "grad_norm"}));
+  ASSERT_EQ(rows.size(), 3u * steps);
+  std::map<std::string, std::vector<double>> loss;
+  for (const auto& row : rows) {
+    loss[row.at("strategy")].push_back(std::stod(row.at("train_loss")));
+    const double vio = std::stod(row.at("max_vio_batch"));
+    EXPECT_GE(vio, 0.0);
+    EXPECT_LE(vio, 1.0);  // 4 experts: MaxVio is at most E - 1 = 3; top-2 of 4 caps it at 1
+    if (row.at("strategy") != "aux") {
+      EXPECT_EQ(std::stod(row.at("aux_loss")), 0.0);
+    }
+  }
+  ASSERT_EQ(loss.size(), 3u);
+  for (const auto& [name, l] : loss) {
+    double first = 0.0, last = 0.0;
+    for (int i = 0; i < 10; ++i) {
+      first += l[i] / 10;
+      last += l[l.size() - 1 - i] / 10;
+    }
+    // From about ln(98) = 4.6 nats at the start; a character model of this text gets well under.
+    EXPECT_GT(first, 4.0) << name;
+    EXPECT_LT(last, first - 1.0) << name;
+  }
+
+  // A saved run is a checkpoint that `moert eval` reads, with the split `train` used.
+  const fs::path ckpt = save / "loss-free(gamma=0.01).moert";
+  ASSERT_TRUE(fs::exists(ckpt));
+  const Result e = run(
+      "eval '" + ckpt.string() + "' --json --threads 1 --val-every 5 --corpus " + MOERT_TINY_CORPUS,
+      dir);
+  ASSERT_EQ(e.code, 0) << e.err;
+  const double val_loss = json_value(e.out, "loss");
+  EXPECT_GT(val_loss, 0.5);
+  EXPECT_LT(val_loss, 4.0);
+  EXPECT_EQ(json_value(e.out, "experts"), 4.0);
+  // The same figure as the training table's row for that run.
+  std::ostringstream four;
+  four.precision(4);
+  four << std::fixed << val_loss;
+  EXPECT_NE(r.out.find("loss-free(gamma=0.01)"), std::string::npos);
+  EXPECT_NE(r.out.find(four.str()), std::string::npos) << four.str() << "\n" << r.out;
+
+  // The plot script turns the CSV into a PNG (skipped where matplotlib is missing).
+  if (std::system("/usr/bin/python3 -c 'import matplotlib' 2>/dev/null") != 0)
+    GTEST_SKIP() << "no matplotlib for /usr/bin/python3: the plot is not checked";
+  const fs::path png = dir / "plot.png";
+  const std::string plot = std::string("/usr/bin/python3 '") + MOERT_PLOT_SCRIPT + "' '" +
+                           csv.string() + "' '" + png.string() + "' --floor 0.1 >/dev/null";
+  ASSERT_EQ(std::system(plot.c_str()), 0);
+  EXPECT_EQ(slurp(png).substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+}
+
+TEST(Cli, BenchQuickPrintsItsTable) {
+  const fs::path dir = workdir("bench");
+  const Result r = run("bench --quick --threads 1", dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex("\nforward +[0-9.]+ +[0-9.]+ +[0-9.]+")))
+      << r.out;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex("\nforward\\+backward( +[0-9.]+){7}"))) << r.out;
+  const Result j = run("bench --quick --threads 1 --json", dir);
+  ASSERT_EQ(j.code, 0) << j.err;
+  // The quick layer: 256 tokens of width 64, 8 experts x 64, top-2, 1 shared x 64.
+  EXPECT_EQ(json_value(j.out, "assignments"), 512.0);
+  const double fwd = 256.0 * (2 * 64 * 8 + 6.0 * 64 * 64) + 512.0 * 6 * 64 * 64;
+  EXPECT_EQ(json_value(j.out, "flops"), fwd);
+  EXPECT_GT(json_value(j.out, "gflops"), 0.0);
+}
+
+}  // namespace
