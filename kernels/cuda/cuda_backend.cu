@@ -254,9 +254,7 @@ class CudaBackend final : public Backend {
     vals_sorted_.resize(*this, static_cast<size_t>(n));
     // (token, position) pairs sorted by token, stable: each vocabulary row then sums its
     // positions in order.
-    std::vector<int32_t> iota(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) iota[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-    upload(vals_.data(), iota.data(), iota.size() * sizeof(int32_t));
+    positions(vals_.data(), n, stream_);
     copy(ekeys_.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
     sort_pairs(ekeys_.data(), ekeys_sorted_.data(), vals_.data(), vals_sorted_.data(), n,
                bits_for(static_cast<uint64_t>(vocab)));

@@ -30,9 +30,13 @@ inline void check(cublasStatus_t s, const char* what) {
 // After a kernel launch: a bad configuration shows up here, not at the next synchronisation.
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 
+// Blocks to cover n items, one thread each. The grid's x dimension holds up to 2^31 - 1 blocks,
+// so kernels that take one item per thread cover any size a session can pass (rows < 2^31,
+// times at most a block of work each); the grid-stride kernels work with any count.
 inline unsigned grid_for(int64_t n, unsigned block) {
   const int64_t g = (n + block - 1) / block;
-  return static_cast<unsigned>(g < 1 ? 1 : (g > 65535 * 32 ? 65535 * 32 : g));
+  constexpr int64_t kMaxBlocks = 0x7FFFFFFF;
+  return static_cast<unsigned>(g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g));
 }
 
 }  // namespace moert::cuda

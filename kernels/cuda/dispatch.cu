@@ -16,6 +16,11 @@ __global__ void make_sort_keys_k(const int32_t* experts, int64_t rows, int64_t t
   vals[a] = static_cast<int32_t>(a);
 }
 
+__global__ void positions_k(int32_t* v, int64_t n) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i < n) v[i] = static_cast<int32_t>(i);
+}
+
 __global__ void histogram_k(const int32_t* experts, int64_t n, unsigned long long* counts) {
   const int64_t a = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (a < n) atomicAdd(&counts[experts[a]], 1ull);  // integer counts: order does not matter
@@ -128,6 +133,12 @@ void make_sort_keys(const int32_t* experts, int64_t rows, int64_t top_k, int64_t
   make_sort_keys_k<<<grid_for(rows * top_k, kThreads), kThreads, 0, s>>>(experts, rows, top_k, keys,
                                                                          vals);
   check_launch("make_sort_keys");
+}
+
+void positions(int32_t* v, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  positions_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(v, n);
+  check_launch("positions");
 }
 
 void expert_histogram(const int32_t* experts, int64_t n, int64_t num_experts, int64_t* counts,

@@ -71,6 +71,8 @@ void aux_loss(const RouterConfig& cfg, const float* scores, const int64_t* token
 // keys[a] = expert[a] * rows + token, vals[a] = a, for a = t * K + k.
 void make_sort_keys(const int32_t* experts, int64_t rows, int64_t top_k, int64_t* keys,
                     int32_t* vals, cudaStream_t s);
+// v[i] = i for i in [0, n).
+void positions(int32_t* v, int64_t n, cudaStream_t s);
 // Histogram of experts (integers) into counts[E] (zeroed first).
 void expert_histogram(const int32_t* experts, int64_t n, int64_t num_experts, int64_t* counts,
                       cudaStream_t s);
