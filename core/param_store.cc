@@ -11,7 +11,9 @@ bool is_gemm_weight(const LayerSpec& layer, const std::string& field) {
     case LayerKind::DenseFFN:
       return true;
     case LayerKind::MoE:
-      return field != "gate";
+      // The router and its bias stay fp32 (DESIGN.md section 5); only the experts multiply in bf16.
+      return field == "w1" || field == "w3" || field == "w2" || field == "shared_w1" ||
+             field == "shared_w3" || field == "shared_w2";
     case LayerKind::OutputHead:
       return field == "weight";
     default:
