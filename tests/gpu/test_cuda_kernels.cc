@@ -1,6 +1,7 @@
 // Every operation of the CUDA backend against the fp32 CPU backend on random inputs: exact where
 // the operation is exact (routing decisions, plans, integer counts), within bf16 tolerances where
 // the GPU multiplies in bf16, within fp32 rounding elsewhere.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -15,8 +16,12 @@ namespace moert {
 namespace {
 
 std::string plugin_path() {
+#ifdef MOERT_DEVSIM
+  return MOERT_CUDA_PLUGIN_PATH;
+#else
   const char* env = std::getenv("MOERT_CUDA_PLUGIN");
   return env ? env : MOERT_CUDA_PLUGIN_PATH;
+#endif
 }
 
 // Both backends, built once.
@@ -99,6 +104,37 @@ TEST(CudaKernels, LinearInBf16AndFp32WithBias) {
   }
 }
 
+// Odd sizes: rows of 37 bf16 values start on 2-byte boundaries only.
+TEST(CudaKernels, LinearBackwardInBf16AndFp32) {
+  std::mt19937 rng(11);
+  const int64_t rows = 101, in = 37, out = 23;
+  auto x = randn(rows * in, rng), dy = randn(rows * out, rng);
+  W w(randn(out * in, rng, 0.2f));
+  const auto dx0 = randn(rows * in, rng), dw0 = randn(out * in, rng), db0 = randn(out, rng);
+  for (bool bf16 : {true, false}) {
+    for (bool accumulate : {true, false}) {
+      std::vector<float> dx = dx0, dw = dw0, db = db0;
+      auto X = up(x), DY = up(dy), DX = up(dx0), DW = up(dw0), DB = up(db0);
+      backends().cpu->linear_backward(x.data(), w.cpu(), dy.data(), dx.data(), accumulate,
+                                      dw.data(), db.data(), rows, in, out);
+      backends().gpu->linear_backward(X.data(), w.gpu(bf16), DY.data(), DX.data(), accumulate,
+                                      DW.data(), DB.data(), rows, in, out);
+      const double tol = bf16 ? kBf16 : kF32;
+      EXPECT_LT(rel(down(DX), dx), tol) << "bf16 " << bf16 << " accumulate " << accumulate;
+      EXPECT_LT(rel(down(DW), dw), tol) << "bf16 " << bf16 << " accumulate " << accumulate;
+      EXPECT_LT(rel(down(DB), db), kF32) << "bf16 " << bf16 << " accumulate " << accumulate;
+    }
+    // Without dx (the first layer's input needs none) and without a bias.
+    std::vector<float> dw = dw0;
+    auto X = up(x), DY = up(dy), DW = up(dw0);
+    backends().cpu->linear_backward(x.data(), w.cpu(), dy.data(), nullptr, false, dw.data(),
+                                    nullptr, rows, in, out);
+    backends().gpu->linear_backward(X.data(), w.gpu(bf16), DY.data(), nullptr, false, DW.data(),
+                                    nullptr, rows, in, out);
+    EXPECT_LT(rel(down(DW), dw), bf16 ? kBf16 : kF32) << "bf16 " << bf16 << " without dx";
+  }
+}
+
 TEST(CudaKernels, RMSNormForwardAndBackward) {
   std::mt19937 rng(2);
   const int64_t rows = 200, dim = 192;
@@ -146,21 +182,25 @@ TEST(CudaKernels, SwiGLUForwardAndBackward) {
       w2(randn(dim * hidden, rng, 0.15f));
   auto g = randn(rows * dim, rng);
   Backend& c = *backends().cpu;
-  std::vector<float> y(rows * dim, 0.0f), h1(rows * hidden), h3(rows * hidden), dx(rows * dim),
-      dw1(hidden * dim, 0.0f), dw3(hidden * dim, 0.0f), dw2(dim * hidden, 0.0f);
+  // Non-zero starting gradients and dx: weight gradients accumulate, and dx accumulates here too.
+  const auto dw0 = randn(hidden * dim, rng), dx0 = randn(rows * dim, rng);
+  std::vector<float> y(rows * dim, 0.0f), h1(rows * hidden), h3(rows * hidden),
+      dx = dx0, dw1 = dw0, dw3 = dw0, dw2 = dw0;
+  // Both sides start from the same values: upload before the CPU accumulates into them.
+  auto DX = up(dx0), DW1 = up(dw0), DW3 = up(dw0), DW2 = up(dw0);
   c.swiglu_ffn(x.data(), w1.cpu(), w3.cpu(), w2.cpu(), y.data(), h1.data(), h3.data(), rows, dim,
                hidden, false);
   c.swiglu_ffn_backward(x.data(), w1.cpu(), w3.cpu(), w2.cpu(), h1.data(), h3.data(), g.data(),
-                        dx.data(), false, dw1.data(), dw3.data(), dw2.data(), rows, dim, hidden);
+                        dx.data(), true, dw1.data(), dw3.data(), dw2.data(), rows, dim, hidden);
   Backend& d = *backends().gpu;
-  auto X = up(x), G = up(g), Y = up(y), H1 = up(h1), H3 = up(h3), DX = up(dx), DW1 = up(dw1),
-       DW3 = up(dw3), DW2 = up(dw2);
+  auto X = up(x), G = up(g), Y = up(y), H1 = up(h1), H3 = up(h3);
   d.swiglu_ffn(X.data(), w1.gpu(), w3.gpu(), w2.gpu(), Y.data(), H1.data(), H3.data(), rows, dim,
                hidden, false);
   d.swiglu_ffn_backward(X.data(), w1.gpu(), w3.gpu(), w2.gpu(), H1.data(), H3.data(), G.data(),
-                        DX.data(), false, DW1.data(), DW3.data(), DW2.data(), rows, dim, hidden);
+                        DX.data(), true, DW1.data(), DW3.data(), DW2.data(), rows, dim, hidden);
   EXPECT_LT(rel(down(Y), y), kBf16);
   EXPECT_LT(rel(down(H1), h1), kBf16);
+  EXPECT_LT(rel(down(H3), h3), kBf16);
   EXPECT_LT(rel(down(DX), dx), kBf16);
   EXPECT_LT(rel(down(DW1), dw1), kBf16);
   EXPECT_LT(rel(down(DW3), dw3), kBf16);
@@ -223,7 +263,8 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
   c.grouped_swiglu_ffn(cp, xp.data(), w1.cpu(), w3.cpu(), w2.cpu(), yp.data(), h1.data(), h3.data(),
                        dim, hidden);
   c.combine(cp, yp.data(), y.data(), dim);
-  auto X = up(x), XP = up(xp), YP = up(yp), H1 = up(h1), H3 = up(h3), Y = up(y);
+  auto X = up(x), XP = up(xp), YP = up(yp), H1 = up(h1), H3 = up(h3);
+  auto Y = up(std::vector<float>(rows * dim, 0.0f));  // combine adds into y
   d.dispatch(gp, X.data(), XP.data(), dim);
   d.grouped_swiglu_ffn(gp, XP.data(), w1.gpu(), w3.gpu(), w2.gpu(), YP.data(), H1.data(), H3.data(),
                        dim, hidden);
@@ -237,6 +278,8 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
   std::vector<float> dyp(A * dim), dwt(A), dxp(A * dim), dx(rows * dim, 0.0f),
       dw1(E * hidden * dim, 0.0f), dw3(E * hidden * dim, 0.0f), dw2(E * dim * hidden, 0.0f),
       dl(rows * E);
+  // What dispatch_backward and the weight gradients add into, as it was before the CPU did.
+  auto DX = up(dx), DW1 = up(dw1), DW3 = up(dw3), DW2 = up(dw2);
   c.combine_backward(cp, yp.data(), gy.data(), dyp.data(), dwt.data(), dim);
   c.grouped_swiglu_ffn_backward(cp, xp.data(), w1.cpu(), w3.cpu(), w2.cpu(), h1.data(), h3.data(),
                                 dyp.data(), dxp.data(), dw1.data(), dw3.data(), dw2.data(), dim,
@@ -246,8 +289,7 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
   const double aux = c.aux_loss(cfg, scores.data(), cp, rows, 111, 0.1, ds.data());
   c.router_backward(cfg, rc.normalize, scores.data(), cp, dwt.data(), ds.data(), dl.data(), rows);
   auto YPc = up(yp), XPc = up(xp), H1c = up(h1), H3c = up(h3), GY = up(gy), DYP = up(dyp),
-       DWT = up(dwt), DXP = up(dxp), DX = up(dx), DW1 = up(dw1), DW3 = up(dw3), DW2 = up(dw2),
-       DL = up(dl), DS = up(ds), Sc = up(scores);
+       DWT = up(dwt), DXP = up(dxp), DL = up(dl), DS = up(ds), Sc = up(scores);
   d.combine_backward(gp, YPc.data(), GY.data(), DYP.data(), DWT.data(), dim);
   EXPECT_EQ(down(DYP), dyp);
   EXPECT_LT(rel(down(DWT), dwt), 1e-5);
@@ -274,6 +316,61 @@ INSTANTIATE_TEST_SUITE_P(Routers, CudaRouting,
                          ::testing::Values(RouteCase{ScoreFunction::Sigmoid, 4, 2, true},
                                            RouteCase{ScoreFunction::Sigmoid, 1, 1, false},
                                            RouteCase{ScoreFunction::Softmax, 2, 1, true}));
+
+// Experts that receive no token, odd widths, and the inference forward (no h1/h3 kept).
+TEST(CudaKernels, GroupedExpertsWithEmptyExpertsAndOddShapes) {
+  std::mt19937 rng(12);
+  const int64_t rows = 77, dim = 36, hidden = 21, E = 8, K = 2;
+  RouterConfig cfg{E, K, ScoreFunction::Sigmoid, 1, 1, true, 1.0f};
+  // Experts 5, 6 and 7 always score lowest: they get no rows.
+  std::vector<float> logits(rows * E);
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t e = 0; e < E; ++e)
+      logits[t * E + e] = e >= 5 ? -8.0f - 0.5f * e : 0.3f * ((t * 7 + e * 3) % 11) - 1.0f;
+  Backend& c = *backends().cpu;
+  Backend& d = *backends().gpu;
+  std::vector<float> scores(rows * E), weights(rows * K);
+  std::vector<int32_t> experts(rows * K);
+  c.route_topk(cfg, logits.data(), nullptr, rows, scores.data(), experts.data(), weights.data());
+  DispatchPlan cp, gp;
+  c.plan_dispatch(experts.data(), weights.data(), rows, K, E, cp);
+  auto Ex = up(experts);
+  auto Wg = up(weights);
+  d.plan_dispatch(Ex.data(), Wg.data(), rows, K, E, gp);
+  ASSERT_EQ(gp.host_offsets, cp.host_offsets);
+  for (int64_t e = 5; e < E; ++e) ASSERT_EQ(cp.count(e), 0);
+  const int64_t A = cp.num_assignments();
+  auto xp = randn(A * dim, rng);
+  W w1(randn(E * hidden * dim, rng, 0.2f)), w3(randn(E * hidden * dim, rng, 0.2f)),
+      w2(randn(E * dim * hidden, rng, 0.2f));
+  std::vector<float> yp(A * dim), h1(A * hidden), h3(A * hidden);
+  c.grouped_swiglu_ffn(cp, xp.data(), w1.cpu(), w3.cpu(), w2.cpu(), yp.data(), h1.data(), h3.data(),
+                       dim, hidden);
+  auto XP = up(xp), YP = up(std::vector<float>(A * dim, 0.0f));
+  d.grouped_swiglu_ffn(gp, XP.data(), w1.gpu(), w3.gpu(), w2.gpu(), YP.data(), nullptr, nullptr,
+                       dim, hidden);
+  EXPECT_LT(rel(down(YP), yp), kBf16);
+
+  auto dyp = randn(A * dim, rng);
+  const auto dw0 = randn(E * hidden * dim, rng);
+  std::vector<float> dxp(A * dim), dw1 = dw0, dw3 = dw0, dw2 = dw0;
+  auto DW1 = up(dw0), DW3 = up(dw0), DW2 = up(dw0);
+  c.grouped_swiglu_ffn_backward(cp, xp.data(), w1.cpu(), w3.cpu(), w2.cpu(), h1.data(), h3.data(),
+                                dyp.data(), dxp.data(), dw1.data(), dw3.data(), dw2.data(), dim,
+                                hidden);
+  auto H1 = up(h1), H3 = up(h3), DYP = up(dyp), DXP = up(std::vector<float>(A * dim, 0.0f));
+  d.grouped_swiglu_ffn_backward(gp, XP.data(), w1.gpu(), w3.gpu(), w2.gpu(), H1.data(), H3.data(),
+                                DYP.data(), DXP.data(), DW1.data(), DW3.data(), DW2.data(), dim,
+                                hidden);
+  EXPECT_LT(rel(down(DXP), dxp), kBf16);
+  EXPECT_LT(rel(down(DW1), dw1), kBf16);
+  EXPECT_LT(rel(down(DW3), dw3), kBf16);
+  EXPECT_LT(rel(down(DW2), dw2), kBf16);
+  // The empty experts' gradients are untouched.
+  const auto got = down(DW1);
+  const int64_t per = hidden * dim;
+  EXPECT_TRUE(std::equal(got.begin() + 5 * per, got.end(), dw0.begin() + 5 * per));
+}
 
 TEST(CudaKernels, CrossEntropyAndOptimizers) {
   std::mt19937 rng(6);
@@ -309,6 +406,7 @@ TEST(CudaKernels, CrossEntropyAndOptimizers) {
   EXPECT_LT(rel(down(M), m), 1e-7);
 }
 
+#ifndef MOERT_DEVSIM  // the simulated device runs Expert Choice on the CPU backend
 TEST(CudaKernels, ExpertChoiceIsRefusedClearly) {
   RouterConfig cfg{8, 2, ScoreFunction::Softmax, 1, 1, false, 1.0f};
   DispatchPlan plan;
@@ -320,6 +418,7 @@ TEST(CudaKernels, ExpertChoiceIsRefusedClearly) {
     EXPECT_NE(std::string(e.what()).find("Expert Choice"), std::string::npos);
   }
 }
+#endif
 
 }  // namespace
 }  // namespace moert

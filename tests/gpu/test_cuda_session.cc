@@ -3,6 +3,7 @@
 #include <moert/moert.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -42,6 +43,9 @@ struct Session {
     moert_status_free(moert_session_options_set_device(o, device, 0));
     moert_status_free(moert_session_options_set_mode(o, mode));
     moert_status_free(moert_session_options_set_threads(o, 2));
+#ifdef MOERT_DEVSIM
+    moert_status_free(moert_session_options_set_config(o, "cuda_plugin", MOERT_CUDA_PLUGIN_PATH));
+#endif
     moert_status* st = moert_session_create(model, o, &s);
     if (st) error = moert_status_message(st);
     moert_status_free(st);
@@ -193,6 +197,36 @@ TEST(CudaSession, InferenceWithBf16OnlyWeightsMatchesTrainingEval) {
   EXPECT_EQ(forward(inf.s, b), forward(tr.s, b));
 }
 
+// A trained bias steers inference on the device as on the CPU: the bias must reach the router in
+// fp32 even where the experts' weights live in bf16 only.
+TEST(CudaSession, InferenceRoutesWithTheModelsBias) {
+  const std::string path = ::testing::TempDir() + "/moert_biased_checkpoint.moert";
+  {
+    Model model(model_path("tiny_moe.moert"));
+    Session tr(model.m, MOERT_DEVICE_CPU, MOERT_MODE_TRAINING);
+    ASSERT_TRUE(tr.s) << tr.error;
+    // Strong enough to move most tokens to experts 0 and 1.
+    const std::vector<float> bias = {0.6f, 0.5f, 0.0f, -0.3f, 0.0f, 0.1f, -0.6f, 0.0f};
+    OK(moert_session_set_expert_bias(tr.s, 2, bias.data(), bias.size()));
+    OK(moert_session_set_expert_bias(tr.s, 4, bias.data(), bias.size()));
+    OK(moert_session_save(tr.s, path.c_str()));
+  }
+  Model plain(model_path("tiny_moe.moert")), biased(path);
+  ASSERT_TRUE(biased.m);
+  Session cpu(biased.m, MOERT_DEVICE_CPU, MOERT_MODE_INFERENCE);
+  Session gpu(biased.m, MOERT_DEVICE_CUDA, MOERT_MODE_INFERENCE);
+  Session unbiased(plain.m, MOERT_DEVICE_CPU, MOERT_MODE_INFERENCE);
+  ASSERT_TRUE(gpu.s) << gpu.error;
+  const Batch b = batch(4);
+  const auto ref = forward(cpu.s, b), got = forward(gpu.s, b);
+  forward(unbiased.s, b);
+  EXPECT_LT(rel(got, ref), 3e-2);
+  EXPECT_EQ(counts(gpu.s, 2), counts(cpu.s, 2));
+  EXPECT_NE(counts(cpu.s, 2), counts(unbiased.s, 2)) << "the bias changed no routing decision";
+  std::remove(path.c_str());
+}
+
+#ifndef MOERT_DEVSIM  // the simulated device runs Expert Choice on the CPU backend
 TEST(CudaSession, ExpertChoiceModelsAreRefusedWithAClearStatus) {
   // The forward oracle's models live elsewhere; route4 with Expert Choice is built by the test
   // build as route4_ec.moert.
@@ -205,12 +239,17 @@ TEST(CudaSession, ExpertChoiceModelsAreRefusedWithAClearStatus) {
   EXPECT_NE(std::string(moert_status_message(st)).find("Expert Choice"), std::string::npos);
   moert_status_free(st);
 }
+#endif
 
 }  // namespace
 
 std::string moert_gpu_test::gpu_unavailable_reason() {
   Model model(model_path("tiny_moe.moert"));
-  if (!model.m) return "cannot load the test model";
+  if (!model.m) {
+    // A broken test set-up is a failure, never a skip.
+    std::fprintf(stderr, "cannot load the test model %s\n", model_path("tiny_moe.moert").c_str());
+    std::exit(1);
+  }
   Session s(model.m, MOERT_DEVICE_CUDA, MOERT_MODE_INFERENCE);
   return s.s ? "" : s.error;
 }
