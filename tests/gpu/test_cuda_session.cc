@@ -164,6 +164,38 @@ TEST(CudaSession, TrainingIsBitwiseDeterministic) {
   EXPECT_NE(l1.front(), l1.back());
 }
 
+// A checkpoint taken on the device resumes bit-identically on the device: optimizer moments,
+// bias and step come back from device memory and go back into it.
+TEST(CudaSession, CheckpointResumesBitIdentically) {
+  Model model(model_path("tiny_moe.moert"));
+  const std::string path = ::testing::TempDir() + "/moert_device_checkpoint.moert";
+  auto train = [](moert_session* s, int first, int steps) {
+    for (int step = first; step < first + steps; ++step) {
+      OK(moert_session_zero_grad(s));
+      const Batch b = batch(40 + step);
+      forward(s, b);
+      double loss = 0;
+      OK(moert_session_backward_loss(s, b.targets.data(), b.targets.size(), &loss));
+      OK(moert_session_step(s, nullptr, nullptr));
+    }
+  };
+  Session a(model.m, MOERT_DEVICE_CUDA, MOERT_MODE_TRAINING);
+  ASSERT_TRUE(a.s) << a.error;
+  train(a.s, 0, 2);
+  OK(moert_session_save(a.s, path.c_str()));
+  train(a.s, 2, 2);
+  Session b(model.m, MOERT_DEVICE_CUDA, MOERT_MODE_TRAINING);
+  ASSERT_TRUE(b.s) << b.error;
+  OK(moert_session_load(b.s, path.c_str()));
+  train(b.s, 2, 2);
+  EXPECT_TRUE(all_parameters(a.s) == all_parameters(b.s)) << "the resumed run diverged";
+  std::vector<float> ba(8), bb(8);
+  OK(moert_session_get_expert_bias(a.s, 2, ba.data(), 8));
+  OK(moert_session_get_expert_bias(b.s, 2, bb.data(), 8));
+  EXPECT_EQ(ba, bb);
+  std::remove(path.c_str());
+}
+
 TEST(CudaSession, LossFreeBiasUpdateIsTheCpus) {
   Model model(model_path("route4.moert"));
   Session cpu(model.m, MOERT_DEVICE_CPU, MOERT_MODE_TRAINING);
