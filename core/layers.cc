@@ -108,6 +108,20 @@ bool MoELayer::uses_aux_loss() const {
          s_.balancing.aux_alpha > 0.0f;
 }
 
+int64_t MoELayer::capacity(int64_t rows) const {
+  const RouterConfig& r = s_.router;
+  const double want =
+      std::ceil(static_cast<double>(s_.balancing.capacity_factor) * static_cast<double>(rows) *
+                static_cast<double>(r.top_k) / static_cast<double>(r.num_experts));
+  return std::min<int64_t>(rows, static_cast<int64_t>(want));
+}
+
+int64_t MoELayer::indexed_items(int64_t rows) const {
+  return s_.balancing.policy == BalancingPolicy::ExpertChoice
+             ? capacity(rows) * s_.router.num_experts
+             : rows * s_.router.top_k;
+}
+
 void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
   const RouterConfig& r = s_.router;
   const int64_t E = r.num_experts, K = r.top_k, D = s_.dim;
@@ -118,11 +132,7 @@ void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass
   be.linear(x, Weight{p_.f32(s_.gate), nullptr}, nullptr, logits_.data(), rows, D, E, false);
 
   if (s_.balancing.policy == BalancingPolicy::ExpertChoice) {
-    const double want =
-        std::ceil(static_cast<double>(s_.balancing.capacity_factor) * static_cast<double>(rows) *
-                  static_cast<double>(K) / static_cast<double>(E));
-    const int64_t capacity = std::min<int64_t>(rows, static_cast<int64_t>(want));
-    be.route_expert_choice(r, logits_.data(), rows, capacity, scores_.data(), plan_);
+    be.route_expert_choice(r, logits_.data(), rows, capacity(rows), scores_.data(), plan_);
   } else {
     experts_.resize(be, static_cast<size_t>(rows * K));
     weights_.resize(be, experts_.size());

@@ -30,6 +30,9 @@ class Layer {
   virtual double aux_loss() const { return 0.0; }
   // Makes the statistics of the last successful forward pass visible (MoE layers).
   virtual void commit_stats(Pass) {}
+  // How many items a pass over `rows` rows addresses by 32-bit index (token positions, token-expert
+  // assignments); the session refuses row counts that would take it past 2^31 - 1.
+  virtual int64_t indexed_items(int64_t rows) const { return rows; }
 };
 
 class EmbeddingLayer final : public Layer {
@@ -39,6 +42,7 @@ class EmbeddingLayer final : public Layer {
   void backward(Backend& be, const float* dy, float* dx, int64_t rows) override;
   // tokens: backend memory, range-checked; kept by pointer until backward.
   void forward_tokens(Backend& be, const int32_t* tokens, float* y, int64_t rows, Pass pass);
+  int64_t indexed_items(int64_t rows) const override { return rows * s_.context; }
 
  private:
   const EmbeddingSpec& s_;
@@ -103,8 +107,11 @@ class MoELayer final : public Layer {
   void backward(Backend& be, const float* dy, float* dx, int64_t rows) override;
   double aux_loss() const override { return aux_loss_; }
   void commit_stats(Pass pass) override;
+  int64_t indexed_items(int64_t rows) const override;
 
   const ExpertCounts& counts() const { return counts_; }
+  // Expert Choice: the tokens each expert takes from `rows`.
+  int64_t capacity(int64_t rows) const;
   ExpertCounts& counts() { return counts_; }
 
  private:

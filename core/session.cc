@@ -161,6 +161,13 @@ int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
       out_len != need)
     fail(Code::InvalidArgument, "output buffer holds ", out_len, " floats but ", rows,
          " rows of width ", model_->output_width, " need ", rows * model_->output_width);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const int64_t items = layers_[i]->indexed_items(static_cast<int64_t>(rows));
+    if (items > std::numeric_limits<int32_t>::max())
+      fail(Code::InvalidArgument, "rows = ", rows, " is too many for layer '",
+           model_->layers[i].name, "': it would index ", items,
+           " token positions or token-expert assignments, more than 2^31 - 1");
+  }
   const int64_t seq = options_.training.sequence_length;
   if (training() && seq > 0 && rows % static_cast<uint64_t>(seq) != 0)
     fail(Code::InvalidArgument, "rows = ", rows, " is not a multiple of sequence_length = ", seq);

@@ -143,6 +143,18 @@ TEST_F(TokenForward, ZeroRows) {
   expect_unchanged();
 }
 
+// 2^29 rows of 4 tokens is 2^31 token positions: more than 32-bit indices address. Refused from
+// the lengths alone, before the (deliberately short) buffers are touched.
+TEST_F(TokenForward, RowsWhosePositionsOverflowInt32AreRefused) {
+  const uint64_t rows = uint64_t{1} << 29;
+  std::vector<float> out(kWidth, kSentinel);
+  EXPECT_TRUE(IsError(moert_session_forward_tokens(session_.get(), tokens_.data(), rows * kContext,
+                                                   rows, out.data(), rows * kWidth),
+                      kInvalid, {"536870912", "embed", "2^31 - 1"}));
+  EXPECT_EQ(out, std::vector<float>(kWidth, kSentinel));
+  expect_unchanged();
+}
+
 TEST_F(TokenForward, TokenIdOutsideTheVocabulary) {
   for (int32_t bad :
        {-1, 64, 65, std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::min()}) {
