@@ -51,8 +51,11 @@ class Backend : public Allocator {
   // Whether GEMM weights should carry a bf16 copy.
   virtual bool wants_bf16() const = 0;
   // Makes the backend's device current on the calling thread (a session may be called from any
-  // thread, e.g. by Go's scheduler).
+  // thread, e.g. by Go's scheduler) until the matching deactivate(), which gives the thread back
+  // the device it had before: a host program that uses CUDA itself keeps its current device.
+  // Pairs may nest; activate() throws where the device cannot be selected.
   virtual void activate() {}
+  virtual void deactivate() noexcept {}
 
   // ---- Memory. Transfers are complete when they return (host buffers may be reused at once).
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
@@ -181,6 +184,18 @@ class Backend : public Allocator {
   // One SGD update with momentum buffer m and L2 weight decay wd.
   virtual void sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum,
                    double wd, double gscale) = 0;
+};
+
+// A backend's device, current on this thread for the life of the object.
+class ActiveDevice {
+ public:
+  explicit ActiveDevice(Backend& b) : b_(b) { b_.activate(); }
+  ~ActiveDevice() { b_.deactivate(); }
+  ActiveDevice(const ActiveDevice&) = delete;
+  ActiveDevice& operator=(const ActiveDevice&) = delete;
+
+ private:
+  Backend& b_;
 };
 
 // The CPU backend with `threads` worker threads (the caller's included).

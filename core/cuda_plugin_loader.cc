@@ -73,8 +73,13 @@ std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& pl
          "'; a process uses one plugin");
   }
   char message[512] = {0};
-  Backend* be = p.create(device, message, sizeof message);
-  if (!be) fail(Code::Unsupported, "CUDA backend unavailable: ", message);
+  int32_t code = static_cast<int32_t>(Code::Unsupported);
+  Backend* be = p.create(device, &code, message, sizeof message);
+  if (!be) {
+    const bool known = code >= static_cast<int32_t>(Code::InvalidArgument) &&
+                       code <= static_cast<int32_t>(Code::Internal);
+    fail(known ? static_cast<Code>(code) : Code::Internal, "CUDA backend unavailable: ", message);
+  }
   return std::unique_ptr<Backend>(be);
 }
 

@@ -104,6 +104,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
   backend_ = options_.device == Device::Cuda
                  ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
                  : make_cpu_backend(options_.threads);
+  const ActiveDevice device(*backend_);
   const int64_t seq = options_.training.sequence_length;
   if (training()) {
     // The session trains its own copy; gradients mirror its layout.

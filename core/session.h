@@ -114,8 +114,8 @@ class Session {
 
   // Serialises the public entry points: a session may be shared between threads.
   std::mutex& mutex() const { return mu_; }
-  // Called by every entry point after taking the lock: the backend's device on this thread.
-  void activate() const { backend_->activate(); }
+  // Taken by every entry point after the lock: the backend's device on this thread for the call.
+  ActiveDevice use_device() const { return ActiveDevice(*backend_); }
 
  private:
   struct Slot {

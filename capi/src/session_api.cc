@@ -24,7 +24,7 @@ moert_status* locked(S* session, F&& body) {
   return guarded([&] {
     require(session, "session");
     std::lock_guard<std::mutex> lock(session->session->mutex());
-    session->session->activate();
+    const auto device = session->session->use_device();
     body(*session->session);
   });
 }

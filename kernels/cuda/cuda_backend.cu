@@ -21,6 +21,26 @@ namespace {
 
 constexpr int64_t kNormRowBlock = 64;
 
+// Gives the calling thread back the device it had when this was made: the backend selects its own
+// device to work, and must not move a host program that uses CUDA itself off its device.
+class DeviceRestore {
+ public:
+  DeviceRestore() {
+    if (cudaGetDevice(&outer_) != cudaSuccess) {
+      cudaGetLastError();
+      outer_ = -1;
+    }
+  }
+  ~DeviceRestore() {
+    if (outer_ >= 0) cudaSetDevice(outer_);
+  }
+  DeviceRestore(const DeviceRestore&) = delete;
+  DeviceRestore& operator=(const DeviceRestore&) = delete;
+
+ private:
+  int outer_ = -1;
+};
+
 int bits_for(uint64_t v) {
   int b = 1;
   while (b < 64 && (uint64_t{1} << b) <= v) ++b;
@@ -38,17 +58,25 @@ class CudaBackend final : public Backend {
     if (device < 0 || device >= count)
       fail(Code::InvalidArgument, "CUDA device ", device, " does not exist (", count,
            " device(s))");
-    check(cudaSetDevice(device), "cudaSetDevice");
     cudaDeviceProp prop{};
     check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
     if (prop.major != 9)
       fail(Code::Unsupported, "this CUDA plugin is built for Hopper (sm_90a); device ", device,
            " (", prop.name, ") has compute capability ", prop.major, ".", prop.minor);
+    const DeviceRestore restore;
+    check(cudaSetDevice(device), "cudaSetDevice");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    gemm_ = std::make_unique<Gemm>(stream_);
+    try {
+      gemm_ = std::make_unique<Gemm>(stream_);
+    } catch (...) {
+      cudaStreamDestroy(stream_);  // no destructor runs for a constructor that throws
+      throw;
+    }
   }
 
   ~CudaBackend() override {
+    const DeviceRestore restore;
+    cudaSetDevice(device_);
     // Scratch buffers free themselves through deallocate(); the stream goes last.
     gemm_.reset();
     release_scratch();
@@ -58,11 +86,21 @@ class CudaBackend final : public Backend {
   const char* name() const override { return "cuda"; }
   bool host_memory() const override { return false; }
   bool wants_bf16() const override { return true; }
-  void activate() override { select(); }
+  void activate() override {
+    if (depth_ == 0) {
+      check(cudaGetDevice(&outer_), "cudaGetDevice");
+      if (outer_ != device_) select();
+    }
+    ++depth_;
+  }
+  void deactivate() noexcept override {
+    if (depth_ > 0 && --depth_ == 0 && outer_ != device_) cudaSetDevice(outer_);
+  }
 
   // ---- Memory
 
   void* allocate(size_t bytes) override {
+    const DeviceRestore restore;
     select();
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, bytes);
@@ -75,6 +113,9 @@ class CudaBackend final : public Backend {
     return p;
   }
   void deallocate(void* p) noexcept override {
+    // cudaFree waits for the device to finish with p: a scratch buffer may be freed (resized)
+    // while kernels queued on the stream still read it.
+    const DeviceRestore restore;
     cudaSetDevice(device_);
     cudaFree(p);
   }
@@ -271,8 +312,8 @@ class CudaBackend final : public Backend {
     f1_.resize(*this, n);
     f2_.resize(*this, n);
     // dA = dy W2, then dW2 += dy^T a with a = silu(h1) h3.
-    gemm_->run(false, false, rows, hidden, dim, dyb, dim, w2.bf16, hidden, f1_.data(), hidden, 0.0f,
-               true);
+    gemm_->run(false, false, rows, hidden, dim, dyb, dim, bf16_weight(w2), hidden, f1_.data(),
+               hidden, 0.0f, true);
     sa_.resize(*this, n);
     swiglu_bf16(h1, h3, sa_.data(), static_cast<int64_t>(n), stream_);
     gemm_->run(true, false, dim, hidden, rows, dyb, dim, sa_.data(), hidden, dw2, hidden, 1.0f,
@@ -284,9 +325,10 @@ class CudaBackend final : public Backend {
     const uint16_t* xb = bf16_of(x, rows * dim, sx_);
     gemm_->run(true, false, hidden, dim, rows, dh1, hidden, xb, dim, dw1, dim, 1.0f, true);
     gemm_->run(true, false, hidden, dim, rows, dh3, hidden, xb, dim, dw3, dim, 1.0f, true);
-    gemm_->run(false, false, rows, dim, hidden, dh1, hidden, w1.bf16, dim, dx, dim,
+    gemm_->run(false, false, rows, dim, hidden, dh1, hidden, bf16_weight(w1), dim, dx, dim,
                dx_accumulate ? 1.0f : 0.0f, true);
-    gemm_->run(false, false, rows, dim, hidden, dh3, hidden, w3.bf16, dim, dx, dim, 1.0f, true);
+    gemm_->run(false, false, rows, dim, hidden, dh3, hidden, bf16_weight(w3), dim, dx, dim, 1.0f,
+               true);
   }
 
   void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
@@ -302,8 +344,8 @@ class CudaBackend final : public Backend {
     sa_.resize(*this, n);
     swiglu_bf16(h1, h3, sa_.data(), static_cast<int64_t>(n), stream_);
     for_each_expert(plan, [&](int64_t e, int64_t a0, int64_t rows) {
-      gemm_->run(false, false, rows, hidden, dim, dyb + a0 * dim, dim, w2.bf16 + e * per, hidden,
-                 f1_.data() + a0 * hidden, hidden, 0.0f, true);
+      gemm_->run(false, false, rows, hidden, dim, dyb + a0 * dim, dim, bf16_weight(w2) + e * per,
+                 hidden, f1_.data() + a0 * hidden, hidden, 0.0f, true);
       gemm_->run(true, false, dim, hidden, rows, dyb + a0 * dim, dim, sa_.data() + a0 * hidden,
                  hidden, dw2 + e * per, hidden, 1.0f, true);
     });
@@ -317,10 +359,10 @@ class CudaBackend final : public Backend {
                  dw1 + e * per, dim, 1.0f, true);
       gemm_->run(true, false, hidden, dim, rows, dh3 + a0 * hidden, hidden, xb + a0 * dim, dim,
                  dw3 + e * per, dim, 1.0f, true);
-      gemm_->run(false, false, rows, dim, hidden, dh1 + a0 * hidden, hidden, w1.bf16 + e * per, dim,
-                 dx_perm + a0 * dim, dim, 0.0f, true);
-      gemm_->run(false, false, rows, dim, hidden, dh3 + a0 * hidden, hidden, w3.bf16 + e * per, dim,
-                 dx_perm + a0 * dim, dim, 1.0f, true);
+      gemm_->run(false, false, rows, dim, hidden, dh1 + a0 * hidden, hidden,
+                 bf16_weight(w1) + e * per, dim, dx_perm + a0 * dim, dim, 0.0f, true);
+      gemm_->run(false, false, rows, dim, hidden, dh3 + a0 * hidden, hidden,
+                 bf16_weight(w3) + e * per, dim, dx_perm + a0 * dim, dim, 1.0f, true);
     });
   }
 
@@ -402,10 +444,16 @@ class CudaBackend final : public Backend {
       gemm_->run(false, true, m, n, k, x, k, w.f32, k, y, n, beta, false);
   }
 
+  // The bf16 copy every expert and FFN weight has on this backend; a missing one is a bug of the
+  // core, reported as such rather than dereferenced on the device.
+  static const uint16_t* bf16_weight(Weight w) {
+    if (!w.bf16) fail(Code::Internal, "a GEMM weight has no bf16 copy on the CUDA backend");
+    return w.bf16;
+  }
+
   void gemm_nt_bf16(const uint16_t* x, int64_t ldx, Weight w, float* y, int64_t m, int64_t n,
                     int64_t k, float beta) {
-    if (!w.bf16) fail(Code::Internal, "a GEMM weight has no bf16 copy on the CUDA backend");
-    gemm_->run(false, true, m, n, k, x, ldx, w.bf16, k, y, n, beta, true);
+    gemm_->run(false, true, m, n, k, x, ldx, bf16_weight(w), k, y, n, beta, true);
   }
 
   template <typename F>
@@ -459,6 +507,7 @@ class CudaBackend final : public Backend {
   }
 
   int32_t device_;
+  int depth_ = 0, outer_ = 0;  // activate() nesting and the device the thread had before
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Gemm> gemm_;
   Buffer<uint16_t> sx_, sa_, sdy_, sdh1_, sdh3_;
@@ -487,13 +536,21 @@ __attribute__((visibility("default"))) const char* moert_cuda_plugin_version(voi
 }
 
 __attribute__((visibility("default"))) moert::Backend* moert_cuda_plugin_create(
-    int32_t device, char* message, size_t message_len) {
+    int32_t device, int32_t* code, char* message, size_t message_len) {
+  auto say = [&](moert::Code c, const char* what) {
+    if (code) *code = static_cast<int32_t>(c);
+    if (message && message_len) std::snprintf(message, message_len, "%s", what);
+  };
   try {
     return new moert::cuda::CudaBackend(device);
+  } catch (const moert::Error& e) {
+    say(e.code(), e.what());
+  } catch (const std::bad_alloc&) {
+    say(moert::Code::OutOfMemory, "out of host memory");
   } catch (const std::exception& e) {
-    if (message && message_len) std::snprintf(message, message_len, "%s", e.what());
+    say(moert::Code::Internal, e.what());
   } catch (...) {
-    if (message && message_len) std::snprintf(message, message_len, "unknown error");
+    say(moert::Code::Internal, "unknown error");
   }
   return nullptr;
 }

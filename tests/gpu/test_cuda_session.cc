@@ -37,17 +37,21 @@ struct Model {
 struct Session {
   moert_session* s = nullptr;
   std::string error;
-  Session(const moert_model* model, int32_t device, int32_t mode) {
+  int32_t code = 0;
+  Session(const moert_model* model, int32_t device, int32_t mode, int32_t index = 0) {
     moert_session_options* o = nullptr;
     moert_session_options_create(&o);
-    moert_status_free(moert_session_options_set_device(o, device, 0));
+    moert_status_free(moert_session_options_set_device(o, device, index));
     moert_status_free(moert_session_options_set_mode(o, mode));
     moert_status_free(moert_session_options_set_threads(o, 2));
 #ifdef MOERT_DEVSIM
     moert_status_free(moert_session_options_set_config(o, "cuda_plugin", MOERT_CUDA_PLUGIN_PATH));
 #endif
     moert_status* st = moert_session_create(model, o, &s);
-    if (st) error = moert_status_message(st);
+    if (st) {
+      error = moert_status_message(st);
+      code = moert_status_code(st);
+    }
     moert_status_free(st);
     moert_session_options_free(o);
   }
@@ -217,6 +221,15 @@ TEST(CudaSession, LossFreeBiasUpdateIsTheCpus) {
   OK(moert_session_get_expert_bias(gpu.s, 0, bg.data(), 4));
   EXPECT_EQ(bg, bc);
   EXPECT_EQ(bc, (std::vector<float>{b0[0] - 0.01f, b0[1], b0[2], b0[3] + 0.01f}));
+}
+
+// The plugin's reason crosses with its code: a device that does not exist is the caller's error.
+TEST(CudaSession, ADeviceThatDoesNotExistIsAnInvalidArgument) {
+  Model model(model_path("tiny_moe.moert"));
+  Session s(model.m, MOERT_DEVICE_CUDA, MOERT_MODE_INFERENCE, 1000);
+  EXPECT_EQ(s.s, nullptr);
+  EXPECT_EQ(s.code, MOERT_ERR_INVALID_ARGUMENT) << s.error;
+  EXPECT_NE(s.error.find("1000"), std::string::npos) << s.error;
 }
 
 TEST(CudaSession, InferenceWithBf16OnlyWeightsMatchesTrainingEval) {

@@ -343,13 +343,20 @@ __attribute__((visibility("default"))) const char* moert_cuda_plugin_version(voi
 }
 
 __attribute__((visibility("default"))) moert::Backend* moert_cuda_plugin_create(
-    int32_t device, char* message, size_t message_len) {
+    int32_t device, int32_t* code, char* message, size_t message_len) {
   if (device != 0) {
+    if (code) *code = static_cast<int32_t>(moert::Code::InvalidArgument);
     if (message && message_len)
-      std::snprintf(message, message_len, "devsim has one device (0), not %d", device);
+      std::snprintf(message, message_len, "devsim: CUDA device %d does not exist (1 device(s))", device);
     return nullptr;
   }
-  return new moert::DevSimBackend();
+  try {
+    return new moert::DevSimBackend();
+  } catch (const std::exception& e) {
+    if (code) *code = static_cast<int32_t>(moert::Code::Internal);
+    if (message && message_len) std::snprintf(message, message_len, "%s", e.what());
+    return nullptr;
+  }
 }
 
 }  // extern "C"
