@@ -176,6 +176,14 @@ class Backend : public Allocator {
   // Sum of squares of n values, in double, in a fixed order.
   virtual double sum_squares(const float* x, int64_t n) = 0;
 
+  // The sum over i < count of sum_squares(xs[i], ns[i]), added in order. A device backend
+  // overrides it to wait for the device once rather than once per array (the gradient norm).
+  virtual double sum_squares_many(const float* const* xs, const int64_t* ns, size_t count) {
+    double total = 0.0;
+    for (size_t i = 0; i < count; ++i) total += sum_squares(xs[i], ns[i]);
+    return total;
+  }
+
   // One AdamW update of n parameters from gradient g * gscale (decoupled weight decay wd).
   virtual void adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr,
                      double beta1, double beta2, double eps, double wd, double gscale,

@@ -321,9 +321,13 @@ StepInfo Session::step() {
   if (micro_batches_ > 0) {
     // The gradient of the mean loss over the micro-batches accumulated since zero_grad.
     const double scale = 1.0 / micro_batches_;
-    double sq = 0.0;
-    for (const auto& s : slots_)
-      sq += backend_->sum_squares(store_->grad(*s.param), s.param->numel());
+    std::vector<const float*> grads;
+    std::vector<int64_t> sizes;
+    for (const auto& s : slots_) {
+      grads.push_back(store_->grad(*s.param));
+      sizes.push_back(s.param->numel());
+    }
+    const double sq = backend_->sum_squares_many(grads.data(), sizes.data(), grads.size());
     info.grad_norm = std::sqrt(sq) * scale;
     if (!std::isfinite(info.grad_norm))
       fail(Code::Numeric, "the gradient holds a NaN or infinity; parameters left unchanged");

@@ -414,6 +414,24 @@ class CudaBackend final : public Backend {
     return host_sum(dscratch_.data(), kSumBlocks);
   }
 
+  // Every array's partial sums side by side, one download, then the same additions in the same
+  // order as one sum_squares() per array.
+  double sum_squares_many(const float* const* xs, const int64_t* ns, size_t count) override {
+    if (count == 0) return 0.0;
+    dscratch_.resize(*this, count * kSumBlocks);
+    for (size_t i = 0; i < count; ++i)
+      cuda::sum_squares(xs[i], ns[i], dscratch_.data() + i * kSumBlocks, stream_);
+    std::vector<double> partial(count * kSumBlocks);
+    download(partial.data(), dscratch_.data(), partial.size() * sizeof(double));
+    double total = 0.0;
+    for (size_t i = 0; i < count; ++i) {
+      double one = 0.0;
+      for (unsigned b = 0; b < kSumBlocks; ++b) one += partial[i * kSumBlocks + b];
+      total += one;
+    }
+    return total;
+  }
+
   void adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
              double beta2, double eps, double wd, double gscale, double bc1, double bc2) override {
     cuda::adamw(p, g, m, v, n, lr, beta1, beta2, eps, wd, gscale, bc1, bc2, stream_);

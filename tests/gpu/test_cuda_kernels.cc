@@ -393,6 +393,17 @@ TEST(CudaKernels, CrossEntropyAndOptimizers) {
   for (auto& x : v) x = std::abs(x);
   EXPECT_NEAR(d.sum_squares(up(grad).data(), n), c.sum_squares(grad.data(), n),
               1e-9 * c.sum_squares(grad.data(), n));
+  // Several arrays at once: the same sum, bitwise, as one call per array added in order.
+  {
+    auto G1 = up(grad), G2 = up(p);
+    const float* xs[] = {G1.data(), G2.data(), G1.data() + 17};
+    const int64_t ns[] = {n, n, 5};
+    const double each =
+        d.sum_squares(xs[0], ns[0]) + d.sum_squares(xs[1], ns[1]) + d.sum_squares(xs[2], ns[2]);
+    EXPECT_EQ(d.sum_squares_many(xs, ns, 3), each);
+    const float* hs[] = {grad.data(), p.data(), grad.data() + 17};
+    EXPECT_NEAR(each, c.sum_squares_many(hs, ns, 3), 1e-9 * each);
+  }
   auto P = up(p), Gr = up(grad), M = up(m), V = up(v);
   c.adamw(p.data(), grad.data(), m.data(), v.data(), n, 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.5, 0.1,
           0.001);
