@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <tuple>
 
 namespace moert::cuda {
@@ -24,9 +25,28 @@ class Gemm {
            const void* b, int64_t ldb, float* c, int64_t ldc, float beta, bool bf16);
 
  private:
+  // Owners for what cuBLASLt and CUDA hand out, so that a throw part-way through the constructor
+  // or a plan releases everything made before it.
+  struct HandleFree {
+    void operator()(cublasLtHandle_t h) const { cublasLtDestroy(h); }
+  };
+  struct DeviceFree {
+    void operator()(void* p) const { cudaFree(p); }
+  };
+  struct DescFree {
+    void operator()(cublasLtMatmulDesc_t d) const { cublasLtMatmulDescDestroy(d); }
+  };
+  struct LayoutFree {
+    void operator()(cublasLtMatrixLayout_t l) const { cublasLtMatrixLayoutDestroy(l); }
+  };
+  struct PreferenceFree {
+    void operator()(cublasLtMatmulPreference_t p) const { cublasLtMatmulPreferenceDestroy(p); }
+  };
+  using Layout = std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LayoutFree>;
+
   struct Plan {
-    cublasLtMatmulDesc_t desc = nullptr;
-    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    std::unique_ptr<cublasLtMatmulDescOpaque_t, DescFree> desc;
+    Layout a, b, c;
     cublasLtMatmulAlgo_t algo{};
   };
   // Shape, leading dimensions, types, and the alignments (bytes) of the three operands: an
@@ -35,10 +55,11 @@ class Gemm {
                          uint32_t, uint32_t, uint32_t>;
   Plan& plan(const Key& key);
 
+  static constexpr uint64_t kWorkspaceBytes = uint64_t{32} << 20;
+
   cudaStream_t stream_;
-  cublasLtHandle_t handle_ = nullptr;
-  void* workspace_ = nullptr;
-  size_t workspace_size_ = 32u << 20;
+  std::unique_ptr<cublasLtContext, HandleFree> handle_;
+  std::unique_ptr<void, DeviceFree> workspace_;
   std::map<Key, Plan> plans_;
 };
 
