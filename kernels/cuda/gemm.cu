@@ -79,9 +79,15 @@ void Gemm::run(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a,
                const void* b, int64_t ldb, float* c, int64_t ldc, float beta, bool bf16) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
+    // The product is empty, so C becomes beta C: zero for beta 0, untouched for beta 1. The m rows
+    // of n floats, ldc apart, form one pitched region, so a single memset covers any m.
     if (beta == 0.0f)
-      for (int64_t i = 0; i < m; ++i)
-        check(cudaMemsetAsync(c + i * ldc, 0, sizeof(float) * n, stream_), "zero GEMM output");
+      check(cudaMemset2DAsync(c, static_cast<size_t>(ldc) * sizeof(float), 0,
+                              static_cast<size_t>(n) * sizeof(float), static_cast<size_t>(m),
+                              stream_),
+            "zero GEMM output");
+    else if (beta != 1.0f)
+      fail(Code::Internal, "a GEMM with k = 0 takes beta 0 or 1, not ", beta);
     return;
   }
   // The alignment every row start of an operand shares: its address and its row stride.
