@@ -162,6 +162,11 @@ uint32_t Gemm::choose(const Key& exact) {
 
 void Gemm::run(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                const void* b, int64_t ldb, float* c, int64_t ldc, float beta, bool bf16) {
+  // Checked here because a leading dimension shorter than a row would otherwise surface as "no
+  // algorithm" or a failed memset, far from the caller's mistake.
+  if (m < 0 || n < 0 || k < 0 || lda < (ta ? m : k) || ldb < (tb ? k : n) || ldc < n)
+    fail(Code::Internal, "GEMM ", m, "x", n, "x", k, " has leading dimensions ", lda, ", ", ldb,
+         ", ", ldc, " shorter than its rows");
   if (m == 0 || n == 0) return;
   if (k == 0) {
     // The product is empty, so C becomes beta C: zero for beta 0, untouched for beta 1. The m rows
