@@ -137,7 +137,11 @@ TEST(CudaSession, BackwardMatchesTheCpuWithinBf16) {
   for (size_t i = 0; i < gc.size(); ++i) {
     const double err = rel(gg[i].second, gc[i].second);
     std::printf("  grad %-18s rel %.3e\n", gc[i].first.c_str(), err);
-    EXPECT_LT(err, 6e-2) << gc[i].first;
+    // The second MoE layer routes from bf16 expert outputs: a token whose choice flips (the
+    // forward test allows 2%) moves its whole contribution between two experts' gradients, about
+    // sqrt(2 / 512) = 0.06 of a tensor summed over 8 experts x 64 tokens. A real error is ~1.
+    const bool after_bf16_routing = gc[i].first.rfind("moe1.", 0) == 0;
+    EXPECT_LT(err, after_bf16_routing ? 1.5e-1 : 6e-2) << gc[i].first;
   }
 }
 
