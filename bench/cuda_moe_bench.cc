@@ -318,6 +318,25 @@ std::string json_number(double v) {
   return s.str();
 }
 
+// Rewritten after every configuration, so that a run cut short by a time limit keeps what it
+// measured.
+bool write_json(const std::string& path, const std::vector<Result>& results) {
+  std::ofstream out(path);
+  out << "[\n";
+  for (size_t i = 0; i < results.size(); ++i) {
+    const auto& r = results[i];
+    out << "  {\"pass\": \"" << r.what << "\", \"tokens\": " << r.tokens
+        << ", \"experts\": " << r.experts << ", \"ms\": " << json_number(r.ms)
+        << ", \"tflops\": " << json_number(r.tflops)
+        << ", \"dense_ms\": " << json_number(r.dense_ms)
+        << ", \"dense_tflops\": " << json_number(r.dense_tflops)
+        << ", \"max_vio\": " << json_number(r.max_vio) << "}" << (i + 1 < results.size() ? "," : "")
+        << "\n";
+  }
+  out << "]\n";
+  return static_cast<bool>(out.flush());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -377,10 +396,18 @@ int main(int argc, char** argv) {
     try {
       results.push_back(run(*be, c.tokens, c.experts, c.backward, reps));
       failed = failed || !std::isfinite(results.back().dense_ms);
+      const Result& r = results.back();
+      std::printf("%s, %lld tokens, %lld experts: %.3f ms\n", r.what.c_str(),
+                  static_cast<long long>(r.tokens), static_cast<long long>(r.experts), r.ms);
+      std::fflush(stdout);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "moert_cuda_bench: %s, %lld tokens, %lld experts failed: %s\n",
                    c.backward ? "forward+backward" : "forward", static_cast<long long>(c.tokens),
                    static_cast<long long>(c.experts), e.what());
+      failed = true;
+    }
+    if (!json.empty() && !write_json(json, results)) {
+      std::fprintf(stderr, "moert_cuda_bench: cannot write %s\n", json.c_str());
       failed = true;
     }
   }
@@ -390,24 +417,5 @@ int main(int argc, char** argv) {
     std::printf("%-17s %7lld %7lld %10.3f %9.1f %9.3f ms %9.1f %8.2fx %8.3f\n", r.what.c_str(),
                 static_cast<long long>(r.tokens), static_cast<long long>(r.experts), r.ms, r.tflops,
                 r.dense_ms, r.dense_tflops, r.tflops / r.dense_tflops, r.max_vio);
-  if (!json.empty()) {
-    std::ofstream out(json);
-    out << "[\n";
-    for (size_t i = 0; i < results.size(); ++i) {
-      const auto& r = results[i];
-      out << "  {\"pass\": \"" << r.what << "\", \"tokens\": " << r.tokens
-          << ", \"experts\": " << r.experts << ", \"ms\": " << json_number(r.ms)
-          << ", \"tflops\": " << json_number(r.tflops)
-          << ", \"dense_ms\": " << json_number(r.dense_ms)
-          << ", \"dense_tflops\": " << json_number(r.dense_tflops)
-          << ", \"max_vio\": " << json_number(r.max_vio) << "}"
-          << (i + 1 < results.size() ? "," : "") << "\n";
-    }
-    out << "]\n";
-    if (!out.flush()) {
-      std::fprintf(stderr, "moert_cuda_bench: cannot write %s\n", json.c_str());
-      failed = true;
-    }
-  }
   return failed ? 1 : 0;
 }
