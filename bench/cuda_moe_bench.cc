@@ -5,6 +5,9 @@
 // one dense cuBLASLt bf16 GEMM of the same total FLOPs, timed in the same run.
 //
 //   moert_cuda_bench [--plugin PATH] [--reps N] [--json FILE]
+//
+// The plugin is --plugin PATH, else $MOERT_CUDA_PLUGIN. Exits 1 when any configuration or its
+// dense baseline failed, after printing (and writing) the rest.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -12,9 +15,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <random>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -74,77 +81,147 @@ double median(std::vector<double> v) {
 struct Result {
   std::string what;
   int64_t tokens, experts;
-  double ms, tflops, dense_ms, dense_tflops;
+  double ms, tflops, dense_ms, dense_tflops;  // dense_* are NaN where the baseline failed
   double max_vio;
 };
 
+// The dense baseline's CUDA and cuBLASLt calls: a failure names the call and its status, so that
+// one run on a lent machine says what went wrong.
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(e) + " (" +
+                             cudaGetErrorString(e) + ")");
+}
+
+void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error(std::string(what) + ": " + cublasLtGetStatusName(s) + " (" +
+                             cublasLtGetStatusString(s) + ")");
+}
+
+// Runs a cleanup at the end of a scope, so that a failed check leaks nothing into the next run.
+template <typename F>
+struct Defer {
+  F f;
+  ~Defer() { f(); }
+};
+template <typename F>
+Defer(F) -> Defer<F>;
+
+void* device_alloc(size_t bytes, const char* what) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes);
+  if (e != cudaSuccess) {
+    size_t free_bytes = 0, total = 0;
+    cudaMemGetInfo(&free_bytes, &total);
+    throw std::runtime_error(std::string("cudaMalloc of ") + std::to_string(bytes >> 20) +
+                             " MiB for " + what + ": " + cudaGetErrorName(e) + " (" +
+                             std::to_string(free_bytes >> 20) + " MiB free of " +
+                             std::to_string(total >> 20) + ")");
+  }
+  return p;
+}
+
+// Random-looking bf16 values in `count` elements of device memory. One block is drawn on the host
+// and copied over and over on the device: drawing every value (up to ~1e9 of them) on the host
+// would take tens of seconds of the run, and the GEMM's cost does not depend on the values.
+void fill_bf16(void* dst, size_t count, std::mt19937& rng) {
+  const size_t block = std::min(count, size_t{1} << 20);
+  std::vector<uint16_t> h(block);
+  std::normal_distribution<float> d(0.0f, 0.02f);
+  for (auto& x : h) x = to_bf16(d(rng));
+  auto* p = static_cast<uint16_t*>(dst);
+  check(cudaMemcpy(p, h.data(), block * 2, cudaMemcpyHostToDevice), "cudaMemcpy to the device");
+  for (size_t done = block; done < count;) {
+    const size_t n = std::min(done, count - done);
+    check(cudaMemcpy(p + done, p, n * 2, cudaMemcpyDeviceToDevice), "cudaMemcpy on the device");
+    done += n;
+  }
+}
+
 // One dense bf16 GEMM [m, k] x [k, n] with fp32 output, timed with events.
 double dense_gemm_ms(int64_t m, int64_t n, int64_t k, int reps) {
-  void *a, *b, *c, *ws;
   const size_t ws_size = 32u << 20;
-  cudaMalloc(&a, m * k * 2);
-  cudaMalloc(&b, k * n * 2);
-  cudaMalloc(&c, m * n * 4);
-  cudaMalloc(&ws, ws_size);
-  {
-    std::mt19937 rng(7);
-    std::vector<uint16_t> h(static_cast<size_t>(std::max(m, n) * k));
-    std::normal_distribution<float> d(0.0f, 0.02f);
-    for (auto& x : h) x = to_bf16(d(rng));
-    cudaMemcpy(a, h.data(), m * k * 2, cudaMemcpyHostToDevice);
-    cudaMemcpy(b, h.data(), k * n * 2, cudaMemcpyHostToDevice);
-  }
-  cublasLtHandle_t lt;
-  cublasLtCreate(&lt);
-  cublasLtMatmulDesc_t desc;
-  cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+  void* a = device_alloc(static_cast<size_t>(m * k) * 2, "the dense baseline's A");
+  Defer free_a{[&] { cudaFree(a); }};
+  void* b = device_alloc(static_cast<size_t>(k * n) * 2, "the dense baseline's B");
+  Defer free_b{[&] { cudaFree(b); }};
+  void* c = device_alloc(static_cast<size_t>(m * n) * 4, "the dense baseline's C");
+  Defer free_c{[&] { cudaFree(c); }};
+  void* ws = device_alloc(ws_size, "the cuBLASLt workspace");
+  Defer free_ws{[&] { cudaFree(ws); }};
+  std::mt19937 rng(7);
+  fill_bf16(a, static_cast<size_t>(m * k), rng);
+  fill_bf16(b, static_cast<size_t>(k * n), rng);
+
+  cublasLtHandle_t lt = nullptr;
+  check(cublasLtCreate(&lt), "cublasLtCreate");
+  Defer destroy_lt{[&] { cublasLtDestroy(lt); }};
+  cublasLtMatmulDesc_t desc = nullptr;
+  check(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F),
+        "cublasLtMatmulDescCreate");
+  Defer destroy_desc{[&] { cublasLtMatmulDescDestroy(desc); }};
   const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
-  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t);
-  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof nn);
-  cublasLtMatrixLayout_t la, lb, lc;
-  cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, k, n, k);
-  cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, k, m, k);
-  cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, n, m, n);
-  cublasLtMatmulPreference_t pref;
-  cublasLtMatmulPreferenceCreate(&pref);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_size,
-                                       sizeof ws_size);
+  check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t),
+        "cublasLtMatmulDescSetAttribute(TRANSA)");
+  check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof nn),
+        "cublasLtMatmulDescSetAttribute(TRANSB)");
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  Defer destroy_layouts{[&] {
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+  }};
+  check(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, k, n, k), "cublasLtMatrixLayoutCreate(A)");
+  check(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, k, m, k), "cublasLtMatrixLayoutCreate(B)");
+  check(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, n, m, n), "cublasLtMatrixLayoutCreate(C)");
+  cublasLtMatmulPreference_t pref = nullptr;
+  check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+  Defer destroy_pref{[&] { cublasLtMatmulPreferenceDestroy(pref); }};
+  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                             &ws_size, sizeof ws_size),
+        "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)");
   cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
-  cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &res, &found);
+  check(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &res, &found),
+        "cublasLtMatmulAlgoGetHeuristic");
+  // With no result, res.algo is whatever the struct held: never hand that to cublasLtMatmul.
+  if (found < 1 || res.state != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error("cublasLtMatmulAlgoGetHeuristic found no algorithm for bf16 [" +
+                             std::to_string(m) + ", " + std::to_string(k) + "] x [" +
+                             std::to_string(k) + ", " + std::to_string(n) + "] -> fp32");
   const float alpha = 1.0f, beta = 0.0f;
   auto once = [&] {
-    cublasLtMatmul(lt, desc, &alpha, b, la, a, lb, &beta, c, lc, c, lc, &res.algo, ws, ws_size,
-                   nullptr);
+    check(cublasLtMatmul(lt, desc, &alpha, b, la, a, lb, &beta, c, lc, c, lc, &res.algo, ws,
+                         ws_size, nullptr),
+          "cublasLtMatmul");
   };
   for (int i = 0; i < 3; ++i) once();
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
+  check(cudaDeviceSynchronize(), "the dense baseline's warm-up");
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  check(cudaEventCreate(&e0), "cudaEventCreate");
+  Defer destroy_e0{[&] { cudaEventDestroy(e0); }};
+  check(cudaEventCreate(&e1), "cudaEventCreate");
+  Defer destroy_e1{[&] { cudaEventDestroy(e1); }};
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(e0);
+    check(cudaEventRecord(e0), "cudaEventRecord");
     once();
-    cudaEventRecord(e1);
-    cudaEventSynchronize(e1);
+    check(cudaEventRecord(e1), "cudaEventRecord");
+    check(cudaEventSynchronize(e1), "the dense baseline's GEMM");
     float ms = 0;
-    cudaEventElapsedTime(&ms, e0, e1);
+    check(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
     times.push_back(ms);
   }
-  cublasLtMatmulPreferenceDestroy(pref);
-  cublasLtMatrixLayoutDestroy(la);
-  cublasLtMatrixLayoutDestroy(lb);
-  cublasLtMatrixLayoutDestroy(lc);
-  cublasLtMatmulDescDestroy(desc);
-  cublasLtDestroy(lt);
-  cudaFree(a);
-  cudaFree(b);
-  cudaFree(c);
-  cudaFree(ws);
   return median(times);
 }
 
-Result run(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps) {
+// The MoE layer's median time per pass, and the MaxVio of its last routing.
+struct Measured {
+  double ms, max_vio;
+};
+
+Measured measure_moe(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps) {
   std::mt19937 rng(42);
   Model model;
   MoESpec spec;
@@ -202,7 +279,12 @@ Result run(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   layer.commit_stats(Pass::Eval);
-  const double ms = median(times);
+  return {median(times), max_violation(layer.counts().last)};
+}
+
+Result run(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps) {
+  // The layer's memory is given back before the dense baseline takes its own.
+  const Measured moe = measure_moe(be, tokens, experts, backward, reps);
   // Multiply-adds: router, K routed experts and one shared expert per token (3 GEMMs each).
   const double fwd =
       2.0 * tokens * kDim * experts + 2.0 * tokens * (kTopK + 1) * 3.0 * kDim * kHidden;
@@ -210,15 +292,49 @@ Result run(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps
   // The dense GEMM of the same FLOPs: [m, 7168] x [7168, 6144].
   const int64_t n = 6144, k = kDim;
   const int64_t m = static_cast<int64_t>(flops / (2.0 * n * k));
-  const double dms = dense_gemm_ms(m, n, k, 10);
+  double dms = std::nan("");
+  try {
+    dms = dense_gemm_ms(m, n, k, 10);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moert_cuda_bench: dense baseline [%lld x %lld x %lld] failed: %s\n",
+                 static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
+                 e.what());
+  }
   return {backward ? "forward+backward" : "forward",
           tokens,
           experts,
-          ms,
-          flops / ms / 1e9,
+          moe.ms,
+          flops / moe.ms / 1e9,
           dms,
           2.0 * m * n * k / dms / 1e9,
-          max_violation(layer.counts().last)};
+          moe.max_vio};
+}
+
+// JSON has no NaN: a failed baseline is null.
+std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+// Rewritten after every configuration, so that a run cut short by a time limit keeps what it
+// measured.
+bool write_json(const std::string& path, const std::vector<Result>& results) {
+  std::ofstream out(path);
+  out << "[\n";
+  for (size_t i = 0; i < results.size(); ++i) {
+    const auto& r = results[i];
+    out << "  {\"pass\": \"" << r.what << "\", \"tokens\": " << r.tokens
+        << ", \"experts\": " << r.experts << ", \"ms\": " << json_number(r.ms)
+        << ", \"tflops\": " << json_number(r.tflops)
+        << ", \"dense_ms\": " << json_number(r.dense_ms)
+        << ", \"dense_tflops\": " << json_number(r.dense_tflops)
+        << ", \"max_vio\": " << json_number(r.max_vio) << "}" << (i + 1 < results.size() ? "," : "")
+        << "\n";
+  }
+  out << "]\n";
+  return static_cast<bool>(out.flush());
 }
 
 }  // namespace
@@ -239,36 +355,67 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  // moert_core is linked in statically, so "beside the library" would mean beside this program,
+  // where no plugin is staged: the plugin is named, by option or by the environment.
+  if (plugin.empty()) {
+    const char* env = std::getenv("MOERT_CUDA_PLUGIN");
+    if (env && *env) plugin = env;
+  }
+  if (plugin.empty()) {
+    std::fprintf(stderr,
+                 "moert_cuda_bench: no CUDA plugin named: pass --plugin PATH or set "
+                 "MOERT_CUDA_PLUGIN to libmoert_cuda.so\n");
+    return 2;
+  }
+  std::unique_ptr<Backend> be;
   try {
-    auto be = make_cuda_backend(0, plugin);
-    cudaDeviceProp prop{};
-    cudaGetDeviceProperties(&prop, 0);
-    std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-    std::vector<Result> results;
-    for (int64_t t : {4096, 16384}) results.push_back(run(*be, t, 256, false, reps));
-    for (int64_t t : {1024, 4096}) results.push_back(run(*be, t, 64, true, reps));
-    std::printf("\n%-17s %7s %7s %10s %9s %12s %9s %9s %8s\n", "pass", "tokens", "experts",
-                "moert ms", "TFLOP/s", "dense GEMM", "TFLOP/s", "vs dense", "MaxVio");
-    for (const auto& r : results)
-      std::printf("%-17s %7lld %7lld %10.3f %9.1f %9.3f ms %9.1f %8.2fx %8.3f\n", r.what.c_str(),
-                  static_cast<long long>(r.tokens), static_cast<long long>(r.experts), r.ms,
-                  r.tflops, r.dense_ms, r.dense_tflops, r.tflops / r.dense_tflops, r.max_vio);
-    if (!json.empty()) {
-      std::ofstream out(json);
-      out << "[\n";
-      for (size_t i = 0; i < results.size(); ++i) {
-        const auto& r = results[i];
-        out << "  {\"pass\": \"" << r.what << "\", \"tokens\": " << r.tokens
-            << ", \"experts\": " << r.experts << ", \"ms\": " << r.ms
-            << ", \"tflops\": " << r.tflops << ", \"dense_ms\": " << r.dense_ms
-            << ", \"dense_tflops\": " << r.dense_tflops << "}"
-            << (i + 1 < results.size() ? "," : "") << "\n";
-      }
-      out << "]\n";
-    }
+    be = make_cuda_backend(0, plugin);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moert_cuda_bench: %s\n", e.what());
     return 1;
   }
-  return 0;
+  cudaDeviceProp prop{};
+  if (const cudaError_t e = cudaGetDeviceProperties(&prop, 0); e != cudaSuccess) {
+    std::fprintf(stderr, "moert_cuda_bench: cudaGetDeviceProperties: %s\n", cudaGetErrorName(e));
+    return 1;
+  }
+  std::printf("device: %s, %d SMs; plugin %s\n", prop.name, prop.multiProcessorCount,
+              plugin.c_str());
+  std::fflush(stdout);
+  // Each configuration on its own: one that fails (out of memory, say) still leaves the others'
+  // numbers, and the exit status says that something failed.
+  struct Config {
+    int64_t tokens, experts;
+    bool backward;
+  };
+  const Config configs[] = {
+      {4096, 256, false}, {16384, 256, false}, {1024, 64, true}, {4096, 64, true}};
+  std::vector<Result> results;
+  bool failed = false;
+  for (const Config& c : configs) {
+    try {
+      results.push_back(run(*be, c.tokens, c.experts, c.backward, reps));
+      failed = failed || !std::isfinite(results.back().dense_ms);
+      const Result& r = results.back();
+      std::printf("%s, %lld tokens, %lld experts: %.3f ms\n", r.what.c_str(),
+                  static_cast<long long>(r.tokens), static_cast<long long>(r.experts), r.ms);
+      std::fflush(stdout);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moert_cuda_bench: %s, %lld tokens, %lld experts failed: %s\n",
+                   c.backward ? "forward+backward" : "forward", static_cast<long long>(c.tokens),
+                   static_cast<long long>(c.experts), e.what());
+      failed = true;
+    }
+    if (!json.empty() && !write_json(json, results)) {
+      std::fprintf(stderr, "moert_cuda_bench: cannot write %s\n", json.c_str());
+      failed = true;
+    }
+  }
+  std::printf("\n%-17s %7s %7s %10s %9s %12s %9s %9s %8s\n", "pass", "tokens", "experts",
+              "moert ms", "TFLOP/s", "dense GEMM", "TFLOP/s", "vs dense", "MaxVio");
+  for (const auto& r : results)
+    std::printf("%-17s %7lld %7lld %10.3f %9.1f %9.3f ms %9.1f %8.2fx %8.3f\n", r.what.c_str(),
+                static_cast<long long>(r.tokens), static_cast<long long>(r.experts), r.ms, r.tflops,
+                r.dense_ms, r.dense_tflops, r.tflops / r.dense_tflops, r.max_vio);
+  return failed ? 1 : 0;
 }

@@ -6,11 +6,17 @@ tokens sorted by expert where the installed PyTorch has it. Forward over 256 exp
 16384 tokens; forward+backward over 64 experts at 1024 and 4096 tokens. Prints JSON.
 
     python3 bench/torch_cuda_moe_bench.py [--reps N] [--json FILE]
+
+A measurement that raises (an operator missing or refusing its arguments in the installed
+PyTorch, memory) is recorded with "ms": null and its error instead of ending the run, and the
+JSON file is rewritten after every measurement, so that a run cut short by a time limit still
+leaves what it measured. The exit status is 1 when anything failed.
 """
 import argparse
 import json
 import math
 import sys
+import traceback
 
 import torch
 
@@ -56,12 +62,18 @@ def moe_grouped(x, p):
     order = flat.argsort(stable=True)
     tok = order // K
     E = p["w1"].shape[0]
+    # torch._grouped_mm, 2D x 3D: rows of mat_a [sum M_e, in] grouped by expert, mat_b [E, in, out],
+    # offs the int32 running end of each group's rows.
     offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
     xs = xb[tok]
     h = torch.nn.functional.silu(torch._grouped_mm(xs, p["w1"].transpose(1, 2), offs=offs)) * \
         torch._grouped_mm(xs, p["w3"].transpose(1, 2), offs=offs)
     y = torch._grouped_mm(h, p["w2"].transpose(1, 2), offs=offs).float()
     return out.index_add(0, tok, y * w.flatten()[order].unsqueeze(1))
+
+
+def rel_error(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
 
 def params(E, train):
@@ -101,38 +113,80 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print(f"torch {torch.__version__}: no CUDA device visible to PyTorch", file=sys.stderr)
+        return 1
     impls = {"eager": moe_eager}
     if hasattr(torch, "_grouped_mm"):
         impls["grouped_mm"] = moe_grouped
+    else:
+        print(f"torch {torch.__version__} has no torch._grouped_mm: eager only", file=sys.stderr)
     results = []
-    print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}", file=sys.stderr)
+    failed = False
+
+    def record(r):
+        print(json.dumps(r), file=sys.stderr, flush=True)
+        results.append(r)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(json.dumps(results, indent=1))
+
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) on "
+          f"{torch.cuda.get_device_name(0)}", file=sys.stderr, flush=True)
     for train, E, sizes in ((False, 256, (4096, 16384)), (True, 64, (1024, 4096))):
-        p = params(E, train)
+        pass_name = "forward+backward" if train else "forward"
+        try:
+            p = params(E, train)
+        except Exception as e:  # out of memory, say: the other pass may still fit
+            traceback.print_exc()
+            for T in sizes:
+                for name in impls:
+                    record({"impl": name, "pass": pass_name, "tokens": T, "experts": E,
+                            "ms": None, "error": f"parameters: {type(e).__name__}: {e}"})
+            failed = True
+            torch.cuda.empty_cache()
+            continue
         for T in sizes:
             gx = torch.Generator(device="cuda").manual_seed(T)
             x = torch.randn(T, D, device="cuda", generator=gx).requires_grad_(train)
             dy = torch.randn(T, D, device="cuda", generator=gx) * 1e-3
+            reference = None
             for name, f in impls.items():
-                if train:
-                    def step():
-                        for t in p.values():
-                            t.grad = None
-                        f(x, p).backward(dy)
-                    ms = time_ms(step, args.reps)
-                else:
+                r = {"impl": name, "pass": pass_name, "tokens": T, "experts": E, "ms": None}
+                try:
+                    # The same forward as eager, so that a fast wrong answer is not reported as
+                    # a speed-up.
                     with torch.no_grad():
-                        ms = time_ms(lambda: f(x, p), args.reps)
-                r = {"impl": name, "pass": "forward+backward" if train else "forward",
-                     "tokens": T, "experts": E, "ms": ms}
-                print(json.dumps(r), file=sys.stderr)
-                results.append(r)
+                        y = f(x, p)
+                    if name == "eager":
+                        reference = y
+                    elif reference is not None:
+                        r["rel_vs_eager"] = rel_error(y, reference)
+                    del y
+                    if train:
+                        def step():
+                            for t in p.values():
+                                t.grad = None
+                            f(x, p).backward(dy)
+                        r["ms"] = time_ms(step, args.reps)
+                    else:
+                        with torch.no_grad():
+                            r["ms"] = time_ms(lambda: f(x, p), args.reps)
+                except Exception as e:  # recorded as n/a; the other measurements go on
+                    traceback.print_exc()
+                    r["error"] = f"{type(e).__name__}: {e}"
+                    failed = True
+                    for t in p.values():
+                        t.grad = None
+                    torch.cuda.empty_cache()
+                record(r)
+            del reference
         del p
         torch.cuda.empty_cache()
     text = json.dumps(results, indent=1)
-    if args.json:
-        open(args.json, "w").write(text)
     print(text)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,90 +1,553 @@
 #!/usr/bin/env bash
-# GPU checks on a machine with an NVIDIA Hopper GPU that has its own CUDA 13 libraries but none of
-# Debian's (the lent device machine). Two halves:
+# GPU checks on a machine with an NVIDIA Hopper GPU that has its own CUDA 13 toolkit, PyTorch and
+# compute-sanitizer but none of Debian's libraries (the lent device machine). Two halves:
 #
-#   scripts/gpu-run.sh stage [DIR]   here: build the CUDA preset, stage the libraries, the GPU
-#                                    tests, the benchmarks and the test models into DIR
-#                                    (default .device/), with this script.
-#   bash DIR/gpu-run.sh device       there, from the repository root: find that machine's
-#                                    cuBLASLt, run every GPU test and both benchmarks, and leave
-#                                    logs and a results table in $OUT (or DIR/out).
+#   scripts/gpu-run.sh stage [DIR]   here: build the CUDA preset's targets named below and stage
+#                                    into DIR (default .device/) the libraries, the GPU tests, the
+#                                    benchmarks, the test models, this machine's C and C++
+#                                    runtime (DIR/sys) and this script.
+#   bash DIR/gpu-run.sh device       there: find that machine's cuBLASLt, check that every staged
+#                                    program and library resolves, then run the phases below and
+#                                    leave logs, JSON and a results table in $OUT (or DIR/out).
 #
-# The staged files carry no CUDA library: libmoert_cuda.so links the CUDA runtime statically and
-# cuBLASLt is taken from the machine it runs on.
-set -euo pipefail
+# With the device tool: run(command="bash .device/gpu-run.sh device", carry=[".device"]).
+# That machine gives one call ten minutes and brings back at most 8 files from $OUT, so the
+# device half keeps to a time budget and writes exactly these, all at the top of $OUT:
+#   device.txt        the GPU (first line, read by the table), the environment chosen, the
+#                     library check, and the summary of every phase
+#   tests.log         both GPU test programs' output
+#   sanitize.log      compute-sanitizer's output, one section per tool
+#   bench.log         both benchmarks' output
+#   moert_bench.json  torch_bench.json  table.md
+#
+# Settings for the device half (environment):
+#   MOERT_PHASES      which phases run, of: tests sanitize bench (both benchmarks), moert-bench,
+#                     torch-bench. Default "tests sanitize bench": a later call can rerun only
+#                     what is needed.
+#   MOERT_SKIP_BENCH=1  drops the benchmarks from MOERT_PHASES (the older switch, still honoured).
+#   MOERT_TIME_BUDGET   seconds for the whole device half (default 540, under the call's 600).
+#   MOERT_BENCH_REPS    timed repetitions per benchmark measurement (default 5).
+#   MOERT_SANITIZE_TOOLS  compute-sanitizer tools (default "memcheck racecheck synccheck").
+#   MOERT_SANITIZE_FILTER a --gtest_filter for the kernel tests under the sanitizer (default all).
+#   MOERT_FORCE_CARRIED_LOADER=1  run moert programs through DIR/sys's loader even where the
+#                     machine's own libraries would do (to test that path).
+#
+# The staged files carry no CUDA library: the plugin and the benchmark link the CUDA runtime
+# statically, and cuBLASLt is the machine's own (PyTorch's wheel, else the toolkit). They do carry
+# glibc and libstdc++ from the build machine (Debian 12, glibc 2.36) in DIR/sys: where the
+# machine's own are older, every moert program runs through the carried loader instead.
+# The exit status is 0 only when every requested phase ran and passed; a test program that finds
+# no usable GPU (exit 77) is a failure here, since this half runs where a GPU is expected.
+set -uo pipefail
 
-mode=${1:-}
-case "$mode" in
-stage)
+# The moert libraries and programs the device half needs; the plugin is loaded by path.
+stage() {
+  set -e
+  local here dir build
   here=$(cd "$(dirname "$0")/.." && pwd)
-  dir=${2:-$here/.device}
+  dir=${1:-$here/.device}
   cd "$here"
   cmake --preset cuda
   cmake --build --preset cuda --target moert moert_cuda moert_gpu_kernel_tests \
     moert_gpu_session_tests moert_gpu_models moert_cuda_bench
   build=build/cuda
   rm -rf "$dir"
-  mkdir -p "$dir/lib" "$dir/bin" "$dir/models"
-  cp -a $build/capi/libmoert.so* $build/capi/libmoert_cuda.so* "$dir/lib/"
-  cp $build/tests/gpu/moert_gpu_kernel_tests $build/tests/gpu/moert_gpu_session_tests \
-    $build/bench/moert_cuda_bench "$dir/bin/"
-  cp $build/tests/gpu/models/*.moert "$dir/models/"
+  mkdir -p "$dir/lib" "$dir/bin" "$dir/models" "$dir/sys"
+  # Real files under the names they are looked up by (libmoert by its SONAME, the plugin by the
+  # name beside it), no symbolic links: the copy carried to the device need not keep links.
+  local lib soname
+  lib=$(readlink -f "$build/capi/libmoert.so")
+  soname=$(objdump -p "$lib" | awk '$1 == "SONAME" { print $2 }')
+  cp "$lib" "$dir/lib/$soname"
+  cp "$(readlink -f "$build/capi/libmoert_cuda.so")" "$dir/lib/libmoert_cuda.so"
+  cp "$build/tests/gpu/moert_gpu_kernel_tests" "$build/tests/gpu/moert_gpu_session_tests" \
+    "$build/bench/moert_cuda_bench" "$dir/bin/"
+  cp "$build"/tests/gpu/models/*.moert "$dir/models/"
   cp bench/torch_cuda_moe_bench.py scripts/gpu-run.sh "$dir/"
-  strip --strip-debug "$dir"/bin/* "$dir"/lib/*.so.*.* 2>/dev/null || true
+  strip --strip-debug "$dir"/bin/* "$dir"/lib/*
+
+  # This machine's loader and C/C++ runtime, for a device whose glibc or libstdc++ is older than
+  # the ones these were built against. The whole glibc family goes together (a loader of one
+  # version with a libc or libpthread of another fails): the names always taken, and whatever
+  # else ldd shows for the staged files that is not CUDA's or moert's own.
+  local -A found=()
+  local f name arrow path rest
+  for f in "$dir"/bin/* "$dir"/lib/*; do
+    while read -r name arrow path rest; do
+      if [[ $name == /* && $name == *ld-linux* ]]; then
+        found[ld-linux-x86-64.so.2]=$name
+      elif [ "$arrow" = "=>" ] && [[ $path == /* ]]; then
+        found[$name]=$path
+      fi
+    done < <(LD_LIBRARY_PATH="$dir/lib" ldd "$f")
+  done
+  local want=(ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libdl.so.2 libpthread.so.0 librt.so.1
+    libstdc++.so.6 libgcc_s.so.1)
+  for name in "${!found[@]}"; do
+    case $name in
+    libcuda.so* | libcudart* | libcublas* | libnv* | libmoert*) ;;
+    *) [[ " ${want[*]} " == *" $name "* ]] || want+=("$name") ;;
+    esac
+  done
+  for name in "${want[@]}"; do
+    path=${found[$name]:-/lib/x86_64-linux-gnu/$name}
+    [ -e "$path" ] || { echo "stage: cannot find $name to carry" >&2; exit 1; }
+    cp -L "$path" "$dir/sys/$name"
+  done
+  chmod +x "$dir/sys/ld-linux-x86-64.so.2"
+  {
+    echo "staged $(date -u +%Y-%m-%dT%H:%MZ) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "built against glibc $(ldd --version | head -1 | awk '{print $NF}'), carrying in sys/ ${want[*]}"
+  } >"$dir/STAGED"
+  cat "$dir/STAGED"
   du -sh "$dir"
-  ;;
-device)
+  local mib
+  mib=$(du -sm "$dir" | cut -f1)
+  if [ "$mib" -ge 60 ]; then
+    echo "stage: $dir is $mib MiB; what the device carries must stay under 64 MiB" >&2
+    exit 1
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# The device half.
+
+dir="" out="" deadline=0 status=0
+summary=()
+
+log() { printf '%s\n' "$*" | tee -a "$out/device.txt"; }
+result() {
+  summary+=("$1")
+  log "-> $1"
+}
+failed() {
+  status=1
+  result "FAIL $*"
+}
+
+# Seconds a step may take: its own cap, within its phase's end and the whole run's deadline.
+budget() {
+  local cap=$1 phase_end=$2 now=$SECONDS t
+  t=$cap
+  [ $((phase_end - now)) -lt "$t" ] && t=$((phase_end - now))
+  [ $((deadline - now)) -lt "$t" ] && t=$((deadline - now))
+  echo "$t"
+}
+
+# The machine's cuBLASLt directory. PyTorch's own wheels first (CUDA 13 wheels put every CUDA
+# library in nvidia/cu13/lib; older ones had nvidia/cublas/lib), located without importing
+# torch, which would take seconds and initialise CUDA; then the toolkit; then a search.
+find_cublaslt() {
+  local d
+  d=$(timeout 30 python3 - <<'EOF' 2>/dev/null
+import importlib.util, os, site
+roots = []
+spec = importlib.util.find_spec("torch")
+if spec and spec.origin:
+    roots.append(os.path.dirname(os.path.dirname(spec.origin)))
+try:
+    roots += site.getsitepackages() + [site.getusersitepackages()]
+except Exception:
+    pass
+for root in roots:
+    for sub in ("nvidia/cu13/lib", "nvidia/cublas/lib"):
+        d = os.path.join(root, sub)
+        if os.path.exists(os.path.join(d, "libcublasLt.so.13")):
+            print(d)
+            raise SystemExit
+EOF
+  )
+  if [ -n "$d" ]; then
+    echo "$d (PyTorch's wheel)"
+    return
+  fi
+  for d in ${CUDA_HOME:+"$CUDA_HOME/lib64"} /usr/local/cuda/lib64 \
+    /usr/local/cuda/targets/x86_64-linux/lib; do
+    if [ -e "$d/libcublasLt.so.13" ]; then
+      echo "$d (CUDA toolkit)"
+      return
+    fi
+  done
+  d=$(timeout 45 find / -xdev -name libcublasLt.so.13 -print -quit 2>/dev/null)
+  [ -n "$d" ] && echo "$(dirname "$d") (found by searching /)"
+}
+
+# Where the driver's libcuda.so.1 lives, so that the carried loader (whose built-in search
+# directories are Debian's) finds it wherever that machine keeps it.
+find_libcuda() {
+  local d
+  d=$( (ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null) |
+    awk '$1 == "libcuda.so.1" && /x86-64/ { print $NF; exit }')
+  if [ -n "$d" ]; then
+    dirname "$d"
+    return
+  fi
+  for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/nvidia/lib64 /usr/lib/wsl/lib; do
+    [ -e "$d/libcuda.so.1" ] && { echo "$d"; return; }
+  done
+}
+
+# ldd for one file, as the chosen loader would resolve it.
+list_deps() {
+  if [ "$loader" = carried ]; then
+    "$dir/sys/ld-linux-x86-64.so.2" --library-path "$carried_path" --list "$1" 2>&1
+  elif command -v ldd >/dev/null; then
+    env LD_LIBRARY_PATH="$system_path" ldd "$1" 2>&1
+  else
+    env LD_LIBRARY_PATH="$system_path" /lib64/ld-linux-x86-64.so.2 --list "$1" 2>&1
+  fi
+}
+
+# The prefix that runs a moert program: LD_LIBRARY_PATH for that program only (never exported, so
+# that PyTorch loads its own cuBLASLt), or the carried loader.
+set_runner() {
+  if [ "$loader" = carried ]; then
+    runner=("$dir/sys/ld-linux-x86-64.so.2" --library-path "$carried_path")
+  else
+    runner=(env LD_LIBRARY_PATH="$system_path")
+  fi
+}
+
+probe() {
+  set_runner
+  timeout 60 "${runner[@]}" "$dir/bin/moert_gpu_kernel_tests" --gtest_list_tests >/dev/null 2>"$tmp/probe"
+}
+
+phase_tests() {
+  local phase_end=$((SECONDS + 120)) t rc start
+  echo "== tests" | tee -a "$out/device.txt"
+  for t in moert_gpu_kernel_tests moert_gpu_session_tests; do
+    local secs
+    secs=$(budget 90 $phase_end)
+    if [ "$secs" -lt 5 ]; then
+      failed "tests/$t: not run, out of time"
+      continue
+    fi
+    echo "===== $t (up to $secs s)" >>"$out/tests.log"
+    start=$SECONDS
+    rc=0
+    timeout -k 10 "$secs" "${runner[@]}" "$dir/bin/$t" >>"$out/tests.log" 2>&1 || rc=$?
+    sed -n '/^===== '"$t"' /,$p' "$out/tests.log" |
+      grep -E '^\[  (PASSED|FAILED) |SKIPPED|Failure$|rel |loss' | head -30
+    case $rc in
+    0) result "PASS tests/$t ($((SECONDS - start)) s)" ;;
+    77) failed "tests/$t: exit 77, no usable GPU (see tests.log)" ;;
+    124 | 137) failed "tests/$t: timed out after $secs s" ;;
+    *) failed "tests/$t: exit $rc (see tests.log)" ;;
+    esac
+  done
+}
+
+find_sanitizer() {
+  local c
+  for c in "$(command -v compute-sanitizer 2>/dev/null)" ${CUDA_HOME:+"$CUDA_HOME/bin/compute-sanitizer"} \
+    /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [ -n "$c" ] && [ -x "$c" ] && { echo "$c"; return; }
+  done
+}
+
+phase_sanitize() {
+  local phase_end=$((SECONDS + 150)) cs tool cap secs rc start line summary_line
+  echo "== sanitize" | tee -a "$out/device.txt"
+  cs=$(find_sanitizer)
+  if [ -z "$cs" ]; then
+    echo "compute-sanitizer not found: nothing run" >>"$out/sanitize.log"
+    failed "sanitize: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+    return
+  fi
+  log "compute-sanitizer: $cs ($("$cs" --version 2>/dev/null | grep -i version | head -1))"
+  [ "$loader" = carried ] &&
+    log "note: the target runs through the carried loader; the sanitizer's injected library then runs on the carried glibc"
+  for tool in ${MOERT_SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+    case $tool in
+    memcheck) cap=70 ;;
+    racecheck) cap=50 ;;
+    *) cap=30 ;;
+    esac
+    secs=$(budget $cap $phase_end)
+    if [ "$secs" -lt 5 ]; then
+      failed "sanitize/$tool: not run, out of time"
+      continue
+    fi
+    start=$(wc -l <"$out/sanitize.log")
+    echo "===== $tool (up to $secs s)" >>"$out/sanitize.log"
+    rc=0
+    # --error-exitcode tells a sanitizer finding from a failing test (1) or a missing GPU (77).
+    timeout -k 10 "$secs" "$cs" --tool "$tool" --error-exitcode 86 --print-limit 100 \
+      "${runner[@]}" "$dir/bin/moert_gpu_kernel_tests" --gtest_filter="${MOERT_SANITIZE_FILTER:-*}" \
+      >>"$out/sanitize.log" 2>&1 || rc=$?
+    summary_line=$(tail -n +"$((start + 1))" "$out/sanitize.log" |
+      grep -E '(ERROR|RACECHECK) SUMMARY' | tail -1 | sed 's/^=* *//')
+    line="sanitize/$tool: ${summary_line:-no summary line}"
+    if [ "$rc" -eq 0 ] && [ -n "$summary_line" ] &&
+      echo "$summary_line" | grep -qE 'SUMMARY: 0 (errors|hazards)|\(0 errors'; then
+      result "PASS $line"
+    else
+      case $rc in
+      0) failed "$line (exit 0, but no clean summary)" ;;
+      86) failed "$line (sanitizer errors, see sanitize.log)" ;;
+      77) failed "$line (exit 77: the tests found no usable GPU)" ;;
+      124 | 137) failed "$line (timed out after $secs s)" ;;
+      *) failed "$line (exit $rc, see sanitize.log)" ;;
+      esac
+    fi
+  done
+}
+
+phase_moert_bench() {
+  local secs rc
+  echo "== moert bench" | tee -a "$out/device.txt"
+  secs=$(budget 150 $deadline)
+  if [ "$secs" -lt 10 ]; then
+    failed "bench/moert: not run, out of time"
+    return
+  fi
+  echo "===== moert_cuda_bench (up to $secs s)" >>"$out/bench.log"
+  rc=0
+  timeout -k 10 "$secs" "${runner[@]}" "$dir/bin/moert_cuda_bench" --plugin "$dir/lib/libmoert_cuda.so" \
+    --reps "${MOERT_BENCH_REPS:-5}" --json "$out/moert_bench.json" >>"$out/bench.log" 2>&1 || rc=$?
+  sed -n '/^===== moert_cuda_bench /,$p' "$out/bench.log" | tail -n +2 | tail -8
+  case $rc in
+  0) result "PASS bench/moert" ;;
+  124 | 137) failed "bench/moert: timed out after $secs s (moert_bench.json has what finished)" ;;
+  *) failed "bench/moert: exit $rc (see bench.log)" ;;
+  esac
+}
+
+phase_torch_bench() {
+  local secs rc
+  echo "== torch bench" | tee -a "$out/device.txt"
+  if ! command -v python3 >/dev/null; then
+    failed "bench/torch: no python3"
+    return
+  fi
+  secs=$(budget 120 $deadline)
+  if [ "$secs" -lt 10 ]; then
+    failed "bench/torch: not run, out of time"
+    return
+  fi
+  echo "===== torch_cuda_moe_bench.py (up to $secs s)" >>"$out/bench.log"
+  rc=0
+  # The machine's own environment: LD_LIBRARY_PATH was never changed for this.
+  timeout -k 10 "$secs" python3 "$dir/torch_cuda_moe_bench.py" --reps "${MOERT_BENCH_REPS:-5}" \
+    --json "$out/torch_bench.json" >>"$out/bench.log" 2>&1 || rc=$?
+  sed -n '/^===== torch_cuda_moe_bench.py /,$p' "$out/bench.log" | grep -E '^torch |^\{|Error' | head -12
+  case $rc in
+  0) result "PASS bench/torch" ;;
+  124 | 137) failed "bench/torch: timed out after $secs s (torch_bench.json has what finished)" ;;
+  *) failed "bench/torch: exit $rc (see bench.log)" ;;
+  esac
+}
+
+make_table() {
+  command -v python3 >/dev/null || return
+  python3 - "$out" >"$out/table.md" <<'EOF'
+import json, os, sys
+
+out = sys.argv[1]
+
+
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+m, t = load("moert_bench.json"), load("torch_bench.json")
+with open(os.path.join(out, "device.txt")) as f:
+    dev = f.readline().strip()
+print(f"Device: {dev}\n")
+if m is None:
+    print("moert_bench.json: missing or unreadable, moert columns n/a\n")
+if t is None:
+    print("torch_bench.json: missing or unreadable, PyTorch columns n/a\n")
+m, t = m or [], t or []
+keys = []
+for r in m + t:
+    k = (r["pass"], r["tokens"], r["experts"])
+    if k not in keys:
+        keys.append(k)
+
+
+def moert(k):
+    return next((r for r in m if (r["pass"], r["tokens"], r["experts"]) == k), {})
+
+
+def torch_ms(impl, k):
+    return next((r.get("ms") for r in t
+                 if r["impl"] == impl and (r["pass"], r["tokens"], r["experts"]) == k), None)
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
+
+print("| pass | tokens | experts | moert ms | TFLOP/s | dense GEMM TFLOP/s | moert / dense "
+      "| torch eager ms | moert speed-up | torch grouped_mm ms | moert speed-up |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for k in keys:
+    r = moert(k)
+    ms, tf, dtf = r.get("ms"), r.get("tflops"), r.get("dense_tflops")
+    e, g = torch_ms("eager", k), torch_ms("grouped_mm", k)
+    print(f"| {k[0]} | {k[1]} | {k[2]} | {fmt(ms, '.2f')} | {fmt(tf, '.0f')} | {fmt(dtf, '.0f')} "
+          f"| {fmt(tf / dtf if tf and dtf else None, '.2f')} | {fmt(e, '.2f')} | {ratio(e, ms)} "
+          f"| {fmt(g, '.2f')} | {ratio(g, ms)} |")
+notes = [f"- torch {r['impl']} {r['pass']} {r['tokens']} tokens: {r['error']}"
+         for r in t if r.get("error")]
+notes += [f"- torch grouped_mm {r['pass']} {r['tokens']} tokens: relative difference from eager "
+          f"{r['rel_vs_eager']:.2e}" for r in t if "rel_vs_eager" in r]
+if notes:
+    print("\n" + "\n".join(notes))
+EOF
+  cat "$out/table.md"
+}
+
+device() {
   dir=$(cd "$(dirname "$0")" && pwd)
   out=${OUT:-$dir/out}
   mkdir -p "$out"
-  # That machine's cuBLASLt: PyTorch's wheel or the toolkit.
-  lt=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
-  [ -e "$lt/libcublasLt.so.13" ] || lt=$(dirname "$(find / -name 'libcublasLt.so.13' -print -quit 2>/dev/null)")
-  export LD_LIBRARY_PATH="$dir/lib:$lt:${LD_LIBRARY_PATH:-}"
-  export MOERT_CUDA_PLUGIN="$dir/lib/libmoert_cuda.so" MOERT_TEST_MODELS="$dir/models"
-  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
-    echo "no nvidia-smi: not a GPU machine"; } | tee "$out/device.txt"
-  ldd "$dir/lib/libmoert_cuda.so" | grep -E "not found|cublasLt" | tee -a "$out/device.txt" || true
-  status=0
-  for t in moert_gpu_kernel_tests moert_gpu_session_tests; do
-    echo "== $t"
-    rc=0
-    "$dir/bin/$t" >"$out/$t.log" 2>&1 || rc=$?
-    grep -E "^\[  (PASSED|FAILED) |rel |loss|SKIPPED|Failure" "$out/$t.log" || true
-    # On the GPU machine a skip (77) is a failure too: the GPU was expected.
-    [ "$rc" -eq 0 ] || { echo "$t exited $rc"; status=1; }
+  deadline=$((SECONDS + ${MOERT_TIME_BUDGET:-540}))
+  # Only this script's files, and nothing else, go into $OUT (8 files at most come back).
+  rm -f "$out"/{device.txt,tests.log,sanitize.log,bench.log,table.md,moert_bench.json,torch_bench.json}
+  : >"$out/tests.log"
+  : >"$out/sanitize.log"
+  : >"$out/bench.log"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+
+  local phases=" ${MOERT_PHASES:-tests sanitize bench} " p
+  for p in $phases; do
+    case $p in
+    tests | sanitize | bench | moert-bench | torch-bench) ;;
+    *)
+      echo "gpu-run.sh: unknown phase '$p' in MOERT_PHASES (tests sanitize bench moert-bench torch-bench)" >&2
+      exit 2
+      ;;
+    esac
   done
-  if [ "${MOERT_SKIP_BENCH:-0}" != 1 ]; then
-    echo "== moert_cuda_bench"
-    "$dir/bin/moert_cuda_bench" --reps "${MOERT_BENCH_REPS:-5}" --json "$out/moert_bench.json" 2>&1 |
-      tee "$out/moert_bench.log" || status=1
-    echo "== torch_moe_bench"
-    python3 "$dir/torch_cuda_moe_bench.py" --reps "${MOERT_BENCH_REPS:-5}" --json "$out/torch_bench.json" \
-      >"$out/torch_bench.log" 2>&1 || status=1
-    tail -3 "$out/torch_bench.log"
-    python3 - "$out" <<'EOF' | tee "$out/table.md"
-import json, sys
-out = sys.argv[1]
-m = json.load(open(f"{out}/moert_bench.json"))
-t = json.load(open(f"{out}/torch_bench.json"))
-dev = open(f"{out}/device.txt").readline().strip()
-print(f"Device: {dev}\n")
-print("| pass | tokens | experts | moert ms | TFLOP/s | dense GEMM TFLOP/s | moert / dense | torch eager ms | moert speed-up | torch grouped_mm ms | moert speed-up |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-for r in m:
-    def ms(impl):
-        for x in t:
-            if x["impl"] == impl and x["tokens"] == r["tokens"] and x["pass"] == r["pass"]:
-                return x["ms"]
-    e, g = ms("eager"), ms("grouped_mm")
-    fmt = lambda v: f"{v:.2f}" if v else "n/a"
-    sp = lambda v: f"{v / r['ms']:.2f}x" if v else "n/a"
-    print(f"| {r['pass']} | {r['tokens']} | {r['experts']} | {r['ms']:.2f} | {r['tflops']:.0f} | "
-          f"{r['dense_tflops']:.0f} | {r['tflops'] / r['dense_tflops']:.2f} | {fmt(e)} | {sp(e)} | "
-          f"{fmt(g)} | {sp(g)} |")
-EOF
+  if [ "${MOERT_SKIP_BENCH:-0}" = 1 ]; then
+    phases=${phases// bench / }
+    phases=${phases// moert-bench / }
+    phases=${phases// torch-bench / }
   fi
+  want() { [[ $phases == *" $1 "* ]]; }
+
+  # First line: the GPU, as the table shows it.
+  { timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap \
+    --format=csv,noheader 2>/dev/null | head -1 | grep . ||
+    echo "no GPU reported by nvidia-smi: not a GPU machine"; } | tee "$out/device.txt"
+  log "phases:${phases% }; time budget ${MOERT_TIME_BUDGET:-540} s"
+  log "$(paste -sd ';' 2>/dev/null <"$dir/STAGED" | sed 's/;/; /g')"
+  log "system: $(uname -srm); glibc $(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}'); $(python3 --version 2>&1)"
+  chmod u+x "$dir"/bin/* "$dir/sys/ld-linux-x86-64.so.2" 2>/dev/null
+  # A carried copy may have lost its execute bits and be read-only: run from a copy that has them.
+  if [ ! -x "$dir/bin/moert_gpu_kernel_tests" ] || [ ! -x "$dir/sys/ld-linux-x86-64.so.2" ]; then
+    cp -r "$dir" "$tmp/staged" && chmod u+x "$tmp/staged"/bin/* "$tmp/staged/sys/ld-linux-x86-64.so.2"
+    dir=$tmp/staged
+    log "staged programs were not executable: running from a copy in $dir"
+  fi
+
+  export MOERT_CUDA_PLUGIN="$dir/lib/libmoert_cuda.so" MOERT_TEST_MODELS="$dir/models"
+  local lt_found lt
+  lt_found=$(find_cublaslt)
+  lt=${lt_found%% (*}
+  if [ -n "$lt" ]; then
+    log "cuBLASLt: $lt_found"
+  else
+    log "cuBLASLt: libcublasLt.so.13 not found (PyTorch's wheel, the toolkit, a search of /)"
+  fi
+  local cuda_dir
+  cuda_dir=$(find_libcuda)
+  log "libcuda.so.1: ${cuda_dir:-not found by ldconfig or in the usual directories}"
+  system_path="$dir/lib${lt:+:$lt}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  carried_path="$dir/sys:$dir/lib${lt:+:$lt}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}${cuda_dir:+:$cuda_dir}"
+
+  # The machine's own loader and libraries where they are new enough, else the carried ones.
+  loader=system
+  local moert_ok=1 f
+  if [ "${MOERT_FORCE_CARRIED_LOADER:-0}" = 1 ]; then
+    loader=carried
+    log "loader: carried (forced by MOERT_FORCE_CARRIED_LOADER=1)"
+  else
+    local rc=0 versions=""
+    probe || rc=$?
+    for f in "$dir"/bin/* "$dir"/lib/*; do
+      versions+=$(list_deps "$f" | grep -E "version .* not found")$'\n'
+    done
+    versions=$(echo "$versions" | grep .)
+    if [ "$rc" -ne 0 ] || [ -n "$versions" ]; then
+      log "loader: the machine's own libraries do not run the staged programs (probe exit $rc):"
+      { head -5 "$tmp/probe"; [ -z "$versions" ] || echo "$versions" | head -10; } |
+        sed 's/^/    /' | tee -a "$out/device.txt"
+      loader=carried
+      log "loader: every moert program runs as $dir/sys/ld-linux-x86-64.so.2 --library-path $carried_path PROGRAM"
+    else
+      log "loader: the machine's own (moert programs get LD_LIBRARY_PATH=$system_path)"
+    fi
+  fi
+  if [ "$loader" = carried ]; then
+    local rc=0
+    probe || rc=$?
+    if [ "$rc" -ne 0 ]; then
+      log "loader: the carried loader cannot start the staged programs either (exit $rc):"
+      head -5 "$tmp/probe" | sed 's/^/    /' | tee -a "$out/device.txt"
+      moert_ok=0
+    fi
+  fi
+  set_runner
+  # Every staged program and library must resolve before anything runs.
+  local missing=""
+  for f in "$dir"/bin/* "$dir"/lib/*; do
+    missing+=$(list_deps "$f" | grep "not found" | sed "s|^[[:space:]]*|    ${f#"$dir"/}: |")
+    missing+=$'\n'
+  done
+  missing=$(echo "$missing" | grep .)
+  if [ -n "$missing" ]; then
+    log "libraries: NOT FOUND for the staged files:"
+    echo "$missing" | tee -a "$out/device.txt"
+    moert_ok=0
+  else
+    log "libraries: every staged program and library resolves ($loader loader); the benchmark's:"
+    list_deps "$dir/bin/moert_cuda_bench" | grep -E 'libc\.so|libstdc|cublasLt|ld-linux' |
+      sed 's/ (0x[0-9a-f]*)//; s/^[[:space:]]*/    /' | tee -a "$out/device.txt"
+  fi
+
+  if [ "$moert_ok" = 1 ]; then
+    want tests && phase_tests
+    want sanitize && phase_sanitize
+    { want bench || want moert-bench; } && phase_moert_bench
+  else
+    for p in tests sanitize moert-bench; do
+      if want "$p" || { [ "$p" = moert-bench ] && want bench; }; then
+        failed "$p: not run, the staged programs cannot start (see device.txt)"
+      fi
+    done
+  fi
+  # PyTorch's benchmark needs nothing staged but its script: it runs even when moert cannot.
+  { want bench || want torch-bench; } && phase_torch_bench
+  if want bench || want moert-bench || want torch-bench; then
+    echo "== table" && make_table
+  fi
+
+  log "== summary ($((SECONDS)) s)"
+  printf '%s\n' ${summary[@]+"${summary[@]}"} | tee -a "$out/device.txt"
+  log "exit status $status"
   exit $status
+}
+
+case ${1:-} in
+stage)
+  shift
+  stage "$@"
+  ;;
+device)
+  device
   ;;
 *)
   echo "usage: scripts/gpu-run.sh stage [DIR] | bash DIR/gpu-run.sh device" >&2
