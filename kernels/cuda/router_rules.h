@@ -173,22 +173,60 @@ MOERT_HOST_DEVICE inline double score_sum(const float* s, int E) {
   return sum;
 }
 
-// Item i = q * E + e: f (scaled count) and P (mean normalised score) of expert e in sequence q,
-// into f_table[i], and the partial loss f * P * alpha / num_seq into loss_part[i]. z: every
-// token's score sum; the assignments are read through the plan's token-major view.
-MOERT_HOST_DEVICE inline void aux_stats(const float* scores, const double* z,
-                                        const int64_t* token_offsets, const int32_t* token_assign,
-                                        const int32_t* expert, int64_t i, int64_t num_seq,
-                                        int64_t L, int E, int K, double alpha, double* f_table,
-                                        double* loss_part) {
+// The first position in token[lo .. hi) (ascending) whose token is >= v; hi if none.
+MOERT_HOST_DEVICE inline int64_t first_token_at_least(const int32_t* token, int64_t lo, int64_t hi,
+                                                      int64_t v) {
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (token[mid] < v)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// How many of expert e's assignments have a token in [t0, t1). The plan lists each expert's
+// assignments by ascending token, so two binary searches count them exactly, without reading the
+// other assignments of the batch.
+MOERT_HOST_DEVICE inline int64_t expert_tokens_in(const int64_t* expert_offsets,
+                                                  const int32_t* token, int e, int64_t t0,
+                                                  int64_t t1) {
+  const int64_t lo = expert_offsets[e], hi = expert_offsets[e + 1];
+  return first_token_at_least(token, lo, hi, t1) - first_token_at_least(token, lo, hi, t0);
+}
+
+// Chunks of `chunk` rows a sequence of L rows splits into (the last one may be shorter).
+MOERT_HOST_DEVICE inline int64_t aux_chunks(int64_t L, int64_t chunk) {
+  return (L + chunk - 1) / chunk;
+}
+
+// Item i of num_seq * chunks * E, e fastest: the partial P sum of expert e over one chunk of one
+// sequence, sum of s[t, e] / z[t] in token order, into p_partial[i].
+MOERT_HOST_DEVICE inline void aux_p_partial(const float* scores, const double* z, int64_t i,
+                                            int64_t L, int64_t chunk, int64_t chunks, int E,
+                                            double* p_partial) {
+  const int e = static_cast<int>(i % E);
+  const int64_t qc = i / E, q = qc / chunks, c = qc % chunks;
+  const int64_t t0 = q * L + c * chunk;
+  const int64_t t1 = c + 1 < chunks ? t0 + chunk : (q + 1) * L;
+  double p = 0.0;
+  for (int64_t t = t0; t < t1; ++t) p += scores[t * E + e] / z[t];
+  p_partial[i] = p;
+}
+
+// Item i = q * E + e: f (scaled count) and P (mean normalised score, its chunks folded in chunk
+// order so that the sum is the same on every run) of expert e in sequence q, into f_table[i],
+// and the partial loss f * P * alpha / num_seq into loss_part[i].
+MOERT_HOST_DEVICE inline void aux_stats(const int64_t* expert_offsets, const int32_t* token,
+                                        const double* p_partial, int64_t i, int64_t num_seq,
+                                        int64_t L, int64_t chunks, int E, int K, double alpha,
+                                        double* f_table, double* loss_part) {
   const int64_t q = i / E;
   const int e = static_cast<int>(i % E);
-  double f = 0.0, p = 0.0;
-  for (int64_t t = q * L; t < (q + 1) * L; ++t) {
-    for (int64_t j = token_offsets[t]; j < token_offsets[t + 1]; ++j)
-      if (expert[token_assign[j]] == e) f += 1.0;
-    p += scores[t * E + e] / z[t];
-  }
+  double f = static_cast<double>(expert_tokens_in(expert_offsets, token, e, q * L, (q + 1) * L));
+  double p = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) p += p_partial[(q * chunks + c) * E + e];
   f *= static_cast<double>(E) / static_cast<double>(K * L);
   p /= static_cast<double>(L);
   f_table[i] = f;

@@ -234,23 +234,26 @@ TEST_F(RouterRules, RouterBackwardIsTheCpus) {
               static_cast<long long>(cases), static_cast<long long>(bitwise), worst);
 }
 
-// The auxiliary loss as the CUDA launcher runs it: every kernel's items in turn.
+// The auxiliary loss as the CUDA launcher runs it, kernel after kernel, each over all its items,
+// with partial P sums over chunks of `chunk` rows.
 struct AuxResult {
   double loss = 0.0;
   std::vector<float> ds;
 };
 
 AuxResult aux_rules(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
-                    int64_t rows, int64_t L, double alpha) {
+                    int64_t rows, int64_t L, double alpha, int64_t chunk) {
   const int E = static_cast<int>(cfg.num_experts), K = static_cast<int>(cfg.top_k);
-  const int64_t num_seq = rows / L;
+  const int64_t num_seq = rows / L, chunks = rules::aux_chunks(L, chunk);
   std::vector<double> z(static_cast<size_t>(rows));
   for (int64_t t = 0; t < rows; ++t) z[t] = rules::score_sum(scores + t * E, E);
+  std::vector<double> p_partial(static_cast<size_t>(num_seq * chunks * E));
+  for (int64_t i = 0; i < num_seq * chunks * E; ++i)
+    rules::aux_p_partial(scores, z.data(), i, L, chunk, chunks, E, p_partial.data());
   std::vector<double> f_table(static_cast<size_t>(num_seq * E)), loss_part(f_table.size());
   for (int64_t i = 0; i < num_seq * E; ++i)
-    rules::aux_stats(scores, z.data(), plan.token_offsets.data(), plan.token_assign.data(),
-                     plan.expert.data(), i, num_seq, L, E, K, alpha, f_table.data(),
-                     loss_part.data());
+    rules::aux_stats(plan.expert_offsets.data(), plan.token.data(), p_partial.data(), i, num_seq, L,
+                     chunks, E, K, alpha, f_table.data(), loss_part.data());
   AuxResult out;
   for (double x : loss_part) out.loss += x;  // the backend's host_sum, in index order
   out.ds.resize(static_cast<size_t>(rows * E));
@@ -261,8 +264,11 @@ AuxResult aux_rules(const RouterConfig& cfg, const float* scores, const Dispatch
 }
 
 // (sequences, rows per sequence): batch-wide (one sequence of every row) and sequence-wise
-// scopes, short and long.
-constexpr std::pair<int64_t, int64_t> kScopes[] = {{1, 37}, {1, 300}, {3, 1}, {4, 5}, {2, 130}};
+// scopes, short and long, with L a multiple of some chunk sizes and not of others.
+constexpr std::pair<int64_t, int64_t> kScopes[] = {{1, 37}, {1, 300}, {1, 512}, {3, 1},
+                                                   {4, 5},  {2, 130}, {3, 128}};
+// Chunk sizes of the partial P sums: one row, odd, the kernels' 128, and more than any L.
+constexpr int64_t kChunks[] = {1, 3, 128, 1024};
 
 TEST_F(RouterRules, AuxLossIsTheCpus) {
   const double alpha = 1e-2;
@@ -280,18 +286,58 @@ TEST_F(RouterRules, AuxLossIsTheCpus) {
         std::vector<float> want_ds(static_cast<size_t>(rows * E));
         const double want =
             cpu_->aux_loss(cfg, in.r.scores.data(), in.plan, rows, L, alpha, want_ds.data());
-        const AuxResult got = aux_rules(cfg, in.r.scores.data(), in.plan, rows, L, alpha);
-        const double loss_err = std::abs(got.loss - want) / std::abs(want);
-        const double ds_err = max_rel_error(got.ds, want_ds);
-        EXPECT_LE(loss_err, 1e-12) << describe(cfg) << " L=" << L << " sequences=" << num_seq;
-        EXPECT_LE(ds_err, 1e-6) << describe(cfg) << " L=" << L << " sequences=" << num_seq;
-        worst_loss = std::max(worst_loss, loss_err);
-        worst_ds = std::max(worst_ds, ds_err);
-        ++cases;
+        for (int64_t chunk : kChunks) {
+          const AuxResult got = aux_rules(cfg, in.r.scores.data(), in.plan, rows, L, alpha, chunk);
+          const double loss_err = std::abs(got.loss - want) / std::abs(want);
+          const double ds_err = max_rel_error(got.ds, want_ds);
+          EXPECT_LE(loss_err, 1e-12)
+              << describe(cfg) << " L=" << L << " sequences=" << num_seq << " chunk=" << chunk;
+          EXPECT_LE(ds_err, 1e-6) << describe(cfg) << " L=" << L << " sequences=" << num_seq
+                                  << " chunk=" << chunk;
+          worst_loss = std::max(worst_loss, loss_err);
+          worst_ds = std::max(worst_ds, ds_err);
+          ++cases;
+        }
       }
   }
   std::printf("aux_loss: %lld cases, worst relative error: loss %.3g, ds %.3g\n",
               static_cast<long long>(cases), worst_loss, worst_ds);
+}
+
+// The count of (sequence, expert) from two binary searches in the expert-major plan, against a
+// count through the token-major view, as the CPU backend counts; and, for the whole batch, the
+// plan's own per-expert counts.
+TEST_F(RouterRules, AuxCountsAreExact) {
+  int64_t checked = 0;
+  const std::vector<RouterConfig> configs = every_config(rng_);
+  for (size_t c = 0; c < configs.size(); c += 4) {
+    const RouterConfig& cfg = configs[c];
+    const int E = static_cast<int>(cfg.num_experts);
+    for (Logits kind : {Logits::Normal, Logits::Ties})
+      for (const auto& [num_seq, L] : kScopes) {
+        const int64_t rows = num_seq * L;
+        const Routed in = route_and_plan(*cpu_, cfg, rows, kind, rng_);
+        const DispatchPlan& plan = in.plan;
+        const int64_t* to = plan.token_offsets.data();
+        for (int64_t q = 0; q < num_seq; ++q) {
+          std::vector<int64_t> want(static_cast<size_t>(E), 0);
+          for (int64_t t = q * L; t < (q + 1) * L; ++t)
+            for (int64_t j = to[t]; j < to[t + 1]; ++j)
+              ++want[plan.expert.data()[plan.token_assign.data()[j]]];
+          for (int e = 0; e < E; ++e) {
+            const int64_t got = rules::expert_tokens_in(plan.expert_offsets.data(),
+                                                        plan.token.data(), e, q * L, (q + 1) * L);
+            ASSERT_EQ(got, want[e]) << describe(cfg) << " L=" << L << " q=" << q << " e=" << e;
+            if (num_seq == 1) {
+              ASSERT_EQ(got, plan.count(e));
+            }
+            ++checked;
+          }
+        }
+      }
+  }
+  std::printf("aux counts: %lld (sequence, expert) counts exact\n",
+              static_cast<long long>(checked));
 }
 
 }  // namespace
