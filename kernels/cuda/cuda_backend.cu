@@ -390,12 +390,11 @@ class CudaBackend final : public Backend {
   double aux_loss(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
                   int64_t rows, int64_t seq_len, double alpha, float* ds) override {
     const size_t q = static_cast<size_t>(rows / seq_len) * cfg.num_experts;
-    dscratch_.resize(*this, 2 * q + static_cast<size_t>(rows));
-    double* f_table = dscratch_.data();
-    double* loss_part = f_table + q;
-    double* z = loss_part + q;
-    cuda::aux_loss(cfg, scores, plan.token_offsets.data(), plan.token_assign.data(),
-                   plan.expert.data(), rows, seq_len, alpha, ds, z, f_table, loss_part, stream_);
+    dscratch_.resize(
+        *this, q + static_cast<size_t>(cuda::aux_loss_scratch(rows, seq_len, cfg.num_experts)));
+    double* loss_part = dscratch_.data();
+    cuda::aux_loss(cfg, scores, plan.expert_offsets.data(), plan.token.data(), rows, seq_len, alpha,
+                   ds, loss_part, loss_part + q, stream_);
     return host_sum(loss_part, q);
   }
 

@@ -61,11 +61,13 @@ void router_backward(const RouterConfig& cfg, bool normalize, const float* score
                      const int32_t* expert, const float* dweight, const float* ds_extra,
                      float* dlogits, float* scratch, int64_t rows, cudaStream_t s);
 // Sequence-wise auxiliary loss: per (sequence, expert) partial losses into loss_part
-// [num_seq * E] (double) and ds [rows, E]; z [rows] and f_table [num_seq * E] are scratch.
-void aux_loss(const RouterConfig& cfg, const float* scores, const int64_t* token_offsets,
-              const int32_t* token_assign, const int32_t* expert, int64_t rows, int64_t seq_len,
-              double alpha, float* ds, double* z, double* f_table, double* loss_part,
-              cudaStream_t s);
+// [num_seq * E] (double) and ds [rows, E]. Counts come from the plan's expert-major order
+// (expert_offsets [E + 1], token [A], tokens ascending within an expert). scratch: at least
+// aux_loss_scratch(rows, seq_len, E) doubles.
+int64_t aux_loss_scratch(int64_t rows, int64_t seq_len, int64_t num_experts);
+void aux_loss(const RouterConfig& cfg, const float* scores, const int64_t* expert_offsets,
+              const int32_t* token, int64_t rows, int64_t seq_len, double alpha, float* ds,
+              double* loss_part, double* scratch, cudaStream_t s);
 
 // ---- Dispatch
 // keys[a] = expert[a] * rows + token, vals[a] = a, for a = t * K + k.

@@ -1,0 +1,246 @@
+// The per-item bodies of the CUDA router kernels (router.cu): one token, one (sequence, expert)
+// or one (sequence, chunk, expert) each. They live here, callable from the host too, so that the
+// GPU's routing rules can be checked against the CPU backend on a machine without a GPU
+// (tests/unit/test_router_rules.cc). This header needs no CUDA header on the host.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "core/model.h"
+
+#ifdef __CUDACC__
+#define MOERT_HOST_DEVICE __host__ __device__
+#else
+#define MOERT_HOST_DEVICE
+#endif
+
+namespace moert::cuda::rules {
+
+// The device keeps CUDA's own math functions (what the kernels always called); the host takes the
+// std:: overloads for float, which are the CPU backend's, so that the host results can be compared
+// with the CPU bit for bit.
+MOERT_HOST_DEVICE inline float exp_f(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+MOERT_HOST_DEVICE inline float max_f(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return fmaxf(a, b);
+#else
+  return std::fmax(a, b);
+#endif
+}
+
+MOERT_HOST_DEVICE inline bool is_nan(float x) {
+#ifdef __CUDA_ARCH__
+  return isnan(x);
+#else
+  return std::isnan(x);
+#endif
+}
+
+// Index of the largest value among those not yet taken, the lower index among equals; -1 if none.
+MOERT_HOST_DEVICE inline int argmax_untaken(const float* v, const unsigned char* taken, int n) {
+  int best = -1;
+  for (int i = 0; i < n; ++i)
+    if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+  return best;
+}
+
+// Floats of scratch one token needs in route_token: biased [E], group scores [G], and the taken
+// flags [E + G] as bytes in E more floats.
+MOERT_HOST_DEVICE inline int64_t route_scratch_floats(const RouterConfig& cfg) {
+  return 2 * static_cast<int64_t>(cfg.num_experts) + cfg.num_groups;
+}
+
+// Routes one token (DESIGN.md section 1). z: its logits [E]; bias [E] or null; s (out): its
+// scores [E]; experts, weights (out): [top_k]; scratch: route_scratch_floats(cfg).
+MOERT_HOST_DEVICE inline void route_token(const RouterConfig& cfg, const float* z,
+                                          const float* bias, float* s, int32_t* experts,
+                                          float* weights, float* scratch) {
+  const int E = static_cast<int>(cfg.num_experts), G = static_cast<int>(cfg.num_groups);
+  const int K = static_cast<int>(cfg.top_k);
+  float* biased = scratch;
+  float* gscore = biased + E;
+  unsigned char* taken = reinterpret_cast<unsigned char*>(gscore + G);  // E + G bytes <= E floats
+
+  if (cfg.score == ScoreFunction::Sigmoid) {
+    for (int e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + exp_f(-z[e]));
+  } else {
+    float mx = -INFINITY;
+    for (int e = 0; e < E; ++e) mx = max_f(mx, z[e]);
+    float sum = 0.0f;
+    for (int e = 0; e < E; ++e) {
+      s[e] = exp_f(z[e] - mx);
+      sum += s[e];
+    }
+    for (int e = 0; e < E; ++e) s[e] /= sum;
+  }
+  for (int e = 0; e < E; ++e) {
+    float b = s[e] + (bias ? bias[e] : 0.0f);
+    if (is_nan(b)) b = -INFINITY;  // ranks below every real score
+    biased[e] = b;
+    taken[e] = 0;
+  }
+  if (G > 1 && cfg.topk_groups < cfg.num_groups) {
+    const int gs = E / G;
+    // A group's score: the sum of its two best biased scores (its one score if it has one).
+    for (int g = 0; g < G; ++g) {
+      float first = -INFINITY, second = -INFINITY;
+      for (int i = 0; i < gs; ++i) {
+        const float b = biased[g * gs + i];
+        if (b > first) {
+          second = first;
+          first = b;
+        } else if (b > second) {
+          second = b;
+        }
+      }
+      gscore[g] = gs >= 2 ? first + second : first;
+    }
+    unsigned char* gtaken = taken + E;
+    for (int g = 0; g < G; ++g) gtaken[g] = 0;
+    for (unsigned i = 0; i < cfg.topk_groups; ++i) gtaken[argmax_untaken(gscore, gtaken, G)] = 1;
+    // Experts of the groups not kept cannot be chosen: -inf, never 0.
+    for (int e = 0; e < E; ++e)
+      if (!gtaken[e / gs]) biased[e] = -INFINITY;
+  }
+  float sum = 0.0f;
+  for (int k = 0; k < K; ++k) {
+    const int e = argmax_untaken(biased, taken, E);
+    taken[e] = 1;
+    experts[k] = e;
+    weights[k] = s[e];  // from the unbiased score
+    sum += s[e];
+  }
+  for (int k = 0; k < K; ++k) {
+    float w = weights[k];
+    if (cfg.normalize) w = w / (sum + 1e-20f);
+    weights[k] = w * cfg.scaling;
+  }
+}
+
+// Gradient of one token's logits dl [E] from its scores s [E]. Its assignments are
+// token_assign[j0 .. j1) (the plan's token-major view); ds_extra: this token's extra score
+// gradient [E] or null; ds: scratch [E].
+MOERT_HOST_DEVICE inline void router_backward_token(const RouterConfig& cfg, bool normalize,
+                                                    const float* s, int64_t j0, int64_t j1,
+                                                    const int32_t* token_assign,
+                                                    const int32_t* expert, const float* dweight,
+                                                    const float* ds_extra, float* ds, float* dl) {
+  const int E = static_cast<int>(cfg.num_experts);
+  for (int e = 0; e < E; ++e) ds[e] = ds_extra ? ds_extra[e] : 0.0f;
+  if (normalize) {
+    double sum = 0.0, dot = 0.0;
+    for (int64_t j = j0; j < j1; ++j) sum += s[expert[token_assign[j]]];
+    const float denom = static_cast<float>(sum) + 1e-20f;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t a = token_assign[j];
+      dot += double{dweight[a]} * s[expert[a]];
+    }
+    const double c = cfg.scaling;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t a = token_assign[j];
+      ds[expert[a]] +=
+          static_cast<float>(c * dweight[a] / denom - c * dot / (double{denom} * denom));
+    }
+  } else {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t a = token_assign[j];
+      ds[expert[a]] += cfg.scaling * dweight[a];
+    }
+  }
+  if (cfg.score == ScoreFunction::Sigmoid) {
+    for (int e = 0; e < E; ++e) dl[e] = ds[e] * s[e] * (1.0f - s[e]);
+  } else {
+    double dot = 0.0;
+    for (int e = 0; e < E; ++e) dot += double{ds[e]} * s[e];
+    for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(s[e] * (ds[e] - dot));
+  }
+}
+
+// ---- The sequence-wise auxiliary loss, over sequences of L rows.
+
+// The sum of one token's scores s [E], which normalises them for P.
+MOERT_HOST_DEVICE inline double score_sum(const float* s, int E) {
+  double sum = 0.0;
+  for (int e = 0; e < E; ++e) sum += s[e];
+  return sum;
+}
+
+// The first position in token[lo .. hi) (ascending) whose token is >= v; hi if none.
+MOERT_HOST_DEVICE inline int64_t first_token_at_least(const int32_t* token, int64_t lo, int64_t hi,
+                                                      int64_t v) {
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (token[mid] < v)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// How many of expert e's assignments have a token in [t0, t1). The plan lists each expert's
+// assignments by ascending token, so two binary searches count them exactly, without reading the
+// other assignments of the batch.
+MOERT_HOST_DEVICE inline int64_t expert_tokens_in(const int64_t* expert_offsets,
+                                                  const int32_t* token, int e, int64_t t0,
+                                                  int64_t t1) {
+  const int64_t lo = expert_offsets[e], hi = expert_offsets[e + 1];
+  return first_token_at_least(token, lo, hi, t1) - first_token_at_least(token, lo, hi, t0);
+}
+
+// Chunks of `chunk` rows a sequence of L rows splits into (the last one may be shorter).
+MOERT_HOST_DEVICE inline int64_t aux_chunks(int64_t L, int64_t chunk) {
+  return (L + chunk - 1) / chunk;
+}
+
+// Item i of num_seq * chunks * E, e fastest: the partial P sum of expert e over one chunk of one
+// sequence, sum of s[t, e] / z[t] in token order, into p_partial[i].
+MOERT_HOST_DEVICE inline void aux_p_partial(const float* scores, const double* z, int64_t i,
+                                            int64_t L, int64_t chunk, int64_t chunks, int E,
+                                            double* p_partial) {
+  const int e = static_cast<int>(i % E);
+  const int64_t qc = i / E, q = qc / chunks, c = qc % chunks;
+  const int64_t t0 = q * L + c * chunk;
+  const int64_t t1 = c + 1 < chunks ? t0 + chunk : (q + 1) * L;
+  double p = 0.0;
+  for (int64_t t = t0; t < t1; ++t) p += scores[t * E + e] / z[t];
+  p_partial[i] = p;
+}
+
+// Item i = q * E + e: f (scaled count) and P (mean normalised score, its chunks folded in chunk
+// order so that the sum is the same on every run) of expert e in sequence q, into f_table[i],
+// and the partial loss f * P * alpha / num_seq into loss_part[i].
+MOERT_HOST_DEVICE inline void aux_stats(const int64_t* expert_offsets, const int32_t* token,
+                                        const double* p_partial, int64_t i, int64_t num_seq,
+                                        int64_t L, int64_t chunks, int E, int K, double alpha,
+                                        double* f_table, double* loss_part) {
+  const int64_t q = i / E;
+  const int e = static_cast<int>(i % E);
+  double f = static_cast<double>(expert_tokens_in(expert_offsets, token, e, q * L, (q + 1) * L));
+  double p = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) p += p_partial[(q * chunks + c) * E + e];
+  f *= static_cast<double>(E) / static_cast<double>(K * L);
+  p /= static_cast<double>(L);
+  f_table[i] = f;
+  loss_part[i] = alpha * f * p / static_cast<double>(num_seq);
+}
+
+// Gradient ds [E] of the loss with respect to one token's scores s [E] (z: their sum; f: its
+// sequence's f_table row), through s' = s / z.
+MOERT_HOST_DEVICE inline void aux_grad_token(const float* s, double z, const double* f, int64_t L,
+                                             int64_t num_seq, int E, double alpha, float* ds) {
+  const double c = alpha / static_cast<double>(L * num_seq);
+  double dot = 0.0;
+  for (int e = 0; e < E; ++e) dot += c * f[e] * s[e] / z;
+  for (int e = 0; e < E; ++e) ds[e] = static_cast<float>((c * f[e] - dot) / z);
+}
+
+}  // namespace moert::cuda::rules

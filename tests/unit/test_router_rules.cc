@@ -1,0 +1,344 @@
+// The CUDA router's per-item rules (kernels/cuda/router_rules.h), run on the host item by item as
+// the kernels' threads run them, against the CPU backend. The GPU code cannot run here; this holds
+// its logic to the CPU's: routing bit for bit, gradients and the auxiliary loss to rounding.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/backend.h"
+#include "kernels/cuda/router_rules.h"
+
+namespace moert {
+namespace {
+
+namespace rules = cuda::rules;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+std::string describe(const RouterConfig& c) {
+  return "E=" + std::to_string(c.num_experts) + " G=" + std::to_string(c.num_groups) +
+         " topk_groups=" + std::to_string(c.topk_groups) + " K=" + std::to_string(c.top_k) +
+         (c.score == ScoreFunction::Sigmoid ? " sigmoid" : " softmax") +
+         (c.normalize ? " normalized" : "") + " scaling=" + std::to_string(c.scaling);
+}
+
+// Every shape of group-limited routing the tests cover: E in {4, 8, 16, 64, 256}, G in
+// {1, 2, 4, 8} dividing E, every topk_groups, every K <= 8 that the kept groups can fill; both
+// score functions, with and without renormalisation. Scaling is never 1, so that a missing or
+// doubled scaling shows.
+std::vector<RouterConfig> every_config(std::mt19937& rng) {
+  std::uniform_real_distribution<float> scaling(0.25f, 3.0f);
+  std::vector<RouterConfig> out;
+  for (uint32_t E : {4u, 8u, 16u, 64u, 256u})
+    for (uint32_t G : {1u, 2u, 4u, 8u}) {
+      if (E % G != 0) continue;
+      for (uint32_t tg = 1; tg <= G; ++tg)
+        for (uint32_t K = 1; K <= std::min(8u, tg * (E / G)); ++K)
+          for (ScoreFunction fn : {ScoreFunction::Sigmoid, ScoreFunction::Softmax})
+            for (bool normalize : {false, true}) {
+              RouterConfig c;
+              c.num_experts = E;
+              c.num_groups = G;
+              c.topk_groups = tg;
+              c.top_k = K;
+              c.score = fn;
+              c.normalize = normalize;
+              c.scaling = (out.size() % 3 == 0) ? 2.5f : scaling(rng);
+              out.push_back(c);
+            }
+    }
+  return out;
+}
+
+enum class Logits {
+  Normal,    // continuous values and a small random bias: no ties
+  Ties,      // small integers and no bias: exact ties everywhere, in scores and group scores
+  Extremes,  // NaN, +-inf, -1e30 among small integers, and one row entirely -1e30
+};
+
+struct Inputs {
+  std::vector<float> logits, bias;
+  bool use_bias = true;
+};
+
+Inputs make_inputs(const RouterConfig& cfg, int64_t rows, Logits kind, std::mt19937& rng) {
+  const int64_t E = cfg.num_experts;
+  Inputs in;
+  in.logits.resize(static_cast<size_t>(rows * E));
+  in.bias.assign(static_cast<size_t>(E), 0.0f);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::uniform_int_distribution<int> small(-1, 3), pick(0, 15);
+  switch (kind) {
+    case Logits::Normal:
+      for (auto& v : in.logits) v = normal(rng);
+      for (auto& b : in.bias) b = 0.02f * normal(rng);
+      break;
+    case Logits::Ties:
+      for (auto& v : in.logits) v = static_cast<float>(small(rng));
+      // Zero bias, given as zeros or as no bias at all: both must rank the same.
+      in.use_bias = rng() % 2 == 0;
+      break;
+    case Logits::Extremes:
+      for (auto& v : in.logits) {
+        const int p = pick(rng);
+        v = p == 0   ? kNaN
+            : p == 1 ? -1e30f
+            : p == 2 ? -kInf
+            : p == 3 ? kInf
+            : p == 4 ? -1e30f
+                     : static_cast<float>(small(rng));
+      }
+      for (auto& b : in.bias) b = 0.01f * static_cast<float>(small(rng));
+      std::fill(in.logits.begin(), in.logits.begin() + E, -1e30f);
+      break;
+  }
+  return in;
+}
+
+struct Routing {
+  std::vector<float> scores, weights;
+  std::vector<int32_t> experts;
+};
+
+Routing route_cpu(Backend& be, const RouterConfig& cfg, const Inputs& in, int64_t rows) {
+  Routing r;
+  r.scores.resize(static_cast<size_t>(rows * cfg.num_experts));
+  r.experts.resize(static_cast<size_t>(rows * cfg.top_k));
+  r.weights.resize(r.experts.size());
+  be.route_topk(cfg, in.logits.data(), in.use_bias ? in.bias.data() : nullptr, rows,
+                r.scores.data(), r.experts.data(), r.weights.data());
+  return r;
+}
+
+// route_topk_k, one "thread" per token, each with its own slice of scratch.
+Routing route_rules(const RouterConfig& cfg, const Inputs& in, int64_t rows) {
+  const int64_t E = cfg.num_experts, K = cfg.top_k, S = rules::route_scratch_floats(cfg);
+  Routing r;
+  r.scores.resize(static_cast<size_t>(rows * E));
+  r.experts.resize(static_cast<size_t>(rows * K));
+  r.weights.resize(r.experts.size());
+  std::vector<float> scratch(static_cast<size_t>(rows * S));
+  for (int64_t t = 0; t < rows; ++t)
+    rules::route_token(cfg, in.logits.data() + t * E, in.use_bias ? in.bias.data() : nullptr,
+                       r.scores.data() + t * E, r.experts.data() + t * K, r.weights.data() + t * K,
+                       scratch.data() + t * S);
+  return r;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Largest |got - want| relative to the largest |want| of the case: the kernels' reductions are
+// in double, so what stays is the rounding to float (and, on the GPU, FMA contraction).
+double max_rel_error(const std::vector<float>& got, const std::vector<float>& want) {
+  double err = 0.0, scale = 0.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, std::abs(static_cast<double>(got[i]) - want[i]));
+    scale = std::max(scale, std::abs(static_cast<double>(want[i])));
+  }
+  return scale > 0.0 ? err / scale : err;
+}
+
+class RouterRules : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> cpu_ = make_cpu_backend(2);
+  std::mt19937 rng_{20240611};
+};
+
+TEST_F(RouterRules, RouteTopkIsTheCpusBitForBit) {
+  const int64_t rows = 16;
+  int64_t cases = 0, tokens = 0;
+  for (const RouterConfig& cfg : every_config(rng_))
+    for (Logits kind : {Logits::Normal, Logits::Ties, Logits::Extremes}) {
+      const Inputs in = make_inputs(cfg, rows, kind, rng_);
+      const Routing want = route_cpu(*cpu_, cfg, in, rows);
+      const Routing got = route_rules(cfg, in, rows);
+      SCOPED_TRACE(describe(cfg) + " logits kind " + std::to_string(static_cast<int>(kind)));
+      ASSERT_EQ(got.experts, want.experts);
+      ASSERT_TRUE(same_bits(got.scores, want.scores));
+      ASSERT_TRUE(same_bits(got.weights, want.weights));
+      ++cases;
+      tokens += rows;
+    }
+  std::printf("route_topk: %lld cases, %lld tokens, all bitwise equal\n",
+              static_cast<long long>(cases), static_cast<long long>(tokens));
+}
+
+// A routing of random logits and the plan the CPU builds from it.
+struct Routed {
+  Routing r;
+  DispatchPlan plan;
+};
+
+Routed route_and_plan(Backend& be, const RouterConfig& cfg, int64_t rows, Logits kind,
+                      std::mt19937& rng) {
+  Routed out;
+  out.r = route_cpu(be, cfg, make_inputs(cfg, rows, kind, rng), rows);
+  be.plan_dispatch(out.r.experts.data(), out.r.weights.data(), rows, cfg.top_k, cfg.num_experts,
+                   out.plan);
+  return out;
+}
+
+std::vector<float> normal_values(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+TEST_F(RouterRules, RouterBackwardIsTheCpus) {
+  const int64_t rows = 24;
+  int64_t cases = 0, bitwise = 0;
+  double worst = 0.0;
+  for (const RouterConfig& cfg : every_config(rng_))
+    for (Logits kind : {Logits::Normal, Logits::Ties})
+      for (bool with_extra : {false, true}) {
+        const int64_t E = cfg.num_experts;
+        const Routed in = route_and_plan(*cpu_, cfg, rows, kind, rng_);
+        const std::vector<float> dweight =
+            normal_values(static_cast<size_t>(in.plan.num_assignments()), rng_);
+        const std::vector<float> extra = normal_values(static_cast<size_t>(rows * E), rng_);
+        const float* ds_extra = with_extra ? extra.data() : nullptr;
+        // The layer passes normalize apart from the config (expert choice never renormalises);
+        // cover the mismatch too.
+        const bool normalize = cases % 4 == 3 ? !cfg.normalize : cfg.normalize;
+
+        std::vector<float> want(static_cast<size_t>(rows * E)), got(want.size());
+        cpu_->router_backward(cfg, normalize, in.r.scores.data(), in.plan, dweight.data(), ds_extra,
+                              want.data(), rows);
+        std::vector<float> scratch(static_cast<size_t>(rows * E));
+        const int64_t* to = in.plan.token_offsets.data();
+        for (int64_t t = 0; t < rows; ++t)
+          rules::router_backward_token(cfg, normalize, in.r.scores.data() + t * E, to[t], to[t + 1],
+                                       in.plan.token_assign.data(), in.plan.expert.data(),
+                                       dweight.data(), ds_extra ? ds_extra + t * E : nullptr,
+                                       scratch.data() + t * E, got.data() + t * E);
+        const double err = max_rel_error(got, want);
+        EXPECT_LE(err, 1e-6) << describe(cfg);
+        worst = std::max(worst, err);
+        bitwise += same_bits(got, want);
+        ++cases;
+      }
+  std::printf("router_backward: %lld cases, %lld bitwise equal, worst relative error %.3g\n",
+              static_cast<long long>(cases), static_cast<long long>(bitwise), worst);
+}
+
+// The auxiliary loss as the CUDA launcher runs it, kernel after kernel, each over all its items,
+// with partial P sums over chunks of `chunk` rows.
+struct AuxResult {
+  double loss = 0.0;
+  std::vector<float> ds;
+};
+
+AuxResult aux_rules(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                    int64_t rows, int64_t L, double alpha, int64_t chunk) {
+  const int E = static_cast<int>(cfg.num_experts), K = static_cast<int>(cfg.top_k);
+  const int64_t num_seq = rows / L, chunks = rules::aux_chunks(L, chunk);
+  std::vector<double> z(static_cast<size_t>(rows));
+  for (int64_t t = 0; t < rows; ++t) z[t] = rules::score_sum(scores + t * E, E);
+  std::vector<double> p_partial(static_cast<size_t>(num_seq * chunks * E));
+  for (int64_t i = 0; i < num_seq * chunks * E; ++i)
+    rules::aux_p_partial(scores, z.data(), i, L, chunk, chunks, E, p_partial.data());
+  std::vector<double> f_table(static_cast<size_t>(num_seq * E)), loss_part(f_table.size());
+  for (int64_t i = 0; i < num_seq * E; ++i)
+    rules::aux_stats(plan.expert_offsets.data(), plan.token.data(), p_partial.data(), i, num_seq, L,
+                     chunks, E, K, alpha, f_table.data(), loss_part.data());
+  AuxResult out;
+  for (double x : loss_part) out.loss += x;  // the backend's host_sum, in index order
+  out.ds.resize(static_cast<size_t>(rows * E));
+  for (int64_t t = 0; t < rows; ++t)
+    rules::aux_grad_token(scores + t * E, z[t], f_table.data() + (t / L) * E, L, num_seq, E, alpha,
+                          out.ds.data() + t * E);
+  return out;
+}
+
+// (sequences, rows per sequence): batch-wide (one sequence of every row) and sequence-wise
+// scopes, short and long, with L a multiple of some chunk sizes and not of others.
+constexpr std::pair<int64_t, int64_t> kScopes[] = {{1, 37}, {1, 300}, {1, 512}, {3, 1},
+                                                   {4, 5},  {2, 130}, {3, 128}};
+// Chunk sizes of the partial P sums: one row, odd, the kernels' 128, and more than any L.
+constexpr int64_t kChunks[] = {1, 3, 128, 1024};
+
+TEST_F(RouterRules, AuxLossIsTheCpus) {
+  const double alpha = 1e-2;
+  int64_t cases = 0;
+  double worst_loss = 0.0, worst_ds = 0.0;
+  const std::vector<RouterConfig> configs = every_config(rng_);
+  // Every fourth configuration keeps the run short; the loss does not depend on the group
+  // limits except through the routing.
+  for (size_t c = 0; c < configs.size(); c += 4) {
+    const RouterConfig& cfg = configs[c];
+    for (Logits kind : {Logits::Normal, Logits::Ties})
+      for (const auto& [num_seq, L] : kScopes) {
+        const int64_t rows = num_seq * L, E = cfg.num_experts;
+        const Routed in = route_and_plan(*cpu_, cfg, rows, kind, rng_);
+        std::vector<float> want_ds(static_cast<size_t>(rows * E));
+        const double want =
+            cpu_->aux_loss(cfg, in.r.scores.data(), in.plan, rows, L, alpha, want_ds.data());
+        for (int64_t chunk : kChunks) {
+          const AuxResult got = aux_rules(cfg, in.r.scores.data(), in.plan, rows, L, alpha, chunk);
+          const double loss_err = std::abs(got.loss - want) / std::abs(want);
+          const double ds_err = max_rel_error(got.ds, want_ds);
+          EXPECT_LE(loss_err, 1e-12)
+              << describe(cfg) << " L=" << L << " sequences=" << num_seq << " chunk=" << chunk;
+          EXPECT_LE(ds_err, 1e-6) << describe(cfg) << " L=" << L << " sequences=" << num_seq
+                                  << " chunk=" << chunk;
+          worst_loss = std::max(worst_loss, loss_err);
+          worst_ds = std::max(worst_ds, ds_err);
+          ++cases;
+        }
+      }
+  }
+  std::printf("aux_loss: %lld cases, worst relative error: loss %.3g, ds %.3g\n",
+              static_cast<long long>(cases), worst_loss, worst_ds);
+}
+
+// The count of (sequence, expert) from two binary searches in the expert-major plan, against a
+// count through the token-major view, as the CPU backend counts; and, for the whole batch, the
+// plan's own per-expert counts.
+TEST_F(RouterRules, AuxCountsAreExact) {
+  int64_t checked = 0;
+  const std::vector<RouterConfig> configs = every_config(rng_);
+  for (size_t c = 0; c < configs.size(); c += 4) {
+    const RouterConfig& cfg = configs[c];
+    const int E = static_cast<int>(cfg.num_experts);
+    for (Logits kind : {Logits::Normal, Logits::Ties})
+      for (const auto& [num_seq, L] : kScopes) {
+        const int64_t rows = num_seq * L;
+        const Routed in = route_and_plan(*cpu_, cfg, rows, kind, rng_);
+        const DispatchPlan& plan = in.plan;
+        const int64_t* to = plan.token_offsets.data();
+        for (int64_t q = 0; q < num_seq; ++q) {
+          std::vector<int64_t> want(static_cast<size_t>(E), 0);
+          for (int64_t t = q * L; t < (q + 1) * L; ++t)
+            for (int64_t j = to[t]; j < to[t + 1]; ++j)
+              ++want[plan.expert.data()[plan.token_assign.data()[j]]];
+          for (int e = 0; e < E; ++e) {
+            const int64_t got = rules::expert_tokens_in(plan.expert_offsets.data(),
+                                                        plan.token.data(), e, q * L, (q + 1) * L);
+            ASSERT_EQ(got, want[e]) << describe(cfg) << " L=" << L << " q=" << q << " e=" << e;
+            if (num_seq == 1) {
+              ASSERT_EQ(got, plan.count(e));
+            }
+            ++checked;
+          }
+        }
+      }
+  }
+  std::printf("aux counts: %lld (sequence, expert) counts exact\n",
+              static_cast<long long>(checked));
+}
+
+}  // namespace
+}  // namespace moert
