@@ -1,5 +1,7 @@
 #include "core/param_store.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace moert {
@@ -92,10 +94,16 @@ void ParamStore::upload(const Tensor& t) {
     if (e.f32_ptr) {
       be_.to_bf16(e.f32_ptr, e.bf16.data(), static_cast<int64_t>(n));
     } else {
-      // No fp32 copy on the device: convert through a temporary one.
-      Buffer<float> tmp(be_, n);
-      be_.upload(tmp.data(), t.data(), n * sizeof(float));
-      be_.to_bf16(tmp.data(), e.bf16.data(), static_cast<int64_t>(n));
+      // No fp32 copy on the device: convert through a temporary one, a slice at a time, so that
+      // loading never needs more than the bf16 weights plus one slice (a V3 layer's routed w1 is
+      // 15 GB in fp32).
+      constexpr size_t kSlice = size_t{16} << 20;  // floats: 64 MiB
+      Buffer<float> tmp(be_, std::min(n, kSlice));
+      for (size_t i = 0; i < n; i += kSlice) {
+        const size_t len = std::min(kSlice, n - i);
+        be_.upload(tmp.data(), t.data() + i, len * sizeof(float));
+        be_.to_bf16(tmp.data(), e.bf16.data() + i, static_cast<int64_t>(len));
+      }
     }
   }
 }
