@@ -7,10 +7,29 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "moert/moert.h"
+
+#define MOERT_PLUGIN_STR2(x) #x
+#define MOERT_PLUGIN_STR(x) MOERT_PLUGIN_STR2(x)
+
 namespace moert {
 class Backend;
 inline constexpr uint32_t kCudaPluginAbi = 2;
+// The library version a plugin must have been built with, "major.minor.patch".
+inline constexpr const char* kPluginLibraryVersion =
+    MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(
+        MOERT_VERSION_MINOR) "." MOERT_PLUGIN_STR(MOERT_VERSION_PATCH);
 }  // namespace moert
+
+// Defines a plugin's two identity functions (ABI number and library version) in the file that
+// defines its moert_cuda_plugin_create.
+#define MOERT_DEFINE_CUDA_PLUGIN_IDENTITY()                                                       \
+  extern "C" __attribute__((visibility("default"))) uint32_t moert_cuda_plugin_abi(void) {        \
+    return moert::kCudaPluginAbi;                                                                 \
+  }                                                                                               \
+  extern "C" __attribute__((visibility("default"))) const char* moert_cuda_plugin_version(void) { \
+    return moert::kPluginLibraryVersion;                                                          \
+  }
 
 extern "C" {
 // The plugin ABI number and the library version the plugin was built with.

@@ -15,11 +15,6 @@
 namespace moert {
 namespace {
 
-#define MOERT_STR2(x) #x
-#define MOERT_STR(x) MOERT_STR2(x)
-constexpr const char* kLibraryVersion = MOERT_STR(MOERT_VERSION_MAJOR) "." MOERT_STR(
-    MOERT_VERSION_MINOR) "." MOERT_STR(MOERT_VERSION_PATCH);
-
 // The directory libmoert itself was loaded from.
 std::string own_directory() {
   Dl_info info{};
@@ -63,9 +58,10 @@ std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& pl
     const auto abi = symbol<moert_cuda_plugin_abi_fn>(handle, "moert_cuda_plugin_abi", path);
     const auto version =
         symbol<moert_cuda_plugin_version_fn>(handle, "moert_cuda_plugin_version", path);
-    if (abi() != kCudaPluginAbi || std::strcmp(version(), kLibraryVersion) != 0)
+    if (abi() != kCudaPluginAbi || std::strcmp(version(), kPluginLibraryVersion) != 0)
       fail(Code::Unsupported, "CUDA plugin '", path, "' is version ", version(), " (plugin ABI ",
-           abi(), "); this library is ", kLibraryVersion, " (plugin ABI ", kCudaPluginAbi, ")");
+           abi(), "); this library is ", kPluginLibraryVersion, " (plugin ABI ", kCudaPluginAbi,
+           ")");
     p.create = symbol<moert_cuda_plugin_create_fn>(handle, "moert_cuda_plugin_create", path);
     p.loaded_path = path;
   } else if (!plugin_path.empty() && plugin_path != p.loaded_path) {

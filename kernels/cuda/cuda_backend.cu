@@ -538,19 +538,9 @@ class CudaBackend final : public Backend {
 }  // namespace
 }  // namespace moert::cuda
 
-#define MOERT_STR2(x) #x
-#define MOERT_STR(x) MOERT_STR2(x)
+MOERT_DEFINE_CUDA_PLUGIN_IDENTITY()
 
 extern "C" {
-
-__attribute__((visibility("default"))) uint32_t moert_cuda_plugin_abi(void) {
-  return moert::kCudaPluginAbi;
-}
-
-__attribute__((visibility("default"))) const char* moert_cuda_plugin_version(void) {
-  return MOERT_STR(MOERT_VERSION_MAJOR) "." MOERT_STR(MOERT_VERSION_MINOR) "." MOERT_STR(
-      MOERT_VERSION_PATCH);
-}
 
 __attribute__((visibility("default"))) moert::Backend* moert_cuda_plugin_create(
     int32_t device, int32_t* code, char* message, size_t message_len) {
