@@ -14,6 +14,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/kernels.h"
+#include "kernels/cuda/router_rules.h"
 #include "moert/moert.h"
 
 namespace moert::cuda {
@@ -177,8 +178,7 @@ class CudaBackend final : public Backend {
 
   void route_topk(const RouterConfig& cfg, const float* logits, const float* bias, int64_t rows,
                   float* scores, int32_t* experts, float* weights) override {
-    route_scratch_.resize(*this,
-                          static_cast<size_t>(rows) * (2 * cfg.num_experts + cfg.num_groups));
+    route_scratch_.resize(*this, static_cast<size_t>(rows * rules::route_scratch_floats(cfg)));
     cuda::route_topk(cfg, logits, bias, rows, scores, experts, weights, route_scratch_.data(),
                      stream_);
   }

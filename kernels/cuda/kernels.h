@@ -52,7 +52,7 @@ void sgd(float* p, const float* g, float* m, int64_t n, double lr, double moment
 
 // ---- Routing
 // One thread per token: scores, biased selection with group limits, top-k, weights.
-// scratch: rows * (2 E + G) floats.
+// scratch: rows * rules::route_scratch_floats(cfg) floats (router_rules.h).
 void route_topk(const RouterConfig& cfg, const float* logits, const float* bias, int64_t rows,
                 float* scores, int32_t* experts, float* weights, float* scratch, cudaStream_t s);
 // dlogits from the assignment weight gradients (token-major plan view) and ds_extra.
