@@ -9,8 +9,8 @@
 #include "core/backend.h"
 #include "core/error.h"
 #include "kernels/cpu/math.h"
-#include "kernels/cpu/router.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/router_rules.h"
 
 namespace moert {
 namespace {
@@ -119,11 +119,10 @@ class CpuBackend final : public Backend {
     pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned worker) {
       const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
       auto& s = scratch_[worker];
-      s.f.resize(static_cast<size_t>(cpu::route_scratch_floats(cfg)));
-      s.i.resize(static_cast<size_t>(cpu::route_scratch_ints(cfg)));
+      s.f.resize(static_cast<size_t>(rules::route_scratch_floats(cfg)));
       for (int64_t r = r0; r < r0 + n; ++r)
-        cpu::route_token(cfg, logits + r * E, bias, scores + r * E, experts + r * K,
-                         weights + r * K, s.f.data(), s.i.data());
+        rules::route_token(cfg, logits + r * E, bias, scores + r * E, experts + r * K,
+                           weights + r * K, s.f.data());
     });
   }
 
@@ -133,7 +132,7 @@ class CpuBackend final : public Backend {
     pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned) {
       const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
       for (int64_t r = r0; r < r0 + n; ++r)
-        cpu::router_scores(cfg.score, logits + r * E, scores + r * E, E);
+        rules::score_token(cfg.score, logits + r * E, scores + r * E, static_cast<int>(E));
     });
     capacity = std::min(capacity, rows);
     std::vector<std::vector<int64_t>> chosen(static_cast<size_t>(E));
@@ -401,29 +400,10 @@ class CpuBackend final : public Backend {
       const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
       auto& ds = scratch_[worker].f;
       ds.resize(static_cast<size_t>(E));
-      for (int64_t t = r0; t < r0 + n; ++t) {
-        const float* s = scores + t * E;
-        if (ds_extra)
-          std::copy(ds_extra + t * E, ds_extra + (t + 1) * E, ds.begin());
-        else
-          std::fill(ds.begin(), ds.end(), 0.0f);
-        const int64_t j0 = to[t], j1 = to[t + 1];
-        if (normalize) {
-          // w_k = c s_k / (S + 1e-20), S = sum of the selected scores.
-          double sum = 0.0, dot = 0.0;
-          for (int64_t j = j0; j < j1; ++j) sum += s[expert[ta[j]]];
-          const float denom = static_cast<float>(sum) + 1e-20f;
-          for (int64_t j = j0; j < j1; ++j)
-            dot += static_cast<double>(dweight[ta[j]]) * s[expert[ta[j]]];
-          const double c = cfg.scaling;
-          for (int64_t j = j0; j < j1; ++j)
-            ds[expert[ta[j]]] += static_cast<float>(c * dweight[ta[j]] / denom -
-                                                    c * dot / (static_cast<double>(denom) * denom));
-        } else {
-          for (int64_t j = j0; j < j1; ++j) ds[expert[ta[j]]] += cfg.scaling * dweight[ta[j]];
-        }
-        cpu::scores_backward(cfg.score, s, ds.data(), dlogits + t * E, E);
-      }
+      for (int64_t t = r0; t < r0 + n; ++t)
+        rules::router_backward_token(cfg, normalize, scores + t * E, to[t], to[t + 1], ta, expert,
+                                     dweight, ds_extra ? ds_extra + t * E : nullptr, ds.data(),
+                                     dlogits + t * E);
     });
   }
 
@@ -592,7 +572,6 @@ class CpuBackend final : public Backend {
 
   struct Scratch {
     std::vector<float> f;
-    std::vector<int32_t> i;
   };
 
   cpu::ThreadPool pool_;

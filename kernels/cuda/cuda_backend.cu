@@ -14,7 +14,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/kernels.h"
-#include "kernels/cuda/router_rules.h"
+#include "kernels/router_rules.h"
 #include "moert/moert.h"
 
 namespace moert::cuda {

@@ -3,7 +3,7 @@
 // auxiliary loss.
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/kernels.h"
-#include "kernels/cuda/router_rules.h"
+#include "kernels/router_rules.h"
 
 namespace moert::cuda {
 namespace {

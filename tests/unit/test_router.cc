@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "kernels/cpu/math.h"
-#include "kernels/cpu/router.h"
+#include "kernels/router_rules.h"
 
 namespace moert {
 namespace {
@@ -23,10 +23,9 @@ Routed route(const RouterConfig& cfg, const std::vector<float>& logits,
   r.experts.resize(cfg.top_k);
   r.weights.resize(cfg.top_k);
   r.scores.resize(cfg.num_experts);
-  std::vector<float> f(cpu::route_scratch_floats(cfg));
-  std::vector<int32_t> i(cpu::route_scratch_ints(cfg));
-  cpu::route_token(cfg, logits.data(), bias.empty() ? nullptr : bias.data(), r.scores.data(),
-                   r.experts.data(), r.weights.data(), f.data(), i.data());
+  std::vector<float> f(rules::route_scratch_floats(cfg));
+  rules::route_token(cfg, logits.data(), bias.empty() ? nullptr : bias.data(), r.scores.data(),
+                     r.experts.data(), r.weights.data(), f.data());
   return r;
 }
 
@@ -146,6 +145,38 @@ TEST(Router, NaNBiasRanksLast) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   auto r = route(cfg, {5.0f, 0.0f, -1.0f}, {nan, 0.0f, 0.0f});
   EXPECT_EQ(r.experts, (std::vector<int32_t>{1, 2}));
+}
+
+}  // namespace
+}  // namespace moert
+
+namespace moert {
+namespace {
+
+// A router GEMM can overflow to +-inf from finite inputs (a hidden value of 1e38 times a weight of
+// 10); the scores are then the limit, never NaN (issue: finite input, non-finite result).
+TEST(Router, SoftmaxTakesTheLimitAtInfiniteLogits) {
+  const float inf = std::numeric_limits<float>::infinity();
+  RouterConfig cfg = sigmoid_cfg(4, 2);
+  cfg.score = ScoreFunction::Softmax;
+  auto one = route(cfg, {inf, 1.0f, 0.5f, 0.0f});
+  EXPECT_EQ(one.scores, (std::vector<float>{1.0f, 0.0f, 0.0f, 0.0f}));
+  EXPECT_EQ(one.experts, (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(one.weights, (std::vector<float>{1.0f, 0.0f}));
+  auto two = route(cfg, {-inf, inf, 3.0f, inf});
+  EXPECT_EQ(two.scores, (std::vector<float>{0.0f, 0.5f, 0.0f, 0.5f}));
+  EXPECT_EQ(two.experts, (std::vector<int32_t>{1, 3}));
+  auto none = route(cfg, {-inf, -inf, -inf, -inf});
+  EXPECT_EQ(none.scores, (std::vector<float>{0.25f, 0.25f, 0.25f, 0.25f}));
+  auto finite_low = route(cfg, {-inf, 2.0f, -inf, 2.0f});
+  EXPECT_EQ(finite_low.scores, (std::vector<float>{0.0f, 0.5f, 0.0f, 0.5f}));
+}
+
+TEST(Router, SigmoidTakesTheLimitAtInfiniteLogits) {
+  const float inf = std::numeric_limits<float>::infinity();
+  auto r = route(sigmoid_cfg(3, 1), {inf, -inf, 0.0f});
+  EXPECT_EQ(r.scores, (std::vector<float>{1.0f, 0.0f, 0.5f}));
+  EXPECT_EQ(r.experts, (std::vector<int32_t>{0}));
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// The CUDA router's per-item rules (kernels/cuda/router_rules.h), run on the host item by item as
+// The CUDA router's per-item rules (kernels/router_rules.h), run on the host item by item as
 // the kernels' threads run them, against the CPU backend. The GPU code cannot run here; this holds
 // its logic to the CPU's: routing bit for bit, gradients and the auxiliary loss to rounding.
 #include <gtest/gtest.h>
@@ -15,12 +15,10 @@
 #include <vector>
 
 #include "core/backend.h"
-#include "kernels/cuda/router_rules.h"
+#include "kernels/router_rules.h"
 
 namespace moert {
 namespace {
-
-namespace rules = cuda::rules;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();

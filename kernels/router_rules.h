@@ -1,7 +1,8 @@
-// The per-item bodies of the CUDA router kernels (router.cu): one token, one (sequence, expert)
-// or one (sequence, chunk, expert) each. They live here, callable from the host too, so that the
-// GPU's routing rules can be checked against the CPU backend on a machine without a GPU
-// (tests/unit/test_router_rules.cc). This header needs no CUDA header on the host.
+// Routing, defined once (DESIGN.md section 2): the per-item bodies that the CPU backend calls for
+// every token and the CUDA router kernels (kernels/cuda/router.cu) run one thread per item — one
+// token, one (sequence, expert) or one (sequence, chunk, expert) each. Being shared, they hold the
+// two backends to the same selection bit for bit (tests/unit/test_router_rules.cc). This header
+// needs no CUDA header on the host.
 #pragma once
 
 #include <cmath>
@@ -15,7 +16,7 @@
 #define MOERT_HOST_DEVICE
 #endif
 
-namespace moert::cuda::rules {
+namespace moert::rules {
 
 // The device keeps CUDA's own math functions (what the kernels always called); the host takes the
 // std:: overloads for float, which are the CPU backend's, so that the host results can be compared
@@ -58,6 +59,45 @@ MOERT_HOST_DEVICE inline int64_t route_scratch_floats(const RouterConfig& cfg) {
   return 2 * static_cast<int64_t>(cfg.num_experts) + cfg.num_groups;
 }
 
+// Scores of one token, s [E], from its logits z [E]: sigmoid, or softmax. Both take the limit at
+// infinite logits (an overflowed router GEMM) rather than producing NaN: sigmoid(+-inf) is 1 or
+// 0; a softmax with +inf logits shares the whole mass equally among them, and one whose logits are
+// all -inf is uniform. A NaN logit gives NaN scores (the session refuses NaN logits first when it
+// checks values).
+MOERT_HOST_DEVICE inline void score_token(ScoreFunction fn, const float* z, float* s, int E) {
+  if (fn == ScoreFunction::Sigmoid) {
+    for (int e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + exp_f(-z[e]));
+    return;
+  }
+  float mx = -INFINITY;
+  for (int e = 0; e < E; ++e) mx = max_f(mx, z[e]);
+  if (mx == INFINITY || mx == -INFINITY) {
+    // exp(z - mx) would be inf - inf = NaN at the maximum: the limit, directly.
+    int n = 0;
+    for (int e = 0; e < E; ++e) n += z[e] == mx ? 1 : 0;
+    for (int e = 0; e < E; ++e) s[e] = z[e] == mx ? 1.0f / static_cast<float>(n) : 0.0f;
+    return;
+  }
+  float sum = 0.0f;
+  for (int e = 0; e < E; ++e) {
+    s[e] = exp_f(z[e] - mx);
+    sum += s[e];
+  }
+  for (int e = 0; e < E; ++e) s[e] /= sum;
+}
+
+// Gradient of one token's logits dl [E] from the gradient ds [E] of its scores s [E].
+MOERT_HOST_DEVICE inline void scores_backward_token(ScoreFunction fn, const float* s,
+                                                    const float* ds, float* dl, int E) {
+  if (fn == ScoreFunction::Sigmoid) {
+    for (int e = 0; e < E; ++e) dl[e] = ds[e] * s[e] * (1.0f - s[e]);
+    return;
+  }
+  double dot = 0.0;
+  for (int e = 0; e < E; ++e) dot += double{ds[e]} * s[e];
+  for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(s[e] * (ds[e] - dot));
+}
+
 // Routes one token (DESIGN.md section 1). z: its logits [E]; bias [E] or null; s (out): its
 // scores [E]; experts, weights (out): [top_k]; scratch: route_scratch_floats(cfg).
 MOERT_HOST_DEVICE inline void route_token(const RouterConfig& cfg, const float* z,
@@ -69,18 +109,7 @@ MOERT_HOST_DEVICE inline void route_token(const RouterConfig& cfg, const float* 
   float* gscore = biased + E;
   unsigned char* taken = reinterpret_cast<unsigned char*>(gscore + G);  // E + G bytes <= E floats
 
-  if (cfg.score == ScoreFunction::Sigmoid) {
-    for (int e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + exp_f(-z[e]));
-  } else {
-    float mx = -INFINITY;
-    for (int e = 0; e < E; ++e) mx = max_f(mx, z[e]);
-    float sum = 0.0f;
-    for (int e = 0; e < E; ++e) {
-      s[e] = exp_f(z[e] - mx);
-      sum += s[e];
-    }
-    for (int e = 0; e < E; ++e) s[e] /= sum;
-  }
+  score_token(cfg.score, z, s, E);
   for (int e = 0; e < E; ++e) {
     float b = s[e] + (bias ? bias[e] : 0.0f);
     if (is_nan(b)) b = -INFINITY;  // ranks below every real score
@@ -155,13 +184,7 @@ MOERT_HOST_DEVICE inline void router_backward_token(const RouterConfig& cfg, boo
       ds[expert[a]] += cfg.scaling * dweight[a];
     }
   }
-  if (cfg.score == ScoreFunction::Sigmoid) {
-    for (int e = 0; e < E; ++e) dl[e] = ds[e] * s[e] * (1.0f - s[e]);
-  } else {
-    double dot = 0.0;
-    for (int e = 0; e < E; ++e) dot += double{ds[e]} * s[e];
-    for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(s[e] * (ds[e] - dot));
-  }
+  scores_backward_token(cfg.score, s, ds, dl, E);
 }
 
 // ---- The sequence-wise auxiliary loss, over sequences of L rows.
@@ -243,4 +266,4 @@ MOERT_HOST_DEVICE inline void aux_grad_token(const float* s, double z, const dou
   for (int e = 0; e < E; ++e) ds[e] = static_cast<float>((c * f[e] - dot) / z);
 }
 
-}  // namespace moert::cuda::rules
+}  // namespace moert::rules
