@@ -258,7 +258,7 @@ Measured measure_moe(Backend& be, int64_t tokens, int64_t experts, bool backward
   store.adopt(s.shared_w1, {}, experts_bf16(be, 1, per, in_scale, rng), grad(per));
   store.adopt(s.shared_w3, {}, experts_bf16(be, 1, per, in_scale, rng), grad(per));
   store.adopt(s.shared_w2, {}, experts_bf16(be, 1, per, hid_scale, rng), grad(per));
-  MoELayer layer(s, store, 0);
+  MoELayer layer(s, store);
 
   Buffer<float> x = upload(be, randn(tokens * kDim, 1.0f, rng));
   Buffer<float> y(be, static_cast<size_t>(tokens * kDim)),

@@ -159,15 +159,33 @@ class Backend : public Allocator {
                                const DispatchPlan& plan, const float* dweight,
                                const float* ds_extra, float* dlogits, int64_t rows) = 0;
 
-  // The (sequence-wise) auxiliary balancing loss over sequences of `seq_len` rows: returns
-  // alpha * mean over sequences of sum_i f_i P_i, with f_i = E / (K L) * the sequence's tokens
-  // sent to i and P_i the sequence's mean of s_i / sum_j s_j; ds [rows, E] receives its gradient
-  // with respect to the scores (f carries none).
-  virtual double aux_loss(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
-                          int64_t rows, int64_t seq_len, double alpha, float* ds) = 0;
+  // Statistics of the auxiliary balancing losses, per chunk of rows: chunk c is rows
+  // [chunk_offsets[c], chunk_offsets[c + 1]) (host array, ascending). For
+  // every chunk and expert e, counts[c * E + e] = the chunk's tokens routed to e, and
+  // psum[c * E + e] = the sum over the chunk's tokens, in row order and in double, of
+  // s[t, e] / z[t] with z[t] = sum_j s[t, j] (a token whose scores are all 0 adds 0). counts and
+  // psum are host arrays of chunks * E. The caller folds chunks into sequences (core/aux_loss.h),
+  // so that a sequence split between calls — or processes — gives the same statistics.
+  virtual void aux_partials(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                            const int64_t* chunk_offsets, int64_t chunks, int64_t* counts,
+                            double* psum) = 0;
+
+  // Gradient ds [rows, E] of an auxiliary loss sum_q sum_e coef[q, e] sum_{t in q} s[t, e] / z[t]
+  // with respect to the scores (coef holds the loss's derivative through P, f carrying none):
+  // sequence q is rows [seq_offsets[q], seq_offsets[q + 1]); rows outside every sequence get 0.
+  // seq_offsets (num_seq + 1) and coef (num_seq * E) are host arrays.
+  virtual void aux_grad(const RouterConfig& cfg, const float* scores, int64_t rows,
+                        const int64_t* seq_offsets, int64_t num_seq, const double* coef,
+                        float* ds) = 0;
+
+  // Index of the first NaN or infinity among x[0 .. n), or -1 when all are finite (the session's
+  // value checks, DESIGN.md section 3: a result is checked, not only the inputs).
+  virtual int64_t find_nonfinite(const float* x, int64_t n) = 0;
 
   // Softmax cross-entropy over `rows` rows of logits with one target each. Returns the summed
-  // loss (in double); dlogits (optional) = scale * (softmax - onehot).
+  // loss (in double); dlogits (optional) = scale * (softmax - onehot). A row whose target is
+  // negative (an ignored target, MOERT_IGNORE_TARGET, or padding) adds no loss and gets a zero
+  // gradient.
   virtual double cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
                                int64_t vocab, float* dlogits, float scale) = 0;
 

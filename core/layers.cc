@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/aux_loss.h"
 #include "core/error.h"
 
 namespace moert {
@@ -93,8 +94,7 @@ double max_violation(const std::vector<int64_t>& counts) {
   return (static_cast<double>(mx) - mean) / mean;
 }
 
-MoELayer::MoELayer(const MoESpec& s, ParamStore& p, int64_t sequence_length)
-    : s_(s), p_(p), sequence_length_(sequence_length) {
+MoELayer::MoELayer(const MoESpec& s, ParamStore& p) : s_(s), p_(p) {
   const size_t E = s.router.num_experts;
   counts_.last.assign(E, 0);
   counts_.step.assign(E, 0);
@@ -183,14 +183,20 @@ void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass
   aux_loss_ = 0.0;
   if (train && uses_aux_loss()) {
     // The whole batch is one sequence for AuxLoss (the Switch form), and for SequenceAuxLoss
-    // without a sequence length.
-    const int64_t L =
-        s_.balancing.policy == BalancingPolicy::SequenceAuxLoss && sequence_length_ > 0
-            ? sequence_length_
-            : rows;
+    // without sequences.
+    const bool per_sequence =
+        s_.balancing.policy == BalancingPolicy::SequenceAuxLoss && sequences_ != nullptr;
+    const AuxChunks chunks = aux_chunks(per_sequence ? *sequences_ : std::vector<int64_t>{0, rows});
+    std::vector<int64_t> counts(static_cast<size_t>(chunks.chunks() * E));
+    std::vector<double> psum(counts.size());
+    be.aux_partials(r, scores_.data(), plan_, chunks.chunk_offsets.data(), chunks.chunks(),
+                    counts.data(), psum.data());
+    const AuxTerms t =
+        aux_terms(chunks, counts.data(), psum.data(), E, r.top_k, s_.balancing.aux_alpha);
     aux_ds_.resize(be, static_cast<size_t>(rows * E));
-    aux_loss_ =
-        be.aux_loss(r, scores_.data(), plan_, rows, L, s_.balancing.aux_alpha, aux_ds_.data());
+    be.aux_grad(r, scores_.data(), rows, chunks.seq_offsets.data(), chunks.num_seq(), t.coef.data(),
+                aux_ds_.data());
+    aux_loss_ = t.loss;
   }
 }
 
@@ -235,21 +241,25 @@ void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
                      p_.grad(s_.gate), nullptr, rows, D, E);
 }
 
+void MoELayer::skip_pass() {
+  std::fill(pending_.begin(), pending_.end(), 0);
+  aux_loss_ = 0.0;
+}
+
 void MoELayer::commit_stats(Pass pass) {
   counts_.last = pending_;
   auto& into = pass == Pass::Train ? counts_.step : counts_.eval;
   for (size_t e = 0; e < pending_.size(); ++e) into[e] += pending_[e];
 }
 
-std::unique_ptr<Layer> make_layer(const LayerSpec& spec, ParamStore& params,
-                                  int64_t sequence_length) {
+std::unique_ptr<Layer> make_layer(const LayerSpec& spec, ParamStore& params) {
   switch (spec.kind) {
     case LayerKind::Embedding:
       return std::make_unique<EmbeddingLayer>(std::get<EmbeddingSpec>(spec.spec), params);
     case LayerKind::RMSNorm:
       return std::make_unique<RMSNormLayer>(std::get<RMSNormSpec>(spec.spec), params);
     case LayerKind::MoE:
-      return std::make_unique<MoELayer>(std::get<MoESpec>(spec.spec), params, sequence_length);
+      return std::make_unique<MoELayer>(std::get<MoESpec>(spec.spec), params);
     case LayerKind::DenseFFN:
       return std::make_unique<DenseFFNLayer>(std::get<DenseFFNSpec>(spec.spec), params);
     case LayerKind::OutputHead:

@@ -30,6 +30,8 @@ class Layer {
   virtual double aux_loss() const { return 0.0; }
   // Makes the statistics of the last successful forward pass visible (MoE layers).
   virtual void commit_stats(Pass) {}
+  // The pass had no rows (all padding): the layer did not run, and its statistics say so.
+  virtual void skip_pass() {}
   // How many items a pass over `rows` rows addresses by 32-bit index (token positions, token-expert
   // assignments); the session refuses row counts that would take it past 2^31 - 1.
   virtual int64_t indexed_items(int64_t rows) const { return rows; }
@@ -100,13 +102,16 @@ double max_violation(const std::vector<int64_t>& counts);
 
 class MoELayer final : public Layer {
  public:
-  // `sequence_length` groups rows into sequences for the sequence-wise auxiliary loss (0: the
-  // whole batch is one sequence).
-  MoELayer(const MoESpec& s, ParamStore& p, int64_t sequence_length);
+  MoELayer(const MoESpec& s, ParamStore& p);
+  // The sequences of the next forward passes' rows, [num_seq + 1] contiguous offsets from 0, for
+  // the sequence-wise auxiliary loss; null (the default): the whole batch is one sequence. The
+  // vector must outlive those passes.
+  void set_sequences(const std::vector<int64_t>* offsets) { sequences_ = offsets; }
   void forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) override;
   void backward(Backend& be, const float* dy, float* dx, int64_t rows) override;
   double aux_loss() const override { return aux_loss_; }
   void commit_stats(Pass pass) override;
+  void skip_pass() override;
   int64_t indexed_items(int64_t rows) const override;
 
   const ExpertCounts& counts() const { return counts_; }
@@ -119,7 +124,7 @@ class MoELayer final : public Layer {
 
   const MoESpec& s_;
   ParamStore& p_;
-  int64_t sequence_length_;
+  const std::vector<int64_t>* sequences_ = nullptr;
   const float* x_ = nullptr;
   Buffer<float> logits_, scores_, weights_, x_perm_, y_perm_, h1_, h3_, aux_ds_;
   Buffer<float> dy_perm_, dweight_, dx_perm_, dlogits_, scratch_;
@@ -132,7 +137,6 @@ class MoELayer final : public Layer {
 };
 
 // Builds the runtime layer for a layer description of the session's parameters.
-std::unique_ptr<Layer> make_layer(const LayerSpec& spec, ParamStore& params,
-                                  int64_t sequence_length);
+std::unique_ptr<Layer> make_layer(const LayerSpec& spec, ParamStore& params);
 
 }  // namespace moert

@@ -47,6 +47,23 @@ void check_len(uint64_t len, int64_t want, const char* what) {
     fail(Code::InvalidArgument, what, " buffer holds ", len, " values but ", want, " are needed");
 }
 
+// A token-choice router with top_k = 1 and renormalised weights gives every token the weight
+// routed_scaling_factor whatever its scores: the gate weights are constant, the router's gradient
+// from the task is zero and it cannot learn. Training such a model would silently train everything
+// but the router.
+void refuse_untrainable_routers(const Model& model) {
+  for (size_t i = 0; i < model.layers.size(); ++i) {
+    const auto* m = std::get_if<MoESpec>(&model.layers[i].spec);
+    if (m && m->balancing.policy != BalancingPolicy::ExpertChoice && m->router.top_k == 1 &&
+        m->router.normalize)
+      fail(Code::InvalidArgument, "layer ", i, " ('", model.layers[i].name,
+           "', MoE) cannot be trained: with top_k = 1 and normalize_weights, every gate weight is "
+           "the constant routed_scaling_factor, so the router would get no gradient from the loss "
+           "and never learn; train it with normalize_weights false or top_k > 1 (inference "
+           "accepts this model)");
+  }
+}
+
 }  // namespace
 
 double TrainingConfig::lr_at(uint64_t step) const {
@@ -105,7 +122,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
                  ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
                  : make_cpu_backend(options_.threads);
   const ActiveDevice device(*backend_);
-  const int64_t seq = options_.training.sequence_length;
+  if (training()) refuse_untrainable_routers(*model_);
   if (training()) {
     // The session trains its own copy; gradients mirror its layout.
     params_ = std::make_unique<Model>(*model_);
@@ -132,7 +149,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
   for (size_t i = 0; i < p.layers.size(); ++i) {
     if (const auto* m = std::get_if<MoESpec>(&p.layers[i].spec))
       balance_[i] = {m->balancing.bias_update_rate, m->balancing.bias_frozen};
-    layers_.push_back(make_layer(p.layers[i], *store_, seq));
+    layers_.push_back(make_layer(p.layers[i], *store_));
   }
   activations_.resize(layers_.size());
 }
@@ -147,7 +164,9 @@ void Session::require_backward_ready() const {
   require_training("backward");
   if (!pending_backward_)
     fail(Code::InvalidState,
-         "backward needs a training-mode forward pass first (and only one backward per forward)");
+         "backward needs the last forward pass to be a training-mode pass with no backward yet: "
+         "one backward per forward, and an eval-mode pass, zero_grad, a checkpoint load or a "
+         "failed forward since then discards it");
 }
 
 Pass Session::next_pass() const { return training() && !eval_ ? Pass::Train : Pass::Eval; }
@@ -175,89 +194,207 @@ int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
   return static_cast<int64_t>(rows);
 }
 
-void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows, float* out,
-                             uint64_t out_len) {
+void Session::begin_pass(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len) {
+  batch_rows_ = static_cast<int64_t>(rows);
+  masked_ = row_mask != nullptr;
+  valid_.clear();
+  if (masked_) {
+    check_len(mask_len, batch_rows_, "row mask");
+    for (int64_t r = 0; r < batch_rows_; ++r)
+      if (row_mask[r]) valid_.push_back(r);
+    // A mask without padding is the unmasked pass.
+    if (static_cast<int64_t>(valid_.size()) == batch_rows_) masked_ = false;
+  }
+  const int64_t n = masked_ ? static_cast<int64_t>(valid_.size()) : batch_rows_;
+  // Sequences of the sequence-wise auxiliary loss, over the rows that take part: each keeps its
+  // valid rows, in order, so a padded position leaves its sequence shorter.
+  sequences_.clear();
+  const int64_t L = options_.training.sequence_length;
+  if (training() && L > 0) {
+    sequences_.push_back(0);
+    size_t v = 0;
+    for (int64_t q = 0; q < batch_rows_ / L; ++q) {
+      int64_t end = (q + 1) * L;
+      if (masked_)
+        while (v < valid_.size() && valid_[v] < end) ++v;
+      sequences_.push_back(masked_ ? static_cast<int64_t>(v) : end);
+    }
+  }
+  for (auto& l : layers_)
+    if (auto* m = dynamic_cast<MoELayer*>(l.get())) m->set_sequences(L > 0 ? &sequences_ : nullptr);
+  last_rows_ = n;
+}
+
+int64_t Session::caller_row(int64_t row) const {
+  return masked_ ? valid_[static_cast<size_t>(row)] : row;
+}
+
+template <typename T>
+const T* Session::gather_rows(const T* src, int64_t width, std::vector<T>& staging) const {
+  if (!masked_) return src;
+  staging.resize(valid_.size() * static_cast<size_t>(width));
+  for (size_t i = 0; i < valid_.size(); ++i)
+    std::copy(src + valid_[i] * width, src + (valid_[i] + 1) * width,
+              staging.begin() + static_cast<int64_t>(i) * width);
+  return staging.data();
+}
+
+void Session::deliver_rows(const float* src, int64_t width, float* out) {
+  const size_t row_bytes = sizeof(float) * static_cast<size_t>(width);
+  if (!masked_) {
+    backend_->download(out, src, row_bytes * static_cast<size_t>(last_rows_));
+    return;
+  }
+  // Padding rows are zero; the others come back in the caller's order.
+  std::vector<float> host(valid_.size() * static_cast<size_t>(width));
+  if (!host.empty()) backend_->download(host.data(), src, host.size() * sizeof(float));
+  std::fill(out, out + batch_rows_ * width, 0.0f);
+  for (size_t i = 0; i < valid_.size(); ++i)
+    std::copy(host.begin() + static_cast<int64_t>(i) * width,
+              host.begin() + static_cast<int64_t>(i + 1) * width, out + valid_[i] * width);
+}
+
+void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const uint8_t* row_mask,
+                             uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len) {
   if (!model_->token_input)
     fail(Code::InvalidArgument,
          "this model takes hidden states (its first layer is not an "
          "Embedding): use forward_hidden");
   if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
   if (!out) fail(Code::InvalidArgument, "out is NULL");
-  const int64_t n = check_rows(rows, out_len);
-  if (num_tokens != rows * model_->input_width)
+  check_rows(rows, out_len);
+  const uint64_t width = model_->input_width;
+  if (num_tokens != rows * width)
     fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
-         model_->input_width, " tokens need ", rows * model_->input_width);
-  const auto& emb = std::get<EmbeddingSpec>(model_->layers[0].spec);
-  for (uint64_t i = 0; i < num_tokens; ++i)
-    if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= emb.vocab_size)
-      fail(Code::InvalidArgument, "token id ", tokens[i], " at position ", i,
-           " is outside the vocabulary [0, ", emb.vocab_size, ")");
+         width, " tokens need ", rows * width);
   const Pass pass = next_pass();
   pending_backward_ = false;
-  tokens_.resize(*backend_, num_tokens);
-  backend_->upload(tokens_.data(), tokens, num_tokens * sizeof(int32_t));
+  begin_pass(rows, row_mask, mask_len);
+  // Padding rows may hold anything (a pad id outside the vocabulary, say): only the rows that
+  // take part are checked and used.
+  const auto& emb = std::get<EmbeddingSpec>(model_->layers[0].spec);
+  for (int64_t i = 0; i < last_rows_; ++i)
+    for (uint64_t c = 0; c < width; ++c) {
+      const int32_t id = tokens[static_cast<uint64_t>(caller_row(i)) * width + c];
+      if (id < 0 || static_cast<uint32_t>(id) >= emb.vocab_size)
+        fail(Code::InvalidArgument, "token id ", id, " at row ", caller_row(i), ", column ", c,
+             " is outside the vocabulary [0, ", emb.vocab_size, ")");
+    }
+  std::vector<int32_t> staging;
+  const int32_t* ids = gather_rows(tokens, static_cast<int64_t>(width), staging);
+  const size_t n_ids = static_cast<size_t>(last_rows_) * width;
+  tokens_.resize(*backend_, n_ids);
+  if (n_ids) backend_->upload(tokens_.data(), ids, n_ids * sizeof(int32_t));
+  if (last_rows_ == 0) return finish_empty_pass(out, pass);
   auto& a0 = activations_[0];
-  a0.resize(*backend_, static_cast<size_t>(n) * model_->layers[0].out_width);
+  a0.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[0].out_width);
   static_cast<EmbeddingLayer&>(*layers_[0])
-      .forward_tokens(*backend_, tokens_.data(), a0.data(), n, pass);
-  run_from(1, a0.data(), n, out, pass);
+      .forward_tokens(*backend_, tokens_.data(), a0.data(), last_rows_, pass);
+  check_output(0, a0.data());
+  run_from(1, a0.data(), out, pass);
 }
 
-void Session::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, float* out,
-                             uint64_t out_len) {
+void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* row_mask,
+                             uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len) {
   if (model_->token_input)
     fail(Code::InvalidArgument,
          "this model takes token ids (its first layer is an Embedding): "
          "use forward_tokens");
   if (!in) fail(Code::InvalidArgument, "in is NULL");
   if (!out) fail(Code::InvalidArgument, "out is NULL");
-  const int64_t n = check_rows(rows, out_len);
-  if (in_len != rows * model_->input_width)
+  check_rows(rows, out_len);
+  const uint64_t width = model_->input_width;
+  if (in_len != rows * width)
     fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
-         " rows of width ", model_->input_width, " need ", rows * model_->input_width);
-  if (options_.check_finite)
-    for (uint64_t i = 0; i < in_len; ++i)
-      if (!std::isfinite(in[i]))
-        fail(Code::Numeric, "input holds a NaN or infinity at row ", i / model_->input_width,
-             ", column ", i % model_->input_width);
+         " rows of width ", width, " need ", rows * width);
   const Pass pass = next_pass();
   pending_backward_ = false;
+  begin_pass(rows, row_mask, mask_len);
+  if (options_.check_finite)
+    for (int64_t i = 0; i < last_rows_; ++i)
+      for (uint64_t c = 0; c < width; ++c)
+        if (!std::isfinite(in[static_cast<uint64_t>(caller_row(i)) * width + c]))
+          fail(Code::Numeric, "input holds a NaN or infinity at row ", caller_row(i), ", column ",
+               c);
+  std::vector<float> staging;
+  const float* x = gather_rows(in, static_cast<int64_t>(width), staging);
   // The caller's buffer is not ours to keep (backward reads the input again).
-  input_.resize(*backend_, in_len);
-  backend_->upload(input_.data(), in, in_len * sizeof(float));
-  run_from(0, input_.data(), n, out, pass);
+  const size_t n = static_cast<size_t>(last_rows_) * width;
+  input_.resize(*backend_, n);
+  if (n) backend_->upload(input_.data(), x, n * sizeof(float));
+  if (last_rows_ == 0) return finish_empty_pass(out, pass);
+  run_from(0, input_.data(), out, pass);
 }
 
-void Session::run_from(size_t first_layer, const float* x, int64_t rows, float* out, Pass pass) {
+void Session::check_output(size_t layer, const float* y) const {
+  if (!options_.check_finite) return;
+  const int64_t width = model_->layers[layer].out_width;
+  const int64_t bad = backend_->find_nonfinite(y, last_rows_ * width);
+  if (bad >= 0)
+    fail(Code::Numeric, "layer ", layer, " ('", model_->layers[layer].name, "', ",
+         layer_kind_name(model_->layers[layer].kind),
+         "): its output holds a NaN or infinity at row ", caller_row(bad / width), ", column ",
+         bad % width, " although its inputs are finite: a value exceeded the fp32 range");
+}
+
+void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass) {
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
-    act.resize(*backend_, static_cast<size_t>(rows) * model_->layers[i].out_width);
-    layers_[i]->forward(*backend_, x, act.data(), rows, pass);
+    act.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[i].out_width);
+    layers_[i]->forward(*backend_, x, act.data(), last_rows_, pass);
+    check_output(i, act.data());
     x = act.data();
   }
-  backend_->download(out, x, sizeof(float) * static_cast<size_t>(rows) * model_->output_width);
+  deliver_rows(x, model_->output_width, out);
+  // Statistics become visible only now that nothing can fail: a refused pass counts nothing.
   for (auto& l : layers_) l->commit_stats(pass);
-  last_rows_ = rows;
+  pending_backward_ = pass == Pass::Train;
+}
+
+void Session::finish_empty_pass(float* out, Pass pass) {
+  std::fill(out, out + batch_rows_ * static_cast<int64_t>(model_->output_width), 0.0f);
+  for (auto& l : layers_) {
+    l->skip_pass();
+    l->commit_stats(pass);
+  }
   pending_backward_ = pass == Pass::Train;
 }
 
 // dy_ holds the gradient of the outputs; grad_in (backend memory) receives the input's, if asked.
+// Once it has begun, a failure leaves part of this micro-batch's gradient accumulated: the step is
+// then refused until zero_grad discards it.
 double Session::run_backward(float* grad_in) {
   const int64_t rows = last_rows_;
   double aux = 0.0;
-  for (size_t i = layers_.size(); i-- > 0;) {
-    aux += layers_[i]->aux_loss();
-    float* target = grad_in;  // the first layer's dx: null when nobody needs it
-    if (i > 0) {
-      dx_.resize(*backend_, static_cast<size_t>(rows) * model_->layers[i].in_width);
-      target = dx_.data();
+  try {
+    for (size_t i = layers_.size(); rows > 0 && i-- > 0;) {
+      aux += layers_[i]->aux_loss();
+      float* target = grad_in;  // the first layer's dx: null when nobody needs it
+      if (i > 0) {
+        dx_.resize(*backend_, static_cast<size_t>(rows) * model_->layers[i].in_width);
+        target = dx_.data();
+      }
+      layers_[i]->backward(*backend_, dy_.data(), target, rows);
+      if (i > 0) std::swap(dy_, dx_);
     }
-    layers_[i]->backward(*backend_, dy_.data(), target, rows);
-    if (i > 0) std::swap(dy_, dx_);
+  } catch (const Error& e) {
+    poison_step(e.code(), e.what());
+    throw;
+  } catch (const std::bad_alloc&) {
+    poison_step(Code::OutOfMemory, "out of memory");
+    throw;
   }
   ++micro_batches_;
   pending_backward_ = false;
   return aux;
+}
+
+void Session::poison_step(Code code, const std::string& why) {
+  pending_backward_ = false;
+  if (poisoned_.empty()) {
+    poisoned_code_ = code;
+    poisoned_ = why;
+  }
 }
 
 double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
@@ -267,19 +404,34 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
     fail(Code::InvalidState,
          "backward with targets needs an OutputHead as the last layer; use "
          "moert_session_backward with the output gradient instead");
-  check_len(num_targets, last_rows_, "targets");
+  check_len(num_targets, batch_rows_, "targets");
   const uint32_t vocab = model_->output_width;
-  for (uint64_t i = 0; i < num_targets; ++i)
-    if (targets[i] < 0 || static_cast<uint32_t>(targets[i]) >= vocab)
-      fail(Code::InvalidArgument, "target ", targets[i], " at row ", i,
-           " is outside the vocabulary [0, ", vocab, ")");
+  // The loss is the mean over the rows that take part and whose target is not ignored.
+  std::vector<int32_t> compact(static_cast<size_t>(last_rows_));
+  int64_t counted = 0;
+  for (int64_t i = 0; i < last_rows_; ++i) {
+    const int32_t t = targets[caller_row(i)];
+    if (t == kIgnoreTarget) {
+      compact[static_cast<size_t>(i)] = -1;
+      continue;
+    }
+    if (t < 0 || static_cast<uint32_t>(t) >= vocab)
+      fail(Code::InvalidArgument, "target ", t, " at row ", caller_row(i),
+           " is outside the vocabulary [0, ", vocab, ") and is not the ignored target ",
+           kIgnoreTarget);
+    compact[static_cast<size_t>(i)] = t;
+    ++counted;
+  }
   const auto& logits = activations_.back();
-  targets_.resize(*backend_, num_targets);
-  backend_->upload(targets_.data(), targets, num_targets * sizeof(int32_t));
-  dy_.resize(*backend_, logits.size());
-  const double inv_rows = 1.0 / static_cast<double>(last_rows_);
-  const double ce = backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab,
-                                            dy_.data(), static_cast<float>(inv_rows));
+  const double inv_rows = counted > 0 ? 1.0 / static_cast<double>(counted) : 0.0;
+  double ce = 0.0;
+  if (last_rows_ > 0) {
+    targets_.resize(*backend_, compact.size());
+    backend_->upload(targets_.data(), compact.data(), compact.size() * sizeof(int32_t));
+    dy_.resize(*backend_, static_cast<size_t>(last_rows_) * vocab);
+    ce = backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab, dy_.data(),
+                                 static_cast<float>(inv_rows));
+  }
   return ce * inv_rows + run_backward(nullptr);
 }
 
@@ -287,22 +439,42 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
                          uint64_t grad_in_len) {
   require_backward_ready();
   if (!grad_out) fail(Code::InvalidArgument, "grad_out is NULL");
-  check_len(grad_out_len, last_rows_ * model_->output_width, "grad_out");
+  const int64_t out_w = model_->output_width, in_w = model_->input_width;
+  check_len(grad_out_len, batch_rows_ * out_w, "grad_out");
   if (grad_in) {
     if (model_->token_input)
       fail(Code::InvalidArgument, "grad_in must be NULL for a model that takes token ids");
-    check_len(grad_in_len, last_rows_ * model_->input_width, "grad_in");
+    check_len(grad_in_len, batch_rows_ * in_w, "grad_in");
   }
   if (options_.check_finite)
-    for (uint64_t i = 0; i < grad_out_len; ++i)
-      if (!std::isfinite(grad_out[i]))
-        fail(Code::Numeric, "grad_out holds a NaN or infinity at element ", i);
-  dy_.resize(*backend_, grad_out_len);
-  backend_->upload(dy_.data(), grad_out, grad_out_len * sizeof(float));
+    for (int64_t i = 0; i < last_rows_; ++i)
+      for (int64_t c = 0; c < out_w; ++c)
+        if (!std::isfinite(grad_out[caller_row(i) * out_w + c]))
+          fail(Code::Numeric, "grad_out holds a NaN or infinity at row ", caller_row(i),
+               ", column ", c);
+  std::vector<float> staging;
+  const float* g = gather_rows(grad_out, out_w, staging);
+  const size_t n = static_cast<size_t>(last_rows_ * out_w);
+  dy_.resize(*backend_, n);
+  if (n) backend_->upload(dy_.data(), g, n * sizeof(float));
   Buffer<float> gin;
-  if (grad_in) gin.resize(*backend_, grad_in_len);
+  if (grad_in) gin.resize(*backend_, static_cast<size_t>(last_rows_ * in_w));
   const double aux = run_backward(grad_in ? gin.data() : nullptr);
-  if (grad_in) backend_->download(grad_in, gin.data(), grad_in_len * sizeof(float));
+  if (grad_in) {
+    if (options_.check_finite) {
+      const int64_t bad =
+          last_rows_ > 0 ? backend_->find_nonfinite(gin.data(), last_rows_ * in_w) : -1;
+      if (bad >= 0) {
+        const std::string why = cat("the input gradient holds a NaN or infinity at row ",
+                                    caller_row(bad / in_w), ", column ", bad % in_w,
+                                    " although grad_out is finite: a value exceeded the fp32 "
+                                    "range");
+        poison_step(Code::Numeric, why);
+        fail(Code::Numeric, why);
+      }
+    }
+    deliver_rows(gin.data(), in_w, grad_in);
+  }
   return aux;
 }
 
@@ -310,11 +482,23 @@ void Session::zero_grad() {
   require_training("zero_grad");
   store_->zero_grads();
   micro_batches_ = 0;
+  // zero_grad discards the step: nothing of it — counts, a pass waiting for its backward, a
+  // failure — reaches the next one.
+  for (auto& l : layers_)
+    if (auto* m = dynamic_cast<MoELayer*>(l.get()))
+      std::fill(m->counts().step.begin(), m->counts().step.end(), 0);
+  pending_backward_ = false;
+  poisoned_.clear();
 }
 
 StepInfo Session::step() {
   require_training("step");
   if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
+  if (!poisoned_.empty())
+    fail(poisoned_code_,
+         "a backward pass of this step failed after it had begun accumulating "
+         "gradients (",
+         poisoned_, "); call zero_grad to discard the step");
   const TrainingConfig& c = options_.training;
   StepInfo info;
   info.lr = c.lr_at(step_ + 1);
@@ -416,10 +600,6 @@ void Session::set_config(const std::string& key, const std::string& value) {
   if (key == "sequence_length" && pending_backward_)
     fail(Code::InvalidState, "sequence_length cannot change between a forward and its backward");
   options_ = updated;
-  if (key == "sequence_length")
-    for (size_t i = 0; i < layers_.size(); ++i)
-      if (model_->layers[i].kind == LayerKind::MoE)
-        layers_[i] = make_layer(params().layers[i], *store_, options_.training.sequence_length);
 }
 
 const std::string& Session::parameter_name(size_t index) const {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/error.h"
 #include "core/layers.h"
 #include "core/model.h"
 #include "core/param_store.h"
@@ -17,6 +18,9 @@
 namespace moert {
 
 enum class Device : int32_t { Cpu = 0, Cuda = 1 };
+
+// A target that takes no part in the loss (moert.h MOERT_IGNORE_TARGET, PyTorch's ignore_index).
+inline constexpr int32_t kIgnoreTarget = -100;
 enum class Mode : int32_t { Inference = 0, Training = 1 };
 
 struct TrainingConfig {
@@ -65,11 +69,13 @@ class Session {
   bool training() const { return options_.mode == Mode::Training; }
 
   // Forward passes; sizes are element counts of the caller's buffers and are checked first. On
-  // any error the session's statistics are those of the last successful pass.
-  void forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows, float* out,
-                      uint64_t out_len);
-  void forward_hidden(const float* in, uint64_t in_len, uint64_t rows, float* out,
-                      uint64_t out_len);
+  // any error the session's statistics are those of the last successful pass. row_mask (may be
+  // null; mask_len = rows): rows whose byte is 0 are padding — they are not routed, counted or
+  // checked, their outputs are zero, and backward neither takes nor gives them a gradient.
+  void forward_tokens(const int32_t* tokens, uint64_t num_tokens, const uint8_t* row_mask,
+                      uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len);
+  void forward_hidden(const float* in, uint64_t in_len, const uint8_t* row_mask, uint64_t mask_len,
+                      uint64_t rows, float* out, uint64_t out_len);
 
   // Training. backward_loss: softmax cross-entropy of the last forward's logits against one
   // target per row (mean over rows) plus the auxiliary losses; returns that loss. backward: from a
@@ -136,9 +142,21 @@ class Session {
   int64_t check_rows(uint64_t rows, uint64_t out_len) const;
   void require_training(const char* what) const;
   void require_backward_ready() const;
-  void run_from(size_t first_layer, const float* x, int64_t rows, float* out, Pass pass);
   Pass next_pass() const;
+  // Records the caller's rows of a pass and which take part (padding compacted away).
+  void begin_pass(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len);
+  // The caller's index of compacted row `row`.
+  int64_t caller_row(int64_t row) const;
+  // The rows that take part, from caller memory of `width` values per row (src itself unmasked).
+  template <typename T>
+  const T* gather_rows(const T* src, int64_t width, std::vector<T>& staging) const;
+  // Compacted rows in backend memory -> the caller's rows, padding zeroed.
+  void deliver_rows(const float* src, int64_t width, float* out);
+  void check_output(size_t layer, const float* y) const;
+  void run_from(size_t first_layer, const float* x, float* out, Pass pass);
+  void finish_empty_pass(float* out, Pass pass);
   double run_backward(float* grad_in);
+  void poison_step(Code code, const std::string& why);
   void update_biases();
   TrainingState training_state() const;
 
@@ -159,7 +177,13 @@ class Session {
   uint32_t micro_batches_ = 0;
   bool eval_ = false;
   bool pending_backward_ = false;
-  int64_t last_rows_ = 0;
+  int64_t batch_rows_ = 0;          // the caller's rows in the last pass
+  bool masked_ = false;             // whether some of them were padding
+  std::vector<int64_t> valid_;      // when masked: the caller's indices of the rows that take part
+  int64_t last_rows_ = 0;           // rows that took part: what the layers saw
+  std::vector<int64_t> sequences_;  // sequence offsets over those rows (sequence-wise aux loss)
+  std::string poisoned_;            // why a backward of this step failed midway, if one did
+  Code poisoned_code_ = Code::Internal;
   mutable std::mutex mu_;
 };
 

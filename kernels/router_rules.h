@@ -187,7 +187,8 @@ MOERT_HOST_DEVICE inline void router_backward_token(const RouterConfig& cfg, boo
   scores_backward_token(cfg.score, s, ds, dl, E);
 }
 
-// ---- The sequence-wise auxiliary loss, over sequences of L rows.
+// ---- The auxiliary balancing losses (their statistics per chunk of rows; core/aux_loss.h folds
+// them into sequences).
 
 // The sum of one token's scores s [E], which normalises them for P.
 MOERT_HOST_DEVICE inline double score_sum(const float* s, int E) {
@@ -219,51 +220,43 @@ MOERT_HOST_DEVICE inline int64_t expert_tokens_in(const int64_t* expert_offsets,
   return first_token_at_least(token, lo, hi, t1) - first_token_at_least(token, lo, hi, t0);
 }
 
-// Chunks of `chunk` rows a sequence of L rows splits into (the last one may be shorter).
-MOERT_HOST_DEVICE inline int64_t aux_chunks(int64_t L, int64_t chunk) {
-  return (L + chunk - 1) / chunk;
-}
-
-// Item i of num_seq * chunks * E, e fastest: the partial P sum of expert e over one chunk of one
-// sequence, sum of s[t, e] / z[t] in token order, into p_partial[i].
-MOERT_HOST_DEVICE inline void aux_p_partial(const float* scores, const double* z, int64_t i,
-                                            int64_t L, int64_t chunk, int64_t chunks, int E,
-                                            double* p_partial) {
-  const int e = static_cast<int>(i % E);
-  const int64_t qc = i / E, q = qc / chunks, c = qc % chunks;
-  const int64_t t0 = q * L + c * chunk;
-  const int64_t t1 = c + 1 < chunks ? t0 + chunk : (q + 1) * L;
+// Sum of s[t, e] / z[t] over rows [t0, t1), in row order; z: every row's score sum. A row whose
+// scores are all 0 (every logit -inf under sigmoid) has no distribution to normalise and adds 0.
+MOERT_HOST_DEVICE inline double aux_psum(const float* scores, const double* z, int64_t t0,
+                                         int64_t t1, int e, int E) {
   double p = 0.0;
-  for (int64_t t = t0; t < t1; ++t) p += scores[t * E + e] / z[t];
-  p_partial[i] = p;
+  for (int64_t t = t0; t < t1; ++t)
+    if (z[t] > 0.0) p += scores[t * E + e] / z[t];
+  return p;
 }
 
-// Item i = q * E + e: f (scaled count) and P (mean normalised score, its chunks folded in chunk
-// order so that the sum is the same on every run) of expert e in sequence q, into f_table[i],
-// and the partial loss f * P * alpha / num_seq into loss_part[i].
-MOERT_HOST_DEVICE inline void aux_stats(const int64_t* expert_offsets, const int32_t* token,
-                                        const double* p_partial, int64_t i, int64_t num_seq,
-                                        int64_t L, int64_t chunks, int E, int K, double alpha,
-                                        double* f_table, double* loss_part) {
-  const int64_t q = i / E;
-  const int e = static_cast<int>(i % E);
-  double f = static_cast<double>(expert_tokens_in(expert_offsets, token, e, q * L, (q + 1) * L));
-  double p = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) p += p_partial[(q * chunks + c) * E + e];
-  f *= static_cast<double>(E) / static_cast<double>(K * L);
-  p /= static_cast<double>(L);
-  f_table[i] = f;
-  loss_part[i] = alpha * f * p / static_cast<double>(num_seq);
-}
-
-// Gradient ds [E] of the loss with respect to one token's scores s [E] (z: their sum; f: its
-// sequence's f_table row), through s' = s / z.
-MOERT_HOST_DEVICE inline void aux_grad_token(const float* s, double z, const double* f, int64_t L,
-                                             int64_t num_seq, int E, double alpha, float* ds) {
-  const double c = alpha / static_cast<double>(L * num_seq);
+// Gradient ds [E] of sum_e coef[e] * s[e] / z with respect to one token's scores s [E] (z: their
+// sum), through s' = s / z; 0 where z = 0, as aux_psum takes nothing from such a token.
+MOERT_HOST_DEVICE inline void aux_grad_token(const float* s, double z, const double* coef, int E,
+                                             float* ds) {
+  if (!(z > 0.0)) {
+    for (int e = 0; e < E; ++e) ds[e] = 0.0f;
+    return;
+  }
   double dot = 0.0;
-  for (int e = 0; e < E; ++e) dot += c * f[e] * s[e] / z;
-  for (int e = 0; e < E; ++e) ds[e] = static_cast<float>((c * f[e] - dot) / z);
+  for (int e = 0; e < E; ++e) dot += coef[e] * s[e] / z;
+  for (int e = 0; e < E; ++e) ds[e] = static_cast<float>((coef[e] - dot) / z);
+}
+
+// The sequence of row t: the q with seq_offsets[q] <= t < seq_offsets[q + 1], or -1 when t lies
+// in none (offsets ascending, num_seq + 1 of them).
+MOERT_HOST_DEVICE inline int64_t sequence_of(const int64_t* seq_offsets, int64_t num_seq,
+                                             int64_t t) {
+  int64_t lo = 0, hi = num_seq;  // the last q with seq_offsets[q] <= t
+  if (num_seq == 0 || t < seq_offsets[0] || t >= seq_offsets[num_seq]) return -1;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (seq_offsets[mid] <= t)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return t < seq_offsets[lo + 1] ? lo : -1;
 }
 
 }  // namespace moert::rules

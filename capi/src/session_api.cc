@@ -113,14 +113,35 @@ moert_status* moert_session_forward_tokens(moert_session* session, const int32_t
                                            uint64_t num_tokens, uint64_t rows, float* out,
                                            uint64_t out_len) {
   return locked(session, [&](moert::Session& s) {
-    s.forward_tokens(tokens, num_tokens, rows, out, out_len);
+    s.forward_tokens(tokens, num_tokens, nullptr, 0, rows, out, out_len);
+  });
+}
+
+moert_status* moert_session_forward_tokens_masked(moert_session* session, const int32_t* tokens,
+                                                  uint64_t num_tokens, const uint8_t* row_mask,
+                                                  uint64_t mask_len, uint64_t rows, float* out,
+                                                  uint64_t out_len) {
+  return locked(session, [&](moert::Session& s) {
+    require(row_mask, "row_mask");
+    s.forward_tokens(tokens, num_tokens, row_mask, mask_len, rows, out, out_len);
   });
 }
 
 moert_status* moert_session_forward_hidden(moert_session* session, const float* in, uint64_t in_len,
                                            uint64_t rows, float* out, uint64_t out_len) {
-  return locked(session,
-                [&](moert::Session& s) { s.forward_hidden(in, in_len, rows, out, out_len); });
+  return locked(session, [&](moert::Session& s) {
+    s.forward_hidden(in, in_len, nullptr, 0, rows, out, out_len);
+  });
+}
+
+moert_status* moert_session_forward_hidden_masked(moert_session* session, const float* in,
+                                                  uint64_t in_len, const uint8_t* row_mask,
+                                                  uint64_t mask_len, uint64_t rows, float* out,
+                                                  uint64_t out_len) {
+  return locked(session, [&](moert::Session& s) {
+    require(row_mask, "row_mask");
+    s.forward_hidden(in, in_len, row_mask, mask_len, rows, out, out_len);
+  });
 }
 
 moert_status* moert_session_expert_counts(const moert_session* session, uint32_t layer,

@@ -4,9 +4,45 @@ namespace moert::capi {
 
 moert_status g_out_of_memory{MOERT_ERR_OUT_OF_MEMORY, "out of memory"};
 
+std::string valid_utf8(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  for (size_t i = 0; i < n;) {
+    // The length of a well-formed sequence at i (RFC 3629: no overlongs, no surrogates, nothing
+    // above U+10FFFF), or 0.
+    size_t len = 0;
+    const unsigned char c = p[i];
+    auto cont = [&](size_t k) { return i + k < n && (p[i + k] & 0xC0) == 0x80; };
+    if (c < 0x80) {
+      len = 1;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      len = cont(1) ? 2 : 0;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      const bool ok2 = cont(1) && (c != 0xE0 || p[i + 1] >= 0xA0) && (c != 0xED || p[i + 1] < 0xA0);
+      len = ok2 && cont(2) ? 3 : 0;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      const bool ok2 = cont(1) && (c != 0xF0 || p[i + 1] >= 0x90) && (c != 0xF4 || p[i + 1] < 0x90);
+      len = ok2 && cont(2) && cont(3) ? 4 : 0;
+    }
+    if (len == 0) {
+      static const char hex[] = "0123456789ABCDEF";
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+      ++i;
+    } else {
+      out.append(text, i, len);
+      i += len;
+    }
+  }
+  return out;
+}
+
 moert_status* make_status(int32_t code, const std::string& message) noexcept {
   try {
-    return new moert_status{code, message};
+    return new moert_status{code, valid_utf8(message)};
   } catch (...) {
     return &g_out_of_memory;
   }

@@ -19,6 +19,10 @@ extern moert_status g_out_of_memory;
 
 moert_status* make_status(int32_t code, const std::string& message) noexcept;
 
+// The text with every byte that is not part of well-formed UTF-8 written as \xNN (messages quote
+// names and bytes from files; moert.h promises valid UTF-8).
+std::string valid_utf8(const std::string& text);
+
 // Runs body(); maps every exception to a status. Nothing escapes across the C ABI.
 template <typename F>
 moert_status* guarded(F&& body) noexcept {

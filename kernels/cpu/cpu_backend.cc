@@ -407,47 +407,58 @@ class CpuBackend final : public Backend {
     });
   }
 
-  double aux_loss(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
-                  int64_t rows, int64_t seq_len, double alpha, float* ds) override {
-    const int64_t E = cfg.num_experts, K = cfg.top_k, L = seq_len;
-    const int64_t num_seq = rows / L;
-    const int64_t* to = plan.token_offsets.data();
-    const int32_t* ta = plan.token_assign.data();
-    const int32_t* expert = plan.expert.data();
-    std::vector<double> loss(static_cast<size_t>(num_seq), 0.0);
-    pool_.parallel_for(num_seq, [&](int64_t q, unsigned) {
-      std::vector<double> f(static_cast<size_t>(E), 0.0), p(static_cast<size_t>(E), 0.0);
-      const int64_t t0 = q * L;
-      for (int64_t t = t0; t < t0 + L; ++t) {
-        for (int64_t j = to[t]; j < to[t + 1]; ++j) f[expert[ta[j]]] += 1.0;
-        const float* s = scores + t * E;
-        double z = 0.0;
-        for (int64_t e = 0; e < E; ++e) z += s[e];
-        for (int64_t e = 0; e < E; ++e) p[e] += s[e] / z;
-      }
-      double seq_loss = 0.0;
-      for (int64_t e = 0; e < E; ++e) {
-        f[e] *= static_cast<double>(E) / static_cast<double>(K * L);
-        p[e] /= static_cast<double>(L);
-        seq_loss += f[e] * p[e];
-      }
-      loss[static_cast<size_t>(q)] = alpha * seq_loss / static_cast<double>(num_seq);
-      // d loss / d s'_{t,i} = alpha f_i / (L num_seq); then through s' = s / z.
-      for (int64_t t = t0; t < t0 + L; ++t) {
-        const float* s = scores + t * E;
-        double z = 0.0;
-        for (int64_t e = 0; e < E; ++e) z += s[e];
-        double dot = 0.0;
-        for (int64_t e = 0; e < E; ++e)
-          dot += alpha * f[e] / static_cast<double>(L * num_seq) * s[e] / z;
-        for (int64_t e = 0; e < E; ++e)
-          ds[t * E + e] =
-              static_cast<float>((alpha * f[e] / static_cast<double>(L * num_seq) - dot) / z);
+  void aux_partials(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                    const int64_t* chunk_offsets, int64_t chunks, int64_t* counts,
+                    double* psum) override {
+    const int E = static_cast<int>(cfg.num_experts);
+    const int64_t rows = chunks > 0 ? chunk_offsets[chunks] : 0;
+    std::vector<double> z(static_cast<size_t>(rows));
+    pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned) {
+      const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
+      for (int64_t t = r0; t < r0 + n; ++t) z[t] = rules::score_sum(scores + t * E, E);
+    });
+    pool_.parallel_for(chunks, [&](int64_t c, unsigned) {
+      const int64_t t0 = chunk_offsets[c], t1 = chunk_offsets[c + 1];
+      for (int e = 0; e < E; ++e) {
+        counts[c * E + e] =
+            rules::expert_tokens_in(plan.expert_offsets.data(), plan.token.data(), e, t0, t1);
+        psum[c * E + e] = rules::aux_psum(scores, z.data(), t0, t1, e, E);
       }
     });
-    double total = 0.0;
-    for (double l : loss) total += l;
-    return total;
+  }
+
+  void aux_grad(const RouterConfig& cfg, const float* scores, int64_t rows,
+                const int64_t* seq_offsets, int64_t num_seq, const double* coef,
+                float* ds) override {
+    const int E = static_cast<int>(cfg.num_experts);
+    pool_.parallel_for(blocks(rows, kRowBlock), [&](int64_t b, unsigned) {
+      const int64_t r0 = b * kRowBlock, n = std::min(kRowBlock, rows - r0);
+      for (int64_t t = r0; t < r0 + n; ++t) {
+        const float* s = scores + t * E;
+        const int64_t q = rules::sequence_of(seq_offsets, num_seq, t);
+        if (q < 0)
+          std::fill(ds + t * E, ds + (t + 1) * E, 0.0f);
+        else
+          rules::aux_grad_token(s, rules::score_sum(s, E), coef + q * E, E, ds + t * E);
+      }
+    });
+  }
+
+  int64_t find_nonfinite(const float* x, int64_t n) override {
+    constexpr int64_t kBlock = 1 << 16;
+    const int64_t nb = blocks(n, kBlock);
+    std::vector<int64_t> first(static_cast<size_t>(nb), -1);
+    pool_.parallel_for(nb, [&](int64_t b, unsigned) {
+      const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i)
+        if (!std::isfinite(x[i])) {
+          first[static_cast<size_t>(b)] = i;
+          return;
+        }
+    });
+    for (int64_t f : first)
+      if (f >= 0) return f;
+    return -1;
   }
 
   double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
@@ -459,6 +470,10 @@ class CpuBackend final : public Backend {
       double loss = 0.0;
       for (int64_t r = r0; r < r0 + n; ++r) {
         const float* z = logits + r * vocab;
+        if (targets[r] < 0) {
+          if (dlogits) std::fill(dlogits + r * vocab, dlogits + (r + 1) * vocab, 0.0f);
+          continue;
+        }
         const float mx = *std::max_element(z, z + vocab);
         double sum = 0.0;
         for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(z[v] - mx));

@@ -20,7 +20,8 @@ void matmul_tn(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
                int64_t m, int64_t n, int64_t k, bool accumulate);
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-inline float silu(float x) { return x * sigmoid(x); }
+// silu(-inf) is its limit, 0 (x * sigmoid(x) would be -inf * 0 = NaN after an overflowed GEMM).
+inline float silu(float x) { return x == -INFINITY ? 0.0f : x * sigmoid(x); }
 
 // a[i] = silu(h1[i]) * h3[i]
 void swiglu(const float* h1, const float* h3, float* a, int64_t n);

@@ -387,15 +387,42 @@ class CudaBackend final : public Backend {
                           route_scratch_.data(), rows, stream_);
   }
 
-  double aux_loss(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
-                  int64_t rows, int64_t seq_len, double alpha, float* ds) override {
-    const size_t q = static_cast<size_t>(rows / seq_len) * cfg.num_experts;
-    dscratch_.resize(
-        *this, q + static_cast<size_t>(cuda::aux_loss_scratch(rows, seq_len, cfg.num_experts)));
-    double* loss_part = dscratch_.data();
-    cuda::aux_loss(cfg, scores, plan.expert_offsets.data(), plan.token.data(), rows, seq_len, alpha,
-                   ds, loss_part, loss_part + q, stream_);
-    return host_sum(loss_part, q);
+  void aux_partials(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                    const int64_t* chunk_offsets, int64_t chunks, int64_t* counts,
+                    double* psum) override {
+    const int64_t E = cfg.num_experts, rows = chunks > 0 ? chunk_offsets[chunks] : 0;
+    const size_t n = static_cast<size_t>(chunks * E);
+    ioffsets_.resize(*this, static_cast<size_t>(chunks + 1) + n);
+    upload(ioffsets_.data(), chunk_offsets, static_cast<size_t>(chunks + 1) * sizeof(int64_t));
+    dscratch_.resize(*this, static_cast<size_t>(rows) + n);
+    int64_t* dcounts = ioffsets_.data() + chunks + 1;
+    double* dpsum = dscratch_.data() + rows;
+    cuda::aux_partials(cfg, scores, rows, ioffsets_.data(), chunks, plan.expert_offsets.data(),
+                       plan.token.data(), dscratch_.data(), dcounts, dpsum, stream_);
+    download(counts, dcounts, n * sizeof(int64_t));
+    download(psum, dpsum, n * sizeof(double));
+  }
+
+  void aux_grad(const RouterConfig& cfg, const float* scores, int64_t rows,
+                const int64_t* seq_offsets, int64_t num_seq, const double* coef,
+                float* ds) override {
+    const size_t n = static_cast<size_t>(num_seq) * cfg.num_experts;
+    ioffsets_.resize(*this, static_cast<size_t>(num_seq + 1));
+    upload(ioffsets_.data(), seq_offsets, ioffsets_.bytes());
+    dscratch_.resize(*this, n);
+    upload(dscratch_.data(), coef, n * sizeof(double));
+    cuda::aux_grad(cfg, scores, rows, ioffsets_.data(), num_seq, dscratch_.data(), ds, stream_);
+  }
+
+  int64_t find_nonfinite(const float* x, int64_t n) override {
+    flag_.resize(*this, 1);
+    auto* first = reinterpret_cast<unsigned long long*>(flag_.data());
+    const unsigned long long none = static_cast<unsigned long long>(n);
+    upload(first, &none, sizeof(none));
+    cuda::find_nonfinite(x, n, first, stream_);
+    unsigned long long got = none;
+    download(&got, first, sizeof(got));
+    return got == none ? -1 : static_cast<int64_t>(got);
   }
 
   double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
@@ -510,6 +537,8 @@ class CudaBackend final : public Backend {
     f1_ = {};
     f2_ = {};
     route_scratch_ = {};
+    ioffsets_ = {};
+    flag_ = {};
     partial_ = {};
     dscratch_ = {};
     keys_ = {};
@@ -530,7 +559,7 @@ class CudaBackend final : public Backend {
   Buffer<uint16_t> sx_, sa_, sdy_, sdh1_, sdh3_;
   Buffer<float> f1_, f2_, route_scratch_;
   Buffer<double> partial_, dscratch_;
-  Buffer<int64_t> keys_, keys_sorted_, counts_;
+  Buffer<int64_t> keys_, keys_sorted_, counts_, ioffsets_, flag_;
   Buffer<int32_t> ekeys_, ekeys_sorted_, vals_, vals_sorted_, slot_of_;
   Buffer<unsigned char> sort_temp_;
 };

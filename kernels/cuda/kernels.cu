@@ -32,7 +32,7 @@ __global__ void to_bf16_k(const float* x, __nv_bfloat16* y, int64_t n) {
 __global__ void swiglu_bf16_k(const float* h1, const float* h3, __nv_bfloat16* a, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x)
-    a[i] = __float2bfloat16_rn(h1[i] * sigmoidf_(h1[i]) * h3[i]);
+    a[i] = __float2bfloat16_rn((h1[i] == -INFINITY ? 0.0f : h1[i] * sigmoidf_(h1[i])) * h3[i]);
 }
 
 __global__ void swiglu_backward_k(const float* h1, const float* h3, const float* da, float* dh1,
@@ -142,6 +142,12 @@ __global__ void cross_entropy_k(const float* logits, const int32_t* targets, int
   __shared__ double shared[kThreads];
   __shared__ float fshared[kThreads];
   const float* z = logits + blockIdx.x * vocab;
+  if (targets[blockIdx.x] < 0) {  // an ignored target: no loss, no gradient
+    if (threadIdx.x == 0) row_loss[blockIdx.x] = 0.0;
+    if (dlogits)
+      for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) dlogits[blockIdx.x * vocab + v] = 0;
+    return;
+  }
   float mx = -INFINITY;
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) mx = fmaxf(mx, z[v]);
   fshared[threadIdx.x] = mx;
@@ -163,6 +169,13 @@ __global__ void cross_entropy_k(const float* logits, const int32_t* targets, int
     for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x)
       g[v] = static_cast<float>(scale * exp(double{z[v]} - lse)) - (v == t ? scale : 0.0f);
   }
+}
+
+// The smallest index of a NaN or infinity in x, into *first (initialised to n by the caller).
+__global__ void find_nonfinite_k(const float* x, int64_t n, unsigned long long* first) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    if (!isfinite(x[i])) atomicMin(first, static_cast<unsigned long long>(i));
 }
 
 __global__ void sum_squares_k(const float* x, int64_t n, double* partial) {
@@ -276,6 +289,12 @@ void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, in
   cross_entropy_k<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(logits, targets, vocab, dlogits,
                                                                    scale, row_loss);
   check_launch("cross_entropy");
+}
+
+void find_nonfinite(const float* x, int64_t n, unsigned long long* first, cudaStream_t s) {
+  if (n == 0) return;
+  find_nonfinite_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(x, n, first);
+  check_launch("find_nonfinite");
 }
 
 void sum_squares(const float* x, int64_t n, double* partial, cudaStream_t s) {

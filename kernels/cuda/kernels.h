@@ -43,6 +43,8 @@ void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, in
                    float* dlogits, float scale, double* row_loss, cudaStream_t s);
 // partial[b] = sum of squares of block b's share (kSumBlocks blocks, fixed split).
 inline constexpr unsigned kSumBlocks = 256;
+// atomicMin of the index of every NaN or infinity of x into *first (the caller sets it to n).
+void find_nonfinite(const float* x, int64_t n, unsigned long long* first, cudaStream_t s);
 void sum_squares(const float* x, int64_t n, double* partial, cudaStream_t s);
 void adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
            double beta2, double eps, double wd, double gscale, double bc1, double bc2,
@@ -60,14 +62,16 @@ void router_backward(const RouterConfig& cfg, bool normalize, const float* score
                      const int64_t* token_offsets, const int32_t* token_assign,
                      const int32_t* expert, const float* dweight, const float* ds_extra,
                      float* dlogits, float* scratch, int64_t rows, cudaStream_t s);
-// Sequence-wise auxiliary loss: per (sequence, expert) partial losses into loss_part
-// [num_seq * E] (double) and ds [rows, E]. Counts come from the plan's expert-major order
-// (expert_offsets [E + 1], token [A], tokens ascending within an expert). scratch: at least
-// aux_loss_scratch(rows, seq_len, E) doubles.
-int64_t aux_loss_scratch(int64_t rows, int64_t seq_len, int64_t num_experts);
-void aux_loss(const RouterConfig& cfg, const float* scores, const int64_t* expert_offsets,
-              const int32_t* token, int64_t rows, int64_t seq_len, double alpha, float* ds,
-              double* loss_part, double* scratch, cudaStream_t s);
+// Auxiliary-loss statistics per chunk (Backend::aux_partials), all in device memory: z [rows]
+// scratch; chunk_offsets [chunks + 1]; counts and psum [chunks * E].
+void aux_partials(const RouterConfig& cfg, const float* scores, int64_t rows,
+                  const int64_t* chunk_offsets, int64_t chunks, const int64_t* expert_offsets,
+                  const int32_t* token, double* z, int64_t* counts, double* psum, cudaStream_t s);
+// Backward of an auxiliary loss through P (Backend::aux_grad); seq_offsets [num_seq + 1] and
+// coef [num_seq * E] in device memory.
+void aux_grad(const RouterConfig& cfg, const float* scores, int64_t rows,
+              const int64_t* seq_offsets, int64_t num_seq, const double* coef, float* ds,
+              cudaStream_t s);
 
 // ---- Dispatch
 // keys[a] = expert[a] * rows + token, vals[a] = a, for a = t * K + k.

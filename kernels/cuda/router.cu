@@ -9,9 +9,6 @@ namespace moert::cuda {
 namespace {
 
 constexpr unsigned kThreads = 128;
-// Rows per partial P sum of the auxiliary loss: enough threads for a whole-batch sequence, few
-// enough partials for the fold.
-constexpr int64_t kAuxChunk = 128;
 
 // Every kernel here is one thread per item; the item's work is in router_rules.h, shared with the
 // host-side test that holds it to the CPU backend.
@@ -47,34 +44,33 @@ __global__ void score_sums_k(const float* scores, int64_t rows, int E, double* z
   z[t] = rules::score_sum(scores + t * E, E);
 }
 
-// One thread per (sequence, chunk of kAuxChunk rows, expert), the expert fastest: neighbouring
-// threads read neighbouring scores, and even one sequence of every row fills the GPU.
-__global__ void aux_p_partial_k(const float* scores, const double* z, int64_t num_seq, int64_t L,
-                                int64_t chunks, int E, double* p_partial) {
+// One thread per (chunk, expert), the expert fastest: neighbouring threads read neighbouring
+// scores. Counts come by binary search in the plan's expert-major order, not by a scan of every
+// assignment of the chunk.
+__global__ void aux_partials_k(const float* scores, const double* z, const int64_t* chunk_offsets,
+                               int64_t chunks, int E, const int64_t* expert_offsets,
+                               const int32_t* token, int64_t* counts, double* psum) {
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i >= num_seq * chunks * E) return;
-  rules::aux_p_partial(scores, z, i, L, kAuxChunk, chunks, E, p_partial);
-}
-
-// One thread per (sequence, expert): its count by binary search in the plan's expert-major
-// order, not by a scan of every assignment of its sequence.
-__global__ void aux_stats_k(const int64_t* expert_offsets, const int32_t* token,
-                            const double* p_partial, int64_t num_seq, int64_t L, int64_t chunks,
-                            int E, int K, double alpha, double* f_table, double* loss_part) {
-  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i >= num_seq * E) return;
-  rules::aux_stats(expert_offsets, token, p_partial, i, num_seq, L, chunks, E, K, alpha, f_table,
-                   loss_part);
+  if (i >= chunks * E) return;
+  const int64_t c = i / E;
+  const int e = static_cast<int>(i % E);
+  const int64_t t0 = chunk_offsets[c], t1 = chunk_offsets[c + 1];
+  counts[i] = rules::expert_tokens_in(expert_offsets, token, e, t0, t1);
+  psum[i] = rules::aux_psum(scores, z, t0, t1, e, E);
 }
 
 // One thread per token.
-__global__ void aux_grad_k(const float* scores, const double* z_all, const double* f_table,
-                           int64_t rows, int64_t L, int64_t num_seq, int E, double alpha,
-                           float* ds) {
+__global__ void aux_grad_k(const float* scores, int64_t rows, int E, const int64_t* seq_offsets,
+                           int64_t num_seq, const double* coef, float* ds) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (t >= rows) return;
-  rules::aux_grad_token(scores + t * E, z_all[t], f_table + (t / L) * E, L, num_seq, E, alpha,
-                        ds + t * E);
+  const float* s = scores + t * E;
+  const int64_t q = rules::sequence_of(seq_offsets, num_seq, t);
+  if (q < 0) {
+    for (int e = 0; e < E; ++e) ds[t * E + e] = 0.0f;
+    return;
+  }
+  rules::aux_grad_token(s, rules::score_sum(s, E), coef + q * E, E, ds + t * E);
 }
 
 }  // namespace
@@ -98,32 +94,27 @@ void router_backward(const RouterConfig& cfg, bool normalize, const float* score
   check_launch("router_backward");
 }
 
-// z [rows], f_table [num_seq * E], p_partial [num_seq * chunks * E], as aux_loss lays them out.
-int64_t aux_loss_scratch(int64_t rows, int64_t seq_len, int64_t num_experts) {
-  const int64_t num_seq = rows / seq_len;
-  return rows + num_seq * num_experts +
-         num_seq * rules::aux_chunks(seq_len, kAuxChunk) * num_experts;
+void aux_partials(const RouterConfig& cfg, const float* scores, int64_t rows,
+                  const int64_t* chunk_offsets, int64_t chunks, const int64_t* expert_offsets,
+                  const int32_t* token, double* z, int64_t* counts, double* psum, cudaStream_t s) {
+  const int E = static_cast<int>(cfg.num_experts);
+  if (rows > 0) {
+    score_sums_k<<<grid_for(rows, kThreads), kThreads, 0, s>>>(scores, rows, E, z);
+    check_launch("aux_partials score sums");
+  }
+  if (chunks * E == 0) return;
+  aux_partials_k<<<grid_for(chunks * E, kThreads), kThreads, 0, s>>>(
+      scores, z, chunk_offsets, chunks, E, expert_offsets, token, counts, psum);
+  check_launch("aux_partials");
 }
 
-void aux_loss(const RouterConfig& cfg, const float* scores, const int64_t* expert_offsets,
-              const int32_t* token, int64_t rows, int64_t seq_len, double alpha, float* ds,
-              double* loss_part, double* scratch, cudaStream_t s) {
-  const int E = static_cast<int>(cfg.num_experts), K = static_cast<int>(cfg.top_k);
-  const int64_t num_seq = rows / seq_len, chunks = rules::aux_chunks(seq_len, kAuxChunk);
-  double* z = scratch;
-  double* f_table = z + rows;
-  double* p_partial = f_table + num_seq * E;
-  score_sums_k<<<grid_for(rows, kThreads), kThreads, 0, s>>>(scores, rows, E, z);
-  check_launch("aux_loss score sums");
-  aux_p_partial_k<<<grid_for(num_seq * chunks * E, kThreads), kThreads, 0, s>>>(
-      scores, z, num_seq, seq_len, chunks, E, p_partial);
-  check_launch("aux_loss partial sums");
-  aux_stats_k<<<grid_for(num_seq * E, kThreads), kThreads, 0, s>>>(
-      expert_offsets, token, p_partial, num_seq, seq_len, chunks, E, K, alpha, f_table, loss_part);
-  check_launch("aux_loss stats");
-  aux_grad_k<<<grid_for(rows, kThreads), kThreads, 0, s>>>(scores, z, f_table, rows, seq_len,
-                                                           num_seq, E, alpha, ds);
-  check_launch("aux_loss grad");
+void aux_grad(const RouterConfig& cfg, const float* scores, int64_t rows,
+              const int64_t* seq_offsets, int64_t num_seq, const double* coef, float* ds,
+              cudaStream_t s) {
+  if (rows == 0) return;
+  aux_grad_k<<<grid_for(rows, kThreads), kThreads, 0, s>>>(
+      scores, rows, static_cast<int>(cfg.num_experts), seq_offsets, num_seq, coef, ds);
+  check_launch("aux_grad");
 }
 
 }  // namespace moert::cuda

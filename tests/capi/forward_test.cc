@@ -161,8 +161,9 @@ TEST_F(TokenForward, TokenIdOutsideTheVocabulary) {
     auto tokens = token_rows(kRows, kContext, 3);
     tokens[7] = bad;
     std::vector<float> out(kRows * kWidth, kSentinel);
-    EXPECT_TRUE(
-        IsError(forward(tokens, kRows, out), kInvalid, {std::to_string(bad), "position 7", "64"}))
+    EXPECT_TRUE(IsError(forward(tokens, kRows, out), kInvalid,
+                        {std::to_string(bad), "row " + std::to_string(7 / kContext),
+                         "column " + std::to_string(7 % kContext), "64"}))
         << bad;
     EXPECT_EQ(out, std::vector<float>(kRows * kWidth, kSentinel));
     expect_unchanged();

@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "core/aux_loss.h"
 #include "core/backend.h"
 #include "core/error.h"
 #include "gpu_test_main.h"
@@ -285,8 +286,18 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
                                 dyp.data(), dxp.data(), dw1.data(), dw3.data(), dw2.data(), dim,
                                 hidden);
   c.dispatch_backward(cp, dxp.data(), dx.data(), dim);
+  // The sequence-wise auxiliary loss over 3 sequences of 111 rows: statistics per chunk, folded
+  // on the host, then the gradient through P.
+  const AuxChunks ach = aux_chunks({0, 111, 222, rows});
+  const size_t nstat = static_cast<size_t>(ach.chunks() * E);
+  std::vector<int64_t> counts(nstat), gcounts(nstat);
+  std::vector<double> psum(nstat), gpsum(nstat);
+  c.aux_partials(cfg, scores.data(), cp, ach.chunk_offsets.data(), ach.chunks(), counts.data(),
+                 psum.data());
+  const AuxTerms at = aux_terms(ach, counts.data(), psum.data(), E, K, 0.1);
   std::vector<float> ds(rows * E);
-  const double aux = c.aux_loss(cfg, scores.data(), cp, rows, 111, 0.1, ds.data());
+  c.aux_grad(cfg, scores.data(), rows, ach.seq_offsets.data(), ach.num_seq(), at.coef.data(),
+             ds.data());
   c.router_backward(cfg, rc.normalize, scores.data(), cp, dwt.data(), ds.data(), dl.data(), rows);
   auto YPc = up(yp), XPc = up(xp), H1c = up(h1), H3c = up(h3), GY = up(gy), DYP = up(dyp),
        DWT = up(dwt), DXP = up(dxp), DL = up(dl), DS = up(ds), Sc = up(scores);
@@ -304,8 +315,12 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
   auto DXPc = up(dxp);
   d.dispatch_backward(gp, DXPc.data(), DX.data(), dim);
   EXPECT_LT(rel(down(DX), dx), 1e-6);
-  const double gaux = d.aux_loss(cfg, Sc.data(), gp, rows, 111, 0.1, DS.data());
-  EXPECT_NEAR(gaux, aux, 1e-9 * std::abs(aux) + 1e-12);
+  d.aux_partials(cfg, Sc.data(), gp, ach.chunk_offsets.data(), ach.chunks(), gcounts.data(),
+                 gpsum.data());
+  EXPECT_EQ(gcounts, counts);
+  for (size_t i = 0; i < nstat; ++i) EXPECT_NEAR(gpsum[i], psum[i], 1e-12 * std::abs(psum[i]));
+  d.aux_grad(cfg, Sc.data(), rows, ach.seq_offsets.data(), ach.num_seq(), at.coef.data(),
+             DS.data());
   EXPECT_LT(rel(down(DS), ds), 1e-5);
   auto DSc = up(ds);
   d.router_backward(cfg, rc.normalize, Sc.data(), gp, DWTc.data(), DSc.data(), DL.data(), rows);

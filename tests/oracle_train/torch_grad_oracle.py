@@ -27,7 +27,8 @@ micro-batch B; zero_grad; A then B accumulated; step. Checks:
   - the parameter list is exactly the model's tensors (the gate bias is not one), values as stored;
   - loss (and the aux loss of hidden models) to 1e-5 relative; every parameter gradient and the
     input gradient to ||g - ref|| / ||ref|| <= 1e-4 per tensor (absolute 1e-10 where ref is 0);
-  - per-expert counts equal; the gate bias unchanged by backward; misuse (a second backward)
+  - per-expert counts equal, the step's counts those of the passes since the last zero_grad; the
+    gate bias unchanged by backward; misuse (a second backward)
     refused with MOERT_ERR_INVALID_STATE and harmless;
   - zero_grad gives exact zeros; A+B accumulated = gA + gB to 1e-6 relative;
   - the step: new parameters within 1 fp32 ulp (and 1e-5 relative) of torch.optim.AdamW / SGD
@@ -536,8 +537,9 @@ def check_session(model, r, refs, what, opt_name, hp, problems, lines, report):
             if not np.array_equal(mb["counts"][i], ref["moe"][i][0]):
                 problems.append(f"{what}: accumulation pass {k} layer {i} counts differ")
 
-    # Step counts: every training-mode forward since the last step (A, B, A, B).
-    want_counts = {i: 2 * (refs[0]["moe"][i][0] + refs[1]["moe"][i][0]) for i in moe_layers}
+    # Step counts: the training-mode forwards since the last zero_grad (A, B); zero_grad discards
+    # the counts of the passes before it, as it discards their gradients.
+    want_counts = {i: refs[0]["moe"][i][0] + refs[1]["moe"][i][0] for i in moe_layers}
     for i in moe_layers:
         if not np.array_equal(r["step_counts"][i], want_counts[i]):
             problems.append(f"{what}: layer {i} step counts {r['step_counts'][i].tolist()}, "

@@ -232,11 +232,29 @@ class DevSimBackend final : public Backend {
     device(dweight, plan.num_assignments() * 4, "router_backward dweight");
     cpu_->router_backward(cfg, normalize, scores, plan, dweight, ds_extra, dlogits, rows);
   }
-  double aux_loss(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
-                  int64_t rows, int64_t seq_len, double alpha, float* ds) override {
-    device(scores, rows * cfg.num_experts * 4, "aux_loss scores");
-    device(ds, rows * cfg.num_experts * 4, "aux_loss ds");
-    return cpu_->aux_loss(cfg, scores, plan, rows, seq_len, alpha, ds);
+  void aux_partials(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                    const int64_t* chunk_offsets, int64_t chunks, int64_t* counts,
+                    double* psum) override {
+    // chunk_offsets, counts and psum are host arrays by contract; the scores are the device's.
+    host(chunk_offsets, "aux_partials chunk offsets");
+    host(counts, "aux_partials counts");
+    host(psum, "aux_partials psum");
+    const int64_t rows = chunks > 0 ? chunk_offsets[chunks] : 0;
+    device(scores, rows * cfg.num_experts * 4, "aux_partials scores");
+    cpu_->aux_partials(cfg, scores, plan, chunk_offsets, chunks, counts, psum);
+  }
+  void aux_grad(const RouterConfig& cfg, const float* scores, int64_t rows,
+                const int64_t* seq_offsets, int64_t num_seq, const double* coef,
+                float* ds) override {
+    host(seq_offsets, "aux_grad sequence offsets");
+    host(coef, "aux_grad coefficients");
+    device(scores, rows * cfg.num_experts * 4, "aux_grad scores");
+    device(ds, rows * cfg.num_experts * 4, "aux_grad ds");
+    cpu_->aux_grad(cfg, scores, rows, seq_offsets, num_seq, coef, ds);
+  }
+  int64_t find_nonfinite(const float* x, int64_t n) override {
+    device(x, n * 4, "find_nonfinite");
+    return cpu_->find_nonfinite(x, n);
   }
   double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
                        float* dlogits, float scale) override {

@@ -97,7 +97,7 @@ TEST_P(GradientCheck, DirectionalDerivativesMatchCentralDifferences) {
 
   auto loss_at = [&](std::vector<int64_t>* counts) {
     s.zero_grad();
-    s.forward_tokens(tokens.data(), tokens.size(), rows, out.data(), out.size());
+    s.forward_tokens(tokens.data(), tokens.size(), nullptr, 0, rows, out.data(), out.size());
     if (counts) *counts = s.expert_counts(moe_index, CountScope::Last);
     return s.backward_loss(targets.data(), targets.size());
   };

@@ -70,7 +70,7 @@ std::vector<float> run(const LayerSpec& spec, const std::vector<float>& x, int64
   held.be = make_cpu_backend(threads);
   held.model.layers = {spec};
   held.store = std::make_unique<ParamStore>(*held.be, held.model, nullptr);
-  held.layer = make_layer(held.model.layers[0], *held.store, 0);
+  held.layer = make_layer(held.model.layers[0], *held.store);
   std::vector<float> y(static_cast<size_t>(rows) * spec.out_width);
   held.layer->forward(*held.be, x.data(), y.data(), rows, Pass::Eval);
   held.layer->commit_stats(Pass::Eval);

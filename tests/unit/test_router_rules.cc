@@ -14,7 +14,9 @@
 #include <utility>
 #include <vector>
 
+#include "core/aux_loss.h"
 #include "core/backend.h"
+#include "core/grad_reduction.h"
 #include "kernels/router_rules.h"
 
 namespace moert {
@@ -232,75 +234,149 @@ TEST_F(RouterRules, RouterBackwardIsTheCpus) {
               static_cast<long long>(cases), static_cast<long long>(bitwise), worst);
 }
 
-// The auxiliary loss as the CUDA launcher runs it, kernel after kernel, each over all its items,
-// with partial P sums over chunks of `chunk` rows.
+// The auxiliary losses through the backend's two phases (per-chunk statistics, folded per
+// sequence on the host, then the gradient), against their definition evaluated in double:
+// f_qe = E / (K L_q) * (tokens of q sent to e), P_qe = mean over q of s[t, e] / sum_j s[t, j],
+// loss = alpha / N * sum_q sum_e f_qe P_qe over the N sequences that hold rows, and its gradient
+// with respect to the scores (f carries none).
 struct AuxResult {
   double loss = 0.0;
-  std::vector<float> ds;
+  std::vector<double> ds;
 };
 
-AuxResult aux_rules(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
-                    int64_t rows, int64_t L, double alpha, int64_t chunk) {
-  const int E = static_cast<int>(cfg.num_experts), K = static_cast<int>(cfg.top_k);
-  const int64_t num_seq = rows / L, chunks = rules::aux_chunks(L, chunk);
-  std::vector<double> z(static_cast<size_t>(rows));
-  for (int64_t t = 0; t < rows; ++t) z[t] = rules::score_sum(scores + t * E, E);
-  std::vector<double> p_partial(static_cast<size_t>(num_seq * chunks * E));
-  for (int64_t i = 0; i < num_seq * chunks * E; ++i)
-    rules::aux_p_partial(scores, z.data(), i, L, chunk, chunks, E, p_partial.data());
-  std::vector<double> f_table(static_cast<size_t>(num_seq * E)), loss_part(f_table.size());
-  for (int64_t i = 0; i < num_seq * E; ++i)
-    rules::aux_stats(plan.expert_offsets.data(), plan.token.data(), p_partial.data(), i, num_seq, L,
-                     chunks, E, K, alpha, f_table.data(), loss_part.data());
+AuxResult aux_reference(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                        const std::vector<int64_t>& seq, double alpha) {
+  const int64_t E = cfg.num_experts, K = cfg.top_k, Q = static_cast<int64_t>(seq.size()) - 1;
+  const int64_t rows = seq.back();
+  std::vector<int64_t> sent(static_cast<size_t>(rows * E), 0);
+  for (int64_t a = 0; a < plan.num_assignments(); ++a)
+    sent[plan.token.data()[a] * E + plan.expert.data()[a]] = 1;
+  int64_t N = 0;
+  for (int64_t q = 0; q < Q; ++q) N += seq[q + 1] > seq[q] ? 1 : 0;
   AuxResult out;
-  for (double x : loss_part) out.loss += x;  // the backend's host_sum, in index order
-  out.ds.resize(static_cast<size_t>(rows * E));
-  for (int64_t t = 0; t < rows; ++t)
-    rules::aux_grad_token(scores + t * E, z[t], f_table.data() + (t / L) * E, L, num_seq, E, alpha,
-                          out.ds.data() + t * E);
+  out.ds.assign(static_cast<size_t>(rows * E), 0.0);
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t L = seq[q + 1] - seq[q];
+    if (L == 0) continue;
+    std::vector<double> f(static_cast<size_t>(E), 0.0), P(static_cast<size_t>(E), 0.0);
+    for (int64_t t = seq[q]; t < seq[q + 1]; ++t) {
+      double z = 0.0;
+      for (int64_t e = 0; e < E; ++e) z += scores[t * E + e];
+      for (int64_t e = 0; e < E; ++e) {
+        f[e] += static_cast<double>(sent[t * E + e]) * E / static_cast<double>(K * L);
+        P[e] += scores[t * E + e] / z / static_cast<double>(L);
+      }
+    }
+    for (int64_t e = 0; e < E; ++e) out.loss += alpha / N * f[e] * P[e];
+    for (int64_t t = seq[q]; t < seq[q + 1]; ++t) {
+      double z = 0.0, dot = 0.0;
+      for (int64_t e = 0; e < E; ++e) z += scores[t * E + e];
+      for (int64_t e = 0; e < E; ++e) dot += f[e] * scores[t * E + e] / (z * z);
+      for (int64_t e = 0; e < E; ++e)
+        out.ds[t * E + e] = alpha / (N * static_cast<double>(L)) * (f[e] / z - dot);
+    }
+  }
   return out;
 }
 
-// (sequences, rows per sequence): batch-wide (one sequence of every row) and sequence-wise
-// scopes, short and long, with L a multiple of some chunk sizes and not of others.
-constexpr std::pair<int64_t, int64_t> kScopes[] = {{1, 37}, {1, 300}, {1, 512}, {3, 1},
-                                                   {4, 5},  {2, 130}, {3, 128}};
-// Chunk sizes of the partial P sums: one row, odd, the kernels' 128, and more than any L.
-constexpr int64_t kChunks[] = {1, 3, 128, 1024};
+// Sequences as the session makes them: uniform, uneven (padding taken out), some empty, and the
+// whole batch as one.
+std::vector<std::vector<int64_t>> sequence_cases(int64_t rows, std::mt19937& rng) {
+  std::vector<std::vector<int64_t>> cases{{0, rows}};
+  for (int64_t L : {int64_t{1}, int64_t{5}, int64_t{64}, int64_t{130}}) {
+    std::vector<int64_t> s{0};
+    while (s.back() < rows) s.push_back(std::min(rows, s.back() + L));
+    cases.push_back(s);
+  }
+  std::vector<int64_t> uneven{0};
+  std::uniform_int_distribution<int64_t> len(0, 150);
+  while (uneven.back() < rows) uneven.push_back(std::min(rows, uneven.back() + len(rng)));
+  cases.push_back(uneven);
+  return cases;
+}
 
-TEST_F(RouterRules, AuxLossIsTheCpus) {
+TEST_F(RouterRules, AuxLossesMatchTheirDefinition) {
   const double alpha = 1e-2;
   int64_t cases = 0;
   double worst_loss = 0.0, worst_ds = 0.0;
   const std::vector<RouterConfig> configs = every_config(rng_);
-  // Every fourth configuration keeps the run short; the loss does not depend on the group
-  // limits except through the routing.
-  for (size_t c = 0; c < configs.size(); c += 4) {
+  for (size_t c = 0; c < configs.size(); c += 8) {
     const RouterConfig& cfg = configs[c];
-    for (Logits kind : {Logits::Normal, Logits::Ties})
-      for (const auto& [num_seq, L] : kScopes) {
-        const int64_t rows = num_seq * L, E = cfg.num_experts;
-        const Routed in = route_and_plan(*cpu_, cfg, rows, kind, rng_);
-        std::vector<float> want_ds(static_cast<size_t>(rows * E));
-        const double want =
-            cpu_->aux_loss(cfg, in.r.scores.data(), in.plan, rows, L, alpha, want_ds.data());
-        for (int64_t chunk : kChunks) {
-          const AuxResult got = aux_rules(cfg, in.r.scores.data(), in.plan, rows, L, alpha, chunk);
-          const double loss_err = std::abs(got.loss - want) / std::abs(want);
-          const double ds_err = max_rel_error(got.ds, want_ds);
-          EXPECT_LE(loss_err, 1e-12)
-              << describe(cfg) << " L=" << L << " sequences=" << num_seq << " chunk=" << chunk;
-          EXPECT_LE(ds_err, 1e-6) << describe(cfg) << " L=" << L << " sequences=" << num_seq
-                                  << " chunk=" << chunk;
-          worst_loss = std::max(worst_loss, loss_err);
-          worst_ds = std::max(worst_ds, ds_err);
-          ++cases;
+    const int64_t E = cfg.num_experts;
+    for (int64_t rows : {int64_t{37}, int64_t{300}}) {
+      const Routed in = route_and_plan(*cpu_, cfg, rows, Logits::Normal, rng_);
+      for (const auto& seq : sequence_cases(rows, rng_)) {
+        const AuxChunks chunks = aux_chunks(seq);
+        std::vector<int64_t> counts(static_cast<size_t>(chunks.chunks() * E));
+        std::vector<double> psum(counts.size());
+        cpu_->aux_partials(cfg, in.r.scores.data(), in.plan, chunks.chunk_offsets.data(),
+                           chunks.chunks(), counts.data(), psum.data());
+        const AuxTerms t = aux_terms(chunks, counts.data(), psum.data(), E, cfg.top_k, alpha);
+        std::vector<float> ds(static_cast<size_t>(rows * E));
+        cpu_->aux_grad(cfg, in.r.scores.data(), rows, chunks.seq_offsets.data(), chunks.num_seq(),
+                       t.coef.data(), ds.data());
+        const AuxResult want = aux_reference(cfg, in.r.scores.data(), in.plan, seq, alpha);
+        const double loss_err = std::abs(t.loss - want.loss) / std::abs(want.loss);
+        double ds_err = 0.0, ds_max = 0.0;
+        for (size_t i = 0; i < ds.size(); ++i) {
+          ds_err = std::max(ds_err, std::abs(ds[i] - want.ds[i]));
+          ds_max = std::max(ds_max, std::abs(want.ds[i]));
         }
+        ds_err /= ds_max;
+        EXPECT_LE(loss_err, 1e-12) << describe(cfg) << " rows=" << rows;
+        EXPECT_LE(ds_err, 1e-6) << describe(cfg) << " rows=" << rows;
+        worst_loss = std::max(worst_loss, loss_err);
+        worst_ds = std::max(worst_ds, ds_err);
+        ++cases;
       }
+    }
   }
-  std::printf("aux_loss: %lld cases, worst relative error: loss %.3g, ds %.3g\n",
+  std::printf("aux losses: %lld cases, worst relative error: loss %.3g, ds %.3g\n",
               static_cast<long long>(cases), worst_loss, worst_ds);
 }
+
+// The statistics of a chunk do not depend on the rest of the batch: a sequence whose rows are
+// split between two calls (two processes holding halves of a global batch) folds to the same bits
+// as one call over all of it, as long as the split falls on a chunk boundary.
+TEST_F(RouterRules, AuxStatisticsOfASplitBatchAreBitwiseTheSame) {
+  const RouterConfig cfg = every_config(rng_)[5];
+  const int64_t E = cfg.num_experts, rows = 5 * kReduceRows + 17, split = 3 * kReduceRows;
+  const Routed all = route_and_plan(*cpu_, cfg, rows, Logits::Normal, rng_);
+  const AuxChunks whole = aux_chunks({0, rows});
+  std::vector<int64_t> counts(static_cast<size_t>(whole.chunks() * E));
+  std::vector<double> psum(counts.size());
+  cpu_->aux_partials(cfg, all.r.scores.data(), all.plan, whole.chunk_offsets.data(), whole.chunks(),
+                     counts.data(), psum.data());
+  // The two halves, each routed and planned alone, their chunk statistics concatenated.
+  std::vector<int64_t> counts2;
+  std::vector<double> psum2;
+  for (auto [t0, t1] : {std::pair<int64_t, int64_t>{0, split}, {split, rows}}) {
+    const int64_t n = t1 - t0;
+    std::vector<int32_t> experts(all.r.experts.begin() + t0 * cfg.top_k,
+                                 all.r.experts.begin() + t1 * cfg.top_k);
+    std::vector<float> weights(all.r.weights.begin() + t0 * cfg.top_k,
+                               all.r.weights.begin() + t1 * cfg.top_k);
+    DispatchPlan plan;
+    cpu_->plan_dispatch(experts.data(), weights.data(), n, cfg.top_k, E, plan);
+    const AuxChunks part = aux_chunks({0, n});
+    std::vector<int64_t> c(static_cast<size_t>(part.chunks() * E));
+    std::vector<double> p(c.size());
+    cpu_->aux_partials(cfg, all.r.scores.data() + t0 * E, plan, part.chunk_offsets.data(),
+                       part.chunks(), c.data(), p.data());
+    counts2.insert(counts2.end(), c.begin(), c.end());
+    psum2.insert(psum2.end(), p.begin(), p.end());
+  }
+  EXPECT_EQ(counts2, counts);
+  ASSERT_EQ(psum2.size(), psum.size());
+  EXPECT_EQ(std::memcmp(psum2.data(), psum.data(), psum.size() * sizeof(double)), 0);
+  const AuxTerms a = aux_terms(whole, counts.data(), psum.data(), E, cfg.top_k, 0.01);
+  const AuxTerms b = aux_terms(whole, counts2.data(), psum2.data(), E, cfg.top_k, 0.01);
+  EXPECT_EQ(std::memcmp(&a.loss, &b.loss, sizeof(double)), 0);
+}
+
+// (sequences, rows per sequence): batch-wide (one sequence of every row) and sequence-wise.
+constexpr std::pair<int64_t, int64_t> kScopes[] = {{1, 37}, {1, 300}, {1, 512}, {3, 1},
+                                                   {4, 5},  {2, 130}, {3, 128}};
 
 // The count of (sequence, expert) from two binary searches in the expert-major plan, against a
 // count through the token-major view, as the CPU backend counts; and, for the whole batch, the

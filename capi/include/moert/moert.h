@@ -17,6 +17,8 @@
  *    serialised by the session itself. A moert_session_options object must not be modified
  *    concurrently. Status objects are independent values.
  *  - No function throws, aborts or exits on bad input.
+ *  - Status messages are valid UTF-8: text taken from a file (a model's or layer's name, say) is
+ *    quoted with every byte that is not part of valid UTF-8 written as \xNN.
  */
 #ifndef MOERT_MOERT_H
 #define MOERT_MOERT_H
@@ -64,8 +66,8 @@ MOERT_API void moert_schema_version(uint32_t* major, uint32_t* minor);
 #define MOERT_ERR_OUT_OF_MEMORY 4    /* an allocation failed; the state is unchanged */
 #define MOERT_ERR_UNSUPPORTED 5      /* valid request this build or device cannot serve */
 #define MOERT_ERR_INVALID_STATE 6    /* the call is not allowed in the handle's current state */
-#define MOERT_ERR_NUMERIC 7          /* NaN or infinity in an input or a result */
-#define MOERT_ERR_INTERNAL 8         /* a bug in moert: please report it with the message */
+#define MOERT_ERR_NUMERIC 7  /* NaN or infinity in an input, or in a result from finite inputs */
+#define MOERT_ERR_INTERNAL 8 /* a bug in moert: please report it with the message */
 
 typedef struct moert_status moert_status;
 
@@ -222,7 +224,15 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
 
 /* Backend knob by name. Known keys:
  *   "check_finite"  "true" (default) | "false": refuse NaN or infinity in hidden-state inputs
- *                   with MOERT_ERR_NUMERIC before any work is done.
+ *                   and output gradients with MOERT_ERR_NUMERIC before any work is done, and
+ *                   check results: a layer whose output holds a NaN or infinity although its
+ *                   inputs were finite (a value exceeded the fp32 range: a hidden value of 1e38
+ *                   times a weight of 10) fails the pass with MOERT_ERR_NUMERIC naming the layer,
+ *                   row and column, and nothing of the pass is kept; so does an input gradient
+ *                   (grad_in) that overflows. Where a limit exists it is computed instead of
+ *                   NaN: softmax and sigmoid scores of infinite router logits, silu(-inf) = 0,
+ *                   RMSNorm of values up to the fp32 maximum. "false" skips the checks (results
+ *                   may then hold NaN or infinity).
  *   "cuda_plugin"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads
  *                   one plugin: a second, different path is refused).
  *   and the training knobs listed under Training below.
@@ -236,7 +246,9 @@ typedef struct moert_session moert_session;
 
 /* Creates a session over `model` with `options` (NULL: defaults). The session keeps what it needs
  * of the model: the model may be freed afterwards. Free with moert_session_free().
- * MOERT_ERR_UNSUPPORTED when the options ask for a device or mode this build cannot serve. */
+ * MOERT_ERR_UNSUPPORTED when the options ask for a device or mode this build cannot serve;
+ * MOERT_ERR_INVALID_ARGUMENT for a training session over a model with a MoE router that cannot
+ * learn (top_k = 1 with normalize_weights: every gate weight is then a constant). */
 MOERT_API moert_status* moert_session_create(const moert_model* model,
                                              const moert_session_options* options,
                                              moert_session** out);
@@ -257,6 +269,25 @@ MOERT_API moert_status* moert_session_forward_tokens(moert_session* session, con
 MOERT_API moert_status* moert_session_forward_hidden(moert_session* session, const float* in,
                                                      uint64_t in_len, uint64_t rows, float* out,
                                                      uint64_t out_len);
+
+/* Forward passes over padded batches: as moert_session_forward_tokens() and
+ * moert_session_forward_hidden(), with `row_mask` holding one byte per row (`mask_len` = rows):
+ * nonzero for a row that takes part, 0 for padding. A padding row's input is ignored (it is not
+ * checked: a pad id outside the vocabulary or an uninitialised row is fine); it is not routed and
+ * not counted in any expert count, MaxVio or loss-free bias update; its output row is all zeros;
+ * backward gives it a zero input gradient and takes nothing from its output gradient or target;
+ * it enters neither the auxiliary losses (a sequence of the sequence-wise loss keeps only its
+ * rows that take part) nor the mean of moert_session_backward_loss(). Results for the other rows
+ * are those of a pass over them alone. A mask of all zeros is allowed: outputs are zero and the
+ * pass counts nothing. `row_mask` is read during the call only. */
+MOERT_API moert_status* moert_session_forward_tokens_masked(
+    moert_session* session, const int32_t* tokens, uint64_t num_tokens, const uint8_t* row_mask,
+    uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len);
+MOERT_API moert_status* moert_session_forward_hidden_masked(moert_session* session, const float* in,
+                                                            uint64_t in_len,
+                                                            const uint8_t* row_mask,
+                                                            uint64_t mask_len, uint64_t rows,
+                                                            float* out, uint64_t out_len);
 
 /* ---- Routing metrics ---------------------------------------------------------------------- */
 
@@ -300,22 +331,39 @@ MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
  *   "warmup_steps" (0): linear warm-up; "total_steps" (0 = constant): cosine decay to min_lr
  *   "sequence_length" (0 = the whole batch): rows per sequence for the sequence-wise aux loss */
 
-/* Softmax cross-entropy of the last training-mode forward pass's logits against `targets` (one id
- * per row, `num_targets` = rows), averaged over rows, plus the auxiliary balancing losses of the
- * MoE layers; gradients of all parameters are accumulated. *loss (may be NULL) receives the loss.
- * Needs an OutputHead as the last layer, and one backward per forward (MOERT_ERR_INVALID_STATE). */
+/* A target that takes no part in the loss (PyTorch's ignore_index). */
+#define MOERT_IGNORE_TARGET (-100)
+
+/* Softmax cross-entropy of the last forward pass's logits against `targets` (one id per row,
+ * `num_targets` = rows), averaged over the rows that take part (not padding) and whose target is
+ * not MOERT_IGNORE_TARGET (a loss of 0 and no loss gradient when there are none), plus the
+ * auxiliary balancing losses of the MoE layers; gradients of all parameters are accumulated.
+ * *loss (may be NULL) receives the loss. Needs an OutputHead as the last layer.
+ *
+ * Both backward functions use the last forward pass, which must have been a training-mode pass
+ * with no backward yet: an eval-mode forward, moert_session_zero_grad(), moert_session_load() or
+ * a failed forward since then discards it (MOERT_ERR_INVALID_STATE). A backward refused before it
+ * starts (wrong sizes, a bad target, a NaN in grad_out) leaves everything as it was and may be
+ * retried; one that fails after it has begun (out of memory, an input gradient that overflows)
+ * has accumulated part of its gradient, so moert_session_step() refuses the step, with that
+ * failure's code, until moert_session_zero_grad() discards it. */
 MOERT_API moert_status* moert_session_backward_loss(moert_session* session, const int32_t* targets,
                                                     uint64_t num_targets, double* loss);
 
-/* Backward from a caller-given gradient of the last training-mode forward pass's outputs
- * (`grad_out`, rows * output_width floats). When `grad_in` is not NULL (hidden-state models only)
- * it receives the gradient of the inputs (`grad_in_len` = rows * input_width). *aux_loss (may be
- * NULL) receives the auxiliary balancing losses, whose gradients are included. */
+/* Backward from a caller-given gradient of the last forward pass's outputs (`grad_out`,
+ * rows * output_width floats; padding rows' values are ignored). When `grad_in` is not NULL
+ * (hidden-state models only) it receives the gradient of the inputs (`grad_in_len` =
+ * rows * input_width; zero on padding rows). *aux_loss (may be NULL) receives the auxiliary
+ * balancing losses, whose gradients are included. See moert_session_backward_loss() for which
+ * pass it uses and what a failure leaves. */
 MOERT_API moert_status* moert_session_backward(moert_session* session, const float* grad_out,
                                                uint64_t grad_out_len, float* grad_in,
                                                uint64_t grad_in_len, double* aux_loss);
 
-/* Zeroes the accumulated gradients and the micro-batch count. */
+/* Starts a step afresh: zeroes the accumulated gradients and the micro-batch count, and discards
+ * everything else of the step so far — the token counts of its forward passes (the loss-free
+ * bias update uses only passes after this call), a forward pass waiting for its backward, and a
+ * failed backward's refusal of the step. */
 MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
 
 /* One optimizer step over the gradients accumulated since moert_session_zero_grad(), averaged over
@@ -323,7 +371,9 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * update of every MoE layer from the integer token counts of the step,
  * b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and
  * *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before
- * clipping. MOERT_ERR_NUMERIC (parameters unchanged) when the gradient is not finite. */
+ * clipping. MOERT_ERR_NUMERIC when the gradient is not finite: parameters, biases and counts are
+ * unchanged, and the step's counts wait for a retry — moert_session_zero_grad() discards them.
+ * Refused too (with the failure's code) after a backward of this step failed midway. */
 MOERT_API moert_status* moert_session_step(moert_session* session, double* lr, double* grad_norm);
 
 /* Optimizer steps taken (restored from checkpoints). */
