@@ -55,15 +55,23 @@ EvalResult evaluate(moert_session* session, const moert_model* model,
   check(moert_session_reset_metrics(session), "metrics");
 
   EvalResult r;
+  const uint64_t n = positions.size();
+  // Every pass has the same shape, as a service's would: a last, partial batch is padded with
+  // masked rows, which the library leaves out of everything.
+  batch = std::min(batch, n);
   std::vector<int32_t> tokens(batch * context), targets(batch);
   std::vector<float> logits(batch * vocab);
+  std::vector<uint8_t> mask(batch);
   double loss_sum = 0.0;
-  const uint64_t n = positions.size();
   for (uint64_t b = 0; b < n; b += batch) {
     const uint64_t rows = std::min(batch, n - b);
     gather_rows(stream, context, positions.data() + b, rows, tokens.data(), targets.data());
-    check(moert_session_forward_tokens(session, tokens.data(), rows * context, rows, logits.data(),
-                                       rows * vocab),
+    std::fill(mask.begin(), mask.end(), uint8_t{0});
+    std::fill(mask.begin(), mask.begin() + static_cast<std::ptrdiff_t>(rows), uint8_t{1});
+    // Padding holds an id outside the vocabulary: it must never be read.
+    std::fill(tokens.begin() + static_cast<std::ptrdiff_t>(rows * context), tokens.end(), -1);
+    check(moert_session_forward_tokens_masked(session, tokens.data(), batch * context, mask.data(),
+                                              batch, batch, logits.data(), batch * vocab),
           "forward");
     loss_sum +=
         cross_entropy(logits.data(), targets.data(), rows, vocab) * static_cast<double>(rows);

@@ -318,6 +318,36 @@ TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
   EXPECT_EQ(slurp(png).substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
 }
 
+// A last, partial batch is padded with masked rows: the figures are those of any batch size.
+TEST(Cli, EvalPadsItsLastBatchWithoutChangingAnything) {
+  const fs::path dir = workdir("eval-pad");
+  ASSERT_EQ(run(std::string("train --corpus ") + MOERT_TINY_CORPUS +
+                    " --steps 3 --batch 32 --context 4 --embed-dim 8 --blocks 1 --experts 4"
+                    " --top-k 2 --expert-hidden 8 --threads 1 --val-every 5 --probe-rows 64"
+                    " --balancing loss-free --save " +
+                    (dir / "models").string(),
+                dir)
+                .code,
+            0);
+  const fs::path ckpt = dir / "models" / "loss-free.moert";
+  ASSERT_TRUE(fs::exists(ckpt));
+  const std::string base = "eval '" + ckpt.string() +
+                           "' --json --threads 1 --val-every 5 --rows 301 --corpus " +
+                           MOERT_TINY_CORPUS;
+  const Result whole = run(base + " --batch 301", dir);
+  const Result padded = run(base + " --batch 64", dir);
+  ASSERT_EQ(whole.code, 0) << whole.err;
+  ASSERT_EQ(padded.code, 0) << padded.err;
+  // The loss is a mean of per-batch means: its last bits follow the batching; MaxVio and the
+  // counts are integers' and exact.
+  EXPECT_NEAR(json_value(whole.out, "loss"), json_value(padded.out, "loss"), 1e-12);
+  EXPECT_EQ(json_value(whole.out, "max_vio_global"), json_value(padded.out, "max_vio_global"));
+  EXPECT_EQ(json_value(whole.out, "characters"), 301.0);
+  EXPECT_EQ(json_value(padded.out, "characters"), 301.0);
+  EXPECT_EQ(whole.out.substr(whole.out.find("\"moe_layers\"")),
+            padded.out.substr(padded.out.find("\"moe_layers\"")));
+}
+
 TEST(Cli, BenchQuickPrintsItsTable) {
   const fs::path dir = workdir("bench");
   const Result r = run("bench --quick --threads 1", dir);
