@@ -1,0 +1,105 @@
+#include "core/expert_parallel.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "core/error.h"
+
+namespace moert {
+
+ExpertLayout::ExpertLayout(const ExpertSharding& sharding, std::vector<int64_t> counts,
+                           int64_t chunk_rows)
+    : s_(sharding), chunk_(chunk_rows), prefix_(std::move(counts)) {
+  const int64_t E = s_.experts;
+  if (s_.ep < 1 || s_.world % s_.ep != 0 || E % s_.ep != 0 ||
+      static_cast<int64_t>(prefix_.size()) != s_.world * E)
+    fail(Code::Internal, "expert layout: ", s_.world, " ranks, EP ", s_.ep, ", ", E,
+         " experts and ", prefix_.size(), " counts do not fit");
+  total_.assign(static_cast<size_t>(E), 0);
+  // counts -> exclusive prefix over ranks, in place.
+  for (int r = 0; r < s_.world; ++r)
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t c = prefix_[r * E + e];
+      prefix_[r * E + e] = total_[e];
+      total_[e] += c;
+    }
+  const int64_t P = s_.per_shard();
+  slot_base_.assign(static_cast<size_t>(s_.world * (P + 1)), 0);
+  for (int q = 0; q < s_.world; ++q) {
+    const int64_t first = (q % s_.ep) * P;
+    const int d = q / s_.ep;
+    for (int64_t i = 0; i < P; ++i)
+      slot_base_[q * (P + 1) + i + 1] =
+          slot_base_[q * (P + 1) + i] + range_end(first + i, d) - range_begin(first + i, d);
+  }
+}
+
+int64_t ExpertLayout::range_begin(int64_t e, int d) const {
+  const int64_t J = (total_[e] + chunk_ - 1) / chunk_, dp = s_.dp();
+  return std::min(total_[e], chunk_ * (static_cast<int64_t>(d) * J / dp));
+}
+
+int ExpertLayout::replica_of(int64_t e, int64_t p) const {
+  int d = 0;
+  while (d + 1 < s_.dp() && range_begin(e, d + 1) <= p) ++d;
+  return d;
+}
+
+std::vector<int64_t> ExpertLayout::slot_offsets(int q) const {
+  const int64_t P = s_.per_shard();
+  const auto* b = slot_base_.data() + q * (P + 1);
+  return std::vector<int64_t>(b, b + P + 1);
+}
+
+int64_t ExpertLayout::slot(int q, int64_t e, int64_t p) const {
+  const int64_t P = s_.per_shard(), local = e - (q % s_.ep) * P;
+  return slot_base_[q * (P + 1) + local] + p - range_begin(e, q / s_.ep);
+}
+
+int64_t ExpertLayout::first_chunk(int q, int64_t local) const {
+  ExpertSharding on = s_;
+  on.rank = q;
+  return range_begin(on.first_expert() + local, on.replica()) / chunk_;
+}
+
+DispatchRoute route_dispatch(const ExpertLayout& layout, const int32_t* token,
+                             const int32_t* expert, const float* weight, int64_t assignments,
+                             int64_t rows) {
+  const ExpertSharding& s = layout.sharding();
+  const int world = s.world;
+  DispatchRoute out;
+  out.tokens.resize(static_cast<size_t>(world));
+  out.assignments.resize(static_cast<size_t>(world));
+  out.dest.resize(static_cast<size_t>(assignments));
+  out.index.resize(static_cast<size_t>(assignments));
+  // Slot bases of every destination's local experts, computed once per (rank, expert).
+  std::vector<int64_t> position(static_cast<size_t>(assignments));
+  std::vector<int64_t> next(static_cast<size_t>(s.experts), 0);
+  for (int64_t e = 0; e < s.experts; ++e) next[e] = layout.first_position(s.rank, e);
+  // Which destinations need which tokens: row_of[q * rows + t] = its row in tokens[q], or -1.
+  std::vector<int32_t> row_of(static_cast<size_t>(world) * static_cast<size_t>(rows), -1);
+  for (int64_t a = 0; a < assignments; ++a) {
+    const int64_t e = expert[a];
+    position[a] = next[e]++;
+    const int q = layout.owner(e, position[a]);
+    out.dest[a] = q;
+    row_of[static_cast<size_t>(q) * rows + token[a]] = 0;
+  }
+  for (int q = 0; q < world; ++q)
+    for (int64_t t = 0; t < rows; ++t) {
+      int32_t& r = row_of[static_cast<size_t>(q) * rows + t];
+      if (r < 0) continue;
+      r = static_cast<int32_t>(out.tokens[q].size());
+      out.tokens[q].push_back(static_cast<int32_t>(t));
+    }
+  for (int64_t a = 0; a < assignments; ++a) {
+    const int q = out.dest[a];
+    out.index[a] = static_cast<int32_t>(out.assignments[q].size());
+    out.assignments[q].push_back({row_of[static_cast<size_t>(q) * rows + token[a]],
+                                  static_cast<int32_t>(layout.slot(q, expert[a], position[a])),
+                                  weight[a]});
+  }
+  return out;
+}
+
+}  // namespace moert
