@@ -14,7 +14,9 @@
 
 namespace moert {
 class Backend;
-inline constexpr uint32_t kCudaPluginAbi = 2;
+class Communicator;
+// 3: NCCL communicators (moert_cuda_plugin_nccl_*).
+inline constexpr uint32_t kCudaPluginAbi = 3;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =
     MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(
@@ -40,4 +42,16 @@ typedef const char* (*moert_cuda_plugin_version_fn)(void);
 // and writes a message (at most `message_len` bytes, NUL-terminated) into `message`.
 typedef moert::Backend* (*moert_cuda_plugin_create_fn)(int32_t device, int32_t* code, char* message,
                                                        size_t message_len);
+// NCCL (optional: a plugin without these two has no NCCL). Writes a fresh NCCL unique id of
+// `len` bytes (kNcclUniqueIdBytes) into `out`; returns 0, or a moert::Code value and a message.
+typedef int32_t (*moert_cuda_plugin_nccl_unique_id_fn)(uint8_t* out, size_t len, char* message,
+                                                       size_t message_len);
+// Creates the NCCL communicator of rank `rank` of `size` on CUDA device `device` from the id
+// every rank passes; collective; `timeout` bounds the creation and is the communicator's
+// timeout. On failure returns null, with *code and a message as above.
+typedef moert::Communicator* (*moert_cuda_plugin_nccl_create_fn)(const uint8_t* id, size_t id_len,
+                                                                 int32_t rank, int32_t size,
+                                                                 int32_t device, double timeout,
+                                                                 int32_t* code, char* message,
+                                                                 size_t message_len);
 }

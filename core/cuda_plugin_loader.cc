@@ -1,31 +1,29 @@
-// Finds, loads and checks the CUDA plugin on the first CUDA session. The plugin stays loaded for
-// the life of the process: backends and their kernels must never be unloaded under a session.
+// Finds, loads and checks the CUDA plugin on the first CUDA session or NCCL communicator. The
+// plugin stays loaded for the life of the process: backends and their kernels must never be
+// unloaded under a session.
 #include <dlfcn.h>
 
 #include <cstring>
-#include <filesystem>
 #include <mutex>
 #include <string>
 
 #include "core/backend.h"
+#include "core/comm_support.h"
+#include "core/communicator.h"
 #include "core/cuda_plugin.h"
 #include "core/error.h"
+#include "core/plugin_path.h"
 #include "moert/moert.h"
 
 namespace moert {
 namespace {
 
-// The directory libmoert itself was loaded from.
-std::string own_directory() {
-  Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&own_directory), &info) == 0 || !info.dli_fname) return "";
-  return std::filesystem::path(info.dli_fname).parent_path().string();
-}
-
 struct Plugin {
   std::mutex mu;
   std::string loaded_path;
   moert_cuda_plugin_create_fn create = nullptr;
+  moert_cuda_plugin_nccl_unique_id_fn nccl_unique_id = nullptr;  // null: built without NCCL
+  moert_cuda_plugin_nccl_create_fn nccl_create = nullptr;
 };
 
 Plugin& plugin() {
@@ -40,16 +38,11 @@ F symbol(void* handle, const char* name, const std::string& path) {
   return reinterpret_cast<F>(s);
 }
 
-}  // namespace
-
-std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& plugin_path) {
+// The loaded plugin, loading it from `plugin_path` (empty: beside libmoert.so) the first time.
+Plugin& load(const std::string& plugin_path) {
   Plugin& p = plugin();
   std::lock_guard<std::mutex> lock(p.mu);
-  std::string path = plugin_path;
-  if (path.empty()) {
-    const std::string dir = own_directory();
-    path = (std::filesystem::path(dir.empty() ? "." : dir) / "libmoert_cuda.so").string();
-  }
+  const std::string path = plugin_path.empty() ? beside_library("libmoert_cuda.so") : plugin_path;
   if (!p.create) {
     void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!handle)
@@ -63,20 +56,61 @@ std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& pl
            abi(), "); this library is ", kPluginLibraryVersion, " (plugin ABI ", kCudaPluginAbi,
            ")");
     p.create = symbol<moert_cuda_plugin_create_fn>(handle, "moert_cuda_plugin_create", path);
+    p.nccl_unique_id = reinterpret_cast<moert_cuda_plugin_nccl_unique_id_fn>(
+        dlsym(handle, "moert_cuda_plugin_nccl_unique_id"));
+    p.nccl_create = reinterpret_cast<moert_cuda_plugin_nccl_create_fn>(
+        dlsym(handle, "moert_cuda_plugin_nccl_create"));
     p.loaded_path = path;
   } else if (!plugin_path.empty() && plugin_path != p.loaded_path) {
     fail(Code::InvalidArgument, "the CUDA plugin is already loaded from '", p.loaded_path,
          "'; a process uses one plugin");
   }
+  return p;
+}
+
+Plugin& load_nccl(const std::string& plugin_path) {
+  Plugin& p = load(plugin_path);
+  if (!p.nccl_unique_id || !p.nccl_create)
+    fail(Code::Unsupported, "the CUDA plugin '", p.loaded_path,
+         "' has no NCCL (it was built without it)");
+  return p;
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& plugin_path) {
+  Plugin& p = load(plugin_path);
   char message[512] = {0};
   int32_t code = static_cast<int32_t>(Code::Unsupported);
   Backend* be = p.create(device, &code, message, sizeof message);
-  if (!be) {
-    const bool known = code >= static_cast<int32_t>(Code::InvalidArgument) &&
-                       code <= static_cast<int32_t>(Code::Internal);
-    fail(known ? static_cast<Code>(code) : Code::Internal, "CUDA backend unavailable: ", message);
-  }
+  if (!be) fail(plugin_code(code), "CUDA backend unavailable: ", message);
   return std::unique_ptr<Backend>(be);
+}
+
+void nccl_unique_id(uint8_t* out, const std::string& plugin_path) {
+  if (!out) fail(Code::InvalidArgument, "the NCCL unique id buffer is null");
+  Plugin& p = load_nccl(plugin_path);
+  char message[512] = {0};
+  const int32_t code = p.nccl_unique_id(out, kNcclUniqueIdBytes, message, sizeof message);
+  if (code != 0) fail(plugin_code(code), "NCCL unique id: ", message);
+}
+
+std::unique_ptr<Communicator> make_nccl_communicator(const uint8_t* id, int32_t rank, int32_t size,
+                                                     int32_t device, double timeout,
+                                                     const std::string& plugin_path) {
+  if (!id) fail(Code::InvalidArgument, "the NCCL unique id is null");
+  if (size < 1) fail(Code::InvalidArgument, "an NCCL communicator needs size >= 1, got ", size);
+  if (rank < 0 || rank >= size)
+    fail(Code::InvalidArgument, "rank ", rank, " is not in [0, ", size, ")");
+  if (device < 0) fail(Code::InvalidArgument, "CUDA device ", device, " is negative");
+  comm::check_timeout(timeout);
+  Plugin& p = load_nccl(plugin_path);
+  char message[1024] = {0};
+  int32_t code = static_cast<int32_t>(Code::Internal);
+  Communicator* c = p.nccl_create(id, kNcclUniqueIdBytes, rank, size, device, timeout, &code,
+                                  message, sizeof message);
+  if (!c) fail(plugin_code(code), "NCCL communicator: ", message);
+  return std::unique_ptr<Communicator>(c);
 }
 
 }  // namespace moert

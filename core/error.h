@@ -20,6 +20,7 @@ enum class Code : int32_t {
   InvalidState = 6,
   Numeric = 7,
   Internal = 8,
+  Comm = 9,  // a collective failed or timed out; the communicator is broken
 };
 
 class Error : public std::runtime_error {

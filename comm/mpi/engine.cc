@@ -1,0 +1,552 @@
+#include "comm/mpi/engine.h"
+
+#include <sched.h>
+#include <signal.h>
+
+#include <cstring>
+#include <future>
+#include <limits>
+#include <thread>
+
+namespace moert::mpi {
+
+std::string error_string(int code) {
+  char text[MPI_MAX_ERROR_STRING] = {0};
+  int len = 0;
+  if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) return cat("MPI error ", code);
+  return std::string(text, static_cast<size_t>(len));
+}
+
+void check_mpi(int rc, const char* what) {
+  if (rc != MPI_SUCCESS) fail(Code::Comm, what, " failed: ", error_string(rc));
+}
+
+std::string Operation::name() const { return cat(comm::op_name(op_), " #", seq_); }
+
+CommState::CommState(MPI_Comm data_comm, MPI_Comm control_comm, int32_t rank_, int32_t size_,
+                     double timeout, int64_t max_message_)
+    : data(data_comm),
+      control(control_comm),
+      rank(rank_),
+      size(size_),
+      max_message(max_message_),
+      health(comm::label("MPI", rank_, size_), timeout) {
+  void* value = nullptr;
+  int found = 0;
+  MPI_Comm_get_attr(data, MPI_TAG_UB, &value, &found);
+  const int tag_ub = found && value ? *static_cast<int*>(value) : 32767;  // the standard's minimum
+  tag_modulus = tag_ub / 4;
+}
+
+int CommState::tag(uint64_t seq, int phase) const {
+  return static_cast<int>(seq % static_cast<uint64_t>(tag_modulus)) * 4 + phase;
+}
+
+void CommState::post_send(const char* p, int64_t bytes, int32_t peer, int tag, Posted& out) const {
+  for (int64_t done = 0; done < bytes; done += max_message) {
+    const int n = static_cast<int>(std::min(max_message, bytes - done));
+    MPI_Request r = MPI_REQUEST_NULL;
+    check_mpi(MPI_Isend(p + done, n, MPI_BYTE, peer, tag, data, &r), "MPI_Isend");
+    out.add(r, -1);
+  }
+}
+
+void CommState::post_recv(char* p, int64_t bytes, int32_t peer, int tag, Posted& out) const {
+  for (int64_t done = 0; done < bytes; done += max_message) {
+    const int n = static_cast<int>(std::min(max_message, bytes - done));
+    MPI_Request r = MPI_REQUEST_NULL;
+    check_mpi(MPI_Irecv(p + done, n, MPI_BYTE, peer, tag, data, &r), "MPI_Irecv");
+    out.add(r, n);
+  }
+}
+
+namespace {
+
+// The first byte of a notice: why the peer broke.
+constexpr char kTimeoutNotice = 'T', kErrorNotice = 'E';
+
+// Open MPI's MPI_Init installs handlers for SIGABRT, SIGBUS, SIGFPE and SIGSEGV (its stack
+// traces); a library must not change its host's signal handling, so the host's are put back.
+class SignalGuard {
+ public:
+  SignalGuard() {
+    for (int s = 1; s < kSignals; ++s) saved_[s].ok = sigaction(s, nullptr, &saved_[s].action) == 0;
+  }
+  ~SignalGuard() {
+    for (int s = 1; s < kSignals; ++s) {
+      struct sigaction now {};
+      if (!saved_[s].ok || sigaction(s, nullptr, &now) != 0) continue;
+      if (now.sa_handler != saved_[s].action.sa_handler) sigaction(s, &saved_[s].action, nullptr);
+    }
+  }
+
+ private:
+  static constexpr int kSignals = 32;
+  struct Saved {
+    struct sigaction action {};
+    bool ok = false;
+  };
+  Saved saved_[kSignals];
+};
+
+const char* thread_level_name(int level) {
+  switch (level) {
+    case MPI_THREAD_SINGLE:
+      return "MPI_THREAD_SINGLE";
+    case MPI_THREAD_FUNNELED:
+      return "MPI_THREAD_FUNNELED";
+    case MPI_THREAD_SERIALIZED:
+      return "MPI_THREAD_SERIALIZED";
+    case MPI_THREAD_MULTIPLE:
+      return "MPI_THREAD_MULTIPLE";
+    default:
+      return "an unknown thread level";
+  }
+}
+
+// The MPI library this plugin's calls reach must be the Open MPI it was compiled against: a host
+// that loaded another MPI first would capture the plugin's MPI symbols.
+void check_library() {
+  char version[MPI_MAX_LIBRARY_VERSION_STRING] = {0};
+  int len = 0;
+  MPI_Get_library_version(version, &len);
+  const std::string v(version, static_cast<size_t>(len > 0 ? len : 0));
+  const std::string want = cat("Open MPI v", OMPI_MAJOR_VERSION, ".", OMPI_MINOR_VERSION, ".");
+  if (v.rfind(want, 0) != 0)
+    fail(Code::Unsupported, "the MPI library in this process is '", v.substr(0, v.find('\n')),
+         "'; libmoert_mpi.so was built for Open MPI ", OMPI_MAJOR_VERSION, ".", OMPI_MINOR_VERSION,
+         " and works only with it");
+}
+
+}  // namespace
+
+Engine& Engine::start(double timeout) {
+  static Engine* engine = new Engine;  // never destroyed: its thread may outlive static destructors
+  Engine& e = *engine;
+  std::unique_lock<std::mutex> lock(e.mu_);
+  if (!e.started_) {
+    e.started_ = true;
+    std::thread([&e, timeout] { e.run(timeout); }).detach();
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
+  if (!e.done_cv_.wait_until(lock, deadline, [&] { return e.state_ != State::Starting; }))
+    fail(Code::Comm, "MPI initialisation did not complete within ", timeout,
+         " s (did every rank of the job create its communicator?)");
+  if (e.state_ == State::Failed) fail(Code::Unsupported, e.failure_);
+  if (e.state_ == State::Finalised)
+    fail(Code::InvalidState,
+         "moert finalised MPI when its last MPI communicator was freed, and MPI cannot be "
+         "initialised twice in one process: keep one communicator alive for as long as the "
+         "process uses MPI");
+  return e;
+}
+
+void Engine::initialise() {
+  check_library();
+  int finalized = 0, initialized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized)
+    fail(Code::InvalidState, "MPI has already been finalised in this process; it cannot be used");
+  MPI_Initialized(&initialized);
+  int provided = MPI_THREAD_SINGLE;
+  if (initialized) {
+    MPI_Query_thread(&provided);
+    if (provided < MPI_THREAD_MULTIPLE)
+      fail(Code::Unsupported, "the host initialised MPI with ", thread_level_name(provided),
+           "; moert's progress thread calls MPI while the host's threads may, which needs "
+           "MPI_THREAD_MULTIPLE (MPI_Init_thread)");
+    return;
+  }
+  {
+    const SignalGuard guard;
+    const int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided);
+    if (rc != MPI_SUCCESS) fail(Code::Unsupported, "MPI_Init_thread failed: ", error_string(rc));
+  }
+  owns_mpi_ = true;
+  if (provided < MPI_THREAD_MULTIPLE)
+    fail(Code::Unsupported, "this Open MPI provides only ", thread_level_name(provided),
+         "; moert needs MPI_THREAD_MULTIPLE");
+}
+
+void Engine::run(double init_timeout) {
+  (void)init_timeout;
+  {
+    std::string why;
+    try {
+      initialise();
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    state_ = why.empty() ? State::Running : State::Failed;
+    failure_ = why;
+    done_cv_.notify_all();
+    if (!why.empty()) return;
+  }
+  // Polling: after anything moved, spin (yielding) for a while, then sleep in short steps while
+  // operations are in flight, so that a caller computing on the same cores keeps most of them;
+  // while a caller is blocked in wait(), its core is idle and the engine polls without sleeping.
+  constexpr int kSpins = 200;
+  constexpr auto kIdlePoll = std::chrono::milliseconds(20);
+  const auto nap = std::chrono::microseconds(50);
+  int idle_rounds = 0;
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    while (!commands_.empty()) {
+      auto fn = std::move(commands_.front());
+      commands_.pop_front();
+      lock.unlock();
+      fn();
+      lock.lock();
+    }
+    lock.unlock();
+    bool moved = false, busy = false;
+    for (size_t i = 0; i < comms_.size();) {
+      CommState& c = *comms_[i];
+      moved |= progress_comm(c);
+      if (c.closing && c.queued.empty() && c.active.empty()) {
+        release(c);
+        if (c.health.broken()) graveyard_.push_back(comms_[i]);
+        comms_.erase(comms_.begin() + static_cast<std::ptrdiff_t>(i));
+        moved = true;
+        continue;
+      }
+      busy |= !c.active.empty() || !c.queued.empty();
+      ++i;
+    }
+    lock.lock();
+    if (may_finalise()) {
+      lock.unlock();
+      MPI_Finalize();
+      lock.lock();
+      state_ = State::Finalised;
+      done_cv_.notify_all();
+      return;
+    }
+    if (!commands_.empty()) continue;
+    if (moved) {
+      idle_rounds = 0;
+      continue;
+    }
+    if (!busy) {
+      // Idle: still look for the peers' notices now and then, so that broken() tells the truth
+      // between operations; with no communicator there is nothing to look at.
+      if (comms_.empty())
+        cv_.wait(lock, [&] { return !commands_.empty(); });
+      else
+        cv_.wait_for(lock, kIdlePoll, [&] { return !commands_.empty(); });
+      continue;
+    }
+    if (waiters.load() > 0 || ++idle_rounds < kSpins) {
+      lock.unlock();
+      sched_yield();
+      lock.lock();
+    } else {
+      cv_.wait_for(lock, nap);
+    }
+  }
+}
+
+bool Engine::progress_comm(CommState& c) {
+  bool moved = false;
+  if (c.notice_recv != MPI_REQUEST_NULL && !c.health.broken()) {
+    int flag = 0;
+    MPI_Status st;
+    if (MPI_Test(&c.notice_recv, &flag, &st) == MPI_SUCCESS && flag) {
+      c.notice[sizeof c.notice - 1] = '\0';
+      const std::string text(c.notice + 1);
+      // A peer's timeout may mean a dead rank: finalising would wait for it.
+      if (c.notice[0] == kTimeoutNotice) {
+        std::lock_guard<std::mutex> lock(mu_);
+        timed_out_ = true;
+      }
+      c.health.mark_broken(cat("rank ", st.MPI_SOURCE, " reported: ", text));
+      c.noticed_peers = true;  // the reporter told everyone already
+      moved = true;
+    }
+  }
+  if (c.health.broken()) {
+    if (!c.queued.empty() || !c.active.empty()) {
+      fail_all(c, c.health.reason());
+      moved = true;
+    }
+    if (!c.noticed_peers) send_notices(c, c.health.reason());
+    return moved;
+  }
+  while (!c.queued.empty()) {
+    auto op = std::move(c.queued.front());
+    c.queued.pop_front();
+    c.active.push_back(op);
+    if (!advance(c, op)) return true;  // the communicator broke
+    moved = true;
+  }
+  for (size_t i = 0; i < c.active.size();) {
+    const auto op = c.active[i];
+    int flag = 1;
+    if (!op->posted.requests.empty()) {
+      std::vector<MPI_Status> statuses(op->posted.requests.size());
+      const int rc = MPI_Testall(static_cast<int>(op->posted.requests.size()),
+                                 op->posted.requests.data(), &flag, statuses.data());
+      if (flag || rc != MPI_SUCCESS) {
+        std::string bad;
+        if (rc == MPI_ERR_IN_STATUS) {
+          for (const auto& st : statuses)
+            if (st.MPI_ERROR != MPI_SUCCESS && st.MPI_ERROR != MPI_ERR_PENDING) {
+              bad = error_string(st.MPI_ERROR);
+              break;
+            }
+        } else if (rc != MPI_SUCCESS) {
+          bad = error_string(rc);
+        }
+        for (size_t k = 0; bad.empty() && k < statuses.size(); ++k) {
+          if (op->posted.expected[k] < 0) continue;
+          int got = -1;
+          MPI_Get_count(&statuses[k], MPI_BYTE, &got);
+          if (got != op->posted.expected[k])
+            bad = cat("received ", got, " bytes from rank ", statuses[k].MPI_SOURCE, " where ",
+                      op->posted.expected[k], " were due");
+        }
+        if (!bad.empty()) {
+          const std::string reason = cat(op->name(), " failed on rank ", c.rank, ": ", bad);
+          c.health.mark_broken(reason);
+          fail_all(c, reason);
+          send_notices(c, reason);
+          return true;
+        }
+      }
+    }
+    if (!flag) {
+      ++i;
+      continue;
+    }
+    moved = true;
+    op->posted.clear();
+    if (!advance(c, op)) return true;
+    if (op->status == Operation::Status::Done || op->status == Operation::Status::Failed) {
+      c.active.erase(c.active.begin() + static_cast<std::ptrdiff_t>(i));
+    } else {
+      ++i;
+    }
+  }
+  return moved;
+}
+
+// Runs the next step of `op`. False when the communicator broke.
+bool Engine::advance(CommState& c, const std::shared_ptr<Operation>& op) {
+  std::string reason;
+  Code code = Code::Comm;
+  {
+    std::lock_guard<std::mutex> lock(op->mu);
+    if (op->status == Operation::Status::Failed) {
+      // The caller gave up on it (timeout) and broke the communicator.
+      return true;
+    }
+    op->status = Operation::Status::Active;
+    try {
+      if (op->advance(c, op->posted)) return true;
+      op->status = Operation::Status::Done;
+      op->cv.notify_all();
+      return true;
+    } catch (const Error& e) {
+      code = e.code();
+      reason = e.what();
+    } catch (const std::bad_alloc&) {
+      reason = cat(op->name(), " on rank ", c.rank, ": out of memory for its staging buffers");
+    } catch (const std::exception& e) {
+      reason = cat(op->name(), " on rank ", c.rank, ": ", e.what());
+    }
+    // Broken before the caller hears of it: it may ask right after.
+    c.health.mark_broken(reason);
+    op->status = Operation::Status::Failed;
+    op->code = code;
+    op->error = reason;
+    op->cv.notify_all();
+  }
+  fail_all(c, reason);
+  send_notices(c, reason);
+  return false;
+}
+
+void Engine::fail_all(CommState& c, const std::string& reason) {
+  const std::string message = cat(c.health.label(), " is broken (", reason, ")");
+  auto fail_op = [&](const std::shared_ptr<Operation>& op) {
+    {
+      std::lock_guard<std::mutex> lock(op->mu);
+      if (op->status != Operation::Status::Done && op->status != Operation::Status::Failed) {
+        op->status = Operation::Status::Failed;
+        op->code = Code::Comm;
+        op->error = cat(message, "; ", op->name(), " did not complete");
+        op->cv.notify_all();
+      }
+    }
+    if (!op->posted.requests.empty()) c.orphans.push_back(op);
+  };
+  for (const auto& op : c.queued) fail_op(op);
+  for (const auto& op : c.active) fail_op(op);
+  c.queued.clear();
+  c.active.clear();
+}
+
+void Engine::send_notices(CommState& c, const std::string& reason) {
+  if (c.noticed_peers) return;
+  c.noticed_peers = true;
+  std::snprintf(c.notice, sizeof c.notice, "%c%s",
+                c.timed_out.load() ? kTimeoutNotice : kErrorNotice, reason.c_str());
+  for (int32_t p = 0; p < c.size; ++p) {
+    if (p == c.rank) continue;
+    MPI_Request r = MPI_REQUEST_NULL;
+    // Never waited for: a dead peer never takes it. The text lives as long as the state, which a
+    // broken communicator never gives back.
+    if (MPI_Isend(c.notice, static_cast<int>(std::strlen(c.notice)) + 1, MPI_CHAR, p, 1, c.control,
+                  &r) == MPI_SUCCESS)
+      c.notice_sends.push_back(r);
+  }
+}
+
+void Engine::submit(const std::shared_ptr<CommState>& comm, const std::shared_ptr<Operation>& op) {
+  std::lock_guard<std::mutex> lock(mu_);
+  commands_.push_back([comm, op] { comm->queued.push_back(op); });
+  cv_.notify_one();
+}
+
+void Engine::break_comm(const std::shared_ptr<CommState>& comm, const std::string& reason,
+                        bool timed_out) {
+  // Before the mark: the engine may tell the peers as soon as it sees the communicator broken.
+  if (timed_out) comm->timed_out.store(true);
+  comm->health.mark_broken(reason);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (timed_out) timed_out_ = true;
+  commands_.push_back([this, comm] {
+    fail_all(*comm, comm->health.reason());
+    send_notices(*comm, comm->health.reason());
+  });
+  cv_.notify_one();
+}
+
+bool Engine::run_blocking(const std::function<void()>& body, double timeout) {
+  auto done = std::make_shared<std::promise<void>>();
+  auto future = done->get_future();
+  std::thread([body, done] {
+    try {
+      body();
+      done->set_value();
+    } catch (...) {
+      done->set_exception(std::current_exception());
+    }
+  }).detach();
+  if (future.wait_for(std::chrono::duration<double>(timeout)) != std::future_status::ready) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stuck_helpers_;
+    timed_out_ = true;
+    return false;
+  }
+  future.get();  // rethrows the helper's error
+  return true;
+}
+
+std::shared_ptr<CommState> Engine::create(MPI_Comm base, double timeout, int64_t max_message) {
+  auto made = std::make_shared<std::pair<MPI_Comm, MPI_Comm>>(MPI_COMM_NULL, MPI_COMM_NULL);
+  const auto body = [base, made] {
+    check_mpi(MPI_Comm_dup(base, &made->first), "MPI_Comm_dup");
+    check_mpi(MPI_Comm_dup(made->first, &made->second), "MPI_Comm_dup");
+    // Errors come back as codes on both: moert never lets MPI abort its host.
+    check_mpi(MPI_Comm_set_errhandler(made->first, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    check_mpi(MPI_Comm_set_errhandler(made->second, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+  };
+  const Creation creation(*this);
+  if (!run_blocking(body, timeout))
+    fail(Code::Comm, "creating an MPI communicator: MPI_Comm_dup did not complete within ", timeout,
+         " s (did every rank of the communicator create it?) [timeout]");
+  return add(made->first, made->second, timeout, max_message);
+}
+
+std::shared_ptr<CommState> Engine::split(CommState& parent, int32_t color, int32_t key) {
+  const double timeout = parent.health.timeout();
+  // The helper writes into this pair: when the helper is left behind, it must outlive the call.
+  auto made = std::make_shared<std::pair<MPI_Comm, MPI_Comm>>(MPI_COMM_NULL, MPI_COMM_NULL);
+  const MPI_Comm parent_control = parent.control;
+  const auto body = [parent_control, made, color, key] {
+    check_mpi(MPI_Comm_split(parent_control, color < 0 ? MPI_UNDEFINED : color, key, &made->first),
+              "MPI_Comm_split");
+    if (made->first == MPI_COMM_NULL) return;
+    check_mpi(MPI_Comm_dup(made->first, &made->second), "MPI_Comm_dup");
+    check_mpi(MPI_Comm_set_errhandler(made->first, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    check_mpi(MPI_Comm_set_errhandler(made->second, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+  };
+  const Creation creation(*this);
+  if (!run_blocking(body, timeout))
+    fail(Code::Comm, parent.health.label(), ": split did not complete within ", timeout,
+         " s [timeout]");
+  if (made->first == MPI_COMM_NULL) return nullptr;
+  return add(made->first, made->second, timeout, parent.max_message);
+}
+
+std::shared_ptr<CommState> Engine::add(MPI_Comm data, MPI_Comm control, double timeout,
+                                       int64_t max_message) {
+  int rank = 0, size = 0;
+  MPI_Comm_rank(data, &rank);
+  MPI_Comm_size(data, &size);
+  auto state = std::make_shared<CommState>(data, control, rank, size, timeout, max_message);
+  std::lock_guard<std::mutex> lock(mu_);
+  ++live_;
+  commands_.push_back([this, state] {
+    if (MPI_Irecv(state->notice, sizeof state->notice - 1, MPI_CHAR, MPI_ANY_SOURCE, 1,
+                  state->control, &state->notice_recv) != MPI_SUCCESS)
+      state->notice_recv = MPI_REQUEST_NULL;
+    comms_.push_back(state);
+  });
+  cv_.notify_one();
+  return state;
+}
+
+Engine::Creation::Creation(Engine& e) : e_(e) {
+  std::lock_guard<std::mutex> lock(e_.mu_);
+  if (e_.state_ != State::Running)
+    fail(Code::InvalidState, "MPI is no longer usable in this process (moert finalised it)");
+  ++e_.creating_;
+}
+
+Engine::Creation::~Creation() {
+  std::lock_guard<std::mutex> lock(e_.mu_);
+  --e_.creating_;
+}
+
+void Engine::release(CommState& c) {
+  if (!c.health.broken()) {
+    // A healthy communicator has no operation in flight: its MPI state can go.
+    if (c.notice_recv != MPI_REQUEST_NULL) {
+      MPI_Cancel(&c.notice_recv);
+      MPI_Wait(&c.notice_recv, MPI_STATUS_IGNORE);
+    }
+    MPI_Comm data = c.data, control = c.control;
+    MPI_Comm_free(&data);
+    MPI_Comm_free(&control);
+  }
+  // A broken one keeps its MPI communicators: operations may still be pending on them, and
+  // freeing those is erroneous. Its memory stays with the engine.
+  std::lock_guard<std::mutex> lock(mu_);
+  c.released = true;
+  released_any_ = true;
+  --live_;
+  done_cv_.notify_all();
+}
+
+bool Engine::may_finalise() const {
+  return owns_mpi_ && released_any_ && live_ == 0 && creating_ == 0 && !timed_out_ &&
+         stuck_helpers_ == 0;
+}
+
+void Engine::close(const std::shared_ptr<CommState>& comm, double timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  commands_.push_back([comm] { comm->closing = true; });
+  cv_.notify_one();
+  if (!owns_mpi_) return;
+  // Closing the last communicator of an MPI that moert owns waits for MPI_Finalize: a process
+  // that exits right after must not cut it short.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
+  done_cv_.wait_until(lock, deadline, [&] {
+    return state_ == State::Finalised || (comm->released && !may_finalise());
+  });
+}
+
+}  // namespace moert::mpi

@@ -1,0 +1,204 @@
+// The MPI plugin's engine: one progress thread per process that makes every MPI call of moert's
+// operations, so that transfers move while the caller computes. Open MPI 4.1 has no progress
+// thread of its own ("OMPI progress: no" in ompi_info): a non-blocking operation advances only
+// inside MPI calls, so without this thread nothing would move between start and wait.
+//
+// Threads: callers queue work (start_*, close) and wait on an operation's condition variable;
+// the engine thread posts, tests and completes operations; the blocking MPI calls of set-up
+// (MPI_Comm_dup, MPI_Comm_split) run on short-lived helper threads so that a peer that never
+// arrives cannot stall the engine (the helper is then left blocked and the caller's wait times
+// out). This needs MPI_THREAD_MULTIPLE.
+//
+// MPI's lifetime: when nobody has initialised MPI, the engine thread initialises it
+// (MPI_THREAD_MULTIPLE) and finalises it when the last communicator is freed -- unless an
+// operation timed out somewhere, since MPI_Finalize would then wait for peers that may be dead.
+// MPI cannot be initialised twice in a process: after moert finalised it, creating another MPI
+// communicator fails with a message that says so.
+#pragma once
+
+#include <mpi.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/comm_support.h"
+#include "core/error.h"
+
+namespace moert::mpi {
+
+struct CommState;
+
+// Text of an MPI error code.
+std::string error_string(int code);
+// Throws Error(Comm) with `what` and the error's text unless rc is MPI_SUCCESS.
+void check_mpi(int rc, const char* what);
+
+// The MPI requests of one phase, with the bytes each receive must deliver (-1: not a receive).
+struct Posted {
+  std::vector<MPI_Request> requests;
+  std::vector<int64_t> expected;
+  void add(MPI_Request r, int64_t bytes) {
+    requests.push_back(r);
+    expected.push_back(bytes);
+  }
+  void clear() {
+    requests.clear();
+    expected.clear();
+  }
+};
+
+// One operation: a sequence of phases, each a set of MPI requests posted together. Everything
+// but the status fields is touched by the engine thread only.
+class Operation {
+ public:
+  enum class Status { Queued, Active, Done, Failed };
+
+  Operation(comm::Op op, uint64_t seq) : op_(op), seq_(seq) {}
+  virtual ~Operation() = default;
+
+  comm::Op op() const { return op_; }
+  uint64_t seq() const { return seq_; }
+  // "all-to-all-v #12".
+  std::string name() const;
+
+  // ---- Engine side.
+  // Posts the next phase's requests into `out`, or finishes: copies the result to the caller's
+  // buffers and returns false. Called first with nothing posted and again each time all the
+  // posted requests completed. Runs under the status lock, so that a caller that gave up is
+  // never written to afterwards. Throws Error on failure.
+  virtual bool advance(CommState& comm, Posted& out) = 0;
+
+  Posted posted;
+
+  // ---- Shared with the caller, under mu.
+  std::mutex mu;
+  std::condition_variable cv;
+  Status status = Status::Queued;
+  Code code = Code::Comm;
+  std::string error;
+
+ private:
+  const comm::Op op_;
+  const uint64_t seq_;
+};
+
+// What the engine knows of one communicator: its two MPI communicators (operations; notices and
+// splits), its queue and its health.
+struct CommState {
+  CommState(MPI_Comm data_comm, MPI_Comm control_comm, int32_t rank_, int32_t size_, double timeout,
+            int64_t max_message);
+
+  const MPI_Comm data, control;
+  const int32_t rank, size;
+  const int64_t max_message;  // bytes per MPI message
+  comm::Health health;
+
+  // Tag of phase `phase` (0..3) of operation `seq`: distinct for every operation in flight, so
+  // that phases posted at different moments on different ranks still match.
+  int tag(uint64_t seq, int phase) const;
+
+  // Posts point-to-point transfers of `bytes` bytes, cut into messages of at most max_message.
+  void post_send(const char* p, int64_t bytes, int32_t peer, int tag, Posted& out) const;
+  void post_recv(char* p, int64_t bytes, int32_t peer, int tag, Posted& out) const;
+
+  // ---- Engine thread only.
+  std::deque<std::shared_ptr<Operation>> queued;
+  std::vector<std::shared_ptr<Operation>> active;
+  // Requests of failed operations, with the staging memory they use: never freed while MPI may
+  // still write into it.
+  std::vector<std::shared_ptr<Operation>> orphans;
+  char notice[512] = {0};
+  MPI_Request notice_recv = MPI_REQUEST_NULL;
+  std::vector<MPI_Request> notice_sends;
+  bool noticed_peers = false;
+  std::atomic<bool> timed_out{false};  // this rank broke it by a timeout
+  bool closing = false;
+  bool released = false;  // under the engine's lock
+  int tag_modulus = 1;
+
+  // ---- Caller side.
+  std::mutex seq_mu;
+  uint64_t next_seq = 0;
+  std::mutex split_mu;  // one split at a time: splits are collectives on `control`
+};
+
+class Engine {
+ public:
+  // The process's engine; started (and MPI initialised when needed) on first use. Throws when
+  // MPI cannot be used, saying why.
+  static Engine& start(double timeout);
+
+  // Creates the state of a communicator over a duplicate of `base` (on a helper thread, bounded
+  // by `timeout`). The
+  // creation is collective over `base`.
+  std::shared_ptr<CommState> create(MPI_Comm base, double timeout, int64_t max_message);
+  // The communicators of a split of `parent` (null on ranks outside every group).
+  std::shared_ptr<CommState> split(CommState& parent, int32_t color, int32_t key);
+
+  // Queues an operation; its first phase is posted by the engine thread in queue order.
+  void submit(const std::shared_ptr<CommState>& comm, const std::shared_ptr<Operation>& op);
+  // Breaks `comm` on this rank (the first reason stays): fails its operations, tells the peers.
+  // `timed_out`: a peer may be dead, so MPI is not finalised later.
+  void break_comm(const std::shared_ptr<CommState>& comm, const std::string& reason,
+                  bool timed_out);
+  // The communicator object is gone: its MPI communicators are freed once its operations
+  // finished (never when broken), and MPI is finalised after the last one when moert owns it.
+  // Waits at most `timeout` for that finalisation.
+  void close(const std::shared_ptr<CommState>& comm, double timeout);
+
+  // Waiters blocked in wait(): the engine polls without sleeping while there are any.
+  std::atomic<int> waiters{0};
+
+ private:
+  Engine() = default;
+  void run(double init_timeout);
+  void initialise();
+  bool progress_comm(CommState& c);
+  bool advance(CommState& c, const std::shared_ptr<Operation>& op);
+  void fail_all(CommState& c, const std::string& reason);
+  void send_notices(CommState& c, const std::string& reason);
+  void release(CommState& c);
+  bool may_finalise() const;  // under mu_
+  std::shared_ptr<CommState> add(MPI_Comm data, MPI_Comm control, double timeout,
+                                 int64_t max_message);
+  // Keeps MPI from being finalised while a communicator is being made.
+  class Creation {
+   public:
+    explicit Creation(Engine& e);
+    ~Creation();
+    Creation(const Creation&) = delete;
+    Creation& operator=(const Creation&) = delete;
+
+   private:
+    Engine& e_;
+  };
+  // Runs `body` on a helper thread; false when it did not return within `timeout` seconds (the
+  // thread is then left to itself).
+  bool run_blocking(const std::function<void()>& body, double timeout);
+
+  std::mutex mu_;
+  std::condition_variable cv_;       // wakes the engine thread
+  std::condition_variable done_cv_;  // initialisation, finalisation
+  std::deque<std::function<void()>> commands_;
+  std::vector<std::shared_ptr<CommState>> comms_;      // engine thread only
+  std::vector<std::shared_ptr<CommState>> graveyard_;  // broken and freed: MPI may still use them
+  enum class State { Starting, Running, Failed, Finalised } state_ = State::Starting;
+  std::string failure_;  // why MPI cannot be used
+  bool owns_mpi_ = false;
+  bool timed_out_ = false;  // an operation timed out somewhere: peers may be dead
+  int stuck_helpers_ = 0;   // helper threads that never returned
+  int live_ = 0;            // communicators not yet released
+  int creating_ = 0;        // communicators being made
+  bool released_any_ = false;
+  bool started_ = false;
+};
+
+}  // namespace moert::mpi

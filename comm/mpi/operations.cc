@@ -1,0 +1,403 @@
+#include "comm/mpi/operations.h"
+
+#include <cstring>
+
+namespace moert::mpi {
+namespace {
+
+std::unique_ptr<char[]> staging(int64_t bytes) {
+  return bytes > 0 ? std::unique_ptr<char[]>(new char[static_cast<size_t>(bytes)]) : nullptr;
+}
+
+uint64_t mix(uint64_t x) {  // splitmix64's finaliser
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The first phase of a data operation: the values every rank must agree on, checked by one
+// MPI_Iallreduce.
+class Agreement {
+ public:
+  // Values every rank must pass equal (>= 0), each with its name for the message; `show` says
+  // whether the range is worth printing (not for hashes).
+  struct Value {
+    int64_t v;
+    const char* name;
+    bool show;
+  };
+  static Agreement equal(std::vector<Value> values) {
+    Agreement a;
+    a.values_ = std::move(values);
+    for (const auto& x : a.values_) {
+      a.in_.push_back(x.v);
+      a.in_.push_back(-x.v);
+    }
+    a.out_.resize(a.in_.size());
+    return a;
+  }
+  // A sum over ranks that is zero when the ranks' arguments fit together.
+  static Agreement zero_sum(uint64_t signature) {
+    Agreement a;
+    a.sum_ = true;
+    a.in_.push_back(static_cast<int64_t>(signature));
+    a.out_.resize(1);
+    return a;
+  }
+
+  void post(const CommState& c, Posted& out) {
+    MPI_Request r = MPI_REQUEST_NULL;
+    check_mpi(
+        MPI_Iallreduce(in_.data(), out_.data(), static_cast<int>(in_.size()),
+                       sum_ ? MPI_UINT64_T : MPI_INT64_T, sum_ ? MPI_SUM : MPI_MAX, c.data, &r),
+        "MPI_Iallreduce");
+    out.add(r, -1);
+  }
+
+  // Throws Error(Comm) on every rank when the ranks disagree.
+  void check(const std::string& op) const {
+    if (sum_) {
+      if (out_[0] != 0)
+        fail(Code::Comm, op,
+             ": the ranks' sizes do not match (what a rank sends to a peer differs from what "
+             "that peer expects); every rank fails it");
+      return;
+    }
+    for (size_t i = 0; i < values_.size(); ++i) {
+      const int64_t hi = out_[2 * i], lo = -out_[2 * i + 1];
+      if (hi == lo) continue;
+      if (values_[i].show)
+        fail(Code::Comm, op, ": the ranks disagree on ", values_[i].name, " (from ", lo, " to ", hi,
+             "; this rank passed ", values_[i].v, "); every rank fails it");
+      fail(Code::Comm, op, ": the ranks disagree on ", values_[i].name, "; every rank fails it");
+    }
+  }
+
+ private:
+  std::vector<Value> values_;
+  std::vector<int64_t> in_, out_;
+  bool sum_ = false;
+};
+
+// Rank-ordered all-reduce: reduce-scatter by point-to-point messages (rank r sums segment r of
+// every rank's data, in rank order), then all-gather of the segments.
+class AllReduce final : public Operation {
+ public:
+  AllReduce(uint64_t seq, void* data, int64_t count, ReduceType type)
+      : Operation(comm::Op::AllReduceSum, seq),
+        data_(static_cast<char*>(data)),
+        count_(count),
+        type_(type),
+        esize_(static_cast<int64_t>(reduce_type_size(type))),
+        agreement_(Agreement::equal({{count, "the element count", true},
+                                     {static_cast<int64_t>(type), "the element type", true}})) {}
+
+  bool advance(CommState& c, Posted& out) override {
+    switch (step_++) {
+      case 0:
+        agreement_.post(c, out);
+        return true;
+      case 1: {
+        agreement_.check(name());
+        const comm::Segment mine = comm::reduce_segment(count_, c.size, c.rank);
+        stage_ = staging(count_ * esize_);
+        if (count_ > 0) std::memcpy(stage_.get(), data_, static_cast<size_t>(count_ * esize_));
+        slots_ = staging(mine.count * esize_ * c.size);
+        const int tag = c.tag(seq(), 1);
+        for (int32_t p = 0; p < c.size; ++p) {
+          if (p == c.rank) continue;
+          c.post_recv(slot(p, mine), mine.count * esize_, p, tag, out);
+        }
+        for (int32_t p = 0; p < c.size; ++p) {
+          if (p == c.rank) continue;
+          const comm::Segment s = comm::reduce_segment(count_, c.size, p);
+          c.post_send(stage_.get() + s.begin * esize_, s.count * esize_, p, tag, out);
+        }
+        return true;
+      }
+      case 2: {
+        const comm::Segment mine = comm::reduce_segment(count_, c.size, c.rank);
+        char* own = stage_.get() + mine.begin * esize_;
+        if (mine.count > 0) {
+          // Slot `rank` is this rank's own segment, still in the staging copy of the input.
+          std::memcpy(slot(c.rank, mine), own, static_cast<size_t>(mine.count * esize_));
+          for (int32_t p = 1; p < c.size; ++p)
+            comm::add_in_place(slot(0, mine), slot(p, mine), mine.count, type_);
+          std::memcpy(own, slot(0, mine), static_cast<size_t>(mine.count * esize_));
+        }
+        slots_.reset();
+        const int tag = c.tag(seq(), 2);
+        for (int32_t p = 0; p < c.size; ++p) {
+          if (p == c.rank) continue;
+          const comm::Segment s = comm::reduce_segment(count_, c.size, p);
+          c.post_recv(stage_.get() + s.begin * esize_, s.count * esize_, p, tag, out);
+        }
+        for (int32_t p = 0; p < c.size; ++p) {
+          if (p == c.rank) continue;
+          c.post_send(own, mine.count * esize_, p, tag, out);
+        }
+        return true;
+      }
+      default:
+        if (count_ > 0) std::memcpy(data_, stage_.get(), static_cast<size_t>(count_ * esize_));
+        stage_.reset();
+        return false;
+    }
+  }
+
+ private:
+  char* slot(int32_t p, const comm::Segment& mine) {
+    return slots_.get() + static_cast<int64_t>(p) * mine.count * esize_;
+  }
+
+  char* const data_;
+  const int64_t count_;
+  const ReduceType type_;
+  const int64_t esize_;
+  Agreement agreement_;
+  std::unique_ptr<char[]> stage_, slots_;
+  int step_ = 0;
+};
+
+// All-to-all-v, all-gather and all-gather-v: every rank sends a block to every peer.
+class Exchange final : public Operation {
+ public:
+  // `same_block`: every peer gets the same send block (the gathers): staged once.
+  Exchange(comm::Op op, uint64_t seq, const void* send, void* recv, comm::Exchange x,
+           bool same_block, Agreement agreement)
+      : Operation(op, seq),
+        send_(static_cast<const char*>(send)),
+        recv_(static_cast<char*>(recv)),
+        x_(std::move(x)),
+        same_block_(same_block),
+        agreement_(std::move(agreement)) {}
+
+  bool advance(CommState& c, Posted& out) override {
+    switch (step_++) {
+      case 0:
+        agreement_.post(c, out);
+        return true;
+      case 1: {
+        agreement_.check(name());
+        const int tag = c.tag(seq(), 1);
+        // Receives first, packed in peer order.
+        int64_t total = 0;
+        for (int32_t p = 0; p < c.size; ++p)
+          if (p != c.rank) total += x_.recv_bytes[p];
+        recv_stage_ = staging(total);
+        int64_t at = 0;
+        for (int32_t p = 0; p < c.size; ++p) {
+          if (p == c.rank) continue;
+          c.post_recv(recv_stage_.get() + at, x_.recv_bytes[p], p, tag, out);
+          at += x_.recv_bytes[p];
+        }
+        if (same_block_) {
+          const int64_t n = x_.send_bytes[c.rank];
+          send_stage_ = staging(c.size > 1 ? n : 0);
+          if (c.size > 1 && n > 0) std::memcpy(send_stage_.get(), send_, static_cast<size_t>(n));
+          for (int32_t p = 0; p < c.size; ++p)
+            if (p != c.rank) c.post_send(send_stage_.get(), n, p, tag, out);
+          return true;
+        }
+        total = 0;
+        for (int32_t p = 0; p < c.size; ++p)
+          if (p != c.rank) total += x_.send_bytes[p];
+        send_stage_ = staging(total);
+        at = 0;
+        for (int32_t p = 0; p < c.size; ++p) {
+          if (p == c.rank || x_.send_bytes[p] == 0) continue;
+          std::memcpy(send_stage_.get() + at, send_ + x_.send_offsets[p],
+                      static_cast<size_t>(x_.send_bytes[p]));
+          c.post_send(send_stage_.get() + at, x_.send_bytes[p], p, tag, out);
+          at += x_.send_bytes[p];
+        }
+        return true;
+      }
+      default: {
+        int64_t at = 0;
+        for (int32_t p = 0; p < c.size; ++p) {
+          const int64_t n = x_.recv_bytes[p];
+          if (n == 0) continue;
+          if (p == c.rank) {
+            // The own block: straight from the caller's send buffer (memmove: in place is allowed).
+            const char* src = send_ + (same_block_ ? 0 : x_.send_offsets[p]);
+            std::memmove(recv_ + x_.recv_offsets[p], src, static_cast<size_t>(n));
+            continue;
+          }
+          std::memcpy(recv_ + x_.recv_offsets[p], recv_stage_.get() + at, static_cast<size_t>(n));
+          at += n;
+        }
+        send_stage_.reset();
+        recv_stage_.reset();
+        return false;
+      }
+    }
+  }
+
+ private:
+  const char* const send_;
+  char* const recv_;
+  const comm::Exchange x_;
+  const bool same_block_;
+  Agreement agreement_;
+  std::unique_ptr<char[]> send_stage_, recv_stage_;
+  int step_ = 0;
+};
+
+// Broadcast down a binomial tree rooted at `root`, by point-to-point messages.
+class Broadcast final : public Operation {
+ public:
+  Broadcast(uint64_t seq, void* data, int64_t bytes, int32_t root)
+      : Operation(comm::Op::Broadcast, seq),
+        data_(static_cast<char*>(data)),
+        bytes_(bytes),
+        root_(root),
+        agreement_(Agreement::equal({{bytes, "the byte count", true}, {root, "the root", true}})) {}
+
+  bool advance(CommState& c, Posted& out) override {
+    const int32_t rel = (c.rank - root_ + c.size) % c.size;
+    switch (step_++) {
+      case 0:
+        agreement_.post(c, out);
+        return true;
+      case 1:
+        agreement_.check(name());
+        stage_ = staging(c.size > 1 ? bytes_ : 0);
+        if (c.size == 1) return true;
+        if (rel == 0) {
+          if (bytes_ > 0) std::memcpy(stage_.get(), data_, static_cast<size_t>(bytes_));
+        } else {
+          const int32_t parent = ((rel & (rel - 1)) + root_) % c.size;
+          c.post_recv(stage_.get(), bytes_, parent, c.tag(seq(), 1), out);
+        }
+        return true;
+      case 2: {
+        // Children: rel + m for each power of two m below rel's lowest set bit (below the
+        // size's next power of two for the root).
+        int32_t limit = 1;
+        if (rel == 0) {
+          while (limit < c.size) limit *= 2;
+        } else {
+          limit = rel & -rel;
+        }
+        for (int32_t m = limit / 2; m >= 1; m /= 2)
+          if (rel + m < c.size)
+            c.post_send(stage_.get(), bytes_, (rel + m + root_) % c.size, c.tag(seq(), 1), out);
+        return true;
+      }
+      default:
+        if (rel != 0 && bytes_ > 0) std::memcpy(data_, stage_.get(), static_cast<size_t>(bytes_));
+        stage_.reset();
+        return false;
+    }
+  }
+
+ private:
+  char* const data_;
+  const int64_t bytes_;
+  const int32_t root_;
+  Agreement agreement_;
+  std::unique_ptr<char[]> stage_;
+  int step_ = 0;
+};
+
+class Barrier final : public Operation {
+ public:
+  explicit Barrier(uint64_t seq) : Operation(comm::Op::Barrier, seq) {}
+  bool advance(CommState& c, Posted& out) override {
+    if (step_++ > 0) return false;
+    MPI_Request r = MPI_REQUEST_NULL;
+    check_mpi(MPI_Ibarrier(c.data, &r), "MPI_Ibarrier");
+    out.add(r, -1);
+    return true;
+  }
+
+ private:
+  int step_ = 0;
+};
+
+class Agree final : public Operation {
+ public:
+  Agree(uint64_t seq, bool ok, std::shared_ptr<bool> all_ok)
+      : Operation(comm::Op::Agree, seq), in_(ok ? 1 : 0), all_ok_(std::move(all_ok)) {}
+  bool advance(CommState& c, Posted& out) override {
+    if (step_++ > 0) {
+      *all_ok_ = out_ != 0;
+      return false;
+    }
+    MPI_Request r = MPI_REQUEST_NULL;
+    check_mpi(MPI_Iallreduce(&in_, &out_, 1, MPI_INT, MPI_MIN, c.data, &r), "MPI_Iallreduce");
+    out.add(r, -1);
+    return true;
+  }
+
+ private:
+  int in_ = 0, out_ = 0;
+  std::shared_ptr<bool> all_ok_;
+  int step_ = 0;
+};
+
+// Of all-to-all-v: the sum over ranks of what each sends minus what each expects, each pair
+// weighted by an odd 64-bit hash, wraps to zero exactly when every pair matches (a single
+// mismatch d gives d * odd != 0 mod 2^64; several cancel with probability about 2^-64).
+uint64_t exchange_signature(const comm::Exchange& x, int32_t rank, int32_t size) {
+  uint64_t sig = 0;
+  for (int32_t p = 0; p < size; ++p) {
+    const uint64_t to = mix((static_cast<uint64_t>(rank) << 32) | static_cast<uint32_t>(p)) | 1;
+    const uint64_t from = mix((static_cast<uint64_t>(p) << 32) | static_cast<uint32_t>(rank)) | 1;
+    sig += to * static_cast<uint64_t>(x.send_bytes[p]);
+    sig -= from * static_cast<uint64_t>(x.recv_bytes[p]);
+  }
+  return sig;
+}
+
+int64_t hash_sizes(const std::vector<int64_t>& v) {
+  uint64_t h = 0x5851F42D4C957F2Dull;
+  for (const int64_t x : v) h = mix(h ^ static_cast<uint64_t>(x));
+  return static_cast<int64_t>(h >> 2);  // >= 0: negated in the agreement
+}
+
+}  // namespace
+
+std::shared_ptr<Operation> make_all_reduce(uint64_t seq, void* data, int64_t count,
+                                           ReduceType type) {
+  return std::make_shared<AllReduce>(seq, data, count, type);
+}
+
+std::shared_ptr<Operation> make_all_to_all_v(uint64_t seq, const void* send, void* recv,
+                                             comm::Exchange exchange, int32_t rank, int32_t size) {
+  const uint64_t sig = exchange_signature(exchange, rank, size);
+  return std::make_shared<Exchange>(comm::Op::AllToAllV, seq, send, recv, std::move(exchange),
+                                    false, Agreement::zero_sum(sig));
+}
+
+std::shared_ptr<Operation> make_all_gather(uint64_t seq, const void* send, int64_t bytes,
+                                           void* recv, int32_t size) {
+  comm::Exchange x;
+  x.send_bytes.assign(size, bytes);
+  x.send_offsets.assign(size, 0);
+  x.recv_bytes.assign(size, bytes);
+  for (int32_t p = 0; p < size; ++p) x.recv_offsets.push_back(p * bytes);
+  return std::make_shared<Exchange>(comm::Op::AllGather, seq, send, recv, std::move(x), true,
+                                    Agreement::equal({{bytes, "the block size", true}}));
+}
+
+std::shared_ptr<Operation> make_all_gather_v(uint64_t seq, const void* send, void* recv,
+                                             comm::Exchange exchange) {
+  const int64_t h = hash_sizes(exchange.recv_bytes);
+  return std::make_shared<Exchange>(comm::Op::AllGatherV, seq, send, recv, std::move(exchange),
+                                    true, Agreement::equal({{h, "recv_bytes", false}}));
+}
+
+std::shared_ptr<Operation> make_broadcast(uint64_t seq, void* data, int64_t bytes, int32_t root) {
+  return std::make_shared<Broadcast>(seq, data, bytes, root);
+}
+
+std::shared_ptr<Operation> make_barrier(uint64_t seq) { return std::make_shared<Barrier>(seq); }
+
+std::shared_ptr<Operation> make_agree(uint64_t seq, bool ok, std::shared_ptr<bool> all_ok) {
+  return std::make_shared<Agree>(seq, ok, std::move(all_ok));
+}
+
+}  // namespace moert::mpi
