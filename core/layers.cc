@@ -122,15 +122,13 @@ int64_t MoELayer::indexed_items(int64_t rows) const {
              : rows * s_.router.top_k;
 }
 
-void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
+void MoELayer::route(Backend& be, const float* x, int64_t rows) {
   const RouterConfig& r = s_.router;
   const int64_t E = r.num_experts, K = r.top_k, D = s_.dim;
-  const bool train = pass == Pass::Train;
   logits_.resize(be, static_cast<size_t>(rows * E));
   scores_.resize(be, logits_.size());
   // Router logits in fp32, whatever the expert precision: the gate has no bf16 copy.
   be.linear(x, Weight{p_.f32(s_.gate), nullptr}, nullptr, logits_.data(), rows, D, E, false);
-
   if (s_.balancing.policy == BalancingPolicy::ExpertChoice) {
     be.route_expert_choice(r, logits_.data(), rows, capacity(rows), scores_.data(), plan_);
   } else {
@@ -140,23 +138,34 @@ void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass
                   weights_.data());
     be.plan_dispatch(experts_.data(), weights_.data(), rows, K, E, plan_);
   }
+}
 
-  const int64_t A = plan_.num_assignments();
-  const int64_t H = s_.expert_hidden;
-  x_perm_.resize(be, static_cast<size_t>(A * D));
-  y_perm_.resize(be, x_perm_.size());
-  be.dispatch(plan_, x, x_perm_.data(), D);
+void MoELayer::experts_forward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
+                               const float* x_perm, float* y_perm, bool train) {
+  const int64_t A = plan.num_assignments(), H = s_.expert_hidden, D = s_.dim;
   float *h1 = nullptr, *h3 = nullptr;
   if (train) {
-    x_ = x;
     h1_.resize(be, static_cast<size_t>(A * H));
     h3_.resize(be, h1_.size());
     h1 = h1_.data();
     h3 = h3_.data();
   }
-  be.grouped_swiglu_ffn(plan_, x_perm_.data(), p_.weight(s_.w1), p_.weight(s_.w3), p_.weight(s_.w2),
-                        y_perm_.data(), h1, h3, D, H);
+  const int64_t off = expert_weight_offset(first_expert);
+  be.grouped_swiglu_ffn(plan, x_perm, p_.weight(s_.w1).offset(off), p_.weight(s_.w3).offset(off),
+                        p_.weight(s_.w2).offset(off), y_perm, h1, h3, D, H);
+}
 
+int64_t MoELayer::expert_weight_offset(int64_t first_expert) const {
+  // A session's tensors hold every expert, or (expert parallelism) only its shard's.
+  const int64_t per_expert = static_cast<int64_t>(s_.expert_hidden) * s_.dim;
+  return s_.w1.numel() == static_cast<int64_t>(s_.router.num_experts) * per_expert
+             ? first_expert * per_expert
+             : 0;
+}
+
+void MoELayer::residual_and_shared(Backend& be, const float* x, float* y, int64_t rows,
+                                   bool train) {
+  const int64_t D = s_.dim;
   const size_t n = static_cast<size_t>(rows * D);
   if (s_.residual)
     be.copy(y, x, n * sizeof(float));
@@ -177,27 +186,45 @@ void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass
     be.swiglu_ffn(x, p_.weight(s_.shared_w1).offset(off), p_.weight(s_.shared_w3).offset(off),
                   p_.weight(s_.shared_w2).offset(off), y, sh1, sh3, rows, D, HS, true);
   }
-  be.combine(plan_, y_perm_.data(), y, D);
+}
 
+void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
+  const bool train = pass == Pass::Train;
+  if (train) x_ = x;
+  if (par_) return forward_parallel(be, x, y, rows, train);
+  const int64_t E = s_.router.num_experts, D = s_.dim;
+  route(be, x, rows);
+  const int64_t A = plan_.num_assignments();
+  x_perm_.resize(be, static_cast<size_t>(A * D));
+  y_perm_.resize(be, x_perm_.size());
+  be.dispatch(plan_, x, x_perm_.data(), D);
+  experts_forward(be, plan_, 0, x_perm_.data(), y_perm_.data(), train);
+  residual_and_shared(be, x, y, rows, train);
+  be.combine(plan_, y_perm_.data(), y, D);
   for (int64_t e = 0; e < E; ++e) pending_[e] = plan_.count(e);
   aux_loss_ = 0.0;
-  if (train && uses_aux_loss()) {
-    // The whole batch is one sequence for AuxLoss (the Switch form), and for SequenceAuxLoss
-    // without sequences.
-    const bool per_sequence =
-        s_.balancing.policy == BalancingPolicy::SequenceAuxLoss && sequences_ != nullptr;
-    const AuxChunks chunks = aux_chunks(per_sequence ? *sequences_ : std::vector<int64_t>{0, rows});
-    std::vector<int64_t> counts(static_cast<size_t>(chunks.chunks() * E));
-    std::vector<double> psum(counts.size());
-    be.aux_partials(r, scores_.data(), plan_, chunks.chunk_offsets.data(), chunks.chunks(),
-                    counts.data(), psum.data());
-    const AuxTerms t =
-        aux_terms(chunks, counts.data(), psum.data(), E, r.top_k, s_.balancing.aux_alpha);
-    aux_ds_.resize(be, static_cast<size_t>(rows * E));
-    be.aux_grad(r, scores_.data(), rows, chunks.seq_offsets.data(), chunks.num_seq(), t.coef.data(),
-                aux_ds_.data());
-    aux_loss_ = t.loss;
-  }
+  if (train && uses_aux_loss()) aux_forward(be, rows);
+}
+
+void MoELayer::aux_forward(Backend& be, int64_t rows) {
+  const RouterConfig& r = s_.router;
+  const int64_t E = r.num_experts;
+  // The whole batch is one sequence for AuxLoss (the Switch form), and for SequenceAuxLoss
+  // without sequences.
+  const bool per_sequence =
+      s_.balancing.policy == BalancingPolicy::SequenceAuxLoss && sequences_ != nullptr;
+  const AuxChunks chunks = aux_chunks(per_sequence ? *sequences_ : std::vector<int64_t>{0, rows});
+  std::vector<int64_t> counts(static_cast<size_t>(chunks.chunks() * E));
+  std::vector<double> psum(counts.size());
+  be.aux_partials(r, scores_.data(), plan_, chunks.chunk_offsets.data(), chunks.chunks(),
+                  counts.data(), psum.data());
+  if (par_) return aux_parallel(be, rows, chunks, counts, psum);
+  const AuxTerms t =
+      aux_terms(chunks, counts.data(), psum.data(), E, r.top_k, s_.balancing.aux_alpha);
+  aux_ds_.resize(be, static_cast<size_t>(rows * E));
+  be.aux_grad(r, scores_.data(), rows, chunks.seq_offsets.data(), chunks.num_seq(), t.coef.data(),
+              aux_ds_.data());
+  aux_loss_ = t.loss;
 }
 
 void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {

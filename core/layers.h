@@ -7,8 +7,11 @@
 #include <memory>
 #include <vector>
 
+#include "core/aux_loss.h"
 #include "core/backend.h"
+#include "core/expert_parallel.h"
 #include "core/model.h"
+#include "core/parallel.h"
 #include "core/param_store.h"
 
 namespace moert {
@@ -119,8 +122,27 @@ class MoELayer final : public Layer {
   int64_t capacity(int64_t rows) const;
   ExpertCounts& counts() { return counts_; }
 
+  // Expert and data parallelism (core/expert_parallel.h): the layer's passes become collective
+  // over `par`'s ranks, each computing its shard's experts; null (the default) runs alone.
+  void set_parallel(ParallelContext* par) { par_ = par; }
+  // Whether the auxiliary losses take the global batch as theirs (f and P over every rank's rows;
+  // arXiv 2501.11873) rather than each rank's rows.
+  void set_global_aux(bool global) { global_aux_ = global; }
+
  private:
   bool uses_aux_loss() const;
+  // The router and the local plan of this pass's rows.
+  void route(Backend& be, const float* x, int64_t rows);
+  // The grouped SwiGLU experts over `plan`'s segments, from expert `first_expert` on.
+  void experts_forward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
+                       const float* x_perm, float* y_perm, bool train);
+  int64_t expert_weight_offset(int64_t first_expert) const;
+  // y = x (residual) or 0, plus the shared experts.
+  void residual_and_shared(Backend& be, const float* x, float* y, int64_t rows, bool train);
+  void aux_forward(Backend& be, int64_t rows);
+  void forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train);
+  void aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
+                    const std::vector<int64_t>& counts, const std::vector<double>& psum);
 
   const MoESpec& s_;
   ParamStore& p_;
@@ -134,6 +156,22 @@ class MoELayer final : public Layer {
   DispatchPlan plan_;
   ExpertCounts counts_;
   std::vector<int64_t> pending_;
+
+  // Expert parallelism.
+  ParallelContext* par_ = nullptr;
+  bool global_aux_ = false;
+  struct Exchange {
+    DispatchRoute route;                        // what this rank sent where
+    std::vector<int64_t> send_rows, recv_rows;  // rows per peer, each way (dispatch direction)
+    std::vector<int64_t> send_asg, recv_asg;    // assignments per peer, each way
+    DispatchPlan send;                          // gathers the rows this rank sends, peer after peer
+    DispatchPlan remote;  // the assignments this rank computes: rows received, slots, weights
+    DispatchPlan ret;     // gathers their outputs back, in each source's order
+    DispatchPlan home;    // places the returned outputs in this rank's assignment order
+    std::vector<int64_t> first_chunk;  // per local expert, its first chunk in the expert's tree
+    Buffer<float> x_send, x_recv, y_ret, y_back, y_home;
+    Buffer<char> meta_send, meta_recv;
+  } ex_;
 };
 
 // Builds the runtime layer for a layer description of the session's parameters.

@@ -1,0 +1,77 @@
+// What a session that shares its work with other ranks knows, and the collectives it runs on
+// top of a Communicator: which rows are whose, agreement on failure, and the exact combination of
+// gradients reduced over rows (DESIGN.md section 2, "Expert parallelism").
+#pragma once
+
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/communicator.h"
+#include "core/expert_parallel.h"
+#include "core/grad_reduction.h"
+
+namespace moert {
+
+class Backend;
+
+// Seconds spent waiting on communication that computation did not hide, per MoE layer pass.
+struct CommTimes {
+  double dispatch = 0.0, combine = 0.0, gradients = 0.0;  // exposed waits
+};
+
+class ParallelContext {
+ public:
+  // `world`: the job's communicator; `ep` divides its size and the experts of every MoE layer
+  // (checked by the session). Collective: splits the world into the data-parallel replicas of
+  // each expert shard.
+  ParallelContext(std::shared_ptr<Communicator> world, int ep);
+
+  Communicator& world() const { return *world_; }
+  int rank() const { return world_->rank(); }
+  int size() const { return world_->size(); }
+  int ep() const { return ep_; }
+  int dp() const { return size() / ep_; }
+  // The replicas of this rank's expert shard (rank order = replica order); null when DP = 1.
+  Communicator* replicas() const { return replicas_.get(); }
+  ExpertSharding sharding(int64_t experts) const { return {size(), ep_, rank(), experts}; }
+
+  // Collective: every rank's row count of this pass (rows that take part), and this rank's first
+  // row in the global batch.
+  void exchange_rows(int64_t rows);
+  const std::vector<int64_t>& rows() const { return rows_; }
+  int64_t first_row() const { return first_row_; }
+  int64_t total_rows() const { return total_rows_; }
+  // The global chunk index of this rank's first row, when every rank before it holds a multiple
+  // of kReduceRows rows (then the job reduces exactly like one process); otherwise the ranks'
+  // chunks are simply laid end to end.
+  int64_t first_chunk() const { return first_chunk_; }
+  bool aligned() const { return aligned_; }
+
+  // Collective: `local` is this rank's failure in the step just done (null if none). When any
+  // rank failed, every rank throws: the failing ranks their own error, the others an error of the
+  // same code naming the first failing rank and its message. Use at every point where a rank may
+  // have failed alone, before the next collective would leave the others waiting.
+  void agree(std::exception_ptr local);
+
+  // Collective: adds to `acc` (n floats each, backend memory) the tree sums whose local roots
+  // `roots` holds, combined with every rank's roots in `comm` (their chunk ranges tile the whole
+  // reduction in rank order). Several gradients go in one exchange: roots[i] and acc[i] are the
+  // i-th gradient's. The result has the bits one process gets reducing all the chunks itself.
+  void combine(Backend& be, Communicator& comm, const std::vector<GradRoots*>& roots,
+               const std::vector<float*>& acc, const std::vector<int64_t>& n);
+
+  CommTimes times;
+
+ private:
+  std::shared_ptr<Communicator> world_;
+  std::unique_ptr<Communicator> replicas_;
+  int ep_;
+  std::vector<int64_t> rows_;
+  int64_t first_row_ = 0, total_rows_ = 0, first_chunk_ = 0;
+  bool aligned_ = true;
+};
+
+}  // namespace moert
