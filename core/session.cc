@@ -75,6 +75,17 @@ double TrainingConfig::lr_at(uint64_t step) const {
   return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(std::numbers::pi * progress));
 }
 
+void SessionOptions::set_comm(std::shared_ptr<Communicator> c, int32_t ep) {
+  if (ep < 1) fail(Code::InvalidArgument, "the expert-parallel size must be >= 1, got ", ep);
+  if (!c && ep != 1)
+    fail(Code::InvalidArgument, "an expert-parallel size of ", ep, " needs a communicator");
+  if (c && c->size() % ep != 0)
+    fail(Code::InvalidArgument, "the expert-parallel size ", ep,
+         " does not divide the communicator's ", c->size(), " ranks");
+  comm = std::move(c);
+  expert_parallel = ep;
+}
+
 void SessionOptions::set(const std::string& key, const std::string& value) {
   TrainingConfig& t = training;
   if (key == "check_finite") {
@@ -118,6 +129,10 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
 
 Session::Session(std::shared_ptr<const Model> model, const SessionOptions& options)
     : model_(std::move(model)), options_(options), rng_(options.seed) {
+  if (options_.comm && options_.comm->size() > 1)
+    fail(Code::Unsupported, "sessions over ", options_.comm->size(),
+         " ranks (expert-parallel size ", options_.expert_parallel,
+         ") are not implemented yet: expert and data parallelism are in progress (issue 10)");
   backend_ = options_.device == Device::Cuda
                  ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
                  : make_cpu_backend(options_.threads);

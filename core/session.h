@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/communicator.h"
 #include "core/error.h"
 #include "core/layers.h"
 #include "core/model.h"
@@ -48,6 +49,12 @@ struct SessionOptions {
   Mode mode = Mode::Inference;
   bool check_finite = true;
   TrainingConfig training;
+  // Expert and data parallelism: the ranks this session's work is shared with (null: none) and
+  // the expert-parallel size EP (each rank holds E / EP routed experts; size / EP data-parallel
+  // replicas). set_comm checks EP.
+  std::shared_ptr<Communicator> comm;
+  int32_t expert_parallel = 1;
+  void set_comm(std::shared_ptr<Communicator> c, int32_t ep);
 
   // Applies a knob by name; throws InvalidArgument for an unknown key or a value it refuses.
   void set(const std::string& key, const std::string& value);

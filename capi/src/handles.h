@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "capi/src/status.h"
+#include "core/communicator.h"
 #include "core/model.h"
 #include "core/session.h"
 
@@ -17,4 +18,8 @@ struct moert_session_options {
 
 struct moert_session {
   std::unique_ptr<moert::Session> session;
+};
+
+struct moert_comm {
+  std::shared_ptr<moert::Communicator> comm;
 };

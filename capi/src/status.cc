@@ -82,6 +82,8 @@ const char* moert_status_code_name(int32_t code) {
       return "MOERT_ERR_NUMERIC";
     case MOERT_ERR_INTERNAL:
       return "MOERT_ERR_INTERNAL";
+    case MOERT_ERR_COMM:
+      return "MOERT_ERR_COMM";
     default:
       return "MOERT_ERR_UNKNOWN";
   }

@@ -66,8 +66,9 @@ MOERT_API void moert_schema_version(uint32_t* major, uint32_t* minor);
 #define MOERT_ERR_OUT_OF_MEMORY 4    /* an allocation failed; the state is unchanged */
 #define MOERT_ERR_UNSUPPORTED 5      /* valid request this build or device cannot serve */
 #define MOERT_ERR_INVALID_STATE 6    /* the call is not allowed in the handle's current state */
-#define MOERT_ERR_NUMERIC 7  /* NaN or infinity in an input, or in a result from finite inputs */
+#define MOERT_ERR_NUMERIC 7 /* NaN or infinity in an input, or in a result from finite inputs */
 #define MOERT_ERR_INTERNAL 8 /* a bug in moert: please report it with the message */
+#define MOERT_ERR_COMM 9     /* a collective failed or timed out; the communicator is broken */
 
 typedef struct moert_status moert_status;
 
@@ -239,6 +240,107 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  * An unknown key or a value it does not accept is MOERT_ERR_INVALID_ARGUMENT. */
 MOERT_API moert_status* moert_session_options_set_config(moert_session_options* options,
                                                          const char* key, const char* value);
+
+/* ---- Communicators (expert and data parallelism across processes) ------------------------ */
+/* A moert_comm connects the processes ("ranks") of one job. Attached to session options with an
+ * expert-parallel size, it lets sessions shard the routed experts over ranks and average the
+ * other gradients (DESIGN.md section 2). Two kinds:
+ *  - MPI, from the plugin libmoert_mpi.so (built against Open MPI 4.1), loaded on first use from
+ *    the directory of libmoert.so and checked against this library's version. Buffers are host
+ *    memory. The plugin runs one progress thread per process that makes all of moert's MPI calls,
+ *    so communication overlaps the caller's computation; it needs MPI_THREAD_MULTIPLE.
+ *  - NCCL, inside the CUDA plugin libmoert_cuda.so (the toolkit's NCCL), on its own CUDA stream.
+ *    Buffers are device memory. Not yet verified on a GPU.
+ *
+ * Every function below that says "collective" must be called by every rank of the communicator,
+ * in the same order on each; a rank that does not come makes the others fail with
+ * MOERT_ERR_COMM after the timeout (default 600 s, moert_comm_set_timeout()), never hang.
+ * After any failed or timed-out collective the communicator is broken: every later collective
+ * fails at once with MOERT_ERR_COMM, naming the rank, the operation and how long it waited. A
+ * rank that breaks an MPI communicator tells its peers, so that they fail promptly too.
+ * moert never aborts its host: MPI errors come back as codes (MPI_ERRORS_RETURN) on moert's own
+ * duplicate of the communicator, and moert never calls MPI_Abort.
+ *
+ * Jobs are launched with mpirun (mpirun -np 4 ./host). Open MPI 4.1's mpirun kills the whole job
+ * when one rank dies; start it with --enable-recovery for the survivors to see the failure and
+ * return MOERT_ERR_COMM within the timeout instead (mpirun's exit status then no longer reports
+ * the ranks' results). Running as root needs --allow-run-as-root, or OMPI_ALLOW_RUN_AS_ROOT=1
+ * and OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 in the environment (the only way for a program started
+ * without mpirun, a "singleton" job of one rank).
+ *
+ * Thread-safety: a moert_comm may be used from any thread; its collectives must reach every
+ * rank in the same order, so a host that calls them from several threads orders them itself. */
+
+typedef struct moert_comm moert_comm;
+
+/* Bytes of an NCCL unique id. */
+#define MOERT_NCCL_UNIQUE_ID_BYTES 128
+
+/* Creates an MPI communicator over a duplicate of the host's communicator: `mpi_comm` points at
+ * the host's MPI_Comm handle (for example &MPI_COMM_WORLD or &my_comm), or is NULL for
+ * MPI_COMM_WORLD. Collective over that MPI communicator. The host's communicator need not stay
+ * alive afterwards: moert works on its own duplicate.
+ *
+ * MPI's lifetime: when nobody has initialised MPI, moert initialises it (MPI_Init_thread with
+ * MPI_THREAD_MULTIPLE, on its progress thread; Open MPI's own signal handlers are removed again
+ * so the host's stay) and finalises it when the last moert communicator is freed -- the last
+ * moert_comm_free() or the free of the last session or options holding one -- which waits for
+ * MPI_Finalize. MPI cannot be initialised twice in a process: a communicator created after that
+ * fails with MOERT_ERR_INVALID_STATE, so a host that creates communicators one after another
+ * keeps one alive in between. After a timeout moert does not finalise MPI (MPI_Finalize would
+ * wait for a peer that may be dead); the process then exits without it. When the host has
+ * initialised MPI itself, it must have asked for MPI_THREAD_MULTIPLE (MOERT_ERR_UNSUPPORTED
+ * otherwise, naming the level it got), must use the Open MPI the plugin was built against
+ * (another MPI library in the process is refused with MOERT_ERR_UNSUPPORTED), must free every
+ * moert communicator before it calls MPI_Finalize, and keeps MPI finalisation to itself.
+ *
+ * MOERT_ERR_UNSUPPORTED when the plugin is missing (moert built without Open MPI) or MPI cannot
+ * be used as above; MOERT_ERR_COMM when the duplication does not complete within the default
+ * timeout. On success *out receives a communicator the caller frees with moert_comm_free(). */
+MOERT_API moert_status* moert_comm_create_mpi(const void* mpi_comm, moert_comm** out);
+
+/* Writes a fresh NCCL unique id (MOERT_NCCL_UNIQUE_ID_BYTES bytes) into `out` (`out_len` bytes,
+ * at least MOERT_NCCL_UNIQUE_ID_BYTES). Rank 0 calls it and ships the bytes to the other ranks
+ * by any means (MPI, a file, a socket), as NCCL itself asks. Loads the CUDA plugin;
+ * MOERT_ERR_UNSUPPORTED when it or its NCCL is missing. */
+MOERT_API moert_status* moert_comm_nccl_unique_id(uint8_t* out, uint64_t out_len);
+
+/* Creates rank `rank` of an NCCL communicator of `size` ranks on CUDA device `device`, from the
+ * unique id in `in` (`in_len` = MOERT_NCCL_UNIQUE_ID_BYTES) that every rank passes. Collective
+ * over the `size` ranks (each a process, or a thread with its own device); bounded by the default
+ * timeout. NCCL refuses two ranks on one GPU. MOERT_ERR_UNSUPPORTED where the CUDA plugin, NCCL
+ * or a usable GPU is missing. Free with moert_comm_free(). */
+MOERT_API moert_status* moert_comm_create_nccl(const uint8_t* in, uint64_t in_len, int32_t rank,
+                                               int32_t size, int32_t device, moert_comm** out);
+
+/* Releases the caller's reference. Accepts NULL. Not collective. Session options and sessions
+ * that hold the communicator keep it alive; the last reference ends it (and may finalise MPI,
+ * see moert_comm_create_mpi()). Must not race with another call on the same handle. */
+MOERT_API void moert_comm_free(moert_comm* comm);
+
+/* This process's rank in [0, size) and the number of ranks. Not collective. */
+MOERT_API moert_status* moert_comm_rank(const moert_comm* comm, int32_t* out);
+MOERT_API moert_status* moert_comm_size(const moert_comm* comm, int32_t* out);
+
+/* Seconds every collective of this communicator waits before it fails with MOERT_ERR_COMM and
+ * breaks the communicator: > 0 and at most a year; the default is 600. Local (each rank sets its
+ * own); applies to the collectives that start afterwards, those of sessions holding the
+ * communicator included. */
+MOERT_API moert_status* moert_comm_set_timeout(moert_comm* comm, double seconds);
+
+/* Blocks until every rank has called it. Collective. MOERT_ERR_COMM on timeout or when the
+ * communicator is broken. */
+MOERT_API moert_status* moert_comm_barrier(moert_comm* comm);
+
+/* Attaches `comm` to the options with an expert-parallel size `expert_parallel` (EP >= 1 that
+ * divides the communicator's size; the data-parallel size is size / EP): sessions created from
+ * these options will shard every MoE layer's routed experts over EP ranks and replicate the rest
+ * over size / EP. The options keep a reference to the communicator (the caller may free its
+ * handle). `comm` NULL with expert_parallel 1 detaches it. Creating a session is collective over
+ * the communicator. Expert and data parallelism are not implemented yet: moert_session_create()
+ * refuses a communicator of more than one rank with MOERT_ERR_UNSUPPORTED. */
+MOERT_API moert_status* moert_session_options_set_comm(moert_session_options* options,
+                                                       moert_comm* comm, int32_t expert_parallel);
 
 /* ---- Session ----------------------------------------------------------------------------- */
 

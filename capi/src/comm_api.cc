@@ -1,0 +1,87 @@
+// C entry points for communicators (expert and data parallelism across processes).
+#include <memory>
+
+#include "capi/src/handles.h"
+#include "core/comm_support.h"
+
+using moert::Code;
+using moert::fail;
+using moert::capi::guarded;
+using moert::capi::require;
+
+extern "C" {
+
+moert_status* moert_comm_create_mpi(const void* mpi_comm, moert_comm** out) {
+  return guarded([&] {
+    require(out, "out");
+    auto handle = std::make_unique<moert_comm>();
+    handle->comm = moert::make_mpi_communicator(mpi_comm);
+    *out = handle.release();
+  });
+}
+
+moert_status* moert_comm_nccl_unique_id(uint8_t* out, uint64_t out_len) {
+  return guarded([&] {
+    require(out, "out");
+    if (out_len < moert::kNcclUniqueIdBytes)
+      fail(Code::InvalidArgument, "an NCCL unique id takes ", moert::kNcclUniqueIdBytes,
+           " bytes; the buffer holds ", out_len);
+    moert::nccl_unique_id(out);
+  });
+}
+
+moert_status* moert_comm_create_nccl(const uint8_t* in, uint64_t in_len, int32_t rank, int32_t size,
+                                     int32_t device, moert_comm** out) {
+  return guarded([&] {
+    require(in, "in");
+    require(out, "out");
+    if (in_len != moert::kNcclUniqueIdBytes)
+      fail(Code::InvalidArgument, "an NCCL unique id is ", moert::kNcclUniqueIdBytes,
+           " bytes, got ", in_len);
+    auto handle = std::make_unique<moert_comm>();
+    handle->comm = moert::make_nccl_communicator(in, rank, size, device);
+    *out = handle.release();
+  });
+}
+
+void moert_comm_free(moert_comm* comm) { delete comm; }
+
+moert_status* moert_comm_rank(const moert_comm* comm, int32_t* out) {
+  return guarded([&] {
+    require(comm, "comm");
+    require(out, "out");
+    *out = comm->comm->rank();
+  });
+}
+
+moert_status* moert_comm_size(const moert_comm* comm, int32_t* out) {
+  return guarded([&] {
+    require(comm, "comm");
+    require(out, "out");
+    *out = comm->comm->size();
+  });
+}
+
+moert_status* moert_comm_set_timeout(moert_comm* comm, double seconds) {
+  return guarded([&] {
+    require(comm, "comm");
+    comm->comm->set_timeout(seconds);
+  });
+}
+
+moert_status* moert_comm_barrier(moert_comm* comm) {
+  return guarded([&] {
+    require(comm, "comm");
+    comm->comm->barrier();
+  });
+}
+
+moert_status* moert_session_options_set_comm(moert_session_options* options, moert_comm* comm,
+                                             int32_t expert_parallel) {
+  return guarded([&] {
+    require(options, "options");
+    options->options.set_comm(comm ? comm->comm : nullptr, expert_parallel);
+  });
+}
+
+}  // extern "C"
