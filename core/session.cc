@@ -116,6 +116,11 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     t.warmup_steps = parse_count(key, value);
   } else if (key == "total_steps") {
     t.total_steps = parse_count(key, value);
+  } else if (key == "aux_loss_scope") {
+    if (value != "local" && value != "global")
+      fail(Code::InvalidArgument, "option 'aux_loss_scope' takes local or global, got '", value,
+           "'");
+    global_aux = value == "global";
   } else if (key == "sequence_length") {
     t.sequence_length = static_cast<int64_t>(
         std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
@@ -123,16 +128,30 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     fail(Code::InvalidArgument, "unknown session option '", key,
          "' (known: check_finite, cuda_plugin, optimizer, lr, min_lr, weight_decay, beta1, beta2, "
          "eps, "
-         "momentum, clip_norm, warmup_steps, total_steps, sequence_length)");
+         "momentum, clip_norm, warmup_steps, total_steps, sequence_length, aux_loss_scope)");
   }
 }
 
 Session::Session(std::shared_ptr<const Model> model, const SessionOptions& options)
     : model_(std::move(model)), options_(options), rng_(options.seed) {
+  // Creating a session over several ranks is collective: every rank builds its part, and if any
+  // fails, every rank fails (no rank is left waiting in the first pass).
   if (options_.comm && options_.comm->size() > 1)
-    fail(Code::Unsupported, "sessions over ", options_.comm->size(),
-         " ranks (expert-parallel size ", options_.expert_parallel,
-         ") are not implemented yet: expert and data parallelism are in progress (issue 10)");
+    par_ = std::make_unique<ParallelContext>(options_.comm, options_.expert_parallel);
+  std::exception_ptr failed;
+  try {
+    build();
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  if (par_)
+    par_->agree(failed);
+  else if (failed)
+    std::rethrow_exception(failed);
+}
+
+void Session::build() {
+  if (par_) check_parallel();
   backend_ = options_.device == Device::Cuda
                  ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
                  : make_cpu_backend(options_.threads);
@@ -142,6 +161,8 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     // The session trains its own copy; gradients mirror its layout.
     params_ = std::make_unique<Model>(*model_);
     params_->training.reset();
+    // Under expert parallelism a rank keeps, trains and checkpoints-in-part its shard only.
+    if (par_) shard_experts(*params_);
     grads_ = std::make_unique<Model>(*params_);
     for (auto& l : grads_->layers) {
       visit_tensors(
@@ -156,7 +177,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     store_ = std::make_unique<ParamStore>(*backend_, *params_, grads_.get());
   } else {
     // Inference never writes parameters: the shared model's tensors are only read (or, on a
-    // device backend, copied once).
+    // device backend, copied once). Expert parallelism reads the shard's part of them.
     store_ = std::make_unique<ParamStore>(*backend_, const_cast<Model&>(*model_), nullptr);
   }
   const Model& p = params();
@@ -165,8 +186,54 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     if (const auto* m = std::get_if<MoESpec>(&p.layers[i].spec))
       balance_[i] = {m->balancing.bias_update_rate, m->balancing.bias_frozen};
     layers_.push_back(make_layer(p.layers[i], *store_));
+    if (auto* moe = dynamic_cast<MoELayer*>(layers_.back().get())) {
+      moe->set_parallel(par_.get());
+      moe->set_global_aux(options_.global_aux);
+    }
   }
   activations_.resize(layers_.size());
+}
+
+void Session::check_parallel() const {
+  const Communicator& c = *options_.comm;
+  const CommMemory want = options_.device == Device::Cpu ? CommMemory::Host : CommMemory::Device;
+  if (c.memory() != want)
+    fail(Code::InvalidArgument, "a ", c.kind(), " communicator moves ",
+         c.memory() == CommMemory::Host ? "host" : "device", " memory, which a ",
+         options_.device == Device::Cpu ? "CPU" : "CUDA", " session does not compute in");
+  if (options_.device != Device::Cpu)
+    fail(Code::Unsupported,
+         "expert and data parallelism over several ranks runs on CPU sessions in this version "
+         "(the NCCL communicator exists, the CUDA backend's cross-rank reduction does not yet)");
+  for (size_t i = 0; i < model_->layers.size(); ++i) {
+    const auto* m = std::get_if<MoESpec>(&model_->layers[i].spec);
+    if (!m) continue;
+    if (m->router.num_experts % static_cast<uint32_t>(options_.expert_parallel) != 0)
+      fail(Code::InvalidArgument, "layer ", i, " ('", model_->layers[i].name, "') has ",
+           m->router.num_experts, " routed experts, which an expert-parallel size of ",
+           options_.expert_parallel, " does not divide");
+    if (m->balancing.policy == BalancingPolicy::ExpertChoice)
+      fail(Code::Unsupported, "layer ", i, " ('", model_->layers[i].name,
+           "') uses Expert Choice routing, which expert parallelism does not support (each "
+           "expert would need every rank's tokens before choosing)");
+  }
+}
+
+void Session::shard_experts(Model& m) const {
+  const int ep = options_.expert_parallel;
+  const int shard = options_.comm->rank() % ep;
+  for (auto& layer : m.layers) {
+    auto* moe = std::get_if<MoESpec>(&layer.spec);
+    if (!moe) continue;
+    const int64_t per = moe->router.num_experts / static_cast<uint32_t>(ep);
+    for (Tensor* t : {&moe->w1, &moe->w3, &moe->w2}) {
+      const int64_t each = t->numel() / moe->router.num_experts;
+      std::vector<float> part(t->values.begin() + shard * per * each,
+                              t->values.begin() + (shard + 1) * per * each);
+      t->values = std::move(part);
+      t->shape[0] = per;
+    }
+  }
 }
 
 void Session::require_training(const char* what) const {
@@ -271,95 +338,123 @@ void Session::deliver_rows(const float* src, int64_t width, float* out) {
 
 void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const uint8_t* row_mask,
                              uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len) {
-  if (!model_->token_input)
-    fail(Code::InvalidArgument,
-         "this model takes hidden states (its first layer is not an "
-         "Embedding): use forward_hidden");
-  if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
-  if (!out) fail(Code::InvalidArgument, "out is NULL");
-  check_rows(rows, out_len);
-  const uint64_t width = model_->input_width;
-  if (num_tokens != rows * width)
-    fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
-         width, " tokens need ", rows * width);
   const Pass pass = next_pass();
-  pending_backward_ = false;
-  begin_pass(rows, row_mask, mask_len);
-  // Padding rows may hold anything (a pad id outside the vocabulary, say): only the rows that
-  // take part are checked and used.
-  const auto& emb = std::get<EmbeddingSpec>(model_->layers[0].spec);
-  for (int64_t i = 0; i < last_rows_; ++i)
-    for (uint64_t c = 0; c < width; ++c) {
-      const int32_t id = tokens[static_cast<uint64_t>(caller_row(i)) * width + c];
-      if (id < 0 || static_cast<uint32_t>(id) >= emb.vocab_size)
-        fail(Code::InvalidArgument, "token id ", id, " at row ", caller_row(i), ", column ", c,
-             " is outside the vocabulary [0, ", emb.vocab_size, ")");
-    }
-  std::vector<int32_t> staging;
-  const int32_t* ids = gather_rows(tokens, static_cast<int64_t>(width), staging);
-  const size_t n_ids = static_cast<size_t>(last_rows_) * width;
-  tokens_.resize(*backend_, n_ids);
-  if (n_ids) backend_->upload(tokens_.data(), ids, n_ids * sizeof(int32_t));
-  if (last_rows_ == 0) return finish_empty_pass(out, pass);
+  collective_step([&] {
+    if (!model_->token_input)
+      fail(Code::InvalidArgument,
+           "this model takes hidden states (its first layer is not an "
+           "Embedding): use forward_hidden");
+    if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
+    if (!out) fail(Code::InvalidArgument, "out is NULL");
+    check_rows(rows, out_len);
+    const uint64_t width = model_->input_width;
+    if (num_tokens != rows * width)
+      fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
+           width, " tokens need ", rows * width);
+    pending_backward_ = false;
+    begin_pass(rows, row_mask, mask_len);
+    // Padding rows may hold anything (a pad id outside the vocabulary, say): only the rows that
+    // take part are checked and used.
+    const auto& emb = std::get<EmbeddingSpec>(model_->layers[0].spec);
+    for (int64_t i = 0; i < last_rows_; ++i)
+      for (uint64_t c = 0; c < width; ++c) {
+        const int32_t id = tokens[static_cast<uint64_t>(caller_row(i)) * width + c];
+        if (id < 0 || static_cast<uint32_t>(id) >= emb.vocab_size)
+          fail(Code::InvalidArgument, "token id ", id, " at row ", caller_row(i), ", column ", c,
+               " is outside the vocabulary [0, ", emb.vocab_size, ")");
+      }
+    std::vector<int32_t> staging;
+    const int32_t* ids = gather_rows(tokens, static_cast<int64_t>(width), staging);
+    const size_t n_ids = static_cast<size_t>(last_rows_) * width;
+    tokens_.resize(*backend_, n_ids);
+    if (n_ids) backend_->upload(tokens_.data(), ids, n_ids * sizeof(int32_t));
+  });
+  if (par_) par_->exchange_rows(last_rows_);
+  if (last_rows_ == 0 && !par_) return finish_empty_pass(out, pass);
   auto& a0 = activations_[0];
   a0.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[0].out_width);
   static_cast<EmbeddingLayer&>(*layers_[0])
       .forward_tokens(*backend_, tokens_.data(), a0.data(), last_rows_, pass);
-  check_output(0, a0.data());
-  run_from(1, a0.data(), out, pass);
+  std::string bad = check_output(0, a0.data());
+  run_from(1, a0.data(), out, pass, std::move(bad));
 }
 
 void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* row_mask,
                              uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len) {
-  if (model_->token_input)
-    fail(Code::InvalidArgument,
-         "this model takes token ids (its first layer is an Embedding): "
-         "use forward_tokens");
-  if (!in) fail(Code::InvalidArgument, "in is NULL");
-  if (!out) fail(Code::InvalidArgument, "out is NULL");
-  check_rows(rows, out_len);
-  const uint64_t width = model_->input_width;
-  if (in_len != rows * width)
-    fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
-         " rows of width ", width, " need ", rows * width);
   const Pass pass = next_pass();
-  pending_backward_ = false;
-  begin_pass(rows, row_mask, mask_len);
-  if (options_.check_finite)
-    for (int64_t i = 0; i < last_rows_; ++i)
-      for (uint64_t c = 0; c < width; ++c)
-        if (!std::isfinite(in[static_cast<uint64_t>(caller_row(i)) * width + c]))
-          fail(Code::Numeric, "input holds a NaN or infinity at row ", caller_row(i), ", column ",
-               c);
-  std::vector<float> staging;
-  const float* x = gather_rows(in, static_cast<int64_t>(width), staging);
-  // The caller's buffer is not ours to keep (backward reads the input again).
-  const size_t n = static_cast<size_t>(last_rows_) * width;
-  input_.resize(*backend_, n);
-  if (n) backend_->upload(input_.data(), x, n * sizeof(float));
-  if (last_rows_ == 0) return finish_empty_pass(out, pass);
-  run_from(0, input_.data(), out, pass);
+  collective_step([&] {
+    if (model_->token_input)
+      fail(Code::InvalidArgument,
+           "this model takes token ids (its first layer is an Embedding): "
+           "use forward_tokens");
+    if (!in) fail(Code::InvalidArgument, "in is NULL");
+    if (!out) fail(Code::InvalidArgument, "out is NULL");
+    check_rows(rows, out_len);
+    const uint64_t width = model_->input_width;
+    if (in_len != rows * width)
+      fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
+           " rows of width ", width, " need ", rows * width);
+    pending_backward_ = false;
+    begin_pass(rows, row_mask, mask_len);
+    if (options_.check_finite)
+      for (int64_t i = 0; i < last_rows_; ++i)
+        for (uint64_t c = 0; c < width; ++c)
+          if (!std::isfinite(in[static_cast<uint64_t>(caller_row(i)) * width + c]))
+            fail(Code::Numeric, "input holds a NaN or infinity at row ", caller_row(i), ", column ",
+                 c);
+    std::vector<float> staging;
+    const float* x = gather_rows(in, static_cast<int64_t>(width), staging);
+    // The caller's buffer is not ours to keep (backward reads the input again).
+    const size_t n = static_cast<size_t>(last_rows_) * width;
+    input_.resize(*backend_, n);
+    if (n) backend_->upload(input_.data(), x, n * sizeof(float));
+  });
+  if (par_) par_->exchange_rows(last_rows_);
+  if (last_rows_ == 0 && !par_) return finish_empty_pass(out, pass);
+  run_from(0, input_.data(), out, pass, "");
 }
 
-void Session::check_output(size_t layer, const float* y) const {
-  if (!options_.check_finite) return;
+template <typename F>
+void Session::collective_step(F&& body) {
+  if (!par_) return body();
+  std::exception_ptr failed;
+  try {
+    body();
+  } catch (...) {
+    failed = std::current_exception();
+    pending_backward_ = false;
+  }
+  par_->agree(failed);
+}
+
+std::string Session::check_output(size_t layer, const float* y) const {
+  if (!options_.check_finite) return "";
   const int64_t width = model_->layers[layer].out_width;
-  const int64_t bad = backend_->find_nonfinite(y, last_rows_ * width);
-  if (bad >= 0)
-    fail(Code::Numeric, "layer ", layer, " ('", model_->layers[layer].name, "', ",
-         layer_kind_name(model_->layers[layer].kind),
-         "): its output holds a NaN or infinity at row ", caller_row(bad / width), ", column ",
-         bad % width, " although its inputs are finite: a value exceeded the fp32 range");
+  const int64_t bad = last_rows_ > 0 ? backend_->find_nonfinite(y, last_rows_ * width) : -1;
+  if (bad < 0) return "";
+  const std::string why =
+      cat("layer ", layer, " ('", model_->layers[layer].name, "', ",
+          layer_kind_name(model_->layers[layer].kind),
+          "): its output holds a NaN or infinity at row ", caller_row(bad / width), ", column ",
+          bad % width, " although its inputs are finite: a value exceeded the fp32 range");
+  // Alone, stop here; among ranks, finish the pass (its collectives) and refuse it together.
+  if (!par_) fail(Code::Numeric, why);
+  return why;
 }
 
-void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass) {
+void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass, std::string bad) {
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
     act.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[i].out_width);
     layers_[i]->forward(*backend_, x, act.data(), last_rows_, pass);
-    check_output(i, act.data());
+    std::string why = check_output(i, act.data());
+    if (bad.empty()) bad = std::move(why);
     x = act.data();
   }
+  if (par_)
+    collective_step([&] {
+      if (!bad.empty()) fail(Code::Numeric, bad);
+    });
   deliver_rows(x, model_->output_width, out);
   // Statistics become visible only now that nothing can fail: a refused pass counts nothing.
   for (auto& l : layers_) l->commit_stats(pass);

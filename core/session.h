@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/layers.h"
 #include "core/model.h"
+#include "core/parallel.h"
 #include "core/param_store.h"
 #include "core/tensor_codec.h"
 
@@ -55,6 +56,9 @@ struct SessionOptions {
   std::shared_ptr<Communicator> comm;
   int32_t expert_parallel = 1;
   void set_comm(std::shared_ptr<Communicator> c, int32_t ep);
+  // The auxiliary losses over the job's whole batch (f and P from every rank's rows) rather than
+  // each rank's own ("aux_loss_scope" = "global" | "local").
+  bool global_aux = false;
 
   // Applies a knob by name; throws InvalidArgument for an unknown key or a value it refuses.
   void set(const std::string& key, const std::string& value);
@@ -143,6 +147,10 @@ class Session {
   };
 
   const Model& params() const { return params_ ? *params_ : *model_; }
+  void build();
+  void check_parallel() const;
+  // Cuts every MoE layer's routed experts down to this rank's shard.
+  void shard_experts(Model& m) const;
   void sync_to_host() const;
   MoELayer& moe_layer(uint32_t layer) const;
   std::vector<uint32_t> moe_layers(uint32_t layer) const;
@@ -159,8 +167,14 @@ class Session {
   const T* gather_rows(const T* src, int64_t width, std::vector<T>& staging) const;
   // Compacted rows in backend memory -> the caller's rows, padding zeroed.
   void deliver_rows(const float* src, int64_t width, float* out);
-  void check_output(size_t layer, const float* y) const;
-  void run_from(size_t first_layer, const float* x, float* out, Pass pass);
+  // Why layer `layer`'s output is not finite, or "" (checks values when check_finite is on;
+  // alone it throws, among ranks it reports so that the pass ends together).
+  std::string check_output(size_t layer, const float* y) const;
+  // `bad`: a failure found before the first layer, refused at the end of the pass.
+  void run_from(size_t first_layer, const float* x, float* out, Pass pass, std::string bad);
+  // Runs body(); among ranks, every rank then learns whether any failed, and all throw if so.
+  template <typename F>
+  void collective_step(F&& body);
   void finish_empty_pass(float* out, Pass pass);
   double run_backward(float* grad_in);
   void poison_step(Code code, const std::string& why);
@@ -171,6 +185,7 @@ class Session {
   std::unique_ptr<Model> params_;  // training: the session's own parameters
   std::unique_ptr<Model> grads_;   // training: gradients, laid out as params_
   SessionOptions options_;
+  std::unique_ptr<ParallelContext> par_;  // expert/data parallelism over several ranks
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ParamStore> store_;
   std::vector<std::unique_ptr<Layer>> layers_;
