@@ -42,12 +42,38 @@ bool parse_bool(const std::string& key, const std::string& value) {
   fail(Code::InvalidArgument, "option '", key, "' takes true or false, got '", value, "'");
 }
 
+// Sums per-chunk values over the tree of grad_reduction.h, so that a total does not depend on
+// how processes split the rows.
+double tree_sum(std::vector<double> chunk_values) {
+  if (chunk_values.empty()) return 0.0;
+  TreeFold<double*> fold;
+  auto add = [](double* l, double* r) { *l = *l + *r; };
+  for (double& v : chunk_values) fold.push(&v, add);
+  return *fold.finish(add);
+}
+
 void check_len(uint64_t len, int64_t want, const char* what) {
   if (len != static_cast<uint64_t>(want))
     fail(Code::InvalidArgument, what, " buffer holds ", len, " values but ", want, " are needed");
 }
 
 }  // namespace
+
+const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::Fp32:
+      return "fp32";
+    case Precision::Bf16:
+      return "bf16";
+  }
+  return "unknown";
+}
+
+Precision parse_precision(const std::string& value) {
+  for (Precision p : {Precision::Fp32, Precision::Bf16})
+    if (value == precision_name(p)) return p;
+  fail(Code::InvalidArgument, "option 'precision' takes fp32 or bf16, got '", value, "'");
+}
 
 double TrainingConfig::lr_at(uint64_t step) const {
   if (warmup_steps > 0 && step <= warmup_steps)
@@ -64,6 +90,8 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     check_finite = parse_bool(key, value);
   } else if (key == "cuda_plugin") {
     cuda_plugin = value;
+  } else if (key == "precision") {
+    precision = parse_precision(value);
   } else if (key == "optimizer") {
     if (value != "adamw" && value != "sgd")
       fail(Code::InvalidArgument, "option 'optimizer' takes adamw or sgd, got '", value, "'");
@@ -93,17 +121,21 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
         std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
   } else {
     fail(Code::InvalidArgument, "unknown session option '", key,
-         "' (known: check_finite, cuda_plugin, optimizer, lr, min_lr, weight_decay, beta1, beta2, "
-         "eps, "
-         "momentum, clip_norm, warmup_steps, total_steps, sequence_length)");
+         "' (known: check_finite, cuda_plugin, precision, optimizer, lr, min_lr, weight_decay, "
+         "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length)");
   }
 }
 
 Session::Session(std::shared_ptr<const Model> model, const SessionOptions& options)
     : model_(std::move(model)), options_(options), rng_(options.seed) {
-  backend_ = options_.device == Device::Cuda
-                 ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
-                 : make_cpu_backend(options_.threads);
+  const bool cuda = options_.device == Device::Cuda;
+  precision_ = options_.precision.value_or(cuda ? Precision::Bf16 : Precision::Fp32);
+  if (cuda && precision_ == Precision::Fp32)
+    fail(Code::Unsupported,
+         "precision fp32 is not available on CUDA: the CUDA backend multiplies in bf16 (fp32 "
+         "runs on the CPU)");
+  backend_ = cuda ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
+                  : make_cpu_backend(options_.threads, precision_ == Precision::Bf16);
   const ActiveDevice device(*backend_);
   const int64_t seq = options_.training.sequence_length;
   if (training()) {
@@ -278,9 +310,10 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
   backend_->upload(targets_.data(), targets, num_targets * sizeof(int32_t));
   dy_.resize(*backend_, logits.size());
   const double inv_rows = 1.0 / static_cast<double>(last_rows_);
-  const double ce = backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab,
-                                            dy_.data(), static_cast<float>(inv_rows));
-  return ce * inv_rows + run_backward(nullptr);
+  std::vector<double> chunk_loss;
+  backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab, dy_.data(),
+                          static_cast<float>(inv_rows), chunk_loss);
+  return tree_sum(std::move(chunk_loss)) * inv_rows + run_backward(nullptr);
 }
 
 double Session::backward(const float* grad_out, uint64_t grad_out_len, float* grad_in,
@@ -409,6 +442,9 @@ void Session::set_eval(bool eval) {
 void Session::set_config(const std::string& key, const std::string& value) {
   SessionOptions updated = options_;
   updated.set(key, value);
+  if (key == "precision" && updated.precision != precision_)
+    fail(Code::InvalidState,
+         "the precision is chosen when the session is created (its weight copies are made then)");
   if (key == "optimizer" && updated.training.optimizer != options_.training.optimizer && step_ > 0)
     fail(Code::InvalidState,
          "the optimizer cannot change after the first step (its state would "

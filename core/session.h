@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,17 @@ namespace moert {
 
 enum class Device : int32_t { Cpu = 0, Cuda = 1 };
 enum class Mode : int32_t { Inference = 0, Training = 1 };
+
+// What the experts' GEMMs (routed and shared; Fprop, Dgrad, Wgrad) multiply in (DESIGN.md section
+// 5). The router, its bias, norms, embedding, head, master weights and optimizer state stay fp32
+// whatever it is. bf16: operands rounded to bf16, fp32 accumulation, bf16 weight copies refreshed
+// after each optimizer step.
+enum class Precision : int32_t { Fp32 = 0, Bf16 = 1 };
+
+// The session option's spelling of a precision ("fp32", "bf16"), and back; parse_precision throws
+// InvalidArgument naming the accepted values.
+const char* precision_name(Precision p);
+Precision parse_precision(const std::string& value);
 
 struct TrainingConfig {
   std::string optimizer = "adamw";  // or "sgd"
@@ -40,6 +52,9 @@ struct SessionOptions {
   int32_t device_index = 0;
   std::string cuda_plugin;  // explicit path of libmoert_cuda.so; empty: beside libmoert.so
   uint32_t threads = 1;
+  // Unset: the device's own (CPU fp32, CUDA bf16). CUDA refuses fp32 (Unsupported): it
+  // multiplies in bf16.
+  std::optional<Precision> precision;
   uint64_t seed = 0;
   Mode mode = Mode::Inference;
   bool check_finite = true;
@@ -63,6 +78,7 @@ class Session {
 
   const Model& model() const { return *model_; }
   bool training() const { return options_.mode == Mode::Training; }
+  Precision precision() const { return precision_; }
 
   // Forward passes; sizes are element counts of the caller's buffers and are checked first. On
   // any error the session's statistics are those of the last successful pass.
@@ -146,6 +162,7 @@ class Session {
   std::unique_ptr<Model> params_;  // training: the session's own parameters
   std::unique_ptr<Model> grads_;   // training: gradients, laid out as params_
   SessionOptions options_;
+  Precision precision_ = Precision::Fp32;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ParamStore> store_;
   std::vector<std::unique_ptr<Layer>> layers_;
