@@ -166,8 +166,8 @@ class Session {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ParamStore> store_;
   std::vector<std::unique_ptr<Layer>> layers_;
-  std::vector<Buffer<float>> activations_;  // output of each layer, backend memory
-  Buffer<float> input_, dy_, dx_;           // hidden-state input; backward scratch
+  std::vector<Buffer<float>> activations_;   // output of each layer, backend memory
+  Buffer<float> input_, dy_, dx_, grad_in_;  // hidden-state input; backward scratch
   Buffer<int32_t> tokens_, targets_;
   std::vector<Slot> slots_;
   std::vector<Balance> balance_;  // by layer index

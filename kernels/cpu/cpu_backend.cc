@@ -193,10 +193,7 @@ void CpuBackend::combine(const DispatchPlan& plan, const float* y_perm, float* y
     for (int64_t t = r0; t < r0 + n; ++t)
       for (int64_t j = to[t]; j < to[t + 1]; ++j) {
         const int64_t a = ta[j];
-        const float w = weight[a];
-        const float* src = y_perm + a * dim;
-        float* dst = y + t * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] += w * src[d];
+        axpy(y + t * dim, weight[a], y_perm + a * dim, dim);
       }
   });
 }
@@ -210,14 +207,8 @@ void CpuBackend::combine_backward(const DispatchPlan& plan, const float* y_perm,
     const int64_t a0 = b * kReduceRows, n = std::min(kReduceRows, A - a0);
     for (int64_t a = a0; a < a0 + n; ++a) {
       const float* g = dy + static_cast<int64_t>(token[a]) * dim;
-      const float* yp = y_perm + a * dim;
-      const float w = weight[a];
-      double dot = 0.0;
-      for (int64_t d = 0; d < dim; ++d) {
-        dy_perm[a * dim + d] = w * g[d];
-        dot += static_cast<double>(g[d]) * yp[d];
-      }
-      dweight[a] = static_cast<float>(dot);
+      dweight[a] =
+          static_cast<float>(scale_and_dot(dy_perm + a * dim, weight[a], g, y_perm + a * dim, dim));
     }
   });
 }
@@ -230,9 +221,7 @@ void CpuBackend::dispatch_backward(const DispatchPlan& plan, const float* dx_per
     const int64_t r0 = b * kReduceRows, n = std::min(kReduceRows, plan.rows - r0);
     for (int64_t t = r0; t < r0 + n; ++t)
       for (int64_t j = to[t]; j < to[t + 1]; ++j) {
-        const float* src = dx_perm + static_cast<int64_t>(ta[j]) * dim;
-        float* dst = dx + t * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
+        add_into(dx + t * dim, dx_perm + static_cast<int64_t>(ta[j]) * dim, dim);
       }
   });
 }

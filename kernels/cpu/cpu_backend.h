@@ -126,8 +126,17 @@ class CpuBackend final : public Backend {
     std::vector<unsigned char> bytes;
   };
   std::vector<Scratch> scratch_;  // one per worker
-  // Backward operands, chunk by chunk, transposed for the Wgrad partials.
-  std::vector<unsigned char> t_x_, t_dy_, t_a_, t_dh1_, t_dh3_;
+  // Backward operands, chunk by chunk, transposed for the Wgrad partials (kept between calls,
+  // never initialised).
+  Buffer<unsigned char> t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_;
+  // fp32 Dgrad reads its weights transposed, as the "nt" GEMM oneDNN runs fastest: made once per
+  // backward call, for as many weights at a time as kTransposedWeights floats allow.
+  Buffer<float> t_w_;
+  // Forward items of at most kFewRows rows run as column blocks of the up (w1, w3) and down (w2)
+  // GEMMs; their activations live in few_ between the two.
+  static constexpr int64_t kFewRows = 16, kUpColumns = 256, kDownColumns = 512;
+  Buffer<float> few_;
+  static constexpr int64_t kTransposedWeights = int64_t{64} << 20;
 };
 
 }  // namespace moert::cpu

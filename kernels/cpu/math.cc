@@ -77,6 +77,37 @@ MOERT_AVX2 void add_avx2(float* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = dst[i] + src[i];
 }
 
+MOERT_AVX2 void axpy_avx2(float* y, float a, const float* x, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+MOERT_AVX2 double scale_and_dot_avx2(float* out, float a, const float* x, const float* z,
+                                     int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i), zv = _mm256_loadu_ps(z + i);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(av, xv));
+    s0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)),
+                         _mm256_cvtps_pd(_mm256_castps256_ps128(zv)), s0);
+    s1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)),
+                         _mm256_cvtps_pd(_mm256_extractf128_ps(zv, 1)), s1);
+  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
+  double dot = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < n; ++i) {
+    out[i] = a * x[i];
+    dot += static_cast<double>(x[i]) * z[i];
+  }
+  return dot;
+}
+
 // 8 x 8 block: rows of x in, columns out.
 MOERT_AVX2 void transpose8(const float* x, int64_t ldx, float* out, int64_t ldo) {
   __m256 r[8], t[8];
@@ -100,8 +131,10 @@ MOERT_AVX2 void transpose8(const float* x, int64_t ldx, float* out, int64_t ldo)
 MOERT_AVX2 void transpose_avx2(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* out,
                                int64_t ldo) {
   const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
-  for (int64_t r = 0; r < r8; r += 8)
-    for (int64_t c = 0; c < c8; c += 8) transpose8(x + r * ldx + c, ldx, out + c * ldo + r, ldo);
+  // Columns outermost: each output row is written whole before the next, and the 8 input
+  // columns being read stay in L1 down the rows.
+  for (int64_t c = 0; c < c8; c += 8)
+    for (int64_t r = 0; r < r8; r += 8) transpose8(x + r * ldx + c, ldx, out + c * ldo + r, ldo);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = (r < r8 ? c8 : 0); c < cols; ++c) out[c * ldo + r] = x[r * ldx + c];
 }
@@ -143,6 +176,21 @@ void swiglu_backward(const float* h1, const float* h3, const float* da, float* d
 void add_into(float* dst, const float* src, int64_t n) {
   if (use_avx2()) return add_avx2(dst, src, n);
   for (int64_t i = 0; i < n; ++i) dst[i] = dst[i] + src[i];
+}
+
+void axpy(float* y, float a, const float* x, int64_t n) {
+  if (use_avx2()) return axpy_avx2(y, a, x, n);
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+double scale_and_dot(float* out, float a, const float* x, const float* z, int64_t n) {
+  if (use_avx2()) return scale_and_dot_avx2(out, a, x, z, n);
+  double dot = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = a * x[i];
+    dot += static_cast<double>(x[i]) * z[i];
+  }
+  return dot;
 }
 
 void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* out, int64_t ldo) {

@@ -34,6 +34,12 @@ void swiglu_backward(const float* h1, const float* h3, const float* da, float* d
 // dst[i] = dst[i] + src[i]: the one way two partial sums are added (grad_reduction.h).
 void add_into(float* dst, const float* src, int64_t n);
 
+// y[i] = y[i] + a * x[i].
+void axpy(float* y, float a, const float* x, int64_t n);
+
+// out[i] = a * x[i]; returns the sum of x[i] * z[i] in double.
+double scale_and_dot(float* out, float a, const float* x, const float* z, int64_t n);
+
 // out[c * ldo + r] = x[r * ldx + c] for r < rows, c < cols.
 void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* out, int64_t ldo);
 
