@@ -1,20 +1,25 @@
 #!/usr/bin/python3
 """The MoE layer of `moert bench` in PyTorch, timed beside moert at the same thread count.
 
-Runs `moert bench --json` with the same layer options to get moert's figures in the same run,
-then builds the same layer in PyTorch (Debian's python3-torch, CPU): sigmoid router, top-K,
-renormalised weights, shared and routed SwiGLU experts, residual; routed experts computed with the
-standard loop over experts (gather the expert's tokens, run its FFN, index_add the weighted output
-back). Forward runs under torch.no_grad() (as moert's inference session); forward+backward lets
-autograd compute the gradients of every weight and of the input (as moert's training session).
-FLOPs use moert's formula, with the assignment count of the run (tokens * top_k). A plain GEMM of
-the same FLOPs is timed in PyTorch too, so each library's MoE speed can be read against its own
-GEMM speed as well as against the other library.
+Runs `moert bench --json` with the same layer options to get moert's figures (and the machine's
+limits) in the same run, then builds the same layer in PyTorch (Debian's python3-torch, CPU):
+sigmoid router, top-K, renormalised weights, shared and routed SwiGLU experts, residual; routed
+experts computed with the standard loop over experts (gather the expert's tokens, run its FFN,
+index_add the weighted output back). Forward runs under torch.no_grad() (as moert's inference
+session); forward+backward lets autograd compute the gradients of every weight and of the input
+(as moert's training session). FLOPs use moert's formula, with the assignment count of the run
+(tokens * top_k). A plain GEMM of the same FLOPs is timed in PyTorch too.
+
+PyTorch's CPU GEMMs go to the BLAS that libblas.so.3 resolves to (Debian's alternatives: the
+reference BLAS, BLIS, OpenBLAS, each in its own directory). Every installed one is tried on the
+layer's GEMM shape in a separate process (LD_LIBRARY_PATH pointing at its directory) and PyTorch
+is measured with the fastest; the table says which.
 
 Run with Debian's /usr/bin/python3 (python3-torch); exit 77 when torch is missing.
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -39,6 +44,9 @@ def parse():
     ap.add_argument("--shared-hidden", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1)
+    # Internal: run in a child process under a chosen BLAS.
+    ap.add_argument("--probe-gemm", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--measure", type=int, default=0, help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
@@ -67,15 +75,41 @@ def median_time(repeats, fn):
     return statistics.median(times)
 
 
-def main():
-    a = parse()
+def blas_dirs():
+    """Directories holding a libblas.so.3 that Debian's alternatives can select."""
+    found = []
+    for lib in sorted(glob.glob("/usr/lib/*-linux-gnu/*/libblas.so.3")):
+        found.append(os.path.dirname(lib))
+    return found
+
+
+def default_blas():
+    for lib in glob.glob("/usr/lib/*-linux-gnu/libblas.so.3"):
+        return os.path.dirname(os.path.realpath(lib))
+    return ""
+
+
+def child(a, flag, blas_dir, gemm_width=0):
+    """Runs this script with `flag` under the BLAS of `blas_dir`; its JSON answer, or None."""
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = blas_dir + (":" + env["LD_LIBRARY_PATH"]
+                                         if env.get("LD_LIBRARY_PATH") else "")
+    cmd = [sys.executable, os.path.abspath(__file__), flag, str(gemm_width or 1)]
+    for k in ("threads", "tokens", "dim", "experts", "top_k", "expert_hidden", "shared",
+              "shared_hidden", "repeats", "seed"):
+        cmd += ["--" + k.replace("_", "-"), str(getattr(a, k))]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        return None
     try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError as e:
-        print(f"SKIP: cannot import torch with {sys.executable}: {e}")
-        return 77
-    m = moert_figures(a)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def measure(a, gemm_width, probe_only):
+    import torch
+    import torch.nn.functional as F
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -87,6 +121,19 @@ def main():
         b = 1.0 / math.sqrt(fan_in)
         return (torch.rand(*shape) * 2 - 1) * b
 
+    x = torch.rand(T, D) * 2 - 1
+    N = gemm_width
+    wg = uniform(N, D, fan_in=D)
+    gemm_flops = 2.0 * T * D * N
+
+    def gemm_forward():
+        with torch.no_grad():
+            x @ wg.t()
+
+    g_fwd = median_time(a.repeats, gemm_forward)
+    if probe_only:
+        return {"gemm_forward": gemm_flops / g_fwd / 1e9}
+
     weights = {
         "gate": uniform(E, D, fan_in=D),
         "w1": uniform(E, H, D, fan_in=D), "w3": uniform(E, H, D, fan_in=D),
@@ -94,7 +141,6 @@ def main():
         "sw1": uniform(S, HS, D, fan_in=D), "sw3": uniform(S, HS, D, fan_in=D),
         "sw2": uniform(S, D, HS, fan_in=HS),
     }
-    x = torch.rand(T, D) * 2 - 1
     dy = torch.rand(T, D) * 2 - 1
 
     def layer(x, w):
@@ -116,8 +162,7 @@ def main():
 
     with torch.no_grad():
         _, idx = layer(x, weights)
-    assignments = idx.numel()
-    flops = T * (2.0 * D * E + S * 6.0 * D * HS) + assignments * 6.0 * D * H
+    flops = T * (2.0 * D * E + S * 6.0 * D * HS) + idx.numel() * 6.0 * D * H
 
     def forward():
         with torch.no_grad():
@@ -136,15 +181,6 @@ def main():
     t_fwd = median_time(a.repeats, forward)
     t_fb = median_time(a.repeats, forward_backward)
 
-    # PyTorch's GEMM at moert's baseline width (equal FLOPs), forward and forward+backward.
-    N = m["gemm_width"]
-    wg = uniform(N, D, fan_in=D)
-    gemm_flops = 2.0 * T * D * N
-
-    def gemm_forward():
-        with torch.no_grad():
-            x @ wg.t()
-
     wgt = wg.clone().requires_grad_(True)
     dg = torch.rand(T, N)
 
@@ -153,23 +189,63 @@ def main():
         xg.grad = None
         (xg @ wgt.t()).backward(dg)
 
-    g_fwd = median_time(a.repeats, gemm_forward)
     g_fb = median_time(a.repeats, gemm_forward_backward)
+    return {"torch": torch.__version__,
+            "forward": flops / t_fwd / 1e9, "forward_backward": 3 * flops / t_fb / 1e9,
+            "gemm_forward": gemm_flops / g_fwd / 1e9,
+            "gemm_forward_backward": 3 * gemm_flops / g_fb / 1e9}
 
-    torch_gf = [flops / t_fwd / 1e9, 3 * flops / t_fb / 1e9]
-    torch_gemm = [gemm_flops / g_fwd / 1e9, 3 * gemm_flops / g_fb / 1e9]
+
+def main():
+    a = parse()
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        print(f"SKIP: cannot import torch with {sys.executable}: {e}")
+        return 77
+    if a.probe_gemm or a.measure:
+        print(json.dumps(measure(a, a.probe_gemm or a.measure, probe_only=bool(a.probe_gemm))))
+        return 0
+
+    m = moert_figures(a)
+    N = m["gemm_width"]
+    # PyTorch's fastest installed BLAS on this GEMM shape and thread count.
+    probes = []
+    for d in blas_dirs() or [""]:
+        r = child(a, "--probe-gemm", d, N)
+        if r:
+            probes.append((r["gemm_forward"], d))
+    if not probes:
+        sys.exit("torch_moe_bench: error: PyTorch's GEMM failed under every BLAS")
+    probes.sort(reverse=True)
+    blas = probes[0][1]
+    t = child(a, "--measure", blas, N)
+    if not t:
+        sys.exit(f"torch_moe_bench: error: the PyTorch layer failed under {blas}")
+
+    T, D, E, K, H, S, HS = (a.tokens, a.dim, a.experts, a.top_k, a.expert_hidden, a.shared,
+                            a.shared_hidden)
     moert_gf = [m["moe"]["forward"]["gflops"], m["moe"]["forward_backward"]["gflops"]]
     moert_gemm = [m["gemm"]["forward"]["gflops"], m["gemm"]["forward_backward"]["gflops"]]
+    torch_gf = [t["forward"], t["forward_backward"]]
+    torch_gemm = [t["gemm_forward"], t["gemm_forward_backward"]]
 
     print(f"MoE layer d={D}, {E} experts x hidden {H}, top-{K}, {S} shared x hidden {HS}; "
           f"{T} tokens; {a.threads} thread{'s' if a.threads != 1 else ''}; median of {a.repeats}")
-    print(f"torch {torch.__version__} (loop over experts), moert {m.get('device', 'cpu')}; "
-          f"GEMM = linear {D} -> {N} (the MoE layer's forward FLOPs)")
+    print(f"machine: {m.get('cpu', '?')}; fp32 FMA peak {m.get('peak_gflops', 0):.1f} GFLOP/s; "
+          f"moert's oneDNN ISA {m.get('isa', '?')}")
+    print(f"torch {t['torch']} (loop over experts) with the BLAS in {blas} "
+          f"(fastest of: " + ", ".join(f"{os.path.basename(d) or 'default'} {g:.1f}"
+                                       for g, d in probes) + " GFLOP/s on the GEMM); "
+          f"default libblas.so.3: {default_blas()}")
+    print(f"GEMM = C[{T}, {N}] = X[{T}, {D}] W^T (the MoE layer's forward FLOPs); moert's GEMM "
+          f"column: the best library moert bench measured ({m['gemm'].get('library', '?')})")
     print(f"{'pass':<18} {'moert GF/s':>11} {'torch GF/s':>11} {'moert/torch':>12} "
-          f"{'moert GEMM':>11} {'torch GEMM':>11}")
+          f"{'best GEMM':>10} {'torch GEMM':>11} {'moert/GEMM':>11}")
     for i, name in enumerate(["forward", "forward+backward"]):
         print(f"{name:<18} {moert_gf[i]:>11.2f} {torch_gf[i]:>11.2f} "
-              f"{moert_gf[i] / torch_gf[i]:>12.2f} {moert_gemm[i]:>11.2f} {torch_gemm[i]:>11.2f}")
+              f"{moert_gf[i] / torch_gf[i]:>12.2f} {moert_gemm[0]:>10.2f} {torch_gemm[i]:>11.2f} "
+              f"{moert_gf[i] / moert_gemm[0]:>11.2f}")
     return 0
 
 

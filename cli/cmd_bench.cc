@@ -1,17 +1,23 @@
-// `moert bench`: the speed of one MoE layer, forward and forward+backward, set against the speed
-// of a plain GEMM of the same FLOPs run through the same library.
+// `moert bench`: the speed of one MoE layer, forward and forward+backward, set against the
+// machine's limits measured in the same run: the fp32 FMA peak, the best GEMM rate of the
+// installed libraries for the same FLOPs at the same thread count, and (for decode-sized batches)
+// the memory read bandwidth.
 //
-// The BLAS is linked statically inside libmoert and its symbols are hidden, so the CLI cannot call
-// it directly. The GEMM baseline is therefore a model holding a single OutputHead (y = x W^T, no
-// bias): its forward is one GEMM and its backward two, through the library's own GEMM path and
-// threading. Its width is chosen so that its FLOPs per token equal the MoE layer's.
+// The layer runs through the C ABI like any user's. The GEMM libraries are loaded at run time
+// (bench_gemm.h); oneDNN is the one libmoert itself links, so the ISA it reports is the one the
+// layer ran on.
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "cli/bench_gemm.h"
+#include "cli/bench_machine.h"
 #include "cli/commands.h"
 #include "cli/error.h"
 #include "cli/json_text.h"
@@ -21,20 +27,31 @@ namespace moert_cli {
 
 const CommandSpec kBenchSpec = {
     "bench",
-    "[--device cpu] [--threads N] [layer options] [--json]",
-    "time a MoE layer forward and backward; GFLOP/s and the ratio to a GEMM of the same FLOPs",
+    "[--device cpu] [--threads N] [--precision P] [layer options] [--decode] [--json]",
+    "time a MoE layer forward and backward against the machine's limits measured in the same run",
     "The layer: hidden input of width DIM, sigmoid router over EXPERTS experts, top-K, SHARED\n"
     "shared experts, SwiGLU experts, residual. FLOPs count 2 per multiply-add of the GEMMs\n"
     "executed: forward = TOKENS * (2*DIM*EXPERTS + SHARED*6*DIM*SHARED-HIDDEN) + (assignments)\n"
     "* 6*DIM*EXPERT-HIDDEN, the assignments read from the layer's expert counts (TOKENS*TOP-K);\n"
-    "forward+backward = 3 x forward (each GEMM has two backward GEMMs of its size). The GEMM\n"
-    "baseline is a linear layer DIM -> N through the same library, N chosen for equal FLOPs.\n"
+    "forward+backward = 3 x forward (each GEMM has two backward GEMMs of its size).\n\n"
+    "Limits, measured first: the fp32 FMA peak (12 independent FMA chains per thread); the GEMM\n"
+    "libraries installed (oneDNN, which libmoert links, BLIS, OpenBLAS) on C = X W^T of the\n"
+    "layer's forward FLOPs (X: TOKENS x DIM), at the same thread count, the best one being the\n"
+    "baseline; the memory read bandwidth. With --precision bf16 the layer runs in fp32 and in "
+    "bf16\n"
+    "and the bf16 results' distance to fp32 is printed per GEMM kind (Fprop: the output, Dgrad:\n"
+    "the input gradient, Wgrad: the expert weight gradients).\n\n"
+    "--decode adds decode-sized batches (1, 8 and 64 rows) of a large bf16 layer (DeepSeek-V3's\n"
+    "width: d 7168, 32 routed experts of 2048 + 1 shared, top-8; about 6 GB of fp32 weights are\n"
+    "built): the effective bandwidth, bytes of weights the pass touches (bf16 experts selected,\n"
+    "the shared expert, the fp32 router) per second, against the measured read bandwidth.\n"
     "Times are medians over REPEATS runs after one warm-up run.",
     0,
     0,
     {
         {"device", "NAME", "cpu or cuda", "cpu"},
         {"threads", "N", "CPU threads", "2"},
+        {"precision", "NAME", "fp32, or bf16 to run the layer in both and compare", "fp32"},
         {"tokens", "N", "tokens per pass", "4096"},
         {"dim", "N", "model width", "512"},
         {"experts", "N", "routed experts", "16"},
@@ -44,6 +61,12 @@ const CommandSpec kBenchSpec = {
         {"shared-hidden", "N", "hidden width of a shared expert", "256"},
         {"repeats", "N", "timed runs per figure", "5"},
         {"seed", "N", "seed of the weights and inputs", "1"},
+        {"no-libraries", "", "skip the GEMM libraries (the baseline is then missing)", ""},
+        {"decode", "", "also time decode-sized batches of a large bf16 layer", ""},
+        {"decode-dim", "N", "width of the decode layer", "7168"},
+        {"decode-experts", "N", "routed experts of the decode layer", "32"},
+        {"decode-hidden", "N", "expert hidden width of the decode layer", "2048"},
+        {"decode-top-k", "N", "routed experts per token of the decode layer", "8"},
         {"quick", "", "a small layer and 3 repeats (seconds), for smoke tests", ""},
         {"json", "", "print the figures as one JSON object", ""},
     },
@@ -80,14 +103,6 @@ std::string moe_json(const Dims& d, uint64_t seed) {
       ", \"layers\": [ { \"name\": \"moe\", \"kind_type\": \"MoE\", \"kind\": { ", moe, " } } ] }");
 }
 
-std::string gemm_json(uint32_t dim, uint32_t width, uint64_t seed) {
-  return cat("{ \"schema_major\": 1, \"schema_minor\": 0, \"name\": \"bench-gemm\", \"seed\": ",
-             seed, ", \"input_dim\": ", dim,
-             ", \"layers\": [ { \"name\": \"gemm\", \"kind_type\": \"OutputHead\", \"kind\": { "
-             "\"dim\": ",
-             dim, ", \"vocab_size\": ", width, ", \"weight\": ", uniform(dim), " } } ] }");
-}
-
 std::vector<float> random_values(size_t n, uint64_t seed) {
   std::vector<float> v(n);
   uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
@@ -119,33 +134,39 @@ double time_median(int repeats, F&& pass) {
   return median(t);
 }
 
+uint64_t assignments_of(moert_session* s, const moert_model* model, uint32_t* touched = nullptr) {
+  uint64_t total = 0;
+  if (touched) *touched = 0;
+  for (uint32_t l : moe_layer_indices(model)) {
+    std::vector<int64_t> c(static_cast<size_t>(moe_int(model, l, MOERT_MOE_NUM_EXPERTS)));
+    check(moert_session_expert_counts(s, l, MOERT_COUNTS_LAST, c.data(), c.size()), "counts");
+    for (int64_t v : c) {
+      total += static_cast<uint64_t>(v);
+      if (touched && v > 0) ++*touched;
+    }
+  }
+  return total;
+}
+
 struct Timing {
   double forward = 0.0, forward_backward = 0.0;  // seconds
+  uint64_t assignments = 0;
 };
 
-// Times one hidden-input model: an inference session for the forward, a training session for
-// forward + backward (with the input gradient, as a layer inside a network needs it).
-Timing time_model(const moert_model* model, const SessionConfig& base, uint32_t tokens, uint32_t in,
-                  uint32_t out, int repeats, uint64_t seed, uint64_t* assignments_per_pass,
-                  const std::vector<uint32_t>& moe) {
-  const std::vector<float> x = random_values(static_cast<size_t>(tokens) * in, seed);
-  const std::vector<float> dy = random_values(static_cast<size_t>(tokens) * out, seed + 1);
-  std::vector<float> y(static_cast<size_t>(tokens) * out), dx(x.size());
+// An inference session times the forward, a training session forward + backward (with the input
+// gradient, as a layer inside a network needs it).
+Timing time_layer(const moert_model* model, const SessionConfig& base, uint32_t tokens,
+                  uint32_t dim, int repeats, uint64_t seed) {
+  const std::vector<float> x = random_values(static_cast<size_t>(tokens) * dim, seed);
+  const std::vector<float> dy = random_values(x.size(), seed + 1);
+  std::vector<float> y(x.size()), dx(x.size());
   Timing t;
   SessionPtr inf = create_session(model, base);
   t.forward = time_median(repeats, [&] {
     check(moert_session_forward_hidden(inf.get(), x.data(), x.size(), tokens, y.data(), y.size()),
           "forward");
   });
-  if (assignments_per_pass) {
-    *assignments_per_pass = 0;
-    for (uint32_t l : moe) {
-      std::vector<int64_t> c(static_cast<size_t>(moe_int(model, l, MOERT_MOE_NUM_EXPERTS)));
-      check(moert_session_expert_counts(inf.get(), l, MOERT_COUNTS_LAST, c.data(), c.size()),
-            "counts");
-      for (int64_t v : c) *assignments_per_pass += static_cast<uint64_t>(v);
-    }
-  }
+  t.assignments = assignments_of(inf.get(), model);
   SessionConfig train = base;
   train.training = true;
   SessionPtr tr = create_session(model, train);
@@ -156,6 +177,136 @@ Timing time_model(const moert_model* model, const SessionConfig& base, uint32_t 
           "backward");
   });
   return t;
+}
+
+double rel_distance(const std::vector<float>& a, const std::vector<float>& ref) {
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// ||bf16 - fp32|| / ||fp32|| per GEMM kind: the layer output (Fprop), the input gradient (Dgrad),
+// the routed and shared expert weight gradients (Wgrad).
+struct Accuracy {
+  double fprop = 0.0, dgrad = 0.0;
+  std::vector<std::pair<std::string, double>> wgrad;
+};
+
+Accuracy accuracy(const moert_model* model, SessionConfig fp32, SessionConfig low, uint32_t tokens,
+                  uint32_t dim, uint64_t seed, bool shared) {
+  const std::vector<float> x = random_values(static_cast<size_t>(tokens) * dim, seed);
+  const std::vector<float> dy = random_values(x.size(), seed + 1);
+  std::vector<std::string> names = {"moe.w1", "moe.w3", "moe.w2"};
+  if (shared) names.insert(names.end(), {"moe.shared_w1", "moe.shared_w3", "moe.shared_w2"});
+  struct Out {
+    std::vector<float> y, dx;
+    std::vector<std::vector<float>> g;
+  };
+  auto run = [&](SessionConfig c) {
+    c.training = true;
+    SessionPtr s = create_session(model, c);
+    Out o{std::vector<float>(x.size()), std::vector<float>(x.size()), {}};
+    check(moert_session_forward_hidden(s.get(), x.data(), x.size(), tokens, o.y.data(), o.y.size()),
+          "forward");
+    check(moert_session_backward(s.get(), dy.data(), dy.size(), o.dx.data(), o.dx.size(), nullptr),
+          "backward");
+    uint32_t n = 0;
+    check(moert_session_num_parameters(s.get(), &n), "parameters");
+    for (const std::string& name : names) {
+      for (uint32_t i = 0; i < n; ++i) {
+        const char* pn = nullptr;
+        uint64_t numel = 0;
+        check(moert_session_parameter_info(s.get(), i, &pn, &numel), "parameter");
+        if (name != pn) continue;
+        o.g.emplace_back(numel);
+        check(moert_session_get_gradient(s.get(), pn, o.g.back().data(), numel), "gradient");
+      }
+    }
+    return o;
+  };
+  const Out a = run(fp32), b = run(low);
+  Accuracy acc;
+  acc.fprop = rel_distance(b.y, a.y);
+  acc.dgrad = rel_distance(b.dx, a.dx);
+  for (size_t i = 0; i < a.g.size() && i < names.size(); ++i)
+    acc.wgrad.push_back({names[i].substr(4), rel_distance(b.g[i], a.g[i])});
+  return acc;
+}
+
+// What libmoert's oneDNN (the same library instance as this process's) runs on, and hence which
+// kernels a bf16 session takes (kernels/cpu/isa.h states the rule).
+struct Isa {
+  std::string dnnl = "unknown";
+  std::string bf16_kernels = "unknown";
+};
+
+Isa cpu_isa() {
+  Isa out;
+  void* h = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_NOLOAD);
+  if (!h) h = dlopen("libdnnl.so.2", RTLD_NOW);
+  if (!h) return out;
+  auto f = reinterpret_cast<int (*)()>(dlsym(h, "dnnl_get_effective_cpu_isa"));
+  if (!f) return out;
+  const unsigned isa = static_cast<unsigned>(f());
+  const char* names[][2] = {{"1", "sse41"},
+                            {"3", "avx"},
+                            {"7", "avx2"},
+                            {"39", "avx512_core"},
+                            {"103", "avx512_core_vnni"},
+                            {"231", "avx512_core_bf16"},
+                            {"999", "avx512_core_amx"},
+                            {"1031", "avx2_vnni"}};
+  out.dnnl = "isa " + std::to_string(isa);
+  for (auto& n : names)
+    if (std::to_string(isa) == n[0]) out.dnnl = n[1];
+  const bool native = (isa & 0xe7u) == 0xe7u;
+  const bool avx2 =
+      (isa & 0x7u) == 0x7u && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  out.bf16_kernels = native
+                         ? "oneDNN (native bf16: " + out.dnnl + ")"
+                         : std::string("moert's widening kernels (") + (avx2 ? "AVX2" : "scalar") +
+                               "; this CPU has no AVX512-BF16/AMX" + " within oneDNN's ISA)";
+  return out;
+}
+
+struct DecodeRow {
+  uint32_t rows = 0, touched = 0;
+  double seconds = 0.0, bytes = 0.0;
+};
+
+std::vector<DecodeRow> decode_rows(const Dims& d, const SessionConfig& base, int repeats,
+                                   uint64_t seed, const std::vector<uint32_t>& row_counts) {
+  ModelPtr model =
+      load_model_bytes(json_to_binary(moe_json(d, seed), "decode model"), "", "decode model");
+  SessionConfig c = base;
+  c.knobs.push_back({"precision", "bf16"});
+  SessionPtr s = create_session(model.get(), c);
+  std::vector<DecodeRow> out;
+  for (uint32_t rows : row_counts) {
+    const std::vector<float> x = random_values(static_cast<size_t>(rows) * d.dim, seed + rows);
+    std::vector<float> y(x.size());
+    DecodeRow r;
+    r.rows = rows;
+    r.seconds = time_median(repeats, [&] {
+      check(moert_session_forward_hidden(s.get(), x.data(), x.size(), rows, y.data(), y.size()),
+            "forward");
+    });
+    assignments_of(s.get(), model.get(), &r.touched);
+    const double expert_bytes = 3.0 * d.dim * d.expert_hidden * 2.0;
+    const double shared_bytes = 3.0 * d.dim * d.shared_hidden * 2.0 * d.shared;
+    r.bytes = r.touched * expert_bytes + shared_bytes + 4.0 * d.dim * d.experts;
+    out.push_back(r);
+  }
+  return out;
+}
+
+std::string f2(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f", v);
+  return b;
 }
 
 }  // namespace
@@ -178,66 +329,176 @@ int run_bench(const Args& args) {
   const std::string device = args.str("device", "cpu");
   if (device != "cpu" && device != "cuda")
     usage_fail("--device takes cpu or cuda, got '", device, "'");
+  const std::string precision = args.str("precision", "fp32");
+  if (precision != "fp32" && precision != "bf16")
+    usage_fail("--precision takes fp32 or bf16, got '", precision, "'");
   if (d.top_k > d.experts)
     usage_fail("--top-k (", d.top_k, ") exceeds --experts (", d.experts, ")");
   SessionConfig config;
   config.device = device == "cuda" ? MOERT_DEVICE_CUDA : MOERT_DEVICE_CPU;
   config.threads = static_cast<uint32_t>(args.integer("threads", 2, 1, 1024));
   config.seed = seed;
+  const unsigned threads = config.threads;
+  Dims dd = d;
+  dd.dim = u("decode-dim", 7168, 7168, 1);
+  dd.experts = u("decode-experts", 32, 32, 2);
+  dd.expert_hidden = u("decode-hidden", 2048, 2048, 1);
+  dd.top_k = u("decode-top-k", 8, 8, 1);
+  dd.shared = 1;
+  dd.shared_hidden = dd.expert_hidden;
+  if (dd.top_k > dd.experts)
+    usage_fail("--decode-top-k (", dd.top_k, ") exceeds --decode-experts (", dd.experts, ")");
+  const bool decode = args.has("decode");
+
+  // The machine's limits first, before the layer warms anything up.
+  const FmaPeak peak = fma_peak(threads);
+  const double bandwidth = read_bandwidth(threads, quick ? size_t{64} << 20 : size_t{1} << 30);
+  const Isa isa = cpu_isa();
 
   ModelPtr moe =
       load_model_bytes(json_to_binary(moe_json(d, seed), "bench model"), "", "bench model");
-  uint64_t assignments = 0;
-  const Timing tm = time_model(moe.get(), config, d.tokens, d.dim, d.dim, repeats, seed,
-                               &assignments, moe_layer_indices(moe.get()));
+  const SessionConfig fp32 = config;  // the device's own precision: fp32 on the CPU
+  const Timing t32 = time_layer(moe.get(), fp32, d.tokens, d.dim, repeats, seed);
   const double T = d.tokens, D = d.dim;
   const double moe_fwd = T * (2.0 * D * d.experts + d.shared * 6.0 * D * d.shared_hidden) +
-                         static_cast<double>(assignments) * 6.0 * D * d.expert_hidden;
+                         static_cast<double>(t32.assignments) * 6.0 * D * d.expert_hidden;
+  Timing t16;
+  Accuracy acc;
+  const bool low = precision == "bf16" && config.device == MOERT_DEVICE_CPU;
+  if (low) {
+    SessionConfig c = config;
+    c.knobs.push_back({"precision", "bf16"});
+    t16 = time_layer(moe.get(), c, d.tokens, d.dim, repeats, seed);
+    acc = accuracy(moe.get(), fp32, c, d.tokens, d.dim, seed, d.shared > 0);
+  }
 
   // The GEMM of equal FLOPs: 2 * T * D * N = moe_fwd.
   const auto width = static_cast<uint32_t>(std::max(1.0, std::round(moe_fwd / (2.0 * T * D))));
-  ModelPtr gemm = load_model_bytes(json_to_binary(gemm_json(d.dim, width, seed), "bench model"), "",
-                                   "bench model");
-  const Timing tg =
-      time_model(gemm.get(), config, d.tokens, d.dim, width, repeats, seed, nullptr, {});
-  const double gemm_fwd = 2.0 * T * D * width;
+  std::vector<GemmLibrary> libs;
+  if (!args.has("no-libraries"))
+    libs = measure_gemm_libraries(d.tokens, width, d.dim, threads, repeats);
+  const GemmLibrary* best = nullptr;
+  for (const GemmLibrary& l : libs)
+    if (l.available && (!best || l.nt > best->nt)) best = &l;
+  const double best_nt = best ? best->nt : 0.0;
 
-  const double g[4] = {moe_fwd / tm.forward / 1e9, 3 * moe_fwd / tm.forward_backward / 1e9,
-                       gemm_fwd / tg.forward / 1e9, 3 * gemm_fwd / tg.forward_backward / 1e9};
+  std::vector<DecodeRow> dec;
+  if (decode) dec = decode_rows(dd, config, repeats, seed, {1, 8, 64});
+
+  const double g32f = moe_fwd / t32.forward / 1e9, g32b = 3 * moe_fwd / t32.forward_backward / 1e9;
+  const double g16f = low ? moe_fwd / t16.forward / 1e9 : 0.0;
+  const double g16b = low ? 3 * moe_fwd / t16.forward_backward / 1e9 : 0.0;
+
   if (args.has("json")) {
-    std::printf(
-        "{\"device\": %s, \"threads\": %u, \"tokens\": %u, \"dim\": %u, \"experts\": %u, "
-        "\"top_k\": %u, \"expert_hidden\": %u, \"shared\": %u, \"shared_hidden\": %u, "
-        "\"repeats\": %d, \"assignments\": %llu, \"gemm_width\": %u,\n"
-        " \"moe\": {\"forward\": {\"flops\": %s, \"seconds\": %s, \"gflops\": %s}, "
-        "\"forward_backward\": {\"flops\": %s, \"seconds\": %s, \"gflops\": %s}},\n"
-        " \"gemm\": {\"forward\": {\"flops\": %s, \"seconds\": %s, \"gflops\": %s}, "
-        "\"forward_backward\": {\"flops\": %s, \"seconds\": %s, \"gflops\": %s}}}\n",
-        json_string(device).c_str(), config.threads, d.tokens, d.dim, d.experts, d.top_k,
-        d.expert_hidden, d.shared, d.shared_hidden, repeats,
-        static_cast<unsigned long long>(assignments), width, json_number(moe_fwd).c_str(),
-        json_number(tm.forward).c_str(), json_number(g[0]).c_str(),
-        json_number(3 * moe_fwd).c_str(), json_number(tm.forward_backward).c_str(),
-        json_number(g[1]).c_str(), json_number(gemm_fwd).c_str(), json_number(tg.forward).c_str(),
-        json_number(g[2]).c_str(), json_number(3 * gemm_fwd).c_str(),
-        json_number(tg.forward_backward).c_str(), json_number(g[3]).c_str());
+    std::ostringstream o;
+    auto pass = [&](double flops, double s) {
+      return cat("{\"flops\": ", json_number(flops), ", \"seconds\": ", json_number(s),
+                 ", \"gflops\": ", json_number(flops / s / 1e9), "}");
+    };
+    o << "{\"moe\": {\"forward\": " << pass(moe_fwd, t32.forward)
+      << ", \"forward_backward\": " << pass(3 * moe_fwd, t32.forward_backward) << "},\n";
+    if (low)
+      o << " \"moe_bf16\": {\"forward\": " << pass(moe_fwd, t16.forward)
+        << ", \"forward_backward\": " << pass(3 * moe_fwd, t16.forward_backward)
+        << ", \"error_fprop\": " << json_number(acc.fprop)
+        << ", \"error_dgrad\": " << json_number(acc.dgrad) << "},\n";
+    o << " \"device\": " << json_string(device) << ", \"threads\": " << threads
+      << ", \"cpu\": " << json_string(cpu_name()) << ", \"isa\": " << json_string(isa.dnnl)
+      << ", \"bf16_kernels\": " << json_string(isa.bf16_kernels) << ", \"tokens\": " << d.tokens
+      << ", \"dim\": " << d.dim << ", \"experts\": " << d.experts << ", \"top_k\": " << d.top_k
+      << ", \"expert_hidden\": " << d.expert_hidden << ", \"shared\": " << d.shared
+      << ", \"shared_hidden\": " << d.shared_hidden << ", \"repeats\": " << repeats
+      << ", \"assignments\": " << t32.assignments << ", \"gemm_width\": " << width
+      << ",\n \"peak_gflops\": " << json_number(peak.gflops)
+      << ", \"read_gbps\": " << json_number(bandwidth);
+    o << ",\n \"gemm\": {\"library\": " << json_string(best ? best->name : "")
+      << ", \"forward\": {\"gflops\": " << json_number(best_nt)
+      << "}, \"forward_backward\": {\"gflops\": " << json_number(best ? best->trio : 0.0) << "}}";
+    o << ",\n \"libraries\": [";
+    for (size_t i = 0; i < libs.size(); ++i)
+      o << (i ? ", " : "") << "{\"name\": " << json_string(libs[i].name)
+        << ", \"available\": " << (libs[i].available ? "true" : "false")
+        << ", \"kernels\": " << json_string(libs[i].kernels)
+        << ", \"how\": " << json_string(libs[i].available ? libs[i].how : libs[i].missing)
+        << ", \"nt_gflops\": " << json_number(libs[i].nt)
+        << ", \"trio_gflops\": " << json_number(libs[i].trio) << "}";
+    o << "]";
+    if (decode) {
+      o << ",\n \"decode\": [";
+      for (size_t i = 0; i < dec.size(); ++i)
+        o << (i ? ", " : "") << "{\"rows\": " << dec[i].rows << ", \"experts\": " << dec[i].touched
+          << ", \"bytes\": " << json_number(dec[i].bytes)
+          << ", \"seconds\": " << json_number(dec[i].seconds)
+          << ", \"gbps\": " << json_number(dec[i].bytes / dec[i].seconds / 1e9) << "}";
+      o << "]";
+    }
+    o << "}\n";
+    std::fputs(o.str().c_str(), stdout);
     return 0;
   }
+
+  std::printf("moert bench on %s: %s, %u CPUs; %u thread%s\n", device.c_str(), cpu_name().c_str(),
+              cpu_count(), threads, threads == 1 ? "" : "s");
+  std::printf("oneDNN ISA: %s; bf16 GEMMs: %s\n", isa.dnnl.c_str(), isa.bf16_kernels.c_str());
   std::printf(
-      "moert bench on %s, %u thread%s: MoE layer d=%u, %u experts x hidden %u, top-%u, "
-      "%u shared x hidden %u; %u tokens; median of %d\n",
-      device.c_str(), config.threads, config.threads == 1 ? "" : "s", d.dim, d.experts,
-      d.expert_hidden, d.top_k, d.shared, d.shared_hidden, d.tokens, repeats);
-  std::printf("GEMM baseline: linear %u -> %u through libmoert (same forward FLOPs)\n\n", d.dim,
-              width);
-  std::printf("%-18s %12s %12s %10s %12s %12s %10s %9s\n", "pass", "MoE GFLOP", "MoE ms",
-              "MoE GF/s", "GEMM GFLOP", "GEMM ms", "GEMM GF/s", "MoE/GEMM");
-  const char* names[2] = {"forward", "forward+backward"};
-  const double moe_f[2] = {moe_fwd, 3 * moe_fwd}, moe_t[2] = {tm.forward, tm.forward_backward};
-  const double gemm_f[2] = {gemm_fwd, 3 * gemm_fwd}, gemm_t[2] = {tg.forward, tg.forward_backward};
-  for (int i = 0; i < 2; ++i)
-    std::printf("%-18s %12.3f %12.2f %10.2f %12.3f %12.2f %10.2f %9.2f\n", names[i], moe_f[i] / 1e9,
-                moe_t[i] * 1e3, g[i], gemm_f[i] / 1e9, gemm_t[i] * 1e3, g[i + 2], g[i] / g[i + 2]);
+      "machine limits, measured now: fp32 FMA peak %.1f GFLOP/s (%s); memory read %.1f GB/s\n\n",
+      peak.gflops, peak.how.c_str(), bandwidth);
+  if (!libs.empty()) {
+    std::printf(
+        "GEMM libraries: C[%u, %u] = X[%u, %u] W^T (the layer's forward FLOPs), %u thread%s\n",
+        d.tokens, width, d.tokens, d.dim, threads, threads == 1 ? "" : "s");
+    std::printf("%-26s %-18s %10s %14s  %s\n", "library", "kernels", "nt GF/s", "nt+nn+tn GF/s",
+                "run as");
+    for (const GemmLibrary& l : libs) {
+      if (!l.available) {
+        std::printf("%-26s %s\n", l.name.c_str(), l.missing.c_str());
+        continue;
+      }
+      std::printf("%-26s %-18s %10.1f %14.1f  %s\n", l.name.c_str(), l.kernels.c_str(), l.nt,
+                  l.trio, l.how.c_str());
+    }
+    if (best)
+      std::printf("best single-GEMM rate: %.1f GFLOP/s (%s)\n", best_nt, best->name.c_str());
+    std::printf("\n");
+  }
+  std::printf(
+      "MoE layer d=%u, %u experts x hidden %u, top-%u, %u shared x hidden %u; %u tokens; "
+      "median of %d\n",
+      d.dim, d.experts, d.expert_hidden, d.top_k, d.shared, d.shared_hidden, d.tokens, repeats);
+  std::printf("%-18s %-9s %10s %10s %10s %12s %9s\n", "pass", "precision", "GFLOP", "ms", "GF/s",
+              "/best GEMM", "/peak");
+  auto row = [&](const char* name, const char* prec, double flops, double s) {
+    const double g = flops / s / 1e9;
+    std::printf("%-18s %-9s %10.3f %10.2f %10.2f %12s %9.2f\n", name, prec, flops / 1e9, s * 1e3, g,
+                best_nt > 0 ? f2(g / best_nt).c_str() : "n/a", g / peak.gflops);
+  };
+  const char* p32 = config.device == MOERT_DEVICE_CUDA ? "bf16" : "fp32";
+  row("forward", p32, moe_fwd, t32.forward);
+  row("forward+backward", p32, 3 * moe_fwd, t32.forward_backward);
+  if (low) {
+    row("forward", "bf16", moe_fwd, t16.forward);
+    row("forward+backward", "bf16", 3 * moe_fwd, t16.forward_backward);
+    std::printf("bf16 / fp32 speed: forward %.2fx, forward+backward %.2fx\n", g16f / g32f,
+                g16b / g32b);
+    std::printf(
+        "bf16 against fp32, ||bf16 - fp32|| / ||fp32||: Fprop (output) %.2e, Dgrad (input "
+        "gradient) %.2e, Wgrad",
+        acc.fprop, acc.dgrad);
+    for (const auto& [name, v] : acc.wgrad) std::printf(" %s %.2e", name.c_str(), v);
+    std::printf("\n");
+  }
+  if (decode) {
+    std::printf(
+        "\ndecode-sized batches: d=%u, %u routed experts x %u + %u shared, top-%u, bf16 "
+        "weights; forward, median of %d\n",
+        dd.dim, dd.experts, dd.expert_hidden, dd.shared, dd.top_k, repeats);
+    std::printf("%6s %9s %12s %10s %14s %14s\n", "rows", "experts", "weight MB", "ms",
+                "effective GB/s", "/memory read");
+    for (const DecodeRow& r : dec)
+      std::printf("%6u %6u+%u %12.1f %10.2f %14.2f %14.2f\n", r.rows, r.touched, dd.shared,
+                  r.bytes / 1e6, r.seconds * 1e3, r.bytes / r.seconds / 1e9,
+                  r.bytes / r.seconds / 1e9 / bandwidth);
+  }
   return 0;
 }
 

@@ -54,6 +54,9 @@ const CommandSpec kTrainSpec = {
         {"weight-decay", "X", "AdamW decoupled weight decay on matrices", "0"},
         {"seed", "N", "seed of the initial weights and the batch order", "1"},
         {"threads", "N", "CPU threads", "2"},
+        {"precision", "NAME",
+         "what the experts' GEMMs multiply in: fp32, or bf16 (fp32 sums, fp32 master weights)",
+         "fp32"},
         {"context", "N", "characters in the window", "8"},
         {"embed-dim", "N", "embedding width per character", "16"},
         {"blocks", "N", "MoE blocks", "2"},
@@ -152,6 +155,9 @@ int run_train(const Args& args) {
   st.weight_decay = args.real("weight-decay", 0.0, 0.0, 10.0);
   st.seed = static_cast<uint64_t>(args.integer("seed", 1, 0, INT64_MAX));
   st.threads = u32(args, "threads", 2, 1, 1024);
+  st.precision = args.str("precision", "fp32");
+  if (st.precision != "fp32" && st.precision != "bf16")
+    usage_fail("--precision takes fp32 or bf16, got '", st.precision, "'");
   st.tail_fraction = args.real("tail", 0.2, 1e-9, 1.0);
   st.eval_rows = static_cast<uint64_t>(args.integer("eval-rows", 0, 0, INT64_MAX));
   st.log_every = static_cast<uint64_t>(args.integer("log-every", 0, 1, INT64_MAX));
@@ -245,10 +251,11 @@ int run_train(const Args& args) {
   }
   std::printf(
       "budget per run: %llu steps x %llu rows, AdamW lr %g (warm-up %llu, cosine to %g), "
-      "clip %g, weight decay %g, seed %llu, %u thread%s\n\n",
+      "clip %g, weight decay %g, seed %llu, %u thread%s, experts in %s\n\n",
       static_cast<unsigned long long>(st.steps), static_cast<unsigned long long>(st.batch), st.lr,
       static_cast<unsigned long long>(st.warmup), st.min_lr, st.clip_norm, st.weight_decay,
-      static_cast<unsigned long long>(st.seed), st.threads, st.threads == 1 ? "" : "s");
+      static_cast<unsigned long long>(st.seed), st.threads, st.threads == 1 ? "" : "s",
+      st.precision.c_str());
   std::fflush(stdout);
 
   std::vector<RunResult> runs;

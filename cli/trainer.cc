@@ -78,7 +78,8 @@ RunResult train_run(const moert_model* model, const std::string& label,
                   {"warmup_steps", cat(st.warmup)},
                   {"total_steps", cat(st.steps)},
                   {"clip_norm", number(st.clip_norm)},
-                  {"weight_decay", number(st.weight_decay)}};
+                  {"weight_decay", number(st.weight_decay)},
+                  {"precision", st.precision}};
   RunResult result;
   result.label = label;
   result.session = create_session(model, config);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/buffer.h"
+#include "core/grad_reduction.h"
 #include "core/model.h"
 
 namespace moert {
@@ -42,14 +43,19 @@ struct DispatchPlan {
   int64_t count(int64_t e) const { return host_offsets[e + 1] - host_offsets[e]; }
 };
 
+// The weights a backend multiplies in bf16: none (fp32 everywhere), the MoE layers' routed and
+// shared experts, or every GEMM weight but the router's.
+enum class Bf16Copies { None, Experts, AllGemms };
+
 class Backend : public Allocator {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
   // Whether backend memory is host memory (the CPU): then host data can be used in place.
   virtual bool host_memory() const = 0;
-  // Whether GEMM weights should carry a bf16 copy.
-  virtual bool wants_bf16() const = 0;
+  // Which GEMM weights carry a bf16 copy, kept in step with their fp32 values by the ParamStore;
+  // an operation multiplies a weight in bf16 exactly when it is given the copy.
+  virtual Bf16Copies bf16_copies() const = 0;
   // Makes the backend's device current on the calling thread (a session may be called from any
   // thread, e.g. by Go's scheduler) until the matching deactivate(), which gives the thread back
   // the device it had before: a host program that uses CUDA itself keeps its current device.
@@ -113,34 +119,45 @@ class Backend : public Allocator {
   // y[t] += sum over t's assignments a (in expert order) of plan.weight[a] * y_perm[a].
   virtual void combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) = 0;
 
-  // ---- Training. Weight gradients are accumulated (+=); each reduction runs in a fixed order,
-  // so gradients are bitwise reproducible for any thread count.
+  // ---- Training. Every gradient that sums over rows is a GradOut and is reduced as
+  // core/grad_reduction.h defines (chunks of kReduceRows rows, fp32 partials, a fixed tree), so
+  // its bits depend neither on the thread count nor on how processes split the rows. A backend
+  // that cannot give local roots (GradOut::roots) throws Error(Unsupported).
 
-  // dx (+)= dy * w (when dx is not null); dw += dy^T x; db += column sums of dy (when not null).
+  // dx (+)= dy * w (when dx is not null); dw gets dy^T x; db (when not null) the column sums of
+  // dy.
   virtual void linear_backward(const float* x, Weight w, const float* dy, float* dx,
-                               bool dx_accumulate, float* dw, float* db, int64_t rows, int64_t in,
-                               int64_t out) = 0;
+                               bool dx_accumulate, const GradOut& dw, const GradOut* db,
+                               int64_t rows, int64_t in, int64_t out) = 0;
 
-  // dx = d rmsnorm / dx applied to dy (overwritten); dw += d / dw.
+  // dx = d rmsnorm / dx applied to dy (overwritten); dw gets d / dw (a chunk's partial may be
+  // summed in double and rounded to fp32 once).
   virtual void rmsnorm_backward(const float* x, const float* w, const float* inv_rms,
-                                const float* dy, float* dx, float* dw, int64_t rows,
+                                const float* dy, float* dx, const GradOut& dw, int64_t rows,
                                 int64_t dim) = 0;
 
-  // dtable[token] += the slice of dy that token produced.
-  virtual void embedding_backward(const int32_t* tokens, const float* dy, float* dtable,
+  // dtable gets, for each table row, the slices of dy its tokens produced. Sparse: a chunk's
+  // partial holds only the table rows its tokens touch; where one side of a merge lacks a row the
+  // other side's value is taken plus 0.0f (so -0.0 ends as in a dense sum); acc changes only on
+  // rows some token touched; roots carry their row ids (GradRoots::rows).
+  virtual void embedding_backward(const int32_t* tokens, const float* dy, const GradOut& dtable,
                                   int64_t rows, int64_t context, int64_t dim, int64_t vocab) = 0;
 
-  // Backward of swiglu_ffn: dx (+)= d/dx, dw1, dw3, dw2 += d/dw.
+  // Backward of swiglu_ffn: dx (+)= d/dx; dw1, dw3, dw2 get d/dw.
   virtual void swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2, const float* h1,
                                    const float* h3, const float* dy, float* dx, bool dx_accumulate,
-                                   float* dw1, float* dw3, float* dw2, int64_t rows, int64_t dim,
-                                   int64_t hidden) = 0;
+                                   const GradOut& dw1, const GradOut& dw3, const GradOut& dw2,
+                                   int64_t rows, int64_t dim, int64_t hidden) = 0;
 
-  // Backward of grouped_swiglu_ffn: dx_perm (overwritten) and per-expert dw1, dw3, dw2 (+=).
+  // Backward of grouped_swiglu_ffn: dx_perm (overwritten) and, per expert e, dw1[e], dw3[e],
+  // dw2[e] (arrays of E; acc is that expert's slice). An expert's rows are its assignments, in
+  // plan order; its chunks are counted from the start of its list (in roots mode from that
+  // GradOut's first_chunk).
   virtual void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
                                            Weight w3, Weight w2, const float* h1, const float* h3,
-                                           const float* dy_perm, float* dx_perm, float* dw1,
-                                           float* dw3, float* dw2, int64_t dim, int64_t hidden) = 0;
+                                           const float* dy_perm, float* dx_perm, const GradOut* dw1,
+                                           const GradOut* dw3, const GradOut* dw2, int64_t dim,
+                                           int64_t hidden) = 0;
 
   // Backward of combine: dy_perm[a] = weight[a] * dy[token[a]], dweight[a] = <dy[token[a]],
   // y_perm[a]>.
@@ -182,12 +199,18 @@ class Backend : public Allocator {
   // value checks, DESIGN.md section 3: a result is checked, not only the inputs).
   virtual int64_t find_nonfinite(const float* x, int64_t n) = 0;
 
-  // Softmax cross-entropy over `rows` rows of logits with one target each. Returns the summed
-  // loss (in double); dlogits (optional) = scale * (softmax - onehot). A row whose target is
-  // negative (an ignored target, MOERT_IGNORE_TARGET, or padding) adds no loss and gets a zero
-  // gradient.
-  virtual double cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
-                               int64_t vocab, float* dlogits, float scale) = 0;
+  // Softmax cross-entropy over `rows` rows of logits with one target each. chunk_loss (host)
+  // receives one double per chunk of kReduceRows rows: the chunk's summed loss, its rows added in
+  // order from zero (the caller folds them over the tree of grad_reduction.h). dlogits (optional)
+  // = scale * (softmax - onehot). A row whose target is negative (an ignored target,
+  // MOERT_IGNORE_TARGET, or padding) adds no loss and gets a zero gradient.
+  virtual void cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
+                             int64_t vocab, float* dlogits, float scale,
+                             std::vector<double>& chunk_loss) = 0;
+
+  // dst[i] = dst[i] + src[i] for i < n: how partial sums of one gradient held by different
+  // processes are combined.
+  virtual void add(float* dst, const float* src, int64_t n) = 0;
 
   // ---- Optimizer.
 
@@ -224,8 +247,14 @@ class ActiveDevice {
   Backend& b_;
 };
 
-// The CPU backend with `threads` worker threads (the caller's included).
-std::unique_ptr<Backend> make_cpu_backend(unsigned threads);
+// The CPU backend with `threads` worker threads (the caller's included). With `bf16_experts`,
+// the MoE experts' weights carry bf16 copies and their GEMMs run in bf16 with fp32 accumulation.
+std::unique_ptr<Backend> make_cpu_backend(unsigned threads, bool bf16_experts = false);
+
+// What the CPU backend multiplies with on this machine, for reports: oneDNN's effective ISA and
+// the kernels of a bf16 session ("onednn" or "widening").
+std::string cpu_gemm_isa();
+std::string cpu_bf16_kernels();
 
 // The CUDA backend from the plugin libmoert_cuda.so, loaded on first use: beside libmoert.so, or
 // at `plugin_path` when not empty. Throws Error(Unsupported) with the reason when the plugin, the

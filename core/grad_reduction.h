@@ -30,7 +30,8 @@ inline constexpr int64_t kReduceRows = 64;
 struct TreeBlock {
   int64_t begin = 0;
   int64_t size = 0;
-  bool operator==(const TreeBlock&) const = default;
+  // Written out: the CUDA plugin compiles this header as C++17.
+  bool operator==(const TreeBlock& o) const { return begin == o.begin && size == o.size; }
 };
 
 // Chunks needed for `rows` rows.
@@ -41,9 +42,15 @@ std::vector<TreeBlock> aligned_blocks(int64_t a, int64_t b);
 
 // The local roots of one reduced gradient: the value of each of aligned_blocks(a, b) for the
 // chunks [a, b) this call holds, `n` floats each, in backend memory.
+//
+// A sparse gradient (the embedding table's, Backend::embedding_backward) has one more field: a
+// root then holds only the table rows its chunks touched, rows[i] lists them in ascending order
+// (host memory) and values[i] is [rows[i].size(), dim]. Combining two sparse values adds the
+// rows both hold and takes x + 0.0f for a row only one holds. Dense roots leave `rows` empty.
 struct GradRoots {
   std::vector<TreeBlock> blocks;
   std::vector<Buffer<float>> values;
+  std::vector<std::vector<int32_t>> rows;
 };
 
 // Where a backward operation puts a gradient it reduces over rows. With `roots` null, every chunk

@@ -29,7 +29,8 @@ void EmbeddingLayer::forward_tokens(Backend& be, const int32_t* tokens, float* y
 }
 
 void EmbeddingLayer::backward(Backend& be, const float* dy, float*, int64_t rows) {
-  be.embedding_backward(tokens_, dy, p_.grad(s_.weight), rows, s_.context, s_.dim, s_.vocab_size);
+  be.embedding_backward(tokens_, dy, GradOut{p_.grad(s_.weight)}, rows, s_.context, s_.dim,
+                        s_.vocab_size);
 }
 
 void RMSNormLayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
@@ -43,8 +44,8 @@ void RMSNormLayer::forward(Backend& be, const float* x, float* y, int64_t rows, 
 
 void RMSNormLayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
   dx = or_scratch(be, dx, scratch_, static_cast<size_t>(rows) * s_.dim);
-  be.rmsnorm_backward(x_, p_.f32(s_.weight), inv_rms_.data(), dy, dx, p_.grad(s_.weight), rows,
-                      s_.dim);
+  be.rmsnorm_backward(x_, p_.f32(s_.weight), inv_rms_.data(), dy, dx, GradOut{p_.grad(s_.weight)},
+                      rows, s_.dim);
 }
 
 void DenseFFNLayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
@@ -68,8 +69,8 @@ void DenseFFNLayer::backward(Backend& be, const float* dy, float* dx, int64_t ro
   // The residual path passes dy straight through.
   if (s_.residual) be.copy(dx, dy, n * sizeof(float));
   be.swiglu_ffn_backward(x_, p_.weight(s_.w1), p_.weight(s_.w3), p_.weight(s_.w2), h1_.data(),
-                         h3_.data(), dy, dx, s_.residual, p_.grad(s_.w1), p_.grad(s_.w3),
-                         p_.grad(s_.w2), rows, s_.dim, s_.hidden);
+                         h3_.data(), dy, dx, s_.residual, GradOut{p_.grad(s_.w1)},
+                         GradOut{p_.grad(s_.w3)}, GradOut{p_.grad(s_.w2)}, rows, s_.dim, s_.hidden);
 }
 
 void OutputHeadLayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
@@ -79,8 +80,9 @@ void OutputHeadLayer::forward(Backend& be, const float* x, float* y, int64_t row
 }
 
 void OutputHeadLayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
-  be.linear_backward(x_, p_.weight(s_.weight), dy, dx, false, p_.grad(s_.weight),
-                     s_.has_bias ? p_.grad(s_.bias) : nullptr, rows, s_.dim, s_.vocab_size);
+  const GradOut db{s_.has_bias ? p_.grad(s_.bias) : nullptr};
+  be.linear_backward(x_, p_.weight(s_.weight), dy, dx, false, GradOut{p_.grad(s_.weight)},
+                     s_.has_bias ? &db : nullptr, rows, s_.dim, s_.vocab_size);
 }
 
 double max_violation(const std::vector<int64_t>& counts) {
@@ -242,9 +244,17 @@ void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
   dweight_.resize(be, static_cast<size_t>(A));
   dx_perm_.resize(be, dy_perm_.size());
   be.combine_backward(plan_, y_perm_.data(), dy, dy_perm_.data(), dweight_.data(), D);
+  // Each expert's gradient is its own reduction, into its slice of the stacked tensor.
+  const int64_t per_expert = s_.expert_hidden * D;
+  std::vector<GradOut> g1(static_cast<size_t>(E)), g3(g1.size()), g2(g1.size());
+  for (int64_t e = 0; e < E; ++e) {
+    g1[e].acc = p_.grad(s_.w1) + e * per_expert;
+    g3[e].acc = p_.grad(s_.w3) + e * per_expert;
+    g2[e].acc = p_.grad(s_.w2) + e * per_expert;
+  }
   be.grouped_swiglu_ffn_backward(plan_, x_perm_.data(), p_.weight(s_.w1), p_.weight(s_.w3),
                                  p_.weight(s_.w2), h1_.data(), h3_.data(), dy_perm_.data(),
-                                 dx_perm_.data(), p_.grad(s_.w1), p_.grad(s_.w3), p_.grad(s_.w2), D,
+                                 dx_perm_.data(), g1.data(), g3.data(), g2.data(), D,
                                  s_.expert_hidden);
   be.dispatch_backward(plan_, dx_perm_.data(), dx, D);
 
@@ -252,11 +262,11 @@ void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
   const int64_t HS = s_.shared_hidden, shared_stride = HS * D;
   for (uint32_t i = 0; i < s_.num_shared; ++i) {
     const int64_t off = i * shared_stride;
-    be.swiglu_ffn_backward(x_, p_.weight(s_.shared_w1).offset(off),
-                           p_.weight(s_.shared_w3).offset(off), p_.weight(s_.shared_w2).offset(off),
-                           shared_h1_[i].data(), shared_h3_[i].data(), dy, dx, true,
-                           p_.grad(s_.shared_w1) + off, p_.grad(s_.shared_w3) + off,
-                           p_.grad(s_.shared_w2) + off, rows, D, HS);
+    be.swiglu_ffn_backward(
+        x_, p_.weight(s_.shared_w1).offset(off), p_.weight(s_.shared_w3).offset(off),
+        p_.weight(s_.shared_w2).offset(off), shared_h1_[i].data(), shared_h3_[i].data(), dy, dx,
+        true, GradOut{p_.grad(s_.shared_w1) + off}, GradOut{p_.grad(s_.shared_w3) + off},
+        GradOut{p_.grad(s_.shared_w2) + off}, rows, D, HS);
   }
 
   // Router: gate weights come from the unbiased scores; the bias gets no gradient.
@@ -265,7 +275,7 @@ void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
   be.router_backward(r, normalize, scores_.data(), plan_, dweight_.data(),
                      uses_aux_loss() ? aux_ds_.data() : nullptr, dlogits_.data(), rows);
   be.linear_backward(x_, Weight{p_.f32(s_.gate), nullptr}, dlogits_.data(), dx, true,
-                     p_.grad(s_.gate), nullptr, rows, D, E);
+                     GradOut{p_.grad(s_.gate)}, nullptr, rows, D, E);
 }
 
 void MoELayer::skip_pass() {

@@ -7,15 +7,19 @@
 namespace moert {
 namespace {
 
-// Whether a tensor of a layer is multiplied as a GEMM weight (and so gets a bf16 copy).
-bool is_gemm_weight(const LayerSpec& layer, const std::string& field) {
+// Whether a tensor of a layer gets a bf16 copy on a backend that keeps `copies`.
+bool wants_bf16(Bf16Copies copies, const LayerSpec& layer, const std::string& field) {
+  if (copies == Bf16Copies::None) return false;
+  const bool expert = layer.kind == LayerKind::MoE &&
+                      (field == "w1" || field == "w3" || field == "w2" || field == "shared_w1" ||
+                       field == "shared_w3" || field == "shared_w2");
+  if (copies == Bf16Copies::Experts) return expert;
   switch (layer.kind) {
     case LayerKind::DenseFFN:
       return true;
     case LayerKind::MoE:
       // The router and its bias stay fp32 (DESIGN.md section 5); only the experts multiply in bf16.
-      return field == "w1" || field == "w3" || field == "w2" || field == "shared_w1" ||
-             field == "shared_w3" || field == "shared_w2";
+      return expert;
     case LayerKind::OutputHead:
       return field == "weight";
     default:
@@ -38,7 +42,7 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
       e.host = &t;
       e.host_grad = g;
       const size_t n = t.values.size();
-      const bool bf16 = be.wants_bf16() && is_gemm_weight(layer, field);
+      const bool bf16 = wants_bf16(be.bf16_copies(), layer, field);
       if (be.host_memory()) {
         e.f32_ptr = t.data();
         e.grad_ptr = g ? g->data() : nullptr;

@@ -1,6 +1,8 @@
 // The session's parameters in backend memory. On a host backend the model's own tensors are used
-// in place; on a device backend each tensor has a device copy (fp32, and bf16 for GEMM weights
-// when the backend multiplies in bf16), and the host tensors are brought up to date on demand.
+// in place; on a device backend each tensor has a device copy, and the host tensors are brought up
+// to date on demand. Weights the backend multiplies in bf16 (Backend::bf16_copies: every GEMM
+// weight but the router's on CUDA, the experts' in a CPU session of precision bf16) also have a
+// bf16 copy, rounded from the fp32 values (the master weights) and refreshed after every change.
 #pragma once
 
 #include <cstdint>

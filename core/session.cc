@@ -42,6 +42,16 @@ bool parse_bool(const std::string& key, const std::string& value) {
   fail(Code::InvalidArgument, "option '", key, "' takes true or false, got '", value, "'");
 }
 
+// Sums per-chunk values over the tree of grad_reduction.h, so that a total does not depend on
+// how processes split the rows.
+double tree_sum(std::vector<double> chunk_values) {
+  if (chunk_values.empty()) return 0.0;
+  TreeFold<double*> fold;
+  auto add = [](double* l, double* r) { *l = *l + *r; };
+  for (double& v : chunk_values) fold.push(&v, add);
+  return *fold.finish(add);
+}
+
 void check_len(uint64_t len, int64_t want, const char* what) {
   if (len != static_cast<uint64_t>(want))
     fail(Code::InvalidArgument, what, " buffer holds ", len, " values but ", want, " are needed");
@@ -65,6 +75,22 @@ void refuse_untrainable_routers(const Model& model) {
 }
 
 }  // namespace
+
+const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::Fp32:
+      return "fp32";
+    case Precision::Bf16:
+      return "bf16";
+  }
+  return "unknown";
+}
+
+Precision parse_precision(const std::string& value) {
+  for (Precision p : {Precision::Fp32, Precision::Bf16})
+    if (value == precision_name(p)) return p;
+  fail(Code::InvalidArgument, "option 'precision' takes fp32 or bf16, got '", value, "'");
+}
 
 double TrainingConfig::lr_at(uint64_t step) const {
   if (warmup_steps > 0 && step <= warmup_steps)
@@ -92,6 +118,8 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     check_finite = parse_bool(key, value);
   } else if (key == "cuda_plugin") {
     cuda_plugin = value;
+  } else if (key == "precision") {
+    precision = parse_precision(value);
   } else if (key == "optimizer") {
     if (value != "adamw" && value != "sgd")
       fail(Code::InvalidArgument, "option 'optimizer' takes adamw or sgd, got '", value, "'");
@@ -126,9 +154,9 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
         std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
   } else {
     fail(Code::InvalidArgument, "unknown session option '", key,
-         "' (known: check_finite, cuda_plugin, optimizer, lr, min_lr, weight_decay, beta1, beta2, "
-         "eps, "
-         "momentum, clip_norm, warmup_steps, total_steps, sequence_length, aux_loss_scope)");
+         "' (known: check_finite, cuda_plugin, precision, optimizer, lr, min_lr, weight_decay, "
+         "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length, "
+         "aux_loss_scope)");
   }
 }
 
@@ -152,9 +180,14 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
 
 void Session::build() {
   if (par_) check_parallel();
-  backend_ = options_.device == Device::Cuda
-                 ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
-                 : make_cpu_backend(options_.threads);
+  const bool cuda = options_.device == Device::Cuda;
+  precision_ = options_.precision.value_or(cuda ? Precision::Bf16 : Precision::Fp32);
+  if (cuda && precision_ == Precision::Fp32)
+    fail(Code::Unsupported,
+         "precision fp32 is not available on CUDA: the CUDA backend multiplies in bf16 (fp32 "
+         "runs on the CPU)");
+  backend_ = cuda ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
+                  : make_cpu_backend(options_.threads, precision_ == Precision::Bf16);
   const ActiveDevice device(*backend_);
   if (training()) refuse_untrainable_routers(*model_);
   if (training()) {
@@ -539,8 +572,10 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
     targets_.resize(*backend_, compact.size());
     backend_->upload(targets_.data(), compact.data(), compact.size() * sizeof(int32_t));
     dy_.resize(*backend_, static_cast<size_t>(last_rows_) * vocab);
-    ce = backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab, dy_.data(),
-                                 static_cast<float>(inv_rows));
+    std::vector<double> chunk_loss;
+    backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab, dy_.data(),
+                            static_cast<float>(inv_rows), chunk_loss);
+    ce = tree_sum(std::move(chunk_loss));
   }
   return ce * inv_rows + run_backward(nullptr);
 }
@@ -567,13 +602,13 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
   const size_t n = static_cast<size_t>(last_rows_ * out_w);
   dy_.resize(*backend_, n);
   if (n) backend_->upload(dy_.data(), g, n * sizeof(float));
-  Buffer<float> gin;
-  if (grad_in) gin.resize(*backend_, static_cast<size_t>(last_rows_ * in_w));
-  const double aux = run_backward(grad_in ? gin.data() : nullptr);
+  // Kept between calls: a fresh buffer each call costs a page fault per 4 KiB on the CPU.
+  if (grad_in) grad_in_.resize(*backend_, static_cast<size_t>(last_rows_ * in_w));
+  const double aux = run_backward(grad_in ? grad_in_.data() : nullptr);
   if (grad_in) {
     if (options_.check_finite) {
       const int64_t bad =
-          last_rows_ > 0 ? backend_->find_nonfinite(gin.data(), last_rows_ * in_w) : -1;
+          last_rows_ > 0 ? backend_->find_nonfinite(grad_in_.data(), last_rows_ * in_w) : -1;
       if (bad >= 0) {
         const std::string why = cat("the input gradient holds a NaN or infinity at row ",
                                     caller_row(bad / in_w), ", column ", bad % in_w,
@@ -583,7 +618,7 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
         fail(Code::Numeric, why);
       }
     }
-    deliver_rows(gin.data(), in_w, grad_in);
+    deliver_rows(grad_in_.data(), in_w, grad_in);
   }
   return aux;
 }
@@ -703,6 +738,9 @@ void Session::set_eval(bool eval) {
 void Session::set_config(const std::string& key, const std::string& value) {
   SessionOptions updated = options_;
   updated.set(key, value);
+  if (key == "precision" && updated.precision != precision_)
+    fail(Code::InvalidState,
+         "the precision is chosen when the session is created (its weight copies are made then)");
   if (key == "optimizer" && updated.training.optimizer != options_.training.optimizer && step_ > 0)
     fail(Code::InvalidState,
          "the optimizer cannot change after the first step (its state would "

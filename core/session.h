@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,17 @@ enum class Device : int32_t { Cpu = 0, Cuda = 1 };
 // A target that takes no part in the loss (moert.h MOERT_IGNORE_TARGET, PyTorch's ignore_index).
 inline constexpr int32_t kIgnoreTarget = -100;
 enum class Mode : int32_t { Inference = 0, Training = 1 };
+
+// What the experts' GEMMs (routed and shared; Fprop, Dgrad, Wgrad) multiply in (DESIGN.md section
+// 5). The router, its bias, norms, embedding, head, master weights and optimizer state stay fp32
+// whatever it is. bf16: operands rounded to bf16, fp32 accumulation, bf16 weight copies refreshed
+// after each optimizer step.
+enum class Precision : int32_t { Fp32 = 0, Bf16 = 1 };
+
+// The session option's spelling of a precision ("fp32", "bf16"), and back; parse_precision throws
+// InvalidArgument naming the accepted values.
+const char* precision_name(Precision p);
+Precision parse_precision(const std::string& value);
 
 struct TrainingConfig {
   std::string optimizer = "adamw";  // or "sgd"
@@ -46,6 +58,9 @@ struct SessionOptions {
   int32_t device_index = 0;
   std::string cuda_plugin;  // explicit path of libmoert_cuda.so; empty: beside libmoert.so
   uint32_t threads = 1;
+  // Unset: the device's own (CPU fp32, CUDA bf16). CUDA refuses fp32 (Unsupported): it
+  // multiplies in bf16.
+  std::optional<Precision> precision;
   uint64_t seed = 0;
   Mode mode = Mode::Inference;
   bool check_finite = true;
@@ -78,6 +93,7 @@ class Session {
 
   const Model& model() const { return *model_; }
   bool training() const { return options_.mode == Mode::Training; }
+  Precision precision() const { return precision_; }
 
   // Forward passes; sizes are element counts of the caller's buffers and are checked first. On
   // any error the session's statistics are those of the last successful pass. row_mask (may be
@@ -87,6 +103,15 @@ class Session {
                       uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len);
   void forward_hidden(const float* in, uint64_t in_len, const uint8_t* row_mask, uint64_t mask_len,
                       uint64_t rows, float* out, uint64_t out_len);
+  // Every row takes part.
+  void forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows, float* out,
+                      uint64_t out_len) {
+    forward_tokens(tokens, num_tokens, nullptr, 0, rows, out, out_len);
+  }
+  void forward_hidden(const float* in, uint64_t in_len, uint64_t rows, float* out,
+                      uint64_t out_len) {
+    forward_hidden(in, in_len, nullptr, 0, rows, out, out_len);
+  }
 
   // Training. backward_loss: softmax cross-entropy of the last forward's logits against one
   // target per row (mean over rows) plus the auxiliary losses; returns that loss. backward: from a
@@ -186,11 +211,12 @@ class Session {
   std::unique_ptr<Model> grads_;   // training: gradients, laid out as params_
   SessionOptions options_;
   std::unique_ptr<ParallelContext> par_;  // expert/data parallelism over several ranks
+  Precision precision_ = Precision::Fp32;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ParamStore> store_;
   std::vector<std::unique_ptr<Layer>> layers_;
-  std::vector<Buffer<float>> activations_;  // output of each layer, backend memory
-  Buffer<float> input_, dy_, dx_;           // hidden-state input; backward scratch
+  std::vector<Buffer<float>> activations_;   // output of each layer, backend memory
+  Buffer<float> input_, dy_, dx_, grad_in_;  // hidden-state input; backward scratch
   Buffer<int32_t> tokens_, targets_;
   std::vector<Slot> slots_;
   std::vector<Balance> balance_;  // by layer index

@@ -7,7 +7,7 @@ packages=(
   cmake ninja-build g++ pkg-config
   libgtest-dev                                  # C++ and C ABI tests
   flatbuffers-compiler libflatbuffers-dev       # the model schema
-  libblis-serial-dev                            # CPU BLAS (see cmake/MoertBlas.cmake)
+  libdnnl-dev                                   # oneDNN: the CPU GEMMs, fp32 and bf16 (cmake/MoertBlas.cmake)
   python3 python3-numpy python3-torch           # the PyTorch oracles and benchmarks
   fortunes                                      # English text for the balancing experiment
   python3-matplotlib                            # the experiment's MaxVio plot (PNG)

@@ -1,42 +1,169 @@
 #include "kernels/cpu/math.h"
 
-#include <cblas.h>
+#include <immintrin.h>
 
 #include <algorithm>
 
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/isa.h"
+
 namespace moert::cpu {
+namespace {
+
+#define MOERT_AVX2 __attribute__((target("avx2,fma")))
+
+// e^x for 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes'
+// expf coefficients), 2^n through the exponent bits; within 2 ulp over the clamped range, whose
+// ends give the smallest normal and the largest finite results.
+MOERT_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // n is in [-126, 127] after the clamp, so 2^n is a normal number.
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+MOERT_AVX2 inline __m256 sigmoid8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+MOERT_AVX2 void swiglu_avx2(const float* h1, const float* h3, float* a, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 z = _mm256_loadu_ps(h1 + i);
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(z, sigmoid8(z)), _mm256_loadu_ps(h3 + i)));
+  }
+  for (; i < n; ++i) a[i] = silu(h1[i]) * h3[i];
+}
+
+MOERT_AVX2 void swiglu_backward_avx2(const float* h1, const float* h3, const float* da, float* dh1,
+                                     float* dh3, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 z = _mm256_loadu_ps(h1 + i), g = _mm256_loadu_ps(da + i);
+    const __m256 s = sigmoid8(z);
+    const __m256 h3v = _mm256_loadu_ps(h3 + i);
+    // d silu(z) / dz = s (1 + z (1 - s))
+    const __m256 dsilu =
+        _mm256_mul_ps(s, _mm256_add_ps(one, _mm256_mul_ps(z, _mm256_sub_ps(one, s))));
+    _mm256_storeu_ps(dh3 + i, _mm256_mul_ps(_mm256_mul_ps(g, z), s));
+    _mm256_storeu_ps(dh1 + i, _mm256_mul_ps(_mm256_mul_ps(g, h3v), dsilu));
+  }
+  for (; i < n; ++i) {
+    const float s = sigmoid(h1[i]);
+    const float g = da[i];
+    dh3[i] = g * h1[i] * s;
+    dh1[i] = g * h3[i] * s * (1.0f + h1[i] * (1.0f - s));
+  }
+}
+
+MOERT_AVX2 void add_avx2(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i), _mm256_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] = dst[i] + src[i];
+}
+
+MOERT_AVX2 void axpy_avx2(float* y, float a, const float* x, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+MOERT_AVX2 double scale_and_dot_avx2(float* out, float a, const float* x, const float* z,
+                                     int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i), zv = _mm256_loadu_ps(z + i);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(av, xv));
+    s0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)),
+                         _mm256_cvtps_pd(_mm256_castps256_ps128(zv)), s0);
+    s1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)),
+                         _mm256_cvtps_pd(_mm256_extractf128_ps(zv, 1)), s1);
+  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
+  double dot = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < n; ++i) {
+    out[i] = a * x[i];
+    dot += static_cast<double>(x[i]) * z[i];
+  }
+  return dot;
+}
+
+// 8 x 8 block: rows of x in, columns out.
+MOERT_AVX2 void transpose8(const float* x, int64_t ldx, float* out, int64_t ldo) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + i * ldx);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+MOERT_AVX2 void transpose_avx2(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* out,
+                               int64_t ldo) {
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  // Columns outermost: each output row is written whole before the next, and the 8 input
+  // columns being read stay in L1 down the rows.
+  for (int64_t c = 0; c < c8; c += 8)
+    for (int64_t r = 0; r < r8; r += 8) transpose8(x + r * ldx + c, ldx, out + c * ldo + r, ldo);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = (r < r8 ? c8 : 0); c < cols; ++c) out[c * ldo + r] = x[r * ldx + c];
+}
+
+}  // namespace
 
 void matmul_nt(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
                bool accumulate) {
-  if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<f77_int>(m),
-              static_cast<f77_int>(n), static_cast<f77_int>(k), 1.0f, x, static_cast<f77_int>(k), w,
-              static_cast<f77_int>(k), accumulate ? 1.0f : 0.0f, y, static_cast<f77_int>(n));
+  sgemm(false, true, m, n, k, x, k, w, k, y, n, accumulate);
 }
 
 void matmul_nn(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
                bool accumulate) {
-  if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<f77_int>(m),
-              static_cast<f77_int>(n), static_cast<f77_int>(k), 1.0f, x, static_cast<f77_int>(k), w,
-              static_cast<f77_int>(n), accumulate ? 1.0f : 0.0f, y, static_cast<f77_int>(n));
+  sgemm(false, false, m, n, k, x, k, w, n, y, n, accumulate);
 }
 
 void matmul_tn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                int64_t m, int64_t n, int64_t k, bool accumulate) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
-    return;
-  }
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<f77_int>(m),
-              static_cast<f77_int>(n), static_cast<f77_int>(k), 1.0f, a, static_cast<f77_int>(lda),
-              b, static_cast<f77_int>(ldb), accumulate ? 1.0f : 0.0f, c, static_cast<f77_int>(ldc));
+  sgemm(true, false, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+void swiglu(const float* h1, const float* h3, float* a, int64_t n) {
+  if (use_avx2()) return swiglu_avx2(h1, h3, a, n);
+  for (int64_t i = 0; i < n; ++i) a[i] = silu(h1[i]) * h3[i];
 }
 
 void swiglu_backward(const float* h1, const float* h3, const float* da, float* dh1, float* dh3,
                      int64_t n) {
+  if (use_avx2()) return swiglu_backward_avx2(h1, h3, da, dh1, dh3, n);
   for (int64_t i = 0; i < n; ++i) {
     const float s = sigmoid(h1[i]);
     const float g = da[i];
@@ -44,6 +171,32 @@ void swiglu_backward(const float* h1, const float* h3, const float* da, float* d
     // d silu(z) / dz = s (1 + z (1 - s))
     dh1[i] = g * h3[i] * s * (1.0f + h1[i] * (1.0f - s));
   }
+}
+
+void add_into(float* dst, const float* src, int64_t n) {
+  if (use_avx2()) return add_avx2(dst, src, n);
+  for (int64_t i = 0; i < n; ++i) dst[i] = dst[i] + src[i];
+}
+
+void axpy(float* y, float a, const float* x, int64_t n) {
+  if (use_avx2()) return axpy_avx2(y, a, x, n);
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+double scale_and_dot(float* out, float a, const float* x, const float* z, int64_t n) {
+  if (use_avx2()) return scale_and_dot_avx2(out, a, x, z, n);
+  double dot = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = a * x[i];
+    dot += static_cast<double>(x[i]) * z[i];
+  }
+  return dot;
+}
+
+void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* out, int64_t ldo) {
+  if (use_avx2()) return transpose_avx2(x, ldx, rows, cols, out, ldo);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[c * ldo + r] = x[r * ldx + c];
 }
 
 void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,
@@ -61,10 +214,6 @@ void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, cons
     for (int64_t i = 0; i < dim; ++i)
       dx[r * dim + i] = static_cast<float>(inv * gr[i] * w[i] - k * xr[i]);
   }
-}
-
-void swiglu(const float* h1, const float* h3, float* a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) a[i] = silu(h1[i]) * h3[i];
 }
 
 void rmsnorm(const float* x, const float* w, float* y, float* inv_rms, int64_t rows, int64_t dim,

@@ -1,5 +1,7 @@
 // fp32 CPU kernels. Every function here is single-threaded and deterministic; the CPU backend
-// decides how to split work across its threads.
+// decides how to split work across its threads. The elementwise kernels use AVX2 where
+// kernels/cpu/isa.h allows it (the same inputs then give the same bits on every run of a machine,
+// not across machines).
 #pragma once
 
 #include <cmath>
@@ -7,7 +9,7 @@
 
 namespace moert::cpu {
 
-// y[m, n] = x[m, k] * w[n, k]^T (+ y when accumulate). Row-major, through the CPU BLAS.
+// y[m, n] = x[m, k] * w[n, k]^T (+ y when accumulate). Row-major, through oneDNN (gemm.h).
 void matmul_nt(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
                bool accumulate);
 
@@ -26,9 +28,21 @@ inline float silu(float x) { return x == -INFINITY ? 0.0f : x * sigmoid(x); }
 // a[i] = silu(h1[i]) * h3[i]
 void swiglu(const float* h1, const float* h3, float* a, int64_t n);
 
-// Backward of swiglu: given dA, writes dh1 and dh3 in place of nothing (dh1 may alias da).
+// Backward of swiglu: from dA, dh1 and dh3 (dh1 may alias da).
 void swiglu_backward(const float* h1, const float* h3, const float* da, float* dh1, float* dh3,
                      int64_t n);
+
+// dst[i] = dst[i] + src[i]: the one way two partial sums are added (grad_reduction.h).
+void add_into(float* dst, const float* src, int64_t n);
+
+// y[i] = y[i] + a * x[i].
+void axpy(float* y, float a, const float* x, int64_t n);
+
+// out[i] = a * x[i]; returns the sum of x[i] * z[i] in double.
+double scale_and_dot(float* out, float a, const float* x, const float* z, int64_t n);
+
+// out[c * ldo + r] = x[r * ldx + c] for r < rows, c < cols.
+void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* out, int64_t ldo);
 
 // y = x / sqrt(mean(x^2) + eps) * w for each of `rows` rows of width dim; inv_rms (optional)
 // receives 1 / sqrt(mean(x^2) + eps) per row.

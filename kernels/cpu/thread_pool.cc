@@ -1,5 +1,7 @@
 #include "kernels/cpu/thread_pool.h"
 
+#include "kernels/cpu/omp_guard.h"
+
 namespace moert::cpu {
 
 ThreadPool::ThreadPool(unsigned threads) {
@@ -35,6 +37,7 @@ void ThreadPool::run_items(unsigned worker) {
 }
 
 void ThreadPool::worker_loop(unsigned worker) {
+  make_omp_serial();
   uint64_t seen = 0;
   for (;;) {
     {
@@ -55,6 +58,7 @@ void ThreadPool::worker_loop(unsigned worker) {
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, unsigned)>& fn) {
   if (n <= 0) return;
+  const SerialOmpScope serial;
   if (workers_.empty() || n == 1) {
     for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;

@@ -1,5 +1,7 @@
 // A fixed pool of worker threads owned by one session. Work is split into items whose boundaries do
-// not depend on the thread count, so results are identical whatever the pool size.
+// not depend on the thread count, so results are identical whatever the pool size. Every item runs
+// with OpenMP limited to its own thread (omp_guard.h): a GEMM inside an item is single-threaded,
+// and the caller's thread gets its OpenMP setting back when parallel_for returns.
 #pragma once
 
 #include <condition_variable>

@@ -86,7 +86,7 @@ class CudaBackend final : public Backend {
 
   const char* name() const override { return "cuda"; }
   bool host_memory() const override { return false; }
-  bool wants_bf16() const override { return true; }
+  Bf16Copies bf16_copies() const override { return Bf16Copies::AllGemms; }
   void activate() override {
     if (depth_ == 0) {
       check(cudaGetDevice(&outer_), "cudaGetDevice");
@@ -261,7 +261,10 @@ class CudaBackend final : public Backend {
   // ---- Training
 
   void linear_backward(const float* x, Weight w, const float* dy, float* dx, bool dx_accumulate,
-                       float* dw, float* db, int64_t rows, int64_t in, int64_t out) override {
+                       const GradOut& dw_out, const GradOut* db_out, int64_t rows, int64_t in,
+                       int64_t out) override {
+    float* dw = acc_only(dw_out, "linear_backward");
+    float* db = db_out ? acc_only(*db_out, "linear_backward") : nullptr;
     if (w.bf16) {
       const uint16_t* dyb = bf16_of(dy, rows * out, sdy_);
       if (dx)
@@ -279,15 +282,17 @@ class CudaBackend final : public Backend {
   }
 
   void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,
-                        float* dx, float* dw, int64_t rows, int64_t dim) override {
+                        float* dx, const GradOut& dw_out, int64_t rows, int64_t dim) override {
+    float* dw = acc_only(dw_out, "rmsnorm_backward");
     const int64_t blocks = (rows + kNormRowBlock - 1) / kNormRowBlock;
     partial_.resize(*this, static_cast<size_t>(blocks * dim));
     cuda::rmsnorm_backward(x, w, inv_rms, dy, dx, dw, partial_.data(), rows, dim, kNormRowBlock,
                            stream_);
   }
 
-  void embedding_backward(const int32_t* tokens, const float* dy, float* dtable, int64_t rows,
-                          int64_t context, int64_t dim, int64_t vocab) override {
+  void embedding_backward(const int32_t* tokens, const float* dy, const GradOut& dtable_out,
+                          int64_t rows, int64_t context, int64_t dim, int64_t vocab) override {
+    float* dtable = acc_only(dtable_out, "embedding_backward");
     const int64_t n = rows * context;
     ekeys_.resize(*this, static_cast<size_t>(n));
     ekeys_sorted_.resize(*this, static_cast<size_t>(n));
@@ -305,8 +310,11 @@ class CudaBackend final : public Backend {
 
   void swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2, const float* h1,
                            const float* h3, const float* dy, float* dx, bool dx_accumulate,
-                           float* dw1, float* dw3, float* dw2, int64_t rows, int64_t dim,
-                           int64_t hidden) override {
+                           const GradOut& dw1_out, const GradOut& dw3_out, const GradOut& dw2_out,
+                           int64_t rows, int64_t dim, int64_t hidden) override {
+    float* dw1 = acc_only(dw1_out, "swiglu_ffn_backward");
+    float* dw3 = acc_only(dw3_out, "swiglu_ffn_backward");
+    float* dw2 = acc_only(dw2_out, "swiglu_ffn_backward");
     const size_t n = static_cast<size_t>(rows * hidden);
     const uint16_t* dyb = bf16_of(dy, rows * dim, sdy_);
     f1_.resize(*this, n);
@@ -333,8 +341,11 @@ class CudaBackend final : public Backend {
 
   void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
                                    Weight w3, Weight w2, const float* h1, const float* h3,
-                                   const float* dy_perm, float* dx_perm, float* dw1, float* dw3,
-                                   float* dw2, int64_t dim, int64_t hidden) override {
+                                   const float* dy_perm, float* dx_perm, const GradOut* dw1,
+                                   const GradOut* dw3, const GradOut* dw2, int64_t dim,
+                                   int64_t hidden) override {
+    for (int64_t e = 0; e + 1 < static_cast<int64_t>(plan.host_offsets.size()); ++e)
+      for (const GradOut* g : {dw1, dw3, dw2}) acc_only(g[e], "grouped_swiglu_ffn_backward");
     const int64_t A = plan.num_assignments();
     const size_t n = static_cast<size_t>(A * hidden);
     const int64_t per = hidden * dim;
@@ -347,7 +358,7 @@ class CudaBackend final : public Backend {
       gemm_->run(false, false, rows, hidden, dim, dyb + a0 * dim, dim, bf16_weight(w2) + e * per,
                  hidden, f1_.data() + a0 * hidden, hidden, 0.0f, true);
       gemm_->run(true, false, dim, hidden, rows, dyb + a0 * dim, dim, sa_.data() + a0 * hidden,
-                 hidden, dw2 + e * per, hidden, 1.0f, true);
+                 hidden, dw2[e].acc, hidden, 1.0f, true);
     });
     cuda::swiglu_backward(h1, h3, f1_.data(), f1_.data(), f2_.data(), static_cast<int64_t>(n),
                           stream_);
@@ -356,9 +367,9 @@ class CudaBackend final : public Backend {
     const uint16_t* xb = bf16_of(x_perm, A * dim, sx_);
     for_each_expert(plan, [&](int64_t e, int64_t a0, int64_t rows) {
       gemm_->run(true, false, hidden, dim, rows, dh1 + a0 * hidden, hidden, xb + a0 * dim, dim,
-                 dw1 + e * per, dim, 1.0f, true);
+                 dw1[e].acc, dim, 1.0f, true);
       gemm_->run(true, false, hidden, dim, rows, dh3 + a0 * hidden, hidden, xb + a0 * dim, dim,
-                 dw3 + e * per, dim, 1.0f, true);
+                 dw3[e].acc, dim, 1.0f, true);
       gemm_->run(false, false, rows, dim, hidden, dh1 + a0 * hidden, hidden,
                  bf16_weight(w1) + e * per, dim, dx_perm + a0 * dim, dim, 0.0f, true);
       gemm_->run(false, false, rows, dim, hidden, dh3 + a0 * hidden, hidden,
@@ -425,12 +436,19 @@ class CudaBackend final : public Backend {
     return got == none ? -1 : static_cast<int64_t>(got);
   }
 
-  double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
-                       float* dlogits, float scale) override {
+  void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
+                     float* dlogits, float scale, std::vector<double>& chunk_loss) override {
     dscratch_.resize(*this, static_cast<size_t>(rows));
     cuda::cross_entropy(logits, targets, rows, vocab, dlogits, scale, dscratch_.data(), stream_);
-    return host_sum(dscratch_.data(), static_cast<size_t>(rows));
+    std::vector<double> row_loss(static_cast<size_t>(rows));
+    download(row_loss.data(), dscratch_.data(), row_loss.size() * sizeof(double));
+    // Each chunk's rows added in order from zero, as grad_reduction.h defines a chunk's partial.
+    chunk_loss.assign(static_cast<size_t>(reduce_chunks(rows)), 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      chunk_loss[static_cast<size_t>(r / kReduceRows)] += row_loss[r];
   }
+
+  void add(float* dst, const float* src, int64_t n) override { add_into(dst, src, n, stream_); }
 
   // ---- Optimizer
 
@@ -486,6 +504,14 @@ class CudaBackend final : public Backend {
       gemm_nt_bf16(bf16_of(x, m * k, scratch), k, w, y, m, n, k, beta);
     else
       gemm_->run(false, true, m, n, k, x, k, w.f32, k, y, n, beta, false);
+  }
+
+  // Cross-process reduction on CUDA goes through NCCL, not local roots: only acc mode exists here.
+  static float* acc_only(const GradOut& g, const char* op) {
+    if (g.roots)
+      fail(Code::Unsupported, "the CUDA backend's ", op,
+           " gives gradients in acc mode only; cross-process reduction on CUDA uses NCCL");
+    return g.acc;
   }
 
   // The bf16 copy every expert and FFN weight has on this backend; a missing one is a bug of the

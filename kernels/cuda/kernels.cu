@@ -29,6 +29,12 @@ __global__ void to_bf16_k(const float* x, __nv_bfloat16* y, int64_t n) {
     y[i] = __float2bfloat16_rn(x[i]);
 }
 
+__global__ void add_into_k(float* dst, const float* src, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    dst[i] = dst[i] + src[i];
+}
+
 __global__ void swiglu_bf16_k(const float* h1, const float* h3, __nv_bfloat16* a, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x)
@@ -220,6 +226,12 @@ void to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t s) {
   if (n == 0) return;
   to_bf16_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(x, reinterpret_cast<__nv_bfloat16*>(y), n);
   check_launch("to_bf16");
+}
+
+void add_into(float* dst, const float* src, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  add_into_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(dst, src, n);
+  check_launch("add_into");
 }
 
 void swiglu_bf16(const float* h1, const float* h3, uint16_t* a, int64_t n, cudaStream_t s) {

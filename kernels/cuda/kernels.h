@@ -14,6 +14,8 @@ namespace moert::cuda {
 void to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t s);
 // a = silu(h1) * h3, written as bf16 (the next GEMM's input).
 void swiglu_bf16(const float* h1, const float* h3, uint16_t* a, int64_t n, cudaStream_t s);
+// dst[i] = dst[i] + src[i].
+void add_into(float* dst, const float* src, int64_t n, cudaStream_t s);
 // dh1, dh3 from dA (dA may alias dh1).
 void swiglu_backward(const float* h1, const float* h3, const float* da, float* dh1, float* dh3,
                      int64_t n, cudaStream_t s);

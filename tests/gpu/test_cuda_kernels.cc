@@ -69,6 +69,26 @@ double rel(const std::vector<float>& got, const std::vector<float>& want) {
   return std::sqrt(num / (den > 0 ? den : 1.0));
 }
 
+// A gradient accumulated in place (acc mode of grad_reduction.h).
+GradOut acc(float* p) { return GradOut{p}; }
+
+// Per-expert gradients of a stacked [E, per] tensor, in acc mode.
+std::vector<GradOut> per_expert(float* base, int64_t experts, int64_t per) {
+  std::vector<GradOut> g(static_cast<size_t>(experts));
+  for (int64_t e = 0; e < experts; ++e) g[e].acc = base + e * per;
+  return g;
+}
+
+// The summed loss of a backend's cross_entropy (its chunk sums added in order).
+double loss_sum(Backend& be, const float* logits, const int32_t* targets, int64_t rows,
+                int64_t vocab, float* dlogits, float scale) {
+  std::vector<double> chunks;
+  be.cross_entropy(logits, targets, rows, vocab, dlogits, scale, chunks);
+  double total = 0.0;
+  for (double c : chunks) total += c;
+  return total;
+}
+
 // A weight on both sides: fp32 on the CPU; fp32 and bf16 on the GPU.
 struct W {
   std::vector<float> host;
@@ -116,10 +136,11 @@ TEST(CudaKernels, LinearBackwardInBf16AndFp32) {
     for (bool accumulate : {true, false}) {
       std::vector<float> dx = dx0, dw = dw0, db = db0;
       auto X = up(x), DY = up(dy), DX = up(dx0), DW = up(dw0), DB = up(db0);
+      const GradOut cdb = acc(db.data()), gdb = acc(DB.data());
       backends().cpu->linear_backward(x.data(), w.cpu(), dy.data(), dx.data(), accumulate,
-                                      dw.data(), db.data(), rows, in, out);
+                                      acc(dw.data()), &cdb, rows, in, out);
       backends().gpu->linear_backward(X.data(), w.gpu(bf16), DY.data(), DX.data(), accumulate,
-                                      DW.data(), DB.data(), rows, in, out);
+                                      acc(DW.data()), &gdb, rows, in, out);
       const double tol = bf16 ? kBf16 : kF32;
       EXPECT_LT(rel(down(DX), dx), tol) << "bf16 " << bf16 << " accumulate " << accumulate;
       EXPECT_LT(rel(down(DW), dw), tol) << "bf16 " << bf16 << " accumulate " << accumulate;
@@ -128,10 +149,10 @@ TEST(CudaKernels, LinearBackwardInBf16AndFp32) {
     // Without dx (the first layer's input needs none) and without a bias.
     std::vector<float> dw = dw0;
     auto X = up(x), DY = up(dy), DW = up(dw0);
-    backends().cpu->linear_backward(x.data(), w.cpu(), dy.data(), nullptr, false, dw.data(),
+    backends().cpu->linear_backward(x.data(), w.cpu(), dy.data(), nullptr, false, acc(dw.data()),
                                     nullptr, rows, in, out);
-    backends().gpu->linear_backward(X.data(), w.gpu(bf16), DY.data(), nullptr, false, DW.data(),
-                                    nullptr, rows, in, out);
+    backends().gpu->linear_backward(X.data(), w.gpu(bf16), DY.data(), nullptr, false,
+                                    acc(DW.data()), nullptr, rows, in, out);
     EXPECT_LT(rel(down(DW), dw), bf16 ? kBf16 : kF32) << "bf16 " << bf16 << " without dx";
   }
 }
@@ -143,12 +164,13 @@ TEST(CudaKernels, RMSNormForwardAndBackward) {
   std::vector<float> y(rows * dim), inv(rows), dx(rows * dim), dw(dim, 0.5f);
   Backend& c = *backends().cpu;
   c.rmsnorm(x.data(), w.data(), y.data(), inv.data(), rows, dim, 1e-6f);
-  c.rmsnorm_backward(x.data(), w.data(), inv.data(), g.data(), dx.data(), dw.data(), rows, dim);
+  c.rmsnorm_backward(x.data(), w.data(), inv.data(), g.data(), dx.data(), acc(dw.data()), rows,
+                     dim);
   auto X = up(x), Wt = up(w), G = up(g), Y = up(y), I = up(inv), DX = up(dx);
   auto DW = up(std::vector<float>(dim, 0.5f));
   Backend& d = *backends().gpu;
   d.rmsnorm(X.data(), Wt.data(), Y.data(), I.data(), rows, dim, 1e-6f);
-  d.rmsnorm_backward(X.data(), Wt.data(), I.data(), G.data(), DX.data(), DW.data(), rows, dim);
+  d.rmsnorm_backward(X.data(), Wt.data(), I.data(), G.data(), DX.data(), acc(DW.data()), rows, dim);
   EXPECT_LT(rel(down(Y), y), kF32);
   EXPECT_LT(rel(down(I), inv), kF32);
   EXPECT_LT(rel(down(DX), dx), kF32);
@@ -165,12 +187,13 @@ TEST(CudaKernels, EmbeddingForwardAndBackwardWithRepeatedTokens) {
   auto g = randn(rows * context * dim, rng);
   std::vector<float> y(rows * context * dim), dt(vocab * dim, 0.25f);
   backends().cpu->embedding(tokens.data(), table.data(), y.data(), rows, context, dim);
-  backends().cpu->embedding_backward(tokens.data(), g.data(), dt.data(), rows, context, dim, vocab);
+  backends().cpu->embedding_backward(tokens.data(), g.data(), acc(dt.data()), rows, context, dim,
+                                     vocab);
   auto T = up(tokens);
   auto Tb = up(table), G = up(g), Y = up(y);
   auto DT = up(std::vector<float>(vocab * dim, 0.25f));
   backends().gpu->embedding(T.data(), Tb.data(), Y.data(), rows, context, dim);
-  backends().gpu->embedding_backward(T.data(), G.data(), DT.data(), rows, context, dim, vocab);
+  backends().gpu->embedding_backward(T.data(), G.data(), acc(DT.data()), rows, context, dim, vocab);
   EXPECT_EQ(down(Y), y);
   EXPECT_LT(rel(down(DT), dt), 1e-6);
 }
@@ -192,13 +215,15 @@ TEST(CudaKernels, SwiGLUForwardAndBackward) {
   c.swiglu_ffn(x.data(), w1.cpu(), w3.cpu(), w2.cpu(), y.data(), h1.data(), h3.data(), rows, dim,
                hidden, false);
   c.swiglu_ffn_backward(x.data(), w1.cpu(), w3.cpu(), w2.cpu(), h1.data(), h3.data(), g.data(),
-                        dx.data(), true, dw1.data(), dw3.data(), dw2.data(), rows, dim, hidden);
+                        dx.data(), true, acc(dw1.data()), acc(dw3.data()), acc(dw2.data()), rows,
+                        dim, hidden);
   Backend& d = *backends().gpu;
   auto X = up(x), G = up(g), Y = up(y), H1 = up(h1), H3 = up(h3);
   d.swiglu_ffn(X.data(), w1.gpu(), w3.gpu(), w2.gpu(), Y.data(), H1.data(), H3.data(), rows, dim,
                hidden, false);
   d.swiglu_ffn_backward(X.data(), w1.gpu(), w3.gpu(), w2.gpu(), H1.data(), H3.data(), G.data(),
-                        DX.data(), true, DW1.data(), DW3.data(), DW2.data(), rows, dim, hidden);
+                        DX.data(), true, acc(DW1.data()), acc(DW3.data()), acc(DW2.data()), rows,
+                        dim, hidden);
   EXPECT_LT(rel(down(Y), y), kBf16);
   EXPECT_LT(rel(down(H1), h1), kBf16);
   EXPECT_LT(rel(down(H3), h3), kBf16);
@@ -282,9 +307,11 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
   // What dispatch_backward and the weight gradients add into, as it was before the CPU did.
   auto DX = up(dx), DW1 = up(dw1), DW3 = up(dw3), DW2 = up(dw2);
   c.combine_backward(cp, yp.data(), gy.data(), dyp.data(), dwt.data(), dim);
+  const int64_t per = hidden * dim;
   c.grouped_swiglu_ffn_backward(cp, xp.data(), w1.cpu(), w3.cpu(), w2.cpu(), h1.data(), h3.data(),
-                                dyp.data(), dxp.data(), dw1.data(), dw3.data(), dw2.data(), dim,
-                                hidden);
+                                dyp.data(), dxp.data(), per_expert(dw1.data(), E, per).data(),
+                                per_expert(dw3.data(), E, per).data(),
+                                per_expert(dw2.data(), E, per).data(), dim, hidden);
   c.dispatch_backward(cp, dxp.data(), dx.data(), dim);
   // The sequence-wise auxiliary loss over 3 sequences of 111 rows: statistics per chunk, folded
   // on the host, then the gradient through P.
@@ -305,9 +332,10 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
   EXPECT_EQ(down(DYP), dyp);
   EXPECT_LT(rel(down(DWT), dwt), 1e-5);
   auto DYPc = up(dyp), DWTc = up(dwt);
-  d.grouped_swiglu_ffn_backward(gp, XPc.data(), w1.gpu(), w3.gpu(), w2.gpu(), H1c.data(),
-                                H3c.data(), DYPc.data(), DXP.data(), DW1.data(), DW3.data(),
-                                DW2.data(), dim, hidden);
+  d.grouped_swiglu_ffn_backward(
+      gp, XPc.data(), w1.gpu(), w3.gpu(), w2.gpu(), H1c.data(), H3c.data(), DYPc.data(), DXP.data(),
+      per_expert(DW1.data(), E, per).data(), per_expert(DW3.data(), E, per).data(),
+      per_expert(DW2.data(), E, per).data(), dim, hidden);
   EXPECT_LT(rel(down(DXP), dxp), kBf16);
   EXPECT_LT(rel(down(DW1), dw1), kBf16);
   EXPECT_LT(rel(down(DW3), dw3), kBf16);
@@ -370,20 +398,22 @@ TEST(CudaKernels, GroupedExpertsWithEmptyExpertsAndOddShapes) {
   const auto dw0 = randn(E * hidden * dim, rng);
   std::vector<float> dxp(A * dim), dw1 = dw0, dw3 = dw0, dw2 = dw0;
   auto DW1 = up(dw0), DW3 = up(dw0), DW2 = up(dw0);
+  const int64_t per = hidden * dim;
   c.grouped_swiglu_ffn_backward(cp, xp.data(), w1.cpu(), w3.cpu(), w2.cpu(), h1.data(), h3.data(),
-                                dyp.data(), dxp.data(), dw1.data(), dw3.data(), dw2.data(), dim,
-                                hidden);
+                                dyp.data(), dxp.data(), per_expert(dw1.data(), E, per).data(),
+                                per_expert(dw3.data(), E, per).data(),
+                                per_expert(dw2.data(), E, per).data(), dim, hidden);
   auto H1 = up(h1), H3 = up(h3), DYP = up(dyp), DXP = up(std::vector<float>(A * dim, 0.0f));
   d.grouped_swiglu_ffn_backward(gp, XP.data(), w1.gpu(), w3.gpu(), w2.gpu(), H1.data(), H3.data(),
-                                DYP.data(), DXP.data(), DW1.data(), DW3.data(), DW2.data(), dim,
-                                hidden);
+                                DYP.data(), DXP.data(), per_expert(DW1.data(), E, per).data(),
+                                per_expert(DW3.data(), E, per).data(),
+                                per_expert(DW2.data(), E, per).data(), dim, hidden);
   EXPECT_LT(rel(down(DXP), dxp), kBf16);
   EXPECT_LT(rel(down(DW1), dw1), kBf16);
   EXPECT_LT(rel(down(DW3), dw3), kBf16);
   EXPECT_LT(rel(down(DW2), dw2), kBf16);
   // The empty experts' gradients are untouched.
   const auto got = down(DW1);
-  const int64_t per = hidden * dim;
   EXPECT_TRUE(std::equal(got.begin() + 5 * per, got.end(), dw0.begin() + 5 * per));
 }
 
@@ -396,10 +426,10 @@ TEST(CudaKernels, CrossEntropyAndOptimizers) {
   Backend& c = *backends().cpu;
   Backend& d = *backends().gpu;
   std::vector<float> g(rows * vocab);
-  const double loss = c.cross_entropy(logits.data(), targets.data(), rows, vocab, g.data(), 0.01f);
+  const double loss = loss_sum(c, logits.data(), targets.data(), rows, vocab, g.data(), 0.01f);
   auto Lg = up(logits), G = up(g);
   auto T = up(targets);
-  const double gloss = d.cross_entropy(Lg.data(), T.data(), rows, vocab, G.data(), 0.01f);
+  const double gloss = loss_sum(d, Lg.data(), T.data(), rows, vocab, G.data(), 0.01f);
   EXPECT_NEAR(gloss, loss, 1e-9 * loss);
   EXPECT_LT(rel(down(G), g), 1e-6);
 

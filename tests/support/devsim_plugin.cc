@@ -36,7 +36,7 @@ class DevSimBackend final : public Backend {
 
   const char* name() const override { return "devsim"; }
   bool host_memory() const override { return false; }
-  bool wants_bf16() const override { return true; }
+  Bf16Copies bf16_copies() const override { return Bf16Copies::AllGemms; }
 
   void* allocate(size_t bytes) override {
     void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
@@ -157,55 +157,76 @@ class DevSimBackend final : public Backend {
   }
 
   void linear_backward(const float* x, Weight w, const float* dy, float* dx, bool dx_accumulate,
-                       float* dw, float* db, int64_t rows, int64_t in, int64_t out) override {
+                       const GradOut& dw, const GradOut* db, int64_t rows, int64_t in,
+                       int64_t out) override {
     device(x, rows * in * 4, "linear_backward x");
     device(dy, rows * out * 4, "linear_backward dy");
     device(dx, rows * in * 4, "linear_backward dx");
-    device(dw, out * in * 4, "linear_backward dw");
-    device(db, out * 4, "linear_backward db");
-    cpu_->linear_backward(x, weight(w, out * in, w_[0]), dy, dx, dx_accumulate, dw, db, rows, in,
-                          out);
+    device(dw.acc, out * in * 4, "linear_backward dw");
+    if (db) device(db->acc, out * 4, "linear_backward db");
+    Roots rw(dw), rb(db ? *db : GradOut{});
+    cpu_->linear_backward(x, weight(w, out * in, w_[0]), dy, dx, dx_accumulate, rw.out,
+                          db ? &rb.out : nullptr, rows, in, out);
+    rw.give(*this);
+    rb.give(*this);
   }
   void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,
-                        float* dx, float* dw, int64_t rows, int64_t dim) override {
+                        float* dx, const GradOut& dw, int64_t rows, int64_t dim) override {
     for (const float* p : {x, dy, static_cast<const float*>(dx)})
       device(p, rows * dim * 4, "rmsnorm_backward rows");
     device(w, dim * 4, "rmsnorm_backward w");
-    device(dw, dim * 4, "rmsnorm_backward dw");
+    device(dw.acc, dim * 4, "rmsnorm_backward dw");
     device(inv_rms, rows * 4, "rmsnorm_backward inv_rms");
-    cpu_->rmsnorm_backward(x, w, inv_rms, dy, dx, dw, rows, dim);
+    Roots r(dw);
+    cpu_->rmsnorm_backward(x, w, inv_rms, dy, dx, r.out, rows, dim);
+    r.give(*this);
   }
-  void embedding_backward(const int32_t* tokens, const float* dy, float* dtable, int64_t rows,
-                          int64_t context, int64_t dim, int64_t vocab) override {
+  void embedding_backward(const int32_t* tokens, const float* dy, const GradOut& dtable,
+                          int64_t rows, int64_t context, int64_t dim, int64_t vocab) override {
     device(tokens, rows * context * 4, "embedding_backward tokens");
     device(dy, rows * context * dim * 4, "embedding_backward dy");
-    device(dtable, vocab * dim * 4, "embedding_backward dtable");
-    cpu_->embedding_backward(tokens, dy, dtable, rows, context, dim, vocab);
+    device(dtable.acc, vocab * dim * 4, "embedding_backward dtable");
+    Roots r(dtable);
+    cpu_->embedding_backward(tokens, dy, r.out, rows, context, dim, vocab);
+    r.give(*this);
   }
   void swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2, const float* h1,
                            const float* h3, const float* dy, float* dx, bool dx_accumulate,
-                           float* dw1, float* dw3, float* dw2, int64_t rows, int64_t dim,
-                           int64_t hidden) override {
+                           const GradOut& dw1, const GradOut& dw3, const GradOut& dw2, int64_t rows,
+                           int64_t dim, int64_t hidden) override {
     const int64_t n = hidden * dim;
     for (const float* p : {x, dy, static_cast<const float*>(dx)})
       device(p, rows * dim * 4, "swiglu_backward rows");
     for (const float* p : {h1, h3}) device(p, rows * hidden * 4, "swiglu_backward h");
-    for (const float* p : {dw1, dw3, dw2}) device(p, n * 4, "swiglu_backward dw");
+    for (const GradOut* g : {&dw1, &dw3, &dw2}) device(g->acc, n * 4, "swiglu_backward dw");
+    Roots r1(dw1), r3(dw3), r2(dw2);
     cpu_->swiglu_ffn_backward(x, weight(w1, n, w_[0]), weight(w3, n, w_[1]), weight(w2, n, w_[2]),
-                              h1, h3, dy, dx, dx_accumulate, dw1, dw3, dw2, rows, dim, hidden);
+                              h1, h3, dy, dx, dx_accumulate, r1.out, r3.out, r2.out, rows, dim,
+                              hidden);
+    for (Roots* r : {&r1, &r3, &r2}) r->give(*this);
   }
   void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
                                    Weight w3, Weight w2, const float* h1, const float* h3,
-                                   const float* dy_perm, float* dx_perm, float* dw1, float* dw3,
-                                   float* dw2, int64_t dim, int64_t hidden) override {
-    const int64_t A = plan.num_assignments(), n = experts(plan) * hidden * dim;
+                                   const float* dy_perm, float* dx_perm, const GradOut* dw1,
+                                   const GradOut* dw3, const GradOut* dw2, int64_t dim,
+                                   int64_t hidden) override {
+    const int64_t A = plan.num_assignments(), E = experts(plan), n = E * hidden * dim;
     for (const float* p : {x_perm, dy_perm, static_cast<const float*>(dx_perm)})
       device(p, A * dim * 4, "grouped_backward rows");
     for (const float* p : {h1, h3}) device(p, A * hidden * 4, "grouped_backward h");
-    for (const float* p : {dw1, dw3, dw2}) device(p, n * 4, "grouped_backward dw");
+    std::vector<Roots> r;
+    r.reserve(static_cast<size_t>(3 * E));
+    for (const GradOut* g : {dw1, dw3, dw2})
+      for (int64_t e = 0; e < E; ++e) {
+        device(g[e].acc, hidden * dim * 4, "grouped_backward dw");
+        r.emplace_back(g[e]);
+      }
+    std::vector<GradOut> inner;
+    for (const Roots& x : r) inner.push_back(x.out);
     cpu_->grouped_swiglu_ffn_backward(plan, x_perm, weight(w1, n, w_[0]), weight(w3, n, w_[1]),
-                                      weight(w2, n, w_[2]), h1, h3, dy_perm, dx_perm, dw1, dw3, dw2,
-                                      dim, hidden);
+                                      weight(w2, n, w_[2]), h1, h3, dy_perm, dx_perm, inner.data(),
+                                      inner.data() + E, inner.data() + 2 * E, dim, hidden);
+    for (Roots& x : r) x.give(*this);
   }
   void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
                         float* dy_perm, float* dweight, int64_t dim) override {
@@ -256,12 +277,17 @@ class DevSimBackend final : public Backend {
     device(x, n * 4, "find_nonfinite");
     return cpu_->find_nonfinite(x, n);
   }
-  double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
-                       float* dlogits, float scale) override {
+  void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
+                     float* dlogits, float scale, std::vector<double>& chunk_loss) override {
     device(logits, rows * vocab * 4, "cross_entropy logits");
     device(targets, rows * 4, "cross_entropy targets");
     device(dlogits, rows * vocab * 4, "cross_entropy dlogits");
-    return cpu_->cross_entropy(logits, targets, rows, vocab, dlogits, scale);
+    cpu_->cross_entropy(logits, targets, rows, vocab, dlogits, scale, chunk_loss);
+  }
+  void add(float* dst, const float* src, int64_t n) override {
+    device(dst, n * 4, "add destination");
+    device(src, n * 4, "add source");
+    cpu_->add(dst, src, n);
   }
   double sum_squares(const float* x, int64_t n) override {
     device(x, n * 4, "sum_squares");
@@ -317,6 +343,29 @@ class DevSimBackend final : public Backend {
     take(plan.token_offsets, c.token_offsets);
     take(plan.token_assign, c.token_assign);
   }
+
+  // A GradOut as the CPU backend gets it: in roots mode the CPU backend sizes its roots in its
+  // own memory, so they are taken there and moved into this backend's memory afterwards (give),
+  // as a device's roots would be.
+  struct Roots {
+    explicit Roots(const GradOut& g) : outer(g), out(g) {
+      if (g.roots) out.roots = &host;
+    }
+    void give(DevSimBackend& be) {
+      if (!outer.roots) return;
+      GradRoots& r = *outer.roots;
+      r.blocks = host.blocks;
+      r.rows = host.rows;
+      r.values.resize(host.values.size());
+      for (size_t i = 0; i < host.values.size(); ++i) {
+        r.values[i].resize(be, host.values[i].size());
+        if (host.values[i].size())
+          std::memcpy(r.values[i].data(), host.values[i].data(), host.values[i].bytes());
+      }
+    }
+    GradOut outer, out;
+    GradRoots host;
+  };
 
   int64_t experts(const DispatchPlan& plan) const {
     return static_cast<int64_t>(plan.host_offsets.size()) - 1;

@@ -3,6 +3,7 @@
 // of one process over the union of the ranks' rows.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -148,9 +149,11 @@ TEST(MoEParallel, ForwardIsBitwiseOneProcessForEverySplit) {
   }
 }
 
-// Rows that are not a multiple of the chunk on every rank: experts' chunks still line up (they
-// are cut from the global lists), so outputs stay those of one process.
-TEST(MoEParallel, UnevenRowCountsGiveTheSameOutputs) {
+// Rows that are not a multiple of the chunk on every rank: the experts' chunks still line up
+// (they are cut from the global lists), but the router's and shared experts' GEMMs then run on
+// other row blocks than one process's, and the CPU GEMMs are not row-independent (a row's bits
+// depend on the block it is computed in): equal to rounding, not bitwise.
+TEST(MoEParallel, UnevenRowCountsGiveTheSameOutputsToRounding) {
   std::mt19937 rng(23);
   const MoESpec s = random_moe(rng, 8, 3, BalancingPolicy::LossFreeBias);
   const std::vector<int64_t> rows{37, 100, 5, 91};
@@ -158,7 +161,12 @@ TEST(MoEParallel, UnevenRowCountsGiveTheSameOutputs) {
   const Result one = alone(s, x, 233, false);
   for (int ep : {1, 2, 4}) {
     const Result many = spread(s, x, rows, ep, false, false);
-    EXPECT_EQ(many.y, one.y) << "EP " << ep;
+    double num = 0, den = 0;
+    for (size_t i = 0; i < one.y.size(); ++i) {
+      num += (many.y[i] - one.y[i]) * (many.y[i] - one.y[i]);
+      den += one.y[i] * one.y[i];
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-6) << "EP " << ep;
     EXPECT_EQ(many.counts, one.counts);
   }
 }

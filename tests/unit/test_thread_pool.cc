@@ -6,6 +6,10 @@
 
 #include "kernels/cpu/thread_pool.h"
 
+#if MOERT_DNNL_OPENMP
+#include <omp.h>
+#endif
+
 namespace moert::cpu {
 namespace {
 
@@ -45,6 +49,30 @@ TEST(ThreadPool, SingleThreadRunsInline) {
   });
   EXPECT_EQ(sum, 10);
 }
+
+#if MOERT_DNNL_OPENMP
+// oneDNN runs a GEMM with the calling thread's OpenMP thread count: inside every work item it must
+// be one, on the workers and on the caller's thread alike, and the caller's own setting must be
+// back when parallel_for returns.
+TEST(ThreadPool, ItemsRunWithOneOpenMPThreadAndTheCallersSettingSurvives) {
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(3);
+  for (unsigned threads : {1u, 2u, 4u}) {
+    ThreadPool pool(threads);
+    std::atomic<int> wrong{0};
+    pool.parallel_for(64, [&](int64_t, unsigned) {
+      if (omp_get_max_threads() != 1) wrong++;
+    });
+    EXPECT_EQ(wrong.load(), 0) << threads << " threads";
+    EXPECT_EQ(omp_get_max_threads(), 3) << threads << " threads";
+    // Also when an item throws.
+    EXPECT_THROW(pool.parallel_for(4, [](int64_t, unsigned) { throw std::runtime_error("x"); }),
+                 std::runtime_error);
+    EXPECT_EQ(omp_get_max_threads(), 3);
+  }
+  omp_set_num_threads(before);
+}
+#endif
 
 }  // namespace
 }  // namespace moert::cpu

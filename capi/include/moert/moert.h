@@ -234,6 +234,16 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   NaN: softmax and sigmoid scores of infinite router logits, silu(-inf) = 0,
  *                   RMSNorm of values up to the fp32 maximum. "false" skips the checks (results
  *                   may then hold NaN or infinity).
+ *   "precision"     what the MoE experts' GEMMs (routed and shared: forward, input and weight
+ *                   gradients) multiply in: "fp32" (the CPU's default) or "bf16" (operands
+ *                   rounded to bf16, sums in fp32; the CUDA default). The router, its bias, norms,
+ *                   embedding, head, master weights and optimizer state stay fp32 either way; the
+ *                   bf16 weight copies are refreshed after every optimizer step. On the CPU, bf16
+ *                   runs on oneDNN's bf16 kernels where the CPU has AVX512-BF16 or AMX, and on
+ *                   moert's own kernels (bf16 widened to fp32 in registers) elsewhere. A CUDA
+ *                   session asked for "fp32" is refused with MOERT_ERR_UNSUPPORTED. Fixed at
+ *                   moert_session_create(): moert_session_set_config() refuses a change with
+ *                   MOERT_ERR_INVALID_STATE.
  *   "cuda_plugin"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads
  *                   one plugin: a second, different path is refused).
  *   and the training knobs listed under Training below.

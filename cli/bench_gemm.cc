@@ -1,0 +1,295 @@
+#include "cli/bench_gemm.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <thread>
+
+namespace moert_cli {
+namespace {
+
+#if defined(__x86_64__)
+constexpr const char* kLibDir = "/usr/lib/x86_64-linux-gnu";
+#elif defined(__aarch64__)
+constexpr const char* kLibDir = "/usr/lib/aarch64-linux-gnu";
+#else
+constexpr const char* kLibDir = "/usr/lib";
+#endif
+
+// Row-major C[m, n] = op(A) op(B) (+ C when accumulate).
+using Sgemm = std::function<void(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a,
+                                 int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc)>;
+
+struct Loaded {
+  GemmLibrary info;
+  Sgemm gemm;
+  bool concurrent = false;               // single-threaded calls may run at once
+  std::function<void()> serial_here;     // before a single-threaded call on a new thread
+  std::function<int(int)> threads_here;  // the library's threads for calls from this thread
+};
+
+template <typename T>
+T sym(void* h, const char* name) {
+  return reinterpret_cast<T>(dlsym(h, name));
+}
+
+using CblasSgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
+                            int, float, float*, int);
+
+Sgemm cblas(CblasSgemm f) {
+  return [f](bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+             const float* b, int64_t ldb, float* c, int64_t ldc) {
+    f(101, ta ? 112 : 111, tb ? 112 : 111, static_cast<int>(m), static_cast<int>(n),
+      static_cast<int>(k), 1.0f, a, static_cast<int>(lda), b, static_cast<int>(ldb), 0.0f, c,
+      static_cast<int>(ldc));
+  };
+}
+
+std::string dnnl_isa(int isa) {
+  switch (isa) {
+    case 0x1:
+      return "sse41";
+    case 0x3:
+      return "avx";
+    case 0x7:
+      return "avx2";
+    case 0x27:
+      return "avx512_core";
+    case 0x67:
+      return "avx512_core_vnni";
+    case 0xe7:
+      return "avx512_core_bf16";
+    case 0x3e7:
+      return "avx512_core_amx";
+    case 0x407:
+      return "avx2_vnni";
+    default:
+      return "isa " + std::to_string(isa);
+  }
+}
+
+void load_dnnl(std::vector<Loaded>& out) {
+  Loaded l;
+  void* h = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_LOCAL);
+  if (!h) {
+    l.info.name = "oneDNN";
+    l.info.missing = "libdnnl.so.2 not found";
+    out.push_back(l);
+    return;
+  }
+  struct Version {
+    int major, minor, patch;
+    const char* hash;
+  };
+  auto version = sym<const Version* (*)()>(h, "dnnl_version");
+  auto isa = sym<int (*)()>(h, "dnnl_get_effective_cpu_isa");
+  auto f = sym<int (*)(char, char, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                       const float*, int64_t, float, float*, int64_t)>(h, "dnnl_sgemm");
+  auto set = sym<void (*)(int)>(h, "omp_set_num_threads");
+  auto get = sym<int (*)()>(h, "omp_get_max_threads");
+  l.info.name = "oneDNN";
+  if (version) {
+    const Version* v = version();
+    l.info.name += " " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+                   std::to_string(v->patch);
+  }
+  l.info.name += " sgemm";
+  if (!f) {
+    l.info.missing = "no dnnl_sgemm";
+    out.push_back(l);
+    return;
+  }
+  l.info.available = true;
+  l.info.kernels = isa ? dnnl_isa(isa()) : "";
+  l.gemm = [f](bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float* c, int64_t ldc) {
+    f(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+  };
+  l.concurrent = true;
+  if (set && get) {
+    l.serial_here = [set] { set(1); };
+    l.threads_here = [set, get](int t) {
+      const int before = get();
+      set(t);
+      return before;
+    };
+  }
+  out.push_back(l);
+}
+
+void load_blis(std::vector<Loaded>& out) {
+  bool any = false;
+  for (const char* variant : {"blis-serial", "blis-openmp", "blis-pthread"}) {
+    const std::string path = std::string(kLibDir) + "/" + variant + "/libblis.so.4";
+    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) continue;
+    auto f = sym<CblasSgemm>(h, "cblas_sgemm");
+    if (!f) continue;
+    any = true;
+    Loaded l;
+    l.info.name = std::string("BLIS (") + variant + ")";
+    l.info.available = true;
+    auto arch = sym<int (*)()>(h, "bli_arch_query_id");
+    auto arch_name = sym<const char* (*)(int)>(h, "bli_arch_string");
+    if (arch && arch_name) l.info.kernels = arch_name(arch());
+    l.gemm = cblas(f);
+    // BLIS's memory broker locks: concurrent single-threaded calls are safe in every variant.
+    l.concurrent = true;
+    auto set = sym<void (*)(long)>(h, "bli_thread_set_num_threads");
+    if (set && std::string(variant) != "blis-serial") {
+      l.serial_here = [set] { set(1); };
+      l.threads_here = [set](int t) {
+        set(t);
+        return 1;
+      };
+    }
+    out.push_back(l);
+  }
+  if (!any) {
+    Loaded l;
+    l.info.name = "BLIS";
+    l.info.missing = "not installed (Debian: libblis4-serial)";
+    out.push_back(l);
+  }
+}
+
+void load_openblas(std::vector<Loaded>& out) {
+  bool any = false;
+  for (const char* variant : {"openblas-serial", "openblas-pthread", "openblas-openmp"}) {
+    const std::string path = std::string(kLibDir) + "/" + variant + "/libopenblas.so.0";
+    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) continue;
+    auto f = sym<CblasSgemm>(h, "cblas_sgemm");
+    if (!f) continue;
+    any = true;
+    Loaded l;
+    l.info.name = std::string("OpenBLAS (") + variant + ")";
+    l.info.available = true;
+    auto core = sym<const char* (*)()>(h, "openblas_get_corename");
+    if (core) l.info.kernels = core();
+    l.gemm = cblas(f);
+    // Debian's serial OpenBLAS corrupts concurrent calls (seen in moert's tests): one call at a
+    // time, with the library's own threads where the variant has them.
+    l.concurrent = false;
+    auto set = sym<void (*)(int)>(h, "openblas_set_num_threads");
+    if (set && std::string(variant) != "openblas-serial")
+      l.threads_here = [set](int t) {
+        set(t);
+        return 1;
+      };
+    out.push_back(l);
+  }
+  if (!any) {
+    Loaded l;
+    l.info.name = "OpenBLAS";
+    l.info.missing = "not installed (Debian: libopenblas0-pthread)";
+    out.push_back(l);
+  }
+}
+
+template <typename F>
+double median_seconds(int repeats, F&& f) {
+  f();
+  std::vector<double> t;
+  for (int i = 0; i < repeats; ++i) {
+    const auto a = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
+}
+
+}  // namespace
+
+std::vector<GemmLibrary> measure_gemm_libraries(int64_t m, int64_t n, int64_t k, unsigned threads,
+                                                int repeats) {
+  std::vector<Loaded> libs;
+  load_dnnl(libs);
+  load_blis(libs);
+  load_openblas(libs);
+
+  std::vector<float> x(static_cast<size_t>(m * k)), w(static_cast<size_t>(n * k)),
+      c(static_cast<size_t>(m * n)), dx(x.size()), dw(w.size());
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 1000) * 1e-3f - 0.5f;
+  for (size_t i = 0; i < w.size(); ++i)
+    w[i] = static_cast<float>((i * 104729) % 1000) * 1e-3f - 0.5f;
+  const double flops = 2.0 * static_cast<double>(m) * n * k;
+
+  std::vector<GemmLibrary> out;
+  for (Loaded& l : libs) {
+    if (!l.info.available) {
+      out.push_back(l.info);
+      continue;
+    }
+    const Sgemm& g = l.gemm;
+    // nt: C = X W^T; nn: dX = C W; tn: dW = C^T X, on rows [r0, r1) or output rows [o0, o1).
+    auto nt = [&](int64_t r0, int64_t r1) {
+      g(false, true, r1 - r0, n, k, x.data() + r0 * k, k, w.data(), k, c.data() + r0 * n, n);
+    };
+    auto nn = [&](int64_t r0, int64_t r1) {
+      g(false, false, r1 - r0, k, n, c.data() + r0 * n, n, w.data(), k, dx.data() + r0 * k, k);
+    };
+    auto tn = [&](int64_t o0, int64_t o1) {
+      g(true, false, o1 - o0, k, m, c.data() + o0, n, x.data(), k, dw.data() + o0 * k, k);
+    };
+    double best_nt = 0.0, best_trio = 0.0;
+    std::string how;
+    if (l.concurrent || threads == 1) {
+      auto split = [&](bool trio) {
+        std::vector<std::thread> pool;
+        auto part = [&](unsigned t) {
+          if (t > 0 && l.serial_here) l.serial_here();
+          nt(m * t / threads, m * (t + 1) / threads);
+          if (trio) {
+            nn(m * t / threads, m * (t + 1) / threads);
+            tn(n * t / threads, n * (t + 1) / threads);
+          }
+        };
+        for (unsigned t = 1; t < threads; ++t) pool.emplace_back(part, t);
+        part(0);
+        for (auto& th : pool) th.join();
+      };
+      int before = 0;
+      if (l.threads_here) before = l.threads_here(1);
+      best_nt = flops / median_seconds(repeats, [&] { split(false); }) / 1e9;
+      best_trio = 3 * flops / median_seconds(repeats, [&] { split(true); }) / 1e9;
+      if (l.threads_here) l.threads_here(before);
+      how = threads == 1 ? "one single-threaded call"
+                         : std::to_string(threads) + " single-threaded calls at once";
+    }
+    if (threads > 1 && l.threads_here) {
+      const int before = l.threads_here(static_cast<int>(threads));
+      const double a = flops / median_seconds(repeats, [&] { nt(0, m); }) / 1e9;
+      const double b = 3 * flops /
+                       median_seconds(repeats,
+                                      [&] {
+                                        nt(0, m);
+                                        nn(0, m);
+                                        tn(0, n);
+                                      }) /
+                       1e9;
+      l.threads_here(before);
+      if (a > best_nt) {
+        best_nt = a;
+        best_trio = std::max(best_trio, b);
+        how = "one call on " + std::to_string(threads) + " library threads";
+      } else {
+        best_trio = std::max(best_trio, b);
+      }
+    }
+    if (how.empty()) {
+      l.info.available = false;
+      l.info.missing = "single-threaded only and not safe for concurrent calls";
+    }
+    l.info.nt = best_nt;
+    l.info.trio = best_trio;
+    l.info.how = how;
+    out.push_back(l.info);
+  }
+  return out;
+}
+
+}  // namespace moert_cli

@@ -1,0 +1,168 @@
+#include "cli/bench_machine.h"
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace moert_cli {
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Runs f(i) on `threads` threads at once; the wall time of the whole, in seconds.
+template <typename F>
+double concurrently(unsigned threads, F&& f) {
+  std::vector<std::thread> pool;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&f, i] { f(i); });
+  f(0);
+  for (auto& t : pool) t.join();
+  return seconds_since(t0);
+}
+
+// 12 chains x 8 lanes x 2 FLOP per iteration. The result is returned so that nothing is elided.
+__attribute__((target("avx2,fma"))) float fma_chains_avx2(long iterations) {
+  __m256 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(1.0f + 1e-3f * static_cast<float>(i));
+  const __m256 m = _mm256_set1_ps(0.9999999f), c = _mm256_set1_ps(1e-7f);
+  for (long n = 0; n < iterations; ++n)
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], m, c);
+  float s = 0.0f;
+  for (int i = 0; i < 12; ++i) s += _mm256_cvtss_f32(a[i]);
+  return s;
+}
+
+__attribute__((target("avx512f"))) float fma_chains_avx512(long iterations) {
+  __m512 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(1.0f + 1e-3f * static_cast<float>(i));
+  const __m512 m = _mm512_set1_ps(0.9999999f), c = _mm512_set1_ps(1e-7f);
+  for (long n = 0; n < iterations; ++n)
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], m, c);
+  float s = 0.0f;
+  for (int i = 0; i < 12; ++i) s += _mm512_cvtss_f32(a[i]);
+  return s;
+}
+
+// GFLOP/s of `threads` threads running `chains` (lanes per vector given) for about 0.3 s.
+template <typename F>
+double peak_of(unsigned threads, int lanes, F&& chains) {
+  long iterations = 1 << 20;
+  // Calibrate on one thread so that the timed run lasts long enough to reach full clock.
+  for (;;) {
+    const auto t0 = std::chrono::steady_clock::now();
+    volatile float sink = chains(iterations);
+    (void)sink;
+    if (seconds_since(t0) > 0.05 || iterations > (1l << 34)) break;
+    iterations *= 2;
+  }
+  iterations *= 6;
+  double best = 0.0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const double t = concurrently(threads, [&](unsigned) {
+      volatile float sink = chains(iterations);
+      (void)sink;
+    });
+    best = std::max(best, 12.0 * lanes * 2.0 * static_cast<double>(iterations) * threads / t / 1e9);
+  }
+  return best;
+}
+
+__attribute__((target("avx2"))) double sum_avx2(const float* p, size_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+  }
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  return _mm256_cvtss_f32(s);
+}
+
+double sum_plain(const float* p, size_t n) {
+  float s[8] = {};
+  for (size_t i = 0; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += p[i + j];
+  return s[0];
+}
+
+}  // namespace
+
+std::string cpu_name() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line, model, family, number;
+  auto value = [](const std::string& l) {
+    const size_t colon = l.find(':');
+    std::string v = colon == std::string::npos ? "" : l.substr(colon + 1);
+    v.erase(0, v.find_first_not_of(" \t"));
+    return v;
+  };
+  while (std::getline(in, line) && (model.empty() || family.empty() || number.empty())) {
+    if (line.rfind("model name", 0) == 0 && model.empty()) model = value(line);
+    if (line.rfind("cpu family", 0) == 0 && family.empty()) family = value(line);
+    if (line.rfind("model\t", 0) == 0 && number.empty()) number = value(line);
+  }
+  if (model.empty()) model = "unknown CPU";
+  if (!family.empty()) model += " (family " + family + " model " + number + ")";
+  return model;
+}
+
+unsigned cpu_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<unsigned>(CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+FmaPeak fma_peak(unsigned threads) {
+  FmaPeak p;
+  const std::string per = ", " + std::to_string(threads) + " thread" + (threads == 1 ? "" : "s");
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    p.gflops = peak_of(threads, 8, fma_chains_avx2);
+    p.how = "12 chains of vfmadd on ymm" + per;
+  }
+  if (__builtin_cpu_supports("avx512f")) {
+    const double z = peak_of(threads, 16, fma_chains_avx512);
+    if (z > p.gflops) {
+      p.gflops = z;
+      p.how = "12 chains of vfmadd on zmm" + per;
+    }
+  }
+  if (p.how.empty()) p.how = "no AVX2: not measured";
+  return p;
+}
+
+double read_bandwidth(unsigned threads, size_t bytes) {
+  const size_t n = bytes / sizeof(float) / 32 * 32;
+  std::unique_ptr<float, decltype(&std::free)> buf(
+      static_cast<float*>(std::aligned_alloc(64, n * sizeof(float))), &std::free);
+  if (!buf) return 0.0;
+  // Touched by the threads that read it, in the parts they read.
+  concurrently(threads, [&](unsigned i) {
+    std::memset(buf.get() + i * (n / threads), 0, n / threads * sizeof(float));
+  });
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  double best = 0.0;
+  for (int rep = 0; rep < 3; ++rep) {
+    std::vector<double> sink(threads);
+    const double t = concurrently(threads, [&](unsigned i) {
+      const float* part = buf.get() + i * (n / threads);
+      sink[i] = avx2 ? sum_avx2(part, n / threads) : sum_plain(part, n / threads);
+    });
+    best = std::max(best, static_cast<double>(n / threads * threads * sizeof(float)) / t / 1e9);
+  }
+  return best;
+}
+
+}  // namespace moert_cli

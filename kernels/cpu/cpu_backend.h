@@ -1,0 +1,146 @@
+// The CPU backend: single-threaded GEMMs (oneDNN, or the bf16 widening kernels) spread over the
+// session's threads. Work is cut into fixed items independent of the thread count, so results do
+// not depend on it; items over rows never straddle a multiple of kReduceRows (counted from the
+// first row, or from the start of an expert's list), so that a process holding a chunk-aligned
+// part of the rows runs the very same GEMM calls on them.
+//
+// Internal to kernels/cpu: the rest of moert sees it as a Backend (make_cpu_backend).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "core/backend.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/row_reduction.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace moert::cpu {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(unsigned threads, bool bf16_experts);
+
+  const char* name() const override { return "cpu"; }
+  bool host_memory() const override { return true; }
+  Bf16Copies bf16_copies() const override { return bf16_ ? Bf16Copies::Experts : Bf16Copies::None; }
+
+  // ---- Memory (cpu_backend.cc)
+  void* allocate(size_t bytes) override;
+  void deallocate(void* p) noexcept override;
+  void upload(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override;
+  void zero(void* dst, size_t bytes) override;
+  void to_bf16(const float* src, uint16_t* dst, int64_t n) override;
+  void add(float* dst, const float* src, int64_t n) override;
+
+  // ---- Forward (cpu_backend.cc; the GEMM layers in cpu_ffn.cc)
+  void linear(const float* x, Weight w, const float* bias, float* y, int64_t rows, int64_t in,
+              int64_t out, bool accumulate) override;
+  void rmsnorm(const float* x, const float* w, float* y, float* inv_rms, int64_t rows, int64_t dim,
+               float eps) override;
+  void embedding(const int32_t* tokens, const float* table, float* y, int64_t rows, int64_t context,
+                 int64_t dim) override;
+  void swiglu_ffn(const float* x, Weight w1, Weight w3, Weight w2, float* y, float* h1, float* h3,
+                  int64_t rows, int64_t dim, int64_t hidden, bool accumulate) override;
+  void route_topk(const RouterConfig& cfg, const float* logits, const float* bias, int64_t rows,
+                  float* scores, int32_t* experts, float* weights) override;
+  void route_expert_choice(const RouterConfig& cfg, const float* logits, int64_t rows,
+                           int64_t capacity, float* scores, DispatchPlan& plan) override;
+  void plan_dispatch(const int32_t* experts, const float* weights, int64_t rows, int64_t top_k,
+                     int64_t num_experts, DispatchPlan& plan) override;
+  void dispatch(const DispatchPlan& plan, const float* x, float* x_perm, int64_t dim) override;
+  void grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, Weight w1, Weight w3,
+                          Weight w2, float* y_perm, float* h1, float* h3, int64_t dim,
+                          int64_t hidden) override;
+  void combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) override;
+
+  // ---- Training
+  void linear_backward(const float* x, Weight w, const float* dy, float* dx, bool dx_accumulate,
+                       const GradOut& dw, const GradOut* db, int64_t rows, int64_t in,
+                       int64_t out) override;
+  void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,
+                        float* dx, const GradOut& dw, int64_t rows, int64_t dim) override;
+  void embedding_backward(const int32_t* tokens, const float* dy, const GradOut& dtable,
+                          int64_t rows, int64_t context, int64_t dim, int64_t vocab) override;
+  void swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2, const float* h1,
+                           const float* h3, const float* dy, float* dx, bool dx_accumulate,
+                           const GradOut& dw1, const GradOut& dw3, const GradOut& dw2, int64_t rows,
+                           int64_t dim, int64_t hidden) override;
+  void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
+                                   Weight w3, Weight w2, const float* h1, const float* h3,
+                                   const float* dy_perm, float* dx_perm, const GradOut* dw1,
+                                   const GradOut* dw3, const GradOut* dw2, int64_t dim,
+                                   int64_t hidden) override;
+  void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
+                        float* dy_perm, float* dweight, int64_t dim) override;
+  void dispatch_backward(const DispatchPlan& plan, const float* dx_perm, float* dx,
+                         int64_t dim) override;
+  void router_backward(const RouterConfig& cfg, bool normalize, const float* scores,
+                       const DispatchPlan& plan, const float* dweight, const float* ds_extra,
+                       float* dlogits, int64_t rows) override;
+  void aux_partials(const RouterConfig& cfg, const float* scores, const DispatchPlan& plan,
+                    const int64_t* chunk_offsets, int64_t chunks, int64_t* counts,
+                    double* psum) override;
+  void aux_grad(const RouterConfig& cfg, const float* scores, int64_t rows,
+                const int64_t* seq_offsets, int64_t num_seq, const double* coef,
+                float* ds) override;
+  int64_t find_nonfinite(const float* x, int64_t n) override;
+  void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
+                     float* dlogits, float scale, std::vector<double>& chunk_loss) override;
+
+  // ---- Optimizer
+  double sum_squares(const float* x, int64_t n) override;
+  void adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
+             double beta2, double eps, double wd, double gscale, double bias_correction1,
+             double bias_correction2) override;
+  void sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum, double wd,
+           double gscale) override;
+
+ private:
+  // A run of rows multiplied by one FFN's weights: the token rows of a dense FFN, or one expert's
+  // assignments. first_chunk numbers its chunks in roots mode.
+  struct Segment {
+    Weight w1, w3, w2;
+    int64_t begin = 0, rows = 0;
+    const GradOut *dw1 = nullptr, *dw3 = nullptr, *dw2 = nullptr;
+  };
+  // Work items over rows: [begin, begin + rows) of a segment, never across a chunk boundary.
+  struct Item {
+    size_t segment;
+    int64_t begin, rows;
+  };
+  static std::vector<Item> row_items(const std::vector<Segment>& segments);
+
+  // The FFN forward of each item (cpu_ffn.cc).
+  void ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1, float* h3,
+                   int64_t dim, int64_t hidden, bool accumulate);
+  // The FFN backward of every segment: dx (+)= and the weight gradients (cpu_ffn.cc).
+  void ffn_backward(const std::vector<Segment>& segs, const float* x, const float* h1,
+                    const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
+                    int64_t hidden);
+
+  bool bf16_;
+  ThreadPool pool_;
+  Bf16Gemm bf16_gemm_;
+  DenseReducer reducer_;
+  struct Scratch {
+    std::vector<float> f;
+    std::vector<unsigned char> bytes;
+  };
+  std::vector<Scratch> scratch_;  // one per worker
+  // Backward operands, chunk by chunk, transposed for the Wgrad partials (kept between calls,
+  // never initialised).
+  Buffer<unsigned char> t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_;
+  // fp32 Dgrad reads its weights transposed, as the "nt" GEMM oneDNN runs fastest: made once per
+  // backward call, for as many weights at a time as kTransposedWeights floats allow.
+  Buffer<float> t_w_;
+  // Forward items of at most kFewRows rows run as column blocks of the up (w1, w3) and down (w2)
+  // GEMMs; their activations live in few_ between the two.
+  static constexpr int64_t kFewRows = 16, kUpColumns = 256, kDownColumns = 512;
+  Buffer<float> few_;
+  static constexpr int64_t kTransposedWeights = int64_t{64} << 20;
+};
+
+}  // namespace moert::cpu

@@ -1,0 +1,369 @@
+// The CPU backend's GEMM layers: linear, dense and grouped SwiGLU FFNs, forward and backward.
+//
+// Backward runs in two passes. The first goes over row items (one chunk of kReduceRows rows
+// each): Dgrad, the SwiGLU derivative, and the chunk's Wgrad operands written transposed — a
+// Wgrad partial dW = dY^T X over one chunk is then an "nt" GEMM (both operands read along the
+// chunk's rows), the layout oneDNN's sgemm runs fastest. The second reduces every weight gradient
+// tile by tile over its chunks (row_reduction.h).
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/math.h"
+
+namespace moert::cpu {
+namespace {
+
+int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+const float* f32_of(Weight w) {
+  if (!w.f32) fail(Code::Internal, "the CPU backend got a weight without fp32 values");
+  return w.f32;
+}
+
+bool all_bf16(Weight a, Weight b, Weight c) { return a.bf16 && b.bf16 && c.bf16; }
+
+}  // namespace
+
+std::vector<CpuBackend::Item> CpuBackend::row_items(const std::vector<Segment>& segments) {
+  std::vector<Item> items;
+  for (size_t s = 0; s < segments.size(); ++s)
+    for (int64_t a = 0; a < segments[s].rows; a += kReduceRows)
+      items.push_back({s, segments[s].begin + a, std::min(kReduceRows, segments[s].rows - a)});
+  return items;
+}
+
+// ---- linear
+
+void CpuBackend::linear(const float* x, Weight weight, const float* bias, float* y, int64_t rows,
+                        int64_t in, int64_t out, bool accumulate) {
+  const float* w = f32_of(weight);
+  pool_.parallel_for(blocks(rows, kReduceRows), [&](int64_t b, unsigned) {
+    const int64_t r0 = b * kReduceRows, n = std::min(kReduceRows, rows - r0);
+    sgemm(false, true, n, out, in, x + r0 * in, in, w, in, y + r0 * out, out, accumulate);
+    if (bias)
+      for (int64_t r = r0; r < r0 + n; ++r) add_into(y + r * out, bias, out);
+  });
+}
+
+void CpuBackend::linear_backward(const float* x, Weight weight, const float* dy, float* dx,
+                                 bool dx_accumulate, const GradOut& dw, const GradOut* db,
+                                 int64_t rows, int64_t in, int64_t out) {
+  const float* w = f32_of(weight);
+  const int64_t J = reduce_chunks(rows);
+  t_lin_dy_.resize(*this, static_cast<size_t>(rows * out) * sizeof(float));
+  t_lin_x_.resize(*this, static_cast<size_t>(rows * in) * sizeof(float));
+  auto* tdy = reinterpret_cast<float*>(t_lin_dy_.data());
+  auto* tx = reinterpret_cast<float*>(t_lin_x_.data());
+  // dx = dy w as an "nt" GEMM against w transposed, where that copy stays small.
+  const bool wt = dx && out * in <= kTransposedWeights;
+  if (wt) {
+    t_w_.resize(*this, static_cast<size_t>(out * in));
+    pool_.parallel_for(blocks(in, 64), [&](int64_t b, unsigned) {
+      const int64_t c0 = b * 64;
+      transpose(w + c0, in, out, std::min<int64_t>(64, in - c0), t_w_.data() + c0 * out, out);
+    });
+  }
+  std::vector<float> db_partial(db ? static_cast<size_t>(J * out) : 0);
+  pool_.parallel_for(J, [&](int64_t j, unsigned) {
+    const int64_t r0 = j * kReduceRows, m = chunk_rows(rows, j);
+    if (dx && wt)
+      sgemm(false, true, m, in, out, dy + r0 * out, out, t_w_.data(), out, dx + r0 * in, in,
+            dx_accumulate);
+    else if (dx)
+      sgemm(false, false, m, in, out, dy + r0 * out, out, w, in, dx + r0 * in, in, dx_accumulate);
+    transpose(dy + r0 * out, out, m, out, tdy + r0 * out, m);
+    transpose(x + r0 * in, in, m, in, tx + r0 * in, m);
+    if (db)
+      for (int64_t o = 0; o < out; ++o) {
+        double sum = 0.0;
+        for (int64_t r = r0; r < r0 + m; ++r) sum += dy[r * out + o];
+        db_partial[static_cast<size_t>(j * out + o)] = static_cast<float>(sum);
+      }
+  });
+  DenseGrad g;
+  g.g = &dw;
+  g.chunks = J;
+  g.out = out;
+  g.in = in;
+  g.partial = [&](int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni, float* c, int64_t ldc,
+                  unsigned) {
+    const int64_t r0 = j * kReduceRows, m = chunk_rows(rows, j);
+    sgemm(false, true, no, ni, m, tdy + r0 * out + o0 * m, m, tx + r0 * in + i0 * m, m, c, ldc,
+          false);
+  };
+  reducer_.run(*this, {g});
+  if (db) reduce_partials(*this, db_partial.data(), J, out, *db);
+}
+
+// ---- SwiGLU FFNs
+
+void CpuBackend::swiglu_ffn(const float* x, Weight w1, Weight w3, Weight w2, float* y, float* h1,
+                            float* h3, int64_t rows, int64_t dim, int64_t hidden, bool accumulate) {
+  ffn_forward({Segment{w1, w3, w2, 0, rows}}, x, y, h1, h3, dim, hidden, accumulate);
+}
+
+void CpuBackend::grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, Weight w1,
+                                    Weight w3, Weight w2, float* y_perm, float* h1, float* h3,
+                                    int64_t dim, int64_t hidden) {
+  const int64_t E = static_cast<int64_t>(plan.host_offsets.size()) - 1, per = hidden * dim;
+  std::vector<Segment> segs;
+  for (int64_t e = 0; e < E; ++e)
+    if (plan.count(e) > 0)
+      segs.push_back({w1.offset(e * per), w3.offset(e * per), w2.offset(e * per),
+                      plan.host_offsets[e], plan.count(e)});
+  ffn_forward(segs, x_perm, y_perm, h1, h3, dim, hidden, false);
+}
+
+void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1,
+                             float* h3, int64_t dim, int64_t hidden, bool accumulate) {
+  const auto items = row_items(segs);
+  // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
+  auto up = [&](const Segment& s, int64_t m, const float* xr, float* p1, float* p3, float* a,
+                int64_t c0, int64_t n, unsigned worker) {
+    if (all_bf16(s.w1, s.w3, s.w2)) {
+      auto& act = scratch_[worker].bytes;
+      act.resize(static_cast<size_t>(m * dim) * bf16_gemm_.act_bytes());
+      bf16_gemm_.prepare(xr, dim, m, dim, act.data(), dim, false);
+      bf16_gemm_.act_weight_nt(act.data(), dim, s.w1.bf16 + c0 * dim, dim, p1 + c0, hidden, m, n,
+                               dim, false, worker);
+      bf16_gemm_.act_weight_nt(act.data(), dim, s.w3.bf16 + c0 * dim, dim, p3 + c0, hidden, m, n,
+                               dim, false, worker);
+    } else {
+      sgemm(false, true, m, n, dim, xr, dim, f32_of(s.w1) + c0 * dim, dim, p1 + c0, hidden, false);
+      sgemm(false, true, m, n, dim, xr, dim, f32_of(s.w3) + c0 * dim, dim, p3 + c0, hidden, false);
+    }
+    for (int64_t r = 0; r < m; ++r)
+      swiglu(p1 + r * hidden + c0, p3 + r * hidden + c0, a + r * hidden + c0, n);
+  };
+  // y (row stride `dim`) (+)= a W2^T on output columns [c0, c0 + n).
+  auto down = [&](const Segment& s, int64_t m, const float* a, float* yr, int64_t c0, int64_t n,
+                  unsigned worker) {
+    if (all_bf16(s.w1, s.w3, s.w2)) {
+      auto& act = scratch_[worker].bytes;
+      act.resize(static_cast<size_t>(m * hidden) * bf16_gemm_.act_bytes());
+      bf16_gemm_.prepare(a, hidden, m, hidden, act.data(), hidden, false);
+      bf16_gemm_.act_weight_nt(act.data(), hidden, s.w2.bf16 + c0 * hidden, hidden, yr + c0, dim, m,
+                               n, hidden, accumulate, worker);
+    } else {
+      sgemm(false, true, m, n, hidden, a, hidden, f32_of(s.w2) + c0 * hidden, hidden, yr + c0, dim,
+            accumulate);
+    }
+  };
+
+  // Items of a few rows (a decode step) do little work each but read their whole weights: they
+  // are cut into column blocks, so that every thread streams a share of the weights; the cut
+  // depends on the item's rows only, never on the thread count.
+  struct Unit {
+    size_t item;
+    int64_t c0, n;
+  };
+  std::vector<Unit> units, second;
+  std::vector<int64_t> few_at(items.size(), -1);  // a few-row item's rows in few_
+  int64_t few_rows = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (items[i].rows > kFewRows) {
+      units.push_back({i, 0, 0});
+      continue;
+    }
+    few_at[i] = few_rows;
+    few_rows += items[i].rows;
+    for (int64_t c = 0; c < hidden; c += kUpColumns)
+      units.push_back({i, c, std::min(kUpColumns, hidden - c)});
+    for (int64_t c = 0; c < dim; c += kDownColumns)
+      second.push_back({i, c, std::min(kDownColumns, dim - c)});
+  }
+  const bool keep = h1 != nullptr;
+  few_.resize(*this, static_cast<size_t>(few_rows * hidden * (keep ? 1 : 3)));
+  pool_.parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u, unsigned worker) {
+    const Unit& un = units[static_cast<size_t>(u)];
+    const Item& it = items[un.item];
+    const Segment& s = segs[it.segment];
+    const int64_t m = it.rows;
+    const float* xr = x + it.begin * dim;
+    if (few_at[un.item] >= 0) {
+      float* a = few_.data() + few_at[un.item] * hidden;
+      float* p1 = keep ? h1 + it.begin * hidden : a + few_rows * hidden;
+      float* p3 = keep ? h3 + it.begin * hidden : a + 2 * few_rows * hidden;
+      up(s, m, xr, p1, p3, a, un.c0, un.n, worker);
+      return;
+    }
+    auto& sc = scratch_[worker].f;
+    sc.resize(static_cast<size_t>((keep ? 1 : 3) * m * hidden));
+    float* a = sc.data();
+    float* p1 = keep ? h1 + it.begin * hidden : a + m * hidden;
+    float* p3 = keep ? h3 + it.begin * hidden : a + 2 * m * hidden;
+    up(s, m, xr, p1, p3, a, 0, hidden, worker);
+    down(s, m, a, y + it.begin * dim, 0, dim, worker);
+  });
+  pool_.parallel_for(static_cast<int64_t>(second.size()), [&](int64_t u, unsigned worker) {
+    const Unit& un = second[static_cast<size_t>(u)];
+    const Item& it = items[un.item];
+    down(segs[it.segment], it.rows, few_.data() + few_at[un.item] * hidden, y + it.begin * dim,
+         un.c0, un.n, worker);
+  });
+}
+
+void CpuBackend::swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2,
+                                     const float* h1, const float* h3, const float* dy, float* dx,
+                                     bool dx_accumulate, const GradOut& dw1, const GradOut& dw3,
+                                     const GradOut& dw2, int64_t rows, int64_t dim,
+                                     int64_t hidden) {
+  ffn_backward({Segment{w1, w3, w2, 0, rows, &dw1, &dw3, &dw2}}, x, h1, h3, dy, dx, dx_accumulate,
+               dim, hidden);
+}
+
+void CpuBackend::grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm,
+                                             Weight w1, Weight w3, Weight w2, const float* h1,
+                                             const float* h3, const float* dy_perm, float* dx_perm,
+                                             const GradOut* dw1, const GradOut* dw3,
+                                             const GradOut* dw2, int64_t dim, int64_t hidden) {
+  const int64_t E = static_cast<int64_t>(plan.host_offsets.size()) - 1, per = hidden * dim;
+  std::vector<Segment> segs;
+  for (int64_t e = 0; e < E; ++e)
+    segs.push_back({w1.offset(e * per), w3.offset(e * per), w2.offset(e * per),
+                    plan.host_offsets[e], plan.count(e), &dw1[e], &dw3[e], &dw2[e]});
+  ffn_backward(segs, x_perm, h1, h3, dy_perm, dx_perm, false, dim, hidden);
+}
+
+void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, const float* h1,
+                              const float* h3, const float* dy, float* dx, bool dx_accumulate,
+                              int64_t dim, int64_t hidden) {
+  bool bf16 = !segs.empty();
+  int64_t end = 0;
+  for (const Segment& s : segs) {
+    bf16 = bf16 && all_bf16(s.w1, s.w3, s.w2);
+    end = std::max(end, s.begin + s.rows);
+  }
+  const size_t es = bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
+  for (auto* t : {&t_x_, &t_dy_}) t->resize(*this, static_cast<size_t>(end * dim) * es);
+  for (auto* t : {&t_a_, &t_dh1_, &t_dh3_})
+    t->resize(*this, static_cast<size_t>(end * hidden) * es);
+  // Chunk c's operand of width n, [n, rows of c] from row `begin` on: at begin * n elements.
+  auto at = [es](Buffer<unsigned char>& t, int64_t begin, int64_t n) {
+    return t.data() + static_cast<size_t>(begin * n) * es;
+  };
+  const int64_t per = hidden * dim;
+
+  // Row items in segment order; in fp32, segments go in batches whose weights, transposed for
+  // Dgrad, fit kTransposedWeights.
+  const auto items = row_items(segs);
+  size_t first_item = 0;
+  for (size_t s0 = 0; s0 < segs.size();) {
+    size_t s1 = s0;
+    std::vector<int64_t> slot(segs.size(), -1);  // a segment's transposed weights in t_w_
+    int64_t used = 0;
+    while (s1 < segs.size() &&
+           (bf16 || segs[s1].rows == 0 || s1 == s0 || used + 3 * per <= kTransposedWeights)) {
+      if (!bf16 && segs[s1].rows > 0) {
+        slot[s1] = used;
+        used += 3 * per;
+      }
+      ++s1;
+    }
+    if (!bf16) {
+      t_w_.resize(*this, static_cast<size_t>(used));
+      std::vector<std::pair<size_t, int>> jobs;
+      for (size_t s = s0; s < s1; ++s)
+        if (slot[s] >= 0)
+          for (int k = 0; k < 3; ++k) jobs.push_back({s, k});
+      pool_.parallel_for(static_cast<int64_t>(jobs.size()), [&](int64_t i, unsigned) {
+        const auto [s, k] = jobs[static_cast<size_t>(i)];
+        float* out = t_w_.data() + slot[s] + k * per;
+        // w1, w3 [hidden, dim] -> [dim, hidden]; w2 [dim, hidden] -> [hidden, dim].
+        if (k < 2)
+          transpose(f32_of(k == 0 ? segs[s].w1 : segs[s].w3), dim, hidden, dim, out, hidden);
+        else
+          transpose(f32_of(segs[s].w2), hidden, dim, hidden, out, dim);
+      });
+    }
+    size_t last_item = first_item;
+    while (last_item < items.size() && items[last_item].segment < s1) ++last_item;
+    pool_.parallel_for(
+        static_cast<int64_t>(last_item - first_item), [&](int64_t i, unsigned worker) {
+          const Item& it = items[first_item + static_cast<size_t>(i)];
+          const Segment& s = segs[it.segment];
+          const int64_t m = it.rows, b = it.begin, mh = m * hidden;
+          auto& sc = scratch_[worker];
+          sc.f.resize(static_cast<size_t>(3 * mh));
+          float* a = sc.f.data();
+          float* dh1 = a + mh;
+          float* dh3 = dh1 + mh;
+          const float* h1r = h1 + b * hidden;
+          const float* h3r = h3 + b * hidden;
+          const float* dyr = dy + b * dim;
+          float* dxr = dx + b * dim;
+          swiglu(h1r, h3r, a, mh);
+          if (bf16) {
+            sc.bytes.resize(static_cast<size_t>(m * std::max(dim, hidden)) * es);
+            void* act = sc.bytes.data();
+            // dA = dy W2, into dh1's storage; then dh1, dh3 from it.
+            bf16_gemm_.prepare(dyr, dim, m, dim, act, dim, false);
+            bf16_gemm_.act_weight_nn(act, dim, s.w2.bf16, hidden, dh1, hidden, m, hidden, dim,
+                                     false, worker);
+            swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
+            bf16_gemm_.prepare(dh1, hidden, m, hidden, act, hidden, false);
+            bf16_gemm_.act_weight_nn(act, hidden, s.w1.bf16, dim, dxr, dim, m, dim, hidden,
+                                     dx_accumulate, worker);
+            bf16_gemm_.prepare(dh3, hidden, m, hidden, act, hidden, false);
+            bf16_gemm_.act_weight_nn(act, hidden, s.w3.bf16, dim, dxr, dim, m, dim, hidden, true,
+                                     worker);
+            bf16_gemm_.prepare(dyr, dim, m, dim, at(t_dy_, b, dim), m, true);
+            bf16_gemm_.prepare(x + b * dim, dim, m, dim, at(t_x_, b, dim), m, true);
+            bf16_gemm_.prepare(a, hidden, m, hidden, at(t_a_, b, hidden), m, true);
+            bf16_gemm_.prepare(dh1, hidden, m, hidden, at(t_dh1_, b, hidden), m, true);
+            bf16_gemm_.prepare(dh3, hidden, m, hidden, at(t_dh3_, b, hidden), m, true);
+          } else {
+            const float* w1t = t_w_.data() + slot[it.segment];
+            const float* w3t = w1t + per;
+            const float* w2t = w3t + per;
+            sgemm(false, true, m, hidden, dim, dyr, dim, w2t, dim, dh1, hidden, false);
+            swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
+            sgemm(false, true, m, dim, hidden, dh1, hidden, w1t, hidden, dxr, dim, dx_accumulate);
+            sgemm(false, true, m, dim, hidden, dh3, hidden, w3t, hidden, dxr, dim, true);
+            auto tr = [&](const float* src, int64_t n, Buffer<unsigned char>& t) {
+              transpose(src, n, m, n, reinterpret_cast<float*>(at(t, b, n)), m);
+            };
+            tr(dyr, dim, t_dy_);
+            tr(x + b * dim, dim, t_x_);
+            tr(a, hidden, t_a_);
+            tr(dh1, hidden, t_dh1_);
+            tr(dh3, hidden, t_dh3_);
+          }
+        });
+    first_item = last_item;
+    s0 = s1;
+  }
+
+  // dW = sum over chunks of A_c^T B_c, with A_c, B_c the chunk's transposed operands.
+  auto grad = [&](const Segment& s, const GradOut* g, Buffer<unsigned char>& ta, int64_t out,
+                  Buffer<unsigned char>& tb, int64_t in) {
+    DenseGrad d;
+    d.g = g;
+    d.chunks = reduce_chunks(s.rows);
+    d.out = out;
+    d.in = in;
+    d.partial = [&, s, out, in, bf16, es](int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni,
+                                          float* c, int64_t ldc, unsigned worker) {
+      const int64_t r0 = s.begin + j * kReduceRows, m = chunk_rows(s.rows, j);
+      const unsigned char* pa = ta.data() + static_cast<size_t>(r0 * out + o0 * m) * es;
+      const unsigned char* pb = tb.data() + static_cast<size_t>(r0 * in + i0 * m) * es;
+      if (bf16)
+        bf16_gemm_.act_act_nt(pa, m, pb, m, c, ldc, no, ni, m, false, worker);
+      else
+        sgemm(false, true, no, ni, m, reinterpret_cast<const float*>(pa), m,
+              reinterpret_cast<const float*>(pb), m, c, ldc, false);
+    };
+    return d;
+  };
+  std::vector<DenseGrad> grads;
+  for (const Segment& s : segs) {
+    grads.push_back(grad(s, s.dw2, t_dy_, dim, t_a_, hidden));
+    grads.push_back(grad(s, s.dw1, t_dh1_, hidden, t_x_, dim));
+    grads.push_back(grad(s, s.dw3, t_dh3_, hidden, t_x_, dim));
+  }
+  reducer_.run(*this, grads);
+}
+
+}  // namespace moert::cpu

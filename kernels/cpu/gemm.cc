@@ -1,0 +1,233 @@
+#include "kernels/cpu/gemm.h"
+
+#include <oneapi/dnnl/dnnl.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "core/error.h"
+#include "kernels/cpu/bf16.h"
+#include "kernels/cpu/isa.h"
+#include "kernels/cpu/widen_gemm.h"
+
+namespace moert::cpu {
+namespace {
+
+void check_dnnl(dnnl_status_t s, const char* what) {
+  if (s != dnnl_success)
+    fail(s == dnnl_out_of_memory ? Code::OutOfMemory : Code::Internal, "oneDNN: ", what,
+         " failed (status ", static_cast<int>(s), ")");
+}
+
+}  // namespace
+
+void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  check_dnnl(dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb,
+                        accumulate ? 1.0f : 0.0f, c, ldc),
+             "sgemm");
+}
+
+// oneDNN matmul primitives, one per shape, created on first use and kept: a bf16 GEMM's
+// primitive holds JIT code for its exact shape. Each worker executes on its own stream with its
+// own scratchpad, so one primitive serves every thread at once.
+struct Bf16Gemm::Dnnl {
+  struct Key {
+    int64_t m, n, k, lda, ldb, ldc;
+    bool b_trans, accumulate;
+    auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, b_trans, accumulate); }
+    bool operator<(const Key& o) const { return tie() < o.tie(); }
+  };
+  struct Prim {
+    dnnl_primitive_t prim = nullptr;
+    dnnl_memory_desc_t a, b, c;
+    size_t scratch_bytes = 0;
+  };
+
+  explicit Dnnl(unsigned workers) : streams(workers, nullptr), scratch(workers) {
+    check_dnnl(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine creation");
+  }
+  ~Dnnl() {
+    for (auto& [key, p] : prims) dnnl_primitive_destroy(p.prim);
+    for (dnnl_stream_t s : streams)
+      if (s) dnnl_stream_destroy(s);
+    if (engine) dnnl_engine_destroy(engine);
+  }
+
+  const Prim& get(const Key& key) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = prims.find(key);
+    if (it != prims.end()) return it->second;
+    Prim p;
+    // a [m, k] and c [m, n] row-major; the weights as the [k, n] operand of oneDNN: w[n, k]
+    // row-major is that matrix with strides (1, ldb), w[k, n] with strides (ldb, 1).
+    const dnnl_dims_t ad{key.m, key.k}, as{key.lda, 1};
+    const dnnl_dims_t bd{key.k, key.n};
+    const dnnl_dims_t bs_t{1, key.ldb}, bs_n{key.ldb, 1};
+    const dnnl_dims_t cd{key.m, key.n}, cs{key.ldc, 1};
+    check_dnnl(dnnl_memory_desc_init_by_strides(&p.a, 2, ad, dnnl_bf16, as), "src desc");
+    check_dnnl(dnnl_memory_desc_init_by_strides(&p.b, 2, bd, dnnl_bf16, key.b_trans ? bs_t : bs_n),
+               "weights desc");
+    check_dnnl(dnnl_memory_desc_init_by_strides(&p.c, 2, cd, dnnl_f32, cs), "dst desc");
+    dnnl_matmul_desc_t desc;
+    check_dnnl(dnnl_matmul_desc_init(&desc, &p.a, &p.b, nullptr, &p.c), "matmul desc");
+    dnnl_primitive_attr_t attr = nullptr;
+    dnnl_post_ops_t ops = nullptr;
+    dnnl_primitive_desc_t pd = nullptr;
+    dnnl_status_t s = dnnl_primitive_attr_create(&attr);
+    if (s == dnnl_success)
+      s = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user);
+    if (s == dnnl_success && key.accumulate) {
+      s = dnnl_post_ops_create(&ops);
+      if (s == dnnl_success) s = dnnl_post_ops_append_sum(ops, 1.0f);
+      if (s == dnnl_success) s = dnnl_primitive_attr_set_post_ops(attr, ops);
+    }
+    if (s == dnnl_success) s = dnnl_primitive_desc_create(&pd, &desc, attr, engine, nullptr);
+    if (s == dnnl_success) {
+      p.scratch_bytes =
+          dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
+      s = dnnl_primitive_create(&p.prim, pd);
+    }
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (ops) dnnl_post_ops_destroy(ops);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    check_dnnl(s, "bf16 matmul primitive creation");
+    return prims.emplace(key, p).first->second;
+  }
+
+  void run(const Key& key, const void* a, const void* b, float* c, unsigned worker) {
+    const Prim& p = get(key);
+    if (!streams[worker])
+      check_dnnl(dnnl_stream_create(&streams[worker], engine, dnnl_stream_default_flags),
+                 "stream creation");
+    auto& sp = scratch[worker];
+    if (sp.size() < p.scratch_bytes) sp.resize(p.scratch_bytes);
+    dnnl_memory_t mem[4] = {};
+    const dnnl_memory_desc_t* sp_md = nullptr;
+    dnnl_memory_desc_t sp_desc;
+    const dnnl_dims_t sd{static_cast<dnnl_dim_t>(std::max<size_t>(p.scratch_bytes, 1))};
+    check_dnnl(dnnl_memory_desc_init_by_tag(&sp_desc, 1, sd, dnnl_u8, dnnl_a), "scratch desc");
+    sp_md = &sp_desc;
+    dnnl_status_t s = dnnl_memory_create(&mem[0], &p.a, engine, const_cast<void*>(a));
+    if (s == dnnl_success) s = dnnl_memory_create(&mem[1], &p.b, engine, const_cast<void*>(b));
+    if (s == dnnl_success) s = dnnl_memory_create(&mem[2], &p.c, engine, c);
+    if (s == dnnl_success)
+      s = dnnl_memory_create(&mem[3], sp_md, engine, sp.empty() ? nullptr : sp.data());
+    if (s == dnnl_success) {
+      const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
+                                       {DNNL_ARG_WEIGHTS, mem[1]},
+                                       {DNNL_ARG_DST, mem[2]},
+                                       {DNNL_ARG_SCRATCHPAD, mem[3]}};
+      s = dnnl_primitive_execute(p.prim, streams[worker], 4, args);
+      if (s == dnnl_success) s = dnnl_stream_wait(streams[worker]);
+    }
+    for (dnnl_memory_t m : mem)
+      if (m) dnnl_memory_destroy(m);
+    check_dnnl(s, "bf16 matmul");
+  }
+
+  dnnl_engine_t engine = nullptr;
+  std::mutex mu;
+  std::map<Key, Prim> prims;
+  std::vector<dnnl_stream_t> streams;               // per worker
+  std::vector<std::vector<unsigned char>> scratch;  // per worker
+};
+
+Bf16Gemm::Bf16Gemm(unsigned workers, Bf16Kernels kernels)
+    : kernels_(kernels), scratch_(std::max(1u, workers)) {
+  if (kernels_ == Bf16Kernels::Dnnl) dnnl_ = std::make_unique<Dnnl>(std::max(1u, workers));
+}
+
+Bf16Gemm::~Bf16Gemm() = default;
+
+Bf16Kernels Bf16Gemm::default_kernels() {
+  return native_bf16() ? Bf16Kernels::Dnnl : Bf16Kernels::Widen;
+}
+
+void Bf16Gemm::prepare(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out,
+                       int64_t ldo, bool transpose) const {
+  // Transposed in 8 x 8 tiles, so that both sides are read and written a cache line at a time.
+  constexpr int64_t kTile = 8;
+  auto each = [&](auto store) {
+    if (!transpose) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) store(r * ldo + c, x[r * ldx + c]);
+      return;
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+        const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) store(c * ldo + r, x[r * ldx + c]);
+      }
+  };
+  if (kernels_ == Bf16Kernels::Dnnl) {
+    auto* o = static_cast<uint16_t*>(out);
+    each([o](int64_t i, float v) { o[i] = to_bf16(v); });
+  } else {
+    auto* o = static_cast<float*>(out);
+    each([o](int64_t i, float v) { o[i] = round_bf16(v); });
+  }
+}
+
+const float* Bf16Gemm::widened(const void* a, int64_t lda, int64_t m, int64_t k, unsigned worker) {
+  auto& s = scratch_[worker];
+  s.resize(static_cast<size_t>(m * k));
+  const auto* src = static_cast<const uint16_t*>(a);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t p = 0; p < k; ++p) s[i * k + p] = from_bf16(src[i * lda + p]);
+  return s.data();
+}
+
+void Bf16Gemm::act_weight_nt(const void* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,
+                             int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
+                             unsigned worker) {
+  if (m <= 0 || n <= 0) return;
+  if (kernels_ == Bf16Kernels::Widen) {
+    widen_gemm_nt(static_cast<const float*>(a), lda, w, ldw, c, ldc, m, n, k, accumulate);
+  } else if (m <= kFewRows || k == 0) {
+    widen_gemm_nt(widened(a, lda, m, k, worker), k, w, ldw, c, ldc, m, n, k, accumulate);
+  } else {
+    dnnl_->run({m, n, k, lda, ldw, ldc, true, accumulate}, a, w, c, worker);
+  }
+}
+
+void Bf16Gemm::act_weight_nn(const void* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,
+                             int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
+                             unsigned worker) {
+  if (m <= 0 || n <= 0) return;
+  if (kernels_ == Bf16Kernels::Widen) {
+    widen_gemm_nn(static_cast<const float*>(a), lda, w, ldw, c, ldc, m, n, k, accumulate);
+  } else if (m <= kFewRows || k == 0) {
+    widen_gemm_nn(widened(a, lda, m, k, worker), k, w, ldw, c, ldc, m, n, k, accumulate);
+  } else {
+    dnnl_->run({m, n, k, lda, ldw, ldc, false, accumulate}, a, w, c, worker);
+  }
+}
+
+void Bf16Gemm::act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
+                          int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
+                          unsigned worker) {
+  if (m <= 0 || n <= 0) return;
+  if (kernels_ == Bf16Kernels::Widen || k == 0) {
+    // Both operands hold bf16 values, so every product is exact and sgemm sums them in fp32.
+    if (kernels_ == Bf16Kernels::Widen)
+      sgemm(false, true, m, n, k, static_cast<const float*>(a), lda, static_cast<const float*>(b),
+            ldb, c, ldc, accumulate);
+    else
+      sgemm(false, true, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
+    return;
+  }
+  dnnl_->run({m, n, k, lda, ldb, ldc, true, accumulate}, a, b, c, worker);
+}
+
+}  // namespace moert::cpu

@@ -1,0 +1,72 @@
+// The CPU backend's GEMMs. fp32 goes to oneDNN's sgemm. bf16 (operands rounded to bf16, fp32
+// accumulation) goes to oneDNN's matmul on CPUs that multiply bf16 natively (AVX512-BF16, AMX),
+// and to moert's widening kernels elsewhere (widen_gemm.h). Every call is single-threaded (the
+// caller's thread is kept serial by omp_guard.h) and deterministic for given shapes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace moert::cpu {
+
+// c[m, n] (+)= op(a) op(b), fp32, row-major; op transposes when asked (a is then [k, m], b [n, k]).
+void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+// Which kernels a bf16 GEMM runs on.
+enum class Bf16Kernels { Dnnl, Widen };
+
+// bf16 GEMMs with fp32 accumulation for one backend. Activation operands are prepared once per
+// call with prepare() into the form the kernels read — bf16 values (2 bytes) for oneDNN, fp32
+// values rounded to bf16 (4 bytes) for the widening kernels — so each kernel call converts
+// nothing; weights are read from their bf16 copies as stored. Thread-safe: each worker passes its
+// own index.
+class Bf16Gemm {
+ public:
+  // `workers`: the backend's thread count; `kernels`: normally what the CPU supports
+  // (default_kernels()).
+  Bf16Gemm(unsigned workers, Bf16Kernels kernels);
+  ~Bf16Gemm();
+  Bf16Gemm(const Bf16Gemm&) = delete;
+  Bf16Gemm& operator=(const Bf16Gemm&) = delete;
+
+  // oneDNN where it multiplies bf16 natively, else the widening kernels.
+  static Bf16Kernels default_kernels();
+
+  Bf16Kernels kernels() const { return kernels_; }
+  // Bytes per element of a prepared activation operand.
+  size_t act_bytes() const { return kernels_ == Bf16Kernels::Dnnl ? 2 : 4; }
+
+  // out = x [rows, cols] (row stride ldx) in operand form, row stride ldo; or, with `transpose`,
+  // out[c * ldo + r] = x[r, c] (the [cols, rows] operand of a Wgrad).
+  void prepare(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
+               bool transpose) const;
+
+  // c[m, n] (+)= a[m, k] w[n, k]^T: a prepared, w bf16 (a linear layer's weight: Fprop).
+  void act_weight_nt(const void* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,
+                     int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
+                     unsigned worker);
+  // c[m, n] (+)= a[m, k] w[k, n]: the weight from its output side (Dgrad).
+  void act_weight_nn(const void* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,
+                     int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
+                     unsigned worker);
+  // c[m, n] (+)= a[m, k] b[n, k]^T, both prepared (Wgrad, from transposed operands).
+  void act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb, float* c, int64_t ldc,
+                  int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker);
+
+ private:
+  struct Dnnl;
+  // Rows up to which oneDNN's kernels are not used: a decode step's few rows would pay for the
+  // per-call repacking of the whole weight; the widening kernels stream it once instead.
+  static constexpr int64_t kFewRows = 16;
+  // a (bf16, prepared for oneDNN) widened into the worker's scratch, for the widening kernels.
+  const float* widened(const void* a, int64_t lda, int64_t m, int64_t k, unsigned worker);
+
+  Bf16Kernels kernels_;
+  std::unique_ptr<Dnnl> dnnl_;
+  std::vector<std::vector<float>> scratch_;  // per worker
+};
+
+}  // namespace moert::cpu

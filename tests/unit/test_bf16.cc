@@ -1,0 +1,333 @@
+// bf16 on the CPU: the GEMM kernels compute exactly "bf16 operands, fp32 accumulation"; layers
+// and sessions of precision bf16 stay within bf16 bounds of fp32; the precision option.
+#include <gtest/gtest.h>
+
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "core/model_loader.h"
+#include "core/session.h"
+#include "kernels/cpu/bf16.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/isa.h"
+#include "tests/unit/random_tensor.h"
+
+namespace moert {
+namespace {
+
+using Vec = std::vector<float>;
+
+Vec randv(int64_t n, std::mt19937& rng, float scale = 1.0f) {
+  return test::random_tensor({n}, rng, scale).values;
+}
+
+double rel(const Vec& got, const std::vector<double>& want) {
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(den > 0.0 ? num / den : num);
+}
+
+double rel(const Vec& got, const Vec& want) {
+  return rel(got, std::vector<double>(want.begin(), want.end()));
+}
+
+std::vector<uint16_t> bf16_of(const Vec& v) {
+  std::vector<uint16_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) b[i] = cpu::to_bf16(v[i]);
+  return b;
+}
+
+struct Shape {
+  int64_t m, n, k;
+};
+
+// Each kernel against a double-precision product of the bf16-rounded operands: what is left is
+// fp32 accumulation error only. Shapes cover the few-row (decode) path, block remainders and k
+// tails. Runs the kernels this CPU uses (and, under DNNL_MAX_CPU_ISA, the lower ones: CTest runs
+// this suite again capped at SSE4.1).
+TEST(Bf16Gemm, KernelsComputeBf16OperandsWithFp32Accumulation) {
+  std::mt19937 rng(1);
+  cpu::Bf16Gemm gemm(1, cpu::Bf16Gemm::default_kernels());
+  const size_t es = gemm.act_bytes();
+  for (Shape s : {Shape{1, 37, 300}, Shape{8, 64, 1100}, Shape{16, 33, 9}, Shape{17, 48, 64},
+                  Shape{64, 100, 200}, Shape{5, 3, 1}, Shape{3, 19, 0}}) {
+    for (bool accumulate : {false, true}) {
+      const Vec a = randv(s.m * s.k, rng), w = randv(s.n * s.k, rng), c0 = randv(s.m * s.n, rng);
+      const auto wb = bf16_of(w);
+      std::vector<unsigned char> ap(static_cast<size_t>(s.m * s.k) * es + 1),
+          wp(static_cast<size_t>(s.n * s.k) * es + 1), at(static_cast<size_t>(s.m * s.k) * es + 1);
+      gemm.prepare(a.data(), s.k, s.m, s.k, ap.data(), s.k, false);
+      gemm.prepare(w.data(), s.k, s.n, s.k, wp.data(), s.k, false);
+      // a transposed ([k, m]) and back: prepare's transposed layout.
+      gemm.prepare(a.data(), s.k, s.m, s.k, at.data(), s.m, true);
+      auto ab = [&](int64_t i, int64_t p) { return double(cpu::round_bf16(a[i * s.k + p])); };
+      auto wv = [&](int64_t j, int64_t p) { return double(cpu::from_bf16(wb[j * s.k + p])); };
+      std::vector<double> nt(s.m * s.n), nn(s.m * s.n);
+      for (int64_t i = 0; i < s.m; ++i)
+        for (int64_t j = 0; j < s.n; ++j) {
+          double x = accumulate ? c0[i * s.n + j] : 0.0, y = x;
+          for (int64_t p = 0; p < s.k; ++p) {
+            x += ab(i, p) * wv(j, p);
+            // nn reads w as [k, n]: the same storage seen as k rows of n.
+            y += ab(i, p) * double(cpu::from_bf16(wb[p * s.n + j]));
+          }
+          nt[i * s.n + j] = x;
+          nn[i * s.n + j] = y;
+        }
+      const double tol = 1e-5;
+      const std::string what = "m " + std::to_string(s.m) + " n " + std::to_string(s.n) + " k " +
+                               std::to_string(s.k) + (accumulate ? " accumulate" : "");
+      Vec c = c0;
+      gemm.act_weight_nt(ap.data(), s.k, wb.data(), s.k, c.data(), s.n, s.m, s.n, s.k, accumulate,
+                         0);
+      EXPECT_LT(rel(c, nt), tol) << "nt " << what;
+      c = c0;
+      gemm.act_weight_nn(ap.data(), s.k, wb.data(), s.n, c.data(), s.n, s.m, s.n, s.k, accumulate,
+                         0);
+      EXPECT_LT(rel(c, nn), tol) << "nn " << what;
+      c = c0;
+      gemm.act_act_nt(ap.data(), s.k, wp.data(), s.k, c.data(), s.n, s.m, s.n, s.k, accumulate, 0);
+      EXPECT_LT(rel(c, nt), tol) << "act_act " << what;
+      // The transposed operand holds the same values.
+      if (s.k > 0 && es == 4) {
+        const auto* t = reinterpret_cast<const float*>(at.data());
+        for (int64_t i = 0; i < s.m; ++i)
+          for (int64_t p = 0; p < s.k; ++p) ASSERT_EQ(t[p * s.m + i], float(ab(i, p)));
+      }
+    }
+  }
+}
+
+// The widening kernels everywhere (oneDNN's only where bf16 is native), same checks on the
+// shapes of a layer.
+TEST(Bf16Gemm, WideningKernelsAtLayerShapes) {
+  std::mt19937 rng(2);
+  cpu::Bf16Gemm gemm(1, cpu::Bf16Kernels::Widen);
+  ASSERT_EQ(gemm.act_bytes(), 4u);
+  const int64_t m = 64, n = 256, k = 512;
+  const Vec a = randv(m * k, rng), w = randv(n * k, rng);
+  const auto wb = bf16_of(w);
+  Vec ap(m * k), c(m * n);
+  gemm.prepare(a.data(), k, m, k, ap.data(), k, false);
+  gemm.act_weight_nt(ap.data(), k, wb.data(), k, c.data(), n, m, n, k, false, 0);
+  std::vector<double> want(m * n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double x = 0.0;
+      for (int64_t p = 0; p < k; ++p) x += double(ap[i * k + p]) * cpu::from_bf16(wb[j * k + p]);
+      want[i * n + j] = x;
+    }
+  EXPECT_LT(rel(c, want), 1e-6);
+}
+
+// A MoE model for sessions: embedding -> RMSNorm -> MoE (2 shared experts) -> head.
+std::shared_ptr<Model> moe_model(std::mt19937& rng) {
+  auto m = std::make_shared<Model>();
+  m->token_input = true;
+  const uint32_t V = 29, e = 16, D = 64, E = 8, H = 48;
+  m->input_width = 4;
+  m->output_width = V;
+  m->layers.push_back({"emb", LayerKind::Embedding, 4, D,
+                       EmbeddingSpec{V, e, 4, test::random_tensor({V, e}, rng)}});
+  RMSNormSpec norm{D, 1e-5f, test::random_tensor({D}, rng, 0.1f)};
+  for (auto& v : norm.weight.values) v += 1.0f;
+  m->layers.push_back({"norm", LayerKind::RMSNorm, D, D, norm});
+  MoESpec moe;
+  moe.dim = D;
+  moe.expert_hidden = H;
+  moe.num_shared = 2;
+  moe.shared_hidden = 32;
+  moe.router = {E, 2, ScoreFunction::Sigmoid, 1, 1, true, 1.0f};
+  moe.balancing.policy = BalancingPolicy::LossFreeBias;
+  moe.balancing.bias_update_rate = 1e-3f;
+  moe.gate = test::random_tensor({E, D}, rng, 0.2f);
+  moe.gate_bias = test::random_tensor({E}, rng, 0.0f);
+  moe.w1 = test::random_tensor({E, H, D}, rng, 0.15f);
+  moe.w3 = test::random_tensor({E, H, D}, rng, 0.15f);
+  moe.w2 = test::random_tensor({E, D, H}, rng, 0.15f);
+  moe.shared_w1 = test::random_tensor({2, 32, D}, rng, 0.15f);
+  moe.shared_w3 = test::random_tensor({2, 32, D}, rng, 0.15f);
+  moe.shared_w2 = test::random_tensor({2, D, 32}, rng, 0.15f);
+  m->layers.push_back({"moe", LayerKind::MoE, D, D, moe});
+  m->layers.push_back({"head", LayerKind::OutputHead, D, V,
+                       OutputHeadSpec{D, V, false, test::random_tensor({V, D}, rng, 0.2f), {}}});
+  return m;
+}
+
+struct Batch {
+  std::vector<int32_t> tokens, targets;
+};
+
+Batch batch(std::mt19937& rng, int64_t rows) {
+  Batch b{std::vector<int32_t>(rows * 4), std::vector<int32_t>(rows)};
+  std::uniform_int_distribution<int32_t> tok(0, 28);
+  for (auto& t : b.tokens) t = tok(rng);
+  for (auto& t : b.targets) t = tok(rng);
+  return b;
+}
+
+SessionOptions options(Precision p, Mode mode, uint32_t threads = 2) {
+  SessionOptions o;
+  o.mode = mode;
+  o.threads = threads;
+  o.precision = p;
+  o.training.lr = 3e-3;
+  return o;
+}
+
+// Forward and every gradient of a bf16 session within bf16 bounds of the fp32 session's, and
+// not equal to them (the experts really multiplied in bf16).
+TEST(Bf16Session, ForwardAndGradientsWithinBf16BoundsOfFp32) {
+  std::mt19937 rng(3);
+  auto model = moe_model(rng);
+  const int64_t rows = 150;
+  const Batch b = batch(rng, rows);
+  Session s32(model, options(Precision::Fp32, Mode::Training));
+  Session s16(model, options(Precision::Bf16, Mode::Training));
+  EXPECT_EQ(s16.precision(), Precision::Bf16);
+  Vec y32(rows * 29), y16(rows * 29);
+  s32.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y32.data(), y32.size());
+  s16.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y16.data(), y16.size());
+  EXPECT_LT(rel(y16, y32), 1e-2);
+  EXPECT_NE(y16, y32);
+  // Same routing: the router stays fp32 and its input does not depend on the experts.
+  EXPECT_EQ(s16.expert_counts(2, CountScope::Last), s32.expert_counts(2, CountScope::Last));
+  const double l32 = s32.backward_loss(b.targets.data(), b.targets.size());
+  const double l16 = s16.backward_loss(b.targets.data(), b.targets.size());
+  EXPECT_NEAR(l16, l32, 1e-2 * l32);
+  for (size_t p = 0; p < s32.num_parameters(); ++p) {
+    const int64_t n = s32.parameter_size(p);
+    Vec g32(n), g16(n);
+    s32.read_gradient(p, g32.data(), n);
+    s16.read_gradient(p, g16.data(), n);
+    EXPECT_LT(rel(g16, g32), 3e-2) << s32.parameter_name(p);
+  }
+}
+
+// Training in bf16: fp32 master weights; the bf16 copies follow every step, so that an inference
+// session built from the checkpoint (copies made from the saved fp32 values) gives the very same
+// outputs as the training session in eval mode; and the loss follows the fp32 run's.
+TEST(Bf16Session, TrainingKeepsFp32MastersAndFreshCopies) {
+  std::mt19937 rng(4);
+  auto model = moe_model(rng);
+  const int64_t rows = 96;
+  Session s32(model, options(Precision::Fp32, Mode::Training));
+  Session s16(model, options(Precision::Bf16, Mode::Training));
+  double l32 = 0.0, l16 = 0.0;
+  Vec y(rows * 29);
+  for (int step = 0; step < 8; ++step) {
+    const Batch b = batch(rng, rows);
+    for (Session* s : {&s32, &s16}) {
+      s->zero_grad();
+      s->forward_tokens(b.tokens.data(), b.tokens.size(), rows, y.data(), y.size());
+      (s == &s32 ? l32 : l16) = s->backward_loss(b.targets.data(), b.targets.size());
+      s->step();
+    }
+  }
+  EXPECT_NEAR(l16, l32, 2e-2 * l32);
+  // A master weight is not a bf16 value after training (it was not rounded in place).
+  const size_t w1 = s16.parameter_index("moe.w1");
+  Vec p(s16.parameter_size(w1));
+  s16.read_parameter(w1, p.data(), p.size());
+  size_t not_bf16 = 0;
+  for (float v : p) not_bf16 += cpu::round_bf16(v) != v;
+  EXPECT_GT(not_bf16, p.size() / 2);
+
+  const std::string path = ::testing::TempDir() + "bf16_session.moert";
+  s16.save(path);
+  s16.set_eval(true);
+  const Batch b = batch(rng, rows);
+  Vec y_train(rows * 29), y_inf(rows * 29);
+  s16.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_train.data(), y_train.size());
+  Session inf(load_model_file(path), options(Precision::Bf16, Mode::Inference));
+  inf.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_inf.data(), y_inf.size());
+  EXPECT_EQ(0, std::memcmp(y_train.data(), y_inf.data(), y_inf.size() * sizeof(float)));
+  std::remove(path.c_str());
+}
+
+TEST(Bf16Session, ResultsDoNotDependOnTheThreadCount) {
+  std::mt19937 rng(5);
+  auto model = moe_model(rng);
+  const int64_t rows = 200;
+  const Batch b = batch(rng, rows);
+  std::vector<Vec> grads;
+  for (uint32_t threads : {1u, 3u}) {
+    Session s(model, options(Precision::Bf16, Mode::Training, threads));
+    Vec y(rows * 29);
+    s.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y.data(), y.size());
+    s.backward_loss(b.targets.data(), b.targets.size());
+    Vec all = y;
+    for (size_t p = 0; p < s.num_parameters(); ++p) {
+      Vec g(s.parameter_size(p));
+      s.read_gradient(p, g.data(), g.size());
+      all.insert(all.end(), g.begin(), g.end());
+    }
+    grads.push_back(all);
+  }
+  EXPECT_EQ(0, std::memcmp(grads[0].data(), grads[1].data(), grads[0].size() * sizeof(float)));
+}
+
+// The code of the Error f throws; 0 when it throws none.
+int code_of(auto&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return static_cast<int>(e.code());
+  }
+  return 0;
+}
+
+int code(Code c) { return static_cast<int>(c); }
+
+TEST(Precision, OptionParsesAndRefusesClearly) {
+  SessionOptions o;
+  o.set("precision", "bf16");
+  EXPECT_EQ(o.precision, Precision::Bf16);
+  o.set("precision", "fp32");
+  EXPECT_EQ(o.precision, Precision::Fp32);
+  for (const char* bad : {"FP32", "fp16", "", "bf16 "})
+    EXPECT_EQ(code_of([&] { o.set("precision", bad); }), code(Code::InvalidArgument)) << bad;
+  EXPECT_EQ(o.precision, Precision::Fp32);
+  EXPECT_STREQ(precision_name(Precision::Bf16), "bf16");
+
+  std::mt19937 rng(6);
+  auto model = moe_model(rng);
+  Session cpu(model, SessionOptions{});
+  EXPECT_EQ(cpu.precision(), Precision::Fp32);  // the CPU's default
+  EXPECT_EQ(code_of([&] { cpu.set_config("precision", "bf16"); }), code(Code::InvalidState));
+  cpu.set_config("precision", "fp32");  // what it already is
+  // CUDA multiplies in bf16: fp32 is refused before any plugin is looked for.
+  SessionOptions cuda;
+  cuda.device = Device::Cuda;
+  cuda.precision = Precision::Fp32;
+  EXPECT_EQ(code_of([&] { Session s(model, cuda); }), code(Code::Unsupported));
+}
+
+// The ISA the kernels report follows oneDNN's cap (DNNL_MAX_CPU_ISA, set by a CTest variant).
+TEST(Isa, FollowsOneDnnsCap) {
+  const char* cap = std::getenv("DNNL_MAX_CPU_ISA");
+  const std::string isa = cpu::dnnl_isa_name();
+  if (!cap) {
+    EXPECT_FALSE(isa.empty());
+    GTEST_SKIP() << "no DNNL_MAX_CPU_ISA set; oneDNN runs " << isa;
+  }
+  std::string want(cap);
+  for (char& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  EXPECT_EQ(isa, want);
+  if (want == "sse41") {
+    EXPECT_FALSE(cpu::use_avx2());
+    EXPECT_FALSE(cpu::native_bf16());
+  }
+}
+
+}  // namespace
+}  // namespace moert

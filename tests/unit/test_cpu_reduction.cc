@@ -1,0 +1,461 @@
+// The gradient-reduction rule (core/grad_reduction.h) on the CPU backend: for every operation
+// that reduces over rows, acc mode over all rows must equal, bit for bit, the fold of the local
+// roots of any chunk-aligned split of the rows (what processes holding those rows would give),
+// and must not depend on the thread count. Row outputs (dx) of a split must equal the full call's.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/grad_reduction.h"
+#include "tests/unit/random_tensor.h"
+
+namespace moert {
+namespace {
+
+using Vec = std::vector<float>;
+
+Vec randv(int64_t n, std::mt19937& rng, float scale = 1.0f) {
+  return test::random_tensor({n}, rng, scale).values;
+}
+
+bool same_bits(const Vec& a, const Vec& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Chunk-aligned cuts of [0, rows): 0 = c_0 < c_1 < ... < c_k = rows, inner cuts multiples of
+// kReduceRows; some parts may be empty.
+std::vector<int64_t> random_cuts(int64_t rows, std::mt19937& rng) {
+  const int64_t J = reduce_chunks(rows);
+  std::vector<int64_t> cuts{0, rows};
+  const int parts = std::uniform_int_distribution<int>(1, 5)(rng);
+  for (int i = 1; i < parts; ++i)
+    cuts.push_back(std::min(rows, std::uniform_int_distribution<int64_t>(0, J)(rng) * kReduceRows));
+  std::sort(cuts.begin(), cuts.end());
+  return cuts;
+}
+
+// Folds the roots of consecutive parts (dense) over the tree and adds the total into acc, as the
+// acc mode does: acc[i] = acc[i] + T[i].
+void fold_roots_into(std::vector<GradRoots>& parts, Vec& acc) {
+  TreeFold<float*> fold(0);
+  const size_t n = acc.size();
+  auto add = [n](float* l, float* r) {
+    for (size_t i = 0; i < n; ++i) l[i] = l[i] + r[i];
+  };
+  bool any = false;
+  for (GradRoots& p : parts)
+    for (size_t b = 0; b < p.blocks.size(); ++b) {
+      ASSERT_EQ(p.values[b].size(), n);
+      fold.push_block(p.blocks[b], p.values[b].data(), add);
+      any = true;
+    }
+  if (!any) return;
+  const float* t = fold.finish(add);
+  for (size_t i = 0; i < n; ++i) acc[i] = acc[i] + t[i];
+}
+
+// Roots of a part must be aligned_blocks of its chunk range.
+void expect_blocks(const GradRoots& r, int64_t first, int64_t chunks) {
+  EXPECT_EQ(r.blocks, aligned_blocks(first, first + chunks));
+  EXPECT_EQ(r.values.size(), r.blocks.size());
+}
+
+constexpr int64_t kRows = 5 * kReduceRows + 17;
+
+TEST(CpuReduction, LinearBackwardWeightAndBias) {
+  std::mt19937 rng(1);
+  const int64_t in = 19, out = 13;
+  const Vec x = randv(kRows * in, rng), dy = randv(kRows * out, rng), w = randv(out * in, rng);
+  const Vec dw0 = randv(out * in, rng), db0 = randv(out, rng);
+  Vec dx_full(kRows * in), dw_full = dw0, db_full = db0;
+  {
+    auto be = make_cpu_backend(2);
+    const GradOut db{db_full.data()};
+    be->linear_backward(x.data(), {w.data(), nullptr}, dy.data(), dx_full.data(), false,
+                        GradOut{dw_full.data()}, &db, kRows, in, out);
+  }
+  for (unsigned threads : {1u, 3u}) {
+    auto be = make_cpu_backend(threads);
+    Vec dx(kRows * in), dw = dw0, db = db0;
+    const GradOut gb{db.data()};
+    be->linear_backward(x.data(), {w.data(), nullptr}, dy.data(), dx.data(), false,
+                        GradOut{dw.data()}, &gb, kRows, in, out);
+    EXPECT_TRUE(same_bits(dw, dw_full) && same_bits(db, db_full) && same_bits(dx, dx_full))
+        << threads << " threads";
+  }
+  for (int trial = 0; trial < 6; ++trial) {
+    const auto cuts = random_cuts(kRows, rng);
+    auto be = make_cpu_backend(2);
+    std::vector<GradRoots> rw(cuts.size() - 1), rb(cuts.size() - 1);
+    Vec dx(kRows * in);
+    for (size_t p = 0; p + 1 < cuts.size(); ++p) {
+      const int64_t r0 = cuts[p], n = cuts[p + 1] - r0;
+      if (n == 0) continue;
+      const GradOut gw{nullptr, &rw[p], r0 / kReduceRows}, gb{nullptr, &rb[p], r0 / kReduceRows};
+      be->linear_backward(x.data() + r0 * in, {w.data(), nullptr}, dy.data() + r0 * out,
+                          dx.data() + r0 * in, false, gw, &gb, n, in, out);
+      expect_blocks(rw[p], r0 / kReduceRows, reduce_chunks(n));
+    }
+    Vec dw = dw0, db = db0;
+    fold_roots_into(rw, dw);
+    fold_roots_into(rb, db);
+    EXPECT_TRUE(same_bits(dw, dw_full)) << "trial " << trial;
+    EXPECT_TRUE(same_bits(db, db_full)) << "trial " << trial;
+    EXPECT_TRUE(same_bits(dx, dx_full)) << "trial " << trial;
+  }
+}
+
+TEST(CpuReduction, RMSNormBackward) {
+  std::mt19937 rng(2);
+  const int64_t dim = 24;
+  const Vec x = randv(kRows * dim, rng), dy = randv(kRows * dim, rng), w = randv(dim, rng);
+  const Vec dw0 = randv(dim, rng);
+  Vec inv(kRows), y(kRows * dim);
+  make_cpu_backend(1)->rmsnorm(x.data(), w.data(), y.data(), inv.data(), kRows, dim, 1e-5f);
+  auto full = [&](unsigned threads, Vec& dx) {
+    Vec dw = dw0;
+    make_cpu_backend(threads)->rmsnorm_backward(x.data(), w.data(), inv.data(), dy.data(),
+                                                dx.data(), GradOut{dw.data()}, kRows, dim);
+    return dw;
+  };
+  Vec dx_full(kRows * dim), dx1(kRows * dim);
+  const Vec dw_full = full(2, dx_full);
+  EXPECT_TRUE(same_bits(full(1, dx1), dw_full));
+  EXPECT_TRUE(same_bits(dx1, dx_full));
+  for (int trial = 0; trial < 6; ++trial) {
+    const auto cuts = random_cuts(kRows, rng);
+    auto be = make_cpu_backend(2);
+    std::vector<GradRoots> roots(cuts.size() - 1);
+    Vec dx(kRows * dim);
+    for (size_t p = 0; p + 1 < cuts.size(); ++p) {
+      const int64_t r0 = cuts[p], n = cuts[p + 1] - r0;
+      if (n == 0) continue;
+      be->rmsnorm_backward(x.data() + r0 * dim, w.data(), inv.data() + r0, dy.data() + r0 * dim,
+                           dx.data() + r0 * dim, GradOut{nullptr, &roots[p], r0 / kReduceRows}, n,
+                           dim);
+      expect_blocks(roots[p], r0 / kReduceRows, reduce_chunks(n));
+    }
+    Vec dw = dw0;
+    fold_roots_into(roots, dw);
+    EXPECT_TRUE(same_bits(dw, dw_full)) << "trial " << trial;
+    EXPECT_TRUE(same_bits(dx, dx_full)) << "trial " << trial;
+  }
+}
+
+struct Ffn {
+  int64_t dim = 20, hidden = 12;
+  Vec w1, w3, w2;
+  std::vector<uint16_t> b1, b3, b2;  // bf16 copies, for the bf16 variant
+  Ffn(std::mt19937& rng, int64_t experts, Backend& be) {
+    w1 = randv(experts * hidden * dim, rng, 0.3f);
+    w3 = randv(experts * hidden * dim, rng, 0.3f);
+    w2 = randv(experts * dim * hidden, rng, 0.3f);
+    for (auto [f, b] : {std::pair{&w1, &b1}, std::pair{&w3, &b3}, std::pair{&w2, &b2}}) {
+      b->resize(f->size());
+      be.to_bf16(f->data(), b->data(), static_cast<int64_t>(f->size()));
+    }
+  }
+  Weight W(const Vec& f, const std::vector<uint16_t>& b, bool bf16) const {
+    return {f.data(), bf16 ? b.data() : nullptr};
+  }
+};
+
+class FfnReduction : public ::testing::TestWithParam<bool> {};  // param: bf16 weights
+
+TEST_P(FfnReduction, DenseSwiGLUBackward) {
+  const bool bf16 = GetParam();
+  std::mt19937 rng(3);
+  auto be0 = make_cpu_backend(2, bf16);
+  const Ffn f(rng, 1, *be0);
+  const int64_t D = f.dim, H = f.hidden;
+  const Vec x = randv(kRows * D, rng), dy = randv(kRows * D, rng);
+  Vec y(kRows * D), h1(kRows * H), h3(kRows * H);
+  be0->swiglu_ffn(x.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16), f.W(f.w2, f.b2, bf16),
+                  y.data(), h1.data(), h3.data(), kRows, D, H, false);
+  const Vec g0 = randv(H * D, rng), dx0 = randv(kRows * D, rng);
+  auto call = [&](Backend& be, int64_t r0, int64_t n, Vec& dx, const GradOut& g1, const GradOut& g3,
+                  const GradOut& g2) {
+    be.swiglu_ffn_backward(x.data() + r0 * D, f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
+                           f.W(f.w2, f.b2, bf16), h1.data() + r0 * H, h3.data() + r0 * H,
+                           dy.data() + r0 * D, dx.data() + r0 * D, true, g1, g3, g2, n, D, H);
+  };
+  std::vector<Vec> full(3, g0);
+  Vec dx_full = dx0;
+  call(*be0, 0, kRows, dx_full, GradOut{full[0].data()}, GradOut{full[1].data()},
+       GradOut{full[2].data()});
+  for (unsigned threads : {1u, 4u}) {
+    auto be = make_cpu_backend(threads, bf16);
+    std::vector<Vec> g(3, g0);
+    Vec dx = dx0;
+    call(*be, 0, kRows, dx, GradOut{g[0].data()}, GradOut{g[1].data()}, GradOut{g[2].data()});
+    for (int k = 0; k < 3; ++k) EXPECT_TRUE(same_bits(g[k], full[k])) << threads << " threads";
+    EXPECT_TRUE(same_bits(dx, dx_full)) << threads << " threads";
+  }
+  for (int trial = 0; trial < 5; ++trial) {
+    const auto cuts = random_cuts(kRows, rng);
+    auto be = make_cpu_backend(2, bf16);
+    std::vector<std::vector<GradRoots>> roots(3);
+    for (auto& r : roots) r.resize(cuts.size() - 1);
+    Vec dx = dx0;
+    for (size_t p = 0; p + 1 < cuts.size(); ++p) {
+      const int64_t r0 = cuts[p], n = cuts[p + 1] - r0, c0 = r0 / kReduceRows;
+      if (n == 0) continue;
+      call(*be, r0, n, dx, GradOut{nullptr, &roots[0][p], c0}, GradOut{nullptr, &roots[1][p], c0},
+           GradOut{nullptr, &roots[2][p], c0});
+    }
+    for (int k = 0; k < 3; ++k) {
+      Vec g = g0;
+      fold_roots_into(roots[k], g);
+      EXPECT_TRUE(same_bits(g, full[k])) << "trial " << trial << " gradient " << k;
+    }
+    EXPECT_TRUE(same_bits(dx, dx_full)) << "trial " << trial;
+  }
+}
+
+// Experts' lists of very different lengths (one empty); a split hands each process a
+// chunk-aligned part of every expert's list.
+TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
+  const bool bf16 = GetParam();
+  std::mt19937 rng(4);
+  const int64_t E = 4;
+  const std::vector<int64_t> counts{3 * kReduceRows + 5, 0, kReduceRows, 2 * kReduceRows + 40};
+  auto be0 = make_cpu_backend(2, bf16);
+  const Ffn f(rng, E, *be0);
+  const int64_t D = f.dim, H = f.hidden, per = H * D;
+  DispatchPlan plan;
+  plan.host_offsets.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
+  const int64_t A = plan.num_assignments();
+  const Vec x = randv(A * D, rng), dy = randv(A * D, rng);
+  Vec y(A * D), h1(A * H), h3(A * H);
+  be0->grouped_swiglu_ffn(plan, x.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
+                          f.W(f.w2, f.b2, bf16), y.data(), h1.data(), h3.data(), D, H);
+  const Vec g0 = randv(E * per, rng);
+  auto acc_mode = [&](unsigned threads, std::vector<Vec>& g, Vec& dx) {
+    auto be = make_cpu_backend(threads, bf16);
+    std::vector<GradOut> out[3];
+    for (int k = 0; k < 3; ++k)
+      for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{g[k].data() + e * per});
+    be->grouped_swiglu_ffn_backward(plan, x.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
+                                    f.W(f.w2, f.b2, bf16), h1.data(), h3.data(), dy.data(),
+                                    dx.data(), out[0].data(), out[1].data(), out[2].data(), D, H);
+  };
+  std::vector<Vec> full(3, g0);
+  Vec dx_full(A * D);
+  acc_mode(2, full, dx_full);
+  {
+    std::vector<Vec> g(3, g0);
+    Vec dx(A * D);
+    acc_mode(3, g, dx);
+    for (int k = 0; k < 3; ++k) EXPECT_TRUE(same_bits(g[k], full[k]));
+    EXPECT_TRUE(same_bits(dx, dx_full));
+  }
+  for (int trial = 0; trial < 4; ++trial) {
+    const int parts = 3;
+    // cut[e][p]: where part p's share of expert e's list starts, in rows of that list.
+    std::vector<std::vector<int64_t>> cut(E);
+    for (int64_t e = 0; e < E; ++e) {
+      cut[e] = random_cuts(counts[e], rng);
+      cut[e].resize(parts + 1, counts[e]);
+      std::sort(cut[e].begin(), cut[e].end());
+      cut[e].back() = counts[e];
+    }
+    auto be = make_cpu_backend(2, bf16);
+    // roots[k][e][p]
+    std::vector<std::vector<std::vector<GradRoots>>> roots(3);
+    for (auto& k : roots) {
+      k.resize(E);
+      for (auto& e : k) e.resize(parts);
+    }
+    Vec dx(A * D);
+    for (int p = 0; p < parts; ++p) {
+      DispatchPlan part;
+      part.host_offsets.assign(E + 1, 0);
+      Vec px, pdy, ph1, ph3;
+      std::vector<int64_t> src;  // the full plan's assignment of each of the part's rows
+      std::vector<GradOut> out[3];
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t a0 = cut[e][p], a1 = cut[e][p + 1];
+        for (int64_t a = a0; a < a1; ++a) src.push_back(plan.host_offsets[e] + a);
+        part.host_offsets[e + 1] = part.host_offsets[e] + (a1 - a0);
+        for (int k = 0; k < 3; ++k)
+          out[k].push_back(GradOut{nullptr, &roots[k][e][p], a0 / kReduceRows});
+      }
+      for (int64_t a : src) {
+        px.insert(px.end(), x.begin() + a * D, x.begin() + (a + 1) * D);
+        pdy.insert(pdy.end(), dy.begin() + a * D, dy.begin() + (a + 1) * D);
+        ph1.insert(ph1.end(), h1.begin() + a * H, h1.begin() + (a + 1) * H);
+        ph3.insert(ph3.end(), h3.begin() + a * H, h3.begin() + (a + 1) * H);
+      }
+      Vec pdx(px.size());
+      be->grouped_swiglu_ffn_backward(part, px.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
+                                      f.W(f.w2, f.b2, bf16), ph1.data(), ph3.data(), pdy.data(),
+                                      pdx.data(), out[0].data(), out[1].data(), out[2].data(), D,
+                                      H);
+      for (size_t i = 0; i < src.size(); ++i)
+        std::copy(pdx.begin() + i * D, pdx.begin() + (i + 1) * D, dx.begin() + src[i] * D);
+      // The forward over the part's rows runs the same GEMM calls: the same bits.
+      Vec py(px.size()), q1(ph1.size()), q3(ph3.size());
+      be->grouped_swiglu_ffn(part, px.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
+                             f.W(f.w2, f.b2, bf16), py.data(), q1.data(), q3.data(), D, H);
+      EXPECT_TRUE(same_bits(q1, ph1) && same_bits(q3, ph3));
+      for (size_t i = 0; i < src.size(); ++i)
+        EXPECT_EQ(0, std::memcmp(py.data() + i * D, y.data() + src[i] * D, D * sizeof(float)));
+    }
+    for (int k = 0; k < 3; ++k) {
+      Vec g = g0;
+      for (int64_t e = 0; e < E; ++e) {
+        Vec ge(g.begin() + e * per, g.begin() + (e + 1) * per);
+        fold_roots_into(roots[k][e], ge);
+        std::copy(ge.begin(), ge.end(), g.begin() + e * per);
+      }
+      EXPECT_TRUE(same_bits(g, full[k])) << "trial " << trial << " gradient " << k;
+    }
+    EXPECT_TRUE(same_bits(dx, dx_full)) << "trial " << trial;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Precisions, FfnReduction, ::testing::Values(false, true),
+                         [](const auto& p) { return p.param ? "bf16" : "fp32"; });
+
+// The sparse reduction against the dense definition (reference_tree_sum over whole-table chunk
+// partials, each summed from zero in position order), and splits against the whole.
+TEST(CpuReduction, EmbeddingBackwardIsTheDenseSumOnTouchedRows) {
+  std::mt19937 rng(5);
+  const int64_t vocab = 40, dim = 6, context = 3;
+  std::vector<int32_t> tokens(kRows * context);
+  std::uniform_int_distribution<int32_t> tok(0, 29);  // rows 30..39 never touched
+  for (auto& t : tokens) t = tok(rng);
+  Vec dy = randv(kRows * context * dim, rng);
+  for (int64_t i = 0; i < 40; ++i) dy[static_cast<size_t>(i * 7)] = -0.0f;  // signed zeros
+  Vec g0 = randv(vocab * dim, rng);
+  // Dense reference.
+  const int64_t J = reduce_chunks(kRows);
+  std::vector<Vec> partials(J, Vec(vocab * dim, 0.0f));
+  for (int64_t p = 0; p < kRows * context; ++p) {
+    Vec& P = partials[p / (kReduceRows * context)];
+    for (int64_t d = 0; d < dim; ++d)
+      P[tokens[p] * dim + d] = P[tokens[p] * dim + d] + dy[p * dim + d];
+  }
+  std::vector<std::vector<float>> ps(partials.begin(), partials.end());
+  const auto T = reference_tree_sum(ps);
+  Vec want = g0;
+  for (int64_t v = 0; v < 30; ++v)
+    for (int64_t d = 0; d < dim; ++d) want[v * dim + d] = want[v * dim + d] + T[v * dim + d];
+  for (unsigned threads : {1u, 2u, 3u}) {
+    Vec got = g0;
+    make_cpu_backend(threads)->embedding_backward(tokens.data(), dy.data(), GradOut{got.data()},
+                                                  kRows, context, dim, vocab);
+    EXPECT_TRUE(same_bits(got, want)) << threads << " threads";
+  }
+  // Splits: sparse roots folded with the same merge rule.
+  using Sparse = std::pair<std::vector<int32_t>, Vec>;
+  auto merge = [dim](Sparse* l, Sparse* r) {
+    Sparse m;
+    const size_t L = l->first.size(), R = r->first.size();
+    size_t i = 0, j = 0;
+    auto take = [&](int32_t row, const float* a, const float* b) {
+      m.first.push_back(row);
+      for (int64_t d = 0; d < dim; ++d) m.second.push_back(b ? a[d] + b[d] : a[d] + 0.0f);
+    };
+    while (i < L || j < R) {
+      if (j == R || (i < L && l->first[i] < r->first[j])) {
+        take(l->first[i], &l->second[i * dim], nullptr);
+        ++i;
+      } else if (i == L || r->first[j] < l->first[i]) {
+        take(r->first[j], &r->second[j * dim], nullptr);
+        ++j;
+      } else {
+        take(l->first[i], &l->second[i * dim], &r->second[j * dim]);
+        ++i;
+        ++j;
+      }
+    }
+    *l = std::move(m);
+  };
+  for (int trial = 0; trial < 6; ++trial) {
+    const auto cuts = random_cuts(kRows, rng);
+    auto be = make_cpu_backend(2);
+    std::vector<GradRoots> roots(cuts.size() - 1);
+    for (size_t p = 0; p + 1 < cuts.size(); ++p) {
+      const int64_t r0 = cuts[p], n = cuts[p + 1] - r0;
+      if (n == 0) continue;
+      be->embedding_backward(tokens.data() + r0 * context, dy.data() + r0 * context * dim,
+                             GradOut{nullptr, &roots[p], r0 / kReduceRows}, n, context, dim, vocab);
+      expect_blocks(roots[p], r0 / kReduceRows, reduce_chunks(n));
+      ASSERT_EQ(roots[p].rows.size(), roots[p].blocks.size());
+    }
+    std::vector<Sparse> store;
+    store.reserve(64);
+    TreeFold<Sparse*> fold(0);
+    for (auto& r : roots)
+      for (size_t b = 0; b < r.blocks.size(); ++b) {
+        ASSERT_TRUE(std::is_sorted(r.rows[b].begin(), r.rows[b].end()));
+        ASSERT_EQ(r.values[b].size(), r.rows[b].size() * dim);
+        store.push_back(
+            {r.rows[b], Vec(r.values[b].data(), r.values[b].data() + r.values[b].size())});
+        fold.push_block(r.blocks[b], &store.back(), merge);
+      }
+    const Sparse* t = fold.finish(merge);
+    Vec got = g0;
+    for (size_t k = 0; k < t->first.size(); ++k)
+      for (int64_t d = 0; d < dim; ++d) {
+        float& v = got[t->first[k] * dim + d];
+        v = v + t->second[k * dim + d];
+      }
+    EXPECT_TRUE(same_bits(got, want)) << "trial " << trial;
+  }
+}
+
+TEST(CpuReduction, CrossEntropyGivesOneSumPerChunk) {
+  std::mt19937 rng(6);
+  const int64_t vocab = 17;
+  const Vec logits = randv(kRows * vocab, rng, 2.0f);
+  std::vector<int32_t> targets(kRows);
+  for (int64_t r = 0; r < kRows; ++r) targets[r] = static_cast<int32_t>((r * 5) % vocab);
+  std::vector<double> full;
+  Vec dl_full(kRows * vocab);
+  make_cpu_backend(2)->cross_entropy(logits.data(), targets.data(), kRows, vocab, dl_full.data(),
+                                     0.5f, full);
+  ASSERT_EQ(static_cast<int64_t>(full.size()), reduce_chunks(kRows));
+  for (int64_t j = 0; j < reduce_chunks(kRows); ++j) {
+    double chunk = 0.0;
+    for (int64_t r = j * kReduceRows; r < std::min(kRows, (j + 1) * kReduceRows); ++r) {
+      const float* z = logits.data() + r * vocab;
+      double m = z[0];
+      for (int64_t v = 1; v < vocab; ++v) m = std::max<double>(m, z[v]);
+      double s = 0.0;
+      for (int64_t v = 0; v < vocab; ++v) s += std::exp(z[v] - m);
+      chunk += m + std::log(s) - z[targets[r]];
+    }
+    EXPECT_NEAR(full[j], chunk, 1e-9 * std::abs(chunk));
+  }
+  // A split's chunk sums are the whole call's, chunk for chunk.
+  const int64_t r0 = 2 * kReduceRows;
+  std::vector<double> a, b;
+  Vec dl(kRows * vocab);
+  auto be = make_cpu_backend(1);
+  be->cross_entropy(logits.data(), targets.data(), r0, vocab, dl.data(), 0.5f, a);
+  be->cross_entropy(logits.data() + r0 * vocab, targets.data() + r0, kRows - r0, vocab,
+                    dl.data() + r0 * vocab, 0.5f, b);
+  a.insert(a.end(), b.begin(), b.end());
+  EXPECT_EQ(a, full);
+  EXPECT_TRUE(same_bits(dl, dl_full));
+}
+
+TEST(CpuBackend, AddIsElementwise) {
+  std::mt19937 rng(7);
+  const int64_t n = 100003;
+  Vec a = randv(n, rng), b = randv(n, rng), want = a;
+  for (int64_t i = 0; i < n; ++i) want[i] = want[i] + b[i];
+  make_cpu_backend(2)->add(a.data(), b.data(), n);
+  EXPECT_TRUE(same_bits(a, want));
+}
+
+}  // namespace
+}  // namespace moert
