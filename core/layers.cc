@@ -29,7 +29,7 @@ void EmbeddingLayer::forward_tokens(Backend& be, const int32_t* tokens, float* y
 }
 
 void EmbeddingLayer::backward(Backend& be, const float* dy, float*, int64_t rows) {
-  be.embedding_backward(tokens_, dy, GradOut{p_.grad(s_.weight)}, rows, s_.context, s_.dim,
+  be.embedding_backward(tokens_, dy, p_.grad_out(s_.weight, 0, -1, true), rows, s_.context, s_.dim,
                         s_.vocab_size);
 }
 
@@ -44,8 +44,8 @@ void RMSNormLayer::forward(Backend& be, const float* x, float* y, int64_t rows, 
 
 void RMSNormLayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
   dx = or_scratch(be, dx, scratch_, static_cast<size_t>(rows) * s_.dim);
-  be.rmsnorm_backward(x_, p_.f32(s_.weight), inv_rms_.data(), dy, dx, GradOut{p_.grad(s_.weight)},
-                      rows, s_.dim);
+  be.rmsnorm_backward(x_, p_.f32(s_.weight), inv_rms_.data(), dy, dx, p_.grad_out(s_.weight), rows,
+                      s_.dim);
 }
 
 void DenseFFNLayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
@@ -69,8 +69,8 @@ void DenseFFNLayer::backward(Backend& be, const float* dy, float* dx, int64_t ro
   // The residual path passes dy straight through.
   if (s_.residual) be.copy(dx, dy, n * sizeof(float));
   be.swiglu_ffn_backward(x_, p_.weight(s_.w1), p_.weight(s_.w3), p_.weight(s_.w2), h1_.data(),
-                         h3_.data(), dy, dx, s_.residual, GradOut{p_.grad(s_.w1)},
-                         GradOut{p_.grad(s_.w3)}, GradOut{p_.grad(s_.w2)}, rows, s_.dim, s_.hidden);
+                         h3_.data(), dy, dx, s_.residual, p_.grad_out(s_.w1), p_.grad_out(s_.w3),
+                         p_.grad_out(s_.w2), rows, s_.dim, s_.hidden);
 }
 
 void OutputHeadLayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
@@ -80,8 +80,8 @@ void OutputHeadLayer::forward(Backend& be, const float* x, float* y, int64_t row
 }
 
 void OutputHeadLayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
-  const GradOut db{s_.has_bias ? p_.grad(s_.bias) : nullptr};
-  be.linear_backward(x_, p_.weight(s_.weight), dy, dx, false, GradOut{p_.grad(s_.weight)},
+  const GradOut db = s_.has_bias ? p_.grad_out(s_.bias) : GradOut{};
+  be.linear_backward(x_, p_.weight(s_.weight), dy, dx, false, p_.grad_out(s_.weight),
                      s_.has_bias ? &db : nullptr, rows, s_.dim, s_.vocab_size);
 }
 
@@ -229,53 +229,79 @@ void MoELayer::aux_forward(Backend& be, int64_t rows) {
   aux_loss_ = t.loss;
 }
 
-void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
+void MoELayer::shared_backward(Backend& be, const float* dy, float* dx, int64_t rows) {
+  // Shared experts see every token with weight 1.
+  const int64_t D = s_.dim, HS = s_.shared_hidden, shared_stride = HS * D;
+  for (uint32_t i = 0; i < s_.num_shared; ++i) {
+    const int64_t off = i * shared_stride;
+    be.swiglu_ffn_backward(x_, p_.weight(s_.shared_w1).offset(off),
+                           p_.weight(s_.shared_w3).offset(off), p_.weight(s_.shared_w2).offset(off),
+                           shared_h1_[i].data(), shared_h3_[i].data(), dy, dx, true,
+                           p_.grad_out(s_.shared_w1, off, shared_stride),
+                           p_.grad_out(s_.shared_w3, off, shared_stride),
+                           p_.grad_out(s_.shared_w2, off, shared_stride), rows, D, HS);
+  }
+}
+
+void MoELayer::router_backward(Backend& be, float* dx, int64_t rows) {
+  // Gate weights come from the unbiased scores; the bias gets no gradient.
   const RouterConfig& r = s_.router;
-  const int64_t E = r.num_experts, D = s_.dim, A = plan_.num_assignments();
+  const int64_t E = r.num_experts, D = s_.dim;
+  const bool normalize = r.normalize && s_.balancing.policy != BalancingPolicy::ExpertChoice;
+  dlogits_.resize(be, static_cast<size_t>(rows * E));
+  be.router_backward(r, normalize, scores_.data(), plan_, dweight_.data(),
+                     uses_aux_loss() ? aux_ds_.data() : nullptr, dlogits_.data(), rows);
+  be.linear_backward(x_, Weight{p_.f32(s_.gate), nullptr}, dlogits_.data(), dx, true,
+                     p_.grad_out(s_.gate), nullptr, rows, D, E);
+}
+
+void MoELayer::experts_backward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
+                                const float* dy_perm, float* dx_perm, const GradRoots* roots) {
+  // Each expert's gradient is its own reduction, into its slice of the stacked tensor.
+  const int64_t D = s_.dim, per_expert = s_.expert_hidden * D;
+  const int64_t n = static_cast<int64_t>(plan.host_offsets.size()) - 1;
+  const int64_t base = expert_weight_offset(first_expert);
+  std::vector<GradOut> g1(static_cast<size_t>(n)), g3(g1.size()), g2(g1.size());
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t off = base + e * per_expert;
+    g1[e].acc = p_.grad(s_.w1) + off;
+    g3[e].acc = p_.grad(s_.w3) + off;
+    g2[e].acc = p_.grad(s_.w2) + off;
+    if (roots) {
+      // The replicas of this shard each hold some of expert e's chunks.
+      g1[e].roots = const_cast<GradRoots*>(&roots[3 * e]);
+      g3[e].roots = const_cast<GradRoots*>(&roots[3 * e + 1]);
+      g2[e].roots = const_cast<GradRoots*>(&roots[3 * e + 2]);
+      g1[e].first_chunk = g3[e].first_chunk = g2[e].first_chunk = ex_.first_chunk[e];
+    }
+  }
+  const int64_t w = expert_weight_offset(first_expert);
+  be.grouped_swiglu_ffn_backward(plan, x_perm_.data(), p_.weight(s_.w1).offset(w),
+                                 p_.weight(s_.w3).offset(w), p_.weight(s_.w2).offset(w), h1_.data(),
+                                 h3_.data(), dy_perm, dx_perm, g1.data(), g3.data(), g2.data(), D,
+                                 s_.expert_hidden);
+}
+
+void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
+  const int64_t D = s_.dim, A = plan_.num_assignments();
   const size_t n = static_cast<size_t>(rows * D);
   dx = or_scratch(be, dx, scratch_, n);
   if (s_.residual)
     be.copy(dx, dy, n * sizeof(float));
   else
     be.zero(dx, n * sizeof(float));
+  if (par_) return backward_parallel(be, dy, dx, rows);
 
-  // Routed experts: through the combine, the experts, the dispatch.
+  // dx gets the shared experts, then the routed ones, then the router: the order expert
+  // parallelism keeps while the routed experts' exchange is under way.
+  shared_backward(be, dy, dx, rows);
   dy_perm_.resize(be, static_cast<size_t>(A * D));
   dweight_.resize(be, static_cast<size_t>(A));
   dx_perm_.resize(be, dy_perm_.size());
   be.combine_backward(plan_, y_perm_.data(), dy, dy_perm_.data(), dweight_.data(), D);
-  // Each expert's gradient is its own reduction, into its slice of the stacked tensor.
-  const int64_t per_expert = s_.expert_hidden * D;
-  std::vector<GradOut> g1(static_cast<size_t>(E)), g3(g1.size()), g2(g1.size());
-  for (int64_t e = 0; e < E; ++e) {
-    g1[e].acc = p_.grad(s_.w1) + e * per_expert;
-    g3[e].acc = p_.grad(s_.w3) + e * per_expert;
-    g2[e].acc = p_.grad(s_.w2) + e * per_expert;
-  }
-  be.grouped_swiglu_ffn_backward(plan_, x_perm_.data(), p_.weight(s_.w1), p_.weight(s_.w3),
-                                 p_.weight(s_.w2), h1_.data(), h3_.data(), dy_perm_.data(),
-                                 dx_perm_.data(), g1.data(), g3.data(), g2.data(), D,
-                                 s_.expert_hidden);
+  experts_backward(be, plan_, 0, dy_perm_.data(), dx_perm_.data(), nullptr);
   be.dispatch_backward(plan_, dx_perm_.data(), dx, D);
-
-  // Shared experts see every token with weight 1.
-  const int64_t HS = s_.shared_hidden, shared_stride = HS * D;
-  for (uint32_t i = 0; i < s_.num_shared; ++i) {
-    const int64_t off = i * shared_stride;
-    be.swiglu_ffn_backward(
-        x_, p_.weight(s_.shared_w1).offset(off), p_.weight(s_.shared_w3).offset(off),
-        p_.weight(s_.shared_w2).offset(off), shared_h1_[i].data(), shared_h3_[i].data(), dy, dx,
-        true, GradOut{p_.grad(s_.shared_w1) + off}, GradOut{p_.grad(s_.shared_w3) + off},
-        GradOut{p_.grad(s_.shared_w2) + off}, rows, D, HS);
-  }
-
-  // Router: gate weights come from the unbiased scores; the bias gets no gradient.
-  const bool normalize = r.normalize && s_.balancing.policy != BalancingPolicy::ExpertChoice;
-  dlogits_.resize(be, static_cast<size_t>(rows * E));
-  be.router_backward(r, normalize, scores_.data(), plan_, dweight_.data(),
-                     uses_aux_loss() ? aux_ds_.data() : nullptr, dlogits_.data(), rows);
-  be.linear_backward(x_, Weight{p_.f32(s_.gate), nullptr}, dlogits_.data(), dx, true,
-                     GradOut{p_.grad(s_.gate)}, nullptr, rows, D, E);
+  router_backward(be, dx, rows);
 }
 
 void MoELayer::skip_pass() {

@@ -125,6 +125,9 @@ class MoELayer final : public Layer {
   // Expert and data parallelism (core/expert_parallel.h): the layer's passes become collective
   // over `par`'s ranks, each computing its shard's experts; null (the default) runs alone.
   void set_parallel(ParallelContext* par) { par_ = par; }
+  // Data parallelism: adds to the routed experts' gradients the roots that this shard's replicas
+  // computed in the last backward (collective over the replicas).
+  void combine_expert_gradients(Backend& be);
   // Whether the auxiliary losses take the global batch as theirs (f and P over every rank's rows;
   // arXiv 2501.11873) rather than each rank's rows.
   void set_global_aux(bool global) { global_aux_ = global; }
@@ -140,7 +143,14 @@ class MoELayer final : public Layer {
   // y = x (residual) or 0, plus the shared experts.
   void residual_and_shared(Backend& be, const float* x, float* y, int64_t rows, bool train);
   void aux_forward(Backend& be, int64_t rows);
+  void shared_backward(Backend& be, const float* dy, float* dx, int64_t rows);
+  void router_backward(Backend& be, float* dx, int64_t rows);
+  // The grouped experts' backward over `plan`; `roots` (3 per expert of the plan: w1, w3, w2), when
+  // given, receive each expert's local roots instead of its gradient.
+  void experts_backward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
+                        const float* dy_perm, float* dx_perm, const GradRoots* roots);
   void forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train);
+  void backward_parallel(Backend& be, const float* dy, float* dx, int64_t rows);
   void aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
                     const std::vector<int64_t>& counts, const std::vector<double>& psum);
 
@@ -168,7 +178,9 @@ class MoELayer final : public Layer {
     DispatchPlan remote;  // the assignments this rank computes: rows received, slots, weights
     DispatchPlan ret;     // gathers their outputs back, in each source's order
     DispatchPlan home;    // places the returned outputs in this rank's assignment order
-    std::vector<int64_t> first_chunk;  // per local expert, its first chunk in the expert's tree
+    std::vector<int64_t> first_chunk;     // per local expert, its first chunk in the expert's tree
+    std::vector<GradRoots> expert_roots;  // per local expert: w1, w3, w2 (data parallel only)
+    Buffer<float> dy_send, dy_recv, dx_ret, dx_back, dx_home, scratch;
     Buffer<float> x_send, x_recv, y_ret, y_back, y_home;
     Buffer<char> meta_send, meta_recv;
   } ex_;

@@ -279,3 +279,76 @@ void MoELayer::aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
 }
 
 }  // namespace moert
+
+namespace moert {
+
+void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_t rows) {
+  Communicator& world = par_->world();
+  const int64_t E = s_.router.num_experts, D = s_.dim, A = plan_.num_assignments();
+  Exchange& ex = ex_;
+  const int64_t a_local = ex.remote.num_assignments();
+
+  // The output gradient goes where the tokens went, each row once per destination.
+  ex.dy_send.resize(be, ex.x_send.size());
+  be.dispatch(ex.send, dy, ex.dy_send.data(), D);
+  ex.dy_recv.resize(be, ex.x_recv.size());
+  std::vector<int64_t> sb, so, rb, ro;
+  layout_bytes(ex.send_rows, D * 4, sb, so);
+  layout_bytes(ex.recv_rows, D * 4, rb, ro);
+  Request moving = world.start_all_to_all_v(ex.dy_send.data(), sb.data(), so.data(),
+                                            ex.dy_recv.data(), rb.data(), ro.data());
+  // Meanwhile: the shared experts, and each assignment's gate-weight gradient, from the output
+  // this rank got back in the forward pass.
+  shared_backward(be, dy, dx, rows);
+  dweight_.resize(be, static_cast<size_t>(A));
+  ex.scratch.resize(be, static_cast<size_t>(std::max(A, a_local) * D));
+  be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D);
+  auto t0 = Clock::now();
+  moving->wait();
+  par_->times.dispatch += seconds(t0);
+
+  // The experts of this shard: dy_perm = weight * dy of each assignment's token.
+  dy_perm_.resize(be, static_cast<size_t>(a_local * D));
+  dx_perm_.resize(be, dy_perm_.size());
+  // (combine_backward also gives the gate-weight gradients, which the token's own rank computed.)
+  be.combine_backward(ex.remote, y_perm_.data(), ex.dy_recv.data(), dy_perm_.data(),
+                      ex.scratch.data(), D);
+  const bool replicated = par_->dp() > 1;
+  ex.expert_roots.clear();
+  if (replicated) ex.expert_roots.resize(3 * ex.first_chunk.size());
+  experts_backward(be, ex.remote, par_->sharding(E).first_expert(), dy_perm_.data(),
+                   dx_perm_.data(), replicated ? ex.expert_roots.data() : nullptr);
+
+  // Each assignment's input gradient back to its token's rank, summed there in expert order.
+  ex.dx_ret.resize(be, static_cast<size_t>(a_local * D));
+  be.dispatch(ex.ret, dx_perm_.data(), ex.dx_ret.data(), D);
+  ex.dx_back.resize(be, static_cast<size_t>(A * D));
+  layout_bytes(ex.recv_asg, D * 4, rb, ro);
+  layout_bytes(ex.send_asg, D * 4, sb, so);
+  Request back = world.start_all_to_all_v(ex.dx_ret.data(), rb.data(), ro.data(), ex.dx_back.data(),
+                                          sb.data(), so.data());
+  t0 = Clock::now();
+  back->wait();
+  par_->times.combine += seconds(t0);
+  ex.dx_home.resize(be, static_cast<size_t>(A * D));
+  be.dispatch(ex.home, ex.dx_back.data(), ex.dx_home.data(), D);
+  be.dispatch_backward(plan_, ex.dx_home.data(), dx, D);
+  router_backward(be, dx, rows);
+}
+
+void MoELayer::combine_expert_gradients(Backend& be) {
+  if (!par_ || par_->dp() == 1 || ex_.expert_roots.empty()) return;
+  const int64_t per_expert = static_cast<int64_t>(s_.expert_hidden) * s_.dim;
+  const int64_t base = expert_weight_offset(par_->sharding(s_.router.num_experts).first_expert());
+  std::vector<ParallelContext::Roots> all;
+  for (size_t e = 0; e < ex_.first_chunk.size(); ++e) {
+    const int64_t off = base + static_cast<int64_t>(e) * per_expert;
+    all.push_back({&ex_.expert_roots[3 * e], p_.grad(s_.w1) + off, per_expert, false});
+    all.push_back({&ex_.expert_roots[3 * e + 1], p_.grad(s_.w3) + off, per_expert, false});
+    all.push_back({&ex_.expert_roots[3 * e + 2], p_.grad(s_.w2) + off, per_expert, false});
+  }
+  par_->combine(be, *par_->replicas(), all);
+  ex_.expert_roots.clear();
+}
+
+}  // namespace moert

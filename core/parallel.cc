@@ -1,6 +1,7 @@
 #include "core/parallel.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #include "core/backend.h"
@@ -44,6 +45,17 @@ struct Verdict {
 
 }  // namespace
 
+std::vector<double> ParallelContext::gather(const std::vector<double>& mine) {
+  const int R = size();
+  std::vector<int64_t> bytes(static_cast<size_t>(R)), offsets(static_cast<size_t>(R), 0);
+  const int64_t my_bytes = static_cast<int64_t>(mine.size() * sizeof(double));
+  world_->all_gather(&my_bytes, sizeof(int64_t), bytes.data());
+  for (int r = 1; r < R; ++r) offsets[r] = offsets[r - 1] + bytes[r - 1];
+  std::vector<double> all(static_cast<size_t>((offsets[R - 1] + bytes[R - 1]) / 8));
+  world_->all_gather_v(mine.data(), my_bytes, all.data(), bytes.data(), offsets.data());
+  return all;
+}
+
 void ParallelContext::agree(std::exception_ptr local) {
   Verdict mine;
   if (local) {
@@ -73,29 +85,80 @@ void ParallelContext::agree(std::exception_ptr local) {
            std::string(all[r].message, strnlen(all[r].message, sizeof(all[r].message))));
 }
 
-void ParallelContext::combine(Backend& be, Communicator& comm, const std::vector<GradRoots*>& roots,
-                              const std::vector<float*>& acc, const std::vector<int64_t>& n) {
-  const size_t G = roots.size();
-  // This rank's roots as one byte string: per gradient, its block count, the blocks, then every
-  // block's values.
-  std::vector<int64_t> header;
-  int64_t floats = 0;
-  for (size_t g = 0; g < G; ++g) {
-    header.push_back(static_cast<int64_t>(roots[g]->blocks.size()));
-    for (const TreeBlock& b : roots[g]->blocks) {
-      header.push_back(b.begin);
-      header.push_back(b.size);
-      floats += n[g];
+namespace {
+
+// A root's values, dense (rows empty) or sparse (rows ascending, values [rows, n]).
+struct Value {
+  std::vector<int32_t> rows;
+  std::vector<float> values;
+};
+
+// l = l (+) r: elementwise for dense values; for sparse ones over the union of their rows, a row
+// on one side taken plus 0.0f (as the backend's own merge does, so -0.0 ends as in a dense sum).
+void merge(Value& l, Value& r, int64_t n, bool sparse) {
+  if (!sparse) {
+    for (size_t i = 0; i < l.values.size(); ++i) l.values[i] = l.values[i] + r.values[i];
+    return;
+  }
+  Value m;
+  size_t i = 0, j = 0;
+  auto take = [&](const float* v) {
+    for (int64_t d = 0; d < n; ++d) m.values.push_back(v[d] + 0.0f);
+  };
+  while (i < l.rows.size() || j < r.rows.size()) {
+    const float* lv = l.values.data() + i * static_cast<size_t>(n);
+    const float* rv = r.values.data() + j * static_cast<size_t>(n);
+    if (j == r.rows.size() || (i < l.rows.size() && l.rows[i] < r.rows[j])) {
+      m.rows.push_back(l.rows[i++]);
+      take(lv);
+    } else if (i == l.rows.size() || r.rows[j] < l.rows[i]) {
+      m.rows.push_back(r.rows[j++]);
+      take(rv);
+    } else {
+      m.rows.push_back(l.rows[i]);
+      for (int64_t d = 0; d < n; ++d) m.values.push_back(lv[d] + rv[d]);
+      ++i;
+      ++j;
     }
   }
-  std::vector<char> mine(header.size() * sizeof(int64_t) + static_cast<size_t>(floats) * 4);
-  std::memcpy(mine.data(), header.data(), header.size() * sizeof(int64_t));
-  char* v = mine.data() + header.size() * sizeof(int64_t);
-  for (size_t g = 0; g < G; ++g)
-    for (const Buffer<float>& values : roots[g]->values) {
-      be.download(v, values.data(), static_cast<size_t>(n[g]) * 4);
-      v += n[g] * 4;
+  l = std::move(m);
+}
+
+void put(std::vector<char>& out, const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  out.insert(out.end(), c, c + bytes);
+}
+
+template <typename T>
+T take(const char*& p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  p += sizeof(T);
+  return v;
+}
+
+}  // namespace
+
+void ParallelContext::combine(Backend& be, Communicator& comm, const std::vector<Roots>& grads) {
+  const size_t G = grads.size();
+  // This rank's roots as bytes: per gradient its block count, then per block (begin, size, rows
+  // or -1 for dense), the row ids and the values.
+  std::vector<char> mine;
+  std::vector<float> host;
+  for (const Roots& g : grads) {
+    const GradRoots& r = *g.roots;
+    put(mine, std::array<int64_t, 1>{static_cast<int64_t>(r.blocks.size())}.data(), 8);
+    for (size_t k = 0; k < r.blocks.size(); ++k) {
+      const int64_t nrows = g.sparse ? static_cast<int64_t>(r.rows[k].size()) : -1;
+      const int64_t head[3] = {r.blocks[k].begin, r.blocks[k].size, nrows};
+      put(mine, head, sizeof(head));
+      if (g.sparse) put(mine, r.rows[k].data(), r.rows[k].size() * 4);
+      const size_t floats = static_cast<size_t>(g.sparse ? nrows * g.n : g.n);
+      host.resize(floats);
+      if (floats) be.download(host.data(), r.values[k].data(), floats * 4);
+      put(mine, host.data(), floats * 4);
     }
+  }
   const int R = comm.size();
   std::vector<int64_t> sizes(static_cast<size_t>(R)), offsets(static_cast<size_t>(R), 0);
   const int64_t my_bytes = static_cast<int64_t>(mine.size());
@@ -104,53 +167,50 @@ void ParallelContext::combine(Backend& be, Communicator& comm, const std::vector
   std::vector<char> all(static_cast<size_t>(offsets[R - 1] + sizes[R - 1]));
   comm.all_gather_v(mine.data(), my_bytes, all.data(), sizes.data(), offsets.data());
 
-  // Every rank's roots of gradient g, in rank order (their chunk ranges are in that order).
-  struct Root {
-    TreeBlock block;
-    const float* values;
-  };
-  std::vector<std::vector<Root>> per(G);
+  // Every rank's roots of each gradient, in rank order: their chunk ranges come in that order.
+  std::vector<std::vector<std::pair<TreeBlock, Value>>> per(G);
   for (int r = 0; r < R; ++r) {
     const char* p = all.data() + offsets[r];
-    std::vector<std::vector<TreeBlock>> blocks(G);
     for (size_t g = 0; g < G; ++g) {
-      int64_t count;
-      std::memcpy(&count, p, 8);
-      p += 8;
+      const int64_t count = take<int64_t>(p);
       for (int64_t k = 0; k < count; ++k) {
-        int64_t b[2];
-        std::memcpy(b, p, 16);
-        p += 16;
-        blocks[g].push_back({b[0], b[1]});
+        const int64_t begin = take<int64_t>(p), size = take<int64_t>(p), nrows = take<int64_t>(p);
+        Value v;
+        if (nrows >= 0) {
+          v.rows.resize(static_cast<size_t>(nrows));
+          std::memcpy(v.rows.data(), p, v.rows.size() * 4);
+          p += v.rows.size() * 4;
+        }
+        v.values.resize(static_cast<size_t>(nrows >= 0 ? nrows * grads[g].n : grads[g].n));
+        std::memcpy(v.values.data(), p, v.values.size() * 4);
+        p += v.values.size() * 4;
+        per[g].push_back({{begin, size}, std::move(v)});
       }
     }
-    for (size_t g = 0; g < G; ++g)
-      for (const TreeBlock& b : blocks[g]) {
-        per[g].push_back({b, reinterpret_cast<const float*>(p)});
-        p += n[g] * 4;
-      }
   }
-  std::vector<float> host;
   for (size_t g = 0; g < G; ++g) {
-    if (per[g].empty()) continue;
-    std::sort(per[g].begin(), per[g].end(),
-              [](const Root& a, const Root& b) { return a.block.begin < b.block.begin; });
-    // Values are folded in copies: the gathered bytes stay as they are.
-    std::vector<std::vector<float>> store;
-    store.reserve(per[g].size());
-    TreeFold<std::vector<float>*> fold(per[g].front().block.begin);
-    auto add = [](std::vector<float>* l, std::vector<float>* r) {
-      for (size_t i = 0; i < l->size(); ++i) (*l)[i] = (*l)[i] + (*r)[i];
-    };
-    for (const Root& root : per[g]) {
-      store.emplace_back(root.values, root.values + n[g]);
-      fold.push_block(root.block, &store.back(), add);
+    auto& roots = per[g];
+    if (roots.empty()) continue;
+    const Roots& d = grads[g];
+    auto add = [&](Value* l, Value* r) { merge(*l, *r, d.n, d.sparse); };
+    TreeFold<Value*> fold(roots.front().first.begin);
+    for (auto& [block, value] : roots) fold.push_block(block, &value, add);
+    const Value& total = *fold.finish(add);
+    // acc = acc + T, as the backend adds a total of its own (on the rows of T, when sparse).
+    if (!d.sparse) {
+      host.resize(static_cast<size_t>(d.n));
+      be.download(host.data(), d.acc, host.size() * 4);
+      for (size_t i = 0; i < host.size(); ++i) host[i] = host[i] + total.values[i];
+      be.upload(d.acc, host.data(), host.size() * 4);
+      continue;
     }
-    const std::vector<float>& total = *fold.finish(add);
-    host.resize(static_cast<size_t>(n[g]));
-    be.download(host.data(), acc[g], host.size() * 4);
-    for (size_t i = 0; i < host.size(); ++i) host[i] = host[i] + total[i];
-    be.upload(acc[g], host.data(), host.size() * 4);
+    host.resize(static_cast<size_t>(d.n));
+    for (size_t k = 0; k < total.rows.size(); ++k) {
+      float* row = d.acc + static_cast<int64_t>(total.rows[k]) * d.n;
+      be.download(host.data(), row, host.size() * 4);
+      for (int64_t i = 0; i < d.n; ++i) host[i] = host[i] + total.values[k * d.n + i];
+      be.upload(row, host.data(), host.size() * 4);
+    }
   }
 }
 

@@ -56,12 +56,21 @@ class ParallelContext {
   // have failed alone, before the next collective would leave the others waiting.
   void agree(std::exception_ptr local);
 
-  // Collective: adds to `acc` (n floats each, backend memory) the tree sums whose local roots
-  // `roots` holds, combined with every rank's roots in `comm` (their chunk ranges tile the whole
-  // reduction in rank order). Several gradients go in one exchange: roots[i] and acc[i] are the
-  // i-th gradient's. The result has the bits one process gets reducing all the chunks itself.
-  void combine(Backend& be, Communicator& comm, const std::vector<GradRoots*>& roots,
-               const std::vector<float*>& acc, const std::vector<int64_t>& n);
+  // One gradient's local roots and where its total goes: `acc` (backend memory) of n floats, or
+  // for a sparse gradient (the embedding table's: GradRoots::rows) rows of n floats.
+  struct Roots {
+    GradRoots* roots;
+    float* acc;
+    int64_t n;
+    bool sparse;
+  };
+  // Collective over `comm`: adds to each gradient's acc the tree sum of the roots every rank of
+  // `comm` holds for it (their chunk ranges tile the whole reduction). The result has the bits one
+  // process gets reducing every chunk itself (core/grad_reduction.h).
+  void combine(Backend& be, Communicator& comm, const std::vector<Roots>& grads);
+
+  // Collective: every rank's values, concatenated in rank order.
+  std::vector<double> gather(const std::vector<double>& mine);
 
   CommTimes times;
 

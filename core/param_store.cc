@@ -158,3 +158,26 @@ void ParamStore::adopt(const Tensor& t, Buffer<float> f32, Buffer<uint16_t> bf16
 }
 
 }  // namespace moert
+
+namespace moert {
+
+void ParamStore::set_row_share(bool shared, int64_t first_chunk) {
+  shared_rows_ = shared;
+  first_chunk_ = first_chunk;
+}
+
+GradOut ParamStore::grad_out(const Tensor& t, int64_t offset, int64_t count, bool sparse) {
+  float* acc = grad(t) + offset;
+  if (!shared_rows_) return GradOut{acc};
+  const int64_t n = sparse ? t.shape.back() : count < 0 ? t.numel() - offset : count;
+  roots_.push_back({std::make_unique<GradRoots>(), acc, n, sparse});
+  return GradOut{acc, roots_.back().roots.get(), first_chunk_};
+}
+
+std::vector<ParamStore::PendingRoots> ParamStore::take_roots() {
+  std::vector<PendingRoots> out = std::move(roots_);
+  roots_.clear();
+  return out;
+}
+
+}  // namespace moert

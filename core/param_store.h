@@ -6,10 +6,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <unordered_map>
 #include <vector>
 
 #include "core/backend.h"
+#include "core/grad_reduction.h"
 #include "core/model.h"
 
 namespace moert {
@@ -38,6 +40,23 @@ class ParamStore {
   // Zeroes every gradient.
   void zero_grads();
 
+  // Where a backward operation puts the gradient of `t`'s elements [offset, offset + count)
+  // (count < 0: to the end; a shared expert's slice, say). Alone (the default) every row is the
+  // call's: acc mode, into the gradient. Among ranks (set_row_share) the call holds the job's
+  // chunks from `first_chunk` on: roots mode, into roots kept here until the session combines
+  // them (take_roots). `sparse`: the embedding table's gradient, whose roots hold table rows.
+  GradOut grad_out(const Tensor& t, int64_t offset = 0, int64_t count = -1, bool sparse = false);
+  void set_row_share(bool shared, int64_t first_chunk);
+  // The roots handed out since the last call, with the gradient each belongs to: `n` floats, or
+  // for a sparse one rows of `n` floats.
+  struct PendingRoots {
+    std::unique_ptr<GradRoots> roots;
+    float* acc;
+    int64_t n;
+    bool sparse;
+  };
+  std::vector<PendingRoots> take_roots();
+
   // Registers a tensor whose values live only in backend memory (benchmarks of models too large
   // to hold on the host): `t` gives the shape; any buffer may be empty.
   void adopt(const Tensor& t, Buffer<float> f32, Buffer<uint16_t> bf16, Buffer<float> grad);
@@ -57,6 +76,10 @@ class ParamStore {
 
   Backend& be_;
   std::unordered_map<const Tensor*, Entry> entries_;
+  bool shared_rows_ = false;
+  int64_t first_chunk_ = 0;
+  // Roots of this backward, in the order handed out, with their dense size (or row width).
+  std::vector<PendingRoots> roots_;
 };
 
 }  // namespace moert

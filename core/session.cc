@@ -510,7 +510,9 @@ double Session::run_backward(float* grad_in) {
   const int64_t rows = last_rows_;
   double aux = 0.0;
   try {
-    for (size_t i = layers_.size(); rows > 0 && i-- > 0;) {
+    // Among ranks every rank runs every layer, rows or not: the layers' exchanges are collective.
+    store_->set_row_share(par_ != nullptr, par_ ? par_->first_chunk() : 0);
+    for (size_t i = layers_.size(); (rows > 0 || par_) && i-- > 0;) {
       aux += layers_[i]->aux_loss();
       float* target = grad_in;  // the first layer's dx: null when nobody needs it
       if (i > 0) {
@@ -520,6 +522,7 @@ double Session::run_backward(float* grad_in) {
       layers_[i]->backward(*backend_, dy_.data(), target, rows);
       if (i > 0) std::swap(dy_, dx_);
     }
+    if (par_) combine_gradients();
   } catch (const Error& e) {
     poison_step(e.code(), e.what());
     throw;
@@ -532,6 +535,17 @@ double Session::run_backward(float* grad_in) {
   return aux;
 }
 
+void Session::combine_gradients() {
+  // Replicated parameters: every rank held some of the job's rows.
+  std::vector<ParamStore::PendingRoots> pending = store_->take_roots();
+  std::vector<ParallelContext::Roots> all;
+  for (auto& p : pending) all.push_back({p.roots.get(), p.acc, p.n, p.sparse});
+  par_->combine(*backend_, par_->world(), all);
+  // Routed experts: each shard's replicas held some of each expert's chunks.
+  for (auto& l : layers_)
+    if (auto* m = dynamic_cast<MoELayer*>(l.get())) m->combine_expert_gradients(*backend_);
+}
+
 void Session::poison_step(Code code, const std::string& why) {
   pending_backward_ = false;
   if (poisoned_.empty()) {
@@ -541,62 +555,69 @@ void Session::poison_step(Code code, const std::string& why) {
 }
 
 double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
-  require_backward_ready();
-  if (!targets) fail(Code::InvalidArgument, "targets is NULL");
-  if (model_->layers.back().kind != LayerKind::OutputHead)
-    fail(Code::InvalidState,
-         "backward with targets needs an OutputHead as the last layer; use "
-         "moert_session_backward with the output gradient instead");
-  check_len(num_targets, batch_rows_, "targets");
   const uint32_t vocab = model_->output_width;
   // The loss is the mean over the rows that take part and whose target is not ignored.
-  std::vector<int32_t> compact(static_cast<size_t>(last_rows_));
+  std::vector<int32_t> compact;
   int64_t counted = 0;
-  for (int64_t i = 0; i < last_rows_; ++i) {
-    const int32_t t = targets[caller_row(i)];
-    if (t == kIgnoreTarget) {
-      compact[static_cast<size_t>(i)] = -1;
-      continue;
+  collective_step([&] {
+    require_backward_ready();
+    if (!targets) fail(Code::InvalidArgument, "targets is NULL");
+    if (model_->layers.back().kind != LayerKind::OutputHead)
+      fail(Code::InvalidState,
+           "backward with targets needs an OutputHead as the last layer; use "
+           "moert_session_backward with the output gradient instead");
+    check_len(num_targets, batch_rows_, "targets");
+    compact.resize(static_cast<size_t>(last_rows_));
+    for (int64_t i = 0; i < last_rows_; ++i) {
+      const int32_t t = targets[caller_row(i)];
+      if (t == kIgnoreTarget) {
+        compact[static_cast<size_t>(i)] = -1;
+        continue;
+      }
+      if (t < 0 || static_cast<uint32_t>(t) >= vocab)
+        fail(Code::InvalidArgument, "target ", t, " at row ", caller_row(i),
+             " is outside the vocabulary [0, ", vocab, ") and is not the ignored target ",
+             kIgnoreTarget);
+      compact[static_cast<size_t>(i)] = t;
+      ++counted;
     }
-    if (t < 0 || static_cast<uint32_t>(t) >= vocab)
-      fail(Code::InvalidArgument, "target ", t, " at row ", caller_row(i),
-           " is outside the vocabulary [0, ", vocab, ") and is not the ignored target ",
-           kIgnoreTarget);
-    compact[static_cast<size_t>(i)] = t;
-    ++counted;
-  }
+  });
+  // Among ranks: the mean over the job's counted rows, the loss summed over its chunks in order.
+  if (par_) par_->world().all_reduce_sum(&counted, 1, ReduceType::I64);
   const auto& logits = activations_.back();
   const double inv_rows = counted > 0 ? 1.0 / static_cast<double>(counted) : 0.0;
-  double ce = 0.0;
+  std::vector<double> chunk_loss;
   if (last_rows_ > 0) {
     targets_.resize(*backend_, compact.size());
     backend_->upload(targets_.data(), compact.data(), compact.size() * sizeof(int32_t));
     dy_.resize(*backend_, static_cast<size_t>(last_rows_) * vocab);
-    std::vector<double> chunk_loss;
     backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab, dy_.data(),
                             static_cast<float>(inv_rows), chunk_loss);
-    ce = tree_sum(std::move(chunk_loss));
   }
+  if (par_) chunk_loss = par_->gather(chunk_loss);
+  const double ce = chunk_loss.empty() ? 0.0 : tree_sum(std::move(chunk_loss));
   return ce * inv_rows + run_backward(nullptr);
 }
 
 double Session::backward(const float* grad_out, uint64_t grad_out_len, float* grad_in,
                          uint64_t grad_in_len) {
-  require_backward_ready();
-  if (!grad_out) fail(Code::InvalidArgument, "grad_out is NULL");
   const int64_t out_w = model_->output_width, in_w = model_->input_width;
-  check_len(grad_out_len, batch_rows_ * out_w, "grad_out");
-  if (grad_in) {
-    if (model_->token_input)
-      fail(Code::InvalidArgument, "grad_in must be NULL for a model that takes token ids");
-    check_len(grad_in_len, batch_rows_ * in_w, "grad_in");
-  }
-  if (options_.check_finite)
-    for (int64_t i = 0; i < last_rows_; ++i)
-      for (int64_t c = 0; c < out_w; ++c)
-        if (!std::isfinite(grad_out[caller_row(i) * out_w + c]))
-          fail(Code::Numeric, "grad_out holds a NaN or infinity at row ", caller_row(i),
-               ", column ", c);
+  collective_step([&] {
+    require_backward_ready();
+    if (!grad_out) fail(Code::InvalidArgument, "grad_out is NULL");
+    check_len(grad_out_len, batch_rows_ * out_w, "grad_out");
+    if (grad_in) {
+      if (model_->token_input)
+        fail(Code::InvalidArgument, "grad_in must be NULL for a model that takes token ids");
+      check_len(grad_in_len, batch_rows_ * in_w, "grad_in");
+    }
+    if (options_.check_finite)
+      for (int64_t i = 0; i < last_rows_; ++i)
+        for (int64_t c = 0; c < out_w; ++c)
+          if (!std::isfinite(grad_out[caller_row(i) * out_w + c]))
+            fail(Code::Numeric, "grad_out holds a NaN or infinity at row ", caller_row(i),
+                 ", column ", c);
+  });
   std::vector<float> staging;
   const float* g = gather_rows(grad_out, out_w, staging);
   const size_t n = static_cast<size_t>(last_rows_ * out_w);
@@ -605,21 +626,25 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
   // Kept between calls: a fresh buffer each call costs a page fault per 4 KiB on the CPU.
   if (grad_in) grad_in_.resize(*backend_, static_cast<size_t>(last_rows_ * in_w));
   const double aux = run_backward(grad_in ? grad_in_.data() : nullptr);
-  if (grad_in) {
-    if (options_.check_finite) {
-      const int64_t bad =
-          last_rows_ > 0 ? backend_->find_nonfinite(grad_in_.data(), last_rows_ * in_w) : -1;
-      if (bad >= 0) {
-        const std::string why = cat("the input gradient holds a NaN or infinity at row ",
-                                    caller_row(bad / in_w), ", column ", bad % in_w,
-                                    " although grad_out is finite: a value exceeded the fp32 "
-                                    "range");
-        poison_step(Code::Numeric, why);
-        fail(Code::Numeric, why);
-      }
-    }
-    deliver_rows(grad_in_.data(), in_w, grad_in);
+  std::string why;
+  if (grad_in && options_.check_finite) {
+    const int64_t bad =
+        last_rows_ > 0 ? backend_->find_nonfinite(grad_in_.data(), last_rows_ * in_w) : -1;
+    if (bad >= 0)
+      why = cat("the input gradient holds a NaN or infinity at row ", caller_row(bad / in_w),
+                ", column ", bad % in_w,
+                " although grad_out is finite: a value exceeded the fp32 range");
   }
+  // The gradients are accumulated by now: a failure here blocks the step, on every rank.
+  try {
+    collective_step([&] {
+      if (!why.empty()) fail(Code::Numeric, why);
+    });
+  } catch (const Error& e) {
+    poison_step(e.code(), e.what());
+    throw;
+  }
+  if (grad_in) deliver_rows(grad_in_.data(), in_w, grad_in);
   return aux;
 }
 
@@ -650,14 +675,7 @@ StepInfo Session::step() {
   if (micro_batches_ > 0) {
     // The gradient of the mean loss over the micro-batches accumulated since zero_grad.
     const double scale = 1.0 / micro_batches_;
-    std::vector<const float*> grads;
-    std::vector<int64_t> sizes;
-    for (const auto& s : slots_) {
-      grads.push_back(store_->grad(*s.param));
-      sizes.push_back(s.param->numel());
-    }
-    const double sq = backend_->sum_squares_many(grads.data(), sizes.data(), grads.size());
-    info.grad_norm = std::sqrt(sq) * scale;
+    info.grad_norm = std::sqrt(gradient_sum_squares()) * scale;
     if (!std::isfinite(info.grad_norm))
       fail(Code::Numeric, "the gradient holds a NaN or infinity; parameters left unchanged");
     double gscale = scale;
@@ -694,6 +712,55 @@ StepInfo Session::step() {
   update_biases();
   ++step_;
   return info;
+}
+
+double Session::gradient_sum_squares() const {
+  // Sums of squares per piece, added in a fixed order: every parameter whole, but the routed
+  // experts' tensors one expert at a time, so that ranks holding different experts add the same
+  // pieces in the same order as one process.
+  std::vector<const float*> pieces;
+  std::vector<int64_t> sizes;
+  for (const auto& s : slots_) {
+    const float* g = store_->grad(*s.param);
+    const int64_t experts = std::max<int64_t>(1, expert_count(s));
+    const int64_t each = s.param->numel() / experts;
+    for (int64_t e = 0; e < experts; ++e) {
+      pieces.push_back(g + e * each);
+      sizes.push_back(each);
+    }
+  }
+  if (!par_) return backend_->sum_squares_many(pieces.data(), sizes.data(), pieces.size());
+  // Among ranks: the replicated parameters' pieces from rank 0 (every rank has the same), and
+  // each slot's experts shard after shard, each from the shard's first replica (ranks 0 .. EP-1).
+  std::vector<double> mine(pieces.size());
+  for (size_t i = 0; i < pieces.size(); ++i) mine[i] = backend_->sum_squares(pieces[i], sizes[i]);
+  std::vector<double> all(mine.size() * static_cast<size_t>(par_->size()));
+  par_->world().all_gather(mine.data(), static_cast<int64_t>(mine.size() * 8), all.data());
+  double total = 0.0;
+  size_t i = 0;
+  for (const auto& s : slots_) {
+    const int64_t experts = expert_count(s);
+    if (experts == 0) {
+      total += all[i++];
+      continue;
+    }
+    for (int shard = 0; shard < par_->ep(); ++shard)
+      for (int64_t e = 0; e < experts; ++e)
+        total += all[static_cast<size_t>(shard) * mine.size() + i + static_cast<size_t>(e)];
+    i += static_cast<size_t>(experts);
+  }
+  return total;
+}
+
+int64_t Session::expert_count(const Slot& s) const {
+  // The routed experts a MoE layer's expert tensor holds here (its shard's, among ranks); 0 for
+  // every other tensor.
+  for (const auto& layer : params_->layers) {
+    const auto* m = std::get_if<MoESpec>(&layer.spec);
+    if (m && (s.param == &m->w1 || s.param == &m->w3 || s.param == &m->w2))
+      return m->router.num_experts / static_cast<uint32_t>(par_ ? par_->ep() : 1);
+  }
+  return 0;
 }
 
 void Session::update_biases() {

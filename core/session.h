@@ -172,6 +172,7 @@ class Session {
   };
 
   const Model& params() const { return params_ ? *params_ : *model_; }
+  int64_t expert_count(const Slot& s) const;
   void build();
   void check_parallel() const;
   // Cuts every MoE layer's routed experts down to this rank's shard.
@@ -203,6 +204,9 @@ class Session {
   void finish_empty_pass(float* out, Pass pass);
   double run_backward(float* grad_in);
   void poison_step(Code code, const std::string& why);
+  // Among ranks, after a backward: every gradient's roots combined into the job's total.
+  void combine_gradients();
+  double gradient_sum_squares() const;
   void update_biases();
   TrainingState training_state() const;
 

@@ -136,5 +136,159 @@ TEST(SessionParallel, BadInputOnOneRankFailsTheCallOnEveryRank) {
   EXPECT_EQ(after, (std::vector<int64_t>{0, 0, 0}));
 }
 
+// A token model: embedding (sparse gradient), RMSNorm, MoE, RMSNorm, head (with bias).
+std::shared_ptr<const Model> token_model(std::mt19937& rng, BalancingPolicy policy) {
+  auto m = std::make_shared<Model>(*two_moe_model(rng, policy));
+  m->token_input = true;
+  m->input_width = 2;
+  LayerSpec emb;
+  emb.name = "embed";
+  emb.kind = LayerKind::Embedding;
+  emb.in_width = 2;
+  emb.out_width = 16;
+  EmbeddingSpec e;
+  e.vocab_size = 40;
+  e.dim = 8;
+  e.context = 2;
+  e.weight = random_tensor({40, 8}, rng, 1.0f);
+  emb.spec = e;
+  LayerSpec head;
+  head.name = "head";
+  head.kind = LayerKind::OutputHead;
+  head.in_width = 16;
+  head.out_width = 40;
+  OutputHeadSpec h;
+  h.dim = 16;
+  h.vocab_size = 40;
+  h.has_bias = true;
+  h.weight = random_tensor({40, 16}, rng, 0.3f);
+  h.bias = random_tensor({40}, rng, 0.1f);
+  head.spec = h;
+  m->layers.insert(m->layers.begin(), emb);
+  m->layers.push_back(head);
+  m->output_width = 40;
+  return m;
+}
+
+struct Trace {
+  std::vector<double> losses;
+  std::vector<std::vector<float>> grads;     // after the first backward, by parameter
+  std::vector<std::vector<float>> biases;    // after the last step, per MoE layer
+  std::vector<std::vector<int64_t>> counts;  // step counts before the last step
+  std::vector<std::vector<float>> params;    // after the last step (local shard for experts)
+};
+
+// `steps` steps of two micro-batches each over `rows` rows per micro-batch, on one session whose
+// parameters are `names`; ranks see row slices [r * rows / R, (r + 1) * rows / R).
+void train(Session& s, int rank, int world, const std::vector<int32_t>& tokens,
+           const std::vector<int32_t>& targets, int64_t rows, int steps, Trace& t) {
+  const int64_t n = rows / world, first = rank * n;
+  std::vector<float> out(static_cast<size_t>(n * 40));
+  for (int step = 0; step < steps; ++step) {
+    s.zero_grad();
+    for (int mb = 0; mb < 2; ++mb) {
+      const int64_t off = (step * 2 + mb) % 3 * rows + first;
+      s.forward_tokens(tokens.data() + off * 2, n * 2, n, out.data(), out.size());
+      t.losses.push_back(s.backward_loss(targets.data() + off, n));
+      if (step == 0 && mb == 0)
+        for (size_t i = 0; i < s.num_parameters(); ++i) {
+          std::vector<float> g(static_cast<size_t>(s.parameter_size(i)));
+          s.read_gradient(i, g.data(), g.size());
+          t.grads.push_back(std::move(g));
+        }
+    }
+    if (step == steps - 1)
+      for (uint32_t l : {2u, 4u}) t.counts.push_back(s.expert_counts(l, CountScope::Step));
+    s.step();
+  }
+  for (uint32_t l : {2u, 4u}) {
+    std::vector<float> b(8);
+    s.read_bias(l, b.data(), b.size());
+    t.biases.push_back(std::move(b));
+  }
+  for (size_t i = 0; i < s.num_parameters(); ++i) {
+    std::vector<float> p(static_cast<size_t>(s.parameter_size(i)));
+    s.read_parameter(i, p.data(), p.size());
+    t.params.push_back(std::move(p));
+  }
+}
+
+std::string s_name(size_t i) { return "#" + std::to_string(i); }
+
+bool bitwise(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
+// Training over 2 and 4 ranks (EP = size, EP 2 x DP 2, pure DP): every gradient, the losses, the
+// step counts and biases after 20 steps and every parameter are bitwise one session's over the
+// same global batches. Expert tensors are each rank's shard.
+TEST(SessionParallel, TrainingIsBitwiseOneSessionsForEveryLayout) {
+  for (BalancingPolicy policy : {BalancingPolicy::LossFreeBias, BalancingPolicy::AuxLoss,
+                                 BalancingPolicy::SequenceAuxLoss}) {
+    std::mt19937 rng(53);
+    const auto model = token_model(rng, policy);
+    const int64_t rows = 256;
+    const int steps = 20;
+    std::vector<int32_t> tokens(3 * rows * 2), targets(3 * rows);
+    std::uniform_int_distribution<int32_t> id(0, 39);
+    for (auto& v : tokens) v = id(rng);
+    for (auto& v : targets) v = id(rng);
+    auto opts = [&](SessionOptions o) {
+      o.set("lr", "0.01");
+      o.set("clip_norm", "1");
+      o.set("aux_loss_scope", "global");
+      if (policy == BalancingPolicy::SequenceAuxLoss) o.set("sequence_length", "32");
+      return o;
+    };
+    Trace want;
+    {
+      Session one(model, opts(options(Mode::Training)));
+      train(one, 0, 1, tokens, targets, rows, steps, want);
+    }
+    for (auto [world, ep] : std::vector<std::pair<int, int>>{{2, 2}, {4, 4}, {4, 2}, {2, 1}}) {
+      auto comms = testing::make_inprocess_communicators(world, 60.0);
+      std::vector<Trace> got(static_cast<size_t>(world));
+      std::vector<std::thread> threads;
+      for (int r = 0; r < world; ++r)
+        threads.emplace_back([&, r] {
+          SessionOptions o = opts(options(Mode::Training));
+          o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), ep);
+          Session s(model, o);
+          train(s, r, world, tokens, targets, rows, steps, got[r]);
+        });
+      for (auto& t : threads) t.join();
+      const std::string what = std::to_string(world) + " ranks, EP " + std::to_string(ep) +
+                               ", policy " + std::to_string(static_cast<int>(policy));
+      for (int r = 0; r < world; ++r) {
+        const Trace& g = got[r];
+        ASSERT_EQ(g.losses.size(), want.losses.size());
+        for (size_t i = 0; i < g.losses.size(); ++i)
+          EXPECT_EQ(std::memcmp(&g.losses[i], &want.losses[i], 8), 0)
+              << what << " rank " << r << " loss " << i << ": " << g.losses[i] << " vs "
+              << want.losses[i];
+        EXPECT_EQ(g.counts, want.counts) << what;
+        for (size_t l = 0; l < g.biases.size(); ++l)
+          EXPECT_TRUE(bitwise(g.biases[l], want.biases[l])) << what << " bias " << l;
+        ASSERT_EQ(g.params.size(), want.params.size());
+        for (size_t i = 0; i < g.params.size(); ++i) {
+          // Expert tensors hold the rank's shard: compare it with that slice of one session's.
+          const auto& full = want.params[i];
+          const size_t n = g.params[i].size();
+          const size_t at = n == full.size() ? 0 : (r % ep) * n;
+          EXPECT_TRUE(
+              bitwise(g.params[i], std::vector<float>(full.begin() + static_cast<int64_t>(at),
+                                                      full.begin() + static_cast<int64_t>(at + n))))
+              << what << " rank " << r << " parameter " << s_name(i);
+          const auto& gfull = want.grads[i];
+          EXPECT_TRUE(
+              bitwise(g.grads[i], std::vector<float>(gfull.begin() + static_cast<int64_t>(at),
+                                                     gfull.begin() + static_cast<int64_t>(at + n))))
+              << what << " rank " << r << " gradient " << s_name(i);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moert
