@@ -52,7 +52,8 @@ func LoadModel(path string) (*Model, error) {
 	return newModel(p), nil
 }
 
-// LoadModelBytes loads a model from memory (copied). externalDir is the directory a model with
+// LoadModelBytes loads a model from memory (copied: data may lie in any Go memory, see
+// memory.go). externalDir is the directory a model with
 // external weights resolves its data file against; "" when it has none.
 func LoadModelBytes(data []byte, externalDir string) (*Model, error) {
 	if abiErr != nil {
@@ -62,7 +63,7 @@ func LoadModelBytes(data []byte, externalDir string) (*Model, error) {
 		return nil, err
 	}
 	var p uintptr
-	if err := check(capi.Moert_model_load_buffer(data, externalDir, &p)); err != nil {
+	if err := check(capi.Moert_model_load_buffer(ownBytes(data), externalDir, &p)); err != nil {
 		return nil, err
 	}
 	return newModel(p), nil

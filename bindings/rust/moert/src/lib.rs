@@ -27,6 +27,9 @@
 //! # Ok::<(), moert::Error>(())
 //! ```
 
+mod batcher;
+pub use batcher::{Batcher, BatcherCounters, BatcherOptions, RequestStats};
+
 use moert_sys as sys;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};

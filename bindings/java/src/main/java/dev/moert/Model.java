@@ -53,13 +53,13 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
   }
 
   /**
-   * Loads a model from the remaining bytes of a buffer (direct, or array-backed), copied; the
+   * Loads a model from the remaining bytes of a buffer of any kind (heap, direct, read-only), copied; the
    * buffer's position is unchanged.
    */
   public static Model fromBuffer(ByteBuffer data, String externalDir) {
     Moert.load();
     SWIGTYPE_p_moert_model[] out = new SWIGTYPE_p_moert_model[1];
-    MoertException.check(Capi.moert_model_load_buffer(data.slice(), externalDir, out));
+    MoertException.check(Capi.moert_model_load_buffer(Buffers.in(data), externalDir, out));
     return new Model(out[0]);
   }
 
