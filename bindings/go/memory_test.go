@@ -60,6 +60,8 @@ func equalFloats(t *testing.T, what string, got, want []float32) {
 func TestCallerMemoryInAnyGoLayout(t *testing.T) {
 	x := 3
 	hm := mustHiddenModel(t)
+	_, err := hm.VocabSize()
+	wantCode(t, err, ErrInvalidArgument)
 	hs := mustSession(t, hm, ModeInference, 1)
 	plain := []float32{1, -0.5, 0.25, 2, 0.125}
 	want, err := hs.ForwardHidden(plain, 1)

@@ -158,6 +158,20 @@ func (m *Model) IO() (IO, error) {
 	return IO{Input: InputKind(kind), InputWidth: int(in), OutputWidth: int(out)}, nil
 }
 
+// VocabSize is the number of token ids a token model accepts (ids 0 to VocabSize-1); an error
+// for a model that takes hidden states.
+func (m *Model) VocabSize() (int, error) {
+	if err := m.g.enter(); err != nil {
+		return 0, err
+	}
+	defer m.g.leave()
+	var n uint32
+	if err := check(capi.Moert_model_vocab_size(m.ptr, &n)); err != nil {
+		return 0, err
+	}
+	return int(n), nil
+}
+
 // NumParameters counts every parameter (total) and those one input row uses (activated).
 func (m *Model) NumParameters() (total, activated uint64, err error) {
 	if err := m.g.enter(); err != nil {

@@ -77,7 +77,9 @@ struct Fixture {
     int32_t kind = 0;
     EXPECT_TRUE(IsOk(moert_model_io(model.get(), &kind, &in_width, &out_width)));
     tokens = kind == MOERT_INPUT_TOKENS;
-    if (tokens) vocab = 64;  // the example model's: the only token model used here
+    if (tokens) {
+      EXPECT_TRUE(IsOk(moert_model_vocab_size(model.get(), &vocab)));
+    }
   }
 
   // Deterministic input of `rows` rows, distinct per `salt`.
@@ -595,6 +597,23 @@ TEST(Batcher, MisuseIsRefused) {
   EXPECT_TRUE(IsError(moert_batcher_counters(b, nullptr, 3), kInvalid, {"counters"}));
   int64_t one = 0;
   EXPECT_TRUE(IsError(moert_batcher_counters(nullptr, &one, 1), kInvalid, {"batcher"}));
+}
+
+// What a caller needs to check token ids before it sends them.
+TEST(Batcher, ModelVocabSize) {
+  Fixture f = example_fixture();
+  uint32_t v = 0;
+  ASSERT_TRUE(IsOk(moert_model_vocab_size(f.model.get(), &v)));
+  EXPECT_EQ(v, 64u);
+  ModelPtr tokens = load_ok(build(token_baseline()));
+  ASSERT_TRUE(IsOk(moert_model_vocab_size(tokens.get(), &v)));
+  EXPECT_EQ(v, 16u);
+  Fixture hidden = wide_fixture();
+  v = 7;
+  EXPECT_TRUE(IsError(moert_model_vocab_size(hidden.model.get(), &v), kInvalid, {"hidden states"}));
+  EXPECT_EQ(v, 7u);
+  EXPECT_TRUE(IsError(moert_model_vocab_size(nullptr, &v), kInvalid, {"model"}));
+  EXPECT_TRUE(IsError(moert_model_vocab_size(f.model.get(), nullptr), kInvalid, {"out"}));
 }
 
 TEST(Batcher, CreateAndFreeRepeatedly) {

@@ -137,6 +137,11 @@ MOERT_API moert_status* moert_model_layer_dims(const moert_model* model, uint32_
 MOERT_API moert_status* moert_model_io(const moert_model* model, int32_t* input_kind,
                                        uint32_t* input_width, uint32_t* output_width);
 
+/* The number of token ids a MOERT_INPUT_TOKENS model accepts: valid ids are 0 to *out - 1. For
+ * callers that check requests before they run them (a service reporting the row and column of a
+ * bad id). MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states. */
+MOERT_API moert_status* moert_model_vocab_size(const moert_model* model, uint32_t* out);
+
 /* Parameter counts: *total counts every parameter (routed experts, the loss-free bias excluded);
  * *activated counts those one input row uses (top_k routed experts per MoE layer, one embedding
  * row per context token). Either pointer may be NULL. */

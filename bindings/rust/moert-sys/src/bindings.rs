@@ -183,6 +183,12 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
+    #[doc = " The number of token ids a MOERT_INPUT_TOKENS model accepts: valid ids are 0 to *out - 1. For"]
+    #[doc = " callers that check requests before they run them (a service reporting the row and column of a"]
+    #[doc = " bad id). MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states."]
+    pub fn moert_model_vocab_size(model: *const moert_model, out: *mut u32) -> *mut moert_status;
+}
+extern "C" {
     #[doc = " Parameter counts: *total counts every parameter (routed experts, the loss-free bias excluded);"]
     #[doc = " *activated counts those one input row uses (top_k routed experts per MoE layer, one embedding"]
     #[doc = " row per context token). Either pointer may be NULL."]

@@ -437,6 +437,15 @@ impl Model {
         })
     }
 
+    /// The number of token ids a token model accepts (ids 0 to vocab_size - 1);
+    /// [`Code::INVALID_ARGUMENT`] for a model that takes hidden states.
+    pub fn vocab_size(&self) -> Result<u32> {
+        let mut n = 0u32;
+        // SAFETY: a live model and a valid out-pointer.
+        check(unsafe { sys::moert_model_vocab_size(self.ptr.as_ptr(), &mut n) })?;
+        Ok(n)
+    }
+
     /// Parameter counts: (every parameter, those one input row uses).
     pub fn num_parameters(&self) -> Result<(u64, u64)> {
         let (mut total, mut activated) = (0u64, 0u64);

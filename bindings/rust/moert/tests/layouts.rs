@@ -37,6 +37,10 @@ struct Holder<'a> {
 #[test]
 fn hidden_inputs_and_outputs_in_every_kind_of_slice() {
     let model = hidden_model();
+    assert_eq!(
+        model.vocab_size().unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
     let s = Session::new(&model, None).unwrap();
     let b = Batcher::new(&model, None).unwrap();
     let want = s.forward_hidden(&INPUT, 2).unwrap();

@@ -116,6 +116,19 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
     }
   }
 
+  /**
+   * The number of token ids a token model accepts (ids 0 to vocabSize() - 1).
+   *
+   * @throws MoertException MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states
+   */
+  public long vocabSize() {
+    try (Use u = use()) {
+      int[] out = new int[1];
+      MoertException.check(Capi.moert_model_vocab_size(u.ptr(), out));
+      return Integer.toUnsignedLong(out[0]);
+    }
+  }
+
   /** Parameter counts (the loss-free bias excluded). */
   public ParameterCounts numParameters() {
     try (Use u = use()) {

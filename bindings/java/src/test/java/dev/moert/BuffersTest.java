@@ -83,6 +83,7 @@ class BuffersTest {
         Batcher b = Batcher.create(m, null)) {
       float[] in = {1f, -0.5f, 0.25f, 2f, 0.125f, 3f, 0.5f, -1f, 0f, 0.75f};
       float[] want = s.forwardHidden(in, 2);
+      assertThrows(MoertException.class, m::vocabSize);
       for (Kind inKind : floatKinds()) {
         for (boolean readOnly : new boolean[] {false, true}) {
           FloatBuffer src = fill(inKind, in);

@@ -94,6 +94,7 @@ class MoertTest {
       assertEquals(new Model.Layer(2, CapiConstants.MOERT_LAYER_MOE, "moe0", 64, 64), layers[2]);
       assertEquals(CapiConstants.MOERT_LAYER_EMBEDDING, layers[0].kind());
       assertEquals(new Model.Io(CapiConstants.MOERT_INPUT_TOKENS, 4, 64), m.io());
+      assertEquals(64, m.vocabSize());
       assertEquals(new Model.ParameterCounts(110720, 36032), m.numParameters());
       assertEquals(8, m.moeInt(2, CapiConstants.MOERT_MOE_NUM_EXPERTS));
       assertEquals(2, m.moeInt(2, CapiConstants.MOERT_MOE_TOP_K));
