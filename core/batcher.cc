@@ -170,7 +170,6 @@ void Batcher::counters(int64_t* out, uint64_t len) const {
 void Batcher::serve(size_t index) {
   const auto max_wait = std::chrono::microseconds(options_.max_wait_us);
   const uint64_t cap = options_.max_batch_rows;
-  std::vector<Request*> batch;
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
@@ -183,26 +182,35 @@ void Batcher::serve(size_t index) {
     }
     if (stop_) return;
     if (queue_.empty()) continue;  // another session took them
-    batch.clear();
-    uint64_t rows = 0;
-    do {
-      rows += queue_.front()->rows;
-      batch.push_back(queue_.front());
+    // Whole requests, oldest first, while they fit under the cap (the first always does).
+    Request* first = queue_.front();
+    Request* last = first;
+    queue_.pop_front();
+    size_t count = 1;
+    uint64_t rows = first->rows;
+    while (batch_requests_ && !queue_.empty() && rows + queue_.front()->rows <= cap) {
+      last->next = queue_.front();
+      last = last->next;
       queue_.pop_front();
-    } while (batch_requests_ && !queue_.empty() && rows + queue_.front()->rows <= cap);
+      rows += last->rows;
+      ++count;
+    }
+    last->next = nullptr;
     queued_rows_ -= rows;
     // What is left is another session's to take.
     if (!queue_.empty()) work_.notify_one();
     lock.unlock();
-    const int64_t run_ns = run(index, batch, rows);
+    const int64_t run_ns = run(index, first, count, rows);
     lock.lock();
-    for (Request* r : batch) {
+    for (Request* r = first; r;) {
+      Request* next = r->next;
       ++counts_[kCountRequests];
       if (r->error) ++counts_[kCountFailed];
       counts_[kCountQueueNs] += r->stats[kStatQueueNs];
       r->done = true;
       // Under the lock: the caller cannot return (and destroy r) before this completes.
       r->cv.notify_one();
+      r = next;
     }
     ++counts_[kCountBatches];
     counts_[kCountRows] += static_cast<int64_t>(rows);
@@ -219,29 +227,29 @@ void Batcher::run_one(Session& s, const void* input, uint64_t rows, float* out) 
     s.forward_hidden(static_cast<const float*>(input), in_len, rows, out, out_len);
 }
 
-int64_t Batcher::run(size_t index, const std::vector<Request*>& batch, uint64_t rows) {
+int64_t Batcher::run(size_t index, Request* first, size_t count, uint64_t rows) noexcept {
   Worker& w = workers_[index];
   Session& s = *w.session;
-  const auto device = s.use_device();
   const auto start = Clock::now();
-  for (Request* r : batch) {
+  for (Request* r = first; r; r = r->next) {
     r->stats[kStatQueueNs] = ns_between(r->enqueued, start);
     r->stats[kStatBatchRows] = static_cast<int64_t>(rows);
-    r->stats[kStatBatchRequests] = static_cast<int64_t>(batch.size());
+    r->stats[kStatBatchRequests] = static_cast<int64_t>(count);
     r->stats[kStatSession] = static_cast<int64_t>(index);
   }
   const size_t in_w = model_->input_width, out_w = model_->output_width;
   bool isolate = false;
   try {
-    if (batch.size() == 1) {
+    const auto device = s.use_device();
+    if (count == 1) {
       // Nothing to gather: the caller's buffers serve directly.
-      run_one(s, batch[0]->input, rows, batch[0]->out);
+      run_one(s, first->input, rows, first->out);
     } else {
       const void* input;
       if (model_->token_input) {
         w.tokens.resize(rows * in_w);
         size_t at = 0;
-        for (const Request* r : batch) {
+        for (const Request* r = first; r; r = r->next) {
           std::memcpy(w.tokens.data() + at, r->input, r->rows * in_w * sizeof(int32_t));
           at += r->rows * in_w;
         }
@@ -249,7 +257,7 @@ int64_t Batcher::run(size_t index, const std::vector<Request*>& batch, uint64_t 
       } else {
         w.hidden.resize(rows * in_w);
         size_t at = 0;
-        for (const Request* r : batch) {
+        for (const Request* r = first; r; r = r->next) {
           std::memcpy(w.hidden.data() + at, r->input, r->rows * in_w * sizeof(float));
           at += r->rows * in_w;
         }
@@ -258,7 +266,7 @@ int64_t Batcher::run(size_t index, const std::vector<Request*>& batch, uint64_t 
       w.out.resize(rows * out_w);
       run_one(s, input, rows, w.out.data());
       size_t at = 0;
-      for (Request* r : batch) {
+      for (Request* r = first; r; r = r->next) {
         std::memcpy(r->out, w.out.data() + at, r->rows * out_w * sizeof(float));
         at += r->rows * out_w;
       }
@@ -266,21 +274,22 @@ int64_t Batcher::run(size_t index, const std::vector<Request*>& batch, uint64_t 
   } catch (...) {
     // A pass can fail on what no request shows alone (a result that overflows, memory for the
     // whole batch): each request is rerun by itself so that it gets its own answer and status.
-    if (batch.size() == 1)
-      batch[0]->error = std::current_exception();
+    if (count == 1)
+      first->error = std::current_exception();
     else
       isolate = true;
   }
   const int64_t run_ns = ns_between(start, Clock::now());
-  for (Request* r : batch) r->stats[kStatRunNs] = run_ns;
+  for (Request* r = first; r; r = r->next) r->stats[kStatRunNs] = run_ns;
   if (!isolate) return run_ns;
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++counts_[kCountIsolated];
   }
-  for (Request* r : batch) {
+  for (Request* r = first; r; r = r->next) {
     const auto solo = Clock::now();
     try {
+      const auto device = s.use_device();
       run_one(s, r->input, r->rows, r->out);
     } catch (...) {
       r->error = std::current_exception();
@@ -291,5 +300,4 @@ int64_t Batcher::run(size_t index, const std::vector<Request*>& batch, uint64_t 
   }
   return ns_between(start, Clock::now());
 }
-
 }  // namespace moert

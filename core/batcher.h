@@ -94,6 +94,7 @@ class Batcher {
     std::exception_ptr error;
     bool done = false;
     std::condition_variable cv;
+    Request* next = nullptr;  // the next request of its batch: a worker allocates nothing
   };
   struct Worker {
     std::unique_ptr<Session> session;
@@ -106,8 +107,9 @@ class Batcher {
   void check_out(uint64_t rows, const float* out, uint64_t out_len) const;
   void submit(Request& r, int64_t* stats, uint64_t stats_len);
   void serve(size_t index);
-  // Runs one batch on session `index`; returns the nanoseconds spent.
-  int64_t run(size_t index, const std::vector<Request*>& batch, uint64_t rows);
+  // Runs one batch (`first` and its `next` chain, `count` requests, `rows` rows) on session
+  // `index`; returns the nanoseconds spent. Never throws: every error lands in its request.
+  int64_t run(size_t index, Request* first, size_t count, uint64_t rows) noexcept;
   void run_one(Session& s, const void* input, uint64_t rows, float* out);
 
   std::shared_ptr<const Model> model_;
