@@ -13,6 +13,7 @@ packages=(
   python3-matplotlib                            # the experiment's MaxVio plot (PNG)
   swig                                          # generates the Go and Java layers (bindings/swig)
   golang-go                                     # the Go binding and the Go service example
+  curl                                          # the README's service steps, run as tests
   openjdk-17-jdk-headless junit5                # the Java binding (javac, jar, JNI headers), JUnit 5
   bindgen libclang1-14 libclang-common-14-dev   # checks the committed Rust bindings; bindgen
                                                 # loads libclang at run time without depending on it

@@ -52,7 +52,8 @@ func LoadModel(path string) (*Model, error) {
 	return newModel(p), nil
 }
 
-// LoadModelBytes loads a model from memory (copied). externalDir is the directory a model with
+// LoadModelBytes loads a model from memory (copied: data may lie in any Go memory, see
+// memory.go). externalDir is the directory a model with
 // external weights resolves its data file against; "" when it has none.
 func LoadModelBytes(data []byte, externalDir string) (*Model, error) {
 	if abiErr != nil {
@@ -62,7 +63,7 @@ func LoadModelBytes(data []byte, externalDir string) (*Model, error) {
 		return nil, err
 	}
 	var p uintptr
-	if err := check(capi.Moert_model_load_buffer(data, externalDir, &p)); err != nil {
+	if err := check(capi.Moert_model_load_buffer(ownBytes(data), externalDir, &p)); err != nil {
 		return nil, err
 	}
 	return newModel(p), nil
@@ -155,6 +156,20 @@ func (m *Model) IO() (IO, error) {
 		return IO{}, err
 	}
 	return IO{Input: InputKind(kind), InputWidth: int(in), OutputWidth: int(out)}, nil
+}
+
+// VocabSize is the number of token ids a token model accepts (ids 0 to VocabSize-1); an error
+// for a model that takes hidden states.
+func (m *Model) VocabSize() (int, error) {
+	if err := m.g.enter(); err != nil {
+		return 0, err
+	}
+	defer m.g.leave()
+	var n uint32
+	if err := check(capi.Moert_model_vocab_size(m.ptr, &n)); err != nil {
+		return 0, err
+	}
+	return int(n), nil
 }
 
 // NumParameters counts every parameter (total) and those one input row uses (activated).

@@ -115,6 +115,9 @@ func TestModelInspection(t *testing.T) {
 	if err != nil || io != (IO{Input: InputTokens, InputWidth: 4, OutputWidth: 64}) {
 		t.Fatalf("IO() = %+v, %v", io, err)
 	}
+	if v, err := m.VocabSize(); err != nil || v != 64 {
+		t.Fatalf("VocabSize() = %d, %v", v, err)
+	}
 	total, activated, err := m.NumParameters()
 	if err != nil || total != 110720 || activated != 36032 {
 		t.Fatalf("NumParameters() = %d, %d, %v", total, activated, err)

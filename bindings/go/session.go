@@ -99,20 +99,29 @@ func (s *Session) ForwardTokens(tokens []int32, rows int) ([]float32, error) {
 		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
 	}
 	out := make([]float32, rows*s.io.OutputWidth)
-	if err := s.ForwardTokensInto(tokens, rows, out); err != nil {
+	in := ownInts(tokens)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_forward_tokens(s.ptr, in, uint64(rows), out)
+	}); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// ForwardTokensInto is ForwardTokens writing into out (rows*OutputWidth values).
+// ForwardTokensInto is ForwardTokens writing into out (rows*OutputWidth values). tokens and out
+// may lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardTokensInto(tokens []int32, rows int, out []float32) error {
 	if rows < 0 {
 		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
 	}
-	return s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_tokens(s.ptr, tokens, uint64(rows), out)
-	})
+	in, dst := ownInts(tokens), scratchFloats(out)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_forward_tokens(s.ptr, in, uint64(rows), dst)
+	}); err != nil {
+		return err
+	}
+	copy(out, dst)
+	return nil
 }
 
 // ForwardHidden runs a forward pass over rows rows of hidden states (in holds rows*InputWidth
@@ -122,20 +131,29 @@ func (s *Session) ForwardHidden(in []float32, rows int) ([]float32, error) {
 		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
 	}
 	out := make([]float32, rows*s.io.OutputWidth)
-	if err := s.ForwardHiddenInto(in, rows, out); err != nil {
+	src := ownFloats(in)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_forward_hidden(s.ptr, src, uint64(rows), out)
+	}); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// ForwardHiddenInto is ForwardHidden writing into out (rows*OutputWidth values).
+// ForwardHiddenInto is ForwardHidden writing into out (rows*OutputWidth values). in and out may
+// lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardHiddenInto(in []float32, rows int, out []float32) error {
 	if rows < 0 {
 		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
 	}
-	return s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_hidden(s.ptr, in, uint64(rows), out)
-	})
+	src, dst := ownFloats(in), scratchFloats(out)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_forward_hidden(s.ptr, src, uint64(rows), dst)
+	}); err != nil {
+		return err
+	}
+	copy(out, dst)
+	return nil
 }
 
 // numExperts is the routed expert count of MoE layer l.
@@ -187,8 +205,9 @@ func (s *Session) ResetMetrics() error {
 // gradient and returns the loss.
 func (s *Session) BackwardLoss(targets []int32) (float64, error) {
 	var loss float64
+	t := ownInts(targets)
 	err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_backward_loss(s.ptr, targets, &loss)
+		return capi.Moert_session_backward_loss(s.ptr, t, &loss)
 	})
 	return loss, err
 }
@@ -197,9 +216,13 @@ func (s *Session) BackwardLoss(targets []int32) (float64, error) {
 // and returns the auxiliary balancing loss. gradIn, when not nil, receives the gradient of the
 // inputs (hidden-state models only).
 func (s *Session) Backward(gradOut, gradIn []float32) (auxLoss float64, err error) {
+	src, dst := ownFloats(gradOut), scratchFloats(gradIn)
 	err = s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_backward(s.ptr, gradOut, gradIn, &auxLoss)
+		return capi.Moert_session_backward(s.ptr, src, dst, &auxLoss)
 	})
+	if err == nil {
+		copy(gradIn, dst)
+	}
 	return auxLoss, err
 }
 
@@ -334,8 +357,9 @@ func (s *Session) SetParameter(name string, values []float32) error {
 	if err := noNUL("parameter name", name); err != nil {
 		return err
 	}
+	v := ownFloats(values)
 	return s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_set_parameter(s.ptr, name, values)
+		return capi.Moert_session_set_parameter(s.ptr, name, v)
 	})
 }
 
@@ -351,8 +375,9 @@ func (s *Session) SetGradient(name string, values []float32) error {
 	if err := noNUL("parameter name", name); err != nil {
 		return err
 	}
+	v := ownFloats(values)
 	return s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_set_gradient(s.ptr, name, values)
+		return capi.Moert_session_set_gradient(s.ptr, name, v)
 	})
 }
 
@@ -377,8 +402,9 @@ func (s *Session) SetExpertBias(l int, bias []float32) error {
 	if err != nil {
 		return err
 	}
+	b := ownFloats(bias)
 	return s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_set_expert_bias(s.ptr, idx, bias)
+		return capi.Moert_session_set_expert_bias(s.ptr, idx, b)
 	})
 }
 

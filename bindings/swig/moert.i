@@ -41,7 +41,8 @@
       (const T* grad_out, uint64_t grad_out_len)
 #define MOERT_OUT_ARRAYS(T)                                                       \
   (T* out, uint64_t out_len), (T* out, uint64_t len), (T* counts, uint64_t len),  \
-      (T* grad_in, uint64_t grad_in_len)
+      (T* grad_in, uint64_t grad_in_len), (T* stats, uint64_t stats_len),          \
+      (T* counters, uint64_t len)
 
 /* ============================================================================================ */
 #if defined(SWIGGO)
@@ -173,16 +174,19 @@ static char* moert_jni_cstring(JNIEnv* env, jbyteArray a, int* failed) {
   return s;
 }
 
-/* One java.nio buffer seen from C: a direct buffer is used in place (zero copy); an
- * array-backed one through Get<Type>ArrayElements, released after the call (copied back for
- * outputs, discarded for inputs). The C length is the buffer's capacity, so the library can
- * never run past it; the idiomatic layer passes slice()d buffers whose index 0 is the caller's
- * position. */
+/* One java.nio buffer seen from C: a direct buffer is used in place (zero copy) unless its
+ * address is not aligned to the element size (a view of a direct ByteBuffer at an odd offset),
+ * which is copied into aligned memory; an array-backed one through Get<Type>ArrayElements,
+ * released after the call (copied back for outputs, discarded for inputs). The C length is the
+ * buffer's capacity, so the library can never run past it; the idiomatic layer passes slice()d
+ * buffers whose index 0 is the caller's position, in native byte order (it converts others). */
 typedef struct {
   void* data;
   jlong length;
   jarray array;
   void* elements;
+  void* unaligned; /* the caller's direct memory when `data` is an aligned copy of it */
+  size_t bytes;
 } moert_jni_buffer;
 
 enum { MOERT_JNI_BYTE, MOERT_JNI_INT, MOERT_JNI_LONG, MOERT_JNI_FLOAT };
@@ -195,6 +199,16 @@ static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni
   if (address) {
     b->data = address;
     b->length = (*env)->GetDirectBufferCapacity(env, buffer);
+    if ((uintptr_t)address % width[type] != 0) {
+      b->bytes = (size_t)b->length * width[type];
+      b->data = malloc(b->bytes ? b->bytes : 1);
+      if (!b->data) {
+        moert_jni_throw(env, "java/lang/OutOfMemoryError", "moert: an unaligned buffer's copy");
+        return 0;
+      }
+      memcpy(b->data, address, b->bytes);
+      b->unaligned = address;
+    }
     return 1;
   }
   jclass cls = (*env)->FindClass(env, "java/nio/Buffer");
@@ -238,6 +252,12 @@ static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni
 }
 
 static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type, int copy_back) {
+  if (b->unaligned) {
+    if (copy_back) memcpy(b->unaligned, b->data, b->bytes);
+    free(b->data);
+    b->unaligned = NULL;
+    return;
+  }
   if (!b->elements) return;
   jint mode = copy_back ? 0 : JNI_ABORT;
   switch (type) {

@@ -113,6 +113,17 @@ moert_status* moert_model_io(const moert_model* model, int32_t* input_kind, uint
   });
 }
 
+moert_status* moert_model_vocab_size(const moert_model* model, uint32_t* out) {
+  return guarded([&] {
+    require(model, "model");
+    require(out, "out");
+    const auto& m = *model->model;
+    if (!m.token_input)
+      fail(Code::InvalidArgument, "this model takes hidden states, not token ids: no vocabulary");
+    *out = std::get<moert::EmbeddingSpec>(m.layers[0].spec).vocab_size;
+  });
+}
+
 moert_status* moert_model_num_parameters(const moert_model* model, uint64_t* total,
                                          uint64_t* activated) {
   return guarded([&] {

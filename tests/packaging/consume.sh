@@ -11,8 +11,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 libdir=$(dirname "$(find "$prefix" -name 'libmoert.so' -print -quit)")
 pcdir=$libdir/pkgconfig
 rm -rf "$work" && mkdir -p "$work"
-# Only the installed copy may be found: no build-tree pkg-config files, no build rpath.
-export PKG_CONFIG_PATH=$pcdir LD_LIBRARY_PATH=$libdir
+# Only the installed copy may be found: no build-tree pkg-config files, no build rpath, and no
+# LD_LIBRARY_PATH: the install's run paths must do (MOERT_INSTALL_RPATH).
+unset LD_LIBRARY_PATH
+export PKG_CONFIG_PATH=$pcdir
 
 case $kind in
 c-cmake)

@@ -1,7 +1,12 @@
 //! Finds libmoert for the linker, with no crates: MOERT_LIB_DIR when set (the directory holding
 //! libmoert.so), otherwise `pkg-config --libs moert` (PKG_CONFIG names another pkg-config; set
 //! PKG_CONFIG_PATH to the directory of moert.pc, or of moert-uninstalled.pc in a build tree).
-//! Dependents' build scripts see the directory as DEP_MOERT_LIB_DIR when it is known.
+//!
+//! The directory reaches dependents' build scripts as DEP_MOERT_LIB_DIR, with DEP_MOERT_RPATH
+//! when the library is to be found there at run time (moert.pc's `-Wl,-rpath,DIR`, or
+//! MOERT_LIB_DIR). Cargo applies a library's linker arguments to no program that uses it
+//! (rust-lang/cargo#9554), so a program sets that run path in its own build script; the `moert`
+//! crate passes it on as DEP_MOERT_RS_RPATH (see examples/rust/build.rs).
 
 use std::env;
 use std::process::Command;
@@ -21,6 +26,7 @@ fn main() {
         println!("cargo:rustc-link-search=native={dir}");
         println!("cargo:rustc-link-lib=dylib=moert");
         println!("cargo:lib_dir={dir}");
+        rpath(&dir);
         return;
     }
 
@@ -43,6 +49,13 @@ fn main() {
         } else if let Some(lib) = flag.strip_prefix("-l") {
             println!("cargo:rustc-link-lib=dylib={lib}");
             linked |= lib == "moert";
+        } else if let Some(dirs) = flag
+            .strip_prefix("-Wl,-rpath,")
+            .or_else(|| flag.strip_prefix("-Wl,-rpath="))
+        {
+            for dir in dirs.split(',') {
+                rpath(dir);
+            }
         }
     }
     if !linked {
@@ -50,6 +63,12 @@ fn main() {
             "`{pkg_config} --libs moert` names no -lmoert: {flags}"
         ));
     }
+}
+
+/// A run path: for this crate's own tests, and for dependents to apply to their programs.
+fn rpath(dir: &str) {
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    println!("cargo:rpath={dir}");
 }
 
 fn fail(why: &str) -> ! {

@@ -140,6 +140,11 @@ MOERT_API moert_status* moert_model_layer_dims(const moert_model* model, uint32_
 MOERT_API moert_status* moert_model_io(const moert_model* model, int32_t* input_kind,
                                        uint32_t* input_width, uint32_t* output_width);
 
+/* The number of token ids a MOERT_INPUT_TOKENS model accepts: valid ids are 0 to *out - 1. For
+ * callers that check requests before they run them (a service reporting the row and column of a
+ * bad id). MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states. */
+MOERT_API moert_status* moert_model_vocab_size(const moert_model* model, uint32_t* out);
+
 /* Parameter counts: *total counts every parameter (routed experts, the loss-free bias excluded);
  * *activated counts those one input row uses (top_k routed experts per MoE layer, one embedding
  * row per context token). Either pointer may be NULL. */
@@ -425,6 +430,130 @@ MOERT_API moert_status* moert_session_max_vio(const moert_session* session, uint
 
 /* Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer (start of an evaluation pass). */
 MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
+
+/* ---- Batcher: many concurrent callers, one forward pass ------------------------------------ */
+/* A moert_batcher serves inference to many threads at once. Each caller passes its own rows and
+ * blocks; the batcher gathers the requests that arrive within a bounded wait, up to a row cap,
+ * into one forward pass on one of a pool of inference sessions, and hands every caller its own
+ * output rows and its own status. A forward pass over many rows costs far less per row than one
+ * over a single row (every expert's GEMM gets more rows), so throughput grows with load where a
+ * shared moert_session, which runs one call at a time, stays flat.
+ *
+ * Results: each caller receives exactly what moert_session_forward_*() on a session with the
+ * same options would return for its rows alone — bit for bit on the CPU backend, whose GEMMs
+ * compute every output row independently of the other rows of the call (checked by
+ * tests/capi/batcher_test.cc against solo calls). On CUDA, cuBLASLt may choose another GEMM
+ * algorithm for another row count, so batched and solo results agree to bf16 rounding only.
+ * Models with an Expert Choice layer (experts pick tokens across the batch) are never batched
+ * across requests: each pass carries one request.
+ *
+ * Errors: each request is validated in the calling thread before it joins a batch (sizes, the
+ * row cap, token ids, finite inputs when "check_finite" is on), so one caller's bad input fails
+ * that caller alone. When a pass fails on something no single request shows (a result that
+ * overflows, memory for the whole batch), each of its requests is rerun alone and gets its own
+ * status.
+ *
+ * Sessions and threads on a machine of N cores: every pool session has its own backend threads
+ * (moert_session_options_set_threads) and runs one pass at a time, so sessions x threads should
+ * be about N. One session with N threads gives the largest batches; two sessions with N/2 threads
+ * each overlap one batch's gathering and the callers' own work with the other's pass. See the
+ * README's serving section for measurements. On the CPU, the sessions read the model's weights
+ * in place: a pool costs its activations and threads, not copies of the weights. On CUDA each
+ * session holds its own device copy of the weights: use one session per GPU (two at most).
+ *
+ * Thread-safety: moert_batcher_forward_*() and moert_batcher_counters() may be called from any
+ * number of threads at once; moert_batcher_free() must not race with them. Options objects must
+ * not be modified concurrently. */
+
+typedef struct moert_batcher_options moert_batcher_options;
+typedef struct moert_batcher moert_batcher;
+
+/* Per-request figures: indices into the `stats` array of moert_batcher_forward_*(). */
+#define MOERT_REQUEST_QUEUE_NS 0       /* ns from entering the batcher to the start of its pass */
+#define MOERT_REQUEST_RUN_NS 1         /* ns of the forward pass that carried the request */
+#define MOERT_REQUEST_BATCH_ROWS 2     /* rows of that pass */
+#define MOERT_REQUEST_BATCH_REQUESTS 3 /* requests of that pass */
+#define MOERT_REQUEST_SESSION 4        /* pool index of the session that ran it */
+#define MOERT_REQUEST_STATS 5          /* number of per-request figures this header knows */
+
+/* Cumulative figures of a batcher: indices into the array of moert_batcher_counters(). */
+#define MOERT_BATCHER_REQUESTS 0 /* requests answered, failed ones included */
+#define MOERT_BATCHER_FAILED 1   /* requests answered with an error */
+#define MOERT_BATCHER_BATCHES 2  /* forward passes run for batches */
+#define MOERT_BATCHER_ROWS 3     /* rows of those passes: ROWS / BATCHES is the mean batch size */
+#define MOERT_BATCHER_QUEUE_NS 4 /* sum of the answered requests' queue times, ns */
+#define MOERT_BATCHER_RUN_NS 5   /* sum of the passes' run times, ns */
+#define MOERT_BATCHER_ISOLATED 6 /* batches that failed and were rerun request by request */
+#define MOERT_BATCHER_COUNTERS 7 /* number of counters this header knows */
+
+/* Creates batcher options with the defaults: 1 session, at most 256 rows per pass, no wait
+ * (a free session takes what is queued at once; under load, requests queue while the sessions
+ * are busy, which batches them anyway), default session options. Free with
+ * moert_batcher_options_free(). */
+MOERT_API moert_status* moert_batcher_options_create(moert_batcher_options** out);
+
+/* Releases batcher options. Accepts NULL. */
+MOERT_API void moert_batcher_options_free(moert_batcher_options* options);
+
+/* Sessions in the pool, 1 to 256: how many passes run at once. */
+MOERT_API moert_status* moert_batcher_options_set_sessions(moert_batcher_options* options,
+                                                           uint32_t sessions);
+
+/* The row cap, 1 to 2^20: the most rows one pass gathers, and the most rows one request may
+ * have (a larger request is MOERT_ERR_INVALID_ARGUMENT). Whole requests join a pass, never parts
+ * of one. It bounds a pass's memory (about rows x the widest layer's width x 4 bytes per
+ * activation) and its latency. */
+MOERT_API moert_status* moert_batcher_options_set_max_batch_rows(moert_batcher_options* options,
+                                                                 uint64_t rows);
+
+/* The bounded wait, 0 to 1000000 microseconds: a free session holding fewer rows than the cap
+ * waits at most this long after the oldest queued request arrived before it starts the pass.
+ * Each request's latency grows by at most this much; 0 runs at once. */
+MOERT_API moert_status* moert_batcher_options_set_max_wait_us(moert_batcher_options* options,
+                                                              uint64_t microseconds);
+
+/* The options every pool session is created with (copied: `session_options` may be freed or
+ * changed afterwards). Training mode is refused (MOERT_ERR_INVALID_ARGUMENT) when the batcher is
+ * created. */
+MOERT_API moert_status* moert_batcher_options_set_session_options(
+    moert_batcher_options* options, const moert_session_options* session_options);
+
+/* Creates a batcher over `model` with `options` (NULL: defaults) and starts one thread per pool
+ * session. The batcher keeps what it needs of the model: the model may be freed afterwards.
+ * Errors are those of moert_session_create(), and MOERT_ERR_INVALID_ARGUMENT for session options
+ * in training mode. Free with moert_batcher_free(). */
+MOERT_API moert_status* moert_batcher_create(const moert_model* model,
+                                             const moert_batcher_options* options,
+                                             moert_batcher** out);
+
+/* Stops the pool's threads and releases the batcher. Accepts NULL. Must not race with another
+ * call on the same batcher (no request may be in flight). */
+MOERT_API void moert_batcher_free(moert_batcher* batcher);
+
+/* One request of `rows` rows of token ids (a MOERT_INPUT_TOKENS model), as
+ * moert_session_forward_tokens(): `tokens` holds rows * input_width ids (`num_tokens`), `out`
+ * receives rows * output_width floats (`out_len`). Blocks until the request's pass is done; the
+ * batcher reads `tokens` and writes `out` until then, and keeps no pointer afterwards. `stats`
+ * (may be NULL, with stats_len 0) receives min(stats_len, MOERT_REQUEST_STATS) figures indexed
+ * by MOERT_REQUEST_*; entries this library does not know are set to -1. On error neither `out`
+ * nor `stats` is written. Thread-safe. */
+MOERT_API moert_status* moert_batcher_forward_tokens(moert_batcher* batcher, const int32_t* tokens,
+                                                     uint64_t num_tokens, uint64_t rows, float* out,
+                                                     uint64_t out_len, int64_t* stats,
+                                                     uint64_t stats_len);
+
+/* As moert_batcher_forward_tokens(), over `rows` rows of hidden states (a MOERT_INPUT_HIDDEN
+ * model): `in` holds rows * input_width floats (`in_len`). Thread-safe. */
+MOERT_API moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, const float* in,
+                                                     uint64_t in_len, uint64_t rows, float* out,
+                                                     uint64_t out_len, int64_t* stats,
+                                                     uint64_t stats_len);
+
+/* The batcher's cumulative figures since creation: `counters` receives
+ * min(len, MOERT_BATCHER_COUNTERS) values indexed by MOERT_BATCHER_*; entries this library does
+ * not know are set to -1. A consistent snapshot. Thread-safe. */
+MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int64_t* counters,
+                                               uint64_t len);
 
 /* ---- Training ---------------------------------------------------------------------------- */
 /* All functions below need a session created with MOERT_MODE_TRAINING and return

@@ -1,56 +1,131 @@
-// Command service serves a moert model over HTTP: it loads the model once, creates one session,
-// and answers forward requests from as many goroutines (connections) as arrive, all sharing that
-// session, which serialises the calls inside the library.
+// Command service serves a moert model over HTTP, as a production service would: requests from
+// many connections are gathered by a moert.Batcher into shared forward passes; bodies are bounded
+// by the model's width and a row cap; concurrent requests, read and write times are bounded;
+// every error is a JSON object of one shape; SIGTERM and SIGINT drain the requests in flight
+// before the process exits.
 //
-//	service -model examples/models/tiny_moe.moert -addr 127.0.0.1:8080 -threads 2
+//	service -model ../models/tiny_moe.moert -addr 127.0.0.1:8080
 //
-//	POST /forward  {"tokens": [[1,2,3,4], ...]}      token-id rows, for token models
-//	               {"hidden": [[0.1, ...], ...]}     hidden-state rows, for hidden-state models
-//	            -> {"rows": 2, "width": 64, "outputs": [[...], ...]}
-//	GET  /model -> {"name": "tiny-moe", "input_kind": 1, "input_width": 4, "output_width": 64, ...}
+//	POST /forward   Content-Type: application/json
+//	                {"tokens": [[1,2,3,4], ...]}     token-id rows, for token models
+//	                {"hidden": [[0.1, ...], ...]}    hidden-state rows, for hidden-state models
+//	             -> 200 {"rows": 2, "width": 64, "outputs": [[...], ...]}
+//	GET  /model   -> {"name": "tiny-moe", "input_kind": "tokens", "input_width": 4, ...}
+//	GET  /metrics -> requests, failures, passes, mean batch size, queue and run time, memory
+//	GET  /healthz -> 200 {"status": "ok"}, or 503 while draining
+//
+// Errors: {"error": {"code": "bad_token", "message": "...", "row": 2, "column": 1}} with the
+// HTTP status of the code (see errors.go); "row" and "column" are 0-based indices into the
+// request's array and are present only where one row or value is at fault.
 package main
 
 import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"syscall"
 	"time"
 )
 
-func main() {
-	modelPath := flag.String("model", "examples/models/tiny_moe.moert", "model file")
-	addr := flag.String("addr", "127.0.0.1:8080", "listen address")
-	threads := flag.Int("threads", 2, "worker threads of the session")
-	flag.Parse()
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
-	svc, err := NewService(*modelPath, *threads)
+// run is the whole program: it returns the exit status. The listening address is printed to
+// stdout as "listening on http://ADDR" once requests are accepted.
+func run(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("service", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg := DefaultConfig()
+	fs.StringVar(&cfg.ModelPath, "model", "", "model file (required), e.g. ../models/tiny_moe.moert")
+	addr := fs.String("addr", "127.0.0.1:8080", "listen address (port 0: any free port)")
+	fs.BoolVar(&cfg.Batch, "batch", cfg.Batch, "gather concurrent requests into shared passes (false: each request runs alone on a pool session)")
+	fs.IntVar(&cfg.Sessions, "sessions", cfg.Sessions, "inference sessions (passes that run at once)")
+	fs.IntVar(&cfg.Threads, "threads", cfg.Threads, "threads per session (sessions x threads ~ cores)")
+	fs.IntVar(&cfg.MaxBatchRows, "max-batch-rows", cfg.MaxBatchRows, "rows one pass gathers at most")
+	fs.DurationVar(&cfg.MaxWait, "max-wait", cfg.MaxWait, "how long a free session waits for more rows")
+	fs.IntVar(&cfg.MaxRequestRows, "max-request-rows", cfg.MaxRequestRows, "rows one request may have (bounds the body size)")
+	fs.IntVar(&cfg.MaxInFlight, "max-in-flight", cfg.MaxInFlight, "requests served at once; more are refused with 503")
+	readTimeout := fs.Duration("read-timeout", 15*time.Second, "time to read a whole request")
+	writeTimeout := fs.Duration("write-timeout", 30*time.Second, "time from the end of the request headers to the end of the response")
+	idleTimeout := fs.Duration("idle-timeout", 120*time.Second, "keep-alive connections idle longer are closed")
+	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long requests in flight may take to finish")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if cfg.ModelPath == "" || fs.NArg() != 0 {
+		fmt.Fprintln(stderr, "usage: service -model FILE [-addr HOST:PORT] [flags]; -help lists them")
+		return 2
+	}
+	logger := log.New(stderr, "service: ", log.LstdFlags)
+
+	svc, err := NewService(cfg)
 	if err != nil {
-		log.Fatal(err)
+		logger.Print(err)
+		return 1
 	}
 	defer svc.Close()
-
 	ln, err := net.Listen("tcp", *addr)
 	if err != nil {
-		log.Fatal(err)
+		logger.Print(err)
+		return 1
 	}
-	srv := &http.Server{Handler: svc.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	log.Printf("serving %s on http://%s", svc.info.Name, ln.Addr())
+	srv := &http.Server{
+		Handler:           svc.Handler(),
+		ReadHeaderTimeout: min(*readTimeout, 5*time.Second),
+		ReadTimeout:       *readTimeout,
+		WriteTimeout:      *writeTimeout,
+		IdleTimeout:       *idleTimeout,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          logger,
+	}
 
+	// Signals are caught before the address is announced, so a SIGTERM that follows the
+	// announcement always drains.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	go func() {
-		<-ctx.Done()
-		shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(shutdown)
-	}()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		log.Fatal(err)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	info := svc.Info()
+	logger.Printf("%s (%s input, %d -> %d): %s, %d sessions x %d threads, %d cores; body limit %d bytes",
+		info.Name, info.InputKind, info.InputWidth, info.OutputWidth, svc.Mode(), cfg.Sessions,
+		cfg.Threads, runtime.NumCPU(), svc.BodyLimit())
+	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
+
+	select {
+	case err := <-served:
+		logger.Print(err)
+		return 1
+	case <-ctx.Done():
 	}
+	// Drain: /healthz turns 503 so a load balancer stops sending; Shutdown closes the listener,
+	// then waits for every request in flight to be answered; only then is the model released.
+	stop()
+	logger.Printf("draining %d requests in flight", svc.InFlight())
+	svc.Drain()
+	drain, cancel := context.WithTimeout(context.Background(), *drainTimeout)
+	defer cancel()
+	if err := srv.Shutdown(drain); err != nil {
+		logger.Printf("drain: %v", err)
+		srv.Close()
+		return 1
+	}
+	if err := <-served; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		logger.Print(err)
+	}
+	logger.Print("drained")
+	return 0
+}
+
+func min(a, b time.Duration) time.Duration {
+	if a < b {
+		return a
+	}
+	return b
 }

@@ -1,187 +1,234 @@
 package main
 
 import (
-	"bytes"
-	"context"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
-	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"moert.dev/moert"
 )
 
-func modelPath(t *testing.T) string {
-	p := os.Getenv("MOERT_TEST_MODEL")
-	if p == "" {
-		t.Fatal("MOERT_TEST_MODEL is not set: run through CTest, or set it to examples/models/tiny_moe.moert")
-	}
-	return p
+func testConfig(t testing.TB) Config {
+	cfg := DefaultConfig()
+	cfg.ModelPath = modelPath(t)
+	cfg.Threads = 2
+	return cfg
 }
 
-// request r: rows windows of token ids, distinct per request.
-func tokenRows(r, rows int) [][]int32 {
-	out := make([][]int32, rows)
-	for i := range out {
-		out[i] = make([]int32, 4)
-		for c := range out[i] {
-			out[i][c] = int32((r*31 + i*7 + c*3) % 64)
-		}
-	}
-	return out
-}
-
-// startService serves the example on a loopback port the system picks, until the test ends.
-func startService(t *testing.T) string {
-	t.Helper()
-	svc, err := NewService(modelPath(t), 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: svc.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(ln)
-	}()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		<-done
-		svc.Close()
-	})
-	return "http://" + ln.Addr().String()
-}
-
-func post(client *http.Client, url string, body any) (int, []byte, error) {
-	b, err := json.Marshal(body)
-	if err != nil {
-		return 0, nil, err
-	}
-	resp, err := client.Post(url+"/forward", "application/json", bytes.NewReader(b))
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, data, err
-}
-
-// TestConcurrentForward fires many requests at once at one service (one shared session) and
-// checks every answer against a reference computed one request at a time, in-process, by a
-// session of its own.
-func TestConcurrentForward(t *testing.T) {
-	const requests, rows = 64, 8
-	url := startService(t)
-
-	model, err := moert.LoadModel(modelPath(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref, err := moert.NewSession(model, nil)
-	model.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ref.Close()
+// Many requests at once against the batcher service: every answer equals the reference
+// computed one request at a time by a session of its own, bit for bit, and requests do share
+// passes. The same against the pool of solo sessions.
+func TestConcurrentForwardEqualsSoloCalls(t *testing.T) {
+	const requests = 64
+	ref := referenceSession(t, modelPath(t))
 	want := make([][]float32, requests)
 	for r := range want {
-		var ids []int32
-		for _, row := range tokenRows(r, rows) {
-			ids = append(ids, row...)
-		}
-		if want[r], err = ref.ForwardTokens(ids, rows); err != nil {
-			t.Fatal(err)
-		}
+		want[r] = reference(t, ref, tokenRows(r, 1+r%8))
 	}
-
-	client := &http.Client{Timeout: 60 * time.Second,
-		Transport: &http.Transport{MaxIdleConnsPerHost: requests}}
-	start := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, requests)
-	for r := 0; r < requests; r++ {
-		wg.Add(1)
-		go func(r int) {
-			defer wg.Done()
-			<-start
-			status, body, err := post(client, url, ForwardRequest{Tokens: tokenRows(r, rows)})
-			if err != nil {
-				errs <- err
-				return
-			}
-			if status != http.StatusOK {
-				errs <- fmt.Errorf("request %d: HTTP %d: %s", r, status, body)
-				return
-			}
-			var resp ForwardResponse
-			if err := json.Unmarshal(body, &resp); err != nil {
-				errs <- fmt.Errorf("request %d: %v", r, err)
-				return
-			}
-			if resp.Rows != rows || resp.Width != 64 || len(resp.Outputs) != rows {
-				errs <- fmt.Errorf("request %d: %d rows of width %d", r, resp.Rows, resp.Width)
-				return
-			}
-			for i, row := range resp.Outputs {
-				for j, v := range row {
-					if v != want[r][i*64+j] {
-						errs <- fmt.Errorf("request %d row %d col %d: %v, reference %v", r, i, j, v, want[r][i*64+j])
-						return
-					}
+	for _, batch := range []bool{true, false} {
+		cfg := testConfig(t)
+		cfg.Batch = batch
+		cfg.Sessions = 2
+		cfg.MaxWait = 2 * time.Millisecond
+		url, _ := startInProcess(t, cfg)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		shared := 0
+		for r := 0; r < requests; r++ {
+			wg.Add(1)
+			go func(r int) {
+				defer wg.Done()
+				<-start
+				resp, body := post(t, url, map[string]any{"tokens": tokenRows(r, 1+r%8)})
+				if resp.StatusCode != http.StatusOK {
+					t.Errorf("request %d: HTTP %d: %s", r, resp.StatusCode, body)
+					return
 				}
-			}
-		}(r)
+				var got forwardResponse
+				if err := jsonStrict(body, &got); err != nil {
+					t.Errorf("request %d: %v", r, err)
+					return
+				}
+				if got.Rows != 1+r%8 || got.Width != 64 {
+					t.Errorf("request %d: %d rows of width %d", r, got.Rows, got.Width)
+				}
+				if err := equalOutputs(got.Outputs, want[r], 64); err != nil {
+					t.Errorf("batch=%v request %d: %v", batch, r, err)
+				}
+				if resp.Header.Get("Moert-Batch-Requests") != "1" {
+					mu.Lock()
+					shared++
+					mu.Unlock()
+				}
+			}(r)
+		}
+		close(start)
+		wg.Wait()
+		if batch && shared == 0 {
+			t.Error("no request shared a pass with another")
+		}
+		if !batch && shared != 0 {
+			t.Errorf("%d requests shared a pass in solo mode", shared)
+		}
+		resp, body := get(t, url+"/metrics")
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), fmt.Sprintf(`"requests":%d`, requests)) {
+			t.Errorf("GET /metrics: %d %s", resp.StatusCode, body)
+		}
+		t.Logf("batch=%v: %d of %d requests shared a pass; metrics %s", batch, shared, requests, body)
 	}
-	close(start)
-	wg.Wait()
-	close(errs)
-	failed := 0
-	for err := range errs {
-		failed++
-		t.Error(err)
-	}
-	t.Logf("%d concurrent requests of %d rows, %d failed", requests, rows, failed)
 }
 
-func TestBadRequestsAreClientErrors(t *testing.T) {
-	url := startService(t)
-	client := &http.Client{Timeout: 30 * time.Second}
-	for name, body := range map[string]any{
-		"short row":    ForwardRequest{Tokens: [][]int32{{1, 2, 3}}},
-		"id too large": ForwardRequest{Tokens: [][]int32{{1, 2, 3, 999}}},
-		"no rows":      ForwardRequest{},
-		"hidden rows":  ForwardRequest{Hidden: [][]float32{{0.5}}},
-		"unknown key":  map[string]int{"tokenz": 1},
+func TestHiddenStateModel(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.ModelPath = hiddenModelPath(t)
+	url, _ := startInProcess(t, cfg)
+	resp, body := post(t, url, `{"hidden": [[1, -0.5, 0.25, 2, 0.125], [0, 0, 0, 0, 1e-3]]}`)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("HTTP %d: %s", resp.StatusCode, body)
+	}
+	var got forwardResponse
+	if err := jsonStrict(body, &got); err != nil || got.Rows != 2 || got.Width != 5 {
+		t.Fatalf("%s: %v", body, err)
+	}
+	for name, c := range map[string]struct {
+		body, code string
+		row, col   int
+	}{
+		"overflowing value": {`{"hidden": [[1, 2, 3, 4, 5], [1, 2, 1e39, 4, 5]]}`, "bad_value", 1, 2},
+		"string value":      {`{"hidden": [[1, 2, 3, "4", 5]]}`, "bad_value", 0, 3},
+		"short row":         {`{"hidden": [[1, 2, 3, 4, 5], [1]]}`, "bad_shape", 1, -1},
+		"token rows":        {`{"tokens": [[1, 2, 3, 4]]}`, "wrong_input", -1, -1},
 	} {
-		status, data, err := post(client, url, body)
+		resp, body := post(t, url, c.body)
+		checkError(t, name, resp, body, http.StatusBadRequest, c.code, c.row, c.col)
+	}
+}
+
+func checkError(t *testing.T, name string, resp *http.Response, body []byte, status int, code string, row, col int) {
+	t.Helper()
+	if resp.StatusCode != status {
+		t.Errorf("%s: HTTP %d, want %d: %s", name, resp.StatusCode, status, body)
+		return
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("%s: Content-Type %q", name, ct)
+	}
+	e := decodeError(t, body)
+	if e.Error.Code != code {
+		t.Errorf("%s: code %q, want %q (%s)", name, e.Error.Code, code, e.Error.Message)
+	}
+	if (row < 0) != (e.Error.Row == nil) || (row >= 0 && *e.Error.Row != row) {
+		t.Errorf("%s: row %v, want %d: %s", name, e.Error.Row, row, body)
+	}
+	if (col < 0) != (e.Error.Column == nil) || (col >= 0 && *e.Error.Column != col) {
+		t.Errorf("%s: column %v, want %d: %s", name, e.Error.Column, col, body)
+	}
+}
+
+// Every malformed request gets its status and a JSON error of the one shape, with the row and
+// column of a bad value where one is at fault.
+func TestErrorsHaveOneShape(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.MaxRequestRows = 8
+	url, svc := startInProcess(t, cfg)
+	limit := svc.BodyLimit()
+	if want := int64(8*(4*bytesPerToken+bytesPerRow) + bodyOverhead); limit != want {
+		t.Fatalf("body limit %d, want %d (from the width 4 and 8 rows)", limit, want)
+	}
+	for name, c := range map[string]struct {
+		body     any
+		status   int
+		code     string
+		row, col int
+	}{
+		"id past the vocabulary": {`{"tokens": [[1,2,3,4],[5,6,7,8],[1,64,3,4]]}`, 400, "bad_token", 2, 1},
+		"negative id":            {`{"tokens": [[1,2,3,-1]]}`, 400, "bad_token", 0, 3},
+		"fractional id":          {`{"tokens": [[1,2.5,3,4]]}`, 400, "bad_token", 0, 1},
+		"id as a string":         {`{"tokens": [[1,2,"3",4]]}`, 400, "bad_token", 0, 2},
+		"id beyond int32":        {`{"tokens": [[1,2,3,4294967297]]}`, 400, "bad_token", 0, 3},
+		"short row":              {`{"tokens": [[1,2,3,4],[1,2,3]]}`, 400, "bad_shape", 1, -1},
+		"no rows":                {`{"tokens": []}`, 400, "bad_shape", -1, -1},
+		"no input":               {`{}`, 400, "bad_shape", -1, -1},
+		"hidden rows":            {`{"hidden": [[0.5,1,2,3]]}`, 400, "wrong_input", -1, -1},
+		"too many rows":          {map[string]any{"tokens": tokenRows(0, 9)}, 400, "too_many_rows", -1, -1},
+		"unknown key":            {`{"tokenz": [[1,2,3,4]]}`, 400, "bad_json", -1, -1},
+		"not JSON":               {`tokens=1,2,3,4`, 400, "bad_json", -1, -1},
+		"truncated":              {`{"tokens": [[1,2,3,4]`, 400, "bad_json", -1, -1},
+		"empty body":             {``, 400, "bad_json", -1, -1},
+		"rows not arrays":        {`{"tokens": [1,2,3,4]}`, 400, "bad_json", -1, -1},
+		"trailing garbage":       {`{"tokens": [[1,2,3,4]]} xyz`, 400, "trailing_data", -1, -1},
+		"two values":             {`{"tokens": [[1,2,3,4]]}{"tokens": [[1,2,3,4]]}`, 400, "trailing_data", -1, -1},
+		"body over the limit":    {`{"tokens": [[1,2,3,4]]` + strings.Repeat(" ", int(limit)) + `}`, 413, "body_too_large", -1, -1},
+	} {
+		resp, body := post(t, url, c.body)
+		checkError(t, name, resp, body, c.status, c.code, c.row, c.col)
+	}
+	// Trailing whitespace is not garbage.
+	if resp, body := post(t, url, "{\"tokens\": [[1,2,3,4]]}\n\t "); resp.StatusCode != 200 {
+		t.Errorf("trailing whitespace: HTTP %d: %s", resp.StatusCode, body)
+	}
+	for _, ct := range []string{"", "text/plain", "application/x-www-form-urlencoded", "application/jsonx"} {
+		resp, body := postType(t, url, ct, `{"tokens": [[1,2,3,4]]}`)
+		checkError(t, "Content-Type "+ct, resp, body, 415, "unsupported_media_type", -1, -1)
+	}
+	if resp, body := postType(t, url, "application/json; charset=utf-8", `{"tokens": [[1,2,3,4]]}`); resp.StatusCode != 200 {
+		t.Errorf("application/json with a charset: HTTP %d: %s", resp.StatusCode, body)
+	}
+	for _, c := range []struct{ method, path, allow string }{
+		{http.MethodGet, "/forward", "POST"}, {http.MethodPut, "/forward", "POST"},
+		{http.MethodPost, "/model", "GET, HEAD"}, {http.MethodDelete, "/metrics", "GET, HEAD"},
+		{http.MethodPost, "/healthz", "GET, HEAD"},
+	} {
+		req, _ := http.NewRequest(c.method, url+c.path, nil)
+		resp, err := client.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if status != http.StatusBadRequest {
-			t.Errorf("%s: HTTP %d: %s", name, status, data)
+		body := readAll(t, resp)
+		checkError(t, c.method+" "+c.path, resp, body, 405, "method_not_allowed", -1, -1)
+		if got := resp.Header.Get("Allow"); got != c.allow {
+			t.Errorf("%s %s: Allow %q, want %q", c.method, c.path, got, c.allow)
 		}
 	}
-	resp, err := client.Get(url + "/model")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
+	resp, body := get(t, url+"/nothing")
+	checkError(t, "GET /nothing", resp, body, 404, "not_found", -1, -1)
+	resp, body = get(t, url+"/model")
 	var info ModelInfo
-	if err := json.NewDecoder(resp.Body).Decode(&info); err != nil {
-		t.Fatal(err)
+	if err := jsonStrict(body, &info); err != nil || resp.StatusCode != 200 || info.Name != "tiny-moe" ||
+		info.InputKind != "tokens" || info.VocabSize != 64 || info.OutputWidth != 64 || info.BodyLimit != limit {
+		t.Errorf("GET /model: %d %s %v", resp.StatusCode, body, err)
 	}
-	if info.Name != "tiny-moe" || info.InputKind != moert.InputTokens || info.OutputWidth != 64 {
-		t.Fatalf("GET /model = %+v", info)
+}
+
+// More requests than the bound get 503 with Retry-After, while those admitted are served.
+func TestConcurrentRequestsAreBounded(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.MaxInFlight = 2
+	cfg.MaxWait = 300 * time.Millisecond // admitted requests wait for company: the slots stay taken
+	url, _ := startInProcess(t, cfg)
+	var wg sync.WaitGroup
+	statuses := make(chan int, 2)
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			resp, _ := post(t, url, map[string]any{"tokens": tokenRows(i, 1)})
+			statuses <- resp.StatusCode
+		}(i)
+	}
+	time.Sleep(100 * time.Millisecond)
+	resp, body := post(t, url, map[string]any{"tokens": tokenRows(5, 1)})
+	checkError(t, "third request", resp, body, 503, "overloaded", -1, -1)
+	if resp.Header.Get("Retry-After") == "" {
+		t.Error("503 without Retry-After")
+	}
+	wg.Wait()
+	close(statuses)
+	for s := range statuses {
+		if s != 200 {
+			t.Errorf("an admitted request got HTTP %d", s)
+		}
 	}
 }

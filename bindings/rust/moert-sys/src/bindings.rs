@@ -51,6 +51,20 @@ pub const MOERT_COUNTS_LAST: u32 = 0;
 pub const MOERT_COUNTS_STEP: u32 = 1;
 pub const MOERT_COUNTS_EVAL: u32 = 2;
 pub const MOERT_ALL_LAYERS: u32 = 4294967295;
+pub const MOERT_REQUEST_QUEUE_NS: u32 = 0;
+pub const MOERT_REQUEST_RUN_NS: u32 = 1;
+pub const MOERT_REQUEST_BATCH_ROWS: u32 = 2;
+pub const MOERT_REQUEST_BATCH_REQUESTS: u32 = 3;
+pub const MOERT_REQUEST_SESSION: u32 = 4;
+pub const MOERT_REQUEST_STATS: u32 = 5;
+pub const MOERT_BATCHER_REQUESTS: u32 = 0;
+pub const MOERT_BATCHER_FAILED: u32 = 1;
+pub const MOERT_BATCHER_BATCHES: u32 = 2;
+pub const MOERT_BATCHER_ROWS: u32 = 3;
+pub const MOERT_BATCHER_QUEUE_NS: u32 = 4;
+pub const MOERT_BATCHER_RUN_NS: u32 = 5;
+pub const MOERT_BATCHER_ISOLATED: u32 = 6;
+pub const MOERT_BATCHER_COUNTERS: u32 = 7;
 pub type __int32_t = ::std::os::raw::c_int;
 pub type __uint32_t = ::std::os::raw::c_uint;
 pub type __int64_t = ::std::os::raw::c_long;
@@ -167,6 +181,12 @@ extern "C" {
         input_width: *mut u32,
         output_width: *mut u32,
     ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " The number of token ids a MOERT_INPUT_TOKENS model accepts: valid ids are 0 to *out - 1. For"]
+    #[doc = " callers that check requests before they run them (a service reporting the row and column of a"]
+    #[doc = " bad id). MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states."]
+    pub fn moert_model_vocab_size(model: *const moert_model, out: *mut u32) -> *mut moert_status;
 }
 extern "C" {
     #[doc = " Parameter counts: *total counts every parameter (routed experts, the loss-free bias excluded);"]
@@ -328,6 +348,121 @@ extern "C" {
 extern "C" {
     #[doc = " Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer (start of an evaluation pass)."]
     pub fn moert_session_reset_metrics(session: *mut moert_session) -> *mut moert_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moert_batcher_options {
+    _unused: [u8; 0],
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moert_batcher {
+    _unused: [u8; 0],
+}
+extern "C" {
+    #[doc = " Creates batcher options with the defaults: 1 session, at most 256 rows per pass, no wait"]
+    #[doc = " (a free session takes what is queued at once; under load, requests queue while the sessions"]
+    #[doc = " are busy, which batches them anyway), default session options. Free with"]
+    #[doc = " moert_batcher_options_free()."]
+    pub fn moert_batcher_options_create(out: *mut *mut moert_batcher_options) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Releases batcher options. Accepts NULL."]
+    pub fn moert_batcher_options_free(options: *mut moert_batcher_options);
+}
+extern "C" {
+    #[doc = " Sessions in the pool, 1 to 256: how many passes run at once."]
+    pub fn moert_batcher_options_set_sessions(
+        options: *mut moert_batcher_options,
+        sessions: u32,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " The row cap, 1 to 2^20: the most rows one pass gathers, and the most rows one request may"]
+    #[doc = " have (a larger request is MOERT_ERR_INVALID_ARGUMENT). Whole requests join a pass, never parts"]
+    #[doc = " of one. It bounds a pass's memory (about rows x the widest layer's width x 4 bytes per"]
+    #[doc = " activation) and its latency."]
+    pub fn moert_batcher_options_set_max_batch_rows(
+        options: *mut moert_batcher_options,
+        rows: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " The bounded wait, 0 to 1000000 microseconds: a free session holding fewer rows than the cap"]
+    #[doc = " waits at most this long after the oldest queued request arrived before it starts the pass."]
+    #[doc = " Each request's latency grows by at most this much; 0 runs at once."]
+    pub fn moert_batcher_options_set_max_wait_us(
+        options: *mut moert_batcher_options,
+        microseconds: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " The options every pool session is created with (copied: `session_options` may be freed or"]
+    #[doc = " changed afterwards). Training mode is refused (MOERT_ERR_INVALID_ARGUMENT) when the batcher is"]
+    #[doc = " created."]
+    pub fn moert_batcher_options_set_session_options(
+        options: *mut moert_batcher_options,
+        session_options: *const moert_session_options,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Creates a batcher over `model` with `options` (NULL: defaults) and starts one thread per pool"]
+    #[doc = " session. The batcher keeps what it needs of the model: the model may be freed afterwards."]
+    #[doc = " Errors are those of moert_session_create(), and MOERT_ERR_INVALID_ARGUMENT for session options"]
+    #[doc = " in training mode. Free with moert_batcher_free()."]
+    pub fn moert_batcher_create(
+        model: *const moert_model,
+        options: *const moert_batcher_options,
+        out: *mut *mut moert_batcher,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Stops the pool's threads and releases the batcher. Accepts NULL. Must not race with another"]
+    #[doc = " call on the same batcher (no request may be in flight)."]
+    pub fn moert_batcher_free(batcher: *mut moert_batcher);
+}
+extern "C" {
+    #[doc = " One request of `rows` rows of token ids (a MOERT_INPUT_TOKENS model), as"]
+    #[doc = " moert_session_forward_tokens(): `tokens` holds rows * input_width ids (`num_tokens`), `out`"]
+    #[doc = " receives rows * output_width floats (`out_len`). Blocks until the request's pass is done; the"]
+    #[doc = " batcher reads `tokens` and writes `out` until then, and keeps no pointer afterwards. `stats`"]
+    #[doc = " (may be NULL, with stats_len 0) receives min(stats_len, MOERT_REQUEST_STATS) figures indexed"]
+    #[doc = " by MOERT_REQUEST_*; entries this library does not know are set to -1. On error neither `out`"]
+    #[doc = " nor `stats` is written. Thread-safe."]
+    pub fn moert_batcher_forward_tokens(
+        batcher: *mut moert_batcher,
+        tokens: *const i32,
+        num_tokens: u64,
+        rows: u64,
+        out: *mut f32,
+        out_len: u64,
+        stats: *mut i64,
+        stats_len: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " As moert_batcher_forward_tokens(), over `rows` rows of hidden states (a MOERT_INPUT_HIDDEN"]
+    #[doc = " model): `in` holds rows * input_width floats (`in_len`). Thread-safe."]
+    pub fn moert_batcher_forward_hidden(
+        batcher: *mut moert_batcher,
+        in_: *const f32,
+        in_len: u64,
+        rows: u64,
+        out: *mut f32,
+        out_len: u64,
+        stats: *mut i64,
+        stats_len: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " The batcher's cumulative figures since creation: `counters` receives"]
+    #[doc = " min(len, MOERT_BATCHER_COUNTERS) values indexed by MOERT_BATCHER_*; entries this library does"]
+    #[doc = " not know are set to -1. A consistent snapshot. Thread-safe."]
+    pub fn moert_batcher_counters(
+        batcher: *const moert_batcher,
+        counters: *mut i64,
+        len: u64,
+    ) -> *mut moert_status;
 }
 extern "C" {
     #[doc = " Softmax cross-entropy of the last training-mode forward pass's logits against `targets` (one id"]

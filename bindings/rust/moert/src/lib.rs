@@ -27,6 +27,9 @@
 //! # Ok::<(), moert::Error>(())
 //! ```
 
+mod batcher;
+pub use batcher::{Batcher, BatcherCounters, BatcherOptions, RequestStats};
+
 use moert_sys as sys;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
@@ -432,6 +435,15 @@ impl Model {
             input_width,
             output_width,
         })
+    }
+
+    /// The number of token ids a token model accepts (ids 0 to vocab_size - 1);
+    /// [`Code::INVALID_ARGUMENT`] for a model that takes hidden states.
+    pub fn vocab_size(&self) -> Result<u32> {
+        let mut n = 0u32;
+        // SAFETY: a live model and a valid out-pointer.
+        check(unsafe { sys::moert_model_vocab_size(self.ptr.as_ptr(), &mut n) })?;
+        Ok(n)
     }
 
     /// Parameter counts: (every parameter, those one input row uses).

@@ -87,6 +87,7 @@ fn inspects_the_model() {
     assert_eq!(layers[2].name, "moe0");
     assert_eq!((layers[2].in_width, layers[2].out_width), (64, 64));
     assert_eq!(layers[5].kind, LayerKind::OUTPUT_HEAD);
+    assert_eq!(m.vocab_size().unwrap(), 64);
     let io = m.io().unwrap();
     assert_eq!(
         (io.input, io.input_width, io.output_width),

@@ -53,13 +53,13 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
   }
 
   /**
-   * Loads a model from the remaining bytes of a buffer (direct, or array-backed), copied; the
+   * Loads a model from the remaining bytes of a buffer of any kind (heap, direct, read-only), copied; the
    * buffer's position is unchanged.
    */
   public static Model fromBuffer(ByteBuffer data, String externalDir) {
     Moert.load();
     SWIGTYPE_p_moert_model[] out = new SWIGTYPE_p_moert_model[1];
-    MoertException.check(Capi.moert_model_load_buffer(data.slice(), externalDir, out));
+    MoertException.check(Capi.moert_model_load_buffer(Buffers.in(data), externalDir, out));
     return new Model(out[0]);
   }
 
@@ -113,6 +113,19 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
       int[] out = new int[1];
       MoertException.check(Capi.moert_model_io(u.ptr(), kind, in, out));
       return new Io(kind[0], in[0], out[0]);
+    }
+  }
+
+  /**
+   * The number of token ids a token model accepts (ids 0 to vocabSize() - 1).
+   *
+   * @throws MoertException MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states
+   */
+  public long vocabSize() {
+    try (Use u = use()) {
+      int[] out = new int[1];
+      MoertException.check(Capi.moert_model_vocab_size(u.ptr(), out));
+      return Integer.toUnsignedLong(out[0]);
     }
   }
 

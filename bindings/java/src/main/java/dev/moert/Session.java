@@ -1,7 +1,5 @@
 package dev.moert;
 
-import java.nio.Buffer;
-import java.nio.ByteOrder;
 import java.nio.FloatBuffer;
 import java.nio.IntBuffer;
 import java.nio.LongBuffer;
@@ -13,10 +11,12 @@ import java.util.Map;
  * checkpoints. Any number of threads may call one session at once; the library serialises the
  * calls.
  *
- * <p>Data goes in and out either as Java arrays (convenient; copied by JNI) or as NIO buffers. A
- * direct buffer in native byte order is passed to the library in place, without a copy; an
- * array-backed buffer is copied like an array. A buffer argument covers its remaining elements
- * (position to limit) and its position is left as it was.
+ * <p>Data goes in and out either as Java arrays (convenient; copied by JNI) or as NIO buffers of
+ * any kind: heap, direct, read-only (inputs), sliced, views of a ByteBuffer in either byte order.
+ * A direct buffer in native byte order is passed to the library in place, without a copy; other
+ * kinds are copied, converting the byte order (see {@code Buffers}). A buffer argument covers its
+ * remaining elements (position to limit), its position is left as it was, and an output buffer is
+ * written only when the call succeeds.
  */
 public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
   /** The learning rate an optimizer step used and the gradient norm before clipping. */
@@ -68,13 +68,18 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
     return out;
   }
 
-  /** Forward from and into buffers: out receives rows * outputWidth values. */
+  /**
+   * Forward from and into buffers of any kind (see the class comment): out receives rows *
+   * outputWidth values, written only when the call succeeds.
+   */
   public void forwardTokens(IntBuffer tokens, int rows, FloatBuffer out) {
-    IntBuffer in = input(tokens);
-    FloatBuffer dst = output(out);
+    IntBuffer in = Buffers.in(tokens);
+    Buffers.FloatOut dst = new Buffers.FloatOut(out);
     try (Use u = use()) {
-      MoertException.check(Capi.moert_session_forward_tokens(u.ptr(), in, checkRows(rows), dst));
+      MoertException.check(
+          Capi.moert_session_forward_tokens(u.ptr(), in, checkRows(rows), dst.buffer));
     }
+    dst.finish();
   }
 
   /** Forward over rows rows of hidden states (rows * inputWidth); rows * outputWidth out. */
@@ -84,13 +89,15 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
     return out;
   }
 
-  /** Forward from and into buffers: out receives rows * outputWidth values. */
+  /** As {@link #forwardTokens(IntBuffer, int, FloatBuffer)}, from hidden states. */
   public void forwardHidden(FloatBuffer in, int rows, FloatBuffer out) {
-    FloatBuffer src = input(in);
-    FloatBuffer dst = output(out);
+    FloatBuffer src = Buffers.in(in);
+    Buffers.FloatOut dst = new Buffers.FloatOut(out);
     try (Use u = use()) {
-      MoertException.check(Capi.moert_session_forward_hidden(u.ptr(), src, checkRows(rows), dst));
+      MoertException.check(
+          Capi.moert_session_forward_hidden(u.ptr(), src, checkRows(rows), dst.buffer));
     }
+    dst.finish();
   }
 
   // ---- Metrics -------------------------------------------------------------------------------
@@ -137,7 +144,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** As {@link #backwardLoss(int[])}, from a buffer. */
   public double backwardLoss(IntBuffer targets) {
-    IntBuffer src = input(targets);
+    IntBuffer src = Buffers.in(targets);
     try (Use u = use()) {
       double[] loss = new double[1];
       MoertException.check(Capi.moert_session_backward_loss(u.ptr(), src, loss));
@@ -156,11 +163,15 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** As {@link #backward(float[], float[])}, with buffers. */
   public double backward(FloatBuffer gradOut, FloatBuffer gradIn) {
-    FloatBuffer src = input(gradOut);
-    FloatBuffer dst = gradIn == null ? null : output(gradIn);
+    FloatBuffer src = Buffers.in(gradOut);
+    Buffers.FloatOut dst = gradIn == null ? null : new Buffers.FloatOut(gradIn);
     try (Use u = use()) {
       double[] aux = new double[1];
-      MoertException.check(Capi.moert_session_backward(u.ptr(), src, dst, aux));
+      MoertException.check(
+          Capi.moert_session_backward(u.ptr(), src, dst == null ? null : dst.buffer, aux));
+      if (dst != null) {
+        dst.finish();
+      }
       return aux[0];
     }
   }
@@ -243,10 +254,11 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** Copies parameter `name` into out (exactly its element count remaining). */
   public void getParameter(String name, FloatBuffer out) {
-    FloatBuffer dst = output(out);
+    Buffers.FloatOut dst = new Buffers.FloatOut(out);
     try (Use u = use()) {
-      MoertException.check(Capi.moert_session_get_parameter(u.ptr(), name, dst));
+      MoertException.check(Capi.moert_session_get_parameter(u.ptr(), name, dst.buffer));
     }
+    dst.finish();
   }
 
   /** Writes parameter `name`; NaN or infinity is refused (MOERT_ERR_NUMERIC). */
@@ -256,7 +268,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** As {@link #setParameter(String, float[])}, from a buffer. */
   public void setParameter(String name, FloatBuffer values) {
-    FloatBuffer src = input(values);
+    FloatBuffer src = Buffers.in(values);
     try (Use u = use()) {
       MoertException.check(Capi.moert_session_set_parameter(u.ptr(), name, src));
     }
@@ -271,10 +283,11 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** Copies the accumulated gradient of parameter `name` into out. */
   public void getGradient(String name, FloatBuffer out) {
-    FloatBuffer dst = output(out);
+    Buffers.FloatOut dst = new Buffers.FloatOut(out);
     try (Use u = use()) {
-      MoertException.check(Capi.moert_session_get_gradient(u.ptr(), name, dst));
+      MoertException.check(Capi.moert_session_get_gradient(u.ptr(), name, dst.buffer));
     }
+    dst.finish();
   }
 
   /** Writes the accumulated gradient of parameter `name`. */
@@ -284,7 +297,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** As {@link #setGradient(String, float[])}, from a buffer. */
   public void setGradient(String name, FloatBuffer values) {
-    FloatBuffer src = input(values);
+    FloatBuffer src = Buffers.in(values);
     try (Use u = use()) {
       MoertException.check(Capi.moert_session_set_gradient(u.ptr(), name, src));
     }
@@ -372,33 +385,5 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
           CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "no parameter named '" + name + "'");
     }
     return Math.toIntExact(n);
-  }
-
-  /** The remaining elements of a buffer as a buffer of its own, checked for the native side. */
-  private static <B extends Buffer> B checked(B buffer, boolean writable, ByteOrder order) {
-    if (buffer.isDirect() && order != ByteOrder.nativeOrder()) {
-      throw new IllegalArgumentException("a direct buffer must be in native byte order");
-    }
-    if (writable && buffer.isReadOnly()) {
-      throw new IllegalArgumentException("an output buffer must be writable");
-    }
-    if (!buffer.isDirect() && !buffer.hasArray()) {
-      throw new IllegalArgumentException("a buffer must be direct or array-backed");
-    }
-    @SuppressWarnings("unchecked")
-    B slice = (B) buffer.slice();
-    return slice;
-  }
-
-  private static IntBuffer input(IntBuffer b) {
-    return checked(b, false, b.order());
-  }
-
-  private static FloatBuffer input(FloatBuffer b) {
-    return checked(b, false, b.order());
-  }
-
-  private static FloatBuffer output(FloatBuffer b) {
-    return checked(b, true, b.order());
   }
 }

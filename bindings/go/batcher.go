@@ -1,0 +1,288 @@
+package moert
+
+import (
+	"fmt"
+	"runtime"
+	"time"
+
+	"moert.dev/moert/internal/capi"
+)
+
+// BatcherOptions configures NewBatcher. Defaults: 1 session, at most 256 rows per forward pass,
+// no wait, default session options. It must not be modified from two goroutines at once.
+type BatcherOptions struct {
+	g   guard
+	ptr capi.Struct_SS_moert_batcher_options
+}
+
+// NewBatcherOptions creates batcher options with the defaults.
+func NewBatcherOptions() (*BatcherOptions, error) {
+	if abiErr != nil {
+		return nil, abiErr
+	}
+	var p uintptr
+	if err := check(capi.Moert_batcher_options_create(&p)); err != nil {
+		return nil, err
+	}
+	o := &BatcherOptions{g: guard{what: "batcher options"},
+		ptr: capi.SwigcptrStruct_SS_moert_batcher_options(p)}
+	runtime.SetFinalizer(o, (*BatcherOptions).Close)
+	return o, nil
+}
+
+// Close releases the options; a second Close does nothing.
+func (o *BatcherOptions) Close() error {
+	o.g.close(func() {
+		capi.Moert_batcher_options_free(o.ptr)
+		runtime.SetFinalizer(o, nil)
+	})
+	return nil
+}
+
+func (o *BatcherOptions) set(call func() capi.Struct_SS_moert_status) error {
+	if err := o.g.enter(); err != nil {
+		return err
+	}
+	defer o.g.leave()
+	return check(call())
+}
+
+// SetSessions sets the number of inference sessions in the pool, 1 to 256: how many forward
+// passes run at once. Sessions x threads per session should be about the machine's cores.
+func (o *BatcherOptions) SetSessions(sessions int) error {
+	n, err := index32("sessions", sessions)
+	if err != nil {
+		return err
+	}
+	return o.set(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_options_set_sessions(o.ptr, n)
+	})
+}
+
+// SetMaxBatchRows sets the row cap, 1 to 2^20: the most rows one pass gathers and the most rows
+// one request may have.
+func (o *BatcherOptions) SetMaxBatchRows(rows int) error {
+	if rows < 0 {
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("max batch rows %d is negative", rows)}
+	}
+	return o.set(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_options_set_max_batch_rows(o.ptr, uint64(rows))
+	})
+}
+
+// SetMaxWait sets the bounded wait, 0 to 1 s (microsecond resolution): how long a free session
+// holding fewer rows than the cap waits for more after the oldest queued request arrived.
+func (o *BatcherOptions) SetMaxWait(wait time.Duration) error {
+	if wait < 0 {
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("max wait %v is negative", wait)}
+	}
+	return o.set(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_options_set_max_wait_us(o.ptr, uint64(wait/time.Microsecond))
+	})
+}
+
+// SetSessionOptions sets the options every pool session is created with (copied). Training mode
+// is refused by NewBatcher.
+func (o *BatcherOptions) SetSessionOptions(opts *SessionOptions) error {
+	if opts == nil {
+		return &Error{Code: ErrInvalidArgument, Message: "session options are nil"}
+	}
+	if err := opts.g.enter(); err != nil {
+		return err
+	}
+	defer opts.g.leave()
+	return o.set(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_options_set_session_options(o.ptr, opts.ptr)
+	})
+}
+
+// RequestStats describes how one request was served.
+type RequestStats struct {
+	Queue         time.Duration // from entering the batcher to the start of its forward pass
+	Run           time.Duration // the forward pass that carried it
+	BatchRows     int           // rows of that pass
+	BatchRequests int           // requests of that pass
+	Session       int           // pool index of the session that ran it
+}
+
+// BatcherCounters are a batcher's cumulative figures since its creation.
+type BatcherCounters struct {
+	Requests int64         // requests answered, failed ones included
+	Failed   int64         // requests answered with an error
+	Batches  int64         // forward passes run for batches
+	Rows     int64         // rows of those passes
+	Queue    time.Duration // sum of the answered requests' queue times
+	Run      time.Duration // sum of the passes' run times
+	Isolated int64         // batches that failed and were rerun request by request
+}
+
+// MeanBatchRows is Rows / Batches (0 before the first pass).
+func (c BatcherCounters) MeanBatchRows() float64 {
+	if c.Batches == 0 {
+		return 0
+	}
+	return float64(c.Rows) / float64(c.Batches)
+}
+
+// Batcher serves inference to many goroutines at once: each call blocks while the batcher
+// gathers the calls that arrive within the bounded wait, up to the row cap, into one forward pass
+// on a pool of sessions over the model, and returns exactly the caller's own outputs and error —
+// the outputs a Session would return for those rows alone (bit for bit on the CPU; see moert.h).
+// One caller's bad input fails that caller alone.
+type Batcher struct {
+	g   guard
+	ptr capi.Struct_SS_moert_batcher
+	io  IO
+}
+
+// NewBatcher creates a batcher over model with opts (nil: defaults) and starts its sessions.
+// The batcher keeps what it needs of the model, which may be closed afterwards.
+func NewBatcher(model *Model, opts *BatcherOptions) (*Batcher, error) {
+	if abiErr != nil {
+		return nil, abiErr
+	}
+	io, err := model.IO()
+	if err != nil {
+		return nil, err
+	}
+	if err := model.g.enter(); err != nil {
+		return nil, err
+	}
+	defer model.g.leave()
+	var optsPtr capi.Struct_SS_moert_batcher_options = capi.SwigcptrStruct_SS_moert_batcher_options(0)
+	if opts != nil {
+		if err := opts.g.enter(); err != nil {
+			return nil, err
+		}
+		defer opts.g.leave()
+		optsPtr = opts.ptr
+	}
+	var p uintptr
+	if err := check(capi.Moert_batcher_create(model.ptr, optsPtr, &p)); err != nil {
+		return nil, err
+	}
+	b := &Batcher{g: guard{what: "batcher"}, ptr: capi.SwigcptrStruct_SS_moert_batcher(p), io: io}
+	runtime.SetFinalizer(b, (*Batcher).Close)
+	return b, nil
+}
+
+// Close waits for the requests in flight, then stops the sessions and releases the batcher; a
+// second Close does nothing, and later calls return ErrInvalidState.
+func (b *Batcher) Close() error {
+	b.g.close(func() {
+		capi.Moert_batcher_free(b.ptr)
+		runtime.SetFinalizer(b, nil)
+	})
+	return nil
+}
+
+// IO is what a request takes and returns.
+func (b *Batcher) IO() IO { return b.io }
+
+func (b *Batcher) call(f func() capi.Struct_SS_moert_status) error {
+	if err := b.g.enter(); err != nil {
+		return err
+	}
+	defer b.g.leave()
+	return check(f())
+}
+
+func requestStats(s []int64) RequestStats {
+	return RequestStats{
+		Queue:         time.Duration(s[capi.MOERT_REQUEST_QUEUE_NS]),
+		Run:           time.Duration(s[capi.MOERT_REQUEST_RUN_NS]),
+		BatchRows:     int(s[capi.MOERT_REQUEST_BATCH_ROWS]),
+		BatchRequests: int(s[capi.MOERT_REQUEST_BATCH_REQUESTS]),
+		Session:       int(s[capi.MOERT_REQUEST_SESSION]),
+	}
+}
+
+func checkRows(rows int) error {
+	if rows < 0 {
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	}
+	return nil
+}
+
+// ForwardTokens is one request of rows rows of token ids (tokens holds rows*InputWidth ids,
+// row-major); it returns rows*OutputWidth outputs and how the request was served.
+func (b *Batcher) ForwardTokens(tokens []int32, rows int) ([]float32, RequestStats, error) {
+	if err := checkRows(rows); err != nil {
+		return nil, RequestStats{}, err
+	}
+	out := make([]float32, rows*b.io.OutputWidth)
+	in, stats := ownInts(tokens), make([]int64, capi.MOERT_REQUEST_STATS)
+	if err := b.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_forward_tokens(b.ptr, in, uint64(rows), out, stats)
+	}); err != nil {
+		return nil, RequestStats{}, err
+	}
+	return out, requestStats(stats), nil
+}
+
+// ForwardTokensInto is ForwardTokens writing into out (rows*OutputWidth values), written only on
+// success. tokens and out may lie in any Go memory.
+func (b *Batcher) ForwardTokensInto(tokens []int32, rows int, out []float32) (RequestStats, error) {
+	if err := checkRows(rows); err != nil {
+		return RequestStats{}, err
+	}
+	in, dst, stats := ownInts(tokens), scratchFloats(out), make([]int64, capi.MOERT_REQUEST_STATS)
+	if err := b.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_forward_tokens(b.ptr, in, uint64(rows), dst, stats)
+	}); err != nil {
+		return RequestStats{}, err
+	}
+	copy(out, dst)
+	return requestStats(stats), nil
+}
+
+// ForwardHidden is one request of rows rows of hidden states (in holds rows*InputWidth values);
+// it returns rows*OutputWidth outputs and how the request was served.
+func (b *Batcher) ForwardHidden(in []float32, rows int) ([]float32, RequestStats, error) {
+	if err := checkRows(rows); err != nil {
+		return nil, RequestStats{}, err
+	}
+	out := make([]float32, rows*b.io.OutputWidth)
+	src, stats := ownFloats(in), make([]int64, capi.MOERT_REQUEST_STATS)
+	if err := b.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_forward_hidden(b.ptr, src, uint64(rows), out, stats)
+	}); err != nil {
+		return nil, RequestStats{}, err
+	}
+	return out, requestStats(stats), nil
+}
+
+// ForwardHiddenInto is ForwardHidden writing into out, written only on success. in and out may
+// lie in any Go memory.
+func (b *Batcher) ForwardHiddenInto(in []float32, rows int, out []float32) (RequestStats, error) {
+	if err := checkRows(rows); err != nil {
+		return RequestStats{}, err
+	}
+	src, dst, stats := ownFloats(in), scratchFloats(out), make([]int64, capi.MOERT_REQUEST_STATS)
+	if err := b.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_forward_hidden(b.ptr, src, uint64(rows), dst, stats)
+	}); err != nil {
+		return RequestStats{}, err
+	}
+	copy(out, dst)
+	return requestStats(stats), nil
+}
+
+// Counters reads the batcher's cumulative figures (a consistent snapshot).
+func (b *Batcher) Counters() (BatcherCounters, error) {
+	c := make([]int64, capi.MOERT_BATCHER_COUNTERS)
+	if err := b.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_counters(b.ptr, c)
+	}); err != nil {
+		return BatcherCounters{}, err
+	}
+	return BatcherCounters{
+		Requests: c[capi.MOERT_BATCHER_REQUESTS],
+		Failed:   c[capi.MOERT_BATCHER_FAILED],
+		Batches:  c[capi.MOERT_BATCHER_BATCHES],
+		Rows:     c[capi.MOERT_BATCHER_ROWS],
+		Queue:    time.Duration(c[capi.MOERT_BATCHER_QUEUE_NS]),
+		Run:      time.Duration(c[capi.MOERT_BATCHER_RUN_NS]),
+		Isolated: c[capi.MOERT_BATCHER_ISOLATED],
+	}, nil
+}

@@ -1,0 +1,77 @@
+package dev.moert;
+
+import java.nio.ByteBuffer;
+import java.nio.ByteOrder;
+import java.nio.FloatBuffer;
+import java.nio.IntBuffer;
+import java.nio.ReadOnlyBufferException;
+
+/**
+ * Caller buffers as the native side can use them. Every NIO buffer is accepted: heap (array
+ * backed), direct, read-only (as inputs), sliced, duplicated, views of a ByteBuffer in either byte
+ * order. A buffer always covers its remaining elements, and its position is never moved.
+ *
+ * <p>The JNI layer reads two kinds in place: direct buffers in native byte order (their address,
+ * copied there only when it is not aligned to the element size) and writable array-backed ones
+ * (their array, from the buffer's array offset). Every other kind — a read-only buffer, a view of a
+ * heap ByteBuffer, a buffer in the other byte order — is copied, with Java's own byte-order
+ * conversion, into an array-backed buffer for the call, and outputs are copied back after a
+ * successful call. A read-only output is refused with ReadOnlyBufferException.
+ */
+final class Buffers {
+  private Buffers() {}
+
+  private static boolean inPlace(java.nio.Buffer b, ByteOrder order) {
+    return b.hasArray() || (b.isDirect() && order == ByteOrder.nativeOrder());
+  }
+
+  static FloatBuffer in(FloatBuffer b) {
+    if (inPlace(b, b.order())) {
+      return b.slice();
+    }
+    float[] copy = new float[b.remaining()];
+    b.duplicate().get(copy);
+    return FloatBuffer.wrap(copy);
+  }
+
+  static IntBuffer in(IntBuffer b) {
+    if (inPlace(b, b.order())) {
+      return b.slice();
+    }
+    int[] copy = new int[b.remaining()];
+    b.duplicate().get(copy);
+    return IntBuffer.wrap(copy);
+  }
+
+  static ByteBuffer in(ByteBuffer b) {
+    if (b.hasArray() || b.isDirect()) {
+      return b.slice();
+    }
+    byte[] copy = new byte[b.remaining()];
+    b.duplicate().get(copy);
+    return ByteBuffer.wrap(copy);
+  }
+
+  /** An output: where the native side writes, and how the result reaches the caller's buffer. */
+  static final class FloatOut {
+    private final FloatBuffer target;
+    private final boolean staged;
+    final FloatBuffer buffer;
+
+    FloatOut(FloatBuffer target) {
+      if (target.isReadOnly()) {
+        throw new ReadOnlyBufferException();
+      }
+      this.target = target;
+      this.staged = !inPlace(target, target.order());
+      this.buffer = staged ? FloatBuffer.allocate(target.remaining()) : target.slice();
+    }
+
+    /** After a successful call: copies a staged result into the caller's buffer. */
+    void finish() {
+      if (staged) {
+        target.duplicate().put(buffer.rewind());
+      }
+    }
+  }
+}

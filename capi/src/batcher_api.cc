@@ -1,0 +1,115 @@
+// C entry points of the batcher: options, creation, requests from many threads, counters.
+#include <memory>
+
+#include "capi/src/handles.h"
+#include "core/batcher.h"
+
+using moert::Code;
+using moert::fail;
+using moert::capi::guarded;
+using moert::capi::require;
+
+struct moert_batcher_options {
+  moert::BatcherOptions options;
+};
+
+struct moert_batcher {
+  std::unique_ptr<moert::Batcher> batcher;
+};
+
+extern "C" {
+
+moert_status* moert_batcher_options_create(moert_batcher_options** out) {
+  return guarded([&] {
+    require(out, "out");
+    *out = new moert_batcher_options{};
+  });
+}
+
+void moert_batcher_options_free(moert_batcher_options* options) { delete options; }
+
+moert_status* moert_batcher_options_set_sessions(moert_batcher_options* options,
+                                                 uint32_t sessions) {
+  return guarded([&] {
+    require(options, "options");
+    if (sessions < 1 || sessions > 256)
+      fail(Code::InvalidArgument, "sessions must be between 1 and 256, got ", sessions);
+    options->options.sessions = sessions;
+  });
+}
+
+moert_status* moert_batcher_options_set_max_batch_rows(moert_batcher_options* options,
+                                                       uint64_t rows) {
+  return guarded([&] {
+    require(options, "options");
+    if (rows < 1 || rows > (uint64_t{1} << 20))
+      fail(Code::InvalidArgument, "max_batch_rows must be between 1 and 1048576, got ", rows);
+    options->options.max_batch_rows = rows;
+  });
+}
+
+moert_status* moert_batcher_options_set_max_wait_us(moert_batcher_options* options,
+                                                    uint64_t microseconds) {
+  return guarded([&] {
+    require(options, "options");
+    if (microseconds > 1'000'000)
+      fail(Code::InvalidArgument, "max_wait_us must be at most 1000000 (1 s), got ", microseconds);
+    options->options.max_wait_us = microseconds;
+  });
+}
+
+moert_status* moert_batcher_options_set_session_options(
+    moert_batcher_options* options, const moert_session_options* session_options) {
+  return guarded([&] {
+    require(options, "options");
+    require(session_options, "session_options");
+    options->options.session = session_options->options;
+  });
+}
+
+moert_status* moert_batcher_create(const moert_model* model, const moert_batcher_options* options,
+                                   moert_batcher** out) {
+  return guarded([&] {
+    require(model, "model");
+    require(out, "out");
+    const moert::BatcherOptions opts = options ? options->options : moert::BatcherOptions{};
+    auto b = std::make_unique<moert_batcher>(
+        moert_batcher{std::make_unique<moert::Batcher>(model->model, opts)});
+    *out = b.release();
+  });
+}
+
+void moert_batcher_free(moert_batcher* batcher) { delete batcher; }
+
+moert_status* moert_batcher_forward_tokens(moert_batcher* batcher, const int32_t* tokens,
+                                           uint64_t num_tokens, uint64_t rows, float* out,
+                                           uint64_t out_len, int64_t* stats, uint64_t stats_len) {
+  return guarded([&] {
+    require(batcher, "batcher");
+    if (!stats && stats_len != 0)
+      fail(Code::InvalidArgument, "stats is NULL but stats_len is ", stats_len);
+    batcher->batcher->forward_tokens(tokens, num_tokens, rows, out, out_len, stats, stats_len);
+  });
+}
+
+moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, const float* in, uint64_t in_len,
+                                           uint64_t rows, float* out, uint64_t out_len,
+                                           int64_t* stats, uint64_t stats_len) {
+  return guarded([&] {
+    require(batcher, "batcher");
+    if (!stats && stats_len != 0)
+      fail(Code::InvalidArgument, "stats is NULL but stats_len is ", stats_len);
+    batcher->batcher->forward_hidden(in, in_len, rows, out, out_len, stats, stats_len);
+  });
+}
+
+moert_status* moert_batcher_counters(const moert_batcher* batcher, int64_t* counters,
+                                     uint64_t len) {
+  return guarded([&] {
+    require(batcher, "batcher");
+    require(counters, "counters");
+    batcher->batcher->counters(counters, len);
+  });
+}
+
+}  // extern "C"

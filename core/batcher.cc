@@ -1,0 +1,303 @@
+#include "core/batcher.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "core/error.h"
+
+namespace moert {
+namespace {
+
+// A session forward pass takes its row count as int32 (BLAS); a batch must fit.
+constexpr uint64_t kMaxBatchRows = 1u << 20;
+
+int64_t ns_between(std::chrono::steady_clock::time_point a,
+                   std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count();
+}
+
+void copy_figures(const int64_t* from, int known, int64_t* to, uint64_t len) {
+  if (!to) return;
+  for (uint64_t i = 0; i < len; ++i) to[i] = i < static_cast<uint64_t>(known) ? from[i] : -1;
+}
+
+}  // namespace
+
+Batcher::Batcher(std::shared_ptr<const Model> model, const BatcherOptions& options)
+    : model_(std::move(model)), options_(options) {
+  if (options_.sessions < 1 || options_.sessions > 256)
+    fail(Code::InvalidArgument, "sessions must be between 1 and 256, got ", options_.sessions);
+  if (options_.max_batch_rows < 1 || options_.max_batch_rows > kMaxBatchRows)
+    fail(Code::InvalidArgument, "max_batch_rows must be between 1 and ", kMaxBatchRows, ", got ",
+         options_.max_batch_rows);
+  if (options_.max_wait_us > 1'000'000)
+    fail(Code::InvalidArgument, "max_wait_us must be at most 1000000 (1 s), got ",
+         options_.max_wait_us);
+  if (options_.session.mode != Mode::Inference)
+    fail(Code::InvalidArgument,
+         "a batcher runs inference sessions: its session options must not ask for training mode");
+  for (const auto& l : model_->layers)
+    if (const auto* m = std::get_if<MoESpec>(&l.spec))
+      if (m->balancing.policy == BalancingPolicy::ExpertChoice) batch_requests_ = false;
+  if (model_->token_input) vocab_ = std::get<EmbeddingSpec>(model_->layers[0].spec).vocab_size;
+
+  // Sessions first: if one cannot be created, no thread has started yet.
+  workers_.resize(options_.sessions);
+  for (auto& w : workers_) w.session = std::make_unique<Session>(model_, options_.session);
+  try {
+    for (size_t i = 0; i < workers_.size(); ++i)
+      workers_[i].thread = std::thread([this, i] { serve(i); });
+  } catch (...) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    work_.notify_all();
+    for (auto& w : workers_)
+      if (w.thread.joinable()) w.thread.join();
+    throw;
+  }
+}
+
+Batcher::~Batcher() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  work_.notify_all();
+  for (auto& w : workers_)
+    if (w.thread.joinable()) w.thread.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Request* r : queue_) {
+    r->error = std::make_exception_ptr(Error(Code::InvalidState, "the batcher was freed"));
+    r->done = true;
+    r->cv.notify_one();
+  }
+  queue_.clear();
+}
+
+void Batcher::check_out(uint64_t rows, const float* out, uint64_t out_len) const {
+  if (!out) fail(Code::InvalidArgument, "out is NULL");
+  if (rows == 0) fail(Code::InvalidArgument, "rows must be at least 1");
+  if (rows > options_.max_batch_rows)
+    fail(Code::InvalidArgument, "rows = ", rows,
+         " exceeds the batcher's max_batch_rows = ", options_.max_batch_rows);
+  if (out_len != rows * model_->output_width)
+    fail(Code::InvalidArgument, "output buffer holds ", out_len, " floats but ", rows,
+         " rows of width ", model_->output_width, " need ", rows * model_->output_width);
+}
+
+void Batcher::forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows, float* out,
+                             uint64_t out_len, int64_t* stats, uint64_t stats_len) {
+  Request r;
+  try {
+    if (!model_->token_input)
+      fail(Code::InvalidArgument,
+           "this model takes hidden states (its first layer is not an Embedding): use "
+           "forward_hidden");
+    if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
+    check_out(rows, out, out_len);
+    const uint64_t width = model_->input_width;
+    if (num_tokens != rows * width)
+      fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
+           width, " tokens need ", rows * width);
+    for (uint64_t i = 0; i < num_tokens; ++i)
+      if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= vocab_)
+        fail(Code::InvalidArgument, "token id ", tokens[i], " at row ", i / width, ", column ",
+             i % width, " is outside the vocabulary [0, ", vocab_, ")");
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++counts_[kCountRequests];
+    ++counts_[kCountFailed];
+    throw;
+  }
+  r.input = tokens;
+  r.rows = rows;
+  r.out = out;
+  submit(r, stats, stats_len);
+}
+
+void Batcher::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, float* out,
+                             uint64_t out_len, int64_t* stats, uint64_t stats_len) {
+  Request r;
+  try {
+    if (model_->token_input)
+      fail(Code::InvalidArgument,
+           "this model takes token ids (its first layer is an Embedding): use forward_tokens");
+    if (!in) fail(Code::InvalidArgument, "in is NULL");
+    check_out(rows, out, out_len);
+    const uint64_t width = model_->input_width;
+    if (in_len != rows * width)
+      fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
+           " rows of width ", width, " need ", rows * width);
+    if (options_.session.check_finite)
+      for (uint64_t i = 0; i < in_len; ++i)
+        if (!std::isfinite(in[i]))
+          fail(Code::Numeric, "input holds a NaN or infinity at row ", i / width, ", column ",
+               i % width);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++counts_[kCountRequests];
+    ++counts_[kCountFailed];
+    throw;
+  }
+  r.input = in;
+  r.rows = rows;
+  r.out = out;
+  submit(r, stats, stats_len);
+}
+
+void Batcher::submit(Request& r, int64_t* stats, uint64_t stats_len) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (stop_) fail(Code::InvalidState, "the batcher is being freed");
+  r.enqueued = Clock::now();
+  queue_.push_back(&r);
+  queued_rows_ += r.rows;
+  work_.notify_one();
+  r.cv.wait(lock, [&] { return r.done; });
+  // The worker is done with r: it notified under the lock, which this thread now holds.
+  copy_figures(r.stats, kRequestStats, stats, stats_len);
+  if (r.error) std::rethrow_exception(r.error);
+}
+
+void Batcher::counters(int64_t* out, uint64_t len) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  copy_figures(counts_, kBatcherCounters, out, len);
+}
+
+void Batcher::serve(size_t index) {
+  const auto max_wait = std::chrono::microseconds(options_.max_wait_us);
+  const uint64_t cap = options_.max_batch_rows;
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) return;
+    // Gather: wait, at most max_wait from the oldest queued request's arrival, for a full batch.
+    while (batch_requests_ && !stop_ && !queue_.empty() && queued_rows_ < cap) {
+      const auto deadline = queue_.front()->enqueued + max_wait;
+      if (Clock::now() >= deadline) break;
+      work_.wait_until(lock, deadline);
+    }
+    if (stop_) return;
+    if (queue_.empty()) continue;  // another session took them
+    // Whole requests, oldest first, while they fit under the cap (the first always does).
+    Request* first = queue_.front();
+    Request* last = first;
+    queue_.pop_front();
+    size_t count = 1;
+    uint64_t rows = first->rows;
+    while (batch_requests_ && !queue_.empty() && rows + queue_.front()->rows <= cap) {
+      last->next = queue_.front();
+      last = last->next;
+      queue_.pop_front();
+      rows += last->rows;
+      ++count;
+    }
+    last->next = nullptr;
+    queued_rows_ -= rows;
+    // What is left is another session's to take.
+    if (!queue_.empty()) work_.notify_one();
+    lock.unlock();
+    const int64_t run_ns = run(index, first, count, rows);
+    lock.lock();
+    for (Request* r = first; r;) {
+      Request* next = r->next;
+      ++counts_[kCountRequests];
+      if (r->error) ++counts_[kCountFailed];
+      counts_[kCountQueueNs] += r->stats[kStatQueueNs];
+      r->done = true;
+      // Under the lock: the caller cannot return (and destroy r) before this completes.
+      r->cv.notify_one();
+      r = next;
+    }
+    ++counts_[kCountBatches];
+    counts_[kCountRows] += static_cast<int64_t>(rows);
+    counts_[kCountRunNs] += run_ns;
+  }
+}
+
+void Batcher::run_one(Session& s, const void* input, uint64_t rows, float* out) {
+  const uint64_t in_len = rows * model_->input_width;
+  const uint64_t out_len = rows * model_->output_width;
+  if (model_->token_input)
+    s.forward_tokens(static_cast<const int32_t*>(input), in_len, rows, out, out_len);
+  else
+    s.forward_hidden(static_cast<const float*>(input), in_len, rows, out, out_len);
+}
+
+int64_t Batcher::run(size_t index, Request* first, size_t count, uint64_t rows) noexcept {
+  Worker& w = workers_[index];
+  Session& s = *w.session;
+  const auto start = Clock::now();
+  for (Request* r = first; r; r = r->next) {
+    r->stats[kStatQueueNs] = ns_between(r->enqueued, start);
+    r->stats[kStatBatchRows] = static_cast<int64_t>(rows);
+    r->stats[kStatBatchRequests] = static_cast<int64_t>(count);
+    r->stats[kStatSession] = static_cast<int64_t>(index);
+  }
+  const size_t in_w = model_->input_width, out_w = model_->output_width;
+  bool isolate = false;
+  try {
+    const auto device = s.use_device();
+    if (count == 1) {
+      // Nothing to gather: the caller's buffers serve directly.
+      run_one(s, first->input, rows, first->out);
+    } else {
+      const void* input;
+      if (model_->token_input) {
+        w.tokens.resize(rows * in_w);
+        size_t at = 0;
+        for (const Request* r = first; r; r = r->next) {
+          std::memcpy(w.tokens.data() + at, r->input, r->rows * in_w * sizeof(int32_t));
+          at += r->rows * in_w;
+        }
+        input = w.tokens.data();
+      } else {
+        w.hidden.resize(rows * in_w);
+        size_t at = 0;
+        for (const Request* r = first; r; r = r->next) {
+          std::memcpy(w.hidden.data() + at, r->input, r->rows * in_w * sizeof(float));
+          at += r->rows * in_w;
+        }
+        input = w.hidden.data();
+      }
+      w.out.resize(rows * out_w);
+      run_one(s, input, rows, w.out.data());
+      size_t at = 0;
+      for (Request* r = first; r; r = r->next) {
+        std::memcpy(r->out, w.out.data() + at, r->rows * out_w * sizeof(float));
+        at += r->rows * out_w;
+      }
+    }
+  } catch (...) {
+    // A pass can fail on what no request shows alone (a result that overflows, memory for the
+    // whole batch): each request is rerun by itself so that it gets its own answer and status.
+    if (count == 1)
+      first->error = std::current_exception();
+    else
+      isolate = true;
+  }
+  const int64_t run_ns = ns_between(start, Clock::now());
+  for (Request* r = first; r; r = r->next) r->stats[kStatRunNs] = run_ns;
+  if (!isolate) return run_ns;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++counts_[kCountIsolated];
+  }
+  for (Request* r = first; r; r = r->next) {
+    const auto solo = Clock::now();
+    try {
+      const auto device = s.use_device();
+      run_one(s, r->input, r->rows, r->out);
+    } catch (...) {
+      r->error = std::current_exception();
+    }
+    r->stats[kStatRunNs] = ns_between(solo, Clock::now());
+    r->stats[kStatBatchRows] = static_cast<int64_t>(r->rows);
+    r->stats[kStatBatchRequests] = 1;
+  }
+  return ns_between(start, Clock::now());
+}
+}  // namespace moert

@@ -1,0 +1,684 @@
+// The batcher through the C ABI: every caller gets exactly the answer and the status a solo call
+// would give it — compared bit for bit — while requests from many threads share forward passes;
+// bad input fails its own caller only; misuse is refused.
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "capi_test_util.h"
+#include "model_builder.h"
+
+namespace capi_test {
+namespace {
+
+constexpr int32_t kInvalid = MOERT_ERR_INVALID_ARGUMENT;
+constexpr float kSentinel = -12345.0f;
+
+struct BatcherDeleter {
+  void operator()(moert_batcher* b) const { moert_batcher_free(b); }
+};
+struct BatcherOptionsDeleter {
+  void operator()(moert_batcher_options* o) const { moert_batcher_options_free(o); }
+};
+using BatcherPtr = std::unique_ptr<moert_batcher, BatcherDeleter>;
+using BatcherOptionsPtr = std::unique_ptr<moert_batcher_options, BatcherOptionsDeleter>;
+
+struct Config {
+  uint32_t sessions = 1, threads = 1;
+  uint64_t max_rows = 256, max_wait_us = 0;
+  bool check_finite = true;
+};
+
+BatcherPtr make_batcher(const moert_model* model, const Config& c) {
+  moert_batcher_options* raw = nullptr;
+  EXPECT_TRUE(IsOk(moert_batcher_options_create(&raw)));
+  BatcherOptionsPtr options(raw);
+  moert_session_options* sraw = nullptr;
+  EXPECT_TRUE(IsOk(moert_session_options_create(&sraw)));
+  OptionsPtr session(sraw);
+  EXPECT_TRUE(IsOk(moert_session_options_set_threads(session.get(), c.threads)));
+  if (!c.check_finite) {
+    EXPECT_TRUE(IsOk(moert_session_options_set_config(session.get(), "check_finite", "false")));
+  }
+  EXPECT_TRUE(IsOk(moert_batcher_options_set_session_options(options.get(), session.get())));
+  session.reset();  // copied
+  EXPECT_TRUE(IsOk(moert_batcher_options_set_sessions(options.get(), c.sessions)));
+  EXPECT_TRUE(IsOk(moert_batcher_options_set_max_batch_rows(options.get(), c.max_rows)));
+  EXPECT_TRUE(IsOk(moert_batcher_options_set_max_wait_us(options.get(), c.max_wait_us)));
+  moert_batcher* b = nullptr;
+  EXPECT_TRUE(IsOk(moert_batcher_create(model, options.get(), &b)));
+  return BatcherPtr(b);
+}
+
+std::vector<int64_t> counters_of(const moert_batcher* b) {
+  std::vector<int64_t> c(MOERT_BATCHER_COUNTERS, -2);
+  EXPECT_TRUE(IsOk(moert_batcher_counters(b, c.data(), c.size())));
+  return c;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// One model and what a request of it looks like.
+struct Fixture {
+  ModelPtr model;
+  bool tokens = true;
+  uint32_t in_width = 0, out_width = 0, vocab = 0;
+
+  explicit Fixture(ModelPtr m) : model(std::move(m)) {
+    int32_t kind = 0;
+    EXPECT_TRUE(IsOk(moert_model_io(model.get(), &kind, &in_width, &out_width)));
+    tokens = kind == MOERT_INPUT_TOKENS;
+    if (tokens) {
+      EXPECT_TRUE(IsOk(moert_model_vocab_size(model.get(), &vocab)));
+    }
+  }
+
+  // Deterministic input of `rows` rows, distinct per `salt`.
+  std::vector<int32_t> token_input(uint64_t rows, uint64_t salt) const {
+    std::vector<int32_t> t(rows * in_width);
+    for (size_t i = 0; i < t.size(); ++i)
+      t[i] = static_cast<int32_t>((i * 13 + salt * 31 + (i / in_width) * 7 + 5) % vocab);
+    return t;
+  }
+  std::vector<float> hidden_input(uint64_t rows, uint64_t salt) const {
+    std::vector<float> h(rows * in_width);
+    for (size_t i = 0; i < h.size(); ++i)
+      h[i] = std::sin(0.37f * static_cast<float>(i) + 0.11f * static_cast<float>(salt));
+    return h;
+  }
+
+  moert_status* solo(moert_session* s, uint64_t rows, uint64_t salt,
+                     std::vector<float>& out) const {
+    out.assign(rows * out_width, kSentinel);
+    if (tokens) {
+      const auto in = token_input(rows, salt);
+      return moert_session_forward_tokens(s, in.data(), in.size(), rows, out.data(), out.size());
+    }
+    const auto in = hidden_input(rows, salt);
+    return moert_session_forward_hidden(s, in.data(), in.size(), rows, out.data(), out.size());
+  }
+
+  moert_status* batched(moert_batcher* b, uint64_t rows, uint64_t salt, std::vector<float>& out,
+                        int64_t* stats, uint64_t stats_len) const {
+    out.assign(rows * out_width, kSentinel);
+    if (tokens) {
+      const auto in = token_input(rows, salt);
+      return moert_batcher_forward_tokens(b, in.data(), in.size(), rows, out.data(), out.size(),
+                                          stats, stats_len);
+    }
+    const auto in = hidden_input(rows, salt);
+    return moert_batcher_forward_hidden(b, in.data(), in.size(), rows, out.data(), out.size(),
+                                        stats, stats_len);
+  }
+};
+
+Fixture example_fixture() {
+  moert_model* m = nullptr;
+  EXPECT_TRUE(IsOk(moert_model_load_file(example_model_path().c_str(), &m)));
+  return Fixture(ModelPtr(m));
+}
+
+// Hidden-state input of width 40; with `aligned`, every GEMM width (n and k of y = x W^T) is a
+// multiple of 8, otherwise the second MoE layer has 6 experts of hidden 20 and the head 33 outputs.
+// A dense FFN, a grouped sigmoid router with top-3, a softmax router with a shared expert.
+ModelDesc wide_hidden_desc(bool aligned) {
+  ModelDesc d;
+  d.name = "batcher-wide";
+  d.input_dim = 40;
+  d.layers.push_back(rmsnorm_layer("norm0", 40));
+  LayerDesc moe0 = moe_layer("moe0", 40);
+  moe0.moe.num_experts = 8;
+  moe0.moe.top_k = 3;
+  moe0.moe.expert_hidden = 24;
+  moe0.moe.num_groups = 4;
+  moe0.moe.topk_groups = 2;
+  moe0.moe.gate = TensorDesc::init(2, 0.3f);
+  d.layers.push_back(moe0);
+  d.layers.push_back(dense_layer("ffn0", 40, 56));
+  d.layers.push_back(rmsnorm_layer("norm1", 40));
+  LayerDesc moe1 = moe_layer("moe1", 40);
+  moe1.moe.num_experts = aligned ? 16 : 6;
+  moe1.moe.top_k = 2;
+  moe1.moe.expert_hidden = aligned ? 16 : 20;
+  moe1.moe.score_function = 1;  // softmax
+  moe1.moe.num_groups = 1;
+  moe1.moe.topk_groups = 1;
+  moe1.moe.normalize_weights = false;
+  moe1.moe.routed_scaling_factor = 1.0f;
+  moe1.moe.balancing.policy = 2;  // aux loss: no effect on inference
+  moe1.moe.num_shared = 1;
+  moe1.moe.shared_hidden = 16;
+  moe1.moe.shared_w1 = moe1.moe.shared_w3 = moe1.moe.shared_w2 = TensorDesc::init(2, 0.2f);
+  d.layers.push_back(moe1);
+  d.layers.push_back(head_layer("head", 40, aligned ? 32 : 33));
+  return d;
+}
+
+Fixture wide_fixture(bool aligned = true) {
+  return Fixture(load_ok(build(wide_hidden_desc(aligned))));
+}
+
+// Largest over rows of ||a_r - b_r|| / ||b_r||.
+double max_row_error(const std::vector<float>& a, const std::vector<float>& b, size_t width) {
+  double worst = 0;
+  for (size_t r = 0; r * width < b.size(); ++r) {
+    double num = 0, den = 0;
+    for (size_t c = r * width; c < (r + 1) * width; ++c) {
+      num += (static_cast<double>(a[c]) - b[c]) * (static_cast<double>(a[c]) - b[c]);
+      den += static_cast<double>(b[c]) * b[c];
+    }
+    worst = std::max(worst, std::sqrt(num / std::max(den, 1e-300)));
+  }
+  return worst;
+}
+
+// Runs `requests` (rows, salt) from `threads` threads at once through `b`, checks each answer
+// against a solo call — bit for bit when `tolerance` is 0, else each row within `tolerance`
+// relative (L2) — and returns the number of requests that shared a pass.
+int run_and_compare(const Fixture& f, moert_batcher* b,
+                    const std::vector<std::pair<uint64_t, uint64_t>>& requests, int threads,
+                    double tolerance = 0) {
+  SessionPtr ref = make_session(f.model.get(), 1);
+  std::vector<std::vector<float>> want(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i)
+    EXPECT_TRUE(IsOk(f.solo(ref.get(), requests[i].first, requests[i].second, want[i])));
+  std::atomic<size_t> next{0};
+  std::atomic<int> shared{0}, mismatches{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&] {
+      std::vector<float> out;
+      int64_t stats[MOERT_REQUEST_STATS];
+      for (size_t i; (i = next.fetch_add(1)) < requests.size();) {
+        const auto [rows, salt] = requests[i];
+        EXPECT_TRUE(IsOk(f.batched(b, rows, salt, out, stats, MOERT_REQUEST_STATS)));
+        if (tolerance > 0 ? max_row_error(out, want[i], f.out_width) > tolerance
+                          : !same_bits(out, want[i])) {
+          ++mismatches;
+          ADD_FAILURE() << "request " << i << " (" << rows << " rows, batched with "
+                        << stats[MOERT_REQUEST_BATCH_REQUESTS] << " requests in "
+                        << stats[MOERT_REQUEST_BATCH_ROWS] << " rows) differs from its solo call";
+        }
+        EXPECT_GE(stats[MOERT_REQUEST_BATCH_ROWS], static_cast<int64_t>(rows));
+        EXPECT_GE(stats[MOERT_REQUEST_QUEUE_NS], 0);
+        EXPECT_GT(stats[MOERT_REQUEST_RUN_NS], 0);
+        if (stats[MOERT_REQUEST_BATCH_REQUESTS] > 1) ++shared;
+      }
+    });
+  for (auto& t : pool) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  return shared.load();
+}
+
+// Row counts from 1 to 100, so that passes and experts see row blocks (64) of every size.
+std::vector<std::pair<uint64_t, uint64_t>> mixed_requests(size_t n, uint64_t max_rows,
+                                                          uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<uint64_t> rows(1, max_rows);
+  std::vector<std::pair<uint64_t, uint64_t>> r;
+  for (size_t i = 0; i < n; ++i) r.emplace_back(i % 5 == 0 ? 1 : rows(gen), i);
+  return r;
+}
+
+// ---- Exactness -----------------------------------------------------------------------------
+
+TEST(Batcher, TokenRequestsEqualSoloCallsBitForBit) {
+  Fixture f = example_fixture();
+  // A wait long enough that concurrent requests surely meet.
+  BatcherPtr b = make_batcher(f.model.get(), {1, 2, 512, 20000});
+  ASSERT_TRUE(b);
+  const int shared = run_and_compare(f, b.get(), mixed_requests(96, 100, 1), 12);
+  EXPECT_GT(shared, 48) << "too few requests shared a pass: the test did not test batching";
+  const auto c = counters_of(b.get());
+  EXPECT_EQ(c[MOERT_BATCHER_REQUESTS], 96);
+  EXPECT_EQ(c[MOERT_BATCHER_FAILED], 0);
+  EXPECT_LT(c[MOERT_BATCHER_BATCHES], 96);
+  EXPECT_EQ(c[MOERT_BATCHER_ISOLATED], 0);
+}
+
+TEST(Batcher, HiddenRequestsEqualSoloCallsBitForBit) {
+  Fixture f = wide_fixture();
+  ASSERT_TRUE(f.model);
+  for (uint32_t sessions : {1u, 3u}) {
+    BatcherPtr b = make_batcher(f.model.get(), {sessions, 2, 300, 20000});
+    ASSERT_TRUE(b);
+    const int shared = run_and_compare(f, b.get(), mixed_requests(80, 100, sessions), 10);
+    EXPECT_GT(shared, 30) << sessions << " sessions";
+  }
+}
+
+// Where a GEMM width is not a multiple of 8, BLIS's small-matrix kernels accumulate a row's dot
+// products in an order that depends on the row count of the call, so batched answers differ from
+// solo ones in the last bits (see the README's serving section); they agree within 1e-5.
+TEST(Batcher, UnalignedWidthsAgreeWithinTolerance) {
+  Fixture f = wide_fixture(false);
+  ASSERT_TRUE(f.model);
+  BatcherPtr b = make_batcher(f.model.get(), {2, 1, 300, 20000});
+  ASSERT_TRUE(b);
+  EXPECT_GT(run_and_compare(f, b.get(), mixed_requests(80, 100, 5), 10, 1e-5), 30);
+}
+
+// The property exactness rests on, for the GEMM y = x W^T of every layer: with n (outputs) and k
+// (inputs) multiples of 8, each row of a 1..64-row call equals the same row computed alone. One
+// linear layer (an output head over hidden-state input) per shape, 200 rows.
+TEST(Batcher, GemmRowsAreIndependentForWidthsThatAreMultiplesOf8) {
+  for (uint32_t k : {8u, 16u, 40u, 64u, 512u})
+    for (uint32_t n : {8u, 24u, 64u, 1024u}) {
+      ModelDesc d;
+      d.input_dim = k;
+      d.layers.push_back(head_layer("linear", k, n));
+      Fixture f(load_ok(build(d)));
+      ASSERT_TRUE(f.model);
+      SessionPtr s = make_session(f.model.get(), 1);
+      constexpr uint64_t kRows = 200;
+      std::vector<float> all;
+      ASSERT_TRUE(IsOk(f.solo(s.get(), kRows, 3, all)));
+      const auto in = f.hidden_input(kRows, 3);
+      int differing = 0;
+      for (uint64_t r = 0; r < kRows; ++r) {
+        std::vector<float> one(n);
+        ASSERT_TRUE(
+            IsOk(moert_session_forward_hidden(s.get(), in.data() + r * k, k, 1, one.data(), n)));
+        differing += std::memcmp(one.data(), all.data() + r * n, n * sizeof(float)) != 0;
+      }
+      EXPECT_EQ(differing, 0) << "k = " << k << ", n = " << n << ": rows of a " << kRows
+                              << "-row pass differ from the same rows alone";
+    }
+}
+
+TEST(Batcher, OneRowRequestsEqualOneRowOfABigPass) {
+  // The strongest form of row independence: 200 one-row requests against one 200-row solo pass.
+  Fixture f = wide_fixture();
+  ASSERT_TRUE(f.model);
+  SessionPtr ref = make_session(f.model.get(), 2);
+  constexpr uint64_t kRows = 200;
+  std::vector<float> all;
+  ASSERT_TRUE(IsOk(f.solo(ref.get(), kRows, 9, all)));
+  const auto in = f.hidden_input(kRows, 9);
+  for (uint64_t r = 0; r < kRows; ++r) {
+    std::vector<float> one(f.out_width, kSentinel);
+    ASSERT_TRUE(IsOk(moert_session_forward_hidden(ref.get(), in.data() + r * f.in_width, f.in_width,
+                                                  1, one.data(), one.size())));
+    ASSERT_EQ(std::memcmp(one.data(), all.data() + r * f.out_width, f.out_width * sizeof(float)), 0)
+        << "row " << r << " of a " << kRows << "-row pass differs from the same row alone";
+  }
+}
+
+TEST(Batcher, ExpertChoiceModelsAreNeverBatchedAcrossRequests) {
+  ModelDesc d = hidden_baseline();
+  d.layers[1].moe.balancing.policy = MOERT_BALANCING_EXPERT_CHOICE;
+  Fixture f(load_ok(build(d)));
+  ASSERT_TRUE(f.model);
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 20000});
+  ASSERT_TRUE(b);
+  EXPECT_EQ(run_and_compare(f, b.get(), mixed_requests(24, 8, 3), 6), 0);
+  const auto c = counters_of(b.get());
+  EXPECT_EQ(c[MOERT_BATCHER_BATCHES], 24);
+}
+
+// ---- Errors belong to their caller ---------------------------------------------------------
+
+TEST(Batcher, BadRequestsFailAloneWhileGoodOnesShareAPass) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {1, 2, 64, 20000});
+  ASSERT_TRUE(b);
+  SessionPtr ref = make_session(f.model.get(), 1);
+  constexpr int kThreads = 8;
+  std::vector<std::thread> pool;
+  std::atomic<int> good_shared{0};
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([&, t] {
+      std::vector<float> out, want;
+      int64_t stats[MOERT_REQUEST_STATS];
+      for (int i = 0; i < 6; ++i) {
+        const uint64_t salt = static_cast<uint64_t>(t * 100 + i);
+        if (t % 2 == 0) {
+          EXPECT_TRUE(IsOk(f.batched(b.get(), 3, salt, out, stats, MOERT_REQUEST_STATS)));
+          {
+            static std::mutex ref_mu;  // the reference session is not what is tested here
+            std::lock_guard<std::mutex> lock(ref_mu);
+            EXPECT_TRUE(IsOk(f.solo(ref.get(), 3, salt, want)));
+          }
+          EXPECT_TRUE(same_bits(out, want));
+          if (stats[MOERT_REQUEST_BATCH_REQUESTS] > 1) ++good_shared;
+          continue;
+        }
+        auto in = f.token_input(3, salt);
+        out.assign(3 * 64, kSentinel);
+        std::fill(std::begin(stats), std::end(stats), -7);
+        switch (i % 3) {
+          case 0:  // an id outside the vocabulary, reported by row and column
+            in[2 * 4 + 1] = 64;
+            EXPECT_TRUE(
+                IsError(moert_batcher_forward_tokens(b.get(), in.data(), in.size(), 3, out.data(),
+                                                     out.size(), stats, MOERT_REQUEST_STATS),
+                        kInvalid, {"64", "row 2, column 1", "vocabulary"}));
+            break;
+          case 1:  // more rows than the cap
+            in = f.token_input(65, salt);
+            out.assign(65 * 64, kSentinel);
+            EXPECT_TRUE(
+                IsError(moert_batcher_forward_tokens(b.get(), in.data(), in.size(), 65, out.data(),
+                                                     out.size(), stats, MOERT_REQUEST_STATS),
+                        kInvalid, {"65", "max_batch_rows = 64"}));
+            break;
+          default:  // a buffer of the wrong size
+            EXPECT_TRUE(IsError(
+                moert_batcher_forward_tokens(b.get(), in.data(), in.size() - 1, 3, out.data(),
+                                             out.size(), stats, MOERT_REQUEST_STATS),
+                kInvalid, {"11 ids", "12"}));
+            break;
+        }
+        // A failed request writes neither its outputs nor its figures.
+        for (float x : out) EXPECT_EQ(x, kSentinel);
+        for (int64_t s : stats) EXPECT_EQ(s, -7);
+      }
+    });
+  for (auto& t : pool) t.join();
+  EXPECT_GT(good_shared.load(), 0);
+  const auto c = counters_of(b.get());
+  EXPECT_EQ(c[MOERT_BATCHER_REQUESTS], 48);
+  EXPECT_EQ(c[MOERT_BATCHER_FAILED], 24);
+  EXPECT_EQ(c[MOERT_BATCHER_ISOLATED], 0);
+}
+
+TEST(Batcher, NonFiniteInputFailsItsCallerOnly) {
+  Fixture f = wide_fixture();
+  ASSERT_TRUE(f.model);
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 20000});
+  ASSERT_TRUE(b);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 6; ++t)
+    pool.emplace_back([&, t] {
+      auto in = f.hidden_input(4, t);
+      if (t % 3 == 0) in[3 * f.in_width + 7] = std::numeric_limits<float>::quiet_NaN();
+      std::vector<float> out(4 * f.out_width, kSentinel);
+      moert_status* st = moert_batcher_forward_hidden(b.get(), in.data(), in.size(), 4, out.data(),
+                                                      out.size(), nullptr, 0);
+      if (t % 3 == 0)
+        EXPECT_TRUE(IsError(st, MOERT_ERR_NUMERIC, {"row 3, column 7"}));
+      else
+        EXPECT_TRUE(IsOk(st));
+    });
+  for (auto& t : pool) t.join();
+}
+
+// Inputs that are finite but overflow inside the model: whatever a solo call answers (a result,
+// or an error once results are checked), the batched call answers the same, and its neighbours
+// in the pass are not disturbed.
+TEST(Batcher, OverflowingRequestGetsTheStatusOfItsSoloCall) {
+  Fixture f = wide_fixture();
+  ASSERT_TRUE(f.model);
+  for (bool check_finite : {true, false}) {
+    Config c{1, 1, 64, 20000, check_finite};
+    BatcherPtr b = make_batcher(f.model.get(), c);
+    ASSERT_TRUE(b);
+    moert_session_options* sraw = nullptr;
+    ASSERT_TRUE(IsOk(moert_session_options_create(&sraw)));
+    OptionsPtr so(sraw);
+    if (!check_finite) {
+      ASSERT_TRUE(IsOk(moert_session_options_set_config(so.get(), "check_finite", "false")));
+    }
+    moert_session* rs = nullptr;
+    ASSERT_TRUE(IsOk(moert_session_create(f.model.get(), so.get(), &rs)));
+    SessionPtr ref(rs);
+    auto huge = f.hidden_input(2, 1);
+    for (size_t i = 0; i < huge.size(); i += 3) huge[i] = 3e38f;
+    std::vector<float> want(2 * f.out_width, kSentinel);
+    StatusPtr solo(moert_session_forward_hidden(ref.get(), huge.data(), huge.size(), 2, want.data(),
+                                                want.size()));
+    std::vector<std::thread> pool;
+    for (int t = 0; t < 5; ++t)
+      pool.emplace_back([&, t] {
+        std::vector<float> out(2 * f.out_width, kSentinel);
+        if (t == 0) {
+          StatusPtr st(moert_batcher_forward_hidden(b.get(), huge.data(), huge.size(), 2,
+                                                    out.data(), out.size(), nullptr, 0));
+          EXPECT_EQ(moert_status_code(st.get()), moert_status_code(solo.get()))
+              << moert_status_message(st.get());
+          EXPECT_STREQ(moert_status_message(st.get()), moert_status_message(solo.get()));
+          EXPECT_TRUE(same_bits(out, want));
+          return;
+        }
+        std::vector<float> mine;
+        EXPECT_TRUE(IsOk(f.batched(b.get(), 2, t, mine, nullptr, 0)));
+        std::vector<float> alone;
+        SessionPtr own = make_session(f.model.get(), 1);
+        EXPECT_TRUE(IsOk(f.solo(own.get(), 2, t, alone)));
+        EXPECT_TRUE(same_bits(mine, alone));
+      });
+    for (auto& t : pool) t.join();
+  }
+}
+
+// ---- Figures ---------------------------------------------------------------------------------
+
+TEST(Batcher, StatsArraysOfAnyLength) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {});
+  ASSERT_TRUE(b);
+  std::vector<float> out;
+  // Shorter than the library knows: only those entries.
+  int64_t two[3] = {-9, -9, -9};
+  ASSERT_TRUE(IsOk(f.batched(b.get(), 2, 0, out, two, 2)));
+  EXPECT_GE(two[MOERT_REQUEST_QUEUE_NS], 0);
+  EXPECT_GT(two[MOERT_REQUEST_RUN_NS], 0);
+  EXPECT_EQ(two[2], -9);
+  // Longer: the entries past those it knows are -1.
+  std::vector<int64_t> many(MOERT_REQUEST_STATS + 3, -9);
+  ASSERT_TRUE(IsOk(f.batched(b.get(), 3, 1, out, many.data(), many.size())));
+  EXPECT_EQ(many[MOERT_REQUEST_BATCH_ROWS], 3);
+  EXPECT_EQ(many[MOERT_REQUEST_BATCH_REQUESTS], 1);
+  EXPECT_EQ(many[MOERT_REQUEST_SESSION], 0);
+  for (size_t i = MOERT_REQUEST_STATS; i < many.size(); ++i) EXPECT_EQ(many[i], -1);
+  std::vector<int64_t> c(MOERT_BATCHER_COUNTERS + 2, -9);
+  ASSERT_TRUE(IsOk(moert_batcher_counters(b.get(), c.data(), c.size())));
+  EXPECT_EQ(c[MOERT_BATCHER_REQUESTS], 2);
+  EXPECT_EQ(c[MOERT_BATCHER_BATCHES], 2);
+  EXPECT_EQ(c[MOERT_BATCHER_ROWS], 5);
+  EXPECT_GT(c[MOERT_BATCHER_RUN_NS], 0);
+  EXPECT_EQ(c[MOERT_BATCHER_COUNTERS], -1);
+  EXPECT_EQ(c[MOERT_BATCHER_COUNTERS + 1], -1);
+  // NULL stats with a length is a misuse; NULL with 0 is "no figures".
+  std::vector<float> o(64);
+  const auto in = f.token_input(1, 0);
+  EXPECT_TRUE(
+      IsError(moert_batcher_forward_tokens(b.get(), in.data(), 4, 1, o.data(), 64, nullptr, 2),
+              kInvalid, {"stats"}));
+  EXPECT_TRUE(
+      IsOk(moert_batcher_forward_tokens(b.get(), in.data(), 4, 1, o.data(), 64, nullptr, 0)));
+}
+
+TEST(Batcher, WaitGathersRequestsUpToTheRowCap) {
+  Fixture f = example_fixture();
+  // A long wait and a cap of 12 rows: 12 concurrent 3-row requests make passes of 12 rows (four
+  // requests each) that start as soon as they are full, never after the full wait.
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 12, 1'000'000});
+  ASSERT_TRUE(b);
+  std::vector<std::thread> pool;
+  const auto start = std::chrono::steady_clock::now();
+  for (int t = 0; t < 12; ++t)
+    pool.emplace_back([&, t] {
+      std::vector<float> out;
+      int64_t stats[MOERT_REQUEST_STATS];
+      EXPECT_TRUE(IsOk(f.batched(b.get(), 3, t, out, stats, MOERT_REQUEST_STATS)));
+      EXPECT_EQ(stats[MOERT_REQUEST_BATCH_ROWS], 12);
+      EXPECT_EQ(stats[MOERT_REQUEST_BATCH_REQUESTS], 4);
+    });
+  for (auto& t : pool) t.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(900));
+  // A lone request waits out the bounded wait, then runs alone.
+  BatcherPtr lone = make_batcher(f.model.get(), {1, 1, 12, 50'000});
+  std::vector<float> out;
+  int64_t stats[MOERT_REQUEST_STATS];
+  ASSERT_TRUE(IsOk(f.batched(lone.get(), 2, 0, out, stats, MOERT_REQUEST_STATS)));
+  EXPECT_GE(stats[MOERT_REQUEST_QUEUE_NS], 50'000'000);
+  EXPECT_LT(stats[MOERT_REQUEST_QUEUE_NS], 1'000'000'000);
+  EXPECT_EQ(stats[MOERT_REQUEST_BATCH_REQUESTS], 1);
+}
+
+// ---- Misuse ----------------------------------------------------------------------------------
+
+TEST(Batcher, MisuseIsRefused) {
+  Fixture f = example_fixture();
+  moert_batcher_options* o = nullptr;
+  EXPECT_TRUE(IsError(moert_batcher_options_create(nullptr), kInvalid, {"out"}));
+  ASSERT_TRUE(IsOk(moert_batcher_options_create(&o)));
+  BatcherOptionsPtr options(o);
+  EXPECT_TRUE(IsError(moert_batcher_options_set_sessions(o, 0), kInvalid, {"sessions"}));
+  EXPECT_TRUE(IsError(moert_batcher_options_set_sessions(o, 257), kInvalid, {"257"}));
+  EXPECT_TRUE(
+      IsError(moert_batcher_options_set_max_batch_rows(o, 0), kInvalid, {"max_batch_rows"}));
+  EXPECT_TRUE(
+      IsError(moert_batcher_options_set_max_batch_rows(o, (1u << 20) + 1), kInvalid, {"1048577"}));
+  EXPECT_TRUE(
+      IsError(moert_batcher_options_set_max_wait_us(o, 1'000'001), kInvalid, {"max_wait_us"}));
+  EXPECT_TRUE(IsError(moert_batcher_options_set_session_options(o, nullptr), kInvalid,
+                      {"session_options"}));
+  EXPECT_TRUE(IsError(moert_batcher_options_set_sessions(nullptr, 1), kInvalid, {"options"}));
+  moert_batcher_options_free(nullptr);
+  moert_batcher_free(nullptr);
+
+  // Training sessions cannot serve a batcher.
+  moert_session_options* sraw = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_create(&sraw)));
+  OptionsPtr so(sraw);
+  ASSERT_TRUE(IsOk(moert_session_options_set_mode(so.get(), MOERT_MODE_TRAINING)));
+  ASSERT_TRUE(IsOk(moert_batcher_options_set_session_options(o, so.get())));
+  moert_batcher* b = nullptr;
+  EXPECT_TRUE(IsError(moert_batcher_create(f.model.get(), o, &b), kInvalid, {"training"}));
+  EXPECT_EQ(b, nullptr);
+  // A device this build cannot serve is refused like moert_session_create refuses it.
+  ASSERT_TRUE(IsOk(moert_session_options_set_mode(so.get(), MOERT_MODE_INFERENCE)));
+  ASSERT_TRUE(IsOk(moert_session_options_set_device(so.get(), MOERT_DEVICE_CUDA, 0)));
+  ASSERT_TRUE(IsOk(
+      moert_session_options_set_config(so.get(), "cuda_plugin", "/nonexistent/libmoert_cuda.so")));
+  ASSERT_TRUE(IsOk(moert_batcher_options_set_session_options(o, so.get())));
+  EXPECT_TRUE(IsError(moert_batcher_create(f.model.get(), o, &b), MOERT_ERR_UNSUPPORTED));
+  EXPECT_EQ(b, nullptr);
+  EXPECT_TRUE(IsError(moert_batcher_create(nullptr, nullptr, &b), kInvalid, {"model"}));
+  EXPECT_TRUE(IsError(moert_batcher_create(f.model.get(), nullptr, nullptr), kInvalid, {"out"}));
+
+  // NULL options: the defaults. The model may go before the batcher.
+  ASSERT_TRUE(IsOk(moert_batcher_create(f.model.get(), nullptr, &b)));
+  BatcherPtr batcher(b);
+  const auto in = f.token_input(2, 0);
+  std::vector<float> out(2 * 64);
+  f.model.reset();
+  ASSERT_TRUE(IsOk(moert_batcher_forward_tokens(b, in.data(), in.size(), 2, out.data(), out.size(),
+                                                nullptr, 0)));
+  std::vector<float> hidden(8);
+  EXPECT_TRUE(IsError(
+      moert_batcher_forward_hidden(b, hidden.data(), 8, 2, out.data(), out.size(), nullptr, 0),
+      kInvalid, {"forward_tokens"}));
+  EXPECT_TRUE(IsError(
+      moert_batcher_forward_tokens(b, nullptr, in.size(), 2, out.data(), out.size(), nullptr, 0),
+      kInvalid, {"tokens"}));
+  EXPECT_TRUE(IsError(
+      moert_batcher_forward_tokens(b, in.data(), in.size(), 2, nullptr, out.size(), nullptr, 0),
+      kInvalid, {"out"}));
+  EXPECT_TRUE(IsError(moert_batcher_forward_tokens(b, in.data(), 0, 0, out.data(), 0, nullptr, 0),
+                      kInvalid, {"rows"}));
+  EXPECT_TRUE(IsError(moert_batcher_forward_tokens(b, in.data(), in.size(), 2, out.data(),
+                                                   out.size() + 1, nullptr, 0),
+                      kInvalid, {"129", "128"}));
+  EXPECT_TRUE(IsError(moert_batcher_forward_tokens(nullptr, in.data(), in.size(), 2, out.data(),
+                                                   out.size(), nullptr, 0),
+                      kInvalid, {"batcher"}));
+  EXPECT_TRUE(IsError(moert_batcher_counters(b, nullptr, 3), kInvalid, {"counters"}));
+  int64_t one = 0;
+  EXPECT_TRUE(IsError(moert_batcher_counters(nullptr, &one, 1), kInvalid, {"batcher"}));
+}
+
+// What a caller needs to check token ids before it sends them.
+TEST(Batcher, ModelVocabSize) {
+  Fixture f = example_fixture();
+  uint32_t v = 0;
+  ASSERT_TRUE(IsOk(moert_model_vocab_size(f.model.get(), &v)));
+  EXPECT_EQ(v, 64u);
+  ModelPtr tokens = load_ok(build(token_baseline()));
+  ASSERT_TRUE(IsOk(moert_model_vocab_size(tokens.get(), &v)));
+  EXPECT_EQ(v, 16u);
+  Fixture hidden = wide_fixture();
+  v = 7;
+  EXPECT_TRUE(IsError(moert_model_vocab_size(hidden.model.get(), &v), kInvalid, {"hidden states"}));
+  EXPECT_EQ(v, 7u);
+  EXPECT_TRUE(IsError(moert_model_vocab_size(nullptr, &v), kInvalid, {"model"}));
+  EXPECT_TRUE(IsError(moert_model_vocab_size(f.model.get(), nullptr), kInvalid, {"out"}));
+}
+
+TEST(Batcher, CreateAndFreeRepeatedly) {
+  Fixture f = example_fixture();
+  for (int i = 0; i < 20; ++i) {
+    BatcherPtr b = make_batcher(f.model.get(), {static_cast<uint32_t>(1 + i % 4), 1, 8, 100});
+    ASSERT_TRUE(b);
+    if (i % 2) {
+      std::vector<float> out;
+      ASSERT_TRUE(IsOk(f.batched(b.get(), 1, i, out, nullptr, 0)));
+    }
+  }
+}
+
+// ---- Load: many threads for a bounded time, every answer checked ------------------------------
+
+TEST(Batcher, ManyThreadsForABoundedTimeEveryAnswerExact) {
+  Fixture f = example_fixture();
+  // Reference: every row alone. Requests are runs of consecutive rows of this table, so each
+  // answer row is checked against the solo answer of that very row.
+  constexpr uint64_t kTable = 512;
+  SessionPtr ref = make_session(f.model.get(), 2);
+  const auto table_in = f.token_input(kTable, 77);
+  std::vector<float> table_out(kTable * 64);
+  for (uint64_t r = 0; r < kTable; ++r)
+    ASSERT_TRUE(IsOk(moert_session_forward_tokens(ref.get(), table_in.data() + r * 4, 4, 1,
+                                                  table_out.data() + r * 64, 64)));
+  BatcherPtr b = make_batcher(f.model.get(), {2, 1, 96, 300});
+  ASSERT_TRUE(b);
+  constexpr int kThreads = 16;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  std::atomic<int64_t> answered{0}, wrong{0}, errors{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([&, t] {
+      std::mt19937 gen(static_cast<uint32_t>(t));
+      std::uniform_int_distribution<uint64_t> rows_of(1, 24), first_of(0, kTable - 24);
+      std::vector<float> out;
+      while (std::chrono::steady_clock::now() < until) {
+        const uint64_t rows = rows_of(gen), first = first_of(gen);
+        out.assign(rows * 64, kSentinel);
+        StatusPtr st(moert_batcher_forward_tokens(b.get(), table_in.data() + first * 4, rows * 4,
+                                                  rows, out.data(), out.size(), nullptr, 0));
+        if (st) {
+          ++errors;
+          continue;
+        }
+        if (std::memcmp(out.data(), table_out.data() + first * 64, rows * 64 * sizeof(float)))
+          ++wrong;
+        ++answered;
+      }
+    });
+  for (auto& t : pool) t.join();
+  const auto c = counters_of(b.get());
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(answered.load(), kThreads);
+  EXPECT_EQ(c[MOERT_BATCHER_REQUESTS], answered.load());
+  EXPECT_GT(c[MOERT_BATCHER_ROWS], 0);
+  std::printf("%lld requests in 3 s from %d threads, %lld passes (mean %.1f rows), 0 wrong\n",
+              static_cast<long long>(answered.load()), kThreads,
+              static_cast<long long>(c[MOERT_BATCHER_BATCHES]),
+              static_cast<double>(c[MOERT_BATCHER_ROWS]) /
+                  static_cast<double>(std::max<int64_t>(1, c[MOERT_BATCHER_BATCHES])));
+}
+
+}  // namespace
+}  // namespace capi_test
