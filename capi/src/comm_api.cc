@@ -1,4 +1,5 @@
 // C entry points for communicators (expert and data parallelism across processes).
+#include <cstdint>
 #include <memory>
 
 #include "capi/src/handles.h"
@@ -73,6 +74,20 @@ moert_status* moert_comm_barrier(moert_comm* comm) {
   return guarded([&] {
     require(comm, "comm");
     comm->comm->barrier();
+  });
+}
+
+moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data, uint64_t len) {
+  return guarded([&] {
+    require(comm, "comm");
+    if (len == 0) return;  // every rank passes the same len, so every rank returns here
+    require(data, "data");
+    if (comm->comm->memory() != moert::CommMemory::Host)
+      fail(Code::Unsupported, "moert_comm_all_reduce_sum takes host memory; a ", comm->comm->kind(),
+           " communicator moves device memory");
+    if (len > static_cast<uint64_t>(INT64_MAX) / 8)
+      fail(Code::InvalidArgument, "len = ", len, " is too large");
+    comm->comm->all_reduce_sum(data, static_cast<int64_t>(len), moert::ReduceType::F64);
   });
 }
 

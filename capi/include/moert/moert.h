@@ -347,13 +347,33 @@ MOERT_API moert_status* moert_comm_set_timeout(moert_comm* comm, double seconds)
  * communicator is broken. */
 MOERT_API moert_status* moert_comm_barrier(moert_comm* comm);
 
+/* data[i] = the sum over ranks r of rank r's data[i], for i < len, in place: doubles in host
+ * memory, added in rank order (((x_0 + x_1) + x_2) + ...), so every rank gets the same bits on
+ * every run. For a host's own figures (a loss summed over the rows each rank evaluated, say).
+ * Collective: every rank passes the same len. MOERT_ERR_UNSUPPORTED for an NCCL communicator
+ * (its collectives move device memory); MOERT_ERR_COMM on timeout or a broken communicator. */
+MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data, uint64_t len);
+
 /* Attaches `comm` to the options with an expert-parallel size `expert_parallel` (EP >= 1 that
  * divides the communicator's size; the data-parallel size is size / EP): sessions created from
  * these options will shard every MoE layer's routed experts over EP ranks and replicate the rest
  * over size / EP. The options keep a reference to the communicator (the caller may free its
  * handle). `comm` NULL with expert_parallel 1 detaches it. Creating a session is collective over
- * the communicator. Expert and data parallelism are not implemented yet: moert_session_create()
- * refuses a communicator of more than one rank with MOERT_ERR_UNSUPPORTED. */
+ * the communicator.
+ *
+ * What such sessions do (DESIGN.md section 2): each rank feeds its own rows; a MoE layer sends
+ * each token once to every rank that computes one of its experts and sums the results in expert
+ * order; gradients, losses, token counts, MaxVio and the loss-free bias update are the job's,
+ * over the union of the ranks' rows in rank order. When every rank but the last feeds a multiple
+ * of 64 rows (that take part), every output, loss, gradient, count and parameter has bitwise the
+ * value one session over the union would have, whatever EP and the number of ranks; otherwise
+ * they agree to rounding. Expert tensors (parameter access, gradients) are the rank's shard:
+ * experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a session is
+ * collective (forward, backward, step, save, load, metrics resets, ...): all ranks make the same
+ * calls in the same order. Bad input on one rank fails the call on every rank; a rank that dies
+ * makes the others fail with MOERT_ERR_COMM within the timeout. CPU sessions over MPI only in
+ * this version: a CUDA session with a communicator of more than one rank is refused with
+ * MOERT_ERR_UNSUPPORTED; Expert Choice layers are refused. */
 MOERT_API moert_status* moert_session_options_set_comm(moert_session_options* options,
                                                        moert_comm* comm, int32_t expert_parallel);
 

@@ -1,0 +1,247 @@
+// Sessions over MPI ranks (issue: expert and data parallelism across processes), through the C ABI
+// only, under `mpirun -np N` for N = 1, 2, 4. Every rank also runs one session alone over the
+// whole global batch — the reference — and compares: forward outputs, losses, gradients, counts,
+// biases and parameters must be bitwise equal, with EP = N and, on 4 ranks, EP 2 x DP 2 and pure
+// data parallelism.
+#include <gtest/gtest.h>
+#include <moert/moert.h>
+
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "capi_test_util.h"
+#include "model_builder.h"
+
+namespace {
+
+using namespace capi_test;
+
+int g_rank = 0, g_size = 1;
+moert_comm* g_comm = nullptr;
+
+ModelPtr load(const ModelDesc& d) {
+  const std::vector<uint8_t> bytes = build(d);
+  moert_model* m = nullptr;
+  EXPECT_TRUE(IsOk(moert_model_load_buffer(bytes.data(), bytes.size(), nullptr, &m)));
+  return ModelPtr(m);
+}
+
+// Token input (vocab 16, context 1): embedding, norm, MoE (4 experts, top-2, groups 2/1, one
+// shared expert), dense FFN, head; balancing `policy`.
+ModelDesc token_model(int8_t policy) {
+  ModelDesc d = token_baseline();
+  MoEDesc& m = d.layers[kMoE].moe;
+  m.num_shared = 1;
+  m.shared_hidden = 6;
+  m.shared_w1 = TensorDesc::init(2, 0.2f);
+  m.shared_w3 = TensorDesc::init(2, 0.2f);
+  m.shared_w2 = TensorDesc::init(2, 0.2f);
+  m.balancing.policy = policy;
+  m.balancing.aux_alpha = policy == 2 || policy == 3 ? 0.01f : 0.0f;
+  m.balancing.bias_update_rate = 1e-3f;
+  return d;
+}
+
+SessionPtr session(const moert_model* model, bool training, int ep, bool parallel,
+                   const std::vector<std::pair<const char*, const char*>>& knobs = {}) {
+  moert_session_options* o = nullptr;
+  EXPECT_TRUE(IsOk(moert_session_options_create(&o)));
+  OptionsPtr opts(o);
+  EXPECT_TRUE(IsOk(
+      moert_session_options_set_mode(o, training ? MOERT_MODE_TRAINING : MOERT_MODE_INFERENCE)));
+  EXPECT_TRUE(IsOk(moert_session_options_set_config(o, "lr", "0.02")));
+  for (const auto& [k, v] : knobs) EXPECT_TRUE(IsOk(moert_session_options_set_config(o, k, v)));
+  if (parallel) {
+    EXPECT_TRUE(IsOk(moert_session_options_set_comm(o, g_comm, ep)));
+  }
+  moert_session* s = nullptr;
+  EXPECT_TRUE(IsOk(moert_session_create(model, o, &s)));
+  return SessionPtr(s);
+}
+
+// The expert-parallel sizes this world size tries.
+std::vector<int> layouts() {
+  std::vector<int> eps{g_size};
+  if (g_size == 4) eps.push_back(2);
+  if (g_size > 1) eps.push_back(1);
+  return eps;
+}
+
+bool same(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
+TEST(SessionMpi, ForwardIsBitwiseOneSessions) {
+  ModelPtr m = load(hidden_baseline());
+  const int64_t rows = 256, n = rows / g_size;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> d;
+  std::vector<float> x(rows * 8);
+  for (float& v : x) v = d(rng);
+  std::vector<float> want(rows * 16);
+  SessionPtr alone = session(m.get(), false, 1, false);
+  ASSERT_TRUE(IsOk(moert_session_forward_hidden(alone.get(), x.data(), x.size(), rows, want.data(),
+                                                want.size())));
+  std::vector<int64_t> counts_want(4);
+  ASSERT_TRUE(
+      IsOk(moert_session_expert_counts(alone.get(), 1, MOERT_COUNTS_LAST, counts_want.data(), 4)));
+  for (int ep : layouts()) {
+    SessionPtr s = session(m.get(), false, ep, true);
+    std::vector<float> out(n * 16);
+    ASSERT_TRUE(IsOk(moert_session_forward_hidden(s.get(), x.data() + g_rank * n * 8, n * 8, n,
+                                                  out.data(), out.size())));
+    EXPECT_TRUE(same(out, std::vector<float>(want.begin() + g_rank * n * 16,
+                                             want.begin() + (g_rank + 1) * n * 16)))
+        << "EP " << ep;
+    std::vector<int64_t> counts(4);
+    ASSERT_TRUE(IsOk(moert_session_expert_counts(s.get(), 1, MOERT_COUNTS_LAST, counts.data(), 4)));
+    EXPECT_EQ(counts, counts_want) << "EP " << ep;
+  }
+}
+
+struct Trained {
+  std::vector<double> losses;
+  std::vector<std::vector<float>> params, grads;
+  std::vector<float> bias;
+  std::vector<int64_t> counts;
+};
+
+// 20 steps of 2 micro-batches; the session sees rows [first, first + n) of each global batch.
+Trained train(moert_session* s, const std::vector<int32_t>& tokens,
+              const std::vector<int32_t>& targets, int64_t rows, int64_t first, int64_t n) {
+  Trained t;
+  std::vector<float> out(n * 16);
+  for (int step = 0; step < 20; ++step) {
+    EXPECT_TRUE(IsOk(moert_session_zero_grad(s)));
+    for (int mb = 0; mb < 2; ++mb) {
+      const int64_t off = (step * 2 + mb) % 3 * rows + first;
+      EXPECT_TRUE(
+          IsOk(moert_session_forward_tokens(s, tokens.data() + off, n, n, out.data(), out.size())));
+      double loss = 0;
+      EXPECT_TRUE(IsOk(moert_session_backward_loss(s, targets.data() + off, n, &loss)));
+      t.losses.push_back(loss);
+    }
+    if (step == 19) {
+      t.counts.resize(4);
+      EXPECT_TRUE(
+          IsOk(moert_session_expert_counts(s, kMoE, MOERT_COUNTS_STEP, t.counts.data(), 4)));
+      uint32_t np = 0;
+      EXPECT_TRUE(IsOk(moert_session_num_parameters(s, &np)));
+      for (uint32_t i = 0; i < np; ++i) {
+        const char* name = nullptr;
+        uint64_t numel = 0;
+        EXPECT_TRUE(IsOk(moert_session_parameter_info(s, i, &name, &numel)));
+        std::vector<float> g(numel);
+        EXPECT_TRUE(IsOk(moert_session_get_gradient(s, name, g.data(), numel)));
+        t.grads.push_back(std::move(g));
+      }
+    }
+    EXPECT_TRUE(IsOk(moert_session_step(s, nullptr, nullptr)));
+  }
+  t.bias.resize(4);
+  EXPECT_TRUE(IsOk(moert_session_get_expert_bias(s, kMoE, t.bias.data(), 4)));
+  uint32_t np = 0;
+  EXPECT_TRUE(IsOk(moert_session_num_parameters(s, &np)));
+  for (uint32_t i = 0; i < np; ++i) {
+    const char* name = nullptr;
+    uint64_t numel = 0;
+    EXPECT_TRUE(IsOk(moert_session_parameter_info(s, i, &name, &numel)));
+    std::vector<float> p(numel);
+    EXPECT_TRUE(IsOk(moert_session_get_parameter(s, name, p.data(), numel)));
+    t.params.push_back(std::move(p));
+  }
+  return t;
+}
+
+// Loss-free balancing, the global-batch Switch loss and the sequence-wise loss: 20 steps on the
+// job equal 20 steps of one session over the union, bit for bit — losses, last-step gradients,
+// the step's counts, the bias and every parameter (a rank's expert tensors are its shard).
+TEST(SessionMpi, TrainingIsBitwiseOneSessions) {
+  const int64_t rows = 256, n = rows / g_size;
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int32_t> id(0, 15);
+  std::vector<int32_t> tokens(3 * rows), targets(3 * rows);
+  for (auto& v : tokens) v = id(rng);
+  for (auto& v : targets) v = id(rng);
+  for (int8_t policy : {int8_t{1}, int8_t{2}, int8_t{3}}) {
+    ModelPtr m = load(token_model(policy));
+    const std::vector<std::pair<const char*, const char*>> knobs{
+        {"aux_loss_scope", "global"}, {"sequence_length", "32"}, {"clip_norm", "0.5"}};
+    SessionPtr alone = session(m.get(), true, 1, false, knobs);
+    const Trained want = train(alone.get(), tokens, targets, rows, 0, rows);
+    for (int ep : layouts()) {
+      SessionPtr s = session(m.get(), true, ep, true, knobs);
+      const Trained got = train(s.get(), tokens, targets, rows, g_rank * n, n);
+      const std::string what = "policy " + std::to_string(policy) + ", EP " + std::to_string(ep);
+      ASSERT_EQ(got.losses.size(), want.losses.size());
+      for (size_t i = 0; i < got.losses.size(); ++i)
+        EXPECT_EQ(std::memcmp(&got.losses[i], &want.losses[i], 8), 0)
+            << what << ": loss " << i << " " << got.losses[i] << " vs " << want.losses[i];
+      EXPECT_EQ(got.counts, want.counts) << what;
+      EXPECT_TRUE(same(got.bias, want.bias)) << what;
+      ASSERT_EQ(got.params.size(), want.params.size());
+      for (size_t i = 0; i < got.params.size(); ++i) {
+        const size_t k = got.params[i].size();
+        const size_t at = k == want.params[i].size() ? 0 : (g_rank % ep) * k;
+        auto slice = [&](const std::vector<float>& v) {
+          return std::vector<float>(v.begin() + static_cast<int64_t>(at),
+                                    v.begin() + static_cast<int64_t>(at + k));
+        };
+        EXPECT_TRUE(same(got.params[i], slice(want.params[i]))) << what << " parameter " << i;
+        EXPECT_TRUE(same(got.grads[i], slice(want.grads[i]))) << what << " gradient " << i;
+      }
+    }
+  }
+}
+
+// One rank passes a buffer of the wrong size: that rank gets its own error, every other rank an
+// error naming it; nothing is counted, and the next call works everywhere.
+TEST(SessionMpi, ABadBufferOnOneRankFailsEveryRank) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(hidden_baseline());
+  SessionPtr s = session(m.get(), false, g_size, true);
+  const int64_t n = 64;
+  std::vector<float> x(n * 8, 0.5f), out(n * 16);
+  const uint64_t len = g_rank == 1 ? n * 8 - 1 : n * 8;
+  moert_status* st =
+      moert_session_forward_hidden(s.get(), x.data(), len, n, out.data(), out.size());
+  ASSERT_NE(st, nullptr);
+  const std::string msg = moert_status_message(st);
+  EXPECT_EQ(moert_status_code(st), MOERT_ERR_INVALID_ARGUMENT) << msg;
+  moert_status_free(st);
+  const char* want = g_rank == 1 ? "input buffer holds" : "rank 1 of";
+  EXPECT_NE(msg.find(want), std::string::npos) << msg;
+  std::vector<int64_t> counts(4, -1);
+  ASSERT_TRUE(IsOk(moert_session_expert_counts(s.get(), 1, MOERT_COUNTS_EVAL, counts.data(), 4)));
+  EXPECT_EQ(counts, std::vector<int64_t>(4, 0));
+  EXPECT_TRUE(
+      IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  moert_status* st = moert_comm_create_mpi(nullptr, &g_comm);
+  if (st) {
+    std::fprintf(stderr, "moert_comm_create_mpi: %s\n", moert_status_message(st));
+    return 1;
+  }
+  moert_status_free(moert_comm_rank(g_comm, &g_rank));
+  moert_status_free(moert_comm_size(g_comm, &g_size));
+  // Only rank 0 prints: the others' results reach the exit code.
+  if (g_rank != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  const int rc = RUN_ALL_TESTS();
+  // Every rank's verdict: the job fails when one rank fails.
+  double failed = rc != 0 ? 1.0 : 0.0;
+  moert_status_free(moert_comm_all_reduce_sum(g_comm, &failed, 1));
+  if (g_rank == 0 && failed > 0) std::fprintf(stderr, "%g rank(s) failed\n", failed);
+  moert_comm_free(g_comm);
+  return failed > 0 ? 1 : 0;
+}
