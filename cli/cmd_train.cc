@@ -12,6 +12,7 @@
 #include "cli/corpus.h"
 #include "cli/error.h"
 #include "cli/model_codec.h"
+#include "cli/progress.h"
 #include "cli/router_probe.h"
 #include "cli/trainer.h"
 
@@ -54,6 +55,10 @@ const CommandSpec kTrainSpec = {
         {"weight-decay", "X", "AdamW decoupled weight decay on matrices", "0"},
         {"seed", "N", "seed of the initial weights and the batch order", "1"},
         {"threads", "N", "CPU threads", "2"},
+        {"expert-parallel", "EP",
+         "under mpirun -np N: shard the routed experts over EP ranks (N / EP data-parallel "
+         "replicas); each rank feeds B / N rows of every batch, rank 0 prints",
+         ""},
         {"precision", "NAME",
          "what the experts' GEMMs multiply in: fp32, or bf16 (fp32 sums, fp32 master weights)",
          "fp32"},
@@ -163,6 +168,16 @@ int run_train(const Args& args) {
   st.log_every = static_cast<uint64_t>(args.integer("log-every", 0, 1, INT64_MAX));
   const uint64_t probe_rows = static_cast<uint64_t>(args.integer("probe-rows", 8192, 0, 1 << 24));
   const auto val_every = u32(args, "val-every", 10, 2, 1000000);
+  const Job job = join_job(args.integer("expert-parallel", 0, 1, 1 << 20));
+  st.job = &job;
+  if (st.batch % static_cast<uint64_t>(job.size) != 0)
+    usage_fail("--batch ", st.batch, " does not split evenly over the job's ", job.size,
+               " processes");
+  // One report: the other ranks compute their share silently.
+  if (job.rank != 0) {
+    if (!std::freopen("/dev/null", "w", stdout)) fail("cannot silence rank ", job.rank);
+    Progress::mute();
+  }
 
   CharLMShape shape;
   shape.context = u32(args, "context", 8, 1, 4096);
@@ -212,7 +227,7 @@ int run_train(const Args& args) {
          " text is not longer than the context (", shape.context, " characters)");
   // Outputs are opened before any work, so that a bad path fails at once.
   std::unique_ptr<StepCsv> csv;
-  if (args.has("csv")) csv = std::make_unique<StepCsv>(args.str("csv", ""));
+  if (args.has("csv") && job.rank == 0) csv = std::make_unique<StepCsv>(args.str("csv", ""));
   const std::string save_dir = args.str("save", "");
   if (!save_dir.empty()) {
     std::error_code ec;
@@ -267,7 +282,9 @@ int run_train(const Args& args) {
     const std::string label = given_model ? "model" : strategies[i].label;
     runs.push_back(
         train_run(model, label, split.train, split.validation, shape.context, st, csv.get()));
-    if (!given_model && probe_rows > 0) {
+    // The diagnostics rebuild the model cut before each block in a session of their own, which
+    // needs every expert's weights: one process's.
+    if (!given_model && probe_rows > 0 && job.alone()) {
       const auto pos = eval_positions(split.validation.size(), shape.context, probe_rows);
       probes.push_back(probe_routers(runs.back().session.get(), shape, strategies[i], st.seed,
                                      split.validation, pos, st.threads));

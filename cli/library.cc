@@ -1,5 +1,7 @@
 #include "cli/library.h"
 
+#include <cstdlib>
+
 #include "cli/error.h"
 
 namespace moert_cli {
@@ -20,6 +22,42 @@ ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& 
   return ModelPtr(m);
 }
 
+Job& Job::operator=(Job&& o) noexcept {
+  if (this != &o) {
+    moert_comm_free(comm);
+    comm = std::exchange(o.comm, nullptr);
+    rank = o.rank;
+    size = o.size;
+    expert_parallel = o.expert_parallel;
+  }
+  return *this;
+}
+
+void Job::sum(double* values, uint64_t n) const {
+  if (comm) check(moert_comm_all_reduce_sum(comm, values, n), "all-reduce");
+}
+
+Job join_job(int64_t expert_parallel) {
+  Job job;
+  // Open MPI's mpirun tells its processes how many they are.
+  const char* world = std::getenv("OMPI_COMM_WORLD_SIZE");
+  if (expert_parallel == 0) {
+    if (world && std::atoi(world) > 1)
+      usage_fail("started by mpirun with ", world,
+                 " processes: pass --expert-parallel EP to share the work (EP = 1 for data "
+                 "parallelism only), or run one process");
+    return job;
+  }
+  check(moert_comm_create_mpi(nullptr, &job.comm), "MPI");
+  check(moert_comm_rank(job.comm, &job.rank), "MPI");
+  check(moert_comm_size(job.comm, &job.size), "MPI");
+  if (expert_parallel > job.size || job.size % expert_parallel != 0)
+    usage_fail("--expert-parallel ", expert_parallel, " does not divide the job's ", job.size,
+               " processes");
+  job.expert_parallel = static_cast<int32_t>(expert_parallel);
+  return job;
+}
+
 SessionPtr create_session(const moert_model* model, const SessionConfig& config) {
   moert_session_options* raw = nullptr;
   check(moert_session_options_create(&raw), "session options");
@@ -33,6 +71,10 @@ SessionPtr create_session(const moert_model* model, const SessionConfig& config)
   for (const auto& [key, value] : config.knobs)
     check(moert_session_options_set_config(options.get(), key.c_str(), value.c_str()),
           "option " + key);
+  if (config.job && !config.job->alone())
+    check(moert_session_options_set_comm(options.get(), config.job->comm,
+                                         config.job->expert_parallel),
+          "expert parallelism");
   moert_session* s = nullptr;
   check(moert_session_create(model, options.get(), &s), "session");
   return SessionPtr(s);

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moert_cli {
@@ -31,6 +32,29 @@ using OptionsPtr = std::unique_ptr<moert_session_options, OptionsDeleter>;
 ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& external_dir,
                           const std::string& origin);
 
+// The processes a command shares its work with (`mpirun -np N moert ... --expert-parallel EP`):
+// rank 0 prints; every rank computes its share. Alone: rank 0 of 1, no communicator.
+struct Job {
+  moert_comm* comm = nullptr;
+  int32_t rank = 0, size = 1, expert_parallel = 1;
+
+  Job() = default;
+  Job(const Job&) = delete;
+  Job& operator=(const Job&) = delete;
+  Job(Job&& o) noexcept { *this = std::move(o); }
+  Job& operator=(Job&& o) noexcept;
+  // Frees the handle; MPI is finalised once the sessions holding the communicator are gone too.
+  ~Job() { moert_comm_free(comm); }
+
+  bool alone() const { return comm == nullptr; }
+  // In-place sum over the ranks (in rank order: the same bits everywhere); alone, nothing.
+  void sum(double* values, uint64_t n) const;
+};
+
+// Joins the MPI job as the command's --expert-parallel asks (0: not given). Refuses to run one copy
+// per rank by accident: under mpirun with more than one rank, --expert-parallel is required.
+Job join_job(int64_t expert_parallel);
+
 struct SessionConfig {
   int32_t device = MOERT_DEVICE_CPU;
   uint32_t threads = 1;
@@ -38,6 +62,7 @@ struct SessionConfig {
   bool training = false;
   // Training knobs for moert_session_options_set_config(), applied in order.
   std::vector<std::pair<std::string, std::string>> knobs;
+  const Job* job = nullptr;  // sessions over several ranks
 };
 
 SessionPtr create_session(const moert_model* model, const SessionConfig& config);

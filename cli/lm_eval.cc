@@ -47,7 +47,7 @@ double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows,
 EvalResult evaluate(moert_session* session, const moert_model* model,
                     const std::vector<int32_t>& stream, uint32_t context,
                     const std::vector<uint64_t>& positions, uint64_t batch, bool training_session,
-                    Progress* progress) {
+                    Progress* progress, const Job* job) {
   uint32_t vocab = 0, width = 0;
   check(moert_model_io(model, nullptr, &width, &vocab), "model");
   if (width != context) fail("the model reads ", width, " tokens per row, not ", context);
@@ -56,16 +56,21 @@ EvalResult evaluate(moert_session* session, const moert_model* model,
 
   EvalResult r;
   const uint64_t n = positions.size();
+  const auto ranks = static_cast<uint64_t>(job ? job->size : 1),
+             rank = static_cast<uint64_t>(job ? job->rank : 0);
   // Every pass has the same shape, as a service's would: a last, partial batch is padded with
-  // masked rows, which the library leaves out of everything.
-  batch = std::min(batch, n);
+  // masked rows, which the library leaves out of everything. Among ranks each takes an equal
+  // slice of every batch.
+  batch = (std::min(batch, n) + ranks - 1) / ranks;
+  const uint64_t global = batch * ranks;
   std::vector<int32_t> tokens(batch * context), targets(batch);
   std::vector<float> logits(batch * vocab);
   std::vector<uint8_t> mask(batch);
   double loss_sum = 0.0;
-  for (uint64_t b = 0; b < n; b += batch) {
-    const uint64_t rows = std::min(batch, n - b);
-    gather_rows(stream, context, positions.data() + b, rows, tokens.data(), targets.data());
+  for (uint64_t b = 0; b < n; b += global) {
+    const uint64_t first = std::min(n, b + rank * batch);
+    const uint64_t rows = std::min(batch, n - first);
+    gather_rows(stream, context, positions.data() + first, rows, tokens.data(), targets.data());
     std::fill(mask.begin(), mask.end(), uint8_t{0});
     std::fill(mask.begin(), mask.begin() + static_cast<std::ptrdiff_t>(rows), uint8_t{1});
     // Padding holds an id outside the vocabulary: it must never be read.
@@ -73,10 +78,12 @@ EvalResult evaluate(moert_session* session, const moert_model* model,
     check(moert_session_forward_tokens_masked(session, tokens.data(), batch * context, mask.data(),
                                               batch, batch, logits.data(), batch * vocab),
           "forward");
-    loss_sum +=
-        cross_entropy(logits.data(), targets.data(), rows, vocab) * static_cast<double>(rows);
-    if (progress) progress->update(b + rows, "");
+    if (rows > 0)
+      loss_sum +=
+          cross_entropy(logits.data(), targets.data(), rows, vocab) * static_cast<double>(rows);
+    if (progress) progress->update(std::min(n, b + global), "");
   }
+  if (job) job->sum(&loss_sum, 1);
   r.tokens = n;
   r.loss = loss_sum / static_cast<double>(n);
   r.perplexity = std::exp(r.loss);

@@ -34,10 +34,12 @@ void gather_rows(const std::vector<int32_t>& stream, uint32_t context, const uin
 double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows, uint32_t vocab);
 
 // `training_session`: the session is in training mode and is switched to eval mode for the pass
-// (and back); an inference session counts eval metrics as it is.
+// (and back); an inference session counts eval metrics as it is. `job` (may be null): the ranks
+// the session's work is shared with; each evaluates its slice of every batch, and the figures are
+// the job's.
 EvalResult evaluate(moert_session* session, const moert_model* model,
                     const std::vector<int32_t>& stream, uint32_t context,
                     const std::vector<uint64_t>& positions, uint64_t batch, bool training_session,
-                    Progress* progress);
+                    Progress* progress, const Job* job = nullptr);
 
 }  // namespace moert_cli

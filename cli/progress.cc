@@ -56,7 +56,14 @@ std::string Progress::rate_and_eta(uint64_t done) const {
   return buf;
 }
 
+namespace {
+bool g_muted = false;
+}  // namespace
+
+void Progress::mute() { g_muted = true; }
+
 void Progress::update(uint64_t done, const std::string& figures) {
+  if (g_muted) return;
   if (!tty_) {
     // Work may advance by more than one unit per call (evaluation batches): a line is due each
     // time another `every` units are done. finish() reports the end.
@@ -85,6 +92,7 @@ void Progress::update(uint64_t done, const std::string& figures) {
 }
 
 void Progress::finish(const std::string& figures) {
+  if (g_muted) return;
   const double t = elapsed_seconds();
   if (tty_) {
     update(total_, figures);

@@ -24,6 +24,9 @@ class Progress {
 
   double elapsed_seconds() const;
 
+  // Every Progress of the process prints nothing from now on (the other ranks of a job).
+  static void mute();
+
  private:
   std::string rate_and_eta(uint64_t done) const;
 

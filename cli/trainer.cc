@@ -68,7 +68,10 @@ RunResult train_run(const moert_model* model, const std::string& label,
     fail("the model must read rows of ", context, " token ids");
   if (train.size() <= context) fail("the training text is shorter than the context");
 
+  const Job alone;
+  const Job& job = st.job ? *st.job : alone;
   SessionConfig config;
+  config.job = &job;
   config.threads = st.threads;
   config.seed = st.seed;
   config.training = true;
@@ -79,7 +82,10 @@ RunResult train_run(const moert_model* model, const std::string& label,
                   {"total_steps", cat(st.steps)},
                   {"clip_norm", number(st.clip_norm)},
                   {"weight_decay", number(st.weight_decay)},
-                  {"precision", st.precision}};
+                  {"precision", st.precision},
+                  // The auxiliary loss of the whole batch, not of each rank's slice: a job of
+                  // any size then trains as one process does.
+                  {"aux_loss_scope", "global"}};
   RunResult result;
   result.label = label;
   result.session = create_session(model, config);
@@ -93,32 +99,41 @@ RunResult train_run(const moert_model* model, const std::string& label,
 
   SplitMix64 rng(st.seed);
   const uint64_t B = st.batch;
+  if (B % static_cast<uint64_t>(job.size) != 0)
+    fail("a batch of ", B, " rows does not split evenly over ", job.size, " ranks");
+  // Every rank draws the global batch; this rank feeds rows [first, first + n).
+  const uint64_t n = B / static_cast<uint64_t>(job.size),
+                 first = n * static_cast<uint64_t>(job.rank);
   std::vector<uint64_t> positions(B);
-  std::vector<int32_t> tokens(B * context), targets(B);
-  std::vector<float> logits(B * vocab);
+  std::vector<int32_t> tokens(n * context), targets(n);
+  std::vector<float> logits(n * vocab);
   result.steps.reserve(st.steps);
   Progress progress(label, st.steps, st.log_every);
   double loss_window = 0.0, vio_window = 0.0;
   constexpr uint64_t kWindow =
       50;  // live figures are means over the last steps, not one noisy batch
   auto live = [&](uint64_t done) {
-    const double n = static_cast<double>(std::min<uint64_t>(done, kWindow));
+    const double w = static_cast<double>(std::min<uint64_t>(done, kWindow));
     char buf[64];
-    std::snprintf(buf, sizeof buf, "loss %.3f  MaxVio %.3f", loss_window / n, vio_window / n);
+    std::snprintf(buf, sizeof buf, "loss %.3f  MaxVio %.3f", loss_window / w, vio_window / w);
     return std::string(buf);
   };
 
   for (uint64_t step = 1; step <= st.steps; ++step) {
     for (uint64_t r = 0; r < B; ++r) positions[r] = context + rng.below(train.size() - context);
-    gather_rows(train, context, positions.data(), B, tokens.data(), targets.data());
+    gather_rows(train, context, positions.data() + first, n, tokens.data(), targets.data());
     check(moert_session_zero_grad(s), "zero_grad");
-    check(moert_session_forward_tokens(s, tokens.data(), B * context, B, logits.data(), B * vocab),
+    check(moert_session_forward_tokens(s, tokens.data(), n * context, n, logits.data(), n * vocab),
           cat("step ", step, ": forward"));
     StepRecord rec;
     rec.step = step;
-    rec.train_loss = cross_entropy(logits.data(), targets.data(), B, vocab);
+    // The batch's cross-entropy: this rank's rows' sum, summed over the ranks.
+    rec.train_loss =
+        cross_entropy(logits.data(), targets.data(), n, vocab) * static_cast<double>(n);
+    job.sum(&rec.train_loss, 1);
+    rec.train_loss /= static_cast<double>(B);
     double total = 0.0;
-    check(moert_session_backward_loss(s, targets.data(), B, &total),
+    check(moert_session_backward_loss(s, targets.data(), n, &total),
           cat("step ", step, ": backward"));
     if (has_aux) rec.aux_loss = total - rec.train_loss;
     check(moert_session_max_vio(s, MOERT_ALL_LAYERS, MOERT_COUNTS_LAST, &rec.max_vio_batch),
@@ -148,7 +163,7 @@ RunResult train_run(const moert_model* model, const std::string& label,
   const std::vector<uint64_t> pos = eval_positions(validation.size(), context, st.eval_rows);
   Progress eval_progress(label + " validation", pos.size(), pos.size(), "row");
   result.validation =
-      evaluate(s, model, validation, context, pos, st.eval_batch, true, &eval_progress);
+      evaluate(s, model, validation, context, pos, st.eval_batch, true, &eval_progress, &job);
   eval_progress.finish(cat("loss ", std::round(result.validation.loss * 1e4) / 1e4));
   result.eval_seconds = eval_progress.elapsed_seconds();
   return result;

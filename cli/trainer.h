@@ -25,8 +25,9 @@ struct TrainSettings {
   uint64_t seed = 1;
   double tail_fraction = 0.2;  // the last part of training whose MaxVio_batch is averaged
   uint64_t eval_batch = 2048;
-  uint64_t eval_rows = 0;  // 0: every validation position
-  uint64_t log_every = 0;  // 0: about ten progress lines when not on a terminal
+  uint64_t eval_rows = 0;    // 0: every validation position
+  uint64_t log_every = 0;    // 0: about ten progress lines when not on a terminal
+  const Job* job = nullptr;  // the ranks sharing each batch (expert/data parallelism), if any
 };
 
 struct StepRecord {
@@ -64,7 +65,9 @@ class StepCsv {
 
 // Trains `model` (token input, `context` ids per row, an OutputHead over the vocabulary) on the
 // `train` stream, then evaluates it on `validation`. Every run with the same settings draws the
-// same batches in the same order.
+// same batches in the same order. With a job of several ranks, every rank draws the same global
+// batch and feeds its slice of it (rows [rank B / size, (rank + 1) B / size)): the run is one
+// process's over the same batches, and every figure is the job's.
 RunResult train_run(const moert_model* model, const std::string& label,
                     const std::vector<int32_t>& train, const std::vector<int32_t>& validation,
                     uint32_t context, const TrainSettings& settings, StepCsv* csv);

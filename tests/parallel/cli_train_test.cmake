@@ -1,0 +1,49 @@
+# `mpirun -np N moert train --expert-parallel EP` prints the table one process prints: every run
+# feeds the same global batches, and the job's figures are the union's.
+#   cmake -DMPIRUN=.. -DMOERT=.. -DCORPUS=.. -DDIR=.. -P cli_train_test.cmake
+set(args train --corpus ${CORPUS} --steps 40 --batch 256 --context 4 --embed-dim 8 --blocks 2
+         --experts 8 --top-k 2 --expert-hidden 8 --shared 1 --shared-hidden 8 --warmup 5
+         --val-every 5 --threads 1 --probe-rows 0 --balancing none,aux,loss-free)
+file(MAKE_DIRECTORY ${DIR})
+
+# The table's rows: the strategy and every figure but the train time.
+function(table_of text out)
+  string(REGEX MATCHALL "\n(none|aux|loss-free) +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9]+/[0-9]+"
+         rows "${text}")
+  if(NOT rows)
+    message(FATAL_ERROR "no table in:\n${text}")
+  endif()
+  set(${out} "${rows}" PARENT_SCOPE)
+endfunction()
+
+execute_process(COMMAND ${MOERT} ${args} OUTPUT_VARIABLE one ERROR_VARIABLE err
+                RESULT_VARIABLE rc TIMEOUT 300)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "one process: ${rc}\n${err}")
+endif()
+table_of("${one}" want)
+message(STATUS "one process:${want}")
+
+foreach(layout "2;2" "4;4" "4;2" "2;1")
+  list(GET layout 0 np)
+  list(GET layout 1 ep)
+  execute_process(
+    COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np ${np} ${MOERT} ${args}
+            --expert-parallel ${ep}
+    OUTPUT_VARIABLE many ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 300)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${np} processes, EP ${ep}: ${rc}\n${err}")
+  endif()
+  table_of("${many}" got)
+  if(NOT got STREQUAL want)
+    message(FATAL_ERROR "${np} processes, EP ${ep} printed\n${got}\ninstead of\n${want}")
+  endif()
+  message(STATUS "${np} processes, EP ${ep}: the same table")
+endforeach()
+
+# Under mpirun, forgetting --expert-parallel would run N independent copies: refused.
+execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 2 ${MOERT} ${args}
+                OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
+if(rc EQUAL 0 OR NOT err MATCHES "--expert-parallel")
+  message(FATAL_ERROR "mpirun without --expert-parallel: ${rc}\n${err}")
+endif()
