@@ -64,40 +64,54 @@ int64_t ExpertLayout::first_chunk(int q, int64_t local) const {
 
 DispatchRoute route_dispatch(const ExpertLayout& layout, const int32_t* token,
                              const int32_t* expert, const float* weight, int64_t assignments,
-                             int64_t rows) {
+                             int64_t rows, int64_t chunks) {
   const ExpertSharding& s = layout.sharding();
   const int world = s.world;
+  const int64_t P = s.per_shard();
+  chunks = std::max<int64_t>(1, std::min(chunks, P));
   DispatchRoute out;
-  out.tokens.resize(static_cast<size_t>(world));
-  out.assignments.resize(static_cast<size_t>(world));
+  out.chunks = chunks;
+  out.tokens.assign(static_cast<size_t>(chunks),
+                    std::vector<std::vector<int32_t>>(static_cast<size_t>(world)));
+  out.assignments.assign(
+      static_cast<size_t>(chunks),
+      std::vector<std::vector<DispatchRoute::Assignment>>(static_cast<size_t>(world)));
   out.dest.resize(static_cast<size_t>(assignments));
+  out.chunk.resize(static_cast<size_t>(assignments));
   out.index.resize(static_cast<size_t>(assignments));
-  // Slot bases of every destination's local experts, computed once per (rank, expert).
   std::vector<int64_t> position(static_cast<size_t>(assignments));
   std::vector<int64_t> next(static_cast<size_t>(s.experts), 0);
   for (int64_t e = 0; e < s.experts; ++e) next[e] = layout.first_position(s.rank, e);
-  // Which destinations need which tokens: row_of[q * rows + t] = its row in tokens[q], or -1.
-  std::vector<int32_t> row_of(static_cast<size_t>(world) * static_cast<size_t>(rows), -1);
+  // first[q * rows + t]: the first chunk in which dest q needs token t (chunks = never); then its
+  // row in q's numbering of this rank's rows.
+  const size_t cells = static_cast<size_t>(world) * static_cast<size_t>(rows);
+  std::vector<int32_t> first(cells, static_cast<int32_t>(chunks)), row_of(cells, -1);
   for (int64_t a = 0; a < assignments; ++a) {
     const int64_t e = expert[a];
     position[a] = next[e]++;
     const int q = layout.owner(e, position[a]);
+    const auto c = static_cast<int32_t>(chunk_of_local(e % P, chunks, P));
     out.dest[a] = q;
-    row_of[static_cast<size_t>(q) * rows + token[a]] = 0;
+    out.chunk[a] = c;
+    int32_t& f = first[static_cast<size_t>(q) * rows + token[a]];
+    f = std::min(f, c);
   }
-  for (int q = 0; q < world; ++q)
-    for (int64_t t = 0; t < rows; ++t) {
-      int32_t& r = row_of[static_cast<size_t>(q) * rows + t];
-      if (r < 0) continue;
-      r = static_cast<int32_t>(out.tokens[q].size());
-      out.tokens[q].push_back(static_cast<int32_t>(t));
-    }
+  for (int q = 0; q < world; ++q) {
+    int32_t numbered = 0;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t t = 0; t < rows; ++t) {
+        const size_t i = static_cast<size_t>(q) * rows + t;
+        if (first[i] != c) continue;
+        row_of[i] = numbered++;
+        out.tokens[c][q].push_back(static_cast<int32_t>(t));
+      }
+  }
   for (int64_t a = 0; a < assignments; ++a) {
-    const int q = out.dest[a];
-    out.index[a] = static_cast<int32_t>(out.assignments[q].size());
-    out.assignments[q].push_back({row_of[static_cast<size_t>(q) * rows + token[a]],
-                                  static_cast<int32_t>(layout.slot(q, expert[a], position[a])),
-                                  weight[a]});
+    const int q = out.dest[a], c = out.chunk[a];
+    auto& list = out.assignments[c][q];
+    out.index[a] = static_cast<int32_t>(list.size());
+    list.push_back({row_of[static_cast<size_t>(q) * rows + token[a]],
+                    static_cast<int32_t>(layout.slot(q, expert[a], position[a])), weight[a]});
   }
   return out;
 }

@@ -76,26 +76,44 @@ class ExpertLayout {
   std::vector<int64_t> slot_base_;  // [world * (per_shard + 1)]: slot_offsets of every rank
 };
 
+// The chunks of a pipelined exchange: each rank's local experts cut into `chunks` contiguous
+// groups, the same on every rank; group c is local experts [c P / chunks, (c + 1) P / chunks) of
+// the P per shard. Every rank computes group c while group c + 1's tokens travel and group c - 1's
+// results go back.
+inline int64_t chunk_first_local(int64_t c, int64_t chunks, int64_t per_shard) {
+  return c * per_shard / chunks;
+}
+inline int64_t chunk_of_local(int64_t local, int64_t chunks, int64_t per_shard) {
+  int64_t c = local * chunks / per_shard;
+  while (chunk_first_local(c + 1, chunks, per_shard) <= local) ++c;
+  while (chunk_first_local(c, chunks, per_shard) > local) --c;
+  return c;
+}
+
 // What one rank sends in a dispatch, built from its own assignments in expert-major order
 // (a DispatchPlan's token, expert and weight lists over `rows` local tokens).
 struct DispatchRoute {
-  // Per destination rank: the local tokens it needs, each once, in token order.
-  std::vector<std::vector<int32_t>> tokens;  // [world]
-  // Per destination rank, one entry per assignment it computes, in this rank's expert-major
-  // order: the index of its token in tokens[dest], its slot on dest, and its gate weight.
+  int64_t chunks = 1;
+  // [chunk][dest]: the local tokens first needed by dest in that chunk, each sent once, in token
+  // order. A destination numbers the rows it gets from this rank in the order they come: chunk 0's
+  // first, then chunk 1's ...
+  std::vector<std::vector<std::vector<int32_t>>> tokens;
+  // [chunk][dest]: one entry per assignment dest computes in that chunk, in this rank's
+  // expert-major order: its token's row (in dest's numbering of this rank's rows), its slot on
+  // dest, and its gate weight.
   struct Assignment {
     int32_t row;
     int32_t slot;
     float weight;
   };
-  std::vector<std::vector<Assignment>> assignments;  // [world]
-  // Per local assignment a (expert-major order): its destination and its index in
-  // assignments[dest], where the combine finds its output.
-  std::vector<int32_t> dest, index;
+  std::vector<std::vector<std::vector<Assignment>>> assignments;
+  // Per local assignment a (expert-major order): its destination, chunk and index in
+  // assignments[chunk][dest], where the combine finds its output.
+  std::vector<int32_t> dest, chunk, index;
 };
 
 DispatchRoute route_dispatch(const ExpertLayout& layout, const int32_t* token,
                              const int32_t* expert, const float* weight, int64_t assignments,
-                             int64_t rows);
+                             int64_t rows, int64_t chunks = 1);
 
 }  // namespace moert

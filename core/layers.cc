@@ -143,26 +143,18 @@ void MoELayer::route(Backend& be, const float* x, int64_t rows) {
 }
 
 void MoELayer::experts_forward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
-                               const float* x_perm, float* y_perm, bool train) {
-  const int64_t A = plan.num_assignments(), H = s_.expert_hidden, D = s_.dim;
-  float *h1 = nullptr, *h3 = nullptr;
-  if (train) {
-    h1_.resize(be, static_cast<size_t>(A * H));
-    h3_.resize(be, h1_.size());
-    h1 = h1_.data();
-    h3 = h3_.data();
-  }
+                               const float* x_perm, float* y_perm, float* h1, float* h3) {
   const int64_t off = expert_weight_offset(first_expert);
   be.grouped_swiglu_ffn(plan, x_perm, p_.weight(s_.w1).offset(off), p_.weight(s_.w3).offset(off),
-                        p_.weight(s_.w2).offset(off), y_perm, h1, h3, D, H);
+                        p_.weight(s_.w2).offset(off), y_perm, h1, h3, s_.dim, s_.expert_hidden);
 }
 
-int64_t MoELayer::expert_weight_offset(int64_t first_expert) const {
-  // A session's tensors hold every expert, or (expert parallelism) only its shard's.
+int64_t MoELayer::expert_weight_offset(int64_t expert) const {
+  // A session's tensors hold every expert, or (expert parallelism, training) only its shard's.
   const int64_t per_expert = static_cast<int64_t>(s_.expert_hidden) * s_.dim;
-  return s_.w1.numel() == static_cast<int64_t>(s_.router.num_experts) * per_expert
-             ? first_expert * per_expert
-             : 0;
+  const int64_t E = s_.router.num_experts;
+  if (s_.w1.numel() == E * per_expert) return expert * per_expert;
+  return (expert - par_->sharding(E).first_expert()) * per_expert;
 }
 
 void MoELayer::residual_and_shared(Backend& be, const float* x, float* y, int64_t rows,
@@ -200,7 +192,9 @@ void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass
   x_perm_.resize(be, static_cast<size_t>(A * D));
   y_perm_.resize(be, x_perm_.size());
   be.dispatch(plan_, x, x_perm_.data(), D);
-  experts_forward(be, plan_, 0, x_perm_.data(), y_perm_.data(), train);
+  keep_hidden(be, A, train);
+  experts_forward(be, plan_, 0, x_perm_.data(), y_perm_.data(), train ? h1_.data() : nullptr,
+                  train ? h3_.data() : nullptr);
   residual_and_shared(be, x, y, rows, train);
   be.combine(plan_, y_perm_.data(), y, D);
   for (int64_t e = 0; e < E; ++e) pending_[e] = plan_.count(e);
@@ -255,10 +249,18 @@ void MoELayer::router_backward(Backend& be, float* dx, int64_t rows) {
                      p_.grad_out(s_.gate), nullptr, rows, D, E);
 }
 
+void MoELayer::keep_hidden(Backend& be, int64_t assignments, bool train) {
+  if (!train) return;
+  h1_.resize(be, static_cast<size_t>(assignments * s_.expert_hidden));
+  h3_.resize(be, h1_.size());
+}
+
 void MoELayer::experts_backward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
-                                const float* dy_perm, float* dx_perm, const GradRoots* roots) {
+                                const float* x_perm, const float* h1, const float* h3,
+                                const float* dy_perm, float* dx_perm, GradRoots* roots,
+                                const int64_t* first_chunk) {
   // Each expert's gradient is its own reduction, into its slice of the stacked tensor.
-  const int64_t D = s_.dim, per_expert = s_.expert_hidden * D;
+  const int64_t per_expert = s_.expert_hidden * s_.dim;
   const int64_t n = static_cast<int64_t>(plan.host_offsets.size()) - 1;
   const int64_t base = expert_weight_offset(first_expert);
   std::vector<GradOut> g1(static_cast<size_t>(n)), g3(g1.size()), g2(g1.size());
@@ -269,16 +271,15 @@ void MoELayer::experts_backward(Backend& be, const DispatchPlan& plan, int64_t f
     g2[e].acc = p_.grad(s_.w2) + off;
     if (roots) {
       // The replicas of this shard each hold some of expert e's chunks.
-      g1[e].roots = const_cast<GradRoots*>(&roots[3 * e]);
-      g3[e].roots = const_cast<GradRoots*>(&roots[3 * e + 1]);
-      g2[e].roots = const_cast<GradRoots*>(&roots[3 * e + 2]);
-      g1[e].first_chunk = g3[e].first_chunk = g2[e].first_chunk = ex_.first_chunk[e];
+      g1[e].roots = &roots[3 * e];
+      g3[e].roots = &roots[3 * e + 1];
+      g2[e].roots = &roots[3 * e + 2];
+      g1[e].first_chunk = g3[e].first_chunk = g2[e].first_chunk = first_chunk[e];
     }
   }
-  const int64_t w = expert_weight_offset(first_expert);
-  be.grouped_swiglu_ffn_backward(plan, x_perm_.data(), p_.weight(s_.w1).offset(w),
-                                 p_.weight(s_.w3).offset(w), p_.weight(s_.w2).offset(w), h1_.data(),
-                                 h3_.data(), dy_perm, dx_perm, g1.data(), g3.data(), g2.data(), D,
+  be.grouped_swiglu_ffn_backward(plan, x_perm, p_.weight(s_.w1).offset(base),
+                                 p_.weight(s_.w3).offset(base), p_.weight(s_.w2).offset(base), h1,
+                                 h3, dy_perm, dx_perm, g1.data(), g3.data(), g2.data(), s_.dim,
                                  s_.expert_hidden);
 }
 
@@ -299,7 +300,8 @@ void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
   dweight_.resize(be, static_cast<size_t>(A));
   dx_perm_.resize(be, dy_perm_.size());
   be.combine_backward(plan_, y_perm_.data(), dy, dy_perm_.data(), dweight_.data(), D);
-  experts_backward(be, plan_, 0, dy_perm_.data(), dx_perm_.data(), nullptr);
+  experts_backward(be, plan_, 0, x_perm_.data(), h1_.data(), h3_.data(), dy_perm_.data(),
+                   dx_perm_.data(), nullptr, nullptr);
   be.dispatch_backward(plan_, dx_perm_.data(), dx, D);
   router_backward(be, dx, rows);
 }

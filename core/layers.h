@@ -136,19 +136,25 @@ class MoELayer final : public Layer {
   bool uses_aux_loss() const;
   // The router and the local plan of this pass's rows.
   void route(Backend& be, const float* x, int64_t rows);
-  // The grouped SwiGLU experts over `plan`'s segments, from expert `first_expert` on.
+  // The grouped SwiGLU experts [first_expert, ...) over `plan`'s segments; h1, h3 (may be null)
+  // keep the pre-activations for backward.
   void experts_forward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
-                       const float* x_perm, float* y_perm, bool train);
-  int64_t expert_weight_offset(int64_t first_expert) const;
+                       const float* x_perm, float* y_perm, float* h1, float* h3);
+  // Where expert `expert`'s weights (and gradients) start in this session's stacked tensors.
+  int64_t expert_weight_offset(int64_t expert) const;
+  // Room for the experts' pre-activations of `assignments` assignments (training passes).
+  void keep_hidden(Backend& be, int64_t assignments, bool train);
   // y = x (residual) or 0, plus the shared experts.
   void residual_and_shared(Backend& be, const float* x, float* y, int64_t rows, bool train);
   void aux_forward(Backend& be, int64_t rows);
   void shared_backward(Backend& be, const float* dy, float* dx, int64_t rows);
   void router_backward(Backend& be, float* dx, int64_t rows);
-  // The grouped experts' backward over `plan`; `roots` (3 per expert of the plan: w1, w3, w2), when
-  // given, receive each expert's local roots instead of its gradient.
+  // The grouped experts' backward over `plan` (experts [first_expert, ...)); `roots` (3 per
+  // expert of the plan: w1, w3, w2), when given, receive each expert's local roots from chunk
+  // first_chunk[e] on instead of its gradient.
   void experts_backward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
-                        const float* dy_perm, float* dx_perm, const GradRoots* roots);
+                        const float* x_perm, const float* h1, const float* h3, const float* dy_perm,
+                        float* dx_perm, GradRoots* roots, const int64_t* first_chunk);
   void forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train);
   void backward_parallel(Backend& be, const float* dy, float* dx, int64_t rows);
   void aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
@@ -170,18 +176,25 @@ class MoELayer final : public Layer {
   // Expert parallelism.
   ParallelContext* par_ = nullptr;
   bool global_aux_ = false;
+  // One pass's exchanges (core/expert_parallel.h), cut into chunks of this rank's experts that
+  // are computed while the next chunks' tokens and the previous chunks' results travel. Buffers
+  // are laid out chunk-major: chunk 0's blocks for each peer, then chunk 1's ...
   struct Exchange {
-    DispatchRoute route;                        // what this rank sent where
-    std::vector<int64_t> send_rows, recv_rows;  // rows per peer, each way (dispatch direction)
-    std::vector<int64_t> send_asg, recv_asg;    // assignments per peer, each way
-    DispatchPlan send;                          // gathers the rows this rank sends, peer after peer
-    DispatchPlan remote;  // the assignments this rank computes: rows received, slots, weights
-    DispatchPlan ret;     // gathers their outputs back, in each source's order
-    DispatchPlan home;    // places the returned outputs in this rank's assignment order
-    std::vector<int64_t> first_chunk;     // per local expert, its first chunk in the expert's tree
+    DispatchRoute route;  // what this rank sent where
+    int64_t chunks = 1;
+    // [chunk * world + peer]: rows and assignments this rank sends each peer, and receives.
+    std::vector<int64_t> send_rows, send_asg, recv_rows, recv_asg;
+    DispatchPlan send;  // gathers the rows this rank sends (chunk-major)
+    DispatchPlan
+        remote;  // the assignments this rank computes, in its slots: received rows, weights
+    std::vector<int64_t> slot_off;     // [local experts + 1]: the slots of each local expert
+    std::vector<DispatchPlan> groups;  // per chunk: its experts' part of `remote`
+    std::vector<DispatchPlan> ret;     // per chunk: gathers its results in its sources' order
+    DispatchPlan home;  // places the returned results in this rank's assignment order
+    std::vector<int64_t> first_chunk;     // per local expert: its first chunk in the expert's tree
     std::vector<GradRoots> expert_roots;  // per local expert: w1, w3, w2 (data parallel only)
-    Buffer<float> dy_send, dy_recv, dx_ret, dx_back, dx_home, scratch;
     Buffer<float> x_send, x_recv, y_ret, y_back, y_home;
+    Buffer<float> dy_send, dy_recv, dx_ret, dx_back, dx_home, scratch;
     Buffer<char> meta_send, meta_recv;
   } ex_;
 };

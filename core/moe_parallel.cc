@@ -2,6 +2,12 @@
 // routes its own rows, sends each token once to every rank that computes one of its experts
 // (dispatch), computes the assignments its shard owns, sends each result back (combine) and sums
 // them in expert order as one process does.
+//
+// Overlap: the exchanges are cut into chunks of the ranks' local experts. Every chunk's dispatch
+// starts at once; the shared experts compute while they travel; chunk c's experts compute as soon
+// as chunk c has arrived, while the later chunks are still arriving and the earlier chunks'
+// results are on their way back. Chunking changes no value: every chunk of an expert's list runs
+// the same GEMM as on one process, and the home rank adds the results in the same order.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -13,6 +19,7 @@ namespace moert {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using Assignment = DispatchRoute::Assignment;
 
 double seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
@@ -26,23 +33,10 @@ void gather_plan(Backend& be, DispatchPlan& p, const std::vector<int32_t>& rows)
   if (!rows.empty()) be.upload(p.token.data(), rows.data(), rows.size() * sizeof(int32_t));
 }
 
-// Byte counts and offsets of an all-to-all of `per_peer[p]` items of `item_bytes` each.
-void layout_bytes(const std::vector<int64_t>& per_peer, int64_t item_bytes,
-                  std::vector<int64_t>& bytes, std::vector<int64_t>& offsets) {
-  bytes.resize(per_peer.size());
-  offsets.resize(per_peer.size());
-  int64_t off = 0;
-  for (size_t p = 0; p < per_peer.size(); ++p) {
-    bytes[p] = per_peer[p] * item_bytes;
-    offsets[p] = off;
-    off += bytes[p];
-  }
-}
-
-int64_t sum(const std::vector<int64_t>& v) {
-  int64_t s = 0;
-  for (int64_t x : v) s += x;
-  return s;
+template <typename T>
+void upload_vector(Backend& be, Buffer<T>& dst, const std::vector<T>& src) {
+  dst.resize(be, src.size());
+  if (!src.empty()) be.upload(dst.data(), src.data(), src.size() * sizeof(T));
 }
 
 template <typename T>
@@ -52,6 +46,39 @@ std::vector<T> to_host(Backend& be, const Buffer<T>& b, size_t n) {
   return out;
 }
 
+// The byte counts and offsets of chunk c's all-to-all within a chunk-major buffer whose blocks
+// hold counts[c' * world + p] items of `item` bytes each.
+struct Blocks {
+  std::vector<int64_t> bytes, offsets;
+};
+Blocks chunk_blocks(const std::vector<int64_t>& counts, int world, int64_t c, int64_t item) {
+  Blocks b;
+  b.bytes.resize(static_cast<size_t>(world));
+  b.offsets.resize(static_cast<size_t>(world));
+  int64_t off = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(counts.size()); ++i) {
+    if (i / world == c) {
+      b.bytes[i % world] = counts[i] * item;
+      b.offsets[i % world] = off;
+    }
+    off += counts[i] * item;
+  }
+  return b;
+}
+
+// Offsets (in items) of the chunk-major blocks: offsets[c * world + p].
+std::vector<int64_t> block_offsets(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> off(counts.size() + 1, 0);
+  for (size_t i = 0; i < counts.size(); ++i) off[i + 1] = off[i] + counts[i];
+  return off;
+}
+
+int64_t sum(const std::vector<int64_t>& v) {
+  int64_t s = 0;
+  for (int64_t x : v) s += x;
+  return s;
+}
+
 }  // namespace
 
 void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train) {
@@ -59,7 +86,9 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     fail(Code::Unsupported, "Expert Choice routing is not supported with expert parallelism");
   Communicator& world = par_->world();
   const int R = world.size(), me = world.rank();
-  const int64_t E = s_.router.num_experts, D = s_.dim;
+  const int64_t E = s_.router.num_experts, D = s_.dim, H = s_.expert_hidden;
+  const ExpertSharding sharding = par_->sharding(E);
+  const int64_t P = sharding.per_shard();
   route(be, x, rows);
   const int64_t A = plan_.num_assignments();
 
@@ -67,132 +96,176 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   std::vector<int64_t> local(static_cast<size_t>(E)), all(static_cast<size_t>(R * E));
   for (int64_t e = 0; e < E; ++e) local[e] = plan_.count(e);
   world.all_gather(local.data(), E * 8, all.data());
-  const ExpertLayout layout(par_->sharding(E), std::move(all), kReduceRows);
-  const std::vector<int32_t> token = to_host(be, plan_.token, static_cast<size_t>(A));
-  const std::vector<int32_t> expert = to_host(be, plan_.expert, static_cast<size_t>(A));
-  const std::vector<float> weight = to_host(be, plan_.weight, static_cast<size_t>(A));
+  const ExpertLayout layout(sharding, std::move(all), kReduceRows);
   Exchange& ex = ex_;
-  ex.route = route_dispatch(layout, token.data(), expert.data(), weight.data(), A, rows);
+  ex.route = route_dispatch(layout, to_host(be, plan_.token, static_cast<size_t>(A)).data(),
+                            to_host(be, plan_.expert, static_cast<size_t>(A)).data(),
+                            to_host(be, plan_.weight, static_cast<size_t>(A)).data(), A, rows,
+                            par_->chunks());
+  const int64_t C = ex.route.chunks;
+  ex.chunks = C;
 
-  // How much each rank sends each other rank: rows and assignments.
-  std::vector<int64_t> mine(static_cast<size_t>(2 * R)), every(static_cast<size_t>(2 * R * R));
-  for (int q = 0; q < R; ++q) {
-    mine[2 * q] = static_cast<int64_t>(ex.route.tokens[q].size());
-    mine[2 * q + 1] = static_cast<int64_t>(ex.route.assignments[q].size());
-  }
-  world.all_gather(mine.data(), 2 * R * 8, every.data());
-  ex.send_rows.resize(R);
-  ex.send_asg.resize(R);
-  ex.recv_rows.resize(R);
-  ex.recv_asg.resize(R);
-  for (int p = 0; p < R; ++p) {
-    ex.send_rows[p] = mine[2 * p];
-    ex.send_asg[p] = mine[2 * p + 1];
-    ex.recv_rows[p] = every[p * 2 * R + 2 * me];
-    ex.recv_asg[p] = every[p * 2 * R + 2 * me + 1];
-  }
+  // How much each rank sends each other rank in each chunk: rows and assignments.
+  const size_t cells = static_cast<size_t>(C * R);
+  std::vector<int64_t> mine(2 * cells), every(2 * cells * static_cast<size_t>(R));
+  for (int64_t c = 0; c < C; ++c)
+    for (int q = 0; q < R; ++q) {
+      mine[2 * (c * R + q)] = static_cast<int64_t>(ex.route.tokens[c][q].size());
+      mine[2 * (c * R + q) + 1] = static_cast<int64_t>(ex.route.assignments[c][q].size());
+    }
+  world.all_gather(mine.data(), static_cast<int64_t>(mine.size() * 8), every.data());
+  ex.send_rows.assign(cells, 0);
+  ex.send_asg.assign(cells, 0);
+  ex.recv_rows.assign(cells, 0);
+  ex.recv_asg.assign(cells, 0);
+  for (int64_t c = 0; c < C; ++c)
+    for (int p = 0; p < R; ++p) {
+      const size_t i = static_cast<size_t>(c * R + p);
+      ex.send_rows[i] = mine[2 * i];
+      ex.send_asg[i] = mine[2 * i + 1];
+      const size_t from = static_cast<size_t>(p) * 2 * cells + 2 * static_cast<size_t>(c * R + me);
+      ex.recv_rows[i] = every[from];
+      ex.recv_asg[i] = every[from + 1];
+    }
 
-  // Dispatch: the rows, each once per destination, and the assignments' slots and weights.
+  // Dispatch: every chunk's rows (each once per destination) and assignments, started at once.
   std::vector<int32_t> send_tokens;
-  std::vector<DispatchRoute::Assignment> send_meta;
-  for (int q = 0; q < R; ++q) {
-    send_tokens.insert(send_tokens.end(), ex.route.tokens[q].begin(), ex.route.tokens[q].end());
-    send_meta.insert(send_meta.end(), ex.route.assignments[q].begin(),
-                     ex.route.assignments[q].end());
-  }
+  std::vector<Assignment> send_meta;
+  for (int64_t c = 0; c < C; ++c)
+    for (int q = 0; q < R; ++q) {
+      send_tokens.insert(send_tokens.end(), ex.route.tokens[c][q].begin(),
+                         ex.route.tokens[c][q].end());
+      send_meta.insert(send_meta.end(), ex.route.assignments[c][q].begin(),
+                       ex.route.assignments[c][q].end());
+    }
   gather_plan(be, ex.send, send_tokens);
   ex.x_send.resize(be, send_tokens.size() * static_cast<size_t>(D));
   be.dispatch(ex.send, x, ex.x_send.data(), D);
-  const size_t meta_bytes = sizeof(DispatchRoute::Assignment);
-  ex.meta_send.resize(be, send_meta.size() * meta_bytes);
-  if (!send_meta.empty()) be.upload(ex.meta_send.data(), send_meta.data(), ex.meta_send.bytes());
+  upload_vector(
+      be, ex.meta_send,
+      std::vector<char>(reinterpret_cast<const char*>(send_meta.data()),
+                        reinterpret_cast<const char*>(send_meta.data() + send_meta.size())));
   const int64_t n_recv = sum(ex.recv_rows), a_recv = sum(ex.recv_asg);
   ex.x_recv.resize(be, static_cast<size_t>(n_recv * D));
-  ex.meta_recv.resize(be, static_cast<size_t>(a_recv) * meta_bytes);
-  std::vector<int64_t> sb, so, rb, ro, msb, mso, mrb, mro;
-  layout_bytes(ex.send_rows, D * 4, sb, so);
-  layout_bytes(ex.recv_rows, D * 4, rb, ro);
-  layout_bytes(ex.send_asg, meta_bytes, msb, mso);
-  layout_bytes(ex.recv_asg, meta_bytes, mrb, mro);
-  Request rows_moving = world.start_all_to_all_v(ex.x_send.data(), sb.data(), so.data(),
-                                                 ex.x_recv.data(), rb.data(), ro.data());
-  Request meta_moving = world.start_all_to_all_v(ex.meta_send.data(), msb.data(), mso.data(),
-                                                 ex.meta_recv.data(), mrb.data(), mro.data());
+  ex.meta_recv.resize(be, static_cast<size_t>(a_recv) * sizeof(Assignment));
+  std::vector<Request> rows_moving, meta_moving;
+  for (int64_t c = 0; c < C; ++c) {
+    const Blocks s = chunk_blocks(ex.send_rows, R, c, D * 4),
+                 r = chunk_blocks(ex.recv_rows, R, c, D * 4);
+    rows_moving.push_back(world.start_all_to_all_v(ex.x_send.data(), s.bytes.data(),
+                                                   s.offsets.data(), ex.x_recv.data(),
+                                                   r.bytes.data(), r.offsets.data()));
+    const Blocks ms = chunk_blocks(ex.send_asg, R, c, sizeof(Assignment)),
+                 mr = chunk_blocks(ex.recv_asg, R, c, sizeof(Assignment));
+    meta_moving.push_back(world.start_all_to_all_v(ex.meta_send.data(), ms.bytes.data(),
+                                                   ms.offsets.data(), ex.meta_recv.data(),
+                                                   mr.bytes.data(), mr.offsets.data()));
+  }
 
   // The residual and the shared experts need nothing from the other ranks: they run while the
   // tokens travel.
   residual_and_shared(be, x, y, rows, train);
-  auto t0 = Clock::now();
-  rows_moving->wait();
-  meta_moving->wait();
-  par_->times.dispatch += seconds(t0);
 
-  // The assignments this rank computes, in its slots: expert-major, each expert's range of its
-  // global list in order — the chunks one process would compute for it.
-  std::vector<DispatchRoute::Assignment> meta(static_cast<size_t>(a_recv));
-  if (a_recv) be.download(meta.data(), ex.meta_recv.data(), ex.meta_recv.bytes());
-  const std::vector<int64_t> slot_off = layout.slot_offsets(me);
-  const int64_t a_local = slot_off.back();
+  // This rank's slots: expert-major, each local expert's range of its global list in order — the
+  // chunks one process would compute for it.
+  ex.slot_off = layout.slot_offsets(me);
+  const int64_t a_local = ex.slot_off.back();
   if (a_local != a_recv)
-    fail(Code::Internal, "expert parallelism: rank ", me, " received ", a_recv,
+    fail(Code::Internal, "expert parallelism: rank ", me, " expects ", a_recv,
          " assignments for its ", a_local, " slots");
-  std::vector<int32_t> r_token(static_cast<size_t>(a_local)), r_expert(r_token.size()),
-      ret_slots(r_token.size());
+  ex.first_chunk.resize(static_cast<size_t>(P));
+  for (int64_t l = 0; l < P; ++l) ex.first_chunk[l] = layout.first_chunk(me, l);
+  std::vector<int32_t> r_token(static_cast<size_t>(a_local)), r_expert(r_token.size());
   std::vector<float> r_weight(r_token.size());
-  {
-    size_t j = 0;
-    int64_t row_base = 0;
-    for (int p = 0; p < R; ++p) {
-      for (int64_t i = 0; i < ex.recv_asg[p]; ++i, ++j) {
-        const DispatchRoute::Assignment& m = meta[j];
-        r_token[m.slot] = static_cast<int32_t>(row_base + m.row);
-        r_weight[m.slot] = m.weight;
-        ret_slots[j] = m.slot;
-      }
-      row_base += ex.recv_rows[p];
-    }
-    for (size_t l = 0; l + 1 < slot_off.size(); ++l)
-      for (int64_t a = slot_off[l]; a < slot_off[l + 1]; ++a) r_expert[a] = static_cast<int32_t>(l);
-  }
-  DispatchPlan& rp = ex.remote;
-  rp.rows = n_recv;
-  rp.host_offsets = slot_off;
-  rp.token.resize(be, r_token.size());
-  rp.expert.resize(be, r_expert.size());
-  rp.weight.resize(be, r_weight.size());
-  if (a_local) {
-    be.upload(rp.token.data(), r_token.data(), r_token.size() * 4);
-    be.upload(rp.expert.data(), r_expert.data(), r_expert.size() * 4);
-    be.upload(rp.weight.data(), r_weight.data(), r_weight.size() * 4);
-  }
-  ex.first_chunk.resize(static_cast<size_t>(layout.sharding().per_shard()));
-  for (size_t l = 0; l < ex.first_chunk.size(); ++l)
-    ex.first_chunk[l] = layout.first_chunk(me, static_cast<int64_t>(l));
+  for (int64_t l = 0; l < P; ++l)
+    for (int64_t a = ex.slot_off[l]; a < ex.slot_off[l + 1]; ++a)
+      r_expert[a] = static_cast<int32_t>(l);
+  // A source's rows are numbered in the order they come (chunk 0's, chunk 1's, ...); where each
+  // lands in the chunk-major receive buffer:
+  const std::vector<int64_t> row_at = block_offsets(ex.recv_rows),
+                             asg_at = block_offsets(ex.recv_asg);
+  std::vector<std::vector<int64_t>> numbered(static_cast<size_t>(R),
+                                             std::vector<int64_t>(static_cast<size_t>(C + 1), 0));
+  for (int p = 0; p < R; ++p)
+    for (int64_t c = 0; c < C; ++c)
+      numbered[p][c + 1] = numbered[p][c] + ex.recv_rows[static_cast<size_t>(c * R + p)];
+  auto landing = [&](int p, int64_t row) {
+    int64_t c = 0;
+    while (numbered[p][c + 1] <= row) ++c;
+    return row_at[static_cast<size_t>(c * R + p)] + row - numbered[p][c];
+  };
 
   x_perm_.resize(be, static_cast<size_t>(a_local * D));
   y_perm_.resize(be, x_perm_.size());
-  be.dispatch(rp, ex.x_recv.data(), x_perm_.data(), D);
-  experts_forward(be, rp, par_->sharding(E).first_expert(), x_perm_.data(), y_perm_.data(), train);
-
-  // Combine: each result goes back to its token's rank, in the order that rank listed them.
-  gather_plan(be, ex.ret, ret_slots);
+  keep_hidden(be, a_local, train);
+  ex.groups.clear();
+  ex.groups.resize(static_cast<size_t>(C));
+  ex.ret.clear();
+  ex.ret.resize(static_cast<size_t>(C));
   ex.y_ret.resize(be, static_cast<size_t>(a_local * D));
-  be.dispatch(ex.ret, y_perm_.data(), ex.y_ret.data(), D);
   ex.y_back.resize(be, static_cast<size_t>(A * D));
-  layout_bytes(ex.recv_asg, D * 4, rb, ro);
-  layout_bytes(ex.send_asg, D * 4, sb, so);
-  Request back = world.start_all_to_all_v(ex.y_ret.data(), rb.data(), ro.data(), ex.y_back.data(),
-                                          sb.data(), so.data());
-  t0 = Clock::now();
-  back->wait();
+  std::vector<Request> back;
+  std::vector<Assignment> meta;
+  for (int64_t c = 0; c < C; ++c) {
+    auto t0 = Clock::now();
+    rows_moving[c]->wait();
+    meta_moving[c]->wait();
+    par_->times.dispatch += seconds(t0);
+    // Chunk c's assignments, from every source in order.
+    const int64_t a0 = asg_at[static_cast<size_t>(c * R)],
+                  a1 = asg_at[static_cast<size_t>((c + 1) * R)];
+    meta.resize(static_cast<size_t>(a1 - a0));
+    if (a1 > a0)
+      be.download(meta.data(), ex.meta_recv.data() + a0 * sizeof(Assignment),
+                  meta.size() * sizeof(Assignment));
+    std::vector<int32_t> ret_slots;
+    ret_slots.reserve(meta.size());
+    size_t j = 0;
+    for (int p = 0; p < R; ++p)
+      for (int64_t i = 0; i < ex.recv_asg[static_cast<size_t>(c * R + p)]; ++i, ++j) {
+        const Assignment& m = meta[j];
+        r_token[m.slot] = static_cast<int32_t>(landing(p, m.row));
+        r_weight[m.slot] = m.weight;
+        ret_slots.push_back(m.slot);
+      }
+    // The chunk's experts: local experts [l0, l1), slots [s0, s1).
+    const int64_t l0 = chunk_first_local(c, C, P), l1 = chunk_first_local(c + 1, C, P);
+    const int64_t s0 = ex.slot_off[l0], s1 = ex.slot_off[l1];
+    DispatchPlan& g = ex.groups[c];
+    g.rows = n_recv;
+    g.host_offsets.assign(ex.slot_off.begin() + l0, ex.slot_off.begin() + l1 + 1);
+    for (int64_t& o : g.host_offsets) o -= s0;
+    upload_vector(be, g.token, std::vector<int32_t>(r_token.begin() + s0, r_token.begin() + s1));
+    upload_vector(be, g.weight, std::vector<float>(r_weight.begin() + s0, r_weight.begin() + s1));
+    upload_vector(be, g.expert, std::vector<int32_t>(r_expert.begin() + s0, r_expert.begin() + s1));
+    be.dispatch(g, ex.x_recv.data(), x_perm_.data() + s0 * D, D);
+    experts_forward(be, g, sharding.first_expert() + l0, x_perm_.data() + s0 * D,
+                    y_perm_.data() + s0 * D, train ? h1_.data() + s0 * H : nullptr,
+                    train ? h3_.data() + s0 * H : nullptr);
+    // Its results go back at once, each to its token's rank, in the order that rank listed them.
+    gather_plan(be, ex.ret[c], ret_slots);
+    be.dispatch(ex.ret[c], y_perm_.data(), ex.y_ret.data() + a0 * D, D);
+    const Blocks s = chunk_blocks(ex.recv_asg, R, c, D * 4),
+                 r = chunk_blocks(ex.send_asg, R, c, D * 4);
+    back.push_back(world.start_all_to_all_v(ex.y_ret.data(), s.bytes.data(), s.offsets.data(),
+                                            ex.y_back.data(), r.bytes.data(), r.offsets.data()));
+  }
+  // The whole remote plan (every chunk), for backward.
+  DispatchPlan& rp = ex.remote;
+  rp.rows = n_recv;
+  rp.host_offsets = ex.slot_off;
+  upload_vector(be, rp.token, r_token);
+  upload_vector(be, rp.weight, r_weight);
+  upload_vector(be, rp.expert, r_expert);
+
+  auto t0 = Clock::now();
+  for (auto& b : back) b->wait();
   par_->times.combine += seconds(t0);
   std::vector<int32_t> home(static_cast<size_t>(A));
-  {
-    std::vector<int64_t> base(static_cast<size_t>(R), 0);
-    for (int q = 1; q < R; ++q) base[q] = base[q - 1] + ex.send_asg[q - 1];
-    for (int64_t a = 0; a < A; ++a)
-      home[a] = static_cast<int32_t>(base[ex.route.dest[a]] + ex.route.index[a]);
-  }
+  const std::vector<int64_t> back_at = block_offsets(ex.send_asg);
+  for (int64_t a = 0; a < A; ++a)
+    home[a] = static_cast<int32_t>(
+        back_at[static_cast<size_t>(ex.route.chunk[a] * R + ex.route.dest[a])] + ex.route.index[a]);
   gather_plan(be, ex.home, home);
   ex.y_home.resize(be, static_cast<size_t>(A * D));
   be.dispatch(ex.home, ex.y_back.data(), ex.y_home.data(), D);
@@ -202,6 +275,91 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   pending_ = layout.totals();
   aux_loss_ = 0.0;
   if (train && uses_aux_loss()) aux_forward(be, rows);
+}
+
+void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_t rows) {
+  Communicator& world = par_->world();
+  const int R = world.size();
+  const int64_t E = s_.router.num_experts, D = s_.dim, H = s_.expert_hidden,
+                A = plan_.num_assignments();
+  Exchange& ex = ex_;
+  const int64_t C = ex.chunks, P = par_->sharding(E).per_shard();
+  const int64_t a_local = ex.remote.num_assignments();
+
+  // The output gradient goes where the tokens went, each row once per destination, chunk by
+  // chunk, all started at once.
+  ex.dy_send.resize(be, ex.x_send.size());
+  be.dispatch(ex.send, dy, ex.dy_send.data(), D);
+  ex.dy_recv.resize(be, ex.x_recv.size());
+  std::vector<Request> moving;
+  for (int64_t c = 0; c < C; ++c) {
+    const Blocks s = chunk_blocks(ex.send_rows, R, c, D * 4),
+                 r = chunk_blocks(ex.recv_rows, R, c, D * 4);
+    moving.push_back(world.start_all_to_all_v(ex.dy_send.data(), s.bytes.data(), s.offsets.data(),
+                                              ex.dy_recv.data(), r.bytes.data(), r.offsets.data()));
+  }
+  // Meanwhile: the shared experts, and each assignment's gate-weight gradient, from the output
+  // this rank got back in the forward pass.
+  shared_backward(be, dy, dx, rows);
+  dweight_.resize(be, static_cast<size_t>(A));
+  ex.scratch.resize(be, static_cast<size_t>(std::max(A * D, a_local)));
+  be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D);
+
+  dy_perm_.resize(be, static_cast<size_t>(a_local * D));
+  dx_perm_.resize(be, dy_perm_.size());
+  const bool replicated = par_->dp() > 1;
+  ex.expert_roots.clear();
+  if (replicated) ex.expert_roots.resize(static_cast<size_t>(3 * P));
+  ex.dx_ret.resize(be, static_cast<size_t>(a_local * D));
+  ex.dx_back.resize(be, static_cast<size_t>(A * D));
+  const std::vector<int64_t> asg_at = block_offsets(ex.recv_asg);
+  std::vector<Request> back;
+  for (int64_t c = 0; c < C; ++c) {
+    auto t0 = Clock::now();
+    moving[c]->wait();
+    par_->times.dispatch += seconds(t0);
+    const int64_t l0 = chunk_first_local(c, C, P);
+    const int64_t s0 = ex.slot_off[l0];
+    const DispatchPlan& g = ex.groups[c];
+    // dy_perm = weight * dy of each assignment's token (combine_backward also gives the
+    // gate-weight gradients, which the token's own rank computed).
+    be.combine_backward(g, y_perm_.data() + s0 * D, ex.dy_recv.data(), dy_perm_.data() + s0 * D,
+                        ex.scratch.data(), D);
+    experts_backward(
+        be, g, par_->sharding(E).first_expert() + l0, x_perm_.data() + s0 * D, h1_.data() + s0 * H,
+        h3_.data() + s0 * H, dy_perm_.data() + s0 * D, dx_perm_.data() + s0 * D,
+        replicated ? ex.expert_roots.data() + 3 * l0 : nullptr, ex.first_chunk.data() + l0);
+    // Each assignment's input gradient back to its token's rank.
+    const int64_t a0 = asg_at[static_cast<size_t>(c * R)];
+    be.dispatch(ex.ret[c], dx_perm_.data(), ex.dx_ret.data() + a0 * D, D);
+    const Blocks s = chunk_blocks(ex.recv_asg, R, c, D * 4),
+                 r = chunk_blocks(ex.send_asg, R, c, D * 4);
+    back.push_back(world.start_all_to_all_v(ex.dx_ret.data(), s.bytes.data(), s.offsets.data(),
+                                            ex.dx_back.data(), r.bytes.data(), r.offsets.data()));
+  }
+  auto t0 = Clock::now();
+  for (auto& b : back) b->wait();
+  par_->times.combine += seconds(t0);
+  // Summed at home in expert order.
+  ex.dx_home.resize(be, static_cast<size_t>(A * D));
+  be.dispatch(ex.home, ex.dx_back.data(), ex.dx_home.data(), D);
+  be.dispatch_backward(plan_, ex.dx_home.data(), dx, D);
+  router_backward(be, dx, rows);
+}
+
+void MoELayer::combine_expert_gradients(Backend& be) {
+  if (!par_ || par_->dp() == 1 || ex_.expert_roots.empty()) return;
+  const int64_t per_expert = static_cast<int64_t>(s_.expert_hidden) * s_.dim;
+  const int64_t first = par_->sharding(s_.router.num_experts).first_expert();
+  std::vector<ParallelContext::Roots> all;
+  for (size_t e = 0; e < ex_.first_chunk.size(); ++e) {
+    const int64_t off = expert_weight_offset(first + static_cast<int64_t>(e));
+    all.push_back({&ex_.expert_roots[3 * e], p_.grad(s_.w1) + off, per_expert, false});
+    all.push_back({&ex_.expert_roots[3 * e + 1], p_.grad(s_.w3) + off, per_expert, false});
+    all.push_back({&ex_.expert_roots[3 * e + 2], p_.grad(s_.w2) + off, per_expert, false});
+  }
+  par_->combine(be, *par_->replicas(), all);
+  ex_.expert_roots.clear();
 }
 
 void MoELayer::aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
@@ -222,7 +380,7 @@ void MoELayer::aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
   head.insert(head.end(), counts.begin(), counts.end());
   std::vector<char> mine(head.size() * 8 + psum.size() * 8);
   std::memcpy(mine.data(), head.data(), head.size() * 8);
-  std::memcpy(mine.data() + head.size() * 8, psum.data(), psum.size() * 8);
+  if (!psum.empty()) std::memcpy(mine.data() + head.size() * 8, psum.data(), psum.size() * 8);
   std::vector<int64_t> bytes(static_cast<size_t>(R)), offsets(static_cast<size_t>(R), 0);
   const int64_t my_bytes = static_cast<int64_t>(mine.size());
   world.all_gather(&my_bytes, 8, bytes.data());
@@ -276,79 +434,6 @@ void MoELayer::aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
   be.aux_grad(r, scores_.data(), rows, local_seq.data(), static_cast<int64_t>(local_seq.size()) - 1,
               coef.data(), aux_ds_.data());
   aux_loss_ = t.loss;
-}
-
-}  // namespace moert
-
-namespace moert {
-
-void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_t rows) {
-  Communicator& world = par_->world();
-  const int64_t E = s_.router.num_experts, D = s_.dim, A = plan_.num_assignments();
-  Exchange& ex = ex_;
-  const int64_t a_local = ex.remote.num_assignments();
-
-  // The output gradient goes where the tokens went, each row once per destination.
-  ex.dy_send.resize(be, ex.x_send.size());
-  be.dispatch(ex.send, dy, ex.dy_send.data(), D);
-  ex.dy_recv.resize(be, ex.x_recv.size());
-  std::vector<int64_t> sb, so, rb, ro;
-  layout_bytes(ex.send_rows, D * 4, sb, so);
-  layout_bytes(ex.recv_rows, D * 4, rb, ro);
-  Request moving = world.start_all_to_all_v(ex.dy_send.data(), sb.data(), so.data(),
-                                            ex.dy_recv.data(), rb.data(), ro.data());
-  // Meanwhile: the shared experts, and each assignment's gate-weight gradient, from the output
-  // this rank got back in the forward pass.
-  shared_backward(be, dy, dx, rows);
-  dweight_.resize(be, static_cast<size_t>(A));
-  ex.scratch.resize(be, static_cast<size_t>(std::max(A, a_local) * D));
-  be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D);
-  auto t0 = Clock::now();
-  moving->wait();
-  par_->times.dispatch += seconds(t0);
-
-  // The experts of this shard: dy_perm = weight * dy of each assignment's token.
-  dy_perm_.resize(be, static_cast<size_t>(a_local * D));
-  dx_perm_.resize(be, dy_perm_.size());
-  // (combine_backward also gives the gate-weight gradients, which the token's own rank computed.)
-  be.combine_backward(ex.remote, y_perm_.data(), ex.dy_recv.data(), dy_perm_.data(),
-                      ex.scratch.data(), D);
-  const bool replicated = par_->dp() > 1;
-  ex.expert_roots.clear();
-  if (replicated) ex.expert_roots.resize(3 * ex.first_chunk.size());
-  experts_backward(be, ex.remote, par_->sharding(E).first_expert(), dy_perm_.data(),
-                   dx_perm_.data(), replicated ? ex.expert_roots.data() : nullptr);
-
-  // Each assignment's input gradient back to its token's rank, summed there in expert order.
-  ex.dx_ret.resize(be, static_cast<size_t>(a_local * D));
-  be.dispatch(ex.ret, dx_perm_.data(), ex.dx_ret.data(), D);
-  ex.dx_back.resize(be, static_cast<size_t>(A * D));
-  layout_bytes(ex.recv_asg, D * 4, rb, ro);
-  layout_bytes(ex.send_asg, D * 4, sb, so);
-  Request back = world.start_all_to_all_v(ex.dx_ret.data(), rb.data(), ro.data(), ex.dx_back.data(),
-                                          sb.data(), so.data());
-  t0 = Clock::now();
-  back->wait();
-  par_->times.combine += seconds(t0);
-  ex.dx_home.resize(be, static_cast<size_t>(A * D));
-  be.dispatch(ex.home, ex.dx_back.data(), ex.dx_home.data(), D);
-  be.dispatch_backward(plan_, ex.dx_home.data(), dx, D);
-  router_backward(be, dx, rows);
-}
-
-void MoELayer::combine_expert_gradients(Backend& be) {
-  if (!par_ || par_->dp() == 1 || ex_.expert_roots.empty()) return;
-  const int64_t per_expert = static_cast<int64_t>(s_.expert_hidden) * s_.dim;
-  const int64_t base = expert_weight_offset(par_->sharding(s_.router.num_experts).first_expert());
-  std::vector<ParallelContext::Roots> all;
-  for (size_t e = 0; e < ex_.first_chunk.size(); ++e) {
-    const int64_t off = base + static_cast<int64_t>(e) * per_expert;
-    all.push_back({&ex_.expert_roots[3 * e], p_.grad(s_.w1) + off, per_expert, false});
-    all.push_back({&ex_.expert_roots[3 * e + 1], p_.grad(s_.w3) + off, per_expert, false});
-    all.push_back({&ex_.expert_roots[3 * e + 2], p_.grad(s_.w2) + off, per_expert, false});
-  }
-  par_->combine(be, *par_->replicas(), all);
-  ex_.expert_roots.clear();
 }
 
 }  // namespace moert

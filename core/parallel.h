@@ -37,6 +37,10 @@ class ParallelContext {
   // The replicas of this rank's expert shard (rank order = replica order); null when DP = 1.
   Communicator* replicas() const { return replicas_.get(); }
   ExpertSharding sharding(int64_t experts) const { return {size(), ep_, rank(), experts}; }
+  // Chunks of every MoE exchange (core/moe_parallel.cc): more overlap communication with the
+  // experts' compute, at more, smaller messages; 1: none. Any value gives the same results.
+  int64_t chunks() const { return chunks_; }
+  void set_chunks(int64_t chunks) { chunks_ = chunks; }
 
   // Collective: every rank's row count of this pass (rows that take part), and this rank's first
   // row in the global batch.
@@ -78,6 +82,7 @@ class ParallelContext {
   std::shared_ptr<Communicator> world_;
   std::unique_ptr<Communicator> replicas_;
   int ep_;
+  int64_t chunks_ = 2;
   std::vector<int64_t> rows_;
   int64_t first_row_ = 0, total_rows_ = 0, first_chunk_ = 0;
   bool aligned_ = true;

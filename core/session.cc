@@ -144,6 +144,12 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     t.warmup_steps = parse_count(key, value);
   } else if (key == "total_steps") {
     t.total_steps = parse_count(key, value);
+  } else if (key == "ep_chunks") {
+    const uint64_t c = parse_count(key, value);
+    if (c < 1 || c > 64)
+      fail(Code::InvalidArgument, "option 'ep_chunks' takes an integer in [1, 64], got '", value,
+           "'");
+    ep_chunks = static_cast<int64_t>(c);
   } else if (key == "aux_loss_scope") {
     if (value != "local" && value != "global")
       fail(Code::InvalidArgument, "option 'aux_loss_scope' takes local or global, got '", value,
@@ -156,7 +162,7 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     fail(Code::InvalidArgument, "unknown session option '", key,
          "' (known: check_finite, cuda_plugin, precision, optimizer, lr, min_lr, weight_decay, "
          "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length, "
-         "aux_loss_scope)");
+         "aux_loss_scope, ep_chunks)");
   }
 }
 
@@ -166,6 +172,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
   // fails, every rank fails (no rank is left waiting in the first pass).
   if (options_.comm && options_.comm->size() > 1)
     par_ = std::make_unique<ParallelContext>(options_.comm, options_.expert_parallel);
+  if (par_) par_->set_chunks(options_.ep_chunks);
   std::exception_ptr failed;
   try {
     build();

@@ -74,6 +74,8 @@ struct SessionOptions {
   // The auxiliary losses over the job's whole batch (f and P from every rank's rows) rather than
   // each rank's own ("aux_loss_scope" = "global" | "local").
   bool global_aux = false;
+  // Chunks each MoE layer's exchanges are cut into for overlap ("ep_chunks", 1..64).
+  int64_t ep_chunks = 2;
 
   // Applies a knob by name; throws InvalidArgument for an unknown key or a value it refuses.
   void set(const std::string& key, const std::string& value);

@@ -67,7 +67,8 @@ TEST(ExpertParallel, LayoutGivesEveryAssignmentOneChunkAlignedSlot) {
   }
 }
 
-// A rank's dispatch sends each token once per destination and lists each assignment once.
+// A rank's dispatch sends each token once per destination — over all chunks — and lists each
+// assignment once, in the chunk of its expert's group on the destination.
 TEST(ExpertParallel, RouteSendsEachTokenOncePerDestination) {
   const int world = 4, ep = 2;
   const int64_t E = 8, K = 3, rows = 200;
@@ -92,20 +93,37 @@ TEST(ExpertParallel, RouteSendsEachTokenOncePerDestination) {
   }
   const ExpertLayout layout({world, ep, 1, E}, counts, kReduceRows);
   std::vector<float> w(tok[1].size(), 0.5f);
-  const DispatchRoute route = route_dispatch(layout, tok[1].data(), exp[1].data(), w.data(),
-                                             static_cast<int64_t>(tok[1].size()), rows);
-  size_t listed = 0;
-  for (int q = 0; q < world; ++q) {
-    std::set<int32_t> seen(route.tokens[q].begin(), route.tokens[q].end());
-    EXPECT_EQ(seen.size(), route.tokens[q].size());
-    EXPECT_TRUE(std::is_sorted(route.tokens[q].begin(), route.tokens[q].end()));
-    listed += route.assignments[q].size();
-  }
-  EXPECT_EQ(listed, tok[1].size());
-  for (size_t a = 0; a < tok[1].size(); ++a) {
-    const auto& as = route.assignments[route.dest[a]][route.index[a]];
-    EXPECT_EQ(route.tokens[route.dest[a]][as.row], tok[1][a]);
-    EXPECT_EQ(route.dest[a] % ep, exp[1][a] / (E / ep));
+  for (int64_t chunks : {1, 2, 3, 4, 9}) {
+    const DispatchRoute route = route_dispatch(layout, tok[1].data(), exp[1].data(), w.data(),
+                                               static_cast<int64_t>(tok[1].size()), rows, chunks);
+    const int64_t C = route.chunks;
+    EXPECT_EQ(C, std::min<int64_t>(chunks, E / ep));
+    size_t listed = 0;
+    std::vector<std::vector<int32_t>> sent(world);  // per destination, in its row numbering
+    for (int64_t c = 0; c < C; ++c)
+      for (int q = 0; q < world; ++q) {
+        EXPECT_TRUE(std::is_sorted(route.tokens[c][q].begin(), route.tokens[c][q].end()));
+        sent[q].insert(sent[q].end(), route.tokens[c][q].begin(), route.tokens[c][q].end());
+        listed += route.assignments[c][q].size();
+      }
+    for (int q = 0; q < world; ++q) {
+      std::set<int32_t> seen(sent[q].begin(), sent[q].end());
+      EXPECT_EQ(seen.size(), sent[q].size()) << "a token sent twice to rank " << q;
+    }
+    EXPECT_EQ(listed, tok[1].size());
+    for (size_t a = 0; a < tok[1].size(); ++a) {
+      const int q = route.dest[a];
+      const int64_t c = route.chunk[a];
+      const auto& as = route.assignments[c][q][route.index[a]];
+      EXPECT_EQ(sent[q][as.row], tok[1][a]);
+      EXPECT_EQ(q % ep, exp[1][a] / (E / ep));
+      EXPECT_EQ(c, chunk_of_local(exp[1][a] % (E / ep), C, E / ep));
+      // The row was sent in this chunk or an earlier one.
+      int64_t before = 0;
+      for (int64_t c2 = 0; c2 <= c; ++c2)
+        before += static_cast<int64_t>(route.tokens[c2][q].size());
+      EXPECT_LT(as.row, before);
+    }
   }
 }
 

@@ -108,6 +108,37 @@ TEST(SessionParallel, ForwardAndCountsAreOneSessionsForEveryLayout) {
   }
 }
 
+// Cutting the exchanges into more chunks (more overlap) changes no bit.
+TEST(SessionParallel, ChunkedExchangesChangeNothing) {
+  std::mt19937 rng(47);
+  const auto model = two_moe_model(rng, BalancingPolicy::LossFreeBias);
+  const int64_t rows = 128;
+  const std::vector<float> x = random_tensor({rows, 16}, rng, 1.0f).values;
+  const std::vector<float> g = random_tensor({rows, 16}, rng, 1.0f).values;
+  Session one(model, options(Mode::Training));
+  std::vector<float> want(x.size()), want_in(x.size());
+  one.forward_hidden(x.data(), x.size(), rows, want.data(), want.size());
+  one.backward(g.data(), g.size(), want_in.data(), want_in.size());
+  for (const char* chunks : {"1", "3", "4"}) {
+    auto comms = testing::make_inprocess_communicators(2, 60.0);
+    std::vector<float> got(x.size()), got_in(x.size());
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        SessionOptions o = options(Mode::Training);
+        o.set("ep_chunks", chunks);
+        o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), 2);
+        Session s(model, o);
+        const int64_t n = rows / 2, off = r * n * 16;
+        s.forward_hidden(x.data() + off, n * 16, n, got.data() + off, n * 16);
+        s.backward(g.data() + off, n * 16, got_in.data() + off, n * 16);
+      });
+    for (auto& t : threads) t.join();
+    EXPECT_EQ(got, want) << chunks << " chunks";
+    EXPECT_EQ(got_in, want_in) << chunks << " chunks";
+  }
+}
+
 // A rank fed a buffer of the wrong size fails with its own error; every other rank fails too,
 // naming it, and nothing is counted anywhere. The ranks stay usable.
 TEST(SessionParallel, BadInputOnOneRankFailsTheCallOnEveryRank) {
