@@ -163,7 +163,14 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   }
 
   // The residual and the shared experts need nothing from the other ranks: they run while the
-  // tokens travel.
+  // tokens travel (without overlap, after they have arrived).
+  if (!par_->overlap())
+    for (int64_t c = 0; c < C; ++c) {
+      const auto t = Clock::now();
+      rows_moving[c]->wait();
+      meta_moving[c]->wait();
+      par_->times.dispatch += seconds(t);
+    }
   residual_and_shared(be, x, y, rows, train);
 
   // This rank's slots: expert-major, each local expert's range of its global list in order — the
@@ -238,10 +245,12 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     upload_vector(be, g.token, std::vector<int32_t>(r_token.begin() + s0, r_token.begin() + s1));
     upload_vector(be, g.weight, std::vector<float>(r_weight.begin() + s0, r_weight.begin() + s1));
     upload_vector(be, g.expert, std::vector<int32_t>(r_expert.begin() + s0, r_expert.begin() + s1));
+    const auto te = Clock::now();
     be.dispatch(g, ex.x_recv.data(), x_perm_.data() + s0 * D, D);
     experts_forward(be, g, sharding.first_expert() + l0, x_perm_.data() + s0 * D,
                     y_perm_.data() + s0 * D, train ? h1_.data() + s0 * H : nullptr,
                     train ? h3_.data() + s0 * H : nullptr);
+    par_->times.experts += seconds(te);
     // Its results go back at once, each to its token's rank, in the order that rank listed them.
     gather_plan(be, ex.ret[c], ret_slots);
     be.dispatch(ex.ret[c], y_perm_.data(), ex.y_ret.data() + a0 * D, D);
@@ -300,6 +309,12 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
   }
   // Meanwhile: the shared experts, and each assignment's gate-weight gradient, from the output
   // this rank got back in the forward pass.
+  if (!par_->overlap())
+    for (int64_t c = 0; c < C; ++c) {
+      const auto t = Clock::now();
+      moving[c]->wait();
+      par_->times.dispatch += seconds(t);
+    }
   shared_backward(be, dy, dx, rows);
   dweight_.resize(be, static_cast<size_t>(A));
   ex.scratch.resize(be, static_cast<size_t>(std::max(A * D, a_local)));
@@ -323,12 +338,14 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
     const DispatchPlan& g = ex.groups[c];
     // dy_perm = weight * dy of each assignment's token (combine_backward also gives the
     // gate-weight gradients, which the token's own rank computed).
+    const auto te = Clock::now();
     be.combine_backward(g, y_perm_.data() + s0 * D, ex.dy_recv.data(), dy_perm_.data() + s0 * D,
                         ex.scratch.data(), D);
     experts_backward(
         be, g, par_->sharding(E).first_expert() + l0, x_perm_.data() + s0 * D, h1_.data() + s0 * H,
         h3_.data() + s0 * H, dy_perm_.data() + s0 * D, dx_perm_.data() + s0 * D,
         replicated ? ex.expert_roots.data() + 3 * l0 : nullptr, ex.first_chunk.data() + l0);
+    par_->times.experts += seconds(te);
     // Each assignment's input gradient back to its token's rank.
     const int64_t a0 = asg_at[static_cast<size_t>(c * R)];
     be.dispatch(ex.ret[c], dx_perm_.data(), ex.dx_ret.data() + a0 * D, D);

@@ -17,9 +17,13 @@ namespace moert {
 
 class Backend;
 
-// Seconds spent waiting on communication that computation did not hide, per MoE layer pass.
+// Where a session's time among ranks goes, in seconds since the last reset: the waits are the
+// communication that computation did not hide.
 struct CommTimes {
-  double dispatch = 0.0, combine = 0.0, gradients = 0.0;  // exposed waits
+  double dispatch = 0.0;   // waiting for tokens (or their output gradients) to arrive
+  double combine = 0.0;    // waiting for the experts' results to come back
+  double experts = 0.0;    // computing this rank's routed experts
+  double gradients = 0.0;  // combining gradients across ranks after a backward
 };
 
 class ParallelContext {
@@ -39,8 +43,12 @@ class ParallelContext {
   ExpertSharding sharding(int64_t experts) const { return {size(), ep_, rank(), experts}; }
   // Chunks of every MoE exchange (core/moe_parallel.cc): more overlap communication with the
   // experts' compute, at more, smaller messages; 1: none. Any value gives the same results.
-  int64_t chunks() const { return chunks_; }
+  int64_t chunks() const { return overlap_ ? chunks_ : 1; }
   void set_chunks(int64_t chunks) { chunks_ = chunks; }
+  // Whether communication overlaps computation at all (the shared experts and the chunks); off,
+  // every exchange is waited for before anything else runs (for measuring what overlap hides).
+  bool overlap() const { return overlap_; }
+  void set_overlap(bool overlap) { overlap_ = overlap; }
 
   // Collective: every rank's row count of this pass (rows that take part), and this rank's first
   // row in the global batch.
@@ -83,6 +91,7 @@ class ParallelContext {
   std::unique_ptr<Communicator> replicas_;
   int ep_;
   int64_t chunks_ = 2;
+  bool overlap_ = true;
   std::vector<int64_t> rows_;
   int64_t first_row_ = 0, total_rows_ = 0, first_chunk_ = 0;
   bool aligned_ = true;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -150,6 +151,8 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
       fail(Code::InvalidArgument, "option 'ep_chunks' takes an integer in [1, 64], got '", value,
            "'");
     ep_chunks = static_cast<int64_t>(c);
+  } else if (key == "ep_overlap") {
+    ep_overlap = parse_bool(key, value);
   } else if (key == "aux_loss_scope") {
     if (value != "local" && value != "global")
       fail(Code::InvalidArgument, "option 'aux_loss_scope' takes local or global, got '", value,
@@ -162,7 +165,7 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     fail(Code::InvalidArgument, "unknown session option '", key,
          "' (known: check_finite, cuda_plugin, precision, optimizer, lr, min_lr, weight_decay, "
          "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length, "
-         "aux_loss_scope, ep_chunks)");
+         "aux_loss_scope, ep_chunks, ep_overlap)");
   }
 }
 
@@ -172,7 +175,10 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
   // fails, every rank fails (no rank is left waiting in the first pass).
   if (options_.comm && options_.comm->size() > 1)
     par_ = std::make_unique<ParallelContext>(options_.comm, options_.expert_parallel);
-  if (par_) par_->set_chunks(options_.ep_chunks);
+  if (par_) {
+    par_->set_chunks(options_.ep_chunks);
+    par_->set_overlap(options_.ep_overlap);
+  }
   std::exception_ptr failed;
   try {
     build();
@@ -543,6 +549,7 @@ double Session::run_backward(float* grad_in) {
 }
 
 void Session::combine_gradients() {
+  const auto start = std::chrono::steady_clock::now();
   // Replicated parameters: every rank held some of the job's rows.
   std::vector<ParamStore::PendingRoots> pending = store_->take_roots();
   std::vector<ParallelContext::Roots> all;
@@ -551,6 +558,13 @@ void Session::combine_gradients() {
   // Routed experts: each shard's replicas held some of each expert's chunks.
   for (auto& l : layers_)
     if (auto* m = dynamic_cast<MoELayer*>(l.get())) m->combine_expert_gradients(*backend_);
+  par_->times.gradients +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+std::vector<double> Session::profile() const {
+  const CommTimes t = par_ ? par_->times : CommTimes{};
+  return {t.dispatch, t.combine, t.experts, t.gradients};
 }
 
 void Session::poison_step(Code code, const std::string& why) {
@@ -951,6 +965,7 @@ double Session::max_vio(uint32_t layer, CountScope scope) const {
 }
 
 void Session::reset_eval_metrics() {
+  if (par_) par_->times = CommTimes{};
   for (auto& l : layers_)
     if (auto* m = dynamic_cast<MoELayer*>(l.get()))
       std::fill(m->counts().eval.begin(), m->counts().eval.end(), 0);

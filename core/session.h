@@ -76,6 +76,8 @@ struct SessionOptions {
   bool global_aux = false;
   // Chunks each MoE layer's exchanges are cut into for overlap ("ep_chunks", 1..64).
   int64_t ep_chunks = 2;
+  // Whether the exchanges overlap computation at all ("ep_overlap"; false: for measuring it).
+  bool ep_overlap = true;
 
   // Applies a knob by name; throws InvalidArgument for an unknown key or a value it refuses.
   void set(const std::string& key, const std::string& value);
@@ -150,6 +152,9 @@ class Session {
   // MaxVio of one MoE layer, or the mean over all MoE layers for UINT32_MAX.
   double max_vio(uint32_t layer, CountScope scope) const;
   void reset_eval_metrics();
+  // Seconds since creation or reset_eval_metrics: waiting for dispatches, waiting for combines,
+  // computing this rank's routed experts, combining gradients (zero when alone).
+  std::vector<double> profile() const;
 
   // Checkpoints: the model with this session's parameters and training state, written atomically;
   // load refuses a checkpoint of another architecture and leaves the session as it was.

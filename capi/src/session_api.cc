@@ -1,4 +1,5 @@
 // C entry points for session options, sessions, forward passes and routing statistics.
+#include <algorithm>
 #include <memory>
 #include <mutex>
 
@@ -161,6 +162,16 @@ moert_status* moert_session_max_vio(const moert_session* session, uint32_t layer
   return locked(session, [&](const moert::Session& s) {
     require(out, "out");
     *out = s.max_vio(layer, scope_of(scope));
+  });
+}
+
+moert_status* moert_session_profile(const moert_session* session, double* seconds, uint64_t len) {
+  return locked(session, [&](const moert::Session& s) {
+    require(seconds, "seconds");
+    const std::vector<double> p = s.profile();
+    if (len < p.size())
+      fail(Code::InvalidArgument, "the profile has ", p.size(), " figures; the buffer holds ", len);
+    std::copy(p.begin(), p.end(), seconds);
   });
 }
 

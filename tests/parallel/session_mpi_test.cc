@@ -221,6 +221,36 @@ TEST(SessionMpi, ABadBufferOnOneRankFailsEveryRank) {
       IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
 }
 
+// The profile: zero alone; among ranks the experts' compute and the waits are counted, overlap
+// or not, and moert_session_reset_metrics() zeroes them.
+TEST(SessionMpi, ProfileCountsTheExchanges) {
+  ModelPtr m = load(hidden_baseline());
+  const int64_t n = 64;
+  std::vector<float> x(n * 8, 0.5f), out(n * 16);
+  double p[MOERT_PROFILE_COUNT + 1] = {-1, -1, -1, -1, 7};
+  SessionPtr alone = session(m.get(), false, 1, false);
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(alone.get(), x.data(), n * 8, n, out.data(), out.size())));
+  ASSERT_TRUE(IsOk(moert_session_profile(alone.get(), p, MOERT_PROFILE_COUNT + 1)));
+  for (int i = 0; i < MOERT_PROFILE_COUNT; ++i) EXPECT_EQ(p[i], 0.0);
+  EXPECT_EQ(p[MOERT_PROFILE_COUNT], 7);
+  EXPECT_TRUE(IsError(moert_session_profile(alone.get(), p, MOERT_PROFILE_COUNT - 1),
+                      MOERT_ERR_INVALID_ARGUMENT, {"4 figures"}));
+  if (g_size == 1) return;
+  for (const char* overlap : {"true", "false"}) {
+    SessionPtr s = session(m.get(), false, g_size, true, {{"ep_overlap", overlap}});
+    ASSERT_TRUE(
+        IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
+    ASSERT_TRUE(IsOk(moert_session_profile(s.get(), p, MOERT_PROFILE_COUNT)));
+    EXPECT_GT(p[MOERT_PROFILE_EXPERTS], 0.0) << overlap;
+    EXPECT_GE(p[MOERT_PROFILE_DISPATCH], 0.0);
+    EXPECT_GE(p[MOERT_PROFILE_COMBINE], 0.0);
+    ASSERT_TRUE(IsOk(moert_session_reset_metrics(s.get())));
+    ASSERT_TRUE(IsOk(moert_session_profile(s.get(), p, MOERT_PROFILE_COUNT)));
+    for (int i = 0; i < MOERT_PROFILE_COUNT; ++i) EXPECT_EQ(p[i], 0.0);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {

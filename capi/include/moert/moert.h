@@ -66,7 +66,7 @@ MOERT_API void moert_schema_version(uint32_t* major, uint32_t* minor);
 #define MOERT_ERR_OUT_OF_MEMORY 4    /* an allocation failed; the state is unchanged */
 #define MOERT_ERR_UNSUPPORTED 5      /* valid request this build or device cannot serve */
 #define MOERT_ERR_INVALID_STATE 6    /* the call is not allowed in the handle's current state */
-#define MOERT_ERR_NUMERIC 7 /* NaN or infinity in an input, or in a result from finite inputs */
+#define MOERT_ERR_NUMERIC 7  /* NaN or infinity in an input, or in a result from finite inputs */
 #define MOERT_ERR_INTERNAL 8 /* a bug in moert: please report it with the message */
 #define MOERT_ERR_COMM 9     /* a collective failed or timed out; the communicator is broken */
 
@@ -249,6 +249,14 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   session asked for "fp32" is refused with MOERT_ERR_UNSUPPORTED. Fixed at
  *                   moert_session_create(): moert_session_set_config() refuses a change with
  *                   MOERT_ERR_INVALID_STATE.
+ *   "aux_loss_scope" "local" (default) | "global": over several ranks, the auxiliary losses
+ *                   take each rank's rows as theirs (sequences within a rank; the Switch loss of
+ *                   each rank's batch), or the job's (f and P over every rank's rows; arXiv
+ *                   2501.11873): then a job trains exactly as one process over the union.
+ *   "ep_chunks"     1 .. 64 (default 2): over several ranks, each MoE exchange is cut into this
+ *                   many chunks of the ranks' experts, computed while the next chunks travel.
+ *                   Any value gives the same results.
+ *   "ep_overlap"    "true" (default) | "false": whether exchanges overlap computation at all.
  *   "cuda_plugin"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads
  *                   one plugin: a second, different path is refused).
  *   and the training knobs listed under Training below.
@@ -448,7 +456,24 @@ MOERT_API moert_status* moert_session_expert_counts(const moert_session* session
 MOERT_API moert_status* moert_session_max_vio(const moert_session* session, uint32_t layer,
                                               int32_t scope, double* out);
 
-/* Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer (start of an evaluation pass). */
+/* Where the time of a session over several ranks goes (moert_session_options_set_comm), in
+ * seconds since its creation or the last moert_session_reset_metrics(), summed over its MoE
+ * layers' passes. The waits are the communication that computation did not hide: compare them
+ * with a session created with "ep_overlap" "false" to see what overlap hides. All zero for a
+ * session alone. */
+#define MOERT_PROFILE_DISPATCH 0  /* waiting for tokens (and output gradients) to arrive */
+#define MOERT_PROFILE_COMBINE 1   /* waiting for the experts' results to come back */
+#define MOERT_PROFILE_EXPERTS 2   /* computing this rank's routed experts */
+#define MOERT_PROFILE_GRADIENTS 3 /* combining gradients across ranks after each backward */
+#define MOERT_PROFILE_COUNT 4
+
+/* Copies the MOERT_PROFILE_COUNT figures above into `seconds` (`len` >= MOERT_PROFILE_COUNT;
+ * the extra values are left alone, so that a caller written against a later header works). */
+MOERT_API moert_status* moert_session_profile(const moert_session* session, double* seconds,
+                                              uint64_t len);
+
+/* Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer (start of an evaluation pass), and the
+ * profile figures. */
 MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
 
 /* ---- Batcher: many concurrent callers, one forward pass ------------------------------------ */
