@@ -20,6 +20,7 @@ enum class Code : int32_t {
   InvalidState = 6,
   Numeric = 7,
   Internal = 8,
+  Limit = 9,
 };
 
 class Error : public std::runtime_error {

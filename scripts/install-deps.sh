@@ -8,6 +8,7 @@ packages=(
   libgtest-dev                                  # C++ and C ABI tests
   flatbuffers-compiler libflatbuffers-dev       # the model schema
   libblis-serial-dev                            # CPU BLAS (see cmake/MoertBlas.cmake)
+  libxxhash-dev                                 # XXH3, the checkpoint content digest (header-only use)
   python3 python3-numpy python3-torch           # the PyTorch oracles and benchmarks
   fortunes                                      # English text for the balancing experiment
   python3-matplotlib                            # the experiment's MaxVio plot (PNG)
