@@ -950,12 +950,13 @@ std::unique_ptr<Model> load_checkpoint_file(const std::string& path, const LoadO
   return model;
 }
 
-uint64_t recompute_checkpoint_digest(const void* data, size_t size, const LoadOptions& options) {
+uint64_t recompute_checkpoint_digest(const void* data, size_t size, const std::string& external_dir,
+                                     const LoadOptions& options) {
   if (!data) fail(Code::InvalidArgument, "model data is NULL");
   check_buffer_size(size, options);
   const std::vector<uint64_t> aligned = aligned_copy(data, size);
   uint64_t digest = 0;
-  parse(aligned.data(), size, "", options, StatePolicy::Recompute, &digest);
+  parse(aligned.data(), size, external_dir, options, StatePolicy::Recompute, &digest);
   return digest;
 }
 

@@ -40,9 +40,10 @@ std::shared_ptr<const Model> load_model_buffer(const void* data, size_t size,
 // file without one.
 std::unique_ptr<Model> load_checkpoint_file(const std::string& path, const LoadOptions& options);
 
-// For fuzzing only: the content digest of the checkpoint in `data` (a description without
-// external data), computed as the loader does but not compared with the one the file holds.
-// Throws what loading would throw for any other defect.
-uint64_t recompute_checkpoint_digest(const void* data, size_t size, const LoadOptions& options);
+// For fuzzing and tests only: the content digest of the checkpoint description in `data`
+// (external data resolved against external_dir), computed as the loader does but not compared
+// with the one the file holds. Throws what loading would throw for any other defect.
+uint64_t recompute_checkpoint_digest(const void* data, size_t size, const std::string& external_dir,
+                                     const LoadOptions& options);
 
 }  // namespace moert
