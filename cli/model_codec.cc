@@ -60,23 +60,41 @@ std::vector<uint8_t> json_to_binary(const std::string& json, const std::string& 
   return std::vector<uint8_t>(p, p + parser.builder_.GetSize());
 }
 
+namespace {
+
+// What rendering needs is read from the schema once: its reflection form (which drives a
+// verifier that needs no generated code) and a parser holding it, which rendering only reads.
+struct Renderer {
+  flatbuffers::Parser schema_parser;
+  flatbuffers::Parser parser{json_options()};
+  Renderer() {
+    load_schema(schema_parser);
+    schema_parser.Serialize();
+    load_schema(parser);
+  }
+  const reflection::Schema* schema() const {
+    return reflection::GetSchema(schema_parser.builder_.GetBufferPointer());
+  }
+};
+
+const Renderer& renderer() {
+  static const Renderer r;
+  return r;
+}
+
+}  // namespace
+
 std::string binary_to_json(const std::vector<uint8_t>& bytes, const std::string& origin) {
   if (!is_binary_model(bytes))
     fail(origin, ": not a binary moert model (no 'MOE1' file identifier)");
-  // The reflection form of the schema drives a verifier that needs no generated code.
-  flatbuffers::Parser schema_parser;
-  load_schema(schema_parser);
-  schema_parser.Serialize();
-  const reflection::Schema* schema =
-      reflection::GetSchema(schema_parser.builder_.GetBufferPointer());
+  const Renderer& r = renderer();
+  const reflection::Schema* schema = r.schema();
   if (!schema->root_table() ||
       !flatbuffers::Verify(*schema, *schema->root_table(), bytes.data(), bytes.size()))
     fail(origin, ": damaged model file (the FlatBuffers verifier refuses it)");
 
-  flatbuffers::Parser parser(json_options());
-  load_schema(parser);
   std::string text;
-  if (!flatbuffers::GenerateText(parser, bytes.data(), &text))
+  if (!flatbuffers::GenerateText(r.parser, bytes.data(), &text))
     fail(origin, ": cannot render the model as JSON");
   return text;
 }
