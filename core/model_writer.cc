@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -226,13 +228,36 @@ class DescriptionBuilder {
   fail(Code::Io, "cannot write checkpoint '", path, "': ", what, ": ", std::strerror(err));
 }
 
+// Six characters that make a temporary name unlikely to exist already.
+std::string unique_suffix(uint64_t attempt) {
+  static std::atomic<uint64_t> counter{0};
+  uint64_t x = (static_cast<uint64_t>(::getpid()) << 32) ^ counter.fetch_add(1) ^
+               static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+               (attempt * 0x9E3779B97F4A7C15ull);
+  x = (x ^ (x >> 31)) * 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 29;
+  static const char digits[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+  std::string out(6, '0');
+  for (char& c : out) {
+    c = digits[x % 62];
+    x /= 62;
+  }
+  return out;
+}
+
 // A file written under a temporary name in the destination's directory, then renamed into place.
+// Created like any file (mode 0666 less the umask), not with mkstemp's 0600: a checkpoint is a
+// model that other users' processes may be meant to read.
 class TempFile {
  public:
-  TempFile(const fs::path& dir, const std::string& pattern, std::string destination)
-      : destination_(std::move(destination)), name_((dir / pattern).string()) {
-    fd_ = ::mkstemp(name_.data());
-    if (fd_ < 0) io_failure(destination_, "cannot create a temporary file", errno);
+  TempFile(const fs::path& dir, const std::string& prefix, std::string destination)
+      : destination_(std::move(destination)) {
+    for (uint64_t attempt = 0; fd_ < 0; ++attempt) {
+      name_ = (dir / (prefix + unique_suffix(attempt))).string();
+      fd_ = ::open(name_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+      if (fd_ < 0 && (errno != EEXIST || attempt == 100))
+        io_failure(destination_, "cannot create a temporary file", errno);
+    }
   }
   ~TempFile() {
     if (fd_ >= 0) ::close(fd_);
@@ -356,7 +381,7 @@ void write_checkpoint(const std::string& path, const Model& model, const Trainin
   const std::vector<uint8_t> description = builder.finish(root);
 
   if (!builder.external().empty()) {
-    TempFile data(dir, "." + file + ".data-XXXXXX", path);
+    TempFile data(dir, "." + file + ".data-", path);
     static const char zeros[kExternalAlignment] = {};
     uint64_t at = 0;
     for (const Placement& p : builder.external()) {
@@ -375,10 +400,10 @@ void write_file_atomically(const std::string& path, const std::vector<uint8_t>& 
   const fs::path target(path);
   const fs::path dir = directory_of(target);
   // Appended piece by piece: GCC 12 at -O3 warns falsely (-Wrestrict) on the chained operator+.
-  std::string pattern = ".";
-  pattern.append(target.filename().string());
-  pattern.append(".tmp-XXXXXX");
-  TempFile tmp(dir, pattern, path);
+  std::string prefix = ".";
+  prefix.append(target.filename().string());
+  prefix.append(".tmp-");
+  TempFile tmp(dir, prefix, path);
   tmp.write(bytes.data(), bytes.size());
   tmp.commit(path);
   sync_directory(dir);

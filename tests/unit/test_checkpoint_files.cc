@@ -277,5 +277,35 @@ TEST(CheckpointVectors, MisalignedRngAndStepCountsAreRefusedBeforeAnyLoad) {
   }
 }
 
+// A checkpoint of schema 1.0 carries only the old byte digest, which depended on the writer's
+// compiler: it is refused as unverifiable, with a message that says so.
+TEST(CheckpointVectors, ASchema10DigestIsRefusedAsUnverifiable) {
+  flatbuffers::FlatBufferBuilder b;
+  const auto how = fb::CreateInit(b, fb::InitKind::Ones);
+  const auto weight = fb::CreateTensor(b, 0, fb::DType::F32, 0, nullptr, how);
+  const auto norm = fb::CreateRMSNorm(b, 4, 1e-6f, weight);
+  const auto name = b.CreateString("norm");
+  const auto layer = fb::CreateLayer(b, name, fb::LayerKind::RMSNorm, norm.Union());
+  const auto layers = b.CreateVector(std::vector{layer});
+  const auto optimizer = b.CreateString("adamw");
+  fb::TrainingStateBuilder tb(b);
+  tb.add_optimizer(optimizer);
+  tb.add_digest(0x1234567890ABCDEFull);
+  const auto training = tb.Finish();
+  fb::ModelBuilder mb(b);
+  mb.add_schema_major(1);
+  mb.add_input_dim(4);
+  mb.add_layers(layers);
+  mb.add_training(training);
+  fb::FinishModelBuffer(b, mb.Finish());
+  try {
+    load_model_buffer(b.GetBufferPointer(), b.GetSize(), "");
+    FAIL() << "a schema 1.0 digest was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Code::InvalidModel);
+    EXPECT_NE(std::string(e.what()).find("schema 1.0 digest"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace moert
