@@ -17,6 +17,7 @@ packages=(
   openjdk-17-jdk-headless junit5                # the Java binding (javac, jar, JNI headers), JUnit 5
   bindgen libclang1-14 libclang-common-14-dev   # checks the committed Rust bindings; bindgen
                                                 # loads libclang at run time without depending on it
+  clang-14 libclang-rt-14-dev                   # libFuzzer targets under ASan/UBSan (the fuzz preset)
 )
 # Rust: cargo and rustc come from the toolchain in ~/.cargo/bin, not from Debian; the crates
 # have no dependencies and build offline. Without cargo the Rust tests report themselves skipped.
