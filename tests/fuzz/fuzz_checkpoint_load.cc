@@ -49,8 +49,8 @@ const std::string& save_path() {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   moert::LoadOptions limits;
-  limits.max_memory = uint64_t{16} << 20;
-  limits.max_file_bytes = uint64_t{4} << 20;
+  limits.max_memory = uint64_t{2} << 20;
+  limits.max_file_bytes = uint64_t{1} << 20;
   uint64_t digest = 0;
   if (!moert_fuzz::clean(
           "digest", [&] { digest = moert::recompute_checkpoint_digest(data, size, "", limits); }))

@@ -18,7 +18,7 @@ namespace {
 moert_load_options* limits() {
   static moert_load_options* o = [] {
     moert_load_options* p = nullptr;
-    if (moert_load_options_create(&p) || moert_load_options_set_max_memory(p, uint64_t{16} << 20))
+    if (moert_load_options_create(&p) || moert_load_options_set_max_memory(p, uint64_t{256} << 10))
       moert_fuzz::finding("load options", "cannot create");
     return p;
   }();
