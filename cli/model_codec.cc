@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
 
 #include "cli/error.h"
 #include "moert_schema_text.h"
@@ -52,12 +53,18 @@ bool is_binary_model(const std::vector<uint8_t>& bytes) {
 }
 
 std::vector<uint8_t> json_to_binary(const std::string& json, const std::string& origin) {
-  flatbuffers::Parser parser(json_options());
-  load_schema(parser);
-  if (!parser.Parse(json.c_str()))
-    fail(origin, ": not a valid model description: ", one_line(parser.error_));
-  const uint8_t* p = parser.builder_.GetBufferPointer();
-  return std::vector<uint8_t>(p, p + parser.builder_.GetSize());
+  // One parser per thread holds the schema and reads every document with ParseJson, which takes
+  // JSON only: a document cannot add declarations to the schema (or change its root type), as it
+  // could through Parse, which reads schema text as well.
+  thread_local std::unique_ptr<flatbuffers::Parser> parser;
+  if (!parser) {
+    parser = std::make_unique<flatbuffers::Parser>(json_options());
+    load_schema(*parser);
+  }
+  if (!parser->ParseJson(json.c_str()))
+    fail(origin, ": not a valid model description: ", one_line(parser->error_));
+  const uint8_t* p = parser->builder_.GetBufferPointer();
+  return std::vector<uint8_t>(p, p + parser->builder_.GetSize());
 }
 
 namespace {
