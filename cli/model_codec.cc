@@ -61,8 +61,13 @@ std::vector<uint8_t> json_to_binary(const std::string& json, const std::string& 
     parser = std::make_unique<flatbuffers::Parser>(json_options());
     load_schema(*parser);
   }
-  if (!parser->ParseJson(json.c_str()))
-    fail(origin, ": not a valid model description: ", one_line(parser->error_));
+  if (!parser->ParseJson(json.c_str())) {
+    const std::string error = one_line(parser->error_);
+    // A parse that fails part-way leaves state behind in FlatBuffers 2.0.8's parser (its field
+    // stack is cleared by Parse, not by ParseJson): the next document gets a fresh one.
+    parser.reset();
+    fail(origin, ": not a valid model description: ", error);
+  }
   const uint8_t* p = parser->builder_.GetBufferPointer();
   return std::vector<uint8_t>(p, p + parser->builder_.GetSize());
 }
