@@ -15,9 +15,19 @@ void check(moert_status* status, const std::string& what) {
 
 ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& external_dir,
                           const std::string& origin) {
+  // The command loads what its user names or what it generates itself: the library's default
+  // limits, meant for services loading files they did not write, would only refuse large models
+  // here. Physical memory remains the bound.
+  moert_load_options* raw = nullptr;
+  check(moert_load_options_create(&raw), "load options");
+  std::unique_ptr<moert_load_options, decltype(&moert_load_options_free)> options(
+      raw, moert_load_options_free);
+  check(moert_load_options_set_max_memory(options.get(), UINT64_MAX), "load options");
+  check(moert_load_options_set_max_file_bytes(options.get(), UINT64_MAX), "load options");
   moert_model* m = nullptr;
-  check(moert_model_load_buffer(bytes.data(), bytes.size(),
-                                external_dir.empty() ? nullptr : external_dir.c_str(), &m),
+  check(moert_model_load_buffer_with_options(bytes.data(), bytes.size(),
+                                             external_dir.empty() ? nullptr : external_dir.c_str(),
+                                             options.get(), &m),
         origin);
   return ModelPtr(m);
 }

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
 
 #include "cli/error.h"
 #include "moert_schema_text.h"
@@ -52,31 +53,60 @@ bool is_binary_model(const std::vector<uint8_t>& bytes) {
 }
 
 std::vector<uint8_t> json_to_binary(const std::string& json, const std::string& origin) {
-  flatbuffers::Parser parser(json_options());
-  load_schema(parser);
-  if (!parser.Parse(json.c_str()))
-    fail(origin, ": not a valid model description: ", one_line(parser.error_));
-  const uint8_t* p = parser.builder_.GetBufferPointer();
-  return std::vector<uint8_t>(p, p + parser.builder_.GetSize());
+  // One parser per thread holds the schema and reads every document with ParseJson, which takes
+  // JSON only: a document cannot add declarations to the schema (or change its root type), as it
+  // could through Parse, which reads schema text as well.
+  thread_local std::unique_ptr<flatbuffers::Parser> parser;
+  if (!parser) {
+    parser = std::make_unique<flatbuffers::Parser>(json_options());
+    load_schema(*parser);
+  }
+  if (!parser->ParseJson(json.c_str())) {
+    const std::string error = one_line(parser->error_);
+    // A parse that fails part-way leaves state behind in FlatBuffers 2.0.8's parser (its field
+    // stack is cleared by Parse, not by ParseJson): the next document gets a fresh one.
+    parser.reset();
+    fail(origin, ": not a valid model description: ", error);
+  }
+  const uint8_t* p = parser->builder_.GetBufferPointer();
+  return std::vector<uint8_t>(p, p + parser->builder_.GetSize());
 }
+
+namespace {
+
+// What rendering needs is read from the schema once: its reflection form (which drives a
+// verifier that needs no generated code) and a parser holding it, which rendering only reads.
+struct Renderer {
+  flatbuffers::Parser schema_parser;
+  flatbuffers::Parser parser{json_options()};
+  Renderer() {
+    load_schema(schema_parser);
+    schema_parser.Serialize();
+    load_schema(parser);
+  }
+  const reflection::Schema* schema() const {
+    return reflection::GetSchema(schema_parser.builder_.GetBufferPointer());
+  }
+};
+
+const Renderer& renderer() {
+  static const Renderer r;
+  return r;
+}
+
+}  // namespace
 
 std::string binary_to_json(const std::vector<uint8_t>& bytes, const std::string& origin) {
   if (!is_binary_model(bytes))
     fail(origin, ": not a binary moert model (no 'MOE1' file identifier)");
-  // The reflection form of the schema drives a verifier that needs no generated code.
-  flatbuffers::Parser schema_parser;
-  load_schema(schema_parser);
-  schema_parser.Serialize();
-  const reflection::Schema* schema =
-      reflection::GetSchema(schema_parser.builder_.GetBufferPointer());
+  const Renderer& r = renderer();
+  const reflection::Schema* schema = r.schema();
   if (!schema->root_table() ||
       !flatbuffers::Verify(*schema, *schema->root_table(), bytes.data(), bytes.size()))
     fail(origin, ": damaged model file (the FlatBuffers verifier refuses it)");
 
-  flatbuffers::Parser parser(json_options());
-  load_schema(parser);
   std::string text;
-  if (!flatbuffers::GenerateText(parser, bytes.data(), &text))
+  if (!flatbuffers::GenerateText(r.parser, bytes.data(), &text))
     fail(origin, ": cannot render the model as JSON");
   return text;
 }

@@ -20,7 +20,8 @@ enum class Code : int32_t {
   InvalidState = 6,
   Numeric = 7,
   Internal = 8,
-  Comm = 9,  // a collective failed or timed out; the communicator is broken
+  Comm = 9,    // a collective failed or timed out; the communicator is broken
+  Limit = 10,  // a load limit refuses the input
 };
 
 class Error : public std::runtime_error {

@@ -85,14 +85,19 @@ void OutputHeadLayer::backward(Backend& be, const float* dy, float* dx, int64_t 
                      s_.has_bias ? &db : nullptr, rows, s_.dim, s_.vocab_size);
 }
 
+double count_total(const std::vector<int64_t>& counts) {
+  // In double: exact up to 2^53 (checkpoints cannot hold more), and no signed overflow beyond.
+  double total = 0.0;
+  for (int64_t c : counts) total += static_cast<double>(c);
+  return total;
+}
+
 double max_violation(const std::vector<int64_t>& counts) {
-  int64_t total = 0, mx = 0;
-  for (int64_t c : counts) {
-    total += c;
-    mx = std::max(mx, c);
-  }
+  int64_t mx = 0;
+  for (int64_t c : counts) mx = std::max(mx, c);
+  const double total = count_total(counts);
   if (total == 0) return 0.0;
-  const double mean = static_cast<double>(total) / static_cast<double>(counts.size());
+  const double mean = total / static_cast<double>(counts.size());
   return (static_cast<double>(mx) - mean) / mean;
 }
 

@@ -102,6 +102,8 @@ struct ExpertCounts {
 
 // (max - mean) / mean of a count vector; 0 when it is all zero.
 double max_violation(const std::vector<int64_t>& counts);
+// The sum of a count vector, as a double (exact up to 2^53; never overflows).
+double count_total(const std::vector<int64_t>& counts);
 
 class MoELayer final : public Layer {
  public:

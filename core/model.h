@@ -13,7 +13,7 @@ namespace moert {
 
 // The schema version this library reads (schemas/moert.fbs): any minor of this major.
 inline constexpr uint32_t kSchemaMajor = 1;
-inline constexpr uint32_t kSchemaMinor = 0;
+inline constexpr uint32_t kSchemaMinor = 1;
 
 enum class LayerKind : int32_t {
   Embedding = 1,

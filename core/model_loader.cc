@@ -4,14 +4,19 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cinttypes>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <limits>
 #include <set>
+#include <span>
 #include <vector>
 
+#include "core/content_digest.h"
 #include "core/error.h"
 #include "core/model_writer.h"
 #include "core/tensor_codec.h"
@@ -22,7 +27,46 @@ namespace {
 
 // FlatBuffers offsets are 32-bit: nothing larger can be a valid buffer.
 constexpr size_t kMaxBufferSize = size_t{1} << 31;
-constexpr uint64_t kExternalAlignment = 64;
+// The most token-expert assignments a checkpoint may have counted in one layer during one step:
+// the largest integer a double holds exactly, so that the bias update's mean and sign and MaxVio
+// are exact, and about 10^8 times what one DeepSeek-V3 step counts (15M tokens x 8 experts).
+constexpr int64_t kMaxStepAssignments = int64_t{1} << 53;
+// External optimizer state that a model load verifies without keeping is read in pieces this big.
+constexpr uint64_t kStreamChunkFloats = uint64_t{4} << 20;
+// External fp32 arrays are read in pieces this big, each checked (and hashed) while it is still in
+// cache: one pass over memory instead of three.
+constexpr uint64_t kCachePieceFloats = uint64_t{256} << 10;
+
+// What the loader does with a checkpoint's training state.
+enum class StatePolicy {
+  Verify,     // a model load: read and check every value and the digest, keep nothing
+  Keep,       // a session's checkpoint load: check, and keep it in Model::training
+  Recompute,  // fuzzing: as Verify, but only compute the digest
+};
+
+uint64_t sat_add(uint64_t a, uint64_t b) {
+  uint64_t r;
+  return __builtin_add_overflow(a, b, &r) ? std::numeric_limits<uint64_t>::max() : r;
+}
+
+uint64_t sat_mul(uint64_t a, uint64_t b) {
+  uint64_t r;
+  return __builtin_mul_overflow(a, b, &r) ? std::numeric_limits<uint64_t>::max() : r;
+}
+
+// "8589934592 bytes (8.00 GiB)".
+std::string bytes_str(uint64_t b) {
+  char buf[64];
+  if (b >= (uint64_t{1} << 30))
+    std::snprintf(buf, sizeof buf, "%" PRIu64 " bytes (%.2f GiB)", b,
+                  static_cast<double>(b) / static_cast<double>(uint64_t{1} << 30));
+  else if (b >= (uint64_t{1} << 20))
+    std::snprintf(buf, sizeof buf, "%" PRIu64 " bytes (%.2f MiB)", b,
+                  static_cast<double>(b) / static_cast<double>(uint64_t{1} << 20));
+  else
+    std::snprintf(buf, sizeof buf, "%" PRIu64 " bytes", b);
+  return buf;
+}
 
 // Reads ranges of the external weight file, opened on first use.
 class ExternalFile {
@@ -45,7 +89,8 @@ class ExternalFile {
     open_once();
     auto* dst = static_cast<char*>(out);
     while (size > 0) {
-      const ssize_t n = ::pread(fd_, dst, size, static_cast<off_t>(offset));
+      const size_t chunk = static_cast<size_t>(std::min<uint64_t>(size, uint64_t{1} << 30));
+      const ssize_t n = ::pread(fd_, dst, chunk, static_cast<off_t>(offset));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0)
         fail(Code::Io, "cannot read external weight file '", path_, "' at offset ", offset, ": ",
@@ -73,6 +118,18 @@ class ExternalFile {
   uint64_t size_ = 0;
 };
 
+// Reads n fp32 values at `offset` into out, calling piece(values, index of the first) on each
+// piece right after it is read.
+template <typename F>
+void read_floats(ExternalFile& file, uint64_t offset, float* out, uint64_t n, F&& piece) {
+  for (uint64_t done = 0; done < n;) {
+    const uint64_t k = std::min(n - done, kCachePieceFloats);
+    file.read(offset + done * sizeof(float), k * sizeof(float), out + done);
+    piece(std::span<const float>(out + done, k), done);
+    done += k;
+  }
+}
+
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -93,14 +150,50 @@ uint64_t physical_memory_bytes() {
   return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page);
 }
 
+// Whether every value is finite, by exponent bits (vectorises, unlike std::isfinite).
+bool all_finite(std::span<const float> v, uint64_t* first_bad = nullptr) {
+  uint32_t any = 0;
+  for (float x : v) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    any |= static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u);
+  }
+  if (!any) return true;
+  if (first_bad)
+    for (size_t i = 0; i < v.size(); ++i)
+      if (!std::isfinite(v[i])) {
+        *first_bad = i;
+        break;
+      }
+  return false;
+}
+
+// Vectors of 8-byte scalars: the FlatBuffers verifier checks only the alignment of their 4-byte
+// length, so their elements are checked here before any 8-byte load.
+template <typename T>
+bool aligned_elements(const flatbuffers::Vector<T>* v) {
+  return reinterpret_cast<uintptr_t>(v->Data()) % alignof(T) == 0;
+}
+
+template <typename T>
+std::vector<T> copy_out(const flatbuffers::Vector<T>* v) {
+  std::vector<T> out(v->size());
+  if (!out.empty()) std::memcpy(out.data(), v->Data(), out.size() * sizeof(T));
+  return out;
+}
+
 class Loader {
  public:
-  Loader(const fb::Model* root, std::string external_dir)
+  Loader(const fb::Model* root, uint64_t description_bytes, std::string external_dir,
+         const LoadOptions& options, StatePolicy policy)
       : root_(root),
+        description_bytes_(description_bytes),
         external_dir_(std::move(external_dir)),
-        memory_limit_(physical_memory_bytes()) {}
+        options_(options),
+        policy_(policy) {}
 
-  std::shared_ptr<const Model> run();
+  std::unique_ptr<Model> run();
+  uint64_t computed_digest() const { return computed_digest_; }
 
  private:
   [[noreturn]] void bad(const char* field, const std::string& what) const {
@@ -129,13 +222,25 @@ class Loader {
     return v;
   }
 
+  // Planning pass: memory the model will hold and bytes it will read, before anything is done.
+  void plan_memory(uint64_t bytes, const char* field) {
+    planned_memory_ = sat_add(planned_memory_, bytes);
+    if (bytes > largest_bytes_) {
+      largest_bytes_ = bytes;
+      largest_ = cat(where_, " field '", field, "'");
+    }
+  }
+  void plan_state();
+  void check_plan() const;
+
+  void layers(Model& model);
   ExternalFile& external(const char* field);
   Tensor tensor(const fb::Tensor* t, const char* field, std::vector<int64_t> shape, bool required);
   void decode(const fb::Tensor* t, const char* field, const std::vector<int64_t>& shape,
               uint64_t numel, const uint8_t* bytes, Tensor& out) const;
   void initialise(const fb::Init* init, const char* field, Tensor& out);
 
-  void training_state(const fb::TrainingState* t, Model& model) const;
+  void training_state(const fb::TrainingState* t, Model& model);
   LayerSpec embedding(const fb::Embedding* e);
   LayerSpec rmsnorm(const fb::RMSNorm* n, uint32_t width);
   LayerSpec dense(const fb::DenseFFN* f, uint32_t width);
@@ -144,10 +249,15 @@ class Loader {
   void check_width(uint32_t dim, uint32_t width, const char* field) const;
 
   const fb::Model* root_;
+  uint64_t description_bytes_;
   std::string external_dir_;
+  LoadOptions options_;
+  StatePolicy policy_;
   std::unique_ptr<ExternalFile> external_;
-  uint64_t memory_limit_;
-  uint64_t bytes_loaded_ = 0;
+  bool planning_ = false;
+  uint64_t planned_memory_ = 0, planned_reads_ = 0, largest_bytes_ = 0;
+  std::string largest_;
+  uint64_t computed_digest_ = 0;
   std::string where_ = "model";
   uint32_t layer_index_ = 0;
   uint32_t tensor_slot_ = 0;
@@ -162,15 +272,17 @@ ExternalFile& Loader::external(const char* field) {
   const std::filesystem::path rel(name->str());
   if (rel.is_absolute())
     fail(Code::InvalidModel, "model: field 'external_data' must be a relative path, got '",
-         name->str(), "'");
+         printable(name->str()), "'");
   for (const auto& part : rel)
     if (part == "..")
       fail(Code::InvalidModel,
            "model: field 'external_data' must stay inside the model's "
            "directory, got '",
-           name->str(), "'");
+           printable(name->str()), "'");
+  if (name->str().find('\0') != std::string::npos)
+    fail(Code::InvalidModel, "model: field 'external_data' contains a NUL byte");
   if (external_dir_.empty())
-    fail(Code::InvalidModel, "model: has external weights ('", name->str(),
+    fail(Code::InvalidModel, "model: has external weights ('", printable(name->str()),
          "') but was loaded from memory without an external data directory");
   external_ = std::make_unique<ExternalFile>((std::filesystem::path(external_dir_) / rel).string());
   return *external_;
@@ -179,39 +291,24 @@ ExternalFile& Loader::external(const char* field) {
 void Loader::decode(const fb::Tensor* t, const char* field, const std::vector<int64_t>& shape,
                     uint64_t numel, const uint8_t* bytes, Tensor& out) const {
   out.values.resize(numel);
-  float* v = out.values.data();
   switch (t->dtype()) {
     case fb::DType::F32:
-      std::memcpy(v, bytes, numel * sizeof(float));
+      if (bytes != reinterpret_cast<const uint8_t*>(out.values.data()))
+        std::memcpy(out.values.data(), bytes, numel * sizeof(float));
       break;
     case fb::DType::BF16:
-      for (uint64_t i = 0; i < numel; ++i) {
-        uint16_t b;
-        std::memcpy(&b, bytes + 2 * i, 2);
-        v[i] = bf16_to_float(b);
-      }
+      decode_bf16({bytes, numel * 2}, out.values);
       break;
     case fb::DType::F8E4M3: {
       const auto* sc = t->scales();
-      const uint64_t rows = static_cast<uint64_t>(shape[shape.size() - 2]);
-      const uint64_t cols = static_cast<uint64_t>(shape.back());
-      const uint64_t br = sc->block_rows(), bc = sc->block_cols();
-      const uint64_t row_blocks = (rows + br - 1) / br, col_blocks = (cols + bc - 1) / bc;
-      const uint64_t matrices = numel / (rows * cols);
-      for (uint64_t m = 0; m < matrices; ++m)
-        for (uint64_t r = 0; r < rows; ++r)
-          for (uint64_t c = 0; c < cols; ++c) {
-            const uint64_t i = (m * rows + r) * cols + c;
-            const float s = sc->scales()->Get(static_cast<flatbuffers::uoffset_t>(
-                (m * row_blocks + r / br) * col_blocks + c / bc));
-            v[i] = e4m3_to_float(bytes[i]) * s;
-          }
+      decode_e4m3_blocks({bytes, numel}, shape, sc->block_rows(), sc->block_cols(),
+                         {sc->scales()->data(), sc->scales()->size()}, out.values);
       break;
     }
   }
-  for (uint64_t i = 0; i < numel; ++i)
-    if (!std::isfinite(v[i]))
-      bad(field, cat("holds a NaN or infinity at element ", i, " of ", shape_str(shape)));
+  uint64_t at = 0;
+  if (!all_finite(out.values, &at))
+    bad(field, cat("holds a NaN or infinity at element ", at, " of ", shape_str(shape)));
 }
 
 void Loader::initialise(const fb::Init* init, const char* field, Tensor& out) {
@@ -220,6 +317,7 @@ void Loader::initialise(const fb::Init* init, const char* field, Tensor& out) {
     bad(field, cat("init.kind ", static_cast<int>(kind), " is not a known initialiser"));
   const float sd = init->std();
   if (!std::isfinite(sd) || sd < 0.0f) bad(field, "init.std must be finite and >= 0");
+  if (planning_) return;
   uint64_t seed = mix_seed(mix_seed(root_->seed(), layer_index_), tensor_slot_);
   if (init->seed() != 0) seed = mix_seed(seed, init->seed());
   Rng rng(seed);
@@ -254,10 +352,10 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
   uint64_t numel = 1;
   for (int64_t d : shape) numel = mul(numel, static_cast<uint64_t>(d), field);
   if (t->shape()) {
-    if (reinterpret_cast<uintptr_t>(t->shape()->Data()) % alignof(uint64_t) != 0)
+    if (!aligned_elements(t->shape()))
       bad(field, "shape vector is not 8-byte aligned: the file is corrupt");
     std::vector<int64_t> given;
-    for (uint64_t d : *t->shape()) given.push_back(static_cast<int64_t>(d));
+    for (uint64_t d : copy_out(t->shape())) given.push_back(static_cast<int64_t>(d));
     if (given != shape)
       bad(field, cat("has shape ", shape_str(given), " but the layer needs ", shape_str(shape)));
   }
@@ -272,10 +370,6 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
   const uint64_t elem = t->dtype() == fb::DType::F32 ? 4 : t->dtype() == fb::DType::BF16 ? 2 : 1;
   const uint64_t bytes = mul(numel, elem, field);
   const uint64_t fp32_bytes = mul(numel, sizeof(float), field);
-  if (fp32_bytes > memory_limit_ || bytes_loaded_ + fp32_bytes > memory_limit_)
-    bad(field, cat("needs ", fp32_bytes, " bytes as fp32 (", bytes_loaded_ + fp32_bytes,
-                   " for the model so far), more than this machine's ", memory_limit_));
-  bytes_loaded_ += fp32_bytes;
 
   if (t->dtype() == fb::DType::F8E4M3) {
     const auto* sc = t->scales();
@@ -283,11 +377,12 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
     if (shape.size() < 2) bad(field, "is FP8 but FP8 needs a matrix (at least 2 dimensions)");
     if (sc->block_rows() == 0 || sc->block_cols() == 0)
       bad(field, "scales.block_rows and scales.block_cols must be at least 1");
-    const uint64_t rows = static_cast<uint64_t>(shape[shape.size() - 2]);
-    const uint64_t cols = static_cast<uint64_t>(shape.back());
-    const uint64_t expected = mul(mul(numel / std::max<uint64_t>(rows * cols, 1),
-                                      (rows + sc->block_rows() - 1) / sc->block_rows(), field),
-                                  (cols + sc->block_cols() - 1) / sc->block_cols(), field);
+    uint64_t expected = 0;
+    try {
+      expected = e4m3_block_count(shape, sc->block_rows(), sc->block_cols());
+    } catch (const Error& e) {
+      bad(field, e.what());
+    }
     if (sc->scales()->size() != expected)
       bad(field, cat("has ", sc->scales()->size(), " block scales but its shape needs ", expected));
     for (float s : *sc->scales())
@@ -296,12 +391,12 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
     bad(field, "has block scales but is not FP8");
   }
 
+  const bool is_external = t->external() != nullptr;
   if (t->data()) {
     if (t->data()->size() != bytes)
       bad(field, cat("has ", t->data()->size(), " bytes of data but ", shape_str(shape), " of ",
                      fb::EnumNameDType(t->dtype()), " needs ", bytes));
-    decode(t, field, shape, numel, t->data()->data(), out);
-  } else if (t->external()) {
+  } else if (is_external) {
     const uint64_t offset = t->external()->offset(), size = t->external()->size();
     if (size != bytes)
       bad(field, cat("external.size is ", size, " bytes but ", shape_str(shape), " of ",
@@ -313,11 +408,35 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
     if (__builtin_add_overflow(offset, size, &end) || end > file.size())
       bad(field, cat("external range [", offset, ", +", size, ") runs past the end of '",
                      file.path(), "' (", file.size(), " bytes)"));
-    std::vector<uint8_t> raw(bytes);
-    file.read(offset, bytes, raw.data());
-    decode(t, field, shape, numel, raw.data(), out);
+  } else if (t->dtype() != fb::DType::F32) {
+    bad(field, "an initialised tensor must have dtype F32");
+  }
+  if (planning_) {
+    plan_memory(fp32_bytes, field);
+    if (is_external) planned_reads_ = sat_add(planned_reads_, bytes);
+    if (t->init()) initialise(t->init(), field, out);
+    return out;
+  }
+
+  if (t->data()) {
+    decode(t, field, shape, numel, t->data()->data(), out);
+  } else if (is_external) {
+    if (t->dtype() == fb::DType::F32) {
+      // Read straight into place: no staging copy of the largest tensors.
+      out.values.resize(numel);
+      read_floats(*external_, t->external()->offset(), out.values.data(), numel,
+                  [&](std::span<const float> piece, uint64_t first) {
+                    uint64_t at = 0;
+                    if (!all_finite(piece, &at))
+                      bad(field, cat("holds a NaN or infinity at element ", first + at, " of ",
+                                     shape_str(shape)));
+                  });
+    } else {
+      std::vector<uint8_t> raw(bytes);
+      external_->read(t->external()->offset(), bytes, raw.data());
+      decode(t, field, shape, numel, raw.data(), out);
+    }
   } else {
-    if (t->dtype() != fb::DType::F32) bad(field, "an initialised tensor must have dtype F32");
     out.values.resize(numel);
     initialise(t->init(), field, out);
   }
@@ -424,12 +543,26 @@ LayerSpec Loader::moe(const fb::MoE* m, uint32_t width) {
   if (bs.aux_alpha < 0.0f) bad("balancing.aux_alpha", "must be >= 0");
   bs.capacity_factor = finite(b->capacity_factor(), "balancing.capacity_factor");
   if (bs.capacity_factor <= 0.0f) bad("balancing.capacity_factor", "must be > 0");
+  // Expert Choice computes capacity_factor * rows * top_k / num_experts tokens per expert as a
+  // 64-bit integer; from num_experts / top_k on every expert already takes every token, and past
+  // num_experts the product would leave the integers a session can count.
+  if (bs.policy == BalancingPolicy::ExpertChoice &&
+      static_cast<double>(bs.capacity_factor) > static_cast<double>(r.num_experts))
+    bad("balancing.capacity_factor",
+        cat(bs.capacity_factor, " exceeds num_experts ", r.num_experts,
+            " (from num_experts / top_k = ", static_cast<double>(r.num_experts) / r.top_k,
+            " on, every expert takes every token)"));
 
   const int64_t E = r.num_experts, H = s.expert_hidden, D = s.dim;
   mul(mul(E, H, "expert_hidden"), D, "expert_hidden");
   s.gate = tensor(m->gate(), "gate", {E, D}, true);
   s.gate_bias = tensor(m->gate_bias(), "gate_bias", {E}, false);
-  if (s.gate_bias.values.empty()) s.gate_bias.values.assign(E, 0.0f);
+  if (!m->gate_bias()) {
+    if (planning_)
+      plan_memory(static_cast<uint64_t>(E) * sizeof(float), "gate_bias");
+    else
+      s.gate_bias.values.assign(E, 0.0f);
+  }
   s.w1 = tensor(m->w1(), "w1", {E, H, D}, true);
   s.w3 = tensor(m->w3(), "w3", {E, H, D}, true);
   s.w2 = tensor(m->w2(), "w2", {E, D, H}, true);
@@ -456,7 +589,7 @@ LayerSpec Loader::head(const fb::OutputHead* h, uint32_t width) {
   s.vocab_size = positive(h->vocab_size(), "vocab_size");
   s.weight = tensor(h->weight(), "weight", {s.vocab_size, s.dim}, true);
   s.bias = tensor(h->bias(), "bias", {s.vocab_size}, false);
-  s.has_bias = !s.bias.values.empty();
+  s.has_bias = h->bias() != nullptr;
   LayerSpec l;
   l.kind = LayerKind::OutputHead;
   l.in_width = s.dim;
@@ -465,20 +598,13 @@ LayerSpec Loader::head(const fb::OutputHead* h, uint32_t width) {
   return l;
 }
 
-std::shared_ptr<const Model> Loader::run() {
-  if (root_->schema_major() != kSchemaMajor)
-    fail(Code::InvalidModel, "model: schema_major is ", root_->schema_major(),
-         " but this library reads schema ", kSchemaMajor,
-         root_->schema_major() == 0 ? " (the field is missing)" : "");
-  auto model = std::make_shared<Model>();
-  model->name = root_->name() ? root_->name()->str() : "";
-  model->schema_minor = root_->schema_minor();
-  model->seed = root_->seed();
+void Loader::layers(Model& model) {
   const auto* layers = root_->layers();
   if (!layers || layers->size() == 0) fail(Code::InvalidModel, "model: has no layers");
-
   std::set<std::string> names;
   uint32_t width = root_->input_dim();
+  where_ = "model";
+  prev_desc_ = "the model's input_dim";
   for (uint32_t i = 0; i < layers->size(); ++i) {
     const fb::Layer* layer = layers->Get(i);
     layer_index_ = i;
@@ -502,7 +628,7 @@ std::shared_ptr<const Model> Loader::run() {
            "model: field 'input_dim' must be set when the first layer is not "
            "an Embedding");
     if (kind != fb::LayerKind::OutputHead && i > 0 &&
-        model->layers.back().kind == LayerKind::OutputHead)
+        model.layers.back().kind == LayerKind::OutputHead)
       fail(Code::InvalidModel, where_, ": follows an OutputHead, which must be the last layer");
 
     LayerSpec spec;
@@ -510,8 +636,8 @@ std::shared_ptr<const Model> Loader::run() {
       case fb::LayerKind::Embedding:
         if (i != 0) fail(Code::InvalidModel, where_, ": an Embedding must be the first layer");
         spec = embedding(layer->kind_as_Embedding());
-        model->token_input = true;
-        model->input_width = spec.in_width;
+        model.token_input = true;
+        model.input_width = spec.in_width;
         break;
       case fb::LayerKind::RMSNorm:
         spec = rmsnorm(layer->kind_as_RMSNorm(), width);
@@ -528,57 +654,182 @@ std::shared_ptr<const Model> Loader::run() {
       default:
         fail(Code::Internal, where_, ": unhandled layer kind");
     }
-    if (i == 0 && !model->token_input) model->input_width = spec.in_width;
+    if (i == 0 && !model.token_input) model.input_width = spec.in_width;
     spec.name = std::move(name);
     width = spec.out_width;
     prev_desc_ = where_;
-    model->layers.push_back(std::move(spec));
+    model.layers.push_back(std::move(spec));
   }
-  model->output_width = width;
+  model.output_width = width;
+  where_ = "model";
+}
+
+// The training state's vectors, counted from what the file declares (their sizes are checked
+// against the parameters in the real pass, before anything is allocated for them).
+void Loader::plan_state() {
+  const fb::TrainingState* t = root_->training();
+  if (!t) return;
+  const bool keep = policy_ == StatePolicy::Keep;
+  uint64_t largest_stream = 0;
+  auto vec = [&](uint64_t inline_floats, const fb::ExternalRef* ext) {
+    const uint64_t bytes = ext ? ext->size() : sat_mul(inline_floats, sizeof(float));
+    if (ext) planned_reads_ = sat_add(planned_reads_, ext->size());
+    if (keep)
+      planned_memory_ = sat_add(planned_memory_, bytes);
+    else if (ext)
+      largest_stream = std::max(largest_stream, std::min(bytes, kStreamChunkFloats * 4));
+  };
+  if (t->params())
+    for (const fb::ParamState* p : *t->params()) {
+      vec(p->grad() ? p->grad()->size() : 0, p->grad_external());
+      vec(p->m() ? p->m()->size() : 0, p->m_external());
+      vec(p->v() ? p->v()->size() : 0, p->v_external());
+    }
+  planned_memory_ = sat_add(planned_memory_, largest_stream);
+  if (keep && t->layers())
+    for (const fb::LayerBalanceState* l : *t->layers())
+      if (l->step_counts())
+        planned_memory_ = sat_add(planned_memory_, sat_mul(l->step_counts()->size(), 8));
+}
+
+void Loader::check_plan() const {
+  const uint64_t physical = physical_memory_bytes();
+  const bool by_option = options_.max_memory <= physical;
+  const uint64_t memory_limit = std::min(options_.max_memory, physical);
+  if (planned_memory_ > memory_limit)
+    fail(Code::Limit, "model: needs ", bytes_str(planned_memory_),
+         policy_ == StatePolicy::Keep ? " for its tensors and training state" : " for its tensors",
+         " (the largest: ", largest_, ", ", bytes_str(largest_bytes_), "), more than ",
+         by_option ? "the load limit of " : "this machine's physical memory, ",
+         bytes_str(memory_limit),
+         by_option ? " (moert_load_options_set_max_memory raises it for a trusted model)" : "");
+  const uint64_t reads = sat_add(description_bytes_, planned_reads_);
+  if (reads > options_.max_file_bytes)
+    fail(Code::Limit, "model: reading it takes ", bytes_str(reads), " (description ",
+         bytes_str(description_bytes_), ", external data ", bytes_str(planned_reads_),
+         "), more than the load limit of ", bytes_str(options_.max_file_bytes),
+         " (moert_load_options_set_max_file_bytes raises it for a trusted model)");
+}
+
+std::unique_ptr<Model> Loader::run() {
+  if (root_->schema_major() != kSchemaMajor)
+    fail(Code::InvalidModel, "model: schema_major is ", root_->schema_major(),
+         " but this library reads schema ", kSchemaMajor,
+         root_->schema_major() == 0 ? " (the field is missing)" : "");
+  // Every check first, with nothing allocated or read: the limits are enforced on the totals.
+  {
+    planning_ = true;
+    Model plan;
+    layers(plan);
+    plan_state();
+    check_plan();
+    planning_ = false;
+  }
+  auto model = std::make_unique<Model>();
+  model->name = root_->name() ? root_->name()->str() : "";
+  model->schema_minor = root_->schema_minor();
+  model->seed = root_->seed();
+  layers(*model);
   if (root_->training()) training_state(root_->training(), *model);
   return model;
 }
 
-void Loader::training_state(const fb::TrainingState* t, Model& model) const {
+void Loader::training_state(const fb::TrainingState* t, Model& model) {
   auto bad_state = [](const std::string& what) {
     fail(Code::InvalidModel, "checkpoint training state: ", what);
   };
+  const bool keep = policy_ == StatePolicy::Keep;
+  const uint64_t stored_digest = t->content_digest();
+  if (stored_digest == 0 && policy_ != StatePolicy::Recompute) {
+    if (t->digest() != 0)
+      bad_state(
+          "has only a schema 1.0 digest, which depended on the compiler of the moert that wrote "
+          "it; this version verifies content digests (schema 1.1) and cannot verify it");
+    bad_state("field 'content_digest' is missing");
+  }
   TrainingState st;
   st.step = t->step();
   st.micro_batches = t->micro_batches();
-  if (t->rng())
-    for (uint64_t w : *t->rng()) st.rng.push_back(w);
+  if (t->rng()) {
+    if (!aligned_elements(t->rng())) bad_state("field 'rng' is not 8-byte aligned: corrupt file");
+    st.rng = copy_out(t->rng());
+  }
   st.optimizer = t->optimizer() ? t->optimizer()->str() : "";
   if (st.optimizer != "adamw" && st.optimizer != "sgd")
-    bad_state(cat("field 'optimizer' is '", st.optimizer, "', expected adamw or sgd"));
+    bad_state(cat("field 'optimizer' is '", printable(st.optimizer), "', expected adamw or sgd"));
+
+  ContentHasher h;
+  hash_model(h, model);
+  const uint32_t num_params = t->params() ? t->params()->size() : 0;
+  hash_state_header(h, st.step, st.micro_batches, st.rng, st.optimizer, num_params);
+
   std::set<std::string> seen;
   const auto params = model.parameters();
-  if (t->params())
-    for (const fb::ParamState* p : *t->params()) {
-      const std::string name = p->name() ? p->name()->str() : "";
-      const ParamRef* ref = nullptr;
-      for (const auto& r : params)
-        if (r.name == name) ref = &r;
-      if (!ref) bad_state(cat("names a parameter '", name, "' the model does not have"));
-      if (!seen.insert(name).second) bad_state(cat("repeats parameter '", name, "'"));
-      ParamState ps;
-      ps.name = name;
-      auto take = [&](const flatbuffers::Vector<float>* v, std::vector<float>& out,
-                      const char* field) {
-        if (!v || v->size() == 0) return;
-        if (static_cast<int64_t>(v->size()) != ref->tensor->numel())
-          bad_state(cat("parameter '", name, "' field '", field, "' holds ", v->size(),
-                        " values, the parameter has ", ref->tensor->numel()));
-        out.assign(v->begin(), v->end());
-        for (float x : out)
-          if (!std::isfinite(x))
-            bad_state(cat("parameter '", name, "' field '", field, "' holds a NaN or infinity"));
+  std::vector<float> chunk;
+  for (uint32_t pi = 0; pi < num_params; ++pi) {
+    const fb::ParamState* p = t->params()->Get(pi);
+    const std::string name = p->name() ? p->name()->str() : "";
+    const ParamRef* ref = nullptr;
+    for (const auto& r : params)
+      if (r.name == name) ref = &r;
+    if (!ref) bad_state(cat("names a parameter '", printable(name), "' the model does not have"));
+    if (!seen.insert(name).second) bad_state(cat("repeats parameter '", printable(name), "'"));
+    const uint64_t numel = static_cast<uint64_t>(ref->tensor->numel());
+    ParamState ps;
+    ps.name = name;
+    h.str(name);
+    auto take = [&](const flatbuffers::Vector<float>* v, const fb::ExternalRef* ext,
+                    std::vector<float>& out, const char* field) {
+      const std::string what = cat("parameter '", printable(name), "' field '", field, "'");
+      if (v && ext) bad_state(what + " is given both inline and as external data");
+      const uint64_t n = ext ? ext->size() / sizeof(float) : v ? v->size() : 0;
+      if (ext && ext->size() % sizeof(float) != 0)
+        bad_state(cat(what, " external.size ", ext->size(), " is not a whole number of floats"));
+      if (n != 0 && n != numel)
+        bad_state(cat(what, " holds ", n, " values, the parameter has ", numel));
+      h.floats_begin(n);
+      if (n == 0) return;
+      auto check = [&](std::span<const float> values) {
+        if (!all_finite(values)) bad_state(what + " holds a NaN or infinity");
       };
-      take(p->grad(), ps.grad, "grad");
-      take(p->m(), ps.m, "m");
-      take(p->v(), ps.v, "v");
-      st.params.push_back(std::move(ps));
-    }
+      if (v) {
+        const std::span<const float> values(v->data(), n);
+        check(values);
+        h.floats_chunk(values);
+        if (keep) out.assign(values.begin(), values.end());
+        return;
+      }
+      if (ext->offset() % kExternalAlignment != 0)
+        bad_state(cat(what, " external.offset ", ext->offset(), " is not a multiple of ",
+                      kExternalAlignment));
+      ExternalFile& file = external(field);
+      uint64_t end;
+      if (__builtin_add_overflow(ext->offset(), ext->size(), &end) || end > file.size())
+        bad_state(cat(what, " external range [", ext->offset(), ", +", ext->size(),
+                      ") runs past the end of '", file.path(), "' (", file.size(), " bytes)"));
+      if (keep) {
+        out.resize(n);
+        read_floats(file, ext->offset(), out.data(), n,
+                    [&](std::span<const float> piece, uint64_t) {
+                      check(piece);
+                      h.floats_chunk(piece);
+                    });
+        return;
+      }
+      for (uint64_t done = 0; done < n;) {
+        const uint64_t k = std::min(n - done, kStreamChunkFloats);
+        chunk.resize(k);
+        file.read(ext->offset() + done * sizeof(float), k * sizeof(float), chunk.data());
+        check(chunk);
+        h.floats_chunk(chunk);
+        done += k;
+      }
+    };
+    take(p->grad(), p->grad_external(), ps.grad, "grad");
+    take(p->m(), p->m_external(), ps.m, "m");
+    take(p->v(), p->v_external(), ps.v, "v");
+    if (keep) st.params.push_back(std::move(ps));
+  }
   if (t->layers())
     for (const fb::LayerBalanceState* l : *t->layers()) {
       if (l->layer() >= model.layers.size() || model.layers[l->layer()].kind != LayerKind::MoE)
@@ -590,36 +841,48 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) const {
       ls.frozen = l->frozen();
       if (!std::isfinite(ls.gamma) || ls.gamma < 0.0f)
         bad_state(cat("layer ", l->layer(), " field 'gamma' must be finite and >= 0"));
-      if (l->step_counts()) {
-        if (l->step_counts()->size() != moe.router.num_experts)
-          bad_state(cat("layer ", l->layer(), " field 'step_counts' holds ",
-                        l->step_counts()->size(), " counts for ", moe.router.num_experts,
-                        " experts"));
-        for (int64_t c : *l->step_counts()) {
+      if (const auto* counts = l->step_counts()) {
+        if (counts->size() != moe.router.num_experts)
+          bad_state(cat("layer ", l->layer(), " field 'step_counts' holds ", counts->size(),
+                        " counts for ", moe.router.num_experts, " experts"));
+        if (!aligned_elements(counts))
+          bad_state(cat("layer ", l->layer(),
+                        " field 'step_counts' is not 8-byte aligned: corrupt file"));
+        ls.step_counts = copy_out(counts);
+        int64_t total = 0;
+        for (int64_t c : ls.step_counts) {
           if (c < 0) bad_state(cat("layer ", l->layer(), " has a negative token count"));
-          ls.step_counts.push_back(c);
+          if (c > kMaxStepAssignments - total)
+            bad_state(cat("layer ", l->layer(), " counts more than 2^53 token-expert assignments ",
+                          "in one step, more than a step can count"));
+          total += c;
         }
       }
       st.layers.push_back(std::move(ls));
     }
-  st.digest = t->digest();
-  if (st.digest == 0) bad_state("field 'digest' is missing");
-  if (checkpoint_digest(model, st) != st.digest)
+  hash_layer_states(h, st.layers);
+  computed_digest_ = h.digest();
+  if (policy_ == StatePolicy::Recompute) return;
+  if (computed_digest_ != stored_digest)
     bad_state("the digest does not match the content: the checkpoint is corrupt");
-  model.training = std::move(st);
+  st.digest = stored_digest;
+  if (keep) model.training = std::move(st);
 }
 
-std::shared_ptr<const Model> parse(const void* data, size_t size, const std::string& external_dir) {
+// Copies `size` bytes into 8-byte-aligned storage: the verifier checks field alignment against it.
+std::vector<uint64_t> aligned_copy(const void* data, size_t size) {
+  std::vector<uint64_t> aligned((size + 7) / 8);
+  if (size) std::memcpy(aligned.data(), data, size);
+  return aligned;
+}
+
+// Verifies the buffer (already 8-byte aligned) and runs the loader over it.
+std::unique_ptr<Model> parse(const uint64_t* aligned, size_t size, const std::string& external_dir,
+                             const LoadOptions& options, StatePolicy policy,
+                             uint64_t* computed_digest = nullptr) {
+  const auto* bytes = reinterpret_cast<const uint8_t*>(aligned);
   if (size < 8)
     fail(Code::InvalidModel, "model data is ", size, " bytes: too short to be a moert model");
-  if (size >= kMaxBufferSize)
-    fail(Code::InvalidModel, "model description is ", size,
-         " bytes; FlatBuffers stops at 2 GiB (put weights in external data)");
-  if (!data) fail(Code::InvalidArgument, "model data is NULL");
-  // Copied into 8-byte-aligned storage: the verifier checks field alignment against it.
-  std::vector<uint64_t> aligned((size + 7) / 8);
-  std::memcpy(aligned.data(), data, size);
-  const auto* bytes = reinterpret_cast<const uint8_t*>(aligned.data());
   if (!fb::ModelBufferHasIdentifier(bytes)) {
     std::string id(reinterpret_cast<const char*>(bytes) + 4, 4);
     for (char& c : id)
@@ -631,12 +894,23 @@ std::shared_ptr<const Model> parse(const void* data, size_t size, const std::str
   if (!fb::VerifyModelBuffer(verifier))
     fail(Code::InvalidModel,
          "model failed FlatBuffers verification: the file is truncated or corrupt");
-  return Loader(fb::GetModel(bytes), external_dir).run();
+  Loader loader(fb::GetModel(bytes), size, external_dir, options, policy);
+  auto model = loader.run();
+  if (computed_digest) *computed_digest = loader.computed_digest();
+  return model;
 }
 
-}  // namespace
+void check_buffer_size(size_t size, const LoadOptions& options) {
+  if (size >= kMaxBufferSize)
+    fail(Code::InvalidModel, "model description is ", size,
+         " bytes; FlatBuffers stops at 2 GiB (put weights in external data)");
+  if (size > options.max_file_bytes)
+    fail(Code::Limit, "model description is ", bytes_str(size), ", more than the load limit of ",
+         bytes_str(options.max_file_bytes), " (moert_load_options_set_max_file_bytes)");
+}
 
-std::shared_ptr<const Model> load_model_file(const std::string& path) {
+std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& options,
+                                 StatePolicy policy) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(Code::Io, "cannot open model file '", path, "': ", std::strerror(errno));
   struct stat st {};
@@ -644,15 +918,19 @@ std::shared_ptr<const Model> load_model_file(const std::string& path) {
     ::close(fd);
     fail(Code::Io, "model file '", path, "' is not a regular file");
   }
-  if (static_cast<uint64_t>(st.st_size) >= kMaxBufferSize) {
+  const size_t size = static_cast<size_t>(st.st_size);
+  try {
+    check_buffer_size(size, options);
+  } catch (const Error& e) {
     ::close(fd);
-    fail(Code::InvalidModel, "model file '", path, "' is ", st.st_size,
-         " bytes; FlatBuffers stops at 2 GiB (put weights in external data)");
+    throw Error(e.code(), cat("'", path, "': ", e.what()));
   }
-  std::vector<char> buf(static_cast<size_t>(st.st_size));
+  // Read straight into aligned storage: one copy of the description in memory.
+  std::vector<uint64_t> aligned((size + 7) / 8);
+  auto* buf = reinterpret_cast<char*>(aligned.data());
   size_t got = 0;
-  while (got < buf.size()) {
-    const ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
+  while (got < size) {
+    const ssize_t n = ::read(fd, buf + got, size - got);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       const std::string why = n < 0 ? std::strerror(errno) : "unexpected end of file";
@@ -665,15 +943,43 @@ std::shared_ptr<const Model> load_model_file(const std::string& path) {
   std::string dir = std::filesystem::path(path).parent_path().string();
   if (dir.empty()) dir = ".";
   try {
-    return parse(buf.data(), buf.size(), dir);
+    return parse(aligned.data(), size, dir, options, policy);
   } catch (const Error& e) {
     throw Error(e.code(), cat("'", path, "': ", e.what()));
   }
 }
 
+}  // namespace
+
+std::shared_ptr<const Model> load_model_file(const std::string& path, const LoadOptions& options) {
+  return load_file(path, options, StatePolicy::Verify);
+}
+
 std::shared_ptr<const Model> load_model_buffer(const void* data, size_t size,
-                                               const std::string& external_dir) {
-  return parse(data, size, external_dir);
+                                               const std::string& external_dir,
+                                               const LoadOptions& options) {
+  if (!data) fail(Code::InvalidArgument, "model data is NULL");
+  check_buffer_size(size, options);
+  const std::vector<uint64_t> aligned = aligned_copy(data, size);
+  return parse(aligned.data(), size, external_dir, options, StatePolicy::Verify);
+}
+
+std::unique_ptr<Model> load_checkpoint_file(const std::string& path, const LoadOptions& options) {
+  auto model = load_file(path, options, StatePolicy::Keep);
+  if (!model->training)
+    fail(Code::InvalidArgument, "'", path,
+         "' is a model file without training state, not a checkpoint");
+  return model;
+}
+
+uint64_t recompute_checkpoint_digest(const void* data, size_t size, const std::string& external_dir,
+                                     const LoadOptions& options) {
+  if (!data) fail(Code::InvalidArgument, "model data is NULL");
+  check_buffer_size(size, options);
+  const std::vector<uint64_t> aligned = aligned_copy(data, size);
+  uint64_t digest = 0;
+  parse(aligned.data(), size, external_dir, options, StatePolicy::Recompute, &digest);
+  return digest;
 }
 
 }  // namespace moert

@@ -1,5 +1,5 @@
-// Turns an untrusted model description into a validated Model, or throws Error(InvalidModel / Io)
-// naming the layer and field at fault.
+// Turns an untrusted model description into a validated Model, or throws Error(InvalidModel / Io /
+// Limit) naming the layer and field at fault.
 #pragma once
 
 #include <cstddef>
@@ -11,11 +11,39 @@
 
 namespace moert {
 
-// Loads a binary model file; external weights resolve against the file's directory.
-std::shared_ptr<const Model> load_model_file(const std::string& path);
+// What a load may cost, checked before anything is allocated or read (moert_load_options).
+struct LoadOptions {
+  // A few hundred bytes of description can ask for gigabytes of initialised weights: by default a
+  // model may hold 1 GiB of tensors and a load may read 4 GiB.
+  static constexpr uint64_t kDefaultMaxMemory = uint64_t{1} << 30;
+  static constexpr uint64_t kDefaultMaxFileBytes = uint64_t{4} << 30;
+
+  // Bytes the loaded model may hold: every tensor as the fp32 it is decoded or initialised to,
+  // whatever its source, plus a checkpoint's training state when a session loads it. Never more
+  // than the machine's physical memory.
+  uint64_t max_memory = kDefaultMaxMemory;
+  // Bytes a load may read: the description plus the ranges of external data it uses.
+  uint64_t max_file_bytes = kDefaultMaxFileBytes;
+};
+
+// Loads a binary model file; external weights resolve against the file's directory. A checkpoint
+// loads as a model: its training state is verified against its digest, then dropped.
+std::shared_ptr<const Model> load_model_file(const std::string& path,
+                                             const LoadOptions& options = {});
 
 // Loads from memory; external weights resolve against external_dir (empty: none allowed).
 std::shared_ptr<const Model> load_model_buffer(const void* data, size_t size,
-                                               const std::string& external_dir);
+                                               const std::string& external_dir,
+                                               const LoadOptions& options = {});
+
+// Loads a checkpoint with its training state, verified; throws Error(InvalidArgument) for a model
+// file without one.
+std::unique_ptr<Model> load_checkpoint_file(const std::string& path, const LoadOptions& options);
+
+// For fuzzing and tests only: the content digest of the checkpoint description in `data`
+// (external data resolved against external_dir), computed as the loader does but not compared
+// with the one the file holds. Throws what loading would throw for any other defect.
+uint64_t recompute_checkpoint_digest(const void* data, size_t size, const std::string& external_dir,
+                                     const LoadOptions& options);
 
 }  // namespace moert

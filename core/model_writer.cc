@@ -1,11 +1,17 @@
 #include "core/model_writer.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <span>
 
 #include "core/error.h"
 #include "moert_generated.h"
@@ -13,186 +19,394 @@
 namespace moert {
 namespace {
 
+namespace fs = std::filesystem;
 using flatbuffers::FlatBufferBuilder;
 using flatbuffers::Offset;
 
 // FlatBuffers offsets are 32-bit; stay clear of the limit instead of letting the builder assert.
-constexpr uint64_t kMaxSerialized = (uint64_t{1} << 31) - (uint64_t{64} << 20);
+constexpr uint64_t kMaxDescription = (uint64_t{1} << 31) - (uint64_t{64} << 20);
 
-Offset<fb::Tensor> tensor(FlatBufferBuilder& fbb, const Tensor& t) {
-  if (t.values.empty()) return 0;
-  std::vector<uint64_t> dims(t.shape.begin(), t.shape.end());
-  auto shape = fbb.CreateVector(dims);
-  const size_t bytes = t.values.size() * sizeof(float);
-  fbb.ForceVectorAlignment(bytes, 1, 32);
-  auto data = fbb.CreateVector(reinterpret_cast<const uint8_t*>(t.values.data()), bytes);
-  fb::TensorBuilder b(fbb);
-  b.add_shape(shape);
-  b.add_dtype(fb::DType::F32);
-  b.add_data(data);
-  return b.Finish();
-}
+uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
-Offset<fb::Layer> layer(FlatBufferBuilder& fbb, const LayerSpec& l) {
-  auto name = fbb.CreateString(l.name);
-  fb::LayerKind type = fb::LayerKind::NONE;
-  Offset<void> body;
-  std::visit(
-      [&](const auto& s) {
-        using S = std::decay_t<decltype(s)>;
-        if constexpr (std::is_same_v<S, EmbeddingSpec>) {
-          auto w = tensor(fbb, s.weight);
-          body = fb::CreateEmbedding(fbb, s.vocab_size, s.dim, s.context, w).Union();
-          type = fb::LayerKind::Embedding;
-        } else if constexpr (std::is_same_v<S, RMSNormSpec>) {
-          auto w = tensor(fbb, s.weight);
-          body = fb::CreateRMSNorm(fbb, s.dim, s.eps, w).Union();
-          type = fb::LayerKind::RMSNorm;
-        } else if constexpr (std::is_same_v<S, DenseFFNSpec>) {
-          auto w1 = tensor(fbb, s.w1), w3 = tensor(fbb, s.w3), w2 = tensor(fbb, s.w2);
-          body = fb::CreateDenseFFN(fbb, s.dim, s.hidden, s.residual, w1, w3, w2).Union();
-          type = fb::LayerKind::DenseFFN;
-        } else if constexpr (std::is_same_v<S, MoESpec>) {
-          const BalancingSpec& b = s.balancing;
-          auto bal = fb::CreateBalancing(
-              fbb, static_cast<fb::BalancingPolicy>(static_cast<int>(b.policy)), b.bias_update_rate,
-              b.bias_centering, b.bias_frozen, b.aux_alpha, b.capacity_factor);
-          auto gate = tensor(fbb, s.gate), bias = tensor(fbb, s.gate_bias);
-          auto w1 = tensor(fbb, s.w1), w3 = tensor(fbb, s.w3), w2 = tensor(fbb, s.w2);
-          auto sw1 = tensor(fbb, s.shared_w1), sw3 = tensor(fbb, s.shared_w3),
-               sw2 = tensor(fbb, s.shared_w2);
-          const RouterConfig& r = s.router;
-          body =
-              fb::CreateMoE(fbb, s.dim, r.num_experts, r.top_k, s.expert_hidden,
-                            r.score == ScoreFunction::Sigmoid ? fb::ScoreFunction::Sigmoid
-                                                              : fb::ScoreFunction::Softmax,
-                            r.num_groups, r.topk_groups, r.normalize, r.scaling, s.num_shared,
-                            s.shared_hidden, s.residual, bal, gate, bias, w1, w3, w2, sw1, sw3, sw2)
-                  .Union();
-          type = fb::LayerKind::MoE;
-        } else {
-          auto w = tensor(fbb, s.weight), b = tensor(fbb, s.bias);
-          body = fb::CreateOutputHead(fbb, s.dim, s.vocab_size, w, b).Union();
-          type = fb::LayerKind::OutputHead;
-        }
-      },
-      l.spec);
-  return fb::CreateLayer(fbb, name, type, body);
-}
+// An array bound for the external data file.
+struct Placement {
+  const void* data;
+  uint64_t bytes;
+  uint64_t offset;
+};
 
-Offset<fb::TrainingState> training_state(FlatBufferBuilder& fbb, const TrainingState& t) {
-  std::vector<Offset<fb::ParamState>> params;
-  for (const auto& p : t.params)
-    params.push_back(fb::CreateParamState(fbb, fbb.CreateString(p.name), fbb.CreateVector(p.grad),
-                                          fbb.CreateVector(p.m), fbb.CreateVector(p.v)));
-  std::vector<Offset<fb::LayerBalanceState>> layers;
-  for (const auto& l : t.layers)
-    layers.push_back(fb::CreateLayerBalanceState(fbb, l.layer, fbb.CreateVector(l.step_counts),
-                                                 l.gamma, l.frozen));
-  return fb::CreateTrainingState(fbb, t.step, t.micro_batches, fbb.CreateVector(t.rng),
-                                 fbb.CreateString(t.optimizer), fbb.CreateVector(params),
-                                 fbb.CreateVector(layers), t.digest);
-}
+// Builds the description. Every child object is created in its own statement, in one fixed order,
+// before the table that refers to it: nothing is left to the unspecified evaluation order of
+// function arguments, so the bytes depend on the content alone.
+class DescriptionBuilder {
+ public:
+  DescriptionBuilder(uint64_t initial_bytes, uint64_t digest)
+      : digest_(digest), fbb_(static_cast<size_t>(std::min(initial_bytes, kMaxDescription))) {}
 
-uint64_t estimate_bytes(const Model& model, const TrainingState* t) {
-  uint64_t n = 1 << 20;
-  for (const auto& p : model.parameters()) n += static_cast<uint64_t>(p.tensor->numel()) * 4 + 256;
-  if (t)
-    for (const auto& p : t->params) n += (p.grad.size() + p.m.size() + p.v.size()) * 4 + 256;
-  return n;
-}
+  Offset<fb::Model> model(const Model& m, const TrainingStateView* state,
+                          const std::string& data_name) {
+    std::vector<Offset<fb::Layer>> layers;
+    for (const auto& l : m.layers) layers.push_back(layer(l));
+    const auto layer_vec = fbb_.CreateVector(layers);
+    const auto name = fbb_.CreateString(m.name);
+    Offset<fb::TrainingState> training = 0;
+    if (state) training = training_state(*state);
+    // The data file's name is known only once every array is placed; it is created last.
+    Offset<flatbuffers::String> external = 0;
+    if (!external_.empty()) external = fbb_.CreateString(data_name);
+    fb::ModelBuilder b(fbb_);
+    b.add_schema_major(static_cast<uint16_t>(kSchemaMajor));
+    b.add_schema_minor(static_cast<uint16_t>(kSchemaMinor));
+    b.add_name(name);
+    if (!m.token_input) b.add_input_dim(m.input_width);
+    b.add_layers(layer_vec);
+    b.add_seed(m.seed);
+    if (!external_.empty()) b.add_external_data(external);
+    if (state) b.add_training(training);
+    return b.Finish();
+  }
 
-}  // namespace
+  std::vector<uint8_t> finish(Offset<fb::Model> root) {
+    fbb_.Finish(root, fb::ModelIdentifier());
+    if (fbb_.GetSize() > kMaxDescription)
+      fail(Code::Unsupported, "the checkpoint's description needs ", fbb_.GetSize() >> 20,
+           " MiB, more than one FlatBuffers buffer holds (2 GiB)");
+    return {fbb_.GetBufferPointer(), fbb_.GetBufferPointer() + fbb_.GetSize()};
+  }
 
-std::vector<uint8_t> serialize_model(const Model& model, const TrainingState* training) {
-  const uint64_t estimate = estimate_bytes(model, training);
-  if (estimate > kMaxSerialized)
-    fail(Code::Unsupported, "the model with its state needs about ", estimate >> 20,
-         " MiB, more than one FlatBuffers file holds (2 GiB); external checkpoint data is not "
-         "supported yet");
-  FlatBufferBuilder fbb(static_cast<size_t>(estimate));
-  std::vector<Offset<fb::Layer>> layers;
-  for (const auto& l : model.layers) layers.push_back(layer(fbb, l));
-  auto layer_vec = fbb.CreateVector(layers);
-  auto name = fbb.CreateString(model.name);
-  Offset<fb::TrainingState> state = training ? training_state(fbb, *training) : 0;
-  fb::ModelBuilder b(fbb);
-  b.add_schema_major(static_cast<uint16_t>(kSchemaMajor));
-  b.add_schema_minor(static_cast<uint16_t>(kSchemaMinor));
-  b.add_name(name);
-  if (!model.token_input) b.add_input_dim(model.input_width);
-  b.add_layers(layer_vec);
-  b.add_seed(model.seed);
-  if (training) b.add_training(state);
-  fbb.Finish(b.Finish(), fb::ModelIdentifier());
-  return std::vector<uint8_t>(fbb.GetBufferPointer(), fbb.GetBufferPointer() + fbb.GetSize());
-}
+  const std::vector<Placement>& external() const { return external_; }
+  uint64_t external_bytes() const { return data_size_; }
 
-uint64_t checkpoint_digest(const Model& model, const TrainingState& state) {
-  TrainingState zeroed = state;
-  zeroed.digest = 0;
-  const std::vector<uint8_t> bytes = serialize_model(model, &zeroed);
-  // 64-bit words through the splitmix64 finaliser, chained: a damaged byte anywhere changes it.
-  uint64_t h = 0x9E3779B97F4A7C15ull ^ bytes.size();
-  auto mix = [](uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
+ private:
+  // Whether an array of `bytes` goes to the data file; if so it is placed there and `ref` set.
+  bool place(const void* data, uint64_t bytes, fb::ExternalRef& ref) {
+    if (bytes < kExternalMinBytes) return false;
+    const uint64_t offset = align_up(data_size_, kExternalAlignment);
+    external_.push_back({data, bytes, offset});
+    data_size_ = offset + bytes;
+    ref = fb::ExternalRef(offset, bytes);
+    return true;
+  }
+
+  Offset<fb::Tensor> tensor(const Tensor& t) {
+    if (t.values.empty()) return 0;
+    const std::vector<uint64_t> dims(t.shape.begin(), t.shape.end());
+    const auto shape = fbb_.CreateVector(dims);
+    const uint64_t bytes = t.values.size() * sizeof(float);
+    fb::ExternalRef ref;
+    const bool external = place(t.values.data(), bytes, ref);
+    Offset<flatbuffers::Vector<uint8_t>> data = 0;
+    if (!external) {
+      fbb_.ForceVectorAlignment(bytes, 1, 32);
+      data = fbb_.CreateVector(reinterpret_cast<const uint8_t*>(t.values.data()), bytes);
+    }
+    fb::TensorBuilder b(fbb_);
+    b.add_shape(shape);
+    b.add_dtype(fb::DType::F32);
+    if (external)
+      b.add_external(&ref);
+    else
+      b.add_data(data);
+    return b.Finish();
+  }
+
+  Offset<fb::Layer> layer(const LayerSpec& l) {
+    const auto name = fbb_.CreateString(l.name);
+    fb::LayerKind type = fb::LayerKind::NONE;
+    Offset<void> body;
+    std::visit(
+        [&](const auto& s) {
+          using S = std::decay_t<decltype(s)>;
+          if constexpr (std::is_same_v<S, EmbeddingSpec>) {
+            const auto w = tensor(s.weight);
+            body = fb::CreateEmbedding(fbb_, s.vocab_size, s.dim, s.context, w).Union();
+            type = fb::LayerKind::Embedding;
+          } else if constexpr (std::is_same_v<S, RMSNormSpec>) {
+            const auto w = tensor(s.weight);
+            body = fb::CreateRMSNorm(fbb_, s.dim, s.eps, w).Union();
+            type = fb::LayerKind::RMSNorm;
+          } else if constexpr (std::is_same_v<S, DenseFFNSpec>) {
+            const auto w1 = tensor(s.w1);
+            const auto w3 = tensor(s.w3);
+            const auto w2 = tensor(s.w2);
+            body = fb::CreateDenseFFN(fbb_, s.dim, s.hidden, s.residual, w1, w3, w2).Union();
+            type = fb::LayerKind::DenseFFN;
+          } else if constexpr (std::is_same_v<S, MoESpec>) {
+            const BalancingSpec& b = s.balancing;
+            const auto bal = fb::CreateBalancing(
+                fbb_, static_cast<fb::BalancingPolicy>(static_cast<int>(b.policy)),
+                b.bias_update_rate, b.bias_centering, b.bias_frozen, b.aux_alpha,
+                b.capacity_factor);
+            const auto gate = tensor(s.gate);
+            const auto bias = tensor(s.gate_bias);
+            const auto w1 = tensor(s.w1);
+            const auto w3 = tensor(s.w3);
+            const auto w2 = tensor(s.w2);
+            const auto sw1 = tensor(s.shared_w1);
+            const auto sw3 = tensor(s.shared_w3);
+            const auto sw2 = tensor(s.shared_w2);
+            const RouterConfig& r = s.router;
+            const auto score = r.score == ScoreFunction::Sigmoid ? fb::ScoreFunction::Sigmoid
+                                                                 : fb::ScoreFunction::Softmax;
+            body = fb::CreateMoE(fbb_, s.dim, r.num_experts, r.top_k, s.expert_hidden, score,
+                                 r.num_groups, r.topk_groups, r.normalize, r.scaling, s.num_shared,
+                                 s.shared_hidden, s.residual, bal, gate, bias, w1, w3, w2, sw1, sw3,
+                                 sw2)
+                       .Union();
+            type = fb::LayerKind::MoE;
+          } else {
+            const auto w = tensor(s.weight);
+            const auto b = tensor(s.bias);
+            body = fb::CreateOutputHead(fbb_, s.dim, s.vocab_size, w, b).Union();
+            type = fb::LayerKind::OutputHead;
+          }
+        },
+        l.spec);
+    return fb::CreateLayer(fbb_, name, type, body);
+  }
+
+  // An optimizer-state vector: inline, or placed in the data file.
+  struct StateVector {
+    Offset<flatbuffers::Vector<float>> inline_values = 0;
+    bool external = false;
+    fb::ExternalRef ref;
   };
-  size_t i = 0;
-  for (; i + 8 <= bytes.size(); i += 8) {
-    uint64_t w;
-    std::memcpy(&w, bytes.data() + i, 8);
-    h = mix(h ^ w) + 0x632BE59BD9B4E019ull;
+  StateVector state_vector(std::span<const float> v) {
+    StateVector out;
+    if (v.empty()) return out;
+    out.external = place(v.data(), v.size_bytes(), out.ref);
+    if (!out.external) out.inline_values = fbb_.CreateVector(v.data(), v.size());
+    return out;
   }
-  uint64_t tail = 0;
-  std::memcpy(&tail, bytes.data() + i, bytes.size() - i);
-  h = mix(h ^ tail ^ (static_cast<uint64_t>(bytes.size() - i) << 56));
-  return h == 0 ? 1 : h;  // 0 means "no digest"
+
+  Offset<fb::ParamState> param_state(const ParamStateView& p) {
+    const auto name = fbb_.CreateString(p.name.data(), p.name.size());
+    const StateVector grad = state_vector(p.grad);
+    const StateVector m = state_vector(p.m);
+    const StateVector v = state_vector(p.v);
+    fb::ParamStateBuilder b(fbb_);
+    b.add_name(name);
+    if (grad.external) b.add_grad_external(&grad.ref);
+    if (!grad.inline_values.IsNull()) b.add_grad(grad.inline_values);
+    if (m.external) b.add_m_external(&m.ref);
+    if (!m.inline_values.IsNull()) b.add_m(m.inline_values);
+    if (v.external) b.add_v_external(&v.ref);
+    if (!v.inline_values.IsNull()) b.add_v(v.inline_values);
+    return b.Finish();
+  }
+
+  Offset<fb::TrainingState> training_state(const TrainingStateView& t) {
+    std::vector<Offset<fb::ParamState>> params;
+    for (const auto& p : t.params) params.push_back(param_state(p));
+    const auto param_vec = fbb_.CreateVector(params);
+    std::vector<Offset<fb::LayerBalanceState>> layers;
+    for (const auto& l : t.layers) {
+      const auto counts = fbb_.CreateVector(l.step_counts);
+      layers.push_back(fb::CreateLayerBalanceState(fbb_, l.layer, counts, l.gamma, l.frozen));
+    }
+    const auto layer_vec = fbb_.CreateVector(layers);
+    const auto rng = fbb_.CreateVector(t.rng.data(), t.rng.size());
+    const auto optimizer = fbb_.CreateString(t.optimizer.data(), t.optimizer.size());
+    fb::TrainingStateBuilder b(fbb_);
+    b.add_step(t.step);
+    b.add_micro_batches(t.micro_batches);
+    b.add_rng(rng);
+    b.add_optimizer(optimizer);
+    b.add_params(param_vec);
+    b.add_layers(layer_vec);
+    b.add_content_digest(digest_);
+    return b.Finish();
+  }
+
+  uint64_t digest_;
+  FlatBufferBuilder fbb_;
+  std::vector<Placement> external_;
+  uint64_t data_size_ = 0;
+};
+
+[[noreturn]] void io_failure(const std::string& path, const char* what, int err) {
+  fail(Code::Io, "cannot write checkpoint '", path, "': ", what, ": ", std::strerror(err));
 }
 
-void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes) {
-  namespace fs = std::filesystem;
-  const fs::path target(path);
-  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  // Appended piece by piece: GCC 12 at -O3 warns falsely (-Wrestrict) on the chained operator+.
-  std::string hidden = ".";
-  hidden.append(target.filename().string());
-  hidden.append(".tmp-XXXXXX");
-  std::string tmpl = (dir / hidden).string();
-  const int fd = ::mkstemp(tmpl.data());
-  if (fd < 0)
-    fail(Code::Io, "cannot create a temporary file in '", dir.string(),
-         "': ", std::strerror(errno));
-  auto give_up = [&](const char* what) {
-    const std::string why = std::strerror(errno);
-    ::close(fd);
-    ::unlink(tmpl.c_str());
-    fail(Code::Io, "cannot write checkpoint '", path, "': ", what, ": ", why);
-  };
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) give_up("write");
-    done += static_cast<size_t>(n);
+// Six characters that make a temporary name unlikely to exist already.
+std::string unique_suffix(uint64_t attempt) {
+  static std::atomic<uint64_t> counter{0};
+  uint64_t x = (static_cast<uint64_t>(::getpid()) << 32) ^ counter.fetch_add(1) ^
+               static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+               (attempt * 0x9E3779B97F4A7C15ull);
+  x = (x ^ (x >> 31)) * 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 29;
+  static const char digits[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+  std::string out(6, '0');
+  for (char& c : out) {
+    c = digits[x % 62];
+    x /= 62;
   }
-  if (::fsync(fd) != 0) give_up("fsync");
-  if (::close(fd) != 0) {
-    ::unlink(tmpl.c_str());
-    fail(Code::Io, "cannot write checkpoint '", path, "': close: ", std::strerror(errno));
+  return out;
+}
+
+// A file written under a temporary name in the destination's directory, then renamed into place.
+// Created like any file (mode 0666 less the umask), not with mkstemp's 0600: a checkpoint is a
+// model that other users' processes may be meant to read.
+class TempFile {
+ public:
+  TempFile(const fs::path& dir, const std::string& prefix, std::string destination)
+      : destination_(std::move(destination)) {
+    for (uint64_t attempt = 0; fd_ < 0; ++attempt) {
+      name_ = (dir / (prefix + unique_suffix(attempt))).string();
+      fd_ = ::open(name_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+      if (fd_ < 0 && (errno != EEXIST || attempt == 100))
+        io_failure(destination_, "cannot create a temporary file", errno);
+    }
   }
-  if (::rename(tmpl.c_str(), path.c_str()) != 0) {
-    const std::string why = std::strerror(errno);
-    ::unlink(tmpl.c_str());
-    fail(Code::Io, "cannot write checkpoint '", path, "': rename: ", why);
+  ~TempFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (!renamed_) ::unlink(name_.c_str());
   }
-  // Make the rename itself durable.
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+
+  void write(const void* data, uint64_t bytes) {
+    const auto* p = static_cast<const char*>(data);
+    while (bytes > 0) {
+      // One write() moves at most about 2 GiB.
+      const size_t chunk = static_cast<size_t>(std::min<uint64_t>(bytes, uint64_t{1} << 30));
+      const ssize_t n = ::write(fd_, p, chunk);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) io_failure(destination_, "write", n < 0 ? errno : EIO);
+      p += n;
+      bytes -= static_cast<uint64_t>(n);
+    }
+  }
+
+  // fsync, close, rename over `target`.
+  void commit(const std::string& target) {
+    if (::fsync(fd_) != 0) io_failure(destination_, "fsync", errno);
+    const int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0) io_failure(destination_, "close", errno);
+    if (::rename(name_.c_str(), target.c_str()) != 0) io_failure(destination_, "rename", errno);
+    renamed_ = true;
+  }
+
+ private:
+  std::string destination_;
+  std::string name_;
+  int fd_ = -1;
+  bool renamed_ = false;
+};
+
+// Makes the renames in `dir` durable.
+void sync_directory(const fs::path& dir) {
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     ::fsync(dfd);
     ::close(dfd);
   }
+}
+
+fs::path directory_of(const fs::path& target) {
+  return target.has_parent_path() ? target.parent_path() : fs::path(".");
+}
+
+std::string hex16(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+bool is_hex16(std::string_view s) {
+  return s.size() == 16 && std::all_of(s.begin(), s.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
+
+// Temporary names of this writer for `file`: ".<file>.tmp-XXXXXX" and ".<file>.data-XXXXXX".
+bool is_temporary_of(std::string_view name, std::string_view file) {
+  if (name.size() < 1 + file.size() || name[0] != '.' || name.substr(1, file.size()) != file)
+    return false;
+  const std::string_view tail = name.substr(1 + file.size());
+  return (tail.size() == 11 && tail.starts_with(".tmp-")) ||
+         (tail.size() == 12 && tail.starts_with(".data-"));
+}
+
+// Removes the data files of earlier checkpoints at `file` (all but `keep`) and temporary files
+// that killed saves left. Failures are ignored: the new checkpoint is already in place.
+void remove_stale(const fs::path& dir, const std::string& file, const std::string& keep) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return;
+  const std::string prefix = file + ".";
+  std::vector<std::string> doomed;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string_view name = e->d_name;
+    const bool data = name.size() == prefix.size() + 16 + 5 && name.starts_with(prefix) &&
+                      name.ends_with(".data") && is_hex16(name.substr(prefix.size(), 16));
+    if ((data && name != keep) || is_temporary_of(name, file)) doomed.emplace_back(name);
+  }
+  ::closedir(d);
+  for (const auto& name : doomed) ::unlink((dir / name).c_str());
+}
+
+}  // namespace
+
+void write_checkpoint(const std::string& path, const Model& model, const TrainingStateView& state) {
+  const fs::path target(path);
+  const fs::path dir = directory_of(target);
+  const std::string file = target.filename().string();
+  if (file.empty()) fail(Code::InvalidArgument, "checkpoint path '", path, "' names no file");
+
+  const uint64_t digest = checkpoint_digest(model, state);
+  const std::string data_name = cat(file, ".", hex16(digest), ".data");
+
+  // What stays inline, with room for the tables around it: the builder must never reach 2 GiB.
+  uint64_t inline_bytes = uint64_t{1} << 16;
+  auto count = [&](uint64_t bytes) {
+    if (bytes < kExternalMinBytes) inline_bytes += bytes + 256;
+  };
+  for (const auto& l : model.layers) {
+    visit_tensors(l, [&](const char*, const Tensor& t) { count(t.values.size() * 4); });
+    if (const auto* m = std::get_if<MoESpec>(&l.spec)) count(m->gate_bias.values.size() * 4);
+  }
+  for (const auto& p : state.params) {
+    count(p.grad.size_bytes());
+    count(p.m.size_bytes());
+    count(p.v.size_bytes());
+  }
+  for (const auto& l : state.layers) inline_bytes += l.step_counts.size() * 8 + 64;
+  if (inline_bytes > kMaxDescription)
+    fail(Code::Unsupported, "the checkpoint's description would need ", inline_bytes >> 20,
+         " MiB of small arrays, more than one FlatBuffers buffer holds (2 GiB)");
+  DescriptionBuilder builder(inline_bytes, digest);
+  const auto root = builder.model(model, &state, data_name);
+  const std::vector<uint8_t> description = builder.finish(root);
+
+  if (!builder.external().empty()) {
+    TempFile data(dir, "." + file + ".data-", path);
+    static const char zeros[kExternalAlignment] = {};
+    uint64_t at = 0;
+    for (const Placement& p : builder.external()) {
+      data.write(zeros, p.offset - at);
+      data.write(p.data, p.bytes);
+      at = p.offset + p.bytes;
+    }
+    data.commit((dir / data_name).string());
+    sync_directory(dir);
+  }
+  write_file_atomically(path, description);
+  remove_stale(dir, file, builder.external().empty() ? "" : data_name);
+}
+
+void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes) {
+  const fs::path target(path);
+  const fs::path dir = directory_of(target);
+  // Appended piece by piece: GCC 12 at -O3 warns falsely (-Wrestrict) on the chained operator+.
+  std::string prefix = ".";
+  prefix.append(target.filename().string());
+  prefix.append(".tmp-");
+  TempFile tmp(dir, prefix, path);
+  tmp.write(bytes.data(), bytes.size());
+  tmp.commit(path);
+  sync_directory(dir);
 }
 
 }  // namespace moert

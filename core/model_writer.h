@@ -1,19 +1,35 @@
-// Serialises a validated model (and, for a checkpoint, its training state) back into the binary
-// description, every tensor inline as fp32.
+// Writes checkpoints: a binary model description with a training-state table and, beside it when
+// the content holds large arrays, an aligned external data file. The bytes of both depend on the
+// content alone (never on the compiler, the thread count or the previous file).
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "core/content_digest.h"
 #include "core/model.h"
 
 namespace moert {
 
-std::vector<uint8_t> serialize_model(const Model& model, const TrainingState* training);
+// Arrays (tensors and optimizer-state vectors) of at least this many bytes go to the external data
+// file, at offsets aligned to kExternalAlignment; smaller ones stay inline in the description.
+inline constexpr uint64_t kExternalMinBytes = uint64_t{64} << 10;
+inline constexpr uint64_t kExternalAlignment = 64;
 
-// The digest a checkpoint of this model and state carries (computed with state.digest taken as 0).
-uint64_t checkpoint_digest(const Model& model, const TrainingState& state);
+// Writes the checkpoint of `model` with `state` at `path`, atomically across both files:
+//  1. the data file (when needed) goes to a temporary file, is fsync'ed and renamed to
+//     "<file name>.<digest as 16 hex digits>.data" beside `path` (a name that only this content
+//     has, so the rename never replaces the data of another checkpoint);
+//  2. the description goes to a temporary file, is fsync'ed and renamed over `path`; the
+//     directory is fsync'ed after each rename;
+//  3. data files "<file name>.<16 hex digits>.data" and temporary files of earlier saves to
+//     `path` are removed.
+// A process killed at any point leaves at `path` either the previous checkpoint, whole, or the new
+// one. One writer per path at a time. Throws Error(Io) when a file cannot be written (the previous
+// checkpoint is then intact), Error(Unsupported) when the description itself would exceed the
+// 2 GiB of a FlatBuffers buffer.
+void write_checkpoint(const std::string& path, const Model& model, const TrainingStateView& state);
 
 // Writes bytes to path atomically: a temporary file in the same directory, fsync, rename over the
 // destination, fsync of the directory. On any failure the destination is untouched.

@@ -793,9 +793,7 @@ void Session::update_biases() {
     const Balance& b = balance_[i];
     if (spec.balancing.policy == BalancingPolicy::LossFreeBias && !b.frozen && b.gamma > 0.0f) {
       // b_i += gamma * sign(mean - count_i), from integer counts over the whole step.
-      int64_t total = 0;
-      for (int64_t c : counts) total += c;
-      const double mean = static_cast<double>(total) / static_cast<double>(counts.size());
+      const double mean = count_total(counts) / static_cast<double>(counts.size());
       auto& bias = spec.gate_bias.values;
       for (size_t e = 0; e < counts.size(); ++e) {
         const double diff = mean - static_cast<double>(counts[e]);
@@ -975,41 +973,56 @@ void Session::sync_to_host() const {
   for (const auto& s : slots_) store_->download(*s.param);
 }
 
-TrainingState Session::training_state() const {
-  TrainingState st;
-  st.step = step_;
-  st.micro_batches = micro_batches_;
-  st.rng = rng_.state();
-  st.optimizer = options_.training.optimizer;
-  auto host = [&](const Buffer<float>& b) {
-    std::vector<float> v(b.size());
-    backend_->download(v.data(), b.data(), b.bytes());
-    return v;
+// What save writes: views of the session's own memory where the backend's memory is the host's,
+// so a checkpoint of any size is written without a copy of the state; host copies otherwise.
+struct Session::SavedState {
+  TrainingStateView view;
+  std::vector<uint64_t> rng;
+  std::vector<LayerBalanceState> layers;
+  std::vector<std::vector<float>> host;  // downloads from a device backend
+};
+
+void Session::training_state(SavedState& out) const {
+  const bool host = backend_->host_memory();
+  out.rng = rng_.state();
+  out.host.reserve(slots_.size() * 3);
+  auto view = [&](const float* data, size_t n) -> std::span<const float> {
+    if (!data || n == 0) return {};
+    if (host) return {data, n};
+    auto& copy = out.host.emplace_back(n);
+    backend_->download(copy.data(), data, n * sizeof(float));
+    return copy;
   };
+  TrainingStateView& v = out.view;
+  v.step = step_;
+  v.micro_batches = micro_batches_;
+  v.rng = out.rng;
+  v.optimizer = options_.training.optimizer;
   for (const auto& s : slots_) {
-    ParamState ps;
+    ParamStateView ps;
     ps.name = s.name;
-    store_->download_grad(*s.param, ps.grad);
+    ps.grad = view(store_->grad(*s.param), s.param->values.size());
+    // A gradient that is all zero between steps is no state: it is left out.
     if (micro_batches_ == 0 &&
         std::all_of(ps.grad.begin(), ps.grad.end(), [](float g) { return g == 0.0f; }))
-      ps.grad.clear();
-    ps.m = host(s.m);
-    ps.v = host(s.v);
-    st.params.push_back(std::move(ps));
+      ps.grad = {};
+    ps.m = view(s.m.data(), s.m.size());
+    ps.v = view(s.v.data(), s.v.size());
+    v.params.push_back(ps);
   }
   for (uint32_t i = 0; i < layers_.size(); ++i)
     if (model_->layers[i].kind == LayerKind::MoE)
-      st.layers.push_back({i, static_cast<const MoELayer&>(*layers_[i]).counts().step,
-                           balance_[i].gamma, balance_[i].frozen});
-  return st;
+      out.layers.push_back({i, static_cast<const MoELayer&>(*layers_[i]).counts().step,
+                            balance_[i].gamma, balance_[i].frozen});
+  v.layers = out.layers;
 }
 
 void Session::save(const std::string& path) const {
   require_training("saving a checkpoint");
   sync_to_host();
-  TrainingState st = training_state();
-  st.digest = checkpoint_digest(*params_, st);
-  write_file_atomically(path, serialize_model(*params_, &st));
+  SavedState st;
+  training_state(st);
+  write_checkpoint(path, *params_, st.view);
 }
 
 namespace {
@@ -1044,13 +1057,32 @@ std::string layer_mismatch(const LayerSpec& a, const LayerSpec& b) {
 
 }  // namespace
 
-void Session::load(const std::string& path) {
+// The most a checkpoint of this session's architecture can need: parameters, gradients and two
+// moment vectors of each (with the biases), the balancing counts, and room for the description's
+// tables; `limits`, when given, lower it further.
+LoadOptions Session::checkpoint_limits(const LoadOptions* limits) const {
+  uint64_t values = 0, tensors = 0;
+  for (const auto& l : params_->layers) {
+    visit_tensors(l, [&](const char*, const Tensor& t) {
+      values += t.values.size();
+      ++tensors;
+    });
+    if (const auto* m = std::get_if<MoESpec>(&l.spec))
+      values += m->gate_bias.values.size() + 2 * m->router.num_experts;
+  }
+  LoadOptions need;
+  need.max_memory = 4 * values * sizeof(float) + (uint64_t{1} << 20);
+  need.max_file_bytes = 4 * values * sizeof(float) + (uint64_t{1} << 20) + 4096 * tensors;
+  if (limits) {
+    need.max_memory = std::min(need.max_memory, limits->max_memory);
+    need.max_file_bytes = std::min(need.max_file_bytes, limits->max_file_bytes);
+  }
+  return need;
+}
+
+void Session::load(const std::string& path, const LoadOptions* limits) {
   require_training("loading a checkpoint");
-  std::shared_ptr<const Model> ck = load_model_file(path);
-  if (!ck->training)
-    fail(Code::InvalidArgument, "'", path,
-         "' is a model file without training state, not a "
-         "checkpoint");
+  std::unique_ptr<Model> ck = load_checkpoint_file(path, checkpoint_limits(limits));
   if (ck->layers.size() != params_->layers.size())
     fail(Code::InvalidArgument, "checkpoint '", path, "' has ", ck->layers.size(),
          " layers, this session's model ", params_->layers.size());
@@ -1060,7 +1092,7 @@ void Session::load(const std::string& path) {
       fail(Code::InvalidArgument, "checkpoint '", path, "' layer ", i, " ('", ck->layers[i].name,
            "') differs from this session's model in its ", what);
   }
-  const TrainingState& st = *ck->training;
+  TrainingState& st = *ck->training;
   if (st.optimizer != options_.training.optimizer)
     fail(Code::InvalidArgument, "checkpoint '", path, "' was trained with ", st.optimizer,
          " but this session uses ", options_.training.optimizer);
@@ -1071,42 +1103,41 @@ void Session::load(const std::string& path) {
     fail(Code::InvalidModel, "checkpoint '", path, "': field 'rng' is not a generator state");
   }
 
-  // Everything is staged before anything changes, so a refusal leaves the session intact.
+  // Everything is staged before anything changes, so a refusal leaves the session intact. Each
+  // state vector is released once staged, so that the peak stays near one copy of the state.
   std::vector<Buffer<float>> m(slots_.size()), v(slots_.size());
   std::vector<std::vector<float>> grads(slots_.size());
-  for (const auto& ps : st.params) {
+  auto stage = [&](std::vector<float>& values, Buffer<float>& into) {
+    if (values.empty()) return;
+    into.resize(*backend_, values.size());
+    backend_->upload(into.data(), values.data(), values.size() * sizeof(float));
+    std::vector<float>().swap(values);
+  };
+  for (auto& ps : st.params) {
     const size_t i = parameter_index(ps.name);
-    grads[i] = ps.grad;
-    if (!ps.m.empty()) {
-      m[i].resize(*backend_, ps.m.size());
-      backend_->upload(m[i].data(), ps.m.data(), ps.m.size() * sizeof(float));
-    }
-    if (!ps.v.empty()) {
-      v[i].resize(*backend_, ps.v.size());
-      backend_->upload(v[i].data(), ps.v.data(), ps.v.size() * sizeof(float));
-    }
+    grads[i] = std::move(ps.grad);
+    stage(ps.m, m[i]);
+    stage(ps.v, v[i]);
   }
   std::vector<Balance> balance = balance_;
   std::vector<std::vector<int64_t>> step_counts(layers_.size());
-  for (const auto& l : st.layers) {
+  for (auto& l : st.layers) {
     balance[l.layer] = {l.gamma, l.frozen};
-    step_counts[l.layer] = l.step_counts;
+    step_counts[l.layer] = std::move(l.step_counts);
   }
-  Model staged = *ck;
-  staged.training.reset();
 
   // Commit: copies into storage the session already owns (the parameter store points into the
   // host tensors on host backends, so their storage must stay where it is).
   auto assign = [](Tensor& dst, const Tensor& src) {
     std::copy(src.values.begin(), src.values.end(), dst.values.begin());
   };
-  for (size_t li = 0; li < staged.layers.size(); ++li) {
+  for (size_t li = 0; li < ck->layers.size(); ++li) {
     std::vector<Tensor*> src, dst;
-    visit_tensors(staged.layers[li], [&](const char*, Tensor& t) { src.push_back(&t); });
+    visit_tensors(ck->layers[li], [&](const char*, Tensor& t) { src.push_back(&t); });
     visit_tensors(params_->layers[li], [&](const char*, Tensor& t) { dst.push_back(&t); });
     for (size_t k = 0; k < src.size(); ++k) assign(*dst[k], *src[k]);
     if (auto* moe = std::get_if<MoESpec>(&params_->layers[li].spec)) {
-      assign(moe->gate_bias, std::get<MoESpec>(staged.layers[li].spec).gate_bias);
+      assign(moe->gate_bias, std::get<MoESpec>(ck->layers[li].spec).gate_bias);
       store_->upload(moe->gate_bias);
     }
   }

@@ -20,6 +20,8 @@
 
 namespace moert {
 
+struct LoadOptions;
+
 enum class Device : int32_t { Cpu = 0, Cuda = 1 };
 
 // A target that takes no part in the loss (moert.h MOERT_IGNORE_TARGET, PyTorch's ignore_index).
@@ -157,9 +159,10 @@ class Session {
   std::vector<double> profile() const;
 
   // Checkpoints: the model with this session's parameters and training state, written atomically;
-  // load refuses a checkpoint of another architecture and leaves the session as it was.
+  // load refuses a checkpoint of another architecture and leaves the session as it was. Load reads
+  // at most what this session's architecture can hold, and within `limits` when given.
   void save(const std::string& path) const;
-  void load(const std::string& path);
+  void load(const std::string& path, const LoadOptions* limits = nullptr);
 
   // Serialises the public entry points: a session may be shared between threads.
   std::mutex& mutex() const { return mu_; }
@@ -215,7 +218,9 @@ class Session {
   void combine_gradients();
   double gradient_sum_squares() const;
   void update_biases();
-  TrainingState training_state() const;
+  struct SavedState;
+  void training_state(SavedState& out) const;
+  LoadOptions checkpoint_limits(const LoadOptions* limits) const;
 
   std::shared_ptr<const Model> model_;
   std::unique_ptr<Model> params_;  // training: the session's own parameters

@@ -6,6 +6,8 @@
 #include <numbers>
 #include <stdexcept>
 
+#include "core/error.h"
+
 namespace moert {
 
 float bf16_to_float(uint16_t bits) {
@@ -28,6 +30,66 @@ float e4m3_to_float(uint8_t bits) {
     value = std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent - 7);
   }
   return negative ? -value : value;
+}
+
+void decode_bf16(std::span<const uint8_t> bytes, std::span<float> out) {
+  if (bytes.size() / 2 != out.size() || bytes.size() % 2 != 0)
+    fail(Code::InvalidArgument, "bf16 decode: ", bytes.size(), " bytes for ", out.size(),
+         " values");
+  for (size_t i = 0; i < out.size(); ++i) {
+    uint16_t b;
+    std::memcpy(&b, bytes.data() + 2 * i, 2);
+    out[i] = bf16_to_float(b);
+  }
+}
+
+uint64_t e4m3_block_count(std::span<const int64_t> shape, uint32_t block_rows,
+                          uint32_t block_cols) {
+  if (shape.size() < 2) fail(Code::InvalidArgument, "FP8 decode: needs at least 2 dimensions");
+  if (block_rows == 0 || block_cols == 0)
+    fail(Code::InvalidArgument, "FP8 decode: block sizes must be at least 1");
+  uint64_t matrices = 1;
+  for (size_t i = 0; i + 2 < shape.size(); ++i) {
+    if (shape[i] < 0 ||
+        __builtin_mul_overflow(matrices, static_cast<uint64_t>(shape[i]), &matrices))
+      fail(Code::InvalidArgument, "FP8 decode: shape overflows 64 bits");
+  }
+  const int64_t rows = shape[shape.size() - 2], cols = shape.back();
+  if (rows < 0 || cols < 0) fail(Code::InvalidArgument, "FP8 decode: negative dimension");
+  const uint64_t row_blocks = (static_cast<uint64_t>(rows) + block_rows - 1) / block_rows;
+  const uint64_t col_blocks = (static_cast<uint64_t>(cols) + block_cols - 1) / block_cols;
+  uint64_t n;
+  if (__builtin_mul_overflow(matrices, row_blocks, &n) || __builtin_mul_overflow(n, col_blocks, &n))
+    fail(Code::InvalidArgument, "FP8 decode: block count overflows 64 bits");
+  return n;
+}
+
+void decode_e4m3_blocks(std::span<const uint8_t> codes, std::span<const int64_t> shape,
+                        uint32_t block_rows, uint32_t block_cols, std::span<const float> scales,
+                        std::span<float> out) {
+  const uint64_t blocks = e4m3_block_count(shape, block_rows, block_cols);
+  uint64_t numel = 1;
+  for (int64_t d : shape)
+    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(d), &numel))
+      fail(Code::InvalidArgument, "FP8 decode: shape overflows 64 bits");
+  if (codes.size() != numel || out.size() != numel || scales.size() != blocks)
+    fail(Code::InvalidArgument, "FP8 decode: ", codes.size(), " codes, ", out.size(),
+         " outputs and ", scales.size(), " scales for ", numel, " values in ", blocks, " blocks");
+  const uint64_t rows = static_cast<uint64_t>(shape[shape.size() - 2]);
+  const uint64_t cols = static_cast<uint64_t>(shape.back());
+  if (rows == 0 || cols == 0) return;
+  const uint64_t row_blocks = (rows + block_rows - 1) / block_rows;
+  const uint64_t col_blocks = (cols + block_cols - 1) / block_cols;
+  const uint64_t matrices = numel / (rows * cols);
+  float table[256];
+  for (int i = 0; i < 256; ++i) table[i] = e4m3_to_float(static_cast<uint8_t>(i));
+  for (uint64_t m = 0; m < matrices; ++m)
+    for (uint64_t r = 0; r < rows; ++r) {
+      const float* scale_row = scales.data() + (m * row_blocks + r / block_rows) * col_blocks;
+      const uint64_t base = (m * rows + r) * cols;
+      for (uint64_t c = 0; c < cols; ++c)
+        out[base + c] = table[codes[base + c]] * scale_row[c / block_cols];
+    }
 }
 
 namespace {

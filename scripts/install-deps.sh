@@ -8,6 +8,7 @@ packages=(
   libgtest-dev                                  # C++ and C ABI tests
   flatbuffers-compiler libflatbuffers-dev       # the model schema
   libdnnl-dev                                   # oneDNN: the CPU GEMMs, fp32 and bf16 (cmake/MoertBlas.cmake)
+  libxxhash-dev                                 # XXH3, the checkpoint content digest (header-only use)
   python3 python3-numpy python3-torch           # the PyTorch oracles and benchmarks
   fortunes                                      # English text for the balancing experiment
   python3-matplotlib                            # the experiment's MaxVio plot (PNG)
@@ -17,6 +18,7 @@ packages=(
   openjdk-17-jdk-headless junit5                # the Java binding (javac, jar, JNI headers), JUnit 5
   bindgen libclang1-14 libclang-common-14-dev   # checks the committed Rust bindings; bindgen
                                                 # loads libclang at run time without depending on it
+  clang-14 libclang-rt-14-dev                   # libFuzzer targets under ASan/UBSan (the fuzz preset)
 )
 # Rust: cargo and rustc come from the toolchain in ~/.cargo/bin, not from Debian; the crates
 # have no dependencies and build offline. Without cargo the Rust tests report themselves skipped.

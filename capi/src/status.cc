@@ -84,6 +84,8 @@ const char* moert_status_code_name(int32_t code) {
       return "MOERT_ERR_INTERNAL";
     case MOERT_ERR_COMM:
       return "MOERT_ERR_COMM";
+    case MOERT_ERR_LIMIT:
+      return "MOERT_ERR_LIMIT";
     default:
       return "MOERT_ERR_UNKNOWN";
   }

@@ -69,6 +69,7 @@ MOERT_API void moert_schema_version(uint32_t* major, uint32_t* minor);
 #define MOERT_ERR_NUMERIC 7  /* NaN or infinity in an input, or in a result from finite inputs */
 #define MOERT_ERR_INTERNAL 8 /* a bug in moert: please report it with the message */
 #define MOERT_ERR_COMM 9     /* a collective failed or timed out; the communicator is broken */
+#define MOERT_ERR_LIMIT 10   /* a load limit (moert_load_options) refuses the input */
 
 typedef struct moert_status moert_status;
 
@@ -102,7 +103,10 @@ typedef struct moert_model moert_model;
 /* Loads and validates a binary model file (schemas/moert.fbs). External weights are read from the
  * file named by the model, relative to the model file's directory. The FlatBuffers verifier runs
  * first, then every field is checked for meaning; a defect gives MOERT_ERR_INVALID_MODEL with the
- * layer and field at fault, an unreadable file MOERT_ERR_IO. On success *out receives a model the
+ * layer and field at fault, an unreadable file MOERT_ERR_IO. The default load limits apply (see
+ * moert_load_options below: 1 GiB of tensors, 4 GiB read); a model that needs more is refused
+ * with MOERT_ERR_LIMIT before anything is allocated. A checkpoint loads as a model: its training
+ * state is verified against its digest, then dropped. On success *out receives a model the
  * caller frees with moert_model_free(). */
 MOERT_API moert_status* moert_model_load_file(const char* path, moert_model** out);
 
@@ -111,6 +115,53 @@ MOERT_API moert_status* moert_model_load_file(const char* path, moert_model** ou
  * against; it may be NULL when the model has none. */
 MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
                                                 const char* external_dir, moert_model** out);
+
+/* ---- Load limits ------------------------------------------------------------------------- */
+/* A service that loads files it did not write bounds what a load may cost. A few hundred bytes of
+ * description can declare gigabytes of initialised weights; the limits are checked on the totals
+ * the description declares, after the FlatBuffers verifier and the checks of meaning and before
+ * anything is allocated or read for the model, so a refused load costs a scan of the description.
+ * A load over a limit fails with MOERT_ERR_LIMIT, whose message names the limit, the amount asked
+ * for and the largest tensor. The limits, and their defaults (what the loads without options use):
+ *   max_memory      1 GiB (2^30 bytes): the bytes the loaded model may hold: every tensor counted
+ *                   as the fp32 values it is decoded or initialised to, whatever its source
+ *                   (inline, external data, or an initialiser and a seed), plus a checkpoint's
+ *                   training state when a session loads it. Never more than the machine's
+ *                   physical memory, whatever is set.
+ *   max_file_bytes  4 GiB (2^32 bytes): the bytes a load may read: the description plus the
+ *                   ranges of external data it uses (a checkpoint's data file included). The
+ *                   description's size is checked before it is read.
+ * A moert_load_options object must not be modified concurrently; loads only read it, and it may
+ * be freed once they return. */
+
+typedef struct moert_load_options moert_load_options;
+
+/* Creates load options with the defaults above. Free with moert_load_options_free(). */
+MOERT_API moert_status* moert_load_options_create(moert_load_options** out);
+
+/* Releases load options. Accepts NULL. */
+MOERT_API void moert_load_options_free(moert_load_options* options);
+
+/* Sets max_memory, in bytes (any value: 0 refuses every model, UINT64_MAX leaves physical memory
+ * as the only bound). */
+MOERT_API moert_status* moert_load_options_set_max_memory(moert_load_options* options,
+                                                          uint64_t bytes);
+
+/* Sets max_file_bytes, in bytes (any value). */
+MOERT_API moert_status* moert_load_options_set_max_file_bytes(moert_load_options* options,
+                                                              uint64_t bytes);
+
+/* As moert_model_load_file(), within the limits of `options` (NULL: the defaults). */
+MOERT_API moert_status* moert_model_load_file_with_options(const char* path,
+                                                           const moert_load_options* options,
+                                                           moert_model** out);
+
+/* As moert_model_load_buffer(), within the limits of `options` (NULL: the defaults); `size` counts
+ * towards max_file_bytes. */
+MOERT_API moert_status* moert_model_load_buffer_with_options(const void* data, size_t size,
+                                                             const char* external_dir,
+                                                             const moert_load_options* options,
+                                                             moert_model** out);
 
 /* Releases a model. Accepts NULL. Sessions created from it stay valid: they hold what they need. */
 MOERT_API void moert_model_free(moert_model* model);
@@ -714,15 +765,32 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
 
 /* Writes a checkpoint: a model file (loadable with moert_model_load_file) holding this session's
  * parameters and biases, plus its training state (step, gradients, optimizer moments, balancing
- * counts and rates, RNG). Written atomically: a temporary file in the same directory, fsync,
- * rename. MOERT_ERR_IO when it cannot be written; the previous file at `path` is then intact. */
+ * counts and rates, RNG) and an XXH3-64 digest of that content. Every array of 64 KiB or more
+ * goes to a data file beside it, "<file name of path>.<16 hex digits of the digest>.data", with
+ * each array at a 64-byte-aligned offset; smaller ones stay in the description (so checkpoints of
+ * any size, past the 2 GiB of a FlatBuffers file). Both files' bytes depend on the content alone.
+ * Written atomically: the data file, then the description, each to a temporary file in the same
+ * directory, fsync'ed and renamed into place; a process killed at any point leaves at `path` the
+ * previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and
+ * temporary files of interrupted saves) are removed afterwards: one writer per path at a time,
+ * and a reader of the previous checkpoint at the same moment may then fail with MOERT_ERR_IO.
+ * MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact. */
 MOERT_API moert_status* moert_session_save(const moert_session* session, const char* path);
 
 /* Restores a checkpoint written by moert_session_save() for the same architecture. The file is
- * verified like any model; a corrupt or truncated file, another architecture or another optimizer
- * is refused and the session keeps its state. Training then continues bit-identically to the run
- * that wrote the checkpoint. */
+ * verified like any model and its content checked against its digest; a corrupt or truncated
+ * file, another architecture or another optimizer is refused and the session keeps its state.
+ * The load limits are those of this session's architecture: a checkpoint may hold and read at most
+ * four times the bytes of its parameters and biases (values, gradients, two optimizer moments)
+ * plus 1 MiB and 4 KiB per tensor for the description; more is MOERT_ERR_LIMIT. Checkpoints of
+ * schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as
+ * unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that
+ * wrote the checkpoint. */
 MOERT_API moert_status* moert_session_load(moert_session* session, const char* path);
+
+/* As moert_session_load(), within the limits of `options` too (NULL: the session's alone). */
+MOERT_API moert_status* moert_session_load_with_options(moert_session* session, const char* path,
+                                                        const moert_load_options* options);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -13,6 +13,7 @@ pub const MOERT_ERR_UNSUPPORTED: u32 = 5;
 pub const MOERT_ERR_INVALID_STATE: u32 = 6;
 pub const MOERT_ERR_NUMERIC: u32 = 7;
 pub const MOERT_ERR_INTERNAL: u32 = 8;
+pub const MOERT_ERR_LIMIT: u32 = 9;
 pub const MOERT_LAYER_EMBEDDING: u32 = 1;
 pub const MOERT_LAYER_RMSNORM: u32 = 2;
 pub const MOERT_LAYER_MOE: u32 = 3;
@@ -112,7 +113,10 @@ extern "C" {
     #[doc = " Loads and validates a binary model file (schemas/moert.fbs). External weights are read from the"]
     #[doc = " file named by the model, relative to the model file's directory. The FlatBuffers verifier runs"]
     #[doc = " first, then every field is checked for meaning; a defect gives MOERT_ERR_INVALID_MODEL with the"]
-    #[doc = " layer and field at fault, an unreadable file MOERT_ERR_IO. On success *out receives a model the"]
+    #[doc = " layer and field at fault, an unreadable file MOERT_ERR_IO. The default load limits apply (see"]
+    #[doc = " moert_load_options below: 1 GiB of tensors, 4 GiB read); a model that needs more is refused"]
+    #[doc = " with MOERT_ERR_LIMIT before anything is allocated. A checkpoint loads as a model: its training"]
+    #[doc = " state is verified against its digest, then dropped. On success *out receives a model the"]
     #[doc = " caller frees with moert_model_free()."]
     pub fn moert_model_load_file(
         path: *const ::std::os::raw::c_char,
@@ -127,6 +131,53 @@ extern "C" {
         data: *const ::std::os::raw::c_void,
         size: usize,
         external_dir: *const ::std::os::raw::c_char,
+        out: *mut *mut moert_model,
+    ) -> *mut moert_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moert_load_options {
+    _unused: [u8; 0],
+}
+extern "C" {
+    #[doc = " Creates load options with the defaults above. Free with moert_load_options_free()."]
+    pub fn moert_load_options_create(out: *mut *mut moert_load_options) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Releases load options. Accepts NULL."]
+    pub fn moert_load_options_free(options: *mut moert_load_options);
+}
+extern "C" {
+    #[doc = " Sets max_memory, in bytes (any value: 0 refuses every model, UINT64_MAX leaves physical memory"]
+    #[doc = " as the only bound)."]
+    pub fn moert_load_options_set_max_memory(
+        options: *mut moert_load_options,
+        bytes: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Sets max_file_bytes, in bytes (any value)."]
+    pub fn moert_load_options_set_max_file_bytes(
+        options: *mut moert_load_options,
+        bytes: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " As moert_model_load_file(), within the limits of `options` (NULL: the defaults)."]
+    pub fn moert_model_load_file_with_options(
+        path: *const ::std::os::raw::c_char,
+        options: *const moert_load_options,
+        out: *mut *mut moert_model,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " As moert_model_load_buffer(), within the limits of `options` (NULL: the defaults); `size` counts"]
+    #[doc = " towards max_file_bytes."]
+    pub fn moert_model_load_buffer_with_options(
+        data: *const ::std::os::raw::c_void,
+        size: usize,
+        external_dir: *const ::std::os::raw::c_char,
+        options: *const moert_load_options,
         out: *mut *mut moert_model,
     ) -> *mut moert_status;
 }
@@ -617,8 +668,16 @@ extern "C" {
 extern "C" {
     #[doc = " Writes a checkpoint: a model file (loadable with moert_model_load_file) holding this session's"]
     #[doc = " parameters and biases, plus its training state (step, gradients, optimizer moments, balancing"]
-    #[doc = " counts and rates, RNG). Written atomically: a temporary file in the same directory, fsync,"]
-    #[doc = " rename. MOERT_ERR_IO when it cannot be written; the previous file at `path` is then intact."]
+    #[doc = " counts and rates, RNG) and an XXH3-64 digest of that content. Every array of 64 KiB or more"]
+    #[doc = " goes to a data file beside it, \"<file name of path>.<16 hex digits of the digest>.data\", with"]
+    #[doc = " each array at a 64-byte-aligned offset; smaller ones stay in the description (so checkpoints of"]
+    #[doc = " any size, past the 2 GiB of a FlatBuffers file). Both files' bytes depend on the content alone."]
+    #[doc = " Written atomically: the data file, then the description, each to a temporary file in the same"]
+    #[doc = " directory, fsync'ed and renamed into place; a process killed at any point leaves at `path` the"]
+    #[doc = " previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and"]
+    #[doc = " temporary files of interrupted saves) are removed afterwards: one writer per path at a time,"]
+    #[doc = " and a reader of the previous checkpoint at the same moment may then fail with MOERT_ERR_IO."]
+    #[doc = " MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact."]
     pub fn moert_session_save(
         session: *const moert_session,
         path: *const ::std::os::raw::c_char,
@@ -626,11 +685,24 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Restores a checkpoint written by moert_session_save() for the same architecture. The file is"]
-    #[doc = " verified like any model; a corrupt or truncated file, another architecture or another optimizer"]
-    #[doc = " is refused and the session keeps its state. Training then continues bit-identically to the run"]
-    #[doc = " that wrote the checkpoint."]
+    #[doc = " verified like any model and its content checked against its digest; a corrupt or truncated"]
+    #[doc = " file, another architecture or another optimizer is refused and the session keeps its state."]
+    #[doc = " The load limits are those of this session's architecture: a checkpoint may hold and read at most"]
+    #[doc = " four times the bytes of its parameters and biases (values, gradients, two optimizer moments)"]
+    #[doc = " plus 1 MiB and 4 KiB per tensor for the description; more is MOERT_ERR_LIMIT. Checkpoints of"]
+    #[doc = " schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as"]
+    #[doc = " unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that"]
+    #[doc = " wrote the checkpoint."]
     pub fn moert_session_load(
         session: *mut moert_session,
         path: *const ::std::os::raw::c_char,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " As moert_session_load(), within the limits of `options` too (NULL: the session's alone)."]
+    pub fn moert_session_load_with_options(
+        session: *mut moert_session,
+        path: *const ::std::os::raw::c_char,
+        options: *const moert_load_options,
     ) -> *mut moert_status;
 }

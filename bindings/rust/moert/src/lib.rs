@@ -968,3 +968,105 @@ impl fmt::Debug for Session {
         f.debug_struct("Session").field("io", &self.io).finish()
     }
 }
+
+// ---- Load limits -------------------------------------------------------------------------------
+
+impl Code {
+    /// A load limit ([`LoadOptions`], or the defaults) refuses the input.
+    pub const LIMIT: Code = Code(sys::MOERT_ERR_LIMIT as i32);
+}
+
+/// Limits on what loading an untrusted file may cost, checked on the totals the description
+/// declares before anything is allocated or read for the model; a load over one is
+/// [`Code::LIMIT`]. Defaults (also those of [`Model::load`] and [`Model::from_bytes`]): a model
+/// may hold 1 GiB of tensors (counted as fp32, whatever their source) and a load may read 4 GiB.
+pub struct LoadOptions {
+    ptr: NonNull<sys::moert_load_options>,
+}
+
+// SAFETY: moert.h: load options "must not be modified concurrently"; loads only read them. The
+// setters take &mut self and the loads &self, so the borrow rules give exactly that.
+unsafe impl Send for LoadOptions {}
+// SAFETY: as above: shared references only read.
+unsafe impl Sync for LoadOptions {}
+
+impl LoadOptions {
+    /// Load options with the defaults.
+    pub fn new() -> Result<LoadOptions> {
+        check_abi()?;
+        let mut out = ptr::null_mut();
+        // SAFETY: a valid out-pointer.
+        check(unsafe { sys::moert_load_options_create(&mut out) })?;
+        NonNull::new(out)
+            .map(|ptr| LoadOptions { ptr })
+            .ok_or_else(|| Error::new(Code::INTERNAL, "the library returned no load options"))
+    }
+
+    /// The bytes a loaded model may hold: its tensors as fp32, and a checkpoint's training state
+    /// when a session loads it; never more than physical memory.
+    pub fn max_memory(&mut self, bytes: u64) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe { sys::moert_load_options_set_max_memory(self.ptr.as_ptr(), bytes) })?;
+        Ok(self)
+    }
+
+    /// The bytes a load may read: the description and the external data it uses.
+    pub fn max_file_bytes(&mut self, bytes: u64) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe { sys::moert_load_options_set_max_file_bytes(self.ptr.as_ptr(), bytes) })?;
+        Ok(self)
+    }
+
+    /// As [`Model::load`], within these limits.
+    pub fn load_model(&self, path: impl AsRef<Path>) -> Result<Model> {
+        let path = c_path(path.as_ref())?;
+        let mut out = ptr::null_mut();
+        // SAFETY: a NUL-terminated path, live options, a valid out-pointer; nothing is kept.
+        check(unsafe {
+            sys::moert_model_load_file_with_options(path.as_ptr(), self.ptr.as_ptr(), &mut out)
+        })?;
+        Model::wrap(out)
+    }
+
+    /// As [`Model::from_bytes`], within these limits.
+    pub fn model_from_bytes(&self, data: &[u8], external_dir: Option<&Path>) -> Result<Model> {
+        let dir = external_dir.map(c_path).transpose()?;
+        let mut out = ptr::null_mut();
+        // SAFETY: data.len() bytes at data.as_ptr(), copied; dir is NULL or NUL-terminated; live
+        // options; a valid out-pointer.
+        check(unsafe {
+            sys::moert_model_load_buffer_with_options(
+                data.as_ptr().cast(),
+                data.len(),
+                dir.as_ref().map_or(ptr::null(), |d| d.as_ptr()),
+                self.ptr.as_ptr(),
+                &mut out,
+            )
+        })?;
+        Model::wrap(out)
+    }
+
+    /// As [`Session::load`], within these limits as well as the session's own (what its
+    /// architecture can hold).
+    pub fn load_checkpoint(&self, session: &Session, path: impl AsRef<Path>) -> Result<()> {
+        let p = c_path(path.as_ref())?;
+        // SAFETY: a live session (calls on it are serialised by the library), a NUL-terminated
+        // path, live options; nothing is kept.
+        check(unsafe {
+            sys::moert_session_load_with_options(session.raw(), p.as_ptr(), self.ptr.as_ptr())
+        })
+    }
+}
+
+impl fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadOptions").finish_non_exhaustive()
+    }
+}
+
+impl Drop for LoadOptions {
+    fn drop(&mut self) {
+        // SAFETY: ours, and &mut self means no load is using it.
+        unsafe { sys::moert_load_options_free(self.ptr.as_ptr()) }
+    }
+}

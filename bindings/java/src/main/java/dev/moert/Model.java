@@ -21,7 +21,7 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
   public record ParameterCounts(long total, long activated) {}
 
 
-  private Model(SWIGTYPE_p_moert_model ptr) {
+  Model(SWIGTYPE_p_moert_model ptr) {
     super("model", ptr, () -> Capi.moert_model_free(ptr));
   }
 

@@ -1,0 +1,97 @@
+package moert
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func mustLoadOptions(t *testing.T) *LoadOptions {
+	t.Helper()
+	o, err := NewLoadOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { o.Close() })
+	return o
+}
+
+func TestLoadOptionsBoundModelLoads(t *testing.T) {
+	path := modelPath(t)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := mustLoadOptions(t)
+
+	// The defaults load the example (110720 parameters, 433 KiB as fp32).
+	for _, opts := range []*LoadOptions{nil, o} {
+		m, err := LoadModelWithOptions(path, opts)
+		if err != nil {
+			t.Fatalf("defaults: %v", err)
+		}
+		m.Close()
+	}
+	// Below the model's tensors: refused before anything is allocated, saying which limit.
+	if err := o.SetMaxMemory(400 << 10); err != nil {
+		t.Fatal(err)
+	}
+	_, err = LoadModelWithOptions(path, o)
+	if e := wantCode(t, err, ErrLimit); !strings.Contains(e.Message, "moert_load_options_set_max_memory") {
+		t.Errorf("message does not name the limit: %q", e.Message)
+	}
+	_, err = LoadModelBytesWithOptions(data, "", o)
+	wantCode(t, err, ErrLimit)
+	if err := o.SetMaxMemory(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadModelBytesWithOptions(data, "", o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+
+	// The bytes read: the description alone is over a limit one byte short of it.
+	if err := o.SetMaxFileBytes(uint64(len(data)) - 1); err != nil {
+		t.Fatal(err)
+	}
+	_, err = LoadModelWithOptions(path, o)
+	wantCode(t, err, ErrLimit)
+	_, err = LoadModelBytesWithOptions(data, "", o)
+	wantCode(t, err, ErrLimit)
+
+	if ErrLimit.String() != "MOERT_ERR_LIMIT" {
+		t.Errorf("ErrLimit is %v", ErrLimit)
+	}
+	o.Close()
+	o.Close()
+	wantCode(t, o.SetMaxMemory(1), ErrInvalidState)
+	_, err = LoadModelWithOptions(path, o)
+	wantCode(t, err, ErrInvalidState)
+}
+
+func TestLoadOptionsBoundCheckpointLoads(t *testing.T) {
+	ckpt := filepath.Join(t.TempDir(), "ck.moert")
+	m := mustModel(t)
+	a := mustSession(t, m, ModeTraining, 1)
+	trainStep(t, a, 0)
+	if err := a.Save(ckpt); err != nil {
+		t.Fatal(err)
+	}
+	b := mustSession(t, m, ModeTraining, 1)
+	o := mustLoadOptions(t)
+	if err := o.SetMaxMemory(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	wantCode(t, b.LoadWithOptions(ckpt, o), ErrLimit)
+	if n, _ := b.StepCount(); n != 0 {
+		t.Fatalf("a refused load changed the step count to %d", n)
+	}
+	if err := b.LoadWithOptions(ckpt, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := b.StepCount(); n != 1 {
+		t.Fatalf("step count %d after loading a checkpoint of step 1", n)
+	}
+}

@@ -1,0 +1,78 @@
+package dev.moert;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import java.io.IOException;
+import java.nio.ByteBuffer;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.function.Executable;
+import org.junit.jupiter.api.io.TempDir;
+
+/** Load limits through the Java binding, on the example model (110720 parameters, 433 KiB). */
+class LoadOptionsTest {
+  private static final String MODEL = System.getProperty("moert.test.model");
+
+  @TempDir Path dir;
+
+  private static MoertException expectLimit(Executable call) {
+    MoertException e = assertThrows(MoertException.class, call);
+    assertEquals(CapiConstants.MOERT_ERR_LIMIT, e.getCode(), e.getMessage());
+    assertEquals("MOERT_ERR_LIMIT", e.getCodeName());
+    return e;
+  }
+
+  @Test
+  void limitsRefuseModelLoadsAboveThemAndAllowThoseBelow() throws IOException {
+    byte[] bytes = Files.readAllBytes(Path.of(MODEL));
+    try (LoadOptions options = LoadOptions.create()) {
+      options.loadModel(MODEL).close();
+      options.maxMemory(400 << 10);
+      MoertException e = expectLimit(() -> options.loadModel(Path.of(MODEL)));
+      assertTrue(e.getMessage().contains("moert_load_options_set_max_memory"), e.getMessage());
+      expectLimit(() -> options.loadModel(ByteBuffer.wrap(bytes), null));
+      options.maxMemory(1 << 20);
+      try (Model m = options.loadModel(ByteBuffer.wrap(bytes), null)) {
+        assertEquals(6, m.numLayers());
+      }
+      options.maxFileBytes(bytes.length - 1);
+      expectLimit(() -> options.loadModel(MODEL));
+      expectLimit(() -> options.loadModel(ByteBuffer.wrap(bytes), null));
+    }
+  }
+
+  @Test
+  void limitsBoundCheckpointLoadsAndARefusalKeepsTheSession() {
+    Path ckpt = dir.resolve("ck.moert");
+    try (Model model = Model.load(MODEL);
+        SessionOptions so = SessionOptions.create().mode(CapiConstants.MOERT_MODE_TRAINING);
+        Session a = Session.create(model, so);
+        Session b = Session.create(model, so);
+        LoadOptions options = LoadOptions.create().maxMemory(1 << 20)) {
+      a.zeroGrad();
+      int[] ids = new int[16 * 4];
+      int[] targets = new int[16];
+      a.forwardTokens(ids, 16);
+      a.backwardLoss(targets);
+      a.step();
+      a.save(ckpt.toString());
+      expectLimit(() -> options.loadCheckpoint(b, ckpt.toString()));
+      assertEquals(0, b.stepCount());
+      options.maxMemory(-1L); // UINT64_MAX: the session's own bound alone
+      options.loadCheckpoint(b, ckpt.toString());
+      assertEquals(1, b.stepCount());
+    }
+  }
+
+  @Test
+  void closedOptionsRefuseCalls() {
+    LoadOptions options = LoadOptions.create();
+    options.close();
+    options.close();
+    MoertException e = assertThrows(MoertException.class, () -> options.maxMemory(1));
+    assertEquals(CapiConstants.MOERT_ERR_INVALID_STATE, e.getCode());
+  }
+}

@@ -1,0 +1,72 @@
+//! Load limits through the safe crate, on the example model (110720 parameters, 433 KiB).
+
+use moert::{Code, LoadOptions, Mode, Model, Session, SessionOptions};
+use std::path::PathBuf;
+
+fn model_path() -> PathBuf {
+    match std::env::var_os("MOERT_TEST_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../examples/models/tiny_moe.moert"),
+    }
+}
+
+fn expect_limit<T: std::fmt::Debug>(result: moert::Result<T>) -> String {
+    let err = result.expect_err("the load should have been refused");
+    assert_eq!(err.code(), Code::LIMIT, "{err}");
+    assert_eq!(Code::LIMIT.name(), "MOERT_ERR_LIMIT");
+    err.message().to_string()
+}
+
+#[test]
+fn limits_refuse_model_loads_above_them_and_allow_those_below() {
+    let path = model_path();
+    let bytes = std::fs::read(&path).unwrap();
+    let mut options = LoadOptions::new().unwrap();
+    options.load_model(&path).unwrap();
+    options.max_memory(400 << 10).unwrap();
+    let message = expect_limit(options.load_model(&path));
+    assert!(
+        message.contains("moert_load_options_set_max_memory"),
+        "{message}"
+    );
+    expect_limit(options.model_from_bytes(&bytes, None));
+    options.max_memory(1 << 20).unwrap();
+    assert_eq!(
+        options
+            .model_from_bytes(&bytes, None)
+            .unwrap()
+            .num_layers()
+            .unwrap(),
+        6
+    );
+    options.max_file_bytes(bytes.len() as u64 - 1).unwrap();
+    expect_limit(options.load_model(&path));
+    expect_limit(options.model_from_bytes(&bytes, None));
+}
+
+#[test]
+fn limits_bound_checkpoint_loads_and_a_refusal_keeps_the_session() {
+    let dir = std::env::temp_dir().join(format!("moert-rust-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("ck.moert");
+    let model = Model::load(model_path()).unwrap();
+    let mut so = SessionOptions::new().unwrap();
+    so.mode(Mode::TRAINING).unwrap();
+    let a = Session::new(&model, Some(&so)).unwrap();
+    let b = Session::new(&model, Some(&so)).unwrap();
+    a.zero_grad().unwrap();
+    a.forward_tokens(&[0; 16 * 4], 16).unwrap();
+    a.backward_loss(&[0; 16]).unwrap();
+    a.step().unwrap();
+    a.save(&ckpt).unwrap();
+
+    let mut options = LoadOptions::new().unwrap();
+    options.max_memory(1 << 20).unwrap();
+    expect_limit(options.load_checkpoint(&b, &ckpt));
+    assert_eq!(b.step_count().unwrap(), 0);
+    options.max_memory(u64::MAX).unwrap();
+    options.load_checkpoint(&b, &ckpt).unwrap();
+    assert_eq!(b.step_count().unwrap(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
