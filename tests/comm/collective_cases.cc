@@ -191,7 +191,7 @@ std::vector<CollectiveCase> make_cases() {
   std::vector<CollectiveCase> cases;
   auto add = [&](std::string name, int32_t min_size, bool moves_data,
                  std::function<void(Communicator&)> run) {
-    cases.push_back({std::move(name), min_size, moves_data, std::move(run)});
+    cases.push_back({std::move(name), min_size, moves_data, false, false, std::move(run)});
   };
 
   add("AllReduceSumFloat32", 1, true, [](Communicator& c) {
@@ -395,6 +395,8 @@ std::vector<CollectiveCase> make_cases() {
     });
   });
 
+  cases.back().tells_peers = true;
+
   add("MismatchedSizesFailOnEveryRank", 1, false, [](Communicator& c) {
     const int32_t last = c.size() - 1;
     // A rank sends 8 bytes more to rank 0 than rank 0 expects (size 1: to itself).
@@ -448,6 +450,8 @@ std::vector<CollectiveCase> make_cases() {
     });
   });
 
+  cases.back().checks_agreement = true;
+
   add("BadArgumentsFailThePeersPromptly", 1, false, [](Communicator& c) {
     on_child(c, 30.0, [&](Communicator& child) {
       std::vector<float> data(4, 1.0f);
@@ -463,6 +467,7 @@ std::vector<CollectiveCase> make_cases() {
     });
   });
 
+  cases.back().tells_peers = true;
   return cases;
 }
 
