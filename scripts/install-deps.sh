@@ -16,6 +16,7 @@ packages=(
   openjdk-17-jdk-headless junit5                # the Java binding (javac, jar, JNI headers), JUnit 5
   bindgen libclang1-14 libclang-common-14-dev   # checks the committed Rust bindings; bindgen
                                                 # loads libclang at run time without depending on it
+  libopenmpi-dev openmpi-bin                    # the MPI plugin libmoert_mpi.so and its mpirun tests
 )
 # Rust: cargo and rustc come from the toolchain in ~/.cargo/bin, not from Debian; the crates
 # have no dependencies and build offline. Without cargo the Rust tests report themselves skipped.

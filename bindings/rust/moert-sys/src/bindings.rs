@@ -13,6 +13,7 @@ pub const MOERT_ERR_UNSUPPORTED: u32 = 5;
 pub const MOERT_ERR_INVALID_STATE: u32 = 6;
 pub const MOERT_ERR_NUMERIC: u32 = 7;
 pub const MOERT_ERR_INTERNAL: u32 = 8;
+pub const MOERT_ERR_COMM: u32 = 9;
 pub const MOERT_LAYER_EMBEDDING: u32 = 1;
 pub const MOERT_LAYER_RMSNORM: u32 = 2;
 pub const MOERT_LAYER_MOE: u32 = 3;
@@ -47,10 +48,12 @@ pub const MOERT_DEVICE_CPU: u32 = 0;
 pub const MOERT_DEVICE_CUDA: u32 = 1;
 pub const MOERT_MODE_INFERENCE: u32 = 0;
 pub const MOERT_MODE_TRAINING: u32 = 1;
+pub const MOERT_NCCL_UNIQUE_ID_BYTES: u32 = 128;
 pub const MOERT_COUNTS_LAST: u32 = 0;
 pub const MOERT_COUNTS_STEP: u32 = 1;
 pub const MOERT_COUNTS_EVAL: u32 = 2;
 pub const MOERT_ALL_LAYERS: u32 = 4294967295;
+pub type __uint8_t = ::std::os::raw::c_uchar;
 pub type __int32_t = ::std::os::raw::c_int;
 pub type __uint32_t = ::std::os::raw::c_uint;
 pub type __int64_t = ::std::os::raw::c_long;
@@ -258,6 +261,99 @@ extern "C" {
         options: *mut moert_session_options,
         key: *const ::std::os::raw::c_char,
         value: *const ::std::os::raw::c_char,
+    ) -> *mut moert_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moert_comm {
+    _unused: [u8; 0],
+}
+extern "C" {
+    #[doc = " Creates an MPI communicator over a duplicate of the host's communicator: `mpi_comm` points at"]
+    #[doc = " the host's MPI_Comm handle (for example &MPI_COMM_WORLD or &my_comm), or is NULL for"]
+    #[doc = " MPI_COMM_WORLD. Collective over that MPI communicator. The host's communicator need not stay"]
+    #[doc = " alive afterwards: moert works on its own duplicate."]
+    #[doc = ""]
+    #[doc = " MPI's lifetime: when nobody has initialised MPI, moert initialises it (MPI_Init_thread with"]
+    #[doc = " MPI_THREAD_MULTIPLE, on its progress thread; Open MPI's own signal handlers are removed again"]
+    #[doc = " so the host's stay) and finalises it when the last moert communicator is freed -- the last"]
+    #[doc = " moert_comm_free() or the free of the last session or options holding one -- which waits for"]
+    #[doc = " MPI_Finalize. MPI cannot be initialised twice in a process: a communicator created after that"]
+    #[doc = " fails with MOERT_ERR_INVALID_STATE, so a host that creates communicators one after another"]
+    #[doc = " keeps one alive in between. After a timeout moert does not finalise MPI (MPI_Finalize would"]
+    #[doc = " wait for a peer that may be dead); the process then exits without it. When the host has"]
+    #[doc = " initialised MPI itself, it must have asked for MPI_THREAD_MULTIPLE (MOERT_ERR_UNSUPPORTED"]
+    #[doc = " otherwise, naming the level it got), must use the Open MPI the plugin was built against"]
+    #[doc = " (another MPI library in the process is refused with MOERT_ERR_UNSUPPORTED), must free every"]
+    #[doc = " moert communicator before it calls MPI_Finalize, and keeps MPI finalisation to itself."]
+    #[doc = ""]
+    #[doc = " MOERT_ERR_UNSUPPORTED when the plugin is missing (moert built without Open MPI) or MPI cannot"]
+    #[doc = " be used as above; MOERT_ERR_COMM when the duplication does not complete within the default"]
+    #[doc = " timeout. On success *out receives a communicator the caller frees with moert_comm_free()."]
+    pub fn moert_comm_create_mpi(
+        mpi_comm: *const ::std::os::raw::c_void,
+        out: *mut *mut moert_comm,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Writes a fresh NCCL unique id (MOERT_NCCL_UNIQUE_ID_BYTES bytes) into `out` (`out_len` bytes,"]
+    #[doc = " at least MOERT_NCCL_UNIQUE_ID_BYTES). Rank 0 calls it and ships the bytes to the other ranks"]
+    #[doc = " by any means (MPI, a file, a socket), as NCCL itself asks. Loads the CUDA plugin;"]
+    #[doc = " MOERT_ERR_UNSUPPORTED when it or its NCCL is missing."]
+    pub fn moert_comm_nccl_unique_id(out: *mut u8, out_len: u64) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Creates rank `rank` of an NCCL communicator of `size` ranks on CUDA device `device`, from the"]
+    #[doc = " unique id in `in` (`in_len` = MOERT_NCCL_UNIQUE_ID_BYTES) that every rank passes. Collective"]
+    #[doc = " over the `size` ranks (each a process, or a thread with its own device); bounded by the default"]
+    #[doc = " timeout. NCCL refuses two ranks on one GPU. MOERT_ERR_UNSUPPORTED where the CUDA plugin, NCCL"]
+    #[doc = " or a usable GPU is missing. Free with moert_comm_free()."]
+    pub fn moert_comm_create_nccl(
+        in_: *const u8,
+        in_len: u64,
+        rank: i32,
+        size: i32,
+        device: i32,
+        out: *mut *mut moert_comm,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Releases the caller's reference. Accepts NULL. Not collective. Session options and sessions"]
+    #[doc = " that hold the communicator keep it alive; the last reference ends it (and may finalise MPI,"]
+    #[doc = " see moert_comm_create_mpi()). Must not race with another call on the same handle."]
+    pub fn moert_comm_free(comm: *mut moert_comm);
+}
+extern "C" {
+    #[doc = " This process's rank in [0, size) and the number of ranks. Not collective."]
+    pub fn moert_comm_rank(comm: *const moert_comm, out: *mut i32) -> *mut moert_status;
+}
+extern "C" {
+    pub fn moert_comm_size(comm: *const moert_comm, out: *mut i32) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Seconds every collective of this communicator waits before it fails with MOERT_ERR_COMM and"]
+    #[doc = " breaks the communicator: > 0 and at most a year; the default is 600. Local (each rank sets its"]
+    #[doc = " own); applies to the collectives that start afterwards, those of sessions holding the"]
+    #[doc = " communicator included."]
+    pub fn moert_comm_set_timeout(comm: *mut moert_comm, seconds: f64) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Blocks until every rank has called it. Collective. MOERT_ERR_COMM on timeout or when the"]
+    #[doc = " communicator is broken."]
+    pub fn moert_comm_barrier(comm: *mut moert_comm) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Attaches `comm` to the options with an expert-parallel size `expert_parallel` (EP >= 1 that"]
+    #[doc = " divides the communicator's size; the data-parallel size is size / EP): sessions created from"]
+    #[doc = " these options will shard every MoE layer's routed experts over EP ranks and replicate the rest"]
+    #[doc = " over size / EP. The options keep a reference to the communicator (the caller may free its"]
+    #[doc = " handle). `comm` NULL with expert_parallel 1 detaches it. Creating a session is collective over"]
+    #[doc = " the communicator. Expert and data parallelism are not implemented yet: moert_session_create()"]
+    #[doc = " refuses a communicator of more than one rank with MOERT_ERR_UNSUPPORTED."]
+    pub fn moert_session_options_set_comm(
+        options: *mut moert_session_options,
+        comm: *mut moert_comm,
+        expert_parallel: i32,
     ) -> *mut moert_status;
 }
 #[repr(C)]
