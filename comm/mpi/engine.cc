@@ -21,6 +21,68 @@ void check_mpi(int rc, const char* what) {
   if (rc != MPI_SUCCESS) fail(Code::Comm, what, " failed: ", error_string(rc));
 }
 
+namespace {
+
+// The free staging buffers: a few, of bounded total size, the largest kept first.
+struct StagingPool {
+  static constexpr size_t kBuffers = 8;
+  static constexpr int64_t kKeptBytes = int64_t{1} << 30;
+  std::mutex mu;
+  std::vector<std::pair<int64_t, char*>> free;  // (capacity, memory)
+  int64_t kept = 0;
+};
+
+StagingPool& staging_pool() {
+  static StagingPool* pool = new StagingPool;  // never destroyed: buffers come back at any time
+  return *pool;
+}
+
+}  // namespace
+
+Staging Staging::take(int64_t bytes) {
+  Staging s;
+  if (bytes <= 0) return s;
+  StagingPool& pool = staging_pool();
+  {
+    // The smallest free buffer that fits.
+    std::lock_guard<std::mutex> lock(pool.mu);
+    size_t best = pool.free.size();
+    for (size_t i = 0; i < pool.free.size(); ++i)
+      if (pool.free[i].first >= bytes &&
+          (best == pool.free.size() || pool.free[i].first < pool.free[best].first))
+        best = i;
+    if (best < pool.free.size()) {
+      s.capacity_ = pool.free[best].first;
+      s.data_ = pool.free[best].second;
+      pool.kept -= s.capacity_;
+      pool.free.erase(pool.free.begin() + static_cast<std::ptrdiff_t>(best));
+      return s;
+    }
+  }
+  s.data_ = new char[static_cast<size_t>(bytes)];
+  s.capacity_ = bytes;
+  return s;
+}
+
+void Staging::reset() {
+  if (!data_) return;
+  StagingPool& pool = staging_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.free.size() < StagingPool::kBuffers &&
+        pool.kept + capacity_ <= StagingPool::kKeptBytes) {
+      pool.free.push_back({capacity_, data_});
+      pool.kept += capacity_;
+      data_ = nullptr;
+      capacity_ = 0;
+      return;
+    }
+  }
+  delete[] data_;
+  data_ = nullptr;
+  capacity_ = 0;
+}
+
 std::string Operation::name() const { return cat(comm::op_name(op_), " #", seq_); }
 
 CommState::CommState(MPI_Comm data_comm, MPI_Comm control_comm, int32_t rank_, int32_t size_,

@@ -36,6 +36,38 @@ namespace moert::mpi {
 
 struct CommState;
 
+// Staging memory, kept for reuse: a large transfer would otherwise map fresh pages (and take a
+// page fault for each) on every operation. Process-wide and thread-safe: a buffer goes back from
+// whichever thread drops the last reference to its operation.
+class Staging {
+ public:
+  Staging() = default;
+  // At least `bytes` bytes (nothing for 0), contents unspecified.
+  static Staging take(int64_t bytes);
+  ~Staging() { reset(); }
+  Staging(Staging&& o) noexcept { swap(o); }
+  Staging& operator=(Staging&& o) noexcept {
+    if (this != &o) {
+      reset();
+      swap(o);
+    }
+    return *this;
+  }
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+
+  char* get() const { return data_; }
+  void reset();
+
+ private:
+  void swap(Staging& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(capacity_, o.capacity_);
+  }
+  char* data_ = nullptr;
+  int64_t capacity_ = 0;
+};
+
 // Text of an MPI error code.
 std::string error_string(int code);
 // Throws Error(Comm) with `what` and the error's text unless rc is MPI_SUCCESS.
