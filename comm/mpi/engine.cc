@@ -188,7 +188,7 @@ Engine& Engine::start(double timeout) {
   std::unique_lock<std::mutex> lock(e.mu_);
   if (!e.started_) {
     e.started_ = true;
-    std::thread([&e, timeout] { e.run(timeout); }).detach();
+    std::thread([&e] { e.run(); }).detach();
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
   if (!e.done_cv_.wait_until(lock, deadline, [&] { return e.state_ != State::Starting; }))
@@ -230,8 +230,7 @@ void Engine::initialise() {
          "; moert needs MPI_THREAD_MULTIPLE");
 }
 
-void Engine::run(double init_timeout) {
-  (void)init_timeout;
+void Engine::run() {
   {
     std::string why;
     try {
@@ -452,15 +451,15 @@ void Engine::fail_all(CommState& c, const std::string& reason) {
 void Engine::send_notices(CommState& c, const std::string& reason) {
   if (c.noticed_peers) return;
   c.noticed_peers = true;
-  std::snprintf(c.notice, sizeof c.notice, "%c%s",
+  std::snprintf(c.notice_out, sizeof c.notice_out, "%c%s",
                 c.timed_out.load() ? kTimeoutNotice : kErrorNotice, reason.c_str());
   for (int32_t p = 0; p < c.size; ++p) {
     if (p == c.rank) continue;
     MPI_Request r = MPI_REQUEST_NULL;
     // Never waited for: a dead peer never takes it. The text lives as long as the state, which a
     // broken communicator never gives back.
-    if (MPI_Isend(c.notice, static_cast<int>(std::strlen(c.notice)) + 1, MPI_CHAR, p, 1, c.control,
-                  &r) == MPI_SUCCESS)
+    if (MPI_Isend(c.notice_out, static_cast<int>(std::strlen(c.notice_out)) + 1, MPI_CHAR, p, 1,
+                  c.control, &r) == MPI_SUCCESS)
       c.notice_sends.push_back(r);
   }
 }
@@ -602,9 +601,6 @@ void Engine::close(const std::shared_ptr<CommState>& comm, double timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   commands_.push_back([comm] { comm->closing = true; });
   cv_.notify_one();
-  if (!owns_mpi_) return;
-  // Closing the last communicator of an MPI that moert owns waits for MPI_Finalize: a process
-  // that exits right after must not cut it short.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
   done_cv_.wait_until(lock, deadline, [&] {
     return state_ == State::Finalised || (comm->released && !may_finalise());

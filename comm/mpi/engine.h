@@ -147,7 +147,8 @@ struct CommState {
   // Requests of failed operations, with the staging memory they use: never freed while MPI may
   // still write into it.
   std::vector<std::shared_ptr<Operation>> orphans;
-  char notice[512] = {0};
+  char notice[512] = {0};      // what a peer reports (the posted receive writes here)
+  char notice_out[512] = {0};  // what this rank reports
   MPI_Request notice_recv = MPI_REQUEST_NULL;
   std::vector<MPI_Request> notice_sends;
   bool noticed_peers = false;
@@ -183,7 +184,8 @@ class Engine {
                   bool timed_out);
   // The communicator object is gone: its MPI communicators are freed once its operations
   // finished (never when broken), and MPI is finalised after the last one when moert owns it.
-  // Waits at most `timeout` for that finalisation.
+  // Waits (at most `timeout`) until moert makes no more MPI calls for it, and for that
+  // finalisation: a host may call MPI_Finalize, or exit, right after.
   void close(const std::shared_ptr<CommState>& comm, double timeout);
 
   // Waiters blocked in wait(): the engine polls without sleeping while there are any.
@@ -191,7 +193,7 @@ class Engine {
 
  private:
   Engine() = default;
-  void run(double init_timeout);
+  void run();
   void initialise();
   bool progress_comm(CommState& c);
   bool advance(CommState& c, const std::shared_ptr<Operation>& op);
