@@ -169,9 +169,8 @@ class Engine {
   // MPI cannot be used, saying why.
   static Engine& start(double timeout);
 
-  // Creates the state of a communicator over a duplicate of `base` (on a helper thread, bounded
-  // by `timeout`). The
-  // creation is collective over `base`.
+  // Creates the state of a communicator over a duplicate of `base`, which is collective over
+  // `base` (run on a helper thread, bounded by `timeout`).
   std::shared_ptr<CommState> create(MPI_Comm base, double timeout, int64_t max_message);
   // The communicators of a split of `parent` (null on ranks outside every group).
   std::shared_ptr<CommState> split(CommState& parent, int32_t color, int32_t key);
@@ -220,7 +219,7 @@ class Engine {
 
   std::mutex mu_;
   std::condition_variable cv_;       // wakes the engine thread
-  std::condition_variable done_cv_;  // initialisation, finalisation
+  std::condition_variable done_cv_;  // initialisation, releases, finalisation
   std::deque<std::function<void()>> commands_;
   std::vector<std::shared_ptr<CommState>> comms_;      // engine thread only
   std::vector<std::shared_ptr<CommState>> graveyard_;  // broken and freed: MPI may still use them
