@@ -19,6 +19,7 @@ packages=(
   bindgen libclang1-14 libclang-common-14-dev   # checks the committed Rust bindings; bindgen
                                                 # loads libclang at run time without depending on it
   clang-14 libclang-rt-14-dev                   # libFuzzer targets under ASan/UBSan (the fuzz preset)
+  libopenmpi-dev openmpi-bin                    # the MPI plugin libmoert_mpi.so and its mpirun tests
 )
 # Rust: cargo and rustc come from the toolchain in ~/.cargo/bin, not from Debian; the crates
 # have no dependencies and build offline. Without cargo the Rust tests report themselves skipped.

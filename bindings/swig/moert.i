@@ -76,6 +76,12 @@ MOERT_GO_SCALAR_OUT(double, float64)
 MOERT_GO_ARRAYS(float, float32)
 MOERT_GO_ARRAYS(int32_t, int32)
 MOERT_GO_ARRAYS(int64_t, int64)
+MOERT_GO_ARRAYS(uint8_t, byte)
+
+/* The address of the host's MPI_Comm (moert_comm_create_mpi): a uintptr, 0 for NULL. It points
+ * into C memory (the host's MPI), never into Go memory. */
+%typemap(gotype) const void* mpi_comm "uintptr"
+%typemap(in) const void* mpi_comm %{ $1 = ($1_ltype)$input; %}
 
 %typemap(gotype) (const void* data, size_t size) "[]byte"
 %typemap(in) (const void* data, size_t size) %{
@@ -361,6 +367,14 @@ MOERT_JAVA_SCALAR_OUT(double, jdouble, double, jdoubleArray, SetDoubleArrayRegio
 MOERT_JAVA_ARRAYS(float, java.nio.FloatBuffer, MOERT_JNI_FLOAT)
 MOERT_JAVA_ARRAYS(int32_t, java.nio.IntBuffer, MOERT_JNI_INT)
 MOERT_JAVA_ARRAYS(int64_t, java.nio.LongBuffer, MOERT_JNI_LONG)
+MOERT_JAVA_ARRAYS(uint8_t, java.nio.ByteBuffer, MOERT_JNI_BYTE)
+
+/* The address of the host's MPI_Comm (moert_comm_create_mpi) as a Java long; 0 is NULL. */
+%typemap(jni) const void* mpi_comm "jlong"
+%typemap(jtype) const void* mpi_comm "long"
+%typemap(jstype) const void* mpi_comm "long"
+%typemap(javain) const void* mpi_comm "$javainput"
+%typemap(in) const void* mpi_comm %{ $1 = ($1_ltype)(intptr_t)$input; %}
 
 %typemap(jni) (const void* data, size_t size) "jobject"
 %typemap(jtype) (const void* data, size_t size) "java.nio.ByteBuffer"

@@ -21,6 +21,68 @@ void check_mpi(int rc, const char* what) {
   if (rc != MPI_SUCCESS) fail(Code::Comm, what, " failed: ", error_string(rc));
 }
 
+namespace {
+
+// The free staging buffers: a few, of bounded total size, the largest kept first.
+struct StagingPool {
+  static constexpr size_t kBuffers = 8;
+  static constexpr int64_t kKeptBytes = int64_t{1} << 30;
+  std::mutex mu;
+  std::vector<std::pair<int64_t, char*>> free;  // (capacity, memory)
+  int64_t kept = 0;
+};
+
+StagingPool& staging_pool() {
+  static StagingPool* pool = new StagingPool;  // never destroyed: buffers come back at any time
+  return *pool;
+}
+
+}  // namespace
+
+Staging Staging::take(int64_t bytes) {
+  Staging s;
+  if (bytes <= 0) return s;
+  StagingPool& pool = staging_pool();
+  {
+    // The smallest free buffer that fits.
+    std::lock_guard<std::mutex> lock(pool.mu);
+    size_t best = pool.free.size();
+    for (size_t i = 0; i < pool.free.size(); ++i)
+      if (pool.free[i].first >= bytes &&
+          (best == pool.free.size() || pool.free[i].first < pool.free[best].first))
+        best = i;
+    if (best < pool.free.size()) {
+      s.capacity_ = pool.free[best].first;
+      s.data_ = pool.free[best].second;
+      pool.kept -= s.capacity_;
+      pool.free.erase(pool.free.begin() + static_cast<std::ptrdiff_t>(best));
+      return s;
+    }
+  }
+  s.data_ = new char[static_cast<size_t>(bytes)];
+  s.capacity_ = bytes;
+  return s;
+}
+
+void Staging::reset() {
+  if (!data_) return;
+  StagingPool& pool = staging_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.free.size() < StagingPool::kBuffers &&
+        pool.kept + capacity_ <= StagingPool::kKeptBytes) {
+      pool.free.push_back({capacity_, data_});
+      pool.kept += capacity_;
+      data_ = nullptr;
+      capacity_ = 0;
+      return;
+    }
+  }
+  delete[] data_;
+  data_ = nullptr;
+  capacity_ = 0;
+}
+
 std::string Operation::name() const { return cat(comm::op_name(op_), " #", seq_); }
 
 CommState::CommState(MPI_Comm data_comm, MPI_Comm control_comm, int32_t rank_, int32_t size_,
@@ -126,7 +188,7 @@ Engine& Engine::start(double timeout) {
   std::unique_lock<std::mutex> lock(e.mu_);
   if (!e.started_) {
     e.started_ = true;
-    std::thread([&e, timeout] { e.run(timeout); }).detach();
+    std::thread([&e] { e.run(); }).detach();
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
   if (!e.done_cv_.wait_until(lock, deadline, [&] { return e.state_ != State::Starting; }))
@@ -168,8 +230,7 @@ void Engine::initialise() {
          "; moert needs MPI_THREAD_MULTIPLE");
 }
 
-void Engine::run(double init_timeout) {
-  (void)init_timeout;
+void Engine::run() {
   {
     std::string why;
     try {
@@ -390,15 +451,15 @@ void Engine::fail_all(CommState& c, const std::string& reason) {
 void Engine::send_notices(CommState& c, const std::string& reason) {
   if (c.noticed_peers) return;
   c.noticed_peers = true;
-  std::snprintf(c.notice, sizeof c.notice, "%c%s",
+  std::snprintf(c.notice_out, sizeof c.notice_out, "%c%s",
                 c.timed_out.load() ? kTimeoutNotice : kErrorNotice, reason.c_str());
   for (int32_t p = 0; p < c.size; ++p) {
     if (p == c.rank) continue;
     MPI_Request r = MPI_REQUEST_NULL;
     // Never waited for: a dead peer never takes it. The text lives as long as the state, which a
     // broken communicator never gives back.
-    if (MPI_Isend(c.notice, static_cast<int>(std::strlen(c.notice)) + 1, MPI_CHAR, p, 1, c.control,
-                  &r) == MPI_SUCCESS)
+    if (MPI_Isend(c.notice_out, static_cast<int>(std::strlen(c.notice_out)) + 1, MPI_CHAR, p, 1,
+                  c.control, &r) == MPI_SUCCESS)
       c.notice_sends.push_back(r);
   }
 }
@@ -540,9 +601,6 @@ void Engine::close(const std::shared_ptr<CommState>& comm, double timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   commands_.push_back([comm] { comm->closing = true; });
   cv_.notify_one();
-  if (!owns_mpi_) return;
-  // Closing the last communicator of an MPI that moert owns waits for MPI_Finalize: a process
-  // that exits right after must not cut it short.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
   done_cv_.wait_until(lock, deadline, [&] {
     return state_ == State::Finalised || (comm->released && !may_finalise());

@@ -36,6 +36,38 @@ namespace moert::mpi {
 
 struct CommState;
 
+// Staging memory, kept for reuse: a large transfer would otherwise map fresh pages (and take a
+// page fault for each) on every operation. Process-wide and thread-safe: a buffer goes back from
+// whichever thread drops the last reference to its operation.
+class Staging {
+ public:
+  Staging() = default;
+  // At least `bytes` bytes (nothing for 0), contents unspecified.
+  static Staging take(int64_t bytes);
+  ~Staging() { reset(); }
+  Staging(Staging&& o) noexcept { swap(o); }
+  Staging& operator=(Staging&& o) noexcept {
+    if (this != &o) {
+      reset();
+      swap(o);
+    }
+    return *this;
+  }
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+
+  char* get() const { return data_; }
+  void reset();
+
+ private:
+  void swap(Staging& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(capacity_, o.capacity_);
+  }
+  char* data_ = nullptr;
+  int64_t capacity_ = 0;
+};
+
 // Text of an MPI error code.
 std::string error_string(int code);
 // Throws Error(Comm) with `what` and the error's text unless rc is MPI_SUCCESS.
@@ -115,7 +147,8 @@ struct CommState {
   // Requests of failed operations, with the staging memory they use: never freed while MPI may
   // still write into it.
   std::vector<std::shared_ptr<Operation>> orphans;
-  char notice[512] = {0};
+  char notice[512] = {0};      // what a peer reports (the posted receive writes here)
+  char notice_out[512] = {0};  // what this rank reports
   MPI_Request notice_recv = MPI_REQUEST_NULL;
   std::vector<MPI_Request> notice_sends;
   bool noticed_peers = false;
@@ -136,9 +169,8 @@ class Engine {
   // MPI cannot be used, saying why.
   static Engine& start(double timeout);
 
-  // Creates the state of a communicator over a duplicate of `base` (on a helper thread, bounded
-  // by `timeout`). The
-  // creation is collective over `base`.
+  // Creates the state of a communicator over a duplicate of `base`, which is collective over
+  // `base` (run on a helper thread, bounded by `timeout`).
   std::shared_ptr<CommState> create(MPI_Comm base, double timeout, int64_t max_message);
   // The communicators of a split of `parent` (null on ranks outside every group).
   std::shared_ptr<CommState> split(CommState& parent, int32_t color, int32_t key);
@@ -151,7 +183,8 @@ class Engine {
                   bool timed_out);
   // The communicator object is gone: its MPI communicators are freed once its operations
   // finished (never when broken), and MPI is finalised after the last one when moert owns it.
-  // Waits at most `timeout` for that finalisation.
+  // Waits (at most `timeout`) until moert makes no more MPI calls for it, and for that
+  // finalisation: a host may call MPI_Finalize, or exit, right after.
   void close(const std::shared_ptr<CommState>& comm, double timeout);
 
   // Waiters blocked in wait(): the engine polls without sleeping while there are any.
@@ -159,7 +192,7 @@ class Engine {
 
  private:
   Engine() = default;
-  void run(double init_timeout);
+  void run();
   void initialise();
   bool progress_comm(CommState& c);
   bool advance(CommState& c, const std::shared_ptr<Operation>& op);
@@ -186,7 +219,7 @@ class Engine {
 
   std::mutex mu_;
   std::condition_variable cv_;       // wakes the engine thread
-  std::condition_variable done_cv_;  // initialisation, finalisation
+  std::condition_variable done_cv_;  // initialisation, releases, finalisation
   std::deque<std::function<void()>> commands_;
   std::vector<std::shared_ptr<CommState>> comms_;      // engine thread only
   std::vector<std::shared_ptr<CommState>> graveyard_;  // broken and freed: MPI may still use them

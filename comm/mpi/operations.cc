@@ -5,9 +5,7 @@
 namespace moert::mpi {
 namespace {
 
-std::unique_ptr<char[]> staging(int64_t bytes) {
-  return bytes > 0 ? std::unique_ptr<char[]>(new char[static_cast<size_t>(bytes)]) : nullptr;
-}
+Staging staging(int64_t bytes) { return Staging::take(bytes); }
 
 uint64_t mix(uint64_t x) {  // splitmix64's finaliser
   x += 0x9E3779B97F4A7C15ull;
@@ -156,7 +154,7 @@ class AllReduce final : public Operation {
   const ReduceType type_;
   const int64_t esize_;
   Agreement agreement_;
-  std::unique_ptr<char[]> stage_, slots_;
+  Staging stage_, slots_;
   int step_ = 0;
 };
 
@@ -241,7 +239,7 @@ class Exchange final : public Operation {
   const comm::Exchange x_;
   const bool same_block_;
   Agreement agreement_;
-  std::unique_ptr<char[]> send_stage_, recv_stage_;
+  Staging send_stage_, recv_stage_;
   int step_ = 0;
 };
 
@@ -298,7 +296,7 @@ class Broadcast final : public Operation {
   const int64_t bytes_;
   const int32_t root_;
   Agreement agreement_;
-  std::unique_ptr<char[]> stage_;
+  Staging stage_;
   int step_ = 0;
 };
 

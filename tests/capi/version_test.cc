@@ -53,6 +53,7 @@ TEST(Status, CodeNamesForEveryCode) {
       {MOERT_ERR_NUMERIC, "MOERT_ERR_NUMERIC"},
       {MOERT_ERR_INTERNAL, "MOERT_ERR_INTERNAL"},
       {MOERT_ERR_LIMIT, "MOERT_ERR_LIMIT"},
+      {MOERT_ERR_COMM, "MOERT_ERR_COMM"},
   };
   for (const auto& n : all) {
     const char* got = moert_status_code_name(n.code);

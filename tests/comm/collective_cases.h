@@ -17,6 +17,11 @@ struct CollectiveCase {
   std::string name;
   int32_t min_size = 1;     // the case needs at least this many ranks
   bool moves_data = false;  // worth running again with small MPI messages (cut transfers)
+  // Expects disagreeing arguments to fail every rank (MPI, in-process; NCCL cannot check them).
+  bool checks_agreement = false;
+  // Expects a rank that breaks the communicator to tell its peers at once (MPI, in-process; an
+  // NCCL rank cannot: its peers fail at their own timeout).
+  bool tells_peers = false;
   std::function<void(Communicator&)> run;
 };
 

@@ -43,9 +43,10 @@ int main(int argc, char** argv) {
   int rank = -1;
   try {
     MpiCommOptions options;
-    options.timeout = kTimeout;
+    options.timeout = 120.0;  // starting MPI may take a while on a loaded machine
     options.plugin_path = MOERT_MPI_PLUGIN_PATH;
     auto comm = make_mpi_communicator(nullptr, options);
+    comm->set_timeout(kTimeout);
     rank = comm->rank();
     const int size = comm->size();
     // Healthy first.

@@ -1070,3 +1070,148 @@ impl Drop for LoadOptions {
         unsafe { sys::moert_load_options_free(self.ptr.as_ptr()) }
     }
 }
+
+// ---- Communicators -----------------------------------------------------------------------------
+
+impl Code {
+    /// A collective failed or timed out; the communicator is broken and every later collective
+    /// fails at once.
+    pub const COMM: Code = Code(sys::MOERT_ERR_COMM as i32);
+}
+
+/// Bytes of an NCCL unique id.
+pub const NCCL_UNIQUE_ID_BYTES: usize = sys::MOERT_NCCL_UNIQUE_ID_BYTES as usize;
+
+/// Connects the processes ("ranks") of one job, for sessions that share their work across them
+/// (expert and data parallelism): over MPI ([`Communicator::mpi`]) or NCCL
+/// ([`Communicator::nccl`]). `moert.h` says which calls are collective, how long a collective
+/// waits, what MPI's lifetime is and how to launch a job with mpirun. Dropping it releases this
+/// handle's reference: session options and sessions that hold the communicator keep it alive.
+pub struct Communicator {
+    ptr: NonNull<sys::moert_comm>,
+}
+
+// SAFETY: moert.h: "a moert_comm may be used from any thread". The one call that must not race
+// (moert_comm_free) happens in Drop, which has &mut self.
+unsafe impl Send for Communicator {}
+// SAFETY: as above; every method but Drop takes &self and the library serialises what it must.
+unsafe impl Sync for Communicator {}
+
+impl Communicator {
+    fn from_create(
+        create: impl FnOnce(*mut *mut sys::moert_comm) -> *mut sys::moert_status,
+    ) -> Result<Communicator> {
+        check_abi()?;
+        let mut out = ptr::null_mut();
+        check(create(&mut out))?;
+        NonNull::new(out)
+            .map(|ptr| Communicator { ptr })
+            .ok_or_else(|| Error::new(Code::INTERNAL, "the library returned no communicator"))
+    }
+
+    /// An MPI communicator over MPI_COMM_WORLD, initialising MPI when the process has not (a
+    /// program started without mpirun is a job of one rank). Collective.
+    pub fn mpi() -> Result<Communicator> {
+        // SAFETY: NULL selects MPI_COMM_WORLD; a valid out-pointer.
+        Communicator::from_create(|out| unsafe { sys::moert_comm_create_mpi(ptr::null(), out) })
+    }
+
+    /// An MPI communicator over a duplicate of the host's communicator. Collective over it.
+    ///
+    /// # Safety
+    /// `comm` must point at a live Open MPI `MPI_Comm` of the host for the duration of the call.
+    pub unsafe fn mpi_from_raw(comm: *const std::os::raw::c_void) -> Result<Communicator> {
+        if comm.is_null() {
+            return Err(Error::new(
+                Code::INVALID_ARGUMENT,
+                "the MPI_Comm pointer is NULL",
+            ));
+        }
+        // SAFETY: the caller's promise; a valid out-pointer.
+        Communicator::from_create(|out| unsafe { sys::moert_comm_create_mpi(comm, out) })
+    }
+
+    /// A fresh NCCL unique id; rank 0 makes it and ships it to the other ranks by any means.
+    pub fn nccl_unique_id() -> Result<[u8; NCCL_UNIQUE_ID_BYTES]> {
+        check_abi()?;
+        let mut id = [0u8; NCCL_UNIQUE_ID_BYTES];
+        // SAFETY: a buffer of the length passed.
+        check(unsafe { sys::moert_comm_nccl_unique_id(id.as_mut_ptr(), id.len() as u64) })?;
+        Ok(id)
+    }
+
+    /// Rank `rank` of an NCCL communicator of `size` ranks on CUDA device `device`, from the id
+    /// every rank passes. Collective.
+    pub fn nccl(id: &[u8], rank: i32, size: i32, device: i32) -> Result<Communicator> {
+        // SAFETY: the id's bytes and length, copied; a valid out-pointer.
+        Communicator::from_create(|out| unsafe {
+            sys::moert_comm_create_nccl(id.as_ptr(), id.len() as u64, rank, size, device, out)
+        })
+    }
+
+    /// This process's rank in `[0, size)`.
+    pub fn rank(&self) -> Result<i32> {
+        let mut v = 0;
+        // SAFETY: a live communicator, a valid out-pointer.
+        check(unsafe { sys::moert_comm_rank(self.ptr.as_ptr(), &mut v) })?;
+        Ok(v)
+    }
+
+    /// The number of ranks.
+    pub fn size(&self) -> Result<i32> {
+        let mut v = 0;
+        // SAFETY: a live communicator, a valid out-pointer.
+        check(unsafe { sys::moert_comm_size(self.ptr.as_ptr(), &mut v) })?;
+        Ok(v)
+    }
+
+    /// How long every collective waits before it fails with [`Code::COMM`] (default 10
+    /// minutes). Local to this rank.
+    pub fn set_timeout(&self, timeout: std::time::Duration) -> Result<()> {
+        // SAFETY: a live communicator.
+        check(unsafe { sys::moert_comm_set_timeout(self.ptr.as_ptr(), timeout.as_secs_f64()) })
+    }
+
+    /// Blocks until every rank has called it. Collective.
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: a live communicator.
+        check(unsafe { sys::moert_comm_barrier(self.ptr.as_ptr()) })
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // SAFETY: ours, and &mut self means no call is in flight on any thread.
+        unsafe { sys::moert_comm_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.rank().ok())
+            .field("size", &self.size().ok())
+            .finish()
+    }
+}
+
+impl SessionOptions {
+    /// Attaches `comm` with an expert-parallel size (>= 1, dividing its size) for the sessions
+    /// created from these options; the options keep their own reference. `None` with 1
+    /// detaches it.
+    pub fn communicator(
+        &mut self,
+        comm: Option<&Communicator>,
+        expert_parallel: i32,
+    ) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed; a live communicator or NULL.
+        check(unsafe {
+            sys::moert_session_options_set_comm(
+                self.ptr.as_ptr(),
+                comm.map_or(ptr::null_mut(), |c| c.ptr.as_ptr()),
+                expert_parallel,
+            )
+        })?;
+        Ok(self)
+    }
+}

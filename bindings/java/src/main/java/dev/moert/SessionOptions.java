@@ -61,4 +61,23 @@ public final class SessionOptions extends NativeHandle<SWIGTYPE_p_moert_session_
     }
     return this;
   }
+
+  /**
+   * Attaches a communicator with an expert-parallel size (>= 1, dividing the communicator's size)
+   * for the sessions created from these options; the options keep their own reference. null
+   * with 1 detaches it.
+   */
+  public SessionOptions communicator(Communicator comm, int expertParallel) {
+    if (comm == null) {
+      try (Use u = use()) {
+        MoertException.check(Capi.moert_session_options_set_comm(u.ptr(), null, expertParallel));
+      }
+      return this;
+    }
+    try (Use u = use();
+        NativeHandle<SWIGTYPE_p_moert_comm>.Use c = comm.use()) {
+      MoertException.check(Capi.moert_session_options_set_comm(u.ptr(), c.ptr(), expertParallel));
+    }
+    return this;
+  }
 }

@@ -1,0 +1,92 @@
+package moert
+
+import (
+	"errors"
+	"testing"
+	"time"
+)
+
+// One test for all of MPI: moert finalises MPI with the last communicator, and MPI cannot be
+// initialised twice in a process.
+func TestCommunicatorMPISingleton(t *testing.T) {
+	// CTest sets OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM): Open MPI refuses to start as root without.
+	c, err := NewMPICommunicator()
+	if err != nil {
+		t.Fatalf("NewMPICommunicator: %v", err)
+	}
+	rank, err := c.Rank()
+	if err != nil || rank != 0 {
+		t.Fatalf("Rank = %d, %v", rank, err)
+	}
+	size, err := c.Size()
+	if err != nil || size != 1 {
+		t.Fatalf("Size = %d, %v", size, err)
+	}
+	if err := c.Barrier(); err != nil {
+		t.Fatalf("Barrier: %v", err)
+	}
+	if err := c.SetTimeout(0); !errors.Is(err, &Error{Code: ErrInvalidArgument}) {
+		t.Errorf("SetTimeout(0) = %v, want ErrInvalidArgument", err)
+	}
+	if err := c.SetTimeout(30 * time.Second); err != nil {
+		t.Errorf("SetTimeout: %v", err)
+	}
+
+	opts, err := NewSessionOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := opts.SetCommunicator(c, 2); !errors.Is(err, &Error{Code: ErrInvalidArgument}) {
+		t.Errorf("SetCommunicator(c, 2) on one rank = %v, want ErrInvalidArgument", err)
+	}
+	if err := opts.SetCommunicator(c, 1); err != nil {
+		t.Fatalf("SetCommunicator: %v", err)
+	}
+	c.Close() // the options keep theirs
+	if _, err := c.Rank(); !errors.Is(err, &Error{Code: ErrInvalidState}) {
+		t.Errorf("Rank after Close = %v, want ErrInvalidState", err)
+	}
+	m := mustModel(t)
+	s, err := NewSession(m, opts)
+	if err != nil {
+		t.Fatalf("NewSession with a one-rank communicator: %v", err)
+	}
+	if _, err := s.ForwardTokens([]int32{1, 2, 3, 4}, 1); err != nil {
+		t.Errorf("ForwardTokens: %v", err)
+	}
+	s.Close()
+	opts.Close() // the last reference: MPI is finalised
+
+	if _, err := NewMPICommunicator(); !errors.Is(err, &Error{Code: ErrInvalidState}) {
+		t.Errorf("a second MPI communicator after finalisation = %v, want ErrInvalidState", err)
+	}
+	if ErrComm.String() != "MOERT_ERR_COMM" {
+		t.Errorf("ErrComm = %v", ErrComm)
+	}
+}
+
+func TestCommunicatorNCCLRefusals(t *testing.T) {
+	if _, err := NewNCCLCommunicator(make([]byte, 5), 0, 1, 0); !errors.Is(err, &Error{Code: ErrInvalidArgument}) {
+		t.Errorf("a short id = %v, want ErrInvalidArgument", err)
+	}
+	if _, err := NewMPICommunicatorFromHandle(0); !errors.Is(err, &Error{Code: ErrInvalidArgument}) {
+		t.Errorf("a zero MPI_Comm address = %v, want ErrInvalidArgument", err)
+	}
+	// Without a GPU (or a CUDA plugin with NCCL) an NCCL communicator is refused clearly.
+	id, err := NCCLUniqueID()
+	if err != nil {
+		if !errors.Is(err, &Error{Code: ErrUnsupported}) {
+			t.Fatalf("NCCLUniqueID = %v, want success or ErrUnsupported", err)
+		}
+		id = make([]byte, NCCLUniqueIDBytes)
+	}
+	if len(id) != NCCLUniqueIDBytes {
+		t.Fatalf("id of %d bytes", len(id))
+	}
+	c, err := NewNCCLCommunicator(id, 0, 1, 0)
+	if err == nil {
+		c.Close() // a GPU is here
+	} else if !errors.Is(err, &Error{Code: ErrUnsupported}) {
+		t.Errorf("NewNCCLCommunicator = %v, want ErrUnsupported without a GPU", err)
+	}
+}

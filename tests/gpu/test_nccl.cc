@@ -1,0 +1,260 @@
+// The NCCL communicator (inside libmoert_cuda.so) against the collective cases every
+// communicator meets (tests/comm/collective_cases.cc), on one GPU with one rank and, where two
+// GPUs are lent, on two ranks (one thread each). The cases speak host memory; a staging wrapper
+// copies their buffers to the GPU through the CUDA backend before each operation and back after.
+// Exits 77 (skipped) without a GPU; the two-GPU test skips itself with one.
+#include <cstdlib>
+#include <thread>
+
+#include "core/backend.h"
+#include "core/comm_support.h"
+#include "core/communicator.h"
+#include "core/error.h"
+#include "gpu_test_main.h"
+#include "tests/comm/collective_cases.h"
+
+namespace moert {
+namespace {
+
+std::string plugin_path() {
+  const char* env = std::getenv("MOERT_CUDA_PLUGIN");
+  return env ? env : MOERT_CUDA_PLUGIN_PATH;
+}
+
+// An operation on device copies of the caller's host buffers: `out` is downloaded into `host`
+// when the inner request completes.
+class StagedRequest final : public CommRequest {
+ public:
+  StagedRequest(Request inner, Backend& be, std::vector<Buffer<uint8_t>> keep, void* host,
+                const uint8_t* out, size_t bytes)
+      : inner_(std::move(inner)),
+        be_(be),
+        keep_(std::move(keep)),
+        host_(host),
+        out_(out),
+        bytes_(bytes) {}
+  void wait() override {
+    inner_->wait();
+    finish();
+  }
+  bool test() override {
+    if (!inner_->test()) return false;
+    finish();
+    return true;
+  }
+
+ private:
+  void finish() {
+    if (done_) return;
+    done_ = true;
+    if (bytes_) be_.download(host_, out_, bytes_);
+  }
+  Request inner_;
+  Backend& be_;
+  std::vector<Buffer<uint8_t>> keep_;
+  void* host_;
+  const uint8_t* out_;
+  size_t bytes_;
+  bool done_ = false;
+};
+
+// A host-memory view of a device communicator, for the shared cases. Arguments that the checks
+// refuse go to the inner communicator unchanged, which refuses them itself (and breaks).
+class Staged final : public Communicator {
+ public:
+  Staged(std::unique_ptr<Communicator> inner, std::unique_ptr<Backend> be)
+      : inner_(std::move(inner)), be_(std::move(be)) {}
+
+  const char* kind() const override { return inner_->kind(); }
+  int32_t rank() const override { return inner_->rank(); }
+  int32_t size() const override { return inner_->size(); }
+  CommMemory memory() const override { return CommMemory::Host; }
+  void set_timeout(double s) override { inner_->set_timeout(s); }
+  double timeout() const override { return inner_->timeout(); }
+  bool broken() const override { return inner_->broken(); }
+  std::string broken_reason() const override { return inner_->broken_reason(); }
+
+  Request start_all_reduce_sum(void* data, int64_t count, ReduceType type) override {
+    try {
+      comm::check_all_reduce(data, count, type);
+    } catch (const Error&) {
+      return inner_->start_all_reduce_sum(data, count, type);
+    }
+    const size_t n = static_cast<size_t>(count) * reduce_type_size(type);
+    auto d = up(data, n);
+    uint8_t* p = d.data();
+    return staged(inner_->start_all_reduce_sum(p, count, type), {}, std::move(d), data, n);
+  }
+
+  Request start_all_to_all_v(const void* send, const int64_t* sb, const int64_t* so, void* recv,
+                             const int64_t* rb, const int64_t* ro) override {
+    comm::Exchange x;
+    try {
+      x = comm::check_all_to_all_v(size(), send, sb, so, recv, rb, ro);
+    } catch (const Error&) {
+      return inner_->start_all_to_all_v(send, sb, so, recv, rb, ro);
+    }
+    auto s = up(send, x.send_total);
+    auto r = up(recv, x.recv_total);  // the gaps between blocks must come back unchanged
+    uint8_t *ps = s.data(), *pr = r.data();
+    return staged(inner_->start_all_to_all_v(ps, sb, so, pr, rb, ro), std::move(s), std::move(r),
+                  recv, x.recv_total);
+  }
+
+  Request start_all_gather(const void* send, int64_t bytes, void* recv) override {
+    try {
+      comm::check_all_gather(size(), send, bytes, recv);
+    } catch (const Error&) {
+      return inner_->start_all_gather(send, bytes, recv);
+    }
+    const size_t total = static_cast<size_t>(bytes) * size();
+    auto r = up(recv, total);
+    const auto* h = static_cast<const uint8_t*>(send);
+    const auto* base = static_cast<const uint8_t*>(recv);
+    if (h >= base && h < base + total) {  // in place
+      uint8_t* pr = r.data();
+      return staged(inner_->start_all_gather(pr + (h - base), bytes, pr), {}, std::move(r), recv,
+                    total);
+    }
+    auto s = up(send, bytes);
+    uint8_t *ps = s.data(), *pr = r.data();
+    return staged(inner_->start_all_gather(ps, bytes, pr), std::move(s), std::move(r), recv, total);
+  }
+
+  Request start_all_gather_v(const void* send, int64_t send_bytes, void* recv, const int64_t* rb,
+                             const int64_t* ro) override {
+    comm::Exchange x;
+    try {
+      x = comm::check_all_gather_v(size(), rank(), send, send_bytes, recv, rb, ro);
+    } catch (const Error&) {
+      return inner_->start_all_gather_v(send, send_bytes, recv, rb, ro);
+    }
+    auto s = up(send, send_bytes);
+    auto r = up(recv, x.recv_total);
+    uint8_t *ps = s.data(), *pr = r.data();
+    return staged(inner_->start_all_gather_v(ps, send_bytes, pr, rb, ro), std::move(s),
+                  std::move(r), recv, x.recv_total);
+  }
+
+  Request start_broadcast(void* data, int64_t bytes, int32_t root) override {
+    try {
+      comm::check_broadcast(size(), data, bytes, root);
+    } catch (const Error&) {
+      return inner_->start_broadcast(data, bytes, root);
+    }
+    auto d = up(data, bytes);
+    uint8_t* p = d.data();
+    return staged(inner_->start_broadcast(p, bytes, root), {}, std::move(d), data, bytes);
+  }
+
+  Request start_barrier() override { return inner_->start_barrier(); }
+  bool agree(bool ok) override { return inner_->agree(ok); }
+  std::unique_ptr<Communicator> split(int32_t color, int32_t key) override {
+    auto child = inner_->split(color, key);
+    if (!child) return nullptr;
+    return std::make_unique<Staged>(std::move(child), make_cuda_backend(device_, plugin_path()));
+  }
+
+  int32_t device_ = 0;
+
+ private:
+  Buffer<uint8_t> up(const void* host, int64_t bytes) {
+    Buffer<uint8_t> b(*be_, static_cast<size_t>(bytes));
+    if (bytes > 0) be_->upload(b.data(), host, static_cast<size_t>(bytes));
+    return b;
+  }
+  Request staged(Request inner, Buffer<uint8_t> in, Buffer<uint8_t> out, void* host,
+                 int64_t bytes) {
+    const uint8_t* p = out.data();
+    std::vector<Buffer<uint8_t>> keep;
+    keep.push_back(std::move(in));
+    keep.push_back(std::move(out));
+    return std::make_unique<StagedRequest>(std::move(inner), *be_, std::move(keep), host, p,
+                                           static_cast<size_t>(bytes));
+  }
+
+  std::unique_ptr<Communicator> inner_;
+  std::unique_ptr<Backend> be_;
+};
+
+std::unique_ptr<Staged> staged_rank(const std::vector<uint8_t>& id, int32_t rank, int32_t size,
+                                    int32_t device) {
+  auto inner = make_nccl_communicator(id.data(), rank, size, device, 60.0, plugin_path());
+  auto s = std::make_unique<Staged>(std::move(inner), make_cuda_backend(device, plugin_path()));
+  s->device_ = device;
+  return s;
+}
+
+std::vector<uint8_t> fresh_id() {
+  std::vector<uint8_t> id(kNcclUniqueIdBytes);
+  nccl_unique_id(id.data(), plugin_path());
+  return id;
+}
+
+class NcclOneRank : public ::testing::TestWithParam<size_t> {};
+
+TEST_P(NcclOneRank, Case) {
+  const auto& c = testing::collective_cases()[GetParam()];
+  if (c.min_size > 1) GTEST_SKIP() << "needs " << c.min_size << " ranks";
+  if (c.checks_agreement) GTEST_SKIP() << "NCCL does not check that the ranks' sizes agree";
+  auto comm = staged_rank(fresh_id(), 0, 1, 0);
+  EXPECT_STREQ(comm->kind(), "nccl");
+  testing::run_on_rank(*comm, c.run);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, NcclOneRank,
+                         ::testing::Range<size_t>(0, testing::collective_cases().size()),
+                         [](const ::testing::TestParamInfo<size_t>& p) {
+                           return testing::collective_cases()[p.param].name;
+                         });
+
+TEST(Nccl, DeviceMemoryAndRefusals) {
+  auto comm = make_nccl_communicator(fresh_id().data(), 0, 1, 0, 60.0, plugin_path());
+  EXPECT_EQ(comm->memory(), CommMemory::Device);
+  EXPECT_EQ(comm->rank(), 0);
+  EXPECT_EQ(comm->size(), 1);
+  const auto id = fresh_id();
+  EXPECT_THROW(make_nccl_communicator(id.data(), 0, 1, 99, 60.0, plugin_path()), Error);
+}
+
+TEST(Nccl, TwoRanksOnTwoGpus) {
+  try {
+    make_cuda_backend(1, plugin_path());
+  } catch (const Error& e) {
+    GTEST_SKIP() << "needs two GPUs: " << e.what();
+  }
+  for (const auto& c : testing::collective_cases()) {
+    if (c.checks_agreement || c.tells_peers) continue;
+    SCOPED_TRACE(c.name);
+    const auto case_id = fresh_id();
+    std::vector<std::thread> threads;
+    for (int32_t r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          auto comm = staged_rank(case_id, r, 2, r);
+          testing::run_on_rank(*comm, c.run);
+        } catch (const std::exception& e) {
+          ADD_FAILURE() << "rank " << r << ": " << e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+  }
+}
+
+}  // namespace
+}  // namespace moert
+
+namespace moert_gpu_test {
+std::string gpu_unavailable_reason() {
+  try {
+    moert::make_cuda_backend(0, moert::plugin_path());
+    std::vector<uint8_t> id(moert::kNcclUniqueIdBytes);
+    moert::nccl_unique_id(id.data(), moert::plugin_path());
+    return "";
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+}
+}  // namespace moert_gpu_test
+
+int main(int argc, char** argv) { return moert_gpu_test::run(argc, argv); }
