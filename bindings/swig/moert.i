@@ -38,7 +38,7 @@
 #define MOERT_IN_ARRAYS(T)                                                            \
   (const T* in, uint64_t in_len), (const T* in, uint64_t len),                        \
       (const T* tokens, uint64_t num_tokens), (const T* targets, uint64_t num_targets), \
-      (const T* grad_out, uint64_t grad_out_len)
+      (const T* grad_out, uint64_t grad_out_len), (const T* row_mask, uint64_t mask_len)
 #define MOERT_OUT_ARRAYS(T)                                                       \
   (T* out, uint64_t out_len), (T* out, uint64_t len), (T* counts, uint64_t len),  \
       (T* grad_in, uint64_t grad_in_len), (T* stats, uint64_t stats_len),          \
@@ -76,6 +76,7 @@ MOERT_GO_SCALAR_OUT(double, float64)
 MOERT_GO_ARRAYS(float, float32)
 MOERT_GO_ARRAYS(int32_t, int32)
 MOERT_GO_ARRAYS(int64_t, int64)
+MOERT_GO_ARRAYS(uint8_t, byte)
 
 %typemap(gotype) (const void* data, size_t size) "[]byte"
 %typemap(in) (const void* data, size_t size) %{
@@ -361,6 +362,7 @@ MOERT_JAVA_SCALAR_OUT(double, jdouble, double, jdoubleArray, SetDoubleArrayRegio
 MOERT_JAVA_ARRAYS(float, java.nio.FloatBuffer, MOERT_JNI_FLOAT)
 MOERT_JAVA_ARRAYS(int32_t, java.nio.IntBuffer, MOERT_JNI_INT)
 MOERT_JAVA_ARRAYS(int64_t, java.nio.LongBuffer, MOERT_JNI_LONG)
+MOERT_JAVA_ARRAYS(uint8_t, java.nio.ByteBuffer, MOERT_JNI_BYTE)
 
 %typemap(jni) (const void* data, size_t size) "jobject"
 %typemap(jtype) (const void* data, size_t size) "java.nio.ByteBuffer"
