@@ -13,6 +13,7 @@ pub const MOERT_ERR_UNSUPPORTED: u32 = 5;
 pub const MOERT_ERR_INVALID_STATE: u32 = 6;
 pub const MOERT_ERR_NUMERIC: u32 = 7;
 pub const MOERT_ERR_INTERNAL: u32 = 8;
+pub const MOERT_ERR_COMM: u32 = 9;
 pub const MOERT_LAYER_EMBEDDING: u32 = 1;
 pub const MOERT_LAYER_RMSNORM: u32 = 2;
 pub const MOERT_LAYER_MOE: u32 = 3;
@@ -47,6 +48,7 @@ pub const MOERT_DEVICE_CPU: u32 = 0;
 pub const MOERT_DEVICE_CUDA: u32 = 1;
 pub const MOERT_MODE_INFERENCE: u32 = 0;
 pub const MOERT_MODE_TRAINING: u32 = 1;
+pub const MOERT_NCCL_UNIQUE_ID_BYTES: u32 = 128;
 pub const MOERT_COUNTS_LAST: u32 = 0;
 pub const MOERT_COUNTS_STEP: u32 = 1;
 pub const MOERT_COUNTS_EVAL: u32 = 2;
@@ -65,6 +67,8 @@ pub const MOERT_BATCHER_QUEUE_NS: u32 = 4;
 pub const MOERT_BATCHER_RUN_NS: u32 = 5;
 pub const MOERT_BATCHER_ISOLATED: u32 = 6;
 pub const MOERT_BATCHER_COUNTERS: u32 = 7;
+pub const MOERT_IGNORE_TARGET: i32 = -100;
+pub type __uint8_t = ::std::os::raw::c_uchar;
 pub type __int32_t = ::std::os::raw::c_int;
 pub type __uint32_t = ::std::os::raw::c_uint;
 pub type __int64_t = ::std::os::raw::c_long;
@@ -269,7 +273,25 @@ extern "C" {
 extern "C" {
     #[doc = " Backend knob by name. Known keys:"]
     #[doc = "   \"check_finite\"  \"true\" (default) | \"false\": refuse NaN or infinity in hidden-state inputs"]
-    #[doc = "                   with MOERT_ERR_NUMERIC before any work is done."]
+    #[doc = "                   and output gradients with MOERT_ERR_NUMERIC before any work is done, and"]
+    #[doc = "                   check results: a layer whose output holds a NaN or infinity although its"]
+    #[doc = "                   inputs were finite (a value exceeded the fp32 range: a hidden value of 1e38"]
+    #[doc = "                   times a weight of 10) fails the pass with MOERT_ERR_NUMERIC naming the layer,"]
+    #[doc = "                   row and column, and nothing of the pass is kept; so does an input gradient"]
+    #[doc = "                   (grad_in) that overflows. Where a limit exists it is computed instead of"]
+    #[doc = "                   NaN: softmax and sigmoid scores of infinite router logits, silu(-inf) = 0,"]
+    #[doc = "                   RMSNorm of values up to the fp32 maximum. \"false\" skips the checks (results"]
+    #[doc = "                   may then hold NaN or infinity)."]
+    #[doc = "   \"precision\"     what the MoE experts' GEMMs (routed and shared: forward, input and weight"]
+    #[doc = "                   gradients) multiply in: \"fp32\" (the CPU's default) or \"bf16\" (operands"]
+    #[doc = "                   rounded to bf16, sums in fp32; the CUDA default). The router, its bias, norms,"]
+    #[doc = "                   embedding, head, master weights and optimizer state stay fp32 either way; the"]
+    #[doc = "                   bf16 weight copies are refreshed after every optimizer step. On the CPU, bf16"]
+    #[doc = "                   runs on oneDNN's bf16 kernels where the CPU has AVX512-BF16 or AMX, and on"]
+    #[doc = "                   moert's own kernels (bf16 widened to fp32 in registers) elsewhere. A CUDA"]
+    #[doc = "                   session asked for \"fp32\" is refused with MOERT_ERR_UNSUPPORTED. Fixed at"]
+    #[doc = "                   moert_session_create(): moert_session_set_config() refuses a change with"]
+    #[doc = "                   MOERT_ERR_INVALID_STATE."]
     #[doc = "   \"cuda_plugin\"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads"]
     #[doc = "                   one plugin: a second, different path is refused)."]
     #[doc = "   and the training knobs listed under Training below."]
@@ -282,13 +304,108 @@ extern "C" {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct moert_comm {
+    _unused: [u8; 0],
+}
+extern "C" {
+    #[doc = " Creates an MPI communicator over a duplicate of the host's communicator: `mpi_comm` points at"]
+    #[doc = " the host's MPI_Comm handle (for example &MPI_COMM_WORLD or &my_comm), or is NULL for"]
+    #[doc = " MPI_COMM_WORLD. Collective over that MPI communicator. The host's communicator need not stay"]
+    #[doc = " alive afterwards: moert works on its own duplicate."]
+    #[doc = ""]
+    #[doc = " MPI's lifetime: when nobody has initialised MPI, moert initialises it (MPI_Init_thread with"]
+    #[doc = " MPI_THREAD_MULTIPLE, on its progress thread; Open MPI's own signal handlers are removed again"]
+    #[doc = " so the host's stay) and finalises it when the last moert communicator is freed -- the last"]
+    #[doc = " moert_comm_free() or the free of the last session or options holding one -- which waits for"]
+    #[doc = " MPI_Finalize. MPI cannot be initialised twice in a process: a communicator created after that"]
+    #[doc = " fails with MOERT_ERR_INVALID_STATE, so a host that creates communicators one after another"]
+    #[doc = " keeps one alive in between. After a timeout moert does not finalise MPI (MPI_Finalize would"]
+    #[doc = " wait for a peer that may be dead); the process then exits without it. When the host has"]
+    #[doc = " initialised MPI itself, it must have asked for MPI_THREAD_MULTIPLE (MOERT_ERR_UNSUPPORTED"]
+    #[doc = " otherwise, naming the level it got), must use the Open MPI the plugin was built against"]
+    #[doc = " (another MPI library in the process is refused with MOERT_ERR_UNSUPPORTED), must free every"]
+    #[doc = " moert communicator before it calls MPI_Finalize, and keeps MPI finalisation to itself."]
+    #[doc = ""]
+    #[doc = " MOERT_ERR_UNSUPPORTED when the plugin is missing (moert built without Open MPI) or MPI cannot"]
+    #[doc = " be used as above; MOERT_ERR_COMM when the duplication does not complete within the default"]
+    #[doc = " timeout. On success *out receives a communicator the caller frees with moert_comm_free()."]
+    pub fn moert_comm_create_mpi(
+        mpi_comm: *const ::std::os::raw::c_void,
+        out: *mut *mut moert_comm,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Writes a fresh NCCL unique id (MOERT_NCCL_UNIQUE_ID_BYTES bytes) into `out` (`out_len` bytes,"]
+    #[doc = " at least MOERT_NCCL_UNIQUE_ID_BYTES). Rank 0 calls it and ships the bytes to the other ranks"]
+    #[doc = " by any means (MPI, a file, a socket), as NCCL itself asks. Loads the CUDA plugin;"]
+    #[doc = " MOERT_ERR_UNSUPPORTED when it or its NCCL is missing."]
+    pub fn moert_comm_nccl_unique_id(out: *mut u8, out_len: u64) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Creates rank `rank` of an NCCL communicator of `size` ranks on CUDA device `device`, from the"]
+    #[doc = " unique id in `in` (`in_len` = MOERT_NCCL_UNIQUE_ID_BYTES) that every rank passes. Collective"]
+    #[doc = " over the `size` ranks (each a process, or a thread with its own device); bounded by the default"]
+    #[doc = " timeout. NCCL refuses two ranks on one GPU. MOERT_ERR_UNSUPPORTED where the CUDA plugin, NCCL"]
+    #[doc = " or a usable GPU is missing. Free with moert_comm_free()."]
+    pub fn moert_comm_create_nccl(
+        in_: *const u8,
+        in_len: u64,
+        rank: i32,
+        size: i32,
+        device: i32,
+        out: *mut *mut moert_comm,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Releases the caller's reference. Accepts NULL. Not collective. Session options and sessions"]
+    #[doc = " that hold the communicator keep it alive; the last reference ends it (and may finalise MPI,"]
+    #[doc = " see moert_comm_create_mpi()). Must not race with another call on the same handle."]
+    pub fn moert_comm_free(comm: *mut moert_comm);
+}
+extern "C" {
+    #[doc = " This process's rank in [0, size) and the number of ranks. Not collective."]
+    pub fn moert_comm_rank(comm: *const moert_comm, out: *mut i32) -> *mut moert_status;
+}
+extern "C" {
+    pub fn moert_comm_size(comm: *const moert_comm, out: *mut i32) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Seconds every collective of this communicator waits before it fails with MOERT_ERR_COMM and"]
+    #[doc = " breaks the communicator: > 0 and at most a year; the default is 600. Local (each rank sets its"]
+    #[doc = " own); applies to the collectives that start afterwards, those of sessions holding the"]
+    #[doc = " communicator included."]
+    pub fn moert_comm_set_timeout(comm: *mut moert_comm, seconds: f64) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Blocks until every rank has called it. Collective. MOERT_ERR_COMM on timeout or when the"]
+    #[doc = " communicator is broken."]
+    pub fn moert_comm_barrier(comm: *mut moert_comm) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Attaches `comm` to the options with an expert-parallel size `expert_parallel` (EP >= 1 that"]
+    #[doc = " divides the communicator's size; the data-parallel size is size / EP): sessions created from"]
+    #[doc = " these options will shard every MoE layer's routed experts over EP ranks and replicate the rest"]
+    #[doc = " over size / EP. The options keep a reference to the communicator (the caller may free its"]
+    #[doc = " handle). `comm` NULL with expert_parallel 1 detaches it. Creating a session is collective over"]
+    #[doc = " the communicator. Expert and data parallelism are not implemented yet: moert_session_create()"]
+    #[doc = " refuses a communicator of more than one rank with MOERT_ERR_UNSUPPORTED."]
+    pub fn moert_session_options_set_comm(
+        options: *mut moert_session_options,
+        comm: *mut moert_comm,
+        expert_parallel: i32,
+    ) -> *mut moert_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct moert_session {
     _unused: [u8; 0],
 }
 extern "C" {
     #[doc = " Creates a session over `model` with `options` (NULL: defaults). The session keeps what it needs"]
     #[doc = " of the model: the model may be freed afterwards. Free with moert_session_free()."]
-    #[doc = " MOERT_ERR_UNSUPPORTED when the options ask for a device or mode this build cannot serve."]
+    #[doc = " MOERT_ERR_UNSUPPORTED when the options ask for a device or mode this build cannot serve;"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT for a training session over a model with a MoE router that cannot"]
+    #[doc = " learn (top_k = 1 with normalize_weights: every gate weight is then a constant)."]
     pub fn moert_session_create(
         model: *const moert_model,
         options: *const moert_session_options,
@@ -319,6 +436,40 @@ extern "C" {
         session: *mut moert_session,
         in_: *const f32,
         in_len: u64,
+        rows: u64,
+        out: *mut f32,
+        out_len: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Forward passes over padded batches: as moert_session_forward_tokens() and"]
+    #[doc = " moert_session_forward_hidden(), with `row_mask` holding one byte per row (`mask_len` = rows):"]
+    #[doc = " nonzero for a row that takes part, 0 for padding. A padding row's input is ignored (it is not"]
+    #[doc = " checked: a pad id outside the vocabulary or an uninitialised row is fine); it is not routed and"]
+    #[doc = " not counted in any expert count, MaxVio or loss-free bias update; its output row is all zeros;"]
+    #[doc = " backward gives it a zero input gradient and takes nothing from its output gradient or target;"]
+    #[doc = " it enters neither the auxiliary losses (a sequence of the sequence-wise loss keeps only its"]
+    #[doc = " rows that take part) nor the mean of moert_session_backward_loss(). Results for the other rows"]
+    #[doc = " are those of a pass over them alone. A mask of all zeros is allowed: outputs are zero and the"]
+    #[doc = " pass counts nothing. `row_mask` is read during the call only."]
+    pub fn moert_session_forward_tokens_masked(
+        session: *mut moert_session,
+        tokens: *const i32,
+        num_tokens: u64,
+        row_mask: *const u8,
+        mask_len: u64,
+        rows: u64,
+        out: *mut f32,
+        out_len: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    pub fn moert_session_forward_hidden_masked(
+        session: *mut moert_session,
+        in_: *const f32,
+        in_len: u64,
+        row_mask: *const u8,
+        mask_len: u64,
         rows: u64,
         out: *mut f32,
         out_len: u64,
@@ -465,10 +616,19 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Softmax cross-entropy of the last training-mode forward pass's logits against `targets` (one id"]
-    #[doc = " per row, `num_targets` = rows), averaged over rows, plus the auxiliary balancing losses of the"]
-    #[doc = " MoE layers; gradients of all parameters are accumulated. *loss (may be NULL) receives the loss."]
-    #[doc = " Needs an OutputHead as the last layer, and one backward per forward (MOERT_ERR_INVALID_STATE)."]
+    #[doc = " Softmax cross-entropy of the last forward pass's logits against `targets` (one id per row,"]
+    #[doc = " `num_targets` = rows), averaged over the rows that take part (not padding) and whose target is"]
+    #[doc = " not MOERT_IGNORE_TARGET (a loss of 0 and no loss gradient when there are none), plus the"]
+    #[doc = " auxiliary balancing losses of the MoE layers; gradients of all parameters are accumulated."]
+    #[doc = " *loss (may be NULL) receives the loss. Needs an OutputHead as the last layer."]
+    #[doc = ""]
+    #[doc = " Both backward functions use the last forward pass, which must have been a training-mode pass"]
+    #[doc = " with no backward yet: an eval-mode forward, moert_session_zero_grad(), moert_session_load() or"]
+    #[doc = " a failed forward since then discards it (MOERT_ERR_INVALID_STATE). A backward refused before it"]
+    #[doc = " starts (wrong sizes, a bad target, a NaN in grad_out) leaves everything as it was and may be"]
+    #[doc = " retried; one that fails after it has begun (out of memory, an input gradient that overflows)"]
+    #[doc = " has accumulated part of its gradient, so moert_session_step() refuses the step, with that"]
+    #[doc = " failure's code, until moert_session_zero_grad() discards it."]
     pub fn moert_session_backward_loss(
         session: *mut moert_session,
         targets: *const i32,
@@ -477,10 +637,12 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Backward from a caller-given gradient of the last training-mode forward pass's outputs"]
-    #[doc = " (`grad_out`, rows * output_width floats). When `grad_in` is not NULL (hidden-state models only)"]
-    #[doc = " it receives the gradient of the inputs (`grad_in_len` = rows * input_width). *aux_loss (may be"]
-    #[doc = " NULL) receives the auxiliary balancing losses, whose gradients are included."]
+    #[doc = " Backward from a caller-given gradient of the last forward pass's outputs (`grad_out`,"]
+    #[doc = " rows * output_width floats; padding rows' values are ignored). When `grad_in` is not NULL"]
+    #[doc = " (hidden-state models only) it receives the gradient of the inputs (`grad_in_len` ="]
+    #[doc = " rows * input_width; zero on padding rows). *aux_loss (may be NULL) receives the auxiliary"]
+    #[doc = " balancing losses, whose gradients are included. See moert_session_backward_loss() for which"]
+    #[doc = " pass it uses and what a failure leaves."]
     pub fn moert_session_backward(
         session: *mut moert_session,
         grad_out: *const f32,
@@ -491,7 +653,10 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Zeroes the accumulated gradients and the micro-batch count."]
+    #[doc = " Starts a step afresh: zeroes the accumulated gradients and the micro-batch count, and discards"]
+    #[doc = " everything else of the step so far — the token counts of its forward passes (the loss-free"]
+    #[doc = " bias update uses only passes after this call), a forward pass waiting for its backward, and a"]
+    #[doc = " failed backward's refusal of the step."]
     pub fn moert_session_zero_grad(session: *mut moert_session) -> *mut moert_status;
 }
 extern "C" {
@@ -500,7 +665,9 @@ extern "C" {
     #[doc = " update of every MoE layer from the integer token counts of the step,"]
     #[doc = " b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and"]
     #[doc = " *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before"]
-    #[doc = " clipping. MOERT_ERR_NUMERIC (parameters unchanged) when the gradient is not finite."]
+    #[doc = " clipping. MOERT_ERR_NUMERIC when the gradient is not finite: parameters, biases and counts are"]
+    #[doc = " unchanged, and the step's counts wait for a retry — moert_session_zero_grad() discards them."]
+    #[doc = " Refused too (with the failure's code) after a backward of this step failed midway."]
     pub fn moert_session_step(
         session: *mut moert_session,
         lr: *mut f64,
