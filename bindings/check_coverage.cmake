@@ -21,8 +21,10 @@ file(STRINGS ${HEADER} define_lines REGEX "^#define MOERT_[A-Z0-9_]+[ \t]")
 set(constants "")
 foreach(line IN LISTS define_lines)
   string(REGEX MATCH "^#define (MOERT_[A-Z0-9_]+)" _ "${line}")
-  if(NOT CMAKE_MATCH_1 MATCHES "^MOERT_(API|MOERT_H)$")
-    list(APPEND constants ${CMAKE_MATCH_1})
+  # Copied first: a failed if(MATCHES) clears CMAKE_MATCH_1.
+  set(name ${CMAKE_MATCH_1})
+  if(NOT name MATCHES "^MOERT_(API|MOERT_H)$")
+    list(APPEND constants ${name})
   endif()
 endforeach()
 

@@ -1,6 +1,10 @@
 package moert
 
-import "moert.dev/moert/internal/capi"
+import (
+	"fmt"
+
+	"moert.dev/moert/internal/capi"
+)
 
 // LayerKind is the kind of a model layer (MOERT_LAYER_*).
 type LayerKind int32
@@ -92,3 +96,16 @@ const (
 
 // AllLayers selects every MoE layer where a method takes a layer index and says so.
 const AllLayers int = int(capi.MOERT_ALL_LAYERS)
+
+// IgnoreTarget is a target that takes no part in BackwardLoss's loss (PyTorch's ignore_index).
+// moert.h defines it in parentheses, which SWIG hands over as a run-time value, not a Go
+// constant; this package states it as a constant and checks it against the header's at load.
+const IgnoreTarget int32 = -100
+
+func init() {
+	if int(IgnoreTarget) != capi.MOERT_IGNORE_TARGET && abiErr == nil {
+		abiErr = &Error{Code: ErrUnsupported, Message: fmt.Sprintf(
+			"moert.h defines MOERT_IGNORE_TARGET as %d, this package as %d",
+			capi.MOERT_IGNORE_TARGET, IgnoreTarget)}
+	}
+}

@@ -40,6 +40,21 @@ func ownBytes(s []byte) []byte {
 	return c
 }
 
+// ownMask is a pointer-free byte copy of a row mask, one byte per row: 1 for true, 0 for false
+// (nil stays nil, which the library refuses as a missing mask).
+func ownMask(mask []bool) []byte {
+	if mask == nil {
+		return nil
+	}
+	c := make([]byte, len(mask))
+	for i, v := range mask {
+		if v {
+			c[i] = 1
+		}
+	}
+	return c
+}
+
 // scratchFloats is a pointer-free buffer of len(out) to receive an output that is then copied
 // into out; nil for nil.
 func scratchFloats(out []float32) []float32 {

@@ -156,6 +156,74 @@ func (s *Session) ForwardHiddenInto(in []float32, rows int, out []float32) error
 	return nil
 }
 
+// ForwardTokensMasked is ForwardTokens over a padded batch: mask holds one value per row, true
+// for a row that takes part and false for padding. A padding row's ids are not read (a pad id
+// outside the vocabulary is fine); the row is not routed, counted or balanced, its output row
+// is zero, and it takes no part in Backward or BackwardLoss. The other rows get exactly the
+// outputs of a pass over them alone. A mask of another length than rows is an error.
+func (s *Session) ForwardTokensMasked(tokens []int32, mask []bool, rows int) ([]float32, error) {
+	if rows < 0 {
+		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	}
+	out := make([]float32, rows*s.io.OutputWidth)
+	in, m := ownInts(tokens), ownMask(mask)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_forward_tokens_masked(s.ptr, in, m, uint64(rows), out)
+	}); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// ForwardTokensMaskedInto is ForwardTokensMasked writing into out (rows*OutputWidth values).
+// tokens, mask and out may lie in any Go memory (see memory.go); out is written only on success.
+func (s *Session) ForwardTokensMaskedInto(tokens []int32, mask []bool, rows int, out []float32) error {
+	if rows < 0 {
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	}
+	in, m, dst := ownInts(tokens), ownMask(mask), scratchFloats(out)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_forward_tokens_masked(s.ptr, in, m, uint64(rows), dst)
+	}); err != nil {
+		return err
+	}
+	copy(out, dst)
+	return nil
+}
+
+// ForwardHiddenMasked is ForwardHidden over a padded batch, with mask as for
+// ForwardTokensMasked: a padding row's values are not read (NaN or garbage is fine) and its
+// output row is zero; the input gradient Backward gives it is zero.
+func (s *Session) ForwardHiddenMasked(in []float32, mask []bool, rows int) ([]float32, error) {
+	if rows < 0 {
+		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	}
+	out := make([]float32, rows*s.io.OutputWidth)
+	src, m := ownFloats(in), ownMask(mask)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_forward_hidden_masked(s.ptr, src, m, uint64(rows), out)
+	}); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// ForwardHiddenMaskedInto is ForwardHiddenMasked writing into out (rows*OutputWidth values). in,
+// mask and out may lie in any Go memory (see memory.go); out is written only on success.
+func (s *Session) ForwardHiddenMaskedInto(in []float32, mask []bool, rows int, out []float32) error {
+	if rows < 0 {
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	}
+	src, m, dst := ownFloats(in), ownMask(mask), scratchFloats(out)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_forward_hidden_masked(s.ptr, src, m, uint64(rows), dst)
+	}); err != nil {
+		return err
+	}
+	copy(out, dst)
+	return nil
+}
+
 // numExperts is the routed expert count of MoE layer l.
 func (s *Session) numExperts(l int) (uint32, int, error) {
 	n, ok := s.experts[l]
@@ -202,7 +270,8 @@ func (s *Session) ResetMetrics() error {
 
 // BackwardLoss takes the softmax cross-entropy of the last training forward pass's logits
 // against targets (one id per row), plus the auxiliary balancing losses, accumulates every
-// gradient and returns the loss.
+// gradient and returns the loss. The cross-entropy is the mean over the rows that take part (not
+// padding of a masked pass) whose target is not IgnoreTarget.
 func (s *Session) BackwardLoss(targets []int32) (float64, error) {
 	var loss float64
 	t := ownInts(targets)

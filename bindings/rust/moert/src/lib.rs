@@ -292,6 +292,9 @@ impl Scope {
 /// Selects every MoE layer where a method takes a layer index and says so.
 pub const ALL_LAYERS: u32 = sys::MOERT_ALL_LAYERS;
 
+/// A target that takes no part in [`Session::backward_loss`] (PyTorch's `ignore_index`).
+pub const IGNORE_TARGET: i32 = sys::MOERT_IGNORE_TARGET;
+
 // ---- Model -------------------------------------------------------------------------------------
 
 /// One layer of a model.
@@ -696,6 +699,83 @@ impl Session {
         })
     }
 
+    /// Forward over a padded batch of token ids: `row_mask` holds one value per row, `true` for a
+    /// row that takes part and `false` for padding. A padding row's ids are not read (a pad id
+    /// outside the vocabulary is fine); it is not routed or counted, its output row is zero, and
+    /// it takes no part in [`Session::backward`] or [`Session::backward_loss`]. The other rows get
+    /// exactly the outputs of a pass over them alone. A mask of another length than `rows` is an
+    /// error.
+    pub fn forward_tokens_masked(
+        &self,
+        tokens: &[i32],
+        row_mask: &[bool],
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.out_len(rows)?];
+        self.forward_tokens_masked_into(tokens, row_mask, rows, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Session::forward_tokens_masked`], into `out` (rows * output_width values).
+    pub fn forward_tokens_masked_into(
+        &self,
+        tokens: &[i32],
+        row_mask: &[bool],
+        rows: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        // SAFETY: slices with their true lengths; a bool has the size and alignment of a u8 and
+        // the value 0 or 1, so the mask is a valid array of uint8_t.
+        check(unsafe {
+            sys::moert_session_forward_tokens_masked(
+                self.raw(),
+                tokens.as_ptr(),
+                tokens.len() as u64,
+                row_mask.as_ptr().cast::<u8>(),
+                row_mask.len() as u64,
+                rows as u64,
+                out.as_mut_ptr(),
+                out.len() as u64,
+            )
+        })
+    }
+
+    /// As [`Session::forward_tokens_masked`], from hidden states: a padding row's values are not
+    /// read (NaN is fine), and [`Session::backward`] gives it a zero input gradient.
+    pub fn forward_hidden_masked(
+        &self,
+        input: &[f32],
+        row_mask: &[bool],
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.out_len(rows)?];
+        self.forward_hidden_masked_into(input, row_mask, rows, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Session::forward_hidden_masked`], into `out`.
+    pub fn forward_hidden_masked_into(
+        &self,
+        input: &[f32],
+        row_mask: &[bool],
+        rows: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        // SAFETY: as in forward_tokens_masked_into.
+        check(unsafe {
+            sys::moert_session_forward_hidden_masked(
+                self.raw(),
+                input.as_ptr(),
+                input.len() as u64,
+                row_mask.as_ptr().cast::<u8>(),
+                row_mask.len() as u64,
+                rows as u64,
+                out.as_mut_ptr(),
+                out.len() as u64,
+            )
+        })
+    }
+
     fn num_experts(&self, layer: u32) -> Result<usize> {
         self.experts
             .get(&layer)
@@ -735,6 +815,8 @@ impl Session {
 
     /// Cross-entropy of the last training forward pass's logits against `targets` (one id per
     /// row) plus the auxiliary balancing losses; accumulates every gradient; returns the loss.
+    /// The cross-entropy is the mean over the rows that take part (not padding of a masked pass)
+    /// whose target is not [`IGNORE_TARGET`].
     pub fn backward_loss(&self, targets: &[i32]) -> Result<f64> {
         let mut loss = 0f64;
         // SAFETY: a slice with its true length and a valid out-pointer.

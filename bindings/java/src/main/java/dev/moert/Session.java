@@ -1,5 +1,6 @@
 package dev.moert;
 
+import java.nio.ByteBuffer;
 import java.nio.FloatBuffer;
 import java.nio.IntBuffer;
 import java.nio.LongBuffer;
@@ -100,6 +101,60 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
     dst.finish();
   }
 
+  /**
+   * Forward over a padded batch of token ids: rowMask holds one value per row, true for a row that
+   * takes part and false for padding. A padding row's ids are not read (a pad id outside the
+   * vocabulary is fine); it is not routed or counted, its output row is zero, and it takes no
+   * part in backward or backwardLoss. The other rows get exactly the outputs of a pass over them
+   * alone. A mask of another length than rows is an error.
+   */
+  public float[] forwardTokensMasked(int[] tokens, boolean[] rowMask, int rows) {
+    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    forwardTokensMasked(IntBuffer.wrap(tokens), mask(rowMask), rows, FloatBuffer.wrap(out));
+    return out;
+  }
+
+  /**
+   * As {@link #forwardTokensMasked(int[], boolean[], int)}, from and into buffers of any kind (see
+   * the class comment); rowMask holds one byte per row, nonzero for a row that takes part.
+   */
+  public void forwardTokensMasked(IntBuffer tokens, ByteBuffer rowMask, int rows, FloatBuffer out) {
+    IntBuffer in = Buffers.in(tokens);
+    ByteBuffer mask = Buffers.in(rowMask);
+    Buffers.FloatOut dst = new Buffers.FloatOut(out);
+    try (Use u = use()) {
+      MoertException.check(
+          Capi.moert_session_forward_tokens_masked(
+              u.ptr(), in, mask, checkRows(rows), dst.buffer));
+    }
+    dst.finish();
+  }
+
+  /**
+   * As {@link #forwardTokensMasked(int[], boolean[], int)}, from hidden states: a padding row's
+   * values are not read (NaN is fine), and backward gives it a zero input gradient.
+   */
+  public float[] forwardHiddenMasked(float[] in, boolean[] rowMask, int rows) {
+    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    forwardHiddenMasked(FloatBuffer.wrap(in), mask(rowMask), rows, FloatBuffer.wrap(out));
+    return out;
+  }
+
+  /**
+   * As {@link #forwardTokensMasked(IntBuffer, ByteBuffer, int, FloatBuffer)}, from hidden states.
+   */
+  public void forwardHiddenMasked(FloatBuffer in, ByteBuffer rowMask, int rows, FloatBuffer out) {
+    FloatBuffer src = Buffers.in(in);
+    ByteBuffer mask = Buffers.in(rowMask);
+    Buffers.FloatOut dst = new Buffers.FloatOut(out);
+    try (Use u = use()) {
+      MoertException.check(
+          Capi.moert_session_forward_hidden_masked(
+              u.ptr(), src, mask, checkRows(rows), dst.buffer));
+    }
+    dst.finish();
+  }
+
   // ---- Metrics -------------------------------------------------------------------------------
 
   /** Tokens per expert of MoE layer `layer` in scope ({@code CapiConstants.MOERT_COUNTS_*}). */
@@ -136,7 +191,9 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /**
    * Cross-entropy of the last training forward pass's logits against targets (one id per row)
-   * plus the auxiliary balancing losses; accumulates every gradient and returns the loss.
+   * plus the auxiliary balancing losses; accumulates every gradient and returns the loss. The
+   * cross-entropy is the mean over the rows that take part (not padding of a masked pass) whose
+   * target is not {@code CapiConstants.MOERT_IGNORE_TARGET}.
    */
   public double backwardLoss(int[] targets) {
     return backwardLoss(IntBuffer.wrap(targets));
@@ -359,6 +416,15 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
       throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows " + rows);
     }
     return rows;
+  }
+
+  /** One byte per row: 1 for a row that takes part, 0 for padding. */
+  private static ByteBuffer mask(boolean[] rows) {
+    byte[] bytes = new byte[rows.length];
+    for (int i = 0; i < rows.length; i++) {
+      bytes[i] = (byte) (rows[i] ? 1 : 0);
+    }
+    return ByteBuffer.wrap(bytes);
   }
 
   private int numExperts(int layer) {
