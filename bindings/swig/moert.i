@@ -38,7 +38,7 @@
 #define MOERT_IN_ARRAYS(T)                                                            \
   (const T* in, uint64_t in_len), (const T* in, uint64_t len),                        \
       (const T* tokens, uint64_t num_tokens), (const T* targets, uint64_t num_targets), \
-      (const T* grad_out, uint64_t grad_out_len)
+      (const T* grad_out, uint64_t grad_out_len), (const T* row_mask, uint64_t mask_len)
 #define MOERT_OUT_ARRAYS(T)                                                       \
   (T* out, uint64_t out_len), (T* out, uint64_t len), (T* counts, uint64_t len),  \
       (T* grad_in, uint64_t grad_in_len), (T* stats, uint64_t stats_len),          \
