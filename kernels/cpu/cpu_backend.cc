@@ -10,12 +10,15 @@
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math.h"
+#include "kernels/cpu/optimizer.h"
 #include "kernels/cpu/router.h"
 
 namespace moert::cpu {
 namespace {
 
 int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+constexpr int64_t kElementBlock = int64_t{1} << 15;
 
 // Fills the token-major view of a plan from its expert-major lists, and the offsets' copy.
 void index_by_token(Allocator& mem, DispatchPlan& plan) {
@@ -378,34 +381,40 @@ void CpuBackend::cross_entropy(const float* logits, const int32_t* targets, int6
 
 // ---- Optimizer
 
+// Elementwise work is cut into blocks of kElementBlock: parallel, and for sums a fixed order of
+// fixed partials, whatever the thread count.
 double CpuBackend::sum_squares(const float* x, int64_t n) {
-  double sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) sq += static_cast<double>(x[i]) * x[i];
-  return sq;
+  const int64_t nb = blocks(n, kElementBlock);
+  std::vector<double> partial(static_cast<size_t>(nb));
+  pool_.parallel_for(nb, [&](int64_t b, unsigned) {
+    const int64_t i = b * kElementBlock;
+    partial[static_cast<size_t>(b)] = sum_squares_lanes(x + i, std::min(kElementBlock, n - i));
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
 }
 
 void CpuBackend::adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr,
                        double beta1, double beta2, double eps, double wd, double gscale, double bc1,
                        double bc2) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double gi = g[i] * gscale;
-    const double mi = beta1 * m[i] + (1.0 - beta1) * gi;
-    const double vi = beta2 * v[i] + (1.0 - beta2) * gi * gi;
-    m[i] = static_cast<float>(mi);
-    v[i] = static_cast<float>(vi);
-    const double update = (mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i];
-    p[i] = static_cast<float>(p[i] - lr * update);
-  }
+  const AdamW a{lr, beta1, beta2, eps, wd, gscale, bc1, bc2};
+  pool_.parallel_for(blocks(n, kElementBlock), [&](int64_t b, unsigned) {
+    const int64_t i = b * kElementBlock;
+    adamw_update(a, p + i, g + i, m + i, v + i, std::min(kElementBlock, n - i));
+  });
 }
 
 void CpuBackend::sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum,
                      double wd, double gscale) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double gi = g[i] * gscale + wd * p[i];
-    const double buf = momentum * m[i] + gi;
-    m[i] = static_cast<float>(buf);
-    p[i] = static_cast<float>(p[i] - lr * buf);
-  }
+  pool_.parallel_for(blocks(n, kElementBlock), [&](int64_t b, unsigned) {
+    for (int64_t i = b * kElementBlock; i < std::min(n, (b + 1) * kElementBlock); ++i) {
+      const double gi = g[i] * gscale + wd * p[i];
+      const double buf = momentum * m[i] + gi;
+      m[i] = static_cast<float>(buf);
+      p[i] = static_cast<float>(p[i] - lr * buf);
+    }
+  });
 }
 
 }  // namespace moert::cpu
