@@ -358,20 +358,26 @@ void CpuBackend::cross_entropy(const float* logits, const int32_t* targets, int6
                                std::vector<double>& chunk_loss) {
   const int64_t J = reduce_chunks(rows);
   chunk_loss.assign(static_cast<size_t>(J), 0.0);
-  pool_.parallel_for(J, [&](int64_t j, unsigned) {
+  pool_.parallel_for(J, [&](int64_t j, unsigned worker) {
     const int64_t r0 = j * kReduceRows, n = chunk_rows(rows, j);
     double loss = 0.0;
     for (int64_t r = r0; r < r0 + n; ++r) {
       const float* z = logits + r * vocab;
       const float mx = *std::max_element(z, z + vocab);
+      // e^(z - max) once per logit, kept for the gradient (softmax = e / sum).
+      auto& e = scratch_[worker].bytes;
+      e.resize(static_cast<size_t>(vocab) * sizeof(double));
+      double* ev = reinterpret_cast<double*>(e.data());
       double sum = 0.0;
-      for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(z[v] - mx));
-      const double lse = mx + std::log(sum);
-      loss += lse - z[targets[r]];
+      for (int64_t v = 0; v < vocab; ++v) {
+        ev[v] = std::exp(static_cast<double>(z[v] - mx));
+        sum += ev[v];
+      }
+      loss += mx + std::log(sum) - z[targets[r]];
       if (dlogits) {
         float* g = dlogits + r * vocab;
-        for (int64_t v = 0; v < vocab; ++v)
-          g[v] = static_cast<float>(scale * std::exp(static_cast<double>(z[v]) - lse));
+        const double s = scale / sum;
+        for (int64_t v = 0; v < vocab; ++v) g[v] = static_cast<float>(s * ev[v]);
         g[targets[r]] -= scale;
       }
     }
