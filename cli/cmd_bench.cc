@@ -9,7 +9,6 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
@@ -62,6 +61,10 @@ const CommandSpec kBenchSpec = {
         {"repeats", "N", "timed runs per figure", "5"},
         {"seed", "N", "seed of the weights and inputs", "1"},
         {"no-libraries", "", "skip the GEMM libraries (the baseline is then missing)", ""},
+        {"cpu-time", "",
+         "time by the process's CPU time / threads instead of wall time (a machine shared with "
+         "other jobs)",
+         ""},
         {"decode", "", "also time decode-sized batches of a large bf16 layer", ""},
         {"decode-dim", "N", "width of the decode layer", "7168"},
         {"decode-experts", "N", "routed experts of the decode layer", "32"},
@@ -127,9 +130,9 @@ double time_median(int repeats, F&& pass) {
   pass();
   std::vector<double> t;
   for (int i = 0; i < repeats; ++i) {
-    const auto a = std::chrono::steady_clock::now();
+    const double a = bench_clock();
     pass();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+    t.push_back(bench_clock() - a);
   }
   return median(t);
 }
@@ -339,6 +342,7 @@ int run_bench(const Args& args) {
   config.threads = static_cast<uint32_t>(args.integer("threads", 2, 1, 1024));
   config.seed = seed;
   const unsigned threads = config.threads;
+  use_cpu_time(args.has("cpu-time"), threads);
   Dims dd = d;
   dd.dim = u("decode-dim", 7168, 7168, 1);
   dd.experts = u("decode-experts", 32, 32, 2);
@@ -403,6 +407,7 @@ int run_bench(const Args& args) {
         << ", \"error_fprop\": " << json_number(acc.fprop)
         << ", \"error_dgrad\": " << json_number(acc.dgrad) << "},\n";
     o << " \"device\": " << json_string(device) << ", \"threads\": " << threads
+      << ", \"clock\": " << json_string(using_cpu_time() ? "cpu" : "wall")
       << ", \"cpu\": " << json_string(cpu_name()) << ", \"isa\": " << json_string(isa.dnnl)
       << ", \"bf16_kernels\": " << json_string(isa.bf16_kernels) << ", \"tokens\": " << d.tokens
       << ", \"dim\": " << d.dim << ", \"experts\": " << d.experts << ", \"top_k\": " << d.top_k
@@ -440,6 +445,9 @@ int run_bench(const Args& args) {
   std::printf("moert bench on %s: %s, %u CPUs; %u thread%s\n", device.c_str(), cpu_name().c_str(),
               cpu_count(), threads, threads == 1 ? "" : "s");
   std::printf("oneDNN ISA: %s; bf16 GEMMs: %s\n", isa.dnnl.c_str(), isa.bf16_kernels.c_str());
+  if (using_cpu_time())
+    std::printf("times: process CPU time / %u thread%s (--cpu-time), not wall time\n", threads,
+                threads == 1 ? "" : "s");
   std::printf(
       "machine limits, measured now: fp32 FMA peak %.1f GFLOP/s (%s); memory read %.1f GB/s\n\n",
       peak.gflops, peak.how.c_str(), bandwidth);
