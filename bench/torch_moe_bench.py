@@ -44,6 +44,9 @@ def parse():
     ap.add_argument("--shared-hidden", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time both sides by process CPU time / threads (a machine shared with "
+                         "other jobs; see moert bench --help)")
     # Internal: run in a child process under a chosen BLAS.
     ap.add_argument("--probe-gemm", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--measure", type=int, default=0, help=argparse.SUPPRESS)
@@ -55,7 +58,7 @@ def moert_figures(a):
            "--dim", str(a.dim), "--experts", str(a.experts), "--top-k", str(a.top_k),
            "--expert-hidden", str(a.expert_hidden), "--shared", str(a.shared),
            "--shared-hidden", str(a.shared_hidden), "--repeats", str(a.repeats),
-           "--seed", str(a.seed)]
+           "--seed", str(a.seed)] + (["--cpu-time"] if a.cpu_time else [])
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as e:
@@ -65,13 +68,22 @@ def moert_figures(a):
     return json.loads(done.stdout)
 
 
+CLOCK = {"cpu": False, "threads": 1}
+
+
+def clock():
+    if CLOCK["cpu"]:
+        return time.process_time() / CLOCK["threads"]
+    return time.perf_counter()
+
+
 def median_time(repeats, fn):
     fn()  # warm-up, as moert bench does
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
@@ -98,6 +110,8 @@ def child(a, flag, blas_dir, gemm_width=0):
     for k in ("threads", "tokens", "dim", "experts", "top_k", "expert_hidden", "shared",
               "shared_hidden", "repeats", "seed"):
         cmd += ["--" + k.replace("_", "-"), str(getattr(a, k))]
+    if a.cpu_time:
+        cmd.append("--cpu-time")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         return None
@@ -198,6 +212,8 @@ def measure(a, gemm_width, probe_only):
 
 def main():
     a = parse()
+    CLOCK["cpu"] = a.cpu_time
+    CLOCK["threads"] = a.threads
     try:
         import torch  # noqa: F401
     except ImportError as e:
@@ -233,7 +249,8 @@ def main():
     print(f"MoE layer d={D}, {E} experts x hidden {H}, top-{K}, {S} shared x hidden {HS}; "
           f"{T} tokens; {a.threads} thread{'s' if a.threads != 1 else ''}; median of {a.repeats}")
     print(f"machine: {m.get('cpu', '?')}; fp32 FMA peak {m.get('peak_gflops', 0):.1f} GFLOP/s; "
-          f"moert's oneDNN ISA {m.get('isa', '?')}")
+          f"moert's oneDNN ISA {m.get('isa', '?')}; times: "
+          + ("process CPU time / threads" if a.cpu_time else "wall clock"))
     print(f"torch {t['torch']} (loop over experts) with the BLAS in {blas} "
           f"(fastest of: " + ", ".join(f"{os.path.basename(d) or 'default'} {g:.1f}"
                                        for g, d in probes) + " GFLOP/s on the GEMM); "

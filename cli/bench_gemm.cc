@@ -3,9 +3,10 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <chrono>
 #include <functional>
 #include <thread>
+
+#include "cli/bench_machine.h"
 
 namespace moert_cli {
 namespace {
@@ -194,9 +195,9 @@ double median_seconds(int repeats, F&& f) {
   f();
   std::vector<double> t;
   for (int i = 0; i < repeats; ++i) {
-    const auto a = std::chrono::steady_clock::now();
+    const double a = bench_clock();
     f();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+    t.push_back(bench_clock() - a);
   }
   std::sort(t.begin(), t.end());
   return t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);

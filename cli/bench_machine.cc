@@ -2,9 +2,9 @@
 
 #include <immintrin.h>
 #include <sched.h>
+#include <time.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -15,15 +15,16 @@
 namespace moert_cli {
 namespace {
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
+bool g_cpu_time = false;
+unsigned g_threads = 1;
 
-// Runs f(i) on `threads` threads at once; the wall time of the whole, in seconds.
+double seconds_since(double t0) { return bench_clock() - t0; }
+
+// Runs f(i) on `threads` threads at once; the time of the whole, in seconds.
 template <typename F>
 double concurrently(unsigned threads, F&& f) {
   std::vector<std::thread> pool;
-  const auto t0 = std::chrono::steady_clock::now();
+  const double t0 = bench_clock();
   for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&f, i] { f(i); });
   f(0);
   for (auto& t : pool) t.join();
@@ -61,7 +62,7 @@ double peak_of(unsigned threads, int lanes, F&& chains) {
   long iterations = 1 << 20;
   // Calibrate on one thread so that the timed run lasts long enough to reach full clock.
   for (;;) {
-    const auto t0 = std::chrono::steady_clock::now();
+    const double t0 = bench_clock();
     volatile float sink = chains(iterations);
     (void)sink;
     if (seconds_since(t0) > 0.05 || iterations > (1l << 34)) break;
@@ -99,6 +100,23 @@ double sum_plain(const float* p, size_t n) {
 }
 
 }  // namespace
+
+void use_cpu_time(bool cpu_time, unsigned threads) {
+  g_cpu_time = cpu_time;
+  g_threads = std::max(1u, threads);
+}
+
+bool using_cpu_time() { return g_cpu_time; }
+
+double bench_clock() {
+  timespec t{};
+  if (g_cpu_time) {
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return (static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec)) / g_threads;
+  }
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
 
 std::string cpu_name() {
   std::ifstream in("/proc/cpuinfo");

@@ -7,6 +7,15 @@
 
 namespace moert_cli {
 
+// The clock every benchmark figure is read from: wall time, or — for a machine shared with other
+// jobs — the process's CPU time divided by the thread count in use. CPU time leaves out the time
+// the threads spend descheduled by other jobs, and also the time they spend waiting for one
+// another (so it flatters a parallel run's balance); it still counts the cache misses that other
+// jobs cause. Seconds.
+void use_cpu_time(bool cpu_time, unsigned threads);
+bool using_cpu_time();
+double bench_clock();
+
 // The CPU as /proc/cpuinfo names it, with its family and model ("AMD EPYC (family 25 model 1)"),
 // and the number of CPUs the process may run on.
 std::string cpu_name();

@@ -10,12 +10,15 @@
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math.h"
+#include "kernels/cpu/optimizer.h"
 #include "kernels/router_rules.h"
 
 namespace moert::cpu {
 namespace {
 
 int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+constexpr int64_t kElementBlock = int64_t{1} << 15;
 
 // Fills the token-major view of a plan from its expert-major lists, and the offsets' copy.
 void index_by_token(Allocator& mem, DispatchPlan& plan) {
@@ -346,7 +349,7 @@ void CpuBackend::cross_entropy(const float* logits, const int32_t* targets, int6
                                std::vector<double>& chunk_loss) {
   const int64_t J = reduce_chunks(rows);
   chunk_loss.assign(static_cast<size_t>(J), 0.0);
-  pool_.parallel_for(J, [&](int64_t j, unsigned) {
+  pool_.parallel_for(J, [&](int64_t j, unsigned worker) {
     const int64_t r0 = j * kReduceRows, n = chunk_rows(rows, j);
     double loss = 0.0;
     for (int64_t r = r0; r < r0 + n; ++r) {
@@ -356,14 +359,20 @@ void CpuBackend::cross_entropy(const float* logits, const int32_t* targets, int6
         continue;
       }
       const float mx = *std::max_element(z, z + vocab);
+      // e^(z - max) once per logit, kept for the gradient (softmax = e / sum).
+      auto& e = scratch_[worker].bytes;
+      e.resize(static_cast<size_t>(vocab) * sizeof(double));
+      double* ev = reinterpret_cast<double*>(e.data());
       double sum = 0.0;
-      for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(z[v] - mx));
-      const double lse = mx + std::log(sum);
-      loss += lse - z[targets[r]];
+      for (int64_t v = 0; v < vocab; ++v) {
+        ev[v] = std::exp(static_cast<double>(z[v] - mx));
+        sum += ev[v];
+      }
+      loss += mx + std::log(sum) - z[targets[r]];
       if (dlogits) {
         float* g = dlogits + r * vocab;
-        for (int64_t v = 0; v < vocab; ++v)
-          g[v] = static_cast<float>(scale * std::exp(static_cast<double>(z[v]) - lse));
+        const double s = scale / sum;
+        for (int64_t v = 0; v < vocab; ++v) g[v] = static_cast<float>(s * ev[v]);
         g[targets[r]] -= scale;
       }
     }
@@ -373,34 +382,40 @@ void CpuBackend::cross_entropy(const float* logits, const int32_t* targets, int6
 
 // ---- Optimizer
 
+// Elementwise work is cut into blocks of kElementBlock: parallel, and for sums a fixed order of
+// fixed partials, whatever the thread count.
 double CpuBackend::sum_squares(const float* x, int64_t n) {
-  double sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) sq += static_cast<double>(x[i]) * x[i];
-  return sq;
+  const int64_t nb = blocks(n, kElementBlock);
+  std::vector<double> partial(static_cast<size_t>(nb));
+  pool_.parallel_for(nb, [&](int64_t b, unsigned) {
+    const int64_t i = b * kElementBlock;
+    partial[static_cast<size_t>(b)] = sum_squares_lanes(x + i, std::min(kElementBlock, n - i));
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
 }
 
 void CpuBackend::adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr,
                        double beta1, double beta2, double eps, double wd, double gscale, double bc1,
                        double bc2) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double gi = g[i] * gscale;
-    const double mi = beta1 * m[i] + (1.0 - beta1) * gi;
-    const double vi = beta2 * v[i] + (1.0 - beta2) * gi * gi;
-    m[i] = static_cast<float>(mi);
-    v[i] = static_cast<float>(vi);
-    const double update = (mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i];
-    p[i] = static_cast<float>(p[i] - lr * update);
-  }
+  const AdamW a{lr, beta1, beta2, eps, wd, gscale, bc1, bc2};
+  pool_.parallel_for(blocks(n, kElementBlock), [&](int64_t b, unsigned) {
+    const int64_t i = b * kElementBlock;
+    adamw_update(a, p + i, g + i, m + i, v + i, std::min(kElementBlock, n - i));
+  });
 }
 
 void CpuBackend::sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum,
                      double wd, double gscale) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double gi = g[i] * gscale + wd * p[i];
-    const double buf = momentum * m[i] + gi;
-    m[i] = static_cast<float>(buf);
-    p[i] = static_cast<float>(p[i] - lr * buf);
-  }
+  pool_.parallel_for(blocks(n, kElementBlock), [&](int64_t b, unsigned) {
+    for (int64_t i = b * kElementBlock; i < std::min(n, (b + 1) * kElementBlock); ++i) {
+      const double gi = g[i] * gscale + wd * p[i];
+      const double buf = momentum * m[i] + gi;
+      m[i] = static_cast<float>(buf);
+      p[i] = static_cast<float>(p[i] - lr * buf);
+    }
+  });
 }
 
 }  // namespace moert::cpu

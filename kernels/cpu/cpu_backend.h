@@ -116,6 +116,11 @@ class CpuBackend final : public Backend {
   // The FFN forward of each item (cpu_ffn.cc).
   void ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1, float* h3,
                    int64_t dim, int64_t hidden, bool accumulate);
+  // How ffn_backward's GEMMs read their operands (cpu_ffn.cc).
+  enum class Mode { Direct, Transposed, Bf16 };
+  void backward_item(Mode mode, const Segment& s, const Item& it, const float* x, const float* h1,
+                     const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
+                     int64_t hidden, const float* wt, unsigned worker);
   // The FFN backward of every segment: dx (+)= and the weight gradients (cpu_ffn.cc).
   void ffn_backward(const std::vector<Segment>& segs, const float* x, const float* h1,
                     const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
@@ -141,6 +146,10 @@ class CpuBackend final : public Backend {
   static constexpr int64_t kFewRows = 16, kUpColumns = 256, kDownColumns = 512;
   Buffer<float> few_;
   static constexpr int64_t kTransposedWeights = int64_t{64} << 20;
+  // Below this many elements a weight's fp32 GEMMs are small enough that oneDNN's nn and tn
+  // kernels run as fast as nt, and the transposes would cost more than they save: Dgrad and
+  // Wgrad then read the row-major operands directly.
+  static constexpr int64_t kDirectBelow = 65536;
 };
 
 }  // namespace moert::cpu

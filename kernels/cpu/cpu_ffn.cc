@@ -1,10 +1,13 @@
 // The CPU backend's GEMM layers: linear, dense and grouped SwiGLU FFNs, forward and backward.
 //
 // Backward runs in two passes. The first goes over row items (one chunk of kReduceRows rows
-// each): Dgrad, the SwiGLU derivative, and the chunk's Wgrad operands written transposed — a
-// Wgrad partial dW = dY^T X over one chunk is then an "nt" GEMM (both operands read along the
-// chunk's rows), the layout oneDNN's sgemm runs fastest. The second reduces every weight gradient
-// tile by tile over its chunks (row_reduction.h).
+// each): Dgrad, the SwiGLU derivative, and the chunk's Wgrad operands. The second reduces every
+// weight gradient tile by tile over its chunks (row_reduction.h). For weights of 64k elements and
+// more the operands are written transposed, chunk by chunk, so that a Wgrad partial dW = dY^T X
+// over one chunk is an "nt" GEMM (both operands read along the chunk's rows), and fp32 Dgrad
+// multiplies by weights transposed once per call: oneDNN's sgemm runs nt at 85-91 GFLOP/s on this
+// project's AVX2 machine against 58-66 for tn and nn at these shapes. Smaller weights read the
+// row-major operands directly (tn, nn), where the transposes would cost more than they save.
 #include <algorithm>
 #include <cstring>
 
@@ -52,12 +55,16 @@ void CpuBackend::linear_backward(const float* x, Weight weight, const float* dy,
                                  int64_t rows, int64_t in, int64_t out) {
   const float* w = f32_of(weight);
   const int64_t J = reduce_chunks(rows);
-  t_lin_dy_.resize(*this, static_cast<size_t>(rows * out) * sizeof(float));
-  t_lin_x_.resize(*this, static_cast<size_t>(rows * in) * sizeof(float));
+  // As ffn_backward's modes: small weights read their row-major operands directly.
+  const bool direct = out * in < kDirectBelow;
+  if (!direct) {
+    t_lin_dy_.resize(*this, static_cast<size_t>(rows * out) * sizeof(float));
+    t_lin_x_.resize(*this, static_cast<size_t>(rows * in) * sizeof(float));
+  }
   auto* tdy = reinterpret_cast<float*>(t_lin_dy_.data());
   auto* tx = reinterpret_cast<float*>(t_lin_x_.data());
   // dx = dy w as an "nt" GEMM against w transposed, where that copy stays small.
-  const bool wt = dx && out * in <= kTransposedWeights;
+  const bool wt = dx && !direct && out * in <= kTransposedWeights;
   if (wt) {
     t_w_.resize(*this, static_cast<size_t>(out * in));
     pool_.parallel_for(blocks(in, 64), [&](int64_t b, unsigned) {
@@ -73,8 +80,10 @@ void CpuBackend::linear_backward(const float* x, Weight weight, const float* dy,
             dx_accumulate);
     else if (dx)
       sgemm(false, false, m, in, out, dy + r0 * out, out, w, in, dx + r0 * in, in, dx_accumulate);
-    transpose(dy + r0 * out, out, m, out, tdy + r0 * out, m);
-    transpose(x + r0 * in, in, m, in, tx + r0 * in, m);
+    if (!direct) {
+      transpose(dy + r0 * out, out, m, out, tdy + r0 * out, m);
+      transpose(x + r0 * in, in, m, in, tx + r0 * in, m);
+    }
     if (db)
       for (int64_t o = 0; o < out; ++o) {
         double sum = 0.0;
@@ -90,8 +99,11 @@ void CpuBackend::linear_backward(const float* x, Weight weight, const float* dy,
   g.partial = [&](int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni, float* c, int64_t ldc,
                   unsigned) {
     const int64_t r0 = j * kReduceRows, m = chunk_rows(rows, j);
-    sgemm(false, true, no, ni, m, tdy + r0 * out + o0 * m, m, tx + r0 * in + i0 * m, m, c, ldc,
-          false);
+    if (direct)
+      sgemm(true, false, no, ni, m, dy + r0 * out + o0, out, x + r0 * in + i0, in, c, ldc, false);
+    else
+      sgemm(false, true, no, ni, m, tdy + r0 * out + o0 * m, m, tx + r0 * in + i0 * m, m, c, ldc,
+            false);
   };
   reducer_.run(*this, {g});
   if (db) reduce_partials(*this, db_partial.data(), J, out, *db);
@@ -236,33 +248,38 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     bf16 = bf16 && all_bf16(s.w1, s.w3, s.w2);
     end = std::max(end, s.begin + s.rows);
   }
+  const int64_t per = hidden * dim;
+  // How the GEMMs read their operands:
+  //  Direct (small fp32 weights): Dgrad nn against the weights as stored, Wgrad tn on the
+  //    row-major operands (a, dh1, dh3 are kept row-major for it).
+  //  Transposed (larger fp32 weights): Dgrad nt against the weights transposed once per call,
+  //    Wgrad nt on the operands written chunk by chunk transposed.
+  //  Bf16: Dgrad through Bf16Gemm (bf16 weights as stored), Wgrad nt on operands prepared
+  //    transposed.
+  const Mode mode = bf16 ? Mode::Bf16 : per < kDirectBelow ? Mode::Direct : Mode::Transposed;
   const size_t es = bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
-  for (auto* t : {&t_x_, &t_dy_}) t->resize(*this, static_cast<size_t>(end * dim) * es);
+  if (mode != Mode::Direct)
+    for (auto* t : {&t_x_, &t_dy_}) t->resize(*this, static_cast<size_t>(end * dim) * es);
   for (auto* t : {&t_a_, &t_dh1_, &t_dh3_})
     t->resize(*this, static_cast<size_t>(end * hidden) * es);
-  // Chunk c's operand of width n, [n, rows of c] from row `begin` on: at begin * n elements.
-  auto at = [es](Buffer<unsigned char>& t, int64_t begin, int64_t n) {
-    return t.data() + static_cast<size_t>(begin * n) * es;
-  };
-  const int64_t per = hidden * dim;
 
-  // Row items in segment order; in fp32, segments go in batches whose weights, transposed for
-  // Dgrad, fit kTransposedWeights.
+  // Row items in segment order; with transposed weights, segments go in batches whose
+  // transposes fit kTransposedWeights.
   const auto items = row_items(segs);
   size_t first_item = 0;
   for (size_t s0 = 0; s0 < segs.size();) {
     size_t s1 = s0;
     std::vector<int64_t> slot(segs.size(), -1);  // a segment's transposed weights in t_w_
     int64_t used = 0;
-    while (s1 < segs.size() &&
-           (bf16 || segs[s1].rows == 0 || s1 == s0 || used + 3 * per <= kTransposedWeights)) {
-      if (!bf16 && segs[s1].rows > 0) {
+    while (s1 < segs.size() && (mode != Mode::Transposed || segs[s1].rows == 0 || s1 == s0 ||
+                                used + 3 * per <= kTransposedWeights)) {
+      if (mode == Mode::Transposed && segs[s1].rows > 0) {
         slot[s1] = used;
         used += 3 * per;
       }
       ++s1;
     }
-    if (!bf16) {
+    if (mode == Mode::Transposed) {
       t_w_.resize(*this, static_cast<size_t>(used));
       std::vector<std::pair<size_t, int>> jobs;
       for (size_t s = s0; s < s1; ++s)
@@ -280,63 +297,17 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     }
     size_t last_item = first_item;
     while (last_item < items.size() && items[last_item].segment < s1) ++last_item;
-    pool_.parallel_for(
-        static_cast<int64_t>(last_item - first_item), [&](int64_t i, unsigned worker) {
-          const Item& it = items[first_item + static_cast<size_t>(i)];
-          const Segment& s = segs[it.segment];
-          const int64_t m = it.rows, b = it.begin, mh = m * hidden;
-          auto& sc = scratch_[worker];
-          sc.f.resize(static_cast<size_t>(3 * mh));
-          float* a = sc.f.data();
-          float* dh1 = a + mh;
-          float* dh3 = dh1 + mh;
-          const float* h1r = h1 + b * hidden;
-          const float* h3r = h3 + b * hidden;
-          const float* dyr = dy + b * dim;
-          float* dxr = dx + b * dim;
-          swiglu(h1r, h3r, a, mh);
-          if (bf16) {
-            sc.bytes.resize(static_cast<size_t>(m * std::max(dim, hidden)) * es);
-            void* act = sc.bytes.data();
-            // dA = dy W2, into dh1's storage; then dh1, dh3 from it.
-            bf16_gemm_.prepare(dyr, dim, m, dim, act, dim, false);
-            bf16_gemm_.act_weight_nn(act, dim, s.w2.bf16, hidden, dh1, hidden, m, hidden, dim,
-                                     false, worker);
-            swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
-            bf16_gemm_.prepare(dh1, hidden, m, hidden, act, hidden, false);
-            bf16_gemm_.act_weight_nn(act, hidden, s.w1.bf16, dim, dxr, dim, m, dim, hidden,
-                                     dx_accumulate, worker);
-            bf16_gemm_.prepare(dh3, hidden, m, hidden, act, hidden, false);
-            bf16_gemm_.act_weight_nn(act, hidden, s.w3.bf16, dim, dxr, dim, m, dim, hidden, true,
-                                     worker);
-            bf16_gemm_.prepare(dyr, dim, m, dim, at(t_dy_, b, dim), m, true);
-            bf16_gemm_.prepare(x + b * dim, dim, m, dim, at(t_x_, b, dim), m, true);
-            bf16_gemm_.prepare(a, hidden, m, hidden, at(t_a_, b, hidden), m, true);
-            bf16_gemm_.prepare(dh1, hidden, m, hidden, at(t_dh1_, b, hidden), m, true);
-            bf16_gemm_.prepare(dh3, hidden, m, hidden, at(t_dh3_, b, hidden), m, true);
-          } else {
-            const float* w1t = t_w_.data() + slot[it.segment];
-            const float* w3t = w1t + per;
-            const float* w2t = w3t + per;
-            sgemm(false, true, m, hidden, dim, dyr, dim, w2t, dim, dh1, hidden, false);
-            swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
-            sgemm(false, true, m, dim, hidden, dh1, hidden, w1t, hidden, dxr, dim, dx_accumulate);
-            sgemm(false, true, m, dim, hidden, dh3, hidden, w3t, hidden, dxr, dim, true);
-            auto tr = [&](const float* src, int64_t n, Buffer<unsigned char>& t) {
-              transpose(src, n, m, n, reinterpret_cast<float*>(at(t, b, n)), m);
-            };
-            tr(dyr, dim, t_dy_);
-            tr(x + b * dim, dim, t_x_);
-            tr(a, hidden, t_a_);
-            tr(dh1, hidden, t_dh1_);
-            tr(dh3, hidden, t_dh3_);
-          }
-        });
+    pool_.parallel_for(static_cast<int64_t>(last_item - first_item), [&](int64_t i, unsigned w) {
+      const Item& it = items[first_item + static_cast<size_t>(i)];
+      const float* wt = slot[it.segment] >= 0 ? t_w_.data() + slot[it.segment] : nullptr;
+      backward_item(mode, segs[it.segment], it, x, h1, h3, dy, dx, dx_accumulate, dim, hidden, wt,
+                    w);
+    });
     first_item = last_item;
     s0 = s1;
   }
 
-  // dW = sum over chunks of A_c^T B_c, with A_c, B_c the chunk's transposed operands.
+  // dW = sum over chunks of the chunk's A^T B, as the mode lays the operands out.
   auto grad = [&](const Segment& s, const GradOut* g, Buffer<unsigned char>& ta, int64_t out,
                   Buffer<unsigned char>& tb, int64_t in) {
     DenseGrad d;
@@ -344,12 +315,23 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     d.chunks = reduce_chunks(s.rows);
     d.out = out;
     d.in = in;
-    d.partial = [&, s, out, in, bf16, es](int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni,
-                                          float* c, int64_t ldc, unsigned worker) {
+    // Direct mode's row-major operands: dy and x as given, a, dh1, dh3 as kept.
+    auto rows_of = [&](Buffer<unsigned char>& t) {
+      return &t == &t_dy_ ? dy : &t == &t_x_ ? x : reinterpret_cast<const float*>(t.data());
+    };
+    const float* ra = rows_of(ta);
+    const float* rb = rows_of(tb);
+    d.partial = [&, s, out, in, ra, rb](int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni,
+                                        float* c, int64_t ldc, unsigned worker) {
       const int64_t r0 = s.begin + j * kReduceRows, m = chunk_rows(s.rows, j);
+      if (mode == Mode::Direct) {
+        sgemm(true, false, no, ni, m, ra + r0 * out + o0, out, rb + r0 * in + i0, in, c, ldc,
+              false);
+        return;
+      }
       const unsigned char* pa = ta.data() + static_cast<size_t>(r0 * out + o0 * m) * es;
       const unsigned char* pb = tb.data() + static_cast<size_t>(r0 * in + i0 * m) * es;
-      if (bf16)
+      if (mode == Mode::Bf16)
         bf16_gemm_.act_act_nt(pa, m, pb, m, c, ldc, no, ni, m, false, worker);
       else
         sgemm(false, true, no, ni, m, reinterpret_cast<const float*>(pa), m,
@@ -364,6 +346,82 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     grads.push_back(grad(s, s.dw3, t_dh3_, hidden, t_x_, dim));
   }
   reducer_.run(*this, grads);
+}
+
+// One row item of ffn_backward: a = swiglu(h1, h3); dA = dy W2; dh1, dh3; dx (+)= dh1 W1 + dh3 W3;
+// and the item's Wgrad operands, laid out as `mode` needs them.
+void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, const float* x,
+                               const float* h1, const float* h3, const float* dy, float* dx,
+                               bool dx_accumulate, int64_t dim, int64_t hidden, const float* wt,
+                               unsigned worker) {
+  const int64_t m = it.rows, b = it.begin, mh = m * hidden;
+  const size_t es = mode == Mode::Bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
+  // Chunk operand of width n, [n, m] from row b on: at b * n elements.
+  auto at = [&](Buffer<unsigned char>& t, int64_t n) {
+    return t.data() + static_cast<size_t>(b * n) * es;
+  };
+  auto& sc = scratch_[worker];
+  sc.f.resize(static_cast<size_t>(3 * mh));
+  float* a = sc.f.data();
+  float* dh1 = a + mh;
+  float* dh3 = dh1 + mh;
+  if (mode == Mode::Direct) {
+    a = reinterpret_cast<float*>(at(t_a_, hidden));
+    dh1 = reinterpret_cast<float*>(at(t_dh1_, hidden));
+    dh3 = reinterpret_cast<float*>(at(t_dh3_, hidden));
+  }
+  const float* h1r = h1 + b * hidden;
+  const float* h3r = h3 + b * hidden;
+  const float* dyr = dy + b * dim;
+  const float* xr = x + b * dim;
+  float* dxr = dx + b * dim;
+  swiglu(h1r, h3r, a, mh);
+  switch (mode) {
+    case Mode::Bf16: {
+      sc.bytes.resize(static_cast<size_t>(m * std::max(dim, hidden)) * es);
+      void* act = sc.bytes.data();
+      // dA = dy W2, into dh1's storage; then dh1, dh3 from it.
+      bf16_gemm_.prepare(dyr, dim, m, dim, act, dim, false);
+      bf16_gemm_.act_weight_nn(act, dim, s.w2.bf16, hidden, dh1, hidden, m, hidden, dim, false,
+                               worker);
+      swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
+      bf16_gemm_.prepare(dh1, hidden, m, hidden, act, hidden, false);
+      bf16_gemm_.act_weight_nn(act, hidden, s.w1.bf16, dim, dxr, dim, m, dim, hidden, dx_accumulate,
+                               worker);
+      bf16_gemm_.prepare(dh3, hidden, m, hidden, act, hidden, false);
+      bf16_gemm_.act_weight_nn(act, hidden, s.w3.bf16, dim, dxr, dim, m, dim, hidden, true, worker);
+      bf16_gemm_.prepare(dyr, dim, m, dim, at(t_dy_, dim), m, true);
+      bf16_gemm_.prepare(xr, dim, m, dim, at(t_x_, dim), m, true);
+      bf16_gemm_.prepare(a, hidden, m, hidden, at(t_a_, hidden), m, true);
+      bf16_gemm_.prepare(dh1, hidden, m, hidden, at(t_dh1_, hidden), m, true);
+      bf16_gemm_.prepare(dh3, hidden, m, hidden, at(t_dh3_, hidden), m, true);
+      return;
+    }
+    case Mode::Direct:
+      sgemm(false, false, m, hidden, dim, dyr, dim, f32_of(s.w2), hidden, dh1, hidden, false);
+      swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
+      sgemm(false, false, m, dim, hidden, dh1, hidden, f32_of(s.w1), dim, dxr, dim, dx_accumulate);
+      sgemm(false, false, m, dim, hidden, dh3, hidden, f32_of(s.w3), dim, dxr, dim, true);
+      return;
+    case Mode::Transposed: {
+      const float* w1t = wt;
+      const float* w3t = w1t + hidden * dim;
+      const float* w2t = w3t + hidden * dim;
+      sgemm(false, true, m, hidden, dim, dyr, dim, w2t, dim, dh1, hidden, false);
+      swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
+      sgemm(false, true, m, dim, hidden, dh1, hidden, w1t, hidden, dxr, dim, dx_accumulate);
+      sgemm(false, true, m, dim, hidden, dh3, hidden, w3t, hidden, dxr, dim, true);
+      auto tr = [&](const float* src, int64_t n, Buffer<unsigned char>& t) {
+        transpose(src, n, m, n, reinterpret_cast<float*>(at(t, n)), m);
+      };
+      tr(dyr, dim, t_dy_);
+      tr(xr, dim, t_x_);
+      tr(a, hidden, t_a_);
+      tr(dh1, hidden, t_dh1_);
+      tr(dh3, hidden, t_dh3_);
+      return;
+    }
+  }
 }
 
 }  // namespace moert::cpu

@@ -17,21 +17,21 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::run_items(unsigned worker) {
+void ThreadPool::run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job,
+                           int64_t n) {
   for (;;) {
-    int64_t i;
-    const std::function<void(int64_t, unsigned)>* job;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (next_ >= job_size_ || error_) return;
-      i = next_++;
-      job = job_;
-    }
+    // Claimed by compare-and-swap, never past n: a worker that woke after its job ended holds
+    // n = 0 and so cannot take an index of the next job.
+    int64_t i = next_.load(std::memory_order_relaxed);
+    do {
+      if (i >= n || failed_.load(std::memory_order_relaxed)) return;
+    } while (!next_.compare_exchange_weak(i, i + 1, std::memory_order_relaxed));
     try {
       (*job)(i, worker);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mu_);
       if (!error_) error_ = std::current_exception();
+      failed_.store(true, std::memory_order_relaxed);
     }
   }
 }
@@ -40,14 +40,18 @@ void ThreadPool::worker_loop(unsigned worker) {
   make_omp_serial();
   uint64_t seen = 0;
   for (;;) {
+    const std::function<void(int64_t, unsigned)>* job;
+    int64_t n;
     {
       std::unique_lock<std::mutex> lock(mu_);
       wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
       if (stop_) return;
       seen = generation_;
+      job = job_;
+      n = job_size_;
       ++busy_;
     }
-    run_items(worker);
+    run_items(worker, job, n);
     {
       std::lock_guard<std::mutex> lock(mu_);
       --busy_;
@@ -67,12 +71,13 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, unsig
     std::lock_guard<std::mutex> lock(mu_);
     job_ = &fn;
     job_size_ = n;
-    next_ = 0;
+    next_.store(0, std::memory_order_relaxed);
+    failed_.store(false, std::memory_order_relaxed);
     error_ = nullptr;
     ++generation_;
   }
   wake_.notify_all();
-  run_items(0);
+  run_items(0, &fn, n);
   std::exception_ptr error;
   {
     std::unique_lock<std::mutex> lock(mu_);

@@ -4,6 +4,7 @@
 // and the caller's thread gets its OpenMP setting back when parallel_for returns.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -30,7 +31,7 @@ class ThreadPool {
 
  private:
   void worker_loop(unsigned worker);
-  void run_items(unsigned worker);
+  void run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job, int64_t n);
 
   std::vector<std::thread> workers_;
   std::mutex mu_;
@@ -38,7 +39,8 @@ class ThreadPool {
   std::condition_variable done_;
   const std::function<void(int64_t, unsigned)>* job_ = nullptr;
   int64_t job_size_ = 0;
-  int64_t next_ = 0;
+  std::atomic<int64_t> next_{0};  // items are taken without the lock
+  std::atomic<bool> failed_{false};
   uint64_t generation_ = 0;
   unsigned busy_ = 0;
   bool stop_ = false;

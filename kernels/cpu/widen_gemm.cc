@@ -75,6 +75,10 @@ template <int MR>
 MOERT_AVX2 void nt_rows(const float* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,
                         int64_t ldc, int64_t n, int64_t k0, int64_t k1, bool load) {
   int64_t j = 0;
+  // A single row has 8 weight rows at a time: 8 independent accumulator chains keep the FMA
+  // units busy where 4 would wait on their latency.
+  if constexpr (MR == 1)
+    for (; j + 8 <= n; j += 8) nt_block<1, 8>(a, lda, w + j * ldw, ldw, c + j, ldc, k0, k1, load);
   for (; j + 4 <= n; j += 4) nt_block<MR, 4>(a, lda, w + j * ldw, ldw, c + j, ldc, k0, k1, load);
   const int64_t left = n - j;
   if (left == 3) nt_block<MR, 3>(a, lda, w + j * ldw, ldw, c + j, ldc, k0, k1, load);
@@ -91,10 +95,12 @@ MOERT_AVX2 void nt_avx2(const float* a, int64_t lda, const uint16_t* w, int64_t 
     // row of a.
     for (int64_t j0 = 0; j0 < n; j0 += 64) {
       const int64_t nj = std::min<int64_t>(64, n - j0);
+      // Rows in blocks of 3, the last ones as 2 + 2 rather than 3 + 1 (a lone row is the
+      // slowest block per row).
       int64_t i = 0;
-      for (; i + 3 <= m; i += 3)
+      for (; m - i >= 3 && m - i != 4; i += 3)
         nt_rows<3>(a + i * lda, lda, w + j0 * ldw, ldw, c + i * ldc + j0, ldc, nj, k0, k1, load);
-      if (m - i == 2)
+      for (; m - i >= 2; i += 2)
         nt_rows<2>(a + i * lda, lda, w + j0 * ldw, ldw, c + i * ldc + j0, ldc, nj, k0, k1, load);
       if (m - i == 1)
         nt_rows<1>(a + i * lda, lda, w + j0 * ldw, ldw, c + i * ldc + j0, ldc, nj, k0, k1, load);

@@ -67,9 +67,12 @@ void expect_blocks(const GradRoots& r, int64_t first, int64_t chunks) {
 
 constexpr int64_t kRows = 5 * kReduceRows + 17;
 
-TEST(CpuReduction, LinearBackwardWeightAndBias) {
+// Small weights take the direct path (tn Wgrad), large ones the transposed one (nt).
+class LinearReduction : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
+
+TEST_P(LinearReduction, WeightAndBias) {
   std::mt19937 rng(1);
-  const int64_t in = 19, out = 13;
+  const auto [in, out] = GetParam();
   const Vec x = randv(kRows * in, rng), dy = randv(kRows * out, rng), w = randv(out * in, rng);
   const Vec dw0 = randv(out * in, rng), db0 = randv(out, rng);
   Vec dx_full(kRows * in), dw_full = dw0, db_full = db0;
@@ -110,6 +113,10 @@ TEST(CpuReduction, LinearBackwardWeightAndBias) {
   }
 }
 
+INSTANTIATE_TEST_SUITE_P(Shapes, LinearReduction,
+                         ::testing::Values(std::pair<int64_t, int64_t>{19, 13},
+                                           std::pair<int64_t, int64_t>{264, 250}));
+
 TEST(CpuReduction, RMSNormBackward) {
   std::mt19937 rng(2);
   const int64_t dim = 24;
@@ -148,10 +155,10 @@ TEST(CpuReduction, RMSNormBackward) {
 }
 
 struct Ffn {
-  int64_t dim = 20, hidden = 12;
+  int64_t dim, hidden;
   Vec w1, w3, w2;
   std::vector<uint16_t> b1, b3, b2;  // bf16 copies, for the bf16 variant
-  Ffn(std::mt19937& rng, int64_t experts, Backend& be) {
+  Ffn(std::mt19937& rng, int64_t experts, Backend& be, int64_t d, int64_t h) : dim(d), hidden(h) {
     w1 = randv(experts * hidden * dim, rng, 0.3f);
     w3 = randv(experts * hidden * dim, rng, 0.3f);
     w2 = randv(experts * dim * hidden, rng, 0.3f);
@@ -165,13 +172,19 @@ struct Ffn {
   }
 };
 
-class FfnReduction : public ::testing::TestWithParam<bool> {};  // param: bf16 weights
+// bf16 weights or not; the FFN's width and hidden width: small weights take the CPU backend's
+// direct path (nn / tn GEMMs), larger ones its transposed path (nt GEMMs, transposed operands).
+struct FfnCase {
+  bool bf16;
+  int64_t dim, hidden;
+};
+class FfnReduction : public ::testing::TestWithParam<FfnCase> {};
 
 TEST_P(FfnReduction, DenseSwiGLUBackward) {
-  const bool bf16 = GetParam();
+  const bool bf16 = GetParam().bf16;
   std::mt19937 rng(3);
   auto be0 = make_cpu_backend(2, bf16);
-  const Ffn f(rng, 1, *be0);
+  const Ffn f(rng, 1, *be0, GetParam().dim, GetParam().hidden);
   const int64_t D = f.dim, H = f.hidden;
   const Vec x = randv(kRows * D, rng), dy = randv(kRows * D, rng);
   Vec y(kRows * D), h1(kRows * H), h3(kRows * H);
@@ -220,12 +233,12 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
 // Experts' lists of very different lengths (one empty); a split hands each process a
 // chunk-aligned part of every expert's list.
 TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
-  const bool bf16 = GetParam();
+  const bool bf16 = GetParam().bf16;
   std::mt19937 rng(4);
   const int64_t E = 4;
   const std::vector<int64_t> counts{3 * kReduceRows + 5, 0, kReduceRows, 2 * kReduceRows + 40};
   auto be0 = make_cpu_backend(2, bf16);
-  const Ffn f(rng, E, *be0);
+  const Ffn f(rng, E, *be0, GetParam().dim, GetParam().hidden);
   const int64_t D = f.dim, H = f.hidden, per = H * D;
   DispatchPlan plan;
   plan.host_offsets.assign(E + 1, 0);
@@ -320,8 +333,14 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Precisions, FfnReduction, ::testing::Values(false, true),
-                         [](const auto& p) { return p.param ? "bf16" : "fp32"; });
+INSTANTIATE_TEST_SUITE_P(Precisions, FfnReduction,
+                         ::testing::Values(FfnCase{false, 20, 12}, FfnCase{true, 20, 12},
+                                           FfnCase{false, 260, 256}, FfnCase{true, 130, 96}),
+                         [](const auto& p) {
+                           return std::string(p.param.bf16 ? "bf16_" : "fp32_") +
+                                  std::to_string(p.param.dim) + "x" +
+                                  std::to_string(p.param.hidden);
+                         });
 
 // The sparse reduction against the dense definition (reference_tree_sum over whole-table chunk
 // partials, each summed from zero in position order), and splits against the whole.
