@@ -52,15 +52,15 @@ TEST(Status, CodeNamesForEveryCode) {
       {MOERT_ERR_INVALID_STATE, "MOERT_ERR_INVALID_STATE"},
       {MOERT_ERR_NUMERIC, "MOERT_ERR_NUMERIC"},
       {MOERT_ERR_INTERNAL, "MOERT_ERR_INTERNAL"},
-      {MOERT_ERR_LIMIT, "MOERT_ERR_LIMIT"},
       {MOERT_ERR_COMM, "MOERT_ERR_COMM"},
+      {MOERT_ERR_LIMIT, "MOERT_ERR_LIMIT"},
   };
   for (const auto& n : all) {
     const char* got = moert_status_code_name(n.code);
     ASSERT_NE(got, nullptr) << n.code;
     EXPECT_STREQ(got, n.name) << n.code;
   }
-  for (int32_t unknown : {-1, 10, 100, INT32_MIN, INT32_MAX})
+  for (int32_t unknown : {-1, 11, 100, INT32_MIN, INT32_MAX})
     EXPECT_STREQ(moert_status_code_name(unknown), "MOERT_ERR_UNKNOWN") << unknown;
 }
 
