@@ -51,49 +51,55 @@ MOERT_FP8_HOST_DEVICE inline float bits_float(uint32_t u) {
 #endif
 }
 
-// |x| as a float (clears the sign bit, so it is exact for every input, NaN included).
-MOERT_FP8_HOST_DEVICE inline float abs_value(float x) {
-  return bits_float(float_bits(x) & 0x7FFFFFFFu);
+// The bits of |x|. Magnitudes of non-NaN floats order like their bit patterns as unsigned
+// integers, so a tile's amax is an integer maximum of these: exact, order-independent (one thread
+// on the CPU, a warp on the GPU give the same), vectorizable, and NaN and infinity show in it as
+// bits >= kNonFiniteBits.
+MOERT_FP8_HOST_DEVICE inline uint32_t magnitude_bits(float x) {
+  return float_bits(x) & 0x7FFFFFFFu;
 }
+inline constexpr uint32_t kNonFiniteBits = 0x7F800000u;
 
-// Neither NaN nor infinite.
-MOERT_FP8_HOST_DEVICE inline bool is_finite(float x) {
-  return (float_bits(x) & 0x7F800000u) != 0x7F800000u;
-}
+MOERT_FP8_HOST_DEVICE inline bool is_finite(float x) { return magnitude_bits(x) < kNonFiniteBits; }
 
-// The larger of two non-negative, non-NaN magnitudes. Exact and order-independent, so a tile's
-// amax is the same whatever order a reduction takes (one thread on the CPU, a warp on the GPU).
-MOERT_FP8_HOST_DEVICE inline float max_magnitude(float a, float b) { return b > a ? b : a; }
+MOERT_FP8_HOST_DEVICE inline uint32_t max_u32(uint32_t a, uint32_t b) { return b > a ? b : a; }
 
 // x rounded to the nearest E4M3 value, ties to even, saturating: magnitudes from 448 up
 // (infinity included) give +-448; a NaN gives the NaN code 0x7F with x's sign (quantizers reject
 // NaN before encoding). The sign of zero is kept: -0 encodes as 0x80.
 //
-// E4M3 values are q * 2^(e - 3) with an integer q: q in [8, 15] for normal numbers (exponent e in
-// [-6, 8]) and q in [0, 7] with e = -6 for subnormals (steps of 2^-9). The float's 24-bit
-// significand is shifted down to q, and the dropped bits decide the rounding; a carry out of q
-// (q = 16, or q = 8 from a subnormal) lands in the exponent field by itself.
+// Branch-free, so that the CPU quantizer's loops vectorize. For |x| in [2^e, 2^(e+1)), e >= -6,
+// adding c = 2^(e+20) leaves a float whose unit in the last place is 2^(e-3), the spacing of E4M3
+// values there: (|x| + c) - c is |x| rounded to E4M3 by the hardware's round-to-nearest-even
+// (a carry to 2^(e+1) included). Below 2^-6 (E4M3's subnormals, steps of 2^-9) c = 2^14 does the
+// same. Every intermediate is a normal float or zero, so flush-to-zero and denormals-are-zero
+// modes change nothing but inputs below 2^-126, which round to zero either way. The rounded value
+// r then gives the code: its exponent and top 3 mantissa bits (rebiased from 127 to 7) when
+// r >= 2^-6, else r / 2^-9.
 MOERT_FP8_HOST_DEVICE inline uint8_t e4m3_encode(float x) {
   const uint32_t bits = float_bits(x);
-  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80u);
+  const uint32_t sign = (bits >> 24) & 0x80u;
   const uint32_t mag = bits & 0x7FFFFFFFu;
-  if (mag > 0x7F800000u) return static_cast<uint8_t>(sign | 0x7Fu);
-  if (mag >= 0x43E00000u) return static_cast<uint8_t>(sign | kE4M3MaxCode);  // >= 448.0f
-  const int e = static_cast<int>(mag >> 23) - 127;
-  // Below 2^-10 (half the smallest subnormal 2^-9) everything rounds to zero; 2^-10 itself is a
-  // tie that goes to the even 0. Float subnormals and zero land here too.
-  if (e < -10) return sign;
-  const uint32_t significand = (mag & 0x7FFFFFu) | 0x800000u;  // value = significand * 2^(e - 23)
-  const int shift = 20 + (e < -6 ? -6 - e : 0);                // 20..24
-  uint32_t q = significand >> shift;
-  const uint32_t rest = significand & ((1u << shift) - 1u);
-  const uint32_t half = 1u << (shift - 1);
-  if (rest > half || (rest == half && (q & 1u))) ++q;
-  // Subnormal range: the code is q itself (q = 8 is the smallest normal, code 0x08).
-  if (e < -6) return static_cast<uint8_t>(sign | q);
-  // Normal: exponent field e + 7, mantissa q - 8; q = 16 carries into the exponent.
-  return static_cast<uint8_t>(sign |
-                              static_cast<uint32_t>(((e + 7) << 3) + static_cast<int>(q) - 8));
+  const uint32_t exponent = max_u32(mag & 0x7F800000u, 0x3C800000u);  // 2^max(e, -6)
+  const float c = bits_float(exponent + (20u << 23));
+#ifdef __CUDA_ARCH__
+  const float r = __fsub_rn(__fadd_rn(bits_float(mag), c), c);
+#else
+  const float r = (bits_float(mag) + c) - c;
+#endif
+  const uint32_t rbits = float_bits(r);
+  // Only r < 2^-6 is converted (the rest, NaN and infinity from non-finite x included, would be
+  // out of range for the conversion), and it is a multiple of 2^-9: the product is exact.
+  const float small = rbits < 0x3C800000u ? r : 0.0f;
+#ifdef __CUDA_ARCH__
+  const uint32_t subnormal = static_cast<uint32_t>(__float2int_rz(__fmul_rn(small, 512.0f)));
+#else
+  const uint32_t subnormal = static_cast<uint32_t>(static_cast<int32_t>(small * 512.0f));
+#endif
+  uint32_t code = rbits >= 0x3C800000u ? (rbits >> 20) - (120u << 3) : subnormal;
+  code = mag >= 0x43E00000u ? kE4M3MaxCode : code;  // >= 448.0f, infinity: saturate
+  code = mag > kNonFiniteBits ? 0x7Fu : code;       // NaN
+  return static_cast<uint8_t>(sign | code);
 }
 
 // The smallest power of two >= s, for a positive normal float s: DeepSeek-V3.1's and DeepGEMM's

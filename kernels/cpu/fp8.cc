@@ -41,10 +41,16 @@ void expand(const uint8_t* codes, int64_t ld, int64_t rows, int64_t cols, float*
   }
 }
 
-[[noreturn]] void non_finite(const QuantizeOptions& opt, int64_t r, int64_t c, float x) {
-  fail(Code::Numeric, "FP8 quantization of ", opt.what, ": non-finite value ", x, " at row ",
-       r + opt.row_offset, ", column ", c + opt.col_offset,
-       " (NaN and infinity have no E4M3 code)");
+// Called when a tile's amax shows a NaN or infinity: names the first one, in row-major order.
+[[noreturn]] void first_non_finite(const QuantizeOptions& opt, const float* x, int64_t ldx,
+                                   int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = c0; c < c1; ++c)
+      if (!rules::is_finite(x[r * ldx + c]))
+        fail(Code::Numeric, "FP8 quantization of ", opt.what, ": non-finite value ", x[r * ldx + c],
+             " at row ", r + opt.row_offset, ", column ", c + opt.col_offset,
+             " (NaN and infinity have no E4M3 code)");
+  fail(Code::Internal, "FP8 quantization of ", opt.what, ": a non-finite amax without its value");
 }
 
 void check_shape(const char* what, int64_t rows, int64_t cols, int64_t ld, int64_t ld2) {
@@ -93,6 +99,23 @@ void zero(float* out, int64_t ld, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; ++i) std::fill(out + i * ld, out + i * ld + cols, 0.0f);
 }
 
+// The largest magnitude of x[0, n) as bits (fp8_rules.h's magnitude_bits).
+uint32_t amax_bits(const float* __restrict x, int64_t n) {
+  uint32_t amax = 0;
+  for (int64_t j = 0; j < n; ++j) amax = rules::max_u32(amax, rules::magnitude_bits(x[j]));
+  return amax;
+}
+
+// codes[j] = the code of x[j] at scale s (one scale, or one per j). The second stays a call of its
+// own: inlined into the column-tile loop nest, GCC no longer vectorizes it.
+void quantize_span(const float* __restrict x, float s, uint8_t* __restrict codes, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) codes[j] = rules::quantize_value(x[j], s);
+}
+[[gnu::noinline]] void quantize_span(const float* __restrict x, const float* __restrict s,
+                                     uint8_t* __restrict codes, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) codes[j] = rules::quantize_value(x[j], s[j]);
+}
+
 }  // namespace
 
 // ---- Quantizers
@@ -103,18 +126,14 @@ void quantize_row_tiles(const float* x, int64_t ldx, int64_t rows, int64_t cols,
   check_shape("FP8 row tiles", rows, cols, ldx, ld_codes);
   if (scale_ld < rows) fail(Code::Internal, "FP8 row tiles: scale stride ", scale_ld, " < rows");
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * ldx;
-    uint8_t* cr = codes + r * ld_codes;
     for (int64_t t = 0; t < blocks_of(cols); ++t) {
       const int64_t c0 = t * kBlock, cn = std::min(kBlock, cols - c0);
-      float amax = 0.0f;
-      for (int64_t j = c0; j < c0 + cn; ++j) {
-        if (!rules::is_finite(xr[j])) non_finite(opt, r, j, xr[j]);
-        amax = rules::max_magnitude(amax, rules::abs_value(xr[j]));
-      }
-      const float s = rules::tile_scale(amax, opt.power_of_two_scales);
+      const float* xt = x + r * ldx + c0;
+      const uint32_t amax = amax_bits(xt, cn);
+      if (amax >= rules::kNonFiniteBits) first_non_finite(opt, x, ldx, r, r + 1, c0, c0 + cn);
+      const float s = rules::tile_scale(rules::bits_float(amax), opt.power_of_two_scales);
       scales[t * scale_ld + r] = s;
-      for (int64_t j = c0; j < c0 + cn; ++j) cr[j] = rules::quantize_value(xr[j], s);
+      quantize_span(xt, s, codes + r * ld_codes + c0, cn);
     }
   }
 }
@@ -124,31 +143,31 @@ void quantize_column_tiles(const float* x, int64_t ldx, int64_t rows, int64_t co
                            const QuantizeOptions& opt) {
   check_shape("FP8 column tiles", rows, cols, ldx, ld_codes);
   if (scale_ld < cols) fail(Code::Internal, "FP8 column tiles: scale stride ", scale_ld, " < cols");
-  // Columns in chunks, so that a chunk's running maxima stay in registers and cache while the
-  // tile's rows stream past.
+  // Columns in chunks, so that a chunk's running maxima and scales stay in cache while the tile's
+  // rows stream past (twice: once for the maxima, once to encode).
   constexpr int64_t kChunk = 256;
-  std::array<float, kChunk> amax;
+  std::array<uint32_t, kChunk> amax;
+  std::array<float, kChunk> s;
   for (int64_t t = 0; t < blocks_of(rows); ++t) {
     const int64_t r0 = t * kBlock, rn = std::min(kBlock, rows - r0);
     for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
       const int64_t cn = std::min(kChunk, cols - c0);
-      std::fill(amax.begin(), amax.begin() + cn, 0.0f);
+      std::fill(amax.begin(), amax.begin() + cn, 0u);
       for (int64_t r = r0; r < r0 + rn; ++r) {
-        const float* xr = x + r * ldx + c0;
-        for (int64_t j = 0; j < cn; ++j) {
-          if (!rules::is_finite(xr[j])) non_finite(opt, r, c0 + j, xr[j]);
-          amax[static_cast<size_t>(j)] =
-              rules::max_magnitude(amax[static_cast<size_t>(j)], rules::abs_value(xr[j]));
-        }
+        const float* __restrict xr = x + r * ldx + c0;
+        uint32_t* __restrict a = amax.data();
+        for (int64_t j = 0; j < cn; ++j) a[j] = rules::max_u32(a[j], rules::magnitude_bits(xr[j]));
       }
-      float* s = scales + t * scale_ld + c0;
-      for (int64_t j = 0; j < cn; ++j)
-        s[j] = rules::tile_scale(amax[static_cast<size_t>(j)], opt.power_of_two_scales);
-      for (int64_t r = r0; r < r0 + rn; ++r) {
-        const float* xr = x + r * ldx + c0;
-        uint8_t* cr = codes + r * ld_codes + c0;
-        for (int64_t j = 0; j < cn; ++j) cr[j] = rules::quantize_value(xr[j], s[j]);
+      uint32_t any = 0;
+      for (int64_t j = 0; j < cn; ++j) any = rules::max_u32(any, amax[static_cast<size_t>(j)]);
+      if (any >= rules::kNonFiniteBits) first_non_finite(opt, x, ldx, r0, r0 + rn, c0, c0 + cn);
+      for (int64_t j = 0; j < cn; ++j) {
+        s[static_cast<size_t>(j)] = rules::tile_scale(
+            rules::bits_float(amax[static_cast<size_t>(j)]), opt.power_of_two_scales);
+        scales[t * scale_ld + c0 + j] = s[static_cast<size_t>(j)];
       }
+      for (int64_t r = r0; r < r0 + rn; ++r)
+        quantize_span(x + r * ldx + c0, s.data(), codes + r * ld_codes + c0, cn);
     }
   }
 }
@@ -163,18 +182,14 @@ void quantize_blocks(const float* x, int64_t ldx, int64_t rows, int64_t cols, ui
     const int64_t r0 = rb * kBlock, rn = std::min(kBlock, rows - r0);
     for (int64_t cb = 0; cb < blocks_of(cols); ++cb) {
       const int64_t c0 = cb * kBlock, cn = std::min(kBlock, cols - c0);
-      float amax = 0.0f;
+      uint32_t amax = 0;
       for (int64_t r = r0; r < r0 + rn; ++r)
-        for (int64_t j = c0; j < c0 + cn; ++j) {
-          const float v = x[r * ldx + j];
-          if (!rules::is_finite(v)) non_finite(opt, r, j, v);
-          amax = rules::max_magnitude(amax, rules::abs_value(v));
-        }
-      const float s = rules::tile_scale(amax, opt.power_of_two_scales);
+        amax = rules::max_u32(amax, amax_bits(x + r * ldx + c0, cn));
+      if (amax >= rules::kNonFiniteBits) first_non_finite(opt, x, ldx, r0, r0 + rn, c0, c0 + cn);
+      const float s = rules::tile_scale(rules::bits_float(amax), opt.power_of_two_scales);
       scales[rb * scale_ld + cb] = s;
       for (int64_t r = r0; r < r0 + rn; ++r)
-        for (int64_t j = c0; j < c0 + cn; ++j)
-          codes[r * ld_codes + j] = rules::quantize_value(x[r * ldx + j], s);
+        quantize_span(x + r * ldx + c0, s, codes + r * ld_codes + c0, cn);
     }
   }
 }
