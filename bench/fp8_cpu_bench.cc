@@ -11,9 +11,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/fp8.h"
@@ -25,17 +27,32 @@ using namespace moert;
 namespace f8 = moert::cpu::fp8;
 using moert::fp8::blocks_of;
 
-// Best of `reps` timed runs after one warm-up, in seconds.
-double best_seconds(const std::function<void()>& fn, int reps) {
+double seconds(const std::function<void()>& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
   fn();
-  double best = 1e30;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The best of `reps` timed runs of a and of b, after one warm-up each, alternating a and b so
+// that both see the same machine (other processes come and go on a shared one).
+std::pair<double, double> best_pair(const std::function<void()>& a, const std::function<void()>& b,
+                                    int reps) {
+  a();
+  b();
+  double ta = 1e30, tb = 1e30;
   for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    const auto t1 = std::chrono::steady_clock::now();
-    best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
+    ta = std::min(ta, seconds(a));
+    tb = std::min(tb, seconds(b));
   }
-  return best;
+  return {ta, tb};
+}
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown CPU";
 }
 
 std::vector<float> randn(int64_t n, uint32_t seed) {
@@ -92,7 +109,7 @@ void gemm_row(const char* op, const std::string& name, int64_t m, int64_t n, int
               const std::function<void()>& fp32, const std::function<void()>& fp8, int reps) {
   const double flops =
       2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  const double t32 = best_seconds(fp32, reps), t8 = best_seconds(fp8, reps);
+  const auto [t32, t8] = best_pair(fp32, fp8, reps);
   std::printf("%-6s %-22s %6lld %6lld %6lld %10.1f %10.1f %8.2f\n", op, name.c_str(),
               static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
               flops / t32 * 1e-9, flops / t8 * 1e-9, t32 / t8);
@@ -107,10 +124,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s [tokens > 0]\n", argv[0]);
     return 2;
   }
-  const int reps = 3;
+  const int reps = 5;
   std::printf(
-      "Block-scaled FP8 on the CPU, one thread: emulated GEMMs (E4M3 codes, fp32 sums per\n"
-      "128-block, scaled fp32 accumulation) against the fp32 GEMM of the same shape.\n\n");
+      "Block-scaled FP8 on the CPU, one thread of %s: emulated GEMMs (E4M3 codes,\n"
+      "fp32 sums per 128-block, scaled fp32 accumulation) against the fp32 GEMM of the\n"
+      "same shape (cpu::matmul_*), best of %d alternating runs each.\n\n",
+      cpu_model().c_str(), reps);
   std::printf("%-6s %-22s %6s %6s %6s %10s %10s %8s\n", "GEMM", "shape", "m", "n", "k", "fp32 GF/s",
               "fp8 GF/s", "fp8/fp32");
 
@@ -180,7 +199,7 @@ int main(int argc, char** argv) {
     std::vector<uint8_t> codes(static_cast<size_t>(q.rows * q.cols));
     std::vector<float> scales(static_cast<size_t>((blocks_of(q.rows) + 4) * (q.cols + 4)));
     const double bytes = 4.0 * static_cast<double>(q.rows * q.cols);
-    const double t = best_seconds(
+    const auto [t, t_limit] = best_pair(
         [&] {
           if (q.kind == 0)
             f8::quantize_row_tiles(x.data(), q.cols, q.rows, q.cols, codes.data(), q.cols,
@@ -192,8 +211,6 @@ int main(int argc, char** argv) {
             f8::quantize_blocks(x.data(), q.cols, q.rows, q.cols, codes.data(), q.cols,
                                 scales.data(), moert::fp8::block_scale_ld(q.cols), {});
         },
-        reps);
-    const double t_limit = best_seconds(
         [&] {
           const size_t n = x.size();
           for (size_t i = 0; i < n; ++i) {
