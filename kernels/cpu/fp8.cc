@@ -309,11 +309,12 @@ void gemm_dgrad(const RowTiles& dy, const Blocks& w, float* dx, int64_t ld_out, 
   }
 }
 
-// Scratch: one token block of dy and of x as values, the partial sums and the accumulator of one
-// output tile.
+// Scratch: one token block of dy (128 output rows) and of x (128 output columns) as values, the
+// partial sums of one 128 x 128 tile, and the accumulator of a whole 128-row panel of dW, so that
+// each block of dy is expanded once per panel, not once per tile.
 int64_t gemm_wgrad_scratch_floats(int64_t /*tokens*/, int64_t n, int64_t k) {
   const int64_t rows = std::min(n, kWgradTile), cols = std::min(k, kWgradTile);
-  return kBlock * (rows + cols) + 2 * rows * cols;
+  return kBlock * (rows + cols) + rows * cols + rows * k;
 }
 
 void gemm_wgrad(const ColumnTiles& dy, const ColumnTiles& x, float* dw, int64_t ld_out,
@@ -331,21 +332,24 @@ void gemm_wgrad(const ColumnTiles& dy, const ColumnTiles& x, float* dw, int64_t 
   float* dyv = scratch;
   float* xv = dyv + kBlock * tile_rows;
   float* p = xv + kBlock * tile_cols;
-  float* acc = p + tile_rows * tile_cols;
+  float* acc = p + tile_rows * tile_cols;  // [nn, k]: tile (n0, k0) at acc + nn * k0
   for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
     const int64_t nn = std::min(tile_rows, n - n0);
-    for (int64_t k0 = 0; k0 < k; k0 += tile_cols) {
-      const int64_t kk = std::min(tile_cols, k - k0);
-      std::fill(acc, acc + nn * kk, 0.0f);
-      for (int64_t tb = 0; tb < blocks_of(tokens); ++tb) {
-        const int64_t t0 = tb * kBlock, tt = std::min(kBlock, tokens - t0);
-        expand(dy.codes + t0 * dy.ld + n0, dy.ld, tt, nn, dyv);
+    std::fill(acc, acc + nn * k, 0.0f);
+    for (int64_t tb = 0; tb < blocks_of(tokens); ++tb) {
+      const int64_t t0 = tb * kBlock, tt = std::min(kBlock, tokens - t0);
+      expand(dy.codes + t0 * dy.ld + n0, dy.ld, tt, nn, dyv);
+      for (int64_t k0 = 0; k0 < k; k0 += tile_cols) {
+        const int64_t kk = std::min(tile_cols, k - k0);
         expand(x.codes + t0 * x.ld + k0, x.ld, tt, kk, xv);
         matmul_tn(dyv, nn, xv, kk, p, kk, nn, kk, tt, false);
-        add_scaled_outer(acc, p, dy.scales + tb * dy.scale_ld + n0, x.scales + tb * x.scale_ld + k0,
-                         nn, kk);
+        add_scaled_outer(acc + nn * k0, p, dy.scales + tb * dy.scale_ld + n0,
+                         x.scales + tb * x.scale_ld + k0, nn, kk);
       }
-      store(acc, nn, kk, dw + n0 * ld_out + k0, ld_out, accumulate);
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += tile_cols) {
+      const int64_t kk = std::min(tile_cols, k - k0);
+      store(acc + nn * k0, nn, kk, dw + n0 * ld_out + k0, ld_out, accumulate);
     }
   }
 }

@@ -35,14 +35,16 @@
 //
 // Threads. Every function here is single-threaded and uses only the scratch it is given. A backend
 // cuts the output into work items, each a call on offset pointers (RowTiles::from_row and the
-// like), and runs them on its threads. Every GEMM works through its output in 128 x 128 tiles from
-// the item's first row and column, with fixed fp32 GEMM shapes per tile, so cutting the output at
-// multiples of 128 rows and columns gives the same bits as one call. Other cuts are correct too
-// but may change the last bits of some elements: the fp32 GEMM underneath picks its kernel by
-// shape (BLIS's small-matrix path does). Either way the bits depend only on the operands and the
-// cut, never on which thread runs an item: cut the work independently of the thread count, and
-// results do not depend on it. The reduction dimension is never cut. tests/unit/test_fp8.cc checks
-// the 128-multiple cuts with the library linked today; re-run it after changing that library.
+// like), and runs them on its threads. Cuts: Fprop and Dgrad, output rows anywhere, output columns
+// at multiples of 128 (a weight's blocks are not split); Wgrad, anywhere; the reduction dimension
+// never. Every GEMM works through its output in 128 x 128 tiles from the item's first row and
+// column, with fixed fp32 GEMM shapes per tile, so cuts at multiples of 128 rows and columns give
+// the same bits as one call. Other cuts are correct too but may change the last bits of some
+// elements: the fp32 GEMM underneath picks its kernel by shape (BLIS's small-matrix path does).
+// Either way the bits depend only on the operands and the cut, never on which thread runs an item:
+// cut the work independently of the thread count, and results do not depend on it.
+// tests/unit/test_fp8.cc checks the 128-multiple cuts with the GEMM library linked today; re-run
+// it after changing that library.
 #pragma once
 
 #include <cstdint>
@@ -125,7 +127,7 @@ void dequantize_blocks(const Blocks& q, int64_t rows, int64_t cols, float* y, in
 
 // ---- GEMMs. The output has row stride ld_out; accumulate adds the product to it, else it is
 // overwritten. scratch: at least the matching *_scratch_floats() floats, not shared with another
-// call running at the same time. Sizes may be 0 (then an overwritten output is zeroed).
+// call running at the same time. Sizes may be 0; an empty reduction zeroes an overwritten output.
 
 // Fprop: y[m, n] (+)= sum_k x[m, k] W[n, k]. x in row tiles along k, W [n, k] in blocks.
 void gemm_fprop(const RowTiles& x, const Blocks& w, float* y, int64_t ld_out, int64_t m, int64_t n,

@@ -327,11 +327,14 @@ struct GemmShape {
 const GemmShape kGemmShapes[] = {
     {128, 256, 512}, {37, 128, 384}, {130, 384, 336}, {1, 256, 128}, {256, 2048, 7168}};
 
-// Agreement of the GPU's product with the emulation: both sum the same code products per block
-// in fp32 and scale the partial sums in fp32; they may differ in the order of the additions
-// within a block (the tensor cores') and in the last bits of the scaling.
-constexpr double kF32Tolerance = 1e-4;
-constexpr double kBf16Tolerance = 8e-3;  // bf16 output: 2^-8 relative rounding
+// Agreement of the GPU's product with the emulation: both multiply the same codes, scale each
+// 128-block's partial sum by the same two fp32 scales and accumulate in fp32. They differ in how a
+// block's products are summed: in order in fp32 on the CPU, inside the tensor cores on the GPU,
+// whose FP8 accumulation keeps fewer bits (about 14, DeepSeek-V3 report section 3.3.2) until
+// cuBLASLt promotes the block's sum. That is ~1e-4 of a block sum; a wrong layout or scale is
+// O(1). bf16 output adds its own rounding (2^-9 relative).
+constexpr double kF32Tolerance = 2e-3;
+constexpr double kBf16Tolerance = 1e-2;
 
 void report(const char* gemm_name, const GemmShape& s, const char* out, double rel) {
   std::printf("  %-6s %5lld x %5lld x %5lld  %-4s  |gpu - cpu| / |cpu| = %.3g\n", gemm_name,
