@@ -1,4 +1,5 @@
 #include <cstring>
+#include <string>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/fp8_gemm.h"
@@ -17,6 +18,16 @@ const char* scaling_name(Scaling s) {
   return s == Scaling::Blocks ? "BLK128x128_32F blocks" : "VEC128_32F tiles";
 }
 const char* output_name(Output o) { return o == Output::F32 ? "fp32" : "bf16"; }
+
+// The layout of a GEMM in words, for the errors that refuse it.
+template <typename Key>
+std::string describe(const Key& key) {
+  return cat("d[", key.m, ", ", key.n, "] = a[", key.m, ", ", key.k, "] b[", key.n, ", ", key.k,
+             "]^T with a in VEC128_32F tiles, b in ", scaling_name(key.scaling), ", ",
+             output_name(key.out), " output, row strides ", key.lda, ", ", key.ldb, ", ", key.ldd,
+             " and alignments ", key.align_a, ", ", key.align_b, ", ", key.align_d,
+             " bytes (cuBLASLt's FP8 kernels want 16-byte aligned operands and strides)");
+}
 
 // cuBLASLt's three layouts for a key. cuBLASLt is column-major: the row-major d[m, n] is the
 // column-major n x m matrix b a^T, so our b is cuBLASLt's A (stored k x n, K-major, transposed)
@@ -144,21 +155,18 @@ uint32_t Fp8Gemm::choose(const Key& exact) {
   }
   uint32_t index = it->second;
   const bool own_bucket = !(b < exact) && !(exact < b);
+  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
   if (index == kNoAlgo || (!own_bucket && !fits(exact, algos_[index]))) {
     cublasLtMatmulAlgo_t algo{};
-    const cublasStatus_t st = heuristic(exact, algo);
+    st = heuristic(exact, algo);
     index = st == CUBLAS_STATUS_SUCCESS ? intern(algo) : kNoAlgo;
     // Any refusal of the exact shape is reported below as what it is: this layout unsupported.
     if (st == CUBLAS_STATUS_ALLOC_FAILED) check(st, "FP8 matmul heuristic");
   }
   if (index == kNoAlgo)
     fail(Code::Unsupported, "cuBLASLt ", cublasLtGetVersion(),
-         " has no block-scaled FP8 algorithm for d[", exact.m, ", ", exact.n, "] = a[", exact.m,
-         ", ", exact.k, "] b[", exact.n, ", ", exact.k, "]^T with a in VEC128_32F tiles, b in ",
-         scaling_name(exact.scaling), ", ", output_name(exact.out), " output, row strides ",
-         exact.lda, ", ", exact.ldb, ", ", exact.ldd, " and alignments ", exact.align_a, ", ",
-         exact.align_b, ", ", exact.align_d,
-         " bytes (its FP8 kernels want 16-byte aligned operands and strides)");
+         " has no block-scaled FP8 algorithm for ", describe(exact), " (heuristic status ",
+         static_cast<int>(st), ")");
   chosen_.emplace(exact, index);
   return index;
 }
@@ -198,9 +206,12 @@ void Fp8Gemm::run(int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda
   const uint32_t index = it != chosen_.end() ? it->second : choose(key);
   Layouts l(m, n, k, lda, ldb, ldd, out);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  check(cublasLtMatmul(handle_.get(), op, &alpha, b, &l.first, a, &l.second, &beta, d, &l.d, d,
-                       &l.d, &algos_[index], workspace_.get(), kWorkspaceBytes, stream_),
-        "FP8 cublasLtMatmul");
+  const cublasStatus_t st =
+      cublasLtMatmul(handle_.get(), op, &alpha, b, &l.first, a, &l.second, &beta, d, &l.d, d, &l.d,
+                     &algos_[index], workspace_.get(), kWorkspaceBytes, stream_);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED)
+    fail(Code::Unsupported, "cuBLASLt ", cublasLtGetVersion(), " refused to run ", describe(key));
+  check(st, "FP8 cublasLtMatmul");
 }
 
 }  // namespace moert::cuda::fp8
