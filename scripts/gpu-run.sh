@@ -15,7 +15,7 @@
 # device half keeps to a time budget and writes exactly these, all at the top of $OUT:
 #   device.txt        the GPU (first line, read by the table), the environment chosen, the
 #                     library check, and the summary of every phase
-#   tests.log         both GPU test programs' output
+#   tests.log         the GPU test programs' output
 #   sanitize.log      compute-sanitizer's output, one section per tool
 #   bench.log         both benchmarks' output
 #   moert_bench.json  torch_bench.json  table.md
@@ -49,7 +49,7 @@ stage() {
   cd "$here"
   cmake --preset cuda
   cmake --build --preset cuda --target moert moert_cuda moert_gpu_kernel_tests \
-    moert_gpu_session_tests moert_gpu_models moert_cuda_bench
+    moert_gpu_session_tests moert_gpu_fp8_tests moert_gpu_models moert_cuda_bench
   build=build/cuda
   rm -rf "$dir"
   mkdir -p "$dir/lib" "$dir/bin" "$dir/models" "$dir/sys"
@@ -61,6 +61,7 @@ stage() {
   cp "$lib" "$dir/lib/$soname"
   cp "$(readlink -f "$build/capi/libmoert_cuda.so")" "$dir/lib/libmoert_cuda.so"
   cp "$build/tests/gpu/moert_gpu_kernel_tests" "$build/tests/gpu/moert_gpu_session_tests" \
+    "$build/tests/gpu/moert_gpu_fp8_tests" \
     "$build/bench/moert_cuda_bench" "$dir/bin/"
   cp "$build"/tests/gpu/models/*.moert "$dir/models/"
   cp bench/torch_cuda_moe_bench.py scripts/gpu-run.sh "$dir/"
@@ -214,9 +215,9 @@ probe() {
 }
 
 phase_tests() {
-  local phase_end=$((SECONDS + 120)) t rc start
+  local phase_end=$((SECONDS + 150)) t rc start
   echo "== tests" | tee -a "$out/device.txt"
-  for t in moert_gpu_kernel_tests moert_gpu_session_tests; do
+  for t in moert_gpu_kernel_tests moert_gpu_session_tests moert_gpu_fp8_tests; do
     local secs
     secs=$(budget 90 $phase_end)
     if [ "$secs" -lt 5 ]; then
