@@ -117,4 +117,41 @@ class TreeFold {
   std::vector<std::pair<TreeBlock, Value>> open_;
 };
 
+// A sparse gradient's partial: the rows it touches, ascending, and dim values for each.
+struct SparseRows {
+  std::vector<int32_t> rows;
+  std::vector<float> values;
+};
+
+// l = l (+) r over the union of their rows: a row on both sides is added, a row on one side is
+// taken plus 0.0f, so that -0.0 ends as it would in a dense sum. The one sparse merge of the
+// reduction: the backend's fold of chunk partials and the cross-process combine of roots both
+// use it, so their bits agree.
+inline void merge_sparse_rows(SparseRows& l, const SparseRows& r, int64_t dim) {
+  SparseRows m;
+  m.rows.reserve(l.rows.size() + r.rows.size());
+  m.values.reserve((l.rows.size() + r.rows.size()) * static_cast<size_t>(dim));
+  size_t i = 0, j = 0;
+  auto take = [&](const float* v) {
+    for (int64_t d = 0; d < dim; ++d) m.values.push_back(v[d] + 0.0f);
+  };
+  while (i < l.rows.size() || j < r.rows.size()) {
+    const float* lv = l.values.data() + i * static_cast<size_t>(dim);
+    const float* rv = r.values.data() + j * static_cast<size_t>(dim);
+    if (j == r.rows.size() || (i < l.rows.size() && l.rows[i] < r.rows[j])) {
+      m.rows.push_back(l.rows[i++]);
+      take(lv);
+    } else if (i == l.rows.size() || r.rows[j] < l.rows[i]) {
+      m.rows.push_back(r.rows[j++]);
+      take(rv);
+    } else {
+      m.rows.push_back(l.rows[i]);
+      for (int64_t d = 0; d < dim; ++d) m.values.push_back(lv[d] + rv[d]);
+      ++i;
+      ++j;
+    }
+  }
+  l = std::move(m);
+}
+
 }  // namespace moert

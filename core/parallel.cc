@@ -88,40 +88,15 @@ void ParallelContext::agree(std::exception_ptr local) {
 namespace {
 
 // A root's values, dense (rows empty) or sparse (rows ascending, values [rows, n]).
-struct Value {
-  std::vector<int32_t> rows;
-  std::vector<float> values;
-};
+using Value = SparseRows;
 
-// l = l (+) r: elementwise for dense values; for sparse ones over the union of their rows, a row
-// on one side taken plus 0.0f (as the backend's own merge does, so -0.0 ends as in a dense sum).
-void merge(Value& l, Value& r, int64_t n, bool sparse) {
+// l = l (+) r: elementwise for dense values, merge_sparse_rows() for sparse ones.
+void merge(Value& l, const Value& r, int64_t n, bool sparse) {
   if (!sparse) {
     for (size_t i = 0; i < l.values.size(); ++i) l.values[i] = l.values[i] + r.values[i];
     return;
   }
-  Value m;
-  size_t i = 0, j = 0;
-  auto take = [&](const float* v) {
-    for (int64_t d = 0; d < n; ++d) m.values.push_back(v[d] + 0.0f);
-  };
-  while (i < l.rows.size() || j < r.rows.size()) {
-    const float* lv = l.values.data() + i * static_cast<size_t>(n);
-    const float* rv = r.values.data() + j * static_cast<size_t>(n);
-    if (j == r.rows.size() || (i < l.rows.size() && l.rows[i] < r.rows[j])) {
-      m.rows.push_back(l.rows[i++]);
-      take(lv);
-    } else if (i == l.rows.size() || r.rows[j] < l.rows[i]) {
-      m.rows.push_back(r.rows[j++]);
-      take(rv);
-    } else {
-      m.rows.push_back(l.rows[i]);
-      for (int64_t d = 0; d < n; ++d) m.values.push_back(lv[d] + rv[d]);
-      ++i;
-      ++j;
-    }
-  }
-  l = std::move(m);
+  merge_sparse_rows(l, r, n);
 }
 
 void put(std::vector<char>& out, const void* p, size_t bytes) {

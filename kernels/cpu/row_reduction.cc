@@ -108,35 +108,9 @@ void reduce_partials(Allocator& mem, float* partials, int64_t chunks, int64_t n,
 void reduce_sparse(Allocator& mem, std::vector<SparsePartial>& partials, int64_t dim,
                    const GradOut& g) {
   const int64_t chunks = static_cast<int64_t>(partials.size());
-  // l = l (+) r over the union of their rows, both ascending.
   auto merge = [&](size_t li, size_t ri) {
-    SparsePartial& l = partials[li];
-    SparsePartial& r = partials[ri];
-    SparsePartial m;
-    m.rows.reserve(l.rows.size() + r.rows.size());
-    m.values.reserve((l.rows.size() + r.rows.size()) * static_cast<size_t>(dim));
-    size_t i = 0, j = 0;
-    auto take = [&](const float* v) {
-      for (int64_t d = 0; d < dim; ++d) m.values.push_back(v[d] + 0.0f);
-    };
-    while (i < l.rows.size() || j < r.rows.size()) {
-      const float* lv = l.values.data() + i * static_cast<size_t>(dim);
-      const float* rv = r.values.data() + j * static_cast<size_t>(dim);
-      if (j == r.rows.size() || (i < l.rows.size() && l.rows[i] < r.rows[j])) {
-        m.rows.push_back(l.rows[i++]);
-        take(lv);
-      } else if (i == l.rows.size() || r.rows[j] < l.rows[i]) {
-        m.rows.push_back(r.rows[j++]);
-        take(rv);
-      } else {
-        m.rows.push_back(l.rows[i]);
-        for (int64_t d = 0; d < dim; ++d) m.values.push_back(lv[d] + rv[d]);
-        ++i;
-        ++j;
-      }
-    }
-    l = std::move(m);
-    r = SparsePartial{};
+    merge_sparse_rows(partials[li], partials[ri], dim);
+    partials[ri] = SparsePartial{};
   };
   TreeFold<size_t> fold(g.roots ? g.first_chunk : 0);
   for (int64_t j = 0; j < chunks; ++j) fold.push(static_cast<size_t>(j), merge);

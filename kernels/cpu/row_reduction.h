@@ -50,10 +50,7 @@ void reduce_partials(Allocator& mem, float* partials, int64_t chunks, int64_t n,
 
 // One chunk's partial of a sparse gradient (the embedding table's): the table rows it touched,
 // ascending, and their values [rows.size(), dim].
-struct SparsePartial {
-  std::vector<int32_t> rows;
-  std::vector<float> values;
-};
+using SparsePartial = SparseRows;
 
 // Folds sparse chunk partials (consumed) as Backend::embedding_backward defines it: a merge adds
 // rows present on both sides and takes x + 0.0f for a row present on one; acc gets += on the
