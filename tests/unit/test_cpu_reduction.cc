@@ -24,7 +24,9 @@ Vec randv(int64_t n, std::mt19937& rng, float scale = 1.0f) {
 }
 
 bool same_bits(const Vec& a, const Vec& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  // memcmp may not be given the null data() of an empty vector, even for 0 bytes.
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 // Chunk-aligned cuts of [0, rows): 0 = c_0 < c_1 < ... < c_k = rows, inner cuts multiples of
