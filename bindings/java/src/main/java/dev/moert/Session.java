@@ -193,7 +193,8 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
    * @param experts computing this rank's routed experts
    * @param gradients combining gradients across ranks after each backward
    */
-  public record Profile(Duration dispatch, Duration combine, Duration experts, Duration gradients) {}
+  public record Profile(
+      Duration dispatch, Duration combine, Duration experts, Duration gradients) {}
 
   /** This session's {@link Profile}. */
   public Profile profile() {
