@@ -7,10 +7,10 @@
 // expert's GEMM gets more rows), while a session runs one pass at a time.
 //
 // Exactness: rows do not interact in an inference pass of a token-choice MoE model (routing,
-// norms and every GEMM are per row), so a request's outputs are those of a solo call whenever
-// the backend's GEMM computes each output row independently of the other rows of the call. The
-// CPU backend calls BLIS on blocks of at most 64 rows; tests/capi/batcher_test.cc checks the
-// batched answers against solo calls bit for bit. Expert Choice layers let experts pick tokens
+// norms and every GEMM are per row), so a request's outputs are those of a solo call up to the
+// GEMMs' rounding, which depends on the row count of each call with oneDNN (the CPU backend's
+// GEMMs): tests/capi/batcher_test.cc checks batched answers within 1e-5 per row of solo calls,
+// and bit for bit where a pass carried one request. Expert Choice layers let experts pick tokens
 // across the batch: models with one are never batched across requests (one request per pass).
 #pragma once
 

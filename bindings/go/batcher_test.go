@@ -3,6 +3,7 @@ package moert
 import (
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"sync"
 	"testing"
@@ -35,9 +36,38 @@ func mustBatcher(t *testing.T, m *Model, sessions, maxRows int, wait time.Durati
 	return b
 }
 
-// Many goroutines at once: every answer equals the solo call's bit for bit, requests share
-// passes, and the figures add up.
-func TestBatcherAnswersEqualSoloCalls(t *testing.T) {
+// batchTolerance bounds, per row, ||batched - solo|| / ||solo|| (L2) for an answer that shared
+// a pass: the CPU GEMMs (oneDNN) round a row differently in calls of different row counts (worst
+// row 5.4e-7 in the C ABI's tests, tests/capi/batcher_test.cc, which say why and where a
+// routing tie could exceed it). An answer whose pass carried it alone is the solo call exactly.
+const batchTolerance = 1e-5
+
+// agreesWithSolo checks a batched answer against the solo call's: bit for bit when alone in its
+// pass, else each row of width within batchTolerance.
+func agreesWithSolo(got, want []float32, width int, alone bool) error {
+	if len(got) != len(want) {
+		return fmt.Errorf("%d outputs, want %d", len(got), len(want))
+	}
+	for r := 0; r*width < len(want); r++ {
+		var num, den float64
+		for j := r * width; j < (r+1)*width; j++ {
+			if alone && math.Float32bits(got[j]) != math.Float32bits(want[j]) {
+				return fmt.Errorf("output %d differs from the solo call, though its pass carried it alone", j)
+			}
+			d := float64(got[j]) - float64(want[j])
+			num += d * d
+			den += float64(want[j]) * float64(want[j])
+		}
+		if e := math.Sqrt(num / math.Max(den, 1e-300)); !(e <= batchTolerance) {
+			return fmt.Errorf("row %d is %.3g (relative, L2) from the solo call's", r, e)
+		}
+	}
+	return nil
+}
+
+// Many goroutines at once: every answer agrees with the solo call's, requests share passes, and
+// the figures add up.
+func TestBatcherAnswersAgreeWithSoloCalls(t *testing.T) {
 	m := mustModel(t)
 	ref := mustSession(t, m, ModeInference, 1)
 	b := mustBatcher(t, m, 2, 128, 5*time.Millisecond)
@@ -68,11 +98,9 @@ func TestBatcherAnswersEqualSoloCalls(t *testing.T) {
 					errs <- err
 					return
 				}
-				for j := range got {
-					if got[j] != want[w*perWorker+i][j] {
-						errs <- fmt.Errorf("worker %d request %d: output %d differs from the solo call", w, i, j)
-						return
-					}
+				if err := agreesWithSolo(got, want[w*perWorker+i], 64, st.BatchRequests == 1); err != nil {
+					errs <- fmt.Errorf("worker %d request %d: %v", w, i, err)
+					return
 				}
 				if st.BatchRows < rows || st.BatchRequests < 1 || st.Run <= 0 || st.Queue < 0 || st.Session > 1 {
 					errs <- fmt.Errorf("stats %+v for %d rows", st, rows)

@@ -148,6 +148,25 @@ func (c *Communicator) Barrier() error {
 	return check(capi.Moert_comm_barrier(c.ptr))
 }
 
+// AllReduceSum replaces each data[i], in place, by the sum over ranks of every rank's data[i],
+// added in rank order (((x0 + x1) + x2) + ...), so that every rank gets the same bits on every
+// run: for a host's own figures, such as a loss summed over the rows each rank evaluated.
+// Collective: every rank passes the same length (an empty or nil slice is a no-op on every rank).
+// ErrUnsupported on an NCCL communicator, whose collectives move device memory; ErrComm on
+// timeout or a broken communicator. data is changed only when the call succeeds.
+func (c *Communicator) AllReduceSum(data []float64) error {
+	if err := c.g.enter(); err != nil {
+		return err
+	}
+	defer c.g.leave()
+	own := ownFloat64s(data)
+	if err := check(capi.Moert_comm_all_reduce_sum(c.ptr, own)); err != nil {
+		return err
+	}
+	copy(data, own)
+	return nil
+}
+
 // SetCommunicator attaches c with an expert-parallel size (>= 1, dividing c's size); nil with 1
 // detaches. The options keep their own reference to the communicator.
 func (o *SessionOptions) SetCommunicator(c *Communicator, expertParallel int) error {

@@ -2,6 +2,7 @@ package moert
 
 import (
 	"errors"
+	"math"
 	"testing"
 	"time"
 )
@@ -31,6 +32,31 @@ func TestCommunicatorMPISingleton(t *testing.T) {
 	if err := c.SetTimeout(30 * time.Second); err != nil {
 		t.Errorf("SetTimeout: %v", err)
 	}
+	// One rank: the sum over ranks is the rank's own values, bit for bit, in place.
+	data := []float64{1.5, -2.25, 3e300, 0x1p-1074}
+	want := append([]float64(nil), data...)
+	if err := c.AllReduceSum(data); err != nil {
+		t.Fatalf("AllReduceSum: %v", err)
+	}
+	for i := range data {
+		if math.Float64bits(data[i]) != math.Float64bits(want[i]) {
+			t.Errorf("AllReduceSum on one rank: data[%d] = %v, want %v", i, data[i], want[i])
+		}
+	}
+	// Memory inside an object that also holds Go pointers, and empty or nil slices.
+	holder := struct {
+		next *int
+		buf  [3]float64
+	}{buf: [3]float64{4, 5, 6}}
+	if err := c.AllReduceSum(holder.buf[1:]); err != nil || holder.buf != [3]float64{4, 5, 6} {
+		t.Errorf("AllReduceSum on a struct's array = %v, %v", holder.buf, err)
+	}
+	if err := c.AllReduceSum([]float64{}); err != nil {
+		t.Errorf("AllReduceSum(empty) = %v", err)
+	}
+	if err := c.AllReduceSum(nil); err != nil {
+		t.Errorf("AllReduceSum(nil) = %v", err)
+	}
 
 	opts, err := NewSessionOptions()
 	if err != nil {
@@ -54,11 +80,25 @@ func TestCommunicatorMPISingleton(t *testing.T) {
 	if _, err := s.ForwardTokens([]int32{1, 2, 3, 4}, 1); err != nil {
 		t.Errorf("ForwardTokens: %v", err)
 	}
+	// Figures of time, never negative; all zero again after ResetMetrics.
+	p, err := s.Profile()
+	if err != nil || p.Dispatch < 0 || p.Combine < 0 || p.Experts < 0 || p.Gradients < 0 {
+		t.Errorf("Profile = %+v, %v", p, err)
+	}
+	if err := s.ResetMetrics(); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := s.Profile(); err != nil || p != (Profile{}) {
+		t.Errorf("Profile after ResetMetrics = %+v, %v; want zeros", p, err)
+	}
 	s.Close()
 	opts.Close() // the last reference: MPI is finalised
 
 	if _, err := NewMPICommunicator(); !errors.Is(err, &Error{Code: ErrInvalidState}) {
 		t.Errorf("a second MPI communicator after finalisation = %v, want ErrInvalidState", err)
+	}
+	if err := c.AllReduceSum([]float64{1}); !errors.Is(err, &Error{Code: ErrInvalidState}) {
+		t.Errorf("AllReduceSum after Close = %v, want ErrInvalidState", err)
 	}
 	if ErrComm.String() != "MOERT_ERR_COMM" {
 		t.Errorf("ErrComm = %v", ErrComm)
@@ -88,5 +128,26 @@ func TestCommunicatorNCCLRefusals(t *testing.T) {
 		c.Close() // a GPU is here
 	} else if !errors.Is(err, &Error{Code: ErrUnsupported}) {
 		t.Errorf("NewNCCLCommunicator = %v, want ErrUnsupported without a GPU", err)
+	}
+}
+
+// A session alone spends no time waiting on other ranks: its profile is zero, before and after
+// passes, and the figures' count is the library's.
+func TestSessionProfileAlone(t *testing.T) {
+	if ProfileFigures != 4 {
+		t.Errorf("ProfileFigures = %d, want 4", ProfileFigures)
+	}
+	s := mustSession(t, mustModel(t), ModeInference, 1)
+	for i := 0; i < 2; i++ {
+		if p, err := s.Profile(); err != nil || p != (Profile{}) {
+			t.Errorf("Profile of a session alone = %+v, %v; want zeros", p, err)
+		}
+		if _, err := s.ForwardTokens([]int32{1, 2, 3, 4}, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	if _, err := s.Profile(); !errors.Is(err, &Error{Code: ErrInvalidState}) {
+		t.Errorf("Profile after Close = %v, want ErrInvalidState", err)
 	}
 }

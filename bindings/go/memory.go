@@ -31,6 +31,15 @@ func ownInts(s []int32) []int32 {
 	return c
 }
 
+func ownFloat64s(s []float64) []float64 {
+	if s == nil {
+		return nil
+	}
+	c := make([]float64, len(s))
+	copy(c, s)
+	return c
+}
+
 func ownBytes(s []byte) []byte {
 	if s == nil {
 		return nil

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"time"
 
 	"moert.dev/moert/internal/capi"
 )
@@ -263,7 +264,38 @@ func (s *Session) MaxVio(l int, scope Scope) (float64, error) {
 	return v, err
 }
 
-// ResetMetrics zeroes the CountsEval counts of every MoE layer.
+// Profile is where the time of a session over several ranks goes (SessionOptions.SetCommunicator),
+// summed over its MoE layers' passes since its creation or the last ResetMetrics. The waits are
+// the communication that computation did not hide: compare with a session created with
+// "ep_overlap" "false" to see what overlap hides. All zero for a session alone.
+type Profile struct {
+	Dispatch  time.Duration // waiting for tokens (and output gradients) to arrive
+	Combine   time.Duration // waiting for the experts' results to come back
+	Experts   time.Duration // computing this rank's routed experts
+	Gradients time.Duration // combining gradients across ranks after each backward
+}
+
+// ProfileFigures is the number of figures the library's profile holds (MOERT_PROFILE_COUNT).
+const ProfileFigures = int(capi.MOERT_PROFILE_COUNT)
+
+// Profile reads the session's Profile.
+func (s *Session) Profile() (Profile, error) {
+	seconds := make([]float64, ProfileFigures)
+	if err := s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_profile(s.ptr, seconds)
+	}); err != nil {
+		return Profile{}, err
+	}
+	at := func(i int) time.Duration { return time.Duration(seconds[i] * float64(time.Second)) }
+	return Profile{
+		Dispatch:  at(capi.MOERT_PROFILE_DISPATCH),
+		Combine:   at(capi.MOERT_PROFILE_COMBINE),
+		Experts:   at(capi.MOERT_PROFILE_EXPERTS),
+		Gradients: at(capi.MOERT_PROFILE_GRADIENTS),
+	}, nil
+}
+
+// ResetMetrics zeroes the CountsEval counts of every MoE layer, and the Profile.
 func (s *Session) ResetMetrics() error {
 	return s.call(func() capi.Struct_SS_moert_status { return capi.Moert_session_reset_metrics(s.ptr) })
 }

@@ -10,6 +10,7 @@
  *   const char** out|name            a library-owned string out: copied into the language's string
  *   (const T* in, uint64_t in_len)   a caller-owned array in, with its length in elements
  *   (T* out, uint64_t out_len)       a caller-owned array out, with its length in elements
+ *   (T* data, uint64_t len)          a caller-owned array read and overwritten in place
  *
  * The pointer+length pairs are matched by their names (SWIG matches multi-argument typemaps by
  * name); bindings/swig/check_generated.cmake fails the build's tests when the header grows a
@@ -42,7 +43,7 @@
 #define MOERT_OUT_ARRAYS(T)                                                       \
   (T* out, uint64_t out_len), (T* out, uint64_t len), (T* counts, uint64_t len),  \
       (T* grad_in, uint64_t grad_in_len), (T* stats, uint64_t stats_len),          \
-      (T* counters, uint64_t len)
+      (T* counters, uint64_t len), (T* seconds, uint64_t len), (T* data, uint64_t len)
 
 /* ============================================================================================ */
 #if defined(SWIGGO)
@@ -77,6 +78,7 @@ MOERT_GO_ARRAYS(float, float32)
 MOERT_GO_ARRAYS(int32_t, int32)
 MOERT_GO_ARRAYS(int64_t, int64)
 MOERT_GO_ARRAYS(uint8_t, byte)
+MOERT_GO_ARRAYS(double, float64)
 
 /* The address of the host's MPI_Comm (moert_comm_create_mpi): a uintptr, 0 for NULL. It points
  * into C memory (the host's MPI), never into Go memory. */
@@ -195,10 +197,10 @@ typedef struct {
   size_t bytes;
 } moert_jni_buffer;
 
-enum { MOERT_JNI_BYTE, MOERT_JNI_INT, MOERT_JNI_LONG, MOERT_JNI_FLOAT };
+enum { MOERT_JNI_BYTE, MOERT_JNI_INT, MOERT_JNI_LONG, MOERT_JNI_FLOAT, MOERT_JNI_DOUBLE };
 
 static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni_buffer* b) {
-  static const size_t width[] = {1, 4, 8, 4};
+  static const size_t width[] = {1, 4, 8, 4, 8};
   memset(b, 0, sizeof *b);
   if (!buffer) return 1;
   void* address = (*env)->GetDirectBufferAddress(env, buffer);
@@ -248,6 +250,9 @@ static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni
     case MOERT_JNI_LONG:
       b->elements = (*env)->GetLongArrayElements(env, (jlongArray)b->array, NULL);
       break;
+    case MOERT_JNI_DOUBLE:
+      b->elements = (*env)->GetDoubleArrayElements(env, (jdoubleArray)b->array, NULL);
+      break;
     default:
       b->elements = (*env)->GetFloatArrayElements(env, (jfloatArray)b->array, NULL);
       break;
@@ -275,6 +280,9 @@ static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type,
       break;
     case MOERT_JNI_LONG:
       (*env)->ReleaseLongArrayElements(env, (jlongArray)b->array, (jlong*)b->elements, mode);
+      break;
+    case MOERT_JNI_DOUBLE:
+      (*env)->ReleaseDoubleArrayElements(env, (jdoubleArray)b->array, (jdouble*)b->elements, mode);
       break;
     default:
       (*env)->ReleaseFloatArrayElements(env, (jfloatArray)b->array, (jfloat*)b->elements, mode);
@@ -368,6 +376,7 @@ MOERT_JAVA_ARRAYS(float, java.nio.FloatBuffer, MOERT_JNI_FLOAT)
 MOERT_JAVA_ARRAYS(int32_t, java.nio.IntBuffer, MOERT_JNI_INT)
 MOERT_JAVA_ARRAYS(int64_t, java.nio.LongBuffer, MOERT_JNI_LONG)
 MOERT_JAVA_ARRAYS(uint8_t, java.nio.ByteBuffer, MOERT_JNI_BYTE)
+MOERT_JAVA_ARRAYS(double, java.nio.DoubleBuffer, MOERT_JNI_DOUBLE)
 
 /* The address of the host's MPI_Comm (moert_comm_create_mpi) as a Java long; 0 is NULL. */
 %typemap(jni) const void* mpi_comm "jlong"

@@ -1,6 +1,7 @@
-// The batcher through the C ABI: every caller gets exactly the answer and the status a solo call
-// would give it — compared bit for bit — while requests from many threads share forward passes;
-// bad input fails its own caller only; misuse is refused.
+// The batcher through the C ABI: every caller gets the answer and the status a solo call would
+// give it — the answer to the rounding of the CPU GEMMs (kRowTolerance below), or bit for bit
+// where its pass carried it alone — while requests from many threads share forward passes; bad
+// input fails its own caller only; misuse is refused.
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -66,6 +67,35 @@ std::vector<int64_t> counters_of(const moert_batcher* b) {
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
+
+// How close a batched answer is to its solo call, per row: ||batched - solo|| / ||solo|| (L2).
+//
+// Why not bit for bit: the CPU GEMMs are oneDNN's (dnnl_sgemm), and its result for a row depends
+// on the row count of the call: a row alone goes through its GEMV kernel, the rows of a larger
+// call through its blocked kernels, the last partial block through a remainder path, each summing
+// a dot product's terms in its own order. Measured on this project's AVX2 machine (oneDNN 2.6):
+// every row of a 200-row call differs from the same row alone, by 8e-8 to 8e-7 relative for k
+// and n from 8 to 1024. Two ways to make it row-independent were measured and rejected (see the
+// README's serving section): padding every call to a multiple of 6 rows still left rows differing
+// at 16 of 70 shapes and made one-row calls 2-3x slower (GEMV 26 us, 6 padded rows 91 us at
+// k = 512, n = 256); a matmul primitive with a runtime row count runs the same GEMM (every row
+// alone still differs) and is slower on one row. Routing, norms and the combine are per row, so
+// what reaches an answer is these GEMM roundings carried through the layers.
+//
+// Measured over these tests' requests (six runs; each test prints its worst row), the worst row
+// of the example model, the serving benchmark's model and the test models is 5.4e-7 from its
+// solo call; kRowTolerance = 1e-5 leaves a margin of about 20x for other CPUs and oneDNN builds.
+//
+// A routing flip is the one difference no tolerance bounds: a token whose K-th and (K+1)-th
+// router scores (or group scores) are closer than the GEMM rounding of its logits (about 1e-7
+// relative) could pick another expert in a pass than alone, and its row would then differ by
+// O(1), far beyond 1e-5. The inputs here are fixed, so whether a token of these tests is that
+// close to a tie is a fact of the data, not of the run: with scores spread over O(1), a given
+// token is that close with probability of order E x 1e-7 (E experts), about 1e-3 over the ~3 x
+// 10^4 routing decisions these tests make. None is: a row alone and the same row in a shared
+// pass take different kernels in nearly every request, so such a token would fail every run,
+// with an error of order 1, not near the tolerance.
+constexpr double kRowTolerance = 1e-5;
 
 // One model and what a request of it looks like.
 struct Fixture {
@@ -167,32 +197,73 @@ Fixture wide_fixture(bool aligned = true) {
   return Fixture(load_ok(build(wide_hidden_desc(aligned))));
 }
 
-// Largest over rows of ||a_r - b_r|| / ||b_r||.
-double max_row_error(const std::vector<float>& a, const std::vector<float>& b, size_t width) {
+// Largest over rows of ||a_r - b_r|| / ||b_r||, for `n` values of rows of `width`; NaN when a
+// value is not finite.
+double max_row_error(const float* a, const float* b, size_t n, size_t width) {
   double worst = 0;
-  for (size_t r = 0; r * width < b.size(); ++r) {
+  for (size_t r = 0; r * width < n; ++r) {
     double num = 0, den = 0;
     for (size_t c = r * width; c < (r + 1) * width; ++c) {
       num += (static_cast<double>(a[c]) - b[c]) * (static_cast<double>(a[c]) - b[c]);
       den += static_cast<double>(b[c]) * b[c];
     }
-    worst = std::max(worst, std::sqrt(num / std::max(den, 1e-300)));
+    const double e = std::sqrt(num / std::max(den, 1e-300));
+    if (!(e <= worst)) worst = e;  // NaN sticks
   }
   return worst;
 }
 
-// Runs `requests` (rows, salt) from `threads` threads at once through `b`, checks each answer
-// against a solo call — bit for bit when `tolerance` is 0, else each row within `tolerance`
-// relative (L2) — and returns the number of requests that shared a pass.
+double max_row_error(const std::vector<float>& a, const std::vector<float>& b, size_t width) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  return max_row_error(a.data(), b.data(), b.size(), width);
+}
+
+// The worst max_row_error of the answers a test compared, printed at its end.
+class WorstError {
+ public:
+  void add(double e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    worst_ = std::max(worst_, e);
+  }
+  double get() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return worst_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  double worst_ = 0;
+};
+
+// For answers that may hold infinities or NaN (check_finite off): the same elements are
+// non-finite, with the same values (every NaN matching every NaN), and each row's finite
+// elements are within kRowTolerance of the reference's (an answer the library refused is left
+// as the sentinel in both).
+bool agree_where_finite(const std::vector<float>& a, const std::vector<float>& b, size_t width) {
+  if (a.size() != b.size()) return false;
+  std::vector<float> fa(a), fb(b);
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isfinite(a[i]) && std::isfinite(b[i])) continue;
+    if (!(std::isnan(a[i]) && std::isnan(b[i])) && a[i] != b[i]) return false;
+    fa[i] = fb[i] = 0;
+  }
+  return max_row_error(fa, fb, width) <= kRowTolerance;
+}
+
+// Runs `requests` (rows, salt) from `threads` threads at once through `b` and checks each answer
+// against a solo call: a request that had its pass to itself bit for bit (that pass was a solo
+// call), one that shared it with each row within `tolerance` (0: bit for bit too). Returns the
+// number of requests that shared a pass.
 int run_and_compare(const Fixture& f, moert_batcher* b,
                     const std::vector<std::pair<uint64_t, uint64_t>>& requests, int threads,
-                    double tolerance = 0) {
+                    double tolerance = kRowTolerance) {
   SessionPtr ref = make_session(f.model.get(), 1);
   std::vector<std::vector<float>> want(requests.size());
   for (size_t i = 0; i < requests.size(); ++i)
     EXPECT_TRUE(IsOk(f.solo(ref.get(), requests[i].first, requests[i].second, want[i])));
   std::atomic<size_t> next{0};
   std::atomic<int> shared{0}, mismatches{0};
+  WorstError worst;
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t)
     pool.emplace_back([&] {
@@ -201,12 +272,15 @@ int run_and_compare(const Fixture& f, moert_batcher* b,
       for (size_t i; (i = next.fetch_add(1)) < requests.size();) {
         const auto [rows, salt] = requests[i];
         EXPECT_TRUE(IsOk(f.batched(b, rows, salt, out, stats, MOERT_REQUEST_STATS)));
-        if (tolerance > 0 ? max_row_error(out, want[i], f.out_width) > tolerance
-                          : !same_bits(out, want[i])) {
+        const bool alone = stats[MOERT_REQUEST_BATCH_REQUESTS] == 1;
+        const double error = max_row_error(out, want[i], f.out_width);
+        worst.add(error);
+        if (alone || tolerance == 0 ? !same_bits(out, want[i]) : !(error <= tolerance)) {
           ++mismatches;
           ADD_FAILURE() << "request " << i << " (" << rows << " rows, batched with "
                         << stats[MOERT_REQUEST_BATCH_REQUESTS] << " requests in "
-                        << stats[MOERT_REQUEST_BATCH_ROWS] << " rows) differs from its solo call";
+                        << stats[MOERT_REQUEST_BATCH_ROWS] << " rows) differs from its solo call"
+                        << " by " << error << " relative";
         }
         EXPECT_GE(stats[MOERT_REQUEST_BATCH_ROWS], static_cast<int64_t>(rows));
         EXPECT_GE(stats[MOERT_REQUEST_QUEUE_NS], 0);
@@ -216,6 +290,8 @@ int run_and_compare(const Fixture& f, moert_batcher* b,
     });
   for (auto& t : pool) t.join();
   EXPECT_EQ(mismatches.load(), 0);
+  std::printf("%zu requests, %d in shared passes: worst row %.3g relative to its solo call\n",
+              requests.size(), shared.load(), worst.get());
   return shared.load();
 }
 
@@ -231,7 +307,7 @@ std::vector<std::pair<uint64_t, uint64_t>> mixed_requests(size_t n, uint64_t max
 
 // ---- Exactness -----------------------------------------------------------------------------
 
-TEST(Batcher, TokenRequestsEqualSoloCallsBitForBit) {
+TEST(Batcher, TokenRequestsAgreeWithSoloCalls) {
   Fixture f = example_fixture();
   // A wait long enough that concurrent requests surely meet.
   BatcherPtr b = make_batcher(f.model.get(), {1, 2, 512, 20000});
@@ -245,7 +321,20 @@ TEST(Batcher, TokenRequestsEqualSoloCallsBitForBit) {
   EXPECT_EQ(c[MOERT_BATCHER_ISOLATED], 0);
 }
 
-TEST(Batcher, HiddenRequestsEqualSoloCallsBitForBit) {
+// The model of the README's serving benchmark (d = 512, 16 experts of hidden 256, top-4,
+// vocabulary 1024): dot products of 256 and 512 terms, the longest of these tests.
+TEST(Batcher, ServeBenchModelAgreesWithSoloCalls) {
+  std::string path = example_model_path();
+  path.replace(path.rfind('/') + 1, std::string::npos, "serve_bench.moert");
+  moert_model* m = nullptr;
+  ASSERT_TRUE(IsOk(moert_model_load_file(path.c_str(), &m)));
+  Fixture f{ModelPtr(m)};
+  BatcherPtr b = make_batcher(f.model.get(), {1, 2, 256, 20000});
+  ASSERT_TRUE(b);
+  EXPECT_GT(run_and_compare(f, b.get(), mixed_requests(48, 40, 2), 8), 24);
+}
+
+TEST(Batcher, HiddenRequestsAgreeWithSoloCalls) {
   Fixture f = wide_fixture();
   ASSERT_TRUE(f.model);
   for (uint32_t sessions : {1u, 3u}) {
@@ -256,47 +345,85 @@ TEST(Batcher, HiddenRequestsEqualSoloCallsBitForBit) {
   }
 }
 
-// Where a GEMM width is not a multiple of 8, BLIS's small-matrix kernels accumulate a row's dot
-// products in an order that depends on the row count of the call, so batched answers differ from
-// solo ones in the last bits (see the README's serving section); they agree within 1e-5.
+// Widths that are not multiples of 8 (6 experts of hidden 20, 33 outputs) take oneDNN's
+// remainder kernels in the column direction too; the same tolerance holds.
 TEST(Batcher, UnalignedWidthsAgreeWithinTolerance) {
   Fixture f = wide_fixture(false);
   ASSERT_TRUE(f.model);
   BatcherPtr b = make_batcher(f.model.get(), {2, 1, 300, 20000});
   ASSERT_TRUE(b);
-  EXPECT_GT(run_and_compare(f, b.get(), mixed_requests(80, 100, 5), 10, 1e-5), 30);
+  EXPECT_GT(run_and_compare(f, b.get(), mixed_requests(80, 100, 5), 10), 30);
 }
 
-// The property exactness rests on, for the GEMM y = x W^T of every layer: with n (outputs) and k
-// (inputs) multiples of 8, each row of a 1..64-row call equals the same row computed alone. One
-// linear layer (an output head over hidden-state input) per shape, 200 rows.
-TEST(Batcher, GemmRowsAreIndependentForWidthsThatAreMultiplesOf8) {
+// What the tolerance rests on, for the GEMM y = x W^T of every layer: a row computed in a
+// 200-row call and the same row alone differ by no more than two fp32 dot products of length k
+// can, whatever order each sums in: |y_i - y'_i| <= 2 gamma_k sum_p |x_p w_ip|, gamma_k =
+// k u / (1 - k u), u = 2^-24 (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed.,
+// eq. 3.5). One linear layer (an output head over hidden-state input) per shape, its weights
+// read back through the C ABI. Bit-for-bit equality is not asserted: oneDNN does not give it
+// (the figures printed say how many rows differ, and by how much).
+TEST(Batcher, GemmRowsAloneAgreeWithTheSameRowsOfABigCallWithinTheDotProductBound) {
+  constexpr double kU = 0x1p-24;
   for (uint32_t k : {8u, 16u, 40u, 64u, 512u})
-    for (uint32_t n : {8u, 24u, 64u, 1024u}) {
+    for (uint32_t n : {8u, 24u, 33u, 64u, 1024u}) {
       ModelDesc d;
       d.input_dim = k;
       d.layers.push_back(head_layer("linear", k, n));
       Fixture f(load_ok(build(d)));
       ASSERT_TRUE(f.model);
       SessionPtr s = make_session(f.model.get(), 1);
+      std::vector<float> w(static_cast<size_t>(n) * k);
+      {
+        // Parameter access needs a training session; its parameters are the model's.
+        moert_session_options* oraw = nullptr;
+        ASSERT_TRUE(IsOk(moert_session_options_create(&oraw)));
+        OptionsPtr o(oraw);
+        ASSERT_TRUE(IsOk(moert_session_options_set_mode(o.get(), MOERT_MODE_TRAINING)));
+        moert_session* traw = nullptr;
+        ASSERT_TRUE(IsOk(moert_session_create(f.model.get(), o.get(), &traw)));
+        SessionPtr t(traw);
+        uint32_t params = 0;
+        ASSERT_TRUE(IsOk(moert_session_num_parameters(t.get(), &params)));
+        ASSERT_EQ(params, 1u);
+        const char* name = nullptr;
+        ASSERT_TRUE(IsOk(moert_session_parameter_info(t.get(), 0, &name, nullptr)));
+        ASSERT_TRUE(IsOk(moert_session_get_parameter(t.get(), name, w.data(), w.size())));
+      }
       constexpr uint64_t kRows = 200;
       std::vector<float> all;
       ASSERT_TRUE(IsOk(f.solo(s.get(), kRows, 3, all)));
       const auto in = f.hidden_input(kRows, 3);
-      int differing = 0;
+      const double gamma = k * kU / (1 - k * kU);
+      int differing = 0, beyond = 0;
+      double worst_relative = 0;
       for (uint64_t r = 0; r < kRows; ++r) {
         std::vector<float> one(n);
         ASSERT_TRUE(
             IsOk(moert_session_forward_hidden(s.get(), in.data() + r * k, k, 1, one.data(), n)));
-        differing += std::memcmp(one.data(), all.data() + r * n, n * sizeof(float)) != 0;
+        const std::vector<float> big(all.begin() + r * n, all.begin() + (r + 1) * n);
+        differing += !same_bits(one, big);
+        worst_relative = std::max(worst_relative, max_row_error(one, big, n));
+        for (uint32_t i = 0; i < n; ++i) {
+          double magnitude = 0;
+          for (uint32_t p = 0; p < k; ++p)
+            magnitude += std::abs(static_cast<double>(in[r * k + p]) * w[i * k + p]);
+          beyond += std::abs(static_cast<double>(one[i]) - big[i]) > 2 * gamma * magnitude;
+        }
       }
-      EXPECT_EQ(differing, 0) << "k = " << k << ", n = " << n << ": rows of a " << kRows
-                              << "-row pass differ from the same rows alone";
+      EXPECT_EQ(beyond, 0) << "k = " << k << ", n = " << n << ": outputs of rows alone differ "
+                           << "from the same rows of a " << kRows
+                           << "-row call by more than the dot-product bound";
+      EXPECT_LE(worst_relative, kRowTolerance) << "k = " << k << ", n = " << n;
+      std::printf(
+          "k = %3u, n = %4u: %3d of %llu rows alone differ from the %llu-row call, worst "
+          "%.3g relative\n",
+          k, n, differing, static_cast<unsigned long long>(kRows),
+          static_cast<unsigned long long>(kRows), worst_relative);
     }
 }
 
-TEST(Batcher, OneRowRequestsEqualOneRowOfABigPass) {
-  // The strongest form of row independence: 200 one-row requests against one 200-row solo pass.
+TEST(Batcher, OneRowRequestsAgreeWithOneRowOfABigPass) {
+  // The most different roundings a row can see: 200 one-row passes against one 200-row pass.
   Fixture f = wide_fixture();
   ASSERT_TRUE(f.model);
   SessionPtr ref = make_session(f.model.get(), 2);
@@ -304,13 +431,21 @@ TEST(Batcher, OneRowRequestsEqualOneRowOfABigPass) {
   std::vector<float> all;
   ASSERT_TRUE(IsOk(f.solo(ref.get(), kRows, 9, all)));
   const auto in = f.hidden_input(kRows, 9);
+  double worst = 0;
   for (uint64_t r = 0; r < kRows; ++r) {
     std::vector<float> one(f.out_width, kSentinel);
     ASSERT_TRUE(IsOk(moert_session_forward_hidden(ref.get(), in.data() + r * f.in_width, f.in_width,
                                                   1, one.data(), one.size())));
-    ASSERT_EQ(std::memcmp(one.data(), all.data() + r * f.out_width, f.out_width * sizeof(float)), 0)
-        << "row " << r << " of a " << kRows << "-row pass differs from the same row alone";
+    const std::vector<float> big(all.begin() + r * f.out_width,
+                                 all.begin() + (r + 1) * f.out_width);
+    const double e = max_row_error(one, big, f.out_width);
+    ASSERT_LE(e, kRowTolerance) << "row " << r << " of a " << kRows
+                                << "-row pass differs from the same row alone";
+    worst = std::max(worst, e);
   }
+  std::printf("worst of %llu rows alone against a %llu-row pass: %.3g relative\n",
+              static_cast<unsigned long long>(kRows), static_cast<unsigned long long>(kRows),
+              worst);
 }
 
 TEST(Batcher, ExpertChoiceModelsAreNeverBatchedAcrossRequests) {
@@ -348,8 +483,12 @@ TEST(Batcher, BadRequestsFailAloneWhileGoodOnesShareAPass) {
             std::lock_guard<std::mutex> lock(ref_mu);
             EXPECT_TRUE(IsOk(f.solo(ref.get(), 3, salt, want)));
           }
-          EXPECT_TRUE(same_bits(out, want));
-          if (stats[MOERT_REQUEST_BATCH_REQUESTS] > 1) ++good_shared;
+          if (stats[MOERT_REQUEST_BATCH_REQUESTS] > 1) {
+            ++good_shared;
+            EXPECT_LE(max_row_error(out, want, 64), kRowTolerance);
+          } else {
+            EXPECT_TRUE(same_bits(out, want));  // its pass was a solo call
+          }
           continue;
         }
         auto in = f.token_input(3, salt);
@@ -446,7 +585,7 @@ TEST(Batcher, OverflowingRequestGetsTheStatusOfItsSoloCall) {
           EXPECT_EQ(moert_status_code(st.get()), moert_status_code(solo.get()))
               << moert_status_message(st.get());
           EXPECT_STREQ(moert_status_message(st.get()), moert_status_message(solo.get()));
-          EXPECT_TRUE(same_bits(out, want));
+          EXPECT_TRUE(agree_where_finite(out, want, f.out_width));
           return;
         }
         std::vector<float> mine;
@@ -454,7 +593,7 @@ TEST(Batcher, OverflowingRequestGetsTheStatusOfItsSoloCall) {
         std::vector<float> alone;
         SessionPtr own = make_session(f.model.get(), 1);
         EXPECT_TRUE(IsOk(f.solo(own.get(), 2, t, alone)));
-        EXPECT_TRUE(same_bits(mine, alone));
+        EXPECT_LE(max_row_error(mine, alone, f.out_width), kRowTolerance);
       });
     for (auto& t : pool) t.join();
   }
@@ -630,7 +769,7 @@ TEST(Batcher, CreateAndFreeRepeatedly) {
 
 // ---- Load: many threads for a bounded time, every answer checked ------------------------------
 
-TEST(Batcher, ManyThreadsForABoundedTimeEveryAnswerExact) {
+TEST(Batcher, ManyThreadsForABoundedTimeEveryAnswerChecked) {
   Fixture f = example_fixture();
   // Reference: every row alone. Requests are runs of consecutive rows of this table, so each
   // answer row is checked against the solo answer of that very row.
@@ -646,6 +785,7 @@ TEST(Batcher, ManyThreadsForABoundedTimeEveryAnswerExact) {
   constexpr int kThreads = 16;
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
   std::atomic<int64_t> answered{0}, wrong{0}, errors{0};
+  WorstError worst;
   std::vector<std::thread> pool;
   for (int t = 0; t < kThreads; ++t)
     pool.emplace_back([&, t] {
@@ -661,8 +801,9 @@ TEST(Batcher, ManyThreadsForABoundedTimeEveryAnswerExact) {
           ++errors;
           continue;
         }
-        if (std::memcmp(out.data(), table_out.data() + first * 64, rows * 64 * sizeof(float)))
-          ++wrong;
+        const double e = max_row_error(out.data(), table_out.data() + first * 64, rows * 64, 64);
+        worst.add(e);
+        if (!(e <= kRowTolerance)) ++wrong;
         ++answered;
       }
     });
@@ -673,11 +814,14 @@ TEST(Batcher, ManyThreadsForABoundedTimeEveryAnswerExact) {
   EXPECT_GT(answered.load(), kThreads);
   EXPECT_EQ(c[MOERT_BATCHER_REQUESTS], answered.load());
   EXPECT_GT(c[MOERT_BATCHER_ROWS], 0);
-  std::printf("%lld requests in 3 s from %d threads, %lld passes (mean %.1f rows), 0 wrong\n",
-              static_cast<long long>(answered.load()), kThreads,
-              static_cast<long long>(c[MOERT_BATCHER_BATCHES]),
-              static_cast<double>(c[MOERT_BATCHER_ROWS]) /
-                  static_cast<double>(std::max<int64_t>(1, c[MOERT_BATCHER_BATCHES])));
+  std::printf(
+      "%lld requests in 3 s from %d threads, %lld passes (mean %.1f rows), %lld wrong, worst "
+      "row %.3g relative to the row alone\n",
+      static_cast<long long>(answered.load()), kThreads,
+      static_cast<long long>(c[MOERT_BATCHER_BATCHES]),
+      static_cast<double>(c[MOERT_BATCHER_ROWS]) /
+          static_cast<double>(std::max<int64_t>(1, c[MOERT_BATCHER_BATCHES])),
+      static_cast<long long>(wrong.load()), worst.get());
 }
 
 }  // namespace

@@ -535,13 +535,17 @@ MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
  * over a single row (every expert's GEMM gets more rows), so throughput grows with load where a
  * shared moert_session, which runs one call at a time, stays flat.
  *
- * Results: each caller receives exactly what moert_session_forward_*() on a session with the
- * same options would return for its rows alone — bit for bit on the CPU backend, whose GEMMs
- * compute every output row independently of the other rows of the call (checked by
- * tests/capi/batcher_test.cc against solo calls). On CUDA, cuBLASLt may choose another GEMM
- * algorithm for another row count, so batched and solo results agree to bf16 rounding only.
- * Models with an Expert Choice layer (experts pick tokens across the batch) are never batched
- * across requests: each pass carries one request.
+ * Results: each caller receives what moert_session_forward_*() on a session with the same
+ * options would return for its rows alone, to the rounding of the backend's GEMMs. Routing, norms
+ * and the combine are per row, but a GEMM may sum a row's products in an order that depends on the
+ * row count of the call: on the CPU, oneDNN does (a row alone takes its GEMV kernel, rows of a
+ * larger call its blocked kernels), so a batched row agrees with the solo call's within 1e-5
+ * relative (L2 per row; the worst of tests/capi/batcher_test.cc is 5.4e-7), and a request that had
+ * its pass to itself is bit for bit the solo call. A token whose top-K router scores tie to within
+ * that rounding may pick another expert in a pass than alone; nothing bounds that case. On CUDA,
+ * cuBLASLt may choose another GEMM algorithm for another row count: batched and solo results
+ * agree to bf16 rounding only. Models with an Expert Choice layer (experts pick tokens across the
+ * batch) are never batched across requests: each pass carries one request.
  *
  * Errors: each request is validated in the calling thread before it joins a batch (sizes, the
  * row cap, token ids, finite inputs when "check_finite" is on), so one caller's bad input fails

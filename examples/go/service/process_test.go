@@ -61,7 +61,7 @@ func TestSigtermDrainsRequestsInFlight(t *testing.T) {
 				errs <- fmt.Errorf("request %d: HTTP %d %s", r, resp.StatusCode, body)
 			} else if err := jsonStrict(body, &got); err != nil {
 				errs <- fmt.Errorf("request %d: %v", r, err)
-			} else if err := equalOutputs(got.Outputs, reference(t, ref, rows), 64); err != nil {
+			} else if err := agreeOutputs(got.Outputs, reference(t, ref, rows), 64, aloneInPass(resp)); err != nil {
 				errs <- fmt.Errorf("request %d: %v", r, err)
 			}
 		}(r)

@@ -16,10 +16,11 @@ func testConfig(t testing.TB) Config {
 	return cfg
 }
 
-// Many requests at once against the batcher service: every answer equals the reference
-// computed one request at a time by a session of its own, bit for bit, and requests do share
-// passes. The same against the pool of solo sessions.
-func TestConcurrentForwardEqualsSoloCalls(t *testing.T) {
+// Many requests at once against the batcher service: every answer agrees with the reference
+// computed one request at a time by a session of its own (within rowTolerance where it shared a
+// pass, bit for bit where it ran alone), and requests do share passes. The same against the pool
+// of solo sessions, whose every answer must equal the reference bit for bit.
+func TestConcurrentForwardAgreesWithSoloCalls(t *testing.T) {
 	const requests = 64
 	ref := referenceSession(t, modelPath(t))
 	want := make([][]float32, requests)
@@ -54,7 +55,7 @@ func TestConcurrentForwardEqualsSoloCalls(t *testing.T) {
 				if got.Rows != 1+r%8 || got.Width != 64 {
 					t.Errorf("request %d: %d rows of width %d", r, got.Rows, got.Width)
 				}
-				if err := equalOutputs(got.Outputs, want[r], 64); err != nil {
+				if err := agreeOutputs(got.Outputs, want[r], 64, aloneInPass(resp)); err != nil {
 					t.Errorf("batch=%v request %d: %v", batch, r, err)
 				}
 				if resp.Header.Get("Moert-Batch-Requests") != "1" {

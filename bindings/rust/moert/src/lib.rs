@@ -292,6 +292,22 @@ impl Scope {
 /// Selects every MoE layer where a method takes a layer index and says so.
 pub const ALL_LAYERS: u32 = sys::MOERT_ALL_LAYERS;
 
+/// Where the time of a session over several ranks goes ([`SessionOptions::communicator`]), summed
+/// over its MoE layers' passes since its creation or the last [`Session::reset_metrics`]. The
+/// waits are the communication that computation did not hide: compare with a session created
+/// with "ep_overlap" "false" to see what overlap hides. All zero for a session alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Profile {
+    /// Waiting for tokens (and output gradients) to arrive.
+    pub dispatch: std::time::Duration,
+    /// Waiting for the experts' results to come back.
+    pub combine: std::time::Duration,
+    /// Computing this rank's routed experts.
+    pub experts: std::time::Duration,
+    /// Combining gradients across ranks after each backward.
+    pub gradients: std::time::Duration,
+}
+
 /// A target that takes no part in [`Session::backward_loss`] (PyTorch's `ignore_index`).
 pub const IGNORE_TARGET: i32 = sys::MOERT_IGNORE_TARGET;
 
@@ -807,7 +823,24 @@ impl Session {
         Ok(v)
     }
 
-    /// Zeroes the [`Scope::EVAL`] counts of every MoE layer.
+    /// Where this session's time over several ranks goes: see [`Profile`].
+    pub fn profile(&self) -> Result<Profile> {
+        let mut seconds = [0f64; sys::MOERT_PROFILE_COUNT as usize];
+        // SAFETY: a buffer with its true length.
+        check(unsafe {
+            sys::moert_session_profile(self.raw(), seconds.as_mut_ptr(), seconds.len() as u64)
+        })?;
+        // `as` saturates: a figure the library never gives (negative, NaN) reads as zero.
+        let at = |i: u32| std::time::Duration::from_nanos((seconds[i as usize] * 1e9) as u64);
+        Ok(Profile {
+            dispatch: at(sys::MOERT_PROFILE_DISPATCH),
+            combine: at(sys::MOERT_PROFILE_COMBINE),
+            experts: at(sys::MOERT_PROFILE_EXPERTS),
+            gradients: at(sys::MOERT_PROFILE_GRADIENTS),
+        })
+    }
+
+    /// Zeroes the [`Scope::EVAL`] counts of every MoE layer, and the [`Profile`].
     pub fn reset_metrics(&self) -> Result<()> {
         // SAFETY: a live session.
         check(unsafe { sys::moert_session_reset_metrics(self.raw()) })
@@ -1258,6 +1291,19 @@ impl Communicator {
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: a live communicator.
         check(unsafe { sys::moert_comm_barrier(self.ptr.as_ptr()) })
+    }
+
+    /// Replaces each `data[i]`, in place, by the sum over ranks of every rank's `data[i]`, added
+    /// in rank order (((x0 + x1) + x2) + ...), so that every rank gets the same bits on every
+    /// run: for a host's own figures, such as a loss summed over the rows each rank evaluated.
+    /// Collective: every rank passes a slice of the same length (an empty one is a no-op on every
+    /// rank). [`Code::UNSUPPORTED`] on an NCCL communicator, whose collectives move device
+    /// memory; [`Code::COMM`] on timeout or a broken communicator.
+    pub fn all_reduce_sum(&self, data: &mut [f64]) -> Result<()> {
+        // SAFETY: a live communicator and a slice with its true length.
+        check(unsafe {
+            sys::moert_comm_all_reduce_sum(self.ptr.as_ptr(), data.as_mut_ptr(), data.len() as u64)
+        })
     }
 }
 

@@ -1,4 +1,5 @@
-//! The batcher from many threads: every answer equals the solo call's bit for bit, requests share
+//! The batcher from many threads: every answer agrees with the solo call's (bit for bit where a
+//! pass carried one request, within [`TOLERANCE`] where requests shared it), requests share
 //! passes, errors stay with their caller, misuse is refused.
 
 use moert::{Batcher, BatcherOptions, Code, Mode, Model, Session, SessionOptions};
@@ -21,8 +22,35 @@ fn batch(rows: usize, seed: usize) -> Vec<i32> {
         .collect()
 }
 
+/// Per row, ||batched - solo|| / ||solo|| (L2) for an answer that shared a pass: the CPU GEMMs
+/// (oneDNN) round a row differently in calls of different row counts (worst row 5.4e-7 in the
+/// C ABI's tests, tests/capi/batcher_test.cc, which say why and where a routing tie could exceed
+/// it).
+const TOLERANCE: f64 = 1e-5;
+
+fn assert_agrees(got: &[f32], want: &[f32], width: usize, alone: bool, what: &str) {
+    if alone {
+        assert_eq!(got, want, "{what}: its pass carried it alone");
+        return;
+    }
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (r, (g, w)) in got.chunks(width).zip(want.chunks(width)).enumerate() {
+        let num: f64 = g
+            .iter()
+            .zip(w)
+            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+            .sum();
+        let den: f64 = w.iter().map(|&b| f64::from(b).powi(2)).sum();
+        let e = (num / den.max(1e-300)).sqrt();
+        assert!(
+            e <= TOLERANCE,
+            "{what}: row {r} is {e} from the solo call's"
+        );
+    }
+}
+
 #[test]
-fn answers_equal_solo_calls_from_many_threads() {
+fn answers_agree_with_solo_calls_from_many_threads() {
     let m = model();
     let solo = Session::new(&m, None).unwrap();
     let mut so = SessionOptions::new().unwrap();
@@ -55,7 +83,8 @@ fn answers_equal_solo_calls_from_many_threads() {
                 for r in (t..96).step_by(16) {
                     let rows = 1 + r % 6;
                     let (out, st) = b.forward_tokens(&batch(rows, r), rows).unwrap();
-                    assert_eq!(out, want[r], "request {r}");
+                    let alone = st.batch_requests == 1;
+                    assert_agrees(&out, &want[r], 64, alone, &format!("request {r}"));
                     assert!(st.batch_rows >= rows as u64 && st.session < 2, "{st:?}");
                     shared += usize::from(st.batch_requests > 1);
                 }

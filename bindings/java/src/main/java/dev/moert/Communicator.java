@@ -1,6 +1,7 @@
 package dev.moert;
 
 import java.nio.ByteBuffer;
+import java.nio.DoubleBuffer;
 
 /**
  * Connects the processes ("ranks") of one job, for sessions that share their work across them
@@ -100,5 +101,23 @@ public final class Communicator extends NativeHandle<SWIGTYPE_p_moert_comm> {
     try (Use u = use()) {
       MoertException.check(Capi.moert_comm_barrier(u.ptr()));
     }
+  }
+
+  /**
+   * Replaces each {@code data[i]}, in place, by the sum over ranks of every rank's {@code
+   * data[i]}, added in rank order (((x0 + x1) + x2) + ...), so that every rank gets the same bits
+   * on every run: for a host's own figures, such as a loss summed over the rows each rank
+   * evaluated. Collective: every rank passes an array of the same length (an empty one is a no-op
+   * on every rank). MOERT_ERR_UNSUPPORTED on an NCCL communicator, whose collectives move device
+   * memory; MOERT_ERR_COMM on timeout or a broken communicator. {@code data} is changed only when
+   * the call succeeds.
+   */
+  public void allReduceSum(double[] data) {
+    // A copy, so that a failed collective leaves the caller's values as they were.
+    DoubleBuffer staged = DoubleBuffer.wrap(data.clone());
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_comm_all_reduce_sum(u.ptr(), staged));
+    }
+    staged.get(data);
   }
 }

@@ -1,9 +1,11 @@
 package dev.moert;
 
 import java.nio.ByteBuffer;
+import java.nio.DoubleBuffer;
 import java.nio.FloatBuffer;
 import java.nio.IntBuffer;
 import java.nio.LongBuffer;
+import java.time.Duration;
 import java.util.HashMap;
 import java.util.Map;
 
@@ -180,7 +182,38 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
     }
   }
 
-  /** Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer. */
+  /**
+   * Where the time of a session over several ranks goes ({@link SessionOptions#communicator}),
+   * summed over its MoE layers' passes since its creation or the last {@link #resetMetrics()}. The
+   * waits are the communication that computation did not hide: compare with a session created
+   * with "ep_overlap" "false" to see what overlap hides. All zero for a session alone.
+   *
+   * @param dispatch waiting for tokens (and output gradients) to arrive
+   * @param combine waiting for the experts' results to come back
+   * @param experts computing this rank's routed experts
+   * @param gradients combining gradients across ranks after each backward
+   */
+  public record Profile(
+      Duration dispatch, Duration combine, Duration experts, Duration gradients) {}
+
+  /** This session's {@link Profile}. */
+  public Profile profile() {
+    double[] seconds = new double[CapiConstants.MOERT_PROFILE_COUNT];
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_session_profile(u.ptr(), DoubleBuffer.wrap(seconds)));
+    }
+    return new Profile(
+        duration(seconds[CapiConstants.MOERT_PROFILE_DISPATCH]),
+        duration(seconds[CapiConstants.MOERT_PROFILE_COMBINE]),
+        duration(seconds[CapiConstants.MOERT_PROFILE_EXPERTS]),
+        duration(seconds[CapiConstants.MOERT_PROFILE_GRADIENTS]));
+  }
+
+  private static Duration duration(double seconds) {
+    return Duration.ofNanos((long) (seconds * 1e9));
+  }
+
+  /** Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer, and the {@link Profile}. */
   public void resetMetrics() {
     try (Use u = use()) {
       MoertException.check(Capi.moert_session_reset_metrics(u.ptr()));

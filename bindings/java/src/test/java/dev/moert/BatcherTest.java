@@ -13,7 +13,10 @@ import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
 import org.junit.jupiter.api.Test;
 
-/** The batcher from many threads: answers equal solo calls bit for bit, errors stay with their caller. */
+/**
+ * The batcher from many threads: answers agree with solo calls (bit for bit where a pass carried
+ * one request, within {@link #TOLERANCE} where requests shared it), errors stay with their caller.
+ */
 class BatcherTest {
   private static final String MODEL = System.getProperty("moert.test.model");
 
@@ -34,8 +37,36 @@ class BatcherTest {
     }
   }
 
+  /**
+   * Per row, ||batched - solo|| / ||solo|| (L2) for an answer that shared a pass: the CPU GEMMs
+   * (oneDNN) round a row differently in calls of different row counts (worst row 5.4e-7 in the
+   * C ABI's tests, tests/capi/batcher_test.cc, which say why and where a routing tie could exceed
+   * it).
+   */
+  private static final double TOLERANCE = 1e-5;
+
+  private static void assertAgrees(
+      float[] want, float[] got, int width, boolean alone, String what) {
+    if (alone) {
+      assertArrayEquals(want, got, what + " (its pass carried it alone)");
+      return;
+    }
+    assertEquals(want.length, got.length, what);
+    for (int r = 0; r * width < want.length; r++) {
+      double num = 0;
+      double den = 0;
+      for (int j = r * width; j < (r + 1) * width; j++) {
+        double d = (double) got[j] - want[j];
+        num += d * d;
+        den += (double) want[j] * want[j];
+      }
+      double e = Math.sqrt(num / Math.max(den, 1e-300));
+      assertTrue(e <= TOLERANCE, what + ": row " + r + " is " + e + " from the solo call's");
+    }
+  }
+
   @Test
-  void answersEqualSoloCallsFromManyThreads() throws Exception {
+  void answersAgreeWithSoloCallsFromManyThreads() throws Exception {
     try (Model m = Model.load(MODEL);
         Session ref = Session.create(m, null);
         Batcher b = batcher(m)) {
@@ -59,7 +90,7 @@ class BatcherTest {
                             java.nio.IntBuffer.wrap(batch(rows, req)),
                             rows,
                             java.nio.FloatBuffer.wrap(out));
-                    assertArrayEquals(want[req], out, "request " + req);
+                    assertAgrees(want[req], out, 64, st.batchRequests() == 1, "request " + req);
                     return st;
                   }));
         }

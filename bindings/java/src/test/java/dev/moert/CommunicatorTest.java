@@ -1,9 +1,12 @@
 package dev.moert;
 
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import java.time.Duration;
 import org.junit.jupiter.api.Test;
 
 /**
@@ -22,21 +25,40 @@ class CommunicatorTest {
   @Test
   void mpiSingletonAttachedToASession() {
     SessionOptions options = SessionOptions.create();
+    Communicator closed;
     try (Communicator comm = Communicator.mpi()) {
+      closed = comm;
       assertEquals(0, comm.rank());
       assertEquals(1, comm.size());
       comm.barrier();
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> comm.timeout(-1));
       comm.timeout(30);
+      // One rank: the sum over ranks is the rank's own values, bit for bit, in place.
+      double[] data = {1.5, -2.25, 3e300, Double.MIN_VALUE};
+      double[] want = data.clone();
+      comm.allReduceSum(data);
+      assertArrayEquals(want, data);
+      comm.allReduceSum(new double[0]);
+      assertThrows(NullPointerException.class, () -> comm.allReduceSum(null));
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> options.communicator(comm, 2));
       options.communicator(comm, 1);
     }
     try (Model model = Model.load(MODEL);
         Session session = Session.create(model, options)) {
       assertEquals(64, session.forwardTokens(new int[] {1, 2, 3, 4}, 1).length);
+      // Figures of time, never negative; all zero again after resetMetrics.
+      Session.Profile p = session.profile();
+      for (Duration d : new Duration[] {p.dispatch(), p.combine(), p.experts(), p.gradients()}) {
+        assertFalse(d.isNegative(), p.toString());
+      }
+      session.resetMetrics();
+      assertEquals(
+          new Session.Profile(Duration.ZERO, Duration.ZERO, Duration.ZERO, Duration.ZERO),
+          session.profile());
     }
     options.close(); // the last reference: MPI is finalised
     expectCode(CapiConstants.MOERT_ERR_INVALID_STATE, Communicator::mpi);
+    expectCode(CapiConstants.MOERT_ERR_INVALID_STATE, () -> closed.allReduceSum(new double[1]));
     assertEquals("MOERT_ERR_COMM", Moert.codeName(CapiConstants.MOERT_ERR_COMM));
   }
 

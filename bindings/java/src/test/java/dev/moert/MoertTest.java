@@ -15,6 +15,7 @@ import java.nio.IntBuffer;
 import java.nio.ReadOnlyBufferException;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.time.Duration;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
@@ -106,6 +107,24 @@ class MoertTest {
           () -> m.moeInt(1, CapiConstants.MOERT_MOE_NUM_EXPERTS));
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> m.layer(99));
     }
+  }
+
+  @Test
+  void profileOfASessionAloneIsZero() {
+    Session.Profile zero =
+        new Session.Profile(Duration.ZERO, Duration.ZERO, Duration.ZERO, Duration.ZERO);
+    Session closed;
+    try (Model m = Model.load(MODEL);
+        Session s = session(m, CapiConstants.MOERT_MODE_INFERENCE)) {
+      closed = s;
+      assertEquals(4, CapiConstants.MOERT_PROFILE_COUNT);
+      for (int i = 0; i < 2; i++) {
+        assertEquals(zero, s.profile());
+        s.forwardTokens(batch(3, i), 3);
+      }
+    }
+    MoertException e = assertThrows(MoertException.class, closed::profile);
+    assertEquals(CapiConstants.MOERT_ERR_INVALID_STATE, e.getCode());
   }
 
   @Test
