@@ -2,6 +2,7 @@
 // and, in training mode, its own parameters, gradients, optimizer and balancing state.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -11,6 +12,7 @@
 
 #include "core/backend.h"
 #include "core/communicator.h"
+#include "core/content_digest.h"
 #include "core/error.h"
 #include "core/layers.h"
 #include "core/model.h"
@@ -218,9 +220,22 @@ class Session {
   void combine_gradients();
   double gradient_sum_squares() const;
   void update_biases();
-  struct SavedState;
+  // What save writes: views of the session's own memory where the backend's memory is the
+  // host's, so a checkpoint of any size is written without a copy of the state; host copies
+  // otherwise.
+  struct SavedState {
+    TrainingStateView view;
+    std::vector<uint64_t> rng;
+    std::vector<LayerBalanceState> layers;
+    std::vector<std::vector<float>> host;  // downloads from a device backend
+  };
   void training_state(SavedState& out) const;
   LoadOptions checkpoint_limits(const LoadOptions* limits) const;
+  // Among ranks (core/session_parallel_checkpoint.cc): save gathers the experts to rank 0, which
+  // writes one process's file; each rank's digests of its replicated state and of its expert
+  // shard, which must agree across the job.
+  void save_parallel(const std::string& path) const;
+  std::array<uint64_t, 2> replica_digests(const SavedState& st) const;
 
   std::shared_ptr<const Model> model_;
   std::unique_ptr<Model> params_;  // training: the session's own parameters
