@@ -162,7 +162,10 @@ class Session {
 
   // Checkpoints: the model with this session's parameters and training state, written atomically;
   // load refuses a checkpoint of another architecture and leaves the session as it was. Load reads
-  // at most what this session's architecture can hold, and within `limits` when given.
+  // at most what this session's architecture can hold, and within `limits` when given. Among
+  // ranks both are collective and the file is the job's: save writes, from rank 0, the bytes one
+  // process over the union would write; load reads the whole file on every rank, each keeping its
+  // shard, and a refusal anywhere is every rank's.
   void save(const std::string& path) const;
   void load(const std::string& path, const LoadOptions* limits = nullptr);
 
