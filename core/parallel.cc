@@ -56,6 +56,20 @@ std::vector<double> ParallelContext::gather(const std::vector<double>& mine) {
   return all;
 }
 
+void ParallelContext::gather_shards(const float* mine, int64_t n, float* full) {
+  const size_t R = static_cast<size_t>(size());
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(float));
+  std::vector<int64_t> send_bytes(R, 0), send_offsets(R, 0), recv_bytes(R, 0), recv_offsets(R, 0);
+  if (rank() < ep_) send_bytes[0] = bytes;
+  if (rank() == 0)
+    for (int s = 0; s < ep_; ++s) {
+      recv_bytes[static_cast<size_t>(s)] = bytes;
+      recv_offsets[static_cast<size_t>(s)] = s * bytes;
+    }
+  world_->all_to_all_v(mine, send_bytes.data(), send_offsets.data(), full, recv_bytes.data(),
+                       recv_offsets.data());
+}
+
 void ParallelContext::agree(std::exception_ptr local) {
   Verdict mine;
   if (local) {

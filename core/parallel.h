@@ -84,6 +84,11 @@ class ParallelContext {
   // Collective: every rank's values, concatenated in rank order.
   std::vector<double> gather(const std::vector<double>& mine);
 
+  // Collective: one expert tensor's shards, `n` floats from each shard's first replica (ranks
+  // 0 .. EP - 1; the other replicas hold copies and send nothing), laid end to end in shard order
+  // in `full` on rank 0 (EP * n floats; unused elsewhere, may be null).
+  void gather_shards(const float* mine, int64_t n, float* full);
+
   CommTimes times;
 
  private:

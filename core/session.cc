@@ -189,6 +189,16 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     par_->agree(failed);
   else if (failed)
     std::rethrow_exception(failed);
+  if (par_) {
+    // The job's checkpoint holds one process's generator state: every rank starts from one seed.
+    std::vector<uint64_t> seeds(static_cast<size_t>(par_->size()));
+    par_->world().all_gather(&options_.seed, sizeof(uint64_t), seeds.data());
+    for (int r = 1; r < par_->size(); ++r)
+      if (seeds[r] != seeds[0])
+        fail(Code::InvalidArgument, "rank ", r, " of ", par_->size(), " was given the seed ",
+             seeds[r], " and rank 0 the seed ", seeds[0],
+             ": the ranks of a job share one seed, as one process has one");
+  }
 }
 
 void Session::build() {
@@ -973,15 +983,6 @@ void Session::sync_to_host() const {
   for (const auto& s : slots_) store_->download(*s.param);
 }
 
-// What save writes: views of the session's own memory where the backend's memory is the host's,
-// so a checkpoint of any size is written without a copy of the state; host copies otherwise.
-struct Session::SavedState {
-  TrainingStateView view;
-  std::vector<uint64_t> rng;
-  std::vector<LayerBalanceState> layers;
-  std::vector<std::vector<float>> host;  // downloads from a device backend
-};
-
 void Session::training_state(SavedState& out) const {
   const bool host = backend_->host_memory();
   out.rng = rng_.state();
@@ -1019,6 +1020,7 @@ void Session::training_state(SavedState& out) const {
 
 void Session::save(const std::string& path) const {
   require_training("saving a checkpoint");
+  if (par_) return save_parallel(path);
   sync_to_host();
   SavedState st;
   training_state(st);
@@ -1059,10 +1061,11 @@ std::string layer_mismatch(const LayerSpec& a, const LayerSpec& b) {
 
 // The most a checkpoint of this session's architecture can need: parameters, gradients and two
 // moment vectors of each (with the biases), the balancing counts, and room for the description's
-// tables; `limits`, when given, lower it further.
+// tables; `limits`, when given, lower it further. Of the whole model (every expert): a rank of an
+// expert-parallel job reads a whole job's checkpoint.
 LoadOptions Session::checkpoint_limits(const LoadOptions* limits) const {
   uint64_t values = 0, tensors = 0;
-  for (const auto& l : params_->layers) {
+  for (const auto& l : model_->layers) {
     visit_tensors(l, [&](const char*, const Tensor& t) {
       values += t.values.size();
       ++tensors;
@@ -1082,49 +1085,72 @@ LoadOptions Session::checkpoint_limits(const LoadOptions* limits) const {
 
 void Session::load(const std::string& path, const LoadOptions* limits) {
   require_training("loading a checkpoint");
-  std::unique_ptr<Model> ck = load_checkpoint_file(path, checkpoint_limits(limits));
-  if (ck->layers.size() != params_->layers.size())
-    fail(Code::InvalidArgument, "checkpoint '", path, "' has ", ck->layers.size(),
-         " layers, this session's model ", params_->layers.size());
-  for (size_t i = 0; i < ck->layers.size(); ++i) {
-    const std::string what = layer_mismatch(ck->layers[i], params_->layers[i]);
-    if (!what.empty())
-      fail(Code::InvalidArgument, "checkpoint '", path, "' layer ", i, " ('", ck->layers[i].name,
-           "') differs from this session's model in its ", what);
-  }
-  TrainingState& st = *ck->training;
-  if (st.optimizer != options_.training.optimizer)
-    fail(Code::InvalidArgument, "checkpoint '", path, "' was trained with ", st.optimizer,
-         " but this session uses ", options_.training.optimizer);
+  // Everything is staged before anything changes, so a refusal leaves the session intact. Among
+  // ranks every rank reads the whole file and keeps its shard, and a refusal on any rank is every
+  // rank's, before any commits.
+  std::unique_ptr<Model> ck;
   Rng rng(0);
-  try {
-    rng.set_state(st.rng);
-  } catch (const std::invalid_argument&) {
-    fail(Code::InvalidModel, "checkpoint '", path, "': field 'rng' is not a generator state");
-  }
-
-  // Everything is staged before anything changes, so a refusal leaves the session intact. Each
-  // state vector is released once staged, so that the peak stays near one copy of the state.
   std::vector<Buffer<float>> m(slots_.size()), v(slots_.size());
   std::vector<std::vector<float>> grads(slots_.size());
-  auto stage = [&](std::vector<float>& values, Buffer<float>& into) {
-    if (values.empty()) return;
-    into.resize(*backend_, values.size());
-    backend_->upload(into.data(), values.data(), values.size() * sizeof(float));
-    std::vector<float>().swap(values);
-  };
-  for (auto& ps : st.params) {
-    const size_t i = parameter_index(ps.name);
-    grads[i] = std::move(ps.grad);
-    stage(ps.m, m[i]);
-    stage(ps.v, v[i]);
-  }
   std::vector<Balance> balance = balance_;
   std::vector<std::vector<int64_t>> step_counts(layers_.size());
-  for (auto& l : st.layers) {
-    balance[l.layer] = {l.gamma, l.frozen};
-    step_counts[l.layer] = std::move(l.step_counts);
+  std::exception_ptr failed;
+  try {
+    ck = load_checkpoint_file(path, checkpoint_limits(limits));
+    // Against the whole model: a checkpoint holds every expert whatever the world size.
+    if (ck->layers.size() != model_->layers.size())
+      fail(Code::InvalidArgument, "checkpoint '", path, "' has ", ck->layers.size(),
+           " layers, this session's model ", model_->layers.size());
+    for (size_t i = 0; i < ck->layers.size(); ++i) {
+      const std::string what = layer_mismatch(ck->layers[i], model_->layers[i]);
+      if (!what.empty())
+        fail(Code::InvalidArgument, "checkpoint '", path, "' layer ", i, " ('", ck->layers[i].name,
+             "') differs from this session's model in its ", what);
+    }
+    TrainingState& st = *ck->training;
+    if (st.optimizer != options_.training.optimizer)
+      fail(Code::InvalidArgument, "checkpoint '", path, "' was trained with ", st.optimizer,
+           " but this session uses ", options_.training.optimizer);
+    try {
+      rng.set_state(st.rng);
+    } catch (const std::invalid_argument&) {
+      fail(Code::InvalidModel, "checkpoint '", path, "': field 'rng' is not a generator state");
+    }
+    if (par_) shard_experts(*ck);
+
+    // Each state vector is released once staged, so that the peak stays near one copy of the
+    // state. A routed expert tensor's state holds every expert: a rank keeps its shard's range.
+    auto shard_of = [&](size_t i, std::vector<float>& values) {
+      const size_t n = slots_[i].param->values.size();
+      if (!par_ || values.empty() || values.size() == n) return;
+      const size_t at = static_cast<size_t>(par_->rank() % par_->ep()) * n;
+      std::vector<float> part(values.begin() + static_cast<int64_t>(at),
+                              values.begin() + static_cast<int64_t>(at + n));
+      values.swap(part);
+    };
+    auto stage = [&](std::vector<float>& values, Buffer<float>& into) {
+      if (values.empty()) return;
+      into.resize(*backend_, values.size());
+      backend_->upload(into.data(), values.data(), values.size() * sizeof(float));
+      std::vector<float>().swap(values);
+    };
+    for (auto& ps : st.params) {
+      const size_t i = parameter_index(ps.name);
+      for (auto* values : {&ps.grad, &ps.m, &ps.v}) shard_of(i, *values);
+      grads[i] = std::move(ps.grad);
+      stage(ps.m, m[i]);
+      stage(ps.v, v[i]);
+    }
+    for (auto& l : st.layers) {
+      balance[l.layer] = {l.gamma, l.frozen};
+      step_counts[l.layer] = std::move(l.step_counts);
+    }
+  } catch (...) {
+    if (!par_) throw;
+    failed = std::current_exception();
   }
+  if (par_) par_->agree(failed);
+  TrainingState& st = *ck->training;
 
   // Commit: copies into storage the session already owns (the parameter store points into the
   // host tensors on host backends, so their storage must stay where it is).

@@ -2,6 +2,7 @@
 // and, in training mode, its own parameters, gradients, optimizer and balancing state.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -11,6 +12,7 @@
 
 #include "core/backend.h"
 #include "core/communicator.h"
+#include "core/content_digest.h"
 #include "core/error.h"
 #include "core/layers.h"
 #include "core/model.h"
@@ -160,7 +162,10 @@ class Session {
 
   // Checkpoints: the model with this session's parameters and training state, written atomically;
   // load refuses a checkpoint of another architecture and leaves the session as it was. Load reads
-  // at most what this session's architecture can hold, and within `limits` when given.
+  // at most what this session's architecture can hold, and within `limits` when given. Among
+  // ranks both are collective and the file is the job's: save writes, from rank 0, the bytes one
+  // process over the union would write; load reads the whole file on every rank, each keeping its
+  // shard, and a refusal anywhere is every rank's.
   void save(const std::string& path) const;
   void load(const std::string& path, const LoadOptions* limits = nullptr);
 
@@ -218,9 +223,22 @@ class Session {
   void combine_gradients();
   double gradient_sum_squares() const;
   void update_biases();
-  struct SavedState;
+  // What save writes: views of the session's own memory where the backend's memory is the
+  // host's, so a checkpoint of any size is written without a copy of the state; host copies
+  // otherwise.
+  struct SavedState {
+    TrainingStateView view;
+    std::vector<uint64_t> rng;
+    std::vector<LayerBalanceState> layers;
+    std::vector<std::vector<float>> host;  // downloads from a device backend
+  };
   void training_state(SavedState& out) const;
   LoadOptions checkpoint_limits(const LoadOptions* limits) const;
+  // Among ranks (core/session_parallel_checkpoint.cc): save gathers the experts to rank 0, which
+  // writes one process's file; each rank's digests of its replicated state and of its expert
+  // shard, which must agree across the job.
+  void save_parallel(const std::string& path) const;
+  std::array<uint64_t, 2> replica_digests(const SavedState& st) const;
 
   std::shared_ptr<const Model> model_;
   std::unique_ptr<Model> params_;  // training: the session's own parameters

@@ -1,5 +1,6 @@
-# `mpirun -np N moert train --expert-parallel EP` prints the table one process prints: every run
-# feeds the same global batches, and the job's figures are the union's.
+# `mpirun -np N moert train --expert-parallel EP` prints the table one process prints, and
+# `--save` writes the checkpoints one process writes: every run feeds the same global batches,
+# and the job's figures and state are the union's.
 #   cmake -DMPIRUN=.. -DMOERT=.. -DCORPUS=.. -DDIR=.. -P cli_train_test.cmake
 set(args train --corpus ${CORPUS} --steps 40 --batch 256 --context 4 --embed-dim 8 --blocks 2
          --experts 8 --top-k 2 --expert-hidden 8 --shared 1 --shared-hidden 8 --warmup 5
@@ -16,20 +17,32 @@ function(table_of text out)
   set(${out} "${rows}" PARENT_SCOPE)
 endfunction()
 
-execute_process(COMMAND ${MOERT} ${args} OUTPUT_VARIABLE one ERROR_VARIABLE err
-                RESULT_VARIABLE rc TIMEOUT 300)
+# Every checkpoint file `--save` wrote into `dir`, as the names in it.
+function(saved_files dir out)
+  file(GLOB names RELATIVE ${dir} ${dir}/*)
+  list(SORT names)
+  if(NOT names)
+    message(FATAL_ERROR "--save wrote nothing into ${dir}")
+  endif()
+  set(${out} "${names}" PARENT_SCOPE)
+endfunction()
+
+file(REMOVE_RECURSE ${DIR}/saved)
+execute_process(COMMAND ${MOERT} ${args} --save ${DIR}/saved/one OUTPUT_VARIABLE one
+                ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 300)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "one process: ${rc}\n${err}")
 endif()
 table_of("${one}" want)
 message(STATUS "one process:${want}")
+saved_files(${DIR}/saved/one want_files)
 
 foreach(layout "2;2" "4;4" "4;2" "2;1")
   list(GET layout 0 np)
   list(GET layout 1 ep)
   execute_process(
     COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np ${np} ${MOERT} ${args}
-            --expert-parallel ${ep}
+            --expert-parallel ${ep} --save ${DIR}/saved/np${np}_ep${ep}
     OUTPUT_VARIABLE many ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 300)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "${np} processes, EP ${ep}: ${rc}\n${err}")
@@ -38,7 +51,19 @@ foreach(layout "2;2" "4;4" "4;2" "2;1")
   if(NOT got STREQUAL want)
     message(FATAL_ERROR "${np} processes, EP ${ep} printed\n${got}\ninstead of\n${want}")
   endif()
-  message(STATUS "${np} processes, EP ${ep}: the same table")
+  # The job's checkpoints (rank 0 writes them) are one process's, byte for byte.
+  saved_files(${DIR}/saved/np${np}_ep${ep} got_files)
+  if(NOT got_files STREQUAL want_files)
+    message(FATAL_ERROR "${np} processes, EP ${ep} saved ${got_files} instead of ${want_files}")
+  endif()
+  foreach(f ${want_files})
+    execute_process(COMMAND ${CMAKE_COMMAND} -E compare_files ${DIR}/saved/one/${f}
+                            ${DIR}/saved/np${np}_ep${ep}/${f} RESULT_VARIABLE differ)
+    if(NOT differ EQUAL 0)
+      message(FATAL_ERROR "${np} processes, EP ${ep}: checkpoint ${f} differs from one process's")
+    endif()
+  endforeach()
+  message(STATUS "${np} processes, EP ${ep}: the same table and checkpoints")
 endforeach()
 
 # Under mpirun, forgetting --expert-parallel would run N independent copies: refused.

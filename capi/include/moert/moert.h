@@ -271,7 +271,9 @@ MOERT_API moert_status* moert_session_options_set_device(moert_session_options* 
 MOERT_API moert_status* moert_session_options_set_threads(moert_session_options* options,
                                                           uint32_t threads);
 
-/* Seed for everything random the session does. */
+/* Seed for everything random the session does; saved in its checkpoints. The ranks of a job
+ * (moert_session_options_set_comm()) must pass the same seed: creating the session refuses
+ * ranks whose seeds differ, on every rank, with MOERT_ERR_INVALID_ARGUMENT. */
 MOERT_API moert_status* moert_session_options_set_seed(moert_session_options* options,
                                                        uint64_t seed);
 
@@ -430,7 +432,10 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a session is
  * collective (forward, backward, step, save, load, metrics resets, ...): all ranks make the same
  * calls in the same order. Bad input on one rank fails the call on every rank; a rank that dies
- * makes the others fail with MOERT_ERR_COMM within the timeout. CPU sessions over MPI only in
+ * makes the others fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0
+ * writes the file one session over the union would write (every expert, the same bytes), and
+ * any world size, one process included, resumes it (moert_session_save(),
+ * moert_session_load()). CPU sessions over MPI only in
  * this version: a CUDA session with a communicator of more than one rank is refused with
  * MOERT_ERR_UNSUPPORTED; Expert Choice layers are refused. */
 MOERT_API moert_status* moert_session_options_set_comm(moert_session_options* options,
@@ -778,7 +783,21 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and
  * temporary files of interrupted saves) are removed afterwards: one writer per path at a time,
  * and a reader of the previous checkpoint at the same moment may then fail with MOERT_ERR_IO.
- * MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact. */
+ * MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact.
+ *
+ * A session over several ranks (moert_session_options_set_comm()): collective, every rank calls
+ * it, with the same path. The job writes one file, the one a session alone trained on the union
+ * of the ranks' rows would write -- the same bytes, the same digest -- so that any world size
+ * resumes it. Rank 0 gathers the routed experts' parameters, gradients and optimizer moments
+ * from the first replica of each shard (ranks 0 .. EP - 1; the other replicas hold copies) and
+ * writes the file at its `path`: it needs memory for the whole model's training state during the
+ * call, the other ranks none beyond their own. The rest is replicated and written from rank 0's
+ * copy, which is why the ranks' replicated state (step, generator, balancing state, every
+ * parameter but the routed experts, with its gradient and moments) and the replicas of each
+ * shard must be the same -- as they are when every rank made the same calls -- and are checked:
+ * MOERT_ERR_INVALID_STATE on every rank otherwise, naming the first rank that differs, and
+ * nothing is written. When rank 0 cannot write, every rank fails with its code (the others'
+ * messages name rank 0), and the previous checkpoint is intact. */
 MOERT_API moert_status* moert_session_save(const moert_session* session, const char* path);
 
 /* Restores a checkpoint written by moert_session_save() for the same architecture. The file is
@@ -789,10 +808,22 @@ MOERT_API moert_status* moert_session_save(const moert_session* session, const c
  * plus 1 MiB and 4 KiB per tensor for the description; more is MOERT_ERR_LIMIT. Checkpoints of
  * schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as
  * unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that
- * wrote the checkpoint. */
+ * wrote the checkpoint.
+ *
+ * A session over several ranks: collective, every rank calls it. Each rank reads the whole file
+ * at its `path` -- on a file system the ranks share, or a copy of the same file on each machine
+ * -- verifies it as a checkpoint of the whole model (the limits above are the whole model's,
+ * every routed expert included, not the rank's shard) and keeps its shard of the routed
+ * experts. A checkpoint written at any world size, or by a session alone, resumes at any other,
+ * and training continues as the uninterrupted run would (bit-identically under the conditions
+ * of moert_session_options_set_comm()). When any rank refuses the file (missing, corrupt,
+ * another architecture or optimizer, past a limit), every rank fails -- the refusing ranks with
+ * their own reason, the others with the same code naming the first -- and every rank's session
+ * keeps its state. */
 MOERT_API moert_status* moert_session_load(moert_session* session, const char* path);
 
-/* As moert_session_load(), within the limits of `options` too (NULL: the session's alone). */
+/* As moert_session_load(), within the limits of `options` too (NULL: the session's alone). Among
+ * ranks, collective like moert_session_load(); each rank reads within its own `options`. */
 MOERT_API moert_status* moert_session_load_with_options(moert_session* session, const char* path,
                                                         const moert_load_options* options);
 
