@@ -313,7 +313,9 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Seed for everything random the session does."]
+    #[doc = " Seed for everything random the session does; saved in its checkpoints. The ranks of a job"]
+    #[doc = " (moert_session_options_set_comm()) must pass the same seed: creating the session refuses"]
+    #[doc = " ranks whose seeds differ, on every rank, with MOERT_ERR_INVALID_ARGUMENT."]
     pub fn moert_session_options_set_seed(
         options: *mut moert_session_options,
         seed: u64,
@@ -475,7 +477,10 @@ extern "C" {
     #[doc = " experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a session is"]
     #[doc = " collective (forward, backward, step, save, load, metrics resets, ...): all ranks make the same"]
     #[doc = " calls in the same order. Bad input on one rank fails the call on every rank; a rank that dies"]
-    #[doc = " makes the others fail with MOERT_ERR_COMM within the timeout. CPU sessions over MPI only in"]
+    #[doc = " makes the others fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0"]
+    #[doc = " writes the file one session over the union would write (every expert, the same bytes), and"]
+    #[doc = " any world size, one process included, resumes it (moert_session_save(),"]
+    #[doc = " moert_session_load()). CPU sessions over MPI only in"]
     #[doc = " this version: a CUDA session with a communicator of more than one rank is refused with"]
     #[doc = " MOERT_ERR_UNSUPPORTED; Expert Choice layers are refused."]
     pub fn moert_session_options_set_comm(
@@ -893,6 +898,20 @@ extern "C" {
     #[doc = " temporary files of interrupted saves) are removed afterwards: one writer per path at a time,"]
     #[doc = " and a reader of the previous checkpoint at the same moment may then fail with MOERT_ERR_IO."]
     #[doc = " MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact."]
+    #[doc = ""]
+    #[doc = " A session over several ranks (moert_session_options_set_comm()): collective, every rank calls"]
+    #[doc = " it, with the same path. The job writes one file, the one a session alone trained on the union"]
+    #[doc = " of the ranks' rows would write -- the same bytes, the same digest -- so that any world size"]
+    #[doc = " resumes it. Rank 0 gathers the routed experts' parameters, gradients and optimizer moments"]
+    #[doc = " from the first replica of each shard (ranks 0 .. EP - 1; the other replicas hold copies) and"]
+    #[doc = " writes the file at its `path`: it needs memory for the whole model's training state during the"]
+    #[doc = " call, the other ranks none beyond their own. The rest is replicated and written from rank 0's"]
+    #[doc = " copy, which is why the ranks' replicated state (step, generator, balancing state, every"]
+    #[doc = " parameter but the routed experts, with its gradient and moments) and the replicas of each"]
+    #[doc = " shard must be the same -- as they are when every rank made the same calls -- and are checked:"]
+    #[doc = " MOERT_ERR_INVALID_STATE on every rank otherwise, naming the first rank that differs, and"]
+    #[doc = " nothing is written. When rank 0 cannot write, every rank fails with its code (the others'"]
+    #[doc = " messages name rank 0), and the previous checkpoint is intact."]
     pub fn moert_session_save(
         session: *const moert_session,
         path: *const ::std::os::raw::c_char,
@@ -908,13 +927,25 @@ extern "C" {
     #[doc = " schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as"]
     #[doc = " unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that"]
     #[doc = " wrote the checkpoint."]
+    #[doc = ""]
+    #[doc = " A session over several ranks: collective, every rank calls it. Each rank reads the whole file"]
+    #[doc = " at its `path` -- on a file system the ranks share, or a copy of the same file on each machine"]
+    #[doc = " -- verifies it as a checkpoint of the whole model (the limits above are the whole model's,"]
+    #[doc = " every routed expert included, not the rank's shard) and keeps its shard of the routed"]
+    #[doc = " experts. A checkpoint written at any world size, or by a session alone, resumes at any other,"]
+    #[doc = " and training continues as the uninterrupted run would (bit-identically under the conditions"]
+    #[doc = " of moert_session_options_set_comm()). When any rank refuses the file (missing, corrupt,"]
+    #[doc = " another architecture or optimizer, past a limit), every rank fails -- the refusing ranks with"]
+    #[doc = " their own reason, the others with the same code naming the first -- and every rank's session"]
+    #[doc = " keeps its state."]
     pub fn moert_session_load(
         session: *mut moert_session,
         path: *const ::std::os::raw::c_char,
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " As moert_session_load(), within the limits of `options` too (NULL: the session's alone)."]
+    #[doc = " As moert_session_load(), within the limits of `options` too (NULL: the session's alone). Among"]
+    #[doc = " ranks, collective like moert_session_load(); each rank reads within its own `options`."]
     pub fn moert_session_load_with_options(
         session: *mut moert_session,
         path: *const ::std::os::raw::c_char,
