@@ -1,8 +1,8 @@
 // `moert bench --expert-parallel EP` under mpirun. Every rank feeds its share of one global batch
 // to a session sharded over the job (the library's expert parallelism, through the C ABI like any
-// host); the sessions' profiles say where each step's time went. The same steps run twice: with
-// the exchanges overlapped with computation (the library's default) and with every exchange
-// waited for before anything else runs, so that the difference is what overlap hides.
+// host); the sessions' profiles say where each step's time went. Two sessions take turns step by
+// step: one with the exchanges overlapped with computation (the library's default), one with every
+// exchange waited for before anything else runs, so that the difference is what overlap hides.
 //
 // The single-process layer is timed on rank 0 before the job joins MPI: a rank waiting in a
 // collective polls its progress thread (a core's worth on a shared machine), while one still
@@ -43,45 +43,24 @@ std::vector<double> profile(const moert_session* s) {
   return p;
 }
 
-// One warm-up step, then `repeats` steps that every rank starts together. The step's time is the
-// slowest rank's (the job's step ends with it), the phases the ranks' mean; each is the median
-// over the steps. Collective.
-Phases time_sharded(const Job& job, const moert_model* model, const SessionConfig& config,
-                    const std::vector<float>& x, const std::vector<float>& dy, uint32_t rows,
-                    int repeats) {
-  SessionPtr s = create_session(model, config);
-  std::vector<float> y(x.size()), dx(x.size());
-  auto pass = [&] {
-    check(moert_session_forward_hidden(s.get(), x.data(), x.size(), rows, y.data(), y.size()),
-          "forward");
-    if (config.training)
-      check(moert_session_backward(s.get(), dy.data(), dy.size(), dx.data(), dx.size(), nullptr),
-            "backward");
-  };
-  pass();
+struct Pass {
+  Phases overlap, serial;
+  double single = 0.0;  // the single process's step, seconds
+};
+
+// Figures of `repeats` steps of every rank (per_rank each, in rank order) -> the job's: the step
+// is the slowest rank's (the job's step ends with it), the phases the ranks' mean; each is the
+// median over the steps.
+Phases summarise(const std::vector<double>& all, int ranks, int repeats) {
   const size_t per_rank = static_cast<size_t>(repeats) * kFigures;
-  std::vector<double> all(static_cast<size_t>(job.size) * per_rank, 0.0);
-  double* mine = all.data() + static_cast<size_t>(job.rank) * per_rank;
-  for (int i = 0; i < repeats; ++i) {
-    check(moert_comm_barrier(job.comm), "barrier");
-    const std::vector<double> before = profile(s.get());
-    const double start = bench_clock();
-    pass();
-    double* f = mine + static_cast<size_t>(i) * kFigures;
-    f[0] = bench_clock() - start;
-    const std::vector<double> after = profile(s.get());
-    for (size_t k = 0; k < MOERT_PROFILE_COUNT; ++k) f[1 + k] = after[k] - before[k];
-  }
-  // Every rank's figures in its own slots: the sum is a gather.
-  job.sum(all.data(), all.size());
   std::vector<double> step, dispatch, combine, experts, gradients, exposed, rest;
   for (int i = 0; i < repeats; ++i) {
     double slowest = 0.0, mean[MOERT_PROFILE_COUNT] = {};
-    for (int r = 0; r < job.size; ++r) {
+    for (int r = 0; r < ranks; ++r) {
       const double* f =
           all.data() + static_cast<size_t>(r) * per_rank + static_cast<size_t>(i) * kFigures;
       slowest = std::max(slowest, f[0]);
-      for (size_t k = 0; k < MOERT_PROFILE_COUNT; ++k) mean[k] += f[1 + k] / job.size;
+      for (size_t k = 0; k < MOERT_PROFILE_COUNT; ++k) mean[k] += f[1 + k] / ranks;
     }
     step.push_back(slowest);
     dispatch.push_back(mean[MOERT_PROFILE_DISPATCH]);
@@ -104,10 +83,49 @@ Phases time_sharded(const Job& job, const moert_model* model, const SessionConfi
   return p;
 }
 
-struct Pass {
-  Phases overlap, serial;
-  double single = 0.0;  // the single process's step, seconds
-};
+// Two sessions of `config`, with the exchanges overlapped and not: one warm-up step each, then
+// `repeats` steps of each in turn, so that a machine whose load drifts weighs on both alike.
+// Every rank starts each step together. Collective.
+void time_sharded(const Job& job, const moert_model* model, const SessionConfig& config,
+                  const std::vector<float>& x, const std::vector<float>& dy, uint32_t rows,
+                  int repeats, Pass& out) {
+  SessionPtr sessions[2];
+  for (int overlap = 0; overlap < 2; ++overlap) {
+    SessionConfig c = config;
+    c.knobs.push_back({"ep_overlap", overlap ? "true" : "false"});
+    sessions[overlap] = create_session(model, c);
+  }
+  std::vector<float> y(x.size()), dx(x.size());
+  auto pass = [&](moert_session* s) {
+    check(moert_session_forward_hidden(s, x.data(), x.size(), rows, y.data(), y.size()), "forward");
+    if (config.training)
+      check(moert_session_backward(s, dy.data(), dy.size(), dx.data(), dx.size(), nullptr),
+            "backward");
+  };
+  for (SessionPtr& s : sessions) pass(s.get());
+  const size_t per_rank = static_cast<size_t>(repeats) * kFigures;
+  std::vector<double> all[2];
+  for (int overlap = 0; overlap < 2; ++overlap)
+    all[overlap].assign(static_cast<size_t>(job.size) * per_rank, 0.0);
+  for (int i = 0; i < repeats; ++i)
+    for (int overlap = 0; overlap < 2; ++overlap) {
+      moert_session* s = sessions[overlap].get();
+      check(moert_comm_barrier(job.comm), "barrier");
+      const std::vector<double> before = profile(s);
+      const double start = bench_clock();
+      pass(s);
+      double* f = all[overlap].data() + static_cast<size_t>(job.rank) * per_rank +
+                  static_cast<size_t>(i) * kFigures;
+      f[0] = bench_clock() - start;
+      const std::vector<double> after = profile(s);
+      for (size_t k = 0; k < MOERT_PROFILE_COUNT; ++k) f[1 + k] = after[k] - before[k];
+    }
+  // Every rank's figures in its own slots: the sum is a gather.
+  for (int overlap = 0; overlap < 2; ++overlap) {
+    job.sum(all[overlap].data(), all[overlap].size());
+    (overlap ? out.overlap : out.serial) = summarise(all[overlap], job.size, repeats);
+  }
+}
 
 std::string phases_json(const Phases& p) {
   return cat("{\"step\": ", json_number(p.step), ", \"dispatch\": ", json_number(p.dispatch),
@@ -188,13 +206,9 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
   config.job = &job;
   config.knobs.push_back({"ep_chunks", std::to_string(chunks)});
   for (bool training : {false, true}) {
-    Pass& p = training ? fwd_bwd : fwd;
-    for (bool overlap : {true, false}) {
-      SessionConfig c = config;
-      c.training = training;
-      c.knobs.push_back({"ep_overlap", overlap ? "true" : "false"});
-      (overlap ? p.overlap : p.serial) = time_sharded(job, moe.get(), c, x, dy, rows, repeats);
-    }
+    SessionConfig c = config;
+    c.training = training;
+    time_sharded(job, moe.get(), c, x, dy, rows, repeats, training ? fwd_bwd : fwd);
   }
   if (job.rank != 0) return 0;
 
