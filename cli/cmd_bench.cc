@@ -55,7 +55,7 @@ const CommandSpec kBenchSpec = {
     "gradients combined across ranks; the exposed communication; with the exchanges overlapped\n"
     "with computation (--ep-chunks chunks) and without; beside the single-process layer on the\n"
     "same global batch, timed on rank 0 first (--single-threads, default THREADS x N: the cores\n"
-    "of the whole job when its ranks share one machine).",
+    "of the whole job when its ranks share one machine). --precision bf16 runs both in bf16.",
     0,
     0,
     {
