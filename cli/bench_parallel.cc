@@ -4,10 +4,12 @@
 // step: one with the exchanges overlapped with computation (the library's default), one with every
 // exchange waited for before anything else runs, so that the difference is what overlap hides.
 //
-// The single-process layer is timed on rank 0 before the job joins MPI: a rank waiting in a
-// collective polls its progress thread (a core's worth on a shared machine), while one still
-// starting MPI waits in Open MPI's lazy loop, so the reference runs with the machine nearly to
-// itself.
+// The single-process layer is timed on rank 0 before the job joins MPI and again after the other
+// ranks have let it go: a rank waiting in a moert collective polls on its progress thread (a
+// core's worth on a shared machine), while one still starting MPI, or finalising it, waits in
+// Open MPI's lazy loop (about a tenth of a core, measured), so the reference runs with the
+// machine nearly to itself. Before and after bracket the job's steps on a machine whose load
+// drifts; the ratios use their mean.
 #include "cli/bench_parallel.h"
 
 #include <unistd.h>
@@ -45,7 +47,8 @@ std::vector<double> profile(const moert_session* s) {
 
 struct Pass {
   Phases overlap, serial;
-  double single = 0.0;  // the single process's step, seconds
+  double single_before = 0.0, single_after = 0.0;  // the single process's step, seconds
+  double single() const { return 0.5 * (single_before + single_after); }
 };
 
 // Figures of `repeats` steps of every rank (per_rank each, in rank order) -> the job's: the step
@@ -136,7 +139,9 @@ std::string phases_json(const Phases& p) {
 
 std::string pass_json(const Pass& p) {
   return cat("{\"overlap\": ", phases_json(p.overlap), ", \"no_overlap\": ", phases_json(p.serial),
-             ", \"single\": ", json_number(p.single), "}");
+             ", \"single\": ", json_number(p.single()),
+             ", \"single_before\": ", json_number(p.single_before),
+             ", \"single_after\": ", json_number(p.single_after), "}");
 }
 
 std::string ms(double seconds) {
@@ -185,12 +190,12 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
 
   Pass fwd, fwd_bwd;
   const unsigned rank0_cpus = cpu_count();
+  SessionConfig one = config;
+  one.threads = single_threads;
   if (launch.rank == 0) {
-    SessionConfig one = config;
-    one.threads = single_threads;
     const Timing t = time_layer(moe.get(), one, d.tokens, d.dim, repeats, seed);
-    fwd.single = t.forward;
-    fwd_bwd.single = t.forward_backward;
+    fwd.single_before = t.forward;
+    fwd_bwd.single_before = t.forward_backward;
   }
 
   const Job job = join_job(ep);
@@ -210,7 +215,13 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
     c.training = training;
     time_sharded(job, moe.get(), c, x, dy, rows, repeats, training ? fwd_bwd : fwd);
   }
+  // The other ranks free their communicator on the way out and wait in MPI_Finalize for rank 0.
   if (job.rank != 0) return 0;
+  {
+    const Timing t = time_layer(moe.get(), one, d.tokens, d.dim, repeats, seed);
+    fwd.single_after = t.forward;
+    fwd_bwd.single_after = t.forward_backward;
+  }
 
   const int dp = job.size / job.expert_parallel;
   const unsigned threads = base.threads;
@@ -249,8 +260,8 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
       d.dim, d.experts, d.expert_hidden, d.experts / static_cast<uint32_t>(job.expert_parallel),
       d.top_k, d.shared, d.shared_hidden, precision.c_str());
   std::printf(
-      "global batch %u tokens: %u per rank; the single process (rank 0, %u thread%s, before the "
-      "job started) takes all %u\n",
+      "global batch %u tokens: %u per rank; the single process (rank 0, %u thread%s, before and "
+      "after the job's steps) takes all %u\n",
       d.tokens, rows, single_threads, single_threads == 1 ? "" : "s", d.tokens);
   std::printf(
       "overlap: ep_chunks %lld, exchanges in flight while the shared experts and earlier chunks "
@@ -277,11 +288,13 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
   phase("exposed communication", &Phases::exposed);
   phase("rest (router, shared, permute)", &Phases::rest);
   phase("step", &Phases::step);
-  row("single process, same batch", ms(fwd.single), ms(fwd.single), ms(fwd_bwd.single),
-      ms(fwd_bwd.single));
-  row("step / single process", ratio(fwd.overlap.step, fwd.single),
-      ratio(fwd.serial.step, fwd.single), ratio(fwd_bwd.overlap.step, fwd_bwd.single),
-      ratio(fwd_bwd.serial.step, fwd_bwd.single));
+  row("single process, before", ms(fwd.single_before), ms(fwd.single_before),
+      ms(fwd_bwd.single_before), ms(fwd_bwd.single_before));
+  row("single process, after", ms(fwd.single_after), ms(fwd.single_after), ms(fwd_bwd.single_after),
+      ms(fwd_bwd.single_after));
+  row("step / single process (mean)", ratio(fwd.overlap.step, fwd.single()),
+      ratio(fwd.serial.step, fwd.single()), ratio(fwd_bwd.overlap.step, fwd_bwd.single()),
+      ratio(fwd_bwd.serial.step, fwd_bwd.single()));
   auto hidden = [](const Pass& p) {
     const double h = p.serial.exposed - p.overlap.exposed;
     char pct[32];
