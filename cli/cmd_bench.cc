@@ -54,8 +54,9 @@ const CommandSpec kBenchSpec = {
     "waiting for dispatch, the rank's experts, waiting for combine, and (forward+backward) the\n"
     "gradients combined across ranks; the exposed communication; with the exchanges overlapped\n"
     "with computation (--ep-chunks chunks) and without; beside the single-process layer on the\n"
-    "same global batch, timed on rank 0 first (--single-threads, default THREADS x N: the cores\n"
-    "of the whole job when its ranks share one machine). --precision bf16 runs both in bf16.",
+    "same global batch, timed on rank 0 before and after the job's steps (--single-threads,\n"
+    "default THREADS x N: the cores of the whole job when its ranks share one machine).\n"
+    "--precision bf16 runs both in bf16.",
     0,
     0,
     {
