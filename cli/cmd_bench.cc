@@ -16,7 +16,9 @@
 #include <vector>
 
 #include "cli/bench_gemm.h"
+#include "cli/bench_layer.h"
 #include "cli/bench_machine.h"
+#include "cli/bench_parallel.h"
 #include "cli/commands.h"
 #include "cli/error.h"
 #include "cli/json_text.h"
@@ -26,7 +28,8 @@ namespace moert_cli {
 
 const CommandSpec kBenchSpec = {
     "bench",
-    "[--device cpu] [--threads N] [--precision P] [layer options] [--decode] [--json]",
+    "[--device cpu] [--threads N] [--precision P] [layer options] [--decode] [--json] "
+    "[--expert-parallel EP (under mpirun)]",
     "time a MoE layer forward and backward against the machine's limits measured in the same run",
     "The layer: hidden input of width DIM, sigmoid router over EXPERTS experts, top-K, SHARED\n"
     "shared experts, SwiGLU experts, residual. FLOPs count 2 per multiply-add of the GEMMs\n"
@@ -44,12 +47,21 @@ const CommandSpec kBenchSpec = {
     "width: d 7168, 32 routed experts of 2048 + 1 shared, top-8; about 6 GB of fp32 weights are\n"
     "built): the effective bandwidth, bytes of weights the pass touches (bf16 experts selected,\n"
     "the shared expert, the fp32 router) per second, against the measured read bandwidth.\n"
-    "Times are medians over REPEATS runs after one warm-up run.",
+    "Times are medians over REPEATS runs after one warm-up run.\n\n"
+    "Under mpirun with --expert-parallel EP, the layer is sharded over the job's N ranks (EP-way\n"
+    "expert parallelism x N/EP data parallelism); TOKENS is the global batch, each rank feeding\n"
+    "TOKENS/N of it with THREADS threads. Rank 0 prints, per pass, where a step's time goes:\n"
+    "waiting for dispatch, the rank's experts, waiting for combine, and (forward+backward) the\n"
+    "gradients combined across ranks; the exposed communication; with the exchanges overlapped\n"
+    "with computation (--ep-chunks chunks) and without; beside the single-process layer on the\n"
+    "same global batch, timed on rank 0 before and after the job's steps (--single-threads,\n"
+    "default THREADS x N: the cores of the whole job when its ranks share one machine).\n"
+    "--precision bf16 runs both in bf16.",
     0,
     0,
     {
         {"device", "NAME", "cpu or cuda", "cpu"},
-        {"threads", "N", "CPU threads", "2"},
+        {"threads", "N", "CPU threads (per rank with --expert-parallel)", "2"},
         {"precision", "NAME", "fp32, or bf16 to run the layer in both and compare", "fp32"},
         {"tokens", "N", "tokens per pass", "4096"},
         {"dim", "N", "model width", "512"},
@@ -71,116 +83,18 @@ const CommandSpec kBenchSpec = {
         {"decode-hidden", "N", "expert hidden width of the decode layer", "2048"},
         {"decode-top-k", "N", "routed experts per token of the decode layer", "8"},
         {"quick", "", "a small layer and 3 repeats (seconds), for smoke tests", ""},
+        {"expert-parallel", "EP",
+         "under mpirun -np N: shard the layer's experts over EP ranks (N / EP data-parallel "
+         "replicas) and time where its steps go",
+         ""},
+        {"ep-chunks", "C", "chunks each exchange is cut into for overlap (--expert-parallel)", "2"},
+        {"single-threads", "N", "threads of the single-process layer (--expert-parallel)",
+         "THREADS x N"},
         {"json", "", "print the figures as one JSON object", ""},
     },
 };
 
 namespace {
-
-struct Dims {
-  uint32_t tokens, dim, experts, top_k, expert_hidden, shared, shared_hidden;
-};
-
-std::string uniform(uint32_t fan_in) {
-  return cat("{ \"init\": { \"kind\": \"Uniform\", \"std\": ", 1.0 / std::sqrt(3.0 * fan_in),
-             " } }");
-}
-
-std::string moe_json(const Dims& d, uint64_t seed) {
-  std::string moe =
-      cat("\"dim\": ", d.dim, ", \"num_experts\": ", d.experts, ", \"top_k\": ", d.top_k,
-          ", \"expert_hidden\": ", d.expert_hidden,
-          ", \"score_function\": \"Sigmoid\", \"num_groups\": 1, \"topk_groups\": 1",
-          ", \"normalize_weights\": true, \"routed_scaling_factor\": 1.0",
-          ", \"num_shared_experts\": ", d.shared,
-          ", \"shared_hidden\": ", d.shared ? d.shared_hidden : 0, ", \"residual\": true",
-          ", \"balancing\": { \"policy\": \"None\" }, \"gate\": ", uniform(d.dim),
-          ", \"w1\": ", uniform(d.dim), ", \"w3\": ", uniform(d.dim),
-          ", \"w2\": ", uniform(d.expert_hidden));
-  if (d.shared)
-    moe += cat(", \"shared_w1\": ", uniform(d.dim), ", \"shared_w3\": ", uniform(d.dim),
-               ", \"shared_w2\": ", uniform(d.shared_hidden));
-  return cat(
-      "{ \"schema_major\": 1, \"schema_minor\": 0, \"name\": \"bench-moe\", \"seed\": ", seed,
-      ", \"input_dim\": ", d.dim,
-      ", \"layers\": [ { \"name\": \"moe\", \"kind_type\": \"MoE\", \"kind\": { ", moe, " } } ] }");
-}
-
-std::vector<float> random_values(size_t n, uint64_t seed) {
-  std::vector<float> v(n);
-  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
-  for (float& f : v) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    f = static_cast<float>(static_cast<double>(x >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-  }
-  return v;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Runs `pass` once to warm up, then `repeats` times; the median wall time in seconds.
-template <typename F>
-double time_median(int repeats, F&& pass) {
-  pass();
-  std::vector<double> t;
-  for (int i = 0; i < repeats; ++i) {
-    const double a = bench_clock();
-    pass();
-    t.push_back(bench_clock() - a);
-  }
-  return median(t);
-}
-
-uint64_t assignments_of(moert_session* s, const moert_model* model, uint32_t* touched = nullptr) {
-  uint64_t total = 0;
-  if (touched) *touched = 0;
-  for (uint32_t l : moe_layer_indices(model)) {
-    std::vector<int64_t> c(static_cast<size_t>(moe_int(model, l, MOERT_MOE_NUM_EXPERTS)));
-    check(moert_session_expert_counts(s, l, MOERT_COUNTS_LAST, c.data(), c.size()), "counts");
-    for (int64_t v : c) {
-      total += static_cast<uint64_t>(v);
-      if (touched && v > 0) ++*touched;
-    }
-  }
-  return total;
-}
-
-struct Timing {
-  double forward = 0.0, forward_backward = 0.0;  // seconds
-  uint64_t assignments = 0;
-};
-
-// An inference session times the forward, a training session forward + backward (with the input
-// gradient, as a layer inside a network needs it).
-Timing time_layer(const moert_model* model, const SessionConfig& base, uint32_t tokens,
-                  uint32_t dim, int repeats, uint64_t seed) {
-  const std::vector<float> x = random_values(static_cast<size_t>(tokens) * dim, seed);
-  const std::vector<float> dy = random_values(x.size(), seed + 1);
-  std::vector<float> y(x.size()), dx(x.size());
-  Timing t;
-  SessionPtr inf = create_session(model, base);
-  t.forward = time_median(repeats, [&] {
-    check(moert_session_forward_hidden(inf.get(), x.data(), x.size(), tokens, y.data(), y.size()),
-          "forward");
-  });
-  t.assignments = assignments_of(inf.get(), model);
-  SessionConfig train = base;
-  train.training = true;
-  SessionPtr tr = create_session(model, train);
-  t.forward_backward = time_median(repeats, [&] {
-    check(moert_session_forward_hidden(tr.get(), x.data(), x.size(), tokens, y.data(), y.size()),
-          "forward");
-    check(moert_session_backward(tr.get(), dy.data(), dy.size(), dx.data(), dx.size(), nullptr),
-          "backward");
-  });
-  return t;
-}
 
 double rel_distance(const std::vector<float>& a, const std::vector<float>& ref) {
   double num = 0.0, den = 0.0;
@@ -350,6 +264,20 @@ int run_bench(const Args& args) {
   config.threads = static_cast<uint32_t>(args.integer("threads", 2, 1, 1024));
   config.seed = seed;
   const unsigned threads = config.threads;
+  if (args.has("expert-parallel")) {
+    if (config.device != MOERT_DEVICE_CPU)
+      usage_fail("--expert-parallel runs the CPU layer over MPI; --device ", device,
+                 " is not supported with it");
+    for (const char* flag : {"decode", "decode-dim", "decode-experts", "decode-hidden",
+                             "decode-top-k", "cpu-time", "no-libraries"})
+      if (args.has(flag))
+        usage_fail("--", flag, " applies to the single-process benchmark, not --expert-parallel");
+    return run_bench_parallel(args, d, repeats, seed, config, precision);
+  }
+  for (const char* flag : {"ep-chunks", "single-threads"})
+    if (args.has(flag)) usage_fail("--", flag, " applies only with --expert-parallel");
+  // Under mpirun without --expert-parallel, N copies would time the same layer on shared cores.
+  (void)join_job(0);
   use_cpu_time(args.has("cpu-time"), threads);
   Dims dd = d;
   dd.dim = u("decode-dim", 7168, 7168, 1);

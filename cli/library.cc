@@ -47,13 +47,20 @@ void Job::sum(double* values, uint64_t n) const {
   if (comm) check(moert_comm_all_reduce_sum(comm, values, n), "all-reduce");
 }
 
+Launch mpirun_launch() {
+  Launch l;
+  const char* size = std::getenv("OMPI_COMM_WORLD_SIZE");
+  const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+  if (size) l.size = std::atoi(size);
+  if (rank) l.rank = std::atoi(rank);
+  return l;
+}
+
 Job join_job(int64_t expert_parallel) {
   Job job;
-  // Open MPI's mpirun tells its processes how many they are.
-  const char* world = std::getenv("OMPI_COMM_WORLD_SIZE");
   if (expert_parallel == 0) {
-    if (world && std::atoi(world) > 1)
-      usage_fail("started by mpirun with ", world,
+    if (const Launch l = mpirun_launch(); l.size > 1)
+      usage_fail("started by mpirun with ", l.size,
                  " processes: pass --expert-parallel EP to share the work (EP = 1 for data "
                  "parallelism only), or run one process");
     return job;

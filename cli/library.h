@@ -51,6 +51,13 @@ struct Job {
   void sum(double* values, uint64_t n) const;
 };
 
+// What mpirun told this process before MPI is initialised (Open MPI's environment): its rank and
+// the job's size; size 0 when the process was not started by mpirun.
+struct Launch {
+  int32_t rank = 0, size = 0;
+};
+Launch mpirun_launch();
+
 // Joins the MPI job as the command's --expert-parallel asks (0: not given). Refuses to run one copy
 // per rank by accident: under mpirun with more than one rank, --expert-parallel is required.
 Job join_job(int64_t expert_parallel);

@@ -1,0 +1,93 @@
+#include "cli/bench_layer.h"
+
+#include <cmath>
+
+#include "cli/error.h"
+
+namespace moert_cli {
+namespace {
+
+std::string uniform(uint32_t fan_in) {
+  return cat("{ \"init\": { \"kind\": \"Uniform\", \"std\": ", 1.0 / std::sqrt(3.0 * fan_in),
+             " } }");
+}
+
+}  // namespace
+
+std::string moe_json(const Dims& d, uint64_t seed) {
+  std::string moe =
+      cat("\"dim\": ", d.dim, ", \"num_experts\": ", d.experts, ", \"top_k\": ", d.top_k,
+          ", \"expert_hidden\": ", d.expert_hidden,
+          ", \"score_function\": \"Sigmoid\", \"num_groups\": 1, \"topk_groups\": 1",
+          ", \"normalize_weights\": true, \"routed_scaling_factor\": 1.0",
+          ", \"num_shared_experts\": ", d.shared,
+          ", \"shared_hidden\": ", d.shared ? d.shared_hidden : 0, ", \"residual\": true",
+          ", \"balancing\": { \"policy\": \"None\" }, \"gate\": ", uniform(d.dim),
+          ", \"w1\": ", uniform(d.dim), ", \"w3\": ", uniform(d.dim),
+          ", \"w2\": ", uniform(d.expert_hidden));
+  if (d.shared)
+    moe += cat(", \"shared_w1\": ", uniform(d.dim), ", \"shared_w3\": ", uniform(d.dim),
+               ", \"shared_w2\": ", uniform(d.shared_hidden));
+  return cat(
+      "{ \"schema_major\": 1, \"schema_minor\": 0, \"name\": \"bench-moe\", \"seed\": ", seed,
+      ", \"input_dim\": ", d.dim,
+      ", \"layers\": [ { \"name\": \"moe\", \"kind_type\": \"MoE\", \"kind\": { ", moe, " } } ] }");
+}
+
+std::vector<float> random_values(size_t n, uint64_t seed) {
+  std::vector<float> v(n);
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (float& f : v) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    f = static_cast<float>(static_cast<double>(x >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+  }
+  return v;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+uint64_t assignments_of(moert_session* s, const moert_model* model, uint32_t* touched) {
+  uint64_t total = 0;
+  if (touched) *touched = 0;
+  for (uint32_t l : moe_layer_indices(model)) {
+    std::vector<int64_t> c(static_cast<size_t>(moe_int(model, l, MOERT_MOE_NUM_EXPERTS)));
+    check(moert_session_expert_counts(s, l, MOERT_COUNTS_LAST, c.data(), c.size()), "counts");
+    for (int64_t v : c) {
+      total += static_cast<uint64_t>(v);
+      if (touched && v > 0) ++*touched;
+    }
+  }
+  return total;
+}
+
+Timing time_layer(const moert_model* model, const SessionConfig& base, uint32_t tokens,
+                  uint32_t dim, int repeats, uint64_t seed) {
+  const std::vector<float> x = random_values(static_cast<size_t>(tokens) * dim, seed);
+  const std::vector<float> dy = random_values(x.size(), seed + 1);
+  std::vector<float> y(x.size()), dx(x.size());
+  Timing t;
+  SessionPtr inf = create_session(model, base);
+  t.forward = time_median(repeats, [&] {
+    check(moert_session_forward_hidden(inf.get(), x.data(), x.size(), tokens, y.data(), y.size()),
+          "forward");
+  });
+  t.assignments = assignments_of(inf.get(), model);
+  SessionConfig train = base;
+  train.training = true;
+  SessionPtr tr = create_session(model, train);
+  t.forward_backward = time_median(repeats, [&] {
+    check(moert_session_forward_hidden(tr.get(), x.data(), x.size(), tokens, y.data(), y.size()),
+          "forward");
+    check(moert_session_backward(tr.get(), dy.data(), dy.size(), dx.data(), dx.size(), nullptr),
+          "backward");
+  });
+  return t;
+}
+
+}  // namespace moert_cli
