@@ -46,6 +46,35 @@ flatbuffers::IDLOptions json_options() {
   return o;
 }
 
+// What rendering needs is read from the schema once: its reflection form (which drives a
+// verifier that needs no generated code) and a parser holding it, which rendering only reads.
+struct Renderer {
+  flatbuffers::Parser schema_parser;
+  flatbuffers::Parser parser{json_options()};
+  Renderer() {
+    load_schema(schema_parser);
+    schema_parser.Serialize();
+    load_schema(parser);
+  }
+  const reflection::Schema* schema() const {
+    return reflection::GetSchema(schema_parser.builder_.GetBufferPointer());
+  }
+};
+
+const Renderer& renderer() {
+  static const Renderer r;
+  return r;
+}
+
+// Whether `bytes` verify as a model against the schema, as binary_to_json checks them. The
+// reflection verifier is stricter than the generated one: it also refuses a union whose type is
+// set without its value (a layer with "kind_type" and no "kind"), which FlatBuffers' JSON parser
+// accepts.
+bool verifies(const uint8_t* bytes, size_t size) {
+  const reflection::Schema* schema = renderer().schema();
+  return schema->root_table() && flatbuffers::Verify(*schema, *schema->root_table(), bytes, size);
+}
+
 }  // namespace
 
 bool is_binary_model(const std::vector<uint8_t>& bytes) {
@@ -69,40 +98,20 @@ std::vector<uint8_t> json_to_binary(const std::string& json, const std::string& 
     fail(origin, ": not a valid model description: ", error);
   }
   const uint8_t* p = parser->builder_.GetBufferPointer();
-  return std::vector<uint8_t>(p, p + parser->builder_.GetSize());
+  const size_t size = parser->builder_.GetSize();
+  // The converter writes nothing that it would refuse to read back (found by fuzzing).
+  if (!verifies(p, size))
+    fail(origin,
+         ": not a valid model description: it does not verify as a model (a union's type "
+         "without its value, such as a layer's \"kind_type\" without its \"kind\" table?)");
+  return std::vector<uint8_t>(p, p + size);
 }
-
-namespace {
-
-// What rendering needs is read from the schema once: its reflection form (which drives a
-// verifier that needs no generated code) and a parser holding it, which rendering only reads.
-struct Renderer {
-  flatbuffers::Parser schema_parser;
-  flatbuffers::Parser parser{json_options()};
-  Renderer() {
-    load_schema(schema_parser);
-    schema_parser.Serialize();
-    load_schema(parser);
-  }
-  const reflection::Schema* schema() const {
-    return reflection::GetSchema(schema_parser.builder_.GetBufferPointer());
-  }
-};
-
-const Renderer& renderer() {
-  static const Renderer r;
-  return r;
-}
-
-}  // namespace
 
 std::string binary_to_json(const std::vector<uint8_t>& bytes, const std::string& origin) {
   if (!is_binary_model(bytes))
     fail(origin, ": not a binary moert model (no 'MOE1' file identifier)");
   const Renderer& r = renderer();
-  const reflection::Schema* schema = r.schema();
-  if (!schema->root_table() ||
-      !flatbuffers::Verify(*schema, *schema->root_table(), bytes.data(), bytes.size()))
+  if (!verifies(bytes.data(), bytes.size()))
     fail(origin, ": damaged model file (the FlatBuffers verifier refuses it)");
 
   std::string text;

@@ -69,4 +69,25 @@ TEST(Codec, DocumentsCannotDeclareSchema) {
   EXPECT_FALSE(moert_cli::json_to_binary(tiny_json(), "tiny").empty());
 }
 
+// Found by the fuzzing campaign: FlatBuffers' JSON parser accepts a union's type without its
+// value (a layer with "kind_type" and no "kind"); the converter wrote that file, and then refused
+// to render it. It now refuses the document, naming the cause.
+TEST(Codec, AUnionTypeWithoutItsValueIsRefused) {
+  const std::string doc =
+      "{ \"schema_major\": 1, \"name\": \"m\", \"layers\": [ { \"name\": \"moe0\", "
+      "\"kind_type\": \"MoE\" } ] }";
+  try {
+    moert_cli::json_to_binary(doc, "doc");
+    FAIL() << "a layer with a kind_type and no kind converted";
+  } catch (const moert_cli::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("kind_type"), std::string::npos) << e.what();
+  }
+  // The same layer with its kind table verifies as far as the format goes.
+  const std::string whole =
+      "{ \"schema_major\": 1, \"name\": \"m\", \"layers\": [ { \"name\": \"n\", "
+      "\"kind_type\": \"RMSNorm\", \"kind\": { \"dim\": 4 } } ] }";
+  const std::vector<uint8_t> binary = moert_cli::json_to_binary(whole, "whole");
+  EXPECT_NE(moert_cli::binary_to_json(binary, "whole").find("RMSNorm"), std::string::npos);
+}
+
 }  // namespace
