@@ -4,8 +4,8 @@
 // it unfinalised (a peer might be dead), so this runs under mpirun --enable-recovery, whose exit
 // status says nothing: each rank prints its verdict and the test reads both.
 #include <chrono>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 #include "capi_test_util.h"
