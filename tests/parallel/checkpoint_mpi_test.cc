@@ -23,6 +23,7 @@
 
 #include "capi_test_util.h"
 #include "model_builder.h"
+#include "mpi_test_main.h"
 
 namespace {
 
@@ -281,14 +282,7 @@ int main(int argc, char** argv) {
     fs::create_directories(g_dir);
   }
   moert_status_free(moert_comm_barrier(g_comm));
-  if (g_rank != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  const int rc = RUN_ALL_TESTS();
-  double failed = rc != 0 ? 1.0 : 0.0;
-  moert_status_free(moert_comm_all_reduce_sum(g_comm, &failed, 1));
-  if (g_rank == 0 && failed > 0) std::fprintf(stderr, "%g rank(s) failed\n", failed);
+  const int rc = parallel_test::run_tests_on_every_rank(g_comm, g_rank);
   moert_comm_free(g_comm);
-  return failed > 0 ? 1 : 0;
+  return rc;
 }

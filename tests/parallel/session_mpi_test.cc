@@ -14,6 +14,7 @@
 
 #include "capi_test_util.h"
 #include "model_builder.h"
+#include "mpi_test_main.h"
 
 namespace {
 
@@ -262,16 +263,7 @@ int main(int argc, char** argv) {
   }
   moert_status_free(moert_comm_rank(g_comm, &g_rank));
   moert_status_free(moert_comm_size(g_comm, &g_size));
-  // Only rank 0 prints: the others' results reach the exit code.
-  if (g_rank != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  const int rc = RUN_ALL_TESTS();
-  // Every rank's verdict: the job fails when one rank fails.
-  double failed = rc != 0 ? 1.0 : 0.0;
-  moert_status_free(moert_comm_all_reduce_sum(g_comm, &failed, 1));
-  if (g_rank == 0 && failed > 0) std::fprintf(stderr, "%g rank(s) failed\n", failed);
+  const int rc = parallel_test::run_tests_on_every_rank(g_comm, g_rank);
   moert_comm_free(g_comm);
-  return failed > 0 ? 1 : 0;
+  return rc;
 }
