@@ -9,20 +9,48 @@
 #include <vector>
 
 #include "core/buffer.h"
+#include "core/error.h"
 #include "core/grad_reduction.h"
 #include "core/model.h"
+#include "kernels/fp8_rules.h"
 
 namespace moert {
 
-// A weight matrix as a backend reads it: fp32 values and, on backends that multiply in bf16, a
-// bf16 copy kept in step with them. Either may be null where the backend does not use it; a
-// weight without bf16 is multiplied in fp32 everywhere (the router, DESIGN.md section 5).
+// An FP8 (E4M3) copy of a weight: a stack of matrices [..., rows, cols] (the last two
+// dimensions), each quantized in 128x128 blocks as kernels/fp8_rules.h defines them. codes:
+// row-major, 1 byte per value. scales: one fp32 dequantization factor per block (value ~
+// e4m3_to_float(code) * scale), block (rb, cb) of a matrix at rb * block_scale_ld(cols) + cb; the
+// scales of matrix i start at i * matrix_scales (blocks_of(rows) * block_scale_ld(cols)).
+struct Fp8Weight {
+  const uint8_t* codes = nullptr;
+  const float* scales = nullptr;
+  int64_t matrix_elements = 0;  // rows * cols
+  int64_t matrix_scales = 0;
+
+  explicit operator bool() const { return codes != nullptr; }
+};
+
+// A weight matrix as a backend reads it: fp32 values and, on backends that multiply in bf16 or
+// FP8, a copy in that precision kept in step with them. Any may be null where the backend does
+// not use it; a weight with neither copy is multiplied in fp32 everywhere (the router, DESIGN.md
+// section 5). A weight loaded from an FP8 file for inference may have the FP8 copy alone.
 struct Weight {
   const float* f32 = nullptr;
   const uint16_t* bf16 = nullptr;
+  Fp8Weight fp8;
 
+  // The weight from element `elements` on: a whole matrix of a stack (an expert's) when it
+  // carries an FP8 copy, whose blocks do not split.
   Weight offset(int64_t elements) const {
-    return {f32 ? f32 + elements : nullptr, bf16 ? bf16 + elements : nullptr};
+    Weight w{f32 ? f32 + elements : nullptr, bf16 ? bf16 + elements : nullptr, fp8};
+    if (fp8) {
+      if (fp8.matrix_elements <= 0 || elements % fp8.matrix_elements != 0)
+        fail(Code::Internal, "an FP8 weight was offset by ", elements,
+             " elements, not a whole number of its ", fp8.matrix_elements, "-element matrices");
+      w.fp8.codes += elements;
+      w.fp8.scales += elements / fp8.matrix_elements * fp8.matrix_scales;
+    }
+    return w;
   }
 };
 
@@ -47,6 +75,21 @@ struct DispatchPlan {
 // shared experts, or every GEMM weight but the router's.
 enum class Bf16Copies { None, Experts, AllGemms };
 
+// What a session's experts' GEMMs (routed and shared; Fprop, Dgrad, Wgrad) multiply in (DESIGN.md
+// section 5). The router, its bias, norms, embedding, head, master weights and optimizer state
+// stay fp32 whatever it is. bf16: operands rounded to bf16, fp32 accumulation, bf16 weight copies
+// refreshed after each optimizer step. fp8: DeepSeek-V3's block-scaled E4M3 (technical report
+// section 3.3; kernels/cpu/fp8.h): activations in 1x128 tiles along each GEMM's reduction
+// dimension, weights in 128x128 blocks, fp32 accumulation, FP8 weight copies refreshed after each
+// optimizer step.
+enum class Precision : int32_t { Fp32 = 0, Bf16 = 1, Fp8 = 2 };
+
+// How a backend multiplies in FP8.
+struct Fp8Options {
+  // Scales rounded up to powers of two (DeepSeek-V3.1's and DeepGEMM's UE8M0).
+  bool power_of_two_scales = false;
+};
+
 class Backend : public Allocator {
  public:
   virtual ~Backend() = default;
@@ -70,6 +113,21 @@ class Backend : public Allocator {
   virtual void zero(void* dst, size_t bytes) = 0;
   // dst[i] = bf16(src[i]), round to nearest even.
   virtual void to_bf16(const float* src, uint16_t* dst, int64_t n) = 0;
+
+  // ---- FP8. Backends without FP8 GEMMs keep the defaults (no copies; quantizing refused).
+  // Whether the MoE layers' routed and shared experts carry FP8 copies, kept in step with their
+  // fp32 values by the ParamStore; an FFN multiplies in FP8 exactly when all three of its weights
+  // carry the copy.
+  virtual bool fp8_experts() const { return false; }
+  // The FP8 copy of `matrices` fp32 matrices [rows, cols] at src: codes [matrices, rows, cols],
+  // scales in Fp8Weight's layout, as fp8_blocks_scale_floats() counts them. Throws
+  // Error(Numeric) naming `what` and the position on a NaN or infinity.
+  virtual void quantize_weight_blocks(const float* /*src*/, int64_t /*matrices*/, int64_t /*rows*/,
+                                      int64_t /*cols*/, uint8_t* /*codes*/, float* /*scales*/,
+                                      const char* what) {
+    fail(Code::Unsupported, "the ", name(), " backend does not multiply in FP8 (quantizing ", what,
+         ")");
+  }
 
   // ---- Forward.
 
@@ -247,9 +305,16 @@ class ActiveDevice {
   Backend& b_;
 };
 
-// The CPU backend with `threads` worker threads (the caller's included). With `bf16_experts`,
-// the MoE experts' weights carry bf16 copies and their GEMMs run in bf16 with fp32 accumulation.
-std::unique_ptr<Backend> make_cpu_backend(unsigned threads, bool bf16_experts = false);
+// The floats of the block scales of `matrices` matrices [rows, cols] (Fp8Weight's layout).
+inline int64_t fp8_blocks_scale_floats(int64_t matrices, int64_t rows, int64_t cols) {
+  return matrices * fp8::blocks_of(rows) * fp8::block_scale_ld(cols);
+}
+
+// The CPU backend with `threads` worker threads (the caller's included). The MoE experts' GEMMs
+// run in `experts` precision: fp32; bf16 (bf16 copies of their weights, fp32 accumulation); or
+// FP8 (FP8 copies, the exact emulation of kernels/cpu/fp8.h).
+std::unique_ptr<Backend> make_cpu_backend(unsigned threads, Precision experts = Precision::Fp32,
+                                          Fp8Options fp8 = {});
 
 // What the CPU backend multiplies with on this machine, for reports: oneDNN's effective ISA and
 // the kernels of a bf16 session ("onednn" or "widening").

@@ -83,14 +83,16 @@ const char* precision_name(Precision p) {
       return "fp32";
     case Precision::Bf16:
       return "bf16";
+    case Precision::Fp8:
+      return "fp8";
   }
   return "unknown";
 }
 
 Precision parse_precision(const std::string& value) {
-  for (Precision p : {Precision::Fp32, Precision::Bf16})
+  for (Precision p : {Precision::Fp32, Precision::Bf16, Precision::Fp8})
     if (value == precision_name(p)) return p;
-  fail(Code::InvalidArgument, "option 'precision' takes fp32 or bf16, got '", value, "'");
+  fail(Code::InvalidArgument, "option 'precision' takes fp32, bf16 or fp8, got '", value, "'");
 }
 
 double TrainingConfig::lr_at(uint64_t step) const {
@@ -210,7 +212,10 @@ void Session::build() {
          "precision fp32 is not available on CUDA: the CUDA backend multiplies in bf16 (fp32 "
          "runs on the CPU)");
   backend_ = cuda ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
-                  : make_cpu_backend(options_.threads, precision_ == Precision::Bf16);
+                  : make_cpu_backend(options_.threads, precision_);
+  if (precision_ == Precision::Fp8 && !backend_->fp8_experts())
+    fail(Code::Unsupported, "precision fp8 is not available on the ", backend_->name(),
+         " backend in this version");
   const ActiveDevice device(*backend_);
   if (training()) refuse_untrainable_routers(*model_);
   if (training()) {

@@ -30,12 +30,6 @@ enum class Device : int32_t { Cpu = 0, Cuda = 1 };
 inline constexpr int32_t kIgnoreTarget = -100;
 enum class Mode : int32_t { Inference = 0, Training = 1 };
 
-// What the experts' GEMMs (routed and shared; Fprop, Dgrad, Wgrad) multiply in (DESIGN.md section
-// 5). The router, its bias, norms, embedding, head, master weights and optimizer state stay fp32
-// whatever it is. bf16: operands rounded to bf16, fp32 accumulation, bf16 weight copies refreshed
-// after each optimizer step.
-enum class Precision : int32_t { Fp32 = 0, Bf16 = 1 };
-
 // The session option's spelling of a precision ("fp32", "bf16"), and back; parse_precision throws
 // InvalidArgument naming the accepted values.
 const char* precision_name(Precision p);

@@ -38,8 +38,10 @@ void index_by_token(Allocator& mem, DispatchPlan& plan) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(unsigned threads, bool bf16_experts)
-    : bf16_(bf16_experts),
+CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8)
+    : bf16_(experts == Precision::Bf16),
+      precision_(experts),
+      fp8_(fp8),
       pool_(threads),
       bf16_gemm_(pool_.size(), Bf16Gemm::default_kernels()),
       reducer_(pool_),
@@ -422,8 +424,8 @@ void CpuBackend::sgd(float* p, const float* g, float* m, int64_t n, double lr, d
 
 namespace moert {
 
-std::unique_ptr<Backend> make_cpu_backend(unsigned threads, bool bf16_experts) {
-  return std::make_unique<cpu::CpuBackend>(threads, bf16_experts);
+std::unique_ptr<Backend> make_cpu_backend(unsigned threads, Precision experts, Fp8Options fp8) {
+  return std::make_unique<cpu::CpuBackend>(threads, experts, fp8);
 }
 
 std::string cpu_gemm_isa() { return cpu::dnnl_isa_name(); }

@@ -19,7 +19,7 @@ namespace moert::cpu {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(unsigned threads, bool bf16_experts);
+  CpuBackend(unsigned threads, Precision experts, Fp8Options fp8);
 
   const char* name() const override { return "cpu"; }
   bool host_memory() const override { return true; }
@@ -127,6 +127,8 @@ class CpuBackend final : public Backend {
                     int64_t hidden);
 
   bool bf16_;
+  Precision precision_;
+  Fp8Options fp8_;
   ThreadPool pool_;
   Bf16Gemm bf16_gemm_;
   DenseReducer reducer_;

@@ -185,7 +185,7 @@ class FfnReduction : public ::testing::TestWithParam<FfnCase> {};
 TEST_P(FfnReduction, DenseSwiGLUBackward) {
   const bool bf16 = GetParam().bf16;
   std::mt19937 rng(3);
-  auto be0 = make_cpu_backend(2, bf16);
+  auto be0 = make_cpu_backend(2, bf16 ? Precision::Bf16 : Precision::Fp32);
   const Ffn f(rng, 1, *be0, GetParam().dim, GetParam().hidden);
   const int64_t D = f.dim, H = f.hidden;
   const Vec x = randv(kRows * D, rng), dy = randv(kRows * D, rng);
@@ -204,7 +204,7 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
   call(*be0, 0, kRows, dx_full, GradOut{full[0].data()}, GradOut{full[1].data()},
        GradOut{full[2].data()});
   for (unsigned threads : {1u, 4u}) {
-    auto be = make_cpu_backend(threads, bf16);
+    auto be = make_cpu_backend(threads, bf16 ? Precision::Bf16 : Precision::Fp32);
     std::vector<Vec> g(3, g0);
     Vec dx = dx0;
     call(*be, 0, kRows, dx, GradOut{g[0].data()}, GradOut{g[1].data()}, GradOut{g[2].data()});
@@ -213,7 +213,7 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
   }
   for (int trial = 0; trial < 5; ++trial) {
     const auto cuts = random_cuts(kRows, rng);
-    auto be = make_cpu_backend(2, bf16);
+    auto be = make_cpu_backend(2, bf16 ? Precision::Bf16 : Precision::Fp32);
     std::vector<std::vector<GradRoots>> roots(3);
     for (auto& r : roots) r.resize(cuts.size() - 1);
     Vec dx = dx0;
@@ -239,7 +239,7 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
   std::mt19937 rng(4);
   const int64_t E = 4;
   const std::vector<int64_t> counts{3 * kReduceRows + 5, 0, kReduceRows, 2 * kReduceRows + 40};
-  auto be0 = make_cpu_backend(2, bf16);
+  auto be0 = make_cpu_backend(2, bf16 ? Precision::Bf16 : Precision::Fp32);
   const Ffn f(rng, E, *be0, GetParam().dim, GetParam().hidden);
   const int64_t D = f.dim, H = f.hidden, per = H * D;
   DispatchPlan plan;
@@ -252,7 +252,7 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
                           f.W(f.w2, f.b2, bf16), y.data(), h1.data(), h3.data(), D, H);
   const Vec g0 = randv(E * per, rng);
   auto acc_mode = [&](unsigned threads, std::vector<Vec>& g, Vec& dx) {
-    auto be = make_cpu_backend(threads, bf16);
+    auto be = make_cpu_backend(threads, bf16 ? Precision::Bf16 : Precision::Fp32);
     std::vector<GradOut> out[3];
     for (int k = 0; k < 3; ++k)
       for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{g[k].data() + e * per});
@@ -280,7 +280,7 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
       std::sort(cut[e].begin(), cut[e].end());
       cut[e].back() = counts[e];
     }
-    auto be = make_cpu_backend(2, bf16);
+    auto be = make_cpu_backend(2, bf16 ? Precision::Bf16 : Precision::Fp32);
     // roots[k][e][p]
     std::vector<std::vector<std::vector<GradRoots>>> roots(3);
     for (auto& k : roots) {
