@@ -71,12 +71,26 @@ TrainingStateView view_of(const TrainingState& state) {
 
 namespace {
 
+// A resident FP8 tensor is hashed as its decoded values: the digest is of the content, whichever
+// form the model holds it in (a checkpoint that stores FP8 weights verifies whether its loader
+// keeps them FP8 or decodes them).
 void hash_tensor(ContentHasher& h, const Tensor& t) {
-  h.u8(t.values.empty() ? 0 : 1);
-  if (t.values.empty()) return;
+  h.u8(t.present() ? 1 : 0);
+  if (!t.present()) return;
   h.u64(t.shape.size());
   for (int64_t d : t.shape) h.u64(static_cast<uint64_t>(d));
-  h.floats(t.values);
+  if (!t.fp8) {
+    h.floats(t.values);
+    return;
+  }
+  const Fp8Blocks& q = *t.fp8;
+  h.floats_begin(static_cast<uint64_t>(q.numel()));
+  // One matrix at a time: no whole fp32 copy of an expert stack.
+  std::vector<float> values(static_cast<size_t>(q.rows * q.cols));
+  for (int64_t i = 0; i < q.matrices; ++i) {
+    q.decode(i, 1, values.data());
+    h.floats_chunk(values);
+  }
 }
 
 void hash_router(ContentHasher& h, const RouterConfig& r) {

@@ -1,5 +1,8 @@
 #include "core/model.h"
 
+#include "core/error.h"
+#include "core/tensor_codec.h"
+
 namespace moert {
 
 const char* layer_kind_name(LayerKind kind) {
@@ -18,11 +21,56 @@ const char* layer_kind_name(LayerKind kind) {
   return "unknown";
 }
 
+void Fp8Blocks::decode(int64_t first, int64_t count, float* out) const {
+  if (first < 0 || count < 0 || first > matrices || count > matrices - first)
+    fail(Code::Internal, "FP8 decode of matrices [", first, ", +", count, ") of ", matrices);
+  float table[256];
+  for (int i = 0; i < 256; ++i) table[i] = e4m3_to_float(static_cast<uint8_t>(i));
+  const int64_t ld = scale_ld(), per = matrix_scales();
+  for (int64_t m = first; m < first + count; ++m)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* scale_row = scales.data() + m * per + r / fp8::kBlock * ld;
+      const uint8_t* code = codes.data() + (m * rows + r) * cols;
+      float* y = out + ((m - first) * rows + r) * cols;
+      for (int64_t c = 0; c < cols; ++c) y[c] = table[code[c]] * scale_row[c / fp8::kBlock];
+    }
+}
+
+void Tensor::refuse_fp8_data() {
+  fail(Code::Internal, "the fp32 values of a tensor held in FP8 were asked for; decode it first");
+}
+
+std::vector<float> Tensor::decode_fp32() const {
+  if (!fp8) return values;
+  std::vector<float> out(static_cast<size_t>(fp8->numel()));
+  fp8->decode(0, fp8->matrices, out.data());
+  return out;
+}
+
+void Tensor::make_fp32() {
+  if (!fp8) return;
+  values = decode_fp32();
+  fp8.reset();
+}
+
+uint64_t Model::resident_bytes() const {
+  uint64_t n = 0;
+  for (const auto& l : layers) {
+    visit_tensors(l, [&](const char*, const Tensor& t) { n += t.resident_bytes(); });
+    if (const auto* m = std::get_if<MoESpec>(&l.spec)) n += m->gate_bias.resident_bytes();
+  }
+  return n;
+}
+
+void Model::make_fp32() {
+  for (auto& l : layers) visit_tensors(l, [](const char*, Tensor& t) { t.make_fp32(); });
+}
+
 std::vector<ParamRef> Model::parameters() const {
   std::vector<ParamRef> out;
   for (uint32_t i = 0; i < layers.size(); ++i)
     visit_tensors(layers[i], [&](const char* field, const Tensor& t) {
-      if (!t.values.empty()) out.push_back({layers[i].name + "." + field, i, &t});
+      if (t.present()) out.push_back({layers[i].name + "." + field, i, &t});
     });
   return out;
 }

@@ -3,11 +3,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
 #include <variant>
 #include <vector>
+
+#include "kernels/fp8_rules.h"
 
 namespace moert {
 
@@ -33,14 +36,59 @@ enum class BalancingPolicy : int32_t {
 
 const char* layer_kind_name(LayerKind kind);
 
-// A dense fp32 host tensor, row-major.
+// A stack of matrices [..., rows, cols] as block-scaled FP8 (E4M3) codes in 128x128 blocks
+// (kernels/fp8_rules.h), as a model file stores them: 1 byte per value plus one fp32 scale per
+// block, kept so instead of being decoded to fp32 (DESIGN.md section 5). The scales are laid out
+// as core/backend.h's Fp8Weight reads them, so that a backend multiplies these very bytes: block
+// (rb, cb) of matrix i at i * matrix_scales() + rb * scale_ld() + cb; the padding of each row of
+// scales (scale_ld() - blocks_of(cols) floats) is 0 and never read.
+struct Fp8Blocks {
+  int64_t matrices = 0, rows = 0, cols = 0;
+  std::vector<uint8_t> codes;  // [matrices, rows, cols]
+  std::vector<float> scales;   // matrices * matrix_scales()
+
+  int64_t numel() const { return matrices * rows * cols; }
+  int64_t scale_ld() const { return fp8::block_scale_ld(cols); }
+  int64_t matrix_scales() const { return fp8::blocks_of(rows) * scale_ld(); }
+  uint64_t bytes() const { return codes.size() + scales.size() * sizeof(float); }
+  // The values of matrices [first, first + count) as fp32, e4m3_to_float(code) * scale, into
+  // out[count * rows * cols].
+  void decode(int64_t first, int64_t count, float* out) const;
+};
+
+// A host tensor, row-major: fp32 values, or (a weight read from an FP8 file) resident FP8 codes.
+// An absent tensor (an optional bias, the shared experts of a layer without any) has neither.
+// Read through present(), numel() and decode_fp32() unless the representation matters: `values`
+// is empty for a resident FP8 tensor, and data() refuses one rather than hand out no values.
 struct Tensor {
   std::vector<int64_t> shape;
   std::vector<float> values;
+  // Set, with `values` empty, for a resident FP8 tensor. Never modified once loaded: copies of a
+  // model share the codes.
+  std::shared_ptr<const Fp8Blocks> fp8;
 
-  int64_t numel() const { return static_cast<int64_t>(values.size()); }
-  float* data() { return values.data(); }
-  const float* data() const { return values.data(); }
+  bool present() const { return !values.empty() || fp8 != nullptr; }
+  int64_t numel() const { return fp8 ? fp8->numel() : static_cast<int64_t>(values.size()); }
+  // Bytes the values take in memory: 4 per fp32 value, or the FP8 codes and scales.
+  uint64_t resident_bytes() const {
+    return fp8 ? fp8->bytes() : static_cast<uint64_t>(values.size()) * sizeof(float);
+  }
+  // The fp32 values; throws Error(Internal) for a resident FP8 tensor (decode it first).
+  float* data() {
+    if (fp8) refuse_fp8_data();
+    return values.data();
+  }
+  const float* data() const {
+    if (fp8) refuse_fp8_data();
+    return values.data();
+  }
+  // The values as fp32 whatever the representation (a copy).
+  std::vector<float> decode_fp32() const;
+  // Turns a resident FP8 tensor into fp32 values (decoded as decode_fp32() does); no-op otherwise.
+  void make_fp32();
+
+ private:
+  [[noreturn]] static void refuse_fp8_data();
 };
 
 struct EmbeddingSpec {
@@ -191,6 +239,11 @@ struct Model {
   uint64_t activated_parameters() const;
   // Every trainable tensor (the loss-free bias is state, not a parameter), in layer order.
   std::vector<ParamRef> parameters() const;
+  // Bytes every tensor (the loss-free bias included) takes in memory as held: fp32 values, or
+  // resident FP8 codes and scales.
+  uint64_t resident_bytes() const;
+  // Decodes every resident FP8 tensor to fp32 (a training session's master weights).
+  void make_fp32();
 };
 
 }  // namespace moert

@@ -239,6 +239,12 @@ class Loader {
   void decode(const fb::Tensor* t, const char* field, const std::vector<int64_t>& shape,
               uint64_t numel, const uint8_t* bytes, Tensor& out) const;
   void initialise(const fb::Init* init, const char* field, Tensor& out);
+  // The scale floats of a resident FP8 tensor of `shape` (Fp8Blocks' padded layout).
+  uint64_t fp8_scale_floats(const std::vector<int64_t>& shape) const;
+  // The codes of an FP8 tensor in 128x128 blocks with its scales re-laid, checked as decoding
+  // checks them.
+  std::shared_ptr<const Fp8Blocks> resident_fp8(const fb::Tensor* t, const char* field,
+                                                const std::vector<int64_t>& shape) const;
 
   void training_state(const fb::TrainingState* t, Model& model);
   LayerSpec embedding(const fb::Embedding* e);
@@ -309,6 +315,57 @@ void Loader::decode(const fb::Tensor* t, const char* field, const std::vector<in
   uint64_t at = 0;
   if (!all_finite(out.values, &at))
     bad(field, cat("holds a NaN or infinity at element ", at, " of ", shape_str(shape)));
+}
+
+uint64_t Loader::fp8_scale_floats(const std::vector<int64_t>& shape) const {
+  uint64_t matrices = 1;
+  for (size_t i = 0; i + 2 < shape.size(); ++i)
+    matrices = mul(matrices, static_cast<uint64_t>(shape[i]), "shape");
+  const int64_t rows = shape[shape.size() - 2], cols = shape.back();
+  return mul(matrices,
+             static_cast<uint64_t>(fp8::blocks_of(rows)) *
+                 static_cast<uint64_t>(fp8::block_scale_ld(cols)),
+             "shape");
+}
+
+std::shared_ptr<const Fp8Blocks> Loader::resident_fp8(const fb::Tensor* t, const char* field,
+                                                      const std::vector<int64_t>& shape) const {
+  auto q = std::make_shared<Fp8Blocks>();
+  q->rows = shape[shape.size() - 2];
+  q->cols = shape.back();
+  q->matrices = 1;
+  for (size_t i = 0; i + 2 < shape.size(); ++i) q->matrices *= shape[i];
+  const uint64_t numel = static_cast<uint64_t>(q->numel());
+  q->codes.resize(numel);
+  if (t->data())
+    std::memcpy(q->codes.data(), t->data()->data(), numel);
+  else
+    external_->read(t->external()->offset(), numel, q->codes.data());
+  // The file's scales are row-major over blocks, blocks_of(cols) to a row; resident rows are
+  // padded to scale_ld() floats, the layout the FP8 GEMMs read.
+  const int64_t row_blocks = fp8::blocks_of(q->rows), col_blocks = fp8::blocks_of(q->cols);
+  const int64_t ld = q->scale_ld();
+  q->scales.assign(fp8_scale_floats(shape), 0.0f);
+  const float* file_scales = t->scales()->scales()->data();
+  for (int64_t r = 0; r < q->matrices * row_blocks; ++r)
+    std::memcpy(q->scales.data() + r * ld, file_scales + r * col_blocks,
+                static_cast<size_t>(col_blocks) * sizeof(float));
+  // The checks decoding makes: every value finite (a NaN code, or a code times its scale past
+  // the largest float, is refused as a decoded NaN or infinity is).
+  float table[256];
+  for (int i = 0; i < 256; ++i) table[i] = e4m3_to_float(static_cast<uint8_t>(i));
+  std::vector<float> row(static_cast<size_t>(q->cols));
+  for (int64_t r = 0; r < q->matrices * q->rows; ++r) {
+    const uint8_t* code = q->codes.data() + r * q->cols;
+    const float* scale =
+        q->scales.data() + (r / q->rows * row_blocks + r % q->rows / fp8::kBlock) * ld;
+    for (int64_t c = 0; c < q->cols; ++c) row[c] = table[code[c]] * scale[c / fp8::kBlock];
+    uint64_t at = 0;
+    if (!all_finite(row, &at))
+      bad(field, cat("holds a NaN or infinity at element ", static_cast<uint64_t>(r * q->cols) + at,
+                     " of ", shape_str(shape)));
+  }
+  return q;
 }
 
 void Loader::initialise(const fb::Init* init, const char* field, Tensor& out) {
@@ -411,14 +468,23 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
   } else if (t->dtype() != fb::DType::F32) {
     bad(field, "an initialised tensor must have dtype F32");
   }
+  // A model keeps FP8 weights in 128x128 blocks as they are (1 byte per value); a checkpoint a
+  // session resumes from decodes them into the fp32 masters it assigns.
+  const bool resident = t->dtype() == fb::DType::F8E4M3 && policy_ != StatePolicy::Keep &&
+                        t->scales()->block_rows() == fp8::kBlock &&
+                        t->scales()->block_cols() == fp8::kBlock;
   if (planning_) {
-    plan_memory(fp32_bytes, field);
+    plan_memory(
+        resident ? sat_add(numel, sat_mul(fp8_scale_floats(shape), sizeof(float))) : fp32_bytes,
+        field);
     if (is_external) planned_reads_ = sat_add(planned_reads_, bytes);
     if (t->init()) initialise(t->init(), field, out);
     return out;
   }
 
-  if (t->data()) {
+  if (resident) {
+    out.fp8 = resident_fp8(t, field, shape);
+  } else if (t->data()) {
     decode(t, field, shape, numel, t->data()->data(), out);
   } else if (is_external) {
     if (t->dtype() == fb::DType::F32) {

@@ -89,7 +89,8 @@ class DescriptionBuilder {
   }
 
   Offset<fb::Tensor> tensor(const Tensor& t) {
-    if (t.values.empty()) return 0;
+    if (!t.present()) return 0;
+    if (t.fp8) return fp8_tensor(t);
     const std::vector<uint64_t> dims(t.shape.begin(), t.shape.end());
     const auto shape = fbb_.CreateVector(dims);
     const uint64_t bytes = t.values.size() * sizeof(float);
@@ -107,6 +108,39 @@ class DescriptionBuilder {
       b.add_external(&ref);
     else
       b.add_data(data);
+    return b.Finish();
+  }
+
+  // A resident FP8 tensor as it was read: its codes, and its block scales without the padding
+  // of each row that the resident layout adds.
+  Offset<fb::Tensor> fp8_tensor(const Tensor& t) {
+    const Fp8Blocks& q = *t.fp8;
+    const std::vector<uint64_t> dims(t.shape.begin(), t.shape.end());
+    const auto shape = fbb_.CreateVector(dims);
+    const int64_t col_blocks = fp8::blocks_of(q.cols), ld = q.scale_ld();
+    const int64_t scale_rows = q.matrices * fp8::blocks_of(q.rows);
+    std::vector<float> compact(static_cast<size_t>(scale_rows * col_blocks));
+    for (int64_t r = 0; r < scale_rows; ++r)
+      std::copy_n(q.scales.begin() + r * ld, col_blocks, compact.begin() + r * col_blocks);
+    const auto scale_vec = fbb_.CreateVector(compact);
+    const auto scales = fb::CreateBlockScales(fbb_, static_cast<uint32_t>(fp8::kBlock),
+                                              static_cast<uint32_t>(fp8::kBlock), scale_vec);
+    const uint64_t bytes = q.codes.size();
+    fb::ExternalRef ref;
+    const bool external = place(q.codes.data(), bytes, ref);
+    Offset<flatbuffers::Vector<uint8_t>> data = 0;
+    if (!external) {
+      fbb_.ForceVectorAlignment(bytes, 1, 32);
+      data = fbb_.CreateVector(q.codes.data(), bytes);
+    }
+    fb::TensorBuilder b(fbb_);
+    b.add_shape(shape);
+    b.add_dtype(fb::DType::F8E4M3);
+    if (external)
+      b.add_external(&ref);
+    else
+      b.add_data(data);
+    b.add_scales(scales);
     return b.Finish();
   }
 
@@ -349,35 +383,54 @@ void remove_stale(const fs::path& dir, const std::string& file, const std::strin
 
 }  // namespace
 
-void write_checkpoint(const std::string& path, const Model& model, const TrainingStateView& state) {
+namespace {
+
+// write_checkpoint and write_model: `state` null for a model file.
+void write_description(const std::string& path, const Model& model,
+                       const TrainingStateView* state) {
   const fs::path target(path);
   const fs::path dir = directory_of(target);
   const std::string file = target.filename().string();
-  if (file.empty()) fail(Code::InvalidArgument, "checkpoint path '", path, "' names no file");
+  const char* what = state ? "checkpoint" : "model";
+  if (file.empty()) fail(Code::InvalidArgument, what, " path '", path, "' names no file");
 
-  const uint64_t digest = checkpoint_digest(model, state);
+  uint64_t digest = 0;
+  if (state) {
+    digest = checkpoint_digest(model, *state);
+  } else {
+    ContentHasher h;
+    hash_model(h, model);
+    digest = h.digest();
+  }
   const std::string data_name = cat(file, ".", hex16(digest), ".data");
 
   // What stays inline, with room for the tables around it: the builder must never reach 2 GiB.
+  // An FP8 tensor's block scales always stay inline (the schema has them nowhere else).
   uint64_t inline_bytes = uint64_t{1} << 16;
   auto count = [&](uint64_t bytes) {
     if (bytes < kExternalMinBytes) inline_bytes += bytes + 256;
   };
   for (const auto& l : model.layers) {
-    visit_tensors(l, [&](const char*, const Tensor& t) { count(t.values.size() * 4); });
+    visit_tensors(l, [&](const char*, const Tensor& t) {
+      if (!t.fp8) return count(t.values.size() * 4);
+      count(t.fp8->codes.size());
+      inline_bytes += t.fp8->scales.size() * sizeof(float) + 256;
+    });
     if (const auto* m = std::get_if<MoESpec>(&l.spec)) count(m->gate_bias.values.size() * 4);
   }
-  for (const auto& p : state.params) {
-    count(p.grad.size_bytes());
-    count(p.m.size_bytes());
-    count(p.v.size_bytes());
+  if (state) {
+    for (const auto& p : state->params) {
+      count(p.grad.size_bytes());
+      count(p.m.size_bytes());
+      count(p.v.size_bytes());
+    }
+    for (const auto& l : state->layers) inline_bytes += l.step_counts.size() * 8 + 64;
   }
-  for (const auto& l : state.layers) inline_bytes += l.step_counts.size() * 8 + 64;
   if (inline_bytes > kMaxDescription)
-    fail(Code::Unsupported, "the checkpoint's description would need ", inline_bytes >> 20,
+    fail(Code::Unsupported, "the ", what, "'s description would need ", inline_bytes >> 20,
          " MiB of small arrays, more than one FlatBuffers buffer holds (2 GiB)");
   DescriptionBuilder builder(inline_bytes, digest);
-  const auto root = builder.model(model, &state, data_name);
+  const auto root = builder.model(model, state, data_name);
   const std::vector<uint8_t> description = builder.finish(root);
 
   if (!builder.external().empty()) {
@@ -394,6 +447,16 @@ void write_checkpoint(const std::string& path, const Model& model, const Trainin
   }
   write_file_atomically(path, description);
   remove_stale(dir, file, builder.external().empty() ? "" : data_name);
+}
+
+}  // namespace
+
+void write_checkpoint(const std::string& path, const Model& model, const TrainingStateView& state) {
+  write_description(path, model, &state);
+}
+
+void write_model(const std::string& path, const Model& model) {
+  write_description(path, model, nullptr);
 }
 
 void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes) {

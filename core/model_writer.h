@@ -31,6 +31,12 @@ inline constexpr uint64_t kExternalAlignment = 64;
 // 2 GiB of a FlatBuffers buffer.
 void write_checkpoint(const std::string& path, const Model& model, const TrainingStateView& state);
 
+// Writes `model` as a model file (a checkpoint without training state) at `path`, as
+// write_checkpoint writes one: the same atomic steps, the data file named by the model's content
+// digest. Tensors are written as the model holds them: fp32 values as F32, resident FP8 ones as
+// F8E4M3 with their 128x128 block scales, byte for byte as they were read.
+void write_model(const std::string& path, const Model& model);
+
 // Writes bytes to path atomically: a temporary file in the same directory, fsync, rename over the
 // destination, fsync of the directory. On any failure the destination is untouched.
 void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes);

@@ -222,6 +222,7 @@ void Session::build() {
     // The session trains its own copy; gradients mirror its layout.
     params_ = std::make_unique<Model>(*model_);
     params_->training.reset();
+    params_->make_fp32();  // FP8 weights of the file become the fp32 masters
     // Under expert parallelism a rank keeps, trains and checkpoints-in-part its shard only.
     if (par_) shard_experts(*params_);
     grads_ = std::make_unique<Model>(*params_);
@@ -1041,10 +1042,10 @@ std::string layer_mismatch(const LayerSpec& a, const LayerSpec& b) {
   if (a.in_width != b.in_width || a.out_width != b.out_width) return "width";
   std::vector<std::vector<int64_t>> sa, sb;
   visit_tensors(a, [&](const char*, const Tensor& t) {
-    sa.push_back(t.values.empty() ? std::vector<int64_t>{} : t.shape);
+    sa.push_back(t.present() ? t.shape : std::vector<int64_t>{});
   });
   visit_tensors(b, [&](const char*, const Tensor& t) {
-    sb.push_back(t.values.empty() ? std::vector<int64_t>{} : t.shape);
+    sb.push_back(t.present() ? t.shape : std::vector<int64_t>{});
   });
   if (sa != sb) return "tensor shapes";
   if (const auto* ma = std::get_if<MoESpec>(&a.spec)) {
@@ -1072,7 +1073,7 @@ LoadOptions Session::checkpoint_limits(const LoadOptions* limits) const {
   uint64_t values = 0, tensors = 0;
   for (const auto& l : model_->layers) {
     visit_tensors(l, [&](const char*, const Tensor& t) {
-      values += t.values.size();
+      values += static_cast<uint64_t>(t.numel());
       ++tensors;
     });
     if (const auto* m = std::get_if<MoESpec>(&l.spec))
