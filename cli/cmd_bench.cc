@@ -39,10 +39,9 @@ const CommandSpec kBenchSpec = {
     "Limits, measured first: the fp32 FMA peak (12 independent FMA chains per thread); the GEMM\n"
     "libraries installed (oneDNN, which libmoert links, BLIS, OpenBLAS) on C = X W^T of the\n"
     "layer's forward FLOPs (X: TOKENS x DIM), at the same thread count, the best one being the\n"
-    "baseline; the memory read bandwidth. With --precision bf16 the layer runs in fp32 and in "
-    "bf16\n"
-    "and the bf16 results' distance to fp32 is printed per GEMM kind (Fprop: the output, Dgrad:\n"
-    "the input gradient, Wgrad: the expert weight gradients).\n\n"
+    "baseline; the memory read bandwidth. With --precision bf16 or fp8 the layer runs in fp32\n"
+    "and in that precision, and the results' distance to fp32 is printed per GEMM kind (Fprop:\n"
+    "the output, Dgrad: the input gradient, Wgrad: the expert weight gradients).\n\n"
     "--decode adds decode-sized batches (1, 8 and 64 rows) of a large bf16 layer (DeepSeek-V3's\n"
     "width: d 7168, 32 routed experts of 2048 + 1 shared, top-8; about 6 GB of fp32 weights are\n"
     "built): the effective bandwidth, bytes of weights the pass touches (bf16 experts selected,\n"
@@ -62,7 +61,8 @@ const CommandSpec kBenchSpec = {
     {
         {"device", "NAME", "cpu or cuda", "cpu"},
         {"threads", "N", "CPU threads (per rank with --expert-parallel)", "2"},
-        {"precision", "NAME", "fp32, or bf16 to run the layer in both and compare", "fp32"},
+        {"precision", "NAME", "fp32, or bf16 or fp8 to run the layer in fp32 and in it and compare",
+         "fp32"},
         {"tokens", "N", "tokens per pass", "4096"},
         {"dim", "N", "model width", "512"},
         {"experts", "N", "routed experts", "16"},
@@ -105,9 +105,9 @@ double rel_distance(const std::vector<float>& a, const std::vector<float>& ref) 
   return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-// ||bf16 - fp32|| / ||fp32|| per GEMM kind: the layer output (Fprop) and the input gradient
-// (Dgrad), both without their residual parts, and the routed and shared expert weight gradients
-// (Wgrad).
+// ||low - fp32|| / ||fp32|| per GEMM kind (low: bf16 or fp8): the layer output (Fprop) and the
+// input gradient (Dgrad), both without their residual parts, and the routed and shared expert
+// weight gradients (Wgrad).
 struct Accuracy {
   double fprop = 0.0, dgrad = 0.0;
   std::vector<std::pair<std::string, double>> wgrad;
@@ -255,8 +255,8 @@ int run_bench(const Args& args) {
   if (device != "cpu" && device != "cuda")
     usage_fail("--device takes cpu or cuda, got '", device, "'");
   const std::string precision = args.str("precision", "fp32");
-  if (precision != "fp32" && precision != "bf16")
-    usage_fail("--precision takes fp32 or bf16, got '", precision, "'");
+  if (precision != "fp32" && precision != "bf16" && precision != "fp8")
+    usage_fail("--precision takes fp32, bf16 or fp8, got '", precision, "'");
   if (d.top_k > d.experts)
     usage_fail("--top-k (", d.top_k, ") exceeds --experts (", d.experts, ")");
   SessionConfig config;
@@ -304,10 +304,11 @@ int run_bench(const Args& args) {
                          static_cast<double>(t32.assignments) * 6.0 * D * d.expert_hidden;
   Timing t16;
   Accuracy acc;
-  const bool low = precision == "bf16" && config.device == MOERT_DEVICE_CPU;
+  const bool low = precision != "fp32" && config.device == MOERT_DEVICE_CPU;
+  const char* lp = precision.c_str();
   if (low) {
     SessionConfig c = config;
-    c.knobs.push_back({"precision", "bf16"});
+    c.knobs.push_back({"precision", precision});
     t16 = time_layer(moe.get(), c, d.tokens, d.dim, repeats, seed);
     acc = accuracy(moe.get(), fp32, c, d.tokens, d.dim, seed, d.shared > 0);
   }
@@ -338,7 +339,7 @@ int run_bench(const Args& args) {
     o << "{\"moe\": {\"forward\": " << pass(moe_fwd, t32.forward)
       << ", \"forward_backward\": " << pass(3 * moe_fwd, t32.forward_backward) << "},\n";
     if (low)
-      o << " \"moe_bf16\": {\"forward\": " << pass(moe_fwd, t16.forward)
+      o << " \"moe_" << precision << "\": {\"forward\": " << pass(moe_fwd, t16.forward)
         << ", \"forward_backward\": " << pass(3 * moe_fwd, t16.forward_backward)
         << ", \"error_fprop\": " << json_number(acc.fprop)
         << ", \"error_dgrad\": " << json_number(acc.dgrad) << "},\n";
@@ -420,14 +421,14 @@ int run_bench(const Args& args) {
   row("forward", p32, moe_fwd, t32.forward);
   row("forward+backward", p32, 3 * moe_fwd, t32.forward_backward);
   if (low) {
-    row("forward", "bf16", moe_fwd, t16.forward);
-    row("forward+backward", "bf16", 3 * moe_fwd, t16.forward_backward);
-    std::printf("bf16 / fp32 speed: forward %.2fx, forward+backward %.2fx\n", g16f / g32f,
+    row("forward", lp, moe_fwd, t16.forward);
+    row("forward+backward", lp, 3 * moe_fwd, t16.forward_backward);
+    std::printf("%s / fp32 speed: forward %.2fx, forward+backward %.2fx\n", lp, g16f / g32f,
                 g16b / g32b);
     std::printf(
-        "bf16 against fp32, ||bf16 - fp32|| / ||fp32|| (residual parts taken out): Fprop "
+        "%s against fp32, ||%s - fp32|| / ||fp32|| (residual parts taken out): Fprop "
         "(output) %.2e, Dgrad (input gradient) %.2e, Wgrad",
-        acc.fprop, acc.dgrad);
+        lp, lp, acc.fprop, acc.dgrad);
     for (const auto& [name, v] : acc.wgrad) std::printf(" %s %.2e", name.c_str(), v);
     std::printf("\n");
   }

@@ -60,7 +60,11 @@ const CommandSpec kTrainSpec = {
          "replicas); each rank feeds B / N rows of every batch, rank 0 prints",
          ""},
         {"precision", "NAME",
-         "what the experts' GEMMs multiply in: fp32, or bf16 (fp32 sums, fp32 master weights)",
+         "what the experts' GEMMs multiply in: fp32, bf16 or fp8 (block-scaled E4M3 as "
+         "DeepSeek-V3; fp32 sums, fp32 master weights)",
+         "fp32"},
+        {"fp8-scales", "KIND",
+         "with --precision fp8: fp32 scales (amax / 448) or ue8m0 (rounded up to powers of two)",
          "fp32"},
         {"context", "N", "characters in the window", "8"},
         {"embed-dim", "N", "embedding width per character", "16"},
@@ -161,8 +165,13 @@ int run_train(const Args& args) {
   st.seed = static_cast<uint64_t>(args.integer("seed", 1, 0, INT64_MAX));
   st.threads = u32(args, "threads", 2, 1, 1024);
   st.precision = args.str("precision", "fp32");
-  if (st.precision != "fp32" && st.precision != "bf16")
-    usage_fail("--precision takes fp32 or bf16, got '", st.precision, "'");
+  if (st.precision != "fp32" && st.precision != "bf16" && st.precision != "fp8")
+    usage_fail("--precision takes fp32, bf16 or fp8, got '", st.precision, "'");
+  st.fp8_scales = args.str("fp8-scales", "fp32");
+  if (st.fp8_scales != "fp32" && st.fp8_scales != "ue8m0")
+    usage_fail("--fp8-scales takes fp32 or ue8m0, got '", st.fp8_scales, "'");
+  if (st.fp8_scales != "fp32" && st.precision != "fp8")
+    usage_fail("--fp8-scales applies only with --precision fp8");
   st.tail_fraction = args.real("tail", 0.2, 1e-9, 1.0);
   st.eval_rows = static_cast<uint64_t>(args.integer("eval-rows", 0, 0, INT64_MAX));
   st.log_every = static_cast<uint64_t>(args.integer("log-every", 0, 1, INT64_MAX));
@@ -270,7 +279,8 @@ int run_train(const Args& args) {
       static_cast<unsigned long long>(st.steps), static_cast<unsigned long long>(st.batch), st.lr,
       static_cast<unsigned long long>(st.warmup), st.min_lr, st.clip_norm, st.weight_decay,
       static_cast<unsigned long long>(st.seed), st.threads, st.threads == 1 ? "" : "s",
-      st.precision.c_str());
+      st.precision == "fp8" && st.fp8_scales == "ue8m0" ? "fp8 (ue8m0 scales)"
+                                                        : st.precision.c_str());
   std::fflush(stdout);
 
   std::vector<RunResult> runs;

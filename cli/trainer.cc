@@ -83,6 +83,7 @@ RunResult train_run(const moert_model* model, const std::string& label,
                   {"clip_norm", number(st.clip_norm)},
                   {"weight_decay", number(st.weight_decay)},
                   {"precision", st.precision},
+                  {"fp8_scales", st.fp8_scales},
                   // The auxiliary loss of the whole batch, not of each rank's slice: a job of
                   // any size then trains as one process does.
                   {"aux_loss_scope", "global"}};

@@ -7,12 +7,17 @@
 namespace moert {
 namespace {
 
+// Whether a tensor is one of a MoE layer's routed or shared expert weights.
+bool is_expert_weight(const LayerSpec& layer, const std::string& field) {
+  return layer.kind == LayerKind::MoE &&
+         (field == "w1" || field == "w3" || field == "w2" || field == "shared_w1" ||
+          field == "shared_w3" || field == "shared_w2");
+}
+
 // Whether a tensor of a layer gets a bf16 copy on a backend that keeps `copies`.
 bool wants_bf16(Bf16Copies copies, const LayerSpec& layer, const std::string& field) {
   if (copies == Bf16Copies::None) return false;
-  const bool expert = layer.kind == LayerKind::MoE &&
-                      (field == "w1" || field == "w3" || field == "w2" || field == "shared_w1" ||
-                       field == "shared_w3" || field == "shared_w2");
+  const bool expert = is_expert_weight(layer, field);
   if (copies == Bf16Copies::Experts) return expert;
   switch (layer.kind) {
     case LayerKind::DenseFFN:
@@ -59,6 +64,17 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
         }
       }
       if (bf16) e.bf16.resize(be, n);
+      if (be.fp8_experts() && is_expert_weight(layer, field)) {
+        if (t.shape.size() < 2)
+          fail(Code::Internal, "expert weight '", layer.name, ".", field, "' is not a matrix");
+        e.fp8_cols = t.shape.back();
+        e.fp8_rows = t.shape[t.shape.size() - 2];
+        e.fp8_matrices = static_cast<int64_t>(n) / (e.fp8_rows * e.fp8_cols);
+        e.fp8_codes.resize(be, n);
+        e.fp8_scales.resize(be, static_cast<size_t>(fp8_blocks_scale_floats(
+                                    e.fp8_matrices, e.fp8_rows, e.fp8_cols)));
+        e.what = layer.name + "." + field;
+      }
       upload(t);
       if (e.grad_ptr && !be.host_memory()) be.zero(e.grad_ptr, n * sizeof(float));
     };
@@ -83,7 +99,29 @@ ParamStore::Entry& ParamStore::entry(const Tensor& t) {
 
 Weight ParamStore::weight(const Tensor& t) const {
   const Entry& e = entry(t);
-  return {e.f32_ptr, e.bf16.size() ? e.bf16.data() : nullptr};
+  Weight w{e.f32_ptr, e.bf16.size() ? e.bf16.data() : nullptr, {}};
+  if (e.fp8_codes.size())
+    w.fp8 = {e.fp8_codes.data(), e.fp8_scales.data(), e.fp8_rows * e.fp8_cols,
+             fp8_blocks_scale_floats(1, e.fp8_rows, e.fp8_cols)};
+  return w;
+}
+
+void ParamStore::quantize(Entry& e, const char* what) {
+  if (!e.fp8_codes.size()) return;
+  const int64_t per = e.fp8_rows * e.fp8_cols,
+                per_scales = fp8_blocks_scale_floats(1, e.fp8_rows, e.fp8_cols);
+  if (e.f32_ptr) {
+    be_.quantize_weight_blocks(e.f32_ptr, e.fp8_matrices, e.fp8_rows, e.fp8_cols,
+                               e.fp8_codes.data(), e.fp8_scales.data(), what);
+    return;
+  }
+  // No fp32 copy in backend memory: a matrix at a time through a temporary one, as for bf16.
+  Buffer<float> tmp(be_, static_cast<size_t>(per));
+  for (int64_t i = 0; i < e.fp8_matrices; ++i) {
+    be_.upload(tmp.data(), e.host->data() + i * per, static_cast<size_t>(per) * sizeof(float));
+    be_.quantize_weight_blocks(tmp.data(), 1, e.fp8_rows, e.fp8_cols, e.fp8_codes.data() + i * per,
+                               e.fp8_scales.data() + i * per_scales, what);
+  }
 }
 
 const float* ParamStore::f32(const Tensor& t) const { return entry(t).f32_ptr; }
@@ -110,6 +148,7 @@ void ParamStore::upload(const Tensor& t) {
       }
     }
   }
+  quantize(e, e.what.c_str());
 }
 
 void ParamStore::download(const Tensor& t) const {
@@ -129,10 +168,11 @@ void ParamStore::upload_grad(const Tensor& t, const std::vector<float>& in) {
   be_.upload(e.grad_ptr, in.data(), in.size() * sizeof(float));
 }
 
-void ParamStore::refresh_bf16(const Tensor& t) {
+void ParamStore::refresh_copies(const Tensor& t) {
   Entry& e = entry(t);
   if (e.bf16.size() && e.f32_ptr)
     be_.to_bf16(e.f32_ptr, e.bf16.data(), static_cast<int64_t>(t.values.size()));
+  if (e.f32_ptr) quantize(e, e.what.c_str());
 }
 
 void ParamStore::zero_grads() {

@@ -2,11 +2,15 @@
 // in place; on a device backend each tensor has a device copy, and the host tensors are brought up
 // to date on demand. Weights the backend multiplies in bf16 (Backend::bf16_copies: every GEMM
 // weight but the router's on CUDA, the experts' in a CPU session of precision bf16) also have a
-// bf16 copy, rounded from the fp32 values (the master weights) and refreshed after every change.
+// bf16 copy, rounded from the fp32 values (the master weights) and refreshed after every change;
+// on a backend whose experts multiply in FP8 (Backend::fp8_experts), the MoE layers' routed and
+// shared expert weights have an FP8 copy (E4M3 codes in 128x128 blocks, Backend::
+// quantize_weight_blocks), made and refreshed the same way.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -28,15 +32,16 @@ class ParamStore {
   float* f32_mutable(const Tensor& t);
   float* grad(const Tensor& t) const;  // null without training
 
-  // Host tensor -> backend, after the host values changed (bf16 copy refreshed too).
+  // Host tensor -> backend, after the host values changed (bf16 and FP8 copies refreshed too).
   void upload(const Tensor& t);
   // Backend -> host tensor (no-op on host backends).
   void download(const Tensor& t) const;
   // Gradient in backend memory <-> host vector.
   void download_grad(const Tensor& t, std::vector<float>& out) const;
   void upload_grad(const Tensor& t, const std::vector<float>& in);
-  // bf16 copy <- fp32 copy, after the backend changed the fp32 values (an optimizer step).
-  void refresh_bf16(const Tensor& t);
+  // bf16 and FP8 copies <- fp32 copy, after the backend changed the fp32 values (an optimizer
+  // step). Throws Error(Numeric) where an FP8 copy meets a NaN or infinity.
+  void refresh_copies(const Tensor& t);
   // Zeroes every gradient.
   void zero_grads();
 
@@ -67,11 +72,17 @@ class ParamStore {
     Tensor* host_grad = nullptr;
     Buffer<float> f32;
     Buffer<uint16_t> bf16;
+    // The FP8 copy of a stack of `fp8_matrices` matrices [fp8_rows, fp8_cols] (Fp8Weight).
+    Buffer<uint8_t> fp8_codes;
+    Buffer<float> fp8_scales;
+    int64_t fp8_matrices = 0, fp8_rows = 0, fp8_cols = 0;
+    std::string what;  // "layer.field", named in quantization errors
     Buffer<float> grad;
     float* f32_ptr = nullptr;  // f32 data, in backend memory (the host tensor on host backends)
     float* grad_ptr = nullptr;
   };
   const Entry& entry(const Tensor& t) const;
+  void quantize(Entry& e, const char* what);
   Entry& entry(const Tensor& t);
 
   Backend& be_;

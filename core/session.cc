@@ -123,6 +123,10 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     cuda_plugin = value;
   } else if (key == "precision") {
     precision = parse_precision(value);
+  } else if (key == "fp8_scales") {
+    if (value != "fp32" && value != "ue8m0")
+      fail(Code::InvalidArgument, "option 'fp8_scales' takes fp32 or ue8m0, got '", value, "'");
+    fp8.power_of_two_scales = value == "ue8m0";
   } else if (key == "optimizer") {
     if (value != "adamw" && value != "sgd")
       fail(Code::InvalidArgument, "option 'optimizer' takes adamw or sgd, got '", value, "'");
@@ -165,7 +169,8 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
         std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
   } else {
     fail(Code::InvalidArgument, "unknown session option '", key,
-         "' (known: check_finite, cuda_plugin, precision, optimizer, lr, min_lr, weight_decay, "
+         "' (known: check_finite, cuda_plugin, precision, fp8_scales, optimizer, lr, min_lr, "
+         "weight_decay, "
          "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length, "
          "aux_loss_scope, ep_chunks, ep_overlap)");
   }
@@ -212,7 +217,7 @@ void Session::build() {
          "precision fp32 is not available on CUDA: the CUDA backend multiplies in bf16 (fp32 "
          "runs on the CPU)");
   backend_ = cuda ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
-                  : make_cpu_backend(options_.threads, precision_);
+                  : make_cpu_backend(options_.threads, precision_, options_.fp8);
   if (precision_ == Precision::Fp8 && !backend_->fp8_experts())
     fail(Code::Unsupported, "precision fp8 is not available on the ", backend_->name(),
          " backend in this version");
@@ -743,7 +748,7 @@ StepInfo Session::step() {
                         gscale, bc1, bc2);
       else
         backend_->sgd(p, g, s.m.data(), n, info.lr, c.momentum, wd, gscale);
-      store_->refresh_bf16(*s.param);
+      store_->refresh_copies(*s.param);
     }
   }
   update_biases();
@@ -843,6 +848,9 @@ void Session::set_config(const std::string& key, const std::string& value) {
   if (key == "precision" && updated.precision != precision_)
     fail(Code::InvalidState,
          "the precision is chosen when the session is created (its weight copies are made then)");
+  if (key == "fp8_scales" && updated.fp8.power_of_two_scales != options_.fp8.power_of_two_scales)
+    fail(Code::InvalidState,
+         "fp8_scales is chosen when the session is created (its FP8 weight copies are made then)");
   if (key == "optimizer" && updated.training.optimizer != options_.training.optimizer && step_ > 0)
     fail(Code::InvalidState,
          "the optimizer cannot change after the first step (its state would "

@@ -30,8 +30,8 @@ enum class Device : int32_t { Cpu = 0, Cuda = 1 };
 inline constexpr int32_t kIgnoreTarget = -100;
 enum class Mode : int32_t { Inference = 0, Training = 1 };
 
-// The session option's spelling of a precision ("fp32", "bf16"), and back; parse_precision throws
-// InvalidArgument naming the accepted values.
+// The session option's spelling of a precision ("fp32", "bf16", "fp8"), and back; parse_precision
+// throws InvalidArgument naming the accepted values.
 const char* precision_name(Precision p);
 Precision parse_precision(const std::string& value);
 
@@ -59,6 +59,7 @@ struct SessionOptions {
   // Unset: the device's own (CPU fp32, CUDA bf16). CUDA refuses fp32 (Unsupported): it
   // multiplies in bf16.
   std::optional<Precision> precision;
+  Fp8Options fp8;  // how precision fp8 multiplies (option "fp8_scales")
   uint64_t seed = 0;
   Mode mode = Mode::Inference;
   bool check_finite = true;

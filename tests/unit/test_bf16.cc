@@ -17,9 +17,15 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/isa.h"
 #include "tests/unit/random_tensor.h"
+#include "tests/unit/session_model.h"
 
 namespace moert {
 namespace {
+
+using test::batch;
+using test::Batch;
+using test::moe_model;
+using test::options;
 
 using Vec = std::vector<float>;
 
@@ -127,61 +133,6 @@ TEST(Bf16Gemm, WideningKernelsAtLayerShapes) {
       want[i * n + j] = x;
     }
   EXPECT_LT(rel(c, want), 1e-6);
-}
-
-// A MoE model for sessions: embedding -> RMSNorm -> MoE (2 shared experts) -> head.
-std::shared_ptr<Model> moe_model(std::mt19937& rng) {
-  auto m = std::make_shared<Model>();
-  m->token_input = true;
-  const uint32_t V = 29, e = 16, D = 64, E = 8, H = 48;
-  m->input_width = 4;
-  m->output_width = V;
-  m->layers.push_back({"emb", LayerKind::Embedding, 4, D,
-                       EmbeddingSpec{V, e, 4, test::random_tensor({V, e}, rng)}});
-  RMSNormSpec norm{D, 1e-5f, test::random_tensor({D}, rng, 0.1f)};
-  for (auto& v : norm.weight.values) v += 1.0f;
-  m->layers.push_back({"norm", LayerKind::RMSNorm, D, D, norm});
-  MoESpec moe;
-  moe.dim = D;
-  moe.expert_hidden = H;
-  moe.num_shared = 2;
-  moe.shared_hidden = 32;
-  moe.router = {E, 2, ScoreFunction::Sigmoid, 1, 1, true, 1.0f};
-  moe.balancing.policy = BalancingPolicy::LossFreeBias;
-  moe.balancing.bias_update_rate = 1e-3f;
-  moe.gate = test::random_tensor({E, D}, rng, 0.2f);
-  moe.gate_bias = test::random_tensor({E}, rng, 0.0f);
-  moe.w1 = test::random_tensor({E, H, D}, rng, 0.15f);
-  moe.w3 = test::random_tensor({E, H, D}, rng, 0.15f);
-  moe.w2 = test::random_tensor({E, D, H}, rng, 0.15f);
-  moe.shared_w1 = test::random_tensor({2, 32, D}, rng, 0.15f);
-  moe.shared_w3 = test::random_tensor({2, 32, D}, rng, 0.15f);
-  moe.shared_w2 = test::random_tensor({2, D, 32}, rng, 0.15f);
-  m->layers.push_back({"moe", LayerKind::MoE, D, D, moe});
-  m->layers.push_back({"head", LayerKind::OutputHead, D, V,
-                       OutputHeadSpec{D, V, false, test::random_tensor({V, D}, rng, 0.2f), {}}});
-  return m;
-}
-
-struct Batch {
-  std::vector<int32_t> tokens, targets;
-};
-
-Batch batch(std::mt19937& rng, int64_t rows) {
-  Batch b{std::vector<int32_t>(rows * 4), std::vector<int32_t>(rows)};
-  std::uniform_int_distribution<int32_t> tok(0, 28);
-  for (auto& t : b.tokens) t = tok(rng);
-  for (auto& t : b.targets) t = tok(rng);
-  return b;
-}
-
-SessionOptions options(Precision p, Mode mode, uint32_t threads = 2) {
-  SessionOptions o;
-  o.mode = mode;
-  o.threads = threads;
-  o.precision = p;
-  o.training.lr = 3e-3;
-  return o;
 }
 
 // Forward and every gradient of a bf16 session within bf16 bounds of the fp32 session's, and

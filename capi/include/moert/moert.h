@@ -293,15 +293,25 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   RMSNorm of values up to the fp32 maximum. "false" skips the checks (results
  *                   may then hold NaN or infinity).
  *   "precision"     what the MoE experts' GEMMs (routed and shared: forward, input and weight
- *                   gradients) multiply in: "fp32" (the CPU's default) or "bf16" (operands
- *                   rounded to bf16, sums in fp32; the CUDA default). The router, its bias, norms,
- *                   embedding, head, master weights and optimizer state stay fp32 either way; the
- *                   bf16 weight copies are refreshed after every optimizer step. On the CPU, bf16
- *                   runs on oneDNN's bf16 kernels where the CPU has AVX512-BF16 or AMX, and on
- *                   moert's own kernels (bf16 widened to fp32 in registers) elsewhere. A CUDA
- *                   session asked for "fp32" is refused with MOERT_ERR_UNSUPPORTED. Fixed at
+ *                   gradients) multiply in: "fp32" (the CPU's default), "bf16" (operands
+ *                   rounded to bf16, sums in fp32; the CUDA default) or "fp8" (DeepSeek-V3's
+ *                   block-scaled E4M3, technical report section 3.3: activations quantized in
+ *                   1x128 tiles along each GEMM's reduction dimension -- Fprop x along the
+ *                   model dimension, Dgrad dy along its width, Wgrad both operands along the
+ *                   tokens -- weights in 128x128 blocks, one fp32 scale per tile or block,
+ *                   amax / 448; products summed in fp32 per 128-long block, scaled, then added
+ *                   in fp32; CPU only in this version, where it is an exact emulation of the GPU
+ *                   recipe). The router, its bias, norms, embedding, head, master weights and
+ *                   optimizer state stay fp32 whatever the precision; the bf16 or FP8 weight
+ *                   copies are refreshed after every optimizer step. On the CPU, bf16 runs on
+ *                   oneDNN's bf16 kernels where the CPU has AVX512-BF16 or AMX, and on moert's
+ *                   own kernels (bf16 widened to fp32 in registers) elsewhere. A CUDA session
+ *                   asked for "fp32" or "fp8" is refused with MOERT_ERR_UNSUPPORTED. Fixed at
  *                   moert_session_create(): moert_session_set_config() refuses a change with
  *                   MOERT_ERR_INVALID_STATE.
+ *   "fp8_scales"    "fp32" (default) | "ue8m0": with precision "fp8", scales as computed
+ *                   (amax / 448, at least 2^-126), or rounded up to powers of two (DeepSeek-V3.1's
+ *                   and DeepGEMM's UE8M0 scales). Fixed at moert_session_create().
  *   "aux_loss_scope" "local" (default) | "global": over several ranks, the auxiliary losses
  *                   take each rank's rows as theirs (sequences within a rank; the Switch loss of
  *                   each rank's batch), or the job's (f and P over every rank's rows; arXiv
