@@ -42,10 +42,16 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
     if (grads) visit_tensors(grads->layers[li], [&](const char*, Tensor& t) { gs.push_back(&t); });
     size_t k = 0;
     auto add = [&](const std::string& field, Tensor& t, Tensor* g) {
-      if (t.values.empty()) return;
+      if (!t.present()) return;
       Entry& e = entries_[&t];
       e.host = &t;
       e.host_grad = g;
+      if (t.fp8) {
+        if (training) fail(Code::Internal, "a training session's weight is held in FP8");
+        add_resident(e, t, be.fp8_experts() && is_expert_weight(layer, field),
+                     wants_bf16(be.bf16_copies(), layer, field));
+        return;
+      }
       const size_t n = t.values.size();
       const bool bf16 = wants_bf16(be.bf16_copies(), layer, field);
       if (be.host_memory()) {
@@ -100,10 +106,47 @@ ParamStore::Entry& ParamStore::entry(const Tensor& t) {
 Weight ParamStore::weight(const Tensor& t) const {
   const Entry& e = entry(t);
   Weight w{e.f32_ptr, e.bf16.size() ? e.bf16.data() : nullptr, {}};
-  if (e.fp8_codes.size())
+  if (e.resident)
+    w.fp8 = {e.resident->codes.data(), e.resident->scales.data(),
+             e.resident->rows * e.resident->cols, e.resident->matrix_scales()};
+  else if (e.fp8_codes.size())
     w.fp8 = {e.fp8_codes.data(), e.fp8_scales.data(), e.fp8_rows * e.fp8_cols,
              fp8_blocks_scale_floats(1, e.fp8_rows, e.fp8_cols)};
   return w;
+}
+
+void ParamStore::add_resident(Entry& e, const Tensor& t, bool fp8_view, bool bf16) {
+  const Fp8Blocks& q = *t.fp8;
+  const auto n = static_cast<size_t>(q.numel());
+  if (fp8_view) {
+    // The backend multiplies the model's own codes: no fp32 copy at all.
+    if (be_.host_memory()) {
+      e.resident = &q;
+      return;
+    }
+    e.fp8_matrices = q.matrices;
+    e.fp8_rows = q.rows;
+    e.fp8_cols = q.cols;
+    e.fp8_codes.resize(be_, n);
+    e.fp8_scales.resize(be_, q.scales.size());
+    be_.upload(e.fp8_codes.data(), q.codes.data(), n);
+    be_.upload(e.fp8_scales.data(), q.scales.data(), q.scales.size() * sizeof(float));
+    return;
+  }
+  // Multiplied in fp32 or bf16 here: decoded into the store's own fp32 copy, a matrix at a time.
+  e.f32.resize(be_, n);
+  e.f32_ptr = e.f32.data();
+  const auto per = static_cast<size_t>(q.rows * q.cols);
+  std::vector<float> matrix(be_.host_memory() ? 0 : per);
+  for (int64_t i = 0; i < q.matrices; ++i) {
+    float* dst = e.f32_ptr + static_cast<size_t>(i) * per;
+    q.decode(i, 1, be_.host_memory() ? dst : matrix.data());
+    if (!be_.host_memory()) be_.upload(dst, matrix.data(), per * sizeof(float));
+  }
+  if (bf16) {
+    e.bf16.resize(be_, n);
+    be_.to_bf16(e.f32_ptr, e.bf16.data(), static_cast<int64_t>(n));
+  }
 }
 
 void ParamStore::quantize(Entry& e, const char* what) {

@@ -77,12 +77,17 @@ class ParamStore {
     Buffer<float> fp8_scales;
     int64_t fp8_matrices = 0, fp8_rows = 0, fp8_cols = 0;
     std::string what;  // "layer.field", named in quantization errors
+    // A tensor the model holds in FP8, multiplied as it is (host backends).
+    const Fp8Blocks* resident = nullptr;
     Buffer<float> grad;
     float* f32_ptr = nullptr;  // f32 data, in backend memory (the host tensor on host backends)
     float* grad_ptr = nullptr;
   };
   const Entry& entry(const Tensor& t) const;
   void quantize(Entry& e, const char* what);
+  // A weight the model holds in FP8 (inference only): its codes as the Weight's FP8 view where
+  // `fp8_view`, else decoded into the store's own fp32 copy (and a bf16 one where `bf16`).
+  void add_resident(Entry& e, const Tensor& t, bool fp8_view, bool bf16);
   Entry& entry(const Tensor& t);
 
   Backend& be_;
