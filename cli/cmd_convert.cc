@@ -5,24 +5,77 @@
 
 #include "cli/commands.h"
 #include "cli/error.h"
+#include "cli/library.h"
 #include "cli/model_codec.h"
 
 namespace moert_cli {
 
 const CommandSpec kConvertSpec = {
     "convert",
-    "INPUT OUTPUT [--no-check]",
-    "convert a model file between JSON and binary (the direction follows INPUT's content)",
+    "INPUT OUTPUT [--no-check] [--quantize fp8 [--power-of-two-scales]]",
+    "convert a model file between JSON and binary, or quantize its experts to FP8",
     "A binary INPUT (it carries the 'MOE1' identifier) becomes JSON; anything else is read as\n"
     "JSON and becomes binary. The schema compiled into moert drives both directions, so the\n"
     "result is what flatc makes of the same input. Unless --no-check is given, the model is\n"
-    "also loaded by the library, which validates every field, before OUTPUT is written.",
+    "also loaded by the library, which validates every field, before OUTPUT is written.\n\n"
+    "With --quantize fp8, INPUT (binary or JSON) is loaded and OUTPUT is written as a binary\n"
+    "model whose MoE layers' routed and shared expert weights are FP8 E4M3 in 128x128 blocks\n"
+    "with one fp32 scale per block (DeepSeek-V3's weight format; scale = amax / 448); every other\n"
+    "weight is written as fp32, initialised ones with their values. Arrays of 64 KiB or more go\n"
+    "to a data file beside OUTPUT. A session keeps such experts at 1 byte per value.",
     2,
     2,
-    {{"no-check", "", "write OUTPUT even if the library refuses the model's content", ""}},
+    {{"no-check", "", "write OUTPUT even if the library refuses the model's content", ""},
+     {"quantize", "FORMAT", "write the experts' weights quantized: fp8 (E4M3, 128x128 blocks)", ""},
+     {"power-of-two-scales", "",
+      "with --quantize fp8: scales rounded up to powers of two (UE8M0, as DeepSeek-V3.1)", ""}},
 };
 
+namespace {
+
+std::string mib(uint64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(bytes) / (1 << 20));
+  return buf;
+}
+
+int run_quantize(const Args& args) {
+  const std::string in = args.positional()[0], out = args.positional()[1];
+  const std::string format = args.str("quantize", "");
+  if (format != "fp8") usage_fail("--quantize takes fp8, got '", format, "'");
+  if (args.has("no-check"))
+    usage_fail("--no-check and --quantize do not go together: quantizing loads the model");
+  ModelPtr model = load_model_file(in);
+  moert_model* raw = nullptr;
+  uint32_t quantized = 0;
+  check(moert_model_quantize_fp8(
+            model.get(), args.has("power-of-two-scales") ? MOERT_FP8_POWER_OF_TWO_SCALES : 0, &raw,
+            &quantized),
+        in);
+  ModelPtr q(raw);
+  if (quantized == 0)
+    std::printf("%s: %s; OUTPUT holds the same weights\n", in.c_str(),
+                moe_layer_indices(model.get()).empty()
+                    ? "no MoE layer, so no expert weights to quantize"
+                    : "every expert weight is FP8 already");
+  check(moert_model_save_file(q.get(), out.c_str()), out);
+  uint64_t before = 0, after = 0;
+  check(moert_model_resident_bytes(model.get(), &before), in);
+  check(moert_model_resident_bytes(q.get(), &after), out);
+  std::printf(
+      "%s -> %s: %u expert weight tensors quantized to FP8 E4M3 (128x128 blocks%s); "
+      "weights %s -> %s in memory\n",
+      in.c_str(), out.c_str(), quantized,
+      args.has("power-of-two-scales") ? ", power-of-two scales" : "", mib(before).c_str(),
+      mib(after).c_str());
+  return 0;
+}
+
+}  // namespace
+
 int run_convert(const Args& args) {
+  if (args.has("quantize")) return run_quantize(args);
+  if (args.has("power-of-two-scales")) usage_fail("--power-of-two-scales needs --quantize fp8");
   const std::string in = args.positional()[0], out = args.positional()[1];
   const std::vector<uint8_t> bytes = read_file(in);
   const bool to_json = is_binary_model(bytes);

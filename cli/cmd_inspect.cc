@@ -13,10 +13,15 @@ namespace moert_cli {
 const CommandSpec kInspectSpec = {
     "inspect",
     "MODEL [--json]",
-    "print a model's layers, routing, parameter counts and forward FLOPs per token",
-    std::string("MODEL is a model or checkpoint file, binary (.moert) or JSON.\n"
-                "Activated parameters are those one token uses: its context's embedding rows, the\n"
-                "top-K routed experts of each MoE layer, and every other parameter.\n\n") +
+    "print a model's layers, routing, parameter counts, weights' precision and bytes, and forward "
+    "FLOPs per token",
+    std::string(
+        "MODEL is a model or checkpoint file, binary (.moert) or JSON.\n"
+        "Activated parameters are those one token uses: its context's embedding rows, the\n"
+        "top-K routed experts of each MoE layer, and every other parameter.\n"
+        "Each weight is listed with the precision its file stored it in and the one it is\n"
+        "held in after loading (FP8 E4M3 in 128x128 blocks stays FP8: 1 byte per value plus\n"
+        "one fp32 scale per block; everything else becomes fp32), and its bytes in memory.\n\n") +
         kFlopsFormula,
     1,
     1,
@@ -82,6 +87,18 @@ void print_text(const std::string& path, const ModelInfo& info) {
     for (const LayerInfo& l : info.layers)
       if (l.is_moe) std::fputs(routing_text(l).c_str(), stdout);
   }
+  std::printf("\nweights (precision as stored in the file and as held in memory):\n");
+  std::printf("  %-24s %-10s %-18s %14s %14s\n", "tensor", "stored", "held", "values", "bytes");
+  for (const LayerInfo& l : info.layers)
+    for (const TensorInfo& t : l.tensors) {
+      const std::string name = cat(l.name, ".", t.field);
+      std::printf("  %-24s %-10s %-18s %14llu %14llu\n", name.c_str(), t.stored_text().c_str(),
+                  t.held_text().c_str(), static_cast<unsigned long long>(t.numel),
+                  static_cast<unsigned long long>(t.bytes));
+    }
+  std::printf("resident weight bytes: %llu (%.2f MiB)\n",
+              static_cast<unsigned long long>(info.resident_bytes),
+              static_cast<double>(info.resident_bytes) / (1 << 20));
   const double share = info.total_parameters
                            ? 100.0 * static_cast<double>(info.activated_parameters) /
                                  static_cast<double>(info.total_parameters)
@@ -107,14 +124,23 @@ void print_json(const std::string& path, const ModelInfo& info) {
           ",\n  \"activated_parameters\": ", info.activated_parameters,
           ",\n  \"flops_per_token\": ", json_number(info.flops),
           ",\n  \"dense_equivalent_flops_per_token\": ", json_number(info.dense_flops),
-          ",\n  \"layers\": [");
+          ",\n  \"resident_bytes\": ", info.resident_bytes, ",\n  \"layers\": [");
   for (size_t i = 0; i < info.layers.size(); ++i) {
     const LayerInfo& l = info.layers[i];
     s += cat(i ? "," : "", "\n    {\"index\": ", l.index, ", \"name\": ", json_string(l.name),
              ", \"kind\": ", json_string(layer_kind_name(l.kind)), ", \"in\": ", l.in_width,
              ", \"out\": ", l.out_width, ", \"parameters\": ", l.parameters,
              ", \"activated\": ", l.activated, ", \"flops_per_token\": ", json_number(l.flops),
-             ", \"dense_equivalent_flops_per_token\": ", json_number(l.dense_flops));
+             ", \"dense_equivalent_flops_per_token\": ", json_number(l.dense_flops),
+             ", \"tensors\": [");
+    for (size_t k = 0; k < l.tensors.size(); ++k) {
+      const TensorInfo& t = l.tensors[k];
+      s += cat(k ? ", " : "", "{\"name\": ", json_string(t.field),
+               ", \"stored\": ", json_string(t.stored_text()),
+               ", \"held\": ", json_string(t.held_text()), ", \"values\": ", t.numel,
+               ", \"bytes\": ", t.bytes, "}");
+    }
+    s += "]";
     if (l.is_moe) {
       const MoEInfo& m = l.moe;
       s += cat(", \"moe\": {\"num_experts\": ", m.num_experts, ", \"top_k\": ", m.top_k,

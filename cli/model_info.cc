@@ -79,8 +79,8 @@ MoEInfo read_moe(const moert_model* m, uint32_t i) {
   return o;
 }
 
-// Element counts of each parameter tensor, keyed by layer: the C ABI lists them by name
-// ("<layer>.<tensor>") on a training session, in layer order.
+// Element counts of each parameter tensor (the loss-free bias is state, not a parameter), keyed by
+// layer and field name.
 struct TensorSizes {
   std::vector<std::vector<std::pair<std::string, uint64_t>>> by_layer;
   uint64_t get(uint32_t layer, const std::string& tensor) const {
@@ -90,31 +90,42 @@ struct TensorSizes {
   }
 };
 
-TensorSizes tensor_sizes(const moert_model* model, const std::vector<std::string>& names) {
-  SessionConfig config;
-  config.training = true;
-  SessionPtr s = create_session(model, config);
+const char* dtype_name(int32_t dtype) {
+  switch (dtype) {
+    case MOERT_DTYPE_F32:
+      return "f32";
+    case MOERT_DTYPE_BF16:
+      return "bf16";
+    case MOERT_DTYPE_F8E4M3:
+      return "fp8 e4m3";
+    default:
+      return "unknown";
+  }
+}
+
+// Every weight tensor of layer i as the model holds it.
+std::vector<TensorInfo> layer_tensors(const moert_model* model, uint32_t i) {
   uint32_t n = 0;
-  check(moert_session_num_parameters(s.get(), &n), "parameters");
-  TensorSizes out;
-  out.by_layer.resize(names.size());
-  size_t layer = 0;
-  for (uint32_t p = 0; p < n; ++p) {
-    const char* name = nullptr;
-    uint64_t numel = 0;
-    check(moert_session_parameter_info(s.get(), p, &name, &numel), "parameters");
-    const std::string full = name;
-    // Parameters come in layer order; layer names may repeat, so match from the current layer on.
-    while (layer < names.size() &&
-           full.compare(0, names[layer].size() + 1, names[layer] + ".") != 0)
-      ++layer;
-    if (layer == names.size()) fail("parameter '", full, "' matches no layer of the model");
-    out.by_layer[layer].emplace_back(full.substr(names[layer].size() + 1), numel);
+  check(moert_model_num_tensors(model, i, &n), "model");
+  std::vector<TensorInfo> out(n);
+  for (uint32_t k = 0; k < n; ++k) {
+    TensorInfo& t = out[k];
+    const char* field = nullptr;
+    check(moert_model_tensor_info(model, i, k, &field, &t.stored, &t.held, &t.numel, &t.bytes),
+          "model");
+    t.field = field;
   }
   return out;
 }
 
 }  // namespace
+
+std::string TensorInfo::stored_text() const { return dtype_name(stored); }
+
+std::string TensorInfo::held_text() const {
+  // The loader keeps FP8 weights resident exactly when their blocks are 128x128.
+  return held == MOERT_DTYPE_F8E4M3 ? "fp8 e4m3 128x128" : dtype_name(held);
+}
 
 ModelInfo describe_model(const moert_model* model) {
   ModelInfo info;
@@ -132,12 +143,21 @@ ModelInfo describe_model(const moert_model* model) {
     check(moert_model_layer_name(model, i, &lname), "model");
     names[i] = lname;
   }
-  const TensorSizes sizes = tensor_sizes(model, names);
+  TensorSizes sizes;
+  sizes.by_layer.resize(n);
+  std::vector<std::vector<TensorInfo>> tensors(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    tensors[i] = layer_tensors(model, i);
+    for (const TensorInfo& t : tensors[i])
+      if (t.field != "gate_bias") sizes.by_layer[i].emplace_back(t.field, t.numel);
+  }
+  check(moert_model_resident_bytes(model, &info.resident_bytes), "model");
 
   for (uint32_t i = 0; i < n; ++i) {
     LayerInfo l;
     l.index = i;
     l.name = names[i];
+    l.tensors = std::move(tensors[i]);
     check(moert_model_layer_kind(model, i, &l.kind), "model");
     check(moert_model_layer_dims(model, i, &l.in_width, &l.out_width), "model");
     for (const auto& [t, size] : sizes.by_layer[i]) l.parameters += size;

@@ -1,5 +1,5 @@
-// What `moert inspect` reports about a model: its layers, routing settings, parameter counts and
-// forward FLOPs per token, all obtained through the public C ABI.
+// What `moert inspect` reports about a model: its layers, routing settings, parameter counts,
+// weights as held in memory and forward FLOPs per token, all obtained through the public C ABI.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +20,15 @@ struct MoEInfo {
   double experts_per_token() const;
 };
 
+// One weight tensor as the loaded model holds it (moert_model_tensor_info).
+struct TensorInfo {
+  std::string field;                // "w1", "gate_bias"
+  int32_t stored = 0, held = 0;     // MOERT_DTYPE_*: in the file, in memory
+  uint64_t numel = 0, bytes = 0;    // bytes in memory
+  std::string stored_text() const;  // "bf16"
+  std::string held_text() const;    // "fp8 e4m3 128x128"
+};
+
 struct LayerInfo {
   uint32_t index = 0;
   std::string name;
@@ -33,6 +42,7 @@ struct LayerInfo {
   std::string detail;  // a short description of the layer's shape
   bool is_moe = false;
   MoEInfo moe;
+  std::vector<TensorInfo> tensors;
 };
 
 struct ModelInfo {
@@ -41,6 +51,7 @@ struct ModelInfo {
   uint32_t input_width = 0, output_width = 0;
   std::vector<LayerInfo> layers;
   uint64_t total_parameters = 0, activated_parameters = 0;  // as the library reports them
+  uint64_t resident_bytes = 0;                              // every weight in memory, as held
   double flops = 0.0, dense_flops = 0.0;
 };
 

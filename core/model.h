@@ -56,6 +56,10 @@ struct Fp8Blocks {
   void decode(int64_t first, int64_t count, float* out) const;
 };
 
+// The element type a tensor was read as (the schema's DType; initialised tensors are F32): what
+// `moert inspect` reports beside what is held in memory.
+enum class StoredType : uint8_t { F32 = 0, BF16 = 1, F8E4M3 = 2 };
+
 // A host tensor, row-major: fp32 values, or (a weight read from an FP8 file) resident FP8 codes.
 // An absent tensor (an optional bias, the shared experts of a layer without any) has neither.
 // Read through present(), numel() and decode_fp32() unless the representation matters: `values`
@@ -66,6 +70,7 @@ struct Tensor {
   // Set, with `values` empty, for a resident FP8 tensor. Never modified once loaded: copies of a
   // model share the codes.
   std::shared_ptr<const Fp8Blocks> fp8;
+  StoredType stored = StoredType::F32;
 
   bool present() const { return !values.empty() || fp8 != nullptr; }
   int64_t numel() const { return fp8 ? fp8->numel() : static_cast<int64_t>(values.size()); }

@@ -482,6 +482,7 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
     return out;
   }
 
+  out.stored = static_cast<StoredType>(t->dtype());
   if (resident) {
     out.fp8 = resident_fp8(t, field, shape);
   } else if (t->data()) {

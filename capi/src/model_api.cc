@@ -1,9 +1,14 @@
 // C entry points for models: loading and inspection.
+#include <ios>
 #include <limits>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "capi/src/handles.h"
 #include "core/model_loader.h"
+#include "core/model_quantize.h"
+#include "core/model_writer.h"
 
 using moert::Code;
 using moert::fail;
@@ -28,6 +33,17 @@ const moert::MoESpec& moe_at(const moert_model* model, uint32_t index) {
     fail(Code::InvalidArgument, "layer ", index, " ('", l.name, "') is a ",
          moert::layer_kind_name(l.kind), " layer, not a MoE layer");
   return *m;
+}
+
+// The present weight tensors of a layer, in the order moert_model_tensor_info() numbers them.
+std::vector<std::pair<const char*, const moert::Tensor*>> tensors_of(const moert::LayerSpec& l) {
+  std::vector<std::pair<const char*, const moert::Tensor*>> out;
+  moert::visit_tensors(l, [&](const char* field, const moert::Tensor& t) {
+    if (t.present()) out.emplace_back(field, &t);
+  });
+  if (const auto* m = std::get_if<moert::MoESpec>(&l.spec))
+    if (m->gate_bias.present()) out.emplace_back("gate_bias", &m->gate_bias);
+  return out;
 }
 
 }  // namespace
@@ -206,6 +222,66 @@ moert_status* moert_model_moe_float(const moert_model* model, uint32_t index, in
         fail(Code::InvalidArgument, "unknown floating-point MoE key ", key);
     }
     *out = v;
+  });
+}
+
+moert_status* moert_model_num_tensors(const moert_model* model, uint32_t index, uint32_t* out) {
+  return guarded([&] {
+    const auto& l = layer_at(model, index);
+    require(out, "out");
+    *out = static_cast<uint32_t>(tensors_of(l).size());
+  });
+}
+
+moert_status* moert_model_tensor_info(const moert_model* model, uint32_t index, uint32_t tensor,
+                                      const char** field, int32_t* stored_dtype,
+                                      int32_t* held_dtype, uint64_t* numel, uint64_t* bytes) {
+  return guarded([&] {
+    const auto& l = layer_at(model, index);
+    const auto tensors = tensors_of(l);
+    if (tensor >= tensors.size())
+      fail(Code::InvalidArgument, "tensor index ", tensor, " is out of range (layer ", index, " ('",
+           l.name, "') has ", tensors.size(), " tensors)");
+    const auto& [name, t] = tensors[tensor];
+    if (field) *field = name;
+    if (stored_dtype) *stored_dtype = static_cast<int32_t>(t->stored);
+    if (held_dtype) *held_dtype = t->fp8 ? MOERT_DTYPE_F8E4M3 : MOERT_DTYPE_F32;
+    if (numel) *numel = static_cast<uint64_t>(t->numel());
+    if (bytes) *bytes = t->resident_bytes();
+  });
+}
+
+moert_status* moert_model_resident_bytes(const moert_model* model, uint64_t* out) {
+  return guarded([&] {
+    require(model, "model");
+    require(out, "out");
+    *out = model->model->resident_bytes();
+  });
+}
+
+moert_status* moert_model_quantize_fp8(const moert_model* model, uint32_t flags, moert_model** out,
+                                       uint32_t* quantized) {
+  return guarded([&] {
+    require(model, "model");
+    require(out, "out");
+    if (flags & ~MOERT_FP8_POWER_OF_TWO_SCALES)
+      fail(Code::InvalidArgument, "unknown FP8 quantization flags 0x", std::hex, flags);
+    moert::Fp8QuantizeOptions options;
+    options.power_of_two_scales = (flags & MOERT_FP8_POWER_OF_TWO_SCALES) != 0;
+    uint32_t count = 0;
+    std::shared_ptr<const moert::Model> q =
+        moert::quantize_experts_fp8(*model->model, options, &count);
+    auto m = std::make_unique<moert_model>(moert_model{std::move(q)});
+    *out = m.release();
+    if (quantized) *quantized = count;
+  });
+}
+
+moert_status* moert_model_save_file(const moert_model* model, const char* path) {
+  return guarded([&] {
+    require(model, "model");
+    require(path, "path");
+    moert::write_model(path, *model->model);
   });
 }
 

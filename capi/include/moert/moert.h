@@ -124,9 +124,11 @@ MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
  * A load over a limit fails with MOERT_ERR_LIMIT, whose message names the limit, the amount asked
  * for and the largest tensor. The limits, and their defaults (what the loads without options use):
  *   max_memory      1 GiB (2^30 bytes): the bytes the loaded model may hold: every tensor counted
- *                   as the fp32 values it is decoded or initialised to, whatever its source
- *                   (inline, external data, or an initialiser and a seed), plus a checkpoint's
- *                   training state when a session loads it. Never more than the machine's
+ *                   as it is held (moert_model_tensor_info): FP8 tensors in 128x128 blocks as
+ *                   their codes and scales, every other as the fp32 values it is decoded or
+ *                   initialised to, whatever its source (inline, external data, or an
+ *                   initialiser and a seed); plus a checkpoint's training state when a session
+ *                   loads it (whose weights are decoded to fp32). Never more than the machine's
  *                   physical memory, whatever is set.
  *   max_file_bytes  4 GiB (2^32 bytes): the bytes a load may read: the description plus the
  *                   ranges of external data it uses (a checkpoint's data file included). The
@@ -239,6 +241,68 @@ MOERT_API moert_status* moert_model_moe_int(const moert_model* model, uint32_t i
 /* Reads a floating-point setting of MoE layer `index`; errors as moert_model_moe_int(). */
 MOERT_API moert_status* moert_model_moe_float(const moert_model* model, uint32_t index, int32_t key,
                                               double* out);
+
+/* ---- Weights as held, FP8 models -------------------------------------------------------- */
+
+/* Element types of weights (the schema's DType). */
+#define MOERT_DTYPE_F32 0
+#define MOERT_DTYPE_BF16 1
+#define MOERT_DTYPE_F8E4M3 2 /* OCP FP8 E4M3 codes with one fp32 scale per block */
+
+/* Number of weight tensors of layer `index`, absent optional ones (an output head's bias, the
+ * shared experts of a MoE layer without any) not counted. */
+MOERT_API moert_status* moert_model_num_tensors(const moert_model* model, uint32_t index,
+                                                uint32_t* out);
+
+/* Weight tensor `tensor` (0 to moert_model_num_tensors() - 1, in the schema's field order, a MoE
+ * layer's loss-free bias "gate_bias" last) of layer `index`:
+ *   *field         the schema's field name ("w1", "shared_w2", "weight"): a static string, valid
+ *                  for the life of the process;
+ *   *stored_dtype  the element type the model file stored it in (MOERT_DTYPE_*; F32 for a tensor
+ *                  made by an initialiser, F8E4M3 for one moert_model_quantize_fp8() made);
+ *   *held_dtype    how the loaded model holds it in memory: MOERT_DTYPE_F8E4M3 for an FP8 tensor
+ *                  in 128x128 blocks (DeepSeek-V3's layout; kept as its codes, 1 byte per value,
+ *                  plus one fp32 scale per block), MOERT_DTYPE_F32 for every other (decoded at
+ *                  load: BF16, and FP8 in other block shapes);
+ *   *numel         its elements;
+ *   *bytes         the bytes it takes in memory as held (an FP8 tensor's scales included, each
+ *                  row of block scales padded to a multiple of 4 floats).
+ * Any output may be NULL. MOERT_ERR_INVALID_ARGUMENT for an index out of range. */
+MOERT_API moert_status* moert_model_tensor_info(const moert_model* model, uint32_t index,
+                                                uint32_t tensor, const char** field,
+                                                int32_t* stored_dtype, int32_t* held_dtype,
+                                                uint64_t* numel, uint64_t* bytes);
+
+/* The bytes the model's weights take in memory as held: the sum of moert_model_tensor_info()'s
+ * *bytes over every tensor of every layer (what max_memory bounds at load). */
+MOERT_API moert_status* moert_model_resident_bytes(const moert_model* model, uint64_t* out);
+
+/* Flags of moert_model_quantize_fp8(). */
+#define MOERT_FP8_POWER_OF_TWO_SCALES 1u /* scales rounded up to powers of two (UE8M0) */
+
+/* A new model: `model` with its MoE layers' routed and shared expert weights (w1, w3, w2,
+ * shared_w1, shared_w3, shared_w2) quantized to FP8 E4M3 in 128x128 blocks, one fp32 scale per
+ * block (scale = amax / 448, DeepSeek-V3 technical report section 3.3; rounded up to a power of
+ * two with MOERT_FP8_POWER_OF_TWO_SCALES, as DeepSeek-V3.1 and DeepGEMM's UE8M0 scales are),
+ * codes rounded to nearest even and saturating at 448. Every other tensor is unchanged; an expert
+ * weight that is FP8 already is kept as it is. The new model holds the experts at 1 byte per
+ * value: a session's fp32 forward multiplies their decoded values (code * scale), training
+ * starts from them. *quantized (may be NULL) receives the number of tensors quantized: 0 for a
+ * model without MoE layers (the new model is then a copy). On success *out receives a model the
+ * caller frees with moert_model_free(); `model` is unchanged. MOERT_ERR_INVALID_ARGUMENT for
+ * unknown flags. Thread-safe: `model` is only read. */
+MOERT_API moert_status* moert_model_quantize_fp8(const moert_model* model, uint32_t flags,
+                                                 moert_model** out, uint32_t* quantized);
+
+/* Writes `model` as a binary model file at `path`, atomically (a temporary file renamed over
+ * `path`; a crash leaves the previous file or the new one, whole). Weights are written as the
+ * model holds them: fp32 as F32 (initialised tensors with their values), FP8 tensors as F8E4M3
+ * with their 128x128 block scales, byte for byte as loaded or quantized. Arrays of 64 KiB or more
+ * go to an external data file beside it, "<file name>.<16 hex digits>.data", named by the
+ * model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a
+ * file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'
+ * 2 GiB. One writer per path at a time; `model` is only read. */
+MOERT_API moert_status* moert_model_save_file(const moert_model* model, const char* path);
 
 /* ---- Session options --------------------------------------------------------------------- */
 
