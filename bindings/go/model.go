@@ -215,3 +215,107 @@ func (m *Model) MoEFloat(i int, key MoEKey) (float64, error) {
 	}
 	return v, nil
 }
+
+// DType is an element type of weights (MOERT_DTYPE_*).
+type DType int32
+
+// Element types of weights.
+const (
+	DTypeF32    DType = DType(capi.MOERT_DTYPE_F32)
+	DTypeBF16   DType = DType(capi.MOERT_DTYPE_BF16)
+	DTypeF8E4M3 DType = DType(capi.MOERT_DTYPE_F8E4M3) // FP8 E4M3 codes, one fp32 scale per block
+)
+
+// TensorInfo is one weight tensor of a layer as the loaded model holds it.
+type TensorInfo struct {
+	Name   string // the schema's field name: "w1", "gate_bias"
+	Stored DType  // the element type the file stored it in
+	Held   DType  // in memory: F8E4M3 for FP8 in 128x128 blocks, F32 for every other
+	Numel  uint64
+	Bytes  uint64 // in memory as held (an FP8 tensor's block scales included)
+}
+
+// NumTensors is the number of weight tensors of layer i (absent optional ones not counted).
+func (m *Model) NumTensors(i int) (int, error) {
+	idx, err := index32("layer index", i)
+	if err != nil {
+		return 0, err
+	}
+	if err := m.g.enter(); err != nil {
+		return 0, err
+	}
+	defer m.g.leave()
+	var n uint32
+	if err := check(capi.Moert_model_num_tensors(m.ptr, idx, &n)); err != nil {
+		return 0, err
+	}
+	return int(n), nil
+}
+
+// Tensor describes weight tensor t of layer i as the model holds it.
+func (m *Model) Tensor(i, t int) (TensorInfo, error) {
+	idx, err := index32("layer index", i)
+	if err != nil {
+		return TensorInfo{}, err
+	}
+	tidx, err := index32("tensor index", t)
+	if err != nil {
+		return TensorInfo{}, err
+	}
+	if err := m.g.enter(); err != nil {
+		return TensorInfo{}, err
+	}
+	defer m.g.leave()
+	var info TensorInfo
+	var stored, held int32
+	if err := check(capi.Moert_model_tensor_info(m.ptr, idx, tidx, &info.Name, &stored, &held,
+		&info.Numel, &info.Bytes)); err != nil {
+		return TensorInfo{}, err
+	}
+	info.Stored, info.Held = DType(stored), DType(held)
+	return info, nil
+}
+
+// ResidentBytes is the bytes the model's weights take in memory as held.
+func (m *Model) ResidentBytes() (uint64, error) {
+	if err := m.g.enter(); err != nil {
+		return 0, err
+	}
+	defer m.g.leave()
+	var n uint64
+	err := check(capi.Moert_model_resident_bytes(m.ptr, &n))
+	return n, err
+}
+
+// QuantizeFP8 returns a new model whose MoE layers' routed and shared expert weights are FP8
+// E4M3 in 128x128 blocks (scales rounded up to powers of two with powerOfTwoScales), and the
+// number of tensors quantized (0 for a model without MoE layers). The caller closes the new model.
+func (m *Model) QuantizeFP8(powerOfTwoScales bool) (*Model, int, error) {
+	if err := m.g.enter(); err != nil {
+		return nil, 0, err
+	}
+	defer m.g.leave()
+	var flags uint32
+	if powerOfTwoScales {
+		flags = uint32(capi.MOERT_FP8_POWER_OF_TWO_SCALES)
+	}
+	var p uintptr
+	var quantized uint32
+	if err := check(capi.Moert_model_quantize_fp8(m.ptr, flags, &p, &quantized)); err != nil {
+		return nil, 0, err
+	}
+	return newModel(p), int(quantized), nil
+}
+
+// Save writes the model as a binary model file at path, atomically; weights as held (FP8
+// tensors as FP8 with their block scales).
+func (m *Model) Save(path string) error {
+	if err := noNUL("path", path); err != nil {
+		return err
+	}
+	if err := m.g.enter(); err != nil {
+		return err
+	}
+	defer m.g.leave()
+	return check(capi.Moert_model_save_file(m.ptr, path))
+}

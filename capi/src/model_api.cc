@@ -234,16 +234,16 @@ moert_status* moert_model_num_tensors(const moert_model* model, uint32_t index, 
 }
 
 moert_status* moert_model_tensor_info(const moert_model* model, uint32_t index, uint32_t tensor,
-                                      const char** field, int32_t* stored_dtype,
-                                      int32_t* held_dtype, uint64_t* numel, uint64_t* bytes) {
+                                      const char** name, int32_t* stored_dtype, int32_t* held_dtype,
+                                      uint64_t* numel, uint64_t* bytes) {
   return guarded([&] {
     const auto& l = layer_at(model, index);
     const auto tensors = tensors_of(l);
     if (tensor >= tensors.size())
       fail(Code::InvalidArgument, "tensor index ", tensor, " is out of range (layer ", index, " ('",
            l.name, "') has ", tensors.size(), " tensors)");
-    const auto& [name, t] = tensors[tensor];
-    if (field) *field = name;
+    const auto& [field, t] = tensors[tensor];
+    if (name) *name = field;
     if (stored_dtype) *stored_dtype = static_cast<int32_t>(t->stored);
     if (held_dtype) *held_dtype = t->fp8 ? MOERT_DTYPE_F8E4M3 : MOERT_DTYPE_F32;
     if (numel) *numel = static_cast<uint64_t>(t->numel());

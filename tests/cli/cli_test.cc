@@ -181,6 +181,115 @@ TEST(Cli, ConvertRoundTripIsByteIdentical) {
   EXPECT_NE(slurp(j1).find("\"kind_type\": \"MoE\""), std::string::npos);
 }
 
+// `convert --quantize fp8`, then `inspect` of the result: the figures against the C ABI's.
+TEST(Cli, ConvertQuantizeFp8AndInspectPrecisionAndBytes) {
+  const fs::path dir = workdir("quantize");
+  const fs::path q = dir / "q.moert", qj = dir / "q.json", q2 = dir / "q2.moert";
+  const Result c =
+      run(std::string("convert --quantize fp8 ") + MOERT_TINY_JSON + " " + q.string(), dir);
+  ASSERT_EQ(c.code, 0) << c.err;
+  EXPECT_NE(c.out.find("9 expert weight tensors quantized to FP8 E4M3"), std::string::npos)
+      << c.out;
+
+  moert_model *m = nullptr, *orig = nullptr;
+  ASSERT_EQ(moert_model_load_file(q.string().c_str(), &m), nullptr);
+  ASSERT_EQ(moert_model_load_file(MOERT_TINY_MODEL, &orig), nullptr);
+  uint64_t resident = 0, resident_orig = 0;
+  ASSERT_EQ(moert_model_resident_bytes(m, &resident), nullptr);
+  ASSERT_EQ(moert_model_resident_bytes(orig, &resident_orig), nullptr);
+  uint32_t layers = 0;
+  ASSERT_EQ(moert_model_num_layers(m, &layers), nullptr);
+  uint64_t sum = 0;
+  int fp8_tensors = 0;
+  std::string w1_line;
+  for (uint32_t i = 0; i < layers; ++i) {
+    uint32_t n = 0;
+    ASSERT_EQ(moert_model_num_tensors(m, i, &n), nullptr);
+    const char* lname = nullptr;
+    ASSERT_EQ(moert_model_layer_name(m, i, &lname), nullptr);
+    for (uint32_t k = 0; k < n; ++k) {
+      const char* field = nullptr;
+      int32_t stored = -1, held = -1;
+      uint64_t numel = 0, bytes = 0;
+      ASSERT_EQ(moert_model_tensor_info(m, i, k, &field, &stored, &held, &numel, &bytes), nullptr);
+      sum += bytes;
+      const std::string f = field;
+      const bool expert = f == "w1" || f == "w3" || f == "w2" || f.rfind("shared_", 0) == 0;
+      EXPECT_EQ(held, expert ? MOERT_DTYPE_F8E4M3 : MOERT_DTYPE_F32) << lname << "." << f;
+      EXPECT_EQ(stored, held);
+      if (!expert) EXPECT_EQ(bytes, 4 * numel);
+      fp8_tensors += expert;
+      if (std::string(lname) == "moe0" && f == "w1") {
+        // [8, 32, 64]: a code per value, and per expert one row of one block scale padded to 4.
+        EXPECT_EQ(numel, 8u * 32 * 64);
+        EXPECT_EQ(bytes, 8u * 32 * 64 + 8 * 4 * 4);
+        w1_line = std::to_string(numel) + " " + std::to_string(bytes);
+      }
+    }
+  }
+  EXPECT_EQ(fp8_tensors, 9);
+  EXPECT_EQ(sum, resident);
+  EXPECT_LT(resident, resident_orig / 3);
+  moert_model_free(m);
+  moert_model_free(orig);
+
+  const Result t = run("inspect " + q.string(), dir);
+  ASSERT_EQ(t.code, 0) << t.err;
+  EXPECT_NE(t.out.find("resident weight bytes: " + std::to_string(resident)), std::string::npos)
+      << t.out;
+  const std::regex w1(R"(moe0\.w1 +fp8 e4m3 +fp8 e4m3 128x128 +(\d+) +(\d+))");
+  std::smatch match;
+  ASSERT_TRUE(std::regex_search(t.out, match, w1)) << t.out;
+  EXPECT_EQ(match[1].str() + " " + match[2].str(), w1_line);
+  EXPECT_NE(t.out.find("head.weight"), std::string::npos);
+  const Result tj = run("inspect --json " + q.string(), dir);
+  ASSERT_EQ(tj.code, 0) << tj.err;
+  EXPECT_EQ(json_value(tj.out, "resident_bytes"), static_cast<double>(resident));
+  EXPECT_NE(tj.out.find("\"held\": \"fp8 e4m3 128x128\""), std::string::npos) << tj.out;
+  // The original, all fp32, reports the same way.
+  const Result to = run(std::string("inspect ") + MOERT_TINY_MODEL, dir);
+  EXPECT_NE(to.out.find("resident weight bytes: " + std::to_string(resident_orig)),
+            std::string::npos)
+      << to.out;
+
+  // The FP8 model converts to JSON and back byte for byte (every array of tiny_moe is inline).
+  ASSERT_EQ(run("convert " + q.string() + " " + qj.string(), dir).code, 0);
+  EXPECT_NE(slurp(qj).find("\"dtype\": \"F8E4M3\""), std::string::npos);
+  ASSERT_EQ(run("convert " + qj.string() + " " + q2.string(), dir).code, 0);
+  EXPECT_EQ(slurp(q), slurp(q2));
+
+  // Quantizing again changes nothing; UE8M0 scales are an option.
+  const Result again = run("convert --quantize fp8 " + q.string() + " " + q2.string(), dir);
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_NE(again.out.find("every expert weight is FP8 already"), std::string::npos) << again.out;
+  EXPECT_EQ(slurp(q), slurp(q2));
+  const Result p2 = run(std::string("convert --quantize fp8 --power-of-two-scales ") +
+                            MOERT_TINY_JSON + " " + (dir / "p2.moert").string(),
+                        dir);
+  EXPECT_EQ(p2.code, 0) << p2.err;
+  EXPECT_NE(p2.out.find("power-of-two scales"), std::string::npos) << p2.out;
+
+  // A model without MoE layers has nothing to quantize, and says so.
+  std::ofstream(dir / "dense.json") << R"({ "schema_major": 1, "name": "dense", "layers": [
+    { "name": "embed", "kind_type": "Embedding", "kind": { "vocab_size": 8, "dim": 4,
+      "weight": { "init": { "kind": "Normal" } } } },
+    { "name": "head", "kind_type": "OutputHead", "kind": { "dim": 4, "vocab_size": 8,
+      "weight": { "init": { "kind": "Normal" } } } } ] })";
+  const Result d =
+      run("convert --quantize fp8 " + (dir / "dense.json").string() + " " + q2.string(), dir);
+  ASSERT_EQ(d.code, 0) << d.err;
+  EXPECT_NE(d.out.find("no MoE layer, so no expert weights to quantize"), std::string::npos)
+      << d.out;
+
+  expect_one_line_error(run("convert --quantize int4 " + q.string() + " x.moert", dir), 2,
+                        "convert", "--quantize");
+  expect_one_line_error(run("convert --power-of-two-scales " + q.string() + " x.moert", dir), 2,
+                        "convert", "--quantize fp8");
+  expect_one_line_error(
+      run("convert --quantize fp8 /no/such/model.moert " + (dir / "x.moert").string(), dir), 1,
+      "convert", "/no/such/model");
+}
+
 TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   const fs::path dir = workdir("errors");
   expect_one_line_error(run("inspect /no/such/model.moert", dir), 1, "inspect", "/no/such/model");

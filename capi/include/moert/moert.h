@@ -256,7 +256,7 @@ MOERT_API moert_status* moert_model_num_tensors(const moert_model* model, uint32
 
 /* Weight tensor `tensor` (0 to moert_model_num_tensors() - 1, in the schema's field order, a MoE
  * layer's loss-free bias "gate_bias" last) of layer `index`:
- *   *field         the schema's field name ("w1", "shared_w2", "weight"): a static string, valid
+ *   *name          the schema's field name ("w1", "shared_w2", "weight"): a static string, valid
  *                  for the life of the process;
  *   *stored_dtype  the element type the model file stored it in (MOERT_DTYPE_*; F32 for a tensor
  *                  made by an initialiser, F8E4M3 for one moert_model_quantize_fp8() made);
@@ -269,7 +269,7 @@ MOERT_API moert_status* moert_model_num_tensors(const moert_model* model, uint32
  *                  row of block scales padded to a multiple of 4 floats).
  * Any output may be NULL. MOERT_ERR_INVALID_ARGUMENT for an index out of range. */
 MOERT_API moert_status* moert_model_tensor_info(const moert_model* model, uint32_t index,
-                                                uint32_t tensor, const char** field,
+                                                uint32_t tensor, const char** name,
                                                 int32_t* stored_dtype, int32_t* held_dtype,
                                                 uint64_t* numel, uint64_t* bytes);
 

@@ -45,6 +45,10 @@ pub const MOERT_BALANCING_LOSS_FREE_BIAS: u32 = 1;
 pub const MOERT_BALANCING_AUX_LOSS: u32 = 2;
 pub const MOERT_BALANCING_SEQUENCE_AUX_LOSS: u32 = 3;
 pub const MOERT_BALANCING_EXPERT_CHOICE: u32 = 4;
+pub const MOERT_DTYPE_F32: u32 = 0;
+pub const MOERT_DTYPE_BF16: u32 = 1;
+pub const MOERT_DTYPE_F8E4M3: u32 = 2;
+pub const MOERT_FP8_POWER_OF_TWO_SCALES: u32 = 1;
 pub const MOERT_DEVICE_CPU: u32 = 0;
 pub const MOERT_DEVICE_CUDA: u32 = 1;
 pub const MOERT_MODE_INFERENCE: u32 = 0;
@@ -275,6 +279,82 @@ extern "C" {
         index: u32,
         key: i32,
         out: *mut f64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Number of weight tensors of layer `index`, absent optional ones (an output head's bias, the"]
+    #[doc = " shared experts of a MoE layer without any) not counted."]
+    pub fn moert_model_num_tensors(
+        model: *const moert_model,
+        index: u32,
+        out: *mut u32,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Weight tensor `tensor` (0 to moert_model_num_tensors() - 1, in the schema's field order, a MoE"]
+    #[doc = " layer's loss-free bias \"gate_bias\" last) of layer `index`:"]
+    #[doc = "   *name          the schema's field name (\"w1\", \"shared_w2\", \"weight\"): a static string, valid"]
+    #[doc = "                  for the life of the process;"]
+    #[doc = "   *stored_dtype  the element type the model file stored it in (MOERT_DTYPE_*; F32 for a tensor"]
+    #[doc = "                  made by an initialiser, F8E4M3 for one moert_model_quantize_fp8() made);"]
+    #[doc = "   *held_dtype    how the loaded model holds it in memory: MOERT_DTYPE_F8E4M3 for an FP8 tensor"]
+    #[doc = "                  in 128x128 blocks (DeepSeek-V3's layout; kept as its codes, 1 byte per value,"]
+    #[doc = "                  plus one fp32 scale per block), MOERT_DTYPE_F32 for every other (decoded at"]
+    #[doc = "                  load: BF16, and FP8 in other block shapes);"]
+    #[doc = "   *numel         its elements;"]
+    #[doc = "   *bytes         the bytes it takes in memory as held (an FP8 tensor's scales included, each"]
+    #[doc = "                  row of block scales padded to a multiple of 4 floats)."]
+    #[doc = " Any output may be NULL. MOERT_ERR_INVALID_ARGUMENT for an index out of range."]
+    pub fn moert_model_tensor_info(
+        model: *const moert_model,
+        index: u32,
+        tensor: u32,
+        name: *mut *const ::std::os::raw::c_char,
+        stored_dtype: *mut i32,
+        held_dtype: *mut i32,
+        numel: *mut u64,
+        bytes: *mut u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " The bytes the model's weights take in memory as held: the sum of moert_model_tensor_info()'s"]
+    #[doc = " *bytes over every tensor of every layer (what max_memory bounds at load)."]
+    pub fn moert_model_resident_bytes(
+        model: *const moert_model,
+        out: *mut u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " A new model: `model` with its MoE layers' routed and shared expert weights (w1, w3, w2,"]
+    #[doc = " shared_w1, shared_w3, shared_w2) quantized to FP8 E4M3 in 128x128 blocks, one fp32 scale per"]
+    #[doc = " block (scale = amax / 448, DeepSeek-V3 technical report section 3.3; rounded up to a power of"]
+    #[doc = " two with MOERT_FP8_POWER_OF_TWO_SCALES, as DeepSeek-V3.1 and DeepGEMM's UE8M0 scales are),"]
+    #[doc = " codes rounded to nearest even and saturating at 448. Every other tensor is unchanged; an expert"]
+    #[doc = " weight that is FP8 already is kept as it is. The new model holds the experts at 1 byte per"]
+    #[doc = " value: a session's fp32 forward multiplies their decoded values (code * scale), training"]
+    #[doc = " starts from them. *quantized (may be NULL) receives the number of tensors quantized: 0 for a"]
+    #[doc = " model without MoE layers (the new model is then a copy). On success *out receives a model the"]
+    #[doc = " caller frees with moert_model_free(); `model` is unchanged. MOERT_ERR_INVALID_ARGUMENT for"]
+    #[doc = " unknown flags. Thread-safe: `model` is only read."]
+    pub fn moert_model_quantize_fp8(
+        model: *const moert_model,
+        flags: u32,
+        out: *mut *mut moert_model,
+        quantized: *mut u32,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Writes `model` as a binary model file at `path`, atomically (a temporary file renamed over"]
+    #[doc = " `path`; a crash leaves the previous file or the new one, whole). Weights are written as the"]
+    #[doc = " model holds them: fp32 as F32 (initialised tensors with their values), FP8 tensors as F8E4M3"]
+    #[doc = " with their 128x128 block scales, byte for byte as loaded or quantized. Arrays of 64 KiB or more"]
+    #[doc = " go to an external data file beside it, \"<file name>.<16 hex digits>.data\", named by the"]
+    #[doc = " model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a"]
+    #[doc = " file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'"]
+    #[doc = " 2 GiB. One writer per path at a time; `model` is only read."]
+    pub fn moert_model_save_file(
+        model: *const moert_model,
+        path: *const ::std::os::raw::c_char,
     ) -> *mut moert_status;
 }
 #[repr(C)]

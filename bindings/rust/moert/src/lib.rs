@@ -490,6 +490,73 @@ impl Model {
         check(unsafe { sys::moert_model_moe_float(self.ptr.as_ptr(), index, key.0, &mut v) })?;
         Ok(v)
     }
+
+    /// Number of weight tensors of layer `index` (absent optional ones not counted).
+    pub fn num_tensors(&self, index: u32) -> Result<u32> {
+        let mut n = 0u32;
+        // SAFETY: a live model and a valid out-pointer.
+        check(unsafe { sys::moert_model_num_tensors(self.ptr.as_ptr(), index, &mut n) })?;
+        Ok(n)
+    }
+
+    /// Weight tensor `tensor` of layer `index`, as the model holds it.
+    pub fn tensor(&self, index: u32, tensor: u32) -> Result<TensorInfo> {
+        let (mut name, mut stored, mut held, mut numel, mut bytes) =
+            (ptr::null(), 0i32, 0i32, 0u64, 0u64);
+        // SAFETY: a live model and valid out-pointers; the name is a static string.
+        check(unsafe {
+            sys::moert_model_tensor_info(
+                self.ptr.as_ptr(),
+                index,
+                tensor,
+                &mut name,
+                &mut stored,
+                &mut held,
+                &mut numel,
+                &mut bytes,
+            )
+        })?;
+        Ok(TensorInfo {
+            name: copy_string(name),
+            stored: DType(stored),
+            held: DType(held),
+            numel,
+            bytes,
+        })
+    }
+
+    /// The bytes the model's weights take in memory as held.
+    pub fn resident_bytes(&self) -> Result<u64> {
+        let mut n = 0u64;
+        // SAFETY: a live model and a valid out-pointer.
+        check(unsafe { sys::moert_model_resident_bytes(self.ptr.as_ptr(), &mut n) })?;
+        Ok(n)
+    }
+
+    /// A new model with the MoE layers' routed and shared expert weights quantized to FP8 E4M3
+    /// in 128x128 blocks (scales rounded up to powers of two with `power_of_two_scales`), and
+    /// the number of tensors quantized (0 for a model without MoE layers).
+    pub fn quantize_fp8(&self, power_of_two_scales: bool) -> Result<(Model, u32)> {
+        let flags = if power_of_two_scales {
+            sys::MOERT_FP8_POWER_OF_TWO_SCALES
+        } else {
+            0
+        };
+        let (mut out, mut quantized) = (ptr::null_mut(), 0u32);
+        // SAFETY: a live model and valid out-pointers; the new model is ours to free.
+        check(unsafe {
+            sys::moert_model_quantize_fp8(self.ptr.as_ptr(), flags, &mut out, &mut quantized)
+        })?;
+        Ok((Model::wrap(out)?, quantized))
+    }
+
+    /// Writes the model as a binary model file at `path`, atomically; weights as held (FP8
+    /// tensors as FP8 with their block scales).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let p = c_path(path.as_ref())?;
+        // SAFETY: a live model and a NUL-terminated path, copied.
+        check(unsafe { sys::moert_model_save_file(self.ptr.as_ptr(), p.as_ptr()) })
+    }
 }
 
 impl Drop for Model {
@@ -594,6 +661,31 @@ impl Drop for SessionOptions {
 pub struct Step {
     pub learning_rate: f64,
     pub gradient_norm: f64,
+}
+
+/// An element type of weights (`MOERT_DTYPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DType(pub i32);
+
+impl DType {
+    pub const F32: DType = DType(sys::MOERT_DTYPE_F32 as i32);
+    pub const BF16: DType = DType(sys::MOERT_DTYPE_BF16 as i32);
+    /// OCP FP8 E4M3 codes with one fp32 scale per block.
+    pub const F8E4M3: DType = DType(sys::MOERT_DTYPE_F8E4M3 as i32);
+}
+
+/// One weight tensor of a layer as the loaded model holds it ([`Model::tensor`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The schema's field name: "w1", "gate_bias".
+    pub name: String,
+    /// The element type the file stored it in.
+    pub stored: DType,
+    /// How it is held in memory: F8E4M3 for FP8 in 128x128 blocks, F32 for every other.
+    pub held: DType,
+    pub numel: u64,
+    /// Bytes in memory as held (an FP8 tensor's block scales included).
+    pub bytes: u64,
 }
 
 /// A trainable parameter tensor.

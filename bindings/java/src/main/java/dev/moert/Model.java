@@ -20,6 +20,14 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
   /** Every parameter, and those one input row uses. */
   public record ParameterCounts(long total, long activated) {}
 
+  /**
+   * One weight tensor of a layer as the loaded model holds it: the schema's field name, the
+   * element type the file stored it in and the one it is held in ({@code
+   * CapiConstants.MOERT_DTYPE_*}: F8E4M3 for FP8 in 128x128 blocks, F32 for every other), its
+   * elements and its bytes in memory (an FP8 tensor's block scales included).
+   */
+  public record Tensor(String name, int storedDtype, int heldDtype, long numel, long bytes) {}
+
 
   Model(SWIGTYPE_p_moert_model ptr) {
     super("model", ptr, () -> Capi.moert_model_free(ptr));
@@ -156,6 +164,62 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
       double[] out = new double[1];
       MoertException.check(Capi.moert_model_moe_float(u.ptr(), index, key, out));
       return out[0];
+    }
+  }
+
+  /** Number of weight tensors of layer i (absent optional ones not counted). */
+  public int numTensors(int i) {
+    long index = checkUint32("layer index", i);
+    try (Use u = use()) {
+      int[] out = new int[1];
+      MoertException.check(Capi.moert_model_num_tensors(u.ptr(), index, out));
+      return out[0];
+    }
+  }
+
+  /** Weight tensor t of layer i, as the model holds it. */
+  public Tensor tensor(int i, int t) {
+    long index = checkUint32("layer index", i);
+    long tensor = checkUint32("tensor index", t);
+    try (Use u = use()) {
+      String[] name = new String[1];
+      int[] stored = new int[1];
+      int[] held = new int[1];
+      long[] numel = new long[1];
+      long[] bytes = new long[1];
+      MoertException.check(
+          Capi.moert_model_tensor_info(u.ptr(), index, tensor, name, stored, held, numel, bytes));
+      return new Tensor(name[0], stored[0], held[0], numel[0], bytes[0]);
+    }
+  }
+
+  /** The bytes the model's weights take in memory as held. */
+  public long residentBytes() {
+    try (Use u = use()) {
+      long[] out = new long[1];
+      MoertException.check(Capi.moert_model_resident_bytes(u.ptr(), out));
+      return out[0];
+    }
+  }
+
+  /**
+   * A new model whose MoE layers' routed and shared expert weights are FP8 E4M3 in 128x128
+   * blocks (scales rounded up to powers of two with powerOfTwoScales). The caller closes it.
+   */
+  public Model quantizeFp8(boolean powerOfTwoScales) {
+    try (Use u = use()) {
+      SWIGTYPE_p_moert_model[] out = new SWIGTYPE_p_moert_model[1];
+      int[] quantized = new int[1];
+      long flags = powerOfTwoScales ? CapiConstants.MOERT_FP8_POWER_OF_TWO_SCALES : 0;
+      MoertException.check(Capi.moert_model_quantize_fp8(u.ptr(), flags, out, quantized));
+      return new Model(out[0]);
+    }
+  }
+
+  /** Writes the model as a binary model file, atomically; weights as held. */
+  public void save(Path path) {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_model_save_file(u.ptr(), path.toString()));
     }
   }
 }
