@@ -95,6 +95,12 @@ int run_convert(const Args& args) {
   write_file(out, result);
   std::printf("%s (%s, %zu bytes) -> %s (%s, %zu bytes)\n", in.c_str(), to_json ? "binary" : "JSON",
               bytes.size(), out.c_str(), to_json ? "JSON" : "binary", result.size());
+  // FlatBuffers' text format prints floats with 6 decimals: exact for the codes (bytes), not for
+  // the block scales.
+  if (to_json && result.find("\"dtype\": \"F8E4M3\"") != std::string::npos)
+    std::printf(
+        "note: the FP8 block scales are written with 6 decimals in JSON; the binary file "
+        "is the exact form of an FP8 model\n");
   return 0;
 }
 
