@@ -612,3 +612,52 @@ func TestCloseWaitsForCallsInFlight(t *testing.T) {
 	s.Close()
 	wg.Wait()
 }
+
+func TestQuantizeFP8HoldsExpertsAtOneBytePerValue(t *testing.T) {
+	m := mustModel(t)
+	before, err := m.ResidentBytes()
+	if err != nil || before != 4*(110720+16) { // every parameter and the two loss-free biases
+		t.Fatalf("ResidentBytes() = %d, %v", before, err)
+	}
+	q, n, err := m.QuantizeFP8(false)
+	if err != nil || n != 9 {
+		t.Fatalf("QuantizeFP8() = %d, %v", n, err)
+	}
+	defer q.Close()
+	// moe0.w1 [8, 32, 64]: a code per value and, per expert, one block scale padded to 4 floats.
+	w1, err := q.Tensor(2, 1)
+	if err != nil || w1 != (TensorInfo{Name: "w1", Stored: DTypeF8E4M3, Held: DTypeF8E4M3, Numel: 16384,
+		Bytes: 16384 + 8*4*4}) {
+		t.Fatalf("Tensor(2, 1) = %+v, %v", w1, err)
+	}
+	if n, err := q.NumTensors(2); err != nil || n != 8 {
+		t.Fatalf("NumTensors(2) = %d, %v", n, err)
+	}
+	gate, err := q.Tensor(2, 0)
+	if err != nil || gate.Name != "gate" || gate.Held != DTypeF32 || gate.Bytes != 4*gate.Numel {
+		t.Fatalf("Tensor(2, 0) = %+v, %v", gate, err)
+	}
+	after, err := q.ResidentBytes()
+	if err != nil || after >= before/3 {
+		t.Fatalf("ResidentBytes() after = %d (before %d), %v", after, before, err)
+	}
+	path := filepath.Join(t.TempDir(), "fp8.moert")
+	if err := q.Save(path); err != nil {
+		t.Fatal(err)
+	}
+	r, err := LoadModel(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if b, err := r.ResidentBytes(); err != nil || b != after {
+		t.Fatalf("reloaded ResidentBytes() = %d, %v; want %d", b, err, after)
+	}
+	_, err = q.Tensor(2, 8)
+	wantCode(t, err, ErrInvalidArgument)
+	p2, _, err := m.QuantizeFP8(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2.Close()
+}

@@ -264,7 +264,7 @@ moert_status* moert_model_quantize_fp8(const moert_model* model, uint32_t flags,
   return guarded([&] {
     require(model, "model");
     require(out, "out");
-    if (flags & ~MOERT_FP8_POWER_OF_TWO_SCALES)
+    if (flags & ~static_cast<uint32_t>(MOERT_FP8_POWER_OF_TWO_SCALES))
       fail(Code::InvalidArgument, "unknown FP8 quantization flags 0x", std::hex, flags);
     moert::Fp8QuantizeOptions options;
     options.power_of_two_scales = (flags & MOERT_FP8_POWER_OF_TWO_SCALES) != 0;

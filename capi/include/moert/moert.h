@@ -278,7 +278,7 @@ MOERT_API moert_status* moert_model_tensor_info(const moert_model* model, uint32
 MOERT_API moert_status* moert_model_resident_bytes(const moert_model* model, uint64_t* out);
 
 /* Flags of moert_model_quantize_fp8(). */
-#define MOERT_FP8_POWER_OF_TWO_SCALES 1u /* scales rounded up to powers of two (UE8M0) */
+#define MOERT_FP8_POWER_OF_TWO_SCALES 1 /* scales rounded up to powers of two (UE8M0) */
 
 /* A new model: `model` with its MoE layers' routed and shared expert weights (w1, w3, w2,
  * shared_w1, shared_w3, shared_w2) quantized to FP8 E4M3 in 128x128 blocks, one fp32 scale per

@@ -306,3 +306,37 @@ fn one_session_serves_many_threads() {
         }
     });
 }
+
+#[test]
+fn quantizes_experts_to_fp8_and_holds_them_at_one_byte_per_value() {
+    let m = Model::load(model_path()).unwrap();
+    // Every parameter and the two loss-free biases, in fp32.
+    assert_eq!(m.resident_bytes().unwrap(), 4 * (110720 + 16));
+    let (q, n) = m.quantize_fp8(false).unwrap();
+    assert_eq!(n, 9);
+    assert_eq!(q.num_tensors(2).unwrap(), 8);
+    // moe0.w1 [8, 32, 64]: a code per value and, per expert, one block scale padded to 4 floats.
+    let w1 = q.tensor(2, 1).unwrap();
+    assert_eq!(
+        w1,
+        moert::TensorInfo {
+            name: "w1".into(),
+            stored: moert::DType::F8E4M3,
+            held: moert::DType::F8E4M3,
+            numel: 16384,
+            bytes: 16384 + 8 * 4 * 4,
+        }
+    );
+    let gate = q.tensor(2, 0).unwrap();
+    assert_eq!((gate.name.as_str(), gate.held), ("gate", moert::DType::F32));
+    let after = q.resident_bytes().unwrap();
+    assert!(after < 4 * (110720 + 16) / 3, "{after}");
+    let path = std::env::temp_dir().join(format!("moert_rust_fp8_{}.moert", std::process::id()));
+    q.save(&path).unwrap();
+    let r = Model::load(&path).unwrap();
+    assert_eq!(r.resident_bytes().unwrap(), after);
+    std::fs::remove_file(&path).unwrap();
+    expect_code(q.tensor(2, 8), Code::INVALID_ARGUMENT);
+    let (_p2, n2) = m.quantize_fp8(true).unwrap();
+    assert_eq!(n2, 9);
+}

@@ -87,6 +87,38 @@ class MoertTest {
   }
 
   @Test
+  void quantizesExpertsToFp8AndHoldsThemAtOneBytePerValue() {
+    try (Model m = Model.load(MODEL)) {
+      // Every parameter and the two loss-free biases, in fp32.
+      assertEquals(4L * (110720 + 16), m.residentBytes());
+      try (Model q = m.quantizeFp8(false)) {
+        assertEquals(8, q.numTensors(2));
+        // moe0.w1 [8, 32, 64]: a code per value and, per expert, one block scale padded to 4.
+        assertEquals(
+            new Model.Tensor(
+                "w1",
+                CapiConstants.MOERT_DTYPE_F8E4M3,
+                CapiConstants.MOERT_DTYPE_F8E4M3,
+                16384,
+                16384 + 8 * 4 * 4),
+            q.tensor(2, 1));
+        assertEquals(CapiConstants.MOERT_DTYPE_F32, q.tensor(2, 0).heldDtype());
+        long after = q.residentBytes();
+        assertTrue(after < 4L * (110720 + 16) / 3, Long.toString(after));
+        Path path = dir.resolve("fp8.moert");
+        q.save(path);
+        try (Model r = Model.load(path)) {
+          assertEquals(after, r.residentBytes());
+        }
+        expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> q.tensor(2, 8));
+      }
+      try (Model p2 = m.quantizeFp8(true)) {
+        assertEquals(8, p2.numTensors(2));
+      }
+    }
+  }
+
+  @Test
   void inspectsTheModel() {
     try (Model m = Model.load(MODEL)) {
       assertEquals("tiny-moe", m.name());
