@@ -18,16 +18,18 @@ struct LoadOptions {
   static constexpr uint64_t kDefaultMaxMemory = uint64_t{1} << 30;
   static constexpr uint64_t kDefaultMaxFileBytes = uint64_t{4} << 30;
 
-  // Bytes the loaded model may hold: every tensor as the fp32 it is decoded or initialised to,
-  // whatever its source, plus a checkpoint's training state when a session loads it. Never more
-  // than the machine's physical memory.
+  // Bytes the loaded model may hold: every tensor as it is held (Model::resident_bytes: FP8 in
+  // 128x128 blocks as its codes and scales, everything else as the fp32 it is decoded or
+  // initialised to), whatever its source, plus a checkpoint's training state when a session loads
+  // it (whose weights are decoded to fp32). Never more than the machine's physical memory.
   uint64_t max_memory = kDefaultMaxMemory;
   // Bytes a load may read: the description plus the ranges of external data it uses.
   uint64_t max_file_bytes = kDefaultMaxFileBytes;
 };
 
 // Loads a binary model file; external weights resolve against the file's directory. A checkpoint
-// loads as a model: its training state is verified against its digest, then dropped.
+// loads as a model: its training state is verified against its digest, then dropped. F8E4M3
+// tensors in 128x128 blocks stay FP8 (Tensor::fp8); every other stored type is decoded to fp32.
 std::shared_ptr<const Model> load_model_file(const std::string& path,
                                              const LoadOptions& options = {});
 
@@ -37,7 +39,7 @@ std::shared_ptr<const Model> load_model_buffer(const void* data, size_t size,
                                                const LoadOptions& options = {});
 
 // Loads a checkpoint with its training state, verified; throws Error(InvalidArgument) for a model
-// file without one.
+// file without one. Every tensor is decoded to fp32 (a session's master weights).
 std::unique_ptr<Model> load_checkpoint_file(const std::string& path, const LoadOptions& options);
 
 // For fuzzing and tests only: the content digest of the checkpoint description in `data`

@@ -5,7 +5,10 @@
 // bf16 copy, rounded from the fp32 values (the master weights) and refreshed after every change;
 // on a backend whose experts multiply in FP8 (Backend::fp8_experts), the MoE layers' routed and
 // shared expert weights have an FP8 copy (E4M3 codes in 128x128 blocks, Backend::
-// quantize_weight_blocks), made and refreshed the same way.
+// quantize_weight_blocks), made and refreshed the same way. A weight the model holds in FP8
+// (Tensor::fp8, inference only: training decodes its masters) is multiplied from the model's own
+// codes where the backend multiplies it in FP8, and decoded into an fp32 copy of the store's own
+// otherwise.
 #pragma once
 
 #include <cstdint>
