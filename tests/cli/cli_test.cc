@@ -293,6 +293,18 @@ TEST(Cli, ConvertQuantizeFp8AndInspectPrecisionAndBytes) {
   EXPECT_NE(d.out.find("no MoE layer, so no expert weights to quantize"), std::string::npos)
       << d.out;
 
+  // NaN has no E4M3 code: such a model is refused, naming the tensor and the element.
+  std::ofstream(dir / "nan.json") << R"({ "schema_major": 1, "name": "nan", "input_dim": 1,
+    "layers": [ { "name": "moe", "kind_type": "MoE", "kind": { "dim": 1, "num_experts": 1,
+      "top_k": 1, "expert_hidden": 1, "score_function": "Softmax", "num_groups": 1,
+      "topk_groups": 1, "normalize_weights": false, "routed_scaling_factor": 1.0,
+      "balancing": { "policy": "None" }, "gate": { "init": { "kind": "Ones" } },
+      "w1": { "data": [0, 0, 192, 127] }, "w3": { "init": { "kind": "Ones" } },
+      "w2": { "init": { "kind": "Ones" } } } } ] })";
+  expect_one_line_error(
+      run("convert --quantize fp8 " + (dir / "nan.json").string() + " " + q2.string(), dir), 1,
+      "convert", "field 'w1' holds a NaN or infinity at element 0");
+
   expect_one_line_error(run("convert --quantize int4 " + q.string() + " x.moert", dir), 2,
                         "convert", "--quantize");
   expect_one_line_error(run("convert --power-of-two-scales " + q.string() + " x.moert", dir), 2,

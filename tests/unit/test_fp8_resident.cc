@@ -289,6 +289,27 @@ TEST(Fp8Resident, ParamStoreMultipliesTheResidentCodesOrItsOwnDecodedCopy) {
   }
 }
 
+TEST(Fp8Resident, QuantizingANanIsRefusedNamingTheTensor) {
+  std::mt19937 rng(12);
+  auto m = moe_model(rng, kWidths);
+  MoESpec& moe = std::get<MoESpec>(m->layers[2].spec);
+  // Expert 3, row 130 (the second block row), column 7.
+  moe.w2.values[static_cast<size_t>((3 * kWidths.dim + 130) * kWidths.expert_hidden + 7)] = NAN;
+  try {
+    quantize_experts_fp8(*m, {});
+    ADD_FAILURE() << "a NaN was quantized";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Code::Numeric);
+    EXPECT_NE(std::string(e.what()).find("moe.w2"), std::string::npos) << e.what();
+    EXPECT_NE(
+        std::string(e.what()).find("row " + std::to_string(3 * kWidths.dim + 130) + ", column 7"),
+        std::string::npos)
+        << e.what();
+  }
+  // The model itself is untouched.
+  EXPECT_FALSE(moe.w1.fp8);
+}
+
 TEST(Fp8Resident, NanCodeInTheFileIsRefused) {
   const Fp8Files f = make_fp8_model("nan");
   const fs::path data = data_file_of(f.path);
