@@ -8,6 +8,8 @@
 // multiplies by weights transposed once per call: oneDNN's sgemm runs nt at 85-91 GFLOP/s on this
 // project's AVX2 machine against 58-66 for tn and nn at these shapes. Smaller weights read the
 // row-major operands directly (tn, nn), where the transposes would cost more than they save.
+// FFNs whose three weights carry FP8 copies multiply in FP8 (cpu_ffn_fp8.cc): the forward decides
+// segment by segment, the backward when every segment of the call carries them.
 #include <algorithm>
 #include <cstring>
 
