@@ -111,12 +111,15 @@ class CpuBackend final : public Backend {
     int64_t begin = 0, rows = 0;
     const GradOut *dw1 = nullptr, *dw3 = nullptr, *dw2 = nullptr;
   };
-  // Work items over rows: [begin, begin + rows) of a segment, never across a chunk boundary.
+  // Work items over rows: [begin, begin + rows) of a segment, `unit` rows (the last may be
+  // shorter) from its first row on: a chunk (kReduceRows), or FP8 Wgrad's token tile
+  // (kFp8ShareRows: whole chunks).
   struct Item {
     size_t segment;
     int64_t begin, rows;
   };
-  static std::vector<Item> row_items(const std::vector<Segment>& segments);
+  static std::vector<Item> row_items(const std::vector<Segment>& segments,
+                                     int64_t unit = kReduceRows);
 
   // The FFN forward of each item (cpu_ffn.cc).
   void ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1, float* h3,
@@ -133,9 +136,9 @@ class CpuBackend final : public Backend {
   void backward_item(Mode mode, const Segment& s, const Item& it, const float* x, const float* h1,
                      const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
                      int64_t hidden, const float* wt, unsigned worker);
-  // backward_item in FP8 (cpu_ffn_fp8.cc): Dgrad on row tiles; the Wgrad operands quantized in
-  // column tiles from the item's first row into t_x_ ... t_dh3_ (codes [rows, width]) and
-  // t_fp8_scales_ (item `item`'s scales).
+  // backward_item in FP8 (cpu_ffn_fp8.cc), on an item of one 128-token tile (kFp8ShareRows
+  // rows): Dgrad on row tiles; the Wgrad operands quantized in column tiles, the item being one
+  // tile, into t_x_ ... t_dh3_ (codes [rows, width]) and t_fp8_scales_ (item `item`'s scales).
   void backward_item_fp8(const Segment& s, const Item& it, size_t item, const float* x,
                          const float* h1, const float* h3, const float* dy, float* dx,
                          bool dx_accumulate, int64_t dim, int64_t hidden, unsigned worker);
@@ -149,8 +152,9 @@ class CpuBackend final : public Backend {
     fp8::ColumnTiles tiles() const { return {codes, ld, scales, scale_ld}; }
   };
   Fp8Operand fp8_wgrad_operand(int k, size_t item, int64_t row, int64_t dim, int64_t hidden);
-  // Column tiles per item (one partial tile when kReduceRows < 128), and an item's scales.
-  static constexpr int64_t kFp8ItemTiles = (kReduceRows + fp8::kBlock - 1) / fp8::kBlock;
+  // Column tiles per item, and an item's scales.
+  static_assert(kFp8ShareRows == fp8::kBlock, "an FP8 backward item is one Wgrad token tile");
+  static constexpr int64_t kFp8ItemTiles = 1;
   static int64_t fp8_item_scales(int64_t dim, int64_t hidden) {
     return kFp8ItemTiles * (2 * dim + 3 * hidden);
   }

@@ -32,11 +32,12 @@ bool all_fp8(Weight a, Weight b, Weight c) { return a.fp8 && b.fp8 && c.fp8; }
 
 }  // namespace
 
-std::vector<CpuBackend::Item> CpuBackend::row_items(const std::vector<Segment>& segments) {
+std::vector<CpuBackend::Item> CpuBackend::row_items(const std::vector<Segment>& segments,
+                                                    int64_t unit) {
   std::vector<Item> items;
   for (size_t s = 0; s < segments.size(); ++s)
-    for (int64_t a = 0; a < segments[s].rows; a += kReduceRows)
-      items.push_back({s, segments[s].begin + a, std::min(kReduceRows, segments[s].rows - a)});
+    for (int64_t a = 0; a < segments[s].rows; a += unit)
+      items.push_back({s, segments[s].begin + a, std::min(unit, segments[s].rows - a)});
   return items;
 }
 
@@ -277,8 +278,8 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     t->resize(*this, static_cast<size_t>(end * hidden) * es);
 
   // Row items in segment order; with transposed weights, segments go in batches whose
-  // transposes fit kTransposedWeights.
-  const auto items = row_items(segs);
+  // transposes fit kTransposedWeights. FP8 items are Wgrad's 128-token tiles, two chunks each.
+  const auto items = row_items(segs, mode == Mode::Fp8 ? kFp8ShareRows : kReduceRows);
   std::vector<size_t> first_item_of(segs.size() + 1, 0);  // a segment's items, for FP8 Wgrad
   for (const Item& it : items) ++first_item_of[it.segment + 1];
   for (size_t s = 0; s < segs.size(); ++s) first_item_of[s + 1] += first_item_of[s];
@@ -352,7 +353,9 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
                                                     unsigned worker) {
       const int64_t r0 = s.begin + j * kReduceRows, m = chunk_rows(s.rows, j);
       if (mode == Mode::Fp8) {
-        const size_t item = first_item_of[si] + static_cast<size_t>(j);
+        // The chunk lies inside one tile, its item; its rows from r0 on, with the tile's scales.
+        const size_t item =
+            first_item_of[si] + static_cast<size_t>(j * kReduceRows / kFp8ShareRows);
         auto& q = scratch_[worker].quant;
         q.resize(static_cast<size_t>(fp8::gemm_wgrad_scratch_floats(m, no, ni)));
         fp8::gemm_wgrad(fp8_wgrad_operand(ka, item, r0, dim, hidden).tiles().from_column(o0),

@@ -3,12 +3,12 @@
 //
 // Each GEMM quantizes its activation operand along its own reduction dimension: Fprop and Dgrad
 // in 1x128 row tiles (x and a along dim and hidden; dy along dim; dh1, dh3 along hidden), Wgrad
-// in 128x1 column tiles along the tokens. Column tiles start at each row item's first row, and
-// items are the reduction's chunks (kReduceRows rows from the start of a segment): a chunk's
-// operands, and so its Wgrad partial, depend on the chunk's rows only, and processes that hold
-// chunk-aligned shares of an expert's rows reduce exactly as one (core/grad_reduction.h). With
-// kReduceRows < 128 a chunk is one partial tile of kReduceRows tokens: finer than the GPU's
-// 128-token tiles, never straddling a chunk.
+// in 128x1 column tiles along the tokens, as the GPU's: 128 tokens from the first row of each
+// segment (an expert's list, or a dense FFN's rows), the last tile partial. The backward's items
+// are those tiles (kFp8ShareRows rows), each holding whole reduction chunks, and a chunk's Wgrad
+// partial multiplies its rows of its tile's codes with the tile's scales: processes that hold
+// shares of a list aligned at kFp8ShareRows rows reduce exactly as one (core/grad_reduction.h;
+// expert parallelism aligns replicas' shares so, ExpertLayout).
 //
 // The Wgrad operands are kept as codes, 1 byte per value, in the t_* buffers (row-major
 // [rows, width], not transposed: gemm_wgrad reads column tiles in place), and their scales in
@@ -27,9 +27,6 @@ using moert::fp8::block_scale_ld;
 using moert::fp8::blocks_of;
 using moert::fp8::kBlock;
 using moert::fp8::tile_scale_ld;
-
-static_assert(kReduceRows % kBlock == 0 || kBlock % kReduceRows == 0,
-              "a chunk is whole column tiles, or one partial tile");
 
 // The 128x128 blocks of a [rows, cols] matrix of an FP8 weight.
 fp8::Blocks blocks_of_weight(const Fp8Weight& w, int64_t cols) {

@@ -270,9 +270,10 @@ Reference reference(const FfnLayer& L, const FfnRun& run) {
     std::copy(h1.begin(), h1.end(), ref.h1.begin() + b0 * H);
     std::copy(h3.begin(), h3.end(), ref.h3.begin() + b0 * H);
     std::copy(y.begin(), y.end(), ref.y.begin() + b0 * D);
-    // Backward, row item by row item (kReduceRows rows from the expert's first row).
-    for (int64_t i0 = 0; i0 < n; i0 += kReduceRows) {
-      const int64_t b = b0 + i0, m = std::min(kReduceRows, n - i0), mh = m * H;
+    // Backward, row item by row item: 128-token Wgrad tiles (kFp8ShareRows rows) from the
+    // expert's first row.
+    for (int64_t i0 = 0; i0 < n; i0 += kFp8ShareRows) {
+      const int64_t b = b0 + i0, m = std::min(kFp8ShareRows, n - i0), mh = m * H;
       Vec ai(static_cast<size_t>(mh)), da(static_cast<size_t>(mh)), dh1(da.size()), dh3(da.size());
       cpu::swiglu(run.h1.data() + b * H, run.h3.data() + b * H, ai.data(), mh);
       // dA with the backend's kernel call, checked against float64.
@@ -297,7 +298,7 @@ Reference reference(const FfnLayer& L, const FfnRun& run) {
       ref_nn_acc(row_tiles(dh1.data(), m, H, pow2), W1, dx, m, D, H);
       ref_nn_acc(row_tiles(dh3.data(), m, H, pow2), W3, dx, m, D, H);
       std::copy(dx.begin(), dx.end(), ref.dx.begin() + b * D);
-      // Wgrad: column tiles from the item's first row.
+      // Wgrad: one column tile from the item's first row.
       const Dbl dyc = column_tiles(L.dy.data() + b * D, m, D, pow2);
       const Dbl xc = column_tiles(L.x.data() + b * D, m, D, pow2);
       ref_tn_acc(dyc, column_tiles(ai.data(), m, H, pow2), ref.dw2.data() + e * D * H, m, D, H);

@@ -30,14 +30,14 @@ bool same_bits(const Vec& a, const Vec& b) {
          (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
-// Chunk-aligned cuts of [0, rows): 0 = c_0 < c_1 < ... < c_k = rows, inner cuts multiples of
-// kReduceRows; some parts may be empty.
-std::vector<int64_t> random_cuts(int64_t rows, std::mt19937& rng) {
-  const int64_t J = reduce_chunks(rows);
+// Aligned cuts of [0, rows): 0 = c_0 < c_1 < ... < c_k = rows, inner cuts multiples of `align`
+// (kReduceRows, or kFp8ShareRows for FP8 experts); some parts may be empty.
+std::vector<int64_t> random_cuts(int64_t rows, std::mt19937& rng, int64_t align = kReduceRows) {
+  const int64_t J = (rows + align - 1) / align;
   std::vector<int64_t> cuts{0, rows};
   const int parts = std::uniform_int_distribution<int>(1, 5)(rng);
   for (int i = 1; i < parts; ++i)
-    cuts.push_back(std::min(rows, std::uniform_int_distribution<int64_t>(0, J)(rng) * kReduceRows));
+    cuts.push_back(std::min(rows, std::uniform_int_distribution<int64_t>(0, J)(rng) * align));
   std::sort(cuts.begin(), cuts.end());
   return cuts;
 }
@@ -198,12 +198,15 @@ struct Ffn {
 
 // The experts' precision; the FFN's width and hidden width: small fp32 weights take the CPU
 // backend's direct path (nn / tn GEMMs), larger ones its transposed path (nt GEMMs, transposed
-// operands); fp8 quantizes Wgrad's operands in column tiles from each chunk's first row.
+// operands); fp8 quantizes Wgrad's operands in 128-token column tiles from each list's first row.
 struct FfnCase {
   Precision precision;
   int64_t dim, hidden;
 };
 class FfnReduction : public ::testing::TestWithParam<FfnCase> {};
+
+// The alignment of the processes' shares of a list: FP8 Wgrad's token tiles must not split.
+int64_t share_rows(Precision p) { return p == Precision::Fp8 ? kFp8ShareRows : kReduceRows; }
 
 TEST_P(FfnReduction, DenseSwiGLUBackward) {
   const Precision prec = GetParam().precision;
@@ -235,7 +238,7 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
     EXPECT_TRUE(same_bits(dx, dx_full)) << threads << " threads";
   }
   for (int trial = 0; trial < 5; ++trial) {
-    const auto cuts = random_cuts(kRows, rng);
+    const auto cuts = random_cuts(kRows, rng, share_rows(prec));
     auto be = make_cpu_backend(2, prec);
     std::vector<std::vector<GradRoots>> roots(3);
     for (auto& r : roots) r.resize(cuts.size() - 1);
@@ -298,7 +301,7 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
     // cut[e][p]: where part p's share of expert e's list starts, in rows of that list.
     std::vector<std::vector<int64_t>> cut(E);
     for (int64_t e = 0; e < E; ++e) {
-      cut[e] = random_cuts(counts[e], rng);
+      cut[e] = random_cuts(counts[e], rng, share_rows(prec));
       cut[e].resize(parts + 1, counts[e]);
       std::sort(cut[e].begin(), cut[e].end());
       cut[e].back() = counts[e];
