@@ -74,14 +74,15 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
-// Serialises tensors (name, dtype, shape, bytes) as one safetensors file: keys sorted, ranges in
-// that order, the header padded with spaces to a multiple of 8 bytes so that every tensor's data
-// is 8-byte aligned in the file. `metadata` goes to "__metadata__" when not empty.
+// The header of a safetensors file holding `sorted` (name, dtype, shape, bytes) in that order,
+// padded with spaces to a multiple of 8 bytes so that every tensor's data is 8-byte aligned in the
+// file; the data follows it, tensor after tensor. `metadata` goes to "__metadata__" when not empty.
+// The bytes are the caller's (a view of a mapped file, or storage the caller keeps).
 struct StOutTensor {
   std::string name;
   StDType dtype = StDType::F32;
   std::vector<uint64_t> shape;
-  std::vector<uint8_t> bytes;
+  std::span<const uint8_t> bytes;
 };
 std::vector<uint8_t> safetensors_header(const std::vector<const StOutTensor*>& sorted,
                                         const std::map<std::string, std::string>& metadata);
