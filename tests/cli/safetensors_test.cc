@@ -105,8 +105,9 @@ TEST(Safetensors, RefusesEveryMalformedHeader) {
 }
 
 TEST(Safetensors, HeaderWriterRoundTrips) {
-  moert_cli::StOutTensor a{"z", StDType::F32, {2}, std::vector<uint8_t>(8, 1)};
-  moert_cli::StOutTensor b{"y", StDType::BF16, {1, 3}, std::vector<uint8_t>(6, 2)};
+  const std::vector<uint8_t> za(8, 1), yb(6, 2);
+  moert_cli::StOutTensor a{"z", StDType::F32, {2}, za};
+  moert_cli::StOutTensor b{"y", StDType::BF16, {1, 3}, yb};
   auto bytes = moert_cli::safetensors_header({&a, &b}, {{"format", "pt"}});
   EXPECT_EQ((bytes.size() - 8) % 8, 0u);
   bytes.insert(bytes.end(), a.bytes.begin(), a.bytes.end());
