@@ -10,7 +10,7 @@ namespace moert_cli {
 
 const CommandSpec kExportSpec = {
     "export",
-    "MODEL_OR_CHECKPOINT OUT_DIR [--dtype as-stored|fp32|bf16]",
+    "MODEL_OR_CHECKPOINT OUT_DIR [--dtype as-stored|fp32|bf16|fp8]",
     "write the MoE layers of a model or checkpoint as a DeepSeek-V3-layout checkpoint",
     "Writes OUT_DIR/config.json (the routing knobs: n_routed_experts, num_experts_per_tok,\n"
     "n_group, topk_group, norm_topk_prob, routed_scaling_factor, scoring_func, n_shared_experts,\n"
@@ -23,11 +23,14 @@ const CommandSpec kExportSpec = {
     "otherwise MoE layers are numbered from 0. Other layers are not exported. By default every\n"
     "tensor is written as stored (bf16 stays bf16, FP8 stays FP8 with its blocks as\n"
     "weight_scale_inv), so import -> export -> import gives the same moert file; a trained\n"
-    "checkpoint's fp32 masters are written as fp32 unless --dtype bf16 asks otherwise.\n"
+    "checkpoint's fp32 masters are written as fp32 unless --dtype asks otherwise: bf16 rounds\n"
+    "to nearest even; fp8 writes the experts as E4M3 in 128x128 blocks with weight_scale_inv\n"
+    "(amax / 448, the rules of moert's FP8 kernels) and the router and norms as bf16, like\n"
+    "DeepSeek-V3's FP8 release. The bias is always fp32.\n"
     "The DeepSeek-V3 layout has sigmoid routers only: a softmax layer is refused.",
     2,
     2,
-    {{"dtype", "NAME", "as-stored, fp32 or bf16", "as-stored"}},
+    {{"dtype", "NAME", "as-stored, fp32, bf16 or fp8", "as-stored"}},
 };
 
 int run_export(const Args& args) {
@@ -41,8 +44,10 @@ int run_export(const Args& args) {
     r.dtype = ExportDType::F32;
   else if (d == "bf16")
     r.dtype = ExportDType::BF16;
+  else if (d == "fp8")
+    r.dtype = ExportDType::FP8;
   else
-    usage_fail("--dtype takes as-stored, fp32 or bf16, got '", d, "'");
+    usage_fail("--dtype takes as-stored, fp32, bf16 or fp8, got '", d, "'");
   const ExportResult res = export_checkpoint(r);
   std::printf("%s: %u MoE layers%s -> %s: %llu tensors, %.1f MiB%s%s\n", r.model_path.c_str(),
               res.moe_layers, res.norms ? " with their RMSNorms" : "", r.out_dir.c_str(),

@@ -23,6 +23,7 @@
 #include "cli/error.h"
 #include "cli/model_codec.h"
 #include "cli/safetensors.h"
+#include "kernels/fp8_rules.h"
 #include "moert_generated.h"
 
 namespace moert_cli {
@@ -437,7 +438,36 @@ class Exporter {
         out->owned[2 * i + 1] = static_cast<uint8_t>(b >> 8);
       }
     } else {
-      fail(name, ": quantising to FP8 on export is not available in this build");
+      // DeepSeek-V3's 128x128 blocks with the rules the FP8 kernels use (kernels/fp8_rules.h):
+      // scale = amax / 448, code = E4M3(x / scale), weight_scale_inv [ceil(r/128), ceil(c/128)].
+      namespace r8 = moert::fp8;
+      const uint64_t B = static_cast<uint64_t>(r8::kBlock);
+      const uint64_t br = ceil_div(s.rows, B), bc = ceil_div(s.cols, B);
+      note_block(static_cast<uint32_t>(B), static_cast<uint32_t>(B), name);
+      out->t.dtype = StDType::F8_E4M3;
+      out->owned.resize(n);
+      auto sc = std::make_unique<Out>();
+      sc->t.name = name + "_scale_inv";
+      sc->t.dtype = StDType::F32;
+      sc->t.shape = {br, bc};
+      sc->owned.resize(br * bc * 4);
+      for (uint64_t i = 0; i < br; ++i)
+        for (uint64_t j = 0; j < bc; ++j) {
+          const uint64_t r1 = std::min(s.rows, (i + 1) * B), c1 = std::min(s.cols, (j + 1) * B);
+          uint32_t amax = 0;
+          for (uint64_t r = i * B; r < r1; ++r)
+            for (uint64_t c = j * B; c < c1; ++c)
+              amax = r8::max_u32(amax, r8::magnitude_bits(v[r * s.cols + c]));
+          if (amax >= r8::kNonFiniteBits)
+            fail(name, ": a NaN or infinity in block (", i, ", ", j, ") cannot be quantised");
+          const float scale = r8::tile_scale(r8::bits_float(amax), false);
+          std::memcpy(sc->owned.data() + 4 * (i * bc + j), &scale, 4);
+          for (uint64_t r = i * B; r < r1; ++r)
+            for (uint64_t c = j * B; c < c1; ++c)
+              out->owned[r * s.cols + c] = r8::quantize_value(v[r * s.cols + c], scale);
+        }
+      sc->t.bytes = sc->owned;
+      outs.push_back(std::move(sc));
     }
     out->t.bytes = out->owned;
     outs.push_back(std::move(out));
@@ -532,11 +562,13 @@ class Exporter {
         };
         const fb::DType to1 = target(s1.dtype, true), to3 = target(s3.dtype, true),
                         to2 = target(s2.dtype, true);
-        for (fb::DType to : {to1, to3, to2})
-          if (to == fb::DType::F8E4M3)
+        // Stored FP8 blocks of S matrices are not the blocks of the merged one: re-quantising
+        // them would not give back what is stored.
+        for (const Stored* st : {&s1, &s3, &s2})
+          if (st->dtype == fb::DType::F8E4M3 && target(st->dtype, true) == fb::DType::F8E4M3)
             fail(who, "has ", S,
-                 " FP8 shared experts, which the DeepSeek-V3 layout merges into one "
-                 "MLP with other blocks: export them with --dtype fp32 or bf16");
+                 " FP8 shared experts, which the DeepSeek-V3 layout merges into "
+                 "one MLP with blocks of its own: export them with --dtype fp32 or bf16");
         emit(outs, widen(s1, false), 0, pre + "shared_experts.gate_proj.weight", {S * HS, D}, to1);
         emit(outs, widen(s3, false), 0, pre + "shared_experts.up_proj.weight", {S * HS, D}, to3);
         emit(outs, widen(s2, true), 0, pre + "shared_experts.down_proj.weight", {D, S * HS}, to2);

@@ -397,6 +397,14 @@ class Lib:
             ("moert_session_forward_hidden", P, [P, FP, U64, U64, FP, U64]),
             ("moert_session_expert_counts", P, [P, U32, I32, ctypes.POINTER(ctypes.c_int64),
                                                  U64]),
+            ("moert_session_options_set_mode", P, [P, I32]),
+            ("moert_session_backward", P, [P, FP, U64, FP, U64, ctypes.POINTER(ctypes.c_double)]),
+            ("moert_session_zero_grad", P, [P]),
+            ("moert_session_step", P, [P, ctypes.POINTER(ctypes.c_double),
+                                       ctypes.POINTER(ctypes.c_double)]),
+            ("moert_session_get_expert_bias", P, [P, U32, FP, U64]),
+            ("moert_session_get_parameter", P, [P, ctypes.c_char_p, FP, U64]),
+            ("moert_session_save", P, [P, ctypes.c_char_p]),
         ]:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -431,6 +439,43 @@ class Lib:
                     E), "counts")
                 counts.append(c)
             return out.astype(np.float64), counts
+        finally:
+            L.moert_session_free(s)
+            L.moert_session_options_free(o)
+            L.moert_model_free(m)
+
+
+    def train_and_save(self, path, x, steps, ckpt, E, params):
+        """Trains the hidden-state model at path for `steps` steps (loss: half the squared
+        output), saves a checkpoint; returns the trained loss-free bias and parameters."""
+        L, fp = self.lib, ctypes.POINTER(ctypes.c_float)
+        m, o, s = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        self.ok(L.moert_model_load_file(path.encode(), ctypes.byref(m)), f"load {path}")
+        try:
+            self.ok(L.moert_session_options_create(ctypes.byref(o)), "options")
+            self.ok(L.moert_session_options_set_mode(o, 1), "mode")
+            self.ok(L.moert_session_create(m, o, ctypes.byref(s)), "session")
+            xin = np.ascontiguousarray(x, dtype=np.float32)
+            out = np.zeros(x.shape, dtype=np.float32)
+            for _ in range(steps):
+                self.ok(L.moert_session_zero_grad(s), "zero_grad")
+                self.ok(L.moert_session_forward_hidden(s, xin.ctypes.data_as(fp), xin.size,
+                                                       x.shape[0], out.ctypes.data_as(fp),
+                                                       out.size), "forward")
+                g = np.ascontiguousarray(out / x.shape[0])
+                self.ok(L.moert_session_backward(s, g.ctypes.data_as(fp), g.size, None, 0, None),
+                        "backward")
+                self.ok(L.moert_session_step(s, None, None), "step")
+            bias = np.zeros(E, dtype=np.float32)
+            self.ok(L.moert_session_get_expert_bias(s, 1, bias.ctypes.data_as(fp), E), "bias")
+            values = {}
+            for name, n in params.items():
+                v = np.zeros(n, dtype=np.float32)
+                self.ok(L.moert_session_get_parameter(s, name.encode(), v.ctypes.data_as(fp), n),
+                        f"get {name}")
+                values[name] = v
+            self.ok(L.moert_session_save(s, ckpt.encode()), "save")
+            return bias, values
         finally:
             L.moert_session_free(s)
             L.moert_session_options_free(o)
@@ -517,6 +562,18 @@ def check_case(case, lib, cli_path, work):
             failures.append(f"{name}: re-import differs: {sorted(a)} vs {sorted(b)}")
         if mismatched:
             failures.append(f"{name}: exported tensors differ from the checkpoint: {mismatched[:4]}")
+        if "quantization_config" in cfg and not with_norm:
+            # FP8 exported as fp32 (code value x scale) runs exactly as the FP8 model does.
+            exp32 = os.path.join(out_dir, "exported_fp32")
+            cli(["export", model, exp32, "--dtype", "fp32"], cli_path)
+            m32 = os.path.join(out_dir, "fp32.moert")
+            cli(["import", exp32, m32] + args[3:], cli_path)
+            out32, _ = lib.run(m32, x, moe_layers, E)
+            d32 = np.abs(out32 - out).max()
+            lines.append(f"    export --dtype fp32 -> import: max |difference| to the FP8 model "
+                         f"{d32:.1e}")
+            if d32 > 1e-6 * np.abs(out).max():
+                failures.append(f"{name}: the fp32 export runs differently ({d32:.2e})")
         with open(os.path.join(exp, "config.json")) as f:
             ecfg = json.load(f)
         for k in ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
@@ -587,6 +644,89 @@ def check_refusals(cli_path, work):
     return lines, failures
 
 
+def check_trained(lib, cli_path, work):
+    """A model trained by moert (fp32 masters, a loss-free bias moved by training, two shared
+    experts) exported and imported back: the same forward, the bias as e_score_correction_bias,
+    the masters as fp32 (default) or rounded to bf16 (--dtype bf16)."""
+    d = os.path.join(work, "trained")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    D, E, H = 32, 8, 16
+
+    def t(std):
+        return {"init": {"kind": "Normal", "std": std}}
+    model = {
+        "schema_major": 1, "schema_minor": 1, "name": "trained", "seed": 11, "input_dim": D,
+        "layers": [
+            {"name": "norm", "kind_type": "RMSNorm",
+             "kind": {"dim": D, "eps": 1e-5, "weight": t(0.2)}},
+            {"name": "moe", "kind_type": "MoE", "kind": {
+                "dim": D, "num_experts": E, "top_k": 2, "expert_hidden": H,
+                "score_function": "Sigmoid", "num_groups": 2, "topk_groups": 1,
+                "normalize_weights": True, "routed_scaling_factor": 2.5,
+                "num_shared_experts": 2, "shared_hidden": H, "residual": False,
+                "balancing": {"policy": "LossFreeBias", "bias_update_rate": 0.01},
+                "gate": t(0.5), "w1": t(0.3), "w3": t(0.3), "w2": t(0.3),
+                "shared_w1": t(0.3), "shared_w3": t(0.3), "shared_w2": t(0.3)}},
+        ],
+    }
+    with open(os.path.join(d, "model.json"), "w") as f:
+        json.dump(model, f)
+    cli(["convert", os.path.join(d, "model.json"), os.path.join(d, "model.moert")], cli_path)
+    x = np.random.default_rng(12).normal(0, 1, size=(64, D))
+    params = {"moe.gate": E * D, "moe.w1": E * H * D, "norm.weight": D}
+    ckpt = os.path.join(d, "ckpt.moert")
+    bias, masters = lib.train_and_save(os.path.join(d, "model.moert"), x, 5, ckpt, E, params)
+    lines, failures = [], []
+    ref, ref_counts = lib.run(ckpt, x, [1], E)
+    for dtype in ("as-stored", "bf16", "fp8"):
+        exp = os.path.join(d, "export_" + dtype)
+        cli(["export", ckpt, exp, "--dtype", dtype], cli_path)
+        back = read_checkpoint(exp)
+        m2 = os.path.join(d, f"reimported_{dtype}.moert")
+        cli(["import", exp, m2, "--layer", "0", "--with-norm"], cli_path)
+        out, counts = lib.run(m2, x, [1], E)
+        rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+        eb = np.frombuffer(back["model.layers.0.mlp.gate.e_score_correction_bias"][2], np.float32)
+        gate = back["model.layers.0.mlp.gate.weight"]
+        w1 = back["model.layers.0.mlp.experts.3.gate_proj.weight"]
+        master_w1 = masters["moe.w1"].reshape(E, H, D)[3]
+        if dtype == "as-stored":
+            stored_ok = (gate[0] == "F32" and gate[2] == masters["moe.gate"].tobytes()
+                         and w1[0] == "F32" and w1[2] == master_w1.tobytes())
+        elif dtype == "bf16":
+            stored_ok = (gate[0] == "BF16" and gate[2] == bf16_bits(masters["moe.gate"]).tobytes()
+                         and w1[0] == "BF16" and w1[2] == bf16_bits(master_w1).tobytes())
+        else:
+            # Experts in E4M3, one 128x128 block here, scale amax / 448; the router in bf16. The
+            # codes are the nearest E4M3 values of w / scale (ties aside, which the oracle's
+            # nearest-value search may break differently: allow those, nothing else).
+            codes, scales, deq = quantize_fp8(master_w1)
+            sc = back["model.layers.0.mlp.experts.3.gate_proj.weight_scale_inv"]
+            scale = np.frombuffer(sc[2], np.float32)[0]
+            got = e4m3_value(np.frombuffer(w1[2], np.uint8)).reshape(H, D) * np.float64(scale)
+            exact = (np.frombuffer(w1[2], np.uint8).reshape(H, D) == codes).mean()
+            stored_ok = (gate[0] == "BF16" and gate[2] == bf16_bits(masters["moe.gate"]).tobytes()
+                         and w1[0] == "F8_E4M3" and tuple(sc[1]) == (1, 1)
+                         and scale == scales[0, 0] and exact >= 0.99
+                         and np.abs(got - master_w1).max() <= scale * 16)
+        shared = back["model.layers.0.mlp.shared_experts.down_proj.weight"]
+        lines.append(f"  trained checkpoint, --dtype {dtype}: bias |b| max {np.abs(bias).max():.3f} "
+                     f"exported {'exactly' if (eb == bias).all() else 'WRONG'}, masters "
+                     f"{'as ' + gate[0] if stored_ok else 'WRONG'}, shared down_proj "
+                     f"{list(shared[1])}, re-imported forward rel err {rel:.2e}, selection "
+                     f"{'exact' if (counts[0] == ref_counts[0]).all() else 'DIFFERS'}")
+        if not (eb == bias).all() or not np.abs(bias).max() > 0:
+            failures.append(f"trained {dtype}: bias {eb} != trained {bias}")
+        if not stored_ok:
+            failures.append(f"trained {dtype}: exported router/expert weights are not the masters")
+        if tuple(shared[1]) != (D, 2 * H):
+            failures.append(f"trained {dtype}: shared down_proj shape {shared[1]}")
+        if dtype == "as-stored" and (not rel <= REL_TOL or (counts[0] != ref_counts[0]).any()):
+            failures.append(f"trained: re-imported forward differs (rel {rel:.2e})")
+    return lines, failures
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lib", required=True)
@@ -605,6 +745,13 @@ def main():
         print(case["name"])
         print("\n".join(lines))
         failures += f
+    print("trained")
+    try:
+        lines, f = check_trained(lib, args.cli, args.workdir)
+    except Failure as exc:
+        lines, f = [], [f"trained: {exc}"]
+    print("\n".join(lines))
+    failures += f
     print("refusals")
     lines, f = check_refusals(args.cli, args.workdir)
     print("\n".join(lines))
