@@ -37,6 +37,7 @@ int run_import(const Args& args) {
   r.out_path = args.positional()[1];
   for (const std::string& l : args.every("layer"))
     r.layers.push_back(static_cast<uint32_t>(parse_integer("--layer", l, 0, UINT32_MAX)));
+  if (r.layers.empty()) usage_fail("name at least one --layer (see 'moert import --help')");
   r.with_norm = args.has("with-norm");
   const auto start = std::chrono::steady_clock::now();
   const ImportResult res = import_checkpoint(r);

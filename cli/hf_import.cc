@@ -84,10 +84,30 @@ class Importer {
     fb::FinishModelBuffer(b_, model);
     write_file_atomically(req_.out_path, {b_.GetBufferPointer(), b_.GetSize()});
     result_.description_bytes = b_.GetSize();
+    remove_stale_data(data_name);
     return result_;
   }
 
  private:
+  // Data files of earlier imports to the same path ("<file>.<16 hex digits>.data"), which no
+  // description refers to any more.
+  void remove_stale_data(const std::string& keep) const {
+    namespace fs = std::filesystem;
+    const fs::path out(req_.out_path);
+    const std::string prefix = out.filename().string() + ".";
+    const fs::path dir = out.parent_path().empty() ? fs::path(".") : out.parent_path();
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+      const std::string n = entry.path().filename().string();
+      if (n == keep || n.size() != prefix.size() + 21 || n.rfind(prefix, 0) != 0 ||
+          n.substr(n.size() - 5) != ".data")
+        continue;
+      const std::string hex = n.substr(prefix.size(), 16);
+      if (hex.find_first_not_of("0123456789abcdef") == std::string::npos)
+        fs::remove(entry.path(), ec);
+    }
+  }
+
   const StTensor& take(const std::string& name) {
     const StTensor& t = ck_.get(name);
     used_.insert(name);
