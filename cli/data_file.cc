@@ -72,11 +72,15 @@ void DataFileWriter::write(const void* p, size_t n) {
   size_ += n;
 }
 
-uint64_t DataFileWriter::append(const std::vector<std::span<const uint8_t>>& pieces) {
+uint64_t DataFileWriter::append(const std::vector<std::span<const uint8_t>>& pieces,
+                                void (*written)(std::span<const uint8_t>)) {
   static const uint8_t kZeros[kDataAlignment] = {};
   write(kZeros, (kDataAlignment - size_ % kDataAlignment) % kDataAlignment);
   const uint64_t offset = size_;
-  for (const auto& p : pieces) write(p.data(), p.size());
+  for (const auto& p : pieces) {
+    write(p.data(), p.size());
+    if (written) written(p);
+  }
   return offset;
 }
 

@@ -27,7 +27,9 @@ class DataFileWriter {
   DataFileWriter& operator=(const DataFileWriter&) = delete;
 
   // Appends the concatenation of `pieces` as one tensor at the next aligned offset; returns it.
-  uint64_t append(const std::vector<std::span<const uint8_t>>& pieces);
+  // `written`, when given, is called with each piece once it has been written.
+  uint64_t append(const std::vector<std::span<const uint8_t>>& pieces,
+                  void (*written)(std::span<const uint8_t>) = nullptr);
   uint64_t size() const { return size_; }
   // Flushes, syncs and renames the data file into place; returns its name relative to the model
   // file's directory, or "" (and no file) when nothing was appended.

@@ -2,6 +2,8 @@
 
 #include <flatbuffers/flatbuffers.h>
 #include <moert/moert.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -34,6 +36,14 @@ uint16_t schema_minor() {
 }
 
 uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
+
+// Drops the whole pages of a read-only file mapping inside `bytes` from the process.
+void release(std::span<const uint8_t> bytes) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(bytes.data()) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size()) / page * page;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
 
 std::string shape_str(const std::vector<uint64_t>& s) {
   std::string out = "[";
@@ -200,7 +210,9 @@ class Importer {
       scales = fb::CreateBlockScales(b_, g.block_rows, g.block_cols, b_.CreateVector(g.scales));
     const auto shape = b_.CreateVector(g.shape);
     if (g.bytes >= kDataMinBytes) {
-      const fb::ExternalRef ext(data_.append(g.pieces), g.bytes);
+      // The checkpoint's pages are copied once: each piece's pages are let go once written, so
+      // that importing an 11 GB layer does not keep it resident (a later read maps them again).
+      const fb::ExternalRef ext(data_.append(g.pieces, release), g.bytes);
       return fb::CreateTensor(b_, shape, g.dtype, 0, &ext, 0, scales);
     }
     std::vector<uint8_t> bytes;
