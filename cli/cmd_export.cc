@@ -49,15 +49,16 @@ int run_export(const Args& args) {
   else
     usage_fail("--dtype takes as-stored, fp32, bf16 or fp8, got '", d, "'");
   const ExportResult res = export_checkpoint(r);
-  std::printf("%s: %u MoE layers%s -> %s: %llu tensors, %.1f MiB%s%s\n", r.model_path.c_str(),
-              res.moe_layers, res.norms ? " with their RMSNorms" : "", r.out_dir.c_str(),
-              static_cast<unsigned long long>(res.tensors), res.bytes / 1048576.0,
-              res.skipped_layers
-                  ? cat(" (", res.skipped_layers, " other layers not exported)").c_str()
-                  : "",
-              res.residual ? "; the model's MoE layers add their input, which a DeepSeek-V3 "
-                             "decoder layer does outside its MLP"
-                           : "");
+  std::printf(
+      "%s: %u MoE layer%s%s -> %s: %llu tensors, %.1f MiB%s%s\n", r.model_path.c_str(),
+      res.moe_layers, res.moe_layers == 1 ? "" : "s",
+      res.norms ? (res.norms == 1 ? " with its RMSNorm" : " with their RMSNorms") : "",
+      r.out_dir.c_str(), static_cast<unsigned long long>(res.tensors), res.bytes / 1048576.0,
+      res.skipped_layers ? cat(" (", res.skipped_layers, " other layers not exported)").c_str()
+                         : "",
+      res.residual ? "; the model's MoE layers add their input, which a DeepSeek-V3 "
+                     "decoder layer does outside its MLP"
+                   : "");
   return 0;
 }
 

@@ -170,6 +170,12 @@ class Exporter {
   }
 
   ExportResult run() {
+    // Readers take model.safetensors.index.json over model.safetensors, so a single-file
+    // checkpoint already there would silently become a stale second copy.
+    if (fs::exists(fs::path(req_.out_dir) / "model.safetensors"))
+      fail(req_.out_dir,
+           " holds a model.safetensors, which the exported index would shadow: "
+           "export to another folder");
     collect_layers();
     fs::create_directories(req_.out_dir);
     write_config();
@@ -198,9 +204,6 @@ class Exporter {
     const std::string text = index.dump(2) + "\n";
     write_file_atomically((fs::path(req_.out_dir) / "model.safetensors.index.json").string(),
                           {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
-    // A single-file checkpoint left in the folder would shadow nothing (the index wins), but it
-    // would be a second, stale copy: refuse to leave one behind.
-    fs::remove(fs::path(req_.out_dir) / "model.safetensors");
     return result_;
   }
 
