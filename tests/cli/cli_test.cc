@@ -78,7 +78,7 @@ TEST(Cli, HelpEverywhere) {
   const fs::path dir = workdir("help");
   Result top = run("--help", dir);
   EXPECT_EQ(top.code, 0);
-  for (const char* cmd : {"train", "eval", "inspect", "convert", "bench"}) {
+  for (const char* cmd : {"train", "eval", "inspect", "convert", "bench", "import", "export"}) {
     EXPECT_NE(top.out.find(std::string("  ") + cmd + " "), std::string::npos) << cmd;
     const Result r = run(std::string(cmd) + " --help", dir);
     EXPECT_EQ(r.code, 0) << cmd << ": " << r.err;
