@@ -60,6 +60,7 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
       if (i + 1 >= argc) usage_fail("option '--", name, "' needs a value (", flag->value_name, ")");
       values_[name] = argv[++i];
     }
+    every_[name].push_back(values_[name]);
   }
   if (help_) return;
   if (positional_.size() < spec.min_positional || positional_.size() > spec.max_positional)
@@ -76,6 +77,12 @@ const Flag& Args::declared(const std::string& flag) const {
 bool Args::has(const std::string& flag) const {
   declared(flag);
   return values_.count(flag) != 0;
+}
+
+std::vector<std::string> Args::every(const std::string& flag) const {
+  declared(flag);
+  auto it = every_.find(flag);
+  return it == every_.end() ? std::vector<std::string>{} : it->second;
 }
 
 std::string Args::str(const std::string& flag, const std::string& fallback) const {

@@ -38,6 +38,9 @@ class Args {
   const std::vector<std::string>& positional() const { return positional_; }
   bool has(const std::string& flag) const;
   std::string str(const std::string& flag, const std::string& fallback) const;
+  // Every value of a flag that may be repeated ("--layer 3 --layer 5"), in order; str() gives
+  // the last one.
+  std::vector<std::string> every(const std::string& flag) const;
   // Numbers are checked against [lo, hi]; a malformed or out-of-range value is a UsageError.
   int64_t integer(const std::string& flag, int64_t fallback, int64_t lo, int64_t hi) const;
   double real(const std::string& flag, double fallback, double lo, double hi) const;
@@ -48,6 +51,7 @@ class Args {
   const CommandSpec& spec_;
   bool help_ = false;
   std::map<std::string, std::string> values_;
+  std::map<std::string, std::vector<std::string>> every_;
   std::vector<std::string> positional_;
 };
 

@@ -11,11 +11,14 @@ struct Command {
   int (*run)(const Args& args);
 };
 
-extern const CommandSpec kInspectSpec, kConvertSpec, kTrainSpec, kEvalSpec, kBenchSpec;
+extern const CommandSpec kInspectSpec, kConvertSpec, kTrainSpec, kEvalSpec, kBenchSpec, kImportSpec,
+    kExportSpec;
 int run_inspect(const Args& args);
 int run_convert(const Args& args);
 int run_train(const Args& args);
 int run_eval(const Args& args);
 int run_bench(const Args& args);
+int run_import(const Args& args);
+int run_export(const Args& args);
 
 }  // namespace moert_cli

@@ -20,6 +20,8 @@ const Command kCommands[] = {
     {moert_cli::kInspectSpec, moert_cli::run_inspect},
     {moert_cli::kConvertSpec, moert_cli::run_convert},
     {moert_cli::kBenchSpec, moert_cli::run_bench},
+    {moert_cli::kImportSpec, moert_cli::run_import},
+    {moert_cli::kExportSpec, moert_cli::run_export},
 };
 
 void print_overview(std::FILE* to) {

@@ -324,6 +324,10 @@ std::string cpu_bf16_kernels();
 // The CUDA backend from the plugin libmoert_cuda.so, loaded on first use: beside libmoert.so, or
 // at `plugin_path` when not empty. Throws Error(Unsupported) with the reason when the plugin, the
 // CUDA libraries or a usable GPU are missing.
-std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& plugin_path);
+// `experts`: what the experts multiply in (bf16, the CUDA backend's; a plugin refuses what it does
+// not run with Unsupported).
+std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& plugin_path,
+                                           Precision experts = Precision::Bf16,
+                                           Fp8Options fp8 = {});
 
 }  // namespace moert

@@ -16,7 +16,8 @@ namespace moert {
 class Backend;
 class Communicator;
 // 3: NCCL communicators (moert_cuda_plugin_nccl_*).
-inline constexpr uint32_t kCudaPluginAbi = 3;
+// 4: FP8 in Backend (Weight::fp8, fp8_experts, quantize_weight_blocks); create takes the precision.
+inline constexpr uint32_t kCudaPluginAbi = 4;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =
     MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(
@@ -37,10 +38,14 @@ extern "C" {
 // The plugin ABI number and the library version the plugin was built with.
 typedef uint32_t (*moert_cuda_plugin_abi_fn)(void);
 typedef const char* (*moert_cuda_plugin_version_fn)(void);
-// Creates a backend on CUDA device `device`; on failure returns null, sets *code to a moert::Code
-// value (a bad device index is InvalidArgument, no usable GPU Unsupported, no memory OutOfMemory)
-// and writes a message (at most `message_len` bytes, NUL-terminated) into `message`.
-typedef moert::Backend* (*moert_cuda_plugin_create_fn)(int32_t device, int32_t* code, char* message,
+// Creates a backend on CUDA device `device` whose experts multiply in `precision` (a
+// moert::Precision value; fp8_power_of_two_scales: Fp8Options); on failure returns null, sets
+// *code to a moert::Code value (a bad device index is InvalidArgument, no usable GPU or a
+// precision the plugin does not run Unsupported, no memory OutOfMemory) and writes a message (at
+// most `message_len` bytes, NUL-terminated) into `message`.
+typedef moert::Backend* (*moert_cuda_plugin_create_fn)(int32_t device, int32_t precision,
+                                                       int32_t fp8_power_of_two_scales,
+                                                       int32_t* code, char* message,
                                                        size_t message_len);
 // NCCL (optional: a plugin without these two has no NCCL). Writes a fresh NCCL unique id of
 // `len` bytes (kNcclUniqueIdBytes) into `out`; returns 0, or a moert::Code value and a message.

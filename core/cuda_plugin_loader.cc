@@ -78,11 +78,13 @@ Plugin& load_nccl(const std::string& plugin_path) {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& plugin_path) {
+std::unique_ptr<Backend> make_cuda_backend(int32_t device, const std::string& plugin_path,
+                                           Precision experts, Fp8Options fp8) {
   Plugin& p = load(plugin_path);
   char message[512] = {0};
   int32_t code = static_cast<int32_t>(Code::Unsupported);
-  Backend* be = p.create(device, &code, message, sizeof message);
+  Backend* be = p.create(device, static_cast<int32_t>(experts), fp8.power_of_two_scales ? 1 : 0,
+                         &code, message, sizeof message);
   if (!be) fail(plugin_code(code), "CUDA backend unavailable: ", message);
   return std::unique_ptr<Backend>(be);
 }

@@ -8,9 +8,15 @@
 namespace moert {
 
 ExpertLayout::ExpertLayout(const ExpertSharding& sharding, std::vector<int64_t> counts,
-                           int64_t chunk_rows)
-    : s_(sharding), chunk_(chunk_rows), prefix_(std::move(counts)) {
+                           int64_t chunk_rows, int64_t align_rows)
+    : s_(sharding),
+      chunk_(chunk_rows),
+      align_(align_rows > 0 ? align_rows : chunk_rows),
+      prefix_(std::move(counts)) {
   const int64_t E = s_.experts;
+  if (chunk_ < 1 || align_ % chunk_ != 0)
+    fail(Code::Internal, "expert layout: ranges aligned at ", align_, " rows cannot hold whole ",
+         chunk_, "-row chunks");
   if (s_.ep < 1 || s_.world % s_.ep != 0 || E % s_.ep != 0 ||
       static_cast<int64_t>(prefix_.size()) != s_.world * E)
     fail(Code::Internal, "expert layout: ", s_.world, " ranks, EP ", s_.ep, ", ", E,
@@ -35,8 +41,8 @@ ExpertLayout::ExpertLayout(const ExpertSharding& sharding, std::vector<int64_t> 
 }
 
 int64_t ExpertLayout::range_begin(int64_t e, int d) const {
-  const int64_t J = (total_[e] + chunk_ - 1) / chunk_, dp = s_.dp();
-  return std::min(total_[e], chunk_ * (static_cast<int64_t>(d) * J / dp));
+  const int64_t J = (total_[e] + align_ - 1) / align_, dp = s_.dp();
+  return std::min(total_[e], align_ * (static_cast<int64_t>(d) * J / dp));
 }
 
 int ExpertLayout::replica_of(int64_t e, int64_t p) const {

@@ -42,8 +42,11 @@ struct ExpertSharding {
 // The layout of one MoE layer's assignments over the job for one forward pass.
 class ExpertLayout {
  public:
-  // counts: [world * E], counts[r * E + e] = rank r's assignments to expert e.
-  ExpertLayout(const ExpertSharding& sharding, std::vector<int64_t> counts, int64_t chunk_rows);
+  // counts: [world * E], counts[r * E + e] = rank r's assignments to expert e. The replicas of a
+  // shard split each expert's positions into ranges that start at multiples of align_rows (a
+  // multiple of the reduction's chunk_rows; 0: chunk_rows).
+  ExpertLayout(const ExpertSharding& sharding, std::vector<int64_t> counts, int64_t chunk_rows,
+               int64_t align_rows = 0);
 
   const ExpertSharding& sharding() const { return s_; }
   // Assignments to expert e over the job, and the global position of rank r's first one.
@@ -70,7 +73,7 @@ class ExpertLayout {
 
  private:
   ExpertSharding s_;
-  int64_t chunk_;
+  int64_t chunk_, align_;
   std::vector<int64_t> total_;      // [E]
   std::vector<int64_t> prefix_;     // [world * E]
   std::vector<int64_t> slot_base_;  // [world * (per_shard + 1)]: slot_offsets of every rank

@@ -25,6 +25,11 @@ namespace moert {
 
 // Rows per reduction chunk. Processes that each hold a multiple of it reduce exactly like one.
 inline constexpr int64_t kReduceRows = 64;
+// The same for experts multiplied in FP8, whose Wgrad quantizes its operands in 128-token tiles
+// (DeepSeek-V3's 128x1 tiles along the reduction dimension) from the first row of each list: a
+// multiple of kReduceRows, so that a chunk lies inside one tile.
+inline constexpr int64_t kFp8ShareRows = 128;
+static_assert(kFp8ShareRows % kReduceRows == 0, "a chunk must lie inside one FP8 Wgrad tile");
 
 // Chunks [begin, begin + size): size is a power of two and begin a multiple of it.
 struct TreeBlock {

@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "core/layers.h"
+#include "kernels/fp8_rules.h"
 
 namespace moert {
 namespace {
@@ -96,7 +97,11 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   std::vector<int64_t> local(static_cast<size_t>(E)), all(static_cast<size_t>(R * E));
   for (int64_t e = 0; e < E; ++e) local[e] = plan_.count(e);
   world.all_gather(local.data(), E * 8, all.data());
-  const ExpertLayout layout(sharding, std::move(all), kReduceRows);
+  // Replicas split an expert's rows at multiples of 128 as well as of the reduction's chunks: FP8
+  // Wgrad quantizes them in 128-token tiles from the start of the list (kernels/cpu/fp8.h), and a
+  // tile cut between two processes would have other scales than in one process.
+  const ExpertLayout layout(sharding, std::move(all), kReduceRows,
+                            std::max<int64_t>(kReduceRows, fp8::kBlock));
   Exchange& ex = ex_;
   ex.route = route_dispatch(layout, to_host(be, plan_.token, static_cast<size_t>(A)).data(),
                             to_host(be, plan_.expert, static_cast<size_t>(A)).data(),

@@ -53,14 +53,16 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
         return;
       }
       const size_t n = t.values.size();
-      const bool bf16 = wants_bf16(be.bf16_copies(), layer, field);
+      const bool fp8 = be.fp8_experts() && is_expert_weight(layer, field);
+      // A weight multiplied in FP8 needs no bf16 copy as well.
+      const bool bf16 = !fp8 && wants_bf16(be.bf16_copies(), layer, field);
       if (be.host_memory()) {
         e.f32_ptr = t.data();
         e.grad_ptr = g ? g->data() : nullptr;
       } else {
-        // Inference on a bf16 device keeps GEMM weights in bf16 only: a DeepSeek-V3 layer's
+        // Inference on a device keeps GEMM weights in bf16 or FP8 only: a DeepSeek-V3 layer's
         // routed experts are 22 GB in bf16 and would not fit beside their fp32 values.
-        if (training || !bf16) {
+        if (training || !(bf16 || fp8)) {
           e.f32.resize(be, n);
           e.f32_ptr = e.f32.data();
         }
@@ -70,7 +72,7 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
         }
       }
       if (bf16) e.bf16.resize(be, n);
-      if (be.fp8_experts() && is_expert_weight(layer, field)) {
+      if (fp8) {
         if (t.shape.size() < 2)
           fail(Code::Internal, "expert weight '", layer.name, ".", field, "' is not a matrix");
         e.fp8_cols = t.shape.back();

@@ -216,7 +216,8 @@ void Session::build() {
     fail(Code::Unsupported,
          "precision fp32 is not available on CUDA: the CUDA backend multiplies in bf16 (fp32 "
          "runs on the CPU)");
-  backend_ = cuda ? make_cuda_backend(options_.device_index, options_.cuda_plugin)
+  backend_ = cuda ? make_cuda_backend(options_.device_index, options_.cuda_plugin, precision_,
+                                      options_.fp8)
                   : make_cpu_backend(options_.threads, precision_, options_.fp8);
   if (precision_ == Precision::Fp8 && !backend_->fp8_experts())
     fail(Code::Unsupported, "precision fp8 is not available on the ", backend_->name(),

@@ -3,7 +3,8 @@
 # 10^6) under ASan and UBSan, at most two targets at a time and at the priority of a niced build, each
 # growing a corpus of its own from the committed seeds. Builds the "fuzz" preset first.
 #   scripts/fuzz-campaign.sh [RUNS [TARGET...]]   (targets: model_load checkpoint_load
-#                                                  json_convert tensor_decode; default all)
+#                                                  json_convert tensor_decode safetensors;
+#                                                  default all)
 # Writes build/fuzz/campaign/<target>/{corpus,log,crash-*} and prints, per target, the executions,
 # the coverage (edges and features as libFuzzer counts them), the corpus and the crashes. A
 # target that crashes stops; its input is the crash-* file (see "Fuzzing" for what to do with it).
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-1000000}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(model_load checkpoint_load json_convert tensor_decode)
+[ ${#targets[@]} -gt 0 ] || targets=(model_load checkpoint_load json_convert tensor_decode safetensors)
 cmake --preset fuzz >/dev/null
 nice cmake --build --preset fuzz
 out=build/fuzz/campaign

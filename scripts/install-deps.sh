@@ -9,6 +9,7 @@ packages=(
   flatbuffers-compiler libflatbuffers-dev       # the model schema
   libdnnl-dev                                   # oneDNN: the CPU GEMMs, fp32 and bf16 (cmake/MoertBlas.cmake)
   libxxhash-dev                                 # XXH3, the checkpoint content digest (header-only use)
+  nlohmann-json3-dev                            # safetensors headers and config.json (moert import/export)
   python3 python3-numpy python3-torch           # the PyTorch oracles and benchmarks
   fortunes                                      # English text for the balancing experiment
   python3-matplotlib                            # the experiment's MaxVio plot (PNG)

@@ -1,5 +1,6 @@
-/* Loads a moert model, runs one forward pass over a batch of token windows and prints how the
- * routers spread the tokens over the experts of each MoE layer.
+/* Loads a moert model, runs one forward pass over a batch of token windows (or, for a model with
+ * hidden-state input such as one `moert import` writes, of deterministic hidden states) and
+ * prints how the routers spread the tokens over the experts of each MoE layer.
  *
  *   moert_example_c [MODEL_FILE] [ROWS]
  */
@@ -24,6 +25,7 @@ int main(int argc, char** argv) {
   moert_session_options* opts = NULL;
   moert_session* session = NULL;
   int32_t* tokens = NULL;
+  float* hidden = NULL;
   float* out = NULL;
   int64_t* counts = NULL;
 
@@ -46,25 +48,35 @@ int main(int argc, char** argv) {
     goto done;
   printf("model '%s' from %s: %u layers, %llu parameters, %llu activated per row\n", name, path,
          num_layers, (unsigned long long)total, (unsigned long long)activated);
-  if (input_kind != MOERT_INPUT_TOKENS) {
-    fprintf(stderr, "this example feeds token ids; the model takes hidden states\n");
-    goto done;
-  }
 
   if (failed(moert_session_options_create(&opts), "options") ||
       failed(moert_session_options_set_threads(opts, 2), "threads") ||
       failed(moert_session_create(model, opts, &session), "session"))
     goto done;
 
-  /* A deterministic stream of token ids: row r holds ids (7r + c) mod 64 .. for c in the window. */
-  tokens = malloc(sizeof *tokens * rows * in_width);
   out = malloc(sizeof *out * rows * out_width);
-  if (!tokens || !out) goto done;
-  for (uint64_t i = 0; i < rows * in_width; ++i) tokens[i] = (int32_t)((i * 7 + i / 3) % 64);
-  if (failed(moert_session_forward_tokens(session, tokens, rows * in_width, rows, out,
-                                          rows * out_width),
-             "forward"))
-    goto done;
+  if (!out) goto done;
+  if (input_kind == MOERT_INPUT_TOKENS) {
+    /* A deterministic stream of token ids: row r holds ids (7r + c) mod 64 .. for c in the
+     * window. */
+    tokens = malloc(sizeof *tokens * rows * in_width);
+    if (!tokens) goto done;
+    for (uint64_t i = 0; i < rows * in_width; ++i) tokens[i] = (int32_t)((i * 7 + i / 3) % 64);
+    if (failed(moert_session_forward_tokens(session, tokens, rows * in_width, rows, out,
+                                            rows * out_width),
+               "forward"))
+      goto done;
+  } else {
+    /* Hidden states in [-1, 1) from a fixed integer hash of the position. */
+    hidden = malloc(sizeof *hidden * rows * in_width);
+    if (!hidden) goto done;
+    for (uint64_t i = 0; i < rows * in_width; ++i)
+      hidden[i] = (float)((i * 2654435761u) % 2048u) / 1024.0f - 1.0f;
+    if (failed(moert_session_forward_hidden(session, hidden, rows * in_width, rows, out,
+                                            rows * out_width),
+               "forward"))
+      goto done;
+  }
   printf("forward: %llu rows -> %llu x %u outputs, out[0][0..3] = %.5f %.5f %.5f %.5f\n",
          (unsigned long long)rows, (unsigned long long)rows, out_width, out[0], out[1], out[2],
          out[3]);
@@ -103,6 +115,7 @@ int main(int argc, char** argv) {
 done:
   free(counts);
   free(out);
+  free(hidden);
   free(tokens);
   moert_session_free(session);
   moert_session_options_free(opts);

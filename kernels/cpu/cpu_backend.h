@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "kernels/cpu/fp8.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/row_reduction.h"
 #include "kernels/cpu/thread_pool.h"
@@ -24,6 +25,7 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
   bool host_memory() const override { return true; }
   Bf16Copies bf16_copies() const override { return bf16_ ? Bf16Copies::Experts : Bf16Copies::None; }
+  bool fp8_experts() const override { return precision_ == Precision::Fp8; }
 
   // ---- Memory (cpu_backend.cc)
   void* allocate(size_t bytes) override;
@@ -34,6 +36,9 @@ class CpuBackend final : public Backend {
   void zero(void* dst, size_t bytes) override;
   void to_bf16(const float* src, uint16_t* dst, int64_t n) override;
   void add(float* dst, const float* src, int64_t n) override;
+  // (cpu_ffn_fp8.cc)
+  void quantize_weight_blocks(const float* src, int64_t matrices, int64_t rows, int64_t cols,
+                              uint8_t* codes, float* scales, const char* what) override;
 
   // ---- Forward (cpu_backend.cc; the GEMM layers in cpu_ffn.cc)
   void linear(const float* x, Weight w, const float* bias, float* y, int64_t rows, int64_t in,
@@ -106,21 +111,53 @@ class CpuBackend final : public Backend {
     int64_t begin = 0, rows = 0;
     const GradOut *dw1 = nullptr, *dw3 = nullptr, *dw2 = nullptr;
   };
-  // Work items over rows: [begin, begin + rows) of a segment, never across a chunk boundary.
+  // Work items over rows: [begin, begin + rows) of a segment, `unit` rows (the last may be
+  // shorter) from its first row on: a chunk (kReduceRows), or FP8 Wgrad's token tile
+  // (kFp8ShareRows: whole chunks).
   struct Item {
     size_t segment;
     int64_t begin, rows;
   };
-  static std::vector<Item> row_items(const std::vector<Segment>& segments);
+  static std::vector<Item> row_items(const std::vector<Segment>& segments,
+                                     int64_t unit = kReduceRows);
 
   // The FFN forward of each item (cpu_ffn.cc).
   void ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1, float* h3,
                    int64_t dim, int64_t hidden, bool accumulate);
+  // FP8 Fprop of an item of m rows (cpu_ffn_fp8.cc): h1, h3 (row stride hidden) = x W1^T, x W3^T
+  // on hidden columns [c0, c0 + n); y (row stride dim) (+)= a W2^T on output columns [c0, c0 + n).
+  // row0: the item's first row, named in errors.
+  void fp8_up(const Segment& s, int64_t m, int64_t row0, const float* x, float* h1, float* h3,
+              int64_t c0, int64_t n, int64_t dim, int64_t hidden, unsigned worker);
+  void fp8_down(const Segment& s, int64_t m, int64_t row0, const float* a, float* y, int64_t c0,
+                int64_t n, int64_t dim, int64_t hidden, bool accumulate, unsigned worker);
   // How ffn_backward's GEMMs read their operands (cpu_ffn.cc).
-  enum class Mode { Direct, Transposed, Bf16 };
+  enum class Mode { Direct, Transposed, Bf16, Fp8 };
   void backward_item(Mode mode, const Segment& s, const Item& it, const float* x, const float* h1,
                      const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
                      int64_t hidden, const float* wt, unsigned worker);
+  // backward_item in FP8 (cpu_ffn_fp8.cc), on an item of one 128-token tile (kFp8ShareRows
+  // rows): Dgrad on row tiles; the Wgrad operands quantized in column tiles, the item being one
+  // tile, into t_x_ ... t_dh3_ (codes [rows, width]) and t_fp8_scales_ (item `item`'s scales).
+  void backward_item_fp8(const Segment& s, const Item& it, size_t item, const float* x,
+                         const float* h1, const float* h3, const float* dy, float* dx,
+                         bool dx_accumulate, int64_t dim, int64_t hidden, unsigned worker);
+  // Operand k (0 dy, 1 x, 2 a, 3 dh1, 4 dh3) of FP8 Wgrad, in column tiles, from the first row of
+  // item `item` (which begins at row `row`) on.
+  struct Fp8Operand {
+    uint8_t* codes;
+    int64_t ld;
+    float* scales;
+    int64_t scale_ld;
+    fp8::ColumnTiles tiles() const { return {codes, ld, scales, scale_ld}; }
+  };
+  Fp8Operand fp8_wgrad_operand(int k, size_t item, int64_t row, int64_t dim, int64_t hidden);
+  // Column tiles per item, and an item's scales.
+  static_assert(kFp8ShareRows == fp8::kBlock, "an FP8 backward item is one Wgrad token tile");
+  static constexpr int64_t kFp8ItemTiles = 1;
+  static int64_t fp8_item_scales(int64_t dim, int64_t hidden) {
+    return kFp8ItemTiles * (2 * dim + 3 * hidden);
+  }
   // The FFN backward of every segment: dx (+)= and the weight gradients (cpu_ffn.cc).
   void ffn_backward(const std::vector<Segment>& segs, const float* x, const float* h1,
                     const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
@@ -135,11 +172,14 @@ class CpuBackend final : public Backend {
   struct Scratch {
     std::vector<float> f;
     std::vector<unsigned char> bytes;
+    std::vector<float> quant;  // FP8 tile scales and the FP8 GEMMs' scratch
   };
   std::vector<Scratch> scratch_;  // one per worker
   // Backward operands, chunk by chunk, transposed for the Wgrad partials (kept between calls,
   // never initialised).
   Buffer<unsigned char> t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_;
+  // FP8 Wgrad: the column-tile scales of every item's five operands (fp8_wgrad_operand).
+  Buffer<float> t_fp8_scales_;
   // fp32 Dgrad reads its weights transposed, as the "nt" GEMM oneDNN runs fastest: made once per
   // backward call, for as many weights at a time as kTransposedWeights floats allow.
   Buffer<float> t_w_;

@@ -8,6 +8,8 @@
 // multiplies by weights transposed once per call: oneDNN's sgemm runs nt at 85-91 GFLOP/s on this
 // project's AVX2 machine against 58-66 for tn and nn at these shapes. Smaller weights read the
 // row-major operands directly (tn, nn), where the transposes would cost more than they save.
+// FFNs whose three weights carry FP8 copies multiply in FP8 (cpu_ffn_fp8.cc): the forward decides
+// segment by segment, the backward when every segment of the call carries them.
 #include <algorithm>
 #include <cstring>
 
@@ -26,14 +28,16 @@ const float* f32_of(Weight w) {
 }
 
 bool all_bf16(Weight a, Weight b, Weight c) { return a.bf16 && b.bf16 && c.bf16; }
+bool all_fp8(Weight a, Weight b, Weight c) { return a.fp8 && b.fp8 && c.fp8; }
 
 }  // namespace
 
-std::vector<CpuBackend::Item> CpuBackend::row_items(const std::vector<Segment>& segments) {
+std::vector<CpuBackend::Item> CpuBackend::row_items(const std::vector<Segment>& segments,
+                                                    int64_t unit) {
   std::vector<Item> items;
   for (size_t s = 0; s < segments.size(); ++s)
-    for (int64_t a = 0; a < segments[s].rows; a += kReduceRows)
-      items.push_back({s, segments[s].begin + a, std::min(kReduceRows, segments[s].rows - a)});
+    for (int64_t a = 0; a < segments[s].rows; a += unit)
+      items.push_back({s, segments[s].begin + a, std::min(unit, segments[s].rows - a)});
   return items;
 }
 
@@ -132,9 +136,11 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
                              float* h3, int64_t dim, int64_t hidden, bool accumulate) {
   const auto items = row_items(segs);
   // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
-  auto up = [&](const Segment& s, int64_t m, const float* xr, float* p1, float* p3, float* a,
-                int64_t c0, int64_t n, unsigned worker) {
-    if (all_bf16(s.w1, s.w3, s.w2)) {
+  auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, float* p1, float* p3,
+                float* a, int64_t c0, int64_t n, unsigned worker) {
+    if (all_fp8(s.w1, s.w3, s.w2)) {
+      fp8_up(s, m, row0, xr, p1, p3, c0, n, dim, hidden, worker);
+    } else if (all_bf16(s.w1, s.w3, s.w2)) {
       auto& act = scratch_[worker].bytes;
       act.resize(static_cast<size_t>(m * dim) * bf16_gemm_.act_bytes());
       bf16_gemm_.prepare(xr, dim, m, dim, act.data(), dim, false);
@@ -150,9 +156,11 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       swiglu(p1 + r * hidden + c0, p3 + r * hidden + c0, a + r * hidden + c0, n);
   };
   // y (row stride `dim`) (+)= a W2^T on output columns [c0, c0 + n).
-  auto down = [&](const Segment& s, int64_t m, const float* a, float* yr, int64_t c0, int64_t n,
-                  unsigned worker) {
-    if (all_bf16(s.w1, s.w3, s.w2)) {
+  auto down = [&](const Segment& s, int64_t m, int64_t row0, const float* a, float* yr, int64_t c0,
+                  int64_t n, unsigned worker) {
+    if (all_fp8(s.w1, s.w3, s.w2)) {
+      fp8_down(s, m, row0, a, yr, c0, n, dim, hidden, accumulate, worker);
+    } else if (all_bf16(s.w1, s.w3, s.w2)) {
       auto& act = scratch_[worker].bytes;
       act.resize(static_cast<size_t>(m * hidden) * bf16_gemm_.act_bytes());
       bf16_gemm_.prepare(a, hidden, m, hidden, act.data(), hidden, false);
@@ -198,7 +206,7 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       float* a = few_.data() + few_at[un.item] * hidden;
       float* p1 = keep ? h1 + it.begin * hidden : a + few_rows * hidden;
       float* p3 = keep ? h3 + it.begin * hidden : a + 2 * few_rows * hidden;
-      up(s, m, xr, p1, p3, a, un.c0, un.n, worker);
+      up(s, m, it.begin, xr, p1, p3, a, un.c0, un.n, worker);
       return;
     }
     auto& sc = scratch_[worker].f;
@@ -206,14 +214,14 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     float* a = sc.data();
     float* p1 = keep ? h1 + it.begin * hidden : a + m * hidden;
     float* p3 = keep ? h3 + it.begin * hidden : a + 2 * m * hidden;
-    up(s, m, xr, p1, p3, a, 0, hidden, worker);
-    down(s, m, a, y + it.begin * dim, 0, dim, worker);
+    up(s, m, it.begin, xr, p1, p3, a, 0, hidden, worker);
+    down(s, m, it.begin, a, y + it.begin * dim, 0, dim, worker);
   });
   pool_.parallel_for(static_cast<int64_t>(second.size()), [&](int64_t u, unsigned worker) {
     const Unit& un = second[static_cast<size_t>(u)];
     const Item& it = items[un.item];
-    down(segs[it.segment], it.rows, few_.data() + few_at[un.item] * hidden, y + it.begin * dim,
-         un.c0, un.n, worker);
+    down(segs[it.segment], it.rows, it.begin, few_.data() + few_at[un.item] * hidden,
+         y + it.begin * dim, un.c0, un.n, worker);
   });
 }
 
@@ -242,10 +250,11 @@ void CpuBackend::grouped_swiglu_ffn_backward(const DispatchPlan& plan, const flo
 void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, const float* h1,
                               const float* h3, const float* dy, float* dx, bool dx_accumulate,
                               int64_t dim, int64_t hidden) {
-  bool bf16 = !segs.empty();
+  bool bf16 = !segs.empty(), fp8 = !segs.empty();
   int64_t end = 0;
   for (const Segment& s : segs) {
     bf16 = bf16 && all_bf16(s.w1, s.w3, s.w2);
+    fp8 = fp8 && all_fp8(s.w1, s.w3, s.w2);
     end = std::max(end, s.begin + s.rows);
   }
   const int64_t per = hidden * dim;
@@ -256,16 +265,26 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
   //    Wgrad nt on the operands written chunk by chunk transposed.
   //  Bf16: Dgrad through Bf16Gemm (bf16 weights as stored), Wgrad nt on operands prepared
   //    transposed.
-  const Mode mode = bf16 ? Mode::Bf16 : per < kDirectBelow ? Mode::Direct : Mode::Transposed;
-  const size_t es = bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
+  //  Fp8: Dgrad and Wgrad on block-scaled E4M3 codes (cpu_ffn_fp8.cc), the Wgrad operands kept
+  //    row-major as codes, 1 byte each.
+  const Mode mode = fp8                  ? Mode::Fp8
+                    : bf16               ? Mode::Bf16
+                    : per < kDirectBelow ? Mode::Direct
+                                         : Mode::Transposed;
+  const size_t es = fp8 ? 1 : bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
   if (mode != Mode::Direct)
     for (auto* t : {&t_x_, &t_dy_}) t->resize(*this, static_cast<size_t>(end * dim) * es);
   for (auto* t : {&t_a_, &t_dh1_, &t_dh3_})
     t->resize(*this, static_cast<size_t>(end * hidden) * es);
 
   // Row items in segment order; with transposed weights, segments go in batches whose
-  // transposes fit kTransposedWeights.
-  const auto items = row_items(segs);
+  // transposes fit kTransposedWeights. FP8 items are Wgrad's 128-token tiles, two chunks each.
+  const auto items = row_items(segs, mode == Mode::Fp8 ? kFp8ShareRows : kReduceRows);
+  std::vector<size_t> first_item_of(segs.size() + 1, 0);  // a segment's items, for FP8 Wgrad
+  for (const Item& it : items) ++first_item_of[it.segment + 1];
+  for (size_t s = 0; s < segs.size(); ++s) first_item_of[s + 1] += first_item_of[s];
+  if (mode == Mode::Fp8)
+    t_fp8_scales_.resize(*this, items.size() * static_cast<size_t>(fp8_item_scales(dim, hidden)));
   size_t first_item = 0;
   for (size_t s0 = 0; s0 < segs.size();) {
     size_t s1 = s0;
@@ -298,7 +317,13 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     size_t last_item = first_item;
     while (last_item < items.size() && items[last_item].segment < s1) ++last_item;
     pool_.parallel_for(static_cast<int64_t>(last_item - first_item), [&](int64_t i, unsigned w) {
-      const Item& it = items[first_item + static_cast<size_t>(i)];
+      const size_t item = first_item + static_cast<size_t>(i);
+      const Item& it = items[item];
+      if (mode == Mode::Fp8) {
+        backward_item_fp8(segs[it.segment], it, item, x, h1, h3, dy, dx, dx_accumulate, dim, hidden,
+                          w);
+        return;
+      }
       const float* wt = slot[it.segment] >= 0 ? t_w_.data() + slot[it.segment] : nullptr;
       backward_item(mode, segs[it.segment], it, x, h1, h3, dy, dx, dx_accumulate, dim, hidden, wt,
                     w);
@@ -308,8 +333,10 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
   }
 
   // dW = sum over chunks of the chunk's A^T B, as the mode lays the operands out.
-  auto grad = [&](const Segment& s, const GradOut* g, Buffer<unsigned char>& ta, int64_t out,
-                  Buffer<unsigned char>& tb, int64_t in) {
+  // ka, kb: the operands as fp8_wgrad_operand numbers them.
+  auto grad = [&](size_t si, const GradOut* g, Buffer<unsigned char>& ta, int ka, int64_t out,
+                  Buffer<unsigned char>& tb, int kb, int64_t in) {
+    const Segment& s = segs[si];
     DenseGrad d;
     d.g = g;
     d.chunks = reduce_chunks(s.rows);
@@ -321,9 +348,21 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     };
     const float* ra = rows_of(ta);
     const float* rb = rows_of(tb);
-    d.partial = [&, s, out, in, ra, rb](int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni,
-                                        float* c, int64_t ldc, unsigned worker) {
+    d.partial = [&, s, si, ka, kb, out, in, ra, rb](int64_t j, int64_t o0, int64_t no, int64_t i0,
+                                                    int64_t ni, float* c, int64_t ldc,
+                                                    unsigned worker) {
       const int64_t r0 = s.begin + j * kReduceRows, m = chunk_rows(s.rows, j);
+      if (mode == Mode::Fp8) {
+        // The chunk lies inside one tile, its item; its rows from r0 on, with the tile's scales.
+        const size_t item =
+            first_item_of[si] + static_cast<size_t>(j * kReduceRows / kFp8ShareRows);
+        auto& q = scratch_[worker].quant;
+        q.resize(static_cast<size_t>(fp8::gemm_wgrad_scratch_floats(m, no, ni)));
+        fp8::gemm_wgrad(fp8_wgrad_operand(ka, item, r0, dim, hidden).tiles().from_column(o0),
+                        fp8_wgrad_operand(kb, item, r0, dim, hidden).tiles().from_column(i0), c,
+                        ldc, m, no, ni, false, q.data());
+        return;
+      }
       if (mode == Mode::Direct) {
         sgemm(true, false, no, ni, m, ra + r0 * out + o0, out, rb + r0 * in + i0, in, c, ldc,
               false);
@@ -340,10 +379,11 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     return d;
   };
   std::vector<DenseGrad> grads;
-  for (const Segment& s : segs) {
-    grads.push_back(grad(s, s.dw2, t_dy_, dim, t_a_, hidden));
-    grads.push_back(grad(s, s.dw1, t_dh1_, hidden, t_x_, dim));
-    grads.push_back(grad(s, s.dw3, t_dh3_, hidden, t_x_, dim));
+  for (size_t si = 0; si < segs.size(); ++si) {
+    const Segment& s = segs[si];
+    grads.push_back(grad(si, s.dw2, t_dy_, 0, dim, t_a_, 2, hidden));
+    grads.push_back(grad(si, s.dw1, t_dh1_, 3, hidden, t_x_, 1, dim));
+    grads.push_back(grad(si, s.dw3, t_dh3_, 4, hidden, t_x_, 1, dim));
   }
   reducer_.run(*this, grads);
 }
@@ -421,6 +461,8 @@ void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, cons
       tr(dh3, hidden, t_dh3_);
       return;
     }
+    case Mode::Fp8:
+      fail(Code::Internal, "an FP8 row item reached the fp32 and bf16 backward");
   }
 }
 

@@ -598,11 +598,22 @@ MOERT_DEFINE_CUDA_PLUGIN_IDENTITY()
 extern "C" {
 
 __attribute__((visibility("default"))) moert::Backend* moert_cuda_plugin_create(
-    int32_t device, int32_t* code, char* message, size_t message_len) {
+    int32_t device, int32_t precision, int32_t /*fp8_power_of_two_scales*/, int32_t* code,
+    char* message, size_t message_len) {
   auto say = [&](moert::Code c, const char* what) {
     if (code) *code = static_cast<int32_t>(c);
     if (message && message_len) std::snprintf(message, message_len, "%s", what);
   };
+  // The block-scaled FP8 GEMMs and quantize kernels exist (fp8_gemm.cu, fp8_quantize.cu); the
+  // backend's FFNs do not call them yet.
+  if (precision != static_cast<int32_t>(moert::Precision::Bf16)) {
+    say(moert::Code::Unsupported,
+        precision == static_cast<int32_t>(moert::Precision::Fp8)
+            ? "the CUDA backend's experts multiply in bf16 in this version (precision fp8 runs on "
+              "the CPU)"
+            : "the CUDA backend multiplies in bf16 (fp32 runs on the CPU)");
+    return nullptr;
+  }
   try {
     return new moert::cuda::CudaBackend(device);
   } catch (const moert::Error& e) {

@@ -78,7 +78,7 @@ TEST(Cli, HelpEverywhere) {
   const fs::path dir = workdir("help");
   Result top = run("--help", dir);
   EXPECT_EQ(top.code, 0);
-  for (const char* cmd : {"train", "eval", "inspect", "convert", "bench"}) {
+  for (const char* cmd : {"train", "eval", "inspect", "convert", "bench", "import", "export"}) {
     EXPECT_NE(top.out.find(std::string("  ") + cmd + " "), std::string::npos) << cmd;
     const Result r = run(std::string(cmd) + " --help", dir);
     EXPECT_EQ(r.code, 0) << cmd << ": " << r.err;
@@ -374,20 +374,22 @@ std::vector<std::map<std::string, std::string>> read_csv(const fs::path& p,
   return rows;
 }
 
-// --precision bf16: the experts multiply in bf16 and the model still learns.
-TEST(Cli, TinyTrainingInBf16Learns) {
-  const fs::path dir = workdir("train_bf16");
+// --precision bf16 / fp8: the experts multiply in that precision and the model still learns.
+class CliLowPrecision : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(CliLowPrecision, TinyTrainingLearns) {
+  const std::string p = GetParam();
+  const fs::path dir = workdir("train_" + p);
   const fs::path csv = dir / "steps.csv";
   const Result r =
       run(std::string("train --corpus ") + MOERT_TINY_CORPUS +
               " --steps 60 --batch 64 --context 4 --embed-dim 8 --blocks 1 --experts 4"
               " --top-k 2 --expert-hidden 8 --shared 1 --shared-hidden 8 --warmup 5 --lr 0.01"
-              " --val-every 5 --threads 2 --probe-rows 0 --balancing loss-free --precision bf16"
-              " --csv " +
-              csv.string(),
+              " --val-every 5 --threads 2 --probe-rows 0 --balancing loss-free --precision " +
+              p + " --csv " + csv.string(),
           dir);
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_NE(r.out.find("experts in bf16"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("experts in " + p), std::string::npos) << r.out;
   std::vector<std::string> header;
   const auto rows = read_csv(csv, header);
   ASSERT_EQ(rows.size(), 60u);
@@ -395,6 +397,30 @@ TEST(Cli, TinyTrainingInBf16Learns) {
   const double last = std::stod(rows.back().at("train_loss"));
   EXPECT_LT(last, first - 0.5) << r.out;
 }
+
+// The bench runs the layer in fp32 and in the precision asked for, and prints both rates and the
+// distance of the low-precision results to fp32 per GEMM kind.
+TEST_P(CliLowPrecision, BenchPrintsBothPrecisions) {
+  const std::string p = GetParam();
+  const fs::path dir = workdir("bench_" + p);
+  const Result r = run("bench --quick --threads 1 --no-libraries --precision " + p, dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const std::string& q : {std::string("fp32"), p}) {
+    EXPECT_TRUE(std::regex_search(r.out, std::regex("\nforward +" + q + "( +[0-9.]+){3}")))
+        << r.out;
+    EXPECT_TRUE(
+        std::regex_search(r.out, std::regex("\nforward\\+backward +" + q + "( +[0-9.]+){3}")))
+        << r.out;
+  }
+  EXPECT_NE(r.out.find(p + " / fp32 speed"), std::string::npos) << r.out;
+  // E4M3 is about 16x coarser than bf16: its distance to fp32 is of the order of 1e-2.
+  EXPECT_TRUE(
+      std::regex_search(r.out, std::regex(p + " against fp32.*Fprop \\(output\\) [0-9.]+e-0" +
+                                          (p == "fp8" ? "[12]" : "[2-5]"))))
+      << r.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Precisions, CliLowPrecision, ::testing::Values("bf16", "fp8"));
 
 TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
   const fs::path dir = workdir("train");

@@ -29,7 +29,11 @@ namespace {
 
 class DevSimBackend final : public Backend {
  public:
-  DevSimBackend() : cpu_(make_cpu_backend(2)) {}
+  // Experts in bf16 (the CUDA backend's) or FP8 (the CPU backend's emulation, on FP8 copies only).
+  DevSimBackend(Precision experts, Fp8Options fp8)
+      : cpu_(
+            make_cpu_backend(2, experts == Precision::Fp8 ? Precision::Fp8 : Precision::Fp32, fp8)),
+        fp8_(experts == Precision::Fp8) {}
   ~DevSimBackend() override {
     for (auto& [p, n] : blocks_) std::free(const_cast<char*>(p));
   }
@@ -37,6 +41,14 @@ class DevSimBackend final : public Backend {
   const char* name() const override { return "devsim"; }
   bool host_memory() const override { return false; }
   Bf16Copies bf16_copies() const override { return Bf16Copies::AllGemms; }
+  bool fp8_experts() const override { return fp8_; }
+  void quantize_weight_blocks(const float* src, int64_t matrices, int64_t rows, int64_t cols,
+                              uint8_t* codes, float* scales, const char* what) override {
+    device(src, matrices * rows * cols * 4, "quantize source");
+    device(codes, matrices * rows * cols, "quantize codes");
+    device(scales, fp8_blocks_scale_floats(matrices, rows, cols) * 4, "quantize scales");
+    cpu_->quantize_weight_blocks(src, matrices, rows, cols, codes, scales, what);
+  }
 
   void* allocate(size_t bytes) override {
     void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
@@ -371,11 +383,18 @@ class DevSimBackend final : public Backend {
     return static_cast<int64_t>(plan.host_offsets.size()) - 1;
   }
 
-  // The weight as the CUDA backend multiplies it: its bf16 copy when it has one (decoded into
-  // `scratch`), else its fp32 values.
+  // The weight as the CUDA backend multiplies it: its FP8 copy when it has one (alone, so that a
+  // stale or missing copy shows), else its bf16 copy (decoded into `scratch`), else its fp32
+  // values.
   Weight weight(Weight w, int64_t n, std::vector<float>& scratch) const {
     device(w.f32, n * 4, "weight (fp32)");
     device(w.bf16, n * 2, "weight (bf16)");
+    if (w.fp8) {
+      device(w.fp8.codes, n, "weight (FP8 codes)");
+      device(w.fp8.scales, n / w.fp8.matrix_elements * w.fp8.matrix_scales * 4,
+             "weight (FP8 scales)");
+      return {nullptr, nullptr, w.fp8};
+    }
     if (!w.bf16) {
       if (!w.f32) fail(Code::Internal, "devsim: a weight has neither fp32 nor bf16 values");
       return w;
@@ -386,6 +405,7 @@ class DevSimBackend final : public Backend {
   }
 
   std::unique_ptr<Backend> cpu_;
+  bool fp8_;
   mutable std::mutex mu_;
   std::map<const char*, size_t> blocks_;
   std::vector<float> w_[3];
@@ -400,7 +420,8 @@ MOERT_DEFINE_CUDA_PLUGIN_IDENTITY()
 extern "C" {
 
 __attribute__((visibility("default"))) moert::Backend* moert_cuda_plugin_create(
-    int32_t device, int32_t* code, char* message, size_t message_len) {
+    int32_t device, int32_t precision, int32_t fp8_power_of_two_scales, int32_t* code,
+    char* message, size_t message_len) {
   if (device != 0) {
     if (code) *code = static_cast<int32_t>(moert::Code::InvalidArgument);
     if (message && message_len)
@@ -409,7 +430,15 @@ __attribute__((visibility("default"))) moert::Backend* moert_cuda_plugin_create(
     return nullptr;
   }
   try {
-    return new moert::DevSimBackend();
+    const auto experts = static_cast<moert::Precision>(precision);
+    if (experts != moert::Precision::Bf16 && experts != moert::Precision::Fp8) {
+      if (code) *code = static_cast<int32_t>(moert::Code::Unsupported);
+      if (message && message_len)
+        std::snprintf(message, message_len, "devsim: experts multiply in bf16 or fp8, not %d",
+                      precision);
+      return nullptr;
+    }
+    return new moert::DevSimBackend(experts, {fp8_power_of_two_scales != 0});
   } catch (const std::exception& e) {
     if (code) *code = static_cast<int32_t>(moert::Code::Internal);
     if (message && message_len) std::snprintf(message, message_len, "%s", e.what());

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "core/backend.h"
@@ -29,14 +30,14 @@ bool same_bits(const Vec& a, const Vec& b) {
          (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
-// Chunk-aligned cuts of [0, rows): 0 = c_0 < c_1 < ... < c_k = rows, inner cuts multiples of
-// kReduceRows; some parts may be empty.
-std::vector<int64_t> random_cuts(int64_t rows, std::mt19937& rng) {
-  const int64_t J = reduce_chunks(rows);
+// Aligned cuts of [0, rows): 0 = c_0 < c_1 < ... < c_k = rows, inner cuts multiples of `align`
+// (kReduceRows, or kFp8ShareRows for FP8 experts); some parts may be empty.
+std::vector<int64_t> random_cuts(int64_t rows, std::mt19937& rng, int64_t align = kReduceRows) {
+  const int64_t J = (rows + align - 1) / align;
   std::vector<int64_t> cuts{0, rows};
   const int parts = std::uniform_int_distribution<int>(1, 5)(rng);
   for (int i = 1; i < parts; ++i)
-    cuts.push_back(std::min(rows, std::uniform_int_distribution<int64_t>(0, J)(rng) * kReduceRows));
+    cuts.push_back(std::min(rows, std::uniform_int_distribution<int64_t>(0, J)(rng) * align));
   std::sort(cuts.begin(), cuts.end());
   return cuts;
 }
@@ -160,6 +161,9 @@ struct Ffn {
   int64_t dim, hidden;
   Vec w1, w3, w2;
   std::vector<uint16_t> b1, b3, b2;  // bf16 copies, for the bf16 variant
+  // FP8 copies (codes, block scales), for the fp8 variant.
+  std::vector<uint8_t> c1, c3, c2;
+  Vec s1, s3, s2;
   Ffn(std::mt19937& rng, int64_t experts, Backend& be, int64_t d, int64_t h) : dim(d), hidden(h) {
     w1 = randv(experts * hidden * dim, rng, 0.3f);
     w3 = randv(experts * hidden * dim, rng, 0.3f);
@@ -168,43 +172,65 @@ struct Ffn {
       b->resize(f->size());
       be.to_bf16(f->data(), b->data(), static_cast<int64_t>(f->size()));
     }
+    if (!be.fp8_experts()) return;
+    for (auto [f, c, s, rows, cols] :
+         {std::tuple{&w1, &c1, &s1, hidden, dim}, std::tuple{&w3, &c3, &s3, hidden, dim},
+          std::tuple{&w2, &c2, &s2, dim, hidden}}) {
+      c->resize(f->size());
+      s->resize(static_cast<size_t>(fp8_blocks_scale_floats(experts, rows, cols)));
+      be.quantize_weight_blocks(f->data(), experts, rows, cols, c->data(), s->data(), "w");
+    }
   }
-  Weight W(const Vec& f, const std::vector<uint16_t>& b, bool bf16) const {
-    return {f.data(), bf16 ? b.data() : nullptr};
+  // Weight k (1, 3 or 2) as a backend of precision p reads it.
+  Weight W(int k, Precision p) const {
+    const Vec& f = k == 1 ? w1 : k == 3 ? w3 : w2;
+    const auto& b = k == 1 ? b1 : k == 3 ? b3 : b2;
+    Weight w{f.data(), p == Precision::Bf16 ? b.data() : nullptr};
+    if (p == Precision::Fp8) {
+      const auto& c = k == 1 ? c1 : k == 3 ? c3 : c2;
+      const auto& s = k == 1 ? s1 : k == 3 ? s3 : s2;
+      const int64_t rows = k == 2 ? dim : hidden, cols = k == 2 ? hidden : dim;
+      w.fp8 = {c.data(), s.data(), rows * cols, fp8_blocks_scale_floats(1, rows, cols)};
+    }
+    return w;
   }
 };
 
-// bf16 weights or not; the FFN's width and hidden width: small weights take the CPU backend's
-// direct path (nn / tn GEMMs), larger ones its transposed path (nt GEMMs, transposed operands).
+// The experts' precision; the FFN's width and hidden width: small fp32 weights take the CPU
+// backend's direct path (nn / tn GEMMs), larger ones its transposed path (nt GEMMs, transposed
+// operands); fp8 quantizes Wgrad's operands in 128-token column tiles from each list's first row.
 struct FfnCase {
-  bool bf16;
+  Precision precision;
   int64_t dim, hidden;
 };
 class FfnReduction : public ::testing::TestWithParam<FfnCase> {};
 
+// The alignment of the processes' shares of a list: FP8 Wgrad's token tiles must not split.
+int64_t share_rows(Precision p) { return p == Precision::Fp8 ? kFp8ShareRows : kReduceRows; }
+
 TEST_P(FfnReduction, DenseSwiGLUBackward) {
-  const bool bf16 = GetParam().bf16;
+  const Precision prec = GetParam().precision;
   std::mt19937 rng(3);
-  auto be0 = make_cpu_backend(2, bf16 ? Precision::Bf16 : Precision::Fp32);
+  auto be0 = make_cpu_backend(2, prec);
   const Ffn f(rng, 1, *be0, GetParam().dim, GetParam().hidden);
   const int64_t D = f.dim, H = f.hidden;
   const Vec x = randv(kRows * D, rng), dy = randv(kRows * D, rng);
   Vec y(kRows * D), h1(kRows * H), h3(kRows * H);
-  be0->swiglu_ffn(x.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16), f.W(f.w2, f.b2, bf16),
-                  y.data(), h1.data(), h3.data(), kRows, D, H, false);
+  be0->swiglu_ffn(x.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec), y.data(), h1.data(),
+                  h3.data(), kRows, D, H, false);
   const Vec g0 = randv(H * D, rng), dx0 = randv(kRows * D, rng);
   auto call = [&](Backend& be, int64_t r0, int64_t n, Vec& dx, const GradOut& g1, const GradOut& g3,
                   const GradOut& g2) {
-    be.swiglu_ffn_backward(x.data() + r0 * D, f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
-                           f.W(f.w2, f.b2, bf16), h1.data() + r0 * H, h3.data() + r0 * H,
-                           dy.data() + r0 * D, dx.data() + r0 * D, true, g1, g3, g2, n, D, H);
+    be.swiglu_ffn_backward(x.data() + r0 * D, f.W(1, prec), f.W(3, prec), f.W(2, prec),
+                           h1.data() + r0 * H, h3.data() + r0 * H, dy.data() + r0 * D,
+                           dx.data() + r0 * D, true, g1, g3, g2, n, D, H);
   };
   std::vector<Vec> full(3, g0);
   Vec dx_full = dx0;
   call(*be0, 0, kRows, dx_full, GradOut{full[0].data()}, GradOut{full[1].data()},
        GradOut{full[2].data()});
   for (unsigned threads : {1u, 4u}) {
-    auto be = make_cpu_backend(threads, bf16 ? Precision::Bf16 : Precision::Fp32);
+    auto be = make_cpu_backend(threads, prec);
     std::vector<Vec> g(3, g0);
     Vec dx = dx0;
     call(*be, 0, kRows, dx, GradOut{g[0].data()}, GradOut{g[1].data()}, GradOut{g[2].data()});
@@ -212,8 +238,8 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
     EXPECT_TRUE(same_bits(dx, dx_full)) << threads << " threads";
   }
   for (int trial = 0; trial < 5; ++trial) {
-    const auto cuts = random_cuts(kRows, rng);
-    auto be = make_cpu_backend(2, bf16 ? Precision::Bf16 : Precision::Fp32);
+    const auto cuts = random_cuts(kRows, rng, share_rows(prec));
+    auto be = make_cpu_backend(2, prec);
     std::vector<std::vector<GradRoots>> roots(3);
     for (auto& r : roots) r.resize(cuts.size() - 1);
     Vec dx = dx0;
@@ -235,11 +261,11 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
 // Experts' lists of very different lengths (one empty); a split hands each process a
 // chunk-aligned part of every expert's list.
 TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
-  const bool bf16 = GetParam().bf16;
+  const Precision prec = GetParam().precision;
   std::mt19937 rng(4);
   const int64_t E = 4;
   const std::vector<int64_t> counts{3 * kReduceRows + 5, 0, kReduceRows, 2 * kReduceRows + 40};
-  auto be0 = make_cpu_backend(2, bf16 ? Precision::Bf16 : Precision::Fp32);
+  auto be0 = make_cpu_backend(2, prec);
   const Ffn f(rng, E, *be0, GetParam().dim, GetParam().hidden);
   const int64_t D = f.dim, H = f.hidden, per = H * D;
   DispatchPlan plan;
@@ -248,17 +274,17 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
   const int64_t A = plan.num_assignments();
   const Vec x = randv(A * D, rng), dy = randv(A * D, rng);
   Vec y(A * D), h1(A * H), h3(A * H);
-  be0->grouped_swiglu_ffn(plan, x.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
-                          f.W(f.w2, f.b2, bf16), y.data(), h1.data(), h3.data(), D, H);
+  be0->grouped_swiglu_ffn(plan, x.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec), y.data(),
+                          h1.data(), h3.data(), D, H);
   const Vec g0 = randv(E * per, rng);
   auto acc_mode = [&](unsigned threads, std::vector<Vec>& g, Vec& dx) {
-    auto be = make_cpu_backend(threads, bf16 ? Precision::Bf16 : Precision::Fp32);
+    auto be = make_cpu_backend(threads, prec);
     std::vector<GradOut> out[3];
     for (int k = 0; k < 3; ++k)
       for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{g[k].data() + e * per});
-    be->grouped_swiglu_ffn_backward(plan, x.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
-                                    f.W(f.w2, f.b2, bf16), h1.data(), h3.data(), dy.data(),
-                                    dx.data(), out[0].data(), out[1].data(), out[2].data(), D, H);
+    be->grouped_swiglu_ffn_backward(plan, x.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec),
+                                    h1.data(), h3.data(), dy.data(), dx.data(), out[0].data(),
+                                    out[1].data(), out[2].data(), D, H);
   };
   std::vector<Vec> full(3, g0);
   Vec dx_full(A * D);
@@ -275,12 +301,12 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
     // cut[e][p]: where part p's share of expert e's list starts, in rows of that list.
     std::vector<std::vector<int64_t>> cut(E);
     for (int64_t e = 0; e < E; ++e) {
-      cut[e] = random_cuts(counts[e], rng);
+      cut[e] = random_cuts(counts[e], rng, share_rows(prec));
       cut[e].resize(parts + 1, counts[e]);
       std::sort(cut[e].begin(), cut[e].end());
       cut[e].back() = counts[e];
     }
-    auto be = make_cpu_backend(2, bf16 ? Precision::Bf16 : Precision::Fp32);
+    auto be = make_cpu_backend(2, prec);
     // roots[k][e][p]
     std::vector<std::vector<std::vector<GradRoots>>> roots(3);
     for (auto& k : roots) {
@@ -308,16 +334,15 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
         ph3.insert(ph3.end(), h3.begin() + a * H, h3.begin() + (a + 1) * H);
       }
       Vec pdx(px.size());
-      be->grouped_swiglu_ffn_backward(part, px.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
-                                      f.W(f.w2, f.b2, bf16), ph1.data(), ph3.data(), pdy.data(),
-                                      pdx.data(), out[0].data(), out[1].data(), out[2].data(), D,
-                                      H);
+      be->grouped_swiglu_ffn_backward(part, px.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec),
+                                      ph1.data(), ph3.data(), pdy.data(), pdx.data(), out[0].data(),
+                                      out[1].data(), out[2].data(), D, H);
       for (size_t i = 0; i < src.size(); ++i)
         std::copy(pdx.begin() + i * D, pdx.begin() + (i + 1) * D, dx.begin() + src[i] * D);
       // The forward over the part's rows runs the same GEMM calls: the same bits.
       Vec py(px.size()), q1(ph1.size()), q3(ph3.size());
-      be->grouped_swiglu_ffn(part, px.data(), f.W(f.w1, f.b1, bf16), f.W(f.w3, f.b3, bf16),
-                             f.W(f.w2, f.b2, bf16), py.data(), q1.data(), q3.data(), D, H);
+      be->grouped_swiglu_ffn(part, px.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec), py.data(),
+                             q1.data(), q3.data(), D, H);
       EXPECT_TRUE(same_bits(q1, ph1) && same_bits(q3, ph3));
       for (size_t i = 0; i < src.size(); ++i)
         EXPECT_EQ(0, std::memcmp(py.data() + i * D, y.data() + src[i] * D, D * sizeof(float)));
@@ -335,14 +360,18 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Precisions, FfnReduction,
-                         ::testing::Values(FfnCase{false, 20, 12}, FfnCase{true, 20, 12},
-                                           FfnCase{false, 260, 256}, FfnCase{true, 130, 96}),
-                         [](const auto& p) {
-                           return std::string(p.param.bf16 ? "bf16_" : "fp32_") +
-                                  std::to_string(p.param.dim) + "x" +
-                                  std::to_string(p.param.hidden);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Precisions, FfnReduction,
+    ::testing::Values(FfnCase{Precision::Fp32, 20, 12}, FfnCase{Precision::Bf16, 20, 12},
+                      FfnCase{Precision::Fp32, 260, 256}, FfnCase{Precision::Bf16, 130, 96},
+                      FfnCase{Precision::Fp8, 20, 12}, FfnCase{Precision::Fp8, 200, 136}),
+    [](const auto& p) {
+      const Precision q = p.param.precision;
+      return std::string(q == Precision::Bf16  ? "bf16_"
+                         : q == Precision::Fp8 ? "fp8_"
+                                               : "fp32_") +
+             std::to_string(p.param.dim) + "x" + std::to_string(p.param.hidden);
+    });
 
 // The sparse reduction against the dense definition (reference_tree_sum over whole-table chunk
 // partials, each summed from zero in position order), and splits against the whole.

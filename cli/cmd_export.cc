@@ -1,0 +1,65 @@
+// `moert export`: MoE layers of a moert model or checkpoint as a Hugging Face checkpoint.
+#include <cstdio>
+#include <string>
+
+#include "cli/commands.h"
+#include "cli/error.h"
+#include "cli/hf_export.h"
+
+namespace moert_cli {
+
+const CommandSpec kExportSpec = {
+    "export",
+    "MODEL_OR_CHECKPOINT OUT_DIR [--dtype as-stored|fp32|bf16|fp8]",
+    "write the MoE layers of a model or checkpoint as a DeepSeek-V3-layout checkpoint",
+    "Writes OUT_DIR/config.json (the routing knobs: n_routed_experts, num_experts_per_tok,\n"
+    "n_group, topk_group, norm_topk_prob, routed_scaling_factor, scoring_func, n_shared_experts,\n"
+    "moe_intermediate_size, ...), one safetensors shard per MoE layer and\n"
+    "model.safetensors.index.json, with transformers' DeepSeek-V3 names: the router as\n"
+    "mlp.gate.weight, the bias as mlp.gate.e_score_correction_bias (fp32), experts as\n"
+    "mlp.experts.E.{gate,up,down}_proj.weight (w1, w3, w2), shared experts merged into\n"
+    "mlp.shared_experts.*, an RMSNorm just before a MoE layer as its post_attention_layernorm.\n"
+    "A MoE layer named 'layers.N....' (as 'moert import' names them) becomes decoder layer N;\n"
+    "otherwise MoE layers are numbered from 0. Other layers are not exported. By default every\n"
+    "tensor is written as stored (bf16 stays bf16, FP8 stays FP8 with its blocks as\n"
+    "weight_scale_inv), so import -> export -> import gives the same moert file; a trained\n"
+    "checkpoint's fp32 masters are written as fp32 unless --dtype asks otherwise: bf16 rounds\n"
+    "to nearest even; fp8 writes the experts as E4M3 in 128x128 blocks with weight_scale_inv\n"
+    "(amax / 448, the rules of moert's FP8 kernels) and the router and norms as bf16, like\n"
+    "DeepSeek-V3's FP8 release. The bias is always fp32.\n"
+    "The DeepSeek-V3 layout has sigmoid routers only: a softmax layer is refused.",
+    2,
+    2,
+    {{"dtype", "NAME", "as-stored, fp32, bf16 or fp8", "as-stored"}},
+};
+
+int run_export(const Args& args) {
+  ExportRequest r;
+  r.model_path = args.positional()[0];
+  r.out_dir = args.positional()[1];
+  const std::string d = args.str("dtype", "as-stored");
+  if (d == "as-stored")
+    r.dtype = ExportDType::AsStored;
+  else if (d == "fp32")
+    r.dtype = ExportDType::F32;
+  else if (d == "bf16")
+    r.dtype = ExportDType::BF16;
+  else if (d == "fp8")
+    r.dtype = ExportDType::FP8;
+  else
+    usage_fail("--dtype takes as-stored, fp32, bf16 or fp8, got '", d, "'");
+  const ExportResult res = export_checkpoint(r);
+  std::printf(
+      "%s: %u MoE layer%s%s -> %s: %llu tensors, %.1f MiB%s%s\n", r.model_path.c_str(),
+      res.moe_layers, res.moe_layers == 1 ? "" : "s",
+      res.norms ? (res.norms == 1 ? " with its RMSNorm" : " with their RMSNorms") : "",
+      r.out_dir.c_str(), static_cast<unsigned long long>(res.tensors), res.bytes / 1048576.0,
+      res.skipped_layers ? cat(" (", res.skipped_layers, " other layers not exported)").c_str()
+                         : "",
+      res.residual ? "; the model's MoE layers add their input, which a DeepSeek-V3 "
+                     "decoder layer does outside its MLP"
+                   : "");
+  return 0;
+}
+
+}  // namespace moert_cli

@@ -1,0 +1,128 @@
+#include "cli/data_file.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "cli/error.h"
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+namespace moert_cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string temp_name(const std::string& path) {
+  return cat(path, ".tmp.", static_cast<long>(getpid()));
+}
+
+void sync_file(std::FILE* f, const std::string& path) {
+  if (std::fflush(f) != 0 || fsync(fileno(f)) != 0)
+    fail("cannot write '", path, "': ", std::strerror(errno));
+}
+
+void sync_dir(const std::string& path) {
+  const fs::path dir = fs::path(path).parent_path();
+  const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;  // the rename is done; a directory that cannot be opened cannot be synced
+  fsync(fd);
+  ::close(fd);
+}
+
+void rename_into_place(const std::string& from, const std::string& to) {
+  if (std::rename(from.c_str(), to.c_str()) != 0) {
+    const int err = errno;
+    std::remove(from.c_str());
+    fail("cannot rename '", from, "' to '", to, "': ", std::strerror(err));
+  }
+  sync_dir(to);
+}
+
+}  // namespace
+
+DataFileWriter::DataFileWriter(std::string model_path) : model_path_(std::move(model_path)) {
+  temp_path_ = temp_name(model_path_ + ".data");
+  f_ = std::fopen(temp_path_.c_str(), "wb");
+  if (!f_) fail("cannot create '", temp_path_, "': ", std::strerror(errno));
+  auto* state = XXH3_createState();
+  if (!state) throw std::bad_alloc();
+  XXH3_64bits_reset(state);
+  hash_ = state;
+}
+
+DataFileWriter::~DataFileWriter() {
+  if (f_) {
+    std::fclose(f_);
+    std::remove(temp_path_.c_str());
+  }
+  if (hash_) XXH3_freeState(static_cast<XXH3_state_t*>(hash_));
+}
+
+void DataFileWriter::write(const void* p, size_t n) {
+  if (n == 0) return;
+  if (std::fwrite(p, 1, n, f_) != n)
+    fail("cannot write '", temp_path_, "': ", std::strerror(errno));
+  XXH3_64bits_update(static_cast<XXH3_state_t*>(hash_), p, n);
+  size_ += n;
+}
+
+uint64_t DataFileWriter::append(const std::vector<std::span<const uint8_t>>& pieces,
+                                void (*written)(std::span<const uint8_t>)) {
+  static const uint8_t kZeros[kDataAlignment] = {};
+  write(kZeros, (kDataAlignment - size_ % kDataAlignment) % kDataAlignment);
+  const uint64_t offset = size_;
+  for (const auto& p : pieces) {
+    write(p.data(), p.size());
+    if (written) written(p);
+  }
+  return offset;
+}
+
+std::string DataFileWriter::commit() {
+  if (size_ == 0) {
+    std::fclose(f_);
+    f_ = nullptr;
+    std::remove(temp_path_.c_str());
+    return "";
+  }
+  sync_file(f_, temp_path_);
+  std::fclose(f_);
+  f_ = nullptr;
+  char hex[17];
+  std::snprintf(
+      hex, sizeof hex, "%016llx",
+      static_cast<unsigned long long>(XXH3_64bits_digest(static_cast<XXH3_state_t*>(hash_))));
+  const std::string name = cat(fs::path(model_path_).filename().string(), ".", hex, ".data");
+  rename_into_place(temp_path_, (fs::path(model_path_).parent_path() / name).string());
+  return name;
+}
+
+void write_file_atomically(const std::string& path, std::span<const uint8_t> bytes) {
+  write_parts_atomically(path, {bytes});
+}
+
+void write_parts_atomically(const std::string& path,
+                            const std::vector<std::span<const uint8_t>>& parts) {
+  const std::string temp = temp_name(path);
+  std::FILE* f = std::fopen(temp.c_str(), "wb");
+  if (!f) fail("cannot create '", temp, "': ", std::strerror(errno));
+  bool ok = true;
+  for (const auto& p : parts)
+    if (!p.empty() && std::fwrite(p.data(), 1, p.size(), f) != p.size()) ok = false;
+  if (!ok || std::fflush(f) != 0 || fsync(fileno(f)) != 0) {
+    const int err = errno;
+    std::fclose(f);
+    std::remove(temp.c_str());
+    fail("cannot write '", temp, "': ", std::strerror(err));
+  }
+  std::fclose(f);
+  rename_into_place(temp, path);
+}
+
+}  // namespace moert_cli

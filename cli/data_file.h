@@ -1,0 +1,53 @@
+// Writing a model description with an external data file from the CLI (`moert import`), and files
+// in general, atomically: a temporary file in the destination's directory, fsync, rename, fsync of
+// the directory. The data file is named after its content ("<model file>.<XXH3-64 as 16 hex
+// digits>.data", as checkpoints name theirs), so that writing a new model never replaces the data
+// an existing description refers to, and the same content always gives the same bytes.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace moert_cli {
+
+// Tensors in the data file start at multiples of this (the loader's kExternalAlignment).
+inline constexpr uint64_t kDataAlignment = 64;
+// Tensors of at least this many bytes go to the data file; smaller ones stay inline.
+inline constexpr uint64_t kDataMinBytes = uint64_t{64} << 10;
+
+class DataFileWriter {
+ public:
+  // The data file will sit beside model_path.
+  explicit DataFileWriter(std::string model_path);
+  ~DataFileWriter();
+  DataFileWriter(const DataFileWriter&) = delete;
+  DataFileWriter& operator=(const DataFileWriter&) = delete;
+
+  // Appends the concatenation of `pieces` as one tensor at the next aligned offset; returns it.
+  // `written`, when given, is called with each piece once it has been written.
+  uint64_t append(const std::vector<std::span<const uint8_t>>& pieces,
+                  void (*written)(std::span<const uint8_t>) = nullptr);
+  uint64_t size() const { return size_; }
+  // Flushes, syncs and renames the data file into place; returns its name relative to the model
+  // file's directory, or "" (and no file) when nothing was appended.
+  std::string commit();
+
+ private:
+  void write(const void* p, size_t n);
+
+  std::string model_path_, temp_path_;
+  std::FILE* f_ = nullptr;
+  uint64_t size_ = 0;
+  void* hash_ = nullptr;
+};
+
+// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the directory).
+void write_file_atomically(const std::string& path, std::span<const uint8_t> bytes);
+// The same for the concatenation of `parts`, written one after the other (no copy of the whole).
+void write_parts_atomically(const std::string& path,
+                            const std::vector<std::span<const uint8_t>>& parts);
+
+}  // namespace moert_cli

@@ -1,0 +1,314 @@
+#include "cli/hf_import.h"
+
+#include <flatbuffers/flatbuffers.h>
+#include <moert/moert.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <set>
+#include <span>
+
+#include "cli/data_file.h"
+#include "cli/error.h"
+#include "cli/hf_moe.h"
+#include "cli/safetensors.h"
+#include "moert_generated.h"
+
+namespace moert_cli {
+
+namespace {
+
+namespace fb = moert::fb;
+using Builder = flatbuffers::FlatBufferBuilder;
+
+uint16_t schema_major() {
+  uint32_t major = 0, minor = 0;
+  moert_schema_version(&major, &minor);
+  return static_cast<uint16_t>(major);
+}
+uint16_t schema_minor() {
+  uint32_t major = 0, minor = 0;
+  moert_schema_version(&major, &minor);
+  return static_cast<uint16_t>(minor);
+}
+
+uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
+
+// Drops the whole pages of a read-only file mapping inside `bytes` from the process.
+void release(std::span<const uint8_t> bytes) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(bytes.data()) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size()) / page * page;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
+std::string shape_str(const std::vector<uint64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += cat(i ? ", " : "", s[i]);
+  return out + "]";
+}
+
+// One moert tensor gathered from checkpoint tensors (the experts of one projection, stacked).
+struct Gathered {
+  fb::DType dtype = fb::DType::F32;
+  std::vector<uint64_t> shape;
+  std::vector<std::span<const uint8_t>> pieces;
+  uint64_t bytes = 0;
+  // FP8 only.
+  uint32_t block_rows = 0, block_cols = 0;
+  std::vector<float> scales;
+};
+
+class Importer {
+ public:
+  Importer(const ImportRequest& r) : req_(r), ck_(r.checkpoint_dir), data_(r.out_path) {
+    const std::string config_path =
+        (std::filesystem::path(r.checkpoint_dir) / "config.json").string();
+    cfg_ = parse_hf_moe_config(ck_.config_text(), config_path);
+    result_.family = cfg_.model_type;
+  }
+
+  ImportResult run() {
+    if (req_.layers.empty()) usage_fail("name at least one --layer");
+    std::set<uint32_t> seen;
+    for (uint32_t l : req_.layers) {
+      if (!seen.insert(l).second) usage_fail("--layer ", l, " is given twice");
+      cfg_.check_moe_layer(l);
+    }
+    std::vector<flatbuffers::Offset<fb::Layer>> layers;
+    for (uint32_t l : req_.layers) {
+      if (req_.with_norm) layers.push_back(norm_layer(l));
+      layers.push_back(moe_layer(l));
+    }
+    const std::string data_name = data_.commit();
+    result_.data_bytes = data_.size();
+    result_.data_file = data_name;
+    std::string name = cat(cfg_.model_type, " MoE layer", req_.layers.size() > 1 ? "s" : "");
+    for (size_t i = 0; i < req_.layers.size(); ++i) name += cat(i ? "," : " ", req_.layers[i]);
+    const auto model = fb::CreateModel(b_, schema_major(), schema_minor(), b_.CreateString(name),
+                                       cfg_.hidden, b_.CreateVector(layers), 0,
+                                       data_name.empty() ? 0 : b_.CreateString(data_name));
+    fb::FinishModelBuffer(b_, model);
+    write_file_atomically(req_.out_path, {b_.GetBufferPointer(), b_.GetSize()});
+    result_.description_bytes = b_.GetSize();
+    remove_stale_data(data_name);
+    return result_;
+  }
+
+ private:
+  // Data files of earlier imports to the same path ("<file>.<16 hex digits>.data"), which no
+  // description refers to any more.
+  void remove_stale_data(const std::string& keep) const {
+    namespace fs = std::filesystem;
+    const fs::path out(req_.out_path);
+    const std::string prefix = out.filename().string() + ".";
+    const fs::path dir = out.parent_path().empty() ? fs::path(".") : out.parent_path();
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+      const std::string n = entry.path().filename().string();
+      if (n == keep || n.size() != prefix.size() + 21 || n.rfind(prefix, 0) != 0 ||
+          n.substr(n.size() - 5) != ".data")
+        continue;
+      const std::string hex = n.substr(prefix.size(), 16);
+      if (hex.find_first_not_of("0123456789abcdef") == std::string::npos)
+        fs::remove(entry.path(), ec);
+    }
+  }
+
+  const StTensor& take(const std::string& name) {
+    const StTensor& t = ck_.get(name);
+    used_.insert(name);
+    ++result_.tensors;
+    result_.read_bytes += t.bytes.size();
+    return t;
+  }
+
+  // Refuses a checkpoint tensor of the wrong shape, naming it.
+  static void expect_shape(const StTensor& t, const std::vector<uint64_t>& want) {
+    if (t.shape != want)
+      fail("tensor '", t.name, "' has shape ", shape_str(t.shape), " but the config makes it ",
+           shape_str(want));
+  }
+
+  // Stacks `names` (each of shape `each`) into one tensor of shape [names.size(), each...], or
+  // keeps the one tensor's shape when stack is false. Every piece must share the dtype.
+  Gathered gather(const std::vector<std::string>& names, const std::vector<uint64_t>& each,
+                  bool stack, bool fp8_allowed) {
+    Gathered g;
+    if (stack) g.shape.push_back(names.size());
+    g.shape.insert(g.shape.end(), each.begin(), each.end());
+    for (size_t i = 0; i < names.size(); ++i) {
+      const StTensor& t = take(names[i]);
+      expect_shape(t, each);
+      fb::DType dt;
+      switch (t.dtype) {
+        case StDType::F32:
+          dt = fb::DType::F32;
+          break;
+        case StDType::BF16:
+          dt = fb::DType::BF16;
+          break;
+        case StDType::F8_E4M3:
+          if (!fp8_allowed) fail("tensor '", t.name, "' is F8_E4M3; moert keeps it in fp32/bf16");
+          dt = fb::DType::F8E4M3;
+          break;
+        default:
+          fail("tensor '", t.name, "' has dtype ", st_dtype_name(t.dtype),
+               "; moert stores F32, BF16 and F8_E4M3");
+      }
+      if (i == 0) {
+        g.dtype = dt;
+      } else if (dt != g.dtype) {
+        fail("tensor '", t.name, "' is ", st_dtype_name(t.dtype), " but '", names[0], "' is ",
+             fb::EnumNameDType(g.dtype), ": moert stacks experts of one dtype");
+      }
+      g.pieces.push_back(t.bytes);
+      g.bytes += t.bytes.size();
+      if (dt == fb::DType::F8E4M3) add_scales(t, g);
+    }
+    return g;
+  }
+
+  // DeepSeek-V3's FP8 weight W [out, in] comes with W_scale_inv [ceil(out/br), ceil(in/bc)]:
+  // dequantised W[i][j] = code * scale_inv[i / br][j / bc], row-major over blocks, which is
+  // moert's BlockScales over the same matrix.
+  void add_scales(const StTensor& w, Gathered& g) {
+    if (!cfg_.fp8_block_rows)
+      fail("tensor '", w.name,
+           "' is F8_E4M3 but config.json has no quantization_config.weight_block_size");
+    const uint32_t br = *cfg_.fp8_block_rows, bc = *cfg_.fp8_block_cols;
+    const std::string sname = w.name + "_scale_inv";
+    const StTensor* s = ck_.find(sname);
+    if (!s) fail("FP8 tensor '", w.name, "' has no '", sname, "'");
+    take(sname);
+    if (s->dtype != StDType::F32)
+      fail("tensor '", sname, "' is ", st_dtype_name(s->dtype), "; block scales must be F32");
+    const std::vector<uint64_t> want = {ceil_div(w.shape[0], br), ceil_div(w.shape[1], bc)};
+    if (s->shape != want) {
+      const std::vector<uint64_t> transposed = {want[1], want[0]};
+      fail("tensor '", sname, "' has shape ", shape_str(s->shape), "; weight ", shape_str(w.shape),
+           " in ", br, "x", bc, " blocks needs ", shape_str(want),
+           s->shape == transposed ? " (the scales are transposed)" : "");
+    }
+    g.block_rows = br;
+    g.block_cols = bc;
+    const size_t at = g.scales.size();
+    g.scales.resize(at + s->numel());
+    std::memcpy(g.scales.data() + at, s->bytes.data(), s->bytes.size());
+    for (size_t i = at; i < g.scales.size(); ++i)
+      if (!std::isfinite(g.scales[i]) || g.scales[i] < 0.0f)
+        fail("tensor '", sname, "' holds a scale that is negative, NaN or infinite at element ",
+             i - at);
+  }
+
+  flatbuffers::Offset<fb::Tensor> put(const Gathered& g) {
+    flatbuffers::Offset<fb::BlockScales> scales = 0;
+    if (g.dtype == fb::DType::F8E4M3)
+      scales = fb::CreateBlockScales(b_, g.block_rows, g.block_cols, b_.CreateVector(g.scales));
+    const auto shape = b_.CreateVector(g.shape);
+    if (g.bytes >= kDataMinBytes) {
+      // The checkpoint's pages are copied once: each piece's pages are let go once written, so
+      // that importing an 11 GB layer does not keep it resident (a later read maps them again).
+      const fb::ExternalRef ext(data_.append(g.pieces, release), g.bytes);
+      return fb::CreateTensor(b_, shape, g.dtype, 0, &ext, 0, scales);
+    }
+    std::vector<uint8_t> bytes;
+    bytes.reserve(g.bytes);
+    for (const auto& p : g.pieces) bytes.insert(bytes.end(), p.begin(), p.end());
+    b_.ForceVectorAlignment(bytes.size(), 1, 32);
+    const auto data = b_.CreateVector(bytes);
+    return fb::CreateTensor(b_, shape, g.dtype, data, nullptr, 0, scales);
+  }
+
+  flatbuffers::Offset<fb::Layer> norm_layer(uint32_t l) {
+    if (!cfg_.has_rms_norm_eps) fail("--with-norm needs config.json's 'rms_norm_eps'");
+    const auto w = put(gather({cfg_.norm_weight(l)}, {cfg_.hidden}, false, false));
+    const auto norm = fb::CreateRMSNorm(b_, cfg_.hidden, cfg_.rms_norm_eps, w);
+    return fb::CreateLayer(b_, b_.CreateString(cat("layers.", l, ".post_attention_layernorm")),
+                           fb::LayerKind::RMSNorm, norm.Union());
+  }
+
+  flatbuffers::Offset<fb::Layer> moe_layer(uint32_t l) {
+    const uint64_t E = cfg_.experts, H = cfg_.expert_hidden, D = cfg_.hidden;
+    const std::string prefix = cfg_.moe_prefix(l);
+    const auto gate = put(gather({cfg_.router_weight(l)}, {E, D}, false, false));
+    flatbuffers::Offset<fb::Tensor> bias = 0;
+    if (cfg_.family == HfFamily::DeepSeekV3) {
+      const StTensor& t = take(prefix + "gate.e_score_correction_bias");
+      expect_shape(t, {E});
+      // The bias stays fp32 in moert; a bf16 one widens exactly.
+      std::vector<float> v(E);
+      if (t.dtype == StDType::F32) {
+        std::memcpy(v.data(), t.bytes.data(), t.bytes.size());
+      } else if (t.dtype == StDType::BF16) {
+        for (uint64_t i = 0; i < E; ++i) {
+          const uint32_t bits =
+              (uint32_t{t.bytes[2 * i + 1]} << 24) | (uint32_t{t.bytes[2 * i]} << 16);
+          std::memcpy(&v[i], &bits, 4);
+        }
+      } else {
+        fail("tensor '", t.name, "' is ", st_dtype_name(t.dtype), "; the bias must be F32 or BF16");
+      }
+      for (float x : v)
+        if (!std::isfinite(x)) fail("tensor '", t.name, "' holds a NaN or infinity");
+      const std::vector<uint64_t> shape = {E};
+      bias = fb::CreateTensor(b_, b_.CreateVector(shape), fb::DType::F32,
+                              b_.CreateVector(reinterpret_cast<const uint8_t*>(v.data()), 4 * E));
+    }
+    auto experts = [&](int which) {
+      std::vector<std::string> names;
+      for (uint32_t e = 0; e < E; ++e) names.push_back(cfg_.expert_weight(l, e, which));
+      return put(gather(names,
+                        which == 2 ? std::vector<uint64_t>{D, H} : std::vector<uint64_t>{H, D},
+                        true, true));
+    };
+    const auto w1 = experts(1), w3 = experts(3), w2 = experts(2);
+    flatbuffers::Offset<fb::Tensor> s1 = 0, s3 = 0, s2 = 0;
+    const uint64_t SH = cfg_.shared_hidden;
+    if (SH > 0) {
+      s1 = put(gather({cfg_.shared_weight(l, 1)}, {SH, D}, true, true));
+      s3 = put(gather({cfg_.shared_weight(l, 3)}, {SH, D}, true, true));
+      s2 = put(gather({cfg_.shared_weight(l, 2)}, {D, SH}, true, true));
+    }
+    // Every tensor of the MLP module must have been understood: anything else (a bias, a
+    // shared-expert gate, another expert) would be silently dropped.
+    for (const std::string& n : ck_.names())
+      if (n.rfind(prefix, 0) == 0 && !used_.count(n))
+        fail("tensor '", n, "' of layer ", l, "'s MLP module has no place in a moert MoE layer");
+
+    // DeepSeek-V3's bias steers selection (loss-free balancing); imported frozen, so training
+    // changes it only when the user unfreezes it. The softmax families have no bias.
+    const auto balancing =
+        cfg_.family == HfFamily::DeepSeekV3
+            ? fb::CreateBalancing(b_, fb::BalancingPolicy::LossFreeBias, 0.001f, false, true)
+            : fb::CreateBalancing(b_, fb::BalancingPolicy::None);
+    const auto moe = fb::CreateMoE(
+        b_, cfg_.hidden, cfg_.experts, cfg_.top_k, cfg_.expert_hidden,
+        cfg_.sigmoid ? fb::ScoreFunction::Sigmoid : fb::ScoreFunction::Softmax, cfg_.groups,
+        cfg_.topk_groups, cfg_.normalize, cfg_.scaling, SH > 0 ? 1 : 0, cfg_.shared_hidden,
+        /*residual=*/false, balancing, gate, bias, w1, w3, w2, s1, s3, s2);
+    const std::string layer_name = prefix.substr(std::string("model.").size());
+    return fb::CreateLayer(b_, b_.CreateString(layer_name.substr(0, layer_name.size() - 1)),
+                           fb::LayerKind::MoE, moe.Union());
+  }
+
+  const ImportRequest& req_;
+  Checkpoint ck_;
+  HfMoeConfig cfg_;
+  DataFileWriter data_;
+  Builder b_{1 << 20};
+  std::set<std::string> used_;
+  ImportResult result_;
+};
+
+}  // namespace
+
+ImportResult import_checkpoint(const ImportRequest& request) {
+  Importer importer(request);
+  return importer.run();
+}
+
+}  // namespace moert_cli

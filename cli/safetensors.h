@@ -1,0 +1,120 @@
+// A strict reader of safetensors files (https://huggingface.co/docs/safetensors), the format of
+// Hugging Face checkpoints, for `moert import` and `moert export`. It lives in the CLI, not in
+// libmoert: the library never reads foreign formats, and this keeps its JSON dependency out of it.
+//
+// Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON (an object: tensor name ->
+// {"dtype", "shape", "data_offsets": [begin, end]}, plus an optional "__metadata__" object of
+// strings), then the data section, which the tensors' byte ranges (relative to its start) tile
+// exactly: sorted by offset, each begins where the previous one ends, the first at 0, the last at
+// the end of the file. Everything that is not so is refused with a message naming the file and the
+// tensor: a header length past the file or over 100 MB, JSON that is not an object of such
+// objects, a duplicate key, an unknown dtype or key, a number that is not an integer in [0, 2^53],
+// a shape whose byte count (with overflow checked) differs from its range, a range past the data,
+// overlapping ranges or a gap between them.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace moert_cli {
+
+enum class StDType { F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U8, BOOL };
+
+const char* st_dtype_name(StDType t);
+uint64_t st_dtype_size(StDType t);
+// Throws Error for a name that is not one of the dtypes above.
+StDType st_dtype_from_name(const std::string& name);
+
+struct StTensor {
+  std::string name;
+  StDType dtype = StDType::F32;
+  std::vector<uint64_t> shape;
+  uint64_t begin = 0, end = 0;  // within the data section
+  std::span<const uint8_t> bytes;
+
+  uint64_t numel() const;
+};
+
+// The largest header the reader accepts (the reference implementation's limit).
+inline constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
+// JSON integers above this are not exact in the doubles other readers parse them into.
+inline constexpr uint64_t kMaxSafetensorsInteger = uint64_t{1} << 53;
+
+class SafetensorsFile {
+ public:
+  // Maps `path` read-only and parses it. Throws Error naming the path on any defect.
+  static std::unique_ptr<SafetensorsFile> open(const std::string& path);
+  // Parses bytes the caller keeps alive for the lifetime of the result (fuzzing, tests).
+  static std::unique_ptr<SafetensorsFile> parse(std::span<const uint8_t> bytes,
+                                                const std::string& origin);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  const std::string& origin() const { return origin_; }
+  // In the order of their data offsets.
+  const std::vector<StTensor>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // nullptr when absent.
+  const StTensor* find(const std::string& name) const;
+
+ private:
+  SafetensorsFile() = default;
+  void parse_bytes(std::span<const uint8_t> bytes);
+
+  std::string origin_;
+  void* map_ = nullptr;
+  size_t map_size_ = 0;
+  std::vector<StTensor> tensors_;
+  std::map<std::string, size_t> index_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// The header of a safetensors file holding `sorted` (name, dtype, shape, bytes) in that order,
+// padded with spaces to a multiple of 8 bytes so that every tensor's data is 8-byte aligned in the
+// file; the data follows it, tensor after tensor. `metadata` goes to "__metadata__" when not empty.
+// The bytes are the caller's (a view of a mapped file, or storage the caller keeps).
+struct StOutTensor {
+  std::string name;
+  StDType dtype = StDType::F32;
+  std::vector<uint64_t> shape;
+  std::span<const uint8_t> bytes;
+};
+std::vector<uint8_t> safetensors_header(const std::vector<const StOutTensor*>& sorted,
+                                        const std::map<std::string, std::string>& metadata);
+
+// A Hugging Face checkpoint directory: config.json plus either model.safetensors or the shards
+// that model.safetensors.index.json's "weight_map" names (plain file names in the directory; every
+// tensor of the map must be in its shard). Shards are opened on first use.
+class Checkpoint {
+ public:
+  explicit Checkpoint(std::string dir);
+  const std::string& dir() const { return dir_; }
+  // The text of config.json.
+  std::string config_text() const;
+  // nullptr when the checkpoint has no such tensor.
+  const StTensor* find(const std::string& name);
+  // Throws Error naming the tensor and the checkpoint when absent.
+  const StTensor& get(const std::string& name);
+  // Every tensor name the checkpoint holds.
+  std::vector<std::string> names();
+
+ private:
+  SafetensorsFile& shard(const std::string& file);
+
+  std::string dir_;
+  bool sharded_ = false;
+  std::map<std::string, std::string> weight_map_;
+  std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;
+};
+
+// Parses the text of model.safetensors.index.json into its weight map; throws Error for anything
+// but {"weight_map": {name: "file", ...}, "metadata": {...}?} with plain file names.
+std::map<std::string, std::string> parse_safetensors_index(const std::string& text,
+                                                           const std::string& origin);
+
+}  // namespace moert_cli

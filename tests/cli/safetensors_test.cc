@@ -1,0 +1,159 @@
+// The CLI's safetensors reader (cli/safetensors.h): a well-formed file reads back as written, and
+// every kind of malformed header is refused with a message that names the defect.
+#include "cli/safetensors.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "cli/error.h"
+
+namespace {
+
+using moert_cli::Error;
+using moert_cli::SafetensorsFile;
+using moert_cli::StDType;
+
+std::vector<uint8_t> file_of(const std::string& header, size_t data_bytes, uint64_t length = 0) {
+  const uint64_t n = length ? length : header.size();
+  std::vector<uint8_t> out(8);
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<uint8_t>(n >> (8 * i));
+  out.insert(out.end(), header.begin(), header.end());
+  for (size_t i = 0; i < data_bytes; ++i) out.push_back(static_cast<uint8_t>(i));
+  return out;
+}
+
+std::string refusal(const std::vector<uint8_t>& bytes) {
+  try {
+    SafetensorsFile::parse(bytes, "t.safetensors");
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "accepted";
+}
+
+TEST(Safetensors, ReadsTensorsInOffsetOrderWithMetadata) {
+  const auto bytes = file_of(
+      R"({"b":{"dtype":"BF16","shape":[3],"data_offsets":[16,22]},)"
+      R"("__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},)"
+      R"("e":{"dtype":"F8_E4M3","shape":[0,5],"data_offsets":[22,22]}}   )",
+      22);
+  auto f = SafetensorsFile::parse(bytes, "t");
+  ASSERT_EQ(f->tensors().size(), 3u);
+  EXPECT_EQ(f->tensors()[0].name, "a");
+  EXPECT_EQ(f->tensors()[1].name, "b");
+  EXPECT_EQ(f->metadata().at("format"), "pt");
+  const auto* b = f->find("b");
+  ASSERT_NE(b, nullptr);
+  EXPECT_EQ(b->dtype, StDType::BF16);
+  EXPECT_EQ(b->bytes.size(), 6u);
+  EXPECT_EQ(b->bytes[0], 16);
+  EXPECT_EQ(f->find("e")->numel(), 0u);
+  EXPECT_EQ(f->find("missing"), nullptr);
+}
+
+TEST(Safetensors, RefusesEveryMalformedHeader) {
+  const std::string ok = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  EXPECT_EQ(refusal(file_of(ok, 8)), "accepted");
+  struct Case {
+    std::vector<uint8_t> bytes;
+    const char* message;
+  };
+  const Case cases[] = {
+      {{1, 2, 3}, "too short"},
+      {file_of(ok, 8, 1000), "runs past the end of the file"},
+      {file_of(ok, 8, uint64_t{1} << 40), "exceeds the limit"},
+      {file_of("[1,2]", 0), "does not start with a JSON object"},
+      {file_of("{\"a\":", 0), "malformed JSON"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{}})", 8), "duplicate"},
+      {file_of(R"({"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8),
+       "duplicate"},
+      {file_of(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8), "unknown"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}})", 8),
+       "unknown key"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[2]}})", 8), "needs dtype"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8), "non-negative"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", 8), "non-negative"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[9007199254740993],"data_offsets":[0,8]}})", 8),
+       "above 2^53"},
+      {file_of(R"({"a":{"dtype":"F64","shape":[9007199254740992,9007199254740992],)"
+               R"("data_offsets":[0,8]}})",
+               8),
+       "overflows"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8), "needs 12 bytes"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 4), "past the data"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8), "reversed"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+               R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+               8),
+       "overlaps"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8), "belong to no"},
+      {file_of(ok, 12), "belong to no tensor"},
+      {file_of(R"({"__metadata__":{"k":1}})", 0), "not a string"},
+      {file_of(R"({"a":{"dtype":"F32","shape":[[[2]]],"data_offsets":[0,8]}})", 8), "nested"},
+      {file_of(R"({"":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8), "empty name"},
+      {file_of("{\"a\xff\":1}", 0), "malformed JSON"},
+  };
+  for (const Case& c : cases) {
+    const std::string m = refusal(c.bytes);
+    EXPECT_NE(m.find(c.message), std::string::npos) << "want '" << c.message << "', got: " << m;
+  }
+}
+
+TEST(Safetensors, HeaderWriterRoundTrips) {
+  const std::vector<uint8_t> za(8, 1), yb(6, 2);
+  moert_cli::StOutTensor a{"z", StDType::F32, {2}, za};
+  moert_cli::StOutTensor b{"y", StDType::BF16, {1, 3}, yb};
+  auto bytes = moert_cli::safetensors_header({&a, &b}, {{"format", "pt"}});
+  EXPECT_EQ((bytes.size() - 8) % 8, 0u);
+  bytes.insert(bytes.end(), a.bytes.begin(), a.bytes.end());
+  bytes.insert(bytes.end(), b.bytes.begin(), b.bytes.end());
+  auto f = SafetensorsFile::parse(bytes, "t");
+  ASSERT_EQ(f->tensors().size(), 2u);
+  EXPECT_EQ(f->find("y")->shape, (std::vector<uint64_t>{1, 3}));
+  EXPECT_EQ(f->find("y")->bytes[0], 2);
+  EXPECT_EQ(f->metadata().at("format"), "pt");
+}
+
+TEST(Safetensors, IndexNamesPlainFilesOnly) {
+  auto m = moert_cli::parse_safetensors_index(
+      R"({"metadata":{"total_size":8},"weight_map":{"a":"s1.safetensors"}})", "i");
+  EXPECT_EQ(m.at("a"), "s1.safetensors");
+  EXPECT_THROW(
+      moert_cli::parse_safetensors_index(R"({"weight_map":{"a":"../x.safetensors"}})", "i"), Error);
+  EXPECT_THROW(moert_cli::parse_safetensors_index(R"({"weight_map":{"a":"d/x"}})", "i"), Error);
+  EXPECT_THROW(moert_cli::parse_safetensors_index(R"({"weight_map":{"a":3}})", "i"), Error);
+  EXPECT_THROW(moert_cli::parse_safetensors_index(R"({"metadata":{}})", "i"), Error);
+}
+
+TEST(Safetensors, OpensMappedFilesAndShardedCheckpoints) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(MOERT_CLI_WORKDIR) / "safetensors_sharded";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  auto write = [&](const std::string& name, const std::vector<uint8_t>& b) {
+    std::ofstream(dir / name, std::ios::binary)
+        .write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+  };
+  write("s1.safetensors", file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8));
+  write("s2.safetensors", file_of(R"({"b":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})", 3));
+  write("model.safetensors.index.json",
+        {std::begin(R"({"weight_map":{"a":"s1.safetensors","b":"s2.safetensors",)"
+                    R"("c":"s2.safetensors"}})"),
+         std::end(R"({"weight_map":{"a":"s1.safetensors","b":"s2.safetensors",)"
+                  R"("c":"s2.safetensors"}})") -
+             1});
+  moert_cli::Checkpoint ck(dir.string());
+  EXPECT_EQ(ck.get("a").bytes.size(), 8u);
+  EXPECT_EQ(ck.get("b").bytes[2], 2);
+  EXPECT_EQ(ck.find("nope"), nullptr);
+  EXPECT_THROW(ck.get("c"), Error);  // listed, but not in its shard
+  EXPECT_EQ(ck.names().size(), 3u);
+  EXPECT_THROW(moert_cli::Checkpoint((dir / "absent").string()), Error);
+}
+
+}  // namespace

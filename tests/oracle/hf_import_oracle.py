@@ -1,0 +1,766 @@
+"""`moert import` / `moert export` against an independent float64 oracle (label oracle, cli).
+
+Builds small Hugging Face checkpoints in each family's exact layout (config.json, tensor names,
+dtypes, FP8 `weight_scale_inv` [ceil(out/128), ceil(in/128)], a sharded
+model.safetensors.index.json) with random weights, written here byte by byte from the safetensors
+specification (not by moert's writer). Each is imported with the `moert` command and run through
+libmoert.so (ctypes); the output is compared with a NumPy float64 implementation of that family's
+MoE block written from the published model code (transformers' DeepseekV3MoE/MoEGate,
+Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock), on the weights as stored (bf16 and FP8 decoded
+exactly: FP8 value = E4M3 code value * block scale):
+  - relative error ||out - ref|| / ||ref|| <= 1e-5, and per row;
+  - the tokens each expert receives equal the oracle's (exact selection; near-ties are refused
+    as a failure of the set-up);
+then exports the imported model and imports the export again: the two moert files (description and
+data) must be identical byte for byte, and the exported tensors must equal the checkpoint's. Finally,
+checkpoints that moert must refuse (a dense layer, transposed scales, an unknown scoring function,
+a tensor with no place in moert, router jitter) must fail with a message naming the culprit.
+
+Needs NumPy (skips with 77 without it). Usage:
+  hf_import_oracle.py --lib libmoert.so --cli moert --workdir DIR
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+try:
+    import numpy as np
+except ImportError as exc:  # pragma: no cover - depends on the machine
+    print(f"SKIP: cannot import numpy with {sys.executable}: {exc}")
+    sys.exit(77)
+
+REL_TOL = 1e-5
+TIE_TOL = 2e-5
+MOERT_COUNTS_LAST = 0
+
+
+class Failure(Exception):
+    pass
+
+
+# ---- element types, from their definitions -------------------------------------------------
+
+
+def bf16_bits(a):
+    """fp32 -> bf16 bit patterns, round to nearest even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_value(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def e4m3_value(code):
+    """OCP E4M3 "fn": bias 7, 3 mantissa bits, exponent 0 subnormal, 0x7F/0xFF NaN."""
+    code = np.asarray(code, dtype=np.uint8)
+    s = np.where(code >> 7, -1.0, 1.0)
+    e = ((code >> 3) & 15).astype(np.int64)
+    m = (code & 7).astype(np.float64)
+    mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7))
+    return s * mag
+
+
+_E4M3_POS = e4m3_value(np.arange(0x7F, dtype=np.uint8))  # 0x00..0x7E, ascending
+
+
+def e4m3_code(v):
+    """Nearest E4M3 code of each value (|v| <= 448)."""
+    a = np.abs(v)
+    i = np.clip(np.searchsorted(_E4M3_POS, a), 1, len(_E4M3_POS) - 1)
+    lo, hi = _E4M3_POS[i - 1], _E4M3_POS[i]
+    idx = np.where(a - lo <= hi - a, i - 1, i).astype(np.uint8)
+    return np.where(v < 0, idx | 0x80, idx).astype(np.uint8)
+
+
+def quantize_fp8(w, block=128):
+    """DeepSeek-V3's layout: codes [out, in] and weight_scale_inv [ceil(out/b), ceil(in/b)] with
+    dequantised = code value * scale. Returns (codes, scales fp32, dequantised float64)."""
+    rows, cols = w.shape
+    br, bc = -(-rows // block), -(-cols // block)
+    scales = np.zeros((br, bc), dtype=np.float32)
+    codes = np.zeros(w.shape, dtype=np.uint8)
+    for i in range(br):
+        for j in range(bc):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s = np.float32(np.abs(blk).max() / 448.0)
+            scales[i, j] = s
+            codes[i * block:(i + 1) * block, j * block:(j + 1) * block] = e4m3_code(blk / s)
+    deq = e4m3_value(codes) * np.repeat(np.repeat(scales.astype(np.float64), block, 0), block,
+                                        1)[:rows, :cols]
+    return codes, scales, deq
+
+
+# ---- safetensors, from the format's specification -------------------------------------------
+
+
+def write_safetensors(path, tensors):
+    """tensors: name -> (dtype string, shape, raw bytes), laid out in name order."""
+    header, data = {}, b""
+    for name in sorted(tensors):
+        dt, shape, raw = tensors[name]
+        header[name] = {"dtype": dt, "shape": list(shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    out = {}
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = v["data_offsets"]
+        out[name] = (v["dtype"], tuple(v["shape"]), data[b:e])
+    return out
+
+
+def read_checkpoint(d):
+    index = os.path.join(d, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return read_safetensors(os.path.join(d, "model.safetensors"))
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for name in files:
+        out.update(read_safetensors(os.path.join(d, name)))
+    return out
+
+
+class Store:
+    """Tensors of a checkpoint being built, and their float64 values as the model code sees them."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.tensors = {}
+        self.values = {}
+
+    def put(self, name, shape, dtype, std=0.05, values=None):
+        w = values if values is not None else self.rng.normal(0, std, size=shape)
+        w = np.asarray(w, dtype=np.float32)
+        if dtype == "F32":
+            self.tensors[name] = ("F32", shape, w.tobytes())
+            self.values[name] = w.astype(np.float64)
+        elif dtype == "BF16":
+            bits = bf16_bits(w)
+            self.tensors[name] = ("BF16", shape, bits.tobytes())
+            self.values[name] = bf16_value(bits)
+        elif dtype == "F8_E4M3":
+            codes, scales, deq = quantize_fp8(w)
+            self.tensors[name] = ("F8_E4M3", shape, codes.tobytes())
+            self.tensors[name + "_scale_inv"] = ("F32", scales.shape, scales.tobytes())
+            self.values[name] = deq
+        else:
+            raise ValueError(dtype)
+        return self.values[name]
+
+    def write(self, d, config, shards=1):
+        if os.path.exists(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        names = sorted(self.tensors)
+        if shards == 1:
+            write_safetensors(os.path.join(d, "model.safetensors"), self.tensors)
+            return
+        weight_map = {}
+        for s in range(shards):
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: self.tensors[n] for n in names[s::shards]}
+            write_safetensors(os.path.join(d, file), part)
+            weight_map.update({n: file for n in part})
+        total = sum(len(t[2]) for t in self.tensors.values())
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ---- the families' MoE blocks in float64, from the published model code ---------------------
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def expert(x, w1, w3, w2):
+    """down(silu(gate(x)) * up(x)); x [N, D], weights as stored [out, in]."""
+    return (silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
+def topk_desc(v, k):
+    """Indices of the k largest values, ties to the lower index; and the gap between the k-th
+    and the (k+1)-th largest (inf when there is none)."""
+    order = np.argsort(-v, kind="stable")
+    gap = v[order[k - 1]] - v[order[k]] if k < len(v) else np.inf
+    return order[:k], gap
+
+
+def route_deepseek(cfg, logits, bias, gaps):
+    """MoEGate with topk_method noaux_tc: selection on sigmoid + bias, groups by top-2 sum,
+    masked groups at -inf; weights from the unbiased scores."""
+    E, K = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    G, TG = cfg["n_group"], cfg["topk_group"]
+    scores = 1.0 / (1.0 + np.exp(-logits))
+    sel, weights = [], []
+    for t in range(logits.shape[0]):
+        biased = scores[t] + bias
+        groups = biased.reshape(G, E // G)
+        gs = np.sort(groups, axis=1)[:, ::-1][:, :2].sum(axis=1)
+        kept, g_gap = topk_desc(gs, TG)
+        gaps[t] = min(gaps[t], g_gap)
+        masked = np.full(E, -np.inf)
+        for g in kept:
+            masked[g * (E // G):(g + 1) * (E // G)] = biased[g * (E // G):(g + 1) * (E // G)]
+        idx, gap = topk_desc(masked, K)
+        gaps[t] = min(gaps[t], gap)
+        w = scores[t, idx]
+        if cfg["norm_topk_prob"] and K > 1:
+            w = w / (w.sum() + 1e-20)
+        sel.append(idx)
+        weights.append(w * cfg["routed_scaling_factor"])
+    return sel, weights
+
+
+def route_softmax(K, normalize, logits, gaps):
+    """Qwen3MoeSparseMoeBlock / MixtralSparseMoeBlock: softmax, top-K, optional renormalisation."""
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    sel, weights = [], []
+    for t in range(p.shape[0]):
+        idx, gap = topk_desc(p[t], K)
+        gaps[t] = min(gaps[t], gap)
+        w = p[t, idx]
+        if normalize:
+            w = w / w.sum()
+        sel.append(idx)
+        weights.append(w)
+    return sel, weights
+
+
+def moe_block(family, cfg, V, layer, x, gaps):
+    """The MLP module's output for input rows x and the experts each row chose; gaps[t] is
+    lowered to row t's smallest routing gap."""
+    pre = f"model.layers.{layer}." + ("block_sparse_moe." if family == "mixtral" else "mlp.")
+    logits = x @ V[pre + "gate.weight"].T
+    if family == "deepseek_v3":
+        E = cfg["n_routed_experts"]
+        sel, weights = route_deepseek(cfg, logits, V[pre + "gate.e_score_correction_bias"], gaps)
+    elif family == "qwen3_moe":
+        E = cfg["num_experts"]
+        sel, weights = route_softmax(cfg["num_experts_per_tok"], cfg["norm_topk_prob"], logits,
+                                     gaps)
+    else:
+        E = cfg["num_local_experts"]
+        sel, weights = route_softmax(cfg["num_experts_per_tok"], True, logits, gaps)
+    names = ({1: "w1", 3: "w3", 2: "w2"} if family == "mixtral"
+             else {1: "gate_proj", 3: "up_proj", 2: "down_proj"})
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(sel[t], weights[t]):
+            ws = [V[f"{pre}experts.{e}.{names[k]}.weight"] for k in (1, 3, 2)]
+            y[t] += w * expert(x[t:t + 1], *ws)[0]
+    if family == "deepseek_v3" and cfg.get("n_shared_experts"):
+        y += expert(x, *[V[f"{pre}shared_experts.{p}.weight"]
+                         for p in ("gate_proj", "up_proj", "down_proj")])
+    return y, sel, E
+
+
+def rmsnorm(x, w, eps):
+    return x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps) * w
+
+
+# ---- the checkpoints ------------------------------------------------------------------------
+
+
+def deepseek(name, dtype, shared_dtype, gate_dtype, seed, shards, layers, D=160, fp8=False):
+    """A DeepSeek-V3-layout checkpoint: 5 decoder layers, layer 0 dense, 16 experts in 4 groups,
+    2 groups kept, top-4, 2 shared experts; D = 160 makes 128x128 FP8 blocks partial."""
+    cfg = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "hidden_size": D, "num_hidden_layers": 5, "intermediate_size": 256,
+        "moe_intermediate_size": 96, "n_routed_experts": 16, "num_experts_per_tok": 4,
+        "n_group": 4, "topk_group": 2, "n_shared_experts": 2, "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "aux_loss_alpha": 0.001, "seq_aux": True, "ep_size": 1,
+        "torch_dtype": "bfloat16",
+    }
+    if fp8:
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "quant_method": "fp8", "weight_block_size": [128, 128]}
+    rng = np.random.default_rng(seed)
+    st = Store(rng)
+    H, E, SH = 96, 16, 192
+    for L in range(5):
+        st.put(f"model.layers.{L}.post_attention_layernorm.weight", (D,), gate_dtype,
+               values=1.0 + rng.normal(0, 0.1, D))
+        if L == 0:
+            for p, shape in (("gate_proj", (256, D)), ("up_proj", (256, D)),
+                             ("down_proj", (D, 256))):
+                st.put(f"model.layers.0.mlp.{p}.weight", shape, "BF16")
+            continue
+        pre = f"model.layers.{L}.mlp."
+        st.put(pre + "gate.weight", (E, D), gate_dtype, std=0.1)
+        st.put(pre + "gate.e_score_correction_bias", (E,), "F32", std=0.05)
+        for e in range(E):
+            st.put(f"{pre}experts.{e}.gate_proj.weight", (H, D), dtype)
+            st.put(f"{pre}experts.{e}.up_proj.weight", (H, D), dtype)
+            st.put(f"{pre}experts.{e}.down_proj.weight", (D, H), dtype)
+        st.put(pre + "shared_experts.gate_proj.weight", (SH, D), shared_dtype)
+        st.put(pre + "shared_experts.up_proj.weight", (SH, D), shared_dtype)
+        st.put(pre + "shared_experts.down_proj.weight", (D, SH), shared_dtype)
+    return dict(name=name, family="deepseek_v3", cfg=cfg, store=st, shards=shards, layers=layers,
+                D=D)
+
+
+def qwen3(name, dtype, norm, seed, shards, layers):
+    D, H, E = 64, 48, 12
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+           "hidden_size": D, "num_hidden_layers": 4, "intermediate_size": 128,
+           "moe_intermediate_size": H, "num_experts": E, "num_experts_per_tok": 3,
+           "norm_topk_prob": norm, "decoder_sparse_step": 1, "mlp_only_layers": [0],
+           "hidden_act": "silu", "rms_norm_eps": 1e-6, "output_router_logits": False,
+           "router_aux_loss_coef": 0.001, "torch_dtype": "bfloat16"}
+    st = Store(np.random.default_rng(seed))
+    for L in range(1, 4):
+        pre = f"model.layers.{L}.mlp."
+        st.put(f"model.layers.{L}.post_attention_layernorm.weight", (D,), dtype)
+        st.put(pre + "gate.weight", (E, D), dtype, std=0.3)
+        for e in range(E):
+            st.put(f"{pre}experts.{e}.gate_proj.weight", (H, D), dtype)
+            st.put(f"{pre}experts.{e}.up_proj.weight", (H, D), dtype)
+            st.put(f"{pre}experts.{e}.down_proj.weight", (D, H), dtype)
+    return dict(name=name, family="qwen3_moe", cfg=cfg, store=st, shards=shards, layers=layers,
+                D=D)
+
+
+def mixtral(name, dtype, seed, shards, layers):
+    D, H, E = 64, 80, 8
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": D,
+           "num_hidden_layers": 2, "intermediate_size": H, "num_local_experts": E,
+           "num_experts_per_tok": 2, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+           "router_jitter_noise": 0.0, "router_aux_loss_coef": 0.02, "torch_dtype": "bfloat16"}
+    st = Store(np.random.default_rng(seed))
+    for L in range(2):
+        pre = f"model.layers.{L}.block_sparse_moe."
+        st.put(f"model.layers.{L}.post_attention_layernorm.weight", (D,), dtype)
+        st.put(pre + "gate.weight", (E, D), dtype, std=0.3)
+        for e in range(E):
+            st.put(f"{pre}experts.{e}.w1.weight", (H, D), dtype)
+            st.put(f"{pre}experts.{e}.w3.weight", (H, D), dtype)
+            st.put(f"{pre}experts.{e}.w2.weight", (D, H), dtype)
+    return dict(name=name, family="mixtral", cfg=cfg, store=st, shards=shards, layers=layers, D=D)
+
+
+CASES = [
+    lambda: deepseek("deepseek_v3_bf16_sharded", "BF16", "BF16", "BF16", 1, 3, [2, 4]),
+    lambda: deepseek("deepseek_v3_fp8", "F8_E4M3", "F8_E4M3", "BF16", 2, 1, [3], fp8=True),
+    lambda: deepseek("deepseek_v3_fp32", "F32", "F32", "F32", 3, 2, [1]),
+    lambda: qwen3("qwen3_moe_bf16", "BF16", True, 4, 2, [1, 3]),
+    lambda: qwen3("qwen3_moe_fp32_unnormalised", "F32", False, 5, 1, [2]),
+    lambda: mixtral("mixtral_bf16", "BF16", 6, 2, [0, 1]),
+]
+
+
+# ---- moert ----------------------------------------------------------------------------------
+
+
+class Lib:
+    def __init__(self, path):
+        lib = ctypes.CDLL(path)
+        P, U32, U64, I32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
+        PP, FP = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float)
+        for name, res, args in [
+            ("moert_status_code", I32, [P]), ("moert_status_message", ctypes.c_char_p, [P]),
+            ("moert_status_free", None, [P]),
+            ("moert_model_load_file", P, [ctypes.c_char_p, PP]),
+            ("moert_model_free", None, [P]),
+            ("moert_session_options_create", P, [PP]),
+            ("moert_session_options_free", None, [P]),
+            ("moert_session_options_set_threads", P, [P, U32]),
+            ("moert_session_create", P, [P, P, PP]), ("moert_session_free", None, [P]),
+            ("moert_session_forward_hidden", P, [P, FP, U64, U64, FP, U64]),
+            ("moert_session_expert_counts", P, [P, U32, I32, ctypes.POINTER(ctypes.c_int64),
+                                                 U64]),
+            ("moert_session_options_set_mode", P, [P, I32]),
+            ("moert_session_backward", P, [P, FP, U64, FP, U64, ctypes.POINTER(ctypes.c_double)]),
+            ("moert_session_zero_grad", P, [P]),
+            ("moert_session_step", P, [P, ctypes.POINTER(ctypes.c_double),
+                                       ctypes.POINTER(ctypes.c_double)]),
+            ("moert_session_get_expert_bias", P, [P, U32, FP, U64]),
+            ("moert_session_get_parameter", P, [P, ctypes.c_char_p, FP, U64]),
+            ("moert_session_save", P, [P, ctypes.c_char_p]),
+        ]:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self.lib = lib
+
+    def ok(self, st, what):
+        if st:
+            msg = self.lib.moert_status_message(st).decode()
+            self.lib.moert_status_free(st)
+            raise Failure(f"{what}: {msg}")
+
+    def run(self, path, x, moe_layers, E):
+        """Forward of rows x through the model at path; output and per-MoE-layer counts."""
+        L = self.lib
+        m, o, s = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        self.ok(L.moert_model_load_file(path.encode(), ctypes.byref(m)), f"load {path}")
+        try:
+            self.ok(L.moert_session_options_create(ctypes.byref(o)), "options")
+            self.ok(L.moert_session_options_set_threads(o, 2), "threads")
+            self.ok(L.moert_session_create(m, o, ctypes.byref(s)), "session")
+            xin = np.ascontiguousarray(x, dtype=np.float32)
+            out = np.full(x.shape, np.nan, dtype=np.float32)
+            fp = ctypes.POINTER(ctypes.c_float)
+            self.ok(L.moert_session_forward_hidden(s, xin.ctypes.data_as(fp), xin.size,
+                                                   x.shape[0], out.ctypes.data_as(fp), out.size),
+                    "forward")
+            counts = []
+            for layer in moe_layers:
+                c = np.zeros(E, dtype=np.int64)
+                self.ok(L.moert_session_expert_counts(
+                    s, layer, MOERT_COUNTS_LAST, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+                    E), "counts")
+                counts.append(c)
+            return out.astype(np.float64), counts
+        finally:
+            L.moert_session_free(s)
+            L.moert_session_options_free(o)
+            L.moert_model_free(m)
+
+
+    def train_and_save(self, path, x, steps, ckpt, E, params):
+        """Trains the hidden-state model at path for `steps` steps (loss: half the squared
+        output), saves a checkpoint; returns the trained loss-free bias and parameters."""
+        L, fp = self.lib, ctypes.POINTER(ctypes.c_float)
+        m, o, s = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        self.ok(L.moert_model_load_file(path.encode(), ctypes.byref(m)), f"load {path}")
+        try:
+            self.ok(L.moert_session_options_create(ctypes.byref(o)), "options")
+            self.ok(L.moert_session_options_set_mode(o, 1), "mode")
+            self.ok(L.moert_session_create(m, o, ctypes.byref(s)), "session")
+            xin = np.ascontiguousarray(x, dtype=np.float32)
+            out = np.zeros(x.shape, dtype=np.float32)
+            for _ in range(steps):
+                self.ok(L.moert_session_zero_grad(s), "zero_grad")
+                self.ok(L.moert_session_forward_hidden(s, xin.ctypes.data_as(fp), xin.size,
+                                                       x.shape[0], out.ctypes.data_as(fp),
+                                                       out.size), "forward")
+                g = np.ascontiguousarray(out / x.shape[0])
+                self.ok(L.moert_session_backward(s, g.ctypes.data_as(fp), g.size, None, 0, None),
+                        "backward")
+                self.ok(L.moert_session_step(s, None, None), "step")
+            bias = np.zeros(E, dtype=np.float32)
+            self.ok(L.moert_session_get_expert_bias(s, 1, bias.ctypes.data_as(fp), E), "bias")
+            values = {}
+            for name, n in params.items():
+                v = np.zeros(n, dtype=np.float32)
+                self.ok(L.moert_session_get_parameter(s, name.encode(), v.ctypes.data_as(fp), n),
+                        f"get {name}")
+                values[name] = v
+            self.ok(L.moert_session_save(s, ckpt.encode()), "save")
+            return bias, values
+        finally:
+            L.moert_session_free(s)
+            L.moert_session_options_free(o)
+            L.moert_model_free(m)
+
+
+def cli(args, cli_path, expect_ok=True):
+    p = subprocess.run([cli_path] + args, capture_output=True, text=True, timeout=120)
+    if expect_ok and p.returncode != 0:
+        raise Failure(f"moert {' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
+    return p
+
+
+def files_of(d):
+    return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))
+            if os.path.isfile(os.path.join(d, n))}
+
+
+def check_case(case, lib, cli_path, work):
+    name, fam, cfg, st = case["name"], case["family"], case["cfg"], case["store"]
+    ck = os.path.join(work, name, "checkpoint")
+    st.write(ck, cfg, case["shards"])
+    lines, failures = [], []
+
+    for with_norm in (False, True):
+        out_dir = os.path.join(work, name, "norm" if with_norm else "plain")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        model = os.path.join(out_dir, "model.moert")
+        args = ["import", ck, model] + sum((["--layer", str(L)] for L in case["layers"]), [])
+        cli(args + (["--with-norm"] if with_norm else []), cli_path)
+        # Rows whose routing the float64 oracle finds a near-tie (a gap below TIE_TOL between the
+        # last chosen and the first rejected score or group) are left out of the input: fp32 may
+        # legitimately decide those the other way. Rows are independent, so this only chooses
+        # the test's input; at least 64 of 128 must remain.
+        rng = np.random.default_rng(100)
+        x = rng.normal(0, 1, size=(128, case["D"]))
+        ref, gaps, sels, moe_layers = x, np.full(len(x), np.inf), [], []
+        for L in case["layers"]:
+            if with_norm:
+                ref = rmsnorm(ref, st.values[f"model.layers.{L}.post_attention_layernorm.weight"],
+                              np.float32(cfg["rms_norm_eps"]))
+            ref, sel, E = moe_block(fam, cfg, st.values, L, ref, gaps)
+            sels.append(sel)
+            moe_layers.append(2 * len(moe_layers) + 1 if with_norm else len(moe_layers))
+        keep = np.nonzero(gaps >= TIE_TOL)[0]
+        if len(keep) < 64:
+            failures.append(f"{name}: only {len(keep)} of 128 rows route without a near-tie")
+        x, ref, min_gap = x[keep], ref[keep], gaps[keep].min()
+        ref_counts = [np.bincount(np.concatenate([sel[t] for t in keep]), minlength=E)
+                      for sel in sels]
+        out, counts = lib.run(model, x, moe_layers, E)
+        rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+        row = (np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max()
+        same = all((a == b).all() for a, b in zip(counts, ref_counts))
+        lines.append(f"  {name}{' --with-norm' if with_norm else ''}: layers {case['layers']}, "
+                     f"rel err {rel:.2e} (worst row {row:.2e}), selection "
+                     f"{'exact' if same else 'DIFFERS'} over {len(keep)} rows, smallest routing "
+                     f"gap {min_gap:.1e}")
+        if not rel <= REL_TOL or not row <= 10 * REL_TOL:
+            failures.append(f"{name}: relative error {rel:.2e} (worst row {row:.2e})")
+        if not same:
+            failures.append(f"{name}: expert counts {counts} != oracle {ref_counts}")
+
+        # import -> export -> import: the same moert files, the checkpoint's tensors.
+        if fam != "deepseek_v3":
+            continue
+        exp = os.path.join(out_dir, "exported")
+        cli(["export", model, exp], cli_path)
+        again_dir = os.path.join(out_dir, "again")
+        shutil.rmtree(again_dir, ignore_errors=True)
+        os.makedirs(again_dir)
+        cli(args[:1] + [exp, os.path.join(again_dir, "model.moert")] + args[3:] +
+            (["--with-norm"] if with_norm else []), cli_path)
+        a = {n: b for n, b in files_of(out_dir).items() if n.startswith("model.moert")}
+        b = files_of(again_dir)
+        identical = a == b
+        orig, back = read_checkpoint(ck), read_checkpoint(exp)
+        mismatched = [n for n, t in back.items() if orig.get(n) != t]
+        lines.append(f"    import -> export -> import: {'bit-identical' if identical else 'DIFFERS'}"
+                     f" ({sum(map(len, a.values()))} bytes); {len(back)} exported tensors, "
+                     f"{len(mismatched)} differ from the checkpoint")
+        if not identical:
+            failures.append(f"{name}: re-import differs: {sorted(a)} vs {sorted(b)}")
+        if mismatched:
+            failures.append(f"{name}: exported tensors differ from the checkpoint: {mismatched[:4]}")
+        if "quantization_config" in cfg and not with_norm:
+            # FP8 exported as fp32 (code value x scale) runs exactly as the FP8 model does.
+            exp32 = os.path.join(out_dir, "exported_fp32")
+            cli(["export", model, exp32, "--dtype", "fp32"], cli_path)
+            m32 = os.path.join(out_dir, "fp32.moert")
+            cli(["import", exp32, m32] + args[3:], cli_path)
+            out32, _ = lib.run(m32, x, moe_layers, E)
+            d32 = np.abs(out32 - out).max()
+            lines.append(f"    export --dtype fp32 -> import: max |difference| to the FP8 model "
+                         f"{d32:.1e}")
+            if d32 > 1e-6 * np.abs(out).max():
+                failures.append(f"{name}: the fp32 export runs differently ({d32:.2e})")
+        with open(os.path.join(exp, "config.json")) as f:
+            ecfg = json.load(f)
+        for k in ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+                  "norm_topk_prob", "routed_scaling_factor", "scoring_func", "topk_method",
+                  "moe_intermediate_size", "hidden_size", "n_shared_experts"):
+            if ecfg.get(k) != cfg[k]:
+                failures.append(f"{name}: exported config.json {k} = {ecfg.get(k)!r}, "
+                                f"checkpoint has {cfg[k]!r}")
+    return lines, failures
+
+
+def check_refusals(cli_path, work):
+    """Checkpoints moert must refuse, each with the message naming the culprit."""
+    lines, failures = [], []
+    base = deepseek("refuse", "F8_E4M3", "BF16", "BF16", 7, 1, [1], D=160, fp8=True)
+    cases = []
+
+    cases.append(("dense layer", base["cfg"], None, ["--layer", "0"], "dense MLP"))
+    cases.append(("missing layer", base["cfg"], None, ["--layer", "9"], "does not exist"))
+    cfg = dict(base["cfg"], scoring_func="softmax")
+    cases.append(("softmax DeepSeek", cfg, None, ["--layer", "1"], "scoring_func"))
+    cfg = dict(base["cfg"])
+    del cfg["routed_scaling_factor"]
+    cases.append(("missing knob", cfg, None, ["--layer", "1"], "routed_scaling_factor"))
+    cfg = dict(base["cfg"], topk_method="greedy")
+    cases.append(("greedy top-K", cfg, None, ["--layer", "1"], "topk_method"))
+
+    def transpose_scales(t):
+        n = "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"
+        dt, shape, raw = t[n]
+        t[n] = (dt, (shape[1], shape[0]), raw)
+    cases.append(("transposed scales", base["cfg"], transpose_scales, ["--layer", "1"],
+                  "transposed"))
+
+    def extra(t):
+        t["model.layers.1.mlp.shared_expert_gate.weight"] = ("F32", (1, 160), bytes(640))
+    cases.append(("unknown tensor", base["cfg"], extra, ["--layer", "1"], "shared_expert_gate"))
+
+    def drop(t):
+        del t["model.layers.1.mlp.experts.15.up_proj.weight"]
+    cases.append(("missing expert", base["cfg"], drop, ["--layer", "1"], "experts.15.up_proj"))
+    cfg = dict(base["cfg"])
+    del cfg["quantization_config"]
+    cases.append(("fp8 without block size", cfg, None, ["--layer", "1"], "weight_block_size"))
+
+    mx = mixtral("refuse_mixtral", "F32", 8, 1, [0])
+    for label, c, mutate, layer_args, want in cases:
+        d = os.path.join(work, "refusals", label.replace(" ", "_"))
+        st = base["store"]
+        saved = dict(st.tensors)
+        if mutate:
+            mutate(st.tensors)
+        st.write(d, c)
+        st.tensors = saved
+        p = cli(["import", d, os.path.join(d, "out.moert")] + layer_args, cli_path,
+                expect_ok=False)
+        ok = p.returncode == 1 and want in p.stderr and not os.path.exists(
+            os.path.join(d, "out.moert"))
+        lines.append(f"  refused {label}: {p.stderr.strip()}")
+        if not ok:
+            failures.append(f"refusal '{label}': exit {p.returncode}, stderr {p.stderr!r}")
+    d = os.path.join(work, "refusals", "jitter")
+    mx["store"].write(d, dict(mx["cfg"], router_jitter_noise=0.01))
+    p = cli(["import", d, os.path.join(d, "out.moert"), "--layer", "0"], cli_path, False)
+    lines.append(f"  refused jitter: {p.stderr.strip()}")
+    if p.returncode != 1 or "router_jitter_noise" not in p.stderr:
+        failures.append(f"refusal 'jitter': exit {p.returncode}, stderr {p.stderr!r}")
+    return lines, failures
+
+
+def check_trained(lib, cli_path, work):
+    """A model trained by moert (fp32 masters, a loss-free bias moved by training, two shared
+    experts) exported and imported back: the same forward, the bias as e_score_correction_bias,
+    the masters as fp32 (default) or rounded to bf16 (--dtype bf16)."""
+    d = os.path.join(work, "trained")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    D, E, H = 32, 8, 16
+
+    def t(std):
+        return {"init": {"kind": "Normal", "std": std}}
+    model = {
+        "schema_major": 1, "schema_minor": 1, "name": "trained", "seed": 11, "input_dim": D,
+        "layers": [
+            {"name": "norm", "kind_type": "RMSNorm",
+             "kind": {"dim": D, "eps": 1e-5, "weight": t(0.2)}},
+            {"name": "moe", "kind_type": "MoE", "kind": {
+                "dim": D, "num_experts": E, "top_k": 2, "expert_hidden": H,
+                "score_function": "Sigmoid", "num_groups": 2, "topk_groups": 1,
+                "normalize_weights": True, "routed_scaling_factor": 2.5,
+                "num_shared_experts": 2, "shared_hidden": H, "residual": False,
+                "balancing": {"policy": "LossFreeBias", "bias_update_rate": 0.01},
+                "gate": t(0.5), "w1": t(0.3), "w3": t(0.3), "w2": t(0.3),
+                "shared_w1": t(0.3), "shared_w3": t(0.3), "shared_w2": t(0.3)}},
+        ],
+    }
+    with open(os.path.join(d, "model.json"), "w") as f:
+        json.dump(model, f)
+    cli(["convert", os.path.join(d, "model.json"), os.path.join(d, "model.moert")], cli_path)
+    x = np.random.default_rng(12).normal(0, 1, size=(64, D))
+    params = {"moe.gate": E * D, "moe.w1": E * H * D, "norm.weight": D}
+    ckpt = os.path.join(d, "ckpt.moert")
+    bias, masters = lib.train_and_save(os.path.join(d, "model.moert"), x, 5, ckpt, E, params)
+    lines, failures = [], []
+    ref, ref_counts = lib.run(ckpt, x, [1], E)
+    for dtype in ("as-stored", "bf16", "fp8"):
+        exp = os.path.join(d, "export_" + dtype)
+        cli(["export", ckpt, exp, "--dtype", dtype], cli_path)
+        back = read_checkpoint(exp)
+        m2 = os.path.join(d, f"reimported_{dtype}.moert")
+        cli(["import", exp, m2, "--layer", "0", "--with-norm"], cli_path)
+        out, counts = lib.run(m2, x, [1], E)
+        rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+        eb = np.frombuffer(back["model.layers.0.mlp.gate.e_score_correction_bias"][2], np.float32)
+        gate = back["model.layers.0.mlp.gate.weight"]
+        w1 = back["model.layers.0.mlp.experts.3.gate_proj.weight"]
+        master_w1 = masters["moe.w1"].reshape(E, H, D)[3]
+        if dtype == "as-stored":
+            stored_ok = (gate[0] == "F32" and gate[2] == masters["moe.gate"].tobytes()
+                         and w1[0] == "F32" and w1[2] == master_w1.tobytes())
+        elif dtype == "bf16":
+            stored_ok = (gate[0] == "BF16" and gate[2] == bf16_bits(masters["moe.gate"]).tobytes()
+                         and w1[0] == "BF16" and w1[2] == bf16_bits(master_w1).tobytes())
+        else:
+            # Experts in E4M3, one 128x128 block here, scale amax / 448; the router in bf16. The
+            # codes are the nearest E4M3 values of w / scale (ties aside, which the oracle's
+            # nearest-value search may break differently: allow those, nothing else).
+            codes, scales, deq = quantize_fp8(master_w1)
+            sc = back["model.layers.0.mlp.experts.3.gate_proj.weight_scale_inv"]
+            scale = np.frombuffer(sc[2], np.float32)[0]
+            got = e4m3_value(np.frombuffer(w1[2], np.uint8)).reshape(H, D) * np.float64(scale)
+            exact = (np.frombuffer(w1[2], np.uint8).reshape(H, D) == codes).mean()
+            stored_ok = (gate[0] == "BF16" and gate[2] == bf16_bits(masters["moe.gate"]).tobytes()
+                         and w1[0] == "F8_E4M3" and tuple(sc[1]) == (1, 1)
+                         and scale == scales[0, 0] and exact >= 0.99
+                         and np.abs(got - master_w1).max() <= scale * 16)
+        shared = back["model.layers.0.mlp.shared_experts.down_proj.weight"]
+        lines.append(f"  trained checkpoint, --dtype {dtype}: bias |b| max {np.abs(bias).max():.3f} "
+                     f"exported {'exactly' if (eb == bias).all() else 'WRONG'}, masters "
+                     f"{'as ' + gate[0] if stored_ok else 'WRONG'}, shared down_proj "
+                     f"{list(shared[1])}, re-imported forward rel err {rel:.2e}, selection "
+                     f"{'exact' if (counts[0] == ref_counts[0]).all() else 'DIFFERS'}")
+        if not (eb == bias).all() or not np.abs(bias).max() > 0:
+            failures.append(f"trained {dtype}: bias {eb} != trained {bias}")
+        if not stored_ok:
+            failures.append(f"trained {dtype}: exported router/expert weights are not the masters")
+        if tuple(shared[1]) != (D, 2 * H):
+            failures.append(f"trained {dtype}: shared down_proj shape {shared[1]}")
+        if dtype == "as-stored" and (not rel <= REL_TOL or (counts[0] != ref_counts[0]).any()):
+            failures.append(f"trained: re-imported forward differs (rel {rel:.2e})")
+    return lines, failures
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lib", required=True)
+    ap.add_argument("--cli", required=True)
+    ap.add_argument("--workdir", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    lib = Lib(args.lib)
+    failures = []
+    for make in CASES:
+        case = make()
+        try:
+            lines, f = check_case(case, lib, args.cli, args.workdir)
+        except Failure as exc:
+            lines, f = [], [f"{case['name']}: {exc}"]
+        print(case["name"])
+        print("\n".join(lines))
+        failures += f
+    print("trained")
+    try:
+        lines, f = check_trained(lib, args.cli, args.workdir)
+    except Failure as exc:
+        lines, f = [], [f"trained: {exc}"]
+    print("\n".join(lines))
+    failures += f
+    print("refusals")
+    lines, f = check_refusals(args.cli, args.workdir)
+    print("\n".join(lines))
+    failures += f
+    for f in failures:
+        print("FAIL:", f)
+    print("hf import oracle:", "FAILED" if failures else "all checkpoints agree")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
