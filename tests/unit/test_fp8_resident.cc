@@ -211,6 +211,26 @@ TEST(Fp8Resident, Fp32ForwardEqualsTheDecodedModelBitwise) {
   }
 }
 
+// A session of precision fp8 multiplies the file's codes and scales themselves; they are those
+// it would have made from the fp32 weights (the same quantizer), so the forward is bit for bit
+// that of an fp8 session on the fp32 model the file was quantized from. With UE8M0 scales too.
+TEST(Fp8Resident, Fp8ForwardOnTheFileEqualsQuantizingInMemory) {
+  for (bool pow2 : {false, true}) {
+    const Fp8Files f = make_fp8_model(pow2 ? "fp8_ue8m0" : "fp8_fp32_scales", pow2);
+    SessionOptions o = options(Precision::Fp8, Mode::Inference);
+    o.fp8.power_of_two_scales = pow2;
+    Session from_file(f.loaded, o);
+    Session in_memory(f.fp32, o);
+    std::mt19937 rng(8);
+    const int64_t rows = 150;  // activation tiles of 128 rows and a partial one
+    const Batch b = batch(rng, rows);
+    std::vector<float> y1(rows * test::kSessionVocab), y2(y1.size());
+    from_file.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y1.data(), y1.size());
+    in_memory.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y2.data(), y2.size());
+    EXPECT_EQ(0, std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float))) << pow2;
+  }
+}
+
 TEST(Fp8Resident, TrainingStartsFromTheDecodedValues) {
   const Fp8Files f = make_fp8_model("train");
   auto decoded = std::make_shared<Model>(*f.loaded);
