@@ -37,7 +37,8 @@ std::vector<RouterStats> probe_routers(const moert_session* trained, const CharL
 // from fp32 on trained operands: the block's trained weights and bias in a one-layer model, its
 // fp32 input activations on the rows at `positions`, and as output gradient the real one, the
 // gradient of the mean cross-entropy on those rows with respect to the block's output (through the
-// trained model's later blocks and head, in fp32).
+// trained model's later blocks and head, in fp32; with the aux strategy the later blocks'
+// auxiliary losses are part of it, as in training).
 std::vector<GemmAccuracy> probe_gemm_accuracy(const moert_session* trained,
                                               const CharLMShape& shape, const Balancing& balancing,
                                               uint64_t seed, const std::vector<int32_t>& stream,
