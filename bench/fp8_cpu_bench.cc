@@ -20,6 +20,7 @@
 
 #include "kernels/cpu/fp8.h"
 #include "kernels/cpu/math.h"
+#include "kernels/cpu/omp_guard.h"
 
 namespace {
 
@@ -140,6 +141,9 @@ double block_gemm_limit() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // One thread, as the title says: oneDNN would otherwise spread the fp32 GEMMs (the baseline and
+  // the emulation's block products) over every OpenMP thread.
+  const cpu::SerialOmpScope one_thread;
   const int64_t tokens = argc > 1 ? std::atoll(argv[1]) : 512;
   if (tokens <= 0) {
     std::fprintf(stderr, "usage: %s [tokens > 0]\n", argv[0]);

@@ -68,44 +68,64 @@ std::string layer(const std::string& name, const std::string& kind, const std::s
              " } }");
 }
 
+std::string norm_json(const CharLMShape& s) {
+  return cat("\"dim\": ", s.width(), ", \"weight\": { \"init\": { \"kind\": \"Ones\" } }");
+}
+
+std::string moe_block_json(const CharLMShape& s, const Balancing& balancing, uint32_t b) {
+  const uint32_t d = s.width();
+  std::string moe = cat("\"dim\": ", d, ", \"num_experts\": ", s.experts, ", \"top_k\": ", s.top_k,
+                        ", \"expert_hidden\": ", s.expert_hidden,
+                        ", \"score_function\": \"Sigmoid\", \"num_groups\": 1, \"topk_groups\": 1",
+                        ", \"normalize_weights\": true, \"routed_scaling_factor\": 1.0",
+                        ", \"num_shared_experts\": ", s.shared,
+                        ", \"shared_hidden\": ", s.shared > 0 ? s.shared_hidden : 0,
+                        ", \"residual\": true, \"balancing\": ", balancing_json(balancing),
+                        ", \"gate\": ", linear_init(d), ", \"w1\": ", linear_init(d),
+                        ", \"w3\": ", linear_init(d), ", \"w2\": ", linear_init(s.expert_hidden));
+  if (s.shared > 0)
+    moe += cat(", \"shared_w1\": ", linear_init(d), ", \"shared_w3\": ", linear_init(d),
+               ", \"shared_w2\": ", linear_init(s.shared_hidden));
+  return layer(cat("moe", b), "MoE", moe);
+}
+
+std::string output_json(const CharLMShape& s) {
+  return layer("norm_out", "RMSNorm", norm_json(s)) + ",\n" +
+         layer("head", "OutputHead",
+               cat("\"dim\": ", s.width(), ", \"vocab_size\": ", kVocabSize,
+                   ", \"weight\": ", linear_init(s.width())));
+}
+
 }  // namespace
 
 std::string charlm_json(const CharLMShape& s, const Balancing& balancing, uint64_t seed,
                         int probe_block) {
-  const uint32_t d = s.width();
   std::string layers = layer(
       "embed", "Embedding",
       cat("\"vocab_size\": ", kVocabSize, ", \"dim\": ", s.embed_dim, ", \"context\": ", s.context,
           ", \"weight\": { \"init\": { \"kind\": \"Normal\", \"std\": 1.0 "
           "} }"));
-  const std::string norm =
-      cat("\"dim\": ", d, ", \"weight\": { \"init\": { \"kind\": \"Ones\" } }");
   for (uint32_t b = 0; b < s.blocks; ++b) {
-    layers += ",\n" + layer(cat("norm", b), "RMSNorm", norm);
+    layers += ",\n" + layer(cat("norm", b), "RMSNorm", norm_json(s));
     if (static_cast<int>(b) == probe_block) break;
-    std::string moe =
-        cat("\"dim\": ", d, ", \"num_experts\": ", s.experts, ", \"top_k\": ", s.top_k,
-            ", \"expert_hidden\": ", s.expert_hidden,
-            ", \"score_function\": \"Sigmoid\", \"num_groups\": 1, \"topk_groups\": 1",
-            ", \"normalize_weights\": true, \"routed_scaling_factor\": 1.0",
-            ", \"num_shared_experts\": ", s.shared,
-            ", \"shared_hidden\": ", s.shared > 0 ? s.shared_hidden : 0,
-            ", \"residual\": true, \"balancing\": ", balancing_json(balancing),
-            ", \"gate\": ", linear_init(d), ", \"w1\": ", linear_init(d),
-            ", \"w3\": ", linear_init(d), ", \"w2\": ", linear_init(s.expert_hidden));
-    if (s.shared > 0)
-      moe += cat(", \"shared_w1\": ", linear_init(d), ", \"shared_w3\": ", linear_init(d),
-                 ", \"shared_w2\": ", linear_init(s.shared_hidden));
-    layers += ",\n" + layer(cat("moe", b), "MoE", moe);
+    layers += ",\n" + moe_block_json(s, balancing, b);
   }
-  if (probe_block < 0) {
-    layers += ",\n" + layer("norm_out", "RMSNorm", norm);
-    layers += ",\n" + layer("head", "OutputHead",
-                            cat("\"dim\": ", d, ", \"vocab_size\": ", kVocabSize,
-                                ", \"weight\": ", linear_init(d)));
-  }
+  if (probe_block < 0) layers += ",\n" + output_json(s);
   return cat("{\n  \"schema_major\": 1, \"schema_minor\": 0, \"name\": \"charlm\", \"seed\": ",
              seed, ",\n  \"layers\": [\n", layers, "\n  ]\n}\n");
+}
+
+std::string charlm_tail_json(const CharLMShape& s, const Balancing& balancing, uint64_t seed,
+                             uint32_t after_block) {
+  std::string layers;
+  for (uint32_t b = after_block + 1; b < s.blocks; ++b)
+    layers += layer(cat("norm", b), "RMSNorm", norm_json(s)) + ",\n" +
+              moe_block_json(s, balancing, b) + ",\n";
+  layers += output_json(s);
+  return cat(
+      "{\n  \"schema_major\": 1, \"schema_minor\": 0, \"name\": \"charlm-tail\", "
+      "\"seed\": ",
+      seed, ", \"input_dim\": ", s.width(), ",\n  \"layers\": [\n", layers, "\n  ]\n}\n");
 }
 
 ModelPtr charlm_model(const CharLMShape& shape, const Balancing& balancing, uint64_t seed,
@@ -113,6 +133,13 @@ ModelPtr charlm_model(const CharLMShape& shape, const Balancing& balancing, uint
   const std::vector<uint8_t> bytes =
       json_to_binary(charlm_json(shape, balancing, seed, probe_block), "generated model");
   return load_model_bytes(bytes, "", "generated model");
+}
+
+ModelPtr charlm_tail_model(const CharLMShape& shape, const Balancing& balancing, uint64_t seed,
+                           uint32_t after_block) {
+  const std::vector<uint8_t> bytes =
+      json_to_binary(charlm_tail_json(shape, balancing, seed, after_block), "generated tail model");
+  return load_model_bytes(bytes, "", "generated tail model");
 }
 
 }  // namespace moert_cli

@@ -42,4 +42,13 @@ std::string charlm_json(const CharLMShape& shape, const Balancing& balancing, ui
 ModelPtr charlm_model(const CharLMShape& shape, const Balancing& balancing, uint64_t seed,
                       int probe_block = -1);
 
+// The part of the model after MoE block `after_block`: hidden-state input (the residual stream
+// that block outputs), the remaining blocks, the final RMSNorm and the head, under the same layer
+// names. Its input gradient is the gradient of the loss with respect to that block's output.
+std::string charlm_tail_json(const CharLMShape& shape, const Balancing& balancing, uint64_t seed,
+                             uint32_t after_block);
+
+ModelPtr charlm_tail_model(const CharLMShape& shape, const Balancing& balancing, uint64_t seed,
+                           uint32_t after_block);
+
 }  // namespace moert_cli

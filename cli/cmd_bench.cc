@@ -23,6 +23,7 @@
 #include "cli/error.h"
 #include "cli/json_text.h"
 #include "cli/model_codec.h"
+#include "cli/precision_accuracy.h"
 
 namespace moert_cli {
 
@@ -95,71 +96,6 @@ const CommandSpec kBenchSpec = {
 };
 
 namespace {
-
-double rel_distance(const std::vector<float>& a, const std::vector<float>& ref) {
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    num += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
-    den += static_cast<double>(ref[i]) * ref[i];
-  }
-  return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-// ||low - fp32|| / ||fp32|| per GEMM kind (low: bf16 or fp8): the layer output (Fprop) and the
-// input gradient (Dgrad), both without their residual parts, and the routed and shared expert
-// weight gradients (Wgrad).
-struct Accuracy {
-  double fprop = 0.0, dgrad = 0.0;
-  std::vector<std::pair<std::string, double>> wgrad;
-};
-
-Accuracy accuracy(const moert_model* model, SessionConfig fp32, SessionConfig low, uint32_t tokens,
-                  uint32_t dim, uint64_t seed, bool shared) {
-  const std::vector<float> x = random_values(static_cast<size_t>(tokens) * dim, seed);
-  const std::vector<float> dy = random_values(x.size(), seed + 1);
-  std::vector<std::string> names = {"moe.w1", "moe.w3", "moe.w2"};
-  if (shared) names.insert(names.end(), {"moe.shared_w1", "moe.shared_w3", "moe.shared_w2"});
-  struct Out {
-    std::vector<float> y, dx;
-    std::vector<std::vector<float>> g;
-  };
-  auto run = [&](SessionConfig c) {
-    c.training = true;
-    SessionPtr s = create_session(model, c);
-    Out o{std::vector<float>(x.size()), std::vector<float>(x.size()), {}};
-    check(moert_session_forward_hidden(s.get(), x.data(), x.size(), tokens, o.y.data(), o.y.size()),
-          "forward");
-    check(moert_session_backward(s.get(), dy.data(), dy.size(), o.dx.data(), o.dx.size(), nullptr),
-          "backward");
-    uint32_t n = 0;
-    check(moert_session_num_parameters(s.get(), &n), "parameters");
-    for (const std::string& name : names) {
-      for (uint32_t i = 0; i < n; ++i) {
-        const char* pn = nullptr;
-        uint64_t numel = 0;
-        check(moert_session_parameter_info(s.get(), i, &pn, &numel), "parameter");
-        if (name != pn) continue;
-        o.g.emplace_back(numel);
-        check(moert_session_get_gradient(s.get(), pn, o.g.back().data(), numel), "gradient");
-      }
-    }
-    return o;
-  };
-  Out a = run(fp32), b = run(low);
-  // The layer is residual: y = x + experts(x), dx = dy + d experts / dx. The residual parts are
-  // exact in both precisions and would hide the GEMMs' error, so they are taken out.
-  for (Out* o : {&a, &b})
-    for (size_t i = 0; i < x.size(); ++i) {
-      o->y[i] -= x[i];
-      o->dx[i] -= dy[i];
-    }
-  Accuracy acc;
-  acc.fprop = rel_distance(b.y, a.y);
-  acc.dgrad = rel_distance(b.dx, a.dx);
-  for (size_t i = 0; i < a.g.size() && i < names.size(); ++i)
-    acc.wgrad.push_back({names[i].substr(4), rel_distance(b.g[i], a.g[i])});
-  return acc;
-}
 
 // What libmoert's oneDNN (the same library instance as this process's) runs on, and hence which
 // kernels a bf16 session takes (kernels/cpu/isa.h states the rule).
@@ -303,14 +239,18 @@ int run_bench(const Args& args) {
   const double moe_fwd = T * (2.0 * D * d.experts + d.shared * 6.0 * D * d.shared_hidden) +
                          static_cast<double>(t32.assignments) * 6.0 * D * d.expert_hidden;
   Timing t16;
-  Accuracy acc;
+  GemmAccuracy acc;
   const bool low = precision != "fp32" && config.device == MOERT_DEVICE_CPU;
   const char* lp = precision.c_str();
   if (low) {
     SessionConfig c = config;
     c.knobs.push_back({"precision", precision});
     t16 = time_layer(moe.get(), c, d.tokens, d.dim, repeats, seed);
-    acc = accuracy(moe.get(), fp32, c, d.tokens, d.dim, seed, d.shared > 0);
+    LayerOperands ops;
+    ops.rows = d.tokens;
+    ops.x = random_values(static_cast<size_t>(d.tokens) * d.dim, seed);
+    ops.dy = random_values(ops.x.size(), seed + 1);
+    acc = gemm_accuracy(moe.get(), fp32, c, ops);
   }
 
   // The GEMM of equal FLOPs: 2 * T * D * N = moe_fwd.

@@ -36,7 +36,9 @@ const CommandSpec kTrainSpec = {
     "Printed per strategy: validation loss (nats/char) and perplexity, computed by moert from the\n"
     "logits; MaxVio_global over the validation set (mean over MoE blocks); mean MaxVio_batch over\n"
     "the last TAIL of the steps; dead experts (no validation token); then router diagnostics:\n"
-    "the spread of the experts' mean scores against the learned bias range.",
+    "the spread of the experts' mean scores against the learned bias range. With --precision\n"
+    "bf16 or fp8, the distance to fp32 of each GEMM kind (Fprop, Dgrad, Wgrad) on each trained\n"
+    "MoE block's weights, input activations and loss gradient, over the same rows.",
     0,
     0,
     {
@@ -78,7 +80,8 @@ const CommandSpec kTrainSpec = {
         {"gamma", "X", "bias update rate of loss-free balancing", "0.001"},
         {"val-every", "N", "every N-th record goes to validation", "10"},
         {"eval-rows", "N", "validation positions evaluated, evenly spaced; 0 = all", "0"},
-        {"probe-rows", "N", "validation rows for the router diagnostics; 0 = skip them", "8192"},
+        {"probe-rows", "N",
+         "validation rows for the router diagnostics and the GEMM accuracy; 0 = skip them", "8192"},
         {"tail", "F", "fraction of the steps at the end over which MaxVio_batch is averaged",
          "0.2"},
         {"csv", "FILE", "write per-step metrics of every run here", ""},
@@ -285,6 +288,12 @@ int run_train(const Args& args) {
 
   std::vector<RunResult> runs;
   std::vector<std::vector<RouterStats>> probes;
+  std::vector<std::vector<GemmAccuracy>> accuracies;
+  const bool measure_accuracy = st.precision != "fp32";
+  SessionConfig low;
+  low.threads = st.threads;
+  low.seed = st.seed;
+  low.knobs = {{"precision", st.precision}, {"fp8_scales", st.fp8_scales}};
   const size_t n_runs = given_model ? 1 : strategies.size();
   for (size_t i = 0; i < n_runs; ++i) {
     ModelPtr m = given_model ? nullptr : charlm_model(shape, strategies[i], st.seed);
@@ -298,6 +307,9 @@ int run_train(const Args& args) {
       const auto pos = eval_positions(split.validation.size(), shape.context, probe_rows);
       probes.push_back(probe_routers(runs.back().session.get(), shape, strategies[i], st.seed,
                                      split.validation, pos, st.threads));
+      if (measure_accuracy)
+        accuracies.push_back(probe_gemm_accuracy(runs.back().session.get(), shape, strategies[i],
+                                                 st.seed, split.validation, pos, st.threads, low));
     }
     if (!save_dir.empty()) {
       const std::string path = (std::filesystem::path(save_dir) / (label + ".moert")).string();
@@ -345,6 +357,36 @@ int run_train(const Args& args) {
         "min\n"
         " of the learned bias; MaxVio of the block's selection with the bias as learned and with\n"
         " it zeroed, on the same inputs)\n");
+  }
+  if (!accuracies.empty()) {
+    const char* p = st.precision.c_str();
+    std::printf(
+        "\nGEMM accuracy on the trained models: ||%s - fp32|| / ||fp32|| per MoE block, the\n"
+        "block's trained weights and bias on the router diagnostics' validation rows%s:\n",
+        p, st.fp8_scales == "ue8m0" ? " (ue8m0 scales)" : "");
+    std::printf("%-24s %5s %9s %9s", "strategy", "block", "Fprop", "Dgrad");
+    std::vector<int> width;
+    for (const auto& [name, v] : accuracies.front().front().wgrad) {
+      const std::string h = "Wgrad " + name;
+      width.push_back(std::max<int>(9, static_cast<int>(h.size())));
+      std::printf(" %*s", width.back(), h.c_str());
+    }
+    std::printf("\n");
+    for (size_t i = 0; i < accuracies.size(); ++i)
+      for (size_t b = 0; b < accuracies[i].size(); ++b) {
+        const GemmAccuracy& a = accuracies[i][b];
+        std::printf("%-24s %5zu %9.2e %9.2e", runs[i].label.c_str(), b, a.fprop, a.dgrad);
+        for (size_t k = 0; k < a.wgrad.size() && k < width.size(); ++k)
+          std::printf(" %*.2e", width[k], a.wgrad[k].second);
+        std::printf("\n");
+      }
+    std::printf(
+        "(one-layer model holding the block's weights, run in fp32 and in %s on the same inputs:\n"
+        " the block's fp32 input activations and, as output gradient, the real one: the gradient\n"
+        " of the mean validation cross-entropy with respect to the block's output, through the\n"
+        " trained later blocks and head in fp32. Fprop: the block's output, Dgrad: its input\n"
+        " gradient, both without the residual; Wgrad: each expert weight gradient)\n",
+        p);
   }
   if (csv) std::printf("\nper-step metrics: %s\n", args.str("csv", "").c_str());
   if (!save_dir.empty()) std::printf("checkpoints: %s/<strategy>.moert\n", save_dir.c_str());

@@ -5,8 +5,11 @@
 #include <numeric>
 #include <string>
 
+#include "cli/bench_layer.h"
+#include "cli/corpus.h"
 #include "cli/error.h"
 #include "cli/lm_eval.h"
+#include "cli/model_codec.h"
 
 namespace moert_cli {
 namespace {
@@ -43,7 +46,121 @@ void count_top_k(const std::vector<double>& v, uint32_t k, std::vector<uint32_t>
   for (uint32_t j = 0; j < k; ++j) ++counts[order[j]];
 }
 
+// Block b is layer 2 + 2b of the full model: embed, then (norm, moe) per block.
+uint32_t block_layer(uint32_t b) { return 2 + 2 * b; }
+
+// Loads `s` with the trained parameters (copied by name) and gives its MoE layers, in order, the
+// trained biases of blocks first_block, first_block + 1, ...
+void copy_trained(const moert_session* trained, moert_session* s, uint32_t experts,
+                  const moert_model* s_model, uint32_t first_block) {
+  uint32_t n = 0;
+  check(moert_session_num_parameters(s, &n), "probe parameters");
+  for (uint32_t i = 0; i < n; ++i) {
+    const char* name = nullptr;
+    uint64_t numel = 0;
+    check(moert_session_parameter_info(s, i, &name, &numel), "probe parameters");
+    const std::vector<float> v = parameter(trained, name);
+    check(moert_session_set_parameter(s, name, v.data(), v.size()), name);
+  }
+  std::vector<float> bias(experts);
+  uint32_t b = first_block;
+  for (uint32_t l : moe_layer_indices(s_model)) {
+    check(moert_session_get_expert_bias(trained, block_layer(b++), bias.data(), experts), "bias");
+    check(moert_session_set_expert_bias(s, l, bias.data(), experts), "bias");
+  }
+}
+
+// The router input of block b (the RMSNorm output feeding it) on `rows` rows of `tokens`, from a
+// copy of the trained model cut before the block, in fp32.
+std::vector<float> block_input(const moert_session* trained, const CharLMShape& shape,
+                               const Balancing& balancing, uint64_t seed,
+                               const std::vector<int32_t>& tokens, uint64_t rows, uint32_t b,
+                               uint32_t threads) {
+  ModelPtr probe = charlm_model(shape, balancing, seed, static_cast<int>(b));
+  SessionConfig config;
+  config.threads = threads;
+  config.training = true;  // only a training session accepts parameters by name
+  SessionPtr s = create_session(probe.get(), config);
+  copy_trained(trained, s.get(), shape.experts, probe.get(), 0);
+  check(moert_session_set_eval(s.get(), 1), "eval mode");
+  std::vector<float> u(rows * shape.width());
+  check(
+      moert_session_forward_tokens(s.get(), tokens.data(), tokens.size(), rows, u.data(), u.size()),
+      "probe forward");
+  return u;
+}
+
+// The gradient of the trained model's mean cross-entropy on `targets` with respect to the output
+// of block b (`y`, rows x width), through a copy of the model's part after the block, in fp32.
+std::vector<float> block_output_gradient(const moert_session* trained, const CharLMShape& shape,
+                                         const Balancing& balancing, uint64_t seed,
+                                         const std::vector<float>& y,
+                                         const std::vector<int32_t>& targets, uint32_t b,
+                                         uint32_t threads) {
+  ModelPtr tail = charlm_tail_model(shape, balancing, seed, b);
+  SessionConfig config;
+  config.threads = threads;
+  config.training = true;
+  SessionPtr s = create_session(tail.get(), config);
+  copy_trained(trained, s.get(), shape.experts, tail.get(), b + 1);
+  const uint64_t rows = targets.size();
+  std::vector<float> logits(rows * kVocabSize);
+  check(
+      moert_session_forward_hidden(s.get(), y.data(), y.size(), rows, logits.data(), logits.size()),
+      "tail forward");
+  // d mean(-log softmax(z)[t]) / dz = (softmax(z) - onehot(t)) / rows.
+  for (uint64_t r = 0; r < rows; ++r) {
+    float* z = logits.data() + r * kVocabSize;
+    double top = z[0], sum = 0.0;
+    for (int v = 1; v < kVocabSize; ++v) top = std::max<double>(top, z[v]);
+    for (int v = 0; v < kVocabSize; ++v) sum += std::exp(z[v] - top);
+    for (int v = 0; v < kVocabSize; ++v)
+      z[v] = static_cast<float>((std::exp(z[v] - top) / sum - (v == targets[r] ? 1.0 : 0.0)) /
+                                static_cast<double>(rows));
+  }
+  std::vector<float> dy(y.size());
+  check(
+      moert_session_backward(s.get(), logits.data(), logits.size(), dy.data(), dy.size(), nullptr),
+      "tail backward");
+  return dy;
+}
+
 }  // namespace
+
+std::vector<GemmAccuracy> probe_gemm_accuracy(const moert_session* trained,
+                                              const CharLMShape& shape, const Balancing& balancing,
+                                              uint64_t seed, const std::vector<int32_t>& stream,
+                                              const std::vector<uint64_t>& positions,
+                                              uint32_t threads, const SessionConfig& low) {
+  const uint64_t rows = positions.size();
+  std::vector<int32_t> tokens(rows * shape.context), targets(rows);
+  gather_rows(stream, shape.context, positions.data(), rows, tokens.data(), targets.data());
+  const Dims dims{static_cast<uint32_t>(rows), shape.width(), shape.experts,      shape.top_k,
+                  shape.expert_hidden,         shape.shared,  shape.shared_hidden};
+  ModelPtr layer = load_model_bytes(json_to_binary(moe_json(dims, seed), "one-layer model"), "",
+                                    "one-layer model");
+  SessionConfig fp32;
+  fp32.threads = threads;
+  fp32.seed = seed;
+  std::vector<GemmAccuracy> out;
+  for (uint32_t b = 0; b < shape.blocks; ++b) {
+    LayerOperands ops;
+    ops.rows = static_cast<uint32_t>(rows);
+    ops.x = block_input(trained, shape, balancing, seed, tokens, rows, b, threads);
+    for (const char* t : {"gate", "w1", "w3", "w2", "shared_w1", "shared_w3", "shared_w2"}) {
+      if (shape.shared == 0 && std::string(t).rfind("shared", 0) == 0) continue;
+      ops.parameters.emplace_back(cat("moe.", t), parameter(trained, cat("moe", b, ".", t)));
+    }
+    ops.expert_bias.resize(shape.experts);
+    check(moert_session_get_expert_bias(trained, block_layer(b), ops.expert_bias.data(),
+                                        shape.experts),
+          "bias");
+    ops.dy = block_output_gradient(trained, shape, balancing, seed,
+                                   layer_output(layer.get(), fp32, ops), targets, b, threads);
+    out.push_back(gemm_accuracy(layer.get(), fp32, low, ops));
+  }
+  return out;
+}
 
 std::vector<RouterStats> probe_routers(const moert_session* trained, const CharLMShape& shape,
                                        const Balancing& balancing, uint64_t seed,
@@ -56,35 +173,10 @@ std::vector<RouterStats> probe_routers(const moert_session* trained, const CharL
 
   std::vector<RouterStats> out;
   for (uint32_t b = 0; b < shape.blocks; ++b) {
-    ModelPtr probe = charlm_model(shape, balancing, seed, static_cast<int>(b));
-    SessionConfig config;
-    config.threads = threads;
-    config.training = true;  // only a training session accepts parameters by name
-    SessionPtr s = create_session(probe.get(), config);
-    uint32_t n = 0;
-    check(moert_session_num_parameters(s.get(), &n), "probe parameters");
-    for (uint32_t i = 0; i < n; ++i) {
-      const char* name = nullptr;
-      uint64_t numel = 0;
-      check(moert_session_parameter_info(s.get(), i, &name, &numel), "probe parameters");
-      const std::vector<float> v = parameter(trained, name);
-      check(moert_session_set_parameter(s.get(), name, v.data(), v.size()), name);
-    }
-    // The probe's own MoE blocks (those before b) need the trained biases too.
-    const std::vector<uint32_t> probe_moe = moe_layer_indices(probe.get());
+    const std::vector<float> u =
+        block_input(trained, shape, balancing, seed, tokens, rows, b, threads);
     std::vector<float> bias(E);
-    for (uint32_t l : probe_moe) {
-      check(moert_session_get_expert_bias(trained, l, bias.data(), E), "bias");
-      check(moert_session_set_expert_bias(s.get(), l, bias.data(), E), "bias");
-    }
-    check(moert_session_set_eval(s.get(), 1), "eval mode");
-    std::vector<float> u(rows * d);
-    check(moert_session_forward_tokens(s.get(), tokens.data(), rows * C, rows, u.data(), u.size()),
-          "probe forward");
-
-    // Block b is layer 2 + 2b of the full model: embed, then (norm, moe) per block.
-    const uint32_t layer = 2 + 2 * b;
-    check(moert_session_get_expert_bias(trained, layer, bias.data(), E), "bias");
+    check(moert_session_get_expert_bias(trained, block_layer(b), bias.data(), E), "bias");
     const std::vector<float> gate = parameter(trained, cat("moe", b, ".gate"));
 
     RouterStats st;

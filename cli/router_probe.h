@@ -3,7 +3,8 @@
 //
 // The C ABI returns a model's final outputs only, so the router input of block b is obtained from
 // a second model that stops at the RMSNorm feeding block b, loaded with the trained parameters
-// (copied by name); the CLI then computes logits, sigmoid scores and top-K selections itself.
+// (copied by name); the CLI then computes logits, sigmoid scores and top-K selections itself. The
+// same cut gives the operands on which the GEMM accuracy of a low precision is measured.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +12,7 @@
 
 #include "cli/charlm.h"
 #include "cli/library.h"
+#include "cli/precision_accuracy.h"
 
 namespace moert_cli {
 
@@ -30,5 +32,17 @@ std::vector<RouterStats> probe_routers(const moert_session* trained, const CharL
                                        const Balancing& balancing, uint64_t seed,
                                        const std::vector<int32_t>& stream,
                                        const std::vector<uint64_t>& positions, uint32_t threads);
+
+// For each MoE block of a trained character model, how far its GEMMs in `low`'s precision land
+// from fp32 on trained operands: the block's trained weights and bias in a one-layer model, its
+// fp32 input activations on the rows at `positions`, and as output gradient the real one, the
+// gradient of the mean cross-entropy on those rows with respect to the block's output (through the
+// trained model's later blocks and head, in fp32; with the aux strategy the later blocks'
+// auxiliary losses are part of it, as in training).
+std::vector<GemmAccuracy> probe_gemm_accuracy(const moert_session* trained,
+                                              const CharLMShape& shape, const Balancing& balancing,
+                                              uint64_t seed, const std::vector<int32_t>& stream,
+                                              const std::vector<uint64_t>& positions,
+                                              uint32_t threads, const SessionConfig& low);
 
 }  // namespace moert_cli

@@ -420,6 +420,50 @@ TEST_P(CliLowPrecision, BenchPrintsBothPrecisions) {
       << r.out;
 }
 
+// After training in a low precision, each trained MoE block's GEMMs are run on its own weights and
+// real operands in fp32 and in that precision, and their distance is printed per block and kind.
+TEST_P(CliLowPrecision, TrainPrintsGemmAccuracyOnTrainedOperands) {
+  const std::string p = GetParam();
+  const fs::path dir = workdir("train_accuracy_" + p);
+  const Result r =
+      run(std::string("train --corpus ") + MOERT_TINY_CORPUS +
+              " --steps 30 --batch 64 --context 4 --embed-dim 8 --blocks 2 --experts 4"
+              " --top-k 2 --expert-hidden 8 --shared 1 --shared-hidden 8 --warmup 5 --lr 0.01"
+              " --val-every 5 --threads 2 --probe-rows 256 --balancing none,loss-free"
+              " --precision " +
+              p,
+          dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  ASSERT_NE(r.out.find("GEMM accuracy on the trained models: ||" + p + " - fp32||"),
+            std::string::npos)
+      << r.out;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex("Fprop +Dgrad +Wgrad w1 +Wgrad w3 +Wgrad w2 +"
+                                                  "Wgrad shared_w1 +Wgrad shared_w3 +"
+                                                  "Wgrad shared_w2\n")))
+      << r.out;
+  // bf16 keeps 8 significant bits, E4M3 4: relative errors of a few 1e-3 and a few 1e-2, never 0
+  // (the operands are rounded) and never of order 1 (the result would be noise).
+  const double lo = p == "fp8" ? 2e-3 : 2e-4, hi = p == "fp8" ? 0.15 : 0.02;
+  int rows = 0;
+  for (const char* s : {"none", "loss-free"})
+    for (int b = 0; b < 2; ++b) {
+      std::smatch m;
+      const std::string num = "([0-9.]+e[-+][0-9]+)";
+      std::string pattern = std::string("\n") + s + " +" + std::to_string(b);
+      for (int c = 0; c < 8; ++c) pattern += " +" + num;
+      ASSERT_TRUE(std::regex_search(r.out, m, std::regex(pattern + "\n")))
+          << s << " block " << b << "\n"
+          << r.out;
+      for (size_t c = 1; c < m.size(); ++c) {
+        const double v = std::stod(m[c].str());
+        EXPECT_GT(v, lo) << s << " block " << b << " column " << c << "\n" << r.out;
+        EXPECT_LT(v, hi) << s << " block " << b << " column " << c << "\n" << r.out;
+      }
+      ++rows;
+    }
+  EXPECT_EQ(rows, 4);
+}
+
 INSTANTIATE_TEST_SUITE_P(Precisions, CliLowPrecision, ::testing::Values("bf16", "fp8"));
 
 TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
@@ -442,6 +486,7 @@ TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
         << s << "\n"
         << r.out;
   EXPECT_NE(r.out.find("router diagnostics"), std::string::npos);
+  EXPECT_EQ(r.out.find("GEMM accuracy"), std::string::npos) << "fp32 has nothing to compare";
   EXPECT_NE(r.out.find("validation 8 records"), std::string::npos) << r.out;
   // Progress goes to stderr as plain lines when it is not a terminal.
   EXPECT_NE(r.err.find("none: step 8/80"), std::string::npos) << r.err;
