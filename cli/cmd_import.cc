@@ -12,7 +12,7 @@ namespace moert_cli {
 const CommandSpec kImportSpec = {
     "import",
     "CHECKPOINT_DIR OUT.moert --layer L [--layer M ...] [--with-norm]",
-    "import the MoE blocks of a Hugging Face checkpoint (DeepSeek-V3, Qwen3-MoE, Mixtral)",
+    "import the MoE blocks of a Hugging Face checkpoint (DeepSeek-V3, GLM-4.5, Qwen3-MoE, Mixtral)",
     "CHECKPOINT_DIR holds config.json and model.safetensors or model.safetensors.index.json\n"
     "with its shards. OUT.moert becomes a model with hidden-state input whose layers are the MLP\n"
     "modules of the named decoder layers, in the order given: router, e_score_correction_bias,\n"
@@ -21,8 +21,8 @@ const CommandSpec kImportSpec = {
     "honour, a dense layer or a tensor of the module that has no place in moert is refused.\n"
     "Weights keep their stored dtype (F32, BF16, or F8_E4M3 with its weight_scale_inv blocks);\n"
     "those of 64 KiB or more go to OUT.moert.<hash>.data beside it, 64-byte aligned.\n"
-    "Families: deepseek_v3 and kimi_k2 (sigmoid, groups, bias, shared experts), qwen3_moe and\n"
-    "mixtral (softmax).",
+    "Families: deepseek_v3, kimi_k2 and glm4_moe (sigmoid, groups, bias, shared experts; glm4_moe\n"
+    "with n_group 1), qwen3_moe and mixtral (softmax).",
     2,
     2,
     {

@@ -236,7 +236,7 @@ class Importer {
     const std::string prefix = cfg_.moe_prefix(l);
     const auto gate = put(gather({cfg_.router_weight(l)}, {E, D}, false, false));
     flatbuffers::Offset<fb::Tensor> bias = 0;
-    if (cfg_.family == HfFamily::DeepSeekV3) {
+    if (cfg_.sigmoid) {
       const StTensor& t = take(prefix + "gate.e_score_correction_bias");
       expect_shape(t, {E});
       // The bias stays fp32 in moert; a bf16 one widens exactly.
@@ -281,10 +281,9 @@ class Importer {
 
     // DeepSeek-V3's bias steers selection (loss-free balancing); imported frozen, so training
     // changes it only when the user unfreezes it. The softmax families have no bias.
-    const auto balancing =
-        cfg_.family == HfFamily::DeepSeekV3
-            ? fb::CreateBalancing(b_, fb::BalancingPolicy::LossFreeBias, 0.001f, false, true)
-            : fb::CreateBalancing(b_, fb::BalancingPolicy::None);
+    const auto balancing = cfg_.sigmoid ? fb::CreateBalancing(b_, fb::BalancingPolicy::LossFreeBias,
+                                                              0.001f, false, true)
+                                        : fb::CreateBalancing(b_, fb::BalancingPolicy::None);
     const auto moe = fb::CreateMoE(
         b_, cfg_.hidden, cfg_.experts, cfg_.top_k, cfg_.expert_hidden,
         cfg_.sigmoid ? fb::ScoreFunction::Sigmoid : fb::ScoreFunction::Softmax, cfg_.groups,

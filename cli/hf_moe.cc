@@ -87,30 +87,45 @@ HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& orig
   require_silu(f);
   c.top_k = f.positive("num_experts_per_tok");
 
-  if (c.model_type == "deepseek_v3" || c.model_type == "kimi_k2") {
-    c.family = HfFamily::DeepSeekV3;
+  const bool glm = c.model_type == "glm4_moe";
+  if (c.model_type == "deepseek_v3" || c.model_type == "kimi_k2" || glm) {
+    c.family = glm ? HfFamily::Glm4Moe : HfFamily::DeepSeekV3;
     c.experts = f.positive("n_routed_experts");
     c.expert_hidden = f.positive("moe_intermediate_size");
-    const std::string scoring = f.str("scoring_func");
-    if (scoring != "sigmoid")
-      f.bad("scoring_func",
-            cat("is '", scoring, "'; DeepSeek-V3's gate defines only 'sigmoid' scoring"));
+    // Glm4MoeConfig has neither key (its router is always sigmoid, noaux_tc); one present must
+    // still say so.
+    if (!glm || f.has("scoring_func")) {
+      const std::string scoring = f.str("scoring_func");
+      if (scoring != "sigmoid")
+        f.bad("scoring_func",
+              cat("is '", scoring, "'; DeepSeek-V3's gate defines only 'sigmoid' scoring"));
+    }
     c.sigmoid = true;
-    const std::string method = f.str("topk_method");
-    if (method != "noaux_tc")
-      f.bad("topk_method", cat("is '", method,
-                               "'; moert routes as 'noaux_tc' (bias-corrected, top-2-sum groups)"));
+    if (!glm || f.has("topk_method")) {
+      const std::string method = f.str("topk_method");
+      if (method != "noaux_tc")
+        f.bad("topk_method",
+              cat("is '", method,
+                  "'; moert routes as 'noaux_tc' (bias-corrected, top-2-sum groups)"));
+    }
     c.groups = f.positive("n_group");
     c.topk_groups = f.positive("topk_group");
     if (c.experts % c.groups != 0)
       f.bad("n_group", cat(c.groups, " does not divide n_routed_experts ", c.experts));
     if (c.groups > 1 && c.experts / c.groups < 2)
       f.bad("n_group", "leaves groups of one expert; a group's score is its top-2 sum");
+    // Glm4MoeMoE masks the dropped groups' scores to 0, not -inf: a kept expert whose biased
+    // score is negative then loses to a dropped one, which moert's router never chooses.
+    if (glm && c.groups > 1)
+      f.bad("n_group", cat("is ", c.groups,
+                           "; GLM-4.5 masks dropped groups to 0 where moert masks them to -inf, "
+                           "so moert imports glm4_moe with n_group 1 only"));
     if (c.topk_groups > c.groups) f.bad("topk_group", cat("exceeds n_group ", c.groups));
     if (static_cast<uint64_t>(c.topk_groups) * (c.experts / c.groups) < c.top_k)
       f.bad("topk_group", "keeps fewer experts than num_experts_per_tok");
-    // DeepseekV3MoE normalises only when more than one expert is chosen.
-    c.normalize = f.boolean("norm_topk_prob") && c.top_k > 1;
+    // DeepseekV3MoE (DeepSeek's code) normalises only when more than one expert is chosen;
+    // Glm4MoeMoE whenever norm_topk_prob is set.
+    c.normalize = f.boolean("norm_topk_prob") && (glm || c.top_k > 1);
     const double s = f.number("routed_scaling_factor");
     if (!(s > 0.0)) f.bad("routed_scaling_factor", "must be > 0");
     c.scaling = static_cast<float>(s);
@@ -119,7 +134,8 @@ HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& orig
     if (sh > UINT32_MAX) f.bad("n_shared_experts", "makes the shared MLP wider than 2^32");
     c.shared_hidden = static_cast<uint32_t>(sh);
     c.first_k_dense_replace = f.u32("first_k_dense_replace");
-    c.moe_layer_freq = f.positive("moe_layer_freq");
+    // Glm4MoeDecoderLayer has no layer frequency: every layer from first_k_dense_replace on.
+    c.moe_layer_freq = glm ? 1 : f.positive("moe_layer_freq");
   } else if (c.model_type == "qwen3_moe") {
     c.family = HfFamily::Qwen3Moe;
     c.experts = f.positive("num_experts");
@@ -147,8 +163,9 @@ HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& orig
     if (f.has("router_jitter_noise") && f.number("router_jitter_noise") != 0.0)
       f.bad("router_jitter_noise", "is not 0; moert's router has no jitter");
   } else {
-    f.bad("model_type", cat("is '", c.model_type,
-                            "'; moert imports deepseek_v3, kimi_k2, qwen3_moe and mixtral"));
+    f.bad("model_type",
+          cat("is '", c.model_type,
+              "'; moert imports deepseek_v3, kimi_k2, glm4_moe, qwen3_moe and mixtral"));
   }
   if (c.top_k > c.experts) f.bad("num_experts_per_tok", cat("exceeds the ", c.experts, " experts"));
 
@@ -177,6 +194,7 @@ void HfMoeConfig::check_moe_layer(uint32_t layer) const {
     fail("layer ", layer, " does not exist: num_hidden_layers is ", num_layers);
   switch (family) {
     case HfFamily::DeepSeekV3:
+    case HfFamily::Glm4Moe:
       if (layer < first_k_dense_replace || layer % moe_layer_freq != 0)
         fail("layer ", layer,
              " is a dense MLP, not MoE (first_k_dense_replace = ", first_k_dense_replace,

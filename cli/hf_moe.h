@@ -11,6 +11,10 @@
 //   Qwen3-MoE (qwen3_moe): Qwen3MoeSparseMoeBlock. Softmax, top-K, normalised when
 //     norm_topk_prob; no shared expert. MoE at L unless L is in mlp_only_layers, when
 //     (L + 1) % decoder_sparse_step == 0.
+//   GLM-4.5 (glm4_moe; also GLM-4.5-Air, GLM-4.6): Glm4MoeMoE, DeepseekV3MoE's routing with
+//     transformers' semantics: normalised whenever norm_topk_prob (top-K 1 included), dropped
+//     groups masked to 0, which moert's -inf masking matches only for n_group 1 (the released
+//     configs); no scoring_func/topk_method keys. MoE at L when L >= first_k_dense_replace.
 //   Mixtral (mixtral): MixtralSparseMoeBlock. Softmax, top-K, always normalised; every layer.
 // The expert MLP is down(silu(gate(x)) * up(x)) everywhere: gate/w1 -> moert w1, up/w3 -> w3,
 // down/w2 -> w2.
@@ -23,7 +27,7 @@
 
 namespace moert_cli {
 
-enum class HfFamily { DeepSeekV3, Qwen3Moe, Mixtral };
+enum class HfFamily { DeepSeekV3, Glm4Moe, Qwen3Moe, Mixtral };
 
 struct HfMoeConfig {
   HfFamily family = HfFamily::DeepSeekV3;
@@ -43,7 +47,7 @@ struct HfMoeConfig {
   // FP8 checkpoints: quantization_config.weight_block_size [rows, cols].
   std::optional<uint32_t> fp8_block_rows, fp8_block_cols;
   // Which decoder layers are MoE (see the families above).
-  uint32_t first_k_dense_replace = 0, moe_layer_freq = 1;  // DeepSeek-V3
+  uint32_t first_k_dense_replace = 0, moe_layer_freq = 1;  // DeepSeek-V3, GLM-4.5
   uint32_t decoder_sparse_step = 1;                        // Qwen3-MoE
   std::vector<uint32_t> mlp_only_layers;                   // Qwen3-MoE
 

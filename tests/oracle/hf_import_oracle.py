@@ -210,9 +210,10 @@ def topk_desc(v, k):
     return order[:k], gap
 
 
-def route_deepseek(cfg, logits, bias, gaps):
+def route_deepseek(cfg, logits, bias, gaps, norm_single=False):
     """MoEGate with topk_method noaux_tc: selection on sigmoid + bias, groups by top-2 sum,
-    masked groups at -inf; weights from the unbiased scores."""
+    masked groups at -inf; weights from the unbiased scores, normalised when norm_topk_prob and
+    K > 1 (DeepSeek's code) or whenever norm_topk_prob (norm_single: Glm4MoeMoE)."""
     E, K = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
     G, TG = cfg["n_group"], cfg["topk_group"]
     scores = 1.0 / (1.0 + np.exp(-logits))
@@ -229,7 +230,7 @@ def route_deepseek(cfg, logits, bias, gaps):
         idx, gap = topk_desc(masked, K)
         gaps[t] = min(gaps[t], gap)
         w = scores[t, idx]
-        if cfg["norm_topk_prob"] and K > 1:
+        if cfg["norm_topk_prob"] and (K > 1 or norm_single):
             w = w / (w.sum() + 1e-20)
         sel.append(idx)
         weights.append(w * cfg["routed_scaling_factor"])
@@ -257,9 +258,10 @@ def moe_block(family, cfg, V, layer, x, gaps):
     lowered to row t's smallest routing gap."""
     pre = f"model.layers.{layer}." + ("block_sparse_moe." if family == "mixtral" else "mlp.")
     logits = x @ V[pre + "gate.weight"].T
-    if family == "deepseek_v3":
+    if family in ("deepseek_v3", "glm4_moe"):
         E = cfg["n_routed_experts"]
-        sel, weights = route_deepseek(cfg, logits, V[pre + "gate.e_score_correction_bias"], gaps)
+        sel, weights = route_deepseek(cfg, logits, V[pre + "gate.e_score_correction_bias"], gaps,
+                                      norm_single=family == "glm4_moe")
     elif family == "qwen3_moe":
         E = cfg["num_experts"]
         sel, weights = route_softmax(cfg["num_experts_per_tok"], cfg["norm_topk_prob"], logits,
@@ -274,7 +276,7 @@ def moe_block(family, cfg, V, layer, x, gaps):
         for e, w in zip(sel[t], weights[t]):
             ws = [V[f"{pre}experts.{e}.{names[k]}.weight"] for k in (1, 3, 2)]
             y[t] += w * expert(x[t:t + 1], *ws)[0]
-    if family == "deepseek_v3" and cfg.get("n_shared_experts"):
+    if family in ("deepseek_v3", "glm4_moe") and cfg.get("n_shared_experts"):
         y += expert(x, *[V[f"{pre}shared_experts.{p}.weight"]
                          for p in ("gate_proj", "up_proj", "down_proj")])
     return y, sel, E
@@ -328,6 +330,41 @@ def deepseek(name, dtype, shared_dtype, gate_dtype, seed, shards, layers, D=160,
                 D=D)
 
 
+def glm4(name, dtype, top_k, seed, shards, layers):
+    """A GLM-4.5-layout checkpoint (Glm4MoeConfig's keys: no scoring_func, topk_method or
+    moe_layer_freq): 4 decoder layers, layer 0 dense, 16 experts, one group, one shared expert."""
+    D, H, E = 96, 64, 16
+    cfg = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": D,
+           "num_hidden_layers": 4, "intermediate_size": 192, "moe_intermediate_size": H,
+           "n_routed_experts": E, "num_experts_per_tok": top_k, "n_group": 1, "topk_group": 1,
+           "n_shared_experts": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+           "first_k_dense_replace": 1, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+           "num_nextn_predict_layers": 1, "use_qk_norm": True, "partial_rotary_factor": 0.5,
+           "torch_dtype": "bfloat16"}
+    rng = np.random.default_rng(seed)
+    st = Store(rng)
+    for L in range(4):
+        st.put(f"model.layers.{L}.post_attention_layernorm.weight", (D,), dtype,
+               values=1.0 + rng.normal(0, 0.1, D))
+        pre = f"model.layers.{L}.mlp."
+        if L == 0:
+            for p, shape in (("gate_proj", (192, D)), ("up_proj", (192, D)),
+                             ("down_proj", (D, 192))):
+                st.put(pre + p + ".weight", shape, dtype)
+            continue
+        st.put(pre + "gate.weight", (E, D), dtype, std=0.1)
+        st.put(pre + "gate.e_score_correction_bias", (E,), "F32", std=0.05)
+        for e in range(E):
+            st.put(f"{pre}experts.{e}.gate_proj.weight", (H, D), dtype)
+            st.put(f"{pre}experts.{e}.up_proj.weight", (H, D), dtype)
+            st.put(f"{pre}experts.{e}.down_proj.weight", (D, H), dtype)
+        st.put(pre + "shared_experts.gate_proj.weight", (H, D), dtype)
+        st.put(pre + "shared_experts.up_proj.weight", (H, D), dtype)
+        st.put(pre + "shared_experts.down_proj.weight", (D, H), dtype)
+    return dict(name=name, family="glm4_moe", cfg=cfg, store=st, shards=shards, layers=layers,
+                D=D)
+
+
 def qwen3(name, dtype, norm, seed, shards, layers):
     D, H, E = 64, 48, 12
     cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
@@ -371,6 +408,9 @@ CASES = [
     lambda: deepseek("deepseek_v3_bf16_sharded", "BF16", "BF16", "BF16", 1, 3, [2, 4]),
     lambda: deepseek("deepseek_v3_fp8", "F8_E4M3", "F8_E4M3", "BF16", 2, 1, [3], fp8=True),
     lambda: deepseek("deepseek_v3_fp32", "F32", "F32", "F32", 3, 2, [1]),
+    lambda: glm4("glm4_moe_bf16_sharded", "BF16", 4, 9, 2, [1, 3]),
+    # top-1 with norm_topk_prob: Glm4MoeMoE normalises the single weight to 1 (x 2.5).
+    lambda: glm4("glm4_moe_bf16_top1", "BF16", 1, 10, 1, [2]),
     lambda: qwen3("qwen3_moe_bf16", "BF16", True, 4, 2, [1, 3]),
     lambda: qwen3("qwen3_moe_fp32_unnormalised", "F32", False, 5, 1, [2]),
     lambda: mixtral("mixtral_bf16", "BF16", 6, 2, [0, 1]),
@@ -634,6 +674,18 @@ def check_refusals(cli_path, work):
             os.path.join(d, "out.moert"))
         lines.append(f"  refused {label}: {p.stderr.strip()}")
         if not ok:
+            failures.append(f"refusal '{label}': exit {p.returncode}, stderr {p.stderr!r}")
+    gl = glm4("refuse_glm4", "F32", 4, 11, 1, [1])
+    for label, c, want in (("glm4 groups", dict(gl["cfg"], n_group=2, topk_group=1), "n_group"),
+                           ("glm4 softmax", dict(gl["cfg"], scoring_func="softmax"),
+                            "scoring_func"),
+                           ("glm4 dense layer", gl["cfg"], "dense MLP")):
+        d = os.path.join(work, "refusals", label.replace(" ", "_"))
+        gl["store"].write(d, c)
+        layer = "0" if "dense" in label else "1"
+        p = cli(["import", d, os.path.join(d, "out.moert"), "--layer", layer], cli_path, False)
+        lines.append(f"  refused {label}: {p.stderr.strip()}")
+        if p.returncode != 1 or want not in p.stderr:
             failures.append(f"refusal '{label}': exit {p.returncode}, stderr {p.stderr!r}")
     d = os.path.join(work, "refusals", "jitter")
     mx["store"].write(d, dict(mx["cfg"], router_jitter_noise=0.01))
