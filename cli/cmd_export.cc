@@ -10,15 +10,17 @@ namespace moert_cli {
 
 const CommandSpec kExportSpec = {
     "export",
-    "MODEL_OR_CHECKPOINT OUT_DIR [--dtype as-stored|fp32|bf16|fp8]",
-    "write the MoE layers of a model or checkpoint as a DeepSeek-V3-layout checkpoint",
-    "Writes OUT_DIR/config.json (the routing knobs: n_routed_experts, num_experts_per_tok,\n"
-    "n_group, topk_group, norm_topk_prob, routed_scaling_factor, scoring_func, n_shared_experts,\n"
-    "moe_intermediate_size, ...), one safetensors shard per MoE layer and\n"
-    "model.safetensors.index.json, with transformers' DeepSeek-V3 names: the router as\n"
-    "mlp.gate.weight, the bias as mlp.gate.e_score_correction_bias (fp32), experts as\n"
-    "mlp.experts.E.{gate,up,down}_proj.weight (w1, w3, w2), shared experts merged into\n"
-    "mlp.shared_experts.*, an RMSNorm just before a MoE layer as its post_attention_layernorm.\n"
+    "MODEL_OR_CHECKPOINT OUT_DIR [--dtype as-stored|fp32|bf16|fp8] [--layout FAMILY]",
+    "write the MoE layers of a model or checkpoint as a Hugging Face checkpoint",
+    "Writes OUT_DIR/config.json (model_type and the family's routing knobs), one safetensors\n"
+    "shard per MoE layer and model.safetensors.index.json, in the layout of one family:\n"
+    "deepseek_v3 / kimi_k2 / glm4_moe: the router as mlp.gate.weight, the bias as\n"
+    "mlp.gate.e_score_correction_bias (fp32), experts as mlp.experts.E.{gate,up,down}_proj.weight\n"
+    "(w1, w3, w2), shared experts merged into mlp.shared_experts.*; qwen3_moe: mlp.gate.weight\n"
+    "and mlp.experts.E.{gate,up,down}_proj.weight; mixtral: block_sparse_moe.gate.weight and\n"
+    "block_sparse_moe.experts.E.w1/w3/w2.weight. An RMSNorm just before a MoE layer becomes its\n"
+    "post_attention_layernorm. The family is --layout, else the one 'moert import' recorded in\n"
+    "the model's name, else deepseek_v3 for sigmoid routers and qwen3_moe for softmax ones.\n"
     "A MoE layer named 'layers.N....' (as 'moert import' names them) becomes decoder layer N;\n"
     "otherwise MoE layers are numbered from 0. Other layers are not exported. By default every\n"
     "tensor is written as stored (bf16 stays bf16, FP8 stays FP8 with its blocks as\n"
@@ -27,10 +29,12 @@ const CommandSpec kExportSpec = {
     "to nearest even; fp8 writes the experts as E4M3 in 128x128 blocks with weight_scale_inv\n"
     "(amax / 448, the rules of moert's FP8 kernels) and the router and norms as bf16, like\n"
     "DeepSeek-V3's FP8 release. The bias is always fp32.\n"
-    "The DeepSeek-V3 layout has sigmoid routers only: a softmax layer is refused.",
+    "What the family cannot express is refused: a softmax router in deepseek_v3/glm4_moe, a\n"
+    "sigmoid one, groups, a scaling factor, shared experts or a bias in qwen3_moe/mixtral.",
     2,
     2,
-    {{"dtype", "NAME", "as-stored, fp32, bf16 or fp8", "as-stored"}},
+    {{"dtype", "NAME", "as-stored, fp32, bf16 or fp8", "as-stored"},
+     {"layout", "FAMILY", "deepseek_v3, kimi_k2, glm4_moe, qwen3_moe or mixtral", ""}},
 };
 
 int run_export(const Args& args) {
@@ -48,17 +52,19 @@ int run_export(const Args& args) {
     r.dtype = ExportDType::FP8;
   else
     usage_fail("--dtype takes as-stored, fp32, bf16 or fp8, got '", d, "'");
+  r.layout = args.str("layout", "");
   const ExportResult res = export_checkpoint(r);
-  std::printf(
-      "%s: %u MoE layer%s%s -> %s: %llu tensors, %.1f MiB%s%s\n", r.model_path.c_str(),
-      res.moe_layers, res.moe_layers == 1 ? "" : "s",
-      res.norms ? (res.norms == 1 ? " with its RMSNorm" : " with their RMSNorms") : "",
-      r.out_dir.c_str(), static_cast<unsigned long long>(res.tensors), res.bytes / 1048576.0,
-      res.skipped_layers ? cat(" (", res.skipped_layers, " other layers not exported)").c_str()
-                         : "",
-      res.residual ? "; the model's MoE layers add their input, which a DeepSeek-V3 "
-                     "decoder layer does outside its MLP"
-                   : "");
+  std::printf("%s: %u MoE layer%s%s -> %s (%s): %llu tensors, %.1f MiB%s%s\n", r.model_path.c_str(),
+              res.moe_layers, res.moe_layers == 1 ? "" : "s",
+              res.norms ? (res.norms == 1 ? " with its RMSNorm" : " with their RMSNorms") : "",
+              r.out_dir.c_str(), res.layout.c_str(), static_cast<unsigned long long>(res.tensors),
+              res.bytes / 1048576.0,
+              res.skipped_layers
+                  ? cat(" (", res.skipped_layers, " other layers not exported)").c_str()
+                  : "",
+              res.residual ? "; the model's MoE layers add their input, which a Hugging Face "
+                             "decoder layer does outside its MLP"
+                           : "");
   return 0;
 }
 

@@ -21,6 +21,7 @@
 
 #include "cli/data_file.h"
 #include "cli/error.h"
+#include "cli/hf_moe.h"
 #include "cli/model_codec.h"
 #include "cli/safetensors.h"
 #include "kernels/fp8_rules.h"
@@ -265,12 +266,24 @@ class Exporter {
           !m->num_groups() || !m->topk_groups() || !m->normalize_weights() ||
           !m->routed_scaling_factor())
         fail(who, " leaves a routing knob unset");
-      if (*m->score_function() != fb::ScoreFunction::Sigmoid)
-        fail(who, ": score_function is Softmax; the DeepSeek-V3 layout has sigmoid routers only");
-      if (*m->top_k() == 1 && *m->normalize_weights())
+    }
+    choose_layout();
+    const bool sigmoid = hf_.sigmoid;
+    for (const MoeLayer& ml : moe_) {
+      const fb::MoE* m = ml.moe;
+      const std::string who = cat(req_.model_path, ": layer '", name_of(ml.layer, 0), "'");
+      const bool is_sigmoid = *m->score_function() == fb::ScoreFunction::Sigmoid;
+      if (is_sigmoid != sigmoid)
+        fail(who, ": score_function is ", is_sigmoid ? "Sigmoid" : "Softmax", "; the ",
+             hf_.model_type, " layout has ", sigmoid ? "sigmoid" : "softmax", " routers only");
+      if (hf_.family == HfFamily::DeepSeekV3 && *m->top_k() == 1 && *m->normalize_weights())
         fail(who,
              ": normalize_weights with top_k 1 cannot be written: DeepseekV3MoE "
              "normalises only when it chooses more than one expert");
+      if (hf_.family == HfFamily::Glm4Moe && *m->num_groups() != 1)
+        fail(who, ": num_groups is ", *m->num_groups(),
+             "; moert imports glm4_moe with n_group 1 only (GLM-4.5 masks dropped groups to 0)");
+      if (!sigmoid) softmax_expressible(ml, who);
       auto same = [&](bool eq, const char* field) {
         if (!eq)
           fail(who, ": field '", field,
@@ -306,32 +319,117 @@ class Exporter {
       }
     }
     const uint64_t shared = uint64_t{a->num_shared_experts()} * a->shared_hidden();
-    if (shared % *a->expert_hidden() != 0)
+    if (sigmoid && shared % *a->expert_hidden() != 0)
       fail(req_.model_path, ": shared experts of total width ", shared,
            " are not a whole number of experts of width ", *a->expert_hidden(),
            " (DeepSeek-V3 writes n_shared_experts * moe_intermediate_size)");
   }
 
+  // The family written: --layout, else the model_type `moert import` put first in the model's
+  // name (so import -> export -> import gives the same file), else from the routing.
+  void choose_layout() {
+    std::string layout = req_.layout;
+    if (layout.empty() && model_->name()) {
+      const std::string n = model_->name()->str();
+      const std::string first = n.substr(0, n.find(' '));
+      for (const char* known : {"deepseek_v3", "kimi_k2", "glm4_moe", "qwen3_moe", "mixtral"})
+        if (first == known && n.size() > first.size()) layout = first;
+    }
+    if (layout.empty())
+      layout = *moe_[0].moe->score_function() == fb::ScoreFunction::Sigmoid ? "deepseek_v3"
+                                                                            : "qwen3_moe";
+    hf_.model_type = layout;
+    if (layout == "deepseek_v3" || layout == "kimi_k2")
+      hf_.family = HfFamily::DeepSeekV3;
+    else if (layout == "glm4_moe")
+      hf_.family = HfFamily::Glm4Moe;
+    else if (layout == "qwen3_moe")
+      hf_.family = HfFamily::Qwen3Moe;
+    else if (layout == "mixtral")
+      hf_.family = HfFamily::Mixtral;
+    else
+      usage_fail("--layout takes deepseek_v3, kimi_k2, glm4_moe, qwen3_moe or mixtral, got '",
+                 layout, "'");
+    hf_.sigmoid = hf_.family == HfFamily::DeepSeekV3 || hf_.family == HfFamily::Glm4Moe;
+    result_.layout = layout;
+  }
+
+  // Qwen3MoeSparseMoeBlock and MixtralSparseMoeBlock are softmax, top-K and an optional (Mixtral:
+  // mandatory) renormalisation, nothing more.
+  void softmax_expressible(const MoeLayer& ml, const std::string& who) const {
+    const fb::MoE* m = ml.moe;
+    const char* fam = hf_.family == HfFamily::Mixtral ? "Mixtral" : "Qwen3-MoE";
+    if (*m->num_groups() != 1 || *m->topk_groups() != 1)
+      fail(who, ": ", *m->num_groups(), " expert groups; ", fam, " routes without groups");
+    if (*m->routed_scaling_factor() != 1.0f)
+      fail(who, ": routed_scaling_factor ", *m->routed_scaling_factor(), "; ", fam,
+           " has no scaling factor");
+    if (m->num_shared_experts() > 0)
+      fail(who, ": ", m->num_shared_experts(), " shared experts; ", fam, " has none");
+    if (hf_.family == HfFamily::Mixtral && !*m->normalize_weights())
+      fail(who,
+           ": normalize_weights is false; MixtralSparseMoeBlock always renormalises "
+           "(export as --layout qwen3_moe, whose norm_topk_prob says it)");
+    if (m->gate_bias()) {
+      const Stored b = stored(m->gate_bias(), who + " gate_bias", 1, 1, *m->num_experts());
+      for (float v : decode(b, 0))
+        if (v != 0.0f) fail(who, ": a non-zero router bias; ", fam, "'s router has none");
+    }
+  }
+
   void write_config() {
     const fb::MoE* a = moe_[0].moe;
     json c = json::object();
-    c["architectures"] = {"DeepseekV3ForCausalLM"};
-    c["model_type"] = "deepseek_v3";
+    c["model_type"] = hf_.model_type;
     c["hidden_size"] = a->dim();
     c["num_hidden_layers"] = moe_.back().index + 1;
-    c["first_k_dense_replace"] = moe_.front().index;
-    c["moe_layer_freq"] = 1;
-    c["n_routed_experts"] = *a->num_experts();
     c["num_experts_per_tok"] = *a->top_k();
-    c["moe_intermediate_size"] = *a->expert_hidden();
-    c["n_group"] = *a->num_groups();
-    c["topk_group"] = *a->topk_groups();
-    c["norm_topk_prob"] = *a->normalize_weights();
-    c["routed_scaling_factor"] = knob(*a->routed_scaling_factor());
-    c["scoring_func"] = "sigmoid";
-    c["topk_method"] = "noaux_tc";
-    c["n_shared_experts"] =
-        uint64_t{a->num_shared_experts()} * a->shared_hidden() / *a->expert_hidden();
+    switch (hf_.family) {
+      case HfFamily::DeepSeekV3:
+      case HfFamily::Glm4Moe:
+        if (hf_.family == HfFamily::Glm4Moe) {
+          // Glm4MoeConfig has no scoring_func, topk_method or moe_layer_freq.
+          c["architectures"] = {"Glm4MoeForCausalLM"};
+        } else {
+          c["architectures"] = {"DeepseekV3ForCausalLM"};
+          c["moe_layer_freq"] = 1;
+          c["scoring_func"] = "sigmoid";
+          c["topk_method"] = "noaux_tc";
+        }
+        c["first_k_dense_replace"] = moe_.front().index;
+        c["n_routed_experts"] = *a->num_experts();
+        c["moe_intermediate_size"] = *a->expert_hidden();
+        c["n_group"] = *a->num_groups();
+        c["topk_group"] = *a->topk_groups();
+        c["norm_topk_prob"] = *a->normalize_weights();
+        c["routed_scaling_factor"] = knob(*a->routed_scaling_factor());
+        c["n_shared_experts"] =
+            uint64_t{a->num_shared_experts()} * a->shared_hidden() / *a->expert_hidden();
+        break;
+      case HfFamily::Qwen3Moe: {
+        c["architectures"] = {"Qwen3MoeForCausalLM"};
+        c["num_experts"] = *a->num_experts();
+        c["moe_intermediate_size"] = *a->expert_hidden();
+        c["norm_topk_prob"] = *a->normalize_weights();
+        c["decoder_sparse_step"] = 1;
+        // Decoder layers not exported are declared dense, so none is taken for a missing MoE.
+        json dense = json::array();
+        for (uint32_t l = 0, i = 0; l < moe_.back().index; ++l) {
+          if (i < moe_.size() && moe_[i].index == l)
+            ++i;
+          else
+            dense.push_back(l);
+        }
+        c["mlp_only_layers"] = dense;
+        break;
+      }
+      case HfFamily::Mixtral:
+        c["architectures"] = {"MixtralForCausalLM"};
+        c["num_local_experts"] = *a->num_experts();
+        c["intermediate_size"] = *a->expert_hidden();
+        c["router_jitter_noise"] = 0.0;
+        break;
+    }
     c["hidden_act"] = "silu";
     if (moe_[0].norm) c["rms_norm_eps"] = knob(moe_[0].norm->eps());
     // The dtype of the expert weights decides the checkpoint's.
@@ -487,18 +585,17 @@ class Exporter {
     const MoeLayer& ml = moe_[i];
     const fb::MoE* m = ml.moe;
     const uint64_t E = *m->num_experts(), H = *m->expert_hidden(), D = m->dim();
-    const std::string pre = cat("model.layers.", ml.index, ".mlp.");
+    const std::string pre = hf_.moe_prefix(ml.index);
     const std::string who = cat(req_.model_path, " layer '", name_of(ml.layer, i), "' ");
     std::vector<std::unique_ptr<Out>> outs;
     if (ml.norm) {
       if (ml.norm->dim() != D) fail(who, "RMSNorm before it has dim ", ml.norm->dim());
       const Stored s = stored(ml.norm->weight(), who + "norm weight", 1, 1, D);
-      emit(outs, s, 0, cat("model.layers.", ml.index, ".post_attention_layernorm.weight"), {D},
-           target(s.dtype, false));
+      emit(outs, s, 0, hf_.norm_weight(ml.index), {D}, target(s.dtype, false));
     }
     const Stored g = stored(m->gate(), who + "gate", 1, E, D);
-    emit(outs, g, 0, pre + "gate.weight", {E, D}, target(g.dtype, false));
-    {
+    emit(outs, g, 0, hf_.router_weight(ml.index), {E, D}, target(g.dtype, false));
+    if (hf_.sigmoid) {
       auto b = std::make_unique<Out>();
       b->t.name = pre + "gate.e_score_correction_bias";
       b->t.dtype = StDType::F32;
@@ -523,11 +620,10 @@ class Exporter {
     const Stored w3 = stored(m->w3(), who + "w3", E, H, D);
     const Stored w2 = stored(m->w2(), who + "w2", E, D, H);
     for (uint64_t e = 0; e < E; ++e) {
-      emit(outs, w1, e, cat(pre, "experts.", e, ".gate_proj.weight"), {H, D},
-           target(w1.dtype, true));
-      emit(outs, w3, e, cat(pre, "experts.", e, ".up_proj.weight"), {H, D}, target(w3.dtype, true));
-      emit(outs, w2, e, cat(pre, "experts.", e, ".down_proj.weight"), {D, H},
-           target(w2.dtype, true));
+      const uint32_t ex = static_cast<uint32_t>(e);
+      emit(outs, w1, e, hf_.expert_weight(ml.index, ex, 1), {H, D}, target(w1.dtype, true));
+      emit(outs, w3, e, hf_.expert_weight(ml.index, ex, 3), {H, D}, target(w3.dtype, true));
+      emit(outs, w2, e, hf_.expert_weight(ml.index, ex, 2), {D, H}, target(w2.dtype, true));
     }
     const uint64_t S = m->num_shared_experts(), HS = m->shared_hidden();
     if (S > 0) {
@@ -588,6 +684,7 @@ class Exporter {
   std::optional<std::pair<uint32_t, uint32_t>> fp8_block_;
   std::vector<std::vector<uint8_t>> widened_;
   json config_;
+  HfMoeConfig hf_;  // the family written: its tensor names and whether it has a sigmoid router
   ExportResult result_;
 };
 

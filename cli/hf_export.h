@@ -1,7 +1,9 @@
 // `moert export`: the MoE layers of a moert model or checkpoint back to a Hugging Face checkpoint
-// in the DeepSeek-V3 layout (config.json, one safetensors shard per decoder layer, and
+// in one family's layout (config.json, one safetensors shard per decoder layer, and
 // model.safetensors.index.json), so that a model trained or fine-tuned with moert goes back to
-// the Python world.
+// the Python world. The family is the one `moert import` recorded as the first word of the
+// model's name ("qwen3_moe MoE layers 1,3"), or --layout, or else follows the routing: sigmoid
+// routers as DeepSeek-V3, softmax ones as Qwen3-MoE (which expresses either norm_topk_prob).
 #pragma once
 
 #include <cstdint>
@@ -19,6 +21,8 @@ struct ExportRequest {
   std::string model_path;  // binary or JSON moert model, or a moert checkpoint
   std::string out_dir;     // created if absent; its files of the same names are replaced
   ExportDType dtype = ExportDType::AsStored;
+  // deepseek_v3, kimi_k2, glm4_moe, qwen3_moe or mixtral; empty: as recorded or from the routing.
+  std::string layout;
 };
 
 struct ExportResult {
@@ -28,10 +32,12 @@ struct ExportResult {
   uint64_t tensors = 0;
   uint64_t bytes = 0;
   bool residual = false;  // some MoE layer added its input (the decoder layer does that in HF)
+  std::string layout;     // the model_type written
 };
 
-// Throws Error naming the layer and field that the DeepSeek-V3 layout cannot express (a softmax
-// router, layers that disagree on a routing knob, a tensor without stored values).
+// Throws Error naming the layer and field that the layout cannot express (a softmax router in a
+// sigmoid family or the reverse, groups, scaling, shared experts or a bias in a softmax family,
+// layers that disagree on a routing knob, a tensor without stored values).
 ExportResult export_checkpoint(const ExportRequest& request);
 
 }  // namespace moert_cli

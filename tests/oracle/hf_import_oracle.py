@@ -580,9 +580,8 @@ def check_case(case, lib, cli_path, work):
         if not same:
             failures.append(f"{name}: expert counts {counts} != oracle {ref_counts}")
 
-        # import -> export -> import: the same moert files, the checkpoint's tensors.
-        if fam != "deepseek_v3":
-            continue
+        # import -> export -> import: the same moert files, the checkpoint's tensors, in the
+        # family's own layout (recorded by import in the model's name).
         exp = os.path.join(out_dir, "exported")
         cli(["export", model, exp], cli_path)
         again_dir = os.path.join(out_dir, "again")
@@ -616,12 +615,70 @@ def check_case(case, lib, cli_path, work):
                 failures.append(f"{name}: the fp32 export runs differently ({d32:.2e})")
         with open(os.path.join(exp, "config.json")) as f:
             ecfg = json.load(f)
-        for k in ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
-                  "norm_topk_prob", "routed_scaling_factor", "scoring_func", "topk_method",
-                  "moe_intermediate_size", "hidden_size", "n_shared_experts"):
+        for k in EXPORTED_KEYS[fam]:
             if ecfg.get(k) != cfg[k]:
                 failures.append(f"{name}: exported config.json {k} = {ecfg.get(k)!r}, "
                                 f"checkpoint has {cfg[k]!r}")
+        if not with_norm:
+            lines_x, failures_x = check_other_layout(case, lib, cli_path, model, out_dir, x, out,
+                                                     moe_layers, E)
+            lines += lines_x
+            failures += failures_x
+    return lines, failures
+
+
+EXPORTED_KEYS = {
+    "deepseek_v3": ("model_type", "n_routed_experts", "num_experts_per_tok", "n_group",
+                    "topk_group", "norm_topk_prob", "routed_scaling_factor", "scoring_func",
+                    "topk_method", "moe_intermediate_size", "hidden_size", "n_shared_experts"),
+    "glm4_moe": ("model_type", "architectures", "n_routed_experts", "num_experts_per_tok",
+                 "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
+                 "moe_intermediate_size", "hidden_size", "n_shared_experts"),
+    "qwen3_moe": ("model_type", "architectures", "num_experts", "num_experts_per_tok",
+                  "norm_topk_prob", "moe_intermediate_size", "hidden_size", "decoder_sparse_step"),
+    "mixtral": ("model_type", "architectures", "num_local_experts", "num_experts_per_tok",
+                "intermediate_size", "hidden_size"),
+}
+
+
+def check_other_layout(case, lib, cli_path, model, out_dir, x, out, moe_layers, E):
+    """export --layout: a softmax model written as the other softmax family runs the same (or is
+    refused when Mixtral cannot say norm_topk_prob false); a family of the other score function
+    is refused, naming score_function."""
+    fam, cfg = case["family"], case["cfg"]
+    lines, failures = [], []
+    other = {"qwen3_moe": "mixtral", "mixtral": "qwen3_moe"}.get(fam)
+    if other:
+        exp = os.path.join(out_dir, "exported_" + other)
+        p = cli(["export", model, exp, "--layout", other], cli_path, expect_ok=False)
+        if fam == "qwen3_moe" and not cfg["norm_topk_prob"]:
+            ok = p.returncode == 1 and "normalize_weights" in p.stderr
+            lines.append(f"    export --layout mixtral refused: {p.stderr.strip()}")
+            if not ok:
+                failures.append(f"{case['name']}: --layout mixtral of an unnormalised router: "
+                                f"exit {p.returncode}, {p.stderr!r}")
+            return lines, failures
+        if p.returncode != 0:
+            failures.append(f"{case['name']}: export --layout {other}: {p.stderr!r}")
+            return lines, failures
+        with open(os.path.join(exp, "config.json")) as f:
+            mt = json.load(f)["model_type"]
+        m2 = os.path.join(out_dir, other + ".moert")
+        cli(["import", exp, m2] + sum((["--layer", str(L)] for L in case["layers"]), []),
+            cli_path)
+        out2, _ = lib.run(m2, x, moe_layers, E)
+        d = np.abs(out2 - out).max()
+        lines.append(f"    export --layout {other} (model_type {mt}) -> import: max |difference| "
+                     f"{d:.1e}")
+        if mt != other or d != 0.0:
+            failures.append(f"{case['name']}: --layout {other} gives model_type {mt}, "
+                            f"difference {d:.2e}")
+    wrong = "qwen3_moe" if fam in ("deepseek_v3", "glm4_moe") else "glm4_moe"
+    p = cli(["export", model, os.path.join(out_dir, "exported_" + wrong), "--layout", wrong],
+            cli_path, expect_ok=False)
+    lines.append(f"    export --layout {wrong} refused: {p.stderr.strip()}")
+    if p.returncode != 1 or "score_function" not in p.stderr:
+        failures.append(f"{case['name']}: --layout {wrong}: exit {p.returncode}, {p.stderr!r}")
     return lines, failures
 
 
