@@ -6,13 +6,15 @@ model.safetensors.index.json) with random weights, written here byte by byte fro
 specification (not by moert's writer). Each is imported with the `moert` command and run through
 libmoert.so (ctypes); the output is compared with a NumPy float64 implementation of that family's
 MoE block written from the published model code (transformers' DeepseekV3MoE/MoEGate,
-Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock), on the weights as stored (bf16 and FP8 decoded
+Glm4MoeMoE, Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock), on the weights as stored (bf16 and FP8 decoded
 exactly: FP8 value = E4M3 code value * block scale):
   - relative error ||out - ref|| / ||ref|| <= 1e-5, and per row;
   - the tokens each expert receives equal the oracle's (exact selection; near-ties are refused
     as a failure of the set-up);
-then exports the imported model and imports the export again: the two moert files (description and
-data) must be identical byte for byte, and the exported tensors must equal the checkpoint's. Finally,
+then exports the imported model (in its family's layout) and imports the export again: the two moert
+files (description and data) must be identical byte for byte, and the exported tensors must equal
+the checkpoint's; a softmax model exported as the other softmax family runs identically, and an
+export to a family of the other score function is refused. Finally,
 checkpoints that moert must refuse (a dense layer, transposed scales, an unknown scoring function,
 a tensor with no place in moert, router jitter) must fail with a message naming the culprit.
 
