@@ -12,6 +12,7 @@
 #include "core/backend.h"
 #include "core/cuda_plugin.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/cuda_ffn_fp8.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/kernels.h"
 #include "kernels/router_rules.h"
@@ -50,7 +51,7 @@ int bits_for(uint64_t v) {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int32_t device) : device_(device) {
+  CudaBackend(int32_t device, Precision experts, Fp8Options fp8) : device_(device) {
     int count = 0;
     const cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0)
@@ -69,7 +70,11 @@ class CudaBackend final : public Backend {
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     try {
       gemm_ = std::make_unique<Gemm>(stream_);
+      if (experts == Precision::Fp8)
+        ffn_fp8_ = std::make_unique<FfnFp8>(*this, *gemm_, stream_, fp8);
     } catch (...) {
+      ffn_fp8_.reset();
+      gemm_.reset();
       cudaStreamDestroy(stream_);  // no destructor runs for a constructor that throws
       throw;
     }
@@ -79,6 +84,7 @@ class CudaBackend final : public Backend {
     const DeviceRestore restore;
     cudaSetDevice(device_);
     // Scratch buffers free themselves through deallocate(); the stream goes last.
+    ffn_fp8_.reset();
     gemm_.reset();
     release_scratch();
     if (stream_) cudaStreamDestroy(stream_);
@@ -86,7 +92,18 @@ class CudaBackend final : public Backend {
 
   const char* name() const override { return "cuda"; }
   bool host_memory() const override { return false; }
-  Bf16Copies bf16_copies() const override { return Bf16Copies::AllGemms; }
+  // An fp8 session multiplies its experts in FP8 and every other GEMM in fp32, as the CPU's does
+  // (DESIGN.md section 5: embedding, head and dense layers stay fp32); a bf16 session all in bf16.
+  Bf16Copies bf16_copies() const override {
+    return ffn_fp8_ ? Bf16Copies::None : Bf16Copies::AllGemms;
+  }
+  bool fp8_experts() const override { return ffn_fp8_ != nullptr; }
+  void quantize_weight_blocks(const float* src, int64_t matrices, int64_t rows, int64_t cols,
+                              uint8_t* codes, float* scales, const char* what) override {
+    if (!ffn_fp8_)
+      return Backend::quantize_weight_blocks(src, matrices, rows, cols, codes, scales, what);
+    ffn_fp8_->quantize_weight_blocks(src, matrices, rows, cols, codes, scales, what);
+  }
   void activate() override {
     if (depth_ == 0) {
       check(cudaGetDevice(&outer_), "cudaGetDevice");
@@ -161,6 +178,13 @@ class CudaBackend final : public Backend {
 
   void swiglu_ffn(const float* x, Weight w1, Weight w3, Weight w2, float* y, float* h1, float* h3,
                   int64_t rows, int64_t dim, int64_t hidden, bool accumulate) override {
+    if (ffn_fp8_) {  // FP8 experts (shared ones here), fp32 dense FFNs: cuda_ffn_fp8.h
+      if (FfnFp8::all_fp8(w1, w3, w2))
+        ffn_fp8_->forward({{w1, w3, w2, 0, rows}}, x, y, h1, h3, dim, hidden, accumulate);
+      else
+        ffn_fp8_->forward_f32(x, w1, w3, w2, y, h1, h3, rows, dim, hidden, accumulate);
+      return;
+    }
     const size_t n = static_cast<size_t>(rows * hidden);
     if (!h1) {
       f1_.resize(*this, n);
@@ -229,6 +253,11 @@ class CudaBackend final : public Backend {
   void grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, Weight w1, Weight w3,
                           Weight w2, float* y_perm, float* h1, float* h3, int64_t dim,
                           int64_t hidden) override {
+    if (ffn_fp8_ && FfnFp8::all_fp8(w1, w3, w2)) {
+      ffn_fp8_->forward(FfnFp8::expert_segments(plan, w1, w3, w2, hidden * dim), x_perm, y_perm, h1,
+                        h3, dim, hidden, false);
+      return;
+    }
     const int64_t A = plan.num_assignments();
     const size_t n = static_cast<size_t>(A * hidden);
     if (!h1) {
@@ -312,6 +341,15 @@ class CudaBackend final : public Backend {
                            const float* h3, const float* dy, float* dx, bool dx_accumulate,
                            const GradOut& dw1_out, const GradOut& dw3_out, const GradOut& dw2_out,
                            int64_t rows, int64_t dim, int64_t hidden) override {
+    if (ffn_fp8_) {
+      if (FfnFp8::all_fp8(w1, w3, w2))
+        ffn_fp8_->backward({{w1, w3, w2, 0, rows, &dw1_out, &dw3_out, &dw2_out}}, x, h1, h3, dy, dx,
+                           dx_accumulate, dim, hidden);
+      else
+        ffn_fp8_->backward_f32(x, w1, w3, w2, h1, h3, dy, dx, dx_accumulate, dw1_out, dw3_out,
+                               dw2_out, rows, dim, hidden);
+      return;
+    }
     float* dw1 = acc_only(dw1_out, "swiglu_ffn_backward");
     float* dw3 = acc_only(dw3_out, "swiglu_ffn_backward");
     float* dw2 = acc_only(dw2_out, "swiglu_ffn_backward");
@@ -344,6 +382,11 @@ class CudaBackend final : public Backend {
                                    const float* dy_perm, float* dx_perm, const GradOut* dw1,
                                    const GradOut* dw3, const GradOut* dw2, int64_t dim,
                                    int64_t hidden) override {
+    if (ffn_fp8_ && FfnFp8::all_fp8(w1, w3, w2)) {
+      ffn_fp8_->backward(FfnFp8::expert_segments(plan, w1, w3, w2, hidden * dim, dw1, dw3, dw2),
+                         x_perm, h1, h3, dy_perm, dx_perm, false, dim, hidden);
+      return;
+    }
     for (int64_t e = 0; e + 1 < static_cast<int64_t>(plan.host_offsets.size()); ++e)
       for (const GradOut* g : {dw1, dw3, dw2}) acc_only(g[e], "grouped_swiglu_ffn_backward");
     const int64_t A = plan.num_assignments();
@@ -582,6 +625,7 @@ class CudaBackend final : public Backend {
   int depth_ = 0, outer_ = 0;  // activate() nesting and the device the thread had before
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Gemm> gemm_;
+  std::unique_ptr<FfnFp8> ffn_fp8_;  // an fp8 session's FFNs; null in a bf16 session
   Buffer<uint16_t> sx_, sa_, sdy_, sdh1_, sdh3_;
   Buffer<float> f1_, f2_, route_scratch_;
   Buffer<double> partial_, dscratch_;
@@ -598,24 +642,22 @@ MOERT_DEFINE_CUDA_PLUGIN_IDENTITY()
 extern "C" {
 
 __attribute__((visibility("default"))) moert::Backend* moert_cuda_plugin_create(
-    int32_t device, int32_t precision, int32_t /*fp8_power_of_two_scales*/, int32_t* code,
+    int32_t device, int32_t precision, int32_t fp8_power_of_two_scales, int32_t* code,
     char* message, size_t message_len) {
   auto say = [&](moert::Code c, const char* what) {
     if (code) *code = static_cast<int32_t>(c);
     if (message && message_len) std::snprintf(message, message_len, "%s", what);
   };
-  // The block-scaled FP8 GEMMs and quantize kernels exist (fp8_gemm.cu, fp8_quantize.cu); the
-  // backend's FFNs do not call them yet.
-  if (precision != static_cast<int32_t>(moert::Precision::Bf16)) {
+  if (precision != static_cast<int32_t>(moert::Precision::Bf16) &&
+      precision != static_cast<int32_t>(moert::Precision::Fp8)) {
     say(moert::Code::Unsupported,
-        precision == static_cast<int32_t>(moert::Precision::Fp8)
-            ? "the CUDA backend's experts multiply in bf16 in this version (precision fp8 runs on "
-              "the CPU)"
-            : "the CUDA backend multiplies in bf16 (fp32 runs on the CPU)");
+        "the CUDA backend multiplies in bf16 or fp8 (fp32 runs on the CPU)");
     return nullptr;
   }
   try {
-    return new moert::cuda::CudaBackend(device);
+    moert::Fp8Options fp8;
+    fp8.power_of_two_scales = fp8_power_of_two_scales != 0;
+    return new moert::cuda::CudaBackend(device, static_cast<moert::Precision>(precision), fp8);
   } catch (const moert::Error& e) {
     say(e.code(), e.what());
   } catch (const std::bad_alloc&) {
