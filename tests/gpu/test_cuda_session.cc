@@ -251,7 +251,8 @@ TEST(CudaSession, InferenceWithBf16OnlyWeightsMatchesTrainingEval) {
 
 // Precision fp8 on the device: the experts multiply their FP8 copies (made on the device, refreshed
 // after every step; in inference the device holds the copies alone), and training follows the CPU's
-// FP8 session. The CUDA plugin of this version refuses fp8 with a clear status: skipped there.
+// FP8 session (tests/gpu/test_cuda_fp8_session.cc compares them closely). A plugin that refuses fp8
+// with a clear status is skipped.
 TEST(CudaSession, Fp8ExpertsTrainAndServeFromTheirCopies) {
   Model model(model_path("tiny_moe.moert"));
   Session gpu(model.m, MOERT_DEVICE_CUDA, MOERT_MODE_TRAINING, 0, "fp8");
@@ -268,7 +269,7 @@ TEST(CudaSession, Fp8ExpertsTrainAndServeFromTheirCopies) {
       OK(moert_session_backward_loss(s, b.targets.data(), b.targets.size(), l));
       OK(moert_session_step(s, nullptr, nullptr));
     }
-    // The device's router and head multiply in bf16, the CPU's in fp32.
+    // Both multiply the same quantized operands; the device sums them in another order.
     EXPECT_NEAR(lg, lc, 1e-2 * lc) << "step " << step;
   }
   const std::string path = ::testing::TempDir() + "/moert_fp8_device.moert";

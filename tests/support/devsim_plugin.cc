@@ -40,7 +40,8 @@ class DevSimBackend final : public Backend {
 
   const char* name() const override { return "devsim"; }
   bool host_memory() const override { return false; }
-  Bf16Copies bf16_copies() const override { return Bf16Copies::AllGemms; }
+  // As the CUDA plugin's: an fp8 session multiplies its experts in FP8 and the rest in fp32.
+  Bf16Copies bf16_copies() const override { return fp8_ ? Bf16Copies::None : Bf16Copies::AllGemms; }
   bool fp8_experts() const override { return fp8_; }
   void quantize_weight_blocks(const float* src, int64_t matrices, int64_t rows, int64_t cols,
                               uint8_t* codes, float* scales, const char* what) override {
