@@ -2,9 +2,14 @@
 // one shared expert) on the CUDA backend, through the same MoELayer code a session runs:
 // forward over all 256 routed experts, and forward plus backward over a 64-expert slice with the
 // same tokens per expert (the full layer's training state does not fit in 80 GB). Beside each,
-// one dense cuBLASLt bf16 GEMM of the same total FLOPs, timed in the same run.
+// one dense cuBLASLt GEMM of the same total FLOPs in the same precision, timed in the same run.
 //
-//   moert_cuda_bench [--plugin PATH] [--reps N] [--json FILE]
+// Precisions: bf16 (the experts' bf16 copies), and fp8 (DeepSeek-V3's block-scaled E4M3 experts,
+// kernels/cuda/cuda_ffn_fp8.h; its baseline a dense block-scaled FP8 GEMM, 1x128 tiles times
+// 128x128 blocks). The fp8 rows are the 4096-token configurations only, to keep the lent device's
+// time budget (scripts/gpu-run.sh). Unverified: the fp8 rows were compiled, never run on a GPU.
+//
+//   moert_cuda_bench [--plugin PATH] [--reps N] [--json FILE] [--precision bf16|fp8|both]
 //
 // The plugin is --plugin PATH, else $MOERT_CUDA_PLUGIN. Exits 1 when any configuration or its
 // dense baseline failed, after printing (and writing) the rest.
@@ -28,6 +33,8 @@
 #include "core/backend.h"
 #include "core/layers.h"
 #include "core/param_store.h"
+#include "kernels/cuda/fp8_gemm.h"
+#include "kernels/fp8_rules.h"
 
 namespace {
 
@@ -61,6 +68,26 @@ Buffer<uint16_t> experts_bf16(Backend& be, int64_t experts, int64_t per, float s
   return b;
 }
 
+// FP8 copies of `experts` matrices [rows, cols]: one random matrix quantized by the backend (its
+// own kernel, as the ParamStore would), its codes and scales copied to every expert.
+std::pair<Buffer<uint8_t>, Buffer<float>> experts_fp8(Backend& be, int64_t experts, int64_t rows,
+                                                      int64_t cols, float scale,
+                                                      std::mt19937& rng) {
+  const int64_t per = rows * cols, per_scales = fp8_blocks_scale_floats(1, rows, cols);
+  std::vector<float> one = randn(static_cast<size_t>(per), scale, rng);
+  Buffer<float> f32(be, one.size());
+  be.upload(f32.data(), one.data(), one.size() * sizeof(float));
+  Buffer<uint8_t> codes(be, static_cast<size_t>(experts * per));
+  Buffer<float> scales(be, static_cast<size_t>(experts * per_scales));
+  be.quantize_weight_blocks(f32.data(), 1, rows, cols, codes.data(), scales.data(), "bench weight");
+  for (int64_t e = 1; e < experts; ++e) {
+    be.copy(codes.data() + e * per, codes.data(), static_cast<size_t>(per));
+    be.copy(scales.data() + e * per_scales, scales.data(),
+            static_cast<size_t>(per_scales) * sizeof(float));
+  }
+  return {std::move(codes), std::move(scales)};
+}
+
 Buffer<float> upload(Backend& be, const std::vector<float>& v) {
   Buffer<float> b(be, v.size());
   be.upload(b.data(), v.data(), v.size() * sizeof(float));
@@ -79,7 +106,7 @@ double median(std::vector<double> v) {
 }
 
 struct Result {
-  std::string what;
+  std::string precision, what;
   int64_t tokens, experts;
   double ms, tflops, dense_ms, dense_tflops;  // dense_* are NaN where the baseline failed
   double max_vio;
@@ -216,12 +243,63 @@ double dense_gemm_ms(int64_t m, int64_t n, int64_t k, int reps) {
   return median(times);
 }
 
+// One dense block-scaled FP8 GEMM [m, k] x [n, k]^T with fp32 output (x in 1x128 tiles, W in
+// 128x128 blocks: the experts' Fprop), through the plugin's own cuBLASLt wrapper, timed with
+// events. Codes 0x38 (1.0) and unit scales: the cost does not depend on the values.
+double dense_fp8_gemm_ms(int64_t m, int64_t n, int64_t k, int reps) {
+  namespace f8 = moert::fp8;
+  cudaStream_t stream = nullptr;
+  check(cudaStreamCreate(&stream), "cudaStreamCreate");
+  Defer destroy_stream{[&] { cudaStreamDestroy(stream); }};
+  auto* a = static_cast<uint8_t*>(device_alloc(static_cast<size_t>(m * k), "the FP8 baseline's A"));
+  Defer free_a{[&] { cudaFree(a); }};
+  auto* b = static_cast<uint8_t*>(device_alloc(static_cast<size_t>(n * k), "the FP8 baseline's B"));
+  Defer free_b{[&] { cudaFree(b); }};
+  auto* d =
+      static_cast<float*>(device_alloc(static_cast<size_t>(m * n) * 4, "the FP8 baseline's D"));
+  Defer free_d{[&] { cudaFree(d); }};
+  const std::vector<float> as(static_cast<size_t>(f8::blocks_of(k) * f8::tile_scale_ld(m)), 1.0f),
+      bs(static_cast<size_t>(f8::blocks_of(n) * f8::block_scale_ld(k)), 1.0f);
+  auto* das = static_cast<float*>(device_alloc(as.size() * 4, "the FP8 baseline's scales"));
+  Defer free_as{[&] { cudaFree(das); }};
+  auto* dbs = static_cast<float*>(device_alloc(bs.size() * 4, "the FP8 baseline's scales"));
+  Defer free_bs{[&] { cudaFree(dbs); }};
+  check(cudaMemset(a, 0x38, static_cast<size_t>(m * k)), "cudaMemset");
+  check(cudaMemset(b, 0x38, static_cast<size_t>(n * k)), "cudaMemset");
+  check(cudaMemcpy(das, as.data(), as.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+  check(cudaMemcpy(dbs, bs.data(), bs.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+  moert::cuda::fp8::Fp8Gemm gemm(stream);
+  auto once = [&] {
+    gemm.run(m, n, k, a, k, das, b, k, dbs, moert::cuda::fp8::Scaling::Blocks, d, n,
+             moert::cuda::fp8::Output::F32, false);
+  };
+  for (int i = 0; i < 3; ++i) once();
+  check(cudaStreamSynchronize(stream), "the FP8 baseline's warm-up");
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  check(cudaEventCreate(&e0), "cudaEventCreate");
+  Defer destroy_e0{[&] { cudaEventDestroy(e0); }};
+  check(cudaEventCreate(&e1), "cudaEventCreate");
+  Defer destroy_e1{[&] { cudaEventDestroy(e1); }};
+  std::vector<double> times;
+  for (int i = 0; i < reps; ++i) {
+    check(cudaEventRecord(e0, stream), "cudaEventRecord");
+    once();
+    check(cudaEventRecord(e1, stream), "cudaEventRecord");
+    check(cudaEventSynchronize(e1), "the FP8 baseline's GEMM");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
+    times.push_back(ms);
+  }
+  return median(times);
+}
+
 // The MoE layer's median time per pass, and the MaxVio of its last routing.
 struct Measured {
   double ms, max_vio;
 };
 
-Measured measure_moe(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps) {
+Measured measure_moe(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps,
+                     bool fp8) {
   std::mt19937 rng(42);
   Model model;
   MoESpec spec;
@@ -252,12 +330,21 @@ Measured measure_moe(Backend& be, int64_t tokens, int64_t experts, bool backward
   };
   store.adopt(s.gate, upload(be, randn(experts * kDim, in_scale, rng)), {}, grad(experts * kDim));
   store.adopt(s.gate_bias, upload(be, randn(experts, 0.01f, rng)), {}, {});
-  store.adopt(s.w1, {}, experts_bf16(be, experts, per, in_scale, rng), grad(experts * per));
-  store.adopt(s.w3, {}, experts_bf16(be, experts, per, in_scale, rng), grad(experts * per));
-  store.adopt(s.w2, {}, experts_bf16(be, experts, per, hid_scale, rng), grad(experts * per));
-  store.adopt(s.shared_w1, {}, experts_bf16(be, 1, per, in_scale, rng), grad(per));
-  store.adopt(s.shared_w3, {}, experts_bf16(be, 1, per, in_scale, rng), grad(per));
-  store.adopt(s.shared_w2, {}, experts_bf16(be, 1, per, hid_scale, rng), grad(per));
+  // An expert weight [n, rows, cols]: its bf16 copy, or its FP8 copy alone.
+  auto expert = [&](const Tensor& t, int64_t n, int64_t rows, int64_t cols, float scale) {
+    if (!fp8) {
+      store.adopt(t, {}, experts_bf16(be, n, rows * cols, scale, rng), grad(n * per));
+      return;
+    }
+    auto [codes, scales] = experts_fp8(be, n, rows, cols, scale, rng);
+    store.adopt(t, {}, {}, grad(n * per), std::move(codes), std::move(scales));
+  };
+  expert(s.w1, experts, kHidden, kDim, in_scale);
+  expert(s.w3, experts, kHidden, kDim, in_scale);
+  expert(s.w2, experts, kDim, kHidden, hid_scale);
+  expert(s.shared_w1, 1, kHidden, kDim, in_scale);
+  expert(s.shared_w3, 1, kHidden, kDim, in_scale);
+  expert(s.shared_w2, 1, kDim, kHidden, hid_scale);
   MoELayer layer(s, store);
 
   Buffer<float> x = upload(be, randn(tokens * kDim, 1.0f, rng));
@@ -282,9 +369,9 @@ Measured measure_moe(Backend& be, int64_t tokens, int64_t experts, bool backward
   return {median(times), max_violation(layer.counts().last)};
 }
 
-Result run(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps) {
+Result run(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps, bool fp8) {
   // The layer's memory is given back before the dense baseline takes its own.
-  const Measured moe = measure_moe(be, tokens, experts, backward, reps);
+  const Measured moe = measure_moe(be, tokens, experts, backward, reps, fp8);
   // Multiply-adds: router, K routed experts and one shared expert per token (3 GEMMs each).
   const double fwd =
       2.0 * tokens * kDim * experts + 2.0 * tokens * (kTopK + 1) * 3.0 * kDim * kHidden;
@@ -294,13 +381,14 @@ Result run(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps
   const int64_t m = static_cast<int64_t>(flops / (2.0 * n * k));
   double dms = std::nan("");
   try {
-    dms = dense_gemm_ms(m, n, k, 10);
+    dms = fp8 ? dense_fp8_gemm_ms(m, n, k, 10) : dense_gemm_ms(m, n, k, 10);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moert_cuda_bench: dense baseline [%lld x %lld x %lld] failed: %s\n",
                  static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
                  e.what());
   }
-  return {backward ? "forward+backward" : "forward",
+  return {fp8 ? "fp8" : "bf16",
+          backward ? "forward+backward" : "forward",
           tokens,
           experts,
           moe.ms,
@@ -325,9 +413,9 @@ bool write_json(const std::string& path, const std::vector<Result>& results) {
   out << "[\n";
   for (size_t i = 0; i < results.size(); ++i) {
     const auto& r = results[i];
-    out << "  {\"pass\": \"" << r.what << "\", \"tokens\": " << r.tokens
-        << ", \"experts\": " << r.experts << ", \"ms\": " << json_number(r.ms)
-        << ", \"tflops\": " << json_number(r.tflops)
+    out << "  {\"precision\": \"" << r.precision << "\", \"pass\": \"" << r.what
+        << "\", \"tokens\": " << r.tokens << ", \"experts\": " << r.experts
+        << ", \"ms\": " << json_number(r.ms) << ", \"tflops\": " << json_number(r.tflops)
         << ", \"dense_ms\": " << json_number(r.dense_ms)
         << ", \"dense_tflops\": " << json_number(r.dense_tflops)
         << ", \"max_vio\": " << json_number(r.max_vio) << "}" << (i + 1 < results.size() ? "," : "")
@@ -340,7 +428,7 @@ bool write_json(const std::string& path, const std::vector<Result>& results) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string plugin, json;
+  std::string plugin, json, precision = "both";
   int reps = 5;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -350,8 +438,14 @@ int main(int argc, char** argv) {
       json = argv[++i];
     else if (a == "--reps" && i + 1 < argc)
       reps = std::max(1, std::atoi(argv[++i]));
+    else if (a == "--precision" && i + 1 < argc &&
+             (std::string(argv[i + 1]) == "bf16" || std::string(argv[i + 1]) == "fp8" ||
+              std::string(argv[i + 1]) == "both"))
+      precision = argv[++i];
     else {
-      std::fprintf(stderr, "usage: moert_cuda_bench [--plugin PATH] [--reps N] [--json FILE]\n");
+      std::fprintf(stderr,
+                   "usage: moert_cuda_bench [--plugin PATH] [--reps N] [--json FILE] "
+                   "[--precision bf16|fp8|both]\n");
       return 2;
     }
   }
@@ -366,13 +460,6 @@ int main(int argc, char** argv) {
                  "moert_cuda_bench: no CUDA plugin named: pass --plugin PATH or set "
                  "MOERT_CUDA_PLUGIN to libmoert_cuda.so\n");
     return 2;
-  }
-  std::unique_ptr<Backend> be;
-  try {
-    be = make_cuda_backend(0, plugin);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moert_cuda_bench: %s\n", e.what());
-    return 1;
   }
   cudaDeviceProp prop{};
   if (const cudaError_t e = cudaGetDeviceProperties(&prop, 0); e != cudaSuccess) {
@@ -392,30 +479,45 @@ int main(int argc, char** argv) {
       {4096, 256, false}, {16384, 256, false}, {1024, 64, true}, {4096, 64, true}};
   std::vector<Result> results;
   bool failed = false;
-  for (const Config& c : configs) {
+  for (const bool fp8 : {false, true}) {
+    if (precision != "both" && (precision == "fp8") != fp8) continue;
+    const char* name = fp8 ? "fp8" : "bf16";
+    // One backend per precision, the previous one gone first (its scratch is gigabytes).
+    std::unique_ptr<Backend> be;
     try {
-      results.push_back(run(*be, c.tokens, c.experts, c.backward, reps));
-      failed = failed || !std::isfinite(results.back().dense_ms);
-      const Result& r = results.back();
-      std::printf("%s, %lld tokens, %lld experts: %.3f ms\n", r.what.c_str(),
-                  static_cast<long long>(r.tokens), static_cast<long long>(r.experts), r.ms);
-      std::fflush(stdout);
+      be = make_cuda_backend(0, plugin, fp8 ? Precision::Fp8 : Precision::Bf16);
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "moert_cuda_bench: %s, %lld tokens, %lld experts failed: %s\n",
-                   c.backward ? "forward+backward" : "forward", static_cast<long long>(c.tokens),
-                   static_cast<long long>(c.experts), e.what());
+      std::fprintf(stderr, "moert_cuda_bench: %s backend: %s\n", name, e.what());
       failed = true;
+      continue;
     }
-    if (!json.empty() && !write_json(json, results)) {
-      std::fprintf(stderr, "moert_cuda_bench: cannot write %s\n", json.c_str());
-      failed = true;
+    for (const Config& c : configs) {
+      if (fp8 && c.tokens != 4096) continue;  // the time budget: see the top of this file
+      try {
+        results.push_back(run(*be, c.tokens, c.experts, c.backward, reps, fp8));
+        failed = failed || !std::isfinite(results.back().dense_ms);
+        const Result& r = results.back();
+        std::printf("%s %s, %lld tokens, %lld experts: %.3f ms\n", name, r.what.c_str(),
+                    static_cast<long long>(r.tokens), static_cast<long long>(r.experts), r.ms);
+        std::fflush(stdout);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "moert_cuda_bench: %s %s, %lld tokens, %lld experts failed: %s\n",
+                     name, c.backward ? "forward+backward" : "forward",
+                     static_cast<long long>(c.tokens), static_cast<long long>(c.experts), e.what());
+        failed = true;
+      }
+      if (!json.empty() && !write_json(json, results)) {
+        std::fprintf(stderr, "moert_cuda_bench: cannot write %s\n", json.c_str());
+        failed = true;
+      }
     }
   }
-  std::printf("\n%-17s %7s %7s %10s %9s %12s %9s %9s %8s\n", "pass", "tokens", "experts",
-              "moert ms", "TFLOP/s", "dense GEMM", "TFLOP/s", "vs dense", "MaxVio");
+  std::printf("\n%-5s %-17s %7s %7s %10s %9s %12s %9s %9s %8s\n", "prec", "pass", "tokens",
+              "experts", "moert ms", "TFLOP/s", "dense GEMM", "TFLOP/s", "vs dense", "MaxVio");
   for (const auto& r : results)
-    std::printf("%-17s %7lld %7lld %10.3f %9.1f %9.3f ms %9.1f %8.2fx %8.3f\n", r.what.c_str(),
-                static_cast<long long>(r.tokens), static_cast<long long>(r.experts), r.ms, r.tflops,
-                r.dense_ms, r.dense_tflops, r.tflops / r.dense_tflops, r.max_vio);
+    std::printf("%-5s %-17s %7lld %7lld %10.3f %9.1f %9.3f ms %9.1f %8.2fx %8.3f\n",
+                r.precision.c_str(), r.what.c_str(), static_cast<long long>(r.tokens),
+                static_cast<long long>(r.experts), r.ms, r.tflops, r.dense_ms, r.dense_tflops,
+                r.tflops / r.dense_tflops, r.max_vio);
   return failed ? 1 : 0;
 }

@@ -232,12 +232,23 @@ void ParamStore::zero_grads() {
 namespace moert {
 
 void ParamStore::adopt(const Tensor& t, Buffer<float> f32, Buffer<uint16_t> bf16,
-                       Buffer<float> grad) {
+                       Buffer<float> grad, Buffer<uint8_t> fp8_codes, Buffer<float> fp8_scales) {
   Entry& e = entries_[&t];
   e.host = const_cast<Tensor*>(&t);
   e.f32 = std::move(f32);
   e.bf16 = std::move(bf16);
   e.grad = std::move(grad);
+  if (fp8_codes.size()) {
+    if (t.shape.size() < 2)
+      fail(Code::Internal, "an adopted FP8 copy of a tensor that is not a matrix");
+    e.fp8_cols = t.shape.back();
+    e.fp8_rows = t.shape[t.shape.size() - 2];
+    int64_t n = 1;  // from the shape: an adopted tensor holds no values on the host
+    for (int64_t d : t.shape) n *= d;
+    e.fp8_matrices = n / (e.fp8_rows * e.fp8_cols);
+    e.fp8_codes = std::move(fp8_codes);
+    e.fp8_scales = std::move(fp8_scales);
+  }
   e.f32_ptr = e.f32.size() ? e.f32.data() : nullptr;
   e.grad_ptr = e.grad.size() ? e.grad.data() : nullptr;
 }

@@ -66,8 +66,10 @@ class ParamStore {
   std::vector<PendingRoots> take_roots();
 
   // Registers a tensor whose values live only in backend memory (benchmarks of models too large
-  // to hold on the host): `t` gives the shape; any buffer may be empty.
-  void adopt(const Tensor& t, Buffer<float> f32, Buffer<uint16_t> bf16, Buffer<float> grad);
+  // to hold on the host): `t` gives the shape; any buffer may be empty. fp8_codes and fp8_scales:
+  // an FP8 copy (Fp8Weight's layout, matrices of t's last two dimensions).
+  void adopt(const Tensor& t, Buffer<float> f32, Buffer<uint16_t> bf16, Buffer<float> grad,
+             Buffer<uint8_t> fp8_codes = {}, Buffer<float> fp8_scales = {});
 
  private:
   struct Entry {
