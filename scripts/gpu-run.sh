@@ -49,7 +49,8 @@ stage() {
   cd "$here"
   cmake --preset cuda
   cmake --build --preset cuda --target moert moert_cuda moert_gpu_kernel_tests \
-    moert_gpu_session_tests moert_gpu_fp8_tests moert_gpu_models moert_cuda_bench
+    moert_gpu_session_tests moert_gpu_fp8_tests moert_gpu_fp8_session_tests moert_gpu_models \
+    moert_cuda_bench
   build=build/cuda
   rm -rf "$dir"
   mkdir -p "$dir/lib" "$dir/bin" "$dir/models" "$dir/sys"
@@ -61,7 +62,7 @@ stage() {
   cp "$lib" "$dir/lib/$soname"
   cp "$(readlink -f "$build/capi/libmoert_cuda.so")" "$dir/lib/libmoert_cuda.so"
   cp "$build/tests/gpu/moert_gpu_kernel_tests" "$build/tests/gpu/moert_gpu_session_tests" \
-    "$build/tests/gpu/moert_gpu_fp8_tests" \
+    "$build/tests/gpu/moert_gpu_fp8_tests" "$build/tests/gpu/moert_gpu_fp8_session_tests" \
     "$build/bench/moert_cuda_bench" "$dir/bin/"
   cp "$build"/tests/gpu/models/*.moert "$dir/models/"
   cp bench/torch_cuda_moe_bench.py scripts/gpu-run.sh "$dir/"
@@ -217,7 +218,8 @@ probe() {
 phase_tests() {
   local phase_end=$((SECONDS + 150)) t rc start
   echo "== tests" | tee -a "$out/device.txt"
-  for t in moert_gpu_kernel_tests moert_gpu_session_tests moert_gpu_fp8_tests; do
+  for t in moert_gpu_kernel_tests moert_gpu_session_tests moert_gpu_fp8_tests \
+    moert_gpu_fp8_session_tests; do
     local secs
     secs=$(budget 90 $phase_end)
     if [ "$secs" -lt 5 ]; then
@@ -229,7 +231,7 @@ phase_tests() {
     rc=0
     timeout -k 10 "$secs" "${runner[@]}" "$dir/bin/$t" >>"$out/tests.log" 2>&1 || rc=$?
     sed -n '/^===== '"$t"' /,$p' "$out/tests.log" |
-      grep -E '^\[  (PASSED|FAILED) |SKIPPED|Failure$|rel |loss' | head -30
+      grep -E '^\[  (PASSED|FAILED) |SKIPPED|Failure$|rel |loss|gpu - cpu' | head -40
     case $rc in
     0) result "PASS tests/$t ($((SECONDS - start)) s)" ;;
     77) failed "tests/$t: exit 77, no usable GPU (see tests.log)" ;;
@@ -293,12 +295,38 @@ phase_sanitize() {
       esac
     fi
   done
+  # The FP8 FFN's quantize, padding and transpose kernels on partial tiles (small shapes), within
+  # the same phase's time.
+  secs=$(budget 40 $phase_end)
+  if [ "$secs" -lt 5 ]; then
+    failed "sanitize/memcheck fp8: not run, out of time"
+    return
+  fi
+  start=$(wc -l <"$out/sanitize.log")
+  echo "===== memcheck, moert_gpu_fp8_session_tests CudaFp8Backend.* (up to $secs s)" >>"$out/sanitize.log"
+  rc=0
+  timeout -k 10 "$secs" "$cs" --tool memcheck --error-exitcode 86 --print-limit 100 \
+    "${runner[@]}" "$dir/bin/moert_gpu_fp8_session_tests" --gtest_filter='CudaFp8Backend.*' \
+    >>"$out/sanitize.log" 2>&1 || rc=$?
+  summary_line=$(tail -n +"$((start + 1))" "$out/sanitize.log" |
+    grep -E 'ERROR SUMMARY' | tail -1 | sed 's/^=* *//')
+  line="sanitize/memcheck fp8: ${summary_line:-no summary line}"
+  if [ "$rc" -eq 0 ] && echo "$summary_line" | grep -qE 'SUMMARY: 0 errors'; then
+    result "PASS $line"
+  else
+    case $rc in
+    86) failed "$line (sanitizer errors, see sanitize.log)" ;;
+    124 | 137) failed "$line (timed out after $secs s)" ;;
+    *) failed "$line (exit $rc, see sanitize.log)" ;;
+    esac
+  fi
 }
 
 phase_moert_bench() {
   local secs rc
   echo "== moert bench" | tee -a "$out/device.txt"
-  secs=$(budget 150 $deadline)
+  # bf16 rows and the fp8 rows beside them (moert_cuda_bench's --precision both).
+  secs=$(budget 180 $deadline)
   if [ "$secs" -lt 10 ]; then
     failed "bench/moert: not run, out of time"
     return
@@ -307,7 +335,7 @@ phase_moert_bench() {
   rc=0
   timeout -k 10 "$secs" "${runner[@]}" "$dir/bin/moert_cuda_bench" --plugin "$dir/lib/libmoert_cuda.so" \
     --reps "${MOERT_BENCH_REPS:-5}" --json "$out/moert_bench.json" >>"$out/bench.log" 2>&1 || rc=$?
-  sed -n '/^===== moert_cuda_bench /,$p' "$out/bench.log" | tail -n +2 | tail -8
+  sed -n '/^===== moert_cuda_bench /,$p' "$out/bench.log" | tail -n +2 | tail -10
   case $rc in
   0) result "PASS bench/moert" ;;
   124 | 137) failed "bench/moert: timed out after $secs s (moert_bench.json has what finished)" ;;
@@ -365,20 +393,27 @@ if m is None:
 if t is None:
     print("torch_bench.json: missing or unreadable, PyTorch columns n/a\n")
 m, t = m or [], t or []
+
+
+# moert's rows are bf16 or fp8; PyTorch's benchmark runs bf16, its columns beside both.
+def key(r):
+    return (r.get("precision", "bf16"), r["pass"], r["tokens"], r["experts"])
+
+
 keys = []
 for r in m + t:
-    k = (r["pass"], r["tokens"], r["experts"])
+    k = key(r)
     if k not in keys:
         keys.append(k)
 
 
 def moert(k):
-    return next((r for r in m if (r["pass"], r["tokens"], r["experts"]) == k), {})
+    return next((r for r in m if key(r) == k), {})
 
 
 def torch_ms(impl, k):
     return next((r.get("ms") for r in t
-                 if r["impl"] == impl and (r["pass"], r["tokens"], r["experts"]) == k), None)
+                 if r["impl"] == impl and (r["pass"], r["tokens"], r["experts"]) == k[1:]), None)
 
 
 def fmt(v, spec):
@@ -389,14 +424,16 @@ def ratio(a, b):
     return f"{a / b:.2f}x" if a is not None and b else "n/a"
 
 
-print("| pass | tokens | experts | moert ms | TFLOP/s | dense GEMM TFLOP/s | moert / dense "
-      "| torch eager ms | moert speed-up | torch grouped_mm ms | moert speed-up |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| precision | pass | tokens | experts | moert ms | TFLOP/s | dense GEMM TFLOP/s "
+      "| moert / dense | torch bf16 eager ms | moert speed-up | torch bf16 grouped_mm ms "
+      "| moert speed-up |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for k in keys:
     r = moert(k)
     ms, tf, dtf = r.get("ms"), r.get("tflops"), r.get("dense_tflops")
     e, g = torch_ms("eager", k), torch_ms("grouped_mm", k)
-    print(f"| {k[0]} | {k[1]} | {k[2]} | {fmt(ms, '.2f')} | {fmt(tf, '.0f')} | {fmt(dtf, '.0f')} "
+    print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {fmt(ms, '.2f')} | {fmt(tf, '.0f')} "
+          f"| {fmt(dtf, '.0f')} "
           f"| {fmt(tf / dtf if tf and dtf else None, '.2f')} | {fmt(e, '.2f')} | {ratio(e, ms)} "
           f"| {fmt(g, '.2f')} | {ratio(g, ms)} |")
 notes = [f"- torch {r['impl']} {r['pass']} {r['tokens']} tokens: {r['error']}"
