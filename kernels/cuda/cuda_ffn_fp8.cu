@@ -69,8 +69,9 @@ struct FfnFp8::RowTiles {
   std::vector<const float*> scales;  // per segment
 };
 
-// An activation [rows, width] in 128-token tiles, per segment transposed: codes [width, ld[i]]
-// (ld[i] = ld16(segment rows), zeros past its rows), scales in tile_scale_ld(width) runs.
+// An activation [rows, width] in 128-token tiles, per segment transposed: codes [width', ld[i]]
+// (ld[i] = ld16(segment rows), zeros past its rows; width' = width, or ld16(width) with zero rows
+// past width for a b operand), scales in tile_scale_ld(width') runs.
 struct FfnFp8::TokenTiles {
   std::vector<const uint8_t*> codes;
   std::vector<int64_t> ld;
@@ -157,6 +158,7 @@ void FfnFp8::quantize_rows(const std::vector<Segment>& segs, const float* x, int
     scale_floats += blocks_of(width) * tile_scale_ld(s.rows);
   }
   const int64_t ld = ld16(width);
+  if (operand_buffer_ >= kOperands) fail(Code::Internal, "FP8 FFN: more operands than scratch");
   Buffer<uint8_t>& codes = codes_[operand_buffer_];
   Buffer<float>& scales = scales_[operand_buffer_];
   ++operand_buffer_;
@@ -182,12 +184,16 @@ void FfnFp8::quantize_rows(const std::vector<Segment>& segs, const float* x, int
 }
 
 void FfnFp8::quantize_tokens(const std::vector<Segment>& segs, const float* x, int64_t width,
-                             TokenTiles& out, Check& chk, int operand) {
+                             bool b_operand, TokenTiles& out, Check& chk, int operand) {
+  // As Wgrad's b, the operand has ld16(width) rows (zero codes past width), its scales the layout
+  // of that many.
+  const int64_t rows_t = b_operand ? ld16(width) : width, scale_ld = tile_scale_ld(rows_t);
   int64_t code_bytes = 0, scale_floats = 0;
   for (const Segment& s : segs) {
-    code_bytes += width * ld16(s.rows);
-    scale_floats += blocks_of(s.rows) * tile_scale_ld(width);
+    code_bytes += rows_t * ld16(s.rows);
+    scale_floats += blocks_of(s.rows) * scale_ld;
   }
+  if (operand_buffer_ >= kOperands) fail(Code::Internal, "FP8 FFN: more operands than scratch");
   Buffer<uint8_t>& codes = codes_[operand_buffer_];
   Buffer<float>& scales = scales_[operand_buffer_];
   ++operand_buffer_;
@@ -205,10 +211,10 @@ void FfnFp8::quantize_tokens(const std::vector<Segment>& segs, const float* x, i
     out.codes.push_back(c);
     out.ld.push_back(ld);
     out.scales.push_back(sc);
-    code_at += width * ld;
-    scale_at += blocks_of(s.rows) * tile_scale_ld(width);
+    code_at += rows_t * ld;
+    scale_at += blocks_of(s.rows) * scale_ld;
     fp8::quantize_column_tiles_transposed(x + s.begin * width, width, s.rows, width, c, ld, sc,
-                                          tile_scale_ld(width), options_.power_of_two_scales,
+                                          scale_ld, options_.power_of_two_scales,
                                           chk.slot(operand, i), stream_);
   }
 }
@@ -219,14 +225,15 @@ std::vector<const uint8_t*> FfnFp8::padded_weights(const std::vector<Segment>& s
   auto weight = [&](const Segment& s) -> const Weight& {
     return which == 0 ? s.w1 : which == 1 ? s.w3 : s.w2;
   };
-  bool direct = cols % 16 == 0;
+  // As a GEMM's b, the weight has ld16(rows) rows too (zero codes past rows).
+  bool direct = cols % 16 == 0 && rows % 16 == 0;
   for (const Segment& s : segs) direct = direct && aligned16(weight(s).fp8.codes);
   std::vector<const uint8_t*> out;
   if (direct) {
     for (const Segment& s : segs) out.push_back(weight(s).fp8.codes);
     return out;
   }
-  const int64_t ld = ld16(cols), per = rows * ld;
+  const int64_t ld = ld16(cols), per = ld16(rows) * ld;
   pad.resize(mem_,
              static_cast<size_t>(std::max<int64_t>(1, per * static_cast<int64_t>(segs.size()))));
   check(cudaMemsetAsync(pad.data(), 0, pad.bytes(), stream_), "FP8 weight padding");
@@ -243,12 +250,13 @@ std::vector<const uint8_t*> FfnFp8::padded_weights(const std::vector<Segment>& s
 }
 
 void FfnFp8::transposed_weight(const Weight& w, int64_t rows, int64_t cols) {
-  // W [rows, cols] -> W^T [cols, ld16(rows)], block scales [blocks_of(cols), block_scale_ld(rows)].
+  // W [rows, cols] -> W^T [ld16(cols), ld16(rows)] (zero codes past cols and rows), block scales
+  // [blocks_of(cols), block_scale_ld(rows)].
   const int64_t ld_t = ld16(rows), scale_ld_t = block_scale_ld(rows);
-  weight_t_.resize(mem_, static_cast<size_t>(std::max<int64_t>(1, cols * ld_t)));
+  weight_t_.resize(mem_, static_cast<size_t>(std::max<int64_t>(1, ld16(cols) * ld_t)));
   weight_t_scales_.resize(mem_,
                           static_cast<size_t>(std::max<int64_t>(1, blocks_of(cols) * scale_ld_t)));
-  if (ld_t != rows)
+  if (ld_t != rows || ld16(cols) != cols)
     check(cudaMemsetAsync(weight_t_.data(), 0, weight_t_.bytes(), stream_), "FP8 weight padding");
   check(cudaMemsetAsync(weight_t_scales_.data(), 0, weight_t_scales_.bytes(), stream_),
         "FP8 weight padding");
@@ -260,12 +268,14 @@ void FfnFp8::gemm(const char* name, int64_t m, int64_t n, int64_t k, const uint8
                   const float* a_scales, const uint8_t* b, int64_t ldb, const float* b_scales,
                   fp8::Scaling scaling, float* d, int64_t ldd, bool accumulate) {
   if (m == 0 || n == 0) return;
-  const bool direct = aligned16(d) && (ldd * 4) % 16 == 0;
+  // b has ld16(n) rows: the product's columns past n are computed (zero) into scratch, never d.
+  const int64_t n16 = ld16(n);
+  const bool direct = n16 == n && aligned16(d) && (ldd * 4) % 16 == 0;
   float* out = d;
   int64_t ld = ldd;
   const size_t row_bytes = static_cast<size_t>(n) * sizeof(float);
   if (!direct) {
-    ld = (n + 3) / 4 * 4;
+    ld = n16;
     out = f32_scratch(out_, m * ld);
     if (accumulate)
       check(cudaMemcpy2DAsync(out, static_cast<size_t>(ld) * 4, d, static_cast<size_t>(ldd) * 4,
@@ -273,11 +283,11 @@ void FfnFp8::gemm(const char* name, int64_t m, int64_t n, int64_t k, const uint8
             "FP8 GEMM output");
   }
   try {
-    gemm_->run(m, n, k, a, lda, a_scales, b, ldb, b_scales, scaling, out, ld, fp8::Output::F32,
+    gemm_->run(m, n16, k, a, lda, a_scales, b, ldb, b_scales, scaling, out, ld, fp8::Output::F32,
                accumulate);
   } catch (const Error& e) {
     if (e.code() != Code::Unsupported) throw;
-    fail(Code::Unsupported, "FP8 ", name, " GEMM (", m, " x ", n, " x ", k,
+    fail(Code::Unsupported, "FP8 ", name, " GEMM (", m, " x ", n16, " x ", k,
          " after padding) cannot run: ", e.what());
   }
   if (!direct)
@@ -424,11 +434,11 @@ void FfnFp8::backward(const std::vector<Segment>& segs, const float* x, const fl
   // Wgrad operands: 128-token tiles from each segment's first row, transposed. Their check (and
   // Dgrad's) is read before any gradient is touched.
   TokenTiles tdy, tx, ta, tdh1, tdh3;
-  quantize_tokens(segs, dy, dim, tdy, chk, 0);
-  quantize_tokens(segs, x, dim, tx, chk, 3);
-  quantize_tokens(segs, a, hidden, ta, chk, 4);
-  quantize_tokens(segs, dh1, hidden, tdh1, chk, 1);
-  quantize_tokens(segs, dh3, hidden, tdh3, chk, 2);
+  quantize_tokens(segs, dy, dim, false, tdy, chk, 0);
+  quantize_tokens(segs, x, dim, true, tx, chk, 3);
+  quantize_tokens(segs, a, hidden, true, ta, chk, 4);
+  quantize_tokens(segs, dh1, hidden, false, tdh1, chk, 1);
+  quantize_tokens(segs, dh3, hidden, false, tdh3, chk, 2);
   chk.verify(stream_);
 
   // Wgrad: dW2 += dy^T a, dW1 += dh1^T x, dW3 += dh3^T x, the tokens the reduction.

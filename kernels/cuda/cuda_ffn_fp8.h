@@ -15,14 +15,18 @@
 // codes and scales bit for bit; results then differ from the CPU's only by the order of fp32
 // additions, and through it by a code that rounds the other way downstream.
 //
-// cuBLASLt's FP8 kernels want 16-byte aligned operands, row strides and outputs. Scratch copies
-// are padded for it: activation codes get row strides rounded up to 16 codes, the zero codes
-// past the reduction length adding 0 (every scale is finite); the token dimension of Wgrad is
-// rounded up the same way; a weight whose row is not a multiple of 16 codes is copied into a
-// padded buffer for Fprop; the transposed weights of Dgrad are padded likewise; an output whose
-// address or row stride is not 16-byte aligned goes through an aligned scratch output. A shape
-// cuBLASLt still refuses is an Error(Unsupported) naming the GEMM and its dims, never another
-// precision.
+// cuBLASLt's FP8 kernels want 16-byte aligned operands, row strides and outputs (PyTorch's
+// scaled_mm asks K and N to be multiples of 16). Every GEMM runs padded to that: the reduction
+// length k is rounded up to 16 (activation codes get row strides of ld16(k), the token dimension
+// of Wgrad likewise), and so is the output width n (b gets zero rows up to ld16(n)); zero codes
+// add 0, as every scale is finite, and the padding's scales are 0. A weight whose dimensions are
+// not multiples of 16 is copied into a zero-padded buffer for Fprop (per call: only small models
+// have them); Dgrad's transposed weights are padded as they are made; an output whose width,
+// address or row stride is not what cuBLASLt gets goes through an aligned scratch output, and
+// only its n real columns are copied out. A shape cuBLASLt still refuses is an
+// Error(Unsupported) naming the GEMM and its padded dims, never another precision. The row count
+// m (tokens per expert in Fprop and Dgrad) is not padded: its tiles' scale layout is
+// tile_scale_ld(m), the assumption fp8_gemm.h states.
 //
 // Dgrad's transposed weights are made per backward call, not cached: a Weight carries pointers
 // only, and the ParamStore rewrites the same buffers in place after every optimizer step, so a
@@ -108,9 +112,10 @@ class FfnFp8 {
   struct TokenTiles;
   struct Check;
 
-  // d [m, n] (row stride ldd, fp32) (+)= a [m, k] b [n, k]^T (fp8_gemm.h's run()), through an
-  // aligned scratch output where d or ldd is not 16-byte aligned; `name` names the GEMM in a
-  // refusal.
+  // d [m, n] (row stride ldd, fp32) (+)= a [m, k] b [n, k]^T (fp8_gemm.h's run()), b holding
+  // ld16(n) rows (zero past n) in its scale layout's terms: run as n rounded up to 16, through an
+  // aligned scratch output where that or d's alignment differs from d; `name` names the GEMM in
+  // a refusal.
   void gemm(const char* name, int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda,
             const float* a_scales, const uint8_t* b, int64_t ldb, const float* b_scales,
             fp8::Scaling scaling, float* d, int64_t ldd, bool accumulate);
@@ -118,9 +123,10 @@ class FfnFp8 {
   // scratch operand; non-finite values recorded in check's slots of `operand`.
   void quantize_rows(const std::vector<Segment>& segs, const float* x, int64_t width, RowTiles& out,
                      Check& check, int operand);
-  // The 128-token tiles of x [rows, width], each segment's transposed, into the next operand.
+  // The 128-token tiles of x [rows, width], each segment's transposed, into the next operand;
+  // as a GEMM's b operand when b_operand (rows padded to ld16(width)).
   void quantize_tokens(const std::vector<Segment>& segs, const float* x, int64_t width,
-                       TokenTiles& out, Check& check, int operand);
+                       bool b_operand, TokenTiles& out, Check& check, int operand);
   // Per segment, the codes of its weight `which` (0: w1, 1: w3, 2: w2), [rows, cols], with rows
   // ld16(cols) apart: the weight's own codes where that is their layout, else a padded copy.
   std::vector<const uint8_t*> padded_weights(const std::vector<Segment>& segs, int which,
