@@ -2,7 +2,8 @@
 // everything else in fp32 kernels. All work is queued on one stream. The host waits for the
 // device only where a value must come back: plan_dispatch (the per-expert counts decide the GEMM
 // shapes), downloads, and the scalar results (losses, gradient norm), each summed on the host in
-// a fixed order.
+// a fixed order. A session of precision fp8 multiplies its experts through cuda_ffn_fp8.h (which
+// also waits once per FFN call, for its NaN check) and its other GEMMs in fp32.
 #include <cstdio>
 #include <cstring>
 #include <cub/device/device_radix_sort.cuh>
