@@ -20,6 +20,9 @@ constexpr unsigned long long kNoneBad = ~0ull;
 
 // A row stride of codes that cuBLASLt's FP8 kernels accept: a multiple of 16 bytes.
 int64_t ld16(int64_t n) { return (n + 15) / 16 * 16; }
+// The row count a GEMM runs with: a multiple of 4, so that the tiles' scale stride
+// (tile_scale_ld) is the row count itself, whichever of the two cuBLASLt reads (fp8_gemm.h).
+int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -162,11 +165,17 @@ void FfnFp8::quantize_rows(const std::vector<Segment>& segs, const float* x, int
   Buffer<uint8_t>& codes = codes_[operand_buffer_];
   Buffer<float>& scales = scales_[operand_buffer_];
   ++operand_buffer_;
-  codes.resize(mem_, static_cast<size_t>(std::max<int64_t>(1, end * ld)));
+  // 3 rows past the end: the last segment's GEMM runs with its rows rounded up to 4.
+  codes.resize(mem_, static_cast<size_t>((end + 3) * ld));
   scales.resize(mem_, static_cast<size_t>(std::max<int64_t>(1, scale_floats)));
-  // Zero codes past the row's end add nothing; zero scales of the padding rows of the layout are
-  // never multiplied into an output row, but stay finite.
-  if (ld != width) check(cudaMemsetAsync(codes.data(), 0, codes.bytes(), stream_), "FP8 padding");
+  // Zero codes past a row's end add nothing; the scales of the layout's padding rows are zero,
+  // so that the rows a GEMM runs past a segment's end (the next segment's codes, or these zeros)
+  // add only zeros to rows that are thrown away.
+  if (ld != width)
+    check(cudaMemsetAsync(codes.data(), 0, codes.bytes(), stream_), "FP8 padding");
+  else
+    check(cudaMemsetAsync(codes.data() + end * ld, 0, static_cast<size_t>(3 * ld), stream_),
+          "FP8 padding");
   check(cudaMemsetAsync(scales.data(), 0, scales.bytes(), stream_), "FP8 padding");
   out.codes = codes.data();
   out.ld = ld;
@@ -185,9 +194,9 @@ void FfnFp8::quantize_rows(const std::vector<Segment>& segs, const float* x, int
 
 void FfnFp8::quantize_tokens(const std::vector<Segment>& segs, const float* x, int64_t width,
                              bool b_operand, TokenTiles& out, Check& chk, int operand) {
-  // As Wgrad's b, the operand has ld16(width) rows (zero codes past width), its scales the layout
-  // of that many.
-  const int64_t rows_t = b_operand ? ld16(width) : width, scale_ld = tile_scale_ld(rows_t);
+  // As Wgrad's b, the operand has ld16(width) rows, as its a round4(width) (zero codes past
+  // width), its scales the layout of that many.
+  const int64_t rows_t = b_operand ? ld16(width) : round4(width), scale_ld = tile_scale_ld(rows_t);
   int64_t code_bytes = 0, scale_floats = 0;
   for (const Segment& s : segs) {
     code_bytes += rows_t * ld16(s.rows);
@@ -268,26 +277,31 @@ void FfnFp8::gemm(const char* name, int64_t m, int64_t n, int64_t k, const uint8
                   const float* a_scales, const uint8_t* b, int64_t ldb, const float* b_scales,
                   fp8::Scaling scaling, float* d, int64_t ldd, bool accumulate) {
   if (m == 0 || n == 0) return;
-  // b has ld16(n) rows: the product's columns past n are computed (zero) into scratch, never d.
-  const int64_t n16 = ld16(n);
-  const bool direct = n16 == n && aligned16(d) && (ldd * 4) % 16 == 0;
+  // a has round4(m) rows and b ld16(n): the product's rows past m and columns past n are computed
+  // into scratch, never into d.
+  const int64_t m4 = round4(m), n16 = ld16(n);
+  const bool direct = m4 == m && n16 == n && aligned16(d) && (ldd * 4) % 16 == 0;
   float* out = d;
   int64_t ld = ldd;
   const size_t row_bytes = static_cast<size_t>(n) * sizeof(float);
   if (!direct) {
     ld = n16;
-    out = f32_scratch(out_, m * ld);
-    if (accumulate)
+    out = f32_scratch(out_, m4 * ld);
+    if (accumulate) {
+      if (m4 != m || n16 != n)
+        check(cudaMemsetAsync(out, 0, static_cast<size_t>(m4 * ld) * sizeof(float), stream_),
+              "FP8 GEMM output");
       check(cudaMemcpy2DAsync(out, static_cast<size_t>(ld) * 4, d, static_cast<size_t>(ldd) * 4,
                               row_bytes, static_cast<size_t>(m), cudaMemcpyDeviceToDevice, stream_),
             "FP8 GEMM output");
+    }
   }
   try {
-    gemm_->run(m, n16, k, a, lda, a_scales, b, ldb, b_scales, scaling, out, ld, fp8::Output::F32,
+    gemm_->run(m4, n16, k, a, lda, a_scales, b, ldb, b_scales, scaling, out, ld, fp8::Output::F32,
                accumulate);
   } catch (const Error& e) {
     if (e.code() != Code::Unsupported) throw;
-    fail(Code::Unsupported, "FP8 ", name, " GEMM (", m, " x ", n16, " x ", k,
+    fail(Code::Unsupported, "FP8 ", name, " GEMM (", m4, " x ", n16, " x ", k,
          " after padding) cannot run: ", e.what());
   }
   if (!direct)

@@ -25,8 +25,10 @@
 // address or row stride is not what cuBLASLt gets goes through an aligned scratch output, and
 // only its n real columns are copied out. A shape cuBLASLt still refuses is an
 // Error(Unsupported) naming the GEMM and its padded dims, never another precision. The row count
-// m (tokens per expert in Fprop and Dgrad) is not padded: its tiles' scale layout is
-// tile_scale_ld(m), the assumption fp8_gemm.h states.
+// m (tokens per expert in Fprop and Dgrad) is rounded up to 4 as the GEMM runs (the rows past m
+// read zero scales and land in the scratch output): the tiles' scale stride is then the row
+// count whether cuBLASLt reads it rounded up to 4 (fp8_gemm.h's assumption, Transformer
+// Engine's layout) or exact (PyTorch's description of it), which no GPU has settled yet.
 //
 // Dgrad's transposed weights are made per backward call, not cached: a Weight carries pointers
 // only, and the ParamStore rewrites the same buffers in place after every optimizer step, so a
