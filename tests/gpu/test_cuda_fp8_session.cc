@@ -265,6 +265,31 @@ TEST(CudaFp8Backend, GroupedFfnMatchesTheCpuEmulation) {
         << "expert " << e;
 }
 
+// Power-of-two (UE8M0) scales reach the FFN's activation quantizers as well as the weights'.
+TEST(CudaFp8Backend, PowerOfTwoScalesFollowTheCpu) {
+  std::mt19937 rng(10);
+  const int64_t dim = 96, hidden = 80;
+  const DispatchPlan plan = plan_of({45, 0, 131});
+  const int64_t A = plan.num_assignments();
+  Fp8W w1(3, hidden, dim, rng, true), w3(3, hidden, dim, rng, true), w2(3, dim, hidden, rng, true);
+  Backend& c = *backends(true).cpu;
+  Backend& g = *backends(true).gpu;
+  const Vec x = randn(static_cast<size_t>(A * dim), rng);
+  Vec y(A * dim), h1(A * hidden), h3(A * hidden);
+  c.grouped_swiglu_ffn(plan, x.data(), w1.on_cpu(), w3.on_cpu(), w2.on_cpu(), y.data(), h1.data(),
+                       h3.data(), dim, hidden);
+  auto gx = up(x, g);
+  Buffer<float> gy(g, y.size()), gh1(g, h1.size()), gh3(g, h3.size());
+  g.grouped_swiglu_ffn(plan, gx.data(), w1.on_gpu(), w3.on_gpu(), w2.on_gpu(), gy.data(),
+                       gh1.data(), gh3.data(), dim, hidden);
+  const double eh1 = rel(down(gh1.data(), h1.size(), g), h1);
+  const double ey = rel(down(gy.data(), y.size(), g), y);
+  report("UE8M0 Fprop h1", eh1);
+  report("UE8M0 FFN output", ey);
+  EXPECT_LT(eh1, kSameOperands);
+  EXPECT_LT(ey, kDownstream);
+}
+
 // A dense FFN with FP8 weights (a shared expert): one segment, outputs and dx accumulated.
 TEST(CudaFp8Backend, SharedExpertFfnAccumulatesLikeTheCpu) {
   std::mt19937 rng(4);
