@@ -322,24 +322,34 @@ void FfnFp8::quantize_weight_blocks(const float* src, int64_t matrices, int64_t 
   check(cudaMemsetAsync(scales, 0, static_cast<size_t>(matrices * per_scales) * sizeof(float),
                         stream_),
         "FP8 weight scales");
-  bad_.resize(mem_, static_cast<size_t>(matrices));
+  // Where the matrices' rows are whole 128-row blocks the stack is one matrix to the kernel (its
+  // blocks and scale rows are the matrices' in order): one launch instead of one per matrix.
+  const bool stacked = rows % moert::fp8::kBlock == 0;
+  const int64_t launches = stacked ? 1 : matrices;
+  bad_.resize(mem_, static_cast<size_t>(launches));
   check(cudaMemsetAsync(bad_.data(), 0xFF, bad_.bytes(), stream_), "reset FP8 checks");
-  for (int64_t i = 0; i < matrices; ++i)
-    fp8::quantize_blocks(src + i * per, cols, rows, cols, codes + i * per, cols,
-                         scales + i * per_scales, block_scale_ld(cols),
-                         options_.power_of_two_scales, bad_.data() + i, stream_);
-  std::vector<unsigned long long> got(static_cast<size_t>(matrices));
+  if (stacked)
+    fp8::quantize_blocks(src, cols, matrices * rows, cols, codes, cols, scales,
+                         block_scale_ld(cols), options_.power_of_two_scales, bad_.data(), stream_);
+  else
+    for (int64_t i = 0; i < matrices; ++i)
+      fp8::quantize_blocks(src + i * per, cols, rows, cols, codes + i * per, cols,
+                           scales + i * per_scales, block_scale_ld(cols),
+                           options_.power_of_two_scales, bad_.data() + i, stream_);
+  std::vector<unsigned long long> got(static_cast<size_t>(launches));
   check(cudaMemcpyAsync(got.data(), bad_.data(), got.size() * sizeof(unsigned long long),
                         cudaMemcpyDeviceToHost, stream_),
         "read FP8 checks");
   check(cudaStreamSynchronize(stream_), "read FP8 checks");
-  for (int64_t i = 0; i < matrices; ++i) {
-    const unsigned long long index = got[static_cast<size_t>(i)];
+  for (int64_t l = 0; l < launches; ++l) {
+    const unsigned long long index = got[static_cast<size_t>(l)];
     if (index == kNoneBad) continue;
-    const auto at = static_cast<int64_t>(index);
+    // The offending element's place in the whole stack, then in its matrix.
+    const int64_t at = (stacked ? 0 : l * per) + static_cast<int64_t>(index);
+    const int64_t i = at / per, in = at % per;
     const std::string name = matrices > 1 ? cat(what, " (matrix ", i, ")") : std::string(what);
     fail(Code::Numeric, "FP8 quantization of ", name, ": non-finite value ",
-         value_at(src, i * per + at, stream_), " at row ", at / cols, ", column ", at % cols,
+         value_at(src, at, stream_), " at row ", in / cols, ", column ", in % cols,
          " (NaN and infinity have no E4M3 code)");
   }
 }

@@ -144,8 +144,8 @@ TEST(CudaFp8Backend, WeightBlocksMatchTheCpuBitForBit) {
     int64_t m, r, c;
   };
   for (bool pow2 : {false, true})
-    for (const Shape& s :
-         {Shape{1, 1, 1}, Shape{3, 40, 72}, Shape{2, 300, 136}, Shape{1, 256, 512}}) {
+    for (const Shape& s : {Shape{1, 1, 1}, Shape{3, 40, 72}, Shape{2, 300, 136}, Shape{1, 256, 512},
+                           Shape{3, 128, 200}}) {
       Fp8W w(s.m, s.r, s.c, rng, pow2);
       EXPECT_EQ(down(w.gcodes.data(), w.ccodes.size(), *backends(pow2).gpu), w.ccodes)
           << s.m << "x" << s.r << "x" << s.c << " pow2 " << pow2;
@@ -155,22 +155,34 @@ TEST(CudaFp8Backend, WeightBlocksMatchTheCpuBitForBit) {
     }
 }
 
+// Both ways of quantizing a stack: matrix by matrix (rows not whole 128-row blocks) and as one
+// (rows of whole blocks).
 TEST(CudaFp8Backend, NonFiniteWeightIsANumericErrorNamingWhere) {
   std::mt19937 rng(2);
-  const int64_t m = 3, r = 200, c = 150;
-  Vec v = randn(static_cast<size_t>(m * r * c), rng);
-  v[static_cast<size_t>(1 * r * c + 45 * c + 70)] = std::nanf("");
-  auto f32 = up(v);
-  Buffer<uint8_t> codes(gpu(), v.size());
-  Buffer<float> scales(gpu(), static_cast<size_t>(fp8_blocks_scale_floats(m, r, c)));
-  try {
-    gpu().quantize_weight_blocks(f32.data(), m, r, c, codes.data(), scales.data(), "moe.w1");
-    ADD_FAILURE() << "a NaN weight was quantized";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), Code::Numeric) << e.what();
-    const std::string what = e.what();
-    EXPECT_NE(what.find("moe.w1 (matrix 1)"), std::string::npos) << what;
-    EXPECT_NE(what.find("row 45, column 70"), std::string::npos) << what;
+  struct Case {
+    int64_t m, r, c, bad_matrix, bad_row, bad_col;
+  };
+  for (const Case& k : {Case{3, 200, 150, 1, 45, 70}, Case{3, 256, 150, 2, 130, 7}}) {
+    Vec v = randn(static_cast<size_t>(k.m * k.r * k.c), rng);
+    v[static_cast<size_t>((k.bad_matrix * k.r + k.bad_row) * k.c + k.bad_col)] = std::nanf("");
+    auto f32 = up(v);
+    Buffer<uint8_t> codes(gpu(), v.size());
+    Buffer<float> scales(gpu(), static_cast<size_t>(fp8_blocks_scale_floats(k.m, k.r, k.c)));
+    try {
+      gpu().quantize_weight_blocks(f32.data(), k.m, k.r, k.c, codes.data(), scales.data(),
+                                   "moe.w1");
+      ADD_FAILURE() << "a NaN weight was quantized";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Code::Numeric) << e.what();
+      const std::string what = e.what();
+      EXPECT_NE(what.find("moe.w1 (matrix " + std::to_string(k.bad_matrix) + ")"),
+                std::string::npos)
+          << what;
+      EXPECT_NE(
+          what.find("row " + std::to_string(k.bad_row) + ", column " + std::to_string(k.bad_col)),
+          std::string::npos)
+          << what;
+    }
   }
 }
 
