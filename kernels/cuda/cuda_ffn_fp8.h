@@ -33,12 +33,13 @@
 // Dgrad's transposed weights are made per backward call, not cached: a Weight carries pointers
 // only, and the ParamStore rewrites the same buffers in place after every optimizer step, so a
 // cache keyed by address would go stale without notice. The transpose reads and writes one byte
-// per weight element per call, less than the Dgrad GEMM itself reads.
+// per weight element per call: twice the weight traffic the Dgrad GEMM has anyway, and no
+// memory kept beside the weights.
 //
 // NaN and infinity: an activation that holds one is an Error(Numeric) naming the tensor, the
-// expert and the row, as on the CPU. Each FFN call waits for the device once to learn it: the
-// forward at its end, the backward after Dgrad and before Wgrad, so that a failed backward leaves
-// the accumulated gradients untouched.
+// row (of the FFN's rows, the experts' lists in order) and the column, as on the CPU. Each FFN call
+// waits for the device once to learn it: the forward at its end, the backward after Dgrad and
+// before Wgrad, so that a failed backward leaves the accumulated gradients untouched.
 //
 // Gradients are given in acc mode only (GradOut::acc), as everywhere on the CUDA backend.
 //
