@@ -23,9 +23,11 @@ class Backend;
 std::unique_ptr<Communicator> backend_view(std::shared_ptr<Communicator> inner, Backend& be);
 
 // A host-memory view of a device communicator: each operation uploads its host buffers into
-// backend buffers, runs on `inner` (a backend_view, so that it starts after the upload) and
-// downloads the results when it completes. Arguments that the shared checks refuse reach `inner`
-// unchanged, which refuses them itself (and breaks), as the contract asks.
+// backend buffers (complete when Backend::upload returns), runs on `inner` and downloads the
+// results when it completes: staging costs an allocation and two copies per operation, which the
+// session's bookkeeping (a few small messages per layer and pass) can afford. Arguments that the
+// shared checks refuse reach `inner` unchanged, which refuses them itself (and breaks), as the
+// contract asks.
 std::unique_ptr<Communicator> host_view(std::shared_ptr<Communicator> inner, Backend& be);
 
 }  // namespace moert
