@@ -86,6 +86,7 @@ class CudaBackend final : public Backend {
 
   const char* name() const override { return "cuda"; }
   bool host_memory() const override { return false; }
+  void* native_stream() const override { return stream_; }
   Bf16Copies bf16_copies() const override { return Bf16Copies::AllGemms; }
   void activate() override {
     if (depth_ == 0) {
