@@ -1,4 +1,5 @@
 // `moert inspect`: what a model is and what a token costs in it.
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -72,11 +73,19 @@ void print_text(const std::string& path, const ModelInfo& info) {
   else
     std::printf("input: hidden states of width %u; output: %u values per row\n\n", info.input_width,
                 info.output_width);
-  std::printf("%3s  %-12s %-10s %13s %12s %12s %14s  %s\n", "#", "name", "kind", "in -> out",
-              "parameters", "activated", "FLOPs/token", "shape");
+  // Columns as wide as the longest name, so that imported names (layers.3.mlp) keep the table
+  // aligned.
+  int layer_w = 12, tensor_w = 24;
+  for (const LayerInfo& l : info.layers) {
+    layer_w = std::max(layer_w, static_cast<int>(l.name.size()));
+    for (const TensorInfo& t : l.tensors)
+      tensor_w = std::max(tensor_w, static_cast<int>(l.name.size() + 1 + t.field.size()));
+  }
+  std::printf("%3s  %-*s %-10s %13s %12s %12s %14s  %s\n", "#", layer_w, "name", "kind",
+              "in -> out", "parameters", "activated", "FLOPs/token", "shape");
   for (const LayerInfo& l : info.layers) {
     const std::string io = cat(l.in_width, " -> ", l.out_width);
-    std::printf("%3u  %-12s %-10s %13s %12llu %12llu %14.0f  %s\n", l.index, l.name.c_str(),
+    std::printf("%3u  %-*s %-10s %13s %12llu %12llu %14.0f  %s\n", l.index, layer_w, l.name.c_str(),
                 layer_kind_name(l.kind), io.c_str(), static_cast<unsigned long long>(l.parameters),
                 static_cast<unsigned long long>(l.activated), l.flops, l.detail.c_str());
   }
@@ -88,12 +97,14 @@ void print_text(const std::string& path, const ModelInfo& info) {
       if (l.is_moe) std::fputs(routing_text(l).c_str(), stdout);
   }
   std::printf("\nweights (precision as stored in the file and as held in memory):\n");
-  std::printf("  %-24s %-10s %-18s %14s %14s\n", "tensor", "stored", "held", "values", "bytes");
+  std::printf("  %-*s %-10s %-18s %14s %14s\n", tensor_w, "tensor", "stored", "held", "values",
+              "bytes");
   for (const LayerInfo& l : info.layers)
     for (const TensorInfo& t : l.tensors) {
       const std::string name = cat(l.name, ".", t.field);
-      std::printf("  %-24s %-10s %-18s %14llu %14llu\n", name.c_str(), t.stored_text().c_str(),
-                  t.held_text().c_str(), static_cast<unsigned long long>(t.numel),
+      std::printf("  %-*s %-10s %-18s %14llu %14llu\n", tensor_w, name.c_str(),
+                  t.stored_text().c_str(), t.held_text().c_str(),
+                  static_cast<unsigned long long>(t.numel),
                   static_cast<unsigned long long>(t.bytes));
     }
   std::printf("resident weight bytes: %llu (%.2f MiB)\n",

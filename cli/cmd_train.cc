@@ -57,6 +57,10 @@ const CommandSpec kTrainSpec = {
         {"weight-decay", "X", "AdamW decoupled weight decay on matrices", "0"},
         {"seed", "N", "seed of the initial weights and the batch order", "1"},
         {"threads", "N", "CPU threads", "2"},
+        {"device", "NAME",
+         "cpu or cuda (with --precision bf16 or fp8; under mpirun one GPU per rank, its local "
+         "rank, joined by NCCL)",
+         "cpu"},
         {"expert-parallel", "EP",
          "under mpirun -np N: shard the routed experts over EP ranks (N / EP data-parallel "
          "replicas); each rank feeds B / N rows of every batch, rank 0 prints",
@@ -175,12 +179,18 @@ int run_train(const Args& args) {
     usage_fail("--fp8-scales takes fp32 or ue8m0, got '", st.fp8_scales, "'");
   if (st.fp8_scales != "fp32" && st.precision != "fp8")
     usage_fail("--fp8-scales applies only with --precision fp8");
+  const std::string device = args.str("device", "cpu");
+  if (device != "cpu" && device != "cuda")
+    usage_fail("--device takes cpu or cuda, got '", device, "'");
+  st.device = device == "cuda" ? MOERT_DEVICE_CUDA : MOERT_DEVICE_CPU;
+  if (st.device == MOERT_DEVICE_CUDA && st.precision == "fp32")
+    usage_fail("--device cuda multiplies in bf16 or fp8: pass --precision bf16 (or fp8)");
   st.tail_fraction = args.real("tail", 0.2, 1e-9, 1.0);
   st.eval_rows = static_cast<uint64_t>(args.integer("eval-rows", 0, 0, INT64_MAX));
   st.log_every = static_cast<uint64_t>(args.integer("log-every", 0, 1, INT64_MAX));
   const uint64_t probe_rows = static_cast<uint64_t>(args.integer("probe-rows", 8192, 0, 1 << 24));
   const auto val_every = u32(args, "val-every", 10, 2, 1000000);
-  const Job job = join_job(args.integer("expert-parallel", 0, 1, 1 << 20));
+  const Job job = join_job(args.integer("expert-parallel", 0, 1, 1 << 20), st.device);
   st.job = &job;
   if (st.batch % static_cast<uint64_t>(job.size) != 0)
     usage_fail("--batch ", st.batch, " does not split evenly over the job's ", job.size,

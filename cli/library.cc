@@ -1,6 +1,8 @@
 #include "cli/library.h"
 
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "cli/error.h"
 
@@ -34,8 +36,10 @@ ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& 
 
 Job& Job::operator=(Job&& o) noexcept {
   if (this != &o) {
+    moert_comm_free(device_comm);
     moert_comm_free(comm);
     comm = std::exchange(o.comm, nullptr);
+    device_comm = std::exchange(o.device_comm, nullptr);
     rank = o.rank;
     size = o.size;
     expert_parallel = o.expert_parallel;
@@ -47,6 +51,56 @@ void Job::sum(double* values, uint64_t n) const {
   if (comm) check(moert_comm_all_reduce_sum(comm, values, n), "all-reduce");
 }
 
+namespace {
+
+// The message of a failed call, or "" (the status is freed).
+std::string failure(moert_status* status) {
+  if (!status) return "";
+  std::string message = moert_status_message(status);
+  moert_status_free(status);
+  return message.empty() ? "failed" : message;
+}
+
+// Whether every rank of the MPI job passed ok; every rank gets the same answer.
+bool all_ok(const Job& job, bool ok) {
+  double failed = ok ? 0.0 : 1.0;
+  job.sum(&failed, 1);
+  return failed == 0.0;
+}
+
+void join_nccl(Job& job) {
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  const int32_t gpu = local ? std::atoi(local) : 0;
+  // Rank 0's id, byte by byte as doubles (exact), summed with the others' zeros.
+  std::vector<double> shipped(MOERT_NCCL_UNIQUE_ID_BYTES, 0.0);
+  std::string why;
+  uint8_t id[MOERT_NCCL_UNIQUE_ID_BYTES] = {};
+  if (job.rank == 0) {
+    why = failure(moert_comm_nccl_unique_id(id, sizeof id));
+    for (size_t i = 0; i < sizeof id; ++i) shipped[i] = id[i];
+  }
+  // Each rank's GPU, tried alone first (a one-rank NCCL communicator on its own id), so that a
+  // rank without one fails every rank now rather than leaving the others in NCCL's creation.
+  if (why.empty()) {
+    uint8_t own[MOERT_NCCL_UNIQUE_ID_BYTES];
+    why = failure(moert_comm_nccl_unique_id(own, sizeof own));
+    moert_comm* probe = nullptr;
+    if (why.empty()) why = failure(moert_comm_create_nccl(own, sizeof own, 0, 1, gpu, &probe));
+    moert_comm_free(probe);
+  }
+  const bool everyone = all_ok(job, why.empty());
+  if (!why.empty())
+    fail("--device cuda under mpirun: rank ", job.rank, " cannot use NCCL on GPU ", gpu,
+         " (its local rank): ", why);
+  if (!everyone)
+    fail("--device cuda under mpirun: another rank cannot use NCCL on its GPU (see its message)");
+  job.sum(shipped.data(), shipped.size());
+  for (size_t i = 0; i < sizeof id; ++i) id[i] = static_cast<uint8_t>(shipped[i]);
+  check(moert_comm_create_nccl(id, sizeof id, job.rank, job.size, gpu, &job.device_comm), "NCCL");
+}
+
+}  // namespace
+
 Launch mpirun_launch() {
   Launch l;
   const char* size = std::getenv("OMPI_COMM_WORLD_SIZE");
@@ -56,7 +110,7 @@ Launch mpirun_launch() {
   return l;
 }
 
-Job join_job(int64_t expert_parallel) {
+Job join_job(int64_t expert_parallel, int32_t device) {
   Job job;
   if (expert_parallel == 0) {
     if (const Launch l = mpirun_launch(); l.size > 1)
@@ -72,6 +126,7 @@ Job join_job(int64_t expert_parallel) {
     usage_fail("--expert-parallel ", expert_parallel, " does not divide the job's ", job.size,
                " processes");
   job.expert_parallel = static_cast<int32_t>(expert_parallel);
+  if (device == MOERT_DEVICE_CUDA) join_nccl(job);
   return job;
 }
 
@@ -89,7 +144,7 @@ SessionPtr create_session(const moert_model* model, const SessionConfig& config)
     check(moert_session_options_set_config(options.get(), key.c_str(), value.c_str()),
           "option " + key);
   if (config.job && !config.job->alone())
-    check(moert_session_options_set_comm(options.get(), config.job->comm,
+    check(moert_session_options_set_comm(options.get(), config.job->session_comm(config.device),
                                          config.job->expert_parallel),
           "expert parallelism");
   moert_session* s = nullptr;

@@ -35,7 +35,9 @@ ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& 
 // The processes a command shares its work with (`mpirun -np N moert ... --expert-parallel EP`):
 // rank 0 prints; every rank computes its share. Alone: rank 0 of 1, no communicator.
 struct Job {
-  moert_comm* comm = nullptr;
+  moert_comm* comm = nullptr;  // MPI: the command's own sums, and CPU sessions
+  // NCCL over the same ranks, for CUDA sessions (--device cuda): one GPU per rank.
+  moert_comm* device_comm = nullptr;
   int32_t rank = 0, size = 1, expert_parallel = 1;
 
   Job() = default;
@@ -44,9 +46,16 @@ struct Job {
   Job(Job&& o) noexcept { *this = std::move(o); }
   Job& operator=(Job&& o) noexcept;
   // Frees the handle; MPI is finalised once the sessions holding the communicator are gone too.
-  ~Job() { moert_comm_free(comm); }
+  ~Job() {
+    moert_comm_free(device_comm);
+    moert_comm_free(comm);
+  }
 
   bool alone() const { return comm == nullptr; }
+  // The communicator of a session on `device` (MOERT_DEVICE_CPU or MOERT_DEVICE_CUDA).
+  moert_comm* session_comm(int32_t device) const {
+    return device == MOERT_DEVICE_CUDA && device_comm ? device_comm : comm;
+  }
   // In-place sum over the ranks (in rank order: the same bits everywhere); alone, nothing.
   void sum(double* values, uint64_t n) const;
 };
@@ -59,8 +68,13 @@ struct Launch {
 Launch mpirun_launch();
 
 // Joins the MPI job as the command's --expert-parallel asks (0: not given). Refuses to run one copy
-// per rank by accident: under mpirun with more than one rank, --expert-parallel is required.
-Job join_job(int64_t expert_parallel);
+// per rank by accident: under mpirun with more than one rank, --expert-parallel is required. For
+// CUDA sessions (`device` MOERT_DEVICE_CUDA) it also creates an NCCL communicator over the same
+// ranks: rank 0's NCCL unique id travels over MPI, and each rank takes the GPU of its local rank
+// on its node (Open MPI's OMPI_COMM_WORLD_LOCAL_RANK). Where a rank has no NCCL or no such GPU,
+// every rank fails with the reason (the ranks agree over MPI before NCCL's collective creation,
+// which would wait for the missing rank until its timeout).
+Job join_job(int64_t expert_parallel, int32_t device = MOERT_DEVICE_CPU);
 
 struct SessionConfig {
   int32_t device = MOERT_DEVICE_CPU;

@@ -72,6 +72,7 @@ RunResult train_run(const moert_model* model, const std::string& label,
   const Job& job = st.job ? *st.job : alone;
   SessionConfig config;
   config.job = &job;
+  config.device = st.device;
   config.threads = st.threads;
   config.seed = st.seed;
   config.training = true;

@@ -21,8 +21,9 @@ struct TrainSettings {
   double clip_norm = 1.0;
   double weight_decay = 0.0;
   uint32_t threads = 2;
-  std::string precision = "fp32";   // the session option: what the experts' GEMMs multiply in
-  std::string fp8_scales = "fp32";  // the session option fp8_scales (precision fp8)
+  int32_t device = MOERT_DEVICE_CPU;  // where the trained sessions compute
+  std::string precision = "fp32";     // the session option: what the experts' GEMMs multiply in
+  std::string fp8_scales = "fp32";    // the session option fp8_scales (precision fp8)
   uint64_t seed = 1;
   double tail_fraction = 0.2;  // the last part of training whose MaxVio_batch is averaged
   uint64_t eval_batch = 2048;

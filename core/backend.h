@@ -105,6 +105,10 @@ class Backend : public Allocator {
   // Pairs may nest; activate() throws where the device cannot be selected.
   virtual void activate() {}
   virtual void deactivate() noexcept {}
+  // The CUDA stream (a cudaStream_t) on which the backend queues its work, so that a device
+  // communicator's operations start after it (Communicator::set_stream); null where every
+  // operation is complete when it returns.
+  virtual void* native_stream() const { return nullptr; }
 
   // ---- Memory. Transfers are complete when they return (host buffers may be reused at once).
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;

@@ -17,7 +17,8 @@ class Backend;
 class Communicator;
 // 3: NCCL communicators (moert_cuda_plugin_nccl_*).
 // 4: FP8 in Backend (Weight::fp8, fp8_experts, quantize_weight_blocks); create takes the precision.
-inline constexpr uint32_t kCudaPluginAbi = 4;
+// 5: Backend::native_stream (device communicators start after the backend's queued work).
+inline constexpr uint32_t kCudaPluginAbi = 5;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =
     MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(

@@ -85,7 +85,9 @@ int64_t sum(const std::vector<int64_t>& v) {
 void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train) {
   if (s_.balancing.policy == BalancingPolicy::ExpertChoice)
     fail(Code::Unsupported, "Expert Choice routing is not supported with expert parallelism");
+  // Rows travel in backend memory (world); the counts that lay them out in host memory (host).
   Communicator& world = par_->world();
+  Communicator& host = par_->host();
   const int R = world.size(), me = world.rank();
   const int64_t E = s_.router.num_experts, D = s_.dim, H = s_.expert_hidden;
   const ExpertSharding sharding = par_->sharding(E);
@@ -96,7 +98,7 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   // Every rank's counts per expert: the layout of the job's assignments.
   std::vector<int64_t> local(static_cast<size_t>(E)), all(static_cast<size_t>(R * E));
   for (int64_t e = 0; e < E; ++e) local[e] = plan_.count(e);
-  world.all_gather(local.data(), E * 8, all.data());
+  host.all_gather(local.data(), E * 8, all.data());
   // Replicas split an expert's rows at multiples of 128 as well as of the reduction's chunks: FP8
   // Wgrad quantizes them in 128-token tiles from the start of the list (kernels/cpu/fp8.h), and a
   // tile cut between two processes would have other scales than in one process.
@@ -118,7 +120,7 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
       mine[2 * (c * R + q)] = static_cast<int64_t>(ex.route.tokens[c][q].size());
       mine[2 * (c * R + q) + 1] = static_cast<int64_t>(ex.route.assignments[c][q].size());
     }
-  world.all_gather(mine.data(), static_cast<int64_t>(mine.size() * 8), every.data());
+  host.all_gather(mine.data(), static_cast<int64_t>(mine.size() * 8), every.data());
   ex.send_rows.assign(cells, 0);
   ex.send_asg.assign(cells, 0);
   ex.recv_rows.assign(cells, 0);
@@ -327,7 +329,9 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
 
   dy_perm_.resize(be, static_cast<size_t>(a_local * D));
   dx_perm_.resize(be, dy_perm_.size());
-  const bool replicated = par_->dp() > 1;
+  // Expert gradients by roots where the backend gives them (Session::reduce_local_gradients
+  // all-reduces them otherwise).
+  const bool replicated = par_->dp() > 1 && par_->root_reduction();
   ex.expert_roots.clear();
   if (replicated) ex.expert_roots.resize(static_cast<size_t>(3 * P));
   ex.dx_ret.resize(be, static_cast<size_t>(a_local * D));
@@ -388,8 +392,8 @@ void MoELayer::aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
                             const std::vector<int64_t>& counts, const std::vector<double>& psum) {
   const RouterConfig& r = s_.router;
   const int64_t E = r.num_experts;
-  Communicator& world = par_->world();
-  const int R = world.size(), me = world.rank();
+  Communicator& host = par_->host();
+  const int R = host.size(), me = host.rank();
   // Every rank's chunks and sequences, gathered: the global statistics that each rank folds alike.
   // Per rank: [num_seq, chunks, seq lengths..., chunk lengths..., chunk_seq...] as int64, then
   // counts (int64) and psum (double), chunks * E each.
@@ -405,10 +409,10 @@ void MoELayer::aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
   if (!psum.empty()) std::memcpy(mine.data() + head.size() * 8, psum.data(), psum.size() * 8);
   std::vector<int64_t> bytes(static_cast<size_t>(R)), offsets(static_cast<size_t>(R), 0);
   const int64_t my_bytes = static_cast<int64_t>(mine.size());
-  world.all_gather(&my_bytes, 8, bytes.data());
+  host.all_gather(&my_bytes, 8, bytes.data());
   for (int p = 1; p < R; ++p) offsets[p] = offsets[p - 1] + bytes[p - 1];
   std::vector<char> every(static_cast<size_t>(offsets[R - 1] + bytes[R - 1]));
-  world.all_gather_v(mine.data(), my_bytes, every.data(), bytes.data(), offsets.data());
+  host.all_gather_v(mine.data(), my_bytes, every.data(), bytes.data(), offsets.data());
 
   // The global batch's sequences: each rank's own, in rank order, or — the global form of the
   // Switch loss — one sequence of every rank's rows.

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/backend.h"
+#include "core/device_comm.h"
 #include "core/error.h"
 
 namespace moert {
@@ -14,9 +15,17 @@ ParallelContext::ParallelContext(std::shared_ptr<Communicator> world, int ep)
   if (dp() > 1) replicas_ = world_->split(rank() % ep_, rank() / ep_);
 }
 
+void ParallelContext::attach(Backend& be) {
+  root_reduction_ = be.host_memory();
+  if (world_->memory() != CommMemory::Device) return;
+  device_world_ = backend_view(world_, be);
+  host_world_ = host_view(world_, be);
+  if (replicas_) device_replicas_ = backend_view(replicas_, be);
+}
+
 void ParallelContext::exchange_rows(int64_t rows) {
   rows_.assign(static_cast<size_t>(size()), 0);
-  world_->all_gather(&rows, sizeof(int64_t), rows_.data());
+  host().all_gather(&rows, sizeof(int64_t), rows_.data());
   first_row_ = total_rows_ = first_chunk_ = 0;
   aligned_ = true;
   for (int r = 0; r < size(); ++r) {
@@ -49,10 +58,10 @@ std::vector<double> ParallelContext::gather(const std::vector<double>& mine) {
   const int R = size();
   std::vector<int64_t> bytes(static_cast<size_t>(R)), offsets(static_cast<size_t>(R), 0);
   const int64_t my_bytes = static_cast<int64_t>(mine.size() * sizeof(double));
-  world_->all_gather(&my_bytes, sizeof(int64_t), bytes.data());
+  host().all_gather(&my_bytes, sizeof(int64_t), bytes.data());
   for (int r = 1; r < R; ++r) offsets[r] = offsets[r - 1] + bytes[r - 1];
   std::vector<double> all(static_cast<size_t>((offsets[R - 1] + bytes[R - 1]) / 8));
-  world_->all_gather_v(mine.data(), my_bytes, all.data(), bytes.data(), offsets.data());
+  host().all_gather_v(mine.data(), my_bytes, all.data(), bytes.data(), offsets.data());
   return all;
 }
 
@@ -66,8 +75,8 @@ void ParallelContext::gather_shards(const float* mine, int64_t n, float* full) {
       recv_bytes[static_cast<size_t>(s)] = bytes;
       recv_offsets[static_cast<size_t>(s)] = s * bytes;
     }
-  world_->all_to_all_v(mine, send_bytes.data(), send_offsets.data(), full, recv_bytes.data(),
-                       recv_offsets.data());
+  host().all_to_all_v(mine, send_bytes.data(), send_offsets.data(), full, recv_bytes.data(),
+                      recv_offsets.data());
 }
 
 void ParallelContext::agree(std::exception_ptr local) {
@@ -90,8 +99,19 @@ void ParallelContext::agree(std::exception_ptr local) {
     }
     std::strncpy(mine.message, what.c_str(), sizeof(mine.message) - 1);
   }
+  if (world_->memory() == CommMemory::Device) {
+    // The verdicts travel through host_view(), which needs the backend: first a native vote,
+    // which every rank can cast (also one whose backend failed to come up), then the messages
+    // where every rank has a backend to stage them.
+    if (world_->agree(!local)) return;
+    if (!world_->agree(host_world_ != nullptr)) {
+      if (local) std::rethrow_exception(local);
+      fail(Code::Comm, "another rank of ", size(),
+           " failed before its session had a device (its message cannot travel without one)");
+    }
+  }
   std::vector<Verdict> all(static_cast<size_t>(size()));
-  world_->all_gather(&mine, sizeof(Verdict), all.data());
+  host().all_gather(&mine, sizeof(Verdict), all.data());
   if (local) std::rethrow_exception(local);
   for (int r = 0; r < size(); ++r)
     if (all[r].failed)

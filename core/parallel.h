@@ -33,13 +33,30 @@ class ParallelContext {
   // each expert shard.
   ParallelContext(std::shared_ptr<Communicator> world, int ep);
 
-  Communicator& world() const { return *world_; }
+  // Collective: binds the context to the session's backend, once it exists. A device
+  // communicator (CommMemory::Device) then gets its two views (core/device_comm.h).
+  void attach(Backend& be);
+  // The job's ranks, for buffers in backend memory (which is host memory on the CPU).
+  Communicator& world() const { return device_world_ ? *device_world_ : *world_; }
+  // The job's ranks, for buffers in host memory: the session's own bookkeeping.
+  Communicator& host() const { return host_world_ ? *host_world_ : *world_; }
+  // How gradients that sum over rows are reduced across ranks. Host backends: by local roots
+  // (core/grad_reduction.h), bitwise one process's. Device backends: each rank accumulates its
+  // own rows' gradients in acc mode and the session all-reduces them in rank order
+  // (Session::reduce_local_gradients): the CUDA backend's GEMMs sum over rows as cuBLASLt
+  // chooses, so no split of rows could match one process bit for bit anyway, and roots would
+  // need every Wgrad cut into 64-row GEMMs; the result agrees with one process to fp32
+  // reassociation of the sum over rows.
+  bool root_reduction() const { return root_reduction_; }
   int rank() const { return world_->rank(); }
   int size() const { return world_->size(); }
   int ep() const { return ep_; }
   int dp() const { return size() / ep_; }
-  // The replicas of this rank's expert shard (rank order = replica order); null when DP = 1.
-  Communicator* replicas() const { return replicas_.get(); }
+  // The replicas of this rank's expert shard (rank order = replica order), for buffers in
+  // backend memory; null when DP = 1.
+  Communicator* replicas() const {
+    return device_replicas_ ? device_replicas_.get() : replicas_.get();
+  }
   ExpertSharding sharding(int64_t experts) const { return {size(), ep_, rank(), experts}; }
   // Chunks of every MoE exchange (core/moe_parallel.cc): more overlap communication with the
   // experts' compute, at more, smaller messages; 1: none. Any value gives the same results.
@@ -93,7 +110,10 @@ class ParallelContext {
 
  private:
   std::shared_ptr<Communicator> world_;
-  std::unique_ptr<Communicator> replicas_;
+  std::shared_ptr<Communicator> replicas_;
+  // Device communicators' views: backend memory after the backend's queued work, host memory.
+  std::unique_ptr<Communicator> device_world_, host_world_, device_replicas_;
+  bool root_reduction_ = true;
   int ep_;
   int64_t chunks_ = 2;
   bool overlap_ = true;

@@ -257,6 +257,12 @@ void ParamStore::adopt(const Tensor& t, Buffer<float> f32, Buffer<uint16_t> bf16
 
 namespace moert {
 
+void ParamStore::redirect_grad(const Tensor& t, float* acc) {
+  Entry& e = entry(t);
+  float* own = e.grad.size() ? e.grad.data() : e.host_grad ? e.host_grad->data() : nullptr;
+  e.grad_ptr = acc ? acc : own;
+}
+
 void ParamStore::set_row_share(bool shared, int64_t first_chunk) {
   shared_rows_ = shared;
   first_chunk_ = first_chunk;

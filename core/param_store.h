@@ -47,6 +47,10 @@ class ParamStore {
   void refresh_copies(const Tensor& t);
   // Zeroes every gradient.
   void zero_grads();
+  // Points the gradient of `t` at `acc` (backend memory, as many floats) until it is called
+  // again with null, which points it back at its own storage: where a backward accumulates a
+  // gradient that the session reduces across ranks before adding it to its own.
+  void redirect_grad(const Tensor& t, float* acc);
 
   // Where a backward operation puts the gradient of `t`'s elements [offset, offset + count)
   // (count < 0: to the end; a shared expert's slice, say). Alone (the default) every row is the

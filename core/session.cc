@@ -53,6 +53,19 @@ double tree_sum(std::vector<double> chunk_values) {
   return *fold.finish(add);
 }
 
+// Runs `f` when the scope ends, however it ends.
+template <typename F>
+class OnExit {
+ public:
+  explicit OnExit(F f) : f_(std::move(f)) {}
+  ~OnExit() { f_(); }
+  OnExit(const OnExit&) = delete;
+  OnExit& operator=(const OnExit&) = delete;
+
+ private:
+  F f_;
+};
+
 void check_len(uint64_t len, int64_t want, const char* what) {
   if (len != static_cast<uint64_t>(want))
     fail(Code::InvalidArgument, what, " buffer holds ", len, " values but ", want, " are needed");
@@ -180,7 +193,9 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     : model_(std::move(model)), options_(options), rng_(options.seed) {
   // Creating a session over several ranks is collective: every rank builds its part, and if any
   // fails, every rank fails (no rank is left waiting in the first pass).
-  if (options_.comm && options_.comm->size() > 1)
+  // A device communicator of one rank runs the parallel path too (its exchanges are copies to
+  // itself): the one shape of it that a machine with one GPU can run.
+  if (options_.comm && (options_.comm->size() > 1 || options_.comm->memory() == CommMemory::Device))
     par_ = std::make_unique<ParallelContext>(options_.comm, options_.expert_parallel);
   if (par_) {
     par_->set_chunks(options_.ep_chunks);
@@ -199,7 +214,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
   if (par_) {
     // The job's checkpoint holds one process's generator state: every rank starts from one seed.
     std::vector<uint64_t> seeds(static_cast<size_t>(par_->size()));
-    par_->world().all_gather(&options_.seed, sizeof(uint64_t), seeds.data());
+    par_->host().all_gather(&options_.seed, sizeof(uint64_t), seeds.data());
     for (int r = 1; r < par_->size(); ++r)
       if (seeds[r] != seeds[0])
         fail(Code::InvalidArgument, "rank ", r, " of ", par_->size(), " was given the seed ",
@@ -223,6 +238,7 @@ void Session::build() {
     fail(Code::Unsupported, "precision fp8 is not available on the ", backend_->name(),
          " backend in this version");
   const ActiveDevice device(*backend_);
+  if (par_) par_->attach(*backend_);
   if (training()) refuse_untrainable_routers(*model_);
   if (training()) {
     // The session trains its own copy; gradients mirror its layout.
@@ -269,10 +285,6 @@ void Session::check_parallel() const {
     fail(Code::InvalidArgument, "a ", c.kind(), " communicator moves ",
          c.memory() == CommMemory::Host ? "host" : "device", " memory, which a ",
          options_.device == Device::Cpu ? "CPU" : "CUDA", " session does not compute in");
-  if (options_.device != Device::Cpu)
-    fail(Code::Unsupported,
-         "expert and data parallelism over several ranks runs on CPU sessions in this version "
-         "(the NCCL communicator exists, the CUDA backend's cross-rank reduction does not yet)");
   for (size_t i = 0; i < model_->layers.size(); ++i) {
     const auto* m = std::get_if<MoESpec>(&model_->layers[i].spec);
     if (!m) continue;
@@ -546,7 +558,15 @@ double Session::run_backward(float* grad_in) {
   double aux = 0.0;
   try {
     // Among ranks every rank runs every layer, rows or not: the layers' exchanges are collective.
-    store_->set_row_share(par_ != nullptr, par_ ? par_->first_chunk() : 0);
+    const bool roots = par_ && par_->root_reduction();
+    store_->set_row_share(roots, roots ? par_->first_chunk() : 0);
+    // Device backends: this backward's gradients go to zeroed buffers of their own, all-reduced
+    // and added once it is done.
+    const bool local = par_ && !roots;
+    if (local) begin_local_gradients();
+    const OnExit restore([&]() noexcept {
+      if (local) end_local_gradients();
+    });
     for (size_t i = layers_.size(); (rows > 0 || par_) && i-- > 0;) {
       aux += layers_[i]->aux_loss();
       float* target = grad_in;  // the first layer's dx: null when nobody needs it
@@ -557,7 +577,8 @@ double Session::run_backward(float* grad_in) {
       layers_[i]->backward(*backend_, dy_.data(), target, rows);
       if (i > 0) std::swap(dy_, dx_);
     }
-    if (par_) combine_gradients();
+    if (par_ && roots) combine_gradients();
+    if (local) reduce_local_gradients();
   } catch (const Error& e) {
     poison_step(e.code(), e.what());
     throw;
@@ -626,7 +647,7 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
     }
   });
   // Among ranks: the mean over the job's counted rows, the loss summed over its chunks in order.
-  if (par_) par_->world().all_reduce_sum(&counted, 1, ReduceType::I64);
+  if (par_) par_->host().all_reduce_sum(&counted, 1, ReduceType::I64);
   const auto& logits = activations_.back();
   const double inv_rows = counted > 0 ? 1.0 / static_cast<double>(counted) : 0.0;
   std::vector<double> chunk_loss;
@@ -778,7 +799,7 @@ double Session::gradient_sum_squares() const {
   std::vector<double> mine(pieces.size());
   for (size_t i = 0; i < pieces.size(); ++i) mine[i] = backend_->sum_squares(pieces[i], sizes[i]);
   std::vector<double> all(mine.size() * static_cast<size_t>(par_->size()));
-  par_->world().all_gather(mine.data(), static_cast<int64_t>(mine.size() * 8), all.data());
+  par_->host().all_gather(mine.data(), static_cast<int64_t>(mine.size() * 8), all.data());
   double total = 0.0;
   size_t i = 0;
   for (const auto& s : slots_) {

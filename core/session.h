@@ -216,6 +216,13 @@ class Session {
   void poison_step(Code code, const std::string& why);
   // Among ranks, after a backward: every gradient's roots combined into the job's total.
   void combine_gradients();
+  // Among ranks on a device backend (ParallelContext::root_reduction false;
+  // core/session_local_gradients.cc): begin points every gradient at a zeroed buffer of its own
+  // for one backward, end points them back, reduce ends and adds the job's sum of those buffers
+  // to the gradients.
+  void begin_local_gradients();
+  void end_local_gradients() noexcept;
+  void reduce_local_gradients();
   double gradient_sum_squares() const;
   void update_biases();
   // What save writes: views of the session's own memory where the backend's memory is the
@@ -248,6 +255,7 @@ class Session {
   Buffer<float> input_, dy_, dx_, grad_in_;  // hidden-state input; backward scratch
   Buffer<int32_t> tokens_, targets_;
   std::vector<Slot> slots_;
+  Buffer<float> local_grads_;     // a backward's own gradients, device backends among ranks
   std::vector<Balance> balance_;  // by layer index
   Rng rng_;
   uint64_t step_ = 0;

@@ -96,7 +96,7 @@ void Session::save_parallel(const std::string& path) const {
   // The writer writes its own copy of the replicated state and replica 0's of each shard: refuse
   // rather than write one rank's view of a job whose ranks disagree.
   std::vector<std::array<uint64_t, 2>> all(static_cast<size_t>(par.size()));
-  par.world().all_gather(mine.data(), sizeof(mine), all.data());
+  par.host().all_gather(mine.data(), sizeof(mine), all.data());
   for (int r = 1; r < par.size(); ++r) {
     if (all[r][0] != all[0][0])
       fail(Code::InvalidState, "checkpoint '", path, "' not written: rank ", r, " of ", par.size(),

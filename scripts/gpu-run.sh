@@ -49,8 +49,8 @@ stage() {
   cd "$here"
   cmake --preset cuda
   cmake --build --preset cuda --target moert moert_cuda moert_gpu_kernel_tests \
-    moert_gpu_session_tests moert_gpu_fp8_tests moert_gpu_fp8_session_tests moert_gpu_models \
-    moert_cuda_bench
+    moert_gpu_session_tests moert_gpu_fp8_tests moert_gpu_fp8_session_tests moert_gpu_nccl_tests \
+    moert_gpu_models moert_cuda_bench
   build=build/cuda
   rm -rf "$dir"
   mkdir -p "$dir/lib" "$dir/bin" "$dir/models" "$dir/sys"
@@ -63,6 +63,7 @@ stage() {
   cp "$(readlink -f "$build/capi/libmoert_cuda.so")" "$dir/lib/libmoert_cuda.so"
   cp "$build/tests/gpu/moert_gpu_kernel_tests" "$build/tests/gpu/moert_gpu_session_tests" \
     "$build/tests/gpu/moert_gpu_fp8_tests" "$build/tests/gpu/moert_gpu_fp8_session_tests" \
+    "$build/tests/gpu/moert_gpu_nccl_tests" \
     "$build/bench/moert_cuda_bench" "$dir/bin/"
   cp "$build"/tests/gpu/models/*.moert "$dir/models/"
   cp bench/torch_cuda_moe_bench.py scripts/gpu-run.sh "$dir/"
@@ -174,6 +175,35 @@ EOF
   [ -n "$d" ] && echo "$(dirname "$d") (found by searching /)"
 }
 
+# The machine's NCCL (libnccl.so.2, which the plugin links): PyTorch's wheel (nvidia/nccl/lib,
+# or nvidia/cu13/lib), then the toolkit. Too large to carry (hundreds of MiB).
+find_nccl() {
+  local d
+  d=$(timeout 30 python3 - <<'EOF' 2>/dev/null
+import importlib.util, os, site
+roots = []
+spec = importlib.util.find_spec("torch")
+if spec and spec.origin:
+    roots.append(os.path.dirname(os.path.dirname(spec.origin)))
+try:
+    roots += site.getsitepackages() + [site.getusersitepackages()]
+except Exception:
+    pass
+for root in roots:
+    for sub in ("nvidia/nccl/lib", "nvidia/cu13/lib"):
+        d = os.path.join(root, sub)
+        if os.path.exists(os.path.join(d, "libnccl.so.2")):
+            print(d)
+            raise SystemExit
+EOF
+  )
+  [ -n "$d" ] && { echo "$d (PyTorch's wheel)"; return; }
+  for d in ${CUDA_HOME:+"$CUDA_HOME/lib64"} /usr/local/cuda/lib64 \
+    /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+    [ -e "$d/libnccl.so.2" ] && { echo "$d"; return; }
+  done
+}
+
 # Where the driver's libcuda.so.1 lives, so that the carried loader (whose built-in search
 # directories are Debian's) finds it wherever that machine keeps it.
 find_libcuda() {
@@ -216,10 +246,11 @@ probe() {
 }
 
 phase_tests() {
-  local phase_end=$((SECONDS + 150)) t rc start
+  # Five programs: 180 s in all, each at most 90.
+  local phase_end=$((SECONDS + 180)) t rc start
   echo "== tests" | tee -a "$out/device.txt"
   for t in moert_gpu_kernel_tests moert_gpu_session_tests moert_gpu_fp8_tests \
-    moert_gpu_fp8_session_tests; do
+    moert_gpu_fp8_session_tests moert_gpu_nccl_tests; do
     local secs
     secs=$(budget 90 $phase_end)
     if [ "$secs" -lt 5 ]; then
@@ -326,7 +357,7 @@ phase_moert_bench() {
   local secs rc
   echo "== moert bench" | tee -a "$out/device.txt"
   # bf16 rows and the fp8 rows beside them (moert_cuda_bench's --precision both).
-  secs=$(budget 180 $deadline)
+  secs=$(budget 165 $deadline)
   if [ "$secs" -lt 10 ]; then
     failed "bench/moert: not run, out of time"
     return
@@ -500,6 +531,11 @@ device() {
   else
     log "cuBLASLt: libcublasLt.so.13 not found (PyTorch's wheel, the toolkit, a search of /)"
   fi
+  local nccl_found nccl
+  nccl_found=$(find_nccl)
+  nccl=${nccl_found%% (*}
+  log "NCCL: ${nccl_found:-libnccl.so.2 not found in the PyTorch wheel or the toolkit}"
+  [ -n "$nccl" ] && lt="${lt:+$lt:}$nccl"
   local cuda_dir
   cuda_dir=$(find_libcuda)
   log "libcuda.so.1: ${cuda_dir:-not found by ldconfig or in the usual directories}"

@@ -1,11 +1,14 @@
 // The collective cases (collective_cases.h) on the in-process communicator at 1, 2 and 4 ranks,
-// one thread per rank; and the argument checks every implementation shares.
+// one thread per rank, directly and through the host view of a device communicator; and the
+// argument checks every implementation shares.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <thread>
 
+#include "core/backend.h"
 #include "core/comm_support.h"
+#include "core/device_comm.h"
 #include "core/error.h"
 #include "tests/comm/collective_cases.h"
 #include "tests/support/inprocess_communicator.h"
@@ -39,6 +42,35 @@ std::vector<Param> params() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, InProcessCollectives, ::testing::ValuesIn(params()),
+                         [](const ::testing::TestParamInfo<Param>& p) {
+                           return collective_cases()[p.param.index].name + "_" +
+                                  std::to_string(p.param.size);
+                         });
+
+// The same cases through the host view of a device communicator (core/device_comm.h: what a
+// CUDA session's bookkeeping goes through), staged here through CPU backend buffers over ranks
+// that say they move device memory.
+class HostViewCollectives : public ::testing::TestWithParam<Param> {};
+
+TEST_P(HostViewCollectives, Case) {
+  const CollectiveCase& c = collective_cases()[GetParam().index];
+  const int32_t size = GetParam().size;
+  if (size < c.min_size) GTEST_SKIP() << c.name << " needs " << c.min_size << " ranks";
+  auto ranks = make_inprocess_communicators(size, 60.0, CommMemory::Device);
+  std::vector<std::unique_ptr<Backend>> backends;
+  std::vector<std::unique_ptr<Communicator>> views;
+  for (auto& r : ranks) {
+    backends.push_back(make_cpu_backend(1));
+    std::shared_ptr<Communicator> device = backend_view(std::move(r), *backends.back());
+    views.push_back(host_view(device, *backends.back()));
+    EXPECT_EQ(views.back()->memory(), CommMemory::Host);
+  }
+  std::vector<std::thread> threads;
+  for (auto& v : views) threads.emplace_back([&, comm = v.get()] { run_on_rank(*comm, c.run); });
+  for (auto& t : threads) t.join();
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, HostViewCollectives, ::testing::ValuesIn(params()),
                          [](const ::testing::TestParamInfo<Param>& p) {
                            return collective_cases()[p.param.index].name + "_" +
                                   std::to_string(p.param.size);

@@ -2,7 +2,11 @@
 // communicator meets (tests/comm/collective_cases.cc), on one GPU with one rank and, where two
 // GPUs are lent, on two ranks (one thread each). The cases speak host memory; a staging wrapper
 // copies their buffers to the GPU through the CUDA backend before each operation and back after.
+// Then a CUDA session over a one-rank NCCL communicator against a plain CUDA session.
 // Exits 77 (skipped) without a GPU; the two-GPU test skips itself with one.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <thread>
 
@@ -10,8 +14,10 @@
 #include "core/comm_support.h"
 #include "core/communicator.h"
 #include "core/error.h"
+#include "core/session.h"
 #include "gpu_test_main.h"
 #include "tests/comm/collective_cases.h"
+#include "tests/unit/session_model.h"
 
 namespace moert {
 namespace {
@@ -27,9 +33,9 @@ class StagedRequest final : public CommRequest {
  public:
   StagedRequest(Request inner, Backend& be, std::vector<Buffer<uint8_t>> keep, void* host,
                 const uint8_t* out, size_t bytes)
-      : inner_(std::move(inner)),
+      : keep_(std::move(keep)),
+        inner_(std::move(inner)),
         be_(be),
-        keep_(std::move(keep)),
         host_(host),
         out_(out),
         bytes_(bytes) {}
@@ -49,9 +55,11 @@ class StagedRequest final : public CommRequest {
     done_ = true;
     if (bytes_) be_.download(host_, out_, bytes_);
   }
+  // Declared before inner_, destroyed after it: a request destroyed early waits for its
+  // operation, which uses these buffers.
+  std::vector<Buffer<uint8_t>> keep_;
   Request inner_;
   Backend& be_;
-  std::vector<Buffer<uint8_t>> keep_;
   void* host_;
   const uint8_t* out_;
   size_t bytes_;
@@ -215,6 +223,72 @@ TEST(Nccl, DeviceMemoryAndRefusals) {
   EXPECT_EQ(comm->size(), 1);
   const auto id = fresh_id();
   EXPECT_THROW(make_nccl_communicator(id.data(), 0, 1, 99, 60.0, plugin_path()), Error);
+}
+
+// A CUDA session over a one-rank NCCL communicator takes the whole expert-parallel path (row
+// exchanges on NCCL's stream after the backend's, bookkeeping staged through host views,
+// gradients all-reduced: core/session_local_gradients.cc) -- the one multi-rank shape one GPU
+// allows. It must train as a plain CUDA session does: the same routing, outputs and gradients
+// to cuBLASLt's rounding (the expert GEMMs run per chunk of local experts, whose algorithms
+// cuBLASLt may pick otherwise).
+TEST(NcclSession, OneRankTrainsAsAPlainCudaSession) {
+  std::mt19937 rng(97);
+  const auto model = test::moe_model(rng);
+  const int64_t rows = 256;
+  const test::Batch b = test::batch(rng, rows);
+  auto options = [] {
+    SessionOptions o = test::options(Precision::Bf16, Mode::Training);
+    o.device = Device::Cuda;
+    o.cuda_plugin = plugin_path();
+    o.set("optimizer", "sgd");
+    o.set("lr", "0.05");
+    return o;
+  };
+  Session plain(model, options());
+  SessionOptions o = options();
+  std::shared_ptr<Communicator> comm =
+      make_nccl_communicator(fresh_id().data(), 0, 1, 0, 60.0, plugin_path());
+  o.set_comm(comm, 1);
+  Session nccl(model, o);
+  auto gap = [](const std::vector<float>& a, const std::vector<float>& w) {
+    double diff = 0.0, scale = 0.0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      diff = std::max(diff, std::fabs(static_cast<double>(a[i]) - w[i]));
+      scale = std::max(scale, std::fabs(static_cast<double>(w[i])));
+    }
+    return scale > 0.0 ? diff / scale : diff;
+  };
+  const uint32_t V = test::kSessionVocab;
+  std::vector<float> want(static_cast<size_t>(rows * V)), got(want.size());
+  for (int step = 0; step < 5; ++step) {
+    SCOPED_TRACE(step);
+    plain.zero_grad();
+    nccl.zero_grad();
+    plain.forward_tokens(b.tokens.data(), b.tokens.size(), nullptr, 0, rows, want.data(),
+                         want.size());
+    nccl.forward_tokens(b.tokens.data(), b.tokens.size(), nullptr, 0, rows, got.data(), got.size());
+    if (step == 0) {
+      EXPECT_EQ(nccl.expert_counts(2, CountScope::Last), plain.expert_counts(2, CountScope::Last));
+    }
+    const double out_gap = gap(got, want);
+    EXPECT_LE(out_gap, 1e-2);
+    const double lw = plain.backward_loss(b.targets.data(), rows);
+    const double lg = nccl.backward_loss(b.targets.data(), rows);
+    EXPECT_NEAR(lg, lw, 1e-3 * std::fabs(lw));
+    double grad_gap = 0.0;
+    for (size_t i = 0; i < plain.num_parameters(); ++i) {
+      std::vector<float> gw(static_cast<size_t>(plain.parameter_size(i))), gg(gw.size());
+      plain.read_gradient(i, gw.data(), gw.size());
+      nccl.read_gradient(i, gg.data(), gg.size());
+      grad_gap = std::max(grad_gap, gap(gg, gw));
+    }
+    EXPECT_LE(grad_gap, 1e-2);
+    std::printf("step %d: output gap %.3g, largest gradient gap %.3g (relative)\n", step, out_gap,
+                grad_gap);
+    plain.step();
+    nccl.step();
+  }
+  EXPECT_FALSE(comm->broken()) << comm->broken_reason();
 }
 
 TEST(Nccl, TwoRanksOnTwoGpus) {

@@ -6,8 +6,9 @@
 // their bf16 copies whenever they have one, as the CUDA backend does, so a weight whose bf16 copy
 // is stale or missing shows up as a wrong result.
 //
-// It also checks that every pointer the core hands to an operation lies in memory this backend
-// allocated: on a GPU a host pointer in a kernel is an illegal address.
+// Like the CUDA backend, it gives gradients in acc mode only (no local roots). It also checks
+// that every pointer the core hands to an operation lies in memory this backend allocated: on a
+// GPU a host pointer in a kernel is an illegal address.
 //
 // It is not a model of the GPU's numerics (activations stay fp32 here) and proves nothing about
 // the CUDA kernels; those are tested on a GPU (label gpu).
@@ -177,11 +178,10 @@ class DevSimBackend final : public Backend {
     device(dx, rows * in * 4, "linear_backward dx");
     device(dw.acc, out * in * 4, "linear_backward dw");
     if (db) device(db->acc, out * 4, "linear_backward db");
-    Roots rw(dw), rb(db ? *db : GradOut{});
-    cpu_->linear_backward(x, weight(w, out * in, w_[0]), dy, dx, dx_accumulate, rw.out,
-                          db ? &rb.out : nullptr, rows, in, out);
-    rw.give(*this);
-    rb.give(*this);
+    acc_only(dw, "linear_backward");
+    if (db) acc_only(*db, "linear_backward");
+    cpu_->linear_backward(x, weight(w, out * in, w_[0]), dy, dx, dx_accumulate, dw, db, rows, in,
+                          out);
   }
   void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,
                         float* dx, const GradOut& dw, int64_t rows, int64_t dim) override {
@@ -190,18 +190,16 @@ class DevSimBackend final : public Backend {
     device(w, dim * 4, "rmsnorm_backward w");
     device(dw.acc, dim * 4, "rmsnorm_backward dw");
     device(inv_rms, rows * 4, "rmsnorm_backward inv_rms");
-    Roots r(dw);
-    cpu_->rmsnorm_backward(x, w, inv_rms, dy, dx, r.out, rows, dim);
-    r.give(*this);
+    acc_only(dw, "rmsnorm_backward");
+    cpu_->rmsnorm_backward(x, w, inv_rms, dy, dx, dw, rows, dim);
   }
   void embedding_backward(const int32_t* tokens, const float* dy, const GradOut& dtable,
                           int64_t rows, int64_t context, int64_t dim, int64_t vocab) override {
     device(tokens, rows * context * 4, "embedding_backward tokens");
     device(dy, rows * context * dim * 4, "embedding_backward dy");
     device(dtable.acc, vocab * dim * 4, "embedding_backward dtable");
-    Roots r(dtable);
-    cpu_->embedding_backward(tokens, dy, r.out, rows, context, dim, vocab);
-    r.give(*this);
+    acc_only(dtable, "embedding_backward");
+    cpu_->embedding_backward(tokens, dy, dtable, rows, context, dim, vocab);
   }
   void swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2, const float* h1,
                            const float* h3, const float* dy, float* dx, bool dx_accumulate,
@@ -212,11 +210,9 @@ class DevSimBackend final : public Backend {
       device(p, rows * dim * 4, "swiglu_backward rows");
     for (const float* p : {h1, h3}) device(p, rows * hidden * 4, "swiglu_backward h");
     for (const GradOut* g : {&dw1, &dw3, &dw2}) device(g->acc, n * 4, "swiglu_backward dw");
-    Roots r1(dw1), r3(dw3), r2(dw2);
+    for (const GradOut* g : {&dw1, &dw3, &dw2}) acc_only(*g, "swiglu_ffn_backward");
     cpu_->swiglu_ffn_backward(x, weight(w1, n, w_[0]), weight(w3, n, w_[1]), weight(w2, n, w_[2]),
-                              h1, h3, dy, dx, dx_accumulate, r1.out, r3.out, r2.out, rows, dim,
-                              hidden);
-    for (Roots* r : {&r1, &r3, &r2}) r->give(*this);
+                              h1, h3, dy, dx, dx_accumulate, dw1, dw3, dw2, rows, dim, hidden);
   }
   void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
                                    Weight w3, Weight w2, const float* h1, const float* h3,
@@ -227,19 +223,14 @@ class DevSimBackend final : public Backend {
     for (const float* p : {x_perm, dy_perm, static_cast<const float*>(dx_perm)})
       device(p, A * dim * 4, "grouped_backward rows");
     for (const float* p : {h1, h3}) device(p, A * hidden * 4, "grouped_backward h");
-    std::vector<Roots> r;
-    r.reserve(static_cast<size_t>(3 * E));
     for (const GradOut* g : {dw1, dw3, dw2})
       for (int64_t e = 0; e < E; ++e) {
         device(g[e].acc, hidden * dim * 4, "grouped_backward dw");
-        r.emplace_back(g[e]);
+        acc_only(g[e], "grouped_swiglu_ffn_backward");
       }
-    std::vector<GradOut> inner;
-    for (const Roots& x : r) inner.push_back(x.out);
     cpu_->grouped_swiglu_ffn_backward(plan, x_perm, weight(w1, n, w_[0]), weight(w3, n, w_[1]),
-                                      weight(w2, n, w_[2]), h1, h3, dy_perm, dx_perm, inner.data(),
-                                      inner.data() + E, inner.data() + 2 * E, dim, hidden);
-    for (Roots& x : r) x.give(*this);
+                                      weight(w2, n, w_[2]), h1, h3, dy_perm, dx_perm, dw1, dw3, dw2,
+                                      dim, hidden);
   }
   void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
                         float* dy_perm, float* dweight, int64_t dim) override {
@@ -357,28 +348,13 @@ class DevSimBackend final : public Backend {
     take(plan.token_assign, c.token_assign);
   }
 
-  // A GradOut as the CPU backend gets it: in roots mode the CPU backend sizes its roots in its
-  // own memory, so they are taken there and moved into this backend's memory afterwards (give),
-  // as a device's roots would be.
-  struct Roots {
-    explicit Roots(const GradOut& g) : outer(g), out(g) {
-      if (g.roots) out.roots = &host;
-    }
-    void give(DevSimBackend& be) {
-      if (!outer.roots) return;
-      GradRoots& r = *outer.roots;
-      r.blocks = host.blocks;
-      r.rows = host.rows;
-      r.values.resize(host.values.size());
-      for (size_t i = 0; i < host.values.size(); ++i) {
-        r.values[i].resize(be, host.values[i].size());
-        if (host.values[i].size())
-          std::memcpy(r.values[i].data(), host.values[i].data(), host.values[i].bytes());
-      }
-    }
-    GradOut outer, out;
-    GradRoots host;
-  };
+  // As the CUDA backend: gradients in acc mode only (no local roots), so that device sessions
+  // among ranks take the path they take on a GPU (core/session_local_gradients.cc).
+  static void acc_only(const GradOut& g, const char* op) {
+    if (g.roots)
+      fail(Code::Unsupported, "devsim: ", op,
+           " gives gradients in acc mode only, as the CUDA backend does (no local roots)");
+  }
 
   int64_t experts(const DispatchPlan& plan) const {
     return static_cast<int64_t>(plan.host_offsets.size()) - 1;

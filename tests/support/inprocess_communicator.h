@@ -17,7 +17,11 @@
 namespace moert::testing {
 
 // The `size` ranks of one group; ranks()[r] has rank r. Each is used by one thread at a time.
+// `memory` is what they say they move: CommMemory::Device stands in for NCCL in tests of device
+// sessions over the simulated device (tests/support/devsim_plugin.cc), whose "device" memory is
+// host memory that the threads can copy.
 std::vector<std::unique_ptr<Communicator>> make_inprocess_communicators(
-    int32_t size, double timeout = kDefaultCommTimeoutSeconds);
+    int32_t size, double timeout = kDefaultCommTimeoutSeconds,
+    CommMemory memory = CommMemory::Host);
 
 }  // namespace moert::testing

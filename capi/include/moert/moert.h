@@ -509,9 +509,13 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * makes the others fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0
  * writes the file one session over the union would write (every expert, the same bytes), and
  * any world size, one process included, resumes it (moert_session_save(),
- * moert_session_load()). CPU sessions over MPI only in
- * this version: a CUDA session with a communicator of more than one rank is refused with
- * MOERT_ERR_UNSUPPORTED; Expert Choice layers are refused. */
+ * moert_session_load()). A CPU session needs an MPI communicator, a CUDA session an NCCL one on
+ * its own device (MOERT_ERR_INVALID_ARGUMENT otherwise); an NCCL communicator of one rank runs
+ * the same path. CUDA sessions reduce gradients by an all-reduce of each rank's own (rank order),
+ * so their gradients agree with one process to fp32 rounding, not bitwise, and their outputs to
+ * the GEMMs' rounding (cuBLASLt may choose other algorithms for other row counts); the counts of
+ * the routing they compute are the job's exactly, and every rank's bias the same. Not yet
+ * verified on a GPU. Expert Choice layers are refused. */
 MOERT_API moert_status* moert_session_options_set_comm(moert_session_options* options,
                                                        moert_comm* comm, int32_t expert_parallel);
 
