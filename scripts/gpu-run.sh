@@ -88,7 +88,8 @@ stage() {
     libstdc++.so.6 libgcc_s.so.1)
   for name in "${!found[@]}"; do
     case $name in
-    libcuda.so* | libcudart* | libcublas* | libnv* | libmoert*) ;;
+    # NCCL (about 210 MiB) is the device's own: find_nccl() looks for it there.
+    libcuda.so* | libcudart* | libcublas* | libnv* | libnccl* | libmoert*) ;;
     *) [[ " ${want[*]} " == *" $name "* ]] || want+=("$name") ;;
     esac
   done
