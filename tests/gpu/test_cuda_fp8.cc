@@ -469,6 +469,18 @@ TEST(CudaFp8, WgradMatchesTheCpuEmulation) {
     const double rel = relative(ddw.get(), want);
     report("Wgrad", GemmShape{t, s.n, s.k}, "fp32", rel);
     EXPECT_LT(rel, kF32Tolerance) << t << "x" << s.n << "x" << s.k;
+
+    // As the FFN runs it: accumulated onto a gradient (beta = 1, C = D in fp32, both operands in
+    // 1x128 tiles), compared as what the call added.
+    const auto dw0 = randn(want.size(), rng);
+    Dev<float> ddw_acc(dw0);
+    gemm().run(s.n, s.k, t, dyt.p, t, ddys.p, xt.p, t, dxs.p, gpu::Scaling::Tiles, ddw_acc.p, s.k,
+               gpu::Output::F32, true);
+    auto added = ddw_acc.get();
+    for (size_t i = 0; i < added.size(); ++i) added[i] -= dw0[i];
+    const double rel_acc = relative(added, want);
+    report("Wgrad+", GemmShape{t, s.n, s.k}, "fp32", rel_acc);
+    EXPECT_LT(rel_acc, kF32Tolerance) << "accumulating " << t << "x" << s.n << "x" << s.k;
   }
 }
 
