@@ -20,9 +20,14 @@ constexpr unsigned long long kNoneBad = ~0ull;
 
 // A row stride of codes that cuBLASLt's FP8 kernels accept: a multiple of 16 bytes.
 int64_t ld16(int64_t n) { return (n + 15) / 16 * 16; }
-// The row count a GEMM runs with: a multiple of 4, so that the tiles' scale stride
-// (tile_scale_ld) is the row count itself, whichever of the two cuBLASLt reads (fp8_gemm.h).
-int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
+// The row count m a GEMM runs with (its a operand's rows, cuBLASLt's n). A multiple of 16: a
+// 1x128-scaled operand's outer dimension must be a multiple of 8 for cuBLASLt (Transformer
+// Engine refuses m % 8 != 0 for exactly that reason, and its tests hold m = 255 illegal), and a
+// multiple of 4 makes the tiles' scale stride (tile_scale_ld) the row count itself, whichever of
+// the two cuBLASLt reads (fp8_gemm.h).
+int64_t gemm_rows(int64_t n) { return ld16(n); }
+// Rows that a GEMM may read past the last segment's end: gemm_rows(m) - m at most.
+constexpr int64_t kRowsPast = 15;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -64,17 +69,18 @@ float value_at(const float* x, int64_t index, cudaStream_t s) {
 // ---- Operands in scratch
 
 // An activation [rows, width] in 1x128 row tiles along width: codes with row stride ld
-// (ld16(width), zeros past width), and each segment's scales in the VEC128_32F layout of its
-// own row count (tile_scale_ld(segment rows)).
+// (ld16(width), zeros past width), and each segment's scales in the VEC128_32F layout of the
+// row count its GEMMs run with (scale stride gemm_rows(segment rows), zeros past its rows).
 struct FfnFp8::RowTiles {
   const uint8_t* codes = nullptr;
   int64_t ld = 0;
   std::vector<const float*> scales;  // per segment
 };
 
-// An activation [rows, width] in 128-token tiles, per segment transposed: codes [width', ld[i]]
-// (ld[i] = ld16(segment rows), zeros past its rows; width' = width, or ld16(width) with zero rows
-// past width for a b operand), scales in tile_scale_ld(width') runs.
+// An activation [rows, width] in 128-token tiles, per segment transposed: codes
+// [ld16(width), ld[i]] (ld[i] = ld16(segment rows); zeros past its rows and past width), scales
+// in runs of ld16(width): the rows a Wgrad GEMM runs with whether the operand is its a
+// (gemm_rows) or its b (ld16).
 struct FfnFp8::TokenTiles {
   std::vector<const uint8_t*> codes;
   std::vector<int64_t> ld;
@@ -158,15 +164,15 @@ void FfnFp8::quantize_rows(const std::vector<Segment>& segs, const float* x, int
   int64_t end = 0, scale_floats = 0;
   for (const Segment& s : segs) {
     end = std::max(end, s.begin + s.rows);
-    scale_floats += blocks_of(width) * tile_scale_ld(s.rows);
+    scale_floats += blocks_of(width) * gemm_rows(s.rows);
   }
   const int64_t ld = ld16(width);
   if (operand_buffer_ >= kOperands) fail(Code::Internal, "FP8 FFN: more operands than scratch");
   Buffer<uint8_t>& codes = codes_[operand_buffer_];
   Buffer<float>& scales = scales_[operand_buffer_];
   ++operand_buffer_;
-  // 3 rows past the end: the last segment's GEMM runs with its rows rounded up to 4.
-  codes.resize(mem_, static_cast<size_t>((end + 3) * ld));
+  // Rows past the end: the last segment's GEMM runs with gemm_rows() rows.
+  codes.resize(mem_, static_cast<size_t>((end + kRowsPast) * ld));
   scales.resize(mem_, static_cast<size_t>(std::max<int64_t>(1, scale_floats)));
   // Zero codes past a row's end add nothing; the scales of the layout's padding rows are zero,
   // so that the rows a GEMM runs past a segment's end (the next segment's codes, or these zeros)
@@ -174,7 +180,7 @@ void FfnFp8::quantize_rows(const std::vector<Segment>& segs, const float* x, int
   if (ld != width)
     check(cudaMemsetAsync(codes.data(), 0, codes.bytes(), stream_), "FP8 padding");
   else
-    check(cudaMemsetAsync(codes.data() + end * ld, 0, static_cast<size_t>(3 * ld), stream_),
+    check(cudaMemsetAsync(codes.data() + end * ld, 0, static_cast<size_t>(kRowsPast * ld), stream_),
           "FP8 padding");
   check(cudaMemsetAsync(scales.data(), 0, scales.bytes(), stream_), "FP8 padding");
   out.codes = codes.data();
@@ -185,18 +191,18 @@ void FfnFp8::quantize_rows(const std::vector<Segment>& segs, const float* x, int
     const Segment& s = segs[i];
     float* sc = scales.data() + at;
     out.scales.push_back(sc);
-    at += blocks_of(width) * tile_scale_ld(s.rows);
+    at += blocks_of(width) * gemm_rows(s.rows);
     fp8::quantize_row_tiles(x + s.begin * width, width, s.rows, width, codes.data() + s.begin * ld,
-                            ld, sc, tile_scale_ld(s.rows), options_.power_of_two_scales,
+                            ld, sc, gemm_rows(s.rows), options_.power_of_two_scales,
                             chk.slot(operand, i), stream_);
   }
 }
 
 void FfnFp8::quantize_tokens(const std::vector<Segment>& segs, const float* x, int64_t width,
-                             bool b_operand, TokenTiles& out, Check& chk, int operand) {
-  // As Wgrad's b, the operand has ld16(width) rows, as its a round4(width) (zero codes past
-  // width), its scales the layout of that many.
-  const int64_t rows_t = b_operand ? ld16(width) : round4(width), scale_ld = tile_scale_ld(rows_t);
+                             TokenTiles& out, Check& chk, int operand) {
+  // ld16(width) rows (zero codes past width), its scales the layout of that many: as Wgrad's b
+  // (n rounded up to 16) and as its a (gemm_rows) alike.
+  const int64_t rows_t = ld16(width), scale_ld = tile_scale_ld(rows_t);
   int64_t code_bytes = 0, scale_floats = 0;
   for (const Segment& s : segs) {
     code_bytes += rows_t * ld16(s.rows);
@@ -277,19 +283,19 @@ void FfnFp8::gemm(const char* name, int64_t m, int64_t n, int64_t k, const uint8
                   const float* a_scales, const uint8_t* b, int64_t ldb, const float* b_scales,
                   fp8::Scaling scaling, float* d, int64_t ldd, bool accumulate) {
   if (m == 0 || n == 0) return;
-  // a has round4(m) rows and b ld16(n): the product's rows past m and columns past n are computed
-  // into scratch, never into d.
-  const int64_t m4 = round4(m), n16 = ld16(n);
-  const bool direct = m4 == m && n16 == n && aligned16(d) && (ldd * 4) % 16 == 0;
+  // a has gemm_rows(m) rows and b ld16(n): the product's rows past m and columns past n are
+  // computed into scratch, never into d.
+  const int64_t mr = gemm_rows(m), n16 = ld16(n);
+  const bool direct = mr == m && n16 == n && aligned16(d) && (ldd * 4) % 16 == 0;
   float* out = d;
   int64_t ld = ldd;
   const size_t row_bytes = static_cast<size_t>(n) * sizeof(float);
   if (!direct) {
     ld = n16;
-    out = f32_scratch(out_, m4 * ld);
+    out = f32_scratch(out_, mr * ld);
     if (accumulate) {
-      if (m4 != m || n16 != n)
-        check(cudaMemsetAsync(out, 0, static_cast<size_t>(m4 * ld) * sizeof(float), stream_),
+      if (mr != m || n16 != n)
+        check(cudaMemsetAsync(out, 0, static_cast<size_t>(mr * ld) * sizeof(float), stream_),
               "FP8 GEMM output");
       check(cudaMemcpy2DAsync(out, static_cast<size_t>(ld) * 4, d, static_cast<size_t>(ldd) * 4,
                               row_bytes, static_cast<size_t>(m), cudaMemcpyDeviceToDevice, stream_),
@@ -297,11 +303,11 @@ void FfnFp8::gemm(const char* name, int64_t m, int64_t n, int64_t k, const uint8
     }
   }
   try {
-    gemm_->run(m4, n16, k, a, lda, a_scales, b, ldb, b_scales, scaling, out, ld, fp8::Output::F32,
+    gemm_->run(mr, n16, k, a, lda, a_scales, b, ldb, b_scales, scaling, out, ld, fp8::Output::F32,
                accumulate);
   } catch (const Error& e) {
     if (e.code() != Code::Unsupported) throw;
-    fail(Code::Unsupported, "FP8 ", name, " GEMM (", m4, " x ", n16, " x ", k,
+    fail(Code::Unsupported, "FP8 ", name, " GEMM (", mr, " x ", n16, " x ", k,
          " after padding) cannot run: ", e.what());
   }
   if (!direct)
@@ -458,11 +464,11 @@ void FfnFp8::backward(const std::vector<Segment>& segs, const float* x, const fl
   // Wgrad operands: 128-token tiles from each segment's first row, transposed. Their check (and
   // Dgrad's) is read before any gradient is touched.
   TokenTiles tdy, tx, ta, tdh1, tdh3;
-  quantize_tokens(segs, dy, dim, false, tdy, chk, 0);
-  quantize_tokens(segs, x, dim, true, tx, chk, 3);
-  quantize_tokens(segs, a, hidden, true, ta, chk, 4);
-  quantize_tokens(segs, dh1, hidden, false, tdh1, chk, 1);
-  quantize_tokens(segs, dh3, hidden, false, tdh3, chk, 2);
+  quantize_tokens(segs, dy, dim, tdy, chk, 0);
+  quantize_tokens(segs, x, dim, tx, chk, 3);
+  quantize_tokens(segs, a, hidden, ta, chk, 4);
+  quantize_tokens(segs, dh1, hidden, tdh1, chk, 1);
+  quantize_tokens(segs, dh3, hidden, tdh3, chk, 2);
   chk.verify(stream_);
 
   // Wgrad: dW2 += dy^T a, dW1 += dh1^T x, dW3 += dh3^T x, the tokens the reduction.

@@ -25,10 +25,12 @@
 // address or row stride is not what cuBLASLt gets goes through an aligned scratch output, and
 // only its n real columns are copied out. A shape cuBLASLt still refuses is an
 // Error(Unsupported) naming the GEMM and its padded dims, never another precision. The row count
-// m (tokens per expert in Fprop and Dgrad) is rounded up to 4 as the GEMM runs (the rows past m
-// read zero scales and land in the scratch output): the tiles' scale stride is then the row
-// count whether cuBLASLt reads it rounded up to 4 (fp8_gemm.h's assumption, Transformer
-// Engine's layout) or exact (PyTorch's description of it), which no GPU has settled yet.
+// m (tokens per expert in Fprop and Dgrad, the output rows of Wgrad) is rounded up to 16 as the
+// GEMM runs (the rows past m read zero scales and land in the scratch output): cuBLASLt wants
+// the outer dimension of a 1x128-scaled operand to be a multiple of 8 (Transformer Engine
+// refuses other m for that reason), and the tiles' scale stride is then the row count whether
+// cuBLASLt reads it rounded up to 4 (fp8_gemm.h's assumption, Transformer Engine's layout) or
+// exact (PyTorch's description of it), which no GPU has settled yet.
 //
 // Dgrad's transposed weights are made per backward call, not cached: a Weight carries pointers
 // only, and the ParamStore rewrites the same buffers in place after every optimizer step, so a
@@ -115,10 +117,10 @@ class FfnFp8 {
   struct TokenTiles;
   struct Check;
 
-  // d [m, n] (row stride ldd, fp32) (+)= a [m, k] b [n, k]^T (fp8_gemm.h's run()), b holding
-  // ld16(n) rows (zero past n) in its scale layout's terms: run as n rounded up to 16, through an
-  // aligned scratch output where that or d's alignment differs from d; `name` names the GEMM in
-  // a refusal.
+  // d [m, n] (row stride ldd, fp32) (+)= a [m, k] b [n, k]^T (fp8_gemm.h's run()), a holding m
+  // rounded up to 16 rows and b ld16(n) rows (zero scales past m, zero codes past n) in their
+  // scale layouts' terms: run as m and n rounded up to 16, through an aligned scratch output
+  // where that or d's alignment differs from d; `name` names the GEMM in a refusal.
   void gemm(const char* name, int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda,
             const float* a_scales, const uint8_t* b, int64_t ldb, const float* b_scales,
             fp8::Scaling scaling, float* d, int64_t ldd, bool accumulate);
@@ -126,10 +128,10 @@ class FfnFp8 {
   // scratch operand; non-finite values recorded in check's slots of `operand`.
   void quantize_rows(const std::vector<Segment>& segs, const float* x, int64_t width, RowTiles& out,
                      Check& check, int operand);
-  // The 128-token tiles of x [rows, width], each segment's transposed, into the next operand;
-  // as a GEMM's b operand when b_operand (rows padded to ld16(width)).
+  // The 128-token tiles of x [rows, width], each segment's transposed (rows padded to
+  // ld16(width)), into the next operand.
   void quantize_tokens(const std::vector<Segment>& segs, const float* x, int64_t width,
-                       bool b_operand, TokenTiles& out, Check& check, int operand);
+                       TokenTiles& out, Check& check, int operand);
   // Per segment, the codes of its weight `which` (0: w1, 1: w3, 2: w2), [rows, cols], with rows
   // ld16(cols) apart: the weight's own codes where that is their layout, else a padded copy.
   std::vector<const uint8_t*> padded_weights(const std::vector<Segment>& segs, int which,

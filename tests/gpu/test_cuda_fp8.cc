@@ -2,7 +2,8 @@
 // against the CPU quantizer bit for bit, codes and scales; cuBLASLt's FP8 GEMMs
 // (kernels/cuda/fp8_gemm.h) against the CPU emulation (kernels/cpu/fp8.h) of the same operands,
 // for Fprop, Dgrad and Wgrad, sizes that are not multiples of 128 (nor of 4) included; a layout
-// cuBLASLt refuses is an Unsupported error. Skips (exit 77) without an sm_90 GPU.
+// cuBLASLt refuses is an Unsupported error; what cuBLASLt does with row counts off multiples of 8
+// and with scale pointers aligned to 16 bytes only. Skips (exit 77) without an sm_90 GPU.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -322,10 +323,22 @@ gpu::Fp8Gemm& gemm() {
 struct GemmShape {
   int64_t m, n, k;
 };
-// Row counts that are and are not multiples of 4 and of 128; reductions with a partial last block
-// (k a multiple of 16, as cuBLASLt's FP8 kernels need); a DeepSeek-V3 expert's shape.
+// Row counts that are and are not multiples of 4 and of 128 (run rounded up to 16, as the FFN
+// runs them); reductions with a partial last block (k a multiple of 16, as cuBLASLt's FP8 kernels
+// need); a DeepSeek-V3 expert's shape.
 const GemmShape kGemmShapes[] = {
     {128, 256, 512}, {37, 128, 384}, {130, 384, 336}, {1, 256, 128}, {256, 2048, 7168}};
+
+// The rows a GEMM of m real rows runs with, as the FFN runs it (cuda_ffn_fp8.cu's gemm_rows): m
+// rounded up to 16, the rows past m zero codes with zero scales, the tiles' scale stride that
+// row count.
+int64_t gemm_rows(int64_t m) { return (m + 15) / 16 * 16; }
+
+template <typename T>
+std::vector<T> padded(std::vector<T> v, size_t n) {
+  v.resize(n, T{});
+  return v;
+}
 
 // Agreement of the GPU's product with the emulation: both multiply the same codes, scale each
 // 128-block's partial sum by the same two fp32 scales and accumulate in fp32. They differ in how a
@@ -347,7 +360,7 @@ TEST(CudaFp8, FpropMatchesTheCpuEmulation) {
   for (const GemmShape& s : kGemmShapes) {
     const auto x = randn(static_cast<size_t>(s.m * s.k), rng);
     const auto w = randn(static_cast<size_t>(s.n * s.k), rng);
-    const int64_t xs_ld = rules::tile_scale_ld(s.m), ws_ld = rules::block_scale_ld(s.k);
+    const int64_t mr = gemm_rows(s.m), xs_ld = mr, ws_ld = rules::block_scale_ld(s.k);
     std::vector<uint8_t> xc(x.size()), wc(w.size());
     std::vector<float> xs(static_cast<size_t>(blocks_of(s.k) * xs_ld));
     std::vector<float> ws(static_cast<size_t>(blocks_of(s.n) * ws_ld));
@@ -360,25 +373,26 @@ TEST(CudaFp8, FpropMatchesTheCpuEmulation) {
           static_cast<size_t>(cpu::fp8::gemm_fprop_scratch_floats(s.m, s.n, s.k)));
       cpu::fp8::gemm_fprop({xc.data(), s.k, xs.data(), xs_ld}, {wc.data(), s.k, ws.data(), ws_ld},
                            want.data(), s.n, s.m, s.n, s.k, accumulate, scratch.data());
-      // The GPU quantizes on its own: the same codes (checked above), the same product.
-      Dev<float> dx(x), dw(w), dy(y0);
-      Dev<uint8_t> dxc(xc.size()), dwc(wc.size());
+      // The GPU quantizes on its own: the same codes (checked above), the same product. Its
+      // buffers hold mr rows, zero past m.
+      Dev<float> dx(x), dw(w), dy(padded(y0, static_cast<size_t>(mr * s.n)));
+      Dev<uint8_t> dxc(static_cast<size_t>(mr * s.k)), dwc(wc.size());
       Dev<float> dxs(xs.size()), dws(ws.size());
       Dev<unsigned long long> bad(1);
       gpu::reset_first_bad(bad.p, stream());
       gpu::quantize_row_tiles(dx.p, s.k, s.m, s.k, dxc.p, s.k, dxs.p, xs_ld, false, bad.p,
                               stream());
       gpu::quantize_blocks(dw.p, s.k, s.n, s.k, dwc.p, s.k, dws.p, ws_ld, false, bad.p, stream());
-      gemm().run(s.m, s.n, s.k, dxc.p, s.k, dxs.p, dwc.p, s.k, dws.p, gpu::Scaling::Blocks, dy.p,
+      gemm().run(mr, s.n, s.k, dxc.p, s.k, dxs.p, dwc.p, s.k, dws.p, gpu::Scaling::Blocks, dy.p,
                  s.n, gpu::Output::F32, accumulate);
-      const double rel = relative(dy.get(), want);
+      const double rel = relative(padded(dy.get(), want.size()), want);
       report("Fprop", s, "fp32", rel);
       EXPECT_LT(rel, kF32Tolerance) << s.m << "x" << s.n << "x" << s.k;
       if (!accumulate) {
-        Dev<uint16_t> dyb(static_cast<size_t>(s.m * s.n));
-        gemm().run(s.m, s.n, s.k, dxc.p, s.k, dxs.p, dwc.p, s.k, dws.p, gpu::Scaling::Blocks, dyb.p,
+        Dev<uint16_t> dyb(static_cast<size_t>(mr * s.n));
+        gemm().run(mr, s.n, s.k, dxc.p, s.k, dxs.p, dwc.p, s.k, dws.p, gpu::Scaling::Blocks, dyb.p,
                    s.n, gpu::Output::BF16, false);
-        const double rel16 = relative(bf16_to_f32(dyb.get()), want);
+        const double rel16 = relative(padded(bf16_to_f32(dyb.get()), want.size()), want);
         report("Fprop", s, "bf16", rel16);
         EXPECT_LT(rel16, kBf16Tolerance) << s.m << "x" << s.n << "x" << s.k;
       }
@@ -392,7 +406,7 @@ TEST(CudaFp8, DgradMatchesTheCpuEmulation) {
     // dx[m, k] = dy[m, n] W[n, k]: on the GPU, dy tiles along n times W^T [k, n] in blocks.
     const auto dy = randn(static_cast<size_t>(s.m * s.n), rng);
     const auto w = randn(static_cast<size_t>(s.n * s.k), rng);
-    const int64_t ds_ld = rules::tile_scale_ld(s.m), ws_ld = rules::block_scale_ld(s.k);
+    const int64_t mr = gemm_rows(s.m), ds_ld = mr, ws_ld = rules::block_scale_ld(s.k);
     std::vector<uint8_t> dyc(dy.size()), wc(w.size());
     std::vector<float> dys(static_cast<size_t>(blocks_of(s.n) * ds_ld));
     std::vector<float> ws(static_cast<size_t>(blocks_of(s.n) * ws_ld));
@@ -404,15 +418,16 @@ TEST(CudaFp8, DgradMatchesTheCpuEmulation) {
     cpu::fp8::gemm_dgrad({dyc.data(), s.n, dys.data(), ds_ld}, {wc.data(), s.k, ws.data(), ws_ld},
                          want.data(), s.k, s.m, s.n, s.k, false, scratch.data());
 
-    Dev<uint8_t> ddyc(dyc), dwc(wc), dwt(static_cast<size_t>(s.k * s.n));
+    Dev<uint8_t> ddyc(padded(dyc, static_cast<size_t>(mr * s.n))), dwc(wc),
+        dwt(static_cast<size_t>(s.k * s.n));
     Dev<float> ddys(dys), dws(ws);
     const int64_t wt_ld = rules::block_scale_ld(s.n);
     Dev<float> dwts(static_cast<size_t>(blocks_of(s.k) * wt_ld));
     gpu::transpose_blocks(dwc.p, s.k, dws.p, ws_ld, s.n, s.k, dwt.p, s.n, dwts.p, wt_ld, stream());
-    Dev<float> ddx(static_cast<size_t>(s.m * s.k));
-    gemm().run(s.m, s.k, s.n, ddyc.p, s.n, ddys.p, dwt.p, s.n, dwts.p, gpu::Scaling::Blocks, ddx.p,
+    Dev<float> ddx(static_cast<size_t>(mr * s.k));
+    gemm().run(mr, s.k, s.n, ddyc.p, s.n, ddys.p, dwt.p, s.n, dwts.p, gpu::Scaling::Blocks, ddx.p,
                s.k, gpu::Output::F32, false);
-    const double rel = relative(ddx.get(), want);
+    const double rel = relative(padded(ddx.get(), want.size()), want);
     report("Dgrad", s, "fp32", rel);
     EXPECT_LT(rel, kF32Tolerance) << s.m << "x" << s.n << "x" << s.k;
   }
@@ -454,6 +469,18 @@ TEST(CudaFp8, WgradMatchesTheCpuEmulation) {
     const double rel = relative(ddw.get(), want);
     report("Wgrad", GemmShape{t, s.n, s.k}, "fp32", rel);
     EXPECT_LT(rel, kF32Tolerance) << t << "x" << s.n << "x" << s.k;
+
+    // As the FFN runs it: accumulated onto a gradient (beta = 1, C = D in fp32, both operands in
+    // 1x128 tiles), compared as what the call added.
+    const auto dw0 = randn(want.size(), rng);
+    Dev<float> ddw_acc(dw0);
+    gemm().run(s.n, s.k, t, dyt.p, t, ddys.p, xt.p, t, dxs.p, gpu::Scaling::Tiles, ddw_acc.p, s.k,
+               gpu::Output::F32, true);
+    auto added = ddw_acc.get();
+    for (size_t i = 0; i < added.size(); ++i) added[i] -= dw0[i];
+    const double rel_acc = relative(added, want);
+    report("Wgrad+", GemmShape{t, s.n, s.k}, "fp32", rel_acc);
+    EXPECT_LT(rel_acc, kF32Tolerance) << "accumulating " << t << "x" << s.n << "x" << s.k;
   }
 }
 
@@ -476,6 +503,86 @@ TEST(CudaFp8, SameShapeTwiceGivesTheSameBits) {
              false);
   gemm().run(m, n, k, xc.p, k, xs.p, wc.p, k, ws.p, gpu::Scaling::Blocks, y2.p, n, gpu::Output::F32,
              false);
+  EXPECT_EQ(y1.get(), y2.get());
+}
+
+// What cuBLASLt makes of a row count that is not a multiple of 8 (the FFN never runs one:
+// cuda_ffn_fp8.cu rounds to 16), and with it which scale stride it reads for the tiles: either it
+// refuses the shape (Unsupported, as Transformer Engine's observation of it predicts), or it runs
+// it with fp8_gemm.h's documented layout (stride tile_scale_ld(m), m rounded up to 4). The line
+// printed says which, and, where the documented layout fails, whether the exact stride m works.
+TEST(CudaFp8, RowCountsOffMultiplesOf8AreRefusedOrReadTheDocumentedLayout) {
+  std::mt19937 rng(14);
+  const int64_t n = 256, k = 384;
+  const auto w = randn(static_cast<size_t>(n * k), rng);
+  const int64_t ws_ld = rules::block_scale_ld(k);
+  std::vector<uint8_t> wc(w.size());
+  std::vector<float> ws(static_cast<size_t>(blocks_of(n) * ws_ld));
+  cpu::fp8::quantize_blocks(w.data(), k, n, k, wc.data(), k, ws.data(), ws_ld, {});
+  Dev<uint8_t> dwc(wc);
+  Dev<float> dws(ws);
+  for (int64_t m : {int64_t{37}, int64_t{4}, int64_t{1}, int64_t{12}}) {
+    const auto x = randn(static_cast<size_t>(m * k), rng);
+    // The product of m rows under a scale stride of xs_ld, on the CPU and on the GPU; NaN where
+    // cuBLASLt refuses the shape.
+    auto run = [&](int64_t xs_ld, std::vector<float>& want) -> double {
+      std::vector<uint8_t> xc(x.size());
+      std::vector<float> xs(static_cast<size_t>(blocks_of(k) * xs_ld));
+      cpu::fp8::quantize_row_tiles(x.data(), k, m, k, xc.data(), k, xs.data(), xs_ld, {});
+      want.assign(static_cast<size_t>(m * n), 0.0f);
+      std::vector<float> scratch(static_cast<size_t>(cpu::fp8::gemm_fprop_scratch_floats(m, n, k)));
+      cpu::fp8::gemm_fprop({xc.data(), k, xs.data(), xs_ld}, {wc.data(), k, ws.data(), ws_ld},
+                           want.data(), n, m, n, k, false, scratch.data());
+      Dev<uint8_t> dxc(xc);
+      Dev<float> dxs(xs), dy(static_cast<size_t>(m * n));
+      try {
+        gemm().run(m, n, k, dxc.p, k, dxs.p, dwc.p, k, dws.p, gpu::Scaling::Blocks, dy.p, n,
+                   gpu::Output::F32, false);
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), Code::Unsupported) << e.what();
+        return NAN;
+      }
+      return relative(dy.get(), want);
+    };
+    std::vector<float> want;
+    const double documented = run(rules::tile_scale_ld(m), want);
+    if (std::isnan(documented)) {
+      std::printf("  m = %2lld: refused by cuBLASLt (Unsupported)\n", static_cast<long long>(m));
+      continue;
+    }
+    const double exact = documented < kF32Tolerance ? documented : run(m, want);
+    std::printf("  m = %2lld: runs; error with scale stride %lld (documented) %.3g, %lld %.3g\n",
+                static_cast<long long>(m), static_cast<long long>(rules::tile_scale_ld(m)),
+                documented, static_cast<long long>(m), exact);
+    EXPECT_LT(documented, kF32Tolerance)
+        << "m = " << m << ": cuBLASLt runs it but not with fp8_gemm.h's scale layout";
+  }
+}
+
+// The FFN hands cuBLASLt scale pointers that are 16-byte aligned only (each segment's scales
+// start a multiple of 4 floats into one buffer): the same GEMM with its scales 16 bytes off a
+// 256-byte boundary must give the same bits (the scale pointers are no part of the algorithm's
+// choice, so the same algorithm runs).
+TEST(CudaFp8, ScalesOnlySixteenByteAlignedGiveTheSameBits) {
+  std::mt19937 rng(15);
+  const int64_t m = 48, n = 256, k = 640, xs_ld = gemm_rows(m), ws_ld = rules::block_scale_ld(k);
+  const auto x = randn(static_cast<size_t>(m * k), rng), w = randn(static_cast<size_t>(n * k), rng);
+  std::vector<uint8_t> xc(x.size()), wc(w.size());
+  std::vector<float> xs(static_cast<size_t>(blocks_of(k) * xs_ld));
+  std::vector<float> ws(static_cast<size_t>(blocks_of(n) * ws_ld));
+  cpu::fp8::quantize_row_tiles(x.data(), k, m, k, xc.data(), k, xs.data(), xs_ld, {});
+  cpu::fp8::quantize_blocks(w.data(), k, n, k, wc.data(), k, ws.data(), ws_ld, {});
+  Dev<uint8_t> dxc(xc), dwc(wc);
+  constexpr size_t kOff = 4;  // floats: 16 bytes
+  std::vector<float> xs_off(kOff, -1.0f), ws_off(kOff, -1.0f);
+  xs_off.insert(xs_off.end(), xs.begin(), xs.end());
+  ws_off.insert(ws_off.end(), ws.begin(), ws.end());
+  Dev<float> dxs(xs), dws(ws), dxs_off(xs_off), dws_off(ws_off);
+  Dev<float> y1(static_cast<size_t>(m * n)), y2(static_cast<size_t>(m * n));
+  gemm().run(m, n, k, dxc.p, k, dxs.p, dwc.p, k, dws.p, gpu::Scaling::Blocks, y1.p, n,
+             gpu::Output::F32, false);
+  gemm().run(m, n, k, dxc.p, k, dxs_off.p + kOff, dwc.p, k, dws_off.p + kOff, gpu::Scaling::Blocks,
+             y2.p, n, gpu::Output::F32, false);
   EXPECT_EQ(y1.get(), y2.get());
 }
 
