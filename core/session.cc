@@ -726,13 +726,29 @@ void Session::zero_grad() {
 }
 
 StepInfo Session::step() {
-  require_training("step");
-  if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
-  if (!poisoned_.empty())
-    fail(poisoned_code_,
-         "a backward pass of this step failed after it had begun accumulating "
-         "gradients (",
-         poisoned_, "); call zero_grad to discard the step");
+  // Among ranks a refusal anywhere is every rank's: a rank that stepped alone would pair its
+  // gradient norm's all-gather with the others' next collective and move its replicated
+  // parameters away from theirs.
+  collective_step([&] {
+    require_training("step");
+    if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
+    if (!poisoned_.empty())
+      fail(poisoned_code_,
+           "a backward pass of this step failed after it had begun accumulating "
+           "gradients (",
+           poisoned_, "); call zero_grad to discard the step");
+  });
+  if (par_) {
+    // zero_grad is local: ranks that accumulated different micro-batches would step differently.
+    std::vector<int64_t> counts(static_cast<size_t>(par_->size()));
+    const int64_t mine = static_cast<int64_t>(micro_batches_);
+    par_->host().all_gather(&mine, sizeof(int64_t), counts.data());
+    for (int r = 1; r < par_->size(); ++r)
+      if (counts[r] != counts[0])
+        fail(Code::InvalidState, "rank ", r, " of ", par_->size(), " accumulated ", counts[r],
+             " micro-batches since its zero_grad and rank 0 ", counts[0],
+             ": every rank calls zero_grad, its backwards and step together");
+  }
   const TrainingConfig& c = options_.training;
   StepInfo info;
   info.lr = c.lr_at(step_ + 1);

@@ -1,0 +1,376 @@
+// Expert and data parallelism of device sessions under a demanding user: accumulation over
+// micro-batches, failures in the middle of a step, masks, empty and uneven ranks, eval passes,
+// parameters by name on a shard, optimizer and configuration changes, clipping, the global
+// auxiliary loss, checkpoints moving between world sizes, peers that leave, and FP8. Ranks are
+// threads over the in-process communicator presenting device memory, each with a session on the
+// simulated device (libmoert_devsim.so), against one plain devsim session over the union of the
+// rows (tests/gpu/test_device_parallel.cc has the plain cases).
+//
+// Bounds. Gradients: core/session_local_gradients.cc bounds a gradient element by a few ulps of
+// the sum of the magnitudes of its per-row terms; relative to a tensor's largest element that
+// is below 1e-6 for these shapes (kGradientBound, as in test_device_parallel.cc). Parameters
+// after a few SGD steps: lr times the gradients' gap per step plus the momentum's carry,
+// well within 1e-5 of the largest element (kParamBound). Forward outputs of even, 64-row aligned
+// splits are bitwise (each row is computed alone); uneven splits move a row within the CPU
+// GEMM's blocks and get other bits: 1e-6 relative.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "core/error.h"
+#include "core/session.h"
+#include "tests/support/inprocess_communicator.h"
+#include "tests/unit/session_model.h"
+
+namespace moert {
+namespace {
+
+constexpr uint32_t kMoe = 2;  // the MoE layer of test::moe_model
+constexpr uint32_t V = test::kSessionVocab;
+constexpr double kGradientBound = 1e-6;
+constexpr double kParamBound = 1e-5;
+
+using Configure = std::function<void(SessionOptions&)>;
+
+SessionOptions device_options(Mode mode, const Configure& configure = {}) {
+  SessionOptions o = test::options(Precision::Bf16, mode);
+  o.device = Device::Cuda;
+  o.cuda_plugin = MOERT_CUDA_PLUGIN_PATH;
+  o.set("optimizer", "sgd");
+  o.set("lr", "0.05");
+  if (configure) configure(o);
+  return o;
+}
+
+// Runs body(rank, session) on `world` threads with sessions joined by an in-process device
+// communicator; returns each rank's error (construction included), "" where none.
+std::vector<std::string> on_ranks(int world, int ep, const std::shared_ptr<const Model>& model,
+                                  Mode mode, const std::function<void(int, Session&)>& body,
+                                  const Configure& configure = {}, double timeout = 30.0) {
+  auto comms = testing::make_inprocess_communicators(world, timeout, CommMemory::Device);
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(static_cast<size_t>(world));
+  for (int r = 0; r < world; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        SessionOptions o = device_options(mode, configure);
+        o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), ep);
+        Session s(model, o);
+        body(r, s);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+void expect_no_errors(const std::vector<std::string>& errors, const std::string& what) {
+  for (size_t r = 0; r < errors.size(); ++r) EXPECT_EQ(errors[r], "") << what << " rank " << r;
+}
+
+std::string layout_name(int world, int ep) {
+  return std::to_string(world) + " ranks, EP " + std::to_string(ep);
+}
+
+// max_i |a_i - b_i| / max_i |b_i|.
+double relative_gap(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  double diff = 0.0, scale = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::fabs(static_cast<double>(a[i]) - b[i]));
+    scale = std::max(scale, std::fabs(static_cast<double>(b[i])));
+  }
+  return scale > 0.0 ? diff / scale : diff;
+}
+
+// The rank's part of one session's tensor: a routed expert tensor's shard, else all of it.
+std::vector<float> part(const std::vector<float>& full, size_t n, int shard) {
+  const size_t at = n == full.size() ? 0 : static_cast<size_t>(shard) * n;
+  return {full.begin() + static_cast<int64_t>(at), full.begin() + static_cast<int64_t>(at + n)};
+}
+
+std::vector<std::vector<float>> gradients(const Session& s) {
+  std::vector<std::vector<float>> out;
+  for (size_t i = 0; i < s.num_parameters(); ++i) {
+    out.emplace_back(static_cast<size_t>(s.parameter_size(i)));
+    s.read_gradient(i, out.back().data(), out.back().size());
+  }
+  return out;
+}
+
+std::vector<std::vector<float>> parameters(const Session& s) {
+  std::vector<std::vector<float>> out;
+  for (size_t i = 0; i < s.num_parameters(); ++i) {
+    out.emplace_back(static_cast<size_t>(s.parameter_size(i)));
+    s.read_parameter(i, out.back().data(), out.back().size());
+  }
+  return out;
+}
+
+// Largest relative gap of a rank's tensors against one session's (the rank's shard of experts).
+double worst_gap(const std::vector<std::vector<float>>& got,
+                 const std::vector<std::vector<float>>& want, int shard) {
+  double worst = got.size() == want.size() ? 0.0 : std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i)
+    worst = std::max(worst, relative_gap(got[i], part(want[i], got[i].size(), shard)));
+  return worst;
+}
+
+std::vector<float> bias_of(const Session& s) {
+  std::vector<float> b(8);
+  s.read_bias(kMoe, b.data(), b.size());
+  return b;
+}
+
+// What a script records, on one session or on each rank.
+struct Record {
+  std::vector<std::vector<std::vector<float>>> grads;   // after each backward
+  std::vector<std::vector<std::vector<float>>> params;  // after each step
+  std::vector<double> losses, norms;
+  std::vector<std::vector<float>> biases;
+};
+
+// A rank's rows of a micro-batch of `rows` rows split evenly over `world` ranks.
+struct Slice {
+  int64_t first, n;
+};
+Slice slice(int rank, int world, int64_t rows) { return {rank * (rows / world), rows / world}; }
+
+void micro_batch(Session& s, const test::Batch& b, int64_t at, Slice sl, Record& rec) {
+  std::vector<float> out(static_cast<size_t>(sl.n * V));
+  const int64_t first = at + sl.first;
+  s.forward_tokens(b.tokens.data() + first * 4, static_cast<uint64_t>(sl.n * 4), nullptr, 0,
+                   static_cast<uint64_t>(sl.n), out.data(), out.size());
+  rec.losses.push_back(s.backward_loss(b.targets.data() + first, static_cast<uint64_t>(sl.n)));
+  rec.grads.push_back(gradients(s));
+}
+
+void record_step(Session& s, Record& rec) {
+  rec.norms.push_back(s.step().grad_norm);
+  rec.params.push_back(parameters(s));
+  rec.biases.push_back(bias_of(s));
+}
+
+// Three micro-batches, a step; a step with no backward (parameters must not move); a learning
+// rate and clipping change; zero_grad (gradients exactly zero); two micro-batches; a step.
+void accumulation_script(Session& s, int rank, int world, const test::Batch& b, int64_t rows,
+                         Record& rec) {
+  s.zero_grad();
+  for (int mb = 0; mb < 3; ++mb) micro_batch(s, b, mb * rows, slice(rank, world, rows), rec);
+  record_step(s, rec);
+  // A step without zero_grad applies the same accumulated gradients again, as one process does.
+  const uint64_t steps = s.step_count();
+  record_step(s, rec);
+  EXPECT_EQ(s.step_count(), steps + 1);
+  s.set_config("lr", "0.02");
+  s.set_config("clip_norm", "0.05");
+  s.zero_grad();
+  for (const auto& g : gradients(s))
+    for (float v : g) ASSERT_EQ(v, 0.0f) << "zero_grad left a gradient";
+  const auto zeroed = parameters(s);
+  s.step();  // a step with nothing accumulated since zero_grad: no parameter moves
+  EXPECT_EQ(parameters(s), zeroed);
+  for (int mb = 3; mb < 5; ++mb) micro_batch(s, b, mb * rows, slice(rank, world, rows), rec);
+  record_step(s, rec);
+}
+
+void compare(const Record& got, const Record& want, int shard, const std::string& what) {
+  ASSERT_EQ(got.grads.size(), want.grads.size()) << what;
+  ASSERT_EQ(got.params.size(), want.params.size()) << what;
+  double g = 0.0, p = 0.0;
+  for (size_t i = 0; i < got.grads.size(); ++i)
+    g = std::max(g, worst_gap(got.grads[i], want.grads[i], shard));
+  for (size_t i = 0; i < got.params.size(); ++i)
+    p = std::max(p, worst_gap(got.params[i], want.params[i], shard));
+  EXPECT_LE(g, kGradientBound) << what;
+  EXPECT_LE(p, kParamBound) << what;
+  for (size_t i = 0; i < got.losses.size(); ++i)
+    EXPECT_NEAR(got.losses[i], want.losses[i], 1e-5 * std::fabs(want.losses[i])) << what;
+  ASSERT_EQ(got.norms.size(), want.norms.size());
+  for (size_t i = 0; i < got.norms.size(); ++i)
+    EXPECT_NEAR(got.norms[i], want.norms[i], 1e-6 * want.norms[i]) << what << " norm " << i;
+  EXPECT_EQ(got.biases, want.biases) << what;
+  std::printf("%s: gradient gap %.3g, parameter gap %.3g\n", what.c_str(), g, p);
+}
+
+TEST(DeviceParallelMisuse, AccumulationEmptyStepsAndConfigChangesFollowOneSession) {
+  std::mt19937 rng(201);
+  const auto model = test::moe_model(rng);
+  const int64_t rows = 128;
+  const test::Batch b = test::batch(rng, 5 * rows);
+  for (const std::string& optimizer : {std::string("sgd"), std::string("adamw")}) {
+    const Configure cfg = [&](SessionOptions& o) {
+      o.set("optimizer", optimizer);
+      if (optimizer == "adamw") {
+        o.set("lr", "0.001");
+        o.set("weight_decay", "0.01");
+      }
+    };
+    Record want;
+    {
+      Session one(model, device_options(Mode::Training, cfg));
+      accumulation_script(one, 0, 1, b, rows, want);
+    }
+    // Clipping must have been active in the last step for the test to say something about it.
+    EXPECT_GT(want.norms.back(), 0.05);
+    for (auto [world, ep] : std::vector<std::pair<int, int>>{{2, 2}, {4, 2}, {4, 4}}) {
+      std::vector<Record> got(static_cast<size_t>(world));
+      expect_no_errors(
+          on_ranks(
+              world, ep, model, Mode::Training,
+              [&](int r, Session& s) { accumulation_script(s, r, world, b, rows, got[r]); }, cfg),
+          layout_name(world, ep));
+      for (int r = 0; r < world; ++r)
+        compare(got[r], want, r % ep,
+                optimizer + ", " + layout_name(world, ep) + " rank " + std::to_string(r));
+    }
+  }
+}
+
+// Failing calls in the middle of a step, their bad input on the last rank (a row of one session's
+// batch where there is one rank): each fails on every rank and leaves the gradients accumulated
+// so far bitwise as they were; a step over overflowed gradients fails everywhere and moves
+// nothing; then training goes on as one process's does.
+void failure_script(Session& s, int rank, int world, const test::Batch& b, int64_t rows,
+                    Record& rec, std::vector<std::string>& failures) {
+  const Slice sl = slice(rank, world, rows);
+  const bool bad = rank == world - 1;
+  const auto expect_failure = [&](const std::function<void()>& call, Code code) {
+    try {
+      call();
+      failures.push_back("no failure");
+    } catch (const Error& e) {
+      failures.push_back(e.code() == code ? "" : e.what());
+    }
+  };
+  std::vector<float> out(static_cast<size_t>(sl.n * V));
+  const auto forward = [&](int64_t at) {
+    s.forward_tokens(b.tokens.data() + (at + sl.first) * 4, static_cast<uint64_t>(sl.n * 4),
+                     nullptr, 0, static_cast<uint64_t>(sl.n), out.data(), out.size());
+  };
+  s.zero_grad();
+  micro_batch(s, b, 0, sl, rec);
+  const auto kept = gradients(s);
+  // A target outside the vocabulary.
+  std::vector<int32_t> targets(b.targets.begin() + rows + sl.first,
+                               b.targets.begin() + rows + sl.first + sl.n);
+  if (bad) targets[static_cast<size_t>(sl.n / 2)] = static_cast<int32_t>(V);
+  forward(rows);
+  expect_failure([&] { s.backward_loss(targets.data(), targets.size()); }, Code::InvalidArgument);
+  EXPECT_EQ(gradients(s), kept) << "a refused backward_loss changed the gradients";
+  // A NaN in the output gradient.
+  std::vector<float> dy(out.size(), 1e-3f);
+  if (bad) dy[dy.size() / 3] = std::numeric_limits<float>::quiet_NaN();
+  forward(rows);
+  expect_failure([&] { s.backward(dy.data(), dy.size(), nullptr, 0); }, Code::Numeric);
+  EXPECT_EQ(gradients(s), kept) << "a refused backward changed the gradients";
+  // The micro-batch again, correctly, and the step.
+  micro_batch(s, b, rows, sl, rec);
+  record_step(s, rec);
+  // Output gradients that overflow the gradients on one rank: the step refuses them on every
+  // rank and leaves the parameters as they were.
+  s.zero_grad();
+  std::fill(dy.begin(), dy.end(), bad ? 3e38f : 0.0f);
+  forward(2 * rows);
+  s.backward(dy.data(), dy.size(), nullptr, 0);
+  const auto before = parameters(s);
+  expect_failure([&] { s.step(); }, Code::Numeric);
+  EXPECT_EQ(parameters(s), before) << "a refused step moved parameters";
+  s.zero_grad();
+  micro_batch(s, b, 2 * rows, sl, rec);
+  record_step(s, rec);
+}
+
+TEST(DeviceParallelMisuse, FailuresMidStepKeepTheAccumulatedGradients) {
+  std::mt19937 rng(211);
+  const auto model = test::moe_model(rng);
+  const int64_t rows = 128;
+  const test::Batch b = test::batch(rng, 3 * rows);
+  Record want;
+  std::vector<std::string> one_failures;
+  {
+    Session one(model, device_options(Mode::Training));
+    failure_script(one, 0, 1, b, rows, want, one_failures);
+  }
+  EXPECT_EQ(one_failures, std::vector<std::string>(3, ""));
+  for (auto [world, ep] : std::vector<std::pair<int, int>>{{2, 2}, {4, 2}}) {
+    std::vector<Record> got(static_cast<size_t>(world));
+    std::vector<std::vector<std::string>> failures(static_cast<size_t>(world));
+    expect_no_errors(on_ranks(world, ep, model, Mode::Training,
+                              [&](int r, Session& s) {
+                                failure_script(s, r, world, b, rows, got[r], failures[r]);
+                              }),
+                     layout_name(world, ep));
+    for (int r = 0; r < world; ++r) {
+      EXPECT_EQ(failures[r], std::vector<std::string>(3, "")) << layout_name(world, ep);
+      compare(got[r], want, r % ep, layout_name(world, ep) + " rank " + std::to_string(r));
+    }
+  }
+}
+
+// A precondition of step that holds on one rank and not on another (eval mode on one): every
+// rank refuses the step at once, and the job goes on (the communicator is not left broken by a
+// rank waiting alone for a collective); so is a step after zero_grad on one rank only.
+TEST(DeviceParallelMisuse, StepRefusedOnOneRankIsRefusedOnEvery) {
+  std::mt19937 rng(223);
+  const auto model = test::moe_model(rng);
+  const test::Batch b = test::batch(rng, 128);
+  std::vector<std::string> refused(2);
+  std::vector<double> seconds(2);
+  std::vector<std::vector<std::vector<float>>> after(2);
+  const auto errors = on_ranks(
+      2, 2, model, Mode::Training,
+      [&](int r, Session& s) {
+        std::vector<float> out(64 * V);
+        s.forward_tokens(b.tokens.data() + r * 256, 256, 64, out.data(), out.size());
+        s.backward_loss(b.targets.data() + r * 64, 64);
+        const auto before = parameters(s);
+        if (r == 1) s.set_eval(true);
+        const auto start = std::chrono::steady_clock::now();
+        try {
+          s.step();
+        } catch (const Error& e) {
+          refused[r] = e.what();
+        }
+        seconds[r] =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        EXPECT_EQ(parameters(s), before) << "rank " << r;
+        if (r == 1) s.set_eval(false);
+        // zero_grad on one rank only: the ranks disagree on what the step applies.
+        if (r == 0) s.zero_grad();
+        try {
+          s.step();
+          ADD_FAILURE() << "rank " << r << " stepped over micro-batches the others did not count";
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("micro-batches since its zero_grad"),
+                    std::string::npos)
+              << e.what();
+        }
+        EXPECT_EQ(parameters(s), before) << "rank " << r;
+        s.zero_grad();
+        s.forward_tokens(b.tokens.data() + r * 256, 256, 64, out.data(), out.size());
+        s.backward_loss(b.targets.data() + r * 64, 64);
+        s.step();
+        after[r] = parameters(s);
+      },
+      {}, 5.0);
+  expect_no_errors(errors, "eval on one rank");
+  EXPECT_NE(refused[1].find("step in eval mode"), std::string::npos) << refused[1];
+  EXPECT_NE(refused[0].find("rank 1 of 2 failed"), std::string::npos) << refused[0];
+  for (double t : seconds) EXPECT_LT(t, 2.0) << "a refused step waited for a timeout";
+  EXPECT_EQ(after[0][0], after[1][0]) << "replicas diverged";
+}
+
+}  // namespace
+}  // namespace moert
