@@ -893,9 +893,16 @@ void Session::set_config(const std::string& key, const std::string& value) {
     fail(Code::InvalidState,
          "the optimizer cannot change after the first step (its state would "
          "not carry over)");
-  if (key == "sequence_length" && pending_backward_)
-    fail(Code::InvalidState, "sequence_length cannot change between a forward and its backward");
+  if ((key == "sequence_length" || key == "aux_loss_scope") && pending_backward_)
+    fail(Code::InvalidState, key, " cannot change between a forward and its backward");
   options_ = updated;
+  // The parts were handed these at creation: a change must reach them, not only options_.
+  if (par_) {
+    par_->set_chunks(options_.ep_chunks);
+    par_->set_overlap(options_.ep_overlap);
+  }
+  for (auto& l : layers_)
+    if (auto* m = dynamic_cast<MoELayer*>(l.get())) m->set_global_aux(options_.global_aux);
 }
 
 const std::string& Session::parameter_name(size_t index) const {

@@ -372,5 +372,183 @@ TEST(DeviceParallelMisuse, StepRefusedOnOneRankIsRefusedOnEvery) {
   EXPECT_EQ(after[0][0], after[1][0]) << "replicas diverged";
 }
 
+// Rows of very different counts per rank (two ranks all padding), masked rows and
+// ignored targets: one session over the concatenation of the ranks' rows, masks and targets.
+// Eval passes between the backward and the step: outputs and eval counts bitwise one session's,
+// no backward after them, and the step applies the training pass's gradients.
+TEST(DeviceParallelMisuse, MasksIgnoredTargetsEmptyRanksAndEval) {
+  std::mt19937 rng(227);
+  const auto model = test::moe_model(rng);
+  const std::vector<int64_t> split = {3, 37, 128, 11};
+  const int64_t rows = 179;
+  const test::Batch b = test::batch(rng, rows);
+  std::vector<uint8_t> mask(static_cast<size_t>(rows), 1);
+  std::vector<int32_t> targets = b.targets;
+  for (int64_t i = 0; i < rows; ++i) {
+    // Ranks 0 and 3: padding only.
+    if (i % 5 == 2 || i < 3 || i >= 168) mask[static_cast<size_t>(i)] = 0;
+    if (i % 7 == 3) targets[static_cast<size_t>(i)] = kIgnoreTarget;
+  }
+  const int64_t eval_rows = 64;
+  const test::Batch e = test::batch(rng, 4 * eval_rows);
+  struct Result {
+    std::vector<float> out, eval_out;
+    double loss = 0.0;
+    std::vector<std::vector<float>> grads, params;
+    std::vector<int64_t> counts, eval_counts;
+    std::string after_eval;
+  };
+  const auto run = [&](Session& s, int64_t first, int64_t n, int64_t eval_first, int64_t eval_n,
+                       Result& res) {
+    res.out.assign(static_cast<size_t>(n * V), -1.0f);
+    s.forward_tokens(b.tokens.data() + first * 4, static_cast<uint64_t>(n * 4), mask.data() + first,
+                     static_cast<uint64_t>(n), static_cast<uint64_t>(n), res.out.data(),
+                     res.out.size());
+    res.counts = s.expert_counts(kMoe, CountScope::Last);
+    res.loss = s.backward_loss(targets.data() + first, static_cast<uint64_t>(n));
+    res.grads = gradients(s);
+    // Eval before the step, while the parameters are bitwise one session's.
+    s.set_eval(true);
+    res.eval_out.resize(static_cast<size_t>(eval_n * V));
+    s.forward_tokens(e.tokens.data() + eval_first * 4, static_cast<uint64_t>(eval_n * 4),
+                     static_cast<uint64_t>(eval_n), res.eval_out.data(), res.eval_out.size());
+    res.eval_counts = s.expert_counts(kMoe, CountScope::Eval);
+    s.set_eval(false);
+    try {
+      s.backward_loss(e.targets.data() + eval_first, static_cast<uint64_t>(eval_n));
+      res.after_eval = "accepted";
+    } catch (const Error& err) {
+      res.after_eval = err.code() == Code::InvalidState ? "refused" : err.what();
+    }
+    s.step();
+    res.params = parameters(s);
+  };
+  Result want;
+  {
+    Session one(model, device_options(Mode::Training));
+    run(one, 0, rows, 0, 4 * eval_rows, want);
+  }
+  EXPECT_EQ(want.after_eval, "refused");
+  for (int ep : {2, 4}) {
+    std::vector<Result> got(4);
+    expect_no_errors(on_ranks(4, ep, model, Mode::Training,
+                              [&](int r, Session& s) {
+                                int64_t first = 0;
+                                for (int q = 0; q < r; ++q) first += split[q];
+                                run(s, first, split[r], r * eval_rows, eval_rows, got[r]);
+                              }),
+                     layout_name(4, ep));
+    std::vector<float> out;
+    std::vector<float> eval_out;
+    for (int r = 0; r < 4; ++r) {
+      const std::string what = layout_name(4, ep) + " rank " + std::to_string(r);
+      out.insert(out.end(), got[r].out.begin(), got[r].out.end());
+      eval_out.insert(eval_out.end(), got[r].eval_out.begin(), got[r].eval_out.end());
+      EXPECT_EQ(got[r].counts, want.counts) << what;
+      EXPECT_NEAR(got[r].loss, want.loss, 1e-6 * want.loss) << what;
+      EXPECT_LE(worst_gap(got[r].grads, want.grads, r % ep), kGradientBound) << what;
+      EXPECT_LE(worst_gap(got[r].params, want.params, r % ep), kParamBound) << what;
+      EXPECT_EQ(got[r].eval_counts, want.eval_counts) << what;
+      EXPECT_EQ(got[r].after_eval, "refused") << what;
+    }
+    // Padding rows are zero exactly; the rest within the uneven-split bound.
+    for (int64_t i = 0; i < rows; ++i)
+      if (!mask[static_cast<size_t>(i)]) {
+        for (uint32_t c = 0; c < V; ++c) ASSERT_EQ(out[static_cast<size_t>(i * V + c)], 0.0f);
+      }
+    EXPECT_LE(relative_gap(out, want.out), 1e-6) << layout_name(4, ep);
+    // The eval rows are 64 per rank: bitwise.
+    EXPECT_EQ(eval_out, want.eval_out) << layout_name(4, ep);
+  }
+}
+
+// A rank with no rows at all is refused (rows >= 1, moert.h: a rank with nothing to feed
+// sends a row of padding) on every rank, and the job goes on; padding on every rank passes and
+// adds nothing.
+TEST(DeviceParallelMisuse, NoRowsOnOneRankAndPaddingEverywhere) {
+  std::mt19937 rng(229);
+  const auto model = test::moe_model(rng);
+  const test::Batch b = test::batch(rng, 128);
+  std::vector<std::string> refused(2);
+  expect_no_errors(on_ranks(2, 2, model, Mode::Training,
+                            [&](int r, Session& s) {
+                              std::vector<float> out(64 * V);
+                              s.forward_tokens(b.tokens.data() + r * 256, 256, 64, out.data(),
+                                               out.size());
+                              s.backward_loss(b.targets.data() + r * 64, 64);
+                              const auto kept = gradients(s);
+                              try {
+                                s.forward_tokens(b.tokens.data(), r == 1 ? 0 : 256, r == 1 ? 0 : 64,
+                                                 out.data(), r == 1 ? 0 : out.size());
+                              } catch (const Error& e) {
+                                refused[r] = e.what();
+                              }
+                              // Rows that are all padding, on every rank.
+                              const std::vector<uint8_t> none(64, 0);
+                              s.forward_tokens(b.tokens.data(), 256, none.data(), 64, 64,
+                                               out.data(), out.size());
+                              for (float v : out) ASSERT_EQ(v, 0.0f);
+                              EXPECT_EQ(s.backward_loss(b.targets.data(), 64), 0.0);
+                              EXPECT_EQ(gradients(s), kept);
+                              s.step();
+                            }),
+                   "empty passes");
+  EXPECT_NE(refused[1].find("rows must be at least 1"), std::string::npos) << refused[1];
+  EXPECT_NE(refused[0].find("rank 1 of 2 failed"), std::string::npos) << refused[0];
+}
+
+// The auxiliary loss over the job's batch (aux_loss_scope global) equals one process's over the
+// union; set_config switches it on a live session (not only at creation).
+TEST(DeviceParallelMisuse, GlobalAuxLossMatchesOneSessionAndFollowsSetConfig) {
+  std::mt19937 rng(233);
+  auto aux_model = test::moe_model(rng);
+  auto& moe = std::get<MoESpec>(aux_model->layers[kMoe].spec);
+  moe.balancing.policy = BalancingPolicy::AuxLoss;
+  moe.balancing.aux_alpha = 0.05f;
+  const std::shared_ptr<const Model> model = aux_model;
+  const int64_t rows = 256;
+  const test::Batch b = test::batch(rng, rows);
+  struct Result {
+    double loss = 0.0;
+    std::vector<std::vector<float>> grads;
+  };
+  const auto run = [&](Session& s, Slice sl, Result& res) {
+    std::vector<float> out(static_cast<size_t>(sl.n * V));
+    s.forward_tokens(b.tokens.data() + sl.first * 4, static_cast<uint64_t>(sl.n * 4),
+                     static_cast<uint64_t>(sl.n), out.data(), out.size());
+    res.loss = s.backward_loss(b.targets.data() + sl.first, static_cast<uint64_t>(sl.n));
+    res.grads = gradients(s);
+  };
+  Result want;
+  {
+    Session one(model, device_options(Mode::Training));
+    run(one, {0, rows}, want);
+  }
+  for (const char* how : {"created", "set_config", "local"}) {
+    std::vector<Result> got(4);
+    expect_no_errors(on_ranks(
+                         4, 2, model, Mode::Training,
+                         [&](int r, Session& s) {
+                           if (std::string(how) == "set_config")
+                             s.set_config("aux_loss_scope", "global");
+                           run(s, slice(r, 4, rows), got[r]);
+                         },
+                         [&](SessionOptions& o) {
+                           if (std::string(how) == "created") o.set("aux_loss_scope", "global");
+                         }),
+                     how);
+    for (int r = 0; r < 4; ++r) {
+      const double gap = worst_gap(got[r].grads, want.grads, r % 2);
+      if (std::string(how) == "local") {
+        // Each rank's own f_i: another loss (the test would say nothing if the scopes agreed).
+        EXPECT_GT(std::fabs(got[r].loss - want.loss), 1e-5 * want.loss) << how;
+        continue;
+      }
+      EXPECT_NEAR(got[r].loss, want.loss, 1e-6 * want.loss) << how << " rank " << r;
+      EXPECT_LE(gap, kGradientBound) << how << " rank " << r;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moert
