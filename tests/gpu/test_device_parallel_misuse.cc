@@ -550,5 +550,146 @@ TEST(DeviceParallelMisuse, GlobalAuxLossMatchesOneSessionAndFollowsSetConfig) {
   }
 }
 
+// A peer that destroys its session (and its communicator) while the other computes: the other
+// fails with a communicator error within the timeout instead of hanging; its communicator then
+// stays broken: the next call and a new session over it fail at once.
+TEST(DeviceParallelMisuse, APeerThatLeavesFailsTheOthersWithinTheTimeout) {
+  std::mt19937 rng(239);
+  const auto model = test::moe_model(rng);
+  const test::Batch b = test::batch(rng, 128);
+  const double timeout = 1.0;
+  auto comms = testing::make_inprocess_communicators(2, timeout, CommMemory::Device);
+  std::shared_ptr<Communicator> mine(std::move(comms[0]));
+  std::string first, second, again;
+  double first_s = 0.0, second_s = 0.0;
+  std::thread leaver([&] {
+    SessionOptions o = device_options(Mode::Training);
+    o.set_comm(std::shared_ptr<Communicator>(std::move(comms[1])), 2);
+    Session s(model, o);  // the creation is collective; then the session and the rank go
+  });
+  {
+    SessionOptions o = device_options(Mode::Training);
+    o.set_comm(mine, 2);
+    Session s(model, o);
+    leaver.join();
+    std::vector<float> out(64 * V);
+    const auto timed = [&](std::string& error, double& seconds) {
+      const auto start = std::chrono::steady_clock::now();
+      try {
+        s.forward_tokens(b.tokens.data(), 256, 64, out.data(), out.size());
+        error = "no error";
+      } catch (const Error& e) {
+        error = e.code() == Code::Comm ? "" : e.what();
+      }
+      seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    };
+    timed(first, first_s);
+    timed(second, second_s);
+  }
+  EXPECT_EQ(first, "");
+  EXPECT_EQ(second, "");
+  EXPECT_LT(first_s, timeout + 2.0);
+  EXPECT_LT(second_s, 0.5 * timeout) << "a broken communicator waited again";
+  EXPECT_TRUE(mine->broken());
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    SessionOptions o = device_options(Mode::Training);
+    o.set_comm(mine, 2);
+    Session s(model, o);
+    again = "no error";
+  } catch (const Error& e) {
+    again = e.code() == Code::Comm ? "" : e.what();
+  }
+  EXPECT_EQ(again, "");
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+            0.5 * timeout);
+}
+
+// Layouts that cannot work are refused on every rank, within the timeout: an EP that does not
+// divide the ranks (set_comm), one that does not divide the experts (8 over 3), and ranks that
+// disagree on EP.
+TEST(DeviceParallelMisuse, ImpossibleLayoutsAreRefusedOnEveryRank) {
+  std::mt19937 rng(241);
+  const auto model = test::moe_model(rng);
+  {
+    auto comms = testing::make_inprocess_communicators(4, 1.0, CommMemory::Device);
+    SessionOptions o = device_options(Mode::Training);
+    try {
+      o.set_comm(std::shared_ptr<Communicator>(std::move(comms[0])), 3);
+      ADD_FAILURE() << "EP 3 over 4 ranks accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Code::InvalidArgument);
+    }
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const auto errors = on_ranks(
+      3, 3, model, Mode::Training, [](int, Session&) {}, {}, 1.0);
+  for (const auto& e : errors)
+    EXPECT_TRUE(e.find("routed experts, which an expert-parallel size of 3 does not divide") !=
+                    std::string::npos ||
+                e.find("failed:") != std::string::npos)
+        << e;
+  EXPECT_NE(errors[0].find("does not divide"), std::string::npos) << errors[0];
+  // EP 2 on rank 0, 1 on rank 1: no session may come up on either.
+  auto comms = testing::make_inprocess_communicators(2, 1.0, CommMemory::Device);
+  std::vector<std::string> mixed(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        SessionOptions o = device_options(Mode::Training);
+        o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), r == 0 ? 2 : 1);
+        Session s(model, o);
+        mixed[r] = "created";
+      } catch (const Error& e) {
+        mixed[r] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const auto& e : mixed) EXPECT_NE(e, "created");
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 10.0);
+}
+
+// Parameters by name on a shard: the names are one session's; a routed expert tensor is the
+// rank's E / EP experts (shard rank % EP) and refuses the whole tensor's length; writing the same
+// values on every rank, as one session does, gives one session's forward.
+TEST(DeviceParallelMisuse, ParametersByNameOnAShard) {
+  std::mt19937 rng(251);
+  const auto model = test::moe_model(rng);
+  const test::Batch b = test::batch(rng, 256);
+  Session one(model, device_options(Mode::Training));
+  const auto full = parameters(one);
+  const size_t w1 = one.parameter_index("moe.w1");
+  std::vector<float> changed = full[w1];
+  for (size_t i = 0; i < changed.size(); ++i) changed[i] += 0.01f * static_cast<float>(i % 7);
+  one.write_parameter(w1, changed.data(), changed.size());
+  std::vector<float> want(256 * V);
+  one.forward_tokens(b.tokens.data(), 1024, 256, want.data(), want.size());
+  std::vector<float> got(want.size());
+  expect_no_errors(on_ranks(4, 2, model, Mode::Training,
+                            [&](int r, Session& s) {
+                              ASSERT_EQ(s.num_parameters(), one.num_parameters());
+                              for (size_t i = 0; i < s.num_parameters(); ++i)
+                                EXPECT_EQ(s.parameter_name(i), one.parameter_name(i));
+                              const size_t i = s.parameter_index("moe.w1");
+                              EXPECT_EQ(s.parameter_size(i), one.parameter_size(i) / 2);
+                              std::vector<float> shard(static_cast<size_t>(s.parameter_size(i)));
+                              s.read_parameter(i, shard.data(), shard.size());
+                              EXPECT_EQ(shard, part(full[i], shard.size(), r % 2));
+                              try {
+                                s.write_parameter(i, changed.data(), changed.size());
+                                ADD_FAILURE() << "a shard took the whole tensor";
+                              } catch (const Error& e) {
+                                EXPECT_EQ(e.code(), Code::InvalidArgument);
+                              }
+                              const auto mine = part(changed, shard.size(), r % 2);
+                              s.write_parameter(i, mine.data(), mine.size());
+                              s.forward_tokens(b.tokens.data() + r * 256, 256, 64,
+                                               got.data() + r * 64 * V, 64 * V);
+                            }),
+                   "parameters by name");
+  EXPECT_EQ(got, want);
+}
+
 }  // namespace
 }  // namespace moert
