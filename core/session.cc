@@ -1,6 +1,7 @@
 #include "core/session.h"
 
 #include <algorithm>
+#include <bit>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -739,15 +740,35 @@ StepInfo Session::step() {
            poisoned_, "); call zero_grad to discard the step");
   });
   if (par_) {
-    // zero_grad is local: ranks that accumulated different micro-batches would step differently.
-    std::vector<int64_t> counts(static_cast<size_t>(par_->size()));
-    const int64_t mine = static_cast<int64_t>(micro_batches_);
-    par_->host().all_gather(&mine, sizeof(int64_t), counts.data());
-    for (int r = 1; r < par_->size(); ++r)
-      if (counts[r] != counts[0])
-        fail(Code::InvalidState, "rank ", r, " of ", par_->size(), " accumulated ", counts[r],
-             " micro-batches since its zero_grad and rank 0 ", counts[0],
+    // zero_grad and set_config are local: ranks that accumulated different micro-batches, or
+    // that were configured differently, would move their replicated parameters apart.
+    const TrainingConfig& t = options_.training;
+    ContentHasher h;
+    h.str(t.optimizer);
+    for (double d :
+         {t.lr, t.weight_decay, t.beta1, t.beta2, t.eps, t.momentum, t.clip_norm, t.min_lr})
+      h.u64(std::bit_cast<uint64_t>(d));
+    h.u64(t.warmup_steps);
+    h.u64(t.total_steps);
+    h.u64(static_cast<uint64_t>(t.sequence_length));
+    h.u8(options_.global_aux);
+    for (const Balance& b : balance_) {
+      h.f32(b.gamma);
+      h.u8(b.frozen);
+    }
+    const std::array<uint64_t, 2> mine = {micro_batches_, h.digest()};
+    std::vector<std::array<uint64_t, 2>> all(static_cast<size_t>(par_->size()));
+    par_->host().all_gather(mine.data(), sizeof(mine), all.data());
+    for (int r = 1; r < par_->size(); ++r) {
+      if (all[r][0] != all[0][0])
+        fail(Code::InvalidState, "rank ", r, " of ", par_->size(), " accumulated ", all[r][0],
+             " micro-batches since its zero_grad and rank 0 ", all[0][0],
              ": every rank calls zero_grad, its backwards and step together");
+      if (all[r][1] != all[0][1])
+        fail(Code::InvalidState, "rank ", r, " of ", par_->size(),
+             " has other training settings than rank 0 (set_config, set_bias_update_rate or "
+             "set_bias_frozen called on some ranks only): every rank makes the same calls");
+    }
   }
   const TrainingConfig& c = options_.training;
   StepInfo info;
