@@ -720,7 +720,7 @@ void train_steps(Session& s, int rank, int world, const test::Batch& b, int64_t 
 
 // A checkpoint of 4 ranks, EP 2 x DP 2, resumed by 2 ranks (EP 2) and by 1: each goes on as one
 // process from the same file does; the file itself is one process's after the same steps to
-// the parameters' rounding, its loss-free biases bitwise.
+// the parameters' rounding, its loss-free biases bitwise. Then one process's file resumed by 4.
 TEST(DeviceParallelMisuse, CheckpointOfFourRanksResumesOnTwoAndOne) {
   std::mt19937 rng(257);
   const auto model = test::moe_model(rng);
@@ -763,9 +763,29 @@ TEST(DeviceParallelMisuse, CheckpointOfFourRanksResumesOnTwoAndOne) {
   }
   Session one(model, device_options(Mode::Training));
   one.load(path);
-  std::filesystem::remove(path);
   train_steps(one, 0, 1, b, rows, 3, 2);
   EXPECT_EQ(parameters(one), want) << "one process from the same file is deterministic";
+  // And back: one process's checkpoint resumed by 4 ranks.
+  one.save(path);
+  train_steps(one, 0, 1, b, rows, 5, 2);
+  const auto want4 = parameters(one);
+  const auto want4_bias = bias_of(one);
+  std::vector<std::vector<std::vector<float>>> four(4);
+  std::vector<std::vector<float>> four_bias(4);
+  expect_no_errors(on_ranks(4, 2, model, Mode::Training,
+                            [&](int r, Session& s) {
+                              s.load(path);
+                              EXPECT_EQ(s.step_count(), 5u);
+                              train_steps(s, r, 4, b, rows, 5, 2);
+                              four[r] = parameters(s);
+                              four_bias[r] = bias_of(s);
+                            }),
+                   "4 ranks resume");
+  std::filesystem::remove(path);
+  for (int r = 0; r < 4; ++r) {
+    EXPECT_LE(worst_gap(four[r], want4, r % 2), kParamBound) << "rank " << r;
+    EXPECT_EQ(four_bias[r], want4_bias) << "rank " << r;
+  }
 }
 
 // FP8 experts across ranks. Activations are quantized in 1 x 128 tiles along each row for
