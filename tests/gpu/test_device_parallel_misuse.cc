@@ -858,5 +858,34 @@ TEST(DeviceParallelMisuse, Fp8AcrossRanks) {
   }
 }
 
+// ep_chunks and ep_overlap changed on a live session (on every rank, 7 chunks of 128 rows
+// included) run and change no result: outputs and gradients bitwise as with the defaults.
+TEST(DeviceParallelMisuse, ChunksAndOverlapChangedLiveChangeNoResult) {
+  std::mt19937 rng(269);
+  const auto model = test::moe_model(rng);
+  const test::Batch b = test::batch(rng, 256);
+  expect_no_errors(
+      on_ranks(2, 2, model, Mode::Training,
+               [&](int r, Session& s) {
+                 std::vector<float> out(128 * V);
+                 std::vector<std::vector<float>> outs;
+                 std::vector<std::vector<std::vector<float>>> grads;
+                 for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+                          {"ep_chunks", "2"}, {"ep_chunks", "7"}, {"ep_overlap", "false"}}) {
+                   s.set_config(key, value);
+                   s.zero_grad();
+                   s.forward_tokens(b.tokens.data() + r * 512, 512, 128, out.data(), out.size());
+                   s.backward_loss(b.targets.data() + r * 128, 128);
+                   outs.push_back(out);
+                   grads.push_back(gradients(s));
+                 }
+                 for (size_t i = 1; i < outs.size(); ++i) {
+                   EXPECT_EQ(outs[i], outs[0]) << "setting " << i;
+                   EXPECT_EQ(grads[i], grads[0]) << "setting " << i;
+                 }
+               }),
+      "chunks");
+}
+
 }  // namespace
 }  // namespace moert
