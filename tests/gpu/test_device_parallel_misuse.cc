@@ -887,5 +887,79 @@ TEST(DeviceParallelMisuse, ChunksAndOverlapChangedLiveChangeNoResult) {
       "chunks");
 }
 
+// A hidden-state model (no embedding): a NaN input on the last rank fails the forward on every
+// rank; an input gradient that overflows on the last rank fails the backward on every rank after
+// the gradients were accumulated, so every rank refuses the step until zero_grad; then training
+// goes on as one process's does over the same calls.
+TEST(DeviceParallelMisuse, HiddenInputFailuresAfterAccumulationPoisonEveryRank) {
+  std::mt19937 rng(271);
+  auto hidden = test::moe_model(rng);
+  hidden->layers.erase(hidden->layers.begin());
+  hidden->token_input = false;
+  hidden->input_width = 64;
+  const std::shared_ptr<const Model> model = hidden;
+  const int64_t rows = 128;
+  std::vector<float> x(static_cast<size_t>(3 * rows * 64));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (auto& v : x) v = nd(rng);
+  std::vector<float> dy(static_cast<size_t>(3 * rows * V));
+  for (auto& v : dy) v = 1e-2f * nd(rng);
+  const auto script = [&](Session& s, int rank, int world, std::vector<std::string>& failures) {
+    const Slice sl = slice(rank, world, rows);
+    const bool bad = rank == world - 1;
+    std::vector<float> out(static_cast<size_t>(sl.n * V)), gin(static_cast<size_t>(sl.n * 64));
+    const auto pass = [&](int mb, float poison_x, float big_dy) {
+      std::vector<float> in(x.begin() + (mb * rows + sl.first) * 64,
+                            x.begin() + (mb * rows + sl.first + sl.n) * 64);
+      std::vector<float> g(dy.begin() + (mb * rows + sl.first) * V,
+                           dy.begin() + (mb * rows + sl.first + sl.n) * V);
+      if (bad && poison_x != 0.0f) in[in.size() / 2] = poison_x;
+      if (bad && big_dy != 0.0f) std::fill(g.begin(), g.end(), big_dy);
+      s.forward_hidden(in.data(), in.size(), static_cast<uint64_t>(sl.n), out.data(), out.size());
+      s.backward(g.data(), g.size(), gin.data(), gin.size());
+    };
+    const auto expect_failure = [&](const std::function<void()>& call, Code code) {
+      try {
+        call();
+        failures.push_back("no failure");
+      } catch (const Error& e) {
+        failures.push_back(e.code() == code ? "" : e.what());
+      }
+    };
+    s.zero_grad();
+    pass(0, 0.0f, 0.0f);
+    const auto kept = gradients(s);
+    expect_failure([&] { pass(1, std::numeric_limits<float>::quiet_NaN(), 0.0f); }, Code::Numeric);
+    EXPECT_EQ(gradients(s), kept);
+    expect_failure([&] { pass(1, 0.0f, 3e38f); }, Code::Numeric);
+    const auto before = parameters(s);
+    expect_failure([&] { s.step(); }, Code::Numeric);
+    EXPECT_EQ(parameters(s), before);
+    s.zero_grad();
+    pass(2, 0.0f, 0.0f);
+    s.step();
+  };
+  std::vector<std::string> one_failures;
+  std::vector<std::vector<float>> want;
+  {
+    Session one(model, device_options(Mode::Training));
+    script(one, 0, 1, one_failures);
+    want = parameters(one);
+  }
+  EXPECT_EQ(one_failures, std::vector<std::string>(3, ""));
+  std::vector<std::vector<std::string>> failures(2);
+  std::vector<std::vector<std::vector<float>>> got(2);
+  expect_no_errors(on_ranks(2, 2, model, Mode::Training,
+                            [&](int r, Session& s) {
+                              script(s, r, 2, failures[r]);
+                              got[r] = parameters(s);
+                            }),
+                   "hidden");
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(failures[r], std::vector<std::string>(3, "")) << "rank " << r;
+    EXPECT_LE(worst_gap(got[r], want, r), kParamBound) << "rank " << r;
+  }
+}
+
 }  // namespace
 }  // namespace moert
