@@ -1,6 +1,7 @@
 #include "core/session.h"
 
 #include <algorithm>
+#include <bit>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -726,13 +727,49 @@ void Session::zero_grad() {
 }
 
 StepInfo Session::step() {
-  require_training("step");
-  if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
-  if (!poisoned_.empty())
-    fail(poisoned_code_,
-         "a backward pass of this step failed after it had begun accumulating "
-         "gradients (",
-         poisoned_, "); call zero_grad to discard the step");
+  // Among ranks a refusal anywhere is every rank's: a rank that stepped alone would pair its
+  // gradient norm's all-gather with the others' next collective and move its replicated
+  // parameters away from theirs.
+  collective_step([&] {
+    require_training("step");
+    if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
+    if (!poisoned_.empty())
+      fail(poisoned_code_,
+           "a backward pass of this step failed after it had begun accumulating "
+           "gradients (",
+           poisoned_, "); call zero_grad to discard the step");
+  });
+  if (par_) {
+    // zero_grad and set_config are local: ranks that accumulated different micro-batches, or
+    // that were configured differently, would move their replicated parameters apart.
+    const TrainingConfig& t = options_.training;
+    ContentHasher h;
+    h.str(t.optimizer);
+    for (double d :
+         {t.lr, t.weight_decay, t.beta1, t.beta2, t.eps, t.momentum, t.clip_norm, t.min_lr})
+      h.u64(std::bit_cast<uint64_t>(d));
+    h.u64(t.warmup_steps);
+    h.u64(t.total_steps);
+    h.u64(static_cast<uint64_t>(t.sequence_length));
+    h.u8(options_.global_aux);
+    for (const Balance& b : balance_) {
+      h.f32(b.gamma);
+      h.u8(b.frozen);
+    }
+    const std::array<uint64_t, 2> mine = {micro_batches_, h.digest()};
+    std::vector<std::array<uint64_t, 2>> all(static_cast<size_t>(par_->size()));
+    par_->host().all_gather(mine.data(), sizeof(mine), all.data());
+    for (int r = 1; r < par_->size(); ++r) {
+      if (all[r][0] != all[0][0])
+        fail(Code::InvalidState, "rank ", r, " of ", par_->size(), " accumulated ", all[r][0],
+             " micro-batches since its zero_grad and rank 0 ", all[0][0],
+             ": every rank calls zero_grad, its backwards and step together");
+      if (all[r][1] != all[0][1])
+        fail(Code::InvalidState, "rank ", r, " of ", par_->size(),
+             " has other training settings than rank 0 (set_config, set_bias_update_rate or "
+             "set_bias_frozen called on some ranks only): every rank makes the same calls");
+    }
+  }
   const TrainingConfig& c = options_.training;
   StepInfo info;
   info.lr = c.lr_at(step_ + 1);
@@ -877,9 +914,16 @@ void Session::set_config(const std::string& key, const std::string& value) {
     fail(Code::InvalidState,
          "the optimizer cannot change after the first step (its state would "
          "not carry over)");
-  if (key == "sequence_length" && pending_backward_)
-    fail(Code::InvalidState, "sequence_length cannot change between a forward and its backward");
+  if ((key == "sequence_length" || key == "aux_loss_scope") && pending_backward_)
+    fail(Code::InvalidState, key, " cannot change between a forward and its backward");
   options_ = updated;
+  // The parts were handed these at creation: a change must reach them, not only options_.
+  if (par_) {
+    par_->set_chunks(options_.ep_chunks);
+    par_->set_overlap(options_.ep_overlap);
+  }
+  for (auto& l : layers_)
+    if (auto* m = dynamic_cast<MoELayer*>(l.get())) m->set_global_aux(options_.global_aux);
 }
 
 const std::string& Session::parameter_name(size_t index) const {

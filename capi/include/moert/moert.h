@@ -797,7 +797,10 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before
  * clipping. MOERT_ERR_NUMERIC when the gradient is not finite: parameters, biases and counts are
  * unchanged, and the step's counts wait for a retry — moert_session_zero_grad() discards them.
- * Refused too (with the failure's code) after a backward of this step failed midway. */
+ * Refused too (with the failure's code) after a backward of this step failed midway. Among ranks
+ * a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks
+ * counted different micro-batches since zero_grad or hold different training settings
+ * (set_config, bias rate or freeze applied on some ranks only). */
 MOERT_API moert_status* moert_session_step(moert_session* session, double* lr, double* grad_norm);
 
 /* Optimizer steps taken (restored from checkpoints). */
