@@ -570,9 +570,13 @@ extern "C" {
     #[doc = " makes the others fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0"]
     #[doc = " writes the file one session over the union would write (every expert, the same bytes), and"]
     #[doc = " any world size, one process included, resumes it (moert_session_save(),"]
-    #[doc = " moert_session_load()). CPU sessions over MPI only in"]
-    #[doc = " this version: a CUDA session with a communicator of more than one rank is refused with"]
-    #[doc = " MOERT_ERR_UNSUPPORTED; Expert Choice layers are refused."]
+    #[doc = " moert_session_load()). A CPU session needs an MPI communicator, a CUDA session an NCCL one on"]
+    #[doc = " its own device (MOERT_ERR_INVALID_ARGUMENT otherwise); an NCCL communicator of one rank runs"]
+    #[doc = " the same path. CUDA sessions reduce gradients by an all-reduce of each rank's own (rank order),"]
+    #[doc = " so their gradients agree with one process to fp32 rounding, not bitwise, and their outputs to"]
+    #[doc = " the GEMMs' rounding (cuBLASLt may choose other algorithms for other row counts); the counts of"]
+    #[doc = " the routing they compute are the job's exactly, and every rank's bias the same. Not yet"]
+    #[doc = " verified on a GPU. Expert Choice layers are refused."]
     pub fn moert_session_options_set_comm(
         options: *mut moert_session_options,
         comm: *mut moert_comm,
@@ -861,7 +865,10 @@ extern "C" {
     #[doc = " *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before"]
     #[doc = " clipping. MOERT_ERR_NUMERIC when the gradient is not finite: parameters, biases and counts are"]
     #[doc = " unchanged, and the step's counts wait for a retry — moert_session_zero_grad() discards them."]
-    #[doc = " Refused too (with the failure's code) after a backward of this step failed midway."]
+    #[doc = " Refused too (with the failure's code) after a backward of this step failed midway. Among ranks"]
+    #[doc = " a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks"]
+    #[doc = " counted different micro-batches since zero_grad or hold different training settings"]
+    #[doc = " (set_config, bias rate or freeze applied on some ranks only)."]
     pub fn moert_session_step(
         session: *mut moert_session,
         lr: *mut f64,
