@@ -11,8 +11,8 @@
 #include <thread>
 
 #include "core/backend.h"
-#include "core/comm_support.h"
 #include "core/communicator.h"
+#include "core/device_comm.h"
 #include "core/error.h"
 #include "core/session.h"
 #include "gpu_test_main.h"
@@ -27,169 +27,22 @@ std::string plugin_path() {
   return env ? env : MOERT_CUDA_PLUGIN_PATH;
 }
 
-// An operation on device copies of the caller's host buffers: `out` is downloaded into `host`
-// when the inner request completes.
-class StagedRequest final : public CommRequest {
- public:
-  StagedRequest(Request inner, Backend& be, std::vector<Buffer<uint8_t>> keep, void* host,
-                const uint8_t* out, size_t bytes)
-      : keep_(std::move(keep)),
-        inner_(std::move(inner)),
-        be_(be),
-        host_(host),
-        out_(out),
-        bytes_(bytes) {}
-  void wait() override {
-    inner_->wait();
-    finish();
-  }
-  bool test() override {
-    if (!inner_->test()) return false;
-    finish();
-    return true;
-  }
-
- private:
-  void finish() {
-    if (done_) return;
-    done_ = true;
-    if (bytes_) be_.download(host_, out_, bytes_);
-  }
-  // Declared before inner_, destroyed after it: a request destroyed early waits for its
-  // operation, which uses these buffers.
-  std::vector<Buffer<uint8_t>> keep_;
-  Request inner_;
-  Backend& be_;
-  void* host_;
-  const uint8_t* out_;
-  size_t bytes_;
-  bool done_ = false;
+// A rank's host-memory view of an NCCL communicator, for the shared cases: the session's own
+// staging (core/device_comm.h), so that these cases test what sessions use. The backend that
+// stages outlives the view.
+struct StagedRank {
+  std::unique_ptr<Backend> be;
+  std::unique_ptr<Communicator> view;
+  Communicator& operator*() { return *view; }
+  Communicator* operator->() { return view.get(); }
 };
 
-// A host-memory view of a device communicator, for the shared cases. Arguments that the checks
-// refuse go to the inner communicator unchanged, which refuses them itself (and breaks).
-class Staged final : public Communicator {
- public:
-  Staged(std::unique_ptr<Communicator> inner, std::unique_ptr<Backend> be)
-      : inner_(std::move(inner)), be_(std::move(be)) {}
-
-  const char* kind() const override { return inner_->kind(); }
-  int32_t rank() const override { return inner_->rank(); }
-  int32_t size() const override { return inner_->size(); }
-  CommMemory memory() const override { return CommMemory::Host; }
-  void set_timeout(double s) override { inner_->set_timeout(s); }
-  double timeout() const override { return inner_->timeout(); }
-  bool broken() const override { return inner_->broken(); }
-  std::string broken_reason() const override { return inner_->broken_reason(); }
-
-  Request start_all_reduce_sum(void* data, int64_t count, ReduceType type) override {
-    try {
-      comm::check_all_reduce(data, count, type);
-    } catch (const Error&) {
-      return inner_->start_all_reduce_sum(data, count, type);
-    }
-    const size_t n = static_cast<size_t>(count) * reduce_type_size(type);
-    auto d = up(data, n);
-    uint8_t* p = d.data();
-    return staged(inner_->start_all_reduce_sum(p, count, type), {}, std::move(d), data, n);
-  }
-
-  Request start_all_to_all_v(const void* send, const int64_t* sb, const int64_t* so, void* recv,
-                             const int64_t* rb, const int64_t* ro) override {
-    comm::Exchange x;
-    try {
-      x = comm::check_all_to_all_v(size(), send, sb, so, recv, rb, ro);
-    } catch (const Error&) {
-      return inner_->start_all_to_all_v(send, sb, so, recv, rb, ro);
-    }
-    auto s = up(send, x.send_total);
-    auto r = up(recv, x.recv_total);  // the gaps between blocks must come back unchanged
-    uint8_t *ps = s.data(), *pr = r.data();
-    return staged(inner_->start_all_to_all_v(ps, sb, so, pr, rb, ro), std::move(s), std::move(r),
-                  recv, x.recv_total);
-  }
-
-  Request start_all_gather(const void* send, int64_t bytes, void* recv) override {
-    try {
-      comm::check_all_gather(size(), send, bytes, recv);
-    } catch (const Error&) {
-      return inner_->start_all_gather(send, bytes, recv);
-    }
-    const size_t total = static_cast<size_t>(bytes) * size();
-    auto r = up(recv, total);
-    const auto* h = static_cast<const uint8_t*>(send);
-    const auto* base = static_cast<const uint8_t*>(recv);
-    if (h >= base && h < base + total) {  // in place
-      uint8_t* pr = r.data();
-      return staged(inner_->start_all_gather(pr + (h - base), bytes, pr), {}, std::move(r), recv,
-                    total);
-    }
-    auto s = up(send, bytes);
-    uint8_t *ps = s.data(), *pr = r.data();
-    return staged(inner_->start_all_gather(ps, bytes, pr), std::move(s), std::move(r), recv, total);
-  }
-
-  Request start_all_gather_v(const void* send, int64_t send_bytes, void* recv, const int64_t* rb,
-                             const int64_t* ro) override {
-    comm::Exchange x;
-    try {
-      x = comm::check_all_gather_v(size(), rank(), send, send_bytes, recv, rb, ro);
-    } catch (const Error&) {
-      return inner_->start_all_gather_v(send, send_bytes, recv, rb, ro);
-    }
-    auto s = up(send, send_bytes);
-    auto r = up(recv, x.recv_total);
-    uint8_t *ps = s.data(), *pr = r.data();
-    return staged(inner_->start_all_gather_v(ps, send_bytes, pr, rb, ro), std::move(s),
-                  std::move(r), recv, x.recv_total);
-  }
-
-  Request start_broadcast(void* data, int64_t bytes, int32_t root) override {
-    try {
-      comm::check_broadcast(size(), data, bytes, root);
-    } catch (const Error&) {
-      return inner_->start_broadcast(data, bytes, root);
-    }
-    auto d = up(data, bytes);
-    uint8_t* p = d.data();
-    return staged(inner_->start_broadcast(p, bytes, root), {}, std::move(d), data, bytes);
-  }
-
-  Request start_barrier() override { return inner_->start_barrier(); }
-  bool agree(bool ok) override { return inner_->agree(ok); }
-  std::unique_ptr<Communicator> split(int32_t color, int32_t key) override {
-    auto child = inner_->split(color, key);
-    if (!child) return nullptr;
-    return std::make_unique<Staged>(std::move(child), make_cuda_backend(device_, plugin_path()));
-  }
-
-  int32_t device_ = 0;
-
- private:
-  Buffer<uint8_t> up(const void* host, int64_t bytes) {
-    Buffer<uint8_t> b(*be_, static_cast<size_t>(bytes));
-    if (bytes > 0) be_->upload(b.data(), host, static_cast<size_t>(bytes));
-    return b;
-  }
-  Request staged(Request inner, Buffer<uint8_t> in, Buffer<uint8_t> out, void* host,
-                 int64_t bytes) {
-    const uint8_t* p = out.data();
-    std::vector<Buffer<uint8_t>> keep;
-    keep.push_back(std::move(in));
-    keep.push_back(std::move(out));
-    return std::make_unique<StagedRequest>(std::move(inner), *be_, std::move(keep), host, p,
-                                           static_cast<size_t>(bytes));
-  }
-
-  std::unique_ptr<Communicator> inner_;
-  std::unique_ptr<Backend> be_;
-};
-
-std::unique_ptr<Staged> staged_rank(const std::vector<uint8_t>& id, int32_t rank, int32_t size,
-                                    int32_t device) {
-  auto inner = make_nccl_communicator(id.data(), rank, size, device, 60.0, plugin_path());
-  auto s = std::make_unique<Staged>(std::move(inner), make_cuda_backend(device, plugin_path()));
-  s->device_ = device;
+StagedRank staged_rank(const std::vector<uint8_t>& id, int32_t rank, int32_t size, int32_t device) {
+  StagedRank s;
+  s.be = make_cuda_backend(device, plugin_path());
+  std::shared_ptr<Communicator> inner =
+      make_nccl_communicator(id.data(), rank, size, device, 60.0, plugin_path());
+  s.view = host_view(std::move(inner), *s.be);
   return s;
 }
 
