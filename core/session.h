@@ -220,6 +220,8 @@ class Session {
   // core/session_local_gradients.cc): begin points every gradient at a zeroed buffer of its own
   // for one backward, end points them back, reduce ends and adds the job's sum of those buffers
   // to the gradients.
+  void pass_on_options();
+  size_t local_gradient_layout(std::vector<size_t>& at, size_t& total) const;
   void begin_local_gradients();
   void end_local_gradients() noexcept;
   void reduce_local_gradients();

@@ -30,19 +30,32 @@
 
 namespace moert {
 
+// Where each slot's gradient sits in local_grads_ (at[i] for slots_[i]): the replicated parameters
+// first, then the routed experts, so that each group is one all-reduce. Returns the replicated
+// group's floats; the experts' follow up to `total`.
+size_t Session::local_gradient_layout(std::vector<size_t>& at, size_t& total) const {
+  at.assign(slots_.size(), 0);
+  total = 0;
+  size_t replicated = 0;
+  for (bool experts : {false, true}) {
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      if ((expert_count(slots_[i]) > 0) != experts) continue;
+      at[i] = total;
+      total += static_cast<size_t>(slots_[i].param->numel());
+    }
+    if (!experts) replicated = total;
+  }
+  return replicated;
+}
+
 void Session::begin_local_gradients() {
-  // Replicated parameters first, then the routed experts: one all-reduce for each group.
+  std::vector<size_t> at;
   size_t total = 0;
-  for (const auto& s : slots_) total += s.param->values.size();
+  local_gradient_layout(at, total);
   local_grads_.resize(*backend_, total);
   if (total) backend_->zero(local_grads_.data(), total * sizeof(float));
-  size_t at = 0;
-  for (bool experts : {false, true})
-    for (const auto& s : slots_) {
-      if ((expert_count(s) > 0) != experts) continue;
-      store_->redirect_grad(*s.param, local_grads_.data() + at);
-      at += s.param->values.size();
-    }
+  for (size_t i = 0; i < slots_.size(); ++i)
+    store_->redirect_grad(*slots_[i].param, local_grads_.data() + at[i]);
 }
 
 void Session::end_local_gradients() noexcept {
@@ -58,23 +71,18 @@ void Session::end_local_gradients() noexcept {
 void Session::reduce_local_gradients() {
   const auto start = std::chrono::steady_clock::now();
   end_local_gradients();
-  size_t replicated = 0, experts = 0;
-  for (const auto& s : slots_)
-    (expert_count(s) > 0 ? experts : replicated) += s.param->values.size();
+  std::vector<size_t> at;
+  size_t total = 0;
+  const size_t replicated = local_gradient_layout(at, total);
+  const size_t experts = total - replicated;
   float* local = local_grads_.data();
   if (replicated)
     par_->world().all_reduce_sum(local, static_cast<int64_t>(replicated), ReduceType::F32);
   if (experts && par_->replicas())
     par_->replicas()->all_reduce_sum(local + replicated, static_cast<int64_t>(experts),
                                      ReduceType::F32);
-  size_t at = 0;
-  for (bool expert_group : {false, true})
-    for (const auto& s : slots_) {
-      if ((expert_count(s) > 0) != expert_group) continue;
-      const int64_t n = s.param->numel();
-      backend_->add(store_->grad(*s.param), local + at, n);
-      at += static_cast<size_t>(n);
-    }
+  for (size_t i = 0; i < slots_.size(); ++i)
+    backend_->add(store_->grad(*slots_[i].param), local + at[i], slots_[i].param->numel());
   par_->times.gradients +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
