@@ -198,10 +198,6 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
   // itself): the one shape of it that a machine with one GPU can run.
   if (options_.comm && (options_.comm->size() > 1 || options_.comm->memory() == CommMemory::Device))
     par_ = std::make_unique<ParallelContext>(options_.comm, options_.expert_parallel);
-  if (par_) {
-    par_->set_chunks(options_.ep_chunks);
-    par_->set_overlap(options_.ep_overlap);
-  }
   std::exception_ptr failed;
   try {
     build();
@@ -271,12 +267,21 @@ void Session::build() {
     if (const auto* m = std::get_if<MoESpec>(&p.layers[i].spec))
       balance_[i] = {m->balancing.bias_update_rate, m->balancing.bias_frozen};
     layers_.push_back(make_layer(p.layers[i], *store_));
-    if (auto* moe = dynamic_cast<MoELayer*>(layers_.back().get())) {
-      moe->set_parallel(par_.get());
-      moe->set_global_aux(options_.global_aux);
-    }
+    if (auto* moe = dynamic_cast<MoELayer*>(layers_.back().get())) moe->set_parallel(par_.get());
   }
   activations_.resize(layers_.size());
+  pass_on_options();
+}
+
+// The options the parallel context and the MoE layers keep a copy of: at creation and after every
+// set_config, so that a change reaches them and not only options_.
+void Session::pass_on_options() {
+  if (par_) {
+    par_->set_chunks(options_.ep_chunks);
+    par_->set_overlap(options_.ep_overlap);
+  }
+  for (auto& l : layers_)
+    if (auto* m = dynamic_cast<MoELayer*>(l.get())) m->set_global_aux(options_.global_aux);
 }
 
 void Session::check_parallel() const {
@@ -917,13 +922,7 @@ void Session::set_config(const std::string& key, const std::string& value) {
   if ((key == "sequence_length" || key == "aux_loss_scope") && pending_backward_)
     fail(Code::InvalidState, key, " cannot change between a forward and its backward");
   options_ = updated;
-  // The parts were handed these at creation: a change must reach them, not only options_.
-  if (par_) {
-    par_->set_chunks(options_.ep_chunks);
-    par_->set_overlap(options_.ep_overlap);
-  }
-  for (auto& l : layers_)
-    if (auto* m = dynamic_cast<MoELayer*>(l.get())) m->set_global_aux(options_.global_aux);
+  pass_on_options();
 }
 
 const std::string& Session::parameter_name(size_t index) const {
