@@ -15,7 +15,6 @@ using moert::fp8::block_scale_ld;
 using moert::fp8::blocks_of;
 using moert::fp8::tile_scale_ld;
 
-constexpr unsigned kThreads = 256;
 constexpr unsigned long long kNoneBad = ~0ull;
 
 // A row stride of codes that cuBLASLt's FP8 kernels accept: a multiple of 16 bytes.
@@ -30,22 +29,6 @@ int64_t gemm_rows(int64_t n) { return ld16(n); }
 constexpr int64_t kRowsPast = 15;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// a = silu(h1) h3 in fp32, as the CPU's swiglu (kernels/cpu/math.h): it is quantized next, not
-// rounded to bf16.
-__global__ void swiglu_f32_k(const float* h1, const float* h3, float* a, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const float z = h1[i];
-    a[i] = (z == -INFINITY ? 0.0f : z * (1.0f / (1.0f + expf(-z)))) * h3[i];
-  }
-}
-
-void swiglu_f32(const float* h1, const float* h3, float* a, int64_t n, cudaStream_t s) {
-  if (n == 0) return;
-  swiglu_f32_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(h1, h3, a, n);
-  check_launch("swiglu (fp32)");
-}
 
 // A gradient's accumulator; `rows` > 0 needs one.
 float* acc_of(const GradOut* g, int64_t rows, const char* op) {

@@ -35,10 +35,14 @@ __global__ void add_into_k(float* dst, const float* src, int64_t n) {
     dst[i] = dst[i] + src[i];
 }
 
-__global__ void swiglu_bf16_k(const float* h1, const float* h3, __nv_bfloat16* a, int64_t n) {
+__device__ inline void store_as(float v, float* p) { *p = v; }
+__device__ inline void store_as(float v, __nv_bfloat16* p) { *p = __float2bfloat16_rn(v); }
+
+template <typename Out>
+__global__ void swiglu_k(const float* h1, const float* h3, Out* a, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x)
-    a[i] = __float2bfloat16_rn((h1[i] == -INFINITY ? 0.0f : h1[i] * sigmoidf_(h1[i])) * h3[i]);
+    store_as((h1[i] == -INFINITY ? 0.0f : h1[i] * sigmoidf_(h1[i])) * h3[i], a + i);
 }
 
 __global__ void swiglu_backward_k(const float* h1, const float* h3, const float* da, float* dh1,
@@ -236,9 +240,15 @@ void add_into(float* dst, const float* src, int64_t n, cudaStream_t s) {
 
 void swiglu_bf16(const float* h1, const float* h3, uint16_t* a, int64_t n, cudaStream_t s) {
   if (n == 0) return;
-  swiglu_bf16_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(h1, h3,
-                                                           reinterpret_cast<__nv_bfloat16*>(a), n);
+  swiglu_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(h1, h3, reinterpret_cast<__nv_bfloat16*>(a),
+                                                      n);
   check_launch("swiglu");
+}
+
+void swiglu_f32(const float* h1, const float* h3, float* a, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  swiglu_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(h1, h3, a, n);
+  check_launch("swiglu (fp32)");
 }
 
 void swiglu_backward(const float* h1, const float* h3, const float* da, float* dh1, float* dh3,

@@ -14,6 +14,8 @@ namespace moert::cuda {
 void to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t s);
 // a = silu(h1) * h3, written as bf16 (the next GEMM's input).
 void swiglu_bf16(const float* h1, const float* h3, uint16_t* a, int64_t n, cudaStream_t s);
+// The same in fp32: FP8 quantizes it next, from the values the CPU computes (kernels/cpu/math.h).
+void swiglu_f32(const float* h1, const float* h3, float* a, int64_t n, cudaStream_t s);
 // dst[i] = dst[i] + src[i].
 void add_into(float* dst, const float* src, int64_t n, cudaStream_t s);
 // dh1, dh3 from dA (dA may alias dh1).
