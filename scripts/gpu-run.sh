@@ -138,13 +138,13 @@ budget() {
   echo "$t"
 }
 
-# The machine's cuBLASLt directory. PyTorch's own wheels first (CUDA 13 wheels put every CUDA
-# library in nvidia/cu13/lib; older ones had nvidia/cublas/lib), located without importing
-# torch, which would take seconds and initialise CUDA; then the toolkit; then a search.
-find_cublaslt() {
-  local d
-  d=$(timeout 30 python3 - <<'EOF' 2>/dev/null
-import importlib.util, os, site
+# The directory of PyTorch's CUDA wheels that holds library $1, looking in the subdirectories
+# given after it, located without importing torch (which would take seconds and initialise
+# CUDA); prints nothing when no wheel has it.
+find_in_wheels() {
+  timeout 30 python3 - "$@" <<'EOF' 2>/dev/null
+import importlib.util, os, site, sys
+lib, subs = sys.argv[1], sys.argv[2:]
 roots = []
 spec = importlib.util.find_spec("torch")
 if spec and spec.origin:
@@ -154,13 +154,19 @@ try:
 except Exception:
     pass
 for root in roots:
-    for sub in ("nvidia/cu13/lib", "nvidia/cublas/lib"):
+    for sub in subs:
         d = os.path.join(root, sub)
-        if os.path.exists(os.path.join(d, "libcublasLt.so.13")):
+        if os.path.exists(os.path.join(d, lib)):
             print(d)
             raise SystemExit
 EOF
-  )
+}
+
+# The machine's cuBLASLt directory. PyTorch's own wheels first (CUDA 13 wheels put every CUDA
+# library in nvidia/cu13/lib; older ones had nvidia/cublas/lib), then the toolkit, then a search.
+find_cublaslt() {
+  local d
+  d=$(find_in_wheels libcublasLt.so.13 nvidia/cu13/lib nvidia/cublas/lib)
   if [ -n "$d" ]; then
     echo "$d (PyTorch's wheel)"
     return
@@ -180,24 +186,7 @@ EOF
 # or nvidia/cu13/lib), then the toolkit. Too large to carry (hundreds of MiB).
 find_nccl() {
   local d
-  d=$(timeout 30 python3 - <<'EOF' 2>/dev/null
-import importlib.util, os, site
-roots = []
-spec = importlib.util.find_spec("torch")
-if spec and spec.origin:
-    roots.append(os.path.dirname(os.path.dirname(spec.origin)))
-try:
-    roots += site.getsitepackages() + [site.getusersitepackages()]
-except Exception:
-    pass
-for root in roots:
-    for sub in ("nvidia/nccl/lib", "nvidia/cu13/lib"):
-        d = os.path.join(root, sub)
-        if os.path.exists(os.path.join(d, "libnccl.so.2")):
-            print(d)
-            raise SystemExit
-EOF
-  )
+  d=$(find_in_wheels libnccl.so.2 nvidia/nccl/lib nvidia/cu13/lib)
   [ -n "$d" ] && { echo "$d (PyTorch's wheel)"; return; }
   for d in ${CUDA_HOME:+"$CUDA_HOME/lib64"} /usr/local/cuda/lib64 \
     /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
