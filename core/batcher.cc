@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "core/error.h"
+#include "kernels/cpu/signal_guard.h"
 
 namespace moert {
 namespace {
@@ -168,6 +169,7 @@ void Batcher::counters(int64_t* out, uint64_t len) const {
 }
 
 void Batcher::serve(size_t index) {
+  cpu::block_async_signals();  // the host's signals go to the host's threads (signal_guard.h)
   const auto max_wait = std::chrono::microseconds(options_.max_wait_us);
   const uint64_t cap = options_.max_batch_rows;
   std::unique_lock<std::mutex> lock(mu_);

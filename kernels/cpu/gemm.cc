@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/signal_guard.h"
 #include "kernels/cpu/widen_gemm.h"
 
 namespace moert::cpu {
@@ -32,6 +33,7 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const fl
       for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
     return;
   }
+  const AsyncSignalScope no_signals;  // free inside the thread pool's work, which holds one
   check_dnnl(dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb,
                         accumulate ? 1.0f : 0.0f, c, ldc),
              "sgemm");
@@ -105,6 +107,7 @@ struct Bf16Gemm::Dnnl {
   }
 
   void run(const Key& key, const void* a, const void* b, float* c, unsigned worker) {
+    const AsyncSignalScope no_signals;
     const Prim& p = get(key);
     if (!streams[worker])
       check_dnnl(dnnl_stream_create(&streams[worker], engine, dnnl_stream_default_flags),

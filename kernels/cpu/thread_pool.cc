@@ -1,6 +1,7 @@
 #include "kernels/cpu/thread_pool.h"
 
 #include "kernels/cpu/omp_guard.h"
+#include "kernels/cpu/signal_guard.h"
 
 namespace moert::cpu {
 
@@ -38,6 +39,7 @@ void ThreadPool::run_items(unsigned worker, const std::function<void(int64_t, un
 
 void ThreadPool::worker_loop(unsigned worker) {
   make_omp_serial();
+  block_async_signals();
   uint64_t seen = 0;
   for (;;) {
     const std::function<void(int64_t, unsigned)>* job;
@@ -63,6 +65,7 @@ void ThreadPool::worker_loop(unsigned worker) {
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, unsigned)>& fn) {
   if (n <= 0) return;
   const SerialOmpScope serial;
+  const AsyncSignalScope no_signals;
   if (workers_.empty() || n == 1) {
     for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;

@@ -16,6 +16,11 @@
  *    threads at once. A moert_session may be called from any thread; calls on one session are
  *    serialised by the session itself. A moert_session_options object must not be modified
  *    concurrently. Status objects are independent values.
+ *  - Signals: a call that computes on the CPU blocks the asynchronous signals (all but SIGSEGV,
+ *    SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS) on the calling thread while it computes and restores
+ *    the thread's mask before it returns; the library's own threads never take them. A signal
+ *    sent meanwhile goes to another thread of the process, or waits for the call to end. Reason:
+ *    oneDNN's generated GEMM kernels move the stack pointer into the heap (oneDNN issue 4845).
  *  - No function throws, aborts or exits on bad input.
  *  - Status messages are valid UTF-8: text taken from a file (a model's or layer's name, say) is
  *    quoted with every byte that is not part of valid UTF-8 written as \xNN.
