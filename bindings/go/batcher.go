@@ -127,8 +127,15 @@ func (c BatcherCounters) MeanBatchRows() float64 {
 // Batcher serves inference to many goroutines at once: each call blocks while the batcher
 // gathers the calls that arrive within the bounded wait, up to the row cap, into one forward pass
 // on a pool of sessions over the model, and returns exactly the caller's own outputs and error —
-// the outputs a Session would return for those rows alone (bit for bit on the CPU; see moert.h).
-// One caller's bad input fails that caller alone.
+// the outputs a Session would return for those rows alone (within 1e-5 relative per row on the
+// CPU, bit for bit when the pass carried the request alone; see moert.h and the README). One
+// caller's bad input fails that caller alone.
+//
+// Each call waits inside C for its pass, and Go counts a goroutine in a C call against
+// GOMAXPROCS until the runtime's monitor hands its P to another goroutine, which can take up to
+// about 10 ms. A server whose handlers call the batcher should therefore run with GOMAXPROCS
+// well above the core count, or the goroutines waiting in C hold the Ps its other goroutines need
+// to read the next requests (examples/go/service measured this: see its -gomaxprocs flag).
 type Batcher struct {
 	g   guard
 	ptr capi.Struct_SS_moert_batcher

@@ -76,6 +76,7 @@ type result struct {
 	requests, errors   int
 	seconds            float64
 	p50, p99, mean     time.Duration
+	libP50, libP99     time.Duration // in the library: queue + pass, as the service reports them
 	meanBatch          float64
 	rssMiB, peakRSSMiB float64
 }
@@ -94,6 +95,7 @@ func main() {
 	maxBatchRows := flag.Int("max-batch-rows", 256, "the batcher's row cap")
 	maxWait := flag.Duration("max-wait", 0, "the batcher's bounded wait")
 	jsonOut := flag.String("json", "", "also write the results to this file")
+	svcProcs := flag.Int("service-gomaxprocs", 0, "the service's -gomaxprocs (0: its default)")
 	flag.Parse()
 
 	configs, err := parseConfigs(*configsFlag)
@@ -133,14 +135,15 @@ func main() {
 		*rows, *warmup, *duration)
 
 	var results []result
-	fmt.Printf("%-14s %7s %9s %9s %9s %9s %10s %9s %7s\n", "engine", "clients", "req/s", "p50 ms", "p99 ms", "mean ms", "batch rows", "RSS MiB", "errors")
+	fmt.Printf("%-14s %7s %9s %9s %9s %9s %11s %11s %10s %9s %7s\n", "engine", "clients", "req/s", "p50 ms", "p99 ms", "mean ms",
+		"lib p50 ms", "lib p99 ms", "batch rows", "RSS MiB", "errors")
 	for _, cfg := range configs {
-		svc := startService(*servicePath, *modelPath, cfg, *maxBatchRows, *maxWait, *rows)
+		svc := startService(*servicePath, *modelPath, cfg, *maxBatchRows, *maxWait, *rows, *svcProcs)
 		for _, clients := range clientCounts {
-			r := measure(svc, cfg, clients, *rows, info.vocab, *warmup, *duration)
+			r := measure(svc, cfg, clients, *rows, info.inWidth, info.vocab, *warmup, *duration)
 			results = append(results, r)
-			fmt.Printf("%-14s %7d %9.0f %9.2f %9.2f %9.2f %10.1f %9.1f %7d\n", cfg, clients, r.rps(),
-				ms(r.p50), ms(r.p99), ms(r.mean), r.meanBatch, r.rssMiB, r.errors)
+			fmt.Printf("%-14s %7d %9.0f %9.2f %9.2f %9.2f %11.2f %11.2f %10.1f %9.1f %7d\n", cfg, clients, r.rps(),
+				ms(r.p50), ms(r.p99), ms(r.mean), ms(r.libP50), ms(r.libP99), r.meanBatch, r.rssMiB, r.errors)
 		}
 		svc.stop()
 	}
@@ -272,11 +275,14 @@ type service struct {
 	cmd *exec.Cmd
 }
 
-func startService(path, model string, cfg engineConfig, maxBatchRows int, maxWait time.Duration, rows int) *service {
+func startService(path, model string, cfg engineConfig, maxBatchRows int, maxWait time.Duration, rows, gomaxprocs int) *service {
 	args := []string{"-model", model, "-addr", "127.0.0.1:0", fmt.Sprintf("-batch=%v", cfg.batch),
 		"-sessions", strconv.Itoa(cfg.sessions), "-threads", strconv.Itoa(cfg.threads),
 		"-max-batch-rows", strconv.Itoa(maxBatchRows), "-max-wait", maxWait.String(),
 		"-max-request-rows", strconv.Itoa(rows), "-max-in-flight", "1024"}
+	if gomaxprocs > 0 {
+		args = append(args, "-gomaxprocs", strconv.Itoa(gomaxprocs))
+	}
 	cmd := exec.Command(path, args...)
 	cmd.Stderr = os.Stderr
 	stdout, err := cmd.StdoutPipe()
@@ -340,13 +346,13 @@ func rss(pid int) (cur, peak float64) {
 
 // measure runs `clients` closed-loop clients: warm-up first, then `duration` of which every
 // latency is kept.
-func measure(svc *service, cfg engineConfig, clients, rows, vocab int, warmup, duration time.Duration) result {
+func measure(svc *service, cfg engineConfig, clients, rows, width, vocab int, warmup, duration time.Duration) result {
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
 		MaxIdleConnsPerHost: clients, MaxConnsPerHost: clients, DisableCompression: true}}
 	defer client.CloseIdleConnections()
 	type sample struct {
-		lat []time.Duration
-		err int
+		lat, lib []time.Duration
+		err      int
 	}
 	samples := make([]sample, clients)
 	var measuring sync.WaitGroup
@@ -367,12 +373,25 @@ func measure(svc *service, cfg engineConfig, clients, rows, vocab int, warmup, d
 					if r > 0 {
 						body.WriteByte(',')
 					}
-					fmt.Fprintf(&body, "[%d]", rng.Intn(vocab))
+					body.WriteByte('[')
+					for t := 0; t < width; t++ {
+						if t > 0 {
+							body.WriteByte(',')
+						}
+						body.WriteString(strconv.Itoa(rng.Intn(vocab)))
+					}
+					body.WriteByte(']')
 				}
 				body.WriteString("]}")
 				start := time.Now()
 				resp, err := client.Post(svc.url+"/forward", "application/json", &body)
 				ok := err == nil && resp.StatusCode == http.StatusOK
+				var lib time.Duration
+				if ok {
+					q, _ := strconv.Atoi(resp.Header.Get("Moert-Queue-Microseconds"))
+					r, _ := strconv.Atoi(resp.Header.Get("Moert-Run-Microseconds"))
+					lib = time.Duration(q+r) * time.Microsecond
+				}
 				if err == nil {
 					io.Copy(io.Discard, resp.Body)
 					resp.Body.Close()
@@ -383,6 +402,7 @@ func measure(svc *service, cfg engineConfig, clients, rows, vocab int, warmup, d
 					if time.Now().Before(stopAt) {
 						if ok {
 							samples[c].lat = append(samples[c].lat, lat)
+							samples[c].lib = append(samples[c].lib, lib)
 						} else {
 							samples[c].err++
 						}
@@ -399,12 +419,14 @@ func measure(svc *service, cfg engineConfig, clients, rows, vocab int, warmup, d
 	measuring.Wait()
 	elapsed := time.Since(measureStart)
 	end := svc.metrics(http.DefaultClient)
-	var all []time.Duration
+	var all, lib []time.Duration
 	errs := 0
 	for _, s := range samples {
 		all = append(all, s.lat...)
+		lib = append(lib, s.lib...)
 		errs += s.err
 	}
+	sort.Slice(lib, func(a, b int) bool { return lib[a] < lib[b] })
 	sort.Slice(all, func(a, b int) bool { return all[a] < all[b] })
 	r := result{config: cfg, clients: clients, requests: len(all), errors: errs, seconds: elapsed.Seconds()}
 	if len(all) > 0 {
@@ -413,6 +435,7 @@ func measure(svc *service, cfg engineConfig, clients, rows, vocab int, warmup, d
 			sum += l
 		}
 		r.p50, r.p99, r.mean = all[len(all)/2], all[len(all)*99/100], sum/time.Duration(len(all))
+		r.libP50, r.libP99 = lib[len(lib)/2], lib[len(lib)*99/100]
 	}
 	if passes := end.Passes - startMetrics.Passes; passes > 0 {
 		r.meanBatch = float64(end.PassRows-startMetrics.PassRows) / float64(passes)

@@ -110,6 +110,7 @@ func startInProcess(t testing.TB, cfg Config) (string, *Service) {
 // process is the service running as a child process.
 type process struct {
 	url    string
+	pprof  string // the profiles' base URL, when started with -pprof
 	cmd    *exec.Cmd
 	stderr *bytes.Buffer
 	exited chan error
@@ -133,7 +134,11 @@ func startProcess(t testing.TB, args ...string) *process {
 	found := make(chan string, 1)
 	go func() {
 		for lines.Scan() {
-			if line := lines.Text(); strings.HasPrefix(line, "listening on ") {
+			line := lines.Text()
+			if strings.HasPrefix(line, "pprof on ") {
+				p.pprof = strings.TrimPrefix(line, "pprof on ") // printed before "listening on"
+			}
+			if strings.HasPrefix(line, "listening on ") {
 				found <- strings.TrimPrefix(line, "listening on ")
 			}
 		}

@@ -227,6 +227,7 @@ func (s *Service) forward(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Moert-Batch-Rows", fmt.Sprint(st.BatchRows))
 			w.Header().Set("Moert-Batch-Requests", fmt.Sprint(st.BatchRequests))
 			w.Header().Set("Moert-Queue-Microseconds", fmt.Sprint(st.Queue.Microseconds()))
+			w.Header().Set("Moert-Run-Microseconds", fmt.Sprint(st.Run.Microseconds()))
 			if apiErr = writeOutputs(w, out, req.rows, s.info.OutputWidth); apiErr == nil {
 				return
 			}
