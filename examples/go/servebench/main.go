@@ -1,7 +1,9 @@
 // Command servebench measures the example service under concurrent load on loopback: for each
 // engine configuration it starts the service as a child process and runs closed-loop clients
 // (each sends a request, waits for the answer, sends the next) at each concurrency, and prints
-// requests/s, p50 and p99 latency, the mean forward-pass size the service reports, and the
+// requests/s, p50 and p99 latency, the p50 and p99 of each request's time inside the library
+// (queue and pass, from the answer's Moert-Queue-Microseconds and Moert-Run-Microseconds: the
+// rest is HTTP, JSON and scheduling), the mean forward-pass size the service reports, and the
 // service's resident memory. Beside them, measured in the same run in this process: the
 // library's own time for one forward pass of 1 row and of the row cap — the ceiling any
 // service of this model reaches on this machine.
