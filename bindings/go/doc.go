@@ -9,6 +9,13 @@
 // be called from many goroutines at once, the library serialising the calls; a SessionOptions
 // must not be modified concurrently. Close waits for calls in flight on the same handle.
 //
+// Calls that compute (a Session's forward, backward and step, a Batcher's requests) run in C
+// for their whole duration, and Go counts a goroutine in a C call against GOMAXPROCS until the
+// runtime hands its P to another goroutine, which can take up to about 10 ms. A server calling
+// them from many goroutines at once should run with GOMAXPROCS well above the core count (see
+// Batcher). While such a call computes, its thread takes no asynchronous signal (a CPU
+// profile's SIGPROF included) until the call returns: see "Signals" in moert.h.
+//
 // The package checks at start-up that the loaded libmoert implements the ABI it was built for;
 // when it does not, every constructor returns an *Error with code ErrUnsupported.
 //
