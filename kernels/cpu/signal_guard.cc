@@ -13,10 +13,14 @@ namespace {
 thread_local int depth = 0;
 thread_local sigset_t saved;
 
-sigset_t asynchronous_signals() {
-  sigset_t set;
-  sigfillset(&set);
-  for (int s : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS}) sigdelset(&set, s);
+// The set is computed once; every scope and every owned thread blocks the same signals.
+const sigset_t& asynchronous_signals() {
+  static const sigset_t set = [] {
+    sigset_t s;
+    sigfillset(&s);
+    for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS}) sigdelset(&s, sig);
+    return s;
+  }();
   return set;
 }
 
@@ -24,8 +28,7 @@ sigset_t asynchronous_signals() {
 
 AsyncSignalScope::AsyncSignalScope() {
   if (depth++ > 0) return;
-  static const sigset_t set = asynchronous_signals();
-  pthread_sigmask(SIG_BLOCK, &set, &saved);
+  pthread_sigmask(SIG_BLOCK, &asynchronous_signals(), &saved);
 }
 
 AsyncSignalScope::~AsyncSignalScope() {
@@ -34,8 +37,7 @@ AsyncSignalScope::~AsyncSignalScope() {
 }
 
 void block_async_signals() {
-  const sigset_t set = asynchronous_signals();
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  pthread_sigmask(SIG_BLOCK, &asynchronous_signals(), nullptr);
   ++depth;
 }
 

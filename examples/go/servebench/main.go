@@ -390,9 +390,9 @@ func measure(svc *service, cfg engineConfig, clients, rows, width, vocab int, wa
 				ok := err == nil && resp.StatusCode == http.StatusOK
 				var lib time.Duration
 				if ok {
-					q, _ := strconv.Atoi(resp.Header.Get("Moert-Queue-Microseconds"))
-					r, _ := strconv.Atoi(resp.Header.Get("Moert-Run-Microseconds"))
-					lib = time.Duration(q+r) * time.Microsecond
+					queue, _ := strconv.Atoi(resp.Header.Get("Moert-Queue-Microseconds"))
+					run, _ := strconv.Atoi(resp.Header.Get("Moert-Run-Microseconds"))
+					lib = time.Duration(queue+run) * time.Microsecond
 				}
 				if err == nil {
 					io.Copy(io.Discard, resp.Body)
