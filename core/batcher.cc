@@ -47,6 +47,7 @@ Batcher::Batcher(std::shared_ptr<const Model> model, const BatcherOptions& optio
   // Sessions first: if one cannot be created, no thread has started yet.
   workers_.resize(options_.sessions);
   for (auto& w : workers_) w.session = std::make_unique<Session>(model_, options_.session);
+  const cpu::AsyncSignalScope no_signals;  // the threads start with it (thread_pool.cc)
   try {
     for (size_t i = 0; i < workers_.size(); ++i)
       workers_[i].thread = std::thread([this, i] { serve(i); });

@@ -8,6 +8,8 @@
 #include <limits>
 #include <thread>
 
+#include "kernels/cpu/signal_guard.h"
+
 namespace moert::mpi {
 
 std::string error_string(int code) {
@@ -188,6 +190,7 @@ Engine& Engine::start(double timeout) {
   std::unique_lock<std::mutex> lock(e.mu_);
   if (!e.started_) {
     e.started_ = true;
+    const cpu::AsyncSignalScope no_signals;  // the thread starts with it (thread_pool.cc)
     std::thread([&e] { e.run(); }).detach();
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
@@ -231,6 +234,10 @@ void Engine::initialise() {
 }
 
 void Engine::run() {
+  // The library's own threads take no asynchronous signal (moert.h, Signals): the host's go to
+  // the host's threads. Blocked before MPI_Init, so the threads Open MPI starts from here inherit
+  // the mask.
+  cpu::block_async_signals();
   {
     std::string why;
     try {
@@ -487,14 +494,18 @@ void Engine::break_comm(const std::shared_ptr<CommState>& comm, const std::strin
 bool Engine::run_blocking(const std::function<void()>& body, double timeout) {
   auto done = std::make_shared<std::promise<void>>();
   auto future = done->get_future();
-  std::thread([body, done] {
-    try {
-      body();
-      done->set_value();
-    } catch (...) {
-      done->set_exception(std::current_exception());
-    }
-  }).detach();
+  {
+    const cpu::AsyncSignalScope no_signals;  // the thread starts with it; the wait below does not
+    std::thread([body, done] {
+      cpu::block_async_signals();
+      try {
+        body();
+        done->set_value();
+      } catch (...) {
+        done->set_exception(std::current_exception());
+      }
+    }).detach();
+  }
   if (future.wait_for(std::chrono::duration<double>(timeout)) != std::future_status::ready) {
     std::lock_guard<std::mutex> lock(mu_);
     ++stuck_helpers_;

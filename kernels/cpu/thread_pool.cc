@@ -6,6 +6,9 @@
 namespace moert::cpu {
 
 ThreadPool::ThreadPool(unsigned threads) {
+  // A thread starts with its creator's mask: created under the scope, a worker never has the
+  // asynchronous signals open, not even before its first instruction.
+  const AsyncSignalScope no_signals;
   for (unsigned w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
 }
 

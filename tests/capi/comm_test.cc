@@ -1,7 +1,13 @@
 // Communicators through the C ABI, in one process: argument checks, a one-rank MPI communicator
 // (a singleton job: moert initialises MPI, and finalises it with the last reference), the session
 // option that attaches it, and NCCL's refusals without a GPU.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <thread>
 
 #include "capi_test_util.h"
 
@@ -9,6 +15,31 @@ namespace {
 
 using capi_test::IsError;
 using capi_test::IsOk;
+
+std::atomic<int> signals_taken{0};
+
+// How many of `count` process-directed SIGUSR1s reach another thread while this one blocks the
+// signal. The library's own threads never take asynchronous signals (moert.h, Signals), so with
+// only moert's and MPI's threads besides this one, every signal must stay pending.
+int signals_taken_by_other_threads(int count) {
+  signals_taken = 0;
+  struct sigaction count_it {
+  }, old{}, ignore{};
+  count_it.sa_handler = [](int) { signals_taken.fetch_add(1); };
+  sigaction(SIGUSR1, &count_it, &old);
+  sigset_t usr1, saved;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &usr1, &saved);
+  for (int i = 0; i < count; ++i) kill(getpid(), SIGUSR1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  // Ignoring a signal discards its pending instance, so this thread does not take it either.
+  ignore.sa_handler = SIG_IGN;
+  sigaction(SIGUSR1, &ignore, nullptr);
+  pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+  sigaction(SIGUSR1, &old, nullptr);
+  return signals_taken.load();
+}
 
 TEST(Comm, NullArgumentsAreRefused) {
   EXPECT_TRUE(
@@ -55,6 +86,9 @@ TEST(Comm, NcclArgumentsAndAbsence) {
 TEST(Comm, MpiSingletonWithSessionOption) {
   moert_comm* comm = nullptr;
   ASSERT_TRUE(IsOk(moert_comm_create_mpi(nullptr, &comm)));
+  EXPECT_EQ(signals_taken_by_other_threads(20), 0)
+      << "the MPI plugin's progress thread (or a thread MPI started from it) took a "
+         "process-directed asynchronous signal";
   int32_t rank = -1, size = -1;
   EXPECT_TRUE(IsOk(moert_comm_rank(comm, &rank)));
   EXPECT_TRUE(IsOk(moert_comm_size(comm, &size)));
