@@ -71,49 +71,97 @@ Batcher::~Batcher() {
   work_.notify_all();
   for (auto& w : workers_)
     if (w.thread.joinable()) w.thread.join();
-  std::lock_guard<std::mutex> lock(mu_);
-  for (Request* r : queue_) {
-    r->error = std::make_exception_ptr(Error(Code::InvalidState, "the batcher was freed"));
-    r->done = true;
-    r->cv.notify_one();
+  Request* submitted = nullptr;  // relinked through `next`
+  Request** tail = &submitted;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Request* r : queue_) {
+      r->error = std::make_exception_ptr(Error(Code::InvalidState, "the batcher was freed"));
+      if (r->done_callback) {
+        r->next = nullptr;
+        *tail = r;
+        tail = &r->next;
+        continue;
+      }
+      r->done = true;
+      r->cv.notify_one();
+    }
+    queue_.clear();
   }
-  queue_.clear();
+  // Outside the lock: a callback may call into the batcher (and be refused).
+  while (submitted) {
+    Request* next = submitted->next;
+    answer(submitted);
+    submitted = next;
+  }
 }
 
-void Batcher::check_out(uint64_t rows, const float* out, uint64_t out_len) const {
-  if (!out) fail(Code::InvalidArgument, "out is NULL");
+void Batcher::check_rows(uint64_t rows) const {
   if (rows == 0) fail(Code::InvalidArgument, "rows must be at least 1");
   if (rows > options_.max_batch_rows)
     fail(Code::InvalidArgument, "rows = ", rows,
          " exceeds the batcher's max_batch_rows = ", options_.max_batch_rows);
+}
+
+void Batcher::check_out(uint64_t rows, const float* out, uint64_t out_len) const {
+  if (!out) fail(Code::InvalidArgument, "out is NULL");
+  check_rows(rows);
   if (out_len != rows * model_->output_width)
     fail(Code::InvalidArgument, "output buffer holds ", out_len, " floats but ", rows,
          " rows of width ", model_->output_width, " need ", rows * model_->output_width);
+}
+
+void Batcher::check_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows) const {
+  if (!model_->token_input)
+    fail(Code::InvalidArgument,
+         "this model takes hidden states (its first layer is not an Embedding): use "
+         "forward_hidden");
+  if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
+  check_rows(rows);
+  const uint64_t width = model_->input_width;
+  if (num_tokens != rows * width)
+    fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
+         width, " tokens need ", rows * width);
+  for (uint64_t i = 0; i < num_tokens; ++i)
+    if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= vocab_)
+      fail(Code::InvalidArgument, "token id ", tokens[i], " at row ", i / width, ", column ",
+           i % width, " is outside the vocabulary [0, ", vocab_, ")");
+}
+
+void Batcher::check_hidden(const float* in, uint64_t in_len, uint64_t rows) const {
+  if (model_->token_input)
+    fail(Code::InvalidArgument,
+         "this model takes token ids (its first layer is an Embedding): use forward_tokens");
+  if (!in) fail(Code::InvalidArgument, "in is NULL");
+  check_rows(rows);
+  const uint64_t width = model_->input_width;
+  if (in_len != rows * width)
+    fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
+         " rows of width ", width, " need ", rows * width);
+  if (options_.session.check_finite)
+    for (uint64_t i = 0; i < in_len; ++i)
+      if (!std::isfinite(in[i]))
+        fail(Code::Numeric, "input holds a NaN or infinity at row ", i / width, ", column ",
+             i % width);
+}
+
+void Batcher::refuse() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++counts_[kCountRequests];
+    ++counts_[kCountFailed];
+  }
+  throw;
 }
 
 void Batcher::forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows, float* out,
                              uint64_t out_len, int64_t* stats, uint64_t stats_len) {
   Request r;
   try {
-    if (!model_->token_input)
-      fail(Code::InvalidArgument,
-           "this model takes hidden states (its first layer is not an Embedding): use "
-           "forward_hidden");
-    if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
+    check_tokens(tokens, num_tokens, rows);
     check_out(rows, out, out_len);
-    const uint64_t width = model_->input_width;
-    if (num_tokens != rows * width)
-      fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
-           width, " tokens need ", rows * width);
-    for (uint64_t i = 0; i < num_tokens; ++i)
-      if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= vocab_)
-        fail(Code::InvalidArgument, "token id ", tokens[i], " at row ", i / width, ", column ",
-             i % width, " is outside the vocabulary [0, ", vocab_, ")");
   } catch (...) {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++counts_[kCountRequests];
-    ++counts_[kCountFailed];
-    throw;
+    refuse();
   }
   r.input = tokens;
   r.rows = rows;
@@ -125,30 +173,69 @@ void Batcher::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, fl
                              uint64_t out_len, int64_t* stats, uint64_t stats_len) {
   Request r;
   try {
-    if (model_->token_input)
-      fail(Code::InvalidArgument,
-           "this model takes token ids (its first layer is an Embedding): use forward_tokens");
-    if (!in) fail(Code::InvalidArgument, "in is NULL");
+    check_hidden(in, in_len, rows);
     check_out(rows, out, out_len);
-    const uint64_t width = model_->input_width;
-    if (in_len != rows * width)
-      fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
-           " rows of width ", width, " need ", rows * width);
-    if (options_.session.check_finite)
-      for (uint64_t i = 0; i < in_len; ++i)
-        if (!std::isfinite(in[i]))
-          fail(Code::Numeric, "input holds a NaN or infinity at row ", i / width, ", column ",
-               i % width);
   } catch (...) {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++counts_[kCountRequests];
-    ++counts_[kCountFailed];
-    throw;
+    refuse();
   }
   r.input = in;
   r.rows = rows;
   r.out = out;
   submit(r, stats, stats_len);
+}
+
+void Batcher::submit_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows,
+                            BatcherCallback done) {
+  auto r = std::make_unique<Request>();
+  try {
+    if (!done) fail(Code::InvalidArgument, "the callback is empty");
+    check_tokens(tokens, num_tokens, rows);
+    r->owned.resize(num_tokens * sizeof(int32_t));
+  } catch (...) {
+    refuse();
+  }
+  std::memcpy(r->owned.data(), tokens, r->owned.size());
+  r->input = r->owned.data();
+  r->rows = rows;
+  r->done_callback = std::move(done);
+  enqueue(std::move(r));
+}
+
+void Batcher::submit_hidden(const float* in, uint64_t in_len, uint64_t rows, BatcherCallback done) {
+  auto r = std::make_unique<Request>();
+  try {
+    if (!done) fail(Code::InvalidArgument, "the callback is empty");
+    check_hidden(in, in_len, rows);
+    r->owned.resize(in_len * sizeof(float));
+  } catch (...) {
+    refuse();
+  }
+  std::memcpy(r->owned.data(), in, r->owned.size());
+  r->input = r->owned.data();
+  r->rows = rows;
+  r->done_callback = std::move(done);
+  enqueue(std::move(r));
+}
+
+void Batcher::enqueue(std::unique_ptr<Request> r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stop_) fail(Code::InvalidState, "the batcher is being freed");
+  r->enqueued = Clock::now();
+  queued_rows_ += r->rows;
+  queue_.push_back(r.release());
+  work_.notify_one();
+}
+
+void Batcher::answer(Request* r) const noexcept {
+  const std::unique_ptr<Request> owner(r);
+  try {
+    if (r->error)
+      r->done_callback(r->error, nullptr, 0, r->stats);
+    else
+      r->done_callback(nullptr, r->answer, r->rows * model_->output_width, r->stats);
+  } catch (...) {
+    // A callback must not throw (batcher.h); the worker thread carries on regardless.
+  }
 }
 
 void Batcher::submit(Request& r, int64_t* stats, uint64_t stats_len) {
@@ -205,19 +292,38 @@ void Batcher::serve(size_t index) {
     lock.unlock();
     const int64_t run_ns = run(index, first, count, rows);
     lock.lock();
+    // The batch's submitted requests, relinked through `next` in batch order.
+    Request* submitted = nullptr;
+    Request** tail = &submitted;
     for (Request* r = first; r;) {
       Request* next = r->next;
       ++counts_[kCountRequests];
       if (r->error) ++counts_[kCountFailed];
       counts_[kCountQueueNs] += r->stats[kStatQueueNs];
-      r->done = true;
-      // Under the lock: the caller cannot return (and destroy r) before this completes.
-      r->cv.notify_one();
+      if (r->done_callback) {
+        r->next = nullptr;
+        *tail = r;
+        tail = &r->next;
+      } else {
+        r->done = true;
+        // Under the lock: the caller cannot return (and destroy r) before this completes.
+        r->cv.notify_one();
+      }
       r = next;
     }
     ++counts_[kCountBatches];
     counts_[kCountRows] += static_cast<int64_t>(rows);
     counts_[kCountRunNs] += run_ns;
+    if (!submitted) continue;
+    // Outside the lock, before the next pass reuses the answers' buffer: a callback may submit
+    // again, and the other sessions keep serving meanwhile.
+    lock.unlock();
+    while (submitted) {
+      Request* next = submitted->next;
+      answer(submitted);
+      submitted = next;
+    }
+    lock.lock();
   }
 }
 
@@ -244,9 +350,13 @@ int64_t Batcher::run(size_t index, Request* first, size_t count, uint64_t rows) 
   bool isolate = false;
   try {
     const auto device = s.use_device();
-    if (count == 1) {
+    if (count == 1 && first->out) {
       // Nothing to gather: the caller's buffers serve directly.
       run_one(s, first->input, rows, first->out);
+    } else if (count == 1) {
+      w.out.resize(rows * out_w);
+      run_one(s, first->input, rows, w.out.data());
+      first->answer = w.out.data();
     } else {
       const void* input;
       if (model_->token_input) {
@@ -270,7 +380,10 @@ int64_t Batcher::run(size_t index, Request* first, size_t count, uint64_t rows) 
       run_one(s, input, rows, w.out.data());
       size_t at = 0;
       for (Request* r = first; r; r = r->next) {
-        std::memcpy(r->out, w.out.data() + at, r->rows * out_w * sizeof(float));
+        if (r->out)
+          std::memcpy(r->out, w.out.data() + at, r->rows * out_w * sizeof(float));
+        else
+          r->answer = w.out.data() + at;
         at += r->rows * out_w;
       }
     }
@@ -293,7 +406,13 @@ int64_t Batcher::run(size_t index, Request* first, size_t count, uint64_t rows) 
     const auto solo = Clock::now();
     try {
       const auto device = s.use_device();
-      run_one(s, r->input, r->rows, r->out);
+      float* out = r->out;
+      if (!out) {
+        r->result.resize(r->rows * out_w);
+        out = r->result.data();
+        r->answer = out;
+      }
+      run_one(s, r->input, r->rows, out);
     } catch (...) {
       r->error = std::current_exception();
     }

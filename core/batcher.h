@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -59,6 +60,13 @@ enum BatcherCounter : int {
   kBatcherCounters = 7,
 };
 
+// The answer to a request submitted with submit_*(): `error` null on success; `out` (out_len
+// floats) and `stats` (kRequestStats figures) are valid only during the call. Runs on one of the
+// batcher's threads (or, for requests still queued when the batcher is destroyed, on the
+// destroying thread) and must not throw.
+using BatcherCallback = std::function<void(std::exception_ptr error, const float* out,
+                                           uint64_t out_len, const int64_t* stats)>;
+
 class Batcher {
  public:
   // Creates the pool's sessions and their threads. Throws InvalidArgument for options it cannot
@@ -78,6 +86,14 @@ class Batcher {
   void forward_hidden(const float* in, uint64_t in_len, uint64_t rows, float* out, uint64_t out_len,
                       int64_t* stats, uint64_t stats_len);
 
+  // One request that returns at once: validated in the calling thread as forward_*() (a bad
+  // request throws and `done` is never called), its input copied, then queued; `done` is called
+  // exactly once, when its pass is over. A caller waiting for many requests need not hold a
+  // thread for each (an event loop, goroutines parked on channels, futures).
+  void submit_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows,
+                     BatcherCallback done);
+  void submit_hidden(const float* in, uint64_t in_len, uint64_t rows, BatcherCallback done);
+
   // min(len, kBatcherCounters) counters into out; entries past those are set to -1.
   void counters(int64_t* out, uint64_t len) const;
 
@@ -86,9 +102,15 @@ class Batcher {
  private:
   using Clock = std::chrono::steady_clock;
   struct Request {
-    const void* input = nullptr;  // caller memory, valid until the request is done
+    const void* input = nullptr;  // caller memory valid until the request is done, or `owned`
     uint64_t rows = 0;
-    float* out = nullptr;
+    float* out = nullptr;  // a waiting caller's output; null for a submitted request
+    // A submitted request: its input, its callback, and where its answer lies once computed (the
+    // worker's batch output, or `result` after a rerun alone).
+    std::vector<unsigned char> owned;
+    BatcherCallback done_callback;
+    const float* answer = nullptr;
+    std::vector<float> result;
     Clock::time_point enqueued;
     int64_t stats[kRequestStats] = {};
     std::exception_ptr error;
@@ -100,12 +122,20 @@ class Batcher {
     std::unique_ptr<Session> session;
     std::vector<int32_t> tokens;  // the gathered input of a batch
     std::vector<float> hidden;
-    std::vector<float> out;
+    std::vector<float> out;  // the batch's output, also submitted requests' answers
     std::thread thread;
   };
 
+  void check_rows(uint64_t rows) const;
   void check_out(uint64_t rows, const float* out, uint64_t out_len) const;
+  void check_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows) const;
+  void check_hidden(const float* in, uint64_t in_len, uint64_t rows) const;
+  // Counts a request refused before it was queued, and rethrows its error.
+  [[noreturn]] void refuse();
   void submit(Request& r, int64_t* stats, uint64_t stats_len);
+  void enqueue(std::unique_ptr<Request> r);
+  // Calls a submitted request's callback and deletes it.
+  void answer(Request* r) const noexcept;
   void serve(size_t index);
   // Runs one batch (`first` and its `next` chain, `count` requests, `rows` rows) on session
   // `index`; returns the nanoseconds spent. Never throws: every error lands in its request.

@@ -8,6 +8,7 @@ using moert::Code;
 using moert::fail;
 using moert::capi::guarded;
 using moert::capi::require;
+using moert::capi::status_of;
 
 struct moert_batcher_options {
   moert::BatcherOptions options;
@@ -100,6 +101,43 @@ moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, const float* 
     if (!stats && stats_len != 0)
       fail(Code::InvalidArgument, "stats is NULL but stats_len is ", stats_len);
     batcher->batcher->forward_hidden(in, in_len, rows, out, out_len, stats, stats_len);
+  });
+}
+
+}  // extern "C"
+
+namespace {
+
+// The core's callback for a C one: the error becomes a status the callback owns.
+moert::BatcherCallback c_callback(moert_batcher_callback done, void* user_data) {
+  return [done, user_data](std::exception_ptr error, const float* out, uint64_t out_len,
+                           const int64_t* stats) {
+    moert_status* status = error ? status_of(error) : nullptr;
+    done(user_data, status, out, out_len, stats, moert::kRequestStats);
+  };
+}
+
+}  // namespace
+
+extern "C" {
+
+moert_status* moert_batcher_submit_tokens(moert_batcher* batcher, const int32_t* tokens,
+                                          uint64_t num_tokens, uint64_t rows,
+                                          moert_batcher_callback done, void* user_data) {
+  return guarded([&] {
+    require(batcher, "batcher");
+    if (!done) fail(Code::InvalidArgument, "done is NULL");
+    batcher->batcher->submit_tokens(tokens, num_tokens, rows, c_callback(done, user_data));
+  });
+}
+
+moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, const float* in, uint64_t in_len,
+                                          uint64_t rows, moert_batcher_callback done,
+                                          void* user_data) {
+  return guarded([&] {
+    require(batcher, "batcher");
+    if (!done) fail(Code::InvalidArgument, "done is NULL");
+    batcher->batcher->submit_hidden(in, in_len, rows, c_callback(done, user_data));
   });
 }
 

@@ -48,6 +48,10 @@ moert_status* make_status(int32_t code, const std::string& message) noexcept {
   }
 }
 
+moert_status* status_of(std::exception_ptr error) noexcept {
+  return guarded([&] { std::rethrow_exception(error); });
+}
+
 }  // namespace moert::capi
 
 extern "C" {

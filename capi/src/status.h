@@ -1,6 +1,7 @@
 // The status object behind moert_status, and the guard every entry point runs its body in.
 #pragma once
 
+#include <exception>
 #include <new>
 #include <string>
 
@@ -39,6 +40,9 @@ moert_status* guarded(F&& body) noexcept {
     return make_status(MOERT_ERR_INTERNAL, "internal error: unknown exception");
   }
 }
+
+// The status guarded() would return for an exception already caught.
+moert_status* status_of(std::exception_ptr error) noexcept;
 
 template <typename T>
 void require(const T* p, const char* what) {

@@ -649,9 +649,10 @@ MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
  * in place: a pool costs its activations and threads, not copies of the weights. On CUDA each
  * session holds its own device copy of the weights: use one session per GPU (two at most).
  *
- * Thread-safety: moert_batcher_forward_*() and moert_batcher_counters() may be called from any
- * number of threads at once; moert_batcher_free() must not race with them. Options objects must
- * not be modified concurrently. */
+ * Thread-safety: moert_batcher_forward_*(), moert_batcher_submit_*() and moert_batcher_counters()
+ * may be called from any number of threads at once; moert_batcher_free() must not race with
+ * them (it may be called while submitted requests are in flight: see moert_batcher_submit_*).
+ * Options objects must not be modified concurrently. */
 
 typedef struct moert_batcher_options moert_batcher_options;
 typedef struct moert_batcher moert_batcher;
@@ -715,7 +716,9 @@ MOERT_API moert_status* moert_batcher_create(const moert_model* model,
                                              moert_batcher** out);
 
 /* Stops the pool's threads and releases the batcher. Accepts NULL. Must not race with another
- * call on the same batcher (no request may be in flight). */
+ * call on the same batcher (no moert_batcher_forward_*() may be in flight). Submitted requests
+ * in a pass finish and get their callbacks first; those still queued get theirs with
+ * MOERT_ERR_INVALID_STATE, on this thread, before it returns. Not from inside a callback. */
 MOERT_API void moert_batcher_free(moert_batcher* batcher);
 
 /* One request of `rows` rows of token ids (a MOERT_INPUT_TOKENS model), as
@@ -736,6 +739,42 @@ MOERT_API moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, con
                                                      uint64_t in_len, uint64_t rows, float* out,
                                                      uint64_t out_len, int64_t* stats,
                                                      uint64_t stats_len);
+
+/* The answer to a request submitted with moert_batcher_submit_*(). `status` is NULL on success;
+ * otherwise the request's error, owned by the callback (release it with moert_status_free()), and
+ * `out` is NULL with `out_len` 0. On success `out` holds the request's rows * output_width floats
+ * (`out_len`), as moert_batcher_forward_*() would write them. `stats` holds `stats_len`
+ * (MOERT_REQUEST_STATS of this library) figures indexed by MOERT_REQUEST_*. `out` and `stats`
+ * belong to the batcher and are valid only until the callback returns: copy what you keep.
+ *
+ * Runs on one of the batcher's threads, or, for a request still queued when the batcher is
+ * freed, on the thread that calls moert_batcher_free(); callbacks of different requests may run
+ * at once on different threads. It should return quickly (hand the answer to another thread or
+ * an event loop): while it runs, its session takes no new pass. It must not call
+ * moert_batcher_free() on its batcher and must not unwind (throw, longjmp) through the library;
+ * it may submit further requests. The library's asynchronous signals stay blocked while it
+ * runs (see Signals at the top), unless the callback's runtime changes the mask itself. */
+typedef void (*moert_batcher_callback)(void* user_data, moert_status* status, const float* out,
+                                       uint64_t out_len, const int64_t* stats, uint64_t stats_len);
+
+/* Submits one request of `rows` rows of token ids without waiting for it: validated in the
+ * calling thread exactly as moert_batcher_forward_tokens() (a bad request returns its error and
+ * `done` is never called), `tokens` copied (it may be freed or reused as soon as this returns),
+ * then queued. On success, `done(user_data, ...)` is called exactly once, when the request's pass
+ * is over, with its outputs or its error. Requests still queued when moert_batcher_free() is
+ * called are answered with MOERT_ERR_INVALID_STATE; those in a pass finish first. A caller
+ * waiting for many requests holds no thread for each: an event loop, goroutines parked on
+ * channels, futures. Requests submitted and those of moert_batcher_forward_*() share the same
+ * queue and batches. Thread-safe. */
+MOERT_API moert_status* moert_batcher_submit_tokens(moert_batcher* batcher, const int32_t* tokens,
+                                                    uint64_t num_tokens, uint64_t rows,
+                                                    moert_batcher_callback done, void* user_data);
+
+/* As moert_batcher_submit_tokens(), over `rows` rows of hidden states (a MOERT_INPUT_HIDDEN
+ * model): `in` holds rows * input_width floats (`in_len`) and is copied. Thread-safe. */
+MOERT_API moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, const float* in,
+                                                    uint64_t in_len, uint64_t rows,
+                                                    moert_batcher_callback done, void* user_data);
 
 /* The batcher's cumulative figures since creation: `counters` receives
  * min(len, MOERT_BATCHER_COUNTERS) values indexed by MOERT_BATCHER_*; entries this library does

@@ -767,7 +767,9 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Stops the pool's threads and releases the batcher. Accepts NULL. Must not race with another"]
-    #[doc = " call on the same batcher (no request may be in flight)."]
+    #[doc = " call on the same batcher (no moert_batcher_forward_*() may be in flight). Submitted requests"]
+    #[doc = " in a pass finish and get their callbacks first; those still queued get theirs with"]
+    #[doc = " MOERT_ERR_INVALID_STATE, on this thread, before it returns. Not from inside a callback."]
     pub fn moert_batcher_free(batcher: *mut moert_batcher);
 }
 extern "C" {
@@ -801,6 +803,61 @@ extern "C" {
         out_len: u64,
         stats: *mut i64,
         stats_len: u64,
+    ) -> *mut moert_status;
+}
+#[doc = " The answer to a request submitted with moert_batcher_submit_*(). `status` is NULL on success;"]
+#[doc = " otherwise the request's error, owned by the callback (release it with moert_status_free()), and"]
+#[doc = " `out` is NULL with `out_len` 0. On success `out` holds the request's rows * output_width floats"]
+#[doc = " (`out_len`), as moert_batcher_forward_*() would write them. `stats` holds `stats_len`"]
+#[doc = " (MOERT_REQUEST_STATS of this library) figures indexed by MOERT_REQUEST_*. `out` and `stats`"]
+#[doc = " belong to the batcher and are valid only until the callback returns: copy what you keep."]
+#[doc = ""]
+#[doc = " Runs on one of the batcher's threads, or, for a request still queued when the batcher is"]
+#[doc = " freed, on the thread that calls moert_batcher_free(); callbacks of different requests may run"]
+#[doc = " at once on different threads. It should return quickly (hand the answer to another thread or"]
+#[doc = " an event loop): while it runs, its session takes no new pass. It must not call"]
+#[doc = " moert_batcher_free() on its batcher and must not unwind (throw, longjmp) through the library;"]
+#[doc = " it may submit further requests. The library's asynchronous signals stay blocked while it"]
+#[doc = " runs (see Signals at the top), unless the callback's runtime changes the mask itself."]
+pub type moert_batcher_callback = ::std::option::Option<
+    unsafe extern "C" fn(
+        user_data: *mut ::std::os::raw::c_void,
+        status: *mut moert_status,
+        out: *const f32,
+        out_len: u64,
+        stats: *const i64,
+        stats_len: u64,
+    ),
+>;
+extern "C" {
+    #[doc = " Submits one request of `rows` rows of token ids without waiting for it: validated in the"]
+    #[doc = " calling thread exactly as moert_batcher_forward_tokens() (a bad request returns its error and"]
+    #[doc = " `done` is never called), `tokens` copied (it may be freed or reused as soon as this returns),"]
+    #[doc = " then queued. On success, `done(user_data, ...)` is called exactly once, when the request's pass"]
+    #[doc = " is over, with its outputs or its error. Requests still queued when moert_batcher_free() is"]
+    #[doc = " called are answered with MOERT_ERR_INVALID_STATE; those in a pass finish first. A caller"]
+    #[doc = " waiting for many requests holds no thread for each: an event loop, goroutines parked on"]
+    #[doc = " channels, futures. Requests submitted and those of moert_batcher_forward_*() share the same"]
+    #[doc = " queue and batches. Thread-safe."]
+    pub fn moert_batcher_submit_tokens(
+        batcher: *mut moert_batcher,
+        tokens: *const i32,
+        num_tokens: u64,
+        rows: u64,
+        done: moert_batcher_callback,
+        user_data: *mut ::std::os::raw::c_void,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " As moert_batcher_submit_tokens(), over `rows` rows of hidden states (a MOERT_INPUT_HIDDEN"]
+    #[doc = " model): `in` holds rows * input_width floats (`in_len`) and is copied. Thread-safe."]
+    pub fn moert_batcher_submit_hidden(
+        batcher: *mut moert_batcher,
+        in_: *const f32,
+        in_len: u64,
+        rows: u64,
+        done: moert_batcher_callback,
+        user_data: *mut ::std::os::raw::c_void,
     ) -> *mut moert_status;
 }
 extern "C" {
