@@ -5,8 +5,10 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -822,6 +824,267 @@ TEST(Batcher, ManyThreadsForABoundedTimeEveryAnswerChecked) {
       static_cast<double>(c[MOERT_BATCHER_ROWS]) /
           static_cast<double>(std::max<int64_t>(1, c[MOERT_BATCHER_BATCHES])),
       static_cast<long long>(wrong.load()), worst.get());
+}
+
+// ---- Submitted requests: moert_batcher_submit_*() and their callbacks --------------------------
+
+// What the callbacks of a set of submitted requests received; waits until all have answered.
+struct Answers {
+  struct One {
+    int calls = 0;
+    int32_t code = MOERT_OK;
+    std::string message;
+    std::vector<float> out;
+    std::vector<int64_t> stats;
+  };
+  explicit Answers(size_t n) : got(n) {}
+
+  static void callback(void* user_data, moert_status* status, const float* out, uint64_t out_len,
+                       const int64_t* stats, uint64_t stats_len) {
+    auto* slot = static_cast<std::pair<Answers*, size_t>*>(user_data);
+    Answers& a = *slot->first;
+    std::lock_guard<std::mutex> lock(a.mu);
+    One& o = a.got[slot->second];
+    ++o.calls;
+    o.code = moert_status_code(status);
+    o.message = moert_status_message(status);
+    moert_status_free(status);
+    if (out) o.out.assign(out, out + out_len);
+    if (stats) o.stats.assign(stats, stats + stats_len);
+    ++a.answered;
+    a.cv.notify_all();
+  }
+
+  // user_data for request i.
+  void* slot(size_t i) {
+    std::lock_guard<std::mutex> lock(mu);
+    slots.emplace_back(new std::pair<Answers*, size_t>(this, i));
+    return slots.back().get();
+  }
+
+  bool wait(size_t n, std::chrono::seconds limit = std::chrono::seconds(60)) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, limit, [&] { return answered >= n; });
+  }
+
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t answered = 0;
+  std::vector<One> got;
+  std::vector<std::unique_ptr<std::pair<Answers*, size_t>>> slots;
+};
+
+moert_status* submit(const Fixture& f, moert_batcher* b, uint64_t rows, uint64_t salt, Answers& a,
+                     size_t i) {
+  if (f.tokens) {
+    const auto in = f.token_input(rows, salt);
+    // `in` dies when this returns: the batcher must have copied it.
+    return moert_batcher_submit_tokens(b, in.data(), in.size(), rows, &Answers::callback,
+                                       a.slot(i));
+  }
+  const auto in = f.hidden_input(rows, salt);
+  return moert_batcher_submit_hidden(b, in.data(), in.size(), rows, &Answers::callback, a.slot(i));
+}
+
+TEST(BatcherSubmit, AnswersAgreeWithSoloCallsAndWaitingCallersShareTheirPasses) {
+  for (bool tokens : {true, false}) {
+    Fixture f = tokens ? example_fixture() : wide_fixture();
+    ASSERT_TRUE(f.model);
+    BatcherPtr b = make_batcher(f.model.get(), {2, 1, 256, 20000});
+    ASSERT_TRUE(b);
+    const auto requests = mixed_requests(64, 40, 3);
+    SessionPtr ref = make_session(f.model.get(), 1);
+    Answers a(requests.size());
+    // One thread submits them all at once; two threads call the blocking form meanwhile, so
+    // that both kinds of request meet in passes.
+    std::vector<std::thread> waiting;
+    std::atomic<int> blocking_ok{0};
+    for (int t = 0; t < 2; ++t)
+      waiting.emplace_back([&, t] {
+        std::vector<float> out;
+        for (int i = 0; i < 8; ++i)
+          if (IsOk(f.batched(b.get(), 3, 1000 + t * 8 + i, out, nullptr, 0))) ++blocking_ok;
+      });
+    for (size_t i = 0; i < requests.size(); ++i)
+      ASSERT_TRUE(IsOk(submit(f, b.get(), requests[i].first, requests[i].second, a, i)));
+    ASSERT_TRUE(a.wait(requests.size()));
+    for (auto& t : waiting) t.join();
+    EXPECT_EQ(blocking_ok.load(), 16);
+    int shared = 0;
+    WorstError worst;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      const auto& o = a.got[i];
+      ASSERT_EQ(o.calls, 1) << "request " << i;
+      ASSERT_EQ(o.code, MOERT_OK) << o.message;
+      ASSERT_EQ(o.stats.size(), static_cast<size_t>(MOERT_REQUEST_STATS));
+      std::vector<float> want;
+      ASSERT_TRUE(IsOk(f.solo(ref.get(), requests[i].first, requests[i].second, want)));
+      const bool alone = o.stats[MOERT_REQUEST_BATCH_REQUESTS] == 1;
+      if (!alone) ++shared;
+      const double e = max_row_error(o.out, want, f.out_width);
+      worst.add(e);
+      if (alone)
+        EXPECT_TRUE(same_bits(o.out, want)) << "request " << i << " ran alone";
+      else
+        EXPECT_LE(e, kRowTolerance) << "request " << i;
+      EXPECT_GE(o.stats[MOERT_REQUEST_BATCH_ROWS], static_cast<int64_t>(requests[i].first));
+      EXPECT_GE(o.stats[MOERT_REQUEST_QUEUE_NS], 0);
+      EXPECT_GT(o.stats[MOERT_REQUEST_RUN_NS], 0);
+      EXPECT_LT(o.stats[MOERT_REQUEST_SESSION], 2);
+    }
+    EXPECT_GT(shared, 32) << "too few submitted requests shared a pass";
+    const auto c = counters_of(b.get());
+    EXPECT_EQ(c[MOERT_BATCHER_REQUESTS], static_cast<int64_t>(requests.size()) + 16);
+    EXPECT_EQ(c[MOERT_BATCHER_FAILED], 0);
+    std::printf("%s: %zu submitted, %d in shared passes, worst row %.3g\n",
+                tokens ? "tokens" : "hidden", requests.size(), shared, worst.get());
+  }
+}
+
+TEST(BatcherSubmit, BadRequestsFailAtSubmitAndNeverCallBack) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {});
+  ASSERT_TRUE(b);
+  Answers a(8);
+  const auto in = f.token_input(2, 0);
+  auto* cb = &Answers::callback;
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, nullptr, a.slot(0)),
+              kInvalid, {"done"}));
+  EXPECT_TRUE(IsError(moert_batcher_submit_tokens(nullptr, in.data(), in.size(), 2, cb, a.slot(0)),
+                      kInvalid, {"batcher"}));
+  EXPECT_TRUE(IsError(moert_batcher_submit_tokens(b.get(), nullptr, in.size(), 2, cb, a.slot(0)),
+                      kInvalid, {"tokens"}));
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_tokens(b.get(), in.data(), in.size() - 1, 2, cb, a.slot(0)),
+              kInvalid, {"7", "8"}));
+  EXPECT_TRUE(IsError(moert_batcher_submit_tokens(b.get(), in.data(), 0, 0, cb, a.slot(0)),
+                      kInvalid, {"rows"}));
+  auto bad = in;
+  bad[5] = 64;
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_tokens(b.get(), bad.data(), bad.size(), 2, cb, a.slot(0)),
+              kInvalid, {"row 1, column 1"}));
+  std::vector<float> hidden(8, 1.0f);
+  EXPECT_TRUE(IsError(moert_batcher_submit_hidden(b.get(), hidden.data(), 8, 2, cb, a.slot(0)),
+                      kInvalid, {"forward_tokens"}));
+  // The row cap (256 by default) bounds a submitted request as a waiting one.
+  const auto big = f.token_input(257, 0);
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_tokens(b.get(), big.data(), big.size(), 257, cb, a.slot(0)),
+              kInvalid, {"max_batch_rows"}));
+  // NaN in a hidden-state request: refused at submission, as by the blocking form.
+  Fixture w = wide_fixture();
+  BatcherPtr wb = make_batcher(w.model.get(), {});
+  auto nan_in = w.hidden_input(2, 0);
+  nan_in[w.in_width + 3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_hidden(wb.get(), nan_in.data(), nan_in.size(), 2, cb, a.slot(0)),
+              MOERT_ERR_NUMERIC, {"row 1, column 3"}));
+  // A good request after all that is answered, and nothing else ever is.
+  ASSERT_TRUE(IsOk(submit(f, b.get(), 2, 0, a, 1)));
+  ASSERT_TRUE(a.wait(1));
+  b.reset();
+  wb.reset();
+  EXPECT_EQ(a.got[0].calls, 0);
+  EXPECT_EQ(a.got[1].calls, 1);
+  EXPECT_EQ(a.got[1].code, MOERT_OK);
+  EXPECT_EQ(a.answered, 1u);
+}
+
+TEST(BatcherSubmit, FreeAnswersEveryQueuedRequestWithAnError) {
+  Fixture f = example_fixture();
+  // A one-second wait and a cap no request set reaches: the requests sit in the queue.
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 1024, 1'000'000});
+  ASSERT_TRUE(b);
+  constexpr size_t kRequests = 20;
+  Answers a(kRequests);
+  for (size_t i = 0; i < kRequests; ++i) ASSERT_TRUE(IsOk(submit(f, b.get(), 2, i, a, i)));
+  const auto start = std::chrono::steady_clock::now();
+  b.reset();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(900))
+      << "free waited out the gathering wait";
+  // Answered before moert_batcher_free returned, each exactly once.
+  EXPECT_EQ(a.answered, kRequests);
+  for (const auto& o : a.got) {
+    EXPECT_EQ(o.calls, 1);
+    EXPECT_EQ(o.code, MOERT_ERR_INVALID_STATE) << o.message;
+    EXPECT_NE(o.message.find("freed"), std::string::npos) << o.message;
+    EXPECT_TRUE(o.out.empty());
+  }
+}
+
+// A callback may submit again (outside the batcher's lock): a chain of requests, each submitted
+// by the previous one's callback, runs to its end.
+TEST(BatcherSubmit, CallbacksMaySubmitFurtherRequests) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {2, 1, 64, 0});
+  ASSERT_TRUE(b);
+  struct Chain {
+    moert_batcher* b;
+    const Fixture* f;
+    std::vector<int32_t> in;
+    std::atomic<int> left{50}, failed{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+  } chain{b.get(), &f, f.token_input(3, 9)};
+  struct Next {
+    static void call(void* user_data, moert_status* status, const float* out, uint64_t out_len,
+                     const int64_t*, uint64_t) {
+      auto& c = *static_cast<Chain*>(user_data);
+      if (status || !out || out_len != 3u * c.f->out_width) ++c.failed;
+      moert_status_free(status);
+      if (--c.left > 0) {
+        moert_status* st = moert_batcher_submit_tokens(c.b, c.in.data(), c.in.size(), 3, &call, &c);
+        if (!st) return;
+        moert_status_free(st);
+        ++c.failed;
+      }
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.done = true;
+      c.cv.notify_all();
+    }
+  };
+  ASSERT_TRUE(IsOk(moert_batcher_submit_tokens(b.get(), chain.in.data(), chain.in.size(), 3,
+                                               &Next::call, &chain)));
+  std::unique_lock<std::mutex> lock(chain.mu);
+  ASSERT_TRUE(chain.cv.wait_for(lock, std::chrono::seconds(60), [&] { return chain.done; }));
+  EXPECT_EQ(chain.failed.load(), 0);
+  EXPECT_EQ(chain.left.load(), 0);
+}
+
+// A pass that fails on what no request shows alone (an overflowing result) reruns its requests
+// one by one: the submitted ones get their solo call's status and outputs too.
+TEST(BatcherSubmit, AnOverflowingRequestGetsItsSoloStatusAndTheOthersTheirAnswers) {
+  // Without the leading norm, huge inputs reach the router and experts' GEMMs and overflow.
+  ModelDesc desc = wide_hidden_desc(true);
+  desc.layers.erase(desc.layers.begin());
+  Fixture f(load_ok(build(desc)));
+  ASSERT_TRUE(f.model);
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 50000});
+  ASSERT_TRUE(b);
+  SessionPtr ref = make_session(f.model.get(), 1);
+  auto huge = f.hidden_input(2, 1);
+  for (size_t i = 0; i < huge.size(); i += 3) huge[i] = 3e38f;
+  std::vector<float> want(2 * f.out_width, kSentinel);
+  StatusPtr solo(moert_session_forward_hidden(ref.get(), huge.data(), huge.size(), 2, want.data(),
+                                              want.size()));
+  ASSERT_TRUE(solo) << "the overflowing input no longer overflows: the test tests nothing";
+  Answers a(5);
+  ASSERT_TRUE(IsOk(moert_batcher_submit_hidden(b.get(), huge.data(), huge.size(), 2,
+                                               &Answers::callback, a.slot(0))));
+  for (size_t i = 1; i < 5; ++i) ASSERT_TRUE(IsOk(submit(f, b.get(), 2, i, a, i)));
+  ASSERT_TRUE(a.wait(5));
+  EXPECT_EQ(a.got[0].code, moert_status_code(solo.get())) << a.got[0].message;
+  EXPECT_EQ(a.got[0].message, moert_status_message(solo.get()));
+  for (size_t i = 1; i < 5; ++i) {
+    ASSERT_EQ(a.got[i].code, MOERT_OK) << a.got[i].message;
+    std::vector<float> alone;
+    ASSERT_TRUE(IsOk(f.solo(ref.get(), 2, i, alone)));
+    EXPECT_LE(max_row_error(a.got[i].out, alone, f.out_width), kRowTolerance);
+  }
+  EXPECT_EQ(counters_of(b.get())[MOERT_BATCHER_ISOLATED], 1);
 }
 
 }  // namespace
