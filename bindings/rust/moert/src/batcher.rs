@@ -2,8 +2,13 @@
 
 use super::{check, check_abi, invalid, Code, Error, Io, Model, Result, SessionOptions};
 use moert_sys as sys;
+use std::ffi::c_void;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::ptr::{self, NonNull};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 /// Options for [`Batcher::new`]: 1 session, at most 256 rows per pass, no wait, default session
@@ -173,6 +178,8 @@ impl Batcher {
             .ok_or_else(|| invalid(format!("{rows} rows overflow the output size")))
     }
 
+    const STATS_KNOWN: usize = sys::MOERT_REQUEST_STATS as usize;
+
     fn stats(s: &[i64]) -> RequestStats {
         RequestStats {
             queue: nanos(s[sys::MOERT_REQUEST_QUEUE_NS as usize]),
@@ -246,6 +253,45 @@ impl Batcher {
         Ok(Self::stats(&s))
     }
 
+    /// Submits one request of `rows` rows of token ids and returns at once: the request is
+    /// checked here (a bad one is this call's error), its ids copied, and its answer arrives later
+    /// in the returned [`Pending`], which a thread can [`wait`](Pending::wait) for or an async task
+    /// `.await`. Nothing holds a thread while the request waits for its pass, so one thread or an
+    /// event loop can keep many requests in flight.
+    pub fn submit_tokens(&self, tokens: &[i32], rows: usize) -> Result<Pending> {
+        Pending::submit(|done, user_data| {
+            // SAFETY: a slice with its true length, read (copied) before the call returns; the
+            // callback and its user_data as Pending::submit prepares them.
+            unsafe {
+                sys::moert_batcher_submit_tokens(
+                    self.ptr.as_ptr(),
+                    tokens.as_ptr(),
+                    tokens.len() as u64,
+                    rows as u64,
+                    done,
+                    user_data,
+                )
+            }
+        })
+    }
+
+    /// As [`Batcher::submit_tokens`], over `rows` rows of hidden states.
+    pub fn submit_hidden(&self, input: &[f32], rows: usize) -> Result<Pending> {
+        Pending::submit(|done, user_data| {
+            // SAFETY: as in submit_tokens.
+            unsafe {
+                sys::moert_batcher_submit_hidden(
+                    self.ptr.as_ptr(),
+                    input.as_ptr(),
+                    input.len() as u64,
+                    rows as u64,
+                    done,
+                    user_data,
+                )
+            }
+        })
+    }
+
     /// The cumulative figures (a consistent snapshot).
     pub fn counters(&self) -> Result<BatcherCounters> {
         let mut c = [0i64; sys::MOERT_BATCHER_COUNTERS as usize];
@@ -266,8 +312,11 @@ impl Batcher {
 }
 
 impl Drop for Batcher {
+    /// Frees the batcher. Submitted requests in a pass finish first; those still queued are
+    /// answered with [`Code::INVALID_STATE`] before this returns: every [`Pending`] gets an answer.
     fn drop(&mut self) {
-        // SAFETY: ours, and &mut self means no request is in flight on any thread.
+        // SAFETY: ours, and &mut self means no call is in flight on any thread (submitted
+        // requests may be: the library answers them, see above).
         unsafe { sys::moert_batcher_free(self.ptr.as_ptr()) }
     }
 }
@@ -275,5 +324,155 @@ impl Drop for Batcher {
 impl fmt::Debug for Batcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Batcher").field("io", &self.io).finish()
+    }
+}
+
+/// What a submitted request's answer is: its outputs (rows * output_width values) and how it was
+/// served, or its own error.
+pub type Answer = Result<(Vec<f32>, RequestStats)>;
+
+struct Slot {
+    answer: Option<Answer>,
+    waker: Option<Waker>,
+}
+
+struct Shared {
+    slot: Mutex<Slot>,
+    ready: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        // A panic while holding the lock cannot leave a Slot half-written: recover it.
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A request submitted with [`Batcher::submit_tokens`] or [`Batcher::submit_hidden`]: its answer
+/// arrives once its forward pass is over. Wait for it on a thread with [`Pending::wait`], or
+/// `.await` it (it is a [`Future`] of any executor: the library's thread wakes the task). It does
+/// not borrow the batcher: dropping the batcher answers it (with an error if it had not run),
+/// and dropping it discards the answer when it comes.
+pub struct Pending {
+    shared: Arc<Shared>,
+}
+
+impl Pending {
+    fn submit(
+        call: impl FnOnce(sys::moert_batcher_callback, *mut c_void) -> *mut sys::moert_status,
+    ) -> Result<Pending> {
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(Slot {
+                answer: None,
+                waker: None,
+            }),
+            ready: Condvar::new(),
+        });
+        // The library holds one reference until it calls `answer`, exactly once on success.
+        let user_data = Arc::into_raw(Arc::clone(&shared)) as *mut c_void;
+        if let Err(e) = check(call(Some(answer), user_data)) {
+            // SAFETY: refused, so the library never calls back: the reference is ours again.
+            drop(unsafe { Arc::from_raw(user_data as *const Shared) });
+            return Err(e);
+        }
+        Ok(Pending { shared })
+    }
+
+    /// Whether the answer has arrived (then `wait` returns at once).
+    pub fn is_ready(&self) -> bool {
+        self.shared.lock().answer.is_some()
+    }
+
+    /// Blocks the calling thread until the answer arrives.
+    pub fn wait(self) -> Answer {
+        let mut slot = self.shared.lock();
+        loop {
+            if let Some(a) = slot.answer.take() {
+                return a;
+            }
+            slot = self
+                .shared
+                .ready
+                .wait(slot)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// As [`Pending::wait`], for at most `timeout`; gives the request back if it has no answer
+    /// by then.
+    pub fn wait_timeout(self, timeout: Duration) -> std::result::Result<Answer, Pending> {
+        let answer = {
+            let slot = self.shared.lock();
+            let (mut slot, _) = self
+                .shared
+                .ready
+                .wait_timeout_while(slot, timeout, |s| s.answer.is_none())
+                .unwrap_or_else(|e| e.into_inner());
+            slot.answer.take()
+        };
+        answer.ok_or(self)
+    }
+}
+
+impl Future for Pending {
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let mut slot = self.shared.lock();
+        match slot.answer.take() {
+            Some(a) => Poll::Ready(a),
+            None => {
+                slot.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Pending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pending")
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+/// The library's callback (moert_batcher_callback): runs on a batcher thread, so it only copies
+/// the answer, stores it and wakes whoever waits.
+unsafe extern "C" fn answer(
+    user_data: *mut c_void,
+    status: *mut sys::moert_status,
+    out: *const f32,
+    out_len: u64,
+    stats: *const i64,
+    stats_len: u64,
+) {
+    // SAFETY: user_data is the reference Pending::submit gave the library for this one call.
+    let shared = unsafe { Arc::from_raw(user_data as *const Shared) };
+    let result = check(status).and_then(|()| {
+        if out.is_null() || stats.is_null() || (stats_len as usize) < Batcher::STATS_KNOWN {
+            return Err(Error::new(
+                Code::INTERNAL,
+                "the library answered without outputs or figures",
+            ));
+        }
+        // SAFETY: moert.h: `out` holds out_len floats and `stats` stats_len figures until this
+        // callback returns; both are copied here.
+        let (o, s) = unsafe {
+            (
+                std::slice::from_raw_parts(out, out_len as usize),
+                std::slice::from_raw_parts(stats, stats_len as usize),
+            )
+        };
+        Ok((o.to_vec(), Batcher::stats(s)))
+    });
+    let waker = {
+        let mut slot = shared.lock();
+        slot.answer = Some(result);
+        slot.waker.take()
+    };
+    shared.ready.notify_all();
+    if let Some(w) = waker {
+        w.wake();
     }
 }

@@ -28,7 +28,7 @@
 //! ```
 
 mod batcher;
-pub use batcher::{Batcher, BatcherCounters, BatcherOptions, RequestStats};
+pub use batcher::{Answer, Batcher, BatcherCounters, BatcherOptions, Pending, RequestStats};
 
 use moert_sys as sys;
 use std::collections::HashMap;

@@ -133,3 +133,111 @@ fn errors_belong_to_their_caller_and_misuse_is_refused() {
         Code::INVALID_ARGUMENT
     );
 }
+
+/// A minimal executor for the futures below: polls on this thread, parks until woken.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread, AtomicBool);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.1.store(true, Ordering::SeqCst);
+            self.0.unpark();
+        }
+    }
+    let unpark = Arc::new(Unpark(std::thread::current(), AtomicBool::new(false)));
+    let waker = Waker::from(Arc::clone(&unpark));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = Box::pin(future);
+    loop {
+        if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+            return v;
+        }
+        while !unpark.1.swap(false, Ordering::SeqCst) {
+            std::thread::park_timeout(Duration::from_secs(60));
+        }
+    }
+}
+
+#[test]
+fn submitted_requests_agree_with_solo_calls_waited_for_or_awaited() {
+    let m = model();
+    let solo = Session::new(&m, None).unwrap();
+    let mut options = BatcherOptions::new().unwrap();
+    options
+        .sessions(2)
+        .unwrap()
+        .max_wait(Duration::from_millis(5))
+        .unwrap();
+    let b = Batcher::new(&m, Some(&options)).unwrap();
+    // One thread keeps 64 requests in flight: half waited for, half awaited.
+    let pending: Vec<_> = (0..64)
+        .map(|r| b.submit_tokens(&batch(1 + r % 5, r), 1 + r % 5).unwrap())
+        .collect();
+    let mut shared = 0;
+    for (r, p) in pending.into_iter().enumerate() {
+        let (out, stats) = if r % 2 == 0 {
+            p.wait().unwrap()
+        } else {
+            block_on(p).unwrap()
+        };
+        let rows = 1 + r % 5;
+        let want = solo.forward_tokens(&batch(rows, r), rows).unwrap();
+        assert_agrees(
+            &out,
+            &want,
+            64,
+            stats.batch_requests == 1,
+            &format!("request {r}"),
+        );
+        assert!(stats.batch_rows >= rows as u64);
+        if stats.batch_requests > 1 {
+            shared += 1;
+        }
+    }
+    assert!(
+        shared > 32,
+        "only {shared} of 64 submitted requests shared a pass"
+    );
+    let c = b.counters().unwrap();
+    assert_eq!((c.requests, c.failed), (64, 0));
+}
+
+#[test]
+fn a_bad_submission_is_refused_at_once_and_a_dropped_batcher_answers_every_request() {
+    let m = model();
+    let mut options = BatcherOptions::new().unwrap();
+    // A one-second wait and a cap the requests never fill: they stay queued.
+    options
+        .max_batch_rows(1024)
+        .unwrap()
+        .max_wait(Duration::from_secs(1))
+        .unwrap();
+    let b = Batcher::new(&m, Some(&options)).unwrap();
+    let mut bad = batch(2, 1);
+    bad[6] = 99;
+    let e = b.submit_tokens(&bad, 2).unwrap_err();
+    assert_eq!(e.code(), Code::INVALID_ARGUMENT);
+    assert!(e.message().contains("row 1, column 2"), "{e}");
+    assert_eq!(
+        b.submit_hidden(&[0.0; 4], 1).unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
+    let pending: Vec<_> = (0..10)
+        .map(|r| b.submit_tokens(&batch(2, r), 2).unwrap())
+        .collect();
+    let p = pending.into_iter().collect::<Vec<_>>();
+    let (first, rest) = p.split_first().unwrap();
+    assert!(!first.is_ready());
+    let started = std::time::Instant::now();
+    drop(b);
+    assert!(started.elapsed() < Duration::from_millis(900));
+    for q in rest {
+        assert!(q.is_ready());
+    }
+    for q in p {
+        let e = q.wait_timeout(Duration::from_secs(5)).unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_STATE);
+        assert!(e.message().contains("freed"), "{e}");
+    }
+}
