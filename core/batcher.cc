@@ -186,31 +186,26 @@ void Batcher::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, fl
 
 void Batcher::submit_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows,
                             BatcherCallback done) {
-  auto r = std::make_unique<Request>();
-  try {
-    if (!done) fail(Code::InvalidArgument, "the callback is empty");
-    check_tokens(tokens, num_tokens, rows);
-    r->owned.resize(num_tokens * sizeof(int32_t));
-  } catch (...) {
-    refuse();
-  }
-  std::memcpy(r->owned.data(), tokens, r->owned.size());
-  r->input = r->owned.data();
-  r->rows = rows;
-  r->done_callback = std::move(done);
-  enqueue(std::move(r));
+  submit_copy([&] { check_tokens(tokens, num_tokens, rows); }, tokens, num_tokens * sizeof(int32_t),
+              rows, std::move(done));
 }
 
 void Batcher::submit_hidden(const float* in, uint64_t in_len, uint64_t rows, BatcherCallback done) {
+  submit_copy([&] { check_hidden(in, in_len, rows); }, in, in_len * sizeof(float), rows,
+              std::move(done));
+}
+
+void Batcher::submit_copy(const std::function<void()>& check, const void* input, size_t bytes,
+                          uint64_t rows, BatcherCallback done) {
   auto r = std::make_unique<Request>();
   try {
     if (!done) fail(Code::InvalidArgument, "the callback is empty");
-    check_hidden(in, in_len, rows);
-    r->owned.resize(in_len * sizeof(float));
+    check();
+    r->owned.resize(bytes);
   } catch (...) {
     refuse();
   }
-  std::memcpy(r->owned.data(), in, r->owned.size());
+  std::memcpy(r->owned.data(), input, bytes);
   r->input = r->owned.data();
   r->rows = rows;
   r->done_callback = std::move(done);

@@ -133,6 +133,9 @@ class Batcher {
   // Counts a request refused before it was queued, and rethrows its error.
   [[noreturn]] void refuse();
   void submit(Request& r, int64_t* stats, uint64_t stats_len);
+  // A submitted request: check() validates it, then `bytes` of `input` are copied and queued.
+  void submit_copy(const std::function<void()>& check, const void* input, size_t bytes,
+                   uint64_t rows, BatcherCallback done);
   void enqueue(std::unique_ptr<Request> r);
   // Calls a submitted request's callback and deletes it.
   void answer(Request* r) const noexcept;
