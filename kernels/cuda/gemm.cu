@@ -176,9 +176,15 @@ void Gemm::run(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a,
   const uint32_t index = it != chosen_.end() ? it->second : choose(key);
   Layouts l(ta, tb, m, n, k, lda, ldb, ldc, bf16);
   const float alpha = 1.0f;
-  check(cublasLtMatmul(handle_.get(), desc(key), &alpha, b, &l.first, a, &l.second, &beta, c, &l.c,
-                       c, &l.c, &algos_[index], workspace_.get(), kWorkspaceBytes, stream_),
-        "cublasLtMatmul");
+  const cublasStatus_t st =
+      cublasLtMatmul(handle_.get(), desc(key), &alpha, b, &l.first, a, &l.second, &beta, c, &l.c, c,
+                     &l.c, &algos_[index], workspace_.get(), kWorkspaceBytes, stream_);
+  // The heuristic's algorithm can still be refused at run time (as FP8's may, fp8_gemm.cu): that
+  // is the installed cuBLASLt's limit, not an internal fault.
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED)
+    fail(Code::Unsupported, "cuBLASLt ", cublasLtGetVersion(), " refused to run a ", m, "x", n, "x",
+         k, bf16 ? " bf16" : " fp32", " GEMM (transposes ", ta, tb, ")");
+  check(st, "cublasLtMatmul");
 }
 
 }  // namespace moert::cuda
