@@ -8,12 +8,28 @@
 #include <cstring>
 #include <limits>
 #include <numbers>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "core/error.h"
 #include "core/model_loader.h"
 #include "core/model_writer.h"
 
 namespace moert {
+
+// A field added to TrainingConfig must join fields() too (the ranks' settings digest): the
+// listed fields, each padded to 8 bytes, must fill the struct.
+template <typename... T>
+constexpr size_t padded_size(std::tuple<T...>*) {
+  return (((sizeof(std::remove_cvref_t<T>) + 7) / 8 * 8) + ...);
+}
+static_assert(
+    sizeof(TrainingConfig) ==
+        padded_size(
+            static_cast<decltype(std::declval<const TrainingConfig&>().fields())*>(nullptr)),
+    "TrainingConfig has a field that TrainingConfig::fields() does not list");
+
 namespace {
 
 constexpr uint32_t kAllLayers = std::numeric_limits<uint32_t>::max();
@@ -747,15 +763,21 @@ StepInfo Session::step() {
   if (par_) {
     // zero_grad and set_config are local: ranks that accumulated different micro-batches, or
     // that were configured differently, would move their replicated parameters apart.
-    const TrainingConfig& t = options_.training;
     ContentHasher h;
-    h.str(t.optimizer);
-    for (double d :
-         {t.lr, t.weight_decay, t.beta1, t.beta2, t.eps, t.momentum, t.clip_norm, t.min_lr})
-      h.u64(std::bit_cast<uint64_t>(d));
-    h.u64(t.warmup_steps);
-    h.u64(t.total_steps);
-    h.u64(static_cast<uint64_t>(t.sequence_length));
+    std::apply(
+        [&h](const auto&... field) {
+          auto add = [&h](const auto& v) {
+            using T = std::decay_t<decltype(v)>;
+            if constexpr (std::is_same_v<T, std::string>)
+              h.str(v);
+            else if constexpr (std::is_same_v<T, double>)
+              h.u64(std::bit_cast<uint64_t>(v));
+            else
+              h.u64(static_cast<uint64_t>(v));
+          };
+          (add(field), ...);
+        },
+        options_.training.fields());
     h.u8(options_.global_aux);
     for (const Balance& b : balance_) {
       h.f32(b.gamma);

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/backend.h"
@@ -49,6 +50,12 @@ struct TrainingConfig {
 
   // Learning rate of optimizer step `step` (counted from 1).
   double lr_at(uint64_t step) const;
+  // Every field: ranks compare a digest of them before each step (Session::step), so a field
+  // missing here would let ranks configured apart step apart (session.cc checks the count).
+  auto fields() const {
+    return std::tie(optimizer, lr, weight_decay, beta1, beta2, eps, momentum, clip_norm,
+                    warmup_steps, total_steps, min_lr, sequence_length);
+  }
 };
 
 struct SessionOptions {
