@@ -56,6 +56,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	readTimeout := fs.Duration("read-timeout", 15*time.Second, "time to read a whole request")
 	writeTimeout := fs.Duration("write-timeout", 30*time.Second, "time from the end of the request headers to the end of the response")
 	idleTimeout := fs.Duration("idle-timeout", 120*time.Second, "keep-alive connections idle longer are closed")
+	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", 0, "how long a request waits for its answer before a 503 timeout (0: 9/10 of -write-timeout, so that the 503 can still be written)")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long requests in flight may take to finish")
 	pprofAddr := fs.String("pprof", "", "also serve Go's profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060 (default: off)")
 	gomaxprocs := fs.Int("gomaxprocs", defaultGOMAXPROCS(), "Go's GOMAXPROCS: well above the core count, see defaultGOMAXPROCS")
@@ -72,6 +73,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	runtime.GOMAXPROCS(*gomaxprocs)
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = *writeTimeout * 9 / 10
+	}
 
 	svc, err := NewService(cfg)
 	if err != nil {
