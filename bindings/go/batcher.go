@@ -3,6 +3,7 @@ package moert
 import (
 	"fmt"
 	"runtime"
+	"runtime/cgo"
 	"time"
 
 	"moert.dev/moert/internal/capi"
@@ -131,11 +132,17 @@ func (c BatcherCounters) MeanBatchRows() float64 {
 // CPU, bit for bit when the pass carried the request alone; see moert.h and the README). One
 // caller's bad input fails that caller alone.
 //
-// Each call waits inside C for its pass, and Go counts a goroutine in a C call against
+// A request is either blocking (ForwardTokens, ForwardHidden and their Into forms) or submitted
+// (SubmitTokens, SubmitHidden, which return a *Pending at once). Both kinds share the same queue
+// and passes and get the same answers.
+//
+// A blocking call waits inside C for its pass, and Go counts a goroutine in a C call against
 // GOMAXPROCS until the runtime's monitor hands its P to another goroutine, which can take up to
-// about 10 ms. A server whose handlers call the batcher should therefore run with GOMAXPROCS
-// well above the core count, or the goroutines waiting in C hold the Ps its other goroutines need
-// to read the next requests (examples/go/service measured this: see its -gomaxprocs flag).
+// about 10 ms; each one also holds an OS thread for the whole request. A server whose handlers
+// make blocking calls should therefore run with GOMAXPROCS well above the core count, or the
+// goroutines waiting in C hold the Ps its other goroutines need to read the next requests. A
+// goroutine waiting on a Pending is parked on a channel instead and holds neither a P nor a
+// thread, so a server that submits needs no such setting (examples/go/service does so).
 type Batcher struct {
 	g   guard
 	ptr capi.Struct_SS_moert_batcher
@@ -173,8 +180,11 @@ func NewBatcher(model *Model, opts *BatcherOptions) (*Batcher, error) {
 	return b, nil
 }
 
-// Close waits for the requests in flight, then stops the sessions and releases the batcher; a
-// second Close does nothing, and later calls return ErrInvalidState.
+// Close waits for the blocking calls in flight, then stops the sessions and releases the batcher;
+// a second Close does nothing, and later calls return ErrInvalidState. Submitted requests do not
+// hold Close back: those in a forward pass finish and are answered, and those still queued are
+// answered with ErrInvalidState; by the time Close returns every Pending of the batcher has its
+// answer (Done is closed). Other goroutines may be waiting on Pendings meanwhile.
 func (b *Batcher) Close() error {
 	b.g.close(func() {
 		capi.Moert_batcher_free(b.ptr)
@@ -273,6 +283,86 @@ func (b *Batcher) ForwardHiddenInto(in []float32, rows int, out []float32) (Requ
 	}
 	copy(out, dst)
 	return requestStats(stats), nil
+}
+
+// Pending is a request submitted with SubmitTokens or SubmitHidden: its answer arrives once,
+// when the forward pass that carried it is over. Done is closed then, and Wait returns it. A
+// Pending may be waited on from any number of goroutines, and is always answered: a request
+// still queued when its Batcher is closed fails with ErrInvalidState.
+type Pending struct {
+	done    chan struct{}
+	batcher *Batcher // keeps the Batcher reachable (its finalizer closes it) until answered
+	out     []float32
+	stats   RequestStats
+	err     error
+}
+
+// Done is closed when the answer has arrived; then Wait returns at once. Select on it with a
+// context to stop waiting: the answer, when it comes, is then dropped.
+func (p *Pending) Done() <-chan struct{} { return p.done }
+
+// Wait waits for the answer and returns what ForwardTokens or ForwardHidden would have: the
+// request's rows*OutputWidth outputs (the same slice to every caller: copy it before changing
+// it if others may read it) and how it was served, or its error.
+func (p *Pending) Wait() ([]float32, RequestStats, error) {
+	<-p.done
+	if p.err != nil {
+		return nil, RequestStats{}, p.err
+	}
+	return p.out, p.stats, nil
+}
+
+// submit queues a request through call (one of the capi submit functions, given the callback
+// and its user data) and returns its Pending. The Pending travels to C as a cgo.Handle, which
+// the callback deletes; C keeps no Go pointer. A refused request is never answered, so its
+// handle is deleted here.
+func (b *Batcher) submit(call func(done *byte, userData uintptr) capi.Struct_SS_moert_status) (*Pending, error) {
+	p := &Pending{done: make(chan struct{}), batcher: b}
+	h := cgo.NewHandle(p)
+	if err := b.call(func() capi.Struct_SS_moert_status {
+		return call(batcherCallback(), uintptr(h))
+	}); err != nil {
+		h.Delete()
+		return nil, err
+	}
+	return p, nil
+}
+
+// SubmitTokens submits one request of rows rows of token ids (tokens holds rows*InputWidth ids,
+// row-major) without waiting for it, and returns its Pending. It is validated before it is
+// queued: a request ForwardTokens would refuse (its shape, an id outside the vocabulary, a
+// closed batcher) is refused here with the same error, no Pending is returned and nothing is
+// answered later. tokens may be reused as soon as SubmitTokens returns. Submitted requests
+// share the queue and the passes of the blocking calls.
+//
+// Unlike ForwardTokens, no goroutine and no OS thread waits in C for the pass: the library's
+// thread that finishes the pass hands the answer over, and a goroutine waiting on the Pending is
+// parked like one waiting on any channel. A server can hold thousands of requests in flight
+// without raising GOMAXPROCS. The hand-over is a short Go function run on the library's thread
+// (copy the outputs, close Done), which needs one of the program's Ps for that moment; the
+// session that ran the pass starts its next one when it returns.
+func (b *Batcher) SubmitTokens(tokens []int32, rows int) (*Pending, error) {
+	if err := checkRows(rows); err != nil {
+		return nil, err
+	}
+	in := ownInts(tokens)
+	return b.submit(func(done *byte, userData uintptr) capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_submit_tokens(b.ptr, in, uint64(rows), done, userData)
+	})
+}
+
+// SubmitHidden is SubmitTokens over rows rows of hidden states (in holds rows*InputWidth
+// values), validated and answered as ForwardHidden would be (a non-finite value is refused
+// with ErrNumeric under the session option "check_finite", on by default). in may be reused as
+// soon as it returns.
+func (b *Batcher) SubmitHidden(in []float32, rows int) (*Pending, error) {
+	if err := checkRows(rows); err != nil {
+		return nil, err
+	}
+	src := ownFloats(in)
+	return b.submit(func(done *byte, userData uintptr) capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_submit_hidden(b.ptr, src, uint64(rows), done, userData)
+	})
 }
 
 // Counters reads the batcher's cumulative figures (a consistent snapshot).

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"testing"
@@ -218,4 +220,378 @@ func TestBatcherOptionsAndClose(t *testing.T) {
 	wantCode(t, err, ErrInvalidState)
 	_, err = b.Counters()
 	wantCode(t, err, ErrInvalidState)
+}
+
+// waitPending waits for p at most limit: a Pending that never gets its answer fails the test
+// instead of hanging it.
+func waitPending(t *testing.T, p *Pending, limit time.Duration) ([]float32, RequestStats, error) {
+	t.Helper()
+	select {
+	case <-p.Done():
+		return p.Wait()
+	case <-time.After(limit):
+		t.Fatalf("no answer after %v", limit)
+		return nil, RequestStats{}, nil
+	}
+}
+
+// checkStats checks the figures of a successful request of rows rows on a batcher of sessions
+// sessions.
+func checkStats(st RequestStats, rows, sessions int) error {
+	if st.BatchRows < rows || st.BatchRequests < 1 || st.BatchRequests > st.BatchRows ||
+		st.Run <= 0 || st.Queue < 0 || st.Session < 0 || st.Session >= sessions {
+		return fmt.Errorf("stats %+v for %d rows on %d sessions", st, rows, sessions)
+	}
+	return nil
+}
+
+// Submitted requests of tokens and of hidden states get the solo call's answers (bit for bit
+// when alone in their pass), whether waited on through Wait or Done; submitted and blocking
+// requests share passes.
+func TestBatcherSubmitAgreesWithSoloCalls(t *testing.T) {
+	m := mustModel(t)
+	ref := mustSession(t, m, ModeInference, 1)
+	b := mustBatcher(t, m, 2, 64, 5*time.Millisecond)
+	const requests = 48
+	want := make([][]float32, requests)
+	for i := range want {
+		rows := 1 + i%5
+		out, err := ref.ForwardTokens(batch(rows, 4, i), rows)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[i] = out
+	}
+	pending := make([]*Pending, requests)
+	for i := range pending {
+		rows := 1 + i%5
+		ids := batch(rows, 4, i)
+		p, err := b.SubmitTokens(ids, rows)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for j := range ids {
+			ids[j] = -1 // the library copied them: reuse does not change the request
+		}
+		pending[i] = p
+	}
+	// A blocking call among them.
+	got, st, err := b.ForwardTokens(batch(3, 4, 2), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := agreesWithSolo(got, want[2], 64, st.BatchRequests == 1); err != nil {
+		t.Fatalf("blocking call: %v", err)
+	}
+	shared := 0
+	for i, p := range pending {
+		got, st, err := waitPending(t, p, 30*time.Second)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		if err := agreesWithSolo(got, want[i], 64, st.BatchRequests == 1); err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		if err := checkStats(st, 1+i%5, 2); err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		if st.BatchRequests > 1 {
+			shared++
+		}
+		// Wait again: the same answer.
+		again, st2, err2 := p.Wait()
+		if err2 != nil || &again[0] != &got[0] || st2 != st {
+			t.Fatalf("request %d: a second Wait gave another answer", i)
+		}
+	}
+	c, err := b.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Requests != requests+1 || c.Failed != 0 || c.Batches >= c.Requests || shared == 0 {
+		t.Fatalf("counters %+v, %d requests shared a pass", c, shared)
+	}
+	t.Logf("%d requests in %d passes (mean %.1f rows), %d shared a pass", c.Requests, c.Batches,
+		c.MeanBatchRows(), shared)
+
+	// Hidden states.
+	hm := mustHiddenModel(t)
+	href := mustSession(t, hm, ModeInference, 1)
+	hb := mustBatcher(t, hm, 1, 64, 5*time.Millisecond)
+	const hrequests = 16
+	hwant := make([][]float32, hrequests)
+	hpending := make([]*Pending, hrequests)
+	for i := range hpending {
+		rows := 1 + i%3
+		in := make([]float32, rows*5)
+		for j := range in {
+			in[j] = float32((j*7+i*3)%11)/5 - 1
+		}
+		if hwant[i], err = href.ForwardHidden(in, rows); err != nil {
+			t.Fatal(err)
+		}
+		if hpending[i], err = hb.SubmitHidden(in, rows); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, p := range hpending {
+		got, st, err := waitPending(t, p, 30*time.Second)
+		if err != nil {
+			t.Fatalf("hidden request %d: %v", i, err)
+		}
+		if err := agreesWithSolo(got, hwant[i], hb.IO().OutputWidth, st.BatchRequests == 1); err != nil {
+			t.Fatalf("hidden request %d: %v", i, err)
+		}
+		if err := checkStats(st, 1+i%3, 1); err != nil {
+			t.Fatalf("hidden request %d: %v", i, err)
+		}
+	}
+}
+
+// 200 goroutines submit at once under GOMAXPROCS 2: every answer is right, and waiting holds no
+// OS thread per request (a blocking ForwardTokens holds one each while its goroutine is in C).
+func TestBatcherSubmitFromManyGoroutines(t *testing.T) {
+	m := mustModel(t)
+	ref := mustSession(t, m, ModeInference, 1)
+	b := mustBatcher(t, m, 2, 128, 2*time.Millisecond)
+	const goroutines = 200
+	want := make([][]float32, goroutines)
+	for g := range want {
+		rows := 1 + g%4
+		out, err := ref.ForwardTokens(batch(rows, 4, g), rows)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[g] = out
+	}
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
+	threads := pprof.Lookup("threadcreate")
+	before := threads.Count()
+	start := make(chan struct{})
+	errs := make(chan error, goroutines)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	shared := 0
+	for g := 0; g < goroutines; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			rows := 1 + g%4
+			<-start
+			p, err := b.SubmitTokens(batch(rows, 4, g), rows)
+			if err != nil {
+				errs <- err
+				return
+			}
+			var got []float32
+			var st RequestStats
+			select {
+			case <-p.Done():
+				got, st, err = p.Wait()
+			case <-time.After(30 * time.Second):
+				err = fmt.Errorf("goroutine %d: no answer after 30 s", g)
+			}
+			if err == nil {
+				err = agreesWithSolo(got, want[g], 64, st.BatchRequests == 1)
+			}
+			if err == nil {
+				err = checkStats(st, rows, 2)
+			}
+			if err != nil {
+				errs <- fmt.Errorf("goroutine %d: %v", g, err)
+				return
+			}
+			mu.Lock()
+			if st.BatchRequests > 1 {
+				shared++
+			}
+			mu.Unlock()
+		}(g)
+	}
+	close(start)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	created := threads.Count() - before
+	c, err := b.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d requests in %d passes (mean %.1f rows), %d shared a pass; %d OS threads created",
+		c.Requests, c.Batches, c.MeanBatchRows(), shared, created)
+	if c.Requests != goroutines || c.Failed != 0 || shared == 0 {
+		t.Fatalf("counters %+v, %d requests shared a pass", c, shared)
+	}
+	if created >= goroutines/4 {
+		t.Fatalf("%d OS threads were created for %d requests in flight", created, goroutines)
+	}
+}
+
+// A request the library refuses fails at submit with the blocking call's error and is never
+// answered (its callback, called, would find its handle deleted and panic); nothing is queued.
+func TestBatcherSubmitRefusesBadRequests(t *testing.T) {
+	m := mustModel(t)
+	b := mustBatcher(t, m, 1, 16, 0)
+	ids := batch(2, 4, 1)
+	ids[5] = 64
+	p, err := b.SubmitTokens(ids, 2)
+	e := wantCode(t, err, ErrInvalidArgument)
+	if want := "row 1, column 1"; !strings.Contains(e.Message, want) || p != nil {
+		t.Fatalf("message %q does not name %q, or a Pending came back", e.Message, want)
+	}
+	refused := []func() (*Pending, error){
+		func() (*Pending, error) { return b.SubmitTokens(batch(17, 4, 0), 17) },    // over the row cap
+		func() (*Pending, error) { return b.SubmitTokens(batch(2, 4, 0), 3) },      // too few ids
+		func() (*Pending, error) { return b.SubmitTokens(batch(1, 4, 0), 0) },      // no rows
+		func() (*Pending, error) { return b.SubmitTokens(nil, 1) },                 // no ids
+		func() (*Pending, error) { return b.SubmitHidden(make([]float32, 4), 1) },  // tokens model
+		func() (*Pending, error) { return b.SubmitTokens(batch(1, 4, 0), -1) },     // refused in Go
+		func() (*Pending, error) { return b.SubmitHidden(make([]float32, 4), -1) }, // refused in Go
+	}
+	for i, f := range refused {
+		p, err := f()
+		wantCode(t, err, ErrInvalidArgument)
+		if p != nil {
+			t.Fatalf("refused request %d came with a Pending", i)
+		}
+	}
+	// The library counted the six it saw as failed requests; a good one is still answered.
+	p, err = b.SubmitTokens(batch(1, 4, 0), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, st, err := waitPending(t, p, 30*time.Second); err != nil || checkStats(st, 1, 1) != nil {
+		t.Fatalf("good request after refused ones: %v %+v", err, st)
+	}
+	c, err := b.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Requests != 7 || c.Failed != 6 || c.Batches != 1 {
+		t.Fatalf("counters %+v", c)
+	}
+}
+
+// Close with submitted requests in flight: every Pending is answered by the time Close returns,
+// with its right answer (its pass had begun) or ErrInvalidState (it was still queued); later
+// submissions are refused.
+func TestBatcherCloseAnswersEveryPending(t *testing.T) {
+	m := mustModel(t)
+	ref := mustSession(t, m, ModeInference, 1)
+
+	// Requests waiting for a fuller pass (the wait is 1 s) are still queued when Close comes.
+	b := mustBatcher(t, m, 1, 256, time.Second)
+	var queued []*Pending
+	for i := 0; i < 3; i++ {
+		p, err := b.SubmitTokens(batch(1, 4, i), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		queued = append(queued, p)
+	}
+	closed := make(chan struct{})
+	go func() { b.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	for i, p := range queued {
+		select {
+		case <-p.Done():
+		default:
+			t.Fatalf("queued request %d has no answer after Close", i)
+		}
+		out, _, err := p.Wait()
+		wantCode(t, err, ErrInvalidState)
+		if out != nil {
+			t.Fatalf("queued request %d: outputs with an error", i)
+		}
+	}
+	_, err := b.SubmitTokens(batch(1, 4, 0), 1)
+	wantCode(t, err, ErrInvalidState)
+
+	// Full passes back to back (cap 4 rows, one session), Close in the middle of them, and
+	// goroutines submitting while Close runs.
+	b = mustBatcher(t, m, 1, 4, time.Second)
+	const requests = 300
+	want := make([][]float32, 8)
+	for i := range want {
+		out, err := ref.ForwardTokens(batch(4, 4, i), 4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[i] = out
+	}
+	type submitted struct {
+		p    *Pending
+		seed int
+	}
+	var all []submitted
+	for i := 0; i < requests; i++ {
+		p, err := b.SubmitTokens(batch(4, 4, i%8), 4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, submitted{p, i % 8})
+	}
+	var wg, started sync.WaitGroup
+	var mu sync.Mutex
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		started.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < 1000; i++ {
+				p, err := b.SubmitTokens(batch(4, 4, w), 4)
+				if err != nil {
+					// Only after Close.
+					if e := (*Error)(nil); !errors.As(err, &e) || e.Code != ErrInvalidState {
+						t.Errorf("submitting while Close runs: %v", err)
+					}
+					if i == 0 {
+						started.Done()
+					}
+					return
+				}
+				mu.Lock()
+				all = append(all, submitted{p, w})
+				mu.Unlock()
+				if i == 0 {
+					started.Done()
+				}
+			}
+		}(w)
+	}
+	started.Wait()
+	closed = make(chan struct{})
+	go func() { b.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	wg.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	answered, failed := 0, 0
+	for i, s := range all {
+		out, st, err := waitPending(t, s.p, 30*time.Second)
+		if err != nil {
+			wantCode(t, err, ErrInvalidState)
+			failed++
+			continue
+		}
+		if err := agreesWithSolo(out, want[s.seed], 64, st.BatchRequests == 1); err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		answered++
+	}
+	t.Logf("Close with %d requests in flight: %d answered, %d refused as queued", len(all),
+		answered, failed)
+	if failed == 0 {
+		t.Log("every request's pass had begun before Close (a fast machine)")
+	}
 }

@@ -9,12 +9,16 @@
 // be called from many goroutines at once, the library serialising the calls; a SessionOptions
 // must not be modified concurrently. Close waits for calls in flight on the same handle.
 //
-// Calls that compute (a Session's forward, backward and step, a Batcher's requests) run in C
-// for their whole duration, and Go counts a goroutine in a C call against GOMAXPROCS until the
-// runtime hands its P to another goroutine, which can take up to about 10 ms. A server calling
-// them from many goroutines at once should run with GOMAXPROCS well above the core count (see
-// Batcher). While such a call computes, its thread takes no asynchronous signal (a CPU
-// profile's SIGPROF included) until the call returns: see "Signals" in moert.h.
+// Calls that compute (a Session's forward, backward and step, a Batcher's blocking requests) run
+// in C for their whole duration, holding an OS thread, and Go counts a goroutine in a C call
+// against GOMAXPROCS until the runtime hands its P to another goroutine, which can take up to
+// about 10 ms. A server making such calls from many goroutines at once should run with
+// GOMAXPROCS well above the core count (see Batcher). A Batcher's submitted requests
+// (SubmitTokens, SubmitHidden) are the exception: the call returns once the request is queued,
+// and the goroutine waiting on its Pending is parked on a channel, holding no thread and no P,
+// until one of the library's threads hands the answer over. While a call computes, its thread
+// takes no asynchronous signal (a CPU profile's SIGPROF included) until the call returns: see
+// "Signals" in moert.h.
 //
 // The package checks at start-up that the loaded libmoert implements the ABI it was built for;
 // when it does not, every constructor returns an *Error with code ErrUnsupported.

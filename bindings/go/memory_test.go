@@ -226,6 +226,22 @@ func TestCallerMemoryInAnyGoLayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	equalFloats(t, "Batcher.ForwardTokens(th.ids[:])", got, wantLogits)
+	// Submitted requests (alone in their pass, hence bit for bit).
+	p, err := b.SubmitHidden(h.buf[:], 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err = p.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	equalFloats(t, "Batcher.SubmitHidden(h.buf[:])", got, want)
+	if p, err = tb.SubmitTokens(th.ids[:], 2); err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err = p.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	equalFloats(t, "Batcher.SubmitTokens(th.ids[:])", got, wantLogits)
 }
 
 // Empty and nil slices are errors from the library, never a crash; a failed call leaves the

@@ -15,7 +15,8 @@ import (
 //	    wrong_input, invalid_argument, numeric
 //	404 not_found            405 method_not_allowed (with an Allow header)
 //	413 body_too_large       415 unsupported_media_type
-//	500 internal             503 overloaded (with Retry-After), shutting_down, out_of_memory
+//	500 internal             503 overloaded (with Retry-After), shutting_down, out_of_memory,
+//	                             timeout (no answer within the write timeout)
 type apiError struct {
 	Status  int    `json:"-"`
 	Code    string `json:"code"`

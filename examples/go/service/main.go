@@ -1,8 +1,10 @@
 // Command service serves a moert model over HTTP, as a production service would: requests from
-// many connections are gathered by a moert.Batcher into shared forward passes; bodies are bounded
-// by the model's width and a row cap; concurrent requests, read and write times are bounded;
-// every error is a JSON object of one shape; SIGTERM and SIGINT drain the requests in flight
-// before the process exits.
+// many connections are gathered by a moert.Batcher into shared forward passes (each handler
+// submits its request and waits on the moert.Pending, holding no OS thread while the pass runs,
+// and gives up when its client leaves or -request-timeout passes); bodies are bounded by the
+// model's width and a row cap; concurrent requests, read and write times are bounded; every
+// error is a JSON object of one shape; SIGTERM and SIGINT drain the requests in flight before
+// the process exits.
 //
 //	service -model ../models/tiny_moe.moert -addr 127.0.0.1:8080
 //
@@ -56,9 +58,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	readTimeout := fs.Duration("read-timeout", 15*time.Second, "time to read a whole request")
 	writeTimeout := fs.Duration("write-timeout", 30*time.Second, "time from the end of the request headers to the end of the response")
 	idleTimeout := fs.Duration("idle-timeout", 120*time.Second, "keep-alive connections idle longer are closed")
+	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", 0, "how long a request waits for its answer before a 503 timeout (0: 9/10 of -write-timeout, so that the 503 can still be written)")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long requests in flight may take to finish")
 	pprofAddr := fs.String("pprof", "", "also serve Go's profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060 (default: off)")
-	gomaxprocs := fs.Int("gomaxprocs", defaultGOMAXPROCS(), "Go's GOMAXPROCS: well above the core count, see defaultGOMAXPROCS")
+	gomaxprocs := fs.Int("gomaxprocs", defaultGOMAXPROCS(), "Go's GOMAXPROCS: well above the core count for -batch=false, see defaultGOMAXPROCS")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -72,6 +75,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	runtime.GOMAXPROCS(*gomaxprocs)
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = *writeTimeout * 9 / 10
+	}
 
 	svc, err := NewService(cfg)
 	if err != nil {
@@ -156,14 +162,17 @@ func profileHandler() http.Handler {
 	return mux
 }
 
-// defaultGOMAXPROCS is 4 per core and at least 16. Every request's goroutine waits inside a C call
-// (the batcher's, or a session's) for its pass, and Go counts a goroutine in a C call against
-// GOMAXPROCS until its monitor thread notices and hands the P to another goroutine, which can
-// take up to about 10 ms. With GOMAXPROCS at the core count, the goroutines waiting in C held the
-// Ps that the HTTP handlers needed to read the next requests: measured on 2 cores at 64 clients,
-// requests spent a p99 of 142-180 ms outside the library while the CPUs were half idle, and the
-// passes stayed at 5 rows. With 16 Ps the passes grew to 30 rows, throughput rose 1.4x and p99
-// fell to 45 ms (README, "Benchmark"). Extra Ps cost nothing while idle.
+// defaultGOMAXPROCS is 4 per core and at least 16, for the engine that still needs it: with
+// -batch=false every request's goroutine waits inside a session's C call for its pass, and Go
+// counts a goroutine in a C call against GOMAXPROCS until its monitor thread notices and hands
+// the P to another goroutine, which can take up to about 10 ms. With GOMAXPROCS at the core
+// count, the goroutines waiting in C held the Ps that the HTTP handlers needed to read the next
+// requests. The batcher engine made blocking calls too until it submitted its requests: measured
+// then on 2 cores at 64 clients, requests spent a p99 of 142-180 ms outside the library while
+// the CPUs were half idle, and the passes stayed at 5 rows; with 16 Ps the passes grew to 30
+// rows, throughput rose 1.4x and p99 fell to 45 ms (README, "Benchmark"). Now its handlers wait
+// on a moert.Pending, parked without a thread or a P, and it ran as well at GOMAXPROCS 2 as at
+// 16 (README). The default stays: extra Ps cost nothing while idle.
 func defaultGOMAXPROCS() int {
 	if n := 4 * runtime.NumCPU(); n > 16 {
 		return n

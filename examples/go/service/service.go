@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -21,6 +22,7 @@ type Config struct {
 	MaxWait        time.Duration // how long a free session waits for more rows (batcher)
 	MaxRequestRows int           // rows one request may have
 	MaxInFlight    int           // requests served at once
+	RequestTimeout time.Duration // how long a request may wait for its answer (0: no limit)
 }
 
 // DefaultConfig: one session using every core, batches of up to 256 rows, requests of up to 64
@@ -43,10 +45,11 @@ type ModelInfo struct {
 	BodyLimit   int64  `json:"body_limit_bytes"`
 }
 
-// engine runs one request's rows: through the batcher, or alone on a pool session.
+// engine runs one request's rows: through the batcher, or alone on a pool session. When ctx is
+// done first it returns ctx's error; what the library still computes for the request is dropped.
 type engine interface {
-	forwardTokens(ids []int32, rows int) ([]float32, moert.RequestStats, error)
-	forwardHidden(in []float32, rows int) ([]float32, moert.RequestStats, error)
+	forwardTokens(ctx context.Context, ids []int32, rows int) ([]float32, moert.RequestStats, error)
+	forwardHidden(ctx context.Context, in []float32, rows int) ([]float32, moert.RequestStats, error)
 	counters() moert.BatcherCounters
 	close()
 }
@@ -60,7 +63,7 @@ type Service struct {
 	slots     chan struct{} // one per request in flight
 	draining  atomic.Bool
 
-	requests, failed, rejected atomic.Int64
+	requests, failed, rejected, abandoned atomic.Int64
 }
 
 // Bytes one value may take in a request body: the longest int32 ("-2147483648") or float32
@@ -215,13 +218,30 @@ func (s *Service) forward(w http.ResponseWriter, r *http.Request) {
 	s.requests.Add(1)
 	req, apiErr := s.parse(w, r)
 	if apiErr == nil {
+		// The request's context ends when its client goes away; RequestTimeout bounds it too.
+		ctx := r.Context()
+		if s.cfg.RequestTimeout > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, s.cfg.RequestTimeout)
+			defer cancel()
+		}
 		var out []float32
 		var st moert.RequestStats
 		var err error
 		if req.tokens != nil {
-			out, st, err = s.engine.forwardTokens(req.tokens, req.rows)
+			out, st, err = s.engine.forwardTokens(ctx, req.tokens, req.rows)
 		} else {
-			out, st, err = s.engine.forwardHidden(req.hidden, req.rows)
+			out, st, err = s.engine.forwardHidden(ctx, req.hidden, req.rows)
+		}
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			s.abandoned.Add(1)
+			s.failed.Add(1)
+			if r.Context().Err() != nil {
+				return // the client is gone: nobody reads an answer
+			}
+			writeError(w, &apiError{Status: http.StatusServiceUnavailable, Code: "timeout",
+				Message: fmt.Sprintf("no answer within %v", s.cfg.RequestTimeout)})
+			return
 		}
 		if err == nil {
 			w.Header().Set("Moert-Batch-Rows", fmt.Sprint(st.BatchRows))
@@ -244,6 +264,7 @@ type Metrics struct {
 	Requests          int64   `json:"requests"`            // forward requests admitted
 	Failed            int64   `json:"failed"`              // of those, answered with an error
 	Rejected          int64   `json:"rejected"`            // refused: too many in flight
+	Abandoned         int64   `json:"abandoned"`           // of the failed, left by their client or timed out
 	InFlight          int     `json:"in_flight"`           // being served now
 	Passes            int64   `json:"passes"`              // forward passes run
 	PassRows          int64   `json:"pass_rows"`           // rows of those passes
@@ -260,13 +281,18 @@ func (s *Service) metrics(w http.ResponseWriter, r *http.Request) {
 	runtime.ReadMemStats(&ms)
 	writeJSON(w, http.StatusOK, Metrics{
 		Requests: s.requests.Load(), Failed: s.failed.Load(), Rejected: s.rejected.Load(),
-		InFlight: s.InFlight(), Passes: c.Batches, PassRows: c.Rows, MeanBatchRows: c.MeanBatchRows(),
+		Abandoned: s.abandoned.Load(),
+		InFlight:  s.InFlight(), Passes: c.Batches, PassRows: c.Rows, MeanBatchRows: c.MeanBatchRows(),
 		QueueSecondsTotal: c.Queue.Seconds(), RunSecondsTotal: c.Run.Seconds(),
 		HeapBytes: ms.HeapInuse, Goroutines: runtime.NumGoroutine(),
 	})
 }
 
-// batchEngine: the library gathers concurrent requests.
+// batchEngine: the library gathers concurrent requests. Requests are submitted, and the
+// handler's goroutine waits on the Pending, parked on a channel: it holds no OS thread and no P
+// while the pass runs (a blocking ForwardTokens would hold both), so requests in flight need no
+// GOMAXPROCS of their own. When the request's context ends first, the handler returns at once
+// and the answer is dropped when it arrives.
 type batchEngine struct{ b *moert.Batcher }
 
 func newBatchEngine(model *moert.Model, so *moert.SessionOptions, cfg Config) (*batchEngine, error) {
@@ -288,12 +314,30 @@ func newBatchEngine(model *moert.Model, so *moert.SessionOptions, cfg Config) (*
 	return &batchEngine{b}, nil
 }
 
-func (e *batchEngine) forwardTokens(ids []int32, rows int) ([]float32, moert.RequestStats, error) {
-	return e.b.ForwardTokens(ids, rows)
+func (e *batchEngine) forwardTokens(ctx context.Context, ids []int32, rows int) ([]float32, moert.RequestStats, error) {
+	p, err := e.b.SubmitTokens(ids, rows)
+	if err != nil {
+		return nil, moert.RequestStats{}, err
+	}
+	return wait(ctx, p)
 }
 
-func (e *batchEngine) forwardHidden(in []float32, rows int) ([]float32, moert.RequestStats, error) {
-	return e.b.ForwardHidden(in, rows)
+func (e *batchEngine) forwardHidden(ctx context.Context, in []float32, rows int) ([]float32, moert.RequestStats, error) {
+	p, err := e.b.SubmitHidden(in, rows)
+	if err != nil {
+		return nil, moert.RequestStats{}, err
+	}
+	return wait(ctx, p)
+}
+
+// wait is p's answer, or ctx's error if ctx ends first.
+func wait(ctx context.Context, p *moert.Pending) ([]float32, moert.RequestStats, error) {
+	select {
+	case <-p.Done():
+		return p.Wait()
+	case <-ctx.Done():
+		return nil, moert.RequestStats{}, ctx.Err()
+	}
 }
 
 func (e *batchEngine) counters() moert.BatcherCounters {
@@ -304,7 +348,8 @@ func (e *batchEngine) counters() moert.BatcherCounters {
 func (e *batchEngine) close() { e.b.Close() }
 
 // poolEngine: each request takes a free session of the pool and runs alone — the baseline the
-// batcher is measured against.
+// batcher is measured against. A request waiting for a session gives up when its context ends;
+// one running holds its goroutine (and an OS thread) in C until its pass is over.
 type poolEngine struct {
 	sessions chan *moert.Session
 	all      []*moert.Session
@@ -328,9 +373,14 @@ func newPoolEngine(model *moert.Model, so *moert.SessionOptions, n int) (*poolEn
 	return e, nil
 }
 
-func (e *poolEngine) do(rows int, f func(*moert.Session) ([]float32, error)) ([]float32, moert.RequestStats, error) {
+func (e *poolEngine) do(ctx context.Context, rows int, f func(*moert.Session) ([]float32, error)) ([]float32, moert.RequestStats, error) {
 	start := time.Now()
-	s := <-e.sessions
+	var s *moert.Session
+	select {
+	case s = <-e.sessions:
+	case <-ctx.Done():
+		return nil, moert.RequestStats{}, ctx.Err()
+	}
 	defer func() { e.sessions <- s }()
 	began := time.Now()
 	out, err := f(s)
@@ -344,12 +394,12 @@ func (e *poolEngine) do(rows int, f func(*moert.Session) ([]float32, error)) ([]
 	return out, st, err
 }
 
-func (e *poolEngine) forwardTokens(ids []int32, rows int) ([]float32, moert.RequestStats, error) {
-	return e.do(rows, func(s *moert.Session) ([]float32, error) { return s.ForwardTokens(ids, rows) })
+func (e *poolEngine) forwardTokens(ctx context.Context, ids []int32, rows int) ([]float32, moert.RequestStats, error) {
+	return e.do(ctx, rows, func(s *moert.Session) ([]float32, error) { return s.ForwardTokens(ids, rows) })
 }
 
-func (e *poolEngine) forwardHidden(in []float32, rows int) ([]float32, moert.RequestStats, error) {
-	return e.do(rows, func(s *moert.Session) ([]float32, error) { return s.ForwardHidden(in, rows) })
+func (e *poolEngine) forwardHidden(ctx context.Context, in []float32, rows int) ([]float32, moert.RequestStats, error) {
+	return e.do(ctx, rows, func(s *moert.Session) ([]float32, error) { return s.ForwardHidden(in, rows) })
 }
 
 func (e *poolEngine) counters() moert.BatcherCounters {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"strings"
@@ -230,6 +231,59 @@ func TestConcurrentRequestsAreBounded(t *testing.T) {
 	for s := range statuses {
 		if s != 200 {
 			t.Errorf("an admitted request got HTTP %d", s)
+		}
+	}
+}
+
+// A request whose answer is late gives up: at RequestTimeout with 503 timeout, at once when its
+// client goes away. The handler returns and frees its slot while the batcher still holds the
+// request (here: waiting up to 1 s for a fuller pass); the answer, when it comes, is dropped,
+// and the service goes on serving.
+func TestLateAnswersAreAbandoned(t *testing.T) {
+	for _, timeout := range []time.Duration{100 * time.Millisecond, 0} {
+		cfg := testConfig(t)
+		cfg.MaxWait = time.Second // a lone request waits this long for company
+		cfg.MaxBatchRows = cfg.MaxRequestRows
+		cfg.RequestTimeout = timeout
+		url, svc := startInProcess(t, cfg)
+		if timeout > 0 {
+			start := time.Now()
+			resp, body := post(t, url, map[string]any{"tokens": tokenRows(1, 1)})
+			checkError(t, "late request", resp, body, 503, "timeout", -1, -1)
+			if took := time.Since(start); took > 800*time.Millisecond {
+				t.Errorf("the timeout came after %v", took)
+			}
+		} else {
+			// No timeout: a client that goes away after 30 ms.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+			defer cancel()
+			req, err := http.NewRequestWithContext(ctx, http.MethodPost, url+"/forward",
+				strings.NewReader(`{"tokens": [[1, 2, 3, 4]]}`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Set("Content-Type", "application/json")
+			if resp, err := client.Do(req); err == nil {
+				resp.Body.Close()
+				t.Fatalf("the request was answered %d before its client left", resp.StatusCode)
+			}
+			deadline := time.Now().Add(500 * time.Millisecond)
+			for svc.InFlight() != 0 && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
+			if n := svc.InFlight(); n != 0 {
+				t.Fatalf("%d requests still in flight 500 ms after their client left", n)
+			}
+		}
+		// The dropped answer arrives; the service serves on (a full pass runs without waiting).
+		time.Sleep(1200 * time.Millisecond)
+		resp, body := post(t, url, map[string]any{"tokens": tokenRows(2, cfg.MaxBatchRows)})
+		if resp.StatusCode != 200 {
+			t.Fatalf("after an abandoned request: %d %s", resp.StatusCode, body)
+		}
+		m := metricsOf(t, url)
+		if m.Requests != 2 || m.Failed != 1 || m.Abandoned != 1 || m.InFlight != 0 || m.Passes != 2 {
+			t.Fatalf("timeout %v: metrics %+v", timeout, m)
 		}
 	}
 }
