@@ -413,6 +413,115 @@ MOERT_JAVA_ARRAYS(double, java.nio.DoubleBuffer, MOERT_JNI_DOUBLE)
   }
 %}
 
+/* Submitted batcher requests: a Java object (the idiomatic layer's pending request) rides as
+ * `user_data`, a JNI global reference, and the C callback below is `done`. The callback runs on a
+ * batcher thread (or on the thread freeing the batcher): it attaches that thread to the JVM once,
+ * as a daemon named "moert-batcher" (detached by a thread-local destructor when the thread
+ * exits), copies the answer into Java arrays, calls the object's
+ * `void complete(int code, byte[] message, float[] out, long[] stats)` (message: UTF-8, null on
+ * success; out: null on error, or when it could not be copied), clears any exception it left, and
+ * deletes the global reference. A submit that fails deletes it at once: the callback never runs. */
+%{
+#include <pthread.h>
+
+static JavaVM* moert_jni_vm;
+static pthread_key_t moert_jni_detach_key;
+static int moert_jni_detach_key_ok;
+static pthread_once_t moert_jni_detach_once = PTHREAD_ONCE_INIT;
+
+/* Runs when a thread this file attached exits. */
+static void moert_jni_detach(void* vm) { (*(JavaVM*)vm)->DetachCurrentThread((JavaVM*)vm); }
+
+static void moert_jni_detach_init(void) {
+  moert_jni_detach_key_ok = pthread_key_create(&moert_jni_detach_key, moert_jni_detach) == 0;
+}
+
+/* Exceptions are cleared, not thrown: nothing may unwind into the library's thread. */
+static int moert_jni_failed(JNIEnv* env) {
+  if (!(*env)->ExceptionCheck(env)) return 0;
+  (*env)->ExceptionClear(env);
+  return 1;
+}
+
+static void moert_jni_batcher_done(void* user_data, moert_status* status, const float* out,
+                                   uint64_t out_len, const int64_t* stats, uint64_t stats_len) {
+  JavaVM* vm = __atomic_load_n(&moert_jni_vm, __ATOMIC_ACQUIRE);
+  JNIEnv* env = NULL;
+  int attached = 0;
+  if (!vm) {
+    moert_status_free(status);
+    return;
+  }
+  if ((*vm)->GetEnv(vm, (void**)&env, JNI_VERSION_1_6) == JNI_EDETACHED) {
+    JavaVMAttachArgs args = {JNI_VERSION_1_6, (char*)"moert-batcher", NULL};
+    if ((*vm)->AttachCurrentThreadAsDaemon(vm, (void**)&env, &args) != JNI_OK) env = NULL;
+    attached = env != NULL;
+  }
+  if (!env) {
+    moert_status_free(status); /* no JVM to answer: it is shutting down */
+    return;
+  }
+  jobject token = (jobject)user_data;
+  if (token && (*env)->PushLocalFrame(env, 8) == 0) {
+    jint code = moert_status_code(status);
+    jbyteArray message = status ? moert_jni_bytes(env, moert_status_message(status)) : NULL;
+    if (moert_jni_failed(env)) message = NULL;
+    jfloatArray values = NULL;
+    if (!status && out && out_len <= 0x7fffffff) {
+      values = (*env)->NewFloatArray(env, (jsize)out_len);
+      if (values) (*env)->SetFloatArrayRegion(env, values, 0, (jsize)out_len, out);
+      if (moert_jni_failed(env)) values = NULL;
+    }
+    jlongArray figures = NULL;
+    if (stats && stats_len <= 0x7fffffff) {
+      figures = (*env)->NewLongArray(env, (jsize)stats_len);
+      if (figures)
+        (*env)->SetLongArrayRegion(env, figures, 0, (jsize)stats_len, (const jlong*)stats);
+      if (moert_jni_failed(env)) figures = NULL;
+    }
+    jclass cls = (*env)->GetObjectClass(env, token);
+    jmethodID complete = cls ? (*env)->GetMethodID(env, cls, "complete", "(I[B[F[J)V") : NULL;
+    if (!moert_jni_failed(env) && complete) {
+      (*env)->CallVoidMethod(env, token, complete, code, message, values, figures);
+      moert_jni_failed(env);
+    }
+    (*env)->PopLocalFrame(env, NULL);
+  }
+  moert_jni_failed(env);
+  if (token) (*env)->DeleteGlobalRef(env, token);
+  moert_status_free(status);
+  if (attached) {
+    pthread_once(&moert_jni_detach_once, moert_jni_detach_init);
+    if (!moert_jni_detach_key_ok || pthread_setspecific(moert_jni_detach_key, vm) != 0)
+      (*vm)->DetachCurrentThread(vm);
+  }
+}
+%}
+
+%typemap(in, numinputs = 0) moert_batcher_callback done %{ $1 = moert_jni_batcher_done; %}
+
+%typemap(jni) void* user_data "jobject"
+%typemap(jtype) void* user_data "Object"
+%typemap(jstype) void* user_data "Object"
+%typemap(javain) void* user_data "$javainput"
+%typemap(in) void* user_data %{
+  $1 = NULL;
+  if ($input) {
+    JavaVM* vm = NULL;
+    if (!__atomic_load_n(&moert_jni_vm, __ATOMIC_ACQUIRE) && (*jenv)->GetJavaVM(jenv, &vm) == 0)
+      __atomic_store_n(&moert_jni_vm, vm, __ATOMIC_RELEASE);
+    $1 = (*jenv)->NewGlobalRef(jenv, $input);
+    if (!$1) {
+      moert_jni_throw(jenv, "java/lang/OutOfMemoryError", "moert: a request's reference");
+      return $null;
+    }
+  }
+%}
+/* The library returned an error: `done` will never run, so the reference goes now. */
+%typemap(argout) void* user_data %{
+  if (result && $1) (*jenv)->DeleteGlobalRef(jenv, (jobject)$1);
+%}
+
 /* String helpers the typemaps above call. */
 %pragma(java) modulecode = %{
   /** UTF-8 bytes of s (the C side adds the terminating NUL), or null. */

@@ -67,9 +67,28 @@ abstract class NativeHandle<P> implements AutoCloseable {
     return new Use();
   }
 
+  /**
+   * As use(), but never waits for the lock: while close() runs on another thread it throws
+   * MOERT_ERR_INVALID_STATE at once. For calls that return at once, which may run on a thread
+   * that close() itself is waiting for (a batcher's callback).
+   */
+  final Use tryUse() {
+    if (!lock.readLock().tryLock()) {
+      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_STATE, what + " is closing");
+    }
+    if (closed) {
+      lock.readLock().unlock();
+      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_STATE, what + " is closed");
+    }
+    return new Use();
+  }
+
   /** Releases the handle after the calls in flight; later calls do nothing. */
   @Override
   public final void close() {
+    if (!lock.isWriteLockedByCurrentThread()) {
+      checkClose();
+    }
     lock.writeLock().lock();
     try {
       if (!closed) {
@@ -80,6 +99,12 @@ abstract class NativeHandle<P> implements AutoCloseable {
       lock.writeLock().unlock();
     }
   }
+
+  /**
+   * Throws when close() must not run on the calling thread (unless that thread is closing the
+   * handle already: then close() returns at once); the default allows it anywhere.
+   */
+  void checkClose() {}
 
   /** Whether close() has run. */
   public final boolean isClosed() {

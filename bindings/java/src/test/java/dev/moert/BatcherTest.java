@@ -2,15 +2,26 @@ package dev.moert;
 
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertNotNull;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
+import java.nio.ByteBuffer;
+import java.nio.ByteOrder;
+import java.nio.FloatBuffer;
+import java.nio.IntBuffer;
+import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.CompletionException;
+import java.util.concurrent.ExecutionException;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicInteger;
+import java.util.concurrent.atomic.AtomicReferenceArray;
 import org.junit.jupiter.api.Test;
 
 /**
@@ -19,6 +30,10 @@ import org.junit.jupiter.api.Test;
  */
 class BatcherTest {
   private static final String MODEL = System.getProperty("moert.test.model");
+  private static final String HIDDEN = System.getProperty("moert.test.hidden.model");
+
+  /** The longest any future may take here: nothing may hang. */
+  private static final long TIMEOUT_S = 60;
 
   private static int[] batch(int rows, int seed) {
     int[] ids = new int[rows * 4];
@@ -142,6 +157,227 @@ class BatcherTest {
         o.sessionOptions(training);
         MoertException e = assertThrows(MoertException.class, () -> Batcher.create(m, o));
         assertEquals(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, e.getCode());
+      }
+    }
+  }
+
+  private static Batcher.Result await(CompletableFuture<Batcher.Result> f) throws Exception {
+    return f.get(TIMEOUT_S, TimeUnit.SECONDS);
+  }
+
+  /** The MoertException a future completed with. */
+  private static MoertException failure(CompletableFuture<Batcher.Result> f) throws Exception {
+    ExecutionException e =
+        assertThrows(ExecutionException.class, () -> f.get(TIMEOUT_S, TimeUnit.SECONDS));
+    assertTrue(e.getCause() instanceof MoertException, String.valueOf(e.getCause()));
+    return (MoertException) e.getCause();
+  }
+
+  @Test
+  void submittedAnswersEqualBlockingOnes() throws Exception {
+    try (Model m = Model.load(MODEL);
+        Batcher b = batcher(m)) {
+      for (int r = 0; r < 8; r++) {
+        int rows = 1 + r % 5;
+        float[] want = b.forwardTokens(batch(rows, r), rows);
+        // One request at a time: each pass carries it alone, so bit for bit.
+        Batcher.Result got = await(b.submitTokens(batch(rows, r), rows));
+        assertEquals(1, got.stats().batchRequests());
+        assertEquals(rows, got.stats().batchRows());
+        assertTrue(got.stats().session() >= 0 && got.stats().session() < 2);
+        assertAgrees(want, got.outputs(), 64, true, "tokens request " + r);
+        // A direct buffer, from its position, which stays where it was.
+        IntBuffer direct =
+            ByteBuffer.allocateDirect((rows * 4 + 3) * 4)
+                .order(ByteOrder.nativeOrder())
+                .asIntBuffer();
+        direct.position(3);
+        direct.duplicate().put(batch(rows, r));
+        assertArrayEquals(want, await(b.submitTokens(direct, rows)).outputs());
+        assertEquals(3, direct.position());
+      }
+    }
+    try (Model m = Model.load(HIDDEN);
+        Batcher b = batcher(m)) {
+      Model.Io io = b.io();
+      for (int r = 0; r < 4; r++) {
+        int rows = 1 + r;
+        float[] in = new float[rows * io.inputWidth()];
+        for (int i = 0; i < in.length; i++) {
+          in[i] = (float) Math.sin(i * 0.37 + r);
+        }
+        float[] want = b.forwardHidden(in, rows);
+        Batcher.Result got = await(b.submitHidden(in, rows));
+        assertEquals(rows * io.outputWidth(), got.outputs().length);
+        assertAgrees(want, got.outputs(), io.outputWidth(), true, "hidden request " + r);
+        FloatBuffer readOnly = FloatBuffer.wrap(in).asReadOnlyBuffer();
+        assertArrayEquals(want, await(b.submitHidden(readOnly, rows)).outputs());
+      }
+    }
+  }
+
+  @Test
+  void manyConcurrentSubmissionsAllCompleteCorrectly() throws Exception {
+    try (Model m = Model.load(MODEL);
+        Session ref = Session.create(m, null);
+        Batcher b = batcher(m)) {
+      int requests = 200;
+      float[][] want = new float[requests][];
+      for (int r = 0; r < requests; r++) {
+        want[r] = ref.forwardTokens(batch(1 + r % 5, r), 1 + r % 5);
+      }
+      AtomicReferenceArray<CompletableFuture<Batcher.Result>> futures =
+          new AtomicReferenceArray<>(requests);
+      Thread[] submitters = new Thread[4];
+      for (int t = 0; t < submitters.length; t++) {
+        final int first = t;
+        submitters[t] =
+            new Thread(
+                () -> {
+                  for (int r = first; r < requests; r += submitters.length) {
+                    futures.set(r, b.submitTokens(batch(1 + r % 5, r), 1 + r % 5));
+                  }
+                });
+        submitters[t].start();
+      }
+      for (Thread t : submitters) {
+        t.join(TimeUnit.SECONDS.toMillis(TIMEOUT_S));
+        assertTrue(!t.isAlive(), "a submitting thread hangs");
+      }
+      int shared = 0;
+      for (int r = 0; r < requests; r++) {
+        assertNotNull(futures.get(r), "request " + r + " was not submitted");
+        Batcher.Result got = await(futures.get(r));
+        assertAgrees(
+            want[r], got.outputs(), 64, got.stats().batchRequests() == 1, "request " + r);
+        shared += got.stats().batchRequests() > 1 ? 1 : 0;
+      }
+      assertTrue(shared > 0, "no request shared a pass");
+      Batcher.Counters c = b.counters();
+      assertEquals(requests, c.requests());
+      assertEquals(0, c.failed());
+    }
+  }
+
+  /** Records the JNI layer's calls, as Batcher's own pending request would receive them. */
+  static final class Recorder {
+    final AtomicInteger calls = new AtomicInteger();
+
+    void complete(int code, byte[] message, float[] out, long[] stats) {
+      calls.incrementAndGet();
+    }
+  }
+
+  @Test
+  void badRequestsThrowAtSubmitAndAreNeverAnswered() throws Exception {
+    try (Model m = Model.load(MODEL);
+        BatcherOptions options = BatcherOptions.create()) {
+      Batcher b = Batcher.create(m, options.maxBatchRows(8));
+      int[] bad = batch(2, 1);
+      bad[6] = 99;
+      MoertException e = assertThrows(MoertException.class, () -> b.submitTokens(bad, 2));
+      assertEquals(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, e.getCode());
+      assertTrue(e.getMessage().contains("row 1, column 2"), e.getMessage());
+      assertEquals(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+          assertThrows(MoertException.class, () -> b.submitTokens(batch(9, 0), 9)).getCode());
+      assertEquals(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+          assertThrows(MoertException.class, () -> b.submitTokens(batch(1, 0), 2)).getCode());
+      assertThrows(MoertException.class, () -> b.submitTokens(batch(1, 0), -1));
+      assertThrows(MoertException.class, () -> b.submitHidden(new float[4], 1));
+      // Through the generated layer: a refused request's callback never runs, and a good one's
+      // exactly once, by the time close() returns.
+      Recorder refused = new Recorder();
+      Recorder accepted = new Recorder();
+      try (NativeHandle<SWIGTYPE_p_moert_batcher>.Use u = b.use()) {
+        SWIGTYPE_p_moert_status status =
+            Capi.moert_batcher_submit_tokens(u.ptr(), IntBuffer.wrap(bad), 2, refused);
+        assertNotNull(status);
+        assertThrows(MoertException.class, () -> MoertException.check(status));
+        MoertException.check(
+            Capi.moert_batcher_submit_tokens(u.ptr(), IntBuffer.wrap(batch(1, 0)), 1, accepted));
+      }
+      assertEquals(64, await(b.submitTokens(batch(1, 0), 1)).outputs().length);
+      b.close();
+      assertEquals(0, refused.calls.get());
+      assertEquals(1, accepted.calls.get());
+      MoertException closed =
+          assertThrows(MoertException.class, () -> b.submitTokens(batch(1, 0), 1));
+      assertEquals(CapiConstants.MOERT_ERR_INVALID_STATE, closed.getCode());
+    }
+  }
+
+  @Test
+  void closeAnswersEveryRequestInFlight() throws Exception {
+    try (Model m = Model.load(MODEL);
+        Session ref = Session.create(m, null);
+        SessionOptions so = SessionOptions.create();
+        BatcherOptions options = BatcherOptions.create()) {
+      so.threads(1);
+      // A long bounded wait and a cap no request fills: requests wait in the queue.
+      options.sessions(1).maxBatchRows(1024).maxWait(Duration.ofMillis(500)).sessionOptions(so);
+      for (int round = 0; round < 3; round++) {
+        Batcher b = Batcher.create(m, options);
+        int requests = 40;
+        List<CompletableFuture<Batcher.Result>> futures = new ArrayList<>();
+        for (int r = 0; r < requests; r++) {
+          futures.add(b.submitTokens(batch(1 + r % 3, r), 1 + r % 3));
+        }
+        long start = System.nanoTime();
+        b.close();
+        assertTrue(
+            System.nanoTime() - start < TimeUnit.SECONDS.toNanos(TIMEOUT_S), "close() hung");
+        int refused = 0;
+        for (int r = 0; r < requests; r++) {
+          CompletableFuture<Batcher.Result> f = futures.get(r);
+          assertTrue(f.isDone(), "request " + r + " was not answered by close()");
+          if (f.isCompletedExceptionally()) {
+            MoertException e = failure(f);
+            assertEquals(CapiConstants.MOERT_ERR_INVALID_STATE, e.getCode(), e.getMessage());
+            refused++;
+          } else {
+            Batcher.Result got = await(f);
+            float[] want = ref.forwardTokens(batch(1 + r % 3, r), 1 + r % 3);
+            assertAgrees(want, got.outputs(), 64, got.stats().batchRequests() == 1, "request " + r);
+          }
+        }
+        assertTrue(refused > 0, "every request ran before close()");
+      }
+    }
+  }
+
+  @Test
+  void stagesOnBatcherThreadsMaySubmitButNotClose() throws Exception {
+    try (Model m = Model.load(MODEL);
+        SessionOptions so = SessionOptions.create();
+        BatcherOptions options = BatcherOptions.create()) {
+      so.threads(1);
+      // The wait makes sure the stages below are attached before their future completes.
+      options.sessions(1).maxWait(Duration.ofMillis(200)).sessionOptions(so);
+      try (Batcher b = Batcher.create(m, options)) {
+        float[] want = b.forwardTokens(batch(2, 5), 2);
+        CompletableFuture<String> thread = new CompletableFuture<>();
+        CompletableFuture<Batcher.Result> chained =
+            b.submitTokens(batch(1, 0), 1)
+                .thenCompose(
+                    first -> {
+                      thread.complete(Thread.currentThread().getName());
+                      return b.submitTokens(batch(2, 5), 2);
+                    });
+        assertArrayEquals(want, await(chained).outputs());
+        assertEquals("moert-batcher", thread.get(TIMEOUT_S, TimeUnit.SECONDS));
+
+        CompletableFuture<Void> closing = b.submitTokens(batch(1, 0), 1).thenRun(b::close);
+        CompletionException e =
+            assertThrows(
+                CompletionException.class,
+                () -> closing.orTimeout(TIMEOUT_S, TimeUnit.SECONDS).join());
+        assertTrue(e.getCause() instanceof MoertException, String.valueOf(e.getCause()));
+        assertEquals(
+            CapiConstants.MOERT_ERR_INVALID_STATE, ((MoertException) e.getCause()).getCode());
+        assertTrue(!b.isClosed());
+        assertArrayEquals(want, await(b.submitTokens(batch(2, 5), 2)).outputs());
       }
     }
   }
