@@ -223,6 +223,9 @@ void Batcher::enqueue(std::unique_ptr<Request> r) {
 
 void Batcher::answer(Request* r) const noexcept {
   const std::unique_ptr<Request> owner(r);
+  // The callback's runtime may open signals on this thread (a JVM attaching it does): they must
+  // be closed again before the thread's next pass runs a GEMM (signal_guard.h).
+  const cpu::KeepSignalMask mask;
   try {
     if (r->error)
       r->done_callback(r->error, nullptr, 0, r->stats);

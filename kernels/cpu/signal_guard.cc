@@ -36,6 +36,16 @@ AsyncSignalScope::~AsyncSignalScope() {
   pthread_sigmask(SIG_SETMASK, &saved, nullptr);
 }
 
+static_assert(sizeof(sigset_t) <= 128 && alignof(sigset_t) <= 16);
+
+KeepSignalMask::KeepSignalMask() {
+  pthread_sigmask(SIG_SETMASK, nullptr, reinterpret_cast<sigset_t*>(saved_));
+}
+
+KeepSignalMask::~KeepSignalMask() {
+  pthread_sigmask(SIG_SETMASK, reinterpret_cast<const sigset_t*>(saved_), nullptr);
+}
+
 void block_async_signals() {
   pthread_sigmask(SIG_BLOCK, &asynchronous_signals(), nullptr);
   ++depth;

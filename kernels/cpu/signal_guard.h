@@ -30,4 +30,19 @@ class AsyncSignalScope {
 // For a thread moert owns: it takes no asynchronous signal from now on.
 void block_async_signals();
 
+// Around a host's code run on a thread moert owns (a completion callback): the thread's mask
+// as it was comes back when the object goes, whatever that code did to it. A JVM attaching the
+// thread unblocks its own signals there, and the thread's later scopes would not block them
+// again: they nest inside the one block_async_signals() opened, and change nothing.
+class KeepSignalMask {
+ public:
+  KeepSignalMask();
+  ~KeepSignalMask();
+  KeepSignalMask(const KeepSignalMask&) = delete;
+  KeepSignalMask& operator=(const KeepSignalMask&) = delete;
+
+ private:
+  alignas(16) unsigned char saved_[128];  // a sigset_t; this header includes no system header
+};
+
 }  // namespace moert::cpu

@@ -2,6 +2,9 @@
 // give it — the answer to the rounding of the CPU GEMMs (kRowTolerance below), or bit for bit
 // where its pass carried it alone — while requests from many threads share forward passes; bad
 // input fails its own caller only; misuse is refused.
+#include <pthread.h>
+#include <signal.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -1085,6 +1088,54 @@ TEST(BatcherSubmit, AnOverflowingRequestGetsItsSoloStatusAndTheOthersTheirAnswer
     EXPECT_LE(max_row_error(a.got[i].out, alone, f.out_width), kRowTolerance);
   }
   EXPECT_EQ(counters_of(b.get())[MOERT_BATCHER_ISOLATED], 1);
+}
+
+// A callback's runtime may open signals on the batcher's thread (a JVM attaching it unblocks
+// its own): the library closes them again before that thread's next pass runs a GEMM, which a
+// signal must not interrupt (moert.h, Signals).
+TEST(BatcherSubmit, ACallbackThatOpensSignalsDoesNotLeaveThemOpenForTheNextPass) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 0});  // one session: one thread
+  ASSERT_TRUE(b);
+  struct Seen {
+    std::mutex mu;
+    std::condition_variable cv;
+    int calls = 0;
+    bool blocked_at_entry[2] = {false, false};
+    pthread_t thread[2] = {};
+  } seen;
+  struct Open {
+    static void call(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                     uint64_t) {
+      moert_status_free(status);
+      auto& s = *static_cast<Seen*>(user_data);
+      sigset_t now;
+      pthread_sigmask(SIG_SETMASK, nullptr, &now);
+      sigset_t usr2;
+      sigemptyset(&usr2);
+      sigaddset(&usr2, SIGUSR2);
+      std::lock_guard<std::mutex> lock(s.mu);
+      if (s.calls < 2) {
+        s.blocked_at_entry[s.calls] = sigismember(&now, SIGUSR2) == 1;
+        s.thread[s.calls] = pthread_self();
+      }
+      // As a JVM attaching the thread would: open a signal it handles, and leave it open.
+      pthread_sigmask(SIG_UNBLOCK, &usr2, nullptr);
+      ++s.calls;
+      s.cv.notify_all();
+    }
+  };
+  const auto in = f.token_input(2, 0);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(
+        IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Open::call, &seen)));
+    std::unique_lock<std::mutex> lock(seen.mu);
+    ASSERT_TRUE(seen.cv.wait_for(lock, std::chrono::seconds(60), [&] { return seen.calls > i; }));
+  }
+  EXPECT_TRUE(pthread_equal(seen.thread[0], seen.thread[1])) << "one session, one thread";
+  EXPECT_TRUE(seen.blocked_at_entry[0]) << "the batcher's thread took signals from the start";
+  EXPECT_TRUE(seen.blocked_at_entry[1])
+      << "the first callback's open signal stayed open through the next pass";
 }
 
 }  // namespace

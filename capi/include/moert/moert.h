@@ -752,8 +752,9 @@ MOERT_API moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, con
  * at once on different threads. It should return quickly (hand the answer to another thread or
  * an event loop): while it runs, its session takes no new pass. It must not call
  * moert_batcher_free() on its batcher and must not unwind (throw, longjmp) through the library;
- * it may submit further requests. The library's asynchronous signals stay blocked while it
- * runs (see Signals at the top), unless the callback's runtime changes the mask itself. */
+ * it may submit further requests. It starts with the asynchronous signals blocked (see Signals
+ * at the top); whatever mask it or its runtime leaves on the thread (a JVM attaching the thread
+ * opens its own signals), the library restores the thread's mask when it returns. */
 typedef void (*moert_batcher_callback)(void* user_data, moert_status* status, const float* out,
                                        uint64_t out_len, const int64_t* stats, uint64_t stats_len);
 

@@ -817,8 +817,9 @@ extern "C" {
 #[doc = " at once on different threads. It should return quickly (hand the answer to another thread or"]
 #[doc = " an event loop): while it runs, its session takes no new pass. It must not call"]
 #[doc = " moert_batcher_free() on its batcher and must not unwind (throw, longjmp) through the library;"]
-#[doc = " it may submit further requests. The library's asynchronous signals stay blocked while it"]
-#[doc = " runs (see Signals at the top), unless the callback's runtime changes the mask itself."]
+#[doc = " it may submit further requests. It starts with the asynchronous signals blocked (see Signals"]
+#[doc = " at the top); whatever mask it or its runtime leaves on the thread (a JVM attaching the thread"]
+#[doc = " opens its own signals), the library restores the thread's mask when it returns."]
 pub type moert_batcher_callback = ::std::option::Option<
     unsafe extern "C" fn(
         user_data: *mut ::std::os::raw::c_void,
