@@ -1467,5 +1467,48 @@ TEST(BatcherSubmit, RequestsAnsweredByFreeAreCountedBeforeTheirCallbacks) {
   }
 }
 
+// A callback is called on the batcher's own thread; moert.h forbids it moert_batcher_free() only.
+// A blocking moert_batcher_forward_*() from a callback on a one-session batcher waits for a pass
+// that only the callback's own (blocked) session could run: it must come back (answered or
+// refused), not hang. On failure the batcher is leaked: its thread is stuck for good.
+TEST(BatcherSubmit, ABlockingCallFromACallbackComesBack) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 0});
+  ASSERT_TRUE(b);
+  struct Ctx {
+    moert_batcher* b;
+    const Fixture* f;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool returned = false;
+    int32_t code = -1;
+  } ctx{b.get(), &f};
+  struct Cb {
+    static void call(void* user_data, moert_status* status, const float*, uint64_t,
+                     const int64_t*, uint64_t) {
+      moert_status_free(status);
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::vector<float> out;
+      moert_status* st = c.f->batched(c.b, 1, 3, out, nullptr, 0);
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.code = moert_status_code(st);
+      moert_status_free(st);
+      c.returned = true;
+      c.cv.notify_all();
+    }
+  };
+  const auto in = f.token_input(2, 0);
+  ASSERT_TRUE(
+      IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::call, &ctx)));
+  std::unique_lock<std::mutex> lock(ctx.mu);
+  if (!ctx.cv.wait_for(lock, std::chrono::seconds(3), [&] { return ctx.returned; })) {
+    lock.unlock();
+    (void)b.release();  // its only session is blocked in the callback for good
+    FAIL() << "moert_batcher_forward_tokens called from a callback of a one-session batcher did "
+              "not return within 3 s (a self-deadlock; the batcher is leaked)";
+  }
+  std::printf("a blocking call from a callback returned code %d\n", ctx.code);
+}
+
 }  // namespace
 }  // namespace capi_test
