@@ -744,3 +744,31 @@ func TestBatcherSubmitHiddenRefusesNonFiniteInput(t *testing.T) {
 		t.Fatalf("counters %+v: want 5 requests, 4 failed (the refused ones)", c)
 	}
 }
+
+// rows*OutputWidth overflowing int: the blocking calls refuse the request (rows above the row cap)
+// with ErrInvalidArgument, as the submitting ones do, rather than panic in make.
+func TestBatcherRowsWhoseOutputSizeOverflowsAreRefused(t *testing.T) {
+	m := mustModel(t)
+	b := mustBatcher(t, m, 1, 16, 0)
+	rows := 1 << 57 // * 64 outputs = 2^63: negative as an int
+	for name, call := range map[string]func() error{
+		"SubmitTokens": func() error { _, err := b.SubmitTokens(batch(1, 4, 0), rows); return err },
+		"ForwardTokens": func() error {
+			_, _, err := b.ForwardTokens(batch(1, 4, 0), rows)
+			return err
+		},
+	} {
+		var err error
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					err = fmt.Errorf("panicked: %v", r)
+				}
+			}()
+			err = call()
+		}()
+		if e := (*Error)(nil); !errors.As(err, &e) || e.Code != ErrInvalidArgument {
+			t.Errorf("%s with %d rows: %v, want ErrInvalidArgument", name, rows, err)
+		}
+	}
+}
