@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -15,6 +16,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <pthread.h>
 
 #include "capi_test_util.h"
 #include "model_builder.h"
@@ -1508,6 +1511,63 @@ TEST(BatcherSubmit, ABlockingCallFromACallbackComesBack) {
               "not return within 3 s (a self-deadlock; the batcher is leaked)";
   }
   std::printf("a blocking call from a callback returned code %d\n", ctx.code);
+}
+
+// moert.h, moert_batcher_callback: "The library's asynchronous signals stay blocked while it
+// runs". True of a callback on a batcher thread; a callback that moert_batcher_free() runs (its
+// request was still queued) runs on the caller's thread, where it must be so too.
+TEST(BatcherSubmit, AsynchronousSignalsAreBlockedInEveryCallback) {
+  Fixture f = example_fixture();
+  struct Ctx {
+    std::mutex mu;
+    std::condition_variable cv;
+    int calls = 0;
+    std::vector<int> blocked;  // SIGUSR1 and SIGTERM blocked, per callback
+  };
+  struct Cb {
+    static void call(void* user_data, moert_status* status, const float*, uint64_t,
+                     const int64_t*, uint64_t) {
+      moert_status_free(status);
+      sigset_t mask;
+      sigemptyset(&mask);
+      pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::lock_guard<std::mutex> lock(c.mu);
+      ++c.calls;
+      c.blocked.push_back(sigismember(&mask, SIGUSR1) == 1 && sigismember(&mask, SIGTERM) == 1);
+      c.cv.notify_all();
+    }
+  };
+  sigset_t none, saved;
+  sigemptyset(&none);
+  ASSERT_EQ(pthread_sigmask(SIG_SETMASK, &none, &saved), 0);
+  const auto in = f.token_input(2, 0);
+  // On a batcher thread.
+  {
+    Ctx ctx;
+    BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 0});
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(
+        IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::call, &ctx)));
+    std::unique_lock<std::mutex> lock(ctx.mu);
+    ASSERT_TRUE(ctx.cv.wait_for(lock, std::chrono::seconds(30), [&] { return ctx.calls == 1; }));
+    EXPECT_TRUE(ctx.blocked[0]) << "signals not blocked in a callback on a batcher thread";
+  }
+  // Run by free, on this thread (whose mask blocks nothing).
+  {
+    Ctx ctx;
+    BatcherPtr b = make_batcher(f.model.get(), {1, 1, 1024, 1'000'000});
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(
+        IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::call, &ctx)));
+    b.reset();
+    ASSERT_EQ(ctx.calls, 1);
+    EXPECT_TRUE(ctx.blocked[0])
+        << "SIGUSR1/SIGTERM not blocked in a callback run by moert_batcher_free()";
+  }
+  sigset_t after;
+  pthread_sigmask(SIG_SETMASK, &saved, &after);
+  EXPECT_EQ(sigismember(&after, SIGUSR1), 0) << "free left this thread's mask changed";
 }
 
 }  // namespace
