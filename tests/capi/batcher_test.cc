@@ -1570,5 +1570,23 @@ TEST(BatcherSubmit, AsynchronousSignalsAreBlockedInEveryCallback) {
   EXPECT_EQ(sigismember(&after, SIGUSR1), 0) << "free left this thread's mask changed";
 }
 
+// The figures of a request that moert_batcher_free() answered (it was still queued): no session
+// ran it, so MOERT_REQUEST_SESSION ("pool index of the session that ran it") must not name one;
+// an unknown figure is -1 elsewhere in moert.h. Today all five figures are 0.
+TEST(BatcherSubmit, ARequestAnsweredByFreeNamesNoSession) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {2, 1, 1024, 1'000'000});
+  ASSERT_TRUE(b);
+  Answers a(1);
+  ASSERT_TRUE(IsOk(submit(f, b.get(), 2, 0, a, 0)));
+  b.reset();
+  ASSERT_EQ(a.got[0].calls, 1);
+  ASSERT_EQ(a.got[0].code, MOERT_ERR_INVALID_STATE);
+  ASSERT_EQ(a.got[0].stats.size(), static_cast<size_t>(MOERT_REQUEST_STATS));
+  EXPECT_EQ(a.got[0].stats[MOERT_REQUEST_SESSION], -1)
+      << "a request no session ran reports session " << a.got[0].stats[MOERT_REQUEST_SESSION];
+  EXPECT_EQ(a.got[0].stats[MOERT_REQUEST_RUN_NS], -1);
+}
+
 }  // namespace
 }  // namespace capi_test
