@@ -595,3 +595,180 @@ func TestBatcherCloseAnswersEveryPending(t *testing.T) {
 		t.Log("every request's pass had begun before Close (a fast machine)")
 	}
 }
+
+// A Pending waited on from many goroutines at once: every one gets the same answer; Close from
+// several goroutines at once while others wait returns in each, and answers every Pending.
+func TestBatcherPendingManyWaitersAndConcurrentCloses(t *testing.T) {
+	m := mustModel(t)
+	ref := mustSession(t, m, ModeInference, 1)
+	b := mustBatcher(t, m, 2, 64, time.Millisecond)
+	p, err := b.SubmitTokens(batch(3, 4, 5), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := ref.ForwardTokens(batch(3, 4, 5), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for g := 0; g < 16; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out, st, err := p.Wait()
+			if err == nil {
+				err = agreesWithSolo(out, want, 64, st.BatchRequests == 1)
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Requests held in the queue (1 s wait, a cap they never fill), goroutines waiting on each,
+	// and four Closes at once.
+	b2 := mustBatcher(t, m, 1, 1024, time.Second)
+	var pendings []*Pending
+	for i := 0; i < 8; i++ {
+		p, err := b2.SubmitTokens(batch(1, 4, i), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pendings = append(pendings, p)
+	}
+	waited := make(chan error, len(pendings))
+	for _, p := range pendings {
+		go func(p *Pending) { _, _, err := p.Wait(); waited <- err }(p)
+	}
+	closes := make(chan struct{}, 4)
+	for c := 0; c < 4; c++ {
+		go func() { b2.Close(); closes <- struct{}{} }()
+	}
+	deadline := time.After(30 * time.Second)
+	for c := 0; c < 4; c++ {
+		select {
+		case <-closes:
+		case <-deadline:
+			t.Fatal("a concurrent Close did not return")
+		}
+	}
+	for range pendings {
+		select {
+		case err := <-waited:
+			wantCode(t, err, ErrInvalidState)
+		case <-deadline:
+			t.Fatal("a goroutine waiting on a Pending was not answered after Close")
+		}
+	}
+}
+
+// A Pending keeps its Batcher from being finalized: a program that drops its last reference to
+// the Batcher (fire and forget) still gets its request answered by a pass, not by the finalizer's
+// Close; once answered, the Batcher is finalized (closed) by the collector.
+func TestBatcherPendingKeepsTheBatcherFromItsFinalizer(t *testing.T) {
+	m := mustModel(t)
+	ref := mustSession(t, m, ModeInference, 1)
+	want, err := ref.ForwardTokens(batch(2, 4, 3), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts, err := NewBatcherOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer opts.Close()
+	if err := opts.SetMaxBatchRows(1024); err != nil {
+		t.Fatal(err)
+	}
+	if err := opts.SetMaxWait(300 * time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	p := func() *Pending {
+		b, err := NewBatcher(m, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := b.SubmitTokens(batch(2, 4, 3), 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}()
+	for i := 0; i < 3; i++ {
+		runtime.GC()
+	}
+	out, st, err := waitPending(t, p, 30*time.Second)
+	if err != nil {
+		t.Fatalf("the request of an unreferenced batcher was not served: %v", err)
+	}
+	if err := agreesWithSolo(out, want, 64, st.BatchRequests == 1); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Hidden-state submissions: a NaN or an infinity is refused at submit with ErrNumeric (the
+// session option check_finite is on by default), never answered; a good one is answered.
+func TestBatcherSubmitHiddenRefusesNonFiniteInput(t *testing.T) {
+	m := mustHiddenModel(t)
+	b := mustBatcher(t, m, 1, 16, 0)
+	w := b.IO().InputWidth
+	for _, v := range []float32{float32(math.NaN()), float32(math.Inf(1)), float32(math.Inf(-1))} {
+		in := make([]float32, 2*w)
+		in[w+1] = v
+		p, err := b.SubmitHidden(in, 2)
+		wantCode(t, err, ErrNumeric)
+		if p != nil {
+			t.Fatal("a refused request came with a Pending")
+		}
+	}
+	_, err := b.SubmitTokens(batch(1, w, 0), 1)
+	wantCode(t, err, ErrInvalidArgument)
+	p, err := b.SubmitHidden(make([]float32, 2*w), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := waitPending(t, p, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	c, err := b.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Requests != 5 || c.Failed != 4 {
+		t.Fatalf("counters %+v: want 5 requests, 4 failed (the refused ones)", c)
+	}
+}
+
+// rows*OutputWidth overflowing int: the blocking calls refuse the request (rows above the row cap)
+// with ErrInvalidArgument, as the submitting ones do, rather than panic in make.
+func TestBatcherRowsWhoseOutputSizeOverflowsAreRefused(t *testing.T) {
+	m := mustModel(t)
+	b := mustBatcher(t, m, 1, 16, 0)
+	rows := 1 << 57 // * 64 outputs = 2^63: negative as an int
+	for name, call := range map[string]func() error{
+		"SubmitTokens": func() error { _, err := b.SubmitTokens(batch(1, 4, 0), rows); return err },
+		"ForwardTokens": func() error {
+			_, _, err := b.ForwardTokens(batch(1, 4, 0), rows)
+			return err
+		},
+	} {
+		var err error
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					err = fmt.Errorf("panicked: %v", r)
+				}
+			}()
+			err = call()
+		}()
+		if e := (*Error)(nil); !errors.As(err, &e) || e.Code != ErrInvalidArgument {
+			t.Errorf("%s with %d rows: %v, want ErrInvalidArgument", name, rows, err)
+		}
+	}
+}

@@ -9,7 +9,9 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <csignal>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -1136,6 +1138,497 @@ TEST(BatcherSubmit, ACallbackThatOpensSignalsDoesNotLeaveThemOpenForTheNextPass)
   EXPECT_TRUE(seen.blocked_at_entry[0]) << "the batcher's thread took signals from the start";
   EXPECT_TRUE(seen.blocked_at_entry[1])
       << "the first callback's open signal stayed open through the next pass";
+}
+
+// ---- Submitted requests: adversarial probes
+// ------------------------------------------------------
+
+// Expert Choice models: a submitted request has its pass to itself too, and is its solo call.
+TEST(BatcherSubmit, ExpertChoiceRequestsEachHaveAPassToThemselves) {
+  ModelDesc d = hidden_baseline();
+  d.layers[1].moe.balancing.policy = MOERT_BALANCING_EXPERT_CHOICE;
+  Fixture f(load_ok(build(d)));
+  ASSERT_TRUE(f.model);
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 20000});
+  ASSERT_TRUE(b);
+  SessionPtr ref = make_session(f.model.get(), 1);
+  constexpr size_t kRequests = 16;
+  Answers a(kRequests);
+  for (size_t i = 0; i < kRequests; ++i) ASSERT_TRUE(IsOk(submit(f, b.get(), 1 + i % 5, i, a, i)));
+  ASSERT_TRUE(a.wait(kRequests)) << "not every request was answered within 60 s";
+  for (size_t i = 0; i < kRequests; ++i) {
+    const auto& o = a.got[i];
+    ASSERT_EQ(o.calls, 1) << "request " << i;
+    ASSERT_EQ(o.code, MOERT_OK) << o.message;
+    EXPECT_EQ(o.stats[MOERT_REQUEST_BATCH_REQUESTS], 1) << "request " << i;
+    EXPECT_EQ(o.stats[MOERT_REQUEST_BATCH_ROWS], static_cast<int64_t>(1 + i % 5));
+    std::vector<float> want;
+    ASSERT_TRUE(IsOk(f.solo(ref.get(), 1 + i % 5, i, want)));
+    EXPECT_TRUE(same_bits(o.out, want)) << "request " << i;
+  }
+  EXPECT_EQ(counters_of(b.get())[MOERT_BATCHER_BATCHES], static_cast<int64_t>(kRequests));
+}
+
+// Every kind of bad hidden-state submission is refused at once and never called back; with
+// check_finite off a NaN is accepted and answered once.
+TEST(BatcherSubmit, BadHiddenSubmissionsOfEveryKindAreRefusedAndNeverCalledBack) {
+  Fixture f = wide_fixture();
+  ASSERT_TRUE(f.model);
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 8, 0});
+  ASSERT_TRUE(b);
+  Answers a(4);
+  auto* cb = &Answers::callback;
+  const auto in = f.hidden_input(2, 0);
+  EXPECT_TRUE(IsError(moert_batcher_submit_hidden(b.get(), nullptr, in.size(), 2, cb, a.slot(0)),
+                      kInvalid, {"in"}));
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_hidden(b.get(), in.data(), in.size() + 1, 2, cb, a.slot(0)),
+              kInvalid, {"81", "80"}));
+  EXPECT_TRUE(IsError(moert_batcher_submit_hidden(b.get(), in.data(), in.size(), 0, cb, a.slot(0)),
+                      kInvalid, {"rows"}));
+  const auto nine = f.hidden_input(9, 0);
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_hidden(b.get(), nine.data(), nine.size(), 9, cb, a.slot(0)),
+              kInvalid, {"max_batch_rows"}));
+  // rows * width overflows 64 bits (2^62 * 40 wraps to 0): the row cap refuses it first.
+  const uint64_t huge = uint64_t{1} << 62;
+  EXPECT_TRUE(IsError(moert_batcher_submit_hidden(b.get(), in.data(), 0, huge, cb, a.slot(0)),
+                      kInvalid, {"max_batch_rows"}));
+  EXPECT_TRUE(IsError(moert_batcher_submit_hidden(b.get(), in.data(), huge * 40, 2, cb, a.slot(0)),
+                      kInvalid, {"input buffer"}));
+  const std::vector<int32_t> ids(80, 1);
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_tokens(b.get(), ids.data(), ids.size(), 2, cb, a.slot(0)),
+              kInvalid, {"forward_hidden"}));
+  EXPECT_TRUE(
+      IsError(moert_batcher_submit_hidden(b.get(), in.data(), in.size(), 2, nullptr, a.slot(0)),
+              kInvalid, {"done"}));
+  for (float v : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity()}) {
+    auto bad = in;
+    bad[f.in_width + 39] = v;
+    EXPECT_TRUE(
+        IsError(moert_batcher_submit_hidden(b.get(), bad.data(), bad.size(), 2, cb, a.slot(0)),
+                MOERT_ERR_NUMERIC, {"row 1, column 39"}));
+  }
+  // check_finite off: the NaN goes through and is answered exactly once.
+  BatcherPtr lax = make_batcher(f.model.get(), {1, 1, 8, 0, false});
+  ASSERT_TRUE(lax);
+  auto nan_in = in;
+  nan_in[3] = std::numeric_limits<float>::quiet_NaN();
+  ASSERT_TRUE(
+      IsOk(moert_batcher_submit_hidden(lax.get(), nan_in.data(), nan_in.size(), 2, cb, a.slot(1))));
+  ASSERT_TRUE(a.wait(1));
+  b.reset();
+  lax.reset();
+  EXPECT_EQ(a.got[0].calls, 0);
+  EXPECT_EQ(a.got[1].calls, 1);
+  EXPECT_EQ(a.answered, 1u);
+}
+
+// MOERT_BATCHER_REQUESTS / FAILED count a refused request whatever was wrong with it: a blocking
+// call refused for its input counts one failed request, and so does a submission refused for its
+// tokens. A submission refused for its NULL callback must count the same.
+TEST(BatcherSubmit, EveryKindOfRefusedSubmissionCountsAlike) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {});
+  ASSERT_TRUE(b);
+  Answers a(1);
+  auto* cb = &Answers::callback;
+  const auto in = f.token_input(2, 0);
+  std::vector<float> out(2 * f.out_width);
+  struct Case {
+    const char* what;
+    std::function<moert_status*()> call;
+  };
+  const std::vector<Case> cases = {
+      {"blocking, NULL tokens",
+       [&] {
+         return moert_batcher_forward_tokens(b.get(), nullptr, in.size(), 2, out.data(), out.size(),
+                                             nullptr, 0);
+       }},
+      {"submit, NULL tokens",
+       [&] { return moert_batcher_submit_tokens(b.get(), nullptr, in.size(), 2, cb, a.slot(0)); }},
+      {"submit, wrong length",
+       [&] {
+         return moert_batcher_submit_tokens(b.get(), in.data(), in.size() - 1, 2, cb, a.slot(0));
+       }},
+      {"submit, NULL callback",
+       [&] {
+         return moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, nullptr, a.slot(0));
+       }},
+      {"submit_hidden, NULL callback", [&] {
+         std::vector<float> h(8, 1.0f);
+         return moert_batcher_submit_hidden(b.get(), h.data(), h.size(), 2, nullptr, a.slot(0));
+       }}};
+  for (const auto& c : cases) {
+    const auto before = counters_of(b.get());
+    EXPECT_TRUE(IsError(c.call(), kInvalid, {}));
+    const auto after = counters_of(b.get());
+    EXPECT_EQ(after[MOERT_BATCHER_REQUESTS] - before[MOERT_BATCHER_REQUESTS], 1)
+        << c.what << ": refused, counted as "
+        << after[MOERT_BATCHER_REQUESTS] - before[MOERT_BATCHER_REQUESTS] << " request(s)";
+    EXPECT_EQ(after[MOERT_BATCHER_FAILED] - before[MOERT_BATCHER_FAILED], 1) << c.what;
+  }
+  b.reset();
+  EXPECT_EQ(a.answered, 0u);
+}
+
+// The counters agree with what the callbacks received, from several submitting threads (refused
+// submissions among them).
+TEST(BatcherSubmit, CountersAgreeWithTheAnswersFromManyThreads) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {2, 1, 64, 200});
+  ASSERT_TRUE(b);
+  constexpr int kThreads = 4, kEach = 40;
+  Answers a(kThreads * kEach);
+  std::atomic<int> refused{0};
+  std::atomic<int64_t> rows{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([&, t] {
+      for (int i = 0; i < kEach; ++i) {
+        const size_t k = static_cast<size_t>(t * kEach + i);
+        const uint64_t r = 1 + k % 7;
+        if (i % 10 == 9) {  // a refused one: a token id outside the vocabulary
+          auto bad = f.token_input(r, k);
+          bad[0] = -1;
+          EXPECT_TRUE(IsError(moert_batcher_submit_tokens(b.get(), bad.data(), bad.size(), r,
+                                                          &Answers::callback, a.slot(k)),
+                              kInvalid, {"vocabulary"}));
+          ++refused;
+          continue;
+        }
+        ASSERT_TRUE(IsOk(submit(f, b.get(), r, k, a, k)));
+        rows += static_cast<int64_t>(r);
+      }
+    });
+  for (auto& t : pool) t.join();
+  const size_t accepted = kThreads * kEach - refused.load();
+  ASSERT_TRUE(a.wait(accepted)) << a.answered << " of " << accepted << " answered in 60 s";
+  const auto c = counters_of(b.get());
+  int64_t queue_ns = 0;
+  for (const auto& o : a.got) {
+    EXPECT_LE(o.calls, 1);
+    if (o.calls) {
+      EXPECT_EQ(o.code, MOERT_OK) << o.message;
+      queue_ns += o.stats[MOERT_REQUEST_QUEUE_NS];
+    }
+  }
+  EXPECT_EQ(a.answered, accepted);
+  EXPECT_EQ(c[MOERT_BATCHER_REQUESTS], static_cast<int64_t>(accepted) + refused.load());
+  EXPECT_EQ(c[MOERT_BATCHER_FAILED], refused.load());
+  EXPECT_EQ(c[MOERT_BATCHER_ROWS], rows.load());
+  EXPECT_EQ(c[MOERT_BATCHER_QUEUE_NS], queue_ns);
+  EXPECT_GE(c[MOERT_BATCHER_BATCHES], 1);
+  EXPECT_LE(c[MOERT_BATCHER_BATCHES], static_cast<int64_t>(accepted));
+  EXPECT_EQ(c[MOERT_BATCHER_ISOLATED], 0);
+}
+
+// Free while a pass is running: every request is answered exactly once before free returns, with
+// its outputs (equal to the solo call's) if its pass ran, MOERT_ERR_INVALID_STATE if it was
+// still queued.
+TEST(BatcherSubmit, FreeDuringAPassAnswersEveryRequestOnceBeforeItReturns) {
+  Fixture f = wide_fixture();
+  ASSERT_TRUE(f.model);
+  SessionPtr ref = make_session(f.model.get(), 1);
+  for (int round = 0; round < 3; ++round) {
+    BatcherPtr b = make_batcher(f.model.get(), {1, 1, 16, 0});
+    ASSERT_TRUE(b);
+    constexpr size_t kRequests = 60;
+    Answers a(kRequests);
+    ASSERT_TRUE(IsOk(submit(f, b.get(), 16, 0, a, 0)));
+    ASSERT_TRUE(a.wait(1));  // the session is serving
+    for (size_t i = 1; i < kRequests; ++i) ASSERT_TRUE(IsOk(submit(f, b.get(), 16, i, a, i)));
+    b.reset();
+    EXPECT_EQ(a.answered, kRequests) << "free returned before every request was answered";
+    size_t ran = 0;
+    for (size_t i = 0; i < kRequests; ++i) {
+      const auto& o = a.got[i];
+      EXPECT_EQ(o.calls, 1) << "request " << i;
+      if (o.code == MOERT_OK) {
+        ++ran;
+        std::vector<float> want;
+        ASSERT_TRUE(IsOk(f.solo(ref.get(), 16, i, want)));
+        EXPECT_TRUE(same_bits(o.out, want)) << "request " << i;
+      } else {
+        EXPECT_EQ(o.code, MOERT_ERR_INVALID_STATE) << o.message;
+        EXPECT_TRUE(o.out.empty());
+      }
+    }
+    EXPECT_GE(ran, 1u);
+  }
+}
+
+// A callback run by free (its request was still queued) may submit again: that submission is
+// refused with MOERT_ERR_INVALID_STATE and never called back; free still returns.
+TEST(BatcherSubmit, ACallbackRunByFreeMaySubmitAndIsRefused) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 1024, 1'000'000});
+  ASSERT_TRUE(b);
+  struct Ctx {
+    moert_batcher* b;
+    std::vector<int32_t> in;
+    std::atomic<int> calls{0}, resubmit_refused{0}, resubmit_accepted{0}, other{0};
+  } ctx{b.get(), f.token_input(2, 1)};
+  struct Cb {
+    static void call(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                     uint64_t) {
+      auto& c = *static_cast<Ctx*>(user_data);
+      ++c.calls;
+      if (moert_status_code(status) != MOERT_ERR_INVALID_STATE) ++c.other;
+      moert_status_free(status);
+      moert_status* st = moert_batcher_submit_tokens(c.b, c.in.data(), c.in.size(), 2, &call, &c);
+      if (moert_status_code(st) == MOERT_ERR_INVALID_STATE)
+        ++c.resubmit_refused;
+      else if (!st)
+        ++c.resubmit_accepted;
+      moert_status_free(st);
+    }
+  };
+  for (int i = 0; i < 5; ++i)
+    ASSERT_TRUE(IsOk(
+        moert_batcher_submit_tokens(b.get(), ctx.in.data(), ctx.in.size(), 2, &Cb::call, &ctx)));
+  b.reset();
+  EXPECT_EQ(ctx.calls.load(), 5);
+  EXPECT_EQ(ctx.other.load(), 0);
+  EXPECT_EQ(ctx.resubmit_refused.load(), 5);
+  EXPECT_EQ(ctx.resubmit_accepted.load(), 0);
+}
+
+// A callback that takes long holds its own session only: with two sessions, another request is
+// answered by the other one meanwhile (callbacks of different requests run at once).
+TEST(BatcherSubmit, ASlowCallbackHoldsOnlyItsOwnSession) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {2, 1, 64, 0});
+  ASSERT_TRUE(b);
+  struct Ctx {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool slow_entered = false, release = false, fast_done = false, fast_while_slow = false;
+    int64_t slow_session = -1, fast_session = -1;
+  } ctx;
+  struct Cb {
+    static void slow(void* user_data, moert_status* status, const float*, uint64_t,
+                     const int64_t* stats, uint64_t) {
+      moert_status_free(status);
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::unique_lock<std::mutex> lock(c.mu);
+      c.slow_session = stats[MOERT_REQUEST_SESSION];
+      c.slow_entered = true;
+      c.cv.notify_all();
+      c.cv.wait_for(lock, std::chrono::seconds(20), [&] { return c.release; });
+    }
+    static void fast(void* user_data, moert_status* status, const float*, uint64_t,
+                     const int64_t* stats, uint64_t) {
+      moert_status_free(status);
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.fast_session = stats[MOERT_REQUEST_SESSION];
+      c.fast_while_slow = c.slow_entered && !c.release;
+      c.fast_done = true;
+      c.cv.notify_all();
+    }
+  };
+  const auto in = f.token_input(2, 0);
+  ASSERT_TRUE(IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::slow, &ctx)));
+  {
+    std::unique_lock<std::mutex> lock(ctx.mu);
+    ASSERT_TRUE(ctx.cv.wait_for(lock, std::chrono::seconds(20), [&] { return ctx.slow_entered; }));
+  }
+  ASSERT_TRUE(IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::fast, &ctx)));
+  bool fast_done;
+  {
+    std::unique_lock<std::mutex> lock(ctx.mu);
+    fast_done = ctx.cv.wait_for(lock, std::chrono::seconds(10), [&] { return ctx.fast_done; });
+    ctx.release = true;
+    ctx.cv.notify_all();
+  }
+  EXPECT_TRUE(fast_done) << "a request waited for another request's slow callback";
+  b.reset();
+  EXPECT_TRUE(ctx.fast_done);
+  EXPECT_TRUE(ctx.fast_while_slow);
+  EXPECT_NE(ctx.fast_session, ctx.slow_session);
+}
+
+// The blocking form's promise, "on error neither out nor stats is written", for an error of the
+// pass itself (a result that overflows under check_finite), not of validation.
+TEST(Batcher, APassErrorWritesNeitherOutNorStats) {
+  ModelDesc desc = wide_hidden_desc(true);
+  desc.layers.erase(desc.layers.begin());
+  Fixture f(load_ok(build(desc)));
+  ASSERT_TRUE(f.model);
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 0});
+  ASSERT_TRUE(b);
+  auto huge = f.hidden_input(2, 1);
+  for (size_t i = 0; i < huge.size(); i += 3) huge[i] = 3e38f;
+  std::vector<float> out(2 * f.out_width, kSentinel);
+  std::vector<int64_t> stats(MOERT_REQUEST_STATS, -7);
+  StatusPtr st(moert_batcher_forward_hidden(b.get(), huge.data(), huge.size(), 2, out.data(),
+                                            out.size(), stats.data(), stats.size()));
+  ASSERT_TRUE(st) << "the overflowing input no longer overflows: the test tests nothing";
+  EXPECT_EQ(moert_status_code(st.get()), MOERT_ERR_NUMERIC) << moert_status_message(st.get());
+  for (size_t i = 0; i < stats.size(); ++i)
+    EXPECT_EQ(stats[i], -7) << "stats[" << i << "] written by a failed call";
+  size_t written = 0;
+  for (float v : out) written += !(v == kSentinel);
+  EXPECT_EQ(written, 0u) << "of " << out.size() << " outputs written by a failed call";
+}
+
+// MOERT_BATCHER_REQUESTS / FAILED count "requests answered, failed ones included": a request
+// answered by free (MOERT_ERR_INVALID_STATE) is counted before its callback runs, as one answered
+// by a pass is; its callback may read the counters (free does not race with itself).
+TEST(BatcherSubmit, RequestsAnsweredByFreeAreCountedBeforeTheirCallbacks) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 1024, 1'000'000});
+  ASSERT_TRUE(b);
+  struct Ctx {
+    moert_batcher* b;
+    int calls = 0;
+    std::vector<int64_t> requests_seen, failed_seen;
+  } ctx{b.get()};
+  struct Cb {
+    static void call(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                     uint64_t) {
+      moert_status_free(status);
+      auto& c = *static_cast<Ctx*>(user_data);
+      ++c.calls;
+      int64_t counts[MOERT_BATCHER_COUNTERS] = {};
+      moert_status* st = moert_batcher_counters(c.b, counts, MOERT_BATCHER_COUNTERS);
+      moert_status_free(st);
+      c.requests_seen.push_back(counts[MOERT_BATCHER_REQUESTS]);
+      c.failed_seen.push_back(counts[MOERT_BATCHER_FAILED]);
+    }
+  };
+  const auto in = f.token_input(2, 0);
+  for (int i = 0; i < 3; ++i)
+    ASSERT_TRUE(
+        IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::call, &ctx)));
+  b.reset();
+  ASSERT_EQ(ctx.calls, 3);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(ctx.requests_seen[i], i + 1)
+        << "the callback of answer " << i + 1
+        << " (by free) saw MOERT_BATCHER_REQUESTS = " << ctx.requests_seen[i];
+    EXPECT_EQ(ctx.failed_seen[i], i + 1) << "MOERT_BATCHER_FAILED, answer " << i + 1;
+  }
+}
+
+// A callback is called on the batcher's own thread; moert.h forbids it moert_batcher_free() only.
+// A blocking moert_batcher_forward_*() from a callback on a one-session batcher waits for a pass
+// that only the callback's own (blocked) session could run: it must come back (answered or
+// refused), not hang. On failure the batcher is leaked: its thread is stuck for good.
+TEST(BatcherSubmit, ABlockingCallFromACallbackComesBack) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 0});
+  ASSERT_TRUE(b);
+  struct Ctx {
+    moert_batcher* b;
+    const Fixture* f;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool returned = false;
+    int32_t code = -1;
+  } ctx{b.get(), &f};
+  struct Cb {
+    static void call(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                     uint64_t) {
+      moert_status_free(status);
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::vector<float> out;
+      moert_status* st = c.f->batched(c.b, 1, 3, out, nullptr, 0);
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.code = moert_status_code(st);
+      moert_status_free(st);
+      c.returned = true;
+      c.cv.notify_all();
+    }
+  };
+  const auto in = f.token_input(2, 0);
+  ASSERT_TRUE(IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::call, &ctx)));
+  std::unique_lock<std::mutex> lock(ctx.mu);
+  if (!ctx.cv.wait_for(lock, std::chrono::seconds(3), [&] { return ctx.returned; })) {
+    lock.unlock();
+    (void)b.release();  // its only session is blocked in the callback for good
+    FAIL() << "moert_batcher_forward_tokens called from a callback of a one-session batcher did "
+              "not return within 3 s (a self-deadlock; the batcher is leaked)";
+  }
+  std::printf("a blocking call from a callback returned code %d\n", ctx.code);
+}
+
+// moert.h, moert_batcher_callback: "The library's asynchronous signals stay blocked while it
+// runs". True of a callback on a batcher thread; a callback that moert_batcher_free() runs (its
+// request was still queued) runs on the caller's thread, where it must be so too.
+TEST(BatcherSubmit, AsynchronousSignalsAreBlockedInEveryCallback) {
+  Fixture f = example_fixture();
+  struct Ctx {
+    std::mutex mu;
+    std::condition_variable cv;
+    int calls = 0;
+    std::vector<int> blocked;  // SIGUSR1 and SIGTERM blocked, per callback
+  };
+  struct Cb {
+    static void call(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                     uint64_t) {
+      moert_status_free(status);
+      sigset_t mask;
+      sigemptyset(&mask);
+      pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::lock_guard<std::mutex> lock(c.mu);
+      ++c.calls;
+      c.blocked.push_back(sigismember(&mask, SIGUSR1) == 1 && sigismember(&mask, SIGTERM) == 1);
+      c.cv.notify_all();
+    }
+  };
+  sigset_t none, saved;
+  sigemptyset(&none);
+  ASSERT_EQ(pthread_sigmask(SIG_SETMASK, &none, &saved), 0);
+  const auto in = f.token_input(2, 0);
+  // On a batcher thread.
+  {
+    Ctx ctx;
+    BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 0});
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(
+        IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::call, &ctx)));
+    std::unique_lock<std::mutex> lock(ctx.mu);
+    ASSERT_TRUE(ctx.cv.wait_for(lock, std::chrono::seconds(30), [&] { return ctx.calls == 1; }));
+    EXPECT_TRUE(ctx.blocked[0]) << "signals not blocked in a callback on a batcher thread";
+  }
+  // Run by free, on this thread (whose mask blocks nothing).
+  {
+    Ctx ctx;
+    BatcherPtr b = make_batcher(f.model.get(), {1, 1, 1024, 1'000'000});
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(
+        IsOk(moert_batcher_submit_tokens(b.get(), in.data(), in.size(), 2, &Cb::call, &ctx)));
+    b.reset();
+    ASSERT_EQ(ctx.calls, 1);
+    EXPECT_TRUE(ctx.blocked[0])
+        << "SIGUSR1/SIGTERM not blocked in a callback run by moert_batcher_free()";
+  }
+  sigset_t after;
+  pthread_sigmask(SIG_SETMASK, &saved, &after);
+  EXPECT_EQ(sigismember(&after, SIGUSR1), 0) << "free left this thread's mask changed";
+}
+
+// The figures of a request that moert_batcher_free() answered (it was still queued): no session
+// ran it, so MOERT_REQUEST_SESSION ("pool index of the session that ran it") must not name one;
+// an unknown figure is -1 elsewhere in moert.h. Today all five figures are 0.
+TEST(BatcherSubmit, ARequestAnsweredByFreeNamesNoSession) {
+  Fixture f = example_fixture();
+  BatcherPtr b = make_batcher(f.model.get(), {2, 1, 1024, 1'000'000});
+  ASSERT_TRUE(b);
+  Answers a(1);
+  ASSERT_TRUE(IsOk(submit(f, b.get(), 2, 0, a, 0)));
+  b.reset();
+  ASSERT_EQ(a.got[0].calls, 1);
+  ASSERT_EQ(a.got[0].code, MOERT_ERR_INVALID_STATE);
+  ASSERT_EQ(a.got[0].stats.size(), static_cast<size_t>(MOERT_REQUEST_STATS));
+  EXPECT_EQ(a.got[0].stats[MOERT_REQUEST_SESSION], -1)
+      << "a request no session ran reports session " << a.got[0].stats[MOERT_REQUEST_SESSION];
+  EXPECT_EQ(a.got[0].stats[MOERT_REQUEST_RUN_NS], -1);
 }
 
 }  // namespace

@@ -241,3 +241,122 @@ fn a_bad_submission_is_refused_at_once_and_a_dropped_batcher_answers_every_reque
         assert!(e.message().contains("freed"), "{e}");
     }
 }
+
+fn assert_send<T: Send>() {}
+
+#[test]
+fn pendings_may_be_dropped_unanswered_moved_to_other_threads_and_awaited_there() {
+    assert_send::<moert::Pending>();
+    let m = model();
+    let solo = Session::new(&m, None).unwrap();
+    let mut options = BatcherOptions::new().unwrap();
+    options
+        .sessions(2)
+        .unwrap()
+        .max_wait(Duration::from_millis(2))
+        .unwrap();
+    let b = Arc::new(Batcher::new(&m, Some(&options)).unwrap());
+    // Dropped before their answers: the answers are discarded, nothing else notices.
+    for r in 0..40 {
+        drop(b.submit_tokens(&batch(1 + r % 3, r), 1 + r % 3).unwrap());
+    }
+    // Submitted here, waited for or awaited on other threads, from which they also submit.
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let p = b.submit_tokens(&batch(2, 100 + t), 2).unwrap();
+            let b = Arc::clone(&b);
+            std::thread::spawn(move || {
+                let first = if t % 2 == 0 { p.wait() } else { block_on(p) }.unwrap();
+                let second = block_on(b.submit_tokens(&batch(3, 200 + t), 3).unwrap()).unwrap();
+                (first, second)
+            })
+        })
+        .collect();
+    for (t, h) in handles.into_iter().enumerate() {
+        let ((o1, s1), (o2, s2)) = h.join().unwrap();
+        let w1 = solo.forward_tokens(&batch(2, 100 + t), 2).unwrap();
+        let w2 = solo.forward_tokens(&batch(3, 200 + t), 3).unwrap();
+        assert_agrees(
+            &o1,
+            &w1,
+            64,
+            s1.batch_requests == 1,
+            &format!("thread {t}, first"),
+        );
+        assert_agrees(
+            &o2,
+            &w2,
+            64,
+            s2.batch_requests == 1,
+            &format!("thread {t}, second"),
+        );
+    }
+    // Every request is answered (the dropped ones too, maybe still in a pass on the other
+    // session now), failing none.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut c = b.counters().unwrap();
+    while c.requests < 56 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        c = b.counters().unwrap();
+    }
+    assert_eq!((c.requests, c.failed), (56, 0));
+    // A NaN is refused at submission (check_finite is on by default).
+    let hm = Model::load(
+        std::env::var_os("MOERT_TEST_HIDDEN_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../../examples/models/tiny_hidden.moert")
+            }),
+    )
+    .unwrap();
+    let hb = Batcher::new(&hm, None).unwrap();
+    let width = hb.io().input_width as usize;
+    let mut x = vec![0.5f32; 2 * width];
+    x[width + 1] = f32::NAN;
+    assert_eq!(hb.submit_hidden(&x, 2).unwrap_err().code(), Code::NUMERIC);
+    assert_eq!(
+        hb.submit_tokens(&[1; 4], 1).unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
+}
+
+#[test]
+fn a_batcher_dropped_while_threads_wait_and_tasks_await_answers_them_all() {
+    let m = model();
+    let mut options = BatcherOptions::new().unwrap();
+    options
+        .max_batch_rows(1024)
+        .unwrap()
+        .max_wait(Duration::from_secs(1))
+        .unwrap();
+    let b = Batcher::new(&m, Some(&options)).unwrap();
+    // wait_timeout gives a request without an answer back.
+    let p = b.submit_tokens(&batch(2, 0), 2).unwrap();
+    let p = p.wait_timeout(Duration::from_millis(10)).unwrap_err();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiters: Vec<_> = (0..6)
+        .map(|t| {
+            let q = b.submit_tokens(&batch(2, t + 1), 2).unwrap();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                tx.send(()).unwrap();
+                if t % 2 == 0 {
+                    q.wait()
+                } else {
+                    block_on(q)
+                }
+            })
+        })
+        .collect();
+    for _ in 0..6 {
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    drop(b);
+    for w in waiters {
+        let e = w.join().unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_STATE, "{e}");
+    }
+    assert!(p.is_ready());
+    assert_eq!(p.wait().unwrap_err().code(), Code::INVALID_STATE);
+}
