@@ -11,6 +11,10 @@
 namespace moert {
 namespace {
 
+// The batcher whose callback this thread is running, if any: a blocking request from there
+// would wait for a pass that its own thread must run.
+thread_local const Batcher* answering = nullptr;
+
 // A session forward pass takes its row count as int32 (BLAS); a batch must fit.
 constexpr uint64_t kMaxBatchRows = 1u << 20;
 
@@ -77,6 +81,10 @@ Batcher::~Batcher() {
     std::lock_guard<std::mutex> lock(mu_);
     for (Request* r : queue_) {
       r->error = std::make_exception_ptr(Error(Code::InvalidState, "the batcher was freed"));
+      // No pass ran it: its figures are unknown.
+      std::fill(std::begin(r->stats), std::end(r->stats), -1);
+      ++counts_[kCountRequests];
+      ++counts_[kCountFailed];
       if (r->done_callback) {
         r->next = nullptr;
         *tail = r;
@@ -145,6 +153,14 @@ void Batcher::check_hidden(const float* in, uint64_t in_len, uint64_t rows) cons
              i % width);
 }
 
+void Batcher::refuse_now(Code code, const char* why) {
+  try {
+    fail(code, why);
+  } catch (...) {
+    refuse();
+  }
+}
+
 void Batcher::refuse() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -199,7 +215,7 @@ void Batcher::submit_copy(const std::function<void()>& check, const void* input,
                           uint64_t rows, BatcherCallback done) {
   auto r = std::make_unique<Request>();
   try {
-    if (!done) fail(Code::InvalidArgument, "the callback is empty");
+    if (!done) fail(Code::InvalidArgument, "done (the callback) is NULL");
     check();
     r->owned.resize(bytes);
   } catch (...) {
@@ -226,6 +242,10 @@ void Batcher::answer(Request* r) const noexcept {
   // The callback's runtime may open signals on this thread (a JVM attaching it does): they must
   // be closed again before the thread's next pass runs a GEMM (signal_guard.h).
   const cpu::KeepSignalMask mask;
+  // Callbacks that moert_batcher_free runs are on the host's thread: block the signals there too.
+  const cpu::AsyncSignalScope no_signals;
+  const Batcher* const outer = answering;
+  answering = this;
   try {
     if (r->error)
       r->done_callback(r->error, nullptr, 0, r->stats);
@@ -234,9 +254,15 @@ void Batcher::answer(Request* r) const noexcept {
   } catch (...) {
     // A callback must not throw (batcher.h); the worker thread carries on regardless.
   }
+  answering = outer;
 }
 
 void Batcher::submit(Request& r, int64_t* stats, uint64_t stats_len) {
+  if (answering == this) {
+    refuse_now(Code::InvalidState,
+               "a blocking request from inside one of this batcher's callbacks would wait for a "
+               "pass its own thread must run: submit it instead");
+  }
   std::unique_lock<std::mutex> lock(mu_);
   if (stop_) fail(Code::InvalidState, "the batcher is being freed");
   r.enqueued = Clock::now();
@@ -245,8 +271,8 @@ void Batcher::submit(Request& r, int64_t* stats, uint64_t stats_len) {
   work_.notify_one();
   r.cv.wait(lock, [&] { return r.done; });
   // The worker is done with r: it notified under the lock, which this thread now holds.
-  copy_figures(r.stats, kRequestStats, stats, stats_len);
   if (r.error) std::rethrow_exception(r.error);
+  copy_figures(r.stats, kRequestStats, stats, stats_len);
 }
 
 void Batcher::counters(int64_t* out, uint64_t len) const {

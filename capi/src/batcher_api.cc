@@ -126,8 +126,8 @@ moert_status* moert_batcher_submit_tokens(moert_batcher* batcher, const int32_t*
                                           moert_batcher_callback done, void* user_data) {
   return guarded([&] {
     require(batcher, "batcher");
-    if (!done) fail(Code::InvalidArgument, "done is NULL");
-    batcher->batcher->submit_tokens(tokens, num_tokens, rows, c_callback(done, user_data));
+    batcher->batcher->submit_tokens(tokens, num_tokens, rows,
+                                    done ? c_callback(done, user_data) : moert::BatcherCallback{});
   });
 }
 
@@ -136,8 +136,8 @@ moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, const float* i
                                           void* user_data) {
   return guarded([&] {
     require(batcher, "batcher");
-    if (!done) fail(Code::InvalidArgument, "done is NULL");
-    batcher->batcher->submit_hidden(in, in_len, rows, c_callback(done, user_data));
+    batcher->batcher->submit_hidden(in, in_len, rows,
+                                    done ? c_callback(done, user_data) : moert::BatcherCallback{});
   });
 }
 

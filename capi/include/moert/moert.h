@@ -744,17 +744,21 @@ MOERT_API moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, con
  * otherwise the request's error, owned by the callback (release it with moert_status_free()), and
  * `out` is NULL with `out_len` 0. On success `out` holds the request's rows * output_width floats
  * (`out_len`), as moert_batcher_forward_*() would write them. `stats` holds `stats_len`
- * (MOERT_REQUEST_STATS of this library) figures indexed by MOERT_REQUEST_*. `out` and `stats`
- * belong to the batcher and are valid only until the callback returns: copy what you keep.
+ * (MOERT_REQUEST_STATS of this library) figures indexed by MOERT_REQUEST_*; all -1 for a
+ * request that moert_batcher_free() answered (no pass ran it). `out` and `stats` belong to the
+ * batcher and are valid only until the callback returns: copy what you keep.
  *
  * Runs on one of the batcher's threads, or, for a request still queued when the batcher is
  * freed, on the thread that calls moert_batcher_free(); callbacks of different requests may run
  * at once on different threads. It should return quickly (hand the answer to another thread or
  * an event loop): while it runs, its session takes no new pass. It must not call
- * moert_batcher_free() on its batcher and must not unwind (throw, longjmp) through the library;
- * it may submit further requests. It starts with the asynchronous signals blocked (see Signals
- * at the top); whatever mask it or its runtime leaves on the thread (a JVM attaching the thread
- * opens its own signals), the library restores the thread's mask when it returns. */
+ * moert_batcher_free() on its batcher and must not unwind (throw, longjmp) through the library.
+ * It may submit further requests; a blocking moert_batcher_forward_*() on its own batcher is
+ * refused with MOERT_ERR_INVALID_STATE (it would wait for a pass its own thread must run). It
+ * starts with the asynchronous signals blocked (see Signals at the top), on the library's threads
+ * and on the one freeing the batcher alike; whatever mask it or its runtime leaves on the thread
+ * (a JVM attaching the thread opens its own signals), the library restores the thread's mask
+ * when it returns. */
 typedef void (*moert_batcher_callback)(void* user_data, moert_status* status, const float* out,
                                        uint64_t out_len, const int64_t* stats, uint64_t stats_len);
 
