@@ -214,9 +214,17 @@ func requestStats(s []int64) RequestStats {
 	}
 }
 
+// maxBatchRows is the largest row cap a batcher takes (moert.h): no request may have more rows,
+// so a larger count is refused before rows*OutputWidth outputs are allocated (or overflow int).
+const maxBatchRows = 1 << 20
+
 func checkRows(rows int) error {
 	if rows < 0 {
 		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	}
+	if rows > maxBatchRows {
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf(
+			"rows %d exceeds the largest max_batch_rows a batcher takes (%d)", rows, maxBatchRows)}
 	}
 	return nil
 }

@@ -152,7 +152,8 @@ func (s *Service) Mode() string {
 	return "solo sessions (one request per pass)"
 }
 
-// InFlight is the number of requests being served.
+// InFlight is the number of requests being served, counting those abandoned by their client
+// (or timed out) that the batcher still holds.
 func (s *Service) InFlight() int { return len(s.slots) }
 
 // Drain makes /healthz answer 503 and new forward requests be refused with 503, while the
@@ -207,7 +208,6 @@ func (s *Service) forward(w http.ResponseWriter, r *http.Request) {
 	// MaxInFlight bodies of BodyLimit bytes and their rows.
 	select {
 	case s.slots <- struct{}{}:
-		defer func() { <-s.slots }()
 	default:
 		s.rejected.Add(1)
 		w.Header().Set("Retry-After", "1")
@@ -215,6 +215,20 @@ func (s *Service) forward(w http.ResponseWriter, r *http.Request) {
 			Message: fmt.Sprintf("%d requests are in flight, the most this service serves at once", s.cfg.MaxInFlight)})
 		return
 	}
+	// The slot comes back when the request's work is over: at the handler's return, or, for a
+	// request abandoned while its pass was still to come, once that pass has answered it, so
+	// abandoned requests count against MaxInFlight as long as the batcher holds them.
+	var late <-chan struct{}
+	defer func() {
+		if late == nil {
+			<-s.slots
+			return
+		}
+		go func() {
+			<-late
+			<-s.slots
+		}()
+	}()
 	s.requests.Add(1)
 	req, apiErr := s.parse(w, r)
 	if apiErr == nil {
@@ -234,6 +248,10 @@ func (s *Service) forward(w http.ResponseWriter, r *http.Request) {
 			out, st, err = s.engine.forwardHidden(ctx, req.hidden, req.rows)
 		}
 		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			var ab *abandonedError
+			if errors.As(err, &ab) {
+				late = ab.late
+			}
 			s.abandoned.Add(1)
 			s.failed.Add(1)
 			if r.Context().Err() != nil {
@@ -330,13 +348,23 @@ func (e *batchEngine) forwardHidden(ctx context.Context, in []float32, rows int)
 	return wait(ctx, p)
 }
 
-// wait is p's answer, or ctx's error if ctx ends first.
+// abandonedError is ctx's error for a request whose answer is still to come: late closes when
+// the batcher has answered it.
+type abandonedError struct {
+	err  error
+	late <-chan struct{}
+}
+
+func (e *abandonedError) Error() string { return e.err.Error() }
+func (e *abandonedError) Unwrap() error { return e.err }
+
+// wait is p's answer, or, if ctx ends first, ctx's error as an *abandonedError.
 func wait(ctx context.Context, p *moert.Pending) ([]float32, moert.RequestStats, error) {
 	select {
 	case <-p.Done():
 		return p.Wait()
 	case <-ctx.Done():
-		return nil, moert.RequestStats{}, ctx.Err()
+		return nil, moert.RequestStats{}, &abandonedError{err: ctx.Err(), late: p.Done()}
 	}
 }
 
