@@ -204,6 +204,14 @@ Fixture wide_fixture(bool aligned = true) {
   return Fixture(load_ok(build(wide_hidden_desc(aligned))));
 }
 
+// The wide model without its leading norm: huge inputs reach the router's and experts' GEMMs
+// and overflow, so that a pass fails where a request alone may not.
+Fixture overflow_fixture() {
+  ModelDesc desc = wide_hidden_desc(true);
+  desc.layers.erase(desc.layers.begin());
+  return Fixture(load_ok(build(desc)));
+}
+
 // Largest over rows of ||a_r - b_r|| / ||b_r||, for `n` values of rows of `width`; NaN when a
 // value is not finite.
 double max_row_error(const float* a, const float* b, size_t n, size_t width) {
@@ -1062,10 +1070,7 @@ TEST(BatcherSubmit, CallbacksMaySubmitFurtherRequests) {
 // A pass that fails on what no request shows alone (an overflowing result) reruns its requests
 // one by one: the submitted ones get their solo call's status and outputs too.
 TEST(BatcherSubmit, AnOverflowingRequestGetsItsSoloStatusAndTheOthersTheirAnswers) {
-  // Without the leading norm, huge inputs reach the router and experts' GEMMs and overflow.
-  ModelDesc desc = wide_hidden_desc(true);
-  desc.layers.erase(desc.layers.begin());
-  Fixture f(load_ok(build(desc)));
+  Fixture f = overflow_fixture();
   ASSERT_TRUE(f.model);
   BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 50000});
   ASSERT_TRUE(b);
@@ -1454,9 +1459,7 @@ TEST(BatcherSubmit, ASlowCallbackHoldsOnlyItsOwnSession) {
 // The blocking form's promise, "on error neither out nor stats is written", for an error of the
 // pass itself (a result that overflows under check_finite), not of validation.
 TEST(Batcher, APassErrorWritesNeitherOutNorStats) {
-  ModelDesc desc = wide_hidden_desc(true);
-  desc.layers.erase(desc.layers.begin());
-  Fixture f(load_ok(build(desc)));
+  Fixture f = overflow_fixture();
   ASSERT_TRUE(f.model);
   BatcherPtr b = make_batcher(f.model.get(), {1, 1, 64, 0});
   ASSERT_TRUE(b);

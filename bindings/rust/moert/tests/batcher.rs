@@ -159,6 +159,17 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
     }
 }
 
+/// A batcher whose requests stay queued: a one-second wait and a cap they never fill.
+fn queueing_batcher(m: &Model) -> Batcher {
+    let mut options = BatcherOptions::new().unwrap();
+    options
+        .max_batch_rows(1024)
+        .unwrap()
+        .max_wait(Duration::from_secs(1))
+        .unwrap();
+    Batcher::new(m, Some(&options)).unwrap()
+}
+
 #[test]
 fn submitted_requests_agree_with_solo_calls_waited_for_or_awaited() {
     let m = model();
@@ -206,14 +217,7 @@ fn submitted_requests_agree_with_solo_calls_waited_for_or_awaited() {
 #[test]
 fn a_bad_submission_is_refused_at_once_and_a_dropped_batcher_answers_every_request() {
     let m = model();
-    let mut options = BatcherOptions::new().unwrap();
-    // A one-second wait and a cap the requests never fill: they stay queued.
-    options
-        .max_batch_rows(1024)
-        .unwrap()
-        .max_wait(Duration::from_secs(1))
-        .unwrap();
-    let b = Batcher::new(&m, Some(&options)).unwrap();
+    let b = queueing_batcher(&m);
     let mut bad = batch(2, 1);
     bad[6] = 99;
     let e = b.submit_tokens(&bad, 2).unwrap_err();
@@ -324,13 +328,7 @@ fn pendings_may_be_dropped_unanswered_moved_to_other_threads_and_awaited_there()
 #[test]
 fn a_batcher_dropped_while_threads_wait_and_tasks_await_answers_them_all() {
     let m = model();
-    let mut options = BatcherOptions::new().unwrap();
-    options
-        .max_batch_rows(1024)
-        .unwrap()
-        .max_wait(Duration::from_secs(1))
-        .unwrap();
-    let b = Batcher::new(&m, Some(&options)).unwrap();
+    let b = queueing_batcher(&m);
     // wait_timeout gives a request without an answer back.
     let p = b.submit_tokens(&batch(2, 0), 2).unwrap();
     let p = p.wait_timeout(Duration::from_millis(10)).unwrap_err();
