@@ -202,8 +202,9 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
    * moert-batcher}), or, for a request answered by {@link #close()}, on the thread calling
    * close(). Stages attached with the non-async methods ({@code thenApply}, {@code whenComplete},
    * ...) to a future not yet complete run on that thread, and while they run that session takes no
-   * new pass: keep them short and never block in them (a blocking {@code forward*} call there can
-   * wait for the very session it holds). Use the {@code *Async} variants with an executor for
+   * new pass: keep them short and never block in them (a blocking {@code forward*} call on this
+   * batcher there throws {@code MOERT_ERR_INVALID_STATE}: it would wait for the very session it
+   * holds). Use the {@code *Async} variants with an executor for
    * anything more. Closing this batcher from such a stage on one of its threads throws {@code
    * MOERT_ERR_INVALID_STATE} (the threads cannot stop themselves); submitting from one is fine,
    * except while close() runs: a submit then throws {@code MOERT_ERR_INVALID_STATE} at once,

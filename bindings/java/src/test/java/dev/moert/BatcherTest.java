@@ -377,6 +377,19 @@ class BatcherTest {
         assertEquals(
             CapiConstants.MOERT_ERR_INVALID_STATE, ((MoertException) e.getCause()).getCode());
         assertTrue(!b.isClosed());
+        // A blocking call on this batcher from such a stage would wait for the session the stage
+        // holds: it is refused instead.
+        CompletableFuture<float[]> blocking =
+            b.submitTokens(batch(1, 0), 1).thenApply(r -> b.forwardTokens(batch(2, 5), 2));
+        CompletionException refused =
+            assertThrows(
+                CompletionException.class,
+                () -> blocking.orTimeout(TIMEOUT_S, TimeUnit.SECONDS).join());
+        assertTrue(
+            refused.getCause() instanceof MoertException, String.valueOf(refused.getCause()));
+        assertEquals(
+            CapiConstants.MOERT_ERR_INVALID_STATE,
+            ((MoertException) refused.getCause()).getCode());
         assertArrayEquals(want, await(b.submitTokens(batch(2, 5), 2)).outputs());
       }
     }
