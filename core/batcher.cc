@@ -112,6 +112,12 @@ void Batcher::check_rows(uint64_t rows) const {
 }
 
 void Batcher::check_out(uint64_t rows, const float* out, uint64_t out_len) const {
+  // Only blocking requests have an output buffer: from one of this batcher's callbacks, such a
+  // request would wait for a pass that its own thread must run.
+  if (answering == this)
+    fail(Code::InvalidState,
+         "a blocking request from inside one of this batcher's callbacks would wait for a pass "
+         "its own thread must run: submit it instead");
   if (!out) fail(Code::InvalidArgument, "out is NULL");
   check_rows(rows);
   if (out_len != rows * model_->output_width)
@@ -151,14 +157,6 @@ void Batcher::check_hidden(const float* in, uint64_t in_len, uint64_t rows) cons
       if (!std::isfinite(in[i]))
         fail(Code::Numeric, "input holds a NaN or infinity at row ", i / width, ", column ",
              i % width);
-}
-
-void Batcher::refuse_now(Code code, const char* why) {
-  try {
-    fail(code, why);
-  } catch (...) {
-    refuse();
-  }
 }
 
 void Batcher::refuse() {
@@ -258,11 +256,6 @@ void Batcher::answer(Request* r) const noexcept {
 }
 
 void Batcher::submit(Request& r, int64_t* stats, uint64_t stats_len) {
-  if (answering == this) {
-    refuse_now(Code::InvalidState,
-               "a blocking request from inside one of this batcher's callbacks would wait for a "
-               "pass its own thread must run: submit it instead");
-  }
   std::unique_lock<std::mutex> lock(mu_);
   if (stop_) fail(Code::InvalidState, "the batcher is being freed");
   r.enqueued = Clock::now();

@@ -132,7 +132,6 @@ class Batcher {
   void check_hidden(const float* in, uint64_t in_len, uint64_t rows) const;
   // Counts a request refused before it was queued, and rethrows its error.
   [[noreturn]] void refuse();
-  [[noreturn]] void refuse_now(Code code, const char* why);
   void submit(Request& r, int64_t* stats, uint64_t stats_len);
   // A submitted request: check() validates it, then `bytes` of `input` are copied and queued.
   void submit_copy(const std::function<void()>& check, const void* input, size_t bytes,
