@@ -1,15 +1,12 @@
 #include "core/session.h"
 
 #include <algorithm>
-#include <bit>
 #include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <numbers>
-#include <tuple>
-#include <type_traits>
 #include <utility>
 
 #include "core/error.h"
@@ -17,18 +14,6 @@
 #include "core/model_writer.h"
 
 namespace moert {
-
-// A field added to TrainingConfig must join fields() too (the ranks' settings digest): the
-// listed fields, each padded to 8 bytes, must fill the struct.
-template <typename... T>
-constexpr size_t padded_size(std::tuple<T...>*) {
-  return (((sizeof(std::remove_cvref_t<T>) + 7) / 8 * 8) + ...);
-}
-static_assert(
-    sizeof(TrainingConfig) ==
-        padded_size(
-            static_cast<decltype(std::declval<const TrainingConfig&>().fields())*>(nullptr)),
-    "TrainingConfig has a field that TrainingConfig::fields() does not list");
 
 namespace {
 
@@ -745,6 +730,7 @@ void Session::zero_grad() {
       std::fill(m->counts().step.begin(), m->counts().step.end(), 0);
   pending_backward_ = false;
   poisoned_.clear();
+  std::erase_if(written_, [](const auto& w) { return w.first.first == Written::Gradient; });
 }
 
 StepInfo Session::step() {
@@ -760,43 +746,7 @@ StepInfo Session::step() {
            "gradients (",
            poisoned_, "); call zero_grad to discard the step");
   });
-  if (par_) {
-    // zero_grad and set_config are local: ranks that accumulated different micro-batches, or
-    // that were configured differently, would move their replicated parameters apart.
-    ContentHasher h;
-    std::apply(
-        [&h](const auto&... field) {
-          auto add = [&h](const auto& v) {
-            using T = std::decay_t<decltype(v)>;
-            if constexpr (std::is_same_v<T, std::string>)
-              h.str(v);
-            else if constexpr (std::is_same_v<T, double>)
-              h.u64(std::bit_cast<uint64_t>(v));
-            else
-              h.u64(static_cast<uint64_t>(v));
-          };
-          (add(field), ...);
-        },
-        options_.training.fields());
-    h.u8(options_.global_aux);
-    for (const Balance& b : balance_) {
-      h.f32(b.gamma);
-      h.u8(b.frozen);
-    }
-    const std::array<uint64_t, 2> mine = {micro_batches_, h.digest()};
-    std::vector<std::array<uint64_t, 2>> all(static_cast<size_t>(par_->size()));
-    par_->host().all_gather(mine.data(), sizeof(mine), all.data());
-    for (int r = 1; r < par_->size(); ++r) {
-      if (all[r][0] != all[0][0])
-        fail(Code::InvalidState, "rank ", r, " of ", par_->size(), " accumulated ", all[r][0],
-             " micro-batches since its zero_grad and rank 0 ", all[0][0],
-             ": every rank calls zero_grad, its backwards and step together");
-      if (all[r][1] != all[0][1])
-        fail(Code::InvalidState, "rank ", r, " of ", par_->size(),
-             " has other training settings than rank 0 (set_config, set_bias_update_rate or "
-             "set_bias_frozen called on some ranks only): every rank makes the same calls");
-    }
-  }
+  if (par_) check_ranks_agree_to_step();
   const TrainingConfig& c = options_.training;
   StepInfo info;
   info.lr = c.lr_at(step_ + 1);
@@ -982,6 +932,7 @@ void Session::write_parameter(size_t index, const float* in, uint64_t len) {
     fail(Code::InvalidState, "parameters cannot change between a forward and its backward");
   std::copy(in, in + len, slots_[index].param->values.begin());
   store_->upload(*slots_[index].param);
+  note_written(Written::Parameter, index, in, len);
 }
 
 void Session::read_gradient(size_t index, float* out, uint64_t len) const {
@@ -997,6 +948,7 @@ void Session::write_gradient(size_t index, const float* in, uint64_t len) {
     if (!std::isfinite(in[i]))
       fail(Code::Numeric, "gradient of '", slots_[index].name, "' value ", i, " is not finite");
   store_->upload_grad(*slots_[index].param, std::vector<float>(in, in + len));
+  note_written(Written::Gradient, index, in, len);
 }
 
 MoELayer& Session::moe_layer(uint32_t layer) const {
@@ -1039,6 +991,7 @@ void Session::write_bias(uint32_t layer, const float* in, uint64_t len) {
     fail(Code::InvalidState, "the bias cannot change between a forward and its backward");
   std::copy(in, in + len, bias.begin());
   store_->upload(std::get<MoESpec>(params_->layers[layer].spec).gate_bias);
+  note_written(Written::Bias, layer, in, len);
 }
 
 void Session::set_bias_update_rate(uint32_t layer, double gamma) {
@@ -1288,6 +1241,7 @@ void Session::load(const std::string& path, const LoadOptions* limits) {
   step_ = st.step;
   micro_batches_ = st.micro_batches;
   pending_backward_ = false;
+  written_.clear();  // every rank now holds the file's state
 }
 
 }  // namespace moert

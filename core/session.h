@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -250,6 +251,17 @@ class Session {
   // shard, which must agree across the job.
   void save_parallel(const std::string& path) const;
   std::array<uint64_t, 2> replica_digests(const SavedState& st) const;
+  // Among ranks (core/session_rank_agreement.cc), before a step changes anything: every rank
+  // must have counted the same micro-batches, hold the same training settings, and have made the
+  // same direct writes since its last step, or the replicas would part for good.
+  // MOERT_ERR_INVALID_STATE on every rank otherwise, naming the first rank that differs.
+  void check_ranks_agree_to_step();
+  // What a rank wrote directly since its last step: for each tensor written, the digest of its
+  // last write. Replicated tensors (every parameter but the routed experts, their gradients, the
+  // loss-free biases) must be written alike on every rank, an expert shard's alike on each of
+  // its replicas. Only kept among ranks.
+  enum class Written : uint8_t { Parameter, Gradient, Bias };
+  void note_written(Written what, size_t index, const float* in, uint64_t len);
 
   std::shared_ptr<const Model> model_;
   std::unique_ptr<Model> params_;  // training: the session's own parameters
@@ -278,6 +290,7 @@ class Session {
   std::vector<int64_t> sequences_;  // sequence offsets over those rows (sequence-wise aux loss)
   std::string poisoned_;            // why a backward of this step failed midway, if one did
   Code poisoned_code_ = Code::Internal;
+  std::map<std::pair<Written, size_t>, uint64_t> written_;  // among ranks: note_written
   mutable std::mutex mu_;
 };
 

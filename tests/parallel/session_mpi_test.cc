@@ -222,6 +222,61 @@ TEST(SessionMpi, ABadBufferOnOneRankFailsEveryRank) {
       IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
 }
 
+// A replicated parameter written on one rank only: the step is refused on every rank with
+// MOERT_ERR_INVALID_STATE, naming that rank, and changes nothing; written alike on every rank,
+// the step goes on and the replicas stay bitwise the same.
+TEST(SessionMpi, AParameterWrittenOnOneRankOnlyRefusesTheStepEverywhere) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(token_model(1));
+  SessionPtr s = session(m.get(), true, g_size, true);
+  const char* name = nullptr;
+  uint64_t numel = 0;
+  ASSERT_TRUE(IsOk(moert_session_parameter_info(s.get(), 0, &name, &numel)));
+  const std::string param = name;
+  const int64_t n = 64;
+  std::vector<int32_t> tokens(n), targets(n);
+  for (int64_t i = 0; i < n; ++i) {
+    tokens[i] = static_cast<int32_t>((i * 7 + g_rank) % 16);
+    targets[i] = static_cast<int32_t>((i * 5 + 3) % 16);
+  }
+  std::vector<float> out(n * 16);
+  auto pass = [&] {
+    ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+    ASSERT_TRUE(
+        IsOk(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size())));
+    double loss = 0.0;
+    ASSERT_TRUE(IsOk(moert_session_backward_loss(s.get(), targets.data(), n, &loss)));
+  };
+  auto read = [&] {
+    std::vector<float> v(numel);
+    EXPECT_TRUE(IsOk(moert_session_get_parameter(s.get(), param.c_str(), v.data(), numel)));
+    return v;
+  };
+  const std::vector<float> written(numel, 0.125f);
+  pass();
+  if (g_rank == 1) {
+    ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), param.c_str(), written.data(), numel)));
+  }
+  const std::vector<float> before = read();
+  moert_status* st = moert_session_step(s.get(), nullptr, nullptr);
+  ASSERT_NE(st, nullptr);
+  const std::string msg = moert_status_message(st);
+  EXPECT_EQ(moert_status_code(st), MOERT_ERR_INVALID_STATE) << msg;
+  moert_status_free(st);
+  EXPECT_NE(msg.find("rank 1 of " + std::to_string(g_size) + " wrote other tensors"),
+            std::string::npos)
+      << msg;
+  EXPECT_TRUE(same(read(), before));
+  ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), param.c_str(), written.data(), numel)));
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+  // Every rank's copy against rank 0's.
+  const std::vector<float> mine = read();
+  std::vector<double> as_double(mine.begin(), mine.end()), sum = as_double;
+  ASSERT_TRUE(IsOk(moert_comm_all_reduce_sum(g_comm, sum.data(), sum.size())));
+  for (size_t i = 0; i < sum.size(); ++i)
+    ASSERT_EQ(sum[i], as_double[i] * g_size) << "rank " << g_rank << " element " << i;
+}
+
 // The profile: zero alone; among ranks the experts' compute and the waits are counted, overlap
 // or not, and moert_session_reset_metrics() zeroes them.
 TEST(SessionMpi, ProfileCountsTheExchanges) {

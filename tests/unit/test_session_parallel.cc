@@ -6,6 +6,7 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -317,6 +318,130 @@ TEST(SessionParallel, TrainingIsBitwiseOneSessionsForEveryLayout) {
               << what << " rank " << r << " gradient " << s_name(i);
         }
       }
+    }
+  }
+}
+
+// Direct writes are local to a rank, so the step compares them: a replicated tensor written on
+// some ranks only or with other values, or an expert shard written differently on two of its
+// replicas, is refused on every rank before anything changes; writing the same values everywhere
+// (zero_grad for a gradient) lets the step go on, and the replicas stay the same. 4 ranks, EP 2 x
+// DP 2: shard r % 2, replica r / 2.
+TEST(SessionParallel, WritesThatDifferAcrossRanksAreRefusedAtTheStep) {
+  std::mt19937 rng(61);
+  const auto model = two_moe_model(rng, BalancingPolicy::LossFreeBias);
+  const std::vector<float> x = random_tensor({256, 16}, rng, 1.0f).values;
+  const std::vector<float> dy = random_tensor({64, 16}, rng, 0.1f).values;
+  constexpr int kWorld = 4;
+  std::vector<std::vector<std::string>> refusals(kWorld);
+  std::vector<std::vector<std::vector<float>>> final_params(kWorld);
+  std::vector<std::vector<float>> final_bias(kWorld);
+  std::vector<std::string> names;
+  on_ranks(kWorld, 2, model, Mode::Training, [&](int r, Session& s) {
+    std::vector<float> out(64 * 16);
+    auto pass = [&] {
+      s.forward_hidden(x.data() + r * 64 * 16, 64 * 16, nullptr, 0, 64, out.data(), out.size());
+      s.backward(dy.data(), dy.size(), nullptr, 0);
+    };
+    auto all_params = [&] {
+      std::vector<std::vector<float>> p;
+      for (size_t i = 0; i < s.num_parameters(); ++i) {
+        p.emplace_back(static_cast<size_t>(s.parameter_size(i)));
+        s.read_parameter(i, p.back().data(), p.back().size());
+      }
+      return p;
+    };
+    auto write = [&](const char* name, float value) {
+      const size_t i = s.parameter_index(name);
+      s.write_parameter(i,
+                        std::vector<float>(static_cast<size_t>(s.parameter_size(i)), value).data(),
+                        static_cast<uint64_t>(s.parameter_size(i)));
+    };
+    // A step that must be refused: its message, and nothing changed.
+    auto refused = [&] {
+      const auto before = all_params();
+      std::vector<float> bias_before(8), bias_after(8);
+      s.read_bias(1, bias_before.data(), 8);
+      try {
+        s.step();
+        refusals[r].push_back("stepped");
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), Code::InvalidState) << e.what();
+        refusals[r].push_back(e.what());
+      }
+      s.read_bias(1, bias_after.data(), 8);
+      EXPECT_EQ(all_params(), before) << "rank " << r;
+      EXPECT_EQ(bias_after, bias_before) << "rank " << r;
+    };
+
+    // A replicated parameter written on one rank only, then on every rank alike.
+    pass();
+    if (r == 3) write("norm0.weight", 0.5f);
+    refused();
+    write("norm0.weight", 0.5f);
+    s.step();
+
+    // The expert shards: each shard's replicas alike (the shards apart) is fine; a replica that
+    // differs from its shard's first is not.
+    s.zero_grad();
+    pass();
+    write("moe0.w1", 0.01f * static_cast<float>(r % 2 + 1));
+    s.step();
+    s.zero_grad();
+    pass();
+    write("moe0.w1", r == 2 ? 0.07f : 0.03f);
+    refused();
+    if (r == 2) write("moe0.w1", 0.03f);
+    s.step();
+
+    // A gradient written on one rank only; zero_grad discards it.
+    s.zero_grad();
+    pass();
+    if (r == 1) {
+      const size_t i = s.parameter_index("moe1.gate");
+      std::vector<float> g(static_cast<size_t>(s.parameter_size(i)), 1.0f);
+      s.write_gradient(i, g.data(), g.size());
+    }
+    refused();
+    s.zero_grad();
+    pass();
+    s.step();
+
+    // The loss-free bias written on one rank only, then on every rank alike.
+    s.zero_grad();
+    pass();
+    const std::vector<float> bias(8, r == 0 ? 0.25f : 0.0f);
+    s.write_bias(1, bias.data(), bias.size());
+    refused();
+    const std::vector<float> same(8, 0.25f);
+    s.write_bias(1, same.data(), same.size());
+    s.step();
+
+    final_params[r] = all_params();
+    if (r == 0)
+      for (size_t i = 0; i < s.num_parameters(); ++i) names.push_back(s.parameter_name(i));
+    final_bias[r].resize(8);
+    s.read_bias(1, final_bias[r].data(), 8);
+  });
+  const char* kinds[] = {"parameter", "expert shard", "gradient", "bias"};
+  for (int r = 0; r < kWorld; ++r) {
+    ASSERT_EQ(refusals[r].size(), 4u) << "rank " << r;
+    for (size_t k = 0; k < 4; ++k) {
+      const std::string& m = refusals[r][k];
+      const std::string who = k == 0 ? "rank 3 of 4" : k == 1 ? "rank 2 of 4" : "rank 1 of 4";
+      EXPECT_NE(m.find(who), std::string::npos) << kinds[k] << ", rank " << r << ": " << m;
+      EXPECT_NE(m.find(k == 1 ? "into its expert shard" : "wrote other tensors"), std::string::npos)
+          << kinds[k] << ", rank " << r << ": " << m;
+    }
+  }
+  // Replicated tensors bitwise alike on every rank; expert shards on each shard's replicas.
+  for (int r = 1; r < kWorld; ++r) {
+    EXPECT_EQ(final_bias[r], final_bias[0]) << "rank " << r;
+    for (size_t i = 0; i < names.size(); ++i) {
+      const bool expert =
+          names[i].ends_with(".w1") || names[i].ends_with(".w2") || names[i].ends_with(".w3");
+      EXPECT_EQ(final_params[r][i], final_params[expert ? r % 2 : 0][i])
+          << "rank " << r << " parameter " << names[i];
     }
   }
 }

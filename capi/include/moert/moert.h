@@ -848,8 +848,10 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * unchanged, and the step's counts wait for a retry — moert_session_zero_grad() discards them.
  * Refused too (with the failure's code) after a backward of this step failed midway. Among ranks
  * a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks
- * counted different micro-batches since zero_grad or hold different training settings
- * (set_config, bias rate or freeze applied on some ranks only). */
+ * counted different micro-batches since zero_grad, hold different training settings
+ * (set_config, bias rate or freeze applied on some ranks only), or wrote different tensors or
+ * values since the last step (set_parameter, set_gradient or set_expert_bias; see
+ * moert_session_set_parameter()), before anything changes. */
 MOERT_API moert_status* moert_session_step(moert_session* session, double* lr, double* grad_norm);
 
 /* Optimizer steps taken (restored from checkpoints). */
@@ -871,7 +873,15 @@ MOERT_API moert_status* moert_session_num_parameters(const moert_session* sessio
 MOERT_API moert_status* moert_session_parameter_info(const moert_session* session, uint32_t index,
                                                      const char** name, uint64_t* numel);
 
-/* Copies parameter `name` (numel floats, row-major) out or in. Writing refuses NaN or infinity. */
+/* Copies parameter `name` (numel floats, row-major) out or in. Writing refuses NaN or infinity.
+ *
+ * Among ranks (moert_session_options_set_comm()) writes are local, and the ranks must agree on
+ * them: since the last step, every rank writes the same tensors (parameters, gradients, expert
+ * biases), with the same values, except that a routed expert tensor holds each rank's shard and
+ * must only be the same on the replicas of a shard. moert_session_step() compares digests of the
+ * last value written to each tensor and refuses with MOERT_ERR_INVALID_STATE on every rank when
+ * they differ, before changing anything; writing the same values on every rank then lets it go
+ * on (moert_session_zero_grad() discards gradient writes). */
 MOERT_API moert_status* moert_session_get_parameter(const moert_session* session, const char* name,
                                                     float* out, uint64_t len);
 MOERT_API moert_status* moert_session_set_parameter(moert_session* session, const char* name,

@@ -929,8 +929,10 @@ extern "C" {
     #[doc = " unchanged, and the step's counts wait for a retry — moert_session_zero_grad() discards them."]
     #[doc = " Refused too (with the failure's code) after a backward of this step failed midway. Among ranks"]
     #[doc = " a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks"]
-    #[doc = " counted different micro-batches since zero_grad or hold different training settings"]
-    #[doc = " (set_config, bias rate or freeze applied on some ranks only)."]
+    #[doc = " counted different micro-batches since zero_grad, hold different training settings"]
+    #[doc = " (set_config, bias rate or freeze applied on some ranks only), or wrote different tensors or"]
+    #[doc = " values since the last step (set_parameter, set_gradient or set_expert_bias; see"]
+    #[doc = " moert_session_set_parameter()), before anything changes."]
     pub fn moert_session_step(
         session: *mut moert_session,
         lr: *mut f64,
@@ -976,6 +978,14 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Copies parameter `name` (numel floats, row-major) out or in. Writing refuses NaN or infinity."]
+    #[doc = ""]
+    #[doc = " Among ranks (moert_session_options_set_comm()) writes are local, and the ranks must agree on"]
+    #[doc = " them: since the last step, every rank writes the same tensors (parameters, gradients, expert"]
+    #[doc = " biases), with the same values, except that a routed expert tensor holds each rank's shard and"]
+    #[doc = " must only be the same on the replicas of a shard. moert_session_step() compares digests of the"]
+    #[doc = " last value written to each tensor and refuses with MOERT_ERR_INVALID_STATE on every rank when"]
+    #[doc = " they differ, before changing anything; writing the same values on every rank then lets it go"]
+    #[doc = " on (moert_session_zero_grad() discards gradient writes)."]
     pub fn moert_session_get_parameter(
         session: *const moert_session,
         name: *const ::std::os::raw::c_char,

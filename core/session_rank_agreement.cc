@@ -1,0 +1,103 @@
+// Among ranks, what must be the same on every rank before a step changes the replicas: the
+// micro-batches counted, the training settings, and the tensors written directly. Each of these
+// is local to a rank (zero_grad, set_config, set_parameter, ...), and a rank that differed would
+// move its replicated parameters away from the others' for good; the checkpoint's save would
+// only find out later.
+#include <bit>
+#include <tuple>
+#include <type_traits>
+
+#include "core/session.h"
+
+namespace moert {
+
+// A field added to TrainingConfig must join fields() too (the ranks' settings digest): the
+// listed fields, each padded to 8 bytes, must fill the struct.
+template <typename... T>
+constexpr size_t padded_size(std::tuple<T...>*) {
+  return (((sizeof(std::remove_cvref_t<T>) + 7) / 8 * 8) + ...);
+}
+static_assert(
+    sizeof(TrainingConfig) ==
+        padded_size(
+            static_cast<decltype(std::declval<const TrainingConfig&>().fields())*>(nullptr)),
+    "TrainingConfig has a field that TrainingConfig::fields() does not list");
+
+void Session::note_written(Written what, size_t index, const float* in, uint64_t len) {
+  if (!par_) return;
+  ContentHasher h;
+  h.floats({in, static_cast<size_t>(len)});
+  written_[{what, index}] = h.digest();
+}
+
+void Session::check_ranks_agree_to_step() {
+  ContentHasher settings;
+  std::apply(
+      [&settings](const auto&... field) {
+        auto add = [&settings](const auto& v) {
+          using T = std::decay_t<decltype(v)>;
+          if constexpr (std::is_same_v<T, std::string>)
+            settings.str(v);
+          else if constexpr (std::is_same_v<T, double>)
+            settings.u64(std::bit_cast<uint64_t>(v));
+          else
+            settings.u64(static_cast<uint64_t>(v));
+        };
+        (add(field), ...);
+      },
+      options_.training.fields());
+  settings.u8(options_.global_aux);
+  for (const Balance& b : balance_) {
+    settings.f32(b.gamma);
+    settings.u8(b.frozen);
+  }
+  // Which tensors were written goes with the replicated state (every rank holds every slot and
+  // layer); what an expert shard's tensor was given, with that shard's.
+  ContentHasher replicated, shard;
+  for (const auto& [key, digest] : written_) {
+    const auto [what, index] = key;
+    const bool expert = what != Written::Bias && expert_count(slots_[index]) > 0;
+    replicated.u8(static_cast<uint8_t>(what));
+    replicated.u64(index);
+    (expert ? shard : replicated).u64(digest);
+  }
+  enum { kMicroBatches, kSettings, kReplicated, kShard, kWords };
+  std::array<uint64_t, kWords> mine{};
+  mine[kMicroBatches] = micro_batches_;
+  mine[kSettings] = settings.digest();
+  mine[kReplicated] = replicated.digest();
+  mine[kShard] = shard.digest();
+  const int size = par_->size();
+  std::vector<std::array<uint64_t, kWords>> all(static_cast<size_t>(size));
+  par_->host().all_gather(mine.data(), sizeof(mine), all.data());
+  // Every rank reads the same words in the same order, so every rank refuses alike.
+  for (int r = 1; r < size; ++r) {
+    const auto& a = all[static_cast<size_t>(r)];
+    if (a[kMicroBatches] != all[0][kMicroBatches])
+      fail(Code::InvalidState, "rank ", r, " of ", size, " accumulated ", a[kMicroBatches],
+           " micro-batches since its zero_grad and rank 0 ", all[0][kMicroBatches],
+           ": every rank calls zero_grad, its backwards and step together");
+    if (a[kSettings] != all[0][kSettings])
+      fail(Code::InvalidState, "rank ", r, " of ", size,
+           " has other training settings than rank 0 (set_config, set_bias_update_rate or "
+           "set_bias_frozen called on some ranks only): every rank makes the same calls");
+    if (a[kReplicated] != all[0][kReplicated])
+      fail(Code::InvalidState, "rank ", r, " of ", size,
+           " wrote other tensors since the last step than rank 0, or other values into a "
+           "replicated one (set_parameter, set_gradient or set_expert_bias called on some ranks "
+           "only, or with other values): every rank writes the same tensors, with the same "
+           "values but in its own expert shard");
+    const int first = r % par_->ep();  // the first replica of rank r's expert shard
+    if (first != r && a[kShard] != all[static_cast<size_t>(first)][kShard])
+      fail(Code::InvalidState, "rank ", r, " of ", size,
+           " wrote other values into its expert "
+           "shard since the last step than rank ",
+           first,
+           ", another replica of the same shard "
+           "(set_parameter or set_gradient on a routed expert tensor): write the same values on "
+           "every replica of a shard");
+  }
+  written_.clear();
+}
+
+}  // namespace moert
