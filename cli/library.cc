@@ -43,6 +43,7 @@ Job& Job::operator=(Job&& o) noexcept {
     rank = o.rank;
     size = o.size;
     expert_parallel = o.expert_parallel;
+    gpu = o.gpu;
   }
   return *this;
 }
@@ -70,7 +71,7 @@ bool all_ok(const Job& job, bool ok) {
 
 void join_nccl(Job& job) {
   const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-  const int32_t gpu = local ? std::atoi(local) : 0;
+  const int32_t gpu = job.gpu = local ? std::atoi(local) : 0;
   // Rank 0's id, byte by byte as doubles (exact), summed with the others' zeros.
   std::vector<double> shipped(MOERT_NCCL_UNIQUE_ID_BYTES, 0.0);
   std::string why;
@@ -134,7 +135,9 @@ SessionPtr create_session(const moert_model* model, const SessionConfig& config)
   moert_session_options* raw = nullptr;
   check(moert_session_options_create(&raw), "session options");
   OptionsPtr options(raw);
-  check(moert_session_options_set_device(options.get(), config.device, 0), "device");
+  // Under mpirun a CUDA session computes on the GPU its rank's NCCL communicator is on.
+  const int32_t index = config.job && config.device == MOERT_DEVICE_CUDA ? config.job->gpu : 0;
+  check(moert_session_options_set_device(options.get(), config.device, index), "device");
   check(moert_session_options_set_threads(options.get(), config.threads), "threads");
   check(moert_session_options_set_seed(options.get(), config.seed), "seed");
   check(moert_session_options_set_mode(

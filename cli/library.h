@@ -39,6 +39,7 @@ struct Job {
   // NCCL over the same ranks, for CUDA sessions (--device cuda): one GPU per rank.
   moert_comm* device_comm = nullptr;
   int32_t rank = 0, size = 1, expert_parallel = 1;
+  int32_t gpu = 0;  // this rank's CUDA device (its local rank): device_comm's and its sessions'
 
   Job() = default;
   Job(const Job&) = delete;

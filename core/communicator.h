@@ -67,6 +67,10 @@ class Communicator {
   virtual int32_t rank() const = 0;
   virtual int32_t size() const = 0;
   virtual CommMemory memory() const = 0;
+  // Device communicators: the CUDA device whose memory the operations move (NCCL: the device it
+  // was created on), which a session using it must compute on. -1 for host communicators, or
+  // where the implementation does not know.
+  virtual int32_t device() const { return -1; }
 
   // Seconds every wait (and split) waits before it gives up; > 0 and finite. Local: each rank
   // sets its own. New communicators start with kDefaultCommTimeoutSeconds unless created with

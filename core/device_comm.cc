@@ -20,6 +20,7 @@ class Forwarding : public Communicator {
   int32_t rank() const override { return inner_->rank(); }
   int32_t size() const override { return inner_->size(); }
   CommMemory memory() const override { return inner_->memory(); }
+  int32_t device() const override { return inner_->device(); }
   void set_timeout(double seconds) override { inner_->set_timeout(seconds); }
   double timeout() const override { return inner_->timeout(); }
   bool broken() const override { return inner_->broken(); }
@@ -133,6 +134,7 @@ class HostView final : public Forwarding {
       : Forwarding(std::move(inner)), be_(be) {}
 
   CommMemory memory() const override { return CommMemory::Host; }
+  int32_t device() const override { return -1; }
 
   Request start_all_reduce_sum(void* data, int64_t count, ReduceType type) override {
     try {

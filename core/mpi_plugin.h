@@ -12,7 +12,8 @@
 
 namespace moert {
 class Communicator;
-inline constexpr uint32_t kMpiPluginAbi = 1;
+// 2: Communicator::device.
+inline constexpr uint32_t kMpiPluginAbi = 2;
 }  // namespace moert
 
 #define MOERT_DEFINE_MPI_PLUGIN_IDENTITY()                                                       \

@@ -292,6 +292,11 @@ void Session::check_parallel() const {
     fail(Code::InvalidArgument, "a ", c.kind(), " communicator moves ",
          c.memory() == CommMemory::Host ? "host" : "device", " memory, which a ",
          options_.device == Device::Cpu ? "CPU" : "CUDA", " session does not compute in");
+  // NCCL would be handed this session's buffers and stream while its kernels run on another GPU.
+  if (want == CommMemory::Device && c.device() >= 0 && c.device() != options_.device_index)
+    fail(Code::InvalidArgument, "the ", c.kind(), " communicator of rank ", c.rank(),
+         " is on CUDA device ", c.device(), " but the session on device ", options_.device_index,
+         ": create both on the same device");
   for (size_t i = 0; i < model_->layers.size(); ++i) {
     const auto* m = std::get_if<MoESpec>(&model_->layers[i].spec);
     if (!m) continue;

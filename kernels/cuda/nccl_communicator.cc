@@ -237,6 +237,7 @@ class NcclCommunicator final : public Communicator {
   int32_t rank() const override { return s_->rank; }
   int32_t size() const override { return s_->size; }
   CommMemory memory() const override { return CommMemory::Device; }
+  int32_t device() const override { return s_->device; }
   void set_timeout(double seconds) override { s_->health.set_timeout(seconds); }
   double timeout() const override { return s_->health.timeout(); }
   bool broken() const override { return s_->health.broken(); }

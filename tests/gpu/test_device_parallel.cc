@@ -335,6 +335,32 @@ TEST(DeviceParallel, CommunicatorMemoryMustMatchTheDevice) {
               std::string::npos)
         << e.what();
   }
+  // A device communicator on another GPU than the session's (NCCL on GPU 1, session on GPU 0):
+  // refused on every rank; on the session's own GPU, accepted.
+  auto other = testing::make_inprocess_communicators(2, 60.0, CommMemory::Device, 1);
+  std::vector<std::string> elsewhere(2);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 2; ++r)
+    ranks.emplace_back([&, r] {
+      SessionOptions d = device_options(Mode::Training);
+      d.set_comm(std::shared_ptr<Communicator>(std::move(other[r])), 1);
+      try {
+        Session s(model, d);
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), Code::InvalidArgument);
+        elsewhere[r] = e.what();
+      }
+    });
+  for (auto& t : ranks) t.join();
+  for (int r = 0; r < 2; ++r)
+    EXPECT_NE(elsewhere[r].find("communicator of rank " + std::to_string(r) +
+                                " is on CUDA device 1 but the session on device 0"),
+              std::string::npos)
+        << elsewhere[r];
+  auto same = testing::make_inprocess_communicators(1, 60.0, CommMemory::Device, 0);
+  SessionOptions d = device_options(Mode::Training);
+  d.set_comm(std::shared_ptr<Communicator>(std::move(same[0])), 1);
+  Session s(model, d);
 }
 
 }  // namespace

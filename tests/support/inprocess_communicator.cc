@@ -230,13 +230,15 @@ class InProcessRequest final : public CommRequest {
 
 class InProcessCommunicator final : public Communicator {
  public:
-  InProcessCommunicator(std::shared_ptr<Group> g, int32_t rank, double timeout, CommMemory memory)
-      : g_(std::move(g)), rank_(rank), timeout_(timeout), memory_(memory) {}
+  InProcessCommunicator(std::shared_ptr<Group> g, int32_t rank, double timeout, CommMemory memory,
+                        int32_t device)
+      : g_(std::move(g)), rank_(rank), timeout_(timeout), memory_(memory), device_(device) {}
 
   const char* kind() const override { return "in-process"; }
   int32_t rank() const override { return rank_; }
   int32_t size() const override { return g_->size; }
   CommMemory memory() const override { return memory_; }
+  int32_t device() const override { return device_; }
   void set_timeout(double seconds) override {
     comm::check_timeout(seconds);
     timeout_ = seconds;
@@ -314,7 +316,8 @@ class InProcessCommunicator final : public Communicator {
     r->wait();
     const auto& child = static_cast<InProcessRequest&>(*r).slot().children[rank_];
     if (!child.first) return nullptr;
-    return std::make_unique<InProcessCommunicator>(child.first, child.second, timeout_, memory_);
+    return std::make_unique<InProcessCommunicator>(child.first, child.second, timeout_, memory_,
+                                                   device_);
   }
 
  private:
@@ -356,6 +359,7 @@ class InProcessCommunicator final : public Communicator {
   const int32_t rank_;
   double timeout_;
   const CommMemory memory_;
+  const int32_t device_;
   uint64_t next_seq_ = 0;
 };
 
@@ -363,13 +367,14 @@ class InProcessCommunicator final : public Communicator {
 
 std::vector<std::unique_ptr<Communicator>> make_inprocess_communicators(int32_t size,
                                                                         double timeout,
-                                                                        CommMemory memory) {
+                                                                        CommMemory memory,
+                                                                        int32_t device) {
   if (size < 1) fail(Code::InvalidArgument, "an in-process group needs size >= 1, got ", size);
   comm::check_timeout(timeout);
   auto g = std::make_shared<Group>(size);
   std::vector<std::unique_ptr<Communicator>> ranks;
   for (int32_t r = 0; r < size; ++r)
-    ranks.push_back(std::make_unique<InProcessCommunicator>(g, r, timeout, memory));
+    ranks.push_back(std::make_unique<InProcessCommunicator>(g, r, timeout, memory, device));
   return ranks;
 }
 

@@ -19,9 +19,10 @@ namespace moert::testing {
 // The `size` ranks of one group; ranks()[r] has rank r. Each is used by one thread at a time.
 // `memory` is what they say they move: CommMemory::Device stands in for NCCL in tests of device
 // sessions over the simulated device (tests/support/devsim_plugin.cc), whose "device" memory is
-// host memory that the threads can copy.
+// host memory that the threads can copy; `device` is the device they say they are on there (-1:
+// not said).
 std::vector<std::unique_ptr<Communicator>> make_inprocess_communicators(
-    int32_t size, double timeout = kDefaultCommTimeoutSeconds,
-    CommMemory memory = CommMemory::Host);
+    int32_t size, double timeout = kDefaultCommTimeoutSeconds, CommMemory memory = CommMemory::Host,
+    int32_t device = -1);
 
 }  // namespace moert::testing
