@@ -499,6 +499,12 @@ static void moert_jni_batcher_done(void* user_data, moert_status* status, const 
 %}
 
 %typemap(in, numinputs = 0) moert_batcher_callback done %{ $1 = moert_jni_batcher_done; %}
+/* user_data's typemap below could not make its reference and left an OutOfMemoryError pending:
+ * the library is then called without a callback, which it refuses without queuing anything, so
+ * that the arguments converted before it (a pinned array) are still released after the call. */
+%typemap(check) moert_batcher_callback done %{
+  if ((*jenv)->ExceptionCheck(jenv)) $1 = NULL;
+%}
 
 %typemap(jni) void* user_data "jobject"
 %typemap(jtype) void* user_data "Object"
@@ -511,15 +517,18 @@ static void moert_jni_batcher_done(void* user_data, moert_status* status, const 
     if (!__atomic_load_n(&moert_jni_vm, __ATOMIC_ACQUIRE) && (*jenv)->GetJavaVM(jenv, &vm) == 0)
       __atomic_store_n(&moert_jni_vm, vm, __ATOMIC_RELEASE);
     $1 = (*jenv)->NewGlobalRef(jenv, $input);
-    if (!$1) {
-      moert_jni_throw(jenv, "java/lang/OutOfMemoryError", "moert: a request's reference");
-      return $null;
-    }
+    /* No return here: see the check typemap of `done`. */
+    if (!$1) moert_jni_throw(jenv, "java/lang/OutOfMemoryError", "moert: a request's reference");
   }
 %}
-/* The library returned an error: `done` will never run, so the reference goes now. */
+/* The library returned an error: `done` will never run, so the reference goes now. With the
+ * OutOfMemoryError pending, Java never sees the returned status: it goes too. */
 %typemap(argout) void* user_data %{
   if (result && $1) (*jenv)->DeleteGlobalRef(jenv, (jobject)$1);
+  if (result && (*jenv)->ExceptionCheck(jenv)) {
+    moert_status_free(result);
+    $result = 0;
+  }
 %}
 
 /* String helpers the typemaps above call. */
