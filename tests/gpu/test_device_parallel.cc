@@ -301,25 +301,32 @@ TEST(DeviceParallel, CheckpointOfTwoRanksResumesOnOne) {
   EXPECT_EQ(resumed.bias, straight.bias);
 }
 
-TEST(DeviceParallel, CommunicatorMemoryMustMatchTheDevice) {
-  std::mt19937 rng(89);
-  const auto model = test::moe_model(rng);
-  // A host communicator of several ranks on a device session.
-  auto host2 = testing::make_inprocess_communicators(2, 60.0, CommMemory::Host);
-  std::vector<std::string> errors(2);
+// Device sessions created at once over `comms`, one per rank: each rank's refusal ("" if none).
+std::vector<std::string> device_sessions_refused(const std::shared_ptr<const Model>& model,
+                                                 std::vector<std::unique_ptr<Communicator>> comms) {
+  std::vector<std::string> errors(comms.size());
   std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r)
+  for (size_t r = 0; r < comms.size(); ++r)
     threads.emplace_back([&, r] {
       SessionOptions d = device_options(Mode::Training);
-      d.set_comm(std::shared_ptr<Communicator>(std::move(host2[r])), 1);
+      d.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), 1);
       try {
         Session s(model, d);
       } catch (const Error& e) {
+        EXPECT_EQ(e.code(), Code::InvalidArgument) << e.what();
         errors[r] = e.what();
       }
     });
   for (auto& t : threads) t.join();
-  for (const auto& e : errors)
+  return errors;
+}
+
+TEST(DeviceParallel, CommunicatorMemoryMustMatchTheDevice) {
+  std::mt19937 rng(89);
+  const auto model = test::moe_model(rng);
+  // A host communicator of several ranks on a device session.
+  for (const auto& e : device_sessions_refused(
+           model, testing::make_inprocess_communicators(2, 60.0, CommMemory::Host)))
     EXPECT_NE(e.find("moves host memory, which a CUDA session does not compute in"),
               std::string::npos)
         << e;
@@ -337,30 +344,16 @@ TEST(DeviceParallel, CommunicatorMemoryMustMatchTheDevice) {
   }
   // A device communicator on another GPU than the session's (NCCL on GPU 1, session on GPU 0):
   // refused on every rank; on the session's own GPU, accepted.
-  auto other = testing::make_inprocess_communicators(2, 60.0, CommMemory::Device, 1);
-  std::vector<std::string> elsewhere(2);
-  std::vector<std::thread> ranks;
-  for (int r = 0; r < 2; ++r)
-    ranks.emplace_back([&, r] {
-      SessionOptions d = device_options(Mode::Training);
-      d.set_comm(std::shared_ptr<Communicator>(std::move(other[r])), 1);
-      try {
-        Session s(model, d);
-      } catch (const Error& e) {
-        EXPECT_EQ(e.code(), Code::InvalidArgument);
-        elsewhere[r] = e.what();
-      }
-    });
-  for (auto& t : ranks) t.join();
+  const auto elsewhere = device_sessions_refused(
+      model, testing::make_inprocess_communicators(2, 60.0, CommMemory::Device, 1));
   for (int r = 0; r < 2; ++r)
     EXPECT_NE(elsewhere[r].find("communicator of rank " + std::to_string(r) +
                                 " is on CUDA device 1 but the session on device 0"),
               std::string::npos)
         << elsewhere[r];
-  auto same = testing::make_inprocess_communicators(1, 60.0, CommMemory::Device, 0);
-  SessionOptions d = device_options(Mode::Training);
-  d.set_comm(std::shared_ptr<Communicator>(std::move(same[0])), 1);
-  Session s(model, d);
+  EXPECT_EQ(device_sessions_refused(
+                model, testing::make_inprocess_communicators(1, 60.0, CommMemory::Device, 0)),
+            std::vector<std::string>{""});
 }
 
 }  // namespace
