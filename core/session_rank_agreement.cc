@@ -90,12 +90,9 @@ void Session::check_ranks_agree_to_step() {
     const int first = r % par_->ep();  // the first replica of rank r's expert shard
     if (first != r && a[kShard] != all[static_cast<size_t>(first)][kShard])
       fail(Code::InvalidState, "rank ", r, " of ", size,
-           " wrote other values into its expert "
-           "shard since the last step than rank ",
-           first,
-           ", another replica of the same shard "
-           "(set_parameter or set_gradient on a routed expert tensor): write the same values on "
-           "every replica of a shard");
+           " wrote other values into its expert shard since the last step than rank ", first,
+           ", another replica of the same shard (set_parameter or set_gradient on a routed "
+           "expert tensor): write the same values on every replica of a shard");
   }
   written_.clear();
 }
