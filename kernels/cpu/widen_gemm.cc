@@ -7,10 +7,10 @@
 // nt: c[i, j] = dot(a row i, w row j): both rows run along k, so the weight is read as stored.
 //   Blocks of 3 rows of a by 4 rows of w keep 12 accumulators of 8 lanes. The weight is taken in
 //   strips of rows that fit kStripBytes (L2) while every row of a passes over them. k is cut
-//   into blocks of kKBlock only when four whole weight rows would not fit: otherwise each weight
-//   row streams from memory in one piece: at d = 7168, decode steps of 1, 8 and 64 rows ran
-//   10-30 % faster than with 2 KiB pieces (moert bench --decode). Each block's 8 lanes are added
-//   in a fixed order at its end.
+//   into blocks of kKBlock only when eight whole weight rows (the smallest strip) would not fit:
+//   otherwise each weight row streams from memory in one piece: at d = 7168, decode steps of 1, 8
+//   and 64 rows ran 10-30 % faster than with 2 KiB pieces (moert bench --decode). Each block's 8
+//   lanes are added in a fixed order at its end.
 // nn: c[i, j] = sum_k a[i, k] w[k, j]: w's rows run along j, so each k broadcasts a[i, k] against
 //   16 widened weights (two vectors); blocks of 6 rows of a by 16 columns, k cut into blocks of
 //   kKBlock so that the 16-column strip of w stays in L1.
@@ -93,7 +93,7 @@ MOERT_AVX2 void nt_rows(const float* a, int64_t lda, const uint16_t* w, int64_t 
 MOERT_AVX2 void nt_avx2(const float* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,
                         int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate) {
   // Depends on k only: the bits never depend on the caller's row or thread split.
-  const int64_t kb = 4 * k * 2 <= kStripBytes ? std::max<int64_t>(k, 1) : kKBlock;
+  const int64_t kb = 8 * k * 2 <= kStripBytes ? std::max<int64_t>(k, 1) : kKBlock;
   const int64_t strip = std::clamp<int64_t>(kStripBytes / (kb * 2) / 8 * 8, 8, 64);
   for (int64_t k0 = 0; k0 < k || k0 == 0; k0 += kb) {
     const int64_t k1 = std::min(k, k0 + kb);

@@ -202,7 +202,12 @@ TEST(CheckpointKill, SigkillAtAnyPointOfASaveLeavesTheOldOrTheNewCheckpointWhole
     const int i = kills;
     if (i >= kKills) {
       if (old_found > 0 && new_found > 0 && mid_write > 0) break;
-      latest *= new_found == 0 ? 1.25 : 0.8;
+      // Later kills for no new checkpoint, earlier for no old one; a kill amid the writing lies
+      // between, so a missing partly written file alone moves nothing.
+      if (new_found == 0)
+        latest = std::min(latest * 1.25, 4.0 * save_seconds);
+      else if (old_found == 0)
+        latest = std::max(latest * 0.8, 0.25 * save_seconds);
     }
     const int target = 1 - holds;
     Saver s = spawn_saver(path, kSteps[target]);
