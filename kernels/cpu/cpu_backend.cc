@@ -68,8 +68,8 @@ void CpuBackend::zero(void* dst, size_t bytes) {
 void CpuBackend::to_bf16(const float* src, uint16_t* dst, int64_t n) {
   constexpr int64_t kBlock = int64_t{1} << 16;
   pool_.parallel_for(blocks(n, kBlock), [&](int64_t b, unsigned) {
-    for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i)
-      dst[i] = cpu::to_bf16(src[i]);
+    const int64_t i = b * kBlock, m = std::min(kBlock, n - i);
+    round_to_bf16(src + i, m, 1, m, dst + i, m, false, false);
   });
 }
 

@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/math.h"
 #include "kernels/cpu/signal_guard.h"
 #include "kernels/cpu/widen_gemm.h"
 
@@ -158,28 +159,7 @@ Bf16Kernels Bf16Gemm::default_kernels() {
 
 void Bf16Gemm::prepare(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out,
                        int64_t ldo, bool transpose) const {
-  // Transposed in 8 x 8 tiles, so that both sides are read and written a cache line at a time.
-  constexpr int64_t kTile = 8;
-  auto each = [&](auto store) {
-    if (!transpose) {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) store(r * ldo + c, x[r * ldx + c]);
-      return;
-    }
-    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-        const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) store(c * ldo + r, x[r * ldx + c]);
-      }
-  };
-  if (kernels_ == Bf16Kernels::Dnnl) {
-    auto* o = static_cast<uint16_t*>(out);
-    each([o](int64_t i, float v) { o[i] = to_bf16(v); });
-  } else {
-    auto* o = static_cast<float*>(out);
-    each([o](int64_t i, float v) { o[i] = round_bf16(v); });
-  }
+  round_to_bf16(x, ldx, rows, cols, out, ldo, transpose, kernels_ == Bf16Kernels::Widen);
 }
 
 const float* Bf16Gemm::widened(const void* a, int64_t lda, int64_t m, int64_t k, unsigned worker) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "kernels/cpu/bf16.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/isa.h"
 
@@ -210,6 +211,62 @@ MOERT_AVX2 void transpose_avx2(const float* x, int64_t ldx, int64_t rows, int64_
     for (int64_t c = (r < r8 ? c8 : 0); c < cols; ++c) out[c * ldo + r] = x[r * ldx + c];
 }
 
+// Rounds 8 floats to bf16 as bf16.h's to_bf16 does, the code in the upper 16 bits of each lane.
+MOERT_AVX2 inline __m256i bf16_bits8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
+  return _mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+}
+
+// Stores 8 rounded lanes at out: 8 codes (16 bytes) or 8 widened floats.
+MOERT_AVX2 inline void store_bf16_8(__m256 v, void* out, bool widened) {
+  const __m256i b = bf16_bits8(v);
+  if (widened) {
+    _mm256_storeu_si256(static_cast<__m256i*>(out),
+                        _mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return;
+  }
+  const __m256i codes = _mm256_srli_epi32(b, 16);  // <= 0xFFFF: the pack does not saturate
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(codes, codes), 0x08);
+  _mm_storeu_si128(static_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+
+MOERT_AVX2 void round_to_bf16_avx2(const float* x, int64_t ldx, int64_t rows, int64_t cols,
+                                   void* out, int64_t ldo, bool transposed, bool widened) {
+  const size_t es = widened ? 4 : 2;
+  auto* o = static_cast<unsigned char*>(out);
+  auto at = [&](int64_t i) { return o + static_cast<size_t>(i) * es; };
+  auto scalar = [&](int64_t i, float v) {
+    const uint16_t code = to_bf16(v);
+    if (widened)
+      *reinterpret_cast<float*>(at(i)) = from_bf16(code);
+    else
+      *reinterpret_cast<uint16_t*>(at(i)) = code;
+  };
+  if (!transposed) {
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t c = 0;
+      for (; c + 8 <= cols; c += 8)
+        store_bf16_8(_mm256_loadu_ps(x + r * ldx + c), at(r * ldo + c), widened);
+      for (; c < cols; ++c) scalar(r * ldo + c, x[r * ldx + c]);
+    }
+    return;
+  }
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  alignas(32) float tile[64];
+  for (int64_t c = 0; c < c8; c += 8)
+    for (int64_t r = 0; r < r8; r += 8) {
+      transpose8(x + r * ldx + c, ldx, tile, 8);
+      for (int i = 0; i < 8; ++i)
+        store_bf16_8(_mm256_load_ps(tile + 8 * i), at((c + i) * ldo + r), widened);
+    }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = (r < r8 ? c8 : 0); c < cols; ++c) scalar(c * ldo + r, x[r * ldx + c]);
+}
+
 }  // namespace
 
 void matmul_nt(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
@@ -268,6 +325,20 @@ void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* o
   if (use_avx2()) return transpose_avx2(x, ldx, rows, cols, out, ldo);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) out[c * ldo + r] = x[r * ldx + c];
+}
+
+void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
+                   bool transposed, bool widened) {
+  if (use_avx2()) return round_to_bf16_avx2(x, ldx, rows, cols, out, ldo, transposed, widened);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t i = transposed ? c * ldo + r : r * ldo + c;
+      const uint16_t code = to_bf16(x[r * ldx + c]);
+      if (widened)
+        static_cast<float*>(out)[i] = from_bf16(code);
+      else
+        static_cast<uint16_t*>(out)[i] = code;
+    }
 }
 
 void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,

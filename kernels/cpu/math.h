@@ -44,6 +44,13 @@ double scale_and_dot(float* out, float a, const float* x, const float* z, int64_
 // out[c * ldo + r] = x[r * ldx + c] for r < rows, c < cols.
 void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* out, int64_t ldo);
 
+// out = x [rows, cols] rounded to bf16 as bf16.h's to_bf16 rounds (to nearest even, NaN kept a
+// quiet NaN): out[r * ldo + c], or out[c * ldo + r] when transposed. The elements of out are bf16
+// codes (uint16_t), or with `widened` the fp32 values the codes stand for (bit-identical either
+// way to the scalar conversion, on every ISA).
+void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
+                   bool transposed, bool widened);
+
 // y = x / sqrt(mean(x^2) + eps) * w for each of `rows` rows of width dim; inv_rms (optional)
 // receives 1 / sqrt(mean(x^2) + eps) per row.
 void rmsnorm(const float* x, const float* w, float* y, float* inv_rms, int64_t rows, int64_t dim,

@@ -2,6 +2,7 @@
 // and sessions of precision bf16 stay within bf16 bounds of fp32; the precision option.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/math.h"
 #include "tests/unit/random_tensor.h"
 #include "tests/unit/session_model.h"
 
@@ -50,6 +52,50 @@ std::vector<uint16_t> bf16_of(const Vec& v) {
   std::vector<uint16_t> b(v.size());
   for (size_t i = 0; i < v.size(); ++i) b[i] = cpu::to_bf16(v[i]);
   return b;
+}
+
+// The vector conversion gives the scalar to_bf16's bits for every kind of value (ties both ways,
+// values that round up to infinity, subnormals, infinities, NaNs of either sign and payload) and
+// every layout: rows or transposed, codes or widened, with block tails on both sides.
+TEST(Bf16Convert, VectorRoundingMatchesTheScalarRule) {
+  std::mt19937 rng(3);
+  std::vector<uint32_t> special = {0x00000000u, 0x80000000u, 0x3F808000u, 0x3F818000u, 0x3F807FFFu,
+                                   0x7F7FFFFFu, 0xFF7F8000u, 0x00000001u, 0x80008000u, 0x7F800000u,
+                                   0xFF800000u, 0x7FC00000u, 0xFF800001u, 0x7F800001u, 0x7FBFFFFFu};
+  for (int64_t rows : {1, 7, 8, 19})
+    for (int64_t cols : {1, 8, 13, 24}) {
+      const int64_t ldx = cols + 3;  // a row stride wider than the row
+      std::vector<float> x(static_cast<size_t>(rows * ldx));
+      for (size_t i = 0; i < x.size(); ++i) {
+        const uint32_t u = i < special.size() ? special[i] : static_cast<uint32_t>(rng());
+        std::memcpy(&x[i], &u, 4);
+      }
+      std::shuffle(x.begin(), x.end(), rng);
+      for (bool transposed : {false, true})
+        for (bool widened : {false, true}) {
+          const int64_t ldo = (transposed ? rows : cols) + 1;
+          const int64_t n_out = (transposed ? cols : rows) * ldo;
+          std::vector<uint32_t> out(static_cast<size_t>(n_out), 0xDEADBEEFu);
+          cpu::round_to_bf16(x.data(), ldx, rows, cols, out.data(), ldo, transposed, widened);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c) {
+              const uint16_t want = cpu::to_bf16(x[static_cast<size_t>(r * ldx + c)]);
+              const int64_t at = transposed ? c * ldo + r : r * ldo + c;
+              uint32_t got;
+              if (widened) {
+                got = out[static_cast<size_t>(at)] >> 16;
+                ASSERT_EQ(out[static_cast<size_t>(at)] & 0xFFFFu, 0u);
+              } else {
+                uint16_t code;
+                std::memcpy(&code, reinterpret_cast<const uint16_t*>(out.data()) + at, 2);
+                got = code;
+              }
+              ASSERT_EQ(got, want)
+                  << "rows " << rows << " cols " << cols << " at " << r << "," << c
+                  << (transposed ? " transposed" : "") << (widened ? " widened" : "");
+            }
+        }
+    }
 }
 
 struct Shape {
