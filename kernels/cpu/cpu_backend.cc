@@ -45,7 +45,8 @@ CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8)
       pool_(threads),
       bf16_gemm_(pool_.size(), Bf16Gemm::default_kernels()),
       reducer_(pool_),
-      scratch_(pool_.size()) {}
+      scratch_(pool_.size()),
+      direct_below_(avx512_gemms() ? INT64_MAX : kDirectBelow) {}
 
 // ---- Memory
 

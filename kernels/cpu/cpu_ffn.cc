@@ -7,7 +7,8 @@
 // over one chunk is an "nt" GEMM (both operands read along the chunk's rows), and fp32 Dgrad
 // multiplies by weights transposed once per call: oneDNN's sgemm runs nt at 85-91 GFLOP/s on this
 // project's AVX2 machine against 58-66 for tn and nn at these shapes. Smaller weights read the
-// row-major operands directly (tn, nn), where the transposes would cost more than they save.
+// row-major operands directly (tn, nn), where the transposes would cost more than they save, and
+// so do all weights where oneDNN runs AVX-512 kernels, whose nn and tn are as fast as nt.
 // FFNs whose three weights carry FP8 copies multiply in FP8 (cpu_ffn_fp8.cc): the forward decides
 // segment by segment, the backward when every segment of the call carries them.
 #include <algorithm>
@@ -60,7 +61,7 @@ void CpuBackend::linear_backward(const float* x, Weight weight, const float* dy,
   const float* w = f32_of(weight);
   const int64_t J = reduce_chunks(rows);
   // As ffn_backward's modes: small weights read their row-major operands directly.
-  const bool direct = out * in < kDirectBelow;
+  const bool direct = out * in < direct_below_;
   if (!direct) {
     t_lin_dy_.resize(*this, static_cast<size_t>(rows * out) * sizeof(float));
     t_lin_x_.resize(*this, static_cast<size_t>(rows * in) * sizeof(float));
@@ -259,18 +260,18 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
   }
   const int64_t per = hidden * dim;
   // How the GEMMs read their operands:
-  //  Direct (small fp32 weights): Dgrad nn against the weights as stored, Wgrad tn on the
-  //    row-major operands (a, dh1, dh3 are kept row-major for it).
+  //  Direct (small fp32 weights; all of them on AVX-512): Dgrad nn against the weights as
+  //    stored, Wgrad tn on the row-major operands (a, dh1, dh3 are kept row-major for it).
   //  Transposed (larger fp32 weights): Dgrad nt against the weights transposed once per call,
   //    Wgrad nt on the operands written chunk by chunk transposed.
   //  Bf16: Dgrad through Bf16Gemm (bf16 weights as stored), Wgrad nt on operands prepared
   //    transposed.
   //  Fp8: Dgrad and Wgrad on block-scaled E4M3 codes (cpu_ffn_fp8.cc), the Wgrad operands kept
   //    row-major as codes, 1 byte each.
-  const Mode mode = fp8                  ? Mode::Fp8
-                    : bf16               ? Mode::Bf16
-                    : per < kDirectBelow ? Mode::Direct
-                                         : Mode::Transposed;
+  const Mode mode = fp8                   ? Mode::Fp8
+                    : bf16                ? Mode::Bf16
+                    : per < direct_below_ ? Mode::Direct
+                                          : Mode::Transposed;
   const size_t es = fp8 ? 1 : bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
   if (mode != Mode::Direct)
     for (auto* t : {&t_x_, &t_dy_}) t->resize(*this, static_cast<size_t>(end * dim) * es);

@@ -18,6 +18,11 @@ bool use_avx2() {
   return yes;
 }
 
+bool avx512_gemms() {
+  static const bool yes = includes(dnnl_get_effective_cpu_isa(), dnnl_cpu_isa_avx512_core);
+  return yes;
+}
+
 bool native_bf16() {
   static const bool yes = includes(dnnl_get_effective_cpu_isa(), dnnl_cpu_isa_avx512_core_bf16);
   return yes;

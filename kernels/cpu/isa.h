@@ -10,6 +10,9 @@ namespace moert::cpu {
 // AVX2 + FMA kernels: the CPU has them and oneDNN's effective ISA includes AVX2.
 bool use_avx2();
 
+// Whether oneDNN's fp32 GEMMs run on AVX-512 kernels (its effective ISA includes avx512_core).
+bool avx512_gemms();
+
 // Whether oneDNN multiplies bf16 natively here (AVX512-BF16 or AMX within its effective ISA).
 bool native_bf16();
 
