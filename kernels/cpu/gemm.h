@@ -59,8 +59,11 @@ class Bf16Gemm {
  private:
   struct Dnnl;
   // Rows up to which oneDNN's kernels are not used: a decode step's few rows would pay for the
-  // per-call repacking of the whole weight; the widening kernels stream it once instead.
-  static constexpr int64_t kFewRows = 16;
+  // per-call repacking of the whole weight; the widening kernels stream it once instead. Beyond
+  // 8 rows oneDNN is faster (AVX512-BF16, Zen 5, `moert bench --decode`: the 64-row batch, about
+  // 18 rows per expert, 178 ms against 226 with the cut at 16; the cut at 1 slows the 8-row batch
+  // from 72 to 108 ms).
+  static constexpr int64_t kFewRows = 8;
   // a (bf16, prepared for oneDNN) widened into the worker's scratch, for the widening kernels.
   const float* widened(const void* a, int64_t lda, int64_t m, int64_t k, unsigned worker);
 
