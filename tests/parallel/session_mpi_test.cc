@@ -85,11 +85,17 @@ TEST(SessionMpi, ForwardIsBitwiseOneSessions) {
   std::normal_distribution<float> d;
   std::vector<float> x(rows * 8);
   for (float& v : x) v = d(rng);
+  std::vector<float> fp32;
   for (const char* precision : {"fp32", "bf16", "fp8"}) {
     std::vector<float> want(rows * 16);
     SessionPtr alone = session(m.get(), false, 1, false, {{"precision", precision}});
     ASSERT_TRUE(IsOk(moert_session_forward_hidden(alone.get(), x.data(), x.size(), rows,
                                                   want.data(), want.size())));
+    // The precision took effect: its experts round differently from fp32's.
+    if (fp32.empty())
+      fp32 = want;
+    else
+      EXPECT_FALSE(same(want, fp32)) << precision << " gave fp32's bits";
     std::vector<int64_t> counts_want(4);
     ASSERT_TRUE(IsOk(
         moert_session_expert_counts(alone.get(), 1, MOERT_COUNTS_LAST, counts_want.data(), 4)));

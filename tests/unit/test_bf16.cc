@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
@@ -56,44 +57,56 @@ std::vector<uint16_t> bf16_of(const Vec& v) {
 
 // The vector conversion gives the scalar to_bf16's bits for every kind of value (ties both ways,
 // values that round up to infinity, subnormals, infinities, NaNs of either sign and payload) and
-// every layout: rows or transposed, codes or widened, with block tails on both sides.
+// every layout: rows or transposed, codes or widened, with block tails on both sides. The special
+// values fill the first full 8 x 8 block, so that each passes through several vector lanes; the
+// buffers are sized exactly and the output's padding must keep its sentinel.
 TEST(Bf16Convert, VectorRoundingMatchesTheScalarRule) {
   std::mt19937 rng(3);
-  std::vector<uint32_t> special = {0x00000000u, 0x80000000u, 0x3F808000u, 0x3F818000u, 0x3F807FFFu,
-                                   0x7F7FFFFFu, 0xFF7F8000u, 0x00000001u, 0x80008000u, 0x7F800000u,
-                                   0xFF800000u, 0x7FC00000u, 0xFF800001u, 0x7F800001u, 0x7FBFFFFFu};
+  const std::vector<uint32_t> special = {0x00000000u, 0x80000000u, 0x3F808000u, 0x3F818000u,
+                                         0x3F807FFFu, 0x7F7FFFFFu, 0xFF7F8000u, 0x00000001u,
+                                         0x80008000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u,
+                                         0xFF800001u, 0x7F800001u, 0x7FBFFFFFu};
   for (int64_t rows : {1, 7, 8, 19})
     for (int64_t cols : {1, 8, 13, 24}) {
       const int64_t ldx = cols + 3;  // a row stride wider than the row
-      std::vector<float> x(static_cast<size_t>(rows * ldx));
+      std::vector<float> x(static_cast<size_t>((rows - 1) * ldx + cols));
       for (size_t i = 0; i < x.size(); ++i) {
-        const uint32_t u = i < special.size() ? special[i] : static_cast<uint32_t>(rng());
+        const int64_t r = static_cast<int64_t>(i) / ldx, c = static_cast<int64_t>(i) % ldx;
+        const uint32_t u = rows >= 8 && r < 8 && c < 8 ? special[(r * 8 + c) % special.size()]
+                                                       : static_cast<uint32_t>(rng());
         std::memcpy(&x[i], &u, 4);
       }
-      std::shuffle(x.begin(), x.end(), rng);
       for (bool transposed : {false, true})
         for (bool widened : {false, true}) {
-          const int64_t ldo = (transposed ? rows : cols) + 1;
-          const int64_t n_out = (transposed ? cols : rows) * ldo;
-          std::vector<uint32_t> out(static_cast<size_t>(n_out), 0xDEADBEEFu);
-          cpu::round_to_bf16(x.data(), ldx, rows, cols, out.data(), ldo, transposed, widened);
+          const std::string what = "rows " + std::to_string(rows) + " cols " +
+                                   std::to_string(cols) + (transposed ? " transposed" : "") +
+                                   (widened ? " widened" : "");
+          // Output rows of `inner` elements, `outer` of them, a padding element between rows.
+          const int64_t inner = transposed ? rows : cols, outer = transposed ? cols : rows;
+          const int64_t ldo = inner + 1, n_out = (outer - 1) * ldo + inner;
+          std::vector<uint32_t> wide(widened ? static_cast<size_t>(n_out) : 0, 0xDEADBEEFu);
+          std::vector<uint16_t> codes(widened ? 0 : static_cast<size_t>(n_out), 0xBEEFu);
+          cpu::round_to_bf16(x.data(), ldx, rows, cols,
+                             widened ? static_cast<void*>(wide.data()) : codes.data(), ldo,
+                             transposed, widened);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < cols; ++c) {
               const uint16_t want = cpu::to_bf16(x[static_cast<size_t>(r * ldx + c)]);
-              const int64_t at = transposed ? c * ldo + r : r * ldo + c;
-              uint32_t got;
+              const size_t at = static_cast<size_t>(transposed ? c * ldo + r : r * ldo + c);
               if (widened) {
-                got = out[static_cast<size_t>(at)] >> 16;
-                ASSERT_EQ(out[static_cast<size_t>(at)] & 0xFFFFu, 0u);
+                ASSERT_EQ(wide[at] & 0xFFFFu, 0u) << what;
+                ASSERT_EQ(wide[at] >> 16, want) << what << " at " << r << "," << c;
               } else {
-                uint16_t code;
-                std::memcpy(&code, reinterpret_cast<const uint16_t*>(out.data()) + at, 2);
-                got = code;
+                ASSERT_EQ(codes[at], want) << what << " at " << r << "," << c;
               }
-              ASSERT_EQ(got, want)
-                  << "rows " << rows << " cols " << cols << " at " << r << "," << c
-                  << (transposed ? " transposed" : "") << (widened ? " widened" : "");
             }
+          for (int64_t o = 0; o + 1 < outer; ++o) {
+            const size_t pad = static_cast<size_t>(o * ldo + inner);
+            if (widened)
+              ASSERT_EQ(wide[pad], 0xDEADBEEFu) << what << ": padding after output row " << o;
+            else
+              ASSERT_EQ(codes[pad], 0xBEEFu) << what << ": padding after output row " << o;
+          }
         }
     }
 }
