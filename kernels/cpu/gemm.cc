@@ -71,12 +71,6 @@ struct DnnlMatmul {
     std::lock_guard<std::mutex> lock(mu);
     auto it = prims.find(key);
     if (it != prims.end()) return it->second;
-    // Creation goes through oneDNN's process-wide primitive cache, which the sessions of one
-    // process (each with its own DnnlMatmul) reach at once from their threads: one lock for the
-    // whole process, taken once per shape and never in steady state. ThreadSanitizer, which cannot
-    // see inside the uninstrumented libdnnl, saw races there without it.
-    static std::mutex creation;
-    std::lock_guard<std::mutex> one_at_a_time(creation);
     Prim p;
     // a [m, k] and c [m, n] row-major; the weights as the [k, n] operand of oneDNN: w[n, k]
     // row-major is that matrix with strides (1, ldb), w[k, n] with strides (ldb, 1).
