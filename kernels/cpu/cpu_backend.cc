@@ -44,7 +44,6 @@ CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8)
       fp8_(fp8),
       pool_(threads),
       bf16_gemm_(pool_.size(), Bf16Gemm::default_kernels()),
-      f32_matmul_(F32Matmul::preferred() ? std::make_unique<F32Matmul>(pool_.size()) : nullptr),
       reducer_(pool_),
       scratch_(pool_.size()),
       direct_below_(avx512_gemms() ? INT64_MAX : kDirectBelow) {}

@@ -168,8 +168,6 @@ class CpuBackend final : public Backend {
   Fp8Options fp8_;
   ThreadPool pool_;
   Bf16Gemm bf16_gemm_;
-  // fp32 forward items of more than kFewRows rows, where F32Matmul::preferred(); else sgemm.
-  std::unique_ptr<F32Matmul> f32_matmul_;
   DenseReducer reducer_;
   struct Scratch {
     std::vector<float> f;

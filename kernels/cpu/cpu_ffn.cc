@@ -149,11 +149,6 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
                                dim, false, worker);
       bf16_gemm_.act_weight_nt(act.data(), dim, s.w3.bf16 + c0 * dim, dim, p3 + c0, hidden, m, n,
                                dim, false, worker);
-    } else if (f32_matmul_ && m > kFewRows) {
-      f32_matmul_->nt(xr, dim, f32_of(s.w1) + c0 * dim, dim, p1 + c0, hidden, m, n, dim, false,
-                      worker);
-      f32_matmul_->nt(xr, dim, f32_of(s.w3) + c0 * dim, dim, p3 + c0, hidden, m, n, dim, false,
-                      worker);
     } else {
       sgemm(false, true, m, n, dim, xr, dim, f32_of(s.w1) + c0 * dim, dim, p1 + c0, hidden, false);
       sgemm(false, true, m, n, dim, xr, dim, f32_of(s.w3) + c0 * dim, dim, p3 + c0, hidden, false);
@@ -172,9 +167,6 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       bf16_gemm_.prepare(a, hidden, m, hidden, act.data(), hidden, false);
       bf16_gemm_.act_weight_nt(act.data(), hidden, s.w2.bf16 + c0 * hidden, hidden, yr + c0, dim, m,
                                n, hidden, accumulate, worker);
-    } else if (f32_matmul_ && m > kFewRows) {
-      f32_matmul_->nt(a, hidden, f32_of(s.w2) + c0 * hidden, hidden, yr + c0, dim, m, n, hidden,
-                      accumulate, worker);
     } else {
       sgemm(false, true, m, n, hidden, a, hidden, f32_of(s.w2) + c0 * hidden, hidden, yr + c0, dim,
             accumulate);

@@ -40,15 +40,14 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const fl
              "sgemm");
 }
 
-// oneDNN matmul primitives, one per shape and operand type, created on first use and kept: a
+// oneDNN matmul primitives, one per shape, created on first use and kept: a bf16 GEMM's
 // primitive holds JIT code for its exact shape. Each worker executes on its own stream with its
 // own scratchpad, so one primitive serves every thread at once.
-struct DnnlMatmul {
+struct Bf16Gemm::Dnnl {
   struct Key {
     int64_t m, n, k, lda, ldb, ldc;
     bool b_trans, accumulate;
-    dnnl_data_type_t type;  // of a and b (c is fp32)
-    auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, b_trans, accumulate, type); }
+    auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, b_trans, accumulate); }
     bool operator<(const Key& o) const { return tie() < o.tie(); }
   };
   struct Prim {
@@ -57,10 +56,10 @@ struct DnnlMatmul {
     size_t scratch_bytes = 0;
   };
 
-  explicit DnnlMatmul(unsigned workers) : streams(workers, nullptr), scratch(workers) {
+  explicit Dnnl(unsigned workers) : streams(workers, nullptr), scratch(workers) {
     check_dnnl(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine creation");
   }
-  ~DnnlMatmul() {
+  ~Dnnl() {
     for (auto& [key, p] : prims) dnnl_primitive_destroy(p.prim);
     for (dnnl_stream_t s : streams)
       if (s) dnnl_stream_destroy(s);
@@ -78,8 +77,8 @@ struct DnnlMatmul {
     const dnnl_dims_t bd{key.k, key.n};
     const dnnl_dims_t bs_t{1, key.ldb}, bs_n{key.ldb, 1};
     const dnnl_dims_t cd{key.m, key.n}, cs{key.ldc, 1};
-    check_dnnl(dnnl_memory_desc_init_by_strides(&p.a, 2, ad, key.type, as), "src desc");
-    check_dnnl(dnnl_memory_desc_init_by_strides(&p.b, 2, bd, key.type, key.b_trans ? bs_t : bs_n),
+    check_dnnl(dnnl_memory_desc_init_by_strides(&p.a, 2, ad, dnnl_bf16, as), "src desc");
+    check_dnnl(dnnl_memory_desc_init_by_strides(&p.b, 2, bd, dnnl_bf16, key.b_trans ? bs_t : bs_n),
                "weights desc");
     check_dnnl(dnnl_memory_desc_init_by_strides(&p.c, 2, cd, dnnl_f32, cs), "dst desc");
     dnnl_matmul_desc_t desc;
@@ -104,7 +103,7 @@ struct DnnlMatmul {
     if (pd) dnnl_primitive_desc_destroy(pd);
     if (ops) dnnl_post_ops_destroy(ops);
     if (attr) dnnl_primitive_attr_destroy(attr);
-    check_dnnl(s, "matmul primitive creation");
+    check_dnnl(s, "bf16 matmul primitive creation");
     return prims.emplace(key, p).first->second;
   }
 
@@ -137,7 +136,7 @@ struct DnnlMatmul {
     }
     for (dnnl_memory_t m : mem)
       if (m) dnnl_memory_destroy(m);
-    check_dnnl(s, "matmul");
+    check_dnnl(s, "bf16 matmul");
   }
 
   dnnl_engine_t engine = nullptr;
@@ -149,7 +148,7 @@ struct DnnlMatmul {
 
 Bf16Gemm::Bf16Gemm(unsigned workers, Bf16Kernels kernels)
     : kernels_(kernels), scratch_(std::max(1u, workers)) {
-  if (kernels_ == Bf16Kernels::Dnnl) dnnl_ = std::make_unique<DnnlMatmul>(std::max(1u, workers));
+  if (kernels_ == Bf16Kernels::Dnnl) dnnl_ = std::make_unique<Dnnl>(std::max(1u, workers));
 }
 
 Bf16Gemm::~Bf16Gemm() = default;
@@ -181,7 +180,7 @@ void Bf16Gemm::act_weight_nt(const void* a, int64_t lda, const uint16_t* w, int6
   } else if (m <= kFewRows || k == 0) {
     widen_gemm_nt(widened(a, lda, m, k, worker), k, w, ldw, c, ldc, m, n, k, accumulate);
   } else {
-    dnnl_->run({m, n, k, lda, ldw, ldc, true, accumulate, dnnl_bf16}, a, w, c, worker);
+    dnnl_->run({m, n, k, lda, ldw, ldc, true, accumulate}, a, w, c, worker);
   }
 }
 
@@ -194,7 +193,7 @@ void Bf16Gemm::act_weight_nn(const void* a, int64_t lda, const uint16_t* w, int6
   } else if (m <= kFewRows || k == 0) {
     widen_gemm_nn(widened(a, lda, m, k, worker), k, w, ldw, c, ldc, m, n, k, accumulate);
   } else {
-    dnnl_->run({m, n, k, lda, ldw, ldc, false, accumulate, dnnl_bf16}, a, w, c, worker);
+    dnnl_->run({m, n, k, lda, ldw, ldc, false, accumulate}, a, w, c, worker);
   }
 }
 
@@ -211,21 +210,7 @@ void Bf16Gemm::act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb
       sgemm(false, true, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
     return;
   }
-  dnnl_->run({m, n, k, lda, ldb, ldc, true, accumulate, dnnl_bf16}, a, b, c, worker);
-}
-
-F32Matmul::F32Matmul(unsigned workers)
-    : dnnl_(std::make_unique<DnnlMatmul>(std::max(1u, workers))) {}
-
-F32Matmul::~F32Matmul() = default;
-
-bool F32Matmul::preferred() { return avx512_gemms(); }
-
-void F32Matmul::nt(const float* a, int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc,
-                   int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker) {
-  if (m <= 0 || n <= 0) return;
-  if (k <= 0) return sgemm(false, true, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
-  dnnl_->run({m, n, k, lda, ldw, ldc, true, accumulate, dnnl_f32}, a, w, c, worker);
+  dnnl_->run({m, n, k, lda, ldb, ldc, true, accumulate}, a, b, c, worker);
 }
 
 }  // namespace moert::cpu

@@ -1,5 +1,4 @@
-// The CPU backend's GEMMs. fp32 goes to oneDNN's sgemm, and on AVX-512 the forward's full row
-// items to oneDNN's matmul primitive (F32Matmul). bf16 (operands rounded to bf16, fp32
+// The CPU backend's GEMMs. fp32 goes to oneDNN's sgemm. bf16 (operands rounded to bf16, fp32
 // accumulation) goes to oneDNN's matmul on CPUs that multiply bf16 natively (AVX512-BF16, AMX),
 // and to moert's widening kernels elsewhere (widen_gemm.h). Every call is single-threaded (the
 // caller's thread is kept serial by omp_guard.h) and deterministic for given shapes.
@@ -18,30 +17,6 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const fl
 
 // Which kernels a bf16 GEMM runs on.
 enum class Bf16Kernels { Dnnl, Widen };
-
-struct DnnlMatmul;  // oneDNN matmul primitives by shape (gemm.cc)
-
-// fp32 c[m, n] (+)= a[m, k] w[n, k]^T through oneDNN's matmul primitive rather than sgemm: on
-// AVX-512 its brgemm kernels run the layer's 64-row "nt" items faster (Zen 5, one thread: 193
-// against 166 GFLOP/s for [64, 512] x [256, 512]^T), because sgemm repacks the transposed weight
-// on every call. Deterministic for given shapes, single-threaded per call; thread-safe: each
-// worker passes its own index.
-class F32Matmul {
- public:
-  explicit F32Matmul(unsigned workers);
-  ~F32Matmul();
-  F32Matmul(const F32Matmul&) = delete;
-  F32Matmul& operator=(const F32Matmul&) = delete;
-
-  // Whether oneDNN runs its AVX-512 kernels here, where the matmul path is the faster one.
-  static bool preferred();
-
-  void nt(const float* a, int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc,
-          int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker);
-
- private:
-  std::unique_ptr<DnnlMatmul> dnnl_;
-};
 
 // bf16 GEMMs with fp32 accumulation for one backend. Activation operands are prepared once per
 // call with prepare() into the form the kernels read — bf16 values (2 bytes) for oneDNN, fp32
@@ -82,6 +57,7 @@ class Bf16Gemm {
                   int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker);
 
  private:
+  struct Dnnl;
   // Rows up to which oneDNN's kernels are not used: a decode step's few rows would pay for the
   // per-call repacking of the whole weight; the widening kernels stream it once instead. Beyond
   // 8 rows oneDNN is faster (AVX512-BF16, Zen 5, `moert bench --decode`: the 64-row batch, about
@@ -92,7 +68,7 @@ class Bf16Gemm {
   const float* widened(const void* a, int64_t lda, int64_t m, int64_t k, unsigned worker);
 
   Bf16Kernels kernels_;
-  std::unique_ptr<DnnlMatmul> dnnl_;
+  std::unique_ptr<Dnnl> dnnl_;
   std::vector<std::vector<float>> scratch_;  // per worker
 };
 

@@ -172,36 +172,6 @@ TEST(Bf16Gemm, KernelsComputeBf16OperandsWithFp32Accumulation) {
   }
 }
 
-// The fp32 matmul path the forward's full row items take on AVX-512 (on every CPU here: oneDNN
-// runs it on any ISA), against a float64 product: what is left is fp32 accumulation error only.
-// Row strides wider than the rows, accumulation, and k = 0.
-TEST(F32Matmul, NtAgainstADoubleProduct) {
-  std::mt19937 rng(5);
-  cpu::F32Matmul mm(2);
-  for (Shape s : {Shape{64, 256, 512}, Shape{17, 33, 300}, Shape{100, 8, 7}, Shape{20, 5, 0}}) {
-    for (bool accumulate : {false, true}) {
-      const int64_t lda = s.k + 3, ldw = s.k + 1, ldc = s.n + 2;
-      const Vec a = randv(s.m * lda, rng), w = randv(s.n * ldw, rng), c0 = randv(s.m * ldc, rng);
-      std::vector<double> want(static_cast<size_t>(s.m * ldc));
-      for (int64_t i = 0; i < s.m; ++i)
-        for (int64_t j = 0; j < ldc; ++j) {
-          double x = accumulate || j >= s.n ? c0[i * ldc + j] : 0.0;
-          if (j < s.n)
-            for (int64_t p = 0; p < s.k; ++p) x += double(a[i * lda + p]) * w[j * ldw + p];
-          want[static_cast<size_t>(i * ldc + j)] = x;
-        }
-      Vec c = c0;
-      mm.nt(a.data(), lda, w.data(), ldw, c.data(), ldc, s.m, s.n, s.k, accumulate,
-            accumulate ? 1 : 0);
-      EXPECT_LT(rel(c, want), 1e-6)
-          << "m " << s.m << " n " << s.n << " k " << s.k << (accumulate ? " accumulate" : "");
-      // Columns past n (the row stride's padding) are left alone.
-      for (int64_t i = 0; i < s.m; ++i)
-        for (int64_t j = s.n; j < ldc; ++j) ASSERT_EQ(c[i * ldc + j], c0[i * ldc + j]);
-    }
-  }
-}
-
 // The widening kernels everywhere (oneDNN's only where bf16 is native), same checks on the
 // shapes of a layer.
 TEST(Bf16Gemm, WideningKernelsAtLayerShapes) {
