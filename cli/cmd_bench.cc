@@ -64,6 +64,10 @@ const CommandSpec kBenchSpec = {
         {"threads", "N", "CPU threads (per rank with --expert-parallel)", "2"},
         {"precision", "NAME", "fp32, or bf16 or fp8 to run the layer in fp32 and in it and compare",
          "fp32"},
+        {"transposed-weights", "WHEN",
+         "auto, on or off: fp32 sessions' transposed expert weight copies (session option "
+         "transposed_weights)",
+         "auto"},
         {"tokens", "N", "tokens per pass", "4096"},
         {"dim", "N", "model width", "512"},
         {"experts", "N", "routed experts", "16"},
@@ -200,6 +204,10 @@ int run_bench(const Args& args) {
   config.threads = static_cast<uint32_t>(args.integer("threads", 2, 1, 1024));
   config.seed = seed;
   const unsigned threads = config.threads;
+  const std::string transposed = args.str("transposed-weights", "auto");
+  if (transposed != "auto" && transposed != "on" && transposed != "off")
+    usage_fail("--transposed-weights takes auto, on or off, got '", transposed, "'");
+  if (transposed != "auto") config.knobs.push_back({"transposed_weights", transposed});
   if (args.has("expert-parallel")) {
     if (config.device != MOERT_DEVICE_CPU)
       usage_fail("--expert-parallel runs the CPU layer over MPI; --device ", device,
@@ -230,6 +238,10 @@ int run_bench(const Args& args) {
   const FmaPeak peak = fma_peak(threads);
   const double bandwidth = read_bandwidth(threads, quick ? size_t{64} << 20 : size_t{1} << 30);
   const Isa isa = cpu_isa();
+  // The library's rule for "auto" (the session option transposed_weights): AVX-512 kernels.
+  const bool transposed_copies =
+      config.device == MOERT_DEVICE_CPU &&
+      (transposed == "on" || (transposed == "auto" && isa.dnnl.rfind("avx512", 0) == 0));
 
   ModelPtr moe =
       load_model_bytes(json_to_binary(moe_json(d, seed), "bench model"), "", "bench model");
@@ -286,12 +298,13 @@ int run_bench(const Args& args) {
     o << " \"device\": " << json_string(device) << ", \"threads\": " << threads
       << ", \"clock\": " << json_string(using_cpu_time() ? "cpu" : "wall")
       << ", \"cpu\": " << json_string(cpu_name()) << ", \"isa\": " << json_string(isa.dnnl)
-      << ", \"bf16_kernels\": " << json_string(isa.bf16_kernels) << ", \"tokens\": " << d.tokens
-      << ", \"dim\": " << d.dim << ", \"experts\": " << d.experts << ", \"top_k\": " << d.top_k
-      << ", \"expert_hidden\": " << d.expert_hidden << ", \"shared\": " << d.shared
-      << ", \"shared_hidden\": " << d.shared_hidden << ", \"repeats\": " << repeats
-      << ", \"assignments\": " << t32.assignments << ", \"gemm_width\": " << width
-      << ",\n \"peak_gflops\": " << json_number(peak.gflops)
+      << ", \"bf16_kernels\": " << json_string(isa.bf16_kernels)
+      << ", \"transposed_weights\": " << (transposed_copies ? "true" : "false")
+      << ", \"tokens\": " << d.tokens << ", \"dim\": " << d.dim << ", \"experts\": " << d.experts
+      << ", \"top_k\": " << d.top_k << ", \"expert_hidden\": " << d.expert_hidden
+      << ", \"shared\": " << d.shared << ", \"shared_hidden\": " << d.shared_hidden
+      << ", \"repeats\": " << repeats << ", \"assignments\": " << t32.assignments
+      << ", \"gemm_width\": " << width << ",\n \"peak_gflops\": " << json_number(peak.gflops)
       << ", \"read_gbps\": " << json_number(bandwidth);
     o << ",\n \"gemm\": {\"library\": " << json_string(best ? best->name : "")
       << ", \"forward\": {\"gflops\": " << json_number(best_nt)
@@ -321,7 +334,9 @@ int run_bench(const Args& args) {
 
   std::printf("moert bench on %s: %s, %u CPUs; %u thread%s\n", device.c_str(), cpu_name().c_str(),
               cpu_count(), threads, threads == 1 ? "" : "s");
-  std::printf("oneDNN ISA: %s; bf16 GEMMs: %s\n", isa.dnnl.c_str(), isa.bf16_kernels.c_str());
+  std::printf("oneDNN ISA: %s; bf16 GEMMs: %s; fp32 FFN weights: %s\n", isa.dnnl.c_str(),
+              isa.bf16_kernels.c_str(),
+              transposed_copies ? "transposed copies (nn)" : "as stored (nt)");
   if (using_cpu_time())
     std::printf("times: process CPU time / %u thread%s (--cpu-time), not wall time\n", threads,
                 threads == 1 ? "" : "s");

@@ -34,15 +34,20 @@ struct Fp8Weight {
 // FP8, a copy in that precision kept in step with them. Any may be null where the backend does
 // not use it; a weight with neither copy is multiplied in fp32 everywhere (the router, DESIGN.md
 // section 5). A weight loaded from an FP8 file for inference may have the FP8 copy alone.
+// f32t: on backends that keep one (Backend::transposed_copies), the fp32 values transposed
+// matrix by matrix (each [rows, cols] matrix of a stack as [cols, rows], at the same offset),
+// also kept in step with them.
 struct Weight {
   const float* f32 = nullptr;
   const uint16_t* bf16 = nullptr;
   Fp8Weight fp8;
+  const float* f32t = nullptr;
 
   // The weight from element `elements` on: a whole matrix of a stack (an expert's) when it
-  // carries an FP8 copy, whose blocks do not split.
+  // carries an FP8 or transposed copy, whose blocks or matrices do not split.
   Weight offset(int64_t elements) const {
-    Weight w{f32 ? f32 + elements : nullptr, bf16 ? bf16 + elements : nullptr, fp8};
+    Weight w{f32 ? f32 + elements : nullptr, bf16 ? bf16 + elements : nullptr, fp8,
+             f32t ? f32t + elements : nullptr};
     if (fp8) {
       if (fp8.matrix_elements <= 0 || elements % fp8.matrix_elements != 0)
         fail(Code::Internal, "an FP8 weight was offset by ", elements,
@@ -131,6 +136,17 @@ class Backend : public Allocator {
                                       const char* what) {
     fail(Code::Unsupported, "the ", name(), " backend does not multiply in FP8 (quantizing ", what,
          ")");
+  }
+
+  // ---- Transposed fp32 copies. Whether the FFN weights that carry neither a bf16 nor an FP8
+  // copy (the MoE layers' routed and shared experts, dense FFNs) also carry a transposed fp32 copy
+  // (Weight::f32t), kept in step with their fp32 values by the ParamStore: where the backend's
+  // GEMMs multiply the forward's layout faster that way.
+  virtual bool transposed_copies() const { return false; }
+  // dst = each of `matrices` matrices [rows, cols] at src transposed to [cols, rows].
+  virtual void transpose_matrices(const float* /*src*/, int64_t /*matrices*/, int64_t /*rows*/,
+                                  int64_t /*cols*/, float* /*dst*/) {
+    fail(Code::Internal, "the ", name(), " backend keeps no transposed weight copies");
   }
 
   // ---- Forward.
@@ -317,8 +333,14 @@ inline int64_t fp8_blocks_scale_floats(int64_t matrices, int64_t rows, int64_t c
 // The CPU backend with `threads` worker threads (the caller's included). The MoE experts' GEMMs
 // run in `experts` precision: fp32; bf16 (bf16 copies of their weights, fp32 accumulation); or
 // FP8 (FP8 copies, the exact emulation of kernels/cpu/fp8.h).
+// `transposed`: whether FFN weights multiplied in fp32 carry transposed copies
+// (Backend::transposed_copies); Auto: where oneDNN runs AVX-512 kernels, whose sgemm multiplies
+// the forward's rows by a weight read as [in, out] ("nn") 15-40 % faster than by one read as
+// [out, in] ("nt", which it repacks on every call).
+enum class TransposedCopies { Auto, On, Off };
 std::unique_ptr<Backend> make_cpu_backend(unsigned threads, Precision experts = Precision::Fp32,
-                                          Fp8Options fp8 = {});
+                                          Fp8Options fp8 = {},
+                                          TransposedCopies transposed = TransposedCopies::Auto);
 
 // What the CPU backend multiplies with on this machine, for reports: oneDNN's effective ISA and
 // the kernels of a bf16 session ("onednn" or "widening").

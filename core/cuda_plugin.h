@@ -19,7 +19,8 @@ class Communicator;
 // 4: FP8 in Backend (Weight::fp8, fp8_experts, quantize_weight_blocks); create takes the precision.
 // 5: Backend::native_stream (device communicators start after the backend's queued work).
 // 6: Communicator::device (a session checks that its NCCL communicator is on its own GPU).
-inline constexpr uint32_t kCudaPluginAbi = 6;
+// 7: Weight::f32t and Backend::transposed_copies / transpose_matrices.
+inline constexpr uint32_t kCudaPluginAbi = 7;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =
     MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(

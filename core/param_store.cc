@@ -14,6 +14,12 @@ bool is_expert_weight(const LayerSpec& layer, const std::string& field) {
           field == "shared_w3" || field == "shared_w2");
 }
 
+// Whether a tensor is a weight of an FFN: a MoE layer's routed or shared expert, a dense FFN.
+bool is_ffn_weight(const LayerSpec& layer, const std::string& field) {
+  return is_expert_weight(layer, field) ||
+         (layer.kind == LayerKind::DenseFFN && (field == "w1" || field == "w3" || field == "w2"));
+}
+
 // Whether a tensor of a layer gets a bf16 copy on a backend that keeps `copies`.
 bool wants_bf16(Bf16Copies copies, const LayerSpec& layer, const std::string& field) {
   if (copies == Bf16Copies::None) return false;
@@ -46,10 +52,24 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
       Entry& e = entries_[&t];
       e.host = &t;
       e.host_grad = g;
+      // A weight multiplied in fp32 on a backend that keeps transposed copies.
+      auto transposed = [&](bool bf16, bool fp8) {
+        if (bf16 || fp8 || !be.transposed_copies() || !is_ffn_weight(layer, field) ||
+            t.shape.size() < 2)
+          return;
+        e.t_rows = t.shape[t.shape.size() - 2];
+        e.t_cols = t.shape.back();
+        e.f32t.resize(be, static_cast<size_t>(t.numel()));
+      };
       if (t.fp8) {
         if (training) fail(Code::Internal, "a training session's weight is held in FP8");
-        add_resident(e, t, be.fp8_experts() && is_expert_weight(layer, field),
-                     wants_bf16(be.bf16_copies(), layer, field));
+        const bool fp8 = be.fp8_experts() && is_expert_weight(layer, field);
+        const bool bf16 = wants_bf16(be.bf16_copies(), layer, field);
+        add_resident(e, t, fp8, bf16);
+        if (!e.resident) {
+          transposed(bf16, fp8);
+          transpose_copy(e);
+        }
         return;
       }
       const size_t n = t.values.size();
@@ -72,6 +92,7 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
         }
       }
       if (bf16) e.bf16.resize(be, n);
+      transposed(bf16, fp8);
       if (fp8) {
         if (t.shape.size() < 2)
           fail(Code::Internal, "expert weight '", layer.name, ".", field, "' is not a matrix");
@@ -107,7 +128,10 @@ ParamStore::Entry& ParamStore::entry(const Tensor& t) {
 
 Weight ParamStore::weight(const Tensor& t) const {
   const Entry& e = entry(t);
-  Weight w{e.f32_ptr, e.bf16.size() ? e.bf16.data() : nullptr, {}};
+  Weight w{e.f32_ptr,
+           e.bf16.size() ? e.bf16.data() : nullptr,
+           {},
+           e.f32t.size() ? e.f32t.data() : nullptr};
   if (e.resident)
     w.fp8 = {e.resident->codes.data(), e.resident->scales.data(),
              e.resident->rows * e.resident->cols, e.resident->matrix_scales()};
@@ -194,6 +218,13 @@ void ParamStore::upload(const Tensor& t) {
     }
   }
   quantize(e, e.what.c_str());
+  transpose_copy(e);
+}
+
+void ParamStore::transpose_copy(Entry& e) {
+  if (!e.f32t.size() || !e.f32_ptr) return;
+  be_.transpose_matrices(e.f32_ptr, static_cast<int64_t>(e.f32t.size()) / (e.t_rows * e.t_cols),
+                         e.t_rows, e.t_cols, e.f32t.data());
 }
 
 void ParamStore::download(const Tensor& t) const {
@@ -218,6 +249,7 @@ void ParamStore::refresh_copies(const Tensor& t) {
   if (e.bf16.size() && e.f32_ptr)
     be_.to_bf16(e.f32_ptr, e.bf16.data(), static_cast<int64_t>(t.values.size()));
   if (e.f32_ptr) quantize(e, e.what.c_str());
+  transpose_copy(e);
 }
 
 void ParamStore::zero_grads() {

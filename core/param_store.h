@@ -8,7 +8,8 @@
 // quantize_weight_blocks), made and refreshed the same way. A weight the model holds in FP8
 // (Tensor::fp8, inference only: training decodes its masters) is multiplied from the model's own
 // codes where the backend multiplies it in FP8, and decoded into an fp32 copy of the store's own
-// otherwise.
+// otherwise. On a backend that keeps transposed copies (Backend::transposed_copies), the FFN
+// weights multiplied in fp32 also have one (Weight::f32t), made and refreshed the same way.
 #pragma once
 
 #include <cstdint>
@@ -35,15 +36,16 @@ class ParamStore {
   float* f32_mutable(const Tensor& t);
   float* grad(const Tensor& t) const;  // null without training
 
-  // Host tensor -> backend, after the host values changed (bf16 and FP8 copies refreshed too).
+  // Host tensor -> backend, after the host values changed (bf16, FP8 and transposed copies
+  // refreshed too).
   void upload(const Tensor& t);
   // Backend -> host tensor (no-op on host backends).
   void download(const Tensor& t) const;
   // Gradient in backend memory <-> host vector.
   void download_grad(const Tensor& t, std::vector<float>& out) const;
   void upload_grad(const Tensor& t, const std::vector<float>& in);
-  // bf16 and FP8 copies <- fp32 copy, after the backend changed the fp32 values (an optimizer
-  // step). Throws Error(Numeric) where an FP8 copy meets a NaN or infinity.
+  // bf16, FP8 and transposed copies <- fp32 copy, after the backend changed the fp32 values (an
+  // optimizer step). Throws Error(Numeric) where an FP8 copy meets a NaN or infinity.
   void refresh_copies(const Tensor& t);
   // Zeroes every gradient.
   void zero_grads();
@@ -85,6 +87,9 @@ class ParamStore {
     Buffer<uint8_t> fp8_codes;
     Buffer<float> fp8_scales;
     int64_t fp8_matrices = 0, fp8_rows = 0, fp8_cols = 0;
+    // The transposed copy: each matrix [t_rows, t_cols] of the stack as [t_cols, t_rows].
+    Buffer<float> f32t;
+    int64_t t_rows = 0, t_cols = 0;
     std::string what;  // "layer.field", named in quantization errors
     // A tensor the model holds in FP8, multiplied as it is (host backends).
     const Fp8Blocks* resident = nullptr;
@@ -94,6 +99,7 @@ class ParamStore {
   };
   const Entry& entry(const Tensor& t) const;
   void quantize(Entry& e, const char* what);
+  void transpose_copy(Entry& e);
   // A weight the model holds in FP8 (inference only): its codes as the Weight's FP8 view where
   // `fp8_view`, else decoded into the store's own fp32 copy (and a bf16 one where `bf16`).
   void add_resident(Entry& e, const Tensor& t, bool fp8_view, bool bf16);

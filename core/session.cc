@@ -142,6 +142,13 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     if (value != "fp32" && value != "ue8m0")
       fail(Code::InvalidArgument, "option 'fp8_scales' takes fp32 or ue8m0, got '", value, "'");
     fp8.power_of_two_scales = value == "ue8m0";
+  } else if (key == "transposed_weights") {
+    if (value != "auto" && value != "on" && value != "off")
+      fail(Code::InvalidArgument, "option 'transposed_weights' takes auto, on or off, got '", value,
+           "'");
+    transposed = value == "on"    ? TransposedCopies::On
+                 : value == "off" ? TransposedCopies::Off
+                                  : TransposedCopies::Auto;
   } else if (key == "optimizer") {
     if (value != "adamw" && value != "sgd")
       fail(Code::InvalidArgument, "option 'optimizer' takes adamw or sgd, got '", value, "'");
@@ -184,7 +191,8 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
         std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
   } else {
     fail(Code::InvalidArgument, "unknown session option '", key,
-         "' (known: check_finite, cuda_plugin, precision, fp8_scales, optimizer, lr, min_lr, "
+         "' (known: check_finite, cuda_plugin, precision, fp8_scales, transposed_weights, "
+         "optimizer, lr, min_lr, "
          "weight_decay, "
          "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length, "
          "aux_loss_scope, ep_chunks, ep_overlap)");
@@ -229,9 +237,10 @@ void Session::build() {
     fail(Code::Unsupported,
          "precision fp32 is not available on CUDA: the CUDA backend multiplies in bf16 (fp32 "
          "runs on the CPU)");
-  backend_ = cuda ? make_cuda_backend(options_.device_index, options_.cuda_plugin, precision_,
-                                      options_.fp8)
-                  : make_cpu_backend(options_.threads, precision_, options_.fp8);
+  backend_ =
+      cuda
+          ? make_cuda_backend(options_.device_index, options_.cuda_plugin, precision_, options_.fp8)
+          : make_cpu_backend(options_.threads, precision_, options_.fp8, options_.transposed);
   if (precision_ == Precision::Fp8 && !backend_->fp8_experts())
     fail(Code::Unsupported, "precision fp8 is not available on the ", backend_->name(),
          " backend in this version");
@@ -892,6 +901,10 @@ void Session::set_config(const std::string& key, const std::string& value) {
   if (key == "fp8_scales" && updated.fp8.power_of_two_scales != options_.fp8.power_of_two_scales)
     fail(Code::InvalidState,
          "fp8_scales is chosen when the session is created (its FP8 weight copies are made then)");
+  if (key == "transposed_weights" && updated.transposed != options_.transposed)
+    fail(Code::InvalidState,
+         "transposed_weights is chosen when the session is created (its weight copies are made "
+         "then)");
   if (key == "optimizer" && updated.training.optimizer != options_.training.optimizer && step_ > 0)
     fail(Code::InvalidState,
          "the optimizer cannot change after the first step (its state would "

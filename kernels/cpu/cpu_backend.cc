@@ -38,8 +38,11 @@ void index_by_token(Allocator& mem, DispatchPlan& plan) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8)
+CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8,
+                       TransposedCopies transposed)
     : bf16_(experts == Precision::Bf16),
+      transposed_(transposed == TransposedCopies::On ||
+                  (transposed == TransposedCopies::Auto && avx512_gemms())),
       precision_(experts),
       fp8_(fp8),
       pool_(threads),
@@ -64,6 +67,18 @@ void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
 
 void CpuBackend::zero(void* dst, size_t bytes) {
   if (bytes) std::memset(dst, 0, bytes);
+}
+
+void CpuBackend::transpose_matrices(const float* src, int64_t matrices, int64_t rows, int64_t cols,
+                                    float* dst) {
+  // Column blocks of 64, each read along its rows and written as 64 contiguous rows.
+  constexpr int64_t kCols = 64;
+  const int64_t per = rows * cols, nb = blocks(cols, kCols);
+  pool_.parallel_for(matrices * nb, [&](int64_t i, unsigned) {
+    const int64_t mtx = i / nb, c0 = (i % nb) * kCols;
+    transpose(src + mtx * per + c0, cols, rows, std::min(kCols, cols - c0),
+              dst + mtx * per + c0 * rows, rows);
+  });
 }
 
 void CpuBackend::to_bf16(const float* src, uint16_t* dst, int64_t n) {
@@ -425,8 +440,9 @@ void CpuBackend::sgd(float* p, const float* g, float* m, int64_t n, double lr, d
 
 namespace moert {
 
-std::unique_ptr<Backend> make_cpu_backend(unsigned threads, Precision experts, Fp8Options fp8) {
-  return std::make_unique<cpu::CpuBackend>(threads, experts, fp8);
+std::unique_ptr<Backend> make_cpu_backend(unsigned threads, Precision experts, Fp8Options fp8,
+                                          TransposedCopies transposed) {
+  return std::make_unique<cpu::CpuBackend>(threads, experts, fp8, transposed);
 }
 
 std::string cpu_gemm_isa() { return cpu::dnnl_isa_name(); }

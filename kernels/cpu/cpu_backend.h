@@ -20,12 +20,15 @@ namespace moert::cpu {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(unsigned threads, Precision experts, Fp8Options fp8);
+  CpuBackend(unsigned threads, Precision experts, Fp8Options fp8, TransposedCopies transposed);
 
   const char* name() const override { return "cpu"; }
   bool host_memory() const override { return true; }
   Bf16Copies bf16_copies() const override { return bf16_ ? Bf16Copies::Experts : Bf16Copies::None; }
   bool fp8_experts() const override { return precision_ == Precision::Fp8; }
+  bool transposed_copies() const override { return transposed_; }
+  void transpose_matrices(const float* src, int64_t matrices, int64_t rows, int64_t cols,
+                          float* dst) override;
 
   // ---- Memory (cpu_backend.cc)
   void* allocate(size_t bytes) override;
@@ -133,9 +136,13 @@ class CpuBackend final : public Backend {
                 int64_t n, int64_t dim, int64_t hidden, bool accumulate, unsigned worker);
   // How ffn_backward's GEMMs read their operands (cpu_ffn.cc).
   enum class Mode { Direct, Transposed, Bf16, Fp8 };
+  // An FFN's weights transposed (Transposed mode): w1, w3 as [dim, hidden], w2 as [hidden, dim].
+  struct Transposed {
+    const float *w1, *w3, *w2;
+  };
   void backward_item(Mode mode, const Segment& s, const Item& it, const float* x, const float* h1,
                      const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
-                     int64_t hidden, const float* wt, unsigned worker);
+                     int64_t hidden, Transposed wt, unsigned worker);
   // backward_item in FP8 (cpu_ffn_fp8.cc), on an item of one 128-token tile (kFp8ShareRows
   // rows): Dgrad on row tiles; the Wgrad operands quantized in column tiles, the item being one
   // tile, into t_x_ ... t_dh3_ (codes [rows, width]) and t_fp8_scales_ (item `item`'s scales).
@@ -164,6 +171,8 @@ class CpuBackend final : public Backend {
                     int64_t hidden);
 
   bool bf16_;
+  // The fp32 forward multiplies by Weight::f32t ("nn") where a weight carries it.
+  bool transposed_;
   Precision precision_;
   Fp8Options fp8_;
   ThreadPool pool_;
@@ -180,8 +189,9 @@ class CpuBackend final : public Backend {
   Buffer<unsigned char> t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_;
   // FP8 Wgrad: the column-tile scales of every item's five operands (fp8_wgrad_operand).
   Buffer<float> t_fp8_scales_;
-  // fp32 Dgrad reads its weights transposed, as the "nt" GEMM oneDNN runs fastest: made once per
-  // backward call, for as many weights at a time as kTransposedWeights floats allow.
+  // fp32 Dgrad reads its weights transposed, as the "nt" GEMM oneDNN's AVX2 kernels run fastest:
+  // where the weights carry no transposed copies, made once per backward call, for as many
+  // weights at a time as kTransposedWeights floats allow.
   Buffer<float> t_w_;
   // Forward items of at most kFewRows rows run as column blocks of the up (w1, w3) and down (w2)
   // GEMMs; their activations live in few_ between the two.

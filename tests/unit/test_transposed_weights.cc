@@ -1,0 +1,211 @@
+// The CPU backend's transposed fp32 weight copies (session option "transposed_weights"): the
+// copies hold the masters transposed matrix by matrix and follow every change of them, and a
+// session multiplying by them agrees with one multiplying by the stored layout to fp32 rounding,
+// in its forward, its gradients and its training, whatever the thread count.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/model_loader.h"
+#include "core/param_store.h"
+#include "core/session.h"
+#include "tests/unit/random_tensor.h"
+#include "tests/unit/session_model.h"
+
+namespace moert {
+namespace {
+
+using test::Batch;
+using test::batch;
+using test::moe_model;
+using Vec = std::vector<float>;
+
+SessionOptions with(const char* transposed, Mode mode, uint32_t threads = 2,
+                    Precision p = Precision::Fp32) {
+  SessionOptions o = test::options(p, mode, threads);
+  o.set("transposed_weights", transposed);
+  return o;
+}
+
+// Relative distance, sqrt(sum (a - b)^2 / sum b^2).
+double rel(const Vec& a, const Vec& b) {
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double{a[i]} - b[i]) * (double{a[i]} - b[i]);
+    den += double{b[i]} * b[i];
+  }
+  return std::sqrt(den > 0.0 ? num / den : num);
+}
+
+// The outputs of a pass and every gradient, one vector.
+Vec pass(Session& s, const Batch& b, int64_t rows) {
+  Vec all(rows * test::kSessionVocab);
+  s.zero_grad();
+  s.forward_tokens(b.tokens.data(), b.tokens.size(), rows, all.data(), all.size());
+  s.backward_loss(b.targets.data(), b.targets.size());
+  for (size_t p = 0; p < s.num_parameters(); ++p) {
+    Vec g(s.parameter_size(p));
+    s.read_gradient(p, g.data(), g.size());
+    all.insert(all.end(), g.begin(), g.end());
+  }
+  return all;
+}
+
+// Each matrix [rows, cols] of `v`, transposed.
+Vec transposed(const Tensor& t) {
+  const int64_t rows = t.shape[t.shape.size() - 2], cols = t.shape.back(), per = rows * cols;
+  Vec out(t.values.size());
+  for (size_t m = 0; m < t.values.size() / static_cast<size_t>(per); ++m)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        out[m * per + c * rows + r] = t.values[m * per + r * cols + c];
+  return out;
+}
+
+Vec copy_of(const ParamStore& store, const Tensor& t) {
+  const float* p = store.weight(t).f32t;
+  return p ? Vec(p, p + t.values.size()) : Vec{};
+}
+
+// The store makes a transposed copy of exactly the FFN weights multiplied in fp32, holding the
+// masters transposed, and refreshes it on a write (upload) and after an optimizer step
+// (refresh_copies); "off" keeps none, and weights with a bf16 copy need none.
+TEST(TransposedWeights, CopiesHoldTheMastersTransposedAndFollowEveryChange) {
+  std::mt19937 rng(11);
+  auto model = moe_model(rng, {64, 48, 32});
+  auto& moe = std::get<MoESpec>(model->layers[2].spec);
+  auto on = make_cpu_backend(2, Precision::Fp32, {}, TransposedCopies::On);
+  ASSERT_TRUE(on->transposed_copies());
+  ParamStore store(*on, *model, nullptr);
+  for (Tensor* t : {&moe.w1, &moe.w3, &moe.w2, &moe.shared_w1, &moe.shared_w3, &moe.shared_w2})
+    EXPECT_EQ(copy_of(store, *t), transposed(*t));
+  // The router and the other layers multiply as stored.
+  EXPECT_EQ(store.weight(moe.gate).f32t, nullptr);
+  EXPECT_EQ(store.weight(std::get<OutputHeadSpec>(model->layers[3].spec).weight).f32t, nullptr);
+  // An expert's matrix, offset whole, points at its own transposed matrix.
+  const Weight e3 = store.weight(moe.w1).offset(3 * 48 * 64);
+  const Vec w1t = transposed(moe.w1);
+  EXPECT_EQ(Vec(e3.f32t, e3.f32t + 48 * 64),
+            Vec(w1t.begin() + 3 * 48 * 64, w1t.begin() + 4 * 48 * 64));
+
+  for (float& v : moe.w2.values) v = -0.5f * v + 0.01f;
+  store.upload(moe.w2);
+  EXPECT_EQ(copy_of(store, moe.w2), transposed(moe.w2));
+  // A change in place (an optimizer step on a host backend writes the masters directly).
+  float* w3 = store.f32_mutable(moe.w3);
+  for (size_t i = 0; i < moe.w3.values.size(); ++i) w3[i] = 2.0f * w3[i] + 1.0f;
+  store.refresh_copies(moe.w3);
+  EXPECT_EQ(copy_of(store, moe.w3), transposed(moe.w3));
+
+  auto off = make_cpu_backend(2, Precision::Fp32, {}, TransposedCopies::Off);
+  EXPECT_FALSE(off->transposed_copies());
+  ParamStore none(*off, *model, nullptr);
+  EXPECT_EQ(none.weight(moe.w1).f32t, nullptr);
+  auto bf16 = make_cpu_backend(2, Precision::Bf16, {}, TransposedCopies::On);
+  ParamStore halves(*bf16, *model, nullptr);
+  EXPECT_EQ(halves.weight(moe.w1).f32t, nullptr);
+  EXPECT_NE(halves.weight(moe.w1).bf16, nullptr);
+}
+
+// A pass with the copies agrees with one without them to fp32 rounding (the two sum the same
+// products in the GEMM library's orders for two layouts), in the outputs and every gradient.
+TEST(TransposedWeights, ForwardAndGradientsAgreeWithTheStoredLayout) {
+  std::mt19937 rng(12);
+  // Expert widths past a 64-row item and odd ones, routed rows past the few-row column blocks.
+  auto model = moe_model(rng, {96, 80, 40});
+  const int64_t rows = 300;
+  const Batch b = batch(rng, rows);
+  Session on(model, with("on", Mode::Training));
+  Session off(model, with("off", Mode::Training));
+  const Vec a = pass(on, b, rows), c = pass(off, b, rows);
+  EXPECT_LT(rel(a, c), 1e-6);
+  // And a decode-sized pass: items of a few rows run as column blocks.
+  const Batch d = batch(rng, 3);
+  EXPECT_LT(rel(pass(on, d, 3), pass(off, d, 3)), 1e-6);
+}
+
+// Training with the copies follows training without them; the copies follow every step and every
+// write (a stale copy would change the outputs by O(1), not by rounding), and a checkpoint
+// reloaded into a fresh session (copies made from the saved masters) gives the training
+// session's outputs bit for bit.
+TEST(TransposedWeights, TrainingWritesAndCheckpointsKeepTheCopiesFresh) {
+  std::mt19937 rng(13);
+  auto model = moe_model(rng);
+  const int64_t rows = 128;
+  Session on(model, with("on", Mode::Training));
+  Session off(model, with("off", Mode::Training));
+  for (int step = 0; step < 6; ++step) {
+    const Batch b = batch(rng, rows);
+    const Vec a = pass(on, b, rows), c = pass(off, b, rows);
+    EXPECT_LT(rel(a, c), 1e-5) << step;
+    on.step();
+    off.step();
+  }
+  const size_t w2 = on.parameter_index("moe.shared_w2");
+  Vec w(on.parameter_size(w2));
+  on.read_parameter(w2, w.data(), w.size());
+  for (float& v : w) v = 1.5f * v - 0.02f;
+  on.write_parameter(w2, w.data(), w.size());
+  off.write_parameter(w2, w.data(), w.size());
+  const Batch b = batch(rng, rows);
+  EXPECT_LT(rel(pass(on, b, rows), pass(off, b, rows)), 1e-5);
+
+  const std::string path = ::testing::TempDir() + "transposed_weights.moert";
+  on.save(path);
+  on.set_eval(true);
+  Vec y_train(rows * test::kSessionVocab), y_loaded(y_train.size());
+  on.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_train.data(), y_train.size());
+  Session loaded(load_model_file(path), with("on", Mode::Inference));
+  loaded.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_loaded.data(), y_loaded.size());
+  EXPECT_EQ(0, std::memcmp(y_train.data(), y_loaded.data(), y_train.size() * sizeof(float)));
+  std::remove(path.c_str());
+}
+
+TEST(TransposedWeights, ResultsDoNotDependOnTheThreadCount) {
+  std::mt19937 rng(14);
+  auto model = moe_model(rng);
+  const int64_t rows = 200;
+  const Batch b = batch(rng, rows);
+  Session one(model, with("on", Mode::Training, 1));
+  Session three(model, with("on", Mode::Training, 3));
+  const Vec a = pass(one, b, rows), c = pass(three, b, rows);
+  EXPECT_EQ(0, std::memcmp(a.data(), c.data(), a.size() * sizeof(float)));
+}
+
+int code_of(auto&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return static_cast<int>(e.code());
+  }
+  return 0;
+}
+
+TEST(TransposedWeights, OptionParsesAndIsFixedAtCreation) {
+  SessionOptions o;
+  EXPECT_EQ(o.transposed, TransposedCopies::Auto);
+  o.set("transposed_weights", "on");
+  EXPECT_EQ(o.transposed, TransposedCopies::On);
+  o.set("transposed_weights", "off");
+  EXPECT_EQ(o.transposed, TransposedCopies::Off);
+  for (const char* bad : {"true", "ON", "", "auto "})
+    EXPECT_EQ(code_of([&] { o.set("transposed_weights", bad); }),
+              static_cast<int>(Code::InvalidArgument))
+        << bad;
+  EXPECT_EQ(o.transposed, TransposedCopies::Off);
+
+  std::mt19937 rng(15);
+  Session s(moe_model(rng), o);
+  EXPECT_EQ(code_of([&] { s.set_config("transposed_weights", "on"); }),
+            static_cast<int>(Code::InvalidState));
+  s.set_config("transposed_weights", "off");  // what it already is
+}
+
+}  // namespace
+}  // namespace moert
