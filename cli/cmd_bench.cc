@@ -64,9 +64,9 @@ const CommandSpec kBenchSpec = {
         {"threads", "N", "CPU threads (per rank with --expert-parallel)", "2"},
         {"precision", "NAME", "fp32, or bf16 or fp8 to run the layer in fp32 and in it and compare",
          "fp32"},
-        {"transposed-weights", "WHEN",
-         "auto, on or off: fp32 sessions' transposed expert weight copies (session option "
-         "transposed_weights)",
+        {"layout-copies", "WHEN",
+         "auto, on or off: the weight copies laid out for the forward (session option "
+         "layout_copies; off: the GEMMs read the weights as stored)",
          "auto"},
         {"tokens", "N", "tokens per pass", "4096"},
         {"dim", "N", "model width", "512"},
@@ -106,6 +106,7 @@ namespace {
 struct Isa {
   std::string dnnl = "unknown";
   std::string bf16_kernels = "unknown";
+  bool native_bf16 = false;
 };
 
 Isa cpu_isa() {
@@ -128,6 +129,7 @@ Isa cpu_isa() {
   for (auto& n : names)
     if (std::to_string(isa) == n[0]) out.dnnl = n[1];
   const bool native = (isa & 0xe7u) == 0xe7u;
+  out.native_bf16 = native;
   const bool avx2 =
       (isa & 0x7u) == 0x7u && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   out.bf16_kernels = native
@@ -204,10 +206,10 @@ int run_bench(const Args& args) {
   config.threads = static_cast<uint32_t>(args.integer("threads", 2, 1, 1024));
   config.seed = seed;
   const unsigned threads = config.threads;
-  const std::string transposed = args.str("transposed-weights", "auto");
-  if (transposed != "auto" && transposed != "on" && transposed != "off")
-    usage_fail("--transposed-weights takes auto, on or off, got '", transposed, "'");
-  if (transposed != "auto") config.knobs.push_back({"transposed_weights", transposed});
+  const std::string layouts = args.str("layout-copies", "auto");
+  if (layouts != "auto" && layouts != "on" && layouts != "off")
+    usage_fail("--layout-copies takes auto, on or off, got '", layouts, "'");
+  if (layouts != "auto") config.knobs.push_back({"layout_copies", layouts});
   if (args.has("expert-parallel")) {
     if (config.device != MOERT_DEVICE_CPU)
       usage_fail("--expert-parallel runs the CPU layer over MPI; --device ", device,
@@ -238,10 +240,12 @@ int run_bench(const Args& args) {
   const FmaPeak peak = fma_peak(threads);
   const double bandwidth = read_bandwidth(threads, quick ? size_t{64} << 20 : size_t{1} << 30);
   const Isa isa = cpu_isa();
-  // The library's rule for "auto" (the session option transposed_weights): AVX-512 kernels.
+  // The library's rule for "auto" (the session option layout_copies): fp32 weights transposed
+  // where oneDNN runs AVX-512 kernels, bf16 ones packed where it multiplies bf16 natively.
+  const bool cpu = config.device == MOERT_DEVICE_CPU;
   const bool transposed_copies =
-      config.device == MOERT_DEVICE_CPU &&
-      (transposed == "on" || (transposed == "auto" && isa.dnnl.rfind("avx512", 0) == 0));
+      cpu && (layouts == "on" || (layouts == "auto" && isa.dnnl.rfind("avx512", 0) == 0));
+  const bool packed_copies = cpu && layouts != "off" && isa.native_bf16;
 
   ModelPtr moe =
       load_model_bytes(json_to_binary(moe_json(d, seed), "bench model"), "", "bench model");
@@ -299,7 +303,8 @@ int run_bench(const Args& args) {
       << ", \"clock\": " << json_string(using_cpu_time() ? "cpu" : "wall")
       << ", \"cpu\": " << json_string(cpu_name()) << ", \"isa\": " << json_string(isa.dnnl)
       << ", \"bf16_kernels\": " << json_string(isa.bf16_kernels)
-      << ", \"transposed_weights\": " << (transposed_copies ? "true" : "false")
+      << ", \"transposed_copies\": " << (transposed_copies ? "true" : "false")
+      << ", \"packed_copies\": " << (packed_copies ? "true" : "false")
       << ", \"tokens\": " << d.tokens << ", \"dim\": " << d.dim << ", \"experts\": " << d.experts
       << ", \"top_k\": " << d.top_k << ", \"expert_hidden\": " << d.expert_hidden
       << ", \"shared\": " << d.shared << ", \"shared_hidden\": " << d.shared_hidden
@@ -334,9 +339,11 @@ int run_bench(const Args& args) {
 
   std::printf("moert bench on %s: %s, %u CPUs; %u thread%s\n", device.c_str(), cpu_name().c_str(),
               cpu_count(), threads, threads == 1 ? "" : "s");
-  std::printf("oneDNN ISA: %s; bf16 GEMMs: %s; fp32 FFN weights: %s\n", isa.dnnl.c_str(),
-              isa.bf16_kernels.c_str(),
-              transposed_copies ? "transposed copies (nn)" : "as stored (nt)");
+  std::printf(
+      "oneDNN ISA: %s; bf16 GEMMs: %s\nFFN weights as the forward reads them: fp32 %s, bf16 %s\n",
+      isa.dnnl.c_str(), isa.bf16_kernels.c_str(),
+      transposed_copies ? "transposed copies (nn)" : "as stored (nt)",
+      packed_copies ? "packed copies (oneDNN's blocked layout)" : "as stored");
   if (using_cpu_time())
     std::printf("times: process CPU time / %u thread%s (--cpu-time), not wall time\n", threads,
                 threads == 1 ? "" : "s");

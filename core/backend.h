@@ -42,12 +42,25 @@ struct Weight {
   const uint16_t* bf16 = nullptr;
   Fp8Weight fp8;
   const float* f32t = nullptr;
+  // bf16_packed: on backends that keep one (Backend::packed_bf16_bytes), the bf16 copy in the
+  // layout the backend's forward reads without repacking, packed_bytes per matrix of
+  // packed_elements elements.
+  const unsigned char* bf16_packed = nullptr;
+  int64_t packed_bytes = 0, packed_elements = 0;
 
   // The weight from element `elements` on: a whole matrix of a stack (an expert's) when it
-  // carries an FP8 or transposed copy, whose blocks or matrices do not split.
+  // carries an FP8, transposed or packed copy, whose blocks or matrices do not split.
   Weight offset(int64_t elements) const {
     Weight w{f32 ? f32 + elements : nullptr, bf16 ? bf16 + elements : nullptr, fp8,
              f32t ? f32t + elements : nullptr};
+    if (bf16_packed) {
+      if (elements % packed_elements != 0)
+        fail(Code::Internal, "a packed bf16 weight was offset by ", elements,
+             " elements, not a whole number of its ", packed_elements, "-element matrices");
+      w.bf16_packed = bf16_packed + elements / packed_elements * packed_bytes;
+      w.packed_bytes = packed_bytes;
+      w.packed_elements = packed_elements;
+    }
     if (fp8) {
       if (fp8.matrix_elements <= 0 || elements % fp8.matrix_elements != 0)
         fail(Code::Internal, "an FP8 weight was offset by ", elements,
@@ -147,6 +160,17 @@ class Backend : public Allocator {
   virtual void transpose_matrices(const float* /*src*/, int64_t /*matrices*/, int64_t /*rows*/,
                                   int64_t /*cols*/, float* /*dst*/) {
     fail(Code::Internal, "the ", name(), " backend keeps no transposed weight copies");
+  }
+
+  // ---- Packed bf16 copies. Bytes of one bf16 weight matrix [rows, cols] (a linear layer's
+  // [out, in]) in the layout the backend's forward reads without repacking; 0 where the backend
+  // keeps no such copies. The ParamStore keeps one for every FFN weight with a bf16 copy.
+  virtual int64_t packed_bf16_bytes(int64_t /*rows*/, int64_t /*cols*/) { return 0; }
+  // dst (matrices x packed_bf16_bytes(rows, cols)) = each of `matrices` bf16 matrices at src
+  // packed.
+  virtual void pack_bf16(const uint16_t* /*src*/, int64_t /*matrices*/, int64_t /*rows*/,
+                         int64_t /*cols*/, void* /*dst*/) {
+    fail(Code::Internal, "the ", name(), " backend keeps no packed bf16 weights");
   }
 
   // ---- Forward.
@@ -333,14 +357,16 @@ inline int64_t fp8_blocks_scale_floats(int64_t matrices, int64_t rows, int64_t c
 // The CPU backend with `threads` worker threads (the caller's included). The MoE experts' GEMMs
 // run in `experts` precision: fp32; bf16 (bf16 copies of their weights, fp32 accumulation); or
 // FP8 (FP8 copies, the exact emulation of kernels/cpu/fp8.h).
-// `transposed`: whether FFN weights multiplied in fp32 carry transposed copies
-// (Backend::transposed_copies); Auto: where oneDNN runs AVX-512 kernels, whose sgemm multiplies
-// the forward's rows by a weight read as [in, out] ("nn") 15-40 % faster than by one read as
-// [out, in] ("nt", which it repacks on every call).
-enum class TransposedCopies { Auto, On, Off };
+// `layouts`: whether FFN weights carry copies laid out as the forward's GEMMs read them without
+// repacking. Auto: the fp32 ones a transposed copy where oneDNN runs AVX-512 kernels, whose sgemm
+// multiplies the forward's rows by a weight read as [in, out] ("nn") 15-40 % faster than by one
+// read as [out, in] ("nt", which it repacks on every call); the bf16 ones a packed copy where
+// oneDNN multiplies bf16 natively (Backend::packed_bf16_bytes). On: the transposed copies on any
+// CPU too. Off: neither.
+enum class LayoutCopies { Auto, On, Off };
 std::unique_ptr<Backend> make_cpu_backend(unsigned threads, Precision experts = Precision::Fp32,
                                           Fp8Options fp8 = {},
-                                          TransposedCopies transposed = TransposedCopies::Auto);
+                                          LayoutCopies layouts = LayoutCopies::Auto);
 
 // What the CPU backend multiplies with on this machine, for reports: oneDNN's effective ISA and
 // the kernels of a bf16 session ("onednn" or "widening").

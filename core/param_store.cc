@@ -52,14 +52,17 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
       Entry& e = entries_[&t];
       e.host = &t;
       e.host_grad = g;
-      // A weight multiplied in fp32 on a backend that keeps transposed copies.
-      auto transposed = [&](bool bf16, bool fp8) {
-        if (bf16 || fp8 || !be.transposed_copies() || !is_ffn_weight(layer, field) ||
-            t.shape.size() < 2)
-          return;
-        e.t_rows = t.shape[t.shape.size() - 2];
-        e.t_cols = t.shape.back();
-        e.f32t.resize(be, static_cast<size_t>(t.numel()));
+      // An FFN weight's copies laid out for the forward: transposed where it is multiplied in
+      // fp32, packed where in bf16, on backends that keep them.
+      auto layout_copies = [&](bool bf16, bool fp8) {
+        if (fp8 || !is_ffn_weight(layer, field) || t.shape.size() < 2) return;
+        const int64_t rows = t.shape[t.shape.size() - 2], cols = t.shape.back();
+        const int64_t matrices = t.numel() / (rows * cols);
+        e.t_rows = rows;
+        e.t_cols = cols;
+        if (!bf16 && be.transposed_copies()) e.f32t.resize(be, static_cast<size_t>(t.numel()));
+        e.packed_bytes = bf16 ? be.packed_bf16_bytes(rows, cols) : 0;
+        if (e.packed_bytes > 0) e.packed.resize(be, static_cast<size_t>(matrices * e.packed_bytes));
       };
       if (t.fp8) {
         if (training) fail(Code::Internal, "a training session's weight is held in FP8");
@@ -67,8 +70,10 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
         const bool bf16 = wants_bf16(be.bf16_copies(), layer, field);
         add_resident(e, t, fp8, bf16);
         if (!e.resident) {
-          transposed(bf16, fp8);
+          layout_copies(bf16, fp8);
           transpose_copy(e);
+          pack_copy(e);
+          if (e.packed.size()) e.bf16 = Buffer<uint16_t>();  // inference: the packed copy serves
         }
         return;
       }
@@ -91,8 +96,10 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
           e.grad_ptr = e.grad.data();
         }
       }
-      if (bf16) e.bf16.resize(be, n);
-      transposed(bf16, fp8);
+      layout_copies(bf16, fp8);
+      // Without training only the forward reads the weight, from its packed copy where it has
+      // one: the plain bf16 copy is then made only on the way to it (pack_copy).
+      if (bf16 && (training || !e.packed.size())) e.bf16.resize(be, n);
       if (fp8) {
         if (t.shape.size() < 2)
           fail(Code::Internal, "expert weight '", layer.name, ".", field, "' is not a matrix");
@@ -132,6 +139,11 @@ Weight ParamStore::weight(const Tensor& t) const {
            e.bf16.size() ? e.bf16.data() : nullptr,
            {},
            e.f32t.size() ? e.f32t.data() : nullptr};
+  if (e.packed.size()) {
+    w.bf16_packed = e.packed.data();
+    w.packed_bytes = e.packed_bytes;
+    w.packed_elements = e.t_rows * e.t_cols;
+  }
   if (e.resident)
     w.fp8 = {e.resident->codes.data(), e.resident->scales.data(),
              e.resident->rows * e.resident->cols, e.resident->matrix_scales()};
@@ -219,12 +231,30 @@ void ParamStore::upload(const Tensor& t) {
   }
   quantize(e, e.what.c_str());
   transpose_copy(e);
+  pack_copy(e);
 }
 
 void ParamStore::transpose_copy(Entry& e) {
   if (!e.f32t.size() || !e.f32_ptr) return;
   be_.transpose_matrices(e.f32_ptr, static_cast<int64_t>(e.f32t.size()) / (e.t_rows * e.t_cols),
                          e.t_rows, e.t_cols, e.f32t.data());
+}
+
+void ParamStore::pack_copy(Entry& e) {
+  if (!e.packed.size() || !e.f32_ptr) return;
+  const int64_t n = e.host->numel(), per = e.t_rows * e.t_cols;
+  if (e.bf16.size()) {
+    be_.pack_bf16(e.bf16.data(), n / per, e.t_rows, e.t_cols, e.packed.data());
+    return;
+  }
+  // A matrix at a time through a temporary bf16 copy.
+  Buffer<uint16_t> tmp(be_, static_cast<size_t>(per));
+  const auto* packed = e.packed.data();
+  for (int64_t i = 0; i < n / per; ++i) {
+    be_.to_bf16(e.f32_ptr + i * per, tmp.data(), per);
+    be_.pack_bf16(tmp.data(), 1, e.t_rows, e.t_cols,
+                  const_cast<unsigned char*>(packed) + i * e.packed_bytes);
+  }
 }
 
 void ParamStore::download(const Tensor& t) const {
@@ -250,6 +280,7 @@ void ParamStore::refresh_copies(const Tensor& t) {
     be_.to_bf16(e.f32_ptr, e.bf16.data(), static_cast<int64_t>(t.values.size()));
   if (e.f32_ptr) quantize(e, e.what.c_str());
   transpose_copy(e);
+  pack_copy(e);
 }
 
 void ParamStore::zero_grads() {

@@ -9,7 +9,9 @@
 // (Tensor::fp8, inference only: training decodes its masters) is multiplied from the model's own
 // codes where the backend multiplies it in FP8, and decoded into an fp32 copy of the store's own
 // otherwise. On a backend that keeps transposed copies (Backend::transposed_copies), the FFN
-// weights multiplied in fp32 also have one (Weight::f32t), made and refreshed the same way.
+// weights multiplied in fp32 also have one (Weight::f32t), and on a backend that packs bf16
+// weights (Backend::packed_bf16_bytes) those with a bf16 copy a packed one (Weight::bf16_packed),
+// made and refreshed the same way.
 #pragma once
 
 #include <cstdint>
@@ -87,9 +89,11 @@ class ParamStore {
     Buffer<uint8_t> fp8_codes;
     Buffer<float> fp8_scales;
     int64_t fp8_matrices = 0, fp8_rows = 0, fp8_cols = 0;
-    // The transposed copy: each matrix [t_rows, t_cols] of the stack as [t_cols, t_rows].
+    // The copies laid out for the forward, of a stack of matrices [t_rows, t_cols]: each matrix
+    // transposed (fp32), or its bf16 copy packed, packed_bytes per matrix.
     Buffer<float> f32t;
-    int64_t t_rows = 0, t_cols = 0;
+    Buffer<unsigned char> packed;
+    int64_t t_rows = 0, t_cols = 0, packed_bytes = 0;
     std::string what;  // "layer.field", named in quantization errors
     // A tensor the model holds in FP8, multiplied as it is (host backends).
     const Fp8Blocks* resident = nullptr;
@@ -100,6 +104,7 @@ class ParamStore {
   const Entry& entry(const Tensor& t) const;
   void quantize(Entry& e, const char* what);
   void transpose_copy(Entry& e);
+  void pack_copy(Entry& e);
   // A weight the model holds in FP8 (inference only): its codes as the Weight's FP8 view where
   // `fp8_view`, else decoded into the store's own fp32 copy (and a bf16 one where `bf16`).
   void add_resident(Entry& e, const Tensor& t, bool fp8_view, bool bf16);

@@ -142,13 +142,13 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
     if (value != "fp32" && value != "ue8m0")
       fail(Code::InvalidArgument, "option 'fp8_scales' takes fp32 or ue8m0, got '", value, "'");
     fp8.power_of_two_scales = value == "ue8m0";
-  } else if (key == "transposed_weights") {
+  } else if (key == "layout_copies") {
     if (value != "auto" && value != "on" && value != "off")
-      fail(Code::InvalidArgument, "option 'transposed_weights' takes auto, on or off, got '", value,
+      fail(Code::InvalidArgument, "option 'layout_copies' takes auto, on or off, got '", value,
            "'");
-    transposed = value == "on"    ? TransposedCopies::On
-                 : value == "off" ? TransposedCopies::Off
-                                  : TransposedCopies::Auto;
+    layouts = value == "on"    ? LayoutCopies::On
+              : value == "off" ? LayoutCopies::Off
+                               : LayoutCopies::Auto;
   } else if (key == "optimizer") {
     if (value != "adamw" && value != "sgd")
       fail(Code::InvalidArgument, "option 'optimizer' takes adamw or sgd, got '", value, "'");
@@ -191,7 +191,7 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
         std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
   } else {
     fail(Code::InvalidArgument, "unknown session option '", key,
-         "' (known: check_finite, cuda_plugin, precision, fp8_scales, transposed_weights, "
+         "' (known: check_finite, cuda_plugin, precision, fp8_scales, layout_copies, "
          "optimizer, lr, min_lr, "
          "weight_decay, "
          "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length, "
@@ -237,10 +237,9 @@ void Session::build() {
     fail(Code::Unsupported,
          "precision fp32 is not available on CUDA: the CUDA backend multiplies in bf16 (fp32 "
          "runs on the CPU)");
-  backend_ =
-      cuda
-          ? make_cuda_backend(options_.device_index, options_.cuda_plugin, precision_, options_.fp8)
-          : make_cpu_backend(options_.threads, precision_, options_.fp8, options_.transposed);
+  backend_ = cuda ? make_cuda_backend(options_.device_index, options_.cuda_plugin, precision_,
+                                      options_.fp8)
+                  : make_cpu_backend(options_.threads, precision_, options_.fp8, options_.layouts);
   if (precision_ == Precision::Fp8 && !backend_->fp8_experts())
     fail(Code::Unsupported, "precision fp8 is not available on the ", backend_->name(),
          " backend in this version");
@@ -901,9 +900,9 @@ void Session::set_config(const std::string& key, const std::string& value) {
   if (key == "fp8_scales" && updated.fp8.power_of_two_scales != options_.fp8.power_of_two_scales)
     fail(Code::InvalidState,
          "fp8_scales is chosen when the session is created (its FP8 weight copies are made then)");
-  if (key == "transposed_weights" && updated.transposed != options_.transposed)
+  if (key == "layout_copies" && updated.layouts != options_.layouts)
     fail(Code::InvalidState,
-         "transposed_weights is chosen when the session is created (its weight copies are made "
+         "layout_copies is chosen when the session is created (its weight copies are made "
          "then)");
   if (key == "optimizer" && updated.training.optimizer != options_.training.optimizer && step_ > 0)
     fail(Code::InvalidState,

@@ -68,8 +68,9 @@ struct SessionOptions {
   // multiplies in bf16.
   std::optional<Precision> precision;
   Fp8Options fp8;  // how precision fp8 multiplies (option "fp8_scales")
-  // Whether the CPU keeps transposed fp32 copies of FFN weights (option "transposed_weights").
-  TransposedCopies transposed = TransposedCopies::Auto;
+  // Which copies laid out for the forward's GEMMs the CPU keeps of FFN weights (option
+  // "layout_copies").
+  LayoutCopies layouts = LayoutCopies::Auto;
   uint64_t seed = 0;
   Mode mode = Mode::Inference;
   bool check_finite = true;

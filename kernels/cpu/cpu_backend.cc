@@ -38,11 +38,10 @@ void index_by_token(Allocator& mem, DispatchPlan& plan) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8,
-                       TransposedCopies transposed)
+CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8, LayoutCopies layouts)
     : bf16_(experts == Precision::Bf16),
-      transposed_(transposed == TransposedCopies::On ||
-                  (transposed == TransposedCopies::Auto && avx512_gemms())),
+      transposed_(layouts == LayoutCopies::On || (layouts == LayoutCopies::Auto && avx512_gemms())),
+      packed_(layouts != LayoutCopies::Off && Bf16Gemm::default_kernels() == Bf16Kernels::Dnnl),
       precision_(experts),
       fp8_(fp8),
       pool_(threads),
@@ -79,6 +78,34 @@ void CpuBackend::transpose_matrices(const float* src, int64_t matrices, int64_t 
     transpose(src + mtx * per + c0, cols, rows, std::min(kCols, cols - c0),
               dst + mtx * per + c0 * rows, rows);
   });
+}
+
+int64_t CpuBackend::packed_bf16_bytes(int64_t rows, int64_t cols) {
+  if (!packed_ || rows <= 0 || cols <= 0) return 0;
+  const int64_t full = rows / kPackRows, rest = rows % kPackRows;
+  return full * static_cast<int64_t>(bf16_gemm_.packed_bytes(kPackRows, cols)) +
+         (rest ? static_cast<int64_t>(bf16_gemm_.packed_bytes(rest, cols)) : 0);
+}
+
+void CpuBackend::pack_bf16(const uint16_t* src, int64_t matrices, int64_t rows, int64_t cols,
+                           void* dst) {
+  const int64_t per = packed_bf16_bytes(rows, cols), nb = blocks(rows, kPackRows);
+  if (per == 0) fail(Code::Internal, "the CPU backend keeps no packed bf16 weights here");
+  const auto block = static_cast<int64_t>(bf16_gemm_.packed_bytes(kPackRows, cols));
+  pool_.parallel_for(matrices * nb, [&](int64_t i, unsigned worker) {
+    const int64_t mtx = i / nb, b = i % nb, r0 = b * kPackRows;
+    bf16_gemm_.pack(src + mtx * rows * cols + r0 * cols, cols, std::min(kPackRows, rows - r0), cols,
+                    static_cast<unsigned char*>(dst) + mtx * per + b * block, worker);
+  });
+}
+
+void CpuBackend::packed_nt(const void* a, int64_t lda, const unsigned char* w, float* c,
+                           int64_t ldc, int64_t m, int64_t c0, int64_t n, int64_t k,
+                           bool accumulate, unsigned worker) {
+  const auto block = static_cast<int64_t>(bf16_gemm_.packed_bytes(kPackRows, k));
+  for (int64_t j = 0; j < n; j += kPackRows)
+    bf16_gemm_.act_packed_nt(a, lda, w + (c0 + j) / kPackRows * block, c + j, ldc, m,
+                             std::min(kPackRows, n - j), k, accumulate, worker);
 }
 
 void CpuBackend::to_bf16(const float* src, uint16_t* dst, int64_t n) {
@@ -441,8 +468,8 @@ void CpuBackend::sgd(float* p, const float* g, float* m, int64_t n, double lr, d
 namespace moert {
 
 std::unique_ptr<Backend> make_cpu_backend(unsigned threads, Precision experts, Fp8Options fp8,
-                                          TransposedCopies transposed) {
-  return std::make_unique<cpu::CpuBackend>(threads, experts, fp8, transposed);
+                                          LayoutCopies layouts) {
+  return std::make_unique<cpu::CpuBackend>(threads, experts, fp8, layouts);
 }
 
 std::string cpu_gemm_isa() { return cpu::dnnl_isa_name(); }

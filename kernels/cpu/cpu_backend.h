@@ -20,7 +20,7 @@ namespace moert::cpu {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(unsigned threads, Precision experts, Fp8Options fp8, TransposedCopies transposed);
+  CpuBackend(unsigned threads, Precision experts, Fp8Options fp8, LayoutCopies layouts);
 
   const char* name() const override { return "cpu"; }
   bool host_memory() const override { return true; }
@@ -29,6 +29,11 @@ class CpuBackend final : public Backend {
   bool transposed_copies() const override { return transposed_; }
   void transpose_matrices(const float* src, int64_t matrices, int64_t rows, int64_t cols,
                           float* dst) override;
+  // A packed matrix: its rows in blocks of kPackRows (the forward's column units), each packed
+  // alone (Bf16Gemm::pack), block b at b * packed_bytes(kPackRows, cols).
+  int64_t packed_bf16_bytes(int64_t rows, int64_t cols) override;
+  void pack_bf16(const uint16_t* src, int64_t matrices, int64_t rows, int64_t cols,
+                 void* dst) override;
 
   // ---- Memory (cpu_backend.cc)
   void* allocate(size_t bytes) override;
@@ -171,8 +176,9 @@ class CpuBackend final : public Backend {
                     int64_t hidden);
 
   bool bf16_;
-  // The fp32 forward multiplies by Weight::f32t ("nn") where a weight carries it.
-  bool transposed_;
+  // The fp32 forward multiplies by Weight::f32t ("nn") where a weight carries it; the bf16
+  // forward by Weight::bf16_packed.
+  bool transposed_, packed_;
   Precision precision_;
   Fp8Options fp8_;
   ThreadPool pool_;
@@ -196,6 +202,14 @@ class CpuBackend final : public Backend {
   // Forward items of at most kFewRows rows run as column blocks of the up (w1, w3) and down (w2)
   // GEMMs; their activations live in few_ between the two.
   static constexpr int64_t kFewRows = 16, kUpColumns = 256, kDownColumns = 512;
+  // Rows of a weight (output columns of its GEMM) packed together: every column unit above is a
+  // whole number of them.
+  static constexpr int64_t kPackRows = 256;
+  static_assert(kUpColumns % kPackRows == 0 && kDownColumns % kPackRows == 0);
+  // c[m, n] (+)= a[m, k] w^T on the output columns [c0, c0 + n) of a weight w packed as
+  // pack_bf16 packs it (c and w from column c0; c0 a multiple of kPackRows).
+  void packed_nt(const void* a, int64_t lda, const unsigned char* w, float* c, int64_t ldc,
+                 int64_t m, int64_t c0, int64_t n, int64_t k, bool accumulate, unsigned worker);
   Buffer<float> few_;
   static constexpr int64_t kTransposedWeights = int64_t{64} << 20;
   // Below this many elements a weight's fp32 GEMMs are small enough that oneDNN's nn and tn

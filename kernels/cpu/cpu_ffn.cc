@@ -33,7 +33,9 @@ const float* f32_of(Weight w) {
   return w.f32;
 }
 
-bool all_bf16(Weight a, Weight b, Weight c) { return a.bf16 && b.bf16 && c.bf16; }
+// Multiplied in bf16: a plain bf16 copy, or (inference) only the packed one.
+bool bf16_of(Weight w) { return w.bf16 || w.bf16_packed; }
+bool all_bf16(Weight a, Weight b, Weight c) { return bf16_of(a) && bf16_of(b) && bf16_of(c); }
 bool all_fp8(Weight a, Weight b, Weight c) { return a.fp8 && b.fp8 && c.fp8; }
 
 }  // namespace
@@ -150,10 +152,15 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       auto& act = scratch_[worker].bytes;
       act.resize(static_cast<size_t>(m * dim) * bf16_gemm_.act_bytes());
       bf16_gemm_.prepare(xr, dim, m, dim, act.data(), dim, false);
-      bf16_gemm_.act_weight_nt(act.data(), dim, s.w1.bf16 + c0 * dim, dim, p1 + c0, hidden, m, n,
-                               dim, false, worker);
-      bf16_gemm_.act_weight_nt(act.data(), dim, s.w3.bf16 + c0 * dim, dim, p3 + c0, hidden, m, n,
-                               dim, false, worker);
+      if (s.w1.bf16_packed && s.w3.bf16_packed) {
+        packed_nt(act.data(), dim, s.w1.bf16_packed, p1 + c0, hidden, m, c0, n, dim, false, worker);
+        packed_nt(act.data(), dim, s.w3.bf16_packed, p3 + c0, hidden, m, c0, n, dim, false, worker);
+      } else {
+        bf16_gemm_.act_weight_nt(act.data(), dim, s.w1.bf16 + c0 * dim, dim, p1 + c0, hidden, m, n,
+                                 dim, false, worker);
+        bf16_gemm_.act_weight_nt(act.data(), dim, s.w3.bf16 + c0 * dim, dim, p3 + c0, hidden, m, n,
+                                 dim, false, worker);
+      }
     } else if (s.w1.f32t && s.w3.f32t) {
       sgemm(false, false, m, n, dim, xr, dim, s.w1.f32t + c0, hidden, p1 + c0, hidden, false);
       sgemm(false, false, m, n, dim, xr, dim, s.w3.f32t + c0, hidden, p3 + c0, hidden, false);
@@ -173,8 +180,12 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       auto& act = scratch_[worker].bytes;
       act.resize(static_cast<size_t>(m * hidden) * bf16_gemm_.act_bytes());
       bf16_gemm_.prepare(a, hidden, m, hidden, act.data(), hidden, false);
-      bf16_gemm_.act_weight_nt(act.data(), hidden, s.w2.bf16 + c0 * hidden, hidden, yr + c0, dim, m,
-                               n, hidden, accumulate, worker);
+      if (s.w2.bf16_packed)
+        packed_nt(act.data(), hidden, s.w2.bf16_packed, yr + c0, dim, m, c0, n, hidden, accumulate,
+                  worker);
+      else
+        bf16_gemm_.act_weight_nt(act.data(), hidden, s.w2.bf16 + c0 * hidden, hidden, yr + c0, dim,
+                                 m, n, hidden, accumulate, worker);
     } else if (s.w2.f32t) {
       sgemm(false, false, m, n, hidden, a, hidden, s.w2.f32t + c0, dim, yr + c0, dim, accumulate);
     } else {

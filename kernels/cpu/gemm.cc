@@ -4,9 +4,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "core/error.h"
 #include "kernels/cpu/bf16.h"
@@ -47,7 +50,8 @@ struct Bf16Gemm::Dnnl {
   struct Key {
     int64_t m, n, k, lda, ldb, ldc;
     bool b_trans, accumulate;
-    auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, b_trans, accumulate); }
+    bool packed = false;  // b in packed_md(k, n) (ldb, b_trans unused)
+    auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, b_trans, accumulate, packed); }
     bool operator<(const Key& o) const { return tie() < o.tie(); }
   };
   struct Prim {
@@ -61,9 +65,91 @@ struct Bf16Gemm::Dnnl {
   }
   ~Dnnl() {
     for (auto& [key, p] : prims) dnnl_primitive_destroy(p.prim);
+    for (auto& [key, r] : reorders) dnnl_primitive_destroy(r);
     for (dnnl_stream_t s : streams)
       if (s) dnnl_stream_destroy(s);
     if (engine) dnnl_engine_destroy(engine);
+  }
+
+  // The layout oneDNN's matmul chooses for a bf16 weight operand [k, n] (asked with m = 64; the
+  // primitives of every m are then made with it, and refuse it if theirs differed). Under mu.
+  const dnnl_memory_desc_t& packed_md(int64_t k, int64_t n) {
+    auto it = packed_mds.find({k, n});
+    if (it != packed_mds.end()) return it->second;
+    dnnl_memory_desc_t a, b, c;
+    const dnnl_dims_t ad{64, k}, bd{k, n}, cd{64, n};
+    check_dnnl(dnnl_memory_desc_init_by_tag(&a, 2, ad, dnnl_bf16, dnnl_ab), "src desc");
+    check_dnnl(dnnl_memory_desc_init_by_tag(&b, 2, bd, dnnl_bf16, dnnl_format_tag_any),
+               "weights desc");
+    check_dnnl(dnnl_memory_desc_init_by_tag(&c, 2, cd, dnnl_f32, dnnl_ab), "dst desc");
+    dnnl_matmul_desc_t desc;
+    check_dnnl(dnnl_matmul_desc_init(&desc, &a, &b, nullptr, &c), "matmul desc");
+    dnnl_primitive_desc_t pd = nullptr;
+    check_dnnl(dnnl_primitive_desc_create(&pd, &desc, nullptr, engine, nullptr),
+               "bf16 matmul layout query");
+    const dnnl_memory_desc_t md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    dnnl_primitive_desc_destroy(pd);
+    return packed_mds.emplace(std::make_pair(k, n), md).first->second;
+  }
+
+  size_t packed_bytes(int64_t n, int64_t k) {
+    std::lock_guard<std::mutex> lock(mu);
+    return dnnl_memory_desc_get_size(&packed_md(k, n));
+  }
+
+  // out = w[n, k] (row stride ldw) in packed_md(k, n), on the worker's stream.
+  void pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t k, void* out, unsigned worker) {
+    const AsyncSignalScope no_signals;
+    dnnl_primitive_t reorder = nullptr;
+    dnnl_memory_desc_t src, dst;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      dst = packed_md(k, n);
+      const dnnl_dims_t d{k, n}, s{1, ldw};
+      check_dnnl(dnnl_memory_desc_init_by_strides(&src, 2, d, dnnl_bf16, s), "weights desc");
+      auto it = reorders.find({k, n, ldw});
+      if (it == reorders.end()) {
+        dnnl_primitive_desc_t pd = nullptr;
+        dnnl_status_t st =
+            dnnl_reorder_primitive_desc_create(&pd, &src, engine, &dst, engine, nullptr);
+        if (st == dnnl_success) st = dnnl_primitive_create(&reorder, pd);
+        if (pd) dnnl_primitive_desc_destroy(pd);
+        check_dnnl(st, "bf16 weight packing (reorder) creation");
+        it = reorders.emplace(std::make_tuple(k, n, ldw), reorder).first;
+      }
+      reorder = it->second;
+    }
+    run_prim(reorder, {{DNNL_ARG_FROM, &src, const_cast<uint16_t*>(w)}, {DNNL_ARG_TO, &dst, out}},
+             worker, "bf16 weight packing");
+  }
+
+  // Executes `prim` on the worker's stream with the given (argument, desc, data) triples.
+  struct Arg {
+    int arg;
+    const dnnl_memory_desc_t* md;
+    void* data;
+  };
+  void run_prim(dnnl_primitive_t prim, std::initializer_list<Arg> args, unsigned worker,
+                const char* what) {
+    if (!streams[worker])
+      check_dnnl(dnnl_stream_create(&streams[worker], engine, dnnl_stream_default_flags),
+                 "stream creation");
+    std::vector<dnnl_memory_t> mem;
+    std::vector<dnnl_exec_arg_t> exec;
+    dnnl_status_t s = dnnl_success;
+    for (const Arg& a : args) {
+      dnnl_memory_t m = nullptr;
+      s = dnnl_memory_create(&m, a.md, engine, a.data);
+      if (s != dnnl_success) break;
+      mem.push_back(m);
+      exec.push_back({a.arg, m});
+    }
+    if (s == dnnl_success) {
+      s = dnnl_primitive_execute(prim, streams[worker], static_cast<int>(exec.size()), exec.data());
+      if (s == dnnl_success) s = dnnl_stream_wait(streams[worker]);
+    }
+    for (dnnl_memory_t m : mem) dnnl_memory_destroy(m);
+    check_dnnl(s, what);
   }
 
   const Prim& get(const Key& key) {
@@ -78,8 +164,12 @@ struct Bf16Gemm::Dnnl {
     const dnnl_dims_t bs_t{1, key.ldb}, bs_n{key.ldb, 1};
     const dnnl_dims_t cd{key.m, key.n}, cs{key.ldc, 1};
     check_dnnl(dnnl_memory_desc_init_by_strides(&p.a, 2, ad, dnnl_bf16, as), "src desc");
-    check_dnnl(dnnl_memory_desc_init_by_strides(&p.b, 2, bd, dnnl_bf16, key.b_trans ? bs_t : bs_n),
-               "weights desc");
+    if (key.packed)
+      p.b = packed_md(key.k, key.n);
+    else
+      check_dnnl(
+          dnnl_memory_desc_init_by_strides(&p.b, 2, bd, dnnl_bf16, key.b_trans ? bs_t : bs_n),
+          "weights desc");
     check_dnnl(dnnl_memory_desc_init_by_strides(&p.c, 2, cd, dnnl_f32, cs), "dst desc");
     dnnl_matmul_desc_t desc;
     check_dnnl(dnnl_matmul_desc_init(&desc, &p.a, &p.b, nullptr, &p.c), "matmul desc");
@@ -110,44 +200,30 @@ struct Bf16Gemm::Dnnl {
   void run(const Key& key, const void* a, const void* b, float* c, unsigned worker) {
     const AsyncSignalScope no_signals;
     const Prim& p = get(key);
-    if (!streams[worker])
-      check_dnnl(dnnl_stream_create(&streams[worker], engine, dnnl_stream_default_flags),
-                 "stream creation");
     auto& sp = scratch[worker];
     if (sp.size() < p.scratch_bytes) sp.resize(p.scratch_bytes);
-    dnnl_memory_t mem[4] = {};
-    const dnnl_memory_desc_t* sp_md = nullptr;
     dnnl_memory_desc_t sp_desc;
     const dnnl_dims_t sd{static_cast<dnnl_dim_t>(std::max<size_t>(p.scratch_bytes, 1))};
     check_dnnl(dnnl_memory_desc_init_by_tag(&sp_desc, 1, sd, dnnl_u8, dnnl_a), "scratch desc");
-    sp_md = &sp_desc;
-    dnnl_status_t s = dnnl_memory_create(&mem[0], &p.a, engine, const_cast<void*>(a));
-    if (s == dnnl_success) s = dnnl_memory_create(&mem[1], &p.b, engine, const_cast<void*>(b));
-    if (s == dnnl_success) s = dnnl_memory_create(&mem[2], &p.c, engine, c);
-    if (s == dnnl_success)
-      s = dnnl_memory_create(&mem[3], sp_md, engine, sp.empty() ? nullptr : sp.data());
-    if (s == dnnl_success) {
-      const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
-                                       {DNNL_ARG_WEIGHTS, mem[1]},
-                                       {DNNL_ARG_DST, mem[2]},
-                                       {DNNL_ARG_SCRATCHPAD, mem[3]}};
-      s = dnnl_primitive_execute(p.prim, streams[worker], 4, args);
-      if (s == dnnl_success) s = dnnl_stream_wait(streams[worker]);
-    }
-    for (dnnl_memory_t m : mem)
-      if (m) dnnl_memory_destroy(m);
-    check_dnnl(s, "bf16 matmul");
+    run_prim(p.prim,
+             {{DNNL_ARG_SRC, &p.a, const_cast<void*>(a)},
+              {DNNL_ARG_WEIGHTS, &p.b, const_cast<void*>(b)},
+              {DNNL_ARG_DST, &p.c, c},
+              {DNNL_ARG_SCRATCHPAD, &sp_desc, sp.empty() ? nullptr : sp.data()}},
+             worker, "bf16 matmul");
   }
 
   dnnl_engine_t engine = nullptr;
   std::mutex mu;
   std::map<Key, Prim> prims;
-  std::vector<dnnl_stream_t> streams;               // per worker
-  std::vector<std::vector<unsigned char>> scratch;  // per worker
+  std::map<std::pair<int64_t, int64_t>, dnnl_memory_desc_t> packed_mds;        // (k, n)
+  std::map<std::tuple<int64_t, int64_t, int64_t>, dnnl_primitive_t> reorders;  // (k, n, ldw)
+  std::vector<dnnl_stream_t> streams;                                          // per worker
+  std::vector<std::vector<unsigned char>> scratch;                             // per worker
 };
 
 Bf16Gemm::Bf16Gemm(unsigned workers, Bf16Kernels kernels)
-    : kernels_(kernels), scratch_(std::max(1u, workers)) {
+    : kernels_(kernels), scratch_(std::max(1u, workers)), dense_(std::max(1u, workers)) {
   if (kernels_ == Bf16Kernels::Dnnl) dnnl_ = std::make_unique<Dnnl>(std::max(1u, workers));
 }
 
@@ -211,6 +287,48 @@ void Bf16Gemm::act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb
     return;
   }
   dnnl_->run({m, n, k, lda, ldb, ldc, true, accumulate}, a, b, c, worker);
+}
+
+size_t Bf16Gemm::packed_bytes(int64_t n, int64_t k) {
+  if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
+  return dnnl_->packed_bytes(n, k);
+}
+
+void Bf16Gemm::pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t k, void* out,
+                    unsigned worker) {
+  if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
+  dnnl_->pack(w, ldw, n, k, out, worker);
+}
+
+void Bf16Gemm::act_packed_nt(const void* a, int64_t lda, const void* w, float* c, int64_t ldc,
+                             int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker) {
+  if (m <= 0 || n <= 0) return;
+  if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
+  if (k == 0) {
+    sgemm(false, true, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
+    return;
+  }
+  if (ldc == n) {
+    Dnnl::Key key{m, n, k, lda, 0, ldc, false, accumulate};
+    key.packed = true;
+    dnnl_->run(key, a, w, c, worker);
+    return;
+  }
+  // oneDNN 2.6's brgemm matmul takes no strided destination with packed weights (it falls back
+  // to its reference kernel, ~1000x slower): a column block goes through a dense one.
+  auto& d = dense_[worker];
+  d.resize(static_cast<size_t>(m * n));
+  Dnnl::Key key{m, n, k, lda, 0, n, false, false};
+  key.packed = true;
+  dnnl_->run(key, a, w, d.data(), worker);
+  for (int64_t i = 0; i < m; ++i) {
+    float* ci = c + i * ldc;
+    const float* di = d.data() + i * n;
+    if (accumulate)
+      add_into(ci, di, n);
+    else
+      std::memcpy(ci, di, sizeof(float) * static_cast<size_t>(n));
+  }
 }
 
 }  // namespace moert::cpu

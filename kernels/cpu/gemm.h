@@ -56,6 +56,17 @@ class Bf16Gemm {
   void act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb, float* c, int64_t ldc,
                   int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker);
 
+  // Packed weights (kernels Dnnl only): a weight w[n, k] as the [k, n] operand of oneDNN's
+  // matmul in the blocked layout its kernels read directly, so that a call repacks nothing. The
+  // layout is oneDNN's choice for (k, n) and the same for every m (checked when a primitive is
+  // made). Bytes of the packed form of w[n, k]:
+  size_t packed_bytes(int64_t n, int64_t k);
+  // out (packed_bytes(n, k) bytes) = w[n, k] (row stride ldw), packed.
+  void pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t k, void* out, unsigned worker);
+  // c[m, n] (+)= a[m, k] w^T, a prepared, w packed from w[n, k] (Fprop).
+  void act_packed_nt(const void* a, int64_t lda, const void* w, float* c, int64_t ldc, int64_t m,
+                     int64_t n, int64_t k, bool accumulate, unsigned worker);
+
  private:
   struct Dnnl;
   // Rows up to which oneDNN's kernels are not used: a decode step's few rows would pay for the
@@ -70,6 +81,7 @@ class Bf16Gemm {
   Bf16Kernels kernels_;
   std::unique_ptr<Dnnl> dnnl_;
   std::vector<std::vector<float>> scratch_;  // per worker
+  std::vector<std::vector<float>> dense_;    // per worker: act_packed_nt's dense destination
 };
 
 }  // namespace moert::cpu

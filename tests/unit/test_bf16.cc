@@ -116,9 +116,9 @@ struct Shape {
 };
 
 // Each kernel against a double-precision product of the bf16-rounded operands: what is left is
-// fp32 accumulation error only. Shapes cover the few-row (decode) path, block remainders and k
-// tails. Runs the kernels this CPU uses (and, under DNNL_MAX_CPU_ISA, the lower ones: CTest runs
-// this suite again capped at SSE4.1).
+// fp32 accumulation error only. Where oneDNN runs (native bf16), its packed weights too. Shapes
+// cover the few-row (decode) path, block remainders and k tails. Runs the kernels this CPU uses
+// (and, under DNNL_MAX_CPU_ISA, the lower ones: CTest runs this suite again capped at SSE4.1).
 TEST(Bf16Gemm, KernelsComputeBf16OperandsWithFp32Accumulation) {
   std::mt19937 rng(1);
   cpu::Bf16Gemm gemm(1, cpu::Bf16Gemm::default_kernels());
@@ -162,6 +162,27 @@ TEST(Bf16Gemm, KernelsComputeBf16OperandsWithFp32Accumulation) {
       c = c0;
       gemm.act_act_nt(ap.data(), s.k, wp.data(), s.k, c.data(), s.n, s.m, s.n, s.k, accumulate, 0);
       EXPECT_LT(rel(c, nt), tol) << "act_act " << what;
+      // oneDNN's packed weights (where bf16 is native): into a dense destination and into one
+      // with a longer row stride (the forward's column blocks).
+      if (gemm.kernels() == cpu::Bf16Kernels::Dnnl && s.k > 0) {
+        std::vector<unsigned char> packed(gemm.packed_bytes(s.n, s.k));
+        gemm.pack(wb.data(), s.k, s.n, s.k, packed.data(), 0);
+        c = c0;
+        gemm.act_packed_nt(ap.data(), s.k, packed.data(), c.data(), s.n, s.m, s.n, s.k, accumulate,
+                           0);
+        EXPECT_LT(rel(c, nt), tol) << "packed " << what;
+        const int64_t ld = s.n + 7;
+        Vec wide(s.m * ld, -3.0f);
+        for (int64_t i = 0; i < s.m; ++i)
+          std::copy(c0.begin() + i * s.n, c0.begin() + (i + 1) * s.n, wide.begin() + i * ld);
+        gemm.act_packed_nt(ap.data(), s.k, packed.data(), wide.data(), ld, s.m, s.n, s.k,
+                           accumulate, 0);
+        for (int64_t i = 0; i < s.m; ++i) {
+          std::copy(wide.begin() + i * ld, wide.begin() + i * ld + s.n, c.begin() + i * s.n);
+          for (int64_t j = s.n; j < ld; ++j) ASSERT_EQ(wide[i * ld + j], -3.0f) << what;
+        }
+        EXPECT_LT(rel(c, nt), tol) << "packed, strided destination " << what;
+      }
       // The transposed operand holds the same values.
       if (s.k > 0 && es == 4) {
         const auto* t = reinterpret_cast<const float*>(at.data());

@@ -304,7 +304,13 @@ TEST(Fp8Resident, ParamStoreMultipliesTheResidentCodesOrItsOwnDecodedCopy) {
       ASSERT_NE(w.f32, nullptr);
       EXPECT_FALSE(w.fp8);
       EXPECT_EQ(0, std::memcmp(w.f32, w1.data(), w1.size() * sizeof(float)));
-      EXPECT_EQ(w.bf16 != nullptr, be->bf16_copies() != Bf16Copies::None);
+      // Multiplied in bf16: a plain bf16 copy, or (this inference store) a packed one alone
+      // where the backend packs bf16 weights.
+      EXPECT_EQ(w.bf16 != nullptr || w.bf16_packed != nullptr,
+                be->bf16_copies() != Bf16Copies::None);
+      if (w.bf16_packed) {
+        EXPECT_EQ(w.packed_bytes, be->packed_bf16_bytes(kWidths.expert_hidden, kWidths.dim));
+      }
     }
   }
 }

@@ -381,17 +381,24 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *   "fp8_scales"    "fp32" (default) | "ue8m0": with precision "fp8", scales as computed
  *                   (amax / 448, at least 2^-126), or rounded up to powers of two (DeepSeek-V3.1's
  *                   and DeepGEMM's UE8M0 scales). Fixed at moert_session_create().
- *   "transposed_weights" "auto" (default) | "on" | "off": whether a CPU session keeps, beside
- *                   the fp32 values of each FFN weight it multiplies in fp32 (the MoE layers'
- *                   routed and shared experts, dense FFNs), a copy transposed matrix by matrix,
- *                   refreshed after every optimizer step or write like the bf16 and FP8 copies.
- *                   The forward then multiplies its rows by a weight read as [in, out], which
- *                   oneDNN's AVX-512 sgemm runs 15-40 % faster than the [out, in] layout it
- *                   otherwise repacks on every call. "auto": where oneDNN runs AVX-512 kernels
- *                   (its AVX2 kernels are faster on the stored layout); "off" saves the memory (the
- *                   weights' fp32 size once more); "on" keeps them on any CPU. Results agree with
- *                   "off" to fp32 rounding, not bitwise. CUDA sessions ignore it. Fixed at
- *                   moert_session_create().
+ *   "layout_copies" "auto" (default) | "on" | "off": whether a CPU session keeps, beside the
+ *                   values of each FFN weight (the MoE layers' routed and shared experts, dense
+ *                   FFNs), a copy laid out as its forward GEMM reads it without repacking,
+ *                   refreshed after every optimizer step or write like the bf16 and FP8 copies:
+ *                   - weights multiplied in fp32, transposed matrix by matrix: the forward then
+ *                     multiplies its rows by [in, out], which oneDNN's AVX-512 sgemm runs 15-40 %
+ *                     faster than the [out, in] it otherwise repacks on every call; costs the
+ *                     weights' fp32 size once more;
+ *                   - weights multiplied in bf16, in oneDNN's blocked layout, where the CPU
+ *                     multiplies bf16 natively (AVX512-BF16, AMX): decode-sized batches then
+ *                     stream the weights at the memory's speed. An inference session keeps this
+ *                     copy instead of the plain bf16 one (no more memory); a training session
+ *                     keeps both (the backward reads the plain one).
+ *                   "auto": the transposed copies where oneDNN runs AVX-512 kernels (its AVX2
+ *                   kernels are faster on the stored layout), the packed ones where bf16 is
+ *                   native; "on": the transposed copies on any CPU too; "off": neither, to save
+ *                   the memory. Results agree with "off" to fp32 rounding, not bitwise. CUDA
+ *                   sessions ignore it. Fixed at moert_session_create().
  *   "aux_loss_scope" "local" (default) | "global": over several ranks, the auxiliary losses
  *                   take each rank's rows as theirs (sequences within a rank; the Switch loss of
  *                   each rank's batch), or the job's (f and P over every rank's rows; arXiv

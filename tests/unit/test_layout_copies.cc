@@ -1,7 +1,8 @@
-// The CPU backend's transposed fp32 weight copies (session option "transposed_weights"): the
-// copies hold the masters transposed matrix by matrix and follow every change of them, and a
-// session multiplying by them agrees with one multiplying by the stored layout to fp32 rounding,
-// in its forward, its gradients and its training, whatever the thread count.
+// The CPU backend's layout copies (session option "layout_copies"): fp32 FFN weights transposed,
+// bf16 ones packed for oneDNN's matmul. The copies hold the masters as laid out and follow every
+// change of them, and a session multiplying by them agrees with one multiplying by the stored
+// layout to fp32 rounding, in its forward, its gradients and its training, whatever the thread
+// count.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -15,6 +16,7 @@
 #include "core/model_loader.h"
 #include "core/param_store.h"
 #include "core/session.h"
+#include "kernels/cpu/isa.h"
 #include "tests/unit/random_tensor.h"
 #include "tests/unit/session_model.h"
 
@@ -26,12 +28,18 @@ using test::batch;
 using test::moe_model;
 using Vec = std::vector<float>;
 
-SessionOptions with(const char* transposed, Mode mode, uint32_t threads = 2,
+SessionOptions with(const char* layouts, Mode mode, uint32_t threads = 2,
                     Precision p = Precision::Fp32) {
   SessionOptions o = test::options(p, mode, threads);
-  o.set("transposed_weights", transposed);
+  o.set("layout_copies", layouts);
   return o;
 }
+
+// The bf16 tests run where the packed copies exist.
+#define SKIP_WITHOUT_NATIVE_BF16()                       \
+  if (!cpu::native_bf16())                               \
+  GTEST_SKIP() << "oneDNN runs " << cpu::dnnl_isa_name() \
+               << ": no native bf16 (AVX512-BF16, AMX), so no packed bf16 copies to test"
 
 // Relative distance, sqrt(sum (a - b)^2 / sum b^2).
 double rel(const Vec& a, const Vec& b) {
@@ -76,11 +84,11 @@ Vec copy_of(const ParamStore& store, const Tensor& t) {
 // The store makes a transposed copy of exactly the FFN weights multiplied in fp32, holding the
 // masters transposed, and refreshes it on a write (upload) and after an optimizer step
 // (refresh_copies); "off" keeps none, and weights with a bf16 copy need none.
-TEST(TransposedWeights, CopiesHoldTheMastersTransposedAndFollowEveryChange) {
+TEST(LayoutCopies, CopiesHoldTheMastersTransposedAndFollowEveryChange) {
   std::mt19937 rng(11);
   auto model = moe_model(rng, {64, 48, 32});
   auto& moe = std::get<MoESpec>(model->layers[2].spec);
-  auto on = make_cpu_backend(2, Precision::Fp32, {}, TransposedCopies::On);
+  auto on = make_cpu_backend(2, Precision::Fp32, {}, LayoutCopies::On);
   ASSERT_TRUE(on->transposed_copies());
   ParamStore store(*on, *model, nullptr);
   for (Tensor* t : {&moe.w1, &moe.w3, &moe.w2, &moe.shared_w1, &moe.shared_w3, &moe.shared_w2})
@@ -103,19 +111,39 @@ TEST(TransposedWeights, CopiesHoldTheMastersTransposedAndFollowEveryChange) {
   store.refresh_copies(moe.w3);
   EXPECT_EQ(copy_of(store, moe.w3), transposed(moe.w3));
 
-  auto off = make_cpu_backend(2, Precision::Fp32, {}, TransposedCopies::Off);
+  auto off = make_cpu_backend(2, Precision::Fp32, {}, LayoutCopies::Off);
   EXPECT_FALSE(off->transposed_copies());
   ParamStore none(*off, *model, nullptr);
   EXPECT_EQ(none.weight(moe.w1).f32t, nullptr);
-  auto bf16 = make_cpu_backend(2, Precision::Bf16, {}, TransposedCopies::On);
-  ParamStore halves(*bf16, *model, nullptr);
-  EXPECT_EQ(halves.weight(moe.w1).f32t, nullptr);
-  EXPECT_NE(halves.weight(moe.w1).bf16, nullptr);
+  // bf16 weights: no transposed copy; a packed one where oneDNN multiplies bf16 natively, which
+  // an inference store keeps alone (only the forward reads the weight) and a training store
+  // beside the plain copy its backward reads.
+  auto bf16 = make_cpu_backend(2, Precision::Bf16, {}, LayoutCopies::On);
+  ParamStore inference(*bf16, *model, nullptr);
+  Model grads = *model;
+  ParamStore training(*bf16, *model, &grads);
+  const bool packs = cpu::native_bf16();
+  for (const ParamStore* st : {&inference, &training}) {
+    const Weight w = st->weight(moe.shared_w2);
+    EXPECT_EQ(w.f32t, nullptr);
+    EXPECT_EQ(w.bf16_packed != nullptr, packs);
+    EXPECT_EQ(w.bf16 != nullptr, !packs || st == &training);
+    if (packs) {
+      EXPECT_EQ(w.packed_elements, 64 * 32);
+      EXPECT_EQ(w.packed_bytes, bf16->packed_bf16_bytes(64, 32));
+      EXPECT_EQ(w.offset(64 * 32).bf16_packed, w.bf16_packed + w.packed_bytes);
+    }
+  }
+  auto bf16_off = make_cpu_backend(2, Precision::Bf16, {}, LayoutCopies::Off);
+  EXPECT_EQ(bf16_off->packed_bf16_bytes(64, 32), 0);
+  ParamStore plain(*bf16_off, *model, nullptr);
+  EXPECT_EQ(plain.weight(moe.w1).bf16_packed, nullptr);
+  EXPECT_NE(plain.weight(moe.w1).bf16, nullptr);
 }
 
 // A pass with the copies agrees with one without them to fp32 rounding (the two sum the same
 // products in the GEMM library's orders for two layouts), in the outputs and every gradient.
-TEST(TransposedWeights, ForwardAndGradientsAgreeWithTheStoredLayout) {
+TEST(LayoutCopies, ForwardAndGradientsAgreeWithTheStoredLayout) {
   std::mt19937 rng(12);
   // Expert widths past a 64-row item and odd ones, routed rows past the few-row column blocks.
   auto model = moe_model(rng, {96, 80, 40});
@@ -134,7 +162,7 @@ TEST(TransposedWeights, ForwardAndGradientsAgreeWithTheStoredLayout) {
 // write (a stale copy would change the outputs by O(1), not by rounding), and a checkpoint
 // reloaded into a fresh session (copies made from the saved masters) gives the training
 // session's outputs bit for bit.
-TEST(TransposedWeights, TrainingWritesAndCheckpointsKeepTheCopiesFresh) {
+TEST(LayoutCopies, TrainingWritesAndCheckpointsKeepTheCopiesFresh) {
   std::mt19937 rng(13);
   auto model = moe_model(rng);
   const int64_t rows = 128;
@@ -156,7 +184,7 @@ TEST(TransposedWeights, TrainingWritesAndCheckpointsKeepTheCopiesFresh) {
   const Batch b = batch(rng, rows);
   EXPECT_LT(rel(pass(on, b, rows), pass(off, b, rows)), 1e-5);
 
-  const std::string path = ::testing::TempDir() + "transposed_weights.moert";
+  const std::string path = ::testing::TempDir() + "layout_copies.moert";
   on.save(path);
   on.set_eval(true);
   Vec y_train(rows * test::kSessionVocab), y_loaded(y_train.size());
@@ -167,7 +195,7 @@ TEST(TransposedWeights, TrainingWritesAndCheckpointsKeepTheCopiesFresh) {
   std::remove(path.c_str());
 }
 
-TEST(TransposedWeights, ResultsDoNotDependOnTheThreadCount) {
+TEST(LayoutCopies, ResultsDoNotDependOnTheThreadCount) {
   std::mt19937 rng(14);
   auto model = moe_model(rng);
   const int64_t rows = 200;
@@ -176,6 +204,56 @@ TEST(TransposedWeights, ResultsDoNotDependOnTheThreadCount) {
   Session three(model, with("on", Mode::Training, 3));
   const Vec a = pass(one, b, rows), c = pass(three, b, rows);
   EXPECT_EQ(0, std::memcmp(a.data(), c.data(), a.size() * sizeof(float)));
+}
+
+// bf16 sessions: the forward through packed weights agrees with the forward through the plain
+// bf16 copies (the same bf16 products, summed in another order) at a batch's row counts and a
+// decode step's (column blocks: hidden widths past one 256-row pack block and not a multiple of
+// it, a model width not a multiple of oneDNN's blocks), in inference and training sessions; the
+// packed copies follow every step and write.
+TEST(LayoutCopies, PackedBf16ForwardAgreesWithThePlainCopies) {
+  SKIP_WITHOUT_NATIVE_BF16();
+  std::mt19937 rng(16);
+  auto model = moe_model(rng, {264, 320, 272});
+  for (int64_t rows : {300, 37, 3}) {
+    const Batch b = batch(rng, rows);
+    Vec a(rows * test::kSessionVocab), c(a.size());
+    Session on(model, with("on", Mode::Inference, 2, Precision::Bf16));
+    Session off(model, with("off", Mode::Inference, 2, Precision::Bf16));
+    on.forward_tokens(b.tokens.data(), b.tokens.size(), rows, a.data(), a.size());
+    off.forward_tokens(b.tokens.data(), b.tokens.size(), rows, c.data(), c.size());
+    EXPECT_LT(rel(a, c), 1e-5) << rows;
+  }
+  const int64_t rows = 128;
+  Session on(model, with("on", Mode::Training, 2, Precision::Bf16));
+  Session off(model, with("off", Mode::Training, 2, Precision::Bf16));
+  for (int step = 0; step < 4; ++step) {
+    const Batch b = batch(rng, rows);
+    EXPECT_LT(rel(pass(on, b, rows), pass(off, b, rows)), 1e-4) << step;
+    on.step();
+    off.step();
+  }
+  const size_t w1 = on.parameter_index("moe.w1");
+  Vec w(on.parameter_size(w1));
+  on.read_parameter(w1, w.data(), w.size());
+  for (float& v : w) v = -v;
+  on.write_parameter(w1, w.data(), w.size());
+  off.write_parameter(w1, w.data(), w.size());
+  const Batch b = batch(rng, rows);
+  EXPECT_LT(rel(pass(on, b, rows), pass(off, b, rows)), 1e-4);
+}
+
+TEST(LayoutCopies, PackedBf16ResultsDoNotDependOnTheThreadCount) {
+  SKIP_WITHOUT_NATIVE_BF16();
+  std::mt19937 rng(17);
+  auto model = moe_model(rng, {264, 320, 272});
+  for (int64_t rows : {200, 5}) {
+    const Batch b = batch(rng, rows);
+    Session one(model, with("on", Mode::Training, 1, Precision::Bf16));
+    Session three(model, with("on", Mode::Training, 3, Precision::Bf16));
+    const Vec a = pass(one, b, rows), c = pass(three, b, rows);
+    EXPECT_EQ(0, std::memcmp(a.data(), c.data(), a.size() * sizeof(float))) << rows;
+  }
 }
 
 int code_of(auto&& f) {
@@ -187,24 +265,24 @@ int code_of(auto&& f) {
   return 0;
 }
 
-TEST(TransposedWeights, OptionParsesAndIsFixedAtCreation) {
+TEST(LayoutCopies, OptionParsesAndIsFixedAtCreation) {
   SessionOptions o;
-  EXPECT_EQ(o.transposed, TransposedCopies::Auto);
-  o.set("transposed_weights", "on");
-  EXPECT_EQ(o.transposed, TransposedCopies::On);
-  o.set("transposed_weights", "off");
-  EXPECT_EQ(o.transposed, TransposedCopies::Off);
+  EXPECT_EQ(o.layouts, LayoutCopies::Auto);
+  o.set("layout_copies", "on");
+  EXPECT_EQ(o.layouts, LayoutCopies::On);
+  o.set("layout_copies", "off");
+  EXPECT_EQ(o.layouts, LayoutCopies::Off);
   for (const char* bad : {"true", "ON", "", "auto "})
-    EXPECT_EQ(code_of([&] { o.set("transposed_weights", bad); }),
+    EXPECT_EQ(code_of([&] { o.set("layout_copies", bad); }),
               static_cast<int>(Code::InvalidArgument))
         << bad;
-  EXPECT_EQ(o.transposed, TransposedCopies::Off);
+  EXPECT_EQ(o.layouts, LayoutCopies::Off);
 
   std::mt19937 rng(15);
   Session s(moe_model(rng), o);
-  EXPECT_EQ(code_of([&] { s.set_config("transposed_weights", "on"); }),
+  EXPECT_EQ(code_of([&] { s.set_config("layout_copies", "on"); }),
             static_cast<int>(Code::InvalidState));
-  s.set_config("transposed_weights", "off");  // what it already is
+  s.set_config("layout_copies", "off");  // what it already is
 }
 
 }  // namespace
