@@ -19,7 +19,8 @@ class Communicator;
 // 4: FP8 in Backend (Weight::fp8, fp8_experts, quantize_weight_blocks); create takes the precision.
 // 5: Backend::native_stream (device communicators start after the backend's queued work).
 // 6: Communicator::device (a session checks that its NCCL communicator is on its own GPU).
-// 7: Weight::f32t and Backend::transposed_copies / transpose_matrices.
+// 7: layout copies: Weight::f32t and bf16_packed, Backend::transposed_copies, transpose_matrices,
+//    packed_bf16_bytes, pack_bf16.
 inline constexpr uint32_t kCudaPluginAbi = 7;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =

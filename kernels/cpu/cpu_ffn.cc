@@ -13,7 +13,10 @@
 // (Weight::f32t, kept on AVX-512): oneDNN's avx512_core sgemm runs a 64-row item as "nn" against
 // [in, out] 15-40 % faster than as "nt" against [out, in], which it repacks on every call (Zen 5,
 // [64, 512] x [512, 256]: 204 against 145 GFLOP/s; [64, 256] x [256, 512]: 212 against 181).
-// The backward's Transposed mode reads the same copies instead of transposing per call.
+// The backward's Transposed mode reads the same copies instead of transposing per call. The bf16
+// forward likewise multiplies by packed copies (Weight::bf16_packed, oneDNN's blocked layout)
+// where the CPU multiplies bf16 natively, so that no call repacks a weight: a decode step then
+// streams its experts' weights at the memory's speed.
 // FFNs whose three weights carry FP8 copies multiply in FP8 (cpu_ffn_fp8.cc): the forward decides
 // segment by segment, the backward when every segment of the call carries them.
 #include <algorithm>
