@@ -234,18 +234,21 @@ MOERT_AVX2 inline void store_bf16_8(__m256 v, void* out, bool widened) {
   _mm_storeu_si128(static_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
 }
 
+// out[i] = v rounded to bf16: its code, or (widened) the code's fp32 value.
+inline void store_bf16(void* out, int64_t i, float v, bool widened) {
+  const uint16_t code = to_bf16(v);
+  if (widened)
+    static_cast<float*>(out)[i] = from_bf16(code);
+  else
+    static_cast<uint16_t*>(out)[i] = code;
+}
+
 MOERT_AVX2 void round_to_bf16_avx2(const float* x, int64_t ldx, int64_t rows, int64_t cols,
                                    void* out, int64_t ldo, bool transposed, bool widened) {
   const size_t es = widened ? 4 : 2;
   auto* o = static_cast<unsigned char*>(out);
   auto at = [&](int64_t i) { return o + static_cast<size_t>(i) * es; };
-  auto scalar = [&](int64_t i, float v) {
-    const uint16_t code = to_bf16(v);
-    if (widened)
-      *reinterpret_cast<float*>(at(i)) = from_bf16(code);
-    else
-      *reinterpret_cast<uint16_t*>(at(i)) = code;
-  };
+  auto scalar = [&](int64_t i, float v) { store_bf16(out, i, v, widened); };
   if (!transposed) {
     for (int64_t r = 0; r < rows; ++r) {
       int64_t c = 0;
@@ -331,14 +334,8 @@ void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void
                    bool transposed, bool widened) {
   if (use_avx2()) return round_to_bf16_avx2(x, ldx, rows, cols, out, ldo, transposed, widened);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t i = transposed ? c * ldo + r : r * ldo + c;
-      const uint16_t code = to_bf16(x[r * ldx + c]);
-      if (widened)
-        static_cast<float*>(out)[i] = from_bf16(code);
-      else
-        static_cast<uint16_t*>(out)[i] = code;
-    }
+    for (int64_t c = 0; c < cols; ++c)
+      store_bf16(out, transposed ? c * ldo + r : r * ldo + c, x[r * ldx + c], widened);
 }
 
 void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,
