@@ -2,12 +2,19 @@
 // embedding -> RMSNorm -> MoE (2 shared experts, loss-free balancing) -> head.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "core/model.h"
+#include "core/model_loader.h"
 #include "core/session.h"
 #include "tests/unit/random_tensor.h"
 
@@ -66,6 +73,48 @@ inline Batch batch(std::mt19937& rng, int64_t rows) {
   for (auto& t : b.targets) t = tok(rng);
   return b;
 }
+
+// Everything a pass leaves: its outputs, then every gradient.
+inline std::vector<float> outputs_and_gradients(Session& s, const Batch& b, int64_t rows) {
+  std::vector<float> all(rows * kSessionVocab);
+  s.forward_tokens(b.tokens.data(), b.tokens.size(), rows, all.data(), all.size());
+  s.backward_loss(b.targets.data(), b.targets.size());
+  for (size_t p = 0; p < s.num_parameters(); ++p) {
+    std::vector<float> g(s.parameter_size(p));
+    s.read_gradient(p, g.data(), g.size());
+    all.insert(all.end(), g.begin(), g.end());
+  }
+  return all;
+}
+
+// Saves the training session `s` (to `file` in the test's temporary directory), puts it in eval
+// mode, and checks that an inference session made from the checkpoint with `inference` options
+// (its weight copies made from the saved masters) gives its outputs on `b` bit for bit.
+inline void expect_checkpoint_serves_the_same(Session& s, const SessionOptions& inference,
+                                              const Batch& b, int64_t rows,
+                                              const std::string& file) {
+  const std::string path = ::testing::TempDir() + file;
+  s.save(path);
+  s.set_eval(true);
+  std::vector<float> y_train(rows * kSessionVocab), y_inf(y_train.size());
+  s.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_train.data(), y_train.size());
+  Session inf(load_model_file(path), inference);
+  inf.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_inf.data(), y_inf.size());
+  EXPECT_EQ(0, std::memcmp(y_train.data(), y_inf.data(), y_inf.size() * sizeof(float)));
+  std::remove(path.c_str());
+}
+
+// The code of the Error f throws; 0 when it throws none.
+inline int code_of(auto&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return static_cast<int>(e.code());
+  }
+  return 0;
+}
+
+inline int code(Code c) { return static_cast<int>(c); }
 
 inline SessionOptions options(Precision p, Mode mode, uint32_t threads = 2) {
   SessionOptions o;

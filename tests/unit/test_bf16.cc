@@ -273,16 +273,8 @@ TEST(Bf16Session, TrainingKeepsFp32MastersAndFreshCopies) {
   for (float v : p) not_bf16 += cpu::round_bf16(v) != v;
   EXPECT_GT(not_bf16, p.size() / 2);
 
-  const std::string path = ::testing::TempDir() + "bf16_session.moert";
-  s16.save(path);
-  s16.set_eval(true);
-  const Batch b = batch(rng, rows);
-  Vec y_train(rows * 29), y_inf(rows * 29);
-  s16.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_train.data(), y_train.size());
-  Session inf(load_model_file(path), options(Precision::Bf16, Mode::Inference));
-  inf.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_inf.data(), y_inf.size());
-  EXPECT_EQ(0, std::memcmp(y_train.data(), y_inf.data(), y_inf.size() * sizeof(float)));
-  std::remove(path.c_str());
+  test::expect_checkpoint_serves_the_same(s16, options(Precision::Bf16, Mode::Inference),
+                                          batch(rng, rows), rows, "bf16_session.moert");
 }
 
 TEST(Bf16Session, ResultsDoNotDependOnTheThreadCount) {
@@ -307,17 +299,8 @@ TEST(Bf16Session, ResultsDoNotDependOnTheThreadCount) {
   EXPECT_EQ(0, std::memcmp(grads[0].data(), grads[1].data(), grads[0].size() * sizeof(float)));
 }
 
-// The code of the Error f throws; 0 when it throws none.
-int code_of(auto&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return static_cast<int>(e.code());
-  }
-  return 0;
-}
-
-int code(Code c) { return static_cast<int>(c); }
+using test::code;
+using test::code_of;
 
 TEST(Precision, OptionParsesAndRefusesClearly) {
   SessionOptions o;

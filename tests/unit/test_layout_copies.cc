@@ -51,18 +51,10 @@ double rel(const Vec& a, const Vec& b) {
   return std::sqrt(den > 0.0 ? num / den : num);
 }
 
-// The outputs of a pass and every gradient, one vector.
+// The outputs of a pass and every gradient, one vector, the gradients zeroed first.
 Vec pass(Session& s, const Batch& b, int64_t rows) {
-  Vec all(rows * test::kSessionVocab);
   s.zero_grad();
-  s.forward_tokens(b.tokens.data(), b.tokens.size(), rows, all.data(), all.size());
-  s.backward_loss(b.targets.data(), b.targets.size());
-  for (size_t p = 0; p < s.num_parameters(); ++p) {
-    Vec g(s.parameter_size(p));
-    s.read_gradient(p, g.data(), g.size());
-    all.insert(all.end(), g.begin(), g.end());
-  }
-  return all;
+  return test::outputs_and_gradients(s, b, rows);
 }
 
 // Each matrix [rows, cols] of `v`, transposed.
@@ -184,15 +176,8 @@ TEST(LayoutCopies, TrainingWritesAndCheckpointsKeepTheCopiesFresh) {
   const Batch b = batch(rng, rows);
   EXPECT_LT(rel(pass(on, b, rows), pass(off, b, rows)), 1e-5);
 
-  const std::string path = ::testing::TempDir() + "layout_copies.moert";
-  on.save(path);
-  on.set_eval(true);
-  Vec y_train(rows * test::kSessionVocab), y_loaded(y_train.size());
-  on.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_train.data(), y_train.size());
-  Session loaded(load_model_file(path), with("on", Mode::Inference));
-  loaded.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y_loaded.data(), y_loaded.size());
-  EXPECT_EQ(0, std::memcmp(y_train.data(), y_loaded.data(), y_train.size() * sizeof(float)));
-  std::remove(path.c_str());
+  test::expect_checkpoint_serves_the_same(on, with("on", Mode::Inference), b, rows,
+                                          "layout_copies.moert");
 }
 
 TEST(LayoutCopies, ResultsDoNotDependOnTheThreadCount) {
@@ -256,14 +241,8 @@ TEST(LayoutCopies, PackedBf16ResultsDoNotDependOnTheThreadCount) {
   }
 }
 
-int code_of(auto&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return static_cast<int>(e.code());
-  }
-  return 0;
-}
+using test::code;
+using test::code_of;
 
 TEST(LayoutCopies, OptionParsesAndIsFixedAtCreation) {
   SessionOptions o;
@@ -273,15 +252,12 @@ TEST(LayoutCopies, OptionParsesAndIsFixedAtCreation) {
   o.set("layout_copies", "off");
   EXPECT_EQ(o.layouts, LayoutCopies::Off);
   for (const char* bad : {"true", "ON", "", "auto "})
-    EXPECT_EQ(code_of([&] { o.set("layout_copies", bad); }),
-              static_cast<int>(Code::InvalidArgument))
-        << bad;
+    EXPECT_EQ(code_of([&] { o.set("layout_copies", bad); }), code(Code::InvalidArgument)) << bad;
   EXPECT_EQ(o.layouts, LayoutCopies::Off);
 
   std::mt19937 rng(15);
   Session s(moe_model(rng), o);
-  EXPECT_EQ(code_of([&] { s.set_config("layout_copies", "on"); }),
-            static_cast<int>(Code::InvalidState));
+  EXPECT_EQ(code_of([&] { s.set_config("layout_copies", "on"); }), code(Code::InvalidState));
   s.set_config("layout_copies", "off");  // what it already is
 }
 
