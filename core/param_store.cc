@@ -249,11 +249,9 @@ void ParamStore::pack_copy(Entry& e) {
   }
   // A matrix at a time through a temporary bf16 copy.
   Buffer<uint16_t> tmp(be_, static_cast<size_t>(per));
-  const auto* packed = e.packed.data();
   for (int64_t i = 0; i < n / per; ++i) {
     be_.to_bf16(e.f32_ptr + i * per, tmp.data(), per);
-    be_.pack_bf16(tmp.data(), 1, e.t_rows, e.t_cols,
-                  const_cast<unsigned char*>(packed) + i * e.packed_bytes);
+    be_.pack_bf16(tmp.data(), 1, e.t_rows, e.t_cols, e.packed.data() + i * e.packed_bytes);
   }
 }
 
