@@ -7,6 +7,7 @@
 #include <initializer_list>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -58,9 +59,11 @@ struct Bf16Gemm::Dnnl {
     dnnl_primitive_t prim = nullptr;
     dnnl_memory_desc_t a, b, c;
     size_t scratch_bytes = 0;
+    std::string impl;  // the implementation oneDNN chose ("brg:avx512_core_bf16", "ref:any", ...)
+    bool reference() const { return impl.rfind("ref", 0) == 0; }
   };
 
-  explicit Dnnl(unsigned workers) : streams(workers, nullptr), scratch(workers) {
+  explicit Dnnl(unsigned workers) : streams(workers, nullptr), scratch(workers), dense(workers) {
     check_dnnl(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine creation");
   }
   ~Dnnl() {
@@ -72,7 +75,8 @@ struct Bf16Gemm::Dnnl {
   }
 
   // The layout oneDNN's matmul chooses for a bf16 weight operand [k, n] (asked with m = 64; the
-  // primitives of every m are then made with it, and refuse it if theirs differed). Under mu.
+  // primitives of every m are then made with it: the same for every m on AVX512-BF16, and where
+  // a primitive finds no fast kernel for it, Prim::reference says so). Under mu.
   const dnnl_memory_desc_t& packed_md(int64_t k, int64_t n) {
     auto it = packed_mds.find({k, n});
     if (it != packed_mds.end()) return it->second;
@@ -188,6 +192,9 @@ struct Bf16Gemm::Dnnl {
     if (s == dnnl_success) {
       p.scratch_bytes =
           dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
+      const char* impl = nullptr;
+      if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) == dnnl_success && impl)
+        p.impl = impl;
       s = dnnl_primitive_create(&p.prim, pd);
     }
     if (pd) dnnl_primitive_desc_destroy(pd);
@@ -197,9 +204,45 @@ struct Bf16Gemm::Dnnl {
     return prims.emplace(key, p).first->second;
   }
 
+  // The matmul that computes `key`'s product. One row has no row stride: it is asked as dense,
+  // since oneDNN's primitive cache takes a strided [1, n] destination for the dense one (a size-1
+  // dimension's stride does not count there) while its brgemm refuses the strided form, so
+  // whichever came first would set the other's kernel. A destination with a longer row stride
+  // can leave oneDNN with only its reference kernel, about 1000x slower (2.6's brgemm with packed
+  // weights on AVX512-BF16: the forward's column blocks); such a product is computed into a dense
+  // destination (the key returned, ldc = n, not accumulating) and copied.
+  Key routed(Key key) {
+    if (key.m == 1) {
+      key.lda = key.k;
+      key.ldc = key.n;
+    }
+    if (key.ldc == key.n || !get(key).reference()) return key;
+    key.ldc = key.n;
+    key.accumulate = false;
+    return key;
+  }
+
   void run(const Key& key, const void* a, const void* b, float* c, unsigned worker) {
+    const Key r = routed(key);
+    if (r.ldc == key.ldc || key.m == 1) {
+      execute(get(r), a, b, c, worker);
+      return;
+    }
+    auto& d = dense[worker];
+    d.resize(static_cast<size_t>(key.m * key.n));
+    execute(get(r), a, b, d.data(), worker);
+    for (int64_t i = 0; i < key.m; ++i) {
+      float* ci = c + i * key.ldc;
+      const float* di = d.data() + i * key.n;
+      if (key.accumulate)
+        add_into(ci, di, key.n);
+      else
+        std::memcpy(ci, di, sizeof(float) * static_cast<size_t>(key.n));
+    }
+  }
+
+  void execute(const Prim& p, const void* a, const void* b, float* c, unsigned worker) {
     const AsyncSignalScope no_signals;
-    const Prim& p = get(key);
     auto& sp = scratch[worker];
     if (sp.size() < p.scratch_bytes) sp.resize(p.scratch_bytes);
     dnnl_memory_desc_t sp_desc;
@@ -220,10 +263,11 @@ struct Bf16Gemm::Dnnl {
   std::map<std::tuple<int64_t, int64_t, int64_t>, dnnl_primitive_t> reorders;  // (k, n, ldw)
   std::vector<dnnl_stream_t> streams;                                          // per worker
   std::vector<std::vector<unsigned char>> scratch;                             // per worker
+  std::vector<std::vector<float>> dense;  // per worker: run's dense destination
 };
 
 Bf16Gemm::Bf16Gemm(unsigned workers, Bf16Kernels kernels)
-    : kernels_(kernels), scratch_(std::max(1u, workers)), dense_(std::max(1u, workers)) {
+    : kernels_(kernels), scratch_(std::max(1u, workers)) {
   if (kernels_ == Bf16Kernels::Dnnl) dnnl_ = std::make_unique<Dnnl>(std::max(1u, workers));
 }
 
@@ -300,6 +344,14 @@ void Bf16Gemm::pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t k, void* 
   dnnl_->pack(w, ldw, n, k, out, worker);
 }
 
+std::string Bf16Gemm::packed_implementation(int64_t m, int64_t n, int64_t k, int64_t lda,
+                                            int64_t ldc) {
+  if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
+  Dnnl::Key key{m, n, k, lda, 0, ldc, false, false};
+  key.packed = true;
+  return dnnl_->get(dnnl_->routed(key)).impl;
+}
+
 void Bf16Gemm::act_packed_nt(const void* a, int64_t lda, const void* w, float* c, int64_t ldc,
                              int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker) {
   if (m <= 0 || n <= 0) return;
@@ -308,27 +360,9 @@ void Bf16Gemm::act_packed_nt(const void* a, int64_t lda, const void* w, float* c
     sgemm(false, true, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
     return;
   }
-  if (ldc == n) {
-    Dnnl::Key key{m, n, k, lda, 0, ldc, false, accumulate};
-    key.packed = true;
-    dnnl_->run(key, a, w, c, worker);
-    return;
-  }
-  // oneDNN 2.6's brgemm matmul takes no strided destination with packed weights (it falls back
-  // to its reference kernel, ~1000x slower): a column block goes through a dense one.
-  auto& d = dense_[worker];
-  d.resize(static_cast<size_t>(m * n));
-  Dnnl::Key key{m, n, k, lda, 0, n, false, false};
+  Dnnl::Key key{m, n, k, lda, 0, ldc, false, accumulate};
   key.packed = true;
-  dnnl_->run(key, a, w, d.data(), worker);
-  for (int64_t i = 0; i < m; ++i) {
-    float* ci = c + i * ldc;
-    const float* di = d.data() + i * n;
-    if (accumulate)
-      add_into(ci, di, n);
-    else
-      std::memcpy(ci, di, sizeof(float) * static_cast<size_t>(n));
-  }
+  dnnl_->run(key, a, w, c, worker);
 }
 
 }  // namespace moert::cpu

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace moert::cpu {
@@ -59,11 +60,13 @@ class Bf16Gemm {
 
   // Packed weights (kernels Dnnl only): a weight w[n, k] as the [k, n] operand of oneDNN's
   // matmul in the blocked layout its kernels read directly, so that a call repacks nothing. The
-  // layout is oneDNN's choice for (k, n) and the same for every m (checked when a primitive is
-  // made). Bytes of the packed form of w[n, k]:
+  // layout is oneDNN's choice for (k, n), asked once and used for every m. Bytes of the packed
+  // form of w[n, k]:
   size_t packed_bytes(int64_t n, int64_t k);
   // out (packed_bytes(n, k) bytes) = w[n, k] (row stride ldw), packed.
   void pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t k, void* out, unsigned worker);
+  // The oneDNN implementation act_packed_nt runs for a shape (tests: never its reference kernel).
+  std::string packed_implementation(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc);
   // c[m, n] (+)= a[m, k] w^T, a prepared, w packed from w[n, k] (Fprop).
   void act_packed_nt(const void* a, int64_t lda, const void* w, float* c, int64_t ldc, int64_t m,
                      int64_t n, int64_t k, bool accumulate, unsigned worker);
@@ -82,7 +85,6 @@ class Bf16Gemm {
   Bf16Kernels kernels_;
   std::unique_ptr<Dnnl> dnnl_;
   std::vector<std::vector<float>> scratch_;  // per worker
-  std::vector<std::vector<float>> dense_;    // per worker: act_packed_nt's dense destination
 };
 
 }  // namespace moert::cpu
