@@ -496,22 +496,27 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
            " rows of width ", width, " need ", rows * width);
     pending_backward_ = false;
     begin_pass(rows, row_mask, mask_len);
-    if (options_.check_finite)
-      for (int64_t i = 0; i < last_rows_; ++i)
-        for (uint64_t c = 0; c < width; ++c)
-          if (!std::isfinite(in[static_cast<uint64_t>(caller_row(i)) * width + c]))
-            fail(Code::Numeric, "input holds a NaN or infinity at row ", caller_row(i), ", column ",
-                 c);
     std::vector<float> staging;
     const float* x = gather_rows(in, static_cast<int64_t>(width), staging);
     // The caller's buffer is not ours to keep (backward reads the input again).
     const size_t n = static_cast<size_t>(last_rows_) * width;
     input_.resize(*backend_, n);
     if (n) backend_->upload(input_.data(), x, n * sizeof(float));
+    // Checked where it now lies, by the backend's parallel scan: a failure leaves nothing behind
+    // that a later call reads (no backward is pending any more).
+    if (options_.check_finite)
+      refuse_nonfinite(input_.data(), static_cast<int64_t>(width), "input");
   });
   if (par_) par_->exchange_rows(last_rows_);
   if (last_rows_ == 0 && !par_) return finish_empty_pass(out, pass);
   run_from(0, input_.data(), out, pass, "");
+}
+
+void Session::refuse_nonfinite(const float* rows, int64_t width, const char* what) {
+  const int64_t bad = last_rows_ > 0 ? backend_->find_nonfinite(rows, last_rows_ * width) : -1;
+  if (bad >= 0)
+    fail(Code::Numeric, what, " holds a NaN or infinity at row ", caller_row(bad / width),
+         ", column ", bad % width);
 }
 
 template <typename F>
@@ -695,18 +700,14 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
         fail(Code::InvalidArgument, "grad_in must be NULL for a model that takes token ids");
       check_len(grad_in_len, batch_rows_ * in_w, "grad_in");
     }
-    if (options_.check_finite)
-      for (int64_t i = 0; i < last_rows_; ++i)
-        for (int64_t c = 0; c < out_w; ++c)
-          if (!std::isfinite(grad_out[caller_row(i) * out_w + c]))
-            fail(Code::Numeric, "grad_out holds a NaN or infinity at row ", caller_row(i),
-                 ", column ", c);
+    std::vector<float> staging;
+    const float* g = gather_rows(grad_out, out_w, staging);
+    const size_t n = static_cast<size_t>(last_rows_ * out_w);
+    dy_.resize(*backend_, n);
+    if (n) backend_->upload(dy_.data(), g, n * sizeof(float));
+    // dy_ is written by every backward before it is read, so a refusal here loses nothing.
+    if (options_.check_finite) refuse_nonfinite(dy_.data(), out_w, "grad_out");
   });
-  std::vector<float> staging;
-  const float* g = gather_rows(grad_out, out_w, staging);
-  const size_t n = static_cast<size_t>(last_rows_ * out_w);
-  dy_.resize(*backend_, n);
-  if (n) backend_->upload(dy_.data(), g, n * sizeof(float));
   // Kept between calls: a fresh buffer each call costs a page fault per 4 KiB on the CPU.
   if (grad_in) grad_in_.resize(*backend_, static_cast<size_t>(last_rows_ * in_w));
   const double aux = run_backward(grad_in ? grad_in_.data() : nullptr);

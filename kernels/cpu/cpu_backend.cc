@@ -60,12 +60,38 @@ void* CpuBackend::allocate(size_t bytes) {
 
 void CpuBackend::deallocate(void* p) noexcept { ::operator delete (p, std::align_val_t{64}); }
 
+// Copies and fills of a pass's activations (the residual, inputs, outputs: megabytes each) are
+// split over the threads: one core alone does not reach the memory's bandwidth.
+constexpr size_t kCopyBlock = size_t{1} << 20;
+
 void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
-  if (bytes && dst != src) std::memmove(dst, src, bytes);
+  if (!bytes || dst == src) return;
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  const bool overlap = d < s + bytes && s < d + bytes;
+  if (bytes < 2 * kCopyBlock || overlap) {
+    std::memmove(dst, src, bytes);
+    return;
+  }
+  pool_.parallel_for(static_cast<int64_t>((bytes + kCopyBlock - 1) / kCopyBlock),
+                     [&](int64_t b, unsigned) {
+                       const size_t at = static_cast<size_t>(b) * kCopyBlock;
+                       std::memcpy(d + at, s + at, std::min(kCopyBlock, bytes - at));
+                     });
 }
 
 void CpuBackend::zero(void* dst, size_t bytes) {
-  if (bytes) std::memset(dst, 0, bytes);
+  if (!bytes) return;
+  auto* d = static_cast<unsigned char*>(dst);
+  if (bytes < 2 * kCopyBlock) {
+    std::memset(dst, 0, bytes);
+    return;
+  }
+  pool_.parallel_for(static_cast<int64_t>((bytes + kCopyBlock - 1) / kCopyBlock),
+                     [&](int64_t b, unsigned) {
+                       const size_t at = static_cast<size_t>(b) * kCopyBlock;
+                       std::memset(d + at, 0, std::min(kCopyBlock, bytes - at));
+                     });
 }
 
 void CpuBackend::transpose_matrices(const float* src, int64_t matrices, int64_t rows, int64_t cols,
@@ -334,11 +360,8 @@ int64_t CpuBackend::find_nonfinite(const float* x, int64_t n) {
   std::vector<int64_t> first(static_cast<size_t>(nb), -1);
   pool_.parallel_for(nb, [&](int64_t b, unsigned) {
     const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
-    for (int64_t i = i0; i < i1; ++i)
-      if (!std::isfinite(x[i])) {
-        first[static_cast<size_t>(b)] = i;
-        return;
-      }
+    const int64_t at = first_nonfinite(x + i0, i1 - i0);
+    if (at >= 0) first[static_cast<size_t>(b)] = i0 + at;
   });
   for (int64_t f : first)
     if (f >= 0) return f;

@@ -71,6 +71,24 @@ MOERT_AVX2 void swiglu_backward_avx2(const float* h1, const float* h3, const flo
   }
 }
 
+// Exponent bits all ones: infinity or NaN. 32 floats per step, with no branch inside a step.
+MOERT_AVX2 bool any_nonfinite_avx2(const float* x, int64_t n) {
+  const __m256i exp = _mm256_set1_epi32(0x7F800000);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i hit = _mm256_setzero_si256();
+    for (int k = 0; k < 32; k += 8) {
+      const __m256i e =
+          _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + k)), exp);
+      hit = _mm256_or_si256(hit, _mm256_cmpeq_epi32(e, exp));
+    }
+    if (!_mm256_testz_si256(hit, hit)) return true;
+  }
+  for (; i < n; ++i)
+    if (!std::isfinite(x[i])) return true;
+  return false;
+}
+
 MOERT_AVX2 void add_avx2(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -302,6 +320,13 @@ void swiglu_backward(const float* h1, const float* h3, const float* da, float* d
     // d silu(z) / dz = s (1 + z (1 - s))
     dh1[i] = g * h3[i] * s * (1.0f + h1[i] * (1.0f - s));
   }
+}
+
+int64_t first_nonfinite(const float* x, int64_t n) {
+  if (use_avx2() && !any_nonfinite_avx2(x, n)) return -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return i;
+  return -1;
 }
 
 void add_into(float* dst, const float* src, int64_t n) {

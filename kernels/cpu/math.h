@@ -32,6 +32,9 @@ void swiglu(const float* h1, const float* h3, float* a, int64_t n);
 void swiglu_backward(const float* h1, const float* h3, const float* da, float* dh1, float* dh3,
                      int64_t n);
 
+// The index of the first NaN or infinity in x[0, n), or -1.
+int64_t first_nonfinite(const float* x, int64_t n);
+
 // dst[i] = dst[i] + src[i]: the one way two partial sums are added (grad_reduction.h).
 void add_into(float* dst, const float* src, int64_t n);
 

@@ -1,0 +1,102 @@
+// The CPU backend's whole-buffer operations that run on every pass: the finite scan of inputs and
+// outputs, and the copies and fills split over the threads. Each is checked against the obvious
+// serial loop at the sizes and positions where a split or a vector step could go wrong.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "core/backend.h"
+#include "kernels/cpu/math.h"
+
+namespace moert {
+namespace {
+
+int64_t serial_first_nonfinite(const std::vector<float>& x) {
+  for (size_t i = 0; i < x.size(); ++i)
+    if (!std::isfinite(x[i])) return static_cast<int64_t>(i);
+  return -1;
+}
+
+const float kBad[] = {
+    std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
+    std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+
+TEST(CpuBulkOps, FirstNonfiniteFindsTheFirstBadValueAtEveryPosition) {
+  // Lengths around the 32-float vector step and its 8-float lanes, and a scalar tail.
+  for (int64_t n : {0, 1, 7, 8, 31, 32, 33, 63, 64, 65, 100, 1000}) {
+    std::vector<float> x(static_cast<size_t>(n));
+    std::iota(x.begin(), x.end(), -10.0f);
+    EXPECT_EQ(cpu::first_nonfinite(x.data(), n), -1) << n;
+    for (int64_t at = 0; at < n; ++at)
+      for (float bad : kBad) {
+        auto y = x;
+        y[static_cast<size_t>(at)] = bad;
+        if (at + 3 < n) y[static_cast<size_t>(at + 3)] = kBad[0];  // a later one is not reported
+        ASSERT_EQ(cpu::first_nonfinite(y.data(), n), at) << n << " " << at << " " << bad;
+      }
+  }
+  // The largest finite values and the smallest subnormals are finite.
+  std::vector<float> edge(40, std::numeric_limits<float>::max());
+  edge[5] = -std::numeric_limits<float>::max();
+  edge[9] = std::numeric_limits<float>::denorm_min();
+  edge[33] = -0.0f;
+  EXPECT_EQ(cpu::first_nonfinite(edge.data(), 40), -1);
+}
+
+TEST(CpuBulkOps, FindNonfiniteAcrossThreadBlocksReportsTheFirst) {
+  // 65536-float blocks are scanned by different threads: the lowest index must win.
+  for (unsigned threads : {1u, 2u, 3u}) {
+    auto be = make_cpu_backend(threads);
+    const int64_t n = 3 * 65536 + 123;
+    std::vector<float> x(static_cast<size_t>(n), 0.5f);
+    EXPECT_EQ(be->find_nonfinite(x.data(), n), -1);
+    for (int64_t at :
+         {int64_t{0}, int64_t{65535}, int64_t{65536}, int64_t{2 * 65536 + 17}, n - 1}) {
+      auto y = x;
+      y[static_cast<size_t>(at)] = kBad[2];
+      if (at + 70000 < n) y[static_cast<size_t>(at + 70000)] = kBad[0];
+      EXPECT_EQ(be->find_nonfinite(y.data(), n), at) << threads << " " << at;
+      EXPECT_EQ(be->find_nonfinite(y.data(), n), serial_first_nonfinite(y));
+    }
+  }
+}
+
+TEST(CpuBulkOps, CopyAndZeroOfAnySizeMatchTheSerialOnes) {
+  auto be = make_cpu_backend(2);
+  const size_t mib = size_t{1} << 20;
+  // Below, at and above the size where the work is split, and not a multiple of its block.
+  for (size_t bytes : {size_t{0}, size_t{1}, size_t{4097}, 2 * mib - 1, 2 * mib, 5 * mib + 3}) {
+    std::vector<unsigned char> src(bytes), dst(bytes + 2, 0xAB);
+    for (size_t i = 0; i < bytes; ++i) src[i] = static_cast<unsigned char>(i * 131 + 7);
+    be->copy(dst.data() + 1, src.data(), bytes);
+    EXPECT_EQ(0, std::memcmp(dst.data() + 1, src.data(), bytes)) << bytes;
+    EXPECT_EQ(dst[0], 0xAB);
+    EXPECT_EQ(dst[bytes + 1], 0xAB) << "copy wrote past the end at " << bytes;
+    be->zero(dst.data() + 1, bytes);
+    for (size_t i = 1; i <= bytes; ++i) ASSERT_EQ(dst[i], 0) << bytes << " " << i;
+    EXPECT_EQ(dst[0], 0xAB);
+    EXPECT_EQ(dst[bytes + 1], 0xAB) << "zero wrote past the end at " << bytes;
+  }
+}
+
+TEST(CpuBulkOps, OverlappingCopyMovesLikeMemmove) {
+  auto be = make_cpu_backend(2);
+  const size_t bytes = 3 * (size_t{1} << 20);
+  for (ptrdiff_t shift : {-4099, 4099}) {
+    std::vector<unsigned char> buf(bytes + 16384), want;
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<unsigned char>(i * 37 + 1);
+    want = buf;
+    unsigned char* src = buf.data() + 8192;
+    std::memmove(want.data() + 8192 + shift, want.data() + 8192, bytes);
+    be->copy(src + shift, src, bytes);
+    EXPECT_EQ(buf, want) << shift;
+  }
+}
+
+}  // namespace
+}  // namespace moert
