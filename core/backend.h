@@ -218,6 +218,19 @@ class Backend : public Allocator {
                                   Weight w3, Weight w2, float* y_perm, float* h1, float* h3,
                                   int64_t dim, int64_t hidden) = 0;
 
+  // dispatch() then grouped_swiglu_ffn(), for experts whose tokens lie unpermuted in x [plan.rows,
+  // dim]. x_perm [A, dim] holds the dispatched rows on return when keep_x_perm (a training pass
+  // reads them in backward); otherwise it is room the backend may leave unwritten. Same results
+  // as the two calls. The CPU backend gathers each GEMM item's rows where the item reads them,
+  // instead of in a pass of their own over memory.
+  virtual void dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
+                                   [[maybe_unused]] bool keep_x_perm, Weight w1, Weight w3,
+                                   Weight w2, float* y_perm, float* h1, float* h3, int64_t dim,
+                                   int64_t hidden) {
+    dispatch(plan, x, x_perm, dim);
+    grouped_swiglu_ffn(plan, x_perm, w1, w3, w2, y_perm, h1, h3, dim, hidden);
+  }
+
   // y[t] += sum over t's assignments a (in expert order) of plan.weight[a] * y_perm[a].
   virtual void combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) = 0;
 

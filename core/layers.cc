@@ -148,10 +148,12 @@ void MoELayer::route(Backend& be, const float* x, int64_t rows) {
 }
 
 void MoELayer::experts_forward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
-                               const float* x_perm, float* y_perm, float* h1, float* h3) {
+                               const float* x, float* x_perm, bool keep_x_perm, float* y_perm,
+                               float* h1, float* h3) {
   const int64_t off = expert_weight_offset(first_expert);
-  be.grouped_swiglu_ffn(plan, x_perm, p_.weight(s_.w1).offset(off), p_.weight(s_.w3).offset(off),
-                        p_.weight(s_.w2).offset(off), y_perm, h1, h3, s_.dim, s_.expert_hidden);
+  be.dispatch_swiglu_ffn(plan, x, x_perm, keep_x_perm, p_.weight(s_.w1).offset(off),
+                         p_.weight(s_.w3).offset(off), p_.weight(s_.w2).offset(off), y_perm, h1, h3,
+                         s_.dim, s_.expert_hidden);
 }
 
 int64_t MoELayer::expert_weight_offset(int64_t expert) const {
@@ -196,10 +198,9 @@ void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass
   const int64_t A = plan_.num_assignments();
   x_perm_.resize(be, static_cast<size_t>(A * D));
   y_perm_.resize(be, x_perm_.size());
-  be.dispatch(plan_, x, x_perm_.data(), D);
   keep_hidden(be, A, train);
-  experts_forward(be, plan_, 0, x_perm_.data(), y_perm_.data(), train ? h1_.data() : nullptr,
-                  train ? h3_.data() : nullptr);
+  experts_forward(be, plan_, 0, x, x_perm_.data(), train, y_perm_.data(),
+                  train ? h1_.data() : nullptr, train ? h3_.data() : nullptr);
   residual_and_shared(be, x, y, rows, train);
   be.combine(plan_, y_perm_.data(), y, D);
   for (int64_t e = 0; e < E; ++e) pending_[e] = plan_.count(e);

@@ -138,10 +138,11 @@ class MoELayer final : public Layer {
   bool uses_aux_loss() const;
   // The router and the local plan of this pass's rows.
   void route(Backend& be, const float* x, int64_t rows);
-  // The grouped SwiGLU experts [first_expert, ...) over `plan`'s segments; h1, h3 (may be null)
+  // The grouped SwiGLU experts [first_expert, ...) over `plan`'s segments, their rows dispatched
+  // from x (into x_perm, which keeps them for backward when keep_x_perm); h1, h3 (may be null)
   // keep the pre-activations for backward.
-  void experts_forward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
-                       const float* x_perm, float* y_perm, float* h1, float* h3);
+  void experts_forward(Backend& be, const DispatchPlan& plan, int64_t first_expert, const float* x,
+                       float* x_perm, bool keep_x_perm, float* y_perm, float* h1, float* h3);
   // Where expert `expert`'s weights (and gradients) start in this session's stacked tensors.
   int64_t expert_weight_offset(int64_t expert) const;
   // Room for the experts' pre-activations of `assignments` assignments (training passes).

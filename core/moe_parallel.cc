@@ -253,9 +253,8 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     upload_vector(be, g.weight, std::vector<float>(r_weight.begin() + s0, r_weight.begin() + s1));
     upload_vector(be, g.expert, std::vector<int32_t>(r_expert.begin() + s0, r_expert.begin() + s1));
     const auto te = Clock::now();
-    be.dispatch(g, ex.x_recv.data(), x_perm_.data() + s0 * D, D);
-    experts_forward(be, g, sharding.first_expert() + l0, x_perm_.data() + s0 * D,
-                    y_perm_.data() + s0 * D, train ? h1_.data() + s0 * H : nullptr,
+    experts_forward(be, g, sharding.first_expert() + l0, ex.x_recv.data(), x_perm_.data() + s0 * D,
+                    train, y_perm_.data() + s0 * D, train ? h1_.data() + s0 * H : nullptr,
                     train ? h3_.data() + s0 * H : nullptr);
     par_->times.experts += seconds(te);
     // Its results go back at once, each to its token's rank, in the order that rank listed them.

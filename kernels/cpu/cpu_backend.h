@@ -67,6 +67,9 @@ class CpuBackend final : public Backend {
   void grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, Weight w1, Weight w3,
                           Weight w2, float* y_perm, float* h1, float* h3, int64_t dim,
                           int64_t hidden) override;
+  void dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
+                           bool keep_x_perm, Weight w1, Weight w3, Weight w2, float* y_perm,
+                           float* h1, float* h3, int64_t dim, int64_t hidden) override;
   void combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) override;
 
   // ---- Training
@@ -129,9 +132,20 @@ class CpuBackend final : public Backend {
   static std::vector<Item> row_items(const std::vector<Segment>& segments,
                                      int64_t unit = kReduceRows);
 
-  // The FFN forward of each item (cpu_ffn.cc).
+  // Rows an FFN forward gathers itself: row r of its input is src[token[r]], written to kept
+  // (row stride dim) when that is set. The call's x is then not read.
+  struct Gather {
+    const float* src = nullptr;
+    const int32_t* token = nullptr;
+    float* kept = nullptr;
+  };
+  // The experts of `plan` (weights from expert 0 of w1, w3, w2) as segments, those without rows
+  // left out.
+  static std::vector<Segment> expert_segments(const DispatchPlan& plan, Weight w1, Weight w3,
+                                              Weight w2, int64_t dim, int64_t hidden);
+  // The FFN forward of each item (cpu_ffn.cc), its rows from x or gathered.
   void ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1, float* h3,
-                   int64_t dim, int64_t hidden, bool accumulate);
+                   int64_t dim, int64_t hidden, bool accumulate, const Gather* gather = nullptr);
   // FP8 Fprop of an item of m rows (cpu_ffn_fp8.cc): h1, h3 (row stride hidden) = x W1^T, x W3^T
   // on hidden columns [c0, c0 + n); y (row stride dim) (+)= a W2^T on output columns [c0, c0 + n).
   // row0: the item's first row, named in errors.
@@ -211,6 +225,8 @@ class CpuBackend final : public Backend {
   void packed_nt(const void* a, int64_t lda, const unsigned char* w, float* c, int64_t ldc,
                  int64_t m, int64_t c0, int64_t n, int64_t k, bool accumulate, unsigned worker);
   Buffer<float> few_;
+  // The gathered rows of those items, when the call does not keep them in its x.
+  Buffer<float> few_x_;
   static constexpr int64_t kTransposedWeights = int64_t{64} << 20;
   // Below this many elements a weight's fp32 GEMMs are small enough that oneDNN's nn and tn
   // kernels run as fast as nt, and the transposes would cost more than they save: Dgrad and

@@ -131,21 +131,45 @@ void CpuBackend::swiglu_ffn(const float* x, Weight w1, Weight w3, Weight w2, flo
   ffn_forward({Segment{w1, w3, w2, 0, rows}}, x, y, h1, h3, dim, hidden, accumulate);
 }
 
-void CpuBackend::grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, Weight w1,
-                                    Weight w3, Weight w2, float* y_perm, float* h1, float* h3,
-                                    int64_t dim, int64_t hidden) {
+std::vector<CpuBackend::Segment> CpuBackend::expert_segments(const DispatchPlan& plan, Weight w1,
+                                                             Weight w3, Weight w2, int64_t dim,
+                                                             int64_t hidden) {
   const int64_t E = static_cast<int64_t>(plan.host_offsets.size()) - 1, per = hidden * dim;
   std::vector<Segment> segs;
   for (int64_t e = 0; e < E; ++e)
     if (plan.count(e) > 0)
       segs.push_back({w1.offset(e * per), w3.offset(e * per), w2.offset(e * per),
                       plan.host_offsets[e], plan.count(e)});
-  ffn_forward(segs, x_perm, y_perm, h1, h3, dim, hidden, false);
+  return segs;
+}
+
+void CpuBackend::grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_perm, Weight w1,
+                                    Weight w3, Weight w2, float* y_perm, float* h1, float* h3,
+                                    int64_t dim, int64_t hidden) {
+  ffn_forward(expert_segments(plan, w1, w3, w2, dim, hidden), x_perm, y_perm, h1, h3, dim, hidden,
+              false);
+}
+
+void CpuBackend::dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
+                                     bool keep_x_perm, Weight w1, Weight w3, Weight w2,
+                                     float* y_perm, float* h1, float* h3, int64_t dim,
+                                     int64_t hidden) {
+  const Gather gather{x, plan.token.data(), keep_x_perm ? x_perm : nullptr};
+  ffn_forward(expert_segments(plan, w1, w3, w2, dim, hidden), x_perm, y_perm, h1, h3, dim, hidden,
+              false, &gather);
 }
 
 void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1,
-                             float* h3, int64_t dim, int64_t hidden, bool accumulate) {
+                             float* h3, int64_t dim, int64_t hidden, bool accumulate,
+                             const Gather* gather) {
   const auto items = row_items(segs);
+  // m rows from `begin` on, gathered into `to` (row stride dim).
+  auto gather_rows = [&](int64_t begin, int64_t m, float* to) {
+    for (int64_t r = 0; r < m; ++r)
+      std::memcpy(to + r * dim, gather->src + static_cast<int64_t>(gather->token[begin + r]) * dim,
+                  sizeof(float) * static_cast<size_t>(dim));
+  };
+  auto kept_rows = [&](int64_t begin) { return gather->kept + begin * dim; };
   // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
   auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, float* p1, float* p3,
                 float* a, int64_t c0, int64_t n, unsigned worker) {
@@ -221,6 +245,19 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   }
   const bool keep = h1 != nullptr;
   few_.resize(*this, static_cast<size_t>(few_rows * hidden * (keep ? 1 : 3)));
+  // A few-row item's rows are read by each of its column units: gathered once, before them.
+  const bool few_apart = gather && !gather->kept;
+  if (gather && few_rows > 0) {
+    if (few_apart) few_x_.resize(*this, static_cast<size_t>(few_rows * dim));
+    std::vector<size_t> few;
+    for (size_t i = 0; i < items.size(); ++i)
+      if (few_at[i] >= 0) few.push_back(i);
+    pool_.parallel_for(static_cast<int64_t>(few.size()), [&](int64_t f, unsigned) {
+      const size_t i = few[static_cast<size_t>(f)];
+      gather_rows(items[i].begin, items[i].rows,
+                  few_apart ? few_x_.data() + few_at[i] * dim : kept_rows(items[i].begin));
+    });
+  }
   pool_.parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u, unsigned worker) {
     const Unit& un = units[static_cast<size_t>(u)];
     const Item& it = items[un.item];
@@ -228,6 +265,7 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     const int64_t m = it.rows;
     const float* xr = x + it.begin * dim;
     if (few_at[un.item] >= 0) {
+      if (few_apart) xr = few_x_.data() + few_at[un.item] * dim;
       float* a = few_.data() + few_at[un.item] * hidden;
       float* p1 = keep ? h1 + it.begin * hidden : a + few_rows * hidden;
       float* p3 = keep ? h3 + it.begin * hidden : a + 2 * few_rows * hidden;
@@ -235,7 +273,14 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       return;
     }
     auto& sc = scratch_[worker].f;
-    sc.resize(static_cast<size_t>((keep ? 1 : 3) * m * hidden));
+    const int64_t act = (keep ? 1 : 3) * m * hidden;
+    sc.resize(static_cast<size_t>(act + (gather && !gather->kept ? m * dim : 0)));
+    if (gather) {
+      // The item's rows, gathered where its GEMMs read them next (L2), not in a pass of their own.
+      float* to = gather->kept ? kept_rows(it.begin) : sc.data() + act;
+      gather_rows(it.begin, m, to);
+      xr = to;
+    }
     float* a = sc.data();
     float* p1 = keep ? h1 + it.begin * hidden : a + m * hidden;
     float* p3 = keep ? h3 + it.begin * hidden : a + 2 * m * hidden;

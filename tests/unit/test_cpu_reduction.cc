@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -256,6 +257,50 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
     }
     EXPECT_TRUE(same_bits(dx, dx_full)) << "trial " << trial;
   }
+}
+
+// The routed experts' forward straight from unpermuted rows (the CPU backend gathers each item's
+// rows itself) gives the bits of dispatch + grouped_swiglu_ffn, for items of many rows and of few
+// (the column-unit path of a decode step), whether x_perm is kept and h1, h3 are, on any thread
+// count; x_perm holds the dispatched rows when kept and is left alone otherwise.
+TEST_P(FfnReduction, DispatchedForwardEqualsDispatchThenGrouped) {
+  const Precision prec = GetParam().precision;
+  std::mt19937 rng(5);
+  const int64_t E = 5, rows = 150;
+  const std::vector<int64_t> counts{2 * kReduceRows + 9, 0, 5, 16, 17};
+  auto be0 = make_cpu_backend(2, prec);
+  const Ffn f(rng, E, *be0, GetParam().dim, GetParam().hidden);
+  const int64_t D = f.dim, H = f.hidden;
+  DispatchPlan plan;
+  plan.rows = rows;
+  plan.host_offsets.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
+  const int64_t A = plan.num_assignments();
+  plan.token.resize(*be0, static_cast<size_t>(A));
+  for (int64_t a = 0; a < A; ++a)
+    plan.token.data()[a] = std::uniform_int_distribution<int32_t>(0, rows - 1)(rng);
+  const Vec x = randv(rows * D, rng);
+  Vec x_perm(A * D), want_y(A * D), want_h1(A * H), want_h3(A * H);
+  be0->dispatch(plan, x.data(), x_perm.data(), D);
+  be0->grouped_swiglu_ffn(plan, x_perm.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec),
+                          want_y.data(), want_h1.data(), want_h3.data(), D, H);
+  for (unsigned threads : {1u, 2u, 3u})
+    for (bool keep : {false, true})
+      for (bool hidden : {false, true}) {
+        auto be = make_cpu_backend(threads, prec);
+        Vec kept(A * D, -7.0f), y(A * D), h1(A * H), h3(A * H);
+        be->dispatch_swiglu_ffn(plan, x.data(), kept.data(), keep, f.W(1, prec), f.W(3, prec),
+                                f.W(2, prec), y.data(), hidden ? h1.data() : nullptr,
+                                hidden ? h3.data() : nullptr, D, H);
+        const std::string where = "threads " + std::to_string(threads) + " keep " +
+                                  std::to_string(keep) + " hidden " + std::to_string(hidden);
+        EXPECT_TRUE(same_bits(y, want_y)) << where;
+        if (hidden) {
+          EXPECT_TRUE(same_bits(h1, want_h1)) << where;
+          EXPECT_TRUE(same_bits(h3, want_h3)) << where;
+        }
+        EXPECT_TRUE(same_bits(kept, keep ? x_perm : Vec(A * D, -7.0f))) << where;
+      }
 }
 
 // Experts' lists of very different lengths (one empty); a split hands each process a
