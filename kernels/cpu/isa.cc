@@ -18,6 +18,12 @@ bool use_avx2() {
   return yes;
 }
 
+bool use_avx512() {
+  static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f") &&
+                          includes(dnnl_get_effective_cpu_isa(), dnnl_cpu_isa_avx512_core);
+  return yes;
+}
+
 bool avx512_gemms() {
   static const bool yes = includes(dnnl_get_effective_cpu_isa(), dnnl_cpu_isa_avx512_core);
   return yes;

@@ -10,6 +10,10 @@ namespace moert::cpu {
 // AVX2 + FMA kernels: the CPU has them and oneDNN's effective ISA includes AVX2.
 bool use_avx2();
 
+// AVX-512 elementwise kernels (math_avx512.h): AVX2 is in use, the CPU has AVX-512F and oneDNN's
+// effective ISA includes avx512_core.
+bool use_avx512();
+
 // Whether oneDNN's fp32 GEMMs run on AVX-512 kernels (its effective ISA includes avx512_core).
 bool avx512_gemms();
 

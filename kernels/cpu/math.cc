@@ -7,6 +7,7 @@
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/math_avx512.h"
 
 namespace moert::cpu {
 namespace {
@@ -306,12 +307,28 @@ void matmul_tn(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
 }
 
 void swiglu(const float* h1, const float* h3, float* a, int64_t n) {
+  if (use_avx512()) {
+    const int64_t done = swiglu_avx512(h1, h3, a, n);
+    h1 += done;
+    h3 += done;
+    a += done;
+    n -= done;
+  }
   if (use_avx2()) return swiglu_avx2(h1, h3, a, n);
   for (int64_t i = 0; i < n; ++i) a[i] = silu(h1[i]) * h3[i];
 }
 
 void swiglu_backward(const float* h1, const float* h3, const float* da, float* dh1, float* dh3,
                      int64_t n) {
+  if (use_avx512()) {
+    const int64_t done = swiglu_backward_avx512(h1, h3, da, dh1, dh3, n);
+    h1 += done;
+    h3 += done;
+    da += done;
+    dh1 += done;
+    dh3 += done;
+    n -= done;
+  }
   if (use_avx2()) return swiglu_backward_avx2(h1, h3, da, dh1, dh3, n);
   for (int64_t i = 0; i < n; ++i) {
     const float s = sigmoid(h1[i]);
@@ -330,11 +347,23 @@ int64_t first_nonfinite(const float* x, int64_t n) {
 }
 
 void add_into(float* dst, const float* src, int64_t n) {
+  if (use_avx512()) {
+    const int64_t done = add_avx512(dst, src, n);
+    dst += done;
+    src += done;
+    n -= done;
+  }
   if (use_avx2()) return add_avx2(dst, src, n);
   for (int64_t i = 0; i < n; ++i) dst[i] = dst[i] + src[i];
 }
 
 void axpy(float* y, float a, const float* x, int64_t n) {
+  if (use_avx512()) {
+    const int64_t done = axpy_avx512(y, a, x, n);
+    y += done;
+    x += done;
+    n -= done;
+  }
   if (use_avx2()) return axpy_avx2(y, a, x, n);
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }

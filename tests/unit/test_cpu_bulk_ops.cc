@@ -1,6 +1,7 @@
 // The CPU backend's whole-buffer operations that run on every pass: the finite scan of inputs and
-// outputs, and the copies and fills split over the threads. Each is checked against the obvious
-// serial loop at the sizes and positions where a split or a vector step could go wrong.
+// outputs, the copies and fills split over the threads, and the elementwise kernels' AVX-512
+// bodies. Each is checked against the obvious serial loop, or the AVX2 path, at the sizes and
+// positions where a split or a vector step could go wrong.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,9 +9,11 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <random>
 #include <vector>
 
 #include "core/backend.h"
+#include "kernels/cpu/isa.h"
 #include "kernels/cpu/math.h"
 
 namespace moert {
@@ -96,6 +99,56 @@ TEST(CpuBulkOps, OverlappingCopyMovesLikeMemmove) {
     be->copy(src + shift, src, bytes);
     EXPECT_EQ(buf, want) << shift;
   }
+}
+
+// Called on 8 elements at a time, math.h's elementwise kernels take their AVX2 path (the AVX-512
+// bodies need 16): one call over the whole buffer must give the same bits, element for element,
+// on an AVX-512 machine as well (isa.h; elsewhere both sides run the same path).
+TEST(CpuBulkOps, ElementwiseKernelsGiveTheAvx2BitsOnEveryIsa) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  const int64_t n = 16 * 37 + 13;  // 16-wide blocks, then an 8-wide one, then a scalar tail
+  std::vector<float> h1(n), h3(n), da(n), x(n), y0(n);
+  for (int64_t i = 0; i < n; ++i) {
+    h1[i] = normal(rng);
+    h3[i] = normal(rng);
+    da[i] = normal(rng);
+    x[i] = normal(rng);
+    y0[i] = normal(rng);
+  }
+  // The exponential's clamps, zeros and a subnormal.
+  const float special[] = {-100.0f, 100.0f, 88.5f, -87.5f, 0.0f, -0.0f, 1e-40f, 30.0f};
+  for (size_t k = 0; k < std::size(special); ++k) h1[3 + 5 * k] = special[k];
+  auto in_pieces = [n](auto&& f) {
+    for (int64_t i = 0; i < n; i += 8) f(i, std::min<int64_t>(8, n - i));
+  };
+  auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  std::vector<float> whole(n), pieces(n);
+  cpu::swiglu(h1.data(), h3.data(), whole.data(), n);
+  in_pieces([&](int64_t i, int64_t m) { cpu::swiglu(&h1[i], &h3[i], &pieces[i], m); });
+  EXPECT_TRUE(same(whole, pieces)) << "swiglu";
+
+  std::vector<float> d1(n), d3(n), p1(n), p3(n);
+  cpu::swiglu_backward(h1.data(), h3.data(), da.data(), d1.data(), d3.data(), n);
+  in_pieces([&](int64_t i, int64_t m) {
+    cpu::swiglu_backward(&h1[i], &h3[i], &da[i], &p1[i], &p3[i], m);
+  });
+  EXPECT_TRUE(same(d1, p1)) << "swiglu_backward dh1";
+  EXPECT_TRUE(same(d3, p3)) << "swiglu_backward dh3";
+
+  auto ya = y0, yb = y0;
+  cpu::axpy(ya.data(), 0.37f, x.data(), n);
+  in_pieces([&](int64_t i, int64_t m) { cpu::axpy(&yb[i], 0.37f, &x[i], m); });
+  EXPECT_TRUE(same(ya, yb)) << "axpy";
+
+  ya = y0;
+  yb = y0;
+  cpu::add_into(ya.data(), x.data(), n);
+  in_pieces([&](int64_t i, int64_t m) { cpu::add_into(&yb[i], &x[i], m); });
+  EXPECT_TRUE(same(ya, yb)) << "add_into";
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(ya[i], y0[i] + x[i]) << i;
 }
 
 }  // namespace

@@ -1,0 +1,18 @@
+// AVX-512 bodies of math.h's elementwise kernels. Each handles the largest multiple of 16
+// elements from the start and returns that count; math.cc finishes the rest on its AVX2 and
+// scalar paths. Every element goes through the same operations as on the AVX2 path (one lane of
+// the same instructions, FMAs where it has them), so the results are bitwise those of an AVX2
+// machine.
+#pragma once
+
+#include <cstdint>
+
+namespace moert::cpu {
+
+int64_t add_avx512(float* dst, const float* src, int64_t n);
+int64_t axpy_avx512(float* y, float a, const float* x, int64_t n);
+int64_t swiglu_avx512(const float* h1, const float* h3, float* a, int64_t n);
+int64_t swiglu_backward_avx512(const float* h1, const float* h3, const float* da, float* dh1,
+                               float* dh3, int64_t n);
+
+}  // namespace moert::cpu
