@@ -60,38 +60,42 @@ void* CpuBackend::allocate(size_t bytes) {
 
 void CpuBackend::deallocate(void* p) noexcept { ::operator delete (p, std::align_val_t{64}); }
 
+namespace {
+
 // Copies and fills of a pass's activations (the residual, inputs, outputs: megabytes each) are
 // split over the threads: one core alone does not reach the memory's bandwidth.
 constexpr size_t kCopyBlock = size_t{1} << 20;
+
+// piece(offset, length) over [0, bytes) in kCopyBlock pieces, on the pool's threads.
+template <typename F>
+void in_pieces(ThreadPool& pool, size_t bytes, F&& piece) {
+  pool.parallel_for(static_cast<int64_t>((bytes + kCopyBlock - 1) / kCopyBlock),
+                    [&](int64_t b, unsigned) {
+                      const size_t at = static_cast<size_t>(b) * kCopyBlock;
+                      piece(at, std::min(kCopyBlock, bytes - at));
+                    });
+}
+
+}  // namespace
 
 void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
   if (!bytes || dst == src) return;
   auto* d = static_cast<unsigned char*>(dst);
   const auto* s = static_cast<const unsigned char*>(src);
-  const bool overlap = d < s + bytes && s < d + bytes;
-  if (bytes < 2 * kCopyBlock || overlap) {
-    std::memmove(dst, src, bytes);
+  if (bytes < 2 * kCopyBlock || (d < s + bytes && s < d + bytes)) {
+    std::memmove(dst, src, bytes);  // small, or overlapping
     return;
   }
-  pool_.parallel_for(static_cast<int64_t>((bytes + kCopyBlock - 1) / kCopyBlock),
-                     [&](int64_t b, unsigned) {
-                       const size_t at = static_cast<size_t>(b) * kCopyBlock;
-                       std::memcpy(d + at, s + at, std::min(kCopyBlock, bytes - at));
-                     });
+  in_pieces(pool_, bytes, [&](size_t at, size_t n) { std::memcpy(d + at, s + at, n); });
 }
 
 void CpuBackend::zero(void* dst, size_t bytes) {
-  if (!bytes) return;
   auto* d = static_cast<unsigned char*>(dst);
   if (bytes < 2 * kCopyBlock) {
-    std::memset(dst, 0, bytes);
+    if (bytes) std::memset(dst, 0, bytes);
     return;
   }
-  pool_.parallel_for(static_cast<int64_t>((bytes + kCopyBlock - 1) / kCopyBlock),
-                     [&](int64_t b, unsigned) {
-                       const size_t at = static_cast<size_t>(b) * kCopyBlock;
-                       std::memset(d + at, 0, std::min(kCopyBlock, bytes - at));
-                     });
+  in_pieces(pool_, bytes, [&](size_t at, size_t n) { std::memset(d + at, 0, n); });
 }
 
 void CpuBackend::transpose_matrices(const float* src, int64_t matrices, int64_t rows, int64_t cols,
