@@ -216,6 +216,10 @@ class CpuBackend final : public Backend {
   // Forward items of at most kFewRows rows run as column blocks of the up (w1, w3) and down (w2)
   // GEMMs; their activations live in few_ between the two.
   static constexpr int64_t kFewRows = 16, kUpColumns = 256, kDownColumns = 512;
+  // So are all items of a call of fewer than kCutItems items on weights of kCutWeights elements
+  // or more, where their activations (kept in few_ between the two) take at most kCutFloats.
+  static constexpr int64_t kCutItems = 8, kCutWeights = int64_t{1} << 20,
+                           kCutFloats = int64_t{1} << 24;
   // Rows of a weight (output columns of its GEMM) packed together: every column unit above is a
   // whole number of them.
   static constexpr int64_t kPackRows = 256;

@@ -222,17 +222,26 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   };
 
   // Items of a few rows (a decode step) do little work each but read their whole weights: they
-  // are cut into column blocks, so that every thread streams a share of the weights; the cut
-  // depends on the item's rows only, never on the thread count.
+  // are cut into column blocks, so that every thread streams a share of the weights. So is every
+  // item of a call with too few items to keep the threads busy on large weights: a decode step's
+  // shared expert is one item, 64 rows of 5.6 GFLOP at DeepSeek-V3's width, which alone would
+  // run on one thread while the others wait. The cuts depend on the call's shapes only, never on
+  // the thread count.
+  const bool keep = h1 != nullptr;
+  int64_t rows_in_all = 0;
+  for (const Item& it : items) rows_in_all += it.rows;
+  const bool cut_all = static_cast<int64_t>(items.size()) < kCutItems &&
+                       hidden * dim >= kCutWeights &&
+                       rows_in_all * hidden * (keep ? 1 : 3) <= kCutFloats;
   struct Unit {
     size_t item;
     int64_t c0, n;
   };
   std::vector<Unit> units, second;
-  std::vector<int64_t> few_at(items.size(), -1);  // a few-row item's rows in few_
+  std::vector<int64_t> few_at(items.size(), -1);  // a cut item's rows in few_
   int64_t few_rows = 0;
   for (size_t i = 0; i < items.size(); ++i) {
-    if (items[i].rows > kFewRows) {
+    if (items[i].rows > kFewRows && !cut_all) {
       units.push_back({i, 0, 0});
       continue;
     }
@@ -243,7 +252,6 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     for (int64_t c = 0; c < dim; c += kDownColumns)
       second.push_back({i, c, std::min(kDownColumns, dim - c)});
   }
-  const bool keep = h1 != nullptr;
   few_.resize(*this, static_cast<size_t>(few_rows * hidden * (keep ? 1 : 3)));
   // A few-row item's rows are read by each of its column units: gathered once, before them.
   const bool few_apart = gather && !gather->kept;

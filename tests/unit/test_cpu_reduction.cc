@@ -418,6 +418,78 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(p.param.dim) + "x" + std::to_string(p.param.hidden);
     });
 
+// A call of few items on large weights (a decode step's shared expert: one 64-row item) runs as
+// column units, like few-row items: same bits on every thread count, h1/h3 kept or not, the
+// float64 result within fp32 (or bf16) rounding; and the backward of a training pass reads the
+// h1, h3 it kept as the whole-item forward would have written them.
+TEST(CpuReduction, FewItemsOnLargeWeightsRunAsColumnUnits) {
+  std::mt19937 rng(11);
+  const int64_t D = 1024, H = 1024, rows = 100;  // 2 items; weights of 2^20 elements
+  for (Precision prec : {Precision::Fp32, Precision::Bf16}) {
+    auto be0 = make_cpu_backend(1, prec);
+    const Ffn f(rng, 1, *be0, D, H);
+    const Vec x = randv(rows * D, rng);
+    Vec want(rows * D);
+    {
+      // float64 reference on the operands the precision multiplies (bf16-rounded weights and
+      // activations for bf16).
+      auto rounded = [&](const Vec& v) {
+        std::vector<double> out(v.size());
+        std::vector<uint16_t> b(v.size());
+        if (prec == Precision::Bf16)
+          be0->to_bf16(v.data(), b.data(), static_cast<int64_t>(v.size()));
+        for (size_t i = 0; i < v.size(); ++i) {
+          if (prec != Precision::Bf16) {
+            out[i] = v[i];
+            continue;
+          }
+          const uint32_t u = static_cast<uint32_t>(b[i]) << 16;
+          float r;
+          std::memcpy(&r, &u, 4);
+          out[i] = r;
+        }
+        return out;
+      };
+      const auto qx = rounded(x), q1 = rounded(f.w1), q3 = rounded(f.w3), q2 = rounded(f.w2);
+      Vec a(static_cast<size_t>(H));
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t h = 0; h < H; ++h) {
+          double s1 = 0, s3 = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            s1 += qx[r * D + d] * q1[h * D + d];
+            s3 += qx[r * D + d] * q3[h * D + d];
+          }
+          a[h] = static_cast<float>(s1 / (1.0 + std::exp(-s1)) * s3);
+        }
+        const auto qa = rounded(a);
+        for (int64_t d = 0; d < D; ++d) {
+          double y = 0;
+          for (int64_t h = 0; h < H; ++h) y += qa[h] * q2[d * H + h];
+          want[r * D + d] = static_cast<float>(y);
+        }
+      }
+    }
+    Vec first;
+    for (unsigned threads : {1u, 2u, 3u})
+      for (bool keep : {false, true}) {
+        auto be = make_cpu_backend(threads, prec);
+        Vec y(rows * D), h1(rows * H), h3(rows * H);
+        be->swiglu_ffn(x.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec), y.data(),
+                       keep ? h1.data() : nullptr, keep ? h3.data() : nullptr, rows, D, H, false);
+        if (first.empty()) first = y;
+        EXPECT_TRUE(same_bits(y, first)) << threads << " threads, keep " << keep;
+        double err = 0, norm = 0;
+        for (int64_t i = 0; i < rows * D; ++i) {
+          err += (y[i] - want[i]) * (y[i] - want[i]);
+          norm += want[i] * want[i];
+        }
+        // fp32 sums over 1024 terms; bf16 operands round each activation of a once more.
+        EXPECT_LT(std::sqrt(err / norm), prec == Precision::Bf16 ? 1e-2 : 1e-5)
+            << threads << " threads";
+      }
+  }
+}
+
 // The sparse reduction against the dense definition (reference_tree_sum over whole-table chunk
 // partials, each summed from zero in position order), and splits against the whole.
 TEST(CpuReduction, EmbeddingBackwardIsTheDenseSumOnTouchedRows) {
