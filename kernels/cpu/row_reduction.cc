@@ -15,6 +15,9 @@ namespace {
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 512;
 constexpr int64_t kTileFloats = 32768;
+// A call of fewer tiles than this gets narrower ones, down to kMinTileCols columns.
+constexpr int64_t kMinTiles = 8;
+constexpr int64_t kMinTileCols = 64;
 
 // aligned_blocks(first, first + chunks), from the fold itself (which guarantees they agree):
 // this library links below the core and takes only its headers.
@@ -43,15 +46,24 @@ void DenseReducer::run(Allocator& mem, const std::vector<DenseGrad>& grads) {
     int64_t o0, no, i0, ni;
   };
   std::vector<Tile> tiles;
-  for (size_t gi = 0; gi < grads.size(); ++gi) {
-    const DenseGrad& d = grads[gi];
+  for (const DenseGrad& d : grads)
     if (d.g->roots) size_roots(mem, *d.g, d.chunks, d.out * d.in);
-    if (d.chunks == 0 || d.out == 0 || d.in == 0) continue;
-    const int64_t ni = std::min(d.in, kTileCols);
-    const int64_t no = std::min(d.out, std::max(kTileRows, kTileFloats / ni));
-    for (int64_t o0 = 0; o0 < d.out; o0 += no)
-      for (int64_t i0 = 0; i0 < d.in; i0 += ni)
-        tiles.push_back({gi, o0, std::min(no, d.out - o0), i0, std::min(ni, d.in - i0)});
+  // Tiles of at most `cols` columns; a call of too few (the router's gradient alone, 16 x 512:
+  // one tile) gets narrower ones, so that its chunks' partials do not all run on one thread.
+  // The tiling depends on the call's shapes only.
+  for (int64_t cols = kTileCols;; cols /= 2) {
+    tiles.clear();
+    for (size_t gi = 0; gi < grads.size(); ++gi) {
+      const DenseGrad& d = grads[gi];
+      if (d.chunks == 0 || d.out == 0 || d.in == 0) continue;
+      const int64_t ni = std::min(d.in, cols);
+      const int64_t no =
+          std::min(d.out, std::max(kTileRows, kTileFloats / std::min(d.in, kTileCols)));
+      for (int64_t o0 = 0; o0 < d.out; o0 += no)
+        for (int64_t i0 = 0; i0 < d.in; i0 += ni)
+          tiles.push_back({gi, o0, std::min(no, d.out - o0), i0, std::min(ni, d.in - i0)});
+    }
+    if (static_cast<int64_t>(tiles.size()) >= kMinTiles || cols / 2 < kMinTileCols) break;
   }
   pool_.parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t ti, unsigned worker) {
     const Tile& t = tiles[static_cast<size_t>(ti)];
