@@ -112,14 +112,16 @@ void CpuBackend::linear_backward(const float* x, Weight weight, const float* dy,
   g.out = out;
   g.in = in;
   g.partial = [&](int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni, float* c, int64_t ldc,
-                  unsigned) {
+                  bool accumulate, unsigned) {
     const int64_t r0 = j * kReduceRows, m = chunk_rows(rows, j);
     if (direct)
-      sgemm(true, false, no, ni, m, dy + r0 * out + o0, out, x + r0 * in + i0, in, c, ldc, false);
+      sgemm(true, false, no, ni, m, dy + r0 * out + o0, out, x + r0 * in + i0, in, c, ldc,
+            accumulate);
     else
       sgemm(false, true, no, ni, m, tdy + r0 * out + o0 * m, m, tx + r0 * in + i0 * m, m, c, ldc,
-            false);
+            accumulate);
   };
+  g.exact_accumulate = true;
   reducer_.run(*this, {g});
   if (db) reduce_partials(*this, db_partial.data(), J, out, *db);
 }
@@ -434,9 +436,10 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     };
     const float* ra = rows_of(ta);
     const float* rb = rows_of(tb);
+    d.exact_accumulate = mode == Mode::Direct || mode == Mode::Transposed;
     d.partial = [&, s, si, ka, kb, out, in, ra, rb](int64_t j, int64_t o0, int64_t no, int64_t i0,
                                                     int64_t ni, float* c, int64_t ldc,
-                                                    unsigned worker) {
+                                                    bool accumulate, unsigned worker) {
       const int64_t r0 = s.begin + j * kReduceRows, m = chunk_rows(s.rows, j);
       if (mode == Mode::Fp8) {
         // The chunk lies inside one tile, its item; its rows from r0 on, with the tile's scales.
@@ -446,21 +449,21 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
         q.resize(static_cast<size_t>(fp8::gemm_wgrad_scratch_floats(m, no, ni)));
         fp8::gemm_wgrad(fp8_wgrad_operand(ka, item, r0, dim, hidden).tiles().from_column(o0),
                         fp8_wgrad_operand(kb, item, r0, dim, hidden).tiles().from_column(i0), c,
-                        ldc, m, no, ni, false, q.data());
+                        ldc, m, no, ni, accumulate, q.data());
         return;
       }
       if (mode == Mode::Direct) {
         sgemm(true, false, no, ni, m, ra + r0 * out + o0, out, rb + r0 * in + i0, in, c, ldc,
-              false);
+              accumulate);
         return;
       }
       const unsigned char* pa = ta.data() + static_cast<size_t>(r0 * out + o0 * m) * es;
       const unsigned char* pb = tb.data() + static_cast<size_t>(r0 * in + i0 * m) * es;
       if (mode == Mode::Bf16)
-        bf16_gemm_.act_act_nt(pa, m, pb, m, c, ldc, no, ni, m, false, worker);
+        bf16_gemm_.act_act_nt(pa, m, pb, m, c, ldc, no, ni, m, accumulate, worker);
       else
         sgemm(false, true, no, ni, m, reinterpret_cast<const float*>(pa), m,
-              reinterpret_cast<const float*>(pb), m, c, ldc, false);
+              reinterpret_cast<const float*>(pb), m, c, ldc, accumulate);
     };
     return d;
   };

@@ -77,15 +77,26 @@ void DenseReducer::run(Allocator& mem, const std::vector<DenseGrad>& grads) {
     if (s.size() < static_cast<size_t>(slots * size)) s.resize(static_cast<size_t>(slots * size));
     std::vector<float*> free;
     for (int64_t i = slots - 1; i >= 0; --i) free.push_back(s.data() + i * size);
+    // A merge of a value with itself is one the partial's GEMM has already made.
     auto merge = [&](float* l, float* r) {
+      if (l == r) return;
       add_into(l, r, size);
       free.push_back(r);
     };
-    TreeFold<float*> fold(g.roots ? g.first_chunk : 0);
+    const int64_t first = g.roots ? g.first_chunk : 0;
+    // oneDNN's matrix-vector products (a tile of one row or column) start their FMA chains from
+    // c instead of adding it at the end.
+    const bool exact = d.exact_accumulate && t.no > 1 && t.ni > 1;
+    TreeFold<float*> fold(first);
     for (int64_t j = 0; j < d.chunks; ++j) {
-      float* p = free.back();
-      free.pop_back();
-      d.partial(j, t.o0, t.no, t.i0, t.ni, p, t.ni, worker);
+      // The second chunk of an aligned pair whose first is open alone merges into it at once:
+      // with an exact accumulate, its GEMM adds it there, saving a pass over the tile.
+      const auto& open = fold.blocks();
+      const bool into_left = exact && (first + j) % 2 == 1 && !open.empty() &&
+                             open.back().first == TreeBlock{first + j - 1, 1};
+      float* p = into_left ? open.back().second : free.back();
+      if (!into_left) free.pop_back();
+      d.partial(j, t.o0, t.no, t.i0, t.ni, p, t.ni, into_left, worker);
       fold.push(p, merge);
     }
     if (!g.roots) {

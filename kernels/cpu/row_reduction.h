@@ -24,10 +24,15 @@ struct DenseGrad {
   int64_t chunks = 0;
   int64_t out = 0, in = 0;
   // Writes the tile [o0, o0 + no) x [i0, i0 + ni) of chunk j's partial into c (row stride ldc),
-  // from zero, on thread `worker`.
+  // from zero, on thread `worker`; with `accumulate`, adds it to c instead.
   std::function<void(int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni, float* c,
-                     int64_t ldc, unsigned worker)>
+                     int64_t ldc, bool accumulate, unsigned worker)>
       partial;
+  // Whether `accumulate` rounds each element exactly as c + (the partial from zero) would, so
+  // that the fold's first merge of a pair of chunks can happen inside the partial's GEMM.
+  // oneDNN's sgemm with beta = 1 does on tiles of at least 2 x 2; the reducer asks no more
+  // (CpuReduction.GemmAccumulateRoundsAsAddingThePartial checks it).
+  bool exact_accumulate = false;
 };
 
 // Reduces dense gradients, every tile of every gradient a work item: a tile's chunk partials are
