@@ -20,6 +20,7 @@
 #include "core/error.h"
 #include "core/model_writer.h"
 #include "core/tensor_codec.h"
+#include "kernels/cpu/math.h"
 #include "moert_generated.h"
 
 namespace moert {
@@ -150,22 +151,9 @@ uint64_t physical_memory_bytes() {
   return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page);
 }
 
-// Whether every value is finite, by exponent bits (vectorises, unlike std::isfinite).
-bool all_finite(std::span<const float> v, uint64_t* first_bad = nullptr) {
-  uint32_t any = 0;
-  for (float x : v) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    any |= static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u);
-  }
-  if (!any) return true;
-  if (first_bad)
-    for (size_t i = 0; i < v.size(); ++i)
-      if (!std::isfinite(v[i])) {
-        *first_bad = i;
-        break;
-      }
-  return false;
+// The index of the first NaN or infinity in v, or -1 (the CPU backend's vectorised scan).
+int64_t first_nonfinite(std::span<const float> v) {
+  return cpu::first_nonfinite(v.data(), static_cast<int64_t>(v.size()));
 }
 
 // Vectors of 8-byte scalars: the FlatBuffers verifier checks only the alignment of their 4-byte
@@ -312,8 +300,7 @@ void Loader::decode(const fb::Tensor* t, const char* field, const std::vector<in
       break;
     }
   }
-  uint64_t at = 0;
-  if (!all_finite(out.values, &at))
+  if (const int64_t at = first_nonfinite(out.values); at >= 0)
     bad(field, cat("holds a NaN or infinity at element ", at, " of ", shape_str(shape)));
 }
 
@@ -360,10 +347,9 @@ std::shared_ptr<const Fp8Blocks> Loader::resident_fp8(const fb::Tensor* t, const
     const float* scale =
         q->scales.data() + (r / q->rows * row_blocks + r % q->rows / fp8::kBlock) * ld;
     for (int64_t c = 0; c < q->cols; ++c) row[c] = table[code[c]] * scale[c / fp8::kBlock];
-    uint64_t at = 0;
-    if (!all_finite(row, &at))
-      bad(field, cat("holds a NaN or infinity at element ", static_cast<uint64_t>(r * q->cols) + at,
-                     " of ", shape_str(shape)));
+    if (const int64_t at = first_nonfinite(row); at >= 0)
+      bad(field,
+          cat("holds a NaN or infinity at element ", r * q->cols + at, " of ", shape_str(shape)));
   }
   return q;
 }
@@ -493,10 +479,9 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
       out.values.resize(numel);
       read_floats(*external_, t->external()->offset(), out.values.data(), numel,
                   [&](std::span<const float> piece, uint64_t first) {
-                    uint64_t at = 0;
-                    if (!all_finite(piece, &at))
-                      bad(field, cat("holds a NaN or infinity at element ", first + at, " of ",
-                                     shape_str(shape)));
+                    if (const int64_t at = first_nonfinite(piece); at >= 0)
+                      bad(field, cat("holds a NaN or infinity at element ",
+                                     first + static_cast<uint64_t>(at), " of ", shape_str(shape)));
                   });
     } else {
       std::vector<uint8_t> raw(bytes);
@@ -857,7 +842,7 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
       h.floats_begin(n);
       if (n == 0) return;
       auto check = [&](std::span<const float> values) {
-        if (!all_finite(values)) bad_state(what + " holds a NaN or infinity");
+        if (first_nonfinite(values) >= 0) bad_state(what + " holds a NaN or infinity");
       };
       if (v) {
         const std::span<const float> values(v->data(), n);

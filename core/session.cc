@@ -512,11 +512,14 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
   run_from(0, input_.data(), out, pass, "");
 }
 
-void Session::refuse_nonfinite(const float* rows, int64_t width, const char* what) {
+std::string Session::nonfinite_at(const float* rows, int64_t width) const {
   const int64_t bad = last_rows_ > 0 ? backend_->find_nonfinite(rows, last_rows_ * width) : -1;
-  if (bad >= 0)
-    fail(Code::Numeric, what, " holds a NaN or infinity at row ", caller_row(bad / width),
-         ", column ", bad % width);
+  return bad < 0 ? "" : cat("row ", caller_row(bad / width), ", column ", bad % width);
+}
+
+void Session::refuse_nonfinite(const float* rows, int64_t width, const char* what) const {
+  if (const std::string at = nonfinite_at(rows, width); !at.empty())
+    fail(Code::Numeric, what, " holds a NaN or infinity at ", at);
 }
 
 template <typename F>
@@ -535,13 +538,12 @@ void Session::collective_step(F&& body) {
 std::string Session::check_output(size_t layer, const float* y) const {
   if (!options_.check_finite) return "";
   const int64_t width = model_->layers[layer].out_width;
-  const int64_t bad = last_rows_ > 0 ? backend_->find_nonfinite(y, last_rows_ * width) : -1;
-  if (bad < 0) return "";
+  const std::string at = nonfinite_at(y, width);
+  if (at.empty()) return "";
   const std::string why =
       cat("layer ", layer, " ('", model_->layers[layer].name, "', ",
-          layer_kind_name(model_->layers[layer].kind),
-          "): its output holds a NaN or infinity at row ", caller_row(bad / width), ", column ",
-          bad % width, " although its inputs are finite: a value exceeded the fp32 range");
+          layer_kind_name(model_->layers[layer].kind), "): its output holds a NaN or infinity at ",
+          at, " although its inputs are finite: a value exceeded the fp32 range");
   // Alone, stop here; among ranks, finish the pass (its collectives) and refuse it together.
   if (!par_) fail(Code::Numeric, why);
   return why;
@@ -713,11 +715,8 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
   const double aux = run_backward(grad_in ? grad_in_.data() : nullptr);
   std::string why;
   if (grad_in && options_.check_finite) {
-    const int64_t bad =
-        last_rows_ > 0 ? backend_->find_nonfinite(grad_in_.data(), last_rows_ * in_w) : -1;
-    if (bad >= 0)
-      why = cat("the input gradient holds a NaN or infinity at row ", caller_row(bad / in_w),
-                ", column ", bad % in_w,
+    if (const std::string at = nonfinite_at(grad_in_.data(), in_w); !at.empty())
+      why = cat("the input gradient holds a NaN or infinity at ", at,
                 " although grad_out is finite: a value exceeded the fp32 range");
   }
   // The gradients are accumulated by now: a failure here blocks the step, on every rank.

@@ -214,9 +214,11 @@ class Session {
   const T* gather_rows(const T* src, int64_t width, std::vector<T>& staging) const;
   // Compacted rows in backend memory -> the caller's rows, padding zeroed.
   void deliver_rows(const float* src, int64_t width, float* out);
-  // Fails (Numeric) naming the caller's row and column of the first NaN or infinity in `rows`
-  // (backend memory, last_rows_ rows of `width`).
-  void refuse_nonfinite(const float* rows, int64_t width, const char* what);
+  // "row R, column C" of the first NaN or infinity in `rows` (backend memory, last_rows_ rows of
+  // `width`), R being the caller's row; "" when every value is finite.
+  std::string nonfinite_at(const float* rows, int64_t width) const;
+  // Fails (Numeric) naming where `rows` holds its first NaN or infinity (nonfinite_at).
+  void refuse_nonfinite(const float* rows, int64_t width, const char* what) const;
   // Why layer `layer`'s output is not finite, or "" (checks values when check_finite is on;
   // alone it throws, among ranks it reports so that the pass ends together).
   std::string check_output(size_t layer, const float* y) const;
