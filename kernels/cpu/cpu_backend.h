@@ -213,11 +213,11 @@ class CpuBackend final : public Backend {
   // where the weights carry no transposed copies, made once per backward call, for as many
   // weights at a time as kTransposedWeights floats allow.
   Buffer<float> t_w_;
-  // Forward items of at most kFewRows rows run as column blocks of the up (w1, w3) and down (w2)
-  // GEMMs; their activations live in few_ between the two.
+  // Forward items of at most kFewRows rows are cut into column units of the up (w1, w3) and down
+  // (w2) GEMMs; their activations live in cut_ between the two.
   static constexpr int64_t kFewRows = 16, kUpColumns = 256, kDownColumns = 512;
   // So are all items of a call of fewer than kCutItems items on weights of kCutWeights elements
-  // or more, where their activations (kept in few_ between the two) take at most kCutFloats.
+  // or more, where their activations (kept in cut_ between the two) take at most kCutFloats.
   static constexpr int64_t kCutItems = 8, kCutWeights = int64_t{1} << 20,
                            kCutFloats = int64_t{1} << 24;
   // Rows of a weight (output columns of its GEMM) packed together: every column unit above is a
@@ -228,9 +228,9 @@ class CpuBackend final : public Backend {
   // pack_bf16 packs it (c and w from column c0; c0 a multiple of kPackRows).
   void packed_nt(const void* a, int64_t lda, const unsigned char* w, float* c, int64_t ldc,
                  int64_t m, int64_t c0, int64_t n, int64_t k, bool accumulate, unsigned worker);
-  Buffer<float> few_;
+  Buffer<float> cut_;
   // The gathered rows of those items, when the call does not keep them in its x.
-  Buffer<float> few_x_;
+  Buffer<float> cut_x_;
   static constexpr int64_t kTransposedWeights = int64_t{64} << 20;
   // Below this many elements a weight's fp32 GEMMs are small enough that oneDNN's nn and tn
   // kernels run as fast as nt, and the transposes would cost more than they save: Dgrad and

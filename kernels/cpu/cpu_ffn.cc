@@ -240,32 +240,32 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     int64_t c0, n;
   };
   std::vector<Unit> units, second;
-  std::vector<int64_t> few_at(items.size(), -1);  // a cut item's rows in few_
-  int64_t few_rows = 0;
+  std::vector<int64_t> cut_at(items.size(), -1);  // a cut item's rows in cut_
+  int64_t cut_rows = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     if (items[i].rows > kFewRows && !cut_all) {
       units.push_back({i, 0, 0});
       continue;
     }
-    few_at[i] = few_rows;
-    few_rows += items[i].rows;
+    cut_at[i] = cut_rows;
+    cut_rows += items[i].rows;
     for (int64_t c = 0; c < hidden; c += kUpColumns)
       units.push_back({i, c, std::min(kUpColumns, hidden - c)});
     for (int64_t c = 0; c < dim; c += kDownColumns)
       second.push_back({i, c, std::min(kDownColumns, dim - c)});
   }
-  few_.resize(*this, static_cast<size_t>(few_rows * hidden * (keep ? 1 : 3)));
-  // A few-row item's rows are read by each of its column units: gathered once, before them.
-  const bool few_apart = gather && !gather->kept;
-  if (gather && few_rows > 0) {
-    if (few_apart) few_x_.resize(*this, static_cast<size_t>(few_rows * dim));
-    std::vector<size_t> few;
+  cut_.resize(*this, static_cast<size_t>(cut_rows * hidden * (keep ? 1 : 3)));
+  // A cut item's rows are read by each of its column units: gathered once, before them.
+  const bool cut_apart = gather && !gather->kept;
+  if (gather && cut_rows > 0) {
+    if (cut_apart) cut_x_.resize(*this, static_cast<size_t>(cut_rows * dim));
+    std::vector<size_t> cut;
     for (size_t i = 0; i < items.size(); ++i)
-      if (few_at[i] >= 0) few.push_back(i);
-    pool_.parallel_for(static_cast<int64_t>(few.size()), [&](int64_t f, unsigned) {
-      const size_t i = few[static_cast<size_t>(f)];
+      if (cut_at[i] >= 0) cut.push_back(i);
+    pool_.parallel_for(static_cast<int64_t>(cut.size()), [&](int64_t f, unsigned) {
+      const size_t i = cut[static_cast<size_t>(f)];
       gather_rows(items[i].begin, items[i].rows,
-                  few_apart ? few_x_.data() + few_at[i] * dim : kept_rows(items[i].begin));
+                  cut_apart ? cut_x_.data() + cut_at[i] * dim : kept_rows(items[i].begin));
     });
   }
   pool_.parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u, unsigned worker) {
@@ -274,11 +274,11 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     const Segment& s = segs[it.segment];
     const int64_t m = it.rows;
     const float* xr = x + it.begin * dim;
-    if (few_at[un.item] >= 0) {
-      if (few_apart) xr = few_x_.data() + few_at[un.item] * dim;
-      float* a = few_.data() + few_at[un.item] * hidden;
-      float* p1 = keep ? h1 + it.begin * hidden : a + few_rows * hidden;
-      float* p3 = keep ? h3 + it.begin * hidden : a + 2 * few_rows * hidden;
+    if (cut_at[un.item] >= 0) {
+      if (cut_apart) xr = cut_x_.data() + cut_at[un.item] * dim;
+      float* a = cut_.data() + cut_at[un.item] * hidden;
+      float* p1 = keep ? h1 + it.begin * hidden : a + cut_rows * hidden;
+      float* p3 = keep ? h3 + it.begin * hidden : a + 2 * cut_rows * hidden;
       up(s, m, it.begin, xr, p1, p3, a, un.c0, un.n, worker);
       return;
     }
@@ -300,7 +300,7 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   pool_.parallel_for(static_cast<int64_t>(second.size()), [&](int64_t u, unsigned worker) {
     const Unit& un = second[static_cast<size_t>(u)];
     const Item& it = items[un.item];
-    down(segs[it.segment], it.rows, it.begin, few_.data() + few_at[un.item] * hidden,
+    down(segs[it.segment], it.rows, it.begin, cut_.data() + cut_at[un.item] * hidden,
          y + it.begin * dim, un.c0, un.n, worker);
   });
 }
