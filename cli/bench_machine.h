@@ -1,5 +1,5 @@
 // The machine's own limits, measured by `moert bench` in the same run as the figures they bound:
-// the fp32 FMA peak and the memory read bandwidth. Independent of libmoert.
+// the fp32 FMA and bf16 dot-product peaks and the memory read bandwidth. Independent of libmoert.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +28,11 @@ struct FmaPeak {
 // `threads` threads each run 12 independent chains of fused multiply-adds on the widest vector
 // registers the CPU has (AVX-512 or AVX2; both are tried where both exist and the faster counts).
 FmaPeak fma_peak(unsigned threads);
+
+// The same for bf16 dot products: 12 chains of vdpbf16ps on zmm (AVX512-BF16: 32 bf16 products
+// accumulated into 16 fp32 lanes per instruction, 64 FLOP), the instruction oneDNN's
+// avx512_core_bf16 GEMMs run on. gflops is 0 (and `how` says why) on a CPU without AVX512-BF16.
+FmaPeak bf16_dot_peak(unsigned threads);
 
 // GB/s (1e9 bytes) of `threads` threads reading disjoint parts of a `bytes` buffer (far larger
 // than the caches), best of three passes.

@@ -46,7 +46,10 @@ const CommandSpec kBenchSpec = {
     "--decode adds decode-sized batches (1, 8 and 64 rows) of a large bf16 layer (DeepSeek-V3's\n"
     "width: d 7168, 32 routed experts of 2048 + 1 shared, top-8; about 6 GB of fp32 weights are\n"
     "built): the effective bandwidth, bytes of weights the pass touches (bf16 experts selected,\n"
-    "the shared expert, the fp32 router) per second, against the measured read bandwidth.\n"
+    "the shared expert, the fp32 router) per second, against the measured read bandwidth; and\n"
+    "the pass against its roofline, the longer of those bytes at the read bandwidth and its\n"
+    "FLOPs at the bf16 GEMMs' compute peak (12 chains of vdpbf16ps per thread with AVX512-BF16,\n"
+    "the fp32 FMA peak for moert's widening kernels, not known under AMX), naming the bound.\n"
     "Times are medians over REPEATS runs after one warm-up run.\n\n"
     "Under mpirun with --expert-parallel EP, the layer is sharded over the job's N ranks (EP-way\n"
     "expert parallelism x N/EP data parallelism); TOKENS is the global batch, each rank feeding\n"
@@ -141,7 +144,18 @@ Isa cpu_isa() {
 
 struct DecodeRow {
   uint32_t rows = 0, touched = 0;
-  double seconds = 0.0, bytes = 0.0;
+  double seconds = 0.0, bytes = 0.0, flops = 0.0;
+};
+
+// The time a decode pass cannot beat: its weights read at the measured bandwidth, or its FLOPs
+// at the compute peak of the kernels that run them, whichever takes longer (the roofline).
+struct Roofline {
+  double gbps = 0.0, gflops = 0.0;  // gflops 0: the compute limit is not known
+  bool known() const { return gflops > 0.0; }
+  bool compute_bound(const DecodeRow& r) const { return r.flops / gflops > r.bytes / gbps; }
+  double seconds(const DecodeRow& r) const {
+    return std::max(r.bytes / gbps, r.flops / gflops) / 1e9;
+  }
 };
 
 std::vector<DecodeRow> decode_rows(const Dims& d, const SessionConfig& base, int repeats,
@@ -165,6 +179,10 @@ std::vector<DecodeRow> decode_rows(const Dims& d, const SessionConfig& base, int
     const double expert_bytes = 3.0 * d.dim * d.expert_hidden * 2.0;
     const double shared_bytes = 3.0 * d.dim * d.shared_hidden * 2.0 * d.shared;
     r.bytes = r.touched * expert_bytes + shared_bytes + 4.0 * d.dim * d.experts;
+    // The router, the shared expert on every row, the top-K experts of each row.
+    r.flops =
+        static_cast<double>(rows) * d.dim *
+        (2.0 * d.experts + 6.0 * d.shared_hidden * d.shared + 6.0 * d.expert_hidden * d.top_k);
     out.push_back(r);
   }
   return out;
@@ -240,6 +258,18 @@ int run_bench(const Args& args) {
   const FmaPeak peak = fma_peak(threads);
   const double bandwidth = read_bandwidth(threads, quick ? size_t{64} << 20 : size_t{1} << 30);
   const Isa isa = cpu_isa();
+  // The bf16 GEMMs' compute limit: the vdpbf16ps peak where oneDNN multiplies bf16 with
+  // AVX512-BF16; the fp32 FMA peak where moert's widening kernels run them as fp32 FMAs; not
+  // known where oneDNN runs AMX, whose tile peak this bench does not measure.
+  const bool amx = isa.dnnl.find("amx") != std::string::npos;
+  FmaPeak dot;
+  if ((decode || precision == "bf16") && isa.native_bf16 && !amx) dot = bf16_dot_peak(threads);
+  Roofline roof;
+  roof.gbps = bandwidth;
+  roof.gflops = amx ? 0.0 : isa.native_bf16 ? dot.gflops : peak.gflops;
+  const std::string roof_compute = amx               ? "AMX, not measured"
+                                   : isa.native_bf16 ? "the bf16 dot-product peak"
+                                                     : "the fp32 FMA peak (widening kernels)";
   // The library's rule for "auto" (the session option layout_copies): fp32 weights transposed
   // where oneDNN runs AVX-512 kernels, bf16 ones packed where it multiplies bf16 natively.
   const bool cpu = config.device == MOERT_DEVICE_CPU;
@@ -310,7 +340,8 @@ int run_bench(const Args& args) {
       << ", \"shared\": " << d.shared << ", \"shared_hidden\": " << d.shared_hidden
       << ", \"repeats\": " << repeats << ", \"assignments\": " << t32.assignments
       << ", \"gemm_width\": " << width << ",\n \"peak_gflops\": " << json_number(peak.gflops)
-      << ", \"read_gbps\": " << json_number(bandwidth);
+      << ", \"read_gbps\": " << json_number(bandwidth)
+      << ", \"bf16_dot_peak_gflops\": " << json_number(dot.gflops);
     o << ",\n \"gemm\": {\"library\": " << json_string(best ? best->name : "")
       << ", \"forward\": {\"gflops\": " << json_number(best_nt)
       << "}, \"forward_backward\": {\"gflops\": " << json_number(best ? best->trio : 0.0) << "}}";
@@ -329,7 +360,13 @@ int run_bench(const Args& args) {
         o << (i ? ", " : "") << "{\"rows\": " << dec[i].rows << ", \"experts\": " << dec[i].touched
           << ", \"bytes\": " << json_number(dec[i].bytes)
           << ", \"seconds\": " << json_number(dec[i].seconds)
-          << ", \"gbps\": " << json_number(dec[i].bytes / dec[i].seconds / 1e9) << "}";
+          << ", \"gbps\": " << json_number(dec[i].bytes / dec[i].seconds / 1e9)
+          << ", \"flops\": " << json_number(dec[i].flops)
+          << ", \"gflops\": " << json_number(dec[i].flops / dec[i].seconds / 1e9) << ", \"bound\": "
+          << (roof.known() ? json_string(roof.compute_bound(dec[i]) ? "compute" : "memory")
+                           : "null")
+          << ", \"roofline\": "
+          << (roof.known() ? json_number(roof.seconds(dec[i]) / dec[i].seconds) : "null") << "}";
       o << "]";
     }
     o << "}\n";
@@ -348,8 +385,11 @@ int run_bench(const Args& args) {
     std::printf("times: process CPU time / %u thread%s (--cpu-time), not wall time\n", threads,
                 threads == 1 ? "" : "s");
   std::printf(
-      "machine limits, measured now: fp32 FMA peak %.1f GFLOP/s (%s); memory read %.1f GB/s\n\n",
+      "machine limits, measured now: fp32 FMA peak %.1f GFLOP/s (%s); memory read %.1f GB/s\n",
       peak.gflops, peak.how.c_str(), bandwidth);
+  if (dot.gflops > 0)
+    std::printf("bf16 dot-product peak %.1f GFLOP/s (%s)\n", dot.gflops, dot.how.c_str());
+  std::printf("\n");
   if (!libs.empty()) {
     std::printf(
         "GEMM libraries: C[%u, %u] = X[%u, %u] W^T (the layer's forward FLOPs), %u thread%s\n",
@@ -399,12 +439,19 @@ int run_bench(const Args& args) {
         "\ndecode-sized batches: d=%u, %u routed experts x %u + %u shared, top-%u, bf16 "
         "weights; forward, median of %d\n",
         dd.dim, dd.experts, dd.expert_hidden, dd.shared, dd.top_k, repeats);
-    std::printf("%6s %9s %12s %10s %14s %14s\n", "rows", "experts", "weight MB", "ms",
-                "effective GB/s", "/memory read");
+    std::printf("%6s %9s %12s %10s %10s %14s %14s %10s %8s %10s\n", "rows", "experts", "weight MB",
+                "GFLOP", "ms", "effective GB/s", "/memory read", "GF/s", "bound", "/roofline");
     for (const DecodeRow& r : dec)
-      std::printf("%6u %6u+%u %12.1f %10.2f %14.2f %14.2f\n", r.rows, r.touched, dd.shared,
-                  r.bytes / 1e6, r.seconds * 1e3, r.bytes / r.seconds / 1e9,
-                  r.bytes / r.seconds / 1e9 / bandwidth);
+      std::printf("%6u %6u+%u %12.1f %10.3f %10.2f %14.2f %14.2f %10.1f %8s %10s\n", r.rows,
+                  r.touched, dd.shared, r.bytes / 1e6, r.flops / 1e9, r.seconds * 1e3,
+                  r.bytes / r.seconds / 1e9, r.bytes / r.seconds / 1e9 / bandwidth,
+                  r.flops / r.seconds / 1e9,
+                  roof.known() ? (roof.compute_bound(r) ? "compute" : "memory") : "n/a",
+                  roof.known() ? f2(roof.seconds(r) / r.seconds).c_str() : "n/a");
+    std::printf(
+        "roofline: the longer of the weights at the memory read rate and the GFLOP at %s "
+        "(%s); /roofline = that time / the pass's\n",
+        roof_compute.c_str(), roof.known() ? cat(f2(roof.gflops), " GFLOP/s").c_str() : "n/a");
   }
   return 0;
 }

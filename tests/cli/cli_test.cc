@@ -603,4 +603,35 @@ TEST(Cli, BenchQuickPrintsItsTable) {
   EXPECT_GT(json_value(j.out, "gflops"), 0.0);
 }
 
+TEST(Cli, BenchDecodeSetsEachBatchAgainstItsRoofline) {
+  // A small decode layer (the real one builds 6 GB): d 256, 8 experts x 128 + 1 shared, top-2.
+  const fs::path dir = workdir("bench_decode");
+  const std::string layer =
+      "bench --quick --threads 1 --no-libraries --decode --decode-dim 256 --decode-hidden 128 "
+      "--decode-experts 8 --decode-top-k 2";
+  const Result r = run(layer, dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  // rows, experts; MB, GFLOP, ms, GB/s, /read, GF/s; the bound, /roofline.
+  for (const char* rows : {"1", "8", "64"})
+    EXPECT_TRUE(std::regex_search(
+        r.out,
+        std::regex(std::string(R"(\n +)") + rows +
+                   R"( +[0-9]+\+1( +[0-9.]+){6} +(memory +[0-9.]+|compute +[0-9.]+|n/a +n/a))")))
+        << r.out;
+  EXPECT_NE(r.out.find("roofline: the longer of"), std::string::npos) << r.out;
+  const Result j = run(layer + " --json", dir);
+  ASSERT_EQ(j.code, 0) << j.err;
+  const size_t at = j.out.find("\"decode\"");
+  ASSERT_NE(at, std::string::npos) << j.out;
+  // One row: the router (2 d E), the shared expert (6 d h) and its top-2 experts (2 x 6 d h).
+  EXPECT_EQ(json_value(j.out, "flops", at), 256.0 * (2 * 8 + 6 * 128 + 2 * 6 * 128));
+  EXPECT_GT(json_value(j.out, "gflops", at), 0.0);
+  // Where the compute limit is known the time is at least the roofline's, up to timing noise.
+  const size_t roof = j.out.find("\"roofline\": ", at);
+  ASSERT_NE(roof, std::string::npos) << j.out;
+  if (j.out.compare(roof + 12, 4, "null") != 0) {
+    EXPECT_LT(json_value(j.out, "roofline", at), 1.5);
+  }
+}
+
 }  // namespace
