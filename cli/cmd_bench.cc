@@ -258,16 +258,19 @@ int run_bench(const Args& args) {
   const FmaPeak peak = fma_peak(threads);
   const double bandwidth = read_bandwidth(threads, quick ? size_t{64} << 20 : size_t{1} << 30);
   const Isa isa = cpu_isa();
-  // The bf16 GEMMs' compute limit: the vdpbf16ps peak where oneDNN multiplies bf16 with
+  // The CPU's bf16 GEMMs' compute limit: the vdpbf16ps peak where oneDNN multiplies bf16 with
   // AVX512-BF16; the fp32 FMA peak where moert's widening kernels run them as fp32 FMAs; not
-  // known where oneDNN runs AMX, whose tile peak this bench does not measure.
+  // known where oneDNN runs AMX, whose tile peak this bench does not measure, nor on a GPU.
+  const bool on_cpu = config.device == MOERT_DEVICE_CPU;
   const bool amx = isa.dnnl.find("amx") != std::string::npos;
   FmaPeak dot;
-  if ((decode || precision == "bf16") && isa.native_bf16 && !amx) dot = bf16_dot_peak(threads);
+  if (on_cpu && (decode || precision == "bf16") && isa.native_bf16 && !amx)
+    dot = bf16_dot_peak(threads);
   Roofline roof;
   roof.gbps = bandwidth;
-  roof.gflops = amx ? 0.0 : isa.native_bf16 ? dot.gflops : peak.gflops;
-  const std::string roof_compute = amx               ? "AMX, not measured"
+  roof.gflops = !on_cpu || amx ? 0.0 : isa.native_bf16 ? dot.gflops : peak.gflops;
+  const std::string roof_compute = !on_cpu           ? "a peak not measured for this device"
+                                   : amx             ? "AMX's peak, not measured"
                                    : isa.native_bf16 ? "the bf16 dot-product peak"
                                                      : "the fp32 FMA peak (widening kernels)";
   // The library's rule for "auto" (the session option layout_copies): fp32 weights transposed
