@@ -162,7 +162,7 @@ FmaPeak fma_peak(unsigned threads) {
   FmaPeak p;
   const std::string per = ", " + std::to_string(threads) + " thread" + (threads == 1 ? "" : "s");
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    p.gflops = peak_of(threads, 8, fma_chains_avx2);
+    p.gflops = p.ymm_gflops = peak_of(threads, 8, fma_chains_avx2);
     p.how = "12 chains of vfmadd on ymm" + per;
   }
   if (__builtin_cpu_supports("avx512f")) {

@@ -24,6 +24,9 @@ unsigned cpu_count();
 struct FmaPeak {
   double gflops = 0.0;  // all threads together
   std::string how;      // e.g. "12 chains of vfmadd on ymm registers, 2 threads"
+  // fma_peak: the ymm chains' figure alone (0 without AVX2), the limit of moert's widening bf16
+  // kernels, which run AVX2 even where the CPU has AVX-512.
+  double ymm_gflops = 0.0;
 };
 // `threads` threads each run 12 independent chains of fused multiply-adds on the widest vector
 // registers the CPU has (AVX-512 or AVX2; both are tried where both exist and the faster counts).

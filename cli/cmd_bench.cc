@@ -49,7 +49,7 @@ const CommandSpec kBenchSpec = {
     "the shared expert, the fp32 router) per second, against the measured read bandwidth; and\n"
     "the pass against its roofline, the longer of those bytes at the read bandwidth and its\n"
     "FLOPs at the bf16 GEMMs' compute peak (12 chains of vdpbf16ps per thread with AVX512-BF16,\n"
-    "the fp32 FMA peak for moert's widening kernels, not known under AMX), naming the bound.\n"
+    "the ymm FMA peak for moert's AVX2 widening kernels, not known under AMX), naming the bound.\n"
     "Times are medians over REPEATS runs after one warm-up run.\n\n"
     "Under mpirun with --expert-parallel EP, the layer is sharded over the job's N ranks (EP-way\n"
     "expert parallelism x N/EP data parallelism); TOKENS is the global batch, each rank feeding\n"
@@ -110,6 +110,7 @@ struct Isa {
   std::string dnnl = "unknown";
   std::string bf16_kernels = "unknown";
   bool native_bf16 = false;
+  bool widen_avx2 = false;  // moert's widening kernels run AVX2 (else scalar)
 };
 
 Isa cpu_isa() {
@@ -135,6 +136,7 @@ Isa cpu_isa() {
   out.native_bf16 = native;
   const bool avx2 =
       (isa & 0x7u) == 0x7u && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  out.widen_avx2 = avx2;
   out.bf16_kernels = native
                          ? "oneDNN (native bf16: " + out.dnnl + ")"
                          : std::string("moert's widening kernels (") + (avx2 ? "AVX2" : "scalar") +
@@ -151,7 +153,7 @@ struct DecodeRow {
 // at the compute peak of the kernels that run them, whichever takes longer (the roofline).
 struct Roofline {
   double gbps = 0.0, gflops = 0.0;  // gflops 0: the compute limit is not known
-  bool known() const { return gflops > 0.0; }
+  bool known() const { return gflops > 0.0 && gbps > 0.0; }
   bool compute_bound(const DecodeRow& r) const { return r.flops / gflops > r.bytes / gbps; }
   double seconds(const DecodeRow& r) const {
     return std::max(r.bytes / gbps, r.flops / gflops) / 1e9;
@@ -259,8 +261,9 @@ int run_bench(const Args& args) {
   const double bandwidth = read_bandwidth(threads, quick ? size_t{64} << 20 : size_t{1} << 30);
   const Isa isa = cpu_isa();
   // The CPU's bf16 GEMMs' compute limit: the vdpbf16ps peak where oneDNN multiplies bf16 with
-  // AVX512-BF16; the fp32 FMA peak where moert's widening kernels run them as fp32 FMAs; not
-  // known where oneDNN runs AMX, whose tile peak this bench does not measure, nor on a GPU.
+  // AVX512-BF16; the ymm FMA peak where moert's widening kernels run them as AVX2 FMAs (also on
+  // an AVX-512 CPU; scalar without AVX2: not known); not known where oneDNN runs AMX, whose tile
+  // peak this bench does not measure, nor on a GPU.
   const bool on_cpu = config.device == MOERT_DEVICE_CPU;
   const bool amx = isa.dnnl.find("amx") != std::string::npos;
   FmaPeak dot;
@@ -268,11 +271,15 @@ int run_bench(const Args& args) {
     dot = bf16_dot_peak(threads);
   Roofline roof;
   roof.gbps = bandwidth;
-  roof.gflops = !on_cpu || amx ? 0.0 : isa.native_bf16 ? dot.gflops : peak.gflops;
+  roof.gflops = !on_cpu || amx    ? 0.0
+                : isa.native_bf16 ? dot.gflops
+                : isa.widen_avx2  ? peak.ymm_gflops
+                                  : 0.0;
   const std::string roof_compute = !on_cpu           ? "a peak not measured for this device"
                                    : amx             ? "AMX's peak, not measured"
                                    : isa.native_bf16 ? "the bf16 dot-product peak"
-                                                     : "the fp32 FMA peak (widening kernels)";
+                                   : isa.widen_avx2  ? "the ymm FMA peak (widening kernels)"
+                                                     : "the scalar kernels' peak, not measured";
   // The library's rule for "auto" (the session option layout_copies): fp32 weights transposed
   // where oneDNN runs AVX-512 kernels, bf16 ones packed where it multiplies bf16 natively.
   const bool cpu = config.device == MOERT_DEVICE_CPU;
