@@ -158,9 +158,18 @@ unsigned cpu_count() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+namespace {
+
+// ", N threads", for a peak's description.
+std::string on_threads(unsigned threads) {
+  return ", " + std::to_string(threads) + " thread" + (threads == 1 ? "" : "s");
+}
+
+}  // namespace
+
 FmaPeak fma_peak(unsigned threads) {
   FmaPeak p;
-  const std::string per = ", " + std::to_string(threads) + " thread" + (threads == 1 ? "" : "s");
+  const std::string per = on_threads(threads);
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     p.gflops = p.ymm_gflops = peak_of(threads, 8, fma_chains_avx2);
     p.how = "12 chains of vfmadd on ymm" + per;
@@ -183,8 +192,7 @@ FmaPeak bf16_dot_peak(unsigned threads) {
     return p;
   }
   p.gflops = peak_of(threads, 32, dot_chains_avx512_bf16);
-  p.how = "12 chains of vdpbf16ps on zmm, " + std::to_string(threads) + " thread" +
-          (threads == 1 ? "" : "s");
+  p.how = "12 chains of vdpbf16ps on zmm" + on_threads(threads);
   return p;
 }
 

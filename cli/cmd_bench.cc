@@ -153,6 +153,7 @@ struct DecodeRow {
 // at the compute peak of the kernels that run them, whichever takes longer (the roofline).
 struct Roofline {
   double gbps = 0.0, gflops = 0.0;  // gflops 0: the compute limit is not known
+  std::string compute;              // which peak gflops is, or why none is known
   bool known() const { return gflops > 0.0 && gbps > 0.0; }
   bool compute_bound(const DecodeRow& r) const { return r.flops / gflops > r.bytes / gbps; }
   double seconds(const DecodeRow& r) const {
@@ -264,25 +265,26 @@ int run_bench(const Args& args) {
   // AVX512-BF16; the ymm FMA peak where moert's widening kernels run them as AVX2 FMAs (also on
   // an AVX-512 CPU; scalar without AVX2: not known); not known where oneDNN runs AMX, whose tile
   // peak this bench does not measure, nor on a GPU.
-  const bool on_cpu = config.device == MOERT_DEVICE_CPU;
-  const bool amx = isa.dnnl.find("amx") != std::string::npos;
+  const bool cpu = config.device == MOERT_DEVICE_CPU;
   FmaPeak dot;
-  if (on_cpu && (decode || precision == "bf16") && isa.native_bf16 && !amx)
-    dot = bf16_dot_peak(threads);
   Roofline roof;
   roof.gbps = bandwidth;
-  roof.gflops = !on_cpu || amx    ? 0.0
-                : isa.native_bf16 ? dot.gflops
-                : isa.widen_avx2  ? peak.ymm_gflops
-                                  : 0.0;
-  const std::string roof_compute = !on_cpu           ? "a peak not measured for this device"
-                                   : amx             ? "AMX's peak, not measured"
-                                   : isa.native_bf16 ? "the bf16 dot-product peak"
-                                   : isa.widen_avx2  ? "the ymm FMA peak (widening kernels)"
-                                                     : "the scalar kernels' peak, not measured";
+  if (!cpu) {
+    roof.compute = "a peak not measured for this device";
+  } else if (isa.dnnl.find("amx") != std::string::npos) {
+    roof.compute = "AMX's peak, not measured";
+  } else if (isa.native_bf16) {
+    if (decode || precision == "bf16") dot = bf16_dot_peak(threads);
+    roof.gflops = dot.gflops;
+    roof.compute = "the bf16 dot-product peak";
+  } else if (isa.widen_avx2) {
+    roof.gflops = peak.ymm_gflops;
+    roof.compute = "the ymm FMA peak (widening kernels)";
+  } else {
+    roof.compute = "the scalar kernels' peak, not measured";
+  }
   // The library's rule for "auto" (the session option layout_copies): fp32 weights transposed
   // where oneDNN runs AVX-512 kernels, bf16 ones packed where it multiplies bf16 natively.
-  const bool cpu = config.device == MOERT_DEVICE_CPU;
   const bool transposed_copies =
       cpu && (layouts == "on" || (layouts == "auto" && isa.dnnl.rfind("avx512", 0) == 0));
   const bool packed_copies = cpu && layouts != "off" && isa.native_bf16;
@@ -461,7 +463,7 @@ int run_bench(const Args& args) {
     std::printf(
         "roofline: the longer of the weights at the memory read rate and the GFLOP at %s "
         "(%s); /roofline = that time / the pass's\n",
-        roof_compute.c_str(), roof.known() ? cat(f2(roof.gflops), " GFLOP/s").c_str() : "n/a");
+        roof.compute.c_str(), roof.known() ? cat(f2(roof.gflops), " GFLOP/s").c_str() : "n/a");
   }
   return 0;
 }
