@@ -32,9 +32,10 @@ struct FmaPeak {
 // registers the CPU has (AVX-512 or AVX2; both are tried where both exist and the faster counts).
 FmaPeak fma_peak(unsigned threads);
 
-// The same for bf16 dot products: 12 chains of vdpbf16ps on zmm (AVX512-BF16: 32 bf16 products
+// The same for bf16 dot products: 24 chains of vdpbf16ps on zmm (AVX512-BF16: 32 bf16 products
 // accumulated into 16 fp32 lanes per instruction, 64 FLOP), the instruction oneDNN's
-// avx512_core_bf16 GEMMs run on. gflops is 0 (and `how` says why) on a CPU without AVX512-BF16.
+// avx512_core_bf16 GEMMs run on; 12 chains leave Zen 5 8 % short of its rate. gflops is 0 (and
+// `how` says why) on a CPU without AVX512-BF16.
 FmaPeak bf16_dot_peak(unsigned threads);
 
 // GB/s (1e9 bytes) of `threads` threads reading disjoint parts of a `bytes` buffer (far larger

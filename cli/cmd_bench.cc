@@ -48,7 +48,7 @@ const CommandSpec kBenchSpec = {
     "built): the effective bandwidth, bytes of weights the pass touches (bf16 experts selected,\n"
     "the shared expert, the fp32 router) per second, against the measured read bandwidth; and\n"
     "the pass against its roofline, the longer of those bytes at the read bandwidth and its\n"
-    "FLOPs at the bf16 GEMMs' compute peak (12 chains of vdpbf16ps per thread with AVX512-BF16,\n"
+    "FLOPs at the bf16 GEMMs' compute peak (24 chains of vdpbf16ps per thread with AVX512-BF16,\n"
     "the ymm FMA peak for moert's AVX2 widening kernels, not known under AMX), naming the bound.\n"
     "Times are medians over REPEATS runs after one warm-up run.\n\n"
     "Under mpirun with --expert-parallel EP, the layer is sharded over the job's N ranks (EP-way\n"
