@@ -899,7 +899,10 @@ MOERT_API moert_status* moert_session_parameter_info(const moert_session* sessio
  * must only be the same on the replicas of a shard. moert_session_step() compares digests of the
  * last value written to each tensor and refuses with MOERT_ERR_INVALID_STATE on every rank when
  * they differ, before changing anything; writing the same values on every rank then lets it go
- * on (moert_session_zero_grad() discards gradient writes). */
+ * on (moert_session_zero_grad() discards gradient writes). Passes run between the differing write
+ * and its repair computed their gradients from the differing values: those gradients were still
+ * combined across ranks, so the replicas stay alike, but to train on the repaired values call
+ * moert_session_zero_grad() and run those micro-batches again before the step. */
 MOERT_API moert_status* moert_session_get_parameter(const moert_session* session, const char* name,
                                                     float* out, uint64_t len);
 MOERT_API moert_status* moert_session_set_parameter(moert_session* session, const char* name,

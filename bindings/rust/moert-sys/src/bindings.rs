@@ -1003,7 +1003,10 @@ extern "C" {
     #[doc = " must only be the same on the replicas of a shard. moert_session_step() compares digests of the"]
     #[doc = " last value written to each tensor and refuses with MOERT_ERR_INVALID_STATE on every rank when"]
     #[doc = " they differ, before changing anything; writing the same values on every rank then lets it go"]
-    #[doc = " on (moert_session_zero_grad() discards gradient writes)."]
+    #[doc = " on (moert_session_zero_grad() discards gradient writes). Passes run between the differing write"]
+    #[doc = " and its repair computed their gradients from the differing values: those gradients were still"]
+    #[doc = " combined across ranks, so the replicas stay alike, but to train on the repaired values call"]
+    #[doc = " moert_session_zero_grad() and run those micro-batches again before the step."]
     pub fn moert_session_get_parameter(
         session: *const moert_session,
         name: *const ::std::os::raw::c_char,
