@@ -1,5 +1,8 @@
 #include "kernels/cpu/thread_pool.h"
 
+#include <exception>
+
+#include "core/error.h"
 #include "kernels/cpu/omp_guard.h"
 #include "kernels/cpu/signal_guard.h"
 
@@ -9,16 +12,30 @@ ThreadPool::ThreadPool(unsigned threads) {
   // A thread starts with its creator's mask: created under the scope, a worker never has the
   // asynchronous signals open, not even before its first instruction.
   const AsyncSignalScope no_signals;
-  for (unsigned w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
+  try {
+    workers_.reserve(threads);
+    for (unsigned w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
+  } catch (const std::exception& e) {
+    // The destructor does not run for a constructor that throws: the workers already started
+    // would wait forever on a destroyed condition variable.
+    const size_t started = workers_.size() + 1;
+    stop_workers();
+    fail(Code::OutOfMemory, "cannot start the CPU backend's ", threads, " threads (", started,
+         " were running when starting the next failed: ", e.what(),
+         "); ask for fewer threads or raise the process's limits");
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::stop_workers() noexcept {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 void ThreadPool::run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job,

@@ -17,7 +17,8 @@ namespace moert::cpu {
 
 class ThreadPool {
  public:
-  // threads >= 1; the calling thread counts as one, so threads - 1 workers are started.
+  // threads >= 1; the calling thread counts as one, so threads - 1 workers are started. Throws
+  // Error(OutOfMemory) when one cannot be started, with those already started stopped again.
   explicit ThreadPool(unsigned threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -30,6 +31,7 @@ class ThreadPool {
   void parallel_for(int64_t n, const std::function<void(int64_t, unsigned)>& fn);
 
  private:
+  void stop_workers() noexcept;
   void worker_loop(unsigned worker);
   void run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job, int64_t n);
 

@@ -1,10 +1,25 @@
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "kernels/cpu/thread_pool.h"
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define MOERT_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define MOERT_TEST_SANITIZED 1
+#endif
+#endif
 
 #if MOERT_DNNL_OPENMP
 #include <omp.h>
@@ -25,6 +40,56 @@ TEST(ThreadPool, RunsEveryItemOnceWithValidWorkerIds) {
     for (auto& h : hits) ASSERT_EQ(h.load(), 1);
     ASSERT_FALSE(bad_worker);
   }
+}
+
+// A session asking for more threads than the process may start gets an error, not a hang: the
+// workers started before the failure are stopped (they once waited on a destroyed condition
+// variable). Run in a child whose address space is capped so that thread stacks run out.
+TEST(ThreadPool, ThreadsThatCannotStartAreAnErrorNotAHang) {
+#ifdef MOERT_TEST_SANITIZED
+  GTEST_SKIP() << "the sanitizers' runtimes abort when their own mappings fail";
+#else
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    alarm(30);  // a hang ends the child with SIGALRM
+    rlimit original{};
+    if (getrlimit(RLIMIT_AS, &original) != 0) _exit(10);
+    long pages = 0;
+    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+      if (std::fscanf(f, "%ld", &pages) != 1) pages = 0;
+      std::fclose(f);
+    }
+    if (pages <= 0) _exit(11);
+    // Room for a few 8 MiB stacks beyond what the process maps now.
+    rlimit capped = original;
+    capped.rlim_cur = static_cast<rlim_t>(pages) * static_cast<rlim_t>(sysconf(_SC_PAGESIZE)) +
+                      (rlim_t{64} << 20);
+    if (setrlimit(RLIMIT_AS, &capped) != 0) _exit(12);
+    try {
+      ThreadPool pool(1000);
+      _exit(13);  // 1000 stacks fit in 64 MiB: the cap did not hold
+    } catch (const Error& e) {
+      if (e.code() != Code::OutOfMemory) _exit(14);
+      if (std::string(e.what()).find("cannot start the CPU backend's 1000 threads") ==
+          std::string::npos)
+        _exit(15);
+    } catch (...) {
+      _exit(16);
+    }
+    if (setrlimit(RLIMIT_AS, &original) != 0) _exit(17);
+    ThreadPool pool(3);
+    std::atomic<int> n{0};
+    pool.parallel_for(10, [&](int64_t, unsigned) { n++; });
+    _exit(n.load() == 10 ? 0 : 18);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child ended by signal "
+                                 << (WIFSIGNALED(status) ? WTERMSIG(status) : 0)
+                                 << " (SIGALRM: the pool hung)";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "see the child's exit codes in the test";
+#endif
 }
 
 TEST(ThreadPool, RethrowsTheFirstErrorAndStaysUsable) {
