@@ -7,17 +7,24 @@
 #include "cli/error.h"
 #include "cli/library.h"
 #include "cli/model_codec.h"
+#include "moert_generated.h"
 
 namespace moert_cli {
 
+namespace fs = std::filesystem;
+
 const CommandSpec kConvertSpec = {
     "convert",
-    "INPUT OUTPUT [--no-check] [--quantize fp8 [--power-of-two-scales]]",
+    "INPUT OUTPUT [--no-check] [--lossy] [--quantize fp8 [--power-of-two-scales]]",
     "convert a model file between JSON and binary, or quantize its experts to FP8",
     "A binary INPUT (it carries the 'MOE1' identifier) becomes JSON; anything else is read as\n"
     "JSON and becomes binary. The schema compiled into moert drives both directions, so the\n"
     "result is what flatc makes of the same input. Unless --no-check is given, the model is\n"
-    "also loaded by the library, which validates every field, before OUTPUT is written.\n\n"
+    "also loaded by the library, which validates every field, before OUTPUT is written.\n"
+    "FlatBuffers' JSON writes floating-point fields with 6 decimals: a binary INPUT whose float\n"
+    "values would change that way (a checkpoint's optimizer state, FP8 block scales) is refused\n"
+    "unless --lossy is given; tensor values are bytes and always exact. INPUT and OUTPUT must be\n"
+    "different files.\n\n"
     "With --quantize fp8, INPUT (binary or JSON) is loaded and OUTPUT is written as a binary\n"
     "model whose MoE layers' routed and shared expert weights are FP8 E4M3 in 128x128 blocks\n"
     "with one fp32 scale per block (DeepSeek-V3's weight format; scale = amax / 448); every other\n"
@@ -26,6 +33,8 @@ const CommandSpec kConvertSpec = {
     2,
     2,
     {{"no-check", "", "write OUTPUT even if the library refuses the model's content", ""},
+     {"lossy", "",
+      "binary to JSON: write it even where floats change at 6 decimals (the count is printed)", ""},
      {"quantize", "FORMAT", "write the experts' weights quantized: fp8 (E4M3, 128x128 blocks)", ""},
      {"power-of-two-scales", "",
       "with --quantize fp8: scales rounded up to powers of two (UE8M0, as DeepSeek-V3.1)", ""}},
@@ -71,36 +80,59 @@ int run_quantize(const Args& args) {
   return 0;
 }
 
+// A file's directory, "." for a bare name.
+fs::path directory_of(const std::string& path) {
+  const fs::path dir = fs::path(path).parent_path();
+  return dir.empty() ? fs::path(".") : dir;
+}
+
 }  // namespace
 
 int run_convert(const Args& args) {
   if (args.has("quantize")) return run_quantize(args);
   if (args.has("power-of-two-scales")) usage_fail("--power-of-two-scales needs --quantize fp8");
   const std::string in = args.positional()[0], out = args.positional()[1];
+  std::error_code ec;
+  if (fs::equivalent(in, out, ec))
+    usage_fail("INPUT and OUTPUT are the same file ('", out, "'): write the result elsewhere");
   const std::vector<uint8_t> bytes = read_file(in);
   const bool to_json = is_binary_model(bytes);
+  if (!to_json && args.has("lossy")) usage_fail("--lossy is for binary INPUT (to JSON) only");
   std::vector<uint8_t> binary;
   std::string result;
+  FloatChanges changes;
   if (to_json) {
     result = binary_to_json(bytes, in);
     binary = bytes;
+    // What a reader of OUTPUT gets: the JSON read back.
+    changes = float_changes(bytes, json_to_binary(result, out));
+    const bool checkpoint = moert::fb::GetModel(bytes.data())->training() != nullptr;
+    if (changes.changed > 0 && !args.has("lossy"))
+      fail(in, ": JSON would not hold this ", checkpoint ? "checkpoint" : "model",
+           " exactly: ", changes.changed, " of ", changes.values,
+           " floating-point values change at the 6 decimals FlatBuffers writes (first: ",
+           changes.first, checkpoint ? "; its training state would then fail its digest" : "",
+           "). Keep the binary file, or pass --lossy to write the JSON anyway");
   } else {
     binary = json_to_binary(std::string(bytes.begin(), bytes.end()), in);
     result.assign(binary.begin(), binary.end());
   }
-  if (!args.has("no-check")) {
-    const std::string dir = std::filesystem::path(in).parent_path().string();
-    load_model_bytes(binary, dir.empty() ? "." : dir, in);
-  }
+  if (!args.has("no-check")) load_model_bytes(binary, directory_of(in).string(), in);
   write_file(out, result);
   std::printf("%s (%s, %zu bytes) -> %s (%s, %zu bytes)\n", in.c_str(), to_json ? "binary" : "JSON",
               bytes.size(), out.c_str(), to_json ? "JSON" : "binary", result.size());
-  // FlatBuffers' text format prints floats with 6 decimals: exact for the codes (bytes), not for
-  // the block scales.
-  if (to_json && result.find("\"dtype\": \"F8E4M3\"") != std::string::npos)
+  if (changes.changed > 0)
     std::printf(
-        "note: the FP8 block scales are written with 6 decimals in JSON; the binary file "
-        "is the exact form of an FP8 model\n");
+        "note: %llu of %llu floating-point values changed at 6 decimals (--lossy; first: %s)\n",
+        static_cast<unsigned long long>(changes.changed),
+        static_cast<unsigned long long>(changes.values), changes.first.c_str());
+  // The data file is named relative to the description's own directory.
+  const moert::fb::Model* m = moert::fb::GetModel(binary.data());
+  if (m->external_data() && !fs::exists(directory_of(out) / m->external_data()->str(), ec))
+    std::printf(
+        "note: %s refers to its data file '%s' beside it, which is not there: copy it "
+        "from %s\n",
+        out.c_str(), m->external_data()->c_str(), directory_of(in).c_str());
   return 0;
 }
 

@@ -1,7 +1,12 @@
 // `moert train`: character-level MoE language models on a text corpus, one run per balancing
 // strategy from the same seed, data order and budget, compared in one table.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <numeric>
 #include <string>
@@ -255,6 +260,12 @@ int run_train(const Args& args) {
     std::error_code ec;
     std::filesystem::create_directories(save_dir, ec);
     if (ec) fail(save_dir, ": cannot create: ", ec.message());
+    // A directory that takes no files fails here, not after the trainings.
+    std::string probe = (std::filesystem::path(save_dir) / ".moert-write-test-XXXXXX").string();
+    const int fd = ::mkstemp(probe.data());
+    if (fd < 0) fail(save_dir, ": cannot write checkpoints there: ", std::strerror(errno));
+    ::close(fd);
+    ::unlink(probe.c_str());
   }
   std::printf(
       "corpus: %s: %zu file%s, %zu records, %s bytes; training %llu records (%s chars), "

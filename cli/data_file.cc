@@ -44,9 +44,17 @@ void rename_into_place(const std::string& from, const std::string& to) {
   sync_dir(to);
 }
 
+// Checked before anything is written beside `path`: renaming onto a directory fails only at the
+// end, after the data file is in place.
+void refuse_directory(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) fail("cannot write '", path, "': it is a directory");
+}
+
 }  // namespace
 
 DataFileWriter::DataFileWriter(std::string model_path) : model_path_(std::move(model_path)) {
+  refuse_directory(model_path_);
   temp_path_ = temp_name(model_path_ + ".data");
   f_ = std::fopen(temp_path_.c_str(), "wb");
   if (!f_) fail("cannot create '", temp_path_, "': ", std::strerror(errno));
@@ -99,8 +107,17 @@ std::string DataFileWriter::commit() {
       hex, sizeof hex, "%016llx",
       static_cast<unsigned long long>(XXH3_64bits_digest(static_cast<XXH3_state_t*>(hash_))));
   const std::string name = cat(fs::path(model_path_).filename().string(), ".", hex, ".data");
-  rename_into_place(temp_path_, (fs::path(model_path_).parent_path() / name).string());
+  const std::string path = (fs::path(model_path_).parent_path() / name).string();
+  std::error_code ec;
+  const bool existed = fs::exists(path, ec);
+  rename_into_place(temp_path_, path);
+  if (!existed) created_ = path;
   return name;
+}
+
+void DataFileWriter::discard() noexcept {
+  if (!created_.empty()) std::remove(created_.c_str());
+  created_.clear();
 }
 
 void write_file_atomically(const std::string& path, std::span<const uint8_t> bytes) {
@@ -109,6 +126,7 @@ void write_file_atomically(const std::string& path, std::span<const uint8_t> byt
 
 void write_parts_atomically(const std::string& path,
                             const std::vector<std::span<const uint8_t>>& parts) {
+  refuse_directory(path);
   const std::string temp = temp_name(path);
   std::FILE* f = std::fopen(temp.c_str(), "wb");
   if (!f) fail("cannot create '", temp, "': ", std::strerror(errno));

@@ -20,7 +20,7 @@ inline constexpr uint64_t kDataMinBytes = uint64_t{64} << 10;
 
 class DataFileWriter {
  public:
-  // The data file will sit beside model_path.
+  // The data file will sit beside model_path; a model_path that is a directory is refused.
   explicit DataFileWriter(std::string model_path);
   ~DataFileWriter();
   DataFileWriter(const DataFileWriter&) = delete;
@@ -34,17 +34,23 @@ class DataFileWriter {
   // Flushes, syncs and renames the data file into place; returns its name relative to the model
   // file's directory, or "" (and no file) when nothing was appended.
   std::string commit();
+  // After commit(): removes the data file again if commit() created it, for when the description
+  // that was to refer to it could not be written. One that already existed stays: it is named by
+  // its content, so another description may refer to it.
+  void discard() noexcept;
 
  private:
   void write(const void* p, size_t n);
 
   std::string model_path_, temp_path_;
+  std::string created_;  // the data file commit() created, until discard()
   std::FILE* f_ = nullptr;
   uint64_t size_ = 0;
   void* hash_ = nullptr;
 };
 
 // Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the directory).
+// A `path` that is a directory is refused before anything is written.
 void write_file_atomically(const std::string& path, std::span<const uint8_t> bytes);
 // The same for the concatenation of `parts`, written one after the other (no copy of the whole).
 void write_parts_atomically(const std::string& path,

@@ -92,7 +92,12 @@ class Importer {
                                        cfg_.hidden, b_.CreateVector(layers), 0,
                                        data_name.empty() ? 0 : b_.CreateString(data_name));
     fb::FinishModelBuffer(b_, model);
-    write_file_atomically(req_.out_path, {b_.GetBufferPointer(), b_.GetSize()});
+    try {
+      write_file_atomically(req_.out_path, {b_.GetBufferPointer(), b_.GetSize()});
+    } catch (...) {
+      data_.discard();
+      throw;
+    }
     result_.description_bytes = b_.GetSize();
     remove_stale_data(data_name);
     return result_;

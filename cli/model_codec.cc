@@ -3,12 +3,16 @@
 #include <flatbuffers/idl.h>
 #include <flatbuffers/reflection.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <type_traits>
 
 #include "cli/error.h"
 #include "moert_schema_text.h"
@@ -75,7 +79,119 @@ bool verifies(const uint8_t* bytes, size_t size) {
   return schema->root_table() && flatbuffers::Verify(*schema, *schema->root_table(), bytes, size);
 }
 
+bool same_value(double a, double b) {
+  return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof a) == 0;
+}
+
+std::string shown(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+// float_changes' walk over one table (or struct) of `type` in both buffers.
+class FloatWalk {
+ public:
+  explicit FloatWalk(const reflection::Schema& schema) : schema_(schema) {}
+  FloatChanges changes;
+
+  template <typename T>  // flatbuffers::Table or flatbuffers::Struct
+  void object(const reflection::Object& type, const T& a, const T& b, const std::string& path) {
+    for (const reflection::Field* f : *type.fields()) {
+      const std::string at = path + (path.empty() ? "" : ".") + f->name()->str();
+      const reflection::Type& t = *f->type();
+      switch (t.base_type()) {
+        case reflection::Float:
+        case reflection::Double:
+          value(flatbuffers::GetAnyFieldF(a, *f), flatbuffers::GetAnyFieldF(b, *f), at);
+          break;
+        case reflection::Obj: {
+          const reflection::Object& sub = *schema_.objects()->Get(t.index());
+          if constexpr (std::is_same_v<T, flatbuffers::Table>) {
+            if (sub.is_struct()) {
+              const auto* sa = a.template GetStruct<const flatbuffers::Struct*>(f->offset());
+              const auto* sb = b.template GetStruct<const flatbuffers::Struct*>(f->offset());
+              if (sa && sb) object(sub, *sa, *sb, at);
+            } else {
+              const auto* ta = a.template GetPointer<const flatbuffers::Table*>(f->offset());
+              const auto* tb = b.template GetPointer<const flatbuffers::Table*>(f->offset());
+              if (ta && tb) object(sub, *ta, *tb, at);
+            }
+          } else {  // a struct inside a struct
+            object(sub, *a.template GetStruct<const flatbuffers::Struct*>(f->offset()),
+                   *b.template GetStruct<const flatbuffers::Struct*>(f->offset()), at);
+          }
+          break;
+        }
+        case reflection::Union:
+          if constexpr (std::is_same_v<T, flatbuffers::Table>) {
+            const reflection::Object& member = flatbuffers::GetUnionType(schema_, type, *f, a);
+            const auto* ta = a.template GetPointer<const flatbuffers::Table*>(f->offset());
+            const auto* tb = b.template GetPointer<const flatbuffers::Table*>(f->offset());
+            if (ta && tb) object(member, *ta, *tb, at);
+          }
+          break;
+        case reflection::Vector:
+          if constexpr (std::is_same_v<T, flatbuffers::Table>) vector(t, a, b, *f, at);
+          break;
+        default:
+          break;
+      }
+    }
+  }
+
+ private:
+  void value(double a, double b, const std::string& at) {
+    ++changes.values;
+    if (same_value(a, b)) return;
+    if (changes.changed++ == 0) changes.first = at + ": " + shown(a) + " -> " + shown(b);
+  }
+
+  void vector(const reflection::Type& t, const flatbuffers::Table& a, const flatbuffers::Table& b,
+              const reflection::Field& f, const std::string& at) {
+    const auto* va = a.GetPointer<const flatbuffers::VectorOfAny*>(f.offset());
+    const auto* vb = b.GetPointer<const flatbuffers::VectorOfAny*>(f.offset());
+    if (!va || !vb) return;
+    const flatbuffers::uoffset_t n = std::min(va->size(), vb->size());
+    auto item = [&](flatbuffers::uoffset_t i) { return at + "[" + std::to_string(i) + "]"; };
+    switch (t.element()) {
+      case reflection::Float:
+      case reflection::Double:
+        for (flatbuffers::uoffset_t i = 0; i < n; ++i)
+          value(flatbuffers::GetAnyVectorElemF(va, t.element(), i),
+                flatbuffers::GetAnyVectorElemF(vb, t.element(), i), item(i));
+        break;
+      case reflection::Obj: {
+        const reflection::Object& sub = *schema_.objects()->Get(t.index());
+        const size_t stride = static_cast<size_t>(sub.bytesize());
+        for (flatbuffers::uoffset_t i = 0; i < n; ++i) {
+          if (sub.is_struct()) {
+            object(sub, *reinterpret_cast<const flatbuffers::Struct*>(va->Data() + i * stride),
+                   *reinterpret_cast<const flatbuffers::Struct*>(vb->Data() + i * stride), item(i));
+          } else {
+            object(sub, *flatbuffers::GetAnyVectorElemPointer<const flatbuffers::Table>(va, i),
+                   *flatbuffers::GetAnyVectorElemPointer<const flatbuffers::Table>(vb, i), item(i));
+          }
+        }
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  const reflection::Schema& schema_;
+};
+
 }  // namespace
+
+FloatChanges float_changes(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
+  const reflection::Schema& schema = *renderer().schema();
+  FloatWalk walk(schema);
+  walk.object(*schema.root_table(), *flatbuffers::GetAnyRoot(a.data()),
+              *flatbuffers::GetAnyRoot(b.data()), "");
+  return walk.changes;
+}
 
 bool is_binary_model(const std::vector<uint8_t>& bytes) {
   return bytes.size() >= 8 && flatbuffers::BufferHasIdentifier(bytes.data(), "MOE1");

@@ -22,6 +22,18 @@ std::vector<uint8_t> json_to_binary(const std::string& json, const std::string& 
 // first, so a damaged file is refused rather than read out of bounds.
 std::string binary_to_json(const std::vector<uint8_t>& bytes, const std::string& origin);
 
+// The floating-point values of a binary model `a` (fields and vector elements of type float or
+// double, every table reached included) that differ in `b`, which holds the same tables: how
+// many there are in all, how many differ (bitwise; NaN equals NaN), and where the first one is
+// ("training.params[3].v[17]: 1.2e-08 -> 0"). FlatBuffers' text format writes floats with 6
+// decimals, so a model read back from its JSON can differ from the model it was made from. Both
+// buffers must have verified (binary_to_json and json_to_binary do that).
+struct FloatChanges {
+  uint64_t values = 0, changed = 0;
+  std::string first;
+};
+FloatChanges float_changes(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b);
+
 std::vector<uint8_t> read_file(const std::string& path);
 void write_file(const std::string& path, const std::string& data);
 

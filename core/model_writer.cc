@@ -393,6 +393,11 @@ void write_description(const std::string& path, const Model& model,
   const std::string file = target.filename().string();
   const char* what = state ? "checkpoint" : "model";
   if (file.empty()) fail(Code::InvalidArgument, what, " path '", path, "' names no file");
+  // Refused before anything is written: the data file would otherwise be left beside it.
+  std::error_code ec;
+  if (fs::is_directory(target, ec))
+    fail(Code::InvalidArgument, "cannot write ", what, " '", path,
+         "': it is a directory (name a file in it)");
 
   uint64_t digest = 0;
   if (state) {
@@ -433,6 +438,10 @@ void write_description(const std::string& path, const Model& model,
   const auto root = builder.model(model, state, data_name);
   const std::vector<uint8_t> description = builder.finish(root);
 
+  // The data file is named by its content: an earlier checkpoint with the same content may
+  // already use it, and then it must stay whatever happens to this save.
+  const fs::path data_path = dir / data_name;
+  const bool data_existed = !builder.external().empty() && fs::exists(data_path, ec);
   if (!builder.external().empty()) {
     TempFile data(dir, "." + file + ".data-", path);
     static const char zeros[kExternalAlignment] = {};
@@ -442,10 +451,16 @@ void write_description(const std::string& path, const Model& model,
       data.write(p.data, p.bytes);
       at = p.offset + p.bytes;
     }
-    data.commit((dir / data_name).string());
+    data.commit(data_path.string());
     sync_directory(dir);
   }
-  write_file_atomically(path, description);
+  try {
+    write_file_atomically(path, description);
+  } catch (...) {
+    // No description refers to a data file this save created.
+    if (!builder.external().empty() && !data_existed) ::unlink(data_path.c_str());
+    throw;
+  }
   remove_stale(dir, file, builder.external().empty() ? "" : data_name);
 }
 

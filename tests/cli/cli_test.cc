@@ -179,6 +179,13 @@ TEST(Cli, ConvertRoundTripIsByteIdentical) {
   // The committed example binary was made by flatc from the same JSON.
   EXPECT_EQ(slurp(b1), slurp(MOERT_TINY_MODEL));
   EXPECT_NE(slurp(j1).find("\"kind_type\": \"MoE\""), std::string::npos);
+  // The source is never the destination, however it is named.
+  const std::string before = slurp(j1);
+  expect_one_line_error(run("convert " + j1.string() + " " + (dir / "." / "a.json").string(), dir),
+                        2, "convert", "INPUT and OUTPUT are the same file");
+  EXPECT_EQ(slurp(j1), before);
+  expect_one_line_error(run("convert --lossy " + j1.string() + " c.moert", dir), 2, "convert",
+                        "--lossy is for binary INPUT");
 }
 
 // `convert --quantize fp8`, then `inspect` of the result: the figures against the C ABI's.
@@ -255,11 +262,17 @@ TEST(Cli, ConvertQuantizeFp8AndInspectPrecisionAndBytes) {
       << to.out;
 
   // The FP8 model converts to JSON and back: codes, dtype and block shape survive, and the JSON
-  // is a fixed point. (FlatBuffers' text format prints floats with 6 decimals, so the block
-  // scales are rounded there: the binary form is the one that keeps an FP8 model exact.)
-  const Result to_json = run("convert " + q.string() + " " + qj.string(), dir);
+  // is a fixed point. FlatBuffers' text format prints floats with 6 decimals, so the block
+  // scales are rounded there: the binary form is the one that keeps an FP8 model exact, and the
+  // JSON is written only when asked for with --lossy.
+  const Result refused = run("convert " + q.string() + " " + qj.string(), dir);
+  expect_one_line_error(refused, 1, "convert", "JSON would not hold this model exactly");
+  EXPECT_NE(refused.err.find(".scales.scales[0]: "), std::string::npos) << refused.err;
+  EXPECT_FALSE(fs::exists(qj));
+  const Result to_json = run("convert --lossy " + q.string() + " " + qj.string(), dir);
   ASSERT_EQ(to_json.code, 0) << to_json.err;
-  EXPECT_NE(to_json.out.find("FP8 block scales are written with 6 decimals"), std::string::npos)
+  EXPECT_NE(to_json.out.find("floating-point values changed at 6 decimals (--lossy"),
+            std::string::npos)
       << to_json.out;
   EXPECT_NE(slurp(qj).find("\"dtype\": \"F8E4M3\""), std::string::npos);
   ASSERT_EQ(run("convert " + qj.string() + " " + q2.string(), dir).code, 0);
@@ -267,7 +280,7 @@ TEST(Cli, ConvertQuantizeFp8AndInspectPrecisionAndBytes) {
   const Result again = run("convert --quantize fp8 " + q2.string() + " " + q3.string(), dir);
   ASSERT_EQ(again.code, 0) << again.err;
   EXPECT_NE(again.out.find("every expert weight is FP8 already"), std::string::npos) << again.out;
-  ASSERT_EQ(run("convert " + q3.string() + " " + q3j.string(), dir).code, 0);
+  ASSERT_EQ(run("convert --lossy " + q3.string() + " " + q3j.string(), dir).code, 0);
   EXPECT_EQ(slurp(qj), slurp(q3j));
   moert_model* m3 = nullptr;
   ASSERT_EQ(moert_model_load_file(q3.string().c_str(), &m3), nullptr);

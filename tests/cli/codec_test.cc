@@ -91,3 +91,26 @@ TEST(Codec, AUnionTypeWithoutItsValueIsRefused) {
 }
 
 }  // namespace
+
+// What JSON loses: floats read back from FlatBuffers' 6-decimal text, found through every table,
+// union, vector and struct (float_changes), and nothing where every float is exact there.
+TEST(Codec, FloatChangesFindWhatSixDecimalsLose) {
+  const std::vector<uint8_t> exact = moert_cli::json_to_binary(tiny_json(), "tiny");
+  const auto same = moert_cli::float_changes(
+      exact, moert_cli::json_to_binary(moert_cli::binary_to_json(exact, "tiny"), "tiny"));
+  EXPECT_GT(same.values, 10u);
+  EXPECT_EQ(same.changed, 0u) << same.first;
+
+  const std::string doc =
+      "{ \"schema_major\": 1, \"name\": \"m\", \"layers\": [ { \"name\": \"n\", "
+      "\"kind_type\": \"RMSNorm\", \"kind\": { \"dim\": 4, \"eps\": 1.25e-7 } } ], "
+      "\"training\": { \"params\": [ { \"name\": \"n.weight\", \"m\": [0.5, 3e-8, 0.25] } ] } }";
+  const std::vector<uint8_t> binary = moert_cli::json_to_binary(doc, "doc");
+  const std::vector<uint8_t> back =
+      moert_cli::json_to_binary(moert_cli::binary_to_json(binary, "doc"), "back");
+  const auto lost = moert_cli::float_changes(binary, back);
+  EXPECT_EQ(lost.changed, 2u);
+  EXPECT_EQ(lost.first.rfind("layers[0].kind.eps: 1.2", 0), 0u) << lost.first;
+  EXPECT_NE(lost.first.find(" -> 0"), std::string::npos) << lost.first;
+  EXPECT_EQ(moert_cli::float_changes(binary, binary).changed, 0u);
+}

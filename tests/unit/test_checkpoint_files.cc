@@ -93,6 +93,30 @@ class CheckpointFiles : public ::testing::Test {
   std::shared_ptr<const Model> model_;
 };
 
+// A checkpoint path that is a directory is refused before anything is written: the data file
+// once stayed behind, beside the directory, when the final rename failed.
+TEST_F(CheckpointFiles, APathThatIsADirectoryIsRefusedAndLeavesNothingBehind) {
+  const fs::path taken = dir_ / "ck.moert";
+  fs::create_directories(taken);
+  auto s = training_session();
+  micro_batch(*s);
+  try {
+    s->save(taken.string());
+    FAIL() << "saved onto a directory";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Code::InvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("is a directory"), std::string::npos) << e.what();
+  }
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(dir_))
+    names.push_back(entry.path().filename().string());
+  EXPECT_EQ(names, std::vector<std::string>{"ck.moert"});
+  EXPECT_TRUE(fs::is_empty(taken));
+  // The session is unharmed: a save to a file next to it works.
+  s->save((dir_ / "ok.moert").string());
+  EXPECT_TRUE(fs::is_regular_file(dir_ / "ok.moert"));
+}
+
 TEST_F(CheckpointFiles, StepCountsNear2To63AreRefusedAndTheSessionKeepsItsState) {
   // Each count is positive and below 2^63, but their sum, and the bias update's, overflow int64.
   std::vector<int64_t> counts(8);
