@@ -348,7 +348,7 @@ void Session::require_backward_ready() const {
     fail(Code::InvalidState,
          "backward needs the last forward pass to be a training-mode pass with no backward yet: "
          "one backward per forward, and an eval-mode pass, zero_grad, a checkpoint load or a "
-         "failed forward since then discards it");
+         "forward that failed after accepting its arguments since then discards it");
 }
 
 Pass Session::next_pass() const { return training() && !eval_ ? Pass::Train : Pass::Eval; }
@@ -376,12 +376,16 @@ int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
   return static_cast<int64_t>(rows);
 }
 
+void Session::check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len) const {
+  if (row_mask) check_len(mask_len, static_cast<int64_t>(rows), "row mask");
+}
+
 void Session::begin_pass(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len) {
+  check_mask(rows, row_mask, mask_len);
   batch_rows_ = static_cast<int64_t>(rows);
   masked_ = row_mask != nullptr;
   valid_.clear();
   if (masked_) {
-    check_len(mask_len, batch_rows_, "row mask");
     for (int64_t r = 0; r < batch_rows_; ++r)
       if (row_mask[r]) valid_.push_back(r);
     // A mask without padding is the unmasked pass.
@@ -451,18 +455,22 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
     if (num_tokens != rows * width)
       fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
            width, " tokens need ", rows * width);
-    pending_backward_ = false;
-    begin_pass(rows, row_mask, mask_len);
+    check_mask(rows, row_mask, mask_len);
     // Padding rows may hold anything (a pad id outside the vocabulary, say): only the rows that
     // take part are checked and used.
     const auto& emb = std::get<EmbeddingSpec>(model_->layers[0].spec);
-    for (int64_t i = 0; i < last_rows_; ++i)
+    for (uint64_t r = 0; r < rows; ++r) {
+      if (row_mask && !row_mask[r]) continue;
       for (uint64_t c = 0; c < width; ++c) {
-        const int32_t id = tokens[static_cast<uint64_t>(caller_row(i)) * width + c];
+        const int32_t id = tokens[r * width + c];
         if (id < 0 || static_cast<uint32_t>(id) >= emb.vocab_size)
-          fail(Code::InvalidArgument, "token id ", id, " at row ", caller_row(i), ", column ", c,
+          fail(Code::InvalidArgument, "token id ", id, " at row ", r, ", column ", c,
                " is outside the vocabulary [0, ", emb.vocab_size, ")");
       }
+    }
+    // The arguments are good: from here on the pass replaces the one a backward would read.
+    pending_backward_ = false;
+    begin_pass(rows, row_mask, mask_len);
     std::vector<int32_t> staging;
     const int32_t* ids = gather_rows(tokens, static_cast<int64_t>(width), staging);
     const size_t n_ids = static_cast<size_t>(last_rows_) * width;
@@ -494,6 +502,8 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
     if (in_len != rows * width)
       fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
            " rows of width ", width, " need ", rows * width);
+    check_mask(rows, row_mask, mask_len);
+    // The arguments are good: from here on the pass replaces the one a backward would read.
     pending_backward_ = false;
     begin_pass(rows, row_mask, mask_len);
     std::vector<float> staging;
@@ -887,8 +897,8 @@ void Session::update_biases() {
 
 void Session::set_eval(bool eval) {
   require_training("set_eval");
+  // The pending pass stays: only a forward run in eval mode replaces what its backward reads.
   eval_ = eval;
-  pending_backward_ = false;
 }
 
 void Session::set_config(const std::string& key, const std::string& value) {

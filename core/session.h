@@ -206,6 +206,8 @@ class Session {
   void require_backward_ready() const;
   Pass next_pass() const;
   // Records the caller's rows of a pass and which take part (padding compacted away).
+  // Refuses a row mask of the wrong length, before a pass changes anything.
+  void check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len) const;
   void begin_pass(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len);
   // The caller's index of compacted row `row`.
   int64_t caller_row(int64_t row) const;

@@ -133,6 +133,55 @@ TEST(LossFreeBias, CountsAccumulateOverMicroBatchesAndNotInEval) {
   EXPECT_EQ(read_bias(s.s), (std::vector<float>{-g, g, g, g}));
 }
 
+// What keeps a training pass for its backward and what discards it: set_eval and a forward
+// refused for its arguments keep it (a refused call changes nothing); an eval-mode forward and
+// a forward that fails after accepting its arguments discard it.
+TEST(PendingPass, SetEvalAndRefusedArgumentsKeepItAnEvalOrFailedForwardDiscardsIt) {
+  Model model(MOERT_TEST_TINY);
+  Session s(model.m, MOERT_MODE_TRAINING);
+  constexpr uint64_t kRows = 8, kWidth = 4, kVocab = 64;
+  std::vector<int32_t> tokens(kRows * kWidth), targets(kRows);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 5) % kVocab);
+  for (size_t r = 0; r < kRows; ++r) targets[r] = tokens[r * kWidth];
+  std::vector<float> logits(kRows * kVocab);
+  auto forward = [&](const std::vector<int32_t>& t, uint64_t out_len, const uint8_t* mask,
+                     uint64_t mask_len) {
+    return code_of(
+        mask
+            ? moert_session_forward_tokens_masked(s.s, t.data(), t.size(), mask, mask_len, kRows,
+                                                  logits.data(), out_len)
+            : moert_session_forward_tokens(s.s, t.data(), t.size(), kRows, logits.data(), out_len));
+  };
+  auto backward = [&] {
+    return code_of(moert_session_backward_loss(s.s, targets.data(), targets.size(), nullptr));
+  };
+  const uint64_t out_len = logits.size();
+
+  ASSERT_EQ(forward(tokens, out_len, nullptr, 0), MOERT_OK);
+  MOERT_OK_OR_FAIL(moert_session_set_eval(s.s, 1));
+  MOERT_OK_OR_FAIL(moert_session_set_eval(s.s, 0));
+  MOERT_OK_OR_FAIL(moert_session_set_eval(s.s, 0));
+  EXPECT_EQ(backward(), MOERT_OK);
+
+  std::vector<int32_t> bad_id = tokens;
+  bad_id[5] = static_cast<int32_t>(kVocab);
+  const std::vector<uint8_t> mask(kRows, 1);
+  ASSERT_EQ(forward(tokens, out_len, nullptr, 0), MOERT_OK);
+  EXPECT_EQ(forward(tokens, out_len - 1, nullptr, 0), MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(forward(bad_id, out_len, nullptr, 0), MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(forward(tokens, out_len, mask.data(), kRows - 1), MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(backward(), MOERT_OK);
+  // A bad id on a padding row is no error at all.
+  std::vector<uint8_t> pad = mask;
+  pad[1] = 0;
+  EXPECT_EQ(forward(bad_id, out_len, pad.data(), kRows), MOERT_OK);
+
+  MOERT_OK_OR_FAIL(moert_session_set_eval(s.s, 1));
+  ASSERT_EQ(forward(tokens, out_len, nullptr, 0), MOERT_OK);
+  MOERT_OK_OR_FAIL(moert_session_set_eval(s.s, 0));
+  EXPECT_EQ(backward(), MOERT_ERR_INVALID_STATE);
+}
+
 TEST(LossFreeBias, GammaScheduleAndFreeze) {
   Model model(MOERT_TEST_ROUTE4);
   Session s(model.m, MOERT_MODE_TRAINING);
