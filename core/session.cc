@@ -773,10 +773,14 @@ StepInfo Session::step() {
   const TrainingConfig& c = options_.training;
   StepInfo info;
   info.lr = c.lr_at(step_ + 1);
-  if (micro_batches_ > 0) {
+  // With no backward since zero_grad the gradient is zero unless set_gradient wrote it: then it
+  // is the step's gradient as written, where before it was ignored (the optimizer ran only after
+  // a backward). The sum is the same on every rank, so all take the same branch.
+  const double sum_squares = gradient_sum_squares();
+  if (micro_batches_ > 0 || sum_squares != 0.0) {
     // The gradient of the mean loss over the micro-batches accumulated since zero_grad.
-    const double scale = 1.0 / micro_batches_;
-    info.grad_norm = std::sqrt(gradient_sum_squares()) * scale;
+    const double scale = 1.0 / std::max<uint32_t>(micro_batches_, 1);
+    info.grad_norm = std::sqrt(sum_squares) * scale;
     if (!std::isfinite(info.grad_norm))
       fail(Code::Numeric, "the gradient holds a NaN or infinity; parameters left unchanged");
     double gscale = scale;

@@ -182,6 +182,47 @@ TEST(PendingPass, SetEvalAndRefusedArgumentsKeepItAnEvalOrFailedForwardDiscardsI
   EXPECT_EQ(backward(), MOERT_ERR_INVALID_STATE);
 }
 
+// A gradient written with set_gradient and no backward is the step's gradient as written (it
+// was once ignored, though read back and counted as a step); a step with neither moves nothing.
+TEST(Step, AWrittenGradientWithoutABackwardIsAppliedAsWritten) {
+  Model model(MOERT_TEST_TINY);
+  Session s(model.m, MOERT_MODE_TRAINING, "sgd");
+  MOERT_OK_OR_FAIL(moert_session_set_config(s.s, "momentum", "0"));
+  MOERT_OK_OR_FAIL(moert_session_set_config(s.s, "weight_decay", "0"));
+  const char* name = "norm0.weight";
+  uint64_t n = 0;
+  uint32_t count = 0;
+  MOERT_OK_OR_FAIL(moert_session_num_parameters(s.s, &count));
+  for (uint32_t i = 0; i < count; ++i) {
+    const char* pn = nullptr;
+    uint64_t numel = 0;
+    MOERT_OK_OR_FAIL(moert_session_parameter_info(s.s, i, &pn, &numel));
+    if (std::string(pn) == name) n = numel;
+  }
+  ASSERT_GT(n, 0u);
+  std::vector<float> before(n), after(n);
+  MOERT_OK_OR_FAIL(moert_session_get_parameter(s.s, name, before.data(), n));
+
+  // Nothing accumulated, nothing written: the parameters stay, the step still counts.
+  MOERT_OK_OR_FAIL(moert_session_zero_grad(s.s));
+  double lr = 0, norm = -1;
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, &lr, &norm));
+  EXPECT_EQ(norm, 0.0);
+  MOERT_OK_OR_FAIL(moert_session_get_parameter(s.s, name, after.data(), n));
+  EXPECT_EQ(after, before);
+
+  const std::vector<float> g(n, 1.0f);
+  MOERT_OK_OR_FAIL(moert_session_set_gradient(s.s, name, g.data(), n));
+  MOERT_OK_OR_FAIL(moert_session_step(s.s, &lr, &norm));
+  EXPECT_DOUBLE_EQ(norm, std::sqrt(static_cast<double>(n)));
+  MOERT_OK_OR_FAIL(moert_session_get_parameter(s.s, name, after.data(), n));
+  for (uint64_t i = 0; i < n; ++i)
+    EXPECT_FLOAT_EQ(after[i], before[i] - static_cast<float>(lr)) << i;
+  uint64_t steps = 0;
+  MOERT_OK_OR_FAIL(moert_session_step_count(s.s, &steps));
+  EXPECT_EQ(steps, 2u);
+}
+
 TEST(LossFreeBias, GammaScheduleAndFreeze) {
   Model model(MOERT_TEST_ROUTE4);
   Session s(model.m, MOERT_MODE_TRAINING);

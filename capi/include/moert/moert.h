@@ -861,7 +861,9 @@ MOERT_API moert_status* moert_session_backward(moert_session* session, const flo
 MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
 
 /* One optimizer step over the gradients accumulated since moert_session_zero_grad(), averaged over
- * the micro-batches (backward calls) since then, clipped if configured; then the loss-free bias
+ * the micro-batches (backward calls) since then, clipped if configured; with no backward since
+ * then, over the gradient as moert_session_set_gradient() wrote it, and none at all (parameters
+ * and optimizer state untouched) when that is zero everywhere. Then the loss-free bias
  * update of every MoE layer from the integer token counts of the step,
  * b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and
  * *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before

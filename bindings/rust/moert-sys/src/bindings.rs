@@ -942,7 +942,9 @@ extern "C" {
 }
 extern "C" {
     #[doc = " One optimizer step over the gradients accumulated since moert_session_zero_grad(), averaged over"]
-    #[doc = " the micro-batches (backward calls) since then, clipped if configured; then the loss-free bias"]
+    #[doc = " the micro-batches (backward calls) since then, clipped if configured; with no backward since"]
+    #[doc = " then, over the gradient as moert_session_set_gradient() wrote it, and none at all (parameters"]
+    #[doc = " and optimizer state untouched) when that is zero everywhere. Then the loss-free bias"]
     #[doc = " update of every MoE layer from the integer token counts of the step,"]
     #[doc = " b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and"]
     #[doc = " *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before"]
