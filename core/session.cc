@@ -1181,7 +1181,21 @@ void Session::load(const std::string& path, const LoadOptions* limits) {
   std::vector<std::vector<int64_t>> step_counts(layers_.size());
   std::exception_ptr failed;
   try {
-    ck = load_checkpoint_file(path, checkpoint_limits(limits));
+    const LoadOptions own = checkpoint_limits(nullptr);
+    try {
+      ck = load_checkpoint_file(path, checkpoint_limits(limits));
+    } catch (const Error& e) {
+      // A limit this session's own model sets (the caller's can only lower it): the file is
+      // bigger than any checkpoint of that model, so the loader's advice to raise a load option
+      // cannot help; the error says what can.
+      if (e.code() == Code::Limit && (!limits || (limits->max_memory >= own.max_memory &&
+                                                  limits->max_file_bytes >= own.max_file_bytes)))
+        fail(Code::Limit, "checkpoint '", path,
+             "' is larger than any checkpoint of this session's model can be (at most ",
+             own.max_memory, " bytes in memory and ", own.max_file_bytes,
+             " to read; load options only lower that): it was saved from another, larger model");
+      throw;
+    }
     // Against the whole model: a checkpoint holds every expert whatever the world size.
     if (ck->layers.size() != model_->layers.size())
       fail(Code::InvalidArgument, "checkpoint '", path, "' has ", ck->layers.size(),
