@@ -953,12 +953,13 @@ std::unique_ptr<Model> parse(const uint64_t* aligned, size_t size, const std::st
 }
 
 void check_buffer_size(size_t size, const LoadOptions& options) {
-  if (size >= kMaxBufferSize)
-    fail(Code::InvalidModel, "model description is ", size,
-         " bytes; FlatBuffers stops at 2 GiB (put weights in external data)");
+  // The limit first: a load past it is MOERT_ERR_LIMIT whatever else is wrong (moert.h).
   if (size > options.max_file_bytes)
     fail(Code::Limit, "model description is ", bytes_str(size), ", more than the load limit of ",
          bytes_str(options.max_file_bytes), " (moert_load_options_set_max_file_bytes)");
+  if (size >= kMaxBufferSize)
+    fail(Code::InvalidModel, "model description is ", size,
+         " bytes; FlatBuffers stops at 2 GiB (put weights in external data)");
 }
 
 std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& options,

@@ -134,6 +134,20 @@ TEST(LoadLimits, FileBytesCountTheDescriptionAndTheExternalDataRead) {
       IsError(by_path(bytes.size() - 1), MOERT_ERR_LIMIT, {"model description", "model.moert"}));
 }
 
+// A size past max_file_bytes is MOERT_ERR_LIMIT, checked before the bytes are read (so the
+// small buffer below is never read past its end); past FlatBuffers' 2 GiB with the limit raised,
+// the description cannot be a model at all.
+TEST(LoadLimits, ABufferPastTheFileLimitIsALimitBeforeItIsAnInvalidModel) {
+  const std::vector<uint8_t> bytes(64, 0);
+  moert_model* m = nullptr;
+  EXPECT_TRUE(IsError(moert_model_load_buffer(bytes.data(), size_t{5} << 30, nullptr, &m),
+                      MOERT_ERR_LIMIT, {"5.00 GiB", "moert_load_options_set_max_file_bytes"}));
+  EXPECT_TRUE(IsError(moert_model_load_buffer_with_options(bytes.data(), size_t{3} << 30, nullptr,
+                                                           load_options(UINT64_MAX).get(), &m),
+                      MOERT_ERR_INVALID_MODEL, {"2 GiB"}));
+  EXPECT_EQ(m, nullptr);
+}
+
 TEST(LoadLimits, NullArgumentsAndHandles) {
   EXPECT_TRUE(IsError(moert_load_options_create(nullptr), MOERT_ERR_INVALID_ARGUMENT, {"out"}));
   moert_load_options_free(nullptr);
