@@ -908,6 +908,18 @@ void Session::set_eval(bool eval) {
 void Session::set_config(const std::string& key, const std::string& value) {
   SessionOptions updated = options_;
   updated.set(key, value);
+  // Knobs of training alone: on an inference session they would be accepted and never used.
+  static const char* const kTrainingKeys[] = {
+      "optimizer",     "lr",       "min_lr",    "weight_decay", "beta1",       "beta2",
+      "eps",           "momentum", "clip_norm", "warmup_steps", "total_steps", "sequence_length",
+      "aux_loss_scope"};
+  if (!training() &&
+      std::find(std::begin(kTrainingKeys), std::end(kTrainingKeys), key) != std::end(kTrainingKeys))
+    fail(Code::InvalidState, "'", key,
+         "' is a training knob: this session was created in inference mode");
+  if (key == "cuda_plugin" && updated.cuda_plugin != options_.cuda_plugin)
+    fail(Code::InvalidState,
+         "cuda_plugin is chosen when the session is created (the plugin is loaded then)");
   if (key == "precision" && updated.precision != precision_)
     fail(Code::InvalidState,
          "the precision is chosen when the session is created (its weight copies are made then)");
@@ -958,7 +970,7 @@ void Session::write_parameter(size_t index, const float* in, uint64_t len) {
   check_len(len, parameter_size(index), "parameter");
   for (uint64_t i = 0; i < len; ++i)
     if (!std::isfinite(in[i]))
-      fail(Code::Numeric, "parameter '", slots_[index].name, "' value ", i, " is not finite");
+      fail(Code::Numeric, "parameter '", slots_[index].name, "': element ", i, " is not finite");
   if (pending_backward_)
     fail(Code::InvalidState, "parameters cannot change between a forward and its backward");
   std::copy(in, in + len, slots_[index].param->values.begin());
@@ -977,7 +989,7 @@ void Session::write_gradient(size_t index, const float* in, uint64_t len) {
   check_len(len, parameter_size(index), "gradient");
   for (uint64_t i = 0; i < len; ++i)
     if (!std::isfinite(in[i]))
-      fail(Code::Numeric, "gradient of '", slots_[index].name, "' value ", i, " is not finite");
+      fail(Code::Numeric, "gradient of '", slots_[index].name, "': element ", i, " is not finite");
   store_->upload_grad(*slots_[index].param, std::vector<float>(in, in + len));
   note_written(Written::Gradient, index, in, len);
 }
@@ -987,8 +999,8 @@ MoELayer& Session::moe_layer(uint32_t layer) const {
     fail(Code::InvalidArgument, "layer ", layer, " does not exist (the model has ", layers_.size(),
          " layers)");
   if (model_->layers[layer].kind != LayerKind::MoE)
-    fail(Code::InvalidArgument, "layer ", layer, " ('", model_->layers[layer].name, "') is a ",
-         layer_kind_name(model_->layers[layer].kind), " layer, not a MoE layer");
+    fail(Code::InvalidArgument, "layer ", layer, " ('", model_->layers[layer].name, "', kind ",
+         layer_kind_name(model_->layers[layer].kind), ") is not a MoE layer");
   return static_cast<MoELayer&>(*layers_[layer]);
 }
 
@@ -1017,7 +1029,7 @@ void Session::write_bias(uint32_t layer, const float* in, uint64_t len) {
   auto& bias = std::get<MoESpec>(params_->layers[layer].spec).gate_bias.values;
   check_len(len, static_cast<int64_t>(bias.size()), "bias");
   for (uint64_t i = 0; i < len; ++i)
-    if (!std::isfinite(in[i])) fail(Code::Numeric, "bias value ", i, " is not finite");
+    if (!std::isfinite(in[i])) fail(Code::Numeric, "bias: element ", i, " is not finite");
   if (pending_backward_)
     fail(Code::InvalidState, "the bias cannot change between a forward and its backward");
   std::copy(in, in + len, bias.begin());

@@ -30,8 +30,8 @@ const moert::MoESpec& moe_at(const moert_model* model, uint32_t index) {
   const auto& l = layer_at(model, index);
   const auto* m = std::get_if<moert::MoESpec>(&l.spec);
   if (!m)
-    fail(Code::InvalidArgument, "layer ", index, " ('", l.name, "') is a ",
-         moert::layer_kind_name(l.kind), " layer, not a MoE layer");
+    fail(Code::InvalidArgument, "layer ", index, " ('", l.name, "', kind ",
+         moert::layer_kind_name(l.kind), ") is not a MoE layer");
   return *m;
 }
 

@@ -615,6 +615,16 @@ TEST(TrainingMisuse, ClearStatusesAndNoStateChange) {
   EXPECT_EQ(code_of(moert_session_set_config(t.s, "no_such_knob", "1")),
             MOERT_ERR_INVALID_ARGUMENT);
   MOERT_OK_OR_FAIL(moert_session_set_config(t.s, "lr", "0.5"));
+  EXPECT_EQ(code_of(moert_session_set_config(t.s, "cuda_plugin", "/elsewhere/libmoert_cuda.so")),
+            MOERT_ERR_INVALID_STATE);
+  // An inference session takes the knobs that act on it, and refuses the training ones (once
+  // accepted and never used).
+  EXPECT_EQ(code_of(moert_session_set_config(inf.s, "lr", "0.1"), &msg), MOERT_ERR_INVALID_STATE);
+  EXPECT_NE(msg.find("inference mode"), std::string::npos) << msg;
+  EXPECT_EQ(code_of(moert_session_set_config(inf.s, "sequence_length", "4")),
+            MOERT_ERR_INVALID_STATE);
+  MOERT_OK_OR_FAIL(moert_session_set_config(inf.s, "check_finite", "false"));
+  MOERT_OK_OR_FAIL(moert_session_set_config(inf.s, "ep_chunks", "4"));
 
   // A hidden-state model: NaN in the output gradient; grad_in of the wrong size.
   Model r4(MOERT_TEST_ROUTE4);

@@ -351,8 +351,9 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
                                                        int32_t mode);
 
 /* Backend knob by name. Known keys:
- *   "check_finite"  "true" (default) | "false": refuse NaN or infinity in hidden-state inputs
- *                   and output gradients with MOERT_ERR_NUMERIC before any work is done, and
+ *   "check_finite"  "true" (default) | "false" ("1" | "0" too): refuse NaN or infinity in
+ *                   hidden-state inputs and output gradients with MOERT_ERR_NUMERIC before any
+ *                   work is done, and
  *                   check results: a layer whose output holds a NaN or infinity although its
  *                   inputs were finite (a value exceeded the fp32 range: a hidden value of 1e38
  *                   times a weight of 10) fails the pass with MOERT_ERR_NUMERIC naming the layer,
@@ -884,7 +885,11 @@ MOERT_API moert_status* moert_session_step_count(const moert_session* session, u
  * they add to the MOERT_COUNTS_EVAL metrics. eval == 0: back to training. */
 MOERT_API moert_status* moert_session_set_eval(moert_session* session, int32_t eval);
 
-/* A training knob by name (list above), for this session from now on. */
+/* A knob by name (the lists above), for this session from now on. The one function of this
+ * section that takes an inference session too: there the training knobs are
+ * MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks and ep_overlap apply. A knob fixed at
+ * moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses a change
+ * with MOERT_ERR_INVALID_STATE; setting its current value is accepted. */
 MOERT_API moert_status* moert_session_set_config(moert_session* session, const char* key,
                                                  const char* value);
 

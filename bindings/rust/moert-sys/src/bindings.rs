@@ -410,8 +410,9 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Backend knob by name. Known keys:"]
-    #[doc = "   \"check_finite\"  \"true\" (default) | \"false\": refuse NaN or infinity in hidden-state inputs"]
-    #[doc = "                   and output gradients with MOERT_ERR_NUMERIC before any work is done, and"]
+    #[doc = "   \"check_finite\"  \"true\" (default) | \"false\" (\"1\" | \"0\" too): refuse NaN or infinity in"]
+    #[doc = "                   hidden-state inputs and output gradients with MOERT_ERR_NUMERIC before any"]
+    #[doc = "                   work is done, and"]
     #[doc = "                   check results: a layer whose output holds a NaN or infinity although its"]
     #[doc = "                   inputs were finite (a value exceeded the fp32 range: a hidden value of 1e38"]
     #[doc = "                   times a weight of 10) fails the pass with MOERT_ERR_NUMERIC naming the layer,"]
@@ -975,7 +976,11 @@ extern "C" {
     pub fn moert_session_set_eval(session: *mut moert_session, eval: i32) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " A training knob by name (list above), for this session from now on."]
+    #[doc = " A knob by name (the lists above), for this session from now on. The one function of this"]
+    #[doc = " section that takes an inference session too: there the training knobs are"]
+    #[doc = " MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks and ep_overlap apply. A knob fixed at"]
+    #[doc = " moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses a change"]
+    #[doc = " with MOERT_ERR_INVALID_STATE; setting its current value is accepted."]
     pub fn moert_session_set_config(
         session: *mut moert_session,
         key: *const ::std::os::raw::c_char,
