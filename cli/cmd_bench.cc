@@ -243,6 +243,9 @@ int run_bench(const Args& args) {
   }
   for (const char* flag : {"ep-chunks", "single-threads"})
     if (args.has(flag)) usage_fail("--", flag, " applies only with --expert-parallel");
+  if (!args.has("decode"))
+    for (const char* flag : {"decode-dim", "decode-experts", "decode-hidden", "decode-top-k"})
+      if (args.has(flag)) usage_fail("--", flag, " applies only with --decode");
   // Under mpirun without --expert-parallel, N copies would time the same layer on shared cores.
   (void)join_job(0);
   use_cpu_time(args.has("cpu-time"), threads);

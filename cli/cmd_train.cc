@@ -223,6 +223,13 @@ int run_train(const Args& args) {
   const bool given_model = args.has("model");
   if (given_model && args.has("balancing"))
     usage_fail("--balancing applies to the generated model; a --model file keeps its own policy");
+  // Shape options are ignored with --model: said, rather than dropped in silence.
+  if (given_model)
+    for (const char* option : {"context", "embed-dim", "blocks", "experts", "top-k",
+                               "expert-hidden", "shared", "shared-hidden", "aux-alpha", "gamma"})
+      if (args.has(option))
+        usage_fail("--", option,
+                   " shapes the generated model; a --model file keeps its own shape and policy");
   std::vector<Balancing> strategies;
   if (!given_model)
     for (const std::string& s : split_list(args.str("balancing", "none,aux,loss-free")))

@@ -96,8 +96,8 @@ Split split_corpus(const Corpus& corpus, uint32_t every) {
     out.push_back(char_id('\n'));
   }
   if (s.validation_records == 0)
-    fail("the corpus has ", corpus.records.size(), " records; the validation split takes every ",
-         every, "th and would be empty");
+    fail("the corpus has ", corpus.records.size(), " record", corpus.records.size() == 1 ? "" : "s",
+         "; the validation split takes one record in ", every, " and would be empty");
   return s;
 }
 

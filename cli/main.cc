@@ -45,6 +45,18 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string name = argv[1];
+  // 'moert help COMMAND' is 'moert COMMAND --help'.
+  if (name == "help" && argc == 3)
+    for (const Command& c : kCommands)
+      if (c.spec.name == argv[2]) {
+        std::fputs(moert_cli::help_text(c.spec).c_str(), stdout);
+        return 0;
+      }
+  if ((name == "--help" || name == "-h" || name == "help" || name == "--version") && argc > 2) {
+    std::fprintf(stderr, "moert: error: '%s' takes no arguments%s (got '%s')\n", name.c_str(),
+                 name == "help" ? " but a command's name" : "", argv[2]);
+    return 2;
+  }
   if (name == "--help" || name == "-h" || name == "help") {
     print_overview(stdout);
     return 0;

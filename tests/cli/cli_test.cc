@@ -74,6 +74,15 @@ void expect_one_line_error(const Result& r, int code, const std::string& command
   EXPECT_TRUE(r.out.empty()) << r.out;
 }
 
+// An error of the program itself, before any command: "moert: error: ...", exit code 2.
+void expect_one_line_error_top(const Result& r, const std::string& mention) {
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_EQ(count_lines(r.err), 1) << r.err;
+  EXPECT_EQ(r.err.rfind("moert: error: ", 0), 0u) << r.err;
+  EXPECT_NE(r.err.find(mention), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
 TEST(Cli, HelpEverywhere) {
   const fs::path dir = workdir("help");
   Result top = run("--help", dir);
@@ -85,7 +94,11 @@ TEST(Cli, HelpEverywhere) {
     EXPECT_EQ(r.out.rfind(std::string("usage: moert ") + cmd, 0), 0u) << r.out;
     EXPECT_NE(r.out.find("--help"), std::string::npos) << r.out;
     EXPECT_TRUE(r.err.empty()) << r.err;
+    // 'moert help COMMAND' says the same.
+    EXPECT_EQ(run(std::string("help ") + cmd, dir).out, r.out) << cmd;
   }
+  expect_one_line_error_top(run("help nope", dir), "'help' takes no arguments but a command's");
+  expect_one_line_error_top(run("--version now", dir), "'--version' takes no arguments");
   // --help wins over missing or extra arguments.
   EXPECT_EQ(run("convert --help", dir).code, 0);
   EXPECT_EQ(run("inspect a b c --help", dir).code, 0);
@@ -340,7 +353,11 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                         "/no/such/dir");
   expect_one_line_error(run("bench --threads 0", dir), 2, "bench", "--threads");
   expect_one_line_error(run("bench --precision fp16", dir), 2, "bench", "--precision");
+  expect_one_line_error(run("bench --decode-dim 128", dir), 2, "bench", "only with --decode");
   expect_one_line_error(run("train --precision half", dir), 2, "train", "--precision");
+  expect_one_line_error(
+      run(std::string("train --model ") + MOERT_TINY_MODEL + " --experts 8 --steps 1", dir), 2,
+      "train", "--experts shapes the generated model");
   expect_one_line_error(
       run(std::string("eval ") + MOERT_TINY_MODEL + " --corpus " + MOERT_TINY_CORPUS, dir), 1,
       "eval", "vocabulary");
