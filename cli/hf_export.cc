@@ -178,7 +178,9 @@ class Exporter {
            " holds a model.safetensors, which the exported index would shadow: "
            "export to another folder");
     collect_layers();
-    fs::create_directories(req_.out_dir);
+    std::error_code ec;
+    fs::create_directories(req_.out_dir, ec);
+    if (ec) fail(req_.out_dir, ": cannot create: ", ec.message());
     write_config();
     json weight_map = json::object();
     uint64_t total = 0;

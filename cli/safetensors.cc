@@ -286,6 +286,10 @@ std::map<std::string, std::string> parse_safetensors_index(const std::string& te
 Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
   namespace fs = std::filesystem;
   const fs::path index = fs::path(dir_) / "model.safetensors.index.json";
+  std::error_code ec;
+  if (!fs::is_directory(dir_, ec))
+    fail(dir_, fs::exists(dir_, ec) ? ": not a directory (name the checkpoint's folder)"
+                                    : ": no such directory");
   if (fs::exists(index)) {
     sharded_ = true;
     weight_map_ = parse_safetensors_index(read_text(index.string()), index.string());
