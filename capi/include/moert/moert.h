@@ -8,8 +8,10 @@
  *    and every handle keeps the state it had before the call.
  *  - Handles are opaque. Each *_create / *_load has a matching *_free; every *_free accepts NULL.
  *  - Inputs are copied: the library keeps no pointer to caller memory after a call returns.
- *    Outputs go to caller-allocated buffers whose length (in elements) the caller passes, so a
- *    buffer of the wrong size is an error, never an overrun.
+ *    Outputs go to caller-allocated buffers whose length (in elements) the caller passes. Unless
+ *    a function says otherwise (figures, profiles and ids take a minimum), it must be exactly the
+ *    length the function writes: a buffer of another size, a larger one too (which usually means
+ *    a mistaken shape), is MOERT_ERR_INVALID_ARGUMENT, never an overrun.
  *  - Strings returned as `const char*` are owned by the library and stay valid for the lifetime of
  *    the handle they came from.
  *  - Thread-safety: a moert_model is immutable after loading and may be used from any number of
