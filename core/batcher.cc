@@ -50,20 +50,33 @@ Batcher::Batcher(std::shared_ptr<const Model> model, const BatcherOptions& optio
 
   // Sessions first: if one cannot be created, no thread has started yet.
   workers_.resize(options_.sessions);
-  for (auto& w : workers_) w.session = std::make_unique<Session>(model_, options_.session);
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    try {
+      workers_[i].session = std::make_unique<Session>(model_, options_.session);
+    } catch (const Error& e) {
+      // Which of the pool's sessions failed: a limit is reached by the pool as a whole.
+      fail(e.code(), "the batcher's session ", i + 1, " of ", workers_.size(), ": ", e.what());
+    }
+  }
   const cpu::AsyncSignalScope no_signals;  // the threads start with it (thread_pool.cc)
   try {
     for (size_t i = 0; i < workers_.size(); ++i)
       workers_[i].thread = std::thread([this, i] { serve(i); });
-  } catch (...) {
+  } catch (const std::exception& e) {
+    size_t started = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
     }
     work_.notify_all();
     for (auto& w : workers_)
-      if (w.thread.joinable()) w.thread.join();
-    throw;
+      if (w.thread.joinable()) {
+        w.thread.join();
+        ++started;
+      }
+    fail(Code::OutOfMemory, "cannot start the batcher's ", workers_.size(), " serving threads (",
+         started, " were running when starting the next failed: ", e.what(),
+         "); ask for fewer sessions or raise the process's limits");
   }
 }
 
