@@ -354,6 +354,8 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("bench --threads 0", dir), 2, "bench", "--threads");
   expect_one_line_error(run("bench --precision fp16", dir), 2, "bench", "--precision");
   expect_one_line_error(run("bench --decode-dim 128", dir), 2, "bench", "only with --decode");
+  expect_one_line_error(run("import /no/such/dir out.moert --layer 0", dir), 1, "import",
+                        "/no/such/dir: no such directory");
   expect_one_line_error(run("train --precision half", dir), 2, "train", "--precision");
   expect_one_line_error(
       run(std::string("train --model ") + MOERT_TINY_MODEL + " --experts 8 --steps 1", dir), 2,
