@@ -89,12 +89,15 @@ fs::path directory_of(const std::string& path) {
 }  // namespace
 
 int run_convert(const Args& args) {
-  if (args.has("quantize")) return run_quantize(args);
-  if (args.has("power-of-two-scales")) usage_fail("--power-of-two-scales needs --quantize fp8");
   const std::string in = args.positional()[0], out = args.positional()[1];
   std::error_code ec;
   if (fs::equivalent(in, out, ec))
     usage_fail("INPUT and OUTPUT are the same file ('", out, "'): write the result elsewhere");
+  if (args.has("quantize")) {
+    if (args.has("lossy")) usage_fail("--lossy is for binary INPUT to JSON, not --quantize");
+    return run_quantize(args);
+  }
+  if (args.has("power-of-two-scales")) usage_fail("--power-of-two-scales needs --quantize fp8");
   const std::vector<uint8_t> bytes = read_file(in);
   const bool to_json = is_binary_model(bytes);
   if (!to_json && args.has("lossy")) usage_fail("--lossy is for binary INPUT (to JSON) only");
@@ -103,9 +106,11 @@ int run_convert(const Args& args) {
   FloatChanges changes;
   if (to_json) {
     result = binary_to_json(bytes, in);
-    binary = bytes;
-    // What a reader of OUTPUT gets: the JSON read back.
-    changes = float_changes(bytes, json_to_binary(result, out));
+    // What a reader of OUTPUT gets, the JSON read back, is what the library checks below: with
+    // --lossy a checkpoint's rounded training state fails its digest there (--no-check writes
+    // it anyway).
+    binary = json_to_binary(result, out);
+    changes = float_changes(bytes, binary);
     const bool checkpoint = moert::fb::GetModel(bytes.data())->training() != nullptr;
     if (changes.changed > 0 && !args.has("lossy"))
       fail(in, ": JSON would not hold this ", checkpoint ? "checkpoint" : "model",
@@ -113,11 +118,17 @@ int run_convert(const Args& args) {
            " floating-point values change at the 6 decimals FlatBuffers writes (first: ",
            changes.first, checkpoint ? "; its training state would then fail its digest" : "",
            "). Keep the binary file, or pass --lossy to write the JSON anyway");
+    if (changes.changed > 0 && checkpoint && !args.has("no-check"))
+      fail(in, ": with --lossy the JSON's rounded training state (", changes.changed, " of ",
+           changes.values,
+           " values) would fail the checkpoint's digest, so nothing could load it; pass "
+           "--no-check as well to write it anyway");
   } else {
     binary = json_to_binary(std::string(bytes.begin(), bytes.end()), in);
     result.assign(binary.begin(), binary.end());
   }
-  if (!args.has("no-check")) load_model_bytes(binary, directory_of(in).string(), in);
+  if (!args.has("no-check"))
+    load_model_bytes(binary, directory_of(in).string(), to_json ? out + " (read back)" : in);
   write_file(out, result);
   std::printf("%s (%s, %zu bytes) -> %s (%s, %zu bytes)\n", in.c_str(), to_json ? "binary" : "JSON",
               bytes.size(), out.c_str(), to_json ? "JSON" : "binary", result.size());

@@ -207,6 +207,17 @@ int run_train(const Args& args) {
   }
 
   CharLMShape shape;
+  const bool given_model = args.has("model");
+  if (given_model && args.has("balancing"))
+    usage_fail("--balancing applies to the generated model; a --model file keeps its own policy");
+  // Shape options are ignored with --model: said (before their values are checked), rather than
+  // dropped in silence.
+  if (given_model)
+    for (const char* option : {"context", "embed-dim", "blocks", "experts", "top-k",
+                               "expert-hidden", "shared", "shared-hidden", "aux-alpha", "gamma"})
+      if (args.has(option))
+        usage_fail("--", option,
+                   " shapes the generated model; a --model file keeps its own shape and policy");
   shape.context = u32(args, "context", 8, 1, 4096);
   shape.embed_dim = u32(args, "embed-dim", 16, 1, 65536);
   shape.blocks = u32(args, "blocks", 2, 1, 1024);
@@ -220,16 +231,6 @@ int run_train(const Args& args) {
   const double alpha = args.real("aux-alpha", 0.01, 0.0, 1e3);
   const double gamma = args.real("gamma", 1e-3, 0.0, 1e3);
 
-  const bool given_model = args.has("model");
-  if (given_model && args.has("balancing"))
-    usage_fail("--balancing applies to the generated model; a --model file keeps its own policy");
-  // Shape options are ignored with --model: said, rather than dropped in silence.
-  if (given_model)
-    for (const char* option : {"context", "embed-dim", "blocks", "experts", "top-k",
-                               "expert-hidden", "shared", "shared-hidden", "aux-alpha", "gamma"})
-      if (args.has(option))
-        usage_fail("--", option,
-                   " shapes the generated model; a --model file keeps its own shape and policy");
   std::vector<Balancing> strategies;
   if (!given_model)
     for (const std::string& s : split_list(args.str("balancing", "none,aux,loss-free")))
@@ -267,12 +268,14 @@ int run_train(const Args& args) {
     std::error_code ec;
     std::filesystem::create_directories(save_dir, ec);
     if (ec) fail(save_dir, ": cannot create: ", ec.message());
-    // A directory that takes no files fails here, not after the trainings.
-    std::string probe = (std::filesystem::path(save_dir) / ".moert-write-test-XXXXXX").string();
-    const int fd = ::mkstemp(probe.data());
-    if (fd < 0) fail(save_dir, ": cannot write checkpoints there: ", std::strerror(errno));
-    ::close(fd);
-    ::unlink(probe.c_str());
+    // A directory that takes no files fails here, not after the trainings (rank 0 writes them).
+    if (job.rank == 0) {
+      std::string probe = (std::filesystem::path(save_dir) / ".moert-write-test-XXXXXX").string();
+      const int fd = ::mkstemp(probe.data());
+      if (fd < 0) fail(save_dir, ": cannot write checkpoints there: ", std::strerror(errno));
+      ::close(fd);
+      ::unlink(probe.c_str());
+    }
   }
   std::printf(
       "corpus: %s: %zu file%s, %zu records, %s bytes; training %llu records (%s chars), "

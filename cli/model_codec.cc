@@ -125,10 +125,13 @@ class FloatWalk {
         }
         case reflection::Union:
           if constexpr (std::is_same_v<T, flatbuffers::Table>) {
-            const reflection::Object& member = flatbuffers::GetUnionType(schema_, type, *f, a);
+            // The member from the "_type" field, checked (flatbuffers::GetUnionType is not: a
+            // layer of kind NONE, or of a kind this schema lacks, would index past the objects).
+            const reflection::Object* member = union_member(type, *f, a);
             const auto* ta = a.template GetPointer<const flatbuffers::Table*>(f->offset());
             const auto* tb = b.template GetPointer<const flatbuffers::Table*>(f->offset());
-            if (ta && tb) object(member, *ta, *tb, at);
+            if (member && member == union_member(type, *f, b) && ta && tb)
+              object(*member, *ta, *tb, at);
           }
           break;
         case reflection::Vector:
@@ -141,10 +144,32 @@ class FloatWalk {
   }
 
  private:
-  void value(double a, double b, const std::string& at) {
+  // `where` names the value; called only for the first change (vectors hold many values).
+  template <typename Where>
+  void value(double a, double b, const Where& where) {
     ++changes.values;
     if (same_value(a, b)) return;
-    if (changes.changed++ == 0) changes.first = at + ": " + shown(a) + " -> " + shown(b);
+    if (changes.changed++ == 0) changes.first = where() + ": " + shown(a) + " -> " + shown(b);
+  }
+  void value(double a, double b, const std::string& at) {
+    value(a, b, [&] { return at; });
+  }
+
+  // The table type a union field of `table` holds, or null for NONE or a type the schema lacks.
+  const reflection::Object* union_member(const reflection::Object& type,
+                                         const reflection::Field& field,
+                                         const flatbuffers::Table& table) const {
+    const reflection::Field* tf =
+        type.fields()->LookupByKey((field.name()->str() + "_type").c_str());
+    if (!tf) return nullptr;
+    const auto code = flatbuffers::GetFieldI<uint8_t>(table, *tf);
+    if (code == 0) return nullptr;
+    const reflection::EnumVal* v =
+        schema_.enums()->Get(field.type()->index())->values()->LookupByKey(code);
+    if (!v || !v->union_type() || v->union_type()->index() < 0 ||
+        static_cast<flatbuffers::uoffset_t>(v->union_type()->index()) >= schema_.objects()->size())
+      return nullptr;
+    return schema_.objects()->Get(static_cast<flatbuffers::uoffset_t>(v->union_type()->index()));
   }
 
   void vector(const reflection::Type& t, const flatbuffers::Table& a, const flatbuffers::Table& b,
@@ -159,7 +184,7 @@ class FloatWalk {
       case reflection::Double:
         for (flatbuffers::uoffset_t i = 0; i < n; ++i)
           value(flatbuffers::GetAnyVectorElemF(va, t.element(), i),
-                flatbuffers::GetAnyVectorElemF(vb, t.element(), i), item(i));
+                flatbuffers::GetAnyVectorElemF(vb, t.element(), i), [&] { return item(i); });
         break;
       case reflection::Obj: {
         const reflection::Object& sub = *schema_.objects()->Get(t.index());

@@ -144,13 +144,6 @@ std::string printable(std::string s) {
   return s;
 }
 
-uint64_t physical_memory_bytes() {
-  const long pages = ::sysconf(_SC_PHYS_PAGES);
-  const long page = ::sysconf(_SC_PAGE_SIZE);
-  if (pages <= 0 || page <= 0) return std::numeric_limits<uint64_t>::max();
-  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page);
-}
-
 // The index of the first NaN or infinity in v, or -1 (the CPU backend's vectorised scan).
 int64_t first_nonfinite(std::span<const float> v) {
   return cpu::first_nonfinite(v.data(), static_cast<int64_t>(v.size()));
@@ -1033,6 +1026,13 @@ uint64_t recompute_checkpoint_digest(const void* data, size_t size, const std::s
   uint64_t digest = 0;
   parse(aligned.data(), size, external_dir, options, StatePolicy::Recompute, &digest);
   return digest;
+}
+
+uint64_t physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page = ::sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return std::numeric_limits<uint64_t>::max();
+  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page);
 }
 
 }  // namespace moert

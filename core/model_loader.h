@@ -27,6 +27,9 @@ struct LoadOptions {
   uint64_t max_file_bytes = kDefaultMaxFileBytes;
 };
 
+// The machine's physical memory in bytes (max_memory's ceiling); UINT64_MAX when unknown.
+uint64_t physical_memory_bytes();
+
 // Loads a binary model file; external weights resolve against the file's directory. A checkpoint
 // loads as a model: its training state is verified against its digest, then dropped. F8E4M3
 // tensors in 128x128 blocks stay FP8 (Tensor::fp8); every other stored type is decoded to fp32.

@@ -906,9 +906,8 @@ void Session::set_eval(bool eval) {
 }
 
 void Session::set_config(const std::string& key, const std::string& value) {
-  SessionOptions updated = options_;
-  updated.set(key, value);
   // Knobs of training alone: on an inference session they would be accepted and never used.
+  // Refused whatever the value, before it is parsed.
   static const char* const kTrainingKeys[] = {
       "optimizer",     "lr",       "min_lr",    "weight_decay", "beta1",       "beta2",
       "eps",           "momentum", "clip_norm", "warmup_steps", "total_steps", "sequence_length",
@@ -917,6 +916,8 @@ void Session::set_config(const std::string& key, const std::string& value) {
       std::find(std::begin(kTrainingKeys), std::end(kTrainingKeys), key) != std::end(kTrainingKeys))
     fail(Code::InvalidState, "'", key,
          "' is a training knob: this session was created in inference mode");
+  SessionOptions updated = options_;
+  updated.set(key, value);
   if (key == "cuda_plugin" && updated.cuda_plugin != options_.cuda_plugin)
     fail(Code::InvalidState,
          "cuda_plugin is chosen when the session is created (the plugin is loaded then)");
@@ -1200,12 +1201,15 @@ void Session::load(const std::string& path, const LoadOptions* limits) {
       // A limit this session's own model sets (the caller's can only lower it): the file is
       // bigger than any checkpoint of that model, so the loader's advice to raise a load option
       // cannot help; the error says what can.
-      if (e.code() == Code::Limit && (!limits || (limits->max_memory >= own.max_memory &&
-                                                  limits->max_file_bytes >= own.max_file_bytes)))
+      // Not where physical memory is the lower bound: the loader's message says so then.
+      if (e.code() == Code::Limit && own.max_memory <= physical_memory_bytes() &&
+          (!limits ||
+           (limits->max_memory >= own.max_memory && limits->max_file_bytes >= own.max_file_bytes)))
         fail(Code::Limit, "checkpoint '", path,
              "' is larger than any checkpoint of this session's model can be (at most ",
              own.max_memory, " bytes in memory and ", own.max_file_bytes,
-             " to read; load options only lower that): it was saved from another, larger model");
+             " to read; load options only lower that): it was likely saved from another, "
+             "larger model");
       throw;
     }
     // Against the whole model: a checkpoint holds every expert whatever the world size.

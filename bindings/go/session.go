@@ -357,7 +357,8 @@ func (s *Session) SetEval(eval bool) error {
 	return s.call(func() capi.Struct_SS_moert_status { return capi.Moert_session_set_eval(s.ptr, v) })
 }
 
-// SetConfig sets a training knob by name (see moert.h) for this session from now on.
+// SetConfig sets a knob by name (see moert.h) for this session from now on; training knobs
+// need a training session.
 func (s *Session) SetConfig(key, value string) error {
 	if err := noNUL("config key or value", key+value); err != nil {
 		return err

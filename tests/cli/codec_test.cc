@@ -92,8 +92,8 @@ TEST(Codec, AUnionTypeWithoutItsValueIsRefused) {
 
 }  // namespace
 
-// What JSON loses: floats read back from FlatBuffers' 6-decimal text, found through every table,
-// union, vector and struct (float_changes), and nothing where every float is exact there.
+// What JSON loses: floats read back from FlatBuffers' 6-decimal text, found through tables,
+// unions (set or not) and vectors (float_changes), and nothing where every float is exact there.
 TEST(Codec, FloatChangesFindWhatSixDecimalsLose) {
   const std::vector<uint8_t> exact = moert_cli::json_to_binary(tiny_json(), "tiny");
   const auto same = moert_cli::float_changes(
@@ -113,4 +113,14 @@ TEST(Codec, FloatChangesFindWhatSixDecimalsLose) {
   EXPECT_EQ(lost.first.rfind("layers[0].kind.eps: 1.2", 0), 0u) << lost.first;
   EXPECT_NE(lost.first.find(" -> 0"), std::string::npos) << lost.first;
   EXPECT_EQ(moert_cli::float_changes(binary, binary).changed, 0u);
+
+  // A layer of kind NONE (the union unset) is walked past, not indexed (it once crashed).
+  const std::vector<uint8_t> none = moert_cli::json_to_binary(
+      "{ \"schema_major\": 1, \"name\": \"m\", \"layers\": [ { \"name\": \"empty\" }, "
+      "{ \"name\": \"n\", \"kind_type\": \"RMSNorm\", \"kind\": { \"dim\": 4, \"eps\": 0.5 } } ] }",
+      "none");
+  const auto walked = moert_cli::float_changes(
+      none, moert_cli::json_to_binary(moert_cli::binary_to_json(none, "none"), "none"));
+  EXPECT_EQ(walked.values, 1u);
+  EXPECT_EQ(walked.changed, 0u);
 }

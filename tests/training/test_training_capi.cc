@@ -180,6 +180,18 @@ TEST(PendingPass, SetEvalAndRefusedArgumentsKeepItAnEvalOrFailedForwardDiscardsI
   ASSERT_EQ(forward(tokens, out_len, nullptr, 0), MOERT_OK);
   MOERT_OK_OR_FAIL(moert_session_set_eval(s.s, 0));
   EXPECT_EQ(backward(), MOERT_ERR_INVALID_STATE);
+
+  // A forward that failed after accepting its arguments: a NaN in a hidden-state input, found
+  // where the input was already copied in.
+  Model r4(MOERT_TEST_ROUTE4);
+  Session h(r4.m, MOERT_MODE_TRAINING);
+  forward_route4(h.s, {0, 1});
+  std::vector<float> x = one_hot_rows({2, 3}), y(x.size()), gout(x.size(), 1.0f);
+  x[5] = NAN;
+  EXPECT_EQ(code_of(moert_session_forward_hidden(h.s, x.data(), x.size(), 2, y.data(), y.size())),
+            MOERT_ERR_NUMERIC);
+  EXPECT_EQ(code_of(moert_session_backward(h.s, gout.data(), gout.size(), nullptr, 0, nullptr)),
+            MOERT_ERR_INVALID_STATE);
 }
 
 // A gradient written with set_gradient and no backward is the step's gradient as written (it
@@ -623,6 +635,7 @@ TEST(TrainingMisuse, ClearStatusesAndNoStateChange) {
   EXPECT_NE(msg.find("inference mode"), std::string::npos) << msg;
   EXPECT_EQ(code_of(moert_session_set_config(inf.s, "sequence_length", "4")),
             MOERT_ERR_INVALID_STATE);
+  EXPECT_EQ(code_of(moert_session_set_config(inf.s, "lr", "-1")), MOERT_ERR_INVALID_STATE);
   MOERT_OK_OR_FAIL(moert_session_set_config(inf.s, "check_finite", "false"));
   MOERT_OK_OR_FAIL(moert_session_set_config(inf.s, "ep_chunks", "4"));
 

@@ -979,7 +979,7 @@ MOERT_API moert_status* moert_session_save(const moert_session* session, const c
  * The load limits are those of this session's architecture: a checkpoint may hold and read at most
  * four times the bytes of its parameters and biases (values, gradients, two optimizer moments)
  * plus 1 MiB and 4 KiB per tensor for the description; more is MOERT_ERR_LIMIT (such a file was
- * saved from another, larger model: load options only lower these limits). Checkpoints of
+ * likely saved from another, larger model: load options only lower these limits). Checkpoints of
  * schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as
  * unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that
  * wrote the checkpoint.

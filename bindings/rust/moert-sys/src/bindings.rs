@@ -1124,7 +1124,7 @@ extern "C" {
     #[doc = " The load limits are those of this session's architecture: a checkpoint may hold and read at most"]
     #[doc = " four times the bytes of its parameters and biases (values, gradients, two optimizer moments)"]
     #[doc = " plus 1 MiB and 4 KiB per tensor for the description; more is MOERT_ERR_LIMIT (such a file was"]
-    #[doc = " saved from another, larger model: load options only lower these limits). Checkpoints of"]
+    #[doc = " likely saved from another, larger model: load options only lower these limits). Checkpoints of"]
     #[doc = " schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as"]
     #[doc = " unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that"]
     #[doc = " wrote the checkpoint."]

@@ -1007,7 +1007,8 @@ impl Session {
         check(unsafe { sys::moert_session_set_eval(self.raw(), i32::from(eval)) })
     }
 
-    /// A training knob by name (see moert.h), for this session from now on.
+    /// A knob by name (see moert.h), for this session from now on; training knobs need a
+    /// training session.
     pub fn set_config(&self, key: &str, value: &str) -> Result<()> {
         let (k, v) = (c_string("key", key)?, c_string("value", value)?);
         // SAFETY: NUL-terminated strings, copied.

@@ -299,7 +299,10 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
     }
   }
 
-  /** A training knob by name (see moert.h), for this session from now on. */
+  /**
+   * A knob by name (see moert.h), for this session from now on; training knobs need a training
+   * session.
+   */
   public void setConfig(String key, String value) {
     try (Use u = use()) {
       MoertException.check(Capi.moert_session_set_config(u.ptr(), key, value));
