@@ -380,8 +380,7 @@ void Session::check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_l
   if (row_mask) check_len(mask_len, static_cast<int64_t>(rows), "row mask");
 }
 
-void Session::begin_pass(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len) {
-  check_mask(rows, row_mask, mask_len);
+void Session::begin_pass(uint64_t rows, const uint8_t* row_mask) {
   batch_rows_ = static_cast<int64_t>(rows);
   masked_ = row_mask != nullptr;
   valid_.clear();
@@ -470,7 +469,7 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
     }
     // The arguments are good: from here on the pass replaces the one a backward would read.
     pending_backward_ = false;
-    begin_pass(rows, row_mask, mask_len);
+    begin_pass(rows, row_mask);
     std::vector<int32_t> staging;
     const int32_t* ids = gather_rows(tokens, static_cast<int64_t>(width), staging);
     const size_t n_ids = static_cast<size_t>(last_rows_) * width;
@@ -505,7 +504,7 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
     check_mask(rows, row_mask, mask_len);
     // The arguments are good: from here on the pass replaces the one a backward would read.
     pending_backward_ = false;
-    begin_pass(rows, row_mask, mask_len);
+    begin_pass(rows, row_mask);
     std::vector<float> staging;
     const float* x = gather_rows(in, static_cast<int64_t>(width), staging);
     // The caller's buffer is not ours to keep (backward reads the input again).

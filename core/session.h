@@ -205,10 +205,11 @@ class Session {
   void require_training(const char* what) const;
   void require_backward_ready() const;
   Pass next_pass() const;
-  // Records the caller's rows of a pass and which take part (padding compacted away).
   // Refuses a row mask of the wrong length, before a pass changes anything.
   void check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len) const;
-  void begin_pass(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len);
+  // Records the caller's rows of a pass and which take part (padding compacted away); the mask
+  // has passed check_mask.
+  void begin_pass(uint64_t rows, const uint8_t* row_mask);
   // The caller's index of compacted row `row`.
   int64_t caller_row(int64_t row) const;
   // The rows that take part, from caller memory of `width` values per row (src itself unmasked).
