@@ -80,12 +80,6 @@ int run_quantize(const Args& args) {
   return 0;
 }
 
-// A file's directory, "." for a bare name.
-fs::path directory_of(const std::string& path) {
-  const fs::path dir = fs::path(path).parent_path();
-  return dir.empty() ? fs::path(".") : dir;
-}
-
 }  // namespace
 
 int run_convert(const Args& args) {
@@ -128,7 +122,7 @@ int run_convert(const Args& args) {
     result.assign(binary.begin(), binary.end());
   }
   if (!args.has("no-check"))
-    load_model_bytes(binary, directory_of(in).string(), to_json ? out + " (read back)" : in);
+    load_model_bytes(binary, directory_of(in), to_json ? out + " (read back)" : in);
   write_file(out, result);
   std::printf("%s (%s, %zu bytes) -> %s (%s, %zu bytes)\n", in.c_str(), to_json ? "binary" : "JSON",
               bytes.size(), out.c_str(), to_json ? "JSON" : "binary", result.size());
@@ -139,7 +133,8 @@ int run_convert(const Args& args) {
         static_cast<unsigned long long>(changes.values), changes.first.c_str());
   // The data file is named relative to the description's own directory.
   const moert::fb::Model* m = moert::fb::GetModel(binary.data());
-  if (m->external_data() && !fs::exists(directory_of(out) / m->external_data()->str(), ec))
+  if (m->external_data() &&
+      !fs::exists(fs::path(directory_of(out)) / m->external_data()->str(), ec))
     std::printf(
         "note: %s refers to its data file '%s' beside it, which is not there: copy it "
         "from %s\n",

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "cli/error.h"
+#include "cli/model_codec.h"
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -28,8 +29,7 @@ void sync_file(std::FILE* f, const std::string& path) {
 }
 
 void sync_dir(const std::string& path) {
-  const fs::path dir = fs::path(path).parent_path();
-  const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  const int fd = ::open(directory_of(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return;  // the rename is done; a directory that cannot be opened cannot be synced
   fsync(fd);
   ::close(fd);

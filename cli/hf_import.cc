@@ -14,6 +14,7 @@
 #include "cli/data_file.h"
 #include "cli/error.h"
 #include "cli/hf_moe.h"
+#include "cli/model_codec.h"
 #include "cli/safetensors.h"
 #include "moert_generated.h"
 
@@ -110,7 +111,7 @@ class Importer {
     namespace fs = std::filesystem;
     const fs::path out(req_.out_path);
     const std::string prefix = out.filename().string() + ".";
-    const fs::path dir = out.parent_path().empty() ? fs::path(".") : out.parent_path();
+    const std::string dir = directory_of(req_.out_path);
     std::error_code ec;
     for (const auto& entry : fs::directory_iterator(dir, ec)) {
       const std::string n = entry.path().filename().string();

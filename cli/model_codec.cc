@@ -280,14 +280,18 @@ void write_file(const std::string& path, const std::string& data) {
   if (!out) fail(path, ": write error");
 }
 
+std::string directory_of(const std::string& path) {
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  return dir.empty() ? "." : dir;
+}
+
 ModelPtr load_model_file(const std::string& path) {
   std::vector<uint8_t> bytes = read_file(path);
   if (!is_binary_model(bytes)) {
     const std::string text(bytes.begin(), bytes.end());
     bytes = json_to_binary(text, path);
   }
-  const std::string dir = std::filesystem::path(path).parent_path().string();
-  return load_model_bytes(bytes, dir.empty() ? "." : dir, path);
+  return load_model_bytes(bytes, directory_of(path), path);
 }
 
 }  // namespace moert_cli

@@ -35,6 +35,8 @@ struct FloatChanges {
 FloatChanges float_changes(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b);
 
 std::vector<uint8_t> read_file(const std::string& path);
+// The directory of a file's path, "." for a bare name: where its data file and temporaries go.
+std::string directory_of(const std::string& path);
 void write_file(const std::string& path, const std::string& data);
 
 // Loads a model file in either form (binary or JSON, told apart by content) through the library;
