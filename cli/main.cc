@@ -37,6 +37,23 @@ void print_overview(std::FILE* to) {
       to, "\n'moert COMMAND --help' describes a command. 'moert --version' prints versions.\n");
 }
 
+// An error as one line: its text may quote names from files (a tensor of a safetensors header,
+// say) or arguments, whose control characters are written as \xNN, as the library's are.
+void print_error(const std::string& who, const std::string& text) {
+  std::string line;
+  for (const char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c >= 0x20 && c != 0x7F) {
+      line += ch;
+    } else {
+      char hex[5];
+      std::snprintf(hex, sizeof hex, "\\x%02X", c);
+      line += hex;
+    }
+  }
+  std::fprintf(stderr, "%s: error: %s\n", who.c_str(), line.c_str());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -53,8 +70,9 @@ int main(int argc, char** argv) {
         return 0;
       }
   if ((name == "--help" || name == "-h" || name == "help" || name == "--version") && argc > 2) {
-    std::fprintf(stderr, "moert: error: '%s' takes no arguments%s (got '%s')\n", name.c_str(),
-                 name == "help" ? " but a command's name" : "", argv[2]);
+    print_error("moert", "'" + name + "' takes no arguments" +
+                             (name == "help" ? " but a command's name" : "") + " (got '" + argv[2] +
+                             "')");
     return 2;
   }
   if (name == "--help" || name == "-h" || name == "help") {
@@ -83,16 +101,16 @@ int main(int argc, char** argv) {
       }
       return c.run(args);
     } catch (const moert_cli::UsageError& e) {
-      std::fprintf(stderr, "moert %s: error: %s\n", name.c_str(), e.what());
+      print_error("moert " + name, e.what());
       return 2;
     } catch (const std::bad_alloc&) {
       std::fprintf(stderr, "moert %s: error: out of memory\n", name.c_str());
       return 1;
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "moert %s: error: %s\n", name.c_str(), e.what());
+      print_error("moert " + name, e.what());
       return 1;
     }
   }
-  std::fprintf(stderr, "moert: error: unknown command '%s' (see 'moert --help')\n", name.c_str());
+  print_error("moert", "unknown command '" + name + "' (see 'moert --help')");
   return 2;
 }

@@ -55,7 +55,7 @@ Batcher::Batcher(std::shared_ptr<const Model> model, const BatcherOptions& optio
       workers_[i].session = std::make_unique<Session>(model_, options_.session);
     } catch (const Error& e) {
       // Which of the pool's sessions failed: a limit is reached by the pool as a whole.
-      fail(e.code(), "the batcher's session ", i + 1, " of ", workers_.size(), ": ", e.what());
+      fail(e.code(), "the batcher's session ", i + 1, " of ", workers_.size(), ": ", e.message());
     }
   }
   const cpu::AsyncSignalScope no_signals;  // the threads start with it (thread_pool.cc)

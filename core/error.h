@@ -26,11 +26,15 @@ enum class Code : int32_t {
 
 class Error : public std::runtime_error {
  public:
-  Error(Code code, std::string message) : std::runtime_error(std::move(message)), code_(code) {}
+  Error(Code code, std::string message)
+      : std::runtime_error(message), code_(code), message_(std::move(message)) {}
   Code code() const noexcept { return code_; }
+  // The whole message: what() ends at a NUL that a name quoted from a file may hold.
+  const std::string& message() const noexcept { return message_; }
 
  private:
   Code code_;
+  std::string message_;
 };
 
 // Concatenates anything streamable; messages are built where they are thrown.

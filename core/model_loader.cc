@@ -137,13 +137,6 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
-// A name as it can appear in a message: control characters (a NUL would end a C string) as '?'.
-std::string printable(std::string s) {
-  for (char& c : s)
-    if (static_cast<unsigned char>(c) < 32 || c == 127) c = '?';
-  return s;
-}
-
 // The index of the first NaN or infinity in v, or -1 (the CPU backend's vectorised scan).
 int64_t first_nonfinite(std::span<const float> v) {
   return cpu::first_nonfinite(v.data(), static_cast<int64_t>(v.size()));
@@ -259,17 +252,17 @@ ExternalFile& Loader::external(const char* field) {
   const std::filesystem::path rel(name->str());
   if (rel.is_absolute())
     fail(Code::InvalidModel, "model: field 'external_data' must be a relative path, got '",
-         printable(name->str()), "'");
+         name->str(), "'");
   for (const auto& part : rel)
     if (part == "..")
       fail(Code::InvalidModel,
            "model: field 'external_data' must stay inside the model's "
            "directory, got '",
-           printable(name->str()), "'");
+           name->str(), "'");
   if (name->str().find('\0') != std::string::npos)
     fail(Code::InvalidModel, "model: field 'external_data' contains a NUL byte");
   if (external_dir_.empty())
-    fail(Code::InvalidModel, "model: has external weights ('", printable(name->str()),
+    fail(Code::InvalidModel, "model: has external weights ('", name->str(),
          "') but was loaded from memory without an external data directory");
   external_ = std::make_unique<ExternalFile>((std::filesystem::path(external_dir_) / rel).string());
   return *external_;
@@ -417,7 +410,7 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
     try {
       expected = e4m3_block_count(shape, sc->block_rows(), sc->block_cols());
     } catch (const Error& e) {
-      bad(field, e.what());
+      bad(field, e.message());
     }
     if (sc->scales()->size() != expected)
       bad(field, cat("has ", sc->scales()->size(), " block scales but its shape needs ", expected));
@@ -659,7 +652,7 @@ void Loader::layers(Model& model) {
     const auto kind = layer->kind_type();
     const bool known = kind != fb::LayerKind::NONE &&
                        static_cast<int>(kind) <= static_cast<int>(fb::LayerKind::MAX);
-    where_ = cat("layer ", i, " ('", printable(name), "', ",
+    where_ = cat("layer ", i, " ('", name, "', ",
                  known ? fb::EnumNameLayerKind(kind) : "unknown kind", ")");
     if (!known || !layer->kind())
       fail(Code::InvalidModel, where_, ": field 'kind' ", static_cast<int>(kind),
@@ -801,7 +794,7 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
   }
   st.optimizer = t->optimizer() ? t->optimizer()->str() : "";
   if (st.optimizer != "adamw" && st.optimizer != "sgd")
-    bad_state(cat("field 'optimizer' is '", printable(st.optimizer), "', expected adamw or sgd"));
+    bad_state(cat("field 'optimizer' is '", st.optimizer, "', expected adamw or sgd"));
 
   ContentHasher h;
   hash_model(h, model);
@@ -817,15 +810,15 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
     const ParamRef* ref = nullptr;
     for (const auto& r : params)
       if (r.name == name) ref = &r;
-    if (!ref) bad_state(cat("names a parameter '", printable(name), "' the model does not have"));
-    if (!seen.insert(name).second) bad_state(cat("repeats parameter '", printable(name), "'"));
+    if (!ref) bad_state(cat("names a parameter '", name, "' the model does not have"));
+    if (!seen.insert(name).second) bad_state(cat("repeats parameter '", name, "'"));
     const uint64_t numel = static_cast<uint64_t>(ref->tensor->numel());
     ParamState ps;
     ps.name = name;
     h.str(name);
     auto take = [&](const flatbuffers::Vector<float>* v, const fb::ExternalRef* ext,
                     std::vector<float>& out, const char* field) {
-      const std::string what = cat("parameter '", printable(name), "' field '", field, "'");
+      const std::string what = cat("parameter '", name, "' field '", field, "'");
       if (v && ext) bad_state(what + " is given both inline and as external data");
       const uint64_t n = ext ? ext->size() / sizeof(float) : v ? v->size() : 0;
       if (ext && ext->size() % sizeof(float) != 0)
@@ -969,7 +962,7 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
     check_buffer_size(size, options);
   } catch (const Error& e) {
     ::close(fd);
-    throw Error(e.code(), cat("'", path, "': ", e.what()));
+    throw Error(e.code(), cat("'", path, "': ", e.message()));
   }
   // Read straight into aligned storage: one copy of the description in memory.
   std::vector<uint64_t> aligned((size + 7) / 8);
@@ -991,7 +984,7 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
   try {
     return parse(aligned.data(), size, dir, options, policy);
   } catch (const Error& e) {
-    throw Error(e.code(), cat("'", path, "': ", e.what()));
+    throw Error(e.code(), cat("'", path, "': ", e.message()));
   }
 }
 

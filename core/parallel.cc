@@ -89,7 +89,7 @@ void ParallelContext::agree(std::exception_ptr local) {
       std::rethrow_exception(local);
     } catch (const Error& e) {
       mine.code = static_cast<int32_t>(e.code());
-      what = e.what();
+      what = e.message();
     } catch (const std::bad_alloc&) {
       mine.code = static_cast<int32_t>(Code::OutOfMemory);
       what = "out of memory";

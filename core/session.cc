@@ -616,7 +616,7 @@ double Session::run_backward(float* grad_in) {
     if (par_ && roots) combine_gradients();
     if (local) reduce_local_gradients();
   } catch (const Error& e) {
-    poison_step(e.code(), e.what());
+    poison_step(e.code(), e.message());
     throw;
   } catch (const std::bad_alloc&) {
     poison_step(Code::OutOfMemory, "out of memory");
@@ -734,7 +734,7 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
       if (!why.empty()) fail(Code::Numeric, why);
     });
   } catch (const Error& e) {
-    poison_step(e.code(), e.what());
+    poison_step(e.code(), e.message());
     throw;
   }
   if (grad_in) deliver_rows(grad_in_.data(), in_w, grad_in);

@@ -4,7 +4,7 @@ namespace moert::capi {
 
 moert_status g_out_of_memory{MOERT_ERR_OUT_OF_MEMORY, "out of memory"};
 
-std::string valid_utf8(const std::string& text) {
+std::string printable_utf8(const std::string& text) {
   std::string out;
   out.reserve(text.size());
   const auto* p = reinterpret_cast<const unsigned char*>(text.data());
@@ -16,7 +16,8 @@ std::string valid_utf8(const std::string& text) {
     const unsigned char c = p[i];
     auto cont = [&](size_t k) { return i + k < n && (p[i + k] & 0xC0) == 0x80; };
     if (c < 0x80) {
-      len = 1;
+      // A control character (a newline in a layer's name, say) would break the message's line.
+      len = c >= 0x20 && c != 0x7F ? 1 : 0;
     } else if (c >= 0xC2 && c <= 0xDF) {
       len = cont(1) ? 2 : 0;
     } else if (c >= 0xE0 && c <= 0xEF) {
@@ -42,7 +43,7 @@ std::string valid_utf8(const std::string& text) {
 
 moert_status* make_status(int32_t code, const std::string& message) noexcept {
   try {
-    return new moert_status{code, valid_utf8(message)};
+    return new moert_status{code, printable_utf8(message)};
   } catch (...) {
     return &g_out_of_memory;
   }

@@ -20,9 +20,10 @@ extern moert_status g_out_of_memory;
 
 moert_status* make_status(int32_t code, const std::string& message) noexcept;
 
-// The text with every byte that is not part of well-formed UTF-8 written as \xNN (messages quote
-// names and bytes from files; moert.h promises valid UTF-8).
-std::string valid_utf8(const std::string& text);
+// The text with every byte that is not part of well-formed UTF-8, and every ASCII control
+// character, written as \xNN (messages quote names and bytes from files; moert.h promises one
+// line of valid UTF-8).
+std::string printable_utf8(const std::string& text);
 
 // Runs body(); maps every exception to a status. Nothing escapes across the C ABI.
 template <typename F>
@@ -31,7 +32,7 @@ moert_status* guarded(F&& body) noexcept {
     body();
     return nullptr;
   } catch (const Error& e) {
-    return make_status(static_cast<int32_t>(e.code()), e.what());
+    return make_status(static_cast<int32_t>(e.code()), e.message());
   } catch (const std::bad_alloc&) {
     return make_status(MOERT_ERR_OUT_OF_MEMORY, "out of memory");
   } catch (const std::exception& e) {

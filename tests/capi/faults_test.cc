@@ -294,6 +294,34 @@ TEST(Faults, StatusMessagesAreValidUtf8) {
       << msg;
 }
 
+// Control characters in a layer's name (a newline, a tab, DEL, NUL) would split a message over
+// lines or end it early: every message quotes them as \xNN, whether a session refuses to train
+// the model or the loader refuses the name (a NUL).
+TEST(Faults, StatusMessagesAreOneLine) {
+  ModelDesc d = two_expert_lossfree();
+  d.layers[0].name = "moe\n0\tx\x7Fy";
+  d.layers[0].moe.normalize_weights = true;  // top_k = 1: a router that cannot learn
+  ModelPtr m = load(d);
+  OptionsPtr o;
+  moert_session_options* raw = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_create(&raw)));
+  o.reset(raw);
+  ASSERT_TRUE(IsOk(moert_session_options_set_mode(raw, MOERT_MODE_TRAINING)));
+  moert_session* s = nullptr;
+  moert_status* st = moert_session_create(m.get(), raw, &s);
+  ASSERT_NE(st, nullptr);
+  std::string msg = moert_status_message(st);
+  moert_status_free(st);
+  EXPECT_NE(msg.find("'moe\\x0A0\\x09x\\x7Fy'"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find_first_of(std::string("\n\t\x7F", 3)), std::string::npos) << msg;
+
+  d.layers[0].name = std::string("moe\0y", 5);
+  const std::vector<uint8_t> bytes = build(d);
+  moert_model* refused = nullptr;
+  EXPECT_TRUE(IsError(moert_model_load_buffer(bytes.data(), bytes.size(), nullptr, &refused),
+                      MOERT_ERR_INVALID_MODEL, {"'moe\\x00y'", "NUL"}));
+}
+
 // ---- Padding
 
 // A masked pass equals a pass over the rows that take part alone, bit for bit: outputs (zero on

@@ -375,7 +375,11 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("convert " + (dir / "cut.moert").string() + " x.json", dir), 1,
                         "convert", "cut.moert");
 
-  for (const char* args : {"frobnicate", ""}) {
+  // A control character in a name the error quotes is written as \xNN: still one line.
+  expect_one_line_error(run("inspect '/no/such\nmodel.moert'", dir), 1, "inspect",
+                        "/no/such\\x0Amodel.moert");
+
+  for (const char* args : {"frobnicate", "", "'frob\nnicate'"}) {
     const Result r = run(args, dir);
     EXPECT_EQ(r.code, 2) << args;
     EXPECT_EQ(count_lines(r.err), 1) << r.err;

@@ -24,8 +24,9 @@
  *    sent meanwhile goes to another thread of the process, or waits for the call to end. Reason:
  *    oneDNN's generated GEMM kernels move the stack pointer into the heap (oneDNN issue 4845).
  *  - No function throws, aborts or exits on bad input.
- *  - Status messages are valid UTF-8: text taken from a file (a model's or layer's name, say) is
- *    quoted with every byte that is not part of valid UTF-8 written as \xNN.
+ *  - Status messages are one line of valid UTF-8: text taken from a file (a model's or layer's
+ *    name, say) is quoted with every byte that is not part of valid UTF-8, and every ASCII control
+ *    character (newline, tab, NUL, DEL, ...), written as \xNN.
  */
 #ifndef MOERT_MOERT_H
 #define MOERT_MOERT_H
