@@ -20,7 +20,10 @@ const CommandSpec kImportSpec = {
     "returns (no residual). Every routing knob comes from config.json; a field moert cannot\n"
     "honour, a dense layer or a tensor of the module that has no place in moert is refused.\n"
     "Weights keep their stored dtype (F32, BF16, or F8_E4M3 with its weight_scale_inv blocks);\n"
-    "those of 64 KiB or more go to OUT.moert.<hash>.data beside it, 64-byte aligned.\n"
+    "those of 64 KiB or more go to OUT.moert.<hash>.data beside it, 64-byte aligned. What the\n"
+    "library would refuse to load is refused before anything is written: a NaN or infinity in\n"
+    "a weight (an FP8 NaN code, or a code times its scale past the largest float), a block\n"
+    "scale that is not finite and at least 2^-126.\n"
     "Families: deepseek_v3, kimi_k2 and glm4_moe (sigmoid, groups, bias, shared experts; glm4_moe\n"
     "with n_group 1), qwen3_moe and mixtral (softmax).",
     2,

@@ -89,13 +89,6 @@ struct Stored {
   uint64_t matrix_scales() const { return ceil_div(rows, block_rows) * ceil_div(cols, block_cols); }
 };
 
-float e4m3_value(uint8_t code) {
-  const int exponent = (code >> 3) & 15, mantissa = code & 7;
-  const double magnitude = exponent == 0 ? std::ldexp(mantissa / 8.0, -6)
-                                         : std::ldexp(1.0 + mantissa / 8.0, exponent - 7);
-  return static_cast<float>((code & 0x80) ? -magnitude : magnitude);
-}
-
 uint16_t bf16_round(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -122,8 +115,8 @@ std::vector<float> decode(const Stored& s, uint64_t m) {
       const uint64_t bc = ceil_div(s.cols, s.block_cols);
       for (uint64_t r = 0; r < s.rows; ++r)
         for (uint64_t c = 0; c < s.cols; ++c)
-          out[r * s.cols + c] =
-              e4m3_value(p[r * s.cols + c]) * sc[(r / s.block_rows) * bc + c / s.block_cols];
+          out[r * s.cols + c] = moert::fp8::e4m3_decode(p[r * s.cols + c]) *
+                                sc[(r / s.block_rows) * bc + c / s.block_cols];
       break;
     }
   }

@@ -5,17 +5,20 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <set>
 #include <span>
+#include <vector>
 
 #include "cli/data_file.h"
 #include "cli/error.h"
 #include "cli/hf_moe.h"
 #include "cli/model_codec.h"
 #include "cli/safetensors.h"
+#include "kernels/fp8_rules.h"
 #include "moert_generated.h"
 
 namespace moert_cli {
@@ -50,6 +53,67 @@ std::string shape_str(const std::vector<uint64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += cat(i ? ", " : "", s[i]);
   return out + "]";
+}
+
+// Whether any of n 32-bit (or 16-bit) floats at p has an all-ones exponent: a NaN or infinity.
+// In blocks, so that the scan of an 11 GB layer vectorizes; the caller then finds the element.
+template <typename Bits>
+bool any_nonfinite(const uint8_t* p, uint64_t n) {
+  constexpr auto exponent = static_cast<Bits>(sizeof(Bits) == 4 ? 0x7F800000u : 0x7F80u);
+  bool any = false;
+  for (uint64_t i = 0; i < n; ++i) {
+    Bits b;
+    std::memcpy(&b, p + i * sizeof(Bits), sizeof(Bits));
+    any |= (b & exponent) == exponent;
+  }
+  return any;
+}
+
+// What the library's loader refuses in a weight, refused before anything is written, rather
+// than writing a model that no session can load: a NaN or infinity in an F32 or BF16 tensor.
+void check_finite(const StTensor& t) {
+  const uint64_t elem = t.dtype == StDType::F32 ? 4 : 2, n = t.numel();
+  constexpr uint64_t kStep = 4096;
+  for (uint64_t i = 0; i < n; i += kStep) {
+    const uint64_t m = std::min(kStep, n - i);
+    const uint8_t* p = t.bytes.data() + i * elem;
+    if (!(elem == 4 ? any_nonfinite<uint32_t>(p, m) : any_nonfinite<uint16_t>(p, m))) continue;
+    for (uint64_t j = 0; j < m; ++j)
+      if (elem == 4 ? any_nonfinite<uint32_t>(p + j * 4, 1) : any_nonfinite<uint16_t>(p + j * 2, 1))
+        fail("tensor '", t.name, "' holds a NaN or infinity at element ", i + j);
+  }
+}
+
+// The same for an FP8 weight [rows, cols] with its block scales (row-major over blocks of
+// br x bc): no NaN code (0x7F, 0xFF), and no code times its block's scale past the largest float.
+// E4M3 magnitudes order like their codes, so each block's largest |code| decides.
+void check_fp8_values(const StTensor& w, const std::string& scales_name, const float* scales,
+                      uint64_t br, uint64_t bc) {
+  const uint64_t rows = w.shape[0], cols = w.shape[1], col_blocks = ceil_div(cols, bc);
+  std::vector<uint8_t> peak(col_blocks);
+  for (uint64_t r0 = 0; r0 < rows; r0 += br) {
+    std::fill(peak.begin(), peak.end(), uint8_t{0});
+    for (uint64_t r = r0; r < std::min(rows, r0 + br); ++r) {
+      const uint8_t* row = w.bytes.data() + r * cols;
+      for (uint64_t b = 0; b < col_blocks; ++b) {
+        uint8_t m = peak[b];
+        for (uint64_t c = b * bc; c < std::min(cols, (b + 1) * bc); ++c)
+          m = std::max<uint8_t>(m, row[c] & 0x7F);
+        peak[b] = m;
+      }
+    }
+    for (uint64_t b = 0; b < col_blocks; ++b) {
+      const uint64_t block = r0 / br * col_blocks + b;
+      if (peak[b] == 0x7F)
+        fail("tensor '", w.name, "' holds an FP8 NaN code in block ", block, " (from row ", r0,
+             ", column ", b * bc, ")");
+      const float largest = moert::fp8::e4m3_decode(peak[b]) * scales[block];
+      if (!std::isfinite(largest))
+        fail("tensor '", w.name, "' decodes past the largest float in block ", block,
+             ": a code of ", moert::fp8::e4m3_decode(peak[b]), " times its scale ", scales[block],
+             " in '", scales_name, "'");
+    }
+  }
 }
 
 // One moert tensor gathered from checkpoint tensors (the experts of one projection, stacked).
@@ -176,7 +240,12 @@ class Importer {
       }
       g.pieces.push_back(t.bytes);
       g.bytes += t.bytes.size();
-      if (dt == fb::DType::F8E4M3) add_scales(t, g);
+      if (dt == fb::DType::F8E4M3)
+        add_scales(t, g);
+      else
+        check_finite(t);
+      // Written later from the mapping again: the scan keeps none of an 11 GB layer resident.
+      release(t.bytes);
     }
     return g;
   }
@@ -208,9 +277,11 @@ class Importer {
     g.scales.resize(at + s->numel());
     std::memcpy(g.scales.data() + at, s->bytes.data(), s->bytes.size());
     for (size_t i = at; i < g.scales.size(); ++i)
-      if (!std::isfinite(g.scales[i]) || g.scales[i] < 0.0f)
-        fail("tensor '", sname, "' holds a scale that is negative, NaN or infinite at element ",
-             i - at);
+      if (!moert::fp8::is_valid_scale(g.scales[i]))
+        fail("tensor '", sname, "' holds the scale ", g.scales[i], " at element ", i - at,
+             ": a scale must be finite and at least 2^-126 (a negative or zero scale would flip "
+             "or erase its block)");
+    check_fp8_values(w, sname, g.scales.data() + at, br, bc);
   }
 
   flatbuffers::Offset<fb::Tensor> put(const Gathered& g) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "cli/error.h"
@@ -39,6 +40,13 @@ class Fields {
     if (!v.is_number() || !std::isfinite(v.get<double>()))
       bad(key, cat("must be a finite number, got ", v.dump()));
     return v.get<double>();
+  }
+  // A number moert keeps as a float: finite there too.
+  float real(const char* key) const {
+    const double v = number(key);
+    if (std::fabs(v) > std::numeric_limits<float>::max())
+      bad(key, cat("is ", v, ", past the largest float"));
+    return static_cast<float>(v);
   }
   std::string str(const char* key) const {
     const json& v = need(key);
@@ -80,8 +88,8 @@ HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& orig
   c.hidden = f.positive("hidden_size");
   c.num_layers = f.positive("num_hidden_layers");
   if (f.has("rms_norm_eps")) {
-    c.rms_norm_eps = static_cast<float>(f.number("rms_norm_eps"));
-    if (!(c.rms_norm_eps >= 0.0f)) f.bad("rms_norm_eps", "must be >= 0");
+    c.rms_norm_eps = f.real("rms_norm_eps");
+    if (!(c.rms_norm_eps > 0.0f)) f.bad("rms_norm_eps", "must be > 0 (as a float)");
     c.has_rms_norm_eps = true;
   }
   require_silu(f);
@@ -126,9 +134,8 @@ HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& orig
     // DeepseekV3MoE (DeepSeek's code) normalises only when more than one expert is chosen;
     // Glm4MoeMoE whenever norm_topk_prob is set.
     c.normalize = f.boolean("norm_topk_prob") && (glm || c.top_k > 1);
-    const double s = f.number("routed_scaling_factor");
-    if (!(s > 0.0)) f.bad("routed_scaling_factor", "must be > 0");
-    c.scaling = static_cast<float>(s);
+    c.scaling = f.real("routed_scaling_factor");
+    if (!(c.scaling > 0.0f)) f.bad("routed_scaling_factor", "must be > 0 (as a float)");
     const uint32_t shared = f.has("n_shared_experts") ? f.u32("n_shared_experts") : 0;
     const uint64_t sh = static_cast<uint64_t>(shared) * c.expert_hidden;
     if (sh > UINT32_MAX) f.bad("n_shared_experts", "makes the shared MLP wider than 2^32");

@@ -21,6 +21,7 @@
 #include "core/model_writer.h"
 #include "core/tensor_codec.h"
 #include "kernels/cpu/math.h"
+#include "kernels/fp8_rules.h"
 #include "moert_generated.h"
 
 namespace moert {
@@ -414,8 +415,11 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
     }
     if (sc->scales()->size() != expected)
       bad(field, cat("has ", sc->scales()->size(), " block scales but its shape needs ", expected));
-    for (float s : *sc->scales())
-      if (!std::isfinite(s)) bad(field, "has a NaN or infinite block scale");
+    for (uint32_t i = 0; i < sc->scales()->size(); ++i)
+      if (const float s = sc->scales()->Get(i); !fp8::is_valid_scale(s))
+        bad(field, cat("has block scale ", s, " at element ", i,
+                       ": a scale must be finite and at least 2^-126 (a negative or zero scale "
+                       "would flip or erase its block)"));
   } else if (t->scales()) {
     bad(field, "has block scales but is not FP8");
   }

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "core/error.h"
+#include "kernels/fp8_rules.h"
 
 namespace moert {
 
@@ -17,20 +18,7 @@ float bf16_to_float(uint16_t bits) {
   return f;
 }
 
-float e4m3_to_float(uint8_t bits) {
-  const bool negative = bits & 0x80;
-  const int exponent = (bits >> 3) & 0xF;
-  const int mantissa = bits & 0x7;
-  float value;
-  if (exponent == 0xF && mantissa == 0x7) {
-    value = std::numeric_limits<float>::quiet_NaN();
-  } else if (exponent == 0) {
-    value = std::ldexp(static_cast<float>(mantissa) / 8.0f, -6);
-  } else {
-    value = std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent - 7);
-  }
-  return negative ? -value : value;
-}
+float e4m3_to_float(uint8_t bits) { return fp8::e4m3_decode(bits); }
 
 void decode_bf16(std::span<const uint8_t> bytes, std::span<float> out) {
   if (bytes.size() / 2 != out.size() || bytes.size() % 2 != 0)

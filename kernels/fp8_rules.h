@@ -3,7 +3,6 @@
 // quantize kernels (kernels/cuda/fp8_quantize.cu) both call these, so that the two produce the same
 // codes and scales bit for bit. Integer and correctly rounded float operations only: nothing here
 // depends on the compiler's contraction or on a math library. Needs no CUDA header on the host.
-// Decoding is core/tensor_codec.h's e4m3_to_float.
 #pragma once
 
 #include <cstdint>
@@ -102,6 +101,21 @@ MOERT_FP8_HOST_DEVICE inline uint8_t e4m3_encode(float x) {
   return static_cast<uint8_t>(sign | code);
 }
 
+// The value of an E4M3 code, exactly: 0x7F and 0xFF are NaN; exponent field 0 holds the
+// subnormals mantissa * 2^-9; otherwise (1 + mantissa / 8) * 2^(exponent - 7).
+MOERT_FP8_HOST_DEVICE inline float e4m3_decode(uint8_t code) {
+  const uint32_t sign = uint32_t{code & 0x80u} << 24;
+  const uint32_t exponent = (code >> 3) & 15u, mantissa = code & 7u;
+  if (exponent == 15u && mantissa == 7u) return bits_float(sign | 0x7FC00000u);
+  if (exponent == 0u) return bits_float(sign | float_bits(static_cast<float>(mantissa) * 0x1p-9f));
+  return bits_float(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+}
+
+// Whether a stored block or tile scale is one a quantizer makes: finite and at least kMinScale
+// (tile_scale's range). Zero, negative, subnormal, NaN and infinite scales are corrupt data: a
+// negative scale would flip its block's sign, a zero one erase it.
+MOERT_FP8_HOST_DEVICE inline bool is_valid_scale(float s) { return s >= kMinScale && is_finite(s); }
+
 // The smallest power of two >= s, for a positive normal float s: DeepSeek-V3.1's and DeepGEMM's
 // UE8M0 scales (an 8-bit exponent, no mantissa). Exact: s already a power of two is kept.
 MOERT_FP8_HOST_DEVICE inline float round_up_to_power_of_two(float s) {
@@ -114,7 +128,7 @@ MOERT_FP8_HOST_DEVICE inline float round_up_to_power_of_two(float s) {
 // amax / 448, so that the tile's largest value encodes as +-448; at least kMinScale; rounded up to
 // a power of two when power_of_two is set (then the largest value encodes at or below 448);
 // kZeroTileScale for an all-zero tile. Stored scales are what codes are multiplied by to
-// dequantize: value ~ e4m3_to_float(code) * scale (DeepSeek-V3's weight_scale_inv convention).
+// dequantize: value ~ e4m3_decode(code) * scale (DeepSeek-V3's weight_scale_inv convention).
 MOERT_FP8_HOST_DEVICE inline float tile_scale(float amax, bool power_of_two) {
   if (amax == 0.0f) return kZeroTileScale;
 #ifdef __CUDA_ARCH__

@@ -624,11 +624,22 @@ TEST(ModelFiles, Fp8BlockScales) {
                         moe0(d).w1.block_rows = 0;
                       }),
                       MOERT_ERR_INVALID_MODEL, {"layer 2", "'w1'", "block_rows"}));
-  EXPECT_TRUE(IsError(load_changed([](ModelDesc& d) {
-                        moe0(d).w1 = fp8_experts(4);
-                        moe0(d).w1.scales[2] = std::numeric_limits<float>::infinity();
-                      }),
-                      MOERT_ERR_INVALID_MODEL, {"layer 2", "'w1'", "scale"}));
+  // A scale no quantizer makes: a negative one would flip its block, a zero one erase it.
+  for (const float bad : {std::numeric_limits<float>::infinity(),
+                          std::numeric_limits<float>::quiet_NaN(), -0.5f, 0.0f, -0.0f, 1e-42f}) {
+    EXPECT_TRUE(IsError(load_changed([&](ModelDesc& d) {
+                          moe0(d).w1 = fp8_experts(4);
+                          moe0(d).w1.scales[2] = bad;
+                        }),
+                        MOERT_ERR_INVALID_MODEL,
+                        {"layer 2", "'w1'", "block scale", "at element 2", "2^-126"}))
+        << bad;
+  }
+  // The smallest scale a quantizer makes (an amax below 448 * 2^-126) is fine.
+  EXPECT_TRUE(IsOk(load_changed([](ModelDesc& d) {
+    moe0(d).w1 = fp8_experts(4);
+    moe0(d).w1.scales[2] = 0x1p-126f;
+  })));
   // 0x7F is E4M3's NaN.
   EXPECT_TRUE(IsError(load_changed([](ModelDesc& d) { moe0(d).w1 = fp8_experts(4, 0x7F); }),
                       MOERT_ERR_INVALID_MODEL, {"layer 2", "'w1'", "NaN"}));

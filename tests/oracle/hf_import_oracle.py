@@ -718,6 +718,33 @@ def check_refusals(cli_path, work):
     del cfg["quantization_config"]
     cases.append(("fp8 without block size", cfg, None, ["--layer", "1"], "weight_block_size"))
 
+    # What the library's loader would refuse is refused before anything is written.
+    w = "model.layers.1.mlp.experts.2.gate_proj.weight"
+
+    def poke(name, at, raw_value):
+        def mutate(t):
+            dt, shape, raw = t[name]
+            t[name] = (dt, shape, raw[:at] + raw_value + raw[at + len(raw_value):])
+        return mutate
+    cases.append(("fp8 NaN code", base["cfg"], poke(w, 150, bytes([0xFF])), ["--layer", "1"],
+                  "FP8 NaN code in block 1"))
+    for label, scale, want in (("negative scale", -0.002, "holds the scale -0.002"),
+                               ("zero scale", 0.0, "holds the scale 0 at"),
+                               ("subnormal scale", 1e-42, "at least 2^-126"),
+                               ("overflowing scale", 3e38, "decodes past the largest float")):
+        cases.append((label, base["cfg"], poke(w + "_scale_inv", 0, struct.pack("<f", scale)),
+                      ["--layer", "1"], want))
+    cases.append(("NaN in bf16 norm", base["cfg"],
+                  poke("model.layers.1.post_attention_layernorm.weight", 6, b"\xc0\x7f"),
+                  ["--layer", "1", "--with-norm"], "NaN or infinity at element 3"))
+    cases.append(("inf in bf16 router", base["cfg"],
+                  poke("model.layers.1.mlp.gate.weight", 10, b"\x80\x7f"), ["--layer", "1"],
+                  "NaN or infinity at element 5"))
+    cases.append(("scaling past float", dict(base["cfg"], routed_scaling_factor=1e39), None,
+                  ["--layer", "1"], "past the largest float"))
+    cases.append(("zero eps", dict(base["cfg"], rms_norm_eps=0.0), None, ["--layer", "1"],
+                  "rms_norm_eps"))
+
     mx = mixtral("refuse_mixtral", "F32", 8, 1, [0])
     for label, c, mutate, layer_args, want in cases:
         d = os.path.join(work, "refusals", label.replace(" ", "_"))
