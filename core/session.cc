@@ -562,7 +562,11 @@ void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
     act.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[i].out_width);
-    layers_[i]->forward(*backend_, x, act.data(), last_rows_, pass);
+    try {
+      layers_[i]->forward(*backend_, x, act.data(), last_rows_, pass);
+    } catch (const Error& e) {
+      throw with_unchecked_source(e, i, x, model_->layers[i].in_width, "input");
+    }
     std::string why = check_output(i, act.data());
     if (bad.empty()) bad = std::move(why);
     x = act.data();
@@ -575,6 +579,21 @@ void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass
   // Statistics become visible only now that nothing can fail: a refused pass counts nothing.
   for (auto& l : layers_) l->commit_stats(pass);
   pending_backward_ = pass == Pass::Train;
+}
+
+Error Session::with_unchecked_source(const Error& e, size_t layer, const float* rows, int64_t width,
+                                     const char* what) const {
+  // With check_finite on, what the layer reads was checked before it ran.
+  if (e.code() != Code::Numeric || options_.check_finite) return e;
+  // Unchecked, the kernel that met the value (an FP8 quantizer, say) names it in its own
+  // arrangement of the rows (an expert's list); the caller needs it in theirs.
+  const std::string at = nonfinite_at(rows, width);
+  if (at.empty()) return e;
+  return Error(Code::Numeric,
+               cat("layer ", layer, " ('", model_->layers[layer].name, "', ",
+                   layer_kind_name(model_->layers[layer].kind), "): its ", what,
+                   " holds a NaN or infinity at ", at,
+                   ", which check_finite (off) did not refuse before a kernel met it"));
 }
 
 void Session::finish_empty_pass(float* out, Pass pass) {
@@ -610,7 +629,12 @@ double Session::run_backward(float* grad_in) {
         dx_.resize(*backend_, static_cast<size_t>(rows) * model_->layers[i].in_width);
         target = dx_.data();
       }
-      layers_[i]->backward(*backend_, dy_.data(), target, rows);
+      try {
+        layers_[i]->backward(*backend_, dy_.data(), target, rows);
+      } catch (const Error& e) {
+        throw with_unchecked_source(e, i, dy_.data(), model_->layers[i].out_width,
+                                    "output gradient");
+      }
       if (i > 0) std::swap(dy_, dx_);
     }
     if (par_ && roots) combine_gradients();

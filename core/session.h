@@ -230,6 +230,11 @@ class Session {
   // Runs body(); among ranks, every rank then learns whether any failed, and all throw if so.
   template <typename F>
   void collective_step(F&& body);
+  // e, or, when e is a NaN or infinity a kernel met in unchecked rows (check_finite off) and
+  // `rows` (layer `layer`'s `what`, `width` wide) hold one, an error naming where it first is
+  // in the caller's rows.
+  Error with_unchecked_source(const Error& e, size_t layer, const float* rows, int64_t width,
+                              const char* what) const;
   void finish_empty_pass(float* out, Pass pass);
   double run_backward(float* grad_in);
   void poison_step(Code code, const std::string& why);

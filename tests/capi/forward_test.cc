@@ -297,6 +297,29 @@ TEST_F(HiddenForward, CheckFiniteFalseLetsNonFiniteInputThrough) {
   EXPECT_EQ(std::accumulate(counts.begin(), counts.end(), int64_t{0}), int64_t{kRows * 2});
 }
 
+// In fp8 a NaN has no E4M3 code: unchecked, the experts' quantizer refuses it. The error names
+// where it is in the caller's rows, not in the routed experts' own order of them.
+TEST_F(HiddenForward, CheckFiniteFalseInFp8NamesTheCallersRow) {
+  moert_session_options* raw = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_create(&raw)));
+  OptionsPtr options(raw);
+  ASSERT_TRUE(IsOk(moert_session_options_set_config(options.get(), "check_finite", "false")));
+  ASSERT_TRUE(IsOk(moert_session_options_set_config(options.get(), "precision", "fp8")));
+  moert_session* s = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_create(model_.get(), options.get(), &s)));
+  SessionPtr unchecked(s);
+  for (uint64_t row = 1; row < kRows; ++row) {
+    auto in = in_;
+    in[row * kIn + 3] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> out(kRows * kOut, kSentinel);
+    // The RMSNorm before the MoE layer spreads the NaN over its row: column 0 is the first.
+    EXPECT_TRUE(IsError(forward(unchecked.get(), in, out), MOERT_ERR_NUMERIC,
+                        {"layer 1 ('moe0', MoE): its input",
+                         "at row " + std::to_string(row) + ", column 0", "check_finite"}))
+        << row;
+  }
+}
+
 // ---- Routing variants ---------------------------------------------------------------------------
 
 TEST(RoutingVariants, EveryPolicyAndScoreFunctionRuns) {
