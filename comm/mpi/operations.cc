@@ -1,5 +1,7 @@
 #include "comm/mpi/operations.h"
 
+#include <algorithm>
+#include <array>
 #include <cstring>
 
 namespace moert::mpi {
@@ -14,68 +16,108 @@ uint64_t mix(uint64_t x) {  // splitmix64's finaliser
   return x ^ (x >> 31);
 }
 
-// The first phase of a data operation: the values every rank must agree on, checked by one
-// MPI_Iallreduce.
+// The first phase of every operation: one MPI_Iallreduce of the same kWords 64-bit words with
+// the same reduction on every rank, whatever the operation. Ranks that called different
+// operations, or passed arguments that do not fit together, meet in that one collective and all
+// fail the operation. Collectives of different shapes would instead meet inside Open MPI's
+// libnbc, which reports the truncation to MPI_COMM_WORLD's error handler -- by default one that
+// aborts the process, whatever moert's own communicator says.
+//
+// The words: kPairs pairs (v, -v), whose maxima over ranks are equal exactly when every rank put
+// the same v there: the operation's kind, its sequence number on the communicator and up to two
+// arguments; then the maximum of a flag (agree: 1 where a rank was not ok); last, a wrapping sum
+// (all-to-all-v's size signature).
+constexpr int kPairs = 4;
+constexpr int kFlagWord = 2 * kPairs, kSumWord = kFlagWord + 1, kWords = kSumWord + 1;
+
+void combine_agreement(void* in, void* inout, int* len, MPI_Datatype*) {
+  const auto* a = static_cast<const int64_t*>(in);
+  auto* b = static_cast<int64_t*>(inout);
+  // The runtime may hand over several blocks at once.
+  for (int i = 0; i < *len; ++i) {
+    if (i % kWords == kSumWord)
+      b[i] = static_cast<int64_t>(static_cast<uint64_t>(a[i]) + static_cast<uint64_t>(b[i]));
+    else
+      b[i] = std::max(a[i], b[i]);
+  }
+}
+
+// Created once, on the engine thread (the only one that makes moert's MPI calls); MPI_Finalize
+// frees it.
+MPI_Op agreement_op() {
+  static const MPI_Op op = [] {
+    MPI_Op made = MPI_OP_NULL;
+    check_mpi(MPI_Op_create(&combine_agreement, 1, &made), "MPI_Op_create");
+    return made;
+  }();
+  return op;
+}
+
 class Agreement {
  public:
-  // Values every rank must pass equal (>= 0), each with its name for the message; `show` says
-  // whether the range is worth printing (not for hashes).
+  // A value every rank must pass equal (>= 0), with its name for the message; `show` says
+  // whether its range is worth printing (not for hashes).
   struct Value {
     int64_t v;
     const char* name;
     bool show;
   };
-  static Agreement equal(std::vector<Value> values) {
-    Agreement a;
-    a.values_ = std::move(values);
-    for (const auto& x : a.values_) {
-      a.in_.push_back(x.v);
-      a.in_.push_back(-x.v);
-    }
-    a.out_.resize(a.in_.size());
-    return a;
-  }
-  // A sum over ranks that is zero when the ranks' arguments fit together.
-  static Agreement zero_sum(uint64_t signature) {
-    Agreement a;
-    a.sum_ = true;
-    a.in_.push_back(static_cast<int64_t>(signature));
-    a.out_.resize(1);
-    return a;
+  explicit Agreement(std::vector<Value> values = {}, uint64_t zero_sum = 0, bool flag = false)
+      : values_(std::move(values)) {
+    if (values_.size() > kPairs - 2) fail(Code::Internal, "an agreement of too many values");
+    for (size_t i = 0; i < values_.size(); ++i) set_pair(2 + static_cast<int>(i), values_[i].v);
+    in_[kFlagWord] = flag ? 1 : 0;
+    in_[kSumWord] = static_cast<int64_t>(zero_sum);
   }
 
-  void post(const CommState& c, Posted& out) {
+  void post(const Operation& op, const CommState& c, Posted& out) {
+    set_pair(0, static_cast<int64_t>(op.op()));
+    set_pair(1, static_cast<int64_t>(op.seq()));
     MPI_Request r = MPI_REQUEST_NULL;
     check_mpi(
-        MPI_Iallreduce(in_.data(), out_.data(), static_cast<int>(in_.size()),
-                       sum_ ? MPI_UINT64_T : MPI_INT64_T, sum_ ? MPI_SUM : MPI_MAX, c.data, &r),
+        MPI_Iallreduce(in_.data(), out_.data(), kWords, MPI_INT64_T, agreement_op(), c.data, &r),
         "MPI_Iallreduce");
     out.add(r, -1);
   }
 
-  // Throws Error(Comm) on every rank when the ranks disagree.
-  void check(const std::string& op) const {
-    if (sum_) {
-      if (out_[0] != 0)
-        fail(Code::Comm, op,
-             ": the ranks' sizes do not match (what a rank sends to a peer differs from what "
-             "that peer expects); every rank fails it");
-      return;
-    }
+  // Throws Error(Comm) on every rank when the ranks' operations or arguments do not fit.
+  void check(const Operation& op) const {
+    if (!equal(0))
+      fail(Code::Comm, op.name(), ": the ranks called different operations here (",
+           comm::op_name(static_cast<comm::Op>(-out_[1])), " to ",
+           comm::op_name(static_cast<comm::Op>(out_[0])),
+           "); every rank fails it and the communicator is broken");
+    if (!equal(1))
+      fail(Code::Comm, op.name(), ": the ranks are at different operations of the communicator (#",
+           -out_[3], " to #", out_[2], "): a rank skipped a collective or made an extra one");
     for (size_t i = 0; i < values_.size(); ++i) {
-      const int64_t hi = out_[2 * i], lo = -out_[2 * i + 1];
-      if (hi == lo) continue;
+      const int w = 2 + static_cast<int>(i);
+      if (equal(w)) continue;
       if (values_[i].show)
-        fail(Code::Comm, op, ": the ranks disagree on ", values_[i].name, " (from ", lo, " to ", hi,
-             "; this rank passed ", values_[i].v, "); every rank fails it");
-      fail(Code::Comm, op, ": the ranks disagree on ", values_[i].name, "; every rank fails it");
+        fail(Code::Comm, op.name(), ": the ranks disagree on ", values_[i].name, " (from ",
+             -out_[2 * w + 1], " to ", out_[2 * w], "; this rank passed ", values_[i].v,
+             "); every rank fails it");
+      fail(Code::Comm, op.name(), ": the ranks disagree on ", values_[i].name,
+           "; every rank fails it");
     }
+    if (out_[kSumWord] != 0)
+      fail(Code::Comm, op.name(),
+           ": the ranks' sizes do not match (what a rank sends to a peer differs from what "
+           "that peer expects); every rank fails it");
   }
 
+  // Whether any rank set the flag.
+  bool any_flag() const { return out_[kFlagWord] != 0; }
+
  private:
+  void set_pair(int i, int64_t v) {
+    in_[2 * i] = v;
+    in_[2 * i + 1] = -v;
+  }
+  bool equal(int i) const { return out_[2 * i] == -out_[2 * i + 1]; }
+
   std::vector<Value> values_;
-  std::vector<int64_t> in_, out_;
-  bool sum_ = false;
+  std::array<int64_t, kWords> in_{}, out_{};
 };
 
 // Rank-ordered all-reduce: reduce-scatter by point-to-point messages (rank r sums segment r of
@@ -88,16 +130,16 @@ class AllReduce final : public Operation {
         count_(count),
         type_(type),
         esize_(static_cast<int64_t>(reduce_type_size(type))),
-        agreement_(Agreement::equal({{count, "the element count", true},
-                                     {static_cast<int64_t>(type), "the element type", true}})) {}
+        agreement_({{count, "the element count", true},
+                    {static_cast<int64_t>(type), "the element type", true}}) {}
 
   bool advance(CommState& c, Posted& out) override {
     switch (step_++) {
       case 0:
-        agreement_.post(c, out);
+        agreement_.post(*this, c, out);
         return true;
       case 1: {
-        agreement_.check(name());
+        agreement_.check(*this);
         const comm::Segment mine = comm::reduce_segment(count_, c.size, c.rank);
         stage_ = staging(count_ * esize_);
         if (count_ > 0) std::memcpy(stage_.get(), data_, static_cast<size_t>(count_ * esize_));
@@ -174,10 +216,10 @@ class Exchange final : public Operation {
   bool advance(CommState& c, Posted& out) override {
     switch (step_++) {
       case 0:
-        agreement_.post(c, out);
+        agreement_.post(*this, c, out);
         return true;
       case 1: {
-        agreement_.check(name());
+        agreement_.check(*this);
         const int tag = c.tag(seq(), 1);
         // Receives first, packed in peer order.
         int64_t total = 0;
@@ -251,16 +293,16 @@ class Broadcast final : public Operation {
         data_(static_cast<char*>(data)),
         bytes_(bytes),
         root_(root),
-        agreement_(Agreement::equal({{bytes, "the byte count", true}, {root, "the root", true}})) {}
+        agreement_({{bytes, "the byte count", true}, {root, "the root", true}}) {}
 
   bool advance(CommState& c, Posted& out) override {
     const int32_t rel = (c.rank - root_ + c.size) % c.size;
     switch (step_++) {
       case 0:
-        agreement_.post(c, out);
+        agreement_.post(*this, c, out);
         return true;
       case 1:
-        agreement_.check(name());
+        agreement_.check(*this);
         stage_ = staging(c.size > 1 ? bytes_ : 0);
         if (c.size == 1) return true;
         if (rel == 0) {
@@ -300,38 +342,44 @@ class Broadcast final : public Operation {
   int step_ = 0;
 };
 
+// The agreement alone: it completes on a rank only once every rank has posted it.
 class Barrier final : public Operation {
  public:
   explicit Barrier(uint64_t seq) : Operation(comm::Op::Barrier, seq) {}
   bool advance(CommState& c, Posted& out) override {
-    if (step_++ > 0) return false;
-    MPI_Request r = MPI_REQUEST_NULL;
-    check_mpi(MPI_Ibarrier(c.data, &r), "MPI_Ibarrier");
-    out.add(r, -1);
-    return true;
+    switch (step_++) {
+      case 0:
+        agreement_.post(*this, c, out);
+        return true;
+      default:
+        agreement_.check(*this);
+        return false;
+    }
   }
 
  private:
+  Agreement agreement_;
   int step_ = 0;
 };
 
 class Agree final : public Operation {
  public:
   Agree(uint64_t seq, bool ok, std::shared_ptr<bool> all_ok)
-      : Operation(comm::Op::Agree, seq), in_(ok ? 1 : 0), all_ok_(std::move(all_ok)) {}
+      : Operation(comm::Op::Agree, seq), agreement_({}, 0, !ok), all_ok_(std::move(all_ok)) {}
   bool advance(CommState& c, Posted& out) override {
-    if (step_++ > 0) {
-      *all_ok_ = out_ != 0;
-      return false;
+    switch (step_++) {
+      case 0:
+        agreement_.post(*this, c, out);
+        return true;
+      default:
+        agreement_.check(*this);
+        *all_ok_ = !agreement_.any_flag();
+        return false;
     }
-    MPI_Request r = MPI_REQUEST_NULL;
-    check_mpi(MPI_Iallreduce(&in_, &out_, 1, MPI_INT, MPI_MIN, c.data, &r), "MPI_Iallreduce");
-    out.add(r, -1);
-    return true;
   }
 
  private:
-  int in_ = 0, out_ = 0;
+  Agreement agreement_;
   std::shared_ptr<bool> all_ok_;
   int step_ = 0;
 };
@@ -367,7 +415,7 @@ std::shared_ptr<Operation> make_all_to_all_v(uint64_t seq, const void* send, voi
                                              comm::Exchange exchange, int32_t rank, int32_t size) {
   const uint64_t sig = exchange_signature(exchange, rank, size);
   return std::make_shared<Exchange>(comm::Op::AllToAllV, seq, send, recv, std::move(exchange),
-                                    false, Agreement::zero_sum(sig));
+                                    false, Agreement({}, sig));
 }
 
 std::shared_ptr<Operation> make_all_gather(uint64_t seq, const void* send, int64_t bytes,
@@ -378,14 +426,14 @@ std::shared_ptr<Operation> make_all_gather(uint64_t seq, const void* send, int64
   x.recv_bytes.assign(size, bytes);
   for (int32_t p = 0; p < size; ++p) x.recv_offsets.push_back(p * bytes);
   return std::make_shared<Exchange>(comm::Op::AllGather, seq, send, recv, std::move(x), true,
-                                    Agreement::equal({{bytes, "the block size", true}}));
+                                    Agreement({{bytes, "the block size", true}}));
 }
 
 std::shared_ptr<Operation> make_all_gather_v(uint64_t seq, const void* send, void* recv,
                                              comm::Exchange exchange) {
   const int64_t h = hash_sizes(exchange.recv_bytes);
   return std::make_shared<Exchange>(comm::Op::AllGatherV, seq, send, recv, std::move(exchange),
-                                    true, Agreement::equal({{h, "recv_bytes", false}}));
+                                    true, Agreement({{h, "recv_bytes", false}}));
 }
 
 std::shared_ptr<Operation> make_broadcast(uint64_t seq, void* data, int64_t bytes, int32_t root) {

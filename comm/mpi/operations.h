@@ -1,8 +1,10 @@
 // The operations of the MPI communicator as state machines the engine advances (engine.h).
 //
-// Every operation that moves data first agrees: one small MPI_Iallreduce checks that the ranks'
-// arguments fit together (equal counts, matching per-pair sizes), so that a rank passed a wrong
-// size makes every rank fail that same operation instead of hanging or truncating. Then the data
+// Every operation first agrees: one small MPI_Iallreduce, of the same shape for every operation,
+// checks that the ranks are at the same operation (kind and sequence number) and that their
+// arguments fit together (equal counts, matching per-pair sizes), so that a rank that called
+// another operation or passed a wrong size makes every rank fail that same operation instead of
+// hanging, truncating or having Open MPI abort the process. Then the data
 // moves by point-to-point messages whose tags are the operation's own, so that the phases of
 // consecutive operations, posted at different moments on different ranks, never mix; the only
 // MPI collectives are those first phases, posted in start order as MPI requires.

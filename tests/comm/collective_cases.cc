@@ -456,6 +456,31 @@ std::vector<CollectiveCase> make_cases() {
 
   cases.back().checks_agreement = true;
 
+  // Ranks that call different operations: every rank fails, none hangs. (Over MPI the ranks' first
+  // phases then meet in one collective of one shape: Open MPI's libnbc would otherwise report the
+  // mismatch to MPI_COMM_WORLD's error handler, which aborts the process.)
+  add("DifferentOperationsFailOnEveryRank", 2, false, [](Communicator& c) {
+    on_child(c, 30.0, [&](Communicator& child) {
+      std::vector<float> data(4, 1.0f);
+      if (child.rank() == 0)
+        expect_comm_error([&] { child.barrier(); }, "different operations", 10.0);
+      else
+        expect_comm_error([&] { child.all_reduce_sum(data.data(), 4, ReduceType::F32); },
+                          "different operations", 10.0);
+      EXPECT_TRUE(child.broken());
+    });
+    on_child(c, 30.0, [&](Communicator& child) {
+      std::vector<uint8_t> buf(8 * child.size());
+      if (child.rank() == child.size() - 1)
+        expect_comm_error([&] { child.broadcast(buf.data(), 8, 0); }, "different operations", 10.0);
+      else
+        expect_comm_error([&] { child.all_gather(buf.data(), 8, buf.data()); },
+                          "different operations", 10.0);
+    });
+  });
+
+  cases.back().checks_agreement = true;
+
   add("BadArgumentsFailThePeersPromptly", 1, false, [](Communicator& c) {
     on_child(c, 30.0, [&](Communicator& child) {
       std::vector<float> data(4, 1.0f);
