@@ -49,6 +49,7 @@ namespace {
 struct Verdict {
   int32_t failed = 0;
   int32_t code = 0;
+  char call[24] = {};  // the public function the rank is in: ranks in different ones all fail
   char message[248] = {};
 };
 
@@ -79,8 +80,9 @@ void ParallelContext::gather_shards(const float* mine, int64_t n, float* full) {
                       recv_offsets.data());
 }
 
-void ParallelContext::agree(std::exception_ptr local) {
+void ParallelContext::agree(std::exception_ptr local, const char* call) {
   Verdict mine;
+  std::strncpy(mine.call, call, sizeof(mine.call) - 1);
   if (local) {
     mine.failed = 1;
     mine.code = static_cast<int32_t>(Code::Internal);
@@ -112,6 +114,17 @@ void ParallelContext::agree(std::exception_ptr local) {
   }
   std::vector<Verdict> all(static_cast<size_t>(size()));
   host().all_gather(&mine, sizeof(Verdict), all.data());
+  // Ranks in different calls (one in a forward, another in a load) matched this all-gather only
+  // because it has one shape everywhere: none may go on. Every rank reads the same words in the
+  // same order, so every rank refuses alike.
+  for (int r = 1; r < size(); ++r)
+    if (std::strncmp(all[r].call, all[0].call, sizeof(mine.call)) != 0)
+      fail(Code::InvalidState, "rank ", r, " of ", size(), " called ",
+           std::string(all[r].call, strnlen(all[r].call, sizeof(mine.call))),
+           " where rank 0 called ",
+           std::string(all[0].call, strnlen(all[0].call, sizeof(mine.call))),
+           ": every rank of a session makes the same calls in the same order; the call failed on "
+           "every rank (a forward's pending pass is discarded, nothing else changed)");
   if (local) std::rethrow_exception(local);
   for (int r = 0; r < size(); ++r)
     if (all[r].failed)

@@ -214,7 +214,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     failed = std::current_exception();
   }
   if (par_)
-    par_->agree(failed);
+    par_->agree(failed, "session creation");
   else if (failed)
     std::rethrow_exception(failed);
   if (par_) {
@@ -376,7 +376,9 @@ int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
   return static_cast<int64_t>(rows);
 }
 
-void Session::check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len) const {
+void Session::check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len,
+                         bool mask_required) const {
+  if (mask_required && !row_mask) fail(Code::InvalidArgument, "row_mask is NULL");
   if (row_mask) check_len(mask_len, static_cast<int64_t>(rows), "row mask");
 }
 
@@ -440,9 +442,10 @@ void Session::deliver_rows(const float* src, int64_t width, float* out) {
 }
 
 void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const uint8_t* row_mask,
-                             uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len) {
+                             uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len,
+                             bool mask_required) {
   const Pass pass = next_pass();
-  collective_step([&] {
+  collective_step("forward", Failure::DiscardsPass, [&] {
     if (!model_->token_input)
       fail(Code::InvalidArgument,
            "this model takes hidden states (its first layer is not an "
@@ -454,7 +457,7 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
     if (num_tokens != rows * width)
       fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
            width, " tokens need ", rows * width);
-    check_mask(rows, row_mask, mask_len);
+    check_mask(rows, row_mask, mask_len, mask_required);
     // Padding rows may hold anything (a pad id outside the vocabulary, say): only the rows that
     // take part are checked and used.
     const auto& emb = std::get<EmbeddingSpec>(model_->layers[0].spec);
@@ -487,9 +490,10 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
 }
 
 void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* row_mask,
-                             uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len) {
+                             uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len,
+                             bool mask_required) {
   const Pass pass = next_pass();
-  collective_step([&] {
+  collective_step("forward", Failure::DiscardsPass, [&] {
     if (model_->token_input)
       fail(Code::InvalidArgument,
            "this model takes token ids (its first layer is an Embedding): "
@@ -501,7 +505,7 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
     if (in_len != rows * width)
       fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
            " rows of width ", width, " need ", rows * width);
-    check_mask(rows, row_mask, mask_len);
+    check_mask(rows, row_mask, mask_len, mask_required);
     // The arguments are good: from here on the pass replaces the one a backward would read.
     pending_backward_ = false;
     begin_pass(rows, row_mask);
@@ -532,16 +536,20 @@ void Session::refuse_nonfinite(const float* rows, int64_t width, const char* wha
 }
 
 template <typename F>
-void Session::collective_step(F&& body) {
+void Session::collective_step(const char* call, Failure failure, F&& body) {
   if (!par_) return body();
   std::exception_ptr failed;
   try {
     body();
   } catch (...) {
     failed = std::current_exception();
-    pending_backward_ = false;
   }
-  par_->agree(failed);
+  try {
+    par_->agree(failed, call);
+  } catch (...) {
+    if (failure == Failure::DiscardsPass) pending_backward_ = false;
+    throw;
+  }
 }
 
 std::string Session::check_output(size_t layer, const float* y) const {
@@ -572,7 +580,7 @@ void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass
     x = act.data();
   }
   if (par_)
-    collective_step([&] {
+    collective_step("forward", Failure::DiscardsPass, [&] {
       if (!bad.empty()) fail(Code::Numeric, bad);
     });
   deliver_rows(x, model_->output_width, out);
@@ -683,7 +691,7 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
   // The loss is the mean over the rows that take part and whose target is not ignored.
   std::vector<int32_t> compact;
   int64_t counted = 0;
-  collective_step([&] {
+  collective_step("backward", Failure::KeepsPass, [&] {
     require_backward_ready();
     if (!targets) fail(Code::InvalidArgument, "targets is NULL");
     if (model_->layers.back().kind != LayerKind::OutputHead)
@@ -726,7 +734,7 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
 double Session::backward(const float* grad_out, uint64_t grad_out_len, float* grad_in,
                          uint64_t grad_in_len) {
   const int64_t out_w = model_->output_width, in_w = model_->input_width;
-  collective_step([&] {
+  collective_step("backward", Failure::KeepsPass, [&] {
     require_backward_ready();
     if (!grad_out) fail(Code::InvalidArgument, "grad_out is NULL");
     check_len(grad_out_len, batch_rows_ * out_w, "grad_out");
@@ -754,7 +762,7 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
   }
   // The gradients are accumulated by now: a failure here blocks the step, on every rank.
   try {
-    collective_step([&] {
+    collective_step("backward", Failure::KeepsPass, [&] {
       if (!why.empty()) fail(Code::Numeric, why);
     });
   } catch (const Error& e) {
@@ -783,7 +791,7 @@ StepInfo Session::step() {
   // Among ranks a refusal anywhere is every rank's: a rank that stepped alone would pair its
   // gradient norm's all-gather with the others' next collective and move its replicated
   // parameters away from theirs.
-  collective_step([&] {
+  collective_step("step", Failure::KeepsPass, [&] {
     require_training("step");
     if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
     if (!poisoned_.empty())
@@ -1139,9 +1147,10 @@ void Session::training_state(SavedState& out) const {
   v.layers = out.layers;
 }
 
-void Session::save(const std::string& path) const {
+void Session::save(const std::string& path, bool path_given) const {
   require_training("saving a checkpoint");
-  if (par_) return save_parallel(path);
+  if (par_) return save_parallel(path, path_given);
+  if (!path_given) fail(Code::InvalidArgument, "path is NULL");
   sync_to_host();
   SavedState st;
   training_state(st);
@@ -1204,7 +1213,7 @@ LoadOptions Session::checkpoint_limits(const LoadOptions* limits) const {
   return need;
 }
 
-void Session::load(const std::string& path, const LoadOptions* limits) {
+void Session::load(const std::string& path, const LoadOptions* limits, bool path_given) {
   require_training("loading a checkpoint");
   // Everything is staged before anything changes, so a refusal leaves the session intact. Among
   // ranks every rank reads the whole file and keeps its shard, and a refusal on any rank is every
@@ -1217,6 +1226,7 @@ void Session::load(const std::string& path, const LoadOptions* limits) {
   std::vector<std::vector<int64_t>> step_counts(layers_.size());
   std::exception_ptr failed;
   try {
+    if (!path_given) fail(Code::InvalidArgument, "path is NULL");
     const LoadOptions own = checkpoint_limits(nullptr);
     try {
       ck = load_checkpoint_file(path, checkpoint_limits(limits));
@@ -1287,7 +1297,7 @@ void Session::load(const std::string& path, const LoadOptions* limits) {
     if (!par_) throw;
     failed = std::current_exception();
   }
-  if (par_) par_->agree(failed);
+  if (par_) par_->agree(failed, "load");
   TrainingState& st = *ck->training;
 
   // Commit: copies into storage the session already owns (the parameter store points into the

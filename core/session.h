@@ -113,10 +113,13 @@ class Session {
   // any error the session's statistics are those of the last successful pass. row_mask (may be
   // null; mask_len = rows): rows whose byte is 0 are padding — they are not routed, counted or
   // checked, their outputs are zero, and backward neither takes nor gives them a gradient.
+  // `mask_required`: the caller promised a mask (the C ABI's masked calls), so a null one is
+  // refused -- inside the pass's agreement among ranks, like every other bad argument.
   void forward_tokens(const int32_t* tokens, uint64_t num_tokens, const uint8_t* row_mask,
-                      uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len);
+                      uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len,
+                      bool mask_required = false);
   void forward_hidden(const float* in, uint64_t in_len, const uint8_t* row_mask, uint64_t mask_len,
-                      uint64_t rows, float* out, uint64_t out_len);
+                      uint64_t rows, float* out, uint64_t out_len, bool mask_required = false);
   // Every row takes part.
   void forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows, float* out,
                       uint64_t out_len) {
@@ -171,9 +174,10 @@ class Session {
   // at most what this session's architecture can hold, and within `limits` when given. Among
   // ranks both are collective and the file is the job's: save writes, from rank 0, the bytes one
   // process over the union would write; load reads the whole file on every rank, each keeping its
-  // shard, and a refusal anywhere is every rank's.
-  void save(const std::string& path) const;
-  void load(const std::string& path, const LoadOptions* limits = nullptr);
+  // shard, and a refusal anywhere is every rank's. `path_given` false: the caller passed no path
+  // (the C ABI's NULL), refused like any other bad argument, among ranks inside the agreement.
+  void save(const std::string& path, bool path_given = true) const;
+  void load(const std::string& path, const LoadOptions* limits = nullptr, bool path_given = true);
 
   // Serialises the public entry points: a session may be shared between threads.
   std::mutex& mutex() const { return mu_; }
@@ -206,7 +210,8 @@ class Session {
   void require_backward_ready() const;
   Pass next_pass() const;
   // Refuses a row mask of the wrong length, before a pass changes anything.
-  void check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len) const;
+  void check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len,
+                  bool mask_required) const;
   // Records the caller's rows of a pass and which take part (padding compacted away); the mask
   // has passed check_mask.
   void begin_pass(uint64_t rows, const uint8_t* row_mask);
@@ -227,9 +232,14 @@ class Session {
   std::string check_output(size_t layer, const float* y) const;
   // `bad`: a failure found before the first layer, refused at the end of the pass.
   void run_from(size_t first_layer, const float* x, float* out, Pass pass, std::string bad);
-  // Runs body(); among ranks, every rank then learns whether any failed, and all throw if so.
+  // Runs body(); among ranks, every rank then learns whether any failed, or was in another call
+  // than `call` (a public function's name), and all throw if so. `Failure::DiscardsPass`: a
+  // failure anywhere ends the pending pass on every rank (a forward's, whose ranks that accepted
+  // their arguments have begun the next pass); `KeepsPass`: the body changes nothing, so the
+  // pending pass stays (a refused backward may be retried).
+  enum class Failure { DiscardsPass, KeepsPass };
   template <typename F>
-  void collective_step(F&& body);
+  void collective_step(const char* call, Failure failure, F&& body);
   // e, or, when e is a NaN or infinity a kernel met in unchecked rows (check_finite off) and
   // `rows` (layer `layer`'s `what`, `width` wide) hold one, an error naming where it first is
   // in the caller's rows.
@@ -265,7 +275,7 @@ class Session {
   // Among ranks (core/session_parallel_checkpoint.cc): save gathers the experts to rank 0, which
   // writes one process's file; each rank's digests of its replicated state and of its expert
   // shard, which must agree across the job.
-  void save_parallel(const std::string& path) const;
+  void save_parallel(const std::string& path, bool path_given) const;
   std::array<uint64_t, 2> replica_digests(const SavedState& st) const;
   // Among ranks (core/session_rank_agreement.cc), before a step changes anything: every rank
   // must have counted the same micro-batches, hold the same training settings, and have made the

@@ -35,7 +35,7 @@ std::array<uint64_t, 2> Session::replica_digests(const SavedState& st) const {
   return {replicated.digest(), experts.digest()};
 }
 
-void Session::save_parallel(const std::string& path) const {
+void Session::save_parallel(const std::string& path, bool path_given) const {
   ParallelContext& par = *par_;
   const bool writer = par.rank() == 0;
   // One routed-expert tensor: its slot, and on the writer the whole tensor (in `full`) and its
@@ -60,6 +60,7 @@ void Session::save_parallel(const std::string& path) const {
   // Each rank prepares alone, then all learn whether any failed: nothing collective runs before.
   std::exception_ptr failed;
   try {
+    if (!path_given) fail(Code::InvalidArgument, "path is NULL");
     sync_to_host();
     training_state(st);
     mine = replica_digests(st);
@@ -91,7 +92,7 @@ void Session::save_parallel(const std::string& path) const {
   } catch (...) {
     failed = std::current_exception();
   }
-  par.agree(failed);
+  par.agree(failed, "save");
 
   // The writer writes its own copy of the replicated state and replica 0's of each shard: refuse
   // rather than write one rank's view of a job whose ranks disagree.
@@ -141,7 +142,7 @@ void Session::save_parallel(const std::string& path) const {
       failed = std::current_exception();
     }
   }
-  par.agree(failed);
+  par.agree(failed, "save");
 }
 
 }  // namespace moert

@@ -1,4 +1,5 @@
 // C entry points for communicators (expert and data parallelism across processes).
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 
@@ -80,14 +81,13 @@ moert_status* moert_comm_barrier(moert_comm* comm) {
 moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data, uint64_t len) {
   return guarded([&] {
     require(comm, "comm");
-    if (len == 0) return;  // every rank passes the same len, so every rank returns here
-    require(data, "data");
     if (comm->comm->memory() != moert::CommMemory::Host)
       fail(Code::Unsupported, "moert_comm_all_reduce_sum takes host memory; a ", comm->comm->kind(),
            " communicator moves device memory");
-    if (len > static_cast<uint64_t>(INT64_MAX) / 8)
-      fail(Code::InvalidArgument, "len = ", len, " is too large");
-    comm->comm->all_reduce_sum(data, static_cast<int64_t>(len), moert::ReduceType::F64);
+    // A null `data` or a len too large is refused by the communicator, which tells the other
+    // ranks (a rank that returned here alone would pair its next call with their all-reduce).
+    const auto count = static_cast<int64_t>(std::min<uint64_t>(len, INT64_MAX));
+    comm->comm->all_reduce_sum(data, count, moert::ReduceType::F64);
   });
 }
 

@@ -74,10 +74,11 @@ moert_status* moert_session_load_with_options(moert_session* session, const char
                                               const moert_load_options* options) {
   return guarded([&] {
     require(session, "session");
-    require(path, "path");
     std::lock_guard<std::mutex> lock(session->session->mutex());
     const auto device = session->session->use_device();
-    session->session->load(path, options ? &options->options : nullptr);
+    // A null path is refused by the session, inside its agreement among ranks.
+    session->session->load(path ? path : "", options ? &options->options : nullptr,
+                           path != nullptr);
   });
 }
 

@@ -123,8 +123,8 @@ moert_status* moert_session_forward_tokens_masked(moert_session* session, const 
                                                   uint64_t mask_len, uint64_t rows, float* out,
                                                   uint64_t out_len) {
   return locked(session, [&](moert::Session& s) {
-    require(row_mask, "row_mask");
-    s.forward_tokens(tokens, num_tokens, row_mask, mask_len, rows, out, out_len);
+    // A null mask is refused by the session, inside its agreement among ranks.
+    s.forward_tokens(tokens, num_tokens, row_mask, mask_len, rows, out, out_len, true);
   });
 }
 
@@ -140,8 +140,7 @@ moert_status* moert_session_forward_hidden_masked(moert_session* session, const 
                                                   uint64_t mask_len, uint64_t rows, float* out,
                                                   uint64_t out_len) {
   return locked(session, [&](moert::Session& s) {
-    require(row_mask, "row_mask");
-    s.forward_hidden(in, in_len, row_mask, mask_len, rows, out, out_len);
+    s.forward_hidden(in, in_len, row_mask, mask_len, rows, out, out_len, true);
   });
 }
 
@@ -309,16 +308,14 @@ moert_status* moert_session_set_bias_frozen(moert_session* session, uint32_t lay
 
 moert_status* moert_session_save(const moert_session* session, const char* path) {
   return locked(session, [&](const moert::Session& s) {
-    require(path, "path");
-    s.save(path);
+    // A null path is refused by the session, inside its agreement among ranks.
+    s.save(path ? path : "", path != nullptr);
   });
 }
 
 moert_status* moert_session_load(moert_session* session, const char* path) {
-  return locked(session, [&](moert::Session& s) {
-    require(path, "path");
-    s.load(path);
-  });
+  return locked(session,
+                [&](moert::Session& s) { s.load(path ? path : "", nullptr, path != nullptr); });
 }
 
 }  // extern "C"

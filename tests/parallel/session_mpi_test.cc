@@ -234,6 +234,105 @@ TEST(SessionMpi, ABadBufferOnOneRankFailsEveryRank) {
       IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
 }
 
+// A null argument on one rank (a masked forward's row_mask, save's or load's path) is a bad
+// argument like a wrong size: refused inside the call's agreement, so every rank fails that call,
+// nothing else, and the communicator stays usable.
+TEST(SessionMpi, ANullArgumentOnOneRankFailsEveryRank) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(token_model(1));
+  SessionPtr s = session(m.get(), true, g_size, true);
+  const int64_t n = 64;
+  std::vector<int32_t> tokens(n), targets(n);
+  for (int64_t i = 0; i < n; ++i) {
+    tokens[i] = static_cast<int32_t>((i * 7 + g_rank) % 16);
+    targets[i] = static_cast<int32_t>((i * 3 + g_rank) % 16);
+  }
+  std::vector<uint8_t> mask(n, 1);
+  std::vector<float> out(n * 16);
+  const bool bad = g_rank == 1;
+  auto expect_every_rank_fails = [&](moert_status* st) {
+    ASSERT_NE(st, nullptr);
+    const std::string msg = moert_status_message(st);
+    EXPECT_EQ(moert_status_code(st), MOERT_ERR_INVALID_ARGUMENT) << msg;
+    moert_status_free(st);
+    EXPECT_NE(msg.find(bad ? "is NULL" : "rank 1 of"), std::string::npos) << msg;
+  };
+  expect_every_rank_fails(moert_session_forward_tokens_masked(
+      s.get(), tokens.data(), n, bad ? nullptr : mask.data(), n, n, out.data(), out.size()));
+  ASSERT_TRUE(IsOk(moert_session_forward_tokens_masked(s.get(), tokens.data(), n, mask.data(), n, n,
+                                                       out.data(), out.size())));
+  ASSERT_TRUE(IsOk(moert_session_backward_loss(s.get(), targets.data(), n, nullptr)));
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+  const std::string path = ::testing::TempDir() + "null_path_" + std::to_string(g_size) + ".moert";
+  expect_every_rank_fails(moert_session_save(s.get(), bad ? nullptr : path.c_str()));
+  ASSERT_TRUE(IsOk(moert_session_save(s.get(), path.c_str())));
+  expect_every_rank_fails(moert_session_load(s.get(), bad ? nullptr : path.c_str()));
+  ASSERT_TRUE(IsOk(moert_session_load(s.get(), path.c_str())));
+  EXPECT_TRUE(
+      IsOk(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size())));
+}
+
+// A backward refused on one rank (a wrong targets length) fails on every rank and, as alone,
+// leaves the pass waiting for its backward: the corrected call then works everywhere, and the
+// step equals that of ranks that never failed.
+TEST(SessionMpi, ABackwardRefusedOnOneRankCanBeRetried) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(token_model(1));
+  SessionPtr s = session(m.get(), true, g_size, true);
+  SessionPtr clean = session(m.get(), true, g_size, true);
+  const int64_t n = 64;
+  std::vector<int32_t> tokens(n), targets(n + 1);
+  for (int64_t i = 0; i < n; ++i) {
+    tokens[i] = static_cast<int32_t>((i * 5 + g_rank) % 16);
+    targets[i] = static_cast<int32_t>((i * 11 + g_rank) % 16);
+  }
+  std::vector<float> out(n * 16);
+  for (moert_session* x : {s.get(), clean.get()})
+    ASSERT_TRUE(IsOk(moert_session_forward_tokens(x, tokens.data(), n, n, out.data(), out.size())));
+  moert_status* st =
+      moert_session_backward_loss(s.get(), targets.data(), g_rank == 1 ? n + 1 : n, nullptr);
+  ASSERT_NE(st, nullptr);
+  EXPECT_EQ(moert_status_code(st), MOERT_ERR_INVALID_ARGUMENT) << moert_status_message(st);
+  moert_status_free(st);
+  for (moert_session* x : {s.get(), clean.get()}) {
+    ASSERT_TRUE(IsOk(moert_session_backward_loss(x, targets.data(), n, nullptr)));
+    ASSERT_TRUE(IsOk(moert_session_step(x, nullptr, nullptr)));
+  }
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size())));
+  std::vector<float> want(out.size());
+  ASSERT_TRUE(IsOk(
+      moert_session_forward_tokens(clean.get(), tokens.data(), n, n, want.data(), want.size())));
+  EXPECT_TRUE(same(out, want));
+}
+
+// Ranks in different calls (one in a forward, the others loading a checkpoint) meet in the same
+// agreement: every rank fails with MOERT_ERR_INVALID_STATE naming the calls, the load changes
+// nothing, and the communicator stays usable.
+TEST(SessionMpi, RanksInDifferentCallsAllFail) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(token_model(1));
+  SessionPtr s = session(m.get(), true, g_size, true);
+  const int64_t n = 64;
+  std::vector<int32_t> tokens(n, 3);
+  std::vector<float> before(n * 16), out(n * 16);
+  const std::string path = ::testing::TempDir() + "calls_" + std::to_string(g_size) + ".moert";
+  ASSERT_TRUE(IsOk(moert_session_save(s.get(), path.c_str())));
+  ASSERT_TRUE(IsOk(
+      moert_session_forward_tokens(s.get(), tokens.data(), n, n, before.data(), before.size())));
+  moert_status* st = g_rank == 0 ? moert_session_forward_tokens(s.get(), tokens.data(), n, n,
+                                                                out.data(), out.size())
+                                 : moert_session_load(s.get(), path.c_str());
+  ASSERT_NE(st, nullptr);
+  const std::string msg = moert_status_message(st);
+  EXPECT_EQ(moert_status_code(st), MOERT_ERR_INVALID_STATE) << msg;
+  moert_status_free(st);
+  EXPECT_NE(msg.find("called load where rank 0 called forward"), std::string::npos) << msg;
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size())));
+  EXPECT_TRUE(same(out, before));
+}
+
 // A replicated parameter written on one rank only: the step is refused on every rank with
 // MOERT_ERR_INVALID_STATE, naming that rank, and changes nothing; written alike on every rank,
 // the step goes on and the replicas stay bitwise the same.

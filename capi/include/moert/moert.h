@@ -513,7 +513,10 @@ MOERT_API moert_status* moert_comm_barrier(moert_comm* comm);
  * memory, added in rank order (((x_0 + x_1) + x_2) + ...), so every rank gets the same bits on
  * every run. For a host's own figures (a loss summed over the rows each rank evaluated, say).
  * Collective: every rank passes the same len. MOERT_ERR_UNSUPPORTED for an NCCL communicator
- * (its collectives move device memory); MOERT_ERR_COMM on timeout or a broken communicator. */
+ * (its collectives move device memory); MOERT_ERR_COMM on timeout or a broken communicator. A
+ * rank that passes a NULL `data` (len > 0) or a len too large fails with
+ * MOERT_ERR_INVALID_ARGUMENT and breaks the communicator, and its peers fail with MOERT_ERR_COMM
+ * naming it (never with another call's data). */
 MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data, uint64_t len);
 
 /* Attaches `comm` to the options with an expert-parallel size `expert_parallel` (EP >= 1 that
@@ -532,8 +535,12 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * they agree to rounding. Expert tensors (parameter access, gradients) are the rank's shard:
  * experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a session is
  * collective (forward, backward, step, save, load, metrics resets, ...): all ranks make the same
- * calls in the same order. Bad input on one rank fails the call on every rank; a rank that dies
- * makes the others fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0
+ * calls in the same order; ranks found in different calls (one in a forward, another in a load)
+ * all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on one rank (a wrong size, a
+ * NULL buffer, mask or path, a NaN) fails the call on every rank, with that rank's code; as in
+ * one process, a refused backward may be retried, while a forward refused on any rank discards
+ * the pass waiting for its backward on every rank. A rank that dies makes the others fail with
+ * MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0
  * writes the file one session over the union would write (every expert, the same bytes), and
  * any world size, one process included, resumes it (moert_session_save(),
  * moert_session_load()). A CPU session needs an MPI communicator, a CUDA session an NCCL one on

@@ -561,7 +561,10 @@ extern "C" {
     #[doc = " memory, added in rank order (((x_0 + x_1) + x_2) + ...), so every rank gets the same bits on"]
     #[doc = " every run. For a host's own figures (a loss summed over the rows each rank evaluated, say)."]
     #[doc = " Collective: every rank passes the same len. MOERT_ERR_UNSUPPORTED for an NCCL communicator"]
-    #[doc = " (its collectives move device memory); MOERT_ERR_COMM on timeout or a broken communicator."]
+    #[doc = " (its collectives move device memory); MOERT_ERR_COMM on timeout or a broken communicator. A"]
+    #[doc = " rank that passes a NULL `data` (len > 0) or a len too large fails with"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT and breaks the communicator, and its peers fail with MOERT_ERR_COMM"]
+    #[doc = " naming it (never with another call's data)."]
     pub fn moert_comm_all_reduce_sum(
         comm: *mut moert_comm,
         data: *mut f64,
@@ -585,8 +588,12 @@ extern "C" {
     #[doc = " they agree to rounding. Expert tensors (parameter access, gradients) are the rank's shard:"]
     #[doc = " experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a session is"]
     #[doc = " collective (forward, backward, step, save, load, metrics resets, ...): all ranks make the same"]
-    #[doc = " calls in the same order. Bad input on one rank fails the call on every rank; a rank that dies"]
-    #[doc = " makes the others fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0"]
+    #[doc = " calls in the same order; ranks found in different calls (one in a forward, another in a load)"]
+    #[doc = " all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on one rank (a wrong size, a"]
+    #[doc = " NULL buffer, mask or path, a NaN) fails the call on every rank, with that rank's code; as in"]
+    #[doc = " one process, a refused backward may be retried, while a forward refused on any rank discards"]
+    #[doc = " the pass waiting for its backward on every rank. A rank that dies makes the others fail with"]
+    #[doc = " MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0"]
     #[doc = " writes the file one session over the union would write (every expert, the same bytes), and"]
     #[doc = " any world size, one process included, resumes it (moert_session_save(),"]
     #[doc = " moert_session_load()). A CPU session needs an MPI communicator, a CUDA session an NCCL one on"]
