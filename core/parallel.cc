@@ -50,6 +50,7 @@ struct Verdict {
   int32_t failed = 0;
   int32_t code = 0;
   char call[24] = {};  // the public function the rank is in: ranks in different ones all fail
+  uint64_t same = 0;   // what every rank must hold alike for this call
   char message[248] = {};
 };
 
@@ -80,8 +81,10 @@ void ParallelContext::gather_shards(const float* mine, int64_t n, float* full) {
                       recv_offsets.data());
 }
 
-void ParallelContext::agree(std::exception_ptr local, const char* call) {
+void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t same,
+                            const char* same_what) {
   Verdict mine;
+  mine.same = same;
   std::strncpy(mine.call, call, sizeof(mine.call) - 1);
   if (local) {
     mine.failed = 1;
@@ -130,6 +133,10 @@ void ParallelContext::agree(std::exception_ptr local, const char* call) {
     if (all[r].failed)
       fail(static_cast<Code>(all[r].code), "rank ", r, " of ", size(), " failed: ",
            std::string(all[r].message, strnlen(all[r].message, sizeof(all[r].message))));
+  for (int r = 1; r < size(); ++r)
+    if (all[r].same != all[0].same)
+      fail(Code::InvalidState, "rank ", r, " of ", size(), " differs from rank 0 in ",
+           same_what ? same_what : "its state", ": the ", call, " failed on every rank");
 }
 
 namespace {

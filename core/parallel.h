@@ -82,10 +82,12 @@ class ParallelContext {
   // Collective: `local` is this rank's failure in the step just done (null if none), `call` the
   // public function it is in. When any rank failed, every rank throws: the failing ranks their
   // own error, the others an error of the same code naming the first failing rank and its
-  // message; when the ranks are in different calls, every rank throws MOERT_ERR_INVALID_STATE
-  // naming them. Use at every point where a rank may have failed alone, before the next
-  // collective would leave the others waiting.
-  void agree(std::exception_ptr local, const char* call);
+  // message; when the ranks are in different calls, or passed different `same` (what the call
+  // needs every rank to hold alike, described by `same_what`), every rank throws
+  // MOERT_ERR_INVALID_STATE naming them. Use at every point where a rank may have failed alone,
+  // before the next collective would leave the others waiting.
+  void agree(std::exception_ptr local, const char* call, uint64_t same = 0,
+             const char* same_what = nullptr);
 
   // One gradient's local roots and where its total goes: `acc` (backend memory) of n floats, or
   // for a sparse gradient (the embedding table's: GradRoots::rows) rows of n floats.

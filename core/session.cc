@@ -205,8 +205,11 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
   // fails, every rank fails (no rank is left waiting in the first pass).
   // A device communicator of one rank runs the parallel path too (its exchanges are copies to
   // itself): the one shape of it that a machine with one GPU can run.
-  if (options_.comm && (options_.comm->size() > 1 || options_.comm->memory() == CommMemory::Device))
+  if (options_.comm &&
+      (options_.comm->size() > 1 || options_.comm->memory() == CommMemory::Device)) {
+    check_ranks_agree_to_start();
     par_ = std::make_unique<ParallelContext>(options_.comm, options_.expert_parallel);
+  }
   std::exception_ptr failed;
   try {
     build();
@@ -217,8 +220,9 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     par_->agree(failed, "session creation");
   else if (failed)
     std::rethrow_exception(failed);
-  if (par_) {
-    // The job's checkpoint holds one process's generator state: every rank starts from one seed.
+  if (par_ && options_.comm->memory() == CommMemory::Device) {
+    // The job's checkpoint holds one process's generator state: every rank starts from one seed
+    // (host communicators compared it with the rest before splitting).
     std::vector<uint64_t> seeds(static_cast<size_t>(par_->size()));
     par_->host().all_gather(&options_.seed, sizeof(uint64_t), seeds.data());
     for (int r = 1; r < par_->size(); ++r)
@@ -545,7 +549,9 @@ void Session::collective_step(const char* call, Failure failure, F&& body) {
     failed = std::current_exception();
   }
   try {
-    par_->agree(failed, call);
+    par_->agree(failed, call, pass_settings(),
+                "its eval mode, ep_chunks or ep_overlap (set_eval and set_config are local to a "
+                "rank: make the same calls on every rank)");
   } catch (...) {
     if (failure == Failure::DiscardsPass) pending_backward_ = false;
     throw;
@@ -1102,6 +1108,8 @@ double Session::max_vio(uint32_t layer, CountScope scope) const {
 }
 
 void Session::reset_eval_metrics() {
+  // Among ranks the counts are the job's: a rank that reset alone would read others'.
+  collective_step("reset_metrics", Failure::KeepsPass, [] {});
   if (par_) par_->times = CommTimes{};
   for (auto& l : layers_)
     if (auto* m = dynamic_cast<MoELayer*>(l.get()))
@@ -1297,7 +1305,9 @@ void Session::load(const std::string& path, const LoadOptions* limits, bool path
     if (!par_) throw;
     failed = std::current_exception();
   }
-  if (par_) par_->agree(failed, "load");
+  if (par_)
+    par_->agree(failed, "load", ck ? ck->training->digest : 0,
+                "the checkpoint it read (another file, or another version of it)");
   TrainingState& st = *ck->training;
 
   // Commit: copies into storage the session already owns (the parameter store points into the

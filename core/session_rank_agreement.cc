@@ -3,10 +3,12 @@
 // is local to a rank (zero_grad, set_config, set_parameter, ...), and a rank that differed would
 // move its replicated parameters away from the others' for good; the checkpoint's save would
 // only find out later.
+#include <array>
 #include <bit>
 #include <tuple>
 #include <type_traits>
 
+#include "core/content_digest.h"
 #include "core/session.h"
 
 namespace moert {
@@ -23,14 +25,57 @@ static_assert(
             static_cast<decltype(std::declval<const TrainingConfig&>().fields())*>(nullptr)),
     "TrainingConfig has a field that TrainingConfig::fields() does not list");
 
-void Session::note_written(Written what, size_t index, const float* in, uint64_t len) {
-  if (!par_) return;
-  ContentHasher h;
-  h.floats({in, static_cast<size_t>(len)});
-  written_[{what, index}] = h.digest();
+void Session::check_ranks_agree_to_start() const {
+  Communicator& world = *options_.comm;
+  // Before the replicas' split: ranks with other expert-parallel sizes would split differently
+  // (or not at all) and wait for each other until the timeout. A device communicator cannot
+  // carry host words before its session has a backend; its ranks compare seeds after creation.
+  if (world.memory() != CommMemory::Host) return;
+  ContentHasher model;
+  hash_model(model, *model_);
+  // Each word with what it means, and whether its value says something (not for digests); every
+  // rank compares the same words in the same order, so every rank refuses alike. Threads may
+  // differ: results do not depend on them.
+  struct Word {
+    uint64_t value;
+    const char* name;
+    bool show;
+  };
+  const std::array<Word, 11> words{{
+      {static_cast<uint64_t>(options_.expert_parallel), "the expert-parallel size", true},
+      {static_cast<uint64_t>(options_.mode), "the mode (0 inference, 1 training)", true},
+      {static_cast<uint64_t>(options_.precision.value_or(
+           options_.device == Device::Cuda ? Precision::Bf16 : Precision::Fp32)),
+       "the precision (0 fp32, 1 bf16, 2 fp8)", true},
+      {static_cast<uint64_t>(options_.fp8.power_of_two_scales), "fp8_scales (1: ue8m0)", true},
+      {static_cast<uint64_t>(options_.device), "the device (0 CPU, 1 CUDA)", true},
+      {static_cast<uint64_t>(options_.ep_chunks), "ep_chunks", true},
+      {static_cast<uint64_t>(options_.ep_overlap), "ep_overlap", true},
+      {static_cast<uint64_t>(options_.global_aux), "aux_loss_scope (1: global)", true},
+      {options_.seed, "the seed", true},
+      {training_settings_digest(), "other training settings (set_config)", false},
+      {model.digest(), "another model (its layers, tensors or values)", false},
+  }};
+  std::array<uint64_t, words.size()> mine{};
+  for (size_t i = 0; i < words.size(); ++i) mine[i] = words[i].value;
+  const int size = world.size();
+  std::vector<std::array<uint64_t, words.size()>> all(static_cast<size_t>(size));
+  world.all_gather(mine.data(), sizeof(mine), all.data());
+  const char* why =
+      ": the ranks of a job create their sessions from the same model and options (threads "
+      "aside); no session was created on any rank";
+  for (int r = 1; r < size; ++r)
+    for (size_t i = 0; i < words.size(); ++i) {
+      if (all[r][i] == all[0][i]) continue;
+      if (words[i].show)
+        fail(Code::InvalidArgument, "rank ", r, " of ", size, " creates its session with ",
+             words[i].name, " ", all[r][i], " and rank 0 with ", all[0][i], why);
+      fail(Code::InvalidArgument, "rank ", r, " of ", size, " creates its session with ",
+           words[i].name, " than rank 0", why);
+    }
 }
 
-void Session::check_ranks_agree_to_step() {
+uint64_t Session::training_settings_digest() const {
   ContentHasher settings;
   std::apply(
       [&settings](const auto&... field) {
@@ -46,6 +91,24 @@ void Session::check_ranks_agree_to_step() {
         (add(field), ...);
       },
       options_.training.fields());
+  return settings.digest();
+}
+
+uint64_t Session::pass_settings() const {
+  return static_cast<uint64_t>(eval_) | static_cast<uint64_t>(options_.ep_overlap) << 1 |
+         static_cast<uint64_t>(options_.ep_chunks) << 2;
+}
+
+void Session::note_written(Written what, size_t index, const float* in, uint64_t len) {
+  if (!par_) return;
+  ContentHasher h;
+  h.floats({in, static_cast<size_t>(len)});
+  written_[{what, index}] = h.digest();
+}
+
+void Session::check_ranks_agree_to_step() {
+  ContentHasher settings;
+  settings.u64(training_settings_digest());
   settings.u8(options_.global_aux);
   for (const Balance& b : balance_) {
     settings.f32(b.gamma);

@@ -7,7 +7,9 @@
 #include <moert/moert.h>
 
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -331,6 +333,88 @@ TEST(SessionMpi, RanksInDifferentCallsAllFail) {
   ASSERT_TRUE(
       IsOk(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size())));
   EXPECT_TRUE(same(out, before));
+}
+
+// Ranks that create their sessions from other options or another model are refused on every rank
+// at once, with the communicator left usable -- before the split that ranks of other
+// expert-parallel sizes would wait in until the timeout.
+TEST(SessionMpi, SessionsOfDifferentOptionsOrModelsAreRefusedEverywhere) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(token_model(1));
+  ModelDesc other_desc = token_model(1);
+  other_desc.seed = 8;
+  ModelPtr other = load(other_desc);
+  const bool odd = g_rank == g_size - 1;
+  struct Case {
+    const moert_model* model;
+    int ep;
+    std::vector<std::pair<const char*, const char*>> knobs;
+    const char* want;
+  };
+  const std::vector<Case> cases = {
+      {m.get(), odd ? 1 : g_size, {}, "the expert-parallel size"},
+      {m.get(), g_size, {{"precision", odd ? "bf16" : "fp32"}}, "the precision"},
+      {m.get(), g_size, {{"ep_chunks", odd ? "3" : "2"}}, "ep_chunks"},
+      {m.get(), g_size, {{"lr", odd ? "0.5" : "0.02"}}, "training settings"},
+      {odd ? other.get() : m.get(), g_size, {}, "another model"},
+  };
+  for (const Case& c : cases) {
+    moert_session_options* o = nullptr;
+    ASSERT_TRUE(IsOk(moert_session_options_create(&o)));
+    OptionsPtr opts(o);
+    ASSERT_TRUE(IsOk(moert_session_options_set_mode(o, MOERT_MODE_TRAINING)));
+    for (const auto& [k, v] : c.knobs) ASSERT_TRUE(IsOk(moert_session_options_set_config(o, k, v)));
+    ASSERT_TRUE(IsOk(moert_session_options_set_comm(o, g_comm, c.ep)));
+    moert_session* s = nullptr;
+    EXPECT_TRUE(IsError(moert_session_create(c.model, o, &s), MOERT_ERR_INVALID_ARGUMENT,
+                        {"rank " + std::to_string(g_size - 1) + " of", c.want}))
+        << c.want;
+    EXPECT_EQ(s, nullptr);
+  }
+  ASSERT_TRUE(IsOk(moert_comm_barrier(g_comm)));
+}
+
+// set_eval and set_config are local calls: a rank whose pass settings differ, or that loads
+// another checkpoint, makes the call fail on every rank and change nothing.
+TEST(SessionMpi, RanksThatDivergeAreRefusedAtTheNextCall) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(token_model(1));
+  SessionPtr s = session(m.get(), true, g_size, true);
+  const int64_t n = 64;
+  std::vector<int32_t> tokens(n, 5), targets(n, 2);
+  std::vector<float> out(n * 16);
+  const bool odd = g_rank == g_size - 1;
+  ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), odd ? 1 : 0)));
+  EXPECT_TRUE(
+      IsError(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size()),
+              MOERT_ERR_INVALID_STATE, {"eval mode, ep_chunks or ep_overlap"}));
+  ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), 0)));
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "ep_overlap", odd ? "false" : "true")));
+  EXPECT_TRUE(
+      IsError(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size()),
+              MOERT_ERR_INVALID_STATE, {"eval mode, ep_chunks or ep_overlap"}));
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "ep_overlap", "true")));
+  const std::string dir = ::testing::TempDir();
+  const std::string a = dir + "diverge_a_" + std::to_string(g_size) + ".moert";
+  const std::string b = dir + "diverge_b_" + std::to_string(g_size) + ".moert";
+  ASSERT_TRUE(IsOk(moert_session_save(s.get(), a.c_str())));
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size())));
+  ASSERT_TRUE(IsOk(moert_session_backward_loss(s.get(), targets.data(), n, nullptr)));
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+  ASSERT_TRUE(IsOk(moert_session_save(s.get(), b.c_str())));
+  EXPECT_TRUE(IsError(moert_session_load(s.get(), odd ? a.c_str() : b.c_str()),
+                      MOERT_ERR_INVALID_STATE, {"the checkpoint it read"}));
+  // Nothing was loaded: saving again writes b's bytes.
+  const std::string c = dir + "diverge_c_" + std::to_string(g_size) + ".moert";
+  ASSERT_TRUE(IsOk(moert_session_save(s.get(), c.c_str())));
+  if (g_rank == 0) {
+    std::ifstream fb(b, std::ios::binary), fc(c, std::ios::binary);
+    const std::string sb((std::istreambuf_iterator<char>(fb)), {}),
+        sc((std::istreambuf_iterator<char>(fc)), {});
+    EXPECT_FALSE(sb.empty());
+    EXPECT_EQ(sb, sc);
+  }
 }
 
 // A replicated parameter written on one rank only: the step is refused on every rank with

@@ -426,7 +426,7 @@ TEST(SessionParallelSeed, RanksOfOneJobShareTheSeed) {
     });
   for (auto& t : threads) t.join();
   for (int r = 0; r < 2; ++r)
-    EXPECT_NE(errors[r].find("rank 1 of 2 was given the seed 8 and rank 0 the seed 7"),
+    EXPECT_NE(errors[r].find("rank 1 of 2 creates its session with the seed 8 and rank 0 with 7"),
               std::string::npos)
         << errors[r];
 }

@@ -524,7 +524,9 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * these options will shard every MoE layer's routed experts over EP ranks and replicate the rest
  * over size / EP. The options keep a reference to the communicator (the caller may free its
  * handle). `comm` NULL with expert_parallel 1 detaches it. Creating a session is collective over
- * the communicator.
+ * the communicator, and every rank creates it from the same model (content) and options, threads
+ * aside; otherwise every rank fails with MOERT_ERR_INVALID_ARGUMENT naming the first rank and
+ * option that differ (on an MPI communicator, before anything waits on the others).
  *
  * What such sessions do (DESIGN.md section 2): each rank feeds its own rows; a MoE layer sends
  * each token once to every rank that computes one of its experts and sums the results in expert
@@ -539,7 +541,10 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on one rank (a wrong size, a
  * NULL buffer, mask or path, a NaN) fails the call on every rank, with that rank's code; as in
  * one process, a refused backward may be retried, while a forward refused on any rank discards
- * the pass waiting for its backward on every rank. A rank that dies makes the others fail with
+ * the pass waiting for its backward on every rank. set_eval and set_config are local: a rank
+ * whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes its next forward, backward
+ * or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a load in which the ranks read
+ * different checkpoints (nothing is loaded). A rank that dies makes the others fail with
  * MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0
  * writes the file one session over the union would write (every expert, the same bytes), and
  * any world size, one process included, resumes it (moert_session_save(),
