@@ -96,6 +96,9 @@ const CommandSpec kBenchSpec = {
          "replicas) and time where its steps go",
          ""},
         {"ep-chunks", "C", "chunks each exchange is cut into for overlap (--expert-parallel)", "2"},
+        {"comm-timeout", "S",
+         "seconds a collective waits for the other ranks before the job fails (--expert-parallel)",
+         "600"},
         {"single-threads", "N", "threads of the single-process layer (--expert-parallel)",
          "THREADS x N"},
         {"json", "", "print the figures as one JSON object", ""},
@@ -241,7 +244,7 @@ int run_bench(const Args& args) {
         usage_fail("--", flag, " applies to the single-process benchmark, not --expert-parallel");
     return run_bench_parallel(args, d, repeats, seed, config, precision);
   }
-  for (const char* flag : {"ep-chunks", "single-threads"})
+  for (const char* flag : {"ep-chunks", "single-threads", "comm-timeout"})
     if (args.has(flag)) usage_fail("--", flag, " applies only with --expert-parallel");
   if (!args.has("decode"))
     for (const char* flag : {"decode-dim", "decode-experts", "decode-hidden", "decode-top-k"})

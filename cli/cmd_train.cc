@@ -70,6 +70,10 @@ const CommandSpec kTrainSpec = {
          "under mpirun -np N: shard the routed experts over EP ranks (N / EP data-parallel "
          "replicas); each rank feeds B / N rows of every batch, rank 0 prints",
          ""},
+        {"comm-timeout", "S",
+         "with --expert-parallel: seconds a collective waits for the other ranks before the job "
+         "fails (a rank that died or hangs)",
+         "600"},
         {"precision", "NAME",
          "what the experts' GEMMs multiply in: fp32, bf16 or fp8 (block-scaled E4M3 as "
          "DeepSeek-V3; fp32 sums, fp32 master weights)",
@@ -195,7 +199,10 @@ int run_train(const Args& args) {
   st.log_every = static_cast<uint64_t>(args.integer("log-every", 0, 1, INT64_MAX));
   const uint64_t probe_rows = static_cast<uint64_t>(args.integer("probe-rows", 8192, 0, 1 << 24));
   const auto val_every = u32(args, "val-every", 10, 2, 1000000);
-  const Job job = join_job(args.integer("expert-parallel", 0, 1, 1 << 20), st.device);
+  if (args.has("comm-timeout") && !args.has("expert-parallel"))
+    usage_fail("--comm-timeout applies only with --expert-parallel");
+  const Job job = join_job(args.integer("expert-parallel", 0, 1, 1 << 20), st.device,
+                           args.real("comm-timeout", 600.0, 1e-3, 31536000.0));
   st.job = &job;
   if (st.batch % static_cast<uint64_t>(job.size) != 0)
     usage_fail("--batch ", st.batch, " does not split evenly over the job's ", job.size,

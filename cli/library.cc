@@ -111,7 +111,7 @@ Launch mpirun_launch() {
   return l;
 }
 
-Job join_job(int64_t expert_parallel, int32_t device) {
+Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout) {
   Job job;
   if (expert_parallel == 0) {
     if (const Launch l = mpirun_launch(); l.size > 1)
@@ -121,6 +121,7 @@ Job join_job(int64_t expert_parallel, int32_t device) {
     return job;
   }
   check(moert_comm_create_mpi(nullptr, &job.comm), "MPI");
+  if (comm_timeout > 0) check(moert_comm_set_timeout(job.comm, comm_timeout), "--comm-timeout");
   check(moert_comm_rank(job.comm, &job.rank), "MPI");
   check(moert_comm_size(job.comm, &job.size), "MPI");
   if (expert_parallel > job.size || job.size % expert_parallel != 0)

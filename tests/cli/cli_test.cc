@@ -354,6 +354,9 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("bench --threads 0", dir), 2, "bench", "--threads");
   expect_one_line_error(run("bench --precision fp16", dir), 2, "bench", "--precision");
   expect_one_line_error(run("bench --decode-dim 128", dir), 2, "bench", "only with --decode");
+  expect_one_line_error(run("train --comm-timeout 3", dir), 2, "train",
+                        "--comm-timeout applies only with --expert-parallel");
+  expect_one_line_error(run("bench --comm-timeout 3", dir), 2, "bench", "--comm-timeout");
   expect_one_line_error(run("import /no/such/dir out.moert --layer 0", dir), 1, "import",
                         "/no/such/dir: no such directory");
   expect_one_line_error(run("train --precision half", dir), 2, "train", "--precision");
