@@ -99,6 +99,10 @@ TEST(Comm, MpiSingletonWithSessionOption) {
   for (double bad : {0.0, -1.0, std::nan(""), HUGE_VAL, 1e12})
     EXPECT_TRUE(
         IsError(moert_comm_set_timeout(comm, bad), MOERT_ERR_INVALID_ARGUMENT, {"timeout"}));
+  // Just past the limit: the message shows the value, not the limit rounded to 6 digits.
+  EXPECT_TRUE(IsError(moert_comm_set_timeout(comm, 31536000.5), MOERT_ERR_INVALID_ARGUMENT,
+                      {"got 31536000.5"}));
+  EXPECT_TRUE(IsOk(moert_comm_set_timeout(comm, 31536000.0)));
   EXPECT_TRUE(IsOk(moert_comm_set_timeout(comm, 30.0)));
 
   moert_session_options* options = nullptr;
