@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/error.h"
@@ -54,7 +55,11 @@ int run_quantize(const Args& args) {
   if (format != "fp8") usage_fail("--quantize takes fp8, got '", format, "'");
   if (args.has("no-check"))
     usage_fail("--no-check and --quantize do not go together: quantizing loads the model");
-  ModelPtr model = load_model_file(in);
+  std::vector<uint8_t> bytes = read_file(in);
+  if (!is_binary_model(bytes)) bytes = json_to_binary(std::string(bytes.begin(), bytes.end()), in);
+  ModelPtr model = load_model_bytes(bytes, directory_of(in), in);
+  // Verified by the load above.
+  const bool checkpoint = moert::fb::GetModel(bytes.data())->training() != nullptr;
   moert_model* raw = nullptr;
   uint32_t quantized = 0;
   check(moert_model_quantize_fp8(
@@ -77,6 +82,11 @@ int run_quantize(const Args& args) {
       in.c_str(), out.c_str(), quantized,
       args.has("power-of-two-scales") ? ", power-of-two scales" : "", mib(before).c_str(),
       mib(after).c_str());
+  if (checkpoint)
+    std::printf(
+        "%s is a checkpoint: %s is a model of its parameters; its training state (step, "
+        "gradients, optimizer moments, balancing counts) is not carried over\n",
+        in.c_str(), out.c_str());
   return 0;
 }
 

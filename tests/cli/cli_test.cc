@@ -575,6 +575,16 @@ TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
   EXPECT_NE(r.out.find("loss-free(gamma=0.01)"), std::string::npos);
   EXPECT_NE(r.out.find(four.str()), std::string::npos) << four.str() << "\n" << r.out;
 
+  // Quantizing a checkpoint writes a model of its parameters, and says the state stays behind.
+  const Result q =
+      run("convert --quantize fp8 '" + ckpt.string() + "' " + (dir / "q.moert").string(), dir);
+  ASSERT_EQ(q.code, 0) << q.err;
+  EXPECT_NE(q.out.find("is a checkpoint"), std::string::npos) << q.out;
+  EXPECT_NE(q.out.find("training state (step, gradients, optimizer moments, balancing counts) is "
+                       "not carried over"),
+            std::string::npos)
+      << q.out;
+
   // The plot script turns the CSV into a PNG (skipped where matplotlib is missing).
   if (std::system("/usr/bin/python3 -c 'import matplotlib' 2>/dev/null") != 0)
     GTEST_SKIP() << "no matplotlib for /usr/bin/python3: the plot is not checked";

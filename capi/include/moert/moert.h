@@ -291,8 +291,9 @@ MOERT_API moert_status* moert_model_resident_bytes(const moert_model* model, uin
 /* A new model: `model` with its MoE layers' routed and shared expert weights (w1, w3, w2,
  * shared_w1, shared_w3, shared_w2) quantized to FP8 E4M3 in 128x128 blocks, one fp32 scale per
  * block (scale = amax / 448, DeepSeek-V3 technical report section 3.3; rounded up to a power of
- * two with MOERT_FP8_POWER_OF_TWO_SCALES, as DeepSeek-V3.1 and DeepGEMM's UE8M0 scales are),
- * codes rounded to nearest even and saturating at 448. Every other tensor is unchanged; an expert
+ * two with MOERT_FP8_POWER_OF_TWO_SCALES, as DeepSeek-V3.1 and DeepGEMM's UE8M0 scales are; at
+ * least 2^-126, the smallest normal float, so values below 2^-136 -- half the smallest E4M3 step
+ * at that scale -- become zeros), codes rounded to nearest even and saturating at 448. Every other tensor is unchanged; an expert
  * weight that is FP8 already is kept as it is. The new model holds the experts at 1 byte per
  * value: a session's fp32 forward multiplies their decoded values (code * scale), training
  * starts from them. *quantized (may be NULL) receives the number of tensors quantized: 0 for a
