@@ -11,7 +11,12 @@ namespace moert_cli {
 
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& message) : std::runtime_error(message), message_(message) {}
+  // The whole message: what() ends at a NUL that a name quoted from a file may hold.
+  const std::string& message() const noexcept { return message_; }
+
+ private:
+  std::string message_;
 };
 
 class UsageError : public Error {

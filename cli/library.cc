@@ -128,7 +128,12 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout) {
     usage_fail("--expert-parallel ", expert_parallel, " does not divide the job's ", job.size,
                " processes");
   job.expert_parallel = static_cast<int32_t>(expert_parallel);
-  if (device == MOERT_DEVICE_CUDA) join_nccl(job);
+  if (device == MOERT_DEVICE_CUDA) {
+    join_nccl(job);
+    // The CUDA sessions' collectives run on the NCCL communicator: it waits as long.
+    if (comm_timeout > 0)
+      check(moert_comm_set_timeout(job.device_comm, comm_timeout), "--comm-timeout");
+  }
   return job;
 }
 

@@ -101,10 +101,13 @@ int main(int argc, char** argv) {
       }
       return c.run(args);
     } catch (const moert_cli::UsageError& e) {
-      print_error("moert " + name, e.what());
+      print_error("moert " + name, e.message());
       return 2;
     } catch (const std::bad_alloc&) {
       std::fprintf(stderr, "moert %s: error: out of memory\n", name.c_str());
+      return 1;
+    } catch (const moert_cli::Error& e) {
+      print_error("moert " + name, e.message());
       return 1;
     } catch (const std::exception& e) {
       print_error("moert " + name, e.what());

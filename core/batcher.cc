@@ -17,6 +17,7 @@ thread_local const Batcher* answering = nullptr;
 
 // A session forward pass takes its row count as int32 (BLAS); a batch must fit.
 constexpr uint64_t kMaxBatchRows = 1u << 20;
+constexpr uint64_t kMaxQueuedRows = uint64_t{1} << 40;
 
 int64_t ns_between(std::chrono::steady_clock::time_point a,
                    std::chrono::steady_clock::time_point b) {
@@ -40,6 +41,17 @@ Batcher::Batcher(std::shared_ptr<const Model> model, const BatcherOptions& optio
   if (options_.max_wait_us > 1'000'000)
     fail(Code::InvalidArgument, "max_wait_us must be at most 1000000 (1 s), got ",
          options_.max_wait_us);
+  if (options_.max_queued_rows > kMaxQueuedRows)
+    fail(Code::InvalidArgument, "max_queued_rows must be at most ", kMaxQueuedRows, ", got ",
+         options_.max_queued_rows);
+  if (options_.max_queued_rows != 0 && options_.max_queued_rows < options_.max_batch_rows)
+    fail(Code::InvalidArgument, "max_queued_rows ", options_.max_queued_rows,
+         " is below max_batch_rows ", options_.max_batch_rows,
+         ": a request of max_batch_rows rows could never be queued");
+  if (options_.session.comm)
+    fail(Code::InvalidArgument,
+         "a batcher's sessions run alone: its session options must not carry a communicator "
+         "(each pool session would run its own passes among the ranks at once)");
   if (options_.session.mode != Mode::Inference)
     fail(Code::InvalidArgument,
          "a batcher runs inference sessions: its session options must not ask for training mode");
@@ -239,9 +251,19 @@ void Batcher::submit_copy(const std::function<void()>& check, const void* input,
   enqueue(std::move(r));
 }
 
+void Batcher::check_room(uint64_t rows) {
+  if (options_.max_queued_rows == 0 || queued_rows_ + rows <= options_.max_queued_rows) return;
+  ++counts_[kCountRequests];
+  ++counts_[kCountFailed];
+  fail(Code::Limit, "the batcher's queue holds ", queued_rows_, " rows waiting for a pass and ",
+       rows, " more would pass its max_queued_rows = ", options_.max_queued_rows,
+       ": the request is refused (retry later, or serve with more sessions)");
+}
+
 void Batcher::enqueue(std::unique_ptr<Request> r) {
   std::lock_guard<std::mutex> lock(mu_);
   if (stop_) fail(Code::InvalidState, "the batcher is being freed");
+  check_room(r->rows);
   r->enqueued = Clock::now();
   queued_rows_ += r->rows;
   queue_.push_back(r.release());
@@ -271,6 +293,7 @@ void Batcher::answer(Request* r) const noexcept {
 void Batcher::submit(Request& r, int64_t* stats, uint64_t stats_len) {
   std::unique_lock<std::mutex> lock(mu_);
   if (stop_) fail(Code::InvalidState, "the batcher is being freed");
+  check_room(r.rows);
   r.enqueued = Clock::now();
   queue_.push_back(&r);
   queued_rows_ += r.rows;

@@ -35,7 +35,10 @@ struct BatcherOptions {
   uint32_t sessions = 1;          // inference sessions in the pool, each with its own thread
   uint64_t max_batch_rows = 256;  // rows of one forward pass; also the largest request
   uint64_t max_wait_us = 0;       // how long a free session waits for more rows
-  SessionOptions session;         // options of every pool session (inference mode only)
+  // The most rows waiting for a pass (0: no bound); a request that would queue more is refused
+  // with Code::Limit at once, so that a service under overload sheds load instead of growing.
+  uint64_t max_queued_rows = 0;
+  SessionOptions session;  // options of every pool session (inference mode only)
 };
 
 // Per-request figures, indices of the caller's stats array (values match MOERT_REQUEST_*).
@@ -137,6 +140,8 @@ class Batcher {
   void submit_copy(const std::function<void()>& check, const void* input, size_t bytes,
                    uint64_t rows, BatcherCallback done);
   void enqueue(std::unique_ptr<Request> r);
+  // Under mu_: refuses (and counts) a request of `rows` rows the queue has no room for.
+  void check_room(uint64_t rows);
   // Calls a submitted request's callback and deletes it.
   void answer(Request* r) const noexcept;
   void serve(size_t index);

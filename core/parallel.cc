@@ -108,8 +108,9 @@ void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t
     // The verdicts travel through host_view(), which needs the backend: first a native vote,
     // which every rank can cast (also one whose backend failed to come up), then the messages
     // where every rank has a backend to stage them.
-    if (world_->agree(!local)) return;
-    if (!world_->agree(host_world_ != nullptr)) {
+    // When every rank succeeded, every rank has its backend (the session's build attached it),
+    // and the verdicts still travel: they carry the call and what it needs alike.
+    if (!world_->agree(!local) && !world_->agree(host_world_ != nullptr)) {
       if (local) std::rethrow_exception(local);
       fail(Code::Comm, "another rank of ", size(),
            " failed before its session had a device (its message cannot travel without one)");

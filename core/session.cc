@@ -207,7 +207,10 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
   // itself): the one shape of it that a machine with one GPU can run.
   if (options_.comm &&
       (options_.comm->size() > 1 || options_.comm->memory() == CommMemory::Device)) {
-    check_ranks_agree_to_start();
+    // Before the replicas' split, which ranks of other expert-parallel sizes would make
+    // differently (or not at all) and wait in until the timeout. A device communicator carries
+    // host words only once its session has a backend: its ranks compare after the build.
+    if (options_.comm->memory() == CommMemory::Host) check_ranks_agree_to_start(*options_.comm);
     par_ = std::make_unique<ParallelContext>(options_.comm, options_.expert_parallel);
   }
   std::exception_ptr failed;
@@ -220,17 +223,8 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     par_->agree(failed, "session creation");
   else if (failed)
     std::rethrow_exception(failed);
-  if (par_ && options_.comm->memory() == CommMemory::Device) {
-    // The job's checkpoint holds one process's generator state: every rank starts from one seed
-    // (host communicators compared it with the rest before splitting).
-    std::vector<uint64_t> seeds(static_cast<size_t>(par_->size()));
-    par_->host().all_gather(&options_.seed, sizeof(uint64_t), seeds.data());
-    for (int r = 1; r < par_->size(); ++r)
-      if (seeds[r] != seeds[0])
-        fail(Code::InvalidArgument, "rank ", r, " of ", par_->size(), " was given the seed ",
-             seeds[r], " and rank 0 the seed ", seeds[0],
-             ": the ranks of a job share one seed, as one process has one");
-  }
+  if (par_ && options_.comm->memory() == CommMemory::Device)
+    check_ranks_agree_to_start(par_->host());
 }
 
 void Session::build() {
@@ -697,7 +691,7 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
   // The loss is the mean over the rows that take part and whose target is not ignored.
   std::vector<int32_t> compact;
   int64_t counted = 0;
-  collective_step("backward", Failure::KeepsPass, [&] {
+  collective_step("backward_loss", Failure::KeepsPass, [&] {
     require_backward_ready();
     if (!targets) fail(Code::InvalidArgument, "targets is NULL");
     if (model_->layers.back().kind != LayerKind::OutputHead)

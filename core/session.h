@@ -282,9 +282,9 @@ class Session {
   // same direct writes since its last step, or the replicas would part for good.
   // MOERT_ERR_INVALID_STATE on every rank otherwise, naming the first rank that differs.
   void check_ranks_agree_to_step();
-  // Among ranks, before the session splits its communicator: every rank creates its session with
-  // the same model and options (threads aside), or every rank fails with InvalidArgument.
-  void check_ranks_agree_to_start() const;
+  // Among ranks, over `world` (host words): every rank creates its session with the same model
+  // and options (threads aside), or every rank fails with InvalidArgument.
+  void check_ranks_agree_to_start(Communicator& world) const;
   uint64_t training_settings_digest() const;
   // What a pass among ranks needs every rank to share: eval mode, ep_overlap, ep_chunks (set_eval
   // and set_config are local calls).

@@ -25,12 +25,7 @@ static_assert(
             static_cast<decltype(std::declval<const TrainingConfig&>().fields())*>(nullptr)),
     "TrainingConfig has a field that TrainingConfig::fields() does not list");
 
-void Session::check_ranks_agree_to_start() const {
-  Communicator& world = *options_.comm;
-  // Before the replicas' split: ranks with other expert-parallel sizes would split differently
-  // (or not at all) and wait for each other until the timeout. A device communicator cannot
-  // carry host words before its session has a backend; its ranks compare seeds after creation.
-  if (world.memory() != CommMemory::Host) return;
+void Session::check_ranks_agree_to_start(Communicator& world) const {
   ContentHasher model;
   hash_model(model, *model_);
   // Each word with what it means, and whether its value says something (not for digests); every

@@ -71,6 +71,18 @@ func (o *BatcherOptions) SetMaxBatchRows(rows int) error {
 	})
 }
 
+// SetMaxQueuedRows bounds the rows waiting for a pass, 0 (the default: no bound) to 2^40, and at
+// least the row cap when not 0: a request that would queue more fails at once with ErrLimit, so
+// that a service under overload sheds load instead of queueing without end.
+func (o *BatcherOptions) SetMaxQueuedRows(rows int) error {
+	if rows < 0 {
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("max queued rows %d is negative", rows)}
+	}
+	return o.set(func() capi.Struct_SS_moert_status {
+		return capi.Moert_batcher_options_set_max_queued_rows(o.ptr, uint64(rows))
+	})
+}
+
 // SetMaxWait sets the bounded wait, 0 to 1 s (microsecond resolution): how long a free session
 // holding fewer rows than the cap waits for more after the oldest queued request arrived.
 func (o *BatcherOptions) SetMaxWait(wait time.Duration) error {

@@ -179,6 +179,17 @@ func TestBatcherOptionsAndClose(t *testing.T) {
 	wantCode(t, opts.SetMaxBatchRows(-1), ErrInvalidArgument)
 	wantCode(t, opts.SetMaxWait(2*time.Second), ErrInvalidArgument)
 	wantCode(t, opts.SetMaxWait(-time.Second), ErrInvalidArgument)
+	wantCode(t, opts.SetMaxQueuedRows(-1), ErrInvalidArgument)
+	wantCode(t, opts.SetMaxQueuedRows(1<<40+1), ErrInvalidArgument)
+	// A queue bound below the row cap (256) could never take a full request.
+	if err := opts.SetMaxQueuedRows(8); err != nil {
+		t.Fatal(err)
+	}
+	_, err = NewBatcher(m, opts)
+	wantCode(t, err, ErrInvalidArgument)
+	if err := opts.SetMaxQueuedRows(0); err != nil {
+		t.Fatal(err)
+	}
 	wantCode(t, opts.SetSessionOptions(nil), ErrInvalidArgument)
 	so, _ := NewSessionOptions()
 	so.SetMode(ModeTraining)

@@ -6,7 +6,8 @@ import (
 	"moert.dev/moert/internal/capi"
 )
 
-// ErrLimit is the code of a load refused by a load limit (LoadOptions, or the defaults).
+// ErrLimit is the code of a load refused by a load limit (LoadOptions, or the defaults), and of
+// a request a batcher's full queue refuses (BatcherOptions.SetMaxQueuedRows).
 const ErrLimit Code = Code(capi.MOERT_ERR_LIMIT)
 
 // LoadOptions bounds what loading an untrusted file may cost; the limits are checked on the

@@ -49,6 +49,16 @@ moert_status* moert_batcher_options_set_max_batch_rows(moert_batcher_options* op
   });
 }
 
+moert_status* moert_batcher_options_set_max_queued_rows(moert_batcher_options* options,
+                                                        uint64_t rows) {
+  return guarded([&] {
+    require(options, "options");
+    if (rows > (uint64_t{1} << 40))
+      fail(Code::InvalidArgument, "max_queued_rows must be at most 2^40 (0: no bound), got ", rows);
+    options->options.max_queued_rows = rows;
+  });
+}
+
 moert_status* moert_batcher_options_set_max_wait_us(moert_batcher_options* options,
                                                     uint64_t microseconds) {
   return guarded([&] {

@@ -30,27 +30,34 @@ uint64_t mix(uint64_t x) {  // splitmix64's finaliser
 constexpr int kPairs = 4;
 constexpr int kFlagWord = 2 * kPairs, kSumWord = kFlagWord + 1, kWords = kSumWord + 1;
 
+// Reduces `*len` whole agreement blocks: the operation is posted on one element of the block
+// datatype below, so MPI never hands over part of a block (a buffer of plain int64s it may split
+// anywhere -- ring and Rabenseifner all-reduces do -- which would shift the words' roles).
 void combine_agreement(void* in, void* inout, int* len, MPI_Datatype*) {
   const auto* a = static_cast<const int64_t*>(in);
   auto* b = static_cast<int64_t*>(inout);
-  // The runtime may hand over several blocks at once.
-  for (int i = 0; i < *len; ++i) {
-    if (i % kWords == kSumWord)
-      b[i] = static_cast<int64_t>(static_cast<uint64_t>(a[i]) + static_cast<uint64_t>(b[i]));
-    else
-      b[i] = std::max(a[i], b[i]);
-  }
+  for (int block = 0; block < *len; ++block, a += kWords, b += kWords)
+    for (int i = 0; i < kWords; ++i)
+      b[i] = i == kSumWord
+                 ? static_cast<int64_t>(static_cast<uint64_t>(a[i]) + static_cast<uint64_t>(b[i]))
+                 : std::max(a[i], b[i]);
 }
 
-// Created once, on the engine thread (the only one that makes moert's MPI calls); MPI_Finalize
-// frees it.
-MPI_Op agreement_op() {
-  static const MPI_Op op = [] {
-    MPI_Op made = MPI_OP_NULL;
-    check_mpi(MPI_Op_create(&combine_agreement, 1, &made), "MPI_Op_create");
+// The block's datatype and its reduction, created once, on the engine thread (the only one that
+// makes moert's MPI calls); MPI_Finalize frees them.
+struct AgreementType {
+  MPI_Datatype block = MPI_DATATYPE_NULL;
+  MPI_Op op = MPI_OP_NULL;
+};
+const AgreementType& agreement_type() {
+  static const AgreementType t = [] {
+    AgreementType made;
+    check_mpi(MPI_Type_contiguous(kWords, MPI_INT64_T, &made.block), "MPI_Type_contiguous");
+    check_mpi(MPI_Type_commit(&made.block), "MPI_Type_commit");
+    check_mpi(MPI_Op_create(&combine_agreement, 1, &made.op), "MPI_Op_create");
     return made;
   }();
-  return op;
+  return t;
 }
 
 class Agreement {
@@ -74,9 +81,9 @@ class Agreement {
     set_pair(0, static_cast<int64_t>(op.op()));
     set_pair(1, static_cast<int64_t>(op.seq()));
     MPI_Request r = MPI_REQUEST_NULL;
-    check_mpi(
-        MPI_Iallreduce(in_.data(), out_.data(), kWords, MPI_INT64_T, agreement_op(), c.data, &r),
-        "MPI_Iallreduce");
+    const AgreementType& t = agreement_type();
+    check_mpi(MPI_Iallreduce(in_.data(), out_.data(), 1, t.block, t.op, c.data, &r),
+              "MPI_Iallreduce");
     out.add(r, -1);
   }
 

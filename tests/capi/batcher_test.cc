@@ -1456,6 +1456,91 @@ TEST(BatcherSubmit, ASlowCallbackHoldsOnlyItsOwnSession) {
   EXPECT_NE(ctx.fast_session, ctx.slow_session);
 }
 
+// max_queued_rows: while the only session is held (by a slow callback), requests queue up to the
+// bound; one more is refused at once with MOERT_ERR_LIMIT and never called back, blocking or
+// submitted, and counted as a failed request; the queued ones are answered once the session is
+// free. Bounds below the row cap and past 2^40 are refused.
+TEST(BatcherSubmit, AFullQueueRefusesRequestsAtOnce) {
+  Fixture f = example_fixture();
+  moert_batcher_options* raw = nullptr;
+  ASSERT_TRUE(IsOk(moert_batcher_options_create(&raw)));
+  BatcherOptionsPtr options(raw);
+  ASSERT_TRUE(IsOk(moert_batcher_options_set_max_batch_rows(options.get(), 4)));
+  EXPECT_TRUE(IsError(moert_batcher_options_set_max_queued_rows(options.get(), (1ull << 40) + 1),
+                      MOERT_ERR_INVALID_ARGUMENT, {"max_queued_rows", "2^40"}));
+  EXPECT_TRUE(IsError(moert_batcher_options_set_max_queued_rows(nullptr, 4),
+                      MOERT_ERR_INVALID_ARGUMENT, {"options"}));
+  ASSERT_TRUE(IsOk(moert_batcher_options_set_max_queued_rows(options.get(), 3)));
+  moert_batcher* b = nullptr;
+  EXPECT_TRUE(IsError(moert_batcher_create(f.model.get(), options.get(), &b),
+                      MOERT_ERR_INVALID_ARGUMENT, {"max_queued_rows 3", "max_batch_rows 4"}));
+  EXPECT_EQ(b, nullptr);
+  ASSERT_TRUE(IsOk(moert_batcher_options_set_max_queued_rows(options.get(), 6)));
+  ASSERT_TRUE(IsOk(moert_batcher_create(f.model.get(), options.get(), &b)));
+  BatcherPtr batcher(b);
+
+  struct Ctx {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool entered = false, release = false;
+    int answered = 0, failed = 0;
+  } ctx;
+  struct Cb {
+    static void slow(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                     uint64_t) {
+      moert_status_free(status);
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::unique_lock<std::mutex> lock(c.mu);
+      c.entered = true;
+      c.cv.notify_all();
+      c.cv.wait_for(lock, std::chrono::seconds(20), [&] { return c.release; });
+    }
+    static void count(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                      uint64_t) {
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::lock_guard<std::mutex> lock(c.mu);
+      ++c.answered;
+      c.failed += status != nullptr;
+      moert_status_free(status);
+      c.cv.notify_all();
+    }
+  };
+  const auto one = f.token_input(1, 0), four = f.token_input(4, 1), two = f.token_input(2, 2);
+  ASSERT_TRUE(
+      IsOk(moert_batcher_submit_tokens(batcher.get(), one.data(), one.size(), 1, &Cb::slow, &ctx)));
+  {
+    std::unique_lock<std::mutex> lock(ctx.mu);
+    ASSERT_TRUE(ctx.cv.wait_for(lock, std::chrono::seconds(20), [&] { return ctx.entered; }));
+  }
+  // The session is held: 4 + 2 rows fill the queue's 6.
+  ASSERT_TRUE(IsOk(
+      moert_batcher_submit_tokens(batcher.get(), four.data(), four.size(), 4, &Cb::count, &ctx)));
+  ASSERT_TRUE(IsOk(
+      moert_batcher_submit_tokens(batcher.get(), two.data(), two.size(), 2, &Cb::count, &ctx)));
+  EXPECT_TRUE(IsError(
+      moert_batcher_submit_tokens(batcher.get(), one.data(), one.size(), 1, &Cb::count, &ctx),
+      MOERT_ERR_LIMIT, {"queue holds 6 rows", "max_queued_rows = 6"}));
+  std::vector<float> out(f.out_width);
+  int64_t stats[MOERT_REQUEST_STATS] = {-7, -7, -7, -7, -7};
+  EXPECT_TRUE(
+      IsError(moert_batcher_forward_tokens(batcher.get(), one.data(), one.size(), 1, out.data(),
+                                           out.size(), stats, MOERT_REQUEST_STATS),
+              MOERT_ERR_LIMIT, {"max_queued_rows"}));
+  EXPECT_EQ(stats[0], -7) << "a refused request's stats were written";
+  {
+    std::unique_lock<std::mutex> lock(ctx.mu);
+    ctx.release = true;
+    ctx.cv.notify_all();
+    ASSERT_TRUE(ctx.cv.wait_for(lock, std::chrono::seconds(20), [&] { return ctx.answered == 2; }));
+  }
+  // With room again, requests are taken.
+  ASSERT_TRUE(IsOk(moert_batcher_forward_tokens(batcher.get(), one.data(), one.size(), 1,
+                                                out.data(), out.size(), nullptr, 0)));
+  batcher.reset();
+  EXPECT_EQ(ctx.answered, 2);
+  EXPECT_EQ(ctx.failed, 0);
+}
+
 // The blocking form's promise, "on error neither out nor stats is written", for an error of the
 // pass itself (a result that overflows under check_finite), not of validation.
 TEST(Batcher, APassErrorWritesNeitherOutNorStats) {

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/batcher.h"
 #include "core/error.h"
 #include "core/session.h"
 #include "tests/support/inprocess_communicator.h"
@@ -443,6 +444,23 @@ TEST(SessionParallel, WritesThatDifferAcrossRanksAreRefusedAtTheStep) {
       EXPECT_EQ(final_params[r][i], final_params[expert ? r % 2 : 0][i])
           << "rank " << r << " parameter " << names[i];
     }
+  }
+}
+
+// A batcher's pool sessions run their passes at once and alone: session options holding a
+// communicator would make each a member of the job, and are refused when the batcher is created.
+TEST(SessionParallel, ABatcherRefusesSessionOptionsWithACommunicator) {
+  std::mt19937 rng(5);
+  auto comms = testing::make_inprocess_communicators(1, 60.0);
+  BatcherOptions o;
+  o.session = options(Mode::Inference);
+  o.session.set_comm(std::shared_ptr<Communicator>(std::move(comms[0])), 1);
+  try {
+    Batcher b(two_moe_model(rng, BalancingPolicy::LossFreeBias), o);
+    ADD_FAILURE() << "a batcher took session options with a communicator";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Code::InvalidArgument) << e.what();
+    EXPECT_NE(std::string(e.what()).find("communicator"), std::string::npos) << e.what();
   }
 }
 

@@ -730,6 +730,14 @@ MOERT_API moert_status* moert_batcher_options_set_sessions(moert_batcher_options
 MOERT_API moert_status* moert_batcher_options_set_max_batch_rows(moert_batcher_options* options,
                                                                  uint64_t rows);
 
+/* The most rows that may wait for a pass, 0 (the default: no bound) to 2^40, and at least the
+ * row cap when not 0 (checked by moert_batcher_create()). A request, blocking or submitted, that
+ * would queue more is refused at once with MOERT_ERR_LIMIT (`done` is never called) and counted
+ * in MOERT_BATCHER_REQUESTS and MOERT_BATCHER_FAILED: a service under overload sheds load instead
+ * of queueing without end (submitted requests hold a copy of their input while they wait). */
+MOERT_API moert_status* moert_batcher_options_set_max_queued_rows(moert_batcher_options* options,
+                                                                  uint64_t rows);
+
 /* The bounded wait, 0 to 1000000 microseconds: a free session holding fewer rows than the cap
  * waits at most this long after the oldest queued request arrived before it starts the pass.
  * Each request's latency grows by at most this much; 0 runs at once. */
@@ -745,7 +753,8 @@ MOERT_API moert_status* moert_batcher_options_set_session_options(
 /* Creates a batcher over `model` with `options` (NULL: defaults) and starts one thread per pool
  * session. The batcher keeps what it needs of the model: the model may be freed afterwards.
  * Errors are those of moert_session_create(), and MOERT_ERR_INVALID_ARGUMENT for session options
- * in training mode. Free with moert_batcher_free(). */
+ * in training mode or holding a communicator (a batcher's sessions run alone), or a
+ * max_queued_rows below the row cap. Free with moert_batcher_free(). */
 MOERT_API moert_status* moert_batcher_create(const moert_model* model,
                                              const moert_batcher_options* options,
                                              moert_batcher** out);

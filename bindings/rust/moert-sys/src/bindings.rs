@@ -769,6 +769,17 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
+    #[doc = " The most rows that may wait for a pass, 0 (the default: no bound) to 2^40, and at least the"]
+    #[doc = " row cap when not 0 (checked by moert_batcher_create()). A request, blocking or submitted, that"]
+    #[doc = " would queue more is refused at once with MOERT_ERR_LIMIT (`done` is never called) and counted"]
+    #[doc = " in MOERT_BATCHER_REQUESTS and MOERT_BATCHER_FAILED: a service under overload sheds load instead"]
+    #[doc = " of queueing without end (submitted requests hold a copy of their input while they wait)."]
+    pub fn moert_batcher_options_set_max_queued_rows(
+        options: *mut moert_batcher_options,
+        rows: u64,
+    ) -> *mut moert_status;
+}
+extern "C" {
     #[doc = " The bounded wait, 0 to 1000000 microseconds: a free session holding fewer rows than the cap"]
     #[doc = " waits at most this long after the oldest queued request arrived before it starts the pass."]
     #[doc = " Each request's latency grows by at most this much; 0 runs at once."]
@@ -790,7 +801,8 @@ extern "C" {
     #[doc = " Creates a batcher over `model` with `options` (NULL: defaults) and starts one thread per pool"]
     #[doc = " session. The batcher keeps what it needs of the model: the model may be freed afterwards."]
     #[doc = " Errors are those of moert_session_create(), and MOERT_ERR_INVALID_ARGUMENT for session options"]
-    #[doc = " in training mode. Free with moert_batcher_free()."]
+    #[doc = " in training mode or holding a communicator (a batcher's sessions run alone), or a"]
+    #[doc = " max_queued_rows below the row cap. Free with moert_batcher_free()."]
     pub fn moert_batcher_create(
         model: *const moert_model,
         options: *const moert_batcher_options,

@@ -47,6 +47,16 @@ impl BatcherOptions {
         Ok(self)
     }
 
+    /// The most rows that may wait for a pass, 0 (the default: no bound) to 2^40, and at least
+    /// the row cap when not 0: a request that would queue more fails at once with
+    /// `MOERT_ERR_LIMIT`, so that a service under overload sheds load instead of queueing without
+    /// end.
+    pub fn max_queued_rows(&mut self, rows: u64) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe { sys::moert_batcher_options_set_max_queued_rows(self.ptr.as_ptr(), rows) })?;
+        Ok(self)
+    }
+
     /// The bounded wait, up to 1 s (microsecond resolution): how long a free session holding
     /// fewer rows than the cap waits for more after the oldest queued request arrived.
     pub fn max_wait(&mut self, wait: Duration) -> Result<&mut Self> {

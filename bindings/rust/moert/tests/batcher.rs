@@ -125,6 +125,17 @@ fn errors_belong_to_their_caller_and_misuse_is_refused() {
         Code::INVALID_ARGUMENT
     );
     assert!(o.max_wait(Duration::from_secs(2)).is_err());
+    assert_eq!(
+        o.max_queued_rows((1 << 40) + 1).unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
+    // A queue bound below the row cap (256) could never take a full request.
+    o.max_queued_rows(8).unwrap();
+    assert_eq!(
+        Batcher::new(&m, Some(&o)).unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
+    o.max_queued_rows(0).unwrap();
     let mut training = SessionOptions::new().unwrap();
     training.mode(Mode::TRAINING).unwrap();
     o.session_options(&training).unwrap();

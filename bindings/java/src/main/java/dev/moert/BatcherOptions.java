@@ -8,7 +8,6 @@ import java.time.Duration;
  * this, for chaining.
  */
 public final class BatcherOptions extends NativeHandle<SWIGTYPE_p_moert_batcher_options> {
-
   private BatcherOptions(SWIGTYPE_p_moert_batcher_options ptr) {
     super("batcher options", ptr, () -> Capi.moert_batcher_options_free(ptr));
   }
@@ -42,6 +41,22 @@ public final class BatcherOptions extends NativeHandle<SWIGTYPE_p_moert_batcher_
   }
 
   /**
+   * The most rows that may wait for a pass, 0 (the default: no bound) to 2^40, and at least the
+   * row cap when not 0: a request that would queue more fails at once with MOERT_ERR_LIMIT, so
+   * that a service under overload sheds load instead of queueing without end.
+   */
+  public BatcherOptions maxQueuedRows(long rows) {
+    if (rows < 0) {
+      throw new MoertException(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "max queued rows " + rows + " is negative");
+    }
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_batcher_options_set_max_queued_rows(u.ptr(), rows));
+    }
+    return this;
+  }
+
+  /**
    * The bounded wait, 0 to 1 s (microsecond resolution): how long a free session holding fewer
    * rows than the cap waits for more after the oldest queued request arrived.
    */
@@ -59,8 +74,7 @@ public final class BatcherOptions extends NativeHandle<SWIGTYPE_p_moert_batcher_
 
   /** The options every pool session is created with (copied); training mode is refused. */
   public BatcherOptions sessionOptions(SessionOptions options) {
-    try (Use u = use();
-        var o = options.use()) {
+    try (Use u = use(); var o = options.use()) {
       MoertException.check(Capi.moert_batcher_options_set_session_options(u.ptr(), o.ptr()));
     }
     return this;

@@ -152,6 +152,15 @@ class BatcherTest {
       assertThrows(MoertException.class, () -> o.maxBatchRows(0));
       assertThrows(MoertException.class, () -> o.maxWait(Duration.ofSeconds(2)));
       assertThrows(MoertException.class, () -> o.maxWait(Duration.ofMillis(-1)));
+      assertThrows(MoertException.class, () -> o.maxQueuedRows(-1));
+      assertThrows(MoertException.class, () -> o.maxQueuedRows((1L << 40) + 1));
+      try (Model m = Model.load(MODEL)) {
+        // A queue bound below the row cap (256) could never take a full request.
+        o.maxQueuedRows(8);
+        MoertException e = assertThrows(MoertException.class, () -> Batcher.create(m, o));
+        assertEquals(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, e.getCode());
+        o.maxQueuedRows(0);
+      }
       try (Model m = Model.load(MODEL);
           SessionOptions training = SessionOptions.create().mode(CapiConstants.MOERT_MODE_TRAINING)) {
         o.sessionOptions(training);
