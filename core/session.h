@@ -103,6 +103,14 @@ struct StepInfo {
 
 class Session {
  public:
+  // Words of the ranks' record compared when a session is created among ranks.
+  static constexpr size_t kStartWords = 12;
+  // A caller that cannot create its session (the C ABI's NULL model or out) among ranks: takes
+  // part in the creation's first collective as a refusal, so that the other ranks fail at once
+  // (InvalidArgument naming this rank) instead of waiting for it until the timeout. Over a host
+  // communicator of two ranks or more; a no-op otherwise.
+  static void refuse_creation(const SessionOptions& options);
+
   Session(std::shared_ptr<const Model> model, const SessionOptions& options);
 
   const Model& model() const { return *model_; }
@@ -285,6 +293,8 @@ class Session {
   // Among ranks, over `world` (host words): every rank creates its session with the same model
   // and options (threads aside), or every rank fails with InvalidArgument.
   void check_ranks_agree_to_start(Communicator& world) const;
+  using StartWords = std::array<uint64_t, kStartWords>;
+  static void agree_to_start(Communicator& world, const StartWords& mine);
   uint64_t training_settings_digest() const;
   // What a pass among ranks needs every rank to share: eval mode, ep_overlap, ep_chunks (set_eval
   // and set_config are local calls).

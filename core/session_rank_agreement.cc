@@ -25,49 +25,91 @@ static_assert(
             static_cast<decltype(std::declval<const TrainingConfig&>().fields())*>(nullptr)),
     "TrainingConfig has a field that TrainingConfig::fields() does not list");
 
-void Session::check_ranks_agree_to_start(Communicator& world) const {
-  ContentHasher model;
-  hash_model(model, *model_);
-  // Each word with what it means, and whether its value says something (not for digests); every
-  // rank compares the same words in the same order, so every rank refuses alike. Threads may
-  // differ: results do not depend on them.
-  struct Word {
-    uint64_t value;
-    const char* name;
-    bool show;
-  };
-  const std::array<Word, 11> words{{
-      {static_cast<uint64_t>(options_.expert_parallel), "the expert-parallel size", true},
-      {static_cast<uint64_t>(options_.mode), "the mode (0 inference, 1 training)", true},
-      {static_cast<uint64_t>(options_.precision.value_or(
-           options_.device == Device::Cuda ? Precision::Bf16 : Precision::Fp32)),
-       "the precision (0 fp32, 1 bf16, 2 fp8)", true},
-      {static_cast<uint64_t>(options_.fp8.power_of_two_scales), "fp8_scales (1: ue8m0)", true},
-      {static_cast<uint64_t>(options_.device), "the device (0 CPU, 1 CUDA)", true},
-      {static_cast<uint64_t>(options_.ep_chunks), "ep_chunks", true},
-      {static_cast<uint64_t>(options_.ep_overlap), "ep_overlap", true},
-      {static_cast<uint64_t>(options_.global_aux), "aux_loss_scope (1: global)", true},
-      {options_.seed, "the seed", true},
-      {training_settings_digest(), "other training settings (set_config)", false},
-      {model.digest(), "another model (its layers, tensors or values)", false},
-  }};
-  std::array<uint64_t, words.size()> mine{};
-  for (size_t i = 0; i < words.size(); ++i) mine[i] = words[i].value;
+namespace {
+
+// What every rank creates its session with: each word's name, and whether its value says
+// something (not for digests). Word 0 is set by a rank that refused its own arguments.
+struct StartField {
+  const char* name;
+  bool show;
+};
+constexpr std::array<StartField, Session::kStartWords> kStartFields{{
+    {"a refusal", false},
+    {"the expert-parallel size", true},
+    {"the mode (0 inference, 1 training)", true},
+    {"the precision (0 fp32, 1 bf16, 2 fp8)", true},
+    {"fp8_scales (1: ue8m0)", true},
+    {"the device (0 CPU, 1 CUDA)", true},
+    {"ep_chunks", true},
+    {"ep_overlap", true},
+    {"aux_loss_scope (1: global)", true},
+    {"the seed", true},
+    {"other training settings (set_config)", false},
+    {"another model (its layers, tensors or values)", false},
+}};
+
+}  // namespace
+
+void Session::agree_to_start(Communicator& world, const StartWords& mine) {
   const int size = world.size();
-  std::vector<std::array<uint64_t, words.size()>> all(static_cast<size_t>(size));
+  std::vector<StartWords> all(static_cast<size_t>(size));
   world.all_gather(mine.data(), sizeof(mine), all.data());
   const char* why =
       ": the ranks of a job create their sessions from the same model and options (threads "
       "aside); no session was created on any rank";
+  // Every rank reads the same words in the same order, so every rank refuses alike.
+  for (int r = 0; r < size; ++r)
+    if (all[r][0] != 0)
+      fail(Code::InvalidArgument, "rank ", r, " of ", size,
+           " passed a bad argument to its session's creation (its own status names it); no "
+           "session was created on any rank");
   for (int r = 1; r < size; ++r)
-    for (size_t i = 0; i < words.size(); ++i) {
+    for (size_t i = 1; i < kStartWords; ++i) {
       if (all[r][i] == all[0][i]) continue;
-      if (words[i].show)
+      if (kStartFields[i].show)
         fail(Code::InvalidArgument, "rank ", r, " of ", size, " creates its session with ",
-             words[i].name, " ", all[r][i], " and rank 0 with ", all[0][i], why);
+             kStartFields[i].name, " ", all[r][i], " and rank 0 with ", all[0][i], why);
       fail(Code::InvalidArgument, "rank ", r, " of ", size, " creates its session with ",
-           words[i].name, " than rank 0", why);
+           kStartFields[i].name, " than rank 0", why);
     }
+}
+
+void Session::check_ranks_agree_to_start(Communicator& world) const {
+  const bool training = options_.mode == Mode::Training;
+  const Precision precision = options_.precision.value_or(
+      options_.device == Device::Cuda ? Precision::Bf16 : Precision::Fp32);
+  ContentHasher model;
+  hash_model(model, *model_);
+  // What does not change the computation is not compared: training settings of an inference
+  // session, the FP8 scale rule of another precision.
+  const StartWords mine{
+      0,
+      static_cast<uint64_t>(options_.expert_parallel),
+      static_cast<uint64_t>(options_.mode),
+      static_cast<uint64_t>(precision),
+      precision == Precision::Fp8 ? static_cast<uint64_t>(options_.fp8.power_of_two_scales) : 0,
+      static_cast<uint64_t>(options_.device),
+      static_cast<uint64_t>(options_.ep_chunks),
+      static_cast<uint64_t>(options_.ep_overlap),
+      static_cast<uint64_t>(options_.global_aux),
+      options_.seed,
+      training ? training_settings_digest() : 0,
+      model.digest(),
+  };
+  agree_to_start(world, mine);
+}
+
+void Session::refuse_creation(const SessionOptions& options) {
+  const std::shared_ptr<Communicator>& world = options.comm;
+  // Where creating would have met the others first: the same all-gather, marked refused.
+  if (!world || world->size() < 2 || world->memory() != CommMemory::Host) return;
+  StartWords refused{};
+  refused[0] = 1;
+  try {
+    agree_to_start(*world, refused);
+  } catch (const Error&) {
+    // This rank's own error is the caller's to throw.
+  }
 }
 
 uint64_t Session::training_settings_digest() const {

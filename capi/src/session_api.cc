@@ -99,8 +99,12 @@ moert_status* moert_session_options_set_config(moert_session_options* options, c
 moert_status* moert_session_create(const moert_model* model, const moert_session_options* options,
                                    moert_session** out) {
   return guarded([&] {
-    require(model, "model");
-    require(out, "out");
+    if (!model || !out) {
+      // Among ranks, the others are already on their way into the creation's collective.
+      if (options) moert::Session::refuse_creation(options->options);
+      require(model, "model");
+      require(out, "out");
+    }
     const moert::SessionOptions opts = options ? options->options : moert::SessionOptions{};
     auto s = std::make_unique<moert_session>(
         moert_session{std::make_unique<moert::Session>(model->model, opts)});

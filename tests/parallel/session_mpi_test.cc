@@ -371,6 +371,17 @@ TEST(SessionMpi, SessionsOfDifferentOptionsOrModelsAreRefusedEverywhere) {
         << c.want;
     EXPECT_EQ(s, nullptr);
   }
+  // A rank that passes NULL for `out` cannot create its session: it still meets the others in
+  // the creation's first collective, so they fail at once rather than at the timeout.
+  moert_session_options* o = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_create(&o)));
+  OptionsPtr opts(o);
+  ASSERT_TRUE(IsOk(moert_session_options_set_comm(o, g_comm, g_size)));
+  moert_session* s = nullptr;
+  EXPECT_TRUE(IsError(moert_session_create(m.get(), o, odd ? nullptr : &s),
+                      MOERT_ERR_INVALID_ARGUMENT,
+                      {odd ? "out" : "passed a bad argument to its session's creation"}));
+  EXPECT_EQ(s, nullptr);
   ASSERT_TRUE(IsOk(moert_comm_barrier(g_comm)));
 }
 

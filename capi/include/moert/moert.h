@@ -527,7 +527,10 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * handle). `comm` NULL with expert_parallel 1 detaches it. Creating a session is collective over
  * the communicator, and every rank creates it from the same model (content) and options, threads
  * aside; otherwise every rank fails with MOERT_ERR_INVALID_ARGUMENT naming the first rank and
- * option that differ (on an MPI communicator, before anything waits on the others).
+ * option that differ (on an MPI communicator, before anything waits on the others; training
+ * settings only for training sessions, fp8_scales only for precision fp8). A rank whose
+ * moert_session_create() is refused for its own arguments (a NULL model or out) still meets the
+ * others there on an MPI communicator, and they fail at once.
  *
  * What such sessions do (DESIGN.md section 2): each rank feeds its own rows; a MoE layer sends
  * each token once to every rank that computes one of its experts and sums the results in expert
