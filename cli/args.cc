@@ -1,5 +1,6 @@
 #include "cli/args.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <stdexcept>
@@ -89,6 +90,19 @@ std::string Args::str(const std::string& flag, const std::string& fallback) cons
   declared(flag);
   auto it = values_.find(flag);
   return it == values_.end() ? fallback : it->second;
+}
+
+std::string Args::canonical(const std::vector<std::string>& except) const {
+  std::string out;
+  // Lengths first: no text can be mistaken for a separator.
+  auto put = [&out](const std::string& s) { out += std::to_string(s.size()) + ":" + s; };
+  for (const auto& p : positional_) put(p);
+  for (const auto& [name, values] : every_) {
+    if (std::find(except.begin(), except.end(), name) != except.end()) continue;
+    put("--" + name);
+    for (const auto& v : values) put(v);
+  }
+  return out;
 }
 
 int64_t parse_integer(const std::string& what, const std::string& text, int64_t lo, int64_t hi) {

@@ -44,6 +44,9 @@ class Args {
   // Numbers are checked against [lo, hi]; a malformed or out-of-range value is a UsageError.
   int64_t integer(const std::string& flag, int64_t fallback, int64_t lo, int64_t hi) const;
   double real(const std::string& flag, double fallback, double lo, double hi) const;
+  // The positional arguments and every flag's values, in a canonical order, but for the flags
+  // named in `except`: what the ranks of a job compare to learn they were started alike.
+  std::string canonical(const std::vector<std::string>& except) const;
 
  private:
   const Flag& declared(const std::string& flag) const;

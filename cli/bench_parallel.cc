@@ -198,8 +198,8 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
     fwd_bwd.single_before = t.forward_backward;
   }
 
-  const Job job =
-      join_job(ep, MOERT_DEVICE_CPU, args.real("comm-timeout", 600.0, 1e-3, 31536000.0));
+  const Job job = join_job(ep, MOERT_DEVICE_CPU, args.real("comm-timeout", 600.0, 1e-3, 31536000.0),
+                           args.canonical({"threads", "comm-timeout"}));
   if (job.size != launch.size)
     fail("MPI reports ", job.size, " processes where mpirun announced ", launch.size);
   // The rank's rows of the global batch time_layer() fed the single process.

@@ -202,7 +202,8 @@ int run_train(const Args& args) {
   if (args.has("comm-timeout") && !args.has("expert-parallel"))
     usage_fail("--comm-timeout applies only with --expert-parallel");
   const Job job = join_job(args.integer("expert-parallel", 0, 1, 1 << 20), st.device,
-                           args.real("comm-timeout", 600.0, 1e-3, 31536000.0));
+                           args.real("comm-timeout", 600.0, 1e-3, 31536000.0),
+                           args.canonical({"threads", "comm-timeout"}));
   st.job = &job;
   if (st.batch % static_cast<uint64_t>(job.size) != 0)
     usage_fail("--batch ", st.batch, " does not split evenly over the job's ", job.size,

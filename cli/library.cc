@@ -111,7 +111,31 @@ Launch mpirun_launch() {
   return l;
 }
 
-Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout) {
+namespace {
+
+// Whether every rank passed the same `text`, learnt through the C ABI's all-reduce of doubles:
+// the text's 64-bit hash in eight bytes, each summed with its square over the ranks; the bytes
+// are all equal exactly when size * sum(v^2) == sum(v)^2, and every figure is an integer that a
+// double holds exactly for jobs of up to 300,000 ranks.
+bool same_on_every_rank(moert_comm* comm, int32_t size, const std::string& text) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a: the same on every build, unlike std::hash
+  for (const char c : text) h = (h ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
+  double sums[16];
+  for (int i = 0; i < 8; ++i) {
+    const double v = static_cast<double>((h >> (8 * i)) & 0xFF);
+    sums[2 * i] = v;
+    sums[2 * i + 1] = v * v;
+  }
+  check(moert_comm_all_reduce_sum(comm, sums, 16), "MPI");
+  for (int i = 0; i < 8; ++i)
+    if (static_cast<double>(size) * sums[2 * i + 1] != sums[2 * i] * sums[2 * i]) return false;
+  return true;
+}
+
+}  // namespace
+
+Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
+             const std::string& arguments) {
   Job job;
   if (expert_parallel == 0) {
     if (const Launch l = mpirun_launch(); l.size > 1)
@@ -124,6 +148,10 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout) {
   if (comm_timeout > 0) check(moert_comm_set_timeout(job.comm, comm_timeout), "--comm-timeout");
   check(moert_comm_rank(job.comm, &job.rank), "MPI");
   check(moert_comm_size(job.comm, &job.size), "MPI");
+  if (!same_on_every_rank(job.comm, job.size, arguments))
+    usage_fail("the job's ", job.size,
+               " processes were started with different arguments (threads and --comm-timeout "
+               "aside): every rank takes the same command line");
   if (expert_parallel > job.size || job.size % expert_parallel != 0)
     usage_fail("--expert-parallel ", expert_parallel, " does not divide the job's ", job.size,
                " processes");

@@ -76,8 +76,11 @@ Launch mpirun_launch();
 // every rank fails with the reason (the ranks agree over MPI before NCCL's collective creation,
 // which would wait for the missing rank until its timeout).
 // `comm_timeout`: seconds every collective of the job waits for the other ranks (0: the
-// library's default, 600); a dead rank makes the others fail after it.
-Job join_job(int64_t expert_parallel, int32_t device = MOERT_DEVICE_CPU, double comm_timeout = 0);
+// library's default, 600); a dead rank makes the others fail after it. `arguments`
+// (Args::canonical) must be the same on every rank: a rank started with others (another
+// --batch, say) would train another job than rank 0 reports; refused on every rank.
+Job join_job(int64_t expert_parallel, int32_t device = MOERT_DEVICE_CPU, double comm_timeout = 0,
+             const std::string& arguments = "");
 
 struct SessionConfig {
   int32_t device = MOERT_DEVICE_CPU;

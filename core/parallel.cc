@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 
 #include "core/backend.h"
 #include "core/device_comm.h"
@@ -13,6 +16,15 @@ namespace moert {
 ParallelContext::ParallelContext(std::shared_ptr<Communicator> world, int ep)
     : world_(std::move(world)), ep_(ep) {
   if (dp() > 1) replicas_ = world_->split(rank() % ep_, rank() / ep_);
+}
+
+void ParallelContext::number_session() {
+  // Keyed by the communicator's control block: held weakly, it is never reused while listed.
+  static std::mutex mu;
+  static std::map<std::weak_ptr<Communicator>, uint64_t, std::owner_less<>> created;
+  std::lock_guard<std::mutex> lock(mu);
+  std::erase_if(created, [](const auto& entry) { return entry.first.expired(); });
+  session_ = ++created[world_];
 }
 
 void ParallelContext::attach(Backend& be) {
@@ -49,8 +61,9 @@ namespace {
 struct Verdict {
   int32_t failed = 0;
   int32_t code = 0;
-  char call[24] = {};  // the public function the rank is in: ranks in different ones all fail
-  uint64_t same = 0;   // what every rank must hold alike for this call
+  uint64_t session = 0;  // which of the communicator's sessions (number_session())
+  char call[24] = {};    // the public function the rank is in: ranks in different ones all fail
+  uint64_t same = 0;     // what every rank must hold alike for this call
   char message[248] = {};
 };
 
@@ -84,6 +97,7 @@ void ParallelContext::gather_shards(const float* mine, int64_t n, float* full) {
 void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t same,
                             const char* same_what) {
   Verdict mine;
+  mine.session = session_;
   mine.same = same;
   std::strncpy(mine.call, call, sizeof(mine.call) - 1);
   if (local) {
@@ -121,6 +135,14 @@ void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t
   // Ranks in different calls (one in a forward, another in a load) matched this all-gather only
   // because it has one shape everywhere: none may go on. Every rank reads the same words in the
   // same order, so every rank refuses alike.
+  for (int r = 1; r < size(); ++r)
+    if (all[r].session != all[0].session)
+      fail(Code::InvalidState, "rank ", r, " of ", size(), " is in a call on session #",
+           all[r].session, " of the communicator where rank 0 is in one on session #",
+           all[0].session,
+           ": every rank calls the sessions it shares with the others in the same order; the "
+           "call failed on every rank (a forward's pending pass is discarded, nothing else "
+           "changed)");
   for (int r = 1; r < size(); ++r)
     if (std::strncmp(all[r].call, all[0].call, sizeof(mine.call)) != 0)
       fail(Code::InvalidState, "rank ", r, " of ", size(), " called ",

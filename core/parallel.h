@@ -36,6 +36,11 @@ class ParallelContext {
   // Collective: binds the context to the session's backend, once it exists. A device
   // communicator (CommMemory::Device) then gets its two views (core/device_comm.h).
   void attach(Backend& be);
+  // Numbers the session this context serves among those created over its world communicator
+  // (1, 2, ...): the same number on every rank, since creating a session is collective. Every
+  // agree() then carries it, so that ranks calling two sessions of one communicator in different
+  // orders fail instead of pairing one session's pass with the other's.
+  void number_session();
   // The job's ranks, for buffers in backend memory (which is host memory on the CPU).
   Communicator& world() const { return device_world_ ? *device_world_ : *world_; }
   // The job's ranks, for buffers in host memory: the session's own bookkeeping.
@@ -113,6 +118,7 @@ class ParallelContext {
   CommTimes times;
 
  private:
+  uint64_t session_ = 0;  // number_session()
   std::shared_ptr<Communicator> world_;
   std::shared_ptr<Communicator> replicas_;
   // Device communicators' views: backend memory after the backend's queued work, host memory.

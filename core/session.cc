@@ -225,6 +225,8 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
     std::rethrow_exception(failed);
   if (par_ && options_.comm->memory() == CommMemory::Device)
     check_ranks_agree_to_start(par_->host());
+  // Last: only a session every rank has created counts.
+  if (par_) par_->number_session();
 }
 
 void Session::build() {

@@ -104,7 +104,7 @@ struct StepInfo {
 class Session {
  public:
   // Words of the ranks' record compared when a session is created among ranks.
-  static constexpr size_t kStartWords = 12;
+  static constexpr size_t kStartWords = 14;
   // A caller that cannot create its session (the C ABI's NULL model or out) among ranks: takes
   // part in the creation's first collective as a refusal, so that the other ranks fail at once
   // (InvalidArgument naming this rank) instead of waiting for it until the timeout. Over a host

@@ -44,6 +44,8 @@ constexpr std::array<StartField, Session::kStartWords> kStartFields{{
     {"ep_overlap", true},
     {"aux_loss_scope (1: global)", true},
     {"the seed", true},
+    {"check_finite", true},
+    {"layout_copies (0 auto, 1 on, 2 off)", true},
     {"other training settings (set_config)", false},
     {"another model (its layers, tensors or values)", false},
 }};
@@ -93,6 +95,8 @@ void Session::check_ranks_agree_to_start(Communicator& world) const {
       static_cast<uint64_t>(options_.ep_overlap),
       static_cast<uint64_t>(options_.global_aux),
       options_.seed,
+      static_cast<uint64_t>(options_.check_finite),
+      static_cast<uint64_t>(options_.layouts),
       training ? training_settings_digest() : 0,
       model.digest(),
   };

@@ -148,12 +148,12 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
-  // Checks the communicator and the arguments, numbers the operation and queues it. An argument
+  // Checks the arguments and the communicator, numbers the operation and queues it. An argument
   // error breaks the communicator: the peers would otherwise wait for this rank until their
-  // timeout.
+  // timeout. Arguments first: a rank that passed bad ones hears of its own error, not of a peer
+  // whose same bad arguments broke the communicator a moment before.
   template <typename Make>
   Request start(comm::Op op, Make&& make) {
-    state_->health.check(op);
     std::shared_ptr<Operation> operation;
     {
       std::lock_guard<std::mutex> lock(state_->seq_mu);
@@ -166,6 +166,7 @@ class MpiCommunicator final : public Communicator {
             false);
         throw;
       }
+      state_->health.check(op);
       ++state_->next_seq;
       engine_.submit(state_, operation);
     }

@@ -72,3 +72,14 @@ execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 2 ${MO
 if(rc EQUAL 0 OR NOT err MATCHES "--expert-parallel")
   message(FATAL_ERROR "mpirun without --expert-parallel: ${rc}\n${err}")
 endif()
+# Ranks started with different command lines (MPMD: another --batch on rank 1) would train
+# another job than rank 0 reports: refused on every rank.
+execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 1 ${MOERT} ${args}
+                        --expert-parallel 2 : -np 1 ${MOERT} ${args} --batch 128
+                        --expert-parallel 2
+                OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
+string(REGEX MATCHALL "started with different arguments" said "${err}")
+list(LENGTH said n)
+if(rc EQUAL 0 OR NOT n EQUAL 2)
+  message(FATAL_ERROR "ranks with different arguments: ${rc}\n${err}")
+endif()

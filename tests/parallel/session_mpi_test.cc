@@ -335,6 +335,39 @@ TEST(SessionMpi, RanksInDifferentCallsAllFail) {
   EXPECT_TRUE(same(out, before));
 }
 
+// Two sessions over one communicator (A/B serving of two versions of a model), called in a
+// different order on one rank: their passes' collectives have the same shapes, so without the
+// session's number in the agreement a pass of one would pair with the other's and return wrong
+// outputs with OK. Every call fails instead; in the same order everywhere, both answer.
+TEST(SessionMpi, TwoSessionsCalledInDifferentOrdersFail) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(hidden_baseline());
+  ModelDesc other_desc = hidden_baseline();
+  other_desc.seed = 99;
+  ModelPtr other = load(other_desc);
+  SessionPtr a = session(m.get(), false, g_size, true);
+  SessionPtr b = session(other.get(), false, g_size, true);
+  const int64_t n = 64;
+  std::vector<float> x(n * 8, 0.25f), out(n * 16);
+  const bool reversed = g_rank == g_size - 1;
+  for (moert_session* s : reversed ? std::vector{b.get(), a.get()} : std::vector{a.get(), b.get()})
+    EXPECT_TRUE(IsError(moert_session_forward_hidden(s, x.data(), n * 8, n, out.data(), out.size()),
+                        MOERT_ERR_INVALID_STATE, {"session #"}));
+  std::vector<float> want_a(out.size()), want_b(out.size());
+  SessionPtr alone_a = session(m.get(), false, 1, false),
+             alone_b = session(other.get(), false, 1, false);
+  ASSERT_TRUE(IsOk(moert_session_forward_hidden(alone_a.get(), x.data(), n * 8, n, want_a.data(),
+                                                want_a.size())));
+  ASSERT_TRUE(IsOk(moert_session_forward_hidden(alone_b.get(), x.data(), n * 8, n, want_b.data(),
+                                                want_b.size())));
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(a.get(), x.data(), n * 8, n, out.data(), out.size())));
+  EXPECT_TRUE(same(out, want_a));
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(b.get(), x.data(), n * 8, n, out.data(), out.size())));
+  EXPECT_TRUE(same(out, want_b));
+}
+
 // Ranks that create their sessions from other options or another model are refused on every rank
 // at once, with the communicator left usable -- before the split that ranks of other
 // expert-parallel sizes would wait in until the timeout.
@@ -356,6 +389,8 @@ TEST(SessionMpi, SessionsOfDifferentOptionsOrModelsAreRefusedEverywhere) {
       {m.get(), g_size, {{"precision", odd ? "bf16" : "fp32"}}, "the precision"},
       {m.get(), g_size, {{"ep_chunks", odd ? "3" : "2"}}, "ep_chunks"},
       {m.get(), g_size, {{"lr", odd ? "0.5" : "0.02"}}, "training settings"},
+      {m.get(), g_size, {{"check_finite", odd ? "false" : "true"}}, "check_finite"},
+      {m.get(), g_size, {{"layout_copies", odd ? "off" : "on"}}, "layout_copies"},
       {odd ? other.get() : m.get(), g_size, {}, "another model"},
   };
   for (const Case& c : cases) {
