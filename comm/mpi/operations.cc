@@ -349,40 +349,20 @@ class Broadcast final : public Operation {
   int step_ = 0;
 };
 
-// The agreement alone: it completes on a rank only once every rank has posted it.
-class Barrier final : public Operation {
+// The agreement alone (barrier, agree): it completes on a rank only once every rank has posted
+// it. `all_ok` (agree) receives whether no rank passed ok = false.
+class AgreementOnly final : public Operation {
  public:
-  explicit Barrier(uint64_t seq) : Operation(comm::Op::Barrier, seq) {}
+  AgreementOnly(comm::Op op, uint64_t seq, bool ok, std::shared_ptr<bool> all_ok)
+      : Operation(op, seq), agreement_({}, 0, !ok), all_ok_(std::move(all_ok)) {}
   bool advance(CommState& c, Posted& out) override {
-    switch (step_++) {
-      case 0:
-        agreement_.post(*this, c, out);
-        return true;
-      default:
-        agreement_.check(*this);
-        return false;
+    if (step_++ == 0) {
+      agreement_.post(*this, c, out);
+      return true;
     }
-  }
-
- private:
-  Agreement agreement_;
-  int step_ = 0;
-};
-
-class Agree final : public Operation {
- public:
-  Agree(uint64_t seq, bool ok, std::shared_ptr<bool> all_ok)
-      : Operation(comm::Op::Agree, seq), agreement_({}, 0, !ok), all_ok_(std::move(all_ok)) {}
-  bool advance(CommState& c, Posted& out) override {
-    switch (step_++) {
-      case 0:
-        agreement_.post(*this, c, out);
-        return true;
-      default:
-        agreement_.check(*this);
-        *all_ok_ = !agreement_.any_flag();
-        return false;
-    }
+    agreement_.check(*this);
+    if (all_ok_) *all_ok_ = !agreement_.any_flag();
+    return false;
   }
 
  private:
@@ -447,10 +427,12 @@ std::shared_ptr<Operation> make_broadcast(uint64_t seq, void* data, int64_t byte
   return std::make_shared<Broadcast>(seq, data, bytes, root);
 }
 
-std::shared_ptr<Operation> make_barrier(uint64_t seq) { return std::make_shared<Barrier>(seq); }
+std::shared_ptr<Operation> make_barrier(uint64_t seq) {
+  return std::make_shared<AgreementOnly>(comm::Op::Barrier, seq, true, nullptr);
+}
 
 std::shared_ptr<Operation> make_agree(uint64_t seq, bool ok, std::shared_ptr<bool> all_ok) {
-  return std::make_shared<Agree>(seq, ok, std::move(all_ok));
+  return std::make_shared<AgreementOnly>(comm::Op::Agree, seq, ok, std::move(all_ok));
 }
 
 }  // namespace moert::mpi

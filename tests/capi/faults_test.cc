@@ -233,17 +233,21 @@ TEST(Faults, ABackwardThatFailsMidwayBlocksTheStepUntilZeroGrad) {
 
 // top_k = 1 with renormalisation: every gate weight is the scaling factor, the router gets no
 // gradient. Training refuses it and says why; inference runs it.
+// Creates a training session of `model` (the status, owned by the caller).
+moert_status* create_training(const moert_model* model, moert_session** s) {
+  moert_session_options* raw = nullptr;
+  if (moert_status* st = moert_session_options_create(&raw)) return st;
+  OptionsPtr o(raw);
+  if (moert_status* st = moert_session_options_set_mode(raw, MOERT_MODE_TRAINING)) return st;
+  return moert_session_create(model, raw, s);
+}
+
 TEST(Faults, ARouterThatCannotLearnIsRefusedForTraining) {
   ModelDesc d = two_expert_lossfree();
   d.layers[0].moe.normalize_weights = true;
   ModelPtr m = load(d);
-  OptionsPtr o;
-  moert_session_options* raw = nullptr;
-  ASSERT_TRUE(IsOk(moert_session_options_create(&raw)));
-  o.reset(raw);
-  ASSERT_TRUE(IsOk(moert_session_options_set_mode(raw, MOERT_MODE_TRAINING)));
   moert_session* s = nullptr;
-  EXPECT_TRUE(IsError(moert_session_create(m.get(), raw, &s), MOERT_ERR_INVALID_ARGUMENT,
+  EXPECT_TRUE(IsError(create_training(m.get(), &s), MOERT_ERR_INVALID_ARGUMENT,
                       {"moe0", "top_k = 1", "normalize_weights", "no gradient"}));
   EXPECT_EQ(s, nullptr);
   SessionPtr inference = session(m.get(), MOERT_MODE_INFERENCE);
@@ -302,13 +306,8 @@ TEST(Faults, StatusMessagesAreOneLine) {
   d.layers[0].name = "moe\n0\tx\x7Fy";
   d.layers[0].moe.normalize_weights = true;  // top_k = 1: a router that cannot learn
   ModelPtr m = load(d);
-  OptionsPtr o;
-  moert_session_options* raw = nullptr;
-  ASSERT_TRUE(IsOk(moert_session_options_create(&raw)));
-  o.reset(raw);
-  ASSERT_TRUE(IsOk(moert_session_options_set_mode(raw, MOERT_MODE_TRAINING)));
   moert_session* s = nullptr;
-  moert_status* st = moert_session_create(m.get(), raw, &s);
+  moert_status* st = create_training(m.get(), &s);
   ASSERT_NE(st, nullptr);
   std::string msg = moert_status_message(st);
   moert_status_free(st);
