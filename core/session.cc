@@ -232,7 +232,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
 void Session::build() {
   if (par_) check_parallel();
   const bool cuda = options_.device == Device::Cuda;
-  precision_ = options_.precision.value_or(cuda ? Precision::Bf16 : Precision::Fp32);
+  precision_ = options_.effective_precision();
   if (cuda && precision_ == Precision::Fp32)
     fail(Code::Unsupported,
          "precision fp32 is not available on CUDA: the CUDA backend multiplies in bf16 (fp32 "

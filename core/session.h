@@ -67,6 +67,10 @@ struct SessionOptions {
   // Unset: the device's own (CPU fp32, CUDA bf16). CUDA refuses fp32 (Unsupported): it
   // multiplies in bf16.
   std::optional<Precision> precision;
+  // The precision a session of these options computes in.
+  Precision effective_precision() const {
+    return precision.value_or(device == Device::Cuda ? Precision::Bf16 : Precision::Fp32);
+  }
   Fp8Options fp8;  // how precision fp8 multiplies (option "fp8_scales")
   // Which copies laid out for the forward's GEMMs the CPU keeps of FFN weights (option
   // "layout_copies").

@@ -78,8 +78,7 @@ void Session::agree_to_start(Communicator& world, const StartWords& mine) {
 
 void Session::check_ranks_agree_to_start(Communicator& world) const {
   const bool training = options_.mode == Mode::Training;
-  const Precision precision = options_.precision.value_or(
-      options_.device == Device::Cuda ? Precision::Bf16 : Precision::Fp32);
+  const Precision precision = options_.effective_precision();
   ContentHasher model;
   hash_model(model, *model_);
   // What does not change the computation is not compared: training settings of an inference
