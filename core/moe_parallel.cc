@@ -178,7 +178,7 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
       meta_moving[c]->wait();
       par_->times.dispatch += seconds(t);
     }
-  residual_and_shared(be, x, y, rows, train);
+  par_->compute([&] { residual_and_shared(be, x, y, rows, train); });
 
   // This rank's slots: expert-major, each local expert's range of its global list in order — the
   // chunks one process would compute for it.
@@ -253,9 +253,11 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     upload_vector(be, g.weight, std::vector<float>(r_weight.begin() + s0, r_weight.begin() + s1));
     upload_vector(be, g.expert, std::vector<int32_t>(r_expert.begin() + s0, r_expert.begin() + s1));
     const auto te = Clock::now();
-    experts_forward(be, g, sharding.first_expert() + l0, ex.x_recv.data(), x_perm_.data() + s0 * D,
-                    train, y_perm_.data() + s0 * D, train ? h1_.data() + s0 * H : nullptr,
-                    train ? h3_.data() + s0 * H : nullptr);
+    par_->compute([&] {
+      experts_forward(be, g, sharding.first_expert() + l0, ex.x_recv.data(),
+                      x_perm_.data() + s0 * D, train, y_perm_.data() + s0 * D,
+                      train ? h1_.data() + s0 * H : nullptr, train ? h3_.data() + s0 * H : nullptr);
+    });
     par_->times.experts += seconds(te);
     // Its results go back at once, each to its token's rank, in the order that rank listed them.
     gather_plan(be, ex.ret[c], ret_slots);
@@ -321,7 +323,7 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
       moving[c]->wait();
       par_->times.dispatch += seconds(t);
     }
-  shared_backward(be, dy, dx, rows);
+  par_->compute([&] { shared_backward(be, dy, dx, rows); });
   dweight_.resize(be, static_cast<size_t>(A));
   ex.scratch.resize(be, static_cast<size_t>(std::max(A * D, a_local)));
   be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D);
@@ -349,10 +351,13 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
     const auto te = Clock::now();
     be.combine_backward(g, y_perm_.data() + s0 * D, ex.dy_recv.data(), dy_perm_.data() + s0 * D,
                         ex.scratch.data(), D);
-    experts_backward(
-        be, g, par_->sharding(E).first_expert() + l0, x_perm_.data() + s0 * D, h1_.data() + s0 * H,
-        h3_.data() + s0 * H, dy_perm_.data() + s0 * D, dx_perm_.data() + s0 * D,
-        replicated ? ex.expert_roots.data() + 3 * l0 : nullptr, ex.first_chunk.data() + l0);
+    par_->compute([&] {
+      experts_backward(be, g, par_->sharding(E).first_expert() + l0, x_perm_.data() + s0 * D,
+                       h1_.data() + s0 * H, h3_.data() + s0 * H, dy_perm_.data() + s0 * D,
+                       dx_perm_.data() + s0 * D,
+                       replicated ? ex.expert_roots.data() + 3 * l0 : nullptr,
+                       ex.first_chunk.data() + l0);
+    });
     par_->times.experts += seconds(te);
     // Each assignment's input gradient back to its token's rank.
     const int64_t a0 = asg_at[static_cast<size_t>(c * R)];

@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
 #include "core/communicator.h"
+#include "core/error.h"
 #include "core/expert_parallel.h"
 #include "core/grad_reduction.h"
 
@@ -94,6 +96,29 @@ class ParallelContext {
   void agree(std::exception_ptr local, const char* call, uint64_t same = 0,
              const char* same_what = nullptr);
 
+  // Runs this rank's own computation in the middle of a layer's exchanges (its experts, its
+  // shared experts). A failure there (an FP8 quantizer meeting a NaN with check_finite off, the
+  // backend out of memory) is held instead of thrown: the rank still makes every exchange of
+  // the pass, so that its peers are not left waiting for it until the timeout, and the session
+  // raises the failure at the call's closing agreement (held_failure()), where every rank fails
+  // the call. Once a failure is held, the call's later computations are skipped: their results
+  // are discarded with it. A communication failure is thrown at once.
+  template <typename F>
+  void compute(F&& f) {
+    if (held_) return;
+    try {
+      f();
+    } catch (const Error& e) {
+      if (e.code() == Code::Comm) throw;
+      held_ = std::current_exception();
+    } catch (const std::bad_alloc&) {
+      held_ = std::make_exception_ptr(Error(Code::OutOfMemory, "out of memory"));
+    }
+  }
+  // The failure compute() holds, or null; the session drops it when a call begins and ends.
+  std::exception_ptr held_failure() const { return held_; }
+  void drop_held_failure() { held_ = nullptr; }
+
   // One gradient's local roots and where its total goes: `acc` (backend memory) of n floats, or
   // for a sparse gradient (the embedding table's: GradRoots::rows) rows of n floats.
   struct Roots {
@@ -130,6 +155,7 @@ class ParallelContext {
   std::vector<int64_t> rows_;
   int64_t first_row_ = 0, total_rows_ = 0, first_chunk_ = 0;
   bool aligned_ = true;
+  std::exception_ptr held_;  // compute()
 };
 
 }  // namespace moert

@@ -569,6 +569,10 @@ std::string Session::check_output(size_t layer, const float* y) const {
 }
 
 void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass, std::string bad) {
+  // Among ranks, a layer's own computation that fails is held (ParallelContext::compute) while
+  // the pass's exchanges go on, and refused with the pass at its end.
+  std::exception_ptr held;
+  if (par_) par_->drop_held_failure();
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
     act.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[i].out_width);
@@ -577,18 +581,35 @@ void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass
     } catch (const Error& e) {
       throw with_unchecked_source(e, i, x, model_->layers[i].in_width, "input");
     }
+    if (par_ && !held && par_->held_failure())
+      held = held_with_source(par_->held_failure(), i, x, model_->layers[i].in_width, "input");
     std::string why = check_output(i, act.data());
     if (bad.empty()) bad = std::move(why);
     x = act.data();
   }
-  if (par_)
+  if (par_) {
+    par_->drop_held_failure();
     collective_step("forward", Failure::DiscardsPass, [&] {
+      if (held) std::rethrow_exception(held);
       if (!bad.empty()) fail(Code::Numeric, bad);
     });
+  }
   deliver_rows(x, model_->output_width, out);
   // Statistics become visible only now that nothing can fail: a refused pass counts nothing.
   for (auto& l : layers_) l->commit_stats(pass);
   pending_backward_ = pass == Pass::Train;
+}
+
+std::exception_ptr Session::held_with_source(std::exception_ptr held, size_t layer,
+                                             const float* rows, int64_t width,
+                                             const char* what) const {
+  try {
+    std::rethrow_exception(held);
+  } catch (const Error& e) {
+    return std::make_exception_ptr(with_unchecked_source(e, layer, rows, width, what));
+  } catch (...) {
+    return std::current_exception();
+  }
 }
 
 Error Session::with_unchecked_source(const Error& e, size_t layer, const float* rows, int64_t width,
@@ -617,14 +638,18 @@ void Session::finish_empty_pass(float* out, Pass pass) {
 
 // dy_ holds the gradient of the outputs; grad_in (backend memory) receives the input's, if asked.
 // Once it has begun, a failure leaves part of this micro-batch's gradient accumulated: the step is
-// then refused until zero_grad discards it.
-double Session::run_backward(float* grad_in) {
+// then refused until zero_grad discards it. Ends with `call`'s closing agreement among ranks.
+double Session::run_backward(float* grad_in, const char* call) {
   const int64_t rows = last_rows_;
   double aux = 0.0;
   try {
     // Among ranks every rank runs every layer, rows or not: the layers' exchanges are collective.
     const bool roots = par_ && par_->root_reduction();
     store_->set_row_share(roots, roots ? par_->first_chunk() : 0);
+    // Roots a failed backward handed out are not this one's.
+    store_->take_roots();
+    std::exception_ptr held;  // as in run_from
+    if (par_) par_->drop_held_failure();
     // Device backends: this backward's gradients go to zeroed buffers of their own, all-reduced
     // and added once it is done.
     const bool local = par_ && !roots;
@@ -645,8 +670,24 @@ double Session::run_backward(float* grad_in) {
         throw with_unchecked_source(e, i, dy_.data(), model_->layers[i].out_width,
                                     "output gradient");
       }
+      if (par_ && !held && par_->held_failure())
+        held = held_with_source(par_->held_failure(), i, dy_.data(), model_->layers[i].out_width,
+                                "output gradient");
       if (i > 0) std::swap(dy_, dx_);
     }
+    if (par_) par_->drop_held_failure();
+    std::string why;
+    if (grad_in && options_.check_finite) {
+      if (const std::string at = nonfinite_at(grad_in, model_->input_width); !at.empty())
+        why = cat("the input gradient holds a NaN or infinity at ", at,
+                  " although grad_out is finite: a value exceeded the fp32 range");
+    }
+    // Every rank has made the layers' exchanges: all learn here whether any failed, before the
+    // gradients are combined (a rank that failed holds part of its roots only).
+    collective_step(call, Failure::KeepsPass, [&] {
+      if (held) std::rethrow_exception(held);
+      if (!why.empty()) fail(Code::Numeric, why);
+    });
     if (par_ && roots) combine_gradients();
     if (local) reduce_local_gradients();
   } catch (const Error& e) {
@@ -730,7 +771,7 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
   }
   if (par_) chunk_loss = par_->gather(chunk_loss);
   const double ce = chunk_loss.empty() ? 0.0 : tree_sum(std::move(chunk_loss));
-  return ce * inv_rows + run_backward(nullptr);
+  return ce * inv_rows + run_backward(nullptr, "backward_loss");
 }
 
 double Session::backward(const float* grad_out, uint64_t grad_out_len, float* grad_in,
@@ -755,22 +796,7 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
   });
   // Kept between calls: a fresh buffer each call costs a page fault per 4 KiB on the CPU.
   if (grad_in) grad_in_.resize(*backend_, static_cast<size_t>(last_rows_ * in_w));
-  const double aux = run_backward(grad_in ? grad_in_.data() : nullptr);
-  std::string why;
-  if (grad_in && options_.check_finite) {
-    if (const std::string at = nonfinite_at(grad_in_.data(), in_w); !at.empty())
-      why = cat("the input gradient holds a NaN or infinity at ", at,
-                " although grad_out is finite: a value exceeded the fp32 range");
-  }
-  // The gradients are accumulated by now: a failure here blocks the step, on every rank.
-  try {
-    collective_step("backward", Failure::KeepsPass, [&] {
-      if (!why.empty()) fail(Code::Numeric, why);
-    });
-  } catch (const Error& e) {
-    poison_step(e.code(), e.message());
-    throw;
-  }
+  const double aux = run_backward(grad_in ? grad_in_.data() : nullptr, "backward");
   if (grad_in) deliver_rows(grad_in_.data(), in_w, grad_in);
   return aux;
 }

@@ -257,8 +257,11 @@ class Session {
   // in the caller's rows.
   Error with_unchecked_source(const Error& e, size_t layer, const float* rows, int64_t width,
                               const char* what) const;
+  // The same for a failure held among ranks (ParallelContext::compute).
+  std::exception_ptr held_with_source(std::exception_ptr held, size_t layer, const float* rows,
+                                      int64_t width, const char* what) const;
   void finish_empty_pass(float* out, Pass pass);
-  double run_backward(float* grad_in);
+  double run_backward(float* grad_in, const char* call);
   void poison_step(Code code, const std::string& why);
   // Among ranks, after a backward: every gradient's roots combined into the job's total.
   void combine_gradients();

@@ -858,6 +858,82 @@ TEST(DeviceParallelMisuse, Fp8AcrossRanks) {
   }
 }
 
+// A kernel failing on one rank in the middle of a pass (FP8 quantization of a NaN, check_finite
+// off): the rank finishes the pass's exchanges and every rank fails the call at once with
+// MOERT_ERR_NUMERIC; the communicator is neither broken nor timed out. A forward fails where a
+// weight written on one rank overflows; a backward where one rank's output gradient holds a NaN,
+// which leaves the step refused until zero_grad; then training goes on alike.
+TEST(DeviceParallelMisuse, AKernelFailureOnOneRankFailsEveryRankAtOnce) {
+  std::mt19937 rng(271);
+  const auto model = test::moe_model(rng, {128, 128, 128});
+  const test::Batch b = test::batch(rng, 256);
+  const Configure fp8 = [](SessionOptions& o) {
+    o.set("precision", "fp8");
+    o.set("check_finite", "false");
+  };
+  std::vector<std::vector<std::string>> failures(2);
+  std::vector<std::vector<std::vector<float>>> after(2);
+  const auto start = std::chrono::steady_clock::now();
+  expect_no_errors(on_ranks(
+                       2, 2, model, Mode::Training,
+                       [&](int r, Session& s) {
+                         const Slice sl = slice(r, 2, 256);
+                         std::vector<float> out(static_cast<size_t>(sl.n * V));
+                         const auto forward = [&] {
+                           s.forward_tokens(b.tokens.data() + sl.first * 4,
+                                            static_cast<uint64_t>(sl.n * 4), nullptr, 0,
+                                            static_cast<uint64_t>(sl.n), out.data(), out.size());
+                         };
+                         const auto expect_numeric = [&](const std::function<void()>& call) {
+                           try {
+                             call();
+                             failures[r].push_back("no failure");
+                           } catch (const Error& e) {
+                             failures[r].push_back(e.code() == Code::Numeric ? "" : e.what());
+                           }
+                         };
+                         // The shared expert's w1 at 1e38 on rank 1 overflows its hidden values to
+                         // infinity, whose SwiGLU the down projection's quantizer meets. Both ranks
+                         // write it (rank 0 its own values), and write it back alike, so that the
+                         // step sees equal writes.
+                         size_t w1 = 0;
+                         while (s.parameter_name(w1) != "moe.shared_w1") ++w1;
+                         std::vector<float> kept(static_cast<size_t>(s.parameter_size(w1)));
+                         s.read_parameter(w1, kept.data(), kept.size());
+                         std::vector<float> huge(kept.size(), 1e38f);
+                         s.write_parameter(w1, r == 1 ? huge.data() : kept.data(), kept.size());
+                         expect_numeric(forward);
+                         s.write_parameter(w1, kept.data(), kept.size());
+                         forward();
+                         std::vector<float> dy(out.size(), 1e-3f);
+                         if (r == 1) dy[dy.size() / 3] = std::numeric_limits<float>::quiet_NaN();
+                         expect_numeric([&] { s.backward(dy.data(), dy.size(), nullptr, 0); });
+                         expect_numeric([&] { s.step(); });
+                         s.zero_grad();
+                         forward();
+                         s.backward_loss(b.targets.data() + sl.first, static_cast<uint64_t>(sl.n));
+                         s.step();
+                         after[r] = parameters(s);
+                       },
+                       fp8),
+                   "kernel failure");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 20.0) << "a rank waited for the failing one";
+  // One session that makes the same successful step (128 rows a rank: FP8's 128-row Wgrad tiles
+  // of the shared experts are one process's, Fp8AcrossRanks).
+  Session one(model, device_options(Mode::Training, fp8));
+  std::vector<float> out(256 * V);
+  one.forward_tokens(b.tokens.data(), 256 * 4, nullptr, 0, 256, out.data(), out.size());
+  one.backward_loss(b.targets.data(), 256);
+  one.step();
+  const auto want = parameters(one);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(failures[r], std::vector<std::string>(3, "")) << "rank " << r;
+    EXPECT_LE(worst_gap(after[r], want, r), kParamBound) << "rank " << r;
+  }
+}
+
 // ep_chunks and ep_overlap changed on a live session (on every rank, 7 chunks of 128 rows
 // included) run and change no result: outputs and gradients bitwise as with the defaults.
 TEST(DeviceParallelMisuse, ChunksAndOverlapChangedLiveChangeNoResult) {

@@ -6,10 +6,12 @@
 #include <gtest/gtest.h>
 #include <moert/moert.h>
 
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -516,6 +518,69 @@ TEST(SessionMpi, AParameterWrittenOnOneRankOnlyRefusesTheStepEverywhere) {
   ASSERT_TRUE(IsOk(moert_comm_all_reduce_sum(g_comm, sum.data(), sum.size())));
   for (size_t i = 0; i < sum.size(); ++i)
     ASSERT_EQ(sum[i], as_double[i] * g_size) << "rank " << g_rank << " element " << i;
+}
+
+// A kernel that fails on one rank in the middle of a pass (an FP8 quantizer meeting a NaN, with
+// check_finite off) must not leave the other ranks waiting in the layer's exchanges until the
+// communicator times out, nor break it: the failing rank finishes the pass's exchanges and every
+// rank fails the call with MOERT_ERR_NUMERIC at once (a rank whose quantizer met the NaN row after
+// it travelled there names it in its expert's rows, the others name rank 1's row or rank 1).
+// A failed forward is discarded; a failed backward leaves the step refused until zero_grad, as in
+// one process; the job then trains on as if nothing had happened.
+TEST(SessionMpi, AKernelFailureOnOneRankFailsEveryRankAtOnce) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  // Long enough for the slowest CI machine, short enough that a wait for the failed rank fails
+  // the test well before the job's own limit (the default is 600 s).
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
+  ModelPtr m = load(hidden_baseline());
+  const std::vector<std::pair<const char*, const char*>> knobs = {{"precision", "fp8"},
+                                                                  {"check_finite", "false"}};
+  for (int ep : layouts()) {
+    SCOPED_TRACE("ep " + std::to_string(ep));
+    SessionPtr s = session(m.get(), true, ep, true, knobs);
+    SessionPtr clean = session(m.get(), true, ep, true, knobs);
+    const int64_t n = 64;
+    std::vector<float> x(n * 8), out(n * 16), want(n * 16), dy(n * 16);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>((i * 7 + g_rank) % 23);
+    for (size_t i = 0; i < dy.size(); ++i) dy[i] = 0.02f * static_cast<float>((i * 3) % 11) - 0.1f;
+    std::vector<float> bad_x = x, bad_dy = dy;
+    if (g_rank == 1) {
+      bad_x[3 * 8 + 2] = std::numeric_limits<float>::quiet_NaN();
+      bad_dy[5 * 16 + 1] = std::numeric_limits<float>::quiet_NaN();
+    }
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_TRUE(IsError(
+        moert_session_forward_hidden(s.get(), bad_x.data(), n * 8, n, out.data(), out.size()),
+        MOERT_ERR_NUMERIC, {"NaN"}));
+    // Nothing of the pass is kept: no backward may read it, no counts were taken.
+    EXPECT_TRUE(IsError(moert_session_backward(s.get(), dy.data(), dy.size(), nullptr, 0, nullptr),
+                        MOERT_ERR_INVALID_STATE));
+    std::vector<int64_t> counts(4, -1);
+    ASSERT_TRUE(IsOk(moert_session_expert_counts(s.get(), 1, MOERT_COUNTS_STEP, counts.data(), 4)));
+    EXPECT_EQ(counts, std::vector<int64_t>(4, 0));
+    ASSERT_TRUE(
+        IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
+    EXPECT_TRUE(
+        IsError(moert_session_backward(s.get(), bad_dy.data(), dy.size(), nullptr, 0, nullptr),
+                MOERT_ERR_NUMERIC, {"NaN"}));
+    EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC));
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_LT(seconds, 30.0) << "a rank waited for the failing one";
+    ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+    for (moert_session* t : {s.get(), clean.get()}) {
+      ASSERT_TRUE(
+          IsOk(moert_session_forward_hidden(t, x.data(), n * 8, n, out.data(), out.size())));
+      ASSERT_TRUE(IsOk(moert_session_backward(t, dy.data(), dy.size(), nullptr, 0, nullptr)));
+      ASSERT_TRUE(IsOk(moert_session_step(t, nullptr, nullptr)));
+    }
+    ASSERT_TRUE(
+        IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
+    ASSERT_TRUE(IsOk(
+        moert_session_forward_hidden(clean.get(), x.data(), n * 8, n, want.data(), want.size())));
+    EXPECT_TRUE(same(out, want));
+  }
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
 }
 
 // The profile: zero alone; among ranks the experts' compute and the waits are counted, overlap

@@ -545,10 +545,13 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on one rank (a wrong size, a
  * NULL buffer, mask or path, a NaN) fails the call on every rank, with that rank's code; as in
  * one process, a refused backward may be retried, while a forward refused on any rank discards
- * the pass waiting for its backward on every rank. set_eval and set_config are local: a rank
- * whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes its next forward, backward
- * or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a load in which the ranks read
- * different checkpoints (nothing is loaded). A rank that dies makes the others fail with
+ * the pass waiting for its backward on every rank. A kernel failing on one rank in the middle
+ * of a pass (an FP8 quantizer meeting a NaN with check_finite off) fails the call on every rank
+ * at its end, without leaving the others waiting: a failed forward is discarded, a failed
+ * backward refuses the step until moert_session_zero_grad(). set_eval and set_config are local: a
+ * rank whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes its next forward,
+ * backward or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a load in which the
+ * ranks read different checkpoints (nothing is loaded). A rank that dies makes the others fail with
  * MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0
  * writes the file one session over the union would write (every expert, the same bytes), and
  * any world size, one process included, resumes it (moert_session_save(),
