@@ -198,10 +198,13 @@ class Backend : public Allocator {
   virtual void route_topk(const RouterConfig& cfg, const float* logits, const float* bias,
                           int64_t rows, float* scores, int32_t* experts, float* weights) = 0;
 
-  // Expert-choice routing: scores [rows, E]; each expert takes its `capacity` best tokens (the
-  // lower token index among equals); the plan's weights are the scaled scores.
+  // Expert-choice routing: scores [rows, E]; each expert takes its `capacity` best tokens of the
+  // `rows` (the lower token index among equals); the plan's weights are the scaled scores. The
+  // plan keeps the assignments of tokens [first, first + plan_rows) only, numbered from 0
+  // (plan.rows = plan_rows): among ranks, each routes every rank's rows alike and keeps its own.
   virtual void route_expert_choice(const RouterConfig& cfg, const float* logits, int64_t rows,
-                                   int64_t capacity, float* scores, DispatchPlan& plan) = 0;
+                                   int64_t capacity, float* scores, DispatchPlan& plan,
+                                   int64_t first, int64_t plan_rows) = 0;
 
   // Builds the plan of a token-choice routing (experts/weights [rows, top_k]), host offsets
   // included (the one place a device backend waits for the device: GEMM shapes need counts).

@@ -158,6 +158,8 @@ class MoELayer final : public Layer {
   void experts_backward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
                         const float* x_perm, const float* h1, const float* h3, const float* dy_perm,
                         float* dx_perm, GradRoots* roots, const int64_t* first_chunk);
+  // route()'s Expert Choice among ranks: each expert chooses from every rank's rows.
+  void route_expert_choice_parallel(Backend& be, int64_t rows);
   void forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train);
   void backward_parallel(Backend& be, const float* dy, float* dx, int64_t rows);
   void aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
@@ -168,6 +170,7 @@ class MoELayer final : public Layer {
   const std::vector<int64_t>* sequences_ = nullptr;
   const float* x_ = nullptr;
   Buffer<float> logits_, scores_, weights_, x_perm_, y_perm_, h1_, h3_, aux_ds_;
+  Buffer<float> all_logits_, all_scores_;  // Expert Choice among ranks: every rank's rows
   Buffer<float> dy_perm_, dweight_, dx_perm_, dlogits_, scratch_;
   std::vector<Buffer<float>> shared_h1_, shared_h3_;
   Buffer<int32_t> experts_;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <limits>
 
 #include "core/error.h"
 #include "core/layers.h"
@@ -82,9 +83,33 @@ int64_t sum(const std::vector<int64_t>& v) {
 
 }  // namespace
 
+void MoELayer::route_expert_choice_parallel(Backend& be, int64_t rows) {
+  // Expert Choice picks each expert's tokens from the whole batch: every rank routes the logits
+  // of every rank's rows, gathered in rank order (the union one process would route), alike, and
+  // keeps its own rows' assignments and scores.
+  Communicator& world = par_->world();
+  const int R = world.size();
+  const int64_t E = s_.router.num_experts, total = par_->total_rows(), first = par_->first_row();
+  // The same check as Session::check_rows, over the job's rows (the same on every rank).
+  if (total > std::numeric_limits<int32_t>::max() / E)
+    fail(Code::InvalidArgument, "the job's ", total,
+         " rows are too many for an Expert Choice layer of ", E,
+         " experts: they would index more than 2^31 - 1 token-expert pairs");
+  std::vector<int64_t> bytes(static_cast<size_t>(R)), offsets(static_cast<size_t>(R), 0);
+  for (int p = 0; p < R; ++p) bytes[p] = par_->rows()[p] * E * 4;
+  for (int p = 1; p < R; ++p) offsets[p] = offsets[p - 1] + bytes[p - 1];
+  all_logits_.resize(be, static_cast<size_t>(total * E));
+  all_scores_.resize(be, all_logits_.size());
+  world.all_gather_v(logits_.data(), rows * E * 4, all_logits_.data(), bytes.data(),
+                     offsets.data());
+  be.route_expert_choice(s_.router, all_logits_.data(), total, capacity(total), all_scores_.data(),
+                         plan_, first, rows);
+  if (rows > 0)
+    be.copy(scores_.data(), all_scores_.data() + first * E,
+            static_cast<size_t>(rows * E) * sizeof(float));
+}
+
 void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train) {
-  if (s_.balancing.policy == BalancingPolicy::ExpertChoice)
-    fail(Code::Unsupported, "Expert Choice routing is not supported with expert parallelism");
   // Rows travel in backend memory (world); the counts that lay them out in host memory (host).
   Communicator& world = par_->world();
   Communicator& host = par_->host();
@@ -253,11 +278,13 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     upload_vector(be, g.weight, std::vector<float>(r_weight.begin() + s0, r_weight.begin() + s1));
     upload_vector(be, g.expert, std::vector<int32_t>(r_expert.begin() + s0, r_expert.begin() + s1));
     const auto te = Clock::now();
-    par_->compute([&] {
-      experts_forward(be, g, sharding.first_expert() + l0, ex.x_recv.data(),
-                      x_perm_.data() + s0 * D, train, y_perm_.data() + s0 * D,
-                      train ? h1_.data() + s0 * H : nullptr, train ? h3_.data() + s0 * H : nullptr);
-    });
+    if (!par_->compute([&] {
+          experts_forward(be, g, sharding.first_expert() + l0, ex.x_recv.data(),
+                          x_perm_.data() + s0 * D, train, y_perm_.data() + s0 * D,
+                          train ? h1_.data() + s0 * H : nullptr,
+                          train ? h3_.data() + s0 * H : nullptr);
+        }))
+      be.zero(y_perm_.data() + s0 * D, static_cast<size_t>((s1 - s0) * D) * sizeof(float));
     par_->times.experts += seconds(te);
     // Its results go back at once, each to its token's rank, in the order that rank listed them.
     gather_plan(be, ex.ret[c], ret_slots);
@@ -344,20 +371,21 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
     moving[c]->wait();
     par_->times.dispatch += seconds(t0);
     const int64_t l0 = chunk_first_local(c, C, P);
-    const int64_t s0 = ex.slot_off[l0];
+    const int64_t s0 = ex.slot_off[l0], s1 = ex.slot_off[chunk_first_local(c + 1, C, P)];
     const DispatchPlan& g = ex.groups[c];
     // dy_perm = weight * dy of each assignment's token (combine_backward also gives the
     // gate-weight gradients, which the token's own rank computed).
     const auto te = Clock::now();
     be.combine_backward(g, y_perm_.data() + s0 * D, ex.dy_recv.data(), dy_perm_.data() + s0 * D,
                         ex.scratch.data(), D);
-    par_->compute([&] {
-      experts_backward(be, g, par_->sharding(E).first_expert() + l0, x_perm_.data() + s0 * D,
-                       h1_.data() + s0 * H, h3_.data() + s0 * H, dy_perm_.data() + s0 * D,
-                       dx_perm_.data() + s0 * D,
-                       replicated ? ex.expert_roots.data() + 3 * l0 : nullptr,
-                       ex.first_chunk.data() + l0);
-    });
+    if (!par_->compute([&] {
+          experts_backward(be, g, par_->sharding(E).first_expert() + l0, x_perm_.data() + s0 * D,
+                           h1_.data() + s0 * H, h3_.data() + s0 * H, dy_perm_.data() + s0 * D,
+                           dx_perm_.data() + s0 * D,
+                           replicated ? ex.expert_roots.data() + 3 * l0 : nullptr,
+                           ex.first_chunk.data() + l0);
+        }))
+      be.zero(dx_perm_.data() + s0 * D, static_cast<size_t>((s1 - s0) * D) * sizeof(float));
     par_->times.experts += seconds(te);
     // Each assignment's input gradient back to its token's rank.
     const int64_t a0 = asg_at[static_cast<size_t>(c * R)];

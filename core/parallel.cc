@@ -181,22 +181,51 @@ void put(std::vector<char>& out, const void* p, size_t bytes) {
   out.insert(out.end(), c, c + bytes);
 }
 
-template <typename T>
-T take(const char*& p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  p += sizeof(T);
-  return v;
-}
+// Reads one rank's bytes of a combine, refusing anything past their end: the ranks must hand in
+// the same gradients, and a rank that does not must fail the combine, not read out of bounds.
+class RootsReader {
+ public:
+  RootsReader(const char* p, int64_t bytes, int rank) : p_(p), end_(p + bytes), rank_(rank) {}
+  template <typename T>
+  T take() {
+    T v;
+    std::memcpy(&v, bytes(sizeof(T)), sizeof(T));
+    return v;
+  }
+  const char* bytes(size_t n) {
+    if (static_cast<size_t>(end_ - p_) < n)
+      fail(Code::Internal, "combining gradients: rank ", rank_, "'s roots end early");
+    const char* at = p_;
+    p_ += n;
+    return at;
+  }
+  // A count read from the bytes, before anything is sized from it.
+  size_t count(int64_t n, size_t unit) {
+    if (n < 0 || static_cast<uint64_t>(n) > static_cast<uint64_t>(end_ - p_) / unit)
+      fail(Code::Internal, "combining gradients: rank ", rank_, "'s roots end early");
+    return static_cast<size_t>(n);
+  }
+
+ private:
+  const char* p_;
+  const char* end_;
+  int rank_;
+};
 
 }  // namespace
 
 void ParallelContext::combine(Backend& be, Communicator& comm, const std::vector<Roots>& grads) {
   const size_t G = grads.size();
-  // This rank's roots as bytes: per gradient its block count, then per block (begin, size, rows
-  // or -1 for dense), the row ids and the values.
+  // This rank's roots as bytes: the gradients' count and each one's n and sparse flag (the ranks
+  // must agree on them); then per gradient its block count, then per block (begin, size, rows or
+  // -1 for dense), the row ids and the values.
   std::vector<char> mine;
   std::vector<float> host;
+  put(mine, std::array<int64_t, 1>{static_cast<int64_t>(G)}.data(), 8);
+  for (const Roots& g : grads) {
+    const int64_t shape[2] = {g.n, g.sparse ? 1 : 0};
+    put(mine, shape, sizeof(shape));
+  }
   for (const Roots& g : grads) {
     const GradRoots& r = *g.roots;
     put(mine, std::array<int64_t, 1>{static_cast<int64_t>(r.blocks.size())}.data(), 8);
@@ -221,21 +250,34 @@ void ParallelContext::combine(Backend& be, Communicator& comm, const std::vector
 
   // Every rank's roots of each gradient, in rank order: their chunk ranges come in that order.
   std::vector<std::vector<std::pair<TreeBlock, Value>>> per(G);
+  // Every rank parses every rank's bytes alike, so a disagreement fails every rank alike.
   for (int r = 0; r < R; ++r) {
-    const char* p = all.data() + offsets[r];
+    RootsReader in(all.data() + offsets[r], sizes[r], r);
+    if (in.take<int64_t>() != static_cast<int64_t>(G))
+      fail(Code::Internal, "combining gradients: rank ", r, " of ", R,
+           " hands in another number of gradients than ", G);
+    for (size_t g = 0; g < G; ++g)
+      if (in.take<int64_t>() != grads[g].n || in.take<int64_t>() != (grads[g].sparse ? 1 : 0))
+        fail(Code::Internal, "combining gradients: rank ", r, " of ", R, " hands in gradient ", g,
+             " of another size");
     for (size_t g = 0; g < G; ++g) {
-      const int64_t count = take<int64_t>(p);
+      const int64_t count = in.take<int64_t>();
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t begin = take<int64_t>(p), size = take<int64_t>(p), nrows = take<int64_t>(p);
+        const int64_t begin = in.take<int64_t>(), size = in.take<int64_t>(),
+                      nrows = in.take<int64_t>();
+        if ((nrows >= 0) != grads[g].sparse)
+          fail(Code::Internal, "combining gradients: rank ", r, " of ", R, " hands in gradient ", g,
+               " of another kind");
         Value v;
         if (nrows >= 0) {
-          v.rows.resize(static_cast<size_t>(nrows));
-          std::memcpy(v.rows.data(), p, v.rows.size() * 4);
-          p += v.rows.size() * 4;
+          v.rows.resize(in.count(nrows, 4));
+          std::memcpy(v.rows.data(), in.bytes(v.rows.size() * 4), v.rows.size() * 4);
         }
-        v.values.resize(static_cast<size_t>(nrows >= 0 ? nrows * grads[g].n : grads[g].n));
-        std::memcpy(v.values.data(), p, v.values.size() * 4);
-        p += v.values.size() * 4;
+        const size_t floats = nrows >= 0 ? in.count(nrows, 4 * static_cast<size_t>(grads[g].n)) *
+                                               static_cast<size_t>(grads[g].n)
+                                         : static_cast<size_t>(grads[g].n);
+        v.values.resize(floats);
+        if (floats) std::memcpy(v.values.data(), in.bytes(floats * 4), floats * 4);
         per[g].push_back({{begin, size}, std::move(v)});
       }
     }

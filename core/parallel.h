@@ -97,23 +97,29 @@ class ParallelContext {
              const char* same_what = nullptr);
 
   // Runs this rank's own computation in the middle of a layer's exchanges (its experts, its
-  // shared experts). A failure there (an FP8 quantizer meeting a NaN with check_finite off, the
-  // backend out of memory) is held instead of thrown: the rank still makes every exchange of
+  // shared experts). A failure there (an FP8 quantizer meeting a NaN with check_finite off, a
+  // kernel's scratch memory) is held instead of thrown: the rank still makes every exchange of
   // the pass, so that its peers are not left waiting for it until the timeout, and the session
   // raises the failure at the call's closing agreement (held_failure()), where every rank fails
   // the call. Once a failure is held, the call's later computations are skipped: their results
   // are discarded with it. A communication failure is thrown at once.
+  // Returns whether f ran and succeeded: where it did not, the caller zeroes what f would have
+  // sent to the other ranks, so that they meet no garbage of a discarded pass.
   template <typename F>
-  void compute(F&& f) {
-    if (held_) return;
+  bool compute(F&& f) {
+    if (held_) return false;
     try {
       f();
+      return true;
     } catch (const Error& e) {
       if (e.code() == Code::Comm) throw;
       held_ = std::current_exception();
     } catch (const std::bad_alloc&) {
       held_ = std::make_exception_ptr(Error(Code::OutOfMemory, "out of memory"));
+    } catch (const std::exception& e) {
+      held_ = std::make_exception_ptr(Error(Code::Internal, cat("internal error: ", e.what())));
     }
+    return false;
   }
   // The failure compute() holds, or null; the session drops it when a call begins and ends.
   std::exception_ptr held_failure() const { return held_; }

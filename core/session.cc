@@ -312,10 +312,6 @@ void Session::check_parallel() const {
       fail(Code::InvalidArgument, "layer ", i, " ('", model_->layers[i].name, "') has ",
            m->router.num_experts, " routed experts, which an expert-parallel size of ",
            options_.expert_parallel, " does not divide");
-    if (m->balancing.policy == BalancingPolicy::ExpertChoice)
-      fail(Code::Unsupported, "layer ", i, " ('", model_->layers[i].name,
-           "') uses Expert Choice routing, which expert parallelism does not support (each "
-           "expert would need every rank's tokens before choosing)");
   }
 }
 
@@ -682,6 +678,9 @@ double Session::run_backward(float* grad_in, const char* call) {
         why = cat("the input gradient holds a NaN or infinity at ", at,
                   " although grad_out is finite: a value exceeded the fp32 range");
     }
+    // The layers have added this micro-batch to the gradients (a checkpoint saved after a
+    // refusal below counts it with them).
+    ++micro_batches_;
     // Every rank has made the layers' exchanges: all learn here whether any failed, before the
     // gradients are combined (a rank that failed holds part of its roots only).
     collective_step(call, Failure::KeepsPass, [&] {
@@ -697,7 +696,6 @@ double Session::run_backward(float* grad_in, const char* call) {
     poison_step(Code::OutOfMemory, "out of memory");
     throw;
   }
-  ++micro_batches_;
   pending_backward_ = false;
   return aux;
 }

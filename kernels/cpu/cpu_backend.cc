@@ -189,7 +189,8 @@ void CpuBackend::route_topk(const RouterConfig& cfg, const float* logits, const 
 }
 
 void CpuBackend::route_expert_choice(const RouterConfig& cfg, const float* logits, int64_t rows,
-                                     int64_t capacity, float* scores, DispatchPlan& plan) {
+                                     int64_t capacity, float* scores, DispatchPlan& plan,
+                                     int64_t first, int64_t plan_rows) {
   const int64_t E = cfg.num_experts;
   pool_.parallel_for(blocks(rows, kReduceRows), [&](int64_t b, unsigned) {
     const int64_t r0 = b * kReduceRows, n = std::min(kReduceRows, rows - r0);
@@ -210,16 +211,20 @@ void CpuBackend::route_expert_choice(const RouterConfig& cfg, const float* logit
     std::sort(order.begin(), order.end());
     chosen[static_cast<size_t>(e)] = std::move(order);
   });
-  plan.rows = rows;
+  plan.rows = plan_rows;
   plan.host_offsets.assign(E + 1, 0);
-  const size_t A = static_cast<size_t>(E * capacity);
+  size_t A = 0;
+  for (auto& c : chosen) {
+    std::erase_if(c, [&](int64_t t) { return t < first || t >= first + plan_rows; });
+    A += c.size();
+  }
   plan.token.resize(*this, A);
   plan.expert.resize(*this, A);
   plan.weight.resize(*this, A);
   size_t a = 0;
   for (int64_t e = 0; e < E; ++e) {
     for (int64_t t : chosen[static_cast<size_t>(e)]) {
-      plan.token.data()[a] = static_cast<int32_t>(t);
+      plan.token.data()[a] = static_cast<int32_t>(t - first);
       plan.expert.data()[a] = static_cast<int32_t>(e);
       plan.weight.data()[a] = scores[t * E + e] * cfg.scaling;
       ++a;

@@ -60,7 +60,8 @@ class CpuBackend final : public Backend {
   void route_topk(const RouterConfig& cfg, const float* logits, const float* bias, int64_t rows,
                   float* scores, int32_t* experts, float* weights) override;
   void route_expert_choice(const RouterConfig& cfg, const float* logits, int64_t rows,
-                           int64_t capacity, float* scores, DispatchPlan& plan) override;
+                           int64_t capacity, float* scores, DispatchPlan& plan, int64_t first,
+                           int64_t plan_rows) override;
   void plan_dispatch(const int32_t* experts, const float* weights, int64_t rows, int64_t top_k,
                      int64_t num_experts, DispatchPlan& plan) override;
   void dispatch(const DispatchPlan& plan, const float* x, float* x_perm, int64_t dim) override;

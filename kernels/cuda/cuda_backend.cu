@@ -210,7 +210,7 @@ class CudaBackend final : public Backend {
   }
 
   void route_expert_choice(const RouterConfig&, const float*, int64_t, int64_t, float*,
-                           DispatchPlan&) override {
+                           DispatchPlan&, int64_t, int64_t) override {
     fail(Code::Unsupported,
          "Expert Choice routing runs on the CPU backend only; the CUDA "
          "backend implements token-choice routing");

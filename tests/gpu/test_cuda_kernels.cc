@@ -467,7 +467,7 @@ TEST(CudaKernels, ExpertChoiceIsRefusedClearly) {
   RouterConfig cfg{8, 2, ScoreFunction::Softmax, 1, 1, false, 1.0f};
   DispatchPlan plan;
   try {
-    backends().gpu->route_expert_choice(cfg, nullptr, 4, 1, nullptr, plan);
+    backends().gpu->route_expert_choice(cfg, nullptr, 4, 1, nullptr, plan, 0, 4);
     FAIL() << "expected a refusal";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), Code::Unsupported);

@@ -68,26 +68,36 @@ std::string layout_name(int world, int ep) {
   return std::to_string(world) + " ranks, EP " + std::to_string(ep);
 }
 
+// Token choice, and Expert Choice (each expert choosing from every rank's rows, gathered over the
+// device communicator; the simulated device runs it on the CPU backend, the CUDA one refuses it).
 TEST(DeviceParallel, ForwardAndCountsAreOneSessionsBitwise) {
-  std::mt19937 rng(71);
-  const auto model = test::moe_model(rng);
-  const int64_t rows = 256;
-  const test::Batch b = test::batch(rng, rows);
-  Session one(model, device_options(Mode::Inference));
-  std::vector<float> want(static_cast<size_t>(rows * V));
-  one.forward_tokens(b.tokens.data(), b.tokens.size(), nullptr, 0, rows, want.data(), want.size());
-  for (auto [world, ep] : kLayouts) {
-    std::vector<float> got(want.size());
-    std::vector<std::vector<int64_t>> counts(static_cast<size_t>(world));
-    on_ranks(world, ep, model, Mode::Inference, [&](int r, Session& s) {
-      const int64_t n = rows / world;
-      s.forward_tokens(b.tokens.data() + r * n * 4, n * 4, nullptr, 0, n, got.data() + r * n * V,
-                       n * V);
-      counts[r] = s.expert_counts(kMoe, CountScope::Last);
-    });
-    EXPECT_EQ(got, want) << layout_name(world, ep);
-    for (int r = 0; r < world; ++r)
-      EXPECT_EQ(counts[r], one.expert_counts(kMoe, CountScope::Last)) << layout_name(world, ep);
+  for (const BalancingPolicy policy :
+       {BalancingPolicy::LossFreeBias, BalancingPolicy::ExpertChoice}) {
+    std::mt19937 rng(71);
+    auto m = std::make_shared<Model>(*test::moe_model(rng));
+    std::get<MoESpec>(m->layers[kMoe].spec).balancing.policy = policy;
+    const std::shared_ptr<const Model> model = m;
+    const int64_t rows = 256;
+    const test::Batch b = test::batch(rng, rows);
+    Session one(model, device_options(Mode::Inference));
+    std::vector<float> want(static_cast<size_t>(rows * V));
+    one.forward_tokens(b.tokens.data(), b.tokens.size(), nullptr, 0, rows, want.data(),
+                       want.size());
+    for (auto [world, ep] : kLayouts) {
+      std::vector<float> got(want.size());
+      std::vector<std::vector<int64_t>> counts(static_cast<size_t>(world));
+      on_ranks(world, ep, model, Mode::Inference, [&](int r, Session& s) {
+        const int64_t n = rows / world;
+        s.forward_tokens(b.tokens.data() + r * n * 4, n * 4, nullptr, 0, n, got.data() + r * n * V,
+                         n * V);
+        counts[r] = s.expert_counts(kMoe, CountScope::Last);
+      });
+      const std::string what =
+          layout_name(world, ep) + ", policy " + std::to_string(static_cast<int>(policy));
+      EXPECT_EQ(got, want) << what;
+      for (int r = 0; r < world; ++r)
+        EXPECT_EQ(counts[r], one.expert_counts(kMoe, CountScope::Last)) << what;
+    }
   }
 }
 

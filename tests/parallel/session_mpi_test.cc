@@ -173,8 +173,9 @@ Trained train(moert_session* s, const std::vector<int32_t>& tokens,
   return t;
 }
 
-// Loss-free balancing, the global-batch Switch loss and the sequence-wise loss: 20 steps on the
-// job equal 20 steps of one session over the union, bit for bit — losses, last-step gradients,
+// Loss-free balancing, the global-batch Switch loss, the sequence-wise loss and Expert Choice
+// (whose experts choose from every rank's rows): 20 steps on the job equal 20 steps of one
+// session over the union, bit for bit — losses, last-step gradients,
 // the step's counts, the bias and every parameter (a rank's expert tensors are its shard).
 TEST(SessionMpi, TrainingIsBitwiseOneSessions) {
   const int64_t rows = 256, n = rows / g_size;
@@ -183,7 +184,7 @@ TEST(SessionMpi, TrainingIsBitwiseOneSessions) {
   std::vector<int32_t> tokens(3 * rows), targets(3 * rows);
   for (auto& v : tokens) v = id(rng);
   for (auto& v : targets) v = id(rng);
-  for (int8_t policy : {int8_t{1}, int8_t{2}, int8_t{3}}) {
+  for (int8_t policy : {int8_t{1}, int8_t{2}, int8_t{3}, int8_t{4}}) {
     ModelPtr m = load(token_model(policy));
     const std::vector<std::pair<const char*, const char*>> knobs{
         {"aux_loss_scope", "global"}, {"sequence_length", "32"}, {"clip_norm", "0.5"}};

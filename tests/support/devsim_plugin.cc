@@ -135,10 +135,11 @@ class DevSimBackend final : public Backend {
     cpu_->route_topk(cfg, logits, bias, rows, scores, experts, weights);
   }
   void route_expert_choice(const RouterConfig& cfg, const float* logits, int64_t rows,
-                           int64_t capacity, float* scores, DispatchPlan& plan) override {
+                           int64_t capacity, float* scores, DispatchPlan& plan, int64_t first,
+                           int64_t plan_rows) override {
     device(logits, rows * cfg.num_experts * 4, "expert choice logits");
     device(scores, rows * cfg.num_experts * 4, "expert choice scores");
-    cpu_->route_expert_choice(cfg, logits, rows, capacity, scores, cpu_plan_);
+    cpu_->route_expert_choice(cfg, logits, rows, capacity, scores, cpu_plan_, first, plan_rows);
     adopt(plan);
   }
   void plan_dispatch(const int32_t* experts, const float* weights, int64_t rows, int64_t top_k,

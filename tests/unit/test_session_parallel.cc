@@ -2,8 +2,10 @@
 // one session over the union of their rows, and failures that every rank sees.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -73,6 +75,10 @@ SessionOptions options(Mode mode) {
   return o;
 }
 
+bool bitwise(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
 // Runs body(rank, session) on `world` ranks at once, each with its own session over the model.
 void on_ranks(int world, int ep, const std::shared_ptr<const Model>& model, Mode mode,
               const std::function<void(int, Session&)>& body) {
@@ -110,6 +116,39 @@ TEST(SessionParallel, ForwardAndCountsAreOneSessionsForEveryLayout) {
   }
 }
 
+// Expert Choice among ranks: each expert chooses its capacity over the job's rows, not over each
+// rank's, so outputs and counts are one session's over the union -- here with a rank whose rows
+// are all masked out and ranks of 64 and 192 rows (bitwise: every rank but the last holds a
+// multiple of 64 rows). A rank's masked rows come back as zeros.
+TEST(SessionParallel, ExpertChoiceChoosesFromEveryRanksRows) {
+  std::mt19937 rng(43);
+  const auto model = two_moe_model(rng, BalancingPolicy::ExpertChoice);
+  const int64_t rows = 256;
+  const std::vector<float> x = random_tensor({rows, 16}, rng, 1.0f).values;
+  Session one(model, options(Mode::Inference));
+  std::vector<float> want(x.size());
+  one.forward_hidden(x.data(), x.size(), nullptr, 0, rows, want.data(), want.size());
+  const std::vector<int64_t> want_counts = one.expert_counts(3, CountScope::Last);
+  const std::vector<int64_t> first{0, 64, 64}, n{64, 32, 192};
+  std::vector<std::vector<float>> got(3);
+  std::vector<std::vector<int64_t>> counts(3);
+  on_ranks(3, 1, model, Mode::Inference, [&](int r, Session& s) {
+    got[r].assign(static_cast<size_t>(n[r] * 16), -1.0f);
+    // Rank 1's rows are all padding.
+    const std::vector<uint8_t> mask(static_cast<size_t>(n[r]), r == 1 ? 0 : 1);
+    const float* in = x.data() + first[r] * 16;
+    s.forward_hidden(in, static_cast<uint64_t>(n[r] * 16), mask.data(), mask.size(),
+                     static_cast<uint64_t>(n[r]), got[r].data(), got[r].size());
+    counts[r] = s.expert_counts(3, CountScope::Last);
+  });
+  EXPECT_TRUE(bitwise(got[0], std::vector<float>(want.begin(), want.begin() + 64 * 16)));
+  EXPECT_TRUE(bitwise(got[2], std::vector<float>(want.begin() + 64 * 16, want.end())));
+  EXPECT_EQ(got[1], std::vector<float>(32 * 16, 0.0f));
+  for (int r = 0; r < 3; ++r) EXPECT_EQ(counts[r], want_counts) << "rank " << r;
+  // Each expert took its capacity of the 256 rows: not what any rank alone would choose.
+  for (int64_t c : want_counts) EXPECT_EQ(c, 64);
+}
+
 // Cutting the exchanges into more chunks (more overlap) changes no bit.
 TEST(SessionParallel, ChunkedExchangesChangeNothing) {
   std::mt19937 rng(47);
@@ -138,6 +177,88 @@ TEST(SessionParallel, ChunkedExchangesChangeNothing) {
     for (auto& t : threads) t.join();
     EXPECT_EQ(got, want) << chunks << " chunks";
     EXPECT_EQ(got_in, want_in) << chunks << " chunks";
+  }
+}
+
+// A kernel failing on one rank in the middle of a pass (FP8 quantization of a NaN row, check_finite
+// off) over two MoE layers: the rank holds the failure, skips its later computations but makes
+// every exchange of both layers, and every rank fails the call at once, the failing rank naming
+// the caller's row. Nothing of the failed forward is kept; a failed backward refuses the step
+// until zero_grad; then the ranks train on bitwise as one session over the union.
+TEST(SessionParallel, AKernelFailureOnOneRankFailsEveryRankAtOnce) {
+  std::mt19937 rng(59);
+  const auto model = two_moe_model(rng, BalancingPolicy::LossFreeBias);
+  // 128-row FP8 Wgrad tiles of the shared experts are one process's on 2 and 4 ranks.
+  const int64_t rows = 512;
+  const std::vector<float> x = random_tensor({rows, 16}, rng, 1.0f).values;
+  const std::vector<float> g = random_tensor({rows, 16}, rng, 0.1f).values;
+  auto opts = [] {
+    SessionOptions o = options(Mode::Training);
+    o.set("precision", "fp8");
+    o.set("check_finite", "false");
+    return o;
+  };
+  std::vector<float> want(x.size());
+  {
+    Session one(model, opts());
+    std::vector<float> out(x.size());
+    one.forward_hidden(x.data(), x.size(), rows, out.data(), out.size());
+    one.backward(g.data(), g.size(), nullptr, 0);
+    one.step();
+    one.forward_hidden(x.data(), x.size(), rows, want.data(), want.size());
+  }
+  for (auto [world, ep] : std::vector<std::pair<int, int>>{{2, 2}, {4, 2}}) {
+    const std::string what = std::to_string(world) + " ranks, EP " + std::to_string(ep);
+    auto comms = testing::make_inprocess_communicators(world, 60.0);
+    std::vector<float> got(x.size());
+    std::vector<std::vector<std::string>> errors(static_cast<size_t>(world));
+    std::vector<int64_t> counted(static_cast<size_t>(world), -1);
+    std::vector<std::thread> threads;
+    const auto start = std::chrono::steady_clock::now();
+    for (int r = 0; r < world; ++r)
+      threads.emplace_back([&, r] {
+        SessionOptions o = opts();
+        o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), ep);
+        Session s(model, o);
+        const int64_t n = rows / world, off = r * n * 16;
+        std::vector<float> bad_x(x.begin() + off, x.begin() + off + n * 16), out(n * 16);
+        std::vector<float> bad_g(g.begin() + off, g.begin() + off + n * 16);
+        if (r == 1) bad_x[5 * 16 + 3] = std::numeric_limits<float>::quiet_NaN();
+        if (r == 0) bad_g[7 * 16 + 2] = std::numeric_limits<float>::quiet_NaN();
+        auto expect_numeric = [&](const std::function<void()>& call) {
+          try {
+            call();
+            errors[r].push_back("no failure");
+          } catch (const Error& e) {
+            errors[r].push_back(e.code() == Code::Numeric ? "" : e.what());
+            if (r == 1 && errors[r].size() == 1 &&
+                std::string(e.what()).find("at row 5, column") == std::string::npos)
+              errors[r].back() = std::string("rank 1 does not name its row: ") + e.what();
+          }
+        };
+        expect_numeric([&] { s.forward_hidden(bad_x.data(), n * 16, n, out.data(), n * 16); });
+        int64_t total = 0;
+        for (size_t layer : {1, 3})
+          for (int64_t c : s.expert_counts(layer, CountScope::Step)) total += c;
+        counted[r] = total;
+        s.forward_hidden(x.data() + off, n * 16, n, out.data(), n * 16);
+        expect_numeric([&] { s.backward(bad_g.data(), n * 16, nullptr, 0); });
+        expect_numeric([&] { s.step(); });
+        s.zero_grad();
+        s.forward_hidden(x.data() + off, n * 16, n, out.data(), n * 16);
+        s.backward(g.data() + off, n * 16, nullptr, 0);
+        s.step();
+        s.forward_hidden(x.data() + off, n * 16, n, got.data() + off, n * 16);
+      });
+    for (auto& t : threads) t.join();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_LT(seconds, 30.0) << what << ": a rank waited for the failing one";
+    for (int r = 0; r < world; ++r) {
+      EXPECT_EQ(errors[r], std::vector<std::string>(3, "")) << what << " rank " << r;
+      EXPECT_EQ(counted[r], 0) << what << " rank " << r;
+    }
+    EXPECT_TRUE(bitwise(got, want)) << what;
   }
 }
 
@@ -248,16 +369,13 @@ void train(Session& s, int rank, int world, const std::vector<int32_t>& tokens,
 
 std::string s_name(size_t i) { return "#" + std::to_string(i); }
 
-bool bitwise(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
-}
-
 // Training over 2 and 4 ranks (EP = size, EP 2 x DP 2, pure DP): every gradient, the losses, the
 // step counts and biases after 20 steps and every parameter are bitwise one session's over the
-// same global batches. Expert tensors are each rank's shard.
+// same global batches, for every balancing policy (Expert Choice's experts choosing from every
+// rank's rows). Expert tensors are each rank's shard.
 TEST(SessionParallel, TrainingIsBitwiseOneSessionsForEveryLayout) {
   for (BalancingPolicy policy : {BalancingPolicy::LossFreeBias, BalancingPolicy::AuxLoss,
-                                 BalancingPolicy::SequenceAuxLoss}) {
+                                 BalancingPolicy::SequenceAuxLoss, BalancingPolicy::ExpertChoice}) {
     std::mt19937 rng(53);
     const auto model = token_model(rng, policy);
     const int64_t rows = 256;

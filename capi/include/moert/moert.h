@@ -561,7 +561,9 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * so their gradients agree with one process to fp32 rounding, not bitwise, and their outputs to
  * the GEMMs' rounding (cuBLASLt may choose other algorithms for other row counts); the counts of
  * the routing they compute are the job's exactly, and every rank's bias the same. Not yet
- * verified on a GPU. Expert Choice layers are refused. */
+ * verified on a GPU. An Expert Choice layer's experts choose from the job's rows (every rank's
+ * router logits are gathered), so its outputs and counts are one session's over the union too;
+ * CUDA sessions refuse Expert Choice as they do alone. */
 MOERT_API moert_status* moert_session_options_set_comm(moert_session_options* options,
                                                        moert_comm* comm, int32_t expert_parallel);
 

@@ -614,7 +614,9 @@ extern "C" {
     #[doc = " so their gradients agree with one process to fp32 rounding, not bitwise, and their outputs to"]
     #[doc = " the GEMMs' rounding (cuBLASLt may choose other algorithms for other row counts); the counts of"]
     #[doc = " the routing they compute are the job's exactly, and every rank's bias the same. Not yet"]
-    #[doc = " verified on a GPU. Expert Choice layers are refused."]
+    #[doc = " verified on a GPU. An Expert Choice layer's experts choose from the job's rows (every rank's"]
+    #[doc = " router logits are gathered), so its outputs and counts are one session's over the union too;"]
+    #[doc = " CUDA sessions refuse Expert Choice as they do alone."]
     pub fn moert_session_options_set_comm(
         options: *mut moert_session_options,
         comm: *mut moert_comm,
