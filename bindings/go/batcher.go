@@ -247,7 +247,10 @@ func (b *Batcher) ForwardTokens(tokens []int32, rows int) ([]float32, RequestSta
 	if err := checkRows(rows); err != nil {
 		return nil, RequestStats{}, err
 	}
-	out := make([]float32, rows*b.io.OutputWidth)
+	out, err := b.io.outputs(rows, len(tokens))
+	if err != nil {
+		return nil, RequestStats{}, err
+	}
 	in, stats := ownInts(tokens), make([]int64, capi.MOERT_REQUEST_STATS)
 	if err := b.call(func() capi.Struct_SS_moert_status {
 		return capi.Moert_batcher_forward_tokens(b.ptr, in, uint64(rows), out, stats)
@@ -279,7 +282,10 @@ func (b *Batcher) ForwardHidden(in []float32, rows int) ([]float32, RequestStats
 	if err := checkRows(rows); err != nil {
 		return nil, RequestStats{}, err
 	}
-	out := make([]float32, rows*b.io.OutputWidth)
+	out, err := b.io.outputs(rows, len(in))
+	if err != nil {
+		return nil, RequestStats{}, err
+	}
 	src, stats := ownFloats(in), make([]int64, capi.MOERT_REQUEST_STATS)
 	if err := b.call(func() capi.Struct_SS_moert_status {
 		return capi.Moert_batcher_forward_hidden(b.ptr, src, uint64(rows), out, stats)

@@ -166,6 +166,9 @@ func TestBatcherErrorsBelongToTheirCaller(t *testing.T) {
 	if c.Requests != 10 || c.Failed != 6 {
 		t.Fatalf("counters %+v", c)
 	}
+	// Within the row cap but far past the input: refused before its outputs are allocated.
+	_, _, err = b.ForwardTokens(batch(1, 4, 0), 1<<20)
+	wantCode(t, err, ErrInvalidArgument)
 }
 
 func TestBatcherOptionsAndClose(t *testing.T) {

@@ -1,6 +1,7 @@
 package moert
 
 import (
+	"fmt"
 	"runtime"
 
 	"moert.dev/moert/internal/capi"
@@ -27,6 +28,23 @@ type IO struct {
 	Input       InputKind
 	InputWidth  int // values per input row (token ids or hidden values)
 	OutputWidth int // values per output row
+}
+
+// outputs allocates the rows*OutputWidth outputs of a forward pass over rows rows whose input
+// holds n values, once rows is checked against n: a wrong count comes back as an error instead of
+// an allocation that ends the process (moert.h refuses more than 2^31 - 1 rows anyway).
+func (io IO) outputs(rows, n int) ([]float32, error) {
+	if rows < 0 {
+		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	}
+	if rows > 1<<31-1 {
+		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows = %d exceeds 2^31 - 1", rows)}
+	}
+	if need := rows * io.InputWidth; need != n {
+		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf(
+			"the input holds %d values but %d rows of width %d need %d", n, rows, io.InputWidth, need)}
+	}
+	return make([]float32, rows*io.OutputWidth), nil
 }
 
 func newModel(p uintptr) *Model {

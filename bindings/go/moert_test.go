@@ -218,6 +218,16 @@ func TestForwardAndMetrics(t *testing.T) {
 	if err == nil {
 		t.Fatal("hidden-state input accepted by a token model")
 	}
+	// A row count far past the input is refused before rows*OutputWidth outputs are allocated (an
+	// allocation that size would end the process with a fatal error no recover can catch).
+	for _, huge := range []int{1 << 31, 1 << 40} {
+		_, err = s.ForwardTokens(ids, huge)
+		wantCode(t, err, ErrInvalidArgument)
+		_, err = s.ForwardTokensMasked(ids, make([]bool, rows), huge)
+		wantCode(t, err, ErrInvalidArgument)
+		_, err = s.ForwardHidden(make([]float32, 4), huge)
+		wantCode(t, err, ErrInvalidArgument)
+	}
 	_, err = s.ExpertCounts(1, CountsLast)
 	wantCode(t, err, ErrInvalidArgument)
 }
@@ -230,6 +240,9 @@ func TestOptionsErrors(t *testing.T) {
 	wantCode(t, opts.SetThreads(0), ErrInvalidArgument)
 	wantCode(t, opts.SetConfig("no_such_knob", "1"), ErrInvalidArgument)
 	wantCode(t, opts.SetMode(Mode(42)), ErrInvalidArgument)
+	// Out of int32's range: refused, not truncated to another device.
+	wantCode(t, opts.SetDevice(DeviceCPU, 1<<32), ErrInvalidArgument)
+	wantCode(t, opts.SetDevice(DeviceCUDA, 1<<32+1), ErrInvalidArgument)
 	if err := opts.SetConfig("check_finite", "false"); err != nil {
 		t.Fatal(err)
 	}

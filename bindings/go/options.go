@@ -48,8 +48,12 @@ func (o *SessionOptions) set(call func() capi.Struct_SS_moert_status) error {
 // SetDevice selects the device kind and index. Asking for CUDA is accepted here and refused by
 // NewSession with ErrUnsupported when no CUDA backend can be loaded.
 func (o *SessionOptions) SetDevice(device Device, index int) error {
+	i, err := int32Arg("device index", index)
+	if err != nil {
+		return err
+	}
 	return o.set(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_options_set_device(o.ptr, int32(device), int32(index))
+		return capi.Moert_session_options_set_device(o.ptr, int32(device), i)
 	})
 }
 

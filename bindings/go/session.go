@@ -96,10 +96,10 @@ func (s *Session) call(f func() capi.Struct_SS_moert_status) error {
 // ForwardTokens runs a forward pass over rows rows of token ids (tokens holds rows*InputWidth
 // ids, row-major) and returns rows*OutputWidth outputs.
 func (s *Session) ForwardTokens(tokens []int32, rows int) ([]float32, error) {
-	if rows < 0 {
-		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	out, err := s.io.outputs(rows, len(tokens))
+	if err != nil {
+		return nil, err
 	}
-	out := make([]float32, rows*s.io.OutputWidth)
 	in := ownInts(tokens)
 	if err := s.call(func() capi.Struct_SS_moert_status {
 		return capi.Moert_session_forward_tokens(s.ptr, in, uint64(rows), out)
@@ -128,10 +128,10 @@ func (s *Session) ForwardTokensInto(tokens []int32, rows int, out []float32) err
 // ForwardHidden runs a forward pass over rows rows of hidden states (in holds rows*InputWidth
 // values) and returns rows*OutputWidth outputs.
 func (s *Session) ForwardHidden(in []float32, rows int) ([]float32, error) {
-	if rows < 0 {
-		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	out, err := s.io.outputs(rows, len(in))
+	if err != nil {
+		return nil, err
 	}
-	out := make([]float32, rows*s.io.OutputWidth)
 	src := ownFloats(in)
 	if err := s.call(func() capi.Struct_SS_moert_status {
 		return capi.Moert_session_forward_hidden(s.ptr, src, uint64(rows), out)
@@ -163,10 +163,10 @@ func (s *Session) ForwardHiddenInto(in []float32, rows int, out []float32) error
 // is zero, and it takes no part in Backward or BackwardLoss. The other rows get exactly the
 // outputs of a pass over them alone. A mask of another length than rows is an error.
 func (s *Session) ForwardTokensMasked(tokens []int32, mask []bool, rows int) ([]float32, error) {
-	if rows < 0 {
-		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	out, err := s.io.outputs(rows, len(tokens))
+	if err != nil {
+		return nil, err
 	}
-	out := make([]float32, rows*s.io.OutputWidth)
 	in, m := ownInts(tokens), ownMask(mask)
 	if err := s.call(func() capi.Struct_SS_moert_status {
 		return capi.Moert_session_forward_tokens_masked(s.ptr, in, m, uint64(rows), out)
@@ -196,10 +196,10 @@ func (s *Session) ForwardTokensMaskedInto(tokens []int32, mask []bool, rows int,
 // ForwardTokensMasked: a padding row's values are not read (NaN or garbage is fine) and its
 // output row is zero; the input gradient Backward gives it is zero.
 func (s *Session) ForwardHiddenMasked(in []float32, mask []bool, rows int) ([]float32, error) {
-	if rows < 0 {
-		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	out, err := s.io.outputs(rows, len(in))
+	if err != nil {
+		return nil, err
 	}
-	out := make([]float32, rows*s.io.OutputWidth)
 	src, m := ownFloats(in), ownMask(mask)
 	if err := s.call(func() capi.Struct_SS_moert_status {
 		return capi.Moert_session_forward_hidden_masked(s.ptr, src, m, uint64(rows), out)

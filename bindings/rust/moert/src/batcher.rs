@@ -1,6 +1,6 @@
 //! The batcher: many threads, one forward pass (see `moert.h`, "Batcher").
 
-use super::{check, check_abi, invalid, Code, Error, Io, Model, Result, SessionOptions};
+use super::{check, check_abi, Code, Error, Io, Model, Result, SessionOptions};
 use moert_sys as sys;
 use std::ffi::c_void;
 use std::fmt;
@@ -183,11 +183,6 @@ impl Batcher {
         self.io
     }
 
-    fn out_len(&self, rows: usize) -> Result<usize> {
-        rows.checked_mul(self.io.output_width as usize)
-            .ok_or_else(|| invalid(format!("{rows} rows overflow the output size")))
-    }
-
     const STATS_KNOWN: usize = sys::MOERT_REQUEST_STATS as usize;
 
     fn stats(s: &[i64]) -> RequestStats {
@@ -202,7 +197,7 @@ impl Batcher {
 
     /// One request of `rows` rows of token ids; returns rows * output_width values.
     pub fn forward_tokens(&self, tokens: &[i32], rows: usize) -> Result<(Vec<f32>, RequestStats)> {
-        let mut out = vec![0f32; self.out_len(rows)?];
+        let mut out = vec![0f32; self.io.output_len(rows, tokens.len())?];
         let stats = self.forward_tokens_into(tokens, rows, &mut out)?;
         Ok((out, stats))
     }
@@ -234,7 +229,7 @@ impl Batcher {
 
     /// One request of `rows` rows of hidden states; returns rows * output_width values.
     pub fn forward_hidden(&self, input: &[f32], rows: usize) -> Result<(Vec<f32>, RequestStats)> {
-        let mut out = vec![0f32; self.out_len(rows)?];
+        let mut out = vec![0f32; self.io.output_len(rows, input.len())?];
         let stats = self.forward_hidden_into(input, rows, &mut out)?;
         Ok((out, stats))
     }

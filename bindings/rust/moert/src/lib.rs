@@ -336,6 +336,26 @@ pub struct Io {
     pub output_width: u32,
 }
 
+impl Io {
+    /// The output length of a forward pass over `rows` rows whose input holds `input_len`
+    /// values, checked before the output is allocated: a wrong row count comes back as an error
+    /// instead of an allocation that aborts the process (moert.h refuses more than 2^31 - 1 rows).
+    pub(crate) fn output_len(&self, rows: usize, input_len: usize) -> Result<usize> {
+        if rows > i32::MAX as usize {
+            return Err(invalid(format!("rows = {rows} exceeds 2^31 - 1")));
+        }
+        let need = rows as u64 * u64::from(self.input_width);
+        if need != input_len as u64 {
+            return Err(invalid(format!(
+                "the input holds {input_len} values but {rows} rows of width {} need {need}",
+                self.input_width
+            )));
+        }
+        rows.checked_mul(self.output_width as usize)
+            .ok_or_else(|| invalid(format!("{rows} rows overflow the output size")))
+    }
+}
+
 /// A loaded, validated model description.
 pub struct Model {
     ptr: NonNull<sys::moert_model>,
@@ -756,15 +776,10 @@ impl Session {
         self.ptr.as_ptr()
     }
 
-    fn out_len(&self, rows: usize) -> Result<usize> {
-        rows.checked_mul(self.io.output_width as usize)
-            .ok_or_else(|| invalid(format!("{rows} rows overflow the output size")))
-    }
-
     /// Forward over `rows` rows of token ids (rows * input_width, row-major); returns
     /// rows * output_width values.
     pub fn forward_tokens(&self, tokens: &[i32], rows: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; self.out_len(rows)?];
+        let mut out = vec![0f32; self.io.output_len(rows, tokens.len())?];
         self.forward_tokens_into(tokens, rows, &mut out)?;
         Ok(out)
     }
@@ -787,7 +802,7 @@ impl Session {
     /// Forward over `rows` rows of hidden states (rows * input_width); returns
     /// rows * output_width values.
     pub fn forward_hidden(&self, input: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; self.out_len(rows)?];
+        let mut out = vec![0f32; self.io.output_len(rows, input.len())?];
         self.forward_hidden_into(input, rows, &mut out)?;
         Ok(out)
     }
@@ -819,7 +834,7 @@ impl Session {
         row_mask: &[bool],
         rows: usize,
     ) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; self.out_len(rows)?];
+        let mut out = vec![0f32; self.io.output_len(rows, tokens.len())?];
         self.forward_tokens_masked_into(tokens, row_mask, rows, &mut out)?;
         Ok(out)
     }
@@ -856,7 +871,7 @@ impl Session {
         row_mask: &[bool],
         rows: usize,
     ) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; self.out_len(rows)?];
+        let mut out = vec![0f32; self.io.output_len(rows, input.len())?];
         self.forward_hidden_masked_into(input, row_mask, rows, &mut out)?;
         Ok(out)
     }

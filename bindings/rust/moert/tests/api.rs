@@ -143,6 +143,16 @@ fn forward_and_metrics() {
         Code::INVALID_ARGUMENT,
     );
     expect_code(s.forward_tokens(&ids[..5], rows), Code::INVALID_ARGUMENT);
+    // A row count far past the input is refused before rows * output_width outputs are
+    // allocated (an allocation that size would abort the process).
+    for huge in [1usize << 31, 1 << 40] {
+        expect_code(s.forward_tokens(&ids, huge), Code::INVALID_ARGUMENT);
+        expect_code(
+            s.forward_tokens_masked(&ids, &[true; 4], huge),
+            Code::INVALID_ARGUMENT,
+        );
+        expect_code(s.forward_hidden(&[0.0; 4], huge), Code::INVALID_ARGUMENT);
+    }
     let mut bad = ids.clone();
     bad[0] = 1000;
     expect_code(s.forward_tokens(&bad, rows), Code::INVALID_ARGUMENT);

@@ -117,6 +117,11 @@ fn errors_belong_to_their_caller_and_misuse_is_refused() {
     assert_eq!(b.forward_tokens(&batch(1, 0), 1).unwrap().0.len(), 64);
     let c = b.counters().unwrap();
     assert_eq!((c.requests, c.failed), (4, 3));
+    // Refused before rows * output_width outputs are allocated, which would abort the process.
+    assert_eq!(
+        b.forward_tokens(&batch(1, 0), 1 << 40).unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
 
     let mut o = BatcherOptions::new().unwrap();
     assert_eq!(o.sessions(0).unwrap_err().code(), Code::INVALID_ARGUMENT);

@@ -62,17 +62,34 @@ public final class Moert {
     return Capi.moert_status_code_name(code);
   }
 
-  /** A direct float buffer in native byte order: the zero-copy way to pass values to moert. */
+  /**
+   * A direct float buffer in native byte order: the zero-copy way to pass values to moert.
+   *
+   * @throws IllegalArgumentException when {@code count} is negative or its bytes exceed what one
+   *     buffer holds (2^31 - 1)
+   */
   public static FloatBuffer allocateFloats(int count) {
-    return ByteBuffer.allocateDirect(count * Float.BYTES)
+    return ByteBuffer.allocateDirect(bytes(count, Float.BYTES))
         .order(ByteOrder.nativeOrder())
         .asFloatBuffer();
   }
 
-  /** A direct int buffer in native byte order (token ids, targets). */
+  /**
+   * A direct int buffer in native byte order (token ids, targets).
+   *
+   * @throws IllegalArgumentException as {@link #allocateFloats}
+   */
   public static IntBuffer allocateInts(int count) {
-    return ByteBuffer.allocateDirect(count * Integer.BYTES)
+    return ByteBuffer.allocateDirect(bytes(count, Integer.BYTES))
         .order(ByteOrder.nativeOrder())
         .asIntBuffer();
+  }
+
+  // A buffer's size in bytes, refused where the int product would wrap around.
+  private static int bytes(int count, int size) {
+    if (count < 0 || count > Integer.MAX_VALUE / size)
+      throw new IllegalArgumentException(
+          count + " values of " + size + " bytes do not fit in one buffer (2^31 - 1 bytes)");
+    return count * size;
   }
 }

@@ -2,6 +2,7 @@ package dev.moert;
 
 import java.lang.ref.Cleaner;
 import java.lang.ref.Reference;
+import java.util.concurrent.TimeUnit;
 import java.util.concurrent.locks.ReentrantReadWriteLock;
 
 /**
@@ -49,6 +50,8 @@ abstract class NativeHandle<P> implements AutoCloseable {
   private final Cleaner.Cleanable cleanable;
   private final String what;
   private boolean closed;
+  // Set when close() begins, before it waits for the write lock.
+  private volatile boolean closing;
 
   /** free must not refer to this handle (it runs from the Cleaner once the handle is gone). */
   NativeHandle(String what, P ptr, Runnable free) {
@@ -57,9 +60,13 @@ abstract class NativeHandle<P> implements AutoCloseable {
     this.cleanable = CLEANER.register(this, new Release(free));
   }
 
-  /** Starts a call; throws MOERT_ERR_INVALID_STATE after close(). */
+  /**
+   * Starts a call; throws MOERT_ERR_INVALID_STATE after close(), and once close() has begun on
+   * another thread: close() may be waiting for the calling thread (a batcher's callback thread,
+   * whose stage calls this batcher), so the call must not wait for close() in turn.
+   */
   final Use use() {
-    lock.readLock().lock();
+    readLock();
     if (closed) {
       lock.readLock().unlock();
       throw new MoertException(CapiConstants.MOERT_ERR_INVALID_STATE, what + " is closed");
@@ -89,6 +96,7 @@ abstract class NativeHandle<P> implements AutoCloseable {
     if (!lock.isWriteLockedByCurrentThread()) {
       checkClose();
     }
+    closing = true;
     lock.writeLock().lock();
     try {
       if (!closed) {
@@ -106,13 +114,44 @@ abstract class NativeHandle<P> implements AutoCloseable {
    */
   void checkClose() {}
 
-  /** Whether close() has run. */
+  /** Whether close() has run or is running. */
   public final boolean isClosed() {
-    lock.readLock().lock();
+    if (closing) {
+      return true;
+    }
+    try {
+      readLock();
+    } catch (MoertException e) {
+      return true;
+    }
     try {
       return closed;
     } finally {
       lock.readLock().unlock();
+    }
+  }
+
+  // The read lock, waited for in slices so that a close() begun meanwhile ends the wait. Not
+  // interruptible, as a call is not: an interrupt is kept for the caller.
+  private void readLock() {
+    boolean interrupted = false;
+    try {
+      while (true) {
+        try {
+          if (lock.readLock().tryLock(10, TimeUnit.MILLISECONDS)) {
+            return;
+          }
+        } catch (InterruptedException e) {
+          interrupted = true;
+        }
+        if (closing) {
+          throw new MoertException(CapiConstants.MOERT_ERR_INVALID_STATE, what + " is closing");
+        }
+      }
+    } finally {
+      if (interrupted) {
+        Thread.currentThread().interrupt();
+      }
     }
   }
 

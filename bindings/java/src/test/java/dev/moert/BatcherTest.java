@@ -403,4 +403,54 @@ class BatcherTest {
       }
     }
   }
+  /**
+   * close() on one thread while stages on the batcher's thread call the batcher (a blocking
+   * forward, isClosed, counters): close() waits for the thread the stages run on, so their calls
+   * must not wait for close() in turn. Every stage ends (with its answer or
+   * MOERT_ERR_INVALID_STATE), close() returns, and isClosed() says so.
+   */
+  @Test
+  void closeWhileStagesCallTheBatcherEnds() throws Exception {
+    try (Model m = Model.load(MODEL);
+        SessionOptions so = SessionOptions.create();
+        BatcherOptions options = BatcherOptions.create()) {
+      so.threads(1);
+      // The wait lets every stage attach before its request is answered: the stages then run on
+      // the batcher's thread.
+      options.sessions(1).maxWait(Duration.ofMillis(20)).sessionOptions(so);
+      Batcher b = Batcher.create(m, options);
+      CompletableFuture<Void> started = new CompletableFuture<>();
+      List<CompletableFuture<Object>> stages = new ArrayList<>();
+      for (int i = 0; i < 30; i++) {
+        final int kind = i % 3;
+        stages.add(
+            b.submitTokens(batch(1, i), 1)
+                .thenApply(
+                    r -> {
+                      started.complete(null);
+                      try {
+                        Thread.sleep(20);
+                      } catch (InterruptedException e) {
+                        Thread.currentThread().interrupt();
+                      }
+                      if (kind == 0) return b.forwardTokens(batch(1, 0), 1);
+                      if (kind == 1) return b.isClosed();
+                      return b.counters();
+                    }));
+      }
+      started.get(TIMEOUT_S, TimeUnit.SECONDS);
+      CompletableFuture<Void> closed = CompletableFuture.runAsync(b::close);
+      closed.get(TIMEOUT_S, TimeUnit.SECONDS);
+      assertTrue(b.isClosed());
+      for (CompletableFuture<Object> stage : stages) {
+        try {
+          stage.get(TIMEOUT_S, TimeUnit.SECONDS);
+        } catch (ExecutionException e) {
+          assertTrue(e.getCause() instanceof MoertException, String.valueOf(e.getCause()));
+          assertEquals(
+              CapiConstants.MOERT_ERR_INVALID_STATE, ((MoertException) e.getCause()).getCode());
+        }
+      }
+    }
+  }
 }

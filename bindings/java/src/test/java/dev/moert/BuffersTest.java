@@ -77,6 +77,14 @@ class BuffersTest {
   }
 
   @Test
+  void allocationsWhoseBytesOverflowAreRefused() {
+    assertEquals(5, Moert.allocateFloats(5).capacity());
+    assertThrows(IllegalArgumentException.class, () -> Moert.allocateFloats(0x40000001));
+    assertThrows(IllegalArgumentException.class, () -> Moert.allocateInts(0x40000002));
+    assertThrows(IllegalArgumentException.class, () -> Moert.allocateFloats(-1));
+  }
+
+  @Test
   void hiddenForwardFromAndIntoEveryKindOfBuffer() {
     try (Model m = Model.load(HIDDEN);
         Session s = Session.create(m, null);
