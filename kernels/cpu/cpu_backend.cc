@@ -48,7 +48,10 @@ CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8, Layo
       bf16_gemm_(pool_.size(), Bf16Gemm::default_kernels()),
       reducer_(pool_),
       scratch_(pool_.size()),
-      direct_below_(avx512_gemms() ? INT64_MAX : kDirectBelow) {}
+      direct_below_(avx512_gemms() ? INT64_MAX : kDirectBelow) {
+  // On the pool, whose threads (the caller's included) keep oneDNN serial.
+  pool_.parallel_for(1, [](int64_t, unsigned) { warm_up_sgemm(); });
+}
 
 // ---- Memory
 

@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "kernels/cpu/bf16.h"
+#include "kernels/cpu/exit_gate.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math.h"
 #include "kernels/cpu/signal_guard.h"
@@ -30,6 +31,25 @@ void check_dnnl(dnnl_status_t s, const char* what) {
 
 }  // namespace
 
+void warm_up_sgemm() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // oneDNN sets up its GEMM kernels on first use and registers their teardown then; done here,
+    // before any session computes, so that the exit gate's handler (registered after these
+    // calls) runs before that teardown. Every layout, both betas, vector and matrix shapes.
+    std::vector<float> a(64 * 64, 0.5f), b(64 * 64, 0.25f), c(64 * 64);
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true})
+        for (const bool acc : {false, true})
+          for (const auto& [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 64, 64},
+                                        {64, 1, 64},
+                                        {8, 64, 32},
+                                        {64, 64, 64},
+                                        {64, 64, 1}})
+            sgemm(ta, tb, m, n, k, a.data(), ta ? m : k, b.data(), tb ? k : n, c.data(), n, acc);
+  });
+}
+
 void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
            const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   if (m <= 0 || n <= 0) return;
@@ -39,6 +59,7 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const fl
     return;
   }
   const AsyncSignalScope no_signals;  // free inside the thread pool's work, which holds one
+  const DnnlCall call;
   check_dnnl(dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb,
                         accumulate ? 1.0f : 0.0f, c, ldc),
              "sgemm");
@@ -268,6 +289,7 @@ struct Bf16Gemm::Dnnl {
 
 Bf16Gemm::Bf16Gemm(unsigned workers, Bf16Kernels kernels)
     : kernels_(kernels), scratch_(std::max(1u, workers)) {
+  const DnnlCall call;
   if (kernels_ == Bf16Kernels::Dnnl) dnnl_ = std::make_unique<Dnnl>(std::max(1u, workers));
 }
 
@@ -294,6 +316,7 @@ const float* Bf16Gemm::widened(const void* a, int64_t lda, int64_t m, int64_t k,
 void Bf16Gemm::act_weight_nt(const void* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,
                              int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
                              unsigned worker) {
+  const DnnlCall call;
   if (m <= 0 || n <= 0) return;
   if (kernels_ == Bf16Kernels::Widen) {
     widen_gemm_nt(static_cast<const float*>(a), lda, w, ldw, c, ldc, m, n, k, accumulate);
@@ -307,6 +330,7 @@ void Bf16Gemm::act_weight_nt(const void* a, int64_t lda, const uint16_t* w, int6
 void Bf16Gemm::act_weight_nn(const void* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,
                              int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
                              unsigned worker) {
+  const DnnlCall call;
   if (m <= 0 || n <= 0) return;
   if (kernels_ == Bf16Kernels::Widen) {
     widen_gemm_nn(static_cast<const float*>(a), lda, w, ldw, c, ldc, m, n, k, accumulate);
@@ -320,6 +344,7 @@ void Bf16Gemm::act_weight_nn(const void* a, int64_t lda, const uint16_t* w, int6
 void Bf16Gemm::act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
                           int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
                           unsigned worker) {
+  const DnnlCall call;
   if (m <= 0 || n <= 0) return;
   if (kernels_ == Bf16Kernels::Widen || k == 0) {
     // Both operands hold bf16 values, so every product is exact and sgemm sums them in fp32.
@@ -334,18 +359,21 @@ void Bf16Gemm::act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb
 }
 
 size_t Bf16Gemm::packed_bytes(int64_t n, int64_t k) {
+  const DnnlCall call;
   if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
   return dnnl_->packed_bytes(n, k);
 }
 
 void Bf16Gemm::pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t k, void* out,
                     unsigned worker) {
+  const DnnlCall call;
   if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
   dnnl_->pack(w, ldw, n, k, out, worker);
 }
 
 std::string Bf16Gemm::packed_implementation(int64_t m, int64_t n, int64_t k, int64_t lda,
                                             int64_t ldc) {
+  const DnnlCall call;
   if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
   Dnnl::Key key{m, n, k, lda, 0, ldc, false, false};
   key.packed = true;
@@ -354,6 +382,7 @@ std::string Bf16Gemm::packed_implementation(int64_t m, int64_t n, int64_t k, int
 
 void Bf16Gemm::act_packed_nt(const void* a, int64_t lda, const void* w, float* c, int64_t ldc,
                              int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker) {
+  const DnnlCall call;
   if (m <= 0 || n <= 0) return;
   if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
   if (k == 0) {

@@ -12,6 +12,10 @@
 
 namespace moert::cpu {
 
+// Sets up oneDNN's f32 GEMM kernels once per process (kernels/cpu/exit_gate.h: their teardown at
+// exit must be registered before the gate's handler); a CPU backend calls it when created.
+void warm_up_sgemm();
+
 // c[m, n] (+)= op(a) op(b), fp32, row-major; op transposes when asked (a is then [k, m], b [n, k]).
 void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
            const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);

@@ -24,6 +24,9 @@
  *    sent meanwhile goes to another thread of the process, or waits for the call to end. Reason:
  *    oneDNN's generated GEMM kernels move the stack pointer into the heap (oneDNN issue 4845).
  *  - No function throws, aborts or exits on bad input.
+ *  - Exit: the process may exit while calls compute on other threads; at exit the library lets
+ *    the calls in flight finish (up to 10 s) and later ones fail with MOERT_ERR_INVALID_STATE,
+ *    before oneDNN tears its kernels down.
  *  - Status messages are one line of valid UTF-8: text taken from a file (a model's or layer's
  *    name, say) is quoted with every byte that is not part of valid UTF-8, and every ASCII control
  *    character (newline, tab, NUL, DEL, ...), written as \xNN.

@@ -1,0 +1,24 @@
+// Every oneDNN call of the library passes this gate, so that the process can exit while a thread
+// computes. At exit, oneDNN's static destructors unmap its generated kernels; a thread still
+// running one then faulted (a Rust service whose static Batcher is never dropped, a C program
+// returning from main while a worker thread runs a session: SIGSEGV on nearly every exit). The
+// gate's exit handler waits for the calls in flight to return and refuses later ones with
+// MOERT_ERR_INVALID_STATE, so that oneDNN is torn down after its last kernel. Exit handlers run
+// in reverse order of registration, and oneDNN registers the teardown of what it sets up as it
+// goes, so the handler is registered again after calls (DnnlCall's destructor) and a CPU backend
+// sets oneDNN's GEMM kernels up before any session computes (warm_up_sgemm, kernels/cpu/gemm.h).
+#pragma once
+
+namespace moert::cpu {
+
+// Held for the duration of one oneDNN call (nested holds on one thread count once). Throws
+// Error(Code::InvalidState) once the process has begun to exit.
+class DnnlCall {
+ public:
+  DnnlCall();
+  ~DnnlCall();
+  DnnlCall(const DnnlCall&) = delete;
+  DnnlCall& operator=(const DnnlCall&) = delete;
+};
+
+}  // namespace moert::cpu
