@@ -90,11 +90,13 @@ void MoELayer::route_expert_choice_parallel(Backend& be, int64_t rows) {
   Communicator& world = par_->world();
   const int R = world.size();
   const int64_t E = s_.router.num_experts, total = par_->total_rows(), first = par_->first_row();
-  // The same check as Session::check_rows, over the job's rows (the same on every rank).
-  if (total > std::numeric_limits<int32_t>::max() / E)
+  // Session::check_rows's bounds, over the job's rows (the same on every rank): token indices
+  // and the assignments' count are int32.
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  if (total > kMax || capacity(total) > kMax / E)
     fail(Code::InvalidArgument, "the job's ", total,
          " rows are too many for an Expert Choice layer of ", E,
-         " experts: they would index more than 2^31 - 1 token-expert pairs");
+         " experts: they would index more than 2^31 - 1 tokens or token-expert pairs");
   std::vector<int64_t> bytes(static_cast<size_t>(R)), offsets(static_cast<size_t>(R), 0);
   for (int p = 0; p < R; ++p) bytes[p] = par_->rows()[p] * E * 4;
   for (int p = 1; p < R; ++p) offsets[p] = offsets[p - 1] + bytes[p - 1];

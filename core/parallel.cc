@@ -201,7 +201,7 @@ class RootsReader {
   }
   // A count read from the bytes, before anything is sized from it.
   size_t count(int64_t n, size_t unit) {
-    if (n < 0 || static_cast<uint64_t>(n) > static_cast<uint64_t>(end_ - p_) / unit)
+    if (n < 0 || (unit > 0 && static_cast<uint64_t>(n) > static_cast<uint64_t>(end_ - p_) / unit))
       fail(Code::Internal, "combining gradients: rank ", rank_, "'s roots end early");
     return static_cast<size_t>(n);
   }

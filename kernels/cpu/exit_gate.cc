@@ -1,9 +1,12 @@
 #include "kernels/cpu/exit_gate.h"
 
+#include <pthread.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <thread>
 
 #include "core/error.h"
@@ -11,30 +14,54 @@
 namespace moert::cpu {
 namespace {
 
-std::atomic<int64_t> g_in_flight{0};
-std::atomic<bool> g_exiting{false};
-thread_local int t_depth = 0;  // this thread's nested DnnlCalls
-std::atomic<int64_t> g_calls{0};
-constexpr int64_t kEveryCall = 4096;
+// Each on its own cache line: every GEMM call of every thread touches the first two.
+alignas(64) std::atomic<int64_t> g_in_flight{0};
+alignas(64) std::atomic<bool> g_exiting{false};
+alignas(64) std::atomic<int64_t> g_calls{0};
+// When exit stops waiting (steady clock, nanoseconds; 0 until the first handler runs).
+alignas(64) std::atomic<int64_t> g_deadline{0};
+thread_local int t_depth = 0;         // this thread's nested DnnlCalls
+thread_local bool t_created = false;  // created_dnnl_state() in the current call
+std::once_flag g_fork_handler;
 
-// How long exit waits for the calls in flight: a GEMM takes milliseconds; a thread stopped in
-// one (by a debugger, SIGSTOP) must not hang the exit for ever.
+constexpr int64_t kEveryCall = 4096;
+// How long exit waits for the calls in flight, in all: a GEMM takes milliseconds; a thread
+// stopped in one (a debugger, SIGSTOP) must not hang the exit for ever.
 constexpr auto kExitWait = std::chrono::seconds(10);
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Runs once per registration: the first run sets the deadline, which every later run keeps.
 void at_exit() {
   g_exiting.store(true);
+  int64_t deadline = 0;
+  const int64_t mine = now_ns() + std::chrono::nanoseconds(kExitWait).count();
+  if (g_deadline.compare_exchange_strong(deadline, mine)) deadline = mine;
   // The exiting thread's own call (exit() from a signal handler that interrupted one) never
   // returns: it is not waited for.
   const int64_t own = t_depth > 0 ? 1 : 0;
-  const auto until = std::chrono::steady_clock::now() + kExitWait;
-  while (g_in_flight.load() > own && std::chrono::steady_clock::now() < until)
+  while (g_in_flight.load() > own && now_ns() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 
+// A child of fork() has only the forking thread: the other threads' calls never end there.
+void after_fork_in_child() { g_in_flight.store(t_depth > 0 ? 1 : 0); }
+
+void register_exit_handler() { std::atexit(at_exit); }
+
 }  // namespace
+
+void created_dnnl_state() { t_created = true; }
+
+bool process_exiting() { return g_exiting.load(); }
 
 DnnlCall::DnnlCall() {
   if (t_depth == 0) {
+    std::call_once(g_fork_handler, [] { pthread_atfork(nullptr, nullptr, after_fork_in_child); });
     // Counted before the check: at_exit() sets the flag before it reads the count, so a call
     // either sees the flag or is waited for.
     g_in_flight.fetch_add(1);
@@ -50,14 +77,13 @@ DnnlCall::DnnlCall() {
 DnnlCall::~DnnlCall() {
   if (--t_depth > 0) return;
   g_in_flight.fetch_sub(1);
-  // oneDNN registers the destructors of what a call sets up lazily (kernels for a shape or
-  // variant it meets first) as it goes, and exit handlers run in reverse order: the handler must
-  // be registered again after such calls to run before them. The first calls of a process set
-  // up nearly everything; later, fewer and fewer calls do (a new row count, a new shape).
-  // Registering after each of the first kEveryCall calls and then at every power of two keeps
-  // the registrations bounded (an exit handler costs about 32 bytes).
-  const int64_t n = g_calls.fetch_add(1) + 1;
-  if (n <= kEveryCall || (n & (n - 1)) == 0) std::atexit(at_exit);
+  // The first calls of a process set up nearly everything oneDNN sets up lazily; later, fewer
+  // and fewer calls do. Registering again after each of the first kEveryCall calls and then at
+  // every power of two keeps the registrations bounded (about 32 bytes each); what the library
+  // creates itself later (a bf16 primitive for a new shape) registers at once.
+  const int64_t n = g_calls.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (n <= kEveryCall || (n & (n - 1)) == 0 || t_created) register_exit_handler();
+  t_created = false;
 }
 
 }  // namespace moert::cpu

@@ -2,14 +2,23 @@
 // computes. At exit, oneDNN's static destructors unmap its generated kernels; a thread still
 // running one then faulted (a Rust service whose static Batcher is never dropped, a C program
 // returning from main while a worker thread runs a session: SIGSEGV on nearly every exit). The
-// gate's exit handler waits for the calls in flight to return and refuses later ones with
-// MOERT_ERR_INVALID_STATE, so that oneDNN is torn down after its last kernel. Exit handlers run
-// in reverse order of registration, and oneDNN registers the teardown of what it sets up as it
-// goes, so the handler is registered again after calls (DnnlCall's destructor) and a CPU backend
-// sets oneDNN's GEMM kernels up before any session computes (warm_up_sgemm, kernels/cpu/gemm.h).
+// gate's exit handler waits for the calls in flight to return (10 s at most in all) and refuses
+// later ones with MOERT_ERR_INVALID_STATE, so that oneDNN is torn down after its last kernel. Exit
+// handlers run in reverse order of registration, and oneDNN registers the teardown of what it sets
+// up as it goes, so the handler is registered again after calls (DnnlCall's destructor) and a CPU
+// backend sets oneDNN's GEMM kernels up before any session computes (warm_up_sgemm,
+// kernels/cpu/gemm.h).
 #pragma once
 
 namespace moert::cpu {
+
+// Says that the current call created oneDNN state (a primitive, a reorder), whose teardown
+// oneDNN may register: the gate's exit handler is registered again when the call ends, so that
+// it runs before that teardown.
+void created_dnnl_state();
+// Whether the process has begun to exit: oneDNN may be torn down already, so objects that would
+// release oneDNN state (a primitive) leave it to the exit instead.
+bool process_exiting();
 
 // Held for the duration of one oneDNN call (nested holds on one thread count once). Throws
 // Error(Code::InvalidState) once the process has begun to exit.

@@ -88,6 +88,8 @@ struct Bf16Gemm::Dnnl {
     check_dnnl(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine creation");
   }
   ~Dnnl() {
+    // Past the gate's exit handler oneDNN may be gone: its teardown releases all of this.
+    if (process_exiting()) return;
     for (auto& [key, p] : prims) dnnl_primitive_destroy(p.prim);
     for (auto& [key, r] : reorders) dnnl_primitive_destroy(r);
     for (dnnl_stream_t s : streams)
@@ -140,6 +142,7 @@ struct Bf16Gemm::Dnnl {
         if (st == dnnl_success) st = dnnl_primitive_create(&reorder, pd);
         if (pd) dnnl_primitive_desc_destroy(pd);
         check_dnnl(st, "bf16 weight packing (reorder) creation");
+        created_dnnl_state();
         it = reorders.emplace(std::make_tuple(k, n, ldw), reorder).first;
       }
       reorder = it->second;
@@ -222,6 +225,7 @@ struct Bf16Gemm::Dnnl {
     if (ops) dnnl_post_ops_destroy(ops);
     if (attr) dnnl_primitive_attr_destroy(attr);
     check_dnnl(s, "bf16 matmul primitive creation");
+    created_dnnl_state();
     return prims.emplace(key, p).first->second;
   }
 
