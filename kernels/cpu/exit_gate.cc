@@ -57,8 +57,6 @@ void register_exit_handler() { std::atexit(at_exit); }
 
 void created_dnnl_state() { t_created = true; }
 
-bool process_exiting() { return g_exiting.load(); }
-
 DnnlCall::DnnlCall() {
   if (t_depth == 0) {
     std::call_once(g_fork_handler, [] { pthread_atfork(nullptr, nullptr, after_fork_in_child); });

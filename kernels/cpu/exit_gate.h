@@ -16,9 +16,6 @@ namespace moert::cpu {
 // oneDNN may register: the gate's exit handler is registered again when the call ends, so that
 // it runs before that teardown.
 void created_dnnl_state();
-// Whether the process has begun to exit: oneDNN may be torn down already, so objects that would
-// release oneDNN state (a primitive) leave it to the exit instead.
-bool process_exiting();
 
 // Held for the duration of one oneDNN call (nested holds on one thread count once). Throws
 // Error(Code::InvalidState) once the process has begun to exit.

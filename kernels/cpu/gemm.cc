@@ -88,8 +88,6 @@ struct Bf16Gemm::Dnnl {
     check_dnnl(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine creation");
   }
   ~Dnnl() {
-    // Past the gate's exit handler oneDNN may be gone: its teardown releases all of this.
-    if (process_exiting()) return;
     for (auto& [key, p] : prims) dnnl_primitive_destroy(p.prim);
     for (auto& [key, r] : reorders) dnnl_primitive_destroy(r);
     for (dnnl_stream_t s : streams)
