@@ -479,8 +479,11 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
   if (last_rows_ == 0 && !par_) return finish_empty_pass(out, pass);
   auto& a0 = activations_[0];
   a0.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[0].out_width);
-  static_cast<EmbeddingLayer&>(*layers_[0])
-      .forward_tokens(*backend_, tokens_.data(), a0.data(), last_rows_, pass);
+  if (par_) par_->drop_held_failure();
+  run_layer(0, a0.data(), a0.size(), [&] {
+    static_cast<EmbeddingLayer&>(*layers_[0])
+        .forward_tokens(*backend_, tokens_.data(), a0.data(), last_rows_, pass);
+  });
   std::string bad = check_output(0, a0.data());
   run_from(1, a0.data(), out, pass, std::move(bad));
 }
@@ -518,6 +521,7 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
   });
   if (par_) par_->exchange_rows(last_rows_);
   if (last_rows_ == 0 && !par_) return finish_empty_pass(out, pass);
+  if (par_) par_->drop_held_failure();
   run_from(0, input_.data(), out, pass, "");
 }
 
@@ -564,16 +568,22 @@ std::string Session::check_output(size_t layer, const float* y) const {
   return why;
 }
 
+template <typename F>
+void Session::run_layer(size_t layer, float* out, size_t n, F&& f) {
+  if (!par_ || model_->layers[layer].kind == LayerKind::MoE) return f();
+  if (!par_->compute(f) && out) backend_->zero(out, n * sizeof(float));
+}
+
 void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass, std::string bad) {
   // Among ranks, a layer's own computation that fails is held (ParallelContext::compute) while
   // the pass's exchanges go on, and refused with the pass at its end.
-  std::exception_ptr held;
-  if (par_) par_->drop_held_failure();
+  std::exception_ptr held = par_ ? par_->held_failure() : nullptr;
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
     act.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[i].out_width);
     try {
-      layers_[i]->forward(*backend_, x, act.data(), last_rows_, pass);
+      run_layer(i, act.data(), act.size(),
+                [&] { layers_[i]->forward(*backend_, x, act.data(), last_rows_, pass); });
     } catch (const Error& e) {
       throw with_unchecked_source(e, i, x, model_->layers[i].in_width, "input");
     }
@@ -661,7 +671,8 @@ double Session::run_backward(float* grad_in, const char* call) {
         target = dx_.data();
       }
       try {
-        layers_[i]->backward(*backend_, dy_.data(), target, rows);
+        run_layer(i, target, static_cast<size_t>(rows) * model_->layers[i].in_width,
+                  [&] { layers_[i]->backward(*backend_, dy_.data(), target, rows); });
       } catch (const Error& e) {
         throw with_unchecked_source(e, i, dy_.data(), model_->layers[i].out_width,
                                     "output gradient");

@@ -242,8 +242,15 @@ class Session {
   // Why layer `layer`'s output is not finite, or "" (checks values when check_finite is on;
   // alone it throws, among ranks it reports so that the pass ends together).
   std::string check_output(size_t layer, const float* y) const;
-  // `bad`: a failure found before the first layer, refused at the end of the pass.
+  // `bad`: a failure found before the first layer, refused at the end of the pass. Among ranks,
+  // a failure held before the first layer (ParallelContext::compute) is raised with the pass.
   void run_from(size_t first_layer, const float* x, float* out, Pass pass, std::string bad);
+  // Runs layer `layer`'s f, which writes `out` (n floats of backend memory, may be null). Alone,
+  // or for a MoE layer (which holds its own computations' failures between its exchanges), f
+  // runs as it is. Among ranks any other layer's failure is held, and once one is held the layer
+  // is skipped: `out` is zeroed, so that later layers' exchanges carry no garbage to the others.
+  template <typename F>
+  void run_layer(size_t layer, float* out, size_t n, F&& f);
   // Runs body(); among ranks, every rank then learns whether any failed, or was in another call
   // than `call` (a public function's name), and all throw if so. `Failure::DiscardsPass`: a
   // failure anywhere ends the pending pass on every rank (a forward's, whose ranks that accepted

@@ -6,12 +6,15 @@
 #include <gtest/gtest.h>
 #include <moert/moert.h>
 
+#include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <iterator>
 #include <limits>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
@@ -19,6 +22,19 @@
 #include "capi_test_util.h"
 #include "model_builder.h"
 #include "mpi_test_main.h"
+
+// While not zero, the library's backend memory (the aligned nothrow operator new, which this
+// program replaces for the whole process) fails from this many bytes on: a process that ran out
+// of memory. As libstdc++'s own, it takes memory from aligned_alloc, which the aligned delete
+// frees.
+std::atomic<size_t> g_allocation_limit{0};
+
+void* operator new(std::size_t n, std::align_val_t align, const std::nothrow_t&) noexcept {
+  const size_t limit = g_allocation_limit.load();
+  if (limit != 0 && n >= limit) return nullptr;
+  const size_t a = static_cast<size_t>(align);
+  return std::aligned_alloc(a, (n + a - 1) / a * a);
+}
 
 namespace {
 
@@ -579,6 +595,84 @@ TEST(SessionMpi, AKernelFailureOnOneRankFailsEveryRankAtOnce) {
         IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
     ASSERT_TRUE(IsOk(
         moert_session_forward_hidden(clean.get(), x.data(), n * 8, n, want.data(), want.size())));
+    EXPECT_TRUE(same(out, want));
+  }
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
+}
+
+// Sets g_allocation_limit for the scope.
+class AllocationLimit {
+ public:
+  explicit AllocationLimit(size_t bytes) { g_allocation_limit = bytes; }
+  ~AllocationLimit() { g_allocation_limit = 0; }
+  AllocationLimit(const AllocationLimit&) = delete;
+  AllocationLimit& operator=(const AllocationLimit&) = delete;
+};
+
+// A layer outside the experts failing on one rank (a dense FFN that cannot allocate its hidden
+// activations, between two MoE layers) is held like an expert's failure: the rank makes the rest
+// of the pass's exchanges and every rank fails the call with MOERT_ERR_OUT_OF_MEMORY at once,
+// the communicator intact. Forward and backward; then the job trains on as one that never failed.
+TEST(SessionMpi, AnAllocationFailureOutsideTheExpertsFailsEveryRankAtOnce) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers replace operator new themselves";
+#endif
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
+  ModelDesc d = hidden_baseline();
+  // 256 rows x 2048 hidden: 2 MiB per hidden activation, against allocations failing from 1 MiB.
+  d.layers.insert(d.layers.begin() + 2, dense_layer("ffn", 8, 2048));
+  d.layers.insert(d.layers.begin() + 3, moe_layer("moe1", 8));
+  ModelPtr m = load(d);
+  const size_t limit = 1u << 20;
+  const int64_t n = 256;
+  std::vector<float> x(n * 8), out(n * 16), want(n * 16), dy(n * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>((i * 7 + g_rank) % 23);
+  for (size_t i = 0; i < dy.size(); ++i) dy[i] = 0.02f * static_cast<float>((i * 3) % 11) - 0.1f;
+  // One training step, then the output of the trained session.
+  const auto train = [&](moert_session* t, std::vector<float>& result) {
+    std::vector<float> first(result.size());
+    ASSERT_TRUE(
+        IsOk(moert_session_forward_hidden(t, x.data(), n * 8, n, first.data(), first.size())));
+    ASSERT_TRUE(IsOk(moert_session_backward(t, dy.data(), dy.size(), nullptr, 0, nullptr)));
+    ASSERT_TRUE(IsOk(moert_session_step(t, nullptr, nullptr)));
+    ASSERT_TRUE(
+        IsOk(moert_session_forward_hidden(t, x.data(), n * 8, n, result.data(), result.size())));
+  };
+  const char* named = g_rank == 1 ? "memory" : "rank 1";
+  for (int ep : layouts()) {
+    SCOPED_TRACE("ep " + std::to_string(ep));
+    {
+      SessionPtr s = session(m.get(), true, ep, true);
+      const auto start = std::chrono::steady_clock::now();
+      {
+        const AllocationLimit cap(g_rank == 1 ? limit : 0);
+        EXPECT_TRUE(IsError(
+            moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size()),
+            MOERT_ERR_OUT_OF_MEMORY, {named}));
+      }
+      EXPECT_TRUE(
+          IsError(moert_session_backward(s.get(), dy.data(), dy.size(), nullptr, 0, nullptr),
+                  MOERT_ERR_INVALID_STATE));
+      ASSERT_TRUE(
+          IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
+      {
+        // The backward's Wgrad operands need as much again as the forward kept.
+        const AllocationLimit cap(g_rank == 1 ? limit : 0);
+        EXPECT_TRUE(
+            IsError(moert_session_backward(s.get(), dy.data(), dy.size(), nullptr, 0, nullptr),
+                    MOERT_ERR_OUT_OF_MEMORY, {named}));
+      }
+      EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_OUT_OF_MEMORY,
+                          {"zero_grad"}));
+      const double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      EXPECT_LT(seconds, 30.0) << "a rank waited for the failing one";
+      ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+      train(s.get(), out);
+    }
+    SessionPtr clean = session(m.get(), true, ep, true);
+    train(clean.get(), want);
     EXPECT_TRUE(same(out, want));
   }
   ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
