@@ -27,6 +27,23 @@
 namespace moert {
 namespace {
 
+// Opens `path` for reading when it is a regular file, else fails (Io) naming it as `what`. The
+// open does not block: a FIFO with no writer (or a device that waits) is refused at once instead
+// of hanging the caller. Returns the descriptor; its size goes to *size.
+int open_regular_file(const std::string& path, const char* what, uint64_t* size) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) fail(Code::Io, "cannot open ", what, " '", path, "': ", std::strerror(errno));
+  struct stat st {};
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || flags < 0 ||
+      ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    ::close(fd);
+    fail(Code::Io, what, " '", path, "' is not a regular file");
+  }
+  *size = static_cast<uint64_t>(st.st_size);
+  return fd;
+}
+
 // FlatBuffers offsets are 32-bit: nothing larger can be a valid buffer.
 constexpr size_t kMaxBufferSize = size_t{1} << 31;
 // The most token-expert assignments a checkpoint may have counted in one layer during one step:
@@ -106,13 +123,7 @@ class ExternalFile {
  private:
   void open_once() {
     if (fd_ >= 0) return;
-    fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0)
-      fail(Code::Io, "cannot open external weight file '", path_, "': ", std::strerror(errno));
-    struct stat st {};
-    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode))
-      fail(Code::Io, "external weight file '", path_, "' is not a regular file");
-    size_ = static_cast<uint64_t>(st.st_size);
+    fd_ = open_regular_file(path_, "external weight file", &size_);
   }
 
   std::string path_;
@@ -954,14 +965,9 @@ void check_buffer_size(size_t size, const LoadOptions& options) {
 
 std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& options,
                                  StatePolicy policy) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(Code::Io, "cannot open model file '", path, "': ", std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    fail(Code::Io, "model file '", path, "' is not a regular file");
-  }
-  const size_t size = static_cast<size_t>(st.st_size);
+  uint64_t file_size = 0;
+  const int fd = open_regular_file(path, "model file", &file_size);
+  const size_t size = static_cast<size_t>(file_size);
   try {
     check_buffer_size(size, options);
   } catch (const Error& e) {

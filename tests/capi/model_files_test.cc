@@ -2,6 +2,7 @@
 // description is refused with the right code and a message naming the layer and field at fault.
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -283,6 +284,14 @@ TEST(ModelFiles, NonexistentPathIsIo) {
 TEST(ModelFiles, DirectoryPathIsIo) {
   TempDir dir;
   EXPECT_TRUE(IsError(load_file(dir.path()), MOERT_ERR_IO, {dir.path().string()}));
+}
+
+// A FIFO nobody writes to is refused at once: opening it to read would wait for a writer.
+TEST(ModelFiles, FifoPathIsIoNotAHang) {
+  TempDir dir;
+  const fs::path fifo = dir.path() / "model.fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_TRUE(IsError(load_file(fifo), MOERT_ERR_IO, {fifo.string(), "not a regular file"}));
 }
 
 TEST(ModelFiles, DescriptionsOf2GiBOrMoreAreRefusedUnread) {
@@ -881,6 +890,12 @@ TEST_F(ExternalData, MissingOrUnreadableDataFileIsIo) {
   fs::create_directories(dir_.path() / "adir");
   EXPECT_TRUE(
       IsError(load_from_dir(with_external_gate(64, kGateBytes, "adir")), MOERT_ERR_IO, {"adir"}));
+}
+
+TEST_F(ExternalData, FifoDataFileIsIoNotAHang) {
+  ASSERT_EQ(mkfifo((dir_.path() / "weights.fifo").c_str(), 0600), 0);
+  EXPECT_TRUE(IsError(load_from_dir(with_external_gate(64, kGateBytes, "weights.fifo")),
+                      MOERT_ERR_IO, {"weights.fifo", "not a regular file"}));
 }
 
 TEST_F(ExternalData, ExternalTensorWithoutAFileName) {
