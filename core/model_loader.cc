@@ -395,10 +395,14 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
   if (t->shape()) {
     if (!aligned_elements(t->shape()))
       bad(field, "shape vector is not 8-byte aligned: the file is corrupt");
-    std::vector<int64_t> given;
-    for (uint64_t d : copy_out(t->shape())) given.push_back(static_cast<int64_t>(d));
-    if (given != shape)
-      bad(field, cat("has shape ", shape_str(given), " but the layer needs ", shape_str(shape)));
+    // Compared as the file stores them (unsigned): a dimension of 2^63 or more is no int64_t.
+    const std::vector<uint64_t> given = copy_out(t->shape());
+    std::string given_str = "[";
+    for (size_t i = 0; i < given.size(); ++i) given_str += cat(i ? ", " : "", given[i]);
+    given_str += "]";
+    if (!std::equal(given.begin(), given.end(), shape.begin(), shape.end(),
+                    [](uint64_t g, int64_t s) { return g == static_cast<uint64_t>(s); }))
+      bad(field, cat("has shape ", given_str, " but the layer needs ", shape_str(shape)));
   }
   const int sources = (t->data() != nullptr) + (t->external() != nullptr) + (t->init() != nullptr);
   if (sources != 1)

@@ -561,6 +561,11 @@ TEST(ModelFiles, TensorShapeMismatch) {
                         moe0(d).w2.shape = std::vector<uint64_t>{4, 4, 8};  // w1's layout
                       }),
                       MOERT_ERR_INVALID_MODEL, {"layer 2", "'moe0'", "'w2'", "[4, 8, 4]"}));
+  // Dimensions of 2^63 and more are shown as the file holds them, not as negative numbers.
+  EXPECT_TRUE(IsError(load_changed([](ModelDesc& d) {
+                        moe0(d).gate.shape = std::vector<uint64_t>{~uint64_t{0}, 8};
+                      }),
+                      MOERT_ERR_INVALID_MODEL, {"'gate'", "[18446744073709551615, 8]", "[4, 8]"}));
   // The right shape given explicitly is accepted.
   EXPECT_TRUE(IsOk(load_changed([](ModelDesc& d) {
     moe0(d).w2.shape = std::vector<uint64_t>{4, 8, 4};
