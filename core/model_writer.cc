@@ -14,6 +14,7 @@
 #include <span>
 
 #include "core/error.h"
+#include "kernels/cpu/math.h"
 #include "moert_generated.h"
 
 namespace moert {
@@ -258,8 +259,9 @@ class DescriptionBuilder {
   uint64_t data_size_ = 0;
 };
 
-[[noreturn]] void io_failure(const std::string& path, const char* what, int err) {
-  fail(Code::Io, "cannot write checkpoint '", path, "': ", what, ": ", std::strerror(err));
+// `kind`: what the file is ("checkpoint", "model"); `step`: what failed.
+[[noreturn]] void io_failure(const char* kind, const std::string& path, const char* step, int err) {
+  fail(Code::Io, "cannot write ", kind, " '", path, "': ", step, ": ", std::strerror(err));
 }
 
 // Six characters that make a temporary name unlikely to exist already.
@@ -284,13 +286,14 @@ std::string unique_suffix(uint64_t attempt) {
 // model that other users' processes may be meant to read.
 class TempFile {
  public:
-  TempFile(const fs::path& dir, const std::string& prefix, std::string destination)
-      : destination_(std::move(destination)) {
+  TempFile(const fs::path& dir, const std::string& prefix, std::string destination,
+           const char* kind)
+      : destination_(std::move(destination)), kind_(kind) {
     for (uint64_t attempt = 0; fd_ < 0; ++attempt) {
       name_ = (dir / (prefix + unique_suffix(attempt))).string();
       fd_ = ::open(name_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       if (fd_ < 0 && (errno != EEXIST || attempt == 100))
-        io_failure(destination_, "cannot create a temporary file", errno);
+        io_failure(kind_, destination_, "cannot create a temporary file", errno);
     }
   }
   ~TempFile() {
@@ -307,7 +310,7 @@ class TempFile {
       const size_t chunk = static_cast<size_t>(std::min<uint64_t>(bytes, uint64_t{1} << 30));
       const ssize_t n = ::write(fd_, p, chunk);
       if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) io_failure(destination_, "write", n < 0 ? errno : EIO);
+      if (n <= 0) io_failure(kind_, destination_, "write", n < 0 ? errno : EIO);
       p += n;
       bytes -= static_cast<uint64_t>(n);
     }
@@ -315,16 +318,18 @@ class TempFile {
 
   // fsync, close, rename over `target`.
   void commit(const std::string& target) {
-    if (::fsync(fd_) != 0) io_failure(destination_, "fsync", errno);
+    if (::fsync(fd_) != 0) io_failure(kind_, destination_, "fsync", errno);
     const int fd = fd_;
     fd_ = -1;
-    if (::close(fd) != 0) io_failure(destination_, "close", errno);
-    if (::rename(name_.c_str(), target.c_str()) != 0) io_failure(destination_, "rename", errno);
+    if (::close(fd) != 0) io_failure(kind_, destination_, "close", errno);
+    if (::rename(name_.c_str(), target.c_str()) != 0)
+      io_failure(kind_, destination_, "rename", errno);
     renamed_ = true;
   }
 
  private:
   std::string destination_;
+  const char* kind_;
   std::string name_;
   int fd_ = -1;
   bool renamed_ = false;
@@ -385,6 +390,31 @@ void remove_stale(const fs::path& dir, const std::string& file, const std::strin
 
 namespace {
 
+// Fails (Numeric) when a value the file would hold is a NaN or an infinity, naming it.
+void refuse_nonfinite(const std::string& path, const char* what, const Model& model,
+                      const TrainingStateView* state) {
+  auto check = [&](std::span<const float> v, const auto&... name) {
+    const int64_t at = cpu::first_nonfinite(v.data(), static_cast<int64_t>(v.size()));
+    if (at >= 0)
+      fail(Code::Numeric, "cannot write ", what, " '", path, "': ", name...,
+           " holds a NaN or infinity at element ", at, "; nothing was written");
+  };
+  for (size_t i = 0; i < model.layers.size(); ++i) {
+    const LayerSpec& l = model.layers[i];
+    visit_tensors(l, [&](const char* field, const Tensor& t) {
+      if (!t.fp8) check(t.values, "layer ", i, " ('", l.name, "') field '", field, "'");
+    });
+    if (const auto* m = std::get_if<MoESpec>(&l.spec))
+      check(m->gate_bias.values, "layer ", i, " ('", l.name, "') field 'gate_bias'");
+  }
+  if (!state) return;
+  for (const auto& p : state->params) {
+    check(p.grad, "the gradient of '", p.name, "'");
+    check(p.m, "the optimizer's first moment of '", p.name, "'");
+    check(p.v, "the optimizer's second moment of '", p.name, "'");
+  }
+}
+
 // write_checkpoint and write_model: `state` null for a model file.
 void write_description(const std::string& path, const Model& model,
                        const TrainingStateView* state) {
@@ -398,6 +428,14 @@ void write_description(const std::string& path, const Model& model,
   if (fs::is_directory(target, ec))
     fail(Code::InvalidArgument, "cannot write ", what, " '", path,
          "': it is a directory (name a file in it)");
+  // The rename at the end replaces what the path names: a device or a FIFO would be lost (as
+  // root, /dev/full became a regular file).
+  if (const fs::file_status st = fs::status(target, ec); fs::exists(st) && !fs::is_regular_file(st))
+    fail(Code::InvalidArgument, "cannot write ", what, " '", path,
+         "': it exists and is not a regular file (a save replaces only a regular file)");
+  // What the loader would refuse is not written: a file that cannot be loaded back loses the
+  // work it was meant to keep.
+  refuse_nonfinite(path, what, model, state);
 
   uint64_t digest = 0;
   if (state) {
@@ -443,7 +481,7 @@ void write_description(const std::string& path, const Model& model,
   const fs::path data_path = dir / data_name;
   const bool data_existed = !builder.external().empty() && fs::exists(data_path, ec);
   if (!builder.external().empty()) {
-    TempFile data(dir, "." + file + ".data-", path);
+    TempFile data(dir, "." + file + ".data-", path, what);
     static const char zeros[kExternalAlignment] = {};
     uint64_t at = 0;
     for (const Placement& p : builder.external()) {
@@ -455,7 +493,7 @@ void write_description(const std::string& path, const Model& model,
     sync_directory(dir);
   }
   try {
-    write_file_atomically(path, description);
+    write_file_atomically(path, description, what);
   } catch (...) {
     // No description refers to a data file this save created.
     if (!builder.external().empty() && !data_existed) ::unlink(data_path.c_str());
@@ -474,14 +512,15 @@ void write_model(const std::string& path, const Model& model) {
   write_description(path, model, nullptr);
 }
 
-void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes) {
+void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes,
+                           const char* kind) {
   const fs::path target(path);
   const fs::path dir = directory_of(target);
   // Appended piece by piece: GCC 12 at -O3 warns falsely (-Wrestrict) on the chained operator+.
   std::string prefix = ".";
   prefix.append(target.filename().string());
   prefix.append(".tmp-");
-  TempFile tmp(dir, prefix, path);
+  TempFile tmp(dir, prefix, path, kind);
   tmp.write(bytes.data(), bytes.size());
   tmp.commit(path);
   sync_directory(dir);

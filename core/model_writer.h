@@ -28,7 +28,9 @@ inline constexpr uint64_t kExternalAlignment = 64;
 // A process killed at any point leaves at `path` either the previous checkpoint, whole, or the new
 // one. One writer per path at a time. Throws Error(Io) when a file cannot be written (the previous
 // checkpoint is then intact), Error(Unsupported) when the description itself would exceed the
-// 2 GiB of a FlatBuffers buffer.
+// 2 GiB of a FlatBuffers buffer, Error(Numeric) before writing anything when a value it would hold
+// is a NaN or an infinity (which the loader refuses), Error(InvalidArgument) when `path` names
+// something other than a regular file.
 void write_checkpoint(const std::string& path, const Model& model, const TrainingStateView& state);
 
 // Writes `model` as a model file (a checkpoint without training state) at `path`, as
@@ -38,7 +40,9 @@ void write_checkpoint(const std::string& path, const Model& model, const Trainin
 void write_model(const std::string& path, const Model& model);
 
 // Writes bytes to path atomically: a temporary file in the same directory, fsync, rename over the
-// destination, fsync of the directory. On any failure the destination is untouched.
-void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes);
+// destination, fsync of the directory. On any failure the destination is untouched; the error
+// names the file as a `kind` ("checkpoint", "model").
+void write_file_atomically(const std::string& path, const std::vector<uint8_t>& bytes,
+                           const char* kind);
 
 }  // namespace moert

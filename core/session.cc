@@ -838,6 +838,8 @@ StepInfo Session::step() {
            poisoned_, "); call zero_grad to discard the step");
   });
   if (par_) check_ranks_agree_to_step();
+  // Everything that can refuse the step comes before the first change.
+  std::vector<std::vector<float>> biases = next_biases();
   const TrainingConfig& c = options_.training;
   StepInfo info;
   info.lr = c.lr_at(step_ + 1);
@@ -853,10 +855,16 @@ StepInfo Session::step() {
       fail(Code::Numeric, "the gradient holds a NaN or infinity; parameters left unchanged");
     double gscale = scale;
     if (c.clip_norm > 0.0 && info.grad_norm > c.clip_norm) gscale *= c.clip_norm / info.grad_norm;
+    const bool adamw = c.optimizer == "adamw";
+    // No element of the scaled gradient exceeds its norm; squared in fp32 for AdamW's second
+    // moment, one above 2^64 would make it infinite (and the update zero).
+    if (const double largest = info.grad_norm * gscale / scale; adamw && largest >= 0x1p64)
+      fail(Code::Numeric, "the gradient's norm (", largest,
+           " after scaling) would overflow AdamW's second moment in fp32; parameters left "
+           "unchanged (clip_norm bounds it)");
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
-    const bool adamw = c.optimizer == "adamw";
     // Moments first, for every slot, so that a failed allocation changes no parameter.
     for (auto& s : slots_) {
       const size_t n = s.param->values.size();
@@ -882,8 +890,22 @@ StepInfo Session::step() {
       store_->refresh_copies(*s.param);
     }
   }
-  update_biases();
+  commit_biases(biases);
   ++step_;
+  // An update that overflowed (a learning rate or weight decay too large for the parameters)
+  // cannot be undone without a second copy of them, so it is found after the fact: the step is
+  // made, and the call says so before any pass or save meets the values.
+  collective_step("step", Failure::KeepsPass, [&] {
+    for (const auto& s : slots_) {
+      const int64_t at = backend_->find_nonfinite(store_->f32(*s.param), s.param->numel());
+      if (at >= 0)
+        fail(Code::Numeric, "step ", step_, " (learning rate ", info.lr, ", weight decay ",
+             s.matrix ? c.weight_decay : 0.0, ") took parameter '", s.name,
+             "' beyond the fp32 range at element ", at,
+             "; the step was made and cannot be undone: load a checkpoint or write the "
+             "parameters back");
+    }
+  });
   return info;
 }
 
@@ -936,30 +958,49 @@ int64_t Session::expert_count(const Slot& s) const {
   return 0;
 }
 
-void Session::update_biases() {
+std::vector<std::vector<float>> Session::next_biases() const {
+  std::vector<std::vector<float>> next(layers_.size());
   for (uint32_t i = 0; i < layers_.size(); ++i) {
     if (model_->layers[i].kind != LayerKind::MoE) continue;
-    auto& layer = static_cast<MoELayer&>(*layers_[i]);
-    auto& counts = layer.counts().step;
-    auto& spec = std::get<MoESpec>(params_->layers[i].spec);
+    const auto& counts = static_cast<const MoELayer&>(*layers_[i]).counts().step;
+    const auto& spec = std::get<MoESpec>(params_->layers[i].spec);
     const Balance& b = balance_[i];
-    if (spec.balancing.policy == BalancingPolicy::LossFreeBias && !b.frozen && b.gamma > 0.0f) {
-      // b_i += gamma * sign(mean - count_i), from integer counts over the whole step.
-      const double mean = count_total(counts) / static_cast<double>(counts.size());
-      auto& bias = spec.gate_bias.values;
-      for (size_t e = 0; e < counts.size(); ++e) {
-        const double diff = mean - static_cast<double>(counts[e]);
-        if (diff > 0.0)
-          bias[e] += b.gamma;
-        else if (diff < 0.0)
-          bias[e] -= b.gamma;
-      }
-      if (spec.balancing.bias_centering) {
-        double sum = 0.0;
-        for (float v : bias) sum += v;
-        const float centre = static_cast<float>(sum / static_cast<double>(bias.size()));
-        for (float& v : bias) v -= centre;
-      }
+    if (spec.balancing.policy != BalancingPolicy::LossFreeBias || b.frozen || b.gamma <= 0.0f)
+      continue;
+    // b_i += gamma * sign(mean - count_i), from integer counts over the whole step.
+    const double mean = count_total(counts) / static_cast<double>(counts.size());
+    std::vector<float>& bias = next[i] = spec.gate_bias.values;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      const double diff = mean - static_cast<double>(counts[e]);
+      if (diff > 0.0)
+        bias[e] += b.gamma;
+      else if (diff < 0.0)
+        bias[e] -= b.gamma;
+    }
+    if (spec.balancing.bias_centering) {
+      double sum = 0.0;
+      for (float v : bias) sum += v;
+      const float centre = static_cast<float>(sum / static_cast<double>(bias.size()));
+      for (float& v : bias) v -= centre;
+    }
+    for (size_t e = 0; e < bias.size(); ++e)
+      if (!std::isfinite(bias[e]))
+        fail(Code::Numeric, "layer ", i, " ('", model_->layers[i].name,
+             "'): the bias update (rate ", b.gamma, ") would take expert ", e, "'s bias from ",
+             spec.gate_bias.values[e],
+             " beyond the fp32 range; the step was refused and nothing changed");
+  }
+  return next;
+}
+
+void Session::commit_biases(const std::vector<std::vector<float>>& next) {
+  for (uint32_t i = 0; i < layers_.size(); ++i) {
+    if (model_->layers[i].kind != LayerKind::MoE) continue;
+    auto& counts = static_cast<MoELayer&>(*layers_[i]).counts().step;
+    if (!next[i].empty()) {
+      auto& spec = std::get<MoESpec>(params_->layers[i].spec);
+      // Copied in place: the store may hold the values' address.
+      std::copy(next[i].begin(), next[i].end(), spec.gate_bias.values.begin());
       // The update is computed on the host, the same code for every backend, then mirrored.
       store_->upload(spec.gate_bias);
     }
@@ -1108,9 +1149,14 @@ void Session::write_bias(uint32_t layer, const float* in, uint64_t len) {
 
 void Session::set_bias_update_rate(uint32_t layer, double gamma) {
   require_training("the bias update rate");
-  if (!std::isfinite(gamma) || gamma < 0.0)
-    fail(Code::InvalidArgument, "the bias update rate must be finite and >= 0, got ", gamma);
-  for (uint32_t i : moe_layers(layer)) balance_[i].gamma = static_cast<float>(gamma);
+  // Held as fp32, like the bias it moves: a rate that rounds to infinity there, or to zero
+  // (which would stop the updates), is refused as it is given.
+  const auto rate = static_cast<float>(gamma);
+  if (!std::isfinite(gamma) || gamma < 0.0 || !std::isfinite(rate) || (gamma > 0.0 && rate == 0.0f))
+    fail(Code::InvalidArgument,
+         "the bias update rate must be finite and >= 0 in fp32 (0 or from 1.4e-45 to 3.4e38), got ",
+         gamma);
+  for (uint32_t i : moe_layers(layer)) balance_[i].gamma = rate;
 }
 
 void Session::set_bias_frozen(uint32_t layer, bool frozen) {
@@ -1186,10 +1232,21 @@ void Session::training_state(SavedState& out) const {
   v.layers = out.layers;
 }
 
+void Session::refuse_partial_step() const {
+  if (!poisoned_.empty())
+    fail(Code::InvalidState,
+         "checkpoint not written: a backward pass of this step failed after it had begun "
+         "accumulating gradients (",
+         poisoned_,
+         "), and a checkpoint of that partial gradient would step on it once loaded; "
+         "call zero_grad to discard the step first");
+}
+
 void Session::save(const std::string& path, bool path_given) const {
   require_training("saving a checkpoint");
   if (par_) return save_parallel(path, path_given);
   if (!path_given) fail(Code::InvalidArgument, "path is NULL");
+  refuse_partial_step();
   sync_to_host();
   SavedState st;
   training_state(st);

@@ -282,7 +282,14 @@ class Session {
   void end_local_gradients() noexcept;
   void reduce_local_gradients();
   double gradient_sum_squares() const;
-  void update_biases();
+  // The loss-free biases the step makes of this step's counts (empty for a layer it leaves);
+  // fails (Numeric) before anything changes when one would leave the fp32 range.
+  std::vector<std::vector<float>> next_biases() const;
+  // Installs them and starts the next step's counts.
+  void commit_biases(const std::vector<std::vector<float>>& next);
+  // Fails (InvalidState) when a backward of this step failed midway: its partial gradient is not
+  // saved.
+  void refuse_partial_step() const;
   // What save writes: views of the session's own memory where the backend's memory is the
   // host's, so a checkpoint of any size is written without a copy of the state; host copies
   // otherwise.

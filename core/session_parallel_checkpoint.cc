@@ -61,6 +61,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   std::exception_ptr failed;
   try {
     if (!path_given) fail(Code::InvalidArgument, "path is NULL");
+    refuse_partial_step();
     sync_to_host();
     training_state(st);
     mine = replica_digests(st);

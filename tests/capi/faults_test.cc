@@ -3,9 +3,11 @@
 // exact input of the report and the right result, plus the rest of its kind.
 #include <gtest/gtest.h>
 #include <moert/moert.h>
+#include <sys/stat.h>
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
@@ -229,6 +231,105 @@ TEST(Faults, ABackwardThatFailsMidwayBlocksTheStepUntilZeroGrad) {
   const std::vector<float> g(4, 1.0f);
   ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
   EXPECT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+}
+
+// A checkpoint holds only what a load accepts. A step whose backward failed midway is not saved
+// (its partial gradient would be stepped on after the load); zero_grad discards it, then the
+// save is whole and loads.
+TEST(Faults, ASaveRefusesAStepWhoseBackwardFailedMidway) {
+  ModelPtr m = load(two_expert_lossfree());
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  TempDir dir;
+  const std::string path = (dir.path() / "c.ckpt").string();
+  forward(s.get(), rows_to({0, 1}));
+  const std::vector<float> huge(4, 3e38f);
+  std::vector<float> gin(4);
+  ASSERT_TRUE(IsError(
+      moert_session_backward(s.get(), huge.data(), huge.size(), gin.data(), gin.size(), nullptr),
+      MOERT_ERR_NUMERIC));
+  EXPECT_TRUE(IsError(moert_session_save(s.get(), path.c_str()), MOERT_ERR_INVALID_STATE,
+                      {"not written", "zero_grad"}));
+  EXPECT_FALSE(std::filesystem::exists(path));
+  ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+  ASSERT_TRUE(IsOk(moert_session_save(s.get(), path.c_str())));
+  SessionPtr t = session(m.get(), MOERT_MODE_TRAINING);
+  EXPECT_TRUE(IsOk(moert_session_load(t.get(), path.c_str())));
+}
+
+// The bias update rate is held in fp32: a rate that rounds to infinity or to zero there is
+// refused as given. A finite rate that would carry a bias beyond the fp32 range refuses the step
+// before anything changes.
+TEST(Faults, BiasUpdatesStayInTheFp32Range) {
+  ModelPtr m = load(two_expert_lossfree());
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  for (double rate : {1e39, 1e-50})
+    EXPECT_TRUE(IsError(moert_session_set_bias_update_rate(s.get(), 0, rate),
+                        MOERT_ERR_INVALID_ARGUMENT, {"fp32"}))
+        << rate;
+  ASSERT_TRUE(IsOk(moert_session_set_bias_update_rate(s.get(), 0, 1e-45)));
+  ASSERT_TRUE(IsOk(moert_session_set_bias_update_rate(s.get(), 0, 3e38)));
+  const std::vector<float> high{3e38f, 3e38f};
+  ASSERT_TRUE(IsOk(moert_session_set_expert_bias(s.get(), 0, high.data(), high.size())));
+  forward(s.get(), rows_to({1, 1, 1, 1}));
+  const std::vector<float> g(8, 1e-3f);
+  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+  std::vector<float> before(16), after(16);
+  ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w1", before.data(), before.size())));
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
+                      {"bias update", "fp32 range", "refused"}));
+  ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w1", after.data(), after.size())));
+  EXPECT_EQ(after, before);
+  EXPECT_EQ(bias(s.get()), high);
+}
+
+// A learning rate and weight decay within their ranges but too large for a parameter (expert 1's
+// w1 at 3e38, which no row reaches: its gradient is zero, its decay doubles it): the step that
+// takes it beyond the fp32 range says so (it cannot be undone), and a save of it is refused,
+// writing nothing, rather than leave a checkpoint no load accepts.
+TEST(Faults, AStepBeyondTheFp32RangeIsReportedAndNotSaved) {
+  ModelPtr m = load(two_expert_lossfree());
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1")));
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "weight_decay", "3")));
+  std::vector<float> w1(16, 1.0f);
+  std::fill(w1.begin() + 8, w1.end(), 3e38f);
+  ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", w1.data(), w1.size())));
+  TempDir dir;
+  const std::string path = (dir.path() / "c.ckpt").string();
+  forward(s.get(), rows_to({0, 0}));
+  const std::vector<float> g(4, 1e-3f);
+  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
+                      {"'moe0.w1'", "beyond the fp32 range", "element 8", "cannot be undone"}));
+  EXPECT_TRUE(IsError(moert_session_save(s.get(), path.c_str()), MOERT_ERR_NUMERIC,
+                      {"'moe0'", "'w1'", "NaN or infinity", "nothing was written"}));
+  EXPECT_TRUE(std::filesystem::is_empty(dir.path()));
+  // Written back, training goes on.
+  const std::vector<float> ones(16, 1.0f);
+  ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", ones.data(), ones.size())));
+  ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+  forward(s.get(), rows_to({0, 1}));
+  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+  EXPECT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+  EXPECT_TRUE(IsOk(moert_session_save(s.get(), path.c_str())));
+}
+
+// A save replaces a regular file only: a FIFO (or a device, as root) at the path stays what it is.
+TEST(Faults, ASaveDoesNotReplaceAFifo) {
+  ModelPtr m = load(two_expert_lossfree());
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  TempDir dir;
+  const std::filesystem::path fifo = dir.path() / "c.fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_TRUE(IsError(moert_session_save(s.get(), fifo.c_str()), MOERT_ERR_INVALID_ARGUMENT,
+                      {"not a regular file"}));
+  EXPECT_TRUE(IsError(moert_model_save_file(m.get(), fifo.c_str()), MOERT_ERR_INVALID_ARGUMENT,
+                      {"model", "not a regular file"}));
+  EXPECT_TRUE(std::filesystem::is_fifo(fifo));
+  // An I/O failure names what it was writing.
+  const std::string missing = (dir.path() / "no-dir" / "m.moert").string();
+  EXPECT_TRUE(IsError(moert_model_save_file(m.get(), missing.c_str()), MOERT_ERR_IO,
+                      {"cannot write model"}));
 }
 
 // top_k = 1 with renormalisation: every gate weight is the scaling factor, the router gets no

@@ -313,7 +313,8 @@ MOERT_API moert_status* moert_model_quantize_fp8(const moert_model* model, uint3
  * go to an external data file beside it, "<file name>.<16 hex digits>.data", named by the
  * model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a
  * file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'
- * 2 GiB. One writer per path at a time; `model` is only read. */
+ * 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device or a FIFO (nothing
+ * is replaced). One writer per path at a time; `model` is only read. */
 MOERT_API moert_status* moert_model_save_file(const moert_model* model, const char* path);
 
 /* ---- Session options --------------------------------------------------------------------- */
@@ -904,8 +905,13 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * update of every MoE layer from the integer token counts of the step,
  * b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and
  * *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before
- * clipping. MOERT_ERR_NUMERIC when the gradient is not finite: parameters, biases and counts are
- * unchanged, and the step's counts wait for a retry — moert_session_zero_grad() discards them.
+ * clipping. MOERT_ERR_NUMERIC when the gradient is not finite, when AdamW would square a scaled
+ * gradient element past the fp32 range (a norm of 2^64 or more after clipping), or when a bias
+ * update would leave the fp32 range: parameters, biases and counts are unchanged, and the step's
+ * counts wait for a retry — moert_session_zero_grad() discards them. An update that takes a
+ * parameter past the fp32 range (a learning rate and weight decay too large for it) is found
+ * only once made: the step is then taken and counted, and MOERT_ERR_NUMERIC names the parameter
+ * and element; moert_session_save() refuses such parameters until they are written back.
  * Refused too (with the failure's code) after a backward of this step failed midway. Among ranks
  * a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks
  * counted different micro-batches since zero_grad, hold different training settings
@@ -969,7 +975,9 @@ MOERT_API moert_status* moert_session_set_expert_bias(moert_session* session, ui
                                                       const float* in, uint64_t len);
 
 /* The bias update rate gamma (>= 0; 0 stops updates) of MoE layer `layer` or MOERT_ALL_LAYERS,
- * from the next step on: schedule it by calling this between steps. */
+ * from the next step on: schedule it by calling this between steps. Held in fp32, like the bias:
+ * MOERT_ERR_INVALID_ARGUMENT for a value that is not finite there or that rounds to 0 (below
+ * about 1.4e-45). */
 MOERT_API moert_status* moert_session_set_bias_update_rate(moert_session* session, uint32_t layer,
                                                            double gamma);
 
@@ -991,6 +999,12 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * temporary files of interrupted saves) are removed afterwards: one writer per path at a time,
  * and a reader of the previous checkpoint at the same moment may then fail with MOERT_ERR_IO.
  * MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact.
+ * Refused before anything is written, so that every checkpoint written loads back:
+ * MOERT_ERR_NUMERIC when a parameter, bias, gradient or optimizer moment holds a NaN or infinity
+ * (naming it); MOERT_ERR_INVALID_STATE after a backward of this step failed midway (its partial
+ * gradient would be stepped on after a load: moert_session_zero_grad() first);
+ * MOERT_ERR_INVALID_ARGUMENT when `path` names a directory or anything else that is not a regular
+ * file (a device, a FIFO), which the rename would replace.
  *
  * A session over several ranks (moert_session_options_set_comm()): collective, every rank calls
  * it, with the same path. The job writes one file, the one a session alone trained on the union

@@ -352,7 +352,8 @@ extern "C" {
     #[doc = " go to an external data file beside it, \"<file name>.<16 hex digits>.data\", named by the"]
     #[doc = " model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a"]
     #[doc = " file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'"]
-    #[doc = " 2 GiB. One writer per path at a time; `model` is only read."]
+    #[doc = " 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device or a FIFO (nothing"]
+    #[doc = " is replaced). One writer per path at a time; `model` is only read."]
     pub fn moert_model_save_file(
         model: *const moert_model,
         path: *const ::std::os::raw::c_char,
@@ -982,8 +983,13 @@ extern "C" {
     #[doc = " update of every MoE layer from the integer token counts of the step,"]
     #[doc = " b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and"]
     #[doc = " *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before"]
-    #[doc = " clipping. MOERT_ERR_NUMERIC when the gradient is not finite: parameters, biases and counts are"]
-    #[doc = " unchanged, and the step's counts wait for a retry — moert_session_zero_grad() discards them."]
+    #[doc = " clipping. MOERT_ERR_NUMERIC when the gradient is not finite, when AdamW would square a scaled"]
+    #[doc = " gradient element past the fp32 range (a norm of 2^64 or more after clipping), or when a bias"]
+    #[doc = " update would leave the fp32 range: parameters, biases and counts are unchanged, and the step's"]
+    #[doc = " counts wait for a retry — moert_session_zero_grad() discards them. An update that takes a"]
+    #[doc = " parameter past the fp32 range (a learning rate and weight decay too large for it) is found"]
+    #[doc = " only once made: the step is then taken and counted, and MOERT_ERR_NUMERIC names the parameter"]
+    #[doc = " and element; moert_session_save() refuses such parameters until they are written back."]
     #[doc = " Refused too (with the failure's code) after a backward of this step failed midway. Among ranks"]
     #[doc = " a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks"]
     #[doc = " counted different micro-batches since zero_grad, hold different training settings"]
@@ -1103,7 +1109,9 @@ extern "C" {
 }
 extern "C" {
     #[doc = " The bias update rate gamma (>= 0; 0 stops updates) of MoE layer `layer` or MOERT_ALL_LAYERS,"]
-    #[doc = " from the next step on: schedule it by calling this between steps."]
+    #[doc = " from the next step on: schedule it by calling this between steps. Held in fp32, like the bias:"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT for a value that is not finite there or that rounds to 0 (below"]
+    #[doc = " about 1.4e-45)."]
     pub fn moert_session_set_bias_update_rate(
         session: *mut moert_session,
         layer: u32,
@@ -1131,6 +1139,12 @@ extern "C" {
     #[doc = " temporary files of interrupted saves) are removed afterwards: one writer per path at a time,"]
     #[doc = " and a reader of the previous checkpoint at the same moment may then fail with MOERT_ERR_IO."]
     #[doc = " MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact."]
+    #[doc = " Refused before anything is written, so that every checkpoint written loads back:"]
+    #[doc = " MOERT_ERR_NUMERIC when a parameter, bias, gradient or optimizer moment holds a NaN or infinity"]
+    #[doc = " (naming it); MOERT_ERR_INVALID_STATE after a backward of this step failed midway (its partial"]
+    #[doc = " gradient would be stepped on after a load: moert_session_zero_grad() first);"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT when `path` names a directory or anything else that is not a regular"]
+    #[doc = " file (a device, a FIFO), which the rename would replace."]
     #[doc = ""]
     #[doc = " A session over several ranks (moert_session_options_set_comm()): collective, every rank calls"]
     #[doc = " it, with the same path. The job writes one file, the one a session alone trained on the union"]
