@@ -901,7 +901,9 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
 /* One optimizer step over the gradients accumulated since moert_session_zero_grad(), averaged over
  * the micro-batches (backward calls) since then, clipped if configured; with no backward since
  * then, over the gradient as moert_session_set_gradient() wrote it, and none at all (parameters
- * and optimizer state untouched) when that is zero everywhere. Then the loss-free bias
+ * and optimizer state untouched) when that is zero everywhere; such a step still counts
+ * (moert_session_step_count(), and with it the learning-rate schedule and AdamW's bias
+ * correction, advance). Then the loss-free bias
  * update of every MoE layer from the integer token counts of the step,
  * b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and
  * *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before
