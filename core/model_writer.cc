@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -360,6 +361,28 @@ bool is_hex16(std::string_view s) {
          });
 }
 
+// An exclusive lock on a directory for the scope (flock(2), blocking): saves into one directory
+// take turns, so that one save's clean-up never removes the data file or the temporary file of
+// another save to the same path, in this process or another. A file system without locks
+// leaves saves unlocked, as they were before. The kernel releases the lock of a killed process.
+class DirectoryLock {
+ public:
+  explicit DirectoryLock(const fs::path& dir)
+      : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
+    if (fd_ >= 0)
+      while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+      }
+  }
+  ~DirectoryLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+
+ private:
+  int fd_;
+};
+
 // Temporary names of this writer for `file`: ".<file>.tmp-XXXXXX" and ".<file>.data-XXXXXX".
 bool is_temporary_of(std::string_view name, std::string_view file) {
   if (name.size() < 1 + file.size() || name[0] != '.' || name.substr(1, file.size()) != file)
@@ -476,6 +499,7 @@ void write_description(const std::string& path, const Model& model,
   const auto root = builder.model(model, state, data_name);
   const std::vector<uint8_t> description = builder.finish(root);
 
+  const DirectoryLock lock(dir);
   // The data file is named by its content: an earlier checkpoint with the same content may
   // already use it, and then it must stay whatever happens to this save.
   const fs::path data_path = dir / data_name;

@@ -11,7 +11,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tests/support/session_tensors.h"
@@ -576,6 +578,39 @@ TEST_P(CheckpointFiles, SaveIsAtomicAndTheCheckpointIsAModel) {
   MOERT_OK_OR_FAIL(moert_session_get_expert_bias(inf, 2, bias_i.data(), 8));
   EXPECT_EQ(bias_a, bias_i);
   moert_session_free(inf);
+}
+
+// Two sessions saving to one path at the same time, over and over (two writers, as two
+// processes would be): saves into one directory take turns, so each save's clean-up leaves the
+// other's files alone. Every save succeeds and the checkpoint left is one of the two, whole.
+TEST_P(CheckpointFiles, ConcurrentSavesToOnePathLeaveOneWholeCheckpoint) {
+  Model model(MOERT_TEST_TINY);
+  Session a(model.m, MOERT_MODE_TRAINING), b(model.m, MOERT_MODE_TRAINING);
+  train_steps(a.s, 0, 1);
+  train_steps(b.s, 0, 2);
+  const std::string path = (dir_ / "ck.moert").string();
+  std::vector<std::string> failures;
+  std::mutex mu;
+  auto saver = [&](moert_session* s) {
+    for (int i = 0; i < 12; ++i) {
+      std::string msg;
+      if (code_of(moert_session_save(s, path.c_str()), &msg) != MOERT_OK) {
+        std::lock_guard<std::mutex> lock(mu);
+        failures.push_back(msg);
+      }
+    }
+  };
+  std::thread ta(saver, a.s), tb(saver, b.s);
+  ta.join();
+  tb.join();
+  EXPECT_TRUE(failures.empty()) << testing::PrintToString(failures);
+  Session c(model.m, MOERT_MODE_TRAINING);
+  MOERT_OK_OR_FAIL(moert_session_load(c.s, path.c_str()));
+  const std::vector<float> got = snapshot(c.s);
+  EXPECT_TRUE(got == snapshot(a.s) || got == snapshot(b.s));
+  size_t files = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir_)) ++files;
+  EXPECT_EQ(files, 2u) << "the description and its data file, nothing else";
 }
 
 INSTANTIATE_TEST_SUITE_P(Files, CheckpointFiles, ::testing::Values("files"));

@@ -314,7 +314,8 @@ MOERT_API moert_status* moert_model_quantize_fp8(const moert_model* model, uint3
  * model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a
  * file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'
  * 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device or a FIFO (nothing
- * is replaced). One writer per path at a time; `model` is only read. */
+ * is replaced). Concurrent saves into one directory take turns, as moert_session_save()'s do;
+ * `model` is only read. */
 MOERT_API moert_status* moert_model_save_file(const moert_model* model, const char* path);
 
 /* ---- Session options --------------------------------------------------------------------- */
@@ -998,8 +999,10 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * Written atomically: the data file, then the description, each to a temporary file in the same
  * directory, fsync'ed and renamed into place; a process killed at any point leaves at `path` the
  * previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and
- * temporary files of interrupted saves) are removed afterwards: one writer per path at a time,
- * and a reader of the previous checkpoint at the same moment may then fail with MOERT_ERR_IO.
+ * temporary files of interrupted saves) are removed afterwards; saves into one directory, from
+ * any thread or process, take turns (an flock(2) on the directory, where the file system has
+ * locks), so concurrent saves to one path each succeed and leave one of them whole. A reader of
+ * the previous checkpoint at the moment its data file is removed may fail with MOERT_ERR_IO.
  * MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact.
  * Refused before anything is written, so that every checkpoint written loads back:
  * MOERT_ERR_NUMERIC when a parameter, bias, gradient or optimizer moment holds a NaN or infinity

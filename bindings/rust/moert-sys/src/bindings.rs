@@ -353,7 +353,8 @@ extern "C" {
     #[doc = " model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a"]
     #[doc = " file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'"]
     #[doc = " 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device or a FIFO (nothing"]
-    #[doc = " is replaced). One writer per path at a time; `model` is only read."]
+    #[doc = " is replaced). Concurrent saves into one directory take turns, as moert_session_save()'s do;"]
+    #[doc = " `model` is only read."]
     pub fn moert_model_save_file(
         model: *const moert_model,
         path: *const ::std::os::raw::c_char,
@@ -1138,8 +1139,10 @@ extern "C" {
     #[doc = " Written atomically: the data file, then the description, each to a temporary file in the same"]
     #[doc = " directory, fsync'ed and renamed into place; a process killed at any point leaves at `path` the"]
     #[doc = " previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and"]
-    #[doc = " temporary files of interrupted saves) are removed afterwards: one writer per path at a time,"]
-    #[doc = " and a reader of the previous checkpoint at the same moment may then fail with MOERT_ERR_IO."]
+    #[doc = " temporary files of interrupted saves) are removed afterwards; saves into one directory, from"]
+    #[doc = " any thread or process, take turns (an flock(2) on the directory, where the file system has"]
+    #[doc = " locks), so concurrent saves to one path each succeed and leave one of them whole. A reader of"]
+    #[doc = " the previous checkpoint at the moment its data file is removed may fail with MOERT_ERR_IO."]
     #[doc = " MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact."]
     #[doc = " Refused before anything is written, so that every checkpoint written loads back:"]
     #[doc = " MOERT_ERR_NUMERIC when a parameter, bias, gradient or optimizer moment holds a NaN or infinity"]
