@@ -27,10 +27,10 @@ inline constexpr uint64_t kExternalAlignment = 64;
 //     `path` are removed.
 // A process killed at any point leaves at `path` either the previous checkpoint, whole, or the new
 // one. Saves into one directory take turns (an flock on it), so concurrent writers to one path
-// each succeed and leave one whole checkpoint. Throws Error(Io) when a file cannot be written (the previous
-// checkpoint is then intact), Error(Unsupported) when the description itself would exceed the
-// 2 GiB of a FlatBuffers buffer, Error(Numeric) before writing anything when a value it would hold
-// is a NaN or an infinity (which the loader refuses), Error(InvalidArgument) when `path` names
+// each succeed and leave one whole checkpoint. Throws Error(Io) when a file cannot be written (the
+// previous checkpoint is then intact), Error(Unsupported) when the description itself would exceed
+// the 2 GiB of a FlatBuffers buffer, Error(Numeric) before writing anything when a value it would
+// hold is a NaN or an infinity (which the loader refuses), Error(InvalidArgument) when `path` names
 // something other than a regular file.
 void write_checkpoint(const std::string& path, const Model& model, const TrainingStateView& state);
 
