@@ -45,16 +45,19 @@ void rename_into_place(const std::string& from, const std::string& to) {
 }
 
 // Checked before anything is written beside `path`: renaming onto a directory fails only at the
-// end, after the data file is in place.
-void refuse_directory(const std::string& path) {
+// end, after the data file is in place, and renaming onto a device or a FIFO would replace it.
+void refuse_non_regular(const std::string& path) {
   std::error_code ec;
-  if (fs::is_directory(path, ec)) fail("cannot write '", path, "': it is a directory");
+  const fs::file_status st = fs::status(path, ec);
+  if (fs::is_directory(st)) fail("cannot write '", path, "': it is a directory");
+  if (fs::exists(st) && !fs::is_regular_file(st))
+    fail("cannot write '", path, "': it exists and is not a regular file");
 }
 
 }  // namespace
 
 DataFileWriter::DataFileWriter(std::string model_path) : model_path_(std::move(model_path)) {
-  refuse_directory(model_path_);
+  refuse_non_regular(model_path_);
   temp_path_ = temp_name(model_path_ + ".data");
   f_ = std::fopen(temp_path_.c_str(), "wb");
   if (!f_) fail("cannot create '", temp_path_, "': ", std::strerror(errno));
@@ -126,7 +129,7 @@ void write_file_atomically(const std::string& path, std::span<const uint8_t> byt
 
 void write_parts_atomically(const std::string& path,
                             const std::vector<std::span<const uint8_t>>& parts) {
-  refuse_directory(path);
+  refuse_non_regular(path);
   const std::string temp = temp_name(path);
   std::FILE* f = std::fopen(temp.c_str(), "wb");
   if (!f) fail("cannot create '", temp, "': ", std::strerror(errno));

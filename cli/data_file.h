@@ -50,7 +50,7 @@ class DataFileWriter {
 };
 
 // Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the directory).
-// A `path` that is a directory is refused before anything is written.
+// A `path` that is a directory, a device or a FIFO is refused before anything is written.
 void write_file_atomically(const std::string& path, std::span<const uint8_t> bytes);
 // The same for the concatenation of `parts`, written one after the other (no copy of the whole).
 void write_parts_atomically(const std::string& path,

@@ -1,7 +1,10 @@
 #include "cli/model_codec.h"
 
+#include <fcntl.h>
 #include <flatbuffers/idl.h>
 #include <flatbuffers/reflection.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -15,6 +18,7 @@
 #include <type_traits>
 
 #include "cli/error.h"
+#include "cli/regular_file.h"
 #include "moert_schema_text.h"
 
 namespace moert_cli {
@@ -261,16 +265,7 @@ std::string binary_to_json(const std::vector<uint8_t>& bytes, const std::string&
   return text;
 }
 
-std::vector<uint8_t> read_file(const std::string& path) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) fail(path, ": is a directory, not a file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, ": cannot open: ", std::strerror(errno));
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                             std::istreambuf_iterator<char>());
-  if (in.bad()) fail(path, ": read error");
-  return bytes;
-}
+std::vector<uint8_t> read_file(const std::string& path) { return read_regular_file(path); }
 
 void write_file(const std::string& path, const std::string& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "cli/error.h"
+#include "cli/regular_file.h"
 
 namespace moert_cli {
 
@@ -95,12 +96,8 @@ bool plain_file_name(const std::string& name) {
 }
 
 std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("cannot open '", path, "': ", std::strerror(errno));
-  std::ostringstream s;
-  s << in.rdbuf();
-  if (in.bad()) fail("cannot read '", path, "'");
-  return s.str();
+  const std::vector<uint8_t> bytes = read_regular_file(path);
+  return std::string(bytes.begin(), bytes.end());
 }
 
 }  // namespace

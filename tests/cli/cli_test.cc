@@ -2,6 +2,7 @@
 // numbers come from the C ABI or from formulas written out here, never from the CLI itself.
 #include <gtest/gtest.h>
 #include <moert/moert.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <cmath>
@@ -366,6 +367,13 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(
       run(std::string("eval ") + MOERT_TINY_MODEL + " --corpus " + MOERT_TINY_CORPUS, dir), 1,
       "eval", "vocabulary");
+
+  // A FIFO nobody writes to is refused at once as a model, not waited on.
+  const fs::path fifo = dir / "model.fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  expect_one_line_error(run("inspect " + fifo.string(), dir), 1, "inspect", "not a regular file");
+  expect_one_line_error(run("convert " + fifo.string() + " x.json", dir), 1, "convert",
+                        "not a regular file");
 
   // Damaged inputs: a JSON with an unknown field, a truncated binary.
   std::ofstream(dir / "bad.json") << "{ \"schema_major\": 1, \"layerz\": [] }";
