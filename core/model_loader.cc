@@ -34,11 +34,15 @@ int open_regular_file(const std::string& path, const char* what, uint64_t* size)
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) fail(Code::Io, "cannot open ", what, " '", path, "': ", std::strerror(errno));
   struct stat st {};
-  const int flags = ::fcntl(fd, F_GETFL);
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || flags < 0 ||
-      ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
     fail(Code::Io, what, " '", path, "' is not a regular file");
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    const int err = errno;
+    ::close(fd);
+    fail(Code::Io, "cannot read ", what, " '", path, "': ", std::strerror(err));
   }
   *size = static_cast<uint64_t>(st.st_size);
   return fd;

@@ -474,6 +474,7 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
     const size_t n_ids = static_cast<size_t>(last_rows_) * width;
     tokens_.resize(*backend_, n_ids);
     if (n_ids) backend_->upload(tokens_.data(), ids, n_ids * sizeof(int32_t));
+    reserve_activations();
   });
   if (par_) par_->exchange_rows(last_rows_);
   if (last_rows_ == 0 && !par_) return finish_empty_pass(out, pass);
@@ -518,6 +519,7 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
     // that a later call reads (no backward is pending any more).
     if (options_.check_finite)
       refuse_nonfinite(input_.data(), static_cast<int64_t>(width), "input");
+    reserve_activations();
   });
   if (par_) par_->exchange_rows(last_rows_);
   if (last_rows_ == 0 && !par_) return finish_empty_pass(out, pass);
@@ -566,6 +568,22 @@ std::string Session::check_output(size_t layer, const float* y) const {
   // Alone, stop here; among ranks, finish the pass (its collectives) and refuse it together.
   if (!par_) fail(Code::Numeric, why);
   return why;
+}
+
+void Session::reserve_activations() {
+  for (size_t i = 0; i < layers_.size(); ++i)
+    activations_[i].resize(*backend_,
+                           static_cast<size_t>(last_rows_) * model_->layers[i].out_width);
+}
+
+void Session::reserve_backward(const float* grad_in) {
+  // Kept between calls: a fresh buffer each call costs a page fault per 4 KiB on the CPU.
+  if (grad_in) grad_in_.resize(*backend_, static_cast<size_t>(last_rows_) * model_->input_width);
+  uint32_t widest = model_->output_width;
+  for (const auto& l : model_->layers) widest = std::max({widest, l.in_width, l.out_width});
+  const size_t n = static_cast<size_t>(last_rows_) * widest;
+  dy_.resize(*backend_, n);
+  dx_.resize(*backend_, n);
 }
 
 template <typename F>
@@ -654,8 +672,8 @@ double Session::run_backward(float* grad_in, const char* call) {
     store_->set_row_share(roots, roots ? par_->first_chunk() : 0);
     // Roots a failed backward handed out are not this one's.
     store_->take_roots();
-    std::exception_ptr held;  // as in run_from
-    if (par_) par_->drop_held_failure();
+    // As in run_from; the caller dropped what an earlier call held.
+    std::exception_ptr held = par_ ? par_->held_failure() : nullptr;
     // Device backends: this backward's gradients go to zeroed buffers of their own, all-reduced
     // and added once it is done.
     const bool local = par_ && !roots;
@@ -765,18 +783,29 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
       compact[static_cast<size_t>(i)] = t;
       ++counted;
     }
+    targets_.resize(*backend_, compact.size());
+    if (!compact.empty())
+      backend_->upload(targets_.data(), compact.data(), compact.size() * sizeof(int32_t));
+    reserve_backward(nullptr);
   });
   // Among ranks: the mean over the job's counted rows, the loss summed over its chunks in order.
   if (par_) par_->host().all_reduce_sum(&counted, 1, ReduceType::I64);
   const auto& logits = activations_.back();
   const double inv_rows = counted > 0 ? 1.0 / static_cast<double>(counted) : 0.0;
   std::vector<double> chunk_loss;
+  if (par_) par_->drop_held_failure();
   if (last_rows_ > 0) {
-    targets_.resize(*backend_, compact.size());
-    backend_->upload(targets_.data(), compact.data(), compact.size() * sizeof(int32_t));
     dy_.resize(*backend_, static_cast<size_t>(last_rows_) * vocab);
-    backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab, dy_.data(),
-                            static_cast<float>(inv_rows), chunk_loss);
+    // Among ranks a failure here is held and raised at the backward's closing agreement, after
+    // the exchanges the other ranks make in it.
+    const auto loss = [&] {
+      backend_->cross_entropy(logits.data(), targets_.data(), last_rows_, vocab, dy_.data(),
+                              static_cast<float>(inv_rows), chunk_loss);
+    };
+    if (!par_)
+      loss();
+    else if (!par_->compute(loss))
+      chunk_loss.clear();
   }
   if (par_) chunk_loss = par_->gather(chunk_loss);
   const double ce = chunk_loss.empty() ? 0.0 : tree_sum(std::move(chunk_loss));
@@ -798,13 +827,13 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
     std::vector<float> staging;
     const float* g = gather_rows(grad_out, out_w, staging);
     const size_t n = static_cast<size_t>(last_rows_ * out_w);
+    reserve_backward(grad_in);
     dy_.resize(*backend_, n);
     if (n) backend_->upload(dy_.data(), g, n * sizeof(float));
     // dy_ is written by every backward before it is read, so a refusal here loses nothing.
     if (options_.check_finite) refuse_nonfinite(dy_.data(), out_w, "grad_out");
   });
-  // Kept between calls: a fresh buffer each call costs a page fault per 4 KiB on the CPU.
-  if (grad_in) grad_in_.resize(*backend_, static_cast<size_t>(last_rows_ * in_w));
+  if (par_) par_->drop_held_failure();
   const double aux = run_backward(grad_in ? grad_in_.data() : nullptr, "backward");
   if (grad_in) deliver_rows(grad_in_.data(), in_w, grad_in);
   return aux;
@@ -836,6 +865,20 @@ StepInfo Session::step() {
            "a backward pass of this step failed after it had begun accumulating "
            "gradients (",
            poisoned_, "); call zero_grad to discard the step");
+    // The moments first, inside the agreement: an allocation that fails on one rank refuses the
+    // step on every rank, before any change.
+    const bool adamw = options_.training.optimizer == "adamw";
+    for (auto& s : slots_) {
+      const size_t n = s.param->values.size();
+      if (s.m.size() != n) {
+        s.m.resize(*backend_, n);
+        backend_->zero(s.m.data(), n * sizeof(float));
+      }
+      if (adamw && s.v.size() != n) {
+        s.v.resize(*backend_, n);
+        backend_->zero(s.v.data(), n * sizeof(float));
+      }
+    }
   });
   if (par_) check_ranks_agree_to_step();
   // Everything that can refuse the step comes before the first change.
@@ -847,6 +890,7 @@ StepInfo Session::step() {
   // is the step's gradient as written, where before it was ignored (the optimizer ran only after
   // a backward). The sum is the same on every rank, so all take the same branch.
   const double sum_squares = gradient_sum_squares();
+  bool updated = false;
   if (micro_batches_ > 0 || sum_squares != 0.0) {
     // The gradient of the mean loss over the micro-batches accumulated since zero_grad.
     const double scale = 1.0 / std::max<uint32_t>(micro_batches_, 1);
@@ -865,18 +909,7 @@ StepInfo Session::step() {
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
-    // Moments first, for every slot, so that a failed allocation changes no parameter.
-    for (auto& s : slots_) {
-      const size_t n = s.param->values.size();
-      if (s.m.size() != n) {
-        s.m.resize(*backend_, n);
-        backend_->zero(s.m.data(), n * sizeof(float));
-      }
-      if (adamw && s.v.size() != n) {
-        s.v.resize(*backend_, n);
-        backend_->zero(s.v.data(), n * sizeof(float));
-      }
-    }
+    updated = true;
     for (auto& s : slots_) {
       float* p = store_->f32_mutable(*s.param);
       const float* g = store_->grad(*s.param);
@@ -892,21 +925,47 @@ StepInfo Session::step() {
   }
   commit_biases(biases);
   ++step_;
-  // An update that overflowed (a learning rate or weight decay too large for the parameters)
-  // cannot be undone without a second copy of them, so it is found after the fact: the step is
-  // made, and the call says so before any pass or save meets the values.
-  collective_step("step", Failure::KeepsPass, [&] {
+  if (updated) refuse_overflowed_update(info.lr);
+  return info;
+}
+
+void Session::refuse_overflowed_update(double lr) {
+  // An update that overflowed (a learning rate or weight decay too large for the values) cannot
+  // be undone without a second copy of the state, so it is found after the fact: the step is
+  // made and counted, and the call says so before any pass or save meets the values. AdamW's
+  // moments cannot overflow (step() bounds the gradient); SGD's momentum can. One batched sum of
+  // squares finds whether any value is not finite (a double holds the square of every finite
+  // float), then the tensors are searched only when one is. Among ranks the agreement is made
+  // whatever check_finite says, which may differ between ranks.
+  const TrainingConfig& c = options_.training;
+  const bool sgd = c.optimizer != "adamw";
+  collective_step("step (after the update)", Failure::KeepsPass, [&] {
+    if (!options_.check_finite) return;
+    std::vector<const float*> pieces;
+    std::vector<int64_t> sizes;
     for (const auto& s : slots_) {
-      const int64_t at = backend_->find_nonfinite(store_->f32(*s.param), s.param->numel());
-      if (at >= 0)
-        fail(Code::Numeric, "step ", step_, " (learning rate ", info.lr, ", weight decay ",
-             s.matrix ? c.weight_decay : 0.0, ") took parameter '", s.name,
-             "' beyond the fp32 range at element ", at,
-             "; the step was made and cannot be undone: load a checkpoint or write the "
-             "parameters back");
+      pieces.push_back(store_->f32(*s.param));
+      sizes.push_back(s.param->numel());
+      if (sgd) {
+        pieces.push_back(s.m.data());
+        sizes.push_back(s.param->numel());
+      }
+    }
+    if (std::isfinite(backend_->sum_squares_many(pieces.data(), sizes.data(), pieces.size())))
+      return;
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const int64_t at = backend_->find_nonfinite(pieces[i], sizes[i]);
+      if (at < 0) continue;
+      const Slot& s = slots_[sgd ? i / 2 : i];
+      fail(Code::Numeric, "step ", step_, " (learning rate ", lr, ", weight decay ",
+           s.matrix ? c.weight_decay : 0.0, ") took ",
+           sgd && i % 2 ? "the momentum of parameter '" : "parameter '", s.name,
+           "' beyond the fp32 range at element ", at,
+           ". The step was made and counted (moert_session_step_count); it cannot be undone: "
+           "load a checkpoint, or write the parameters back (the optimizer's moments and the "
+           "biases keep the step)");
     }
   });
-  return info;
 }
 
 double Session::gradient_sum_squares() const {
@@ -1154,7 +1213,8 @@ void Session::set_bias_update_rate(uint32_t layer, double gamma) {
   const auto rate = static_cast<float>(gamma);
   if (!std::isfinite(gamma) || gamma < 0.0 || !std::isfinite(rate) || (gamma > 0.0 && rate == 0.0f))
     fail(Code::InvalidArgument,
-         "the bias update rate must be finite and >= 0 in fp32 (0 or from 1.4e-45 to 3.4e38), got ",
+         "the bias update rate must be 0 or a positive value that fp32 holds (from about 7e-46, "
+         "which rounds up to its smallest, to 3.4e38), got ",
          gamma);
   for (uint32_t i : moe_layers(layer)) balance_[i].gamma = rate;
 }

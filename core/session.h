@@ -242,6 +242,11 @@ class Session {
   // Why layer `layer`'s output is not finite, or "" (checks values when check_finite is on;
   // alone it throws, among ranks it reports so that the pass ends together).
   std::string check_output(size_t layer, const float* y) const;
+  // Sizes every buffer a pass of last_rows_ rows writes, in its opening agreement: among ranks an
+  // allocation that fails on one rank then fails the call on every rank before any exchange.
+  void reserve_activations();
+  // The same for a backward (and grad_in_ when grad_in is given).
+  void reserve_backward(const float* grad_in);
   // `bad`: a failure found before the first layer, refused at the end of the pass. Among ranks,
   // a failure held before the first layer (ParallelContext::compute) is raised with the pass.
   void run_from(size_t first_layer, const float* x, float* out, Pass pass, std::string bad);
@@ -282,6 +287,9 @@ class Session {
   void end_local_gradients() noexcept;
   void reduce_local_gradients();
   double gradient_sum_squares() const;
+  // After an optimizer update: fails (Numeric) when it took a parameter, or SGD's momentum,
+  // beyond the fp32 range (with check_finite on); among ranks an agreement either way.
+  void refuse_overflowed_update(double lr);
   // The loss-free biases the step makes of this step's counts (empty for a layer it leaves);
   // fails (Numeric) before anything changes when one would leave the fp32 range.
   std::vector<std::vector<float>> next_biases() const;

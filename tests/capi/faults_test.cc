@@ -314,6 +314,31 @@ TEST(Faults, AStepBeyondTheFp32RangeIsReportedAndNotSaved) {
   EXPECT_TRUE(IsOk(moert_session_save(s.get(), path.c_str())));
 }
 
+// SGD's momentum can pass the fp32 range while the parameter stays finite (a gradient element of
+// 2e38 twice: 0.9 * 2e38 + 2e38): the step says so, naming the momentum.
+TEST(Faults, AnSgdMomentumBeyondTheFp32RangeIsReported) {
+  ModelPtr m = load(two_expert_lossfree());
+  moert_session_options* raw = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_create(&raw)));
+  OptionsPtr o(raw);
+  ASSERT_TRUE(IsOk(moert_session_options_set_mode(raw, MOERT_MODE_TRAINING)));
+  ASSERT_TRUE(IsOk(moert_session_options_set_config(raw, "optimizer", "sgd")));
+  ASSERT_TRUE(IsOk(moert_session_options_set_config(raw, "lr", "1e-30")));
+  moert_session* created = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_create(m.get(), raw, &created)));
+  SessionPtr s(created);
+  std::vector<float> g(16, 0.0f);
+  g[0] = 2e38f;
+  ASSERT_TRUE(IsOk(moert_session_set_gradient(s.get(), "moe0.w1", g.data(), g.size())));
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+  ASSERT_TRUE(IsOk(moert_session_set_gradient(s.get(), "moe0.w1", g.data(), g.size())));
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
+                      {"the momentum of parameter 'moe0.w1'", "element 0", "step was made"}));
+  uint64_t steps = 0;
+  ASSERT_TRUE(IsOk(moert_session_step_count(s.get(), &steps)));
+  EXPECT_EQ(steps, 2u);
+}
+
 // A save replaces a regular file only: a FIFO (or a device, as root) at the path stays what it is.
 TEST(Faults, ASaveDoesNotReplaceAFifo) {
   ModelPtr m = load(two_expert_lossfree());

@@ -912,9 +912,10 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * gradient element past the fp32 range (a norm of 2^64 or more after clipping), or when a bias
  * update would leave the fp32 range: parameters, biases and counts are unchanged, and the step's
  * counts wait for a retry — moert_session_zero_grad() discards them. An update that takes a
- * parameter past the fp32 range (a learning rate and weight decay too large for it) is found
- * only once made: the step is then taken and counted, and MOERT_ERR_NUMERIC names the parameter
- * and element; moert_session_save() refuses such parameters until they are written back.
+ * parameter (or SGD's momentum) past the fp32 range (a learning rate and weight decay too large
+ * for it) is found only once made, when "check_finite" is on: the step is then taken and counted
+ * -- moert_session_step_count() tells the two cases apart -- and MOERT_ERR_NUMERIC names the
+ * tensor and element; moert_session_save() refuses such values until they are written back.
  * Refused too (with the failure's code) after a backward of this step failed midway. Among ranks
  * a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks
  * counted different micro-batches since zero_grad, hold different training settings
