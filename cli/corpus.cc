@@ -5,6 +5,7 @@
 
 #include "cli/error.h"
 #include "cli/model_codec.h"
+#include "cli/regular_file.h"
 
 namespace moert_cli {
 
@@ -72,7 +73,7 @@ Corpus read_corpus(const std::string& path) {
     c.files.push_back(path);
   }
   for (const std::string& f : c.files) {
-    const std::vector<uint8_t> bytes = read_file(f);
+    const std::vector<uint8_t> bytes = read_stream(f);
     c.bytes += bytes.size();
     add_records(std::string(bytes.begin(), bytes.end()), c.records);
   }

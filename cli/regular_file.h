@@ -1,5 +1,6 @@
-// Reading the files the CLI takes as input (models, JSON descriptions, a checkpoint directory's
-// config and index): regular files only, as the library's loader takes them. Header-only: every
+// Reading the files the CLI takes as input: models, JSON descriptions and a checkpoint
+// directory's config and index from regular files only, as the library's loader takes them; a
+// training corpus from any readable stream. Header-only: every
 // program built from the CLI's sources (the CLI, its tests, the fuzzers) reads this way.
 #pragma once
 
@@ -17,9 +18,33 @@
 
 namespace moert_cli {
 
-// The whole of `path`. Fails (cli/error.h) naming it when it cannot be opened or read, or is not
-// a regular file: the open does not block, so a FIFO nobody writes to is refused at once instead
-// of hanging the command.
+namespace detail {
+// Reads fd to its end into a buffer first sized for `expected` bytes; closes fd.
+inline std::vector<uint8_t> read_to_end(int fd, const std::string& path, size_t expected) {
+  std::vector<uint8_t> bytes(expected > 0 ? expected : 4096);
+  size_t got = 0;
+  for (;;) {
+    if (got == bytes.size()) bytes.resize(bytes.size() * 2);
+    const ssize_t n = ::read(fd, bytes.data() + got, bytes.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      fail(path, ": read error: ", std::strerror(err));
+    }
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  bytes.resize(got);
+  return bytes;
+}
+}  // namespace detail
+
+// The whole of `path` (to its end, whatever size it reported). Fails (cli/error.h) naming it when
+// it cannot be opened or read, or is not a regular file: the open does not block, so a FIFO
+// nobody writes to is refused at once instead of hanging the command. For models and
+// descriptions, which the library too reads only from regular files.
 inline std::vector<uint8_t> read_regular_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
@@ -28,20 +53,20 @@ inline std::vector<uint8_t> read_regular_file(const std::string& path) {
     ::close(fd);
     fail(path, S_ISDIR(st.st_mode) ? ": is a directory, not a file" : ": is not a regular file");
   }
-  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
-  size_t got = 0;
-  while (got < bytes.size()) {
-    const ssize_t n = ::read(fd, bytes.data() + got, bytes.size() - got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = n < 0 ? errno : 0;
-      ::close(fd);
-      fail(path, ": read error: ", err ? std::strerror(err) : "the file shrank while it was read");
-    }
-    got += static_cast<size_t>(n);
+  return detail::read_to_end(fd, path, static_cast<size_t>(st.st_size));
+}
+
+// The whole of `path`, which may also be a pipe or a terminal (a corpus from /dev/stdin or a
+// process substitution): the open waits for a writer, as any reader of a FIFO does.
+inline std::vector<uint8_t> read_stream(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    fail(path, ": is a directory, not a file");
   }
-  ::close(fd);
-  return bytes;
+  return detail::read_to_end(fd, path, S_ISREG(st.st_mode) ? static_cast<size_t>(st.st_size) : 0);
 }
 
 }  // namespace moert_cli

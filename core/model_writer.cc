@@ -363,8 +363,9 @@ bool is_hex16(std::string_view s) {
 
 // An exclusive lock on a directory for the scope (flock(2), blocking): saves into one directory
 // take turns, so that one save's clean-up never removes the data file or the temporary file of
-// another save to the same path, in this process or another. A file system without locks
-// leaves saves unlocked, as they were before. The kernel releases the lock of a killed process.
+// another save to the same path, in this process or another. A file system that cannot lock a
+// directory opened for reading (NFS, whose client emulates flock with byte-range locks) leaves
+// saves unlocked, as they were before. The kernel releases the lock of a killed process.
 class DirectoryLock {
  public:
   explicit DirectoryLock(const fs::path& dir)
@@ -373,8 +374,12 @@ class DirectoryLock {
       while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
       }
   }
+  // Unlocked explicitly: a child forked meanwhile shares the open file description, whose lock
+  // would otherwise outlive this scope until the child exits.
   ~DirectoryLock() {
-    if (fd_ >= 0) ::close(fd_);
+    if (fd_ < 0) return;
+    ::flock(fd_, LOCK_UN);
+    ::close(fd_);
   }
   DirectoryLock(const DirectoryLock&) = delete;
   DirectoryLock& operator=(const DirectoryLock&) = delete;

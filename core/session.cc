@@ -579,11 +579,17 @@ void Session::reserve_activations() {
 void Session::reserve_backward(const float* grad_in) {
   // Kept between calls: a fresh buffer each call costs a page fault per 4 KiB on the CPU.
   if (grad_in) grad_in_.resize(*backend_, static_cast<size_t>(last_rows_) * model_->input_width);
-  uint32_t widest = model_->output_width;
-  for (const auto& l : model_->layers) widest = std::max({widest, l.in_width, l.out_width});
-  const size_t n = static_cast<size_t>(last_rows_) * widest;
-  dy_.resize(*backend_, n);
-  dx_.resize(*backend_, n);
+  // run_backward writes layer i's input gradient (i > 0) into dx_ and then swaps the two, so
+  // each holds every other layer's: dy_ the output gradient and layers n-2, n-4, ...; dx_ layers
+  // n-1, n-3, ... (layer 0 writes grad_in).
+  uint32_t dy_width = model_->output_width, dx_width = 0;
+  bool into_dx = true;
+  for (size_t i = model_->layers.size(); i-- > 1; into_dx = !into_dx) {
+    uint32_t& w = into_dx ? dx_width : dy_width;
+    w = std::max(w, model_->layers[i].in_width);
+  }
+  dy_.resize(*backend_, static_cast<size_t>(last_rows_) * dy_width);
+  if (dx_width > 0) dx_.resize(*backend_, static_cast<size_t>(last_rows_) * dx_width);
 }
 
 template <typename F>
@@ -865,20 +871,10 @@ StepInfo Session::step() {
            "a backward pass of this step failed after it had begun accumulating "
            "gradients (",
            poisoned_, "); call zero_grad to discard the step");
-    // The moments first, inside the agreement: an allocation that fails on one rank refuses the
-    // step on every rank, before any change.
-    const bool adamw = options_.training.optimizer == "adamw";
-    for (auto& s : slots_) {
-      const size_t n = s.param->values.size();
-      if (s.m.size() != n) {
-        s.m.resize(*backend_, n);
-        backend_->zero(s.m.data(), n * sizeof(float));
-      }
-      if (adamw && s.v.size() != n) {
-        s.v.resize(*backend_, n);
-        backend_->zero(s.v.data(), n * sizeof(float));
-      }
-    }
+    // The moments first, inside the agreement, when this step will update: an allocation that
+    // fails on one rank then refuses the step on every rank, before any change. (A gradient
+    // that only a checkpoint brought, with no micro-batch since, gets them below.)
+    if (micro_batches_ > 0 || gradient_written()) allocate_moments();
   });
   if (par_) check_ranks_agree_to_step();
   // Everything that can refuse the step comes before the first change.
@@ -909,6 +905,7 @@ StepInfo Session::step() {
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
+    allocate_moments();
     updated = true;
     for (auto& s : slots_) {
       float* p = store_->f32_mutable(*s.param);
@@ -927,6 +924,26 @@ StepInfo Session::step() {
   ++step_;
   if (updated) refuse_overflowed_update(info.lr);
   return info;
+}
+
+void Session::allocate_moments() {
+  const bool adamw = options_.training.optimizer == "adamw";
+  for (auto& s : slots_) {
+    const size_t n = s.param->values.size();
+    if (s.m.size() != n) {
+      s.m.resize(*backend_, n);
+      backend_->zero(s.m.data(), n * sizeof(float));
+    }
+    if (adamw && s.v.size() != n) {
+      s.v.resize(*backend_, n);
+      backend_->zero(s.v.data(), n * sizeof(float));
+    }
+  }
+}
+
+bool Session::gradient_written() const {
+  return std::any_of(written_.begin(), written_.end(),
+                     [](const auto& w) { return w.first.first == Written::Gradient; });
 }
 
 void Session::refuse_overflowed_update(double lr) {

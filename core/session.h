@@ -287,6 +287,11 @@ class Session {
   void end_local_gradients() noexcept;
   void reduce_local_gradients();
   double gradient_sum_squares() const;
+  // Zeroed optimizer moments for every parameter that has none yet (a failed allocation leaves
+  // the others as they were).
+  void allocate_moments();
+  // Whether set_gradient wrote a gradient since the last step or zero_grad.
+  bool gradient_written() const;
   // After an optimizer update: fails (Numeric) when it took a parameter, or SGD's momentum,
   // beyond the fp32 range (with check_finite on); among ranks an agreement either way.
   void refuse_overflowed_update(double lr);

@@ -318,15 +318,9 @@ TEST(Faults, AStepBeyondTheFp32RangeIsReportedAndNotSaved) {
 // 2e38 twice: 0.9 * 2e38 + 2e38): the step says so, naming the momentum.
 TEST(Faults, AnSgdMomentumBeyondTheFp32RangeIsReported) {
   ModelPtr m = load(two_expert_lossfree());
-  moert_session_options* raw = nullptr;
-  ASSERT_TRUE(IsOk(moert_session_options_create(&raw)));
-  OptionsPtr o(raw);
-  ASSERT_TRUE(IsOk(moert_session_options_set_mode(raw, MOERT_MODE_TRAINING)));
-  ASSERT_TRUE(IsOk(moert_session_options_set_config(raw, "optimizer", "sgd")));
-  ASSERT_TRUE(IsOk(moert_session_options_set_config(raw, "lr", "1e-30")));
-  moert_session* created = nullptr;
-  ASSERT_TRUE(IsOk(moert_session_create(m.get(), raw, &created)));
-  SessionPtr s(created);
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "optimizer", "sgd")));
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1e-30")));
   std::vector<float> g(16, 0.0f);
   g[0] = 2e38f;
   ASSERT_TRUE(IsOk(moert_session_set_gradient(s.get(), "moe0.w1", g.data(), g.size())));

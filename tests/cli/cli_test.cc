@@ -576,6 +576,18 @@ TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
   EXPECT_GT(val_loss, 0.5);
   EXPECT_LT(val_loss, 4.0);
   EXPECT_EQ(json_value(e.out, "experts"), 4.0);
+  // A corpus may come through a pipe (a FIFO a writer feeds, as /dev/stdin or <(...) would).
+  const fs::path fifo = dir / "corpus.fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  ASSERT_EQ(
+      std::system(
+          ("cat '" + std::string(MOERT_TINY_CORPUS) + "' > '" + fifo.string() + "' &").c_str()),
+      0);
+  const Result piped =
+      run("eval '" + ckpt.string() + "' --json --threads 1 --val-every 5 --corpus " + fifo.string(),
+          dir);
+  ASSERT_EQ(piped.code, 0) << piped.err;
+  EXPECT_EQ(json_value(piped.out, "loss"), val_loss);
   // The same figure as the training table's row for that run.
   std::ostringstream four;
   four.precision(4);

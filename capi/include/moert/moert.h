@@ -367,8 +367,10 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   inputs were finite (a value exceeded the fp32 range: a hidden value of 1e38
  *                   times a weight of 10) fails the pass with MOERT_ERR_NUMERIC naming the layer,
  *                   row and column, and nothing of the pass is kept; so does an input gradient
- *                   (grad_in) that overflows. Where a limit exists it is computed instead of
- *                   NaN: softmax and sigmoid scores of infinite router logits, silu(-inf) = 0,
+ *                   (grad_in) that overflows, and so does an optimizer step that takes a
+ *                   parameter past the fp32 range (moert_session_step()). Where a limit exists
+ *                   it is computed instead of NaN: softmax and sigmoid scores of infinite router
+ *                   logits, silu(-inf) = 0,
  *                   RMSNorm of values up to the fp32 maximum. "false" skips the checks (results
  *                   may then hold NaN or infinity).
  *   "precision"     what the MoE experts' GEMMs (routed and shared: forward, input and weight
@@ -1001,8 +1003,9 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * directory, fsync'ed and renamed into place; a process killed at any point leaves at `path` the
  * previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and
  * temporary files of interrupted saves) are removed afterwards; saves into one directory, from
- * any thread or process, take turns (an flock(2) on the directory, where the file system has
- * locks), so concurrent saves to one path each succeed and leave one of them whole. A reader of
+ * any thread or process on the machine, take turns (an flock(2) on the directory), so concurrent
+ * saves to one path each succeed and leave one of them whole. NFS cannot lock a directory that
+ * way: there saves are not serialized, and one writer per path at a time is the caller's to keep. A reader of
  * the previous checkpoint at the moment its data file is removed may fail with MOERT_ERR_IO.
  * MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact.
  * Refused before anything is written, so that every checkpoint written loads back:
