@@ -1005,10 +1005,10 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * temporary files of interrupted saves) are removed afterwards; saves into one directory, from
  * any thread or process on the machine, take turns (an flock(2) on the directory), so concurrent
  * saves to one path each succeed and leave one of them whole. NFS cannot lock a directory that
- * way: there saves are not serialized, and one writer per path at a time is the caller's to keep. A reader of
- * the previous checkpoint at the moment its data file is removed may fail with MOERT_ERR_IO.
- * MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then intact.
- * Refused before anything is written, so that every checkpoint written loads back:
+ * way: there saves are not serialized, and one writer per path at a time is the caller's to keep. A
+ * reader of the previous checkpoint at the moment its data file is removed may fail with
+ * MOERT_ERR_IO. MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then
+ * intact. Refused before anything is written, so that every checkpoint written loads back:
  * MOERT_ERR_NUMERIC when a parameter, bias, gradient or optimizer moment holds a NaN or infinity
  * (naming it); MOERT_ERR_INVALID_STATE after a backward of this step failed midway (its partial
  * gradient would be stepped on after a load: moert_session_zero_grad() first);
