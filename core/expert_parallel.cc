@@ -74,7 +74,7 @@ DispatchRoute route_dispatch(const ExpertLayout& layout, const int32_t* token,
   const ExpertSharding& s = layout.sharding();
   const int world = s.world;
   const int64_t P = s.per_shard();
-  chunks = std::max<int64_t>(1, std::min(chunks, P));
+  chunks = pipeline_chunks(chunks, P);
   DispatchRoute out;
   out.chunks = chunks;
   out.tokens.assign(static_cast<size_t>(chunks),

@@ -79,6 +79,12 @@ class ExpertLayout {
   std::vector<int64_t> slot_base_;  // [world * (per_shard + 1)]: slot_offsets of every rank
 };
 
+// How many chunks a pipelined exchange asking for `chunks` makes of per_shard local experts: at
+// least one, at most one per expert. The same on every rank.
+inline int64_t pipeline_chunks(int64_t chunks, int64_t per_shard) {
+  return chunks < 1 ? 1 : chunks < per_shard ? chunks : per_shard;
+}
+
 // The chunks of a pipelined exchange: each rank's local experts cut into `chunks` contiguous
 // groups, the same on every rank; group c is local experts [c P / chunks, (c + 1) P / chunks) of
 // the P per shard. Every rank computes group c while group c + 1's tokens travel and group c - 1's

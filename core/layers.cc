@@ -137,7 +137,8 @@ void MoELayer::route(Backend& be, const float* x, int64_t rows) {
   // Router logits in fp32, whatever the expert precision: the gate has no bf16 copy.
   be.linear(x, Weight{p_.f32(s_.gate), nullptr}, nullptr, logits_.data(), rows, D, E, false);
   if (s_.balancing.policy == BalancingPolicy::ExpertChoice) {
-    if (par_) return route_expert_choice_parallel(be, rows);
+    // Among ranks, forward_parallel routes once every rank's logits have arrived.
+    if (par_) return;
     be.route_expert_choice(r, logits_.data(), rows, capacity(rows), scores_.data(), plan_, 0, rows);
   } else {
     experts_.resize(be, static_cast<size_t>(rows * K));

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <vector>
 
@@ -38,6 +39,11 @@ class Layer {
   // How many items a pass over `rows` rows addresses by 32-bit index (token positions, token-expert
   // assignments); the session refuses row counts that would take it past 2^31 - 1.
   virtual int64_t indexed_items(int64_t rows) const { return rows; }
+  // Sizes what a backward of the last Train pass's `rows` rows allocates outside the
+  // computations that ParallelContext::compute holds (dx_given: whether backward gets a dx), so
+  // that among ranks a rank that cannot have them fails the call's opening agreement, before any
+  // exchange. Only layers with exchanges of their own need it.
+  virtual void reserve_backward(Backend&, int64_t /*rows*/, bool /*dx_given*/) {}
 };
 
 class EmbeddingLayer final : public Layer {
@@ -118,6 +124,7 @@ class MoELayer final : public Layer {
   void commit_stats(Pass pass) override;
   void skip_pass() override;
   int64_t indexed_items(int64_t rows) const override;
+  void reserve_backward(Backend& be, int64_t rows, bool dx_given) override;
 
   const ExpertCounts& counts() const { return counts_; }
   // Expert Choice: the tokens each expert takes from `rows`.
@@ -158,8 +165,10 @@ class MoELayer final : public Layer {
   void experts_backward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
                         const float* x_perm, const float* h1, const float* h3, const float* dy_perm,
                         float* dx_perm, GradRoots* roots, const int64_t* first_chunk);
-  // route()'s Expert Choice among ranks: each expert chooses from every rank's rows.
-  void route_expert_choice_parallel(Backend& be, int64_t rows);
+  // route()'s Expert Choice among ranks: each expert chooses from every rank's rows. `failed`:
+  // this rank's failure so far in the pass (see forward_parallel), agreed on before the logits
+  // travel; a local failure after that is left in it.
+  void route_expert_choice_parallel(Backend& be, int64_t rows, std::exception_ptr& failed);
   void forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train);
   void backward_parallel(Backend& be, const float* dy, float* dx, int64_t rows);
   void aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,

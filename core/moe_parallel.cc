@@ -75,6 +75,21 @@ std::vector<int64_t> block_offsets(const std::vector<int64_t>& counts) {
   return off;
 }
 
+// Runs f unless `failed` already holds a failure, and keeps f's failure in it; a communication
+// failure is thrown at once (the communicator is broken: no agreement can follow).
+template <typename F>
+void attempt(std::exception_ptr& failed, F&& f) {
+  if (failed) return;
+  try {
+    f();
+  } catch (const Error& e) {
+    if (e.code() == Code::Comm) throw;
+    failed = std::current_exception();
+  } catch (...) {
+    failed = std::current_exception();
+  }
+}
+
 int64_t sum(const std::vector<int64_t>& v) {
   int64_t s = 0;
   for (int64_t x : v) s += x;
@@ -83,7 +98,7 @@ int64_t sum(const std::vector<int64_t>& v) {
 
 }  // namespace
 
-void MoELayer::route_expert_choice_parallel(Backend& be, int64_t rows) {
+void MoELayer::route_expert_choice_parallel(Backend& be, int64_t rows, std::exception_ptr& failed) {
   // Expert Choice picks each expert's tokens from the whole batch: every rank routes the logits
   // of every rank's rows, gathered in rank order (the union one process would route), alike, and
   // keeps its own rows' assignments and scores.
@@ -100,15 +115,21 @@ void MoELayer::route_expert_choice_parallel(Backend& be, int64_t rows) {
   std::vector<int64_t> bytes(static_cast<size_t>(R)), offsets(static_cast<size_t>(R), 0);
   for (int p = 0; p < R; ++p) bytes[p] = par_->rows()[p] * E * 4;
   for (int p = 1; p < R; ++p) offsets[p] = offsets[p - 1] + bytes[p - 1];
-  all_logits_.resize(be, static_cast<size_t>(total * E));
-  all_scores_.resize(be, all_logits_.size());
+  attempt(failed, [&] {
+    all_logits_.resize(be, static_cast<size_t>(total * E));
+    all_scores_.resize(be, all_logits_.size());
+  });
+  // Every rank must be able to receive every rank's logits.
+  par_->agree(failed, "forward");
   world.all_gather_v(logits_.data(), rows * E * 4, all_logits_.data(), bytes.data(),
                      offsets.data());
-  be.route_expert_choice(s_.router, all_logits_.data(), total, capacity(total), all_scores_.data(),
-                         plan_, first, rows);
-  if (rows > 0)
-    be.copy(scores_.data(), all_scores_.data() + first * E,
-            static_cast<size_t>(rows * E) * sizeof(float));
+  attempt(failed, [&] {
+    be.route_expert_choice(s_.router, all_logits_.data(), total, capacity(total),
+                           all_scores_.data(), plan_, first, rows);
+    if (rows > 0)
+      be.copy(scores_.data(), all_scores_.data() + first * E,
+              static_cast<size_t>(rows * E) * sizeof(float));
+  });
 }
 
 void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t rows, bool train) {
@@ -119,12 +140,21 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   const int64_t E = s_.router.num_experts, D = s_.dim, H = s_.expert_hidden;
   const ExpertSharding sharding = par_->sharding(E);
   const int64_t P = sharding.per_shard();
-  route(be, x, rows);
-  const int64_t A = plan_.num_assignments();
+  // A rank that fails before the rows travel (its routing, or memory for what the routing sizes)
+  // must not leave the others waiting for it in the exchanges: it keeps its failure here, makes
+  // the count exchanges with zero counts, and every rank learns of it in one agreement before the
+  // first rows move, where every rank fails the call. From then on only computations fail, and
+  // ParallelContext::compute holds those.
+  std::exception_ptr failed;
+  attempt(failed, [&] { route(be, x, rows); });
+  if (s_.balancing.policy == BalancingPolicy::ExpertChoice)
+    route_expert_choice_parallel(be, rows, failed);
+  const int64_t A = failed ? 0 : plan_.num_assignments();
 
   // Every rank's counts per expert: the layout of the job's assignments.
-  std::vector<int64_t> local(static_cast<size_t>(E)), all(static_cast<size_t>(R * E));
-  for (int64_t e = 0; e < E; ++e) local[e] = plan_.count(e);
+  std::vector<int64_t> local(static_cast<size_t>(E), 0), all(static_cast<size_t>(R * E));
+  if (!failed)
+    for (int64_t e = 0; e < E; ++e) local[e] = plan_.count(e);
   host.all_gather(local.data(), E * 8, all.data());
   // Replicas split an expert's rows at multiples of 128 as well as of the reduction's chunks: FP8
   // Wgrad quantizes them in 128-token tiles from the start of the list (kernels/cpu/fp8.h), and a
@@ -132,21 +162,22 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   const ExpertLayout layout(sharding, std::move(all), kReduceRows,
                             std::max<int64_t>(kReduceRows, fp8::kBlock));
   Exchange& ex = ex_;
-  ex.route = route_dispatch(layout, to_host(be, plan_.token, static_cast<size_t>(A)).data(),
-                            to_host(be, plan_.expert, static_cast<size_t>(A)).data(),
-                            to_host(be, plan_.weight, static_cast<size_t>(A)).data(), A, rows,
-                            par_->chunks());
-  const int64_t C = ex.route.chunks;
+  const int64_t C = pipeline_chunks(par_->chunks(), P);
   ex.chunks = C;
 
   // How much each rank sends each other rank in each chunk: rows and assignments.
   const size_t cells = static_cast<size_t>(C * R);
-  std::vector<int64_t> mine(2 * cells), every(2 * cells * static_cast<size_t>(R));
-  for (int64_t c = 0; c < C; ++c)
-    for (int q = 0; q < R; ++q) {
-      mine[2 * (c * R + q)] = static_cast<int64_t>(ex.route.tokens[c][q].size());
-      mine[2 * (c * R + q) + 1] = static_cast<int64_t>(ex.route.assignments[c][q].size());
-    }
+  std::vector<int64_t> mine(2 * cells, 0), every(2 * cells * static_cast<size_t>(R));
+  attempt(failed, [&] {
+    ex.route = route_dispatch(layout, to_host(be, plan_.token, static_cast<size_t>(A)).data(),
+                              to_host(be, plan_.expert, static_cast<size_t>(A)).data(),
+                              to_host(be, plan_.weight, static_cast<size_t>(A)).data(), A, rows, C);
+    for (int64_t c = 0; c < C; ++c)
+      for (int q = 0; q < R; ++q) {
+        mine[2 * (c * R + q)] = static_cast<int64_t>(ex.route.tokens[c][q].size());
+        mine[2 * (c * R + q) + 1] = static_cast<int64_t>(ex.route.assignments[c][q].size());
+      }
+  });
   host.all_gather(mine.data(), static_cast<int64_t>(mine.size() * 8), every.data());
   ex.send_rows.assign(cells, 0);
   ex.send_asg.assign(cells, 0);
@@ -161,27 +192,66 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
       ex.recv_rows[i] = every[from];
       ex.recv_asg[i] = every[from + 1];
     }
-
-  // Dispatch: every chunk's rows (each once per destination) and assignments, started at once.
-  std::vector<int32_t> send_tokens;
-  std::vector<Assignment> send_meta;
-  for (int64_t c = 0; c < C; ++c)
-    for (int q = 0; q < R; ++q) {
-      send_tokens.insert(send_tokens.end(), ex.route.tokens[c][q].begin(),
-                         ex.route.tokens[c][q].end());
-      send_meta.insert(send_meta.end(), ex.route.assignments[c][q].begin(),
-                       ex.route.assignments[c][q].end());
-    }
-  gather_plan(be, ex.send, send_tokens);
-  ex.x_send.resize(be, send_tokens.size() * static_cast<size_t>(D));
-  be.dispatch(ex.send, x, ex.x_send.data(), D);
-  upload_vector(
-      be, ex.meta_send,
-      std::vector<char>(reinterpret_cast<const char*>(send_meta.data()),
-                        reinterpret_cast<const char*>(send_meta.data() + send_meta.size())));
   const int64_t n_recv = sum(ex.recv_rows), a_recv = sum(ex.recv_asg);
-  ex.x_recv.resize(be, static_cast<size_t>(n_recv * D));
-  ex.meta_recv.resize(be, static_cast<size_t>(a_recv) * sizeof(Assignment));
+  const std::vector<int64_t> asg_at = block_offsets(ex.recv_asg);
+
+  // This rank's slots: expert-major, each local expert's range of its global list in order — the
+  // chunks one process would compute for it.
+  ex.slot_off = layout.slot_offsets(me);
+  const int64_t a_local = ex.slot_off.back();
+  // Everything the pass allocates outside its computations, sized now; then the agreement.
+  attempt(failed, [&] {
+    if (a_local != a_recv)
+      fail(Code::Internal, "expert parallelism: rank ", me, " expects ", a_recv,
+           " assignments for its ", a_local, " slots");
+    // Dispatch: every chunk's rows (each once per destination) and assignments.
+    std::vector<int32_t> send_tokens;
+    std::vector<Assignment> send_meta;
+    for (int64_t c = 0; c < C; ++c)
+      for (int q = 0; q < R; ++q) {
+        send_tokens.insert(send_tokens.end(), ex.route.tokens[c][q].begin(),
+                           ex.route.tokens[c][q].end());
+        send_meta.insert(send_meta.end(), ex.route.assignments[c][q].begin(),
+                         ex.route.assignments[c][q].end());
+      }
+    gather_plan(be, ex.send, send_tokens);
+    ex.x_send.resize(be, send_tokens.size() * static_cast<size_t>(D));
+    be.dispatch(ex.send, x, ex.x_send.data(), D);
+    upload_vector(
+        be, ex.meta_send,
+        std::vector<char>(reinterpret_cast<const char*>(send_meta.data()),
+                          reinterpret_cast<const char*>(send_meta.data() + send_meta.size())));
+    ex.x_recv.resize(be, static_cast<size_t>(n_recv * D));
+    ex.meta_recv.resize(be, static_cast<size_t>(a_recv) * sizeof(Assignment));
+    x_perm_.resize(be, static_cast<size_t>(a_local * D));
+    y_perm_.resize(be, x_perm_.size());
+    keep_hidden(be, a_local, train);
+    ex.y_ret.resize(be, static_cast<size_t>(a_local * D));
+    ex.y_back.resize(be, static_cast<size_t>(A * D));
+    ex.y_home.resize(be, static_cast<size_t>(A * D));
+    // The plans the chunks upload, at their sizes.
+    ex.groups.clear();
+    ex.groups.resize(static_cast<size_t>(C));
+    ex.ret.clear();
+    ex.ret.resize(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) {
+      const auto n = static_cast<size_t>(ex.slot_off[chunk_first_local(c + 1, C, P)] -
+                                         ex.slot_off[chunk_first_local(c, C, P)]);
+      ex.groups[c].token.resize(be, n);
+      ex.groups[c].weight.resize(be, n);
+      ex.groups[c].expert.resize(be, n);
+      ex.ret[c].token.resize(be, static_cast<size_t>(asg_at[static_cast<size_t>((c + 1) * R)] -
+                                                     asg_at[static_cast<size_t>(c * R)]));
+    }
+    ex.remote.token.resize(be, static_cast<size_t>(a_local));
+    ex.remote.weight.resize(be, static_cast<size_t>(a_local));
+    ex.remote.expert.resize(be, static_cast<size_t>(a_local));
+    ex.home.token.resize(be, static_cast<size_t>(A));
+    if (train && uses_aux_loss()) aux_ds_.resize(be, static_cast<size_t>(rows * E));
+  });
+  par_->agree(failed, "forward");
+
+  // Every chunk's dispatch, started at once.
   std::vector<Request> rows_moving, meta_moving;
   for (int64_t c = 0; c < C; ++c) {
     const Blocks s = chunk_blocks(ex.send_rows, R, c, D * 4),
@@ -207,13 +277,6 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     }
   par_->compute([&] { residual_and_shared(be, x, y, rows, train); });
 
-  // This rank's slots: expert-major, each local expert's range of its global list in order — the
-  // chunks one process would compute for it.
-  ex.slot_off = layout.slot_offsets(me);
-  const int64_t a_local = ex.slot_off.back();
-  if (a_local != a_recv)
-    fail(Code::Internal, "expert parallelism: rank ", me, " expects ", a_recv,
-         " assignments for its ", a_local, " slots");
   ex.first_chunk.resize(static_cast<size_t>(P));
   for (int64_t l = 0; l < P; ++l) ex.first_chunk[l] = layout.first_chunk(me, l);
   std::vector<int32_t> r_token(static_cast<size_t>(a_local)), r_expert(r_token.size());
@@ -223,8 +286,7 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
       r_expert[a] = static_cast<int32_t>(l);
   // A source's rows are numbered in the order they come (chunk 0's, chunk 1's, ...); where each
   // lands in the chunk-major receive buffer:
-  const std::vector<int64_t> row_at = block_offsets(ex.recv_rows),
-                             asg_at = block_offsets(ex.recv_asg);
+  const std::vector<int64_t> row_at = block_offsets(ex.recv_rows);
   std::vector<std::vector<int64_t>> numbered(static_cast<size_t>(R),
                                              std::vector<int64_t>(static_cast<size_t>(C + 1), 0));
   for (int p = 0; p < R; ++p)
@@ -236,15 +298,6 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     return row_at[static_cast<size_t>(c * R + p)] + row - numbered[p][c];
   };
 
-  x_perm_.resize(be, static_cast<size_t>(a_local * D));
-  y_perm_.resize(be, x_perm_.size());
-  keep_hidden(be, a_local, train);
-  ex.groups.clear();
-  ex.groups.resize(static_cast<size_t>(C));
-  ex.ret.clear();
-  ex.ret.resize(static_cast<size_t>(C));
-  ex.y_ret.resize(be, static_cast<size_t>(a_local * D));
-  ex.y_back.resize(be, static_cast<size_t>(A * D));
   std::vector<Request> back;
   std::vector<Assignment> meta;
   for (int64_t c = 0; c < C; ++c) {
@@ -313,9 +366,10 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     home[a] = static_cast<int32_t>(
         back_at[static_cast<size_t>(ex.route.chunk[a] * R + ex.route.dest[a])] + ex.route.index[a]);
   gather_plan(be, ex.home, home);
-  ex.y_home.resize(be, static_cast<size_t>(A * D));
-  be.dispatch(ex.home, ex.y_back.data(), ex.y_home.data(), D);
-  be.combine(plan_, ex.y_home.data(), y, D);
+  par_->compute([&] {
+    be.dispatch(ex.home, ex.y_back.data(), ex.y_home.data(), D);
+    be.combine(plan_, ex.y_home.data(), y, D);
+  });
 
   // The job's counts: every rank's metrics and bias updates see the global batch.
   pending_ = layout.totals();
@@ -323,20 +377,34 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   if (train && uses_aux_loss()) aux_forward(be, rows);
 }
 
+void MoELayer::reserve_backward(Backend& be, int64_t rows, bool dx_given) {
+  // Alone no rank waits for this one: backward allocates as it goes.
+  if (!par_) return;
+  const int64_t E = s_.router.num_experts, D = s_.dim, A = plan_.num_assignments();
+  const int64_t a_local = ex_.remote.num_assignments();
+  if (!dx_given) scratch_.resize(be, static_cast<size_t>(rows * D));
+  ex_.dy_send.resize(be, ex_.x_send.size());
+  ex_.dy_recv.resize(be, ex_.x_recv.size());
+  dweight_.resize(be, static_cast<size_t>(A));
+  ex_.scratch.resize(be, static_cast<size_t>(std::max(A * D, a_local)));
+  dy_perm_.resize(be, static_cast<size_t>(a_local * D));
+  dx_perm_.resize(be, dy_perm_.size());
+  ex_.dx_ret.resize(be, dy_perm_.size());
+  ex_.dx_back.resize(be, static_cast<size_t>(A * D));
+  ex_.dx_home.resize(be, ex_.dx_back.size());
+  dlogits_.resize(be, static_cast<size_t>(rows * E));
+}
+
 void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_t rows) {
   Communicator& world = par_->world();
   const int R = world.size();
-  const int64_t E = s_.router.num_experts, D = s_.dim, H = s_.expert_hidden,
-                A = plan_.num_assignments();
+  const int64_t E = s_.router.num_experts, D = s_.dim, H = s_.expert_hidden;
   Exchange& ex = ex_;
   const int64_t C = ex.chunks, P = par_->sharding(E).per_shard();
-  const int64_t a_local = ex.remote.num_assignments();
 
   // The output gradient goes where the tokens went, each row once per destination, chunk by
   // chunk, all started at once.
-  ex.dy_send.resize(be, ex.x_send.size());
   be.dispatch(ex.send, dy, ex.dy_send.data(), D);
-  ex.dy_recv.resize(be, ex.x_recv.size());
   std::vector<Request> moving;
   for (int64_t c = 0; c < C; ++c) {
     const Blocks s = chunk_blocks(ex.send_rows, R, c, D * 4),
@@ -352,20 +420,16 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
       moving[c]->wait();
       par_->times.dispatch += seconds(t);
     }
-  par_->compute([&] { shared_backward(be, dy, dx, rows); });
-  dweight_.resize(be, static_cast<size_t>(A));
-  ex.scratch.resize(be, static_cast<size_t>(std::max(A * D, a_local)));
-  be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D);
-
-  dy_perm_.resize(be, static_cast<size_t>(a_local * D));
-  dx_perm_.resize(be, dy_perm_.size());
+  // Every buffer was sized in the call's opening agreement (reserve_backward).
+  par_->compute([&] {
+    shared_backward(be, dy, dx, rows);
+    be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D);
+  });
   // Expert gradients by roots where the backend gives them (Session::reduce_local_gradients
   // all-reduces them otherwise).
   const bool replicated = par_->dp() > 1 && par_->root_reduction();
   ex.expert_roots.clear();
   if (replicated) ex.expert_roots.resize(static_cast<size_t>(3 * P));
-  ex.dx_ret.resize(be, static_cast<size_t>(a_local * D));
-  ex.dx_back.resize(be, static_cast<size_t>(A * D));
   const std::vector<int64_t> asg_at = block_offsets(ex.recv_asg);
   std::vector<Request> back;
   for (int64_t c = 0; c < C; ++c) {
@@ -378,9 +442,9 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
     // dy_perm = weight * dy of each assignment's token (combine_backward also gives the
     // gate-weight gradients, which the token's own rank computed).
     const auto te = Clock::now();
-    be.combine_backward(g, y_perm_.data() + s0 * D, ex.dy_recv.data(), dy_perm_.data() + s0 * D,
-                        ex.scratch.data(), D);
     if (!par_->compute([&] {
+          be.combine_backward(g, y_perm_.data() + s0 * D, ex.dy_recv.data(),
+                              dy_perm_.data() + s0 * D, ex.scratch.data(), D);
           experts_backward(be, g, par_->sharding(E).first_expert() + l0, x_perm_.data() + s0 * D,
                            h1_.data() + s0 * H, h3_.data() + s0 * H, dy_perm_.data() + s0 * D,
                            dx_perm_.data() + s0 * D,
@@ -401,10 +465,11 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
   for (auto& b : back) b->wait();
   par_->times.combine += seconds(t0);
   // Summed at home in expert order.
-  ex.dx_home.resize(be, static_cast<size_t>(A * D));
-  be.dispatch(ex.home, ex.dx_back.data(), ex.dx_home.data(), D);
-  be.dispatch_backward(plan_, ex.dx_home.data(), dx, D);
-  router_backward(be, dx, rows);
+  par_->compute([&] {
+    be.dispatch(ex.home, ex.dx_back.data(), ex.dx_home.data(), D);
+    be.dispatch_backward(plan_, ex.dx_home.data(), dx, D);
+    router_backward(be, dx, rows);
+  });
 }
 
 void MoELayer::combine_expert_gradients(Backend& be) {

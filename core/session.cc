@@ -590,6 +590,8 @@ void Session::reserve_backward(const float* grad_in) {
   }
   dy_.resize(*backend_, static_cast<size_t>(last_rows_) * dy_width);
   if (dx_width > 0) dx_.resize(*backend_, static_cast<size_t>(last_rows_) * dx_width);
+  for (size_t i = 0; i < layers_.size(); ++i)
+    layers_[i]->reserve_backward(*backend_, last_rows_, i > 0 || grad_in != nullptr);
 }
 
 template <typename F>

@@ -716,6 +716,69 @@ TEST(SessionMpi, AnAllocationFailureOutsideTheExpertsFailsEveryRankAtOnce) {
   ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
 }
 
+// A MoE layer's own buffers are sized by its routing, in the middle of a pass: a rank that cannot
+// have them fails every rank in one agreement before any row travels (forward), or in the call's
+// opening agreement (backward), instead of leaving the others waiting in the exchanges. Every
+// token picks all 4 experts, so that every layout gives each rank 1024 assignments.
+TEST(SessionMpi, AMoELayerThatCannotSizeItsExchangesFailsEveryRankAtOnce) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the allocation limit is not installed under the sanitizers";
+#endif
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
+  ModelDesc d = hidden_baseline();
+  MoEDesc& moe = d.layers[1].moe;
+  moe.top_k = 4;
+  moe.num_groups = 1;
+  moe.topk_groups = 1;
+  moe.expert_hidden = 2048;
+  ModelPtr m = load(d);
+  const int64_t n = 256;
+  std::vector<float> x(n * 8), out(n * 16), want(n * 16), dy(n * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>((i * 5 + g_rank) % 19);
+  for (size_t i = 0; i < dy.size(); ++i) dy[i] = 0.02f * static_cast<float>((i * 3) % 13) - 0.1f;
+  const auto forward = [&](moert_session* s, std::vector<float>& y) {
+    return moert_session_forward_hidden(s, x.data(), x.size(), n, y.data(), y.size());
+  };
+  const auto backward = [&](moert_session* s) {
+    return moert_session_backward(s, dy.data(), dy.size(), nullptr, 0, nullptr);
+  };
+  const char* named = g_rank == 1 ? "memory" : "rank 1";
+  for (int ep : layouts()) {
+    SCOPED_TRACE("ep " + std::to_string(ep));
+    SessionPtr s = session(m.get(), true, ep, true);
+    const auto start = std::chrono::steady_clock::now();
+    {
+      // The experts' pre-activations, kept for backward: 1024 x 2048 floats.
+      const AllocationLimit cap(g_rank == 1 ? 1u << 20 : 0);
+      EXPECT_TRUE(
+          IsError(forward(s.get(), out), MOERT_ERR_OUT_OF_MEMORY, {named, "8388608 bytes"}));
+    }
+    EXPECT_TRUE(IsError(backward(s.get()), MOERT_ERR_INVALID_STATE));
+    ASSERT_TRUE(IsOk(forward(s.get(), out)));
+    {
+      // The first backward's exchange buffers: the experts' 1024 x 8 input gradients (32 KiB)
+      // among them; the session's own (16 KiB) fit.
+      const AllocationLimit cap(g_rank == 1 ? 24u << 10 : 0);
+      EXPECT_TRUE(IsError(backward(s.get()), MOERT_ERR_OUT_OF_MEMORY, {named, "32768 bytes"}));
+    }
+    // Refused in its opening agreement, the backward changed nothing: it may be retried.
+    ASSERT_TRUE(IsOk(backward(s.get())));
+    ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+    ASSERT_TRUE(IsOk(forward(s.get(), out)));
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_LT(seconds, 30.0) << "a rank waited for the failing one";
+    SessionPtr clean = session(m.get(), true, ep, true);
+    ASSERT_TRUE(IsOk(forward(clean.get(), want)));
+    ASSERT_TRUE(IsOk(backward(clean.get())));
+    ASSERT_TRUE(IsOk(moert_session_step(clean.get(), nullptr, nullptr)));
+    ASSERT_TRUE(IsOk(forward(clean.get(), want)));
+    EXPECT_TRUE(same(out, want));
+  }
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
+}
+
 // The profile: zero alone; among ranks the experts' compute and the waits are counted, overlap
 // or not, and moert_session_reset_metrics() zeroes them.
 TEST(SessionMpi, ProfileCountsTheExchanges) {
