@@ -466,6 +466,7 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
                " is outside the vocabulary [0, ", emb.vocab_size, ")");
       }
     }
+    refresh_stale_copies();
     // The arguments are good: from here on the pass replaces the one a backward would read.
     pending_backward_ = false;
     begin_pass(rows, row_mask);
@@ -506,6 +507,7 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
       fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
            " rows of width ", width, " need ", rows * width);
     check_mask(rows, row_mask, mask_len, mask_required);
+    refresh_stale_copies();
     // The arguments are good: from here on the pass replaces the one a backward would read.
     pending_backward_ = false;
     begin_pass(rows, row_mask);
@@ -794,6 +796,7 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
     targets_.resize(*backend_, compact.size());
     if (!compact.empty())
       backend_->upload(targets_.data(), compact.data(), compact.size() * sizeof(int32_t));
+    refresh_stale_copies();
     reserve_backward(nullptr);
   });
   // Among ranks: the mean over the job's counted rows, the loss summed over its chunks in order.
@@ -835,6 +838,7 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
     std::vector<float> staging;
     const float* g = gather_rows(grad_out, out_w, staging);
     const size_t n = static_cast<size_t>(last_rows_ * out_w);
+    refresh_stale_copies();
     reserve_backward(grad_in);
     dy_.resize(*backend_, n);
     if (n) backend_->upload(dy_.data(), g, n * sizeof(float));
@@ -889,6 +893,7 @@ StepInfo Session::step() {
   // a backward). The sum is the same on every rank, so all take the same branch.
   const double sum_squares = gradient_sum_squares();
   bool updated = false;
+  std::exception_ptr unrefreshed;  // the first copy the update could not refresh
   if (micro_batches_ > 0 || sum_squares != 0.0) {
     // The gradient of the mean loss over the micro-batches accumulated since zero_grad.
     const double scale = 1.0 / std::max<uint32_t>(micro_batches_, 1);
@@ -909,7 +914,10 @@ StepInfo Session::step() {
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
     allocate_moments();
     updated = true;
-    for (auto& s : slots_) {
+    // A copy that cannot be refreshed does not stop the update: every parameter and the biases
+    // still take the step (among ranks, as on the others), and the failure is reported with it.
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
       float* p = store_->f32_mutable(*s.param);
       const float* g = store_->grad(*s.param);
       const int64_t n = s.param->numel();
@@ -919,13 +927,36 @@ StepInfo Session::step() {
                         gscale, bc1, bc2);
       else
         backend_->sgd(p, g, s.m.data(), n, info.lr, c.momentum, wd, gscale);
-      store_->refresh_copies(*s.param);
+      try {
+        store_->refresh_copies(*s.param);
+      } catch (const Error& e) {
+        stale_copies_.emplace_back(i, e.message());
+        if (!unrefreshed) unrefreshed = std::current_exception();
+      } catch (const std::bad_alloc&) {
+        stale_copies_.emplace_back(i, "out of memory");
+        if (!unrefreshed) unrefreshed = std::current_exception();
+      }
     }
   }
   commit_biases(biases);
   ++step_;
-  if (updated) refuse_overflowed_update(info.lr);
+  if (updated) refuse_overflowed_update(info.lr, unrefreshed);
   return info;
+}
+
+void Session::refresh_stale_copies() {
+  while (!stale_copies_.empty()) {
+    const auto& [i, why] = stale_copies_.front();
+    try {
+      store_->refresh_copies(*slots_[i].param);
+    } catch (const Error& e) {
+      fail(e.code(), "parameter '", slots_[i].name,
+           "' has no up-to-date copy for the passes to multiply by: a step could not make it (",
+           why, "), nor can this call (", e.message(),
+           "); write the parameter back (moert_session_set_parameter) or load a checkpoint");
+    }
+    stale_copies_.erase(stale_copies_.begin());
+  }
 }
 
 void Session::allocate_moments() {
@@ -948,7 +979,7 @@ bool Session::gradient_written() const {
                      [](const auto& w) { return w.first.first == Written::Gradient; });
 }
 
-void Session::refuse_overflowed_update(double lr) {
+void Session::refuse_overflowed_update(double lr, std::exception_ptr unrefreshed) {
   // An update that overflowed (a learning rate or weight decay too large for the values) cannot
   // be undone without a second copy of the state, so it is found after the fact: the step is
   // made and counted, and the call says so before any pass or save meets the values. AdamW's
@@ -958,8 +989,7 @@ void Session::refuse_overflowed_update(double lr) {
   // whatever check_finite says, which may differ between ranks.
   const TrainingConfig& c = options_.training;
   const bool sgd = c.optimizer != "adamw";
-  collective_step("step (after the update)", Failure::KeepsPass, [&] {
-    if (!options_.check_finite) return;
+  auto refuse_overflow = [&] {
     std::vector<const float*> pieces;
     std::vector<int64_t> sizes;
     for (const auto& s : slots_) {
@@ -983,6 +1013,21 @@ void Session::refuse_overflowed_update(double lr) {
            ". The step was made and counted (moert_session_step_count); it cannot be undone: "
            "load a checkpoint, or write the parameters back (the optimizer's moments and the "
            "biases keep the step)");
+    }
+  };
+  collective_step("step (after the update)", Failure::KeepsPass, [&] {
+    if (options_.check_finite) refuse_overflow();
+    // A copy the update could not make, reported after an overflow (its usual cause).
+    if (unrefreshed) {
+      try {
+        std::rethrow_exception(unrefreshed);
+      } catch (const Error& e) {
+        fail(e.code(), "step ", step_, " was made and counted, but the copy of parameter '",
+             slots_[stale_copies_.front().first].name,
+             "' that the passes multiply by could not be made (", e.message(),
+             "): passes are refused until it is written back (moert_session_set_parameter) or "
+             "a checkpoint is loaded");
+      }
     }
   });
 }
@@ -1163,6 +1208,7 @@ void Session::write_parameter(size_t index, const float* in, uint64_t len) {
     fail(Code::InvalidState, "parameters cannot change between a forward and its backward");
   std::copy(in, in + len, slots_[index].param->values.begin());
   store_->upload(*slots_[index].param);
+  std::erase_if(stale_copies_, [&](const auto& stale) { return stale.first == index; });
   note_written(Written::Parameter, index, in, len);
 }
 
@@ -1492,6 +1538,7 @@ void Session::load(const std::string& path, const LoadOptions* limits, bool path
       store_->upload(moe->gate_bias);
     }
   }
+  stale_copies_.clear();
   for (size_t i = 0; i < slots_.size(); ++i) {
     store_->upload(*slots_[i].param);
     slots_[i].m = std::move(m[i]);

@@ -294,7 +294,10 @@ class Session {
   bool gradient_written() const;
   // After an optimizer update: fails (Numeric) when it took a parameter, or SGD's momentum,
   // beyond the fp32 range (with check_finite on); among ranks an agreement either way.
-  void refuse_overflowed_update(double lr);
+  void refuse_overflowed_update(double lr, std::exception_ptr unrefreshed);
+  // Makes the copies (bf16, FP8, layout) of the parameters whose copies a step could not refresh
+  // (stale_copies_), or fails naming the first: a pass never reads a stale copy.
+  void refresh_stale_copies();
   // The loss-free biases the step makes of this step's counts (empty for a layer it leaves);
   // fails (Numeric) before anything changes when one would leave the fp32 range.
   std::vector<std::vector<float>> next_biases() const;
@@ -367,6 +370,10 @@ class Session {
   std::vector<int64_t> sequences_;  // sequence offsets over those rows (sequence-wise aux loss)
   std::string poisoned_;            // why a backward of this step failed midway, if one did
   Code poisoned_code_ = Code::Internal;
+  // Slots whose copies the last step could not refresh (the FP8 quantizer meeting a weight the
+  // update took beyond the fp32 range), with why; a write or a load of the parameter, or a
+  // successful refresh_stale_copies, clears them.
+  std::vector<std::pair<size_t, std::string>> stale_copies_;
   std::map<std::pair<Written, size_t>, uint64_t> written_;  // among ranks: note_written
   mutable std::mutex mu_;
 };

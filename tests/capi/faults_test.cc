@@ -29,12 +29,14 @@ ModelPtr load(const ModelDesc& desc) {
   return ModelPtr(m);
 }
 
-SessionPtr session(const moert_model* model, int32_t mode, const char* check_finite = "true") {
+SessionPtr session(const moert_model* model, int32_t mode, const char* check_finite = "true",
+                   const char* precision = "fp32") {
   moert_session_options* o = nullptr;
   EXPECT_TRUE(IsOk(moert_session_options_create(&o)));
   OptionsPtr opts(o);
   EXPECT_TRUE(IsOk(moert_session_options_set_mode(o, mode)));
   EXPECT_TRUE(IsOk(moert_session_options_set_config(o, "check_finite", check_finite)));
+  EXPECT_TRUE(IsOk(moert_session_options_set_config(o, "precision", precision)));
   EXPECT_TRUE(IsOk(moert_session_options_set_config(o, "lr", "0.01")));
   moert_session* s = nullptr;
   EXPECT_TRUE(IsOk(moert_session_create(model, o, &s)));
@@ -312,6 +314,66 @@ TEST(Faults, AStepBeyondTheFp32RangeIsReportedAndNotSaved) {
   ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
   EXPECT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
   EXPECT_TRUE(IsOk(moert_session_save(s.get(), path.c_str())));
+}
+
+// In bf16 and FP8 sessions the step also refreshes the weights' copies, and the FP8 quantizer
+// refuses a weight beyond the fp32 range: the step still updates every parameter and the biases
+// and is counted, reports the parameter, and no pass reads a stale copy; written back, the
+// copies are made again and training goes on.
+TEST(Faults, AStepBeyondTheFp32RangeInEveryPrecisionIsWholeAndReported) {
+  ModelPtr m = load(two_expert_lossfree());
+  for (const char* precision : {"bf16", "fp8"}) {
+    SCOPED_TRACE(precision);
+    SessionPtr s = session(m.get(), MOERT_MODE_TRAINING, "true", precision);
+    ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1")));
+    ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "weight_decay", "3")));
+    std::vector<float> w1(16, 1.0f);
+    std::fill(w1.begin() + 8, w1.end(), 3e38f);
+    ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", w1.data(), w1.size())));
+    std::vector<float> w2_before(16), w2_after(16);
+    ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w2", w2_before.data(), 16)));
+    const std::vector<float> b0 = bias(s.get());
+    forward(s.get(), rows_to({0, 0}));
+    const std::vector<float> g(4, 1e-3f);
+    ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+    EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
+                        {"'moe0.w1'", "beyond the fp32 range", "cannot be undone"}));
+    uint64_t steps = 0;
+    ASSERT_TRUE(IsOk(moert_session_step_count(s.get(), &steps)));
+    EXPECT_EQ(steps, 1u);
+    // The parameters after w1 were updated too (weight decay moves every one), and the biases.
+    ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w2", w2_after.data(), 16)));
+    EXPECT_NE(w2_after, w2_before);
+    EXPECT_NE(bias(s.get()), b0);
+    // No pass reads the copies the step could not make (FP8: the quantizer refused w1).
+    std::vector<float> x = rows_to({0, 1}), out(x.size());
+    const bool fp8 = std::string(precision) == "fp8";
+    EXPECT_TRUE(IsError(
+        moert_session_forward_hidden(s.get(), x.data(), x.size(), 2, out.data(), out.size()),
+        MOERT_ERR_NUMERIC, {fp8 ? "'moe0.w1' has no up-to-date copy" : "NaN or infinity"}));
+    const std::vector<float> ones(16, 1.0f);
+    ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", ones.data(), ones.size())));
+    ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+    forward(s.get(), rows_to({0, 1}));
+    ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+    EXPECT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+  }
+  // Without check_finite the overflow goes unseen, but not the copy FP8 cannot make.
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING, "false", "fp8");
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1")));
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "weight_decay", "3")));
+  std::vector<float> w1(16, 1.0f);
+  std::fill(w1.begin() + 8, w1.end(), 3e38f);
+  ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", w1.data(), w1.size())));
+  forward(s.get(), rows_to({0, 0}));
+  const std::vector<float> g(4, 1e-3f);
+  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
+                      {"step 1 was made and counted", "'moe0.w1'", "FP8 quantization"}));
+  std::vector<float> x = rows_to({0, 1}), out(x.size());
+  EXPECT_TRUE(
+      IsError(moert_session_forward_hidden(s.get(), x.data(), x.size(), 2, out.data(), out.size()),
+              MOERT_ERR_NUMERIC, {"'moe0.w1' has no up-to-date copy", "set_parameter"}));
 }
 
 // SGD's momentum can pass the fp32 range while the parameter stays finite (a gradient element of
