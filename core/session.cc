@@ -834,6 +834,10 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
       if (model_->token_input)
         fail(Code::InvalidArgument, "grad_in must be NULL for a model that takes token ids");
       check_len(grad_in_len, batch_rows_ * in_w, "grad_in");
+    } else if (grad_in_len != 0) {
+      // A length without its buffer is a caller's mistake, not a request for no input gradient.
+      fail(Code::InvalidArgument, "grad_in is NULL but grad_in_len is ", grad_in_len,
+           ": pass NULL with 0 when the input gradient is not wanted");
     }
     std::vector<float> staging;
     const float* g = gather_rows(grad_out, out_w, staging);

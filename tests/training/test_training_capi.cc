@@ -685,6 +685,11 @@ TEST(TrainingMisuse, ClearStatusesAndNoStateChange) {
   gout[5] = 1.0f;
   EXPECT_EQ(code_of(moert_session_backward(h.s, gout.data(), 8, gin.data(), 7, nullptr)),
             MOERT_ERR_INVALID_ARGUMENT);
+  // A length without its buffer is refused, not taken for "no input gradient wanted".
+  std::string why;
+  EXPECT_EQ(code_of(moert_session_backward(h.s, gout.data(), 8, nullptr, 8, nullptr), &why),
+            MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(why.find("grad_in is NULL but grad_in_len is 8"), std::string::npos) << why;
   MOERT_OK_OR_FAIL(moert_session_backward(h.s, gout.data(), 8, gin.data(), 8, nullptr));
   // Residual: the input gradient is at least the output gradient's pass-through plus the experts.
   bool differs = false;

@@ -888,7 +888,8 @@ MOERT_API moert_status* moert_session_backward_loss(moert_session* session, cons
 /* Backward from a caller-given gradient of the last forward pass's outputs (`grad_out`,
  * rows * output_width floats; padding rows' values are ignored). When `grad_in` is not NULL
  * (hidden-state models only) it receives the gradient of the inputs (`grad_in_len` =
- * rows * input_width; zero on padding rows). *aux_loss (may be NULL) receives the auxiliary
+ * rows * input_width; zero on padding rows); NULL with a nonzero `grad_in_len` is
+ * MOERT_ERR_INVALID_ARGUMENT. *aux_loss (may be NULL) receives the auxiliary
  * balancing losses, whose gradients are included. See moert_session_backward_loss() for which
  * pass it uses and what a failure leaves. */
 MOERT_API moert_status* moert_session_backward(moert_session* session, const float* grad_out,

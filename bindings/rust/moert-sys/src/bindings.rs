@@ -959,7 +959,8 @@ extern "C" {
     #[doc = " Backward from a caller-given gradient of the last forward pass's outputs (`grad_out`,"]
     #[doc = " rows * output_width floats; padding rows' values are ignored). When `grad_in` is not NULL"]
     #[doc = " (hidden-state models only) it receives the gradient of the inputs (`grad_in_len` ="]
-    #[doc = " rows * input_width; zero on padding rows). *aux_loss (may be NULL) receives the auxiliary"]
+    #[doc = " rows * input_width; zero on padding rows); NULL with a nonzero `grad_in_len` is"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT. *aux_loss (may be NULL) receives the auxiliary"]
     #[doc = " balancing losses, whose gradients are included. See moert_session_backward_loss() for which"]
     #[doc = " pass it uses and what a failure leaves."]
     pub fn moert_session_backward(
