@@ -248,42 +248,58 @@ int run_train(const Args& args) {
       if (strategies[i].label == strategies[j].label)
         usage_fail("--balancing lists '", strategies[i].label, "' twice");
 
+  // What each rank reads and opens of its own, before any work: a rank that cannot (a file
+  // missing on its machine, a bad model file) fails every rank at once instead of leaving them
+  // to wait for it until the communicator's timeout.
   ModelPtr file_model;
-  if (given_model) {
-    file_model = load_model_file(args.str("model", ""));
-    int32_t kind = 0;
-    uint32_t width = 0, out = 0;
-    check(moert_model_io(file_model.get(), &kind, &width, &out), "model");
-    if (kind != MOERT_INPUT_TOKENS)
-      fail(args.str("model", ""), ": the model takes hidden states; train needs token input");
-    if (out != static_cast<uint32_t>(kVocabSize))
-      fail(args.str("model", ""), ": the model predicts ", out,
-           " classes; the character vocabulary has ", kVocabSize);
-    shape.context = width;
-  }
-
   const std::string corpus_path = args.str("corpus", "/usr/share/games/fortunes");
-  const Corpus corpus = read_corpus(corpus_path);
-  const Split split = split_corpus(corpus, val_every);
-  if (split.train.size() <= shape.context || split.validation.size() <= shape.context)
-    fail(corpus_path, ": the ", split.train.size() <= shape.context ? "training" : "validation",
-         " text is not longer than the context (", shape.context, " characters)");
-  // Outputs are opened before any work, so that a bad path fails at once.
+  Corpus corpus;
+  Split split;
   std::unique_ptr<StepCsv> csv;
-  if (args.has("csv") && job.rank == 0) csv = std::make_unique<StepCsv>(args.str("csv", ""));
   const std::string save_dir = args.str("save", "");
-  if (!save_dir.empty()) {
-    std::error_code ec;
-    std::filesystem::create_directories(save_dir, ec);
-    if (ec) fail(save_dir, ": cannot create: ", ec.message());
-    // A directory that takes no files fails here, not after the trainings (rank 0 writes them).
-    if (job.rank == 0) {
+  job.prepare_together("read its model, corpus or output paths", [&] {
+    if (given_model) {
+      file_model = load_model_file(args.str("model", ""));
+      int32_t kind = 0;
+      uint32_t width = 0, out = 0;
+      check(moert_model_io(file_model.get(), &kind, &width, &out), "model");
+      if (kind != MOERT_INPUT_TOKENS)
+        fail(args.str("model", ""), ": the model takes hidden states; train needs token input");
+      if (out != static_cast<uint32_t>(kVocabSize))
+        fail(args.str("model", ""), ": the model predicts ", out,
+             " classes; the character vocabulary has ", kVocabSize);
+      shape.context = width;
+    }
+    corpus = read_corpus(corpus_path);
+    split = split_corpus(corpus, val_every);
+    if (split.train.size() <= shape.context || split.validation.size() <= shape.context)
+      fail(corpus_path, ": the ", split.train.size() <= shape.context ? "training" : "validation",
+           " text is not longer than the context (", shape.context, " characters)");
+    // Outputs are opened before any work, so that a bad path fails at once. Rank 0 writes them.
+    if (args.has("csv") && job.rank == 0) csv = std::make_unique<StepCsv>(args.str("csv", ""));
+    if (!save_dir.empty() && job.rank == 0) {
+      std::error_code ec;
+      std::filesystem::create_directories(save_dir, ec);
+      if (ec) fail(save_dir, ": cannot create: ", ec.message());
+      // A directory that takes no files fails here, not after the trainings.
       std::string probe = (std::filesystem::path(save_dir) / ".moert-write-test-XXXXXX").string();
       const int fd = ::mkstemp(probe.data());
       if (fd < 0) fail(save_dir, ": cannot write checkpoints there: ", std::strerror(errno));
       ::close(fd);
       ::unlink(probe.c_str());
     }
+  });
+  // Each rank reads its own copy of the corpus: a job whose machines hold different files (the
+  // fortunes of two Debian releases, say) would train on a mixture that rank 0 does not report.
+  {
+    std::string text(reinterpret_cast<const char*>(split.train.data()),
+                     split.train.size() * sizeof(int32_t));
+    text.append(reinterpret_cast<const char*>(split.validation.data()),
+                split.validation.size() * sizeof(int32_t));
+    if (!job.same(text))
+      fail(corpus_path,
+           ": the ranks read different texts (each rank reads the corpus on its own "
+           "machine): give every rank the same corpus");
   }
   std::printf(
       "corpus: %s: %zu file%s, %zu records, %s bytes; training %llu records (%s chars), "

@@ -102,6 +102,18 @@ void join_nccl(Job& job) {
 
 }  // namespace
 
+void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
+  // Each rank's 0 or 1, summed: every rank learns which ranks failed.
+  std::vector<double> failures(static_cast<size_t>(size), 0.0);
+  failures[static_cast<size_t>(rank)] = failed ? 1.0 : 0.0;
+  sum(failures.data(), failures.size());
+  if (failed) std::rethrow_exception(failed);
+  for (int32_t r = 0; r < size; ++r)
+    if (failures[static_cast<size_t>(r)] != 0.0)
+      fail("rank ", r, " of the job's ", size, " could not ", what,
+           " (its own message says why); no rank went on");
+}
+
 Launch mpirun_launch() {
   Launch l;
   const char* size = std::getenv("OMPI_COMM_WORLD_SIZE");
@@ -133,6 +145,10 @@ bool same_on_every_rank(moert_comm* comm, int32_t size, const std::string& text)
 }
 
 }  // namespace
+
+bool Job::same(const std::string& bytes) const {
+  return alone() || same_on_every_rank(comm, size, bytes);
+}
 
 Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
              const std::string& arguments) {

@@ -5,6 +5,7 @@
 #include <moert/moert.h>
 
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <string>
 #include <utility>
@@ -59,6 +60,26 @@ struct Job {
   }
   // In-place sum over the ranks (in rank order: the same bits everywhere); alone, nothing.
   void sum(double* values, uint64_t n) const;
+  // Whether every rank holds the same `bytes` (compared by a 64-bit hash); alone, true.
+  bool same(const std::string& bytes) const;
+  // Runs `prepare` (what a rank reads or opens of its own before the job's work: files, output
+  // directories) and then learns whether every rank succeeded: a rank that failed throws its own
+  // error, the others an error naming the first failing rank, so that no rank waits for a
+  // failed one until the communicator's timeout. Collective; alone, prepare runs as it is.
+  template <typename F>
+  void prepare_together(const char* what, F&& prepare) const {
+    std::exception_ptr failed;
+    try {
+      prepare();
+    } catch (...) {
+      if (alone()) throw;
+      failed = std::current_exception();
+    }
+    agree_prepared(what, failed);
+  }
+
+ private:
+  void agree_prepared(const char* what, std::exception_ptr failed) const;
 };
 
 // What mpirun told this process before MPI is initialised (Open MPI's environment): its rank and

@@ -83,3 +83,32 @@ list(LENGTH said n)
 if(rc EQUAL 0 OR NOT n EQUAL 2)
   message(FATAL_ERROR "ranks with different arguments: ${rc}\n${err}")
 endif()
+
+# Each rank reads its own files (its working directory here: -wdir). A rank that cannot read the
+# corpus fails every rank at once, long before the communicator's 600 s timeout, and ranks whose
+# corpora differ are refused.
+file(REMOVE_RECURSE ${DIR}/ranks)
+file(MAKE_DIRECTORY ${DIR}/ranks/a ${DIR}/ranks/b ${DIR}/ranks/c)
+file(READ ${CORPUS} text)
+file(WRITE ${DIR}/ranks/a/c.txt "${text}")
+string(REPLACE "e" "a" other "${text}")
+file(WRITE ${DIR}/ranks/c/c.txt "${other}")
+set(local_args ${args})
+list(REMOVE_AT local_args 1 2)  # --corpus PATH
+foreach(case "b;could not read" "c;the ranks read different texts")
+  list(GET case 0 second)
+  list(GET case 1 expect)
+  string(TIMESTAMP start "%s")
+  execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe
+                          -np 1 -wdir ${DIR}/ranks/a ${MOERT} ${local_args} --corpus c.txt
+                          --expert-parallel 2 :
+                          -np 1 -wdir ${DIR}/ranks/${second} ${MOERT} ${local_args} --corpus c.txt
+                          --expert-parallel 2
+                  OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
+  string(TIMESTAMP end "%s")
+  math(EXPR seconds "${end} - ${start}")
+  if(rc EQUAL 0 OR NOT err MATCHES "${expect}" OR seconds GREATER 60)
+    message(FATAL_ERROR "rank 1 in ${second}: ${rc} after ${seconds} s\n${err}")
+  endif()
+  message(STATUS "rank 1 in ${second}: refused after ${seconds} s")
+endforeach()
