@@ -65,7 +65,7 @@ double seconds_since(std::chrono::steady_clock::time_point since) {
 }
 
 void check_timeout(double seconds) {
-  if (!(seconds > 0.0) || !(seconds <= 365.0 * 86400.0))
+  if (!(seconds > 0.0) || !(seconds <= kMaxCommTimeoutSeconds))
     // 17 digits: a value just past the limit must not print as the limit itself.
     fail(Code::InvalidArgument,
          "a communicator timeout must be > 0 and at most a year (31536000 seconds), got ",

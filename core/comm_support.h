@@ -35,7 +35,9 @@ std::string label(const char* kind, int32_t rank, int32_t size);
 // Seconds since `since`, for messages.
 double seconds_since(std::chrono::steady_clock::time_point since);
 
-// Throws InvalidArgument unless 0 < seconds <= one year.
+// The longest timeout a communicator takes: a year.
+inline constexpr double kMaxCommTimeoutSeconds = 365.0 * 86400.0;
+// Throws InvalidArgument unless 0 < seconds <= kMaxCommTimeoutSeconds.
 void check_timeout(double seconds);
 
 // Argument checks, run by start_* before anything is queued. Each throws InvalidArgument naming

@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "core/backend.h"
+#include "core/comm_support.h"
 #include "core/device_comm.h"
 #include "core/error.h"
 
@@ -92,6 +93,27 @@ void ParallelContext::gather_shards(const float* mine, int64_t n, float* full) {
     }
   host().all_to_all_v(mine, send_bytes.data(), send_offsets.data(), full, recv_bytes.data(),
                       recv_offsets.data());
+}
+
+void ParallelContext::agree_after_io(std::exception_ptr local, const char* call, double io_bytes,
+                                     uint64_t same, const char* same_what) {
+  constexpr double kSlowFileSystemBytesPerSecond = 10e6;
+  // Each communicator the agreement may wait on, with its own timeout, restored however the
+  // agreement ends.
+  struct Extended {
+    std::vector<std::pair<Communicator*, double>> saved;
+    ~Extended() {
+      for (const auto& [c, seconds] : saved) c->set_timeout(seconds);
+    }
+  } extended;
+  for (Communicator* c : {&world(), &host(), world_.get()})
+    if (std::none_of(extended.saved.begin(), extended.saved.end(),
+                     [&](const auto& s) { return s.first == c; }))
+      extended.saved.emplace_back(c, c->timeout());
+  for (const auto& [c, seconds] : extended.saved)
+    c->set_timeout(std::min(comm::kMaxCommTimeoutSeconds,
+                            seconds + std::max(0.0, io_bytes) / kSlowFileSystemBytesPerSecond));
+  agree(local, call, same, same_what);
 }
 
 void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t same,

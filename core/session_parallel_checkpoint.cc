@@ -35,6 +35,19 @@ std::array<uint64_t, 2> Session::replica_digests(const SavedState& st) const {
   return {replicated.digest(), experts.digest()};
 }
 
+double Session::job_state_bytes(bool every_state) const {
+  double bytes = 0.0;
+  for (const Slot& s : slots_) {
+    const double n = static_cast<double>(s.param->values.size()) *
+                     (par_ && expert_count(s) > 0 ? static_cast<double>(par_->ep()) : 1.0);
+    const int states = every_state ? 4
+                                   : 1 + (store_->grad(*s.param) ? 1 : 0) + (s.m.size() ? 1 : 0) +
+                                         (s.v.size() ? 1 : 0);
+    bytes += n * states * sizeof(float);
+  }
+  return bytes;
+}
+
 void Session::save_parallel(const std::string& path, bool path_given) const {
   ParallelContext& par = *par_;
   const bool writer = par.rank() == 0;
@@ -57,6 +70,9 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
     backend_->download(copy.data(), data, n * sizeof(float));
     return copy.data();
   };
+  // Rank 0 copies, then writes, about the job's whole state while the others wait for it in the
+  // agreements: their waits allow for it.
+  const double bytes = job_state_bytes(false);
   // Each rank prepares alone, then all learn whether any failed: nothing collective runs before.
   std::exception_ptr failed;
   try {
@@ -93,7 +109,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   } catch (...) {
     failed = std::current_exception();
   }
-  par.agree(failed, "save");
+  par.agree_after_io(failed, "save", bytes);
 
   // The writer writes its own copy of the replicated state and replica 0's of each shard: refuse
   // rather than write one rank's view of a job whose ranks disagree.
@@ -143,7 +159,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
       failed = std::current_exception();
     }
   }
-  par.agree(failed, "save");
+  par.agree_after_io(failed, "save", bytes);
 }
 
 }  // namespace moert

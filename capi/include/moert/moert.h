@@ -510,7 +510,8 @@ MOERT_API moert_status* moert_comm_size(const moert_comm* comm, int32_t* out);
 /* Seconds every collective of this communicator waits before it fails with MOERT_ERR_COMM and
  * breaks the communicator: > 0 and at most a year; the default is 600. Local (each rank sets its
  * own); applies to the collectives that start afterwards, those of sessions holding the
- * communicator included. */
+ * communicator included. A session's checkpoint save and load wait longer where ranks wait for
+ * another's file I/O: the timeout plus the checkpoint's size at 10 MB/s. */
 MOERT_API moert_status* moert_comm_set_timeout(moert_comm* comm, double seconds);
 
 /* Blocks until every rank has called it. Collective. MOERT_ERR_COMM on timeout or when the

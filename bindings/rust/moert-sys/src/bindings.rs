@@ -553,7 +553,8 @@ extern "C" {
     #[doc = " Seconds every collective of this communicator waits before it fails with MOERT_ERR_COMM and"]
     #[doc = " breaks the communicator: > 0 and at most a year; the default is 600. Local (each rank sets its"]
     #[doc = " own); applies to the collectives that start afterwards, those of sessions holding the"]
-    #[doc = " communicator included."]
+    #[doc = " communicator included. A session's checkpoint save and load wait longer where ranks wait for"]
+    #[doc = " another's file I/O: the timeout plus the checkpoint's size at 10 MB/s."]
     pub fn moert_comm_set_timeout(comm: *mut moert_comm, seconds: f64) -> *mut moert_status;
 }
 extern "C" {
