@@ -897,7 +897,6 @@ StepInfo Session::step() {
   // a backward). The sum is the same on every rank, so all take the same branch.
   const double sum_squares = gradient_sum_squares();
   bool updated = false;
-  std::exception_ptr unrefreshed;  // the first copy the update could not refresh
   if (micro_batches_ > 0 || sum_squares != 0.0) {
     // The gradient of the mean loss over the micro-batches accumulated since zero_grad.
     const double scale = 1.0 / std::max<uint32_t>(micro_batches_, 1);
@@ -918,6 +917,7 @@ StepInfo Session::step() {
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
     allocate_moments();
     updated = true;
+    stale_copies_.clear();  // every copy is made again below
     // A copy that cannot be refreshed does not stop the update: every parameter and the biases
     // still take the step (among ranks, as on the others), and the failure is reported with it.
     for (size_t i = 0; i < slots_.size(); ++i) {
@@ -934,31 +934,46 @@ StepInfo Session::step() {
       try {
         store_->refresh_copies(*s.param);
       } catch (const Error& e) {
-        stale_copies_.emplace_back(i, e.message());
-        if (!unrefreshed) unrefreshed = std::current_exception();
+        stale_copies_.push_back({i, e.code(), e.message()});
       } catch (const std::bad_alloc&) {
-        stale_copies_.emplace_back(i, "out of memory");
-        if (!unrefreshed) unrefreshed = std::current_exception();
+        stale_copies_.push_back({i, Code::OutOfMemory, "out of memory"});
       }
     }
   }
   commit_biases(biases);
   ++step_;
-  if (updated) refuse_overflowed_update(info.lr, unrefreshed);
+  if (updated) refuse_overflowed_update(info.lr);
   return info;
 }
 
+namespace {
+
+// What brings a stale copy back. A forward waiting for its backward keeps the parameters as they
+// are (set_parameter refuses), so zero_grad comes first there.
+constexpr const char* kStaleCopyRemedy =
+    "write the parameter back (moert_session_set_parameter, after moert_session_zero_grad when "
+    "a forward waits for its backward) or load a checkpoint";
+
+}  // namespace
+
 void Session::refresh_stale_copies() {
   while (!stale_copies_.empty()) {
-    const auto& [i, why] = stale_copies_.front();
+    const StaleCopy& stale = stale_copies_.front();
+    std::string now;
+    Code code = stale.code;
     try {
-      store_->refresh_copies(*slots_[i].param);
+      store_->refresh_copies(*slots_[stale.slot].param);
     } catch (const Error& e) {
-      fail(e.code(), "parameter '", slots_[i].name,
-           "' has no up-to-date copy for the passes to multiply by: a step could not make it (",
-           why, "), nor can this call (", e.message(),
-           "); write the parameter back (moert_session_set_parameter) or load a checkpoint");
+      code = e.code();
+      now = e.message();
+    } catch (const std::bad_alloc&) {
+      code = Code::OutOfMemory;
+      now = "out of memory";
     }
+    if (!now.empty())
+      fail(code, "parameter '", slots_[stale.slot].name,
+           "' has no up-to-date copy for the passes to multiply by: a step could not make it (",
+           stale.why, "), nor can this call (", now, "); ", kStaleCopyRemedy);
     stale_copies_.erase(stale_copies_.begin());
   }
 }
@@ -983,7 +998,7 @@ bool Session::gradient_written() const {
                      [](const auto& w) { return w.first.first == Written::Gradient; });
 }
 
-void Session::refuse_overflowed_update(double lr, std::exception_ptr unrefreshed) {
+void Session::refuse_overflowed_update(double lr) {
   // An update that overflowed (a learning rate or weight decay too large for the values) cannot
   // be undone without a second copy of the state, so it is found after the fact: the step is
   // made and counted, and the call says so before any pass or save meets the values. AdamW's
@@ -1022,16 +1037,11 @@ void Session::refuse_overflowed_update(double lr, std::exception_ptr unrefreshed
   collective_step("step (after the update)", Failure::KeepsPass, [&] {
     if (options_.check_finite) refuse_overflow();
     // A copy the update could not make, reported after an overflow (its usual cause).
-    if (unrefreshed) {
-      try {
-        std::rethrow_exception(unrefreshed);
-      } catch (const Error& e) {
-        fail(e.code(), "step ", step_, " was made and counted, but the copy of parameter '",
-             slots_[stale_copies_.front().first].name,
-             "' that the passes multiply by could not be made (", e.message(),
-             "): passes are refused until it is written back (moert_session_set_parameter) or "
-             "a checkpoint is loaded");
-      }
+    if (!stale_copies_.empty()) {
+      const StaleCopy& stale = stale_copies_.front();
+      fail(stale.code, "step ", step_, " was made and counted, but the copy of parameter '",
+           slots_[stale.slot].name, "' that the passes multiply by could not be made (", stale.why,
+           "): passes are refused until then; ", kStaleCopyRemedy);
     }
   });
 }
@@ -1212,7 +1222,7 @@ void Session::write_parameter(size_t index, const float* in, uint64_t len) {
     fail(Code::InvalidState, "parameters cannot change between a forward and its backward");
   std::copy(in, in + len, slots_[index].param->values.begin());
   store_->upload(*slots_[index].param);
-  std::erase_if(stale_copies_, [&](const auto& stale) { return stale.first == index; });
+  std::erase_if(stale_copies_, [&](const StaleCopy& stale) { return stale.slot == index; });
   note_written(Written::Parameter, index, in, len);
 }
 

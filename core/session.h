@@ -293,8 +293,9 @@ class Session {
   // Whether set_gradient wrote a gradient since the last step or zero_grad.
   bool gradient_written() const;
   // After an optimizer update: fails (Numeric) when it took a parameter, or SGD's momentum,
-  // beyond the fp32 range (with check_finite on); among ranks an agreement either way.
-  void refuse_overflowed_update(double lr, std::exception_ptr unrefreshed);
+  // beyond the fp32 range (with check_finite on), else when it could not refresh a copy
+  // (stale_copies_); among ranks an agreement either way.
+  void refuse_overflowed_update(double lr);
   // Makes the copies (bf16, FP8, layout) of the parameters whose copies a step could not refresh
   // (stale_copies_), or fails naming the first: a pass never reads a stale copy.
   void refresh_stale_copies();
@@ -374,10 +375,16 @@ class Session {
   std::vector<int64_t> sequences_;  // sequence offsets over those rows (sequence-wise aux loss)
   std::string poisoned_;            // why a backward of this step failed midway, if one did
   Code poisoned_code_ = Code::Internal;
-  // Slots whose copies the last step could not refresh (the FP8 quantizer meeting a weight the
-  // update took beyond the fp32 range), with why; a write or a load of the parameter, or a
-  // successful refresh_stale_copies, clears them.
-  std::vector<std::pair<size_t, std::string>> stale_copies_;
+  // Slots whose copies the last update could not refresh (the FP8 quantizer meeting a weight the
+  // update took beyond the fp32 range), in slot order, with why. An update starts the list
+  // afresh (it refreshes every copy); a write or a load of the parameter, or a successful
+  // refresh_stale_copies, takes a slot off it.
+  struct StaleCopy {
+    size_t slot;
+    Code code;
+    std::string why;
+  };
+  std::vector<StaleCopy> stale_copies_;
   std::map<std::pair<Written, size_t>, uint64_t> written_;  // among ranks: note_written
   mutable std::mutex mu_;
 };

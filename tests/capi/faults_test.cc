@@ -371,9 +371,19 @@ TEST(Faults, AStepBeyondTheFp32RangeInEveryPrecisionIsWholeAndReported) {
   EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
                       {"step 1 was made and counted", "'moe0.w1'", "FP8 quantization"}));
   std::vector<float> x = rows_to({0, 1}), out(x.size());
+  EXPECT_TRUE(IsError(
+      moert_session_forward_hidden(s.get(), x.data(), x.size(), 2, out.data(), out.size()),
+      MOERT_ERR_NUMERIC, {"'moe0.w1' has no up-to-date copy", "set_parameter", "zero_grad"}));
+  // Another step remakes every copy and reports its own first failure.
+  ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+  const std::vector<float> small(16, 1e-3f);
+  ASSERT_TRUE(IsOk(moert_session_set_gradient(s.get(), "moe0.w2", small.data(), small.size())));
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
+                      {"step 2 was made and counted", "'moe0.w1'", "FP8 quantization of moe0.w1"}));
+  const std::vector<float> ones(16, 1.0f);
+  ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", ones.data(), ones.size())));
   EXPECT_TRUE(
-      IsError(moert_session_forward_hidden(s.get(), x.data(), x.size(), 2, out.data(), out.size()),
-              MOERT_ERR_NUMERIC, {"'moe0.w1' has no up-to-date copy", "set_parameter"}));
+      IsOk(moert_session_forward_hidden(s.get(), x.data(), x.size(), 2, out.data(), out.size())));
 }
 
 // SGD's momentum can pass the fp32 range while the parameter stays finite (a gradient element of
