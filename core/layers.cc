@@ -220,9 +220,17 @@ void MoELayer::aux_forward(Backend& be, int64_t rows) {
   const AuxChunks chunks = aux_chunks(per_sequence ? *sequences_ : std::vector<int64_t>{0, rows});
   std::vector<int64_t> counts(static_cast<size_t>(chunks.chunks() * E));
   std::vector<double> psum(counts.size());
-  be.aux_partials(r, scores_.data(), plan_, chunks.chunk_offsets.data(), chunks.chunks(),
-                  counts.data(), psum.data());
-  if (par_) return aux_parallel(be, rows, chunks, counts, psum);
+  const auto partials = [&] {
+    be.aux_partials(r, scores_.data(), plan_, chunks.chunk_offsets.data(), chunks.chunks(),
+                    counts.data(), psum.data());
+  };
+  // Among ranks the partials are this rank's own computation, between the layer's exchanges and
+  // the statistics' gathers: a failure is held (the zeros travel, and the call fails at its end).
+  if (par_) {
+    par_->compute(partials);
+    return aux_parallel(be, rows, chunks, counts, psum);
+  }
+  partials();
   const AuxTerms t =
       aux_terms(chunks, counts.data(), psum.data(), E, r.top_k, s_.balancing.aux_alpha);
   aux_ds_.resize(be, static_cast<size_t>(rows * E));

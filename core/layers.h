@@ -143,7 +143,8 @@ class MoELayer final : public Layer {
 
  private:
   bool uses_aux_loss() const;
-  // The router and the local plan of this pass's rows.
+  // The router and the local plan of this pass's rows; for Expert Choice among ranks, the
+  // router's logits only (forward_parallel routes once every rank's have arrived).
   void route(Backend& be, const float* x, int64_t rows);
   // The grouped SwiGLU experts [first_expert, ...) over `plan`'s segments, their rows dispatched
   // from x (into x_perm, which keeps them for backward when keep_x_perm); h1, h3 (may be null)
@@ -165,7 +166,7 @@ class MoELayer final : public Layer {
   void experts_backward(Backend& be, const DispatchPlan& plan, int64_t first_expert,
                         const float* x_perm, const float* h1, const float* h3, const float* dy_perm,
                         float* dx_perm, GradRoots* roots, const int64_t* first_chunk);
-  // route()'s Expert Choice among ranks: each expert chooses from every rank's rows. `failed`:
+  // Expert Choice among ranks, after route(): each expert chooses from every rank's rows. `failed`:
   // this rank's failure so far in the pass (see forward_parallel), agreed on before the logits
   // travel; a local failure after that is left in it.
   void route_expert_choice_parallel(Backend& be, int64_t rows, std::exception_ptr& failed);

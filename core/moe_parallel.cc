@@ -143,8 +143,10 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   // A rank that fails before the rows travel (its routing, or memory for what the routing sizes)
   // must not leave the others waiting for it in the exchanges: it keeps its failure here, makes
   // the count exchanges with zero counts, and every rank learns of it in one agreement before the
-  // first rows move, where every rank fails the call. From then on only computations fail, and
-  // ParallelContext::compute holds those.
+  // first rows move, where every rank fails the call. From then on the layer's computations are
+  // held by ParallelContext::compute; what still allocates outside them is host vectors of the
+  // routing's size and the transport's staging buffers (an MPI exchange's), whose failure breaks
+  // the communicator.
   std::exception_ptr failed;
   attempt(failed, [&] { route(be, x, rows); });
   if (s_.balancing.policy == BalancingPolicy::ExpertChoice)
@@ -199,7 +201,7 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   // chunks one process would compute for it.
   ex.slot_off = layout.slot_offsets(me);
   const int64_t a_local = ex.slot_off.back();
-  // Everything the pass allocates outside its computations, sized now; then the agreement.
+  // The pass's backend buffers and plans, sized now; then the agreement.
   attempt(failed, [&] {
     if (a_local != a_recv)
       fail(Code::Internal, "expert parallelism: rank ", me, " expects ", a_recv,
@@ -555,9 +557,12 @@ void MoELayer::aux_parallel(Backend& be, int64_t rows, const AuxChunks& chunks,
           : std::vector<double>(t.coef.begin() + my_first_seq * E,
                                 t.coef.begin() + (my_first_seq + chunks.num_seq()) * E);
   const std::vector<int64_t> local_seq = one ? std::vector<int64_t>{0, rows} : chunks.seq_offsets;
-  aux_ds_.resize(be, static_cast<size_t>(rows * E));
-  be.aux_grad(r, scores_.data(), rows, local_seq.data(), static_cast<int64_t>(local_seq.size()) - 1,
-              coef.data(), aux_ds_.data());
+  // The gradient is this rank's own computation (a device backend's scratch memory may fail).
+  par_->compute([&] {
+    aux_ds_.resize(be, static_cast<size_t>(rows * E));
+    be.aux_grad(r, scores_.data(), rows, local_seq.data(),
+                static_cast<int64_t>(local_seq.size()) - 1, coef.data(), aux_ds_.data());
+  });
   aux_loss_ = t.loss;
 }
 

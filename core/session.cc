@@ -594,6 +594,13 @@ void Session::reserve_backward(const float* grad_in) {
   if (dx_width > 0) dx_.resize(*backend_, static_cast<size_t>(last_rows_) * dx_width);
   for (size_t i = 0; i < layers_.size(); ++i)
     layers_[i]->reserve_backward(*backend_, last_rows_, i > 0 || grad_in != nullptr);
+  // Device backends among ranks: the backward's own gradient buffers (begin_local_gradients).
+  if (par_ && !par_->root_reduction()) {
+    std::vector<size_t> at;
+    size_t total = 0;
+    local_gradient_layout(at, total);
+    local_grads_.resize(*backend_, total);
+  }
 }
 
 template <typename F>
