@@ -6,6 +6,7 @@
 #include "cli/corpus.h"
 #include "cli/error.h"
 #include "cli/json_text.h"
+#include "cli/library.h"
 #include "cli/lm_eval.h"
 #include "cli/model_codec.h"
 #include "cli/model_info.h"
@@ -45,6 +46,10 @@ int run_eval(const Args& args) {
   const auto batch = static_cast<uint64_t>(args.integer("batch", 2048, 1, 1 << 20));
   SessionConfig config;
   config.threads = static_cast<uint32_t>(args.integer("threads", 2, 1, 1024));
+  // Under mpirun, N copies would each evaluate the whole split and print it N times.
+  if (const Launch l = mpirun_launch(); l.size > 1)
+    usage_fail("started by mpirun with ", l.size,
+               " processes: eval runs in one process (it has no --expert-parallel); run it alone");
 
   ModelPtr model = load_model_file(path);
   int32_t kind = 0;

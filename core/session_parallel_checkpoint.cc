@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/content_digest.h"
 #include "core/error.h"
 #include "core/model_writer.h"
 #include "core/session.h"
@@ -109,7 +110,11 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   } catch (...) {
     failed = std::current_exception();
   }
-  par.agree_after_io(failed, "save", bytes);
+  // Rank 0 alone writes: a path that differs on another rank is that rank's mistake, said on
+  // every rank rather than ignored.
+  ContentHasher named;
+  named.str(path);
+  par.agree_after_io(failed, "save", bytes, named.digest(), "the checkpoint path");
 
   // The writer writes its own copy of the replicated state and replica 0's of each shard: refuse
   // rather than write one rank's view of a job whose ranks disagree.

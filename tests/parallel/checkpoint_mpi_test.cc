@@ -220,6 +220,19 @@ TEST(CheckpointMpi, ASaveLongerThanTheTimeoutIsWritten) {
   }
 }
 
+// Rank 0 alone writes, so a rank passing another path is refused on every rank, not ignored.
+TEST(CheckpointMpi, EveryRankSavesToTheSamePath) {
+  if (g_mode != "save") GTEST_SKIP() << "the save phase";
+  ModelPtr m = token_model();
+  SessionPtr s = session(m.get(), 2);
+  const fs::path mine = g_dir / (g_rank == 0 ? "same.moert" : "elsewhere.moert");
+  EXPECT_TRUE(IsError(moert_session_save(s.get(), mine.c_str()), MOERT_ERR_INVALID_STATE,
+                      {"checkpoint path"}));
+  EXPECT_FALSE(fs::exists(g_dir / "same.moert"));
+  const fs::path same = g_dir / "same.moert";
+  EXPECT_TRUE(IsOk(moert_session_save(s.get(), same.c_str())));
+}
+
 TEST(CheckpointMpi, ResumesAsOneUninterruptedProcess) {
   if (g_mode != "resume") GTEST_SKIP() << "the resume phase";
   const Data d = make_data();

@@ -112,3 +112,11 @@ foreach(case "b;could not read" "c;the ranks read different texts")
   endif()
   message(STATUS "rank 1 in ${second}: refused after ${seconds} s")
 endforeach()
+
+# eval has no --expert-parallel: under mpirun it refuses rather than evaluate N times.
+execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 2 ${MOERT} eval
+                        ${DIR}/saved/one/loss-free.moert --corpus ${CORPUS}
+                OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
+if(rc EQUAL 0 OR NOT err MATCHES "eval runs in one process")
+  message(FATAL_ERROR "eval under mpirun: ${rc}\n${err}")
+endif()

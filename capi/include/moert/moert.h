@@ -544,7 +544,8 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * each token once to every rank that computes one of its experts and sums the results in expert
  * order; gradients, losses, token counts, MaxVio and the loss-free bias update are the job's,
  * over the union of the ranks' rows in rank order. When every rank but the last feeds a multiple
- * of 64 rows (that take part), every output, loss, gradient, count and parameter has bitwise the
+ * of 64 rows (that take part; 128 with precision fp8, whose Wgrad quantizes 128-token tiles),
+ * every output, loss, gradient, count and parameter has bitwise the
  * value one session over the union would have, whatever EP and the number of ranks; otherwise
  * they agree to rounding. Expert tensors (parameter access, gradients) are the rank's shard:
  * experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a session is
@@ -1018,7 +1019,8 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * file (a device, a FIFO), which the rename would replace.
  *
  * A session over several ranks (moert_session_options_set_comm()): collective, every rank calls
- * it, with the same path. The job writes one file, the one a session alone trained on the union
+ * it, with the same path (compared: MOERT_ERR_INVALID_STATE on every rank otherwise, nothing
+ * written). The job writes one file, the one a session alone trained on the union
  * of the ranks' rows would write -- the same bytes, the same digest -- so that any world size
  * resumes it. Rank 0 gathers the routed experts' parameters, gradients and optimizer moments
  * from the first replica of each shard (ranks 0 .. EP - 1; the other replicas hold copies) and
