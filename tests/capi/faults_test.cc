@@ -284,35 +284,49 @@ TEST(Faults, BiasUpdatesStayInTheFp32Range) {
   EXPECT_EQ(bias(s.get()), high);
 }
 
+// A session whose next step takes expert 1's w1 beyond the fp32 range: learning rate 1, weight
+// decay 3, that w1 at 3e38 (no row reaches it: its gradient is zero, its decay doubles it), and
+// a forward and backward done.
+SessionPtr overflowing_session(const moert_model* m, const char* check_finite = "true",
+                               const char* precision = "fp32") {
+  SessionPtr s = session(m, MOERT_MODE_TRAINING, check_finite, precision);
+  EXPECT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1")));
+  EXPECT_TRUE(IsOk(moert_session_set_config(s.get(), "weight_decay", "3")));
+  std::vector<float> w1(16, 1.0f);
+  std::fill(w1.begin() + 8, w1.end(), 3e38f);
+  EXPECT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", w1.data(), w1.size())));
+  forward(s.get(), rows_to({0, 0}));
+  const std::vector<float> g(4, 1e-3f);
+  EXPECT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+  return s;
+}
+
+// After such a step: w1 written back, a training step goes through.
+void write_back_and_train(moert_session* s) {
+  const std::vector<float> ones(16, 1.0f), g(4, 1e-3f);
+  ASSERT_TRUE(IsOk(moert_session_set_parameter(s, "moe0.w1", ones.data(), ones.size())));
+  ASSERT_TRUE(IsOk(moert_session_zero_grad(s)));
+  forward(s, rows_to({0, 1}));
+  ASSERT_TRUE(IsOk(moert_session_backward(s, g.data(), g.size(), nullptr, 0, nullptr)));
+  EXPECT_TRUE(IsOk(moert_session_step(s, nullptr, nullptr)));
+}
+
 // A learning rate and weight decay within their ranges but too large for a parameter (expert 1's
 // w1 at 3e38, which no row reaches: its gradient is zero, its decay doubles it): the step that
 // takes it beyond the fp32 range says so (it cannot be undone), and a save of it is refused,
 // writing nothing, rather than leave a checkpoint no load accepts.
 TEST(Faults, AStepBeyondTheFp32RangeIsReportedAndNotSaved) {
   ModelPtr m = load(two_expert_lossfree());
-  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
-  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1")));
-  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "weight_decay", "3")));
-  std::vector<float> w1(16, 1.0f);
-  std::fill(w1.begin() + 8, w1.end(), 3e38f);
-  ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", w1.data(), w1.size())));
+  SessionPtr s = overflowing_session(m.get());
   TempDir dir;
   const std::string path = (dir.path() / "c.ckpt").string();
-  forward(s.get(), rows_to({0, 0}));
-  const std::vector<float> g(4, 1e-3f);
-  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
   EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
                       {"'moe0.w1'", "beyond the fp32 range", "element 8", "cannot be undone"}));
   EXPECT_TRUE(IsError(moert_session_save(s.get(), path.c_str()), MOERT_ERR_NUMERIC,
                       {"'moe0'", "'w1'", "NaN or infinity", "nothing was written"}));
   EXPECT_TRUE(std::filesystem::is_empty(dir.path()));
   // Written back, training goes on.
-  const std::vector<float> ones(16, 1.0f);
-  ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", ones.data(), ones.size())));
-  ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
-  forward(s.get(), rows_to({0, 1}));
-  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
-  EXPECT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+  write_back_and_train(s.get());
   EXPECT_TRUE(IsOk(moert_session_save(s.get(), path.c_str())));
 }
 
@@ -324,18 +338,10 @@ TEST(Faults, AStepBeyondTheFp32RangeInEveryPrecisionIsWholeAndReported) {
   ModelPtr m = load(two_expert_lossfree());
   for (const char* precision : {"bf16", "fp8"}) {
     SCOPED_TRACE(precision);
-    SessionPtr s = session(m.get(), MOERT_MODE_TRAINING, "true", precision);
-    ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1")));
-    ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "weight_decay", "3")));
-    std::vector<float> w1(16, 1.0f);
-    std::fill(w1.begin() + 8, w1.end(), 3e38f);
-    ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", w1.data(), w1.size())));
+    SessionPtr s = overflowing_session(m.get(), "true", precision);
     std::vector<float> w2_before(16), w2_after(16);
     ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w2", w2_before.data(), 16)));
     const std::vector<float> b0 = bias(s.get());
-    forward(s.get(), rows_to({0, 0}));
-    const std::vector<float> g(4, 1e-3f);
-    ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
     EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
                         {"'moe0.w1'", "beyond the fp32 range", "cannot be undone"}));
     uint64_t steps = 0;
@@ -351,23 +357,10 @@ TEST(Faults, AStepBeyondTheFp32RangeInEveryPrecisionIsWholeAndReported) {
     EXPECT_TRUE(IsError(
         moert_session_forward_hidden(s.get(), x.data(), x.size(), 2, out.data(), out.size()),
         MOERT_ERR_NUMERIC, {fp8 ? "'moe0.w1' has no up-to-date copy" : "NaN or infinity"}));
-    const std::vector<float> ones(16, 1.0f);
-    ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", ones.data(), ones.size())));
-    ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
-    forward(s.get(), rows_to({0, 1}));
-    ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
-    EXPECT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+    write_back_and_train(s.get());
   }
   // Without check_finite the overflow goes unseen, but not the copy FP8 cannot make.
-  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING, "false", "fp8");
-  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1")));
-  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "weight_decay", "3")));
-  std::vector<float> w1(16, 1.0f);
-  std::fill(w1.begin() + 8, w1.end(), 3e38f);
-  ASSERT_TRUE(IsOk(moert_session_set_parameter(s.get(), "moe0.w1", w1.data(), w1.size())));
-  forward(s.get(), rows_to({0, 0}));
-  const std::vector<float> g(4, 1e-3f);
-  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+  SessionPtr s = overflowing_session(m.get(), "false", "fp8");
   EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
                       {"step 1 was made and counted", "'moe0.w1'", "FP8 quantization"}));
   std::vector<float> x = rows_to({0, 1}), out(x.size());
