@@ -56,19 +56,22 @@ void ParallelContext::exchange_rows(int64_t rows) {
   }
 }
 
-namespace {
-
-// One rank's word in agree(): fixed size, so that one all-gather carries every rank's.
-struct Verdict {
-  int32_t failed = 0;
-  int32_t code = 0;
-  uint64_t session = 0;  // which of the communicator's sessions (number_session())
-  char call[24] = {};    // the public function the rank is in: ranks in different ones all fail
-  uint64_t same = 0;     // what every rank must hold alike for this call
-  char message[248] = {};
-};
-
-}  // namespace
+std::vector<CallRecord> gather_call_records(Communicator& host, const CallRecord& mine) {
+  const int size = host.size();
+  std::vector<CallRecord> all(static_cast<size_t>(size));
+  host.all_gather(&mine, sizeof(CallRecord), all.data());
+  auto call = [](const CallRecord& r) {
+    return std::string(r.call, strnlen(r.call, sizeof(r.call)));
+  };
+  for (int r = 1; r < size; ++r)
+    if (call(all[r]) != call(all[0]))
+      fail(Code::InvalidState, "rank ", r, " of ", size, " called ", call(all[r]),
+           " where rank 0 called ", call(all[0]),
+           ": every rank of a session makes the same calls in the same order; the call failed on "
+           "every rank (a forward's pending pass is discarded, a session being created is not, "
+           "nothing else changed)");
+  return all;
+}
 
 std::vector<double> ParallelContext::gather(const std::vector<double>& mine) {
   const int R = size();
@@ -118,7 +121,7 @@ void ParallelContext::agree_after_io(std::exception_ptr local, const char* call,
 
 void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t same,
                             const char* same_what) {
-  Verdict mine;
+  CallRecord mine;
   mine.session = session_;
   mine.same = same;
   std::strncpy(mine.call, call, sizeof(mine.call) - 1);
@@ -152,11 +155,9 @@ void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t
            " failed before its session had a device (its message cannot travel without one)");
     }
   }
-  std::vector<Verdict> all(static_cast<size_t>(size()));
-  host().all_gather(&mine, sizeof(Verdict), all.data());
   // Ranks in different calls (one in a forward, another in a load) matched this all-gather only
-  // because it has one shape everywhere: none may go on. Every rank reads the same words in the
-  // same order, so every rank refuses alike.
+  // because it has one shape everywhere: none may go on.
+  const std::vector<CallRecord> all = gather_call_records(host(), mine);
   for (int r = 1; r < size(); ++r)
     if (all[r].session != all[0].session)
       fail(Code::InvalidState, "rank ", r, " of ", size(), " is in a call on session #",
@@ -165,14 +166,6 @@ void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t
            ": every rank calls the sessions it shares with the others in the same order; the "
            "call failed on every rank (a forward's pending pass is discarded, nothing else "
            "changed)");
-  for (int r = 1; r < size(); ++r)
-    if (std::strncmp(all[r].call, all[0].call, sizeof(mine.call)) != 0)
-      fail(Code::InvalidState, "rank ", r, " of ", size(), " called ",
-           std::string(all[r].call, strnlen(all[r].call, sizeof(mine.call))),
-           " where rank 0 called ",
-           std::string(all[0].call, strnlen(all[0].call, sizeof(mine.call))),
-           ": every rank of a session makes the same calls in the same order; the call failed on "
-           "every rank (a forward's pending pass is discarded, nothing else changed)");
   if (local) std::rethrow_exception(local);
   for (int r = 0; r < size(); ++r)
     if (all[r].failed)

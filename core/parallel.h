@@ -28,6 +28,24 @@ struct CommTimes {
   double gradients = 0.0;  // combining gradients across ranks after a backward
 };
 
+// One rank's record in a call's agreement (ParallelContext::agree, and the comparison that opens
+// a session's creation): one size for every call, so that ranks in different calls -- one
+// creating a session, another in a forward -- meet in the same all-gather and fail by name,
+// instead of meeting in collectives of different sizes, which breaks the communicator.
+struct CallRecord {
+  int32_t failed = 0;
+  int32_t code = 0;
+  uint64_t session = 0;  // which of the communicator's sessions (number_session()); 0: creation
+  char call[24] = {};    // the public function the rank is in
+  uint64_t same = 0;     // what every rank must hold alike for this call
+  char message[248] = {};
+};
+
+// Collective over `host` (host memory): every rank's record, in rank order. When the ranks are in
+// different calls, every rank throws MOERT_ERR_INVALID_STATE naming them (rank r against rank 0):
+// every rank reads the same records in the same order, so every rank refuses alike.
+std::vector<CallRecord> gather_call_records(Communicator& host, const CallRecord& mine);
+
 class ParallelContext {
  public:
   // `world`: the job's communicator; `ep` divides its size and the experts of every MoE layer

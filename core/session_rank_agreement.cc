@@ -5,10 +5,12 @@
 // only find out later.
 #include <array>
 #include <bit>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
 #include "core/content_digest.h"
+#include "core/parallel.h"
 #include "core/session.h"
 
 namespace moert {
@@ -54,8 +56,16 @@ constexpr std::array<StartField, Session::kStartWords> kStartFields{{
 
 void Session::agree_to_start(Communicator& world, const StartWords& mine) {
   const int size = world.size();
+  // In the shape of every call's agreement: a rank still in another call (a forward of a session
+  // made before) meets this one by name, and the communicator stays whole.
+  CallRecord record;
+  std::strncpy(record.call, "session creation", sizeof(record.call) - 1);
+  static_assert(sizeof(StartWords) <= sizeof(record.message));
+  std::memcpy(record.message, mine.data(), sizeof(StartWords));
+  const std::vector<CallRecord> records = gather_call_records(world, record);
   std::vector<StartWords> all(static_cast<size_t>(size));
-  world.all_gather(mine.data(), sizeof(mine), all.data());
+  for (int r = 0; r < size; ++r)
+    std::memcpy(all[r].data(), records[static_cast<size_t>(r)].message, sizeof(StartWords));
   const char* why =
       ": the ranks of a job create their sessions from the same model and options (threads "
       "aside); no session was created on any rank";

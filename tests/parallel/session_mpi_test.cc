@@ -358,6 +358,45 @@ TEST(SessionMpi, RanksInDifferentCallsAllFail) {
   EXPECT_TRUE(same(out, before));
 }
 
+// A rank that creates a second session while another still forwards through the first: the
+// creation's comparison and the forward's agreement had different sizes, and over MPI every rank
+// failed with MOERT_ERR_COMM ("the ranks disagree on the block size") and a broken communicator.
+// Both now fail by name, and the job goes on: the forward answers again, the creation succeeds.
+TEST(SessionMpi, ARankCreatingASessionWhileAnotherForwardsFailsBothAndKeepsTheCommunicator) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(hidden_baseline());
+  SessionPtr s = session(m.get(), false, g_size, true);
+  const int64_t n = 64;
+  std::vector<float> x(n * 8, 0.25f), before(n * 16), out(n * 16);
+  ASSERT_TRUE(IsOk(
+      moert_session_forward_hidden(s.get(), x.data(), n * 8, n, before.data(), before.size())));
+  const bool creating = g_rank == g_size - 1;
+  const std::string want = "rank " + std::to_string(g_size - 1) + " of " + std::to_string(g_size) +
+                           " called session creation where rank 0 called forward";
+  if (creating) {
+    moert_session_options* o = nullptr;
+    ASSERT_TRUE(IsOk(moert_session_options_create(&o)));
+    OptionsPtr opts(o);
+    ASSERT_TRUE(IsOk(moert_session_options_set_comm(o, g_comm, g_size)));
+    moert_session* second = nullptr;
+    EXPECT_TRUE(
+        IsError(moert_session_create(m.get(), o, &second), MOERT_ERR_INVALID_STATE, {want}));
+    EXPECT_EQ(second, nullptr);
+  } else {
+    EXPECT_TRUE(
+        IsError(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size()),
+                MOERT_ERR_INVALID_STATE, {want}));
+  }
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
+  EXPECT_TRUE(same(out, before));
+  SessionPtr second = session(m.get(), false, g_size, true);
+  ASSERT_NE(second, nullptr);
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(second.get(), x.data(), n * 8, n, out.data(), out.size())));
+  EXPECT_TRUE(same(out, before));
+}
+
 // Two sessions over one communicator (A/B serving of two versions of a model), called in a
 // different order on one rank: their passes' collectives have the same shapes, so without the
 // session's number in the agreement a pass of one would pair with the other's and return wrong
