@@ -98,25 +98,23 @@ void ParallelContext::gather_shards(const float* mine, int64_t n, float* full) {
                       recv_offsets.data());
 }
 
-void ParallelContext::agree_after_io(std::exception_ptr local, const char* call, double io_bytes,
-                                     uint64_t same, const char* same_what) {
+ParallelContext::IoAllowance::IoAllowance(ParallelContext& par, double io_bytes) {
   constexpr double kSlowFileSystemBytesPerSecond = 10e6;
-  // Each communicator the agreement may wait on, with its own timeout, restored however the
-  // agreement ends.
-  struct Extended {
-    std::vector<std::pair<Communicator*, double>> saved;
-    ~Extended() {
-      for (const auto& [c, seconds] : saved) c->set_timeout(seconds);
-    }
-  } extended;
-  for (Communicator* c : {&world(), &host(), world_.get()})
-    if (std::none_of(extended.saved.begin(), extended.saved.end(),
-                     [&](const auto& s) { return s.first == c; }))
-      extended.saved.emplace_back(c, c->timeout());
-  for (const auto& [c, seconds] : extended.saved)
-    c->set_timeout(std::min(comm::kMaxCommTimeoutSeconds,
-                            seconds + std::max(0.0, io_bytes) / kSlowFileSystemBytesPerSecond));
-  agree(local, call, same, same_what);
+  const double extra = std::max(0.0, io_bytes) / kSlowFileSystemBytesPerSecond;
+  for (Communicator* c : {&par.world(), &par.host(), par.world_.get()}) {
+    if (std::any_of(extended_.begin(), extended_.end(),
+                    [&](const Extended& e) { return e.comm == c; }))
+      continue;
+    const double before = c->timeout();
+    const double during = std::min(comm::kMaxCommTimeoutSeconds, before + extra);
+    c->set_timeout(during);
+    extended_.push_back({c, before, during});
+  }
+}
+
+ParallelContext::IoAllowance::~IoAllowance() {
+  for (const Extended& e : extended_)
+    if (e.comm->timeout() == e.during) e.comm->set_timeout(e.before);
 }
 
 void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t same,

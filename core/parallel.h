@@ -113,13 +113,26 @@ class ParallelContext {
   // before the next collective would leave the others waiting.
   void agree(std::exception_ptr local, const char* call, uint64_t same = 0,
              const char* same_what = nullptr);
-  // agree(), at the end of a call where some ranks do file I/O of about `io_bytes` that the
-  // others wait for (rank 0 writing a checkpoint, a slow rank reading one): the wait allows the
-  // communicator's timeout plus those bytes at 10 MB/s (a slow network file system), so that a
-  // large file does not time the waiting ranks out while a live rank writes it. The timeout is
-  // restored after.
-  void agree_after_io(std::exception_ptr local, const char* call, double io_bytes,
-                      uint64_t same = 0, const char* same_what = nullptr);
+  // While alive, around a call where some ranks do file I/O of about `io_bytes` that the others
+  // wait for (rank 0 gathering and writing a checkpoint, a slow rank reading one): every
+  // communicator the session waits on allows its timeout plus those bytes at 10 MB/s (a slow
+  // network file system), so that a large file does not time the waiting ranks out while a live
+  // rank writes it. Each timeout is restored at the end unless it was changed meanwhile
+  // (moert_comm_set_timeout on another thread): then the caller's value stays.
+  class IoAllowance {
+   public:
+    IoAllowance(ParallelContext& par, double io_bytes);
+    ~IoAllowance();
+    IoAllowance(const IoAllowance&) = delete;
+    IoAllowance& operator=(const IoAllowance&) = delete;
+
+   private:
+    struct Extended {
+      Communicator* comm;
+      double before, during;
+    };
+    std::vector<Extended> extended_;
+  };
 
   // Runs this rank's own computation in the middle of a layer's exchanges (its experts, its
   // shared experts). A failure there (an FP8 quantizer meeting a NaN with check_finite off, a

@@ -1540,9 +1540,11 @@ void Session::load(const std::string& path, const LoadOptions* limits, bool path
     failed = std::current_exception();
   }
   // Every rank reads the whole file: the faster ones wait for the slower ones.
-  if (par_)
-    par_->agree_after_io(failed, "load", job_state_bytes(true), ck ? ck->training->digest : 0,
-                         "the checkpoint it read (another file, or another version of it)");
+  if (par_) {
+    ParallelContext::IoAllowance reading(*par_, job_state_bytes(true));
+    par_->agree(failed, "load", ck ? ck->training->digest : 0,
+                "the checkpoint it read (another file, or another version of it)");
+  }
   TrainingState& st = *ck->training;
 
   // Commit: copies into storage the session already owns (the parameter store points into the

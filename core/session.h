@@ -318,13 +318,13 @@ class Session {
   };
   void training_state(SavedState& out) const;
   LoadOptions checkpoint_limits(const LoadOptions* limits) const;
+  // Bytes of the job's parameters (every expert) and, as the session holds them or with
+  // `every_state`, their gradients and optimizer moments: about a checkpoint's size, the same on
+  // every rank (what its waits allow for, ParallelContext::IoAllowance).
+  double job_state_bytes(bool every_state) const;
   // Among ranks (core/session_parallel_checkpoint.cc): save gathers the experts to rank 0, which
   // writes one process's file; each rank's digests of its replicated state and of its expert
   // shard, which must agree across the job.
-  // Bytes of the job's parameters (every expert) and, as the session holds them or with
-  // `every_state`, their gradients and optimizer moments: about a checkpoint's size, the same on
-  // every rank (its I/O's share of an agreement's wait, ParallelContext::agree_after_io).
-  double job_state_bytes(bool every_state) const;
   void save_parallel(const std::string& path, bool path_given) const;
   std::array<uint64_t, 2> replica_digests(const SavedState& st) const;
   // Among ranks (core/session_rank_agreement.cc), before a step changes anything: every rank

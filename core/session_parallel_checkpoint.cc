@@ -58,6 +58,10 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
     size_t slot;
     Tensor* tensor = nullptr;
     std::vector<float> grad, m, v;
+    // This rank's shard of the gradient and moments in host memory, or null where it has none.
+    const float* own_grad = nullptr;
+    const float* own_m = nullptr;
+    const float* own_v = nullptr;
   };
   std::vector<Experts> experts;
   std::unique_ptr<Model> full;
@@ -71,9 +75,9 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
     backend_->download(copy.data(), data, n * sizeof(float));
     return copy.data();
   };
-  // Rank 0 copies, then writes, about the job's whole state while the others wait for it in the
-  // agreements: their waits allow for it.
-  const double bytes = job_state_bytes(false);
+  // Rank 0 copies, gathers, then writes about the job's whole state while the others wait for
+  // it: every wait of the save, its gathers' too, allows for that.
+  const ParallelContext::IoAllowance writing(par, job_state_bytes(false));
   // Each rank prepares alone, then all learn whether any failed: nothing collective runs before.
   std::exception_ptr failed;
   try {
@@ -82,8 +86,17 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
     sync_to_host();
     training_state(st);
     mine = replica_digests(st);
-    for (size_t i = 0; i < slots_.size(); ++i)
-      if (expert_count(slots_[i]) > 0) experts.push_back({i});
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      const Slot& s = slots_[i];
+      if (expert_count(s) == 0) continue;
+      // Downloaded here, before anything collective: a rank that cannot must not leave the
+      // others waiting in the gathers.
+      const size_t n = s.param->values.size();
+      Experts& e = experts.emplace_back(Experts{i});
+      e.own_grad = on_host(store_->grad(*s.param), n);
+      e.own_m = s.m.size() ? on_host(s.m.data(), n) : nullptr;
+      e.own_v = s.v.size() ? on_host(s.v.data(), n) : nullptr;
+    }
     if (writer) {
       // The session's parameters with every expert: what one process's session holds.
       full = std::make_unique<Model>(*params_);
@@ -114,7 +127,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   // every rank rather than ignored.
   ContentHasher named;
   named.str(path);
-  par.agree_after_io(failed, "save", bytes, named.digest(), "the checkpoint path");
+  par.agree(failed, "save", named.digest(), "the checkpoint path");
 
   // The writer writes its own copy of the replicated state and replica 0's of each shard: refuse
   // rather than write one rank's view of a job whose ranks disagree.
@@ -138,12 +151,11 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
     const size_t n = s.param->values.size();
     const auto len = static_cast<int64_t>(n);
     par.gather_shards(s.param->values.data(), len, writer ? e.tensor->values.data() : nullptr);
-    if (const float* g = on_host(store_->grad(*s.param), n))
-      par.gather_shards(g, len, e.grad.data());
-    if (s.m.size()) par.gather_shards(on_host(s.m.data(), n), len, e.m.data());
-    if (s.v.size()) par.gather_shards(on_host(s.v.data(), n), len, e.v.data());
-    downloads.clear();
+    if (e.own_grad) par.gather_shards(e.own_grad, len, e.grad.data());
+    if (e.own_m) par.gather_shards(e.own_m, len, e.m.data());
+    if (e.own_v) par.gather_shards(e.own_v, len, e.v.data());
   }
+  downloads.clear();
 
   failed = nullptr;
   if (writer) {
@@ -164,7 +176,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
       failed = std::current_exception();
     }
   }
-  par.agree_after_io(failed, "save", bytes);
+  par.agree(failed, "save");
 }
 
 }  // namespace moert

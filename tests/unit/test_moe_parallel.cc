@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/comm_support.h"
 #include "core/layers.h"
 #include "core/parallel.h"
 #include "tests/support/inprocess_communicator.h"
@@ -186,6 +187,26 @@ TEST(MoEParallel, GlobalBatchAuxLossIsOneProcesssLoss) {
     const Result local = spread(s, x, split.rows, split.ep, true, false);
     EXPECT_NE(local.aux, one.aux);
   }
+}
+
+// A save or load among ranks stretches the communicator's timeout for its I/O and restores it
+// after, but never over a timeout the caller set meanwhile (moert_comm_set_timeout may run on
+// another thread): the caller's setting is for the collectives that start after it.
+TEST(MoEParallel, AnIoAllowanceRestoresTheTimeoutUnlessTheCallerChangedIt) {
+  auto comms = testing::make_inprocess_communicators(1, 3.0);
+  auto world = std::shared_ptr<Communicator>(std::move(comms[0]));
+  ParallelContext par(world, 1);
+  {
+    const ParallelContext::IoAllowance writing(par, 50e6);  // 5 s at 10 MB/s
+    EXPECT_DOUBLE_EQ(world->timeout(), 8.0);
+  }
+  EXPECT_DOUBLE_EQ(world->timeout(), 3.0);
+  {
+    const ParallelContext::IoAllowance writing(par, 1e300);
+    EXPECT_DOUBLE_EQ(world->timeout(), comm::kMaxCommTimeoutSeconds);
+    world->set_timeout(7.0);
+  }
+  EXPECT_DOUBLE_EQ(world->timeout(), 7.0);
 }
 
 }  // namespace
