@@ -49,7 +49,8 @@ int run_eval(const Args& args) {
   // Under mpirun, N copies would each evaluate the whole split and print it N times.
   if (const Launch l = mpirun_launch(); l.size > 1)
     usage_fail("started by mpirun with ", l.size,
-               " processes: eval runs in one process (it has no --expert-parallel); run it alone");
+               " processes: eval runs in one process (it has no --expert-parallel); run it alone "
+               "(from a script that one rank of a job runs: unset OMPI_COMM_WORLD_SIZE for it)");
 
   ModelPtr model = load_model_file(path);
   int32_t kind = 0;

@@ -257,7 +257,7 @@ int run_train(const Args& args) {
   Split split;
   std::unique_ptr<StepCsv> csv;
   const std::string save_dir = args.str("save", "");
-  job.prepare_together("read its model, corpus or output paths", [&] {
+  job.prepare_together("read its model or corpus", [&] {
     if (given_model) {
       file_model = load_model_file(args.str("model", ""));
       int32_t kind = 0;
@@ -275,7 +275,22 @@ int run_train(const Args& args) {
     if (split.train.size() <= shape.context || split.validation.size() <= shape.context)
       fail(corpus_path, ": the ", split.train.size() <= shape.context ? "training" : "validation",
            " text is not longer than the context (", shape.context, " characters)");
-    // Outputs are opened before any work, so that a bad path fails at once. Rank 0 writes them.
+  });
+  // Each rank reads its own copy of the corpus: a job whose machines hold different files (the
+  // fortunes of two Debian releases, say) would train on a mixture that rank 0 does not report.
+  {
+    TextHash text;
+    for (const std::vector<int32_t>* ids : {&split.train, &split.validation})
+      text.add({reinterpret_cast<const uint8_t*>(ids->data()), ids->size() * sizeof(int32_t)});
+    if (!job.same(text.value()))
+      fail(corpus_path,
+           ": the ranks read different texts (each rank reads the corpus on its own "
+           "machine): give every rank the same corpus");
+  }
+  // Outputs are opened before any work, so that a bad path fails at once; only once every rank
+  // has its inputs, so that a job refused for one rank's inputs leaves rank 0's files as they
+  // were. Rank 0 writes them.
+  job.prepare_together("open its output paths", [&] {
     if (args.has("csv") && job.rank == 0) csv = std::make_unique<StepCsv>(args.str("csv", ""));
     if (!save_dir.empty() && job.rank == 0) {
       std::error_code ec;
@@ -289,18 +304,6 @@ int run_train(const Args& args) {
       ::unlink(probe.c_str());
     }
   });
-  // Each rank reads its own copy of the corpus: a job whose machines hold different files (the
-  // fortunes of two Debian releases, say) would train on a mixture that rank 0 does not report.
-  {
-    std::string text(reinterpret_cast<const char*>(split.train.data()),
-                     split.train.size() * sizeof(int32_t));
-    text.append(reinterpret_cast<const char*>(split.validation.data()),
-                split.validation.size() * sizeof(int32_t));
-    if (!job.same(text))
-      fail(corpus_path,
-           ": the ranks read different texts (each rank reads the corpus on its own "
-           "machine): give every rank the same corpus");
-  }
   std::printf(
       "corpus: %s: %zu file%s, %zu records, %s bytes; training %llu records (%s chars), "
       "validation %llu records (%s chars); %llu chars outside the vocabulary\n",

@@ -107,7 +107,16 @@ void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
   std::vector<double> failures(static_cast<size_t>(size), 0.0);
   failures[static_cast<size_t>(rank)] = failed ? 1.0 : 0.0;
   sum(failures.data(), failures.size());
-  if (failed) std::rethrow_exception(failed);
+  if (failed) {
+    // Named like the others' messages name it: under mpirun each rank's line is printed apart.
+    try {
+      std::rethrow_exception(failed);
+    } catch (const UsageError& e) {
+      usage_fail("rank ", rank, " of the job's ", size, ": ", e.message());
+    } catch (const Error& e) {
+      fail("rank ", rank, " of the job's ", size, ": ", e.message());
+    }
+  }
   for (int32_t r = 0; r < size; ++r)
     if (failures[static_cast<size_t>(r)] != 0.0)
       fail("rank ", r, " of the job's ", size, " could not ", what,
@@ -125,13 +134,11 @@ Launch mpirun_launch() {
 
 namespace {
 
-// Whether every rank passed the same `text`, learnt through the C ABI's all-reduce of doubles:
-// the text's 64-bit hash in eight bytes, each summed with its square over the ranks; the bytes
-// are all equal exactly when size * sum(v^2) == sum(v)^2, and every figure is an integer that a
-// double holds exactly for jobs of up to 300,000 ranks.
-bool same_on_every_rank(moert_comm* comm, int32_t size, const std::string& text) {
-  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a: the same on every build, unlike std::hash
-  for (const char c : text) h = (h ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
+// Whether every rank passed the same 64-bit `hash`, learnt through the C ABI's all-reduce of
+// doubles: its eight bytes, each summed with its square over the ranks; the bytes are all equal
+// exactly when size * sum(v^2) == sum(v)^2, and every figure is an integer that a double holds
+// exactly for jobs of up to 300,000 ranks.
+bool same_on_every_rank(moert_comm* comm, int32_t size, uint64_t h) {
   double sums[16];
   for (int i = 0; i < 8; ++i) {
     const double v = static_cast<double>((h >> (8 * i)) & 0xFF);
@@ -146,9 +153,12 @@ bool same_on_every_rank(moert_comm* comm, int32_t size, const std::string& text)
 
 }  // namespace
 
-bool Job::same(const std::string& bytes) const {
-  return alone() || same_on_every_rank(comm, size, bytes);
+uint64_t TextHash::add(std::span<const uint8_t> bytes) {
+  for (const uint8_t c : bytes) h_ = (h_ ^ c) * 0x100000001b3ull;
+  return h_;
 }
+
+bool Job::same(uint64_t hash) const { return alone() || same_on_every_rank(comm, size, hash); }
 
 Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
              const std::string& arguments) {
@@ -164,7 +174,9 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
   if (comm_timeout > 0) check(moert_comm_set_timeout(job.comm, comm_timeout), "--comm-timeout");
   check(moert_comm_rank(job.comm, &job.rank), "MPI");
   check(moert_comm_size(job.comm, &job.size), "MPI");
-  if (!same_on_every_rank(job.comm, job.size, arguments))
+  if (!same_on_every_rank(
+          job.comm, job.size,
+          TextHash().add({reinterpret_cast<const uint8_t*>(arguments.data()), arguments.size()})))
     usage_fail("the job's ", job.size,
                " processes were started with different arguments (threads and --comm-timeout "
                "aside): every rank takes the same command line");

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,8 +61,8 @@ struct Job {
   }
   // In-place sum over the ranks (in rank order: the same bits everywhere); alone, nothing.
   void sum(double* values, uint64_t n) const;
-  // Whether every rank holds the same `bytes` (compared by a 64-bit hash); alone, true.
-  bool same(const std::string& bytes) const;
+  // Whether every rank holds the same `hash` (a TextHash of what must be alike); alone, true.
+  bool same(uint64_t hash) const;
   // Runs `prepare` (what a rank reads or opens of its own before the job's work: files, output
   // directories) and then learns whether every rank succeeded: a rank that failed throws its own
   // error, the others an error naming the first failing rank, so that no rank waits for a
@@ -80,6 +81,18 @@ struct Job {
 
  private:
   void agree_prepared(const char* what, std::exception_ptr failed) const;
+};
+
+// FNV-1a over bytes added piece by piece: the same on every build, unlike std::hash, so that
+// ranks compare what they hold (Job::same) without a copy of it.
+class TextHash {
+ public:
+  // Adds `bytes`; returns the hash of everything added so far.
+  uint64_t add(std::span<const uint8_t> bytes);
+  uint64_t value() const { return h_; }
+
+ private:
+  uint64_t h_ = 0xcbf29ce484222325ull;
 };
 
 // What mpirun told this process before MPI is initialised (Open MPI's environment): its rank and

@@ -85,8 +85,9 @@ if(rc EQUAL 0 OR NOT n EQUAL 2)
 endif()
 
 # Each rank reads its own files (its working directory here: -wdir). A rank that cannot read the
-# corpus fails every rank at once, long before the communicator's 600 s timeout, and ranks whose
-# corpora differ are refused.
+# corpus fails every rank at once, long before the communicator's 600 s timeout, and names itself;
+# ranks whose corpora differ are refused. Either way rank 0's outputs are left as they were: its
+# --csv keeps its lines and --save's directory is not created.
 file(REMOVE_RECURSE ${DIR}/ranks)
 file(MAKE_DIRECTORY ${DIR}/ranks/a ${DIR}/ranks/b ${DIR}/ranks/c)
 file(READ ${CORPUS} text)
@@ -95,20 +96,28 @@ string(REPLACE "e" "a" other "${text}")
 file(WRITE ${DIR}/ranks/c/c.txt "${other}")
 set(local_args ${args})
 list(REMOVE_AT local_args 1 2)  # --corpus PATH
-foreach(case "b;could not read" "c;the ranks read different texts")
+foreach(case "b;rank 1 of the job's 2: c.txt: no such file;rank 1 of the job's 2 could not read"
+             "c;the ranks read different texts;the ranks read different texts")
   list(GET case 0 second)
   list(GET case 1 expect)
+  list(GET case 2 expect_too)
+  file(WRITE ${DIR}/ranks/a/steps.csv "kept\n")
   string(TIMESTAMP start "%s")
   execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe
                           -np 1 -wdir ${DIR}/ranks/a ${MOERT} ${local_args} --corpus c.txt
-                          --expert-parallel 2 :
+                          --expert-parallel 2 --csv steps.csv --save ck :
                           -np 1 -wdir ${DIR}/ranks/${second} ${MOERT} ${local_args} --corpus c.txt
-                          --expert-parallel 2
+                          --expert-parallel 2 --csv steps.csv --save ck
                   OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
   string(TIMESTAMP end "%s")
   math(EXPR seconds "${end} - ${start}")
-  if(rc EQUAL 0 OR NOT err MATCHES "${expect}" OR seconds GREATER 60)
+  if(rc EQUAL 0 OR NOT err MATCHES "${expect}" OR NOT err MATCHES "${expect_too}"
+     OR seconds GREATER 60)
     message(FATAL_ERROR "rank 1 in ${second}: ${rc} after ${seconds} s\n${err}")
+  endif()
+  file(READ ${DIR}/ranks/a/steps.csv csv)
+  if(NOT csv STREQUAL "kept\n" OR EXISTS ${DIR}/ranks/a/ck)
+    message(FATAL_ERROR "rank 1 in ${second}: the refused job changed rank 0's outputs:\n${csv}")
   endif()
   message(STATUS "rank 1 in ${second}: refused after ${seconds} s")
 endforeach()
