@@ -23,6 +23,11 @@ struct Corpus {
   uint64_t bytes = 0;
 };
 
+// The most text a corpus may hold: train and eval keep it in memory, its records and their
+// encoding at 4 bytes per character (about 1.5 GiB at this size). A stream that never ends
+// (/dev/zero) is refused when it passes it.
+inline constexpr uint64_t kMaxCorpusBytes = uint64_t{256} << 20;
+
 // Reads `path`: a file, or every regular file directly inside a directory (sorted by name),
 // skipping strfile indexes (*.dat), their *.u8 links and hidden files. Subdirectories are not
 // entered, which keeps Debian's offensive fortunes (fortunes/off/, package fortunes-off) out.

@@ -18,6 +18,27 @@ inline constexpr uint64_t kDataAlignment = 64;
 // Tensors of at least this many bytes go to the data file; smaller ones stay inline.
 inline constexpr uint64_t kDataMinBytes = uint64_t{64} << 10;
 
+// Holds the directory of `path` for this process: writers into one directory take turns (flock
+// on the directory, as the library's checkpoint saves do), so that what an interrupted write left
+// there can be removed by the next one without removing a live writer's temporary file. Nested
+// turns on one directory within the process are free.
+class DirectoryTurn {
+ public:
+  explicit DirectoryTurn(const std::string& path);
+  ~DirectoryTurn();
+  DirectoryTurn(const DirectoryTurn&) = delete;
+  DirectoryTurn& operator=(const DirectoryTurn&) = delete;
+
+ private:
+  std::string dir_;
+  int fd_ = -1;
+};
+
+// Under a DirectoryTurn: removes the temporary files that writes of `path` interrupted by a
+// signal or a crash left beside it ("<file>.tmp.<pid>", "<file>.data.tmp.<pid>"), other than
+// this process's own.
+void remove_interrupted_writes(const std::string& path);
+
 class DataFileWriter {
  public:
   // The data file will sit beside model_path; a model_path that is a directory is refused.

@@ -127,9 +127,26 @@ struct Gathered {
   std::vector<float> scales;
 };
 
+// The import reads config.json, the index and the shards of the checkpoint's directory: an OUTPUT
+// that names one of them (or a link to one) would replace what it reads.
+void refuse_overwriting_input(const ImportRequest& r) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::exists(r.out_path, ec)) return;
+  for (const auto& entry : fs::directory_iterator(r.checkpoint_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.ends_with(".json") && !name.ends_with(".safetensors")) continue;
+    std::error_code same_ec;
+    if (fs::equivalent(entry.path(), r.out_path, same_ec))
+      usage_fail("OUTPUT '", r.out_path, "' is the checkpoint's own '", name,
+                 "': the import would replace what it reads; write the model elsewhere");
+  }
+}
+
 class Importer {
  public:
-  Importer(const ImportRequest& r) : req_(r), ck_(r.checkpoint_dir), data_(r.out_path) {
+  Importer(const ImportRequest& r)
+      : req_(r), turn_(r.out_path), ck_(r.checkpoint_dir), data_(r.out_path) {
     const std::string config_path =
         (std::filesystem::path(r.checkpoint_dir) / "config.json").string();
     cfg_ = parse_hf_moe_config(ck_.config_text(), config_path);
@@ -375,6 +392,9 @@ class Importer {
   }
 
   const ImportRequest& req_;
+  // Held from the data file's first byte to the description's rename: the next import to the
+  // same path removes what an interrupted one left.
+  DirectoryTurn turn_;
   Checkpoint ck_;
   HfMoeConfig cfg_;
   DataFileWriter data_;
@@ -386,6 +406,7 @@ class Importer {
 }  // namespace
 
 ImportResult import_checkpoint(const ImportRequest& request) {
+  refuse_overwriting_input(request);
   Importer importer(request);
   return importer.run();
 }

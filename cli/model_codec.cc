@@ -267,14 +267,6 @@ std::string binary_to_json(const std::vector<uint8_t>& bytes, const std::string&
 
 std::vector<uint8_t> read_file(const std::string& path) { return read_regular_file(path); }
 
-void write_file(const std::string& path, const std::string& data) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) fail(path, ": cannot open for writing: ", std::strerror(errno));
-  out.write(data.data(), static_cast<std::streamsize>(data.size()));
-  out.close();
-  if (!out) fail(path, ": write error");
-}
-
 std::string directory_of(const std::string& path) {
   const std::string dir = std::filesystem::path(path).parent_path().string();
   return dir.empty() ? "." : dir;

@@ -37,7 +37,6 @@ FloatChanges float_changes(const std::vector<uint8_t>& a, const std::vector<uint
 std::vector<uint8_t> read_file(const std::string& path);
 // The directory of a file's path, "." for a bare name: where its data file and temporaries go.
 std::string directory_of(const std::string& path);
-void write_file(const std::string& path, const std::string& data);
 
 // Loads a model file in either form (binary or JSON, told apart by content) through the library;
 // external weights resolve against the file's directory.

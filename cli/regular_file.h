@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -19,11 +20,19 @@
 namespace moert_cli {
 
 namespace detail {
-// Reads fd to its end into a buffer first sized for `expected` bytes; closes fd.
-inline std::vector<uint8_t> read_to_end(int fd, const std::string& path, size_t expected) {
-  std::vector<uint8_t> bytes(expected > 0 ? expected : 4096);
+// Reads fd to its end into a buffer first sized for `expected` bytes; closes fd. Fails once more
+// than `limit` bytes arrived (a stream such as /dev/zero never ends).
+inline std::vector<uint8_t> read_to_end(int fd, const std::string& path, size_t expected,
+                                        size_t limit = SIZE_MAX) {
+  // One byte past the expected size: the end of a regular file is then found without growing.
+  const size_t first = std::min(limit, expected);
+  std::vector<uint8_t> bytes(first > 0 ? first + 1 : 4096);
   size_t got = 0;
   for (;;) {
+    if (got > limit) {
+      ::close(fd);
+      fail(path, ": longer than ", limit, " bytes, the most it may hold");
+    }
     if (got == bytes.size()) bytes.resize(bytes.size() * 2);
     const ssize_t n = ::read(fd, bytes.data() + got, bytes.size() - got);
     if (n < 0 && errno == EINTR) continue;
@@ -57,8 +66,9 @@ inline std::vector<uint8_t> read_regular_file(const std::string& path) {
 }
 
 // The whole of `path`, which may also be a pipe or a terminal (a corpus from /dev/stdin or a
-// process substitution): the open waits for a writer, as any reader of a FIFO does.
-inline std::vector<uint8_t> read_stream(const std::string& path) {
+// process substitution): the open waits for a writer, as any reader of a FIFO does. Fails
+// naming it once it gave more than `limit` bytes.
+inline std::vector<uint8_t> read_stream(const std::string& path, size_t limit = SIZE_MAX) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
   struct stat st {};
@@ -66,7 +76,8 @@ inline std::vector<uint8_t> read_stream(const std::string& path) {
     ::close(fd);
     fail(path, ": is a directory, not a file");
   }
-  return detail::read_to_end(fd, path, S_ISREG(st.st_mode) ? static_cast<size_t>(st.st_size) : 0);
+  return detail::read_to_end(fd, path, S_ISREG(st.st_mode) ? static_cast<size_t>(st.st_size) : 0,
+                             limit);
 }
 
 }  // namespace moert_cli

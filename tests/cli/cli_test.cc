@@ -374,6 +374,17 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("inspect " + fifo.string(), dir), 1, "inspect", "not a regular file");
   expect_one_line_error(run("convert " + fifo.string() + " x.json", dir), 1, "convert",
                         "not a regular file");
+  // Nor written into as an output: convert writes through a temporary file and a rename, which
+  // would replace the FIFO or a device.
+  const std::string tiny_json =
+      (fs::path(MOERT_TINY_MODEL).parent_path() / "tiny_moe.json").string();
+  expect_one_line_error(run("convert " + tiny_json + " " + fifo.string(), dir), 1, "convert",
+                        "not a regular file");
+  expect_one_line_error(run("convert " + tiny_json + " /dev/null", dir), 1, "convert",
+                        "not a regular file");
+  // A corpus that never ends is refused when it passes the most a corpus may hold.
+  expect_one_line_error(run("train --corpus /dev/zero --steps 1", dir), 1, "train",
+                        "/dev/zero: longer than 268435456 bytes");
 
   // Damaged inputs: a JSON with an unknown field, a truncated binary.
   std::ofstream(dir / "bad.json") << "{ \"schema_major\": 1, \"layerz\": [] }";

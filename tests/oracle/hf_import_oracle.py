@@ -779,6 +779,43 @@ def check_refusals(cli_path, work):
     lines.append(f"  refused jitter: {p.stderr.strip()}")
     if p.returncode != 1 or "router_jitter_noise" not in p.stderr:
         failures.append(f"refusal 'jitter': exit {p.returncode}, stderr {p.stderr!r}")
+    # An OUTPUT naming one of the checkpoint's own files (directly or through a link) would
+    # replace what the import reads: refused, the file left as it was.
+    d = os.path.join(work, "refusals", "own_input")
+    base["store"].write(d, base["cfg"])
+    os.symlink("model.safetensors", os.path.join(d, "link.moert"))
+    for target in ("model.safetensors", "config.json", "link.moert"):
+        path = os.path.join(d, os.path.basename(target))
+        before = open(path, "rb").read()
+        p = cli(["import", d, path, "--layer", "1"], cli_path, False)
+        lines.append(f"  refused OUTPUT {target}: {p.stderr.strip()}")
+        if (p.returncode != 2 or "would replace what it reads" not in p.stderr
+                or open(path, "rb").read() != before):
+            failures.append(f"refusal 'OUTPUT {target}': exit {p.returncode}, stderr {p.stderr!r}")
+    return lines, failures
+
+
+def check_interrupted_imports(cli_path, work):
+    """What imports killed midway left beside OUTPUT (their temporary data and description files,
+    named by process id) is removed by the next import to it."""
+    lines, failures = [], []
+    base = deepseek("leftovers", "BF16", "BF16", "BF16", 5, 1, [1])
+    d = os.path.join(work, "leftovers")
+    base["store"].write(os.path.join(d, "checkpoint"), base["cfg"])
+    out = os.path.join(d, "layer.moert")
+    left = [out + ".data.tmp.4194301", out + ".tmp.4194302"]
+    for f in left:
+        with open(f, "wb") as w:
+            w.write(b"x" * 4096)
+    unrelated = os.path.join(d, "other.moert.tmp.4194303")
+    open(unrelated, "wb").close()
+    cli(["import", os.path.join(d, "checkpoint"), out, "--layer", "1"], cli_path)
+    remaining = [f for f in left if os.path.exists(f)]
+    lines.append(f"  leftovers of killed imports removed: {len(left) - len(remaining)} of "
+                 f"{len(left)}; another file's kept: {os.path.exists(unrelated)}")
+    if remaining or not os.path.exists(unrelated):
+        failures.append(f"interrupted imports: left {remaining}, unrelated kept "
+                        f"{os.path.exists(unrelated)}")
     return lines, failures
 
 
@@ -892,6 +929,13 @@ def main():
     failures += f
     print("refusals")
     lines, f = check_refusals(args.cli, args.workdir)
+    print("\n".join(lines))
+    failures += f
+    print("interrupted imports")
+    try:
+        lines, f = check_interrupted_imports(args.cli, args.workdir)
+    except Failure as exc:
+        lines, f = [], [f"interrupted imports: {exc}"]
     print("\n".join(lines))
     failures += f
     for f in failures:
