@@ -193,12 +193,18 @@ void Batcher::refuse() {
   throw;
 }
 
+void Batcher::check_stats(const int64_t* stats, uint64_t stats_len) {
+  if (!stats && stats_len != 0)
+    fail(Code::InvalidArgument, "stats is NULL but stats_len is ", stats_len);
+}
+
 void Batcher::forward_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows, float* out,
                              uint64_t out_len, int64_t* stats, uint64_t stats_len) {
   Request r;
   try {
     check_tokens(tokens, num_tokens, rows);
     check_out(rows, out, out_len);
+    check_stats(stats, stats_len);
   } catch (...) {
     refuse();
   }
@@ -214,6 +220,7 @@ void Batcher::forward_hidden(const float* in, uint64_t in_len, uint64_t rows, fl
   try {
     check_hidden(in, in_len, rows);
     check_out(rows, out, out_len);
+    check_stats(stats, stats_len);
   } catch (...) {
     refuse();
   }

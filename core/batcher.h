@@ -131,6 +131,7 @@ class Batcher {
 
   void check_rows(uint64_t rows) const;
   void check_out(uint64_t rows, const float* out, uint64_t out_len) const;
+  static void check_stats(const int64_t* stats, uint64_t stats_len);
   void check_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t rows) const;
   void check_hidden(const float* in, uint64_t in_len, uint64_t rows) const;
   // Counts a request refused before it was queued, and rethrows its error.

@@ -97,8 +97,6 @@ moert_status* moert_batcher_forward_tokens(moert_batcher* batcher, const int32_t
                                            uint64_t out_len, int64_t* stats, uint64_t stats_len) {
   return guarded([&] {
     require(batcher, "batcher");
-    if (!stats && stats_len != 0)
-      fail(Code::InvalidArgument, "stats is NULL but stats_len is ", stats_len);
     batcher->batcher->forward_tokens(tokens, num_tokens, rows, out, out_len, stats, stats_len);
   });
 }
@@ -108,8 +106,6 @@ moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, const float* 
                                            int64_t* stats, uint64_t stats_len) {
   return guarded([&] {
     require(batcher, "batcher");
-    if (!stats && stats_len != 0)
-      fail(Code::InvalidArgument, "stats is NULL but stats_len is ", stats_len);
     batcher->batcher->forward_hidden(in, in_len, rows, out, out_len, stats, stats_len);
   });
 }
