@@ -133,7 +133,10 @@ class Backend : public Allocator {
   virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void zero(void* dst, size_t bytes) = 0;
-  // dst[i] = bf16(src[i]), round to nearest even.
+  // dst[i] = bf16(src[i]), round to nearest even, for the bf16 copies of weights: a finite
+  // value beyond bf16's largest (3.3895e38; fp32 goes to 3.4028e38) saturates to it rather than
+  // rounding to infinity, so that a finite weight has a finite copy (within the same 0.4 % as
+  // any rounding); infinities and NaN stay what they are.
   virtual void to_bf16(const float* src, uint16_t* dst, int64_t n) = 0;
 
   // ---- FP8. Backends without FP8 GEMMs keep the defaults (no copies; quantizing refused).

@@ -146,6 +146,10 @@ void CpuBackend::to_bf16(const float* src, uint16_t* dst, int64_t n) {
   pool_.parallel_for(blocks(n, kBlock), [&](int64_t b, unsigned) {
     const int64_t i = b * kBlock, m = std::min(kBlock, n - i);
     round_to_bf16(src + i, m, 1, m, dst + i, m, false, false);
+    // Saturation: only a finite source rounds to an infinite code (0x7F80 with the sign bit).
+    for (int64_t j = i; j < i + m; ++j)
+      if ((dst[j] & 0x7FFFu) == 0x7F80u && std::isfinite(src[j]))
+        dst[j] = static_cast<uint16_t>((dst[j] & 0x8000u) | 0x7F7Fu);
   });
 }
 

@@ -157,7 +157,7 @@ class CudaBackend final : public Backend {
     if (bytes) check(cudaMemsetAsync(dst, 0, bytes, stream_), "memset");
   }
   void to_bf16(const float* src, uint16_t* dst, int64_t n) override {
-    cuda::to_bf16(src, dst, n, stream_);
+    cuda::to_bf16(src, dst, n, /*saturate=*/true, stream_);
   }
 
   // ---- Forward
@@ -538,7 +538,7 @@ class CudaBackend final : public Backend {
   // x (fp32) as bf16 in `scratch`.
   const uint16_t* bf16_of(const float* x, int64_t n, Buffer<uint16_t>& scratch) {
     scratch.resize(*this, static_cast<size_t>(n));
-    cuda::to_bf16(x, scratch.data(), n, stream_);
+    cuda::to_bf16(x, scratch.data(), n, /*saturate=*/false, stream_);
     return scratch.data();
   }
 

@@ -23,10 +23,13 @@ __device__ T block_sum(T v, T* shared) {
   return r;
 }
 
-__global__ void to_bf16_k(const float* x, __nv_bfloat16* y, int64_t n) {
+__global__ void to_bf16_k(const float* x, __nv_bfloat16* y, int64_t n, bool saturate) {
+  constexpr float kBf16Max = 3.38953139e38f;  // 0x7F7F as bf16, exact in fp32
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x)
-    y[i] = __float2bfloat16_rn(x[i]);
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float v = x[i];
+    y[i] = __float2bfloat16_rn(saturate && isfinite(v) ? fminf(fmaxf(v, -kBf16Max), kBf16Max) : v);
+  }
 }
 
 __global__ void add_into_k(float* dst, const float* src, int64_t n) {
@@ -226,9 +229,10 @@ __global__ void sgd_k(float* p, const float* g, float* m, int64_t n, double lr, 
 
 }  // namespace
 
-void to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t s) {
+void to_bf16(const float* x, uint16_t* y, int64_t n, bool saturate, cudaStream_t s) {
   if (n == 0) return;
-  to_bf16_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(x, reinterpret_cast<__nv_bfloat16*>(y), n);
+  to_bf16_k<<<grid_for(n, kThreads), kThreads, 0, s>>>(x, reinterpret_cast<__nv_bfloat16*>(y), n,
+                                                       saturate);
   check_launch("to_bf16");
 }
 

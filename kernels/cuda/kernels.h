@@ -11,7 +11,9 @@
 namespace moert::cuda {
 
 // ---- Elementwise
-void to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t s);
+// y = bf16(x), round to nearest even; with `saturate` (weights' copies, Backend::to_bf16) a finite
+// x beyond bf16's largest gives the largest rather than infinity.
+void to_bf16(const float* x, uint16_t* y, int64_t n, bool saturate, cudaStream_t s);
 // a = silu(h1) * h3, written as bf16 (the next GEMM's input).
 void swiglu_bf16(const float* h1, const float* h3, uint16_t* a, int64_t n, cudaStream_t s);
 // The same in fp32: FP8 quantizes it next, from the values the CPU computes (kernels/cpu/math.h).

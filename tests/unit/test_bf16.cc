@@ -8,10 +8,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/error.h"
 #include "core/model_loader.h"
 #include "core/session.h"
@@ -282,6 +284,47 @@ TEST(Bf16Session, TrainingKeepsFp32MastersAndFreshCopies) {
 
   test::expect_checkpoint_serves_the_same(s16, options(Precision::Bf16, Mode::Inference),
                                           batch(rng, rows), rows, "bf16_session.moert");
+}
+
+// A finite fp32 weight beyond bf16's largest value (3.3895e38) has a finite bf16 copy: the
+// conversion saturates, as every other weight it changes by at most a rounding. Rounded to
+// infinity, it made the bf16 session's output infinite (a NaN with check_finite off) where the
+// fp32 session's was finite.
+TEST(Bf16Session, AWeightBeyondBf16sRangeHasAFiniteCopy) {
+  auto be = make_cpu_backend(1);
+  const float big = 3.4e38f, largest = cpu::from_bf16(0x7F7F);
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> src = {big, -big, largest,       std::numeric_limits<float>::max(),
+                                  inf, -inf, std::nanf(""), 1.0f};
+  std::vector<uint16_t> got(src.size());
+  be->to_bf16(src.data(), got.data(), static_cast<int64_t>(src.size()));
+  const std::vector<uint16_t> want = {0x7F7F, 0xFF7F, 0x7F7F, 0x7F7F, 0x7F80, 0xFF80, 0, 0x3F80};
+  for (size_t i = 0; i < src.size(); ++i)
+    if (std::isnan(src[i]))
+      EXPECT_TRUE(std::isnan(cpu::from_bf16(got[i])));
+    else
+      EXPECT_EQ(got[i], want[i]) << src[i];
+
+  std::mt19937 rng(6);
+  auto model = moe_model(rng);
+  // Output 0 of hidden unit 0 of every expert, whose unit is made small enough that the fp32
+  // result stays finite: W1 and W3 rows of 1e-3 give a unit of about 1e-6.
+  MoESpec& moe = std::get<MoESpec>(model->layers[2].spec);
+  const int64_t D = moe.dim, H = moe.expert_hidden;
+  for (int64_t e = 0; e < 8; ++e) {
+    for (int64_t d = 0; d < D; ++d)
+      moe.w1.values[e * H * D + d] = moe.w3.values[e * H * D + d] = 1e-3f;
+    moe.w2.values[e * D * H] = big;  // W2 [E, D, H]: output 0, unit 0
+  }
+  const int64_t rows = 32;
+  const Batch b = batch(rng, rows);
+  Vec y32(rows * 29), y16(rows * 29);
+  Session s32(model, options(Precision::Fp32, Mode::Inference));
+  Session s16(model, options(Precision::Bf16, Mode::Inference));
+  s32.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y32.data(), y32.size());
+  s16.forward_tokens(b.tokens.data(), b.tokens.size(), rows, y16.data(), y16.size());
+  EXPECT_TRUE(std::all_of(y16.begin(), y16.end(), [](float v) { return std::isfinite(v); }));
+  EXPECT_LT(rel(y16, y32), 1e-2);
 }
 
 TEST(Bf16Session, ResultsDoNotDependOnTheThreadCount) {
