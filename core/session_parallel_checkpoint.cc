@@ -4,6 +4,7 @@
 // every rank reads the whole file and keeps its shard.
 #include <algorithm>
 #include <exception>
+#include <filesystem>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -126,7 +127,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   // Rank 0 alone writes: a path that differs on another rank is that rank's mistake, said on
   // every rank rather than ignored.
   ContentHasher named;
-  named.str(path);
+  named.str(std::filesystem::path(path).lexically_normal().string());
   par.agree(failed, "save", named.digest(), "the checkpoint path");
 
   // The writer writes its own copy of the replicated state and replica 0's of each shard: refuse

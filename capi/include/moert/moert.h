@@ -1022,8 +1022,11 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * file (a device, a FIFO), which the rename would replace.
  *
  * A session over several ranks (moert_session_options_set_comm()): collective, every rank calls
- * it, with the same path (compared: MOERT_ERR_INVALID_STATE on every rank otherwise, nothing
- * written). The job writes one file, the one a session alone trained on the union
+ * it, with the same path (compared as text once normalised -- "a/./b" is "a/b" -- since rank 0
+ * alone writes: MOERT_ERR_INVALID_STATE on every rank otherwise, nothing written). The file is
+ * on rank 0's file system, at `path` as rank 0 resolves it (its working directory): a load by
+ * every rank needs it where every rank reads the same path (a shared file system, the same
+ * working directory), which no rank can check. The job writes one file, the one a session alone trained on the union
  * of the ranks' rows would write -- the same bytes, the same digest -- so that any world size
  * resumes it. Rank 0 gathers the routed experts' parameters, gradients and optimizer moments
  * from the first replica of each shard (ranks 0 .. EP - 1; the other replicas hold copies) and
