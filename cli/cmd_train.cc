@@ -56,7 +56,7 @@ const CommandSpec kTrainSpec = {
         {"steps", "N", "optimizer steps per run", "2500"},
         {"batch", "N", "rows (predicted characters) per step", "512"},
         {"lr", "X", "peak learning rate", "3e-3"},
-        {"min-lr", "X", "learning rate at the end of the cosine decay", "3e-4"},
+        {"min-lr", "X", "learning rate at the end of the cosine decay (at most --lr)", "--lr / 10"},
         {"warmup", "N", "linear warm-up steps", "100"},
         {"clip", "X", "global gradient-norm clip, 0 = off", "1"},
         {"weight-decay", "X", "AdamW decoupled weight decay on matrices", "0"},
@@ -174,7 +174,11 @@ int run_train(const Args& args) {
   st.steps = static_cast<uint64_t>(args.integer("steps", 2500, 1, 100000000));
   st.batch = static_cast<uint64_t>(args.integer("batch", 512, 1, 1 << 20));
   st.lr = args.real("lr", 3e-3, 0.0, 10.0);
-  st.min_lr = args.real("min-lr", 3e-4, 0.0, 10.0);
+  // A decay ends below where it starts: the default follows --lr (3e-4 for the default 3e-3).
+  st.min_lr = args.real("min-lr", st.lr / 10, 0.0, 10.0);
+  if (st.min_lr > st.lr)
+    usage_fail("--min-lr ", st.min_lr, " is above --lr ", st.lr,
+               ": the cosine schedule decays from --lr to --min-lr");
   st.warmup = static_cast<uint64_t>(args.integer("warmup", 100, 0, 100000000));
   st.clip_norm = args.real("clip", 1.0, 0.0, 1e9);
   st.weight_decay = args.real("weight-decay", 0.0, 0.0, 10.0);

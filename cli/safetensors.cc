@@ -176,6 +176,10 @@ void SafetensorsFile::parse_bytes(std::span<const uint8_t> bytes) {
     fail(o, ": header length ", n, " runs past the end of the file (", bytes.size(), " bytes)");
   if (n < 2 || bytes[8] != '{') fail(o, ": the header does not start with a JSON object");
   const std::string_view text(reinterpret_cast<const char*>(bytes.data() + 8), n);
+  // The format pads a header with spaces; JSON holds no raw NUL anywhere. nlohmann's parser
+  // would stop at one and take what precedes it.
+  if (text.find('\0') != std::string_view::npos)
+    fail(o, ": the header holds a NUL byte (a header is padded with spaces, 0x20)");
   const json header = parse_strict(text, o, kMaxDepth);
   if (!header.is_object()) fail(o, ": the header is not a JSON object");
   const std::span<const uint8_t> data = bytes.subspan(8 + n);

@@ -361,6 +361,8 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("import /no/such/dir out.moert --layer 0", dir), 1, "import",
                         "/no/such/dir: no such directory");
   expect_one_line_error(run("train --precision half", dir), 2, "train", "--precision");
+  expect_one_line_error(run("train --min-lr 1 --steps 1", dir), 2, "train",
+                        "--min-lr 1 is above --lr 0.003");
   expect_one_line_error(
       run(std::string("train --model ") + MOERT_TINY_MODEL + " --experts 8 --steps 1", dir), 2,
       "train", "--experts shapes the generated model");

@@ -97,7 +97,14 @@ TEST(Safetensors, RefusesEveryMalformedHeader) {
       {file_of(R"({"a":{"dtype":"F32","shape":[[[2]]],"data_offsets":[0,8]}})", 8), "nested"},
       {file_of(R"({"":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8), "empty name"},
       {file_of("{\"a\xff\":1}", 0), "malformed JSON"},
+      {file_of(ok + std::string(4, '\0'), 8), "NUL byte"},
+      {file_of(std::string(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})") + '\0' +
+                   "garbage",
+               8),
+       "NUL byte"},
   };
+  // Space padding is the format's own.
+  EXPECT_EQ(refusal(file_of(ok + "    ", 8)), "accepted");
   for (const Case& c : cases) {
     const std::string m = refusal(c.bytes);
     EXPECT_NE(m.find(c.message), std::string::npos) << "want '" << c.message << "', got: " << m;
