@@ -134,8 +134,9 @@ int run_convert(const Args& args) {
   }
   if (!args.has("no-check"))
     load_model_bytes(binary, directory_of(in), to_json ? out + " (read back)" : in);
-  // Atomically, as every file the CLI writes: a failed or interrupted convert leaves OUTPUT as it
-  // was, and an OUTPUT that is a device or a FIFO is refused rather than written into.
+  // Atomically (as import, export and the library's saves write): a failed or interrupted
+  // convert leaves OUTPUT as it was, and an OUTPUT that is a device or a FIFO is refused rather
+  // than written into.
   write_file_atomically(out, {reinterpret_cast<const uint8_t*>(result.data()), result.size()});
   std::printf("%s (%s, %zu bytes) -> %s (%s, %zu bytes)\n", in.c_str(), to_json ? "binary" : "JSON",
               bytes.size(), out.c_str(), to_json ? "JSON" : "binary", result.size());

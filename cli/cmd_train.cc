@@ -295,17 +295,31 @@ int run_train(const Args& args) {
   // has its inputs, so that a job refused for one rank's inputs leaves rank 0's files as they
   // were. Rank 0 writes them.
   job.prepare_together("open its output paths", [&] {
-    if (args.has("csv") && job.rank == 0) csv = std::make_unique<StepCsv>(args.str("csv", ""));
-    if (!save_dir.empty() && job.rank == 0) {
+    if (job.rank != 0) return;
+    // --save first, --csv (which truncates the file) last: a refused directory leaves the CSV
+    // as it was, and a refused CSV removes the directory this run created.
+    bool created = false;
+    if (!save_dir.empty()) {
       std::error_code ec;
-      std::filesystem::create_directories(save_dir, ec);
+      created = std::filesystem::create_directories(save_dir, ec);
       if (ec) fail(save_dir, ": cannot create: ", ec.message());
       // A directory that takes no files fails here, not after the trainings.
       std::string probe = (std::filesystem::path(save_dir) / ".moert-write-test-XXXXXX").string();
       const int fd = ::mkstemp(probe.data());
-      if (fd < 0) fail(save_dir, ": cannot write checkpoints there: ", std::strerror(errno));
+      if (fd < 0) {
+        const int err = errno;
+        if (created) std::filesystem::remove(save_dir, ec);
+        fail(save_dir, ": cannot write checkpoints there: ", std::strerror(err));
+      }
       ::close(fd);
       ::unlink(probe.c_str());
+    }
+    try {
+      if (args.has("csv")) csv = std::make_unique<StepCsv>(args.str("csv", ""));
+    } catch (...) {
+      std::error_code ec;
+      if (created) std::filesystem::remove(save_dir, ec);
+      throw;
     }
   });
   std::printf(

@@ -73,10 +73,10 @@ Corpus read_corpus(const std::string& path) {
     c.files.push_back(path);
   }
   for (const std::string& f : c.files) {
-    if (c.bytes >= kMaxCorpusBytes)
-      fail(path, ": holds more than ", kMaxCorpusBytes >> 20,
-           " MiB of text, the most a corpus may");
     const std::vector<uint8_t> bytes = read_stream(f, kMaxCorpusBytes - c.bytes);
+    if (bytes.size() > kMaxCorpusBytes - c.bytes)
+      fail(path, ": holds more than ", kMaxCorpusBytes >> 20,
+           " MiB of text, the most a corpus may (train and eval keep it in memory)");
     c.bytes += bytes.size();
     add_records(std::string(bytes.begin(), bytes.end()), c.records);
   }

@@ -1,14 +1,12 @@
 #include "cli/data_file.h"
 
 #include <fcntl.h>
-#include <sys/file.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <map>
-#include <mutex>
 
 #include "cli/error.h"
 #include "cli/model_codec.h"
@@ -22,8 +20,17 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// This host's name, as temporary files carry it ("localhost" when it has none).
+std::string host_name() {
+  char name[256] = {};
+  if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
+  return name;
+}
+
+// Named after the writing process and its host: the next write of `path` on the same host can
+// tell an interrupted writer's file (its process is gone) from a live one's.
 std::string temp_name(const std::string& path) {
-  return cat(path, ".tmp.", static_cast<long>(getpid()));
+  return cat(path, ".tmp.", host_name(), ".", static_cast<long>(getpid()));
 }
 
 void sync_file(std::FILE* f, const std::string& path) {
@@ -57,48 +64,32 @@ void refuse_non_regular(const std::string& path) {
     fail("cannot write '", path, "': it exists and is not a regular file");
 }
 
-// The turns this process holds: directory -> how many nested turns.
-std::mutex g_turns_mu;
-std::map<std::string, int>& held_turns() {
-  static std::map<std::string, int> held;
-  return held;
-}
-
 }  // namespace
 
-DirectoryTurn::DirectoryTurn(const std::string& path) : dir_(directory_of(path)) {
-  std::lock_guard<std::mutex> lock(g_turns_mu);
-  if (held_turns()[dir_]++ > 0) return;
-  fd_ = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  // A directory that cannot be opened cannot be written either: the write itself says why.
-  if (fd_ >= 0)
-    while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+void remove_interrupted_writes(const std::string& path) noexcept {
+  try {
+    const std::string file = fs::path(path).filename().string();
+    const std::string host = host_name();
+    std::error_code ec;
+    std::vector<fs::path> doomed;
+    fs::directory_iterator it(directory_of(path), ec), end;
+    for (; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      for (const std::string& prefix :
+           {cat(file, ".tmp.", host, "."), cat(file, ".data.tmp.", host, ".")}) {
+        if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
+        const std::string pid = name.substr(prefix.size());
+        if (pid.size() > 9 || pid.find_first_not_of("0123456789") != std::string::npos) continue;
+        // Only a process that no longer exists: kill(pid, 0) fails with ESRCH.
+        const long id = std::stol(pid);
+        if (id > 0 && ::kill(static_cast<pid_t>(id), 0) != 0 && errno == ESRCH)
+          doomed.push_back(it->path());
+      }
     }
-}
-
-DirectoryTurn::~DirectoryTurn() {
-  std::lock_guard<std::mutex> lock(g_turns_mu);
-  if (--held_turns()[dir_] == 0) held_turns().erase(dir_);
-  if (fd_ < 0) return;
-  ::flock(fd_, LOCK_UN);
-  ::close(fd_);
-}
-
-void remove_interrupted_writes(const std::string& path) {
-  const std::string file = fs::path(path).filename().string();
-  const std::string own = cat(".", static_cast<long>(getpid()));
-  std::error_code ec;
-  std::vector<fs::path> doomed;
-  for (const auto& entry : fs::directory_iterator(directory_of(path), ec)) {
-    const std::string name = entry.path().filename().string();
-    for (const std::string& prefix : {file + ".tmp.", file + ".data.tmp."}) {
-      if (name.size() <= prefix.size() || name.rfind(prefix, 0) != 0) continue;
-      const std::string pid = name.substr(prefix.size());
-      if (pid.find_first_not_of("0123456789") == std::string::npos && "." + pid != own)
-        doomed.push_back(entry.path());
-    }
+    for (const auto& p : doomed) fs::remove(p, ec);
+  } catch (...) {
+    // Cleaning up is a courtesy: the write it follows succeeded.
   }
-  for (const auto& p : doomed) fs::remove(p, ec);
 }
 
 DataFileWriter::DataFileWriter(std::string model_path) : model_path_(std::move(model_path)) {
@@ -175,7 +166,6 @@ void write_file_atomically(const std::string& path, std::span<const uint8_t> byt
 void write_parts_atomically(const std::string& path,
                             const std::vector<std::span<const uint8_t>>& parts) {
   refuse_non_regular(path);
-  const DirectoryTurn turn(path);
   const std::string temp = temp_name(path);
   std::FILE* f = std::fopen(temp.c_str(), "wb");
   if (!f) fail("cannot create '", temp, "': ", std::strerror(errno));

@@ -18,26 +18,11 @@ inline constexpr uint64_t kDataAlignment = 64;
 // Tensors of at least this many bytes go to the data file; smaller ones stay inline.
 inline constexpr uint64_t kDataMinBytes = uint64_t{64} << 10;
 
-// Holds the directory of `path` for this process: writers into one directory take turns (flock
-// on the directory, as the library's checkpoint saves do), so that what an interrupted write left
-// there can be removed by the next one without removing a live writer's temporary file. Nested
-// turns on one directory within the process are free.
-class DirectoryTurn {
- public:
-  explicit DirectoryTurn(const std::string& path);
-  ~DirectoryTurn();
-  DirectoryTurn(const DirectoryTurn&) = delete;
-  DirectoryTurn& operator=(const DirectoryTurn&) = delete;
-
- private:
-  std::string dir_;
-  int fd_ = -1;
-};
-
-// Under a DirectoryTurn: removes the temporary files that writes of `path` interrupted by a
-// signal or a crash left beside it ("<file>.tmp.<pid>", "<file>.data.tmp.<pid>"), other than
-// this process's own.
-void remove_interrupted_writes(const std::string& path);
+// Removes the temporary files that writes of `path` by processes of this host that have since
+// died (a signal, a crash) left beside it: "<file>.tmp.<host>.<pid>" and
+// "<file>.data.tmp.<host>.<pid>" whose process no longer exists. A live writer's, another host's
+// (a shared file system) and any other file are kept. Never throws: failures are ignored.
+void remove_interrupted_writes(const std::string& path) noexcept;
 
 class DataFileWriter {
  public:

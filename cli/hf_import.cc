@@ -145,8 +145,7 @@ void refuse_overwriting_input(const ImportRequest& r) {
 
 class Importer {
  public:
-  Importer(const ImportRequest& r)
-      : req_(r), turn_(r.out_path), ck_(r.checkpoint_dir), data_(r.out_path) {
+  Importer(const ImportRequest& r) : req_(r), ck_(r.checkpoint_dir), data_(r.out_path) {
     const std::string config_path =
         (std::filesystem::path(r.checkpoint_dir) / "config.json").string();
     cfg_ = parse_hf_moe_config(ck_.config_text(), config_path);
@@ -392,9 +391,6 @@ class Importer {
   }
 
   const ImportRequest& req_;
-  // Held from the data file's first byte to the description's rename: the next import to the
-  // same path removes what an interrupted one left.
-  DirectoryTurn turn_;
   Checkpoint ck_;
   HfMoeConfig cfg_;
   DataFileWriter data_;

@@ -20,8 +20,9 @@
 namespace moert_cli {
 
 namespace detail {
-// Reads fd to its end into a buffer first sized for `expected` bytes; closes fd. Fails once more
-// than `limit` bytes arrived (a stream such as /dev/zero never ends).
+// Reads fd to its end into a buffer first sized for `expected` bytes; closes fd. Stops once more
+// than `limit` bytes arrived (a stream such as /dev/zero never ends): the caller sees more than
+// `limit` bytes and says what the limit is.
 inline std::vector<uint8_t> read_to_end(int fd, const std::string& path, size_t expected,
                                         size_t limit = SIZE_MAX) {
   // One byte past the expected size: the end of a regular file is then found without growing.
@@ -29,10 +30,7 @@ inline std::vector<uint8_t> read_to_end(int fd, const std::string& path, size_t 
   std::vector<uint8_t> bytes(first > 0 ? first + 1 : 4096);
   size_t got = 0;
   for (;;) {
-    if (got > limit) {
-      ::close(fd);
-      fail(path, ": longer than ", limit, " bytes, the most it may hold");
-    }
+    if (got > limit) break;
     if (got == bytes.size()) bytes.resize(bytes.size() * 2);
     const ssize_t n = ::read(fd, bytes.data() + got, bytes.size() - got);
     if (n < 0 && errno == EINTR) continue;
@@ -66,8 +64,8 @@ inline std::vector<uint8_t> read_regular_file(const std::string& path) {
 }
 
 // The whole of `path`, which may also be a pipe or a terminal (a corpus from /dev/stdin or a
-// process substitution): the open waits for a writer, as any reader of a FIFO does. Fails
-// naming it once it gave more than `limit` bytes.
+// process substitution): the open waits for a writer, as any reader of a FIFO does. Reads at
+// most `limit` + 1 bytes: more than `limit` means the stream went past it.
 inline std::vector<uint8_t> read_stream(const std::string& path, size_t limit = SIZE_MAX) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));

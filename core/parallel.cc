@@ -101,15 +101,15 @@ void ParallelContext::gather_shards(const float* mine, int64_t n, float* full) {
 ParallelContext::IoAllowance::IoAllowance(ParallelContext& par, double io_bytes) {
   constexpr double kSlowFileSystemBytesPerSecond = 10e6;
   const double extra = std::max(0.0, io_bytes) / kSlowFileSystemBytesPerSecond;
-  for (Communicator* c : {&par.world(), &par.host(), par.world_.get()}) {
-    if (std::any_of(extended_.begin(), extended_.end(),
-                    [&](const Extended& e) { return e.comm == c; }))
-      continue;
-    const double before = c->timeout();
-    const double during = std::min(comm::kMaxCommTimeoutSeconds, before + extra);
-    c->set_timeout(during);
-    extended_.push_back({c, before, during});
-  }
+  // Every timeout is read before any is set: a device communicator's views forward their
+  // timeout to the communicator itself, so setting one changes what the others read.
+  for (Communicator* c : {&par.world(), &par.host(), par.world_.get()})
+    if (std::none_of(extended_.begin(), extended_.end(),
+                     [&](const Extended& e) { return e.comm == c; })) {
+      const double before = c->timeout();
+      extended_.push_back({c, before, std::min(comm::kMaxCommTimeoutSeconds, before + extra)});
+    }
+  for (const Extended& e : extended_) e.comm->set_timeout(e.during);
 }
 
 ParallelContext::IoAllowance::~IoAllowance() {

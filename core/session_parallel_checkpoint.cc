@@ -68,14 +68,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   std::unique_ptr<Model> full;
   SavedState st;
   std::array<uint64_t, 2> mine{};
-  std::vector<std::vector<float>> downloads;
-  // Backend memory of n floats, readable by the communicator (host memory).
-  auto on_host = [&](const float* data, size_t n) -> const float* {
-    if (!data || backend_->host_memory()) return data;
-    auto& copy = downloads.emplace_back(n);
-    backend_->download(copy.data(), data, n * sizeof(float));
-    return copy.data();
-  };
+  std::vector<std::vector<float>> zeros;  // all-zero gradients of a device backend
   // Rank 0 copies, gathers, then writes about the job's whole state while the others wait for
   // it: every wait of the save, its gathers' too, allows for that.
   const ParallelContext::IoAllowance writing(par, job_state_bytes(false));
@@ -90,13 +83,22 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
     for (size_t i = 0; i < slots_.size(); ++i) {
       const Slot& s = slots_[i];
       if (expert_count(s) == 0) continue;
-      // Downloaded here, before anything collective: a rank that cannot must not leave the
-      // others waiting in the gathers.
-      const size_t n = s.param->values.size();
+      // In host memory before anything collective (a rank that could not copy them must not
+      // leave the others waiting in the gathers): the training state's views, which are the
+      // session's memory on the CPU and its downloads on a device.
       Experts& e = experts.emplace_back(Experts{i});
-      e.own_grad = on_host(store_->grad(*s.param), n);
-      e.own_m = s.m.size() ? on_host(s.m.data(), n) : nullptr;
-      e.own_v = s.v.size() ? on_host(s.v.data(), n) : nullptr;
+      const ParamStateView& p = st.view.params[i];
+      e.own_m = p.m.empty() ? nullptr : p.m.data();
+      e.own_v = p.v.empty() ? nullptr : p.v.data();
+      // The view leaves out a gradient that is all zero between steps, where another rank's
+      // shard may have one: every rank that holds a gradient sends it.
+      const float* grad = store_->grad(*s.param);
+      if (grad && !p.grad.empty())
+        e.own_grad = p.grad.data();
+      else if (grad)
+        e.own_grad = backend_->host_memory()
+                         ? grad
+                         : zeros.emplace_back(s.param->values.size(), 0.0f).data();
     }
     if (writer) {
       // The session's parameters with every expert: what one process's session holds.
@@ -156,7 +158,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
     if (e.own_m) par.gather_shards(e.own_m, len, e.m.data());
     if (e.own_v) par.gather_shards(e.own_v, len, e.v.data());
   }
-  downloads.clear();
+  zeros.clear();
 
   failed = nullptr;
   if (writer) {

@@ -386,7 +386,16 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                         "not a regular file");
   // A corpus that never ends is refused when it passes the most a corpus may hold.
   expect_one_line_error(run("train --corpus /dev/zero --steps 1", dir), 1, "train",
-                        "/dev/zero: longer than 268435456 bytes");
+                        "/dev/zero: holds more than 256 MiB of text");
+  // A --save that cannot be created leaves --csv as it was (it is opened last).
+  std::ofstream(dir / "steps.csv") << "kept\n";
+  std::ofstream(dir / "notadir") << "a file";
+  expect_one_line_error(
+      run("train --corpus " + std::string(MOERT_TINY_CORPUS) + " --steps 1 --csv " +
+              (dir / "steps.csv").string() + " --save " + (dir / "notadir" / "ck").string(),
+          dir),
+      1, "train", "notadir");
+  EXPECT_EQ(slurp(dir / "steps.csv"), "kept\n");
 
   // Damaged inputs: a JSON with an unknown field, a truncated binary.
   std::ofstream(dir / "bad.json") << "{ \"schema_major\": 1, \"layerz\": [] }";

@@ -27,6 +27,7 @@ import ctypes
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -797,25 +798,33 @@ def check_refusals(cli_path, work):
 
 def check_interrupted_imports(cli_path, work):
     """What imports killed midway left beside OUTPUT (their temporary data and description files,
-    named by process id) is removed by the next import to it."""
+    named by host and process id) is removed by the next import to it; a live process's is kept,
+    as is any other file."""
     lines, failures = [], []
     base = deepseek("leftovers", "BF16", "BF16", "BF16", 5, 1, [1])
     d = os.path.join(work, "leftovers")
     base["store"].write(os.path.join(d, "checkpoint"), base["cfg"])
     out = os.path.join(d, "layer.moert")
-    left = [out + ".data.tmp.4194301", out + ".tmp.4194302"]
-    for f in left:
+    host = socket.gethostname()
+    # Process ids above the kernel's largest (4194304): no such process.
+    left = [f"{out}.data.tmp.{host}.4194401", f"{out}.tmp.{host}.4194402"]
+    kept = [f"{out}.tmp.{host}.{os.getpid()}",  # a live writer's (this process)
+            f"{out}.tmp.otherhost.4194403",  # another host's
+            f"{out}.tmp.4194404",  # not a temporary file of moert's
+            os.path.join(d, f"other.moert.tmp.{host}.4194405")]  # another file's
+    for f in left + kept:
         with open(f, "wb") as w:
             w.write(b"x" * 4096)
-    unrelated = os.path.join(d, "other.moert.tmp.4194303")
-    open(unrelated, "wb").close()
     cli(["import", os.path.join(d, "checkpoint"), out, "--layer", "1"], cli_path)
     remaining = [f for f in left if os.path.exists(f)]
+    gone = [f for f in kept if not os.path.exists(f)]
     lines.append(f"  leftovers of killed imports removed: {len(left) - len(remaining)} of "
-                 f"{len(left)}; another file's kept: {os.path.exists(unrelated)}")
-    if remaining or not os.path.exists(unrelated):
-        failures.append(f"interrupted imports: left {remaining}, unrelated kept "
-                        f"{os.path.exists(unrelated)}")
+                 f"{len(left)}; others kept: {len(kept) - len(gone)} of {len(kept)}")
+    if remaining or gone:
+        failures.append(f"interrupted imports: left {remaining}, removed {gone}")
+    for f in kept:
+        if os.path.exists(f):
+            os.remove(f)
     return lines, failures
 
 

@@ -207,6 +207,22 @@ TEST(MoEParallel, AnIoAllowanceRestoresTheTimeoutUnlessTheCallerChangedIt) {
     world->set_timeout(7.0);
   }
   EXPECT_DOUBLE_EQ(world->timeout(), 7.0);
+
+  // A device communicator's views (backend and host memory) forward the timeout to it: it is
+  // stretched once, and restored, however many saves there were.
+  auto device = testing::make_inprocess_communicators(1, 3.0, CommMemory::Device, 0);
+  auto device_world = std::shared_ptr<Communicator>(std::move(device[0]));
+  ParallelContext on_device(device_world, 1);
+  auto be = make_cpu_backend(1);
+  on_device.attach(*be);
+  for (int save = 0; save < 3; ++save) {
+    {
+      const ParallelContext::IoAllowance writing(on_device, 50e6);
+      EXPECT_DOUBLE_EQ(device_world->timeout(), 8.0);
+      EXPECT_DOUBLE_EQ(on_device.host().timeout(), 8.0);
+    }
+    EXPECT_DOUBLE_EQ(device_world->timeout(), 3.0);
+  }
 }
 
 }  // namespace
