@@ -415,6 +415,14 @@ bool Engine::advance(CommState& c, const std::shared_ptr<Operation>& op) {
       op->status = Operation::Status::Done;
       op->cv.notify_all();
       return true;
+    } catch (const AgreedFailure& e) {
+      // Every rank fails this operation alike and none posted its data: the communicator is
+      // whole.
+      op->status = Operation::Status::Failed;
+      op->code = e.code();
+      op->error = e.message();
+      op->cv.notify_all();
+      return true;
     } catch (const Error& e) {
       code = e.code();
       reason = e.what();

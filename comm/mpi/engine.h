@@ -68,6 +68,15 @@ class Staging {
   int64_t capacity_ = 0;
 };
 
+// A failure every rank of the communicator learnt in an operation's agreement, before any data
+// moved (a rank that could not allocate its staging buffers): the operation fails on every rank
+// with this code and message, and the communicator stays usable -- every rank's next operation
+// finds the others at the same point.
+class AgreedFailure : public Error {
+ public:
+  using Error::Error;
+};
+
 // Text of an MPI error code.
 std::string error_string(int code);
 // Throws Error(Comm) with `what` and the error's text unless rc is MPI_SUCCESS.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <new>
 
 namespace moert::mpi {
 namespace {
@@ -116,6 +117,24 @@ class Agreement {
   // Whether any rank set the flag.
   bool any_flag() const { return out_[kFlagWord] != 0; }
 
+  // Before post(): this rank could not prepare the operation (its staging buffers). The flag
+  // carries rank + 1, so that every rank learns the highest such rank.
+  void mark_failed(int32_t rank) { in_[kFlagWord] = static_cast<int64_t>(rank) + 1; }
+  // After check(): throws AgreedFailure on every rank when any rank marked itself failed.
+  void check_prepared(const Operation& op, int32_t rank, int64_t bytes) const {
+    if (out_[kFlagWord] == 0) return;
+    const int64_t failed = out_[kFlagWord] - 1;
+    if (failed == rank)
+      throw AgreedFailure(Code::OutOfMemory,
+                          cat(op.name(), " on rank ", rank, ": out of memory for its ", bytes,
+                              " bytes of staging buffers; every rank fails it, and the "
+                              "communicator stays usable"));
+    throw AgreedFailure(Code::OutOfMemory,
+                        cat(op.name(), ": rank ", failed,
+                            " ran out of memory for its staging buffers; every rank fails it, "
+                            "and the communicator stays usable"));
+  }
+
  private:
   void set_pair(int i, int64_t v) {
     in_[2 * i] = v;
@@ -142,15 +161,25 @@ class AllReduce final : public Operation {
 
   bool advance(CommState& c, Posted& out) override {
     switch (step_++) {
-      case 0:
+      case 0: {
+        // Staged before the agreement: a rank that cannot says so there, and every rank fails
+        // the operation before any data moves.
+        const comm::Segment mine = comm::reduce_segment(count_, c.size, c.rank);
+        staged_ = count_ * esize_ + mine.count * esize_ * c.size;
+        try {
+          stage_ = staging(count_ * esize_);
+          slots_ = staging(mine.count * esize_ * c.size);
+        } catch (const std::bad_alloc&) {
+          agreement_.mark_failed(c.rank);
+        }
         agreement_.post(*this, c, out);
         return true;
+      }
       case 1: {
         agreement_.check(*this);
+        agreement_.check_prepared(*this, c.rank, staged_);
         const comm::Segment mine = comm::reduce_segment(count_, c.size, c.rank);
-        stage_ = staging(count_ * esize_);
         if (count_ > 0) std::memcpy(stage_.get(), data_, static_cast<size_t>(count_ * esize_));
-        slots_ = staging(mine.count * esize_ * c.size);
         const int tag = c.tag(seq(), 1);
         for (int32_t p = 0; p < c.size; ++p) {
           if (p == c.rank) continue;
@@ -204,6 +233,7 @@ class AllReduce final : public Operation {
   const int64_t esize_;
   Agreement agreement_;
   Staging stage_, slots_;
+  int64_t staged_ = 0;
   int step_ = 0;
 };
 
@@ -222,17 +252,30 @@ class Exchange final : public Operation {
 
   bool advance(CommState& c, Posted& out) override {
     switch (step_++) {
-      case 0:
+      case 0: {
+        // Staged before the agreement (see AllReduce).
+        int64_t recv = 0, send = 0;
+        for (int32_t p = 0; p < c.size; ++p)
+          if (p != c.rank) {
+            recv += x_.recv_bytes[p];
+            send += x_.send_bytes[p];
+          }
+        if (same_block_) send = c.size > 1 ? x_.send_bytes[c.rank] : 0;
+        staged_ = recv + send;
+        try {
+          recv_stage_ = staging(recv);
+          send_stage_ = staging(send);
+        } catch (const std::bad_alloc&) {
+          agreement_.mark_failed(c.rank);
+        }
         agreement_.post(*this, c, out);
         return true;
+      }
       case 1: {
         agreement_.check(*this);
+        agreement_.check_prepared(*this, c.rank, staged_);
         const int tag = c.tag(seq(), 1);
         // Receives first, packed in peer order.
-        int64_t total = 0;
-        for (int32_t p = 0; p < c.size; ++p)
-          if (p != c.rank) total += x_.recv_bytes[p];
-        recv_stage_ = staging(total);
         int64_t at = 0;
         for (int32_t p = 0; p < c.size; ++p) {
           if (p == c.rank) continue;
@@ -241,16 +284,11 @@ class Exchange final : public Operation {
         }
         if (same_block_) {
           const int64_t n = x_.send_bytes[c.rank];
-          send_stage_ = staging(c.size > 1 ? n : 0);
           if (c.size > 1 && n > 0) std::memcpy(send_stage_.get(), send_, static_cast<size_t>(n));
           for (int32_t p = 0; p < c.size; ++p)
             if (p != c.rank) c.post_send(send_stage_.get(), n, p, tag, out);
           return true;
         }
-        total = 0;
-        for (int32_t p = 0; p < c.size; ++p)
-          if (p != c.rank) total += x_.send_bytes[p];
-        send_stage_ = staging(total);
         at = 0;
         for (int32_t p = 0; p < c.size; ++p) {
           if (p == c.rank || x_.send_bytes[p] == 0) continue;
@@ -289,6 +327,7 @@ class Exchange final : public Operation {
   const bool same_block_;
   Agreement agreement_;
   Staging send_stage_, recv_stage_;
+  int64_t staged_ = 0;
   int step_ = 0;
 };
 
@@ -306,11 +345,17 @@ class Broadcast final : public Operation {
     const int32_t rel = (c.rank - root_ + c.size) % c.size;
     switch (step_++) {
       case 0:
+        // Staged before the agreement (see AllReduce).
+        try {
+          stage_ = staging(c.size > 1 ? bytes_ : 0);
+        } catch (const std::bad_alloc&) {
+          agreement_.mark_failed(c.rank);
+        }
         agreement_.post(*this, c, out);
         return true;
       case 1:
         agreement_.check(*this);
-        stage_ = staging(c.size > 1 ? bytes_ : 0);
+        agreement_.check_prepared(*this, c.rank, c.size > 1 ? bytes_ : 0);
         if (c.size == 1) return true;
         if (rel == 0) {
           if (bytes_ > 0) std::memcpy(stage_.get(), data_, static_cast<size_t>(bytes_));

@@ -11,7 +11,10 @@
 //
 // Data moves through staging buffers owned by the operation: a rank that gave up on an operation
 // (timeout) must not have MPI write into, or read from, caller memory it may since have freed.
-// The cost is one copy in and one copy out, on the engine thread.
+// The cost is one copy in and one copy out, on the engine thread. They are allocated before the
+// agreement, whose flag word carries a rank that could not allocate them: every rank then fails
+// the operation with MOERT_ERR_OUT_OF_MEMORY (AgreedFailure) before any data moves, and the
+// communicator stays usable.
 #pragma once
 
 #include <memory>

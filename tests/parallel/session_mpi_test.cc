@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -31,6 +32,10 @@
 // the limit is not installed and the test that uses it skips.
 std::atomic<size_t> g_allocation_limit{0};
 
+// The same for new[] (what the MPI communicator's staging buffers come from), while
+// g_array_limit is not zero.
+std::atomic<size_t> g_array_limit{0};
+
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 void* operator new(std::size_t n, std::align_val_t align, const std::nothrow_t&) noexcept {
   const size_t limit = g_allocation_limit.load();
@@ -38,6 +43,14 @@ void* operator new(std::size_t n, std::align_val_t align, const std::nothrow_t&)
   const size_t a = static_cast<size_t>(align);
   return std::aligned_alloc(a, (n + a - 1) / a * a);
 }
+void* operator new[](std::size_t n) {
+  const size_t limit = g_array_limit.load();
+  if (limit != 0 && n >= limit) throw std::bad_alloc();
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 #endif
 
 namespace {
@@ -820,6 +833,43 @@ TEST(SessionMpi, AMoELayerThatCannotSizeItsExchangesFailsEveryRankAtOnce) {
 
 // The profile: zero alone; among ranks the experts' compute and the waits are counted, overlap
 // or not, and moert_session_reset_metrics() zeroes them.
+// A rank whose communicator cannot allocate the staging buffers of an exchange (MPI moves data
+// through buffers of its own) says so in the exchange's agreement, before any data moves: every
+// rank fails the call with MOERT_ERR_OUT_OF_MEMORY naming it, and the communicator stays whole.
+// It broke before (MOERT_ERR_COMM on every rank, for good).
+TEST(SessionMpi, ARankOutOfMemoryForItsStagingBuffersFailsEveryRankAndKeepsTheCommunicator) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers replace operator new[] themselves";
+#endif
+  ModelPtr m = load(hidden_baseline());
+  SessionPtr s = session(m.get(), false, g_size, true);
+  const int64_t small = 16, n = 8192;
+  std::vector<float> x(n * 8), want(n * 16), out(n * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i));
+  ASSERT_TRUE(IsOk(
+      moert_session_forward_hidden(s.get(), x.data(), small * 8, small, out.data(), small * 16)));
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, want.data(), want.size())));
+  // The staging pool keeps what the passes above used: a pass of more rows needs new buffers.
+  const int64_t more = 4 * n;
+  std::vector<float> x_more(more * 8), out_more(more * 16);
+  for (size_t i = 0; i < x_more.size(); ++i) x_more[i] = x[i % x.size()];
+  const bool starved = g_rank == g_size - 1;
+  if (starved) g_array_limit = 64 << 10;
+  moert_status* st = moert_session_forward_hidden(s.get(), x_more.data(), x_more.size(), more,
+                                                  out_more.data(), out_more.size());
+  g_array_limit = 0;
+  const std::string want_msg =
+      starved ? "out of memory for its" : "ran out of memory for its staging";
+  EXPECT_TRUE(IsError(st, MOERT_ERR_OUT_OF_MEMORY, {want_msg, "the communicator stays usable"}));
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
+  EXPECT_TRUE(same(out, want));
+  ASSERT_TRUE(IsOk(moert_session_forward_hidden(s.get(), x_more.data(), x_more.size(), more,
+                                                out_more.data(), out_more.size())));
+}
+
 TEST(SessionMpi, ProfileCountsTheExchanges) {
   ModelPtr m = load(hidden_baseline());
   const int64_t n = 64;
