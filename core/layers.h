@@ -212,6 +212,12 @@ class MoELayer final : public Layer {
     Buffer<float> x_send, x_recv, y_ret, y_back, y_home;
     Buffer<float> dy_send, dy_recv, dx_ret, dx_back, dx_home, scratch;
     Buffer<char> meta_send, meta_recv;
+    // Host memory the pass fills once the rows travel, sized with the buffers above before the
+    // layer's agreement: the slots' tokens, weights and local experts; a chunk's received
+    // assignments and their slots; where each of this rank's assignments comes back.
+    std::vector<int32_t> slot_token, slot_expert, chunk_slots, home_rows;
+    std::vector<float> slot_weight;
+    std::vector<char> chunk_meta;
   } ex_;
 };
 

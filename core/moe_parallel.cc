@@ -42,6 +42,12 @@ void upload_vector(Backend& be, Buffer<T>& dst, const std::vector<T>& src) {
 }
 
 template <typename T>
+void upload_range(Backend& be, Buffer<T>& dst, const T* src, size_t n) {
+  dst.resize(be, n);
+  if (n) be.upload(dst.data(), src, n * sizeof(T));
+}
+
+template <typename T>
 std::vector<T> to_host(Backend& be, const Buffer<T>& b, size_t n) {
   std::vector<T> out(n);
   if (n) be.download(out.data(), b.data(), n * sizeof(T));
@@ -144,9 +150,8 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   // must not leave the others waiting for it in the exchanges: it keeps its failure here, makes
   // the count exchanges with zero counts, and every rank learns of it in one agreement before the
   // first rows move, where every rank fails the call. From then on the layer's computations are
-  // held by ParallelContext::compute; what still allocates outside them is host vectors of the
-  // routing's size and the transport's staging buffers (an MPI exchange's), whose failure breaks
-  // the communicator.
+  // held by ParallelContext::compute, and the host memory it fills is sized before the agreement
+  // too (the transport's own staging buffers are agreed on by the transport).
   std::exception_ptr failed;
   attempt(failed, [&] { route(be, x, rows); });
   if (s_.balancing.policy == BalancingPolicy::ExpertChoice)
@@ -250,6 +255,17 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     ex.remote.expert.resize(be, static_cast<size_t>(a_local));
     ex.home.token.resize(be, static_cast<size_t>(A));
     if (train && uses_aux_loss()) aux_ds_.resize(be, static_cast<size_t>(rows * E));
+    ex.slot_token.assign(static_cast<size_t>(a_local), 0);
+    ex.slot_expert.assign(ex.slot_token.size(), 0);
+    ex.slot_weight.assign(ex.slot_token.size(), 0.0f);
+    int64_t most = 0;  // the most assignments a chunk brings
+    for (int64_t c = 0; c < C; ++c)
+      most = std::max(
+          most, asg_at[static_cast<size_t>((c + 1) * R)] - asg_at[static_cast<size_t>(c * R)]);
+    ex.chunk_meta.resize(static_cast<size_t>(most) * sizeof(Assignment));
+    ex.chunk_slots.clear();
+    ex.chunk_slots.reserve(static_cast<size_t>(most));
+    ex.home_rows.assign(static_cast<size_t>(A), 0);
   });
   par_->agree(failed, "forward");
 
@@ -281,8 +297,9 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
 
   ex.first_chunk.resize(static_cast<size_t>(P));
   for (int64_t l = 0; l < P; ++l) ex.first_chunk[l] = layout.first_chunk(me, l);
-  std::vector<int32_t> r_token(static_cast<size_t>(a_local)), r_expert(r_token.size());
-  std::vector<float> r_weight(r_token.size());
+  std::vector<int32_t>& r_token = ex.slot_token;
+  std::vector<int32_t>& r_expert = ex.slot_expert;
+  std::vector<float>& r_weight = ex.slot_weight;
   for (int64_t l = 0; l < P; ++l)
     for (int64_t a = ex.slot_off[l]; a < ex.slot_off[l + 1]; ++a)
       r_expert[a] = static_cast<int32_t>(l);
@@ -301,7 +318,8 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   };
 
   std::vector<Request> back;
-  std::vector<Assignment> meta;
+  back.reserve(static_cast<size_t>(C));
+  const auto* meta = reinterpret_cast<const Assignment*>(ex.chunk_meta.data());
   for (int64_t c = 0; c < C; ++c) {
     auto t0 = Clock::now();
     rows_moving[c]->wait();
@@ -310,12 +328,11 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     // Chunk c's assignments, from every source in order.
     const int64_t a0 = asg_at[static_cast<size_t>(c * R)],
                   a1 = asg_at[static_cast<size_t>((c + 1) * R)];
-    meta.resize(static_cast<size_t>(a1 - a0));
     if (a1 > a0)
-      be.download(meta.data(), ex.meta_recv.data() + a0 * sizeof(Assignment),
-                  meta.size() * sizeof(Assignment));
-    std::vector<int32_t> ret_slots;
-    ret_slots.reserve(meta.size());
+      be.download(ex.chunk_meta.data(), ex.meta_recv.data() + a0 * sizeof(Assignment),
+                  static_cast<size_t>(a1 - a0) * sizeof(Assignment));
+    std::vector<int32_t>& ret_slots = ex.chunk_slots;  // within its reserved capacity
+    ret_slots.clear();
     size_t j = 0;
     for (int p = 0; p < R; ++p)
       for (int64_t i = 0; i < ex.recv_asg[static_cast<size_t>(c * R + p)]; ++i, ++j) {
@@ -331,9 +348,10 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     g.rows = n_recv;
     g.host_offsets.assign(ex.slot_off.begin() + l0, ex.slot_off.begin() + l1 + 1);
     for (int64_t& o : g.host_offsets) o -= s0;
-    upload_vector(be, g.token, std::vector<int32_t>(r_token.begin() + s0, r_token.begin() + s1));
-    upload_vector(be, g.weight, std::vector<float>(r_weight.begin() + s0, r_weight.begin() + s1));
-    upload_vector(be, g.expert, std::vector<int32_t>(r_expert.begin() + s0, r_expert.begin() + s1));
+    const auto n = static_cast<size_t>(s1 - s0);
+    upload_range(be, g.token, r_token.data() + s0, n);
+    upload_range(be, g.weight, r_weight.data() + s0, n);
+    upload_range(be, g.expert, r_expert.data() + s0, n);
     const auto te = Clock::now();
     if (!par_->compute([&] {
           experts_forward(be, g, sharding.first_expert() + l0, ex.x_recv.data(),
@@ -362,7 +380,7 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
   auto t0 = Clock::now();
   for (auto& b : back) b->wait();
   par_->times.combine += seconds(t0);
-  std::vector<int32_t> home(static_cast<size_t>(A));
+  std::vector<int32_t>& home = ex.home_rows;
   const std::vector<int64_t> back_at = block_offsets(ex.send_asg);
   for (int64_t a = 0; a < A; ++a)
     home[a] = static_cast<int32_t>(

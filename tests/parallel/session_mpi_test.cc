@@ -33,8 +33,8 @@
 std::atomic<size_t> g_allocation_limit{0};
 
 // The same for new[] (what the MPI communicator's staging buffers come from), while
-// g_array_limit is not zero.
-std::atomic<size_t> g_array_limit{0};
+// g_array_limit is not zero, and for plain new (host vectors), while g_host_limit is not zero.
+std::atomic<size_t> g_array_limit{0}, g_host_limit{0};
 
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 void* operator new(std::size_t n, std::align_val_t align, const std::nothrow_t&) noexcept {
@@ -51,6 +51,13 @@ void* operator new[](std::size_t n) {
 }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void* operator new(std::size_t n) {
+  const size_t limit = g_host_limit.load();
+  if (limit != 0 && n >= limit) throw std::bad_alloc();
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+// libstdc++'s operator delete is free(): it stays.
 #endif
 
 namespace {
@@ -868,6 +875,46 @@ TEST(SessionMpi, ARankOutOfMemoryForItsStagingBuffersFailsEveryRankAndKeepsTheCo
   EXPECT_TRUE(same(out, want));
   ASSERT_TRUE(IsOk(moert_session_forward_hidden(s.get(), x_more.data(), x_more.size(), more,
                                                 out_more.data(), out_more.size())));
+}
+
+// The host memory a MoE layer fills once rows travel (its slots' tokens and weights, of the
+// routing's size) is sized with its buffers before the layer's agreement: a rank that cannot have
+// it fails every rank at once. The last rank feeds 64 rows and computes the experts of its shard
+// for every rank's rows: its slots (4 x 32 KiB floats at 2 ranks) need memory its own routing
+// does not. Before, it failed alone after the rows had left, and the others waited for the timeout.
+TEST(SessionMpi, AHostBufferOfTheRoutingsSizeThatCannotBeHadFailsEveryRankAtOnce) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers replace operator new themselves";
+#endif
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
+  ModelDesc d = hidden_baseline();
+  MoEDesc& moe = d.layers[1].moe;
+  moe.top_k = 4;  // every expert: each rank's slots are its shard's share of every row
+  moe.num_groups = 1;
+  moe.topk_groups = 1;
+  ModelPtr m = load(d);
+  const bool last = g_rank == g_size - 1;
+  const int64_t n = last ? 64 : 32768;
+  std::vector<float> x(n * 8), out(n * 16), want(n * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.11f * static_cast<float>(i + g_rank));
+  SessionPtr s = session(m.get(), false, g_size, true);
+  // The session's first pass: the layer has sized nothing yet.
+  const auto start = std::chrono::steady_clock::now();
+  if (last) g_host_limit = 64 << 10;
+  moert_status* st =
+      moert_session_forward_hidden(s.get(), x.data(), x.size(), n, out.data(), out.size());
+  g_host_limit = 0;
+  const std::string named = "rank " + std::to_string(g_size - 1);
+  EXPECT_TRUE(IsError(st, MOERT_ERR_OUT_OF_MEMORY, {last ? "memory" : named.c_str()}));
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 30.0)
+      << "a rank waited for the failing one";
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(s.get(), x.data(), x.size(), n, out.data(), out.size())));
+  SessionPtr clean = session(m.get(), false, g_size, true);
+  ASSERT_TRUE(IsOk(
+      moert_session_forward_hidden(clean.get(), x.data(), x.size(), n, want.data(), want.size())));
+  EXPECT_TRUE(same(out, want));
 }
 
 TEST(SessionMpi, ProfileCountsTheExchanges) {
