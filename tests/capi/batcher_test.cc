@@ -206,6 +206,15 @@ ModelDesc wide_hidden_desc(bool aligned) {
   return d;
 }
 
+// The model of the README's serving benchmark (examples/models/serve_bench.moert).
+Fixture serve_bench_fixture() {
+  std::string path = example_model_path();
+  path.replace(path.rfind('/') + 1, std::string::npos, "serve_bench.moert");
+  moert_model* m = nullptr;
+  EXPECT_TRUE(IsOk(moert_model_load_file(path.c_str(), &m)));
+  return Fixture(ModelPtr(m));
+}
+
 Fixture wide_fixture(bool aligned = true) {
   return Fixture(load_ok(build(wide_hidden_desc(aligned))));
 }
@@ -354,11 +363,8 @@ TEST(Batcher, TokenRequestsAgreeWithSoloCalls) {
 // The model of the README's serving benchmark (d = 512, 16 experts of hidden 256, top-4,
 // vocabulary 1024): dot products of 256 and 512 terms, the longest of these tests.
 TEST(Batcher, ServeBenchModelAgreesWithSoloCalls) {
-  std::string path = example_model_path();
-  path.replace(path.rfind('/') + 1, std::string::npos, "serve_bench.moert");
-  moert_model* m = nullptr;
-  ASSERT_TRUE(IsOk(moert_model_load_file(path.c_str(), &m)));
-  Fixture f{ModelPtr(m)};
+  Fixture f = serve_bench_fixture();
+  ASSERT_TRUE(f.model);
   BatcherPtr b = make_batcher(f.model.get(), {1, 2, 256, 20000});
   ASSERT_TRUE(b);
   EXPECT_GT(run_and_compare(f, b.get(), mixed_requests(48, 40, 2), 8), 24);
@@ -369,11 +375,8 @@ TEST(Batcher, ServeBenchModelAgreesWithSoloCalls) {
 // a whole step, so a row of a shared pass agrees with its solo call to those roundings, not to
 // 1e-5: kLowPrecisionRowTolerance. A pass to itself is still the solo call bit for bit.
 TEST(Batcher, Bf16AndFp8RequestsAgreeWithSoloCallsToTheirRounding) {
-  std::string path = example_model_path();
-  path.replace(path.rfind('/') + 1, std::string::npos, "serve_bench.moert");
-  moert_model* m = nullptr;
-  ASSERT_TRUE(IsOk(moert_model_load_file(path.c_str(), &m)));
-  Fixture f{ModelPtr(m)};
+  Fixture f = serve_bench_fixture();
+  ASSERT_TRUE(f.model);
   for (const char* precision : {"bf16", "fp8"}) {
     Config c{1, 2, 256, 20000};
     c.precision = precision;

@@ -36,7 +36,10 @@ std::atomic<size_t> g_allocation_limit{0};
 // g_array_limit is not zero, and for plain new (host vectors), while g_host_limit is not zero.
 std::atomic<size_t> g_array_limit{0}, g_host_limit{0};
 
-#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kAllocationLimits = false;
+#else
+constexpr bool kAllocationLimits = true;
 void* operator new(std::size_t n, std::align_val_t align, const std::nothrow_t&) noexcept {
   const size_t limit = g_allocation_limit.load();
   if (limit != 0 && n >= limit) return nullptr;
@@ -113,6 +116,16 @@ std::vector<int> layouts() {
   if (g_size == 4) eps.push_back(2);
   if (g_size > 1) eps.push_back(1);
   return eps;
+}
+
+// hidden_baseline() with every token routed to all 4 experts.
+ModelDesc every_expert_model() {
+  ModelDesc d = hidden_baseline();
+  MoEDesc& moe = d.layers[1].moe;
+  moe.top_k = 4;
+  moe.num_groups = 1;
+  moe.topk_groups = 1;
+  return d;
 }
 
 bool same(const std::vector<float>& a, const std::vector<float>& b) {
@@ -678,9 +691,7 @@ class AllocationLimit {
 // the communicator intact. Forward and backward; then the job trains on as one that never failed.
 TEST(SessionMpi, AnAllocationFailureOutsideTheExpertsFailsEveryRankAtOnce) {
   if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the allocation limit is not installed under the sanitizers";
-#endif
+  if (!kAllocationLimits) GTEST_SKIP() << "the sanitizers replace operator new themselves";
   ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
   ModelDesc d = hidden_baseline();
   // 256 rows x 2048 hidden: 2 MiB per hidden activation, against allocations failing from 1 MiB.
@@ -781,16 +792,10 @@ TEST(SessionMpi, AnAllocationFailureOutsideTheExpertsFailsEveryRankAtOnce) {
 // token picks all 4 experts, so that every layout gives each rank 1024 assignments.
 TEST(SessionMpi, AMoELayerThatCannotSizeItsExchangesFailsEveryRankAtOnce) {
   if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the allocation limit is not installed under the sanitizers";
-#endif
+  if (!kAllocationLimits) GTEST_SKIP() << "the sanitizers replace operator new themselves";
   ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
-  ModelDesc d = hidden_baseline();
-  MoEDesc& moe = d.layers[1].moe;
-  moe.top_k = 4;
-  moe.num_groups = 1;
-  moe.topk_groups = 1;
-  moe.expert_hidden = 2048;
+  ModelDesc d = every_expert_model();
+  d.layers[1].moe.expert_hidden = 2048;
   ModelPtr m = load(d);
   const int64_t n = 256;
   std::vector<float> x(n * 8), out(n * 16), want(n * 16), dy(n * 16);
@@ -846,9 +851,7 @@ TEST(SessionMpi, AMoELayerThatCannotSizeItsExchangesFailsEveryRankAtOnce) {
 // It broke before (MOERT_ERR_COMM on every rank, for good).
 TEST(SessionMpi, ARankOutOfMemoryForItsStagingBuffersFailsEveryRankAndKeepsTheCommunicator) {
   if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers replace operator new[] themselves";
-#endif
+  if (!kAllocationLimits) GTEST_SKIP() << "the sanitizers replace operator new themselves";
   ModelPtr m = load(hidden_baseline());
   SessionPtr s = session(m.get(), false, g_size, true);
   const int64_t small = 16, n = 8192;
@@ -884,16 +887,10 @@ TEST(SessionMpi, ARankOutOfMemoryForItsStagingBuffersFailsEveryRankAndKeepsTheCo
 // does not. Before, it failed alone after the rows had left, and the others waited for the timeout.
 TEST(SessionMpi, AHostBufferOfTheRoutingsSizeThatCannotBeHadFailsEveryRankAtOnce) {
   if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers replace operator new themselves";
-#endif
+  if (!kAllocationLimits) GTEST_SKIP() << "the sanitizers replace operator new themselves";
   ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
-  ModelDesc d = hidden_baseline();
-  MoEDesc& moe = d.layers[1].moe;
-  moe.top_k = 4;  // every expert: each rank's slots are its shard's share of every row
-  moe.num_groups = 1;
-  moe.topk_groups = 1;
-  ModelPtr m = load(d);
+  // Every expert: each rank's slots are its shard's share of every row.
+  ModelPtr m = load(every_expert_model());
   const bool last = g_rank == g_size - 1;
   const int64_t n = last ? 64 : 32768;
   std::vector<float> x(n * 8), out(n * 16), want(n * 16);
