@@ -209,6 +209,10 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
   const size_t first = static_cast<size_t>(job.rank) * rows * width, n = rows * width;
   const std::vector<float> x(x_all.begin() + first, x_all.begin() + first + n);
   const std::vector<float> dy(dy_all.begin() + first, dy_all.begin() + first + n);
+  // Each rank's --threads: the ranks' command lines are compared without it.
+  std::vector<double> rank_threads(static_cast<size_t>(job.size), 0.0);
+  rank_threads[static_cast<size_t>(job.rank)] = base.threads;
+  job.sum(rank_threads.data(), rank_threads.size());
   config.job = &job;
   config.knobs.push_back({"ep_chunks", std::to_string(chunks)});
   for (bool training : {false, true}) {
@@ -226,14 +230,24 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
 
   const int dp = job.size / job.expert_parallel;
   const unsigned threads = base.threads;
+  const bool same_threads = std::all_of(rank_threads.begin(), rank_threads.end(),
+                                        [&](double t) { return t == rank_threads[0]; });
+  std::string threads_json = "[", threads_text;
+  for (size_t r = 0; r < rank_threads.size(); ++r) {
+    threads_json += cat(r ? ", " : "", static_cast<unsigned>(rank_threads[r]));
+    threads_text += cat(r ? ", " : "", static_cast<unsigned>(rank_threads[r]));
+  }
+  threads_json += "]";
+  threads_text = same_threads ? cat(threads, " thread", threads == 1 ? "" : "s", " each")
+                              : cat("threads per rank ", threads_text);
   if (args.has("json")) {
     std::ostringstream o;
     o << "{\"expert_parallel\": " << job.expert_parallel << ", \"ranks\": " << job.size
       << ", \"data_parallel\": " << dp << ", \"threads\": " << threads
-      << ", \"single_threads\": " << single_threads << ", \"cpu\": " << json_string(cpu_name())
-      << ", \"cpus\": " << sysconf(_SC_NPROCESSORS_ONLN) << ", \"rank0_cpus\": " << rank0_cpus
-      << ", \"load_average\": [" << json_number(load[0]) << ", " << json_number(load[1]) << ", "
-      << json_number(load[2]) << "]"
+      << ", \"rank_threads\": " << threads_json << ", \"single_threads\": " << single_threads
+      << ", \"cpu\": " << json_string(cpu_name()) << ", \"cpus\": " << sysconf(_SC_NPROCESSORS_ONLN)
+      << ", \"rank0_cpus\": " << rank0_cpus << ", \"load_average\": [" << json_number(load[0])
+      << ", " << json_number(load[1]) << ", " << json_number(load[2]) << "]"
       << ", \"precision\": " << json_string(precision) << ", \"tokens\": " << d.tokens
       << ", \"tokens_per_rank\": " << rows << ", \"dim\": " << d.dim
       << ", \"experts\": " << d.experts << ", \"top_k\": " << d.top_k
@@ -247,9 +261,9 @@ int run_bench_parallel(const Args& args, const Dims& d, int repeats, uint64_t se
 
   const long online = sysconf(_SC_NPROCESSORS_ONLN);
   std::printf(
-      "moert bench --expert-parallel %d: %d ranks (EP %d x DP %d), %u thread%s each; %s, %ld "
+      "moert bench --expert-parallel %d: %d ranks (EP %d x DP %d), %s; %s, %ld "
       "CPUs online, %u of them rank 0's to run on; load average %.2f %.2f %.2f at the start\n",
-      job.expert_parallel, job.size, job.expert_parallel, dp, threads, threads == 1 ? "" : "s",
+      job.expert_parallel, job.size, job.expert_parallel, dp, threads_text.c_str(),
       cpu_name().c_str(), online, rank0_cpus, load[0], load[1], load[2]);
   if (single_threads > rank0_cpus)
     std::printf(

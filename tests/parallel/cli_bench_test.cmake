@@ -41,10 +41,18 @@ if(NOT out MATCHES "\ngradients \\(across ranks\\) +- +- +${number} +${number}\n
 endif()
 
 # Data parallelism only (EP 1 x DP 2), as JSON: every figure finite, none negative but the rest.
-execute_process(COMMAND ${mpirun} -np 2 ${MOERT} ${layer} --expert-parallel 1 --json
+# Rank 1 runs 2 threads: each rank's count is reported.
+string(REPLACE "--threads;1" "--threads;2" layer_two_threads "${layer}")
+execute_process(COMMAND ${mpirun} -np 1 ${MOERT} ${layer} --expert-parallel 1 --json
+                        : -np 1 ${MOERT} ${layer_two_threads} --expert-parallel 1 --json
                 OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 300)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "np 2, EP 1: ${rc}\n${out}\n${err}")
+endif()
+string(JSON rank_threads GET "${out}" rank_threads)
+string(REGEX REPLACE "[ \n]" "" rank_threads "${rank_threads}")
+if(NOT rank_threads STREQUAL "[1,2]")
+  message(FATAL_ERROR "each rank's threads: ${rank_threads} in:\n${out}")
 endif()
 string(JSON dp GET "${out}" data_parallel)
 string(JSON per_rank GET "${out}" tokens_per_rank)
