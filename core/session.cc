@@ -879,21 +879,35 @@ void Session::zero_grad() {
 StepInfo Session::step() {
   // Among ranks a refusal anywhere is every rank's: a rank that stepped alone would pair its
   // gradient norm's all-gather with the others' next collective and move its replicated
-  // parameters away from theirs.
-  collective_step("step", Failure::KeepsPass, [&] {
-    require_training("step");
-    if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
-    if (!poisoned_.empty())
-      fail(poisoned_code_,
-           "a backward pass of this step failed after it had begun accumulating "
-           "gradients (",
-           poisoned_, "); call zero_grad to discard the step");
-    // The moments first, inside the agreement, when this step will update: an allocation that
-    // fails on one rank then refuses the step on every rank, before any change. (A gradient
-    // that only a checkpoint brought, with no micro-batch since, gets them below.)
-    if (micro_batches_ > 0 || gradient_written()) allocate_moments();
+  // parameters away from theirs. A refused first step takes back the moments it allocated: a
+  // rank refused before its allocation would otherwise hold other optimizer state (none) than
+  // the others (zeros), and every save would refuse the job's replicas as different.
+  const bool had_moments = std::all_of(slots_.begin(), slots_.end(), [](const Slot& s) {
+    return s.m.size() == s.param->values.size();
   });
-  if (par_) check_ranks_agree_to_step();
+  try {
+    collective_step("step", Failure::KeepsPass, [&] {
+      require_training("step");
+      if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
+      if (!poisoned_.empty())
+        fail(poisoned_code_,
+             "a backward pass of this step failed after it had begun accumulating "
+             "gradients (",
+             poisoned_, "); call zero_grad to discard the step");
+      // The moments first, inside the agreement, when this step will update: an allocation that
+      // fails on one rank then refuses the step on every rank, before any change. (A gradient
+      // that only a checkpoint brought, with no micro-batch since, gets them below.)
+      if (micro_batches_ > 0 || gradient_written()) allocate_moments();
+    });
+    if (par_) check_ranks_agree_to_step();
+  } catch (...) {
+    if (!had_moments)
+      for (Slot& s : slots_) {
+        s.m = Buffer<float>();
+        s.v = Buffer<float>();
+      }
+    throw;
+  }
   // Everything that can refuse the step comes before the first change.
   std::vector<std::vector<float>> biases = next_biases();
   const TrainingConfig& c = options_.training;

@@ -364,6 +364,37 @@ TEST(SessionMpi, ABackwardRefusedOnOneRankCanBeRetried) {
   EXPECT_TRUE(same(out, want));
 }
 
+// A first step refused because one rank is in eval mode: the ranks that passed their own checks
+// had allocated the optimizer's moments, the refused one had not, and every save then refused
+// the replicas as different until a step succeeded. A refused step takes them back.
+TEST(SessionMpi, ARefusedFirstStepLeavesTheReplicasAlike) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(token_model(1));
+  SessionPtr s = session(m.get(), true, g_size, true);
+  const int64_t n = 64;
+  std::vector<int32_t> tokens(n), targets(n);
+  for (int64_t i = 0; i < n; ++i) {
+    tokens[i] = static_cast<int32_t>((i * 5 + g_rank) % 16);
+    targets[i] = static_cast<int32_t>((i * 11 + g_rank) % 16);
+  }
+  std::vector<float> out(n * 16);
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size())));
+  ASSERT_TRUE(IsOk(moert_session_backward_loss(s.get(), targets.data(), n, nullptr)));
+  const bool odd = g_rank == g_size - 1;
+  if (odd) {
+    ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), 1)));
+  }
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_INVALID_STATE));
+  if (odd) {
+    ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), 0)));
+  }
+  const std::string path =
+      ::testing::TempDir() + "refused_first_step_" + std::to_string(g_size) + ".moert";
+  EXPECT_TRUE(IsOk(moert_session_save(s.get(), path.c_str())));
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+}
+
 // Ranks in different calls (one in a forward, the others loading a checkpoint) meet in the same
 // agreement: every rank fails with MOERT_ERR_INVALID_STATE naming the calls, the load changes
 // nothing, and the communicator stays usable.
