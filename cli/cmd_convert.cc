@@ -98,6 +98,8 @@ int run_convert(const Args& args) {
   std::error_code ec;
   if (fs::equivalent(in, out, ec))
     usage_fail("INPUT and OUTPUT are the same file ('", out, "'): write the result elsewhere");
+  // Nor INPUT's data file.
+  refuse_writing_onto_inputs(out, model_files(in));
   if (args.has("quantize")) {
     if (args.has("lossy")) usage_fail("--lossy is for binary INPUT to JSON, not --quantize");
     return run_quantize(args);

@@ -15,6 +15,7 @@
 #include "cli/charlm.h"
 #include "cli/commands.h"
 #include "cli/corpus.h"
+#include "cli/data_file.h"
 #include "cli/error.h"
 #include "cli/model_codec.h"
 #include "cli/progress.h"
@@ -296,6 +297,27 @@ int run_train(const Args& args) {
   // were. Rank 0 writes them.
   job.prepare_together("open its output paths", [&] {
     if (job.rank != 0) return;
+    // No output may be an input: the corpus, the model (and its data file), or another output.
+    std::vector<std::string> inputs = corpus.files;
+    if (given_model)
+      for (const std::string& f : model_files(args.str("model", ""))) inputs.push_back(f);
+    std::vector<std::string> checkpoints;
+    if (!save_dir.empty())
+      for (const Balancing& b : strategies)
+        checkpoints.push_back(
+            (std::filesystem::path(save_dir) / ((given_model ? "model" : b.label) + ".moert"))
+                .string());
+    for (const std::string& c : checkpoints) refuse_writing_onto_inputs(c, inputs);
+    if (args.has("csv")) {
+      const std::string csv_path = args.str("csv", "");
+      refuse_writing_onto_inputs(csv_path, inputs);
+      std::error_code ec;
+      for (const std::string& c : checkpoints)
+        if (std::filesystem::weakly_canonical(csv_path, ec) ==
+            std::filesystem::weakly_canonical(c, ec))
+          usage_fail("--csv '", csv_path, "' is where --save writes checkpoint '", c,
+                     "': name another file");
+    }
     // --save first, --csv (which truncates the file) last: a refused directory leaves the CSV
     // as it was, and a refused CSV removes the directory this run created.
     bool created = false;

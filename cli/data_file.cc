@@ -4,12 +4,15 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 
 #include "cli/error.h"
 #include "cli/model_codec.h"
+#include "cli/regular_file.h"
+#include "moert_generated.h"
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -19,6 +22,7 @@ namespace moert_cli {
 namespace {
 
 namespace fs = std::filesystem;
+namespace fb = moert::fb;
 
 // This host's name, as temporary files carry it ("localhost" when it has none).
 std::string host_name() {
@@ -64,7 +68,45 @@ void refuse_non_regular(const std::string& path) {
     fail("cannot write '", path, "': it exists and is not a regular file");
 }
 
+// The inputs of this process's command (refuse_writing_onto_inputs), never removed.
+std::vector<std::string>& declared_inputs() {
+  static std::vector<std::string> inputs;
+  return inputs;
+}
+
+bool is_input(const fs::path& p) {
+  std::error_code ec;
+  return std::any_of(declared_inputs().begin(), declared_inputs().end(),
+                     [&](const std::string& in) { return fs::equivalent(p, in, ec); });
+}
+
 }  // namespace
+
+void refuse_writing_onto_inputs(const std::string& out, const std::vector<std::string>& inputs) {
+  for (const std::string& in : inputs) {
+    declared_inputs().push_back(in);
+    std::error_code ec;
+    if (fs::equivalent(out, in, ec))
+      usage_fail("'", out, "' is ",
+                 out == in ? "an input of this command" : cat("the input '", in, "'"),
+                 ": writing it would replace what this command reads; write elsewhere");
+  }
+}
+
+std::vector<std::string> model_files(const std::string& path) {
+  std::vector<std::string> files = {path};
+  try {
+    const std::vector<uint8_t> bytes = read_regular_file(path);
+    if (!is_binary_model(bytes)) return files;
+    flatbuffers::Verifier v(bytes.data(), bytes.size());
+    if (!fb::VerifyModelBuffer(v)) return files;
+    if (const auto* data = fb::GetModel(bytes.data())->external_data())
+      files.push_back((fs::path(directory_of(path)) / data->str()).string());
+  } catch (const Error&) {
+    // An input that cannot be read is the command's to refuse, with its own message.
+  }
+  return files;
+}
 
 void remove_interrupted_writes(const std::string& path) noexcept {
   try {
@@ -82,7 +124,8 @@ void remove_interrupted_writes(const std::string& path) noexcept {
         if (pid.size() > 9 || pid.find_first_not_of("0123456789") != std::string::npos) continue;
         // Only a process that no longer exists: kill(pid, 0) fails with ESRCH.
         const long id = std::stol(pid);
-        if (id > 0 && ::kill(static_cast<pid_t>(id), 0) != 0 && errno == ESRCH)
+        if (id > 0 && ::kill(static_cast<pid_t>(id), 0) != 0 && errno == ESRCH &&
+            !is_input(it->path()))
           doomed.push_back(it->path());
       }
     }

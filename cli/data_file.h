@@ -18,6 +18,14 @@ inline constexpr uint64_t kDataAlignment = 64;
 // Tensors of at least this many bytes go to the data file; smaller ones stay inline.
 inline constexpr uint64_t kDataMinBytes = uint64_t{64} << 10;
 
+// Refuses (a usage error naming both) an output that is one of `inputs`, through any name or
+// link: writing it would replace what the command reads. Each input is also kept from the
+// clean-up below, whatever its name.
+void refuse_writing_onto_inputs(const std::string& out, const std::vector<std::string>& inputs);
+
+// The files a model description at `path` reads: itself and its external data file, if any.
+std::vector<std::string> model_files(const std::string& path);
+
 // Removes the temporary files that writes of `path` by processes of this host that have since
 // died (a signal, a crash) left beside it: "<file>.tmp.<host>.<pid>" and
 // "<file>.data.tmp.<host>.<pid>" whose process no longer exists. A live writer's, another host's

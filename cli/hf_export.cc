@@ -172,16 +172,41 @@ class Exporter {
            " holds a model.safetensors, which the exported index would shadow: "
            "export to another folder");
     collect_layers();
+    // No file it writes may be the model it reads (an OUT_DIR holding it as config.json).
+    const std::vector<std::string> inputs = model_files(req_.model_path);
+    for (const char* name : {"config.json", "model.safetensors.index.json"})
+      refuse_writing_onto_inputs((fs::path(req_.out_dir) / name).string(), inputs);
+    for (size_t i = 0; i < moe_.size(); ++i)
+      refuse_writing_onto_inputs((fs::path(req_.out_dir) / shard_name(i)).string(), inputs);
     std::error_code ec;
-    fs::create_directories(req_.out_dir, ec);
+    const bool created = fs::create_directories(req_.out_dir, ec);
     if (ec) fail(req_.out_dir, ": cannot create: ", ec.message());
+    try {
+      write_all();
+    } catch (...) {
+      // A refused export leaves no folder of its own behind.
+      if (created) fs::remove_all(req_.out_dir, ec);
+      throw;
+    }
+    return result_;
+  }
+
+ private:
+  std::string shard_name(size_t i) const {
+    return cat("model-", pad5(i + 1), "-of-", pad5(moe_.size()), ".safetensors");
+  }
+
+  // Into OUT_DIR, a marker first: until the index is written, an import of the folder refuses it
+  // rather than mix this export's files with an earlier one's (an export killed midway).
+  void write_all() {
+    const std::string marker = (fs::path(req_.out_dir) / kExportIncompleteMarker).string();
+    write_file_atomically(marker, {});
     write_config();
     json weight_map = json::object();
     uint64_t total = 0;
     for (size_t i = 0; i < moe_.size(); ++i) {
       std::vector<std::unique_ptr<Out>> outs = layer_tensors(i);
-      const std::string file =
-          cat("model-", pad5(i + 1), "-of-", pad5(moe_.size()), ".safetensors");
+      const std::string file = shard_name(i);
       std::sort(outs.begin(), outs.end(),
                 [](const auto& a, const auto& b) { return a->t.name < b->t.name; });
       std::vector<const StOutTensor*> sorted;
@@ -201,10 +226,10 @@ class Exporter {
     const std::string text = index.dump(2) + "\n";
     write_file_atomically((fs::path(req_.out_dir) / "model.safetensors.index.json").string(),
                           {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
-    return result_;
+    std::error_code ec;
+    fs::remove(marker, ec);
   }
 
- private:
   struct MoeLayer {
     uint32_t index = 0;  // decoder layer
     const fb::Layer* layer = nullptr;

@@ -292,6 +292,9 @@ Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
   if (!fs::is_directory(dir_, ec))
     fail(dir_, fs::exists(dir_, ec) ? ": not a directory (name the checkpoint's folder)"
                                     : ": no such directory");
+  if (fs::exists(fs::path(dir_) / kExportIncompleteMarker, ec))
+    fail(dir_, ": an export into it did not finish (", kExportIncompleteMarker,
+         " is there): its files may be another model's; export again");
   if (fs::exists(index)) {
     sharded_ = true;
     weight_map_ = parse_safetensors_index(read_text(index.string()), index.string());

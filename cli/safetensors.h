@@ -87,6 +87,10 @@ struct StOutTensor {
 std::vector<uint8_t> safetensors_header(const std::vector<const StOutTensor*>& sorted,
                                         const std::map<std::string, std::string>& metadata);
 
+// What `moert export` writes into its folder first and removes once the index is written: a
+// folder holding it is an export that did not finish, whose files may mix with an earlier one's.
+inline constexpr const char* kExportIncompleteMarker = ".moert-export-incomplete";
+
 // A Hugging Face checkpoint directory: config.json plus either model.safetensors or the shards
 // that model.safetensors.index.json's "weight_map" names (plain file names in the directory; every
 // tensor of the map must be in its shard). Shards are opened on first use.

@@ -396,6 +396,20 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
           dir),
       1, "train", "notadir");
   EXPECT_EQ(slurp(dir / "steps.csv"), "kept\n");
+  // No output may be an input: --csv onto the corpus, a checkpoint onto --model, --csv onto a
+  // checkpoint --save writes.
+  fs::copy_file(MOERT_TINY_CORPUS, dir / "corpus.txt", fs::copy_options::overwrite_existing);
+  const std::string corpus_text = slurp(dir / "corpus.txt");
+  expect_one_line_error(run("train --corpus " + (dir / "corpus.txt").string() +
+                                " --steps 1 --csv " + (dir / "corpus.txt").string(),
+                            dir),
+                        2, "train", "would replace what this command reads");
+  EXPECT_EQ(slurp(dir / "corpus.txt"), corpus_text);
+  expect_one_line_error(
+      run("train --corpus " + (dir / "corpus.txt").string() + " --steps 1 --balancing none --csv " +
+              (dir / "ck" / "none.moert").string() + " --save " + (dir / "ck").string(),
+          dir),
+      2, "train", "is where --save writes checkpoint");
 
   // Damaged inputs: a JSON with an unknown field, a truncated binary.
   std::ofstream(dir / "bad.json") << "{ \"schema_major\": 1, \"layerz\": [] }";

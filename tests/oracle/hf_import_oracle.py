@@ -796,6 +796,50 @@ def check_refusals(cli_path, work):
     return lines, failures
 
 
+def check_outputs_onto_inputs(cli_path, work):
+    """convert and export refuse to write onto what they read (a model's own data file, an
+    OUT_DIR whose config.json is the model), and import refuses a folder whose export did not
+    finish (its marker is still there)."""
+    lines, failures = [], []
+    base = deepseek("onto_inputs", "BF16", "BF16", "BF16", 6, 1, [1])
+    d = os.path.join(work, "onto_inputs")
+    base["store"].write(os.path.join(d, "checkpoint"), base["cfg"])
+    model = os.path.join(d, "layer.moert")
+    cli(["import", os.path.join(d, "checkpoint"), model, "--layer", "1"], cli_path)
+    data = [n for n in os.listdir(d) if n.startswith("layer.moert.") and n.endswith(".data")]
+    if len(data) != 1:
+        return lines, [f"outputs onto inputs: the import wrote data files {data}"]
+    data_path = os.path.join(d, data[0])
+    before = open(data_path, "rb").read()
+    p = cli(["convert", model, data_path], cli_path, expect_ok=False)
+    lines.append(f"  refused convert onto its data file: {p.stderr.strip()}")
+    if (p.returncode != 2 or "would replace what this command reads" not in p.stderr
+            or open(data_path, "rb").read() != before):
+        failures.append(f"convert onto its data file: exit {p.returncode}, {p.stderr!r}")
+    # A model kept as OUT_DIR/config.json.
+    as_config = os.path.join(d, "as_config")
+    os.makedirs(as_config, exist_ok=True)
+    shutil.copy(model, os.path.join(as_config, "config.json"))
+    shutil.copy(data_path, os.path.join(as_config, data[0]))  # the name the model refers to
+    before = open(os.path.join(as_config, "config.json"), "rb").read()
+    p = cli(["export", os.path.join(as_config, "config.json"), as_config], cli_path, False)
+    lines.append(f"  refused export onto its input: {p.stderr.strip()}")
+    if (p.returncode != 2 or "would replace what this command reads" not in p.stderr
+            or open(os.path.join(as_config, "config.json"), "rb").read() != before):
+        failures.append(f"export onto its input: exit {p.returncode}, {p.stderr!r}")
+    # An export that did not finish leaves its marker: import refuses the folder.
+    out = os.path.join(d, "exported")
+    cli(["export", model, out], cli_path)
+    if os.path.exists(os.path.join(out, ".moert-export-incomplete")):
+        failures.append("a finished export left its marker")
+    open(os.path.join(out, ".moert-export-incomplete"), "wb").close()
+    p = cli(["import", out, os.path.join(d, "again.moert"), "--layer", "1"], cli_path, False)
+    lines.append(f"  refused an unfinished export: {p.stderr.strip()}")
+    if p.returncode != 1 or "did not finish" not in p.stderr:
+        failures.append(f"import of an unfinished export: exit {p.returncode}, {p.stderr!r}")
+    return lines, failures
+
+
 def check_interrupted_imports(cli_path, work):
     """What imports killed midway left beside OUTPUT (their temporary data and description files,
     named by host and process id) is removed by the next import to it; a live process's is kept,
@@ -938,6 +982,13 @@ def main():
     failures += f
     print("refusals")
     lines, f = check_refusals(args.cli, args.workdir)
+    print("\n".join(lines))
+    failures += f
+    print("outputs onto inputs")
+    try:
+        lines, f = check_outputs_onto_inputs(args.cli, args.workdir)
+    except Failure as exc:
+        lines, f = [], [f"outputs onto inputs: {exc}"]
     print("\n".join(lines))
     failures += f
     print("interrupted imports")
