@@ -139,7 +139,9 @@ void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t
       what = e.what();
     } catch (...) {
     }
-    std::strncpy(mine.message, what.c_str(), sizeof(mine.message) - 1);
+    constexpr size_t kRoom = sizeof(mine.message) - 1;
+    if (what.size() > kRoom) what = what.substr(0, kRoom - 3) + "...";
+    std::strncpy(mine.message, what.c_str(), kRoom);
   }
   if (world_->memory() == CommMemory::Device) {
     // The verdicts travel through host_view(), which needs the backend: first a native vote,

@@ -38,7 +38,8 @@ struct CallRecord {
   uint64_t session = 0;  // which of the communicator's sessions (number_session()); 0: creation
   char call[24] = {};    // the public function the rank is in
   uint64_t same = 0;     // what every rank must hold alike for this call
-  char message[248] = {};
+  // The failing rank's message, for the others to name; a longer one is cut and ends in "...".
+  char message[1000] = {};
 };
 
 // Collective over `host` (host memory): every rank's record, in rank order. When the ranks are in

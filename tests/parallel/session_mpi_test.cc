@@ -461,6 +461,31 @@ TEST(SessionMpi, ARankCreatingASessionWhileAnotherForwardsFailsBothAndKeepsTheCo
   EXPECT_TRUE(same(out, before));
 }
 
+// A failing rank's message reaches the others whole up to about 1000 bytes (it was cut at 247,
+// losing the cause after a long path), and a longer one ends in "...".
+TEST(SessionMpi, AFailingRanksLongMessageReachesTheOthers) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ModelPtr m = load(token_model(1));
+  SessionPtr s = session(m.get(), true, g_size, true);
+  const std::string saved =
+      ::testing::TempDir() + "long_message_" + std::to_string(g_size) + ".moert";
+  ASSERT_TRUE(IsOk(moert_session_save(s.get(), saved.c_str())));
+  const bool odd = g_rank == g_size - 1;
+  for (const size_t length : {400, 2000}) {
+    const std::string missing = "/" + std::string(length, 'd') + "/missing.moert";
+    moert_status* st = moert_session_load(s.get(), (odd ? missing : saved).c_str());
+    ASSERT_NE(st, nullptr);
+    const std::string msg = moert_status_message(st);
+    moert_status_free(st);
+    if (odd) continue;
+    EXPECT_NE(msg.find("rank " + std::to_string(g_size - 1)), std::string::npos) << msg;
+    if (length == 400)
+      EXPECT_NE(msg.find("missing.moert"), std::string::npos) << msg;
+    else
+      EXPECT_EQ(msg.substr(msg.size() - 3), "...") << msg;
+  }
+}
+
 // Two sessions over one communicator (A/B serving of two versions of a model), called in a
 // different order on one rank: their passes' collectives have the same shapes, so without the
 // session's number in the agreement a pass of one would pair with the other's and return wrong

@@ -594,14 +594,16 @@ MOERT_API void moert_session_free(moert_session* session);
 
 /* Forward pass over `rows` rows of token ids (a model whose input is MOERT_INPUT_TOKENS).
  * `tokens` holds rows * input_width ids, row-major, each in [0, vocab_size); `num_tokens` is its
- * length. `out` receives rows * output_width floats; `out_len` is its length. */
+ * length. `out` receives rows * output_width floats; `out_len` is its length. `rows` is at least
+ * 1 (MOERT_ERR_INVALID_ARGUMENT otherwise): among ranks, a rank with nothing to feed in a pass
+ * passes one padding row through moert_session_forward_tokens_masked() (a mask of zeros). */
 MOERT_API moert_status* moert_session_forward_tokens(moert_session* session, const int32_t* tokens,
                                                      uint64_t num_tokens, uint64_t rows, float* out,
                                                      uint64_t out_len);
 
 /* Forward pass over `rows` rows of hidden states (a model whose input is MOERT_INPUT_HIDDEN).
  * `in` holds rows * input_width floats (`in_len`), `out` receives rows * output_width (`out_len`).
- */
+ * `rows` is at least 1, as for moert_session_forward_tokens(). */
 MOERT_API moert_status* moert_session_forward_hidden(moert_session* session, const float* in,
                                                      uint64_t in_len, uint64_t rows, float* out,
                                                      uint64_t out_len);

@@ -653,7 +653,9 @@ extern "C" {
 extern "C" {
     #[doc = " Forward pass over `rows` rows of token ids (a model whose input is MOERT_INPUT_TOKENS)."]
     #[doc = " `tokens` holds rows * input_width ids, row-major, each in [0, vocab_size); `num_tokens` is its"]
-    #[doc = " length. `out` receives rows * output_width floats; `out_len` is its length."]
+    #[doc = " length. `out` receives rows * output_width floats; `out_len` is its length. `rows` is at least"]
+    #[doc = " 1 (MOERT_ERR_INVALID_ARGUMENT otherwise): among ranks, a rank with nothing to feed in a pass"]
+    #[doc = " passes one padding row through moert_session_forward_tokens_masked() (a mask of zeros)."]
     pub fn moert_session_forward_tokens(
         session: *mut moert_session,
         tokens: *const i32,
@@ -666,6 +668,7 @@ extern "C" {
 extern "C" {
     #[doc = " Forward pass over `rows` rows of hidden states (a model whose input is MOERT_INPUT_HIDDEN)."]
     #[doc = " `in` holds rows * input_width floats (`in_len`), `out` receives rows * output_width (`out_len`)."]
+    #[doc = " `rows` is at least 1, as for moert_session_forward_tokens()."]
     pub fn moert_session_forward_hidden(
         session: *mut moert_session,
         in_: *const f32,
