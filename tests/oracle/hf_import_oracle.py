@@ -980,24 +980,16 @@ def main():
         lines, f = [], [f"trained: {exc}"]
     print("\n".join(lines))
     failures += f
-    print("refusals")
-    lines, f = check_refusals(args.cli, args.workdir)
-    print("\n".join(lines))
-    failures += f
-    print("outputs onto inputs")
-    try:
-        lines, f = check_outputs_onto_inputs(args.cli, args.workdir)
-    except Failure as exc:
-        lines, f = [], [f"outputs onto inputs: {exc}"]
-    print("\n".join(lines))
-    failures += f
-    print("interrupted imports")
-    try:
-        lines, f = check_interrupted_imports(args.cli, args.workdir)
-    except Failure as exc:
-        lines, f = [], [f"interrupted imports: {exc}"]
-    print("\n".join(lines))
-    failures += f
+    for name, check in (("refusals", check_refusals),
+                        ("outputs onto inputs", check_outputs_onto_inputs),
+                        ("interrupted imports", check_interrupted_imports)):
+        print(name)
+        try:
+            lines, f = check(args.cli, args.workdir)
+        except Failure as exc:
+            lines, f = [], [f"{name}: {exc}"]
+        print("\n".join(lines))
+        failures += f
     for f in failures:
         print("FAIL:", f)
     print("hf import oracle:", "FAILED" if failures else "all checkpoints agree")

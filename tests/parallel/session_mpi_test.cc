@@ -118,6 +118,13 @@ std::vector<int> layouts() {
   return eps;
 }
 
+// n ids of the vocabulary of 16, (i * stride + rank) % 16: each rank its own.
+std::vector<int32_t> rank_ids(int64_t n, int64_t stride) {
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>((i * stride + g_rank) % 16);
+  return ids;
+}
+
 // hidden_baseline() with every token routed to all 4 experts.
 ModelDesc every_expert_model() {
   ModelDesc d = hidden_baseline();
@@ -130,6 +137,14 @@ ModelDesc every_expert_model() {
 
 bool same(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
+// Forwards `n` rows of hidden_baseline()'s input through `s`: the output is `want`, bit for bit.
+void expect_hidden_forward(moert_session* s, const std::vector<float>& x, int64_t n,
+                           const std::vector<float>& want) {
+  std::vector<float> out(want.size());
+  ASSERT_TRUE(IsOk(moert_session_forward_hidden(s, x.data(), n * 8, n, out.data(), out.size())));
+  EXPECT_TRUE(same(out, want));
 }
 
 // Every precision: the replicas of a shard split an expert's rows where one process's row items
@@ -300,11 +315,7 @@ TEST(SessionMpi, ANullArgumentOnOneRankFailsEveryRank) {
   ModelPtr m = load(token_model(1));
   SessionPtr s = session(m.get(), true, g_size, true);
   const int64_t n = 64;
-  std::vector<int32_t> tokens(n), targets(n);
-  for (int64_t i = 0; i < n; ++i) {
-    tokens[i] = static_cast<int32_t>((i * 7 + g_rank) % 16);
-    targets[i] = static_cast<int32_t>((i * 3 + g_rank) % 16);
-  }
+  const std::vector<int32_t> tokens = rank_ids(n, 7), targets = rank_ids(n, 3);
   std::vector<uint8_t> mask(n, 1);
   std::vector<float> out(n * 16);
   const bool bad = g_rank == 1;
@@ -372,11 +383,7 @@ TEST(SessionMpi, ARefusedFirstStepLeavesTheReplicasAlike) {
   ModelPtr m = load(token_model(1));
   SessionPtr s = session(m.get(), true, g_size, true);
   const int64_t n = 64;
-  std::vector<int32_t> tokens(n), targets(n);
-  for (int64_t i = 0; i < n; ++i) {
-    tokens[i] = static_cast<int32_t>((i * 5 + g_rank) % 16);
-    targets[i] = static_cast<int32_t>((i * 11 + g_rank) % 16);
-  }
+  const std::vector<int32_t> tokens = rank_ids(n, 5), targets = rank_ids(n, 11);
   std::vector<float> out(n * 16);
   ASSERT_TRUE(
       IsOk(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size())));
@@ -451,14 +458,10 @@ TEST(SessionMpi, ARankCreatingASessionWhileAnotherForwardsFailsBothAndKeepsTheCo
         IsError(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size()),
                 MOERT_ERR_INVALID_STATE, {want}));
   }
-  ASSERT_TRUE(
-      IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
-  EXPECT_TRUE(same(out, before));
+  expect_hidden_forward(s.get(), x, n, before);
   SessionPtr second = session(m.get(), false, g_size, true);
   ASSERT_NE(second, nullptr);
-  ASSERT_TRUE(
-      IsOk(moert_session_forward_hidden(second.get(), x.data(), n * 8, n, out.data(), out.size())));
-  EXPECT_TRUE(same(out, before));
+  expect_hidden_forward(second.get(), x, n, before);
 }
 
 // A failing rank's message reaches the others whole up to about 1000 bytes (it was cut at 247,
@@ -511,12 +514,8 @@ TEST(SessionMpi, TwoSessionsCalledInDifferentOrdersFail) {
                                                 want_a.size())));
   ASSERT_TRUE(IsOk(moert_session_forward_hidden(alone_b.get(), x.data(), n * 8, n, want_b.data(),
                                                 want_b.size())));
-  ASSERT_TRUE(
-      IsOk(moert_session_forward_hidden(a.get(), x.data(), n * 8, n, out.data(), out.size())));
-  EXPECT_TRUE(same(out, want_a));
-  ASSERT_TRUE(
-      IsOk(moert_session_forward_hidden(b.get(), x.data(), n * 8, n, out.data(), out.size())));
-  EXPECT_TRUE(same(out, want_b));
+  expect_hidden_forward(a.get(), x, n, want_a);
+  expect_hidden_forward(b.get(), x, n, want_b);
 }
 
 // Ranks that create their sessions from other options or another model are refused on every rank
