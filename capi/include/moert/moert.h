@@ -686,9 +686,9 @@ MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
  * its pass to itself is bit for bit the solo call. In bf16 and fp8 sessions the experts' operands
  * are rounded to 8 or 4 significant bits before their GEMMs, and such a last-bit difference can
  * move one of those roundings by a whole step: there a batched row agrees within 1e-3 relative
- * (worst measured 5.4e-5 in bf16 and 2.1e-4 in fp8). A token whose top-K router scores tie to within
- * that rounding may pick another expert in a pass than alone; nothing bounds that case. On CUDA,
- * cuBLASLt may choose another GEMM algorithm for another row count: batched and solo results
+ * (worst measured 5.4e-5 in bf16 and 2.1e-4 in fp8). A token whose top-K router scores tie to
+ * within that rounding may pick another expert in a pass than alone; nothing bounds that case. On
+ * CUDA, cuBLASLt may choose another GEMM algorithm for another row count: batched and solo results
  * agree to bf16 rounding only. Models with an Expert Choice layer (experts pick tokens across the
  * batch) are never batched across requests: each pass carries one request.
  *
@@ -1028,12 +1028,12 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * alone writes: MOERT_ERR_INVALID_STATE on every rank otherwise, nothing written). The file is
  * on rank 0's file system, at `path` as rank 0 resolves it (its working directory): a load by
  * every rank needs it where every rank reads the same path (a shared file system, the same
- * working directory), which no rank can check. The job writes one file, the one a session alone trained on the union
- * of the ranks' rows would write -- the same bytes, the same digest -- so that any world size
- * resumes it. Rank 0 gathers the routed experts' parameters, gradients and optimizer moments
- * from the first replica of each shard (ranks 0 .. EP - 1; the other replicas hold copies) and
- * writes the file at its `path`: it needs memory for the whole model's training state during the
- * call, the other ranks none beyond their own. The rest is replicated and written from rank 0's
+ * working directory), which no rank can check. The job writes one file, the one a session alone
+ * trained on the union of the ranks' rows would write -- the same bytes, the same digest -- so that
+ * any world size resumes it. Rank 0 gathers the routed experts' parameters, gradients and optimizer
+ * moments from the first replica of each shard (ranks 0 .. EP - 1; the other replicas hold copies)
+ * and writes the file at its `path`: it needs memory for the whole model's training state during
+ * the call, the other ranks none beyond their own. The rest is replicated and written from rank 0's
  * copy, which is why the ranks' replicated state (step, generator, balancing state, every
  * parameter but the routed experts, with its gradient and moments) and the replicas of each
  * shard must be the same -- as they are when every rank made the same calls -- and are checked:
