@@ -127,20 +127,18 @@ struct Gathered {
   std::vector<float> scales;
 };
 
-// The import reads config.json, the index and the shards of the checkpoint's directory: an OUTPUT
-// that names one of them (or a link to one) would replace what it reads.
-void refuse_overwriting_input(const ImportRequest& r) {
+// The import reads config.json, the index and the shards of the checkpoint's directory: OUTPUT
+// must not name one of them (or a link to one).
+std::vector<std::string> checkpoint_files(const std::string& dir) {
   namespace fs = std::filesystem;
+  std::vector<std::string> files;
   std::error_code ec;
-  if (!fs::exists(r.out_path, ec)) return;
-  for (const auto& entry : fs::directory_iterator(r.checkpoint_dir, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (!name.ends_with(".json") && !name.ends_with(".safetensors")) continue;
-    std::error_code same_ec;
-    if (fs::equivalent(entry.path(), r.out_path, same_ec))
-      usage_fail("OUTPUT '", r.out_path, "' is the checkpoint's own '", name,
-                 "': the import would replace what it reads; write the model elsewhere");
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.ends_with(".json") || name.ends_with(".safetensors"))
+      files.push_back(it->path().string());
   }
+  return files;
 }
 
 class Importer {
@@ -402,7 +400,7 @@ class Importer {
 }  // namespace
 
 ImportResult import_checkpoint(const ImportRequest& request) {
-  refuse_overwriting_input(request);
+  refuse_writing_onto_inputs(request.out_path, checkpoint_files(request.checkpoint_dir));
   Importer importer(request);
   return importer.run();
 }

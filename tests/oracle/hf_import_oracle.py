@@ -790,7 +790,7 @@ def check_refusals(cli_path, work):
         before = open(path, "rb").read()
         p = cli(["import", d, path, "--layer", "1"], cli_path, False)
         lines.append(f"  refused OUTPUT {target}: {p.stderr.strip()}")
-        if (p.returncode != 2 or "would replace what it reads" not in p.stderr
+        if (p.returncode != 2 or "would replace what this command reads" not in p.stderr
                 or open(path, "rb").read() != before):
             failures.append(f"refusal 'OUTPUT {target}': exit {p.returncode}, stderr {p.stderr!r}")
     return lines, failures
