@@ -98,7 +98,7 @@ const CommandSpec kTrainSpec = {
          "validation rows for the router diagnostics and the GEMM accuracy; 0 = skip them", "8192"},
         {"tail", "F", "fraction of the steps at the end over which MaxVio_batch is averaged",
          "0.2"},
-        {"csv", "FILE", "write per-step metrics of every run here", ""},
+        {"csv", "FILE", "write per-step metrics of every run here, in place once all runs end", ""},
         {"save", "DIR", "write each trained model as DIR/<strategy>.moert (a checkpoint)", ""},
         {"log-every", "N", "steps between progress lines when stderr is not a terminal",
          "steps/10"},
@@ -318,8 +318,8 @@ int run_train(const Args& args) {
           usage_fail("--csv '", csv_path, "' is where --save writes checkpoint '", c,
                      "': name another file");
     }
-    // --save first, --csv (which truncates the file) last: a refused directory leaves the CSV
-    // as it was, and a refused CSV removes the directory this run created.
+    // --save first, --csv last: a refused CSV (a directory, a folder that takes no files)
+    // removes the directory this run created.
     bool created = false;
     if (!save_dir.empty()) {
       std::error_code ec;
@@ -411,7 +411,7 @@ int run_train(const Args& args) {
     }
     if (!save_dir.empty()) {
       const std::string path = (std::filesystem::path(save_dir) / (label + ".moert")).string();
-      check(moert_session_save(runs.back().session.get(), path.c_str()), path);
+      check(moert_session_save(runs.back().session.get(), path.c_str()), "--save");
     }
   }
   if (csv) csv->close();

@@ -396,6 +396,20 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
           dir),
       1, "train", "notadir");
   EXPECT_EQ(slurp(dir / "steps.csv"), "kept\n");
+  // A job that fails after training began (its checkpoint's name is taken by a directory) leaves
+  // --csv as it was too, and no temporary beside it: the CSV is put in place when all runs end.
+  fs::create_directories(dir / "taken" / "none.moert");
+  const Result late = run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                              " --steps 2 --balancing none --probe-rows 0 --eval-rows 64 --csv " +
+                              (dir / "steps.csv").string() + " --save " + (dir / "taken").string(),
+                          dir);
+  EXPECT_EQ(late.code, 1) << late.err;
+  EXPECT_NE(late.err.find("moert train: error: --save: cannot write checkpoint"), std::string::npos)
+      << late.err;
+  EXPECT_EQ(slurp(dir / "steps.csv"), "kept\n");
+  for (const auto& entry : fs::directory_iterator(dir))
+    EXPECT_EQ(entry.path().filename().string().find("steps.csv."), std::string::npos)
+        << entry.path();
   // No output may be an input: --csv onto the corpus, a checkpoint onto --model, --csv onto a
   // checkpoint --save writes.
   fs::copy_file(MOERT_TINY_CORPUS, dir / "corpus.txt", fs::copy_options::overwrite_existing);
