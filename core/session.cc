@@ -882,9 +882,7 @@ StepInfo Session::step() {
   // parameters away from theirs. A refused first step takes back the moments it allocated: a
   // rank refused before its allocation would otherwise hold other optimizer state (none) than
   // the others (zeros), and every save would refuse the job's replicas as different.
-  const bool had_moments = std::all_of(slots_.begin(), slots_.end(), [](const Slot& s) {
-    return s.m.size() == s.param->values.size();
-  });
+  for (Slot& s : slots_) s.fresh_moments = 0;
   try {
     collective_step("step", Failure::KeepsPass, [&] {
       require_training("step");
@@ -901,11 +899,11 @@ StepInfo Session::step() {
     });
     if (par_) check_ranks_agree_to_step();
   } catch (...) {
-    if (!had_moments)
-      for (Slot& s : slots_) {
-        s.m = Buffer<float>();
-        s.v = Buffer<float>();
-      }
+    for (Slot& s : slots_) {
+      if (s.fresh_moments & 1) s.m = Buffer<float>();
+      if (s.fresh_moments & 2) s.v = Buffer<float>();
+      s.fresh_moments = 0;
+    }
     throw;
   }
   // Everything that can refuse the step comes before the first change.
@@ -1005,10 +1003,12 @@ void Session::allocate_moments() {
     const size_t n = s.param->values.size();
     if (s.m.size() != n) {
       s.m.resize(*backend_, n);
+      s.fresh_moments |= 1;
       backend_->zero(s.m.data(), n * sizeof(float));
     }
     if (adamw && s.v.size() != n) {
       s.v.resize(*backend_, n);
+      s.fresh_moments |= 2;
       backend_->zero(s.v.data(), n * sizeof(float));
     }
   }

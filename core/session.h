@@ -202,6 +202,9 @@ class Session {
     Tensor* param = nullptr;  // the host tensor of params_
     bool matrix = false;      // weight decay applies
     Buffer<float> m, v;       // optimizer moments in backend memory, allocated at the first step
+    // Which of m (bit 0) and v (bit 1) allocate_moments() allocated since the step began: a
+    // refused step takes back those, never moments a checkpoint brought.
+    uint8_t fresh_moments = 0;
   };
   struct Balance {
     float gamma = 0.0f;

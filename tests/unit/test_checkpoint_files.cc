@@ -15,6 +15,7 @@
 #include "core/content_digest.h"
 #include "core/error.h"
 #include "core/model_loader.h"
+#include "core/model_writer.h"
 #include "core/session.h"
 #include "moert_generated.h"
 #include "tests/support/checkpoint_patch.h"
@@ -115,6 +116,39 @@ TEST_F(CheckpointFiles, APathThatIsADirectoryIsRefusedAndLeavesNothingBehind) {
   // The session is unharmed: a save to a file next to it works.
   s->save((dir_ / "ok.moert").string());
   EXPECT_TRUE(fs::is_regular_file(dir_ / "ok.moert"));
+}
+
+// A checkpoint may hold moments for some parameters only (the loader accepts none for one). A
+// refused step takes back only the moments it allocated itself: it once dropped every moment
+// whenever one parameter had none, the checkpoint's too.
+TEST_F(CheckpointFiles, ARefusedStepKeepsTheMomentsACheckpointBrought) {
+  {
+    auto s = training_session();
+    micro_batch(*s);
+    s->step();
+    s->save(path());
+  }
+  std::unique_ptr<Model> partial = load_checkpoint_file(path(), {});
+  ASSERT_GE(partial->training->params.size(), 2u);
+  ASSERT_FALSE(partial->training->params[1].m.empty());
+  partial->training->params[0].m.clear();
+  partial->training->params[0].v.clear();
+  const std::string partial_path = (dir_ / "partial.moert").string();
+  write_checkpoint(partial_path, *partial, view_of(*partial->training));
+
+  auto s = training_session();
+  s->load(partial_path);
+  s->set_eval(true);
+  EXPECT_THROW(s->step(), Error);
+  s->set_eval(false);
+  const std::string after_path = (dir_ / "after.moert").string();
+  s->save(after_path);
+  std::unique_ptr<Model> after = load_checkpoint_file(after_path, {});
+  ASSERT_EQ(after->training->params.size(), partial->training->params.size());
+  for (size_t i = 0; i < after->training->params.size(); ++i) {
+    EXPECT_EQ(after->training->params[i].m, partial->training->params[i].m) << i;
+    EXPECT_EQ(after->training->params[i].v, partial->training->params[i].v) << i;
+  }
 }
 
 TEST_F(CheckpointFiles, StepCountsNear2To63AreRefusedAndTheSessionKeepsItsState) {
