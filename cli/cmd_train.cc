@@ -107,6 +107,19 @@ const CommandSpec kTrainSpec = {
 
 namespace {
 
+// Whether two output paths name the same file, existing or not. A path that cannot be resolved
+// (a parent without permission, a link loop) is compared as written, made absolute.
+bool same_destination(const std::string& a, const std::string& b) {
+  namespace fs = std::filesystem;
+  const auto resolved = [](const std::string& p) {
+    std::error_code ec;
+    fs::path r = fs::weakly_canonical(p, ec);
+    if (ec) r = fs::absolute(p, ec).lexically_normal();
+    return r;
+  };
+  return resolved(a) == resolved(b);
+}
+
 std::vector<std::string> split_list(const std::string& text) {
   std::vector<std::string> out;
   size_t start = 0;
@@ -252,6 +265,10 @@ int run_train(const Args& args) {
     for (size_t j = 0; j < i; ++j)
       if (strategies[i].label == strategies[j].label)
         usage_fail("--balancing lists '", strategies[i].label, "' twice");
+  // One run per strategy, or the --model file's one run; each names its checkpoint.
+  std::vector<std::string> run_labels;
+  if (given_model) run_labels.push_back("model");
+  for (const Balancing& b : strategies) run_labels.push_back(b.label);
 
   // What each rank reads and opens of its own, before any work: a rank that cannot (a file
   // missing on its machine, a bad model file) fails every rank at once instead of leaving them
@@ -303,18 +320,14 @@ int run_train(const Args& args) {
       for (const std::string& f : model_files(args.str("model", ""))) inputs.push_back(f);
     std::vector<std::string> checkpoints;
     if (!save_dir.empty())
-      for (const Balancing& b : strategies)
-        checkpoints.push_back(
-            (std::filesystem::path(save_dir) / ((given_model ? "model" : b.label) + ".moert"))
-                .string());
+      for (const std::string& label : run_labels)
+        checkpoints.push_back((std::filesystem::path(save_dir) / (label + ".moert")).string());
     for (const std::string& c : checkpoints) refuse_writing_onto_inputs(c, inputs);
     if (args.has("csv")) {
       const std::string csv_path = args.str("csv", "");
       refuse_writing_onto_inputs(csv_path, inputs);
-      std::error_code ec;
       for (const std::string& c : checkpoints)
-        if (std::filesystem::weakly_canonical(csv_path, ec) ==
-            std::filesystem::weakly_canonical(c, ec))
+        if (same_destination(csv_path, c))
           usage_fail("--csv '", csv_path, "' is where --save writes checkpoint '", c,
                      "': name another file");
     }
@@ -392,11 +405,10 @@ int run_train(const Args& args) {
   low.threads = st.threads;
   low.seed = st.seed;
   low.knobs = {{"precision", st.precision}, {"fp8_scales", st.fp8_scales}};
-  const size_t n_runs = given_model ? 1 : strategies.size();
-  for (size_t i = 0; i < n_runs; ++i) {
+  for (size_t i = 0; i < run_labels.size(); ++i) {
     ModelPtr m = given_model ? nullptr : charlm_model(shape, strategies[i], st.seed);
     const moert_model* model = given_model ? file_model.get() : m.get();
-    const std::string label = given_model ? "model" : strategies[i].label;
+    const std::string& label = run_labels[i];
     runs.push_back(
         train_run(model, label, split.train, split.validation, shape.context, st, csv.get()));
     // The diagnostics rebuild the model cut before each block in a session of their own, which

@@ -410,8 +410,7 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   for (const auto& entry : fs::directory_iterator(dir))
     EXPECT_EQ(entry.path().filename().string().find("steps.csv."), std::string::npos)
         << entry.path();
-  // No output may be an input: --csv onto the corpus, a checkpoint onto --model, --csv onto a
-  // checkpoint --save writes.
+  // No output may be an input: --csv onto the corpus, --csv onto a checkpoint --save writes.
   fs::copy_file(MOERT_TINY_CORPUS, dir / "corpus.txt", fs::copy_options::overwrite_existing);
   const std::string corpus_text = slurp(dir / "corpus.txt");
   expect_one_line_error(run("train --corpus " + (dir / "corpus.txt").string() +
@@ -422,6 +421,29 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(
       run("train --corpus " + (dir / "corpus.txt").string() + " --steps 1 --balancing none --csv " +
               (dir / "ck" / "none.moert").string() + " --save " + (dir / "ck").string(),
+          dir),
+      2, "train", "is where --save writes checkpoint");
+  // The same with --model, whose one run saves DIR/model.moert: onto the model itself, and
+  // under --csv's name.
+  ASSERT_EQ(run("train --corpus " + (dir / "corpus.txt").string() +
+                    " --steps 1 --balancing none --probe-rows 0 --eval-rows 64 --save " +
+                    (dir / "given").string(),
+                dir)
+                .code,
+            0);
+  fs::rename(dir / "given" / "none.moert", dir / "given" / "model.moert");
+  const std::string given_model = (dir / "given" / "model.moert").string();
+  const std::string given_bytes = slurp(given_model);
+  expect_one_line_error(
+      run("train --corpus " + (dir / "corpus.txt").string() + " --steps 1 --model " + given_model +
+              " --save " + (dir / "given").string(),
+          dir),
+      2, "train", "would replace what this command reads");
+  EXPECT_EQ(slurp(given_model), given_bytes);
+  expect_one_line_error(
+      run("train --corpus " + (dir / "corpus.txt").string() + " --steps 1 --model " + given_model +
+              " --save " + (dir / "out").string() + " --csv " +
+              (dir / "out" / "model.moert").string(),
           dir),
       2, "train", "is where --save writes checkpoint");
 
