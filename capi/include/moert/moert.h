@@ -596,7 +596,10 @@ MOERT_API void moert_session_free(moert_session* session);
  * `tokens` holds rows * input_width ids, row-major, each in [0, vocab_size); `num_tokens` is its
  * length. `out` receives rows * output_width floats; `out_len` is its length. `rows` is at least
  * 1 (MOERT_ERR_INVALID_ARGUMENT otherwise): among ranks, a rank with nothing to feed in a pass
- * passes one padding row through moert_session_forward_tokens_masked() (a mask of zeros). */
+ * passes padding rows with a mask of zeros through the matching _masked forward
+ * (moert_session_forward_tokens_masked() or moert_session_forward_hidden_masked()): one row, or
+ * in training with the option "sequence_length" set, that many (training rows come in whole
+ * sequences). */
 MOERT_API moert_status* moert_session_forward_tokens(moert_session* session, const int32_t* tokens,
                                                      uint64_t num_tokens, uint64_t rows, float* out,
                                                      uint64_t out_len);

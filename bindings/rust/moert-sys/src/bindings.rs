@@ -655,7 +655,10 @@ extern "C" {
     #[doc = " `tokens` holds rows * input_width ids, row-major, each in [0, vocab_size); `num_tokens` is its"]
     #[doc = " length. `out` receives rows * output_width floats; `out_len` is its length. `rows` is at least"]
     #[doc = " 1 (MOERT_ERR_INVALID_ARGUMENT otherwise): among ranks, a rank with nothing to feed in a pass"]
-    #[doc = " passes one padding row through moert_session_forward_tokens_masked() (a mask of zeros)."]
+    #[doc = " passes padding rows with a mask of zeros through the matching _masked forward"]
+    #[doc = " (moert_session_forward_tokens_masked() or moert_session_forward_hidden_masked()): one row, or"]
+    #[doc = " in training with the option \"sequence_length\" set, that many (training rows come in whole"]
+    #[doc = " sequences)."]
     pub fn moert_session_forward_tokens(
         session: *mut moert_session,
         tokens: *const i32,
