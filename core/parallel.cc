@@ -140,8 +140,18 @@ void ParallelContext::agree(std::exception_ptr local, const char* call, uint64_t
     } catch (...) {
     }
     constexpr size_t kRoom = sizeof(mine.message) - 1;
-    if (what.size() > kRoom) what = what.substr(0, kRoom - 3) + "...";
-    std::strncpy(mine.message, what.c_str(), kRoom);
+    size_t n = what.size();
+    if (n > kRoom) {
+      // A longer message is cut before a whole UTF-8 character and marked.
+      n = kRoom - 3;
+      while (n > 0 && (static_cast<unsigned char>(what[n]) & 0xC0) == 0x80) --n;
+    }
+    std::memcpy(mine.message, what.data(), n);
+    if (n < what.size()) {
+      std::memcpy(mine.message + n, "...", 3);
+      n += 3;
+    }
+    mine.message[n] = '\0';
   }
   if (world_->memory() == CommMemory::Device) {
     // The verdicts travel through host_view(), which needs the backend: first a native vote,

@@ -74,8 +74,14 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   const ParallelContext::IoAllowance writing(par, job_state_bytes(false));
   // Each rank prepares alone, then all learn whether any failed: nothing collective runs before.
   std::exception_ptr failed;
+  // Rank 0 alone writes: a path that differs on another rank is that rank's mistake, said on
+  // every rank rather than ignored.
+  uint64_t path_digest = 0;
   try {
     if (!path_given) fail(Code::InvalidArgument, "path is NULL");
+    ContentHasher named;
+    named.str(std::filesystem::path(path).lexically_normal().string());
+    path_digest = named.digest();
     refuse_partial_step();
     sync_to_host();
     training_state(st);
@@ -126,11 +132,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   } catch (...) {
     failed = std::current_exception();
   }
-  // Rank 0 alone writes: a path that differs on another rank is that rank's mistake, said on
-  // every rank rather than ignored.
-  ContentHasher named;
-  named.str(std::filesystem::path(path).lexically_normal().string());
-  par.agree(failed, "save", named.digest(), "the checkpoint path");
+  par.agree(failed, "save", path_digest, "the checkpoint path");
 
   // The writer writes its own copy of the replicated state and replica 0's of each shard: refuse
   // rather than write one rank's view of a job whose ranks disagree.

@@ -118,13 +118,14 @@ class Agreement {
   bool any_flag() const { return out_[kFlagWord] != 0; }
 
   // Before post(): this rank could not prepare the operation (its staging buffers). The flag
-  // carries rank + 1, so that every rank learns the highest such rank.
+  // carries rank + 1, so that the others learn the highest such rank.
   void mark_failed(int32_t rank) { in_[kFlagWord] = static_cast<int64_t>(rank) + 1; }
   // After check(): throws AgreedFailure on every rank when any rank marked itself failed.
   void check_prepared(const Operation& op, int32_t rank, int64_t bytes) const {
     if (out_[kFlagWord] == 0) return;
     const int64_t failed = out_[kFlagWord] - 1;
-    if (failed == rank)
+    // A rank that failed itself says so, even where a higher rank failed too.
+    if (in_[kFlagWord] == static_cast<int64_t>(rank) + 1)
       throw AgreedFailure(Code::OutOfMemory,
                           cat(op.name(), " on rank ", rank, ": out of memory for its ", bytes,
                               " bytes of staging buffers; every rank fails it, and the "

@@ -487,6 +487,18 @@ TEST(SessionMpi, AFailingRanksLongMessageReachesTheOthers) {
     else
       EXPECT_EQ(msg.substr(msg.size() - 3), "...") << msg;
   }
+  // The cut never splits a UTF-8 character: a path of 2-byte characters, at both parities.
+  const std::string e_acute = "\xc3\xa9";
+  for (const std::string& lead : {std::string(), std::string("x")}) {
+    std::string missing = "/" + lead;
+    for (int i = 0; i < 1000; ++i) missing += e_acute;
+    moert_status* st = moert_session_load(s.get(), (odd ? missing + "/m.moert" : saved).c_str());
+    ASSERT_NE(st, nullptr);
+    const std::string msg = moert_status_message(st);
+    moert_status_free(st);
+    if (odd) continue;
+    EXPECT_TRUE(msg.ends_with(e_acute + "...")) << msg;
+  }
 }
 
 // Two sessions over one communicator (A/B serving of two versions of a model), called in a
@@ -898,8 +910,6 @@ TEST(SessionMpi, AMoELayerThatCannotSizeItsExchangesFailsEveryRankAtOnce) {
   ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
 }
 
-// The profile: zero alone; among ranks the experts' compute and the waits are counted, overlap
-// or not, and moert_session_reset_metrics() zeroes them.
 // A rank whose communicator cannot allocate the staging buffers of an exchange (MPI moves data
 // through buffers of its own) says so in the exchange's agreement, before any data moves: every
 // rank fails the call with MOERT_ERR_OUT_OF_MEMORY naming it, and the communicator stays whole.
@@ -925,14 +935,27 @@ TEST(SessionMpi, ARankOutOfMemoryForItsStagingBuffersFailsEveryRankAndKeepsTheCo
   moert_status* st = moert_session_forward_hidden(s.get(), x_more.data(), x_more.size(), more,
                                                   out_more.data(), out_more.size());
   g_array_limit = 0;
-  const std::string want_msg =
-      starved ? "out of memory for its" : "ran out of memory for its staging";
+  const std::string own = "on rank " + std::to_string(g_rank) + ": out of memory for its";
+  const std::string want_msg = starved ? own : "ran out of memory for its staging";
   EXPECT_TRUE(IsError(st, MOERT_ERR_OUT_OF_MEMORY, {want_msg, "the communicator stays usable"}));
   ASSERT_TRUE(
       IsOk(moert_session_forward_hidden(s.get(), x.data(), n * 8, n, out.data(), out.size())));
   EXPECT_TRUE(same(out, want));
   ASSERT_TRUE(IsOk(moert_session_forward_hidden(s.get(), x_more.data(), x_more.size(), more,
                                                 out_more.data(), out_more.size())));
+  // Two ranks starved at once: each names itself (the others learn of the higher one).
+  const int64_t most = 2 * more;
+  std::vector<float> x_most(most * 8), out_most(most * 16);
+  for (size_t i = 0; i < x_most.size(); ++i) x_most[i] = x[i % x.size()];
+  const bool also_starved = g_rank >= g_size - 2;
+  if (also_starved) g_array_limit = 64 << 10;
+  st = moert_session_forward_hidden(s.get(), x_most.data(), x_most.size(), most, out_most.data(),
+                                    out_most.size());
+  g_array_limit = 0;
+  EXPECT_TRUE(IsError(st, MOERT_ERR_OUT_OF_MEMORY,
+                      {also_starved ? own : "ran out of memory for its staging"}));
+  ASSERT_TRUE(IsOk(moert_session_forward_hidden(s.get(), x_most.data(), x_most.size(), most,
+                                                out_most.data(), out_most.size())));
 }
 
 // The host memory a MoE layer fills once rows travel (its slots' tokens and weights, of the
@@ -969,6 +992,8 @@ TEST(SessionMpi, AHostBufferOfTheRoutingsSizeThatCannotBeHadFailsEveryRankAtOnce
   EXPECT_TRUE(same(out, want));
 }
 
+// The profile: zero alone; among ranks the experts' compute and the waits are counted, overlap
+// or not, and moert_session_reset_metrics() zeroes them.
 TEST(SessionMpi, ProfileCountsTheExchanges) {
   ModelPtr m = load(hidden_baseline());
   const int64_t n = 64;
