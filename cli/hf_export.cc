@@ -178,14 +178,27 @@ class Exporter {
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / name).string(), inputs);
     for (size_t i = 0; i < moe_.size(); ++i)
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / shard_name(i)).string(), inputs);
+    // The outermost folder this export creates (OUT_DIR or a missing parent of it), if any.
+    // A folder whose existence cannot be told is taken as existing: never removed.
     std::error_code ec;
-    const bool created = fs::create_directories(req_.out_dir, ec);
-    if (ec) fail(req_.out_dir, ": cannot create: ", ec.message());
+    fs::path created;
+    const auto missing = [](const fs::path& p) {
+      std::error_code exists_ec;
+      return fs::status(p, exists_ec).type() == fs::file_type::not_found;
+    };
+    for (fs::path p = fs::absolute(req_.out_dir, ec).lexically_normal();
+         !ec && p.has_relative_path() && missing(p); p = p.parent_path())
+      created = p;
+    fs::create_directories(req_.out_dir, ec);
+    if (ec) {
+      if (!created.empty()) fs::remove_all(created, ec);
+      fail(req_.out_dir, ": cannot create: ", ec.message());
+    }
     try {
       write_all();
     } catch (...) {
       // A refused export leaves no folder of its own behind.
-      if (created) fs::remove_all(req_.out_dir, ec);
+      if (!created.empty()) fs::remove_all(created, ec);
       throw;
     }
     return result_;

@@ -384,6 +384,16 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                         "not a regular file");
   expect_one_line_error(run("convert " + tiny_json + " /dev/null", dir), 1, "convert",
                         "not a regular file");
+  // An export refused midway (the example's weights are initialisers, not values) removes the
+  // folders it created, missing parents included, and nothing else.
+  fs::create_directories(dir / "exports");
+  const std::string tiny_hidden =
+      (fs::path(MOERT_TINY_MODEL).parent_path() / "tiny_hidden.moert").string();
+  expect_one_line_error(
+      run("export " + tiny_hidden + " " + (dir / "exports" / "new" / "a" / "b").string(), dir), 1,
+      "export", "no stored values");
+  EXPECT_FALSE(fs::exists(dir / "exports" / "new"));
+  EXPECT_TRUE(fs::is_directory(dir / "exports"));
   // A corpus that never ends is refused when it passes the most a corpus may hold.
   expect_one_line_error(run("train --corpus /dev/zero --steps 1", dir), 1, "train",
                         "/dev/zero: holds more than 256 MiB of text");
