@@ -136,6 +136,8 @@ void Batcher::check_rows(uint64_t rows) const {
          " exceeds the batcher's max_batch_rows = ", options_.max_batch_rows);
 }
 
+bool Batcher::answering_on_this_thread() const { return answering == this; }
+
 void Batcher::check_out(uint64_t rows, const float* out, uint64_t out_len) const {
   // Only blocking requests have an output buffer: from one of this batcher's callbacks, such a
   // request would wait for a pass that its own thread must run.

@@ -99,6 +99,9 @@ class Batcher {
 
   // min(len, kBatcherCounters) counters into out; entries past those are set to -1.
   void counters(int64_t* out, uint64_t len) const;
+  // Whether the calling thread is running one of this batcher's callbacks (on a pool thread,
+  // which the destructor would have to join).
+  bool answering_on_this_thread() const;
 
   const BatcherOptions& options() const { return options_; }
 

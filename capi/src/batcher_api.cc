@@ -1,5 +1,6 @@
 // C entry points of the batcher: options, creation, requests from many threads, counters.
 #include <memory>
+#include <thread>
 
 #include "capi/src/handles.h"
 #include "core/batcher.h"
@@ -90,7 +91,19 @@ moert_status* moert_batcher_create(const moert_model* model, const moert_batcher
   });
 }
 
-void moert_batcher_free(moert_batcher* batcher) { delete batcher; }
+void moert_batcher_free(moert_batcher* batcher) {
+  if (batcher && batcher->batcher->answering_on_this_thread()) {
+    // A pool thread cannot join itself: the release runs on a thread of its own, which joins
+    // this one once the callback returns. Without a thread to spare the batcher is left running
+    // rather than the host aborted.
+    try {
+      std::thread([batcher] { delete batcher; }).detach();
+    } catch (...) {
+    }
+    return;
+  }
+  delete batcher;
+}
 
 moert_status* moert_batcher_forward_tokens(moert_batcher* batcher, const int32_t* tokens,
                                            uint64_t num_tokens, uint64_t rows, float* out,

@@ -1692,6 +1692,56 @@ TEST(BatcherSubmit, ABlockingCallFromACallbackComesBack) {
   std::printf("a blocking call from a callback returned code %d\n", ctx.code);
 }
 
+// A service that drops its last reference to the batcher inside a callback (Rust dropping it in
+// a waker, say): the free returns at once and the release runs on a thread of its own once the
+// callback returns. It once aborted the process (a pool thread joining itself). Every request is
+// answered exactly once, by its pass or by the release.
+TEST(BatcherSubmit, AFreeFromInsideACallbackReleasesTheBatcherOnceItReturns) {
+  Fixture f = example_fixture();
+  BatcherPtr owned = make_batcher(f.model.get(), {1, 1, 4, 1000});
+  ASSERT_TRUE(owned);
+  struct Ctx {
+    moert_batcher* b;
+    std::mutex mu;
+    std::condition_variable cv;
+    int answered = 0;
+    bool freed = false;
+  } ctx{owned.release()};
+  struct Cb {
+    static void count(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                      uint64_t) {
+      moert_status_free(status);
+      auto& c = *static_cast<Ctx*>(user_data);
+      std::lock_guard<std::mutex> lock(c.mu);
+      ++c.answered;
+      c.cv.notify_all();
+    }
+    static void free_batcher(void* user_data, moert_status* status, const float* out,
+                             uint64_t out_len, const int64_t* stats, uint64_t stats_len) {
+      auto& c = *static_cast<Ctx*>(user_data);
+      moert_batcher_free(c.b);
+      {
+        std::lock_guard<std::mutex> lock(c.mu);
+        c.freed = true;
+      }
+      count(user_data, status, out, out_len, stats, stats_len);
+    }
+  };
+  const auto in = f.token_input(2, 0);
+  constexpr int kRequests = 12;
+  ASSERT_TRUE(
+      IsOk(moert_batcher_submit_tokens(ctx.b, in.data(), in.size(), 2, &Cb::free_batcher, &ctx)));
+  // Batches of 4 rows: the rest queue behind the first pass and are answered by the release.
+  for (int i = 1; i < kRequests; ++i)
+    ASSERT_TRUE(
+        IsOk(moert_batcher_submit_tokens(ctx.b, in.data(), in.size(), 2, &Cb::count, &ctx)));
+  std::unique_lock<std::mutex> lock(ctx.mu);
+  ASSERT_TRUE(
+      ctx.cv.wait_for(lock, std::chrono::seconds(20), [&] { return ctx.answered == kRequests; }))
+      << ctx.answered << " of " << kRequests << " requests answered";
+  EXPECT_TRUE(ctx.freed);
+}
+
 // moert.h, moert_batcher_callback: "The library's asynchronous signals stay blocked while it
 // runs". True of a callback on a batcher thread; a callback that moert_batcher_free() runs (its
 // request was still queued) runs on the caller's thread, where it must be so too.

@@ -787,7 +787,10 @@ MOERT_API moert_status* moert_batcher_create(const moert_model* model,
 /* Stops the pool's threads and releases the batcher. Accepts NULL. Must not race with another
  * call on the same batcher (no moert_batcher_forward_*() may be in flight). Submitted requests
  * in a pass finish and get their callbacks first; those still queued get theirs with
- * MOERT_ERR_INVALID_STATE, on this thread, before it returns. Not from inside a callback. */
+ * MOERT_ERR_INVALID_STATE, on this thread, before it returns. From inside one of the batcher's
+ * callbacks (a service dropping its last reference there) it returns at once and the release
+ * runs as above on a thread of its own, once the callback returns; the handle is gone for the
+ * caller either way. */
 MOERT_API void moert_batcher_free(moert_batcher* batcher);
 
 /* One request of `rows` rows of token ids (a MOERT_INPUT_TOKENS model), as
@@ -818,10 +821,11 @@ MOERT_API moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, con
  * batcher and are valid only until the callback returns: copy what you keep.
  *
  * Runs on one of the batcher's threads, or, for a request still queued when the batcher is
- * freed, on the thread that calls moert_batcher_free(); callbacks of different requests may run
- * at once on different threads. It should return quickly (hand the answer to another thread or
- * an event loop): while it runs, its session takes no new pass. It must not call
- * moert_batcher_free() on its batcher and must not unwind (throw, longjmp) through the library.
+ * freed, on the thread that calls moert_batcher_free() (the release's own thread when a callback
+ * freed it); callbacks of different requests may run at once on different threads. It should
+ * return quickly (hand the answer to another thread or an event loop): while it runs, its session
+ * takes no new pass. It may free its batcher (see moert_batcher_free()) but must not use the
+ * handle afterwards, and must not unwind (throw, longjmp) through the library.
  * It may submit further requests; a blocking moert_batcher_forward_*() on its own batcher is
  * refused with MOERT_ERR_INVALID_STATE (it would wait for a pass its own thread must run). It
  * starts with the asynchronous signals blocked (see Signals at the top), on the library's threads

@@ -833,7 +833,10 @@ extern "C" {
     #[doc = " Stops the pool's threads and releases the batcher. Accepts NULL. Must not race with another"]
     #[doc = " call on the same batcher (no moert_batcher_forward_*() may be in flight). Submitted requests"]
     #[doc = " in a pass finish and get their callbacks first; those still queued get theirs with"]
-    #[doc = " MOERT_ERR_INVALID_STATE, on this thread, before it returns. Not from inside a callback."]
+    #[doc = " MOERT_ERR_INVALID_STATE, on this thread, before it returns. From inside one of the batcher's"]
+    #[doc = " callbacks (a service dropping its last reference there) it returns at once and the release"]
+    #[doc = " runs as above on a thread of its own, once the callback returns; the handle is gone for the"]
+    #[doc = " caller either way."]
     pub fn moert_batcher_free(batcher: *mut moert_batcher);
 }
 extern "C" {
@@ -878,10 +881,11 @@ extern "C" {
 #[doc = " batcher and are valid only until the callback returns: copy what you keep."]
 #[doc = ""]
 #[doc = " Runs on one of the batcher's threads, or, for a request still queued when the batcher is"]
-#[doc = " freed, on the thread that calls moert_batcher_free(); callbacks of different requests may run"]
-#[doc = " at once on different threads. It should return quickly (hand the answer to another thread or"]
-#[doc = " an event loop): while it runs, its session takes no new pass. It must not call"]
-#[doc = " moert_batcher_free() on its batcher and must not unwind (throw, longjmp) through the library."]
+#[doc = " freed, on the thread that calls moert_batcher_free() (the release's own thread when a callback"]
+#[doc = " freed it); callbacks of different requests may run at once on different threads. It should"]
+#[doc = " return quickly (hand the answer to another thread or an event loop): while it runs, its session"]
+#[doc = " takes no new pass. It may free its batcher (see moert_batcher_free()) but must not use the"]
+#[doc = " handle afterwards, and must not unwind (throw, longjmp) through the library."]
 #[doc = " It may submit further requests; a blocking moert_batcher_forward_*() on its own batcher is"]
 #[doc = " refused with MOERT_ERR_INVALID_STATE (it would wait for a pass its own thread must run). It"]
 #[doc = " starts with the asynchronous signals blocked (see Signals at the top), on the library's threads"]

@@ -478,6 +478,8 @@ unsafe extern "C" fn answer(
     };
     shared.ready.notify_all();
     if let Some(w) = waker {
-        w.wake();
+        // A panic must not unwind into the library's thread (the process would abort): a waker
+        // that panics is its executor's fault, and the answer is already in place for a poll.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
     }
 }

@@ -374,3 +374,63 @@ fn a_batcher_dropped_while_threads_wait_and_tasks_await_answers_them_all() {
     assert!(p.is_ready());
     assert_eq!(p.wait().unwrap_err().code(), Code::INVALID_STATE);
 }
+
+/// Polls `pending` once with `waker`; the request must still be waiting (a queueing batcher).
+fn poll_once(pending: &mut moert::Pending, waker: std::task::Waker) {
+    let mut cx = std::task::Context::from_waker(&waker);
+    let polled = std::future::Future::poll(std::pin::Pin::new(pending), &mut cx);
+    assert!(
+        polled.is_pending(),
+        "answered before its batch's wait was over"
+    );
+}
+
+/// A waker that panics on the library's thread: the panic stays there (it once unwound into the
+/// library and aborted the process), and the answer still arrives.
+#[test]
+fn a_panicking_waker_does_not_take_the_process_down() {
+    use std::task::{Wake, Waker};
+    struct Panics;
+    impl Wake for Panics {
+        fn wake(self: Arc<Self>) {
+            panic!("this waker panics on purpose");
+        }
+    }
+    let m = model();
+    let b = queueing_batcher(&m);
+    let mut pending = b.submit_tokens(&batch(2, 0), 2).unwrap();
+    poll_once(&mut pending, Waker::from(Arc::new(Panics)));
+    let (out, _) = pending.wait().unwrap();
+    assert_eq!(out.len(), 2 * 64);
+}
+
+/// A service that drops its last Batcher inside a waker (on the batcher's own thread): the
+/// library releases it once the callback returns (this once aborted the process: a thread
+/// cannot join itself).
+#[test]
+fn dropping_the_batcher_inside_a_waker_releases_it() {
+    use std::sync::Mutex;
+    use std::task::{Wake, Waker};
+    struct DropsBatcher(Mutex<Option<Batcher>>);
+    impl Wake for DropsBatcher {
+        fn wake(self: Arc<Self>) {
+            drop(self.0.lock().unwrap().take());
+        }
+    }
+    let m = model();
+    let b = queueing_batcher(&m);
+    let mut pending = b.submit_tokens(&batch(2, 0), 2).unwrap();
+    let holder = Arc::new(DropsBatcher(Mutex::new(Some(b))));
+    poll_once(&mut pending, Waker::from(Arc::clone(&holder)));
+    let (out, _) = pending.wait().unwrap();
+    assert_eq!(out.len(), 2 * 64);
+    // The waker runs after the answer is in place: wait for it to have dropped the batcher.
+    let start = std::time::Instant::now();
+    while holder.0.lock().unwrap().is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the waker never ran"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
