@@ -74,8 +74,13 @@ public final class MoertExample {
         trainer.save(ckpt.toString());
         trainer.load(ckpt.toString());
         System.out.println("checkpoint reloaded at step " + trainer.stepCount());
-        Files.delete(ckpt);
-        Files.delete(dir);
+        // A checkpoint is a description and, for arrays of 64 KiB and more, a data file beside
+        // it: remove the folder with everything in it.
+        try (var files = Files.walk(dir)) {
+          for (Path p : files.sorted(java.util.Comparator.reverseOrder()).toList()) {
+            Files.delete(p);
+          }
+        }
       }
     }
   }
