@@ -541,7 +541,8 @@ static void moert_jni_batcher_done(void* user_data, moert_status* status, const 
     byte[] utf8 = s.getBytes(java.nio.charset.StandardCharsets.UTF_8);
     for (byte b : utf8) {
       if (b == 0) {
-        throw new IllegalArgumentException("moert: a string argument contains a NUL character");
+        throw new MoertException(
+            CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "a string argument contains a NUL character");
       }
     }
     return utf8;

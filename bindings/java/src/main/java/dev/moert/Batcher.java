@@ -140,14 +140,15 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
 
   private static long checkRows(int rows) {
     if (rows < 0) {
-      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows " + rows);
+      throw new MoertException(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows must be at least 1, got " + rows);
     }
     return rows;
   }
 
   /** One request of rows rows of token ids; rows * outputWidth values out. */
   public float[] forwardTokens(int[] tokens, int rows) {
-    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    float[] out = io.outputFor(rows, tokens == null ? -1 : tokens.length);
     forwardTokens(IntBuffer.wrap(tokens), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -168,7 +169,7 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
 
   /** One request of rows rows of hidden states; rows * outputWidth values out. */
   public float[] forwardHidden(float[] in, int rows) {
-    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    float[] out = io.outputFor(rows, in == null ? -1 : in.length);
     forwardHidden(FloatBuffer.wrap(in), rows, FloatBuffer.wrap(out));
     return out;
   }

@@ -15,7 +15,39 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
    * What a forward pass takes ({@code CapiConstants.MOERT_INPUT_*}, values per row) and returns
    * (values per row).
    */
-  public record Io(int inputKind, int inputWidth, int outputWidth) {}
+  public record Io(int inputKind, int inputWidth, int outputWidth) {
+    /**
+     * The output array of a forward pass over rows rows whose input holds inputLength values (-1:
+     * no input), once rows is checked against it: a wrong count is refused as the library would
+     * refuse it, before an array of its size is allocated.
+     */
+    float[] outputFor(int rows, int inputLength) {
+      if (rows < 0) {
+        throw new MoertException(
+            CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows must be at least 1, got " + rows);
+      }
+      if (rows == 0) {
+        return new float[0]; // the library refuses it (and a batcher counts the refusal)
+      }
+      if (inputLength < 0) {
+        throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "the input is null");
+      }
+      long need = (long) rows * inputWidth;
+      if (need != inputLength) {
+        throw new MoertException(
+            CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+            "the input holds " + inputLength + " values but " + rows + " rows of width "
+                + inputWidth + " need " + need);
+      }
+      long outputs = (long) rows * outputWidth;
+      if (outputs > Integer.MAX_VALUE - 8) {
+        throw new MoertException(
+            CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+            rows + " rows of " + outputWidth + " outputs exceed the largest Java array");
+      }
+      return new float[(int) outputs];
+    }
+  }
 
   /** Every parameter, and those one input row uses. */
   public record ParameterCounts(long total, long activated) {}
@@ -57,7 +89,7 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
    * resolves its data file against, null when it has none.
    */
   public static Model fromBytes(byte[] data, String externalDir) {
-    return fromBuffer(ByteBuffer.wrap(data), externalDir);
+    return fromBuffer(data == null ? null : ByteBuffer.wrap(data), externalDir);
   }
 
   /**
@@ -66,6 +98,9 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
    */
   public static Model fromBuffer(ByteBuffer data, String externalDir) {
     Moert.load();
+    if (data == null) {
+      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "data is null");
+    }
     SWIGTYPE_p_moert_model[] out = new SWIGTYPE_p_moert_model[1];
     MoertException.check(Capi.moert_model_load_buffer(Buffers.in(data), externalDir, out));
     return new Model(out[0]);

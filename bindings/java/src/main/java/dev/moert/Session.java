@@ -66,7 +66,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** Forward over rows rows of token ids (rows * inputWidth, row-major); rows * outputWidth out. */
   public float[] forwardTokens(int[] tokens, int rows) {
-    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    float[] out = io.outputFor(rows, tokens == null ? -1 : tokens.length);
     forwardTokens(IntBuffer.wrap(tokens), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -87,7 +87,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** Forward over rows rows of hidden states (rows * inputWidth); rows * outputWidth out. */
   public float[] forwardHidden(float[] in, int rows) {
-    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    float[] out = io.outputFor(rows, in == null ? -1 : in.length);
     forwardHidden(FloatBuffer.wrap(in), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -111,7 +111,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
    * alone. A mask of another length than rows is an error.
    */
   public float[] forwardTokensMasked(int[] tokens, boolean[] rowMask, int rows) {
-    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    float[] out = io.outputFor(rows, tokens == null ? -1 : tokens.length);
     forwardTokensMasked(IntBuffer.wrap(tokens), mask(rowMask), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -137,7 +137,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
    * values are not read (NaN is fine), and backward gives it a zero input gradient.
    */
   public float[] forwardHiddenMasked(float[] in, boolean[] rowMask, int rows) {
-    float[] out = new float[Math.multiplyExact((int) checkRows(rows), io.outputWidth())];
+    float[] out = io.outputFor(rows, in == null ? -1 : in.length);
     forwardHiddenMasked(FloatBuffer.wrap(in), mask(rowMask), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -449,7 +449,8 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   private static long checkRows(int rows) {
     if (rows < 0) {
-      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows " + rows);
+      throw new MoertException(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows must be at least 1, got " + rows);
     }
     return rows;
   }

@@ -231,6 +231,18 @@ class MoertTest {
       assertThrows(ReadOnlyBufferException.class, () -> s.forwardTokens(
           IntBuffer.wrap(ids), 8, FloatBuffer.allocate(8 * 64).asReadOnlyBuffer()));
       expectCode(CapiConstants.MOERT_ERR_INVALID_STATE, s::zeroGrad);
+      // A row count that does not fit the input is refused before an output of its size is
+      // allocated (30M rows of 64 outputs once ran the heap out; 2^30 overflowed int).
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.forwardTokens(ids, 30_000_000));
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.forwardTokens(ids, 1 << 30));
+      expectCode(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+          () -> s.forwardTokensMasked(ids, new boolean[8], 30_000_000));
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.forwardTokens(ids, -1));
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.forwardTokens(null, 1));
+      // Arguments the library would refuse are MoertExceptions too, whatever the binding sees.
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.save("a\0b"));
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> Model.fromBytes(null, null));
     }
     try (SessionOptions o = SessionOptions.create()) {
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> o.threads(0));
