@@ -157,8 +157,8 @@ void Batcher::check_tokens(const int32_t* tokens, uint64_t num_tokens, uint64_t 
     fail(Code::InvalidArgument,
          "this model takes hidden states (its first layer is not an Embedding): use "
          "forward_hidden");
+  check_rows(rows);  // first: a caller's empty slice may come as NULL
   if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
-  check_rows(rows);
   const uint64_t width = model_->input_width;
   if (num_tokens != rows * width)
     fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
@@ -173,8 +173,8 @@ void Batcher::check_hidden(const float* in, uint64_t in_len, uint64_t rows) cons
   if (model_->token_input)
     fail(Code::InvalidArgument,
          "this model takes token ids (its first layer is an Embedding): use forward_tokens");
+  check_rows(rows);  // first: a caller's empty slice may come as NULL
   if (!in) fail(Code::InvalidArgument, "in is NULL");
-  check_rows(rows);
   const uint64_t width = model_->input_width;
   if (in_len != rows * width)
     fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,

@@ -446,9 +446,9 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
       fail(Code::InvalidArgument,
            "this model takes hidden states (its first layer is not an "
            "Embedding): use forward_hidden");
+    check_rows(rows, out_len);  // first: a caller's empty slices may come as NULL
     if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
     if (!out) fail(Code::InvalidArgument, "out is NULL");
-    check_rows(rows, out_len);
     const uint64_t width = model_->input_width;
     if (num_tokens != rows * width)
       fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
@@ -499,9 +499,9 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
       fail(Code::InvalidArgument,
            "this model takes token ids (its first layer is an Embedding): "
            "use forward_tokens");
+    check_rows(rows, out_len);  // first: a caller's empty slices may come as NULL
     if (!in) fail(Code::InvalidArgument, "in is NULL");
     if (!out) fail(Code::InvalidArgument, "out is NULL");
-    check_rows(rows, out_len);
     const uint64_t width = model_->input_width;
     if (in_len != rows * width)
       fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,

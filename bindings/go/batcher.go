@@ -33,6 +33,9 @@ func NewBatcherOptions() (*BatcherOptions, error) {
 
 // Close releases the options; a second Close does nothing.
 func (o *BatcherOptions) Close() error {
+	if o == nil {
+		return nil
+	}
 	o.g.close(func() {
 		capi.Moert_batcher_options_free(o.ptr)
 		runtime.SetFinalizer(o, nil)
@@ -164,6 +167,9 @@ type Batcher struct {
 // NewBatcher creates a batcher over model with opts (nil: defaults) and starts its sessions.
 // The batcher keeps what it needs of the model, which may be closed afterwards.
 func NewBatcher(model *Model, opts *BatcherOptions) (*Batcher, error) {
+	if model == nil {
+		return nil, &Error{Code: ErrInvalidArgument, Message: "model is nil"}
+	}
 	if abiErr != nil {
 		return nil, abiErr
 	}
@@ -198,6 +204,9 @@ func NewBatcher(model *Model, opts *BatcherOptions) (*Batcher, error) {
 // answered with ErrInvalidState; by the time Close returns every Pending of the batcher has its
 // answer (Done is closed). Other goroutines may be waiting on Pendings meanwhile.
 func (b *Batcher) Close() error {
+	if b == nil {
+		return nil
+	}
 	b.g.close(func() {
 		capi.Moert_batcher_free(b.ptr)
 		runtime.SetFinalizer(b, nil)
@@ -232,7 +241,7 @@ const maxBatchRows = 1 << 20
 
 func checkRows(rows int) error {
 	if rows < 0 {
-		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows must be at least 1, got %d", rows)}
 	}
 	if rows > maxBatchRows {
 		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf(

@@ -100,6 +100,9 @@ func int32Arg(what string, v int) (int32, error) {
 // Close releases this handle's reference; session options and sessions that hold the
 // communicator keep it alive. A second Close does nothing.
 func (c *Communicator) Close() error {
+	if c == nil {
+		return nil
+	}
 	c.g.close(func() {
 		capi.Moert_comm_free(c.ptr)
 		runtime.SetFinalizer(c, nil)

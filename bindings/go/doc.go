@@ -3,7 +3,10 @@
 // It is the idiomatic layer over moert.dev/moert/internal/capi, which SWIG generates from
 // moert.h. Every fallible call returns (T, error); a library error is an *Error carrying the
 // status code and message. Model, SessionOptions and Session hold C handles: Close releases them
-// (a second Close does nothing), and a finalizer releases any the program forgets.
+// (a second Close does nothing, nor does Close on a nil handle, so a deferred Close may come
+// before the error check), and a finalizer releases any the program forgets. A nil *Model given
+// to NewSession or NewBatcher is an ErrInvalidArgument; other methods on a nil handle panic, as
+// Go's own types do.
 //
 // Concurrency follows moert.h: a Model may be used from any number of goroutines; a Session may
 // be called from many goroutines at once, the library serialising the calls; a SessionOptions

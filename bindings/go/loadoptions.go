@@ -36,6 +36,9 @@ func NewLoadOptions() (*LoadOptions, error) {
 
 // Close releases the options; a second Close does nothing.
 func (o *LoadOptions) Close() error {
+	if o == nil {
+		return nil
+	}
 	o.g.close(func() {
 		capi.Moert_load_options_free(o.ptr)
 		runtime.SetFinalizer(o, nil)

@@ -34,8 +34,8 @@ type IO struct {
 // holds n values, once rows is checked against n: a wrong count comes back as an error instead of
 // an allocation that ends the process (moert.h refuses more than 2^31 - 1 rows anyway).
 func (io IO) outputs(rows, n int) ([]float32, error) {
-	if rows < 0 {
-		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	if err := checkForwardRows(rows); err != nil {
+		return nil, err
 	}
 	if rows > 1<<31-1 {
 		return nil, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows = %d exceeds 2^31 - 1", rows)}
@@ -45,6 +45,15 @@ func (io IO) outputs(rows, n int) ([]float32, error) {
 			"the input holds %d values but %d rows of width %d need %d", n, rows, io.InputWidth, need)}
 	}
 	return make([]float32, rows*io.OutputWidth), nil
+}
+
+// checkForwardRows refuses a forward pass of no rows (or fewer) as the library does, before any
+// slice is looked at: a nil slice is Go's empty one and must not be reported as a NULL pointer.
+func checkForwardRows(rows int) error {
+	if rows < 1 {
+		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows must be at least 1, got %d", rows)}
+	}
+	return nil
 }
 
 func newModel(p uintptr) *Model {
@@ -89,6 +98,9 @@ func LoadModelBytes(data []byte, externalDir string) (*Model, error) {
 
 // Close releases the model. It waits for calls in flight; a second Close does nothing.
 func (m *Model) Close() error {
+	if m == nil {
+		return nil
+	}
 	m.g.close(func() {
 		capi.Moert_model_free(m.ptr)
 		runtime.SetFinalizer(m, nil)

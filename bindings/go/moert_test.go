@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -282,6 +283,47 @@ func TestCloseTwiceAndUseAfterClose(t *testing.T) {
 	wantCode(t, err, ErrInvalidState)
 	_, err = NewSession(m, nil)
 	wantCode(t, err, ErrInvalidState)
+}
+
+// A nil handle: Close accepts it (a deferred Close before the error check), a nil model is an
+// argument error, not a panic; a forward of no rows says so whether the slice is nil or empty (a
+// nil slice was reported as a NULL pointer).
+func TestNilHandlesAndEmptyForwards(t *testing.T) {
+	var s *Session
+	var b *Batcher
+	var m *Model
+	for _, c := range []interface{ Close() error }{s, b, m, (*SessionOptions)(nil),
+		(*BatcherOptions)(nil), (*LoadOptions)(nil), (*Communicator)(nil)} {
+		if err := c.Close(); err != nil {
+			t.Fatalf("%T.Close() = %v", c, err)
+		}
+	}
+	_, err := NewSession(nil, nil)
+	wantCode(t, err, ErrInvalidArgument)
+	_, err = NewBatcher(nil, nil)
+	wantCode(t, err, ErrInvalidArgument)
+
+	model := mustModel(t)
+	defer model.Close()
+	session := mustSession(t, model, ModeInference, 1)
+	defer session.Close()
+	for _, ids := range [][]int32{nil, {}} {
+		_, err = session.ForwardTokens(ids, 0)
+		if e := wantCode(t, err, ErrInvalidArgument); !strings.Contains(e.Message, "at least 1") {
+			t.Fatalf("ForwardTokens(%v, 0): %v", ids, err)
+		}
+		e := wantCode(t, session.ForwardTokensInto(ids, 0, nil), ErrInvalidArgument)
+		if !strings.Contains(e.Message, "at least 1") {
+			t.Fatalf("ForwardTokensInto(%v, 0): %v", ids, e)
+		}
+		// The batcher leaves the refusal to the library, which counts it.
+		b := mustBatcher(t, model, 1, 16, 0)
+		_, err = b.SubmitTokens(ids, 0)
+		if e := wantCode(t, err, ErrInvalidArgument); !strings.Contains(e.Message, "at least 1") {
+			t.Fatalf("SubmitTokens(%v, 0): %v", ids, err)
+		}
+		b.Close()
+	}
 }
 
 // trainStep runs one optimizer step over two micro-batches and returns the mean loss.

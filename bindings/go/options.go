@@ -30,6 +30,9 @@ func NewSessionOptions() (*SessionOptions, error) {
 
 // Close releases the options; a second Close does nothing.
 func (o *SessionOptions) Close() error {
+	if o == nil {
+		return nil
+	}
 	o.g.close(func() {
 		capi.Moert_session_options_free(o.ptr)
 		runtime.SetFinalizer(o, nil)

@@ -27,6 +27,9 @@ type Session struct {
 // NewSession creates a session over model with opts (nil: defaults). The session keeps what it
 // needs of the model, which may be closed afterwards.
 func NewSession(model *Model, opts *SessionOptions) (*Session, error) {
+	if model == nil {
+		return nil, &Error{Code: ErrInvalidArgument, Message: "model is nil"}
+	}
 	if abiErr != nil {
 		return nil, abiErr
 	}
@@ -74,6 +77,9 @@ func NewSession(model *Model, opts *SessionOptions) (*Session, error) {
 // Close releases the session after the calls in flight have finished; a second Close does
 // nothing.
 func (s *Session) Close() error {
+	if s == nil {
+		return nil
+	}
 	s.g.close(func() {
 		capi.Moert_session_free(s.ptr)
 		runtime.SetFinalizer(s, nil)
@@ -112,8 +118,8 @@ func (s *Session) ForwardTokens(tokens []int32, rows int) ([]float32, error) {
 // ForwardTokensInto is ForwardTokens writing into out (rows*OutputWidth values). tokens and out
 // may lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardTokensInto(tokens []int32, rows int, out []float32) error {
-	if rows < 0 {
-		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	if err := checkForwardRows(rows); err != nil {
+		return err
 	}
 	in, dst := ownInts(tokens), scratchFloats(out)
 	if err := s.call(func() capi.Struct_SS_moert_status {
@@ -144,8 +150,8 @@ func (s *Session) ForwardHidden(in []float32, rows int) ([]float32, error) {
 // ForwardHiddenInto is ForwardHidden writing into out (rows*OutputWidth values). in and out may
 // lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardHiddenInto(in []float32, rows int, out []float32) error {
-	if rows < 0 {
-		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	if err := checkForwardRows(rows); err != nil {
+		return err
 	}
 	src, dst := ownFloats(in), scratchFloats(out)
 	if err := s.call(func() capi.Struct_SS_moert_status {
@@ -179,8 +185,8 @@ func (s *Session) ForwardTokensMasked(tokens []int32, mask []bool, rows int) ([]
 // ForwardTokensMaskedInto is ForwardTokensMasked writing into out (rows*OutputWidth values).
 // tokens, mask and out may lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardTokensMaskedInto(tokens []int32, mask []bool, rows int, out []float32) error {
-	if rows < 0 {
-		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	if err := checkForwardRows(rows); err != nil {
+		return err
 	}
 	in, m, dst := ownInts(tokens), ownMask(mask), scratchFloats(out)
 	if err := s.call(func() capi.Struct_SS_moert_status {
@@ -212,8 +218,8 @@ func (s *Session) ForwardHiddenMasked(in []float32, mask []bool, rows int) ([]fl
 // ForwardHiddenMaskedInto is ForwardHiddenMasked writing into out (rows*OutputWidth values). in,
 // mask and out may lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardHiddenMaskedInto(in []float32, mask []bool, rows int, out []float32) error {
-	if rows < 0 {
-		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows %d is negative", rows)}
+	if err := checkForwardRows(rows); err != nil {
+		return err
 	}
 	src, m, dst := ownFloats(in), ownMask(mask), scratchFloats(out)
 	if err := s.call(func() capi.Struct_SS_moert_status {
