@@ -98,7 +98,7 @@ const CommandSpec kTrainSpec = {
          "validation rows for the router diagnostics and the GEMM accuracy; 0 = skip them", "8192"},
         {"tail", "F", "fraction of the steps at the end over which MaxVio_batch is averaged",
          "0.2"},
-        {"csv", "FILE", "write per-step metrics of every run here, in place once all runs end", ""},
+        {"csv", "FILE", "write per-step metrics of every run here", ""},
         {"save", "DIR", "write each trained model as DIR/<strategy>.moert (a checkpoint)", ""},
         {"log-every", "N", "steps between progress lines when stderr is not a terminal",
          "steps/10"},
@@ -331,8 +331,8 @@ int run_train(const Args& args) {
           usage_fail("--csv '", csv_path, "' is where --save writes checkpoint '", c,
                      "': name another file");
     }
-    // --save first, --csv last: a refused CSV (a directory, a folder that takes no files)
-    // removes the directory this run created.
+    // --save first, --csv (which truncates the file) last: a refused directory leaves the CSV
+    // as it was, and a refused CSV removes the directory this run created.
     bool created = false;
     if (!save_dir.empty()) {
       std::error_code ec;

@@ -208,52 +208,22 @@ void write_file_atomically(const std::string& path, std::span<const uint8_t> byt
 
 void write_parts_atomically(const std::string& path,
                             const std::vector<std::span<const uint8_t>>& parts) {
-  AtomicFile file(path);
-  for (const auto& p : parts) file.write(p);
-  file.commit();
-}
-
-AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
-  refuse_non_regular(path_);
-  temp_ = temp_name(path_);
-  f_ = std::fopen(temp_.c_str(), "wb");
-  if (!f_) fail("cannot create '", temp_, "': ", std::strerror(errno));
-}
-
-AtomicFile::~AtomicFile() {
-  if (!f_) return;
-  std::fclose(f_);
-  std::remove(temp_.c_str());
-}
-
-void AtomicFile::write(std::span<const uint8_t> bytes) {
-  // The first error is kept and reported by commit(): a caller writing many small pieces need
-  // not check each.
-  if (!bytes.empty() && !failed_ &&
-      std::fwrite(bytes.data(), 1, bytes.size(), f_) != bytes.size()) {
-    failed_ = true;
-    error_ = errno;
+  refuse_non_regular(path);
+  const std::string temp = temp_name(path);
+  std::FILE* f = std::fopen(temp.c_str(), "wb");
+  if (!f) fail("cannot create '", temp, "': ", std::strerror(errno));
+  bool ok = true;
+  for (const auto& p : parts)
+    if (!p.empty() && std::fwrite(p.data(), 1, p.size(), f) != p.size()) ok = false;
+  if (!ok || std::fflush(f) != 0 || fsync(fileno(f)) != 0) {
+    const int err = errno;
+    std::fclose(f);
+    std::remove(temp.c_str());
+    fail("cannot write '", temp, "': ", std::strerror(err));
   }
-}
-
-void AtomicFile::write(const std::string& text) {
-  write({reinterpret_cast<const uint8_t*>(text.data()), text.size()});
-}
-
-void AtomicFile::commit() {
-  if (!f_) fail("'", path_, "' was already written");
-  if (!failed_ && (std::fflush(f_) != 0 || fsync(fileno(f_)) != 0)) {
-    failed_ = true;
-    error_ = errno;
-  }
-  std::fclose(f_);
-  f_ = nullptr;
-  if (failed_) {
-    std::remove(temp_.c_str());
-    fail("cannot write '", temp_, "': ", std::strerror(error_));
-  }
-  rename_into_place(temp_, path_);
-  remove_interrupted_writes(path_);
+  std::fclose(f);
+  rename_into_place(temp, path);
+  remove_interrupted_writes(path);
 }
 
 }  // namespace moert_cli

@@ -63,29 +63,6 @@ class DataFileWriter {
   void* hash_ = nullptr;
 };
 
-// A file written piece by piece and put in place whole: the pieces go to a temporary file beside
-// `path` ("<file>.tmp.<host>.<pid>"); commit() syncs it and renames it onto `path`. Destroyed
-// without a commit (an error, an exception), it removes the temporary and `path` stays as it was.
-// A `path` that is a directory, a device or a FIFO is refused before anything is written.
-class AtomicFile {
- public:
-  explicit AtomicFile(std::string path);
-  ~AtomicFile();
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-
-  void write(std::span<const uint8_t> bytes);
-  void write(const std::string& text);
-  // Syncs, renames into place, syncs the directory and removes interrupted writes' leftovers.
-  void commit();
-
- private:
-  std::string path_, temp_;
-  std::FILE* f_ = nullptr;
-  bool failed_ = false;
-  int error_ = 0;
-};
-
 // Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the directory).
 // A `path` that is a directory, a device or a FIFO is refused before anything is written.
 void write_file_atomically(const std::string& path, std::span<const uint8_t> bytes);

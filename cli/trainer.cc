@@ -33,20 +33,30 @@ std::string number(double v) { return cat(v); }
 
 }  // namespace
 
-StepCsv::StepCsv(const std::string& path) : file_(path) {
-  file_.write("strategy,step,train_loss,aux_loss,max_vio_batch,lr,grad_norm\n");
+StepCsv::StepCsv(const std::string& path) : path_(path) {
+  f_ = std::fopen(path.c_str(), "w");
+  if (!f_) fail(path, ": cannot open for writing: ", std::strerror(errno));
+  std::fputs("strategy,step,train_loss,aux_loss,max_vio_batch,lr,grad_norm\n", f_);
+}
+
+StepCsv::~StepCsv() {
+  if (f_) std::fclose(f_);
 }
 
 void StepCsv::add(const std::string& label, const StepRecord& r) {
   // Labels such as "loss-free(gamma=0.01)" hold no comma or quote, so they need no quoting.
-  char numbers[1024];
-  std::snprintf(numbers, sizeof numbers, ",%llu,%.6f,%.6g,%.6f,%.6g,%.6g\n",
-                static_cast<unsigned long long>(r.step), r.train_loss, r.aux_loss, r.max_vio_batch,
-                r.lr, r.grad_norm);
-  file_.write(label + numbers);
+  std::fprintf(f_, "%s,%llu,%.6f,%.6g,%.6f,%.6g,%.6g\n", label.c_str(),
+               static_cast<unsigned long long>(r.step), r.train_loss, r.aux_loss, r.max_vio_batch,
+               r.lr, r.grad_norm);
 }
 
-void StepCsv::close() { file_.commit(); }
+void StepCsv::close() {
+  if (!f_) return;
+  const bool bad = std::ferror(f_) != 0;
+  const bool closed = std::fclose(f_) == 0;
+  f_ = nullptr;
+  if (bad || !closed) fail(path_, ": write error");
+}
 
 RunResult train_run(const moert_model* model, const std::string& label,
                     const std::vector<int32_t>& train, const std::vector<int32_t>& validation,

@@ -7,7 +7,6 @@
 #include <string>
 #include <vector>
 
-#include "cli/data_file.h"
 #include "cli/library.h"
 #include "cli/lm_eval.h"
 
@@ -51,16 +50,19 @@ struct RunResult {
   SessionPtr session;  // the trained session, for diagnostics and checkpoints
 };
 
-// Writes the per-step metrics of any number of runs to one CSV file, put in place whole by
-// close(): a job that fails before then leaves an earlier file of that name as it was.
+// Writes the per-step metrics of any number of runs to one CSV file.
 class StepCsv {
  public:
   explicit StepCsv(const std::string& path);
+  ~StepCsv();
+  StepCsv(const StepCsv&) = delete;
+  StepCsv& operator=(const StepCsv&) = delete;
   void add(const std::string& label, const StepRecord& r);
   void close();
 
  private:
-  AtomicFile file_;
+  std::string path_;
+  FILE* f_ = nullptr;
 };
 
 // Trains `model` (token input, `context` ids per row, an OutputHead over the vocabulary) on the

@@ -1,7 +1,7 @@
 # `mpirun --enable-recovery -np 2 moert train --expert-parallel 2 --comm-timeout 3`, rank 1 killed
-# (SIGKILL) once training runs -- rank 0's CSV (a temporary until the job ends) has its first
-# buffer out, so both ranks are past creating the communicator and the sessions -- and a second
-# more: rank 0 must end with one error line within its timeout, not hang.
+# (SIGKILL) once training runs -- rank 0's CSV has its first buffer out, so both ranks are past
+# creating the communicator and the sessions -- and a second more: rank 0 must end with one error
+# line within its timeout, not hang.
 #   cmake -DMPIRUN=.. -DMOERT=.. -DCORPUS=.. -DDIR=.. -P cli_killed_rank_test.cmake
 file(REMOVE_RECURSE ${DIR})
 file(MAKE_DIRECTORY ${DIR})
@@ -12,7 +12,7 @@ set(train "exec '${MOERT}' train --corpus '${CORPUS}' --steps 100000000 --batch 
 string(TIMESTAMP t0 "%s")
 execute_process(
   COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe --enable-recovery -np 2 sh -c
-          "if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then (i=0; while [ ! -s \"$(ls '${DIR}'/steps.csv.tmp.* 2>/dev/null)\" ] && \
+          "if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then (i=0; while [ ! -s '${DIR}/steps.csv' ] && \
 [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; sleep 1; kill -9 $$) & fi; ${train}"
   OUTPUT_FILE ${DIR}/out.txt
   ERROR_FILE ${DIR}/err.txt
