@@ -178,33 +178,46 @@ class Exporter {
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / name).string(), inputs);
     for (size_t i = 0; i < moe_.size(); ++i)
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / shard_name(i)).string(), inputs);
-    // The outermost folder this export creates (OUT_DIR or a missing parent of it), if any.
-    // A folder whose existence cannot be told is taken as existing: never removed.
-    std::error_code ec;
-    fs::path created;
-    const auto missing = [](const fs::path& p) {
-      std::error_code exists_ec;
-      return fs::status(p, exists_ec).type() == fs::file_type::not_found;
-    };
-    for (fs::path p = fs::absolute(req_.out_dir, ec).lexically_normal();
-         !ec && p.has_relative_path() && missing(p); p = p.parent_path())
-      created = p;
-    fs::create_directories(req_.out_dir, ec);
-    if (ec) {
-      if (!created.empty()) fs::remove_all(created, ec);
-      fail(req_.out_dir, ": cannot create: ", ec.message());
-    }
+    const std::vector<fs::path> created = create_folders(req_.out_dir);
     try {
       write_all();
     } catch (...) {
-      // A refused export leaves no folder of its own behind.
-      if (!created.empty()) fs::remove_all(created, ec);
+      // A refused export leaves no folder of its own behind: OUT_DIR with what this export wrote
+      // in it, then the parents it created, innermost first, each only while empty.
+      std::error_code ec;
+      for (auto it = created.rbegin(); it != created.rend(); ++it) {
+        if (it == created.rbegin() && fs::equivalent(*it, req_.out_dir, ec))
+          fs::remove_all(*it, ec);
+        else
+          fs::remove(*it, ec);
+      }
       throw;
     }
     return result_;
   }
 
  private:
+  // Creates OUT_DIR and its missing parents one by one, as the path is written, and returns
+  // those this call created, outermost first: only what it created itself is ever removed (not
+  // a folder that existed, nor what a link or ".." leads to).
+  static std::vector<fs::path> create_folders(const std::string& dir) {
+    std::vector<fs::path> created;
+    fs::path at;
+    for (const fs::path& part : fs::path(dir)) {
+      at /= part;
+      if (part.empty() || part == "." || part == ".." || part == at.root_path()) continue;
+      std::error_code ec;
+      if (fs::create_directory(at, ec)) {
+        created.push_back(at);
+      } else if (ec || !fs::is_directory(at, ec)) {
+        const std::string why = ec ? ec.message() : "it exists and is not a folder";
+        for (auto it = created.rbegin(); it != created.rend(); ++it) fs::remove(*it, ec);
+        fail(dir, ": cannot create '", at.string(), "': ", why);
+      }
+    }
+    return created;
+  }
+
   std::string shard_name(size_t i) const {
     return cat("model-", pad5(i + 1), "-of-", pad5(moe_.size()), ".safetensors");
   }

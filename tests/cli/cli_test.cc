@@ -394,6 +394,21 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
       "export", "no stored values");
   EXPECT_FALSE(fs::exists(dir / "exports" / "new"));
   EXPECT_TRUE(fs::is_directory(dir / "exports"));
+  // Only folders it created itself: not a dangling link in the way (the refusal names it), not
+  // a folder a ".." leads to that held the user's files.
+  fs::create_symlink(dir / "exports" / "nowhere", dir / "exports" / "dangling");
+  expect_one_line_error(
+      run("export " + tiny_hidden + " " + (dir / "exports" / "dangling" / "out").string(), dir), 1,
+      "export", "cannot create");
+  EXPECT_TRUE(fs::is_symlink(dir / "exports" / "dangling"));
+  fs::create_directories(dir / "exports" / "theirs");
+  std::ofstream(dir / "exports" / "theirs" / "file") << "kept";
+  expect_one_line_error(
+      run("export " + tiny_hidden + " " + (dir / "exports" / "fresh" / ".." / "theirs").string(),
+          dir),
+      1, "export", "no stored values");
+  EXPECT_EQ(slurp(dir / "exports" / "theirs" / "file"), "kept");
+  EXPECT_FALSE(fs::exists(dir / "exports" / "fresh"));
   // A corpus that never ends is refused when it passes the most a corpus may hold.
   expect_one_line_error(run("train --corpus /dev/zero --steps 1", dir), 1, "train",
                         "/dev/zero: holds more than 256 MiB of text");
