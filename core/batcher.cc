@@ -14,6 +14,8 @@ namespace {
 // The batcher whose callback this thread is running, if any: a blocking request from there
 // would wait for a pass that its own thread must run.
 thread_local const Batcher* answering = nullptr;
+// The batcher whose pool this thread serves, if any: its destructor would have to join it.
+thread_local const Batcher* serving = nullptr;
 
 // A session forward pass takes its row count as int32 (BLAS); a batch must fit.
 constexpr uint64_t kMaxBatchRows = 1u << 20;
@@ -136,7 +138,7 @@ void Batcher::check_rows(uint64_t rows) const {
          " exceeds the batcher's max_batch_rows = ", options_.max_batch_rows);
 }
 
-bool Batcher::answering_on_this_thread() const { return answering == this; }
+bool Batcher::serving_on_this_thread() const { return serving == this; }
 
 void Batcher::check_out(uint64_t rows, const float* out, uint64_t out_len) const {
   // Only blocking requests have an output buffer: from one of this batcher's callbacks, such a
@@ -319,6 +321,7 @@ void Batcher::counters(int64_t* out, uint64_t len) const {
 }
 
 void Batcher::serve(size_t index) {
+  serving = this;
   cpu::block_async_signals();  // the host's signals go to the host's threads (signal_guard.h)
   const auto max_wait = std::chrono::microseconds(options_.max_wait_us);
   const uint64_t cap = options_.max_batch_rows;

@@ -99,9 +99,10 @@ class Batcher {
 
   // min(len, kBatcherCounters) counters into out; entries past those are set to -1.
   void counters(int64_t* out, uint64_t len) const;
-  // Whether the calling thread is running one of this batcher's callbacks (on a pool thread,
-  // which the destructor would have to join).
-  bool answering_on_this_thread() const;
+  // Whether the calling thread is one of this batcher's pool threads (running one of its
+  // callbacks, or one of another batcher's that a callback of this one freed), which the
+  // destructor would have to join.
+  bool serving_on_this_thread() const;
 
   const BatcherOptions& options() const { return options_; }
 

@@ -1,4 +1,5 @@
 // C entry points of the batcher: options, creation, requests from many threads, counters.
+#include <atomic>
 #include <memory>
 #include <thread>
 
@@ -17,6 +18,9 @@ struct moert_batcher_options {
 
 struct moert_batcher {
   std::unique_ptr<moert::Batcher> batcher;
+  // Set by the first moert_batcher_free(): a callback that the release runs and that frees the
+  // handle again is ignored rather than freeing it twice.
+  std::atomic<bool> releasing{false};
 };
 
 extern "C" {
@@ -85,14 +89,15 @@ moert_status* moert_batcher_create(const moert_model* model, const moert_batcher
     require(model, "model");
     require(out, "out");
     const moert::BatcherOptions opts = options ? options->options : moert::BatcherOptions{};
-    auto b = std::make_unique<moert_batcher>(
-        moert_batcher{std::make_unique<moert::Batcher>(model->model, opts)});
+    auto b = std::make_unique<moert_batcher>();
+    b->batcher = std::make_unique<moert::Batcher>(model->model, opts);
     *out = b.release();
   });
 }
 
 void moert_batcher_free(moert_batcher* batcher) {
-  if (batcher && batcher->batcher->answering_on_this_thread()) {
+  if (!batcher || batcher->releasing.exchange(true)) return;
+  if (batcher->batcher->serving_on_this_thread()) {
     // A pool thread cannot join itself: the release runs on a thread of its own, which joins
     // this one once the callback returns. Without a thread to spare the batcher is left running
     // rather than the host aborted.

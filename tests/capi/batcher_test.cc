@@ -1742,6 +1742,66 @@ TEST(BatcherSubmit, AFreeFromInsideACallbackReleasesTheBatcherOnceItReturns) {
   EXPECT_TRUE(ctx.freed);
 }
 
+// Frees from inside callbacks, nested: A's callback frees B on A's pool thread; B's release
+// runs B's queued request's callback there, which frees A, and frees B again. A is released on
+// a thread of its own (it once was deleted on its own pool thread, which aborted the process: the
+// check looked at the innermost callback's batcher, B), and the second free of B is ignored (it
+// once freed the handle twice).
+TEST(BatcherSubmit, NestedFreesFromCallbacksReleaseEachBatcherOnce) {
+  Fixture f = example_fixture();
+  struct Ctx {
+    moert_batcher* a = nullptr;
+    moert_batcher* b = nullptr;
+    std::mutex mu;
+    std::condition_variable cv;
+    int answered = 0;
+    int refused_as_freed = 0;
+  } ctx;
+  ctx.a = make_batcher(f.model.get(), {1, 1, 2, 0}).release();
+  ctx.b = make_batcher(f.model.get(), {1, 1, 2, 1000000}).release();
+  ASSERT_TRUE(ctx.a && ctx.b);
+  struct Cb {
+    static void done(Ctx& c, moert_status* status) {
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.refused_as_freed += moert_status_code(status) == MOERT_ERR_INVALID_STATE;
+      moert_status_free(status);
+      ++c.answered;
+      c.cv.notify_all();
+    }
+    static void slow(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
+                     uint64_t) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      done(*static_cast<Ctx*>(user_data), status);
+    }
+    static void frees_a_and_b(void* user_data, moert_status* status, const float*, uint64_t,
+                              const int64_t*, uint64_t) {
+      auto& c = *static_cast<Ctx*>(user_data);
+      moert_batcher_free(c.a);
+      moert_batcher_free(c.b);  // B is being released: ignored
+      done(c, status);
+    }
+    static void frees_b(void* user_data, moert_status* status, const float*, uint64_t,
+                        const int64_t*, uint64_t) {
+      auto& c = *static_cast<Ctx*>(user_data);
+      moert_batcher_free(c.b);
+      done(c, status);
+    }
+  };
+  const auto in = f.token_input(2, 0);
+  // B's first request fills its pass and holds B's thread; the second queues behind it (B waits
+  // a second to fill a batch) until A's callback frees B.
+  ASSERT_TRUE(IsOk(moert_batcher_submit_tokens(ctx.b, in.data(), in.size(), 2, &Cb::slow, &ctx)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_TRUE(
+      IsOk(moert_batcher_submit_tokens(ctx.b, in.data(), in.size(), 2, &Cb::frees_a_and_b, &ctx)));
+  ASSERT_TRUE(
+      IsOk(moert_batcher_submit_tokens(ctx.a, in.data(), in.size(), 2, &Cb::frees_b, &ctx)));
+  std::unique_lock<std::mutex> lock(ctx.mu);
+  ASSERT_TRUE(ctx.cv.wait_for(lock, std::chrono::seconds(20), [&] { return ctx.answered == 3; }))
+      << ctx.answered << " of 3 requests answered";
+  EXPECT_EQ(ctx.refused_as_freed, 1) << "B's queued request is answered by B's release";
+}
+
 // moert.h, moert_batcher_callback: "The library's asynchronous signals stay blocked while it
 // runs". True of a callback on a batcher thread; a callback that moert_batcher_free() runs (its
 // request was still queued) runs on the caller's thread, where it must be so too.

@@ -787,10 +787,13 @@ MOERT_API moert_status* moert_batcher_create(const moert_model* model,
 /* Stops the pool's threads and releases the batcher. Accepts NULL. Must not race with another
  * call on the same batcher (no moert_batcher_forward_*() may be in flight). Submitted requests
  * in a pass finish and get their callbacks first; those still queued get theirs with
- * MOERT_ERR_INVALID_STATE, on this thread, before it returns. From inside one of the batcher's
- * callbacks (a service dropping its last reference there) it returns at once and the release
- * runs as above on a thread of its own, once the callback returns; the handle is gone for the
- * caller either way. */
+ * MOERT_ERR_INVALID_STATE, on this thread, before it returns. On one of the batcher's own
+ * threads (from a callback, a service dropping its last reference there) it returns at once and
+ * the release runs as above on a thread of its own, once the callback returns; the handle is gone
+ * for the caller either way (nothing tells when that release ends: a host that must know, before
+ * it exits or unloads the library, frees the batcher from a thread of its own). A second free of
+ * a batcher being released (from a callback the release runs) is ignored. Where no thread can be
+ * started for the release, the batcher is left running rather than the host aborted. */
 MOERT_API void moert_batcher_free(moert_batcher* batcher);
 
 /* One request of `rows` rows of token ids (a MOERT_INPUT_TOKENS model), as

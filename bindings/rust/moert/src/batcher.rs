@@ -318,7 +318,9 @@ impl Batcher {
 
 impl Drop for Batcher {
     /// Frees the batcher. Submitted requests in a pass finish first; those still queued are
-    /// answered with [`Code::INVALID_STATE`] before this returns: every [`Pending`] gets an answer.
+    /// answered with [`Code::INVALID_STATE`]: every [`Pending`] gets an answer. Before this
+    /// returns, except on the batcher's own thread (a waker that drops it): there the library
+    /// returns at once and releases the batcher on a thread of its own once the waker returns.
     fn drop(&mut self) {
         // SAFETY: ours, and &mut self means no call is in flight on any thread (submitted
         // requests may be: the library answers them, see above).

@@ -256,8 +256,9 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
   }
 
   /**
-   * moert_batcher_free() must not run on one of the batcher's own threads (nor wait, there, for
-   * a close() on another thread that waits for this one).
+   * close() waits for the handle's calls in flight; on one of the batcher's own threads it could
+   * wait for a close() elsewhere that waits for this thread. Refused there, although the C library
+   * itself accepts a free from a callback (it hands the release to a thread of its own).
    */
   @Override
   void checkClose() {
