@@ -97,7 +97,8 @@ const CommandSpec kBenchSpec = {
          ""},
         {"ep-chunks", "C", "chunks each exchange is cut into for overlap (--expert-parallel)", "2"},
         {"comm-timeout", "S",
-         "seconds a collective waits for the other ranks before the job fails (--expert-parallel)",
+         "seconds the communicator's creation and each collective wait for the other ranks "
+         "before the job fails (--expert-parallel)",
          "600"},
         {"single-threads", "N", "threads of the single-process layer (--expert-parallel)",
          "THREADS x N"},

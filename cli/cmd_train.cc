@@ -72,8 +72,8 @@ const CommandSpec kTrainSpec = {
          "replicas); each rank feeds B / N rows of every batch, rank 0 prints",
          ""},
         {"comm-timeout", "S",
-         "with --expert-parallel: seconds a collective waits for the other ranks before the job "
-         "fails (a rank that died or hangs)",
+         "with --expert-parallel: seconds the communicator's creation and each collective wait "
+         "for the other ranks before the job fails (a rank that died, hangs or never started)",
          "600"},
         {"precision", "NAME",
          "what the experts' GEMMs multiply in: fp32, bf16 or fp8 (block-scaled E4M3 as "

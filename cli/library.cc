@@ -69,7 +69,7 @@ bool all_ok(const Job& job, bool ok) {
   return failed == 0.0;
 }
 
-void join_nccl(Job& job) {
+void join_nccl(Job& job, double timeout) {
   const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
   const int32_t gpu = job.gpu = local ? std::atoi(local) : 0;
   // Rank 0's id, byte by byte as doubles (exact), summed with the others' zeros.
@@ -97,7 +97,9 @@ void join_nccl(Job& job) {
     fail("--device cuda under mpirun: another rank cannot use NCCL on its GPU (see its message)");
   job.sum(shipped.data(), shipped.size());
   for (size_t i = 0; i < sizeof id; ++i) id[i] = static_cast<uint8_t>(shipped[i]);
-  check(moert_comm_create_nccl(id, sizeof id, job.rank, job.size, gpu, &job.device_comm), "NCCL");
+  check(moert_comm_create_nccl_with_timeout(id, sizeof id, job.rank, job.size, gpu, timeout,
+                                            &job.device_comm),
+        "NCCL");
 }
 
 }  // namespace
@@ -170,8 +172,10 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
                  "parallelism only), or run one process");
     return job;
   }
-  check(moert_comm_create_mpi(nullptr, &job.comm), "MPI");
-  if (comm_timeout > 0) check(moert_comm_set_timeout(job.comm, comm_timeout), "--comm-timeout");
+  // The creation waits as long as the collectives: a rank that never comes to it fails the
+  // others within --comm-timeout.
+  const double timeout = comm_timeout > 0 ? comm_timeout : 600.0;
+  check(moert_comm_create_mpi_with_timeout(nullptr, timeout, &job.comm), "MPI");
   check(moert_comm_rank(job.comm, &job.rank), "MPI");
   check(moert_comm_size(job.comm, &job.size), "MPI");
   if (!same_on_every_rank(
@@ -185,10 +189,8 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
                " processes");
   job.expert_parallel = static_cast<int32_t>(expert_parallel);
   if (device == MOERT_DEVICE_CUDA) {
-    join_nccl(job);
     // The CUDA sessions' collectives run on the NCCL communicator: it waits as long.
-    if (comm_timeout > 0)
-      check(moert_comm_set_timeout(job.device_comm, comm_timeout), "--comm-timeout");
+    join_nccl(job, timeout);
   }
   return job;
 }

@@ -109,9 +109,9 @@ Launch mpirun_launch();
 // on its node (Open MPI's OMPI_COMM_WORLD_LOCAL_RANK). Where a rank has no NCCL or no such GPU,
 // every rank fails with the reason (the ranks agree over MPI before NCCL's collective creation,
 // which would wait for the missing rank until its timeout).
-// `comm_timeout`: seconds every collective of the job waits for the other ranks (0: the
-// library's default, 600); a dead rank makes the others fail after it. `arguments`
-// (Args::canonical) must be the same on every rank: a rank started with others (another
+// `comm_timeout`: seconds the communicators' creation and every collective of the job wait for
+// the other ranks (0: the library's default, 600); a dead rank makes the others fail after it.
+// `arguments` (Args::canonical) must be the same on every rank: a rank started with others (another
 // --batch, say) would train another job than rank 0 reports; refused on every rank.
 Job join_job(int64_t expert_parallel, int32_t device = MOERT_DEVICE_CPU, double comm_timeout = 0,
              const std::string& arguments = "");

@@ -37,10 +37,39 @@ func newCommunicator(create func(*uintptr) capi.Struct_SS_moert_status) (*Commun
 	return c, nil
 }
 
+// CommOption adjusts a communicator's creation.
+type CommOption func(*commConfig)
+
+type commConfig struct {
+	timeout time.Duration // 0: the library's default (10 minutes)
+}
+
+// CommTimeout makes the creation wait at most d for the other ranks (> 0 and at most a year), and
+// the communicator's collectives start with it, as SetTimeout would set it: a job run with a short
+// timeout fails within it when a rank never comes to the creation. The default is 10 minutes.
+func CommTimeout(d time.Duration) CommOption {
+	return func(c *commConfig) { c.timeout = d }
+}
+
+// commTimeout is the creation timeout the options ask for, or false for the default. A zero or
+// negative duration is passed on for the library to refuse.
+func commTimeout(opts []CommOption) (float64, bool) {
+	var c commConfig
+	given := false
+	for _, o := range opts {
+		o(&c)
+		given = true
+	}
+	return c.timeout.Seconds(), given
+}
+
 // NewMPICommunicator creates an MPI communicator over MPI_COMM_WORLD, initialising MPI when the
 // process has not (a program started without mpirun is a job of one rank). Collective.
-func NewMPICommunicator() (*Communicator, error) {
+func NewMPICommunicator(opts ...CommOption) (*Communicator, error) {
 	return newCommunicator(func(out *uintptr) capi.Struct_SS_moert_status {
+		if t, ok := commTimeout(opts); ok {
+			return capi.Moert_comm_create_mpi_with_timeout(0, t, out)
+		}
 		return capi.Moert_comm_create_mpi(0, out)
 	})
 }
@@ -48,11 +77,14 @@ func NewMPICommunicator() (*Communicator, error) {
 // NewMPICommunicatorFromHandle creates an MPI communicator over a duplicate of the host's
 // communicator: commAddress is the address of an Open MPI MPI_Comm in C memory (for example a
 // C.MPI_Comm variable of a cgo program). Collective over that communicator.
-func NewMPICommunicatorFromHandle(commAddress uintptr) (*Communicator, error) {
+func NewMPICommunicatorFromHandle(commAddress uintptr, opts ...CommOption) (*Communicator, error) {
 	if commAddress == 0 {
 		return nil, &Error{Code: ErrInvalidArgument, Message: "the MPI_Comm address is 0"}
 	}
 	return newCommunicator(func(out *uintptr) capi.Struct_SS_moert_status {
+		if t, ok := commTimeout(opts); ok {
+			return capi.Moert_comm_create_mpi_with_timeout(commAddress, t, out)
+		}
 		return capi.Moert_comm_create_mpi(commAddress, out)
 	})
 }
@@ -72,7 +104,7 @@ func NCCLUniqueID() ([]byte, error) {
 
 // NewNCCLCommunicator creates rank `rank` of an NCCL communicator of `size` ranks on CUDA device
 // `device`, from the id every rank passes. Collective.
-func NewNCCLCommunicator(id []byte, rank, size, device int) (*Communicator, error) {
+func NewNCCLCommunicator(id []byte, rank, size, device int, opts ...CommOption) (*Communicator, error) {
 	r, err := int32Arg("rank", rank)
 	if err != nil {
 		return nil, err
@@ -86,6 +118,9 @@ func NewNCCLCommunicator(id []byte, rank, size, device int) (*Communicator, erro
 		return nil, err
 	}
 	return newCommunicator(func(out *uintptr) capi.Struct_SS_moert_status {
+		if t, ok := commTimeout(opts); ok {
+			return capi.Moert_comm_create_nccl_with_timeout(id, r, n, d, t, out)
+		}
 		return capi.Moert_comm_create_nccl(id, r, n, d, out)
 	})
 }

@@ -10,8 +10,14 @@ import (
 // One test for all of MPI: moert finalises MPI with the last communicator, and MPI cannot be
 // initialised twice in a process.
 func TestCommunicatorMPISingleton(t *testing.T) {
+	// A creation timeout out of range is refused before MPI is touched.
+	for _, d := range []time.Duration{0, -time.Second, 400 * 24 * time.Hour} {
+		if _, err := NewMPICommunicator(CommTimeout(d)); !errors.Is(err, &Error{Code: ErrInvalidArgument}) {
+			t.Fatalf("CommTimeout(%v) = %v, want ErrInvalidArgument", d, err)
+		}
+	}
 	// CTest sets OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM): Open MPI refuses to start as root without.
-	c, err := NewMPICommunicator()
+	c, err := NewMPICommunicator(CommTimeout(30 * time.Second))
 	if err != nil {
 		t.Fatalf("NewMPICommunicator: %v", err)
 	}
@@ -108,6 +114,9 @@ func TestCommunicatorMPISingleton(t *testing.T) {
 func TestCommunicatorNCCLRefusals(t *testing.T) {
 	if _, err := NewNCCLCommunicator(make([]byte, 5), 0, 1, 0); !errors.Is(err, &Error{Code: ErrInvalidArgument}) {
 		t.Errorf("a short id = %v, want ErrInvalidArgument", err)
+	}
+	if _, err := NewNCCLCommunicator(make([]byte, NCCLUniqueIDBytes), 0, 1, 0, CommTimeout(0)); !errors.Is(err, &Error{Code: ErrInvalidArgument}) {
+		t.Errorf("a zero timeout = %v, want ErrInvalidArgument", err)
 	}
 	if _, err := NewMPICommunicatorFromHandle(0); !errors.Is(err, &Error{Code: ErrInvalidArgument}) {
 		t.Errorf("a zero MPI_Comm address = %v, want ErrInvalidArgument", err)

@@ -14,10 +14,17 @@ using moert::capi::require;
 extern "C" {
 
 moert_status* moert_comm_create_mpi(const void* mpi_comm, moert_comm** out) {
+  return moert_comm_create_mpi_with_timeout(mpi_comm, moert::kDefaultCommTimeoutSeconds, out);
+}
+
+moert_status* moert_comm_create_mpi_with_timeout(const void* mpi_comm, double timeout_seconds,
+                                                 moert_comm** out) {
   return guarded([&] {
     require(out, "out");
+    moert::MpiCommOptions options;
+    options.timeout = timeout_seconds;
     auto handle = std::make_unique<moert_comm>();
-    handle->comm = moert::make_mpi_communicator(mpi_comm);
+    handle->comm = moert::make_mpi_communicator(mpi_comm, options);
     *out = handle.release();
   });
 }
@@ -34,6 +41,13 @@ moert_status* moert_comm_nccl_unique_id(uint8_t* out, uint64_t out_len) {
 
 moert_status* moert_comm_create_nccl(const uint8_t* in, uint64_t in_len, int32_t rank, int32_t size,
                                      int32_t device, moert_comm** out) {
+  return moert_comm_create_nccl_with_timeout(in, in_len, rank, size, device,
+                                             moert::kDefaultCommTimeoutSeconds, out);
+}
+
+moert_status* moert_comm_create_nccl_with_timeout(const uint8_t* in, uint64_t in_len, int32_t rank,
+                                                  int32_t size, int32_t device,
+                                                  double timeout_seconds, moert_comm** out) {
   return guarded([&] {
     require(in, "in");
     require(out, "out");
@@ -41,7 +55,7 @@ moert_status* moert_comm_create_nccl(const uint8_t* in, uint64_t in_len, int32_t
       fail(Code::InvalidArgument, "an NCCL unique id is ", moert::kNcclUniqueIdBytes,
            " bytes, got ", in_len);
     auto handle = std::make_unique<moert_comm>();
-    handle->comm = moert::make_nccl_communicator(in, rank, size, device);
+    handle->comm = moert::make_nccl_communicator(in, rank, size, device, timeout_seconds);
     *out = handle.release();
   });
 }

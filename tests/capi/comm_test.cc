@@ -53,6 +53,19 @@ TEST(Comm, NullArgumentsAreRefused) {
                       MOERT_ERR_INVALID_ARGUMENT, {"options"}));
   moert_comm_free(nullptr);
   EXPECT_STREQ(moert_status_code_name(MOERT_ERR_COMM), "MOERT_ERR_COMM");
+  // A creation timeout out of range is refused before MPI or NCCL is touched (this process may
+  // initialise MPI only once: the singleton test below does).
+  moert_comm* c = nullptr;
+  uint8_t id[MOERT_NCCL_UNIQUE_ID_BYTES] = {0};
+  for (double bad : {0.0, -1.0, std::nan(""), HUGE_VAL, 31536000.5}) {
+    EXPECT_TRUE(IsError(moert_comm_create_mpi_with_timeout(nullptr, bad, &c),
+                        MOERT_ERR_INVALID_ARGUMENT, {"timeout"}));
+    EXPECT_TRUE(IsError(moert_comm_create_nccl_with_timeout(id, sizeof id, 0, 1, 0, bad, &c),
+                        MOERT_ERR_INVALID_ARGUMENT, {"timeout"}));
+  }
+  EXPECT_TRUE(IsError(moert_comm_create_mpi_with_timeout(nullptr, 1.0, nullptr),
+                      MOERT_ERR_INVALID_ARGUMENT, {"out"}));
+  EXPECT_EQ(c, nullptr);
 }
 
 TEST(Comm, NcclArgumentsAndAbsence) {

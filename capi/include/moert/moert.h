@@ -484,6 +484,15 @@ typedef struct moert_comm moert_comm;
  * timeout. On success *out receives a communicator the caller frees with moert_comm_free(). */
 MOERT_API moert_status* moert_comm_create_mpi(const void* mpi_comm, moert_comm** out);
 
+/* As moert_comm_create_mpi(), with the communicator's timeout in seconds (> 0 and at most a year,
+ * as moert_comm_set_timeout() takes; MOERT_ERR_INVALID_ARGUMENT otherwise): the creation waits
+ * at most that long for the other ranks, and the communicator's collectives start with it. A
+ * job run with a short timeout then fails within it when a rank never comes to the creation,
+ * rather than after the default 600 s. */
+MOERT_API moert_status* moert_comm_create_mpi_with_timeout(const void* mpi_comm,
+                                                           double timeout_seconds,
+                                                           moert_comm** out);
+
 /* Writes a fresh NCCL unique id (MOERT_NCCL_UNIQUE_ID_BYTES bytes) into `out` (`out_len` bytes,
  * at least MOERT_NCCL_UNIQUE_ID_BYTES). Rank 0 calls it and ships the bytes to the other ranks
  * by any means (MPI, a file, a socket), as NCCL itself asks. Loads the CUDA plugin;
@@ -497,6 +506,13 @@ MOERT_API moert_status* moert_comm_nccl_unique_id(uint8_t* out, uint64_t out_len
  * or a usable GPU is missing. Free with moert_comm_free(). */
 MOERT_API moert_status* moert_comm_create_nccl(const uint8_t* in, uint64_t in_len, int32_t rank,
                                                int32_t size, int32_t device, moert_comm** out);
+
+/* As moert_comm_create_nccl(), with the communicator's timeout in seconds, for the creation and
+ * the collectives after it (see moert_comm_create_mpi_with_timeout()). */
+MOERT_API moert_status* moert_comm_create_nccl_with_timeout(const uint8_t* in, uint64_t in_len,
+                                                            int32_t rank, int32_t size,
+                                                            int32_t device, double timeout_seconds,
+                                                            moert_comm** out);
 
 /* Releases the caller's reference. Accepts NULL. Not collective. Session options and sessions
  * that hold the communicator keep it alive; the last reference ends it (and may finalise MPI,

@@ -515,6 +515,18 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
+    #[doc = " As moert_comm_create_mpi(), with the communicator's timeout in seconds (> 0 and at most a year,"]
+    #[doc = " as moert_comm_set_timeout() takes; MOERT_ERR_INVALID_ARGUMENT otherwise): the creation waits"]
+    #[doc = " at most that long for the other ranks, and the communicator's collectives start with it. A"]
+    #[doc = " job run with a short timeout then fails within it when a rank never comes to the creation,"]
+    #[doc = " rather than after the default 600 s."]
+    pub fn moert_comm_create_mpi_with_timeout(
+        mpi_comm: *const ::std::os::raw::c_void,
+        timeout_seconds: f64,
+        out: *mut *mut moert_comm,
+    ) -> *mut moert_status;
+}
+extern "C" {
     #[doc = " Writes a fresh NCCL unique id (MOERT_NCCL_UNIQUE_ID_BYTES bytes) into `out` (`out_len` bytes,"]
     #[doc = " at least MOERT_NCCL_UNIQUE_ID_BYTES). Rank 0 calls it and ships the bytes to the other ranks"]
     #[doc = " by any means (MPI, a file, a socket), as NCCL itself asks. Loads the CUDA plugin;"]
@@ -533,6 +545,19 @@ extern "C" {
         rank: i32,
         size: i32,
         device: i32,
+        out: *mut *mut moert_comm,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " As moert_comm_create_nccl(), with the communicator's timeout in seconds, for the creation and"]
+    #[doc = " the collectives after it (see moert_comm_create_mpi_with_timeout())."]
+    pub fn moert_comm_create_nccl_with_timeout(
+        in_: *const u8,
+        in_len: u64,
+        rank: i32,
+        size: i32,
+        device: i32,
+        timeout_seconds: f64,
         out: *mut *mut moert_comm,
     ) -> *mut moert_status;
 }
@@ -833,10 +858,13 @@ extern "C" {
     #[doc = " Stops the pool's threads and releases the batcher. Accepts NULL. Must not race with another"]
     #[doc = " call on the same batcher (no moert_batcher_forward_*() may be in flight). Submitted requests"]
     #[doc = " in a pass finish and get their callbacks first; those still queued get theirs with"]
-    #[doc = " MOERT_ERR_INVALID_STATE, on this thread, before it returns. From inside one of the batcher's"]
-    #[doc = " callbacks (a service dropping its last reference there) it returns at once and the release"]
-    #[doc = " runs as above on a thread of its own, once the callback returns; the handle is gone for the"]
-    #[doc = " caller either way."]
+    #[doc = " MOERT_ERR_INVALID_STATE, on this thread, before it returns. On one of the batcher's own"]
+    #[doc = " threads (from a callback, a service dropping its last reference there) it returns at once and"]
+    #[doc = " the release runs as above on a thread of its own, once the callback returns; the handle is gone"]
+    #[doc = " for the caller either way (nothing tells when that release ends: a host that must know, before"]
+    #[doc = " it exits or unloads the library, frees the batcher from a thread of its own). A second free of"]
+    #[doc = " a batcher being released (from a callback the release runs) is ignored. Where no thread can be"]
+    #[doc = " started for the release, the batcher is left running rather than the host aborted."]
     pub fn moert_batcher_free(batcher: *mut moert_batcher);
 }
 extern "C" {

@@ -1339,6 +1339,17 @@ impl Communicator {
         Communicator::from_create(|out| unsafe { sys::moert_comm_create_mpi(ptr::null(), out) })
     }
 
+    /// As [`Communicator::mpi`], with the communicator's timeout: the creation waits at most
+    /// `timeout` for the other ranks (more than zero and at most a year), and the collectives
+    /// start with it, as [`Communicator::set_timeout`] would set it. A job run with a short
+    /// timeout then fails within it when a rank never comes to the creation.
+    pub fn mpi_with_timeout(timeout: std::time::Duration) -> Result<Communicator> {
+        // SAFETY: NULL selects MPI_COMM_WORLD; a valid out-pointer.
+        Communicator::from_create(|out| unsafe {
+            sys::moert_comm_create_mpi_with_timeout(ptr::null(), timeout.as_secs_f64(), out)
+        })
+    }
+
     /// An MPI communicator over a duplicate of the host's communicator. Collective over it.
     ///
     /// # Safety
@@ -1369,6 +1380,29 @@ impl Communicator {
         // SAFETY: the id's bytes and length, copied; a valid out-pointer.
         Communicator::from_create(|out| unsafe {
             sys::moert_comm_create_nccl(id.as_ptr(), id.len() as u64, rank, size, device, out)
+        })
+    }
+
+    /// As [`Communicator::nccl`], with the communicator's timeout for the creation and the
+    /// collectives after it (see [`Communicator::mpi_with_timeout`]).
+    pub fn nccl_with_timeout(
+        id: &[u8],
+        rank: i32,
+        size: i32,
+        device: i32,
+        timeout: std::time::Duration,
+    ) -> Result<Communicator> {
+        // SAFETY: the id's bytes and length, copied; a valid out-pointer.
+        Communicator::from_create(|out| unsafe {
+            sys::moert_comm_create_nccl_with_timeout(
+                id.as_ptr(),
+                id.len() as u64,
+                rank,
+                size,
+                device,
+                timeout.as_secs_f64(),
+                out,
+            )
         })
     }
 

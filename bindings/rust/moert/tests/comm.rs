@@ -18,7 +18,7 @@ fn model_path() -> PathBuf {
 fn mpi_singleton_attached_to_a_session() {
     let mut options = SessionOptions::new().unwrap();
     {
-        let comm = Communicator::mpi().unwrap();
+        let comm = Communicator::mpi_with_timeout(std::time::Duration::from_secs(30)).unwrap();
         assert_eq!(comm.rank().unwrap(), 0);
         assert_eq!(comm.size().unwrap(), 1);
         comm.barrier().unwrap();
@@ -57,6 +57,19 @@ fn mpi_singleton_attached_to_a_session() {
 fn nccl_refused_without_a_gpu() {
     assert_eq!(
         Communicator::nccl(&[0u8; 5], 0, 1, 0).unwrap_err().code(),
+        Code::INVALID_ARGUMENT
+    );
+    // A creation timeout out of range is refused before MPI or NCCL is touched.
+    assert_eq!(
+        Communicator::mpi_with_timeout(std::time::Duration::ZERO)
+            .unwrap_err()
+            .code(),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        Communicator::nccl_with_timeout(&[0u8; 128], 0, 1, 0, std::time::Duration::ZERO)
+            .unwrap_err()
+            .code(),
         Code::INVALID_ARGUMENT
     );
     // SAFETY: NULL is refused before anything is read.

@@ -33,6 +33,19 @@ public final class Communicator extends NativeHandle<SWIGTYPE_p_moert_comm> {
   }
 
   /**
+   * As {@link #mpi()}, with the communicator's timeout in seconds (more than 0 and at most a
+   * year): the creation waits at most that long for the other ranks, and the collectives start
+   * with it, as {@link #timeout(double)} would set it. A job run with a short timeout then fails
+   * within it when a rank never comes to the creation.
+   */
+  public static Communicator mpiWithTimeout(double seconds) {
+    Moert.load();
+    SWIGTYPE_p_moert_comm[] out = new SWIGTYPE_p_moert_comm[1];
+    MoertException.check(Capi.moert_comm_create_mpi_with_timeout(0L, seconds, out));
+    return new Communicator(out[0]);
+  }
+
+  /**
    * An MPI communicator over a duplicate of the host's communicator: {@code commAddress} is the
    * native address of an Open MPI {@code MPI_Comm} (from the host's own native code). Collective
    * over that communicator.
@@ -64,6 +77,21 @@ public final class Communicator extends NativeHandle<SWIGTYPE_p_moert_comm> {
     in.put(id);
     SWIGTYPE_p_moert_comm[] out = new SWIGTYPE_p_moert_comm[1];
     MoertException.check(Capi.moert_comm_create_nccl(in, rank, size, device, out));
+    return new Communicator(out[0]);
+  }
+
+  /**
+   * As {@link #nccl(byte[], int, int, int)}, with the communicator's timeout in seconds for the
+   * creation and the collectives after it (see {@link #mpiWithTimeout(double)}).
+   */
+  public static Communicator ncclWithTimeout(
+      byte[] id, int rank, int size, int device, double seconds) {
+    Moert.load();
+    ByteBuffer in = ByteBuffer.allocateDirect(id.length);
+    in.put(id);
+    SWIGTYPE_p_moert_comm[] out = new SWIGTYPE_p_moert_comm[1];
+    MoertException.check(
+        Capi.moert_comm_create_nccl_with_timeout(in, rank, size, device, seconds, out));
     return new Communicator(out[0]);
   }
 

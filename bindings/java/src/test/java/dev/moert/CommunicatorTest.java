@@ -26,7 +26,7 @@ class CommunicatorTest {
   void mpiSingletonAttachedToASession() {
     SessionOptions options = SessionOptions.create();
     Communicator closed;
-    try (Communicator comm = Communicator.mpi()) {
+    try (Communicator comm = Communicator.mpiWithTimeout(30.0)) {
       closed = comm;
       assertEquals(0, comm.rank());
       assertEquals(1, comm.size());
@@ -66,6 +66,11 @@ class CommunicatorTest {
   void ncclRefusedWithoutAGpu() {
     expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> Communicator.nccl(new byte[5], 0, 1, 0));
     expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> Communicator.mpi(0L));
+    // A creation timeout out of range is refused before MPI or NCCL is touched.
+    expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> Communicator.mpiWithTimeout(0.0));
+    expectCode(
+        CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+        () -> Communicator.ncclWithTimeout(new byte[128], 0, 1, 0, -1.0));
     byte[] id;
     try {
       id = Communicator.ncclUniqueId();
