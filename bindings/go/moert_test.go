@@ -230,7 +230,9 @@ func TestForwardAndMetrics(t *testing.T) {
 		wantCode(t, err, ErrInvalidArgument)
 	}
 	_, err = s.ExpertCounts(1, CountsLast)
-	wantCode(t, err, ErrInvalidArgument)
+	if e := wantCode(t, err, ErrInvalidArgument); !strings.Contains(e.Message, "MoE layers: [2 4]") {
+		t.Fatalf("the message does not list the MoE layers: %v", e)
+	}
 }
 
 func TestOptionsErrors(t *testing.T) {

@@ -3,6 +3,7 @@ package moert
 import (
 	"fmt"
 	"runtime"
+	"sort"
 	"sync"
 	"time"
 
@@ -235,7 +236,13 @@ func (s *Session) ForwardHiddenMaskedInto(in []float32, mask []bool, rows int, o
 func (s *Session) numExperts(l int) (uint32, int, error) {
 	n, ok := s.experts[l]
 	if !ok {
-		return 0, 0, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("layer %d is not a MoE layer", l)}
+		moe := make([]int, 0, len(s.experts))
+		for k := range s.experts {
+			moe = append(moe, k)
+		}
+		sort.Ints(moe)
+		return 0, 0, &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf(
+			"layer %d is not a MoE layer (the model's MoE layers: %v)", l, moe)}
 	}
 	idx, err := index32("layer index", l)
 	return idx, n, err

@@ -900,10 +900,13 @@ impl Session {
     }
 
     fn num_experts(&self, layer: u32) -> Result<usize> {
-        self.experts
-            .get(&layer)
-            .copied()
-            .ok_or_else(|| invalid(format!("layer {layer} is not a MoE layer")))
+        self.experts.get(&layer).copied().ok_or_else(|| {
+            let mut moe: Vec<u32> = self.experts.keys().copied().collect();
+            moe.sort_unstable();
+            invalid(format!(
+                "layer {layer} is not a MoE layer (the model's MoE layers: {moe:?})"
+            ))
+        })
     }
 
     /// Tokens routed to each expert of MoE layer `layer` in `scope`.

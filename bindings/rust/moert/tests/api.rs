@@ -157,7 +157,8 @@ fn forward_and_metrics() {
     bad[0] = 1000;
     expect_code(s.forward_tokens(&bad, rows), Code::INVALID_ARGUMENT);
     assert!(s.forward_hidden(&[0.0; 4], 1).is_err());
-    expect_code(s.expert_counts(1, Scope::LAST), Code::INVALID_ARGUMENT);
+    let e = expect_code(s.expert_counts(1, Scope::LAST), Code::INVALID_ARGUMENT);
+    assert!(e.message().contains("MoE layers: [2, 4]"), "{e}");
     expect_code(s.zero_grad(), Code::INVALID_STATE);
 }
 

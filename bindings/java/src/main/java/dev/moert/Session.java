@@ -468,7 +468,9 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
     Integer n = experts.get(layer);
     if (n == null) {
       throw new MoertException(
-          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "layer " + layer + " is not a MoE layer");
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+          "layer " + layer + " is not a MoE layer (the model's MoE layers: "
+              + new java.util.TreeSet<>(experts.keySet()) + ")");
     }
     return n;
   }

@@ -219,9 +219,11 @@ class MoertTest {
       bad[0] = 1000;
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.forwardTokens(bad, 8));
       assertThrows(MoertException.class, () -> s.forwardHidden(new float[4], 1));
-      expectCode(
-          CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
-          () -> s.expertCounts(1, CapiConstants.MOERT_COUNTS_LAST));
+      MoertException notMoE =
+          expectCode(
+              CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+              () -> s.expertCounts(1, CapiConstants.MOERT_COUNTS_LAST));
+      assertTrue(notMoE.getMessage().contains("MoE layers: [2, 4]"), notMoE.getMessage());
       // A buffer in the other byte order is converted (BuffersTest covers every kind); a
       // read-only buffer cannot be an output.
       FloatBuffer bigEndian = ByteBuffer.allocateDirect(8 * 64 * 4).order(ByteOrder.BIG_ENDIAN)
