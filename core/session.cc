@@ -349,16 +349,11 @@ void Session::require_backward_ready() const {
 
 Pass Session::next_pass() const { return training() && !eval_ ? Pass::Train : Pass::Eval; }
 
-int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
+int64_t Session::check_rows(uint64_t rows) const {
   if (rows == 0) fail(Code::InvalidArgument, "rows must be at least 1");
   // Row counts reach BLAS as 32-bit integers.
   if (rows > static_cast<uint64_t>(std::numeric_limits<int32_t>::max()))
     fail(Code::InvalidArgument, "rows = ", rows, " exceeds 2^31 - 1");
-  uint64_t need;
-  if (__builtin_mul_overflow(rows, static_cast<uint64_t>(model_->output_width), &need) ||
-      out_len != need)
-    fail(Code::InvalidArgument, "output buffer holds ", out_len, " floats but ", rows,
-         " rows of width ", model_->output_width, " need ", rows * model_->output_width);
   for (size_t i = 0; i < layers_.size(); ++i) {
     const int64_t items = layers_[i]->indexed_items(static_cast<int64_t>(rows));
     if (items > std::numeric_limits<int32_t>::max())
@@ -370,6 +365,15 @@ int64_t Session::check_rows(uint64_t rows, uint64_t out_len) const {
   if (training() && seq > 0 && rows % static_cast<uint64_t>(seq) != 0)
     fail(Code::InvalidArgument, "rows = ", rows, " is not a multiple of sequence_length = ", seq);
   return static_cast<int64_t>(rows);
+}
+
+void Session::check_out(uint64_t rows, const float* out, uint64_t out_len) const {
+  if (!out) fail(Code::InvalidArgument, "out is NULL");
+  // rows <= 2^31 - 1 (check_rows) and a width below 2^32: no overflow.
+  const uint64_t need = rows * model_->output_width;
+  if (out_len != need)
+    fail(Code::InvalidArgument, "output buffer holds ", out_len, " floats but ", rows,
+         " rows of width ", model_->output_width, " need ", need);
 }
 
 void Session::check_mask(uint64_t rows, const uint8_t* row_mask, uint64_t mask_len,
@@ -446,13 +450,16 @@ void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const u
       fail(Code::InvalidArgument,
            "this model takes hidden states (its first layer is not an "
            "Embedding): use forward_hidden");
-    check_rows(rows, out_len);  // first: a caller's empty slices may come as NULL
+    // The rows first (a caller's empty slices may come as NULL), the input before the output:
+    // a binding that cannot size an output for a wrong input passes none, and this refusal,
+    // made alike on every rank, names the input.
+    check_rows(rows);
     if (!tokens) fail(Code::InvalidArgument, "tokens is NULL");
-    if (!out) fail(Code::InvalidArgument, "out is NULL");
     const uint64_t width = model_->input_width;
     if (num_tokens != rows * width)
       fail(Code::InvalidArgument, "token buffer holds ", num_tokens, " ids but ", rows, " rows of ",
            width, " tokens need ", rows * width);
+    check_out(rows, out, out_len);
     check_mask(rows, row_mask, mask_len, mask_required);
     // Padding rows may hold anything (a pad id outside the vocabulary, say): only the rows that
     // take part are checked and used.
@@ -499,13 +506,16 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
       fail(Code::InvalidArgument,
            "this model takes token ids (its first layer is an Embedding): "
            "use forward_tokens");
-    check_rows(rows, out_len);  // first: a caller's empty slices may come as NULL
+    // The rows first (a caller's empty slices may come as NULL), the input before the output:
+    // a binding that cannot size an output for a wrong input passes none, and this refusal,
+    // made alike on every rank, names the input.
+    check_rows(rows);
     if (!in) fail(Code::InvalidArgument, "in is NULL");
-    if (!out) fail(Code::InvalidArgument, "out is NULL");
     const uint64_t width = model_->input_width;
     if (in_len != rows * width)
       fail(Code::InvalidArgument, "input buffer holds ", in_len, " floats but ", rows,
            " rows of width ", width, " need ", rows * width);
+    check_out(rows, out, out_len);
     check_mask(rows, row_mask, mask_len, mask_required);
     refresh_stale_copies();
     // The arguments are good: from here on the pass replaces the one a backward would read.

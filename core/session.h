@@ -220,7 +220,8 @@ class Session {
   void sync_to_host() const;
   MoELayer& moe_layer(uint32_t layer) const;
   std::vector<uint32_t> moe_layers(uint32_t layer) const;
-  int64_t check_rows(uint64_t rows, uint64_t out_len) const;
+  int64_t check_rows(uint64_t rows) const;
+  void check_out(uint64_t rows, const float* out, uint64_t out_len) const;
   void require_training(const char* what) const;
   void require_backward_ready() const;
   Pass next_pass() const;

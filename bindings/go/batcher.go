@@ -235,25 +235,10 @@ func requestStats(s []int64) RequestStats {
 	}
 }
 
-// maxBatchRows is the largest row cap a batcher takes (moert.h): no request may have more rows,
-// so a larger count is refused before rows*OutputWidth outputs are allocated (or overflow int).
-const maxBatchRows = 1 << 20
-
-func checkRows(rows int) error {
-	if rows < 0 {
-		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows must be at least 1, got %d", rows)}
-	}
-	if rows > maxBatchRows {
-		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf(
-			"rows %d exceeds the largest max_batch_rows a batcher takes (%d)", rows, maxBatchRows)}
-	}
-	return nil
-}
-
 // ForwardTokens is one request of rows rows of token ids (tokens holds rows*InputWidth ids,
 // row-major); it returns rows*OutputWidth outputs and how the request was served.
 func (b *Batcher) ForwardTokens(tokens []int32, rows int) ([]float32, RequestStats, error) {
-	if err := checkRows(rows); err != nil {
+	if err := checkForwardRows(rows); err != nil {
 		return nil, RequestStats{}, err
 	}
 	out, err := b.io.outputs(rows, len(tokens))
@@ -272,7 +257,7 @@ func (b *Batcher) ForwardTokens(tokens []int32, rows int) ([]float32, RequestSta
 // ForwardTokensInto is ForwardTokens writing into out (rows*OutputWidth values), written only on
 // success. tokens and out may lie in any Go memory.
 func (b *Batcher) ForwardTokensInto(tokens []int32, rows int, out []float32) (RequestStats, error) {
-	if err := checkRows(rows); err != nil {
+	if err := checkForwardRows(rows); err != nil {
 		return RequestStats{}, err
 	}
 	in, dst, stats := ownInts(tokens), scratchFloats(out), make([]int64, capi.MOERT_REQUEST_STATS)
@@ -288,7 +273,7 @@ func (b *Batcher) ForwardTokensInto(tokens []int32, rows int, out []float32) (Re
 // ForwardHidden is one request of rows rows of hidden states (in holds rows*InputWidth values);
 // it returns rows*OutputWidth outputs and how the request was served.
 func (b *Batcher) ForwardHidden(in []float32, rows int) ([]float32, RequestStats, error) {
-	if err := checkRows(rows); err != nil {
+	if err := checkForwardRows(rows); err != nil {
 		return nil, RequestStats{}, err
 	}
 	out, err := b.io.outputs(rows, len(in))
@@ -307,7 +292,7 @@ func (b *Batcher) ForwardHidden(in []float32, rows int) ([]float32, RequestStats
 // ForwardHiddenInto is ForwardHidden writing into out, written only on success. in and out may
 // lie in any Go memory.
 func (b *Batcher) ForwardHiddenInto(in []float32, rows int, out []float32) (RequestStats, error) {
-	if err := checkRows(rows); err != nil {
+	if err := checkForwardRows(rows); err != nil {
 		return RequestStats{}, err
 	}
 	src, dst, stats := ownFloats(in), scratchFloats(out), make([]int64, capi.MOERT_REQUEST_STATS)
@@ -377,7 +362,7 @@ func (b *Batcher) submit(call func(done *byte, userData uintptr) capi.Struct_SS_
 // (copy the outputs, close Done), which needs one of the program's Ps for that moment; the
 // session that ran the pass starts its next one when it returns.
 func (b *Batcher) SubmitTokens(tokens []int32, rows int) (*Pending, error) {
-	if err := checkRows(rows); err != nil {
+	if err := checkForwardRows(rows); err != nil {
 		return nil, err
 	}
 	in := ownInts(tokens)
@@ -391,7 +376,7 @@ func (b *Batcher) SubmitTokens(tokens []int32, rows int) (*Pending, error) {
 // with ErrNumeric under the session option "check_finite", on by default). in may be reused as
 // soon as it returns.
 func (b *Batcher) SubmitHidden(in []float32, rows int) (*Pending, error) {
-	if err := checkRows(rows); err != nil {
+	if err := checkForwardRows(rows); err != nil {
 		return nil, err
 	}
 	src := ownFloats(in)

@@ -338,18 +338,14 @@ pub struct Io {
 
 impl Io {
     /// The output length of a forward pass over `rows` rows whose input holds `input_len`
-    /// values, checked before the output is allocated: a wrong row count comes back as an error
-    /// instead of an allocation that aborts the process (moert.h refuses more than 2^31 - 1 rows).
+    /// values. Where `rows` does not fit the input (or exceeds 2^31 - 1) it is 0 and the call goes
+    /// on: the library refuses it, naming the input, on every rank of a session among ranks (a
+    /// rank that refused alone would leave the others waiting) and counted by a batcher; no wrong
+    /// count becomes an allocation of its size.
     pub(crate) fn output_len(&self, rows: usize, input_len: usize) -> Result<usize> {
-        if rows > i32::MAX as usize {
-            return Err(invalid(format!("rows = {rows} exceeds 2^31 - 1")));
-        }
-        let need = rows as u64 * u64::from(self.input_width);
-        if need != input_len as u64 {
-            return Err(invalid(format!(
-                "the input holds {input_len} values but {rows} rows of width {} need {need}",
-                self.input_width
-            )));
+        if rows > i32::MAX as usize || rows as u64 * u64::from(self.input_width) != input_len as u64
+        {
+            return Ok(0);
         }
         rows.checked_mul(self.output_width as usize)
             .ok_or_else(|| invalid(format!("{rows} rows overflow the output size")))

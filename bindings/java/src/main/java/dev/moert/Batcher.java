@@ -139,16 +139,15 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
   }
 
   private static long checkRows(int rows) {
-    if (rows < 0) {
-      throw new MoertException(
-          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows must be at least 1, got " + rows);
-    }
-    return rows;
+    // A negative count, which the C ABI cannot take, goes as 0: the library refuses it alike
+    // on every rank.
+    return Math.max(rows, 0);
   }
 
   /** One request of rows rows of token ids; rows * outputWidth values out. */
   public float[] forwardTokens(int[] tokens, int rows) {
-    float[] out = io.outputFor(rows, tokens == null ? -1 : tokens.length);
+    tokens = tokens == null ? new int[0] : tokens; // the library refuses it on every rank
+    float[] out = io.outputFor(rows, tokens.length);
     forwardTokens(IntBuffer.wrap(tokens), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -169,7 +168,8 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
 
   /** One request of rows rows of hidden states; rows * outputWidth values out. */
   public float[] forwardHidden(float[] in, int rows) {
-    float[] out = io.outputFor(rows, in == null ? -1 : in.length);
+    in = in == null ? new float[0] : in; // the library refuses it on every rank
+    float[] out = io.outputFor(rows, in.length);
     forwardHidden(FloatBuffer.wrap(in), rows, FloatBuffer.wrap(out));
     return out;
   }

@@ -17,27 +17,15 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
    */
   public record Io(int inputKind, int inputWidth, int outputWidth) {
     /**
-     * The output array of a forward pass over rows rows whose input holds inputLength values (-1:
-     * no input), once rows is checked against it: a wrong count is refused as the library would
-     * refuse it, before an array of its size is allocated.
+     * The output array of a forward pass over rows rows whose input holds inputLength values.
+     * Where rows does not fit the input it is empty and the call goes on: the library refuses it,
+     * naming the input, on every rank of a session among ranks (a rank that refused alone would
+     * leave the others waiting) and counted by a batcher; no wrong count becomes an allocation of
+     * its size.
      */
     float[] outputFor(int rows, int inputLength) {
-      if (rows < 0) {
-        throw new MoertException(
-            CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows must be at least 1, got " + rows);
-      }
-      if (rows == 0) {
-        return new float[0]; // the library refuses it (and a batcher counts the refusal)
-      }
-      if (inputLength < 0) {
-        throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "the input is null");
-      }
-      long need = (long) rows * inputWidth;
-      if (need != inputLength) {
-        throw new MoertException(
-            CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
-            "the input holds " + inputLength + " values but " + rows + " rows of width "
-                + inputWidth + " need " + need);
+      if (rows <= 0 || (long) rows * inputWidth != inputLength) {
+        return new float[0];
       }
       long outputs = (long) rows * outputWidth;
       if (outputs > Integer.MAX_VALUE - 8) {

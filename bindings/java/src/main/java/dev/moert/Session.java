@@ -66,7 +66,8 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** Forward over rows rows of token ids (rows * inputWidth, row-major); rows * outputWidth out. */
   public float[] forwardTokens(int[] tokens, int rows) {
-    float[] out = io.outputFor(rows, tokens == null ? -1 : tokens.length);
+    tokens = tokens == null ? new int[0] : tokens; // the library refuses it on every rank
+    float[] out = io.outputFor(rows, tokens.length);
     forwardTokens(IntBuffer.wrap(tokens), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -87,7 +88,8 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** Forward over rows rows of hidden states (rows * inputWidth); rows * outputWidth out. */
   public float[] forwardHidden(float[] in, int rows) {
-    float[] out = io.outputFor(rows, in == null ? -1 : in.length);
+    in = in == null ? new float[0] : in; // the library refuses it on every rank
+    float[] out = io.outputFor(rows, in.length);
     forwardHidden(FloatBuffer.wrap(in), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -111,7 +113,8 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
    * alone. A mask of another length than rows is an error.
    */
   public float[] forwardTokensMasked(int[] tokens, boolean[] rowMask, int rows) {
-    float[] out = io.outputFor(rows, tokens == null ? -1 : tokens.length);
+    tokens = tokens == null ? new int[0] : tokens; // the library refuses it on every rank
+    float[] out = io.outputFor(rows, tokens.length);
     forwardTokensMasked(IntBuffer.wrap(tokens), mask(rowMask), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -137,7 +140,8 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
    * values are not read (NaN is fine), and backward gives it a zero input gradient.
    */
   public float[] forwardHiddenMasked(float[] in, boolean[] rowMask, int rows) {
-    float[] out = io.outputFor(rows, in == null ? -1 : in.length);
+    in = in == null ? new float[0] : in; // the library refuses it on every rank
+    float[] out = io.outputFor(rows, in.length);
     forwardHiddenMasked(FloatBuffer.wrap(in), mask(rowMask), rows, FloatBuffer.wrap(out));
     return out;
   }
@@ -448,11 +452,9 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
   // ---- Helpers -------------------------------------------------------------------------------
 
   private static long checkRows(int rows) {
-    if (rows < 0) {
-      throw new MoertException(
-          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "rows must be at least 1, got " + rows);
-    }
-    return rows;
+    // A negative count, which the C ABI cannot take, goes as 0: the library refuses it alike
+    // on every rank.
+    return Math.max(rows, 0);
   }
 
   /** One byte per row: 1 for a row that takes part, 0 for padding. */
