@@ -374,6 +374,15 @@ TEST(Batcher, ServeBenchModelAgreesWithSoloCalls) {
 // their GEMMs. A last-bit difference of the fp32 sums (above) can move one of those roundings by
 // a whole step, so a row of a shared pass agrees with its solo call to those roundings, not to
 // 1e-5: kLowPrecisionRowTolerance. A pass to itself is still the solo call bit for bit.
+//
+// Under ThreadSanitizer the instrumented fp8 and bf16 emulation made this test alone 73 s of the
+// TSan stage on two cores; a sixth of the requests still makes twelve threads share passes.
+#if defined(__SANITIZE_THREAD__)
+constexpr size_t kLowPrecisionRequests = 16;
+#else
+constexpr size_t kLowPrecisionRequests = 96;
+#endif
+
 TEST(Batcher, Bf16AndFp8RequestsAgreeWithSoloCallsToTheirRounding) {
   Fixture f = serve_bench_fixture();
   ASSERT_TRUE(f.model);
@@ -384,9 +393,9 @@ TEST(Batcher, Bf16AndFp8RequestsAgreeWithSoloCallsToTheirRounding) {
     ASSERT_TRUE(b);
     // Requests of up to 40 rows, and one-row requests (a decode step's).
     for (uint64_t rows : {40, 1})
-      EXPECT_GT(run_and_compare(f, b.get(), mixed_requests(96, rows, 3), 12,
+      EXPECT_GT(run_and_compare(f, b.get(), mixed_requests(kLowPrecisionRequests, rows, 3), 12,
                                 kLowPrecisionRowTolerance, precision),
-                48)
+                static_cast<int>(kLowPrecisionRequests / 2))
           << precision;
   }
 }
