@@ -97,8 +97,10 @@ void join_nccl(Job& job, double timeout) {
     fail("--device cuda under mpirun: another rank cannot use NCCL on its GPU (see its message)");
   job.sum(shipped.data(), shipped.size());
   for (size_t i = 0; i < sizeof id; ++i) id[i] = static_cast<uint8_t>(shipped[i]);
-  check(moert_comm_create_nccl_with_timeout(id, sizeof id, job.rank, job.size, gpu, timeout,
-                                            &job.device_comm),
+  check(timeout > 0
+            ? moert_comm_create_nccl_with_timeout(id, sizeof id, job.rank, job.size, gpu, timeout,
+                                                  &job.device_comm)
+            : moert_comm_create_nccl(id, sizeof id, job.rank, job.size, gpu, &job.device_comm),
         "NCCL");
 }
 
@@ -174,8 +176,9 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
   }
   // The creation waits as long as the collectives: a rank that never comes to it fails the
   // others within --comm-timeout.
-  const double timeout = comm_timeout > 0 ? comm_timeout : 600.0;
-  check(moert_comm_create_mpi_with_timeout(nullptr, timeout, &job.comm), "MPI");
+  check(comm_timeout > 0 ? moert_comm_create_mpi_with_timeout(nullptr, comm_timeout, &job.comm)
+                         : moert_comm_create_mpi(nullptr, &job.comm),
+        "MPI");
   check(moert_comm_rank(job.comm, &job.rank), "MPI");
   check(moert_comm_size(job.comm, &job.size), "MPI");
   if (!same_on_every_rank(
@@ -190,7 +193,7 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
   job.expert_parallel = static_cast<int32_t>(expert_parallel);
   if (device == MOERT_DEVICE_CUDA) {
     // The CUDA sessions' collectives run on the NCCL communicator: it waits as long.
-    join_nccl(job, timeout);
+    join_nccl(job, comm_timeout);
   }
   return job;
 }
