@@ -24,6 +24,26 @@ class UsageError : public Error {
   using Error::Error;
 };
 
+// An error whose line this process has already printed (Job::agree_prepared prints before the
+// job's ranks exit): main() prints nothing more and exits with code().
+class ReportedError : public Error {
+ public:
+  ReportedError(const std::string& message, int code) : Error(message), code_(code) {}
+  int code() const noexcept { return code_; }
+
+ private:
+  int code_;
+};
+
+// The name a command's errors start with ("moert train"): main() sets it before running one.
+void set_command_name(const std::string& name);
+const std::string& command_name();
+
+// Prints "`who`: error: `text`" as one line on stderr: `text` may quote names from files (a
+// tensor of a safetensors header, say) or arguments, whose control characters are written as
+// \xNN, as the library's are.
+void print_error(const std::string& who, const std::string& text);
+
 // Concatenates its arguments with operator<<.
 template <typename... Parts>
 std::string cat(const Parts&... parts) {

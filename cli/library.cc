@@ -1,6 +1,9 @@
 #include "cli/library.h"
 
+#include <cstdio>
 #include <cstdlib>
+#include <exception>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -62,13 +65,6 @@ std::string failure(moert_status* status) {
   return message.empty() ? "failed" : message;
 }
 
-// Whether every rank of the MPI job passed ok; every rank gets the same answer.
-bool all_ok(const Job& job, bool ok) {
-  double failed = ok ? 0.0 : 1.0;
-  job.sum(&failed, 1);
-  return failed == 0.0;
-}
-
 void join_nccl(Job& job, double timeout) {
   const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
   const int32_t gpu = job.gpu = local ? std::atoi(local) : 0;
@@ -89,12 +85,10 @@ void join_nccl(Job& job, double timeout) {
     if (why.empty()) why = failure(moert_comm_create_nccl(own, sizeof own, 0, 1, gpu, &probe));
     moert_comm_free(probe);
   }
-  const bool everyone = all_ok(job, why.empty());
-  if (!why.empty())
-    fail("--device cuda under mpirun: rank ", job.rank, " cannot use NCCL on GPU ", gpu,
-         " (its local rank): ", why);
-  if (!everyone)
-    fail("--device cuda under mpirun: another rank cannot use NCCL on its GPU (see its message)");
+  job.prepare_together("use NCCL on its GPU (--device cuda under mpirun)", [&] {
+    if (!why.empty())
+      fail("--device cuda under mpirun: cannot use NCCL on GPU ", gpu, " (its local rank): ", why);
+  });
   job.sum(shipped.data(), shipped.size());
   for (size_t i = 0; i < sizeof id; ++i) id[i] = static_cast<uint8_t>(shipped[i]);
   check(timeout > 0
@@ -111,20 +105,42 @@ void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
   std::vector<double> failures(static_cast<size_t>(size), 0.0);
   failures[static_cast<size_t>(rank)] = failed ? 1.0 : 0.0;
   sum(failures.data(), failures.size());
+  int32_t first = -1;
+  for (int32_t r = 0; r < size && first < 0; ++r)
+    if (failures[static_cast<size_t>(r)] != 0.0) first = r;
+  if (first < 0) return;
+  // Named like the others' messages name it: under mpirun each rank's line is printed apart.
+  int code = 1;
+  std::string line;
   if (failed) {
-    // Named like the others' messages name it: under mpirun each rank's line is printed apart.
     try {
       std::rethrow_exception(failed);
     } catch (const UsageError& e) {
-      usage_fail("rank ", rank, " of the job's ", size, ": ", e.message());
+      code = 2;
+      line = cat("rank ", rank, " of the job's ", size, ": ", e.message());
     } catch (const Error& e) {
-      fail("rank ", rank, " of the job's ", size, ": ", e.message());
+      line = cat("rank ", rank, " of the job's ", size, ": ", e.message());
+    } catch (const std::bad_alloc&) {
+      line = cat("rank ", rank, " of the job's ", size, ": out of memory");
+    } catch (const std::exception& e) {
+      line = cat("rank ", rank, " of the job's ", size, ": ", e.what());
     }
+  } else {
+    line = cat("rank ", first, " of the job's ", size, " could not ", what,
+               " (its own message says why); no rank went on");
   }
-  for (int32_t r = 0; r < size; ++r)
-    if (failures[static_cast<size_t>(r)] != 0.0)
-      fail("rank ", r, " of the job's ", size, " could not ", what,
-           " (its own message says why); no rank went on");
+  // Every rank prints its line before any rank exits: mpirun ends the job when the first rank
+  // exits with an error, and a rank it kills before it printed loses its line, the failing
+  // rank's own reason with it (seen as a flaky parallel_cli_train under load).
+  print_error(command_name(), line);
+  std::fflush(stderr);
+  double printed = 0.0;
+  try {
+    sum(&printed, 1);
+  } catch (const Error&) {
+    // The lines are out; a rank gone since the agreement only loses the wait.
+  }
+  throw ReportedError(line, code);
 }
 
 Launch mpirun_launch() {

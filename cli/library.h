@@ -64,9 +64,11 @@ struct Job {
   // Whether every rank holds the same `hash` (a TextHash of what must be alike); alone, true.
   bool same(uint64_t hash) const;
   // Runs `prepare` (what a rank reads or opens of its own before the job's work: files, output
-  // directories) and then learns whether every rank succeeded: a rank that failed throws its own
-  // error, the others an error naming the first failing rank, so that no rank waits for a
-  // failed one until the communicator's timeout. Collective; alone, prepare runs as it is.
+  // directories) and then learns whether every rank succeeded, so that no rank waits for a failed
+  // one until the communicator's timeout. If one did not, a rank that failed prints its own
+  // error, the others one naming the first failing rank; once every rank has printed, each
+  // throws ReportedError (exit 2 for a usage error, else 1). Collective; alone, prepare runs as
+  // it is and its error is thrown unchanged.
   template <typename F>
   void prepare_together(const char* what, F&& prepare) const {
     std::exception_ptr failed;

@@ -13,6 +13,7 @@
 namespace {
 
 using moert_cli::Command;
+using moert_cli::print_error;
 
 const Command kCommands[] = {
     {moert_cli::kTrainSpec, moert_cli::run_train},
@@ -35,23 +36,6 @@ void print_overview(std::FILE* to) {
     std::fprintf(to, "  %-9s %s\n", c.spec.name.c_str(), c.spec.summary.c_str());
   std::fprintf(
       to, "\n'moert COMMAND --help' describes a command. 'moert --version' prints versions.\n");
-}
-
-// An error as one line: its text may quote names from files (a tensor of a safetensors header,
-// say) or arguments, whose control characters are written as \xNN, as the library's are.
-void print_error(const std::string& who, const std::string& text) {
-  std::string line;
-  for (const char ch : text) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c >= 0x20 && c != 0x7F) {
-      line += ch;
-    } else {
-      char hex[5];
-      std::snprintf(hex, sizeof hex, "\\x%02X", c);
-      line += hex;
-    }
-  }
-  std::fprintf(stderr, "%s: error: %s\n", who.c_str(), line.c_str());
 }
 
 }  // namespace
@@ -93,6 +77,7 @@ int main(int argc, char** argv) {
   }
   for (const Command& c : kCommands) {
     if (c.spec.name != name) continue;
+    moert_cli::set_command_name("moert " + name);
     try {
       moert_cli::Args args(c.spec, argc, argv, 2);
       if (args.help()) {
@@ -100,6 +85,8 @@ int main(int argc, char** argv) {
         return 0;
       }
       return c.run(args);
+    } catch (const moert_cli::ReportedError& e) {
+      return e.code();
     } catch (const moert_cli::UsageError& e) {
       print_error("moert " + name, e.message());
       return 2;
