@@ -3,17 +3,23 @@
 # Runs COMMAND and passes only when it exits 0 and its output (stdout and stderr) has a line
 # matching PATTERN (grep -E). CTest's PASS_REGULAR_EXPRESSION alone ignores the exit status: an
 # example that printed the expected line and then threw passed. Exit status 77 (a skip) passes
-# through.
+# through. The output is passed on as it comes, so that a test CTest stops at its timeout still
+# shows how far it got.
 pattern=$1
 shift
-out=$("$@" 2>&1)
-rc=$?
-printf '%s\n' "$out"
+dir=$(mktemp -d) || exit 1
+trap 'rm -rf "$dir"' EXIT
+trap 'exit 143' TERM INT
+{
+  "$@" 2>&1
+  echo $? >"$dir/status"
+} | tee "$dir/output"
+rc=$(cat "$dir/status")
 if [ "$rc" -ne 0 ]; then
   echo "expect_output: '$1' exited with status $rc" >&2
   exit "$rc"
 fi
-if ! printf '%s\n' "$out" | grep -Eq -- "$pattern"; then
+if ! grep -Eq -- "$pattern" "$dir/output"; then
   echo "expect_output: no line of the output matches '$pattern'" >&2
   exit 1
 fi
