@@ -238,16 +238,10 @@ func requestStats(s []int64) RequestStats {
 // ForwardTokens is one request of rows rows of token ids (tokens holds rows*InputWidth ids,
 // row-major); it returns rows*OutputWidth outputs and how the request was served.
 func (b *Batcher) ForwardTokens(tokens []int32, rows int) ([]float32, RequestStats, error) {
-	if err := checkForwardRows(rows); err != nil {
-		return nil, RequestStats{}, err
-	}
-	out, err := b.io.outputs(rows, len(tokens))
-	if err != nil {
-		return nil, RequestStats{}, err
-	}
+	out := b.io.outputs(rows, len(tokens))
 	in, stats := ownInts(tokens), make([]int64, capi.MOERT_REQUEST_STATS)
 	if err := b.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_batcher_forward_tokens(b.ptr, in, uint64(rows), out, stats)
+		return capi.Moert_batcher_forward_tokens(b.ptr, in, forwardRows(rows), out, stats)
 	}); err != nil {
 		return nil, RequestStats{}, err
 	}
@@ -257,12 +251,9 @@ func (b *Batcher) ForwardTokens(tokens []int32, rows int) ([]float32, RequestSta
 // ForwardTokensInto is ForwardTokens writing into out (rows*OutputWidth values), written only on
 // success. tokens and out may lie in any Go memory.
 func (b *Batcher) ForwardTokensInto(tokens []int32, rows int, out []float32) (RequestStats, error) {
-	if err := checkForwardRows(rows); err != nil {
-		return RequestStats{}, err
-	}
 	in, dst, stats := ownInts(tokens), scratchFloats(out), make([]int64, capi.MOERT_REQUEST_STATS)
 	if err := b.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_batcher_forward_tokens(b.ptr, in, uint64(rows), dst, stats)
+		return capi.Moert_batcher_forward_tokens(b.ptr, in, forwardRows(rows), dst, stats)
 	}); err != nil {
 		return RequestStats{}, err
 	}
@@ -273,16 +264,10 @@ func (b *Batcher) ForwardTokensInto(tokens []int32, rows int, out []float32) (Re
 // ForwardHidden is one request of rows rows of hidden states (in holds rows*InputWidth values);
 // it returns rows*OutputWidth outputs and how the request was served.
 func (b *Batcher) ForwardHidden(in []float32, rows int) ([]float32, RequestStats, error) {
-	if err := checkForwardRows(rows); err != nil {
-		return nil, RequestStats{}, err
-	}
-	out, err := b.io.outputs(rows, len(in))
-	if err != nil {
-		return nil, RequestStats{}, err
-	}
+	out := b.io.outputs(rows, len(in))
 	src, stats := ownFloats(in), make([]int64, capi.MOERT_REQUEST_STATS)
 	if err := b.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_batcher_forward_hidden(b.ptr, src, uint64(rows), out, stats)
+		return capi.Moert_batcher_forward_hidden(b.ptr, src, forwardRows(rows), out, stats)
 	}); err != nil {
 		return nil, RequestStats{}, err
 	}
@@ -292,12 +277,9 @@ func (b *Batcher) ForwardHidden(in []float32, rows int) ([]float32, RequestStats
 // ForwardHiddenInto is ForwardHidden writing into out, written only on success. in and out may
 // lie in any Go memory.
 func (b *Batcher) ForwardHiddenInto(in []float32, rows int, out []float32) (RequestStats, error) {
-	if err := checkForwardRows(rows); err != nil {
-		return RequestStats{}, err
-	}
 	src, dst, stats := ownFloats(in), scratchFloats(out), make([]int64, capi.MOERT_REQUEST_STATS)
 	if err := b.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_batcher_forward_hidden(b.ptr, src, uint64(rows), dst, stats)
+		return capi.Moert_batcher_forward_hidden(b.ptr, src, forwardRows(rows), dst, stats)
 	}); err != nil {
 		return RequestStats{}, err
 	}
@@ -362,12 +344,9 @@ func (b *Batcher) submit(call func(done *byte, userData uintptr) capi.Struct_SS_
 // (copy the outputs, close Done), which needs one of the program's Ps for that moment; the
 // session that ran the pass starts its next one when it returns.
 func (b *Batcher) SubmitTokens(tokens []int32, rows int) (*Pending, error) {
-	if err := checkForwardRows(rows); err != nil {
-		return nil, err
-	}
 	in := ownInts(tokens)
 	return b.submit(func(done *byte, userData uintptr) capi.Struct_SS_moert_status {
-		return capi.Moert_batcher_submit_tokens(b.ptr, in, uint64(rows), done, userData)
+		return capi.Moert_batcher_submit_tokens(b.ptr, in, forwardRows(rows), done, userData)
 	})
 }
 
@@ -376,12 +355,9 @@ func (b *Batcher) SubmitTokens(tokens []int32, rows int) (*Pending, error) {
 // with ErrNumeric under the session option "check_finite", on by default). in may be reused as
 // soon as it returns.
 func (b *Batcher) SubmitHidden(in []float32, rows int) (*Pending, error) {
-	if err := checkForwardRows(rows); err != nil {
-		return nil, err
-	}
 	src := ownFloats(in)
 	return b.submit(func(done *byte, userData uintptr) capi.Struct_SS_moert_status {
-		return capi.Moert_batcher_submit_hidden(b.ptr, src, uint64(rows), done, userData)
+		return capi.Moert_batcher_submit_hidden(b.ptr, src, forwardRows(rows), done, userData)
 	})
 }
 

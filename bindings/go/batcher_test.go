@@ -160,10 +160,11 @@ func TestBatcherErrorsBelongToTheirCaller(t *testing.T) {
 	wantCode(t, err, ErrInvalidArgument)
 	_, _, err = b.ForwardHidden(make([]float32, 4), 1)
 	wantCode(t, err, ErrInvalidArgument)
+	// A negative count goes to the library as 0 rows: refused and counted like the others.
 	_, _, err = b.ForwardTokens(batch(1, 4, 0), -1)
 	wantCode(t, err, ErrInvalidArgument)
 	c, _ := b.Counters()
-	if c.Requests != 10 || c.Failed != 6 {
+	if c.Requests != 11 || c.Failed != 7 {
 		t.Fatalf("counters %+v", c)
 	}
 	// Within the row cap but far past the input: refused before its outputs are allocated.
@@ -461,8 +462,8 @@ func TestBatcherSubmitRefusesBadRequests(t *testing.T) {
 		func() (*Pending, error) { return b.SubmitTokens(batch(1, 4, 0), 0) },      // no rows
 		func() (*Pending, error) { return b.SubmitTokens(nil, 1) },                 // no ids
 		func() (*Pending, error) { return b.SubmitHidden(make([]float32, 4), 1) },  // tokens model
-		func() (*Pending, error) { return b.SubmitTokens(batch(1, 4, 0), -1) },     // refused in Go
-		func() (*Pending, error) { return b.SubmitHidden(make([]float32, 4), -1) }, // refused in Go
+		func() (*Pending, error) { return b.SubmitTokens(batch(1, 4, 0), -1) },     // goes as 0 rows
+		func() (*Pending, error) { return b.SubmitHidden(make([]float32, 4), -1) }, // goes as 0 rows
 	}
 	for i, f := range refused {
 		p, err := f()
@@ -471,7 +472,7 @@ func TestBatcherSubmitRefusesBadRequests(t *testing.T) {
 			t.Fatalf("refused request %d came with a Pending", i)
 		}
 	}
-	// The library counted the six it saw as failed requests; a good one is still answered.
+	// The library counted the eight as failed requests; a good one is still answered.
 	p, err = b.SubmitTokens(batch(1, 4, 0), 1)
 	if err != nil {
 		t.Fatal(err)
@@ -483,7 +484,7 @@ func TestBatcherSubmitRefusesBadRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Requests != 7 || c.Failed != 6 || c.Batches != 1 {
+	if c.Requests != 9 || c.Failed != 8 || c.Batches != 1 {
 		t.Fatalf("counters %+v", c)
 	}
 }

@@ -1,7 +1,6 @@
 package moert
 
 import (
-	"fmt"
 	"runtime"
 
 	"moert.dev/moert/internal/capi"
@@ -35,24 +34,21 @@ type IO struct {
 // the call goes on: the library refuses it, naming the input, on every rank of a session among
 // ranks (a rank that refused alone would leave the others waiting) and counted by a batcher; no
 // wrong count becomes an allocation that ends the process.
-func (io IO) outputs(rows, n int) ([]float32, error) {
-	if err := checkForwardRows(rows); err != nil {
-		return nil, err
+func (io IO) outputs(rows, n int) []float32 {
+	if rows < 0 || rows > 1<<31-1 || rows*io.InputWidth != n {
+		return []float32{}
 	}
-	if rows > 1<<31-1 || rows*io.InputWidth != n {
-		return []float32{}, nil
-	}
-	return make([]float32, rows*io.OutputWidth), nil
+	return make([]float32, rows*io.OutputWidth)
 }
 
-// checkForwardRows refuses a negative row count, which the C ABI cannot take: it is this
-// process's mistake, said here. Every other count goes to the library, which refuses 0 (before
-// it looks at a nil slice, Go's empty one) alike on every rank.
-func checkForwardRows(rows int) error {
+// forwardRows is the row count a forward call passes to the C ABI, which cannot take a negative
+// one: that goes as 0, which the library refuses (before it looks at a nil slice, Go's empty one)
+// alike on every rank of a session among ranks and counts in a batcher, as any other bad count.
+func forwardRows(rows int) uint64 {
 	if rows < 0 {
-		return &Error{Code: ErrInvalidArgument, Message: fmt.Sprintf("rows must be at least 1, got %d", rows)}
+		return 0
 	}
-	return nil
+	return uint64(rows)
 }
 
 func newModel(p uintptr) *Model {

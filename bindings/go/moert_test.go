@@ -326,6 +326,14 @@ func TestNilHandlesAndEmptyForwards(t *testing.T) {
 		}
 		b.Close()
 	}
+	// A negative count, which the C ABI cannot take, is the library's refusal of 0 rows too: a
+	// session among ranks refuses it on every rank rather than on this one alone.
+	_, err = session.ForwardTokens(batch(1, 4, 0), -1)
+	if e := wantCode(t, err, ErrInvalidArgument); !strings.Contains(e.Message, "at least 1") {
+		t.Fatalf("ForwardTokens(ids, -1): %v", err)
+	}
+	_, err = session.ForwardHidden(make([]float32, 4), -1)
+	wantCode(t, err, ErrInvalidArgument)
 }
 
 // trainStep runs one optimizer step over two micro-batches and returns the mean loss.

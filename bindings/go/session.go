@@ -103,13 +103,10 @@ func (s *Session) call(f func() capi.Struct_SS_moert_status) error {
 // ForwardTokens runs a forward pass over rows rows of token ids (tokens holds rows*InputWidth
 // ids, row-major) and returns rows*OutputWidth outputs.
 func (s *Session) ForwardTokens(tokens []int32, rows int) ([]float32, error) {
-	out, err := s.io.outputs(rows, len(tokens))
-	if err != nil {
-		return nil, err
-	}
+	out := s.io.outputs(rows, len(tokens))
 	in := ownInts(tokens)
 	if err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_tokens(s.ptr, in, uint64(rows), out)
+		return capi.Moert_session_forward_tokens(s.ptr, in, forwardRows(rows), out)
 	}); err != nil {
 		return nil, err
 	}
@@ -119,12 +116,9 @@ func (s *Session) ForwardTokens(tokens []int32, rows int) ([]float32, error) {
 // ForwardTokensInto is ForwardTokens writing into out (rows*OutputWidth values). tokens and out
 // may lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardTokensInto(tokens []int32, rows int, out []float32) error {
-	if err := checkForwardRows(rows); err != nil {
-		return err
-	}
 	in, dst := ownInts(tokens), scratchFloats(out)
 	if err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_tokens(s.ptr, in, uint64(rows), dst)
+		return capi.Moert_session_forward_tokens(s.ptr, in, forwardRows(rows), dst)
 	}); err != nil {
 		return err
 	}
@@ -135,13 +129,10 @@ func (s *Session) ForwardTokensInto(tokens []int32, rows int, out []float32) err
 // ForwardHidden runs a forward pass over rows rows of hidden states (in holds rows*InputWidth
 // values) and returns rows*OutputWidth outputs.
 func (s *Session) ForwardHidden(in []float32, rows int) ([]float32, error) {
-	out, err := s.io.outputs(rows, len(in))
-	if err != nil {
-		return nil, err
-	}
+	out := s.io.outputs(rows, len(in))
 	src := ownFloats(in)
 	if err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_hidden(s.ptr, src, uint64(rows), out)
+		return capi.Moert_session_forward_hidden(s.ptr, src, forwardRows(rows), out)
 	}); err != nil {
 		return nil, err
 	}
@@ -151,12 +142,9 @@ func (s *Session) ForwardHidden(in []float32, rows int) ([]float32, error) {
 // ForwardHiddenInto is ForwardHidden writing into out (rows*OutputWidth values). in and out may
 // lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardHiddenInto(in []float32, rows int, out []float32) error {
-	if err := checkForwardRows(rows); err != nil {
-		return err
-	}
 	src, dst := ownFloats(in), scratchFloats(out)
 	if err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_hidden(s.ptr, src, uint64(rows), dst)
+		return capi.Moert_session_forward_hidden(s.ptr, src, forwardRows(rows), dst)
 	}); err != nil {
 		return err
 	}
@@ -170,13 +158,10 @@ func (s *Session) ForwardHiddenInto(in []float32, rows int, out []float32) error
 // is zero, and it takes no part in Backward or BackwardLoss. The other rows get exactly the
 // outputs of a pass over them alone. A mask of another length than rows is an error.
 func (s *Session) ForwardTokensMasked(tokens []int32, mask []bool, rows int) ([]float32, error) {
-	out, err := s.io.outputs(rows, len(tokens))
-	if err != nil {
-		return nil, err
-	}
+	out := s.io.outputs(rows, len(tokens))
 	in, m := ownInts(tokens), ownMask(mask)
 	if err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_tokens_masked(s.ptr, in, m, uint64(rows), out)
+		return capi.Moert_session_forward_tokens_masked(s.ptr, in, m, forwardRows(rows), out)
 	}); err != nil {
 		return nil, err
 	}
@@ -186,12 +171,9 @@ func (s *Session) ForwardTokensMasked(tokens []int32, mask []bool, rows int) ([]
 // ForwardTokensMaskedInto is ForwardTokensMasked writing into out (rows*OutputWidth values).
 // tokens, mask and out may lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardTokensMaskedInto(tokens []int32, mask []bool, rows int, out []float32) error {
-	if err := checkForwardRows(rows); err != nil {
-		return err
-	}
 	in, m, dst := ownInts(tokens), ownMask(mask), scratchFloats(out)
 	if err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_tokens_masked(s.ptr, in, m, uint64(rows), dst)
+		return capi.Moert_session_forward_tokens_masked(s.ptr, in, m, forwardRows(rows), dst)
 	}); err != nil {
 		return err
 	}
@@ -203,13 +185,10 @@ func (s *Session) ForwardTokensMaskedInto(tokens []int32, mask []bool, rows int,
 // ForwardTokensMasked: a padding row's values are not read (NaN or garbage is fine) and its
 // output row is zero; the input gradient Backward gives it is zero.
 func (s *Session) ForwardHiddenMasked(in []float32, mask []bool, rows int) ([]float32, error) {
-	out, err := s.io.outputs(rows, len(in))
-	if err != nil {
-		return nil, err
-	}
+	out := s.io.outputs(rows, len(in))
 	src, m := ownFloats(in), ownMask(mask)
 	if err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_hidden_masked(s.ptr, src, m, uint64(rows), out)
+		return capi.Moert_session_forward_hidden_masked(s.ptr, src, m, forwardRows(rows), out)
 	}); err != nil {
 		return nil, err
 	}
@@ -219,12 +198,9 @@ func (s *Session) ForwardHiddenMasked(in []float32, mask []bool, rows int) ([]fl
 // ForwardHiddenMaskedInto is ForwardHiddenMasked writing into out (rows*OutputWidth values). in,
 // mask and out may lie in any Go memory (see memory.go); out is written only on success.
 func (s *Session) ForwardHiddenMaskedInto(in []float32, mask []bool, rows int, out []float32) error {
-	if err := checkForwardRows(rows); err != nil {
-		return err
-	}
 	src, m, dst := ownFloats(in), ownMask(mask), scratchFloats(out)
 	if err := s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_forward_hidden_masked(s.ptr, src, m, uint64(rows), dst)
+		return capi.Moert_session_forward_hidden_masked(s.ptr, src, m, forwardRows(rows), dst)
 	}); err != nil {
 		return err
 	}
