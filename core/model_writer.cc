@@ -443,6 +443,22 @@ void refuse_nonfinite(const std::string& path, const char* what, const Model& mo
   }
 }
 
+// Fails (InvalidArgument) when a name this save creates beside `file` would pass the file
+// system's limit: the data file "<file>.<16 hex digits>.data" adds 22 bytes to the name, the
+// temporary description ".<file>.tmp-XXXXXX" 12. Said before anything is written, rather than as
+// "File name too long" from a rename after the data file was.
+void refuse_long_names(const fs::path& dir, const std::string& file, const std::string& path,
+                       const char* what, bool data_file) {
+  const long limit = ::pathconf(dir.c_str(), _PC_NAME_MAX);
+  if (limit <= 0) return;  // no such directory, or no limit: the writing says what is wrong
+  const uint64_t added = data_file ? 22 : 12;
+  if (file.size() + added > static_cast<uint64_t>(limit))
+    fail(Code::InvalidArgument, "cannot write ", what, " '", path, "': its file name is ",
+         file.size(), " bytes and the ", data_file ? "data file" : "temporary file",
+         " written beside it adds ", added, ", past this file system's ", limit,
+         " (a name of at most ", static_cast<uint64_t>(limit) - added, " bytes fits)");
+}
+
 // write_checkpoint and write_model: `state` null for a model file.
 void write_description(const std::string& path, const Model& model,
                        const TrainingStateView* state) {
@@ -461,6 +477,12 @@ void write_description(const std::string& path, const Model& model,
   if (const fs::file_status st = fs::status(target, ec); fs::exists(st) && !fs::is_regular_file(st))
     fail(Code::InvalidArgument, "cannot write ", what, " '", path,
          "': it exists and is not a regular file (a save replaces only a regular file)");
+  // The rename replaces a symbolic link itself, not what it points to: a "latest" link would
+  // silently become a file of its own.
+  if (fs::is_symlink(fs::symlink_status(target, ec)))
+    fail(Code::InvalidArgument, "cannot write ", what, " '", path,
+         "': it is a symbolic link, which the save would replace by a file (name the link's "
+         "target, or remove the link first)");
   // What the loader would refuse is not written: a file that cannot be loaded back loses the
   // work it was meant to keep.
   refuse_nonfinite(path, what, model, state);
@@ -503,6 +525,7 @@ void write_description(const std::string& path, const Model& model,
   DescriptionBuilder builder(inline_bytes, digest);
   const auto root = builder.model(model, state, data_name);
   const std::vector<uint8_t> description = builder.finish(root);
+  refuse_long_names(dir, file, path, what, !builder.external().empty());
 
   const DirectoryLock lock(dir);
   // The data file is named by its content: an earlier checkpoint with the same content may

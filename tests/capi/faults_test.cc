@@ -4,10 +4,13 @@
 #include <gtest/gtest.h>
 #include <moert/moert.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -414,6 +417,68 @@ TEST(Faults, ASaveDoesNotReplaceAFifo) {
   const std::string missing = (dir.path() / "no-dir" / "m.moert").string();
   EXPECT_TRUE(IsError(moert_model_save_file(m.get(), missing.c_str()), MOERT_ERR_IO,
                       {"cannot write model"}));
+}
+
+std::string file_bytes(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// The rename would replace a symbolic link itself: a "latest" link would become a file of its
+// own. Refused, the link and its target left as they were.
+TEST(Faults, ASaveDoesNotReplaceASymbolicLink) {
+  ModelPtr m = load(two_expert_lossfree());
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  TempDir dir;
+  const std::filesystem::path target = dir.path() / "step-1.moert", link = dir.path() / "latest";
+  ASSERT_TRUE(IsOk(moert_session_save(s.get(), target.c_str())));
+  std::filesystem::create_symlink("step-1.moert", link);
+  const std::string before = file_bytes(target);
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "0.5")));
+  forward(s.get(), rows_to({0, 1}));
+  EXPECT_TRUE(IsError(moert_session_save(s.get(), link.c_str()), MOERT_ERR_INVALID_ARGUMENT,
+                      {"latest", "symbolic link"}));
+  EXPECT_TRUE(IsError(moert_model_save_file(m.get(), link.c_str()), MOERT_ERR_INVALID_ARGUMENT,
+                      {"model", "symbolic link"}));
+  EXPECT_TRUE(std::filesystem::is_symlink(link));
+  EXPECT_EQ(file_bytes(target), before);
+  // A dangling link is no more a file to replace.
+  std::filesystem::create_symlink("nowhere.moert", dir.path() / "dangling");
+  EXPECT_TRUE(IsError(moert_session_save(s.get(), (dir.path() / "dangling").c_str()),
+                      MOERT_ERR_INVALID_ARGUMENT, {"symbolic link"}));
+  EXPECT_FALSE(std::filesystem::exists(dir.path() / "nowhere.moert"));
+}
+
+// A name the file system takes can still be too long for the files written beside it: the
+// temporary description ".<name>.tmp-XXXXXX" adds 12 bytes, the data file of the arrays of
+// 64 KiB or more "<name>.<16 hex digits>.data" 22. Refused before anything is written, rather
+// than failing at a rename with "File name too long".
+TEST(Faults, ANameTooLongForTheFilesBesideItIsRefusedBeforeAnythingIsWritten) {
+  TempDir dir;
+  const long name_max = pathconf(dir.path().c_str(), _PC_NAME_MAX);
+  ASSERT_GT(name_max, 40);
+  auto named = [&](long bytes) {
+    return (dir.path() / (std::string(static_cast<size_t>(bytes) - 6, 'n') + ".moert")).string();
+  };
+  auto entries = [&] { return std::distance(std::filesystem::directory_iterator(dir.path()), {}); };
+  ModelPtr small = load(two_expert_lossfree());
+  EXPECT_TRUE(IsError(moert_model_save_file(small.get(), named(name_max - 11).c_str()),
+                      MOERT_ERR_INVALID_ARGUMENT,
+                      {"file name is", "temporary file", "adds 12", "fits"}));
+  EXPECT_EQ(entries(), 0);
+  ASSERT_TRUE(IsOk(moert_model_save_file(small.get(), named(name_max - 12).c_str())));
+  EXPECT_EQ(entries(), 1);
+  // w1, w3 and w2 of 2 * 4 * 2048 floats: 64 KiB each, in the data file.
+  ModelPtr big = load(one_moe(2048, 2, 1, 0, std::vector<float>(4096, 0.01f), 0.01f));
+  EXPECT_TRUE(IsError(moert_model_save_file(big.get(), named(name_max - 21).c_str()),
+                      MOERT_ERR_INVALID_ARGUMENT, {"data file", "adds 22"}));
+  EXPECT_EQ(entries(), 1);
+  const std::string fits = named(name_max - 22);
+  ASSERT_TRUE(IsOk(moert_model_save_file(big.get(), fits.c_str())));
+  EXPECT_EQ(entries(), 3);  // the small model, the big one and its data file
+  moert_model* back = nullptr;
+  ASSERT_TRUE(IsOk(moert_model_load_file(fits.c_str(), &back)));
+  moert_model_free(back);
 }
 
 // top_k = 1 with renormalisation: every gate weight is the scaling factor, the router gets no

@@ -313,9 +313,10 @@ MOERT_API moert_status* moert_model_quantize_fp8(const moert_model* model, uint3
  * go to an external data file beside it, "<file name>.<16 hex digits>.data", named by the
  * model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a
  * file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'
- * 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device or a FIFO (nothing
- * is replaced). Concurrent saves into one directory take turns, as moert_session_save()'s do;
- * `model` is only read. */
+ * 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device, a FIFO or a
+ * symbolic link, or when its file name is too long for the files written beside it (the data
+ * file's name is 22 bytes longer, the temporary file's 12): nothing is replaced. Concurrent saves
+ * into one directory take turns, as moert_session_save()'s do; `model` is only read. */
 MOERT_API moert_status* moert_model_save_file(const moert_model* model, const char* path);
 
 /* ---- Session options --------------------------------------------------------------------- */
@@ -1047,7 +1048,9 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * (naming it); MOERT_ERR_INVALID_STATE after a backward of this step failed midway (its partial
  * gradient would be stepped on after a load: moert_session_zero_grad() first);
  * MOERT_ERR_INVALID_ARGUMENT when `path` names a directory or anything else that is not a regular
- * file (a device, a FIFO), which the rename would replace.
+ * file (a device, a FIFO, a symbolic link, even to a regular file), which the rename would
+ * replace, or when its file name is too long for the files written beside it (the data file's
+ * name is 22 bytes longer, the temporary file's 12; most file systems allow 255 bytes).
  *
  * A session over several ranks (moert_session_options_set_comm()): collective, every rank calls
  * it, with the same path (compared as text once normalised -- "a/./b" is "a/b" -- since rank 0
