@@ -897,6 +897,12 @@ StepInfo Session::step() {
     collective_step("step", Failure::KeepsPass, [&] {
       require_training("step");
       if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
+      // The cosine decay runs from lr down to min_lr: a floor above the peak would raise it.
+      if (const TrainingConfig& t = options_.training;
+          t.total_steps > t.warmup_steps && t.min_lr > t.lr)
+        fail(Code::InvalidState, "min_lr (", t.min_lr, ") exceeds lr (", t.lr,
+             "): the cosine decay over total_steps would raise the learning rate; set min_lr to "
+             "at most lr");
       if (!poisoned_.empty())
         fail(poisoned_code_,
              "a backward pass of this step failed after it had begun accumulating "
@@ -1295,6 +1301,41 @@ std::vector<uint32_t> Session::moe_layers(uint32_t layer) const {
   return out;
 }
 
+namespace {
+
+const char* policy_name(BalancingPolicy p) {
+  switch (p) {
+    case BalancingPolicy::None:
+      return "None";
+    case BalancingPolicy::LossFreeBias:
+      return "LossFreeBias";
+    case BalancingPolicy::AuxLoss:
+      return "AuxLoss";
+    case BalancingPolicy::SequenceAuxLoss:
+      return "SequenceAuxLoss";
+    case BalancingPolicy::ExpertChoice:
+      return "ExpertChoice";
+  }
+  return "an unknown policy";
+}
+
+}  // namespace
+
+std::vector<uint32_t> Session::loss_free_layers(uint32_t layer, const char* what) const {
+  std::vector<uint32_t> out;
+  for (uint32_t i : moe_layers(layer))
+    if (std::get<MoESpec>(model_->layers[i].spec).balancing.policy == BalancingPolicy::LossFreeBias)
+      out.push_back(i);
+  if (!out.empty()) return out;
+  if (layer == kAllLayers)
+    fail(Code::InvalidArgument, "no MoE layer of the model balances by the loss-free bias ",
+         "(balancing.policy LossFreeBias): there is no ", what);
+  fail(Code::InvalidArgument, "MoE layer ", layer, " ('", model_->layers[layer].name,
+       "') balances by ",
+       policy_name(std::get<MoESpec>(model_->layers[layer].spec).balancing.policy),
+       ", not by the loss-free bias: it has no ", what);
+}
+
 void Session::read_bias(uint32_t layer, float* out, uint64_t len) const {
   moe_layer(layer);
   const auto& bias = std::get<MoESpec>(params().layers[layer].spec).gate_bias.values;
@@ -1326,12 +1367,13 @@ void Session::set_bias_update_rate(uint32_t layer, double gamma) {
          "the bias update rate must be 0 or a positive value that fp32 holds (from about 7e-46, "
          "which rounds up to its smallest, to 3.4e38), got ",
          gamma);
-  for (uint32_t i : moe_layers(layer)) balance_[i].gamma = rate;
+  for (uint32_t i : loss_free_layers(layer, "bias update rate")) balance_[i].gamma = rate;
 }
 
 void Session::set_bias_frozen(uint32_t layer, bool frozen) {
   require_training("freezing the bias");
-  for (uint32_t i : moe_layers(layer)) balance_[i].frozen = frozen;
+  for (uint32_t i : loss_free_layers(layer, "bias update to freeze or thaw"))
+    balance_[i].frozen = frozen;
 }
 
 const std::vector<int64_t>& Session::expert_counts(uint32_t layer, CountScope scope) const {

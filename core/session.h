@@ -220,6 +220,9 @@ class Session {
   void sync_to_host() const;
   MoELayer& moe_layer(uint32_t layer) const;
   std::vector<uint32_t> moe_layers(uint32_t layer) const;
+  // The MoE layers of moe_layers(layer) that balance by the loss-free bias; refuses a layer, or
+  // a model, without one rather than accept a rate or a freeze and ignore it.
+  std::vector<uint32_t> loss_free_layers(uint32_t layer, const char* what) const;
   int64_t check_rows(uint64_t rows) const;
   void check_out(uint64_t rows, const float* out, uint64_t out_len) const;
   void require_training(const char* what) const;

@@ -261,6 +261,60 @@ TEST(Faults, ASaveRefusesAStepWhoseBackwardFailedMidway) {
   EXPECT_TRUE(IsOk(moert_session_load(t.get(), path.c_str())));
 }
 
+// The bias update rate and its freezing belong to the loss-free bias: a layer balanced otherwise
+// has neither, and naming it is refused rather than accepted and ignored.
+TEST(Faults, ABiasRateOrFreezeOfALayerWithoutTheLossFreeBiasIsRefused) {
+  ModelDesc d = two_expert_lossfree();
+  d.layers[0].moe.balancing.policy = 2;  // AuxLoss
+  d.layers[0].moe.balancing.aux_alpha = 1e-3f;
+  ModelPtr m = load(d);
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  EXPECT_TRUE(IsError(moert_session_set_bias_update_rate(s.get(), 0, 0.5),
+                      MOERT_ERR_INVALID_ARGUMENT,
+                      {"MoE layer 0 ('moe0')", "AuxLoss", "no bias update rate"}));
+  EXPECT_TRUE(IsError(moert_session_set_bias_frozen(s.get(), 0, 1), MOERT_ERR_INVALID_ARGUMENT,
+                      {"AuxLoss", "no bias update to freeze"}));
+  EXPECT_TRUE(IsError(moert_session_set_bias_update_rate(s.get(), MOERT_ALL_LAYERS, 0.5),
+                      MOERT_ERR_INVALID_ARGUMENT, {"no MoE layer", "LossFreeBias"}));
+  // Still refused as given first: a rate fp32 cannot hold.
+  EXPECT_TRUE(IsError(moert_session_set_bias_update_rate(s.get(), 0, 1e39),
+                      MOERT_ERR_INVALID_ARGUMENT, {"fp32"}));
+  // A loss-free layer takes them.
+  ModelPtr lossfree = load(two_expert_lossfree());
+  SessionPtr t = session(lossfree.get(), MOERT_MODE_TRAINING);
+  EXPECT_TRUE(IsOk(moert_session_set_bias_update_rate(t.get(), MOERT_ALL_LAYERS, 0.5)));
+  EXPECT_TRUE(IsOk(moert_session_set_bias_frozen(t.get(), 0, 1)));
+}
+
+// The cosine decay runs from lr down to min_lr: a min_lr above lr would make it rise. The step
+// says so and changes nothing; with no decay to run (total_steps 0) min_lr is not used.
+TEST(Faults, AMinLrAboveLrRefusesTheStepOfADecay) {
+  ModelPtr m = load(two_expert_lossfree());
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "lr", "1e-3")));
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "min_lr", "0.1")));
+  forward(s.get(), rows_to({0, 1}));
+  const std::vector<float> g(4, 1e-3f);
+  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+  double lr = 0.0;
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), &lr, nullptr)));  // constant: min_lr unused
+  EXPECT_EQ(lr, 1e-3);
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "total_steps", "5")));
+  std::vector<float> before(16);
+  ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w1", before.data(), 16)));
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), &lr, nullptr), MOERT_ERR_INVALID_STATE,
+                      {"min_lr (0.1) exceeds lr (0.001)"}));
+  uint64_t steps = 0;
+  ASSERT_TRUE(IsOk(moert_session_step_count(s.get(), &steps)));
+  EXPECT_EQ(steps, 1u);
+  std::vector<float> after(16);
+  ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w1", after.data(), 16)));
+  EXPECT_EQ(after, before);
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "min_lr", "1e-4")));
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), &lr, nullptr)));
+  EXPECT_LT(lr, 1e-3);
+}
+
 // The bias update rate is held in fp32: a rate that rounds to infinity or to zero there is
 // refused as given. A finite rate that would carry a bias beyond the fp32 range refuses the step
 // before anything changes.

@@ -895,6 +895,7 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
  *   "beta1" (0.9) "beta2" (0.999) "eps" (1e-8)  AdamW      "momentum" (0.9)  SGD
  *   "clip_norm" (0 = off): clip the global gradient norm
  *   "warmup_steps" (0): linear warm-up; "total_steps" (0 = constant): cosine decay to min_lr
+ *     (a step with min_lr above lr and a decay to run is MOERT_ERR_INVALID_STATE)
  *   "sequence_length" (0 = the whole batch): rows per sequence for the sequence-wise aux loss */
 
 /* A target that takes no part in the loss (PyTorch's ignore_index). */
@@ -958,21 +959,25 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * counted different micro-batches since zero_grad, hold different training settings
  * (set_config, bias rate or freeze applied on some ranks only), or wrote different tensors or
  * values since the last step (set_parameter, set_gradient or set_expert_bias; see
- * moert_session_set_parameter()), before anything changes. */
+ * moert_session_set_parameter()), before anything changes. MOERT_ERR_INVALID_STATE in eval mode
+ * (moert_session_set_eval()). */
 MOERT_API moert_status* moert_session_step(moert_session* session, double* lr, double* grad_norm);
 
 /* Optimizer steps taken (restored from checkpoints). */
 MOERT_API moert_status* moert_session_step_count(const moert_session* session, uint64_t* out);
 
 /* eval != 0: forward passes neither keep state for backward nor count towards the bias update;
- * they add to the MOERT_COUNTS_EVAL metrics. eval == 0: back to training. */
+ * they add to the MOERT_COUNTS_EVAL metrics, and moert_session_step() is refused. eval == 0: back
+ * to training. */
 MOERT_API moert_status* moert_session_set_eval(moert_session* session, int32_t eval);
 
 /* A knob by name (the lists above), for this session from now on. The one function of this
  * section that takes an inference session too: there the training knobs are
  * MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks and ep_overlap apply. A knob fixed at
  * moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses a change
- * with MOERT_ERR_INVALID_STATE; setting its current value is accepted. */
+ * with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do "optimizer" after
+ * the first step (its state would not carry over), and "sequence_length" and "aux_loss_scope"
+ * between a forward and its backward. */
 MOERT_API moert_status* moert_session_set_config(moert_session* session, const char* key,
                                                  const char* value);
 
@@ -995,7 +1000,10 @@ MOERT_API moert_status* moert_session_parameter_info(const moert_session* sessio
  * on (moert_session_zero_grad() discards gradient writes). Passes run between the differing write
  * and its repair computed their gradients from the differing values: those gradients were still
  * combined across ranks, so the replicas stay alike, but to train on the repaired values call
- * moert_session_zero_grad() and run those micro-batches again before the step. */
+ * moert_session_zero_grad() and run those micro-batches again before the step.
+ *
+ * Writing a parameter (and moert_session_set_expert_bias()) between a forward and its backward is
+ * MOERT_ERR_INVALID_STATE: the backward needs the values its forward used. */
 MOERT_API moert_status* moert_session_get_parameter(const moert_session* session, const char* name,
                                                     float* out, uint64_t len);
 MOERT_API moert_status* moert_session_set_parameter(moert_session* session, const char* name,
@@ -1018,7 +1026,9 @@ MOERT_API moert_status* moert_session_set_expert_bias(moert_session* session, ui
 /* The bias update rate gamma (>= 0; 0 stops updates) of MoE layer `layer` or MOERT_ALL_LAYERS,
  * from the next step on: schedule it by calling this between steps. Held in fp32, like the bias:
  * MOERT_ERR_INVALID_ARGUMENT for a value that is not finite there or that rounds to 0 (below
- * about 1.4e-45). */
+ * about 1.4e-45). Only a layer balanced by the loss-free bias (balancing.policy LossFreeBias) has
+ * a rate: MOERT_ALL_LAYERS sets those, and naming another layer, or MOERT_ALL_LAYERS in a model
+ * without any, is MOERT_ERR_INVALID_ARGUMENT (likewise moert_session_set_bias_frozen()). */
 MOERT_API moert_status* moert_session_set_bias_update_rate(moert_session* session, uint32_t layer,
                                                            double gamma);
 
@@ -1080,7 +1090,13 @@ MOERT_API moert_status* moert_session_save(const moert_session* session, const c
  * likely saved from another, larger model: load options only lower these limits). Checkpoints of
  * schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as
  * unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that
- * wrote the checkpoint.
+ * wrote the checkpoint, given the same knobs: a checkpoint holds state, not settings. The knobs of
+ * moert_session_set_config() (lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm,
+ * the betas, eps, momentum, sequence_length, ...) are this session's own and stay as set, so a
+ * resumed run may change them, and must set them again to continue the same run; only the
+ * optimizer is checked (another one is refused). The bias update rates and frozen flags are
+ * balancing state and are restored from the file, replacing any set before the load: set them
+ * after it to change them.
  *
  * A session over several ranks: collective, every rank calls it. Each rank reads the whole file
  * at its `path` -- on a file system the ranks share, or a copy of the same file on each machine

@@ -352,9 +352,10 @@ extern "C" {
     #[doc = " go to an external data file beside it, \"<file name>.<16 hex digits>.data\", named by the"]
     #[doc = " model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a"]
     #[doc = " file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'"]
-    #[doc = " 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device or a FIFO (nothing"]
-    #[doc = " is replaced). Concurrent saves into one directory take turns, as moert_session_save()'s do;"]
-    #[doc = " `model` is only read."]
+    #[doc = " 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device, a FIFO or a"]
+    #[doc = " symbolic link, or when its file name is too long for the files written beside it (the data"]
+    #[doc = " file's name is 22 bytes longer, the temporary file's 12): nothing is replaced. Concurrent saves"]
+    #[doc = " into one directory take turns, as moert_session_save()'s do; `model` is only read."]
     pub fn moert_model_save_file(
         model: *const moert_model,
         path: *const ::std::os::raw::c_char,
@@ -1042,7 +1043,8 @@ extern "C" {
     #[doc = " counted different micro-batches since zero_grad, hold different training settings"]
     #[doc = " (set_config, bias rate or freeze applied on some ranks only), or wrote different tensors or"]
     #[doc = " values since the last step (set_parameter, set_gradient or set_expert_bias; see"]
-    #[doc = " moert_session_set_parameter()), before anything changes."]
+    #[doc = " moert_session_set_parameter()), before anything changes. MOERT_ERR_INVALID_STATE in eval mode"]
+    #[doc = " (moert_session_set_eval())."]
     pub fn moert_session_step(
         session: *mut moert_session,
         lr: *mut f64,
@@ -1058,7 +1060,8 @@ extern "C" {
 }
 extern "C" {
     #[doc = " eval != 0: forward passes neither keep state for backward nor count towards the bias update;"]
-    #[doc = " they add to the MOERT_COUNTS_EVAL metrics. eval == 0: back to training."]
+    #[doc = " they add to the MOERT_COUNTS_EVAL metrics, and moert_session_step() is refused. eval == 0: back"]
+    #[doc = " to training."]
     pub fn moert_session_set_eval(session: *mut moert_session, eval: i32) -> *mut moert_status;
 }
 extern "C" {
@@ -1066,7 +1069,9 @@ extern "C" {
     #[doc = " section that takes an inference session too: there the training knobs are"]
     #[doc = " MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks and ep_overlap apply. A knob fixed at"]
     #[doc = " moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses a change"]
-    #[doc = " with MOERT_ERR_INVALID_STATE; setting its current value is accepted."]
+    #[doc = " with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do \"optimizer\" after"]
+    #[doc = " the first step (its state would not carry over), and \"sequence_length\" and \"aux_loss_scope\""]
+    #[doc = " between a forward and its backward."]
     pub fn moert_session_set_config(
         session: *mut moert_session,
         key: *const ::std::os::raw::c_char,
@@ -1103,6 +1108,9 @@ extern "C" {
     #[doc = " and its repair computed their gradients from the differing values: those gradients were still"]
     #[doc = " combined across ranks, so the replicas stay alike, but to train on the repaired values call"]
     #[doc = " moert_session_zero_grad() and run those micro-batches again before the step."]
+    #[doc = ""]
+    #[doc = " Writing a parameter (and moert_session_set_expert_bias()) between a forward and its backward is"]
+    #[doc = " MOERT_ERR_INVALID_STATE: the backward needs the values its forward used."]
     pub fn moert_session_get_parameter(
         session: *const moert_session,
         name: *const ::std::os::raw::c_char,
@@ -1158,7 +1166,9 @@ extern "C" {
     #[doc = " The bias update rate gamma (>= 0; 0 stops updates) of MoE layer `layer` or MOERT_ALL_LAYERS,"]
     #[doc = " from the next step on: schedule it by calling this between steps. Held in fp32, like the bias:"]
     #[doc = " MOERT_ERR_INVALID_ARGUMENT for a value that is not finite there or that rounds to 0 (below"]
-    #[doc = " about 1.4e-45)."]
+    #[doc = " about 1.4e-45). Only a layer balanced by the loss-free bias (balancing.policy LossFreeBias) has"]
+    #[doc = " a rate: MOERT_ALL_LAYERS sets those, and naming another layer, or MOERT_ALL_LAYERS in a model"]
+    #[doc = " without any, is MOERT_ERR_INVALID_ARGUMENT (likewise moert_session_set_bias_frozen())."]
     pub fn moert_session_set_bias_update_rate(
         session: *mut moert_session,
         layer: u32,
@@ -1194,7 +1204,9 @@ extern "C" {
     #[doc = " (naming it); MOERT_ERR_INVALID_STATE after a backward of this step failed midway (its partial"]
     #[doc = " gradient would be stepped on after a load: moert_session_zero_grad() first);"]
     #[doc = " MOERT_ERR_INVALID_ARGUMENT when `path` names a directory or anything else that is not a regular"]
-    #[doc = " file (a device, a FIFO), which the rename would replace."]
+    #[doc = " file (a device, a FIFO, a symbolic link, even to a regular file), which the rename would"]
+    #[doc = " replace, or when its file name is too long for the files written beside it (the data file's"]
+    #[doc = " name is 22 bytes longer, the temporary file's 12; most file systems allow 255 bytes)."]
     #[doc = ""]
     #[doc = " A session over several ranks (moert_session_options_set_comm()): collective, every rank calls"]
     #[doc = " it, with the same path (compared as text once normalised -- \"a/./b\" is \"a/b\" -- since rank 0"]
@@ -1228,7 +1240,13 @@ extern "C" {
     #[doc = " likely saved from another, larger model: load options only lower these limits). Checkpoints of"]
     #[doc = " schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as"]
     #[doc = " unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that"]
-    #[doc = " wrote the checkpoint."]
+    #[doc = " wrote the checkpoint, given the same knobs: a checkpoint holds state, not settings. The knobs of"]
+    #[doc = " moert_session_set_config() (lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm,"]
+    #[doc = " the betas, eps, momentum, sequence_length, ...) are this session's own and stay as set, so a"]
+    #[doc = " resumed run may change them, and must set them again to continue the same run; only the"]
+    #[doc = " optimizer is checked (another one is refused). The bias update rates and frozen flags are"]
+    #[doc = " balancing state and are restored from the file, replacing any set before the load: set them"]
+    #[doc = " after it to change them."]
     #[doc = ""]
     #[doc = " A session over several ranks: collective, every rank calls it. Each rank reads the whole file"]
     #[doc = " at its `path` -- on a file system the ranks share, or a copy of the same file on each machine"]
