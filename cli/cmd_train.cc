@@ -387,6 +387,20 @@ int run_train(const Args& args) {
           shape.experts, shape.expert_hidden, shape.top_k, shape.shared, shape.shared_hidden,
           human(static_cast<double>(total)).c_str(), human(static_cast<double>(activated)).c_str());
   }
+  if (!job.alone()) {
+    // moert_session_options_set_comm(): the job is bitwise one process when each rank's rows are
+    // a multiple of the gradient reduction's chunk; otherwise it agrees to rounding. Said rather
+    // than refused: small batches are how a job is tried out.
+    const uint64_t per_rank = st.batch / static_cast<uint64_t>(job.size);
+    const uint64_t chunk = st.precision == "fp8" ? 128 : 64;
+    std::printf("job: %d processes, expert parallelism %d, %llu rows per rank: %s\n", job.size,
+                job.expert_parallel, static_cast<unsigned long long>(per_rank),
+                per_rank % chunk == 0
+                    ? "bitwise the figures of one process"
+                    : cat("not a multiple of ", chunk,
+                          ", so the figures agree with one process's to rounding, not bitwise")
+                          .c_str());
+  }
   std::printf(
       "budget per run: %llu steps x %llu rows, AdamW lr %g (warm-up %llu, cosine to %g), "
       "clip %g, weight decay %g, seed %llu, %u thread%s, experts in %s\n\n",

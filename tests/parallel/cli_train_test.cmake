@@ -47,6 +47,10 @@ foreach(layout "2;2" "4;4" "4;2" "2;1")
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "${np} processes, EP ${ep}: ${rc}\n${err}")
   endif()
+  math(EXPR per_rank "256 / ${np}")
+  if(NOT many MATCHES "job: ${np} processes, expert parallelism ${ep}, ${per_rank} rows per rank: bitwise")
+    message(FATAL_ERROR "${np} processes, EP ${ep}: no job line saying the figures are bitwise one process's:\n${many}")
+  endif()
   table_of("${many}" got)
   if(NOT got STREQUAL want)
     message(FATAL_ERROR "${np} processes, EP ${ep} printed\n${got}\ninstead of\n${want}")
@@ -65,6 +69,16 @@ foreach(layout "2;2" "4;4" "4;2" "2;1")
   endforeach()
   message(STATUS "${np} processes, EP ${ep}: the same table and checkpoints")
 endforeach()
+
+# A rank's share of the batch off a multiple of 64 rows (the gradients' reduction chunk): the
+# figures agree with one process's to rounding only, and the job line says so.
+execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 2 ${MOERT} train
+                        --corpus ${CORPUS} --steps 1 --batch 32 --probe-rows 0 --balancing none
+                        --expert-parallel 2
+                OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
+if(NOT rc EQUAL 0 OR NOT out MATCHES "16 rows per rank: not a multiple of 64, so the figures agree with one process's to rounding, not bitwise")
+  message(FATAL_ERROR "16 rows per rank: ${rc}\n${out}\n${err}")
+endif()
 
 # Under mpirun, forgetting --expert-parallel would run N independent copies: refused.
 execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 2 ${MOERT} ${args}
