@@ -2,6 +2,7 @@
 // the public C ABI (moert.h), like any other program that links libmoert.
 #include <moert/moert.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -38,9 +39,7 @@ void print_overview(std::FILE* to) {
       to, "\n'moert COMMAND --help' describes a command. 'moert --version' prints versions.\n");
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr, "moert: error: no command given (see 'moert --help')\n");
     return 2;
@@ -54,8 +53,10 @@ int main(int argc, char** argv) {
         return 0;
       }
   if ((name == "--help" || name == "-h" || name == "help" || name == "--version") && argc > 2) {
+    // 'help COMMAND EXTRA' names the extra word, not the command.
+    const char* extra = name == "help" && argc > 3 ? argv[3] : argv[2];
     print_error("moert", "'" + name + "' takes no arguments" +
-                             (name == "help" ? " but a command's name" : "") + " (got '" + argv[2] +
+                             (name == "help" ? " but a command's name" : "") + " (got '" + extra +
                              "')");
     return 2;
   }
@@ -103,4 +104,22 @@ int main(int argc, char** argv) {
   }
   print_error("moert", "unknown command '" + name + "' (see 'moert --help')");
   return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int code = run(argc, argv);
+  // What a command printed may still sit in stdout's buffer: a full disk or a closed pipe shows
+  // only now, and a command that wrote nothing of its report has not succeeded.
+  errno = 0;
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    const int err = errno;
+    if (code != 0) return code;
+    print_error(moert_cli::command_name(),
+                std::string("cannot write its output to standard output: ") +
+                    (err ? std::strerror(err) : "write error"));
+    return 1;
+  }
+  return code;
 }

@@ -99,6 +99,7 @@ TEST(Cli, HelpEverywhere) {
     EXPECT_EQ(run(std::string("help ") + cmd, dir).out, r.out) << cmd;
   }
   expect_one_line_error_top(run("help nope", dir), "'help' takes no arguments but a command's");
+  expect_one_line_error_top(run("help train extra", dir), "(got 'extra')");
   expect_one_line_error_top(run("--version now", dir), "'--version' takes no arguments");
   // --help wins over missing or extra arguments.
   EXPECT_EQ(run("convert --help", dir).code, 0);
@@ -339,6 +340,26 @@ TEST(Cli, ConvertQuantizeFp8AndInspectPrecisionAndBytes) {
   expect_one_line_error(
       run("convert --quantize fp8 /no/such/model.moert " + (dir / "x.moert").string(), dir), 1,
       "convert", "/no/such/model");
+}
+
+// A report that cannot be written (a full disk, here /dev/full) fails the command: exit 1 and one
+// line on stderr, not a 0 with nothing written.
+TEST(Cli, AnUnwritableStandardOutputFailsTheCommand) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full on this machine";
+  const fs::path dir = workdir("stdout_full");
+  const std::string model = MOERT_TINY_MODEL;
+  for (const std::string& args : {"inspect " + model, "inspect --json " + model,
+                                  std::string("--version"), std::string("help train")}) {
+    const fs::path err = dir / "stderr.txt";
+    const std::string cmd =
+        std::string("'") + MOERT_CLI + "' " + args + " >/dev/full 2>'" + err.string() + "'";
+    const int status = std::system(cmd.c_str());
+    const std::string text = slurp(err);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << args << ": " << text;
+    EXPECT_EQ(count_lines(text), 1) << args << ": " << text;
+    EXPECT_NE(text.find("error: cannot write its output to standard output: "), std::string::npos)
+        << args << ": " << text;
+  }
 }
 
 TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
