@@ -61,9 +61,17 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
       if (i + 1 >= argc) usage_fail("option '--", name, "' needs a value (", flag->value_name, ")");
       values_[name] = argv[++i];
     }
+    // An empty path names nothing: the current directory to some calls, an error to others.
+    if (values_[name].empty() &&
+        (flag->value_name == "DIR" || flag->value_name == "FILE" || flag->value_name == "PATH"))
+      usage_fail("option '--", name, "' needs a ", flag->value_name, ", got an empty value");
     every_[name].push_back(values_[name]);
   }
   if (help_) return;
+  for (size_t i = 0; i < positional_.size(); ++i)
+    if (positional_[i].empty())
+      usage_fail("argument ", i + 1, " is empty: every argument of 'moert ", spec.name,
+                 "' names a file or a directory (see 'moert ", spec.name, " --help')");
   if (positional_.size() < spec.min_positional || positional_.size() > spec.max_positional)
     usage_fail("expected ", spec.synopsis.empty() ? "no arguments" : spec.synopsis, " (see 'moert ",
                spec.name, " --help')");

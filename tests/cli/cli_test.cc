@@ -373,6 +373,15 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("train --balancing none,bogus", dir), 2, "train", "bogus");
   expect_one_line_error(run("train --corpus /no/such/dir --steps 1", dir), 1, "train",
                         "/no/such/dir");
+  // An empty path names nothing ('export MODEL ""' wrote into the working directory, 'train
+  // --save ""' saved nothing and said nothing): refused before any work, nothing written.
+  expect_one_line_error(run(std::string("export ") + MOERT_TINY_MODEL + " ''", dir), 2, "export",
+                        "argument 2 is empty");
+  expect_one_line_error(run("train --steps 1 --save ''", dir), 2, "train",
+                        "'--save' needs a DIR, got an empty value");
+  expect_one_line_error(run("train --steps 1 --csv=", dir), 2, "train",
+                        "'--csv' needs a FILE, got an empty value");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 2);  // stdout.txt and stderr.txt
   expect_one_line_error(run("bench --threads 0", dir), 2, "bench", "--threads");
   expect_one_line_error(run("bench --precision fp16", dir), 2, "bench", "--precision");
   expect_one_line_error(run("bench --decode-dim 128", dir), 2, "bench", "only with --decode");
