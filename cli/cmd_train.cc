@@ -331,6 +331,18 @@ int run_train(const Args& args) {
           usage_fail("--csv '", csv_path, "' is where --save writes checkpoint '", c,
                      "': name another file");
     }
+    // A checkpoint path the library's save refuses (a directory, a symbolic link or a FIFO at
+    // DIR/<strategy>.moert) fails here too, not after that strategy's training.
+    for (const std::string& c : checkpoints) {
+      std::error_code ec;
+      const std::filesystem::file_status found = std::filesystem::symlink_status(c, ec);
+      if (std::filesystem::exists(found) && !std::filesystem::is_regular_file(found))
+        fail("--save: '", c, "' exists and is ",
+             std::filesystem::is_directory(found) ? "a directory"
+             : std::filesystem::is_symlink(found) ? "a symbolic link"
+                                                  : "not a regular file",
+             ", which a checkpoint does not replace: remove it or save elsewhere");
+    }
     // --save first, --csv (which truncates the file) last: a refused directory leaves the CSV
     // as it was, and a refused CSV removes the directory this run created.
     bool created = false;
