@@ -64,13 +64,13 @@ int run_eval(const Args& args) {
   const std::string corpus_path = args.str("corpus", "/usr/share/games/fortunes");
   const Corpus corpus = read_corpus(corpus_path);
   std::vector<int32_t> stream;
+  // Only --split validation needs a validation split: any text can be evaluated whole.
+  Split parts = split_corpus(corpus, every, which == "validation");
   if (which == "all") {
-    const Split s = split_corpus(corpus, every);
-    stream = s.train;
-    stream.insert(stream.end(), s.validation.begin(), s.validation.end());
+    stream = std::move(parts.train);
+    stream.insert(stream.end(), parts.validation.begin(), parts.validation.end());
   } else {
-    Split s = split_corpus(corpus, every);
-    stream = which == "train" ? std::move(s.train) : std::move(s.validation);
+    stream = which == "train" ? std::move(parts.train) : std::move(parts.validation);
   }
 
   SessionPtr session = create_session(model.get(), config);

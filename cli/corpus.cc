@@ -84,7 +84,7 @@ Corpus read_corpus(const std::string& path) {
   return c;
 }
 
-Split split_corpus(const Corpus& corpus, uint32_t every) {
+Split split_corpus(const Corpus& corpus, uint32_t every, bool need_validation) {
   if (every < 2) fail("the validation split needs every >= 2");
   Split s;
   for (size_t i = 0; i < corpus.records.size(); ++i) {
@@ -99,9 +99,11 @@ Split split_corpus(const Corpus& corpus, uint32_t every) {
     out.push_back(char_id('%'));
     out.push_back(char_id('\n'));
   }
-  if (s.validation_records == 0)
+  if (need_validation && s.validation_records == 0)
     fail("the corpus has ", corpus.records.size(), " record", corpus.records.size() == 1 ? "" : "s",
-         "; the validation split takes one record in ", every, " and would be empty");
+         " (records are separated by lines holding only '%': a plain text file without them is "
+         "one record); the validation split takes one record in ",
+         every, " and would be empty");
   return s;
 }
 

@@ -41,7 +41,8 @@ struct Split {
 
 // Every `every`-th record (indices every-1, 2*every-1, ...) goes to validation, the rest to
 // training; each split is the concatenation of its records, each followed by the "%\n" separator
-// line, so the model also learns where a fortune ends.
-Split split_corpus(const Corpus& corpus, uint32_t every);
+// line, so the model also learns where a fortune ends. `need_validation`: an empty validation
+// split (fewer than `every` records) is an error, named so.
+Split split_corpus(const Corpus& corpus, uint32_t every, bool need_validation = true);
 
 }  // namespace moert_cli

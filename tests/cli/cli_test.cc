@@ -767,6 +767,19 @@ TEST(Cli, EvalPadsItsLastBatchWithoutChangingAnything) {
   EXPECT_EQ(json_value(padded.out, "characters"), 301.0);
   EXPECT_EQ(whole.out.substr(whole.out.find("\"moe_layers\"")),
             padded.out.substr(padded.out.find("\"moe_layers\"")));
+  // A plain text file (no '%' lines: one record) has no validation split, but --split all and
+  // --split train evaluate it whole; --split validation says why it cannot.
+  std::ofstream(dir / "plain.txt") << "A plain text of one record, which is all of it.\n";
+  const std::string plain = "eval '" + ckpt.string() + "' --json --threads 1 --corpus " +
+                            (dir / "plain.txt").string() + " --split ";
+  for (const char* split : {"all", "train"}) {
+    const Result r = run(plain + split, dir);
+    EXPECT_EQ(r.code, 0) << split << ": " << r.err;
+    // Its 48 characters and the "%\n" after the record, less the first context of 4.
+    EXPECT_EQ(json_value(r.out, "characters"), 48.0 + 2.0 - 4.0) << split;
+  }
+  expect_one_line_error(run(plain + "validation", dir), 1, "eval",
+                        "lines holding only '%': a plain text file without them is one record");
 }
 
 TEST(Cli, BenchQuickPrintsItsTable) {
