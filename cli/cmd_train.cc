@@ -290,6 +290,10 @@ int run_train(const Args& args) {
       if (out != static_cast<uint32_t>(kVocabSize))
         fail(args.str("model", ""), ": the model predicts ", out,
              " classes; the character vocabulary has ", kVocabSize);
+      // The experiment measures balancing: a model without experts has nothing to report.
+      if (moe_layer_indices(file_model.get()).empty())
+        fail(args.str("model", ""),
+             ": the model has no MoE layer; train compares load balancing across experts");
       shape.context = width;
     }
     corpus = read_corpus(corpus_path);

@@ -373,6 +373,17 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("train --balancing none,bogus", dir), 2, "train", "bogus");
   expect_one_line_error(run("train --corpus /no/such/dir --steps 1", dir), 1, "train",
                         "/no/such/dir");
+  // A model without MoE layers has no balancing to compare: refused before any training.
+  std::ofstream(dir / "dense.json")
+      << R"({"schema_major": 1, "schema_minor": 0, "name": "dense", "seed": 1, "layers": [
+  {"name": "embed", "kind_type": "Embedding", "kind": {"vocab_size": 98, "dim": 8, "context": 4,
+   "weight": {"init": {"kind": "Normal", "std": 1.0}}}},
+  {"name": "head", "kind_type": "OutputHead", "kind": {"dim": 32, "vocab_size": 98,
+   "weight": {"init": {"kind": "Normal", "std": 0.1}}}}]})";
+  expect_one_line_error(run("train --steps 1 --corpus " + std::string(MOERT_TINY_CORPUS) +
+                                " --model " + (dir / "dense.json").string(),
+                            dir),
+                        1, "train", "no MoE layer; train compares load balancing");
   // An empty path names nothing ('export MODEL ""' wrote into the working directory, 'train
   // --save ""' saved nothing and said nothing): refused before any work, nothing written.
   expect_one_line_error(run(std::string("export ") + MOERT_TINY_MODEL + " ''", dir), 2, "export",
@@ -381,7 +392,7 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                         "'--save' needs a DIR, got an empty value");
   expect_one_line_error(run("train --steps 1 --csv=", dir), 2, "train",
                         "'--csv' needs a FILE, got an empty value");
-  EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 2);  // stdout.txt and stderr.txt
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 3);  // dense.json and std{out,err}.txt
   expect_one_line_error(run("bench --threads 0", dir), 2, "bench", "--threads");
   expect_one_line_error(run("bench --precision fp16", dir), 2, "bench", "--precision");
   expect_one_line_error(run("bench --decode-dim 128", dir), 2, "bench", "only with --decode");
