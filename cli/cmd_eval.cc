@@ -102,7 +102,8 @@ int run_eval(const Args& args) {
   const std::string part = which == "all" ? "whole" : which;
   std::printf("model %s on the %s text of %s (%llu characters)\n", path.c_str(), part.c_str(),
               corpus_path.c_str(), static_cast<unsigned long long>(r.tokens));
-  std::printf("loss %.4f nats/char, perplexity %.3f\n", r.loss, r.perplexity);
+  std::printf("loss %.4f nats/char, perplexity %s\n", r.loss,
+              perplexity_text(r.perplexity).c_str());
   if (moe.empty()) return 0;
   std::printf("MaxVio_global %.3f (mean over %zu MoE layers); dead experts %llu/%llu\n",
               r.max_vio_global, moe.size(), static_cast<unsigned long long>(r.dead_experts),

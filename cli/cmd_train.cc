@@ -17,6 +17,7 @@
 #include "cli/corpus.h"
 #include "cli/data_file.h"
 #include "cli/error.h"
+#include "cli/lm_eval.h"
 #include "cli/model_codec.h"
 #include "cli/progress.h"
 #include "cli/router_probe.h"
@@ -463,8 +464,8 @@ int run_train(const Args& args) {
               "MaxVio_global", tail_header.c_str(), "dead experts", "train time");
   for (const RunResult& r : runs) {
     const std::string dead = cat(r.validation.dead_experts, "/", r.validation.experts);
-    std::printf("%-24s %9.4f %8.3f %14.3f %22.3f %13s %9.1f s\n", r.label.c_str(),
-                r.validation.loss, r.validation.perplexity, r.validation.max_vio_global,
+    std::printf("%-24s %9.4f %8s %14.3f %22.3f %13s %9.1f s\n", r.label.c_str(), r.validation.loss,
+                perplexity_text(r.validation.perplexity).c_str(), r.validation.max_vio_global,
                 r.tail_max_vio, dead.c_str(), r.train_seconds);
   }
   std::printf(

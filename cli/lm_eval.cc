@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "cli/error.h"
 #include "cli/progress.h"
@@ -106,6 +107,12 @@ EvalResult evaluate(moert_session* session, const moert_model* model,
           "MaxVio");
   if (training_session) check(moert_session_set_eval(session, 0), "eval mode");
   return r;
+}
+
+std::string perplexity_text(double perplexity) {
+  char text[32];
+  std::snprintf(text, sizeof text, perplexity < 1e5 ? "%.3f" : "%.2e", perplexity);
+  return text;
 }
 
 }  // namespace moert_cli

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cli/library.h"
@@ -32,6 +33,10 @@ void gather_rows(const std::vector<int32_t>& stream, uint32_t context, const uin
 
 // Mean softmax cross-entropy of `rows` rows of logits against `targets`, in double precision.
 double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows, uint32_t vocab);
+
+// A perplexity as printed: 3 decimals below 10^5, in exponent form from there (a diverged run's
+// exp(loss) has 150 digits, which broke the table).
+std::string perplexity_text(double perplexity);
 
 // `training_session`: the session is in training mode and is switched to eval mode for the pass
 // (and back); an inference session counts eval metrics as it is. `job` (may be null): the ranks

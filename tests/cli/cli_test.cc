@@ -793,6 +793,27 @@ TEST(Cli, EvalPadsItsLastBatchWithoutChangingAnything) {
                         "lines holding only '%': a plain text file without them is one record");
 }
 
+// A diverged run's perplexity (exp of a loss past 100) is printed in exponent form: its 60 or 150
+// digits broke the table's columns.
+TEST(Cli, ADivergedRunsPerplexityKeepsTheTableAligned) {
+  const fs::path dir = workdir("diverged");
+  const Result r = run(std::string("train --corpus ") + MOERT_TINY_CORPUS +
+                           " --steps 30 --lr 3 --clip 0 --warmup 0 --balancing none "
+                           "--probe-rows 0 --batch 64 --threads 1",
+                       dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const size_t header = r.out.find("val ppl");
+  ASSERT_NE(header, std::string::npos) << r.out;
+  const size_t row = r.out.find("\nnone ", header);
+  ASSERT_NE(row, std::string::npos) << r.out;
+  const std::string line = r.out.substr(row + 1, r.out.find('\n', row + 1) - row - 1);
+  const std::string head_line = r.out.substr(
+      r.out.rfind('\n', header) + 1, r.out.find('\n', header) - r.out.rfind('\n', header) - 1);
+  EXPECT_NE(line.find("e+"), std::string::npos) << line;
+  // The row is as long as the header: every column kept its width.
+  EXPECT_LE(line.size(), head_line.size() + 2) << head_line << "\n" << line;
+}
+
 TEST(Cli, BenchQuickPrintsItsTable) {
   const fs::path dir = workdir("bench");
   const Result r = run("bench --quick --threads 1 --precision bf16", dir);
