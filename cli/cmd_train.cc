@@ -42,10 +42,11 @@ const CommandSpec kTrainSpec = {
     "to MIN-LR, global gradient-norm clipping.\n\n"
     "Printed per strategy: validation loss (nats/char) and perplexity, computed by moert from the\n"
     "logits; MaxVio_global over the validation set (mean over MoE blocks); mean MaxVio_batch over\n"
-    "the last TAIL of the steps; dead experts (no validation token); then router diagnostics:\n"
-    "the spread of the experts' mean scores against the learned bias range. With --precision\n"
-    "bf16 or fp8, the distance to fp32 of each GEMM kind (Fprop, Dgrad, Wgrad) on each trained\n"
-    "MoE block's weights, input activations and loss gradient, over the same rows.",
+    "the last TAIL of the steps; dead experts (no validation token); then, for the generated\n"
+    "model in one process (not with --model, not under mpirun), router diagnostics: the spread\n"
+    "of the experts' mean scores against the learned bias range, and with --precision bf16 or\n"
+    "fp8 the distance to fp32 of each GEMM kind (Fprop, Dgrad, Wgrad) on each trained MoE\n"
+    "block's weights, input activations and loss gradient, over the same rows.",
     0,
     0,
     {
@@ -235,6 +236,11 @@ int run_train(const Args& args) {
 
   CharLMShape shape;
   const bool given_model = args.has("model");
+  // The diagnostics probe the generated model in one process: said, rather than skipped in
+  // silence, when asked for elsewhere.
+  if (args.has("probe-rows") && probe_rows > 0 && (given_model || !job.alone()))
+    usage_fail("--probe-rows applies to the generated model in one process (",
+               given_model ? "not with --model" : "not under mpirun", "): give 0 or leave it out");
   if (given_model && args.has("balancing"))
     usage_fail("--balancing applies to the generated model; a --model file keeps its own policy");
   // Shape options are ignored with --model: said (before their values are checked), rather than

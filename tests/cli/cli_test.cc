@@ -384,6 +384,9 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                                 " --model " + (dir / "dense.json").string(),
                             dir),
                         1, "train", "no MoE layer; train compares load balancing");
+  expect_one_line_error(
+      run("train --steps 1 --probe-rows 64 --model " + (dir / "dense.json").string(), dir), 2,
+      "train", "--probe-rows applies to the generated model in one process");
   // An empty path names nothing ('export MODEL ""' wrote into the working directory, 'train
   // --save ""' saved nothing and said nothing): refused before any work, nothing written.
   expect_one_line_error(run(std::string("export ") + MOERT_TINY_MODEL + " ''", dir), 2, "export",
