@@ -100,8 +100,8 @@ int run_eval(const Args& args) {
     return 0;
   }
   const std::string part = which == "all" ? "whole" : which;
-  std::printf("model %s on the %s text of %s (%llu characters)\n", path.c_str(), part.c_str(),
-              corpus_path.c_str(), static_cast<unsigned long long>(r.tokens));
+  std::printf("model %s on the %s text of %s (%llu characters)\n", printable(path).c_str(),
+              part.c_str(), corpus_path.c_str(), static_cast<unsigned long long>(r.tokens));
   std::printf("loss %.4f nats/char, perplexity %s\n", r.loss,
               perplexity_text(r.perplexity).c_str());
   if (moe.empty()) return 0;
@@ -111,7 +111,7 @@ int run_eval(const Args& args) {
   for (size_t i = 0; i < moe.size(); ++i) {
     const char* name = nullptr;
     check(moert_model_layer_name(model.get(), moe[i], &name), "model");
-    std::printf("  layer %u '%s': MaxVio %.3f, tokens per expert:", moe[i], name,
+    std::printf("  layer %u '%s': MaxVio %.3f, tokens per expert:", moe[i], printable(name).c_str(),
                 r.layer_max_vio[i]);
     for (int64_t c : r.counts[i]) std::printf(" %lld", static_cast<long long>(c));
     std::printf("\n");

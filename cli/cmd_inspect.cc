@@ -47,8 +47,8 @@ std::string flops_text(double f) {
 std::string routing_text(const LayerInfo& l) {
   const MoEInfo& m = l.moe;
   std::string s =
-      cat("  ", l.name, ": ", m.num_experts, " routed experts (hidden ", m.expert_hidden, "), top-",
-          m.top_k, ", ", score_name(m.score_function), " scores");
+      cat("  ", printable(l.name), ": ", m.num_experts, " routed experts (hidden ", m.expert_hidden,
+          "), top-", m.top_k, ", ", score_name(m.score_function), " scores");
   if (m.num_groups > 1) s += cat(", ", m.num_groups, " groups keep ", m.topk_groups);
   s += m.normalize ? ", weights renormalised" : ", weights not renormalised";
   s += cat(", scaling ", m.scaling);
@@ -66,7 +66,7 @@ std::string routing_text(const LayerInfo& l) {
 }
 
 void print_text(const std::string& path, const ModelInfo& info) {
-  std::printf("model '%s' from %s\n", info.name.c_str(), path.c_str());
+  std::printf("model '%s' from %s\n", printable(info.name).c_str(), printable(path).c_str());
   if (info.input_kind == MOERT_INPUT_TOKENS)
     std::printf("input: %u token ids per row; output: %u values per row\n\n", info.input_width,
                 info.output_width);
@@ -77,16 +77,17 @@ void print_text(const std::string& path, const ModelInfo& info) {
   // aligned.
   int layer_w = 12, tensor_w = 24;
   for (const LayerInfo& l : info.layers) {
-    layer_w = std::max(layer_w, static_cast<int>(l.name.size()));
+    layer_w = std::max(layer_w, static_cast<int>(printable(l.name).size()));
     for (const TensorInfo& t : l.tensors)
-      tensor_w = std::max(tensor_w, static_cast<int>(l.name.size() + 1 + t.field.size()));
+      tensor_w = std::max(tensor_w, static_cast<int>(printable(cat(l.name, ".", t.field)).size()));
   }
   std::printf("%3s  %-*s %-10s %13s %12s %12s %14s  %s\n", "#", layer_w, "name", "kind",
               "in -> out", "parameters", "activated", "FLOPs/token", "shape");
   for (const LayerInfo& l : info.layers) {
     const std::string io = cat(l.in_width, " -> ", l.out_width);
-    std::printf("%3u  %-*s %-10s %13s %12llu %12llu %14.0f  %s\n", l.index, layer_w, l.name.c_str(),
-                layer_kind_name(l.kind), io.c_str(), static_cast<unsigned long long>(l.parameters),
+    std::printf("%3u  %-*s %-10s %13s %12llu %12llu %14.0f  %s\n", l.index, layer_w,
+                printable(l.name).c_str(), layer_kind_name(l.kind), io.c_str(),
+                static_cast<unsigned long long>(l.parameters),
                 static_cast<unsigned long long>(l.activated), l.flops, l.detail.c_str());
   }
   bool any_moe = false;
@@ -101,7 +102,7 @@ void print_text(const std::string& path, const ModelInfo& info) {
               "bytes");
   for (const LayerInfo& l : info.layers)
     for (const TensorInfo& t : l.tensors) {
-      const std::string name = cat(l.name, ".", t.field);
+      const std::string name = printable(cat(l.name, ".", t.field));
       std::printf("  %-*s %-10s %-18s %14llu %14llu\n", tensor_w, name.c_str(),
                   t.stored_text().c_str(), t.held_text().c_str(),
                   static_cast<unsigned long long>(t.numel),

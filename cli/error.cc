@@ -16,7 +16,7 @@ void set_command_name(const std::string& name) { current_command() = name; }
 
 const std::string& command_name() { return current_command(); }
 
-void print_error(const std::string& who, const std::string& text) {
+std::string printable(const std::string& text) {
   std::string line;
   for (const char ch : text) {
     const auto c = static_cast<unsigned char>(ch);
@@ -28,7 +28,11 @@ void print_error(const std::string& who, const std::string& text) {
       line += hex;
     }
   }
-  std::fprintf(stderr, "%s: error: %s\n", who.c_str(), line.c_str());
+  return line;
+}
+
+void print_error(const std::string& who, const std::string& text) {
+  std::fprintf(stderr, "%s: error: %s\n", who.c_str(), printable(text).c_str());
 }
 
 }  // namespace moert_cli

@@ -39,9 +39,12 @@ class ReportedError : public Error {
 void set_command_name(const std::string& name);
 const std::string& command_name();
 
-// Prints "`who`: error: `text`" as one line on stderr: `text` may quote names from files (a
-// tensor of a safetensors header, say) or arguments, whose control characters are written as
-// \xNN, as the library's are.
+// `text` with its control characters (and DEL) written as \xNN, as the library writes them: a
+// name from a file (a layer, a tensor of a safetensors header) or an argument, made safe to print
+// on one line of a terminal.
+std::string printable(const std::string& text);
+
+// Prints "`who`: error: printable(`text`)" as one line on stderr.
 void print_error(const std::string& who, const std::string& text);
 
 // Concatenates its arguments with operator<<.

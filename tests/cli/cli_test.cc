@@ -181,6 +181,22 @@ TEST(Cli, InspectMatchesLibraryAndFormula) {
   EXPECT_EQ(tj.out.substr(tj.out.find('\n')), t.out.substr(t.out.find('\n')));
 }
 
+// Names come from files: a layer named with an escape sequence and a newline is printed with
+// them as \xNN, so that it neither breaks the table's lines nor drives the terminal.
+TEST(Cli, InspectPrintsControlCharactersOfNamesEscaped) {
+  const fs::path dir = workdir("inspect-escaped");
+  std::string json = slurp(MOERT_TINY_JSON);
+  const std::string plain = "\"name\": \"moe0\"";
+  ASSERT_NE(json.find(plain), std::string::npos);
+  json.replace(json.find(plain), plain.size(), "\"name\": \"moe\\u001b[31m\\n0\"");
+  std::ofstream(dir / "escaped.json") << json;
+  const Result r = run("inspect " + (dir / "escaped.json").string(), dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out.find('\x1b'), std::string::npos);
+  EXPECT_NE(r.out.find("  2  moe\\x1B[31m\\x0A0 MoE"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("  moe\\x1B[31m\\x0A0.w1 "), std::string::npos) << r.out;
+}
+
 TEST(Cli, ConvertRoundTripIsByteIdentical) {
   const fs::path dir = workdir("convert");
   const fs::path b1 = dir / "a.moert", j1 = dir / "a.json", b2 = dir / "b.moert";
