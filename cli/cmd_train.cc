@@ -286,6 +286,7 @@ int run_train(const Args& args) {
   Split split;
   std::unique_ptr<StepCsv> csv;
   const std::string save_dir = args.str("save", "");
+  bool save_dir_created = false;
   job.prepare_together("read its model or corpus", [&] {
     if (given_model) {
       file_model = load_model_file(args.str("model", ""));
@@ -356,7 +357,7 @@ int run_train(const Args& args) {
     }
     // --save first, --csv (which truncates the file) last: a refused directory leaves the CSV
     // as it was, and a refused CSV removes the directory this run created.
-    bool created = false;
+    bool& created = save_dir_created;
     if (!save_dir.empty()) {
       std::error_code ec;
       created = std::filesystem::create_directories(save_dir, ec);
@@ -442,6 +443,16 @@ int run_train(const Args& args) {
   low.threads = st.threads;
   low.seed = st.seed;
   low.knobs = {{"precision", st.precision}, {"fp8_scales", st.fp8_scales}};
+  // A run that fails before its first checkpoint leaves no empty --save directory of its own
+  // behind (one that holds anything stays).
+  struct RemoveEmptySave {
+    const std::string& dir;
+    const bool& created;
+    ~RemoveEmptySave() {
+      std::error_code ec;
+      if (created && std::filesystem::is_empty(dir, ec) && !ec) std::filesystem::remove(dir, ec);
+    }
+  } remove_empty_save{save_dir, save_dir_created};
   for (size_t i = 0; i < run_labels.size(); ++i) {
     ModelPtr m = given_model ? nullptr : charlm_model(shape, strategies[i], st.seed);
     const moert_model* model = given_model ? file_model.get() : m.get();

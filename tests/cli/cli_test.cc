@@ -492,6 +492,22 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
       taken, 1, "train",
       "--save: '" + (dir / "taken" / "none.moert").string() + "' exists and is a directory");
   EXPECT_EQ(slurp(dir / "steps.csv"), "kept\n");
+  // A job that fails after training began (its checkpoint's name, from a 270-byte label, is too
+  // long for the file system) says so once, naming --save; it keeps the per-step rows written so
+  // far (--csv is written as the runs go: tail -f, /dev/stdout) and removes the --save directory
+  // it created, which holds nothing.
+  const std::string gamma = "0.001" + std::string(240, '0') + "1";
+  const Result late = run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                              " --steps 2 --balancing loss-free:gamma=" + gamma +
+                              " --probe-rows 0 --eval-rows 64 --csv " +
+                              (dir / "steps.csv").string() + " --save " + (dir / "late").string(),
+                          dir);
+  EXPECT_EQ(late.code, 1) << late.err;
+  EXPECT_NE(late.err.find("moert train: error: --save: cannot write checkpoint"), std::string::npos)
+      << late.err;
+  EXPECT_EQ(slurp(dir / "steps.csv").rfind("strategy,step,", 0), 0u);
+  EXPECT_EQ(count_lines(slurp(dir / "steps.csv")), 3);
+  EXPECT_FALSE(fs::exists(dir / "late"));
   // No output may be an input: --csv onto the corpus, --csv onto a checkpoint --save writes.
   fs::copy_file(MOERT_TINY_CORPUS, dir / "corpus.txt", fs::copy_options::overwrite_existing);
   const std::string corpus_text = slurp(dir / "corpus.txt");
