@@ -72,6 +72,10 @@ void require_silu(const Fields& f) {
     f.bad("hidden_act", cat("is '", act, "'; moert's experts are SwiGLU (silu) only"));
 }
 
+void check_top_k(const Fields& f, const HfMoeConfig& c) {
+  if (c.top_k > c.experts) f.bad("num_experts_per_tok", cat("exceeds the ", c.experts, " experts"));
+}
+
 }  // namespace
 
 HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& origin) {
@@ -129,6 +133,8 @@ HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& orig
                            "; GLM-4.5 masks dropped groups to 0 where moert masks them to -inf, "
                            "so moert imports glm4_moe with n_group 1 only"));
     if (c.topk_groups > c.groups) f.bad("topk_group", cat("exceeds n_group ", c.groups));
+    // Checked here too, before the groups' check that a top-K past the experts would fail first.
+    check_top_k(f, c);
     if (static_cast<uint64_t>(c.topk_groups) * (c.experts / c.groups) < c.top_k)
       f.bad("topk_group", "keeps fewer experts than num_experts_per_tok");
     // DeepseekV3MoE (DeepSeek's code) normalises only when more than one expert is chosen;
@@ -174,7 +180,7 @@ HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& orig
           cat("is '", c.model_type,
               "'; moert imports deepseek_v3, kimi_k2, glm4_moe, qwen3_moe and mixtral"));
   }
-  if (c.top_k > c.experts) f.bad("num_experts_per_tok", cat("exceeds the ", c.experts, " experts"));
+  check_top_k(f, c);
 
   if (f.has("quantization_config")) {
     const json& q = j["quantization_config"];

@@ -745,6 +745,9 @@ def check_refusals(cli_path, work):
                   ["--layer", "1"], "past the largest float"))
     cases.append(("zero eps", dict(base["cfg"], rms_norm_eps=0.0), None, ["--layer", "1"],
                   "rms_norm_eps"))
+    # A top-K past the experts is named as such, not as the groups' shortfall it also causes.
+    cases.append(("top-K past the experts", dict(base["cfg"], num_experts_per_tok=17), None,
+                  ["--layer", "1"], "'num_experts_per_tok' exceeds the 16 experts"))
 
     mx = mixtral("refuse_mixtral", "F32", 8, 1, [0])
     for label, c, mutate, layer_args, want in cases:
