@@ -53,19 +53,25 @@ void rename_into_place(const std::string& from, const std::string& to) {
   if (std::rename(from.c_str(), to.c_str()) != 0) {
     const int err = errno;
     std::remove(from.c_str());
-    fail("cannot rename '", from, "' to '", to, "': ", std::strerror(err));
+    fail("cannot write '", to, "': renaming its temporary file '", from,
+         "' into place: ", std::strerror(err));
   }
   sync_dir(to);
 }
 
 // Checked before anything is written beside `path`: renaming onto a directory fails only at the
-// end, after the data file is in place, and renaming onto a device or a FIFO would replace it.
+// end, after the data file is in place, and renaming onto a device, a FIFO or a symbolic link
+// would replace it (the library's saves refuse the same).
 void refuse_non_regular(const std::string& path) {
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
   if (fs::is_directory(st)) fail("cannot write '", path, "': it is a directory");
   if (fs::exists(st) && !fs::is_regular_file(st))
     fail("cannot write '", path, "': it exists and is not a regular file");
+  if (fs::is_symlink(fs::symlink_status(path, ec)))
+    fail("cannot write '", path,
+         "': it is a symbolic link, which the write would replace by a file (name the link's "
+         "target, or remove the link first)");
 }
 
 // The inputs of this process's command (refuse_writing_onto_inputs), never removed.
@@ -139,7 +145,9 @@ DataFileWriter::DataFileWriter(std::string model_path) : model_path_(std::move(m
   refuse_non_regular(model_path_);
   temp_path_ = temp_name(model_path_ + ".data");
   f_ = std::fopen(temp_path_.c_str(), "wb");
-  if (!f_) fail("cannot create '", temp_path_, "': ", std::strerror(errno));
+  if (!f_)
+    fail("cannot write the data file of '", model_path_, "': cannot create its temporary file '",
+         temp_path_, "': ", std::strerror(errno));
   auto* state = XXH3_createState();
   if (!state) throw std::bad_alloc();
   XXH3_64bits_reset(state);
@@ -157,7 +165,8 @@ DataFileWriter::~DataFileWriter() {
 void DataFileWriter::write(const void* p, size_t n) {
   if (n == 0) return;
   if (std::fwrite(p, 1, n, f_) != n)
-    fail("cannot write '", temp_path_, "': ", std::strerror(errno));
+    fail("cannot write the data file of '", model_path_, "' (its temporary file '", temp_path_,
+         "'): ", std::strerror(errno));
   XXH3_64bits_update(static_cast<XXH3_state_t*>(hash_), p, n);
   size_ += n;
 }
@@ -211,7 +220,9 @@ void write_parts_atomically(const std::string& path,
   refuse_non_regular(path);
   const std::string temp = temp_name(path);
   std::FILE* f = std::fopen(temp.c_str(), "wb");
-  if (!f) fail("cannot create '", temp, "': ", std::strerror(errno));
+  if (!f)
+    fail("cannot write '", path, "': cannot create its temporary file '", temp,
+         "': ", std::strerror(errno));
   bool ok = true;
   for (const auto& p : parts)
     if (!p.empty() && std::fwrite(p.data(), 1, p.size(), f) != p.size()) ok = false;
@@ -219,7 +230,7 @@ void write_parts_atomically(const std::string& path,
     const int err = errno;
     std::fclose(f);
     std::remove(temp.c_str());
-    fail("cannot write '", temp, "': ", std::strerror(err));
+    fail("cannot write '", path, "' (its temporary file '", temp, "'): ", std::strerror(err));
   }
   std::fclose(f);
   rename_into_place(temp, path);

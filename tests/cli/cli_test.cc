@@ -412,6 +412,15 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("train --steps 1 --csv=", dir), 2, "train",
                         "'--csv' needs a FILE, got an empty value");
   EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 3);  // dense.json and std{out,err}.txt
+  // An output that is a symbolic link would be replaced by a file, the link lost: refused.
+  fs::copy_file(MOERT_TINY_MODEL, dir / "target.moert");
+  fs::create_symlink("target.moert", dir / "link.moert");
+  expect_one_line_error(
+      run(std::string("convert ") + MOERT_TINY_JSON + " " + (dir / "link.moert").string(), dir), 1,
+      "convert", "link.moert': it is a symbolic link");
+  EXPECT_TRUE(fs::is_symlink(dir / "link.moert"));
+  fs::remove(dir / "link.moert");
+  fs::remove(dir / "target.moert");
   expect_one_line_error(run("bench --threads 0", dir), 2, "bench", "--threads");
   expect_one_line_error(run("bench --precision fp16", dir), 2, "bench", "--precision");
   expect_one_line_error(run("bench --decode-dim 128", dir), 2, "bench", "only with --decode");
