@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/error.h"
+#include "cli/safetensors.h"
 
 namespace moert_cli {
 
@@ -76,15 +77,15 @@ void check_top_k(const Fields& f, const HfMoeConfig& c) {
   if (c.top_k > c.experts) f.bad("num_experts_per_tok", cat("exceeds the ", c.experts, " experts"));
 }
 
+// config.json nests a few objects (quantization_config, rope_scaling) and short arrays.
+constexpr int kMaxConfigDepth = 16;
+
 }  // namespace
 
 HfMoeConfig parse_hf_moe_config(const std::string& text, const std::string& origin) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    fail(origin, ": malformed JSON: ", e.what());
-  }
+  // A key given twice (which nlohmann would keep the last of, silently) is refused as in the
+  // safetensors headers: which one the checkpoint's authors meant is unknown.
+  const json j = parse_strict(text, origin, kMaxConfigDepth);
   if (!j.is_object()) fail(origin, ": not a JSON object");
   const Fields f(j, origin);
   HfMoeConfig c;

@@ -44,8 +44,32 @@ const DTypeInfo& info(StDType t) {
 // The deepest nesting a valid header has: the root object, a tensor's object, its arrays.
 constexpr int kMaxDepth = 3;
 
-// Parses JSON text refusing duplicate keys (nlohmann keeps the last one silently) and nesting
-// deeper than `max_depth`, so that a hostile header cannot build a deep tree.
+uint64_t json_u53(const json& v, const std::string& what) {
+  if (!v.is_number_unsigned())
+    fail(what, " must be a non-negative integer, got ", v.is_number() ? v.dump() : v.type_name());
+  const uint64_t x = v.get<uint64_t>();
+  if (x > kMaxSafetensorsInteger) fail(what, " is ", x, ", above 2^53");
+  return x;
+}
+
+uint64_t checked_mul(uint64_t a, uint64_t b, const std::string& what) {
+  uint64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) fail(what, ": byte count overflows 64 bits");
+  return r;
+}
+
+bool plain_file_name(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." &&
+         name.find_first_of(std::string("/\\\0", 3)) == std::string::npos;
+}
+
+std::string read_text(const std::string& path) {
+  const std::vector<uint8_t> bytes = read_regular_file(path);
+  return std::string(bytes.begin(), bytes.end());
+}
+
+}  // namespace
+
 json parse_strict(std::string_view text, const std::string& origin, int max_depth) {
   std::vector<std::set<std::string>> keys;
   auto cb = [&](int depth, json::parse_event_t event, json& parsed) {
@@ -75,32 +99,6 @@ json parse_strict(std::string_view text, const std::string& origin, int max_dept
     fail(origin, ": malformed JSON: ", e.what());
   }
 }
-
-uint64_t json_u53(const json& v, const std::string& what) {
-  if (!v.is_number_unsigned())
-    fail(what, " must be a non-negative integer, got ", v.is_number() ? v.dump() : v.type_name());
-  const uint64_t x = v.get<uint64_t>();
-  if (x > kMaxSafetensorsInteger) fail(what, " is ", x, ", above 2^53");
-  return x;
-}
-
-uint64_t checked_mul(uint64_t a, uint64_t b, const std::string& what) {
-  uint64_t r;
-  if (__builtin_mul_overflow(a, b, &r)) fail(what, ": byte count overflows 64 bits");
-  return r;
-}
-
-bool plain_file_name(const std::string& name) {
-  return !name.empty() && name != "." && name != ".." &&
-         name.find_first_of(std::string("/\\\0", 3)) == std::string::npos;
-}
-
-std::string read_text(const std::string& path) {
-  const std::vector<uint8_t> bytes = read_regular_file(path);
-  return std::string(bytes.begin(), bytes.end());
-}
-
-}  // namespace
 
 const char* st_dtype_name(StDType t) { return info(t).name; }
 uint64_t st_dtype_size(StDType t) { return info(t).size; }

@@ -16,8 +16,10 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace moert_cli {
@@ -115,6 +117,11 @@ class Checkpoint {
   std::map<std::string, std::string> weight_map_;
   std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;
 };
+
+// Parses JSON text refusing duplicate keys (nlohmann keeps the last one silently) and nesting
+// deeper than `max_depth`, so that a hostile file cannot build a deep tree; throws Error naming
+// `origin`.
+nlohmann::json parse_strict(std::string_view text, const std::string& origin, int max_depth);
 
 // Parses the text of model.safetensors.index.json into its weight map; throws Error for anything
 // but {"weight_map": {name: "file", ...}, "metadata": {...}?} with plain file names.

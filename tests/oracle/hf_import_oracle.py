@@ -765,6 +765,18 @@ def check_refusals(cli_path, work):
         lines.append(f"  refused {label}: {p.stderr.strip()}")
         if not ok:
             failures.append(f"refusal '{label}': exit {p.returncode}, stderr {p.stderr!r}")
+    # A key given twice in config.json: which one was meant is unknown (the JSON parser would
+    # keep the last one silently).
+    d = os.path.join(work, "refusals", "duplicate_key")
+    base["store"].write(d, base["cfg"])
+    with open(os.path.join(d, "config.json")) as f:
+        text = f.read().rstrip()
+    with open(os.path.join(d, "config.json"), "w") as f:
+        f.write(text[:-1].rstrip() + ',\n  "n_routed_experts": 8\n}\n')
+    p = cli(["import", d, os.path.join(d, "out.moert"), "--layer", "1"], cli_path, False)
+    lines.append(f"  refused duplicate key: {p.stderr.strip()}")
+    if p.returncode != 1 or "duplicate JSON key 'n_routed_experts'" not in p.stderr:
+        failures.append(f"refusal 'duplicate key': exit {p.returncode}, stderr {p.stderr!r}")
     gl = glm4("refuse_glm4", "F32", 4, 11, 1, [1])
     for label, c, want in (("glm4 groups", dict(gl["cfg"], n_group=2, topk_group=1), "n_group"),
                            ("glm4 softmax", dict(gl["cfg"], scoring_func="softmax"),
