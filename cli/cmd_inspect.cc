@@ -121,7 +121,8 @@ void print_text(const std::string& path, const ModelInfo& info) {
   std::printf("forward FLOPs per token: %.0f (%s) activated, %.0f (%s) dense-equivalent",
               info.flops, flops_text(info.flops).c_str(), info.dense_flops,
               flops_text(info.dense_flops).c_str());
-  if (info.flops > 0.0)
+  // A model without routed experts (or with every expert chosen) saves nothing to report.
+  if (info.flops > 0.0 && info.dense_flops > info.flops)
     std::printf(": %.2fx less compute per token", info.dense_flops / info.flops);
   std::printf("\n");
 }

@@ -405,10 +405,12 @@ int run_train(const Args& args) {
     else
       std::printf(
           "model: %u chars x %u dims -> width %u; %u MoE block%s of %u routed experts "
-          "(hidden %u, top-%u, sigmoid) + %u shared (hidden %u); %s parameters, %s "
-          "activated per token\n",
+          "(hidden %u, top-%u, sigmoid)%s; %s parameters, %s activated per token\n",
           shape.context, shape.embed_dim, shape.width(), shape.blocks, shape.blocks == 1 ? "" : "s",
-          shape.experts, shape.expert_hidden, shape.top_k, shape.shared, shape.shared_hidden,
+          shape.experts, shape.expert_hidden, shape.top_k,
+          shape.shared == 0
+              ? ""
+              : cat(" + ", shape.shared, " shared (hidden ", shape.shared_hidden, ")").c_str(),
           human(static_cast<double>(total)).c_str(), human(static_cast<double>(activated)).c_str());
   }
   if (!job.alone()) {

@@ -400,6 +400,11 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                                 " --model " + (dir / "dense.json").string(),
                             dir),
                         1, "train", "no MoE layer; train compares load balancing");
+  // inspect reads it, and claims no saving for a model that routes nothing.
+  const Result dense = run("inspect " + (dir / "dense.json").string(), dir);
+  EXPECT_EQ(dense.code, 0) << dense.err;
+  EXPECT_NE(dense.out.find("dense-equivalent"), std::string::npos) << dense.out;
+  EXPECT_EQ(dense.out.find("less compute"), std::string::npos) << dense.out;
   expect_one_line_error(
       run("train --steps 1 --probe-rows 64 --model " + (dir / "dense.json").string(), dir), 2,
       "train", "--probe-rows applies to the generated model in one process");
