@@ -101,7 +101,8 @@ int run_eval(const Args& args) {
   }
   const std::string part = which == "all" ? "whole" : which;
   std::printf("model %s on the %s text of %s (%llu characters)\n", printable(path).c_str(),
-              part.c_str(), corpus_path.c_str(), static_cast<unsigned long long>(r.tokens));
+              part.c_str(), printable(corpus_path).c_str(),
+              static_cast<unsigned long long>(r.tokens));
   std::printf("loss %.4f nats/char, perplexity %s\n", r.loss,
               perplexity_text(r.perplexity).c_str());
   if (moe.empty()) return 0;

@@ -384,7 +384,7 @@ int run_train(const Args& args) {
   std::printf(
       "corpus: %s: %zu file%s, %zu records, %s bytes; training %llu records (%s chars), "
       "validation %llu records (%s chars); %llu chars outside the vocabulary\n",
-      corpus_path.c_str(), corpus.files.size(), corpus.files.size() == 1 ? "" : "s",
+      printable(corpus_path).c_str(), corpus.files.size(), corpus.files.size() == 1 ? "" : "s",
       corpus.records.size(), human(static_cast<double>(corpus.bytes)).c_str(),
       static_cast<unsigned long long>(split.train_records),
       human(static_cast<double>(split.train.size())).c_str(),
@@ -399,7 +399,7 @@ int run_train(const Args& args) {
     check(moert_model_num_parameters(shown, &total, &activated), "model");
     if (given_model)
       std::printf("model: %s, context %u; %s parameters, %s activated per token\n",
-                  args.str("model", "").c_str(), shape.context,
+                  printable(args.str("model", "")).c_str(), shape.context,
                   human(static_cast<double>(total)).c_str(),
                   human(static_cast<double>(activated)).c_str());
     else
@@ -421,7 +421,10 @@ int run_train(const Args& args) {
     const uint64_t chunk = st.precision == "fp8" ? 128 : 64;
     std::printf("job: %d processes, expert parallelism %d, %llu rows per rank: %s\n", job.size,
                 job.expert_parallel, static_cast<unsigned long long>(per_rank),
-                per_rank % chunk == 0
+                st.device == MOERT_DEVICE_CUDA
+                    ? "CUDA sessions all-reduce their gradients, so the figures agree with one "
+                      "process's to fp32 rounding, not bitwise"
+                : per_rank % chunk == 0
                     ? "bitwise the figures of one process"
                     : cat("not a multiple of ", chunk,
                           ", so the figures agree with one process's to rounding, not bitwise")
@@ -548,8 +551,9 @@ int run_train(const Args& args) {
         " gradient, both without the residual; Wgrad: each expert weight gradient)\n",
         p);
   }
-  if (csv) std::printf("\nper-step metrics: %s\n", args.str("csv", "").c_str());
-  if (!save_dir.empty()) std::printf("checkpoints: %s/<strategy>.moert\n", save_dir.c_str());
+  if (csv) std::printf("\nper-step metrics: %s\n", printable(args.str("csv", "")).c_str());
+  if (!save_dir.empty())
+    std::printf("checkpoints: %s/<strategy>.moert\n", printable(save_dir).c_str());
   return 0;
 }
 

@@ -840,6 +840,14 @@ TEST(Cli, EvalPadsItsLastBatchWithoutChangingAnything) {
   }
   expect_one_line_error(run(plain + "validation", dir), 1, "eval",
                         "lines holding only '%': a plain text file without them is one record");
+  // A corpus path is printed with its control characters as \xNN, like every name from outside.
+  fs::copy_file(dir / "plain.txt", dir / "c\x1b[31mx.txt");
+  const Result escaped = run("eval '" + ckpt.string() + "' --threads 1 --split all --corpus '" +
+                                 (dir / "c\x1b[31mx.txt").string() + "'",
+                             dir);
+  EXPECT_EQ(escaped.code, 0) << escaped.err;
+  EXPECT_EQ(escaped.out.find('\x1b'), std::string::npos) << escaped.out;
+  EXPECT_NE(escaped.out.find("c\\x1B[31mx.txt"), std::string::npos) << escaped.out;
 }
 
 // A diverged run's perplexity (exp of a loss past 100) is printed in exponent form: its 60 or 150
