@@ -61,20 +61,22 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
       if (i + 1 >= argc) usage_fail("option '--", name, "' needs a value (", flag->value_name, ")");
       values_[name] = argv[++i];
     }
-    // An empty path names nothing: the current directory to some calls, an error to others.
-    if (values_[name].empty() &&
-        (flag->value_name == "DIR" || flag->value_name == "FILE" || flag->value_name == "PATH"))
-      usage_fail("option '--", name, "' needs a ", flag->value_name, ", got an empty value");
     every_[name].push_back(values_[name]);
   }
   if (help_) return;
+  if (positional_.size() < spec.min_positional || positional_.size() > spec.max_positional)
+    usage_fail("expected ", spec.synopsis.empty() ? "no arguments" : spec.synopsis, " (see 'moert ",
+               spec.name, " --help')");
+  // An empty path names nothing: the working directory to some calls, an error to others.
   for (size_t i = 0; i < positional_.size(); ++i)
     if (positional_[i].empty())
       usage_fail("argument ", i + 1, " is empty: every argument of 'moert ", spec.name,
                  "' names a file or a directory (see 'moert ", spec.name, " --help')");
-  if (positional_.size() < spec.min_positional || positional_.size() > spec.max_positional)
-    usage_fail("expected ", spec.synopsis.empty() ? "no arguments" : spec.synopsis, " (see 'moert ",
-               spec.name, " --help')");
+  for (const Flag& f : spec.flags)
+    if (f.value_name == "DIR" || f.value_name == "FILE" || f.value_name == "PATH")
+      for (const std::string& value : every(f.name))
+        if (value.empty())
+          usage_fail("option '--", f.name, "' needs a ", f.value_name, ", got an empty value");
 }
 
 const Flag& Args::declared(const std::string& flag) const {

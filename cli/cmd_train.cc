@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -286,7 +287,17 @@ int run_train(const Args& args) {
   Split split;
   std::unique_ptr<StepCsv> csv;
   const std::string save_dir = args.str("save", "");
-  bool save_dir_created = false;
+  // The outermost folder of --save's path this run created ("" if none): what a failed run
+  // removes again, each folder from --save up to it, as long as it holds nothing.
+  std::filesystem::path save_created;
+  auto remove_created_save = [&] {
+    std::error_code ec;
+    if (save_created.empty()) return;
+    for (std::filesystem::path p = save_dir;; p = p.parent_path()) {
+      if (!std::filesystem::is_empty(p, ec) || ec || !std::filesystem::remove(p, ec)) return;
+      if (p == save_created || p.parent_path() == p || p.parent_path().empty()) return;
+    }
+  };
   job.prepare_together("read its model or corpus", [&] {
     if (given_model) {
       file_model = load_model_file(args.str("model", ""));
@@ -357,17 +368,21 @@ int run_train(const Args& args) {
     }
     // --save first, --csv (which truncates the file) last: a refused directory leaves the CSV
     // as it was, and a refused CSV removes the directory this run created.
-    bool& created = save_dir_created;
     if (!save_dir.empty()) {
       std::error_code ec;
-      created = std::filesystem::create_directories(save_dir, ec);
+      for (std::filesystem::path p = save_dir; !p.empty() && !std::filesystem::exists(p, ec);
+           p = p.parent_path()) {
+        save_created = p;
+        if (p.parent_path() == p) break;
+      }
+      std::filesystem::create_directories(save_dir, ec);
       if (ec) fail(save_dir, ": cannot create: ", ec.message());
       // A directory that takes no files fails here, not after the trainings.
       std::string probe = (std::filesystem::path(save_dir) / ".moert-write-test-XXXXXX").string();
       const int fd = ::mkstemp(probe.data());
       if (fd < 0) {
         const int err = errno;
-        if (created) std::filesystem::remove(save_dir, ec);
+        remove_created_save();
         fail(save_dir, ": cannot write checkpoints there: ", std::strerror(err));
       }
       ::close(fd);
@@ -377,10 +392,16 @@ int run_train(const Args& args) {
       if (args.has("csv")) csv = std::make_unique<StepCsv>(args.str("csv", ""));
     } catch (...) {
       std::error_code ec;
-      if (created) std::filesystem::remove(save_dir, ec);
+      remove_created_save();
       throw;
     }
   });
+  // From here on a run that fails leaves no empty folder of --save's behind (once a checkpoint
+  // is written, the folders hold it and stay).
+  struct RemoveEmptySave {
+    std::function<void()> remove;
+    ~RemoveEmptySave() { remove(); }
+  } remove_empty_save{remove_created_save};
   std::printf(
       "corpus: %s: %zu file%s, %zu records, %s bytes; training %llu records (%s chars), "
       "validation %llu records (%s chars); %llu chars outside the vocabulary\n",
@@ -448,16 +469,6 @@ int run_train(const Args& args) {
   low.threads = st.threads;
   low.seed = st.seed;
   low.knobs = {{"precision", st.precision}, {"fp8_scales", st.fp8_scales}};
-  // A run that fails before its first checkpoint leaves no empty --save directory of its own
-  // behind (one that holds anything stays).
-  struct RemoveEmptySave {
-    const std::string& dir;
-    const bool& created;
-    ~RemoveEmptySave() {
-      std::error_code ec;
-      if (created && std::filesystem::is_empty(dir, ec) && !ec) std::filesystem::remove(dir, ec);
-    }
-  } remove_empty_save{save_dir, save_dir_created};
   for (size_t i = 0; i < run_labels.size(); ++i) {
     ModelPtr m = given_model ? nullptr : charlm_model(shape, strategies[i], st.seed);
     const moert_model* model = given_model ? file_model.get() : m.get();

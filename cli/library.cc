@@ -124,6 +124,9 @@ void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
       line = cat("rank ", rank, " of the job's ", size, ": out of memory");
     } catch (const std::exception& e) {
       line = cat("rank ", rank, " of the job's ", size, ": ", e.what());
+    } catch (...) {
+      // Whatever it was, this rank prints and waits like the others: none is left in the sum.
+      line = cat("rank ", rank, " of the job's ", size, ": failed (an unknown exception)");
     }
   } else {
     line = cat("rank ", first, " of the job's ", size, " could not ", what,

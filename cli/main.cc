@@ -110,8 +110,9 @@ int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   const int code = run(argc, argv);
-  // What a command printed may still sit in stdout's buffer: a full disk or a closed pipe shows
-  // only now, and a command that wrote nothing of its report has not succeeded.
+  // What a command printed may still sit in stdout's buffer: a full disk (ENOSPC) or a bad
+  // descriptor shows only now, and a command that wrote nothing of its report has not succeeded.
+  // (A closed pipe ends the process with SIGPIPE before this.)
   errno = 0;
   if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
     const int err = errno;

@@ -416,6 +416,8 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                         "'--save' needs a DIR, got an empty value");
   expect_one_line_error(run("train --steps 1 --csv=", dir), 2, "train",
                         "'--csv' needs a FILE, got an empty value");
+  EXPECT_EQ(run("train --save '' --help", dir).code, 0);  // --help wins, as everywhere
+  expect_one_line_error(run("train ''", dir), 2, "train", "expected [--corpus PATH]");
   EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 3);  // dense.json and std{out,err}.txt
   // An output that is a symbolic link would be replaced by a file, the link lost: refused.
   fs::copy_file(MOERT_TINY_MODEL, dir / "target.moert");
@@ -508,14 +510,15 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   EXPECT_EQ(slurp(dir / "steps.csv"), "kept\n");
   // A job that fails after training began (its checkpoint's name, from a 270-byte label, is too
   // long for the file system) says so once, naming --save; it keeps the per-step rows written so
-  // far (--csv is written as the runs go: tail -f, /dev/stdout) and removes the --save directory
-  // it created, which holds nothing.
+  // far (--csv is written as the runs go: tail -f, /dev/stdout) and removes the --save folders
+  // it created (late/deeper), which hold nothing.
   const std::string gamma = "0.001" + std::string(240, '0') + "1";
-  const Result late = run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
-                              " --steps 2 --balancing loss-free:gamma=" + gamma +
-                              " --probe-rows 0 --eval-rows 64 --csv " +
-                              (dir / "steps.csv").string() + " --save " + (dir / "late").string(),
-                          dir);
+  const Result late =
+      run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+              " --steps 2 --balancing loss-free:gamma=" + gamma +
+              " --probe-rows 0 --eval-rows 64 --csv " + (dir / "steps.csv").string() + " --save " +
+              (dir / "late" / "deeper").string(),
+          dir);
   EXPECT_EQ(late.code, 1) << late.err;
   EXPECT_NE(late.err.find("moert train: error: --save: cannot write checkpoint"), std::string::npos)
       << late.err;
