@@ -382,13 +382,20 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   model dimension, Dgrad dy along its width, Wgrad both operands along the
  *                   tokens -- weights in 128x128 blocks, one fp32 scale per tile or block,
  *                   amax / 448; products summed in fp32 per 128-long block, scaled, then added
- *                   in fp32; CPU only in this version, where it is an exact emulation of the GPU
- *                   recipe). The router, its bias, norms, embedding, head, master weights and
- *                   optimizer state stay fp32 whatever the precision; the bf16 or FP8 weight
- *                   copies are refreshed after every optimizer step. On the CPU, bf16 runs on
+ *                   in fp32; on the CPU an exact emulation of the GPU recipe, on CUDA cuBLASLt's
+ *                   block-scaled FP8 GEMMs, which need a Hopper GPU (sm_90) and cuBLASLt 12.9
+ *                   or later: elsewhere moert_session_create() fails with
+ *                   MOERT_ERR_UNSUPPORTED). The router, its bias, norms, embedding, head, master
+ *                   weights and optimizer state stay fp32 whatever the precision; the bf16 or FP8
+ *                   weight copies are refreshed after every optimizer step. An fp8 inference
+ *                   session multiplies a model's FP8 expert weights as stored, codes and scales;
+ *                   a training session quantizes its copies from its fp32 masters (decoded from
+ *                   the file's codes) by fp8_scales' rule, so its codes and outputs can differ
+ *                   from the inference session's, as where the file's scales follow another
+ *                   rule than fp8_scales. On the CPU, bf16 runs on
  *                   oneDNN's bf16 kernels where the CPU has AVX512-BF16 or AMX, and on moert's
  *                   own kernels (bf16 widened to fp32 in registers) elsewhere. A CUDA session
- *                   asked for "fp32" or "fp8" is refused with MOERT_ERR_UNSUPPORTED. Fixed at
+ *                   asked for "fp32" is refused with MOERT_ERR_UNSUPPORTED. Fixed at
  *                   moert_session_create(): moert_session_set_config() refuses a change with
  *                   MOERT_ERR_INVALID_STATE.
  *   "fp8_scales"    "fp32" (default) | "ue8m0": with precision "fp8", scales as computed
