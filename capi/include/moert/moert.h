@@ -729,9 +729,13 @@ MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
  * (moert_session_options_set_threads) and runs one pass at a time, so sessions x threads should
  * be about N. One session with N threads gives the largest batches; two sessions with N/2 threads
  * each overlap one batch's gathering and the callers' own work with the other's pass. See the
- * README's serving section for measurements. On the CPU, the sessions read the model's weights
- * in place: a pool costs its activations and threads, not copies of the weights. On CUDA each
- * session holds its own device copy of the weights: use one session per GPU (two at most).
+ * README's serving section for measurements. On the CPU, the sessions read the model's fp32
+ * weights in place, but each keeps its own layout copies of the FFN weights where the session
+ * option "layout_copies" gives them (by default on CPUs where oneDNN runs AVX-512 kernels: a
+ * transposed fp32 copy of every expert and FFN weight, per session); with "layout_copies" "off"
+ * in the batcher's session options a pool costs its activations and threads, not copies of the
+ * weights. On CUDA each session holds its own device copy of the weights: use one session per
+ * GPU (two at most).
  *
  * Thread-safety: moert_batcher_forward_*(), moert_batcher_submit_*() and moert_batcher_counters()
  * may be called from any number of threads at once; moert_batcher_free() must not race with
