@@ -19,6 +19,12 @@ constexpr unsigned long long kNoneBad = ~0ull;
 
 // A row stride of codes that cuBLASLt's FP8 kernels accept: a multiple of 16 bytes.
 int64_t ld16(int64_t n) { return (n + 15) / 16 * 16; }
+// The reduction length a block-scaled GEMM runs with, and the codes' row stride along it: whole
+// 128-long blocks. Every public use of cuBLASLt's VEC128_32F / BLK128x128_32F modes (PyTorch's
+// blockwise _scaled_mm tests, Transformer Engine, DeepGEMM) keeps k a multiple of 128, and none
+// documents a partial last block; zero codes past the end add nothing, and the scales (one per
+// block) are the same either way.
+int64_t kpad(int64_t n) { return (n + 127) / 128 * 128; }
 // The row count m a GEMM runs with (its a operand's rows, cuBLASLt's n). A multiple of 16: a
 // 1x128-scaled operand's outer dimension must be a multiple of 8 for cuBLASLt (Transformer
 // Engine refuses m % 8 != 0 for exactly that reason, and its tests hold m = 255 illegal), and a
@@ -52,7 +58,7 @@ float value_at(const float* x, int64_t index, cudaStream_t s) {
 // ---- Operands in scratch
 
 // An activation [rows, width] in 1x128 row tiles along width: codes with row stride ld
-// (ld16(width), zeros past width), and each segment's scales in the VEC128_32F layout of the
+// (kpad(width), zeros past width), and each segment's scales in the VEC128_32F layout of the
 // row count its GEMMs run with (scale stride gemm_rows(segment rows), zeros past its rows).
 struct FfnFp8::RowTiles {
   const uint8_t* codes = nullptr;
@@ -61,7 +67,7 @@ struct FfnFp8::RowTiles {
 };
 
 // An activation [rows, width] in 128-token tiles, per segment transposed: codes
-// [ld16(width), ld[i]] (ld[i] = ld16(segment rows); zeros past its rows and past width), scales
+// [ld16(width), ld[i]] (ld[i] = kpad(segment rows); zeros past its rows and past width), scales
 // in runs of ld16(width): the rows a Wgrad GEMM runs with whether the operand is its a
 // (gemm_rows) or its b (ld16).
 struct FfnFp8::TokenTiles {
@@ -149,7 +155,7 @@ void FfnFp8::quantize_rows(const std::vector<Segment>& segs, const float* x, int
     end = std::max(end, s.begin + s.rows);
     scale_floats += blocks_of(width) * gemm_rows(s.rows);
   }
-  const int64_t ld = ld16(width);
+  const int64_t ld = kpad(width);
   if (operand_buffer_ >= kOperands) fail(Code::Internal, "FP8 FFN: more operands than scratch");
   Buffer<uint8_t>& codes = codes_[operand_buffer_];
   Buffer<float>& scales = scales_[operand_buffer_];
@@ -188,7 +194,7 @@ void FfnFp8::quantize_tokens(const std::vector<Segment>& segs, const float* x, i
   const int64_t rows_t = ld16(width), scale_ld = tile_scale_ld(rows_t);
   int64_t code_bytes = 0, scale_floats = 0;
   for (const Segment& s : segs) {
-    code_bytes += rows_t * ld16(s.rows);
+    code_bytes += rows_t * kpad(s.rows);
     scale_floats += blocks_of(s.rows) * scale_ld;
   }
   if (operand_buffer_ >= kOperands) fail(Code::Internal, "FP8 FFN: more operands than scratch");
@@ -203,7 +209,7 @@ void FfnFp8::quantize_tokens(const std::vector<Segment>& segs, const float* x, i
   int64_t code_at = 0, scale_at = 0;
   for (size_t i = 0; i < segs.size(); ++i) {
     const Segment& s = segs[i];
-    const int64_t ld = ld16(s.rows);
+    const int64_t ld = kpad(s.rows);
     uint8_t* c = codes.data() + code_at;
     float* sc = scales.data() + scale_at;
     out.codes.push_back(c);
@@ -223,15 +229,16 @@ std::vector<const uint8_t*> FfnFp8::padded_weights(const std::vector<Segment>& s
   auto weight = [&](const Segment& s) -> const Weight& {
     return which == 0 ? s.w1 : which == 1 ? s.w3 : s.w2;
   };
-  // As a GEMM's b, the weight has ld16(rows) rows too (zero codes past rows).
-  bool direct = cols % 16 == 0 && rows % 16 == 0;
+  // As a GEMM's b, the weight has ld16(rows) rows too (zero codes past rows), and its rows are
+  // kpad(cols) long (zero codes past cols).
+  bool direct = cols == kpad(cols) && rows % 16 == 0;
   for (const Segment& s : segs) direct = direct && aligned16(weight(s).fp8.codes);
   std::vector<const uint8_t*> out;
   if (direct) {
     for (const Segment& s : segs) out.push_back(weight(s).fp8.codes);
     return out;
   }
-  const int64_t ld = ld16(cols), per = ld16(rows) * ld;
+  const int64_t ld = kpad(cols), per = ld16(rows) * ld;
   pad.resize(mem_,
              static_cast<size_t>(std::max<int64_t>(1, per * static_cast<int64_t>(segs.size()))));
   check(cudaMemsetAsync(pad.data(), 0, pad.bytes(), stream_), "FP8 weight padding");
@@ -248,9 +255,9 @@ std::vector<const uint8_t*> FfnFp8::padded_weights(const std::vector<Segment>& s
 }
 
 void FfnFp8::transposed_weight(const Weight& w, int64_t rows, int64_t cols) {
-  // W [rows, cols] -> W^T [ld16(cols), ld16(rows)] (zero codes past cols and rows), block scales
-  // [blocks_of(cols), block_scale_ld(rows)].
-  const int64_t ld_t = ld16(rows), scale_ld_t = block_scale_ld(rows);
+  // W [rows, cols] -> W^T [ld16(cols), kpad(rows)] (zero codes past cols and rows: W^T's rows are
+  // a Dgrad GEMM's reduction), block scales [blocks_of(cols), block_scale_ld(rows)].
+  const int64_t ld_t = kpad(rows), scale_ld_t = block_scale_ld(rows);
   weight_t_.resize(mem_, static_cast<size_t>(std::max<int64_t>(1, ld16(cols) * ld_t)));
   weight_t_scales_.resize(mem_,
                           static_cast<size_t>(std::max<int64_t>(1, blocks_of(cols) * scale_ld_t)));
@@ -358,7 +365,7 @@ void FfnFp8::forward(const std::vector<Segment>& segs, const float* x, float* y,
   operand_buffer_ = 0;
   Check chk(bad_, mem_, {{"the FFN input", x, dim}, {"the FFN activation", a, hidden}}, segs,
             stream_);
-  const int64_t kd = ld16(dim), kh = ld16(hidden);
+  const int64_t kd = kpad(dim), kh = kpad(hidden);
 
   // Fprop: h1, h3 = x W1^T, x W3^T (x in row tiles along dim), then a = silu(h1) h3.
   RowTiles xq;
@@ -400,7 +407,7 @@ void FfnFp8::backward(const std::vector<Segment>& segs, const float* x, const fl
     end = std::max(end, s.begin + s.rows);
   }
   if (end == 0) return;
-  const int64_t n = end * hidden, kd = ld16(dim), kh = ld16(hidden);
+  const int64_t n = end * hidden, kd = kpad(dim), kh = kpad(hidden);
   float* a = f32_scratch(act_, n);
   float* dh1 = f32_scratch(dh1_, n);
   float* dh3 = f32_scratch(dh3_, n);
