@@ -137,7 +137,9 @@ class CudaBackend final : public Backend {
     // while kernels queued on the stream still read it.
     const DeviceRestore restore;
     cudaSetDevice(device_);
-    cudaFree(p);
+    // A failure here cannot be reported; clear it, or the next kernel's launch check would
+    // report it as its own.
+    if (cudaFree(p) != cudaSuccess) cudaGetLastError();
   }
   void upload(void* dst, const void* src, size_t bytes) override {
     if (!bytes) return;

@@ -68,7 +68,8 @@ __global__ void token_view_k(const int32_t* slot_of, int64_t rows, int64_t top_k
 __global__ void gather_rows_k(const float* x, const int32_t* token, int64_t dim, float* y) {
   const float4* src = reinterpret_cast<const float4*>(x + int64_t{token[blockIdx.x]} * dim);
   float4* dst = reinterpret_cast<float4*>(y + blockIdx.x * dim);
-  if (dim % 4 == 0) {
+  // float4 needs 16-byte addresses: rows of a multiple of 4 floats from 16-byte aligned bases.
+  if (dim % 4 == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y)) % 16 == 0) {
     for (int64_t i = threadIdx.x; i < dim / 4; i += blockDim.x) dst[i] = src[i];
   } else {
     const float* s = x + int64_t{token[blockIdx.x]} * dim;
