@@ -10,6 +10,7 @@
 #include <variant>
 #include <vector>
 
+#include "core/shared_copies.h"
 #include "kernels/fp8_rules.h"
 
 namespace moert {
@@ -239,6 +240,8 @@ struct Model {
   uint64_t seed = 0;
   std::vector<LayerSpec> layers;
   std::optional<TrainingState> training;  // checkpoints only
+  // Layout copies of the weights that inference sessions over this model share.
+  SharedCopiesSlot shared_copies;
 
   uint64_t total_parameters() const;
   uint64_t activated_parameters() const;

@@ -60,7 +60,22 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
         const int64_t matrices = t.numel() / (rows * cols);
         e.t_rows = rows;
         e.t_cols = cols;
-        if (!bf16 && be.transposed_copies()) e.f32t.resize(be, static_cast<size_t>(t.numel()));
+        if (!bf16 && be.transposed_copies()) {
+          // An inference session reading the model's own values shares the copy with the other
+          // inference sessions over the model (SharedCopies); the memory must be host memory.
+          const auto n = static_cast<size_t>(t.numel());
+          if (!training && be.host_memory() && !t.fp8 && e.f32_ptr == t.data()) {
+            e.what = layer.name + "." + field;
+            e.f32t_shared = params.shared_copies.get().transposed(t, n, [&](float* out) {
+              be.transpose_matrices(t.data(), matrices, rows, cols, out);
+            });
+            if (!e.f32t_shared)
+              fail(Code::OutOfMemory, "out of memory allocating ", n * sizeof(float),
+                   " bytes for the transposed copy of '", layer.name, ".", field, "'");
+          } else {
+            e.f32t.resize(be, n);
+          }
+        }
         e.packed_bytes = bf16 ? be.packed_bf16_bytes(rows, cols) : 0;
         if (e.packed_bytes > 0) e.packed.resize(be, static_cast<size_t>(matrices * e.packed_bytes));
       };
@@ -121,6 +136,7 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
     });
     if (auto* m = std::get_if<MoESpec>(&layer.spec)) add("gate_bias", m->gate_bias, nullptr);
   }
+  built_ = true;
 }
 
 const ParamStore::Entry& ParamStore::entry(const Tensor& t) const {
@@ -138,7 +154,7 @@ Weight ParamStore::weight(const Tensor& t) const {
   Weight w{e.f32_ptr,
            e.bf16.size() ? e.bf16.data() : nullptr,
            {},
-           e.f32t.size() ? e.f32t.data() : nullptr};
+           e.f32t.size() ? e.f32t.data() : e.f32t_shared.get()};
   if (e.packed.size()) {
     w.bf16_packed = e.packed.data();
     w.packed_bytes = e.packed_bytes;
@@ -211,6 +227,7 @@ float* ParamStore::grad(const Tensor& t) const { return entry(t).grad_ptr; }
 
 void ParamStore::upload(const Tensor& t) {
   Entry& e = entry(t);
+  refuse_shared(e);
   const size_t n = t.values.size();
   if (e.f32_ptr && e.f32_ptr != t.data()) be_.upload(e.f32_ptr, t.data(), n * sizeof(float));
   if (e.bf16.size()) {
@@ -232,6 +249,13 @@ void ParamStore::upload(const Tensor& t) {
   quantize(e, e.what.c_str());
   transpose_copy(e);
   pack_copy(e);
+}
+
+void ParamStore::refuse_shared(const Entry& e) const {
+  // Other sessions read the copy: a change would leave it stale for them, and for this store.
+  if (built_ && e.f32t_shared)
+    fail(Code::Internal, "weight '", e.what,
+         "' cannot change: the model's inference sessions share its transposed copy");
 }
 
 void ParamStore::transpose_copy(Entry& e) {
@@ -274,6 +298,7 @@ void ParamStore::upload_grad(const Tensor& t, const std::vector<float>& in) {
 
 void ParamStore::refresh_copies(const Tensor& t) {
   Entry& e = entry(t);
+  refuse_shared(e);
   if (e.bf16.size() && e.f32_ptr)
     be_.to_bf16(e.f32_ptr, e.bf16.data(), static_cast<int64_t>(t.values.size()));
   if (e.f32_ptr) quantize(e, e.what.c_str());

@@ -9,9 +9,10 @@
 // (Tensor::fp8, inference only: training decodes its masters) is multiplied from the model's own
 // codes where the backend multiplies it in FP8, and decoded into an fp32 copy of the store's own
 // otherwise. On a backend that keeps transposed copies (Backend::transposed_copies), the FFN
-// weights multiplied in fp32 also have one (Weight::f32t), and on a backend that packs bf16
-// weights (Backend::packed_bf16_bytes) those with a bf16 copy a packed one (Weight::bf16_packed),
-// made and refreshed the same way.
+// weights multiplied in fp32 also have one (Weight::f32t; an inference store on host memory
+// shares it with the model's other inference sessions, Model::shared_copies), and on a backend
+// that packs bf16 weights (Backend::packed_bf16_bytes) those with a bf16 copy a packed one
+// (Weight::bf16_packed), made and refreshed the same way.
 #pragma once
 
 #include <cstdint>
@@ -92,6 +93,9 @@ class ParamStore {
     // The copies laid out for the forward, of a stack of matrices [t_rows, t_cols]: each matrix
     // transposed (fp32), or its bf16 copy packed, packed_bytes per matrix.
     Buffer<float> f32t;
+    // An inference store's transposed copy, shared with the model's other inference sessions
+    // (Model::shared_copies) instead of f32t; never refreshed, since nothing writes the model.
+    std::shared_ptr<const float> f32t_shared;
     Buffer<unsigned char> packed;
     int64_t t_rows = 0, t_cols = 0, packed_bytes = 0;
     std::string what;  // "layer.field", named in quantization errors
@@ -104,6 +108,8 @@ class ParamStore {
   const Entry& entry(const Tensor& t) const;
   void quantize(Entry& e, const char* what);
   void transpose_copy(Entry& e);
+  // Throws Error(Internal) for a change to a weight whose copy is shared, once built.
+  void refuse_shared(const Entry& e) const;
   void pack_copy(Entry& e);
   // A weight the model holds in FP8 (inference only): its codes as the Weight's FP8 view where
   // `fp8_view`, else decoded into the store's own fp32 copy (and a bf16 one where `bf16`).
@@ -112,6 +118,7 @@ class ParamStore {
 
   Backend& be_;
   std::unordered_map<const Tensor*, Entry> entries_;
+  bool built_ = false;  // the constructor has made every copy
   bool shared_rows_ = false;
   int64_t first_chunk_ = 0;
   // Roots of this backward, in the order handed out, with their dense size (or row width).

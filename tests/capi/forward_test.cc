@@ -458,7 +458,8 @@ TEST(ConcurrentForward, SharedSessionMatchesSingleThreadedRun) {
 // every output matches one session's. `rows` of 64 give the experts of a bf16 session more rows
 // than the widening kernels take, so on CPUs that multiply bf16 natively the sessions create
 // oneDNN matmul primitives concurrently (the process-wide primitive cache, under TSan).
-void sessions_per_thread_match_one(const char* precision, uint64_t rows) {
+void sessions_per_thread_match_one(const char* precision, uint64_t rows,
+                                   const char* layout_copies = "auto") {
   moert_model* m = nullptr;
   ASSERT_TRUE(IsOk(moert_model_load_file(example_model_path().c_str(), &m)));
   ModelPtr model(m);
@@ -468,6 +469,8 @@ void sessions_per_thread_match_one(const char* precision, uint64_t rows) {
     if (moert_status* st = moert_session_options_create(&raw)) return StatusPtr(st);
     OptionsPtr options(raw);
     if (moert_status* st = moert_session_options_set_config(raw, "precision", precision))
+      return StatusPtr(st);
+    if (moert_status* st = moert_session_options_set_config(raw, "layout_copies", layout_copies))
       return StatusPtr(st);
     return StatusPtr(moert_session_create(model.get(), options.get(), s));
   };
@@ -507,6 +510,12 @@ void sessions_per_thread_match_one(const char* precision, uint64_t rows) {
 }
 
 TEST(ConcurrentForward, SessionsPerThreadOverOneModel) { sessions_per_thread_match_one("fp32", 6); }
+
+// With transposed copies on any CPU: the sessions make and share one copy of each FFN weight
+// (the model's cache, under TSan), while earlier sessions' copies are being released.
+TEST(ConcurrentForward, SessionsPerThreadShareTransposedCopies) {
+  sessions_per_thread_match_one("fp32", 6, "on");
+}
 
 TEST(ConcurrentForward, Bf16SessionsPerThreadOverOneModel) {
   sessions_per_thread_match_one("bf16", 64);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -94,14 +95,20 @@ TEST(LayoutCopies, CopiesHoldTheMastersTransposedAndFollowEveryChange) {
   EXPECT_EQ(Vec(e3.f32t, e3.f32t + 48 * 64),
             Vec(w1t.begin() + 3 * 48 * 64, w1t.begin() + 4 * 48 * 64));
 
+  // Only a training store's weights change (an inference store shares its copies with the
+  // model's other inference sessions, and refuses a change: see below).
+  Model grads0 = *model;
+  ParamStore trainer(*on, *model, &grads0);
   for (float& v : moe.w2.values) v = -0.5f * v + 0.01f;
-  store.upload(moe.w2);
-  EXPECT_EQ(copy_of(store, moe.w2), transposed(moe.w2));
+  trainer.upload(moe.w2);
+  EXPECT_EQ(copy_of(trainer, moe.w2), transposed(moe.w2));
   // A change in place (an optimizer step on a host backend writes the masters directly).
-  float* w3 = store.f32_mutable(moe.w3);
+  float* w3 = trainer.f32_mutable(moe.w3);
   for (size_t i = 0; i < moe.w3.values.size(); ++i) w3[i] = 2.0f * w3[i] + 1.0f;
-  store.refresh_copies(moe.w3);
-  EXPECT_EQ(copy_of(store, moe.w3), transposed(moe.w3));
+  trainer.refresh_copies(moe.w3);
+  EXPECT_EQ(copy_of(trainer, moe.w3), transposed(moe.w3));
+  EXPECT_EQ(test::code_of([&] { store.refresh_copies(moe.w3); }), test::code(Code::Internal));
+  EXPECT_EQ(test::code_of([&] { store.upload(moe.w3); }), test::code(Code::Internal));
 
   auto off = make_cpu_backend(2, Precision::Fp32, {}, LayoutCopies::Off);
   EXPECT_FALSE(off->transposed_copies());
@@ -178,6 +185,82 @@ TEST(LayoutCopies, TrainingWritesAndCheckpointsKeepTheCopiesFresh) {
 
   test::expect_checkpoint_serves_the_same(on, with("on", Mode::Inference), b, rows,
                                           "layout_copies.moert");
+}
+
+// Inference stores over one model read one transposed copy of each weight (a serving pool of N
+// sessions holds one, not N), whatever their thread counts; a training store keeps its own,
+// which follows its writes while the shared one keeps the model's values; the copy goes with the
+// last store that reads it and is made again, exact, for the next; a copy of the model has a
+// cache of its own.
+TEST(LayoutCopies, InferenceStoresOverOneModelShareTheTransposedCopies) {
+  std::mt19937 rng(15);
+  auto model = moe_model(rng);
+  auto& moe = std::get<MoESpec>(model->layers[2].spec);
+  auto two = make_cpu_backend(2, Precision::Fp32, {}, LayoutCopies::On);
+  auto one = make_cpu_backend(1, Precision::Fp32, {}, LayoutCopies::On);
+  const Vec w1t = transposed(moe.w1);
+  const float* first = nullptr;
+  {
+    auto a = std::make_unique<ParamStore>(*two, *model, nullptr);
+    ParamStore b(*one, *model, nullptr);
+    for (Tensor* t : {&moe.w1, &moe.w3, &moe.w2, &moe.shared_w1, &moe.shared_w3, &moe.shared_w2}) {
+      ASSERT_NE(a->weight(*t).f32t, nullptr);
+      EXPECT_EQ(a->weight(*t).f32t, b.weight(*t).f32t);
+      EXPECT_EQ(copy_of(b, *t), transposed(*t));
+    }
+    first = b.weight(moe.w1).f32t;
+    // A training store over the same tensors writes them: its copy is its own, and the
+    // inference stores' stays the model's values.
+    Model grads = *model;
+    auto backend = make_cpu_backend(2, Precision::Fp32, {}, LayoutCopies::On);
+    ParamStore training(*backend, *model, &grads);
+    EXPECT_NE(training.weight(moe.w1).f32t, first);
+    // The store that made the copy goes first; the other still reads it.
+    a.reset();
+    EXPECT_EQ(b.weight(moe.w1).f32t, first);
+    EXPECT_EQ(copy_of(b, moe.w1), w1t);
+    // A copy of the model is other tensors: its stores share among themselves only.
+    Model copy = *model;
+    ParamStore c(*one, copy, nullptr), d(*two, copy, nullptr);
+    EXPECT_NE(c.weight(std::get<MoESpec>(copy.layers[2].spec).w1).f32t, first);
+    EXPECT_EQ(c.weight(std::get<MoESpec>(copy.layers[2].spec).w1).f32t,
+              d.weight(std::get<MoESpec>(copy.layers[2].spec).w1).f32t);
+  }
+  // Every store gone, so is the copy; the next store makes it again from the model's values.
+  ParamStore again(*two, *model, nullptr);
+  EXPECT_EQ(copy_of(again, moe.w1), w1t);
+  // "off" reads the stored layout and keeps nothing.
+  auto off = make_cpu_backend(2, Precision::Fp32, {}, LayoutCopies::Off);
+  ParamStore none(*off, *model, nullptr);
+  EXPECT_EQ(none.weight(moe.w1).f32t, nullptr);
+}
+
+// Sessions sharing the copies answer bit for bit as one alone, also when one of them trains the
+// same model's copy meanwhile.
+TEST(LayoutCopies, SessionsSharingTheCopiesAnswerAsOneAlone) {
+  std::mt19937 rng(16);
+  auto model = moe_model(rng, {96, 80, 40});
+  const int64_t rows = 130;
+  const Batch b = batch(rng, rows);
+  auto forward = [&](Session& s) {
+    Vec out(rows * test::kSessionVocab);
+    s.forward_tokens(b.tokens.data(), b.tokens.size(), rows, out.data(), out.size());
+    return out;
+  };
+  Vec alone;
+  {
+    Session s(model, with("on", Mode::Inference, 2));
+    alone = forward(s);
+  }
+  Session first(model, with("on", Mode::Inference, 1));
+  Session trainer(model, with("on", Mode::Training, 2));
+  for (int step = 0; step < 2; ++step) {
+    test::outputs_and_gradients(trainer, b, rows);
+    trainer.step();
+  }
+  Session second(model, with("on", Mode::Inference, 3));
+  EXPECT_EQ(forward(first), alone);
+  EXPECT_EQ(forward(second), alone);
 }
 
 TEST(LayoutCopies, ResultsDoNotDependOnTheThreadCount) {

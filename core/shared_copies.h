@@ -1,0 +1,63 @@
+// Copies derived from a loaded model's weights that the inference sessions over the model share.
+// No inference session writes the model's tensors (only a training session's own copy of the
+// model changes), so a copy made from them stays exact for as long as the model lives, and every
+// session of the process that would lay a weight out the same way can read one copy instead of
+// keeping its own: a pool of N serving sessions then costs one copy, not N. The sessions hold a
+// copy by shared_ptr and the cache only by weak_ptr, so the copy goes with the last session that
+// reads it, and a later session makes it again.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+
+namespace moert {
+
+struct Tensor;
+
+class SharedCopies {
+ public:
+  // The transposed copy of `t` (`floats` floats, 64-byte aligned): the one a live session holds,
+  // else a new one that `fill` writes. `fill` runs under the cache's lock, so concurrent session
+  // creations make one copy. Returns null when the memory cannot be had; throws what `fill`
+  // throws, and then keeps nothing. Thread-safe.
+  std::shared_ptr<const float> transposed(const Tensor& t, size_t floats,
+                                          const std::function<void(float*)>& fill) {
+    const std::lock_guard<std::mutex> lock(mu_);
+    std::weak_ptr<const float>& slot = transposed_[&t];
+    if (std::shared_ptr<const float> live = slot.lock()) return live;
+    void* raw = ::operator new (floats * sizeof(float), std::align_val_t{64}, std::nothrow);
+    if (!raw) return nullptr;
+    std::shared_ptr<float> made(static_cast<float*>(raw),
+                                [](float* p) { ::operator delete (p, std::align_val_t{64}); });
+    fill(made.get());
+    slot = made;
+    return made;
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_map<const Tensor*, std::weak_ptr<const float>> transposed_;
+};
+
+// A model's cache. A copy of a model (a training session's own, a quantized model) holds other
+// tensors that may change, so it starts with an empty cache of its own; a model assigned over
+// holds new values in the same tensors, so it drops its cache (sessions keep what they hold).
+class SharedCopiesSlot {
+ public:
+  SharedCopiesSlot() : cache_(std::make_unique<SharedCopies>()) {}
+  SharedCopiesSlot(const SharedCopiesSlot&) : SharedCopiesSlot() {}
+  SharedCopiesSlot& operator=(const SharedCopiesSlot&) {
+    cache_ = std::make_unique<SharedCopies>();
+    return *this;
+  }
+  SharedCopies& get() const { return *cache_; }
+
+ private:
+  std::unique_ptr<SharedCopies> cache_;
+};
+
+}  // namespace moert
