@@ -29,8 +29,9 @@
 #                     minutes of device time in all, a cold start costs a minute or two, and no
 #                     machine starts with under 4 minutes left: 420 s leaves room to rerun, at
 #                     once while the machine is warm, the phase that failed (MOERT_PHASES=...,
-#                     with a budget that fits what is left). The phases' caps (tests 150 s,
-#                     sanitize 110, moert bench 90, torch bench 70) sum to 420.
+#                     with a budget that fits what is left). The phases' caps (tests 140 s,
+#                     sanitize 100, moert bench 80, torch bench 60) sum to 380, leaving 40 s
+#                     of the budget to the set-up (nvidia-smi, the library searches, probes).
 #   MOERT_BENCH_REPS    timed repetitions per benchmark measurement (default 5).
 #   MOERT_SANITIZE_TOOLS  compute-sanitizer tools (default "memcheck racecheck synccheck").
 #   MOERT_SANITIZE_FILTER a --gtest_filter for the kernel tests under the sanitizer (default all).
@@ -241,8 +242,8 @@ probe() {
 }
 
 phase_tests() {
-  # Five programs: 150 s in all, each at most 75.
-  local phase_end=$((SECONDS + 150)) t rc start
+  # Five programs: 140 s in all, each at most 75.
+  local phase_end=$((SECONDS + 140)) t rc start
   echo "== tests" | tee -a "$out/device.txt"
   for t in moert_gpu_kernel_tests moert_gpu_session_tests moert_gpu_fp8_tests \
     moert_gpu_fp8_session_tests moert_gpu_nccl_tests; do
@@ -276,7 +277,7 @@ find_sanitizer() {
 }
 
 phase_sanitize() {
-  local phase_end=$((SECONDS + 110)) cs tool cap secs rc start line summary_line
+  local phase_end=$((SECONDS + 100)) cs tool cap secs rc start line summary_line
   echo "== sanitize" | tee -a "$out/device.txt"
   cs=$(find_sanitizer)
   if [ -z "$cs" ]; then
@@ -289,7 +290,7 @@ phase_sanitize() {
     log "note: the target runs through the carried loader; the sanitizer's injected library then runs on the carried glibc"
   for tool in ${MOERT_SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     case $tool in
-    memcheck) cap=40 ;;
+    memcheck) cap=35 ;;
     racecheck) cap=25 ;;
     *) cap=20 ;;
     esac
@@ -308,7 +309,7 @@ phase_sanitize() {
     # Some sandboxes (gVisor) give the GPU to programs but not to the sanitizer: it says so and
     # fails at the first allocation. That says nothing of moert; no other tool would fare better.
     if tail -n +"$((start + 1))" "$out/sanitize.log" | grep -qiE 'device not supported|not supported on this (device|platform)'; then
-      result "SKIP sanitize: compute-sanitizer does not support this device here (see sanitize.log); nothing was checked"
+      result "SKIP sanitize/$tool and the tools after it: compute-sanitizer does not support this device here (see sanitize.log)"
       return
     fi
     summary_line=$(tail -n +"$((start + 1))" "$out/sanitize.log" |
@@ -329,7 +330,7 @@ phase_sanitize() {
   done
   # The FP8 FFN's quantize, padding and transpose kernels on partial tiles (small shapes), within
   # the same phase's time.
-  secs=$(budget 25 $phase_end)
+  secs=$(budget 20 $phase_end)
   if [ "$secs" -lt 5 ]; then
     failed "sanitize/memcheck fp8: not run, out of time"
     return
@@ -358,7 +359,7 @@ phase_moert_bench() {
   local secs rc
   echo "== moert bench" | tee -a "$out/device.txt"
   # bf16 rows and the fp8 rows beside them (moert_cuda_bench's --precision both).
-  secs=$(budget 90 $deadline)
+  secs=$(budget 80 $deadline)
   if [ "$secs" -lt 10 ]; then
     failed "bench/moert: not run, out of time"
     return
@@ -382,7 +383,7 @@ phase_torch_bench() {
     failed "bench/torch: no python3"
     return
   fi
-  secs=$(budget 70 $deadline)
+  secs=$(budget 60 $deadline)
   if [ "$secs" -lt 10 ]; then
     failed "bench/torch: not run, out of time"
     return

@@ -16,21 +16,22 @@
 // additions, and through it by a code that rounds the other way downstream.
 //
 // cuBLASLt's FP8 kernels want 16-byte aligned operands, row strides and outputs (PyTorch's
-// scaled_mm asks K and N to be multiples of 16). Every GEMM runs padded to that: the reduction
-// length k is rounded up to 16 (activation codes get row strides of ld16(k), the token dimension
-// of Wgrad likewise), and so is the output width n (b gets zero rows up to ld16(n)); zero codes
-// add 0, as every scale is finite, and the padding's scales are 0. A weight whose dimensions are
-// not multiples of 16 is copied into a zero-padded buffer for Fprop (per call: only small models
-// have them); Dgrad's transposed weights are padded as they are made; an output whose width,
-// address or row stride is not what cuBLASLt gets goes through an aligned scratch output, and
-// only its n real columns are copied out. A shape cuBLASLt still refuses is an
-// Error(Unsupported) naming the GEMM and its padded dims, never another precision. The row count
-// m (tokens per expert in Fprop and Dgrad, the output rows of Wgrad) is rounded up to 16 as the
-// GEMM runs (the rows past m read zero scales and land in the scratch output): cuBLASLt wants
-// the outer dimension of a 1x128-scaled operand to be a multiple of 8 (Transformer Engine
-// refuses other m for that reason), and the tiles' scale stride is then the row count whether
-// cuBLASLt reads it rounded up to 4 (fp8_gemm.h's assumption, Transformer Engine's layout) or
-// exact (PyTorch's description of it), which no GPU has settled yet.
+// scaled_mm asks K and N to be multiples of 16), and every public use of its block-scaled modes
+// keeps K a multiple of 128. Every GEMM runs padded to that: the reduction length k is rounded
+// up to whole 128-long blocks (activation codes get row strides of kpad(k), the token dimension
+// of Wgrad likewise), and the output width n to 16 (b gets zero rows up to ld16(n)); zero codes
+// add 0, as every scale is finite, and the padding's scales are 0. A weight whose reduction
+// length is not a multiple of 128, or its output width not one of 16, is copied into a
+// zero-padded buffer for Fprop (per call: only small models have them); Dgrad's transposed weights
+// are padded as they are made; an output whose width, address or row stride is not what cuBLASLt
+// gets goes through an aligned scratch output, and only its n real columns are copied out. A shape
+// cuBLASLt still refuses is an Error(Unsupported) naming the GEMM and its padded dims, never
+// another precision. The row count m (tokens per expert in Fprop and Dgrad, the output rows of
+// Wgrad) is rounded up to 16 as the GEMM runs (the rows past m read zero scales and land in the
+// scratch output): cuBLASLt wants the outer dimension of a 1x128-scaled operand to be a multiple of
+// 8 (Transformer Engine refuses other m for that reason), and the tiles' scale stride is then the
+// row count whether cuBLASLt reads it rounded up to 4 (fp8_gemm.h's assumption, Transformer
+// Engine's layout) or exact (PyTorch's description of it), which no GPU has settled yet.
 //
 // Dgrad's transposed weights are made per backward call, not cached: a Weight carries pointers
 // only, and the ParamStore rewrites the same buffers in place after every optimizer step, so a
@@ -128,15 +129,16 @@ class FfnFp8 {
   // scratch operand; non-finite values recorded in check's slots of `operand`.
   void quantize_rows(const std::vector<Segment>& segs, const float* x, int64_t width, RowTiles& out,
                      Check& check, int operand);
-  // The 128-token tiles of x [rows, width], each segment's transposed (rows padded to
-  // ld16(width)), into the next operand.
+  // The 128-token tiles of x [rows, width], each segment's transposed ([ld16(width), kpad(its
+  // rows)]), into the next operand.
   void quantize_tokens(const std::vector<Segment>& segs, const float* x, int64_t width,
                        TokenTiles& out, Check& check, int operand);
   // Per segment, the codes of its weight `which` (0: w1, 1: w3, 2: w2), [rows, cols], with rows
-  // ld16(cols) apart: the weight's own codes where that is their layout, else a padded copy.
+  // kpad(cols) apart (ld16(rows) of them): the weight's own codes where that is their layout,
+  // else a padded copy.
   std::vector<const uint8_t*> padded_weights(const std::vector<Segment>& segs, int which,
                                              int64_t rows, int64_t cols, Buffer<uint8_t>& pad);
-  // weight_t_, weight_t_scales_ = w [rows, cols]^T as Dgrad's b operand: [cols, ld16(rows)].
+  // weight_t_, weight_t_scales_ = w [rows, cols]^T as Dgrad's b operand: [ld16(cols), kpad(rows)].
   void transposed_weight(const Weight& w, int64_t rows, int64_t cols);
   float* f32_scratch(Buffer<float>& b, int64_t n);
 
