@@ -52,43 +52,87 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
       Entry& e = entries_[&t];
       e.host = &t;
       e.host_grad = g;
+      // An inference session in host memory shares the copies it derives from the model's
+      // values (the values decoded from FP8, the layout copies, the bf16 copies) with the
+      // model's other inference sessions (SharedCopies). Each is made from e.f32_ptr.
+      const bool shares = !training && be.host_memory();
+      auto shared = [&](SharedCopies::Kind kind, size_t bytes, const char* what,
+                        const std::function<void(void*)>& fill) {
+        e.what = layer.name + "." + field;
+        auto copy = params.shared_copies.get().get(t, kind, bytes, fill);
+        if (!copy)
+          fail(Code::OutOfMemory, "out of memory allocating ", bytes, " bytes for the ", what,
+               " copy of '", e.what, "'");
+        return copy;
+      };
       // An FFN weight's copies laid out for the forward: transposed where it is multiplied in
       // fp32, packed where in bf16, on backends that keep them.
       auto layout_copies = [&](bool bf16, bool fp8) {
         if (fp8 || !is_ffn_weight(layer, field) || t.shape.size() < 2) return;
         const int64_t rows = t.shape[t.shape.size() - 2], cols = t.shape.back();
-        const int64_t matrices = t.numel() / (rows * cols);
+        const int64_t matrices = t.numel() / (rows * cols), per = rows * cols;
         e.t_rows = rows;
         e.t_cols = cols;
+        const auto n = static_cast<size_t>(t.numel());
         if (!bf16 && be.transposed_copies()) {
-          // An inference session reading the model's own values shares the copy with the other
-          // inference sessions over the model (SharedCopies); the memory must be host memory.
-          const auto n = static_cast<size_t>(t.numel());
-          if (!training && be.host_memory() && !t.fp8 && e.f32_ptr == t.data()) {
-            e.what = layer.name + "." + field;
-            e.f32t_shared = params.shared_copies.get().transposed(t, n, [&](float* out) {
-              be.transpose_matrices(t.data(), matrices, rows, cols, out);
-            });
-            if (!e.f32t_shared)
-              fail(Code::OutOfMemory, "out of memory allocating ", n * sizeof(float),
-                   " bytes for the transposed copy of '", layer.name, ".", field, "'");
-          } else {
+          if (shares)
+            e.f32t_shared = shared(
+                SharedCopies::Kind::Transposed, n * sizeof(float), "transposed", [&](void* out) {
+                  be.transpose_matrices(e.f32_ptr, matrices, rows, cols, static_cast<float*>(out));
+                });
+          else
             e.f32t.resize(be, n);
-          }
         }
         e.packed_bytes = bf16 ? be.packed_bf16_bytes(rows, cols) : 0;
-        if (e.packed_bytes > 0) e.packed.resize(be, static_cast<size_t>(matrices * e.packed_bytes));
+        if (e.packed_bytes <= 0) return;
+        const auto bytes = static_cast<size_t>(matrices * e.packed_bytes);
+        if (!shares) {
+          e.packed.resize(be, bytes);
+          return;
+        }
+        e.packed_shared =
+            shared(SharedCopies::Kind::PackedBf16, bytes, "packed bf16", [&](void* out) {
+              // A matrix at a time through a temporary bf16 copy.
+              Buffer<uint16_t> tmp(be, static_cast<size_t>(per));
+              for (int64_t i = 0; i < matrices; ++i) {
+                be.to_bf16(e.f32_ptr + i * per, tmp.data(), per);
+                be.pack_bf16(tmp.data(), 1, rows, cols,
+                             static_cast<unsigned char*>(out) + i * e.packed_bytes);
+              }
+            });
+      };
+      // The plain bf16 copy of e.f32_ptr's values, shared.
+      auto shared_bf16 = [&](size_t n) {
+        e.bf16_shared =
+            shared(SharedCopies::Kind::Bf16, n * sizeof(uint16_t), "bf16", [&](void* out) {
+              be.to_bf16(e.f32_ptr, static_cast<uint16_t*>(out), static_cast<int64_t>(n));
+            });
       };
       if (t.fp8) {
         if (training) fail(Code::Internal, "a training session's weight is held in FP8");
         const bool fp8 = be.fp8_experts() && is_expert_weight(layer, field);
         const bool bf16 = wants_bf16(be.bf16_copies(), layer, field);
-        add_resident(e, t, fp8, bf16);
+        if (fp8 || !shares) {
+          add_resident(e, t, fp8, bf16);
+        } else {
+          // Multiplied in fp32 or bf16: the values decoded once for every inference session.
+          const Fp8Blocks& q = *t.fp8;
+          const int64_t per = q.rows * q.cols;
+          const auto n = static_cast<size_t>(q.numel());
+          e.f32_shared = shared(SharedCopies::Kind::DecodedF32, n * sizeof(float), "decoded fp32",
+                                [&](void* out) {
+                                  for (int64_t i = 0; i < q.matrices; ++i)
+                                    q.decode(i, 1, static_cast<float*>(out) + i * per);
+                                });
+          // Read only: nothing writes an inference session's weights (refuse_shared).
+          e.f32_ptr = const_cast<float*>(static_cast<const float*>(e.f32_shared.get()));
+        }
         if (!e.resident) {
           layout_copies(bf16, fp8);
           transpose_copy(e);
           pack_copy(e);
           if (e.packed.size()) e.bf16 = Buffer<uint16_t>();  // inference: the packed copy serves
+          if (e.f32_shared && bf16 && !e.packed_shared) shared_bf16(static_cast<size_t>(t.numel()));
         }
         return;
       }
@@ -114,7 +158,12 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
       layout_copies(bf16, fp8);
       // Without training only the forward reads the weight, from its packed copy where it has
       // one: the plain bf16 copy is then made only on the way to it (pack_copy).
-      if (bf16 && (training || !e.packed.size())) e.bf16.resize(be, n);
+      if (bf16 && (training || !(e.packed.size() || e.packed_shared))) {
+        if (shares)
+          shared_bf16(n);
+        else
+          e.bf16.resize(be, n);
+      }
       if (fp8) {
         if (t.shape.size() < 2)
           fail(Code::Internal, "expert weight '", layer.name, ".", field, "' is not a matrix");
@@ -152,11 +201,12 @@ ParamStore::Entry& ParamStore::entry(const Tensor& t) {
 Weight ParamStore::weight(const Tensor& t) const {
   const Entry& e = entry(t);
   Weight w{e.f32_ptr,
-           e.bf16.size() ? e.bf16.data() : nullptr,
+           e.bf16.size() ? e.bf16.data() : static_cast<const uint16_t*>(e.bf16_shared.get()),
            {},
-           e.f32t.size() ? e.f32t.data() : e.f32t_shared.get()};
-  if (e.packed.size()) {
-    w.bf16_packed = e.packed.data();
+           e.f32t.size() ? e.f32t.data() : static_cast<const float*>(e.f32t_shared.get())};
+  if (e.packed.size() || e.packed_shared) {
+    w.bf16_packed = e.packed.size() ? e.packed.data()
+                                    : static_cast<const unsigned char*>(e.packed_shared.get());
     w.packed_bytes = e.packed_bytes;
     w.packed_elements = e.t_rows * e.t_cols;
   }
@@ -253,9 +303,9 @@ void ParamStore::upload(const Tensor& t) {
 
 void ParamStore::refuse_shared(const Entry& e) const {
   // Other sessions read the copy: a change would leave it stale for them, and for this store.
-  if (built_ && e.f32t_shared)
+  if (built_ && (e.f32_shared || e.f32t_shared || e.packed_shared || e.bf16_shared))
     fail(Code::Internal, "weight '", e.what,
-         "' cannot change: the model's inference sessions share its transposed copy");
+         "' cannot change: the model's inference sessions share its layout copies");
 }
 
 void ParamStore::transpose_copy(Entry& e) {

@@ -93,9 +93,12 @@ class ParamStore {
     // The copies laid out for the forward, of a stack of matrices [t_rows, t_cols]: each matrix
     // transposed (fp32), or its bf16 copy packed, packed_bytes per matrix.
     Buffer<float> f32t;
-    // An inference store's transposed copy, shared with the model's other inference sessions
-    // (Model::shared_copies) instead of f32t; never refreshed, since nothing writes the model.
-    std::shared_ptr<const float> f32t_shared;
+    // An inference store's copies shared with the model's other inference sessions
+    // (Model::shared_copies) in place of f32t, packed and bf16; never refreshed, since nothing
+    // writes the model.
+    std::shared_ptr<const void> f32t_shared, packed_shared, bf16_shared;
+    // The fp32 values decoded from a tensor the model holds in FP8, shared likewise (f32_ptr).
+    std::shared_ptr<const void> f32_shared;
     Buffer<unsigned char> packed;
     int64_t t_rows = 0, t_cols = 0, packed_bytes = 0;
     std::string what;  // "layer.field", named in quantization errors

@@ -9,10 +9,11 @@
 
 #include <cstddef>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
-#include <unordered_map>
+#include <tuple>
 
 namespace moert {
 
@@ -20,19 +21,24 @@ struct Tensor;
 
 class SharedCopies {
  public:
-  // The transposed copy of `t` (`floats` floats, 64-byte aligned): the one a live session holds,
+  // How a copy lays the weight out. Within a process every CPU session lays a weight out the
+  // same way for a kind (FP8 codes times their block scales; a plain transpose; oneDNN's
+  // packed layout for the process's ISA; bf16 rounded to nearest even), and the size is part of
+  // the key besides.
+  enum class Kind { DecodedF32, Transposed, PackedBf16, Bf16 };
+
+  // The copy of `t` of `kind` and `bytes` bytes (64-byte aligned): the one a live session holds,
   // else a new one that `fill` writes. `fill` runs under the cache's lock, so concurrent session
   // creations make one copy. Returns null when the memory cannot be had; throws what `fill`
   // throws, and then keeps nothing. Thread-safe.
-  std::shared_ptr<const float> transposed(const Tensor& t, size_t floats,
-                                          const std::function<void(float*)>& fill) {
+  std::shared_ptr<const void> get(const Tensor& t, Kind kind, size_t bytes,
+                                  const std::function<void(void*)>& fill) {
     const std::lock_guard<std::mutex> lock(mu_);
-    std::weak_ptr<const float>& slot = transposed_[&t];
-    if (std::shared_ptr<const float> live = slot.lock()) return live;
-    void* raw = ::operator new (floats * sizeof(float), std::align_val_t{64}, std::nothrow);
+    std::weak_ptr<const void>& slot = copies_[{&t, kind, bytes}];
+    if (std::shared_ptr<const void> live = slot.lock()) return live;
+    void* raw = ::operator new (bytes, std::align_val_t{64}, std::nothrow);
     if (!raw) return nullptr;
-    std::shared_ptr<float> made(static_cast<float*>(raw),
-                                [](float* p) { ::operator delete (p, std::align_val_t{64}); });
+    std::shared_ptr<void> made(raw, [](void* p) { ::operator delete (p, std::align_val_t{64}); });
     fill(made.get());
     slot = made;
     return made;
@@ -40,7 +46,7 @@ class SharedCopies {
 
  private:
   std::mutex mu_;
-  std::unordered_map<const Tensor*, std::weak_ptr<const float>> transposed_;
+  std::map<std::tuple<const Tensor*, Kind, size_t>, std::weak_ptr<const void>> copies_;
 };
 
 // A model's cache. A copy of a model (a training session's own, a quantized model) holds other

@@ -315,6 +315,50 @@ TEST(Fp8Resident, ParamStoreMultipliesTheResidentCodesOrItsOwnDecodedCopy) {
   }
 }
 
+// Inference stores over an FP8 model that multiply in fp32 or bf16 decode each weight once
+// between them, and share the copies made from the decoded values.
+TEST(Fp8Resident, InferenceStoresShareTheDecodedValuesAndTheirCopies) {
+  const Fp8Files f = make_fp8_model("shared");
+  Model& m = const_cast<Model&>(*f.loaded);
+  const MoESpec& moe = moe_of(m);
+  const std::vector<float> w1 = moe.w1.decode_fp32();
+  for (Precision p : {Precision::Fp32, Precision::Bf16}) {
+    const auto one = make_cpu_backend(1, p, {}, LayoutCopies::On);
+    const auto two = make_cpu_backend(2, p, {}, LayoutCopies::On);
+    const ParamStore a(*one, m, nullptr), b(*two, m, nullptr);
+    const Weight wa = a.weight(moe.w1), wb = b.weight(moe.w1);
+    ASSERT_NE(wa.f32, nullptr);
+    EXPECT_EQ(wa.f32, wb.f32);
+    EXPECT_EQ(0, std::memcmp(wa.f32, w1.data(), w1.size() * sizeof(float)));
+    EXPECT_EQ(wa.f32t, wb.f32t);
+    EXPECT_EQ(wa.bf16, wb.bf16);
+    EXPECT_EQ(wa.bf16_packed, wb.bf16_packed);
+    EXPECT_EQ(p == Precision::Fp32, wa.f32t != nullptr);
+    EXPECT_EQ(p == Precision::Bf16, wa.bf16 != nullptr || wa.bf16_packed != nullptr);
+  }
+  // Sessions answer as one alone.
+  const Batch bt = [] {
+    std::mt19937 rng(3);
+    return batch(rng, 70);
+  }();
+  auto forward = [&](Session& s) {
+    std::vector<float> out(70 * test::kSessionVocab);
+    s.forward_tokens(bt.tokens.data(), bt.tokens.size(), 70, out.data(), out.size());
+    return out;
+  };
+  for (Precision p : {Precision::Fp32, Precision::Bf16}) {
+    std::vector<float> alone;
+    {
+      Session s(f.loaded, test::options(p, Mode::Inference, 2));
+      alone = forward(s);
+    }
+    Session x(f.loaded, test::options(p, Mode::Inference, 1));
+    Session y(f.loaded, test::options(p, Mode::Inference, 3));
+    EXPECT_EQ(forward(x), alone);
+    EXPECT_EQ(forward(y), alone);
+  }
+}
+
 TEST(Fp8Resident, QuantizingANanIsRefusedNamingTheTensor) {
   std::mt19937 rng(12);
   auto m = moe_model(rng, kWidths);

@@ -187,12 +187,12 @@ TEST(LayoutCopies, TrainingWritesAndCheckpointsKeepTheCopiesFresh) {
                                           "layout_copies.moert");
 }
 
-// Inference stores over one model read one transposed copy of each weight (a serving pool of N
+// Inference stores over one model read one layout copy of each weight (a serving pool of N
 // sessions holds one, not N), whatever their thread counts; a training store keeps its own,
 // which follows its writes while the shared one keeps the model's values; the copy goes with the
 // last store that reads it and is made again, exact, for the next; a copy of the model has a
 // cache of its own.
-TEST(LayoutCopies, InferenceStoresOverOneModelShareTheTransposedCopies) {
+TEST(LayoutCopies, InferenceStoresOverOneModelShareTheirCopies) {
   std::mt19937 rng(15);
   auto model = moe_model(rng);
   auto& moe = std::get<MoESpec>(model->layers[2].spec);
@@ -233,6 +233,33 @@ TEST(LayoutCopies, InferenceStoresOverOneModelShareTheTransposedCopies) {
   auto off = make_cpu_backend(2, Precision::Fp32, {}, LayoutCopies::Off);
   ParamStore none(*off, *model, nullptr);
   EXPECT_EQ(none.weight(moe.w1).f32t, nullptr);
+
+  // bf16 inference stores share their bf16 copies too: packed where the CPU multiplies bf16
+  // natively, plain otherwise (and with "off"); a training store keeps its own.
+  auto b1 = make_cpu_backend(1, Precision::Bf16, {}, LayoutCopies::On);
+  auto b2 = make_cpu_backend(2, Precision::Bf16, {}, LayoutCopies::On);
+  auto plain1 = make_cpu_backend(1, Precision::Bf16, {}, LayoutCopies::Off);
+  auto plain2 = make_cpu_backend(2, Precision::Bf16, {}, LayoutCopies::Off);
+  ParamStore p1(*b1, *model, nullptr), p2(*b2, *model, nullptr);
+  ParamStore q1(*plain1, *model, nullptr), q2(*plain2, *model, nullptr);
+  Model bf16_grads = *model;
+  ParamStore bf16_training(*b2, *model, &bf16_grads);
+  for (Tensor* t : {&moe.w1, &moe.w2, &moe.shared_w3}) {
+    if (cpu::native_bf16()) {
+      ASSERT_NE(p1.weight(*t).bf16_packed, nullptr);
+      EXPECT_EQ(p1.weight(*t).bf16_packed, p2.weight(*t).bf16_packed);
+      EXPECT_EQ(0, std::memcmp(p1.weight(*t).bf16_packed, bf16_training.weight(*t).bf16_packed,
+                               static_cast<size_t>(t->numel() / p1.weight(*t).packed_elements *
+                                                   p1.weight(*t).packed_bytes)));
+      EXPECT_NE(p1.weight(*t).bf16_packed, bf16_training.weight(*t).bf16_packed);
+    }
+    const uint16_t* b = q1.weight(*t).bf16;
+    ASSERT_NE(b, nullptr);
+    EXPECT_EQ(b, q2.weight(*t).bf16);
+    EXPECT_NE(b, bf16_training.weight(*t).bf16);
+    EXPECT_EQ(0, std::memcmp(b, bf16_training.weight(*t).bf16,
+                             static_cast<size_t>(t->numel()) * sizeof(uint16_t)));
+  }
 }
 
 // Sessions sharing the copies answer bit for bit as one alone, also when one of them trains the
@@ -261,6 +288,18 @@ TEST(LayoutCopies, SessionsSharingTheCopiesAnswerAsOneAlone) {
   Session second(model, with("on", Mode::Inference, 3));
   EXPECT_EQ(forward(first), alone);
   EXPECT_EQ(forward(second), alone);
+  // And in bf16, packed or plain.
+  for (const char* layouts : {"on", "off"}) {
+    Vec bf16_alone;
+    {
+      Session s(model, with(layouts, Mode::Inference, 2, Precision::Bf16));
+      bf16_alone = forward(s);
+    }
+    Session a(model, with(layouts, Mode::Inference, 1, Precision::Bf16));
+    Session c(model, with(layouts, Mode::Inference, 3, Precision::Bf16));
+    EXPECT_EQ(forward(a), bf16_alone) << layouts;
+    EXPECT_EQ(forward(c), bf16_alone) << layouts;
+  }
 }
 
 TEST(LayoutCopies, ResultsDoNotDependOnTheThreadCount) {

@@ -409,8 +409,8 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                     multiplies its rows by [in, out], which oneDNN's AVX-512 sgemm runs 15-40 %
  *                     faster than the [out, in] it otherwise repacks on every call; costs the
  *                     weights' fp32 size once more, once per model for all its inference
- *                     sessions (they share one copy, released with the last of them), once per
- *                     training session;
+ *                     sessions (they share one copy, released with the last of them; so do
+ *                     the packed copies below), once per training session;
  *                   - weights multiplied in bf16, in oneDNN's blocked layout, where the CPU
  *                     multiplies bf16 natively (AVX512-BF16, AMX): decode-sized batches then
  *                     stream the weights at the memory's speed. An inference session keeps this
@@ -732,11 +732,12 @@ MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
  * be about N. One session with N threads gives the largest batches; two sessions with N/2 threads
  * each overlap one batch's gathering and the callers' own work with the other's pass. See the
  * README's serving section for measurements. On the CPU, the sessions read the model's fp32
- * weights in place, and its transposed layout copies (session option "layout_copies") are made
- * once and shared by every inference session over the model: an fp32 pool costs its activations
- * and threads, not copies of the weights. A bf16 or fp8 pool's sessions each keep their own bf16
- * (packed) or FP8 copy of the expert weights. On CUDA each session holds its own device copy of
- * the weights: use one session per GPU (two at most).
+ * weights in place, and every copy they derive from them (the layout copies of session option
+ * "layout_copies", bf16 copies, the fp32 values decoded from a model held in FP8) is made once
+ * and shared by every inference session over the model: a pool costs its activations and
+ * threads, not copies of the weights. Only precision "fp8" over a model held in fp32 gives each
+ * session its own FP8 copy of the experts. On CUDA each session holds its own device copy of the
+ * weights: use one session per GPU (two at most).
  *
  * Thread-safety: moert_batcher_forward_*(), moert_batcher_submit_*() and moert_batcher_counters()
  * may be called from any number of threads at once; moert_batcher_free() must not race with
