@@ -7,12 +7,14 @@
 // shared expert weights have an FP8 copy (E4M3 codes in 128x128 blocks, Backend::
 // quantize_weight_blocks), made and refreshed the same way. A weight the model holds in FP8
 // (Tensor::fp8, inference only: training decodes its masters) is multiplied from the model's own
-// codes where the backend multiplies it in FP8, and decoded into an fp32 copy of the store's own
-// otherwise. On a backend that keeps transposed copies (Backend::transposed_copies), the FFN
-// weights multiplied in fp32 also have one (Weight::f32t; an inference store on host memory
-// shares it with the model's other inference sessions, Model::shared_copies), and on a backend
-// that packs bf16 weights (Backend::packed_bf16_bytes) those with a bf16 copy a packed one
-// (Weight::bf16_packed), made and refreshed the same way.
+// codes where the backend multiplies it in FP8, and decoded into an fp32 copy otherwise. On a
+// backend that keeps transposed copies (Backend::transposed_copies), the FFN weights multiplied
+// in fp32 also have one (Weight::f32t), and on a backend that packs bf16 weights
+// (Backend::packed_bf16_bytes) those with a bf16 copy a packed one (Weight::bf16_packed), made
+// and refreshed the same way. An inference store in host memory makes none of these copies for
+// itself (the decoded values, transposed, bf16 and packed copies; not the FP8 ones): it shares
+// them with the model's other inference sessions (Model::shared_copies), since nothing writes
+// them.
 #pragma once
 
 #include <cstdint>

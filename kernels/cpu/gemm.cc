@@ -17,6 +17,7 @@
 #include "kernels/cpu/exit_gate.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math.h"
+#include "kernels/cpu/omp_guard.h"
 #include "kernels/cpu/signal_guard.h"
 #include "kernels/cpu/widen_gemm.h"
 
@@ -101,6 +102,10 @@ struct Bf16Gemm::Dnnl {
   const dnnl_memory_desc_t& packed_md(int64_t k, int64_t n) {
     auto it = packed_mds.find({k, n});
     if (it != packed_mds.end()) return it->second;
+    // Asked as the work items run, with one OpenMP thread, whatever the calling thread's
+    // setting: every session of the process must get the same layout, since the inference
+    // sessions over a model share their packed copies (core/shared_copies.h).
+    const SerialOmpScope serial;
     dnnl_memory_desc_t a, b, c;
     const dnnl_dims_t ad{64, k}, bd{k, n}, cd{64, n};
     check_dnnl(dnnl_memory_desc_init_by_tag(&a, 2, ad, dnnl_bf16, dnnl_ab), "src desc");
