@@ -70,7 +70,7 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
       auto layout_copies = [&](bool bf16, bool fp8) {
         if (fp8 || !is_ffn_weight(layer, field) || t.shape.size() < 2) return;
         const int64_t rows = t.shape[t.shape.size() - 2], cols = t.shape.back();
-        const int64_t matrices = t.numel() / (rows * cols), per = rows * cols;
+        const int64_t matrices = t.numel() / (rows * cols);
         e.t_rows = rows;
         e.t_cols = cols;
         const auto n = static_cast<size_t>(t.numel());
@@ -91,15 +91,8 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
           return;
         }
         e.packed_shared =
-            shared(SharedCopies::Kind::PackedBf16, bytes, "packed bf16", [&](void* out) {
-              // A matrix at a time through a temporary bf16 copy.
-              Buffer<uint16_t> tmp(be, static_cast<size_t>(per));
-              for (int64_t i = 0; i < matrices; ++i) {
-                be.to_bf16(e.f32_ptr + i * per, tmp.data(), per);
-                be.pack_bf16(tmp.data(), 1, rows, cols,
-                             static_cast<unsigned char*>(out) + i * e.packed_bytes);
-              }
-            });
+            shared(SharedCopies::Kind::PackedBf16, bytes, "packed bf16",
+                   [&](void* out) { pack_from_f32(e, static_cast<unsigned char*>(out)); });
       };
       // The plain bf16 copy of e.f32_ptr's values, shared.
       auto shared_bf16 = [&](size_t n) {
@@ -321,11 +314,16 @@ void ParamStore::pack_copy(Entry& e) {
     be_.pack_bf16(e.bf16.data(), n / per, e.t_rows, e.t_cols, e.packed.data());
     return;
   }
+  pack_from_f32(e, e.packed.data());
+}
+
+void ParamStore::pack_from_f32(const Entry& e, unsigned char* out) {
   // A matrix at a time through a temporary bf16 copy.
+  const int64_t n = e.host->numel(), per = e.t_rows * e.t_cols;
   Buffer<uint16_t> tmp(be_, static_cast<size_t>(per));
   for (int64_t i = 0; i < n / per; ++i) {
     be_.to_bf16(e.f32_ptr + i * per, tmp.data(), per);
-    be_.pack_bf16(tmp.data(), 1, e.t_rows, e.t_cols, e.packed.data() + i * e.packed_bytes);
+    be_.pack_bf16(tmp.data(), 1, e.t_rows, e.t_cols, out + i * e.packed_bytes);
   }
 }
 

@@ -116,6 +116,8 @@ class ParamStore {
   // Throws Error(Internal) for a change to a weight whose copy is shared, once built.
   void refuse_shared(const Entry& e) const;
   void pack_copy(Entry& e);
+  // out (e.packed_bytes per matrix) = e's fp32 values (f32_ptr) rounded to bf16 and packed.
+  void pack_from_f32(const Entry& e, unsigned char* out);
   // A weight the model holds in FP8 (inference only): its codes as the Weight's FP8 view where
   // `fp8_view`, else decoded into the store's own fp32 copy (and a bf16 one where `bf16`).
   void add_resident(Entry& e, const Tensor& t, bool fp8_view, bool bf16);
