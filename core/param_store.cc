@@ -163,10 +163,25 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
         e.fp8_cols = t.shape.back();
         e.fp8_rows = t.shape[t.shape.size() - 2];
         e.fp8_matrices = static_cast<int64_t>(n) / (e.fp8_rows * e.fp8_cols);
-        e.fp8_codes.resize(be, n);
-        e.fp8_scales.resize(be, static_cast<size_t>(fp8_blocks_scale_floats(
-                                    e.fp8_matrices, e.fp8_rows, e.fp8_cols)));
+        const auto scales =
+            static_cast<size_t>(fp8_blocks_scale_floats(e.fp8_matrices, e.fp8_rows, e.fp8_cols));
         e.what = layer.name + "." + field;
+        if (shares) {
+          // Quantized once for every inference session under the same scale rule.
+          e.fp8_scales_at = (n + 63) / 64 * 64;
+          const auto kind = be.fp8_options().power_of_two_scales ? SharedCopies::Kind::Fp8Ue8m0
+                                                                 : SharedCopies::Kind::Fp8;
+          e.fp8_shared =
+              shared(kind, e.fp8_scales_at + scales * sizeof(float), "FP8", [&](void* out) {
+                auto* codes = static_cast<uint8_t*>(out);
+                be.quantize_weight_blocks(e.f32_ptr, e.fp8_matrices, e.fp8_rows, e.fp8_cols, codes,
+                                          reinterpret_cast<float*>(codes + e.fp8_scales_at),
+                                          e.what.c_str());
+              });
+        } else {
+          e.fp8_codes.resize(be, n);
+          e.fp8_scales.resize(be, scales);
+        }
       }
       upload(t);
       if (e.grad_ptr && !be.host_memory()) be.zero(e.grad_ptr, n * sizeof(float));
@@ -209,6 +224,11 @@ Weight ParamStore::weight(const Tensor& t) const {
   else if (e.fp8_codes.size())
     w.fp8 = {e.fp8_codes.data(), e.fp8_scales.data(), e.fp8_rows * e.fp8_cols,
              fp8_blocks_scale_floats(1, e.fp8_rows, e.fp8_cols)};
+  else if (e.fp8_shared) {
+    const auto* codes = static_cast<const uint8_t*>(e.fp8_shared.get());
+    w.fp8 = {codes, reinterpret_cast<const float*>(codes + e.fp8_scales_at),
+             e.fp8_rows * e.fp8_cols, fp8_blocks_scale_floats(1, e.fp8_rows, e.fp8_cols)};
+  }
   return w;
 }
 
@@ -296,7 +316,7 @@ void ParamStore::upload(const Tensor& t) {
 
 void ParamStore::refuse_shared(const Entry& e) const {
   // Other sessions read the copy: a change would leave it stale for them, and for this store.
-  if (built_ && (e.f32_shared || e.f32t_shared || e.packed_shared || e.bf16_shared))
+  if (built_ && (e.f32_shared || e.f32t_shared || e.packed_shared || e.bf16_shared || e.fp8_shared))
     fail(Code::Internal, "weight '", e.what,
          "' cannot change: the model's inference sessions share its layout copies");
 }

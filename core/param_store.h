@@ -12,9 +12,8 @@
 // in fp32 also have one (Weight::f32t), and on a backend that packs bf16 weights
 // (Backend::packed_bf16_bytes) those with a bf16 copy a packed one (Weight::bf16_packed), made
 // and refreshed the same way. An inference store in host memory makes none of these copies for
-// itself (the decoded values, transposed, bf16 and packed copies; not the FP8 ones): it shares
-// them with the model's other inference sessions (Model::shared_copies), since nothing writes
-// them.
+// itself (the decoded values, transposed, bf16, packed and FP8 copies): it shares them with the
+// model's other inference sessions (Model::shared_copies), since nothing writes them.
 #pragma once
 
 #include <cstdint>
@@ -101,6 +100,10 @@ class ParamStore {
     std::shared_ptr<const void> f32t_shared, packed_shared, bf16_shared;
     // The fp32 values decoded from a tensor the model holds in FP8, shared likewise (f32_ptr).
     std::shared_ptr<const void> f32_shared;
+    // The FP8 copy shared likewise in place of fp8_codes and fp8_scales: the codes, then the
+    // scales from byte fp8_scales_at on.
+    std::shared_ptr<const void> fp8_shared;
+    size_t fp8_scales_at = 0;
     Buffer<unsigned char> packed;
     int64_t t_rows = 0, t_cols = 0, packed_bytes = 0;
     std::string what;  // "layer.field", named in quantization errors

@@ -23,9 +23,10 @@ class SharedCopies {
  public:
   // How a copy lays the weight out. Within a process every CPU session lays a weight out the
   // same way for a kind (FP8 codes times their block scales; a plain transpose; oneDNN's
-  // packed layout for the process's ISA; bf16 rounded to nearest even), and the size is part of
-  // the key besides.
-  enum class Kind { DecodedF32, Transposed, PackedBf16, Bf16 };
+  // packed layout for the process's ISA; bf16 rounded to nearest even; E4M3 codes followed by
+  // their block scales, fp32 or rounded up to powers of two), and the size is part of the key
+  // besides.
+  enum class Kind { DecodedF32, Transposed, PackedBf16, Bf16, Fp8, Fp8Ue8m0 };
 
   // The copy of `t` of `kind` and `bytes` bytes (64-byte aligned): the one a live session holds,
   // else a new one that `fill` writes. `fill` runs under the cache's lock, so concurrent session

@@ -26,6 +26,7 @@ class CpuBackend final : public Backend {
   bool host_memory() const override { return true; }
   Bf16Copies bf16_copies() const override { return bf16_ ? Bf16Copies::Experts : Bf16Copies::None; }
   bool fp8_experts() const override { return precision_ == Precision::Fp8; }
+  Fp8Options fp8_options() const override { return fp8_; }
   bool transposed_copies() const override { return transposed_; }
   void transpose_matrices(const float* src, int64_t matrices, int64_t rows, int64_t cols,
                           float* dst) override;

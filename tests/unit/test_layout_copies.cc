@@ -260,6 +260,54 @@ TEST(LayoutCopies, InferenceStoresOverOneModelShareTheirCopies) {
     EXPECT_EQ(0, std::memcmp(b, bf16_training.weight(*t).bf16,
                              static_cast<size_t>(t->numel()) * sizeof(uint16_t)));
   }
+
+  // fp8 inference stores share the experts' FP8 copies, one per scale rule, holding the bytes a
+  // training store quantizes under the same rule; no layout copy beside them.
+  for (bool ue8m0 : {false, true}) {
+    const Fp8Options rule{ue8m0};
+    auto f1 = make_cpu_backend(1, Precision::Fp8, rule, LayoutCopies::On);
+    auto f2 = make_cpu_backend(2, Precision::Fp8, rule, LayoutCopies::On);
+    auto other = make_cpu_backend(2, Precision::Fp8, Fp8Options{!ue8m0}, LayoutCopies::On);
+    ParamStore r1(*f1, *model, nullptr), r2(*f2, *model, nullptr), r3(*other, *model, nullptr);
+    Model fp8_grads = *model;
+    ParamStore fp8_training(*f2, *model, &fp8_grads);
+    for (Tensor* t : {&moe.w1, &moe.w3, &moe.w2, &moe.shared_w1, &moe.shared_w3, &moe.shared_w2}) {
+      const Fp8Weight a = r1.weight(*t).fp8, own = fp8_training.weight(*t).fp8;
+      ASSERT_TRUE(a);
+      EXPECT_EQ(a.codes, r2.weight(*t).fp8.codes);
+      EXPECT_EQ(a.scales, r2.weight(*t).fp8.scales);
+      EXPECT_NE(a.codes, r3.weight(*t).fp8.codes);
+      EXPECT_NE(a.codes, own.codes);
+      EXPECT_EQ(r1.weight(*t).f32t, nullptr);
+      const int64_t matrices = t->numel() / a.matrix_elements;
+      EXPECT_EQ(0, std::memcmp(a.codes, own.codes, static_cast<size_t>(t->numel())));
+      EXPECT_EQ(0, std::memcmp(a.scales, own.scales,
+                               static_cast<size_t>(matrices * a.matrix_scales) * sizeof(float)));
+    }
+  }
+}
+
+// A weight the FP8 copy cannot be made of (a NaN) fails the store that would have made it, and
+// the cache keeps nothing: the next store, once the value is finite, makes the copy afresh.
+TEST(LayoutCopies, AnFp8CopyThatFailsIsNotKept) {
+  std::mt19937 rng(18);
+  auto model = moe_model(rng);
+  auto& moe = std::get<MoESpec>(model->layers[2].spec);
+  auto fp8 = make_cpu_backend(2, Precision::Fp8, {}, LayoutCopies::On);
+  const float kept = moe.w2.values[5];
+  moe.w2.values[5] = NAN;
+  try {
+    ParamStore s(*fp8, *model, nullptr);
+    ADD_FAILURE() << "a NaN was quantized";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Code::Numeric);
+    EXPECT_NE(std::string(e.what()).find("w2"), std::string::npos) << e.what();
+  }
+  moe.w2.values[5] = kept;
+  Model grads = *model;
+  ParamStore shared(*fp8, *model, nullptr), own(*fp8, *model, &grads);
+  const Fp8Weight a = shared.weight(moe.w2).fp8, b = own.weight(moe.w2).fp8;
+  EXPECT_EQ(0, std::memcmp(a.codes, b.codes, static_cast<size_t>(moe.w2.numel())));
 }
 
 // Sessions sharing the copies answer bit for bit as one alone, also when one of them trains the
@@ -300,6 +348,24 @@ TEST(LayoutCopies, SessionsSharingTheCopiesAnswerAsOneAlone) {
     EXPECT_EQ(forward(a), bf16_alone) << layouts;
     EXPECT_EQ(forward(c), bf16_alone) << layouts;
   }
+  // And in fp8, under each scale rule, with the other rule's sessions alive beside them.
+  auto fp8 = [](const char* rule, uint32_t threads) {
+    SessionOptions o = with("on", Mode::Inference, threads, Precision::Fp8);
+    o.set("fp8_scales", rule);
+    return o;
+  };
+  std::vector<Vec> fp8_alone;
+  for (const char* rule : {"fp32", "ue8m0"}) {
+    Session s(model, fp8(rule, 2));
+    fp8_alone.push_back(forward(s));
+  }
+  EXPECT_NE(fp8_alone[0], fp8_alone[1]);
+  Session e1(model, fp8("fp32", 1)), u1(model, fp8("ue8m0", 1));
+  Session e3(model, fp8("fp32", 3)), u3(model, fp8("ue8m0", 3));
+  EXPECT_EQ(forward(e1), fp8_alone[0]);
+  EXPECT_EQ(forward(e3), fp8_alone[0]);
+  EXPECT_EQ(forward(u1), fp8_alone[1]);
+  EXPECT_EQ(forward(u3), fp8_alone[1]);
 }
 
 TEST(LayoutCopies, ResultsDoNotDependOnTheThreadCount) {

@@ -733,11 +733,11 @@ MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
  * each overlap one batch's gathering and the callers' own work with the other's pass. See the
  * README's serving section for measurements. On the CPU, the sessions read the model's fp32
  * weights in place, and every copy they derive from them (the layout copies of session option
- * "layout_copies", bf16 copies, the fp32 values decoded from a model held in FP8) is made once
- * and shared by every inference session over the model: a pool costs its activations and
- * threads, not copies of the weights. Only precision "fp8" over a model held in fp32 gives each
- * session its own FP8 copy of the experts. On CUDA each session holds its own device copy of the
- * weights: use one session per GPU (two at most).
+ * "layout_copies", bf16 copies, FP8 copies of the experts (one per "fp8_scales" rule), the
+ * fp32 values decoded from a model held in FP8) is made once and shared by every inference
+ * session over the model: a pool costs its activations and threads, not copies of the weights.
+ * On CUDA each session holds its own device copy of the weights: use one session per GPU (two
+ * at most).
  *
  * Thread-safety: moert_batcher_forward_*(), moert_batcher_submit_*() and moert_batcher_counters()
  * may be called from any number of threads at once; moert_batcher_free() must not race with
