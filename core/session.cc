@@ -886,7 +886,7 @@ void Session::zero_grad() {
   std::erase_if(written_, [](const auto& w) { return w.first.first == Written::Gradient; });
 }
 
-StepInfo Session::step() {
+StepInfo Session::step(std::optional<StepInfo>* made) {
   // Among ranks a refusal anywhere is every rank's: a rank that stepped alone would pair its
   // gradient norm's all-gather with the others' next collective and move its replicated
   // parameters away from theirs. A refused first step takes back the moments it allocated: a
@@ -977,6 +977,7 @@ StepInfo Session::step() {
   }
   commit_biases(biases);
   ++step_;
+  if (made) *made = info;
   if (updated) refuse_overflowed_update(info.lr);
   return info;
 }

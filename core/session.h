@@ -150,7 +150,9 @@ class Session {
   double backward(const float* grad_out, uint64_t grad_out_len, float* grad_in,
                   uint64_t grad_in_len);
   void zero_grad();
-  StepInfo step();
+  // *made (when given) receives the step's figures once the step is made, so that a caller
+  // learns them also when it is then refused (an update that overflowed the fp32 range).
+  StepInfo step(std::optional<StepInfo>* made = nullptr);
   void set_eval(bool eval);
   bool eval() const { return eval_; }
   uint64_t step_count() const { return step_; }

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include "capi/src/handles.h"
 
@@ -205,9 +206,18 @@ moert_status* moert_session_zero_grad(moert_session* session) {
 
 moert_status* moert_session_step(moert_session* session, double* lr, double* grad_norm) {
   return locked(session, [&](moert::Session& s) {
-    const moert::StepInfo info = s.step();
-    if (lr) *lr = info.lr;
-    if (grad_norm) *grad_norm = info.grad_norm;
+    // Written once the step is made, also when the call then fails (moert.h).
+    std::optional<moert::StepInfo> made;
+    struct Report {
+      const std::optional<moert::StepInfo>& made;
+      double *lr, *grad_norm;
+      ~Report() {
+        if (!made) return;
+        if (lr) *lr = made->lr;
+        if (grad_norm) *grad_norm = made->grad_norm;
+      }
+    } report{made, lr, grad_norm};
+    s.step(&made);
   });
 }
 

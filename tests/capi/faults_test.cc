@@ -334,8 +334,12 @@ TEST(Faults, BiasUpdatesStayInTheFp32Range) {
   ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
   std::vector<float> before(16), after(16);
   ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w1", before.data(), before.size())));
-  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
+  // Refused before it was made: nothing written to the caller's figures either.
+  double lr = -1.0, grad_norm = -1.0;
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), &lr, &grad_norm), MOERT_ERR_NUMERIC,
                       {"bias update", "fp32 range", "refused"}));
+  EXPECT_EQ(lr, -1.0);
+  EXPECT_EQ(grad_norm, -1.0);
   ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w1", after.data(), after.size())));
   EXPECT_EQ(after, before);
   EXPECT_EQ(bias(s.get()), high);
@@ -377,8 +381,13 @@ TEST(Faults, AStepBeyondTheFp32RangeIsReportedAndNotSaved) {
   SessionPtr s = overflowing_session(m.get());
   TempDir dir;
   const std::string path = (dir.path() / "c.ckpt").string();
-  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
+  // The step was made: the caller learns its learning rate and gradient norm.
+  double lr = -1.0, grad_norm = -1.0;
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), &lr, &grad_norm), MOERT_ERR_NUMERIC,
                       {"'moe0.w1'", "beyond the fp32 range", "element 8", "cannot be undone"}));
+  EXPECT_EQ(lr, 1.0);
+  EXPECT_GT(grad_norm, 0.0);
+  EXPECT_TRUE(std::isfinite(grad_norm));
   EXPECT_TRUE(IsError(moert_session_save(s.get(), path.c_str()), MOERT_ERR_NUMERIC,
                       {"'moe0'", "'w1'", "NaN or infinity", "nothing was written"}));
   EXPECT_TRUE(std::filesystem::is_empty(dir.path()));

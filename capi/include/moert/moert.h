@@ -965,8 +965,9 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * counts wait for a retry — moert_session_zero_grad() discards them. An update that takes a
  * parameter (or SGD's momentum) past the fp32 range (a learning rate and weight decay too large
  * for it) is found only once made, when "check_finite" is on: the step is then taken and counted
- * -- moert_session_step_count() tells the two cases apart -- and MOERT_ERR_NUMERIC names the
- * tensor and element; moert_session_save() refuses such values until they are written back.
+ * -- moert_session_step_count() tells the two cases apart, and *lr and *grad_norm receive its
+ * figures -- and MOERT_ERR_NUMERIC names the tensor and element; moert_session_save() refuses
+ * such values until they are written back.
  * Refused too (with the failure's code) after a backward of this step failed midway. Among ranks
  * a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks
  * counted different micro-batches since zero_grad, hold different training settings
