@@ -14,6 +14,7 @@
 #include <limits>
 #include <set>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "core/content_digest.h"
@@ -383,6 +384,9 @@ void Loader::initialise(const fb::Init* init, const char* field, Tensor& out) {
       break;
     }
   }
+  // A std near the fp32 range draws values past it, which inline data could not hold.
+  if (const int64_t at = first_nonfinite(v); at >= 0)
+    bad(field, cat("init.std ", sd, " draws a value beyond the fp32 range (element ", at, ")"));
 }
 
 Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_t> shape,
@@ -811,13 +815,22 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
   TrainingState st;
   st.step = t->step();
   st.micro_batches = t->micro_batches();
+  // Counters at their type's end: the next step or backward would wrap them (a step count of 0
+  // divides AdamW's bias correction by zero; a micro-batch count of 0 sums instead of averaging).
+  if (st.step == std::numeric_limits<uint64_t>::max())
+    bad_state("field 'step' is 2^64 - 1: no step can follow it");
+  if (st.micro_batches == std::numeric_limits<uint32_t>::max())
+    bad_state("field 'micro_batches' is 2^32 - 1: no backward can follow it");
   if (t->rng()) {
     if (!aligned_elements(t->rng())) bad_state("field 'rng' is not 8-byte aligned: corrupt file");
     st.rng = copy_out(t->rng());
   }
+  if (!Rng::is_state(st.rng))
+    bad_state(t->rng() ? "field 'rng' is not a generator state" : "field 'rng' is missing");
   st.optimizer = t->optimizer() ? t->optimizer()->str() : "";
   if (st.optimizer != "adamw" && st.optimizer != "sgd")
     bad_state(cat("field 'optimizer' is '", st.optimizer, "', expected adamw or sgd"));
+  const bool adamw = st.optimizer == "adamw";
 
   ContentHasher h;
   hash_model(h, model);
@@ -850,8 +863,17 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
         bad_state(cat(what, " holds ", n, " values, the parameter has ", numel));
       h.floats_begin(n);
       if (n == 0) return;
+      // AdamW's second moment is a running mean of squares: a negative value would make the
+      // next update's square root a NaN.
+      const bool second_moment = std::string_view(field) == "v";
+      if (second_moment && !adamw) bad_state(what + " is given, but SGD keeps no second moment");
       auto check = [&](std::span<const float> values) {
         if (first_nonfinite(values) >= 0) bad_state(what + " holds a NaN or infinity");
+        if (second_moment)
+          for (size_t i = 0; i < values.size(); ++i)
+            if (values[i] < 0.0f)
+              bad_state(cat(what, " holds a negative value (", values[i],
+                            "), which a second moment (a mean of squares) cannot"));
       };
       if (v) {
         const std::span<const float> values(v->data(), n);
@@ -889,12 +911,19 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
     take(p->grad(), p->grad_external(), ps.grad, "grad");
     take(p->m(), p->m_external(), ps.m, "m");
     take(p->v(), p->v_external(), ps.v, "v");
+    // AdamW keeps both moments from its first step on, or neither before it.
+    if (adamw && (p->m() || p->m_external()) != (p->v() || p->v_external()))
+      bad_state(cat("parameter '", name, "' has AdamW's ", p->v() || p->v_external() ? "v" : "m",
+                    " without its ", p->v() || p->v_external() ? "m" : "v"));
     if (keep) st.params.push_back(std::move(ps));
   }
+  std::set<uint32_t> balanced;
   if (t->layers())
     for (const fb::LayerBalanceState* l : *t->layers()) {
       if (l->layer() >= model.layers.size() || model.layers[l->layer()].kind != LayerKind::MoE)
         bad_state(cat("balancing state names layer ", l->layer(), ", which is not a MoE layer"));
+      if (!balanced.insert(l->layer()).second)
+        bad_state(cat("repeats the balancing state of layer ", l->layer()));
       const auto& moe = std::get<MoESpec>(model.layers[l->layer()].spec);
       LayerBalanceState ls;
       ls.layer = l->layer();
@@ -921,6 +950,13 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
       }
       st.layers.push_back(std::move(ls));
     }
+  // The writer names every parameter and every MoE layer: a state left out would resume from
+  // zeros (or this session's own settings) instead of the run's.
+  for (const auto& r : params)
+    if (!seen.count(r.name)) bad_state(cat("has no state for parameter '", r.name, "'"));
+  for (uint32_t i = 0; i < model.layers.size(); ++i)
+    if (model.layers[i].kind == LayerKind::MoE && !balanced.count(i))
+      bad_state(cat("has no balancing state for MoE layer ", i, " ('", model.layers[i].name, "')"));
   hash_layer_states(h, st.layers);
   computed_digest_ = h.digest();
   if (policy_ == StatePolicy::Recompute) return;

@@ -118,8 +118,16 @@ std::vector<uint64_t> Rng::state() const {
   return {s_[0], s_[1], s_[2], s_[3], has_spare_ ? 1u : 0u, spare_bits};
 }
 
+bool Rng::is_state(const std::vector<uint64_t>& words) {
+  if (words.size() != 6 || words[4] > 1) return false;
+  if ((words[0] | words[1] | words[2] | words[3]) == 0) return false;
+  double spare;
+  std::memcpy(&spare, &words[5], sizeof spare);
+  return words[4] == 0 || std::isfinite(spare);
+}
+
 void Rng::set_state(const std::vector<uint64_t>& words) {
-  if (words.size() != 6 || words[4] > 1) throw std::invalid_argument("not a generator state");
+  if (!is_state(words)) throw std::invalid_argument("not a generator state");
   for (int i = 0; i < 4; ++i) s_[i] = words[static_cast<size_t>(i)];
   has_spare_ = words[4] == 1;
   std::memcpy(&spare_, &words[5], sizeof spare_);

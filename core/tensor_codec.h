@@ -38,9 +38,12 @@ class Rng {
   double normal();   // N(0, 1), Box-Muller
 
   // The whole generator state as words (for checkpoints), and back. set_state throws
-  // std::invalid_argument for a vector that is not a state.
+  // std::invalid_argument for a vector that is not a state (is_state).
   std::vector<uint64_t> state() const;
   void set_state(const std::vector<uint64_t>& words);
+  // Whether `words` is a state a generator can be in: xoshiro256's all-zero state is not (it
+  // would draw zeros forever, and normal() loop), nor a spare that is no finite number.
+  static bool is_state(const std::vector<uint64_t>& words);
 
  private:
   uint64_t s_[4];

@@ -516,6 +516,16 @@ TEST(ModelFiles, EveryOtherCheckedFieldNamesItself) {
       {"init.std NaN",
        [&](ModelDesc& d) { moe0(d).w2.init_std = nan; },
        {"layer 2", "'moe0'", "'w2'", "init.std"}},
+      // Finite, but the values drawn would not be: inline data holding them is refused too.
+      {"init.std drawing normal values past fp32",
+       [](ModelDesc& d) { moe0(d).w2.init_std = 3.3e38f; },
+       {"layer 2", "'moe0'", "'w2'", "init.std", "beyond the fp32 range"}},
+      {"init.std drawing uniform values past fp32",
+       [](ModelDesc& d) {
+         moe0(d).w2.init_kind = 3;
+         moe0(d).w2.init_std = 3e38f;
+       },
+       {"layer 2", "'moe0'", "'w2'", "init.std", "beyond the fp32 range"}},
       {"data and init",
        [](ModelDesc& d) { d.layers[kEmbed].embedding.weight.also_init = true; },
        {"layer 0", "'embed'", "'weight'"}},

@@ -8,7 +8,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -149,6 +151,83 @@ TEST_F(CheckpointFiles, ARefusedStepKeepsTheMomentsACheckpointBrought) {
     EXPECT_EQ(after->training->params[i].m, partial->training->params[i].m) << i;
     EXPECT_EQ(after->training->params[i].v, partial->training->params[i].v) << i;
   }
+}
+
+// Training state that no run can reach, in a file whose digest matches it (a buggy writer's or
+// a crafted one): each is refused as the model loads, naming what is wrong, and a session's load
+// of it leaves the session as it was. Each would otherwise resume as something else than the
+// run: NaN weights after the next step (a negative second moment, a step count that wraps to 0),
+// a sum of gradients taken for their mean (a micro-batch count that wraps), zeros or this
+// session's own settings in place of a state left out.
+TEST_F(CheckpointFiles, StateNoRunCanReachIsRefused) {
+  {
+    auto s = training_session();
+    micro_batch(*s);
+    s->step();
+    micro_batch(*s);
+    s->save(path());
+  }
+  struct Case {
+    const char* what;
+    std::function<void(TrainingState&)> change;
+    const char* needle;
+  };
+  const std::vector<Case> cases = {
+      {"a negative second moment", [](TrainingState& t) { t.params.back().v[3] = -1e-6f; },
+       "holds a negative value"},
+      {"a second moment without the first", [](TrainingState& t) { t.params.front().m.clear(); },
+       "has AdamW's v without its m"},
+      {"a second moment under SGD", [](TrainingState& t) { t.optimizer = "sgd"; },
+       "SGD keeps no second moment"},
+      {"a parameter left out", [](TrainingState& t) { t.params.erase(t.params.begin() + 1); },
+       "has no state for parameter"},
+      {"no parameter at all", [](TrainingState& t) { t.params.clear(); },
+       "has no state for parameter"},
+      {"a MoE layer's balancing state left out", [](TrainingState& t) { t.layers.clear(); },
+       "has no balancing state for MoE layer"},
+      {"a MoE layer's balancing state twice",
+       [](TrainingState& t) { t.layers.push_back(t.layers.back()); },
+       "repeats the balancing state of layer"},
+      {"the generator's state left out", [](TrainingState& t) { t.rng.clear(); },
+       "field 'rng' is not a generator state"},
+      {"the generator's all-zero state",
+       [](TrainingState& t) { std::fill(t.rng.begin(), t.rng.begin() + 4, 0); },
+       "field 'rng' is not a generator state"},
+      {"a step count at 2^64 - 1",
+       [](TrainingState& t) { t.step = std::numeric_limits<uint64_t>::max(); },
+       "field 'step' is 2^64 - 1"},
+      {"a micro-batch count at 2^32 - 1",
+       [](TrainingState& t) { t.micro_batches = std::numeric_limits<uint32_t>::max(); },
+       "field 'micro_batches' is 2^32 - 1"},
+  };
+  const std::string crafted = (dir_ / "crafted.moert").string();
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    std::unique_ptr<Model> ck = load_checkpoint_file(path(), {});
+    c.change(*ck->training);
+    write_checkpoint(crafted, *ck, view_of(*ck->training));
+    try {
+      load_model_file(crafted);
+      ADD_FAILURE() << "loaded as a model";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Code::InvalidModel);
+      EXPECT_NE(std::string(e.what()).find(c.needle), std::string::npos) << e.what();
+    }
+    auto s = training_session();
+    micro_batch(*s);
+    s->step();
+    const uint64_t before = s->step_count();
+    EXPECT_THROW(s->load(crafted), Error);
+    EXPECT_EQ(s->step_count(), before);
+    micro_batch(*s);
+    s->step();
+  }
+  // The file unchanged loads, written back the same way.
+  std::unique_ptr<Model> ck = load_checkpoint_file(path(), {});
+  write_checkpoint(crafted, *ck, view_of(*ck->training));
+  auto s = training_session();
+  s->load(crafted);
+  EXPECT_EQ(s->step_count(), 1u);
 }
 
 TEST_F(CheckpointFiles, StepCountsNear2To63AreRefusedAndTheSessionKeepsItsState) {

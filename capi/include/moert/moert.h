@@ -1098,6 +1098,10 @@ MOERT_API moert_status* moert_session_save(const moert_session* session, const c
 /* Restores a checkpoint written by moert_session_save() for the same architecture. The file is
  * verified like any model and its content checked against its digest; a corrupt or truncated
  * file, another architecture or another optimizer is refused and the session keeps its state.
+ * So is training state that no run reaches, whatever its digest (MOERT_ERR_INVALID_MODEL, also
+ * from moert_model_load_file()): a parameter or MoE layer whose state is left out or repeated, a
+ * negative or lone AdamW second moment (or one under SGD), a generator state that is none, and
+ * a step or micro-batch count at the end of its type.
  * The load limits are those of this session's architecture: a checkpoint may hold and read at most
  * four times the bytes of its parameters and biases (values, gradients, two optimizer moments)
  * plus 1 MiB and 4 KiB per tensor for the description; more is MOERT_ERR_LIMIT (such a file was
