@@ -377,16 +377,25 @@ int run_train(const Args& args) {
       }
       std::filesystem::create_directories(save_dir, ec);
       if (ec) fail(save_dir, ": cannot create: ", ec.message());
-      // A directory that takes no files fails here, not after the trainings.
-      std::string probe = (std::filesystem::path(save_dir) / ".moert-write-test-XXXXXX").string();
-      const int fd = ::mkstemp(probe.data());
-      if (fd < 0) {
-        const int err = errno;
-        remove_created_save();
-        fail(save_dir, ": cannot write checkpoints there: ", std::strerror(err));
+      // A directory that takes no files, or a name too long for its file system, fails here,
+      // not after the trainings: each probe is named as long as the longest file the save of
+      // that checkpoint creates, its data file "<strategy>.moert.<16 hex digits>.data".
+      for (const std::string& c : checkpoints) {
+        std::string probe = c + ".moert00000XXXXXX.data";
+        const int fd = ::mkstemps(probe.data(), 5);
+        if (fd < 0) {
+          const int err = errno;
+          remove_created_save();
+          if (err == ENAMETOOLONG)
+            fail("--save: checkpoint '", c, "' has a name too long for this file system (",
+                 std::filesystem::path(c).filename().string().size(),
+                 " bytes, and its data file's 22 more): choose a shorter --balancing label or "
+                 "--save path");
+          fail(save_dir, ": cannot write checkpoints there: ", std::strerror(err));
+        }
+        ::close(fd);
+        ::unlink(probe.c_str());
       }
-      ::close(fd);
-      ::unlink(probe.c_str());
     }
     try {
       if (args.has("csv")) csv = std::make_unique<StepCsv>(args.str("csv", ""));
