@@ -231,6 +231,12 @@ int run_bench(const Args& args) {
   config.threads = static_cast<uint32_t>(args.integer("threads", 2, 1, 1024));
   config.seed = seed;
   const unsigned threads = config.threads;
+  // Said at once: such a run takes far longer, and its figures time threads taking turns.
+  if (config.device == MOERT_DEVICE_CPU && !args.has("expert-parallel") && threads > cpu_count())
+    std::fprintf(stderr,
+                 "moert bench: note: --threads %u exceeds the %u CPU%s this process may run on: "
+                 "the threads take turns, so the run takes longer and its figures measure that\n",
+                 threads, cpu_count(), cpu_count() == 1 ? "" : "s");
   const std::string layouts = args.str("layout-copies", "auto");
   if (layouts != "auto" && layouts != "on" && layouts != "off")
     usage_fail("--layout-copies takes auto, on or off, got '", layouts, "'");

@@ -2,6 +2,7 @@
 // numbers come from the C ABI or from formulas written out here, never from the CLI itself.
 #include <gtest/gtest.h>
 #include <moert/moert.h>
+#include <sched.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -912,6 +913,17 @@ TEST(Cli, BenchQuickPrintsItsTable) {
   const double fwd = 256.0 * (2 * 64 * 8 + 6.0 * 64 * 64) + 512.0 * 6 * 64 * 64;
   EXPECT_EQ(json_value(j.out, "flops"), fwd);
   EXPECT_GT(json_value(j.out, "gflops"), 0.0);
+  EXPECT_EQ(j.err.find("exceeds"), std::string::npos) << j.err;
+  // More threads than CPUs: said at once, on stderr, and the run still measures.
+  cpu_set_t cpus;
+  ASSERT_EQ(sched_getaffinity(0, sizeof cpus, &cpus), 0);
+  const int over = CPU_COUNT(&cpus) + 1;
+  const Result o = run("bench --quick --threads " + std::to_string(over) + " --json", dir);
+  ASSERT_EQ(o.code, 0) << o.err;
+  EXPECT_NE(o.err.find("note: --threads " + std::to_string(over) + " exceeds the"),
+            std::string::npos)
+      << o.err;
+  EXPECT_GT(json_value(o.out, "gflops"), 0.0);
 }
 
 TEST(Cli, BenchDecodeSetsEachBatchAgainstItsRoofline) {
