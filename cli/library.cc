@@ -101,37 +101,42 @@ void join_nccl(Job& job, double timeout) {
 }  // namespace
 
 void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
-  // Each rank's 0 or 1, summed: every rank learns which ranks failed.
-  std::vector<double> failures(static_cast<size_t>(size), 0.0);
-  failures[static_cast<size_t>(rank)] = failed ? 1.0 : 0.0;
-  sum(failures.data(), failures.size());
-  int32_t first = -1;
-  for (int32_t r = 0; r < size && first < 0; ++r)
-    if (failures[static_cast<size_t>(r)] != 0.0) first = r;
-  if (first < 0) return;
-  // Named like the others' messages name it: under mpirun each rank's line is printed apart.
-  int code = 1;
+  // This rank's exit code (0: it succeeded) and, when it failed, its line.
+  int mine = 0;
   std::string line;
   if (failed) {
+    mine = 1;
+    const std::string who = cat("rank ", rank, " of the job's ", size, ": ");
     try {
       std::rethrow_exception(failed);
     } catch (const UsageError& e) {
-      code = 2;
-      line = cat("rank ", rank, " of the job's ", size, ": ", e.message());
+      mine = 2;
+      line = who + e.message();
     } catch (const Error& e) {
-      line = cat("rank ", rank, " of the job's ", size, ": ", e.message());
+      line = who + e.message();
     } catch (const std::bad_alloc&) {
-      line = cat("rank ", rank, " of the job's ", size, ": out of memory");
+      line = who + "out of memory";
     } catch (const std::exception& e) {
-      line = cat("rank ", rank, " of the job's ", size, ": ", e.what());
+      line = who + e.what();
     } catch (...) {
       // Whatever it was, this rank prints and waits like the others: none is left in the sum.
-      line = cat("rank ", rank, " of the job's ", size, ": failed (an unknown exception)");
+      line = who + "failed (an unknown exception)";
     }
-  } else {
+  }
+  // Each rank's code, summed: every rank learns which ranks failed, and every rank exits with
+  // the first failing rank's code, so that mpirun's does not depend on which rank exits first.
+  std::vector<double> codes(static_cast<size_t>(size), 0.0);
+  codes[static_cast<size_t>(rank)] = mine;
+  sum(codes.data(), codes.size());
+  int32_t first = -1;
+  for (int32_t r = 0; r < size && first < 0; ++r)
+    if (codes[static_cast<size_t>(r)] != 0.0) first = r;
+  if (first < 0) return;
+  const int code = static_cast<int>(codes[static_cast<size_t>(first)]);
+  // Named like the others' messages name it: under mpirun each rank's line is printed apart.
+  if (!failed)
     line = cat("rank ", first, " of the job's ", size, " could not ", what,
                " (its own message says why); no rank went on");
-  }
   // Every rank prints its line before any rank exits: mpirun ends the job when the first rank
   // exits with an error, and a rank it kills before it printed loses its line, the failing
   // rank's own reason with it (seen as a flaky parallel_cli_train under load).

@@ -67,7 +67,8 @@ struct Job {
   // directories) and then learns whether every rank succeeded, so that no rank waits for a failed
   // one until the communicator's timeout. If one did not, a rank that failed prints its own
   // error, the others one naming the first failing rank; once every rank has printed, each
-  // throws ReportedError (exit 2 for a usage error, else 1). Collective; alone, prepare runs as
+  // throws ReportedError with the first failing rank's exit code (2 for a usage error, else 1),
+  // so that mpirun's is the same whichever rank exits first. Collective; alone, prepare runs as
   // it is and its error is thrown unchanged.
   template <typename F>
   void prepare_together(const char* what, F&& prepare) const {

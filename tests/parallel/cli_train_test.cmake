@@ -136,6 +136,24 @@ foreach(case "b;rank 1 of the job's 2: c.txt: no such file;rank 1 of the job's 2
   message(STATUS "rank 1 in ${second}: refused after ${seconds} s")
 endforeach()
 
+# A usage error on rank 0 (its --csv names its corpus; rank 0 alone opens the outputs): every
+# rank exits 2, the first failing rank's code, so mpirun's exit status does not depend on which
+# rank exits first (rank 1 exited 1).
+file(REMOVE_RECURSE ${DIR}/ranks/d)
+file(MAKE_DIRECTORY ${DIR}/ranks/d)
+file(WRITE ${DIR}/ranks/d/c.txt "${text}")
+file(CREATE_LINK c.txt ${DIR}/ranks/d/steps.csv SYMBOLIC)
+execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe
+                        -np 1 -wdir ${DIR}/ranks/d ${MOERT} ${local_args} --corpus c.txt
+                        --expert-parallel 2 --csv steps.csv :
+                        -np 1 -wdir ${DIR}/ranks/a ${MOERT} ${local_args} --corpus c.txt
+                        --expert-parallel 2 --csv steps.csv
+                OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
+if(NOT rc EQUAL 2 OR NOT err MATCHES "rank 0 of the job's 2: [^\n]*would replace what this command reads"
+   OR NOT err MATCHES "rank 0 of the job's 2 could not open its output paths")
+  message(FATAL_ERROR "a usage error on rank 0: exit ${rc}\n${err}")
+endif()
+
 # eval has no --expert-parallel: under mpirun it refuses rather than evaluate N times.
 execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 2 ${MOERT} eval
                         ${DIR}/saved/one/loss-free.moert --corpus ${CORPUS}
