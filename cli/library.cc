@@ -98,6 +98,20 @@ void join_nccl(Job& job, double timeout) {
         "NCCL");
 }
 
+// Prints `line` as this rank's error, waits until every rank has printed its own, and throws
+// ReportedError(line, code): the end of a refusal every rank of the job makes together.
+[[noreturn]] void fail_together(moert_comm* comm, const std::string& line, int code) {
+  // Every rank prints its line before any rank exits: mpirun ends the job when the first rank
+  // exits with an error, and a rank it kills before it printed loses its line, the failing
+  // rank's own reason with it (seen as a flaky parallel_cli_train under load).
+  print_error(command_name(), line);
+  std::fflush(stderr);
+  double printed = 0.0;
+  // The lines are out; a rank gone since the agreement only loses the wait.
+  moert_status_free(moert_comm_all_reduce_sum(comm, &printed, 1));
+  throw ReportedError(line, code);
+}
+
 }  // namespace
 
 void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
@@ -137,18 +151,7 @@ void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
   if (!failed)
     line = cat("rank ", first, " of the job's ", size, " could not ", what,
                " (its own message says why); no rank went on");
-  // Every rank prints its line before any rank exits: mpirun ends the job when the first rank
-  // exits with an error, and a rank it kills before it printed loses its line, the failing
-  // rank's own reason with it (seen as a flaky parallel_cli_train under load).
-  print_error(command_name(), line);
-  std::fflush(stderr);
-  double printed = 0.0;
-  try {
-    sum(&printed, 1);
-  } catch (const Error&) {
-    // The lines are out; a rank gone since the agreement only loses the wait.
-  }
-  throw ReportedError(line, code);
+  fail_together(comm, line, code);
 }
 
 Launch mpirun_launch() {
@@ -205,15 +208,20 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
         "MPI");
   check(moert_comm_rank(job.comm, &job.rank), "MPI");
   check(moert_comm_size(job.comm, &job.size), "MPI");
+  // Refusals every rank makes alike: each prints before any exits (fail_together).
   if (!same_on_every_rank(
           job.comm, job.size,
           TextHash().add({reinterpret_cast<const uint8_t*>(arguments.data()), arguments.size()})))
-    usage_fail("the job's ", job.size,
-               " processes were started with different arguments (threads and --comm-timeout "
-               "aside): every rank takes the same command line");
+    fail_together(job.comm,
+                  cat("the job's ", job.size,
+                      " processes were started with different arguments (threads and "
+                      "--comm-timeout aside): every rank takes the same command line"),
+                  2);
   if (expert_parallel > job.size || job.size % expert_parallel != 0)
-    usage_fail("--expert-parallel ", expert_parallel, " does not divide the job's ", job.size,
-               " processes");
+    fail_together(job.comm,
+                  cat("--expert-parallel ", expert_parallel, " does not divide the job's ",
+                      job.size, " processes"),
+                  2);
   job.expert_parallel = static_cast<int32_t>(expert_parallel);
   if (device == MOERT_DEVICE_CUDA) {
     // The CUDA sessions' collectives run on the NCCL communicator: it waits as long.
