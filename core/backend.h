@@ -144,7 +144,9 @@ class Backend : public Allocator {
   // fp32 values by the ParamStore; an FFN multiplies in FP8 exactly when all three of its weights
   // carry the copy.
   virtual bool fp8_experts() const { return false; }
-  // The rule quantize_weight_blocks() scales by (copies made under another rule differ).
+  // The rule quantize_weight_blocks() scales by (copies made under another rule differ). Read
+  // where copies are shared between sessions, on host backends only: device backends keep the
+  // default.
   virtual Fp8Options fp8_options() const { return {}; }
   // The FP8 copy of `matrices` fp32 matrices [rows, cols] at src: codes [matrices, rows, cols],
   // scales in Fp8Weight's layout, as fp8_blocks_scale_floats() counts them. Throws

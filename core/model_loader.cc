@@ -873,8 +873,13 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
     ParamState ps;
     ps.name = name;
     h.str(name);
+    // What a field held: any value, any value other than zero.
+    struct Held {
+      bool any = false, nonzero = false;
+    };
     auto take = [&](const flatbuffers::Vector<float>* v, const fb::ExternalRef* ext,
                     std::vector<float>& out, const char* field) {
+      Held held;
       const std::string what = cat("parameter '", name, "' field '", field, "'");
       if (v && ext) bad_state(what + " is given both inline and as external data");
       const uint64_t n = ext ? ext->size() / sizeof(float) : v ? v->size() : 0;
@@ -883,11 +888,11 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
       if (n != 0 && n != numel)
         bad_state(cat(what, " holds ", n, " values, the parameter has ", numel));
       h.floats_begin(n);
-      if (n == 0) return;
+      if (n == 0) return held;
+      held.any = true;
       // AdamW's second moment is a running mean of squares: a negative value would make the
       // next update's square root a NaN.
       const bool second_moment = std::string_view(field) == "v";
-      if (second_moment && !adamw) bad_state(what + " is given, but SGD keeps no second moment");
       auto check = [&](std::span<const float> values) {
         if (first_nonfinite(values) >= 0) bad_state(what + " holds a NaN or infinity");
         if (second_moment)
@@ -895,13 +900,15 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
             if (values[i] < 0.0f)
               bad_state(cat(what, " holds a negative value (", values[i],
                             "), which a second moment (a mean of squares) cannot"));
+        if (!held.nonzero)
+          held.nonzero = std::any_of(values.begin(), values.end(), [](float x) { return x != 0; });
       };
       if (v) {
         const std::span<const float> values(v->data(), n);
         check(values);
         h.floats_chunk(values);
         if (keep) out.assign(values.begin(), values.end());
-        return;
+        return held;
       }
       if (ext->offset() % kExternalAlignment != 0)
         bad_state(cat(what, " external.offset ", ext->offset(), " is not a multiple of ",
@@ -918,7 +925,7 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
                       check(piece);
                       h.floats_chunk(piece);
                     });
-        return;
+        return held;
       }
       for (uint64_t done = 0; done < n;) {
         const uint64_t k = std::min(n - done, kStreamChunkFloats);
@@ -928,14 +935,21 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
         h.floats_chunk(chunk);
         done += k;
       }
+      return held;
     };
     take(p->grad(), p->grad_external(), ps.grad, "grad");
-    take(p->m(), p->m_external(), ps.m, "m");
-    take(p->v(), p->v_external(), ps.v, "v");
-    // AdamW keeps both moments from its first step on, or neither before it.
-    if (adamw && (p->m() || p->m_external()) != (p->v() || p->v_external()))
-      bad_state(cat("parameter '", name, "' has AdamW's ", p->v() || p->v_external() ? "v" : "m",
-                    " without its ", p->v() || p->v_external() ? "m" : "v"));
+    const Held m = take(p->m(), p->m_external(), ps.m, "m");
+    const Held v = take(p->v(), p->v_external(), ps.v, "v");
+    // Moments only a step makes non-zero: AdamW's m and v come from its first step together,
+    // and SGD makes no v. (Zeros alone may stand: a refused first step of older versions left
+    // the moments it allocated, and set_config could then change the optimizer.)
+    if (!adamw && v.nonzero)
+      bad_state(
+          cat("parameter '", name, "' field 'v' holds a second moment, which SGD never makes"));
+    if (adamw && (m.nonzero && !v.any))
+      bad_state(cat("parameter '", name, "' has AdamW's first moment m without its v"));
+    if (adamw && (v.nonzero && !m.any))
+      bad_state(cat("parameter '", name, "' has AdamW's second moment v without its m"));
     if (keep) st.params.push_back(std::move(ps));
   }
   std::set<uint32_t> balanced;

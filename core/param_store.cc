@@ -318,7 +318,7 @@ void ParamStore::refuse_shared(const Entry& e) const {
   // Other sessions read the copy: a change would leave it stale for them, and for this store.
   if (built_ && (e.f32_shared || e.f32t_shared || e.packed_shared || e.bf16_shared || e.fp8_shared))
     fail(Code::Internal, "weight '", e.what,
-         "' cannot change: the model's inference sessions share its layout copies");
+         "' cannot change: the model's inference sessions share the copies made of it");
 }
 
 void ParamStore::transpose_copy(Entry& e) {

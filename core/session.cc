@@ -345,6 +345,11 @@ void Session::require_backward_ready() const {
          "backward needs the last forward pass to be a training-mode pass with no backward yet: "
          "one backward per forward, and an eval-mode pass, zero_grad, a checkpoint load or a "
          "forward that failed after accepting its arguments since then discards it");
+  // The count a checkpoint holds stays below 2^32 - 1, which the loader refuses: one more would
+  // wrap to 0, and the step would sum the micro-batches' gradients instead of averaging them.
+  if (micro_batches_ >= std::numeric_limits<uint32_t>::max() - 1)
+    fail(Code::InvalidState, "backward: ", micro_batches_,
+         " micro-batches since zero_grad, the most a step averages: call zero_grad first");
 }
 
 Pass Session::next_pass() const { return training() && !eval_ ? Pass::Train : Pass::Eval; }
@@ -893,6 +898,16 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
   // rank refused before its allocation would otherwise hold other optimizer state (none) than
   // the others (zeros), and every save would refuse the job's replicas as different.
   for (Slot& s : slots_) s.fresh_moments = 0;
+  // Every refusal before the update takes them back, so that a refused step leaves the
+  // optimizer state as it found it: a checkpoint of it then holds no moments of an optimizer
+  // that never stepped (set_config may still change the optimizer before the first step).
+  auto take_back_moments = [&] {
+    for (Slot& s : slots_) {
+      if (s.fresh_moments & 1) s.m = Buffer<float>();
+      if (s.fresh_moments & 2) s.v = Buffer<float>();
+      s.fresh_moments = 0;
+    }
+  };
   try {
     collective_step("step", Failure::KeepsPass, [&] {
       require_training("step");
@@ -915,38 +930,45 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
     });
     if (par_) check_ranks_agree_to_step();
   } catch (...) {
-    for (Slot& s : slots_) {
-      if (s.fresh_moments & 1) s.m = Buffer<float>();
-      if (s.fresh_moments & 2) s.v = Buffer<float>();
-      s.fresh_moments = 0;
-    }
+    take_back_moments();
     throw;
   }
   // Everything that can refuse the step comes before the first change.
-  std::vector<std::vector<float>> biases = next_biases();
+  std::vector<std::vector<float>> biases;
+  double sum_squares = 0.0;
+  try {
+    biases = next_biases();
+    // With no backward since zero_grad the gradient is zero unless set_gradient wrote it: then
+    // it is the step's gradient as written, where before it was ignored (the optimizer ran only
+    // after a backward). The sum is the same on every rank, so all take the same branch.
+    sum_squares = gradient_sum_squares();
+  } catch (...) {
+    take_back_moments();
+    throw;
+  }
+  auto refuse = [&](const auto&... why) {
+    take_back_moments();
+    fail(Code::Numeric, why...);
+  };
   const TrainingConfig& c = options_.training;
   StepInfo info;
   info.lr = c.lr_at(step_ + 1);
-  // With no backward since zero_grad the gradient is zero unless set_gradient wrote it: then it
-  // is the step's gradient as written, where before it was ignored (the optimizer ran only after
-  // a backward). The sum is the same on every rank, so all take the same branch.
-  const double sum_squares = gradient_sum_squares();
   bool updated = false;
   if (micro_batches_ > 0 || sum_squares != 0.0) {
     // The gradient of the mean loss over the micro-batches accumulated since zero_grad.
     const double scale = 1.0 / std::max<uint32_t>(micro_batches_, 1);
     info.grad_norm = std::sqrt(sum_squares) * scale;
     if (!std::isfinite(info.grad_norm))
-      fail(Code::Numeric, "the gradient holds a NaN or infinity; parameters left unchanged");
+      refuse("the gradient holds a NaN or infinity; parameters left unchanged");
     double gscale = scale;
     if (c.clip_norm > 0.0 && info.grad_norm > c.clip_norm) gscale *= c.clip_norm / info.grad_norm;
     const bool adamw = c.optimizer == "adamw";
     // No element of the scaled gradient exceeds its norm; squared in fp32 for AdamW's second
     // moment, one above 2^64 would make it infinite (and the update zero).
     if (const double largest = info.grad_norm * gscale / scale; adamw && largest >= 0x1p64)
-      fail(Code::Numeric, "the gradient's norm (", largest,
-           " after scaling) would overflow AdamW's second moment in fp32; parameters left "
-           "unchanged (clip_norm bounds it)");
+      refuse("the gradient's norm (", largest,
+             " after scaling) would overflow AdamW's second moment in fp32; parameters left "
+             "unchanged (clip_norm bounds it)");
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -176,9 +177,11 @@ TEST_F(CheckpointFiles, StateNoRunCanReachIsRefused) {
       {"a negative second moment", [](TrainingState& t) { t.params.back().v[3] = -1e-6f; },
        "holds a negative value"},
       {"a second moment without the first", [](TrainingState& t) { t.params.front().m.clear(); },
-       "has AdamW's v without its m"},
+       "has AdamW's second moment v without its m"},
+      {"a first moment without the second", [](TrainingState& t) { t.params.front().v.clear(); },
+       "has AdamW's first moment m without its v"},
       {"a second moment under SGD", [](TrainingState& t) { t.optimizer = "sgd"; },
-       "SGD keeps no second moment"},
+       "holds a second moment, which SGD never makes"},
       {"a parameter left out", [](TrainingState& t) { t.params.erase(t.params.begin() + 1); },
        "has no state for parameter"},
       {"no parameter at all", [](TrainingState& t) { t.params.clear(); },
@@ -222,12 +225,84 @@ TEST_F(CheckpointFiles, StateNoRunCanReachIsRefused) {
     micro_batch(*s);
     s->step();
   }
-  // The file unchanged loads, written back the same way.
+  // The file unchanged loads, written back the same way; so do moments that are all zero
+  // without their pair (older versions left such moments after a refused first step, and
+  // set_config could then change the optimizer).
   std::unique_ptr<Model> ck = load_checkpoint_file(path(), {});
   write_checkpoint(crafted, *ck, view_of(*ck->training));
   auto s = training_session();
   s->load(crafted);
   EXPECT_EQ(s->step_count(), 1u);
+  for (const char* optimizer : {"adamw", "sgd"}) {
+    std::unique_ptr<Model> zeros = load_checkpoint_file(path(), {});
+    TrainingState& t = *zeros->training;
+    t.step = 0;
+    t.optimizer = optimizer;
+    for (ParamState& p : t.params) {
+      std::fill(p.m.begin(), p.m.end(), 0.0f);
+      std::fill(p.v.begin(), p.v.end(), 0.0f);
+      if (t.optimizer == "adamw") p.v.clear();
+    }
+    write_checkpoint(crafted, *zeros, view_of(t));
+    EXPECT_NO_THROW(load_model_file(crafted)) << optimizer;
+  }
+}
+
+// A session never counts the 2^32 - 1 micro-batches the loader refuses: at 2^32 - 2 (from a
+// checkpoint) the next backward is refused before it adds anything; a step goes on, and after
+// zero_grad so do the backwards.
+TEST_F(CheckpointFiles, TheMicroBatchCountStopsBelowWhatTheLoaderRefuses) {
+  {
+    auto s = training_session();
+    micro_batch(*s);
+    s->save(path());
+  }
+  std::unique_ptr<Model> ck = load_checkpoint_file(path(), {});
+  ck->training->micro_batches = std::numeric_limits<uint32_t>::max() - 1;
+  const std::string crafted = (dir_ / "crafted.moert").string();
+  write_checkpoint(crafted, *ck, view_of(*ck->training));
+  auto s = training_session();
+  s->load(crafted);
+  try {
+    micro_batch(*s);
+    ADD_FAILURE() << "a backward counted 2^32 - 1 micro-batches";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Code::InvalidState);
+    EXPECT_NE(std::string(e.what()).find("call zero_grad first"), std::string::npos) << e.what();
+  }
+  s->step();
+  EXPECT_EQ(s->step_count(), 1u);
+  s->zero_grad();
+  micro_batch(*s);
+}
+
+// A refused step leaves the optimizer state as it found it, whatever refuses it: the moments it
+// allocated are taken back. Such moments once stayed after a refusal that came late in the step
+// (a gradient AdamW would overflow, a bias update past the fp32 range); with the optimizer
+// changed before the first step, the session then saved moments of an optimizer that never
+// stepped.
+TEST_F(CheckpointFiles, ARefusedStepLeavesNoMomentsBehind) {
+  auto s = training_session();
+  micro_batch(*s);
+  const size_t w = s->parameter_index("moe0.w1");
+  std::vector<float> huge(s->parameter_size(w), 1e30f);
+  s->write_gradient(w, huge.data(), huge.size());
+  s->set_config("clip_norm", "0");
+  EXPECT_THROW(s->step(), Error);
+  EXPECT_EQ(s->step_count(), 0u);
+  s->save(path());
+  std::unique_ptr<Model> ck = load_checkpoint_file(path(), {});
+  for (const ParamState& p : ck->training->params) {
+    EXPECT_TRUE(p.m.empty()) << p.name;
+    EXPECT_TRUE(p.v.empty()) << p.name;
+  }
+  // The optimizer can still change, and its checkpoints load.
+  s->set_config("optimizer", "sgd");
+  s->zero_grad();
+  micro_batch(*s);
+  s->step();
+  s->save(path());
+  EXPECT_NO_THROW(load_model_file(path()));
 }
 
 TEST_F(CheckpointFiles, StepCountsNear2To63AreRefusedAndTheSessionKeepsItsState) {

@@ -575,7 +575,9 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * of 64 rows (that take part; 128 with precision fp8, whose Wgrad quantizes 128-token tiles),
  * every output, loss, gradient, count and parameter has bitwise the
  * value one session over the union would have, whatever EP and the number of ranks; otherwise
- * they agree to rounding. Expert tensors (parameter access, gradients) are the rank's shard:
+ * they agree to rounding: fp32 rounding in fp32 and bf16 (about 2e-7 relative, measured), but
+ * in fp8 the quantization's (the Wgrad tiles then straddle ranks and get other scales: gradients
+ * measured 2.5 % apart after one step, and parameters 3.5 % after three). Expert tensors (parameter access, gradients) are the rank's shard:
  * experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a session is
  * collective (forward, backward, step, save, load, metrics resets, ...): all ranks make the same
  * calls in the same order; ranks found in different calls (one in a forward, another in a load)
@@ -967,9 +969,11 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * counts wait for a retry — moert_session_zero_grad() discards them. An update that takes a
  * parameter (or SGD's momentum) past the fp32 range (a learning rate and weight decay too large
  * for it) is found only once made, when "check_finite" is on: the step is then taken and counted
- * -- moert_session_step_count() tells the two cases apart, and *lr and *grad_norm receive its
- * figures -- and MOERT_ERR_NUMERIC names the tensor and element; moert_session_save() refuses
- * such values until they are written back.
+ * -- moert_session_step_count() tells the two cases apart -- and MOERT_ERR_NUMERIC names the
+ * tensor and element; moert_session_save() refuses such values until they are written back.
+ * *lr and *grad_norm receive a step's figures whenever the step was made, also when the call
+ * then fails (that overflow, a weight copy the update could not make, another rank's failure
+ * after the update); a step refused before any change writes neither.
  * Refused too (with the failure's code) after a backward of this step failed midway. Among ranks
  * a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks
  * counted different micro-batches since zero_grad, hold different training settings
@@ -1102,8 +1106,9 @@ MOERT_API moert_status* moert_session_save(const moert_session* session, const c
  * file, another architecture or another optimizer is refused and the session keeps its state.
  * So is training state that no run reaches, whatever its digest (MOERT_ERR_INVALID_MODEL, also
  * from moert_model_load_file()): a parameter or MoE layer whose state is left out or repeated, a
- * negative or lone AdamW second moment (or one under SGD), a generator state that is none, and
- * a step or micro-batch count at the end of its type.
+ * negative AdamW second moment, a moment only a step makes non-zero without its pair (or a second
+ * moment under SGD), a generator state that is none, and a step or micro-batch count at the end
+ * of its type.
  * The load limits are those of this session's architecture: a checkpoint may hold and read at most
  * four times the bytes of its parameters and biases (values, gradients, two optimizer moments)
  * plus 1 MiB and 4 KiB per tensor for the description; more is MOERT_ERR_LIMIT (such a file was
