@@ -573,17 +573,17 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * order; gradients, losses, token counts, MaxVio and the loss-free bias update are the job's,
  * over the union of the ranks' rows in rank order. When every rank but the last feeds a multiple
  * of 64 rows (that take part; 128 with precision fp8, whose Wgrad quantizes 128-token tiles),
- * every output, loss, gradient, count and parameter has bitwise the
- * value one session over the union would have, whatever EP and the number of ranks; otherwise
- * they agree to rounding: fp32 rounding in fp32 and bf16 (about 2e-7 relative, measured), but
- * in fp8 the quantization's (the Wgrad tiles then straddle ranks and get other scales: gradients
- * measured 2.5 % apart after one step, and parameters 3.5 % after three). Expert tensors (parameter access, gradients) are the rank's shard:
- * experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a session is
- * collective (forward, backward, step, save, load, metrics resets, ...): all ranks make the same
- * calls in the same order; ranks found in different calls (one in a forward, another in a load)
- * all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on one rank (a wrong size, a
- * NULL buffer, mask or path, a NaN) fails the call on every rank, with that rank's code; as in
- * one process, a refused backward may be retried, while a forward refused on any rank discards
+ * every output, loss, gradient, count and parameter has bitwise the value one session over the
+ * union would have, whatever EP and the number of ranks; otherwise they agree to rounding: fp32
+ * rounding in fp32 and bf16 (about 2e-7 relative, measured), but in fp8 the quantization's (the
+ * Wgrad tiles then straddle ranks and get other scales: gradients measured 2.5 % apart after one
+ * step, and parameters 3.5 % after three). Expert tensors (parameter access, gradients) are the
+ * rank's shard: experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a
+ * session is collective (forward, backward, step, save, load, metrics resets, ...): all ranks make
+ * the same calls in the same order; ranks found in different calls (one in a forward, another in a
+ * load) all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on one rank (a wrong
+ * size, a NULL buffer, mask or path, a NaN) fails the call on every rank, with that rank's code; as
+ * in one process, a refused backward may be retried, while a forward refused on any rank discards
  * the pass waiting for its backward on every rank. A kernel failing on one rank in the middle
  * of a pass (an FP8 quantizer meeting a NaN with check_finite off) fails the call on every rank
  * at its end, without leaving the others waiting: a failed forward is discarded, a failed
