@@ -95,10 +95,7 @@ std::string bytes_str(uint64_t b) {
 // Reads ranges of the external weight file, opened on first use.
 class ExternalFile {
  public:
-  // The file `path`, which must lie inside the directory `root` once symbolic links are
-  // resolved (the model's directory: what the model names stays inside it).
-  ExternalFile(std::string path, std::string root)
-      : path_(std::move(path)), root_(std::move(root)) {}
+  explicit ExternalFile(std::string path) : path_(std::move(path)) {}
   ~ExternalFile() {
     if (fd_ >= 0) ::close(fd_);
   }
@@ -131,27 +128,10 @@ class ExternalFile {
  private:
   void open_once() {
     if (fd_ >= 0) return;
-    const int fd = open_regular_file(path_, "external weight file", &size_);
-    // The file opened, not the name checked before: a link swapped in between changes nothing.
-    namespace fs = std::filesystem;
-    std::error_code by_fd, by_name, of_root;
-    fs::path opened = fs::read_symlink("/proc/self/fd/" + std::to_string(fd), by_fd);
-    if (by_fd) opened = fs::canonical(path_, by_name);
-    const fs::path root = fs::canonical(root_, of_root);
-    if (!by_name && !of_root && !opened.empty()) {
-      auto [r, o] = std::mismatch(root.begin(), root.end(), opened.begin(), opened.end());
-      if (r != root.end() || o == opened.end()) {
-        ::close(fd);
-        fail(Code::InvalidModel, "model: external weight file '", path_, "' is '", opened.string(),
-             "' once its symbolic links are followed, outside the model's "
-             "directory '",
-             root.string(), "'");
-      }
-    }
-    fd_ = fd;
+    fd_ = open_regular_file(path_, "external weight file", &size_);
   }
 
-  std::string path_, root_;
+  std::string path_;
   int fd_ = -1;
   uint64_t size_ = 0;
 };
@@ -301,8 +281,7 @@ ExternalFile& Loader::external(const char* field) {
   if (external_dir_.empty())
     fail(Code::InvalidModel, "model: has external weights ('", name->str(),
          "') but was loaded from memory without an external data directory");
-  external_ = std::make_unique<ExternalFile>((std::filesystem::path(external_dir_) / rel).string(),
-                                             external_dir_);
+  external_ = std::make_unique<ExternalFile>((std::filesystem::path(external_dir_) / rel).string());
   return *external_;
 }
 

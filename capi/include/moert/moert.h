@@ -112,9 +112,7 @@ typedef struct moert_model moert_model;
 #define MOERT_INPUT_HIDDEN 2 /* rows of hidden states (float) */
 
 /* Loads and validates a binary model file (schemas/moert.fbs). External weights are read from the
- * file named by the model, relative to the model file's directory; that file must lie inside the
- * directory once symbolic links are followed (MOERT_ERR_INVALID_MODEL otherwise, so that a model
- * cannot read a file elsewhere as its weights). The FlatBuffers verifier runs
+ * file named by the model, relative to the model file's directory. The FlatBuffers verifier runs
  * first, then every field is checked for meaning; a defect gives MOERT_ERR_INVALID_MODEL with the
  * layer and field at fault, an unreadable file MOERT_ERR_IO. The default load limits apply (see
  * moert_load_options below: 1 GiB of tensors, 4 GiB read); a model that needs more is refused

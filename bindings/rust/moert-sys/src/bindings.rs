@@ -124,9 +124,7 @@ pub struct moert_model {
 }
 extern "C" {
     #[doc = " Loads and validates a binary model file (schemas/moert.fbs). External weights are read from the"]
-    #[doc = " file named by the model, relative to the model file's directory; that file must lie inside the"]
-    #[doc = " directory once symbolic links are followed (MOERT_ERR_INVALID_MODEL otherwise, so that a model"]
-    #[doc = " cannot read a file elsewhere as its weights). The FlatBuffers verifier runs"]
+    #[doc = " file named by the model, relative to the model file's directory. The FlatBuffers verifier runs"]
     #[doc = " first, then every field is checked for meaning; a defect gives MOERT_ERR_INVALID_MODEL with the"]
     #[doc = " layer and field at fault, an unreadable file MOERT_ERR_IO. The default load limits apply (see"]
     #[doc = " moert_load_options below: 1 GiB of tensors, 4 GiB read); a model that needs more is refused"]
