@@ -328,9 +328,10 @@ int run_train(const Args& args) {
     for (const std::vector<int32_t>* ids : {&split.train, &split.validation})
       text.add({reinterpret_cast<const uint8_t*>(ids->data()), ids->size() * sizeof(int32_t)});
     if (!job.same(text.value()))
-      fail(corpus_path,
-           ": the ranks read different texts (each rank reads the corpus on its own "
-           "machine): give every rank the same corpus");
+      job.fail_together(cat(corpus_path,
+                            ": the ranks read different texts (each rank reads the corpus on its "
+                            "own machine): give every rank the same corpus"),
+                        1);
   }
   // Outputs are opened before any work, so that a bad path fails at once; only once every rank
   // has its inputs, so that a job refused for one rank's inputs leaves rank 0's files as they
@@ -385,12 +386,18 @@ int run_train(const Args& args) {
         const int fd = ::mkstemps(probe.data(), 5);
         if (fd < 0) {
           const int err = errno;
+          // The name or the whole path: say which (asked before the folder is removed).
+          const size_t name = std::filesystem::path(c).filename().string().size();
+          const long name_max = ::pathconf(save_dir.c_str(), _PC_NAME_MAX);
           remove_created_save();
+          if (err == ENAMETOOLONG && name_max > 0 && name + 22 > static_cast<size_t>(name_max))
+            fail("--save: checkpoint '", c, "' has a name too long for this file system (", name,
+                 " bytes, and the data file a checkpoint of this model writes beside it ",
+                 "22 more, past ", name_max, "): choose a shorter --balancing label");
           if (err == ENAMETOOLONG)
-            fail("--save: checkpoint '", c, "' has a name too long for this file system (",
-                 std::filesystem::path(c).filename().string().size(),
-                 " bytes, and its data file's 22 more): choose a shorter --balancing label or "
-                 "--save path");
+            fail("--save: the path of checkpoint '", c, "' (", c.size(),
+                 " bytes, and 22 more for its data file) is too long for this system: choose a "
+                 "shorter --save path");
           fail(save_dir, ": cannot write checkpoints there: ", std::strerror(err));
         }
         ::close(fd);

@@ -98,9 +98,9 @@ void join_nccl(Job& job, double timeout) {
         "NCCL");
 }
 
-// Prints `line` as this rank's error, waits until every rank has printed its own, and throws
-// ReportedError(line, code): the end of a refusal every rank of the job makes together.
-[[noreturn]] void fail_together(moert_comm* comm, const std::string& line, int code) {
+}  // namespace
+
+void Job::fail_together(const std::string& line, int code) const {
   // Every rank prints its line before any rank exits: mpirun ends the job when the first rank
   // exits with an error, and a rank it kills before it printed loses its line, the failing
   // rank's own reason with it (seen as a flaky parallel_cli_train under load).
@@ -108,11 +108,9 @@ void join_nccl(Job& job, double timeout) {
   std::fflush(stderr);
   double printed = 0.0;
   // The lines are out; a rank gone since the agreement only loses the wait.
-  moert_status_free(moert_comm_all_reduce_sum(comm, &printed, 1));
+  if (comm) moert_status_free(moert_comm_all_reduce_sum(comm, &printed, 1));
   throw ReportedError(line, code);
 }
-
-}  // namespace
 
 void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
   // This rank's exit code (0: it succeeded) and, when it failed, its line.
@@ -151,7 +149,7 @@ void Job::agree_prepared(const char* what, std::exception_ptr failed) const {
   if (!failed)
     line = cat("rank ", first, " of the job's ", size, " could not ", what,
                " (its own message says why); no rank went on");
-  fail_together(comm, line, code);
+  fail_together(line, code);
 }
 
 Launch mpirun_launch() {
@@ -212,16 +210,14 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
   if (!same_on_every_rank(
           job.comm, job.size,
           TextHash().add({reinterpret_cast<const uint8_t*>(arguments.data()), arguments.size()})))
-    fail_together(job.comm,
-                  cat("the job's ", job.size,
-                      " processes were started with different arguments (threads and "
-                      "--comm-timeout aside): every rank takes the same command line"),
-                  2);
+    job.fail_together(cat("the job's ", job.size,
+                          " processes were started with different arguments (threads and "
+                          "--comm-timeout aside): every rank takes the same command line"),
+                      2);
   if (expert_parallel > job.size || job.size % expert_parallel != 0)
-    fail_together(job.comm,
-                  cat("--expert-parallel ", expert_parallel, " does not divide the job's ",
-                      job.size, " processes"),
-                  2);
+    job.fail_together(cat("--expert-parallel ", expert_parallel, " does not divide the job's ",
+                          job.size, " processes"),
+                      2);
   job.expert_parallel = static_cast<int32_t>(expert_parallel);
   if (device == MOERT_DEVICE_CUDA) {
     // The CUDA sessions' collectives run on the NCCL communicator: it waits as long.

@@ -63,6 +63,11 @@ struct Job {
   void sum(double* values, uint64_t n) const;
   // Whether every rank holds the same `hash` (a TextHash of what must be alike); alone, true.
   bool same(uint64_t hash) const;
+  // A refusal every rank makes alike (after same(), say): prints `line` as this rank's error,
+  // waits until every rank has printed, then throws ReportedError(line, code), so that mpirun
+  // tearing the job down at the first exit loses no rank's line. Collective; alone, it prints
+  // and throws at once.
+  [[noreturn]] void fail_together(const std::string& line, int code) const;
   // Runs `prepare` (what a rank reads or opens of its own before the job's work: files, output
   // directories) and then learns whether every rank succeeded, so that no rank waits for a failed
   // one until the communicator's timeout. If one did not, a rank that failed prints its own

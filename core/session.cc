@@ -972,7 +972,12 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
-    allocate_moments();
+    try {
+      allocate_moments();
+    } catch (...) {
+      take_back_moments();
+      throw;
+    }
     updated = true;
     stale_copies_.clear();  // every copy is made again below
     // A copy that cannot be refreshed does not stop the update: every parameter and the biases

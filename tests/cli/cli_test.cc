@@ -523,6 +523,25 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   EXPECT_NE(long_name.err.find("--save: checkpoint"), std::string::npos) << long_name.err;
   EXPECT_EQ(slurp(dir / "steps.csv"), "kept\n");
   EXPECT_FALSE(fs::exists(dir / "long"));
+  // A name that fits alone (240 bytes) but not with the data file's 22: refused too, which
+  // only a probe as long as the data file's name sees.
+  const Result near =
+      run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+              " --steps 2 --balancing loss-free:gamma=0.001" + std::string(211, '0') +
+              "1 --probe-rows 0 --eval-rows 64 --save " + (dir / "near").string(),
+          dir);
+  expect_one_line_error(near, 1, "train", "(240 bytes, and the data file");
+  EXPECT_FALSE(fs::exists(dir / "near"));
+  // A --save path too long for the system as a whole is named as such, not as a long name.
+  fs::path deep = dir / "deep";
+  while (deep.string().size() < 4080 - 201) deep /= std::string(200, 'd');
+  const Result path_too_long =
+      run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+              " --steps 2 --balancing none --probe-rows 0 --eval-rows 64 --save " +
+              (deep / std::string(4080 - deep.string().size(), 'e')).string(),
+          dir);
+  expect_one_line_error(path_too_long, 1, "train", "is too long for this system");
+  EXPECT_FALSE(fs::exists(dir / "deep"));
   // A job that fails after training began (a learning rate and weight decay that take the
   // weights past the fp32 range by step 7) says so once; it keeps the per-step rows written so
   // far (--csv is written as the runs go: tail -f, /dev/stdout) and removes the --save folders
