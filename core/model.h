@@ -240,7 +240,8 @@ struct Model {
   uint64_t seed = 0;
   std::vector<LayerSpec> layers;
   std::optional<TrainingState> training;  // checkpoints only
-  // Layout copies of the weights that inference sessions over this model share.
+  // The copies derived from its weights (decoded, layout, bf16, FP8) that the inference
+  // sessions over this model share.
   SharedCopiesSlot shared_copies;
 
   uint64_t total_parameters() const;

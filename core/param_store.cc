@@ -110,13 +110,10 @@ ParamStore::ParamStore(Backend& be, Model& params, Model* grads) : be_(be) {
         } else {
           // Multiplied in fp32 or bf16: the values decoded once for every inference session.
           const Fp8Blocks& q = *t.fp8;
-          const int64_t per = q.rows * q.cols;
           const auto n = static_cast<size_t>(q.numel());
-          e.f32_shared = shared(SharedCopies::Kind::DecodedF32, n * sizeof(float), "decoded fp32",
-                                [&](void* out) {
-                                  for (int64_t i = 0; i < q.matrices; ++i)
-                                    q.decode(i, 1, static_cast<float*>(out) + i * per);
-                                });
+          e.f32_shared =
+              shared(SharedCopies::Kind::DecodedF32, n * sizeof(float), "decoded fp32",
+                     [&](void* out) { q.decode(0, q.matrices, static_cast<float*>(out)); });
           // Read only: nothing writes an inference session's weights (refuse_shared).
           e.f32_ptr = const_cast<float*>(static_cast<const float*>(e.f32_shared.get()));
         }
