@@ -95,7 +95,10 @@ std::string bytes_str(uint64_t b) {
 // Reads ranges of the external weight file, opened on first use.
 class ExternalFile {
  public:
-  explicit ExternalFile(std::string path) : path_(std::move(path)) {}
+  // `confine_to`, when not empty, is the directory the file must lie inside once symbolic links
+  // are followed (LoadOptions::confine_external_data).
+  ExternalFile(std::string path, std::string confine_to)
+      : path_(std::move(path)), confine_to_(std::move(confine_to)) {}
   ~ExternalFile() {
     if (fd_ >= 0) ::close(fd_);
   }
@@ -128,10 +131,46 @@ class ExternalFile {
  private:
   void open_once() {
     if (fd_ >= 0) return;
-    fd_ = open_regular_file(path_, "external weight file", &size_);
+    // By name first, so that nothing outside is opened (opening a device can act on it); then on
+    // the file opened, so that a link swapped in between the two changes nothing.
+    if (!confine_to_.empty()) refuse_outside(resolved(path_));
+    const int fd = open_regular_file(path_, "external weight file", &size_);
+    if (!confine_to_.empty()) {
+      std::error_code ec;
+      const std::filesystem::path opened =
+          std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd), ec);
+      try {
+        refuse_outside(ec ? resolved(path_) : opened);
+      } catch (...) {
+        ::close(fd);
+        throw;
+      }
+    }
+    fd_ = fd;
   }
 
-  std::string path_;
+  std::filesystem::path resolved(const std::string& path) const {
+    std::error_code ec;
+    std::filesystem::path p = std::filesystem::canonical(path, ec);
+    // A name that does not resolve is left to open_regular_file's error, which says why.
+    return ec ? std::filesystem::path{} : p;
+  }
+
+  void refuse_outside(const std::filesystem::path& file) const {
+    if (file.empty()) return;
+    const std::filesystem::path root = resolved(confine_to_);
+    if (root.empty())
+      fail(Code::Io, "cannot resolve the model's directory '", confine_to_,
+           "' to confine its external weight file");
+    const auto [r, f] = std::mismatch(root.begin(), root.end(), file.begin(), file.end());
+    if (r != root.end() || f == file.end())
+      fail(Code::InvalidModel, "model: external weight file '", path_, "' is '", file.string(),
+           "' once its symbolic links are followed, outside the model's directory '", root.string(),
+           "' (the load option confine_external_data refuses it; content stores such as the "
+           "Hugging Face cache link each file from elsewhere and need it off)");
+  }
+
+  std::string path_, confine_to_;
   int fd_ = -1;
   uint64_t size_ = 0;
 };
@@ -281,7 +320,8 @@ ExternalFile& Loader::external(const char* field) {
   if (external_dir_.empty())
     fail(Code::InvalidModel, "model: has external weights ('", name->str(),
          "') but was loaded from memory without an external data directory");
-  external_ = std::make_unique<ExternalFile>((std::filesystem::path(external_dir_) / rel).string());
+  external_ = std::make_unique<ExternalFile>((std::filesystem::path(external_dir_) / rel).string(),
+                                             options_.confine_external_data ? external_dir_ : "");
   return *external_;
 }
 

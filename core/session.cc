@@ -1545,6 +1545,7 @@ LoadOptions Session::checkpoint_limits(const LoadOptions* limits) const {
   if (limits) {
     need.max_memory = std::min(need.max_memory, limits->max_memory);
     need.max_file_bytes = std::min(need.max_file_bytes, limits->max_file_bytes);
+    need.confine_external_data = limits->confine_external_data;
   }
   return need;
 }

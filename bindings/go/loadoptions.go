@@ -69,6 +69,20 @@ func (o *LoadOptions) SetMaxFileBytes(bytes uint64) error {
 	})
 }
 
+// SetConfineExternalData, when on, refuses (ErrInvalidModel) an external data file (a checkpoint's
+// included) that lies outside the model's directory once symbolic links are followed: without
+// it a link there named as the data file makes any readable file the weights. Off by default,
+// because content stores such as the Hugging Face hub cache link every file from elsewhere.
+func (o *LoadOptions) SetConfineExternalData(on bool) error {
+	var v int32
+	if on {
+		v = 1
+	}
+	return o.set(func() capi.Struct_SS_moert_status {
+		return capi.Moert_load_options_set_confine_external_data(o.ptr, v)
+	})
+}
+
 // withOptions runs f with the C pointer of opts (NULL for nil), holding opts open meanwhile.
 func withOptions(opts *LoadOptions, f func(capi.Struct_SS_moert_load_options) error) error {
 	if opts == nil {

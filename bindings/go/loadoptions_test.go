@@ -95,3 +95,53 @@ func TestLoadOptionsBoundCheckpointLoads(t *testing.T) {
 		t.Fatalf("step count %d after loading a checkpoint of step 1", n)
 	}
 }
+
+// A checkpoint whose data file a link takes out of its directory: followed by default, refused
+// under SetConfineExternalData(true) with the session left as it was.
+func TestLoadOptionsConfineExternalData(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ck")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ckpt := filepath.Join(dir, "ck.moert")
+	m := mustModel(t)
+	a := mustSession(t, m, ModeTraining, 1)
+	trainStep(t, a, 0)
+	if err := a.Save(ckpt); err != nil {
+		t.Fatal(err)
+	}
+	data, err := filepath.Glob(filepath.Join(dir, "*.data"))
+	if err != nil || len(data) != 1 {
+		t.Fatalf("data files %v, %v", data, err)
+	}
+	moved := filepath.Join(filepath.Dir(dir), "elsewhere.data")
+	if err := os.Rename(data[0], moved); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(moved, data[0]); err != nil {
+		t.Fatal(err)
+	}
+	o := mustLoadOptions(t)
+	if err := o.SetConfineExternalData(true); err != nil {
+		t.Fatal(err)
+	}
+	b := mustSession(t, m, ModeTraining, 1)
+	err = b.LoadWithOptions(ckpt, o)
+	if e := wantCode(t, err, ErrInvalidModel); !strings.Contains(e.Message, "outside the model's directory") {
+		t.Errorf("message: %q", e.Message)
+	}
+	if n, _ := b.StepCount(); n != 0 {
+		t.Fatalf("a refused load changed the step count to %d", n)
+	}
+	_, err = LoadModelWithOptions(ckpt, o)
+	wantCode(t, err, ErrInvalidModel)
+	if err := o.SetConfineExternalData(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.LoadWithOptions(ckpt, o); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := b.StepCount(); n != 1 {
+		t.Fatalf("step count %d after loading a checkpoint of step 1", n)
+	}
+}

@@ -3,6 +3,7 @@
 #include <mutex>
 
 #include "capi/src/handles.h"
+#include "core/error.h"
 #include "core/model_loader.h"
 
 struct moert_load_options {
@@ -42,6 +43,17 @@ moert_status* moert_load_options_set_max_file_bytes(moert_load_options* options,
   return guarded([&] {
     require(options, "options");
     options->options.max_file_bytes = bytes;
+  });
+}
+
+moert_status* moert_load_options_set_confine_external_data(moert_load_options* options,
+                                                           int32_t confine) {
+  return guarded([&] {
+    require(options, "options");
+    if (confine != 0 && confine != 1)
+      moert::fail(moert::Code::InvalidArgument, "confine_external_data must be 0 or 1, got ",
+                  confine);
+    options->options.confine_external_data = confine == 1;
   });
 }
 

@@ -166,6 +166,11 @@ TEST(LoadLimits, NullArgumentsAndHandles) {
                       MOERT_ERR_INVALID_ARGUMENT, {"data"}));
   EXPECT_TRUE(IsError(moert_session_load_with_options(nullptr, "x", o.get()),
                       MOERT_ERR_INVALID_ARGUMENT, {"session"}));
+  EXPECT_TRUE(IsError(moert_load_options_set_confine_external_data(nullptr, 1),
+                      MOERT_ERR_INVALID_ARGUMENT, {"options"}));
+  for (int32_t v : {2, -1})
+    EXPECT_TRUE(IsError(moert_load_options_set_confine_external_data(o.get(), v),
+                        MOERT_ERR_INVALID_ARGUMENT, {"0 or 1", std::to_string(v)}));
   EXPECT_TRUE(IsOk(moert_model_load_file_with_options(example_model_path().c_str(), nullptr, &m)));
   moert_model_free(m);
 }
@@ -225,6 +230,47 @@ TEST(LoadLimits, CheckpointLoadsAreBoundedByTheSessionsArchitectureAndByTheOptio
   EXPECT_EQ(step_count(t.get()), 0u);
   EXPECT_TRUE(IsOk(moert_session_load_with_options(t.get(), ckpt.c_str(), nullptr)));
   EXPECT_EQ(step_count(t.get()), 1u);
+}
+
+// A checkpoint's data file is external data too: with confine_external_data a session refuses one
+// that a link takes out of the checkpoint's directory, and keeps its state.
+TEST(LoadLimits, ConfineExternalDataCoversACheckpointsDataFile) {
+  TempDir dir;
+  // Experts big enough (128 KiB per weight) that the checkpoint has a data file.
+  ModelDesc d = hidden_baseline();
+  d.layers[1].moe.num_experts = 64;
+  d.layers[1].moe.expert_hidden = 128;
+  d.layers[1].moe.num_groups = 1;
+  ModelPtr model = load_ok(build(d));
+  ASSERT_TRUE(model);
+  SessionPtr writer = training_session(model.get());
+  std::vector<float> x(8 * 4, 0.5f), y(16 * 4), dy(16 * 4, 0.01f);
+  ASSERT_TRUE(
+      IsOk(moert_session_forward_hidden(writer.get(), x.data(), x.size(), 4, y.data(), y.size())));
+  ASSERT_TRUE(
+      IsOk(moert_session_backward(writer.get(), dy.data(), dy.size(), nullptr, 0, nullptr)));
+  ASSERT_TRUE(IsOk(moert_session_step(writer.get(), nullptr, nullptr)));
+  fs::create_directories(dir.path() / "ck");
+  const fs::path ckpt = dir.path() / "ck" / "a.moert";
+  ASSERT_TRUE(IsOk(moert_session_save(writer.get(), ckpt.c_str())));
+  // Move the data file out and leave a link to it in its place.
+  fs::path data;
+  for (const auto& e : fs::directory_iterator(dir.path() / "ck"))
+    if (e.path().extension() == ".data") data = e.path();
+  ASSERT_FALSE(data.empty());
+  const fs::path moved = dir.path() / "elsewhere.data";
+  fs::rename(data, moved);
+  fs::create_symlink(moved, data);
+
+  auto confine = load_options(UINT64_MAX);
+  ASSERT_TRUE(IsOk(moert_load_options_set_confine_external_data(confine.get(), 1)));
+  SessionPtr s = training_session(model.get());
+  EXPECT_TRUE(IsError(moert_session_load_with_options(s.get(), ckpt.c_str(), confine.get()),
+                      MOERT_ERR_INVALID_MODEL,
+                      {"elsewhere.data", "outside the model's directory"}));
+  EXPECT_EQ(step_count(s.get()), 0u);
+  EXPECT_TRUE(IsOk(moert_session_load_with_options(s.get(), ckpt.c_str(), nullptr)));
+  EXPECT_EQ(step_count(s.get()), 1u);
 }
 
 // The campaign: an Expert Choice layer with capacity_factor 1e30 loaded, and its first forward

@@ -913,6 +913,72 @@ TEST_F(ExternalData, FifoDataFileIsIoNotAHang) {
                       MOERT_ERR_IO, {"weights.fifo", "not a regular file"}));
 }
 
+// By default a link named as the data file is followed wherever it leads: content stores (the
+// Hugging Face hub cache, git-annex, DVC) are made of such links. confine_external_data refuses a
+// data file that resolves outside the model's directory, by path and from memory, and still loads
+// links that stay inside and a directory reached through a link.
+TEST_F(ExternalData, ConfineExternalDataRefusesALinkOutOfTheModelsDirectory) {
+  const fs::path outside = dir_.path() / "outside";
+  fs::create_directories(outside);
+  write_file(outside / "secret.bin", weights_.data(), weights_.size() * sizeof(float));
+  fs::create_directories(dir_.path() / "m");
+  fs::create_symlink("../outside/secret.bin", dir_.path() / "m" / "link.bin");
+  fs::create_symlink(outside / "secret.bin", dir_.path() / "m" / "absolute.bin");
+  fs::create_directories(dir_.path() / "m" / "sub");
+  fs::create_symlink("sub/../../weights.bin", dir_.path() / "m" / "up.bin");
+  moert_load_options* raw = nullptr;
+  ASSERT_TRUE(IsOk(moert_load_options_create(&raw)));
+  std::unique_ptr<moert_load_options, decltype(&moert_load_options_free)> confine(
+      raw, moert_load_options_free);
+  ASSERT_TRUE(IsOk(moert_load_options_set_confine_external_data(confine.get(), 1)));
+  const auto load_confined = [&](const fs::path& p) {
+    moert_model* m = sentinel_model();
+    moert_status* st = moert_model_load_file_with_options(p.c_str(), confine.get(), &m);
+    if (st)
+      EXPECT_EQ(m, sentinel_model()) << "a failed load wrote *out";
+    else
+      moert_model_free(m);
+    return st;
+  };
+  for (const char* name : {"link.bin", "absolute.bin", "up.bin"}) {
+    const fs::path model = dir_.path() / "m" / (std::string(name) + ".moert");
+    write_file(model, build(with_external_gate(64, kGateBytes, name)));
+    EXPECT_TRUE(IsOk(load_file(model))) << name << ": links are followed by default";
+    EXPECT_TRUE(IsError(load_confined(model), MOERT_ERR_INVALID_MODEL,
+                        {name, "outside the model's directory", "confine_external_data"}))
+        << name;
+  }
+  EXPECT_TRUE(IsError(load_confined(dir_.path() / "m" / "link.bin.moert"), MOERT_ERR_INVALID_MODEL,
+                      {"secret.bin"}));
+  // From memory, against the directory the caller names.
+  const std::vector<uint8_t> bytes = build(with_external_gate(64, kGateBytes, "link.bin"));
+  const std::string m = (dir_.path() / "m").string();
+  moert_model* out = sentinel_model();
+  EXPECT_TRUE(IsError(moert_model_load_buffer_with_options(bytes.data(), bytes.size(), m.c_str(),
+                                                           confine.get(), &out),
+                      MOERT_ERR_INVALID_MODEL, {"outside the model's directory"}));
+  EXPECT_EQ(out, sentinel_model());
+  // Inside: a link to a file of the same directory, and the whole directory through a link.
+  fs::create_symlink("weights.bin", dir_.path() / "inside.bin");
+  write_file(dir_.path() / "inside.moert", build(with_external_gate(64, kGateBytes, "inside.bin")));
+  EXPECT_TRUE(IsOk(load_confined(dir_.path() / "inside.moert")));
+  fs::create_directory_symlink(dir_.path(), dir_.path() / "m" / "via");
+  EXPECT_TRUE(IsOk(load_confined(dir_.path() / "m" / "via" / "inside.moert")));
+  // A content store's layout: the folder links each file into blobs/ beside it.
+  fs::create_directories(dir_.path() / "hub" / "blobs");
+  fs::create_directories(dir_.path() / "hub" / "snapshots" / "rev");
+  write_file(dir_.path() / "hub" / "blobs" / "0a1b", weights_.data(),
+             weights_.size() * sizeof(float));
+  fs::create_symlink("../../blobs/0a1b", dir_.path() / "hub" / "snapshots" / "rev" / "w.bin");
+  const fs::path hub = dir_.path() / "hub" / "snapshots" / "rev" / "model.moert";
+  write_file(hub, build(with_external_gate(64, kGateBytes, "w.bin")));
+  EXPECT_TRUE(IsOk(load_file(hub)));
+  EXPECT_TRUE(IsError(load_confined(hub), MOERT_ERR_INVALID_MODEL, {"blobs"}));
+  // Off again.
+  ASSERT_TRUE(IsOk(moert_load_options_set_confine_external_data(confine.get(), 0)));
+  EXPECT_TRUE(IsOk(load_confined(hub)));
+}
+
 TEST_F(ExternalData, ExternalTensorWithoutAFileName) {
   ModelDesc d = with_external_gate(64);
   d.external_data.reset();

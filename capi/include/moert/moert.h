@@ -144,6 +144,17 @@ MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
  *   max_file_bytes  4 GiB (2^32 bytes): the bytes a load may read: the description plus the
  *                   ranges of external data it uses (a checkpoint's data file included). The
  *                   description's size is checked before it is read.
+ * And one rule about where a load may read, off by default:
+ *   confine_external_data  the external data file (a checkpoint's included) must lie inside the
+ *                   model's directory (the model file's, or external_dir) once symbolic links are
+ *                   followed, checked by name before the file is opened and again on the file
+ *                   opened. A link there named as the data file otherwise makes any file the
+ *                   process can read the model's weights: a service loading folders it did not
+ *                   write turns it on. Off by default because content stores link every file
+ *                   from elsewhere (the Hugging Face hub cache's snapshots/ into blobs/,
+ *                   git-annex, DVC): such a folder is refused when it is on. A hard link is the
+ *                   file itself, and is not refused. Names with ".." or an absolute path are
+ *                   refused whatever this says (MOERT_ERR_INVALID_MODEL).
  * A moert_load_options object must not be modified concurrently; loads only read it, and it may
  * be freed once they return. */
 
@@ -163,6 +174,13 @@ MOERT_API moert_status* moert_load_options_set_max_memory(moert_load_options* op
 /* Sets max_file_bytes, in bytes (any value). */
 MOERT_API moert_status* moert_load_options_set_max_file_bytes(moert_load_options* options,
                                                               uint64_t bytes);
+
+/* Sets confine_external_data: 1 on, 0 off (the default); any other value is
+ * MOERT_ERR_INVALID_ARGUMENT and changes nothing. A data file outside the directory fails the
+ * load with MOERT_ERR_INVALID_MODEL, as a ".." in its name does, naming the file it resolved to,
+ * the directory and the option. */
+MOERT_API moert_status* moert_load_options_set_confine_external_data(moert_load_options* options,
+                                                                     int32_t confine);
 
 /* As moert_model_load_file(), within the limits of `options` (NULL: the defaults). */
 MOERT_API moert_status* moert_model_load_file_with_options(const char* path,

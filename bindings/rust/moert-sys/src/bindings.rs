@@ -176,6 +176,16 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
+    #[doc = " Sets confine_external_data: 1 on, 0 off (the default); any other value is"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT and changes nothing. A data file outside the directory fails the"]
+    #[doc = " load with MOERT_ERR_INVALID_MODEL, as a \"..\" in its name does, naming the file it resolved to,"]
+    #[doc = " the directory and the option."]
+    pub fn moert_load_options_set_confine_external_data(
+        options: *mut moert_load_options,
+        confine: i32,
+    ) -> *mut moert_status;
+}
+extern "C" {
     #[doc = " As moert_model_load_file(), within the limits of `options` (NULL: the defaults)."]
     pub fn moert_model_load_file_with_options(
         path: *const ::std::os::raw::c_char,

@@ -1239,6 +1239,19 @@ impl LoadOptions {
         Ok(self)
     }
 
+    /// When `on`, an external data file (a checkpoint's included) that lies outside the model's
+    /// directory once symbolic links are followed is refused with [`Code::INVALID_MODEL`]:
+    /// without it a link there named as the data file makes any readable file the weights. Off
+    /// by default, because content stores such as the Hugging Face hub cache link every file from
+    /// elsewhere.
+    pub fn confine_external_data(&mut self, on: bool) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe {
+            sys::moert_load_options_set_confine_external_data(self.ptr.as_ptr(), i32::from(on))
+        })?;
+        Ok(self)
+    }
+
     /// As [`Model::load`], within these limits.
     pub fn load_model(&self, path: impl AsRef<Path>) -> Result<Model> {
         let path = c_path(path.as_ref())?;

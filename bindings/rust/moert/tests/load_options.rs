@@ -70,3 +70,51 @@ fn limits_bound_checkpoint_loads_and_a_refusal_keeps_the_session() {
     assert_eq!(b.step_count().unwrap(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn confine_external_data_refuses_a_data_file_linked_from_outside() {
+    let root = std::env::temp_dir().join(format!("moert-rust-confine-{}", std::process::id()));
+    let dir = root.join("ck");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("ck.moert");
+    let model = Model::load(model_path()).unwrap();
+    let mut so = SessionOptions::new().unwrap();
+    so.mode(Mode::TRAINING).unwrap();
+    let a = Session::new(&model, Some(&so)).unwrap();
+    let b = Session::new(&model, Some(&so)).unwrap();
+    a.zero_grad().unwrap();
+    a.forward_tokens(&[0; 16 * 4], 16).unwrap();
+    a.backward_loss(&[0; 16]).unwrap();
+    a.step().unwrap();
+    a.save(&ckpt).unwrap();
+    // The checkpoint's data file moves out of its directory, and a link takes its place.
+    let data: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "data"))
+        .collect();
+    assert_eq!(data.len(), 1, "{data:?}");
+    let moved = root.join("elsewhere.data");
+    std::fs::rename(&data[0], &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &data[0]).unwrap();
+
+    let mut options = LoadOptions::new().unwrap();
+    options.confine_external_data(true).unwrap();
+    let message = expect_invalid_model(options.load_checkpoint(&b, &ckpt));
+    assert!(
+        message.contains("outside the model's directory"),
+        "{message}"
+    );
+    assert_eq!(b.step_count().unwrap(), 0);
+    expect_invalid_model(options.load_model(&ckpt));
+    options.confine_external_data(false).unwrap();
+    options.load_checkpoint(&b, &ckpt).unwrap();
+    assert_eq!(b.step_count().unwrap(), 1);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+fn expect_invalid_model<T: std::fmt::Debug>(result: moert::Result<T>) -> String {
+    let err = result.expect_err("the load should have been refused");
+    assert_eq!(err.code(), Code::INVALID_MODEL, "{err}");
+    err.message().to_string()
+}

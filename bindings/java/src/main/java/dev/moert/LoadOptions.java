@@ -44,6 +44,20 @@ public final class LoadOptions extends NativeHandle<SWIGTYPE_p_moert_load_option
     return this;
   }
 
+  /**
+   * When {@code on}, an external data file (a checkpoint's included) that lies outside the model's
+   * directory once symbolic links are followed is refused ({@code MOERT_ERR_INVALID_MODEL}):
+   * without it a link there named as the data file makes any readable file the weights. Off by
+   * default, because content stores such as the Hugging Face hub cache link every file from
+   * elsewhere.
+   */
+  public LoadOptions confineExternalData(boolean on) {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_load_options_set_confine_external_data(u.ptr(), on ? 1 : 0));
+    }
+    return this;
+  }
+
   /** As {@link Model#load(Path)}, within these limits. */
   public Model loadModel(Path path) {
     return loadModel(path.toString());

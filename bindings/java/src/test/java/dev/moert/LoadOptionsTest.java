@@ -25,6 +25,12 @@ class LoadOptionsTest {
     return e;
   }
 
+  private static MoertException expectInvalidModel(Executable call) {
+    MoertException e = assertThrows(MoertException.class, call);
+    assertEquals(CapiConstants.MOERT_ERR_INVALID_MODEL, e.getCode(), e.getMessage());
+    return e;
+  }
+
   @Test
   void limitsRefuseModelLoadsAboveThemAndAllowThoseBelow() throws IOException {
     byte[] bytes = Files.readAllBytes(Path.of(MODEL));
@@ -62,6 +68,37 @@ class LoadOptionsTest {
       expectLimit(() -> options.loadCheckpoint(b, ckpt.toString()));
       assertEquals(0, b.stepCount());
       options.maxMemory(-1L); // UINT64_MAX: the session's own bound alone
+      options.loadCheckpoint(b, ckpt.toString());
+      assertEquals(1, b.stepCount());
+    }
+  }
+
+  @Test
+  void confineExternalDataRefusesADataFileLinkedFromOutside() throws IOException {
+    Path ckDir = Files.createDirectory(dir.resolve("ck"));
+    Path ckpt = ckDir.resolve("ck.moert");
+    try (Model model = Model.load(MODEL);
+        SessionOptions so = SessionOptions.create().mode(CapiConstants.MOERT_MODE_TRAINING);
+        Session a = Session.create(model, so);
+        Session b = Session.create(model, so);
+        LoadOptions options = LoadOptions.create().confineExternalData(true)) {
+      a.zeroGrad();
+      a.forwardTokens(new int[16 * 4], 16);
+      a.backwardLoss(new int[16]);
+      a.step();
+      a.save(ckpt.toString());
+      // The checkpoint's data file moves out of its directory, and a link takes its place.
+      Path data;
+      try (var files = Files.list(ckDir)) {
+        data = files.filter(p -> p.toString().endsWith(".data")).findFirst().orElseThrow();
+      }
+      Path moved = Files.move(data, dir.resolve("elsewhere.data"));
+      Files.createSymbolicLink(data, moved);
+      MoertException e = expectInvalidModel(() -> options.loadCheckpoint(b, ckpt.toString()));
+      assertTrue(e.getMessage().contains("outside the model's directory"), e.getMessage());
+      assertEquals(0, b.stepCount());
+      expectInvalidModel(() -> options.loadModel(ckpt));
+      options.confineExternalData(false);
       options.loadCheckpoint(b, ckpt.toString());
       assertEquals(1, b.stepCount());
     }
