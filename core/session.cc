@@ -923,10 +923,11 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
              "a backward pass of this step failed after it had begun accumulating "
              "gradients (",
              poisoned_, "); call zero_grad to discard the step");
-      // The moments first, inside the agreement, when this step will update: an allocation that
-      // fails on one rank then refuses the step on every rank, before any change. (A gradient
-      // that only a checkpoint brought, with no micro-batch since, gets them below.)
-      if (micro_batches_ > 0 || gradient_written()) allocate_moments();
+      // The moments first, inside the agreement: an allocation that fails on one rank then
+      // refuses the step on every rank, before any change. Whether the step updates is known
+      // only later (a gradient that a checkpoint brought, with no micro-batch since, does), so
+      // they are made for every step and taken back after one that did not update.
+      allocate_moments();
     });
     if (par_) check_ranks_agree_to_step();
   } catch (...) {
@@ -972,12 +973,6 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
-    try {
-      allocate_moments();
-    } catch (...) {
-      take_back_moments();
-      throw;
-    }
     updated = true;
     stale_copies_.clear();  // every copy is made again below
     // A copy that cannot be refreshed does not stop the update: every parameter and the biases
@@ -1002,6 +997,7 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
       }
     }
   }
+  if (!updated) take_back_moments();
   commit_biases(biases);
   ++step_;
   if (made) *made = info;

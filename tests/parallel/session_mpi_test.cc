@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -849,6 +850,53 @@ TEST(SessionMpi, AnAllocationFailureOutsideTheExpertsFailsEveryRankAtOnce) {
     SessionPtr clean = session(m.get(), true, ep, true);
     train(clean.get(), want);
     EXPECT_TRUE(same(out, want));
+  }
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
+}
+
+// A gradient that only a checkpoint brought (written with set_gradient before it was saved, no
+// micro-batch since) is stepped on after a load; the moments that step makes are made inside the
+// step's agreement too, so a rank that cannot have them fails every rank at once instead of
+// leaving the others to update alone and wait.
+TEST(SessionMpi, MomentsForAGradientACheckpointBroughtFailEveryRankAtOnce) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  if (!kAllocationLimits) GTEST_SKIP() << "the sanitizers replace operator new themselves";
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
+  ModelDesc d = hidden_baseline();
+  d.layers.insert(d.layers.begin() + 2, dense_layer("ffn", 8, 2048));  // w1: 64 KiB
+  ModelPtr m = load(d);
+  std::vector<float> grad(2048 * 8);
+  for (size_t i = 0; i < grad.size(); ++i) grad[i] = 0.001f * static_cast<float>(i % 17) - 0.008f;
+  const char* named = g_rank == 1 ? "memory" : "rank 1";
+  for (int ep : layouts()) {
+    SCOPED_TRACE("ep " + std::to_string(ep));
+    SessionPtr writer = session(m.get(), true, ep, true);
+    ASSERT_TRUE(IsOk(moert_session_set_gradient(writer.get(), "ffn.w1", grad.data(), grad.size())));
+    const std::string path = ::testing::TempDir() + "checkpoint_gradient_" +
+                             std::to_string(g_size) + "_" + std::to_string(ep) + ".moert";
+    ASSERT_TRUE(IsOk(moert_session_save(writer.get(), path.c_str())));
+    SessionPtr s = session(m.get(), true, ep, true);
+    ASSERT_TRUE(IsOk(moert_session_load(s.get(), path.c_str())));
+    const auto start = std::chrono::steady_clock::now();
+    {
+      const AllocationLimit cap(g_rank == 1 ? 8192 : 0);
+      EXPECT_TRUE(
+          IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_OUT_OF_MEMORY, {named}));
+    }
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 30.0)
+        << "a rank waited for the failing one";
+    uint64_t steps = 7;
+    ASSERT_TRUE(IsOk(moert_session_step_count(s.get(), &steps)));
+    EXPECT_EQ(steps, 0u);
+    // Then the step is made, as the writer makes it from the gradient it wrote.
+    ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+    ASSERT_TRUE(IsOk(moert_session_step(writer.get(), nullptr, nullptr)));
+    std::vector<float> got(grad.size()), want(grad.size());
+    ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), "ffn.w1", got.data(), got.size())));
+    ASSERT_TRUE(
+        IsOk(moert_session_get_parameter(writer.get(), "ffn.w1", want.data(), want.size())));
+    EXPECT_TRUE(same(got, want));
+    std::remove(path.c_str());
   }
   ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
 }
