@@ -821,6 +821,9 @@ std::unique_ptr<Model> Loader::run() {
     fail(Code::InvalidModel, "model: schema_major is ", root_->schema_major(),
          " but this library reads schema ", kSchemaMajor,
          root_->schema_major() == 0 ? " (the field is missing)" : "");
+  // moert_model_name() returns a C string, which would end at the NUL.
+  if (root_->name() && root_->name()->string_view().find('\0') != std::string_view::npos)
+    fail(Code::InvalidModel, "model: field 'name' contains a NUL byte");
   // Every check first, with nothing allocated or read: the limits are enforced on the totals.
   {
     planning_ = true;

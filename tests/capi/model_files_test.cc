@@ -793,6 +793,12 @@ TEST(ModelFiles, LayerNameWithNulByte) {
               MOERT_ERR_INVALID_MODEL, {"layer 3", "'name'", "NUL"}));
 }
 
+TEST(ModelFiles, ModelNameWithNulByte) {
+  // moert_model_name() would return "tiny" for "tiny\0-v2".
+  EXPECT_TRUE(IsError(load_changed([](ModelDesc& d) { d.name = std::string("tiny\0-v2", 8); }),
+                      MOERT_ERR_INVALID_MODEL, {"model", "'name'", "NUL"}));
+}
+
 TEST(ModelFiles, NoLayers) {
   ModelDesc d = token_baseline();
   d.layers.clear();
