@@ -1,7 +1,9 @@
 #include "core/model_loader.h"
 
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -28,12 +30,9 @@
 namespace moert {
 namespace {
 
-// Opens `path` for reading when it is a regular file, else fails (Io) naming it as `what`. The
-// open does not block: a FIFO with no writer (or a device that waits) is refused at once instead
-// of hanging the caller. Returns the descriptor; its size goes to *size.
-int open_regular_file(const std::string& path, const char* what, uint64_t* size) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) fail(Code::Io, "cannot open ", what, " '", path, "': ", std::strerror(errno));
+// Keeps `fd` when it is a regular file, made blocking again, else closes it and fails (Io) naming
+// `path` as `what`. Its size goes to *size.
+int regular_file(int fd, const std::string& path, const char* what, uint64_t* size) {
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
@@ -47,6 +46,15 @@ int open_regular_file(const std::string& path, const char* what, uint64_t* size)
   }
   *size = static_cast<uint64_t>(st.st_size);
   return fd;
+}
+
+// Opens `path` for reading when it is a regular file, else fails (Io) naming it as `what`. The
+// open does not block: a FIFO with no writer (or a device that waits) is refused at once instead
+// of hanging the caller. Returns the descriptor; its size goes to *size.
+int open_regular_file(const std::string& path, const char* what, uint64_t* size) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) fail(Code::Io, "cannot open ", what, " '", path, "': ", std::strerror(errno));
+  return regular_file(fd, path, what, size);
 }
 
 // FlatBuffers offsets are 32-bit: nothing larger can be a valid buffer.
@@ -92,13 +100,92 @@ std::string bytes_str(uint64_t b) {
   return buf;
 }
 
+constexpr const char* kConfineAdvice =
+    " (the load option confine_external_data refuses it; content stores such as the Hugging Face "
+    "cache link each file from elsewhere and need it off)";
+
+// Refuses the data file `path` whose links lead to `target` (empty: unknown), outside `root`.
+[[noreturn]] void refuse_outside(const std::string& path, const std::string& root,
+                                 const std::filesystem::path& target) {
+  if (target.empty())
+    fail(Code::InvalidModel, "model: external weight file '", path,
+         "' leaves the model's directory '", root, "' once its symbolic links are followed",
+         kConfineAdvice);
+  fail(Code::InvalidModel, "model: external weight file '", path, "' is '", target.string(),
+       "' once its symbolic links are followed, outside the model's directory '", root, "'",
+       kConfineAdvice);
+}
+
+// Whether `file` lies inside the directory `root`, both resolved.
+bool lies_inside(const std::filesystem::path& root, const std::filesystem::path& file) {
+  const auto [r, f] = std::mismatch(root.begin(), root.end(), file.begin(), file.end());
+  return r == root.end() && f != file.end();
+}
+
+}  // namespace
+
+int open_confined(const std::string& root, const std::string& rel, uint64_t* size,
+                  bool use_openat2) {
+  const std::string path = (std::filesystem::path(root) / rel).string();
+  if (use_openat2) {
+    const int dir = ::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0)
+      fail(Code::Io, "cannot open the model's directory '", root, "': ", std::strerror(errno));
+    // The kernel resolves every component beneath the directory and refuses a step out of it
+    // ("..", an absolute link, a link leading out) before anything outside is opened, so a link
+    // swapped in meanwhile changes nothing.
+    open_how how{};
+    how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
+    how.resolve = RESOLVE_BENEATH;
+    const int fd = static_cast<int>(::syscall(SYS_openat2, dir, rel.c_str(), &how, sizeof how));
+    const int err = fd < 0 ? errno : 0;
+    ::close(dir);
+    if (fd >= 0) return regular_file(fd, path, "external weight file", size);
+    if (err == EXDEV) {
+      // Where it leads, for the message only: nothing there is opened.
+      std::error_code ec;
+      const std::filesystem::path target = std::filesystem::canonical(path, ec);
+      const std::filesystem::path inside = std::filesystem::canonical(root, ec);
+      if (!ec && !target.empty() && lies_inside(inside, target))
+        fail(Code::InvalidModel, "model: external weight file '", path, "' is '", target.string(),
+             "', inside the model's directory '", root,
+             "', but reached by a way out of it (an absolute symbolic link, or '..' out and back "
+             "in), which the load option confine_external_data refuses: a link relative to its "
+             "own folder that stays inside loads");
+      refuse_outside(path, root, target);
+    }
+    if (err != ENOSYS && err != EPERM)
+      fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(err));
+  }
+  // No openat2 (a kernel before 5.6, or a sandbox that filters it): the file opened is checked
+  // where /proc/self/fd says it lies, and refused when that cannot be known.
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path inside = fs::canonical(root, ec);
+  if (ec) fail(Code::Io, "cannot resolve the model's directory '", root, "': ", ec.message());
+  const int fd = open_regular_file(path, "external weight file", size);
+  const fs::path opened = fs::read_symlink("/proc/self/fd/" + std::to_string(fd), ec);
+  if (ec || !lies_inside(inside, opened)) {
+    ::close(fd);
+    if (ec)
+      fail(Code::InvalidModel, "model: external weight file '", path,
+           "' cannot be shown to lie inside the model's directory '", inside.string(),
+           "' (the kernel has no openat2 and /proc/self/fd says: ", ec.message(), ")",
+           kConfineAdvice);
+    refuse_outside(path, inside.string(), opened);
+  }
+  return fd;
+}
+
+namespace {
+
 // Reads ranges of the external weight file, opened on first use.
 class ExternalFile {
  public:
-  // `confine_to`, when not empty, is the directory the file must lie inside once symbolic links
-  // are followed (LoadOptions::confine_external_data).
-  ExternalFile(std::string path, std::string confine_to)
-      : path_(std::move(path)), confine_to_(std::move(confine_to)) {}
+  // `confine_to`, when not empty, is the directory whose file `rel` is and which its resolution
+  // may not leave (LoadOptions::confine_external_data).
+  ExternalFile(std::string path, std::string rel, std::string confine_to)
+      : path_(std::move(path)), rel_(std::move(rel)), confine_to_(std::move(confine_to)) {}
   ~ExternalFile() {
     if (fd_ >= 0) ::close(fd_);
   }
@@ -131,46 +218,11 @@ class ExternalFile {
  private:
   void open_once() {
     if (fd_ >= 0) return;
-    // By name first, so that nothing outside is opened (opening a device can act on it); then on
-    // the file opened, so that a link swapped in between the two changes nothing.
-    if (!confine_to_.empty()) refuse_outside(resolved(path_));
-    const int fd = open_regular_file(path_, "external weight file", &size_);
-    if (!confine_to_.empty()) {
-      std::error_code ec;
-      const std::filesystem::path opened =
-          std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd), ec);
-      try {
-        refuse_outside(ec ? resolved(path_) : opened);
-      } catch (...) {
-        ::close(fd);
-        throw;
-      }
-    }
-    fd_ = fd;
+    fd_ = confine_to_.empty() ? open_regular_file(path_, "external weight file", &size_)
+                              : open_confined(confine_to_, rel_, &size_, true);
   }
 
-  std::filesystem::path resolved(const std::string& path) const {
-    std::error_code ec;
-    std::filesystem::path p = std::filesystem::canonical(path, ec);
-    // A name that does not resolve is left to open_regular_file's error, which says why.
-    return ec ? std::filesystem::path{} : p;
-  }
-
-  void refuse_outside(const std::filesystem::path& file) const {
-    if (file.empty()) return;
-    const std::filesystem::path root = resolved(confine_to_);
-    if (root.empty())
-      fail(Code::Io, "cannot resolve the model's directory '", confine_to_,
-           "' to confine its external weight file");
-    const auto [r, f] = std::mismatch(root.begin(), root.end(), file.begin(), file.end());
-    if (r != root.end() || f == file.end())
-      fail(Code::InvalidModel, "model: external weight file '", path_, "' is '", file.string(),
-           "' once its symbolic links are followed, outside the model's directory '", root.string(),
-           "' (the load option confine_external_data refuses it; content stores such as the "
-           "Hugging Face cache link each file from elsewhere and need it off)");
-  }
-
-  std::string path_, confine_to_;
+  std::string path_, rel_, confine_to_;
   int fd_ = -1;
   uint64_t size_ = 0;
 };
@@ -321,6 +373,7 @@ ExternalFile& Loader::external(const char* field) {
     fail(Code::InvalidModel, "model: has external weights ('", name->str(),
          "') but was loaded from memory without an external data directory");
   external_ = std::make_unique<ExternalFile>((std::filesystem::path(external_dir_) / rel).string(),
+                                             name->str(),
                                              options_.confine_external_data ? external_dir_ : "");
   return *external_;
 }

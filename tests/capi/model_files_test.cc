@@ -964,6 +964,10 @@ TEST_F(ExternalData, ConfineExternalDataRefusesALinkOutOfTheModelsDirectory) {
                                                            confine.get(), &out),
                       MOERT_ERR_INVALID_MODEL, {"outside the model's directory"}));
   EXPECT_EQ(out, sentinel_model());
+  // A data name of "." is the directory itself: not a regular file, as without the option.
+  write_file(dir_.path() / "m" / "dot.moert", build(with_external_gate(64, kGateBytes, ".")));
+  EXPECT_TRUE(IsError(load_confined(dir_.path() / "m" / "dot.moert"), MOERT_ERR_IO,
+                      {"not a regular file"}));
   // Inside: a link to a file of the same directory, and the whole directory through a link.
   fs::create_symlink("weights.bin", dir_.path() / "inside.bin");
   write_file(dir_.path() / "inside.moert", build(with_external_gate(64, kGateBytes, "inside.bin")));

@@ -145,16 +145,23 @@ MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
  *                   ranges of external data it uses (a checkpoint's data file included). The
  *                   description's size is checked before it is read.
  * And one rule about where a load may read, off by default:
- *   confine_external_data  the external data file (a checkpoint's included) must lie inside the
- *                   model's directory (the model file's, or external_dir) once symbolic links are
- *                   followed, checked by name before the file is opened and again on the file
- *                   opened. A link there named as the data file otherwise makes any file the
- *                   process can read the model's weights: a service loading folders it did not
- *                   write turns it on. Off by default because content stores link every file
- *                   from elsewhere (the Hugging Face hub cache's snapshots/ into blobs/,
- *                   git-annex, DVC): such a folder is refused when it is on. A hard link is the
- *                   file itself, and is not refused. Names with ".." or an absolute path are
- *                   refused whatever this says (MOERT_ERR_INVALID_MODEL).
+ *   confine_external_data  the external data file (a checkpoint's included) must be reached
+ *                   without leaving the model's directory: the directory it is looked up in (that
+ *                   of the model file's path as given, or external_dir; "/" confines nothing).
+ *                   The kernel resolves its name beneath that directory (openat2 with
+ *                   RESOLVE_BENEATH, Linux 5.6) and refuses any step out of it before anything
+ *                   outside is opened; a link swapped in meanwhile changes nothing. An absolute
+ *                   link, or ".." out and back in, is refused even when it ends inside; relative
+ *                   links that stay inside load. Where openat2 is not available (an older kernel,
+ *                   a sandbox that filters it) the file is opened, then refused unless
+ *                   /proc/self/fd shows it inside the directory, or cannot show it. A link there
+ *                   named as the data file otherwise makes any file the process can read the
+ *                   model's weights: a service loading folders it did not write turns it on. Off
+ *                   by default because content stores link every file from elsewhere (the
+ *                   Hugging Face hub cache's snapshots/ into blobs/, git-annex, DVC): such a
+ *                   folder is refused when it is on. A hard link is the file itself, and is not
+ *                   refused. Names with ".." or an absolute path are refused whatever this says
+ *                   (MOERT_ERR_INVALID_MODEL).
  * A moert_load_options object must not be modified concurrently; loads only read it, and it may
  * be freed once they return. */
 
