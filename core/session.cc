@@ -1674,7 +1674,8 @@ void Session::load(const std::string& path, const LoadOptions* limits, bool path
   step_ = st.step;
   micro_batches_ = st.micro_batches;
   pending_backward_ = false;
-  written_.clear();  // every rank now holds the file's state
+  poisoned_.clear();  // the gradients a failed backward left half-written are the file's now
+  written_.clear();   // every rank now holds the file's state
 }
 
 }  // namespace moert

@@ -261,6 +261,49 @@ TEST(Faults, ASaveRefusesAStepWhoseBackwardFailedMidway) {
   EXPECT_TRUE(IsOk(moert_session_load(t.get(), path.c_str())));
 }
 
+// A checkpoint loaded after a backward failed midway replaces the gradients that failure left
+// half-written: the step and the save no longer blame it, and training goes on as in a session
+// that only loaded the file.
+TEST(Faults, ALoadAfterABackwardFailedMidwayClearsTheFailure) {
+  ModelPtr m = load(two_expert_lossfree());
+  TempDir dir;
+  const std::string path = (dir.path() / "mid.ckpt").string();
+  const std::vector<float> dy = {0.25f, -0.5f, 0.125f, 0.75f};
+  // A checkpoint in the middle of an accumulation: one micro-batch, no step yet.
+  SessionPtr writer = session(m.get(), MOERT_MODE_TRAINING);
+  forward(writer.get(), rows_to({0, 1}));
+  ASSERT_TRUE(
+      IsOk(moert_session_backward(writer.get(), dy.data(), dy.size(), nullptr, 0, nullptr)));
+  ASSERT_TRUE(IsOk(moert_session_save(writer.get(), path.c_str())));
+
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  forward(s.get(), rows_to({1, 0}));
+  const std::vector<float> huge(4, 3e38f);
+  std::vector<float> gin(4);
+  ASSERT_TRUE(IsError(
+      moert_session_backward(s.get(), huge.data(), huge.size(), gin.data(), gin.size(), nullptr),
+      MOERT_ERR_NUMERIC));
+  ASSERT_TRUE(IsOk(moert_session_load(s.get(), path.c_str())));
+  EXPECT_TRUE(IsOk(moert_session_save(s.get(), (dir.path() / "again.ckpt").c_str())));
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+
+  SessionPtr fresh = session(m.get(), MOERT_MODE_TRAINING);
+  ASSERT_TRUE(IsOk(moert_session_load(fresh.get(), path.c_str())));
+  ASSERT_TRUE(IsOk(moert_session_step(fresh.get(), nullptr, nullptr)));
+  uint32_t count = 0;
+  ASSERT_TRUE(IsOk(moert_session_num_parameters(s.get(), &count)));
+  ASSERT_GT(count, 0u);
+  for (uint32_t i = 0; i < count; ++i) {
+    const char* name = nullptr;
+    uint64_t n = 0;
+    ASSERT_TRUE(IsOk(moert_session_parameter_info(s.get(), i, &name, &n)));
+    std::vector<float> got(n), want(n);
+    ASSERT_TRUE(IsOk(moert_session_get_parameter(s.get(), name, got.data(), n)));
+    ASSERT_TRUE(IsOk(moert_session_get_parameter(fresh.get(), name, want.data(), n)));
+    EXPECT_EQ(got, want) << name;
+  }
+}
+
 // The bias update rate and its freezing belong to the loss-free bias: a layer balanced otherwise
 // has neither, and naming it is refused rather than accepted and ignored.
 TEST(Faults, ABiasRateOrFreezeOfALayerWithoutTheLossFreeBiasIsRefused) {
