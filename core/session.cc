@@ -187,8 +187,13 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
            "'");
     global_aux = value == "global";
   } else if (key == "sequence_length") {
-    t.sequence_length = static_cast<int64_t>(
-        std::min<uint64_t>(parse_count(key, value), std::numeric_limits<int32_t>::max()));
+    const uint64_t rows = parse_count(key, value);
+    if (rows > static_cast<uint64_t>(std::numeric_limits<int32_t>::max()))
+      fail(Code::InvalidArgument,
+           "option 'sequence_length' takes an integer in [0, 2147483647] (0: the whole batch), "
+           "got '",
+           value, "'");
+    t.sequence_length = static_cast<int64_t>(rows);
   } else {
     fail(Code::InvalidArgument, "unknown session option '", key,
          "' (known: check_finite, cuda_plugin, precision, fp8_scales, layout_copies, "

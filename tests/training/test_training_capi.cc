@@ -662,6 +662,15 @@ TEST(TrainingMisuse, ClearStatusesAndNoStateChange) {
   EXPECT_EQ(code_of(moert_session_set_config(t.s, "no_such_knob", "1")),
             MOERT_ERR_INVALID_ARGUMENT);
   MOERT_OK_OR_FAIL(moert_session_set_config(t.s, "lr", "0.5"));
+  // sequence_length counts rows in 32 bits: more is refused, not cut to 2^31 - 1.
+  MOERT_OK_OR_FAIL(moert_session_set_config(t.s, "sequence_length", "2147483647"));
+  for (const char* v : {"2147483648", "4294967304", "18446744073709551615"}) {
+    EXPECT_EQ(code_of(moert_session_set_config(t.s, "sequence_length", v), &msg),
+              MOERT_ERR_INVALID_ARGUMENT)
+        << v;
+    EXPECT_NE(msg.find("[0, 2147483647]"), std::string::npos) << msg;
+  }
+  MOERT_OK_OR_FAIL(moert_session_set_config(t.s, "sequence_length", "0"));
   EXPECT_EQ(code_of(moert_session_set_config(t.s, "cuda_plugin", "/elsewhere/libmoert_cuda.so")),
             MOERT_ERR_INVALID_STATE);
   // An inference session takes the knobs that act on it, and refuses the training ones (once

@@ -936,7 +936,8 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
  *   "clip_norm" (0 = off): clip the global gradient norm
  *   "warmup_steps" (0): linear warm-up; "total_steps" (0 = constant): cosine decay to min_lr
  *     (a step with min_lr above lr and a decay to run is MOERT_ERR_INVALID_STATE)
- *   "sequence_length" (0 = the whole batch): rows per sequence for the sequence-wise aux loss */
+ *   "sequence_length" (0 = the whole batch, at most 2^31 - 1): rows per sequence for the
+ *     sequence-wise aux loss */
 
 /* A target that takes no part in the loss (PyTorch's ignore_index). */
 #define MOERT_IGNORE_TARGET (-100)
