@@ -1375,6 +1375,13 @@ void Session::read_bias(uint32_t layer, float* out, uint64_t len) const {
 void Session::write_bias(uint32_t layer, const float* in, uint64_t len) {
   require_training("writing the expert bias");
   moe_layer(layer);
+  // Its experts choose their tokens: no bias enters that choice, so a written one would be
+  // accepted and ignored.
+  if (std::get<MoESpec>(model_->layers[layer].spec).balancing.policy ==
+      BalancingPolicy::ExpertChoice)
+    fail(Code::InvalidArgument, "MoE layer ", layer, " ('", model_->layers[layer].name,
+         "') balances by ExpertChoice: its experts choose their tokens and no bias steers that "
+         "choice");
   auto& bias = std::get<MoESpec>(params_->layers[layer].spec).gate_bias.values;
   check_len(len, static_cast<int64_t>(bias.size()), "bias");
   for (uint64_t i = 0; i < len; ++i)

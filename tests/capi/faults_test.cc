@@ -322,6 +322,16 @@ TEST(Faults, ABiasRateOrFreezeOfALayerWithoutTheLossFreeBiasIsRefused) {
   // Still refused as given first: a rate fp32 cannot hold.
   EXPECT_TRUE(IsError(moert_session_set_bias_update_rate(s.get(), 0, 1e39),
                       MOERT_ERR_INVALID_ARGUMENT, {"fp32"}));
+  // The bias itself steers the top-K selection of a layer balanced otherwise too: writing it is
+  // taken (moert.h). Not an Expert Choice layer's, whose experts choose their tokens.
+  const std::vector<float> bias = {0.5f, -0.5f};
+  EXPECT_TRUE(IsOk(moert_session_set_expert_bias(s.get(), 0, bias.data(), bias.size())));
+  ModelDesc ec = two_expert_lossfree();
+  ec.layers[0].moe.balancing.policy = 4;  // ExpertChoice
+  ModelPtr choice = load(ec);
+  SessionPtr u = session(choice.get(), MOERT_MODE_TRAINING);
+  EXPECT_TRUE(IsError(moert_session_set_expert_bias(u.get(), 0, bias.data(), bias.size()),
+                      MOERT_ERR_INVALID_ARGUMENT, {"moe0", "ExpertChoice", "no bias"}));
   // A loss-free layer takes them.
   ModelPtr lossfree = load(two_expert_lossfree());
   SessionPtr t = session(lossfree.get(), MOERT_MODE_TRAINING);

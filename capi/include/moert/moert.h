@@ -922,7 +922,9 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
 
 /* ---- Training ---------------------------------------------------------------------------- */
 /* All functions below need a session created with MOERT_MODE_TRAINING and return
- * MOERT_ERR_INVALID_STATE otherwise. Such a session trains its own copy of the parameters.
+ * MOERT_ERR_INVALID_STATE otherwise, but three: moert_session_set_config() (see there),
+ * moert_session_step_count() (0 in an inference session) and moert_session_get_expert_bias(),
+ * which read in every mode. A training session trains its own copy of the parameters.
  *
  * A training step: moert_session_zero_grad(); for each micro-batch, a forward pass then
  * moert_session_backward_loss() (or moert_session_backward()); then moert_session_step(). Every
@@ -1061,7 +1063,12 @@ MOERT_API moert_status* moert_session_set_gradient(moert_session* session, const
                                                    const float* in, uint64_t len);
 
 /* The loss-free balancing bias (num_experts fp32 values) of MoE layer `layer`. It steers expert
- * selection only and receives no gradient. Reading works in every mode. */
+ * selection only and receives no gradient. Every MoE layer has one, whatever its balancing policy
+ * (zeros unless its model file holds one, as an imported DeepSeek-V3 layer's
+ * e_score_correction_bias): only a LossFreeBias layer's steps update it, but setting it steers
+ * the top-K selection of any layer, and checkpoints keep it. An ExpertChoice layer's experts
+ * choose their tokens without it: setting its bias is MOERT_ERR_INVALID_ARGUMENT. Reading works
+ * in every mode. */
 MOERT_API moert_status* moert_session_get_expert_bias(const moert_session* session, uint32_t layer,
                                                       float* out, uint64_t len);
 MOERT_API moert_status* moert_session_set_expert_bias(moert_session* session, uint32_t layer,

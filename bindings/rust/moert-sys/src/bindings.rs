@@ -1170,7 +1170,12 @@ extern "C" {
 }
 extern "C" {
     #[doc = " The loss-free balancing bias (num_experts fp32 values) of MoE layer `layer`. It steers expert"]
-    #[doc = " selection only and receives no gradient. Reading works in every mode."]
+    #[doc = " selection only and receives no gradient. Every MoE layer has one, whatever its balancing policy"]
+    #[doc = " (zeros unless its model file holds one, as an imported DeepSeek-V3 layer's"]
+    #[doc = " e_score_correction_bias): only a LossFreeBias layer's steps update it, but setting it steers"]
+    #[doc = " the top-K selection of any layer, and checkpoints keep it. An ExpertChoice layer's experts"]
+    #[doc = " choose their tokens without it: setting its bias is MOERT_ERR_INVALID_ARGUMENT. Reading works"]
+    #[doc = " in every mode."]
     pub fn moert_session_get_expert_bias(
         session: *const moert_session,
         layer: u32,
