@@ -4,6 +4,8 @@
 // otherwise. The C ABI tests (capi.ExternalData, capi.LoadLimits) load models through it.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cstdint>
@@ -20,9 +22,21 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// Whether this kernel (and sandbox) lets a process call openat2.
+bool openat2_available() {
+  open_how how{};
+  how.flags = O_RDONLY | O_CLOEXEC;
+  const long fd = ::syscall(SYS_openat2, AT_FDCWD, "/", &how, sizeof how);
+  if (fd >= 0) ::close(static_cast<int>(fd));
+  return fd >= 0;
+}
+
 class ConfinedOpen : public testing::TestWithParam<bool> {
  protected:
   void SetUp() override {
+    if (GetParam() && !openat2_available())
+      GTEST_SKIP() << "this kernel or sandbox has no openat2: loads take the other way, which "
+                      "the ProcSelfFd cases cover";
     char pattern[] = "/tmp/moert_confined_XXXXXX";
     ASSERT_NE(::mkdtemp(pattern), nullptr);
     base_ = pattern;
@@ -31,7 +45,9 @@ class ConfinedOpen : public testing::TestWithParam<bool> {
     std::ofstream(base_ / "m" / "w.data") << "inside!";
     std::ofstream(base_ / "outside" / "secret.data") << "secret";
   }
-  void TearDown() override { fs::remove_all(base_); }
+  void TearDown() override {
+    if (!base_.empty()) fs::remove_all(base_);
+  }
 
   // The bytes of the file opened, or the error's code and message.
   std::string open(const std::string& rel, Code* code = nullptr) {
