@@ -948,7 +948,8 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
  * `num_targets` = rows), averaged over the rows that take part (not padding) and whose target is
  * not MOERT_IGNORE_TARGET (a loss of 0 and no loss gradient when there are none), plus the
  * auxiliary balancing losses of the MoE layers; gradients of all parameters are accumulated.
- * *loss (may be NULL) receives the loss. Needs an OutputHead as the last layer.
+ * *loss (may be NULL) receives the loss. Needs an OutputHead as the last layer
+ * (MOERT_ERR_INVALID_STATE otherwise).
  *
  * Both backward functions use the last forward pass, which must have been a training-mode pass
  * with no backward yet: an eval-mode forward, moert_session_zero_grad(), moert_session_load() or
@@ -959,7 +960,8 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
  * starts (wrong sizes, a bad target, a NaN in grad_out) leaves everything as it was and may be
  * retried; one that fails after it has begun (out of memory, an input gradient that overflows)
  * has accumulated part of its gradient, so moert_session_step() refuses the step, with that
- * failure's code, until moert_session_zero_grad() discards it. */
+ * failure's code, until moert_session_zero_grad() discards it or moert_session_load() replaces the
+ * gradients with a checkpoint's. */
 MOERT_API moert_status* moert_session_backward_loss(moert_session* session, const int32_t* targets,
                                                     uint64_t num_targets, double* loss);
 
@@ -1134,7 +1136,9 @@ MOERT_API moert_status* moert_session_save(const moert_session* session, const c
 
 /* Restores a checkpoint written by moert_session_save() for the same architecture. The file is
  * verified like any model and its content checked against its digest; a corrupt or truncated
- * file, another architecture or another optimizer is refused and the session keeps its state.
+ * file (MOERT_ERR_INVALID_MODEL), an unreadable one (MOERT_ERR_IO), a model file without training
+ * state, another architecture or another optimizer (MOERT_ERR_INVALID_ARGUMENT) is refused and
+ * the session keeps its state.
  * So is training state that no run reaches, whatever its digest (MOERT_ERR_INVALID_MODEL, also
  * from moert_model_load_file()): a parameter or MoE layer whose state is left out or repeated, a
  * negative AdamW second moment, a moment only a step makes non-zero without its pair (or a second

@@ -998,7 +998,8 @@ extern "C" {
     #[doc = " `num_targets` = rows), averaged over the rows that take part (not padding) and whose target is"]
     #[doc = " not MOERT_IGNORE_TARGET (a loss of 0 and no loss gradient when there are none), plus the"]
     #[doc = " auxiliary balancing losses of the MoE layers; gradients of all parameters are accumulated."]
-    #[doc = " *loss (may be NULL) receives the loss. Needs an OutputHead as the last layer."]
+    #[doc = " *loss (may be NULL) receives the loss. Needs an OutputHead as the last layer"]
+    #[doc = " (MOERT_ERR_INVALID_STATE otherwise)."]
     #[doc = ""]
     #[doc = " Both backward functions use the last forward pass, which must have been a training-mode pass"]
     #[doc = " with no backward yet: an eval-mode forward, moert_session_zero_grad(), moert_session_load() or"]
@@ -1009,7 +1010,8 @@ extern "C" {
     #[doc = " starts (wrong sizes, a bad target, a NaN in grad_out) leaves everything as it was and may be"]
     #[doc = " retried; one that fails after it has begun (out of memory, an input gradient that overflows)"]
     #[doc = " has accumulated part of its gradient, so moert_session_step() refuses the step, with that"]
-    #[doc = " failure's code, until moert_session_zero_grad() discards it."]
+    #[doc = " failure's code, until moert_session_zero_grad() discards it or moert_session_load() replaces the"]
+    #[doc = " gradients with a checkpoint's."]
     pub fn moert_session_backward_loss(
         session: *mut moert_session,
         targets: *const i32,
@@ -1262,7 +1264,9 @@ extern "C" {
 extern "C" {
     #[doc = " Restores a checkpoint written by moert_session_save() for the same architecture. The file is"]
     #[doc = " verified like any model and its content checked against its digest; a corrupt or truncated"]
-    #[doc = " file, another architecture or another optimizer is refused and the session keeps its state."]
+    #[doc = " file (MOERT_ERR_INVALID_MODEL), an unreadable one (MOERT_ERR_IO), a model file without training"]
+    #[doc = " state, another architecture or another optimizer (MOERT_ERR_INVALID_ARGUMENT) is refused and"]
+    #[doc = " the session keeps its state."]
     #[doc = " So is training state that no run reaches, whatever its digest (MOERT_ERR_INVALID_MODEL, also"]
     #[doc = " from moert_model_load_file()): a parameter or MoE layer whose state is left out or repeated, a"]
     #[doc = " negative AdamW second moment, a moment only a step makes non-zero without its pair (or a second"]
