@@ -1154,9 +1154,13 @@ MOERT_API moert_status* moert_session_save(const moert_session* session, const c
  * moert_session_set_config() (lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm,
  * the betas, eps, momentum, sequence_length, ...) are this session's own and stay as set, so a
  * resumed run may change them, and must set them again to continue the same run; only the
- * optimizer is checked (another one is refused). The bias update rates and frozen flags are
- * balancing state and are restored from the file, replacing any set before the load: set them
- * after it to change them.
+ * optimizer is checked (another one is refused). So are the model's settings outside its
+ * architecture -- an RMSNorm's eps, a MoE layer's aux_alpha, bias_centering and capacity_factor:
+ * the session keeps its own model's, whatever the checkpoint's description holds. The
+ * architecture compared is each layer's kind, name, widths, tensor shapes, routing knobs,
+ * balancing policy, residual connection and shared experts. The bias update rates and frozen
+ * flags are balancing state and are restored from the file, replacing any set before the load:
+ * set them after it to change them.
  *
  * A session over several ranks: collective, every rank calls it. Each rank reads the whole file
  * at its `path` -- on a file system the ranks share, or a copy of the same file on each machine
