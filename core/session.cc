@@ -893,6 +893,7 @@ void Session::zero_grad() {
       std::fill(m->counts().step.begin(), m->counts().step.end(), 0);
   pending_backward_ = false;
   poisoned_.clear();
+  gradient_from_checkpoint_ = false;
   std::erase_if(written_, [](const auto& w) { return w.first.first == Written::Gradient; });
 }
 
@@ -928,11 +929,10 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
              "a backward pass of this step failed after it had begun accumulating "
              "gradients (",
              poisoned_, "); call zero_grad to discard the step");
-      // The moments first, inside the agreement: an allocation that fails on one rank then
-      // refuses the step on every rank, before any change. Whether the step updates is known
-      // only later (a gradient that a checkpoint brought, with no micro-batch since, does), so
-      // they are made for every step and taken back after one that did not update.
-      allocate_moments();
+      // The moments first, inside the agreement, when this step may update: an allocation that
+      // fails on one rank then refuses the step on every rank, before any change. A step that
+      // turns out not to update (an all-zero gradient) takes them back below.
+      if (micro_batches_ > 0 || gradient_written() || gradient_from_checkpoint_) allocate_moments();
     });
     if (par_) check_ranks_agree_to_step();
   } catch (...) {
@@ -978,6 +978,12 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
+    try {
+      allocate_moments();  // made above already, unless a source of gradients escaped that test
+    } catch (...) {
+      take_back_moments();
+      throw;
+    }
     updated = true;
     stale_copies_.clear();  // every copy is made again below
     // A copy that cannot be refreshed does not stop the update: every parameter and the biases
@@ -1666,6 +1672,10 @@ void Session::load(const std::string& path, const LoadOptions* limits, bool path
     }
   }
   stale_copies_.clear();
+  // A checkpoint of a step's gradient with no micro-batch counted (set_gradient before the save)
+  // makes the next step update: it needs its moments inside that step's agreement.
+  gradient_from_checkpoint_ =
+      std::any_of(grads.begin(), grads.end(), [](const auto& g) { return !g.empty(); });
   for (size_t i = 0; i < slots_.size(); ++i) {
     store_->upload(*slots_[i].param);
     slots_[i].m = std::move(m[i]);

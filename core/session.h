@@ -383,6 +383,7 @@ class Session {
   int64_t last_rows_ = 0;           // rows that took part: what the layers saw
   std::vector<int64_t> sequences_;  // sequence offsets over those rows (sequence-wise aux loss)
   std::string poisoned_;            // why a backward of this step failed midway, if one did
+  bool gradient_from_checkpoint_ = false;  // the last load brought a gradient (until zero_grad)
   Code poisoned_code_ = Code::Internal;
   // Slots whose copies the last update could not refresh (the FP8 quantizer meeting a weight the
   // update took beyond the fp32 range), in slot order, with why. An update starts the list

@@ -308,6 +308,29 @@ TEST_F(CheckpointFiles, ARefusedStepLeavesNoMomentsBehind) {
   EXPECT_NO_THROW(load_model_file(path()));
 }
 
+// A step with nothing to apply makes no moments, and keeps none: one after a forward alone (the
+// bias update only), and one over a gradient written as zeros, which makes them in the ranks'
+// agreement and takes them back when the sum of squares shows it will not update.
+TEST_F(CheckpointFiles, AStepThatDoesNotUpdateLeavesNoMoments) {
+  auto s = training_session();
+  std::vector<int32_t> tokens(16 * 4);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 5) % 64);
+  std::vector<float> logits(16 * 64);
+  s->forward_tokens(tokens.data(), tokens.size(), 16, logits.data(), logits.size());
+  s->step();
+  const size_t w = s->parameter_index("moe0.w1");
+  const std::vector<float> zeros(s->parameter_size(w), 0.0f);
+  s->write_gradient(w, zeros.data(), zeros.size());
+  s->step();
+  EXPECT_EQ(s->step_count(), 2u);
+  s->save(path());
+  std::unique_ptr<Model> ck = load_checkpoint_file(path(), {});
+  for (const ParamState& p : ck->training->params) {
+    EXPECT_TRUE(p.m.empty()) << p.name;
+    EXPECT_TRUE(p.v.empty()) << p.name;
+  }
+}
+
 TEST_F(CheckpointFiles, StepCountsNear2To63AreRefusedAndTheSessionKeepsItsState) {
   // Each count is positive and below 2^63, but their sum, and the bias update's, overflow int64.
   std::vector<int64_t> counts(8);
