@@ -1,10 +1,14 @@
 #include "core/model_loader.h"
 
 #include <fcntl.h>
-#include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#if __has_include(<linux/openat2.h>)
+#include <linux/openat2.h>
+#else
+#undef SYS_openat2  // no struct open_how to call it with: the /proc way only
+#endif
 
 #include <algorithm>
 #include <cerrno>
@@ -17,6 +21,7 @@
 #include <set>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "core/content_digest.h"
@@ -126,55 +131,78 @@ bool lies_inside(const std::filesystem::path& root, const std::filesystem::path&
 
 int open_confined(const std::string& root, const std::string& rel, uint64_t* size,
                   bool use_openat2) {
-  const std::string path = (std::filesystem::path(root) / rel).string();
+  namespace fs = std::filesystem;
+  const std::string path = (fs::path(root) / rel).string();
+  // A descriptor closed on every way out, a thrown bad_alloc included.
+  struct Fd {
+    int fd = -1;
+    ~Fd() {
+      if (fd >= 0) ::close(fd);
+    }
+    int release() { return std::exchange(fd, -1); }
+  };
+  // The directory opened once: both ways resolve against it, whatever the working directory or
+  // a component of a relative root becomes meanwhile.
+  Fd dir{::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC)};
+  if (dir.fd < 0)
+    fail(Code::Io, "cannot open the model's directory '", root, "': ", std::strerror(errno));
+  std::error_code ec;
+  const fs::path inside = fs::read_symlink("/proc/self/fd/" + std::to_string(dir.fd), ec);
+  // Everything lies inside "/": the kernel's rule against absolute links would refuse links
+  // that cannot leave it.
+  if (!ec && inside == "/") return open_regular_file(path, "external weight file", size);
+#ifdef SYS_openat2
   if (use_openat2) {
-    const int dir = ::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (dir < 0)
-      fail(Code::Io, "cannot open the model's directory '", root, "': ", std::strerror(errno));
     // The kernel resolves every component beneath the directory and refuses a step out of it
     // ("..", an absolute link, a link leading out) before anything outside is opened, so a link
-    // swapped in meanwhile changes nothing.
+    // swapped in meanwhile changes nothing. EAGAIN: a rename elsewhere on the system raced a
+    // ".." of the resolution; the call is to be retried.
     open_how how{};
     how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
     how.resolve = RESOLVE_BENEATH;
-    const int fd = static_cast<int>(::syscall(SYS_openat2, dir, rel.c_str(), &how, sizeof how));
-    const int err = fd < 0 ? errno : 0;
-    ::close(dir);
-    if (fd >= 0) return regular_file(fd, path, "external weight file", size);
+    int err = EAGAIN;
+    for (int attempt = 0; attempt < 64 && (err == EAGAIN || err == EINTR); ++attempt) {
+      const long fd = ::syscall(SYS_openat2, dir.fd, rel.c_str(), &how, sizeof how);
+      if (fd >= 0) return regular_file(static_cast<int>(fd), path, "external weight file", size);
+      err = errno;
+    }
     if (err == EXDEV) {
       // Where it leads, for the message only: nothing there is opened.
-      std::error_code ec;
-      const std::filesystem::path target = std::filesystem::canonical(path, ec);
-      const std::filesystem::path inside = std::filesystem::canonical(root, ec);
-      if (!ec && !target.empty() && lies_inside(inside, target))
+      const fs::path target = fs::canonical(path, ec);
+      if (!ec && !inside.empty() && lies_inside(inside, target))
         fail(Code::InvalidModel, "model: external weight file '", path, "' is '", target.string(),
              "', inside the model's directory '", root,
              "', but reached by a way out of it (an absolute symbolic link, or '..' out and back "
              "in), which the load option confine_external_data refuses: a link relative to its "
              "own folder that stays inside loads");
-      refuse_outside(path, root, target);
+      refuse_outside(path, root, ec ? fs::path{} : target);
     }
-    if (err != ENOSYS && err != EPERM)
+    if (err != ENOSYS && err != EPERM && err != EAGAIN && err != EINTR)
       fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(err));
   }
-  // No openat2 (a kernel before 5.6, or a sandbox that filters it): the file opened is checked
-  // where /proc/self/fd says it lies, and refused when that cannot be known.
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const fs::path inside = fs::canonical(root, ec);
-  if (ec) fail(Code::Io, "cannot resolve the model's directory '", root, "': ", ec.message());
-  const int fd = open_regular_file(path, "external weight file", size);
-  const fs::path opened = fs::read_symlink("/proc/self/fd/" + std::to_string(fd), ec);
-  if (ec || !lies_inside(inside, opened)) {
-    ::close(fd);
-    if (ec)
-      fail(Code::InvalidModel, "model: external weight file '", path,
-           "' cannot be shown to lie inside the model's directory '", inside.string(),
-           "' (the kernel has no openat2 and /proc/self/fd says: ", ec.message(), ")",
-           kConfineAdvice);
-    refuse_outside(path, inside.string(), opened);
-  }
-  return fd;
+#else
+  (void)use_openat2;
+#endif
+  // No openat2 (a kernel before 5.6, a sandbox that filters it, or renames racing it without
+  // end): the file opened is refused unless /proc/self/fd shows it inside the directory.
+  if (ec)
+    fail(Code::InvalidModel, "model: external weight file '", path,
+         "' cannot be shown to lie inside the model's directory '", root,
+         "' (openat2 could not be used, and /proc/self/fd says: ", ec.message(), ")",
+         kConfineAdvice);
+  const int opened_fd = ::openat(dir.fd, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (opened_fd < 0)
+    fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(errno));
+  // Not a regular file (the directory itself, a FIFO) is Io, as without the option.
+  Fd file{regular_file(opened_fd, path, "external weight file", size)};
+  const fs::path opened = fs::read_symlink("/proc/self/fd/" + std::to_string(file.fd), ec);
+  if (ec)
+    fail(Code::InvalidModel, "model: external weight file '", path,
+         "' cannot be shown to lie inside the model's directory '", root,
+         "' (openat2 could not be used, and /proc/self/fd says: ", ec.message(), ")",
+         kConfineAdvice);
+  if (!lies_inside(inside, opened)) refuse_outside(path, inside.string(), opened);
+  return file.release();
 }
 
 namespace {

@@ -25,10 +25,11 @@ struct LoadOptions {
   uint64_t max_memory = kDefaultMaxMemory;
   // Bytes a load may read: the description plus the ranges of external data it uses.
   uint64_t max_file_bytes = kDefaultMaxFileBytes;
-  // When set, the external data file must lie inside the model's directory once symbolic links
-  // are followed (a link there could otherwise make any readable file the weights). Off by
-  // default: content stores (the Hugging Face cache, git-annex, DVC) link every file from
-  // elsewhere. A file outside is Code::InvalidModel, as a ".." in its name is.
+  // When set, the external data file must be reached without leaving the model's directory
+  // (open_confined below; moert.h says how): a link there could otherwise make any readable file
+  // the weights. Off by default: content stores (the Hugging Face cache, git-annex, DVC) link
+  // every file from elsewhere. A file reached by a way out is Code::InvalidModel, as a ".." in
+  // its name is.
   bool confine_external_data = false;
 };
 

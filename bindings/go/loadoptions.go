@@ -70,9 +70,10 @@ func (o *LoadOptions) SetMaxFileBytes(bytes uint64) error {
 }
 
 // SetConfineExternalData, when on, refuses (ErrInvalidModel) an external data file (a checkpoint's
-// included) that lies outside the model's directory once symbolic links are followed: without
-// it a link there named as the data file makes any readable file the weights. Off by default,
-// because content stores such as the Hugging Face hub cache link every file from elsewhere.
+// included) reached by a way out of the model's directory: without it a link there named as the
+// data file makes any readable file the weights. Off by default, because content stores such as
+// the Hugging Face hub cache link every file from elsewhere. moert.h (moert_load_options) says
+// how it is checked, and what differs on a kernel without openat2.
 func (o *LoadOptions) SetConfineExternalData(on bool) error {
 	var v int32
 	if on {

@@ -3,7 +3,6 @@
 #include <mutex>
 
 #include "capi/src/handles.h"
-#include "core/error.h"
 #include "core/model_loader.h"
 
 struct moert_load_options {
@@ -50,10 +49,7 @@ moert_status* moert_load_options_set_confine_external_data(moert_load_options* o
                                                            int32_t confine) {
   return guarded([&] {
     require(options, "options");
-    if (confine != 0 && confine != 1)
-      moert::fail(moert::Code::InvalidArgument, "confine_external_data must be 0 or 1, got ",
-                  confine);
-    options->options.confine_external_data = confine == 1;
+    options->options.confine_external_data = confine != 0;
   });
 }
 

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <linux/openat2.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -118,6 +119,23 @@ TEST_P(ConfinedOpen, AnAbsoluteLinkToAFileInside) {
   } else {
     EXPECT_EQ(got, "inside!");
   }
+}
+
+TEST_P(ConfinedOpen, AFifoIsRefusedWithoutWaitingForAWriter) {
+  ASSERT_EQ(::mkfifo((base_ / "m" / "f.data").c_str(), 0600), 0);
+  Code code = Code::Internal;
+  EXPECT_NE(open("f.data", &code).find("not a regular file"), std::string::npos);
+  EXPECT_EQ(code, Code::Io);
+}
+
+// With "/" as the directory every file lies inside: an absolute link is followed there too.
+TEST_P(ConfinedOpen, EverythingLiesInsideTheRootDirectory) {
+  fs::create_symlink(base_ / "m" / "w.data", base_ / "m" / "abs_inside.data");
+  uint64_t size = 0;
+  const std::string rel = (base_ / "m" / "abs_inside.data").relative_path().string();
+  const int fd = open_confined("/", rel, &size, GetParam());
+  ::close(fd);
+  EXPECT_EQ(size, 7u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Ways, ConfinedOpen, testing::Bool(),

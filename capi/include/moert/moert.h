@@ -147,21 +147,25 @@ MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
  * And one rule about where a load may read, off by default:
  *   confine_external_data  the external data file (a checkpoint's included) must be reached
  *                   without leaving the model's directory: the directory it is looked up in (that
- *                   of the model file's path as given, or external_dir; "/" confines nothing).
- *                   The kernel resolves its name beneath that directory (openat2 with
- *                   RESOLVE_BENEATH, Linux 5.6) and refuses any step out of it before anything
- *                   outside is opened; a link swapped in meanwhile changes nothing. An absolute
- *                   link, or ".." out and back in, is refused even when it ends inside; relative
- *                   links that stay inside load. Where openat2 is not available (an older kernel,
- *                   a sandbox that filters it) the file is opened, then refused unless
- *                   /proc/self/fd shows it inside the directory, or cannot show it. A link there
- *                   named as the data file otherwise makes any file the process can read the
- *                   model's weights: a service loading folders it did not write turns it on. Off
- *                   by default because content stores link every file from elsewhere (the
- *                   Hugging Face hub cache's snapshots/ into blobs/, git-annex, DVC): such a
- *                   folder is refused when it is on. A hard link is the file itself, and is not
- *                   refused. Names with ".." or an absolute path are refused whatever this says
- *                   (MOERT_ERR_INVALID_MODEL).
+ *                   of the model file's path as given, or external_dir; with "/" every file lies
+ *                   inside). A link there named as the data file otherwise makes any file the
+ *                   process can read the model's weights: a service loading folders it did not
+ *                   write turns it on. Off by default because content stores link every file
+ *                   from elsewhere (the Hugging Face hub cache's snapshots/ into blobs/,
+ *                   git-annex, DVC): such a folder is refused when it is on. How it is checked:
+ *                   - the kernel resolves the name beneath the directory (openat2 with
+ *                     RESOLVE_BENEATH, Linux 5.6) and refuses any step out of it before anything
+ *                     outside is opened; a link swapped in meanwhile changes nothing. An absolute
+ *                     link, or ".." out and back in, is refused there even when it ends inside;
+ *                     relative links that stay inside load;
+ *                   - where openat2 is not available (an older kernel, a sandbox that filters
+ *                     it), the file is opened, then refused when /proc/self/fd does not show it
+ *                     inside the directory, or cannot be read (without /proc every confined load
+ *                     with external data fails). This way judges where the file lies, not the way
+ *                     to it: an absolute link that ends inside loads, and a dangling link is
+ *                     MOERT_ERR_IO where the first way says MOERT_ERR_INVALID_MODEL.
+ *                   A hard link is the file itself, and is not refused. Names with ".." or an
+ *                   absolute path are refused whatever this says (MOERT_ERR_INVALID_MODEL).
  * A moert_load_options object must not be modified concurrently; loads only read it, and it may
  * be freed once they return. */
 
@@ -182,10 +186,9 @@ MOERT_API moert_status* moert_load_options_set_max_memory(moert_load_options* op
 MOERT_API moert_status* moert_load_options_set_max_file_bytes(moert_load_options* options,
                                                               uint64_t bytes);
 
-/* Sets confine_external_data: 1 on, 0 off (the default); any other value is
- * MOERT_ERR_INVALID_ARGUMENT and changes nothing. A data file outside the directory fails the
- * load with MOERT_ERR_INVALID_MODEL, as a ".." in its name does, naming the file it resolved to,
- * the directory and the option. */
+/* Sets confine_external_data: non-zero on, 0 off (the default). A data file reached by a way out
+ * of the directory fails the load with MOERT_ERR_INVALID_MODEL, as a ".." in its name does,
+ * naming the directory, the option and, where its links resolve, the file they lead to. */
 MOERT_API moert_status* moert_load_options_set_confine_external_data(moert_load_options* options,
                                                                      int32_t confine);
 

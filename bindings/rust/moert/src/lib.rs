@@ -1239,11 +1239,11 @@ impl LoadOptions {
         Ok(self)
     }
 
-    /// When `on`, an external data file (a checkpoint's included) that lies outside the model's
-    /// directory once symbolic links are followed is refused with [`Code::INVALID_MODEL`]:
-    /// without it a link there named as the data file makes any readable file the weights. Off
-    /// by default, because content stores such as the Hugging Face hub cache link every file from
-    /// elsewhere.
+    /// When `on`, an external data file (a checkpoint's included) reached by a way out of the
+    /// model's directory is refused with [`Code::INVALID_MODEL`]: without it a link there named
+    /// as the data file makes any readable file the weights. Off by default, because content
+    /// stores such as the Hugging Face hub cache link every file from elsewhere. `moert.h`
+    /// (`moert_load_options`) says how it is checked, and what differs without `openat2`.
     pub fn confine_external_data(&mut self, on: bool) -> Result<&mut Self> {
         // SAFETY: live options, exclusively borrowed.
         check(unsafe {

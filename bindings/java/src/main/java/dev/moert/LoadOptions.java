@@ -45,11 +45,11 @@ public final class LoadOptions extends NativeHandle<SWIGTYPE_p_moert_load_option
   }
 
   /**
-   * When {@code on}, an external data file (a checkpoint's included) that lies outside the model's
-   * directory once symbolic links are followed is refused ({@code MOERT_ERR_INVALID_MODEL}):
-   * without it a link there named as the data file makes any readable file the weights. Off by
-   * default, because content stores such as the Hugging Face hub cache link every file from
-   * elsewhere.
+   * When {@code on}, an external data file (a checkpoint's included) reached by a way out of the
+   * model's directory is refused ({@code MOERT_ERR_INVALID_MODEL}): without it a link there named
+   * as the data file makes any readable file the weights. Off by default, because content stores
+   * such as the Hugging Face hub cache link every file from elsewhere. moert.h ({@code
+   * moert_load_options}) says how it is checked, and what differs without openat2.
    */
   public LoadOptions confineExternalData(boolean on) {
     try (Use u = use()) {
