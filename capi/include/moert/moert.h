@@ -613,22 +613,21 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * the pass waiting for its backward on every rank. A kernel failing on one rank in the middle
  * of a pass (an FP8 quantizer meeting a NaN with check_finite off) fails the call on every rank
  * at its end, without leaving the others waiting: a failed forward is discarded, a failed
- * backward refuses the step until moert_session_zero_grad(). set_eval and set_config are local: a
- * rank whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes its next forward,
- * backward or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a load in which the
- * ranks read different checkpoints (nothing is loaded). A rank that dies makes the others fail with
- * MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0
- * writes the file one session over the union would write (every expert, the same bytes), and
- * any world size, one process included, resumes it (moert_session_save(),
- * moert_session_load()). A CPU session needs an MPI communicator, a CUDA session an NCCL one on
- * its own device (MOERT_ERR_INVALID_ARGUMENT otherwise); an NCCL communicator of one rank runs
- * the same path. CUDA sessions reduce gradients by an all-reduce of each rank's own (rank order),
- * so their gradients agree with one process to fp32 rounding, not bitwise, and their outputs to
- * the GEMMs' rounding (cuBLASLt may choose other algorithms for other row counts); the counts of
- * the routing they compute are the job's exactly, and every rank's bias the same. Not yet
- * verified on a GPU. An Expert Choice layer's experts choose from the job's rows (every rank's
- * router logits are gathered), so its outputs and counts are one session's over the union too;
- * CUDA sessions refuse Expert Choice as they do alone. */
+ * backward refuses the step until moert_session_zero_grad() or a load. set_eval and set_config are
+ * local: a rank whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes its next
+ * forward, backward or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a load in
+ * which the ranks read different checkpoints (nothing is loaded). A rank that dies makes the others
+ * fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0 writes the file
+ * one session over the union would write (every expert, the same bytes), and any world size, one
+ * process included, resumes it (moert_session_save(), moert_session_load()). A CPU session needs an
+ * MPI communicator, a CUDA session an NCCL one on its own device (MOERT_ERR_INVALID_ARGUMENT
+ * otherwise); an NCCL communicator of one rank runs the same path. CUDA sessions reduce gradients
+ * by an all-reduce of each rank's own (rank order), so their gradients agree with one process to
+ * fp32 rounding, not bitwise, and their outputs to the GEMMs' rounding (cuBLASLt may choose other
+ * algorithms for other row counts); the counts of the routing they compute are the job's exactly,
+ * and every rank's bias the same. Not yet verified on a GPU. An Expert Choice layer's experts
+ * choose from the job's rows (every rank's router logits are gathered), so its outputs and counts
+ * are one session's over the union too; CUDA sessions refuse Expert Choice as they do alone. */
 MOERT_API moert_status* moert_session_options_set_comm(moert_session_options* options,
                                                        moert_comm* comm, int32_t expert_parallel);
 
@@ -1005,7 +1004,8 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * *lr and *grad_norm receive a step's figures whenever the step was made, also when the call
  * then fails (that overflow, a weight copy the update could not make, another rank's failure
  * after the update); a step refused before any change writes neither.
- * Refused too (with the failure's code) after a backward of this step failed midway. Among ranks
+ * Refused too (with the failure's code) after a backward of this step failed midway, until
+ * moert_session_zero_grad() or moert_session_load(). Among ranks
  * a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks
  * counted different micro-batches since zero_grad, hold different training settings
  * (set_config, bias rate or freeze applied on some ranks only), or wrote different tensors or
@@ -1112,7 +1112,7 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * intact. Refused before anything is written, so that every checkpoint written loads back:
  * MOERT_ERR_NUMERIC when a parameter, bias, gradient or optimizer moment holds a NaN or infinity
  * (naming it); MOERT_ERR_INVALID_STATE after a backward of this step failed midway (its partial
- * gradient would be stepped on after a load: moert_session_zero_grad() first);
+ * gradient would be stepped on after a load: moert_session_zero_grad(), or a load, first);
  * MOERT_ERR_INVALID_ARGUMENT when `path` names a directory or anything else that is not a regular
  * file (a device, a FIFO, a symbolic link, even to a regular file), which the rename would
  * replace, or when its file name is too long for the files written beside it (the data file's
