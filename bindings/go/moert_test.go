@@ -726,3 +726,50 @@ func TestQuantizeFP8HoldsExpertsAtOneBytePerValue(t *testing.T) {
 	}
 	p2.Close()
 }
+
+// A step made and counted before it fails (weight decay takes moe0.w1 past the fp32 range)
+// returns its figures with the error; one refused before any change returns NaN.
+func TestStepMadeBeforeItFailedReturnsItsFigures(t *testing.T) {
+	s := mustSession(t, mustModel(t), ModeTraining, 1)
+	if err := s.SetEval(true); err != nil {
+		t.Fatal(err)
+	}
+	lr, norm, err := s.Step()
+	wantCode(t, err, ErrInvalidState)
+	if !math.IsNaN(lr) || !math.IsNaN(norm) {
+		t.Fatalf("a refused step returned lr %v, grad norm %v", lr, norm)
+	}
+	if err := s.SetEval(false); err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range [][2]string{{"lr", "1"}, {"weight_decay", "3"}} {
+		if err := s.SetConfig(kv[0], kv[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ids := batch(16, 4, 0)
+	if _, err := s.ForwardTokens(ids, 16); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.BackwardLoss(make([]int32, 16)); err != nil {
+		t.Fatal(err)
+	}
+	w1, err := s.GetParameter("moe0.w1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range w1 {
+		w1[i] = 3e38
+	}
+	if err := s.SetParameter("moe0.w1", w1); err != nil {
+		t.Fatal(err)
+	}
+	lr, norm, err = s.Step()
+	wantCode(t, err, ErrNumeric)
+	if lr != 1 || !(norm > 0) || math.IsInf(norm, 0) {
+		t.Fatalf("the step made returned lr %v, grad norm %v", lr, norm)
+	}
+	if n, _ := s.StepCount(); n != 1 {
+		t.Fatalf("step count %d after a step made", n)
+	}
+}

@@ -324,11 +324,13 @@ static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type,
 %}
 
 /* One scalar out: a Java array of at least one element (null: NULL), written after the call. */
-%define MOERT_JAVA_SCALAR_OUT(CTYPE, JNITYPE, JTYPE, JARRAY, JSET)
+%define MOERT_JAVA_SCALAR_OUT(CTYPE, JNITYPE, JTYPE, JARRAY, JSET, JGET)
 %typemap(jni) CTYPE* #JARRAY
 %typemap(jtype) CTYPE* #JTYPE "[]"
 %typemap(jstype) CTYPE* #JTYPE "[]"
 %typemap(javain) CTYPE* "$javainput"
+/* The C function starts from the array's element: one it does not write (moert_session_step's
+ * figures for a step refused before any change) keeps the caller's value, as in C. */
 %typemap(in) CTYPE* (CTYPE value = 0) %{
   $1 = NULL;
   if ($input) {
@@ -336,6 +338,9 @@ static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type,
       moert_jni_throw(jenv, "java/lang/IllegalArgumentException", "moert: empty output array");
       return $null;
     }
+    JNITYPE initial = 0;
+    (*jenv)->JGET(jenv, $input, 0, 1, &initial);
+    value = (CTYPE)initial;
     $1 = &value;
   }
 %}
@@ -346,11 +351,11 @@ static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type,
   }
 %}
 %enddef
-MOERT_JAVA_SCALAR_OUT(int32_t, jint, int, jintArray, SetIntArrayRegion)
-MOERT_JAVA_SCALAR_OUT(uint32_t, jint, int, jintArray, SetIntArrayRegion)
-MOERT_JAVA_SCALAR_OUT(int64_t, jlong, long, jlongArray, SetLongArrayRegion)
-MOERT_JAVA_SCALAR_OUT(uint64_t, jlong, long, jlongArray, SetLongArrayRegion)
-MOERT_JAVA_SCALAR_OUT(double, jdouble, double, jdoubleArray, SetDoubleArrayRegion)
+MOERT_JAVA_SCALAR_OUT(int32_t, jint, int, jintArray, SetIntArrayRegion, GetIntArrayRegion)
+MOERT_JAVA_SCALAR_OUT(uint32_t, jint, int, jintArray, SetIntArrayRegion, GetIntArrayRegion)
+MOERT_JAVA_SCALAR_OUT(int64_t, jlong, long, jlongArray, SetLongArrayRegion, GetLongArrayRegion)
+MOERT_JAVA_SCALAR_OUT(uint64_t, jlong, long, jlongArray, SetLongArrayRegion, GetLongArrayRegion)
+MOERT_JAVA_SCALAR_OUT(double, jdouble, double, jdoubleArray, SetDoubleArrayRegion, GetDoubleArrayRegion)
 
 /* Arrays: java.nio buffers (see moert_jni_buffer above), their capacity as the C length. The
  * buffer state is declared in the code, not as a typemap local: SWIG attaches the locals of a

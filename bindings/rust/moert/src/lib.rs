@@ -75,6 +75,9 @@ impl fmt::Display for Code {
 pub struct Error {
     code: Code,
     message: String,
+    // The learning rate and gradient norm (as bits, so that Error stays Eq) of a step that
+    // Session::step made and counted before it failed.
+    step_made: Option<(u64, u64)>,
 }
 
 impl Error {
@@ -83,7 +86,19 @@ impl Error {
         Error {
             code,
             message: message.into(),
+            step_made: None,
         }
+    }
+
+    /// For an error of [`Session::step`]: the step's figures when it was made and counted
+    /// before the error (an update that took a parameter past the fp32 range,
+    /// [`Code::NUMERIC`]), so that the caller knows its learning rate; `None` when the step
+    /// was refused before any change, and for every other call's error.
+    pub fn step_made(&self) -> Option<Step> {
+        self.step_made.map(|(lr, norm)| Step {
+            learning_rate: f64::from_bits(lr),
+            gradient_norm: f64::from_bits(norm),
+        })
     }
 
     /// The status code.
@@ -119,7 +134,7 @@ fn check(status: *mut sys::moert_status) -> Result<()> {
         let code = Code(sys::moert_status_code(status));
         let message = copy_string(sys::moert_status_message(status));
         sys::moert_status_free(status);
-        Err(Error { code, message })
+        Err(Error::new(code, message))
     }
 }
 
@@ -996,11 +1011,21 @@ impl Session {
         check(unsafe { sys::moert_session_zero_grad(self.raw()) })
     }
 
-    /// One optimizer step, then the loss-free bias update.
+    /// One optimizer step, then the loss-free bias update. A step made and counted before it
+    /// failed (a parameter pushed past the fp32 range) gives an error whose
+    /// [`Error::step_made`] holds its figures.
     pub fn step(&self) -> Result<Step> {
-        let (mut lr, mut norm) = (0f64, 0f64);
+        // moert.h writes both only for a step that was made; NaN is no learning rate.
+        let (mut lr, mut norm) = (f64::NAN, f64::NAN);
         // SAFETY: valid out-pointers.
-        check(unsafe { sys::moert_session_step(self.raw(), &mut lr, &mut norm) })?;
+        check(unsafe { sys::moert_session_step(self.raw(), &mut lr, &mut norm) }).map_err(
+            |mut e| {
+                if !lr.is_nan() {
+                    e.step_made = Some((lr.to_bits(), norm.to_bits()));
+                }
+                e
+            },
+        )?;
         Ok(Step {
             learning_rate: lr,
             gradient_norm: norm,

@@ -351,3 +351,29 @@ fn quantizes_experts_to_fp8_and_holds_them_at_one_byte_per_value() {
     let (_p2, n2) = m.quantize_fp8(true).unwrap();
     assert_eq!(n2, 9);
 }
+
+/// A step made and counted before it fails (weight decay takes moe0.w1 past the fp32 range)
+/// carries its figures in the error; one refused before any change carries none.
+#[test]
+fn a_step_made_before_it_failed_carries_its_figures() {
+    let m = Model::load(model_path()).unwrap();
+    let s = session(&m, Mode::TRAINING);
+    s.set_eval(true).unwrap();
+    let refused = expect_code(s.step(), Code::INVALID_STATE);
+    assert_eq!(refused.step_made(), None);
+    s.set_eval(false).unwrap();
+    s.set_config("lr", "1").unwrap();
+    s.set_config("weight_decay", "3").unwrap();
+    s.forward_tokens(&batch(16, 0), 16).unwrap();
+    s.backward_loss(&[0; 16]).unwrap();
+    let huge = vec![3e38f32; s.get_parameter("moe0.w1").unwrap().len()];
+    s.set_parameter("moe0.w1", &huge).unwrap();
+    let made = expect_code(s.step(), Code::NUMERIC);
+    let step = made.step_made().expect("the step was made");
+    assert_eq!(step.learning_rate, 1.0);
+    assert!(
+        step.gradient_norm > 0.0 && step.gradient_norm.is_finite(),
+        "{step:?}"
+    );
+    assert_eq!(s.step_count().unwrap(), 1);
+}

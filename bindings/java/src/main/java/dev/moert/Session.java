@@ -277,12 +277,28 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
     }
   }
 
-  /** One optimizer step, then the loss-free bias update. */
+  /**
+   * One optimizer step, then the loss-free bias update. A step made and counted before it failed
+   * (an update that took a parameter past the fp32 range, {@code MOERT_ERR_NUMERIC}) throws a
+   * {@link StepMadeException}, which holds its figures.
+   */
   public Step step() {
     try (Use u = use()) {
-      double[] lr = new double[1];
-      double[] norm = new double[1];
-      MoertException.check(Capi.moert_session_step(u.ptr(), lr, norm));
+      // moert.h writes both only for a step that was made; NaN is no learning rate.
+      double[] lr = {Double.NaN};
+      double[] norm = {Double.NaN};
+      SWIGTYPE_p_moert_status status = Capi.moert_session_step(u.ptr(), lr, norm);
+      if (status != null && !Double.isNaN(lr[0])) {
+        try {
+          throw new StepMadeException(
+              Capi.moert_status_code(status),
+              Capi.moert_status_message(status),
+              new Step(lr[0], norm[0]));
+        } finally {
+          Capi.moert_status_free(status);
+        }
+      }
+      MoertException.check(status);
       return new Step(lr[0], norm[0]);
     }
   }

@@ -71,6 +71,36 @@ class MoertTest {
     return sum / 2;
   }
 
+  /**
+   * A step made and counted before it fails (weight decay takes moe0.w1 past the fp32 range)
+   * throws StepMadeException with its figures; one refused before any change, a plain
+   * MoertException.
+   */
+  @Test
+  void aStepMadeBeforeItFailedThrowsItsFigures() {
+    try (Model m = Model.load(MODEL);
+        SessionOptions o = SessionOptions.create().mode(CapiConstants.MOERT_MODE_TRAINING);
+        Session s = Session.create(m, o)) {
+      s.setEval(true);
+      MoertException refused = assertThrows(MoertException.class, s::step);
+      assertEquals(CapiConstants.MOERT_ERR_INVALID_STATE, refused.getCode());
+      assertFalse(refused instanceof StepMadeException);
+      s.setEval(false);
+      s.setConfig("lr", "1");
+      s.setConfig("weight_decay", "3");
+      s.forwardTokens(batch(16, 0), 16);
+      s.backwardLoss(new int[16]);
+      float[] huge = new float[s.getParameter("moe0.w1").length];
+      Arrays.fill(huge, 3e38f);
+      s.setParameter("moe0.w1", huge);
+      StepMadeException made = assertThrows(StepMadeException.class, s::step);
+      assertEquals(CapiConstants.MOERT_ERR_NUMERIC, made.getCode());
+      assertEquals(1.0, made.getStep().learningRate());
+      assertTrue(made.getStep().gradientNorm() > 0, made.getStep().toString());
+      assertEquals(1, s.stepCount());
+    }
+  }
+
   @Test
   void versionsMatchTheHeader() {
     assertEquals(CapiConstants.MOERT_ABI_VERSION, Moert.abiVersion());
