@@ -129,7 +129,14 @@ bool lies_inside(const std::filesystem::path& root, const std::filesystem::path&
 
 }  // namespace
 
-int open_confined(const std::string& root, const std::string& rel, uint64_t* size,
+int open_directory(const std::string& root) {
+  const int dir = ::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0)
+    fail(Code::Io, "cannot open the model's directory '", root, "': ", std::strerror(errno));
+  return dir;
+}
+
+int open_confined(int dir, const std::string& root, const std::string& rel, uint64_t* size,
                   bool use_openat2) {
   namespace fs = std::filesystem;
   const std::string path = (fs::path(root) / rel).string();
@@ -141,35 +148,48 @@ int open_confined(const std::string& root, const std::string& rel, uint64_t* siz
     }
     int release() { return std::exchange(fd, -1); }
   };
-  // The directory opened once: both ways resolve against it, whatever the working directory or
-  // a component of a relative root becomes meanwhile.
-  Fd dir{::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC)};
-  if (dir.fd < 0)
-    fail(Code::Io, "cannot open the model's directory '", root, "': ", std::strerror(errno));
+  // Everything lies inside the process's root directory, which the kernel's rule against
+  // absolute links would refuse to leave. Known by identity, not by name: the root of another
+  // mount namespace, or of a detached mount, also reads "/" in /proc.
+  struct stat d {
+  }, r{};
+  if (::fstat(dir, &d) == 0 && ::stat("/", &r) == 0 && d.st_dev == r.st_dev &&
+      d.st_ino == r.st_ino) {
+    const int fd = ::openat(dir, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+      fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(errno));
+    return regular_file(fd, path, "external weight file", size);
+  }
   std::error_code ec;
-  const fs::path inside = fs::read_symlink("/proc/self/fd/" + std::to_string(dir.fd), ec);
-  // Everything lies inside "/": the kernel's rule against absolute links would refuse links
-  // that cannot leave it.
-  if (!ec && inside == "/") return open_regular_file(path, "external weight file", size);
+  const fs::path inside = fs::read_symlink("/proc/self/fd/" + std::to_string(dir), ec);
 #ifdef SYS_openat2
   if (use_openat2) {
     // The kernel resolves every component beneath the directory and refuses a step out of it
     // ("..", an absolute link, a link leading out) before anything outside is opened, so a link
     // swapped in meanwhile changes nothing. EAGAIN: a rename elsewhere on the system raced a
-    // ".." of the resolution; the call is to be retried.
+    // ".." of the resolution, and the call is to be retried; with a pause once it keeps racing.
     open_how how{};
     how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
     how.resolve = RESOLVE_BENEATH;
     int err = EAGAIN;
-    for (int attempt = 0; attempt < 64 && (err == EAGAIN || err == EINTR); ++attempt) {
-      const long fd = ::syscall(SYS_openat2, dir.fd, rel.c_str(), &how, sizeof how);
+    constexpr int kAttempts = 64;
+    for (int attempt = 0; attempt < kAttempts && (err == EAGAIN || err == EINTR); ++attempt) {
+      if (attempt >= 8) ::usleep(std::min(1000u, 1u << (attempt - 8)));
+      const long fd = ::syscall(SYS_openat2, dir, rel.c_str(), &how, sizeof how);
       if (fd >= 0) return regular_file(static_cast<int>(fd), path, "external weight file", size);
       err = errno;
     }
+    if (err == EAGAIN || err == EINTR)
+      fail(Code::Io, "cannot open external weight file '", path,
+           "' confined to the model's directory: renames elsewhere on the system raced its "
+           "lookup ",
+           kAttempts, " times (openat2 EAGAIN); the load may be retried");
     if (err == EXDEV) {
       // Where it leads, for the message only: nothing there is opened.
       const fs::path target = fs::canonical(path, ec);
-      if (!ec && !inside.empty() && lies_inside(inside, target))
+      std::error_code of_root;
+      const fs::path root_now = inside.empty() ? fs::canonical(root, of_root) : inside;
+      if (!ec && !of_root && lies_inside(root_now, target))
         fail(Code::InvalidModel, "model: external weight file '", path, "' is '", target.string(),
              "', inside the model's directory '", root,
              "', but reached by a way out of it (an absolute symbolic link, or '..' out and back "
@@ -177,20 +197,20 @@ int open_confined(const std::string& root, const std::string& rel, uint64_t* siz
              "own folder that stays inside loads");
       refuse_outside(path, root, ec ? fs::path{} : target);
     }
-    if (err != ENOSYS && err != EPERM && err != EAGAIN && err != EINTR)
+    if (err != ENOSYS && err != EPERM)
       fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(err));
   }
 #else
   (void)use_openat2;
 #endif
-  // No openat2 (a kernel before 5.6, a sandbox that filters it, or renames racing it without
-  // end): the file opened is refused unless /proc/self/fd shows it inside the directory.
+  // No openat2 (a kernel before 5.6, a sandbox that filters it): the file opened is refused
+  // unless /proc/self/fd shows it inside the directory. Paths as /proc shows them are compared.
   if (ec)
     fail(Code::InvalidModel, "model: external weight file '", path,
          "' cannot be shown to lie inside the model's directory '", root,
-         "' (openat2 could not be used, and /proc/self/fd says: ", ec.message(), ")",
+         "' (the kernel refuses openat2, and /proc/self/fd says: ", ec.message(), ")",
          kConfineAdvice);
-  const int opened_fd = ::openat(dir.fd, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  const int opened_fd = ::openat(dir, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (opened_fd < 0)
     fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(errno));
   // Not a regular file (the directory itself, a FIFO) is Io, as without the option.
@@ -199,10 +219,23 @@ int open_confined(const std::string& root, const std::string& rel, uint64_t* siz
   if (ec)
     fail(Code::InvalidModel, "model: external weight file '", path,
          "' cannot be shown to lie inside the model's directory '", root,
-         "' (openat2 could not be used, and /proc/self/fd says: ", ec.message(), ")",
+         "' (the kernel refuses openat2, and /proc/self/fd says: ", ec.message(), ")",
          kConfineAdvice);
   if (!lies_inside(inside, opened)) refuse_outside(path, inside.string(), opened);
   return file.release();
+}
+
+int open_confined(const std::string& root, const std::string& rel, uint64_t* size,
+                  bool use_openat2) {
+  const int dir = open_directory(root);
+  try {
+    const int fd = open_confined(dir, root, rel, size, use_openat2);
+    ::close(dir);
+    return fd;
+  } catch (...) {
+    ::close(dir);
+    throw;
+  }
 }
 
 namespace {
@@ -211,9 +244,13 @@ namespace {
 class ExternalFile {
  public:
   // `confine_to`, when not empty, is the directory whose file `rel` is and which its resolution
-  // may not leave (LoadOptions::confine_external_data).
-  ExternalFile(std::string path, std::string rel, std::string confine_to)
-      : path_(std::move(path)), rel_(std::move(rel)), confine_to_(std::move(confine_to)) {}
+  // may not leave (LoadOptions::confine_external_data); `confine_fd`, when not -1, that
+  // directory already opened (the one the model file was read from), borrowed.
+  ExternalFile(std::string path, std::string rel, std::string confine_to, int confine_fd)
+      : path_(std::move(path)),
+        rel_(std::move(rel)),
+        confine_to_(std::move(confine_to)),
+        confine_fd_(confine_fd) {}
   ~ExternalFile() {
     if (fd_ >= 0) ::close(fd_);
   }
@@ -246,11 +283,16 @@ class ExternalFile {
  private:
   void open_once() {
     if (fd_ >= 0) return;
-    fd_ = confine_to_.empty() ? open_regular_file(path_, "external weight file", &size_)
-                              : open_confined(confine_to_, rel_, &size_, true);
+    if (confine_to_.empty())
+      fd_ = open_regular_file(path_, "external weight file", &size_);
+    else if (confine_fd_ >= 0)
+      fd_ = open_confined(confine_fd_, confine_to_, rel_, &size_, true);
+    else
+      fd_ = open_confined(confine_to_, rel_, &size_, true);
   }
 
   std::string path_, rel_, confine_to_;
+  int confine_fd_ = -1;
   int fd_ = -1;
   uint64_t size_ = 0;
 };
@@ -294,11 +336,13 @@ std::vector<T> copy_out(const flatbuffers::Vector<T>* v) {
 
 class Loader {
  public:
+  // `external_dir_fd`: external_dir already opened (O_PATH), borrowed, or -1.
   Loader(const fb::Model* root, uint64_t description_bytes, std::string external_dir,
-         const LoadOptions& options, StatePolicy policy)
+         int external_dir_fd, const LoadOptions& options, StatePolicy policy)
       : root_(root),
         description_bytes_(description_bytes),
         external_dir_(std::move(external_dir)),
+        external_dir_fd_(external_dir_fd),
         options_(options),
         policy_(policy) {}
 
@@ -367,6 +411,7 @@ class Loader {
   const fb::Model* root_;
   uint64_t description_bytes_;
   std::string external_dir_;
+  int external_dir_fd_;
   LoadOptions options_;
   StatePolicy policy_;
   std::unique_ptr<ExternalFile> external_;
@@ -400,9 +445,9 @@ ExternalFile& Loader::external(const char* field) {
   if (external_dir_.empty())
     fail(Code::InvalidModel, "model: has external weights ('", name->str(),
          "') but was loaded from memory without an external data directory");
-  external_ = std::make_unique<ExternalFile>((std::filesystem::path(external_dir_) / rel).string(),
-                                             name->str(),
-                                             options_.confine_external_data ? external_dir_ : "");
+  external_ = std::make_unique<ExternalFile>(
+      (std::filesystem::path(external_dir_) / rel).string(), name->str(),
+      options_.confine_external_data ? external_dir_ : "", external_dir_fd_);
   return *external_;
 }
 
@@ -1114,7 +1159,7 @@ std::vector<uint64_t> aligned_copy(const void* data, size_t size) {
 // Verifies the buffer (already 8-byte aligned) and runs the loader over it.
 std::unique_ptr<Model> parse(const uint64_t* aligned, size_t size, const std::string& external_dir,
                              const LoadOptions& options, StatePolicy policy,
-                             uint64_t* computed_digest = nullptr) {
+                             uint64_t* computed_digest = nullptr, int external_dir_fd = -1) {
   const auto* bytes = reinterpret_cast<const uint8_t*>(aligned);
   if (size < 8)
     fail(Code::InvalidModel, "model data is ", size, " bytes: too short to be a moert model");
@@ -1129,7 +1174,7 @@ std::unique_ptr<Model> parse(const uint64_t* aligned, size_t size, const std::st
   if (!fb::VerifyModelBuffer(verifier))
     fail(Code::InvalidModel,
          "model failed FlatBuffers verification: the file is truncated or corrupt");
-  Loader loader(fb::GetModel(bytes), size, external_dir, options, policy);
+  Loader loader(fb::GetModel(bytes), size, external_dir, external_dir_fd, options, policy);
   auto model = loader.run();
   if (computed_digest) *computed_digest = loader.computed_digest();
   return model;
@@ -1147,8 +1192,28 @@ void check_buffer_size(size_t size, const LoadOptions& options) {
 
 std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& options,
                                  StatePolicy policy) {
+  std::string dir = std::filesystem::path(path).parent_path().string();
+  if (dir.empty()) dir = ".";
+  // Confined, the directory is opened once, and the model file and its data are both found in
+  // it: a link on the way to it swapped between the two cannot pair this description with
+  // another directory's data.
+  struct Dir {
+    int fd = -1;
+    ~Dir() {
+      if (fd >= 0) ::close(fd);
+    }
+  } confined;
   uint64_t file_size = 0;
-  const int fd = open_regular_file(path, "model file", &file_size);
+  int fd = -1;
+  if (options.confine_external_data) {
+    confined.fd = open_directory(dir);
+    const std::string name = std::filesystem::path(path).filename().string();
+    fd = ::openat(confined.fd, name.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) fail(Code::Io, "cannot open model file '", path, "': ", std::strerror(errno));
+    fd = regular_file(fd, path, "model file", &file_size);
+  } else {
+    fd = open_regular_file(path, "model file", &file_size);
+  }
   const size_t size = static_cast<size_t>(file_size);
   try {
     check_buffer_size(size, options);
@@ -1171,10 +1236,8 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
     got += static_cast<size_t>(n);
   }
   ::close(fd);
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
   try {
-    return parse(aligned.data(), size, dir, options, policy);
+    return parse(aligned.data(), size, dir, options, policy, nullptr, confined.fd);
   } catch (const Error& e) {
     throw Error(e.code(), cat("'", path, "': ", e.message()));
   }

@@ -51,12 +51,20 @@ std::shared_ptr<const Model> load_model_buffer(const void* data, size_t size,
 // file without one. Every tensor is decoded to fp32 (a session's master weights).
 std::unique_ptr<Model> load_checkpoint_file(const std::string& path, const LoadOptions& options);
 
-// Opens the external data file `rel` inside the directory `root` for a load under
-// LoadOptions::confine_external_data: with openat2's RESOLVE_BENEATH (Linux 5.6), which refuses
-// any step of the resolution out of root before anything outside is opened; where the kernel or
-// a sandbox refuses openat2, or `use_openat2` is false (tests), it opens the file and refuses it
-// unless /proc/self/fd shows it inside root. A file outside is Error(InvalidModel). Returns the
+// Opens the directory `root` for open_confined (O_PATH), or fails (Io). The caller closes it.
+int open_directory(const std::string& root);
+
+// Opens the external data file `rel` of the directory `dir` (from open_directory; `root` its name,
+// for messages) for a load under LoadOptions::confine_external_data: with openat2's
+// RESOLVE_BENEATH (Linux 5.6), which refuses any step of the resolution out of the directory
+// before anything outside is opened (retried while renames elsewhere race it, then Error(Io));
+// where the kernel or a sandbox refuses openat2, or `use_openat2` is false (tests), it opens the
+// file relative to `dir` and refuses it unless /proc/self/fd shows it inside. The process's root
+// directory confines nothing. A file reached by a way out is Error(InvalidModel). Returns the
 // descriptor of the regular file, its size in *size.
+int open_confined(int dir, const std::string& root, const std::string& rel, uint64_t* size,
+                  bool use_openat2);
+// As above, opening `root` for the call.
 int open_confined(const std::string& root, const std::string& rel, uint64_t* size,
                   bool use_openat2);
 

@@ -147,7 +147,8 @@ MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
  * And one rule about where a load may read, off by default:
  *   confine_external_data  the external data file (a checkpoint's included) must be reached
  *                   without leaving the model's directory: the directory it is looked up in (that
- *                   of the model file's path as given, or external_dir; with "/" every file lies
+ *                   of the model file's path as given, opened once for the model file and its
+ *                   data, or external_dir; in the process's root directory every file lies
  *                   inside). A link there named as the data file otherwise makes any file the
  *                   process can read the model's weights: a service loading folders it did not
  *                   write turns it on. Off by default because content stores link every file
@@ -157,13 +158,17 @@ MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
  *                     RESOLVE_BENEATH, Linux 5.6) and refuses any step out of it before anything
  *                     outside is opened; a link swapped in meanwhile changes nothing. An absolute
  *                     link, or ".." out and back in, is refused there even when it ends inside;
- *                     relative links that stay inside load;
+ *                     relative links that stay inside load. A lookup that renames elsewhere on
+ *                     the system keep racing (the kernel's EAGAIN, retried 64 times) fails with
+ *                     MOERT_ERR_IO, and the load may be retried;
  *                   - where openat2 is not available (an older kernel, a sandbox that filters
  *                     it), the file is opened, then refused when /proc/self/fd does not show it
  *                     inside the directory, or cannot be read (without /proc every confined load
- *                     with external data fails). This way judges where the file lies, not the way
- *                     to it: an absolute link that ends inside loads, and a dangling link is
- *                     MOERT_ERR_IO where the first way says MOERT_ERR_INVALID_MODEL.
+ *                     with external data fails). This way compares paths as /proc shows them: it
+ *                     judges where the file lies, not the way to it (an absolute link that ends
+ *                     inside loads; a dangling link is MOERT_ERR_IO where the first way says
+ *                     MOERT_ERR_INVALID_MODEL), and a directory of another mount namespace
+ *                     (under /proc/<pid>/root) is not confined by it.
  *                   A hard link is the file itself, and is not refused. Names with ".." or an
  *                   absolute path are refused whatever this says (MOERT_ERR_INVALID_MODEL).
  * A moert_load_options object must not be modified concurrently; loads only read it, and it may
