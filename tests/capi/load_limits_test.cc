@@ -189,14 +189,19 @@ uint64_t step_count(const moert_session* s) {
   return n;
 }
 
+// hidden_baseline() with 64 routed experts of width `expert_hidden` in one group.
+ModelDesc many_experts(uint32_t expert_hidden) {
+  ModelDesc d = hidden_baseline();
+  d.layers[1].moe.num_experts = 64;
+  d.layers[1].moe.expert_hidden = expert_hidden;
+  d.layers[1].moe.num_groups = 1;
+  return d;
+}
+
 TEST(LoadLimits, CheckpointLoadsAreBoundedByTheSessionsArchitectureAndByTheOptions) {
   TempDir dir;
   // A checkpoint of a model 300 times the size of hidden_baseline (64 experts of hidden 256).
-  ModelDesc big = hidden_baseline();
-  big.layers[1].moe.num_experts = 64;
-  big.layers[1].moe.expert_hidden = 256;
-  big.layers[1].moe.num_groups = 1;
-  ModelPtr big_model = load_ok(build(big));
+  ModelPtr big_model = load_ok(build(many_experts(256)));
   ASSERT_TRUE(big_model);
   SessionPtr writer = training_session(big_model.get());
   const std::string big_ckpt = (dir.path() / "big.moert").string();
@@ -234,12 +239,8 @@ TEST(LoadLimits, CheckpointLoadsAreBoundedByTheSessionsArchitectureAndByTheOptio
 // that a link takes out of the checkpoint's directory, and keeps its state.
 TEST(LoadLimits, ConfineExternalDataCoversACheckpointsDataFile) {
   TempDir dir;
-  // Experts big enough (128 KiB per weight) that the checkpoint has a data file.
-  ModelDesc d = hidden_baseline();
-  d.layers[1].moe.num_experts = 64;
-  d.layers[1].moe.expert_hidden = 128;
-  d.layers[1].moe.num_groups = 1;
-  ModelPtr model = load_ok(build(d));
+  // Experts big enough (256 KiB per weight) that the checkpoint has a data file.
+  ModelPtr model = load_ok(build(many_experts(128)));
   ASSERT_TRUE(model);
   SessionPtr writer = training_session(model.get());
   std::vector<float> x(8 * 4, 0.5f), y(16 * 4), dy(16 * 4, 0.01f);

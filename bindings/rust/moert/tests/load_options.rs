@@ -45,21 +45,26 @@ fn limits_refuse_model_loads_above_them_and_allow_those_below() {
     expect_limit(options.model_from_bytes(&bytes, None));
 }
 
+/// A checkpoint of one training step at `ckpt`, and a fresh training session of the same model.
+fn checkpoint_and_fresh_session(ckpt: &std::path::Path) -> Session {
+    let model = Model::load(model_path()).unwrap();
+    let mut so = SessionOptions::new().unwrap();
+    so.mode(Mode::TRAINING).unwrap();
+    let a = Session::new(&model, Some(&so)).unwrap();
+    a.zero_grad().unwrap();
+    a.forward_tokens(&[0; 16 * 4], 16).unwrap();
+    a.backward_loss(&[0; 16]).unwrap();
+    a.step().unwrap();
+    a.save(ckpt).unwrap();
+    Session::new(&model, Some(&so)).unwrap()
+}
+
 #[test]
 fn limits_bound_checkpoint_loads_and_a_refusal_keeps_the_session() {
     let dir = std::env::temp_dir().join(format!("moert-rust-limits-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ckpt = dir.join("ck.moert");
-    let model = Model::load(model_path()).unwrap();
-    let mut so = SessionOptions::new().unwrap();
-    so.mode(Mode::TRAINING).unwrap();
-    let a = Session::new(&model, Some(&so)).unwrap();
-    let b = Session::new(&model, Some(&so)).unwrap();
-    a.zero_grad().unwrap();
-    a.forward_tokens(&[0; 16 * 4], 16).unwrap();
-    a.backward_loss(&[0; 16]).unwrap();
-    a.step().unwrap();
-    a.save(&ckpt).unwrap();
+    let b = checkpoint_and_fresh_session(&ckpt);
 
     let mut options = LoadOptions::new().unwrap();
     options.max_memory(1 << 20).unwrap();
@@ -77,16 +82,7 @@ fn confine_external_data_refuses_a_data_file_linked_from_outside() {
     let dir = root.join("ck");
     std::fs::create_dir_all(&dir).unwrap();
     let ckpt = dir.join("ck.moert");
-    let model = Model::load(model_path()).unwrap();
-    let mut so = SessionOptions::new().unwrap();
-    so.mode(Mode::TRAINING).unwrap();
-    let a = Session::new(&model, Some(&so)).unwrap();
-    let b = Session::new(&model, Some(&so)).unwrap();
-    a.zero_grad().unwrap();
-    a.forward_tokens(&[0; 16 * 4], 16).unwrap();
-    a.backward_loss(&[0; 16]).unwrap();
-    a.step().unwrap();
-    a.save(&ckpt).unwrap();
+    let b = checkpoint_and_fresh_session(&ckpt);
     // The checkpoint's data file moves out of its directory, and a link takes its place.
     let data: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
