@@ -136,6 +136,23 @@ int open_directory(const std::string& root) {
   return dir;
 }
 
+namespace {
+
+// Whether the directory `dir` is the process's root directory, on the same mount. False where the
+// kernel cannot say (statx without mount IDs, before Linux 5.8).
+bool is_process_root(int dir) {
+  struct statx d {
+  }, r{};
+  if (::statx(dir, "", AT_EMPTY_PATH, STATX_INO | STATX_MNT_ID, &d) != 0 ||
+      ::statx(AT_FDCWD, "/", 0, STATX_INO | STATX_MNT_ID, &r) != 0)
+    return false;
+  if (!(d.stx_mask & r.stx_mask & STATX_MNT_ID)) return false;
+  return d.stx_mnt_id == r.stx_mnt_id && d.stx_ino == r.stx_ino &&
+         d.stx_dev_major == r.stx_dev_major && d.stx_dev_minor == r.stx_dev_minor;
+}
+
+}  // namespace
+
 int open_confined(int dir, const std::string& root, const std::string& rel, uint64_t* size,
                   bool use_openat2) {
   namespace fs = std::filesystem;
@@ -149,12 +166,10 @@ int open_confined(int dir, const std::string& root, const std::string& rel, uint
     int release() { return std::exchange(fd, -1); }
   };
   // Everything lies inside the process's root directory, which the kernel's rule against
-  // absolute links would refuse to leave. Known by identity, not by name: the root of another
-  // mount namespace, or of a detached mount, also reads "/" in /proc.
-  struct stat d {
-  }, r{};
-  if (::fstat(dir, &d) == 0 && ::stat("/", &r) == 0 && d.st_dev == r.st_dev &&
-      d.st_ino == r.st_ino) {
+  // absolute links would refuse to leave. Known by identity, mount included, not by name: the
+  // root of another mount namespace, or of a detached mount, also reads "/" in /proc, and a bind
+  // mount of "/" elsewhere has its inode but not its view of the mounts below.
+  if (is_process_root(dir)) {
     const int fd = ::openat(dir, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
       fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(errno));
@@ -174,7 +189,7 @@ int open_confined(int dir, const std::string& root, const std::string& rel, uint
     int err = EAGAIN;
     constexpr int kAttempts = 64;
     for (int attempt = 0; attempt < kAttempts && (err == EAGAIN || err == EINTR); ++attempt) {
-      if (attempt >= 8) ::usleep(std::min(1000u, 1u << (attempt - 8)));
+      if (attempt >= 8) ::usleep(1u << std::min(attempt - 8, 10));  // 1 us up to 1 ms
       const long fd = ::syscall(SYS_openat2, dir, rel.c_str(), &how, sizeof how);
       if (fd >= 0) return regular_file(static_cast<int>(fd), path, "external weight file", size);
       err = errno;
@@ -183,9 +198,11 @@ int open_confined(int dir, const std::string& root, const std::string& rel, uint
       fail(Code::Io, "cannot open external weight file '", path,
            "' confined to the model's directory: renames elsewhere on the system raced its "
            "lookup ",
-           kAttempts, " times (openat2 EAGAIN); the load may be retried");
+           kAttempts, " times (openat2 ", err == EAGAIN ? "EAGAIN" : "EINTR",
+           "); the load may be retried");
     if (err == EXDEV) {
-      // Where it leads, for the message only: nothing there is opened.
+      // Where it leads, for the message only: nothing there is opened. Looked up by name, after
+      // the refusal: a link swapped meanwhile can make it name another file.
       const fs::path target = fs::canonical(path, ec);
       std::error_code of_root;
       const fs::path root_now = inside.empty() ? fs::canonical(root, of_root) : inside;
@@ -208,7 +225,7 @@ int open_confined(int dir, const std::string& root, const std::string& rel, uint
   if (ec)
     fail(Code::InvalidModel, "model: external weight file '", path,
          "' cannot be shown to lie inside the model's directory '", root,
-         "' (the kernel refuses openat2, and /proc/self/fd says: ", ec.message(), ")",
+         "' (openat2 could not be used, and /proc/self/fd says: ", ec.message(), ")",
          kConfineAdvice);
   const int opened_fd = ::openat(dir, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (opened_fd < 0)
@@ -219,7 +236,7 @@ int open_confined(int dir, const std::string& root, const std::string& rel, uint
   if (ec)
     fail(Code::InvalidModel, "model: external weight file '", path,
          "' cannot be shown to lie inside the model's directory '", root,
-         "' (the kernel refuses openat2, and /proc/self/fd says: ", ec.message(), ")",
+         "' (openat2 could not be used, and /proc/self/fd says: ", ec.message(), ")",
          kConfineAdvice);
   if (!lies_inside(inside, opened)) refuse_outside(path, inside.string(), opened);
   return file.release();
@@ -1197,28 +1214,28 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
   // Confined, the directory is opened once, and the model file and its data are both found in
   // it: a link on the way to it swapped between the two cannot pair this description with
   // another directory's data.
-  struct Dir {
+  struct Fd {
     int fd = -1;
-    ~Dir() {
+    ~Fd() {
       if (fd >= 0) ::close(fd);
     }
-  } confined;
+  } confined, file;
   uint64_t file_size = 0;
-  int fd = -1;
   if (options.confine_external_data) {
     confined.fd = open_directory(dir);
-    const std::string name = std::filesystem::path(path).filename().string();
-    fd = ::openat(confined.fd, name.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    std::string name = std::filesystem::path(path).filename().string();
+    if (name.empty()) name = ".";  // "models/": the directory, which is no regular file
+    const int fd = ::openat(confined.fd, name.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) fail(Code::Io, "cannot open model file '", path, "': ", std::strerror(errno));
-    fd = regular_file(fd, path, "model file", &file_size);
+    file.fd = regular_file(fd, path, "model file", &file_size);
   } else {
-    fd = open_regular_file(path, "model file", &file_size);
+    file.fd = open_regular_file(path, "model file", &file_size);
   }
+  const int fd = file.fd;
   const size_t size = static_cast<size_t>(file_size);
   try {
     check_buffer_size(size, options);
   } catch (const Error& e) {
-    ::close(fd);
     throw Error(e.code(), cat("'", path, "': ", e.message()));
   }
   // Read straight into aligned storage: one copy of the description in memory.
@@ -1230,12 +1247,11 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       const std::string why = n < 0 ? std::strerror(errno) : "unexpected end of file";
-      ::close(fd);
       fail(Code::Io, "cannot read model file '", path, "': ", why);
     }
     got += static_cast<size_t>(n);
   }
-  ::close(fd);
+  ::close(std::exchange(file.fd, -1));
   try {
     return parse(aligned.data(), size, dir, options, policy, nullptr, confined.fd);
   } catch (const Error& e) {

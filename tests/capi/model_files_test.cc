@@ -984,6 +984,18 @@ TEST_F(ExternalData, ConfineExternalDataRefusesALinkOutOfTheModelsDirectory) {
   write_file(hub, build(with_external_gate(64, kGateBytes, "w.bin")));
   EXPECT_TRUE(IsOk(load_file(hub)));
   EXPECT_TRUE(IsError(load_confined(hub), MOERT_ERR_INVALID_MODEL, {"blobs"}));
+  // The directory is that of the path as given, confined or not: a link to a model file
+  // elsewhere finds its data beside the link (none here), not beside its target.
+  fs::create_symlink("../inside.moert", dir_.path() / "m" / "alias.moert");
+  EXPECT_TRUE(IsError(load_file(dir_.path() / "m" / "alias.moert"), MOERT_ERR_IO, {"inside.bin"}));
+  EXPECT_TRUE(
+      IsError(load_confined(dir_.path() / "m" / "alias.moert"), MOERT_ERR_IO, {"inside.bin"}));
+  // A bare file name, and a path that names a directory.
+  const fs::path cwd = fs::current_path();
+  fs::current_path(dir_.path());
+  EXPECT_TRUE(IsOk(load_confined("inside.moert")));
+  EXPECT_TRUE(IsError(load_confined("m/"), MOERT_ERR_IO, {"not a regular file"}));
+  fs::current_path(cwd);
   // Off again.
   ASSERT_TRUE(IsOk(moert_load_options_set_confine_external_data(confine.get(), 0)));
   EXPECT_TRUE(IsOk(load_confined(hub)));

@@ -158,8 +158,8 @@ MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
  *                     RESOLVE_BENEATH, Linux 5.6) and refuses any step out of it before anything
  *                     outside is opened; a link swapped in meanwhile changes nothing. An absolute
  *                     link, or ".." out and back in, is refused there even when it ends inside;
- *                     relative links that stay inside load. A lookup that renames elsewhere on
- *                     the system keep racing (the kernel's EAGAIN, retried 64 times) fails with
+ *                     relative links that stay inside load. A lookup that keeps racing renames
+ *                     elsewhere on the system (the kernel's EAGAIN, retried 64 times) fails with
  *                     MOERT_ERR_IO, and the load may be retried;
  *                   - where openat2 is not available (an older kernel, a sandbox that filters
  *                     it), the file is opened, then refused when /proc/self/fd does not show it
