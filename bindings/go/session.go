@@ -324,8 +324,9 @@ func (s *Session) ZeroGrad() error {
 
 // Step takes one optimizer step over the accumulated gradients, then updates the loss-free
 // balancing bias. It returns the learning rate used and the gradient norm before clipping. With
-// an error they are NaN, unless the step was made and counted before it failed (an update that
-// took a parameter past the fp32 range, ErrNumeric): then they are that step's.
+// an error they are NaN, unless the step was made and counted before the call failed (an update
+// that took a parameter past the fp32 range, ErrNumeric; a weight copy that could not be made;
+// another rank's failure after the update): then they are that step's.
 func (s *Session) Step() (lr, gradNorm float64, err error) {
 	// moert.h writes both only for a step that was made.
 	lr, gradNorm = math.NaN(), math.NaN()

@@ -91,9 +91,11 @@ impl Error {
     }
 
     /// For an error of [`Session::step`]: the step's figures when it was made and counted
-    /// before the error (an update that took a parameter past the fp32 range,
-    /// [`Code::NUMERIC`]), so that the caller knows its learning rate; `None` when the step
-    /// was refused before any change, and for every other call's error.
+    /// before the call failed (an update that took a parameter past the fp32 range,
+    /// [`Code::NUMERIC`]; a weight copy that could not be made; another rank's failure after
+    /// the update), so that the caller knows its learning rate; `None` when the step was
+    /// refused before any change, and for every other call's error. [`Error`]'s equality
+    /// compares these figures too.
     pub fn step_made(&self) -> Option<Step> {
         self.step_made.map(|(lr, norm)| Step {
             learning_rate: f64::from_bits(lr),
@@ -1011,8 +1013,8 @@ impl Session {
         check(unsafe { sys::moert_session_zero_grad(self.raw()) })
     }
 
-    /// One optimizer step, then the loss-free bias update. A step made and counted before it
-    /// failed (a parameter pushed past the fp32 range) gives an error whose
+    /// One optimizer step, then the loss-free bias update. A step made and counted before the
+    /// call failed (a parameter pushed past the fp32 range, for one) gives an error whose
     /// [`Error::step_made`] holds its figures.
     pub fn step(&self) -> Result<Step> {
         // moert.h writes both only for a step that was made; NaN is no learning rate.

@@ -23,7 +23,7 @@ import java.util.Map;
  */
 public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
   /** The learning rate an optimizer step used and the gradient norm before clipping. */
-  public record Step(double learningRate, double gradientNorm) {}
+  public record Step(double learningRate, double gradientNorm) implements java.io.Serializable {}
 
   /** A trainable parameter tensor: "layer.tensor" name and element count. */
   public record Parameter(String name, long numel) {}
@@ -278,9 +278,9 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
   }
 
   /**
-   * One optimizer step, then the loss-free bias update. A step made and counted before it failed
-   * (an update that took a parameter past the fp32 range, {@code MOERT_ERR_NUMERIC}) throws a
-   * {@link StepMadeException}, which holds its figures.
+   * One optimizer step, then the loss-free bias update. A step made and counted before the call
+   * failed (an update that took a parameter past the fp32 range, {@code MOERT_ERR_NUMERIC}, for
+   * one) throws a {@link StepMadeException}, which holds its figures.
    */
   public Step step() {
     try (Use u = use()) {
