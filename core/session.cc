@@ -928,7 +928,7 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
         fail(poisoned_code_,
              "a backward pass of this step failed after it had begun accumulating "
              "gradients (",
-             poisoned_, "); call zero_grad to discard the step");
+             poisoned_, "); call zero_grad to discard the step, or load a checkpoint");
       // The moments first, inside the agreement, when this step may update: an allocation that
       // fails on one rank then refuses the step on every rank, before any change. A step that
       // turns out not to update (an all-zero gradient) takes them back below.
@@ -1493,7 +1493,7 @@ void Session::refuse_partial_step() const {
          "accumulating gradients (",
          poisoned_,
          "), and a checkpoint of that partial gradient would step on it once loaded; "
-         "call zero_grad to discard the step first");
+         "call zero_grad to discard the step first (or load a checkpoint)");
 }
 
 void Session::save(const std::string& path, bool path_given) const {
