@@ -53,14 +53,29 @@ int regular_file(int fd, const std::string& path, const char* what, uint64_t* si
   return fd;
 }
 
-// Opens `path` for reading when it is a regular file, else fails (Io) naming it as `what`. The
-// open does not block: a FIFO with no writer (or a device that waits) is refused at once instead
-// of hanging the caller. Returns the descriptor; its size goes to *size.
-int open_regular_file(const std::string& path, const char* what, uint64_t* size) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+// Opens `rel`, relative to the directory `dir` (AT_FDCWD: the working directory), for reading
+// when it is a regular file, else fails (Io) naming it `path` as `what`. The open does not block:
+// a FIFO with no writer (or a device that waits) is refused at once instead of hanging the
+// caller. Returns the descriptor; its size goes to *size.
+int open_regular_file_at(int dir, const std::string& rel, const std::string& path, const char* what,
+                         uint64_t* size) {
+  const int fd = ::openat(dir, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) fail(Code::Io, "cannot open ", what, " '", path, "': ", std::strerror(errno));
   return regular_file(fd, path, what, size);
 }
+
+int open_regular_file(const std::string& path, const char* what, uint64_t* size) {
+  return open_regular_file_at(AT_FDCWD, path, path, what, size);
+}
+
+// A descriptor closed on every way out, a thrown bad_alloc included.
+struct Fd {
+  int fd = -1;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  int release() { return std::exchange(fd, -1); }
+};
 
 // FlatBuffers offsets are 32-bit: nothing larger can be a valid buffer.
 constexpr size_t kMaxBufferSize = size_t{1} << 31;
@@ -157,24 +172,12 @@ int open_confined(int dir, const std::string& root, const std::string& rel, uint
                   bool use_openat2) {
   namespace fs = std::filesystem;
   const std::string path = (fs::path(root) / rel).string();
-  // A descriptor closed on every way out, a thrown bad_alloc included.
-  struct Fd {
-    int fd = -1;
-    ~Fd() {
-      if (fd >= 0) ::close(fd);
-    }
-    int release() { return std::exchange(fd, -1); }
-  };
   // Everything lies inside the process's root directory, which the kernel's rule against
   // absolute links would refuse to leave. Known by identity, mount included, not by name: the
   // root of another mount namespace, or of a detached mount, also reads "/" in /proc, and a bind
   // mount of "/" elsewhere has its inode but not its view of the mounts below.
-  if (is_process_root(dir)) {
-    const int fd = ::openat(dir, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0)
-      fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(errno));
-    return regular_file(fd, path, "external weight file", size);
-  }
+  if (is_process_root(dir))
+    return open_regular_file_at(dir, rel, path, "external weight file", size);
   std::error_code ec;
   const fs::path inside = fs::read_symlink("/proc/self/fd/" + std::to_string(dir), ec);
 #ifdef SYS_openat2
@@ -222,37 +225,25 @@ int open_confined(int dir, const std::string& root, const std::string& rel, uint
 #endif
   // No openat2 (a kernel before 5.6, a sandbox that filters it): the file opened is refused
   // unless /proc/self/fd shows it inside the directory. Paths as /proc shows them are compared.
-  if (ec)
+  const auto unprovable = [&] {
     fail(Code::InvalidModel, "model: external weight file '", path,
          "' cannot be shown to lie inside the model's directory '", root,
          "' (openat2 could not be used, and /proc/self/fd says: ", ec.message(), ")",
          kConfineAdvice);
-  const int opened_fd = ::openat(dir, rel.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (opened_fd < 0)
-    fail(Code::Io, "cannot open external weight file '", path, "': ", std::strerror(errno));
+  };
+  if (ec) unprovable();
   // Not a regular file (the directory itself, a FIFO) is Io, as without the option.
-  Fd file{regular_file(opened_fd, path, "external weight file", size)};
+  Fd file{open_regular_file_at(dir, rel, path, "external weight file", size)};
   const fs::path opened = fs::read_symlink("/proc/self/fd/" + std::to_string(file.fd), ec);
-  if (ec)
-    fail(Code::InvalidModel, "model: external weight file '", path,
-         "' cannot be shown to lie inside the model's directory '", root,
-         "' (openat2 could not be used, and /proc/self/fd says: ", ec.message(), ")",
-         kConfineAdvice);
+  if (ec) unprovable();
   if (!lies_inside(inside, opened)) refuse_outside(path, inside.string(), opened);
   return file.release();
 }
 
 int open_confined(const std::string& root, const std::string& rel, uint64_t* size,
                   bool use_openat2) {
-  const int dir = open_directory(root);
-  try {
-    const int fd = open_confined(dir, root, rel, size, use_openat2);
-    ::close(dir);
-    return fd;
-  } catch (...) {
-    ::close(dir);
-    throw;
-  }
+  const Fd dir{open_directory(root)};
+  return open_confined(dir.fd, root, rel, size, use_openat2);
 }
 
 namespace {
@@ -1214,20 +1205,13 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
   // Confined, the directory is opened once, and the model file and its data are both found in
   // it: a link on the way to it swapped between the two cannot pair this description with
   // another directory's data.
-  struct Fd {
-    int fd = -1;
-    ~Fd() {
-      if (fd >= 0) ::close(fd);
-    }
-  } confined, file;
+  Fd confined, file;
   uint64_t file_size = 0;
   if (options.confine_external_data) {
     confined.fd = open_directory(dir);
     std::string name = std::filesystem::path(path).filename().string();
     if (name.empty()) name = ".";  // "models/": the directory, which is no regular file
-    const int fd = ::openat(confined.fd, name.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) fail(Code::Io, "cannot open model file '", path, "': ", std::strerror(errno));
-    file.fd = regular_file(fd, path, "model file", &file_size);
+    file.fd = open_regular_file_at(confined.fd, name, path, "model file", &file_size);
   } else {
     file.fd = open_regular_file(path, "model file", &file_size);
   }
@@ -1251,7 +1235,7 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
     }
     got += static_cast<size_t>(n);
   }
-  ::close(std::exchange(file.fd, -1));
+  ::close(file.release());
   try {
     return parse(aligned.data(), size, dir, options, policy, nullptr, confined.fd);
   } catch (const Error& e) {
