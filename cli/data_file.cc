@@ -13,6 +13,7 @@
 #include "cli/model_codec.h"
 #include "cli/regular_file.h"
 #include "moert_generated.h"
+#include "schemas/external_data_refs.h"
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -103,11 +104,8 @@ std::vector<std::string> model_files(const std::string& path) {
   std::vector<std::string> files = {path};
   try {
     const std::vector<uint8_t> bytes = read_regular_file(path);
-    if (!is_binary_model(bytes)) return files;
-    flatbuffers::Verifier v(bytes.data(), bytes.size());
-    if (!fb::VerifyModelBuffer(v)) return files;
-    if (const auto* data = fb::GetModel(bytes.data())->external_data())
-      files.push_back((fs::path(directory_of(path)) / data->str()).string());
+    if (const std::string data = moert::format::external_data_of(bytes); !data.empty())
+      files.push_back((fs::path(directory_of(path)) / data).string());
   } catch (const Error&) {
     // An input that cannot be read is the command's to refuse, with its own message.
   }

@@ -12,11 +12,13 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <set>
 #include <span>
 
 #include "core/error.h"
 #include "kernels/cpu/math.h"
 #include "moert_generated.h"
+#include "schemas/external_data_refs.h"
 
 namespace moert {
 namespace {
@@ -397,20 +399,32 @@ bool is_temporary_of(std::string_view name, std::string_view file) {
          (tail.size() == 12 && tail.starts_with(".data-"));
 }
 
-// Removes the data files of earlier checkpoints at `file` (all but `keep`) and temporary files
-// that killed saves left. Failures are ignored: the new checkpoint is already in place.
+// Removes the data files of earlier checkpoints at `file` (all but `keep`) that no other
+// description in `dir` still names, and temporary files that killed saves left. Failures are
+// ignored: the new checkpoint is already in place.
 void remove_stale(const fs::path& dir, const std::string& file, const std::string& keep) {
   DIR* d = ::opendir(dir.c_str());
   if (!d) return;
   const std::string prefix = file + ".";
+  std::set<std::string> data_files;
   std::vector<std::string> doomed;
   while (const dirent* e = ::readdir(d)) {
     const std::string_view name = e->d_name;
     const bool data = name.size() == prefix.size() + 16 + 5 && name.starts_with(prefix) &&
                       name.ends_with(".data") && is_hex16(name.substr(prefix.size(), 16));
-    if ((data && name != keep) || is_temporary_of(name, file)) doomed.emplace_back(name);
+    if (data && name != keep) data_files.emplace(name);
+    if (is_temporary_of(name, file)) doomed.emplace_back(name);
   }
   ::closedir(d);
+  if (!data_files.empty()) {
+    // A copy of an earlier description (`cp ckpt.moert best.moert`) still names its data file.
+    const std::set<std::string> named =
+        format::external_data_named_in(dir, [&](std::string_view n) {
+          return n == file || data_files.contains(std::string(n)) || is_temporary_of(n, file);
+        });
+    for (const auto& name : data_files)
+      if (!named.contains(name)) doomed.push_back(name);
+  }
   for (const auto& name : doomed) ::unlink((dir / name).c_str());
 }
 

@@ -23,8 +23,9 @@ inline constexpr uint64_t kExternalAlignment = 64;
 //     has, so the rename never replaces the data of another checkpoint);
 //  2. the description goes to a temporary file, is fsync'ed and renamed over `path`; the
 //     directory is fsync'ed after each rename;
-//  3. data files "<file name>.<16 hex digits>.data" and temporary files of earlier saves to
-//     `path` are removed.
+//  3. data files "<file name>.<16 hex digits>.data" of earlier saves to `path` that no other
+//     description in the directory names (a copy of an earlier one does), and temporary files of
+//     earlier saves to `path`, are removed.
 // A process killed at any point leaves at `path` either the previous checkpoint, whole, or the new
 // one. Saves into one directory take turns (an flock on it), so concurrent writers to one path
 // each succeed and leave one whole checkpoint. Throws Error(Io) when a file cannot be written (the

@@ -887,6 +887,39 @@ def check_interrupted_imports(cli_path, work):
     return lines, failures
 
 
+def check_reimports(cli_path, work):
+    """An import to OUTPUT removes the data files of earlier imports to it, except one that a copy
+    of an earlier description still names (`cp layer.moert best.moert`)."""
+    lines, failures = [], []
+    d = os.path.join(work, "reimports")
+    out = os.path.join(d, "layer.moert")
+    for seed, name in enumerate(("first", "second", "third")):
+        base = deepseek(f"reimport_{name}", "BF16", "BF16", "BF16", 11 + seed, 1, [1])
+        base["store"].write(os.path.join(d, name), base["cfg"])
+
+    def data_files():
+        return sorted(n for n in os.listdir(d)
+                      if n.startswith("layer.moert.") and n.endswith(".data"))
+
+    cli(["import", os.path.join(d, "first"), out, "--layer", "1"], cli_path)
+    first = data_files()
+    shutil.copy(out, os.path.join(d, "best.moert"))
+    cli(["import", os.path.join(d, "second"), out, "--layer", "1"], cli_path)
+    second = data_files()
+    p = cli(["inspect", os.path.join(d, "best.moert")], cli_path, expect_ok=False)
+    lines.append(f"  data files kept for a copied description: {len(second)} after a re-import "
+                 f"(best.moert loads: exit {p.returncode})")
+    if len(first) != 1 or first[0] not in second or len(second) != 2 or p.returncode != 0:
+        failures.append(f"re-import: data files {first} then {second}, inspect of the copy "
+                        f"exit {p.returncode}: {p.stderr.strip()}")
+    os.remove(os.path.join(d, "best.moert"))
+    cli(["import", os.path.join(d, "third"), out, "--layer", "1"], cli_path)
+    third = data_files()
+    if len(third) != 1 or third[0] in second:
+        failures.append(f"re-import after the copy was removed: data files {third}")
+    return lines, failures
+
+
 def check_trained(lib, cli_path, work):
     """A model trained by moert (fp32 masters, a loss-free bias moved by training, two shared
     experts) exported and imported back: the same forward, the bias as e_score_correction_bias,
@@ -997,7 +1030,8 @@ def main():
     failures += f
     for name, check in (("refusals", check_refusals),
                         ("outputs onto inputs", check_outputs_onto_inputs),
-                        ("interrupted imports", check_interrupted_imports)):
+                        ("interrupted imports", check_interrupted_imports),
+                        ("re-imports", check_reimports)):
         print(name)
         try:
             lines, f = check(args.cli, args.workdir)

@@ -2,6 +2,7 @@
 // determinism, corrupt checkpoints, misuse.
 #include <gtest/gtest.h>
 #include <moert/moert.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -578,6 +579,54 @@ TEST_P(CheckpointFiles, SaveIsAtomicAndTheCheckpointIsAModel) {
   MOERT_OK_OR_FAIL(moert_session_get_expert_bias(inf, 2, bias_i.data(), 8));
   EXPECT_EQ(bias_a, bias_i);
   moert_session_free(inf);
+}
+
+// A copy of a checkpoint's description beside it (`cp ck.moert best.moert`, keeping the best
+// one while training goes on) names the same data file. Later saves to ck.moert remove the data
+// files of their earlier checkpoints, but not one a description still names: the copy loads after
+// them. Once nothing names it any more, the next save removes it.
+TEST_P(CheckpointFiles, ACopiedDescriptionKeepsItsDataFile) {
+  Model model(MOERT_TEST_TINY);
+  Session a(model.m, MOERT_MODE_TRAINING);
+  train_steps(a.s, 0, 2);
+  const std::string path = (dir_ / "ck.moert").string();
+  const std::string best = (dir_ / "best.moert").string();
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  const std::vector<float> at_best = snapshot(a.s);
+  fs::copy_file(path, best);
+  auto data_files = [&] {
+    size_t n = 0;
+    for (const auto& e : fs::directory_iterator(dir_)) n += e.path().extension() == ".data";
+    return n;
+  };
+  ASSERT_EQ(data_files(), 1u);
+  for (int i = 0; i < 2; ++i) {
+    train_steps(a.s, 2 + i, 3 + i);
+    MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  }
+  // best.moert's data file, and the latest checkpoint's; the one in between is gone.
+  EXPECT_EQ(data_files(), 2u);
+  Session b(model.m, MOERT_MODE_TRAINING);
+  MOERT_OK_OR_FAIL(moert_session_load(b.s, best.c_str()));
+  EXPECT_EQ(snapshot(b.s), at_best);
+  MOERT_OK_OR_FAIL(moert_session_load(b.s, path.c_str()));
+  EXPECT_EQ(snapshot(b.s), snapshot(a.s));
+  // Files that are no description name nothing: a FIFO (never waited on), and the first half of
+  // the copy, which begins like a description but does not verify.
+  ASSERT_EQ(::mkfifo((dir_ / "fifo").c_str(), 0600), 0);
+  {
+    std::ifstream in(best, std::ios::binary);
+    std::vector<char> head(fs::file_size(best) / 2);
+    in.read(head.data(), static_cast<std::streamsize>(head.size()));
+    std::ofstream(dir_ / "truncated.moert", std::ios::binary)
+        .write(head.data(), static_cast<std::streamsize>(head.size()));
+  }
+  fs::remove(best);
+  train_steps(a.s, 4, 5);
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  EXPECT_EQ(data_files(), 1u) << "nothing names the copy's data file any more";
+  MOERT_OK_OR_FAIL(moert_session_load(b.s, path.c_str()));
+  EXPECT_EQ(snapshot(b.s), snapshot(a.s));
 }
 
 // Two sessions saving to one path at the same time, over and over (two writers, as two

@@ -344,7 +344,8 @@ MOERT_API moert_status* moert_model_quantize_fp8(const moert_model* model, uint3
  * model holds them: fp32 as F32 (initialised tensors with their values), FP8 tensors as F8E4M3
  * with their 128x128 block scales, byte for byte as loaded or quantized. Arrays of 64 KiB or more
  * go to an external data file beside it, "<file name>.<16 hex digits>.data", named by the
- * model's content digest; data files of earlier saves to `path` are removed. MOERT_ERR_IO when a
+ * model's content digest; data files of earlier saves to `path` are removed unless a description in
+ * the directory still names one (a copy of an earlier file). MOERT_ERR_IO when a
  * file cannot be written, MOERT_ERR_UNSUPPORTED when the description would exceed FlatBuffers'
  * 2 GiB, MOERT_ERR_INVALID_ARGUMENT when `path` names a directory, a device, a FIFO or a
  * symbolic link, or when its file name is too long for the files written beside it (the data
@@ -1108,7 +1109,9 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * Written atomically: the data file, then the description, each to a temporary file in the same
  * directory, fsync'ed and renamed into place; a process killed at any point leaves at `path` the
  * previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and
- * temporary files of interrupted saves) are removed afterwards; saves into one directory, from
+ * temporary files of interrupted saves) are removed afterwards, except one that a description in
+ * the directory still names (a copy made with `cp ck.moert best.moert` keeps loading: the removal
+ * reads each file there that begins like a model description); saves into one directory, from
  * any thread or process on the machine, take turns (an flock(2) on the directory), so concurrent
  * saves to one path each succeed and leave one of them whole. NFS cannot lock a directory that
  * way: there saves are not serialized, and one writer per path at a time is the caller's to keep. A
