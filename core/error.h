@@ -37,6 +37,36 @@ class Error : public std::runtime_error {
   std::string message_;
 };
 
+// An error at one row of the operand a kernel was given. A kernel counts rows in its own
+// arrangement (an MoE layer's experts see their tokens in routing order); its callers know what
+// the row is and say it in theirs: the layer as its own row, the session as the caller's.
+class RowError : public Error {
+ public:
+  // The message reads `head` "row " `row` `rows_of` `tail`.
+  RowError(Code code, std::string head, int64_t row, std::string rows_of, std::string tail)
+      : Error(code, head + "row " + std::to_string(row) + rows_of + tail),
+        head_(std::move(head)),
+        rows_of_(std::move(rows_of)),
+        tail_(std::move(tail)),
+        row_(row) {}
+  int64_t row() const noexcept { return row_; }
+  // True once `row` counts the rows of the layer the kernel ran in.
+  bool layer_row() const noexcept { return layer_row_; }
+  // The same error at the layer's row `row`.
+  RowError at_layer_row(int64_t row) const {
+    RowError e(code(), head_, row, "", tail_);
+    e.layer_row_ = true;
+    return e;
+  }
+  // The message with `row` (the caller's count) in place of the layer's.
+  std::string message_at(int64_t row) const { return head_ + "row " + std::to_string(row) + tail_; }
+
+ private:
+  std::string head_, rows_of_, tail_;
+  int64_t row_;
+  bool layer_row_ = false;
+};
+
 // Concatenates anything streamable; messages are built where they are thrown.
 template <typename... Args>
 std::string cat(Args&&... args) {

@@ -9,6 +9,35 @@
 namespace moert {
 namespace {
 
+// FP8 quantizers name a value's row in the rows their FFN was given (RowError). A dense or shared
+// FFN is given the layer's rows.
+template <typename F>
+void in_layer_rows(F&& f) {
+  try {
+    f();
+  } catch (const RowError& e) {
+    if (e.layer_row()) throw;
+    throw e.at_layer_row(e.row());
+  }
+}
+
+// The routed experts are given the layer's tokens in routing order: row p is plan.token[p].
+template <typename F>
+void in_routing_order(Backend& be, const DispatchPlan& plan, F&& f) {
+  try {
+    f();
+  } catch (const RowError& e) {
+    if (e.layer_row() || e.row() < 0 || e.row() >= plan.num_assignments()) throw;
+    int32_t token = 0;
+    be.download(&token, plan.token.data() + e.row(), sizeof token);
+    throw e.at_layer_row(token);
+  }
+}
+
+}  // namespace
+
+namespace {
+
 // dx when the caller gave one, else a scratch array of the right size.
 float* or_scratch(Backend& be, float* dx, Buffer<float>& scratch, size_t n) {
   if (dx) return dx;
@@ -59,8 +88,10 @@ void DenseFFNLayer::forward(Backend& be, const float* x, float* y, int64_t rows,
     h1 = h1_.data();
     h3 = h3_.data();
   }
-  be.swiglu_ffn(x, p_.weight(s_.w1), p_.weight(s_.w3), p_.weight(s_.w2), y, h1, h3, rows, s_.dim,
-                s_.hidden, s_.residual);
+  in_layer_rows([&] {
+    be.swiglu_ffn(x, p_.weight(s_.w1), p_.weight(s_.w3), p_.weight(s_.w2), y, h1, h3, rows, s_.dim,
+                  s_.hidden, s_.residual);
+  });
 }
 
 void DenseFFNLayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
@@ -68,9 +99,11 @@ void DenseFFNLayer::backward(Backend& be, const float* dy, float* dx, int64_t ro
   dx = or_scratch(be, dx, scratch_, n);
   // The residual path passes dy straight through.
   if (s_.residual) be.copy(dx, dy, n * sizeof(float));
-  be.swiglu_ffn_backward(x_, p_.weight(s_.w1), p_.weight(s_.w3), p_.weight(s_.w2), h1_.data(),
-                         h3_.data(), dy, dx, s_.residual, p_.grad_out(s_.w1), p_.grad_out(s_.w3),
-                         p_.grad_out(s_.w2), rows, s_.dim, s_.hidden);
+  in_layer_rows([&] {
+    be.swiglu_ffn_backward(x_, p_.weight(s_.w1), p_.weight(s_.w3), p_.weight(s_.w2), h1_.data(),
+                           h3_.data(), dy, dx, s_.residual, p_.grad_out(s_.w1), p_.grad_out(s_.w3),
+                           p_.grad_out(s_.w2), rows, s_.dim, s_.hidden);
+  });
 }
 
 void OutputHeadLayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
@@ -186,8 +219,10 @@ void MoELayer::residual_and_shared(Backend& be, const float* x, float* y, int64_
       sh1 = shared_h1_[i].data();
       sh3 = shared_h3_[i].data();
     }
-    be.swiglu_ffn(x, p_.weight(s_.shared_w1).offset(off), p_.weight(s_.shared_w3).offset(off),
-                  p_.weight(s_.shared_w2).offset(off), y, sh1, sh3, rows, D, HS, true);
+    in_layer_rows([&] {
+      be.swiglu_ffn(x, p_.weight(s_.shared_w1).offset(off), p_.weight(s_.shared_w3).offset(off),
+                    p_.weight(s_.shared_w2).offset(off), y, sh1, sh3, rows, D, HS, true);
+    });
   }
 }
 
@@ -201,8 +236,10 @@ void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass
   x_perm_.resize(be, static_cast<size_t>(A * D));
   y_perm_.resize(be, x_perm_.size());
   keep_hidden(be, A, train);
-  experts_forward(be, plan_, 0, x, x_perm_.data(), train, y_perm_.data(),
-                  train ? h1_.data() : nullptr, train ? h3_.data() : nullptr);
+  in_routing_order(be, plan_, [&] {
+    experts_forward(be, plan_, 0, x, x_perm_.data(), train, y_perm_.data(),
+                    train ? h1_.data() : nullptr, train ? h3_.data() : nullptr);
+  });
   residual_and_shared(be, x, y, rows, train);
   be.combine(plan_, y_perm_.data(), y, D);
   for (int64_t e = 0; e < E; ++e) pending_[e] = plan_.count(e);
@@ -244,12 +281,14 @@ void MoELayer::shared_backward(Backend& be, const float* dy, float* dx, int64_t 
   const int64_t D = s_.dim, HS = s_.shared_hidden, shared_stride = HS * D;
   for (uint32_t i = 0; i < s_.num_shared; ++i) {
     const int64_t off = i * shared_stride;
-    be.swiglu_ffn_backward(x_, p_.weight(s_.shared_w1).offset(off),
-                           p_.weight(s_.shared_w3).offset(off), p_.weight(s_.shared_w2).offset(off),
-                           shared_h1_[i].data(), shared_h3_[i].data(), dy, dx, true,
-                           p_.grad_out(s_.shared_w1, off, shared_stride),
-                           p_.grad_out(s_.shared_w3, off, shared_stride),
-                           p_.grad_out(s_.shared_w2, off, shared_stride), rows, D, HS);
+    in_layer_rows([&] {
+      be.swiglu_ffn_backward(
+          x_, p_.weight(s_.shared_w1).offset(off), p_.weight(s_.shared_w3).offset(off),
+          p_.weight(s_.shared_w2).offset(off), shared_h1_[i].data(), shared_h3_[i].data(), dy, dx,
+          true, p_.grad_out(s_.shared_w1, off, shared_stride),
+          p_.grad_out(s_.shared_w3, off, shared_stride),
+          p_.grad_out(s_.shared_w2, off, shared_stride), rows, D, HS);
+    });
   }
 }
 
@@ -316,8 +355,10 @@ void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
   dweight_.resize(be, static_cast<size_t>(A));
   dx_perm_.resize(be, dy_perm_.size());
   be.combine_backward(plan_, y_perm_.data(), dy, dy_perm_.data(), dweight_.data(), D);
-  experts_backward(be, plan_, 0, x_perm_.data(), h1_.data(), h3_.data(), dy_perm_.data(),
-                   dx_perm_.data(), nullptr, nullptr);
+  in_routing_order(be, plan_, [&] {
+    experts_backward(be, plan_, 0, x_perm_.data(), h1_.data(), h3_.data(), dy_perm_.data(),
+                     dx_perm_.data(), nullptr, nullptr);
+  });
   be.dispatch_backward(plan_, dx_perm_.data(), dx, D);
   router_backward(be, dx, rows);
 }

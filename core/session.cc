@@ -675,17 +675,31 @@ std::exception_ptr Session::held_with_source(std::exception_ptr held, size_t lay
 
 Error Session::with_unchecked_source(const Error& e, size_t layer, const float* rows, int64_t width,
                                      const char* what) const {
-  // With check_finite on, what the layer reads was checked before it ran.
-  if (e.code() != Code::Numeric || options_.check_finite) return e;
-  // Unchecked, the kernel that met the value (an FP8 quantizer, say) names it in its own
-  // arrangement of the rows (an expert's list); the caller needs it in theirs.
-  const std::string at = nonfinite_at(rows, width);
-  if (at.empty()) return e;
+  if (e.code() != Code::Numeric) return e;
+  const std::string named = cat("layer ", layer, " ('", model_->layers[layer].name, "', ",
+                                layer_kind_name(model_->layers[layer].kind), "): ");
+  // The kernel that met the value (an FP8 quantizer, say) names it in its own arrangement of the
+  // rows (an expert's list); the caller needs it in theirs. Scanned on this failure only.
+  if (const std::string at = nonfinite_at(rows, width); !at.empty()) {
+    if (!options_.check_finite)
+      return Error(Code::Numeric,
+                   cat(named, "its ", what, " holds a NaN or infinity at ", at,
+                       ", which check_finite (off) did not refuse before a kernel met it"));
+    // Checked, a forward's layers read finite values: this is a backward, whose grad_out was
+    // finite.
+    return Error(Code::Numeric,
+                 cat(named, "its ", what, " holds a NaN or infinity at ", at,
+                     " although grad_out is finite: a value exceeded the fp32 range in the "
+                     "backward of a later layer"));
+  }
+  // What the layer reads is finite: a value it computed overflowed, and the kernel that met it
+  // (an FP8 quantizer: E4M3 has no infinity) named the layer's row, which the caller counts
+  // otherwise.
+  const auto* at_row = dynamic_cast<const RowError*>(&e);
+  if (!at_row || !at_row->layer_row()) return e;
   return Error(Code::Numeric,
-               cat("layer ", layer, " ('", model_->layers[layer].name, "', ",
-                   layer_kind_name(model_->layers[layer].kind), "): its ", what,
-                   " holds a NaN or infinity at ", at,
-                   ", which check_finite (off) did not refuse before a kernel met it"));
+               cat(named, at_row->message_at(caller_row(at_row->row())), "; the layer's ", what,
+                   " is finite, so a value computed from it exceeded the fp32 range"));
 }
 
 void Session::finish_empty_pass(float* out, Pass pass) {

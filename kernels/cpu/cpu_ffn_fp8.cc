@@ -33,11 +33,14 @@ fp8::Blocks blocks_of_weight(const Fp8Weight& w, int64_t cols) {
   return {w.codes, cols, w.scales, block_scale_ld(cols)};
 }
 
-fp8::QuantizeOptions options(const Fp8Options& o, const char* what, int64_t row0) {
+// An FFN operand's rows by default, which the layer maps to its own (RowError).
+fp8::QuantizeOptions options(const Fp8Options& o, const char* what, int64_t row0,
+                             const char* rows_of = " of the FFN's rows") {
   fp8::QuantizeOptions q;
   q.power_of_two_scales = o.power_of_two_scales;
   q.what = what;
   q.row_offset = row0;
+  q.rows_of = rows_of;
   return q;
 }
 
@@ -74,7 +77,7 @@ void CpuBackend::quantize_weight_blocks(const float* src, int64_t matrices, int6
     // The layout's padding gets zeros, so that copies compare and hash byte for byte.
     std::fill(s + blocks_of(cols), s + ld, 0.0f);
     fp8::quantize_blocks(src + mtx * per + r0 * cols, cols, rn, cols, codes + mtx * per + r0 * cols,
-                         cols, s, ld, options(fp8_, name.c_str(), r0));
+                         cols, s, ld, options(fp8_, name.c_str(), r0, nullptr));
   });
 }
 

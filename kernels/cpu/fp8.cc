@@ -60,10 +60,16 @@ void expand(const uint8_t* codes, int64_t ld, int64_t rows, int64_t cols, float*
                                    int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t c = c0; c < c1; ++c)
-      if (!rules::is_finite(x[r * ldx + c]))
-        fail(Code::Numeric, "FP8 quantization of ", opt.what, ": non-finite value ", x[r * ldx + c],
-             " at row ", r + opt.row_offset, ", column ", c + opt.col_offset,
-             " (NaN and infinity have no E4M3 code)");
+      if (!rules::is_finite(x[r * ldx + c])) {
+        std::string head =
+            cat("FP8 quantization of ", opt.what, ": non-finite value ", x[r * ldx + c], " at ");
+        std::string tail =
+            cat(", column ", c + opt.col_offset, " (NaN and infinity have no E4M3 code)");
+        if (opt.rows_of)
+          throw RowError(Code::Numeric, std::move(head), r + opt.row_offset, opt.rows_of,
+                         std::move(tail));
+        fail(Code::Numeric, head, "row ", r + opt.row_offset, tail);
+      }
   fail(Code::Internal, "FP8 quantization of ", opt.what, ": a non-finite amax without its value");
 }
 

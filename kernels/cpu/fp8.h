@@ -98,6 +98,9 @@ struct QuantizeOptions {
   const char* what = "tensor";
   int64_t row_offset = 0;
   int64_t col_offset = 0;
+  // What the row counts, when its caller may say it otherwise (a RowError): an FFN's operand
+  // rows, which the layer that ran it maps to its own.
+  const char* rows_of = nullptr;
 };
 
 // ---- Quantizers: x [rows, cols] fp32 with row stride ldx, codes [rows, cols] with row stride

@@ -115,9 +115,12 @@ struct FfnFp8::Check {
         const Operand& o = operands[k];
         const int64_t row = segs[i].begin + static_cast<int64_t>(index) / o.width;
         const int64_t col = static_cast<int64_t>(index) % o.width;
-        fail(Code::Numeric, "FP8 quantization of ", o.what, ": non-finite value ",
-             value_at(o.x, row * o.width + col, s), " at row ", row, ", column ", col,
-             " (NaN and infinity have no E4M3 code)");
+        // The layer that ran the FFN says which of its rows that is (RowError).
+        throw RowError(Code::Numeric,
+                       cat("FP8 quantization of ", o.what, ": non-finite value ",
+                           value_at(o.x, row * o.width + col, s), " at "),
+                       row, " of the FFN's rows",
+                       cat(", column ", col, " (NaN and infinity have no E4M3 code)"));
       }
   }
 };

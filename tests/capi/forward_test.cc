@@ -320,6 +320,62 @@ TEST_F(HiddenForward, CheckFiniteFalseInFp8NamesTheCallersRow) {
   }
 }
 
+// A finite input whose activation overflows inside an fp8 MoE layer: E4M3 has no infinity, so the
+// experts' quantizer refuses it. The error names the layer, the caller's row (not the row's place
+// in an expert's list) and the cause, whether check_finite is on or off. A norm weight of `scale`
+// on column 3 makes a row's hidden values large only where its input's column 3 is not zero: with
+// 1e25 its activation overflows in the forward; with 1e18 the forward holds, and an output
+// gradient of 1e24 on that row overflows dh1 and dh3 in the backward.
+TEST(Fp8Overflow, NamesTheLayerTheCallersRowAndTheCause) {
+  constexpr uint64_t kRows = 5;
+  auto session = [](float scale, const char* check) {
+    ModelDesc d = hidden_baseline();
+    std::vector<float> norm(8, 1.0f);
+    norm[3] = scale;
+    d.layers[0].rmsnorm.weight = TensorDesc::f32(norm);
+    ModelPtr m = load_ok(build(d));
+    moert_session_options* raw = nullptr;
+    EXPECT_TRUE(IsOk(moert_session_options_create(&raw)));
+    OptionsPtr options(raw);
+    EXPECT_TRUE(IsOk(moert_session_options_set_config(options.get(), "check_finite", check)));
+    EXPECT_TRUE(IsOk(moert_session_options_set_config(options.get(), "precision", "fp8")));
+    EXPECT_TRUE(IsOk(moert_session_options_set_mode(options.get(), MOERT_MODE_TRAINING)));
+    moert_session* s = nullptr;
+    EXPECT_TRUE(m && IsOk(moert_session_create(m.get(), options.get(), &s)));
+    return SessionPtr(s);
+  };
+  std::vector<float> in(kRows * 8), out(kRows * 16);
+  for (size_t i = 0; i < in.size(); ++i)
+    in[i] = i % 8 == 3 ? 0.0f : std::sin(0.7f * static_cast<float>(i));
+  for (const char* check : {"true", "false"}) {
+    SessionPtr forward = session(1e25f, check), backward = session(1e18f, check);
+    ASSERT_TRUE(forward && backward);
+    for (uint64_t row = 0; row < kRows; ++row) {
+      auto x = in;
+      x[row * 8 + 3] = 1.0f;
+      EXPECT_TRUE(IsError(moert_session_forward_hidden(forward.get(), x.data(), x.size(), kRows,
+                                                       out.data(), out.size()),
+                          MOERT_ERR_NUMERIC,
+                          {"layer 1 ('moe0', MoE): FP8 quantization of the FFN activation",
+                           "at row " + std::to_string(row) + ", column",
+                           "the layer's input is finite, so a value computed from it exceeded"}))
+          << row << " check_finite " << check;
+      ASSERT_TRUE(IsOk(moert_session_zero_grad(backward.get())));
+      ASSERT_TRUE(IsOk(moert_session_forward_hidden(backward.get(), x.data(), x.size(), kRows,
+                                                    out.data(), out.size())));
+      std::vector<float> grad_out(out.size(), 0.0f);
+      std::fill_n(grad_out.begin() + static_cast<std::ptrdiff_t>(row * 16), 16, 1e24f);
+      EXPECT_TRUE(IsError(moert_session_backward(backward.get(), grad_out.data(), grad_out.size(),
+                                                 nullptr, 0, nullptr),
+                          MOERT_ERR_NUMERIC,
+                          {"layer 1 ('moe0', MoE): FP8 quantization of the FFN",
+                           "at row " + std::to_string(row) + ", column",
+                           "output gradient is finite, so a value computed from it exceeded"}))
+          << row << " check_finite " << check;
+    }
+  }
+}
+
 // ---- Routing variants ---------------------------------------------------------------------------
 
 TEST(RoutingVariants, EveryPolicyAndScoreFunctionRuns) {

@@ -447,7 +447,7 @@ TEST(CpuFp8Errors, NonFiniteIsNumericError) {
   L.x[83 * 200 + 150] = NAN;  // expert 2's 14th row
   EXPECT_EQ(Code::Numeric, code_of([&] { L.run(*be, true); }, &msg));
   EXPECT_NE(msg.find("FFN input"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("row 83, column 150"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("row 83 of the FFN's rows, column 150"), std::string::npos) << msg;
 
   // In the backward only: dy.
   L.x[83 * 200 + 150] = 0.5f;
@@ -466,7 +466,7 @@ TEST(CpuFp8Errors, NonFiniteIsNumericError) {
                                      dx.data(), go.data(), go.data(), go.data(), 200, 72);
                                },
                                &msg));
-  EXPECT_NE(msg.find("row 7, column 3"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("row 7 of the FFN's rows, column 3"), std::string::npos) << msg;
 }
 
 // A weight from an FP8 file (no fp32 values) runs forward as the same weight with them does, and

@@ -407,7 +407,11 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   it is computed instead of NaN: softmax and sigmoid scores of infinite router
  *                   logits, silu(-inf) = 0,
  *                   RMSNorm of values up to the fp32 maximum. "false" skips the checks (results
- *                   may then hold NaN or infinity).
+ *                   may then hold NaN or infinity). In "fp8" precision, checked or not, a NaN or
+ *                   infinity that an expert's operand would hold (E4M3 has no code for it) fails
+ *                   the pass with MOERT_ERR_NUMERIC naming the layer, the operand, the caller's
+ *                   row and the column, and whether the layer's input (or output gradient) was
+ *                   finite: if so, a value the layer computed exceeded the fp32 range.
  *   "precision"     what the MoE experts' GEMMs (routed and shared: forward, input and weight
  *                   gradients) multiply in: "fp32" (the CPU's default), "bf16" (operands
  *                   rounded to bf16, sums in fp32; the CUDA default) or "fp8" (DeepSeek-V3's
