@@ -13,7 +13,7 @@
 #include "cli/model_codec.h"
 #include "cli/regular_file.h"
 #include "moert_generated.h"
-#include "schemas/external_data_refs.h"
+#include "schemas/saved_files.h"
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>

@@ -20,7 +20,7 @@
 #include "cli/safetensors.h"
 #include "kernels/fp8_rules.h"
 #include "moert_generated.h"
-#include "schemas/external_data_refs.h"
+#include "schemas/saved_files.h"
 
 namespace moert_cli {
 
@@ -163,6 +163,9 @@ class Importer {
       if (req_.with_norm) layers.push_back(norm_layer(l));
       layers.push_back(moe_layer(l));
     }
+    // Imports and saves to one directory take turns from here: another import to OUT must not
+    // remove this one's data file in its clean-up (nor this one the other's).
+    const moert::format::DirectoryLock lock(directory_of(req_.out_path));
     const std::string data_name = data_.commit();
     result_.data_bytes = data_.size();
     result_.data_file = data_name;
@@ -188,8 +191,7 @@ class Importer {
   // description in the directory still names one (a copy of an earlier import's description).
   void remove_stale_data(const std::string& keep) const {
     namespace fs = std::filesystem;
-    const std::string file = fs::path(req_.out_path).filename().string();
-    const std::string prefix = file + ".";
+    const std::string prefix = fs::path(req_.out_path).filename().string() + ".";
     const std::string dir = directory_of(req_.out_path);
     std::set<std::string> stale;
     std::error_code ec;
@@ -203,7 +205,7 @@ class Importer {
     }
     if (stale.empty()) return;
     const std::set<std::string> named = moert::format::external_data_named_in(
-        dir, [&](std::string_view n) { return n == file || stale.contains(std::string(n)); });
+        dir, [&](std::string_view n) { return stale.contains(std::string(n)); });
     for (const std::string& n : stale)
       if (!named.contains(n)) fs::remove(fs::path(dir) / n, ec);
   }

@@ -18,7 +18,7 @@
 #include "core/error.h"
 #include "kernels/cpu/math.h"
 #include "moert_generated.h"
-#include "schemas/external_data_refs.h"
+#include "schemas/saved_files.h"
 
 namespace moert {
 namespace {
@@ -363,33 +363,6 @@ bool is_hex16(std::string_view s) {
          });
 }
 
-// An exclusive lock on a directory for the scope (flock(2), blocking): saves into one directory
-// take turns, so that one save's clean-up never removes the data file or the temporary file of
-// another save to the same path, in this process or another. A file system that cannot lock a
-// directory opened for reading (NFS, whose client emulates flock with byte-range locks) leaves
-// saves unlocked, as they were before. The kernel releases the lock of a killed process.
-class DirectoryLock {
- public:
-  explicit DirectoryLock(const fs::path& dir)
-      : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
-    if (fd_ >= 0)
-      while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
-      }
-  }
-  // Unlocked explicitly: a child forked meanwhile shares the open file description, whose lock
-  // would otherwise outlive this scope until the child exits.
-  ~DirectoryLock() {
-    if (fd_ < 0) return;
-    ::flock(fd_, LOCK_UN);
-    ::close(fd_);
-  }
-  DirectoryLock(const DirectoryLock&) = delete;
-  DirectoryLock& operator=(const DirectoryLock&) = delete;
-
- private:
-  int fd_;
-};
-
 // Temporary names of this writer for `file`: ".<file>.tmp-XXXXXX" and ".<file>.data-XXXXXX".
 bool is_temporary_of(std::string_view name, std::string_view file) {
   if (name.size() < 1 + file.size() || name[0] != '.' || name.substr(1, file.size()) != file)
@@ -420,7 +393,7 @@ void remove_stale(const fs::path& dir, const std::string& file, const std::strin
     // A copy of an earlier description (`cp ckpt.moert best.moert`) still names its data file.
     const std::set<std::string> named =
         format::external_data_named_in(dir, [&](std::string_view n) {
-          return n == file || data_files.contains(std::string(n)) || is_temporary_of(n, file);
+          return data_files.contains(std::string(n)) || is_temporary_of(n, file);
         });
     for (const auto& name : data_files)
       if (!named.contains(name)) doomed.push_back(name);
@@ -541,7 +514,7 @@ void write_description(const std::string& path, const Model& model,
   const std::vector<uint8_t> description = builder.finish(root);
   refuse_long_names(dir, file, path, what, !builder.external().empty());
 
-  const DirectoryLock lock(dir);
+  const format::DirectoryLock lock(dir);
   // The data file is named by its content: an earlier checkpoint with the same content may
   // already use it, and then it must stay whatever happens to this save.
   const fs::path data_path = dir / data_name;

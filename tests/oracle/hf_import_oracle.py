@@ -917,6 +917,19 @@ def check_reimports(cli_path, work):
     third = data_files()
     if len(third) != 1 or third[0] in second:
         failures.append(f"re-import after the copy was removed: data files {third}")
+    # Two imports to OUT at once take turns where one's clean-up could remove the other's data
+    # file: whichever description is left loads.
+    broken = 0
+    for _ in range(8):
+        both = [subprocess.Popen([cli_path, "import", os.path.join(d, name), out, "--layer", "1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for name in ("first", "second")]
+        codes = [p.wait(timeout=120) for p in both]
+        p = cli(["inspect", out], cli_path, expect_ok=False)
+        broken += p.returncode != 0 or codes != [0, 0]
+    lines.append(f"  concurrent imports to one OUTPUT that left it unloadable: {broken} of 8")
+    if broken:
+        failures.append(f"concurrent imports: {broken} of 8 left {out} unloadable")
     return lines, failures
 
 

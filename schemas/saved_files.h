@@ -1,12 +1,14 @@
-// Which external data files the model descriptions in a directory name. Shared by the library's
-// checkpoint writer and the `moert` command's importer (which links only the public library, so
-// this is header-only and depends on nothing but the schema): both remove the data files of
-// earlier saves to a path, and a data file another description still names is not theirs to
-// remove — `cp ckpt.moert best.moert` copies the description, and the copy keeps naming
-// ckpt.moert's data file.
+// What writers of model files beside their data files share: the directory lock they take, and
+// which data files the descriptions in a directory name. Used by the library's checkpoint writer
+// and the `moert` command's importer (which links only the public library, so this is
+// header-only and depends on nothing but the schema): both remove the data files of earlier saves
+// to a path, and a data file another description still names is not theirs to remove —
+// `cp ckpt.moert best.moert` copies the description, and the copy keeps naming ckpt.moert's data
+// file — nor is one that a concurrent writer to the same path has just put in place.
 #pragma once
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -22,6 +24,33 @@
 #include "moert_generated.h"
 
 namespace moert::format {
+
+// An exclusive lock on a directory for the scope (flock(2), blocking): saves into one directory
+// take turns, so that one save's clean-up never removes the data file or the temporary file of
+// another save to the same path, in this process or another. A file system that cannot lock a
+// directory opened for reading (NFS, whose client emulates flock with byte-range locks) leaves
+// saves unlocked, as they were before. The kernel releases the lock of a killed process.
+class DirectoryLock {
+ public:
+  explicit DirectoryLock(const std::filesystem::path& dir)
+      : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
+    if (fd_ >= 0)
+      while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+      }
+  }
+  // Unlocked explicitly: a child forked meanwhile shares the open file description, whose lock
+  // would otherwise outlive this scope until the child exits.
+  ~DirectoryLock() {
+    if (fd_ < 0) return;
+    ::flock(fd_, LOCK_UN);
+    ::close(fd_);
+  }
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+
+ private:
+  int fd_;
+};
 
 // The data file a model description names (its 'external_data' field, lexically normalised, as a
 // path relative to the description's directory); empty when `bytes` is not a verifiable model
