@@ -102,7 +102,10 @@ const CommandSpec kTrainSpec = {
         {"tail", "F", "fraction of the steps at the end over which MaxVio_batch is averaged",
          "0.2"},
         {"csv", "FILE", "write per-step metrics of every run here", ""},
-        {"save", "DIR", "write each trained model as DIR/<strategy>.moert (a checkpoint)", ""},
+        {"save", "DIR",
+         "write each trained model as DIR/<strategy>.moert (a checkpoint; DIR/model.moert for "
+         "--model's run)",
+         ""},
         {"log-every", "N", "steps between progress lines when stderr is not a terminal",
          "steps/10"},
     },
@@ -350,10 +353,27 @@ int run_train(const Args& args) {
     if (args.has("csv")) {
       const std::string csv_path = args.str("csv", "");
       refuse_writing_onto_inputs(csv_path, inputs);
-      for (const std::string& c : checkpoints)
+      for (const std::string& c : checkpoints) {
         if (same_destination(csv_path, c))
           usage_fail("--csv '", csv_path, "' is where --save writes checkpoint '", c,
                      "': name another file");
+        // The save replaces the checkpoint there and removes its data file; a file named as
+        // that save's data files are ("<strategy>.moert.<16 hex digits>.data") goes with them.
+        const std::vector<std::string> old = model_files(c);
+        const bool named = old.size() > 1 && same_destination(csv_path, old[1]);
+        const std::string prefix = std::filesystem::path(c).filename().string() + ".";
+        const std::string name = std::filesystem::path(csv_path).filename().string();
+        const bool like_data =
+            same_destination(std::filesystem::path(csv_path).parent_path().string(), save_dir) &&
+            name.size() == prefix.size() + 21 && name.starts_with(prefix) &&
+            name.ends_with(".data") &&
+            name.substr(prefix.size(), 16).find_first_not_of("0123456789abcdef") ==
+                std::string::npos;
+        if (named || like_data)
+          usage_fail("--csv '", csv_path, "' is ",
+                     named ? "the data file of checkpoint '" : "named as a data file of '", c,
+                     "', which --save replaces and then removes: name another file");
+      }
     }
     // A checkpoint path the library's save refuses (a directory, a symbolic link or a FIFO at
     // DIR/<strategy>.moert) fails here too, not after that strategy's training.
@@ -579,8 +599,14 @@ int run_train(const Args& args) {
         p);
   }
   if (csv) std::printf("\nper-step metrics: %s\n", printable(args.str("csv", "")).c_str());
-  if (!save_dir.empty())
-    std::printf("checkpoints: %s/<strategy>.moert\n", printable(save_dir).c_str());
+  if (!save_dir.empty()) {
+    std::printf("checkpoints:");
+    for (size_t i = 0; i < run_labels.size(); ++i)
+      std::printf("%s %s", i ? "," : "",
+                  printable((std::filesystem::path(save_dir) / (run_labels[i] + ".moert")).string())
+                      .c_str());
+    std::printf("\n");
+  }
   return 0;
 }
 

@@ -579,6 +579,24 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                 dir)
                 .code,
             0);
+  // --csv onto the data file of the checkpoint --save replaces, or under a name the save's data
+  // files take: the save's clean-up would remove it (and, before the save, the old checkpoint
+  // would have lost its data).
+  std::string data_file;
+  for (const auto& e : fs::directory_iterator(dir / "given"))
+    if (e.path().extension() == ".data") data_file = e.path().string();
+  ASSERT_FALSE(data_file.empty());
+  const std::string data_bytes = slurp(data_file);
+  for (const std::string& csv :
+       {data_file, (dir / "given" / "none.moert.0123456789abcdef.data").string()}) {
+    expect_one_line_error(
+        run("train --corpus " + (dir / "corpus.txt").string() +
+                " --steps 1 --balancing none --csv " + csv + " --save " + (dir / "given").string(),
+            dir),
+        2, "train", "which --save replaces and then removes");
+  }
+  EXPECT_EQ(slurp(data_file), data_bytes);
+  EXPECT_FALSE(fs::exists(dir / "given" / "none.moert.0123456789abcdef.data"));
   fs::rename(dir / "given" / "none.moert", dir / "given" / "model.moert");
   const std::string given_model = (dir / "given" / "model.moert").string();
   const std::string given_bytes = slurp(given_model);
