@@ -213,7 +213,10 @@ void write_file_atomically(const std::string& path, std::span<const uint8_t> byt
   write_parts_atomically(path, {bytes});
 }
 
-void write_parts_atomically(const std::string& path,
+namespace {
+
+// Writes and fsyncs the temporary file of `path`; returns its name.
+std::string write_temporary(const std::string& path,
                             const std::vector<std::span<const uint8_t>>& parts) {
   refuse_non_regular(path);
   const std::string temp = temp_name(path);
@@ -231,8 +234,32 @@ void write_parts_atomically(const std::string& path,
     fail("cannot write '", path, "' (its temporary file '", temp, "'): ", std::strerror(err));
   }
   std::fclose(f);
-  rename_into_place(temp, path);
+  return temp;
+}
+
+}  // namespace
+
+void write_parts_atomically(const std::string& path,
+                            const std::vector<std::span<const uint8_t>>& parts) {
+  rename_into_place(write_temporary(path, parts), path);
   remove_interrupted_writes(path);
+}
+
+StagedFiles::~StagedFiles() {
+  for (const auto& [temp, path] : staged_) std::remove(temp.c_str());
+}
+
+void StagedFiles::stage(const std::string& path,
+                        const std::vector<std::span<const uint8_t>>& parts) {
+  staged_.reserve(staged_.size() + 1);
+  staged_.emplace_back(write_temporary(path, parts), path);
+}
+
+void StagedFiles::commit() {
+  for (auto it = staged_.begin(); it != staged_.end(); it = staged_.erase(it)) {
+    rename_into_place(it->first, it->second);
+    remove_interrupted_writes(it->second);
+  }
 }
 
 }  // namespace moert_cli

@@ -70,4 +70,24 @@ void write_file_atomically(const std::string& path, std::span<const uint8_t> byt
 void write_parts_atomically(const std::string& path,
                             const std::vector<std::span<const uint8_t>>& parts);
 
+// Files written together or not at all (an export's shards, config and index): each is written
+// whole to its temporary file first; only once all are does commit() rename them into place, in
+// the order staged. A failure before that (a full disk) leaves every destination as it was and
+// removes the temporary files; so does destroying it uncommitted.
+class StagedFiles {
+ public:
+  StagedFiles() = default;
+  ~StagedFiles();
+  StagedFiles(const StagedFiles&) = delete;
+  StagedFiles& operator=(const StagedFiles&) = delete;
+
+  // Writes the concatenation of `parts` to the temporary file of `path` and fsyncs it.
+  void stage(const std::string& path, const std::vector<std::span<const uint8_t>>& parts);
+  // Renames every staged file into place, then fsyncs the directories.
+  void commit();
+
+ private:
+  std::vector<std::pair<std::string, std::string>> staged_;  // (temporary, destination)
+};
+
 }  // namespace moert_cli

@@ -23,6 +23,7 @@
 #include "cli/error.h"
 #include "cli/hf_moe.h"
 #include "cli/model_codec.h"
+#include "cli/regular_file.h"
 #include "cli/safetensors.h"
 #include "kernels/fp8_rules.h"
 #include "moert_generated.h"
@@ -167,7 +168,8 @@ class Exporter {
   ExportResult run() {
     // Readers take model.safetensors.index.json over model.safetensors, so a single-file
     // checkpoint already there would silently become a stale second copy.
-    if (fs::exists(fs::path(req_.out_dir) / "model.safetensors"))
+    const fs::path dir(req_.out_dir);
+    if (fs::exists(dir / "model.safetensors"))
       fail(req_.out_dir,
            " holds a model.safetensors, which the exported index would shadow: "
            "export to another folder");
@@ -178,13 +180,21 @@ class Exporter {
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / name).string(), inputs);
     for (size_t i = 0; i < moe_.size(); ++i)
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / shard_name(i)).string(), inputs);
+    // Only an earlier export's files are replaced (its manifest says so, or its marker: one that
+    // did not finish), never another checkpoint's.
+    std::error_code ec;
+    if (!fs::exists(dir / kExportManifest, ec) && !fs::exists(dir / kExportIncompleteMarker, ec))
+      for (const char* name : {"config.json", "model.safetensors.index.json"})
+        if (fs::exists(fs::symlink_status(dir / name, ec)))
+          fail(req_.out_dir, " holds a ", name,
+               " that no moert export wrote (another checkpoint's, or an export by a moert "
+               "older than the export manifest): export to another folder");
     const std::vector<fs::path> created = create_folders(req_.out_dir);
     try {
       write_all();
     } catch (...) {
       // A refused export leaves no folder of its own behind: OUT_DIR with what this export wrote
       // in it, then the parents it created, innermost first, each only while empty.
-      std::error_code ec;
       for (auto it = created.rbegin(); it != created.rend(); ++it) {
         if (it == created.rbegin() && fs::equivalent(*it, req_.out_dir, ec))
           fs::remove_all(*it, ec);
@@ -209,8 +219,12 @@ class Exporter {
       std::error_code ec;
       if (fs::create_directory(at, ec)) {
         created.push_back(at);
-      } else if (ec || !fs::is_directory(at, ec)) {
-        const std::string why = ec ? ec.message() : "it exists and is not a folder";
+      } else if (!fs::is_directory(at) || ec) {
+        const std::error_code exists_ec = ec;
+        const bool exists = fs::exists(fs::symlink_status(at, ec));
+        const std::string why = exists && !fs::is_directory(at, ec)
+                                    ? "it exists and is not a folder"
+                                    : exists_ec.message();
         for (auto it = created.rbegin(); it != created.rend(); ++it) fs::remove(*it, ec);
         fail(dir, ": cannot create '", at.string(), "': ", why);
       }
@@ -222,38 +236,72 @@ class Exporter {
     return cat("model-", pad5(i + 1), "-of-", pad5(moe_.size()), ".safetensors");
   }
 
-  // Into OUT_DIR, a marker first: until the index is written, an import of the folder refuses it
-  // rather than mix this export's files with an earlier one's (an export killed midway).
+  // Every file is written to its temporary file first, so that a failure (a full disk) leaves
+  // OUT_DIR as it was. Then a marker, and the files renamed into place: until the marker is gone
+  // again, an import of the folder refuses it rather than mix this export's files with an
+  // earlier one's (an export killed midway).
   void write_all() {
-    const std::string marker = (fs::path(req_.out_dir) / kExportIncompleteMarker).string();
-    write_file_atomically(marker, {});
-    write_config();
+    const fs::path dir(req_.out_dir);
+    const std::vector<std::string> earlier = earlier_files(dir);
+    StagedFiles files;
+    std::vector<std::string> names = {"config.json"};
+    const std::string config = config_text();
+    files.stage((dir / names.back()).string(), {as_bytes(config)});
     json weight_map = json::object();
     uint64_t total = 0;
     for (size_t i = 0; i < moe_.size(); ++i) {
       std::vector<std::unique_ptr<Out>> outs = layer_tensors(i);
-      const std::string file = shard_name(i);
+      names.push_back(shard_name(i));
       std::sort(outs.begin(), outs.end(),
                 [](const auto& a, const auto& b) { return a->t.name < b->t.name; });
       std::vector<const StOutTensor*> sorted;
       for (const auto& o : outs) {
         sorted.push_back(&o->t);
-        weight_map[o->t.name] = file;
+        weight_map[o->t.name] = names.back();
         total += o->t.bytes.size();
         ++result_.tensors;
       }
       const std::vector<uint8_t> header = safetensors_header(sorted, {{"format", "pt"}});
       std::vector<std::span<const uint8_t>> parts = {header};
       for (const auto* t : sorted) parts.push_back(t->bytes);
-      write_parts_atomically((fs::path(req_.out_dir) / file).string(), parts);
+      files.stage((dir / names.back()).string(), parts);
     }
     result_.bytes = total;
+    names.push_back("model.safetensors.index.json");
     json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
-    const std::string text = index.dump(2) + "\n";
-    write_file_atomically((fs::path(req_.out_dir) / "model.safetensors.index.json").string(),
-                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+    const std::string index_text = index.dump(2) + "\n";
+    files.stage((dir / names.back()).string(), {as_bytes(index_text)});
+    const std::string manifest = json{{"files", names}}.dump(2) + "\n";
+    files.stage((dir / kExportManifest).string(), {as_bytes(manifest)});
+
+    const std::string marker = (dir / kExportIncompleteMarker).string();
+    write_file_atomically(marker, {});
+    files.commit();
+    // The earlier export's shards that this one did not write (it had more layers).
     std::error_code ec;
+    for (const std::string& name : earlier)
+      if (std::find(names.begin(), names.end(), name) == names.end()) fs::remove(dir / name, ec);
     fs::remove(marker, ec);
+  }
+
+  static std::span<const uint8_t> as_bytes(const std::string& text) {
+    return {reinterpret_cast<const uint8_t*>(text.data()), text.size()};
+  }
+
+  // The files an earlier export's manifest in `dir` names: plain names of this folder only.
+  static std::vector<std::string> earlier_files(const fs::path& dir) {
+    std::vector<std::string> names;
+    try {
+      const std::vector<uint8_t> bytes = read_regular_file((dir / kExportManifest).string());
+      const json m = json::parse(bytes.begin(), bytes.end());
+      for (const auto& f : m.at("files"))
+        if (const std::string n = f.get<std::string>();
+            !n.empty() && n.find('/') == std::string::npos && n != "." && n != "..")
+          names.push_back(n);
+    } catch (...) {
+      // No manifest, or not one moert wrote: nothing of it is removed.
+    }
+    return names;
   }
 
   struct MoeLayer {
@@ -424,7 +472,7 @@ class Exporter {
     }
   }
 
-  void write_config() {
+  std::string config_text() {
     const fb::MoE* a = moe_[0].moe;
     json c = json::object();
     c["model_type"] = hf_.model_type;
@@ -489,9 +537,7 @@ class Exporter {
                                   {"quant_method", "fp8"},
                                   {"weight_block_size", {fp8_block_->first, fp8_block_->second}}};
     config_ = c;
-    const std::string text = config_.dump(2) + "\n";
-    write_file_atomically((fs::path(req_.out_dir) / "config.json").string(),
-                          {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+    return config_.dump(2) + "\n";
   }
 
   fb::DType target(fb::DType stored, bool expert) const {

@@ -92,6 +92,10 @@ std::vector<uint8_t> safetensors_header(const std::vector<const StOutTensor*>& s
 // What `moert export` writes into its folder first and removes once the index is written: a
 // folder holding it is an export that did not finish, whose files may mix with an earlier one's.
 inline constexpr const char* kExportIncompleteMarker = ".moert-export-incomplete";
+// What a finished `moert export` leaves beside its files: their names (JSON, {"files": [...]}).
+// A folder with a config.json but without it holds another checkpoint, which an export refuses
+// to overwrite; a later export into the folder removes the shards this one wrote and it did not.
+inline constexpr const char* kExportManifest = ".moert-export";
 
 // A Hugging Face checkpoint directory: config.json plus either model.safetensors or the shards
 // that model.safetensors.index.json's "weight_map" names (plain file names in the directory; every

@@ -933,6 +933,49 @@ def check_reimports(cli_path, work):
     return lines, failures
 
 
+def check_export_folders(cli_path, work):
+    """An export replaces only an earlier export's files: never another checkpoint's config.json;
+    a smaller export removes the shards of a larger one before it; an export that fails midway (a
+    shard it cannot write) leaves the earlier export as it was, loadable, with nothing of its own."""
+    lines, failures = [], []
+    d = os.path.join(work, "export_folders")
+    base = deepseek("export_folders", "BF16", "BF16", "BF16", 21, 1, [1])
+    base["store"].write(os.path.join(d, "checkpoint"), base["cfg"], 2)  # sharded: an index
+    three = os.path.join(d, "three.moert")
+    one = os.path.join(d, "one.moert")
+    cli(["import", os.path.join(d, "checkpoint"), three, "--layer", "1", "--layer", "2",
+         "--layer", "3"], cli_path)
+    cli(["import", os.path.join(d, "checkpoint"), one, "--layer", "4"], cli_path)
+    # Into the Hugging Face checkpoint itself: refused, its files as they were.
+    ck = os.path.join(d, "checkpoint")
+    before = files_of(ck)
+    p = cli(["export", one, ck], cli_path, expect_ok=False)
+    lines.append(f"  refused into another checkpoint: {p.stderr.strip()}")
+    if p.returncode != 1 or "that no moert export wrote" not in p.stderr or files_of(ck) != before:
+        failures.append(f"export into another checkpoint: exit {p.returncode}, {p.stderr!r}")
+    # Three layers, then one: the two shards only the first wrote are gone.
+    out = os.path.join(d, "out")
+    cli(["export", three, out], cli_path)
+    cli(["export", one, out], cli_path)
+    shards = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+    p = cli(["import", out, os.path.join(d, "back.moert"), "--layer", "4"], cli_path, False)
+    if shards != ["model-00001-of-00001.safetensors"] or p.returncode != 0:
+        failures.append(f"smaller export over a larger one: shards {shards}, import exit "
+                        f"{p.returncode}: {p.stderr.strip()}")
+    # A failing export (its third shard's name is taken by a folder) leaves the one-layer export.
+    before = files_of(out)
+    os.makedirs(os.path.join(out, "model-00003-of-00003.safetensors"))
+    p = cli(["export", three, out], cli_path, expect_ok=False)
+    os.rmdir(os.path.join(out, "model-00003-of-00003.safetensors"))
+    after = files_of(out)
+    lines.append(f"  failed export: exit {p.returncode}, earlier export "
+                 f"{'kept' if after == before else 'changed'}")
+    if p.returncode != 1 or after != before or sorted(os.listdir(out)) != sorted(before):
+        failures.append(f"failed export: exit {p.returncode}, files {sorted(os.listdir(out))} "
+                        f"against {sorted(before)}")
+    return lines, failures
+
+
 def check_trained(lib, cli_path, work):
     """A model trained by moert (fp32 masters, a loss-free bias moved by training, two shared
     experts) exported and imported back: the same forward, the bias as e_score_correction_bias,
@@ -1044,7 +1087,8 @@ def main():
     for name, check in (("refusals", check_refusals),
                         ("outputs onto inputs", check_outputs_onto_inputs),
                         ("interrupted imports", check_interrupted_imports),
-                        ("re-imports", check_reimports)):
+                        ("re-imports", check_reimports),
+                        ("export folders", check_export_folders)):
         print(name)
         try:
             lines, f = check(args.cli, args.workdir)
