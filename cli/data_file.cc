@@ -142,6 +142,17 @@ void remove_interrupted_writes(const std::string& path) noexcept {
 DataFileWriter::DataFileWriter(std::string model_path) : model_path_(std::move(model_path)) {
   refuse_non_regular(model_path_);
   temp_path_ = temp_name(model_path_ + ".data");
+  // Said before anything is written, as the library's saves say it, rather than as "File name
+  // too long" from the temporary file: the data file adds 22 bytes to the name
+  // ("<16 hex digits>.data"), its temporary file more.
+  const std::string file = fs::path(model_path_).filename().string();
+  const uint64_t added =
+      std::max<uint64_t>(22, fs::path(temp_path_).filename().string().size() - file.size());
+  if (const long limit = ::pathconf(directory_of(model_path_).c_str(), _PC_NAME_MAX);
+      limit > 0 && file.size() + added > static_cast<uint64_t>(limit))
+    fail("cannot write '", model_path_, "': its file name is ", file.size(),
+         " bytes and the files written beside it need ", added, " more, past this file system's ",
+         limit, " (a name of at most ", static_cast<uint64_t>(limit) - added, " bytes fits)");
   f_ = std::fopen(temp_path_.c_str(), "wb");
   if (!f_)
     fail("cannot write the data file of '", model_path_, "': cannot create its temporary file '",

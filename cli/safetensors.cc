@@ -297,6 +297,11 @@ Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
     sharded_ = true;
     weight_map_ = parse_safetensors_index(read_text(index.string()), index.string());
   } else if (!fs::exists(fs::path(dir_) / "model.safetensors")) {
+    // A link whose target is gone (a cache's blob removed) is there, but leads nowhere.
+    for (const fs::path& link : {index, fs::path(dir_) / "model.safetensors"})
+      if (fs::is_symlink(fs::symlink_status(link, ec)))
+        fail(link.string(), ": a symbolic link to '", fs::read_symlink(link, ec).string(),
+             "', which does not exist");
     fail(dir_, ": neither model.safetensors nor model.safetensors.index.json is there");
   }
 }
