@@ -789,30 +789,29 @@ def check_refusals(cli_path, work):
         lines.append(f"  refused {label}: {p.stderr.strip()}")
         if p.returncode != 1 or want not in p.stderr:
             failures.append(f"refusal '{label}': exit {p.returncode}, stderr {p.stderr!r}")
+    def expect_refused(label, d, out, layer, want):
+        p = cli(["import", d, out, "--layer", layer], cli_path, False)
+        lines.append(f"  refused {label}: {p.stderr.strip()}")
+        if p.returncode != 1 or want not in p.stderr or os.path.exists(out):
+            failures.append(f"refusal '{label}': exit {p.returncode}, stderr {p.stderr!r}")
+
     # A model.safetensors link whose target is gone (a cache's blob removed) names the link.
     d = os.path.join(work, "refusals", "dangling_link")
     base["store"].write(d, base["cfg"])
     os.remove(os.path.join(d, "model.safetensors"))
     os.symlink("blobs/gone", os.path.join(d, "model.safetensors"))
-    p = cli(["import", d, os.path.join(d, "out.moert"), "--layer", "1"], cli_path, False)
-    lines.append(f"  refused dangling link: {p.stderr.strip()}")
-    if p.returncode != 1 or "a symbolic link to 'blobs/gone', which does not exist" not in p.stderr:
-        failures.append(f"refusal 'dangling link': exit {p.returncode}, stderr {p.stderr!r}")
+    expect_refused("dangling link", d, os.path.join(d, "out.moert"), "1",
+                   "a symbolic link to 'blobs/gone', which does not exist")
     # An OUTPUT name too long for the data file beside it: said before anything is written.
     d = os.path.join(work, "refusals", "long_name")
     base["store"].write(d, base["cfg"])
-    long_out = os.path.join(d, "x" * 245 + ".moert")
-    p = cli(["import", d, long_out, "--layer", "1"], cli_path, False)
-    lines.append(f"  refused long OUTPUT name: exit {p.returncode}")
-    if (p.returncode != 1 or "its file name is 251 bytes" not in p.stderr
-            or any(n.startswith("xxxx") for n in os.listdir(d))):
-        failures.append(f"refusal 'long OUTPUT name': exit {p.returncode}, stderr {p.stderr!r}")
+    expect_refused("long OUTPUT name", d, os.path.join(d, "x" * 245 + ".moert"), "1",
+                   "its file name is 251 bytes")
+    if any(n.startswith("xxxx") for n in os.listdir(d)):
+        failures.append(f"refusal 'long OUTPUT name' left {os.listdir(d)}")
     d = os.path.join(work, "refusals", "jitter")
     mx["store"].write(d, dict(mx["cfg"], router_jitter_noise=0.01))
-    p = cli(["import", d, os.path.join(d, "out.moert"), "--layer", "0"], cli_path, False)
-    lines.append(f"  refused jitter: {p.stderr.strip()}")
-    if p.returncode != 1 or "router_jitter_noise" not in p.stderr:
-        failures.append(f"refusal 'jitter': exit {p.returncode}, stderr {p.stderr!r}")
+    expect_refused("jitter", d, os.path.join(d, "out.moert"), "0", "router_jitter_noise")
     # An OUTPUT naming one of the checkpoint's own files (directly or through a link) would
     # replace what the import reads: refused, the file left as it was.
     d = os.path.join(work, "refusals", "own_input")
