@@ -288,15 +288,17 @@ class Exporter {
     return {reinterpret_cast<const uint8_t*>(text.data()), text.size()};
   }
 
-  // The files an earlier export's manifest in `dir` names: plain names of this folder only.
+  // The shards an earlier export's manifest in `dir` names. Only names an export gives its
+  // shards count: a manifest is a file in the folder like any other, and whoever wrote it must
+  // not be able to have other files removed.
   static std::vector<std::string> earlier_files(const fs::path& dir) {
+    static const std::regex shard(R"(^model-\d{5}-of-\d{5}\.safetensors$)");
     std::vector<std::string> names;
     try {
       const std::vector<uint8_t> bytes = read_regular_file((dir / kExportManifest).string());
       const json m = json::parse(bytes.begin(), bytes.end());
       for (const auto& f : m.at("files"))
-        if (const std::string n = f.get<std::string>();
-            !n.empty() && n.find('/') == std::string::npos && n != "." && n != "..")
+        if (const std::string n = f.get<std::string>(); std::regex_match(n, shard))
           names.push_back(n);
     } catch (...) {
       // No manifest, or not one moert wrote: nothing of it is removed.

@@ -979,6 +979,21 @@ def check_export_folders(cli_path, work):
     if shards != ["model-00001-of-00001.safetensors"] or p.returncode != 0:
         failures.append(f"smaller export over a larger one: shards {shards}, import exit "
                         f"{p.returncode}: {p.stderr.strip()}")
+    # A manifest names only shards that the next export may remove: not another file of the
+    # folder, nor one outside it.
+    with open(os.path.join(out, "keep.txt"), "w") as f:
+        f.write("kept\n")
+    with open(os.path.join(d, "outside.txt"), "w") as f:
+        f.write("kept\n")
+    with open(os.path.join(out, ".moert-export"), "w") as f:
+        json.dump({"files": ["keep.txt", "../outside.txt", "config.json",
+                             "model-00001-of-00001.safetensors"]}, f)
+    cli(["export", one, out], cli_path)
+    if not (os.path.exists(os.path.join(out, "keep.txt"))
+            and os.path.exists(os.path.join(d, "outside.txt"))
+            and os.path.exists(os.path.join(out, "config.json"))):
+        failures.append(f"a manifest had files removed: {sorted(os.listdir(out))}")
+    os.remove(os.path.join(out, "keep.txt"))
     # A failing export (its third shard's name is taken by a folder) leaves the one-layer export.
     before = files_of(out)
     os.makedirs(os.path.join(out, "model-00003-of-00003.safetensors"))
