@@ -794,7 +794,9 @@ typedef struct moert_batcher moert_batcher;
 #define MOERT_REQUEST_SESSION 4        /* pool index of the session that ran it */
 #define MOERT_REQUEST_STATS 5          /* number of per-request figures this header knows */
 
-/* Cumulative figures of a batcher: indices into the array of moert_batcher_counters(). */
+/* Cumulative figures of a batcher: indices into the array of moert_batcher_counters(). A request
+ * refused when submitted (a wrong length, rows past the cap, a full queue) counts as answered and
+ * failed; a failed batch rerun request by request counts as its one batch. */
 #define MOERT_BATCHER_REQUESTS 0 /* requests answered, failed ones included */
 #define MOERT_BATCHER_FAILED 1   /* requests answered with an error */
 #define MOERT_BATCHER_BATCHES 2  /* forward passes run for batches */
