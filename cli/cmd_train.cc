@@ -23,6 +23,7 @@
 #include "cli/progress.h"
 #include "cli/router_probe.h"
 #include "cli/trainer.h"
+#include "schemas/saved_files.h"
 
 namespace moert_cli {
 
@@ -358,21 +359,22 @@ int run_train(const Args& args) {
           usage_fail("--csv '", csv_path, "' is where --save writes checkpoint '", c,
                      "': name another file");
         // The save replaces the checkpoint there and removes its data file; a file named as
-        // that save's data files are ("<strategy>.moert.<16 hex digits>.data") goes with them.
+        // that save's data files or temporary files are goes with them.
         const std::vector<std::string> old = model_files(c);
         const bool named = old.size() > 1 && same_destination(csv_path, old[1]);
-        const std::string prefix = std::filesystem::path(c).filename().string() + ".";
+        const std::string file = std::filesystem::path(c).filename().string();
         const std::string name = std::filesystem::path(csv_path).filename().string();
+        std::error_code ec;
         const bool like_data =
-            same_destination(std::filesystem::path(csv_path).parent_path().string(), save_dir) &&
-            name.size() == prefix.size() + 21 && name.starts_with(prefix) &&
-            name.ends_with(".data") &&
-            name.substr(prefix.size(), 16).find_first_not_of("0123456789abcdef") ==
-                std::string::npos;
+            same_destination(std::filesystem::absolute(csv_path, ec).parent_path().string(),
+                             save_dir) &&
+            (moert::format::is_data_file_of(name, file) ||
+             moert::format::is_save_temporary_of(name, file));
         if (named || like_data)
           usage_fail("--csv '", csv_path, "' is ",
-                     named ? "the data file of checkpoint '" : "named as a data file of '", c,
-                     "', which --save replaces and then removes: name another file");
+                     named ? "the data file of checkpoint '"
+                           : "named as a data or temporary file of checkpoint '",
+                     c, "', which --save replaces and then removes: name another file");
       }
     }
     // A checkpoint path the library's save refuses (a directory, a symbolic link or a FIFO at

@@ -190,24 +190,9 @@ class Importer {
   // Data files of earlier imports to the same path ("<file>.<16 hex digits>.data"), unless a
   // description in the directory still names one (a copy of an earlier import's description).
   void remove_stale_data(const std::string& keep) const {
-    namespace fs = std::filesystem;
-    const std::string prefix = fs::path(req_.out_path).filename().string() + ".";
-    const std::string dir = directory_of(req_.out_path);
-    std::set<std::string> stale;
-    std::error_code ec;
-    for (const auto& entry : fs::directory_iterator(dir, ec)) {
-      const std::string n = entry.path().filename().string();
-      if (n == keep || n.size() != prefix.size() + 21 || n.rfind(prefix, 0) != 0 ||
-          n.substr(n.size() - 5) != ".data")
-        continue;
-      if (n.substr(prefix.size(), 16).find_first_not_of("0123456789abcdef") == std::string::npos)
-        stale.insert(n);
-    }
-    if (stale.empty()) return;
-    const std::set<std::string> named = moert::format::external_data_named_in(
-        dir, [&](std::string_view n) { return stale.contains(std::string(n)); });
-    for (const std::string& n : stale)
-      if (!named.contains(n)) fs::remove(fs::path(dir) / n, ec);
+    moert::format::remove_unnamed_data_files(
+        directory_of(req_.out_path), std::filesystem::path(req_.out_path).filename().string(),
+        keep);
   }
 
   const StTensor& take(const std::string& name) {

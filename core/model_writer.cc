@@ -357,47 +357,21 @@ std::string hex16(uint64_t v) {
   return buf;
 }
 
-bool is_hex16(std::string_view s) {
-  return s.size() == 16 && std::all_of(s.begin(), s.end(), [](char c) {
-           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
-         });
-}
-
-// Temporary names of this writer for `file`: ".<file>.tmp-XXXXXX" and ".<file>.data-XXXXXX".
-bool is_temporary_of(std::string_view name, std::string_view file) {
-  if (name.size() < 1 + file.size() || name[0] != '.' || name.substr(1, file.size()) != file)
-    return false;
-  const std::string_view tail = name.substr(1 + file.size());
-  return (tail.size() == 11 && tail.starts_with(".tmp-")) ||
-         (tail.size() == 12 && tail.starts_with(".data-"));
-}
-
-// Removes the data files of earlier checkpoints at `file` (all but `keep`) that no other
-// description in `dir` still names, and temporary files that killed saves left. Failures are
-// ignored: the new checkpoint is already in place.
+// Removes the data files of earlier checkpoints at `file` (all but `keep`) that no description in
+// `dir` still names, and temporary files that killed saves left. Failures are ignored: the new
+// checkpoint is already in place.
 void remove_stale(const fs::path& dir, const std::string& file, const std::string& keep) {
+  format::remove_unnamed_data_files(dir, file, keep);
   DIR* d = ::opendir(dir.c_str());
   if (!d) return;
-  const std::string prefix = file + ".";
-  std::set<std::string> data_files;
   std::vector<std::string> doomed;
-  while (const dirent* e = ::readdir(d)) {
-    const std::string_view name = e->d_name;
-    const bool data = name.size() == prefix.size() + 16 + 5 && name.starts_with(prefix) &&
-                      name.ends_with(".data") && is_hex16(name.substr(prefix.size(), 16));
-    if (data && name != keep) data_files.emplace(name);
-    if (is_temporary_of(name, file)) doomed.emplace_back(name);
+  try {
+    while (const dirent* e = ::readdir(d))
+      if (format::is_save_temporary_of(e->d_name, file)) doomed.emplace_back(e->d_name);
+  } catch (...) {
+    // Memory: the temporary files stay until the next save.
   }
   ::closedir(d);
-  if (!data_files.empty()) {
-    // A copy of an earlier description (`cp ckpt.moert best.moert`) still names its data file.
-    const std::set<std::string> named =
-        format::external_data_named_in(dir, [&](std::string_view n) {
-          return data_files.contains(std::string(n)) || is_temporary_of(n, file);
-        });
-    for (const auto& name : data_files)
-      if (!named.contains(name)) doomed.push_back(name);
-  }
   for (const auto& name : doomed) ::unlink((dir / name).c_str());
 }
 

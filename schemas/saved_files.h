@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <filesystem>
@@ -19,6 +20,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "moert_generated.h"
@@ -65,48 +67,120 @@ inline std::string external_data_of(std::span<const uint8_t> bytes) {
   return std::filesystem::path(name->str()).lexically_normal().string();
 }
 
-// The data files that the model descriptions directly in `dir` name, for each description file
-// that `skip` (given the file's name) does not exclude. A file is read only when it is a regular
-// file of at most 2 GiB (the most a FlatBuffers buffer holds) whose first bytes carry the model
-// file identifier; anything else — unreadable, a FIFO, truncated, not a description — names
-// nothing. Links are followed: a link to a description names what the description names.
-template <class Skip>
-std::set<std::string> external_data_named_in(const std::filesystem::path& dir, Skip&& skip) {
-  std::set<std::string> named;
-  std::error_code ec;
-  std::filesystem::directory_iterator it(dir, ec), end;
-  for (; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (skip(std::string_view(name))) continue;
-    // Non-blocking: opening a FIFO for reading must not wait for a writer.
-    const int fd = ::open(it->path().c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
-    if (fd < 0) continue;
-    struct stat st {};
-    std::vector<uint8_t> bytes;
-    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= 8 &&
-        st.st_size <= (int64_t{1} << 31)) {
-      bytes.resize(8);
-      bool ok = ::pread(fd, bytes.data(), 8, 0) == 8 && fb::ModelBufferHasIdentifier(bytes.data());
-      if (ok) {
-        bytes.resize(static_cast<size_t>(st.st_size));
-        for (size_t at = 8; ok && at < bytes.size();) {
-          const ssize_t n =
-              ::pread(fd, bytes.data() + at, bytes.size() - at, static_cast<off_t>(at));
-          if (n > 0) {
-            at += static_cast<size_t>(n);
-          } else {
-            ok = n < 0 && errno == EINTR;  // a file cut short meanwhile names nothing
-          }
-        }
+// Whether `name` is one of the data files that saves to `file` write: "<file>.<16 lowercase hex
+// digits>.data".
+inline bool is_data_file_of(std::string_view name, std::string_view file) {
+  if (name.size() != file.size() + 22 || !name.starts_with(file) || name[file.size()] != '.' ||
+      !name.ends_with(".data"))
+    return false;
+  const std::string_view hex = name.substr(file.size() + 1, 16);
+  return hex.find_first_not_of("0123456789abcdef") == std::string_view::npos;
+}
+
+// Whether `name` is a temporary file of a library save to `file`: ".<file>.tmp-XXXXXX" (the
+// description) or ".<file>.data-XXXXXX" (the data file), which the next save removes.
+inline bool is_save_temporary_of(std::string_view name, std::string_view file) {
+  if (name.size() < 1 + file.size() || name[0] != '.' || name.substr(1, file.size()) != file)
+    return false;
+  const std::string_view tail = name.substr(1 + file.size());
+  return (tail.size() == 11 && tail.starts_with(".tmp-")) ||
+         (tail.size() == 12 && tail.starts_with(".data-"));
+}
+
+// The most bytes of one file the scan below reads: larger descriptions leave every data file in
+// place rather than make a save allocate them.
+inline constexpr int64_t kMaxScannedDescription = int64_t{256} << 20;
+
+// Removes the data files of earlier saves to `file` in `dir` (is_data_file_of), all but `keep`,
+// that no file in `dir` names. A binary model description names its 'external_data'; a regular
+// file that begins with '{' (a JSON description, as `moert convert` writes them) names every data
+// file whose name it holds. Named data files are matched by identity (device and inode), so a
+// description that reaches one through a link keeps it too. Only regular files are opened (never
+// a FIFO or a device), links followed. Whatever the scan cannot read for certain keeps every data
+// file: a listing, open, stat or read that fails (other than a file gone meanwhile), a file
+// larger than kMaxScannedDescription, memory. Removing is a courtesy to the disk; a data file lost
+// is a checkpoint lost. A description that does not verify (truncated, or still being copied)
+// names nothing. Never throws.
+inline void remove_unnamed_data_files(const std::filesystem::path& dir, const std::string& file,
+                                      const std::string& keep) noexcept {
+  namespace fs = std::filesystem;
+  try {
+    std::vector<std::string> candidates, entries;
+    std::error_code ec;
+    for (fs::directory_iterator it(dir, ec), end; it != end; it.increment(ec)) {
+      if (ec) return;
+      entries.push_back(it->path().filename().string());
+      if (is_data_file_of(entries.back(), file) && entries.back() != keep)
+        candidates.push_back(entries.back());
+    }
+    if (ec || candidates.empty()) return;
+    using Identity = std::pair<dev_t, ino_t>;
+    std::set<Identity> named;
+    std::set<std::string> held_in_text;
+    // Reads all of `fd` (regular, `size` bytes) into `bytes`; false on a failure.
+    auto read_all = [](int fd, int64_t size, std::vector<uint8_t>& bytes) {
+      bytes.resize(static_cast<size_t>(size));
+      for (size_t at = 0; at < bytes.size();) {
+        const ssize_t n = ::pread(fd, bytes.data() + at, bytes.size() - at, static_cast<off_t>(at));
+        if (n > 0)
+          at += static_cast<size_t>(n);
+        else if (n == 0)
+          bytes.resize(at);  // cut short meanwhile: what is there
+        else if (errno != EINTR)
+          return false;
       }
-      if (ok) {
-        std::string data = external_data_of(bytes);
-        if (!data.empty()) named.insert(std::move(data));
+      return true;
+    };
+    for (const std::string& name : entries) {
+      if (std::find(candidates.begin(), candidates.end(), name) != candidates.end()) continue;
+      const fs::path path = dir / name;
+      struct stat st {};
+      if (::stat(path.c_str(), &st) != 0) {
+        if (errno == ENOENT) continue;  // removed meanwhile, or a dangling link
+        return;
+      }
+      if (!S_ISREG(st.st_mode) || st.st_size < 2) continue;
+      if (st.st_size > kMaxScannedDescription) {
+        // Only a file that could be a description holds the removal up.
+        const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0) return;
+        uint8_t head[8] = {};
+        const bool description = ::pread(fd, head, 8, 0) == 8 && fb::ModelBufferHasIdentifier(head);
+        ::close(fd);
+        if (description || head[0] == '{') return;
+        continue;
+      }
+      const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+      if (fd < 0) {
+        if (errno == ENOENT) continue;
+        return;
+      }
+      std::vector<uint8_t> bytes;
+      const bool read = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+                        st.st_size <= kMaxScannedDescription && read_all(fd, st.st_size, bytes);
+      ::close(fd);
+      if (!read) return;
+      if (bytes.size() >= 8 && fb::ModelBufferHasIdentifier(bytes.data())) {
+        const std::string data = external_data_of(bytes);
+        struct stat target {};
+        if (!data.empty() && ::stat((dir / data).c_str(), &target) == 0)
+          named.insert({target.st_dev, target.st_ino});
+      } else if (!bytes.empty() && bytes[0] == '{') {
+        const std::string_view text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+        for (const std::string& c : candidates)
+          if (text.find(c) != std::string_view::npos) held_in_text.insert(c);
       }
     }
-    ::close(fd);
+    for (const std::string& c : candidates) {
+      struct stat st {};
+      if (held_in_text.contains(c) || ::stat((dir / c).c_str(), &st) != 0 ||
+          named.contains({st.st_dev, st.st_ino}))
+        continue;
+      ::unlink((dir / c).c_str());
+    }
+  } catch (...) {
+    // Memory, most likely: every data file stays.
   }
-  return named;
 }
 
 }  // namespace moert::format

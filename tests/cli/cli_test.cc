@@ -595,8 +595,21 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
             dir),
         2, "train", "which --save replaces and then removes");
   }
+  // The same by bare names from inside DIR (`--save . --csv NAME`), and a library save's
+  // temporary file name, which the save's clean-up removes too.
+  {
+    const fs::path cwd = fs::current_path();
+    fs::current_path(dir / "given");
+    for (const std::string csv : {"none.moert.0123456789abcdef.data", ".none.moert.tmp-abc123"})
+      expect_one_line_error(run("train --corpus " + (dir / "corpus.txt").string() +
+                                    " --steps 1 --balancing none --csv " + csv + " --save .",
+                                dir),
+                            2, "train", "which --save replaces and then removes");
+    fs::current_path(cwd);
+  }
   EXPECT_EQ(slurp(data_file), data_bytes);
   EXPECT_FALSE(fs::exists(dir / "given" / "none.moert.0123456789abcdef.data"));
+  EXPECT_FALSE(fs::exists(dir / "given" / ".none.moert.tmp-abc123"));
   fs::rename(dir / "given" / "none.moert", dir / "given" / "model.moert");
   const std::string given_model = (dir / "given" / "model.moert").string();
   const std::string given_bytes = slurp(given_model);

@@ -1,0 +1,170 @@
+// The clean-up that saves and imports share (schemas/saved_files.h): a data file of an earlier
+// save goes only when no file in the directory names it, and whatever the scan cannot read for
+// certain keeps it.
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/model.h"
+#include "core/model_loader.h"
+#include "core/model_writer.h"
+#include "schemas/saved_files.h"
+
+namespace moert {
+namespace {
+
+namespace fs = std::filesystem;
+
+class SavedFiles : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("moert-saved-files-" + std::to_string(::getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    // A model whose expert weights reach 64 KiB, so that it has a data file, saved twice with
+    // different weights: the first save's data file is the stale candidate.
+    model_ = load_model_file(MOERT_EXAMPLE_MODEL);
+    write_model(path(), *model_);
+    old_data_ = data_file();
+    ASSERT_FALSE(old_data_.empty());
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string path() const { return (dir_ / "m.moert").string(); }
+
+  // The data file the description at path() names.
+  std::string data_file() const {
+    std::ifstream in(path(), std::ios::binary);
+    const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), {});
+    return format::external_data_of(bytes);
+  }
+
+  // Saves changed weights to path(): the clean-up considers old_data_.
+  void save_again() {
+    Model changed = *model_;
+    for (auto& l : changed.layers)
+      visit_tensors(l, [](const char*, Tensor& t) {
+        for (float& v : t.values) v *= 0.5f;
+      });
+    write_model(path(), changed);
+    ASSERT_NE(data_file(), old_data_);
+  }
+
+  bool old_data_kept() const { return fs::exists(dir_ / old_data_); }
+
+  fs::path dir_;
+  std::shared_ptr<const Model> model_;
+  std::string old_data_;
+};
+
+TEST_F(SavedFiles, TheDataFileOfADescriptionNoOneNamesGoes) {
+  save_again();
+  EXPECT_FALSE(old_data_kept());
+}
+
+TEST_F(SavedFiles, DataFileNamesFollowTheSavesPattern) {
+  EXPECT_TRUE(format::is_data_file_of("m.moert.0123456789abcdef.data", "m.moert"));
+  EXPECT_FALSE(format::is_data_file_of("m.moert.0123456789ABCDEF.data", "m.moert"));
+  EXPECT_FALSE(format::is_data_file_of("m.moert.0123456789abcde.data", "m.moert"));
+  EXPECT_FALSE(format::is_data_file_of("n.moert.0123456789abcdef.data", "m.moert"));
+  EXPECT_FALSE(format::is_data_file_of("m.moert-0123456789abcdef.data", "m.moert"));
+  EXPECT_TRUE(format::is_save_temporary_of(".m.moert.tmp-a1B2c3", "m.moert"));
+  EXPECT_TRUE(format::is_save_temporary_of(".m.moert.data-a1B2c3", "m.moert"));
+  EXPECT_FALSE(format::is_save_temporary_of(".m.moert.tmp-a1B2c", "m.moert"));
+}
+
+// A JSON description (moert convert writes them) names the data file as text.
+TEST_F(SavedFiles, AJsonFileThatHoldsTheNameKeepsIt) {
+  std::ofstream(dir_ / "m.json") << "{ \"external_data\": \"" << old_data_ << "\" }\n";
+  save_again();
+  EXPECT_TRUE(old_data_kept());
+}
+
+// A description that reaches the data file through a link of another name keeps it.
+TEST_F(SavedFiles, ADescriptionNamingALinkToTheDataFileKeepsIt) {
+  Model renamed = *model_;
+  write_model((dir_ / "alias.moert").string(), renamed);
+  // alias.moert's own data file has the same content: make it a link to m.moert's instead.
+  std::string alias_data;
+  for (const auto& e : fs::directory_iterator(dir_))
+    if (e.path().filename().string().starts_with("alias.moert.")) alias_data = e.path().string();
+  ASSERT_FALSE(alias_data.empty());
+  fs::remove(alias_data);
+  fs::create_symlink(old_data_, alias_data);
+  save_again();
+  EXPECT_TRUE(old_data_kept());
+}
+
+// The scan never opens a FIFO: a writer blocked opening it stays blocked (opening it for reading
+// would release the writer, whose writes then die of SIGPIPE once the scan closes it).
+TEST_F(SavedFiles, AFifoIsNotOpened) {
+  const fs::path fifo = dir_ / "progress";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  std::atomic<bool> opened{false};
+  std::thread writer([&] {
+    const int fd = ::open(fifo.c_str(), O_WRONLY | O_CLOEXEC);
+    opened = true;
+    if (fd >= 0) ::close(fd);
+  });
+  save_again();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_FALSE(opened.load());
+  const int reader = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // releases it
+  writer.join();
+  if (reader >= 0) ::close(reader);
+  EXPECT_FALSE(old_data_kept());
+}
+
+// What the scan cannot read keeps every data file: a file that begins like a description but is
+// larger than the scan reads (sparse here), and a process out of file descriptors.
+TEST_F(SavedFiles, WhatTheScanCannotReadKeepsTheDataFiles) {
+  {
+    std::ofstream big(dir_ / "big.moert", std::ios::binary);
+    const char head[8] = {0, 0, 0, 0, 'M', 'O', 'E', '1'};
+    big.write(head, 8);
+  }
+  fs::resize_file(dir_ / "big.moert", format::kMaxScannedDescription + 1);
+  save_again();
+  EXPECT_TRUE(old_data_kept());
+  fs::remove(dir_ / "big.moert");
+
+  // Every descriptor number below the soft limit taken: the directory cannot even be listed.
+  // (The scan holds one descriptor at a time, the listing's or a file's, so a process with one
+  // to spare is scanned whole.) The soft limit only, restored after.
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  int highest = 0;
+  for (int fd = 0; fd < 65536; ++fd)
+    if (::fcntl(fd, F_GETFD) != -1) highest = fd;
+  std::vector<int> fillers;
+  for (int fd = ::dup(0); fd >= 0; fd = ::dup(0)) {
+    if (fd > highest) {
+      ::close(fd);
+      break;
+    }
+    fillers.push_back(fd);
+  }
+  rlimit tight = saved;
+  tight.rlim_cur = static_cast<rlim_t>(highest + 1);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &tight), 0);
+  format::remove_unnamed_data_files(dir_, "m.moert", "");
+  ::setrlimit(RLIMIT_NOFILE, &saved);
+  for (int fd : fillers) ::close(fd);
+  EXPECT_TRUE(old_data_kept())
+      << "a data file was removed although the scan could not open the directory's files";
+  // With descriptors to spare, the same call removes it.
+  format::remove_unnamed_data_files(dir_, "m.moert", "");
+  EXPECT_FALSE(old_data_kept());
+}
+
+}  // namespace
+}  // namespace moert
