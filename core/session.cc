@@ -633,6 +633,9 @@ void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass
   // Among ranks, a layer's own computation that fails is held (ParallelContext::compute) while
   // the pass's exchanges go on, and refused with the pass at its end.
   std::exception_ptr held = par_ ? par_->held_failure() : nullptr;
+  // Among ranks both may be found: the earlier is the cause (a layer reading an overflowed
+  // output fails after the layer that overflowed). `bad` given is the input's: before layer 0.
+  int64_t held_at = held ? -1 : INT64_MAX, bad_at = bad.empty() ? INT64_MAX : -1;
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
     act.resize(*backend_, static_cast<size_t>(last_rows_) * model_->layers[i].out_width);
@@ -642,16 +645,20 @@ void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass
     } catch (const Error& e) {
       throw with_unchecked_source(e, i, x, model_->layers[i].in_width, "input");
     }
-    if (par_ && !held && par_->held_failure())
+    if (par_ && !held && par_->held_failure()) {
       held = held_with_source(par_->held_failure(), i, x, model_->layers[i].in_width, "input");
-    std::string why = check_output(i, act.data());
-    if (bad.empty()) bad = std::move(why);
+      held_at = static_cast<int64_t>(i);
+    }
+    if (std::string why = check_output(i, act.data()); bad.empty() && !why.empty()) {
+      bad = std::move(why);
+      bad_at = static_cast<int64_t>(i);
+    }
     x = act.data();
   }
   if (par_) {
     par_->drop_held_failure();
     collective_step("forward", Failure::DiscardsPass, [&] {
-      if (held) std::rethrow_exception(held);
+      if (held && held_at <= bad_at) std::rethrow_exception(held);
       if (!bad.empty()) fail(Code::Numeric, bad);
     });
   }
@@ -685,18 +692,24 @@ Error Session::with_unchecked_source(const Error& e, size_t layer, const float* 
       return Error(Code::Numeric,
                    cat(named, "its ", what, " holds a NaN or infinity at ", at,
                        ", which check_finite (off) did not refuse before a kernel met it"));
-    // Checked, a forward's layers read finite values: this is a backward, whose grad_out was
-    // finite.
+    // Checked, what the pass began with was finite. Alone, a forward stops at the first layer
+    // whose output is not; among ranks it goes on to the pass's end (check_output), so a later
+    // layer may meet that output.
+    const bool forward = std::string_view(what) == "input";
     return Error(Code::Numeric,
-                 cat(named, "its ", what, " holds a NaN or infinity at ", at,
-                     " although grad_out is finite: a value exceeded the fp32 range in the "
-                     "backward of a later layer"));
+                 cat(named, "its ", what, " holds a NaN or infinity at ", at, " although ",
+                     forward ? "the pass's input is finite: an earlier layer's output"
+                             : "grad_out is finite: a value in the backward of a later layer",
+                     " exceeded the fp32 range"));
   }
   // What the layer reads is finite: a value it computed overflowed, and the kernel that met it
   // (an FP8 quantizer: E4M3 has no infinity) named the layer's row, which the caller counts
   // otherwise.
   const auto* at_row = dynamic_cast<const RowError*>(&e);
-  if (!at_row || !at_row->layer_row()) return e;
+  if (!at_row) return e;
+  // Among ranks the routed experts' rows came from every rank, whose inputs this rank has not
+  // seen: the kernel's count stays (it says what it counts), and no cause is claimed.
+  if (!at_row->layer_row()) return Error(Code::Numeric, cat(named, e.message()));
   return Error(Code::Numeric,
                cat(named, at_row->message_at(caller_row(at_row->row())), "; the layer's ", what,
                    " is finite, so a value computed from it exceeded the fp32 range"));

@@ -273,9 +273,11 @@ class Session {
   enum class Failure { DiscardsPass, KeepsPass };
   template <typename F>
   void collective_step(const char* call, Failure failure, F&& body);
-  // e, or, when e is a NaN or infinity a kernel met in unchecked rows (check_finite off) and
-  // `rows` (layer `layer`'s `what`, `width` wide) hold one, an error naming where it first is
-  // in the caller's rows.
+  // e, or, for a NaN or infinity a kernel met (Numeric), an error that names layer `layer` and
+  // says where the value came from: when `rows` (the layer's `what`: "input" in a forward,
+  // "output gradient" in a backward; `width` wide) hold one, where it first is in the caller's
+  // rows; else, for a kernel's RowError, that row in the caller's count and that a value the
+  // layer computed overflowed.
   Error with_unchecked_source(const Error& e, size_t layer, const float* rows, int64_t width,
                               const char* what) const;
   // The same for a failure held among ranks (ParallelContext::compute).

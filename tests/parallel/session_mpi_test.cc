@@ -744,6 +744,52 @@ TEST(SessionMpi, AKernelFailureOnOneRankFailsEveryRankAtOnce) {
   ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
 }
 
+// An overflow among ranks, check_finite on, in fp8: every rank fails the forward at once, naming
+// the layer. Through a norm weight of `scale` on column 3, the row of rank 1 whose column 3 is not
+// zero overflows: with 1e25 the MoE layer's activation overflows inside it; with 3e38 the norm's
+// own output does, which among ranks does not stop the pass there, and the MoE layer's quantizer
+// then meets it (on whichever rank holds its experts). The routed experts' rows came from every
+// rank: their message counts them as the FFN's and claims no cause (one process names the
+// caller's row and the cause: Fp8Overflow.*).
+TEST(SessionMpi, AnFp8OverflowOnOneRankFailsEveryRankNamingTheLayer) {
+  if (g_size == 1) GTEST_SKIP() << "needs two ranks or more";
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 60.0)));
+  const std::vector<std::pair<const char*, const char*>> knobs = {{"precision", "fp8"}};
+  for (const float scale : {1e25f, 3e38f}) {
+    ModelDesc d = hidden_baseline();
+    std::vector<float> norm(8, 1.0f);
+    norm[3] = scale;
+    d.layers[0].rmsnorm.weight = TensorDesc::f32(norm);
+    ModelPtr m = load(d);
+    for (int ep : layouts()) {
+      SCOPED_TRACE("scale " + std::to_string(scale) + ", ep " + std::to_string(ep));
+      SessionPtr s = session(m.get(), true, ep, true, knobs);
+      const int64_t n = 6;
+      std::vector<float> x(n * 8), out(n * 16);
+      for (size_t i = 0; i < x.size(); ++i)
+        x[i] = i % 8 == 3 ? 0.0f : std::sin(0.3f * static_cast<float>(i + 7 * g_rank));
+      if (g_rank == 1) x[4 * 8 + 3] = 1.0f;
+      moert_status* st =
+          moert_session_forward_hidden(s.get(), x.data(), x.size(), n, out.data(), out.size());
+      ASSERT_NE(st, nullptr);
+      EXPECT_EQ(moert_status_code(st), MOERT_ERR_NUMERIC);
+      const std::string msg = moert_status_message(st);
+      moert_status_free(st);
+      EXPECT_TRUE(msg.find("layer 1 ('moe0', MoE): FP8 quantization of the FFN") !=
+                      std::string::npos ||
+                  (scale > 1e30f && msg.find("layer 0 ('norm0', RMSNorm): its output holds a NaN "
+                                             "or infinity") != std::string::npos))
+          << msg;
+      EXPECT_EQ(msg.find("is finite,"), std::string::npos) << msg;
+      // The pass is discarded everywhere and the job goes on.
+      x[4 * 8 + 3] = 0.0f;
+      EXPECT_TRUE(IsOk(
+          moert_session_forward_hidden(s.get(), x.data(), x.size(), n, out.data(), out.size())));
+    }
+  }
+  ASSERT_TRUE(IsOk(moert_comm_set_timeout(g_comm, 600.0)));
+}
+
 // Sets g_allocation_limit for the scope.
 class AllocationLimit {
  public:
