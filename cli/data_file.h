@@ -70,10 +70,11 @@ void write_file_atomically(const std::string& path, std::span<const uint8_t> byt
 void write_parts_atomically(const std::string& path,
                             const std::vector<std::span<const uint8_t>>& parts);
 
-// Files written together or not at all (an export's shards, config and index): each is written
-// whole to its temporary file first; only once all are does commit() rename them into place, in
-// the order staged. A failure before that (a full disk) leaves every destination as it was and
-// removes the temporary files; so does destroying it uncommitted.
+// Files written together (an export's shards, config and index): each is written whole to its
+// temporary file first; only once all are does commit() rename them into place, in the order
+// staged. A failure before that (a full disk) leaves every destination as it was and removes the
+// temporary files; so does destroying it uncommitted. A rename that fails midway leaves those
+// before it in place (the caller's marker says so: an export's).
 class StagedFiles {
  public:
   StagedFiles() = default;
@@ -83,7 +84,7 @@ class StagedFiles {
 
   // Writes the concatenation of `parts` to the temporary file of `path` and fsyncs it.
   void stage(const std::string& path, const std::vector<std::span<const uint8_t>>& parts);
-  // Renames every staged file into place, then fsyncs the directories.
+  // Renames every staged file into place, each followed by an fsync of its directory.
   void commit();
 
  private:

@@ -27,6 +27,7 @@
 #include "cli/safetensors.h"
 #include "kernels/fp8_rules.h"
 #include "moert_generated.h"
+#include "schemas/saved_files.h"
 
 namespace moert_cli {
 
@@ -183,7 +184,7 @@ class Exporter {
     // Only an earlier export's files are replaced (its manifest says so, or its marker: one that
     // did not finish), never another checkpoint's.
     std::error_code ec;
-    if (!fs::exists(dir / kExportManifest, ec) && !fs::exists(dir / kExportIncompleteMarker, ec))
+    if (!earlier_manifest(dir) && !fs::exists(dir / kExportIncompleteMarker, ec))
       for (const char* name : {"config.json", "model.safetensors.index.json"})
         if (fs::exists(fs::symlink_status(dir / name, ec)))
           fail(req_.out_dir, " holds a ", name,
@@ -191,6 +192,9 @@ class Exporter {
                "older than the export manifest): export to another folder");
     const std::vector<fs::path> created = create_folders(req_.out_dir);
     try {
+      // Exports into one folder take turns: each removes the marker at its end, and the other's
+      // files would be left mixed with its own without it.
+      const moert::format::DirectoryLock lock(req_.out_dir);
       write_all();
     } catch (...) {
       // A refused export leaves no folder of its own behind: OUT_DIR with what this export wrote
@@ -271,7 +275,7 @@ class Exporter {
     json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
     const std::string index_text = index.dump(2) + "\n";
     files.stage((dir / names.back()).string(), {as_bytes(index_text)});
-    const std::string manifest = json{{"files", names}}.dump(2) + "\n";
+    const std::string manifest = json{{"format", kManifestFormat}, {"files", names}}.dump(2) + "\n";
     files.stage((dir / kExportManifest).string(), {as_bytes(manifest)});
 
     const std::string marker = (dir / kExportIncompleteMarker).string();
@@ -288,6 +292,23 @@ class Exporter {
     return {reinterpret_cast<const uint8_t*>(text.data()), text.size()};
   }
 
+  static constexpr const char* kManifestFormat = "moert-export 1";
+
+  // The manifest an earlier export left in `dir`: a JSON object of this format with a list of
+  // files; anything else (absent, unreadable, another content) is none.
+  static std::optional<json> earlier_manifest(const fs::path& dir) {
+    try {
+      const std::vector<uint8_t> bytes = read_regular_file((dir / kExportManifest).string());
+      json m = json::parse(bytes.begin(), bytes.end());
+      if (m.is_object() && m.value("format", "") == kManifestFormat && m.contains("files") &&
+          m["files"].is_array())
+        return m;
+    } catch (...) {
+      // Not one moert wrote.
+    }
+    return std::nullopt;
+  }
+
   // The shards an earlier export's manifest in `dir` names. Only names an export gives its
   // shards count: a manifest is a file in the folder like any other, and whoever wrote it must
   // not be able to have other files removed.
@@ -295,9 +316,9 @@ class Exporter {
     static const std::regex shard(R"(^model-\d{5}-of-\d{5}\.safetensors$)");
     std::vector<std::string> names;
     try {
-      const std::vector<uint8_t> bytes = read_regular_file((dir / kExportManifest).string());
-      const json m = json::parse(bytes.begin(), bytes.end());
-      for (const auto& f : m.at("files"))
+      const std::optional<json> m = earlier_manifest(dir);
+      if (!m) return names;
+      for (const auto& f : m->at("files"))
         if (const std::string n = f.get<std::string>(); std::regex_match(n, shard))
           names.push_back(n);
     } catch (...) {

@@ -909,6 +909,7 @@ def check_reimports(cli_path, work):
     of an earlier description still names (`cp layer.moert best.moert`)."""
     lines, failures = [], []
     d = os.path.join(work, "reimports")
+    shutil.rmtree(d, ignore_errors=True)
     out = os.path.join(d, "layer.moert")
     for seed, name in enumerate(("first", "second", "third")):
         base = deepseek(f"reimport_{name}", "BF16", "BF16", "BF16", 11 + seed, 1, [1])
@@ -956,6 +957,7 @@ def check_export_folders(cli_path, work):
     shard it cannot write) leaves the earlier export as it was, loadable, with nothing of its own."""
     lines, failures = [], []
     d = os.path.join(work, "export_folders")
+    shutil.rmtree(d, ignore_errors=True)
     base = deepseek("export_folders", "BF16", "BF16", "BF16", 21, 1, [1])
     base["store"].write(os.path.join(d, "checkpoint"), base["cfg"], 2)  # sharded: an index
     three = os.path.join(d, "three.moert")
@@ -986,7 +988,8 @@ def check_export_folders(cli_path, work):
     with open(os.path.join(d, "outside.txt"), "w") as f:
         f.write("kept\n")
     with open(os.path.join(out, ".moert-export"), "w") as f:
-        json.dump({"files": ["keep.txt", "../outside.txt", "config.json",
+        json.dump({"format": "moert-export 1",
+                   "files": ["keep.txt", "../outside.txt", "config.json",
                              "model-00001-of-00001.safetensors"]}, f)
     cli(["export", one, out], cli_path)
     if not (os.path.exists(os.path.join(out, "keep.txt"))
@@ -994,6 +997,17 @@ def check_export_folders(cli_path, work):
             and os.path.exists(os.path.join(out, "config.json"))):
         failures.append(f"a manifest had files removed: {sorted(os.listdir(out))}")
     os.remove(os.path.join(out, "keep.txt"))
+    # A manifest that is not one (another content under its name) does not make the folder an
+    # export's: refused, as a folder without one.
+    manifest = open(os.path.join(out, ".moert-export")).read()
+    with open(os.path.join(out, ".moert-export"), "w") as f:
+        f.write("{}")
+    p = cli(["export", one, out], cli_path, expect_ok=False)
+    if p.returncode != 1 or "that no moert export wrote" not in p.stderr:
+        failures.append(f"export past a manifest that is not one: exit {p.returncode}, "
+                        f"{p.stderr!r}")
+    with open(os.path.join(out, ".moert-export"), "w") as f:
+        f.write(manifest)
     # A failing export (its third shard's name is taken by a folder) leaves the one-layer export.
     before = files_of(out)
     os.makedirs(os.path.join(out, "model-00003-of-00003.safetensors"))
