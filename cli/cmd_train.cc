@@ -363,13 +363,22 @@ int run_train(const Args& args) {
         const std::vector<std::string> old = model_files(c);
         const bool named = old.size() > 1 && same_destination(csv_path, old[1]);
         const std::string file = std::filesystem::path(c).filename().string();
-        const std::string name = std::filesystem::path(csv_path).filename().string();
+        // Where the CSV lands: through a link to its target, and a bare name in the working
+        // directory.
         std::error_code ec;
-        const bool like_data =
-            same_destination(std::filesystem::absolute(csv_path, ec).parent_path().string(),
-                             save_dir) &&
-            (moert::format::is_data_file_of(name, file) ||
-             moert::format::is_save_temporary_of(name, file));
+        std::filesystem::path lands = std::filesystem::absolute(csv_path, ec);
+        // A link to a file not yet there (weakly_canonical stops at it): follow it by hand.
+        for (int hops = 0; hops < 40 && std::filesystem::is_symlink(lands, ec); ++hops) {
+          const std::filesystem::path to = std::filesystem::read_symlink(lands, ec);
+          if (ec) break;
+          lands = to.is_absolute() ? to : lands.parent_path() / to;
+        }
+        if (const auto resolved = std::filesystem::weakly_canonical(lands, ec); !ec)
+          lands = resolved;
+        const std::string name = lands.filename().string();
+        const bool like_data = same_destination(lands.parent_path().string(), save_dir) &&
+                               (moert::format::is_data_file_of(name, file) ||
+                                moert::format::is_save_temporary_of(name, file));
         if (named || like_data)
           usage_fail("--csv '", csv_path, "' is ",
                      named ? "the data file of checkpoint '"

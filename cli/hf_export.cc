@@ -191,10 +191,11 @@ class Exporter {
                " that no moert export wrote (another checkpoint's, or an export by a moert "
                "older than the export manifest): export to another folder");
     const std::vector<fs::path> created = create_folders(req_.out_dir);
+    // Exports into one folder take turns, the clean-up of a failed one included: each removes
+    // the marker at its end, and the other's files would be left mixed with its own without it.
+    // One that waited on a folder a failed export removed finds nowhere to write, and fails.
+    const moert::format::DirectoryLock lock(req_.out_dir);
     try {
-      // Exports into one folder take turns: each removes the marker at its end, and the other's
-      // files would be left mixed with its own without it.
-      const moert::format::DirectoryLock lock(req_.out_dir);
       write_all();
     } catch (...) {
       // A refused export leaves no folder of its own behind: OUT_DIR with what this export wrote

@@ -600,11 +600,14 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   {
     const fs::path cwd = fs::current_path();
     fs::current_path(dir / "given");
-    for (const std::string csv : {"none.moert.0123456789abcdef.data", ".none.moert.tmp-abc123"})
+    fs::create_symlink("none.moert.0123456789abcdef.data", "metrics.csv");
+    for (const std::string csv :
+         {"none.moert.0123456789abcdef.data", ".none.moert.tmp-abc123", "metrics.csv"})
       expect_one_line_error(run("train --corpus " + (dir / "corpus.txt").string() +
                                     " --steps 1 --balancing none --csv " + csv + " --save .",
                                 dir),
                             2, "train", "which --save replaces and then removes");
+    fs::remove("metrics.csv");
     fs::current_path(cwd);
   }
   EXPECT_EQ(slurp(data_file), data_bytes);

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -611,8 +612,9 @@ TEST_P(CheckpointFiles, ACopiedDescriptionKeepsItsDataFile) {
   EXPECT_EQ(snapshot(b.s), at_best);
   MOERT_OK_OR_FAIL(moert_session_load(b.s, path.c_str()));
   EXPECT_EQ(snapshot(b.s), snapshot(a.s));
-  // Files that are no description name nothing: a FIFO (never waited on), and the first half of
-  // the copy, which begins like a description but does not verify.
+  // Files that are no description name nothing: a FIFO (never opened), and the first half of
+  // the copy, which begins like a description but does not verify, and was last written long
+  // enough ago not to be a copy in progress.
   ASSERT_EQ(::mkfifo((dir_ / "fifo").c_str(), 0600), 0);
   {
     std::ifstream in(best, std::ios::binary);
@@ -620,6 +622,8 @@ TEST_P(CheckpointFiles, ACopiedDescriptionKeepsItsDataFile) {
     in.read(head.data(), static_cast<std::streamsize>(head.size()));
     std::ofstream(dir_ / "truncated.moert", std::ios::binary)
         .write(head.data(), static_cast<std::streamsize>(head.size()));
+    fs::last_write_time(dir_ / "truncated.moert",
+                        fs::file_time_type::clock::now() - std::chrono::hours(1));
   }
   fs::remove(best);
   train_steps(a.s, 4, 5);

@@ -82,11 +82,48 @@ TEST_F(SavedFiles, DataFileNamesFollowTheSavesPattern) {
   EXPECT_FALSE(format::is_save_temporary_of(".m.moert.tmp-a1B2c", "m.moert"));
 }
 
-// A JSON description (moert convert writes them) names the data file as text.
-TEST_F(SavedFiles, AJsonFileThatHoldsTheNameKeepsIt) {
-  std::ofstream(dir_ / "m.json") << "{ \"external_data\": \"" << old_data_ << "\" }\n";
+// A JSON description (moert convert writes them) names the data file in its external_data, in
+// any spelling JSON allows: escapes (convert writes non-ASCII as \uXXXX), a byte order mark,
+// blanks and comments before the object.
+TEST_F(SavedFiles, AJsonDescriptionNamingItInAnySpellingKeepsIt) {
+  std::string escaped;
+  for (char c : old_data_) escaped += c == '.' ? std::string("\\u002e") : std::string(1, c);
+  for (const std::string& text :
+       {"{ \"external_data\": \"" + old_data_ + "\" }\n",
+        "\xEF\xBB\xBF  // a model\n/* kept */ {\"name\": \"x\", \"external_data\": \"" + escaped +
+            "\"}"}) {
+    SCOPED_TRACE(text);
+    SetUp();
+    std::ofstream(dir_ / "m.json") << text;
+    save_again();
+    EXPECT_TRUE(old_data_kept());
+  }
+}
+
+TEST_F(SavedFiles, JsonStringsAreUnescaped) {
+  const auto got = format::json_string_literals(R"({"a\"b": "\u00e9\/\ud83d\ude00", "c": "\n"})");
+  ASSERT_EQ(got.size(), 4u);
+  EXPECT_EQ(got[0], "a\"b");
+  EXPECT_EQ(got[1], "\xC3\xA9/\xF0\x9F\x98\x80");
+  EXPECT_EQ(got[3], "\n");
+  EXPECT_TRUE(format::may_be_json("\xEF\xBB\xBF // c\n {"));
+  EXPECT_FALSE(format::may_be_json("step,loss\n"));
+}
+
+// A copy being written (cp writes in pieces) does not verify yet: recently modified, it keeps
+// every data file; long unmodified, it is damaged and names nothing.
+TEST_F(SavedFiles, ADescriptionThatDoesNotVerifyKeepsThemWhileItMayBeACopyInProgress) {
+  std::ifstream in(path(), std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), {});
+  bytes.resize(bytes.size() - 4);
+  std::ofstream(dir_ / "copy.moert", std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   save_again();
   EXPECT_TRUE(old_data_kept());
+  fs::last_write_time(dir_ / "copy.moert",
+                      fs::file_time_type::clock::now() - std::chrono::hours(1));
+  format::remove_unnamed_data_files(dir_, "m.moert", data_file());
+  EXPECT_FALSE(old_data_kept());
 }
 
 // A description that reaches the data file through a link of another name keeps it.
@@ -137,9 +174,9 @@ TEST_F(SavedFiles, WhatTheScanCannotReadKeepsTheDataFiles) {
   EXPECT_TRUE(old_data_kept());
   fs::remove(dir_ / "big.moert");
 
-  // Every descriptor number below the soft limit taken: the directory cannot even be listed.
-  // (The scan holds one descriptor at a time, the listing's or a file's, so a process with one
-  // to spare is scanned whole.) The soft limit only, restored after.
+  // One descriptor number free below the soft limit: the listing gets it and gives it back, the
+  // directory is opened with it, and no file can be opened to read what it names. (The soft
+  // limit only, restored after.)
   rlimit saved{};
   ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
   int highest = 0;
@@ -154,7 +191,7 @@ TEST_F(SavedFiles, WhatTheScanCannotReadKeepsTheDataFiles) {
     fillers.push_back(fd);
   }
   rlimit tight = saved;
-  tight.rlim_cur = static_cast<rlim_t>(highest + 1);
+  tight.rlim_cur = static_cast<rlim_t>(highest + 2);
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &tight), 0);
   format::remove_unnamed_data_files(dir_, "m.moert", "");
   ::setrlimit(RLIMIT_NOFILE, &saved);
