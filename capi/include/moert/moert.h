@@ -1116,9 +1116,10 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * directory, fsync'ed and renamed into place; a process killed at any point leaves at `path` the
  * previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and
  * temporary files of interrupted saves) are removed afterwards, except one that a description in
- * the directory still names (a copy made with `cp ck.moert best.moert` keeps loading: the removal
- * reads the regular files there that begin like a binary or JSON description, up to 256 MiB each,
- * and what it cannot read keeps every data file); saves into one directory, from
+ * the directory still names (a copy made with `cp ck.moert best.moert` keeps loading, also while
+ * it is being made: the removal reads the binary and JSON descriptions there, up to 256 MiB each,
+ * and what it cannot read for certain keeps every data file; README "Checkpoints"); saves into
+ * one directory, from
  * any thread or process on the machine, take turns (an flock(2) on the directory), so concurrent
  * saves to one path each succeed and leave one of them whole. NFS cannot lock a directory that
  * way: there saves are not serialized, and one writer per path at a time is the caller's to keep. A
