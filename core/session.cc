@@ -634,7 +634,7 @@ void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass
   // the pass's exchanges go on, and refused with the pass at its end.
   std::exception_ptr held = par_ ? par_->held_failure() : nullptr;
   // Among ranks both may be found: the earlier is the cause (a layer reading an overflowed
-  // output fails after the layer that overflowed). `bad` given is the input's: before layer 0.
+  // output fails after the layer that overflowed). `bad` given is found before first_layer.
   int64_t held_at = held ? -1 : INT64_MAX, bad_at = bad.empty() ? INT64_MAX : -1;
   for (size_t i = first_layer; i < layers_.size(); ++i) {
     auto& act = activations_[i];
