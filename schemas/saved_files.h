@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <ctime>
 #include <filesystem>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -88,131 +89,107 @@ inline bool is_save_temporary_of(std::string_view name, std::string_view file) {
          (tail.size() == 12 && tail.starts_with(".data-"));
 }
 
-// The most bytes of one file the scan below reads: larger descriptions leave every data file in
-// place rather than make a save allocate them.
-inline constexpr int64_t kMaxScannedDescription = int64_t{256} << 20;
-
-// A description-like file modified this recently that does not verify may be a copy still being
-// written (`cp` writes in pieces): it keeps every data file. An older one is damaged, names
-// nothing, and does not hold the clean-up up for good.
+// A description-like file modified this recently (against the file just saved, whose time is
+// the file system's clock) that cannot be read whole may be a copy still being written (`cp`
+// writes in pieces): it keeps every data file. An older one is damaged and names nothing, so it
+// does not hold the clean-up up for good.
 inline constexpr int64_t kCopyInProgressSeconds = 120;
 
-// Whether `name` is a data file of any save ("<anything>.<16 lowercase hex digits>.data"): never a
-// description, so never read.
+// Whether `name` is a data file of any save ("<anything>.<16 lowercase hex digits>.data") or a
+// data file being written (a library save's ".<file>.data-XXXXXX", the moert command's
+// "<file>.data.tmp.<host>.<pid>"): never a description, so never read.
 inline bool is_any_data_file(std::string_view name) {
-  if (name.size() < 22 || !name.ends_with(".data") || name[name.size() - 22] != '.') return false;
-  return name.substr(name.size() - 21, 16).find_first_not_of("0123456789abcdef") ==
-         std::string_view::npos;
-}
-
-// The string literals of a JSON text, unescaped (\uXXXX with surrogate pairs as UTF-8). Not a
-// validator: what the text names is all the scan needs; a malformed escape ends the literal.
-inline std::vector<std::string> json_string_literals(std::string_view text) {
-  std::vector<std::string> out;
-  auto hex4 = [&](size_t at, uint32_t& v) {
-    if (at + 4 > text.size()) return false;
-    v = 0;
-    for (size_t k = at; k < at + 4; ++k) {
-      const char c = text[k];
-      const int d = c >= '0' && c <= '9'   ? c - '0'
-                    : c >= 'a' && c <= 'f' ? c - 'a' + 10
-                    : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                           : -1;
-      if (d < 0) return false;
-      v = v * 16 + static_cast<uint32_t>(d);
-    }
+  if (name.size() >= 22 && name.ends_with(".data") && name[name.size() - 22] == '.' &&
+      name.substr(name.size() - 21, 16).find_first_not_of("0123456789abcdef") ==
+          std::string_view::npos)
     return true;
-  };
-  auto utf8 = [](uint32_t cp, std::string& s) {
-    if (cp < 0x80) {
-      s += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      s += static_cast<char>(0xC0 | (cp >> 6));
-      s += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      s += static_cast<char>(0xE0 | (cp >> 12));
-      s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      s += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      s += static_cast<char>(0xF0 | (cp >> 18));
-      s += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      s += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-  };
-  for (size_t i = 0; i < text.size(); ++i) {
-    if (text[i] != '"') continue;
-    std::string s;
-    for (++i; i < text.size() && text[i] != '"'; ++i) {
-      if (text[i] != '\\') {
-        s += text[i];
-        continue;
-      }
-      if (++i >= text.size()) break;
-      const char e = text[i];
-      if (e == 'u') {
-        uint32_t v = 0;
-        if (!hex4(i + 1, v)) break;
-        i += 4;
-        uint32_t low = 0;
-        if (v >= 0xD800 && v < 0xDC00 && i + 6 < text.size() && text[i + 1] == '\\' &&
-            text[i + 2] == 'u' && hex4(i + 3, low) && low >= 0xDC00 && low < 0xE000) {
-          v = 0x10000 + ((v - 0xD800) << 10) + (low - 0xDC00);
-          i += 6;
-        }
-        utf8(v, s);
-      } else {
-        s += e == 'n'   ? '\n'
-             : e == 't' ? '\t'
-             : e == 'r' ? '\r'
-             : e == 'b' ? '\b'
-             : e == 'f' ? '\f'
-                        : e;
-      }
-    }
-    out.push_back(std::move(s));
-  }
-  return out;
+  if (name.starts_with('.') && name.size() >= 12 && name.substr(name.size() - 12, 6) == ".data-")
+    return true;
+  return name.find(".data.tmp.") != std::string_view::npos;
 }
 
 // Whether a file beginning with `head` may be a JSON description: after a UTF-8 byte order mark,
-// blanks and comments (which `moert convert` accepts), a '{'. Unsure (a comment longer than the
-// head) counts as yes.
-inline bool may_be_json(std::string_view head) {
+// blanks and comments (which `moert convert` accepts), a '{'. A head that ends before saying
+// (`cut`: the file goes on) counts as yes.
+inline bool may_be_json(std::string_view head, bool cut) {
   if (head.starts_with("\xEF\xBB\xBF")) head.remove_prefix(3);
   for (size_t i = 0; i < head.size();) {
     const char c = head[i];
     if (c == ' ' || c == '\t' || c == '\n' || c == '\r') {
       ++i;
+    } else if (c == '/' && i + 1 == head.size()) {
+      return cut;
     } else if (head.substr(i, 2) == "//") {
       const size_t end = head.find('\n', i);
-      if (end == std::string_view::npos) return true;
+      if (end == std::string_view::npos) return cut;
       i = end + 1;
     } else if (head.substr(i, 2) == "/*") {
       const size_t end = head.find("*/", i + 2);
-      if (end == std::string_view::npos) return true;
+      if (end == std::string_view::npos) return cut;
       i = end + 2;
     } else {
       return c == '{';
     }
   }
-  return false;
+  return cut;
+}
+
+// The 'external_data' string of the binary model description in `fd` (`size` bytes), read field
+// by field with bounds checks (the FlatBuffers layout: root offset, table, vtable, string), so that
+// a description of any size costs a few small reads. nullopt when the bytes do not hold it
+// whole: a description cut short (a copy in progress) or damaged. "" when it names none.
+inline std::optional<std::string> external_data_in(int fd, int64_t size) {
+  auto read = [&](int64_t at, void* p, int64_t n) {
+    if (at < 0 || n < 0 || at + n > size) return false;
+    for (int64_t got = 0; got < n;) {
+      const ssize_t r = ::pread(fd, static_cast<char*>(p) + got, static_cast<size_t>(n - got),
+                                static_cast<off_t>(at + got));
+      if (r > 0)
+        got += r;
+      else if (r == 0 || errno != EINTR)
+        return false;
+    }
+    return true;
+  };
+  uint32_t root = 0, string_rel = 0, length = 0;
+  int32_t vtable_back = 0;
+  uint16_t vtable_size = 0, field = 0;
+  if (!read(0, &root, 4) || !read(root, &vtable_back, 4)) return std::nullopt;
+  const int64_t vtable = static_cast<int64_t>(root) - vtable_back;
+  if (!read(vtable, &vtable_size, 2)) return std::nullopt;
+  constexpr int64_t kSlot = fb::Model::VT_EXTERNAL_DATA;
+  if (vtable_size < kSlot + 2) return std::string();  // written before the field existed
+  if (!read(vtable + kSlot, &field, 2)) return std::nullopt;
+  if (field == 0) return std::string();
+  const int64_t at = static_cast<int64_t>(root) + field;
+  if (!read(at, &string_rel, 4) || !read(at + string_rel, &length, 4) || length > 65536)
+    return std::nullopt;
+  std::string name(length, '\0');
+  if (!read(at + string_rel + 4, name.data(), length)) return std::nullopt;
+  return name;
 }
 
 // Removes the data files of earlier saves to `file` in `dir` (is_data_file_of), all but `keep`,
-// that no file in `dir` names. A binary model description names its 'external_data', and so does
-// a JSON one (as `moert convert` writes them; blanks, comments and escapes included). A data file
-// is kept when a name reaches it, by identity (device and inode), so a link to it counts too. Only
-// regular files are opened (never a FIFO or a device), and a file is read whole only when its first
-// 4 KiB show a description. Whatever the scan cannot read for certain keeps every data file: a
-// listing, stat, open or read that fails (other than a file gone meanwhile), a description larger
-// than kMaxScannedDescription, memory, and a description-like file modified in the last
-// kCopyInProgressSeconds that does not verify (a copy being written). Removing is a courtesy to the
-// disk; a data file lost is a checkpoint lost. Never throws.
+// that no file in `dir` names. A binary model description names its 'external_data', matched to
+// the data file by identity (device and inode, so a link to it counts); a JSON one (as `moert
+// convert` writes them) names a data file whose 16-digit digest its text holds. Only regular
+// files are opened (never a FIFO or a device), never a data file; each is read from a 64 KiB
+// buffer, whatever its size. Whatever the scan cannot read for certain keeps every data file: a
+// listing, stat, open or read that fails (other than a name that leads nowhere), memory, and a
+// binary description modified in the last kCopyInProgressSeconds whose name cannot be read (a
+// copy being written). Removing is a courtesy to the disk; a data file lost is a checkpoint lost.
+// Never throws.
 inline void remove_unnamed_data_files(const std::filesystem::path& dir, const std::string& file,
                                       const std::string& keep) noexcept {
   namespace fs = std::filesystem;
-  int dfd = -1;
+  struct Fd {
+    int fd = -1;
+    ~Fd() {
+      if (fd >= 0) ::close(fd);
+    }
+  };
+  // A name that leads nowhere: gone meanwhile, a dangling or looping link.
+  const auto nowhere = [] { return errno == ENOENT || errno == ELOOP || errno == ENOTDIR; };
   try {
     std::vector<std::string> candidates, entries;
     std::error_code ec;
@@ -228,103 +205,76 @@ inline void remove_unnamed_data_files(const std::filesystem::path& dir, const st
     }
     if (ec || candidates.empty()) return;
     // Everything below is relative to the directory, opened once.
-    dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0) return;
-    const auto close_dir = [&] { ::close(dfd); };
-    using Identity = std::pair<dev_t, ino_t>;
-    std::set<Identity> named;
-    // A name a description holds: the file it reaches, if any.
-    const auto reach = [&](const std::string& name) {
-      struct stat target {};
-      if (!name.empty() && ::fstatat(dfd, name.c_str(), &target, 0) == 0)
-        named.insert({target.st_dev, target.st_ino});
-    };
-    const auto pread_all = [](int fd, uint8_t* p, size_t n, off_t at) -> ssize_t {
-      size_t got = 0;
-      while (got < n) {
-        const ssize_t r = ::pread(fd, p + got, n - got, at + static_cast<off_t>(got));
-        if (r == 0) break;
-        if (r < 0) {
-          if (errno == EINTR) continue;
-          return -1;
-        }
-        got += static_cast<size_t>(r);
-      }
-      return static_cast<ssize_t>(got);
-    };
-    const int64_t now = static_cast<int64_t>(::time(nullptr));
+    Fd d{::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
+    if (d.fd < 0) return;
+    std::vector<char> buffer(64 << 10);
+    struct stat saved {};
+    // "Now" on the file system's clock (NFS servers keep their own): the file just saved.
+    const int64_t now = ::fstatat(d.fd, file.c_str(), &saved, 0) == 0
+                            ? static_cast<int64_t>(saved.st_mtime)
+                            : static_cast<int64_t>(::time(nullptr));
+    std::set<std::pair<dev_t, ino_t>> named;
+    std::set<std::string> digests_held;
     for (const std::string& name : entries) {
       struct stat st {};
-      if (::fstatat(dfd, name.c_str(), &st, 0) != 0) {
-        if (errno == ENOENT) continue;  // removed meanwhile, or a dangling link
-        return close_dir();
+      if (::fstatat(d.fd, name.c_str(), &st, 0) != 0) {
+        if (nowhere()) continue;
+        return;
       }
-      if (!S_ISREG(st.st_mode)) continue;
+      if (!S_ISREG(st.st_mode) || st.st_size == 0) continue;
+      Fd f{::openat(d.fd, name.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY)};
+      if (f.fd < 0) {
+        if (nowhere()) continue;
+        return;
+      }
+      if (::fstat(f.fd, &st) != 0 || !S_ISREG(st.st_mode)) return;
+      // Modification time: `cp -p` sets the source's only once the bytes are all written.
       const bool recent = now - static_cast<int64_t>(st.st_mtime) < kCopyInProgressSeconds;
-      if (st.st_size < 8) {
-        if (recent) return close_dir();  // a copy that has just begun
-        continue;
+      ssize_t head = 0;
+      while ((head = ::pread(f.fd, buffer.data(), 4096, 0)) < 0 && errno == EINTR) {
       }
-      const int fd = ::openat(dfd, name.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
-      if (fd < 0) {
-        if (errno == ENOENT) continue;
-        return close_dir();
-      }
-      std::vector<uint8_t> bytes(4096);
-      const ssize_t head = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)
-                               ? pread_all(fd, bytes.data(), bytes.size(), 0)
-                               : -1;
-      if (head < 0) {
-        ::close(fd);
-        return close_dir();
-      }
-      bytes.resize(static_cast<size_t>(head));
-      const bool binary = bytes.size() >= 8 && fb::ModelBufferHasIdentifier(bytes.data());
-      const bool json =
-          !binary && may_be_json({reinterpret_cast<const char*>(bytes.data()), bytes.size()});
-      if (!binary && !json) {
-        ::close(fd);
-        continue;
-      }
-      if (st.st_size > kMaxScannedDescription) {
-        ::close(fd);
-        return close_dir();
-      }
-      bytes.resize(static_cast<size_t>(st.st_size));
-      const ssize_t got = pread_all(fd, bytes.data(), bytes.size(), 0);
-      ::close(fd);
-      if (got < 0) return close_dir();
-      bytes.resize(static_cast<size_t>(got));
-      if (binary) {
-        const std::string data = external_data_of(bytes);
-        if (data.empty()) {
-          flatbuffers::Verifier verifier(bytes.data(), bytes.size(), 64, 1000000);
-          if (!fb::VerifyModelBuffer(verifier) && recent) return close_dir();
+      if (head < 0) return;
+      if (head >= 8 && fb::ModelBufferHasIdentifier(buffer.data())) {
+        const std::optional<std::string> data = external_data_in(f.fd, st.st_size);
+        if (!data) {
+          if (recent) return;  // a copy being written
+          continue;            // damaged: loads nothing, names nothing
         }
-        reach(data);
-      } else {
-        // The value after each "external_data" key (a string value follows its key).
-        const std::vector<std::string> literals =
-            json_string_literals({reinterpret_cast<const char*>(bytes.data()), bytes.size()});
-        for (size_t k = 0; k + 1 < literals.size(); ++k)
-          if (literals[k] == "external_data" && !literals[k + 1].empty() &&
-              literals[k + 1].find('\0') == std::string::npos)
-            reach(fs::path(literals[k + 1]).lexically_normal().string());
+        struct stat target {};
+        if (!data->empty() && data->find('\0') == std::string::npos &&
+            ::fstatat(d.fd, fs::path(*data).lexically_normal().c_str(), &target, 0) == 0)
+          named.insert({target.st_dev, target.st_ino});
+        continue;
+      }
+      if (head < 8 && recent) return;  // a copy that has just begun
+      const bool cut = head < st.st_size;
+      if (!may_be_json({buffer.data(), static_cast<size_t>(head)}, cut)) continue;
+      // JSON: every candidate whose digest the text holds, read 64 KiB at a time (with an
+      // overlap of a digest's length, so that none is split between two reads).
+      constexpr size_t kDigest = 16;
+      std::string carry;
+      for (off_t at = 0;;) {
+        const ssize_t r = ::pread(f.fd, buffer.data(), buffer.size(), at);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return;
+        if (r == 0) break;
+        at += r;
+        carry.append(buffer.data(), static_cast<size_t>(r));
+        for (const std::string& c : candidates)
+          if (carry.find(std::string_view(c).substr(file.size() + 1, kDigest)) != std::string::npos)
+            digests_held.insert(c);
+        carry.erase(0, carry.size() > kDigest ? carry.size() - kDigest : 0);
       }
     }
     for (const std::string& c : candidates) {
-      struct stat st {};
-      if (::fstatat(dfd, c.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
       struct stat target {};
-      if (::fstatat(dfd, c.c_str(), &target, 0) == 0 &&
-          named.contains({target.st_dev, target.st_ino}))
+      if (digests_held.contains(c) || (::fstatat(d.fd, c.c_str(), &target, 0) == 0 &&
+                                       named.contains({target.st_dev, target.st_ino})))
         continue;
-      ::unlinkat(dfd, c.c_str(), 0);
+      ::unlinkat(d.fd, c.c_str(), 0);
     }
-    close_dir();
   } catch (...) {
     // Memory, most likely: every data file stays.
-    if (dfd >= 0) ::close(dfd);
   }
 }
 

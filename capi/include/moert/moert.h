@@ -1117,8 +1117,8 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * previous checkpoint or the new one, whole. Data files of earlier checkpoints at `path` (and
  * temporary files of interrupted saves) are removed afterwards, except one that a description in
  * the directory still names (a copy made with `cp ck.moert best.moert` keeps loading, also while
- * it is being made: the removal reads the binary and JSON descriptions there, up to 256 MiB each,
- * and what it cannot read for certain keeps every data file; README "Checkpoints"); saves into
+ * it is being made: the removal reads the binary and JSON descriptions there, and what it
+ * cannot read for certain keeps every data file; README "Checkpoints"); saves into
  * one directory, from
  * any thread or process on the machine, take turns (an flock(2) on the directory), so concurrent
  * saves to one path each succeed and leave one of them whole. NFS cannot lock a directory that
