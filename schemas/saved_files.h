@@ -157,12 +157,16 @@ inline std::optional<std::string> external_data_in(int fd, int64_t size) {
   if (!read(0, &root, 4) || !read(root, &vtable_back, 4)) return std::nullopt;
   const int64_t vtable = static_cast<int64_t>(root) - vtable_back;
   if (!read(vtable, &vtable_size, 2)) return std::nullopt;
+  // Zeros where a vtable or a name should be are bytes not written yet (a copy that fills a
+  // preallocated file out of order), not "no name": the writers leave an absent name out.
+  if (vtable_size < 4 || vtable_size % 2 != 0) return std::nullopt;
   constexpr int64_t kSlot = fb::Model::VT_EXTERNAL_DATA;
   if (vtable_size < kSlot + 2) return std::string();  // written before the field existed
   if (!read(vtable + kSlot, &field, 2)) return std::nullopt;
   if (field == 0) return std::string();
   const int64_t at = static_cast<int64_t>(root) + field;
-  if (!read(at, &string_rel, 4) || !read(at + string_rel, &length, 4) || length > 65536)
+  if (!read(at, &string_rel, 4) || !read(at + string_rel, &length, 4) || length == 0 ||
+      length > 65536)
     return std::nullopt;
   std::string name(length, '\0');
   if (!read(at + string_rel + 4, name.data(), length)) return std::nullopt;
@@ -221,7 +225,7 @@ inline void remove_unnamed_data_files(const std::filesystem::path& dir, const st
         if (nowhere()) continue;
         return;
       }
-      if (!S_ISREG(st.st_mode) || st.st_size == 0) continue;
+      if (!S_ISREG(st.st_mode)) continue;
       Fd f{::openat(d.fd, name.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY)};
       if (f.fd < 0) {
         if (nowhere()) continue;
@@ -241,9 +245,11 @@ inline void remove_unnamed_data_files(const std::filesystem::path& dir, const st
           continue;            // damaged: loads nothing, names nothing
         }
         struct stat target {};
-        if (!data->empty() && data->find('\0') == std::string::npos &&
-            ::fstatat(d.fd, fs::path(*data).lexically_normal().c_str(), &target, 0) == 0)
+        if (data->empty() || data->find('\0') != std::string::npos) continue;
+        if (::fstatat(d.fd, fs::path(*data).lexically_normal().c_str(), &target, 0) == 0)
           named.insert({target.st_dev, target.st_ino});
+        else if (!nowhere() && errno != ENAMETOOLONG)
+          return;  // what it names could not be looked at
         continue;
       }
       if (head < 8 && recent) return;  // a copy that has just begun
@@ -266,10 +272,11 @@ inline void remove_unnamed_data_files(const std::filesystem::path& dir, const st
         carry.erase(0, carry.size() > kDigest ? carry.size() - kDigest : 0);
       }
     }
+    // Removed only once looked at and named by nothing.
     for (const std::string& c : candidates) {
       struct stat target {};
-      if (digests_held.contains(c) || (::fstatat(d.fd, c.c_str(), &target, 0) == 0 &&
-                                       named.contains({target.st_dev, target.st_ino})))
+      if (digests_held.contains(c) || ::fstatat(d.fd, c.c_str(), &target, 0) != 0 ||
+          named.contains({target.st_dev, target.st_ino}))
         continue;
       ::unlinkat(d.fd, c.c_str(), 0);
     }

@@ -117,6 +117,15 @@ TEST_F(SavedFiles, JsonIsKnownPastMarksBlanksAndComments) {
 
 // A copy being written (cp writes in pieces) does not verify yet: recently modified, it keeps
 // every data file; long unmodified, it is damaged and names nothing.
+TEST_F(SavedFiles, AFileJustCreatedKeepsThemAsACopyThatHasNotBegun) {
+  std::ofstream(dir_ / "best.moert").close();
+  save_again();
+  EXPECT_TRUE(old_data_kept());
+  fs::remove(dir_ / "best.moert");
+  format::remove_unnamed_data_files(dir_, "m.moert", data_file());
+  EXPECT_FALSE(old_data_kept());
+}
+
 TEST_F(SavedFiles, ADescriptionThatDoesNotVerifyKeepsThemWhileItMayBeACopyInProgress) {
   std::ifstream in(path(), std::ios::binary);
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), {});
