@@ -46,7 +46,6 @@ class RowError : public Error {
   RowError(Code code, std::string head, int64_t row, std::string rows_of, std::string tail)
       : Error(code, head + "row " + std::to_string(row) + rows_of + tail),
         head_(std::move(head)),
-        rows_of_(std::move(rows_of)),
         tail_(std::move(tail)),
         row_(row) {}
   int64_t row() const noexcept { return row_; }
@@ -62,7 +61,7 @@ class RowError : public Error {
   std::string message_at(int64_t row) const { return head_ + "row " + std::to_string(row) + tail_; }
 
  private:
-  std::string head_, rows_of_, tail_;
+  std::string head_, tail_;
   int64_t row_;
   bool layer_row_ = false;
 };

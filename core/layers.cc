@@ -34,10 +34,6 @@ void in_routing_order(Backend& be, const DispatchPlan& plan, F&& f) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // dx when the caller gave one, else a scratch array of the right size.
 float* or_scratch(Backend& be, float* dx, Buffer<float>& scratch, size_t n) {
   if (dx) return dx;
