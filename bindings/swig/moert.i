@@ -184,20 +184,63 @@ static char* moert_jni_cstring(JNIEnv* env, jbyteArray a, int* failed) {
 
 /* One java.nio buffer seen from C: a direct buffer is used in place (zero copy) unless its
  * address is not aligned to the element size (a view of a direct ByteBuffer at an odd offset),
- * which is copied into aligned memory; an array-backed one through Get<Type>ArrayElements,
- * released after the call (copied back for outputs, discarded for inputs). The C length is the
- * buffer's capacity, so the library can never run past it; the idiomatic layer passes slice()d
- * buffers whose index 0 is the caller's position, in native byte order (it converts others). */
+ * which is copied into aligned memory; an array-backed one is copied, only its window
+ * [arrayOffset, arrayOffset + capacity), into native memory with Get<Type>ArrayRegion. After the
+ * call an output's copy goes back with Set<Type>ArrayRegion, its window only and only when the
+ * call succeeded: Get<Type>ArrayElements would copy the whole array out and back, undoing what
+ * other threads wrote elsewhere in it meanwhile (several threads filling one result array, each
+ * its own slice) and writing back even after a failure. The C length is the buffer's capacity,
+ * so the library can never run past it; the idiomatic layer passes slice()d buffers whose index
+ * 0 is the caller's position, in native byte order (it converts others). */
 typedef struct {
   void* data;
   jlong length;
-  jarray array;
-  void* elements;
-  void* unaligned; /* the caller's direct memory when `data` is an aligned copy of it */
+  jarray array;     /* an array-backed buffer's array, whose window `data` copies */
+  jint first;       /* the window's first element in `array` */
+  void* unaligned;  /* the caller's direct memory when `data` is an aligned copy of it */
   size_t bytes;
 } moert_jni_buffer;
 
 enum { MOERT_JNI_BYTE, MOERT_JNI_INT, MOERT_JNI_LONG, MOERT_JNI_FLOAT, MOERT_JNI_DOUBLE };
+
+/* Copies between an array's window and native memory, either way. */
+static void moert_jni_window(JNIEnv* env, const moert_jni_buffer* b, int type, int to_array) {
+  const jsize n = (jsize)b->length;
+  switch (type) {
+    case MOERT_JNI_BYTE:
+      if (to_array)
+        (*env)->SetByteArrayRegion(env, (jbyteArray)b->array, b->first, n, (const jbyte*)b->data);
+      else
+        (*env)->GetByteArrayRegion(env, (jbyteArray)b->array, b->first, n, (jbyte*)b->data);
+      break;
+    case MOERT_JNI_INT:
+      if (to_array)
+        (*env)->SetIntArrayRegion(env, (jintArray)b->array, b->first, n, (const jint*)b->data);
+      else
+        (*env)->GetIntArrayRegion(env, (jintArray)b->array, b->first, n, (jint*)b->data);
+      break;
+    case MOERT_JNI_LONG:
+      if (to_array)
+        (*env)->SetLongArrayRegion(env, (jlongArray)b->array, b->first, n, (const jlong*)b->data);
+      else
+        (*env)->GetLongArrayRegion(env, (jlongArray)b->array, b->first, n, (jlong*)b->data);
+      break;
+    case MOERT_JNI_DOUBLE:
+      if (to_array)
+        (*env)->SetDoubleArrayRegion(env, (jdoubleArray)b->array, b->first, n,
+                                     (const jdouble*)b->data);
+      else
+        (*env)->GetDoubleArrayRegion(env, (jdoubleArray)b->array, b->first, n, (jdouble*)b->data);
+      break;
+    default:
+      if (to_array)
+        (*env)->SetFloatArrayRegion(env, (jfloatArray)b->array, b->first, n,
+                                    (const jfloat*)b->data);
+      else
+        (*env)->GetFloatArrayRegion(env, (jfloatArray)b->array, b->first, n, (jfloat*)b->data);
+      break;
+  }
+}
 
 static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni_buffer* b) {
   static const size_t width[] = {1, 4, 8, 4, 8};
@@ -234,34 +277,30 @@ static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni
                     "moert: a buffer must be direct, or array-backed and writable");
     return 0;
   }
-  b->array = (jarray)(*env)->CallObjectMethod(env, buffer, array);
+  jarray backing = (jarray)(*env)->CallObjectMethod(env, buffer, array);
   if ((*env)->ExceptionCheck(env)) return 0;
-  jint first = (*env)->CallIntMethod(env, buffer, offset);
+  b->first = (*env)->CallIntMethod(env, buffer, offset);
   if ((*env)->ExceptionCheck(env)) return 0;
   b->length = (*env)->CallIntMethod(env, buffer, capacity);
   if ((*env)->ExceptionCheck(env)) return 0;
-  switch (type) {
-    case MOERT_JNI_BYTE:
-      b->elements = (*env)->GetByteArrayElements(env, (jbyteArray)b->array, NULL);
-      break;
-    case MOERT_JNI_INT:
-      b->elements = (*env)->GetIntArrayElements(env, (jintArray)b->array, NULL);
-      break;
-    case MOERT_JNI_LONG:
-      b->elements = (*env)->GetLongArrayElements(env, (jlongArray)b->array, NULL);
-      break;
-    case MOERT_JNI_DOUBLE:
-      b->elements = (*env)->GetDoubleArrayElements(env, (jdoubleArray)b->array, NULL);
-      break;
-    default:
-      b->elements = (*env)->GetFloatArrayElements(env, (jfloatArray)b->array, NULL);
-      break;
+  b->bytes = (size_t)b->length * width[type];
+  b->data = malloc(b->bytes ? b->bytes : 1);
+  if (!b->data) {
+    moert_jni_throw(env, "java/lang/OutOfMemoryError", "moert: an array-backed buffer's copy");
+    return 0;
   }
-  if (!b->elements) return 0; /* OutOfMemoryError is pending */
-  b->data = (char*)b->elements + (size_t)first * width[type];
+  b->array = backing;
+  moert_jni_window(env, b, type, 0);
+  if ((*env)->ExceptionCheck(env)) {
+    free(b->data);
+    b->data = NULL;
+    b->array = NULL;
+    return 0;
+  }
   return 1;
 }
 
+/* `copy_back`: an output of a call that succeeded. */
 static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type, int copy_back) {
   if (b->unaligned) {
     if (copy_back) memcpy(b->unaligned, b->data, b->bytes);
@@ -269,26 +308,11 @@ static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type,
     b->unaligned = NULL;
     return;
   }
-  if (!b->elements) return;
-  jint mode = copy_back ? 0 : JNI_ABORT;
-  switch (type) {
-    case MOERT_JNI_BYTE:
-      (*env)->ReleaseByteArrayElements(env, (jbyteArray)b->array, (jbyte*)b->elements, mode);
-      break;
-    case MOERT_JNI_INT:
-      (*env)->ReleaseIntArrayElements(env, (jintArray)b->array, (jint*)b->elements, mode);
-      break;
-    case MOERT_JNI_LONG:
-      (*env)->ReleaseLongArrayElements(env, (jlongArray)b->array, (jlong*)b->elements, mode);
-      break;
-    case MOERT_JNI_DOUBLE:
-      (*env)->ReleaseDoubleArrayElements(env, (jdoubleArray)b->array, (jdouble*)b->elements, mode);
-      break;
-    default:
-      (*env)->ReleaseFloatArrayElements(env, (jfloatArray)b->array, (jfloat*)b->elements, mode);
-      break;
-  }
-  b->elements = NULL;
+  if (!b->array) return;
+  if (copy_back) moert_jni_window(env, b, type, 1);
+  free(b->data);
+  b->data = NULL;
+  b->array = NULL;
 }
 %}
 
@@ -375,7 +399,9 @@ MOERT_JAVA_SCALAR_OUT(double, jdouble, double, jdoubleArray, SetDoubleArrayRegio
  * argout typemaps, which match T* alone, off these pointers. */
 %typemap(argout) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) ""
 %typemap(freearg) MOERT_IN_ARRAYS(CTYPE) %{ moert_jni_buffer_release(jenv, &buffer$argnum, TAG, 0); %}
-%typemap(freearg) MOERT_OUT_ARRAYS(CTYPE) %{ moert_jni_buffer_release(jenv, &buffer$argnum, TAG, 1); %}
+/* Every function that takes an output array returns a moert_status*, NULL on success. */
+%typemap(freearg) MOERT_OUT_ARRAYS(CTYPE)
+%{ moert_jni_buffer_release(jenv, &buffer$argnum, TAG, result == NULL); %}
 %enddef
 MOERT_JAVA_ARRAYS(float, java.nio.FloatBuffer, MOERT_JNI_FLOAT)
 MOERT_JAVA_ARRAYS(int32_t, java.nio.IntBuffer, MOERT_JNI_INT)

@@ -11,9 +11,11 @@ import java.nio.ReadOnlyBufferException;
  * backed), direct, read-only (as inputs), sliced, duplicated, views of a ByteBuffer in either byte
  * order. A buffer always covers its remaining elements, and its position is never moved.
  *
- * <p>The JNI layer reads two kinds in place: direct buffers in native byte order (their address,
- * copied there only when it is not aligned to the element size) and writable array-backed ones
- * (their array, from the buffer's array offset). Every other kind — a read-only buffer, a view of a
+ * <p>The JNI layer takes two kinds directly: direct buffers in native byte order (in place, by
+ * their address, copied only when it is not aligned to the element size) and writable
+ * array-backed ones (their window of the array, the remaining elements only, copied to native
+ * memory for the call and, for an output, back after a successful call: other threads' writes to
+ * the rest of the array are never undone). Every other kind — a read-only buffer, a view of a
  * heap ByteBuffer, a buffer in the other byte order — is copied, with Java's own byte-order
  * conversion, into an array-backed buffer for the call, and outputs are copied back after a
  * successful call. A read-only output is refused with ReadOnlyBufferException.

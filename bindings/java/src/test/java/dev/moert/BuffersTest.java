@@ -13,6 +13,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.concurrent.atomic.AtomicReference;
 import java.util.function.IntFunction;
 import org.junit.jupiter.api.Test;
 
@@ -185,6 +186,96 @@ class BuffersTest {
           assertEquals("tiny-hidden", fromBuffer.name());
         }
         assertEquals(0, data.position());
+      }
+    }
+  }
+
+  /**
+   * An array-backed output is copied out and back as its window only, and back only when the call
+   * succeeded: threads filling their own slices of one result array keep each other's results,
+   * and a failed call undoes no write another thread made elsewhere in the array.
+   */
+  @Test
+  void windowsOfOneArrayStayEachCallersOwn() throws Exception {
+    try (Model m = Model.load(MODEL);
+        Session s = Session.create(m, null)) {
+      int threads = 4;
+      int rows = 8;
+      int width = s.io().inputWidth();
+      int[][] ids = new int[threads][rows * width];
+      float[][] want = new float[threads][];
+      for (int t = 0; t < threads; t++) {
+        for (int i = 0; i < rows * width; i++) {
+          ids[t][i] = (7 * t + 3 * i) % 60;
+        }
+        want[t] = s.forwardTokens(ids[t], rows);
+      }
+      int n = want[0].length;
+      AtomicReference<Throwable> failure = new AtomicReference<>();
+      for (int round = 0; round < 40; round++) {
+        float[] shared = new float[threads * n];
+        List<Thread> running = new ArrayList<>();
+        for (int t = 0; t < threads; t++) {
+          final int mine = t;
+          Thread th =
+              new Thread(
+                  () -> {
+                    try {
+                      FloatBuffer out = FloatBuffer.wrap(shared, mine * n, n);
+                      s.forwardTokens(IntBuffer.wrap(ids[mine]), rows, out);
+                    } catch (Throwable e) {
+                      failure.compareAndSet(null, e);
+                    }
+                  });
+          running.add(th);
+          th.start();
+        }
+        for (Thread th : running) {
+          th.join();
+        }
+        if (failure.get() != null) {
+          throw new AssertionError(failure.get());
+        }
+        for (int t = 0; t < threads; t++) {
+          float[] got = new float[n];
+          System.arraycopy(shared, t * n, got, 0, n);
+          assertArrayEquals(want[t], got, "round " + round + ", slice " + t);
+        }
+      }
+
+      // A call that fails (token id past the vocabulary) into [0, n) of an array whose element
+      // n + 1 this thread keeps writing: no write is ever undone.
+      float[] shared = new float[2 * n];
+      int[] bad = new int[rows * width];
+      bad[0] = 1 << 20;
+      Thread failing =
+          new Thread(
+              () -> {
+                for (int i = 0; i < 400; i++) {
+                  try {
+                    s.forwardTokens(IntBuffer.wrap(bad), rows, FloatBuffer.wrap(shared, 0, n));
+                    failure.compareAndSet(null, new AssertionError("a bad token id was accepted"));
+                    return;
+                  } catch (MoertException expected) {
+                    // refused, as it should be
+                  }
+                }
+              });
+      failing.start();
+      int undone = 0;
+      for (int i = 1; failing.isAlive(); i++) {
+        shared[n + 1] = i;
+        if (shared[n + 1] != i) {
+          undone++;
+        }
+      }
+      failing.join();
+      if (failure.get() != null) {
+        throw new AssertionError(failure.get());
+      }
+      assertEquals(0, undone, "writes undone by a failed call's copy-back");
+      for (int i = 0; i < n; i++) {
+        assertEquals(0f, shared[i], "the failed call's own window");
       }
     }
   }
