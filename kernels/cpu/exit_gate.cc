@@ -48,10 +48,23 @@ void at_exit() {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 
-// A child of fork() has only the forking thread: the other threads' calls never end there.
-void after_fork_in_child() { g_in_flight.store(t_depth > 0 ? 1 : 0); }
+// Registrations hold this, and fork() takes it first: glibc does not reset its atexit lock in a
+// child, so a fork while another thread was inside std::atexit left the child unable to register
+// a handler or to exit (capi.Fork: 1 child in about 40 hung so, under load).
+std::mutex g_registering;
 
-void register_exit_handler() { std::atexit(at_exit); }
+void register_exit_handler() {
+  const std::lock_guard<std::mutex> lock(g_registering);
+  std::atexit(at_exit);
+}
+
+void before_fork() { g_registering.lock(); }
+void after_fork_in_parent() { g_registering.unlock(); }
+// A child of fork() has only the forking thread: the other threads' calls never end there.
+void after_fork_in_child() {
+  g_registering.unlock();
+  g_in_flight.store(t_depth > 0 ? 1 : 0);
+}
 
 }  // namespace
 
@@ -59,7 +72,8 @@ void created_dnnl_state() { t_created = true; }
 
 DnnlCall::DnnlCall() {
   if (t_depth == 0) {
-    std::call_once(g_fork_handler, [] { pthread_atfork(nullptr, nullptr, after_fork_in_child); });
+    std::call_once(g_fork_handler,
+                   [] { pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); });
     // Counted before the check: at_exit() sets the flag before it reads the count, so a call
     // either sees the flag or is waited for.
     g_in_flight.fetch_add(1);
