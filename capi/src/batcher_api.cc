@@ -21,6 +21,7 @@ struct moert_batcher {
   // Set by the first moert_batcher_free(): a callback that the release runs and that frees the
   // handle again is ignored rather than freeing it twice.
   std::atomic<bool> releasing{false};
+  uint64_t fork_generation = moert::capi::fork_generation();  // see fork_generation.h
 };
 
 extern "C" {
@@ -97,6 +98,13 @@ moert_status* moert_batcher_create(const moert_model* model, const moert_batcher
 
 void moert_batcher_free(moert_batcher* batcher) {
   if (!batcher || batcher->releasing.exchange(true)) return;
+  if (moert::capi::inherited(batcher->fork_generation)) {
+    // A child of fork(): the batcher's threads, and the requests they would answer, are the
+    // parent's. Its memory is left as it is rather than destroyed, which would wait for them.
+    static_cast<void>(batcher->batcher.release());
+    delete batcher;
+    return;
+  }
   if (batcher->batcher->serving_on_this_thread()) {
     // A pool thread cannot join itself: the release runs on a thread of its own, which joins
     // this one once the callback returns. Without a thread to spare the batcher is left running
@@ -115,6 +123,7 @@ moert_status* moert_batcher_forward_tokens(moert_batcher* batcher, const int32_t
                                            uint64_t out_len, int64_t* stats, uint64_t stats_len) {
   return guarded([&] {
     require(batcher, "batcher");
+    moert::capi::require_made_here(batcher->fork_generation, "batcher");
     batcher->batcher->forward_tokens(tokens, num_tokens, rows, out, out_len, stats, stats_len);
   });
 }
@@ -124,6 +133,7 @@ moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, const float* 
                                            int64_t* stats, uint64_t stats_len) {
   return guarded([&] {
     require(batcher, "batcher");
+    moert::capi::require_made_here(batcher->fork_generation, "batcher");
     batcher->batcher->forward_hidden(in, in_len, rows, out, out_len, stats, stats_len);
   });
 }
@@ -150,6 +160,7 @@ moert_status* moert_batcher_submit_tokens(moert_batcher* batcher, const int32_t*
                                           moert_batcher_callback done, void* user_data) {
   return guarded([&] {
     require(batcher, "batcher");
+    moert::capi::require_made_here(batcher->fork_generation, "batcher");
     batcher->batcher->submit_tokens(tokens, num_tokens, rows,
                                     done ? c_callback(done, user_data) : moert::BatcherCallback{});
   });
@@ -160,6 +171,7 @@ moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, const float* i
                                           void* user_data) {
   return guarded([&] {
     require(batcher, "batcher");
+    moert::capi::require_made_here(batcher->fork_generation, "batcher");
     batcher->batcher->submit_hidden(in, in_len, rows,
                                     done ? c_callback(done, user_data) : moert::BatcherCallback{});
   });
@@ -169,6 +181,7 @@ moert_status* moert_batcher_counters(const moert_batcher* batcher, int64_t* coun
                                      uint64_t len) {
   return guarded([&] {
     require(batcher, "batcher");
+    moert::capi::require_made_here(batcher->fork_generation, "batcher");
     require(counters, "counters");
     batcher->batcher->counters(counters, len);
   });

@@ -3,6 +3,7 @@
 
 #include <memory>
 
+#include "capi/src/fork_generation.h"
 #include "capi/src/status.h"
 #include "core/communicator.h"
 #include "core/model.h"
@@ -18,6 +19,7 @@ struct moert_session_options {
 
 struct moert_session {
   std::unique_ptr<moert::Session> session;
+  uint64_t fork_generation = moert::capi::fork_generation();  // see fork_generation.h
 };
 
 struct moert_comm {

@@ -82,6 +82,7 @@ moert_status* moert_session_load_with_options(moert_session* session, const char
                                               const moert_load_options* options) {
   return guarded([&] {
     require(session, "session");
+    moert::capi::require_made_here(session->fork_generation, "session");
     std::lock_guard<std::mutex> lock(session->session->mutex());
     const auto device = session->session->use_device();
     // A null path is refused by the session, inside its agreement among ranks.

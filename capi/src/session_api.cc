@@ -25,6 +25,7 @@ template <typename S, typename F>
 moert_status* locked(S* session, F&& body) {
   return guarded([&] {
     require(session, "session");
+    moert::capi::require_made_here(session->fork_generation, "session");
     std::lock_guard<std::mutex> lock(session->session->mutex());
     const auto device = session->session->use_device();
     body(*session->session);
@@ -113,7 +114,14 @@ moert_status* moert_session_create(const moert_model* model, const moert_session
   });
 }
 
-void moert_session_free(moert_session* session) { delete session; }
+void moert_session_free(moert_session* session) {
+  if (!session) return;
+  // In a child of fork(), the session's threads do not exist: its memory is left as it is (a
+  // copy of the parent's) rather than destroyed, which would wait for them.
+  if (moert::capi::inherited(session->fork_generation))
+    static_cast<void>(session->session.release());
+  delete session;
+}
 
 moert_status* moert_session_forward_tokens(moert_session* session, const int32_t* tokens,
                                            uint64_t num_tokens, uint64_t rows, float* out,

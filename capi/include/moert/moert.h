@@ -27,6 +27,12 @@
  *  - Exit: the process may exit while calls compute on other threads; at exit the library lets
  *    the calls in flight finish (up to 10 s) and later ones fail with MOERT_ERR_INVALID_STATE,
  *    before oneDNN tears its kernels down.
+ *  - fork(): sessions and batchers run threads, which a child of fork() does not inherit. In the
+ *    child every call on a session or batcher made before the fork fails with
+ *    MOERT_ERR_INVALID_STATE (even one whose lock a parent thread held at the fork), and its
+ *    *_free releases the handle without waiting for the parent's threads (leaving the memory they
+ *    used, a copy of the parent's, as it is; requests queued in a batcher are the parent's to
+ *    answer). Models, options and statuses carry on working; the child makes its own sessions.
  *  - Status messages are one line of valid UTF-8: text taken from a file (a model's or layer's
  *    name, say) is quoted with every byte that is not part of valid UTF-8, and every ASCII control
  *    character (newline, tab, NUL, DEL, ...), written as \xNN.
@@ -654,7 +660,9 @@ MOERT_API moert_status* moert_session_create(const moert_model* model,
                                              const moert_session_options* options,
                                              moert_session** out);
 
-/* Releases a session. Accepts NULL. Must not race with another call on the same session. */
+/* Releases a session. Accepts NULL. Must not race with another call on the same session. In a
+ * child of fork(), releases an inherited session without waiting for its threads (see fork() at
+ * the top). */
 MOERT_API void moert_session_free(moert_session* session);
 
 /* Forward pass over `rows` rows of token ids (a model whose input is MOERT_INPUT_TOKENS).
@@ -864,7 +872,9 @@ MOERT_API moert_status* moert_batcher_create(const moert_model* model,
  * for the caller either way (nothing tells when that release ends: a host that must know, before
  * it exits or unloads the library, frees the batcher from a thread of its own). A second free of
  * a batcher being released (from a callback the release runs) is ignored. Where no thread can be
- * started for the release, the batcher is left running rather than the host aborted. */
+ * started for the release, the batcher is left running rather than the host aborted. In a child
+ * of fork(), an inherited batcher is released without waiting and without answering the parent's
+ * requests (see fork() at the top). */
 MOERT_API void moert_batcher_free(moert_batcher* batcher);
 
 /* One request of `rows` rows of token ids (a MOERT_INPUT_TOKENS model), as

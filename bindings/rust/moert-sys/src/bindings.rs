@@ -697,7 +697,9 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Releases a session. Accepts NULL. Must not race with another call on the same session."]
+    #[doc = " Releases a session. Accepts NULL. Must not race with another call on the same session. In a"]
+    #[doc = " child of fork(), releases an inherited session without waiting for its threads (see fork() at"]
+    #[doc = " the top)."]
     pub fn moert_session_free(session: *mut moert_session);
 }
 extern "C" {
@@ -889,7 +891,9 @@ extern "C" {
     #[doc = " for the caller either way (nothing tells when that release ends: a host that must know, before"]
     #[doc = " it exits or unloads the library, frees the batcher from a thread of its own). A second free of"]
     #[doc = " a batcher being released (from a callback the release runs) is ignored. Where no thread can be"]
-    #[doc = " started for the release, the batcher is left running rather than the host aborted."]
+    #[doc = " started for the release, the batcher is left running rather than the host aborted. In a child"]
+    #[doc = " of fork(), an inherited batcher is released without waiting and without answering the parent's"]
+    #[doc = " requests (see fork() at the top)."]
     pub fn moert_batcher_free(batcher: *mut moert_batcher);
 }
 extern "C" {
