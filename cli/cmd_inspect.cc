@@ -57,7 +57,9 @@ std::string routing_text(const LayerInfo& l) {
              m.shared_hidden, ")");
   s += m.residual ? "; residual" : "; no residual";
   s += cat("\n    balancing: ", balancing_name(m.policy));
-  if (m.policy == MOERT_BALANCING_LOSS_FREE_BIAS) s += cat(" (gamma ", m.gamma, ")");
+  if (m.policy == MOERT_BALANCING_LOSS_FREE_BIAS)
+    s += m.bias_frozen ? cat(" (frozen: not updated; gamma ", m.gamma, " unused)")
+                       : cat(" (gamma ", m.gamma, m.bias_centering ? ", centred" : "", ")");
   if (m.policy == MOERT_BALANCING_AUX_LOSS || m.policy == MOERT_BALANCING_SEQUENCE_AUX_LOSS)
     s += cat(" (alpha ", m.aux_alpha, ")");
   if (m.policy == MOERT_BALANCING_EXPERT_CHOICE)
@@ -166,6 +168,8 @@ void print_json(const std::string& path, const ModelInfo& info) {
                ", \"residual\": ", m.residual ? "true" : "false",
                ", \"balancing\": ", json_string(balancing_name(m.policy)),
                ", \"bias_update_rate\": ", json_number(m.gamma),
+               ", \"bias_centering\": ", m.bias_centering ? "true" : "false",
+               ", \"bias_frozen\": ", m.bias_frozen ? "true" : "false",
                ", \"aux_alpha\": ", json_number(m.aux_alpha),
                ", \"capacity_factor\": ", json_number(m.capacity_factor), "}");
     }

@@ -72,6 +72,8 @@ MoEInfo read_moe(const moert_model* m, uint32_t i) {
   o.shared_hidden = moe_int(m, i, MOERT_MOE_SHARED_HIDDEN);
   o.residual = moe_int(m, i, MOERT_MOE_RESIDUAL);
   o.policy = moe_int(m, i, MOERT_MOE_BALANCING_POLICY);
+  o.bias_centering = moe_int(m, i, MOERT_MOE_BIAS_CENTERING);
+  o.bias_frozen = moe_int(m, i, MOERT_MOE_BIAS_FROZEN);
   o.scaling = moe_float(m, i, MOERT_MOE_ROUTED_SCALING_FACTOR);
   o.gamma = moe_float(m, i, MOERT_MOE_BIAS_UPDATE_RATE);
   o.aux_alpha = moe_float(m, i, MOERT_MOE_AUX_ALPHA);

@@ -13,7 +13,7 @@ namespace moert_cli {
 struct MoEInfo {
   int64_t num_experts = 0, top_k = 0, expert_hidden = 0, score_function = 0;
   int64_t num_groups = 0, topk_groups = 0, normalize = 0, num_shared = 0, shared_hidden = 0;
-  int64_t residual = 0, policy = 0;
+  int64_t residual = 0, policy = 0, bias_centering = 0, bias_frozen = 0;
   double scaling = 0.0, gamma = 0.0, aux_alpha = 0.0, capacity_factor = 0.0;
   // Routed experts a token passes through on average: top_k, or capacity_factor * top_k under
   // Expert Choice (each expert takes capacity_factor * tokens * top_k / num_experts tokens).

@@ -45,6 +45,8 @@ const (
 	MoESharedHidden     MoEKey = MoEKey(capi.MOERT_MOE_SHARED_HIDDEN)
 	MoEResidual         MoEKey = MoEKey(capi.MOERT_MOE_RESIDUAL)
 	MoEBalancingPolicy  MoEKey = MoEKey(capi.MOERT_MOE_BALANCING_POLICY)
+	MoEBiasCentering    MoEKey = MoEKey(capi.MOERT_MOE_BIAS_CENTERING)
+	MoEBiasFrozen       MoEKey = MoEKey(capi.MOERT_MOE_BIAS_FROZEN)
 	MoERoutedScaling    MoEKey = MoEKey(capi.MOERT_MOE_ROUTED_SCALING_FACTOR)
 	MoEBiasUpdateRate   MoEKey = MoEKey(capi.MOERT_MOE_BIAS_UPDATE_RATE)
 	MoEAuxAlpha         MoEKey = MoEKey(capi.MOERT_MOE_AUX_ALPHA)

@@ -192,6 +192,12 @@ moert_status* moert_model_moe_int(const moert_model* model, uint32_t index, int3
       case MOERT_MOE_BALANCING_POLICY:
         v = static_cast<int64_t>(m.balancing.policy);
         break;
+      case MOERT_MOE_BIAS_CENTERING:
+        v = m.balancing.bias_centering ? 1 : 0;
+        break;
+      case MOERT_MOE_BIAS_FROZEN:
+        v = m.balancing.bias_frozen ? 1 : 0;
+        break;
       default:
         fail(Code::InvalidArgument, "unknown integer MoE key ", key);
     }

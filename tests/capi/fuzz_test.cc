@@ -55,7 +55,7 @@ std::string exercise(const moert_model* model, Tally& tally) {
     StatusPtr ds(moert_model_layer_dims(model, i, &a, &b));
     if (ks || ns || ds || !name) return "inspection of a loaded model failed";
     if (kind == MOERT_LAYER_MOE) {
-      for (int32_t key = MOERT_MOE_DIM; key <= MOERT_MOE_BALANCING_POLICY; ++key) {
+      for (int32_t key = MOERT_MOE_DIM; key <= MOERT_MOE_BIAS_FROZEN; ++key) {
         int64_t v = 0;
         if (StatusPtr s(moert_model_moe_int(model, i, key, &v)); s) return "moe_int failed";
       }

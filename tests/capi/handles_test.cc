@@ -220,8 +220,8 @@ TEST_F(Handles, MoeQueriesOnNonMoeLayers) {
 TEST_F(Handles, UnknownMoeKeys) {
   int64_t v = -1;
   double f = -1;
-  // Integer keys are 1..12, floating-point keys 101..104; each getter refuses the other's keys.
-  for (int32_t key : {0, 13, 100, MOERT_MOE_ROUTED_SCALING_FACTOR, -1, 1 << 30}) {
+  // Integer keys are 1..14, floating-point keys 101..104; each getter refuses the other's keys.
+  for (int32_t key : {0, 15, 100, MOERT_MOE_ROUTED_SCALING_FACTOR, -1, 1 << 30}) {
     EXPECT_TRUE(
         IsError(moert_model_moe_int(model_.get(), 2, key, &v), kInvalid, {std::to_string(key)}))
         << key;
@@ -234,7 +234,7 @@ TEST_F(Handles, UnknownMoeKeys) {
   EXPECT_EQ(v, -1);
   EXPECT_EQ(f, -1);
   // Every documented key answers.
-  for (int32_t key = MOERT_MOE_DIM; key <= MOERT_MOE_BALANCING_POLICY; ++key)
+  for (int32_t key = MOERT_MOE_DIM; key <= MOERT_MOE_BIAS_FROZEN; ++key)
     EXPECT_TRUE(IsOk(moert_model_moe_int(model_.get(), 2, key, &v))) << key;
   for (int32_t key = MOERT_MOE_ROUTED_SCALING_FACTOR; key <= MOERT_MOE_CAPACITY_FACTOR; ++key)
     EXPECT_TRUE(IsOk(moert_model_moe_float(model_.get(), 2, key, &f))) << key;

@@ -214,6 +214,8 @@ flatbuffers::Offset<void> moe(flatbuffers::FlatBufferBuilder& b, const MoEDesc& 
     fb::BalancingBuilder bb(b);
     if (m.balancing.policy) bb.add_policy(static_cast<fb::BalancingPolicy>(*m.balancing.policy));
     bb.add_bias_update_rate(m.balancing.bias_update_rate);
+    bb.add_bias_centering(m.balancing.bias_centering);
+    bb.add_bias_frozen(m.balancing.bias_frozen);
     bb.add_aux_alpha(m.balancing.aux_alpha);
     bb.add_capacity_factor(m.balancing.capacity_factor);
     balancing = bb.Finish();

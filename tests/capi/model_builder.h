@@ -55,6 +55,8 @@ struct BalancingDesc {
   bool present = true;
   std::optional<int8_t> policy = 1;  // LossFreeBias
   float bias_update_rate = 1e-3f;
+  bool bias_centering = false;
+  bool bias_frozen = false;
   float aux_alpha = 0.0f;
   float capacity_factor = 1.0f;
 };

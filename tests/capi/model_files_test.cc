@@ -144,6 +144,8 @@ TEST(ModelFiles, TokenBaselineLoadsWithEveryKnobAsWritten) {
       {MOERT_MOE_SHARED_HIDDEN, 0},
       {MOERT_MOE_RESIDUAL, 1},
       {MOERT_MOE_BALANCING_POLICY, MOERT_BALANCING_LOSS_FREE_BIAS},
+      {MOERT_MOE_BIAS_CENTERING, 0},
+      {MOERT_MOE_BIAS_FROZEN, 0},
   };
   for (const auto& [key, want] : ints) {
     int64_t got = -1;
@@ -164,6 +166,24 @@ TEST(ModelFiles, TokenBaselineLoadsWithEveryKnobAsWritten) {
   // It runs.
   const auto out = forward_tokens(m.get(), {0, 5, 15}, 3);
   for (float x : out) EXPECT_TRUE(std::isfinite(x));
+}
+
+// The loss-free bias's two switches read back as written (an imported DeepSeek-V3 layer's bias
+// is frozen: an inspection that left it out told of updates that never happen).
+TEST(ModelFiles, BiasCenteringAndFrozenReadBackAsWritten) {
+  for (const bool centering : {false, true})
+    for (const bool frozen : {false, true}) {
+      ModelDesc d = token_baseline();
+      moe0(d).balancing.bias_centering = centering;
+      moe0(d).balancing.bias_frozen = frozen;
+      ModelPtr m = load_ok(build(d));
+      ASSERT_TRUE(m);
+      int64_t c = -1, f = -1;
+      ASSERT_TRUE(IsOk(moert_model_moe_int(m.get(), kMoE, MOERT_MOE_BIAS_CENTERING, &c)));
+      ASSERT_TRUE(IsOk(moert_model_moe_int(m.get(), kMoE, MOERT_MOE_BIAS_FROZEN, &f)));
+      EXPECT_EQ(c, centering ? 1 : 0);
+      EXPECT_EQ(f, frozen ? 1 : 0);
+    }
 }
 
 TEST(ModelFiles, HiddenBaselineLoads) {

@@ -571,6 +571,15 @@ def check_case(case, lib, cli_path, work):
         ref_counts = [np.bincount(np.concatenate([sel[t] for t in keep]), minlength=E)
                       for sel in sels]
         out, counts = lib.run(model, x, moe_layers, E)
+        # The checkpoint's score-correction bias steered its training; imported, it is frozen,
+        # which inspect must say (it once showed the update rate of a bias that never moves).
+        info = json.loads(cli(["inspect", "--json", model], cli_path).stdout)
+        moes = [l["moe"] for l in info["layers"] if "moe" in l]
+        biased = [m for m in moes if m["balancing"] == "loss-free bias"]
+        if fam in ("deepseek_v3", "glm4_moe") and len(biased) != len(moes):
+            failures.append(f"{name}: inspect shows balancing {[m['balancing'] for m in moes]}")
+        if any(not m["bias_frozen"] for m in biased):
+            failures.append(f"{name}: inspect shows an imported loss-free bias not frozen")
         rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
         row = (np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)).max()
         same = all((a == b).all() for a, b in zip(counts, ref_counts))

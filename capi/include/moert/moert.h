@@ -267,6 +267,9 @@ MOERT_API moert_status* moert_model_num_parameters(const moert_model* model, uin
 #define MOERT_MOE_SHARED_HIDDEN 10
 #define MOERT_MOE_RESIDUAL 11         /* 0 or 1 */
 #define MOERT_MOE_BALANCING_POLICY 12 /* MOERT_BALANCING_* */
+#define MOERT_MOE_BIAS_CENTERING \
+  13                             /* 0 or 1: the loss-free bias loses its mean after each update */
+#define MOERT_MOE_BIAS_FROZEN 14 /* 0 or 1: the loss-free bias is not updated at all */
 
 /* Floating-point configuration keys of a MoE layer, for moert_model_moe_float(). */
 #define MOERT_MOE_ROUTED_SCALING_FACTOR 101

@@ -258,6 +258,8 @@ impl MoeKey {
     pub const SHARED_HIDDEN: MoeKey = MoeKey(sys::MOERT_MOE_SHARED_HIDDEN as i32);
     pub const RESIDUAL: MoeKey = MoeKey(sys::MOERT_MOE_RESIDUAL as i32);
     pub const BALANCING_POLICY: MoeKey = MoeKey(sys::MOERT_MOE_BALANCING_POLICY as i32);
+    pub const BIAS_CENTERING: MoeKey = MoeKey(sys::MOERT_MOE_BIAS_CENTERING as i32);
+    pub const BIAS_FROZEN: MoeKey = MoeKey(sys::MOERT_MOE_BIAS_FROZEN as i32);
     pub const ROUTED_SCALING_FACTOR: MoeKey = MoeKey(sys::MOERT_MOE_ROUTED_SCALING_FACTOR as i32);
     pub const BIAS_UPDATE_RATE: MoeKey = MoeKey(sys::MOERT_MOE_BIAS_UPDATE_RATE as i32);
     pub const AUX_ALPHA: MoeKey = MoeKey(sys::MOERT_MOE_AUX_ALPHA as i32);
