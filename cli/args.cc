@@ -21,7 +21,7 @@ std::string help_text(const CommandSpec& spec) {
     if (!f.default_text.empty()) right += " (default " + f.default_text + ")";
     rows.emplace_back(left, right);
   }
-  rows.emplace_back("  --help", "print this help and exit");
+  rows.emplace_back("  -h, --help", "print this help and exit");
   size_t width = 0;
   for (const auto& [l, r] : rows) width = std::max(width, l.size());
   for (const auto& [l, r] : rows) out += l + std::string(width + 2 - l.size(), ' ') + r + "\n";
@@ -32,6 +32,11 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
   bool flags_done = false;
   for (int i = first; i < argc; ++i) {
     const std::string a = argv[i];
+    // -h, as at the top level: the only short option.
+    if (!flags_done && a == "-h") {
+      help_ = true;
+      continue;
+    }
     if (flags_done || a.size() < 2 || a.compare(0, 2, "--") != 0 || a == "-") {
       if (!flags_done && a.size() > 1 && a[0] == '-' && a != "-")
         usage_fail("unknown option '", a, "' (see 'moert ", spec.name, " --help')");
@@ -59,6 +64,10 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
       values_[name] = a.substr(eq + 1);
     } else {
       if (i + 1 >= argc) usage_fail("option '--", name, "' needs a value (", flag->value_name, ")");
+      const std::string next = argv[i + 1];
+      if (next.size() > 2 && next.compare(0, 2, "--") == 0)
+        usage_fail("option '--", name, "' needs a value (", flag->value_name, "), got the option '",
+                   next, "' (a value that starts with -- is written --", name, "=VALUE)");
       values_[name] = argv[++i];
     }
     every_[name].push_back(values_[name]);

@@ -215,9 +215,11 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
                           "--comm-timeout aside): every rank takes the same command line"),
                       2);
   if (expert_parallel > job.size || job.size % expert_parallel != 0)
-    job.fail_together(cat("--expert-parallel ", expert_parallel, " does not divide the job's ",
-                          job.size, " processes"),
-                      2);
+    job.fail_together(
+        cat("--expert-parallel ", expert_parallel, " does not divide the job's ", job.size,
+            " process", job.size == 1 ? "" : "es",
+            job.size == 1 ? ": start the job with mpirun -np N (N a multiple of EP)" : ""),
+        2);
   job.expert_parallel = static_cast<int32_t>(expert_parallel);
   if (device == MOERT_DEVICE_CUDA) {
     // The CUDA sessions' collectives run on the NCCL communicator: it waits as long.

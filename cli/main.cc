@@ -46,12 +46,15 @@ int run(int argc, char** argv) {
   }
   const std::string name = argv[1];
   // 'moert help COMMAND' is 'moert COMMAND --help'.
-  if (name == "help" && argc == 3)
+  if (name == "help" && argc == 3) {
     for (const Command& c : kCommands)
       if (c.spec.name == argv[2]) {
         std::fputs(moert_cli::help_text(c.spec).c_str(), stdout);
         return 0;
       }
+    print_error("moert", std::string("unknown command '") + argv[2] + "' (see 'moert --help')");
+    return 2;
+  }
   if ((name == "--help" || name == "-h" || name == "help" || name == "--version") && argc > 2) {
     // 'help COMMAND EXTRA' names the extra word, not the command.
     const char* extra = name == "help" && argc > 3 ? argv[3] : argv[2];

@@ -98,8 +98,10 @@ TEST(Cli, HelpEverywhere) {
     EXPECT_TRUE(r.err.empty()) << r.err;
     // 'moert help COMMAND' says the same.
     EXPECT_EQ(run(std::string("help ") + cmd, dir).out, r.out) << cmd;
+    // And so does -h, as at the top level.
+    EXPECT_EQ(run(std::string(cmd) + " -h", dir).out, r.out) << cmd;
   }
-  expect_one_line_error_top(run("help nope", dir), "'help' takes no arguments but a command's");
+  expect_one_line_error_top(run("help nope", dir), "unknown command 'nope'");
   expect_one_line_error_top(run("help train extra", dir), "(got 'extra')");
   expect_one_line_error_top(run("--version now", dir), "'--version' takes no arguments");
   // --help wins over missing or extra arguments.
@@ -387,6 +389,12 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("inspect", dir), 2, "inspect", "MODEL");
   expect_one_line_error(run("convert /no/such.json out.moert", dir), 1, "convert", "/no/such");
   expect_one_line_error(run("train --steps many", dir), 2, "train", "--steps");
+  // A value forgotten before the next option: named as such, not taken as the value.
+  expect_one_line_error(run("train --steps --lr 1", dir), 2, "train",
+                        "option '--steps' needs a value (N), got the option '--lr'");
+  // Outside mpirun, --expert-parallel says how to start a job.
+  expect_one_line_error(run("train --steps 1 --expert-parallel 2", dir), 2, "train",
+                        "start the job with mpirun -np N");
   expect_one_line_error(run("train --balancing none,bogus", dir), 2, "train", "bogus");
   expect_one_line_error(run("train --corpus /no/such/dir --steps 1", dir), 1, "train",
                         "/no/such/dir");
