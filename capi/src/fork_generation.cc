@@ -3,6 +3,7 @@
 #include <pthread.h>
 
 #include <atomic>
+#include <mutex>
 
 #include "core/error.h"
 
@@ -17,10 +18,18 @@ void count_fork_in_child() { generation.fetch_add(1, std::memory_order_relaxed);
 
 uint64_t fork_generation() {
   // glibc drops the handler when the library is unloaded (it is registered with the library's
-  // __dso_handle), so a later fork never calls into unmapped code.
-  static const bool installed = pthread_atfork(nullptr, nullptr, &count_fork_in_child) == 0;
-  if (!installed)
-    fail(Code::OutOfMemory, "cannot register moert's fork handler (pthread_atfork failed)");
+  // __dso_handle), so a later fork never calls into unmapped code. A failed registration (out of
+  // memory) is tried again by the next call rather than remembered.
+  static std::atomic<bool> installed{false};
+  static std::mutex installing;
+  if (!installed.load(std::memory_order_acquire)) {
+    const std::lock_guard<std::mutex> lock(installing);
+    if (!installed.load(std::memory_order_relaxed)) {
+      if (pthread_atfork(nullptr, nullptr, &count_fork_in_child) != 0)
+        fail(Code::OutOfMemory, "cannot register moert's fork handler (pthread_atfork failed)");
+      installed.store(true, std::memory_order_release);
+    }
+  }
   return generation.load(std::memory_order_relaxed);
 }
 

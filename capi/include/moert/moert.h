@@ -32,7 +32,12 @@
  *    MOERT_ERR_INVALID_STATE (even one whose lock a parent thread held at the fork), and its
  *    *_free releases the handle without waiting for the parent's threads (leaving the memory they
  *    used, a copy of the parent's, as it is; requests queued in a batcher are the parent's to
- *    answer). Models, options and statuses carry on working; the child makes its own sessions.
+ *    answer). Models, options and statuses carry on working, and the child makes its own
+ *    sessions over them, unless another parent thread was creating a session or batcher over the
+ *    same model at the fork (the model's cache of weight copies stays locked in the child: a
+ *    pre-fork server forks before it serves). Communicators are the parent's: MPI does not
+ *    survive fork(). A batcher callback that forks must not return in the child (exec or _exit
+ *    there): the thread it returns to is the parent's batcher's.
  *  - Status messages are one line of valid UTF-8: text taken from a file (a model's or layer's
  *    name, say) is quoted with every byte that is not part of valid UTF-8, and every ASCII control
  *    character (newline, tab, NUL, DEL, ...), written as \xNN.
