@@ -1,4 +1,4 @@
-// Routing, defined once (DESIGN.md section 2): the per-item bodies that the CPU backend calls for
+// Routing, defined once (DESIGN.md section 1): the per-item bodies that the CPU backend calls for
 // every token and the CUDA router kernels (kernels/cuda/router.cu) run one thread per item — one
 // token, one (sequence, expert) or one (sequence, chunk, expert) each. Being shared, they hold the
 // two backends to the same selection bit for bit (tests/unit/test_router_rules.cc). This header

@@ -491,7 +491,7 @@ MOERT_API moert_status* moert_session_options_set_config(moert_session_options* 
 /* ---- Communicators (expert and data parallelism across processes) ------------------------ */
 /* A moert_comm connects the processes ("ranks") of one job. Attached to session options with an
  * expert-parallel size, it lets sessions shard the routed experts over ranks and average the
- * other gradients (DESIGN.md section 2). Two kinds:
+ * other gradients (README.md, "Expert and data parallelism"). Two kinds:
  *  - MPI, from the plugin libmoert_mpi.so (built against Open MPI 4.1), loaded on first use from
  *    the directory of libmoert.so and checked against this library's version. Buffers are host
  *    memory. The plugin runs one progress thread per process that makes all of moert's MPI calls,
@@ -618,40 +618,41 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * moert_session_create() is refused for its own arguments (a NULL model or out) still meets the
  * others there on an MPI communicator, and they fail at once.
  *
- * What such sessions do (DESIGN.md section 2): each rank feeds its own rows; a MoE layer sends
- * each token once to every rank that computes one of its experts and sums the results in expert
- * order; gradients, losses, token counts, MaxVio and the loss-free bias update are the job's,
- * over the union of the ranks' rows in rank order. When every rank but the last feeds a multiple
- * of 64 rows (that take part; 128 with precision fp8, whose Wgrad quantizes 128-token tiles),
- * every output, loss, gradient, count and parameter has bitwise the value one session over the
- * union would have, whatever EP and the number of ranks; otherwise they agree to rounding: fp32
- * rounding in fp32 and bf16 (about 2e-7 relative, measured), but in fp8 the quantization's (the
- * Wgrad tiles then straddle ranks and get other scales: gradients measured 2.5 % apart after one
- * step, and parameters 3.5 % after three). Expert tensors (parameter access, gradients) are the
- * rank's shard: experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP. Every call on such a
- * session is collective (forward, backward, step, save, load, metrics resets, ...): all ranks make
- * the same calls in the same order; ranks found in different calls (one in a forward, another in a
- * load) all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on one rank (a wrong
- * size, a NULL buffer, mask or path, a NaN) fails the call on every rank, with that rank's code; as
- * in one process, a refused backward may be retried, while a forward refused on any rank discards
- * the pass waiting for its backward on every rank. A kernel failing on one rank in the middle
- * of a pass (an FP8 quantizer meeting a NaN with check_finite off) fails the call on every rank
- * at its end, without leaving the others waiting: a failed forward is discarded, a failed
- * backward refuses the step until moert_session_zero_grad() or a load. set_eval and set_config are
- * local: a rank whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes its next
- * forward, backward or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a load in
- * which the ranks read different checkpoints (nothing is loaded). A rank that dies makes the others
- * fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0 writes the file
- * one session over the union would write (every expert, the same bytes), and any world size, one
- * process included, resumes it (moert_session_save(), moert_session_load()). A CPU session needs an
- * MPI communicator, a CUDA session an NCCL one on its own device (MOERT_ERR_INVALID_ARGUMENT
- * otherwise); an NCCL communicator of one rank runs the same path. CUDA sessions reduce gradients
- * by an all-reduce of each rank's own (rank order), so their gradients agree with one process to
- * fp32 rounding, not bitwise, and their outputs to the GEMMs' rounding (cuBLASLt may choose other
- * algorithms for other row counts); the counts of the routing they compute are the job's exactly,
- * and every rank's bias the same. Not yet verified on a GPU. An Expert Choice layer's experts
- * choose from the job's rows (every rank's router logits are gathered), so its outputs and counts
- * are one session's over the union too; CUDA sessions refuse Expert Choice as they do alone. */
+ * What such sessions do (README.md, "Expert and data parallelism"): each rank feeds its own rows; a
+ * MoE layer sends each token once to every rank that computes one of its experts and sums the
+ * results in expert order; gradients, losses, token counts, MaxVio and the loss-free bias update
+ * are the job's, over the union of the ranks' rows in rank order. When every rank but the last
+ * feeds a multiple of 64 rows (that take part; 128 with precision fp8, whose Wgrad quantizes
+ * 128-token tiles), every output, loss, gradient, count and parameter has bitwise the value one
+ * session over the union would have, whatever EP and the number of ranks; otherwise they agree to
+ * rounding: fp32 rounding in fp32 and bf16 (about 2e-7 relative, measured), but in fp8 the
+ * quantization's (the Wgrad tiles then straddle ranks and get other scales: gradients measured 2.5
+ * % apart after one step, and parameters 3.5 % after three). Expert tensors (parameter access,
+ * gradients) are the rank's shard: experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP.
+ * Every call on such a session is collective (forward, backward, step, save, load, metrics resets,
+ * ...): all ranks make the same calls in the same order; ranks found in different calls (one in a
+ * forward, another in a load) all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on
+ * one rank (a wrong size, a NULL buffer, mask or path, a NaN) fails the call on every rank, with
+ * that rank's code; as in one process, a refused backward may be retried, while a forward refused
+ * on any rank discards the pass waiting for its backward on every rank. A kernel failing on one
+ * rank in the middle of a pass (an FP8 quantizer meeting a NaN with check_finite off) fails the
+ * call on every rank at its end, without leaving the others waiting: a failed forward is discarded,
+ * a failed backward refuses the step until moert_session_zero_grad() or a load. set_eval and
+ * set_config are local: a rank whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes
+ * its next forward, backward or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a
+ * load in which the ranks read different checkpoints (nothing is loaded). A rank that dies makes
+ * the others fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0 writes
+ * the file one session over the union would write (every expert, the same bytes), and any world
+ * size, one process included, resumes it (moert_session_save(), moert_session_load()). A CPU
+ * session needs an MPI communicator, a CUDA session an NCCL one on its own device
+ * (MOERT_ERR_INVALID_ARGUMENT otherwise); an NCCL communicator of one rank runs the same path. CUDA
+ * sessions reduce gradients by an all-reduce of each rank's own (rank order), so their gradients
+ * agree with one process to fp32 rounding, not bitwise, and their outputs to the GEMMs' rounding
+ * (cuBLASLt may choose other algorithms for other row counts); the counts of the routing they
+ * compute are the job's exactly, and every rank's bias the same. Not yet verified on a GPU. An
+ * Expert Choice layer's experts choose from the job's rows (every rank's router logits are
+ * gathered), so its outputs and counts are one session's over the union too; CUDA sessions refuse
+ * Expert Choice as they do alone. */
 MOERT_API moert_status* moert_session_options_set_comm(moert_session_options* options,
                                                        moert_comm* comm, int32_t expert_parallel);
 
@@ -1185,17 +1186,17 @@ MOERT_API moert_status* moert_session_save(const moert_session* session, const c
  * four times the bytes of its parameters and biases (values, gradients, two optimizer moments)
  * plus 1 MiB and 4 KiB per tensor for the description; more is MOERT_ERR_LIMIT (such a file was
  * likely saved from another, larger model: load options only lower these limits). Checkpoints of
- * schema 1.0 (moert 0.1.0), whose digest depended on the writer's compiler, are refused as
- * unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues bit-identically to the run that
- * wrote the checkpoint, given the same knobs: a checkpoint holds state, not settings. The knobs of
- * moert_session_set_config() (lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm,
- * the betas, eps, momentum, sequence_length, ...) are this session's own and stay as set, so a
- * resumed run may change them, and must set them again to continue the same run; only the
- * optimizer is checked (another one is refused). So are the model's settings outside its
- * architecture -- an RMSNorm's eps, a MoE layer's aux_alpha, bias_centering and capacity_factor:
- * the session keeps its own model's, whatever the checkpoint's description holds. The
- * architecture compared is each layer's kind, name, widths, tensor shapes, routing knobs,
- * balancing policy, residual connection and shared experts. The bias update rates and frozen
+ * model schema 1.0 (written by builds before schema 1.1; their digest depended on the writer's
+ * compiler) are refused as unverifiable (MOERT_ERR_INVALID_MODEL). Training then continues
+ * bit-identically to the run that wrote the checkpoint, given the same knobs: a checkpoint holds
+ * state, not settings. The knobs of moert_session_set_config() (lr, min_lr, warmup_steps,
+ * total_steps, weight_decay, clip_norm, the betas, eps, momentum, sequence_length, ...) are this
+ * session's own and stay as set, so a resumed run may change them, and must set them again to
+ * continue the same run; only the optimizer is checked (another one is refused). So are the model's
+ * settings outside its architecture -- an RMSNorm's eps, a MoE layer's aux_alpha, bias_centering
+ * and capacity_factor: the session keeps its own model's, whatever the checkpoint's description
+ * holds. The architecture compared is each layer's kind, name, widths, tensor shapes, routing
+ * knobs, balancing policy, residual connection and shared experts. The bias update rates and frozen
  * flags are balancing state and are restored from the file, replacing any set before the load:
  * set them after it to change them.
  *
