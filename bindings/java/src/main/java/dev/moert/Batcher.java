@@ -115,11 +115,12 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
   /** A batcher over model with options (null: defaults); the model may be closed after. */
   public static Batcher create(Model model, BatcherOptions options) {
     Moert.load();
-    Model.Io io = model.io();
+    Model.Io io = model == null ? null : model.io(); // null: the library refuses it
     SWIGTYPE_p_moert_batcher[] out = new SWIGTYPE_p_moert_batcher[1];
-    try (var m = model.use();
+    try (var m = model == null ? null : model.use();
         var o = options == null ? null : options.use()) {
-      MoertException.check(Capi.moert_batcher_create(m.ptr(), o == null ? null : o.ptr(), out));
+      MoertException.check(
+          Capi.moert_batcher_create(m == null ? null : m.ptr(), o == null ? null : o.ptr(), out));
     }
     return new Batcher(out[0], io);
   }
@@ -216,7 +217,7 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
    *     is closed ({@code MOERT_ERR_INVALID_STATE})
    */
   public CompletableFuture<Result> submitTokens(int[] tokens, int rows) {
-    return submitTokens(IntBuffer.wrap(tokens), rows);
+    return submitTokens(Buffers.wrap(tokens), rows);
   }
 
   /**
@@ -238,7 +239,7 @@ public final class Batcher extends NativeHandle<SWIGTYPE_p_moert_batcher> {
    * values; a model taking hidden states): answers equal {@link #forwardHidden(float[], int)}'s.
    */
   public CompletableFuture<Result> submitHidden(float[] in, int rows) {
-    return submitHidden(FloatBuffer.wrap(in), rows);
+    return submitHidden(Buffers.wrap(in), rows);
   }
 
   /**

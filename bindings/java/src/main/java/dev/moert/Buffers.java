@@ -27,7 +27,19 @@ final class Buffers {
     return b.hasArray() || (b.isDirect() && order == ByteOrder.nativeOrder());
   }
 
+  /** A caller's array as a buffer; null stays null, for the library to refuse (on every rank). */
+  static FloatBuffer wrap(float[] a) {
+    return a == null ? null : FloatBuffer.wrap(a);
+  }
+
+  static IntBuffer wrap(int[] a) {
+    return a == null ? null : IntBuffer.wrap(a);
+  }
+
   static FloatBuffer in(FloatBuffer b) {
+    if (b == null) {
+      return null;
+    }
     if (inPlace(b, b.order())) {
       return b.slice();
     }
@@ -37,6 +49,9 @@ final class Buffers {
   }
 
   static IntBuffer in(IntBuffer b) {
+    if (b == null) {
+      return null;
+    }
     if (inPlace(b, b.order())) {
       return b.slice();
     }
@@ -46,6 +61,9 @@ final class Buffers {
   }
 
   static ByteBuffer in(ByteBuffer b) {
+    if (b == null) {
+      return null;
+    }
     if (b.hasArray() || b.isDirect()) {
       return b.slice();
     }
@@ -61,6 +79,12 @@ final class Buffers {
     final FloatBuffer buffer;
 
     FloatOut(FloatBuffer target) {
+      if (target == null) { // the library refuses it (on every rank)
+        this.target = null;
+        this.staged = false;
+        this.buffer = null;
+        return;
+      }
       if (target.isReadOnly()) {
         throw new ReadOnlyBufferException();
       }

@@ -41,18 +41,21 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
   /** A session over model with options (null: the defaults); the model may be closed after. */
   public static Session create(Model model, SessionOptions options) {
     Moert.load();
-    Model.Io io = model.io();
+    // A null model goes to the library, which refuses it after meeting the job's other ranks
+    // when the options carry a communicator.
+    Model.Io io = model == null ? null : model.io();
     Map<Integer, Integer> experts = new HashMap<>();
-    for (Model.Layer layer : model.layers()) {
+    for (Model.Layer layer : model == null ? new Model.Layer[0] : model.layers()) {
       if (layer.kind() == CapiConstants.MOERT_LAYER_MOE) {
         experts.put(
             layer.index(), (int) model.moeInt(layer.index(), CapiConstants.MOERT_MOE_NUM_EXPERTS));
       }
     }
     SWIGTYPE_p_moert_session[] out = new SWIGTYPE_p_moert_session[1];
-    try (var m = model.use();
+    try (var m = model == null ? null : model.use();
         var o = options == null ? null : options.use()) {
-      MoertException.check(Capi.moert_session_create(m.ptr(), o == null ? null : o.ptr(), out));
+      MoertException.check(
+          Capi.moert_session_create(m == null ? null : m.ptr(), o == null ? null : o.ptr(), out));
     }
     return new Session(out[0], io, experts);
   }
@@ -233,7 +236,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
    * target is not {@code CapiConstants.MOERT_IGNORE_TARGET}.
    */
   public double backwardLoss(int[] targets) {
-    return backwardLoss(IntBuffer.wrap(targets));
+    return backwardLoss(Buffers.wrap(targets));
   }
 
   /** As {@link #backwardLoss(int[])}, from a buffer. */
@@ -252,7 +255,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
    * models only).
    */
   public double backward(float[] gradOut, float[] gradIn) {
-    return backward(FloatBuffer.wrap(gradOut), gradIn == null ? null : FloatBuffer.wrap(gradIn));
+    return backward(Buffers.wrap(gradOut), Buffers.wrap(gradIn));
   }
 
   /** As {@link #backward(float[], float[])}, with buffers. */
@@ -361,7 +364,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
   /** A copy of parameter `name` (row-major). */
   public float[] getParameter(String name) {
     float[] out = new float[numel(name)];
-    getParameter(name, FloatBuffer.wrap(out));
+    getParameter(name, Buffers.wrap(out));
     return out;
   }
 
@@ -376,7 +379,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** Writes parameter `name`; NaN or infinity is refused (MOERT_ERR_NUMERIC). */
   public void setParameter(String name, float[] values) {
-    setParameter(name, FloatBuffer.wrap(values));
+    setParameter(name, Buffers.wrap(values));
   }
 
   /** As {@link #setParameter(String, float[])}, from a buffer. */
@@ -390,7 +393,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
   /** A copy of the accumulated gradient of parameter `name`. */
   public float[] getGradient(String name) {
     float[] out = new float[numel(name)];
-    getGradient(name, FloatBuffer.wrap(out));
+    getGradient(name, Buffers.wrap(out));
     return out;
   }
 
@@ -405,7 +408,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** Writes the accumulated gradient of parameter `name`. */
   public void setGradient(String name, float[] values) {
-    setGradient(name, FloatBuffer.wrap(values));
+    setGradient(name, Buffers.wrap(values));
   }
 
   /** As {@link #setGradient(String, float[])}, from a buffer. */
@@ -429,7 +432,7 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
   public void setExpertBias(int layer, float[] bias) {
     long index = checkUint32("layer", layer);
     try (Use u = use()) {
-      MoertException.check(Capi.moert_session_set_expert_bias(u.ptr(), index, FloatBuffer.wrap(bias)));
+      MoertException.check(Capi.moert_session_set_expert_bias(u.ptr(), index, Buffers.wrap(bias)));
     }
   }
 
@@ -475,6 +478,9 @@ public final class Session extends NativeHandle<SWIGTYPE_p_moert_session> {
 
   /** One byte per row: 1 for a row that takes part, 0 for padding. */
   private static ByteBuffer mask(boolean[] rows) {
+    if (rows == null) {
+      return null; // the library refuses it (on every rank)
+    }
     byte[] bytes = new byte[rows.length];
     for (int i = 0; i < rows.length; i++) {
       bytes[i] = (byte) (rows[i] ? 1 : 0);

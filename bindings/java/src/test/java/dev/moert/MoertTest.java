@@ -275,6 +275,21 @@ class MoertTest {
       // Arguments the library would refuse are MoertExceptions too, whatever the binding sees.
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.save("a\0b"));
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> Model.fromBytes(null, null));
+      // Every null argument reaches the library, which refuses it (on every rank of a job, where
+      // a NullPointerException on one would leave the others waiting in the collective).
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> Session.create(null, null));
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> Batcher.create(null, null));
+      expectCode(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.forwardTokensMasked(ids, null, 8));
+      expectCode(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+          () -> s.forwardTokens((IntBuffer) null, 8, FloatBuffer.allocate(8 * 64)));
+      expectCode(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT,
+          () -> s.forwardTokens(IntBuffer.wrap(ids), 8, (FloatBuffer) null));
+      expectCode(
+          CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.setParameter("head.weight", (float[]) null));
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.setExpertBias(2, null));
     }
     try (SessionOptions o = SessionOptions.create()) {
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> o.threads(0));
