@@ -3,7 +3,6 @@
 #include <pthread.h>
 
 #include <atomic>
-#include <mutex>
 
 #include "core/error.h"
 
@@ -19,16 +18,14 @@ void count_fork_in_child() { generation.fetch_add(1, std::memory_order_relaxed);
 uint64_t fork_generation() {
   // glibc drops the handler when the library is unloaded (it is registered with the library's
   // __dso_handle), so a later fork never calls into unmapped code. A failed registration (out of
-  // memory) is tried again by the next call rather than remembered.
+  // memory) is tried again by the next call rather than remembered. No lock: one held by another
+  // thread at a fork would stay held in the child; threads racing through the first call may
+  // register more than once, which only makes a child's count grow by more than one.
   static std::atomic<bool> installed{false};
-  static std::mutex installing;
   if (!installed.load(std::memory_order_acquire)) {
-    const std::lock_guard<std::mutex> lock(installing);
-    if (!installed.load(std::memory_order_relaxed)) {
-      if (pthread_atfork(nullptr, nullptr, &count_fork_in_child) != 0)
-        fail(Code::OutOfMemory, "cannot register moert's fork handler (pthread_atfork failed)");
-      installed.store(true, std::memory_order_release);
-    }
+    if (pthread_atfork(nullptr, nullptr, &count_fork_in_child) != 0)
+      fail(Code::OutOfMemory, "cannot register moert's fork handler (pthread_atfork failed)");
+    installed.store(true, std::memory_order_release);
   }
   return generation.load(std::memory_order_relaxed);
 }

@@ -8,8 +8,8 @@
 
 namespace moert::capi {
 
-// 0 in the process that first asked, one more in each child of fork() after that (a
-// pthread_atfork handler installed by the first call). Thread-safe.
+// 0 in the process that first asked, more in each child of fork() after that (a pthread_atfork
+// handler installed by the first call). Thread-safe.
 uint64_t fork_generation();
 
 // Throws Error(InvalidState) when a handle of kind `what` ("session", "batcher") made at

@@ -61,6 +61,9 @@ public final class BatcherOptions extends NativeHandle<SWIGTYPE_p_moert_batcher_
    * rows than the cap waits for more after the oldest queued request arrived.
    */
   public BatcherOptions maxWait(Duration wait) {
+    if (wait == null) {
+      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "max wait is null");
+    }
     if (wait.isNegative()) {
       throw new MoertException(
           CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "max wait " + wait + " is negative");
@@ -74,8 +77,10 @@ public final class BatcherOptions extends NativeHandle<SWIGTYPE_p_moert_batcher_
 
   /** The options every pool session is created with (copied); training mode is refused. */
   public BatcherOptions sessionOptions(SessionOptions options) {
-    try (Use u = use(); var o = options.use()) {
-      MoertException.check(Capi.moert_batcher_options_set_session_options(u.ptr(), o.ptr()));
+    try (Use u = use();
+        var o = options == null ? null : options.use()) {
+      MoertException.check(
+          Capi.moert_batcher_options_set_session_options(u.ptr(), o == null ? null : o.ptr()));
     }
     return this;
   }

@@ -73,8 +73,7 @@ public final class Communicator extends NativeHandle<SWIGTYPE_p_moert_comm> {
   /** Rank {@code rank} of an NCCL communicator of {@code size} ranks on CUDA device {@code device}. */
   public static Communicator nccl(byte[] id, int rank, int size, int device) {
     Moert.load();
-    ByteBuffer in = ByteBuffer.allocateDirect(id.length);
-    in.put(id);
+    ByteBuffer in = direct(id);
     SWIGTYPE_p_moert_comm[] out = new SWIGTYPE_p_moert_comm[1];
     MoertException.check(Capi.moert_comm_create_nccl(in, rank, size, device, out));
     return new Communicator(out[0]);
@@ -87,12 +86,21 @@ public final class Communicator extends NativeHandle<SWIGTYPE_p_moert_comm> {
   public static Communicator ncclWithTimeout(
       byte[] id, int rank, int size, int device, double seconds) {
     Moert.load();
-    ByteBuffer in = ByteBuffer.allocateDirect(id.length);
-    in.put(id);
+    ByteBuffer in = direct(id);
     SWIGTYPE_p_moert_comm[] out = new SWIGTYPE_p_moert_comm[1];
     MoertException.check(
         Capi.moert_comm_create_nccl_with_timeout(in, rank, size, device, seconds, out));
     return new Communicator(out[0]);
+  }
+
+  /** The id as a direct buffer; null stays null, for the library to refuse on every rank. */
+  private static ByteBuffer direct(byte[] id) {
+    if (id == null) {
+      return null;
+    }
+    ByteBuffer in = ByteBuffer.allocateDirect(id.length);
+    in.put(id);
+    return in;
   }
 
   /** This process's rank in [0, size()). */
@@ -141,10 +149,16 @@ public final class Communicator extends NativeHandle<SWIGTYPE_p_moert_comm> {
    * the call succeeds.
    */
   public void allReduceSum(double[] data) {
-    // A copy, so that a failed collective leaves the caller's values as they were.
-    DoubleBuffer staged = DoubleBuffer.wrap(data.clone());
+    // A copy, so that a failed collective leaves the caller's values as they were. Null still
+    // meets the other ranks, as an empty array: their lengths then differ and every rank fails,
+    // rather than the others waiting for this one; where every rank passed null or nothing, the
+    // null is refused afterwards.
+    DoubleBuffer staged = DoubleBuffer.wrap(data == null ? new double[0] : data.clone());
     try (Use u = use()) {
       MoertException.check(Capi.moert_comm_all_reduce_sum(u.ptr(), staged));
+    }
+    if (data == null) {
+      throw new MoertException(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, "data is null");
     }
     staged.get(data);
   }

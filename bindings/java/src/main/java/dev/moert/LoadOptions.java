@@ -77,7 +77,8 @@ public final class LoadOptions extends NativeHandle<SWIGTYPE_p_moert_load_option
     SWIGTYPE_p_moert_model[] out = new SWIGTYPE_p_moert_model[1];
     try (Use u = use()) {
       MoertException.check(
-          Capi.moert_model_load_buffer_with_options(data.slice(), externalDir, u.ptr(), out));
+          Capi.moert_model_load_buffer_with_options(
+              data == null ? null : data.slice(), externalDir, u.ptr(), out));
     }
     return new Model(out[0]);
   }
@@ -87,9 +88,11 @@ public final class LoadOptions extends NativeHandle<SWIGTYPE_p_moert_load_option
    * architecture can hold).
    */
   public void loadCheckpoint(Session session, String path) {
-    try (var s = session.use();
+    // A null session goes to the library, which refuses it.
+    try (var s = session == null ? null : session.use();
         Use u = use()) {
-      MoertException.check(Capi.moert_session_load_with_options(s.ptr(), path, u.ptr()));
+      MoertException.check(
+          Capi.moert_session_load_with_options(s == null ? null : s.ptr(), path, u.ptr()));
     }
   }
 }

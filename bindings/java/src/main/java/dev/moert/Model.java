@@ -61,7 +61,7 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
    *     MOERT_ERR_IO when the file cannot be read
    */
   public static Model load(Path path) {
-    return load(path.toString());
+    return load(path == null ? null : path.toString());
   }
 
   /** As {@link #load(Path)}. */

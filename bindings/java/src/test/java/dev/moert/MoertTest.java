@@ -290,6 +290,15 @@ class MoertTest {
       expectCode(
           CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.setParameter("head.weight", (float[]) null));
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> s.setExpertBias(2, null));
+      expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> Model.load((java.nio.file.Path) null));
+      try (LoadOptions lo = LoadOptions.create();
+          BatcherOptions bo = BatcherOptions.create()) {
+        expectCode(
+            CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> lo.loadModel((ByteBuffer) null, null));
+        expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> lo.loadCheckpoint(null, "x"));
+        expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> bo.maxWait(null));
+        expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> bo.sessionOptions(null));
+      }
     }
     try (SessionOptions o = SessionOptions.create()) {
       expectCode(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, () -> o.threads(0));
