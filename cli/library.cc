@@ -218,7 +218,7 @@ Job join_job(int64_t expert_parallel, int32_t device, double comm_timeout,
     job.fail_together(
         cat("--expert-parallel ", expert_parallel, " does not divide the job's ", job.size,
             " process", job.size == 1 ? "" : "es",
-            job.size == 1 ? ": start the job with mpirun -np N (N a multiple of EP)" : ""),
+            job.size == 1 ? ": run a job of N processes (mpirun -np N, N a multiple of EP)" : ""),
         2);
   job.expert_parallel = static_cast<int32_t>(expert_parallel);
   if (device == MOERT_DEVICE_CUDA) {

@@ -47,6 +47,11 @@ int run(int argc, char** argv) {
   const std::string name = argv[1];
   // 'moert help COMMAND' is 'moert COMMAND --help'.
   if (name == "help" && argc == 3) {
+    const std::string what = argv[2];
+    if (what == "help" || what == "-h" || what == "--help") {
+      print_overview(stdout);
+      return 0;
+    }
     for (const Command& c : kCommands)
       if (c.spec.name == argv[2]) {
         std::fputs(moert_cli::help_text(c.spec).c_str(), stdout);

@@ -102,6 +102,8 @@ TEST(Cli, HelpEverywhere) {
     EXPECT_EQ(run(std::string(cmd) + " -h", dir).out, r.out) << cmd;
   }
   expect_one_line_error_top(run("help nope", dir), "unknown command 'nope'");
+  for (const char* about_help : {"help help", "help -h", "help --help"})
+    EXPECT_EQ(run(about_help, dir).out, top.out) << about_help;
   expect_one_line_error_top(run("help train extra", dir), "(got 'extra')");
   expect_one_line_error_top(run("--version now", dir), "'--version' takes no arguments");
   // --help wins over missing or extra arguments.
@@ -394,7 +396,7 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
                         "option '--steps' needs a value (N), got the option '--lr'");
   // Outside mpirun, --expert-parallel says how to start a job.
   expect_one_line_error(run("train --steps 1 --expert-parallel 2", dir), 2, "train",
-                        "start the job with mpirun -np N");
+                        "run a job of N processes (mpirun -np N");
   expect_one_line_error(run("train --balancing none,bogus", dir), 2, "train", "bogus");
   expect_one_line_error(run("train --corpus /no/such/dir --steps 1", dir), 1, "train",
                         "/no/such/dir");
