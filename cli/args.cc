@@ -65,7 +65,12 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
     } else {
       if (i + 1 >= argc) usage_fail("option '--", name, "' needs a value (", flag->value_name, ")");
       const std::string next = argv[i + 1];
-      if (next.size() > 2 && next.compare(0, 2, "--") == 0)
+      if (next == "--help") {  // help wins, wherever it stands
+        help_ = true;
+        ++i;
+        continue;
+      }
+      if (next.compare(0, 2, "--") == 0)
         usage_fail("option '--", name, "' needs a value (", flag->value_name, "), got the option '",
                    next, "' (a value that starts with -- is written --", name, "=VALUE)");
       values_[name] = argv[++i];

@@ -80,6 +80,12 @@ class Fork : public testing::Test {
 };
 
 TEST_F(Fork, InheritedSessionsAndBatchersAreRefusedAndFreedWithoutWaiting) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // GCC 12's sanitizer allocators are not fork-safe: a child forked while the parent's other
+  // thread allocates waits for good on the allocator's lock (gdb: SizeClassAllocator64::
+  // GetFromAllocator under dnnl_sgemm), whatever moert does.
+  GTEST_SKIP() << "the sanitizer runtime's allocator does not survive fork() with threads";
+#endif
   SessionPtr session = make_session(model_.get(), 2);
   ASSERT_TRUE(session);
   moert_batcher* raw = nullptr;

@@ -394,9 +394,6 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   // A value forgotten before the next option: named as such, not taken as the value.
   expect_one_line_error(run("train --steps --lr 1", dir), 2, "train",
                         "option '--steps' needs a value (N), got the option '--lr'");
-  // Outside mpirun, --expert-parallel says how to start a job.
-  expect_one_line_error(run("train --steps 1 --expert-parallel 2", dir), 2, "train",
-                        "run a job of N processes (mpirun -np N");
   expect_one_line_error(run("train --balancing none,bogus", dir), 2, "train", "bogus");
   expect_one_line_error(run("train --corpus /no/such/dir --steps 1", dir), 1, "train",
                         "/no/such/dir");
@@ -428,6 +425,9 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   expect_one_line_error(run("train --steps 1 --csv=", dir), 2, "train",
                         "'--csv' needs a FILE, got an empty value");
   EXPECT_EQ(run("train --save '' --help", dir).code, 0);  // --help wins, as everywhere
+  EXPECT_EQ(run("train --steps --help", dir).code, 0);    // even where a value was due
+  expect_one_line_error(run("convert --quantize -- a.moert b.moert", dir), 2, "convert",
+                        "option '--quantize' needs a value");
   expect_one_line_error(run("train ''", dir), 2, "train", "expected [--corpus PATH]");
   EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 3);  // dense.json and std{out,err}.txt
   // An output that is a symbolic link would be replaced by a file, the link lost: refused.

@@ -86,6 +86,12 @@ execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 2 ${MO
 if(rc EQUAL 0 OR NOT err MATCHES "--expert-parallel")
   message(FATAL_ERROR "mpirun without --expert-parallel: ${rc}\n${err}")
 endif()
+# --expert-parallel in one process (MPI initialised as a singleton): says how to start a job.
+execute_process(COMMAND ${MOERT} ${args} --expert-parallel 2
+                OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
+if(NOT rc EQUAL 2 OR NOT err MATCHES "run a job of N processes \\(mpirun -np N")
+  message(FATAL_ERROR "--expert-parallel 2 in one process: ${rc}\n${err}")
+endif()
 # Ranks started with different command lines (MPMD: another --batch on rank 1) would train
 # another job than rank 0 reports: refused on every rank.
 execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 1 ${MOERT} ${args}
