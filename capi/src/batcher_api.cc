@@ -24,6 +24,16 @@ struct moert_batcher {
   uint64_t fork_generation = moert::capi::fork_generation();  // see fork_generation.h
 };
 
+namespace {
+
+// The NULL check and the fork check (fork_generation.h) every call on a batcher starts with.
+void usable(const moert_batcher* batcher) {
+  require(batcher, "batcher");
+  moert::capi::require_made_here(batcher->fork_generation, "batcher");
+}
+
+}  // namespace
+
 extern "C" {
 
 moert_status* moert_batcher_options_create(moert_batcher_options** out) {
@@ -122,8 +132,7 @@ moert_status* moert_batcher_forward_tokens(moert_batcher* batcher, const int32_t
                                            uint64_t num_tokens, uint64_t rows, float* out,
                                            uint64_t out_len, int64_t* stats, uint64_t stats_len) {
   return guarded([&] {
-    require(batcher, "batcher");
-    moert::capi::require_made_here(batcher->fork_generation, "batcher");
+    usable(batcher);
     batcher->batcher->forward_tokens(tokens, num_tokens, rows, out, out_len, stats, stats_len);
   });
 }
@@ -132,8 +141,7 @@ moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, const float* 
                                            uint64_t rows, float* out, uint64_t out_len,
                                            int64_t* stats, uint64_t stats_len) {
   return guarded([&] {
-    require(batcher, "batcher");
-    moert::capi::require_made_here(batcher->fork_generation, "batcher");
+    usable(batcher);
     batcher->batcher->forward_hidden(in, in_len, rows, out, out_len, stats, stats_len);
   });
 }
@@ -159,8 +167,7 @@ moert_status* moert_batcher_submit_tokens(moert_batcher* batcher, const int32_t*
                                           uint64_t num_tokens, uint64_t rows,
                                           moert_batcher_callback done, void* user_data) {
   return guarded([&] {
-    require(batcher, "batcher");
-    moert::capi::require_made_here(batcher->fork_generation, "batcher");
+    usable(batcher);
     batcher->batcher->submit_tokens(tokens, num_tokens, rows,
                                     done ? c_callback(done, user_data) : moert::BatcherCallback{});
   });
@@ -170,8 +177,7 @@ moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, const float* i
                                           uint64_t rows, moert_batcher_callback done,
                                           void* user_data) {
   return guarded([&] {
-    require(batcher, "batcher");
-    moert::capi::require_made_here(batcher->fork_generation, "batcher");
+    usable(batcher);
     batcher->batcher->submit_hidden(in, in_len, rows,
                                     done ? c_callback(done, user_data) : moert::BatcherCallback{});
   });
@@ -180,8 +186,7 @@ moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, const float* i
 moert_status* moert_batcher_counters(const moert_batcher* batcher, int64_t* counters,
                                      uint64_t len) {
   return guarded([&] {
-    require(batcher, "batcher");
-    moert::capi::require_made_here(batcher->fork_generation, "batcher");
+    usable(batcher);
     require(counters, "counters");
     batcher->batcher->counters(counters, len);
   });

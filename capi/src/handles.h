@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 
 #include "capi/src/fork_generation.h"
 #include "capi/src/status.h"
@@ -25,3 +26,20 @@ struct moert_session {
 struct moert_comm {
   std::shared_ptr<moert::Communicator> comm;
 };
+
+namespace moert::capi {
+
+// Runs body(session) under the session's lock, on its device, after the NULL check and the
+// fork check (fork_generation.h): every entry point that takes a session goes through here.
+template <typename S, typename F>
+moert_status* locked(S* session, F&& body) {
+  return guarded([&] {
+    require(session, "session");
+    require_made_here(session->fork_generation, "session");
+    std::lock_guard<std::mutex> lock(session->session->mutex());
+    const auto device = session->session->use_device();
+    body(*session->session);
+  });
+}
+
+}  // namespace moert::capi

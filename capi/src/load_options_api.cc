@@ -80,14 +80,9 @@ moert_status* moert_model_load_buffer_with_options(const void* data, size_t size
 
 moert_status* moert_session_load_with_options(moert_session* session, const char* path,
                                               const moert_load_options* options) {
-  return guarded([&] {
-    require(session, "session");
-    moert::capi::require_made_here(session->fork_generation, "session");
-    std::lock_guard<std::mutex> lock(session->session->mutex());
-    const auto device = session->session->use_device();
+  return moert::capi::locked(session, [&](moert::Session& s) {
     // A null path is refused by the session, inside its agreement among ranks.
-    session->session->load(path ? path : "", options ? &options->options : nullptr,
-                           path != nullptr);
+    s.load(path ? path : "", options ? &options->options : nullptr, path != nullptr);
   });
 }
 

@@ -9,6 +9,7 @@
 using moert::Code;
 using moert::fail;
 using moert::capi::guarded;
+using moert::capi::locked;
 using moert::capi::require;
 
 namespace {
@@ -18,18 +19,6 @@ moert::CountScope scope_of(int32_t scope) {
     fail(Code::InvalidArgument, "count scope ", scope,
          " is not MOERT_COUNTS_LAST, MOERT_COUNTS_STEP or MOERT_COUNTS_EVAL");
   return static_cast<moert::CountScope>(scope);
-}
-
-// Runs body(session) under the session's lock, after the NULL check.
-template <typename S, typename F>
-moert_status* locked(S* session, F&& body) {
-  return guarded([&] {
-    require(session, "session");
-    moert::capi::require_made_here(session->fork_generation, "session");
-    std::lock_guard<std::mutex> lock(session->session->mutex());
-    const auto device = session->session->use_device();
-    body(*session->session);
-  });
 }
 
 }  // namespace
