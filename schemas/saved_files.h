@@ -134,6 +134,40 @@ inline bool may_be_json(std::string_view head, bool cut) {
   return cut;
 }
 
+// Appends `raw` to `text` with JSON's \uXXXX escapes of ASCII characters decoded (an escaped
+// backslash stays two characters, so "\\u0030" is not read as a digit). Returns how many bytes
+// of `raw` it consumed: all when `last`, else all but an escape that may continue in the next
+// read.
+inline size_t decode_json_ascii_escapes(std::string_view raw, bool last, std::string& text) {
+  const auto hex = [](char c) {
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+  };
+  size_t i = 0;
+  for (; i < raw.size(); ++i) {
+    if (raw[i] != '\\') {
+      text += raw[i];
+      continue;
+    }
+    if (i + 6 > raw.size() && !last) break;
+    if (i + 1 < raw.size() && raw[i + 1] == 'u' && i + 6 <= raw.size()) {
+      int code = 0;
+      for (size_t k = 2; k < 6 && code >= 0; ++k)
+        code = hex(raw[i + k]) < 0 ? -1 : code * 16 + hex(raw[i + k]);
+      if (code >= 0 && code < 0x80) {
+        text += static_cast<char>(code);
+        i += 5;
+        continue;
+      }
+    }
+    text += raw[i];
+    if (i + 1 < raw.size()) text += raw[++i];
+  }
+  return i;
+}
+
 // The 'external_data' string of the binary model description in `fd` (`size` bytes), read field
 // by field with bounds checks (the FlatBuffers layout: root offset, table, vtable, string), so that
 // a description of any size costs a few small reads. nullopt when the bytes do not hold it
@@ -256,20 +290,22 @@ inline void remove_unnamed_data_files(const std::filesystem::path& dir, const st
       const bool cut = head < st.st_size;
       if (!may_be_json({buffer.data(), static_cast<size_t>(head)}, cut)) continue;
       // JSON: every candidate whose digest the text holds, read 64 KiB at a time (with an
-      // overlap of a digest's length, so that none is split between two reads).
+      // overlap of a digest's length, so that none is split between two reads). The text is
+      // matched as JSON reads it: any character may be spelled \uXXXX, a digit of the digest too.
       constexpr size_t kDigest = 16;
-      std::string carry;
+      std::string raw, text;
       for (off_t at = 0;;) {
         const ssize_t r = ::pread(f.fd, buffer.data(), buffer.size(), at);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) return;
-        if (r == 0) break;
         at += r;
-        carry.append(buffer.data(), static_cast<size_t>(r));
+        raw.append(buffer.data(), static_cast<size_t>(r));
+        raw.erase(0, decode_json_ascii_escapes(raw, r == 0, text));
         for (const std::string& c : candidates)
-          if (carry.find(std::string_view(c).substr(file.size() + 1, kDigest)) != std::string::npos)
+          if (text.find(std::string_view(c).substr(file.size() + 1, kDigest)) != std::string::npos)
             digests_held.insert(c);
-        carry.erase(0, carry.size() > kDigest ? carry.size() - kDigest : 0);
+        text.erase(0, text.size() > kDigest ? text.size() - kDigest : 0);
+        if (r == 0) break;
       }
     }
     // Removed only once looked at and named by nothing.

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -100,6 +101,40 @@ TEST_F(SavedFiles, AJsonDescriptionNamingItInAnySpellingKeepsIt) {
     save_again();
     EXPECT_TRUE(old_data_kept());
   }
+}
+
+// The digest's own digits may be escaped too, and an escape may straddle two 64 KiB reads.
+TEST_F(SavedFiles, AJsonDescriptionSpellingTheDigestWithEscapesKeepsIt) {
+  std::string all_escaped;
+  for (char c : old_data_) {
+    char code[8];
+    std::snprintf(code, sizeof code, "\\u%04X", static_cast<unsigned>(c));
+    all_escaped += code;
+  }
+  const std::string prefix = "{\"external_data\": \"";
+  for (size_t pad : {size_t{0}, size_t{1}, size_t{3}, size_t{5}}) {
+    // The first escape's backslash `pad` bytes before the end of the first read.
+    const std::string text = "//" + std::string((64 << 10) - 3 - prefix.size() - pad, ' ') + "\n" +
+                             prefix + all_escaped + "\"}";
+    SCOPED_TRACE(pad);
+    SetUp();
+    std::ofstream(dir_ / "m.json") << text;
+    save_again();
+    EXPECT_TRUE(old_data_kept());
+  }
+}
+
+TEST(JsonEscapes, AsciiEscapesAreDecodedAndAnEscapedBackslashIsNot) {
+  std::string text;
+  EXPECT_EQ(format::decode_json_ascii_escapes("a\\u0031\\\\u0032\\u00e9", true, text), 20u);
+  EXPECT_EQ(text, "a1\\\\u0032\\u00e9");
+  text.clear();
+  // An escape cut by the end of a read waits for the rest.
+  EXPECT_EQ(format::decode_json_ascii_escapes("ab\\u00", false, text), 2u);
+  EXPECT_EQ(text, "ab");
+  text.clear();
+  EXPECT_EQ(format::decode_json_ascii_escapes("\\u003", true, text), 5u);
+  EXPECT_EQ(text, "\\u003");
 }
 
 TEST_F(SavedFiles, JsonIsKnownPastMarksBlanksAndComments) {
