@@ -506,6 +506,17 @@ int run_train(const Args& args) {
       static_cast<unsigned long long>(st.seed), st.threads, st.threads == 1 ? "" : "s",
       st.precision == "fp8" && st.fp8_scales == "ue8m0" ? "fp8 (ue8m0 scales)"
                                                         : st.precision.c_str());
+  // Settings that run but are rarely meant: said in the report, which keeps stderr for errors.
+  if (st.lr == 0)
+    std::printf(
+        "note: --lr 0 leaves every weight as initialised (a loss-free bias still moves "
+        "with the counts)\n\n");
+  else if (st.warmup >= st.steps)
+    std::printf(
+        "note: --warmup %llu is not shorter than --steps %llu: the learning rate rises "
+        "for the whole run (to --lr %g at most at its last step) and never decays\n\n",
+        static_cast<unsigned long long>(st.warmup), static_cast<unsigned long long>(st.steps),
+        st.lr);
   std::fflush(stdout);
 
   std::vector<RunResult> runs;

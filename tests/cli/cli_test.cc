@@ -777,6 +777,28 @@ TEST_P(CliLowPrecision, TrainPrintsGemmAccuracyOnTrainedOperands) {
 
 INSTANTIATE_TEST_SUITE_P(Precisions, CliLowPrecision, ::testing::Values("bf16", "fp8"));
 
+// Settings that run but are rarely meant are said in the report (stderr stays for errors), and
+// the run goes on; the usual ones say nothing.
+TEST(Cli, TrainNotesAZeroLearningRateAndAWarmUpAsLongAsTheRun) {
+  const fs::path dir = workdir("train_notes");
+  const std::string tiny = std::string("train --corpus ") + MOERT_TINY_CORPUS +
+                           " --steps 4 --batch 16 --context 4 --embed-dim 8 --blocks 1"
+                           " --experts 4 --top-k 2 --expert-hidden 8 --shared 0 --threads 1"
+                           " --probe-rows 0 --balancing loss-free";
+  const Result zero = run(tiny + " --lr 0 --warmup 1", dir);
+  ASSERT_EQ(zero.code, 0) << zero.err;
+  EXPECT_NE(zero.out.find("note: --lr 0 leaves every weight as initialised"), std::string::npos)
+      << zero.out;
+  const Result long_warmup = run(tiny + " --warmup 4", dir);
+  ASSERT_EQ(long_warmup.code, 0) << long_warmup.err;
+  EXPECT_NE(long_warmup.out.find("note: --warmup 4 is not shorter than --steps 4"),
+            std::string::npos)
+      << long_warmup.out;
+  const Result usual = run(tiny + " --warmup 3", dir);
+  ASSERT_EQ(usual.code, 0) << usual.err;
+  EXPECT_EQ(usual.out.find("note:"), std::string::npos) << usual.out;
+}
+
 TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
   const fs::path dir = workdir("train");
   const fs::path csv = dir / "steps.csv", save = dir / "models";
