@@ -624,6 +624,13 @@ void Engine::close(const std::shared_ptr<CommState>& comm, double timeout) {
   done_cv_.wait_until(lock, deadline, [&] {
     return state_ == State::Finalised || (comm->released && !may_finalise());
   });
+  // MPI_Finalize returns once every rank has come to it, and ranks end their own work at their
+  // own pace: the collective timeout does not bound that wait. A process that exited without it
+  // would make mpirun end the job, killing the ranks still at work. A dead peer does not hold it
+  // up (Open MPI ends the job, or with --enable-recovery lets finalisation pass it), and after a
+  // timeout moert does not finalise at all.
+  if (comm->released && may_finalise())
+    done_cv_.wait(lock, [&] { return state_ == State::Finalised || !may_finalise(); });
 }
 
 }  // namespace moert::mpi

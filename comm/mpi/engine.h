@@ -192,8 +192,9 @@ class Engine {
                   bool timed_out);
   // The communicator object is gone: its MPI communicators are freed once its operations
   // finished (never when broken), and MPI is finalised after the last one when moert owns it.
-  // Waits (at most `timeout`) until moert makes no more MPI calls for it, and for that
-  // finalisation: a host may call MPI_Finalize, or exit, right after.
+  // Waits (at most `timeout`) until moert makes no more MPI calls for it, then for that
+  // finalisation, however long the other ranks take to come to it: a host may call MPI_Finalize,
+  // or exit, right after.
   void close(const std::shared_ptr<CommState>& comm, double timeout);
 
   // Waiters blocked in wait(): the engine polls without sleeping while there are any.

@@ -7,6 +7,9 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <chrono>
+#include <thread>
+
 #include "core/communicator.h"
 #include "core/error.h"
 
@@ -52,7 +55,19 @@ TEST(MpiLifetime, InitialisedWithTheFirstFinalisedWithTheLast) {
   second->barrier();
   second.reset();
   child->barrier();
-  child.reset();  // the last: MPI_Finalize, waited for
+  // The last: MPI_Finalize, waited for however long the other ranks' own work takes them, past
+  // the communicator's timeout (a rank that exited before its peers came to MPI_Finalize would
+  // make mpirun end the job).
+  child->set_timeout(0.5);
+  if (child->rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(2));
+  const auto freed = std::chrono::steady_clock::now();
+  const int rank = child->rank(), size = child->size();
+  child.reset();
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - freed).count();
+  if (rank == 0 && size > 1) {
+    EXPECT_GT(waited, 1.5) << "rank 0 did not wait for rank 1's MPI_Finalize";
+  }
 
   try {
     make_mpi_communicator(nullptr, options());

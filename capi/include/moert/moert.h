@@ -532,14 +532,17 @@ typedef struct moert_comm moert_comm;
  * MPI_THREAD_MULTIPLE, on its progress thread; Open MPI's own signal handlers are removed again
  * so the host's stay) and finalises it when the last moert communicator is freed -- the last
  * moert_comm_free() or the free of the last session or options holding one -- which waits for
- * MPI_Finalize. MPI cannot be initialised twice in a process: a communicator created after that
- * fails with MOERT_ERR_INVALID_STATE, so a host that creates communicators one after another
- * keeps one alive in between. After a timeout moert does not finalise MPI (MPI_Finalize would
- * wait for a peer that may be dead); the process then exits without it. When the host has
- * initialised MPI itself, it must have asked for MPI_THREAD_MULTIPLE (MOERT_ERR_UNSUPPORTED
- * otherwise, naming the level it got), must use the Open MPI the plugin was built against
- * (another MPI library in the process is refused with MOERT_ERR_UNSUPPORTED), must free every
- * moert communicator before it calls MPI_Finalize, and keeps MPI finalisation to itself.
+ * MPI_Finalize, that is for every rank to free its last one: however long a rank's own work
+ * takes it, not bounded by the communicator's timeout (a rank that died does not hold it up:
+ * Open MPI ends the job, or under --enable-recovery lets finalisation pass it). MPI cannot be
+ * initialised twice in a process: a communicator created after that fails with
+ * MOERT_ERR_INVALID_STATE, so a host that creates communicators one after another keeps one alive
+ * in between. After a timeout moert does not finalise MPI (MPI_Finalize would wait for a peer that
+ * may be dead); the process then exits without it. When the host has initialised MPI itself, it
+ * must have asked for MPI_THREAD_MULTIPLE (MOERT_ERR_UNSUPPORTED otherwise, naming the level it
+ * got), must use the Open MPI the plugin was built against (another MPI library in the process is
+ * refused with MOERT_ERR_UNSUPPORTED), must free every moert communicator before it calls
+ * MPI_Finalize, and keeps MPI finalisation to itself.
  *
  * MOERT_ERR_UNSUPPORTED when the plugin is missing (moert built without Open MPI) or MPI cannot
  * be used as above; MOERT_ERR_COMM when the duplication does not complete within the default
