@@ -5,6 +5,7 @@
 #include "cli/commands.h"
 #include "cli/error.h"
 #include "cli/hf_export.h"
+#include "cli/model_codec.h"
 
 namespace moert_cli {
 
@@ -27,8 +28,9 @@ const CommandSpec kExportSpec = {
     "weight_scale_inv), so import -> export -> import gives the same moert file; a trained\n"
     "checkpoint's fp32 masters are written as fp32 unless --dtype asks otherwise: bf16 rounds\n"
     "to nearest even; fp8 writes the experts as E4M3 in 128x128 blocks with weight_scale_inv\n"
-    "(amax / 448, the rules of moert's FP8 kernels) and the router and norms as bf16, like\n"
-    "DeepSeek-V3's FP8 release. The bias is always fp32.\n"
+    "(amax / 448, the rules of moert's FP8 kernels; experts already in FP8 keep their blocks)\n"
+    "and the router and norms as bf16, like DeepSeek-V3's FP8 release. The bias is always fp32.\n"
+    "MODEL is loaded first, as a session would load it: what the library refuses is not exported.\n"
     "What the family cannot express is refused: a softmax router in deepseek_v3/glm4_moe, a\n"
     "sigmoid one, groups, a scaling factor, shared experts or a bias in qwen3_moe/mixtral.",
     2,
@@ -53,6 +55,11 @@ int run_export(const Args& args) {
   else
     usage_fail("--dtype takes as-stored, fp32, bf16 or fp8, got '", d, "'");
   r.layout = args.str("layout", "");
+  // What the library refuses is not exported: the exporter reads the file's fields as written
+  // (so that import -> export -> import is exact), and a damaged or hand-edited model would
+  // otherwise become a checkpoint that other tools take as it is. Loading checks every field, a
+  // checkpoint's digest included; the model is released before the export reads it again.
+  load_model_file(r.model_path).reset();
   const ExportResult res = export_checkpoint(r);
   std::printf("%s: %u MoE layer%s%s -> %s (%s): %llu tensors, %.1f MiB%s%s\n", r.model_path.c_str(),
               res.moe_layers, res.moe_layers == 1 ? "" : "s",

@@ -496,6 +496,22 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
       1, "export", "no stored values");
   EXPECT_EQ(slurp(dir / "exports" / "theirs" / "file"), "kept");
   EXPECT_FALSE(fs::exists(dir / "exports" / "fresh"));
+  // What the library refuses is not exported: a top-K above the expert count, written past the
+  // check with convert --no-check, is refused by name and nothing is written.
+  std::string edited = slurp(tiny_json);
+  for (size_t at; (at = edited.find("\"top_k\": 2")) != std::string::npos;)
+    edited.replace(at, 10, "\"top_k\": 13");
+  std::ofstream(dir / "bad_top_k.json") << edited;
+  ASSERT_EQ(run("convert " + (dir / "bad_top_k.json").string() + " " +
+                    (dir / "bad_top_k.moert").string() + " --no-check",
+                dir)
+                .code,
+            0);
+  expect_one_line_error(
+      run("export " + (dir / "bad_top_k.moert").string() + " " + (dir / "exports" / "bad").string(),
+          dir),
+      1, "export", "field 'top_k' 13 exceeds num_experts 8");
+  EXPECT_FALSE(fs::exists(dir / "exports" / "bad"));
   // A corpus that never ends is refused when it passes the most a corpus may hold.
   expect_one_line_error(run("train --corpus /dev/zero --steps 1", dir), 1, "train",
                         "/dev/zero: holds more than 256 MiB of text");
