@@ -167,8 +167,8 @@ class Exporter {
   }
 
   ExportResult run() {
-    // Readers take model.safetensors.index.json over model.safetensors, so a single-file
-    // checkpoint already there would silently become a stale second copy.
+    // Readers differ on which of model.safetensors and model.safetensors.index.json they take,
+    // so a single-file checkpoint already there would make the folder ambiguous.
     const fs::path dir(req_.out_dir);
     if (fs::exists(dir / "model.safetensors"))
       fail(req_.out_dir,

@@ -296,6 +296,15 @@ Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
   if (fs::exists(index)) {
     sharded_ = true;
     weight_map_ = parse_safetensors_index(read_text(index.string()), index.string());
+    // Readers differ on which of the two is the checkpoint (transformers takes the single file,
+    // other tools the index): beside an index that does not name it, a model.safetensors is
+    // either stale or the real one, and importing the other would be wrong without a word.
+    bool names_single = false;
+    for (const auto& [name, file] : weight_map_) names_single |= file == "model.safetensors";
+    if (!names_single && fs::exists(fs::symlink_status(fs::path(dir_) / "model.safetensors", ec)))
+      fail(dir_,
+           ": holds both model.safetensors and model.safetensors.index.json (which does not name "
+           "it); readers differ on which is the checkpoint: remove the one that is stale");
   } else if (!fs::exists(fs::path(dir_) / "model.safetensors")) {
     // A link whose target is gone (a cache's blob removed) is there, but leads nowhere.
     for (const fs::path& link : {index, fs::path(dir_) / "model.safetensors"})

@@ -161,6 +161,24 @@ TEST(Safetensors, OpensMappedFilesAndShardedCheckpoints) {
   EXPECT_THROW(ck.get("c"), Error);  // listed, but not in its shard
   EXPECT_EQ(ck.names().size(), 3u);
   EXPECT_THROW(moert_cli::Checkpoint((dir / "absent").string()), Error);
+
+  // A model.safetensors beside an index that does not name it: readers differ on which is the
+  // checkpoint, so neither is taken; an index whose shard it is takes it as one.
+  write("model.safetensors",
+        file_of(R"({"z":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1));
+  try {
+    moert_cli::Checkpoint both(dir.string());
+    ADD_FAILURE() << "a folder with both model.safetensors and an index was imported";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("holds both model.safetensors and "
+                                         "model.safetensors.index.json"),
+              std::string::npos)
+        << e.what();
+  }
+  const std::string naming = R"({"weight_map":{"a":"s1.safetensors","z":"model.safetensors"}})";
+  write("model.safetensors.index.json", {naming.begin(), naming.end()});
+  moert_cli::Checkpoint shard_of_index(dir.string());
+  EXPECT_EQ(shard_of_index.get("z").bytes.size(), 1u);
 }
 
 }  // namespace
