@@ -348,8 +348,8 @@ void Session::require_backward_ready() const {
   if (!pending_backward_)
     fail(Code::InvalidState,
          "backward needs the last forward pass to be a training-mode pass with no backward yet: "
-         "one backward per forward, and an eval-mode pass, zero_grad, a checkpoint load or a "
-         "forward that failed after accepting its arguments since then discards it");
+         "one backward per forward, and an eval-mode pass, a step, zero_grad, a checkpoint load "
+         "or a forward that failed after accepting its arguments since then discards it");
   // The count a checkpoint holds stays below 2^32 - 1, which the loader refuses: one more would
   // wrap to 0, and the step would sum the micro-batches' gradients instead of averaging them.
   if (micro_batches_ >= std::numeric_limits<uint32_t>::max() - 1)
@@ -1037,6 +1037,9 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
   }
   if (!updated) take_back_moments();
   commit_biases(biases);
+  // A forward waiting for its backward is over: its backward would multiply what the forward
+  // kept by the updated weights and biases, a gradient of neither.
+  pending_backward_ = false;
   ++step_;
   if (made) *made = info;
   if (updated) refuse_overflowed_update(info.lr);

@@ -216,6 +216,30 @@ TEST(Faults, AnEvalPassDiscardsThePendingTrainingPass) {
                       MOERT_ERR_INVALID_STATE, {"eval-mode"}));
 }
 
+// A step made between a forward and its backward discards the pass: its backward would multiply
+// what the forward kept by the updated weights (an outside tester measured gradients 10 % off).
+// A refused step leaves it.
+TEST(Faults, AStepDiscardsThePendingTrainingPass) {
+  ModelPtr m = load(two_expert_lossfree());
+  SessionPtr s = session(m.get(), MOERT_MODE_TRAINING);
+  ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+  forward(s.get(), rows_to({0, 1}));
+  const std::vector<float> g(4, 1.0f);
+  ASSERT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+  forward(s.get(), rows_to({1, 0}));
+  ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
+  EXPECT_TRUE(IsError(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr),
+                      MOERT_ERR_INVALID_STATE, {"a step"}));
+
+  ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+  forward(s.get(), rows_to({0, 1}));
+  ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), 1)));
+  EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_INVALID_STATE,
+                      {"eval mode"}));
+  ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), 0)));
+  EXPECT_TRUE(IsOk(moert_session_backward(s.get(), g.data(), g.size(), nullptr, 0, nullptr)));
+}
+
 // A backward that fails after it has begun (here: its input gradient overflows) has accumulated
 // part of its gradient; the step is refused until zero_grad, then training goes on.
 TEST(Faults, ABackwardThatFailsMidwayBlocksTheStepUntilZeroGrad) {

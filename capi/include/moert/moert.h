@@ -988,16 +988,17 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
  * (MOERT_ERR_INVALID_STATE otherwise).
  *
  * Both backward functions use the last forward pass, which must have been a training-mode pass
- * with no backward yet: an eval-mode forward, moert_session_zero_grad(), moert_session_load() or
- * a forward that failed after accepting its arguments (a NaN or infinity in its input or output;
- * among ranks, any refused forward) since then discards it (MOERT_ERR_INVALID_STATE); a forward
- * refused for its arguments (sizes, token ids, the row mask) and moert_session_set_eval() leave
- * it. A backward refused before it
- * starts (wrong sizes, a bad target, a NaN in grad_out) leaves everything as it was and may be
- * retried; one that fails after it has begun (out of memory, an input gradient that overflows)
- * has accumulated part of its gradient, so moert_session_step() refuses the step, with that
- * failure's code, until moert_session_zero_grad() discards it or moert_session_load() replaces the
- * gradients with a checkpoint's. */
+ * with no backward yet: an eval-mode forward, a step made (moert_session_step(): the backward
+ * would multiply what its forward kept by the updated weights), moert_session_zero_grad(),
+ * moert_session_load() or a forward that failed after accepting its arguments (a NaN or infinity in
+ * its input or output; among ranks, any refused forward) since then discards it
+ * (MOERT_ERR_INVALID_STATE); a forward refused for its arguments (sizes, token ids, the row mask)
+ * and moert_session_set_eval() leave it. A backward refused before it starts (wrong sizes, a bad
+ * target, a NaN in grad_out) leaves everything as it was and may be retried; one that fails after
+ * it has begun (out of memory, an input gradient that overflows) has accumulated part of its
+ * gradient, so moert_session_step() refuses the step, with that failure's code, until
+ * moert_session_zero_grad() discards it or moert_session_load() replaces the gradients with a
+ * checkpoint's. */
 MOERT_API moert_status* moert_session_backward_loss(moert_session* session, const int32_t* targets,
                                                     uint64_t num_targets, double* loss);
 
