@@ -134,10 +134,11 @@ inline bool may_be_json(std::string_view head, bool cut) {
   return cut;
 }
 
-// Appends `raw` to `text` with JSON's \uXXXX escapes of ASCII characters decoded (an escaped
-// backslash stays two characters, so "\\u0030" is not read as a digit). Returns how many bytes
-// of `raw` it consumed: all when `last`, else all but an escape that may continue in the next
-// read.
+// Appends `raw` to `text` with the escapes of ASCII characters decoded that the reader of JSON
+// descriptions (FlatBuffers' parser) accepts in a string: JSON's \uXXXX and its own \xHH. An
+// escaped backslash stays two characters, so "\\u0030" is not read as a digit. Returns how many
+// bytes of `raw` it consumed: all when `last`, else all but an escape that may continue in the
+// next read.
 inline size_t decode_json_ascii_escapes(std::string_view raw, bool last, std::string& text) {
   const auto hex = [](char c) {
     return c >= '0' && c <= '9'   ? c - '0'
@@ -152,13 +153,17 @@ inline size_t decode_json_ascii_escapes(std::string_view raw, bool last, std::st
       continue;
     }
     if (i + 6 > raw.size() && !last) break;
-    if (i + 1 < raw.size() && raw[i + 1] == 'u' && i + 6 <= raw.size()) {
+    const size_t digits = i + 1 >= raw.size() ? 0
+                          : raw[i + 1] == 'u' ? 4
+                          : raw[i + 1] == 'x' ? 2
+                                              : 0;
+    if (digits > 0 && i + 2 + digits <= raw.size()) {
       int code = 0;
-      for (size_t k = 2; k < 6 && code >= 0; ++k)
+      for (size_t k = 2; k < 2 + digits && code >= 0; ++k)
         code = hex(raw[i + k]) < 0 ? -1 : code * 16 + hex(raw[i + k]);
       if (code >= 0 && code < 0x80) {
         text += static_cast<char>(code);
-        i += 5;
+        i += 1 + digits;
         continue;
       }
     }

@@ -103,16 +103,18 @@ TEST_F(SavedFiles, AJsonDescriptionNamingItInAnySpellingKeepsIt) {
   }
 }
 
-// The digest's own digits may be escaped too, and an escape may straddle two 64 KiB reads.
+// The digest's own digits may be escaped too (\uXXXX, and FlatBuffers' \xHH), and an escape may
+// straddle two 64 KiB reads.
 TEST_F(SavedFiles, AJsonDescriptionSpellingTheDigestWithEscapesKeepsIt) {
   std::string all_escaped;
-  for (char c : old_data_) {
+  for (size_t i = 0; i < old_data_.size(); ++i) {
     char code[8];
-    std::snprintf(code, sizeof code, "\\u%04X", static_cast<unsigned>(c));
+    std::snprintf(code, sizeof code, i % 2 ? "\\x%02x" : "\\u%04X",
+                  static_cast<unsigned>(old_data_[i]));
     all_escaped += code;
   }
   const std::string prefix = "{\"external_data\": \"";
-  for (size_t pad : {size_t{0}, size_t{1}, size_t{3}, size_t{5}}) {
+  for (size_t pad = 0; pad <= 6; ++pad) {
     // The first escape's backslash `pad` bytes before the end of the first read.
     const std::string text = "//" + std::string((64 << 10) - 3 - prefix.size() - pad, ' ') + "\n" +
                              prefix + all_escaped + "\"}";
@@ -135,6 +137,10 @@ TEST(JsonEscapes, AsciiEscapesAreDecodedAndAnEscapedBackslashIsNot) {
   text.clear();
   EXPECT_EQ(format::decode_json_ascii_escapes("\\u003", true, text), 5u);
   EXPECT_EQ(text, "\\u003");
+  text.clear();
+  // FlatBuffers' parser, which reads JSON descriptions, also takes \xHH.
+  EXPECT_EQ(format::decode_json_ascii_escapes("\\x30\\x3\\x61", true, text), 11u);
+  EXPECT_EQ(text, "0\\x3a");
 }
 
 TEST_F(SavedFiles, JsonIsKnownPastMarksBlanksAndComments) {
