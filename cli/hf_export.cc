@@ -172,8 +172,8 @@ class Exporter {
     const fs::path dir(req_.out_dir);
     if (fs::exists(dir / "model.safetensors"))
       fail(req_.out_dir,
-           " holds a model.safetensors, which the exported index would shadow: "
-           "export to another folder");
+           " holds a model.safetensors: beside the exported index, readers would differ on which "
+           "is the checkpoint; export to another folder");
     collect_layers();
     // No file it writes may be the model it reads (an OUT_DIR holding it as config.json).
     const std::vector<std::string> inputs = model_files(req_.model_path);

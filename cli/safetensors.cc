@@ -301,7 +301,7 @@ Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
     // either stale or the real one, and importing the other would be wrong without a word.
     bool names_single = false;
     for (const auto& [name, file] : weight_map_) names_single |= file == "model.safetensors";
-    if (!names_single && fs::exists(fs::symlink_status(fs::path(dir_) / "model.safetensors", ec)))
+    if (!names_single && fs::exists(fs::path(dir_) / "model.safetensors", ec))
       fail(dir_,
            ": holds both model.safetensors and model.safetensors.index.json (which does not name "
            "it); readers differ on which is the checkpoint: remove the one that is stale");
