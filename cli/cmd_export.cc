@@ -1,6 +1,7 @@
 // `moert export`: MoE layers of a moert model or checkpoint as a Hugging Face checkpoint.
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/error.h"
@@ -11,7 +12,7 @@ namespace moert_cli {
 
 const CommandSpec kExportSpec = {
     "export",
-    "MODEL_OR_CHECKPOINT OUT_DIR [--dtype as-stored|fp32|bf16|fp8] [--layout FAMILY]",
+    "MODEL_OR_CHECKPOINT OUT_DIR [--dtype as-stored|fp32|bf16|fp8] [--layout FAMILY] [--no-check]",
     "write the MoE layers of a model or checkpoint as a Hugging Face checkpoint",
     "Writes OUT_DIR/config.json (model_type and the family's routing knobs), one safetensors\n"
     "shard per MoE layer and model.safetensors.index.json, in the layout of one family:\n"
@@ -30,13 +31,15 @@ const CommandSpec kExportSpec = {
     "to nearest even; fp8 writes the experts as E4M3 in 128x128 blocks with weight_scale_inv\n"
     "(amax / 448, the rules of moert's FP8 kernels; experts already in FP8 keep their blocks)\n"
     "and the router and norms as bf16, like DeepSeek-V3's FP8 release. The bias is always fp32.\n"
-    "MODEL is loaded first, as a session would load it: what the library refuses is not exported.\n"
+    "MODEL is loaded first, as a session would load it: what the library refuses is not exported\n"
+    "(--no-check skips that: for a model larger than memory, or a checkpoint it cannot verify).\n"
     "What the family cannot express is refused: a softmax router in deepseek_v3/glm4_moe, a\n"
     "sigmoid one, groups, a scaling factor, shared experts or a bias in qwen3_moe/mixtral.",
     2,
     2,
     {{"dtype", "NAME", "as-stored, fp32, bf16 or fp8", "as-stored"},
-     {"layout", "FAMILY", "deepseek_v3, kimi_k2, glm4_moe, qwen3_moe or mixtral", ""}},
+     {"layout", "FAMILY", "deepseek_v3, kimi_k2, glm4_moe, qwen3_moe or mixtral", ""},
+     {"no-check", "", "export MODEL without loading it through the library first", ""}},
 };
 
 int run_export(const Args& args) {
@@ -58,8 +61,19 @@ int run_export(const Args& args) {
   // What the library refuses is not exported: the exporter reads the file's fields as written
   // (so that import -> export -> import is exact), and a damaged or hand-edited model would
   // otherwise become a checkpoint that other tools take as it is. Loading checks every field, a
-  // checkpoint's digest included; the model is released before the export reads it again.
-  load_model_file(r.model_path).reset();
+  // checkpoint's digest included; the model is released before the export reads it again. It
+  // holds the weights in memory as a session would (bf16 as fp32), where the export streams
+  // them: --no-check is the way for a model larger than memory, or a checkpoint this version
+  // cannot verify.
+  if (!args.has("no-check")) {
+    std::vector<uint8_t> bytes = read_file(r.model_path);
+    if (!is_binary_model(bytes)) bytes = json_to_binary({bytes.begin(), bytes.end()}, r.model_path);
+    try {
+      load_model_bytes(bytes, directory_of(r.model_path), r.model_path).reset();
+    } catch (const Error& e) {
+      fail(e.message(), " (--no-check exports it without loading it first)");
+    }
+  }
   const ExportResult res = export_checkpoint(r);
   std::printf("%s: %u MoE layer%s%s -> %s (%s): %llu tensors, %.1f MiB%s%s\n", r.model_path.c_str(),
               res.moe_layers, res.moe_layers == 1 ? "" : "s",

@@ -509,8 +509,8 @@ int run_train(const Args& args) {
   // Settings that run but are rarely meant: said in the report, which keeps stderr for errors.
   if (st.lr == 0)
     std::printf(
-        "note: --lr 0 leaves every weight as initialised (a loss-free bias still moves "
-        "with the counts)\n\n");
+        "note: --lr 0 leaves every weight unchanged (a loss-free bias still moves with the "
+        "counts)\n\n");
   else if (st.warmup >= st.steps)
     std::printf(
         "note: --warmup %llu is not shorter than --steps %llu: the learning rate rises "
