@@ -3,6 +3,7 @@
 #include <sched.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <cstring>
 #include <future>
 #include <limits>
@@ -284,6 +285,7 @@ void Engine::run() {
     }
     lock.lock();
     if (may_finalise()) {
+      finalising_ = true;
       lock.unlock();
       MPI_Finalize();
       lock.lock();
@@ -581,14 +583,19 @@ std::shared_ptr<CommState> Engine::add(MPI_Comm data, MPI_Comm control, double t
 
 Engine::Creation::Creation(Engine& e) : e_(e) {
   std::lock_guard<std::mutex> lock(e_.mu_);
-  if (e_.state_ != State::Running)
+  if (e_.state_ != State::Running || e_.finalising_)
     fail(Code::InvalidState, "MPI is no longer usable in this process (moert finalised it)");
   ++e_.creating_;
 }
 
 Engine::Creation::~Creation() {
   std::lock_guard<std::mutex> lock(e_.mu_);
-  --e_.creating_;
+  // A creation that failed may leave MPI due for finalisation (the last communicator went while
+  // it ran): the engine thread, asleep with no communicator, takes another look.
+  if (--e_.creating_ == 0) {
+    e_.commands_.push_back([] {});
+    e_.cv_.notify_one();
+  }
 }
 
 void Engine::release(CommState& c) {
@@ -625,12 +632,17 @@ void Engine::close(const std::shared_ptr<CommState>& comm, double timeout) {
     return state_ == State::Finalised || (comm->released && !may_finalise());
   });
   // MPI_Finalize returns once every rank has come to it, and ranks end their own work at their
-  // own pace: the collective timeout does not bound that wait. A process that exited without it
-  // would make mpirun end the job, killing the ranks still at work. A dead peer does not hold it
-  // up (Open MPI ends the job, or with --enable-recovery lets finalisation pass it), and after a
-  // timeout moert does not finalise at all.
-  if (comm->released && may_finalise())
-    done_cv_.wait(lock, [&] { return state_ == State::Finalised || !may_finalise(); });
+  // own pace: a process that exited before would make mpirun end the job, killing the ranks
+  // still at work, so a short collective timeout does not cut this wait short. A dead peer does
+  // not hold it up (Open MPI ends the job, or with --enable-recovery lets finalisation pass
+  // it); a live one that timed out after this rank's last collective never comes, hence a bound.
+  const auto finalise_deadline =
+      std::chrono::steady_clock::now() +
+      std::chrono::duration<double>(std::max(timeout, kDefaultCommTimeoutSeconds));
+  if (comm->released && (finalising_ || may_finalise()))
+    done_cv_.wait_until(lock, finalise_deadline, [&] {
+      return state_ == State::Finalised || !(finalising_ || may_finalise());
+    });
 }
 
 }  // namespace moert::mpi

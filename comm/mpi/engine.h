@@ -193,8 +193,8 @@ class Engine {
   // The communicator object is gone: its MPI communicators are freed once its operations
   // finished (never when broken), and MPI is finalised after the last one when moert owns it.
   // Waits (at most `timeout`) until moert makes no more MPI calls for it, then for that
-  // finalisation, however long the other ranks take to come to it: a host may call MPI_Finalize,
-  // or exit, right after.
+  // finalisation while the other ranks come to it, at most the longer of `timeout` and the
+  // default collective timeout: a host may call MPI_Finalize, or exit, right after.
   void close(const std::shared_ptr<CommState>& comm, double timeout);
 
   // Waiters blocked in wait(): the engine polls without sleeping while there are any.
@@ -236,10 +236,11 @@ class Engine {
   enum class State { Starting, Running, Failed, Finalised } state_ = State::Starting;
   std::string failure_;  // why MPI cannot be used
   bool owns_mpi_ = false;
-  bool timed_out_ = false;  // an operation timed out somewhere: peers may be dead
-  int stuck_helpers_ = 0;   // helper threads that never returned
-  int live_ = 0;            // communicators not yet released
-  int creating_ = 0;        // communicators being made
+  bool timed_out_ = false;   // an operation timed out somewhere: peers may be dead
+  int stuck_helpers_ = 0;    // helper threads that never returned
+  int live_ = 0;             // communicators not yet released
+  int creating_ = 0;         // communicators being made
+  bool finalising_ = false;  // the engine thread is in MPI_Finalize
   bool released_any_ = false;
   bool started_ = false;
 };

@@ -532,9 +532,10 @@ typedef struct moert_comm moert_comm;
  * MPI_THREAD_MULTIPLE, on its progress thread; Open MPI's own signal handlers are removed again
  * so the host's stay) and finalises it when the last moert communicator is freed -- the last
  * moert_comm_free() or the free of the last session or options holding one -- which waits for
- * MPI_Finalize, that is for every rank to free its last one: however long a rank's own work
- * takes it, not bounded by the communicator's timeout (a rank that died does not hold it up:
- * Open MPI ends the job, or under --enable-recovery lets finalisation pass it). MPI cannot be
+ * MPI_Finalize, that is for every rank to free its last one, however long its own work takes it,
+ * up to the longer of the communicator's timeout and the default 600 s (a rank that died does not
+ * hold it up: Open MPI ends the job, or under --enable-recovery lets finalisation pass it; one
+ * that timed out after this rank's last collective never comes, hence the bound). MPI cannot be
  * initialised twice in a process: a communicator created after that fails with
  * MOERT_ERR_INVALID_STATE, so a host that creates communicators one after another keeps one alive
  * in between. After a timeout moert does not finalise MPI (MPI_Finalize would wait for a peer that
