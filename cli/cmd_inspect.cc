@@ -17,7 +17,8 @@ const CommandSpec kInspectSpec = {
     "print a model's layers, routing, parameter counts, weights' precision and bytes, and forward "
     "FLOPs per token",
     std::string(
-        "MODEL is a model or checkpoint file, binary (.moert) or JSON.\n"
+        "MODEL is a model or checkpoint file, binary (.moert) or JSON. A checkpoint's step is\n"
+        "shown, and a loss-free bias's update rate or freeze as saved where its run changed it.\n"
         "Activated parameters are those one token uses: its context's embedding rows, the\n"
         "top-K routed experts of each MoE layer, and every other parameter.\n"
         "Each weight is listed with the precision its file stored it in and the one it is\n"
@@ -44,7 +45,7 @@ std::string flops_text(double f) {
   return buf;
 }
 
-std::string routing_text(const LayerInfo& l) {
+std::string routing_text(const LayerInfo& l, bool checkpoint) {
   const MoEInfo& m = l.moe;
   std::string s =
       cat("  ", printable(l.name), ": ", m.num_experts, " routed experts (hidden ", m.expert_hidden,
@@ -60,6 +61,11 @@ std::string routing_text(const LayerInfo& l) {
   if (m.policy == MOERT_BALANCING_LOSS_FREE_BIAS)
     s += m.bias_frozen ? cat(" (frozen: not updated; gamma ", m.gamma, " unused)")
                        : cat(" (gamma ", m.gamma, m.bias_centering ? ", centred" : "", ")");
+  // What a resumed run goes on with, where the run moved it from the description's.
+  if (checkpoint && m.policy == MOERT_BALANCING_LOSS_FREE_BIAS &&
+      (m.saved_bias_frozen != m.bias_frozen || m.saved_gamma != m.gamma))
+    s += m.saved_bias_frozen ? "; saved in the checkpoint: frozen"
+                             : cat("; saved in the checkpoint: gamma ", m.saved_gamma);
   if (m.policy == MOERT_BALANCING_AUX_LOSS || m.policy == MOERT_BALANCING_SEQUENCE_AUX_LOSS)
     s += cat(" (alpha ", m.aux_alpha, ")");
   if (m.policy == MOERT_BALANCING_EXPERT_CHOICE)
@@ -69,6 +75,11 @@ std::string routing_text(const LayerInfo& l) {
 
 void print_text(const std::string& path, const ModelInfo& info) {
   std::printf("model '%s' from %s\n", printable(info.name).c_str(), printable(path).c_str());
+  if (info.checkpoint)
+    std::printf(
+        "checkpoint: training state at step %llu, verified (a training session resumes "
+        "it)\n",
+        static_cast<unsigned long long>(info.checkpoint_step));
   if (info.input_kind == MOERT_INPUT_TOKENS)
     std::printf("input: %u token ids per row; output: %u values per row\n\n", info.input_width,
                 info.output_width);
@@ -97,7 +108,7 @@ void print_text(const std::string& path, const ModelInfo& info) {
   if (any_moe) {
     std::printf("\nrouting:\n");
     for (const LayerInfo& l : info.layers)
-      if (l.is_moe) std::fputs(routing_text(l).c_str(), stdout);
+      if (l.is_moe) std::fputs(routing_text(l, info.checkpoint).c_str(), stdout);
   }
   std::printf("\nweights (precision as stored in the file and as held in memory):\n");
   std::printf("  %-*s %-10s %-18s %14s %14s\n", tensor_w, "tensor", "stored", "held", "values",
@@ -139,7 +150,9 @@ void print_json(const std::string& path, const ModelInfo& info) {
           ",\n  \"activated_parameters\": ", info.activated_parameters,
           ",\n  \"flops_per_token\": ", json_number(info.flops),
           ",\n  \"dense_equivalent_flops_per_token\": ", json_number(info.dense_flops),
-          ",\n  \"resident_bytes\": ", info.resident_bytes, ",\n  \"layers\": [");
+          ",\n  \"resident_bytes\": ", info.resident_bytes, ",\n  \"checkpoint\": ",
+          info.checkpoint ? cat("{\"step\": ", info.checkpoint_step, "}") : std::string("null"),
+          ",\n  \"layers\": [");
   for (size_t i = 0; i < info.layers.size(); ++i) {
     const LayerInfo& l = info.layers[i];
     s += cat(i ? "," : "", "\n    {\"index\": ", l.index, ", \"name\": ", json_string(l.name),
@@ -171,7 +184,11 @@ void print_json(const std::string& path, const ModelInfo& info) {
                ", \"bias_centering\": ", m.bias_centering ? "true" : "false",
                ", \"bias_frozen\": ", m.bias_frozen ? "true" : "false",
                ", \"aux_alpha\": ", json_number(m.aux_alpha),
-               ", \"capacity_factor\": ", json_number(m.capacity_factor), "}");
+               ", \"capacity_factor\": ", json_number(m.capacity_factor));
+      if (info.checkpoint)
+        s += cat(", \"saved_bias_update_rate\": ", json_number(m.saved_gamma),
+                 ", \"saved_bias_frozen\": ", m.saved_bias_frozen ? "true" : "false");
+      s += "}";
     }
     s += "}";
   }

@@ -154,6 +154,9 @@ ModelInfo describe_model(const moert_model* model) {
       if (t.field != "gate_bias") sizes.by_layer[i].emplace_back(t.field, t.numel);
   }
   check(moert_model_resident_bytes(model, &info.resident_bytes), "model");
+  int32_t is_checkpoint = 0;
+  check(moert_model_checkpoint_step(model, &is_checkpoint, &info.checkpoint_step), "model");
+  info.checkpoint = is_checkpoint != 0;
 
   for (uint32_t i = 0; i < n; ++i) {
     LayerInfo l;
@@ -192,7 +195,11 @@ ModelInfo describe_model(const moert_model* model) {
       }
       case MOERT_LAYER_MOE: {
         l.is_moe = true;
-        const MoEInfo& m = l.moe = read_moe(model, i);
+        MoEInfo& m = l.moe = read_moe(model, i);
+        if (info.checkpoint) {
+          m.saved_bias_frozen = moe_int(model, i, MOERT_MOE_SAVED_BIAS_FROZEN);
+          m.saved_gamma = moe_float(model, i, MOERT_MOE_SAVED_BIAS_UPDATE_RATE);
+        }
         const uint64_t routed = sizes.get(i, "w1") + sizes.get(i, "w3") + sizes.get(i, "w2");
         l.activated =
             l.parameters - routed +

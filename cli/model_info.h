@@ -15,6 +15,9 @@ struct MoEInfo {
   int64_t num_groups = 0, topk_groups = 0, normalize = 0, num_shared = 0, shared_hidden = 0;
   int64_t residual = 0, policy = 0, bias_centering = 0, bias_frozen = 0;
   double scaling = 0.0, gamma = 0.0, aux_alpha = 0.0, capacity_factor = 0.0;
+  // A checkpoint's balancing state as saved (ModelInfo::checkpoint): what a resumed run uses.
+  int64_t saved_bias_frozen = 0;
+  double saved_gamma = 0.0;
   // Routed experts a token passes through on average: top_k, or capacity_factor * top_k under
   // Expert Choice (each expert takes capacity_factor * tokens * top_k / num_experts tokens).
   double experts_per_token() const;
@@ -52,6 +55,8 @@ struct ModelInfo {
   std::vector<LayerInfo> layers;
   uint64_t total_parameters = 0, activated_parameters = 0;  // as the library reports them
   uint64_t resident_bytes = 0;                              // every weight in memory, as held
+  bool checkpoint = false;                                  // loaded from a checkpoint
+  uint64_t checkpoint_step = 0;                             // its run's optimizer steps
   double flops = 0.0, dense_flops = 0.0;
 };
 

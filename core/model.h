@@ -231,6 +231,13 @@ struct TrainingState {
   uint64_t digest = 0;
 };
 
+// What a checkpoint loaded as a plain model still says of its training state, the rest being
+// dropped: for inspection (moert_model_checkpoint_step(), the MOERT_MOE_SAVED_* keys).
+struct CheckpointSummary {
+  uint64_t step = 0;
+  std::vector<LayerBalanceState> layers;  // their counts left out
+};
+
 struct Model {
   std::string name;
   uint32_t schema_minor = 0;
@@ -239,7 +246,8 @@ struct Model {
   uint32_t output_width = 0;
   uint64_t seed = 0;
   std::vector<LayerSpec> layers;
-  std::optional<TrainingState> training;  // checkpoints only
+  std::optional<TrainingState> training;        // checkpoints only
+  std::optional<CheckpointSummary> checkpoint;  // loaded from a checkpoint, whatever the policy
   // The copies derived from its weights (decoded, layout, bf16, FP8) that the inference
   // sessions over this model share.
   SharedCopiesSlot shared_copies;

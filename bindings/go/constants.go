@@ -47,10 +47,13 @@ const (
 	MoEBalancingPolicy  MoEKey = MoEKey(capi.MOERT_MOE_BALANCING_POLICY)
 	MoEBiasCentering    MoEKey = MoEKey(capi.MOERT_MOE_BIAS_CENTERING)
 	MoEBiasFrozen       MoEKey = MoEKey(capi.MOERT_MOE_BIAS_FROZEN)
-	MoERoutedScaling    MoEKey = MoEKey(capi.MOERT_MOE_ROUTED_SCALING_FACTOR)
-	MoEBiasUpdateRate   MoEKey = MoEKey(capi.MOERT_MOE_BIAS_UPDATE_RATE)
-	MoEAuxAlpha         MoEKey = MoEKey(capi.MOERT_MOE_AUX_ALPHA)
-	MoECapacityFactor   MoEKey = MoEKey(capi.MOERT_MOE_CAPACITY_FACTOR)
+	// A checkpoint's freeze and update rate as saved (see Model.CheckpointStep).
+	MoESavedBiasFrozen     MoEKey = MoEKey(capi.MOERT_MOE_SAVED_BIAS_FROZEN)
+	MoESavedBiasUpdateRate MoEKey = MoEKey(capi.MOERT_MOE_SAVED_BIAS_UPDATE_RATE)
+	MoERoutedScaling       MoEKey = MoEKey(capi.MOERT_MOE_ROUTED_SCALING_FACTOR)
+	MoEBiasUpdateRate      MoEKey = MoEKey(capi.MOERT_MOE_BIAS_UPDATE_RATE)
+	MoEAuxAlpha            MoEKey = MoEKey(capi.MOERT_MOE_AUX_ALPHA)
+	MoECapacityFactor      MoEKey = MoEKey(capi.MOERT_MOE_CAPACITY_FACTOR)
 )
 
 // Values of MoEScoreFunction, as Model.MoEInt returns them.

@@ -312,6 +312,20 @@ func (m *Model) ResidentBytes() (uint64, error) {
 	return n, err
 }
 
+// CheckpointStep reports whether the model was loaded from a checkpoint (whose training state
+// loading verified, then dropped; Session.Load resumes it) and the optimizer steps its run had
+// taken. Model.MoEInt and Model.MoEFloat read the balancing state it saved with
+// MoESavedBiasFrozen and MoESavedBiasUpdateRate.
+func (m *Model) CheckpointStep() (isCheckpoint bool, step uint64, err error) {
+	if err := m.g.enter(); err != nil {
+		return false, 0, err
+	}
+	defer m.g.leave()
+	var is int32
+	err = check(capi.Moert_model_checkpoint_step(m.ptr, &is, &step))
+	return is != 0, step, err
+}
+
 // QuantizeFP8 returns a new model whose MoE layers' routed and shared expert weights are FP8
 // E4M3 in 128x128 blocks (scales rounded up to powers of two with powerOfTwoScales), and the
 // number of tensors quantized (0 for a model without MoE layers). The caller closes the new model.

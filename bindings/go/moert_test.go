@@ -549,12 +549,26 @@ func TestCheckpointResumesBitIdentically(t *testing.T) {
 		}
 	}
 
-	// A checkpoint is also a model file.
+	// A checkpoint is also a model file, which tells its step and balancing state as saved.
 	cm, err := LoadModel(ckpt)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if is, step, err := cm.CheckpointStep(); err != nil || !is || step != 2 {
+		t.Fatalf("CheckpointStep() = %v, %d, %v; want a checkpoint at step 2", is, step, err)
+	}
+	if rate, err := cm.MoEFloat(2, MoESavedBiasUpdateRate); err != nil || rate != float64(float32(0.001)) {
+		t.Fatalf("saved rate %v, %v", rate, err)
+	}
+	if frozen, err := cm.MoEInt(2, MoESavedBiasFrozen); err != nil || frozen != 0 {
+		t.Fatalf("saved freeze %v, %v", frozen, err)
+	}
 	cm.Close()
+	if is, step, err := m.CheckpointStep(); err != nil || is || step != 0 {
+		t.Fatalf("plain model: CheckpointStep() = %v, %d, %v", is, step, err)
+	}
+	_, err = m.MoEInt(2, MoESavedBiasFrozen)
+	wantCode(t, err, ErrInvalidArgument)
 
 	// Writing where no file can be: an error, and the old file stays.
 	wantCode(t, a.Save(filepath.Join(dir, "missing", "x.moert")), ErrIO)

@@ -35,6 +35,18 @@ const moert::MoESpec& moe_at(const moert_model* model, uint32_t index) {
   return *m;
 }
 
+// The balancing state a checkpoint saved for MoE layer `index`.
+const moert::LayerBalanceState& saved_balance(const moert_model* model, uint32_t index) {
+  const auto& checkpoint = model->model->checkpoint;
+  if (!checkpoint)
+    fail(Code::InvalidArgument, "layer ", index,
+         ": a MOERT_MOE_SAVED_* key reads a checkpoint's training state, and this model was not "
+         "loaded from a checkpoint");
+  for (const moert::LayerBalanceState& l : checkpoint->layers)
+    if (l.layer == index) return l;
+  fail(Code::Internal, "layer ", index, ": the checkpoint kept no balancing state for it");
+}
+
 // The present weight tensors of a layer, in the order moert_model_tensor_info() numbers them.
 std::vector<std::pair<const char*, const moert::Tensor*>> tensors_of(const moert::LayerSpec& l) {
   std::vector<std::pair<const char*, const moert::Tensor*>> out;
@@ -198,6 +210,9 @@ moert_status* moert_model_moe_int(const moert_model* model, uint32_t index, int3
       case MOERT_MOE_BIAS_FROZEN:
         v = m.balancing.bias_frozen ? 1 : 0;
         break;
+      case MOERT_MOE_SAVED_BIAS_FROZEN:
+        v = saved_balance(model, index).frozen ? 1 : 0;
+        break;
       default:
         fail(Code::InvalidArgument, "unknown integer MoE key ", key);
     }
@@ -224,10 +239,25 @@ moert_status* moert_model_moe_float(const moert_model* model, uint32_t index, in
       case MOERT_MOE_CAPACITY_FACTOR:
         v = m.balancing.capacity_factor;
         break;
+      case MOERT_MOE_SAVED_BIAS_UPDATE_RATE:
+        v = saved_balance(model, index).gamma;
+        break;
       default:
         fail(Code::InvalidArgument, "unknown floating-point MoE key ", key);
     }
     *out = v;
+  });
+}
+
+moert_status* moert_model_checkpoint_step(const moert_model* model, int32_t* is_checkpoint,
+                                          uint64_t* step) {
+  return guarded([&] {
+    require(model, "model");
+    require(is_checkpoint, "is_checkpoint");
+    require(step, "step");
+    const auto& checkpoint = model->model->checkpoint;
+    *is_checkpoint = checkpoint ? 1 : 0;
+    *step = checkpoint ? checkpoint->step : 0;
   });
 }
 

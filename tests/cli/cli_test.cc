@@ -884,6 +884,18 @@ TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
   EXPECT_GT(val_loss, 0.5);
   EXPECT_LT(val_loss, 4.0);
   EXPECT_EQ(json_value(e.out, "experts"), 4.0);
+  // Inspected, it says it is a checkpoint and at which step; a plain model says it is none.
+  const Result ins = run("inspect '" + ckpt.string() + "'", dir);
+  ASSERT_EQ(ins.code, 0) << ins.err;
+  EXPECT_NE(ins.out.find("checkpoint: training state at step 80, verified"), std::string::npos)
+      << ins.out;
+  const Result insj = run("inspect --json '" + ckpt.string() + "'", dir);
+  ASSERT_EQ(insj.code, 0) << insj.err;
+  EXPECT_NE(insj.out.find("\"checkpoint\": {\"step\": 80}"), std::string::npos) << insj.out;
+  EXPECT_EQ(json_value(insj.out, "saved_bias_update_rate"), static_cast<double>(0.01f));
+  EXPECT_NE(
+      run(std::string("inspect --json ") + MOERT_TINY_MODEL, dir).out.find("\"checkpoint\": null"),
+      std::string::npos);
   // A corpus may come through a pipe (a FIFO a writer feeds, as /dev/stdin or <(...) would).
   const fs::path fifo = dir / "corpus.fifo";
   ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);

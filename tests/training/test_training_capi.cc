@@ -582,6 +582,60 @@ TEST_P(CheckpointFiles, SaveIsAtomicAndTheCheckpointIsAModel) {
   moert_session_free(inf);
 }
 
+// A checkpoint loaded as a model tells its step and the loss-free bias's rate and freeze as saved
+// (what a resumed run goes on with), where a plain model says it is none.
+TEST_P(CheckpointFiles, AModelFromACheckpointTellsItsStepAndBalancingAsSaved) {
+  Model model(MOERT_TEST_TINY);
+  int32_t is_checkpoint = -1;
+  uint64_t step = 9;
+  MOERT_OK_OR_FAIL(moert_model_checkpoint_step(model.m, &is_checkpoint, &step));
+  EXPECT_EQ(is_checkpoint, 0);
+  EXPECT_EQ(step, 0u);
+  int64_t frozen = -1;
+  double rate = -1.0, described = -1.0;
+  std::string message;
+  EXPECT_EQ(
+      code_of(moert_model_moe_int(model.m, 2, MOERT_MOE_SAVED_BIAS_FROZEN, &frozen), &message),
+      MOERT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(message.find("not loaded from a checkpoint"), std::string::npos) << message;
+  EXPECT_EQ(code_of(moert_model_checkpoint_step(model.m, nullptr, &step)),
+            MOERT_ERR_INVALID_ARGUMENT);
+  MOERT_OK_OR_FAIL(moert_model_moe_float(model.m, 2, MOERT_MOE_BIAS_UPDATE_RATE, &described));
+
+  Session a(model.m, MOERT_MODE_TRAINING);
+  train_steps(a.s, 0, 3);
+  MOERT_OK_OR_FAIL(moert_session_set_bias_update_rate(a.s, 2, 0.25));
+  const std::string path = (dir_ / "ck.moert").string();
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  {
+    Model saved(path.c_str());
+    MOERT_OK_OR_FAIL(moert_model_checkpoint_step(saved.m, &is_checkpoint, &step));
+    EXPECT_EQ(is_checkpoint, 1);
+    EXPECT_EQ(step, 3u);
+    MOERT_OK_OR_FAIL(moert_model_moe_float(saved.m, 2, MOERT_MOE_SAVED_BIAS_UPDATE_RATE, &rate));
+    MOERT_OK_OR_FAIL(moert_model_moe_int(saved.m, 2, MOERT_MOE_SAVED_BIAS_FROZEN, &frozen));
+    EXPECT_EQ(rate, 0.25);
+    EXPECT_EQ(frozen, 0);
+    double still = -1.0;  // the description's own rate is the model's, not the run's
+    MOERT_OK_OR_FAIL(moert_model_moe_float(saved.m, 2, MOERT_MOE_BIAS_UPDATE_RATE, &still));
+    EXPECT_EQ(still, described);
+    // A model made from it is not the checkpoint.
+    moert_model* q = nullptr;
+    MOERT_OK_OR_FAIL(moert_model_quantize_fp8(saved.m, 0, &q, nullptr));
+    MOERT_OK_OR_FAIL(moert_model_checkpoint_step(q, &is_checkpoint, &step));
+    EXPECT_EQ(is_checkpoint, 0);
+    moert_model_free(q);
+  }
+  MOERT_OK_OR_FAIL(moert_session_set_bias_frozen(a.s, 2, 1));
+  train_steps(a.s, 3, 4);
+  MOERT_OK_OR_FAIL(moert_session_save(a.s, path.c_str()));
+  Model saved(path.c_str());
+  MOERT_OK_OR_FAIL(moert_model_checkpoint_step(saved.m, &is_checkpoint, &step));
+  EXPECT_EQ(step, 4u);
+  MOERT_OK_OR_FAIL(moert_model_moe_int(saved.m, 2, MOERT_MOE_SAVED_BIAS_FROZEN, &frozen));
+  EXPECT_EQ(frozen, 1);
+}
+
 // A copy of a checkpoint's description beside it (`cp ck.moert best.moert`, keeping the best
 // one while training goes on) names the same data file. Later saves to ck.moert remove the data
 // files of their earlier checkpoints, but not one a description still names: the copy loads after

@@ -275,12 +275,19 @@ MOERT_API moert_status* moert_model_num_parameters(const moert_model* model, uin
 #define MOERT_MOE_BIAS_CENTERING \
   13                             /* 0 or 1: the loss-free bias loses its mean after each update */
 #define MOERT_MOE_BIAS_FROZEN 14 /* 0 or 1: the loss-free bias is not updated at all */
+/* A checkpoint's training state as saved (see moert_model_checkpoint_step()): the freeze in force
+ * when it was saved, which moert_session_set_bias_frozen() may have changed from the description's
+ * MOERT_MOE_BIAS_FROZEN. */
+#define MOERT_MOE_SAVED_BIAS_FROZEN 15 /* 0 or 1 */
 
 /* Floating-point configuration keys of a MoE layer, for moert_model_moe_float(). */
 #define MOERT_MOE_ROUTED_SCALING_FACTOR 101
 #define MOERT_MOE_BIAS_UPDATE_RATE 102
 #define MOERT_MOE_AUX_ALPHA 103
 #define MOERT_MOE_CAPACITY_FACTOR 104
+/* A checkpoint's loss-free bias update rate in force when it was saved (a schedule or
+ * moert_session_set_bias_update_rate() may have moved it from MOERT_MOE_BIAS_UPDATE_RATE). */
+#define MOERT_MOE_SAVED_BIAS_UPDATE_RATE 105
 
 #define MOERT_SCORE_SIGMOID 0
 #define MOERT_SCORE_SOFTMAX 1
@@ -292,13 +299,23 @@ MOERT_API moert_status* moert_model_num_parameters(const moert_model* model, uin
 #define MOERT_BALANCING_EXPERT_CHOICE 4
 
 /* Reads an integer setting of MoE layer `index`. MOERT_ERR_INVALID_ARGUMENT when the layer is not
- * a MoE layer or the key is unknown. */
+ * a MoE layer or the key is unknown, or for a MOERT_MOE_SAVED_* key when the model was not loaded
+ * from a checkpoint. */
 MOERT_API moert_status* moert_model_moe_int(const moert_model* model, uint32_t index, int32_t key,
                                             int64_t* out);
 
 /* Reads a floating-point setting of MoE layer `index`; errors as moert_model_moe_int(). */
 MOERT_API moert_status* moert_model_moe_float(const moert_model* model, uint32_t index, int32_t key,
                                               double* out);
+
+/* Whether `model` was loaded from a checkpoint (a model file with training state, which loading
+ * verifies against its digest and then drops; moert_session_load() resumes it): then
+ * *is_checkpoint is 1 and *step the optimizer steps its run had taken, else both are 0. The
+ * balancing state it held is read with the MOERT_MOE_SAVED_* keys. A model that
+ * moert_model_quantize_fp8() made is not a checkpoint. MOERT_ERR_INVALID_ARGUMENT for a NULL
+ * pointer. */
+MOERT_API moert_status* moert_model_checkpoint_step(const moert_model* model,
+                                                    int32_t* is_checkpoint, uint64_t* step);
 
 /* ---- Weights as held, FP8 models -------------------------------------------------------- */
 

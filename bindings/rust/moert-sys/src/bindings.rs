@@ -36,10 +36,12 @@ pub const MOERT_MOE_RESIDUAL: u32 = 11;
 pub const MOERT_MOE_BALANCING_POLICY: u32 = 12;
 pub const MOERT_MOE_BIAS_CENTERING: u32 = 13;
 pub const MOERT_MOE_BIAS_FROZEN: u32 = 14;
+pub const MOERT_MOE_SAVED_BIAS_FROZEN: u32 = 15;
 pub const MOERT_MOE_ROUTED_SCALING_FACTOR: u32 = 101;
 pub const MOERT_MOE_BIAS_UPDATE_RATE: u32 = 102;
 pub const MOERT_MOE_AUX_ALPHA: u32 = 103;
 pub const MOERT_MOE_CAPACITY_FACTOR: u32 = 104;
+pub const MOERT_MOE_SAVED_BIAS_UPDATE_RATE: u32 = 105;
 pub const MOERT_SCORE_SIGMOID: u32 = 0;
 pub const MOERT_SCORE_SOFTMAX: u32 = 1;
 pub const MOERT_BALANCING_NONE: u32 = 0;
@@ -275,7 +277,8 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Reads an integer setting of MoE layer `index`. MOERT_ERR_INVALID_ARGUMENT when the layer is not"]
-    #[doc = " a MoE layer or the key is unknown."]
+    #[doc = " a MoE layer or the key is unknown, or for a MOERT_MOE_SAVED_* key when the model was not loaded"]
+    #[doc = " from a checkpoint."]
     pub fn moert_model_moe_int(
         model: *const moert_model,
         index: u32,
@@ -290,6 +293,19 @@ extern "C" {
         index: u32,
         key: i32,
         out: *mut f64,
+    ) -> *mut moert_status;
+}
+extern "C" {
+    #[doc = " Whether `model` was loaded from a checkpoint (a model file with training state, which loading"]
+    #[doc = " verifies against its digest and then drops; moert_session_load() resumes it): then"]
+    #[doc = " *is_checkpoint is 1 and *step the optimizer steps its run had taken, else both are 0. The"]
+    #[doc = " balancing state it held is read with the MOERT_MOE_SAVED_* keys. A model that"]
+    #[doc = " moert_model_quantize_fp8() made is not a checkpoint. MOERT_ERR_INVALID_ARGUMENT for a NULL"]
+    #[doc = " pointer."]
+    pub fn moert_model_checkpoint_step(
+        model: *const moert_model,
+        is_checkpoint: *mut i32,
+        step: *mut u64,
     ) -> *mut moert_status;
 }
 extern "C" {

@@ -260,10 +260,14 @@ impl MoeKey {
     pub const BALANCING_POLICY: MoeKey = MoeKey(sys::MOERT_MOE_BALANCING_POLICY as i32);
     pub const BIAS_CENTERING: MoeKey = MoeKey(sys::MOERT_MOE_BIAS_CENTERING as i32);
     pub const BIAS_FROZEN: MoeKey = MoeKey(sys::MOERT_MOE_BIAS_FROZEN as i32);
+    /// A checkpoint's freeze as saved (see [`Model::checkpoint_step`]).
+    pub const SAVED_BIAS_FROZEN: MoeKey = MoeKey(sys::MOERT_MOE_SAVED_BIAS_FROZEN as i32);
     pub const ROUTED_SCALING_FACTOR: MoeKey = MoeKey(sys::MOERT_MOE_ROUTED_SCALING_FACTOR as i32);
     pub const BIAS_UPDATE_RATE: MoeKey = MoeKey(sys::MOERT_MOE_BIAS_UPDATE_RATE as i32);
     pub const AUX_ALPHA: MoeKey = MoeKey(sys::MOERT_MOE_AUX_ALPHA as i32);
     pub const CAPACITY_FACTOR: MoeKey = MoeKey(sys::MOERT_MOE_CAPACITY_FACTOR as i32);
+    /// A checkpoint's loss-free bias update rate as saved (see [`Model::checkpoint_step`]).
+    pub const SAVED_BIAS_UPDATE_RATE: MoeKey = MoeKey(sys::MOERT_MOE_SAVED_BIAS_UPDATE_RATE as i32);
 }
 
 /// Values of [`MoeKey::SCORE_FUNCTION`] as [`Model::moe_int`] returns them.
@@ -566,6 +570,17 @@ impl Model {
         // SAFETY: a live model and a valid out-pointer.
         check(unsafe { sys::moert_model_resident_bytes(self.ptr.as_ptr(), &mut n) })?;
         Ok(n)
+    }
+
+    /// `Some(step)` when the model was loaded from a checkpoint (whose training state loading
+    /// verified, then dropped; a training session's load resumes it): the optimizer steps its
+    /// run had taken. [`MoeKey::SAVED_BIAS_FROZEN`] and [`MoeKey::SAVED_BIAS_UPDATE_RATE`] read
+    /// the balancing state it saved.
+    pub fn checkpoint_step(&self) -> Result<Option<u64>> {
+        let (mut is, mut step) = (0i32, 0u64);
+        // SAFETY: a live model and valid out-pointers.
+        check(unsafe { sys::moert_model_checkpoint_step(self.ptr.as_ptr(), &mut is, &mut step) })?;
+        Ok((is != 0).then_some(step))
     }
 
     /// A new model with the MoE layers' routed and shared expert weights quantized to FP8 E4M3

@@ -264,7 +264,19 @@ fn checkpoint_resumes_bit_identically() {
         a.get_parameter("moe1.w2").unwrap(),
         b.get_parameter("moe1.w2").unwrap()
     );
-    assert_eq!(Model::load(&ckpt).unwrap().name().unwrap(), "tiny-moe");
+    let cm = Model::load(&ckpt).unwrap();
+    assert_eq!(cm.name().unwrap(), "tiny-moe");
+    assert_eq!(cm.checkpoint_step().unwrap(), Some(2));
+    assert_eq!(
+        cm.moe_float(2, MoeKey::SAVED_BIAS_UPDATE_RATE).unwrap(),
+        f64::from(0.001f32)
+    );
+    assert_eq!(cm.moe_int(2, MoeKey::SAVED_BIAS_FROZEN).unwrap(), 0);
+    assert_eq!(m.checkpoint_step().unwrap(), None);
+    expect_code(
+        m.moe_int(2, MoeKey::SAVED_BIAS_FROZEN),
+        Code::INVALID_ARGUMENT,
+    );
     expect_code(a.save(dir.join("missing").join("x.moert")), Code::IO);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -226,6 +226,21 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
   }
 
   /**
+   * The optimizer steps of the run whose checkpoint this model was loaded from (loading verified
+   * its training state, then dropped it; {@code Session.load} resumes it), or -1 for a model
+   * that is not a checkpoint. {@code CapiConstants.MOERT_MOE_SAVED_*} read the balancing state
+   * it saved.
+   */
+  public long checkpointStep() {
+    try (Use u = use()) {
+      int[] is = new int[1];
+      long[] step = new long[1];
+      MoertException.check(Capi.moert_model_checkpoint_step(u.ptr(), is, step));
+      return is[0] != 0 ? step[0] : -1;
+    }
+  }
+
+  /**
    * A new model whose MoE layers' routed and shared expert weights are FP8 E4M3 in 128x128
    * blocks (scales rounded up to powers of two with powerOfTwoScales). The caller closes it.
    */

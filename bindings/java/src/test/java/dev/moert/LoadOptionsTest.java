@@ -70,6 +70,14 @@ class LoadOptionsTest {
       options.maxMemory(-1L); // UINT64_MAX: the session's own bound alone
       options.loadCheckpoint(b, ckpt.toString());
       assertEquals(1, b.stepCount());
+      // Loaded as a model, it tells its step and the balancing state it saved.
+      try (Model cm = Model.load(ckpt)) {
+        assertEquals(1, cm.checkpointStep());
+        assertEquals(
+            (double) 0.001f, cm.moeFloat(2, CapiConstants.MOERT_MOE_SAVED_BIAS_UPDATE_RATE));
+        assertEquals(0, cm.moeInt(2, CapiConstants.MOERT_MOE_SAVED_BIAS_FROZEN));
+      }
+      assertEquals(-1, model.checkpointStep());
     }
   }
 
