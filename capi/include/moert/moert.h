@@ -991,7 +991,10 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
  *   "beta1" (0.9) "beta2" (0.999) "eps" (1e-8)  AdamW      "momentum" (0.9)  SGD
  *   "clip_norm" (0 = off): clip the global gradient norm
  *   "warmup_steps" (0): linear warm-up; "total_steps" (0 = constant): cosine decay to min_lr
- *     (a step with min_lr above lr and a decay to run is MOERT_ERR_INVALID_STATE)
+ *     (a step with min_lr above lr and a decay to run is MOERT_ERR_INVALID_STATE). Steps count
+ *     from 1: step t <= W of a warm-up of W steps runs at lr * t / W, the decay runs from lr
+ *     after step W to min_lr at step total_steps and stays there; with total_steps <= W the
+ *     rate stays at lr after the warm-up (no decay)
  *   "sequence_length" (0 = the whole batch, at most 2^31 - 1): rows per sequence for the
  *     sequence-wise aux loss */
 
@@ -1135,9 +1138,10 @@ MOERT_API moert_status* moert_session_set_expert_bias(moert_session* session, ui
 /* The bias update rate gamma (>= 0; 0 stops updates) of MoE layer `layer` or MOERT_ALL_LAYERS,
  * from the next step on: schedule it by calling this between steps. Held in fp32, like the bias:
  * MOERT_ERR_INVALID_ARGUMENT for a value that is not finite there or that rounds to 0 (below
- * about 1.4e-45). Only a layer balanced by the loss-free bias (balancing.policy LossFreeBias) has
- * a rate: MOERT_ALL_LAYERS sets those, and naming another layer, or MOERT_ALL_LAYERS in a model
- * without any, is MOERT_ERR_INVALID_ARGUMENT (likewise moert_session_set_bias_frozen()). */
+ * about 7e-46, half of fp32's smallest value 1.4e-45, to which the values above round). Only a
+ * layer balanced by the loss-free bias (balancing.policy LossFreeBias) has a rate: MOERT_ALL_LAYERS
+ * sets those, and naming another layer, or MOERT_ALL_LAYERS in a model without any, is
+ * MOERT_ERR_INVALID_ARGUMENT (likewise moert_session_set_bias_frozen()). */
 MOERT_API moert_status* moert_session_set_bias_update_rate(moert_session* session, uint32_t layer,
                                                            double gamma);
 

@@ -1229,9 +1229,10 @@ extern "C" {
     #[doc = " The bias update rate gamma (>= 0; 0 stops updates) of MoE layer `layer` or MOERT_ALL_LAYERS,"]
     #[doc = " from the next step on: schedule it by calling this between steps. Held in fp32, like the bias:"]
     #[doc = " MOERT_ERR_INVALID_ARGUMENT for a value that is not finite there or that rounds to 0 (below"]
-    #[doc = " about 1.4e-45). Only a layer balanced by the loss-free bias (balancing.policy LossFreeBias) has"]
-    #[doc = " a rate: MOERT_ALL_LAYERS sets those, and naming another layer, or MOERT_ALL_LAYERS in a model"]
-    #[doc = " without any, is MOERT_ERR_INVALID_ARGUMENT (likewise moert_session_set_bias_frozen())."]
+    #[doc = " about 7e-46, half of fp32's smallest value 1.4e-45, to which the values above round). Only a"]
+    #[doc = " layer balanced by the loss-free bias (balancing.policy LossFreeBias) has a rate: MOERT_ALL_LAYERS"]
+    #[doc = " sets those, and naming another layer, or MOERT_ALL_LAYERS in a model without any, is"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT (likewise moert_session_set_bias_frozen())."]
     pub fn moert_session_set_bias_update_rate(
         session: *mut moert_session,
         layer: u32,
