@@ -589,12 +589,17 @@ Engine::Creation::Creation(Engine& e) : e_(e) {
 }
 
 Engine::Creation::~Creation() {
-  std::lock_guard<std::mutex> lock(e_.mu_);
+  std::unique_lock<std::mutex> lock(e_.mu_);
   // A creation that failed may leave MPI due for finalisation (the last communicator went while
-  // it ran): the engine thread, asleep with no communicator, takes another look.
-  if (--e_.creating_ == 0) {
+  // it ran, and its close did not wait): the engine thread, asleep with no communicator, takes
+  // another look, and this thread waits for it as that close would have, so that the host does
+  // not exit while MPI_Finalize runs.
+  if (--e_.creating_ == 0 && e_.may_finalise()) {
     e_.commands_.push_back([] {});
     e_.cv_.notify_one();
+    e_.done_cv_.wait_for(lock, std::chrono::duration<double>(kDefaultCommTimeoutSeconds), [&] {
+      return e_.state_ == State::Finalised || !(e_.finalising_ || e_.may_finalise());
+    });
   }
 }
 
@@ -627,18 +632,16 @@ void Engine::close(const std::shared_ptr<CommState>& comm, double timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   commands_.push_back([comm] { comm->closing = true; });
   cv_.notify_one();
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
-  done_cv_.wait_until(lock, deadline, [&] {
-    return state_ == State::Finalised || (comm->released && !may_finalise());
-  });
+  const auto start = std::chrono::steady_clock::now();
+  done_cv_.wait_until(lock, start + std::chrono::duration<double>(timeout),
+                      [&] { return state_ == State::Finalised || comm->released; });
   // MPI_Finalize returns once every rank has come to it, and ranks end their own work at their
   // own pace: a process that exited before would make mpirun end the job, killing the ranks
   // still at work, so a short collective timeout does not cut this wait short. A dead peer does
   // not hold it up (Open MPI ends the job, or with --enable-recovery lets finalisation pass
   // it); a live one that timed out after this rank's last collective never comes, hence a bound.
   const auto finalise_deadline =
-      std::chrono::steady_clock::now() +
-      std::chrono::duration<double>(std::max(timeout, kDefaultCommTimeoutSeconds));
+      start + std::chrono::duration<double>(std::max(timeout, kDefaultCommTimeoutSeconds));
   if (comm->released && (finalising_ || may_finalise()))
     done_cv_.wait_until(lock, finalise_deadline, [&] {
       return state_ == State::Finalised || !(finalising_ || may_finalise());
