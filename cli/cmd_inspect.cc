@@ -62,10 +62,12 @@ std::string routing_text(const LayerInfo& l, bool checkpoint) {
     s += m.bias_frozen ? cat(" (frozen: not updated; gamma ", m.gamma, " unused)")
                        : cat(" (gamma ", m.gamma, m.bias_centering ? ", centred" : "", ")");
   // What a resumed run goes on with, where the run moved it from the description's.
-  if (checkpoint && m.policy == MOERT_BALANCING_LOSS_FREE_BIAS &&
-      (m.saved_bias_frozen != m.bias_frozen || m.saved_gamma != m.gamma))
-    s += m.saved_bias_frozen ? "; saved in the checkpoint: frozen"
-                             : cat("; saved in the checkpoint: gamma ", m.saved_gamma);
+  if (checkpoint && m.policy == MOERT_BALANCING_LOSS_FREE_BIAS) {
+    std::string saved;
+    if (m.saved_bias_frozen != m.bias_frozen) saved = m.saved_bias_frozen ? "frozen" : "not frozen";
+    if (m.saved_gamma != m.gamma) saved += cat(saved.empty() ? "" : ", ", "gamma ", m.saved_gamma);
+    if (!saved.empty()) s += "; saved in the checkpoint: " + saved;
+  }
   if (m.policy == MOERT_BALANCING_AUX_LOSS || m.policy == MOERT_BALANCING_SEQUENCE_AUX_LOSS)
     s += cat(" (alpha ", m.aux_alpha, ")");
   if (m.policy == MOERT_BALANCING_EXPERT_CHOICE)

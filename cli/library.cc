@@ -19,7 +19,7 @@ void check(moert_status* status, const std::string& what) {
 }
 
 ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& external_dir,
-                          const std::string& origin) {
+                          const std::string& origin, int32_t* refusal) {
   // The command loads what its user names or what it generates itself: the library's default
   // limits, meant for services loading files they did not write, would only refuse large models
   // here. Physical memory remains the bound.
@@ -30,10 +30,11 @@ ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& 
   check(moert_load_options_set_max_memory(options.get(), UINT64_MAX), "load options");
   check(moert_load_options_set_max_file_bytes(options.get(), UINT64_MAX), "load options");
   moert_model* m = nullptr;
-  check(moert_model_load_buffer_with_options(bytes.data(), bytes.size(),
-                                             external_dir.empty() ? nullptr : external_dir.c_str(),
-                                             options.get(), &m),
-        origin);
+  moert_status* status = moert_model_load_buffer_with_options(
+      bytes.data(), bytes.size(), external_dir.empty() ? nullptr : external_dir.c_str(),
+      options.get(), &m);
+  if (status && refusal) *refusal = moert_status_code(status);
+  check(status, origin);
   return ModelPtr(m);
 }
 

@@ -1154,8 +1154,9 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
   if (computed_digest_ != stored_digest)
     bad_state("the digest does not match the content: the checkpoint is corrupt");
   st.digest = stored_digest;
-  CheckpointSummary summary{st.step, st.layers};
-  for (LayerBalanceState& l : summary.layers) std::vector<int64_t>().swap(l.step_counts);
+  CheckpointSummary summary{st.step, {}};
+  for (const LayerBalanceState& l : st.layers)
+    summary.layers.push_back({l.layer, {}, l.gamma, l.frozen});
   model.checkpoint = std::move(summary);
   if (keep) model.training = std::move(st);
 }

@@ -1048,11 +1048,10 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
 
 namespace {
 
-// What brings a stale copy back. A forward waiting for its backward keeps the parameters as they
-// are (set_parameter refuses), so zero_grad comes first there.
+// What brings a stale copy back. Stale copies come from a step, which ends any pass waiting for
+// its backward, so set_parameter is never refused for one.
 constexpr const char* kStaleCopyRemedy =
-    "write the parameter back (moert_session_set_parameter, after moert_session_zero_grad when "
-    "a forward waits for its backward) or load a checkpoint";
+    "write the parameter back (moert_session_set_parameter) or load a checkpoint";
 
 }  // namespace
 

@@ -507,9 +507,9 @@ TEST(Faults, AStepBeyondTheFp32RangeInEveryPrecisionIsWholeAndReported) {
   EXPECT_TRUE(IsError(moert_session_step(s.get(), nullptr, nullptr), MOERT_ERR_NUMERIC,
                       {"step 1 was made and counted", "'moe0.w1'", "FP8 quantization"}));
   std::vector<float> x = rows_to({0, 1}), out(x.size());
-  EXPECT_TRUE(IsError(
-      moert_session_forward_hidden(s.get(), x.data(), x.size(), 2, out.data(), out.size()),
-      MOERT_ERR_NUMERIC, {"'moe0.w1' has no up-to-date copy", "set_parameter", "zero_grad"}));
+  EXPECT_TRUE(
+      IsError(moert_session_forward_hidden(s.get(), x.data(), x.size(), 2, out.data(), out.size()),
+              MOERT_ERR_NUMERIC, {"'moe0.w1' has no up-to-date copy", "set_parameter"}));
   // Another step remakes every copy and reports its own first failure.
   ASSERT_TRUE(IsOk(moert_session_zero_grad(s.get())));
   const std::vector<float> small(16, 1e-3f);

@@ -220,13 +220,13 @@ TEST_F(Handles, MoeQueriesOnNonMoeLayers) {
 TEST_F(Handles, UnknownMoeKeys) {
   int64_t v = -1;
   double f = -1;
-  // Integer keys are 1..14, floating-point keys 101..104; each getter refuses the other's keys.
-  for (int32_t key : {0, 15, 100, MOERT_MOE_ROUTED_SCALING_FACTOR, -1, 1 << 30}) {
+  // Integer keys are 1..15, floating-point keys 101..105; each getter refuses the other's keys.
+  for (int32_t key : {0, 16, 100, MOERT_MOE_ROUTED_SCALING_FACTOR, -1, 1 << 30}) {
     EXPECT_TRUE(
         IsError(moert_model_moe_int(model_.get(), 2, key, &v), kInvalid, {std::to_string(key)}))
         << key;
   }
-  for (int32_t key : {0, 100, 105, MOERT_MOE_TOP_K, -101}) {
+  for (int32_t key : {0, 100, 106, MOERT_MOE_TOP_K, -101}) {
     EXPECT_TRUE(
         IsError(moert_model_moe_float(model_.get(), 2, key, &f), kInvalid, {std::to_string(key)}))
         << key;

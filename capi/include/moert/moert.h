@@ -1060,6 +1060,10 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * *lr and *grad_norm receive a step's figures whenever the step was made, also when the call
  * then fails (that overflow, a weight copy the update could not make, another rank's failure
  * after the update); a step refused before any change writes neither.
+ * A step made ends a training forward still waiting for its backward (that backward would
+ * multiply what its forward kept by the updated weights; it is refused): its tokens have counted
+ * towards this step's bias update, so a forward of the same rows for the next step counts them
+ * again. Run the backward before the step.
  * Refused too (with the failure's code) after a backward of this step failed midway, until
  * moert_session_zero_grad() or moert_session_load(). Among ranks
  * a refusal on one rank is every rank's, and MOERT_ERR_INVALID_STATE refuses a step whose ranks

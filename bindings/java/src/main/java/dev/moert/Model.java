@@ -228,8 +228,9 @@ public final class Model extends NativeHandle<SWIGTYPE_p_moert_model> {
   /**
    * The optimizer steps of the run whose checkpoint this model was loaded from (loading verified
    * its training state, then dropped it; {@code Session.load} resumes it), or -1 for a model
-   * that is not a checkpoint. {@code CapiConstants.MOERT_MOE_SAVED_*} read the balancing state
-   * it saved.
+   * that is not a checkpoint (the count is unsigned: one of 2^63 or more reads as negative, as
+   * {@code Long.toUnsignedString} shows; -1 is never a step). {@code
+   * CapiConstants.MOERT_MOE_SAVED_*} read the balancing state it saved.
    */
   public long checkpointStep() {
     try (Use u = use()) {
