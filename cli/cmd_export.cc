@@ -1,7 +1,6 @@
 // `moert export`: MoE layers of a moert model or checkpoint as a Hugging Face checkpoint.
 #include <cstdio>
 #include <string>
-#include <vector>
 
 #include "cli/commands.h"
 #include "cli/error.h"
@@ -66,11 +65,9 @@ int run_export(const Args& args) {
   // them: --no-check is the way for a model larger than memory, or a checkpoint this version
   // cannot verify.
   if (!args.has("no-check")) {
-    std::vector<uint8_t> bytes = read_file(r.model_path);
-    if (!is_binary_model(bytes)) bytes = json_to_binary({bytes.begin(), bytes.end()}, r.model_path);
-    int32_t refusal = MOERT_OK;
+    int32_t refusal = MOERT_OK;  // stays so for a file that cannot be read or parsed
     try {
-      load_model_bytes(bytes, directory_of(r.model_path), r.model_path, &refusal).reset();
+      load_model_file(r.model_path, &refusal).reset();
     } catch (const Error& e) {
       // The way past is offered where the model may be sound: too large to load, or a checkpoint
       // whose digest this version cannot verify; not for a defect the export would carry over.

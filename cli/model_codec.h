@@ -39,7 +39,8 @@ std::vector<uint8_t> read_file(const std::string& path);
 std::string directory_of(const std::string& path);
 
 // Loads a model file in either form (binary or JSON, told apart by content) through the library;
-// external weights resolve against the file's directory.
-ModelPtr load_model_file(const std::string& path);
+// external weights resolve against the file's directory. A library refusal's status code goes
+// to `*refusal` when given (see load_model_bytes).
+ModelPtr load_model_file(const std::string& path, int32_t* refusal = nullptr);
 
 }  // namespace moert_cli
