@@ -850,7 +850,6 @@ double Session::backward_loss(const int32_t* targets, uint64_t num_targets) {
     targets_.resize(*backend_, compact.size());
     if (!compact.empty())
       backend_->upload(targets_.data(), compact.data(), compact.size() * sizeof(int32_t));
-    refresh_stale_copies();
     reserve_backward(nullptr);
   });
   // Among ranks: the mean over the job's counted rows, the loss summed over its chunks in order.
@@ -896,7 +895,6 @@ double Session::backward(const float* grad_out, uint64_t grad_out_len, float* gr
     std::vector<float> staging;
     const float* g = gather_rows(grad_out, out_w, staging);
     const size_t n = static_cast<size_t>(last_rows_ * out_w);
-    refresh_stale_copies();
     reserve_backward(grad_in);
     dy_.resize(*backend_, n);
     if (n) backend_->upload(dy_.data(), g, n * sizeof(float));
@@ -1049,7 +1047,8 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
 namespace {
 
 // What brings a stale copy back. Stale copies come from a step, which ends any pass waiting for
-// its backward, so set_parameter is never refused for one.
+// its backward, so set_parameter is never refused for one, and a backward never meets one (its
+// forward made them all again or failed).
 constexpr const char* kStaleCopyRemedy =
     "write the parameter back (moert_session_set_parameter) or load a checkpoint";
 
