@@ -127,6 +127,11 @@ void CommState::post_recv(char* p, int64_t bytes, int32_t peer, int tag, Posted&
 
 namespace {
 
+// Why every communicator alive at a host's MPI_Finalize is broken.
+constexpr const char* kHostFinalizedReason =
+    "the host called MPI_Finalize while this communicator was alive (free every moert "
+    "communicator, and every session and options holding one, before MPI_Finalize)";
+
 // The first byte of a notice: why the peer broke.
 constexpr char kTimeoutNotice = 'T', kErrorNotice = 'E';
 
@@ -199,6 +204,10 @@ Engine& Engine::start(double timeout) {
     fail(Code::Comm, "MPI initialisation did not complete within ", timeout,
          " s (did every rank of the job create its communicator?)");
   if (e.state_ == State::Failed) fail(Code::Unsupported, e.failure_);
+  if (e.state_ == State::Finalised && e.host_finalised_)
+    fail(Code::InvalidState,
+         "the host called MPI_Finalize while a moert MPI communicator was alive; MPI cannot be "
+         "used again in this process");
   if (e.state_ == State::Finalised)
     fail(Code::InvalidState,
          "moert finalised MPI when its last MPI communicator was freed, and MPI cannot be "
@@ -221,6 +230,7 @@ void Engine::initialise() {
       fail(Code::Unsupported, "the host initialised MPI with ", thread_level_name(provided),
            "; moert's progress thread calls MPI while the host's threads may, which needs "
            "MPI_THREAD_MULTIPLE (MPI_Init_thread)");
+    watch_finalize();
     return;
   }
   {
@@ -232,6 +242,42 @@ void Engine::initialise() {
   if (provided < MPI_THREAD_MULTIPLE)
     fail(Code::Unsupported, "this Open MPI provides only ", thread_level_name(provided),
          "; moert needs MPI_THREAD_MULTIPLE");
+  // moert finalises MPI itself, but the host can still call MPI_Finalize (MPI is initialised).
+  watch_finalize();
+}
+
+void Engine::watch_finalize() {
+  int keyval = MPI_KEYVAL_INVALID;
+  check_mpi(MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, &Engine::on_finalize, &keyval, this),
+            "MPI_Comm_create_keyval");
+  check_mpi(MPI_Comm_set_attr(MPI_COMM_SELF, keyval, nullptr), "MPI_Comm_set_attr");
+}
+
+int Engine::on_finalize(MPI_Comm, int, void*, void* engine) {
+  Engine& e = *static_cast<Engine*>(engine);
+  std::unique_lock<std::mutex> lock(e.mu_);
+  // moert's own MPI_Finalize, on the engine thread, which has nothing left to stop.
+  if (e.finalising_ || e.state_ != State::Running) return MPI_SUCCESS;
+  e.commands_.push_back([&e] { e.stop_for_host_finalize(); });
+  e.cv_.notify_one();
+  // The engine thread is never blocked for long (its MPI calls do not block); the bound keeps a
+  // host's shutdown from hanging on a defect here.
+  e.done_cv_.wait_for(lock, std::chrono::seconds(30), [&] { return e.state_ == State::Finalised; });
+  return MPI_SUCCESS;
+}
+
+void Engine::stop_for_host_finalize() {
+  for (const auto& c : comms_) {
+    c->health.mark_broken(kHostFinalizedReason);
+    fail_all(*c, c->health.reason());
+    // Peers are told nothing: they are finalising too, or find out at their own timeout. The
+    // notice receive is this rank's alone to take back.
+    if (c->notice_recv != MPI_REQUEST_NULL) {
+      MPI_Cancel(&c->notice_recv);
+      MPI_Wait(&c->notice_recv, MPI_STATUS_IGNORE);
+    }
+  }
+  stopping_ = true;
 }
 
 void Engine::run() {
@@ -267,6 +313,14 @@ void Engine::run() {
       lock.unlock();
       fn();
       lock.lock();
+    }
+    if (stopping_) {
+      // MPI is going: no MPI call from here on. Commands queued later are never run; submit()
+      // and close() look at the state instead.
+      state_ = State::Finalised;
+      host_finalised_ = true;
+      done_cv_.notify_all();
+      return;
     }
     lock.unlock();
     bool moved = false, busy = false;
@@ -483,6 +537,17 @@ void Engine::send_notices(CommState& c, const std::string& reason) {
 
 void Engine::submit(const std::shared_ptr<CommState>& comm, const std::shared_ptr<Operation>& op) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (state_ == State::Finalised) {
+    // Only after a host's MPI_Finalize can a communicator outlive the engine; it is broken, but
+    // an operation started while it broke may have passed the health check.
+    comm->health.mark_broken(kHostFinalizedReason);
+    std::lock_guard<std::mutex> op_lock(op->mu);
+    op->status = Operation::Status::Failed;
+    op->code = Code::Comm;
+    op->error = cat(comm->health.label(), " is broken (", comm->health.reason(), "); ", op->name(),
+                    " refused");
+    return;
+  }
   commands_.push_back([comm, op] { comm->queued.push_back(op); });
   cv_.notify_one();
 }
@@ -584,7 +649,8 @@ std::shared_ptr<CommState> Engine::add(MPI_Comm data, MPI_Comm control, double t
 Engine::Creation::Creation(Engine& e) : e_(e) {
   std::lock_guard<std::mutex> lock(e_.mu_);
   if (e_.state_ != State::Running || e_.finalising_)
-    fail(Code::InvalidState, "MPI is no longer usable in this process (moert finalised it)");
+    fail(Code::InvalidState, "MPI is no longer usable in this process (",
+         e_.host_finalised_ ? "the host called MPI_Finalize" : "moert finalised it", ")");
   ++e_.creating_;
 }
 

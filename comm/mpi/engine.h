@@ -14,6 +14,13 @@
 // operation timed out somewhere, since MPI_Finalize would then wait for peers that may be dead.
 // MPI cannot be initialised twice in a process: after moert finalised it, creating another MPI
 // communicator fails with a message that says so.
+//
+// A host that finalises MPI itself while moert communicators live (moert.h forbids it, but a
+// service's shutdown path may do it anyway) would otherwise have the engine thread call MPI after
+// MPI_Finalize, which Open MPI answers by aborting the process. An attribute on MPI_COMM_SELF,
+// whose delete callback MPI_Finalize runs first (MPI-3.1 section 8.7.1, "Allowing User Functions at
+// Process Termination"), stops the engine before MPI goes: the communicators break with a message
+// naming the cause, and every later operation is refused.
 #pragma once
 
 #include <mpi.h>
@@ -204,6 +211,11 @@ class Engine {
   Engine() = default;
   void run();
   void initialise();
+  // Registers the MPI_COMM_SELF attribute whose deletion stops the engine (above).
+  void watch_finalize();
+  static int on_finalize(MPI_Comm comm, int keyval, void* value, void* engine);
+  // The engine thread's part of a host's MPI_Finalize: breaks and fails everything.
+  void stop_for_host_finalize();
   bool progress_comm(CommState& c);
   bool advance(CommState& c, const std::shared_ptr<Operation>& op);
   void fail_all(CommState& c, const std::string& reason);
@@ -236,11 +248,13 @@ class Engine {
   enum class State { Starting, Running, Failed, Finalised } state_ = State::Starting;
   std::string failure_;  // why MPI cannot be used
   bool owns_mpi_ = false;
-  bool timed_out_ = false;   // an operation timed out somewhere: peers may be dead
-  int stuck_helpers_ = 0;    // helper threads that never returned
-  int live_ = 0;             // communicators not yet released
-  int creating_ = 0;         // communicators being made
-  bool finalising_ = false;  // the engine thread is in MPI_Finalize
+  bool timed_out_ = false;       // an operation timed out somewhere: peers may be dead
+  int stuck_helpers_ = 0;        // helper threads that never returned
+  int live_ = 0;                 // communicators not yet released
+  int creating_ = 0;             // communicators being made
+  bool finalising_ = false;      // the engine thread is in MPI_Finalize
+  bool host_finalised_ = false;  // the host called MPI_Finalize while the engine ran
+  bool stopping_ = false;        // engine thread only: leave the loop after the commands
   bool released_any_ = false;
   bool started_ = false;
 };

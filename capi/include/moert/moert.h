@@ -560,7 +560,12 @@ typedef struct moert_comm moert_comm;
  * must have asked for MPI_THREAD_MULTIPLE (MOERT_ERR_UNSUPPORTED otherwise, naming the level it
  * got), must use the Open MPI the plugin was built against (another MPI library in the process is
  * refused with MOERT_ERR_UNSUPPORTED), must free every moert communicator before it calls
- * MPI_Finalize, and keeps MPI finalisation to itself.
+ * MPI_Finalize, and keeps MPI finalisation to itself. A host that calls MPI_Finalize while
+ * moert communicators live (whoever initialised MPI) keeps its process: moert's progress thread
+ * stops before MPI goes (an MPI_COMM_SELF attribute, MPI-3.1 section 8.7.1), those communicators
+ * break -- every later operation on them, or on a session using them, fails with MOERT_ERR_COMM
+ * naming MPI_Finalize, and moert_comm_free() returns at once -- and a later creation fails with
+ * MOERT_ERR_INVALID_STATE.
  *
  * MOERT_ERR_UNSUPPORTED when the plugin is missing (moert built without Open MPI) or MPI cannot
  * be used as above; MOERT_ERR_COMM when the duplication does not complete within the default
