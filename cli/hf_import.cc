@@ -57,6 +57,12 @@ std::string shape_str(const std::vector<uint64_t>& s) {
 }
 
 // Whether any of n 32-bit (or 16-bit) floats at p has an all-ones exponent: a NaN or infinity.
+// "tensor 'NAME' in FILE", for messages: the file is where a user goes to look.
+std::string tensor_ref(const StTensor& t) {
+  if (!t.origin) return cat("tensor '", t.name, "'");
+  return cat("tensor '", t.name, "' in ", std::filesystem::path(*t.origin).filename().string());
+}
+
 // In blocks, so that the scan of an 11 GB layer vectorizes; the caller then finds the element.
 template <typename Bits>
 bool any_nonfinite(const uint8_t* p, uint64_t n) {
@@ -81,7 +87,7 @@ void check_finite(const StTensor& t) {
     if (!(elem == 4 ? any_nonfinite<uint32_t>(p, m) : any_nonfinite<uint16_t>(p, m))) continue;
     for (uint64_t j = 0; j < m; ++j)
       if (elem == 4 ? any_nonfinite<uint32_t>(p + j * 4, 1) : any_nonfinite<uint16_t>(p + j * 2, 1))
-        fail("tensor '", t.name, "' holds a NaN or infinity at element ", i + j);
+        fail(tensor_ref(t), " holds a NaN or infinity at element ", i + j);
   }
 }
 
@@ -106,13 +112,13 @@ void check_fp8_values(const StTensor& w, const std::string& scales_name, const f
     for (uint64_t b = 0; b < col_blocks; ++b) {
       const uint64_t block = r0 / br * col_blocks + b;
       if (peak[b] == 0x7F)
-        fail("tensor '", w.name, "' holds an FP8 NaN code in block ", block, " (from row ", r0,
+        fail(tensor_ref(w), " holds an FP8 NaN code in block ", block, " (from row ", r0,
              ", column ", b * bc, ")");
       const float largest = moert::fp8::e4m3_decode(peak[b]) * scales[block];
       if (!std::isfinite(largest))
-        fail("tensor '", w.name, "' decodes past the largest float in block ", block,
-             ": a code of ", moert::fp8::e4m3_decode(peak[b]), " times its scale ", scales[block],
-             " in '", scales_name, "'");
+        fail(tensor_ref(w), " decodes past the largest float in block ", block, ": a code of ",
+             moert::fp8::e4m3_decode(peak[b]), " times its scale ", scales[block], " in '",
+             scales_name, "'");
     }
   }
 }
@@ -206,7 +212,7 @@ class Importer {
   // Refuses a checkpoint tensor of the wrong shape, naming it.
   static void expect_shape(const StTensor& t, const std::vector<uint64_t>& want) {
     if (t.shape != want)
-      fail("tensor '", t.name, "' has shape ", shape_str(t.shape), " but the config makes it ",
+      fail(tensor_ref(t), " has shape ", shape_str(t.shape), " but the config makes it ",
            shape_str(want));
   }
 
@@ -232,17 +238,17 @@ class Importer {
           dt = fb::DType::BF16;
           break;
         case StDType::F8_E4M3:
-          if (!fp8_allowed) fail("tensor '", t.name, "' is F8_E4M3; moert keeps it in fp32/bf16");
+          if (!fp8_allowed) fail(tensor_ref(t), " is F8_E4M3; moert keeps it in fp32/bf16");
           dt = fb::DType::F8E4M3;
           break;
         default:
-          fail("tensor '", t.name, "' has dtype ", st_dtype_name(t.dtype),
+          fail(tensor_ref(t), " has dtype ", st_dtype_name(t.dtype),
                "; moert stores F32, BF16 and F8_E4M3");
       }
       if (i == 0) {
         g.dtype = dt;
       } else if (dt != g.dtype) {
-        fail("tensor '", t.name, "' is ", st_dtype_name(t.dtype), " but '", names[0], "' is ",
+        fail(tensor_ref(t), " is ", st_dtype_name(t.dtype), " but '", names[0], "' is ",
              fb::EnumNameDType(g.dtype), ": moert stacks experts of one dtype");
       }
       g.pieces.push_back(t.bytes);
@@ -262,19 +268,19 @@ class Importer {
   // moert's BlockScales over the same matrix.
   void add_scales(const StTensor& w, Gathered& g) {
     if (!cfg_.fp8_block_rows)
-      fail("tensor '", w.name,
-           "' is F8_E4M3 but config.json has no quantization_config.weight_block_size");
+      fail(tensor_ref(w),
+           " is F8_E4M3 but config.json has no quantization_config.weight_block_size");
     const uint32_t br = *cfg_.fp8_block_rows, bc = *cfg_.fp8_block_cols;
     const std::string sname = w.name + "_scale_inv";
     const StTensor* s = ck_.find(sname);
-    if (!s) fail("FP8 tensor '", w.name, "' has no '", sname, "'");
+    if (!s) fail("FP8 ", tensor_ref(w), " has no '", sname, "'");
     take(sname);
     if (s->dtype != StDType::F32)
-      fail("tensor '", sname, "' is ", st_dtype_name(s->dtype), "; block scales must be F32");
+      fail(tensor_ref(*s), " is ", st_dtype_name(s->dtype), "; block scales must be F32");
     const std::vector<uint64_t> want = {ceil_div(w.shape[0], br), ceil_div(w.shape[1], bc)};
     if (s->shape != want) {
       const std::vector<uint64_t> transposed = {want[1], want[0]};
-      fail("tensor '", sname, "' has shape ", shape_str(s->shape), "; weight ", shape_str(w.shape),
+      fail(tensor_ref(*s), " has shape ", shape_str(s->shape), "; weight ", shape_str(w.shape),
            " in ", br, "x", bc, " blocks needs ", shape_str(want),
            s->shape == transposed ? " (the scales are transposed)" : "");
     }
@@ -285,7 +291,7 @@ class Importer {
     std::memcpy(g.scales.data() + at, s->bytes.data(), s->bytes.size());
     for (size_t i = at; i < g.scales.size(); ++i)
       if (!moert::fp8::is_valid_scale(g.scales[i]))
-        fail("tensor '", sname, "' holds the scale ", g.scales[i], " at element ", i - at,
+        fail(tensor_ref(*s), " holds the scale ", g.scales[i], " at element ", i - at,
              ": a scale must be finite and at least 2^-126 (a negative or zero scale would flip "
              "or erase its block)");
     check_fp8_values(w, sname, g.scales.data() + at, br, bc);
@@ -337,10 +343,10 @@ class Importer {
           std::memcpy(&v[i], &bits, 4);
         }
       } else {
-        fail("tensor '", t.name, "' is ", st_dtype_name(t.dtype), "; the bias must be F32 or BF16");
+        fail(tensor_ref(t), " is ", st_dtype_name(t.dtype), "; the bias must be F32 or BF16");
       }
       for (float x : v)
-        if (!std::isfinite(x)) fail("tensor '", t.name, "' holds a NaN or infinity");
+        if (!std::isfinite(x)) fail(tensor_ref(t), " holds a NaN or infinity");
       const std::vector<uint64_t> shape = {E};
       bias = fb::CreateTensor(b_, b_.CreateVector(shape), fb::DType::F32,
                               b_.CreateVector(reinterpret_cast<const uint8_t*>(v.data()), 4 * E));
@@ -364,7 +370,8 @@ class Importer {
     // shared-expert gate, another expert) would be silently dropped.
     for (const std::string& n : ck_.names())
       if (n.rfind(prefix, 0) == 0 && !used_.count(n))
-        fail("tensor '", n, "' of layer ", l, "'s MLP module has no place in a moert MoE layer");
+        fail(tensor_ref(ck_.get(n)), " of layer ", l,
+             "'s MLP module has no place in a moert MoE layer");
 
     // DeepSeek-V3's bias steers selection (loss-free balancing); imported frozen, so training
     // changes it only when the user unfreezes it. The softmax families have no bias.

@@ -225,6 +225,7 @@ void SafetensorsFile::parse_bytes(std::span<const uint8_t> bytes) {
       fail(what, ": shape of ", st_dtype_name(t.dtype), " needs ", bytes_needed,
            " bytes but data_offsets span ", t.end - t.begin);
     t.bytes = data.subspan(t.begin, t.end - t.begin);
+    t.origin = &origin_;
     tensors_.push_back(std::move(t));
   }
   std::stable_sort(tensors_.begin(), tensors_.end(), [](const StTensor& a, const StTensor& b) {

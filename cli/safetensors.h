@@ -37,6 +37,9 @@ struct StTensor {
   std::vector<uint64_t> shape;
   uint64_t begin = 0, end = 0;  // within the data section
   std::span<const uint8_t> bytes;
+  // The path of the file that holds it (its SafetensorsFile's origin), for messages: a DeepSeek-V3
+  // checkpoint spreads a layer over several of its 163 shards.
+  const std::string* origin = nullptr;
 
   uint64_t numel() const;
 };

@@ -737,7 +737,7 @@ def check_refusals(cli_path, work):
             t[name] = (dt, shape, raw[:at] + raw_value + raw[at + len(raw_value):])
         return mutate
     cases.append(("fp8 NaN code", base["cfg"], poke(w, 150, bytes([0xFF])), ["--layer", "1"],
-                  "FP8 NaN code in block 1"))
+                  w + "' in model.safetensors holds an FP8 NaN code in block 1"))
     for label, scale, want in (("negative scale", -0.002, "holds the scale -0.002"),
                                ("zero scale", 0.0, "holds the scale 0 at"),
                                ("subnormal scale", 1e-42, "at least 2^-126"),
@@ -803,6 +803,16 @@ def check_refusals(cli_path, work):
         lines.append(f"  refused {label}: {p.stderr.strip()}")
         if p.returncode != 1 or want not in p.stderr or os.path.exists(out):
             failures.append(f"refusal '{label}': exit {p.returncode}, stderr {p.stderr!r}")
+
+    # In a sharded checkpoint, a refusal names the shard that holds the tensor at fault.
+    d = os.path.join(work, "refusals", "sharded_scale")
+    saved = dict(base["store"].tensors)
+    poke(w + "_scale_inv", 0, struct.pack("<f", -0.5))(base["store"].tensors)
+    base["store"].write(d, base["cfg"], shards=3)
+    shard = sorted(base["store"].tensors).index(w + "_scale_inv") % 3 + 1
+    base["store"].tensors = saved
+    expect_refused("sharded scale", d, os.path.join(d, "out.moert"), "1",
+                   f"{w}_scale_inv' in model-{shard:05d}-of-00003.safetensors holds the scale -0.5")
 
     # A model.safetensors link whose target is gone (a cache's blob removed) names the link.
     d = os.path.join(work, "refusals", "dangling_link")
