@@ -27,6 +27,9 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/moertConfigVersion.cmake
 install(FILES ${PROJECT_BINARY_DIR}/moertConfig.cmake ${PROJECT_BINARY_DIR}/moertConfigVersion.cmake
   DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/moert)
 
+include(${PROJECT_SOURCE_DIR}/cmake/MoertPkgConfigPath.cmake)
+moert_pkgconfig_path(MOERT_PC_LIBDIR ${CMAKE_INSTALL_PREFIX} ${CMAKE_INSTALL_FULL_LIBDIR})
+moert_pkgconfig_path(MOERT_PC_INCLUDEDIR ${CMAKE_INSTALL_PREFIX} ${CMAKE_INSTALL_FULL_INCLUDEDIR})
 file(RELATIVE_PATH MOERT_PC_TO_PREFIX ${CMAKE_INSTALL_FULL_LIBDIR}/pkgconfig ${CMAKE_INSTALL_PREFIX})
 string(REGEX REPLACE "/$" "" MOERT_PC_TO_PREFIX "${MOERT_PC_TO_PREFIX}")
 set(MOERT_PC_RPATH "")

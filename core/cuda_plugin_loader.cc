@@ -42,8 +42,15 @@ F symbol(void* handle, const char* name, const std::string& path) {
 Plugin& load(const std::string& plugin_path) {
   Plugin& p = plugin();
   std::lock_guard<std::mutex> lock(p.mu);
-  const std::string path = plugin_path.empty() ? beside_library("libmoert_cuda.so") : plugin_path;
+  bool found = true;
+  const std::string path =
+      plugin_path.empty() ? find_plugin("libmoert_cuda.so", &found) : plugin_path;
   if (!p.create) {
+    if (!found)
+      fail(Code::Unsupported, "CUDA backend unavailable: no CUDA plugin beside libmoert (",
+           plugin_search_text("libmoert_cuda.so"),
+           "): moert was built without CUDA, or the plugin was not installed with it (CPU "
+           "sessions are unaffected)");
     void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!handle)
       fail(Code::Unsupported, "CUDA backend unavailable: cannot load '", path, "': ", dlerror(),

@@ -36,12 +36,18 @@ F symbol(void* handle, const char* name, const std::string& path) {
 moert_mpi_plugin_create_fn load(const std::string& plugin_path) {
   MpiPlugin& p = mpi_plugin();
   std::lock_guard<std::mutex> lock(p.mu);
-  const std::string path = plugin_path.empty() ? beside_library("libmoert_mpi.so") : plugin_path;
+  bool found = true;
+  const std::string path =
+      plugin_path.empty() ? find_plugin("libmoert_mpi.so", &found) : plugin_path;
   if (!p.create) {
+    if (!found)
+      fail(Code::Unsupported, "MPI communicators unavailable: no MPI plugin beside libmoert (",
+           plugin_search_text("libmoert_mpi.so"),
+           "): moert was built without Open MPI, or the plugin was not installed with it");
     void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!handle)
       fail(Code::Unsupported, "MPI communicators unavailable: cannot load '", path,
-           "': ", dlerror(), " (moert was built without Open MPI, or its libraries are missing)");
+           "': ", dlerror(), " (are Open MPI's libraries installed?)");
     const auto abi = symbol<moert_mpi_plugin_abi_fn>(handle, "moert_mpi_plugin_abi", path);
     const auto version =
         symbol<moert_mpi_plugin_version_fn>(handle, "moert_mpi_plugin_version", path);

@@ -3,14 +3,26 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 
 namespace moert {
 
-// `file` in the directory libmoert itself was loaded from (the current directory when that
-// cannot be told).
-std::string beside_library(const char* file);
+// The files a plugin named `stem` ("libmoert_mpi.so") may be, in the order to try: its SONAME
+// (stem.N, N the ABI major: what a runtime package ships) before the unversioned development
+// link, each in the directory of libmoert's real file (symbolic links resolved) and then in the
+// directory of the name it was loaded by, when that differs. Both directories are taken when the
+// library is loaded, so that a relative name (a relative LD_LIBRARY_PATH entry) keeps its meaning
+// after the host changes its working directory.
+std::vector<std::string> plugin_candidates(const char* stem);
+
+// The first of plugin_candidates(stem) that exists; the first candidate when none does (the
+// error then names the file moert looked for first). `*found` says which case it was.
+std::string find_plugin(const char* stem, bool* found);
+
+// "looked for 'A', 'B'": plugin_candidates(stem), for a message.
+std::string plugin_search_text(const char* stem);
 
 // A plugin's error code as a Code; Internal for values this library does not know.
 Code plugin_code(int32_t code);

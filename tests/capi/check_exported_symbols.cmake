@@ -1,7 +1,11 @@
 # Fails when the dynamic symbols that LIBRARY defines differ from the committed list SYMBOLS (one
 # name per line, sorted), printing the difference. Symbol versions (name@@MOERT_1) are stripped and
 # the version node itself (MOERT_1) is skipped.
-#   cmake -DNM=nm -DLIBRARY=libmoert.so -DSYMBOLS=capi/moert.symbols -P check_exported_symbols.cmake
+# With READELF set, it also fails when the library relocates against one of its own exported
+# functions: such a call goes through the PLT, and a second copy of libmoert in the process
+# (a plugin's RTLD_LOCAL one) then runs the first copy's code (-Bsymbolic-functions binds them).
+#   cmake -DNM=nm [-DREADELF=readelf] -DLIBRARY=libmoert.so -DSYMBOLS=capi/moert.symbols \
+#     -P check_exported_symbols.cmake
 foreach(var NM LIBRARY SYMBOLS)
   if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
     message(FATAL_ERROR "check_exported_symbols: ${var} is not set")
@@ -60,3 +64,22 @@ if(added OR removed)
                       "Update the list only for a deliberate ABI change.")
 endif()
 message(STATUS "${n_exported} exported symbols match ${SYMBOLS}")
+
+if(DEFINED READELF AND NOT READELF STREQUAL "")
+  execute_process(COMMAND ${READELF} -rW ${LIBRARY}
+    OUTPUT_VARIABLE relocs ERROR_VARIABLE readelf_err RESULT_VARIABLE readelf_rc)
+  if(NOT readelf_rc EQUAL 0)
+    message(FATAL_ERROR "${READELF} -rW ${LIBRARY} failed (${readelf_rc}): ${readelf_err}")
+  endif()
+  set(self_bound "")
+  foreach(name IN LISTS exported)
+    if(relocs MATCHES " ${name}(@|\n| )")
+      list(APPEND self_bound "${name}")
+    endif()
+  endforeach()
+  if(self_bound)
+    message(FATAL_ERROR "${LIBRARY} relocates against its own exports (calls that another copy "
+                        "of the library could take): ${self_bound}")
+  endif()
+  message(STATUS "no relocation against the library's own exports")
+endif()

@@ -118,7 +118,7 @@ typedef struct moert_model moert_model;
 #define MOERT_LAYER_DENSE_FFN 4
 #define MOERT_LAYER_OUTPUT_HEAD 5
 
-/* Input kinds, as returned by moert_model_input(). */
+/* Input kinds, as moert_model_io() reports them. */
 #define MOERT_INPUT_TOKENS 1 /* rows of token ids (int32); the first layer is an embedding */
 #define MOERT_INPUT_HIDDEN 2 /* rows of hidden states (float) */
 
@@ -402,8 +402,9 @@ MOERT_API moert_status* moert_session_options_create(moert_session_options** out
 MOERT_API void moert_session_options_free(moert_session_options* options);
 
 /* Device kind (MOERT_DEVICE_*) and index. MOERT_DEVICE_CUDA sessions run on the CUDA plugin,
- * libmoert_cuda.so, which moert_session_create() loads on first use from the directory of
- * libmoert.so (or from the "cuda_plugin" option), checks against this library's version and
+ * libmoert_cuda.so.1, which moert_session_create() loads on first use from the directory of
+ * libmoert's real file, then of the name it was loaded by (README.md, "Plugins"; or from the
+ * "cuda_plugin" option), checks against this library's version and
  * never unloads. Where the plugin, the CUDA libraries or a Hopper GPU are missing,
  * moert_session_create() returns MOERT_ERR_UNSUPPORTED saying which; CPU sessions are unaffected.
  * On CUDA, GEMMs run in bf16 with fp32 accumulation and everything else in fp32; Expert Choice
@@ -509,10 +510,11 @@ MOERT_API moert_status* moert_session_options_set_config(moert_session_options* 
 /* A moert_comm connects the processes ("ranks") of one job. Attached to session options with an
  * expert-parallel size, it lets sessions shard the routed experts over ranks and average the
  * other gradients (README.md, "Expert and data parallelism"). Two kinds:
- *  - MPI, from the plugin libmoert_mpi.so (built against Open MPI 4.1), loaded on first use from
- *    the directory of libmoert.so and checked against this library's version. Buffers are host
- *    memory. The plugin runs one progress thread per process that makes all of moert's MPI calls,
- *    so communication overlaps the caller's computation; it needs MPI_THREAD_MULTIPLE.
+ *  - MPI, from the plugin libmoert_mpi.so.1 (built against Open MPI 4.1), loaded on first use
+ *    from beside libmoert as the CUDA plugin is (moert_session_options_set_device()) and checked
+ * against this library's version. Buffers are host memory. The plugin runs one progress thread per
+ * process that makes all of moert's MPI calls, so communication overlaps the caller's computation;
+ * it needs MPI_THREAD_MULTIPLE.
  *  - NCCL, inside the CUDA plugin libmoert_cuda.so (the toolkit's NCCL), on its own CUDA stream.
  *    Buffers are device memory. Not yet verified on a GPU.
  *

@@ -405,8 +405,9 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Device kind (MOERT_DEVICE_*) and index. MOERT_DEVICE_CUDA sessions run on the CUDA plugin,"]
-    #[doc = " libmoert_cuda.so, which moert_session_create() loads on first use from the directory of"]
-    #[doc = " libmoert.so (or from the \"cuda_plugin\" option), checks against this library's version and"]
+    #[doc = " libmoert_cuda.so.1, which moert_session_create() loads on first use from the directory of"]
+    #[doc = " libmoert's real file, then of the name it was loaded by (README.md, \"Plugins\"; or from the"]
+    #[doc = " \"cuda_plugin\" option), checks against this library's version and"]
     #[doc = " never unloads. Where the plugin, the CUDA libraries or a Hopper GPU are missing,"]
     #[doc = " moert_session_create() returns MOERT_ERR_UNSUPPORTED saying which; CPU sessions are unaffected."]
     #[doc = " On CUDA, GEMMs run in bf16 with fp32 accumulation and everything else in fp32; Expert Choice"]
