@@ -127,6 +127,11 @@ class Backend : public Allocator {
   // communicator's operations start after it (Communicator::set_stream); null where every
   // operation is complete when it returns.
   virtual void* native_stream() const { return nullptr; }
+  // The scratch the backend keeps between calls, sized by the largest it served (transposed
+  // backward operands, per-worker scratch), and its release: between a session's passes only
+  // (Session::after_call).
+  virtual size_t work_bytes() const { return 0; }
+  virtual void release_work() {}
 
   // ---- Memory. Transfers are complete when they return (host buffers may be reused at once).
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;

@@ -53,6 +53,10 @@ class Buffer {
   const T* data() const { return data_; }
   size_t size() const { return size_; }
   size_t bytes() const { return size_ * sizeof(T); }
+  // What it holds, which a smaller resize keeps.
+  size_t capacity_bytes() const { return capacity_ * sizeof(T); }
+  // Gives the memory back.
+  void clear() { release(); }
 
  private:
   void release() {
@@ -72,5 +76,16 @@ class Buffer {
   size_t size_ = 0, capacity_ = 0;
   Allocator* alloc_ = nullptr;
 };
+
+// The bytes a set of buffers holds, and their release: for the working buffers that passes size
+// (Layer::release_work).
+template <typename... B>
+size_t held_bytes(const B&... buffers) {
+  return (size_t{0} + ... + buffers.capacity_bytes());
+}
+template <typename... B>
+void clear_buffers(B&... buffers) {
+  (buffers.clear(), ...);
+}
 
 }  // namespace moert

@@ -22,7 +22,8 @@ class Communicator;
 // 7: layout copies: Weight::f32t and bf16_packed, Backend::transposed_copies, transpose_matrices,
 //    packed_bf16_bytes, pack_bf16.
 // 9: Backend::route_expert_choice takes the row window its plan keeps.
-inline constexpr uint32_t kCudaPluginAbi = 9;
+// 10: Backend::work_bytes and release_work.
+inline constexpr uint32_t kCudaPluginAbi = 10;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =
     MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(

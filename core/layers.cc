@@ -158,6 +158,53 @@ int64_t MoELayer::indexed_items(int64_t rows) const {
              : rows * s_.router.top_k;
 }
 
+namespace {
+
+size_t plan_bytes(const DispatchPlan& p) {
+  return held_bytes(p.expert_offsets, p.token, p.expert, p.weight, p.token_offsets,
+                    p.token_assign) +
+         p.host_offsets.capacity() * sizeof(int64_t);
+}
+
+void clear_plan(DispatchPlan& p) {
+  clear_buffers(p.expert_offsets, p.token, p.expert, p.weight, p.token_offsets, p.token_assign);
+  p = DispatchPlan();
+}
+
+}  // namespace
+
+size_t MoELayer::work_bytes() const {
+  size_t n =
+      held_bytes(logits_, scores_, weights_, x_perm_, y_perm_, h1_, h3_, aux_ds_, all_logits_,
+                 all_scores_, dy_perm_, dweight_, dx_perm_, dlogits_, scratch_, experts_) +
+      plan_bytes(plan_);
+  for (const auto& b : shared_h1_) n += b.capacity_bytes();
+  for (const auto& b : shared_h3_) n += b.capacity_bytes();
+  const Exchange& e = ex_;
+  n += held_bytes(e.x_send, e.x_recv, e.y_ret, e.y_back, e.y_home, e.dy_send, e.dy_recv, e.dx_ret,
+                  e.dx_back, e.dx_home, e.scratch, e.meta_send, e.meta_recv) +
+       plan_bytes(e.send) + plan_bytes(e.remote) + plan_bytes(e.home);
+  for (const auto& p : e.groups) n += plan_bytes(p);
+  for (const auto& p : e.ret) n += plan_bytes(p);
+  return n;
+}
+
+void MoELayer::release_work() {
+  clear_buffers(logits_, scores_, weights_, x_perm_, y_perm_, h1_, h3_, aux_ds_, all_logits_,
+                all_scores_, dy_perm_, dweight_, dx_perm_, dlogits_, scratch_, experts_);
+  clear_plan(plan_);
+  shared_h1_.clear();
+  shared_h3_.clear();
+  Exchange& e = ex_;
+  clear_buffers(e.x_send, e.x_recv, e.y_ret, e.y_back, e.y_home, e.dy_send, e.dy_recv, e.dx_ret,
+                e.dx_back, e.dx_home, e.scratch, e.meta_send, e.meta_recv);
+  clear_plan(e.send);
+  clear_plan(e.remote);
+  clear_plan(e.home);
+  e.groups.clear();
+  e.ret.clear();
+}
+
 void MoELayer::route(Backend& be, const float* x, int64_t rows) {
   const RouterConfig& r = s_.router;
   const int64_t E = r.num_experts, K = r.top_k, D = s_.dim;

@@ -44,6 +44,11 @@ class Layer {
   // that among ranks a rank that cannot have them fails the call's opening agreement, before any
   // exchange. Only layers with exchanges of their own need it.
   virtual void reserve_backward(Backend&, int64_t /*rows*/, bool /*dx_given*/) {}
+  // The working buffers that passes size to their rows (never parameters or gradients): the
+  // bytes they hold, and their release, made only between passes (no backward pending); the next
+  // pass sizes them again.
+  virtual size_t work_bytes() const { return 0; }
+  virtual void release_work() {}
 };
 
 class EmbeddingLayer final : public Layer {
@@ -66,6 +71,8 @@ class RMSNormLayer final : public Layer {
   RMSNormLayer(const RMSNormSpec& s, ParamStore& p) : s_(s), p_(p) {}
   void forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) override;
   void backward(Backend& be, const float* dy, float* dx, int64_t rows) override;
+  size_t work_bytes() const override { return held_bytes(inv_rms_, scratch_); }
+  void release_work() override { clear_buffers(inv_rms_, scratch_); }
 
  private:
   const RMSNormSpec& s_;
@@ -79,6 +86,8 @@ class DenseFFNLayer final : public Layer {
   DenseFFNLayer(const DenseFFNSpec& s, ParamStore& p) : s_(s), p_(p) {}
   void forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) override;
   void backward(Backend& be, const float* dy, float* dx, int64_t rows) override;
+  size_t work_bytes() const override { return held_bytes(h1_, h3_, scratch_); }
+  void release_work() override { clear_buffers(h1_, h3_, scratch_); }
 
  private:
   const DenseFFNSpec& s_;
@@ -125,6 +134,8 @@ class MoELayer final : public Layer {
   void skip_pass() override;
   int64_t indexed_items(int64_t rows) const override;
   void reserve_backward(Backend& be, int64_t rows, bool dx_given) override;
+  size_t work_bytes() const override;
+  void release_work() override;
 
   const ExpertCounts& counts() const { return counts_; }
   // Expert Choice: the tokens each expert takes from `rows`.

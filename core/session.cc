@@ -179,6 +179,9 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
       fail(Code::InvalidArgument, "option 'ep_chunks' takes an integer in [1, 64], got '", value,
            "'");
     ep_chunks = static_cast<int64_t>(c);
+  } else if (key == "kept_work_bytes") {
+    kept_work_bytes =
+        value == "unlimited" ? std::numeric_limits<uint64_t>::max() : parse_count(key, value);
   } else if (key == "ep_overlap") {
     ep_overlap = parse_bool(key, value);
   } else if (key == "aux_loss_scope") {
@@ -200,7 +203,7 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
          "optimizer, lr, min_lr, "
          "weight_decay, "
          "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length, "
-         "aux_loss_scope, ep_chunks, ep_overlap)");
+         "aux_loss_scope, ep_chunks, ep_overlap, kept_work_bytes)");
   }
 }
 
@@ -1285,6 +1288,24 @@ void Session::set_config(const std::string& key, const std::string& value) {
     fail(Code::InvalidState, key, " cannot change between a forward and its backward");
   options_ = updated;
   pass_on_options();
+}
+
+size_t Session::work_bytes() const {
+  size_t n = held_bytes(input_, dy_, dx_, grad_in_, tokens_, targets_) + backend_->work_bytes();
+  for (const auto& a : activations_) n += a.capacity_bytes();
+  for (const auto& l : layers_) n += l->work_bytes();
+  return n;
+}
+
+void Session::after_call(bool out_of_memory) {
+  if (pending_backward_) return;
+  if (!out_of_memory && (options_.kept_work_bytes == std::numeric_limits<uint64_t>::max() ||
+                         work_bytes() <= options_.kept_work_bytes))
+    return;
+  clear_buffers(input_, dy_, dx_, grad_in_, tokens_, targets_);
+  for (auto& a : activations_) a.clear();
+  for (auto& l : layers_) l->release_work();
+  backend_->release_work();
 }
 
 const std::string& Session::parameter_name(size_t index) const {

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -92,6 +93,12 @@ struct SessionOptions {
   int64_t ep_chunks = 2;
   // Whether the exchanges overlap computation at all ("ep_overlap"; false: for measuring it).
   bool ep_overlap = true;
+
+  // The most bytes of working buffers (what passes size to their rows: activations, the experts'
+  // dispatched rows, backward scratch) a session keeps between calls ("kept_work_bytes"): more
+  // are given back once no backward is pending. Unlimited by default, so that a session's passes
+  // after its largest allocate nothing.
+  uint64_t kept_work_bytes = std::numeric_limits<uint64_t>::max();
 
   // Applies a knob by name; throws InvalidArgument for an unknown key or a value it refuses.
   void set(const std::string& key, const std::string& value);
@@ -192,6 +199,14 @@ class Session {
   // (the C ABI's NULL), refused like any other bad argument, among ranks inside the agreement.
   void save(const std::string& path, bool path_given = true) const;
   void load(const std::string& path, const LoadOptions* limits = nullptr, bool path_given = true);
+
+  // The bytes of working buffers the session, its layers and its backend hold now.
+  size_t work_bytes() const;
+  // Called by every entry point after its body, under the lock, `out_of_memory` when it failed
+  // with OutOfMemory: gives the working buffers back when no backward is pending and either they
+  // exceed "kept_work_bytes" or the call ran out of memory (a failed pass must not pin what it
+  // grew, or every smaller retry fails too).
+  void after_call(bool out_of_memory);
 
   // Serialises the public entry points: a session may be shared between threads.
   std::mutex& mutex() const { return mu_; }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <new>
 #include <mutex>
 
 #include "capi/src/fork_generation.h"
@@ -38,7 +39,16 @@ moert_status* locked(S* session, F&& body) {
     require_made_here(session->fork_generation, "session");
     std::lock_guard<std::mutex> lock(session->session->mutex());
     const auto device = session->session->use_device();
-    body(*session->session);
+    try {
+      body(*session->session);
+    } catch (const Error& e) {
+      session->session->after_call(e.code() == Code::OutOfMemory);
+      throw;
+    } catch (const std::bad_alloc&) {
+      session->session->after_call(true);
+      throw;
+    }
+    session->session->after_call(false);
   });
 }
 

@@ -55,6 +55,20 @@ CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8, Layo
 
 // ---- Memory
 
+size_t CpuBackend::work_bytes() const {
+  size_t n = held_bytes(t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_, t_fp8_scales_, t_w_,
+                        cut_, cut_x_);
+  for (const Scratch& s : scratch_)
+    n += s.f.capacity() * sizeof(float) + s.bytes.capacity() + s.quant.capacity() * sizeof(float);
+  return n;
+}
+
+void CpuBackend::release_work() {
+  clear_buffers(t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_, t_fp8_scales_, t_w_, cut_,
+                cut_x_);
+  for (Scratch& s : scratch_) s = Scratch();
+}
+
 void* CpuBackend::allocate(size_t bytes) {
   void* p = ::operator new (bytes, std::align_val_t{64}, std::nothrow);
   if (!p) fail(Code::OutOfMemory, "out of memory allocating ", bytes, " bytes");

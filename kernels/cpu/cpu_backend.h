@@ -37,6 +37,8 @@ class CpuBackend final : public Backend {
                  void* dst) override;
 
   // ---- Memory (cpu_backend.cc)
+  size_t work_bytes() const override;
+  void release_work() override;
   void* allocate(size_t bytes) override;
   void deallocate(void* p) noexcept override;
   void upload(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }

@@ -499,6 +499,18 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   many chunks of the ranks' experts, computed while the next chunks travel.
  *                   Any value gives the same results.
  *   "ep_overlap"    "true" (default) | "false": whether exchanges overlap computation at all.
+ *   "kept_work_bytes" "unlimited" (default) | a byte count: the most working memory (what
+ *                   passes size to their rows: activations, the experts' dispatched rows,
+ *                   backward scratch; never weights, gradients or optimizer state) a session
+ *                   keeps between calls. By default it keeps what its largest pass needed, so
+ *                   later passes allocate nothing; past the bound, every call gives it all back
+ *                   once no backward is pending (a training pass keeps its buffers until its
+ *                   backward), and the next pass allocates afresh. "0" keeps nothing. A
+ *                   long-lived session that serves a few very large requests among small ones
+ *                   sets it to what a typical pass needs. Results are the same bits either way.
+ *                   Whatever the setting, a call that fails with MOERT_ERR_OUT_OF_MEMORY gives
+ *                   back what it grew (unless a backward is pending), so that a smaller retry can
+ *                   succeed. May be changed on a live session (moert_session_set_config()).
  *   "cuda_plugin"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads
  *                   one plugin: a second, different path is refused).
  *   and the training knobs listed under Training below.
