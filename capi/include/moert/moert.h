@@ -598,7 +598,12 @@ MOERT_API moert_status* moert_comm_create_mpi_with_timeout(const void* mpi_comm,
 /* Writes a fresh NCCL unique id (MOERT_NCCL_UNIQUE_ID_BYTES bytes) into `out` (`out_len` bytes,
  * at least MOERT_NCCL_UNIQUE_ID_BYTES). Rank 0 calls it and ships the bytes to the other ranks
  * by any means (MPI, a file, a socket), as NCCL itself asks. Loads the CUDA plugin;
- * MOERT_ERR_UNSUPPORTED when it or its NCCL is missing. */
+ * MOERT_ERR_UNSUPPORTED when it or its NCCL is missing. Each id costs this process a thread and
+ * a listening socket (NCCL's bootstrap root, started by ncclGetUniqueId), which end once every
+ * rank has created its communicator with the id; an id that no communicator reaches NCCL with
+ * (never used, or whose creation failed before, say for want of a GPU) keeps them for the life
+ * of the process, since NCCL offers no way to cancel one: a service that retries a job's set-up
+ * checks what it can (a usable GPU) before it makes a fresh id, rather than one per attempt. */
 MOERT_API moert_status* moert_comm_nccl_unique_id(uint8_t* out, uint64_t out_len);
 
 /* Creates rank `rank` of an NCCL communicator of `size` ranks on CUDA device `device`, from the

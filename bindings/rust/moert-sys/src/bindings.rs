@@ -594,7 +594,12 @@ extern "C" {
     #[doc = " Writes a fresh NCCL unique id (MOERT_NCCL_UNIQUE_ID_BYTES bytes) into `out` (`out_len` bytes,"]
     #[doc = " at least MOERT_NCCL_UNIQUE_ID_BYTES). Rank 0 calls it and ships the bytes to the other ranks"]
     #[doc = " by any means (MPI, a file, a socket), as NCCL itself asks. Loads the CUDA plugin;"]
-    #[doc = " MOERT_ERR_UNSUPPORTED when it or its NCCL is missing."]
+    #[doc = " MOERT_ERR_UNSUPPORTED when it or its NCCL is missing. Each id costs this process a thread and"]
+    #[doc = " a listening socket (NCCL's bootstrap root, started by ncclGetUniqueId), which end once every"]
+    #[doc = " rank has created its communicator with the id; an id that no communicator reaches NCCL with"]
+    #[doc = " (never used, or whose creation failed before, say for want of a GPU) keeps them for the life"]
+    #[doc = " of the process, since NCCL offers no way to cancel one: a service that retries a job's set-up"]
+    #[doc = " checks what it can (a usable GPU) before it makes a fresh id, rather than one per attempt."]
     pub fn moert_comm_nccl_unique_id(out: *mut u8, out_len: u64) -> *mut moert_status;
 }
 extern "C" {
