@@ -26,7 +26,9 @@
  *  - No function throws, aborts or exits on bad input.
  *  - Exit: the process may exit while calls compute on other threads; at exit the library lets
  *    the calls in flight finish (up to 10 s) and later ones fail with MOERT_ERR_INVALID_STATE,
- *    before oneDNN tears its kernels down.
+ *    before oneDNN tears its kernels down. No computation can be relied on from an atexit
+ *    handler or a static destructor, whenever it was registered: the library's own exit hook is
+ *    registered again as it runs, so it comes before any handler the host registered earlier.
  *  - fork(): sessions and batchers run threads, which a child of fork() does not inherit. In the
  *    child every call on a session or batcher made before the fork fails with
  *    MOERT_ERR_INVALID_STATE (even one whose lock a parent thread held at the fork), and its
