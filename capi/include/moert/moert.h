@@ -1105,7 +1105,8 @@ MOERT_API moert_status* moert_session_step_count(const moert_session* session, u
 
 /* eval != 0: forward passes neither keep state for backward nor count towards the bias update;
  * they add to the MOERT_COUNTS_EVAL metrics, and moert_session_step() is refused. eval == 0: back
- * to training. */
+ * to training. Switching leaves a training forward that waits for its backward as it is: that
+ * backward may still be run, in either mode, until an eval-mode forward discards it. */
 MOERT_API moert_status* moert_session_set_eval(moert_session* session, int32_t eval);
 
 /* A knob by name (the lists above), for this session from now on. The one function of this

@@ -1146,7 +1146,8 @@ extern "C" {
 extern "C" {
     #[doc = " eval != 0: forward passes neither keep state for backward nor count towards the bias update;"]
     #[doc = " they add to the MOERT_COUNTS_EVAL metrics, and moert_session_step() is refused. eval == 0: back"]
-    #[doc = " to training."]
+    #[doc = " to training. Switching leaves a training forward that waits for its backward as it is: that"]
+    #[doc = " backward may still be run, in either mode, until an eval-mode forward discards it."]
     pub fn moert_session_set_eval(session: *mut moert_session, eval: i32) -> *mut moert_status;
 }
 extern "C" {
