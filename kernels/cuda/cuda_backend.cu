@@ -601,6 +601,20 @@ class CudaBackend final : public Backend {
     return total;
   }
 
+  // Frees through deallocate(), whose cudaFree waits for the device to finish with them.
+  size_t work_bytes() const override {
+    return held_bytes(sx_, sa_, sdy_, sdh1_, sdh3_, f1_, f2_, route_scratch_, ioffsets_, flag_,
+                      partial_, dscratch_, keys_, keys_sorted_, ekeys_, ekeys_sorted_, vals_,
+                      vals_sorted_, slot_of_, counts_, sort_temp_) +
+           (ffn_fp8_ ? ffn_fp8_->work_bytes() : 0);
+  }
+  void release_work() override {
+    const DeviceRestore restore;
+    cudaSetDevice(device_);
+    if (ffn_fp8_) ffn_fp8_->release_work();
+    release_scratch();
+  }
+
   void release_scratch() {
     sx_ = {};
     sa_ = {};

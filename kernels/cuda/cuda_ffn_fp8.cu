@@ -134,6 +134,19 @@ FfnFp8::FfnFp8(Allocator& mem, Gemm& f32_gemm, cudaStream_t stream, Fp8Options o
 
 FfnFp8::~FfnFp8() = default;
 
+size_t FfnFp8::work_bytes() const {
+  size_t n = held_bytes(weight_t_, weight_t_scales_, act_, h1_, h3_, dh1_, dh3_, out_, bad_);
+  for (int i = 0; i < kOperands; ++i) n += held_bytes(codes_[i], scales_[i]);
+  for (const auto& p : weight_pad_) n += p.capacity_bytes();
+  return n;
+}
+
+void FfnFp8::release_work() {
+  clear_buffers(weight_t_, weight_t_scales_, act_, h1_, h3_, dh1_, dh3_, out_, bad_);
+  for (int i = 0; i < kOperands; ++i) clear_buffers(codes_[i], scales_[i]);
+  for (auto& p : weight_pad_) p.clear();
+}
+
 std::vector<FfnFp8::Segment> FfnFp8::expert_segments(const DispatchPlan& plan, Weight w1, Weight w3,
                                                      Weight w2, int64_t per, const GradOut* dw1,
                                                      const GradOut* dw3, const GradOut* dw2) {

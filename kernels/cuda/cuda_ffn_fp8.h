@@ -113,6 +113,10 @@ class FfnFp8 {
                     const GradOut& dw1, const GradOut& dw3, const GradOut& dw2, int64_t rows,
                     int64_t dim, int64_t hidden);
 
+  // The scratch the calls above sized (Backend::work_bytes, release_work): between calls only.
+  size_t work_bytes() const;
+  void release_work();
+
  private:
   struct RowTiles;
   struct TokenTiles;
