@@ -204,10 +204,9 @@ Engine& Engine::start(double timeout) {
     fail(Code::Comm, "MPI initialisation did not complete within ", timeout,
          " s (did every rank of the job create its communicator?)");
   if (e.state_ == State::Failed) fail(Code::Unsupported, e.failure_);
-  if (e.state_ == State::Finalised && e.host_finalised_)
+  if (e.host_finalised_)
     fail(Code::InvalidState,
-         "the host called MPI_Finalize while a moert MPI communicator was alive; MPI cannot be "
-         "used again in this process");
+         "the host called MPI_Finalize; MPI cannot be used again in this process");
   if (e.state_ == State::Finalised)
     fail(Code::InvalidState,
          "moert finalised MPI when its last MPI communicator was freed, and MPI cannot be "
@@ -258,6 +257,9 @@ int Engine::on_finalize(MPI_Comm, int, void*, void* engine) {
   std::unique_lock<std::mutex> lock(e.mu_);
   // moert's own MPI_Finalize, on the engine thread, which has nothing left to stop.
   if (e.finalising_ || e.state_ != State::Running) return MPI_SUCCESS;
+  // From here on submit() and creations refuse at once: an operation queued behind the stop
+  // would never be run, and its caller would wait out its timeout.
+  e.host_finalised_ = true;
   e.commands_.push_back([&e] { e.stop_for_host_finalize(); });
   e.cv_.notify_one();
   // The engine thread is never blocked for long (its MPI calls do not block); the bound keeps a
@@ -318,7 +320,6 @@ void Engine::run() {
       // MPI is going: no MPI call from here on. Commands queued later are never run; submit()
       // and close() look at the state instead.
       state_ = State::Finalised;
-      host_finalised_ = true;
       done_cv_.notify_all();
       return;
     }
@@ -537,7 +538,7 @@ void Engine::send_notices(CommState& c, const std::string& reason) {
 
 void Engine::submit(const std::shared_ptr<CommState>& comm, const std::shared_ptr<Operation>& op) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (state_ == State::Finalised) {
+  if (state_ == State::Finalised || host_finalised_) {
     // Only after a host's MPI_Finalize can a communicator outlive the engine; it is broken, but
     // an operation started while it broke may have passed the health check.
     comm->health.mark_broken(kHostFinalizedReason);
@@ -581,11 +582,26 @@ bool Engine::run_blocking(const std::function<void()>& body, double timeout) {
       }
     }).detach();
   }
-  if (future.wait_for(std::chrono::duration<double>(timeout)) != std::future_status::ready) {
+  // In slices, so that a host's MPI_Finalize meanwhile (which leaves the helper blocked in MPI
+  // for good) ends the wait at once rather than after the timeout.
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                        std::chrono::duration<double>(timeout));
+  for (;;) {
+    const Clock::time_point slice =
+        std::min(deadline, Clock::now() + Clock::duration(std::chrono::milliseconds(50)));
+    if (future.wait_until(slice) == std::future_status::ready) break;
     std::lock_guard<std::mutex> lock(mu_);
-    ++stuck_helpers_;
-    timed_out_ = true;
-    return false;
+    if (host_finalised_) {
+      ++stuck_helpers_;
+      fail(Code::InvalidState,
+           "the host called MPI_Finalize while this MPI communicator was being made");
+    }
+    if (Clock::now() >= deadline) {
+      ++stuck_helpers_;
+      timed_out_ = true;
+      return false;
+    }
   }
   future.get();  // rethrows the helper's error
   return true;
@@ -648,7 +664,7 @@ std::shared_ptr<CommState> Engine::add(MPI_Comm data, MPI_Comm control, double t
 
 Engine::Creation::Creation(Engine& e) : e_(e) {
   std::lock_guard<std::mutex> lock(e_.mu_);
-  if (e_.state_ != State::Running || e_.finalising_)
+  if (e_.state_ != State::Running || e_.finalising_ || e_.host_finalised_)
     fail(Code::InvalidState, "MPI is no longer usable in this process (",
          e_.host_finalised_ ? "the host called MPI_Finalize" : "moert finalised it", ")");
   ++e_.creating_;

@@ -7,8 +7,10 @@
 // (--moert-initialises).
 #include <mpi.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "capi_test_util.h"
@@ -50,12 +52,44 @@ TEST(CommMpiHostFinalize, LiveCommunicatorsBreakAndNothingAborts) {
   EXPECT_TRUE(IsOk(moert_session_forward_tokens(session, tokens.data(), tokens.size(), 2,
                                                 out.data(), out.size())));
 
+  // Threads that keep starting all-reduces on communicators of their own (in the same order on
+  // every rank) while the host finalises: a call started as the engine stops must fail at once,
+  // not wait out the communicator's timeout (60 s here).
+  constexpr int kThreads = 3, kPerThread = 4;
+  std::vector<moert_comm*> busy(kThreads * kPerThread);
+  for (auto& c : busy) ASSERT_TRUE(IsOk(moert_comm_create_mpi_with_timeout(nullptr, 60.0, &c)));
+  std::atomic<bool> finalised{false};
+  std::atomic<double> longest_after{0.0};
+  std::atomic<int> calls{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] {
+      for (int i = 0;; ++i) {
+        double y = 1.0;
+        const auto start = std::chrono::steady_clock::now();
+        moert_status* st = moert_comm_all_reduce_sum(busy[t * kPerThread + i % kPerThread], &y, 1);
+        const double took =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        calls.fetch_add(1);
+        moert_status_free(st);
+        if (finalised.load()) {
+          longest_after.store(std::max(longest_after.load(), took));
+          if (st) return;  // broken: every later call is refused as well
+        }
+      }
+    });
+  while (calls.load() < 50) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+
   // The host's MPI is whole until it finalises: its own collectives still work.
   int one = 1, sum = 0;
   ASSERT_EQ(MPI_Allreduce(&one, &sum, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD), MPI_SUCCESS);
   EXPECT_EQ(sum, size);
 
   ASSERT_EQ(MPI_Finalize(), MPI_SUCCESS);
+  finalised.store(true);
+  for (auto& t : threads) t.join();
+  EXPECT_LT(longest_after.load(), 5.0) << "a call made as MPI finalised waited for its timeout";
+  for (auto* c : busy) moert_comm_free(c);
   int finalized = 0;
   MPI_Finalized(&finalized);
   EXPECT_TRUE(finalized);
