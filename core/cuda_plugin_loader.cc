@@ -68,7 +68,7 @@ Plugin& load(const std::string& plugin_path) {
     p.nccl_create = reinterpret_cast<moert_cuda_plugin_nccl_create_fn>(
         dlsym(handle, "moert_cuda_plugin_nccl_create"));
     p.loaded_path = path;
-  } else if (!plugin_path.empty() && plugin_path != p.loaded_path) {
+  } else if (!plugin_path.empty() && !same_file(plugin_path, p.loaded_path)) {
     fail(Code::InvalidArgument, "the CUDA plugin is already loaded from '", p.loaded_path,
          "'; a process uses one plugin");
   }

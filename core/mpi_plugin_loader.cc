@@ -57,7 +57,7 @@ moert_mpi_plugin_create_fn load(const std::string& plugin_path) {
            ")");
     p.create = symbol<moert_mpi_plugin_create_fn>(handle, "moert_mpi_plugin_create", path);
     p.loaded_path = path;
-  } else if (!plugin_path.empty() && plugin_path != p.loaded_path) {
+  } else if (!plugin_path.empty() && !same_file(plugin_path, p.loaded_path)) {
     fail(Code::InvalidArgument, "the MPI plugin is already loaded from '", p.loaded_path,
          "'; a process uses one plugin");
   }

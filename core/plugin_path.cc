@@ -58,6 +58,12 @@ std::string find_plugin(const char* stem, bool* found) {
   return candidates.front();
 }
 
+bool same_file(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  const bool same = fs::equivalent(a, b, ec);
+  return ec ? a == b : same;
+}
+
 std::string plugin_search_text(const char* stem) {
   std::string text = "looked for ";
   const std::vector<std::string> candidates = plugin_candidates(stem);

@@ -21,6 +21,10 @@ std::vector<std::string> plugin_candidates(const char* stem);
 // error then names the file moert looked for first). `*found` says which case it was.
 std::string find_plugin(const char* stem, bool* found);
 
+// Whether two paths name one file (the SONAME and the development link to it, say); a path
+// that cannot be resolved is compared as written.
+bool same_file(const std::string& a, const std::string& b);
+
 // "looked for 'A', 'B'": plugin_candidates(stem), for a message.
 std::string plugin_search_text(const char* stem);
 

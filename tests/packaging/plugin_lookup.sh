@@ -42,6 +42,16 @@ expect "relative path, then chdir /" "$ok" \
 mkdir -p "$work/links"
 ln -s "$runtime/libmoert.so.1" "$work/links/libmoert.so.1"
 expect "through a link elsewhere" "$ok" env LD_LIBRARY_PATH="$work/links" "$work/probe"
+# The CUDA plugin found on its own (under its SONAME), then named by its development link: one
+# file, so not refused as a second plugin (without a GPU both sessions fail for want of one).
+if [[ -e "$libdir/libmoert_cuda.so.1" ]]; then
+  cp "$libdir/libmoert_cuda.so.1" "$runtime/"
+  ln -s libmoert_cuda.so.1 "$runtime/libmoert_cuda.so"
+  model=$(find "$prefix" -name tiny_moe.moert -print -quit)
+  expect "CUDA plugin found, then named" \
+    "plugin named: (ok\$|error 5: )" \
+    env LD_LIBRARY_PATH="$runtime" "$work/probe" --cuda-twice "$runtime/libmoert_cuda.so" "$model"
+fi
 rm "$runtime/libmoert_mpi.so.1"
 expect "no plugin" "error 5: .*no MPI plugin beside libmoert \(looked for '$runtime/libmoert_mpi.so.1', '$runtime/libmoert_mpi.so'\)" \
   env LD_LIBRARY_PATH="$runtime" "$work/probe"
