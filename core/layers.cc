@@ -186,6 +186,10 @@ size_t MoELayer::work_bytes() const {
        plan_bytes(e.send) + plan_bytes(e.remote) + plan_bytes(e.home);
   for (const auto& p : e.groups) n += plan_bytes(p);
   for (const auto& p : e.ret) n += plan_bytes(p);
+  n += (e.slot_token.capacity() + e.slot_expert.capacity() + e.chunk_slots.capacity() +
+        e.home_rows.capacity()) *
+           sizeof(int32_t) +
+       e.slot_weight.capacity() * sizeof(float) + e.chunk_meta.capacity();
   return n;
 }
 
@@ -203,6 +207,12 @@ void MoELayer::release_work() {
   clear_plan(e.home);
   e.groups.clear();
   e.ret.clear();
+  e.slot_token = {};
+  e.slot_expert = {};
+  e.chunk_slots = {};
+  e.home_rows = {};
+  e.slot_weight = {};
+  e.chunk_meta = {};
 }
 
 void MoELayer::route(Backend& be, const float* x, int64_t rows) {

@@ -1,9 +1,9 @@
 // The working buffers a session's passes size, through the C ABI: the session option
 // "kept_work_bytes" bounds what a session keeps between calls, and a call that runs out of
 // memory gives back what it grew, so that a smaller retry can succeed. Measured on the process's
-// resident and address-space figures, with passes large enough (tens of MB) to stand out; not
-// under the sanitizers, whose allocators keep freed memory and reserve address space of their
-// own.
+// resident and address-space figures (glibc's), with passes large enough (tens of MB) to stand
+// out; not under the sanitizers, whose allocators keep freed memory and reserve address space of
+// their own.
 #include <sys/resource.h>
 
 #include <cstdio>
@@ -24,7 +24,8 @@ constexpr bool kSanitized = false;
 
 constexpr uint32_t kContext = 4, kWidth = 64;  // the example model
 
-// A /proc/self/status figure in MiB ("VmRSS", "VmSize").
+// A /proc/self/status figure in MiB ("VmRSS", "VmSize"): what the process holds, as a service's
+// operator sees it (a large release also hands glibc's free heap memory back: Session::after_call).
 double status_mib(const char* field) {
   FILE* f = std::fopen("/proc/self/status", "r");
   if (!f) return -1;
