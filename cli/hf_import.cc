@@ -56,13 +56,13 @@ std::string shape_str(const std::vector<uint64_t>& s) {
   return out + "]";
 }
 
-// Whether any of n 32-bit (or 16-bit) floats at p has an all-ones exponent: a NaN or infinity.
 // "tensor 'NAME' in FILE", for messages: the file is where a user goes to look.
 std::string tensor_ref(const StTensor& t) {
   if (!t.origin) return cat("tensor '", t.name, "'");
   return cat("tensor '", t.name, "' in ", std::filesystem::path(*t.origin).filename().string());
 }
 
+// Whether any of n 32-bit (or 16-bit) floats at p has an all-ones exponent: a NaN or infinity.
 // In blocks, so that the scan of an 11 GB layer vectorizes; the caller then finds the element.
 template <typename Bits>
 bool any_nonfinite(const uint8_t* p, uint64_t n) {

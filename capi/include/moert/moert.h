@@ -507,12 +507,14 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   keeps between calls. By default it keeps what its largest pass needed, so
  *                   later passes allocate nothing; past the bound, every call gives it all back
  *                   once no backward is pending (a training pass keeps its buffers until its
- *                   backward), and the next pass allocates afresh. "0" keeps nothing. A
- *                   long-lived session that serves a few very large requests among small ones
- *                   sets it to what a typical pass needs. Results are the same bits either way.
- *                   Whatever the setting, a call that fails with MOERT_ERR_OUT_OF_MEMORY gives
- *                   back what it grew (unless a backward is pending), so that a smaller retry can
- *                   succeed. May be changed on a live session (moert_session_set_config()).
+ *                   backward), and the next pass allocates afresh. A release of 16 MiB or more
+ *                   also hands the C heap's free memory back to the system (glibc's
+ *                   malloc_trim). "0" keeps nothing. A long-lived session that serves a few very
+ *                   large requests among small ones sets it to what a typical pass needs.
+ *                   Results are the same bits either way. Whatever the setting, a call that
+ *                   fails with MOERT_ERR_OUT_OF_MEMORY gives back what it grew (unless a backward
+ *                   is pending), so that a smaller retry can succeed. May be changed on a live
+ *                   session (moert_session_set_config()).
  *   "cuda_plugin"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads
  *                   one plugin: a second, different path is refused).
  *   and the training knobs listed under Training below.
@@ -937,9 +939,10 @@ MOERT_API void moert_batcher_free(moert_batcher* batcher);
  * moert_session_forward_tokens(): `tokens` holds rows * input_width ids (`num_tokens`), `out`
  * receives rows * output_width floats (`out_len`). Blocks until the request's pass is done; the
  * batcher reads `tokens` and writes `out` until then, and keeps no pointer afterwards. `stats`
- * (may be NULL, with stats_len 0) receives min(stats_len, MOERT_REQUEST_STATS) figures indexed
- * by MOERT_REQUEST_*; entries this library does not know are set to -1. On error neither `out`
- * nor `stats` is written. Thread-safe. */
+ * (may be NULL, with stats_len 0) receives stats_len figures indexed by MOERT_REQUEST_*
+ * (MOERT_REQUEST_STATS of them are known to this header); every entry past those this library
+ * knows is set to -1, so that a caller built against a later header reads -1 for them. On error
+ * neither `out` nor `stats` is written. Thread-safe. */
 MOERT_API moert_status* moert_batcher_forward_tokens(moert_batcher* batcher, const int32_t* tokens,
                                                      uint64_t num_tokens, uint64_t rows, float* out,
                                                      uint64_t out_len, int64_t* stats,
@@ -994,9 +997,9 @@ MOERT_API moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, cons
                                                     uint64_t in_len, uint64_t rows,
                                                     moert_batcher_callback done, void* user_data);
 
-/* The batcher's cumulative figures since creation: `counters` receives
- * min(len, MOERT_BATCHER_COUNTERS) values indexed by MOERT_BATCHER_*; entries this library does
- * not know are set to -1. A consistent snapshot. Thread-safe. */
+/* The batcher's cumulative figures since creation: `counters` receives `len` values indexed by
+ * MOERT_BATCHER_* (MOERT_BATCHER_COUNTERS of them are known to this header); every entry past
+ * those this library knows is set to -1. A consistent snapshot. Thread-safe. */
 MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int64_t* counters,
                                                uint64_t len);
 
@@ -1111,10 +1114,10 @@ MOERT_API moert_status* moert_session_set_eval(moert_session* session, int32_t e
 
 /* A knob by name (the lists above), for this session from now on. The one function of this
  * section that takes an inference session too: there the training knobs are
- * MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks and ep_overlap apply. A knob fixed at
- * moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses a change
- * with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do "optimizer" after
- * the first step (its state would not carry over), and "sequence_length" and "aux_loss_scope"
+ * MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks, ep_overlap and kept_work_bytes apply. A
+ * knob fixed at moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses
+ * a change with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do "optimizer"
+ * after the first step (its state would not carry over), and "sequence_length" and "aux_loss_scope"
  * between a forward and its backward. */
 MOERT_API moert_status* moert_session_set_config(moert_session* session, const char* key,
                                                  const char* value);

@@ -521,12 +521,14 @@ extern "C" {
     #[doc = "                   keeps between calls. By default it keeps what its largest pass needed, so"]
     #[doc = "                   later passes allocate nothing; past the bound, every call gives it all back"]
     #[doc = "                   once no backward is pending (a training pass keeps its buffers until its"]
-    #[doc = "                   backward), and the next pass allocates afresh. \"0\" keeps nothing. A"]
-    #[doc = "                   long-lived session that serves a few very large requests among small ones"]
-    #[doc = "                   sets it to what a typical pass needs. Results are the same bits either way."]
-    #[doc = "                   Whatever the setting, a call that fails with MOERT_ERR_OUT_OF_MEMORY gives"]
-    #[doc = "                   back what it grew (unless a backward is pending), so that a smaller retry can"]
-    #[doc = "                   succeed. May be changed on a live session (moert_session_set_config())."]
+    #[doc = "                   backward), and the next pass allocates afresh. A release of 16 MiB or more"]
+    #[doc = "                   also hands the C heap's free memory back to the system (glibc's"]
+    #[doc = "                   malloc_trim). \"0\" keeps nothing. A long-lived session that serves a few very"]
+    #[doc = "                   large requests among small ones sets it to what a typical pass needs."]
+    #[doc = "                   Results are the same bits either way. Whatever the setting, a call that"]
+    #[doc = "                   fails with MOERT_ERR_OUT_OF_MEMORY gives back what it grew (unless a backward"]
+    #[doc = "                   is pending), so that a smaller retry can succeed. May be changed on a live"]
+    #[doc = "                   session (moert_session_set_config())."]
     #[doc = "   \"cuda_plugin\"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads"]
     #[doc = "                   one plugin: a second, different path is refused)."]
     #[doc = "   and the training knobs listed under Training below."]
@@ -947,9 +949,10 @@ extern "C" {
     #[doc = " moert_session_forward_tokens(): `tokens` holds rows * input_width ids (`num_tokens`), `out`"]
     #[doc = " receives rows * output_width floats (`out_len`). Blocks until the request's pass is done; the"]
     #[doc = " batcher reads `tokens` and writes `out` until then, and keeps no pointer afterwards. `stats`"]
-    #[doc = " (may be NULL, with stats_len 0) receives min(stats_len, MOERT_REQUEST_STATS) figures indexed"]
-    #[doc = " by MOERT_REQUEST_*; entries this library does not know are set to -1. On error neither `out`"]
-    #[doc = " nor `stats` is written. Thread-safe."]
+    #[doc = " (may be NULL, with stats_len 0) receives stats_len figures indexed by MOERT_REQUEST_*"]
+    #[doc = " (MOERT_REQUEST_STATS of them are known to this header); every entry past those this library"]
+    #[doc = " knows is set to -1, so that a caller built against a later header reads -1 for them. On error"]
+    #[doc = " neither `out` nor `stats` is written. Thread-safe."]
     pub fn moert_batcher_forward_tokens(
         batcher: *mut moert_batcher,
         tokens: *const i32,
@@ -1037,9 +1040,9 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " The batcher's cumulative figures since creation: `counters` receives"]
-    #[doc = " min(len, MOERT_BATCHER_COUNTERS) values indexed by MOERT_BATCHER_*; entries this library does"]
-    #[doc = " not know are set to -1. A consistent snapshot. Thread-safe."]
+    #[doc = " The batcher's cumulative figures since creation: `counters` receives `len` values indexed by"]
+    #[doc = " MOERT_BATCHER_* (MOERT_BATCHER_COUNTERS of them are known to this header); every entry past"]
+    #[doc = " those this library knows is set to -1. A consistent snapshot. Thread-safe."]
     pub fn moert_batcher_counters(
         batcher: *const moert_batcher,
         counters: *mut i64,
@@ -1153,10 +1156,10 @@ extern "C" {
 extern "C" {
     #[doc = " A knob by name (the lists above), for this session from now on. The one function of this"]
     #[doc = " section that takes an inference session too: there the training knobs are"]
-    #[doc = " MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks and ep_overlap apply. A knob fixed at"]
-    #[doc = " moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses a change"]
-    #[doc = " with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do \"optimizer\" after"]
-    #[doc = " the first step (its state would not carry over), and \"sequence_length\" and \"aux_loss_scope\""]
+    #[doc = " MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks, ep_overlap and kept_work_bytes apply. A"]
+    #[doc = " knob fixed at moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses"]
+    #[doc = " a change with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do \"optimizer\""]
+    #[doc = " after the first step (its state would not carry over), and \"sequence_length\" and \"aux_loss_scope\""]
     #[doc = " between a forward and its backward."]
     pub fn moert_session_set_config(
         session: *mut moert_session,
