@@ -27,15 +27,30 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
+// Two sessions over one model: one keeps its working memory (the default), one keeps none.
+struct KeptAndGiven {
+  KeptAndGiven(uint32_t seed, Precision p, Mode mode)
+      : rng(seed),
+        model(moe_model(rng)),
+        big(batch(rng, kBig)),
+        kept(model, options(p, mode)),
+        given(model, options(p, mode)) {
+    given.set_config("kept_work_bytes", "0");
+  }
+  std::mt19937 rng;
+  std::shared_ptr<Model> model;
+  Batch big;
+  Session kept, given;
+};
+
 class WorkMemory : public ::testing::TestWithParam<Precision> {};
 
 TEST_P(WorkMemory, InferenceKeepsWhatTheLimitAllowsAndComputesTheSameAfterARelease) {
-  std::mt19937 rng(7);
-  const auto model = moe_model(rng);
-  const Batch big = batch(rng, kBig);
-  Session kept(model, options(GetParam(), Mode::Inference));
-  Session given(model, options(GetParam(), Mode::Inference));
-  given.set_config("kept_work_bytes", "0");
+  KeptAndGiven pair(7, GetParam(), Mode::Inference);
+  const auto& model = pair.model;
+  const Batch& big = pair.big;
+  Session& kept = pair.kept;
+  Session& given = pair.given;
 
   const auto y_kept = forward(kept, big, kBig);
   kept.after_call(false);
@@ -74,12 +89,10 @@ TEST_P(WorkMemory, InferenceKeepsWhatTheLimitAllowsAndComputesTheSameAfterARelea
 }
 
 TEST_P(WorkMemory, TrainingKeepsAPendingPassAndGivesBackAfterItsBackward) {
-  std::mt19937 rng(11);
-  const auto model = moe_model(rng);
-  const Batch b = batch(rng, kBig);
-  Session kept(model, options(GetParam(), Mode::Training));
-  Session given(model, options(GetParam(), Mode::Training));
-  given.set_config("kept_work_bytes", "0");
+  KeptAndGiven pair(11, GetParam(), Mode::Training);
+  const Batch& b = pair.big;
+  Session& kept = pair.kept;
+  Session& given = pair.given;
   for (int step = 0; step < 2; ++step) {
     std::vector<std::vector<float>> results;
     for (Session* s : {&kept, &given}) {
