@@ -262,9 +262,13 @@ int Engine::on_finalize(MPI_Comm, int, void*, void* engine) {
   e.host_finalised_ = true;
   e.commands_.push_back([&e] { e.stop_for_host_finalize(); });
   e.cv_.notify_one();
-  // The engine thread is never blocked for long (its MPI calls do not block); the bound keeps a
-  // host's shutdown from hanging on a defect here.
-  e.done_cv_.wait_for(lock, std::chrono::seconds(30), [&] { return e.state_ == State::Finalised; });
+  // A creation under way finishes its MPI calls on its caller's thread (rank, size, attributes)
+  // while MPI still works, or gives up within 50 ms (run_blocking); the engine thread is never
+  // blocked for long (its MPI calls do not block). The bound keeps a host's shutdown from
+  // hanging on a defect here. A creation's helper blocked in MPI_Comm_dup for peers that never
+  // come stays there: nothing can take it back out of MPI.
+  e.done_cv_.wait_for(lock, std::chrono::seconds(30),
+                      [&] { return e.state_ == State::Finalised && e.creating_ == 0; });
   return MPI_SUCCESS;
 }
 
@@ -651,6 +655,10 @@ std::shared_ptr<CommState> Engine::add(MPI_Comm data, MPI_Comm control, double t
   MPI_Comm_size(data, &size);
   auto state = std::make_shared<CommState>(data, control, rank, size, timeout, max_message);
   std::lock_guard<std::mutex> lock(mu_);
+  // The engine has stopped, or will before it runs the command below.
+  if (host_finalised_)
+    fail(Code::InvalidState,
+         "the host called MPI_Finalize while this MPI communicator was being made");
   ++live_;
   commands_.push_back([this, state] {
     if (MPI_Irecv(state->notice, sizeof state->notice - 1, MPI_CHAR, MPI_ANY_SOURCE, 1,
@@ -672,6 +680,11 @@ Engine::Creation::Creation(Engine& e) : e_(e) {
 
 Engine::Creation::~Creation() {
   std::unique_lock<std::mutex> lock(e_.mu_);
+  if (e_.host_finalised_) {
+    --e_.creating_;
+    e_.done_cv_.notify_all();  // the host's MPI_Finalize waits for the creations under way
+    return;
+  }
   // A creation that failed may leave MPI due for finalisation (the last communicator went while
   // it ran, and its close did not wait): the engine thread, asleep with no communicator, takes
   // another look, and this thread waits for it as that close would have, so that the host does
