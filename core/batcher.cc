@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <new>
 #include <limits>
+#include <new>
 
 #include "core/error.h"
 #include "kernels/cpu/signal_guard.h"

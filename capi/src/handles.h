@@ -2,8 +2,8 @@
 #pragma once
 
 #include <memory>
-#include <new>
 #include <mutex>
+#include <new>
 
 #include "capi/src/fork_generation.h"
 #include "capi/src/status.h"
