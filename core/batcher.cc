@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <new>
 
 #include "core/error.h"
 #include "kernels/cpu/signal_guard.h"
@@ -396,20 +395,13 @@ void Batcher::serve(size_t index) {
 void Batcher::run_one(Session& s, const void* input, uint64_t rows, float* out) {
   const uint64_t in_len = rows * model_->input_width;
   const uint64_t out_len = rows * model_->output_width;
-  try {
+  // As a C call on the session: "kept_work_bytes" of the batcher's session options applies.
+  s.call([&] {
     if (model_->token_input)
       s.forward_tokens(static_cast<const int32_t*>(input), in_len, rows, out, out_len);
     else
       s.forward_hidden(static_cast<const float*>(input), in_len, rows, out, out_len);
-  } catch (const Error& e) {
-    s.after_call(e.code() == Code::OutOfMemory);
-    throw;
-  } catch (const std::bad_alloc&) {
-    s.after_call(true);
-    throw;
-  }
-  // As after a C call on the session: "kept_work_bytes" of the batcher's session options.
-  s.after_call(false);
+  });
 }
 
 int64_t Batcher::run(size_t index, Request* first, size_t count, uint64_t rows) noexcept {

@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -207,6 +208,20 @@ class Session {
   // exceed "kept_work_bytes" or the call ran out of memory (a failed pass must not pin what it
   // grew, or every smaller retry fails too).
   void after_call(bool out_of_memory);
+  // Runs body() as an entry point's call, then after_call() with how it ended; rethrows.
+  template <typename F>
+  void call(F&& body) {
+    try {
+      body();
+    } catch (const Error& e) {
+      after_call(e.code() == Code::OutOfMemory);
+      throw;
+    } catch (const std::bad_alloc&) {
+      after_call(true);
+      throw;
+    }
+    after_call(false);
+  }
 
   // Serialises the public entry points: a session may be shared between threads.
   std::mutex& mutex() const { return mu_; }

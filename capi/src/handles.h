@@ -3,7 +3,6 @@
 
 #include <memory>
 #include <mutex>
-#include <new>
 
 #include "capi/src/fork_generation.h"
 #include "capi/src/status.h"
@@ -39,16 +38,7 @@ moert_status* locked(S* session, F&& body) {
     require_made_here(session->fork_generation, "session");
     std::lock_guard<std::mutex> lock(session->session->mutex());
     const auto device = session->session->use_device();
-    try {
-      body(*session->session);
-    } catch (const Error& e) {
-      session->session->after_call(e.code() == Code::OutOfMemory);
-      throw;
-    } catch (const std::bad_alloc&) {
-      session->session->after_call(true);
-      throw;
-    }
-    session->session->after_call(false);
+    session->session->call([&] { body(*session->session); });
   });
 }
 
