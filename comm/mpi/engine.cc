@@ -88,6 +88,15 @@ void Staging::reset() {
 
 std::string Operation::name() const { return cat(comm::op_name(op_), " #", seq_); }
 
+Probe::Probe(uint64_t seq_, int32_t size, double window_seconds)
+    : seq(seq_),
+      deadline(std::chrono::steady_clock::now() +
+               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                   std::chrono::duration<double>(window_seconds))),
+      replies(3 * static_cast<size_t>(size), 0),
+      recvs(static_cast<size_t>(size), MPI_REQUEST_NULL),
+      answered(static_cast<size_t>(size), 0) {}
+
 CommState::CommState(MPI_Comm data_comm, MPI_Comm control_comm, int32_t rank_, int32_t size_,
                      double timeout, int64_t max_message_)
     : data(data_comm),
@@ -101,6 +110,7 @@ CommState::CommState(MPI_Comm data_comm, MPI_Comm control_comm, int32_t rank_, i
   MPI_Comm_get_attr(data, MPI_TAG_UB, &value, &found);
   const int tag_ub = found && value ? *static_cast<int*>(value) : 32767;  // the standard's minimum
   tag_modulus = tag_ub / 4;
+  answers.resize(static_cast<size_t>(size));
 }
 
 int CommState::tag(uint64_t seq, int phase) const {
@@ -134,6 +144,30 @@ constexpr const char* kHostFinalizedReason =
 
 // The first byte of a notice: why the peer broke.
 constexpr char kTimeoutNotice = 'T', kErrorNotice = 'E';
+
+// Tags on a communicator's control communicator: a peer's notice, a probe's question and its
+// answer (Probe).
+constexpr int kNoticeTag = 1, kQuestionTag = 2, kAnswerTag = 3;
+
+// "rank 2", "ranks 1 and 3", "ranks 1, 3, 5 and 4 more": at most kListed ranks are named.
+std::string ranks_text(const std::vector<std::string>& ranks) {
+  constexpr size_t kListed = 8;
+  std::string out = ranks.size() == 1 ? "rank " : "ranks ";
+  const size_t shown = std::min(ranks.size(), kListed);
+  for (size_t i = 0; i < shown; ++i) {
+    if (i > 0) out += i + 1 == shown && shown == ranks.size() ? " and " : ", ";
+    out += ranks[i];
+  }
+  if (shown < ranks.size()) out += cat(" and ", ranks.size() - shown, " more");
+  return out;
+}
+
+// Takes back a pending receive (MPI_Cancel is defined for receives).
+void cancel_recv(MPI_Request& r) {
+  if (r == MPI_REQUEST_NULL) return;
+  MPI_Cancel(&r);
+  MPI_Wait(&r, MPI_STATUS_IGNORE);
+}
 
 // Open MPI's MPI_Init installs handlers for SIGABRT, SIGBUS, SIGFPE and SIGSEGV (its stack
 // traces); a library must not change its host's signal handling, so the host's are put back.
@@ -277,10 +311,14 @@ void Engine::stop_for_host_finalize() {
     c->health.mark_broken(kHostFinalizedReason);
     fail_all(*c, c->health.reason());
     // Peers are told nothing: they are finalising too, or find out at their own timeout. The
-    // notice receive is this rank's alone to take back.
-    if (c->notice_recv != MPI_REQUEST_NULL) {
-      MPI_Cancel(&c->notice_recv);
-      MPI_Wait(&c->notice_recv, MPI_STATUS_IGNORE);
+    // receives are this rank's alone to take back.
+    cancel_recv(c->notice_recv);
+    cancel_recv(c->question_recv);
+    if (const auto probe = c->current_probe(); probe && probe->posted) {
+      std::unique_lock<std::mutex> lock(probe->mu);
+      const bool done = probe->done;
+      lock.unlock();
+      if (!done) finish_probe(*c, *probe);
     }
   }
   stopping_ = true;
@@ -334,7 +372,7 @@ void Engine::run() {
       moved |= progress_comm(c);
       if (c.closing && c.queued.empty() && c.active.empty()) {
         release(c);
-        if (c.health.broken()) graveyard_.push_back(comms_[i]);
+        if (c.health.broken() || c.keeps_memory) graveyard_.push_back(comms_[i]);
         comms_.erase(comms_.begin() + static_cast<std::ptrdiff_t>(i));
         moved = true;
         continue;
@@ -377,7 +415,7 @@ void Engine::run() {
 }
 
 bool Engine::progress_comm(CommState& c) {
-  bool moved = false;
+  bool moved = serve_probes(c);
   if (c.notice_recv != MPI_REQUEST_NULL && !c.health.broken()) {
     int flag = 0;
     MPI_Status st;
@@ -460,6 +498,166 @@ bool Engine::progress_comm(CommState& c) {
   return moved;
 }
 
+bool Engine::serve_probes(CommState& c) {
+  bool moved = false;
+  // A peer's question: answered with how far this rank got, one answer in flight per peer (a
+  // question that finds the last answer still pending goes unanswered, which the asker reports).
+  int flag = 0;
+  MPI_Status st;
+  if (c.question_recv != MPI_REQUEST_NULL) {
+    if (MPI_Test(&c.question_recv, &flag, &st) != MPI_SUCCESS) {
+      c.question_recv = MPI_REQUEST_NULL;  // stops answering; the askers say so
+    } else if (flag) {
+      moved = true;
+      const int peer = st.MPI_SOURCE;
+      if (peer >= 0 && peer < c.size) {
+        CommState::Answer& a = c.answers[static_cast<size_t>(peer)];
+        int sent = 1;
+        if (a.request != MPI_REQUEST_NULL) MPI_Test(&a.request, &sent, MPI_STATUS_IGNORE);
+        if (sent) {
+          {
+            std::lock_guard<std::mutex> lock(c.seq_mu);
+            a.words[0] = static_cast<int64_t>(c.next_seq);
+          }
+          a.words[1] = c.health.broken() ? 1 : 0;
+          a.words[2] = c.question_in;
+          if (MPI_Isend(a.words, 3, MPI_INT64_T, peer, kAnswerTag, c.control, &a.request) !=
+              MPI_SUCCESS)
+            a.request = MPI_REQUEST_NULL;
+        }
+      }
+      if (MPI_Irecv(&c.question_in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kQuestionTag, c.control,
+                    &c.question_recv) != MPI_SUCCESS)
+        c.question_recv = MPI_REQUEST_NULL;
+    }
+  }
+  // This rank's own probe.
+  const std::shared_ptr<Probe> probe = c.current_probe();
+  if (!probe) return moved;
+  {
+    std::lock_guard<std::mutex> lock(probe->mu);
+    if (probe->done) return moved;
+  }
+  Probe& p = *probe;
+  if (!p.posted) {
+    p.posted = true;
+    moved = true;
+    p.question = static_cast<int64_t>(p.seq);
+    for (int32_t peer = 0; peer < c.size; ++peer) {
+      if (peer == c.rank) continue;
+      const size_t i = static_cast<size_t>(peer);
+      if (MPI_Irecv(&p.replies[3 * i], 3, MPI_INT64_T, peer, kAnswerTag, c.control, &p.recvs[i]) !=
+          MPI_SUCCESS) {
+        p.recvs[i] = MPI_REQUEST_NULL;
+        continue;
+      }
+      // Never waited for: a dead peer never takes it. The question lives in the probe, which
+      // outlives the communicator's MPI state (the communicator is broken next).
+      MPI_Request r = MPI_REQUEST_NULL;
+      if (MPI_Isend(&p.question, 1, MPI_INT64_T, peer, kQuestionTag, c.control, &r) == MPI_SUCCESS)
+        MPI_Request_free(&r);
+    }
+  }
+  bool all = true;
+  for (int32_t peer = 0; peer < c.size; ++peer) {
+    const size_t i = static_cast<size_t>(peer);
+    if (peer == c.rank || p.answered[i] || p.recvs[i] == MPI_REQUEST_NULL) continue;
+    flag = 0;
+    if (MPI_Test(&p.recvs[i], &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) {
+      moved = true;
+      if (p.replies[3 * i + 2] == p.question) {
+        p.answered[i] = 1;
+        continue;
+      }
+      // An answer to an earlier probe: wait for this one's.
+      all = false;
+      if (MPI_Irecv(&p.replies[3 * i], 3, MPI_INT64_T, peer, kAnswerTag, c.control, &p.recvs[i]) !=
+          MPI_SUCCESS)
+        p.recvs[i] = MPI_REQUEST_NULL;
+    } else {
+      all = false;
+    }
+  }
+  if (all || std::chrono::steady_clock::now() >= p.deadline) {
+    finish_probe(c, p);
+    moved = true;
+  }
+  return moved;
+}
+
+void Engine::finish_probe(CommState& c, Probe& p) {
+  std::vector<std::string> silent, behind, with_it, broke;
+  for (int32_t peer = 0; peer < c.size; ++peer) {
+    if (peer == c.rank) continue;
+    const size_t i = static_cast<size_t>(peer);
+    if (!p.answered[i] && p.recvs[i] != MPI_REQUEST_NULL) {
+      // An answer may have come in meanwhile: the cancel then fails and the receive completes.
+      MPI_Cancel(&p.recvs[i]);
+      MPI_Status st;
+      int cancelled = 1;
+      if (MPI_Wait(&p.recvs[i], &st) == MPI_SUCCESS) MPI_Test_cancelled(&st, &cancelled);
+      p.answered[i] = !cancelled && p.replies[3 * i + 2] == p.question ? 1 : 0;
+    }
+    if (!p.answered[i]) {
+      silent.push_back(std::to_string(peer));
+      continue;
+    }
+    const int64_t started = p.replies[3 * i];
+    const bool peer_broken = p.replies[3 * i + 1] != 0;
+    if (started <= static_cast<int64_t>(p.seq))
+      behind.push_back(started == 0 ? cat(peer, " (no operation started)")
+                                    : cat(peer, " (last started #", started - 1, ")"));
+    else
+      (peer_broken ? broke : with_it).push_back(std::to_string(peer));
+  }
+  std::vector<std::string> parts;
+  if (!silent.empty())
+    parts.push_back(cat(ranks_text(silent), silent.size() == 1 ? " does" : " do",
+                        " not answer, so dead, stopped or without this communicator"));
+  if (!behind.empty())
+    parts.push_back(
+        cat(ranks_text(behind), behind.size() == 1 ? " has" : " have", " not reached #", p.seq));
+  if (!broke.empty())
+    parts.push_back(cat(ranks_text(broke), " reached #", p.seq, " and broke the communicator"));
+  if (!with_it.empty()) parts.push_back(cat(ranks_text(with_it), " reached #", p.seq, " too"));
+  std::string summary;
+  for (const auto& part : parts) summary += (summary.empty() ? "" : "; ") + part;
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.done = true;
+  p.summary = summary;
+  p.cv.notify_all();
+}
+
+std::string Engine::probe_peers(const std::shared_ptr<CommState>& comm, uint64_t seq,
+                                double window) {
+  if (comm->size < 2) return "";
+  std::shared_ptr<Probe> probe;
+  {
+    std::lock_guard<std::mutex> lock(comm->probe_mu);
+    if (comm->probes.empty() || comm->probes.back()->seq != seq) {
+      {
+        std::lock_guard<std::mutex> engine_lock(mu_);
+        if (state_ != State::Running || host_finalised_ || comm->health.broken()) return "";
+        // Picked up by the engine's next look at the communicator.
+        commands_.push_back([] {});
+        cv_.notify_one();
+      }
+      comm->probes.push_back(std::make_shared<Probe>(seq, comm->size, window));
+    }
+    probe = comm->probes.back();
+  }
+  ++waiters;
+  std::unique_lock<std::mutex> lock(probe->mu);
+  // The engine never blocks in MPI; the margin covers its scheduling on a loaded machine.
+  probe->cv.wait_until(
+      lock,
+      probe->deadline + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(1.0)),
+      [&] { return probe->done; });
+  --waiters;
+  return probe->done ? probe->summary : "";
+}
+
 // Runs the next step of `op`. False when the communicator broke.
 bool Engine::advance(CommState& c, const std::shared_ptr<Operation>& op) {
   std::string reason;
@@ -534,8 +732,8 @@ void Engine::send_notices(CommState& c, const std::string& reason) {
     MPI_Request r = MPI_REQUEST_NULL;
     // Never waited for: a dead peer never takes it. The text lives as long as the state, which a
     // broken communicator never gives back.
-    if (MPI_Isend(c.notice_out, static_cast<int>(std::strlen(c.notice_out)) + 1, MPI_CHAR, p, 1,
-                  c.control, &r) == MPI_SUCCESS)
+    if (MPI_Isend(c.notice_out, static_cast<int>(std::strlen(c.notice_out)) + 1, MPI_CHAR, p,
+                  kNoticeTag, c.control, &r) == MPI_SUCCESS)
       c.notice_sends.push_back(r);
   }
 }
@@ -661,9 +859,12 @@ std::shared_ptr<CommState> Engine::add(MPI_Comm data, MPI_Comm control, double t
          "the host called MPI_Finalize while this MPI communicator was being made");
   ++live_;
   commands_.push_back([this, state] {
-    if (MPI_Irecv(state->notice, sizeof state->notice - 1, MPI_CHAR, MPI_ANY_SOURCE, 1,
+    if (MPI_Irecv(state->notice, sizeof state->notice - 1, MPI_CHAR, MPI_ANY_SOURCE, kNoticeTag,
                   state->control, &state->notice_recv) != MPI_SUCCESS)
       state->notice_recv = MPI_REQUEST_NULL;
+    if (MPI_Irecv(&state->question_in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kQuestionTag, state->control,
+                  &state->question_recv) != MPI_SUCCESS)
+      state->question_recv = MPI_REQUEST_NULL;
     comms_.push_back(state);
   });
   cv_.notify_one();
@@ -699,11 +900,26 @@ Engine::Creation::~Creation() {
 }
 
 void Engine::release(CommState& c) {
-  if (!c.health.broken()) {
-    // A healthy communicator has no operation in flight: its MPI state can go.
-    if (c.notice_recv != MPI_REQUEST_NULL) {
-      MPI_Cancel(&c.notice_recv);
-      MPI_Wait(&c.notice_recv, MPI_STATUS_IGNORE);
+  bool probed = false;
+  {
+    std::lock_guard<std::mutex> lock(c.probe_mu);
+    probed = !c.probes.empty();
+  }
+  // A probe's questions may still be on their way to peers that never take them.
+  if (probed) c.keeps_memory = true;
+  if (!c.health.broken() && !probed) {
+    // A healthy communicator has no operation in flight: its MPI state can go. An answer to a
+    // peer's probe may still be on its way; MPI frees the communicator after it, and the memory
+    // it reads stays.
+    cancel_recv(c.notice_recv);
+    cancel_recv(c.question_recv);
+    for (CommState::Answer& a : c.answers) {
+      int sent = 1;
+      if (a.request != MPI_REQUEST_NULL) MPI_Test(&a.request, &sent, MPI_STATUS_IGNORE);
+      if (!sent) {
+        MPI_Request_free(&a.request);
+        c.keeps_memory = true;
+      }
     }
     MPI_Comm data = c.data, control = c.control;
     MPI_Comm_free(&data);

@@ -7,7 +7,8 @@
 // the engine thread posts, tests and completes operations; the blocking MPI calls of set-up
 // (MPI_Comm_dup, MPI_Comm_split) run on short-lived helper threads so that a peer that never
 // arrives cannot stall the engine (the helper is then left blocked and the caller's wait times
-// out). This needs MPI_THREAD_MULTIPLE.
+// out). This needs MPI_THREAD_MULTIPLE. It also answers the peers' probes after their timeouts
+// (Probe), so that a timeout can name the rank it waited for.
 //
 // MPI's lifetime: when nobody has initialised MPI, the engine thread initialises it
 // (MPI_THREAD_MULTIPLE) and finalises it when the last communicator is freed -- unless an
@@ -138,8 +139,34 @@ class Operation {
   const uint64_t seq_;
 };
 
-// What the engine knows of one communicator: its two MPI communicators (operations; notices and
-// splits), its queue and its health.
+// After a timeout, what this rank asks each peer of the communicator: how far it got. Each
+// peer's engine thread answers, whatever its host is doing, so the answers tell a dead or stopped
+// rank (no answer) from a live one that never called the operation, which a timeout alone cannot.
+struct Probe {
+  Probe(uint64_t seq, int32_t size, double window_seconds);
+
+  const uint64_t seq;  // the operation this rank gave up on
+  const std::chrono::steady_clock::time_point deadline;
+
+  // ---- Engine thread only. Never freed while MPI may write into it: the communicator that holds
+  // it is broken afterwards, and a broken one keeps its memory.
+  int64_t question = 0;
+  // Per peer: operations it started, whether it is broken, and the question answered (a late
+  // answer to an earlier probe may arrive first).
+  std::vector<int64_t> replies;
+  std::vector<MPI_Request> recvs;
+  std::vector<char> answered;
+  bool posted = false;
+
+  // ---- Shared, under mu.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::string summary;  // "" when nothing could be learnt
+};
+
+// What the engine knows of one communicator: its two MPI communicators (operations; notices,
+// probes and splits), its queue and its health.
 struct CommState {
   CommState(MPI_Comm data_comm, MPI_Comm control_comm, int32_t rank_, int32_t size_, double timeout,
             int64_t max_message);
@@ -170,8 +197,26 @@ struct CommState {
   bool noticed_peers = false;
   std::atomic<bool> timed_out{false};  // this rank broke it by a timeout
   bool closing = false;
-  bool released = false;  // under the engine's lock
+  bool released = false;      // under the engine's lock
+  bool keeps_memory = false;  // released with sends still pending: never destroyed
   int tag_modulus = 1;
+  // Peers' probes (Probe above): the question being received, and per peer the last answer sent.
+  int64_t question_in = 0;
+  MPI_Request question_recv = MPI_REQUEST_NULL;
+  struct Answer {
+    MPI_Request request = MPI_REQUEST_NULL;
+    int64_t words[3] = {0, 0, 0};
+  };
+  std::vector<Answer> answers;  // sized once: pending sends read from it
+
+  // ---- Both sides, under probe_mu: this rank's own probes, the last one current. Kept with the
+  // communicator: MPI may still read their questions.
+  std::mutex probe_mu;
+  std::vector<std::shared_ptr<Probe>> probes;
+  std::shared_ptr<Probe> current_probe() {
+    std::lock_guard<std::mutex> lock(probe_mu);
+    return probes.empty() ? nullptr : probes.back();
+  }
 
   // ---- Caller side.
   std::mutex seq_mu;
@@ -197,6 +242,11 @@ class Engine {
   // `timed_out`: a peer may be dead, so MPI is not finalised later.
   void break_comm(const std::shared_ptr<CommState>& comm, const std::string& reason,
                   bool timed_out);
+  // After `comm`'s operation `seq` timed out on this rank: asks every peer how far it got, for at
+  // most `window` seconds, and returns what they said for the error message ("rank 2 did not
+  // answer ...; rank 3 has not started all-reduce #12 ..."), or "" when nothing could be asked.
+  // A probe under way (or done) for the same operation serves every later caller.
+  std::string probe_peers(const std::shared_ptr<CommState>& comm, uint64_t seq, double window);
   // The communicator object is gone: its MPI communicators are freed once its operations
   // finished (never when broken), and MPI is finalised after the last one when moert owns it.
   // Waits (at most `timeout`) until moert makes no more MPI calls for it, then for that
@@ -217,6 +267,9 @@ class Engine {
   // The engine thread's part of a host's MPI_Finalize: breaks and fails everything.
   void stop_for_host_finalize();
   bool progress_comm(CommState& c);
+  // Answers the peers' probes and advances this rank's own; true when anything moved.
+  bool serve_probes(CommState& c);
+  void finish_probe(CommState& c, Probe& p);
   bool advance(CommState& c, const std::shared_ptr<Operation>& op);
   void fail_all(CommState& c, const std::string& reason);
   void send_notices(CommState& c, const std::string& reason);

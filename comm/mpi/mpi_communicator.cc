@@ -1,4 +1,5 @@
 // libmoert_mpi.so: the Communicator over Open MPI, and the plugin's entry points.
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <new>
@@ -12,6 +13,9 @@ namespace moert::mpi {
 namespace {
 
 constexpr int64_t kDefaultMaxMessage = int64_t{1} << 30;
+// After a timeout, the longest this rank asks its peers how far they got (a quarter of the
+// timeout when shorter), before the operation fails.
+constexpr double kProbeWindow = 1.0;
 
 class MpiRequest final : public CommRequest {
  public:
@@ -35,13 +39,20 @@ class MpiRequest final : public CommRequest {
         op_->cv.wait_for(lock, std::chrono::duration<double>(timeout), [&] { return finished(); });
     --engine_.waiters;
     if (done) return rethrow();
+    // Which peers are missing, for the message: asked while the operation may still complete.
+    lock.unlock();
+    const std::string peers =
+        engine_.probe_peers(comm_, op_->seq(), std::clamp(timeout / 4, 0.05, kProbeWindow));
+    lock.lock();
+    if (finished()) return rethrow();
     // Given up: the engine will not touch the caller's buffers for this operation any more.
     op_->status = Operation::Status::Failed;
     op_->code = Code::Comm;
     op_->error = cat(comm_->health.label(), ": ", op_->name(), " did not complete within ", timeout,
-                     " s (timeout; a peer may be dead or stuck); the communicator is broken");
-    const std::string reason =
-        cat(op_->name(), " timed out after ", timeout, " s on rank ", comm_->rank);
+                     " s (timeout; ", peers.empty() ? "a peer may be dead or stuck" : peers,
+                     "); the communicator is broken");
+    const std::string reason = cat(op_->name(), " timed out after ", timeout, " s on rank ",
+                                   comm_->rank, peers.empty() ? "" : cat(" (", peers, ")"));
     lock.unlock();
     engine_.break_comm(comm_, reason, true);
     throw Error(Code::Comm, op_->error);

@@ -541,7 +541,11 @@ MOERT_API moert_status* moert_session_options_set_config(moert_session_options* 
  * MOERT_ERR_COMM after the timeout (default 600 s, moert_comm_set_timeout()), never hang.
  * After any failed or timed-out collective the communicator is broken: every later collective
  * fails at once with MOERT_ERR_COMM, naming the rank, the operation and how long it waited. A
- * rank that breaks an MPI communicator tells its peers, so that they fail promptly too.
+ * rank that breaks an MPI communicator tells its peers, so that they fail promptly too. Before an
+ * MPI collective gives up, the rank asks its peers how far they got (for a quarter of the
+ * timeout, at most 1 s more), and the message says which ranks did not answer (dead or stopped)
+ * and which are alive but never reached the operation ("rank 2 (last started #0) has not reached
+ * #1"); a peer's moert answers whatever its host is doing.
  * moert never aborts its host: MPI errors come back as codes (MPI_ERRORS_RETURN) on moert's own
  * duplicate of the communicator, and moert never calls MPI_Abort.
  *

@@ -1,0 +1,126 @@
+// A timeout must say which rank is missing and why, on every rank that gives up: the peers'
+// engines answer a probe whatever their hosts are doing, so a live rank that never calls the
+// operation ("has not reached #N") is told apart from a stopped one ("does not answer").
+// Run under mpirun with 3 ranks; the program initialises and finalises MPI itself, so the job
+// ends cleanly after the timeouts. Each rank prints its verdict and exits non-zero on failure.
+//
+// Phase 1: rank 2 sleeps through all-reduce #1; ranks 0 and 1 time out naming it.
+// Phase 2: rank 1 stops itself (SIGSTOP) before barrier #0 of a second communicator; ranks 0 and
+// 2 time out naming it as silent, then rank 0 continues it (SIGCONT).
+#include <mpi.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/communicator.h"
+#include "core/error.h"
+
+using namespace moert;
+
+namespace {
+
+// The error an operation on `comm` throws, or "" when it completes.
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.code() == Code::Comm ? e.what() : "wrong code: " + std::string(e.what());
+  }
+  return "";
+}
+
+bool has(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+  int rank = 0, size = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  std::vector<std::string> failures;
+  auto expect = [&](bool ok, const std::string& what) {
+    if (!ok) failures.push_back(what);
+  };
+  if (size != 3) {
+    std::fprintf(stderr, "run with 3 ranks\n");
+    MPI_Finalize();
+    return 2;
+  }
+  // Long enough for the probe's window (a quarter of it) on a loaded machine.
+  constexpr double kTimeout = 4.0;
+  MpiCommOptions options;
+  options.timeout = 120.0;  // creation and the healthy operations
+  options.plugin_path = MOERT_MPI_PLUGIN_PATH;
+  MPI_Comm world = MPI_COMM_WORLD;
+  try {
+    // Phase 1: a live rank that never calls.
+    {
+      auto comm = make_mpi_communicator(&world, options);
+      int64_t one = 1;
+      comm->all_reduce_sum(&one, 1, ReduceType::I64);  // #0, healthy
+      comm->set_timeout(kTimeout);
+      if (rank == 2) {
+        std::this_thread::sleep_for(std::chrono::duration<double>(2.5 * kTimeout));
+        const std::string e = error_of([&] { comm->all_reduce_sum(&one, 1, ReduceType::I64); });
+        expect(!e.empty(), "rank 2's late all-reduce completed");
+        std::printf("rank 2, late: %s\n", e.c_str());
+      } else {
+        const std::string e = error_of([&] { comm->all_reduce_sum(&one, 1, ReduceType::I64); });
+        std::printf("rank %d, phase 1: %s\n", rank, e.c_str());
+        // This rank's own timeout, or the other one's relayed (whichever came first).
+        expect(has(e, "all-reduce #1 did not complete") || has(e, "all-reduce #1 timed out"),
+               "phase 1: no timeout: " + e);
+        expect(has(e, "rank 2 (last started #0) has not reached #1"),
+               "phase 1: the message does not name rank 2 as behind: " + e);
+        expect(has(e, "reached #1 too"),
+               "phase 1: the message does not say that the other peer waits too: " + e);
+      }
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    // Phase 2: a stopped rank.
+    {
+      auto comm = make_mpi_communicator(&world, options);
+      std::vector<int> pids(3);
+      int pid = getpid();
+      MPI_Allgather(&pid, 1, MPI_INT, pids.data(), 1, MPI_INT, MPI_COMM_WORLD);
+      comm->set_timeout(kTimeout / 2);
+      if (rank == 1) {
+        raise(SIGSTOP);
+        const std::string e = error_of([&] { comm->barrier(); });
+        expect(!e.empty(), "rank 1's barrier after SIGCONT completed");
+        std::printf("rank 1, continued: %s\n", e.c_str());
+      } else {
+        const std::string e = error_of([&] { comm->barrier(); });
+        std::printf("rank %d, phase 2: %s\n", rank, e.c_str());
+        expect(has(e, "barrier #0 did not complete") || has(e, "barrier #0 timed out"),
+               "phase 2: no timeout: " + e);
+        expect(has(e, "rank 1 does not answer"),
+               "phase 2: the message does not name rank 1 as silent: " + e);
+        if (rank == 0) {
+          // Both survivors have given up by now, or soon; rank 1 goes on.
+          std::this_thread::sleep_for(std::chrono::duration<double>(kTimeout / 2));
+          kill(pids[1], SIGCONT);
+        }
+      }
+    }
+  } catch (const std::exception& e) {
+    failures.push_back(std::string("unexpected: ") + e.what());
+  }
+  for (const auto& f : failures) std::printf("rank %d FAIL: %s\n", rank, f.c_str());
+  if (failures.empty()) std::printf("rank %d ok\n", rank);
+  std::fflush(stdout);
+  int bad = failures.empty() ? 0 : 1, any = 0;
+  MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Finalize();
+  return any;
+}
