@@ -694,7 +694,9 @@ bool Engine::advance(CommState& c, const std::shared_ptr<Operation>& op) {
     c.health.mark_broken(reason);
     op->status = Operation::Status::Failed;
     op->code = code;
-    op->error = reason;
+    // The caller's message names its rank (the first failure is the one an operator reads);
+    // the peers' notice names the sender already.
+    op->error = cat(c.health.label(), ": ", reason);
     op->cv.notify_all();
   }
   fail_all(c, reason);
