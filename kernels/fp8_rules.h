@@ -140,13 +140,30 @@ MOERT_FP8_HOST_DEVICE inline float tile_scale(float amax, bool power_of_two) {
   return power_of_two ? round_up_to_power_of_two(s) : s;
 }
 
-// The code of one value x of a tile with the given scale: x / scale (correctly rounded) encoded.
-MOERT_FP8_HOST_DEVICE inline uint8_t quantize_value(float x, float scale) {
+// The largest code magnitude whose value times `scale` is a finite float: kE4M3MaxCode (448)
+// unless the scale exceeds about 2^119. A power-of-two scale of 2^120 (a block whose largest
+// magnitude exceeds 448 * 2^119) would otherwise round values above 248 * 2^120 up to
+// 256 * 2^120 = 2^128, which decodes to infinity.
+MOERT_FP8_HOST_DEVICE inline uint32_t max_code(float scale) {
+  uint32_t c = kE4M3MaxCode;
+  while (c > 0u && !is_finite(e4m3_decode(static_cast<uint8_t>(c)) * scale)) --c;
+  return c;
+}
+
+// The code of one value x of a tile with the given scale: x / scale (correctly rounded) encoded,
+// its magnitude at most `cap` (max_code(scale)): so code * scale is finite for finite x.
+MOERT_FP8_HOST_DEVICE inline uint8_t quantize_value(float x, float scale, uint32_t cap) {
 #ifdef __CUDA_ARCH__
-  return e4m3_encode(__fdiv_rn(x, scale));
+  const uint32_t code = e4m3_encode(__fdiv_rn(x, scale));
 #else
-  return e4m3_encode(x / scale);
+  const uint32_t code = e4m3_encode(x / scale);
 #endif
+  const uint32_t mag = code & 0x7Fu;
+  // The NaN code (never reached by the quantizers, which refuse NaN first) stays NaN.
+  return static_cast<uint8_t>((code & 0x80u) | (mag > cap && mag != 0x7Fu ? cap : mag));
+}
+MOERT_FP8_HOST_DEVICE inline uint8_t quantize_value(float x, float scale) {
+  return quantize_value(x, scale, max_code(scale));
 }
 
 // Rows of the scale tensor of activation tiles (cuBLASLt's VEC128_32F layout): the scales of one

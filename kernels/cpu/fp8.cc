@@ -128,12 +128,24 @@ uint32_t amax_bits(const float* __restrict x, int64_t n) {
 
 // codes[j] = the code of x[j] at scale s (one scale, or one per j). The second stays a call of its
 // own: inlined into the column-tile loop nest, GCC no longer vectorizes it.
+// The cap (rules::max_code) binds only for scales above about 2^119: other spans take the loop
+// without it, which vectorizes better.
 void quantize_span(const float* __restrict x, float s, uint8_t* __restrict codes, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) codes[j] = rules::quantize_value(x[j], s);
+  const uint32_t cap = rules::max_code(s);
+  if (cap == rules::kE4M3MaxCode) {
+    for (int64_t j = 0; j < n; ++j) codes[j] = rules::e4m3_encode(x[j] / s);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) codes[j] = rules::quantize_value(x[j], s, cap);
 }
 [[gnu::noinline]] void quantize_span(const float* __restrict x, const float* __restrict s,
+                                     const uint32_t* __restrict cap, bool capped,
                                      uint8_t* __restrict codes, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) codes[j] = rules::quantize_value(x[j], s[j]);
+  if (!capped) {
+    for (int64_t j = 0; j < n; ++j) codes[j] = rules::e4m3_encode(x[j] / s[j]);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) codes[j] = rules::quantize_value(x[j], s[j], cap[j]);
 }
 
 }  // namespace
@@ -168,6 +180,7 @@ void quantize_column_tiles(const float* x, int64_t ldx, int64_t rows, int64_t co
   constexpr int64_t kChunk = 256;
   std::array<uint32_t, kChunk> amax;
   std::array<float, kChunk> s;
+  std::array<uint32_t, kChunk> cap;
   for (int64_t t = 0; t < blocks_of(rows); ++t) {
     const int64_t r0 = t * kBlock, rn = std::min(kBlock, rows - r0);
     for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
@@ -181,13 +194,17 @@ void quantize_column_tiles(const float* x, int64_t ldx, int64_t rows, int64_t co
       uint32_t any = 0;
       for (int64_t j = 0; j < cn; ++j) any = rules::max_u32(any, amax[static_cast<size_t>(j)]);
       if (any >= rules::kNonFiniteBits) first_non_finite(opt, x, ldx, r0, r0 + rn, c0, c0 + cn);
+      bool capped = false;
       for (int64_t j = 0; j < cn; ++j) {
         s[static_cast<size_t>(j)] = rules::tile_scale(
             rules::bits_float(amax[static_cast<size_t>(j)]), opt.power_of_two_scales);
         scales[t * scale_ld + c0 + j] = s[static_cast<size_t>(j)];
+        cap[static_cast<size_t>(j)] = rules::max_code(s[static_cast<size_t>(j)]);
+        capped = capped || cap[static_cast<size_t>(j)] != rules::kE4M3MaxCode;
       }
       for (int64_t r = r0; r < r0 + rn; ++r)
-        quantize_span(x + r * ldx + c0, s.data(), codes + r * ld_codes + c0, cn);
+        quantize_span(x + r * ldx + c0, s.data(), cap.data(), capped, codes + r * ld_codes + c0,
+                      cn);
     }
   }
 }

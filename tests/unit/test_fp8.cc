@@ -228,6 +228,41 @@ TEST(Fp8Quantize, PowerOfTwoScales) {
   EXPECT_EQ(codes[0], 0x7E);
 }
 
+TEST(Fp8Quantize, ValuesNearTheLargestFloatDecodeFinite) {
+  // amax 3.3e38: the power-of-two scale is 2^120, and 3.3e38 / 2^120 = 248.3 rounds to 256,
+  // whose value 2^128 is past the largest float: the code stops at 240 instead. Every layout,
+  // both kinds of scale, and the largest float itself.
+  const float big = std::numeric_limits<float>::max();
+  for (const bool power_of_two : {true, false}) {
+    QuantizeOptions opt;
+    opt.power_of_two_scales = power_of_two;
+    for (const float amax : {3.3e38f, 3.2975e38f, big}) {
+      // A 2 x 3 matrix whose every row and column holds +-amax.
+      const std::vector<float> x = {amax, -amax, 2e38f, -amax, amax, -3e38f};
+      std::vector<uint8_t> codes(6);
+      std::vector<float> scales(8);
+      auto check = [&](const char* layout, auto scale_of) {
+        for (size_t i = 0; i < x.size(); ++i) {
+          const float v = e4m3_to_float(codes[i]) * scale_of(i / 3, i % 3);
+          EXPECT_TRUE(std::isfinite(v)) << layout << " " << x[i] << " -> code 0x" << std::hex
+                                        << int{codes[i]} << " power_of_two " << power_of_two;
+          EXPECT_LE(std::abs(v - x[i]), 0.07f * std::abs(x[i])) << layout << " " << x[i];
+        }
+      };
+      cpu::fp8::quantize_row_tiles(x.data(), 3, 2, 3, codes.data(), 3, scales.data(), 4, opt);
+      check("row tiles", [&](size_t r, size_t) { return scales[r]; });
+      cpu::fp8::quantize_column_tiles(x.data(), 3, 2, 3, codes.data(), 3, scales.data(), 4, opt);
+      check("column tiles", [&](size_t, size_t c) { return scales[c]; });
+      cpu::fp8::quantize_blocks(x.data(), 3, 2, 3, codes.data(), 3, scales.data(), 4, opt);
+      check("blocks", [&](size_t, size_t) { return scales[0]; });
+    }
+  }
+  EXPECT_EQ(rules::max_code(0x1p120f), 0x77u);  // 240
+  EXPECT_EQ(rules::max_code(0x1p119f), rules::kE4M3MaxCode);
+  EXPECT_EQ(rules::quantize_value(3.3e38f, 0x1p120f), 0x77);
+  EXPECT_EQ(rules::quantize_value(-3.3e38f, 0x1p120f), 0xF7);
+}
+
 TEST(Fp8Quantize, TinyTileKeepsANormalScale) {
   std::vector<float> x = {1e-40f, -5e-41f};
   std::vector<uint8_t> codes(2);

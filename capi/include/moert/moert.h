@@ -362,13 +362,16 @@ MOERT_API moert_status* moert_model_resident_bytes(const moert_model* model, uin
  * block (scale = amax / 448, DeepSeek-V3 technical report section 3.3; rounded up to a power of
  * two with MOERT_FP8_POWER_OF_TWO_SCALES, as DeepSeek-V3.1 and DeepGEMM's UE8M0 scales are; at
  * least 2^-126, the smallest normal float, so values below 2^-136 -- half the smallest E4M3 step
- * at that scale -- become zeros), codes rounded to nearest even and saturating at 448. Every other
- * tensor is unchanged; an expert weight that is FP8 already is kept as it is. The new model holds
- * the experts at 1 byte per value: a session's fp32 forward multiplies their decoded values (code *
- * scale), training starts from them. *quantized (may be NULL) receives the number of tensors
- * quantized: 0 for a model without MoE layers (the new model is then a copy). On success *out
- * receives a model the caller frees with moert_model_free(); `model` is unchanged.
- * MOERT_ERR_INVALID_ARGUMENT for unknown flags. Thread-safe: `model` is only read. */
+ * at that scale -- become zeros), codes rounded to nearest even and saturating at 448, and at
+ * the largest code whose value times the scale is a finite float (values above 248 * 2^120,
+ * about 3.3e38, in a block with a power-of-two scale of 2^120 stop at 240 * 2^120 rather than
+ * round up to 2^128, infinity). Every other tensor is unchanged; an expert weight that is FP8
+ * already is kept as it is. The new model holds the experts at 1 byte per value: a session's fp32
+ * forward multiplies their decoded values (code * scale), training starts from them. *quantized
+ * (may be NULL) receives the number of tensors quantized: 0 for a model without MoE layers (the new
+ * model is then a copy). On success *out receives a model the caller frees with moert_model_free();
+ * `model` is unchanged. MOERT_ERR_INVALID_ARGUMENT for unknown flags. Thread-safe: `model` is only
+ * read. */
 MOERT_API moert_status* moert_model_quantize_fp8(const moert_model* model, uint32_t flags,
                                                  moert_model** out, uint32_t* quantized);
 

@@ -357,13 +357,16 @@ extern "C" {
     #[doc = " block (scale = amax / 448, DeepSeek-V3 technical report section 3.3; rounded up to a power of"]
     #[doc = " two with MOERT_FP8_POWER_OF_TWO_SCALES, as DeepSeek-V3.1 and DeepGEMM's UE8M0 scales are; at"]
     #[doc = " least 2^-126, the smallest normal float, so values below 2^-136 -- half the smallest E4M3 step"]
-    #[doc = " at that scale -- become zeros), codes rounded to nearest even and saturating at 448. Every other"]
-    #[doc = " tensor is unchanged; an expert weight that is FP8 already is kept as it is. The new model holds"]
-    #[doc = " the experts at 1 byte per value: a session's fp32 forward multiplies their decoded values (code *"]
-    #[doc = " scale), training starts from them. *quantized (may be NULL) receives the number of tensors"]
-    #[doc = " quantized: 0 for a model without MoE layers (the new model is then a copy). On success *out"]
-    #[doc = " receives a model the caller frees with moert_model_free(); `model` is unchanged."]
-    #[doc = " MOERT_ERR_INVALID_ARGUMENT for unknown flags. Thread-safe: `model` is only read."]
+    #[doc = " at that scale -- become zeros), codes rounded to nearest even and saturating at 448, and at"]
+    #[doc = " the largest code whose value times the scale is a finite float (values above 248 * 2^120,"]
+    #[doc = " about 3.3e38, in a block with a power-of-two scale of 2^120 stop at 240 * 2^120 rather than"]
+    #[doc = " round up to 2^128, infinity). Every other tensor is unchanged; an expert weight that is FP8"]
+    #[doc = " already is kept as it is. The new model holds the experts at 1 byte per value: a session's fp32"]
+    #[doc = " forward multiplies their decoded values (code * scale), training starts from them. *quantized"]
+    #[doc = " (may be NULL) receives the number of tensors quantized: 0 for a model without MoE layers (the new"]
+    #[doc = " model is then a copy). On success *out receives a model the caller frees with moert_model_free();"]
+    #[doc = " `model` is unchanged. MOERT_ERR_INVALID_ARGUMENT for unknown flags. Thread-safe: `model` is only"]
+    #[doc = " read."]
     pub fn moert_model_quantize_fp8(
         model: *const moert_model,
         flags: u32,
