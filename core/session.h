@@ -113,10 +113,13 @@ struct StepInfo {
   double grad_norm = 0.0;  // before clipping, of the micro-batch-averaged gradient
 };
 
+// Parts of the state a job's save compares across ranks (Session::replica_digests).
+inline constexpr size_t kReplicaDigestParts = 11;
+
 class Session {
  public:
   // Words of the ranks' record compared when a session is created among ranks.
-  static constexpr size_t kStartWords = 14;
+  static constexpr size_t kStartWords = 25;
   // A caller that cannot create its session (the C ABI's NULL model or out) among ranks: takes
   // part in the creation's first collective as a refusal, so that the other ranks fail at once
   // (InvalidArgument naming this rank) instead of waiting for it until the timeout. Over a host
@@ -367,7 +370,11 @@ class Session {
   // writes one process's file; each rank's digests of its replicated state and of its expert
   // shard, which must agree across the job.
   void save_parallel(const std::string& path, bool path_given) const;
-  std::array<uint64_t, 2> replica_digests(const SavedState& st) const;
+  // Digests of the state a save takes on trust from the other ranks, in parts (step, micro-batches,
+  // generator, optimizer, balancing, replicated values, gradients, moments; the expert shard's
+  // values, gradients, moments), so that a difference is named.
+  using ReplicaDigests = std::array<uint64_t, kReplicaDigestParts>;
+  ReplicaDigests replica_digests(const SavedState& st) const;
   // Among ranks (core/session_rank_agreement.cc), before a step changes anything: every rank
   // must have counted the same micro-batches, hold the same training settings, and have made the
   // same direct writes since its last step, or the replicas would part for good.

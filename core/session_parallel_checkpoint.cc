@@ -16,25 +16,52 @@
 
 namespace moert {
 
-std::array<uint64_t, 2> Session::replica_digests(const SavedState& st) const {
+namespace {
+
+// What replica_digests() hashes apart, so that a save refused for a difference says which: the
+// replicated state's parts, then the expert shard's.
+constexpr std::array<const char*, kReplicaDigestParts> kReplicaPartNames{{
+    "another step count",
+    "another count of micro-batches since zero_grad",
+    "another random generator state",
+    "another optimizer",
+    "another balancing state (step counts, bias update rates, freezes or biases)",
+    "other values of a replicated parameter",
+    "another gradient of a replicated parameter",
+    "other optimizer moments of a replicated parameter",
+    "other expert parameters",
+    "other expert gradients",
+    "other expert optimizer moments",
+}};
+constexpr size_t kFirstExpertPart = 8;
+
+}  // namespace
+
+Session::ReplicaDigests Session::replica_digests(const SavedState& st) const {
   // Everything but the routed experts is replicated on every rank; the experts' state on every
   // replica of a shard. What the writer does not hold itself it takes on trust from these.
-  ContentHasher replicated, experts;
+  std::array<ContentHasher, kReplicaDigestParts> h;
   const TrainingStateView& v = st.view;
-  hash_state_header(replicated, v.step, v.micro_batches, v.rng, v.optimizer, v.params.size());
-  hash_layer_states(replicated, v.layers);
+  h[0].u64(v.step);
+  h[1].u32(v.micro_batches);
+  for (uint64_t w : v.rng) h[2].u64(w);
+  h[3].str(v.optimizer);
+  h[3].u64(v.params.size());
+  hash_layer_states(h[4], v.layers);
   for (const auto& l : params_->layers)
-    if (const auto* m = std::get_if<MoESpec>(&l.spec)) replicated.floats(m->gate_bias.values);
+    if (const auto* m = std::get_if<MoESpec>(&l.spec)) h[4].floats(m->gate_bias.values);
   for (size_t i = 0; i < slots_.size(); ++i) {
-    ContentHasher& h = expert_count(slots_[i]) > 0 ? experts : replicated;
+    const size_t first = expert_count(slots_[i]) > 0 ? kFirstExpertPart : 5;
     const ParamStateView& p = v.params[i];
-    h.str(p.name);
-    h.floats(slots_[i].param->values);
-    h.floats(p.grad);
-    h.floats(p.m);
-    h.floats(p.v);
+    for (size_t k = 0; k < 3; ++k) h[first + k].str(p.name);
+    h[first].floats(slots_[i].param->values);
+    h[first + 1].floats(p.grad);
+    h[first + 2].floats(p.m);
+    h[first + 2].floats(p.v);
   }
-  return {replicated.digest(), experts.digest()};
+  ReplicaDigests out{};
+  for (size_t k = 0; k < kReplicaDigestParts; ++k) out[k] = h[k].digest();
+  return out;
 }
 
 double Session::job_state_bytes(bool every_state) const {
@@ -67,7 +94,7 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
   std::vector<Experts> experts;
   std::unique_ptr<Model> full;
   SavedState st;
-  std::array<uint64_t, 2> mine{};
+  ReplicaDigests mine{};
   std::vector<std::vector<float>> zeros;  // all-zero gradients of a device backend
   // Rank 0 copies, gathers, then writes about the job's whole state while the others wait for
   // it: every wait of the save, its gathers' too, allows for that.
@@ -136,18 +163,20 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
 
   // The writer writes its own copy of the replicated state and replica 0's of each shard: refuse
   // rather than write one rank's view of a job whose ranks disagree.
-  std::vector<std::array<uint64_t, 2>> all(static_cast<size_t>(par.size()));
+  std::vector<ReplicaDigests> all(static_cast<size_t>(par.size()));
   par.host().all_gather(mine.data(), sizeof(mine), all.data());
   for (int r = 1; r < par.size(); ++r) {
-    if (all[r][0] != all[0][0])
-      fail(Code::InvalidState, "checkpoint '", path, "' not written: rank ", r, " of ", par.size(),
-           " holds another replicated state than rank 0 (step, generator, balancing state, or a "
-           "replicated parameter, its gradient or its optimizer moments): the ranks of a job "
-           "must make the same calls in the same order");
-    if (all[r][1] != all[r % par.ep()][1])
-      fail(Code::InvalidState, "checkpoint '", path, "' not written: rank ", r, " of ", par.size(),
-           " holds another copy of expert shard ", r % par.ep(), " than rank ", r % par.ep(),
-           " (its experts' parameters, gradients or optimizer moments)");
+    for (size_t k = 0; k < kFirstExpertPart; ++k)
+      if (all[r][k] != all[0][k])
+        fail(Code::InvalidState, "checkpoint '", path, "' not written: rank ", r, " of ",
+             par.size(), " holds ", kReplicaPartNames[k],
+             " than rank 0: the ranks of a job must make the same calls in the same order "
+             "(zero_grad, set_parameter, set_gradient and the bias calls included)");
+    for (size_t k = kFirstExpertPart; k < kReplicaDigestParts; ++k)
+      if (all[r][k] != all[r % par.ep()][k])
+        fail(Code::InvalidState, "checkpoint '", path, "' not written: rank ", r, " of ",
+             par.size(), " holds ", kReplicaPartNames[k], " than rank ", r % par.ep(),
+             ", which holds the same expert shard");
   }
 
   // Whether each state exists is the same on every rank (the digests above include it).

@@ -5,6 +5,7 @@
 // only find out later.
 #include <array>
 #include <bit>
+#include <charconv>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -29,28 +30,69 @@ static_assert(
 
 namespace {
 
-// What every rank creates its session with: each word's name, and whether its value says
-// something (not for digests). Word 0 is set by a rank that refused its own arguments.
+// What every rank creates its session with: each word's name, and how its value is shown
+// (not at all for digests). Word 0 is set by a rank that refused its own arguments.
+enum class Show { No, Integer, Real };
 struct StartField {
   const char* name;
-  bool show;
+  Show show;
 };
+// The training settings' words, in the order of TrainingConfig::fields(), named as the session
+// options that set them.
+constexpr size_t kFirstTrainingWord = 12, kTrainingWords = 12;
+static_assert(std::tuple_size_v<decltype(std::declval<const TrainingConfig&>().fields())> ==
+                  kTrainingWords,
+              "a training setting without its word in kStartFields");
 constexpr std::array<StartField, Session::kStartWords> kStartFields{{
-    {"a refusal", false},
-    {"the expert-parallel size", true},
-    {"the mode (0 inference, 1 training)", true},
-    {"the precision (0 fp32, 1 bf16, 2 fp8)", true},
-    {"fp8_scales (1: ue8m0)", true},
-    {"the device (0 CPU, 1 CUDA)", true},
-    {"ep_chunks", true},
-    {"ep_overlap", true},
-    {"aux_loss_scope (1: global)", true},
-    {"the seed", true},
-    {"check_finite", true},
-    {"layout_copies (0 auto, 1 on, 2 off)", true},
-    {"other training settings (set_config)", false},
-    {"another model (its layers, tensors or values)", false},
+    {"a refusal", Show::No},
+    {"the expert-parallel size", Show::Integer},
+    {"the mode (0 inference, 1 training)", Show::Integer},
+    {"the precision (0 fp32, 1 bf16, 2 fp8)", Show::Integer},
+    {"fp8_scales (1: ue8m0)", Show::Integer},
+    {"the device (0 CPU, 1 CUDA)", Show::Integer},
+    {"ep_chunks", Show::Integer},
+    {"ep_overlap", Show::Integer},
+    {"aux_loss_scope (1: global)", Show::Integer},
+    {"the seed", Show::Integer},
+    {"check_finite", Show::Integer},
+    {"layout_copies (0 auto, 1 on, 2 off)", Show::Integer},
+    {"another optimizer", Show::No},
+    {"lr", Show::Real},
+    {"weight_decay", Show::Real},
+    {"beta1", Show::Real},
+    {"beta2", Show::Real},
+    {"eps", Show::Real},
+    {"momentum", Show::Real},
+    {"clip_norm", Show::Real},
+    {"warmup_steps", Show::Integer},
+    {"total_steps", Show::Integer},
+    {"min_lr", Show::Real},
+    {"sequence_length", Show::Integer},
+    {"another model (its layers, tensors or values)", Show::No},
 }};
+static_assert(kFirstTrainingWord + kTrainingWords + 1 == Session::kStartWords);
+
+// A real setting as the shortest text that reads back as the same double ("0.001", not a
+// rounded "0.001" for both 0.001 and 0.0010000000000000002).
+std::string real_text(uint64_t bits) {
+  char text[32];
+  const auto [end, ec] = std::to_chars(text, text + sizeof text, std::bit_cast<double>(bits));
+  return ec == std::errc() ? std::string(text, end) : std::string("?");
+}
+
+// A setting as one word: a double's bits, an integer, a string's digest.
+template <typename T>
+uint64_t setting_word(const T& v) {
+  if constexpr (std::is_same_v<T, std::string>) {
+    ContentHasher h;
+    h.str(v);
+    return h.digest();
+  } else if constexpr (std::is_same_v<T, double>) {
+    return std::bit_cast<uint64_t>(v);
+  } else {
+    return static_cast<uint64_t>(v);
+  }
+}
 
 }  // namespace
 
@@ -78,7 +120,11 @@ void Session::agree_to_start(Communicator& world, const StartWords& mine) {
   for (int r = 1; r < size; ++r)
     for (size_t i = 1; i < kStartWords; ++i) {
       if (all[r][i] == all[0][i]) continue;
-      if (kStartFields[i].show)
+      if (kStartFields[i].show == Show::Real)
+        fail(Code::InvalidArgument, "rank ", r, " of ", size, " creates its session with ",
+             kStartFields[i].name, " ", real_text(all[r][i]), " and rank 0 with ",
+             real_text(all[0][i]), why);
+      if (kStartFields[i].show == Show::Integer)
         fail(Code::InvalidArgument, "rank ", r, " of ", size, " creates its session with ",
              kStartFields[i].name, " ", all[r][i], " and rank 0 with ", all[0][i], why);
       fail(Code::InvalidArgument, "rank ", r, " of ", size, " creates its session with ",
@@ -93,7 +139,7 @@ void Session::check_ranks_agree_to_start(Communicator& world) const {
   hash_model(model, *model_);
   // What does not change the computation is not compared: training settings of an inference
   // session, the FP8 scale rule of another precision.
-  const StartWords mine{
+  StartWords mine{
       0,
       static_cast<uint64_t>(options_.expert_parallel),
       static_cast<uint64_t>(options_.mode),
@@ -106,9 +152,13 @@ void Session::check_ranks_agree_to_start(Communicator& world) const {
       options_.seed,
       static_cast<uint64_t>(options_.check_finite),
       static_cast<uint64_t>(options_.layouts),
-      training ? training_settings_digest() : 0,
-      model.digest(),
   };
+  if (training) {
+    size_t i = kFirstTrainingWord;
+    std::apply([&](const auto&... field) { ((mine[i++] = setting_word(field)), ...); },
+               options_.training.fields());
+  }
+  mine[kStartWords - 1] = model.digest();
   agree_to_start(world, mine);
 }
 

@@ -551,7 +551,7 @@ TEST(SessionMpi, SessionsOfDifferentOptionsOrModelsAreRefusedEverywhere) {
       {m.get(), odd ? 1 : g_size, {}, "the expert-parallel size"},
       {m.get(), g_size, {{"precision", odd ? "bf16" : "fp32"}}, "the precision"},
       {m.get(), g_size, {{"ep_chunks", odd ? "3" : "2"}}, "ep_chunks"},
-      {m.get(), g_size, {{"lr", odd ? "0.5" : "0.02"}}, "training settings"},
+      {m.get(), g_size, {{"lr", odd ? "0.5" : "0.02"}}, "with lr 0.5 and rank 0 with 0.02"},
       {m.get(), g_size, {{"check_finite", odd ? "false" : "true"}}, "check_finite"},
       {m.get(), g_size, {{"layout_copies", odd ? "off" : "on"}}, "layout_copies"},
       {odd ? other.get() : m.get(), g_size, {}, "another model"},

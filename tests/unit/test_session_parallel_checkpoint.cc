@@ -401,7 +401,32 @@ TEST_F(SessionParallelCheckpoint, RanksThatDisagreeAreRefused) {
     }
   });
   for (int r = 0; r < 4; ++r)
-    EXPECT_NE(errors[r].find("rank 3 of 4 holds another replicated state"), std::string::npos)
+    EXPECT_NE(
+        errors[r].find("rank 3 of 4 holds other values of a replicated parameter than rank 0"),
+        std::string::npos)
+        << errors[r];
+  EXPECT_FALSE(fs::exists(dir_ / "x.moert"));
+}
+
+// zero_grad is local: a rank that alone discarded its micro-batch is named for what differs.
+TEST_F(SessionParallelCheckpoint, ARankThatAloneZeroedItsGradientsIsNamedForIt) {
+  const auto model = token_model(13);
+  const Data d = make_data();
+  std::vector<std::string> errors(2);
+  on_ranks(2, 2, model, [&](int r, Session& s) {
+    half_step(s, r, 2, d, 0);
+    if (r == 1) s.zero_grad();
+    try {
+      s.save((dir_ / "x.moert").string());
+    } catch (const Error& e) {
+      errors[r] = e.what();
+      EXPECT_EQ(e.code(), Code::InvalidState);
+    }
+  });
+  for (int r = 0; r < 2; ++r)
+    EXPECT_NE(errors[r].find("rank 1 of 2 holds another count of micro-batches since zero_grad "
+                             "than rank 0"),
+              std::string::npos)
         << errors[r];
   EXPECT_FALSE(fs::exists(dir_ / "x.moert"));
 }
@@ -429,6 +454,47 @@ TEST(SessionParallelSeed, RanksOfOneJobShareTheSeed) {
     EXPECT_NE(errors[r].find("rank 1 of 2 creates its session with the seed 8 and rank 0 with 7"),
               std::string::npos)
         << errors[r];
+}
+
+// A training setting that differs is named with both values, as its session option spells it.
+TEST(SessionParallelSeed, RanksOfOneJobAreToldWhichTrainingSettingDiffers) {
+  const auto model = token_model(17);
+  struct Case {
+    const char* key;
+    std::string values[2];
+    std::string want;
+  };
+  const std::vector<Case> cases = {
+      {"lr",
+       {"0.001", "0.0010000000000000002"},
+       "rank 1 of 2 creates its session with lr 0.0010000000000000002 and rank 0 with 0.001"},
+      {"optimizer", {"adamw", "sgd"}, "rank 1 of 2 creates its session with another optimizer"},
+      {"sequence_length",
+       {"8", "4"},
+       "rank 1 of 2 creates its session with sequence_length 4 and rank 0 with 8"},
+      {"clip_norm",
+       {"0", "1"},
+       "rank 1 of 2 creates its session with clip_norm 1 and rank 0 with 0"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> errors(2);
+    auto comms = testing::make_inprocess_communicators(2, 60.0);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        SessionOptions o = options();
+        o.set(c.key, c.values[r]);
+        o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), 2);
+        try {
+          Session s(model, o);
+        } catch (const Error& e) {
+          errors[r] = e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < 2; ++r)
+      EXPECT_NE(errors[r].find(c.want), std::string::npos) << c.key << ": " << errors[r];
+  }
 }
 
 }  // namespace

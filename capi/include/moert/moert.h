@@ -698,7 +698,11 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * a failed backward refuses the step until moert_session_zero_grad() or a load. set_eval and
  * set_config are local: a rank whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes
  * its next forward, backward or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a
- * load in which the ranks read different checkpoints (nothing is loaded). A rank that dies makes
+ * load in which the ranks read different checkpoints (nothing is loaded). zero_grad and the writes
+ * (set_parameter, set_gradient, set_expert_bias, the bias rate and freeze) are local too: a rank
+ * that made them alone makes the next step or save fail on every rank with
+ * MOERT_ERR_INVALID_STATE naming what differs (the micro-batches counted since zero_grad, a
+ * replicated parameter's values or gradient, ...), before anything changes. A rank that dies makes
  * the others fail with MOERT_ERR_COMM within the timeout. Checkpoints are the job's: rank 0 writes
  * the file one session over the union would write (every expert, the same bytes), and any world
  * size, one process included, resumes it (moert_session_save(), moert_session_load()). A CPU
