@@ -763,8 +763,11 @@ MOERT_API moert_status* moert_session_forward_hidden(moert_session* session, con
  * backward gives it a zero input gradient and takes nothing from its output gradient or target;
  * it enters neither the auxiliary losses (a sequence of the sequence-wise loss keeps only its
  * rows that take part) nor the mean of moert_session_backward_loss(). Results for the other rows
- * are those of a pass over them alone. A mask of all zeros is allowed: outputs are zero and the
- * pass counts nothing. `row_mask` is read during the call only. */
+ * (outputs, gradients, counts) are those of a pass over them alone, except the sequence-wise
+ * auxiliary loss: its sequences keep their places in the batch, each with its rows that take
+ * part, where a pass over the kept rows alone would cut new sequences. A mask of all zeros is
+ * allowed: outputs are zero and the pass counts nothing. `row_mask` is read during the call only.
+ */
 MOERT_API moert_status* moert_session_forward_tokens_masked(
     moert_session* session, const int32_t* tokens, uint64_t num_tokens, const uint8_t* row_mask,
     uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len);
@@ -1164,7 +1167,11 @@ MOERT_API moert_status* moert_session_set_parameter(moert_session* session, cons
                                                     const float* in, uint64_t len);
 
 /* Copies the accumulated gradient of parameter `name` out or in (for users with their own
- * optimizer: read gradients, write parameters). */
+ * optimizer: read gradients, write parameters). The accumulated gradient is the sum over the
+ * micro-batches since moert_session_zero_grad(); moert_session_step() divides it by their count.
+ * A gradient written after backward passes is therefore divided too: written after two of them,
+ * the step applies half of it (write the sum you want averaged, or call zero_grad first, when no
+ * micro-batch counts and the value applies as written). */
 MOERT_API moert_status* moert_session_get_gradient(const moert_session* session, const char* name,
                                                    float* out, uint64_t len);
 MOERT_API moert_status* moert_session_set_gradient(moert_session* session, const char* name,

@@ -799,8 +799,10 @@ extern "C" {
     #[doc = " backward gives it a zero input gradient and takes nothing from its output gradient or target;"]
     #[doc = " it enters neither the auxiliary losses (a sequence of the sequence-wise loss keeps only its"]
     #[doc = " rows that take part) nor the mean of moert_session_backward_loss(). Results for the other rows"]
-    #[doc = " are those of a pass over them alone. A mask of all zeros is allowed: outputs are zero and the"]
-    #[doc = " pass counts nothing. `row_mask` is read during the call only."]
+    #[doc = " (outputs, gradients, counts) are those of a pass over them alone, except the sequence-wise"]
+    #[doc = " auxiliary loss: its sequences keep their places in the batch, each with its rows that take"]
+    #[doc = " part, where a pass over the kept rows alone would cut new sequences. A mask of all zeros is"]
+    #[doc = " allowed: outputs are zero and the pass counts nothing. `row_mask` is read during the call only."]
     pub fn moert_session_forward_tokens_masked(
         session: *mut moert_session,
         tokens: *const i32,
@@ -1226,7 +1228,11 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Copies the accumulated gradient of parameter `name` out or in (for users with their own"]
-    #[doc = " optimizer: read gradients, write parameters)."]
+    #[doc = " optimizer: read gradients, write parameters). The accumulated gradient is the sum over the"]
+    #[doc = " micro-batches since moert_session_zero_grad(); moert_session_step() divides it by their count."]
+    #[doc = " A gradient written after backward passes is therefore divided too: written after two of them,"]
+    #[doc = " the step applies half of it (write the sum you want averaged, or call zero_grad first, when no"]
+    #[doc = " micro-batch counts and the value applies as written)."]
     pub fn moert_session_get_gradient(
         session: *const moert_session,
         name: *const ::std::os::raw::c_char,
