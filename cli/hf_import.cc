@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <set>
 #include <span>
 #include <vector>
@@ -60,6 +61,39 @@ std::string shape_str(const std::vector<uint64_t>& s) {
 std::string tensor_ref(const StTensor& t) {
   if (!t.origin) return cat("tensor '", t.name, "'");
   return cat("tensor '", t.name, "' in ", std::filesystem::path(*t.origin).filename().string());
+}
+
+// The values of a small F32, BF16 or F16 tensor as fp32: both 16-bit forms widen exactly.
+// `what` names it for the refusal of another dtype ("block scales", "the bias").
+std::vector<float> widened(const StTensor& t, const char* what) {
+  std::vector<float> v(t.numel());
+  const uint8_t* p = t.bytes.data();
+  switch (t.dtype) {
+    case StDType::F32:
+      std::memcpy(v.data(), p, 4 * v.size());
+      break;
+    case StDType::BF16:
+      for (size_t i = 0; i < v.size(); ++i) {
+        const uint32_t bits = (uint32_t{p[2 * i + 1]} << 24) | (uint32_t{p[2 * i]} << 16);
+        std::memcpy(&v[i], &bits, 4);
+      }
+      break;
+    case StDType::F16:
+      for (size_t i = 0; i < v.size(); ++i) {
+        const uint32_t h = uint32_t{p[2 * i]} | (uint32_t{p[2 * i + 1]} << 8);
+        const uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+        float x = exponent == 0    ? std::ldexp(static_cast<float>(mantissa), -24)
+                  : exponent == 31 ? (mantissa ? std::numeric_limits<float>::quiet_NaN()
+                                               : std::numeric_limits<float>::infinity())
+                                   : std::ldexp(static_cast<float>(mantissa | 0x400u),
+                                                static_cast<int>(exponent) - 25);
+        v[i] = h & 0x8000u ? -x : x;
+      }
+      break;
+    default:
+      fail(tensor_ref(t), " is ", st_dtype_name(t.dtype), "; ", what, " must be F32, BF16 or F16");
+  }
+  return v;
 }
 
 // Whether any of n 32-bit (or 16-bit) floats at p has an all-ones exponent: a NaN or infinity.
@@ -275,8 +309,10 @@ class Importer {
     const StTensor* s = ck_.find(sname);
     if (!s) fail("FP8 ", tensor_ref(w), " has no '", sname, "'");
     take(sname);
-    if (s->dtype != StDType::F32)
-      fail(tensor_ref(*s), " is ", st_dtype_name(s->dtype), "; block scales must be F32");
+    // DeepSeek's scales are F32; Qwen3's FP8 releases store them as BF16, some as F16.
+    if (s->dtype != StDType::F32 && s->dtype != StDType::BF16 && s->dtype != StDType::F16)
+      fail(tensor_ref(*s), " is ", st_dtype_name(s->dtype),
+           "; block scales must be F32, BF16 or F16");
     const std::vector<uint64_t> want = {ceil_div(w.shape[0], br), ceil_div(w.shape[1], bc)};
     if (s->shape != want) {
       const std::vector<uint64_t> transposed = {want[1], want[0]};
@@ -287,8 +323,8 @@ class Importer {
     g.block_rows = br;
     g.block_cols = bc;
     const size_t at = g.scales.size();
-    g.scales.resize(at + s->numel());
-    std::memcpy(g.scales.data() + at, s->bytes.data(), s->bytes.size());
+    const std::vector<float> scales = widened(*s, "block scales");
+    g.scales.insert(g.scales.end(), scales.begin(), scales.end());
     for (size_t i = at; i < g.scales.size(); ++i)
       if (!moert::fp8::is_valid_scale(g.scales[i]))
         fail(tensor_ref(*s), " holds the scale ", g.scales[i], " at element ", i - at,
@@ -332,19 +368,8 @@ class Importer {
     if (cfg_.sigmoid) {
       const StTensor& t = take(prefix + "gate.e_score_correction_bias");
       expect_shape(t, {E});
-      // The bias stays fp32 in moert; a bf16 one widens exactly.
-      std::vector<float> v(E);
-      if (t.dtype == StDType::F32) {
-        std::memcpy(v.data(), t.bytes.data(), t.bytes.size());
-      } else if (t.dtype == StDType::BF16) {
-        for (uint64_t i = 0; i < E; ++i) {
-          const uint32_t bits =
-              (uint32_t{t.bytes[2 * i + 1]} << 24) | (uint32_t{t.bytes[2 * i]} << 16);
-          std::memcpy(&v[i], &bits, 4);
-        }
-      } else {
-        fail(tensor_ref(t), " is ", st_dtype_name(t.dtype), "; the bias must be F32 or BF16");
-      }
+      // The bias stays fp32 in moert; a 16-bit one widens exactly.
+      const std::vector<float> v = widened(t, "the bias");
       for (float x : v)
         if (!std::isfinite(x)) fail(tensor_ref(t), " holds a NaN or infinity");
       const std::vector<uint64_t> shape = {E};

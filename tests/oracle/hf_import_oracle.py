@@ -153,7 +153,7 @@ class Store:
         self.tensors = {}
         self.values = {}
 
-    def put(self, name, shape, dtype, std=0.05, values=None):
+    def put(self, name, shape, dtype, std=0.05, values=None, scale_dtype="F32"):
         w = values if values is not None else self.rng.normal(0, std, size=shape)
         w = np.asarray(w, dtype=np.float32)
         if dtype == "F32":
@@ -166,7 +166,20 @@ class Store:
         elif dtype == "F8_E4M3":
             codes, scales, deq = quantize_fp8(w)
             self.tensors[name] = ("F8_E4M3", shape, codes.tobytes())
-            self.tensors[name + "_scale_inv"] = ("F32", scales.shape, scales.tobytes())
+            if scale_dtype == "F32":
+                raw = scales.tobytes()
+            else:
+                # Qwen3's FP8 releases store the scales in 16 bits: the values are those stored.
+                if scale_dtype == "BF16":
+                    bits = bf16_bits(scales)
+                    stored, raw = bf16_value(bits), bits.tobytes()
+                else:
+                    half = scales.astype("<f2")
+                    stored, raw = half.astype(np.float64), half.tobytes()
+                rows, cols = shape
+                deq = e4m3_value(codes) * np.repeat(np.repeat(stored, 128, 0), 128,
+                                                    1)[:rows, :cols]
+            self.tensors[name + "_scale_inv"] = (scale_dtype, scales.shape, raw)
             self.values[name] = deq
         else:
             raise ValueError(dtype)
@@ -368,7 +381,8 @@ def glm4(name, dtype, top_k, seed, shards, layers):
                 D=D)
 
 
-def qwen3(name, dtype, norm, seed, shards, layers):
+def qwen3(name, dtype, norm, seed, shards, layers, fp8_scales=None):
+    """fp8_scales: "BF16" or "F16" for FP8 experts whose scales are stored so (Qwen3-FP8)."""
     D, H, E = 64, 48, 12
     cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
            "hidden_size": D, "num_hidden_layers": 4, "intermediate_size": 128,
@@ -376,15 +390,19 @@ def qwen3(name, dtype, norm, seed, shards, layers):
            "norm_topk_prob": norm, "decoder_sparse_step": 1, "mlp_only_layers": [0],
            "hidden_act": "silu", "rms_norm_eps": 1e-6, "output_router_logits": False,
            "router_aux_loss_coef": 0.001, "torch_dtype": "bfloat16"}
+    if fp8_scales:
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "quant_method": "fp8", "weight_block_size": [128, 128]}
     st = Store(np.random.default_rng(seed))
+    experts = "F8_E4M3" if fp8_scales else dtype
     for L in range(1, 4):
         pre = f"model.layers.{L}.mlp."
         st.put(f"model.layers.{L}.post_attention_layernorm.weight", (D,), dtype)
         st.put(pre + "gate.weight", (E, D), dtype, std=0.3)
         for e in range(E):
-            st.put(f"{pre}experts.{e}.gate_proj.weight", (H, D), dtype)
-            st.put(f"{pre}experts.{e}.up_proj.weight", (H, D), dtype)
-            st.put(f"{pre}experts.{e}.down_proj.weight", (D, H), dtype)
+            for p, shape in (("gate_proj", (H, D)), ("up_proj", (H, D)), ("down_proj", (D, H))):
+                st.put(f"{pre}experts.{e}.{p}.weight", shape, experts,
+                       scale_dtype=fp8_scales or "F32")
     return dict(name=name, family="qwen3_moe", cfg=cfg, store=st, shards=shards, layers=layers,
                 D=D)
 
@@ -416,6 +434,8 @@ CASES = [
     lambda: glm4("glm4_moe_bf16_top1", "BF16", 1, 10, 1, [2]),
     lambda: qwen3("qwen3_moe_bf16", "BF16", True, 4, 2, [1, 3]),
     lambda: qwen3("qwen3_moe_fp32_unnormalised", "F32", False, 5, 1, [2]),
+    lambda: qwen3("qwen3_moe_fp8_bf16_scales", "BF16", True, 7, 1, [1], fp8_scales="BF16"),
+    lambda: qwen3("qwen3_moe_fp8_f16_scales", "BF16", True, 8, 2, [2], fp8_scales="F16"),
     lambda: mixtral("mixtral_bf16", "BF16", 6, 2, [0, 1]),
 ]
 
@@ -605,7 +625,19 @@ def check_case(case, lib, cli_path, work):
         b = files_of(again_dir)
         identical = a == b
         orig, back = read_checkpoint(ck), read_checkpoint(exp)
-        mismatched = [n for n, t in back.items() if orig.get(n) != t]
+
+        def same_tensor(n, t):
+            o = orig.get(n)
+            if o == t:
+                return True
+            # 16-bit block scales come back as F32 of the same values.
+            if o is None or not n.endswith("_scale_inv") or o[0] not in ("BF16", "F16") \
+                    or t[0] != "F32" or o[1] != t[1]:
+                return False
+            stored = (bf16_value(np.frombuffer(o[2], "<u2")) if o[0] == "BF16"
+                      else np.frombuffer(o[2], "<f2").astype(np.float64))
+            return (np.frombuffer(t[2], "<f4").astype(np.float64) == stored).all()
+        mismatched = [n for n, t in back.items() if not same_tensor(n, t)]
         lines.append(f"    import -> export -> import: {'bit-identical' if identical else 'DIFFERS'}"
                      f" ({sum(map(len, a.values()))} bytes); {len(back)} exported tensors, "
                      f"{len(mismatched)} differ from the checkpoint")
@@ -744,6 +776,12 @@ def check_refusals(cli_path, work):
                                ("overflowing scale", 3e38, "decodes past the largest float")):
         cases.append((label, base["cfg"], poke(w + "_scale_inv", 0, struct.pack("<f", scale)),
                       ["--layer", "1"], want))
+    def f64_scales(t):
+        n = w + "_scale_inv"
+        dt, shape, raw = t[n]
+        t[n] = ("F64", shape, np.frombuffer(raw, "<f4").astype("<f8").tobytes())
+    cases.append(("F64 scales", base["cfg"], f64_scales, ["--layer", "1"],
+                  "is F64; block scales must be F32, BF16 or F16"))
     cases.append(("NaN in bf16 norm", base["cfg"],
                   poke("model.layers.1.post_attention_layernorm.weight", 6, b"\xc0\x7f"),
                   ["--layer", "1", "--with-norm"], "NaN or infinity at element 3"))
