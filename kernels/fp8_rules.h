@@ -142,7 +142,7 @@ MOERT_FP8_HOST_DEVICE inline float tile_scale(float amax, bool power_of_two) {
 
 // The largest code magnitude whose value times `scale` is a finite float: kE4M3MaxCode (448)
 // unless the scale exceeds about 2^119. A power-of-two scale of 2^120 (a block whose largest
-// magnitude exceeds 448 * 2^119) would otherwise round values above 248 * 2^120 up to
+// magnitude exceeds 448 * 2^119) would otherwise round values from 248 * 2^120 on up to
 // 256 * 2^120 = 2^128, which decodes to infinity.
 MOERT_FP8_HOST_DEVICE inline uint32_t max_code(float scale) {
   uint32_t c = kE4M3MaxCode;

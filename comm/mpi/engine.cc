@@ -110,7 +110,6 @@ CommState::CommState(MPI_Comm data_comm, MPI_Comm control_comm, int32_t rank_, i
   MPI_Comm_get_attr(data, MPI_TAG_UB, &value, &found);
   const int tag_ub = found && value ? *static_cast<int*>(value) : 32767;  // the standard's minimum
   tag_modulus = tag_ub / 4;
-  answers.resize(static_cast<size_t>(size));
 }
 
 int CommState::tag(uint64_t seq, int phase) const {
@@ -314,12 +313,7 @@ void Engine::stop_for_host_finalize() {
     // receives are this rank's alone to take back.
     cancel_recv(c->notice_recv);
     cancel_recv(c->question_recv);
-    if (const auto probe = c->current_probe(); probe && probe->posted) {
-      std::unique_lock<std::mutex> lock(probe->mu);
-      const bool done = probe->done;
-      lock.unlock();
-      if (!done) finish_probe(*c, *probe);
-    }
+    finish_probes(*c);
   }
   stopping_ = true;
 }
@@ -500,8 +494,13 @@ bool Engine::progress_comm(CommState& c) {
 
 bool Engine::serve_probes(CommState& c) {
   bool moved = false;
-  // A peer's question: answered with how far this rank got, one answer in flight per peer (a
-  // question that finds the last answer still pending goes unanswered, which the asker reports).
+  // Answers sent: their memory goes once MPI is done with it.
+  std::erase_if(c.answers, [](const std::unique_ptr<CommState::Answer>& a) {
+    int sent = 0;
+    // An error completes the request too.
+    return MPI_Test(&a->request, &sent, MPI_STATUS_IGNORE) != MPI_SUCCESS || sent;
+  });
+  // A peer's question: answered with how far this rank got.
   int flag = 0;
   MPI_Status st;
   if (c.question_recv != MPI_REQUEST_NULL) {
@@ -511,34 +510,33 @@ bool Engine::serve_probes(CommState& c) {
       moved = true;
       const int peer = st.MPI_SOURCE;
       if (peer >= 0 && peer < c.size) {
-        CommState::Answer& a = c.answers[static_cast<size_t>(peer)];
-        int sent = 1;
-        if (a.request != MPI_REQUEST_NULL) MPI_Test(&a.request, &sent, MPI_STATUS_IGNORE);
-        if (sent) {
-          {
-            std::lock_guard<std::mutex> lock(c.seq_mu);
-            a.words[0] = static_cast<int64_t>(c.next_seq);
-          }
-          a.words[1] = c.health.broken() ? 1 : 0;
-          a.words[2] = c.question_in;
-          if (MPI_Isend(a.words, 3, MPI_INT64_T, peer, kAnswerTag, c.control, &a.request) !=
-              MPI_SUCCESS)
-            a.request = MPI_REQUEST_NULL;
+        auto a = std::make_unique<CommState::Answer>();
+        {
+          std::lock_guard<std::mutex> lock(c.seq_mu);
+          a->words[0] = static_cast<int64_t>(c.next_seq);
         }
+        a->words[1] = c.health.broken() ? 1 : 0;
+        a->words[2] = c.question_in;
+        if (MPI_Isend(a->words, 3, MPI_INT64_T, peer, kAnswerTag, c.control, &a->request) ==
+            MPI_SUCCESS)
+          c.answers.push_back(std::move(a));
       }
       if (MPI_Irecv(&c.question_in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kQuestionTag, c.control,
                     &c.question_recv) != MPI_SUCCESS)
         c.question_recv = MPI_REQUEST_NULL;
     }
   }
-  // This rank's own probe.
-  const std::shared_ptr<Probe> probe = c.current_probe();
-  if (!probe) return moved;
+  // This rank's own probes.
+  for (const auto& probe : c.probe_list()) moved |= advance_probe(c, *probe);
+  return moved;
+}
+
+bool Engine::advance_probe(CommState& c, Probe& p) {
   {
-    std::lock_guard<std::mutex> lock(probe->mu);
-    if (probe->done) return moved;
+    std::lock_guard<std::mutex> lock(p.mu);
+    if (p.done) return false;
   }
-  Probe& p = *probe;
+  bool moved = false;
   if (!p.posted) {
     p.posted = true;
     moved = true;
@@ -552,7 +550,7 @@ bool Engine::serve_probes(CommState& c) {
         continue;
       }
       // Never waited for: a dead peer never takes it. The question lives in the probe, which
-      // outlives the communicator's MPI state (the communicator is broken next).
+      // the communicator keeps for good.
       MPI_Request r = MPI_REQUEST_NULL;
       if (MPI_Isend(&p.question, 1, MPI_INT64_T, peer, kQuestionTag, c.control, &r) == MPI_SUCCESS)
         MPI_Request_free(&r);
@@ -562,14 +560,15 @@ bool Engine::serve_probes(CommState& c) {
   for (int32_t peer = 0; peer < c.size; ++peer) {
     const size_t i = static_cast<size_t>(peer);
     if (peer == c.rank || p.answered[i] || p.recvs[i] == MPI_REQUEST_NULL) continue;
-    flag = 0;
+    int flag = 0;
     if (MPI_Test(&p.recvs[i], &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) {
       moved = true;
       if (p.replies[3 * i + 2] == p.question) {
         p.answered[i] = 1;
         continue;
       }
-      // An answer to an earlier probe: wait for this one's.
+      // An answer to another of this rank's probes (threads may time out on several
+      // operations at once; a peer answers each question it gets): wait for this one's.
       all = false;
       if (MPI_Irecv(&p.replies[3 * i], 3, MPI_INT64_T, peer, kAnswerTag, c.control, &p.recvs[i]) !=
           MPI_SUCCESS)
@@ -585,8 +584,19 @@ bool Engine::serve_probes(CommState& c) {
   return moved;
 }
 
+void Engine::finish_probes(CommState& c) {
+  for (const auto& probe : c.probe_list()) {
+    bool done = false;
+    {
+      std::lock_guard<std::mutex> lock(probe->mu);
+      done = probe->done;
+    }
+    if (!done) finish_probe(c, *probe);
+  }
+}
+
 void Engine::finish_probe(CommState& c, Probe& p) {
-  std::vector<std::string> silent, behind, with_it, broke;
+  std::vector<std::string> silent, behind, with_it, gave_up;
   for (int32_t peer = 0; peer < c.size; ++peer) {
     if (peer == c.rank) continue;
     const size_t i = static_cast<size_t>(peer);
@@ -608,7 +618,7 @@ void Engine::finish_probe(CommState& c, Probe& p) {
       behind.push_back(started == 0 ? cat(peer, " (no operation started)")
                                     : cat(peer, " (last started #", started - 1, ")"));
     else
-      (peer_broken ? broke : with_it).push_back(std::to_string(peer));
+      (peer_broken ? gave_up : with_it).push_back(std::to_string(peer));
   }
   std::vector<std::string> parts;
   if (!silent.empty())
@@ -617,9 +627,10 @@ void Engine::finish_probe(CommState& c, Probe& p) {
   if (!behind.empty())
     parts.push_back(
         cat(ranks_text(behind), behind.size() == 1 ? " has" : " have", " not reached #", p.seq));
-  if (!broke.empty())
-    parts.push_back(cat(ranks_text(broke), " reached #", p.seq, " and broke the communicator"));
+  // A peer that gave up (timed out there itself, or heard of a failure) waited there too.
   if (!with_it.empty()) parts.push_back(cat(ranks_text(with_it), " reached #", p.seq, " too"));
+  if (!gave_up.empty())
+    parts.push_back(cat(ranks_text(gave_up), " reached #", p.seq, " too and gave up"));
   std::string summary;
   for (const auto& part : parts) summary += (summary.empty() ? "" : "; ") + part;
   std::lock_guard<std::mutex> lock(p.mu);
@@ -634,7 +645,11 @@ std::string Engine::probe_peers(const std::shared_ptr<CommState>& comm, uint64_t
   std::shared_ptr<Probe> probe;
   {
     std::lock_guard<std::mutex> lock(comm->probe_mu);
-    if (comm->probes.empty() || comm->probes.back()->seq != seq) {
+    const auto same = std::find_if(comm->probes.begin(), comm->probes.end(),
+                                   [&](const std::shared_ptr<Probe>& p) { return p->seq == seq; });
+    if (same != comm->probes.end()) {
+      probe = *same;
+    } else {
       {
         std::lock_guard<std::mutex> engine_lock(mu_);
         if (state_ != State::Running || host_finalised_ || comm->health.broken()) return "";
@@ -642,18 +657,16 @@ std::string Engine::probe_peers(const std::shared_ptr<CommState>& comm, uint64_t
         commands_.push_back([] {});
         cv_.notify_one();
       }
-      comm->probes.push_back(std::make_shared<Probe>(seq, comm->size, window));
+      probe = std::make_shared<Probe>(seq, comm->size, window);
+      comm->probes.push_back(probe);
     }
-    probe = comm->probes.back();
   }
   ++waiters;
   std::unique_lock<std::mutex> lock(probe->mu);
-  // The engine never blocks in MPI; the margin covers its scheduling on a loaded machine.
-  probe->cv.wait_until(
-      lock,
-      probe->deadline + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(1.0)),
-      [&] { return probe->done; });
+  // The engine never blocks in MPI and finishes the probe at its deadline; the margin covers
+  // its scheduling on a loaded machine.
+  probe->cv.wait_until(lock, probe->deadline + std::chrono::milliseconds(250),
+                       [&] { return probe->done; });
   --waiters;
   return probe->done ? probe->summary : "";
 }
@@ -902,26 +915,21 @@ Engine::Creation::~Creation() {
 }
 
 void Engine::release(CommState& c) {
-  bool probed = false;
+  // A probe's questions may still be on their way to peers that never take them, and answers to
+  // the peers' probes still being sent: their memory stays.
+  finish_probes(c);
   {
     std::lock_guard<std::mutex> lock(c.probe_mu);
-    probed = !c.probes.empty();
+    if (!c.probes.empty()) c.keeps_memory = true;
   }
-  // A probe's questions may still be on their way to peers that never take them.
-  if (probed) c.keeps_memory = true;
-  if (!c.health.broken() && !probed) {
-    // A healthy communicator has no operation in flight: its MPI state can go. An answer to a
-    // peer's probe may still be on its way; MPI frees the communicator after it, and the memory
-    // it reads stays.
+  if (!c.health.broken()) {
+    // A healthy communicator has no operation in flight: its MPI state can go. Sends still under
+    // way complete first (MPI frees the communicator after them).
     cancel_recv(c.notice_recv);
     cancel_recv(c.question_recv);
-    for (CommState::Answer& a : c.answers) {
-      int sent = 1;
-      if (a.request != MPI_REQUEST_NULL) MPI_Test(&a.request, &sent, MPI_STATUS_IGNORE);
-      if (!sent) {
-        MPI_Request_free(&a.request);
-        c.keeps_memory = true;
-      }
+    for (auto& a : c.answers) {
+      MPI_Request_free(&a->request);
+      c.keeps_memory = true;
     }
     MPI_Comm data = c.data, control = c.control;
     MPI_Comm_free(&data);

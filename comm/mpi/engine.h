@@ -207,15 +207,17 @@ struct CommState {
     MPI_Request request = MPI_REQUEST_NULL;
     int64_t words[3] = {0, 0, 0};
   };
-  std::vector<Answer> answers;  // sized once: pending sends read from it
+  // Answers still being sent (each its own memory, which the send reads until it completes).
+  std::vector<std::unique_ptr<Answer>> answers;
 
-  // ---- Both sides, under probe_mu: this rank's own probes, the last one current. Kept with the
-  // communicator: MPI may still read their questions.
+  // ---- Both sides, under probe_mu: this rank's own probes, one per operation that timed out
+  // (threads may wait on several at once). Kept with the communicator: MPI may still read their
+  // questions.
   std::mutex probe_mu;
   std::vector<std::shared_ptr<Probe>> probes;
-  std::shared_ptr<Probe> current_probe() {
+  std::vector<std::shared_ptr<Probe>> probe_list() {
     std::lock_guard<std::mutex> lock(probe_mu);
-    return probes.empty() ? nullptr : probes.back();
+    return probes;
   }
 
   // ---- Caller side.
@@ -243,9 +245,10 @@ class Engine {
   void break_comm(const std::shared_ptr<CommState>& comm, const std::string& reason,
                   bool timed_out);
   // After `comm`'s operation `seq` timed out on this rank: asks every peer how far it got, for at
-  // most `window` seconds, and returns what they said for the error message ("rank 2 did not
-  // answer ...; rank 3 has not started all-reduce #12 ..."), or "" when nothing could be asked.
-  // A probe under way (or done) for the same operation serves every later caller.
+  // most `window` seconds, and returns what they said for the error message ("rank 2 does not
+  // answer, ...; rank 3 (last started #11) has not reached #12; rank 1 reached #12 too"), or ""
+  // when nothing could be asked. A probe under way (or done) for the same operation serves every
+  // later caller.
   std::string probe_peers(const std::shared_ptr<CommState>& comm, uint64_t seq, double window);
   // The communicator object is gone: its MPI communicators are freed once its operations
   // finished (never when broken), and MPI is finalised after the last one when moert owns it.
@@ -269,7 +272,11 @@ class Engine {
   bool progress_comm(CommState& c);
   // Answers the peers' probes and advances this rank's own; true when anything moved.
   bool serve_probes(CommState& c);
+  bool advance_probe(CommState& c, Probe& p);
   void finish_probe(CommState& c, Probe& p);
+  // Finishes every probe under way (their receives taken back): before MPI goes or the
+  // communicator is released.
+  void finish_probes(CommState& c);
   bool advance(CommState& c, const std::shared_ptr<Operation>& op);
   void fail_all(CommState& c, const std::string& reason);
   void send_notices(CommState& c, const std::string& reason);

@@ -7,6 +7,7 @@
 // Phase 1: rank 2 sleeps through all-reduce #1; ranks 0 and 1 time out naming it.
 // Phase 2: rank 1 stops itself (SIGSTOP) before barrier #0 of a second communicator; ranks 0 and
 // 2 time out naming it as silent, then rank 0 continues it (SIGCONT).
+// Phase 3: ranks 0 and 1 wait on two all-reduces from two threads each while rank 2 sleeps.
 #include <mpi.h>
 #include <signal.h>
 #include <unistd.h>
@@ -110,6 +111,40 @@ int main(int argc, char** argv) {
           // Both survivors have given up by now, or soon; rank 1 goes on.
           std::this_thread::sleep_for(std::chrono::duration<double>(kTimeout / 2));
           kill(pids[1], SIGCONT);
+        }
+      }
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    // Phase 3: two threads of each present rank give up on two operations at once; each error
+    // comes within the timeout and the probe's window and names the absent rank.
+    {
+      auto comm = make_mpi_communicator(&world, options);
+      const double timeout = kTimeout / 2;
+      comm->set_timeout(timeout);
+      if (rank == 2) {
+        std::this_thread::sleep_for(std::chrono::duration<double>(3 * timeout));
+      } else {
+        int64_t a = 1, b = 1;
+        auto first = comm->start_all_reduce_sum(&a, 1, ReduceType::I64);
+        auto second = comm->start_all_reduce_sum(&b, 1, ReduceType::I64);
+        const auto t0 = std::chrono::steady_clock::now();
+        std::string errors[2];
+        double waited[2] = {0, 0};
+        auto wait = [&](Request& r, int k) {
+          errors[k] = error_of([&] { r->wait(); });
+          waited[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        };
+        std::thread t1([&] { wait(first, 0); });
+        std::thread t2([&] { wait(second, 1); });
+        t1.join();
+        t2.join();
+        for (int k = 0; k < 2; ++k) {
+          std::printf("rank %d, phase 3, #%d after %.2f s: %s\n", rank, k, waited[k],
+                      errors[k].c_str());
+          expect(has(errors[k], "rank 2"),
+                 cat("phase 3: #", k, " does not name the absent rank: ", errors[k]));
+          // The probe's window is a quarter of the timeout; a second for a loaded machine.
+          expect(waited[k] < timeout * 1.25 + 1.0, cat("phase 3: #", k, " took ", waited[k], " s"));
         }
       }
     }

@@ -363,7 +363,7 @@ MOERT_API moert_status* moert_model_resident_bytes(const moert_model* model, uin
  * two with MOERT_FP8_POWER_OF_TWO_SCALES, as DeepSeek-V3.1 and DeepGEMM's UE8M0 scales are; at
  * least 2^-126, the smallest normal float, so values below 2^-136 -- half the smallest E4M3 step
  * at that scale -- become zeros), codes rounded to nearest even and saturating at 448, and at
- * the largest code whose value times the scale is a finite float (values above 248 * 2^120,
+ * the largest code whose value times the scale is a finite float (values from 248 * 2^120,
  * about 3.3e38, in a block with a power-of-two scale of 2^120 stop at 240 * 2^120 rather than
  * round up to 2^128, infinity). Every other tensor is unchanged; an expert weight that is FP8
  * already is kept as it is. The new model holds the experts at 1 byte per value: a session's fp32
@@ -545,10 +545,11 @@ MOERT_API moert_status* moert_session_options_set_config(moert_session_options* 
  * After any failed or timed-out collective the communicator is broken: every later collective
  * fails at once with MOERT_ERR_COMM, naming the rank, the operation and how long it waited. A
  * rank that breaks an MPI communicator tells its peers, so that they fail promptly too. Before an
- * MPI collective gives up, the rank asks its peers how far they got (for a quarter of the
- * timeout, at most 1 s more), and the message says which ranks did not answer (dead or stopped)
- * and which are alive but never reached the operation ("rank 2 (last started #0) has not reached
- * #1"); a peer's moert answers whatever its host is doing.
+ * MPI collective gives up, the rank asks its peers how far they got, for a quarter of the
+ * timeout (at least 0.05 s, at most 1 s; the collective may still complete meanwhile), and the
+ * message says which ranks did not answer (dead or stopped) and which are alive but never reached
+ * the operation ("rank 2 (last started #0) has not reached #1"); a peer's moert answers whatever
+ * its host is doing.
  * moert never aborts its host: MPI errors come back as codes (MPI_ERRORS_RETURN) on moert's own
  * duplicate of the communicator, and moert never calls MPI_Abort.
  *

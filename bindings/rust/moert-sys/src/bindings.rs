@@ -358,7 +358,7 @@ extern "C" {
     #[doc = " two with MOERT_FP8_POWER_OF_TWO_SCALES, as DeepSeek-V3.1 and DeepGEMM's UE8M0 scales are; at"]
     #[doc = " least 2^-126, the smallest normal float, so values below 2^-136 -- half the smallest E4M3 step"]
     #[doc = " at that scale -- become zeros), codes rounded to nearest even and saturating at 448, and at"]
-    #[doc = " the largest code whose value times the scale is a finite float (values above 248 * 2^120,"]
+    #[doc = " the largest code whose value times the scale is a finite float (values from 248 * 2^120,"]
     #[doc = " about 3.3e38, in a block with a power-of-two scale of 2^120 stop at 240 * 2^120 rather than"]
     #[doc = " round up to 2^128, infinity). Every other tensor is unchanged; an expert weight that is FP8"]
     #[doc = " already is kept as it is. The new model holds the experts at 1 byte per value: a session's fp32"]
