@@ -431,17 +431,17 @@ TEST_F(SessionParallelCheckpoint, ARankThatAloneZeroedItsGradientsIsNamedForIt) 
   EXPECT_FALSE(fs::exists(dir_ / "x.moert"));
 }
 
-// One process's checkpoint holds one generator: ranks given different seeds are refused when
-// the session is created, on every rank.
-TEST(SessionParallelSeed, RanksOfOneJobShareTheSeed) {
-  const auto model = token_model(17);
+// What each of a job's two ranks hears when it creates its session with options set(r) (the
+// communicator attached): "" where the creation succeeds.
+std::vector<std::string> creation_errors(const std::shared_ptr<const Model>& model,
+                                         const std::function<void(int, SessionOptions&)>& set) {
   std::vector<std::string> errors(2);
   auto comms = testing::make_inprocess_communicators(2, 60.0);
   std::vector<std::thread> threads;
   for (int r = 0; r < 2; ++r)
     threads.emplace_back([&, r] {
       SessionOptions o = options();
-      o.seed = 7 + static_cast<uint64_t>(r);
+      set(r, o);
       o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), 2);
       try {
         Session s(model, o);
@@ -450,6 +450,14 @@ TEST(SessionParallelSeed, RanksOfOneJobShareTheSeed) {
       }
     });
   for (auto& t : threads) t.join();
+  return errors;
+}
+
+// One process's checkpoint holds one generator: ranks given different seeds are refused when
+// the session is created, on every rank.
+TEST(SessionParallelSeed, RanksOfOneJobShareTheSeed) {
+  const auto errors = creation_errors(
+      token_model(17), [](int r, SessionOptions& o) { o.seed = 7 + static_cast<uint64_t>(r); });
   for (int r = 0; r < 2; ++r)
     EXPECT_NE(errors[r].find("rank 1 of 2 creates its session with the seed 8 and rank 0 with 7"),
               std::string::npos)
@@ -477,21 +485,8 @@ TEST(SessionParallelSeed, RanksOfOneJobAreToldWhichTrainingSettingDiffers) {
        "rank 1 of 2 creates its session with clip_norm 1 and rank 0 with 0"},
   };
   for (const Case& c : cases) {
-    std::vector<std::string> errors(2);
-    auto comms = testing::make_inprocess_communicators(2, 60.0);
-    std::vector<std::thread> threads;
-    for (int r = 0; r < 2; ++r)
-      threads.emplace_back([&, r] {
-        SessionOptions o = options();
-        o.set(c.key, c.values[r]);
-        o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), 2);
-        try {
-          Session s(model, o);
-        } catch (const Error& e) {
-          errors[r] = e.what();
-        }
-      });
-    for (auto& t : threads) t.join();
+    const auto errors =
+        creation_errors(model, [&](int r, SessionOptions& o) { o.set(c.key, c.values[r]); });
     for (int r = 0; r < 2; ++r)
       EXPECT_NE(errors[r].find(c.want), std::string::npos) << c.key << ": " << errors[r];
   }
