@@ -146,7 +146,11 @@ constexpr char kTimeoutNotice = 'T', kErrorNotice = 'E';
 
 // Tags on a communicator's control communicator: a peer's notice, a probe's question and its
 // answer (Probe).
-constexpr int kNoticeTag = 1, kQuestionTag = 2, kAnswerTag = 3;
+constexpr int kNoticeTag = 1, kQuestionTag = 2;
+// A probe's answers come on a tag of its own, from kAnswerTags counted from kFirstAnswerTag by its
+// operation's number (every MPI offers tags up to 32767): a late answer to one probe is then
+// never taken by another's receive.
+constexpr int kFirstAnswerTag = 16, kAnswerTags = 1024;
 
 // "rank 2", "ranks 1 and 3", "ranks 1, 3, 5 and 4 more": at most kListed ranks are named.
 std::string ranks_text(const std::vector<std::string>& ranks) {
@@ -516,12 +520,14 @@ bool Engine::serve_probes(CommState& c) {
           a->words[0] = static_cast<int64_t>(c.next_seq);
         }
         a->words[1] = c.health.broken() ? 1 : 0;
-        a->words[2] = c.question_in;
-        if (MPI_Isend(a->words, 3, MPI_INT64_T, peer, kAnswerTag, c.control, &a->request) ==
-            MPI_SUCCESS)
+        a->words[2] = c.question_in[0];
+        const int64_t tag = c.question_in[1];
+        if (tag >= kFirstAnswerTag && tag < kFirstAnswerTag + kAnswerTags &&
+            MPI_Isend(a->words, 3, MPI_INT64_T, peer, static_cast<int>(tag), c.control,
+                      &a->request) == MPI_SUCCESS)
           c.answers.push_back(std::move(a));
       }
-      if (MPI_Irecv(&c.question_in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kQuestionTag, c.control,
+      if (MPI_Irecv(c.question_in, 2, MPI_INT64_T, MPI_ANY_SOURCE, kQuestionTag, c.control,
                     &c.question_recv) != MPI_SUCCESS)
         c.question_recv = MPI_REQUEST_NULL;
     }
@@ -540,11 +546,13 @@ bool Engine::advance_probe(CommState& c, Probe& p) {
   if (!p.posted) {
     p.posted = true;
     moved = true;
-    p.question = static_cast<int64_t>(p.seq);
+    p.question[0] = static_cast<int64_t>(p.seq);
+    p.question[1] = kFirstAnswerTag + static_cast<int64_t>(p.seq % kAnswerTags);
+    const int tag = static_cast<int>(p.question[1]);
     for (int32_t peer = 0; peer < c.size; ++peer) {
       if (peer == c.rank) continue;
       const size_t i = static_cast<size_t>(peer);
-      if (MPI_Irecv(&p.replies[3 * i], 3, MPI_INT64_T, peer, kAnswerTag, c.control, &p.recvs[i]) !=
+      if (MPI_Irecv(&p.replies[3 * i], 3, MPI_INT64_T, peer, tag, c.control, &p.recvs[i]) !=
           MPI_SUCCESS) {
         p.recvs[i] = MPI_REQUEST_NULL;
         continue;
@@ -552,7 +560,7 @@ bool Engine::advance_probe(CommState& c, Probe& p) {
       // Never waited for: a dead peer never takes it. The question lives in the probe, which
       // the communicator keeps for good.
       MPI_Request r = MPI_REQUEST_NULL;
-      if (MPI_Isend(&p.question, 1, MPI_INT64_T, peer, kQuestionTag, c.control, &r) == MPI_SUCCESS)
+      if (MPI_Isend(p.question, 2, MPI_INT64_T, peer, kQuestionTag, c.control, &r) == MPI_SUCCESS)
         MPI_Request_free(&r);
     }
   }
@@ -563,15 +571,15 @@ bool Engine::advance_probe(CommState& c, Probe& p) {
     int flag = 0;
     if (MPI_Test(&p.recvs[i], &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) {
       moved = true;
-      if (p.replies[3 * i + 2] == p.question) {
+      if (p.replies[3 * i + 2] == p.question[0]) {
         p.answered[i] = 1;
         continue;
       }
-      // An answer to another of this rank's probes (threads may time out on several
-      // operations at once; a peer answers each question it gets): wait for this one's.
+      // A late answer to an earlier probe on the same tag (kAnswerTags operations before):
+      // wait for this one's.
       all = false;
-      if (MPI_Irecv(&p.replies[3 * i], 3, MPI_INT64_T, peer, kAnswerTag, c.control, &p.recvs[i]) !=
-          MPI_SUCCESS)
+      if (MPI_Irecv(&p.replies[3 * i], 3, MPI_INT64_T, peer, static_cast<int>(p.question[1]),
+                    c.control, &p.recvs[i]) != MPI_SUCCESS)
         p.recvs[i] = MPI_REQUEST_NULL;
     } else {
       all = false;
@@ -606,7 +614,7 @@ void Engine::finish_probe(CommState& c, Probe& p) {
       MPI_Status st;
       int cancelled = 1;
       if (MPI_Wait(&p.recvs[i], &st) == MPI_SUCCESS) MPI_Test_cancelled(&st, &cancelled);
-      p.answered[i] = !cancelled && p.replies[3 * i + 2] == p.question ? 1 : 0;
+      p.answered[i] = !cancelled && p.replies[3 * i + 2] == p.question[0] ? 1 : 0;
     }
     if (!p.answered[i]) {
       silent.push_back(std::to_string(peer));
@@ -877,7 +885,7 @@ std::shared_ptr<CommState> Engine::add(MPI_Comm data, MPI_Comm control, double t
     if (MPI_Irecv(state->notice, sizeof state->notice - 1, MPI_CHAR, MPI_ANY_SOURCE, kNoticeTag,
                   state->control, &state->notice_recv) != MPI_SUCCESS)
       state->notice_recv = MPI_REQUEST_NULL;
-    if (MPI_Irecv(&state->question_in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kQuestionTag, state->control,
+    if (MPI_Irecv(state->question_in, 2, MPI_INT64_T, MPI_ANY_SOURCE, kQuestionTag, state->control,
                   &state->question_recv) != MPI_SUCCESS)
       state->question_recv = MPI_REQUEST_NULL;
     comms_.push_back(state);

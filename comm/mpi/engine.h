@@ -150,7 +150,9 @@ struct Probe {
 
   // ---- Engine thread only. Never freed while MPI may write into it: the communicator that holds
   // it is broken afterwards, and a broken one keeps its memory.
-  int64_t question = 0;
+  // What is sent: the operation, and the tag the answers are to come on (this probe's own, so
+  // that probes under way at once never take each other's answers).
+  int64_t question[2] = {0, 0};
   // Per peer: operations it started, whether it is broken, and the question answered (a late
   // answer to an earlier probe may arrive first).
   std::vector<int64_t> replies;
@@ -201,7 +203,7 @@ struct CommState {
   bool keeps_memory = false;  // released with sends still pending: never destroyed
   int tag_modulus = 1;
   // Peers' probes (Probe above): the question being received, and per peer the last answer sent.
-  int64_t question_in = 0;
+  int64_t question_in[2] = {0, 0};
   MPI_Request question_recv = MPI_REQUEST_NULL;
   struct Answer {
     MPI_Request request = MPI_REQUEST_NULL;
