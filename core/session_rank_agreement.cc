@@ -3,6 +3,7 @@
 // is local to a rank (zero_grad, set_config, set_parameter, ...), and a rank that differed would
 // move its replicated parameters away from the others' for good; the checkpoint's save would
 // only find out later.
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <charconv>
@@ -94,6 +95,15 @@ uint64_t setting_word(const T& v) {
   }
 }
 
+// Every training setting as a word, in the order of TrainingConfig::fields(): compared one by one
+// when sessions are created, and as one digest before each step.
+std::array<uint64_t, kTrainingWords> training_words(const TrainingConfig& t) {
+  std::array<uint64_t, kTrainingWords> words{};
+  size_t i = 0;
+  std::apply([&](const auto&... field) { ((words[i++] = setting_word(field)), ...); }, t.fields());
+  return words;
+}
+
 }  // namespace
 
 void Session::agree_to_start(Communicator& world, const StartWords& mine) {
@@ -154,9 +164,8 @@ void Session::check_ranks_agree_to_start(Communicator& world) const {
       static_cast<uint64_t>(options_.layouts),
   };
   if (training) {
-    size_t i = kFirstTrainingWord;
-    std::apply([&](const auto&... field) { ((mine[i++] = setting_word(field)), ...); },
-               options_.training.fields());
+    const auto words = training_words(options_.training);
+    std::copy(words.begin(), words.end(), mine.begin() + kFirstTrainingWord);
   }
   mine[kStartWords - 1] = model.digest();
   agree_to_start(world, mine);
@@ -177,20 +186,7 @@ void Session::refuse_creation(const SessionOptions& options) {
 
 uint64_t Session::training_settings_digest() const {
   ContentHasher settings;
-  std::apply(
-      [&settings](const auto&... field) {
-        auto add = [&settings](const auto& v) {
-          using T = std::decay_t<decltype(v)>;
-          if constexpr (std::is_same_v<T, std::string>)
-            settings.str(v);
-          else if constexpr (std::is_same_v<T, double>)
-            settings.u64(std::bit_cast<uint64_t>(v));
-          else
-            settings.u64(static_cast<uint64_t>(v));
-        };
-        (add(field), ...);
-      },
-      options_.training.fields());
+  for (uint64_t w : training_words(options_.training)) settings.u64(w);
   return settings.digest();
 }
 
