@@ -260,6 +260,59 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
   }
 }
 
+// Every fp32 layout of the FFN backward computes the gradients it should: against a float64
+// backward from the same h1, h3 (the forward's), each output within fp32 rounding. The 20 x 12
+// FFN takes the direct path (tn Wgrad); 260 x 256 takes it too where oneDNN runs AVX-512, and the
+// transposed path (nt Wgrad on operands transposed chunk by chunk) elsewhere.
+TEST(CpuReduction, Fp32FfnBackwardMatchesFloat64InEveryLayout) {
+  for (const auto& [D, H] : {std::pair<int64_t, int64_t>{20, 12}, {260, 256}}) {
+    std::mt19937 rng(7);
+    auto be = make_cpu_backend(2, Precision::Fp32);
+    const Ffn f(rng, 1, *be, D, H);
+    const Vec x = randv(kRows * D, rng), dy = randv(kRows * D, rng);
+    Vec y(kRows * D), h1(kRows * H), h3(kRows * H);
+    be->swiglu_ffn(x.data(), f.W(1, Precision::Fp32), f.W(3, Precision::Fp32),
+                   f.W(2, Precision::Fp32), y.data(), h1.data(), h3.data(), kRows, D, H, false);
+    std::vector<Vec> g(3, Vec(H * D, 0.0f));
+    Vec dx(kRows * D, 0.0f);
+    be->swiglu_ffn_backward(x.data(), f.W(1, Precision::Fp32), f.W(3, Precision::Fp32),
+                            f.W(2, Precision::Fp32), h1.data(), h3.data(), dy.data(), dx.data(),
+                            false, GradOut{g[0].data()}, GradOut{g[1].data()}, GradOut{g[2].data()},
+                            kRows, D, H);
+    // float64: a = silu(h1) h3; dA = dy W2; dh1 = dA h3 silu'(h1); dh3 = dA silu(h1).
+    std::vector<double> a(kRows * H), dh1(kRows * H), dh3(kRows * H), rdx(kRows * D, 0.0);
+    std::vector<std::vector<double>> rg(3, std::vector<double>(H * D, 0.0));
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int64_t h = 0; h < H; ++h) {
+        double da = 0.0;
+        for (int64_t d = 0; d < D; ++d) da += double{dy[r * D + d]} * f.w2[d * H + h];
+        const double z = h1[r * H + h], s = 1.0 / (1.0 + std::exp(-z)), v = h3[r * H + h];
+        a[r * H + h] = z * s * v;
+        dh1[r * H + h] = da * v * (s + z * s * (1.0 - s));
+        dh3[r * H + h] = da * z * s;
+      }
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d) {
+          rdx[r * D + d] += dh1[r * H + h] * f.w1[h * D + d] + dh3[r * H + h] * f.w3[h * D + d];
+          rg[0][h * D + d] += dh1[r * H + h] * x[r * D + d];
+          rg[1][h * D + d] += dh3[r * H + h] * x[r * D + d];
+          rg[2][d * H + h] += dy[r * D + d] * a[r * H + h];
+        }
+    auto rel = [](const Vec& got, const std::vector<double>& want) {
+      double num = 0.0, den = 0.0;
+      for (size_t i = 0; i < want.size(); ++i) {
+        num += (got[i] - want[i]) * (got[i] - want[i]);
+        den += want[i] * want[i];
+      }
+      return std::sqrt(num / den);
+    };
+    const std::string shape = std::to_string(D) + " x " + std::to_string(H);
+    EXPECT_LT(rel(dx, rdx), 1e-6) << shape;
+    for (int k = 0; k < 3; ++k) EXPECT_LT(rel(g[k], rg[k]), 1e-6) << shape << ", gradient " << k;
+  }
+}
+
 // The routed experts' forward straight from unpermuted rows (the CPU backend gathers each item's
 // rows itself) gives the bits of dispatch + grouped_swiglu_ffn, for items of many rows and of few
 // (the column-unit path of a decode step), whether x_perm is kept and h1, h3 are, on any thread
