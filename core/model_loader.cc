@@ -778,7 +778,11 @@ LayerSpec Loader::moe(const fb::MoE* m, uint32_t width) {
   if (bs.bias_update_rate < 0.0f) bad("balancing.bias_update_rate", "must be >= 0");
   bs.bias_centering = b->bias_centering();
   bs.bias_frozen = b->bias_frozen();
-  bs.aux_alpha = finite(b->aux_alpha(), "balancing.aux_alpha");
+  const bool aux_loss =
+      bs.policy == BalancingPolicy::AuxLoss || bs.policy == BalancingPolicy::SequenceAuxLoss;
+  bs.aux_alpha = finite(
+      aux_loss ? required(b->aux_alpha(), "balancing.aux_alpha") : b->aux_alpha().value_or(0.0f),
+      "balancing.aux_alpha");
   if (bs.aux_alpha < 0.0f) bad("balancing.aux_alpha", "must be >= 0");
   bs.capacity_factor = finite(b->capacity_factor(), "balancing.capacity_factor");
   if (bs.capacity_factor <= 0.0f) bad("balancing.capacity_factor", "must be > 0");

@@ -169,9 +169,14 @@ class DescriptionBuilder {
             type = fb::LayerKind::DenseFFN;
           } else if constexpr (std::is_same_v<S, MoESpec>) {
             const BalancingSpec& b = s.balancing;
+            // Written where the loader needs it, and wherever it is not 0 (as before it became
+            // optional): a file's bytes stay those of its content.
+            const bool alpha = b.policy == BalancingPolicy::AuxLoss ||
+                               b.policy == BalancingPolicy::SequenceAuxLoss || b.aux_alpha != 0.0f;
             const auto bal = fb::CreateBalancing(
                 fbb_, static_cast<fb::BalancingPolicy>(static_cast<int>(b.policy)),
-                b.bias_update_rate, b.bias_centering, b.bias_frozen, b.aux_alpha,
+                b.bias_update_rate, b.bias_centering, b.bias_frozen,
+                alpha ? flatbuffers::Optional<float>(b.aux_alpha) : flatbuffers::nullopt,
                 b.capacity_factor);
             const auto gate = tensor(s.gate);
             const auto bias = tensor(s.gate_bias);

@@ -216,7 +216,9 @@ flatbuffers::Offset<void> moe(flatbuffers::FlatBufferBuilder& b, const MoEDesc& 
     bb.add_bias_update_rate(m.balancing.bias_update_rate);
     bb.add_bias_centering(m.balancing.bias_centering);
     bb.add_bias_frozen(m.balancing.bias_frozen);
-    bb.add_aux_alpha(m.balancing.aux_alpha);
+    const bool aux_loss = m.balancing.policy == 2 || m.balancing.policy == 3;
+    if (!m.balancing.leave_out_aux_alpha && (aux_loss || m.balancing.aux_alpha != 0.0f))
+      bb.add_aux_alpha(m.balancing.aux_alpha);
     bb.add_capacity_factor(m.balancing.capacity_factor);
     balancing = bb.Finish();
   }

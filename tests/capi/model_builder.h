@@ -57,7 +57,8 @@ struct BalancingDesc {
   float bias_update_rate = 1e-3f;
   bool bias_centering = false;
   bool bias_frozen = false;
-  float aux_alpha = 0.0f;
+  float aux_alpha = 0.0f;  // written as moert's writer does: where the policy needs it, or not 0
+  bool leave_out_aux_alpha = false;
   float capacity_factor = 1.0f;
 };
 

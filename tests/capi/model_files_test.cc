@@ -511,6 +511,18 @@ TEST(ModelFiles, EveryOtherCheckedFieldNamesItself) {
       {"aux_alpha < 0",
        [](ModelDesc& d) { moe0(d).balancing.aux_alpha = -0.5f; },
        {"layer 2", "'moe0'", "'balancing.aux_alpha'"}},
+      {"aux_alpha left out of an auxiliary loss",
+       [](ModelDesc& d) {
+         moe0(d).balancing.policy = 2;  // AuxLoss
+         moe0(d).balancing.leave_out_aux_alpha = true;
+       },
+       {"layer 2", "'moe0'", "'balancing.aux_alpha'", "is required"}},
+      {"aux_alpha left out of a sequence-wise auxiliary loss",
+       [](ModelDesc& d) {
+         moe0(d).balancing.policy = 3;  // SequenceAuxLoss
+         moe0(d).balancing.leave_out_aux_alpha = true;
+       },
+       {"layer 2", "'moe0'", "'balancing.aux_alpha'", "is required"}},
       {"capacity_factor 0",
        [](ModelDesc& d) { moe0(d).balancing.capacity_factor = 0.0f; },
        {"layer 2", "'moe0'", "'balancing.capacity_factor'"}},

@@ -117,7 +117,8 @@ def model_hidden_plain():
     b.dense(hidden=16, residual=False, where=("inline",) * 3)
     b.rmsnorm(eps=1e-6)
     b.moe(E=12, K=4, H=8, score="Sigmoid", G=3, TG=3, normalize=True, scaling=1.0,
-          policy="AuxLoss", residual=True, shared=1, shared_hidden=6, where="inline")
+          policy="AuxLoss", aux_alpha=0.01, residual=True, shared=1, shared_hidden=6,
+          where="inline")
     b.head(vocab=20, bias=False, where="inline")
     return b, (64, 200)
 
