@@ -21,13 +21,21 @@ namespace {
 
 constexpr uint32_t kAllLayers = std::numeric_limits<uint32_t>::max();
 
+// The shortest text that reads back as v: a bound such as 0.999999999 must not print as a
+// rounded "1", which the bound refuses.
+std::string exact_text(double v) {
+  char text[32];
+  const auto [end, ec] = std::to_chars(text, text + sizeof text, v);
+  return ec == std::errc() ? std::string(text, end) : std::string("?");
+}
+
 double parse_number(const std::string& key, const std::string& value, double lo, double hi) {
   double v = 0.0;
   const char* end = value.data() + value.size();
   auto [ptr, ec] = std::from_chars(value.data(), end, v);
   if (ec != std::errc() || ptr != end || !std::isfinite(v) || v < lo || v > hi)
-    fail(Code::InvalidArgument, "option '", key, "' takes a number in [", lo, ", ", hi, "], got '",
-         value, "'");
+    fail(Code::InvalidArgument, "option '", key, "' takes a number in [", exact_text(lo), ", ",
+         exact_text(hi), "], got '", value, "'");
   return v;
 }
 

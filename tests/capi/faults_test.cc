@@ -840,4 +840,17 @@ TEST(Faults, PaddedTokenRowsAndIgnoredTargets) {
                       MOERT_ERR_INVALID_ARGUMENT, {"-7", "row 2"}));
 }
 
+// A refused option value is told the bounds it missed as they are: beta2's upper bound,
+// 0.999999999, printed to 6 digits read "1", the very value refused.
+TEST(Faults, ARefusedOptionValueNamesItsBoundsExactly) {
+  moert_session_options* o = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_create(&o)));
+  OptionsPtr opts(o);
+  EXPECT_TRUE(IsError(moert_session_options_set_config(o, "beta2", "1"), MOERT_ERR_INVALID_ARGUMENT,
+                      {"'beta2'", "[0, 0.999999999]", "got '1'"}));
+  EXPECT_TRUE(IsError(moert_session_options_set_config(o, "eps", "0"), MOERT_ERR_INVALID_ARGUMENT,
+                      {"'eps'", "[1e-30, 1]", "got '0'"}));
+  EXPECT_TRUE(IsOk(moert_session_options_set_config(o, "beta2", "0.999999999")));
+}
+
 }  // namespace
