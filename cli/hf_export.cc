@@ -195,6 +195,10 @@ class Exporter {
     // the marker at its end, and the other's files would be left mixed with its own without it.
     // One that waited on a folder a failed export removed finds nowhere to write, and fails.
     const moert::format::DirectoryLock lock(req_.out_dir);
+    if (lock.timed_out())
+      fail("cannot export into '", req_.out_dir, "': another export has held its lock for ",
+           moert::format::DirectoryLock::kPatience.count() / 1000,
+           " s (a process stopped or stuck inside an export there?)");
     try {
       write_all();
     } catch (...) {

@@ -206,6 +206,11 @@ class Importer {
     // Imports and saves to one directory take turns from here: another import to OUT must not
     // remove this one's data file in its clean-up (nor this one the other's).
     const moert::format::DirectoryLock lock(directory_of(req_.out_path));
+    if (lock.timed_out())
+      fail("cannot write '", req_.out_path,
+           "': another save has held the lock of its directory for ",
+           moert::format::DirectoryLock::kPatience.count() / 1000,
+           " s (a process stopped or stuck inside a save there?)");
     const std::string data_name = data_.commit();
     result_.data_bytes = data_.size();
     result_.data_file = data_name;

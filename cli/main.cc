@@ -3,6 +3,7 @@
 #include <moert/moert.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -117,6 +118,9 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A write past the file size limit (`ulimit -f`) then fails with EFBIG, which the command
+  // reports naming the file, instead of SIGXFSZ ending it with a temporary file left behind.
+  std::signal(SIGXFSZ, SIG_IGN);
   const int code = run(argc, argv);
   // What a command printed may still sit in stdout's buffer: a full disk (ENOSPC) or a bad
   // descriptor shows only now, and a command that wrote nothing of its report has not succeeded.

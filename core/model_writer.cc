@@ -2,6 +2,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <span>
 
 #include "core/error.h"
@@ -287,9 +290,41 @@ std::string unique_suffix(uint64_t attempt) {
   return out;
 }
 
+// A write past the process's file size limit (RLIMIT_FSIZE: `ulimit -f`, systemd's LimitFSIZE)
+// raises SIGXFSZ at the writing thread, whose default action ends the host process. For the
+// scope this thread blocks it: such a write fails with EFBIG instead, and the signal it left
+// pending is taken back, unless one was pending before.
+class NoFileSizeSignal {
+ public:
+  NoFileSizeSignal() {
+    sigemptyset(&xfsz_);
+    sigaddset(&xfsz_, SIGXFSZ);
+    pthread_sigmask(SIG_BLOCK, &xfsz_, &saved_);
+    sigset_t pending;
+    sigpending(&pending);
+    was_pending_ = sigismember(&pending, SIGXFSZ) == 1;
+  }
+  ~NoFileSizeSignal() {
+    sigset_t pending;
+    if (!was_pending_ && sigpending(&pending) == 0 && sigismember(&pending, SIGXFSZ) == 1) {
+      const timespec now{0, 0};
+      sigtimedwait(&xfsz_, nullptr, &now);
+    }
+    pthread_sigmask(SIG_SETMASK, &saved_, nullptr);
+  }
+  NoFileSizeSignal(const NoFileSizeSignal&) = delete;
+  NoFileSizeSignal& operator=(const NoFileSizeSignal&) = delete;
+
+ private:
+  sigset_t xfsz_, saved_;
+  bool was_pending_ = false;
+};
+
 // A file written under a temporary name in the destination's directory, then renamed into place.
 // Created like any file (mode 0666 less the umask), not with mkstemp's 0600: a checkpoint is a
-// model that other users' processes may be meant to read.
+// model that other users' processes may be meant to read. Its writer holds it under flock until
+// it is renamed, so that another save's clean-up knows it is not a killed save's leftover
+// (format::held_by_a_writer).
 class TempFile {
  public:
   TempFile(const fs::path& dir, const std::string& prefix, std::string destination,
@@ -301,6 +336,9 @@ class TempFile {
       if (fd_ < 0 && (errno != EEXIST || attempt == 100))
         io_failure(kind_, destination_, "cannot create a temporary file", errno);
     }
+    // Where the file system cannot lock, clean-ups take it for a leftover, as before.
+    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0 && errno == EINTR) {
+    }
   }
   ~TempFile() {
     if (fd_ >= 0) ::close(fd_);
@@ -310,6 +348,7 @@ class TempFile {
   TempFile& operator=(const TempFile&) = delete;
 
   void write(const void* data, uint64_t bytes) {
+    const NoFileSizeSignal no_sigxfsz;
     const auto* p = static_cast<const char*>(data);
     while (bytes > 0) {
       // One write() moves at most about 2 GiB.
@@ -322,15 +361,16 @@ class TempFile {
     }
   }
 
-  // fsync, close, rename over `target`.
+  // fsync, rename over `target`, close: renamed while still open, so that its lock lasts as
+  // long as its temporary name.
   void commit(const std::string& target) {
     if (::fsync(fd_) != 0) io_failure(kind_, destination_, "fsync", errno);
-    const int fd = fd_;
-    fd_ = -1;
-    if (::close(fd) != 0) io_failure(kind_, destination_, "close", errno);
     if (::rename(name_.c_str(), target.c_str()) != 0)
       io_failure(kind_, destination_, "rename", errno);
     renamed_ = true;
+    const int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0) io_failure(kind_, destination_, "close", errno);
   }
 
  private:
@@ -375,7 +415,18 @@ void remove_stale(const fs::path& dir, const std::string& file, const std::strin
     // Memory: the temporary files stay until the next save.
   }
   ::closedir(d);
-  for (const auto& name : doomed) ::unlink((dir / name).c_str());
+  for (const auto& name : doomed)
+    if (!format::held_by_a_writer(dir / name)) ::unlink((dir / name).c_str());
+}
+
+// Fails when another process held the directory's lock past its patience (a save stopped or
+// stuck inside its commit), naming the directory.
+void check_lock(const format::DirectoryLock& lock, const fs::path& dir, const std::string& path,
+                const char* what) {
+  if (lock.timed_out())
+    fail(Code::Io, "cannot write ", what, " '", path, "': another save has held the lock of ",
+         "directory '", dir.string(), "' for ", format::DirectoryLock::kPatience.count() / 1000,
+         " s (a process stopped or stuck inside a save there?); nothing was replaced");
 }
 
 }  // namespace
@@ -491,21 +542,32 @@ void write_description(const std::string& path, const Model& model,
   const std::vector<uint8_t> description = builder.finish(root);
   refuse_long_names(dir, file, path, what, !builder.external().empty());
 
-  const format::DirectoryLock lock(dir);
-  // The data file is named by its content: an earlier checkpoint with the same content may
-  // already use it, and then it must stay whatever happens to this save.
-  const fs::path data_path = dir / data_name;
-  const bool data_existed = !builder.external().empty() && fs::exists(data_path, ec);
+  // The data file, which may take minutes, is written outside the directory lock (a save then
+  // holds it only while it commits, and a bounded wait for it is enough), under a temporary name
+  // created under it: a clean-up would otherwise be able to find it before its writer locks it.
+  std::optional<TempFile> data;
   if (!builder.external().empty()) {
-    TempFile data(dir, "." + file + ".data-", path, what);
+    {
+      const format::DirectoryLock lock(dir);
+      check_lock(lock, dir, path, what);
+      data.emplace(dir, "." + file + ".data-", path, what);
+    }
     static const char zeros[kExternalAlignment] = {};
     uint64_t at = 0;
     for (const Placement& p : builder.external()) {
-      data.write(zeros, p.offset - at);
-      data.write(p.data, p.bytes);
+      data->write(zeros, p.offset - at);
+      data->write(p.data, p.bytes);
       at = p.offset + p.bytes;
     }
-    data.commit(data_path.string());
+  }
+  const format::DirectoryLock lock(dir);
+  check_lock(lock, dir, path, what);
+  // The data file is named by its content: an earlier checkpoint with the same content may
+  // already use it, and then it must stay whatever happens to this save.
+  const fs::path data_path = dir / data_name;
+  const bool data_existed = data && fs::exists(data_path, ec);
+  if (data) {
+    data->commit(data_path.string());
     sync_directory(dir);
   }
   try {

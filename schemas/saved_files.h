@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <ctime>
 #include <filesystem>
@@ -22,6 +23,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -29,19 +31,39 @@
 
 namespace moert::format {
 
-// An exclusive lock on a directory for the scope (flock(2), blocking): saves into one directory
-// take turns, so that one save's clean-up never removes the data file or the temporary file of
-// another save to the same path, in this process or another. A file system that cannot lock a
-// directory opened for reading (NFS, whose client emulates flock with byte-range locks) leaves
-// saves unlocked, as they were before. The kernel releases the lock of a killed process.
+// An exclusive lock on a directory for the scope (flock(2)): saves into one directory take turns,
+// so that one save's clean-up never removes the data file or the temporary file of another save to
+// the same path, in this process or another. A file system that cannot lock a directory opened for
+// reading (NFS, whose client emulates flock with byte-range locks) leaves saves unlocked, as they
+// were before. The kernel releases the lock of a killed process, but not that of a stopped or
+// stuck one: the wait is bounded by `patience`, after which timed_out() is true and the caller
+// must not go on (the lock is not held).
 class DirectoryLock {
  public:
-  explicit DirectoryLock(const std::filesystem::path& dir)
+  // Long enough for any save's commit (the library holds the lock only to rename its files into
+  // place and clean up), short enough that a process stopped inside one does not hang its peers.
+  static constexpr std::chrono::milliseconds kPatience{30000};
+
+  explicit DirectoryLock(const std::filesystem::path& dir,
+                         std::chrono::milliseconds patience = kPatience)
       : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
-    if (fd_ >= 0)
-      while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+    if (fd_ < 0) return;
+    const auto deadline = std::chrono::steady_clock::now() + patience;
+    auto pause = std::chrono::microseconds(200);
+    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      if (errno == EINTR) continue;
+      if (errno != EWOULDBLOCK) return;  // cannot lock here: unlocked, as before
+      if (std::chrono::steady_clock::now() >= deadline) {
+        ::close(fd_);
+        fd_ = -1;
+        timed_out_ = true;
+        return;
       }
+      std::this_thread::sleep_for(pause);
+      pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(20));
+    }
   }
+  bool timed_out() const { return timed_out_; }
   // Unlocked explicitly: a child forked meanwhile shares the open file description, whose lock
   // would otherwise outlive this scope until the child exits.
   ~DirectoryLock() {
@@ -54,7 +76,22 @@ class DirectoryLock {
 
  private:
   int fd_;
+  bool timed_out_ = false;
 };
+
+// Whether a writer holds `path` open under flock (a library save's temporary file while it is
+// written): a clean-up leaves such a file alone. A file that cannot be opened or locked here is
+// taken as not in use, as before writers locked their temporary files.
+inline bool held_by_a_writer(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return false;
+  int r;
+  while ((r = ::flock(fd, LOCK_EX | LOCK_NB)) != 0 && errno == EINTR) {
+  }
+  const bool held = r != 0 && errno == EWOULDBLOCK;
+  ::close(fd);  // drops the lock taken, if any
+  return held;
+}
 
 // The data file a model description names (its 'external_data' field, lexically normalised, as a
 // path relative to the description's directory); empty when `bytes` is not a verifiable model

@@ -1,9 +1,12 @@
 // The clean-up that saves and imports share (schemas/saved_files.h): a data file of an earlier
 // save goes only when no file in the directory names it, and whatever the scan cannot read for
 // certain keeps it.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -15,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/error.h"
 #include "core/model.h"
 #include "core/model_loader.h"
 #include "core/model_writer.h"
@@ -254,6 +258,84 @@ TEST_F(SavedFiles, ADescriptionOfAnySizeIsReadAndWhatCannotBeReadKeepsThem) {
   // With descriptors to spare, the same call removes it.
   format::remove_unnamed_data_files(dir_, "m.moert", "");
   EXPECT_FALSE(old_data_kept());
+}
+
+// A process stopped or stuck while it holds a directory's lock does not hang the next saver: its
+// wait ends after the patience, and it can tell (the lock is then not held).
+TEST_F(SavedFiles, ALockHeldElsewhereIsWaitedForABoundedTime) {
+  const int fd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);  // another open file description: as another process
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    const format::DirectoryLock lock(dir_, std::chrono::milliseconds(200));
+    EXPECT_TRUE(lock.timed_out());
+  }
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(waited, 0.2);
+  EXPECT_LT(waited, 5.0);
+  ::flock(fd, LOCK_UN);
+  const format::DirectoryLock lock(dir_, std::chrono::milliseconds(200));
+  EXPECT_FALSE(lock.timed_out());
+  ::close(fd);
+}
+
+// A save's temporary data file stays while its writer holds it (a save into the same path in
+// another process, writing outside the directory lock); one nobody holds is a killed save's
+// leftover and goes.
+TEST_F(SavedFiles, TheCleanUpLeavesATemporaryFileItsWriterHolds) {
+  const fs::path held = dir_ / ".m.moert.data-aB3dE5", left = dir_ / ".m.moert.data-Zz9yY8";
+  const int fd = ::open(held.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  std::ofstream(left) << "leftover";
+  EXPECT_TRUE(format::held_by_a_writer(held));
+  EXPECT_FALSE(format::held_by_a_writer(left));
+  save_again();
+  EXPECT_TRUE(fs::exists(held));
+  EXPECT_FALSE(fs::exists(left));
+  ::close(fd);
+  save_again();
+  EXPECT_FALSE(fs::exists(held));
+}
+
+// A save past the process's file size limit (`ulimit -f`) fails with an error naming the file,
+// instead of SIGXFSZ ending the host process; the checkpoint already at the path stays whole and
+// nothing is left beside it. In a child, whose limit and fate are its own.
+TEST_F(SavedFiles, AFileSizeLimitFailsTheSaveAndLeavesTheOldFile) {
+  const auto before = fs::file_size(path());
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    const rlimit small{16384, 16384};
+    if (::setrlimit(RLIMIT_FSIZE, &small) != 0) ::_exit(10);
+    try {
+      Model changed = *model_;
+      for (auto& l : changed.layers)
+        visit_tensors(l, [](const char*, Tensor& t) {
+          for (float& v : t.values) v *= 0.5f;
+        });
+      write_model(path(), changed);
+      ::_exit(11);  // written past the limit?
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      ::_exit(e.code() == Code::Io && m.find("File too large") != std::string::npos &&
+                      m.find(path()) != std::string::npos
+                  ? 0
+                  : 12);
+    }
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child ended by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(fs::file_size(path()), before);
+  EXPECT_EQ(data_file(), old_data_);
+  EXPECT_NO_THROW(load_model_file(path()));
+  size_t files = 0;
+  for (const auto& e : fs::directory_iterator(dir_)) files += e.is_regular_file();
+  EXPECT_EQ(files, 2u);  // the description and its data file
 }
 
 }  // namespace
