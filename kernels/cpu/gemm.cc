@@ -1,8 +1,11 @@
 #include "kernels/cpu/gemm.h"
 
 #include <oneapi/dnnl/dnnl.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <initializer_list>
 #include <map>
@@ -30,11 +33,39 @@ void check_dnnl(dnnl_status_t s, const char* what) {
          " failed (status ", static_cast<int>(s), ")");
 }
 
+// oneDNN (2.6) does not survive running out of address space while it sets up kernels: it then
+// crashes the host process (SIGSEGV in the fp32 GEMMs' set-up, which needs about 18 MiB,
+// measured under RLIMIT_AS with 2 to 16 MiB left; in a bf16 matmul primitive's creation with a
+// few MiB left) instead of failing. So before such a set-up moert asks for this much room under
+// the process's address-space limit (`ulimit -v`), and fails with MOERT_ERR_OUT_OF_MEMORY when
+// it is not there. No limit, no check. Best effort: another thread may take the room between
+// the check and oneDNN's allocations.
+constexpr uint64_t kJitRoom = uint64_t{64} << 20;
+
+void require_jit_room(const char* what) {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_AS, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return;
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return;
+  unsigned long long pages = 0;
+  const bool read = std::fscanf(f, "%llu", &pages) == 1;
+  std::fclose(f);
+  if (!read) return;
+  const uint64_t used = pages * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t left = limit.rlim_cur > used ? limit.rlim_cur - used : 0;
+  if (left < kJitRoom)
+    fail(Code::OutOfMemory, "cannot set up oneDNN's kernels for ", what,
+         ": the process's address-space limit (RLIMIT_AS, ulimit -v) leaves ", left >> 20,
+         " MiB, and moert asks for ", kJitRoom >> 20,
+         " MiB before setting them up (oneDNN crashes when it runs out midway)");
+}
+
 }  // namespace
 
 void warm_up_sgemm() {
   static std::once_flag once;
   std::call_once(once, [] {
+    require_jit_room("fp32 GEMMs");
     // oneDNN sets up its GEMM kernels on first use and registers their teardown then; done here,
     // before any session computes, so that the exit gate's handler (registered after these
     // calls) runs before that teardown. Every layout, both betas, vector and matrix shapes.
@@ -106,6 +137,7 @@ struct Bf16Gemm::Dnnl {
     // setting: every session of the process must get the same layout, since the inference
     // sessions over a model share their packed copies (core/shared_copies.h).
     const SerialOmpScope serial;
+    require_jit_room("the bf16 weight layout query");
     dnnl_memory_desc_t a, b, c;
     const dnnl_dims_t ad{64, k}, bd{k, n}, cd{64, n};
     check_dnnl(dnnl_memory_desc_init_by_tag(&a, 2, ad, dnnl_bf16, dnnl_ab), "src desc");
@@ -139,6 +171,7 @@ struct Bf16Gemm::Dnnl {
       check_dnnl(dnnl_memory_desc_init_by_strides(&src, 2, d, dnnl_bf16, s), "weights desc");
       auto it = reorders.find({k, n, ldw});
       if (it == reorders.end()) {
+        require_jit_room("bf16 weight packing");
         dnnl_primitive_desc_t pd = nullptr;
         dnnl_status_t st =
             dnnl_reorder_primitive_desc_create(&pd, &src, engine, &dst, engine, nullptr);
@@ -202,6 +235,7 @@ struct Bf16Gemm::Dnnl {
           dnnl_memory_desc_init_by_strides(&p.b, 2, bd, dnnl_bf16, key.b_trans ? bs_t : bs_n),
           "weights desc");
     check_dnnl(dnnl_memory_desc_init_by_strides(&p.c, 2, cd, dnnl_f32, cs), "dst desc");
+    require_jit_room("a bf16 GEMM shape");
     dnnl_matmul_desc_t desc;
     check_dnnl(dnnl_matmul_desc_init(&desc, &p.a, &p.b, nullptr, &p.c), "matmul desc");
     dnnl_primitive_attr_t attr = nullptr;
