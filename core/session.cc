@@ -29,6 +29,14 @@ std::string exact_text(double v) {
   return ec == std::errc() ? std::string(text, end) : std::string("?");
 }
 
+// The cosine decay runs from lr down to min_lr: a floor above the peak would raise it.
+void check_schedule(const TrainingConfig& t, Code code) {
+  if (t.total_steps > t.warmup_steps && t.min_lr > t.lr)
+    fail(code, "min_lr (", t.min_lr, ") exceeds lr (", t.lr,
+         "): the cosine decay over total_steps would raise the learning rate; set min_lr to at "
+         "most lr");
+}
+
 double parse_number(const std::string& key, const std::string& value, double lo, double hi) {
   double v = 0.0;
   const char* end = value.data() + value.size();
@@ -249,6 +257,8 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
 
 void Session::build() {
   if (par_) check_parallel();
+  // Options are set one at a time, in any order: the pair is known whole only here.
+  if (options_.mode == Mode::Training) check_schedule(options_.training, Code::InvalidArgument);
   const bool cuda = options_.device == Device::Cuda;
   precision_ = options_.effective_precision();
   if (cuda && precision_ == Precision::Fp32)
@@ -956,12 +966,7 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
     collective_step("step", Failure::KeepsPass, [&] {
       require_training("step");
       if (eval_) fail(Code::InvalidState, "step in eval mode: switch back to training first");
-      // The cosine decay runs from lr down to min_lr: a floor above the peak would raise it.
-      if (const TrainingConfig& t = options_.training;
-          t.total_steps > t.warmup_steps && t.min_lr > t.lr)
-        fail(Code::InvalidState, "min_lr (", t.min_lr, ") exceeds lr (", t.lr,
-             "): the cosine decay over total_steps would raise the learning rate; set min_lr to "
-             "at most lr");
+      check_schedule(options_.training, Code::InvalidState);
       if (!poisoned_.empty())
         fail(poisoned_code_,
              "a backward pass of this step failed after it had begun accumulating "

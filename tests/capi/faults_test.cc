@@ -390,6 +390,24 @@ TEST(Faults, AMinLrAboveLrRefusesTheStepOfADecay) {
   ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "min_lr", "1e-4")));
   ASSERT_TRUE(IsOk(moert_session_step(s.get(), &lr, nullptr)));
   EXPECT_LT(lr, 1e-3);
+
+  // Options for a decay whose floor is above its peak are refused at creation, where the two
+  // are first known together; an inference session never uses them.
+  moert_session_options* o = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_create(&o)));
+  OptionsPtr opts(o);
+  ASSERT_TRUE(IsOk(moert_session_options_set_config(o, "min_lr", "0.1")));
+  ASSERT_TRUE(IsOk(moert_session_options_set_config(o, "lr", "1e-3")));
+  ASSERT_TRUE(IsOk(moert_session_options_set_config(o, "total_steps", "100")));
+  moert_session* refused = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_set_mode(o, MOERT_MODE_TRAINING)));
+  EXPECT_TRUE(IsError(moert_session_create(m.get(), o, &refused), MOERT_ERR_INVALID_ARGUMENT,
+                      {"min_lr (0.1) exceeds lr (0.001)"}));
+  EXPECT_EQ(refused, nullptr);
+  ASSERT_TRUE(IsOk(moert_session_options_set_mode(o, MOERT_MODE_INFERENCE)));
+  moert_session* inference = nullptr;
+  EXPECT_TRUE(IsOk(moert_session_create(m.get(), o, &inference)));
+  moert_session_free(inference);
 }
 
 // The bias update rate is held in fp32: a rate that rounds to infinity or to zero there is

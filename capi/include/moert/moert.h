@@ -1037,7 +1037,8 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
  *   "beta1" (0.9) "beta2" (0.999) "eps" (1e-8)  AdamW      "momentum" (0.9)  SGD
  *   "clip_norm" (0 = off): clip the global gradient norm
  *   "warmup_steps" (0): linear warm-up; "total_steps" (0 = constant): cosine decay to min_lr
- *     (a step with min_lr above lr and a decay to run is MOERT_ERR_INVALID_STATE). Steps count
+ *     (min_lr above lr with a decay to run: MOERT_ERR_INVALID_ARGUMENT at a training session's
+ *     creation, MOERT_ERR_INVALID_STATE at a step after set_config made it so). Steps count
  *     from 1: step t <= W of a warm-up of W steps runs at lr * t / W, the decay runs from lr
  *     after step W to min_lr at step total_steps and stays there; with total_steps <= W the
  *     rate stays at lr after the warm-up (no decay)
