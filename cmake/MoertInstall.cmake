@@ -9,9 +9,10 @@
 # into a directory the loader searches and avoid run paths, turn it OFF.
 include(CMakePackageConfigHelpers)
 
+# The include directory comes from the target's INSTALL_INTERFACE (capi/CMakeLists.txt); an
+# INCLUDES DESTINATION here would export it a second time.
 install(TARGETS moert EXPORT moertTargets
-  LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
-  INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+  LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(FILES ${PROJECT_SOURCE_DIR}/capi/include/moert/moert.h
   DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/moert)
 install(FILES ${PROJECT_SOURCE_DIR}/schemas/moert.fbs

@@ -18,6 +18,11 @@ export PKG_CONFIG_PATH=$pcdir
 
 case $kind in
 c-cmake)
+  # The exported target names its include directory once.
+  includes=$(grep -h 'INTERFACE_INCLUDE_DIRECTORIES' "$prefix"/lib*/cmake/moert/moertTargets.cmake)
+  case $includes in
+  *';'*) echo "moertTargets.cmake lists more than one include directory: $includes" >&2; exit 1 ;;
+  esac
   "$CMAKE" -S "$here/c" -B "$work/build" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" \
     -DCMAKE_C_FLAGS="-Wall -Wextra -Werror"
   "$CMAKE" --build "$work/build"
