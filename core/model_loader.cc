@@ -450,9 +450,10 @@ ExternalFile& Loader::external(const char* field) {
            name->str(), "'");
   if (name->str().find('\0') != std::string::npos)
     fail(Code::InvalidModel, "model: field 'external_data' contains a NUL byte");
+  // The description is sound; the caller left out the argument it needs (moert.h).
   if (external_dir_.empty())
-    fail(Code::InvalidModel, "model: has external weights ('", name->str(),
-         "') but was loaded from memory without an external data directory");
+    fail(Code::InvalidArgument, "model: has external weights ('", name->str(),
+         "') but was loaded from memory without an external data directory (external_dir)");
   external_ = std::make_unique<ExternalFile>(
       (std::filesystem::path(external_dir_) / rel).string(), name->str(),
       options_.confine_external_data ? external_dir_ : "", external_dir_fd_);

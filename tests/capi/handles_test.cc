@@ -54,6 +54,20 @@ TEST_F(Handles, NullArgumentsOfModelLoading) {
   EXPECT_EQ(m, nullptr);
 }
 
+// A description with external weights, from memory: it needs the directory of its data file,
+// which the caller must give (the description itself is sound).
+TEST_F(Handles, ABufferWithExternalWeightsNeedsItsDirectory) {
+  const TempDir dir;
+  const std::string path = (dir.path() / "m.moert").string();
+  ASSERT_TRUE(IsOk(moert_model_save_file(model_.get(), path.c_str())));
+  const auto bytes = read_file(path);
+  moert_model* m = nullptr;
+  EXPECT_TRUE(IsError(moert_model_load_buffer(bytes.data(), bytes.size(), nullptr, &m), kInvalid,
+                      {"external weights", "external_dir"}));
+  EXPECT_EQ(m, nullptr);
+  EXPECT_TRUE(load_ok(bytes, dir.path().c_str()));
+}
+
 TEST_F(Handles, NullArgumentsOfModelInspection) {
   const char* s = "unchanged";
   uint32_t u = 77;

@@ -136,7 +136,8 @@ MOERT_API moert_status* moert_model_load_file(const char* path, moert_model** ou
 
 /* As moert_model_load_file(), from `size` bytes at `data` (copied; no alignment required).
  * `external_dir` is the directory that a model with external weights resolves its data file
- * against; it may be NULL when the model has none. */
+ * against; it may be NULL when the model has none (for one that has, NULL is
+ * MOERT_ERR_INVALID_ARGUMENT). */
 MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
                                                 const char* external_dir, moert_model** out);
 
