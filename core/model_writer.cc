@@ -292,32 +292,33 @@ std::string unique_suffix(uint64_t attempt) {
 
 // A write past the process's file size limit (RLIMIT_FSIZE: `ulimit -f`, systemd's LimitFSIZE)
 // raises SIGXFSZ at the writing thread, whose default action ends the host process. For the
-// scope this thread blocks it: such a write fails with EFBIG instead, and the signal it left
-// pending is taken back, unless one was pending before.
+// scope this thread blocks it: such a write fails with EFBIG instead. After a refused write the
+// signal it left pending is taken back; one that another process sent (kill -XFSZ) meanwhile is
+// sent again, to the process, so that the host still gets it.
 class NoFileSizeSignal {
  public:
   NoFileSizeSignal() {
     sigemptyset(&xfsz_);
     sigaddset(&xfsz_, SIGXFSZ);
     pthread_sigmask(SIG_BLOCK, &xfsz_, &saved_);
-    sigset_t pending;
-    sigpending(&pending);
-    was_pending_ = sigismember(&pending, SIGXFSZ) == 1;
   }
   ~NoFileSizeSignal() {
-    sigset_t pending;
-    if (!was_pending_ && sigpending(&pending) == 0 && sigismember(&pending, SIGXFSZ) == 1) {
-      const timespec now{0, 0};
-      sigtimedwait(&xfsz_, nullptr, &now);
-    }
+    siginfo_t info{};
+    const timespec now{0, 0};
+    // The kernel sends the limit's signal as from the writing process itself.
+    if (refused_ && sigtimedwait(&xfsz_, &info, &now) == SIGXFSZ &&
+        !(info.si_code == SI_USER && info.si_pid == ::getpid()))
+      ::kill(::getpid(), SIGXFSZ);
     pthread_sigmask(SIG_SETMASK, &saved_, nullptr);
   }
+  // A write failed with EFBIG: its signal is pending.
+  void refused() { refused_ = true; }
   NoFileSizeSignal(const NoFileSizeSignal&) = delete;
   NoFileSizeSignal& operator=(const NoFileSizeSignal&) = delete;
 
  private:
   sigset_t xfsz_, saved_;
-  bool was_pending_ = false;
+  bool refused_ = false;
 };
 
 // A file written under a temporary name in the destination's directory, then renamed into place.
@@ -348,29 +349,37 @@ class TempFile {
   TempFile& operator=(const TempFile&) = delete;
 
   void write(const void* data, uint64_t bytes) {
-    const NoFileSizeSignal no_sigxfsz;
+    NoFileSizeSignal no_sigxfsz;
     const auto* p = static_cast<const char*>(data);
     while (bytes > 0) {
       // One write() moves at most about 2 GiB.
       const size_t chunk = static_cast<size_t>(std::min<uint64_t>(bytes, uint64_t{1} << 30));
       const ssize_t n = ::write(fd_, p, chunk);
       if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EFBIG) no_sigxfsz.refused();
       if (n <= 0) io_failure(kind_, destination_, "write", n < 0 ? errno : EIO);
       p += n;
       bytes -= static_cast<uint64_t>(n);
     }
   }
 
-  // fsync, rename over `target`, close: renamed while still open, so that its lock lasts as
-  // long as its temporary name.
+  // Makes the content durable: before the directory lock is taken, whose holders wait on it.
+  void sync() {
+    if (!synced_ && ::fsync(fd_) != 0) io_failure(kind_, destination_, "fsync", errno);
+    synced_ = true;
+  }
+
+  // sync, rename over `target`, close: renamed while still open, so that its lock lasts as long
+  // as its temporary name. A failed close after the rename is not reported: the content was
+  // already durable, and the file at `target` is whole (a report would have the caller undo a
+  // save that took place).
   void commit(const std::string& target) {
-    if (::fsync(fd_) != 0) io_failure(kind_, destination_, "fsync", errno);
+    sync();
     if (::rename(name_.c_str(), target.c_str()) != 0)
       io_failure(kind_, destination_, "rename", errno);
     renamed_ = true;
-    const int fd = fd_;
+    ::close(fd_);
     fd_ = -1;
-    if (::close(fd) != 0) io_failure(kind_, destination_, "close", errno);
   }
 
  private:
@@ -378,6 +387,7 @@ class TempFile {
   const char* kind_;
   std::string name_;
   int fd_ = -1;
+  bool synced_ = false;
   bool renamed_ = false;
 };
 
@@ -559,6 +569,7 @@ void write_description(const std::string& path, const Model& model,
       data->write(p.data, p.bytes);
       at = p.offset + p.bytes;
     }
+    data->sync();
   }
   const format::DirectoryLock lock(dir);
   check_lock(lock, dir, path, what);

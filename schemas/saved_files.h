@@ -80,18 +80,13 @@ class DirectoryLock {
 };
 
 // Whether a writer holds `path` open under flock (a library save's temporary file while it is
-// written): a clean-up leaves such a file alone. A file that cannot be opened or locked here is
-// taken as not in use, as before writers locked their temporary files.
-inline bool held_by_a_writer(const std::filesystem::path& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) return false;
-  int r;
-  while ((r = ::flock(fd, LOCK_EX | LOCK_NB)) != 0 && errno == EINTR) {
-  }
-  const bool held = r != 0 && errno == EWOULDBLOCK;
-  ::close(fd);  // drops the lock taken, if any
-  return held;
-}
+// written): a clean-up leaves such a file alone. Probed with a shared lock, which conflicts with
+// the writer's exclusive one and which a read-only descriptor may take (NFS's emulation refuses
+// it an exclusive one). A file that cannot be opened or locked here (another user's 0600 file, a
+// file system without locks) counts as held while it was modified within kCopyInProgressSeconds:
+// a live writer keeps changing it. What is not a regular file is never a writer's (a FIFO is not
+// opened for long: O_NONBLOCK).
+inline bool held_by_a_writer(const std::filesystem::path& path);
 
 // The data file a model description names (its 'external_data' field, lexically normalised, as a
 // path relative to the description's directory); empty when `bytes` is not a verifiable model
@@ -131,6 +126,20 @@ inline bool is_save_temporary_of(std::string_view name, std::string_view file) {
 // writes in pieces): it keeps every data file. An older one is damaged and names nothing, so it
 // does not hold the clean-up up for good.
 inline constexpr int64_t kCopyInProgressSeconds = 120;
+
+inline bool held_by_a_writer(const std::filesystem::path& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+  const bool recent = std::time(nullptr) - st.st_mtime < kCopyInProgressSeconds;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) return recent;
+  int r;
+  while ((r = ::flock(fd, LOCK_SH | LOCK_NB)) != 0 && errno == EINTR) {
+  }
+  const bool held = r != 0 && (errno == EWOULDBLOCK || recent);
+  ::close(fd);  // drops the lock taken, if any
+  return held;
+}
 
 // Whether `name` is a data file of any save ("<anything>.<16 lowercase hex digits>.data") or a
 // data file being written (a library save's ".<file>.data-XXXXXX", the moert command's
