@@ -781,9 +781,14 @@ LayerSpec Loader::moe(const fb::MoE* m, uint32_t width) {
   bs.bias_frozen = b->bias_frozen();
   const bool aux_loss =
       bs.policy == BalancingPolicy::AuxLoss || bs.policy == BalancingPolicy::SequenceAuxLoss;
-  bs.aux_alpha = finite(
-      aux_loss ? required(b->aux_alpha(), "balancing.aux_alpha") : b->aux_alpha().value_or(0.0f),
-      "balancing.aux_alpha");
+  // Left out, the loss would weigh nothing. Writers before the alpha became optional left out an
+  // alpha of exactly 0 too: the message says how to keep such a file's meaning.
+  if (aux_loss && !b->aux_alpha().has_value())
+    bad("balancing.aux_alpha",
+        "is required by an auxiliary-loss policy: routing knobs are never implied (a file "
+        "written by an earlier moert with an alpha of 0 left it out: render it with `moert "
+        "convert --no-check`, add \"aux_alpha\": 0, and convert it back)");
+  bs.aux_alpha = finite(b->aux_alpha().value_or(0.0f), "balancing.aux_alpha");
   if (bs.aux_alpha < 0.0f) bad("balancing.aux_alpha", "must be >= 0");
   bs.capacity_factor = finite(b->capacity_factor(), "balancing.capacity_factor");
   if (bs.capacity_factor <= 0.0f) bad("balancing.capacity_factor", "must be > 0");

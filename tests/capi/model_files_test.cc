@@ -931,9 +931,9 @@ TEST_F(ExternalData, DotDotPathIsRefused) {
 }
 
 TEST_F(ExternalData, FromMemoryWithoutADirectory) {
-  EXPECT_TRUE(IsError(load_buffer(build(with_external_gate(64)), nullptr), MOERT_ERR_INVALID_MODEL,
-                      {"external", "weights.bin"}));
-  EXPECT_TRUE(IsError(load_buffer(build(with_external_gate(64)), ""), MOERT_ERR_INVALID_MODEL,
+  EXPECT_TRUE(IsError(load_buffer(build(with_external_gate(64)), nullptr),
+                      MOERT_ERR_INVALID_ARGUMENT, {"external", "weights.bin"}));
+  EXPECT_TRUE(IsError(load_buffer(build(with_external_gate(64)), ""), MOERT_ERR_INVALID_ARGUMENT,
                       {"external", "weights.bin"}));
 }
 
