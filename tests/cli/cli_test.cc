@@ -686,6 +686,41 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   }
 }
 
+// An option given twice is refused before any work, rather than the last value kept in silence
+// (`train --steps 3 --steps 5` ran 5 steps): only an option documented as repeatable (import's
+// --layer) takes several values.
+TEST(Cli, AnOptionGivenTwiceIsRefused) {
+  const fs::path dir = workdir("twice");
+  const std::string corpus = std::string(" --corpus ") + MOERT_TINY_CORPUS;
+  expect_one_line_error(run("train --steps 3 --steps 5" + corpus, dir), 2, "train",
+                        "--steps given twice ('3' and '5'): give it once");
+  expect_one_line_error(run("train --steps=3 --probe-rows 0 --steps 3" + corpus, dir), 2, "train",
+                        "--steps given twice");
+  expect_one_line_error(run("train --balancing none --balancing aux --steps 1" + corpus, dir), 2,
+                        "train", "--balancing given twice ('none' and 'aux')");
+  expect_one_line_error(run("train --save " + (dir / "a").string() + " --save " +
+                                (dir / "b").string() + " --steps 1" + corpus,
+                            dir),
+                        2, "train", "--save given twice");
+  expect_one_line_error(run(std::string("eval --json --json ") + MOERT_TINY_MODEL, dir), 2, "eval",
+                        "--json given twice: give it once");
+  expect_one_line_error(run(std::string("inspect --json ") + MOERT_TINY_MODEL + " --json", dir), 2,
+                        "inspect", "--json given twice");
+  expect_one_line_error(run(std::string("export ") + MOERT_TINY_MODEL + " " +
+                                (dir / "out").string() + " --dtype fp32 --dtype bf16",
+                            dir),
+                        2, "export", "--dtype given twice");
+  expect_one_line_error(run("bench --quick --threads 1 --threads 2", dir), 2, "bench",
+                        "--threads given twice");
+  // --help still wins, wherever it stands.
+  EXPECT_EQ(run("train --steps 3 --steps 5 --help", dir).code, 0);
+  // --layer repeats: the import goes on to its own checks (here the missing checkpoint).
+  expect_one_line_error(run("import /no/such/dir out.moert --layer 0 --layer 1", dir), 1, "import",
+                        "/no/such/dir: no such directory");
+  // Nothing was written: only the captured stdout and stderr are there.
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 2);
+}
+
 std::vector<std::map<std::string, std::string>> read_csv(const fs::path& p,
                                                          std::vector<std::string>& header) {
   std::ifstream in(p);
