@@ -721,6 +721,46 @@ TEST(Cli, AnOptionGivenTwiceIsRefused) {
   EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 2);
 }
 
+// An input shorter than it says (a shard whose header promises more data than the file holds,
+// a model whose data file was cut short): the deterministic form of a read past the end of a
+// file cut while `import` or `export` maps it (which raised SIGBUS; the mapping's own test is
+// Safetensors.AFileCutShortWhileMappedIsRefusedNotACrash). One line naming the file, exit 1, and
+// nothing left behind: no temporary file, no folder the export created.
+TEST(Cli, ImportAndExportRefuseAnInputCutShort) {
+  const fs::path dir = workdir("cut_short");
+  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
+                    (dir / "ck").string(),
+                dir)
+                .code,
+            0);
+  const std::string ck = (dir / "ck" / "loss-free.moert").string();
+  ASSERT_EQ(run("export " + ck + " " + (dir / "hf").string(), dir).code, 0);
+  const fs::path shard = dir / "hf" / "model-00001-of-00002.safetensors";
+  fs::resize_file(shard, fs::file_size(shard) / 2);
+  fs::create_directories(dir / "imported");
+  expect_one_line_error(run("import " + (dir / "hf").string() + " " +
+                                (dir / "imported" / "m.moert").string() + " --layer 0",
+                            dir),
+                        1, "import", shard.string() + ": tensor '");
+  EXPECT_TRUE(fs::is_empty(dir / "imported"));
+
+  std::string data;
+  for (const auto& e : fs::directory_iterator(dir / "ck"))
+    if (e.path().extension() == ".data") data = e.path().string();
+  ASSERT_FALSE(data.empty());
+  // Into the parameters, which the export reads (the training state after them it does not).
+  fs::resize_file(data, 4096);
+  // The library's check of the model reads it first; past it, the export's own reading.
+  expect_one_line_error(run("export " + ck + " " + (dir / "out").string(), dir), 1, "export",
+                        fs::path(data).filename().string());
+  const Result unchecked = run("export " + ck + " " + (dir / "out").string() + " --no-check", dir);
+  expect_one_line_error(unchecked, 1, "export", "runs past the end of '" + data + "'");
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  for (const auto& e : fs::recursive_directory_iterator(dir))
+    EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << e.path();
+}
+
 std::vector<std::map<std::string, std::string>> read_csv(const fs::path& p,
                                                          std::vector<std::string>& header) {
   std::ifstream in(p);
