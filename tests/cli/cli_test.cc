@@ -761,6 +761,59 @@ TEST(Cli, ImportAndExportRefuseAnInputCutShort) {
     EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << e.path();
 }
 
+// A description converted into another folder refers to a data file beside it that is not
+// there: the note says where the file is (INPUT's folder), and when INPUT's folder lacks it too
+// (a conversion with --no-check of a copy made without it), that both lack it, rather than
+// sending the user to a folder without it.
+TEST(Cli, ConvertSaysWhereAMissingDataFileIs) {
+  const fs::path dir = workdir("convert_data_file");
+  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                    " --steps 1 --balancing none --probe-rows 0 --eval-rows 64 --save " +
+                    (dir / "ck").string(),
+                dir)
+                .code,
+            0);
+  std::string data;
+  for (const auto& e : fs::directory_iterator(dir / "ck"))
+    if (e.path().extension() == ".data") data = e.path().filename().string();
+  ASSERT_FALSE(data.empty());
+  for (const char* d : {"cj", "other"}) fs::create_directories(dir / d);
+  const std::string ck = (dir / "ck").string(), cj = (dir / "cj").string(),
+                    other = (dir / "other").string();
+  const std::string note = "refers to its data file '" + data + "' beside it, which ";
+
+  const Result to_json =
+      run("convert --lossy --no-check " + ck + "/none.moert " + cj + "/none.json", dir);
+  ASSERT_EQ(to_json.code, 0) << to_json.err;
+  EXPECT_NE(to_json.out.find(note + "is not there: copy it from " + ck + "\n"), std::string::npos)
+      << to_json.out;
+  // Back to binary beside the JSON: its folder lacks the file as well.
+  const Result beside = run("convert --no-check " + cj + "/none.json " + cj + "/none2.moert", dir);
+  ASSERT_EQ(beside.code, 0) << beside.err;
+  EXPECT_NE(beside.out.find(note + "is missing from " + cj + " (" + cj +
+                            "/none.json lacks it too): neither loads without it"),
+            std::string::npos)
+      << beside.out;
+  EXPECT_EQ(beside.out.find("copy it from"), std::string::npos) << beside.out;
+  // Into a third folder: neither holds it.
+  const Result elsewhere =
+      run("convert --no-check " + cj + "/none.json " + other + "/none3.moert", dir);
+  ASSERT_EQ(elsewhere.code, 0) << elsewhere.err;
+  EXPECT_NE(elsewhere.out.find(note + "is missing from both " + other + " and " + cj + " (beside " +
+                               cj + "/none.json): neither loads without it"),
+            std::string::npos)
+      << elsewhere.out;
+  // Once the input's folder holds it, the note sends the user there; beside OUTPUT, no note.
+  fs::copy_file(dir / "ck" / data, dir / "cj" / data);
+  const Result found =
+      run("convert --no-check " + cj + "/none.json " + other + "/none4.moert", dir);
+  EXPECT_NE(found.out.find(note + "is not there: copy it from " + cj + "\n"), std::string::npos)
+      << found.out;
+  const Result there = run("convert --no-check " + cj + "/none.json " + cj + "/none5.moert", dir);
+  ASSERT_EQ(there.code, 0) << there.err;
+  EXPECT_EQ(there.out.find("note:"), std::string::npos) << there.out;
+}
+
 std::vector<std::map<std::string, std::string>> read_csv(const fs::path& p,
                                                          std::vector<std::string>& header) {
   std::ifstream in(p);
