@@ -30,6 +30,8 @@ std::string help_text(const CommandSpec& spec) {
 
 Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(spec) {
   bool flags_done = false;
+  // The first option given twice: refused after the loop, so that a --help after it still wins.
+  std::string twice;
   for (int i = first; i < argc; ++i) {
     const std::string a = argv[i];
     // -h, as at the top level: the only short option.
@@ -57,6 +59,7 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
     for (const Flag& f : spec.flags)
       if (f.name == name) flag = &f;
     if (!flag) usage_fail("unknown option '--", name, "' (see 'moert ", spec.name, " --help')");
+    if (!flag->repeatable && values_.count(name) && twice.empty()) twice = name;
     if (flag->value_name.empty()) {
       if (eq != std::string::npos) usage_fail("option '--", name, "' takes no value");
       values_[name] = "true";
@@ -78,6 +81,13 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
     every_[name].push_back(values_[name]);
   }
   if (help_) return;
+  if (!twice.empty()) {
+    const std::vector<std::string>& values = every_[twice];
+    const Flag& f = declared(twice);
+    usage_fail("--", twice, " given twice",
+               f.value_name.empty() ? "" : cat(" ('", values[0], "' and '", values[1], "')"),
+               ": give it once");
+  }
   if (positional_.size() < spec.min_positional || positional_.size() > spec.max_positional)
     usage_fail("expected ", spec.synopsis.empty() ? "no arguments" : spec.synopsis, " (see 'moert ",
                spec.name, " --help')");
@@ -88,9 +98,10 @@ Args::Args(const CommandSpec& spec, int argc, char** argv, int first) : spec_(sp
                  "' names a file or a directory (see 'moert ", spec.name, " --help')");
   for (const Flag& f : spec.flags)
     if (f.value_name == "DIR" || f.value_name == "FILE" || f.value_name == "PATH")
-      for (const std::string& value : every(f.name))
-        if (value.empty())
-          usage_fail("option '--", f.name, "' needs a ", f.value_name, ", got an empty value");
+      if (auto it = every_.find(f.name); it != every_.end())
+        for (const std::string& value : it->second)
+          if (value.empty())
+            usage_fail("option '--", f.name, "' needs a ", f.value_name, ", got an empty value");
 }
 
 const Flag& Args::declared(const std::string& flag) const {
@@ -105,7 +116,9 @@ bool Args::has(const std::string& flag) const {
 }
 
 std::vector<std::string> Args::every(const std::string& flag) const {
-  declared(flag);
+  if (!declared(flag).repeatable)
+    throw std::logic_error("moert " + spec_.name + " reads every value of --" + flag +
+                           ", which is not declared repeatable");
   auto it = every_.find(flag);
   return it == every_.end() ? std::vector<std::string>{} : it->second;
 }

@@ -14,6 +14,9 @@ struct Flag {
   std::string value_name;  // empty: a switch that takes no value
   std::string help;
   std::string default_text;  // shown in --help; empty: none
+  // Whether it may be given more than once (import's --layer): any other option given twice is a
+  // usage error, since keeping the last value would drop the first without a word.
+  bool repeatable = false;
 };
 
 struct CommandSpec {
@@ -38,8 +41,7 @@ class Args {
   const std::vector<std::string>& positional() const { return positional_; }
   bool has(const std::string& flag) const;
   std::string str(const std::string& flag, const std::string& fallback) const;
-  // Every value of a flag that may be repeated ("--layer 3 --layer 5"), in order; str() gives
-  // the last one.
+  // Every value of a repeatable flag ("--layer 3 --layer 5"), in order.
   std::vector<std::string> every(const std::string& flag) const;
   // Numbers are checked against [lo, hi]; a malformed or out-of-range value is a UsageError.
   int64_t integer(const std::string& flag, int64_t fallback, int64_t lo, int64_t hi) const;

@@ -148,14 +148,31 @@ int run_convert(const Args& args) {
         "note: %llu of %llu floating-point values changed at 6 decimals (--lossy; first: %s)\n",
         static_cast<unsigned long long>(changes.changed),
         static_cast<unsigned long long>(changes.values), changes.first.c_str());
-  // The data file is named relative to the description's own directory.
+  // The data file is named relative to the description's own directory: one written elsewhere
+  // needs a copy of it. The advice names where the file is, INPUT's folder, only if it is there
+  // (with --no-check INPUT's may lack it too, and pointing at a folder without it misleads).
   const moert::fb::Model* m = moert::fb::GetModel(binary.data());
-  if (m->external_data() &&
-      !fs::exists(fs::path(directory_of(out)) / m->external_data()->str(), ec))
-    std::printf(
-        "note: %s refers to its data file '%s' beside it, which is not there: copy it "
-        "from %s\n",
-        out.c_str(), m->external_data()->c_str(), directory_of(in).c_str());
+  if (m->external_data()) {
+    const std::string data = m->external_data()->str();
+    const std::string in_dir = directory_of(in), out_dir = directory_of(out);
+    if (!fs::exists(fs::path(out_dir) / data, ec)) {
+      if (fs::exists(fs::path(in_dir) / data, ec))
+        std::printf(
+            "note: %s refers to its data file '%s' beside it, which is not there: copy it "
+            "from %s\n",
+            out.c_str(), data.c_str(), in_dir.c_str());
+      else if (fs::equivalent(in_dir, out_dir, ec))
+        std::printf(
+            "note: %s refers to its data file '%s' beside it, which is missing from %s (%s "
+            "lacks it too): neither loads without it\n",
+            out.c_str(), data.c_str(), out_dir.c_str(), in.c_str());
+      else
+        std::printf(
+            "note: %s refers to its data file '%s' beside it, which is missing from both %s and "
+            "%s (beside %s): neither loads without it\n",
+            out.c_str(), data.c_str(), out_dir.c_str(), in_dir.c_str(), in.c_str());
+    }
+  }
   return 0;
 }
 

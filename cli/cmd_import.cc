@@ -29,7 +29,7 @@ const CommandSpec kImportSpec = {
     2,
     2,
     {
-        {"layer", "L", "decoder layer to import (repeat for several)", ""},
+        {"layer", "L", "decoder layer to import (repeat for several)", "", true},
         {"with-norm", "", "prepend each layer's post_attention_layernorm (RMSNorm)", ""},
     },
 };

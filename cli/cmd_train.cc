@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <functional>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,7 @@
 #include "cli/model_codec.h"
 #include "cli/progress.h"
 #include "cli/router_probe.h"
+#include "cli/save_space.h"
 #include "cli/trainer.h"
 #include "schemas/saved_files.h"
 
@@ -434,6 +436,28 @@ int run_train(const Args& args) {
         ::close(fd);
         ::unlink(probe.c_str());
       }
+      // Room for every checkpoint the runs will write, asked here rather than learnt from a full
+      // disk after the trainings. Where the file system does not say, the saves find out.
+      if (const std::optional<uint64_t> free = free_bytes(save_dir)) {
+        try {
+          const ModelPtr generated =
+              given_model ? nullptr : charlm_model(shape, strategies.front(), st.seed);
+          const uint64_t each =
+              checkpoint_bytes_bound(given_model ? file_model.get() : generated.get());
+          std::vector<PlannedSave> saves;
+          for (const std::string& c : checkpoints) {
+            PlannedSave save{c, each, 0};
+            if (std::filesystem::is_regular_file(std::filesystem::symlink_status(c, ec)))
+              for (const std::string& f : model_files(c))
+                if (const uintmax_t n = std::filesystem::file_size(f, ec); !ec) save.replaces += n;
+            saves.push_back(save);
+          }
+          refuse_saves_past(save_dir, *free, saves);
+        } catch (...) {
+          remove_created_save();
+          throw;
+        }
+      }
     }
     try {
       if (args.has("csv")) csv = std::make_unique<StepCsv>(args.str("csv", ""));
@@ -545,7 +569,11 @@ int run_train(const Args& args) {
     }
     if (!save_dir.empty()) {
       const std::string path = (std::filesystem::path(save_dir) / (label + ".moert")).string();
-      check(moert_session_save(runs.back().session.get(), path.c_str()), "--save");
+      // Named whatever failed: the library's out-of-memory message names nothing.
+      moert_status* saved = moert_session_save(runs.back().session.get(), path.c_str());
+      if (saved && std::string(moert_status_message(saved)).find(path) == std::string::npos)
+        check(saved, cat("--save: '", path, "'"));
+      check(saved, "--save");
     }
   }
   if (csv) csv->close();

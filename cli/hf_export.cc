@@ -1,13 +1,8 @@
 #include "cli/hf_export.h"
 
-#include <fcntl.h>
 #include <flatbuffers/flatbuffers.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -22,6 +17,7 @@
 #include "cli/data_file.h"
 #include "cli/error.h"
 #include "cli/hf_moe.h"
+#include "cli/mapped_file.h"
 #include "cli/model_codec.h"
 #include "cli/regular_file.h"
 #include "cli/safetensors.h"
@@ -39,44 +35,22 @@ using nlohmann::json;
 
 uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
-// The external data file of a model, mapped read-only.
+// The external data file of a model, mapped read-only (cli/mapped_file.h).
 class Mapped {
  public:
-  explicit Mapped(const std::string& path) : path_(path) {
-    // Not blocking: a FIFO is refused below instead of hanging the open.
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) fail("cannot open external data file '", path, "': ", std::strerror(errno));
-    struct stat st {};
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      ::close(fd);
-      fail("'", path, "' is not a regular file");
-    }
-    size_ = static_cast<size_t>(st.st_size);
-    if (size_ > 0) {
-      p_ = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (p_ == MAP_FAILED) {
-        const int err = errno;
-        ::close(fd);
-        fail("cannot map '", path, "': ", std::strerror(err));
-      }
-    }
-    ::close(fd);
-  }
-  ~Mapped() {
-    if (p_ && p_ != MAP_FAILED) munmap(p_, size_);
-  }
+  explicit Mapped(const std::string& path) : file_(path, "external data file ") {}
   std::span<const uint8_t> range(uint64_t offset, uint64_t size, const std::string& what) const {
+    const std::span<const uint8_t> all = file_.bytes();
     uint64_t end;
-    if (__builtin_add_overflow(offset, size, &end) || end > size_)
-      fail(what, ": external range [", offset, ", +", size, ") runs past the end of '", path_,
-           "' (", size_, " bytes)");
-    return {static_cast<const uint8_t*>(p_) + offset, size};
+    if (__builtin_add_overflow(offset, size, &end) || end > all.size())
+      fail(what, ": external range [", offset, ", +", size, ") runs past the end of '",
+           file_.path(), "' (", all.size(), " bytes)");
+    return all.subspan(offset, size);
   }
+  void check_unchanged() const { file_.check_unchanged(); }
 
  private:
-  std::string path_;
-  void* p_ = nullptr;
-  size_t size_ = 0;
+  MappedFile file_;
 };
 
 // A stored moert tensor as its bytes: `count` matrices of rows x cols (count 1 for a vector).
@@ -200,7 +174,14 @@ class Exporter {
            moert::format::DirectoryLock::kPatience.count() / 1000,
            " s (a process stopped or stuck inside an export there?)");
     try {
-      write_all();
+      try {
+        write_all();
+      } catch (const Error&) {
+        // A refusal that came of a data file cut short (a write from its lost pages fails with
+        // EFAULT, "Bad address") is said as the change of that file.
+        if (data_) data_->check_unchanged();
+        throw;
+      }
     } catch (...) {
       // A refused export leaves no folder of its own behind: OUT_DIR with what this export wrote
       // in it, then the parents it created, innermost first, each only while empty.
@@ -274,6 +255,8 @@ class Exporter {
       std::vector<std::span<const uint8_t>> parts = {header};
       for (const auto* t : sorted) parts.push_back(t->bytes);
       files.stage((dir / names.back()).string(), parts);
+      // Before the next layer: a data file cut short ends the export at once.
+      if (data_) data_->check_unchanged();
     }
     result_.bytes = total;
     names.push_back("model.safetensors.index.json");
@@ -283,6 +266,9 @@ class Exporter {
     const std::string manifest = json{{"format", kManifestFormat}, {"files", names}}.dump(2) + "\n";
     files.stage((dir / kExportManifest).string(), {as_bytes(manifest)});
 
+    // What was read of a data file cut short since is zeros: nothing of it may be renamed into
+    // place (the staged files go with the refusal).
+    if (data_) data_->check_unchanged();
     const std::string marker = (dir / kExportIncompleteMarker).string();
     write_file_atomically(marker, {});
     files.commit();

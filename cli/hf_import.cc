@@ -199,9 +199,18 @@ class Importer {
       cfg_.check_moe_layer(l);
     }
     std::vector<flatbuffers::Offset<fb::Layer>> layers;
-    for (uint32_t l : req_.layers) {
-      if (req_.with_norm) layers.push_back(norm_layer(l));
-      layers.push_back(moe_layer(l));
+    try {
+      for (uint32_t l : req_.layers) {
+        if (req_.with_norm) layers.push_back(norm_layer(l));
+        layers.push_back(moe_layer(l));
+      }
+      // What was read of a shard cut short since is zeros: nothing of it may be written.
+      ck_.check_unchanged();
+    } catch (const Error&) {
+      // A refusal that came of such zeros (a block scale of 0), or a write from a mapping that
+      // lost its pages (EFAULT), is said as the change of the file.
+      ck_.check_unchanged();
+      throw;
     }
     // Imports and saves to one directory take turns from here: another import to OUT must not
     // remove this one's data file in its clean-up (nor this one the other's).
@@ -296,6 +305,9 @@ class Importer {
         add_scales(t, g);
       else
         check_finite(t);
+      // Before the next piece: a shard cut short ends the import at once, not after it has
+      // scanned and written every later tensor.
+      t.file->check_unchanged();
       // Written later from the mapping again: the scan keeps none of an 11 GB layer resident.
       release(t.bytes);
     }

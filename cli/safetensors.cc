@@ -1,12 +1,6 @@
 #include "cli/safetensors.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,6 +9,7 @@
 #include <sstream>
 
 #include "cli/error.h"
+#include "cli/mapped_file.h"
 #include "cli/regular_file.h"
 
 namespace moert_cli {
@@ -118,31 +113,20 @@ uint64_t StTensor::numel() const {
 std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
   std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
   f->origin_ = path;
-  // Not blocking: a FIFO is refused below instead of hanging the open.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) fail("cannot open '", path, "': ", std::strerror(errno));
-  struct stat st {};
-  if (fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    fail("cannot stat '", path, "': ", std::strerror(err));
+  f->file_ = std::make_unique<MappedFile>(path);
+  const std::span<const uint8_t> bytes = f->file_->bytes();
+  if (bytes.size() < 8)
+    fail(path, ": ", bytes.size(),
+         " bytes is too short for a safetensors file (8-byte header length)");
+  // A header cut short while it is parsed reads as zeros: said as the change it is, not as the
+  // defect the zeros make.
+  try {
+    f->parse_bytes(bytes);
+  } catch (const Error&) {
+    f->file_->check_unchanged();
+    throw;
   }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    fail("'", path, "' is not a regular file");
-  }
-  const auto size = static_cast<uint64_t>(st.st_size);
-  if (size < 8) {
-    ::close(fd);
-    fail(path, ": ", size, " bytes is too short for a safetensors file (8-byte header length)");
-  }
-  void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int err = errno;
-  ::close(fd);
-  if (p == MAP_FAILED) fail("cannot map '", path, "': ", std::strerror(err));
-  f->map_ = p;
-  f->map_size_ = size;
-  f->parse_bytes({static_cast<const uint8_t*>(p), size});
+  f->file_->check_unchanged();
   return f;
 }
 
@@ -154,8 +138,10 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::parse(std::span<const uint8_t>
   return f;
 }
 
-SafetensorsFile::~SafetensorsFile() {
-  if (map_) munmap(map_, map_size_);
+SafetensorsFile::~SafetensorsFile() = default;
+
+void SafetensorsFile::check_unchanged() const {
+  if (file_) file_->check_unchanged();
 }
 
 const StTensor* SafetensorsFile::find(const std::string& name) const {
@@ -226,6 +212,7 @@ void SafetensorsFile::parse_bytes(std::span<const uint8_t> bytes) {
            " bytes but data_offsets span ", t.end - t.begin);
     t.bytes = data.subspan(t.begin, t.end - t.begin);
     t.origin = &origin_;
+    t.file = this;
     tensors_.push_back(std::move(t));
   }
   std::stable_sort(tensors_.begin(), tensors_.end(), [](const StTensor& a, const StTensor& b) {
@@ -339,6 +326,11 @@ const StTensor& Checkpoint::get(const std::string& name) {
   const StTensor* t = find(name);
   if (!t) fail(dir_, ": the checkpoint has no tensor '", name, "'");
   return *t;
+}
+
+void Checkpoint::check_unchanged() const {
+  for (const auto& [file, shard] : shards_)
+    if (shard) shard->check_unchanged();
 }
 
 std::vector<std::string> Checkpoint::names() {

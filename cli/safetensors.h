@@ -24,6 +24,9 @@
 
 namespace moert_cli {
 
+class MappedFile;
+class SafetensorsFile;
+
 enum class StDType { F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U8, BOOL };
 
 const char* st_dtype_name(StDType t);
@@ -40,6 +43,8 @@ struct StTensor {
   // The path of the file that holds it (its SafetensorsFile's origin), for messages: a DeepSeek-V3
   // checkpoint spreads a layer over several of its 163 shards.
   const std::string* origin = nullptr;
+  // The file that holds it, to check after reading its bytes (SafetensorsFile::check_unchanged).
+  const SafetensorsFile* file = nullptr;
 
   uint64_t numel() const;
 };
@@ -51,7 +56,8 @@ inline constexpr uint64_t kMaxSafetensorsInteger = uint64_t{1} << 53;
 
 class SafetensorsFile {
  public:
-  // Maps `path` read-only and parses it. Throws Error naming the path on any defect.
+  // Maps `path` read-only (cli/mapped_file.h) and parses it. Throws Error naming the path on any
+  // defect.
   static std::unique_ptr<SafetensorsFile> open(const std::string& path);
   // Parses bytes the caller keeps alive for the lifetime of the result (fuzzing, tests).
   static std::unique_ptr<SafetensorsFile> parse(std::span<const uint8_t> bytes,
@@ -66,14 +72,16 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   // nullptr when absent.
   const StTensor* find(const std::string& name) const;
+  // Throws Error naming the file when it changed since open() mapped it: what was read of its
+  // tensors may be zeros then (cli/mapped_file.h). Nothing for parse()'s bytes.
+  void check_unchanged() const;
 
  private:
   SafetensorsFile() = default;
   void parse_bytes(std::span<const uint8_t> bytes);
 
   std::string origin_;
-  void* map_ = nullptr;
-  size_t map_size_ = 0;
+  std::unique_ptr<MappedFile> file_;
   std::vector<StTensor> tensors_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
@@ -115,6 +123,8 @@ class Checkpoint {
   const StTensor& get(const std::string& name);
   // Every tensor name the checkpoint holds.
   std::vector<std::string> names();
+  // SafetensorsFile::check_unchanged() of every shard opened so far.
+  void check_unchanged() const;
 
  private:
   SafetensorsFile& shard(const std::string& file);

@@ -686,6 +686,134 @@ TEST(Cli, ErrorsAreOneLineWithNonZeroExit) {
   }
 }
 
+// An option given twice is refused before any work, rather than the last value kept in silence
+// (`train --steps 3 --steps 5` ran 5 steps): only an option documented as repeatable (import's
+// --layer) takes several values.
+TEST(Cli, AnOptionGivenTwiceIsRefused) {
+  const fs::path dir = workdir("twice");
+  const std::string corpus = std::string(" --corpus ") + MOERT_TINY_CORPUS;
+  expect_one_line_error(run("train --steps 3 --steps 5" + corpus, dir), 2, "train",
+                        "--steps given twice ('3' and '5'): give it once");
+  expect_one_line_error(run("train --steps=3 --probe-rows 0 --steps 3" + corpus, dir), 2, "train",
+                        "--steps given twice");
+  expect_one_line_error(run("train --balancing none --balancing aux --steps 1" + corpus, dir), 2,
+                        "train", "--balancing given twice ('none' and 'aux')");
+  expect_one_line_error(run("train --save " + (dir / "a").string() + " --save " +
+                                (dir / "b").string() + " --steps 1" + corpus,
+                            dir),
+                        2, "train", "--save given twice");
+  expect_one_line_error(run(std::string("eval --json --json ") + MOERT_TINY_MODEL, dir), 2, "eval",
+                        "--json given twice: give it once");
+  expect_one_line_error(run(std::string("inspect --json ") + MOERT_TINY_MODEL + " --json", dir), 2,
+                        "inspect", "--json given twice");
+  expect_one_line_error(run(std::string("export ") + MOERT_TINY_MODEL + " " +
+                                (dir / "out").string() + " --dtype fp32 --dtype bf16",
+                            dir),
+                        2, "export", "--dtype given twice");
+  expect_one_line_error(run("bench --quick --threads 1 --threads 2", dir), 2, "bench",
+                        "--threads given twice");
+  // --help still wins, wherever it stands.
+  EXPECT_EQ(run("train --steps 3 --steps 5 --help", dir).code, 0);
+  // --layer repeats: the import goes on to its own checks (here the missing checkpoint).
+  expect_one_line_error(run("import /no/such/dir out.moert --layer 0 --layer 1", dir), 1, "import",
+                        "/no/such/dir: no such directory");
+  // Nothing was written: only the captured stdout and stderr are there.
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 2);
+}
+
+// An input shorter than it says (a shard whose header promises more data than the file holds,
+// a model whose data file was cut short): the deterministic form of a read past the end of a
+// file cut while `import` or `export` maps it (which raised SIGBUS; the mapping's own test is
+// Safetensors.AFileCutShortWhileMappedIsRefusedNotACrash). One line naming the file, exit 1, and
+// nothing left behind: no temporary file, no folder the export created.
+TEST(Cli, ImportAndExportRefuseAnInputCutShort) {
+  const fs::path dir = workdir("cut_short");
+  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
+                    (dir / "ck").string(),
+                dir)
+                .code,
+            0);
+  const std::string ck = (dir / "ck" / "loss-free.moert").string();
+  ASSERT_EQ(run("export " + ck + " " + (dir / "hf").string(), dir).code, 0);
+  const fs::path shard = dir / "hf" / "model-00001-of-00002.safetensors";
+  fs::resize_file(shard, fs::file_size(shard) / 2);
+  fs::create_directories(dir / "imported");
+  expect_one_line_error(run("import " + (dir / "hf").string() + " " +
+                                (dir / "imported" / "m.moert").string() + " --layer 0",
+                            dir),
+                        1, "import", shard.string() + ": tensor '");
+  EXPECT_TRUE(fs::is_empty(dir / "imported"));
+
+  std::string data;
+  for (const auto& e : fs::directory_iterator(dir / "ck"))
+    if (e.path().extension() == ".data") data = e.path().string();
+  ASSERT_FALSE(data.empty());
+  // Into the parameters, which the export reads (the training state after them it does not).
+  fs::resize_file(data, 4096);
+  // The library's check of the model reads it first; past it, the export's own reading.
+  expect_one_line_error(run("export " + ck + " " + (dir / "out").string(), dir), 1, "export",
+                        fs::path(data).filename().string());
+  const Result unchecked = run("export " + ck + " " + (dir / "out").string() + " --no-check", dir);
+  expect_one_line_error(unchecked, 1, "export", "runs past the end of '" + data + "'");
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  for (const auto& e : fs::recursive_directory_iterator(dir))
+    EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << e.path();
+}
+
+// A description converted into another folder refers to a data file beside it that is not
+// there: the note says where the file is (INPUT's folder), and when INPUT's folder lacks it too
+// (a conversion with --no-check of a copy made without it), that both lack it, rather than
+// sending the user to a folder without it.
+TEST(Cli, ConvertSaysWhereAMissingDataFileIs) {
+  const fs::path dir = workdir("convert_data_file");
+  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                    " --steps 1 --balancing none --probe-rows 0 --eval-rows 64 --save " +
+                    (dir / "ck").string(),
+                dir)
+                .code,
+            0);
+  std::string data;
+  for (const auto& e : fs::directory_iterator(dir / "ck"))
+    if (e.path().extension() == ".data") data = e.path().filename().string();
+  ASSERT_FALSE(data.empty());
+  for (const char* d : {"cj", "other"}) fs::create_directories(dir / d);
+  const std::string ck = (dir / "ck").string(), cj = (dir / "cj").string(),
+                    other = (dir / "other").string();
+  const std::string note = "refers to its data file '" + data + "' beside it, which ";
+
+  const Result to_json =
+      run("convert --lossy --no-check " + ck + "/none.moert " + cj + "/none.json", dir);
+  ASSERT_EQ(to_json.code, 0) << to_json.err;
+  EXPECT_NE(to_json.out.find(note + "is not there: copy it from " + ck + "\n"), std::string::npos)
+      << to_json.out;
+  // Back to binary beside the JSON: its folder lacks the file as well.
+  const Result beside = run("convert --no-check " + cj + "/none.json " + cj + "/none2.moert", dir);
+  ASSERT_EQ(beside.code, 0) << beside.err;
+  EXPECT_NE(beside.out.find(note + "is missing from " + cj + " (" + cj +
+                            "/none.json lacks it too): neither loads without it"),
+            std::string::npos)
+      << beside.out;
+  EXPECT_EQ(beside.out.find("copy it from"), std::string::npos) << beside.out;
+  // Into a third folder: neither holds it.
+  const Result elsewhere =
+      run("convert --no-check " + cj + "/none.json " + other + "/none3.moert", dir);
+  ASSERT_EQ(elsewhere.code, 0) << elsewhere.err;
+  EXPECT_NE(elsewhere.out.find(note + "is missing from both " + other + " and " + cj + " (beside " +
+                               cj + "/none.json): neither loads without it"),
+            std::string::npos)
+      << elsewhere.out;
+  // Once the input's folder holds it, the note sends the user there; beside OUTPUT, no note.
+  fs::copy_file(dir / "ck" / data, dir / "cj" / data);
+  const Result found =
+      run("convert --no-check " + cj + "/none.json " + other + "/none4.moert", dir);
+  EXPECT_NE(found.out.find(note + "is not there: copy it from " + cj + "\n"), std::string::npos)
+      << found.out;
+  const Result there = run("convert --no-check " + cj + "/none.json " + cj + "/none5.moert", dir);
+  ASSERT_EQ(there.code, 0) << there.err;
+  EXPECT_EQ(there.out.find("note:"), std::string::npos) << there.out;
+}
+
 std::vector<std::map<std::string, std::string>> read_csv(const fs::path& p,
                                                          std::vector<std::string>& header) {
   std::ifstream in(p);

@@ -2,8 +2,13 @@
 // every kind of malformed header is refused with a message that names the defect.
 #include "cli/safetensors.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -179,6 +184,103 @@ TEST(Safetensors, OpensMappedFilesAndShardedCheckpoints) {
   write("model.safetensors.index.json", {naming.begin(), naming.end()});
   moert_cli::Checkpoint shard_of_index(dir.string());
   EXPECT_EQ(shard_of_index.get("z").bytes.size(), 1u);
+}
+
+// A shard cut short while it is mapped (a download still running): reading the lost pages raised
+// SIGBUS, which killed `moert import` midway. Now they read as zeros and the file is refused as
+// changed, by name; the CLI's handler is installed only while a file is mapped.
+TEST(Safetensors, AFileCutShortWhileMappedIsRefusedNotACrash) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(MOERT_CLI_WORKDIR) / "safetensors_cut_short";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const fs::path path = dir / "model.safetensors";
+  constexpr size_t kData = 1 << 20;  // pages past the cut whatever the page size
+  const auto bytes = file_of("{\"w\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(kData) +
+                                 "],\"data_offsets\":[0," + std::to_string(kData) + "]}}",
+                             kData);
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()),
+             static_cast<std::streamsize>(bytes.size()));
+
+  struct sigaction before {};
+  ASSERT_EQ(sigaction(SIGBUS, nullptr, &before), 0);
+  {
+    auto f = SafetensorsFile::open(path.string());
+    f->check_unchanged();
+    const moert_cli::StTensor* w = f->find("w");
+    ASSERT_NE(w, nullptr);
+    const size_t header = bytes.size() - kData;
+    fs::resize_file(path, header + 100);
+    // Every byte is read: those still in the file as they are, the rest as zeros.
+    uint64_t sum = 0, past = 0;
+    for (size_t i = 0; i < kData; ++i) {
+      sum += w->bytes[i];
+      if (i >= 100 && w->bytes[i] != 0) ++past;
+    }
+    EXPECT_EQ(past, 0u);
+    EXPECT_GT(sum, 0u);
+    try {
+      f->check_unchanged();
+      ADD_FAILURE() << "a file cut short was not refused";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("'" + path.string() + "' changed while being read (" +
+                                           std::to_string(bytes.size()) + " bytes when opened, " +
+                                           std::to_string(header + 100) + " now)"),
+                std::string::npos)
+          << e.what();
+    }
+    // A file grown back to its size is refused as well: what was read of it is zeros.
+    fs::resize_file(path, bytes.size());
+    EXPECT_THROW(f->check_unchanged(), Error);
+  }
+  // The previous disposition is back once nothing is mapped.
+  struct sigaction after {};
+  ASSERT_EQ(sigaction(SIGBUS, nullptr, &after), 0);
+  EXPECT_EQ(after.sa_handler, before.sa_handler);
+  EXPECT_EQ(after.sa_flags & SA_SIGINFO, before.sa_flags & SA_SIGINFO);
+
+  // A file whose header promises more data than it holds (the same read past the end, known
+  // before any read) is refused as such when opened.
+  fs::resize_file(path, bytes.size() - 1);
+  try {
+    SafetensorsFile::open(path.string());
+    ADD_FAILURE() << "a file shorter than its header says was opened";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("run past the data section"), std::string::npos)
+        << e.what();
+  }
+}
+
+// While a file is mapped, a SIGBUS that is not a read of it (another mapping's lost page, a
+// signal sent) still ends the process as SIGBUS does.
+TEST(SafetensorsDeathTest, AnyOtherSigbusStillEndsTheProcess) {
+  namespace fs = std::filesystem;
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const fs::path dir = fs::path(MOERT_CLI_WORKDIR) / "safetensors_other_sigbus";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto bytes = file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8);
+  for (const char* name : {"model.safetensors", "other"})
+    std::ofstream(dir / name, std::ios::binary)
+        .write(reinterpret_cast<const char*>(bytes.data()),
+               static_cast<std::streamsize>(bytes.size()));
+  EXPECT_EXIT(
+      {
+        auto f = SafetensorsFile::open((dir / "model.safetensors").string());
+        raise(SIGBUS);
+      },
+      ::testing::KilledBySignal(SIGBUS), "");
+  EXPECT_EXIT(
+      {
+        auto f = SafetensorsFile::open((dir / "model.safetensors").string());
+        const int fd = open((dir / "other").c_str(), O_RDONLY);
+        const auto* p = static_cast<const volatile uint8_t*>(
+            mmap(nullptr, 1 << 16, PROT_READ, MAP_PRIVATE, fd, 0));
+        if (truncate((dir / "other").c_str(), 0) != 0) std::exit(2);
+        std::exit(p[0]);  // past the end of a mapping that is not the CLI's
+      },
+      ::testing::KilledBySignal(SIGBUS), "");
 }
 
 }  // namespace

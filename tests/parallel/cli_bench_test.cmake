@@ -105,10 +105,13 @@ refused("mpirun without the flag" "pass --expert-parallel EP"
         ${mpirun} -np 2 ${MOERT} ${layer})
 refused("EP not dividing the ranks" "--expert-parallel 3 does not divide the job's 2 processes"
         ${mpirun} -np 2 ${MOERT} ${layer} --expert-parallel 3)
+# The layer with one option changed (an option given twice is refused as such).
+string(REPLACE "--experts;4" "--experts;5" layer_five_experts "${layer}")
+string(REPLACE "--tokens;64" "--tokens;63" layer_63_tokens "${layer}")
 refused("EP not dividing the experts" "--experts 5 do not split evenly over --expert-parallel 2"
-        ${mpirun} -np 2 ${MOERT} ${layer} --expert-parallel 2 --experts 5)
+        ${mpirun} -np 2 ${MOERT} ${layer_five_experts} --expert-parallel 2)
 refused("a global batch the ranks cannot share" "--tokens 63 \\(the global batch\\)"
-        ${mpirun} -np 2 ${MOERT} ${layer} --expert-parallel 2 --tokens 63)
+        ${mpirun} -np 2 ${MOERT} ${layer_63_tokens} --expert-parallel 2)
 refused("the GPU" "--device cuda is not supported" ${MOERT} ${layer} --expert-parallel 2
         --device cuda)
 refused("a single-process option" "--decode applies to the single-process benchmark"

@@ -94,8 +94,9 @@ if(NOT rc EQUAL 2 OR NOT err MATCHES "run a job of N processes \\(mpirun -np N")
 endif()
 # Ranks started with different command lines (MPMD: another --batch on rank 1) would train
 # another job than rank 0 reports: refused on every rank.
+string(REPLACE "--batch;256" "--batch;128" args_batch_128 "${args}")
 execute_process(COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe -np 1 ${MOERT} ${args}
-                        --expert-parallel 2 : -np 1 ${MOERT} ${args} --batch 128
+                        --expert-parallel 2 : -np 1 ${MOERT} ${args_batch_128}
                         --expert-parallel 2
                 OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc TIMEOUT 120)
 string(REGEX MATCHALL "started with different arguments" said "${err}")
