@@ -164,10 +164,8 @@ DataFileWriter::DataFileWriter(std::string model_path) : model_path_(std::move(m
 }
 
 DataFileWriter::~DataFileWriter() {
-  if (f_) {
-    std::fclose(f_);
-    std::remove(temp_path_.c_str());
-  }
+  if (f_) std::fclose(f_);
+  if (temp_left_) std::remove(temp_path_.c_str());
   if (hash_) XXH3_freeState(static_cast<XXH3_state_t*>(hash_));
 }
 
@@ -192,16 +190,22 @@ uint64_t DataFileWriter::append(const std::vector<std::span<const uint8_t>>& pie
   return offset;
 }
 
-std::string DataFileWriter::commit() {
-  if (size_ == 0) {
-    std::fclose(f_);
-    f_ = nullptr;
-    std::remove(temp_path_.c_str());
-    return "";
-  }
+void DataFileWriter::sync() {
+  if (!f_ || size_ == 0) return;
   sync_file(f_, temp_path_);
   std::fclose(f_);
   f_ = nullptr;
+}
+
+std::string DataFileWriter::commit() {
+  if (size_ == 0) {
+    if (f_) std::fclose(f_);
+    f_ = nullptr;
+    std::remove(temp_path_.c_str());
+    temp_left_ = false;
+    return "";
+  }
+  sync();
   char hex[17];
   std::snprintf(
       hex, sizeof hex, "%016llx",
@@ -211,6 +215,7 @@ std::string DataFileWriter::commit() {
   std::error_code ec;
   const bool existed = fs::exists(path, ec);
   rename_into_place(temp_path_, path);
+  temp_left_ = false;
   if (!existed) created_ = path;
   return name;
 }

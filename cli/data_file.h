@@ -45,8 +45,11 @@ class DataFileWriter {
   uint64_t append(const std::vector<std::span<const uint8_t>>& pieces,
                   void (*written)(std::span<const uint8_t>) = nullptr);
   uint64_t size() const { return size_; }
-  // Flushes, syncs and renames the data file into place; returns its name relative to the model
-  // file's directory, or "" (and no file) when nothing was appended.
+  // Flushes and syncs the temporary file: the slow part of a commit, done before the directory
+  // lock that commit() runs under (whose waiters give up after DirectoryLock::kPatience).
+  void sync();
+  // Syncs (unless done) and renames the data file into place; returns its name relative to the
+  // model file's directory, or "" (and no file) when nothing was appended.
   std::string commit();
   // After commit(): removes the data file again if commit() created it, for when the description
   // that was to refer to it could not be written. One that already existed stays: it is named by
@@ -59,6 +62,7 @@ class DataFileWriter {
   std::string model_path_, temp_path_;
   std::string created_;  // the data file commit() created, until discard()
   std::FILE* f_ = nullptr;
+  bool temp_left_ = true;  // the temporary file exists under its temporary name
   uint64_t size_ = 0;
   void* hash_ = nullptr;
 };

@@ -172,7 +172,7 @@ class Exporter {
     if (lock.timed_out())
       fail("cannot export into '", req_.out_dir, "': another export has held its lock for ",
            moert::format::DirectoryLock::kPatience.count() / 1000,
-           " s (a process stopped or stuck inside an export there?)");
+           " s (one still running, or a process stopped there?): try again once it is done");
     try {
       try {
         write_all();

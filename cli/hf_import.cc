@@ -213,7 +213,9 @@ class Importer {
       throw;
     }
     // Imports and saves to one directory take turns from here: another import to OUT must not
-    // remove this one's data file in its clean-up (nor this one the other's).
+    // remove this one's data file in its clean-up (nor this one the other's). The data file's
+    // fsync, which may take long, comes first.
+    data_.sync();
     const moert::format::DirectoryLock lock(directory_of(req_.out_path));
     if (lock.timed_out())
       fail("cannot write '", req_.out_path,

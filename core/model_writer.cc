@@ -434,9 +434,11 @@ void remove_stale(const fs::path& dir, const std::string& file, const std::strin
 void check_lock(const format::DirectoryLock& lock, const fs::path& dir, const std::string& path,
                 const char* what) {
   if (lock.timed_out())
-    fail(Code::Io, "cannot write ", what, " '", path, "': another save has held the lock of ",
-         "directory '", dir.string(), "' for ", format::DirectoryLock::kPatience.count() / 1000,
-         " s (a process stopped or stuck inside a save there?); nothing was replaced");
+    fail(Code::Io, "cannot write ", what, " '", path,
+         "': another save, import or export has held the lock of directory '", dir.string(),
+         "' for ", format::DirectoryLock::kPatience.count() / 1000,
+         " s (a process stopped or stuck there, or a `moert export` still writing into it?); "
+         "nothing was replaced");
 }
 
 }  // namespace
