@@ -143,7 +143,8 @@ extern "C" {
 extern "C" {
     #[doc = " As moert_model_load_file(), from `size` bytes at `data` (copied; no alignment required)."]
     #[doc = " `external_dir` is the directory that a model with external weights resolves its data file"]
-    #[doc = " against; it may be NULL when the model has none."]
+    #[doc = " against; it may be NULL when the model has none (for one that has, NULL is"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT)."]
     pub fn moert_model_load_buffer(
         data: *const ::std::os::raw::c_void,
         size: usize,
