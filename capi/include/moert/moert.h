@@ -9,15 +9,19 @@
  *  - Handles are opaque. Each *_create / *_load has a matching *_free; every *_free accepts NULL.
  *  - Inputs are copied: the library keeps no pointer to caller memory after a call returns.
  *    Outputs go to caller-allocated buffers whose length (in elements) the caller passes. Unless
- *    a function says otherwise (figures, profiles and ids take a minimum), it must be exactly the
- *    length the function writes: a buffer of another size, a larger one too (which usually means
- *    a mistaken shape), is MOERT_ERR_INVALID_ARGUMENT, never an overrun.
+ *    a function says otherwise (a profile and an NCCL id take a minimum, a batcher's figures any
+ *    length), it must be exactly the length the function writes: a buffer of another size, a
+ *    larger one too (which usually means a mistaken shape), is MOERT_ERR_INVALID_ARGUMENT, never
+ *    an overrun.
  *  - Strings returned as `const char*` are owned by the library and stay valid for the lifetime of
  *    the handle they came from.
  *  - Thread-safety: a moert_model is immutable after loading and may be used from any number of
  *    threads at once. A moert_session may be called from any thread; calls on one session are
- *    serialised by the session itself. A moert_session_options object must not be modified
- *    concurrently. Status objects are independent values.
+ *    serialised by the session itself, calls on different sessions run in parallel. A
+ *    moert_session_options object must not be modified concurrently; any number of calls may
+ *    read it at once. Status objects are independent values. Model loads, the *_create of
+ *    options objects and the version and code-name queries may run on any threads at once. A
+ *    *_free must not race with another call on its handle.
  *  - Signals: a call that computes on the CPU blocks the asynchronous signals (all but SIGSEGV,
  *    SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS) on the calling thread while it computes and restores
  *    the thread's mask before it returns; the library's own threads never take them. A signal
@@ -78,7 +82,7 @@ MOERT_API uint32_t moert_abi_version(void);
 MOERT_API const char* moert_version_string(void);
 
 /* Major and minor of the model-description schema this library reads. A model file with another
- * major is refused; any minor is read. Thread-safe; never fails. */
+ * major is refused; any minor is read. Either pointer may be NULL. Thread-safe; never fails. */
 MOERT_API void moert_schema_version(uint32_t* major, uint32_t* minor);
 
 /* ---- Status ------------------------------------------------------------------------------ */
@@ -103,10 +107,11 @@ MOERT_API int32_t moert_status_code(const moert_status* status);
 /* The message, "" for NULL. Owned by the status: valid until moert_status_free(status). */
 MOERT_API const char* moert_status_message(const moert_status* status);
 
-/* Releases a status. Accepts NULL. */
+/* Releases a status, once, from any thread. Accepts NULL. */
 MOERT_API void moert_status_free(moert_status* status);
 
-/* A constant name for a code ("MOERT_ERR_IO"), "MOERT_ERR_UNKNOWN" for other values. */
+/* A constant name for a code ("MOERT_ERR_IO"; "MOERT_OK" for 0), "MOERT_ERR_UNKNOWN" for other
+ * values. Static storage; thread-safe; never fails. */
 MOERT_API const char* moert_status_code_name(int32_t code);
 
 /* ---- Model ------------------------------------------------------------------------------- */
@@ -127,7 +132,8 @@ typedef struct moert_model moert_model;
 /* Loads and validates a binary model file (schemas/moert.fbs). External weights are read from the
  * file named by the model, relative to the model file's directory. The FlatBuffers verifier runs
  * first, then every field is checked for meaning; a defect gives MOERT_ERR_INVALID_MODEL with the
- * layer and field at fault, an unreadable file MOERT_ERR_IO. The default load limits apply (see
+ * layer and field at fault; a path that cannot be opened or read, or that names no regular file
+ * (a directory, a FIFO), MOERT_ERR_IO. The default load limits apply (see
  * moert_load_options below: 1 GiB of tensors, 4 GiB read); a model that needs more is refused
  * with MOERT_ERR_LIMIT before anything is allocated. A checkpoint loads as a model: its training
  * state is verified against its digest, then dropped. On success *out receives a model the
@@ -137,7 +143,8 @@ MOERT_API moert_status* moert_model_load_file(const char* path, moert_model** ou
 /* As moert_model_load_file(), from `size` bytes at `data` (copied; no alignment required).
  * `external_dir` is the directory that a model with external weights resolves its data file
  * against; it may be NULL when the model has none (for one that has, NULL is
- * MOERT_ERR_INVALID_ARGUMENT). */
+ * MOERT_ERR_INVALID_ARGUMENT); "" is the same as NULL. `data` NULL is MOERT_ERR_INVALID_ARGUMENT,
+ * also with `size` 0. */
 MOERT_API moert_status* moert_model_load_buffer(const void* data, size_t size,
                                                 const char* external_dir, moert_model** out);
 
@@ -223,13 +230,16 @@ MOERT_API moert_status* moert_model_load_buffer_with_options(const void* data, s
                                                              const moert_load_options* options,
                                                              moert_model** out);
 
-/* Releases a model. Accepts NULL. Sessions created from it stay valid: they hold what they need. */
+/* Releases a model. Accepts NULL. Must not race with another call on the model; the strings it
+ * returned may not be used afterwards. Sessions and batchers created from it stay valid: they
+ * hold what they need. */
 MOERT_API void moert_model_free(moert_model* model);
 
 /* The model's name ("" when it has none). */
 MOERT_API moert_status* moert_model_name(const moert_model* model, const char** out);
 
-/* Number of layers. */
+/* Number of layers. The functions below that take a layer `index` accept 0 to this - 1 and
+ * refuse any other with MOERT_ERR_INVALID_ARGUMENT. */
 MOERT_API moert_status* moert_model_num_layers(const moert_model* model, uint32_t* out);
 
 /* Kind (MOERT_LAYER_*) of layer `index`. */
@@ -256,11 +266,23 @@ MOERT_API moert_status* moert_model_io(const moert_model* model, int32_t* input_
  * bad id). MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states. */
 MOERT_API moert_status* moert_model_vocab_size(const moert_model* model, uint32_t* out);
 
-/* Parameter counts: *total counts every parameter (routed experts, the loss-free bias excluded);
- * *activated counts those one input row uses (top_k routed experts per MoE layer, one embedding
- * row per context token). Either pointer may be NULL. */
+/* Parameter counts: *total counts every parameter, the routed experts included and the loss-free
+ * bias excluded; *activated counts those one input row uses (top_k routed experts per MoE layer,
+ * one embedding row per context token). Either pointer may be NULL. */
 MOERT_API moert_status* moert_model_num_parameters(const moert_model* model, uint64_t* total,
                                                    uint64_t* activated);
+
+/* What a MoE layer computes for a row x (DeepSeek-V3 technical report section 2.1.2, eq. 12-16;
+ * the keys below configure it): scores s = sigmoid or softmax (MOERT_MOE_SCORE_FUNCTION) of the
+ * router's logits; with num_groups > topk_groups only the experts of the topk_groups groups
+ * (equal slices of the experts) whose two best s + bias sum highest can be chosen (as in
+ * DeepSeek-V3's inference/model.py, class Gate, with a bias); the top_k experts of largest s + bias
+ * are chosen, ties to the lower index; their gate weights are their unbiased s, divided by the
+ * chosen experts' sum with normalize_weights, times routed_scaling_factor. The output is the
+ * weighted sum of the chosen SwiGLU experts, w2 (silu(w1 x) * (w3 x)), plus each shared expert
+ * (unweighted), plus x with residual. An ExpertChoice layer instead lets each expert take the
+ * min(rows, ceil(capacity_factor * rows * top_k / num_experts)) rows of highest s, ties to the
+ * lower row, weighted by s times routed_scaling_factor (Zhou et al., arXiv 2202.09368). */
 
 /* Integer configuration keys of a MoE layer, for moert_model_moe_int(). */
 #define MOERT_MOE_DIM 1
@@ -413,22 +435,29 @@ MOERT_API void moert_session_options_free(moert_session_options* options);
  * "cuda_plugin" option), checks against this library's version and
  * never unloads. Where the plugin, the CUDA libraries or a Hopper GPU are missing,
  * moert_session_create() returns MOERT_ERR_UNSUPPORTED saying which; CPU sessions are unaffected.
- * On CUDA, GEMMs run in bf16 with fp32 accumulation and everything else in fp32; Expert Choice
- * layers are refused at their first forward pass (MOERT_ERR_UNSUPPORTED). */
+ * On CUDA with precision bf16 (its default) every GEMM but the router's (experts, dense FFNs,
+ * output head) multiplies bf16 operands with fp32 accumulation, and everything else runs in fp32
+ * (precision fp8: see "precision" below); Expert Choice layers are refused at their first forward
+ * pass (MOERT_ERR_UNSUPPORTED). MOERT_ERR_INVALID_ARGUMENT for another device, a negative index,
+ * or a CPU index other than 0. */
 MOERT_API moert_status* moert_session_options_set_device(moert_session_options* options,
                                                          int32_t device, int32_t index);
 
-/* Worker threads for the session's CPU work, 1 to 1024. */
+/* Threads that compute a CPU session's work, 1 to 1024 (MOERT_ERR_INVALID_ARGUMENT otherwise):
+ * the calling thread and `threads` - 1 that moert_session_create() starts (MOERT_ERR_OUT_OF_MEMORY
+ * when it cannot). CUDA sessions ignore it. */
 MOERT_API moert_status* moert_session_options_set_threads(moert_session_options* options,
                                                           uint32_t threads);
 
-/* Seed for everything random the session does; saved in its checkpoints. The ranks of a job
+/* Seed of the session's random generator, whose state its checkpoints save and
+ * moert_session_load() restores. No computation of this version draws from it: weights a model
+ * file initialises take the file's own seed, at load. The ranks of a job
  * (moert_session_options_set_comm()) must pass the same seed: creating the session refuses
  * ranks whose seeds differ, on every rank, with MOERT_ERR_INVALID_ARGUMENT. */
 MOERT_API moert_status* moert_session_options_set_seed(moert_session_options* options,
                                                        uint64_t seed);
 
-/* MOERT_MODE_INFERENCE or MOERT_MODE_TRAINING. */
+/* MOERT_MODE_INFERENCE or MOERT_MODE_TRAINING (MOERT_ERR_INVALID_ARGUMENT for another value). */
 MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* options,
                                                        int32_t mode);
 
@@ -461,8 +490,9 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *                   in fp32; on the CPU an exact emulation of the GPU recipe, on CUDA cuBLASLt's
  *                   block-scaled FP8 GEMMs, which need a Hopper GPU (sm_90) and cuBLASLt 12.9
  *                   or later: elsewhere moert_session_create() fails with
- *                   MOERT_ERR_UNSUPPORTED). The router, its bias, norms, embedding, head, master
- *                   weights and optimizer state stay fp32 whatever the precision; the bf16 or FP8
+ *                   MOERT_ERR_UNSUPPORTED). The router, its bias, norms, embedding, master
+ *                   weights and optimizer state stay fp32 whatever the precision, and so do the
+ *                   dense FFNs and the head except in a CUDA bf16 session; the bf16 or FP8
  *                   weight copies are refreshed after every optimizer step. An fp8 inference
  *                   session multiplies a model's FP8 expert weights as stored, codes and scales;
  *                   a training session quantizes its copies from its fp32 masters (decoded from
@@ -524,7 +554,10 @@ MOERT_API moert_status* moert_session_options_set_mode(moert_session_options* op
  *   "cuda_plugin"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads
  *                   one plugin: a second, different path is refused).
  *   and the training knobs listed under Training below.
- * An unknown key or a value it does not accept is MOERT_ERR_INVALID_ARGUMENT. */
+ * An unknown key or a value it does not accept is MOERT_ERR_INVALID_ARGUMENT; the options are
+ * then unchanged. Options take every key whatever their mode: an inference session ignores the
+ * training knobs. Numbers are decimal text as C++'s std::from_chars reads it ("3e-4"; no '+',
+ * no spaces). */
 MOERT_API moert_status* moert_session_options_set_config(moert_session_options* options,
                                                          const char* key, const char* value);
 
@@ -625,12 +658,15 @@ MOERT_API moert_status* moert_comm_nccl_unique_id(uint8_t* out, uint64_t out_len
  * unique id in `in` (`in_len` = MOERT_NCCL_UNIQUE_ID_BYTES) that every rank passes. Collective
  * over the `size` ranks (each a process, or a thread with its own device); bounded by the default
  * timeout. NCCL refuses two ranks on one GPU. MOERT_ERR_UNSUPPORTED where the CUDA plugin, NCCL
- * or a usable GPU is missing. Free with moert_comm_free(). */
+ * or a usable GPU is missing; MOERT_ERR_INVALID_ARGUMENT, before anything waits on the others,
+ * for `in_len` other than MOERT_NCCL_UNIQUE_ID_BYTES, `size` below 1, `rank` outside [0, size) or
+ * a negative `device`. Free with moert_comm_free(). */
 MOERT_API moert_status* moert_comm_create_nccl(const uint8_t* in, uint64_t in_len, int32_t rank,
                                                int32_t size, int32_t device, moert_comm** out);
 
 /* As moert_comm_create_nccl(), with the communicator's timeout in seconds, for the creation and
- * the collectives after it (see moert_comm_create_mpi_with_timeout()). */
+ * the collectives after it (see moert_comm_create_mpi_with_timeout(); > 0 and at most a year,
+ * MOERT_ERR_INVALID_ARGUMENT otherwise). */
 MOERT_API moert_status* moert_comm_create_nccl_with_timeout(const uint8_t* in, uint64_t in_len,
                                                             int32_t rank, int32_t size,
                                                             int32_t device, double timeout_seconds,
@@ -676,7 +712,10 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * option that differ (on an MPI communicator, before anything waits on the others; training
  * settings only for training sessions, fp8_scales only for precision fp8). A rank whose
  * moert_session_create() is refused for its own arguments (a NULL model or out) still meets the
- * others there on an MPI communicator, and they fail at once.
+ * others there on an MPI communicator, and they fail at once. MOERT_ERR_INVALID_ARGUMENT, the
+ * options unchanged, for EP < 1, an EP that does not divide the size, or `comm` NULL with EP other
+ * than 1; an EP that does not divide a MoE layer's num_experts fails moert_session_create() (the
+ * same code, on every rank).
  *
  * What such sessions do (README.md, "Expert and data parallelism"): each rank feeds its own rows; a
  * MoE layer sends each token once to every rank that computes one of its experts and sums the
@@ -689,8 +728,8 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * quantization's (the Wgrad tiles then straddle ranks and get other scales: gradients measured 2.5
  * % apart after one step, and parameters 3.5 % after three). Expert tensors (parameter access,
  * gradients) are the rank's shard: experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP.
- * Every call on such a session is collective (forward, backward, step, save, load, metrics resets,
- * ...): all ranks make the same calls in the same order; ranks found in different calls (one in a
+ * Calls on such a session that compute are collective (forward, backward, step, save, load, ...):
+ * all ranks make the same calls in the same order; ranks found in different calls (one in a
  * forward, another in a load) all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on
  * one rank (a wrong size, a NULL buffer, mask or path, a NaN) fails the call on every rank, with
  * that rank's code; as in one process, a refused backward may be retried, while a forward refused
@@ -716,7 +755,8 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * compute are the job's exactly, and every rank's bias the same. Not yet verified on a GPU. An
  * Expert Choice layer's experts choose from the job's rows (every rank's router logits are
  * gathered), so its outputs and counts are one session's over the union too; CUDA sessions refuse
- * Expert Choice as they do alone. */
+ * Expert Choice as they do alone. Reads (expert counts, MaxVio, profile, step count, parameter
+ * info, parameters, gradients, biases) are local; moert_session_reset_metrics() is collective. */
 MOERT_API moert_status* moert_session_options_set_comm(moert_session_options* options,
                                                        moert_comm* comm, int32_t expert_parallel);
 
@@ -726,9 +766,12 @@ typedef struct moert_session moert_session;
 
 /* Creates a session over `model` with `options` (NULL: defaults). The session keeps what it needs
  * of the model: the model may be freed afterwards. Free with moert_session_free().
- * MOERT_ERR_UNSUPPORTED when the options ask for a device or mode this build cannot serve;
- * MOERT_ERR_INVALID_ARGUMENT for a training session over a model with a MoE router that cannot
- * learn (top_k = 1 with normalize_weights: every gate weight is then a constant). */
+ * MOERT_ERR_UNSUPPORTED when the options ask for a device or precision this build or machine
+ * cannot serve; MOERT_ERR_INVALID_ARGUMENT for a training session over a model with a MoE router
+ * that cannot learn (top_k = 1 with normalize_weights: every gate weight is then a constant), for
+ * min_lr above lr with a decay to run (training), and among ranks for an expert-parallel size
+ * that does not divide a MoE layer's num_experts or a communicator of the wrong kind (see
+ * moert_session_options_set_comm()); MOERT_ERR_OUT_OF_MEMORY when the threads cannot start. */
 MOERT_API moert_status* moert_session_create(const moert_model* model,
                                              const moert_session_options* options,
                                              moert_session** out);
@@ -745,14 +788,22 @@ MOERT_API void moert_session_free(moert_session* session);
  * passes padding rows with a mask of zeros through the matching _masked forward
  * (moert_session_forward_tokens_masked() or moert_session_forward_hidden_masked()): one row, or
  * in training with the option "sequence_length" set, that many (training rows come in whole
- * sequences). */
+ * sequences).
+ * MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states, `rows` above 2^31 - 1 (or so
+ * many that a layer would index more than 2^31 - 1 token positions or token-expert assignments),
+ * a length other than the one named, a NULL buffer, an id outside [0, vocab_size) (the message
+ * names its row and column), or, in a training session with "sequence_length" set (eval mode
+ * too), `rows` that is not a multiple of it; MOERT_ERR_NUMERIC as "check_finite" says. The
+ * expert counts (MOERT_COUNTS_*) change only when the pass succeeds. */
 MOERT_API moert_status* moert_session_forward_tokens(moert_session* session, const int32_t* tokens,
                                                      uint64_t num_tokens, uint64_t rows, float* out,
                                                      uint64_t out_len);
 
 /* Forward pass over `rows` rows of hidden states (a model whose input is MOERT_INPUT_HIDDEN).
  * `in` holds rows * input_width floats (`in_len`), `out` receives rows * output_width (`out_len`).
- * `rows` is at least 1, as for moert_session_forward_tokens(). */
+ * `rows` and the errors are as for moert_session_forward_tokens(), the model being one that takes
+ * hidden states; with "check_finite" on, a NaN or infinity in `in` is MOERT_ERR_NUMERIC naming its
+ * row and column. */
 MOERT_API moert_status* moert_session_forward_hidden(moert_session* session, const float* in,
                                                      uint64_t in_len, uint64_t rows, float* out,
                                                      uint64_t out_len);
@@ -781,23 +832,33 @@ MOERT_API moert_status* moert_session_forward_hidden_masked(moert_session* sessi
 
 /* ---- Routing metrics ---------------------------------------------------------------------- */
 
-/* Which token counts a metrics call reads. */
-#define MOERT_COUNTS_LAST 0 /* the last forward pass: MaxVio_batch */
-#define MOERT_COUNTS_STEP 1 /* training-mode passes since the last optimizer step */
-#define MOERT_COUNTS_EVAL                                           \
-  2 /* eval-mode and inference passes since the last metrics reset: \
-       MaxVio_global over an evaluation set */
+/* Which token counts a metrics call reads:
+ *   MOERT_COUNTS_LAST  the last successful forward pass, in any mode: MaxVio_batch;
+ *   MOERT_COUNTS_STEP  training-mode passes since the last optimizer step or
+ *                      moert_session_zero_grad() (moert_session_load() restores a checkpoint's);
+ *   MOERT_COUNTS_EVAL  eval-mode and inference passes since the session's creation or the last
+ *                      moert_session_reset_metrics(): MaxVio_global over an evaluation set. */
+#define MOERT_COUNTS_LAST 0
+#define MOERT_COUNTS_STEP 1
+#define MOERT_COUNTS_EVAL 2
 
 /* Selects every MoE layer where a function takes a layer index and says so. */
 #define MOERT_ALL_LAYERS 0xFFFFFFFFu
 
 /* Tokens routed to each expert of MoE layer `layer` in `scope` (MOERT_COUNTS_*): `counts`
- * receives num_experts integers (`len`). All zero before any counted pass. */
+ * receives num_experts integers (`len`). All zero before any counted pass. Works in every mode.
+ * MOERT_ERR_INVALID_ARGUMENT when `layer` is not a MoE layer (MOERT_ALL_LAYERS included), for
+ * another scope, or for `len` other than num_experts. Among ranks the counts are the job's, and
+ * this call, like every metrics read, is local (not collective). */
 MOERT_API moert_status* moert_session_expert_counts(const moert_session* session, uint32_t layer,
                                                     int32_t scope, int64_t* counts, uint64_t len);
 
 /* MaxVio = (max_i count_i - mean count) / mean count over `scope`, for MoE layer `layer`, or the
- * mean over all MoE layers with MOERT_ALL_LAYERS. 0 when nothing was counted. */
+ * mean over all MoE layers with MOERT_ALL_LAYERS. 0 when nothing was counted. The metric of Wang
+ * et al., "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts" (arXiv
+ * 2408.15664): MaxVio_batch over MOERT_COUNTS_LAST, MaxVio_global over MOERT_COUNTS_EVAL.
+ * MOERT_ERR_INVALID_ARGUMENT when `layer` is neither a MoE layer nor MOERT_ALL_LAYERS, for
+ * MOERT_ALL_LAYERS in a model without MoE layers, or for another scope. */
 MOERT_API moert_status* moert_session_max_vio(const moert_session* session, uint32_t layer,
                                               int32_t scope, double* out);
 
@@ -818,7 +879,7 @@ MOERT_API moert_status* moert_session_profile(const moert_session* session, doub
                                               uint64_t len);
 
 /* Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer (start of an evaluation pass), and the
- * profile figures. */
+ * profile figures. Works in every mode; among ranks, collective. */
 MOERT_API moert_status* moert_session_reset_metrics(moert_session* session);
 
 /* ---- Batcher: many concurrent callers, one forward pass ------------------------------------ */
@@ -934,7 +995,9 @@ MOERT_API moert_status* moert_batcher_options_set_session_options(
  * session. The batcher keeps what it needs of the model: the model may be freed afterwards.
  * Errors are those of moert_session_create(), and MOERT_ERR_INVALID_ARGUMENT for session options
  * in training mode or holding a communicator (a batcher's sessions run alone), or a
- * max_queued_rows below the row cap. Free with moert_batcher_free(). */
+ * max_queued_rows below the row cap; MOERT_ERR_OUT_OF_MEMORY when the pool's threads cannot be
+ * started. A session's error names which of the pool's sessions failed. Free with
+ * moert_batcher_free(). */
 MOERT_API moert_status* moert_batcher_create(const moert_model* model,
                                              const moert_batcher_options* options,
                                              moert_batcher** out);
@@ -960,14 +1023,23 @@ MOERT_API void moert_batcher_free(moert_batcher* batcher);
  * (may be NULL, with stats_len 0) receives stats_len figures indexed by MOERT_REQUEST_*
  * (MOERT_REQUEST_STATS of them are known to this header); every entry past those this library
  * knows is set to -1, so that a caller built against a later header reads -1 for them. On error
- * neither `out` nor `stats` is written. Thread-safe. */
+ * neither `out` nor `stats` is written. Thread-safe.
+ * Refused in the calling thread, before the request is queued: MOERT_ERR_INVALID_ARGUMENT for a
+ * model that takes hidden states, `rows` of 0 or above the row cap, a length other than the one
+ * named, a NULL buffer (`stats` NULL with stats_len > 0 too) or an id outside [0, vocab_size);
+ * MOERT_ERR_INVALID_STATE from one of this batcher's callbacks, or once moert_batcher_free() has
+ * begun; MOERT_ERR_LIMIT when the queue is full (moert_batcher_options_set_max_queued_rows()).
+ * Then the pass's own errors, those of moert_session_forward_tokens(). */
 MOERT_API moert_status* moert_batcher_forward_tokens(moert_batcher* batcher, const int32_t* tokens,
                                                      uint64_t num_tokens, uint64_t rows, float* out,
                                                      uint64_t out_len, int64_t* stats,
                                                      uint64_t stats_len);
 
 /* As moert_batcher_forward_tokens(), over `rows` rows of hidden states (a MOERT_INPUT_HIDDEN
- * model): `in` holds rows * input_width floats (`in_len`). Thread-safe. */
+ * model): `in` holds rows * input_width floats (`in_len`). Errors as there, the model being one
+ * that takes hidden states; with "check_finite" on (the session options'), a NaN or infinity in
+ * `in` is MOERT_ERR_NUMERIC naming its row and column, before the request is queued.
+ * Thread-safe. */
 MOERT_API moert_status* moert_batcher_forward_hidden(moert_batcher* batcher, const float* in,
                                                      uint64_t in_len, uint64_t rows, float* out,
                                                      uint64_t out_len, int64_t* stats,
@@ -1004,7 +1076,9 @@ typedef void (*moert_batcher_callback)(void* user_data, moert_status* status, co
  * called are answered with MOERT_ERR_INVALID_STATE; those in a pass finish first. A caller
  * waiting for many requests holds no thread for each: an event loop, goroutines parked on
  * channels, futures. Requests submitted and those of moert_batcher_forward_*() share the same
- * queue and batches. Thread-safe. */
+ * queue and batches. Thread-safe. `done` NULL is MOERT_ERR_INVALID_ARGUMENT; `user_data` is
+ * passed to `done` as given and never read. Other errors as moert_batcher_forward_tokens(), from
+ * a callback too (where submitting is allowed until moert_batcher_free() has begun). */
 MOERT_API moert_status* moert_batcher_submit_tokens(moert_batcher* batcher, const int32_t* tokens,
                                                     uint64_t num_tokens, uint64_t rows,
                                                     moert_batcher_callback done, void* user_data);
@@ -1017,7 +1091,8 @@ MOERT_API moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, cons
 
 /* The batcher's cumulative figures since creation: `counters` receives `len` values indexed by
  * MOERT_BATCHER_* (MOERT_BATCHER_COUNTERS of them are known to this header); every entry past
- * those this library knows is set to -1. A consistent snapshot. Thread-safe. */
+ * those this library knows is set to -1 (any `len`, 0 included; `counters` must not be NULL). A
+ * consistent snapshot. Thread-safe. */
 MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int64_t* counters,
                                                uint64_t len);
 
@@ -1032,29 +1107,45 @@ MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int
  * training-mode forward pass counts its tokens per expert (integers) for the loss-free bias update
  * that moert_session_step() applies; eval-mode passes count nothing towards it.
  *
- * Training knobs go through moert_session_options_set_config() or moert_session_set_config():
- *   "optimizer" adamw (default) | sgd        "lr" (1e-3)            "min_lr" (0)
- *   "weight_decay" (0; decoupled for AdamW, L2 for SGD; matrices only)
- *   "beta1" (0.9) "beta2" (0.999) "eps" (1e-8)  AdamW      "momentum" (0.9)  SGD
- *   "clip_norm" (0 = off): clip the global gradient norm
- *   "warmup_steps" (0): linear warm-up; "total_steps" (0 = constant): cosine decay to min_lr
+ * Training knobs go through moert_session_options_set_config() or moert_session_set_config()
+ * (default, then accepted range, bounds included; a value outside is MOERT_ERR_INVALID_ARGUMENT):
+ *   "optimizer" adamw (default) | sgd
+ *   "lr" (1e-3), "min_lr" (0), "weight_decay" (0): each 0 to 1e6; weight decay is decoupled for
+ *     AdamW, L2 for SGD, and applies to matrices only (tensors of two or more dimensions)
+ *   "beta1" (0.9) 0 to 0.999999, "beta2" (0.999) 0 to 0.999999999, "eps" (1e-8) 1e-30 to 1:
+ *     AdamW; "momentum" (0.9) 0 to 0.999999: SGD
+ *   "clip_norm" (0 = off) 0 to 1e12: clip the global gradient norm
+ *   "warmup_steps" (0): linear warm-up; "total_steps" (0 = constant): cosine decay to min_lr;
+ *     both integers 0 to 2^64 - 1
  *     (min_lr above lr with a decay to run: MOERT_ERR_INVALID_ARGUMENT at a training session's
  *     creation, MOERT_ERR_INVALID_STATE at a step after set_config made it so). Steps count
  *     from 1: step t <= W of a warm-up of W steps runs at lr * t / W, the decay runs from lr
- *     after step W to min_lr at step total_steps and stays there; with total_steps <= W the
- *     rate stays at lr after the warm-up (no decay)
- *   "sequence_length" (0 = the whole batch, at most 2^31 - 1): rows per sequence for the
+ *     after step W to min_lr at step total_steps and stays there, at step t
+ *     min_lr + (lr - min_lr) (1 + cos(pi min(1, (t - W) / (total_steps - W)))) / 2 (the cosine
+ *     annealing of SGDR, arXiv 1608.03983, without restarts); with total_steps <= W the rate
+ *     stays at lr after the warm-up (no decay)
+ *   "sequence_length" (0 = the whole batch) 0 to 2^31 - 1: rows per sequence for the
  *     sequence-wise aux loss */
 
 /* A target that takes no part in the loss (PyTorch's ignore_index). */
 #define MOERT_IGNORE_TARGET (-100)
 
 /* Softmax cross-entropy of the last forward pass's logits against `targets` (one id per row,
- * `num_targets` = rows), averaged over the rows that take part (not padding) and whose target is
- * not MOERT_IGNORE_TARGET (a loss of 0 and no loss gradient when there are none), plus the
- * auxiliary balancing losses of the MoE layers; gradients of all parameters are accumulated.
- * *loss (may be NULL) receives the loss. Needs an OutputHead as the last layer
- * (MOERT_ERR_INVALID_STATE otherwise).
+ * `num_targets` = the forward's rows, padding included), averaged over the rows that take part
+ * (not padding) and whose target is not MOERT_IGNORE_TARGET (the cross-entropy is 0, with no
+ * gradient, when there are none), plus the auxiliary balancing losses of the MoE layers; gradients
+ * of all parameters are accumulated. *loss (may be NULL) receives the loss. Needs an OutputHead as
+ * the last layer (MOERT_ERR_INVALID_STATE otherwise). MOERT_ERR_INVALID_ARGUMENT for another
+ * `num_targets` or a target outside [0, output_width) other than MOERT_IGNORE_TARGET (padding
+ * rows' targets are not read); MOERT_ERR_INVALID_STATE after 2^32 - 2 backward passes since
+ * moert_session_zero_grad().
+ * The auxiliary loss of an AuxLoss or SequenceAuxLoss layer with aux_alpha > 0 is
+ * aux_alpha / N * sum_q sum_e f_qe P_qe over the N sequences q that hold rows, with
+ * f_qe = E / (top_k L_q) * (tokens of q routed to e) and P_qe the mean over q's L_q rows of e's
+ * score divided by the row's sum of scores (DeepSeek-V3 technical report section 2.1.2,
+ * eq. 17-20); AuxLoss takes the batch as one sequence, the Switch Transformer loss (arXiv
+ * 2101.03961, section 2.2). A SequenceAuxLoss layer's sequences are "sequence_length" rows (0:
+ * the batch); among ranks, see "aux_loss_scope".
  *
  * Both backward functions use the last forward pass, which must have been a training-mode pass
  * with no backward yet: an eval-mode forward, a step made (moert_session_step(): the backward
@@ -1075,9 +1166,11 @@ MOERT_API moert_status* moert_session_backward_loss(moert_session* session, cons
  * rows * output_width floats; padding rows' values are ignored). When `grad_in` is not NULL
  * (hidden-state models only) it receives the gradient of the inputs (`grad_in_len` =
  * rows * input_width; zero on padding rows); NULL with a nonzero `grad_in_len` is
- * MOERT_ERR_INVALID_ARGUMENT. *aux_loss (may be NULL) receives the auxiliary
- * balancing losses, whose gradients are included. See moert_session_backward_loss() for which
- * pass it uses and what a failure leaves. */
+ * MOERT_ERR_INVALID_ARGUMENT, and so are another length and a `grad_in` for a model that takes
+ * tokens; with "check_finite" on, a NaN or infinity in `grad_out` is MOERT_ERR_NUMERIC. *aux_loss
+ * (may be NULL) receives the auxiliary balancing losses (as moert_session_backward_loss() defines
+ * them), whose gradients are included. See moert_session_backward_loss() for which pass it uses,
+ * what a failure leaves, and the limit on backward passes. */
 MOERT_API moert_status* moert_session_backward(moert_session* session, const float* grad_out,
                                                uint64_t grad_out_len, float* grad_in,
                                                uint64_t grad_in_len, double* aux_loss);
@@ -1093,11 +1186,21 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * then, over the gradient as moert_session_set_gradient() wrote it, and none at all (parameters
  * and optimizer state untouched) when that is zero everywhere; such a step still counts
  * (moert_session_step_count(), and with it the learning-rate schedule and AdamW's bias
- * correction, advance). Then the loss-free bias
- * update of every MoE layer from the integer token counts of the step,
- * b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and
- * *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before
- * clipping. MOERT_ERR_NUMERIC when the gradient is not finite, when AdamW would square a scaled
+ * correction, advance). The update of each element of a parameter p, with g its averaged gradient
+ * (times clip_norm / norm when the norm exceeds clip_norm) and t the step counted from 1:
+ *   AdamW, as PyTorch's torch.optim.AdamW: m = beta1 m + (1 - beta1) g,
+ *     v = beta2 v + (1 - beta2) g^2, p -= lr (m / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)
+ *     + weight_decay p);
+ *   SGD, as torch.optim.SGD with dampening 0 and no Nesterov: b = momentum b + g + weight_decay p,
+ *     p -= lr b;
+ * (weight_decay 0 for tensors of fewer than two dimensions; moments and momentum held in fp32).
+ * Then the loss-free bias update of every MoE layer balanced by LossFreeBias, not frozen and with
+ * a rate gamma > 0, from the integer token counts of the step: b_i += gamma * sign(mean -
+ * count_i) (Wang et al., arXiv 2408.15664; DeepSeek-V3 technical report section 2.1.2), then,
+ * with bias_centering, b_i -= mean_j b_j; and every MoE layer's step counts start afresh.
+ * Gradients are not zeroed. *lr and *grad_norm (either may be NULL) receive the learning rate
+ * used and the L2 norm over every parameter of the averaged gradient, before clipping.
+ * MOERT_ERR_NUMERIC when the gradient is not finite, when AdamW would square a scaled
  * gradient element past the fp32 range (a norm of 2^64 or more after clipping), or when a bias
  * update would leave the fp32 range: parameters, biases and counts are unchanged, and the step's
  * counts wait for a retry — moert_session_zero_grad() discards them. An update that takes a
@@ -1122,7 +1225,7 @@ MOERT_API moert_status* moert_session_zero_grad(moert_session* session);
  * (moert_session_set_eval()). */
 MOERT_API moert_status* moert_session_step(moert_session* session, double* lr, double* grad_norm);
 
-/* Optimizer steps taken (restored from checkpoints). */
+/* Optimizer steps taken (restored from checkpoints); 0 in an inference session. */
 MOERT_API moert_status* moert_session_step_count(const moert_session* session, uint64_t* out);
 
 /* eval != 0: forward passes neither keep state for backward nor count towards the bias update;
@@ -1131,8 +1234,8 @@ MOERT_API moert_status* moert_session_step_count(const moert_session* session, u
  * backward may still be run, in either mode, until an eval-mode forward discards it. */
 MOERT_API moert_status* moert_session_set_eval(moert_session* session, int32_t eval);
 
-/* A knob by name (the lists above), for this session from now on. The one function of this
- * section that takes an inference session too: there the training knobs are
+/* A knob by name (the lists above), for this session from now on. An inference session takes it
+ * too (as step_count and get_expert_bias): there the training knobs are
  * MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks, ep_overlap and kept_work_bytes apply. A
  * knob fixed at moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses
  * a change with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do "optimizer"
@@ -1141,15 +1244,20 @@ MOERT_API moert_status* moert_session_set_eval(moert_session* session, int32_t e
 MOERT_API moert_status* moert_session_set_config(moert_session* session, const char* key,
                                                  const char* value);
 
-/* Number of trainable parameter tensors. */
+/* Number of trainable parameter tensors: every weight tensor of the model, in layer order and
+ * within a layer in moert_model_tensor_info()'s order; the loss-free bias is no parameter (see
+ * moert_session_get_expert_bias()). */
 MOERT_API moert_status* moert_session_num_parameters(const moert_session* session, uint32_t* out);
 
 /* Name ("<layer name>.<tensor>", e.g. "moe0.w1") and element count of parameter `index`. The name
- * is owned by the session. Either output may be NULL. */
+ * is owned by the session. Either output may be NULL. MOERT_ERR_INVALID_ARGUMENT for `index` >=
+ * moert_session_num_parameters(). Among ranks a routed expert tensor counts the rank's shard. */
 MOERT_API moert_status* moert_session_parameter_info(const moert_session* session, uint32_t index,
                                                      const char** name, uint64_t* numel);
 
-/* Copies parameter `name` (numel floats, row-major) out or in. Writing refuses NaN or infinity.
+/* Copies parameter `name` (numel floats, row-major; `len` = numel) out or in.
+ * MOERT_ERR_INVALID_ARGUMENT for an unknown name or another `len`; writing a NaN or infinity is
+ * MOERT_ERR_NUMERIC naming the element, and writes nothing.
  *
  * Among ranks (moert_session_options_set_comm()) writes are local, and the ranks must agree on
  * them: since the last step, every rank writes the same tensors (parameters, gradients, expert
@@ -1174,7 +1282,8 @@ MOERT_API moert_status* moert_session_set_parameter(moert_session* session, cons
  * micro-batches since moert_session_zero_grad(); moert_session_step() divides it by their count.
  * A gradient written after backward passes is therefore divided too: written after two of them,
  * the step applies half of it (write the sum you want averaged, or call zero_grad first, when no
- * micro-batch counts and the value applies as written). */
+ * micro-batch counts and the value applies as written). Errors as for parameters, a NaN or
+ * infinity written included. */
 MOERT_API moert_status* moert_session_get_gradient(const moert_session* session, const char* name,
                                                    float* out, uint64_t len);
 MOERT_API moert_status* moert_session_set_gradient(moert_session* session, const char* name,
@@ -1186,7 +1295,9 @@ MOERT_API moert_status* moert_session_set_gradient(moert_session* session, const
  * e_score_correction_bias): only a LossFreeBias layer's steps update it, but setting it steers
  * the top-K selection of any layer, and checkpoints keep it. An ExpertChoice layer's experts
  * choose their tokens without it: setting its bias is MOERT_ERR_INVALID_ARGUMENT. Reading works
- * in every mode. */
+ * in every mode. `len` = num_experts. MOERT_ERR_INVALID_ARGUMENT when `layer` is not a MoE layer
+ * (MOERT_ALL_LAYERS included) or for another `len`; writing a NaN or infinity is
+ * MOERT_ERR_NUMERIC. */
 MOERT_API moert_status* moert_session_get_expert_bias(const moert_session* session, uint32_t layer,
                                                       float* out, uint64_t len);
 MOERT_API moert_status* moert_session_set_expert_bias(moert_session* session, uint32_t layer,

@@ -97,7 +97,7 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Major and minor of the model-description schema this library reads. A model file with another"]
-    #[doc = " major is refused; any minor is read. Thread-safe; never fails."]
+    #[doc = " major is refused; any minor is read. Either pointer may be NULL. Thread-safe; never fails."]
     pub fn moert_schema_version(major: *mut u32, minor: *mut u32);
 }
 #[repr(C)]
@@ -114,11 +114,12 @@ extern "C" {
     pub fn moert_status_message(status: *const moert_status) -> *const ::std::os::raw::c_char;
 }
 extern "C" {
-    #[doc = " Releases a status. Accepts NULL."]
+    #[doc = " Releases a status, once, from any thread. Accepts NULL."]
     pub fn moert_status_free(status: *mut moert_status);
 }
 extern "C" {
-    #[doc = " A constant name for a code (\"MOERT_ERR_IO\"), \"MOERT_ERR_UNKNOWN\" for other values."]
+    #[doc = " A constant name for a code (\"MOERT_ERR_IO\"; \"MOERT_OK\" for 0), \"MOERT_ERR_UNKNOWN\" for other"]
+    #[doc = " values. Static storage; thread-safe; never fails."]
     pub fn moert_status_code_name(code: i32) -> *const ::std::os::raw::c_char;
 }
 #[repr(C)]
@@ -130,7 +131,8 @@ extern "C" {
     #[doc = " Loads and validates a binary model file (schemas/moert.fbs). External weights are read from the"]
     #[doc = " file named by the model, relative to the model file's directory. The FlatBuffers verifier runs"]
     #[doc = " first, then every field is checked for meaning; a defect gives MOERT_ERR_INVALID_MODEL with the"]
-    #[doc = " layer and field at fault, an unreadable file MOERT_ERR_IO. The default load limits apply (see"]
+    #[doc = " layer and field at fault; a path that cannot be opened or read, or that names no regular file"]
+    #[doc = " (a directory, a FIFO), MOERT_ERR_IO. The default load limits apply (see"]
     #[doc = " moert_load_options below: 1 GiB of tensors, 4 GiB read); a model that needs more is refused"]
     #[doc = " with MOERT_ERR_LIMIT before anything is allocated. A checkpoint loads as a model: its training"]
     #[doc = " state is verified against its digest, then dropped. On success *out receives a model the"]
@@ -144,7 +146,8 @@ extern "C" {
     #[doc = " As moert_model_load_file(), from `size` bytes at `data` (copied; no alignment required)."]
     #[doc = " `external_dir` is the directory that a model with external weights resolves its data file"]
     #[doc = " against; it may be NULL when the model has none (for one that has, NULL is"]
-    #[doc = " MOERT_ERR_INVALID_ARGUMENT)."]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT); \"\" is the same as NULL. `data` NULL is MOERT_ERR_INVALID_ARGUMENT,"]
+    #[doc = " also with `size` 0."]
     pub fn moert_model_load_buffer(
         data: *const ::std::os::raw::c_void,
         size: usize,
@@ -209,7 +212,9 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Releases a model. Accepts NULL. Sessions created from it stay valid: they hold what they need."]
+    #[doc = " Releases a model. Accepts NULL. Must not race with another call on the model; the strings it"]
+    #[doc = " returned may not be used afterwards. Sessions and batchers created from it stay valid: they"]
+    #[doc = " hold what they need."]
     pub fn moert_model_free(model: *mut moert_model);
 }
 extern "C" {
@@ -220,7 +225,8 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Number of layers."]
+    #[doc = " Number of layers. The functions below that take a layer `index` accept 0 to this - 1 and"]
+    #[doc = " refuse any other with MOERT_ERR_INVALID_ARGUMENT."]
     pub fn moert_model_num_layers(model: *const moert_model, out: *mut u32) -> *mut moert_status;
 }
 extern "C" {
@@ -267,9 +273,9 @@ extern "C" {
     pub fn moert_model_vocab_size(model: *const moert_model, out: *mut u32) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Parameter counts: *total counts every parameter (routed experts, the loss-free bias excluded);"]
-    #[doc = " *activated counts those one input row uses (top_k routed experts per MoE layer, one embedding"]
-    #[doc = " row per context token). Either pointer may be NULL."]
+    #[doc = " Parameter counts: *total counts every parameter, the routed experts included and the loss-free"]
+    #[doc = " bias excluded; *activated counts those one input row uses (top_k routed experts per MoE layer,"]
+    #[doc = " one embedding row per context token). Either pointer may be NULL."]
     pub fn moert_model_num_parameters(
         model: *const moert_model,
         total: *mut u64,
@@ -414,8 +420,11 @@ extern "C" {
     #[doc = " \"cuda_plugin\" option), checks against this library's version and"]
     #[doc = " never unloads. Where the plugin, the CUDA libraries or a Hopper GPU are missing,"]
     #[doc = " moert_session_create() returns MOERT_ERR_UNSUPPORTED saying which; CPU sessions are unaffected."]
-    #[doc = " On CUDA, GEMMs run in bf16 with fp32 accumulation and everything else in fp32; Expert Choice"]
-    #[doc = " layers are refused at their first forward pass (MOERT_ERR_UNSUPPORTED)."]
+    #[doc = " On CUDA with precision bf16 (its default) every GEMM but the router's (experts, dense FFNs,"]
+    #[doc = " output head) multiplies bf16 operands with fp32 accumulation, and everything else runs in fp32"]
+    #[doc = " (precision fp8: see \"precision\" below); Expert Choice layers are refused at their first forward"]
+    #[doc = " pass (MOERT_ERR_UNSUPPORTED). MOERT_ERR_INVALID_ARGUMENT for another device, a negative index,"]
+    #[doc = " or a CPU index other than 0."]
     pub fn moert_session_options_set_device(
         options: *mut moert_session_options,
         device: i32,
@@ -423,14 +432,18 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Worker threads for the session's CPU work, 1 to 1024."]
+    #[doc = " Threads that compute a CPU session's work, 1 to 1024 (MOERT_ERR_INVALID_ARGUMENT otherwise):"]
+    #[doc = " the calling thread and `threads` - 1 that moert_session_create() starts (MOERT_ERR_OUT_OF_MEMORY"]
+    #[doc = " when it cannot). CUDA sessions ignore it."]
     pub fn moert_session_options_set_threads(
         options: *mut moert_session_options,
         threads: u32,
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Seed for everything random the session does; saved in its checkpoints. The ranks of a job"]
+    #[doc = " Seed of the session's random generator, whose state its checkpoints save and"]
+    #[doc = " moert_session_load() restores. No computation of this version draws from it: weights a model"]
+    #[doc = " file initialises take the file's own seed, at load. The ranks of a job"]
     #[doc = " (moert_session_options_set_comm()) must pass the same seed: creating the session refuses"]
     #[doc = " ranks whose seeds differ, on every rank, with MOERT_ERR_INVALID_ARGUMENT."]
     pub fn moert_session_options_set_seed(
@@ -439,7 +452,7 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " MOERT_MODE_INFERENCE or MOERT_MODE_TRAINING."]
+    #[doc = " MOERT_MODE_INFERENCE or MOERT_MODE_TRAINING (MOERT_ERR_INVALID_ARGUMENT for another value)."]
     pub fn moert_session_options_set_mode(
         options: *mut moert_session_options,
         mode: i32,
@@ -475,8 +488,9 @@ extern "C" {
     #[doc = "                   in fp32; on the CPU an exact emulation of the GPU recipe, on CUDA cuBLASLt's"]
     #[doc = "                   block-scaled FP8 GEMMs, which need a Hopper GPU (sm_90) and cuBLASLt 12.9"]
     #[doc = "                   or later: elsewhere moert_session_create() fails with"]
-    #[doc = "                   MOERT_ERR_UNSUPPORTED). The router, its bias, norms, embedding, head, master"]
-    #[doc = "                   weights and optimizer state stay fp32 whatever the precision; the bf16 or FP8"]
+    #[doc = "                   MOERT_ERR_UNSUPPORTED). The router, its bias, norms, embedding, master"]
+    #[doc = "                   weights and optimizer state stay fp32 whatever the precision, and so do the"]
+    #[doc = "                   dense FFNs and the head except in a CUDA bf16 session; the bf16 or FP8"]
     #[doc = "                   weight copies are refreshed after every optimizer step. An fp8 inference"]
     #[doc = "                   session multiplies a model's FP8 expert weights as stored, codes and scales;"]
     #[doc = "                   a training session quantizes its copies from its fp32 masters (decoded from"]
@@ -538,7 +552,10 @@ extern "C" {
     #[doc = "   \"cuda_plugin\"   path of libmoert_cuda.so, when it is not beside libmoert.so (a process loads"]
     #[doc = "                   one plugin: a second, different path is refused)."]
     #[doc = "   and the training knobs listed under Training below."]
-    #[doc = " An unknown key or a value it does not accept is MOERT_ERR_INVALID_ARGUMENT."]
+    #[doc = " An unknown key or a value it does not accept is MOERT_ERR_INVALID_ARGUMENT; the options are"]
+    #[doc = " then unchanged. Options take every key whatever their mode: an inference session ignores the"]
+    #[doc = " training knobs. Numbers are decimal text as C++'s std::from_chars reads it (\"3e-4\"; no '+',"]
+    #[doc = " no spaces)."]
     pub fn moert_session_options_set_config(
         options: *mut moert_session_options,
         key: *const ::std::os::raw::c_char,
@@ -615,7 +632,9 @@ extern "C" {
     #[doc = " unique id in `in` (`in_len` = MOERT_NCCL_UNIQUE_ID_BYTES) that every rank passes. Collective"]
     #[doc = " over the `size` ranks (each a process, or a thread with its own device); bounded by the default"]
     #[doc = " timeout. NCCL refuses two ranks on one GPU. MOERT_ERR_UNSUPPORTED where the CUDA plugin, NCCL"]
-    #[doc = " or a usable GPU is missing. Free with moert_comm_free()."]
+    #[doc = " or a usable GPU is missing; MOERT_ERR_INVALID_ARGUMENT, before anything waits on the others,"]
+    #[doc = " for `in_len` other than MOERT_NCCL_UNIQUE_ID_BYTES, `size` below 1, `rank` outside [0, size) or"]
+    #[doc = " a negative `device`. Free with moert_comm_free()."]
     pub fn moert_comm_create_nccl(
         in_: *const u8,
         in_len: u64,
@@ -627,7 +646,8 @@ extern "C" {
 }
 extern "C" {
     #[doc = " As moert_comm_create_nccl(), with the communicator's timeout in seconds, for the creation and"]
-    #[doc = " the collectives after it (see moert_comm_create_mpi_with_timeout())."]
+    #[doc = " the collectives after it (see moert_comm_create_mpi_with_timeout(); > 0 and at most a year,"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT otherwise)."]
     pub fn moert_comm_create_nccl_with_timeout(
         in_: *const u8,
         in_len: u64,
@@ -690,7 +710,10 @@ extern "C" {
     #[doc = " option that differ (on an MPI communicator, before anything waits on the others; training"]
     #[doc = " settings only for training sessions, fp8_scales only for precision fp8). A rank whose"]
     #[doc = " moert_session_create() is refused for its own arguments (a NULL model or out) still meets the"]
-    #[doc = " others there on an MPI communicator, and they fail at once."]
+    #[doc = " others there on an MPI communicator, and they fail at once. MOERT_ERR_INVALID_ARGUMENT, the"]
+    #[doc = " options unchanged, for EP < 1, an EP that does not divide the size, or `comm` NULL with EP other"]
+    #[doc = " than 1; an EP that does not divide a MoE layer's num_experts fails moert_session_create() (the"]
+    #[doc = " same code, on every rank)."]
     #[doc = ""]
     #[doc = " What such sessions do (README.md, \"Expert and data parallelism\"): each rank feeds its own rows; a"]
     #[doc = " MoE layer sends each token once to every rank that computes one of its experts and sums the"]
@@ -703,8 +726,8 @@ extern "C" {
     #[doc = " quantization's (the Wgrad tiles then straddle ranks and get other scales: gradients measured 2.5"]
     #[doc = " % apart after one step, and parameters 3.5 % after three). Expert tensors (parameter access,"]
     #[doc = " gradients) are the rank's shard: experts [s E / EP, (s + 1) E / EP) for shard s = rank % EP."]
-    #[doc = " Every call on such a session is collective (forward, backward, step, save, load, metrics resets,"]
-    #[doc = " ...): all ranks make the same calls in the same order; ranks found in different calls (one in a"]
+    #[doc = " Calls on such a session that compute are collective (forward, backward, step, save, load, ...):"]
+    #[doc = " all ranks make the same calls in the same order; ranks found in different calls (one in a"]
     #[doc = " forward, another in a load) all fail with MOERT_ERR_INVALID_STATE naming the calls. Bad input on"]
     #[doc = " one rank (a wrong size, a NULL buffer, mask or path, a NaN) fails the call on every rank, with"]
     #[doc = " that rank's code; as in one process, a refused backward may be retried, while a forward refused"]
@@ -730,7 +753,8 @@ extern "C" {
     #[doc = " compute are the job's exactly, and every rank's bias the same. Not yet verified on a GPU. An"]
     #[doc = " Expert Choice layer's experts choose from the job's rows (every rank's router logits are"]
     #[doc = " gathered), so its outputs and counts are one session's over the union too; CUDA sessions refuse"]
-    #[doc = " Expert Choice as they do alone."]
+    #[doc = " Expert Choice as they do alone. Reads (expert counts, MaxVio, profile, step count, parameter"]
+    #[doc = " info, parameters, gradients, biases) are local; moert_session_reset_metrics() is collective."]
     pub fn moert_session_options_set_comm(
         options: *mut moert_session_options,
         comm: *mut moert_comm,
@@ -745,9 +769,12 @@ pub struct moert_session {
 extern "C" {
     #[doc = " Creates a session over `model` with `options` (NULL: defaults). The session keeps what it needs"]
     #[doc = " of the model: the model may be freed afterwards. Free with moert_session_free()."]
-    #[doc = " MOERT_ERR_UNSUPPORTED when the options ask for a device or mode this build cannot serve;"]
-    #[doc = " MOERT_ERR_INVALID_ARGUMENT for a training session over a model with a MoE router that cannot"]
-    #[doc = " learn (top_k = 1 with normalize_weights: every gate weight is then a constant)."]
+    #[doc = " MOERT_ERR_UNSUPPORTED when the options ask for a device or precision this build or machine"]
+    #[doc = " cannot serve; MOERT_ERR_INVALID_ARGUMENT for a training session over a model with a MoE router"]
+    #[doc = " that cannot learn (top_k = 1 with normalize_weights: every gate weight is then a constant), for"]
+    #[doc = " min_lr above lr with a decay to run (training), and among ranks for an expert-parallel size"]
+    #[doc = " that does not divide a MoE layer's num_experts or a communicator of the wrong kind (see"]
+    #[doc = " moert_session_options_set_comm()); MOERT_ERR_OUT_OF_MEMORY when the threads cannot start."]
     pub fn moert_session_create(
         model: *const moert_model,
         options: *const moert_session_options,
@@ -769,6 +796,12 @@ extern "C" {
     #[doc = " (moert_session_forward_tokens_masked() or moert_session_forward_hidden_masked()): one row, or"]
     #[doc = " in training with the option \"sequence_length\" set, that many (training rows come in whole"]
     #[doc = " sequences)."]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states, `rows` above 2^31 - 1 (or so"]
+    #[doc = " many that a layer would index more than 2^31 - 1 token positions or token-expert assignments),"]
+    #[doc = " a length other than the one named, a NULL buffer, an id outside [0, vocab_size) (the message"]
+    #[doc = " names its row and column), or, in a training session with \"sequence_length\" set (eval mode"]
+    #[doc = " too), `rows` that is not a multiple of it; MOERT_ERR_NUMERIC as \"check_finite\" says. The"]
+    #[doc = " expert counts (MOERT_COUNTS_*) change only when the pass succeeds."]
     pub fn moert_session_forward_tokens(
         session: *mut moert_session,
         tokens: *const i32,
@@ -781,7 +814,9 @@ extern "C" {
 extern "C" {
     #[doc = " Forward pass over `rows` rows of hidden states (a model whose input is MOERT_INPUT_HIDDEN)."]
     #[doc = " `in` holds rows * input_width floats (`in_len`), `out` receives rows * output_width (`out_len`)."]
-    #[doc = " `rows` is at least 1, as for moert_session_forward_tokens()."]
+    #[doc = " `rows` and the errors are as for moert_session_forward_tokens(), the model being one that takes"]
+    #[doc = " hidden states; with \"check_finite\" on, a NaN or infinity in `in` is MOERT_ERR_NUMERIC naming its"]
+    #[doc = " row and column."]
     pub fn moert_session_forward_hidden(
         session: *mut moert_session,
         in_: *const f32,
@@ -829,7 +864,10 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Tokens routed to each expert of MoE layer `layer` in `scope` (MOERT_COUNTS_*): `counts`"]
-    #[doc = " receives num_experts integers (`len`). All zero before any counted pass."]
+    #[doc = " receives num_experts integers (`len`). All zero before any counted pass. Works in every mode."]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT when `layer` is not a MoE layer (MOERT_ALL_LAYERS included), for"]
+    #[doc = " another scope, or for `len` other than num_experts. Among ranks the counts are the job's, and"]
+    #[doc = " this call, like every metrics read, is local (not collective)."]
     pub fn moert_session_expert_counts(
         session: *const moert_session,
         layer: u32,
@@ -840,7 +878,11 @@ extern "C" {
 }
 extern "C" {
     #[doc = " MaxVio = (max_i count_i - mean count) / mean count over `scope`, for MoE layer `layer`, or the"]
-    #[doc = " mean over all MoE layers with MOERT_ALL_LAYERS. 0 when nothing was counted."]
+    #[doc = " mean over all MoE layers with MOERT_ALL_LAYERS. 0 when nothing was counted. The metric of Wang"]
+    #[doc = " et al., \"Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts\" (arXiv"]
+    #[doc = " 2408.15664): MaxVio_batch over MOERT_COUNTS_LAST, MaxVio_global over MOERT_COUNTS_EVAL."]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT when `layer` is neither a MoE layer nor MOERT_ALL_LAYERS, for"]
+    #[doc = " MOERT_ALL_LAYERS in a model without MoE layers, or for another scope."]
     pub fn moert_session_max_vio(
         session: *const moert_session,
         layer: u32,
@@ -859,7 +901,7 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Zeroes the MOERT_COUNTS_EVAL counts of every MoE layer (start of an evaluation pass), and the"]
-    #[doc = " profile figures."]
+    #[doc = " profile figures. Works in every mode; among ranks, collective."]
     pub fn moert_session_reset_metrics(session: *mut moert_session) -> *mut moert_status;
 }
 #[repr(C)]
@@ -934,7 +976,9 @@ extern "C" {
     #[doc = " session. The batcher keeps what it needs of the model: the model may be freed afterwards."]
     #[doc = " Errors are those of moert_session_create(), and MOERT_ERR_INVALID_ARGUMENT for session options"]
     #[doc = " in training mode or holding a communicator (a batcher's sessions run alone), or a"]
-    #[doc = " max_queued_rows below the row cap. Free with moert_batcher_free()."]
+    #[doc = " max_queued_rows below the row cap; MOERT_ERR_OUT_OF_MEMORY when the pool's threads cannot be"]
+    #[doc = " started. A session's error names which of the pool's sessions failed. Free with"]
+    #[doc = " moert_batcher_free()."]
     pub fn moert_batcher_create(
         model: *const moert_model,
         options: *const moert_batcher_options,
@@ -965,6 +1009,12 @@ extern "C" {
     #[doc = " (MOERT_REQUEST_STATS of them are known to this header); every entry past those this library"]
     #[doc = " knows is set to -1, so that a caller built against a later header reads -1 for them. On error"]
     #[doc = " neither `out` nor `stats` is written. Thread-safe."]
+    #[doc = " Refused in the calling thread, before the request is queued: MOERT_ERR_INVALID_ARGUMENT for a"]
+    #[doc = " model that takes hidden states, `rows` of 0 or above the row cap, a length other than the one"]
+    #[doc = " named, a NULL buffer (`stats` NULL with stats_len > 0 too) or an id outside [0, vocab_size);"]
+    #[doc = " MOERT_ERR_INVALID_STATE from one of this batcher's callbacks, or once moert_batcher_free() has"]
+    #[doc = " begun; MOERT_ERR_LIMIT when the queue is full (moert_batcher_options_set_max_queued_rows())."]
+    #[doc = " Then the pass's own errors, those of moert_session_forward_tokens()."]
     pub fn moert_batcher_forward_tokens(
         batcher: *mut moert_batcher,
         tokens: *const i32,
@@ -978,7 +1028,10 @@ extern "C" {
 }
 extern "C" {
     #[doc = " As moert_batcher_forward_tokens(), over `rows` rows of hidden states (a MOERT_INPUT_HIDDEN"]
-    #[doc = " model): `in` holds rows * input_width floats (`in_len`). Thread-safe."]
+    #[doc = " model): `in` holds rows * input_width floats (`in_len`). Errors as there, the model being one"]
+    #[doc = " that takes hidden states; with \"check_finite\" on (the session options'), a NaN or infinity in"]
+    #[doc = " `in` is MOERT_ERR_NUMERIC naming its row and column, before the request is queued."]
+    #[doc = " Thread-safe."]
     pub fn moert_batcher_forward_hidden(
         batcher: *mut moert_batcher,
         in_: *const f32,
@@ -1029,7 +1082,9 @@ extern "C" {
     #[doc = " called are answered with MOERT_ERR_INVALID_STATE; those in a pass finish first. A caller"]
     #[doc = " waiting for many requests holds no thread for each: an event loop, goroutines parked on"]
     #[doc = " channels, futures. Requests submitted and those of moert_batcher_forward_*() share the same"]
-    #[doc = " queue and batches. Thread-safe."]
+    #[doc = " queue and batches. Thread-safe. `done` NULL is MOERT_ERR_INVALID_ARGUMENT; `user_data` is"]
+    #[doc = " passed to `done` as given and never read. Other errors as moert_batcher_forward_tokens(), from"]
+    #[doc = " a callback too (where submitting is allowed until moert_batcher_free() has begun)."]
     pub fn moert_batcher_submit_tokens(
         batcher: *mut moert_batcher,
         tokens: *const i32,
@@ -1054,7 +1109,8 @@ extern "C" {
 extern "C" {
     #[doc = " The batcher's cumulative figures since creation: `counters` receives `len` values indexed by"]
     #[doc = " MOERT_BATCHER_* (MOERT_BATCHER_COUNTERS of them are known to this header); every entry past"]
-    #[doc = " those this library knows is set to -1. A consistent snapshot. Thread-safe."]
+    #[doc = " those this library knows is set to -1 (any `len`, 0 included; `counters` must not be NULL). A"]
+    #[doc = " consistent snapshot. Thread-safe."]
     pub fn moert_batcher_counters(
         batcher: *const moert_batcher,
         counters: *mut i64,
@@ -1063,11 +1119,21 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Softmax cross-entropy of the last forward pass's logits against `targets` (one id per row,"]
-    #[doc = " `num_targets` = rows), averaged over the rows that take part (not padding) and whose target is"]
-    #[doc = " not MOERT_IGNORE_TARGET (a loss of 0 and no loss gradient when there are none), plus the"]
-    #[doc = " auxiliary balancing losses of the MoE layers; gradients of all parameters are accumulated."]
-    #[doc = " *loss (may be NULL) receives the loss. Needs an OutputHead as the last layer"]
-    #[doc = " (MOERT_ERR_INVALID_STATE otherwise)."]
+    #[doc = " `num_targets` = the forward's rows, padding included), averaged over the rows that take part"]
+    #[doc = " (not padding) and whose target is not MOERT_IGNORE_TARGET (the cross-entropy is 0, with no"]
+    #[doc = " gradient, when there are none), plus the auxiliary balancing losses of the MoE layers; gradients"]
+    #[doc = " of all parameters are accumulated. *loss (may be NULL) receives the loss. Needs an OutputHead as"]
+    #[doc = " the last layer (MOERT_ERR_INVALID_STATE otherwise). MOERT_ERR_INVALID_ARGUMENT for another"]
+    #[doc = " `num_targets` or a target outside [0, output_width) other than MOERT_IGNORE_TARGET (padding"]
+    #[doc = " rows' targets are not read); MOERT_ERR_INVALID_STATE after 2^32 - 2 backward passes since"]
+    #[doc = " moert_session_zero_grad()."]
+    #[doc = " The auxiliary loss of an AuxLoss or SequenceAuxLoss layer with aux_alpha > 0 is"]
+    #[doc = " aux_alpha / N * sum_q sum_e f_qe P_qe over the N sequences q that hold rows, with"]
+    #[doc = " f_qe = E / (top_k L_q) * (tokens of q routed to e) and P_qe the mean over q's L_q rows of e's"]
+    #[doc = " score divided by the row's sum of scores (DeepSeek-V3 technical report section 2.1.2,"]
+    #[doc = " eq. 17-20); AuxLoss takes the batch as one sequence, the Switch Transformer loss (arXiv"]
+    #[doc = " 2101.03961, section 2.2). A SequenceAuxLoss layer's sequences are \"sequence_length\" rows (0:"]
+    #[doc = " the batch); among ranks, see \"aux_loss_scope\"."]
     #[doc = ""]
     #[doc = " Both backward functions use the last forward pass, which must have been a training-mode pass"]
     #[doc = " with no backward yet: an eval-mode forward, a step made (moert_session_step(): the backward"]
@@ -1093,9 +1159,11 @@ extern "C" {
     #[doc = " rows * output_width floats; padding rows' values are ignored). When `grad_in` is not NULL"]
     #[doc = " (hidden-state models only) it receives the gradient of the inputs (`grad_in_len` ="]
     #[doc = " rows * input_width; zero on padding rows); NULL with a nonzero `grad_in_len` is"]
-    #[doc = " MOERT_ERR_INVALID_ARGUMENT. *aux_loss (may be NULL) receives the auxiliary"]
-    #[doc = " balancing losses, whose gradients are included. See moert_session_backward_loss() for which"]
-    #[doc = " pass it uses and what a failure leaves."]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT, and so are another length and a `grad_in` for a model that takes"]
+    #[doc = " tokens; with \"check_finite\" on, a NaN or infinity in `grad_out` is MOERT_ERR_NUMERIC. *aux_loss"]
+    #[doc = " (may be NULL) receives the auxiliary balancing losses (as moert_session_backward_loss() defines"]
+    #[doc = " them), whose gradients are included. See moert_session_backward_loss() for which pass it uses,"]
+    #[doc = " what a failure leaves, and the limit on backward passes."]
     pub fn moert_session_backward(
         session: *mut moert_session,
         grad_out: *const f32,
@@ -1118,11 +1186,21 @@ extern "C" {
     #[doc = " then, over the gradient as moert_session_set_gradient() wrote it, and none at all (parameters"]
     #[doc = " and optimizer state untouched) when that is zero everywhere; such a step still counts"]
     #[doc = " (moert_session_step_count(), and with it the learning-rate schedule and AdamW's bias"]
-    #[doc = " correction, advance). Then the loss-free bias"]
-    #[doc = " update of every MoE layer from the integer token counts of the step,"]
-    #[doc = " b_i += gamma * sign(mean - count_i), and a new count. Gradients are not zeroed. *lr and"]
-    #[doc = " *grad_norm (either may be NULL) receive the learning rate used and the gradient norm before"]
-    #[doc = " clipping. MOERT_ERR_NUMERIC when the gradient is not finite, when AdamW would square a scaled"]
+    #[doc = " correction, advance). The update of each element of a parameter p, with g its averaged gradient"]
+    #[doc = " (times clip_norm / norm when the norm exceeds clip_norm) and t the step counted from 1:"]
+    #[doc = "   AdamW, as PyTorch's torch.optim.AdamW: m = beta1 m + (1 - beta1) g,"]
+    #[doc = "     v = beta2 v + (1 - beta2) g^2, p -= lr (m / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)"]
+    #[doc = "     + weight_decay p);"]
+    #[doc = "   SGD, as torch.optim.SGD with dampening 0 and no Nesterov: b = momentum b + g + weight_decay p,"]
+    #[doc = "     p -= lr b;"]
+    #[doc = " (weight_decay 0 for tensors of fewer than two dimensions; moments and momentum held in fp32)."]
+    #[doc = " Then the loss-free bias update of every MoE layer balanced by LossFreeBias, not frozen and with"]
+    #[doc = " a rate gamma > 0, from the integer token counts of the step: b_i += gamma * sign(mean -"]
+    #[doc = " count_i) (Wang et al., arXiv 2408.15664; DeepSeek-V3 technical report section 2.1.2), then,"]
+    #[doc = " with bias_centering, b_i -= mean_j b_j; and every MoE layer's step counts start afresh."]
+    #[doc = " Gradients are not zeroed. *lr and *grad_norm (either may be NULL) receive the learning rate"]
+    #[doc = " used and the L2 norm over every parameter of the averaged gradient, before clipping."]
+    #[doc = " MOERT_ERR_NUMERIC when the gradient is not finite, when AdamW would square a scaled"]
     #[doc = " gradient element past the fp32 range (a norm of 2^64 or more after clipping), or when a bias"]
     #[doc = " update would leave the fp32 range: parameters, biases and counts are unchanged, and the step's"]
     #[doc = " counts wait for a retry — moert_session_zero_grad() discards them. An update that takes a"]
@@ -1152,7 +1230,7 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Optimizer steps taken (restored from checkpoints)."]
+    #[doc = " Optimizer steps taken (restored from checkpoints); 0 in an inference session."]
     pub fn moert_session_step_count(
         session: *const moert_session,
         out: *mut u64,
@@ -1166,8 +1244,8 @@ extern "C" {
     pub fn moert_session_set_eval(session: *mut moert_session, eval: i32) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " A knob by name (the lists above), for this session from now on. The one function of this"]
-    #[doc = " section that takes an inference session too: there the training knobs are"]
+    #[doc = " A knob by name (the lists above), for this session from now on. An inference session takes it"]
+    #[doc = " too (as step_count and get_expert_bias): there the training knobs are"]
     #[doc = " MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks, ep_overlap and kept_work_bytes apply. A"]
     #[doc = " knob fixed at moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses"]
     #[doc = " a change with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do \"optimizer\""]
@@ -1180,7 +1258,9 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Number of trainable parameter tensors."]
+    #[doc = " Number of trainable parameter tensors: every weight tensor of the model, in layer order and"]
+    #[doc = " within a layer in moert_model_tensor_info()'s order; the loss-free bias is no parameter (see"]
+    #[doc = " moert_session_get_expert_bias())."]
     pub fn moert_session_num_parameters(
         session: *const moert_session,
         out: *mut u32,
@@ -1188,7 +1268,8 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Name (\"<layer name>.<tensor>\", e.g. \"moe0.w1\") and element count of parameter `index`. The name"]
-    #[doc = " is owned by the session. Either output may be NULL."]
+    #[doc = " is owned by the session. Either output may be NULL. MOERT_ERR_INVALID_ARGUMENT for `index` >="]
+    #[doc = " moert_session_num_parameters(). Among ranks a routed expert tensor counts the rank's shard."]
     pub fn moert_session_parameter_info(
         session: *const moert_session,
         index: u32,
@@ -1197,7 +1278,9 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Copies parameter `name` (numel floats, row-major) out or in. Writing refuses NaN or infinity."]
+    #[doc = " Copies parameter `name` (numel floats, row-major; `len` = numel) out or in."]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT for an unknown name or another `len`; writing a NaN or infinity is"]
+    #[doc = " MOERT_ERR_NUMERIC naming the element, and writes nothing."]
     #[doc = ""]
     #[doc = " Among ranks (moert_session_options_set_comm()) writes are local, and the ranks must agree on"]
     #[doc = " them: since the last step, every rank writes the same tensors (parameters, gradients, expert"]
@@ -1233,7 +1316,8 @@ extern "C" {
     #[doc = " micro-batches since moert_session_zero_grad(); moert_session_step() divides it by their count."]
     #[doc = " A gradient written after backward passes is therefore divided too: written after two of them,"]
     #[doc = " the step applies half of it (write the sum you want averaged, or call zero_grad first, when no"]
-    #[doc = " micro-batch counts and the value applies as written)."]
+    #[doc = " micro-batch counts and the value applies as written). Errors as for parameters, a NaN or"]
+    #[doc = " infinity written included."]
     pub fn moert_session_get_gradient(
         session: *const moert_session,
         name: *const ::std::os::raw::c_char,
@@ -1256,7 +1340,9 @@ extern "C" {
     #[doc = " e_score_correction_bias): only a LossFreeBias layer's steps update it, but setting it steers"]
     #[doc = " the top-K selection of any layer, and checkpoints keep it. An ExpertChoice layer's experts"]
     #[doc = " choose their tokens without it: setting its bias is MOERT_ERR_INVALID_ARGUMENT. Reading works"]
-    #[doc = " in every mode."]
+    #[doc = " in every mode. `len` = num_experts. MOERT_ERR_INVALID_ARGUMENT when `layer` is not a MoE layer"]
+    #[doc = " (MOERT_ALL_LAYERS included) or for another `len`; writing a NaN or infinity is"]
+    #[doc = " MOERT_ERR_NUMERIC."]
     pub fn moert_session_get_expert_bias(
         session: *const moert_session,
         layer: u32,
