@@ -394,8 +394,10 @@ int64_t Session::check_rows(uint64_t rows) const {
            model_->layers[i].name, "': it would index ", items,
            " token positions or token-expert assignments, more than 2^31 - 1");
   }
+  // Sequences matter to the sequence-wise auxiliary loss only, which an eval-mode pass does not
+  // compute: a validation batch may end in a partial sequence.
   const int64_t seq = options_.training.sequence_length;
-  if (training() && seq > 0 && rows % static_cast<uint64_t>(seq) != 0)
+  if (training() && !eval_ && seq > 0 && rows % static_cast<uint64_t>(seq) != 0)
     fail(Code::InvalidArgument, "rows = ", rows, " is not a multiple of sequence_length = ", seq);
   return static_cast<int64_t>(rows);
 }
@@ -430,7 +432,7 @@ void Session::begin_pass(uint64_t rows, const uint8_t* row_mask) {
   // valid rows, in order, so a padded position leaves its sequence shorter.
   sequences_.clear();
   const int64_t L = options_.training.sequence_length;
-  if (training() && L > 0) {
+  if (training() && !eval_ && L > 0) {
     sequences_.push_back(0);
     size_t v = 0;
     for (int64_t q = 0; q < batch_rows_ / L; ++q) {

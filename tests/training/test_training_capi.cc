@@ -778,6 +778,21 @@ TEST(TrainingMisuse, ClearStatusesAndNoStateChange) {
     EXPECT_NE(msg.find("[0, 2147483647]"), std::string::npos) << msg;
   }
   MOERT_OK_OR_FAIL(moert_session_set_config(t.s, "sequence_length", "0"));
+  // A training pass's rows are whole sequences; an eval-mode pass computes no sequence-wise loss
+  // and takes a batch that ends in a partial one.
+  {
+    Model r4(MOERT_TEST_ROUTE4);
+    Session e(r4.m, MOERT_MODE_TRAINING);
+    MOERT_OK_OR_FAIL(moert_session_set_config(e.s, "sequence_length", "4"));
+    const auto x = one_hot_rows({0, 1, 2, 3, 0, 1});
+    std::vector<float> y(x.size());
+    EXPECT_EQ(
+        code_of(moert_session_forward_hidden(e.s, x.data(), x.size(), 6, y.data(), y.size()), &msg),
+        MOERT_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(msg.find("multiple of sequence_length = 4"), std::string::npos) << msg;
+    MOERT_OK_OR_FAIL(moert_session_set_eval(e.s, 1));
+    MOERT_OK_OR_FAIL(moert_session_forward_hidden(e.s, x.data(), x.size(), 6, y.data(), y.size()));
+  }
   EXPECT_EQ(code_of(moert_session_set_config(t.s, "cuda_plugin", "/elsewhere/libmoert_cuda.so")),
             MOERT_ERR_INVALID_STATE);
   // An inference session takes the knobs that act on it, and refuses the training ones (once

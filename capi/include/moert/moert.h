@@ -792,8 +792,8 @@ MOERT_API void moert_session_free(moert_session* session);
  * MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states, `rows` above 2^31 - 1 (or so
  * many that a layer would index more than 2^31 - 1 token positions or token-expert assignments),
  * a length other than the one named, a NULL buffer, an id outside [0, vocab_size) (the message
- * names its row and column), or, in a training session with "sequence_length" set (eval mode
- * too), `rows` that is not a multiple of it; MOERT_ERR_NUMERIC as "check_finite" says. The
+ * names its row and column), or, in a training session with "sequence_length" set (not in eval
+ * mode), `rows` that is not a multiple of it; MOERT_ERR_NUMERIC as "check_finite" says. The
  * expert counts (MOERT_COUNTS_*) change only when the pass succeeds. */
 MOERT_API moert_status* moert_session_forward_tokens(moert_session* session, const int32_t* tokens,
                                                      uint64_t num_tokens, uint64_t rows, float* out,

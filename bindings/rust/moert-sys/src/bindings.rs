@@ -799,8 +799,8 @@ extern "C" {
     #[doc = " MOERT_ERR_INVALID_ARGUMENT for a model that takes hidden states, `rows` above 2^31 - 1 (or so"]
     #[doc = " many that a layer would index more than 2^31 - 1 token positions or token-expert assignments),"]
     #[doc = " a length other than the one named, a NULL buffer, an id outside [0, vocab_size) (the message"]
-    #[doc = " names its row and column), or, in a training session with \"sequence_length\" set (eval mode"]
-    #[doc = " too), `rows` that is not a multiple of it; MOERT_ERR_NUMERIC as \"check_finite\" says. The"]
+    #[doc = " names its row and column), or, in a training session with \"sequence_length\" set (not in eval"]
+    #[doc = " mode), `rows` that is not a multiple of it; MOERT_ERR_NUMERIC as \"check_finite\" says. The"]
     #[doc = " expert counts (MOERT_COUNTS_*) change only when the pass succeeds."]
     pub fn moert_session_forward_tokens(
         session: *mut moert_session,
