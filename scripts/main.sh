@@ -12,8 +12,24 @@ scripts/install-deps.sh
 cmake --preset release
 cmake --build --preset release
 mkdir -p out
-build/release/cli/moert train --csv out/experiment-steps.csv "$@" | tee out/experiment.txt
+# The per-step metrics go to out/experiment-steps.csv unless the arguments name another file
+# (moert refuses an option given twice).
+csv=out/experiment-steps.csv
+csv_arg=(--csv "$csv")
+for ((i = 1; i <= $#; i++)); do
+  case ${!i} in
+  --csv)
+    j=$((i + 1))
+    csv=${!j:-}
+    csv_arg=()
+    ;;
+  --csv=*)
+    csv=${!i#--csv=}
+    csv_arg=()
+    ;;
+  esac
+done
+build/release/cli/moert train "${csv_arg[@]}" "$@" | tee out/experiment.txt
 # The plot marks the MaxVio_batch a balanced random router shows on batches of this size.
 floor=$(sed -n 's/.*random router on [0-9]*-row batches: \([0-9.]*\),.*/\1/p' out/experiment.txt)
-/usr/bin/python3 scripts/plot_maxvio.py out/experiment-steps.csv out/experiment-maxvio.png \
-  ${floor:+--floor "$floor"}
+/usr/bin/python3 scripts/plot_maxvio.py "$csv" out/experiment-maxvio.png ${floor:+--floor "$floor"}
