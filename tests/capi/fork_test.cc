@@ -8,7 +8,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -117,6 +120,11 @@ TEST_F(Fork, InheritedSessionsAndBatchersAreRefusedAndFreedWithoutWaiting) {
          waited_ms += 10)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     if (ended == 0) {
+      // Where it waits, for the log (a hang here has been seen once in CI, never reproduced).
+      const std::string where = "gdb -batch -nx -p " + std::to_string(pid) +
+                                " -ex 'thread apply all bt 30' 2>&1 | grep -E '^(#|Thread)' | "
+                                "head -120";
+      if (std::system(where.c_str()) != 0) std::printf("(no stacks: gdb failed)\n");
       kill(pid, SIGKILL);
       waitpid(pid, &status, 0);
       ADD_FAILURE() << "round " << round << ": the child hung (killed after 30 s)";
