@@ -17,17 +17,15 @@
 
 namespace moert {
 
-namespace {
-
-constexpr uint32_t kAllLayers = std::numeric_limits<uint32_t>::max();
-
-// The shortest text that reads back as v: a bound such as 0.999999999 must not print as a
-// rounded "1", which the bound refuses.
 std::string exact_text(double v) {
   char text[32];
   const auto [end, ec] = std::to_chars(text, text + sizeof text, v);
   return ec == std::errc() ? std::string(text, end) : std::string("?");
 }
+
+namespace {
+
+constexpr uint32_t kAllLayers = std::numeric_limits<uint32_t>::max();
 
 // The cosine decay runs from lr down to min_lr: a floor above the peak would raise it.
 void check_schedule(const TrainingConfig& t, Code code) {

@@ -28,6 +28,11 @@ namespace moert {
 
 struct LoadOptions;
 
+// The shortest text that reads back as the same double, for messages: a bound such as
+// 0.999999999 must not print as a rounded "1" (which the bound refuses), nor two different
+// settings as the same "0.001".
+std::string exact_text(double v);
+
 enum class Device : int32_t { Cpu = 0, Cuda = 1 };
 
 // A target that takes no part in the loss (moert.h MOERT_IGNORE_TARGET, PyTorch's ignore_index).

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <array>
 #include <bit>
-#include <charconv>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -73,13 +72,8 @@ constexpr std::array<StartField, Session::kStartWords> kStartFields{{
 }};
 static_assert(kFirstTrainingWord + kTrainingWords + 1 == Session::kStartWords);
 
-// A real setting as the shortest text that reads back as the same double ("0.001", not a
-// rounded "0.001" for both 0.001 and 0.0010000000000000002).
-std::string real_text(uint64_t bits) {
-  char text[32];
-  const auto [end, ec] = std::to_chars(text, text + sizeof text, std::bit_cast<double>(bits));
-  return ec == std::errc() ? std::string(text, end) : std::string("?");
-}
+// A real setting, from its word: 0.001 and 0.0010000000000000002 must not both read "0.001".
+std::string real_text(uint64_t bits) { return exact_text(std::bit_cast<double>(bits)); }
 
 // A setting as one word: a double's bits, an integer, a string's digest.
 template <typename T>
