@@ -331,18 +331,18 @@ class TempFile {
   TempFile(const fs::path& dir, const std::string& prefix, std::string destination,
            const char* kind)
       : destination_(std::move(destination)), kind_(kind) {
-    for (uint64_t attempt = 0; fd_ < 0; ++attempt) {
+    for (uint64_t attempt = 0; fd() < 0; ++attempt) {
       name_ = (dir / (prefix + unique_suffix(attempt))).string();
-      fd_ = ::open(name_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      if (fd_ < 0 && (errno != EEXIST || attempt == 100))
+      file_.emplace(name_.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0666);
+      if (fd() < 0 && (errno != EEXIST || attempt == 100))
         io_failure(kind_, destination_, "cannot create a temporary file", errno);
     }
     // Where the file system cannot lock, clean-ups take it for a leftover, as before.
-    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0 && errno == EINTR) {
+    while (::flock(fd(), LOCK_EX | LOCK_NB) != 0 && errno == EINTR) {
     }
   }
   ~TempFile() {
-    if (fd_ >= 0) ::close(fd_);
+    file_.reset();
     if (!renamed_) ::unlink(name_.c_str());
   }
   TempFile(const TempFile&) = delete;
@@ -354,7 +354,7 @@ class TempFile {
     while (bytes > 0) {
       // One write() moves at most about 2 GiB.
       const size_t chunk = static_cast<size_t>(std::min<uint64_t>(bytes, uint64_t{1} << 30));
-      const ssize_t n = ::write(fd_, p, chunk);
+      const ssize_t n = ::write(fd(), p, chunk);
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && errno == EFBIG) no_sigxfsz.refused();
       if (n <= 0) io_failure(kind_, destination_, "write", n < 0 ? errno : EIO);
@@ -365,7 +365,7 @@ class TempFile {
 
   // Makes the content durable: before the directory lock is taken, whose holders wait on it.
   void sync() {
-    if (!synced_ && ::fsync(fd_) != 0) io_failure(kind_, destination_, "fsync", errno);
+    if (!synced_ && ::fsync(fd()) != 0) io_failure(kind_, destination_, "fsync", errno);
     synced_ = true;
   }
 
@@ -378,15 +378,17 @@ class TempFile {
     if (::rename(name_.c_str(), target.c_str()) != 0)
       io_failure(kind_, destination_, "rename", errno);
     renamed_ = true;
-    ::close(fd_);
-    fd_ = -1;
+    file_.reset();
   }
 
  private:
   std::string destination_;
   const char* kind_;
   std::string name_;
-  int fd_ = -1;
+  int fd() const { return file_ ? file_->fd() : -1; }
+
+  // Its copy in a child of fork() is closed at the fork: the child does not hold its lock.
+  std::optional<format::ForkClosedFd> file_;
   bool synced_ = false;
   bool renamed_ = false;
 };
@@ -437,7 +439,7 @@ void check_lock(const format::DirectoryLock& lock, const fs::path& dir, const st
     fail(Code::Io, "cannot write ", what, " '", path,
          "': another save, import or export has held the lock of directory '", dir.string(),
          "' for ", format::DirectoryLock::kPatience.count() / 1000,
-         " s (a process stopped or stuck there, or a `moert export` still writing into it?); "
+         " s (a process stopped or stuck there?); "
          "nothing was replaced");
 }
 

@@ -8,11 +8,13 @@
 #pragma once
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -31,13 +33,82 @@
 
 namespace moert::format {
 
+// Descriptors that hold an flock(2) in this process: a directory's lock, a save's temporary file
+// while it is written. A child of fork() shares their open file descriptions, and so their locks,
+// for as long as it keeps its copies: one that does not exec kept a directory locked after its
+// parent died, and every later save there waited out its patience. The child's copies are closed
+// at the fork instead (pthread_atfork), so that a lock lives exactly as long as its holder in the
+// parent. Opening and registering happen under a mutex that the fork handler takes first, so that
+// no descriptor is forked between the two. More than kSlots at once are not registered: their
+// children keep copies, as before.
+namespace fork_closed {
+inline constexpr int kSlots = 64;
+inline std::atomic<int> slots[kSlots];  // descriptor + 1; 0 is a free slot
+inline pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
+
+inline void lock() { ::pthread_mutex_lock(&mutex); }
+inline void unlock() { ::pthread_mutex_unlock(&mutex); }
+inline void close_in_child() {
+  for (auto& slot : slots)
+    if (const int registered = slot.exchange(0); registered > 0) ::close(registered - 1);
+  unlock();
+}
+// Installed once per copy of this header's variables (the library's, the moert command's): the
+// function-local static goes with them. A failed registration leaves descriptors unregistered.
+inline bool handlers_installed() {
+  static const bool installed = ::pthread_atfork(&lock, &unlock, &close_in_child) == 0;
+  return installed;
+}
+}  // namespace fork_closed
+
+// A descriptor opened with O_CLOEXEC whose copy in a child of fork() is closed at the fork (above).
+class ForkClosedFd {
+ public:
+  // fd() is -1 with errno set when the open failed.
+  ForkClosedFd(const char* path, int flags, mode_t mode = 0) {
+    const bool handled = fork_closed::handlers_installed();
+    if (handled) fork_closed::lock();
+    fd_ = ::open(path, flags | O_CLOEXEC, mode);
+    const int saved_errno = errno;
+    if (fd_ >= 0 && handled)
+      for (auto& slot : fork_closed::slots)
+        if (int free = 0; slot.compare_exchange_strong(free, fd_ + 1)) {
+          registered_ = &slot;
+          break;
+        }
+    if (handled) fork_closed::unlock();
+    errno = saved_errno;
+  }
+  // Releases its flock, if any, with the descriptor. In a child of fork() whose copy the handler
+  // closed, does nothing: the number may name another file of the child's by now.
+  ~ForkClosedFd() {
+    if (fd_ < 0) return;
+    if (registered_) {
+      int mine = fd_ + 1;
+      if (!registered_->compare_exchange_strong(mine, 0)) return;
+    }
+    ::close(fd_);
+  }
+  // False in a child of fork() whose copy the handler closed.
+  bool open_here() const { return fd_ >= 0 && (!registered_ || registered_->load() == fd_ + 1); }
+  ForkClosedFd(const ForkClosedFd&) = delete;
+  ForkClosedFd& operator=(const ForkClosedFd&) = delete;
+
+  int fd() const { return fd_; }
+
+ private:
+  int fd_ = -1;
+  std::atomic<int>* registered_ = nullptr;
+};
+
 // An exclusive lock on a directory for the scope (flock(2)): saves into one directory take turns,
 // so that one save's clean-up never removes the data file or the temporary file of another save to
 // the same path, in this process or another. A file system that cannot lock a directory opened for
 // reading (NFS, whose client emulates flock with byte-range locks) leaves saves unlocked, as they
-// were before. The kernel releases the lock of a killed process, but not that of a stopped or
-// stuck one: the wait is bounded by `patience`, after which timed_out() is true and the caller
-// must not go on (the lock is not held).
+// were before, and so does a directory this process may write but not read (mode 0333). The
+// kernel releases the lock of a killed process, but not that of a stopped or stuck one: the wait
+// is bounded by `patience`, after which timed_out() is true and the caller must not go on (the
+// lock is not held). A child forked meanwhile does not share the lock (ForkClosedFd).
 class DirectoryLock {
  public:
   // Long enough for any save's commit (the library holds the lock only to rename its files into
@@ -46,37 +117,34 @@ class DirectoryLock {
 
   explicit DirectoryLock(const std::filesystem::path& dir,
                          std::chrono::milliseconds patience = kPatience)
-      : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
-    if (fd_ < 0) return;
+      : dir_(dir.c_str(), O_RDONLY | O_DIRECTORY) {
+    if (dir_.fd() < 0) return;
     const auto deadline = std::chrono::steady_clock::now() + patience;
     auto pause = std::chrono::microseconds(200);
-    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    while (::flock(dir_.fd(), LOCK_EX | LOCK_NB) != 0) {
       if (errno == EINTR) continue;
       if (errno != EWOULDBLOCK) return;  // cannot lock here: unlocked, as before
       if (std::chrono::steady_clock::now() >= deadline) {
-        ::close(fd_);
-        fd_ = -1;
         timed_out_ = true;
         return;
       }
       std::this_thread::sleep_for(pause);
       pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(20));
     }
+    locked_ = true;
   }
   bool timed_out() const { return timed_out_; }
-  // Unlocked explicitly: a child forked meanwhile shares the open file description, whose lock
-  // would otherwise outlive this scope until the child exits.
+  // Unlocked explicitly, in case a child forked meanwhile holds a copy after all (a full table).
   ~DirectoryLock() {
-    if (fd_ < 0) return;
-    ::flock(fd_, LOCK_UN);
-    ::close(fd_);
+    if (locked_ && dir_.open_here()) ::flock(dir_.fd(), LOCK_UN);
   }
   DirectoryLock(const DirectoryLock&) = delete;
   DirectoryLock& operator=(const DirectoryLock&) = delete;
 
  private:
-  int fd_;
+  ForkClosedFd dir_;
   bool timed_out_ = false;
+  bool locked_ = false;
 };
 
 // Whether a writer holds `path` open under flock (a library save's temporary file while it is
@@ -131,14 +199,12 @@ inline bool held_by_a_writer(const std::filesystem::path& path) {
   struct stat st {};
   if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
   const bool recent = std::time(nullptr) - st.st_mtime < kCopyInProgressSeconds;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-  if (fd < 0) return recent;
+  const ForkClosedFd file(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+  if (file.fd() < 0) return recent;
   int r;
-  while ((r = ::flock(fd, LOCK_SH | LOCK_NB)) != 0 && errno == EINTR) {
+  while ((r = ::flock(file.fd(), LOCK_SH | LOCK_NB)) != 0 && errno == EINTR) {
   }
-  const bool held = r != 0 && (errno == EWOULDBLOCK || recent);
-  ::close(fd);  // drops the lock taken, if any
-  return held;
+  return r != 0 && (errno == EWOULDBLOCK || recent);  // the lock taken, if any, goes with `file`
 }
 
 // Whether `name` is a data file of any save ("<anything>.<16 lowercase hex digits>.data") or a

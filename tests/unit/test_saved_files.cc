@@ -3,6 +3,7 @@
 // certain keeps it.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -279,6 +280,45 @@ TEST_F(SavedFiles, ALockHeldElsewhereIsWaitedForABoundedTime) {
   const format::DirectoryLock lock(dir_, std::chrono::milliseconds(200));
   EXPECT_FALSE(lock.timed_out());
   ::close(fd);
+}
+
+// A child forked without exec while a save holds its locks does not share them: once the saver
+// has died, the directory and its temporary file are free although the child lives on (before,
+// every later save there waited out its patience and failed, and the file was never cleaned up).
+TEST_F(SavedFiles, AChildForkedWhileLocksAreHeldDoesNotKeepThem) {
+  const fs::path temporary = dir_ / ".m.moert.data-aB3dE5";
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t saver = ::fork();
+  ASSERT_GE(saver, 0);
+  if (saver == 0) {
+    const format::DirectoryLock lock(dir_);
+    const format::ForkClosedFd file(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (lock.timed_out() || file.fd() < 0 || ::flock(file.fd(), LOCK_EX) != 0) ::_exit(2);
+    const pid_t child = ::fork();
+    if (child == 0) {
+      ::sleep(60);  // holds whatever it inherited; killed below
+      ::_exit(0);
+    }
+    const bool sent = ::write(pipe_fds[1], &child, sizeof child) == sizeof child;
+    ::_exit(child > 0 && sent ? 0 : 3);  // dies holding both locks: no destructor runs
+  }
+  ::close(pipe_fds[1]);
+  pid_t child = -1;
+  const bool received = ::read(pipe_fds[0], &child, sizeof child) == sizeof child;
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(saver, &status, 0), saver);
+  ASSERT_TRUE(received && child > 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_EQ(::kill(child, 0), 0) << "the forked child should still be alive";
+  {
+    const format::DirectoryLock lock(dir_, std::chrono::milliseconds(2000));
+    EXPECT_FALSE(lock.timed_out()) << "the forked child kept the directory locked";
+  }
+  EXPECT_FALSE(format::held_by_a_writer(temporary))
+      << "the forked child kept the temporary file locked";
+  ::kill(child, SIGKILL);
 }
 
 // A save's temporary data file stays while its writer holds it (a save into the same path in

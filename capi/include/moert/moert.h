@@ -1331,11 +1331,13 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * temporary files of interrupted saves) are removed afterwards, except one that a description in
  * the directory still names (a copy made with `cp ck.moert best.moert` keeps loading, also while
  * it is being made: the removal reads the binary and JSON descriptions there, and what it
- * cannot read for certain keeps every data file; README "Checkpoints"); saves into
- * one directory, from
- * any thread or process on the machine, take turns (an flock(2) on the directory), so concurrent
- * saves to one path each succeed and leave one of them whole. NFS cannot lock a directory that
- * way: there saves are not serialized, and one writer per path at a time is the caller's to keep. A
+ * cannot read for certain keeps every data file; README "Checkpoints"); saves into one
+ * directory, from any thread or process on the machine, take turns (an flock(2) on the directory),
+ * so concurrent saves to one path each succeed and leave one of them whole. A child forked during a
+ * save does not share its locks. NFS cannot lock a directory that way, nor can a process lock one
+ * it may write but not read (mode 0333): there saves are not serialized, one writer per path at a
+ * time is the caller's to keep, and in a directory it cannot list a save removes no earlier data
+ * file (it cannot tell whether another description names it). A
  * reader of the previous checkpoint at the moment its data file is removed may fail with
  * MOERT_ERR_IO. MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then
  * intact. Refused before anything is written, so that every checkpoint written loads back:
