@@ -141,13 +141,7 @@ class Exporter {
   }
 
   ExportResult run() {
-    // Readers differ on which of model.safetensors and model.safetensors.index.json they take,
-    // so a single-file checkpoint already there would make the folder ambiguous.
     const fs::path dir(req_.out_dir);
-    if (fs::exists(dir / "model.safetensors"))
-      fail(req_.out_dir,
-           " holds a model.safetensors: beside the exported index, readers would differ on which "
-           "is the checkpoint; export to another folder");
     collect_layers();
     // No file it writes may be the model it reads (an OUT_DIR holding it as config.json).
     const std::vector<std::string> inputs = model_files(req_.model_path);
@@ -155,24 +149,8 @@ class Exporter {
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / name).string(), inputs);
     for (size_t i = 0; i < moe_.size(); ++i)
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / shard_name(i)).string(), inputs);
-    // Only an earlier export's files are replaced (its manifest says so, or its marker: one that
-    // did not finish), never another checkpoint's.
-    std::error_code ec;
-    if (!earlier_manifest(dir) && !fs::exists(dir / kExportIncompleteMarker, ec))
-      for (const char* name : {"config.json", "model.safetensors.index.json"})
-        if (fs::exists(fs::symlink_status(dir / name, ec)))
-          fail(req_.out_dir, " holds a ", name,
-               " that no moert export wrote (another checkpoint's, or an export by a moert "
-               "older than the export manifest): export to another folder");
+    refuse_foreign_files(dir);
     const std::vector<fs::path> created = create_folders(req_.out_dir);
-    // Exports into one folder take turns, the clean-up of a failed one included: each removes
-    // the marker at its end, and the other's files would be left mixed with its own without it.
-    // One that waited on a folder a failed export removed finds nowhere to write, and fails.
-    const moert::format::DirectoryLock lock(req_.out_dir);
-    if (lock.timed_out())
-      fail("cannot export into '", req_.out_dir, "': another export has held its lock for ",
-           moert::format::DirectoryLock::kPatience.count() / 1000,
-           " s (one still running, or a process stopped there?): try again once it is done");
     try {
       try {
         write_all();
@@ -183,10 +161,15 @@ class Exporter {
         throw;
       }
     } catch (...) {
-      // A refused export leaves no folder of its own behind: OUT_DIR with what this export wrote
-      // in it, then the parents it created, innermost first, each only while empty.
+      // A refused export leaves no folder of its own behind: the folders it created, innermost
+      // first, each only while empty (its temporary files are gone by now) — or OUT_DIR with
+      // what it holds when this export's commit began there with no other export's files in it.
+      // Under the lock: another export may have staged into the folder meanwhile and be
+      // committing.
+      const moert::format::DirectoryLock lock(req_.out_dir);
+      std::error_code ec;
       for (auto it = created.rbegin(); it != created.rend(); ++it) {
-        if (it == created.rbegin() && fs::equivalent(*it, req_.out_dir, ec))
+        if (it == created.rbegin() && committed_alone_ && fs::equivalent(*it, req_.out_dir, ec))
           fs::remove_all(*it, ec);
         else
           fs::remove(*it, ec);
@@ -226,13 +209,34 @@ class Exporter {
     return cat("model-", pad5(i + 1), "-of-", pad5(moe_.size()), ".safetensors");
   }
 
+  // What OUT_DIR may not hold for an export to go there: refused before anything is written,
+  // and again under the lock before the commit (another writer may have been quicker).
+  void refuse_foreign_files(const fs::path& dir) const {
+    // Readers differ on which of model.safetensors and model.safetensors.index.json they take,
+    // so a single-file checkpoint already there would make the folder ambiguous.
+    std::error_code ec;
+    if (fs::exists(fs::symlink_status(dir / "model.safetensors", ec)))
+      fail(req_.out_dir,
+           " holds a model.safetensors: beside the exported index, readers would differ on which "
+           "is the checkpoint; export to another folder");
+    // Only an earlier export's files are replaced (its manifest says so, or its marker: one that
+    // did not finish), never another checkpoint's.
+    if (!earlier_manifest(dir) && !fs::exists(dir / kExportIncompleteMarker, ec))
+      for (const char* name : {"config.json", "model.safetensors.index.json"})
+        if (fs::exists(fs::symlink_status(dir / name, ec)))
+          fail(req_.out_dir, " holds a ", name,
+               " that no moert export wrote (another checkpoint's, or an export by a moert "
+               "older than the export manifest): export to another folder");
+  }
+
   // Every file is written to its temporary file first, so that a failure (a full disk) leaves
-  // OUT_DIR as it was. Then a marker, and the files renamed into place: until the marker is gone
-  // again, an import of the folder refuses it rather than mix this export's files with an
-  // earlier one's (an export killed midway).
+  // OUT_DIR as it was; this is the long part, and it takes no lock (the temporary files' names
+  // hold the process's). Then, under the folder's lock, a marker and the files renamed into
+  // place: until the marker is gone again, an import of the folder refuses it rather than mix
+  // this export's files with an earlier one's (an export killed midway). Exports into one folder
+  // commit in turns, and a save of the library there waits only for a commit.
   void write_all() {
     const fs::path dir(req_.out_dir);
-    const std::vector<std::string> earlier = earlier_files(dir);
     StagedFiles files;
     std::vector<std::string> names = {"config.json"};
     const std::string config = config_text();
@@ -269,11 +273,20 @@ class Exporter {
     // What was read of a data file cut short since is zeros: nothing of it may be renamed into
     // place (the staged files go with the refusal).
     if (data_) data_->check_unchanged();
+    const moert::format::DirectoryLock lock(req_.out_dir);
+    if (lock.timed_out())
+      fail("cannot export into '", req_.out_dir, "': another export, import or save has held its ",
+           "lock for ", moert::format::DirectoryLock::kPatience.count() / 1000,
+           " s (a process stopped there?): try again once it is done");
+    refuse_foreign_files(dir);
+    // Read under the lock: an export that committed meanwhile may have written more shards.
+    const std::vector<std::string> earlier = earlier_files(dir);
     const std::string marker = (dir / kExportIncompleteMarker).string();
+    std::error_code ec;
+    committed_alone_ = !earlier_manifest(dir) && !fs::exists(marker, ec);
     write_file_atomically(marker, {});
     files.commit();
     // The earlier export's shards that this one did not write (it had more layers).
-    std::error_code ec;
     for (const std::string& name : earlier)
       if (std::find(names.begin(), names.end(), name) == names.end()) fs::remove(dir / name, ec);
     fs::remove(marker, ec);
@@ -793,6 +806,9 @@ class Exporter {
   json config_;
   HfMoeConfig hf_;  // the family written: its tensor names and whether it has a sigmoid router
   ExportResult result_;
+  // Whether this export's commit began in a folder that held no other export's files: a failure
+  // may then remove the folder it created with all it holds.
+  bool committed_alone_ = false;
 };
 
 }  // namespace

@@ -1,20 +1,25 @@
 // Runs the `moert` command as a user would and checks what it prints, writes and returns. Expected
 // numbers come from the C ABI or from formulas written out here, never from the CLI itself.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <moert/moert.h>
 #include <sched.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iterator>
 #include <map>
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -758,6 +763,46 @@ TEST(Cli, ImportAndExportRefuseAnInputCutShort) {
   expect_one_line_error(unchecked, 1, "export", "runs past the end of '" + data + "'");
   EXPECT_FALSE(fs::exists(dir / "out"));
   for (const auto& e : fs::recursive_directory_iterator(dir))
+    EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << e.path();
+}
+
+// An export holds its folder's lock only to commit: while another process holds it, the export
+// writes every file under its temporary name, then waits, and once the lock is free renames them
+// into place. (It held the lock from the start, so a library save into that folder, which waits
+// at most 30 s for it, failed while a large export was written.)
+TEST(Cli, AnExportTakesItsFoldersLockOnlyToCommit) {
+  const fs::path dir = workdir("export_lock");
+  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
+                    (dir / "ck").string(),
+                dir)
+                .code,
+            0);
+  const fs::path out = dir / "hf";
+  fs::create_directories(out);
+  const int fd = ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);  // as a save committing there
+  auto exported = std::async(std::launch::async, [&] {
+    return run("export " + (dir / "ck" / "loss-free.moert").string() + " " + out.string(), dir);
+  });
+  // The manifest is the last file staged.
+  const std::string manifest_temp = std::string(".moert-export.tmp.");
+  bool staged = false;
+  for (int i = 0; i < 200 && !staged; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    for (const auto& e : fs::directory_iterator(out))
+      staged = staged || e.path().filename().string().starts_with(manifest_temp);
+  }
+  const bool committed_early = fs::exists(out / "config.json");
+  ::flock(fd, LOCK_UN);
+  ::close(fd);
+  const Result r = exported.get();
+  EXPECT_TRUE(staged) << "the export did not write its files while the folder was locked";
+  EXPECT_FALSE(committed_early) << "the export committed without the folder's lock";
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(out / "model.safetensors.index.json"));
+  for (const auto& e : fs::directory_iterator(out))
     EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << e.path();
 }
 
