@@ -187,8 +187,8 @@ moert_status* moert_batcher_counters(const moert_batcher* batcher, int64_t* coun
                                      uint64_t len) {
   return guarded([&] {
     usable(batcher);
-    require(counters, "counters");
-    batcher->batcher->counters(counters, len);
+    if (len > 0) require(counters, "counters");
+    if (counters) batcher->batcher->counters(counters, len);
   });
 }
 

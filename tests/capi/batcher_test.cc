@@ -800,6 +800,8 @@ TEST(Batcher, MisuseIsRefused) {
                                                    out.size(), nullptr, 0),
                       kInvalid, {"batcher"}));
   EXPECT_TRUE(IsError(moert_batcher_counters(b, nullptr, 3), kInvalid, {"counters"}));
+  // As a NULL `stats` with stats_len 0: nothing to write, nothing refused.
+  EXPECT_TRUE(IsOk(moert_batcher_counters(b, nullptr, 0)));
   int64_t one = 0;
   EXPECT_TRUE(IsError(moert_batcher_counters(nullptr, &one, 1), kInvalid, {"batcher"}));
 }

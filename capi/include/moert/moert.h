@@ -1091,8 +1091,8 @@ MOERT_API moert_status* moert_batcher_submit_hidden(moert_batcher* batcher, cons
 
 /* The batcher's cumulative figures since creation: `counters` receives `len` values indexed by
  * MOERT_BATCHER_* (MOERT_BATCHER_COUNTERS of them are known to this header); every entry past
- * those this library knows is set to -1 (any `len`, 0 included; `counters` must not be NULL). A
- * consistent snapshot. Thread-safe. */
+ * those this library knows is set to -1 (any `len`; `counters` may be NULL only with `len` 0, as
+ * the `stats` of moert_batcher_forward_*()). A consistent snapshot. Thread-safe. */
 MOERT_API moert_status* moert_batcher_counters(const moert_batcher* batcher, int64_t* counters,
                                                uint64_t len);
 

@@ -1109,8 +1109,8 @@ extern "C" {
 extern "C" {
     #[doc = " The batcher's cumulative figures since creation: `counters` receives `len` values indexed by"]
     #[doc = " MOERT_BATCHER_* (MOERT_BATCHER_COUNTERS of them are known to this header); every entry past"]
-    #[doc = " those this library knows is set to -1 (any `len`, 0 included; `counters` must not be NULL). A"]
-    #[doc = " consistent snapshot. Thread-safe."]
+    #[doc = " those this library knows is set to -1 (any `len`; `counters` may be NULL only with `len` 0, as"]
+    #[doc = " the `stats` of moert_batcher_forward_*()). A consistent snapshot. Thread-safe."]
     pub fn moert_batcher_counters(
         batcher: *const moert_batcher,
         counters: *mut i64,
