@@ -1212,8 +1212,10 @@ void check_buffer_size(size_t size, const LoadOptions& options) {
          " bytes; FlatBuffers stops at 2 GiB (put weights in external data)");
 }
 
-std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& options,
-                                 StatePolicy policy) {
+// One load of the description at `path` and its data; `read` receives the identity of the file
+// the description was read from.
+std::unique_ptr<Model> load_file_once(const std::string& path, const LoadOptions& options,
+                                      StatePolicy policy, struct stat& read) {
   std::string dir = std::filesystem::path(path).parent_path().string();
   if (dir.empty()) dir = ".";
   // Confined, the directory is opened once, and the model file and its data are both found in
@@ -1230,6 +1232,7 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
     file.fd = open_regular_file(path, "model file", &file_size);
   }
   const int fd = file.fd;
+  if (::fstat(fd, &read) != 0) read = {};
   const size_t size = static_cast<size_t>(file_size);
   try {
     check_buffer_size(size, options);
@@ -1254,6 +1257,28 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
     return parse(aligned.data(), size, dir, options, policy, nullptr, confined.fd);
   } catch (const Error& e) {
     throw Error(e.code(), cat("'", path, "': ", e.message()));
+  }
+}
+
+// A save to the same path renames a new description into place and then removes the data file
+// of the one before: a load that read the previous description and opens its data file after
+// that fails. When a load fails and `path` has meanwhile come to name another file, it is tried
+// again on the new one, up to kLoadAttempts in all (a reader racing a trainer that saves without
+// pause), and only then reports the last failure.
+constexpr int kLoadAttempts = 4;
+
+std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& options,
+                                 StatePolicy policy) {
+  for (int attempt = 1;; ++attempt) {
+    struct stat read {};
+    try {
+      return load_file_once(path, options, policy, read);
+    } catch (const Error&) {
+      struct stat now {};
+      const bool replaced = read.st_ino != 0 && ::stat(path.c_str(), &now) == 0 &&
+                            (now.st_dev != read.st_dev || now.st_ino != read.st_ino);
+      if (!replaced || attempt == kLoadAttempts) throw;
+    }
   }
 }
 

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -319,6 +320,43 @@ TEST_F(SavedFiles, AChildForkedWhileLocksAreHeldDoesNotKeepThem) {
   EXPECT_FALSE(format::held_by_a_writer(temporary))
       << "the forked child kept the temporary file locked";
   ::kill(child, SIGKILL);
+}
+
+// A model loaded from a path that saves keep replacing (a server reloading the checkpoint a
+// trainer writes) loads whole every time: when the description it read was replaced and its data
+// file removed before it opened that file, the load reads the new one instead of failing.
+TEST_F(SavedFiles, ALoadDuringSavesToItsPathLoadsOneOfThem) {
+  Model changed = *model_;
+  for (auto& l : changed.layers)
+    visit_tensors(l, [](const char*, Tensor& t) {
+      for (float& v : t.values) v *= 0.5f;
+    });
+  std::atomic<bool> done{false};
+  std::thread saver([&] {
+    for (int i = 0; i < 300; ++i) write_model(path(), i % 2 ? *model_ : changed);
+    done = true;
+  });
+  std::atomic<int> loads{0};
+  std::mutex mu;
+  std::vector<std::string> failures;
+  auto load = [&] {
+    while (!done) {
+      try {
+        load_model_file(path());
+        ++loads;
+      } catch (const Error& e) {
+        std::lock_guard<std::mutex> lock(mu);
+        failures.push_back(e.what());
+      }
+    }
+  };
+  std::thread other(load);
+  load();
+  saver.join();
+  other.join();
+  EXPECT_TRUE(failures.empty()) << failures.size() << " of " << loads + failures.size()
+                                << " loads failed, the first: " << failures.front();
+  EXPECT_GT(loads, 0);
 }
 
 // A save's temporary data file stays while its writer holds it (a save into the same path in

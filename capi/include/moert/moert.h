@@ -1337,10 +1337,11 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * save does not share its locks. NFS cannot lock a directory that way, nor can a process lock one
  * it may write but not read (mode 0333): there saves are not serialized, one writer per path at a
  * time is the caller's to keep, and in a directory it cannot list a save removes no earlier data
- * file (it cannot tell whether another description names it). A
- * reader of the previous checkpoint at the moment its data file is removed may fail with
- * MOERT_ERR_IO. MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path` is then
- * intact. Refused before anything is written, so that every checkpoint written loads back:
+ * file (it cannot tell whether another description names it). A load of `path` from a file
+ * (moert_model_load_file(), moert_session_load()) that meets a save to it -- the description
+ * it read replaced and its data file removed before it opened that -- loads the new one instead
+ * (up to four attempts). MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path`
+ * is then intact. Refused before anything is written, so that every checkpoint written loads back:
  * MOERT_ERR_NUMERIC when a parameter, bias, gradient or optimizer moment holds a NaN or infinity
  * (naming it); MOERT_ERR_INVALID_STATE after a backward of this step failed midway (its partial
  * gradient would be stepped on after a load: moert_session_zero_grad(), or a load, first);
