@@ -1,6 +1,7 @@
 // What the opaque handles of moert.h hold.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 
@@ -21,6 +22,11 @@ struct moert_session_options {
 struct moert_session {
   std::unique_ptr<moert::Session> session;
   uint64_t fork_generation = moert::capi::fork_generation();  // see fork_generation.h
+  // Calls inside the session now, and whether moert_session_free() has begun: a free waits for
+  // the calls in progress instead of destroying the session under them (a service shutting down
+  // while a request is served), and a call that meets a free is refused.
+  mutable std::atomic<uint64_t> calls{0};
+  std::atomic<bool> freeing{false};
 };
 
 struct moert_comm {
@@ -36,7 +42,21 @@ moert_status* locked(S* session, F&& body) {
   return guarded([&] {
     require(session, "session");
     require_made_here(session->fork_generation, "session");
+    session->calls.fetch_add(1);
+    // Its last access to the handle: a free waiting for it may destroy the handle right after.
+    struct Leave {
+      S* session;
+      ~Leave() { session->calls.fetch_sub(1); }
+    } leave{session};
+    auto refuse_if_freeing = [&] {
+      if (session->freeing.load())
+        fail(Code::InvalidState,
+             "this session is being freed (moert_session_free() on another thread): no call may "
+             "start on it");
+    };
+    refuse_if_freeing();
     std::lock_guard<std::mutex> lock(session->session->mutex());
+    refuse_if_freeing();  // a call queued behind the one the free waits for
     const auto device = session->session->use_device();
     session->session->call([&] { body(*session->session); });
   });

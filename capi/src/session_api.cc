@@ -1,8 +1,10 @@
 // C entry points for session options, sessions, forward passes and routing statistics.
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 
 #include "capi/src/handles.h"
 
@@ -97,8 +99,8 @@ moert_status* moert_session_create(const moert_model* model, const moert_session
       require(out, "out");
     }
     const moert::SessionOptions opts = options ? options->options : moert::SessionOptions{};
-    auto s = std::make_unique<moert_session>(
-        moert_session{std::make_unique<moert::Session>(model->model, opts)});
+    auto s = std::make_unique<moert_session>();
+    s->session = std::make_unique<moert::Session>(model->model, opts);
     *out = s.release();
   });
 }
@@ -107,8 +109,17 @@ void moert_session_free(moert_session* session) {
   if (!session) return;
   // In a child of fork(), the session's threads do not exist: its memory is left as it is (a
   // copy of the parent's) rather than destroyed, which would wait for them.
-  if (moert::capi::inherited(session->fork_generation))
+  if (moert::capi::inherited(session->fork_generation)) {
     static_cast<void>(session->session.release());
+    delete session;  // a parent thread's call counted in the copy never returns here
+    return;
+  }
+  session->freeing.store(true);
+  auto pause = std::chrono::microseconds(50);
+  while (session->calls.load() != 0) {
+    std::this_thread::sleep_for(pause);
+    pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(5));
+  }
   delete session;
 }
 

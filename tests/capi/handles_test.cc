@@ -1,8 +1,11 @@
 // Misuse of handles and arguments: NULL handles and out-pointers for every function of moert.h,
 // out-of-range indices and keys, session options and their validation.
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "capi_test_util.h"
@@ -410,6 +413,48 @@ TEST_F(Handles, MaxVioOnAModelWithoutMoeLayers) {
   EXPECT_TRUE(
       IsError(moert_session_max_vio(s.get(), 0, MOERT_COUNTS_LAST, &vio), kInvalid, {"'norm'"}));
   EXPECT_EQ(vio, -1);
+}
+
+// A service that frees a session while another thread is inside a call on it (shutting down
+// mid-request): the free waits for that call, which completes, and a call queued behind it is
+// refused instead of running on a session being destroyed. (The free destroyed the session
+// under the running call before: a crash, or a use after free under AddressSanitizer.)
+TEST_F(Handles, AFreeWaitsForTheCallInProgressAndRefusesTheOneQueued) {
+  SessionPtr owned = make_session(model_.get());
+  ASSERT_TRUE(owned);
+  moert_session* s = owned.release();
+  using Clock = std::chrono::steady_clock;
+  // Long enough that the free below begins while it runs (about 1 s here, more under sanitizers).
+  constexpr uint64_t kRows = 1 << 18;
+  std::vector<int32_t> tokens(kRows * 4);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i % 64);
+  std::vector<float> out(kRows * 64), queued_out(64);
+  std::atomic<int> started{0};
+  Clock::time_point call_end;
+  moert_status* call_status = nullptr;
+  moert_status* queued_status = nullptr;
+  std::thread call([&] {
+    started = 1;
+    call_status = moert_session_forward_tokens(s, tokens.data(), tokens.size(), kRows, out.data(),
+                                               out.size());
+    call_end = Clock::now();
+  });
+  while (started < 1) std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::thread queued([&] {
+    started = 2;
+    queued_status =
+        moert_session_forward_tokens(s, tokens.data(), 4, 1, queued_out.data(), queued_out.size());
+  });
+  while (started < 2) std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  moert_session_free(s);
+  const Clock::time_point free_end = Clock::now();
+  call.join();
+  queued.join();
+  EXPECT_TRUE(IsOk(call_status));
+  EXPECT_GE(free_end, call_end) << "the free returned before the call it raced";
+  EXPECT_TRUE(IsError(queued_status, MOERT_ERR_INVALID_STATE, {"being freed"}));
 }
 
 }  // namespace

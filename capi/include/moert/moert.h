@@ -21,7 +21,8 @@
  *    moert_session_options object must not be modified concurrently; any number of calls may
  *    read it at once. Status objects are independent values. Model loads, the *_create of
  *    options objects and the version and code-name queries may run on any threads at once. A
- *    *_free must not race with another call on its handle.
+ *    *_free must not race with another call on its handle (but moert_session_free() waits for
+ *    calls in progress: see there).
  *  - Signals: a call that computes on the CPU blocks the asynchronous signals (all but SIGSEGV,
  *    SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS) on the calling thread while it computes and restores
  *    the thread's mask before it returns; the library's own threads never take them. A signal
@@ -776,9 +777,11 @@ MOERT_API moert_status* moert_session_create(const moert_model* model,
                                              const moert_session_options* options,
                                              moert_session** out);
 
-/* Releases a session. Accepts NULL. Must not race with another call on the same session. In a
- * child of fork(), releases an inherited session without waiting for its threads (see fork() at
- * the top). */
+/* Releases a session. Accepts NULL. A call on the session in progress on another thread is
+ * waited for (it completes), and one that starts while this waits -- or was waiting for the
+ * session behind it -- fails with MOERT_ERR_INVALID_STATE; a call made after this returns uses
+ * freed memory, which the caller must rule out. In a child of fork(), releases an inherited
+ * session without waiting for its threads (see fork() at the top). */
 MOERT_API void moert_session_free(moert_session* session);
 
 /* Forward pass over `rows` rows of token ids (a model whose input is MOERT_INPUT_TOKENS).

@@ -782,9 +782,11 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
-    #[doc = " Releases a session. Accepts NULL. Must not race with another call on the same session. In a"]
-    #[doc = " child of fork(), releases an inherited session without waiting for its threads (see fork() at"]
-    #[doc = " the top)."]
+    #[doc = " Releases a session. Accepts NULL. A call on the session in progress on another thread is"]
+    #[doc = " waited for (it completes), and one that starts while this waits -- or was waiting for the"]
+    #[doc = " session behind it -- fails with MOERT_ERR_INVALID_STATE; a call made after this returns uses"]
+    #[doc = " freed memory, which the caller must rule out. In a child of fork(), releases an inherited"]
+    #[doc = " session without waiting for its threads (see fork() at the top)."]
     pub fn moert_session_free(session: *mut moert_session);
 }
 extern "C" {
