@@ -1,5 +1,7 @@
 #include "cli/safetensors.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
@@ -283,7 +285,7 @@ Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
          " is there): its files may be another model's; export again");
   if (fs::exists(index)) {
     sharded_ = true;
-    weight_map_ = parse_safetensors_index(read_text(index.string()), index.string());
+    weight_map_ = parse_safetensors_index(read_kept(index.string()), index.string());
     // Readers differ on which of the two is the checkpoint (transformers takes the single file,
     // other tools the index): beside an index that does not name it, a model.safetensors is
     // either stale or the real one, and importing the other would be wrong without a word.
@@ -304,7 +306,16 @@ Checkpoint::Checkpoint(std::string dir) : dir_(std::move(dir)) {
 }
 
 std::string Checkpoint::config_text() const {
-  return read_text((std::filesystem::path(dir_) / "config.json").string());
+  return read_kept((std::filesystem::path(dir_) / "config.json").string());
+}
+
+std::string Checkpoint::read_kept(const std::string& path) const {
+  // Taken before the read: a file replaced between the two is then seen as replaced, never the
+  // other way round.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0)
+    read_[path] = {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino)};
+  return read_text(path);
 }
 
 SafetensorsFile& Checkpoint::shard(const std::string& file) {
@@ -331,6 +342,15 @@ const StTensor& Checkpoint::get(const std::string& name) {
 void Checkpoint::check_unchanged() const {
   for (const auto& [file, shard] : shards_)
     if (shard) shard->check_unchanged();
+  for (const auto& [path, identity] : read_) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0 ||
+        std::pair<uint64_t, uint64_t>{static_cast<uint64_t>(st.st_dev),
+                                      static_cast<uint64_t>(st.st_ino)} != identity)
+      fail("'", path,
+           "' was replaced while the checkpoint was read (an export into its folder?): "
+           "run again once nothing writes there");
+  }
 }
 
 std::vector<std::string> Checkpoint::names() {

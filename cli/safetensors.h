@@ -123,16 +123,22 @@ class Checkpoint {
   const StTensor& get(const std::string& name);
   // Every tensor name the checkpoint holds.
   std::vector<std::string> names();
-  // SafetensorsFile::check_unchanged() of every shard opened so far.
+  // SafetensorsFile::check_unchanged() of every shard opened so far, and that config.json and
+  // the index, when read, are still the files read (an export committing into the folder
+  // meanwhile replaces them): throws Error otherwise.
   void check_unchanged() const;
 
  private:
   SafetensorsFile& shard(const std::string& file);
+  // The text of `path`, whose identity is kept for check_unchanged().
+  std::string read_kept(const std::string& path) const;
 
   std::string dir_;
   bool sharded_ = false;
   std::map<std::string, std::string> weight_map_;
   std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;
+  // Path -> (device, inode) of each JSON file read, taken before it was read.
+  mutable std::map<std::string, std::pair<uint64_t, uint64_t>> read_;
 };
 
 // Parses JSON text refusing duplicate keys (nlohmann keeps the last one silently) and nesting

@@ -186,6 +186,61 @@ TEST(Safetensors, OpensMappedFilesAndShardedCheckpoints) {
   EXPECT_EQ(shard_of_index.get("z").bytes.size(), 1u);
 }
 
+// A checkpoint folder whose files are replaced while an import reads it (an export committing
+// into it renames new files over the old ones): the import would mix two checkpoints. The check
+// the import makes before it writes names the replaced file; a shard removed since is no change
+// (what was read of it is whole).
+TEST(Safetensors, FilesReplacedWhileReadAreRefused) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(MOERT_CLI_WORKDIR) / "safetensors_replaced";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  auto write = [&](const fs::path& path, const std::string& text) {
+    std::ofstream(path, std::ios::binary) << text;
+  };
+  auto write_bytes = [&](const fs::path& path, const std::vector<uint8_t>& b) {
+    std::ofstream(path, std::ios::binary)
+        .write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+  };
+  const std::vector<uint8_t> shard =
+      file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8);
+  const std::string index = R"({"weight_map":{"a":"s1.safetensors"}})";
+  auto reset = [&] {
+    write(dir / "config.json", "{}");
+    write(dir / "model.safetensors.index.json", index);
+    write_bytes(dir / "s1.safetensors", shard);
+  };
+  // Renamed over the file, as an export's commit does.
+  auto replace = [&](const std::string& name) {
+    fs::copy_file(dir / name, dir / "replacement", fs::copy_options::overwrite_existing);
+    fs::rename(dir / "replacement", dir / name);
+  };
+  auto refusal = [&](moert_cli::Checkpoint& ck) -> std::string {
+    try {
+      ck.check_unchanged();
+      return "";
+    } catch (const Error& e) {
+      return e.what();
+    }
+  };
+  for (const char* name : {"config.json", "model.safetensors.index.json", "s1.safetensors"}) {
+    reset();
+    moert_cli::Checkpoint ck(dir.string());
+    ck.config_text();
+    EXPECT_EQ(ck.get("a").bytes.size(), 8u);
+    EXPECT_EQ(refusal(ck), "");
+    replace(name);
+    const std::string why = refusal(ck);
+    EXPECT_NE(why.find((dir / name).string() + "' was replaced while"), std::string::npos)
+        << name << ": " << why;
+  }
+  reset();
+  moert_cli::Checkpoint ck(dir.string());
+  EXPECT_EQ(ck.get("a").bytes.size(), 8u);
+  fs::remove(dir / "s1.safetensors");
+  EXPECT_EQ(refusal(ck), "");
+}
+
 // A shard cut short while it is mapped (a download still running): reading the lost pages raised
 // SIGBUS, which killed `moert import` midway. Now they read as zeros and the file is refused as
 // changed, by name; the CLI's handler is installed only while a file is mapped.
