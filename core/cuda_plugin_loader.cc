@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 
 #include <cstring>
+#include <filesystem>
 #include <mutex>
 #include <string>
 
@@ -38,6 +39,21 @@ F symbol(void* handle, const char* name, const std::string& path) {
   return reinterpret_cast<F>(s);
 }
 
+// The CUDA runtime reaches a GPU only through the NVIDIA driver's libcuda.so.1, which it loads
+// itself. Without it no device is usable, and loading the CUDA plugin (a file named
+// libmoert_cuda.so*, which links cuBLASLt) would cost the process about 150 MB of resident memory
+// for good, only for the runtime to say "CUDA driver version is insufficient". So the driver is
+// looked for first, as the runtime would; another plugin (a test's simulated device) is loaded
+// as it is. The driver, once loaded, stays: the runtime would load it anyway.
+void require_driver(const std::string& plugin) {
+  if (!std::filesystem::path(plugin).filename().string().starts_with("libmoert_cuda.so")) return;
+  if (dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL)) return;
+  const char* why = dlerror();
+  fail(Code::Unsupported, "CUDA backend unavailable: no NVIDIA driver on this machine (",
+       why ? why : "libcuda.so.1 not found",
+       "), so no GPU can be used; the CUDA plugin was not loaded (CPU sessions are unaffected)");
+}
+
 // The loaded plugin, loading it from `plugin_path` (empty: beside libmoert.so) the first time.
 Plugin& load(const std::string& plugin_path) {
   Plugin& p = plugin();
@@ -51,6 +67,7 @@ Plugin& load(const std::string& plugin_path) {
            plugin_search_text("libmoert_cuda.so"),
            "): moert was built without CUDA, or the plugin was not installed with it (CPU "
            "sessions are unaffected)");
+    require_driver(path);
     void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!handle)
       fail(Code::Unsupported, "CUDA backend unavailable: cannot load '", path, "': ", dlerror(),

@@ -1395,7 +1395,7 @@ void Session::write_gradient(size_t index, const float* in, uint64_t len) {
 MoELayer& Session::moe_layer(uint32_t layer) const {
   if (layer >= layers_.size())
     fail(Code::InvalidArgument, "layer ", layer, " does not exist (the model has ", layers_.size(),
-         " layers)");
+         layers_.size() == 1 ? " layer)" : " layers)");
   if (model_->layers[layer].kind != LayerKind::MoE)
     fail(Code::InvalidArgument, "layer ", layer, " ('", model_->layers[layer].name, "', kind ",
          layer_kind_name(model_->layers[layer].kind), ") is not a MoE layer");

@@ -22,7 +22,7 @@ const moert::LayerSpec& layer_at(const moert_model* model, uint32_t index) {
   const auto& layers = model->model->layers;
   if (index >= layers.size())
     fail(Code::InvalidArgument, "layer index ", index, " is out of range (the model has ",
-         layers.size(), " layers)");
+         layers.size(), layers.size() == 1 ? " layer)" : " layers)");
   return layers[index];
 }
 

@@ -433,9 +433,13 @@ MOERT_API void moert_session_options_free(moert_session_options* options);
 /* Device kind (MOERT_DEVICE_*) and index. MOERT_DEVICE_CUDA sessions run on the CUDA plugin,
  * libmoert_cuda.so.1, which moert_session_create() loads on first use from the directory of
  * libmoert's real file, then of the name it was loaded by (README.md, "Plugins"; or from the
- * "cuda_plugin" option), checks against this library's version and
- * never unloads. Where the plugin, the CUDA libraries or a Hopper GPU are missing,
- * moert_session_create() returns MOERT_ERR_UNSUPPORTED saying which; CPU sessions are unaffected.
+ * "cuda_plugin" option), checks against this library's version and never unloads. Where the
+ * plugin, the CUDA libraries or a Hopper GPU are missing, moert_session_create() returns
+ * MOERT_ERR_UNSUPPORTED saying which; CPU sessions are unaffected. Without the NVIDIA driver
+ * (libcuda.so.1) the plugin is not even loaded. Where the driver is there but no usable GPU, the
+ * first probe loads the plugin's CUDA libraries, which stay: about 150 MB of resident memory for
+ * the life of the process (later probes add nothing), so a host that falls back to the CPU probes
+ * once.
  * On CUDA with precision bf16 (its default) every GEMM but the router's (experts, dense FFNs,
  * output head) multiplies bf16 operands with fp32 accumulation, and everything else runs in fp32
  * (precision fp8: see "precision" below); Expert Choice layers are refused at their first forward
@@ -618,12 +622,14 @@ typedef struct moert_comm moert_comm;
  * that timed out after this rank's last collective never comes, hence the bound). MPI cannot be
  * initialised twice in a process: a communicator created after that fails with
  * MOERT_ERR_INVALID_STATE, so a host that creates communicators one after another keeps one alive
- * in between. After a timeout moert does not finalise MPI (MPI_Finalize would wait for a peer that
- * may be dead); the process then exits without it. When the host has initialised MPI itself, it
- * must have asked for MPI_THREAD_MULTIPLE (MOERT_ERR_UNSUPPORTED otherwise, naming the level it
- * got), must use the Open MPI the plugin was built against (another MPI library in the process is
- * refused with MOERT_ERR_UNSUPPORTED), must free every moert communicator before it calls
- * MPI_Finalize, and keeps MPI finalisation to itself. A host that calls MPI_Finalize while
+ * in between. A process started without mpirun (a singleton) gets from Open MPI a helper child
+ * process, `orted`, that lives as long as the process, MPI finalised or not (a host's SIGCHLD
+ * handling sees it). After a timeout moert does not finalise MPI (MPI_Finalize would wait for a
+ * peer that may be dead); the process then exits without it. When the host has initialised MPI
+ * itself, it must have asked for MPI_THREAD_MULTIPLE (MOERT_ERR_UNSUPPORTED otherwise, naming the
+ * level it got), must use the Open MPI the plugin was built against (another MPI library in the
+ * process is refused with MOERT_ERR_UNSUPPORTED), must free every moert communicator before it
+ * calls MPI_Finalize, and keeps MPI finalisation to itself. A host that calls MPI_Finalize while
  * moert communicators live (whoever initialised MPI) keeps its process: moert's progress thread
  * stops before MPI goes (an MPI_COMM_SELF attribute, MPI-3.1 section 8.7.1), those communicators
  * break -- every later operation on them, or on a session using them, fails with MOERT_ERR_COMM
