@@ -1,4 +1,4 @@
-// The auxiliary balancing losses (DESIGN.md section 1, item 7) from per-chunk statistics.
+// The auxiliary balancing losses (docs/design.md section 1, item 7) from per-chunk statistics.
 //
 // Sequence q (rows [seq_offsets[q], seq_offsets[q + 1]), L_q of them; for the Switch/GShard loss
 // the whole batch is one sequence) has f_qe = E / (K L_q) * (tokens of q routed to e) and

@@ -32,9 +32,9 @@ struct Fp8Weight {
 
 // A weight matrix as a backend reads it: fp32 values and, on backends that multiply in bf16 or
 // FP8, a copy in that precision kept in step with them. Any may be null where the backend does
-// not use it; a weight with neither copy is multiplied in fp32 everywhere (the router, DESIGN.md
-// section 5). A weight loaded from an FP8 file for inference may have the FP8 copy alone.
-// f32t: on backends that keep one (Backend::transposed_copies), the fp32 values transposed
+// not use it; a weight with neither copy is multiplied in fp32 everywhere (the router,
+// docs/design.md section 5). A weight loaded from an FP8 file for inference may have the FP8 copy
+// alone. f32t: on backends that keep one (Backend::transposed_copies), the fp32 values transposed
 // matrix by matrix (each [rows, cols] matrix of a stack as [cols, rows], at the same offset),
 // also kept in step with them.
 struct Weight {
@@ -93,13 +93,13 @@ struct DispatchPlan {
 // shared experts, or every GEMM weight but the router's.
 enum class Bf16Copies { None, Experts, AllGemms };
 
-// What a session's experts' GEMMs (routed and shared; Fprop, Dgrad, Wgrad) multiply in (DESIGN.md
-// section 5). The router, its bias, norms, embedding, head, master weights and optimizer state
-// stay fp32 whatever it is. bf16: operands rounded to bf16, fp32 accumulation, bf16 weight copies
-// refreshed after each optimizer step. fp8: DeepSeek-V3's block-scaled E4M3 (technical report
-// section 3.3; kernels/cpu/fp8.h): activations in 1x128 tiles along each GEMM's reduction
-// dimension, weights in 128x128 blocks, fp32 accumulation, FP8 weight copies refreshed after each
-// optimizer step.
+// What a session's experts' GEMMs (routed and shared; Fprop, Dgrad, Wgrad) multiply in
+// (docs/design.md section 5). The router, its bias, norms, embedding, head, master weights and
+// optimizer state stay fp32 whatever it is. bf16: operands rounded to bf16, fp32 accumulation,
+// bf16 weight copies refreshed after each optimizer step. fp8: DeepSeek-V3's block-scaled E4M3
+// (technical report section 3.3; kernels/cpu/fp8.h): activations in 1x128 tiles along each GEMM's
+// reduction dimension, weights in 128x128 blocks, fp32 accumulation, FP8 weight copies refreshed
+// after each optimizer step.
 enum class Precision : int32_t { Fp32 = 0, Bf16 = 1, Fp8 = 2 };
 
 // How a backend multiplies in FP8.
@@ -206,7 +206,7 @@ class Backend : public Allocator {
                           bool accumulate) = 0;
 
   // Token-choice routing of `rows` tokens: scores [rows, E] (unbiased), experts and weights
-  // [rows, top_k], exactly as DESIGN.md section 1.
+  // [rows, top_k], exactly as docs/design.md section 1.
   virtual void route_topk(const RouterConfig& cfg, const float* logits, const float* bias,
                           int64_t rows, float* scores, int32_t* experts, float* weights) = 0;
 
@@ -326,7 +326,7 @@ class Backend : public Allocator {
                         float* ds) = 0;
 
   // Index of the first NaN or infinity among x[0 .. n), or -1 when all are finite (the session's
-  // value checks, DESIGN.md section 3: a result is checked, not only the inputs).
+  // value checks, docs/design.md section 3: a result is checked, not only the inputs).
   virtual int64_t find_nonfinite(const float* x, int64_t n) = 0;
 
   // Softmax cross-entropy over `rows` rows of logits with one target each. chunk_loss (host)

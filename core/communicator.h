@@ -1,7 +1,7 @@
 // Collective communication among the ranks of a job: the interface that expert and data
-// parallelism stand on (DESIGN.md section 2). Implementations: MPI (plugin libmoert_mpi.so, host
-// memory), NCCL (inside the CUDA plugin, device memory) and, for unit tests only, threads of one
-// process (tests/support). The core never includes MPI or NCCL headers.
+// parallelism stand on (docs/design.md section 2). Implementations: MPI (plugin libmoert_mpi.so,
+// host memory), NCCL (inside the CUDA plugin, device memory) and, for unit tests only, threads of
+// one process (tests/support). The core never includes MPI or NCCL headers.
 //
 // Semantics shared by every implementation:
 //  - Every operation is collective: all ranks start the same operations in the same order (the

@@ -1,5 +1,5 @@
 // Expert parallelism: which rank computes which token-expert assignment, so that every world size
-// computes the same GEMMs as one process (DESIGN.md section 2, "Expert parallelism").
+// computes the same GEMMs as one process (docs/design.md section 2, "Expert parallelism").
 //
 // A job of R ranks runs EP-way expert parallelism and DP = R / EP data parallelism. Rank r is
 // shard r % EP of the routed experts (a contiguous range of E / EP experts) and replica r / EP of

@@ -1,5 +1,5 @@
 // How a gradient that sums over rows is reduced, so that its bits depend neither on the thread
-// count nor on how many processes share the rows (DESIGN.md section 2, "Expert parallelism").
+// count nor on how many processes share the rows (docs/design.md section 2, "Expert parallelism").
 //
 // Every weight, bias and norm gradient is a sum over rows (tokens, or an expert's token-expert
 // assignments). Its value is defined, on the CPU backend, as:

@@ -39,10 +39,10 @@ const char* layer_kind_name(LayerKind kind);
 
 // A stack of matrices [..., rows, cols] as block-scaled FP8 (E4M3) codes in 128x128 blocks
 // (kernels/fp8_rules.h), as a model file stores them: 1 byte per value plus one fp32 scale per
-// block, kept so instead of being decoded to fp32 (DESIGN.md section 5). The scales are laid out
-// as core/backend.h's Fp8Weight reads them, so that a backend multiplies these very bytes: block
-// (rb, cb) of matrix i at i * matrix_scales() + rb * scale_ld() + cb; the padding of each row of
-// scales (scale_ld() - blocks_of(cols) floats) is 0 and never read.
+// block, kept so instead of being decoded to fp32 (docs/design.md section 5). The scales are laid
+// out as core/backend.h's Fp8Weight reads them, so that a backend multiplies these very bytes:
+// block (rb, cb) of matrix i at i * matrix_scales() + rb * scale_ld() + cb; the padding of each
+// row of scales (scale_ld() - blocks_of(cols) floats) is 0 and never read.
 struct Fp8Blocks {
   int64_t matrices = 0, rows = 0, cols = 0;
   std::vector<uint8_t> codes;  // [matrices, rows, cols]
@@ -118,7 +118,7 @@ struct DenseFFNSpec {
   Tensor w2;      // [dim, hidden]
 };
 
-// Everything the router needs; see DESIGN.md section 1.
+// Everything the router needs; see docs/design.md section 1.
 struct RouterConfig {
   uint32_t num_experts = 0;
   uint32_t top_k = 0;

@@ -1,6 +1,6 @@
 // What a session that shares its work with other ranks knows, and the collectives it runs on
 // top of a Communicator: which rows are whose, agreement on failure, and the exact combination of
-// gradients reduced over rows (DESIGN.md section 2, "Expert parallelism").
+// gradients reduced over rows (docs/design.md section 2, "Expert parallelism").
 #pragma once
 
 #include <cstdint>

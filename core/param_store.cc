@@ -29,7 +29,7 @@ bool wants_bf16(Bf16Copies copies, const LayerSpec& layer, const std::string& fi
     case LayerKind::DenseFFN:
       return true;
     case LayerKind::MoE:
-      // The router and its bias stay fp32 (DESIGN.md section 5); only the experts multiply in bf16.
+      // The router and its bias stay fp32 (docs/design.md section 5): only the experts take bf16.
       return expert;
     case LayerKind::OutputHead:
       return field == "weight";

@@ -1,7 +1,7 @@
-// Checkpoints of a session whose work is shared among ranks (DESIGN.md section 2): one file for
-// the whole job, with the bytes that one process training on the union of the ranks' rows would
-// write, so that training resumes at any world size. Loading is Session::load (core/session.cc):
-// every rank reads the whole file and keeps its shard.
+// Checkpoints of a session whose work is shared among ranks (docs/design.md section 2): one file
+// for the whole job, with the bytes that one process training on the union of the ranks' rows
+// would write, so that training resumes at any world size. Loading is Session::load
+// (core/session.cc): every rank reads the whole file and keeps its shard.
 #include <algorithm>
 #include <exception>
 #include <filesystem>

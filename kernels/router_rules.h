@@ -1,8 +1,8 @@
-// Routing, defined once (DESIGN.md section 1): the per-item bodies that the CPU backend calls for
-// every token and the CUDA router kernels (kernels/cuda/router.cu) run one thread per item — one
-// token, one (sequence, expert) or one (sequence, chunk, expert) each. Being shared, they hold the
-// two backends to the same selection bit for bit (tests/unit/test_router_rules.cc). This header
-// needs no CUDA header on the host.
+// Routing, defined once (docs/design.md section 1): the per-item bodies that the CPU backend calls
+// for every token and the CUDA router kernels (kernels/cuda/router.cu) run one thread per item —
+// one token, one (sequence, expert) or one (sequence, chunk, expert) each. Being shared, they hold
+// the two backends to the same selection bit for bit (tests/unit/test_router_rules.cc). This
+// header needs no CUDA header on the host.
 #pragma once
 
 #include <cmath>
@@ -98,7 +98,7 @@ MOERT_HOST_DEVICE inline void scores_backward_token(ScoreFunction fn, const floa
   for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(s[e] * (ds[e] - dot));
 }
 
-// Routes one token (DESIGN.md section 1). z: its logits [E]; bias [E] or null; s (out): its
+// Routes one token (docs/design.md section 1). z: its logits [E]; bias [E] or null; s (out): its
 // scores [E]; experts, weights (out): [top_k]; scratch: route_scratch_floats(cfg).
 MOERT_HOST_DEVICE inline void route_token(const RouterConfig& cfg, const float* z,
                                           const float* bias, float* s, int32_t* experts,

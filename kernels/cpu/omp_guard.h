@@ -2,8 +2,8 @@
 // OpenMP setting allows. The CPU backend runs one GEMM per work item on each of its threads, so
 // every GEMM must stay on the thread that calls it: the backend's own worker threads are set to
 // one OpenMP thread for good, and the caller's thread, which runs work items too, is set to one
-// for the duration of the work and then given its own setting back (DESIGN.md: a library restores
-// any per-thread setting it touched).
+// for the duration of the work and then given its own setting back (docs/design.md section 3: a
+// library restores any per-thread setting it touched).
 #pragma once
 
 namespace moert::cpu {

@@ -9,10 +9,10 @@
 //
 // So every thread that runs oneDNN blocks the asynchronous signals while it does: the backend's own
 // threads for good, the caller's thread for the duration of the work, after which it gets its own
-// mask back (DESIGN.md: a library restores any per-thread setting it touched). A signal that
-// arrives meanwhile is delivered to another thread of the process that accepts it, or to this one
-// once the work is done. The synchronous signals (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP,
-// SIGSYS) stay open: a fault must still reach the host's handler.
+// mask back (docs/design.md section 3: a library restores any per-thread setting it touched). A
+// signal that arrives meanwhile is delivered to another thread of the process that accepts it, or
+// to this one once the work is done. The synchronous signals (SIGSEGV, SIGBUS, SIGFPE, SIGILL,
+// SIGTRAP, SIGSYS) stay open: a fault must still reach the host's handler.
 #pragma once
 
 namespace moert::cpu {

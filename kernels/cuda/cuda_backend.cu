@@ -95,7 +95,7 @@ class CudaBackend final : public Backend {
   bool host_memory() const override { return false; }
   void* native_stream() const override { return stream_; }
   // An fp8 session multiplies its experts in FP8 and every other GEMM in fp32, as the CPU's does
-  // (DESIGN.md section 5: embedding, head and dense layers stay fp32); a bf16 session all in bf16.
+  // (docs/design.md section 5: embedding, head and dense layers stay fp32); bf16: all in bf16.
   Bf16Copies bf16_copies() const override {
     return ffn_fp8_ ? Bf16Copies::None : Bf16Copies::AllGemms;
   }

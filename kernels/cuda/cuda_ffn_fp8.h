@@ -1,4 +1,4 @@
-// The CUDA backend's FFNs in a session of precision fp8 (DESIGN.md section 5): the routed and
+// The CUDA backend's FFNs in a session of precision fp8 (docs/design.md section 5): the routed and
 // shared experts' SwiGLU FFNs on block-scaled E4M3 operands through cuBLASLt (fp8_gemm.h,
 // fp8_quantize.h), the device copies of the weights' 128x128 blocks, and the fp32 FFN that the
 // session's other FFNs (dense layers, whose weights carry no low-precision copy) run in, as on the

@@ -1,5 +1,5 @@
 // The router on the GPU: one fused kernel for scores, bias, group-limited top-k, renormalisation
-// and scaling (DESIGN.md section 1, the same rules as the CPU's), its backward, and the
+// and scaling (docs/design.md section 1, the same rules as the CPU's), its backward, and the
 // auxiliary loss.
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/kernels.h"

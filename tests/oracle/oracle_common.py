@@ -2,7 +2,7 @@
 tests/oracle_train/torch_grad_oracle.py (training).
 
   - random models written as FlatBuffers JSON and converted with flatc (ModelBuilder, WeightStore);
-  - the float64 reference's pieces, from DESIGN.md section 1: SwiGLU, routing (selection, gate
+  - the float64 reference's pieces, from docs/design.md section 1: SwiGLU, routing (selection, gate
     weights, Expert Choice capacity), the MoE output, the other layers; differentiable, so that
     the training oracle takes its gradients with autograd;
   - libmoert.so through ctypes (Lib: the C ABI's signatures, statuses, sessions, forward, counts);

@@ -3,7 +3,7 @@
 
 Builds small random models in Python, writes them as FlatBuffers JSON (converted with flatc), runs
 them through libmoert.so via ctypes, and compares against a float64 PyTorch forward written from
-DESIGN.md section 1:
+docs/design.md section 1:
 
   logits s = u . W_g^T; scores = sigmoid(s) or softmax(s); selection on biased scores score + b;
   group-limited routing: group score = sum of the group's top-2 biased scores, keep the best

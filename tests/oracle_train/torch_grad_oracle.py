@@ -3,7 +3,7 @@
 
 Builds small random models in Python, writes them as FlatBuffers JSON (converted with flatc) with
 an external fp32 data file, runs them through libmoert.so via ctypes in MOERT_MODE_TRAINING, and
-compares with PyTorch autograd of a float64 model written from DESIGN.md section 1:
+compares with PyTorch autograd of a float64 model written from docs/design.md section 1:
 
   logits s = u . W_g^T (fp32 in the library); scores sigmoid(s) or softmax(s); selection on the
   biased scores score + b (group score = sum of the group's top-2 biased scores, best topk_groups
@@ -13,11 +13,11 @@ compares with PyTorch autograd of a float64 model written from DESIGN.md section
   ceil(cf * rows * K / E)) best tokens by score, weight c * s[t, e] (no renormalisation). The
   selection itself is not differentiable and the bias b gets no gradient.
   h = [u +] sum_shared FFN_s(u) + sum_selected w_i FFN_i(u), SwiGLU experts W2 (silu(W1 x) * W3 x).
-  Auxiliary losses (DESIGN.md section 1 item 7): AuxLoss, the Switch/GShard form over the batch
-  alpha * E * sum_i (count_i / (K T)) * P_i; SequenceAuxLoss, DeepSeek-V3's sequence-wise form
-  alpha * mean over sequences of sum_i f_i P_i with f_i = E / (K L) * (the sequence's tokens sent
-  to i) and P_i = the sequence's mean of s'_i = s_i / sum_j s_j (L = "sequence_length" rows, the
-  whole batch when 0). f carries no gradient.
+  Auxiliary losses (docs/design.md section 1 item 7): AuxLoss, the Switch/GShard form over the
+  batch alpha * E * sum_i (count_i / (K T)) * P_i; SequenceAuxLoss, DeepSeek-V3's sequence-wise
+  form alpha * mean over sequences of sum_i f_i P_i with f_i = E / (K L) * (the sequence's tokens
+  sent to i) and P_i = the sequence's mean of s'_i = s_i / sum_j s_j (L = "sequence_length" rows,
+  the whole batch when 0). f carries no gradient.
   Token models (ending in an OutputHead): loss = mean softmax cross-entropy + aux losses.
   Hidden-state models: loss = sum(out * grad_out) + aux losses, with a random grad_out.
 

@@ -1,4 +1,5 @@
-// Each runtime layer against a naive per-token reference written from DESIGN.md, in double.
+// Each runtime layer against a naive per-token reference in double, written from docs/design.md
+// section 1.
 #include <gtest/gtest.h>
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// Router cases computed by hand from DESIGN.md section 1.
+// Router cases computed by hand from docs/design.md section 1.
 #include <gtest/gtest.h>
 
 #include <cmath>
