@@ -94,12 +94,13 @@ struct DispatchPlan {
 enum class Bf16Copies { None, Experts, AllGemms };
 
 // What a session's experts' GEMMs (routed and shared; Fprop, Dgrad, Wgrad) multiply in
-// (docs/design.md section 5). The router, its bias, norms, embedding, head, master weights and
-// optimizer state stay fp32 whatever it is. bf16: operands rounded to bf16, fp32 accumulation,
-// bf16 weight copies refreshed after each optimizer step. fp8: DeepSeek-V3's block-scaled E4M3
-// (technical report section 3.3; kernels/cpu/fp8.h): activations in 1x128 tiles along each GEMM's
-// reduction dimension, weights in 128x128 blocks, fp32 accumulation, FP8 weight copies refreshed
-// after each optimizer step.
+// (docs/design.md section 5). The router, its bias, norms, embedding, master weights and
+// optimizer state stay fp32 whatever it is; so does the head on the CPU (a CUDA bf16 session
+// multiplies every GEMM but the router's in bf16: Bf16Copies::AllGemms). bf16: operands rounded
+// to bf16, fp32 accumulation, bf16 weight copies refreshed after each optimizer step. fp8:
+// DeepSeek-V3's block-scaled E4M3 (technical report section 3.3; kernels/cpu/fp8.h): activations in
+// 1x128 tiles along each GEMM's reduction dimension, weights in 128x128 blocks, fp32 accumulation,
+// FP8 weight copies refreshed after each optimizer step.
 enum class Precision : int32_t { Fp32 = 0, Bf16 = 1, Fp8 = 2 };
 
 // How a backend multiplies in FP8.
