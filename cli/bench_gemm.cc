@@ -7,7 +7,6 @@
 #include <thread>
 
 #include "cli/bench_machine.h"
-#include "kernels/cpu/jit_room.h"
 
 namespace moert_cli {
 namespace {
@@ -100,15 +99,6 @@ void load_dnnl(std::vector<Loaded>& out) {
   l.info.name += " sgemm";
   if (!f) {
     l.info.missing = "no dnnl_sgemm";
-    out.push_back(l);
-    return;
-  }
-  // Its kernels are set up on the first call, and a set-up that runs out of memory crashes.
-  if (const auto room = moert::cpu::memory_room(); room && room->left < moert::cpu::kJitRoom) {
-    l.info.missing = "not measured: the process's " + std::string(room->limit) + " leaves " +
-                     std::to_string(room->left >> 20) + " MiB, under the " +
-                     std::to_string(moert::cpu::kJitRoom >> 20) +
-                     " MiB oneDNN's kernel set-up is given";
     out.push_back(l);
     return;
   }

@@ -1,6 +1,8 @@
 #include "kernels/cpu/gemm.h"
 
 #include <oneapi/dnnl/dnnl.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -8,7 +10,6 @@
 #include <initializer_list>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -18,7 +19,6 @@
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/exit_gate.h"
 #include "kernels/cpu/isa.h"
-#include "kernels/cpu/jit_room.h"
 #include "kernels/cpu/math.h"
 #include "kernels/cpu/omp_guard.h"
 #include "kernels/cpu/signal_guard.h"
@@ -33,14 +33,42 @@ void check_dnnl(dnnl_status_t s, const char* what) {
          " failed (status ", static_cast<int>(s), ")");
 }
 
-// Fails with MOERT_ERR_OUT_OF_MEMORY, before oneDNN sets up kernels for `what`, when the
-// process's memory limits leave less than kJitRoom (kernels/cpu/jit_room.h says why).
+// oneDNN (2.6) does not survive running out of memory while it sets up kernels: it then crashes
+// the host process (SIGSEGV in the fp32 GEMMs' set-up, which needs about 18 MiB, measured under
+// RLIMIT_AS and RLIMIT_DATA with 16 MiB left or less; in a bf16 matmul primitive's creation with a
+// few MiB left) instead of failing. So before such a set-up moert asks for this much room under
+// the process's limits on its address space (`ulimit -v`) and its data (`ulimit -d`), and fails
+// with MOERT_ERR_OUT_OF_MEMORY when it is not there. No limit, no check. Best effort: another
+// thread may take the room between the check and oneDNN's allocations.
+constexpr uint64_t kJitRoom = uint64_t{32} << 20;
+
 void require_jit_room(const char* what) {
-  const std::optional<MemoryRoom> room = memory_room();
-  if (room && room->left < kJitRoom)
-    fail(Code::OutOfMemory, "cannot set up oneDNN's kernels for ", what, ": the process's ",
-         room->limit, " leaves ", room->left >> 20, " MiB, and moert asks for ", kJitRoom >> 20,
-         " MiB before setting them up (oneDNN crashes when it runs out midway)");
+  rlimit as{}, data{};
+  const bool as_limited = ::getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY;
+  const bool data_limited = ::getrlimit(RLIMIT_DATA, &data) == 0 && data.rlim_cur != RLIM_INFINITY;
+  if (!as_limited && !data_limited) return;
+  // statm: the address space's size and its data (with the stack), in pages.
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return;
+  unsigned long long size = 0, resident = 0, shared = 0, text = 0, lib = 0, data_pages = 0;
+  const bool read = std::fscanf(f, "%llu %llu %llu %llu %llu %llu", &size, &resident, &shared,
+                                &text, &lib, &data_pages) == 6;
+  std::fclose(f);
+  if (!read) return;
+  const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  auto left_under = [&](const rlimit& l, unsigned long long pages) {
+    const uint64_t used = pages * page;
+    return l.rlim_cur > used ? l.rlim_cur - used : 0;
+  };
+  auto check = [&](const rlimit& l, unsigned long long pages, const char* limit) {
+    const uint64_t left = left_under(l, pages);
+    if (left < kJitRoom)
+      fail(Code::OutOfMemory, "cannot set up oneDNN's kernels for ", what, ": the process's ",
+           limit, " leaves ", left >> 20, " MiB, and moert asks for ", kJitRoom >> 20,
+           " MiB before setting them up (oneDNN crashes when it runs out midway)");
+  };
+  if (as_limited) check(as, size, "address-space limit (RLIMIT_AS, ulimit -v)");
+  if (data_limited) check(data, data_pages, "data limit (RLIMIT_DATA, ulimit -d)");
 }
 
 }  // namespace
