@@ -71,6 +71,9 @@ std::string dnnl_isa(int isa) {
   }
 }
 
+// libmoert's own oneDNN, already loaded (the same SONAME): its sgemm kernels were set up by the
+// CPU sessions timed before the comparison, after the library's check of the memory room that
+// oneDNN's set-up needs (it crashes when it runs out midway), so calls here set up nothing.
 void load_dnnl(std::vector<Loaded>& out) {
   Loaded l;
   void* h = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_LOCAL);
