@@ -272,8 +272,10 @@ void StagedFiles::stage(const std::string& path,
 }
 
 void StagedFiles::commit() {
+  renamed_.reserve(renamed_.size() + staged_.size());
   for (auto it = staged_.begin(); it != staged_.end(); it = staged_.erase(it)) {
     rename_into_place(it->first, it->second);
+    renamed_.push_back(it->second);
     remove_interrupted_writes(it->second);
   }
 }

@@ -90,9 +90,12 @@ class StagedFiles {
   void stage(const std::string& path, const std::vector<std::span<const uint8_t>>& parts);
   // Renames every staged file into place, each followed by an fsync of its directory.
   void commit();
+  // The destinations commit() has renamed into place so far (all of them once it returned).
+  const std::vector<std::string>& renamed() const { return renamed_; }
 
  private:
   std::vector<std::pair<std::string, std::string>> staged_;  // (temporary, destination)
+  std::vector<std::string> renamed_;
 };
 
 }  // namespace moert_cli

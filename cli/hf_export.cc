@@ -151,6 +151,8 @@ class Exporter {
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / shard_name(i)).string(), inputs);
     refuse_foreign_files(dir);
     const std::vector<fs::path> created = create_folders(req_.out_dir);
+    std::error_code ec;
+    created_out_dir_ = !created.empty() && fs::equivalent(created.back(), req_.out_dir, ec);
     try {
       try {
         write_all();
@@ -162,18 +164,10 @@ class Exporter {
       }
     } catch (...) {
       // A refused export leaves no folder of its own behind: the folders it created, innermost
-      // first, each only while empty (its temporary files are gone by now) — or OUT_DIR with
-      // what it holds when this export's commit began there with no other export's files in it.
-      // Under the lock: another export may have staged into the folder meanwhile and be
-      // committing.
-      const moert::format::DirectoryLock lock(req_.out_dir);
-      std::error_code ec;
-      for (auto it = created.rbegin(); it != created.rend(); ++it) {
-        if (it == created.rbegin() && committed_alone_ && fs::equivalent(*it, req_.out_dir, ec))
-          fs::remove_all(*it, ec);
-        else
-          fs::remove(*it, ec);
-      }
+      // first, each only while empty. Its temporary files are gone by now, and so is what its
+      // commit had put in place (write_all); what others wrote there meanwhile (a save, another
+      // export's files) keeps the folder.
+      for (auto it = created.rbegin(); it != created.rend(); ++it) fs::remove(*it, ec);
       throw;
     }
     return result_;
@@ -283,9 +277,21 @@ class Exporter {
     const std::vector<std::string> earlier = earlier_files(dir);
     const std::string marker = (dir / kExportIncompleteMarker).string();
     std::error_code ec;
-    committed_alone_ = !earlier_manifest(dir) && !fs::exists(marker, ec);
+    // A commit that fails midway in a folder this export created, where no other export had
+    // committed, takes back what it put in place (under the lock still): the folder then holds
+    // nothing of it. Elsewhere the marker stays, telling imports the folder is incomplete, until
+    // another export replaces it.
+    const bool alone = created_out_dir_ && !earlier_manifest(dir) && !fs::exists(marker, ec);
     write_file_atomically(marker, {});
-    files.commit();
+    try {
+      files.commit();
+    } catch (...) {
+      if (alone) {
+        for (const std::string& path : files.renamed()) fs::remove(path, ec);
+        fs::remove(marker, ec);
+      }
+      throw;
+    }
     // The earlier export's shards that this one did not write (it had more layers).
     for (const std::string& name : earlier)
       if (std::find(names.begin(), names.end(), name) == names.end()) fs::remove(dir / name, ec);
@@ -806,9 +812,7 @@ class Exporter {
   json config_;
   HfMoeConfig hf_;  // the family written: its tensor names and whether it has a sigmoid router
   ExportResult result_;
-  // Whether this export's commit began in a folder that held no other export's files: a failure
-  // may then remove the folder it created with all it holds.
-  bool committed_alone_ = false;
+  bool created_out_dir_ = false;  // OUT_DIR is a folder this export created
 };
 
 }  // namespace

@@ -141,14 +141,6 @@ void MappedFile::check_unchanged() const {
   const bool faulted =
       region_ && static_cast<const Region*>(region_)->faulted.load(std::memory_order_acquire);
   if (fstat(fd_, &st) != 0) fail("'", path_, "': cannot stat: ", std::strerror(errno));
-  // Replaced by a rename (an export committing into the folder): what was read is the old file.
-  // One removed since (a save's clean-up of a data file) was read whole all the same.
-  struct stat named {};
-  if (::stat(path_.c_str(), &named) == 0 &&
-      (named.st_dev != st.st_dev || named.st_ino != st.st_ino))
-    fail("'", path_,
-         "' was replaced while being read (an export into its folder?): run again "
-         "once nothing writes there");
   const auto now = static_cast<size_t>(st.st_size);
   if (!faulted && now == size_ && st.st_mtim.tv_sec == mtime_.tv_sec &&
       st.st_mtim.tv_nsec == mtime_.tv_nsec)
@@ -158,6 +150,18 @@ void MappedFile::check_unchanged() const {
        : faulted    ? cat("cut short and grown back to ", size_, " bytes")
                     : std::string("modified since it was opened"),
        "): run again once nothing writes to it");
+}
+
+void MappedFile::check_still_named() const {
+  struct stat st {
+  }, named{};
+  if (fstat(fd_, &st) != 0) fail("'", path_, "': cannot stat: ", std::strerror(errno));
+  // One removed since was read whole all the same.
+  if (::stat(path_.c_str(), &named) == 0 &&
+      (named.st_dev != st.st_dev || named.st_ino != st.st_ino))
+    fail("'", path_,
+         "' was replaced while being read (an export into its folder?): run again once nothing "
+         "writes there");
 }
 
 }  // namespace moert_cli

@@ -36,6 +36,10 @@ class MappedFile {
   // Throws Error naming the file when it changed since it was opened: a read of it went past
   // its new end, or its size or modification time differ.
   void check_unchanged() const;
+  // Throws Error naming the file when its path now names another file (renamed over it: a
+  // safetensors shard an export replaced). Not for a data file named by its content, which a
+  // save of the same content renames over with the same bytes.
+  void check_still_named() const;
 
  private:
   std::string path_;

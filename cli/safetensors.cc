@@ -144,6 +144,7 @@ SafetensorsFile::~SafetensorsFile() = default;
 
 void SafetensorsFile::check_unchanged() const {
   if (file_) file_->check_unchanged();
+  if (file_) file_->check_still_named();
 }
 
 const StTensor* SafetensorsFile::find(const std::string& name) const {

@@ -72,8 +72,9 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   // nullptr when absent.
   const StTensor* find(const std::string& name) const;
-  // Throws Error naming the file when it changed since open() mapped it: what was read of its
-  // tensors may be zeros then (cli/mapped_file.h). Nothing for parse()'s bytes.
+  // Throws Error naming the file when it changed since open() mapped it (what was read of its
+  // tensors may be zeros then: cli/mapped_file.h) or its path now names another file. Nothing
+  // for parse()'s bytes.
   void check_unchanged() const;
 
  private:
