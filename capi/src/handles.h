@@ -41,7 +41,7 @@ template <typename S, typename F>
 moert_status* locked(S* session, F&& body) {
   return guarded([&] {
     require(session, "session");
-    require_made_here(session->fork_generation, "session");
+    // Counted before anything else is read of the handle: a free waits only for calls counted.
     session->calls.fetch_add(1);
     // Its last access to the handle: a free waiting for it may destroy the handle right after.
     struct Leave {
@@ -55,6 +55,7 @@ moert_status* locked(S* session, F&& body) {
              "start on it");
     };
     refuse_if_freeing();
+    require_made_here(session->fork_generation, "session");
     std::lock_guard<std::mutex> lock(session->session->mutex());
     refuse_if_freeing();  // a call queued behind the one the free waits for
     const auto device = session->session->use_device();

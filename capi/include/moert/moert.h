@@ -44,7 +44,10 @@
  *    same model at the fork (the model's cache of weight copies stays locked in the child: a
  *    pre-fork server forks before it serves). Communicators are the parent's: MPI does not
  *    survive fork(). A batcher callback that forks must not return in the child (exec or _exit
- *    there): the thread it returns to is the parent's batcher's.
+ *    there): the thread it returns to is the parent's batcher's. A save holds a file lock
+ *    (moert_session_save()) that a child does not share: its descriptors are closed in the child
+ *    by a pthread_atfork handler, which fork() runs (vfork(), posix_spawn() and a raw clone() do
+ *    not, and need not when they exec), and a fork() waits while a save opens such a file.
  *  - Status messages are one line of valid UTF-8: text taken from a file (a model's or layer's
  *    name, say) is quoted with every byte that is not part of valid UTF-8, and every ASCII control
  *    character (newline, tab, NUL, DEL, ...), written as \xNN.
@@ -783,11 +786,13 @@ MOERT_API moert_status* moert_session_create(const moert_model* model,
                                              const moert_session_options* options,
                                              moert_session** out);
 
-/* Releases a session. Accepts NULL. A call on the session in progress on another thread is
- * waited for (it completes), and one that starts while this waits -- or was waiting for the
- * session behind it -- fails with MOERT_ERR_INVALID_STATE; a call made after this returns uses
- * freed memory, which the caller must rule out. In a child of fork(), releases an inherited
- * session without waiting for its threads (see fork() at the top). */
+/* Releases a session. Accepts NULL. A call already inside the session on another thread (running,
+ * or waiting for the session behind another call) is waited for: the running one completes, a
+ * waiting one fails with MOERT_ERR_INVALID_STATE. No call may start once this has been called --
+ * one that does may be refused with MOERT_ERR_INVALID_STATE, or use freed memory -- which the
+ * caller must rule out (a service stops its request threads from calling first, then frees). In a
+ * child of fork(), releases an inherited session without waiting for its threads (see fork() at
+ * the top). */
 MOERT_API void moert_session_free(moert_session* session);
 
 /* Forward pass over `rows` rows of token ids (a model whose input is MOERT_INPUT_TOKENS).
@@ -1347,17 +1352,20 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * it may write but not read (mode 0333): there saves are not serialized, one writer per path at a
  * time is the caller's to keep, and in a directory it cannot list a save removes no earlier data
  * file (it cannot tell whether another description names it). A load of `path` from a file
- * (moert_model_load_file(), moert_session_load()) that meets a save to it -- the description
- * it read replaced and its data file removed before it opened that -- loads the new one instead
- * (up to four attempts). MOERT_ERR_IO when it cannot be written; the previous checkpoint at `path`
- * is then intact. Refused before anything is written, so that every checkpoint written loads back:
- * MOERT_ERR_NUMERIC when a parameter, bias, gradient or optimizer moment holds a NaN or infinity
- * (naming it); MOERT_ERR_INVALID_STATE after a backward of this step failed midway (its partial
- * gradient would be stepped on after a load: moert_session_zero_grad(), or a load, first);
- * MOERT_ERR_INVALID_ARGUMENT when `path` names a directory or anything else that is not a regular
- * file (a device, a FIFO, a symbolic link, even to a regular file), which the rename would
- * replace, or when its file name is too long for the files written beside it (the data file's
- * name is 22 bytes longer, the temporary file's 12; most file systems allow 255 bytes).
+ * (moert_model_load_file(), moert_session_load() and their _with_options forms) that meets a
+ * save to it -- the description it read replaced and its data file removed before it opened
+ * that -- loads the new one instead, up to four attempts in all (when each meets another save, the
+ * last one's MOERT_ERR_IO is returned); a load from a buffer (moert_model_load_buffer() with its
+ * external_dir) is not retried and may fail with MOERT_ERR_IO. MOERT_ERR_IO when it cannot be
+ * written; the previous checkpoint at `path` is then intact. Refused before anything is written, so
+ * that every checkpoint written loads back: MOERT_ERR_NUMERIC when a parameter, bias, gradient or
+ * optimizer moment holds a NaN or infinity (naming it); MOERT_ERR_INVALID_STATE after a backward of
+ * this step failed midway (its partial gradient would be stepped on after a load:
+ * moert_session_zero_grad(), or a load, first); MOERT_ERR_INVALID_ARGUMENT when `path` names a
+ * directory or anything else that is not a regular file (a device, a FIFO, a symbolic link, even to
+ * a regular file), which the rename would replace, or when its file name is too long for the files
+ * written beside it (the data file's name is 22 bytes longer, the temporary file's 12; most file
+ * systems allow 255 bytes).
  *
  * A session over several ranks (moert_session_options_set_comm()): collective, every rank calls
  * it, with the same path (compared as text once normalised -- "a/./b" is "a/b" -- since rank 0
