@@ -152,7 +152,6 @@ class Exporter {
     refuse_foreign_files(dir);
     const std::vector<fs::path> created = create_folders(req_.out_dir);
     std::error_code ec;
-    created_out_dir_ = !created.empty() && fs::equivalent(created.back(), req_.out_dir, ec);
     try {
       try {
         write_all();
@@ -277,12 +276,13 @@ class Exporter {
     const std::vector<std::string> earlier = earlier_files(dir);
     const std::string marker = (dir / kExportIncompleteMarker).string();
     std::error_code ec;
-    // A commit that fails midway in a folder this export created, where no other export had
-    // committed, takes back what it put in place (under the lock still): the folder then holds
-    // nothing of it. Elsewhere the marker stays, telling imports the folder is incomplete, until
-    // another export replaces it.
-    const bool alone = created_out_dir_ && !earlier_manifest(dir) && !fs::exists(marker, ec);
-    write_file_atomically(marker, {});
+    // A commit that fails midway where no other export had committed (no manifest, no marker:
+    // it replaced nothing of another's) takes back what it put in place, under the lock still,
+    // and the folder is as it was. Elsewhere the marker stays, telling imports the folder is
+    // incomplete; it lists this export's files as a manifest does, so that the next export
+    // removes those it does not write again.
+    const bool alone = !earlier_manifest(dir) && !fs::exists(marker, ec);
+    write_file_atomically(marker, as_bytes(manifest));
     try {
       files.commit();
     } catch (...) {
@@ -292,7 +292,7 @@ class Exporter {
       }
       throw;
     }
-    // The earlier export's shards that this one did not write (it had more layers).
+    // The earlier exports' shards that this one did not write (they had more layers).
     for (const std::string& name : earlier)
       if (std::find(names.begin(), names.end(), name) == names.end()) fs::remove(dir / name, ec);
     fs::remove(marker, ec);
@@ -304,11 +304,13 @@ class Exporter {
 
   static constexpr const char* kManifestFormat = "moert-export 1";
 
-  // The manifest an earlier export left in `dir`: a JSON object of this format with a list of
-  // files; anything else (absent, unreadable, another content) is none.
-  static std::optional<json> earlier_manifest(const fs::path& dir) {
+  // The manifest an earlier export left in `dir` (or, with `name`, its marker): a JSON object of
+  // this format with a list of files; anything else (absent, unreadable, another content, the
+  // empty marker of a moert before it listed them) is none.
+  static std::optional<json> earlier_manifest(const fs::path& dir,
+                                              const char* name = kExportManifest) {
     try {
-      const std::vector<uint8_t> bytes = read_regular_file((dir / kExportManifest).string());
+      const std::vector<uint8_t> bytes = read_regular_file((dir / name).string());
       json m = json::parse(bytes.begin(), bytes.end());
       if (m.is_object() && m.value("format", "") == kManifestFormat && m.contains("files") &&
           m["files"].is_array())
@@ -325,14 +327,17 @@ class Exporter {
   static std::vector<std::string> earlier_files(const fs::path& dir) {
     static const std::regex shard(R"(^model-\d{5}-of-\d{5}\.safetensors$)");
     std::vector<std::string> names;
-    try {
-      const std::optional<json> m = earlier_manifest(dir);
-      if (!m) return names;
-      for (const auto& f : m->at("files"))
-        if (const std::string n = f.get<std::string>(); std::regex_match(n, shard))
-          names.push_back(n);
-    } catch (...) {
-      // No manifest, or not one moert wrote: nothing of it is removed.
+    // The finished export's, and a failed one's since (its marker lists what it put in place).
+    for (const char* list : {kExportManifest, kExportIncompleteMarker}) {
+      try {
+        const std::optional<json> m = earlier_manifest(dir, list);
+        if (!m) continue;
+        for (const auto& f : m->at("files"))
+          if (const std::string n = f.get<std::string>(); std::regex_match(n, shard))
+            names.push_back(n);
+      } catch (...) {
+        // Not one moert wrote: nothing of it is removed.
+      }
     }
     return names;
   }
@@ -812,7 +817,6 @@ class Exporter {
   json config_;
   HfMoeConfig hf_;  // the family written: its tensor names and whether it has a sigmoid router
   ExportResult result_;
-  bool created_out_dir_ = false;  // OUT_DIR is a folder this export created
 };
 
 }  // namespace

@@ -13,6 +13,9 @@
 // overlapping ranges or a gap between them.
 #pragma once
 
+#include <sys/stat.h>
+
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -103,6 +106,8 @@ std::vector<uint8_t> safetensors_header(const std::vector<const StOutTensor*>& s
 
 // What `moert export` writes into its folder first and removes once the index is written: a
 // folder holding it is an export that did not finish, whose files may mix with an earlier one's.
+// It lists that export's files as the manifest below does (an older moert left it empty), so
+// that the next export removes the shards it does not write again.
 inline constexpr const char* kExportIncompleteMarker = ".moert-export-incomplete";
 // What a finished `moert export` leaves beside its files: their names (JSON, {"files": [...]}).
 // A folder with a config.json but without it holds another checkpoint, which an export refuses
@@ -133,13 +138,14 @@ class Checkpoint {
   SafetensorsFile& shard(const std::string& file);
   // The text of `path`, whose identity is kept for check_unchanged().
   std::string read_kept(const std::string& path) const;
+  static std::array<int64_t, 4> identity(const struct stat& st);
 
   std::string dir_;
   bool sharded_ = false;
   std::map<std::string, std::string> weight_map_;
   std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;
-  // Path -> (device, inode) of each JSON file read, taken before it was read.
-  mutable std::map<std::string, std::pair<uint64_t, uint64_t>> read_;
+  // Path -> identity() of each JSON file read, taken before it was read.
+  mutable std::map<std::string, std::array<int64_t, 4>> read_;
 };
 
 // Parses JSON text refusing duplicate keys (nlohmann keeps the last one silently) and nesting

@@ -46,7 +46,13 @@ F symbol(void* handle, const char* name, const std::string& path) {
 // looked for first, as the runtime would; another plugin (a test's simulated device) is loaded
 // as it is. The driver, once loaded, stays: the runtime would load it anyway.
 void require_driver(const std::string& plugin) {
-  if (!std::filesystem::path(plugin).filename().string().starts_with("libmoert_cuda.so")) return;
+  std::error_code ec;
+  const std::filesystem::path real = std::filesystem::canonical(plugin, ec);  // through links
+  if (!(ec ? std::filesystem::path(plugin) : real)
+           .filename()
+           .string()
+           .starts_with("libmoert_cuda.so"))
+    return;
   if (dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL)) return;
   const char* why = dlerror();
   fail(Code::Unsupported, "CUDA backend unavailable: no NVIDIA driver on this machine (",

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <moert/moert.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <spawn.h>
@@ -830,10 +831,11 @@ TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
   bool caught = false;
   for (int attempt = 0; attempt < 3 && !caught; ++attempt) {
     fs::remove_all(out);
-    const int watch = inotify_init1(IN_CLOEXEC);
-    ASSERT_GE(watch, 0);
-    ASSERT_GE(inotify_add_watch(watch, dir.c_str(), IN_CREATE | IN_ONLYDIR), 0);
     const std::string err_path = (dir / "export.err").string();
+    std::ofstream(err_path).close();  // before the watch: only the export's folder is created
+    const int watch = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+    ASSERT_GE(watch, 0);
+    ASSERT_GE(inotify_add_watch(watch, dir.c_str(), IN_CREATE), 0);
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
@@ -845,9 +847,21 @@ TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
     ASSERT_EQ(posix_spawn(&pid, MOERT_CLI, &actions, nullptr, const_cast<char**>(argv), environ),
               0);
     posix_spawn_file_actions_destroy(&actions);
-    char events[4096];
-    const bool created = ::read(watch, events, sizeof events) > 0;
+    // The event naming "hf", waited for 30 s at most (an export failing before it creates its
+    // folder must fail the test, not hang it).
+    bool created = false;
+    pollfd readable{watch, POLLIN, 0};
+    while (!created && ::poll(&readable, 1, 30000) > 0) {
+      alignas(inotify_event) char events[4096];
+      const ssize_t n = ::read(watch, events, sizeof events);
+      for (ssize_t at = 0; at < n;) {
+        const auto* e = reinterpret_cast<const inotify_event*>(events + at);
+        created = created || (e->len > 0 && std::string(e->name) == "hf");
+        at += static_cast<ssize_t>(sizeof(inotify_event) + e->len);
+      }
+    }
     ::kill(pid, SIGSTOP);
+    ASSERT_TRUE(created) << "the export never created its folder: " << slurp(err_path);
     ::close(watch);
     const int fd = created ? ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
     // Too late when the export had committed already: try again.
@@ -885,6 +899,57 @@ TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
     EXPECT_EQ(left[1], "trainer.moert");
   }
   if (!caught) GTEST_SKIP() << "the export committed before it could be stopped, three times";
+}
+
+// An export whose commit fails midway in a folder holding an earlier export leaves its marker
+// (imports refuse the folder), and the marker lists its files: the next export removes the
+// shards it does not write again, which no manifest named before.
+TEST(Cli, TheExportAfterAFailedOneRemovesItsStrayShards) {
+  const fs::path dir = workdir("export_stray_shards");
+  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
+                    (dir / "ck").string(),
+                dir)
+                .code,
+            0);
+  const std::string two = (dir / "ck" / "loss-free.moert").string();
+  ASSERT_EQ(run("export " + two + " " + (dir / "hf2").string(), dir).code, 0);
+  const std::string one = (dir / "one.moert").string();
+  ASSERT_EQ(run("import " + (dir / "hf2").string() + " " + one + " --layer 0", dir).code, 0);
+  const fs::path out = dir / "out";
+  ASSERT_EQ(run("export " + one + " " + out.string(), dir).code, 0);
+
+  // The two-layer export fails at its second shard, the lock held meanwhile as a save would.
+  const int fd = ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  auto failed = std::async(std::launch::async,
+                           [&] { return run("export " + two + " " + out.string(), dir); });
+  bool staged = false;
+  for (int i = 0; i < 200 && !staged; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    for (const auto& e : fs::directory_iterator(out))
+      staged = staged || e.path().filename().string().starts_with(".moert-export.tmp.");
+  }
+  fs::create_directories(out / "model-00002-of-00002.safetensors" / "in-the-way");
+  ::flock(fd, LOCK_UN);
+  ::close(fd);
+  ASSERT_TRUE(staged);
+  ASSERT_EQ(failed.get().code, 1);
+  EXPECT_TRUE(fs::exists(out / ".moert-export-incomplete"));
+  EXPECT_TRUE(fs::exists(out / "model-00001-of-00002.safetensors"));
+  EXPECT_NE(run("import " + out.string() + " " + (dir / "x.moert").string() + " --layer 0", dir)
+                .err.find("did not finish"),
+            std::string::npos);
+
+  fs::remove_all(out / "model-00002-of-00002.safetensors");
+  ASSERT_EQ(run("export " + one + " " + out.string(), dir).code, 0);
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(out)) left.push_back(e.path().filename().string());
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<std::string>{".moert-export", "config.json",
+                                            "model-00001-of-00001.safetensors",
+                                            "model.safetensors.index.json"}));
 }
 
 // A data file is named by its content, and a save of unchanged state renames a new copy of it
