@@ -733,6 +733,28 @@ TEST(Cli, AnOptionGivenTwiceIsRefused) {
   EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 2);
 }
 
+// Trains the tiny model for a step with loss-free balancing and saves it to DIR/ck: a checkpoint
+// with a data file, for the export and import cases below.
+void train_checkpoint(const fs::path& dir) {
+  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
+                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
+                    (dir / "ck").string(),
+                dir)
+                .code,
+            0);
+}
+
+// Waits (10 s at most) until an export into `out` has staged all its files: the manifest is the
+// last one it stages.
+bool wait_until_staged(const fs::path& out) {
+  for (int i = 0; i < 200; ++i) {
+    for (const auto& e : fs::directory_iterator(out))
+      if (e.path().filename().string().starts_with(".moert-export.tmp.")) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
 // An input shorter than it says (a shard whose header promises more data than the file holds,
 // a model whose data file was cut short): the deterministic form of a read past the end of a
 // file cut while `import` or `export` maps it (which raised SIGBUS; the mapping's own test is
@@ -740,12 +762,8 @@ TEST(Cli, AnOptionGivenTwiceIsRefused) {
 // nothing left behind: no temporary file, no folder the export created.
 TEST(Cli, ImportAndExportRefuseAnInputCutShort) {
   const fs::path dir = workdir("cut_short");
-  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
-                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
-                    (dir / "ck").string(),
-                dir)
-                .code,
-            0);
+  train_checkpoint(dir);
+  if (HasFatalFailure()) return;
   const std::string ck = (dir / "ck" / "loss-free.moert").string();
   ASSERT_EQ(run("export " + ck + " " + (dir / "hf").string(), dir).code, 0);
   const fs::path shard = dir / "hf" / "model-00001-of-00002.safetensors";
@@ -779,12 +797,8 @@ TEST(Cli, ImportAndExportRefuseAnInputCutShort) {
 // at most 30 s for it, failed while a large export was written.)
 TEST(Cli, AnExportTakesItsFoldersLockOnlyToCommit) {
   const fs::path dir = workdir("export_lock");
-  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
-                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
-                    (dir / "ck").string(),
-                dir)
-                .code,
-            0);
+  train_checkpoint(dir);
+  if (HasFatalFailure()) return;
   const fs::path out = dir / "hf";
   fs::create_directories(out);
   const int fd = ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -793,14 +807,7 @@ TEST(Cli, AnExportTakesItsFoldersLockOnlyToCommit) {
   auto exported = std::async(std::launch::async, [&] {
     return run("export " + (dir / "ck" / "loss-free.moert").string() + " " + out.string(), dir);
   });
-  // The manifest is the last file staged.
-  const std::string manifest_temp = std::string(".moert-export.tmp.");
-  bool staged = false;
-  for (int i = 0; i < 200 && !staged; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    for (const auto& e : fs::directory_iterator(out))
-      staged = staged || e.path().filename().string().starts_with(manifest_temp);
-  }
+  const bool staged = wait_until_staged(out);
   const bool committed_early = fs::exists(out / "config.json");
   ::flock(fd, LOCK_UN);
   ::close(fd);
@@ -820,12 +827,8 @@ TEST(Cli, AnExportTakesItsFoldersLockOnlyToCommit) {
 // is caught right after it creates the folder: stopped, the folder locked, then let go on.
 TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
   const fs::path dir = workdir("export_failed_commit");
-  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
-                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
-                    (dir / "ck").string(),
-                dir)
-                .code,
-            0);
+  train_checkpoint(dir);
+  if (HasFatalFailure()) return;
   const fs::path out = dir / "hf";
   const std::string model = (dir / "ck" / "loss-free.moert").string();
   bool caught = false;
@@ -868,14 +871,7 @@ TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
     caught = fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) == 0 && !fs::exists(out / "config.json");
     ::kill(pid, SIGCONT);
     if (caught) {
-      // Staged, then waiting for the lock: its manifest is the last file staged.
-      for (int i = 0; i < 200; ++i) {
-        bool staged = false;
-        for (const auto& e : fs::directory_iterator(out))
-          staged = staged || e.path().filename().string().starts_with(".moert-export.tmp.");
-        if (staged) break;
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
+      EXPECT_TRUE(wait_until_staged(out));  // then waiting for the lock
       std::string second;
       for (const auto& e : fs::directory_iterator(out))
         if (const std::string n = e.path().filename().string(); n.starts_with("model-00001-of-"))
@@ -906,12 +902,8 @@ TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
 // shards it does not write again, which no manifest named before.
 TEST(Cli, TheExportAfterAFailedOneRemovesItsStrayShards) {
   const fs::path dir = workdir("export_stray_shards");
-  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
-                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
-                    (dir / "ck").string(),
-                dir)
-                .code,
-            0);
+  train_checkpoint(dir);
+  if (HasFatalFailure()) return;
   const std::string two = (dir / "ck" / "loss-free.moert").string();
   ASSERT_EQ(run("export " + two + " " + (dir / "hf2").string(), dir).code, 0);
   const std::string one = (dir / "one.moert").string();
@@ -925,12 +917,7 @@ TEST(Cli, TheExportAfterAFailedOneRemovesItsStrayShards) {
   ASSERT_EQ(::flock(fd, LOCK_EX), 0);
   auto failed = std::async(std::launch::async,
                            [&] { return run("export " + two + " " + out.string(), dir); });
-  bool staged = false;
-  for (int i = 0; i < 200 && !staged; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    for (const auto& e : fs::directory_iterator(out))
-      staged = staged || e.path().filename().string().starts_with(".moert-export.tmp.");
-  }
+  const bool staged = wait_until_staged(out);
   fs::create_directories(out / "model-00002-of-00002.safetensors" / "in-the-way");
   ::flock(fd, LOCK_UN);
   ::close(fd);
@@ -957,12 +944,8 @@ TEST(Cli, TheExportAfterAFailedOneRemovesItsStrayShards) {
 // on. (A check meant for replaced safetensors shards refused 31 of 40 such exports.)
 TEST(Cli, AnExportWhileTheSameStateIsSavedAgainSucceeds) {
   const fs::path dir = workdir("export_during_resave");
-  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
-                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
-                    (dir / "ck").string(),
-                dir)
-                .code,
-            0);
+  train_checkpoint(dir);
+  if (HasFatalFailure()) return;
   const std::string ck = (dir / "ck" / "loss-free.moert").string();
   moert_model* m = nullptr;
   ASSERT_EQ(moert_model_load_file(ck.c_str(), &m), nullptr);
