@@ -3,7 +3,6 @@
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +13,7 @@
 #include "cli/error.h"
 #include "cli/mapped_file.h"
 #include "cli/regular_file.h"
+#include "schemas/saved_files.h"
 
 namespace moert_cli {
 
@@ -311,18 +311,11 @@ std::string Checkpoint::config_text() const {
   return read_kept((std::filesystem::path(dir_) / "config.json").string());
 }
 
-// Device, inode and the inode's change time: the number of a file removed since may be given to
-// the file that replaced it (tmpfs and ext4 reuse them), whose creation set a later time.
-std::array<int64_t, 4> Checkpoint::identity(const struct stat& st) {
-  return {static_cast<int64_t>(st.st_dev), static_cast<int64_t>(st.st_ino),
-          static_cast<int64_t>(st.st_ctim.tv_sec), static_cast<int64_t>(st.st_ctim.tv_nsec)};
-}
-
 std::string Checkpoint::read_kept(const std::string& path) const {
   // Taken before the read: a file replaced between the two is then seen as replaced, never the
   // other way round.
   struct stat st {};
-  if (::stat(path.c_str(), &st) == 0) read_[path] = identity(st);
+  if (::stat(path.c_str(), &st) == 0) read_[path] = st;
   return read_text(path);
 }
 
@@ -352,7 +345,7 @@ void Checkpoint::check_unchanged() const {
     if (shard) shard->check_unchanged();
   for (const auto& [path, was] : read_) {
     struct stat st {};
-    if (::stat(path.c_str(), &st) != 0 || identity(st) != was)
+    if (::stat(path.c_str(), &st) != 0 || !moert::format::same_file(was, st))
       fail("'", path,
            "' was replaced while the checkpoint was read (an export into its folder?): "
            "run again once nothing writes there");

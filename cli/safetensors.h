@@ -15,7 +15,6 @@
 
 #include <sys/stat.h>
 
-#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -138,14 +137,13 @@ class Checkpoint {
   SafetensorsFile& shard(const std::string& file);
   // The text of `path`, whose identity is kept for check_unchanged().
   std::string read_kept(const std::string& path) const;
-  static std::array<int64_t, 4> identity(const struct stat& st);
 
   std::string dir_;
   bool sharded_ = false;
   std::map<std::string, std::string> weight_map_;
   std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;
-  // Path -> identity() of each JSON file read, taken before it was read.
-  mutable std::map<std::string, std::array<int64_t, 4>> read_;
+  // Path -> stat of each JSON file read, taken before it was read (format::same_file).
+  mutable std::map<std::string, struct stat> read_;
 };
 
 // Parses JSON text refusing duplicate keys (nlohmann keeps the last one silently) and nesting

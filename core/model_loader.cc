@@ -31,6 +31,7 @@
 #include "kernels/cpu/math.h"
 #include "kernels/fp8_rules.h"
 #include "moert_generated.h"
+#include "schemas/saved_files.h"
 
 namespace moert {
 namespace {
@@ -1274,13 +1275,9 @@ std::unique_ptr<Model> load_file(const std::string& path, const LoadOptions& opt
     try {
       return load_file_once(path, options, policy, read);
     } catch (const Error&) {
-      // The inode's change time too: the number of a file removed since may be given to the
-      // file that replaced it (tmpfs and ext4 reuse them), whose creation set a later time.
       struct stat now {};
-      const bool replaced = read.st_ino != 0 && ::stat(path.c_str(), &now) == 0 &&
-                            (now.st_dev != read.st_dev || now.st_ino != read.st_ino ||
-                             now.st_ctim.tv_sec != read.st_ctim.tv_sec ||
-                             now.st_ctim.tv_nsec != read.st_ctim.tv_nsec);
+      const bool replaced =
+          read.st_ino != 0 && ::stat(path.c_str(), &now) == 0 && !format::same_file(read, now);
       if (!replaced || attempt == kLoadAttempts) throw;
     }
   }

@@ -147,6 +147,15 @@ class DirectoryLock {
   bool locked_ = false;
 };
 
+// Whether `now` (a stat of a path) is still the file `then` was taken of, for a reader that does
+// not keep it open and must notice a save or export that renamed another file over it: device,
+// inode and the inode's change time, since the number of a file removed meanwhile may be given
+// to the file that replaced it (tmpfs and ext4 reuse them), whose creation set a later time.
+inline bool same_file(const struct stat& then, const struct stat& now) {
+  return now.st_dev == then.st_dev && now.st_ino == then.st_ino &&
+         now.st_ctim.tv_sec == then.st_ctim.tv_sec && now.st_ctim.tv_nsec == then.st_ctim.tv_nsec;
+}
+
 // Whether a writer holds `path` open under flock (a library save's temporary file while it is
 // written): a clean-up leaves such a file alone. Probed with a shared lock, which conflicts with
 // the writer's exclusive one and which a read-only descriptor may take (NFS's emulation refuses
