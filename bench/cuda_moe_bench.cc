@@ -7,7 +7,7 @@
 // Precisions: bf16 (the experts' bf16 copies), and fp8 (DeepSeek-V3's block-scaled E4M3 experts,
 // kernels/cuda/cuda_ffn_fp8.h; its baseline a dense block-scaled FP8 GEMM, 1x128 tiles times
 // 128x128 blocks). The fp8 rows are the 4096-token configurations only, to keep the lent device's
-// time budget (scripts/gpu-run.sh). Unverified: the fp8 rows were compiled, never run on a GPU.
+// time budget (scripts/gpu-run.sh). Figures from an H200 are in bench/RESULTS.md.
 //
 //   moert_cuda_bench [--plugin PATH] [--reps N] [--json FILE] [--precision bf16|fp8|both]
 //
@@ -376,9 +376,11 @@ Result run(Backend& be, int64_t tokens, int64_t experts, bool backward, int reps
   const double fwd =
       2.0 * tokens * kDim * experts + 2.0 * tokens * (kTopK + 1) * 3.0 * kDim * kHidden;
   const double flops = backward ? 3.0 * fwd : fwd;  // backward: input and weight gradients
-  // The dense GEMM of the same FLOPs: [m, 7168] x [7168, 6144].
+  // The dense GEMM of about the same FLOPs: [m, 7168] x [7168, 6144], m rounded up to a whole
+  // 128-row tile (cuBLASLt 13.1 on an H200 has no block-scaled FP8 algorithm for m = 37034, an
+  // odd multiple of 2); its TFLOP/s are counted from that m.
   const int64_t n = 6144, k = kDim;
-  const int64_t m = static_cast<int64_t>(flops / (2.0 * n * k));
+  const int64_t m = (static_cast<int64_t>(flops / (2.0 * n * k)) + 127) / 128 * 128;
   double dms = std::nan("");
   try {
     dms = fp8 ? dense_fp8_gemm_ms(m, n, k, 10) : dense_gemm_ms(m, n, k, 10);

@@ -6,11 +6,16 @@
 #                                    into DIR (default .device/) the libraries, the GPU tests, the
 #                                    benchmarks, the test models, this machine's C and C++
 #                                    runtime (DIR/sys) and this script.
+#   scripts/gpu-run.sh stage-train [DIR]  the same for the experiment instead (default
+#                                    .device-train/): the libraries, the moert command, the corpus
+#                                    (/usr/share/games/fortunes) and the runtime. The two do not
+#                                    fit one carry (64 MiB): stage and run them one after the other.
 #   bash DIR/gpu-run.sh device       there: find that machine's cuBLASLt, check that every staged
 #                                    program and library resolves, then run the phases below and
 #                                    leave logs, JSON and a results table in $OUT (or DIR/out).
 #
-# With the device tool: run(command="bash .device/gpu-run.sh device", carry=[".device"]).
+# With the device tool: run(command="bash .device/gpu-run.sh device", carry=[".device"]), or
+# run(command="bash .device-train/gpu-run.sh device", carry=[".device-train"]).
 # That machine gives one call ten minutes and brings back at most 8 files from $OUT, so the
 # device half keeps to a time budget and writes exactly these, all at the top of $OUT:
 #   device.txt        the GPU (first line, read by the table), the environment chosen, the
@@ -19,19 +24,27 @@
 #   sanitize.log      compute-sanitizer's output, one section per tool
 #   bench.log         both benchmarks' output
 #   moert_bench.json  torch_bench.json  table.md
+#   train-bf16.txt  train-fp8.txt   (train phase, instead of the above) `moert train --device
+#                     cuda`'s output per precision
 #
 # Settings for the device half (environment):
 #   MOERT_PHASES      which phases run, of: tests sanitize bench (both benchmarks), moert-bench,
-#                     torch-bench. Default "tests sanitize bench": a later call can rerun only
-#                     what is needed.
+#                     torch-bench, train. Default "tests sanitize bench" (a stage-train folder:
+#                     "train"): a later call can rerun only what is needed.
+#   MOERT_TRAIN_PRECISIONS  the train phase's precisions (default "bf16 fp8"), each one run of
+#                     `moert train --device cuda` on the experiment's model, budget and seed;
+#   MOERT_TRAIN_BALANCING   its --balancing (default "loss-free"; "none,aux,loss-free" takes
+#                     about 45 s in bf16 and 90 s in fp8 on an H200). The phase's cap is 240 s.
 #   MOERT_SKIP_BENCH=1  drops the benchmarks from MOERT_PHASES (the older switch, still honoured).
 #   MOERT_TIME_BUDGET   seconds for the whole device half (default 420). A session has 15
 #                     minutes of device time in all, a cold start costs a minute or two, and no
 #                     machine starts with under 4 minutes left: 420 s leaves room to rerun, at
 #                     once while the machine is warm, the phase that failed (MOERT_PHASES=...,
-#                     with a budget that fits what is left). The phases' caps (tests 140 s,
-#                     sanitize 100, moert bench 80, torch bench 60) sum to 380, leaving 40 s
+#                     with a budget that fits what is left). The phases' caps (tests 60 s,
+#                     sanitize 120, moert bench 150, torch bench 60) sum to 390, leaving 30 s
 #                     of the budget to the set-up (nvidia-smi, the library searches, probes).
+#                     On an H200 (2026-12-04) the tests took 17 s, the sanitizer's kernel tests
+#                     about 35 s under racecheck, and PyTorch's benchmark 40 s.
 #   MOERT_BENCH_REPS    timed repetitions per benchmark measurement (default 5).
 #   MOERT_SANITIZE_TOOLS  compute-sanitizer tools (default "memcheck racecheck synccheck").
 #   MOERT_SANITIZE_FILTER a --gtest_filter for the kernel tests under the sanitizer (default all).
@@ -47,19 +60,32 @@
 set -uo pipefail
 
 # The moert libraries and programs the device half needs; the plugin is loaded by path.
+# $1: tests (the GPU tests and benchmarks) or train (the experiment); $2: the folder.
 stage() {
   set -e
-  local here dir build
+  local kind=$1 here dir build
   here=$(cd "$(dirname "$0")/.." && pwd)
-  dir=${1:-$here/.device}
+  if [ "$kind" = train ]; then
+    dir=${2:-$here/.device-train}
+  else
+    dir=${2:-$here/.device}
+  fi
   cd "$here"
   cmake --preset cuda
-  cmake --build --preset cuda --target moert moert_cuda moert_gpu_kernel_tests \
-    moert_gpu_session_tests moert_gpu_fp8_tests moert_gpu_fp8_session_tests moert_gpu_nccl_tests \
-    moert_gpu_models moert_cuda_bench
+  if [ "$kind" = train ]; then
+    [ -d /usr/share/games/fortunes ] || {
+      echo "stage-train: no corpus at /usr/share/games/fortunes (scripts/install-deps.sh installs it)" >&2
+      exit 1
+    }
+    cmake --build --preset cuda --target moert moert_cuda moert_cli
+  else
+    cmake --build --preset cuda --target moert moert_cuda moert_gpu_kernel_tests \
+      moert_gpu_session_tests moert_gpu_fp8_tests moert_gpu_fp8_session_tests moert_gpu_nccl_tests \
+      moert_gpu_models moert_cuda_bench
+  fi
   build=build/cuda
   rm -rf "$dir"
-  mkdir -p "$dir/lib" "$dir/bin" "$dir/models" "$dir/sys"
+  mkdir -p "$dir/lib" "$dir/bin" "$dir/sys"
   # Real files under the names they are looked up by (libmoert by its SONAME, the plugin by the
   # name beside it), no symbolic links: the copy carried to the device need not keep links.
   local lib soname
@@ -67,12 +93,21 @@ stage() {
   soname=$(objdump -p "$lib" | awk '$1 == "SONAME" { print $2 }')
   cp "$lib" "$dir/lib/$soname"
   cp "$(readlink -f "$build/capi/libmoert_cuda.so")" "$dir/lib/libmoert_cuda.so"
-  cp "$build/tests/gpu/moert_gpu_kernel_tests" "$build/tests/gpu/moert_gpu_session_tests" \
-    "$build/tests/gpu/moert_gpu_fp8_tests" "$build/tests/gpu/moert_gpu_fp8_session_tests" \
-    "$build/tests/gpu/moert_gpu_nccl_tests" \
-    "$build/bench/moert_cuda_bench" "$dir/bin/"
-  cp "$build"/tests/gpu/models/*.moert "$dir/models/"
-  cp bench/torch_cuda_moe_bench.py scripts/gpu-run.sh "$dir/"
+  if [ "$kind" = train ]; then
+    # The command finds the plugin beside libmoert, as an installed one does.
+    cp "$build/cli/moert" "$dir/bin/"
+    mkdir -p "$dir/corpus"
+    find /usr/share/games/fortunes -maxdepth 1 -type f -exec cp {} "$dir/corpus/" \;
+  else
+    mkdir -p "$dir/models"
+    cp "$build/tests/gpu/moert_gpu_kernel_tests" "$build/tests/gpu/moert_gpu_session_tests" \
+      "$build/tests/gpu/moert_gpu_fp8_tests" "$build/tests/gpu/moert_gpu_fp8_session_tests" \
+      "$build/tests/gpu/moert_gpu_nccl_tests" \
+      "$build/bench/moert_cuda_bench" "$dir/bin/"
+    cp "$build"/tests/gpu/models/*.moert "$dir/models/"
+    cp bench/torch_cuda_moe_bench.py "$dir/"
+  fi
+  cp scripts/gpu-run.sh "$dir/"
   strip --strip-debug "$dir"/bin/* "$dir"/lib/*
 
   # This machine's loader and C/C++ runtime, for a device whose glibc or libstdc++ is older than
@@ -106,7 +141,7 @@ stage() {
   done
   chmod +x "$dir/sys/ld-linux-x86-64.so.2"
   {
-    echo "staged $(date -u +%Y-%m-%dT%H:%MZ) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "staged ($kind) $(date -u +%Y-%m-%dT%H:%MZ) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' (with uncommitted changes)')"
     echo "built against glibc $(ldd --version | head -1 | awk '{print $NF}'), carrying in sys/ ${want[*]}"
   } >"$dir/STAGED"
   cat "$dir/STAGED"
@@ -236,19 +271,24 @@ set_runner() {
   fi
 }
 
+# One staged program started with a harmless argument: the GPU tests' first, else the command.
 probe() {
   set_runner
-  timeout 60 "${runner[@]}" "$dir/bin/moert_gpu_kernel_tests" --gtest_list_tests >/dev/null 2>"$tmp/probe"
+  if [ -e "$dir/bin/moert_gpu_kernel_tests" ]; then
+    timeout 60 "${runner[@]}" "$dir/bin/moert_gpu_kernel_tests" --gtest_list_tests >/dev/null 2>"$tmp/probe"
+  else
+    timeout 60 "${runner[@]}" "$dir/bin/moert" --version >/dev/null 2>"$tmp/probe"
+  fi
 }
 
 phase_tests() {
-  # Five programs: 140 s in all, each at most 75.
-  local phase_end=$((SECONDS + 140)) t rc start
+  # Five programs: 60 s in all, each at most 40 (17 s in all on an H200).
+  local phase_end=$((SECONDS + 60)) t rc start
   echo "== tests" | tee -a "$out/device.txt"
   for t in moert_gpu_kernel_tests moert_gpu_session_tests moert_gpu_fp8_tests \
     moert_gpu_fp8_session_tests moert_gpu_nccl_tests; do
     local secs
-    secs=$(budget 75 $phase_end)
+    secs=$(budget 40 $phase_end)
     if [ "$secs" -lt 5 ]; then
       failed "tests/$t: not run, out of time"
       continue
@@ -277,7 +317,7 @@ find_sanitizer() {
 }
 
 phase_sanitize() {
-  local phase_end=$((SECONDS + 100)) cs tool cap secs rc start line summary_line
+  local phase_end=$((SECONDS + 120)) cs tool cap secs rc start line summary_line
   echo "== sanitize" | tee -a "$out/device.txt"
   cs=$(find_sanitizer)
   if [ -z "$cs" ]; then
@@ -290,8 +330,8 @@ phase_sanitize() {
     log "note: the target runs through the carried loader; the sanitizer's injected library then runs on the carried glibc"
   for tool in ${MOERT_SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     case $tool in
-    memcheck) cap=35 ;;
-    racecheck) cap=25 ;;
+    memcheck) cap=30 ;;
+    racecheck) cap=50 ;;
     *) cap=20 ;;
     esac
     secs=$(budget $cap $phase_end)
@@ -359,7 +399,7 @@ phase_moert_bench() {
   local secs rc
   echo "== moert bench" | tee -a "$out/device.txt"
   # bf16 rows and the fp8 rows beside them (moert_cuda_bench's --precision both).
-  secs=$(budget 80 $deadline)
+  secs=$(budget 150 $deadline)
   if [ "$secs" -lt 10 ]; then
     failed "bench/moert: not run, out of time"
     return
@@ -399,6 +439,35 @@ phase_torch_bench() {
   124 | 137) failed "bench/torch: timed out after $secs s (torch_bench.json has what finished)" ;;
   *) failed "bench/torch: exit $rc (see bench.log)" ;;
   esac
+}
+
+phase_train() {
+  local phase_end=$((SECONDS + 240)) p secs rc start
+  echo "== train" | tee -a "$out/device.txt"
+  if [ ! -e "$dir/bin/moert" ] || [ ! -d "$dir/corpus" ]; then
+    failed "train: no moert command or corpus staged (scripts/gpu-run.sh stage-train)"
+    return
+  fi
+  for p in ${MOERT_TRAIN_PRECISIONS:-bf16 fp8}; do
+    secs=$(budget 160 $phase_end)
+    if [ "$secs" -lt 10 ]; then
+      failed "train/$p: not run, out of time"
+      continue
+    fi
+    start=$SECONDS
+    rc=0
+    timeout -k 10 "$secs" "${runner[@]}" "$dir/bin/moert" train --corpus "$dir/corpus" \
+      --device cuda --precision "$p" --balancing "${MOERT_TRAIN_BALANCING:-loss-free}" \
+      >"$out/train-$p.txt" 2>&1 || rc=$?
+    # The results table and the GEMM accuracy, without the progress lines.
+    grep -E '^(strategy|loss-free|none|aux|model:|budget|moert train)' "$out/train-$p.txt" |
+      grep -v 'step/s\|validation: [0-9]*/' | sed "s/^/  [$p] /" | tee -a "$out/device.txt"
+    case $rc in
+    0) result "PASS train/$p ($((SECONDS - start)) s)" ;;
+    124 | 137) failed "train/$p: timed out after $secs s (see train-$p.txt)" ;;
+    *) failed "train/$p: exit $rc (see train-$p.txt)" ;;
+    esac
+  done
 }
 
 make_table() {
@@ -485,19 +554,22 @@ device() {
   mkdir -p "$out"
   deadline=$((SECONDS + ${MOERT_TIME_BUDGET:-420}))
   # Only this script's files, and nothing else, go into $OUT (8 files at most come back).
-  rm -f "$out"/{device.txt,tests.log,sanitize.log,bench.log,table.md,moert_bench.json,torch_bench.json}
+  rm -f "$out"/{device.txt,tests.log,sanitize.log,bench.log,table.md,moert_bench.json,torch_bench.json} \
+    "$out"/train-*.txt
   : >"$out/tests.log"
   : >"$out/sanitize.log"
   : >"$out/bench.log"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
 
-  local phases=" ${MOERT_PHASES:-tests sanitize bench} " p
+  local default_phases="tests sanitize bench"
+  [ -e "$dir/bin/moert_gpu_kernel_tests" ] || default_phases=train
+  local phases=" ${MOERT_PHASES:-$default_phases} " p
   for p in $phases; do
     case $p in
-    tests | sanitize | bench | moert-bench | torch-bench) ;;
+    tests | sanitize | bench | moert-bench | torch-bench | train) ;;
     *)
-      echo "gpu-run.sh: unknown phase '$p' in MOERT_PHASES (tests sanitize bench moert-bench torch-bench)" >&2
+      echo "gpu-run.sh: unknown phase '$p' in MOERT_PHASES (tests sanitize bench moert-bench torch-bench train)" >&2
       exit 2
       ;;
     esac
@@ -518,7 +590,9 @@ device() {
   log "system: $(uname -srm); glibc $(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}'); $(python3 --version 2>&1)"
   chmod u+x "$dir"/bin/* "$dir/sys/ld-linux-x86-64.so.2" 2>/dev/null
   # A carried copy may have lost its execute bits and be read-only: run from a copy that has them.
-  if [ ! -x "$dir/bin/moert_gpu_kernel_tests" ] || [ ! -x "$dir/sys/ld-linux-x86-64.so.2" ]; then
+  local first
+  first=$(find "$dir/bin" -maxdepth 1 -type f | head -1)
+  if [ ! -x "$first" ] || [ ! -x "$dir/sys/ld-linux-x86-64.so.2" ]; then
     cp -r "$dir" "$tmp/staged" && chmod u+x "$tmp/staged"/bin/* "$tmp/staged/sys/ld-linux-x86-64.so.2"
     dir=$tmp/staged
     log "staged programs were not executable: running from a copy in $dir"
@@ -592,8 +666,10 @@ device() {
     echo "$missing" | tee -a "$out/device.txt"
     moert_ok=0
   else
-    log "libraries: every staged program and library resolves ($loader loader); the benchmark's:"
-    list_deps "$dir/bin/moert_cuda_bench" | grep -E 'libc\.so|libstdc|cublasLt|ld-linux' |
+    local shown=$dir/bin/moert_cuda_bench
+    [ -e "$shown" ] || shown=$dir/lib/libmoert_cuda.so
+    log "libraries: every staged program and library resolves ($loader loader); ${shown#"$dir"/}'s:"
+    list_deps "$shown" | grep -E 'libc\.so|libstdc|cublasLt|ld-linux' |
       sed 's/ (0x[0-9a-f]*)//; s/^[[:space:]]*/    /' | tee -a "$out/device.txt"
   fi
 
@@ -601,8 +677,9 @@ device() {
     want tests && phase_tests
     want sanitize && phase_sanitize
     { want bench || want moert-bench; } && phase_moert_bench
+    want train && phase_train
   else
-    for p in tests sanitize moert-bench; do
+    for p in tests sanitize moert-bench train; do
       if want "$p" || { [ "$p" = moert-bench ] && want bench; }; then
         failed "$p: not run, the staged programs cannot start (see device.txt)"
       fi
@@ -623,13 +700,17 @@ device() {
 case ${1:-} in
 stage)
   shift
-  stage "$@"
+  stage tests "$@"
+  ;;
+stage-train)
+  shift
+  stage train "$@"
   ;;
 device)
   device
   ;;
 *)
-  echo "usage: scripts/gpu-run.sh stage [DIR] | bash DIR/gpu-run.sh device" >&2
+  echo "usage: scripts/gpu-run.sh stage [DIR] | scripts/gpu-run.sh stage-train [DIR] | bash DIR/gpu-run.sh device" >&2
   exit 2
   ;;
 esac
