@@ -1,4 +1,4 @@
-// Unverified: compiled, never run on a GPU. See cuda_ffn_fp8.h for what this computes and why.
+// Run on an H200 (bench/RESULTS.md, 2026-12-04). See cuda_ffn_fp8.h for what this computes and why.
 #include <algorithm>
 #include <string>
 

@@ -10,8 +10,9 @@
 // (a mismatch is found by the timeout only); the checks of one rank's own arguments are those of
 // every implementation (core/comm_support.h).
 //
-// UNVERIFIED: compiled with nvcc 13.0 against NCCL 2.28, never run on a GPU (none here). The GPU
-// tests (label gpu) run it where one is lent.
+// Run with one rank on an H200 with NCCL 2.28.9 (2026-12-04, bench/RESULTS.md: every one-rank
+// GPU test passed). Never run with more than one rank: one GPU holds one NCCL rank, and no lent
+// machine has had two.
 #include <cuda_runtime.h>
 #include <nccl.h>
 #include <sched.h>

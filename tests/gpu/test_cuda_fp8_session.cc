@@ -5,8 +5,8 @@
 // path runs); the fp32 FFN of an fp8 session's dense layers; NaN refusals; then whole sessions of
 // precision fp8, CUDA against CPU: logits, every gradient, training steps, FP8 copies refreshed
 // after a step, a NaN weight write refused. Skips (exit 77) without a usable sm_90 GPU.
-// Unverified on a GPU: written where there was none; its devsim twin (label devsim) runs the same
-// program against the CPU backend behind the plugin contract, which checks the test's own logic.
+// Passed on an H200 on 2026-12-04 (bench/RESULTS.md); its devsim twin (label devsim) runs the
+// same program against the CPU backend behind the plugin contract, which checks its own logic.
 //
 // The bounds. Both sides quantize the same fp32 inputs with the same rules (kernels/fp8_rules.h),
 // so a GEMM whose operands are inputs of the call multiplies identical codes and scales: the GPU
