@@ -26,11 +26,14 @@
 #   moert_bench.json  torch_bench.json  table.md
 #   train-bf16.txt  train-fp8.txt   (train phase, instead of the above) `moert train --device
 #                     cuda`'s output per precision
+#   cpu-bench.txt     (cpu-bench phase) the CPU backend's `moert bench` on that machine's CPU
+#                     (its ISA may differ from this one's: AMX, say) and bench/torch_moe_bench.py
 #
 # Settings for the device half (environment):
 #   MOERT_PHASES      which phases run, of: tests sanitize bench (both benchmarks), moert-bench,
-#                     torch-bench, train. Default "tests sanitize bench" (a stage-train folder:
-#                     "train"): a later call can rerun only what is needed.
+#                     torch-bench, train, cpu-bench. Default "tests sanitize bench" (a stage-train
+#                     folder: "train"): a later call can rerun only what is needed. cpu-bench
+#                     (stage-train folders) takes up to 300 s.
 #   MOERT_TRAIN_PRECISIONS  the train phase's precisions (default "bf16 fp8"), each one run of
 #                     `moert train --device cuda` on the experiment's model, budget and seed;
 #   MOERT_TRAIN_BALANCING   its --balancing (default "loss-free"; "none,aux,loss-free" takes
@@ -96,6 +99,7 @@ stage() {
   if [ "$kind" = train ]; then
     # The command finds the plugin beside libmoert, as an installed one does.
     cp "$build/cli/moert" "$dir/bin/"
+    cp bench/torch_moe_bench.py "$dir/"
     mkdir -p "$dir/corpus"
     find /usr/share/games/fortunes -maxdepth 1 -type f -exec cp {} "$dir/corpus/" \;
   else
@@ -470,6 +474,54 @@ phase_train() {
   done
 }
 
+# The CPU backend on the device machine's CPU, which may have what this one lacks (AMX).
+phase_cpu_bench() {
+  local phase_end=$((SECONDS + 300)) f=$out/cpu-bench.txt secs rc name
+  echo "== cpu bench" | tee -a "$out/device.txt"
+  if [ ! -e "$dir/bin/moert" ]; then
+    failed "cpu-bench: no moert command staged (scripts/gpu-run.sh stage-train)"
+    return
+  fi
+  log "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs; $(grep -o -w -E 'avx512f|avx512_bf16|amx_tile|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  # bench/torch_moe_bench.py runs the command by path: a wrapper that starts it as set_runner does.
+  printf '#!/bin/sh\nexec %s "%s" "$@"\n' "$(printf '%q ' "${runner[@]}")" "$dir/bin/moert" >"$tmp/moert"
+  chmod +x "$tmp/moert"
+  : >"$f"
+  local -a steps=(
+    "moert-bf16-2:bench --threads 2 --precision bf16 --repeats 7"
+    "moert-bf16-1:bench --threads 1 --precision bf16 --repeats 7"
+    "torch-2:"
+    "decode-2:bench --threads 2 --no-libraries --decode"
+  )
+  local step args
+  for step in "${steps[@]}"; do
+    name=${step%%:*}
+    args=${step#*:}
+    secs=$(budget 100 $phase_end)
+    if [ "$secs" -lt 10 ]; then
+      failed "cpu-bench/$name: not run, out of time"
+      continue
+    fi
+    echo "===== $name (up to $secs s)" >>"$f"
+    rc=0
+    if [ -n "$args" ]; then
+      # shellcheck disable=SC2086 # the step's arguments are words
+      timeout -k 5 "$secs" "$tmp/moert" $args >>"$f" 2>&1 || rc=$?
+    else
+      timeout -k 5 "$secs" python3 "$dir/torch_moe_bench.py" --moert "$tmp/moert" --threads 2 \
+        >>"$f" 2>&1 || rc=$?
+    fi
+    sed -n '/^===== '"$name"' /,$p' "$f" |
+      grep -E 'ISA|machine limits|peak|best single|^forward|^pass|speed|^ *[0-9]+ +[0-9]|moert|torch|Error|error' |
+      head -24
+    case $rc in
+    0) result "PASS cpu-bench/$name" ;;
+    124 | 137) failed "cpu-bench/$name: timed out after $secs s" ;;
+    *) failed "cpu-bench/$name: exit $rc (see cpu-bench.txt)" ;;
+    esac
+  done
+}
+
 make_table() {
   command -v python3 >/dev/null || return
   python3 - "$out" >"$out/table.md" <<'EOF'
@@ -555,7 +607,7 @@ device() {
   deadline=$((SECONDS + ${MOERT_TIME_BUDGET:-420}))
   # Only this script's files, and nothing else, go into $OUT (8 files at most come back).
   rm -f "$out"/{device.txt,tests.log,sanitize.log,bench.log,table.md,moert_bench.json,torch_bench.json} \
-    "$out"/train-*.txt
+    "$out"/train-*.txt "$out/cpu-bench.txt"
   : >"$out/tests.log"
   : >"$out/sanitize.log"
   : >"$out/bench.log"
@@ -567,9 +619,9 @@ device() {
   local phases=" ${MOERT_PHASES:-$default_phases} " p
   for p in $phases; do
     case $p in
-    tests | sanitize | bench | moert-bench | torch-bench | train) ;;
+    tests | sanitize | bench | moert-bench | torch-bench | train | cpu-bench) ;;
     *)
-      echo "gpu-run.sh: unknown phase '$p' in MOERT_PHASES (tests sanitize bench moert-bench torch-bench train)" >&2
+      echo "gpu-run.sh: unknown phase '$p' in MOERT_PHASES (tests sanitize bench moert-bench torch-bench train cpu-bench)" >&2
       exit 2
       ;;
     esac
@@ -678,8 +730,9 @@ device() {
     want sanitize && phase_sanitize
     { want bench || want moert-bench; } && phase_moert_bench
     want train && phase_train
+    want cpu-bench && phase_cpu_bench
   else
-    for p in tests sanitize moert-bench train; do
+    for p in tests sanitize moert-bench train cpu-bench; do
       if want "$p" || { [ "$p" = moert-bench ] && want bench; }; then
         failed "$p: not run, the staged programs cannot start (see device.txt)"
       fi
