@@ -245,12 +245,12 @@ void MoELayer::experts_forward(Backend& be, const DispatchPlan& plan, int64_t fi
 }
 
 int64_t MoELayer::expert_weight_offset(int64_t expert) const {
-  // A session's tensors hold every expert, or (expert parallelism, training) only its shard's.
-  // Without a parallel context every expert is local: the host tensor's size says nothing then,
-  // since a tensor adopted by the ParamStore (the CUDA benchmark's) holds no host values.
+  // A session's tensors hold every expert, or (expert parallelism, training) only its shard's:
+  // Session::shard_experts sets the leading dimension to the shard's count. Read from the shape,
+  // not the values, which a tensor adopted by the ParamStore (the CUDA benchmark's) lacks.
   const int64_t per_expert = static_cast<int64_t>(s_.expert_hidden) * s_.dim;
   const int64_t E = s_.router.num_experts;
-  if (!par_ || s_.w1.numel() == E * per_expert) return expert * per_expert;
+  if (!par_ || (!s_.w1.shape.empty() && s_.w1.shape[0] == E)) return expert * per_expert;
   return (expert - par_->sharding(E).first_expert()) * per_expert;
 }
 
