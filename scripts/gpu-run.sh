@@ -37,7 +37,8 @@
 #   MOERT_TRAIN_PRECISIONS  the train phase's precisions (default "bf16 fp8"), each one run of
 #                     `moert train --device cuda` on the experiment's model, budget and seed;
 #   MOERT_TRAIN_BALANCING   its --balancing (default "loss-free"; "none,aux,loss-free" takes
-#                     about 45 s in bf16 and 90 s in fp8 on an H200). The phase's cap is 240 s.
+#                     about 45 s in bf16 and 90 s in fp8 on an H200). The phase's cap is 240 s:
+#                     with cpu-bench (300 s) as well, raise MOERT_TIME_BUDGET to 570.
 #   MOERT_SKIP_BENCH=1  drops the benchmarks from MOERT_PHASES (the older switch, still honoured).
 #   MOERT_TIME_BUDGET   seconds for the whole device half (default 420). A session has 15
 #                     minutes of device time in all, a cold start costs a minute or two, and no
@@ -289,6 +290,7 @@ phase_tests() {
   # Five programs: 60 s in all, each at most 40 (17 s in all on an H200).
   local phase_end=$((SECONDS + 60)) t rc start
   echo "== tests" | tee -a "$out/device.txt"
+  : >"$out/tests.log"
   for t in moert_gpu_kernel_tests moert_gpu_session_tests moert_gpu_fp8_tests \
     moert_gpu_fp8_session_tests moert_gpu_nccl_tests; do
     local secs
@@ -323,6 +325,7 @@ find_sanitizer() {
 phase_sanitize() {
   local phase_end=$((SECONDS + 120)) cs tool cap secs rc start line summary_line
   echo "== sanitize" | tee -a "$out/device.txt"
+  : >"$out/sanitize.log"
   cs=$(find_sanitizer)
   if [ -z "$cs" ]; then
     echo "compute-sanitizer not found: nothing run" >>"$out/sanitize.log"
@@ -401,7 +404,7 @@ phase_sanitize() {
 
 phase_moert_bench() {
   local secs rc
-  echo "== moert bench" | tee -a "$out/device.txt"
+  echo "== moert bench (${MOERT_BENCH_REPS:-5} repetitions each)" | tee -a "$out/device.txt"
   # bf16 rows and the fp8 rows beside them (moert_cuda_bench's --precision both).
   secs=$(budget 150 $deadline)
   if [ "$secs" -lt 10 ]; then
@@ -422,7 +425,7 @@ phase_moert_bench() {
 
 phase_torch_bench() {
   local secs rc
-  echo "== torch bench" | tee -a "$out/device.txt"
+  echo "== torch bench (${MOERT_BENCH_REPS:-5} repetitions each)" | tee -a "$out/device.txt"
   if ! command -v python3 >/dev/null; then
     failed "bench/torch: no python3"
     return
@@ -452,7 +455,15 @@ phase_train() {
     failed "train: no moert command or corpus staged (scripts/gpu-run.sh stage-train)"
     return
   fi
+  # bf16 and fp8 only (a CUDA session multiplies in one of them), each once: $OUT brings back at
+  # most 8 files.
+  local -A seen=()
   for p in ${MOERT_TRAIN_PRECISIONS:-bf16 fp8}; do
+    if [[ $p != bf16 && $p != fp8 ]] || [ -n "${seen[$p]:-}" ]; then
+      failed "train/$p: not a precision to train on the GPU (bf16, fp8; each once)"
+      continue
+    fi
+    seen[$p]=1
     secs=$(budget 160 $phase_end)
     if [ "$secs" -lt 10 ]; then
       failed "train/$p: not run, out of time"
@@ -484,7 +495,7 @@ phase_cpu_bench() {
   fi
   log "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs; $(grep -o -w -E 'avx512f|avx512_bf16|amx_tile|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
   # bench/torch_moe_bench.py runs the command by path: a wrapper that starts it as set_runner does.
-  printf '#!/bin/sh\nexec %s "%s" "$@"\n' "$(printf '%q ' "${runner[@]}")" "$dir/bin/moert" >"$tmp/moert"
+  printf '#!/bin/bash\nexec %s%q "$@"\n' "$(printf '%q ' "${runner[@]}")" "$dir/bin/moert" >"$tmp/moert"
   chmod +x "$tmp/moert"
   : >"$f"
   local -a steps=(
@@ -608,14 +619,14 @@ device() {
   # Only this script's files, and nothing else, go into $OUT (8 files at most come back).
   rm -f "$out"/{device.txt,tests.log,sanitize.log,bench.log,table.md,moert_bench.json,torch_bench.json} \
     "$out"/train-*.txt "$out/cpu-bench.txt"
-  : >"$out/tests.log"
-  : >"$out/sanitize.log"
-  : >"$out/bench.log"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
 
+  # A stage-train folder (the command and the corpus, no GPU tests) trains; any other folder runs
+  # the tests, so that one missing a test program says so rather than ask for a corpus.
   local default_phases="tests sanitize bench"
-  [ -e "$dir/bin/moert_gpu_kernel_tests" ] || default_phases=train
+  [ ! -e "$dir/bin/moert_gpu_kernel_tests" ] && [ -e "$dir/bin/moert" ] && [ -d "$dir/corpus" ] &&
+    default_phases=train
   local phases=" ${MOERT_PHASES:-$default_phases} " p
   for p in $phases; do
     case $p in

@@ -28,11 +28,12 @@
 // cuBLASLt still refuses is an Error(Unsupported) naming the GEMM and its padded dims, never
 // another precision. The row count m (tokens per expert in Fprop and Dgrad, the output rows of
 // Wgrad) is rounded up to 16 as the GEMM runs (the rows past m read zero scales and land in the
-// scratch output): cuBLASLt wants the outer dimension of a 1x128-scaled operand to be a multiple of
-// 8 (Transformer Engine refuses other m for that reason), and the tiles' scale stride is then the
-// row count whether cuBLASLt reads it rounded up to 4 (fp8_gemm.h's assumption, Transformer
-// Engine's layout) or exact (PyTorch's description of it). On an H200 with cuBLASLt 13.1 m = 1
-// and 37 were refused and m = 4 and 12 ran (bench/RESULTS.md): multiples of 4, where both agree.
+// scratch output): Transformer Engine holds the outer dimension of a 1x128-scaled operand to
+// multiples of 8, having seen cuBLASLt refuse others; on an H200 with cuBLASLt 13.1 m = 1, 37 and
+// 37034 were refused and m = 4 and 12 ran (bench/RESULTS.md), so multiples of 4 suffice there.
+// With m a multiple of 16 the tiles' scale stride is the row count whether cuBLASLt reads it
+// rounded up to 4 (fp8_gemm.h's assumption, Transformer Engine's layout) or exact (PyTorch's
+// description of it).
 //
 // Dgrad's transposed weights are made per backward call, not cached: a Weight carries pointers
 // only, and the ParamStore rewrites the same buffers in place after every optimizer step, so a
