@@ -175,6 +175,15 @@ failed() {
   result "FAIL $*"
 }
 
+# Sets secs to what a step may take (cap $1 s, before $2); with under $3 s left it reports the
+# step $4 as not run and returns 1.
+take_time() {
+  secs=$(budget "$1" "$2")
+  [ "$secs" -ge "$3" ] && return 0
+  failed "$4: not run, out of time"
+  return 1
+}
+
 # Seconds a step may take: its own cap, within its phase's end and the whole run's deadline.
 budget() {
   local cap=$1 phase_end=$2 now=$SECONDS t
@@ -294,11 +303,7 @@ phase_tests() {
   for t in moert_gpu_kernel_tests moert_gpu_session_tests moert_gpu_fp8_tests \
     moert_gpu_fp8_session_tests moert_gpu_nccl_tests; do
     local secs
-    secs=$(budget 40 $phase_end)
-    if [ "$secs" -lt 5 ]; then
-      failed "tests/$t: not run, out of time"
-      continue
-    fi
+    take_time 40 $phase_end 5 "tests/$t" || continue
     echo "===== $t (up to $secs s)" >>"$out/tests.log"
     start=$SECONDS
     rc=0
@@ -341,11 +346,7 @@ phase_sanitize() {
     racecheck) cap=50 ;;
     *) cap=20 ;;
     esac
-    secs=$(budget $cap $phase_end)
-    if [ "$secs" -lt 5 ]; then
-      failed "sanitize/$tool: not run, out of time"
-      continue
-    fi
+    take_time $cap $phase_end 5 "sanitize/$tool" || continue
     start=$(wc -l <"$out/sanitize.log")
     echo "===== $tool (up to $secs s)" >>"$out/sanitize.log"
     rc=0
@@ -377,11 +378,7 @@ phase_sanitize() {
   done
   # The FP8 FFN's quantize, padding and transpose kernels on partial tiles (small shapes), within
   # the same phase's time.
-  secs=$(budget 20 $phase_end)
-  if [ "$secs" -lt 5 ]; then
-    failed "sanitize/memcheck fp8: not run, out of time"
-    return
-  fi
+  take_time 20 $phase_end 5 "sanitize/memcheck fp8" || return
   start=$(wc -l <"$out/sanitize.log")
   echo "===== memcheck, moert_gpu_fp8_session_tests CudaFp8Backend.* (up to $secs s)" >>"$out/sanitize.log"
   rc=0
@@ -406,11 +403,7 @@ phase_moert_bench() {
   local secs rc
   echo "== moert bench (${MOERT_BENCH_REPS:-5} repetitions each)" | tee -a "$out/device.txt"
   # bf16 rows and the fp8 rows beside them (moert_cuda_bench's --precision both).
-  secs=$(budget 150 $deadline)
-  if [ "$secs" -lt 10 ]; then
-    failed "bench/moert: not run, out of time"
-    return
-  fi
+  take_time 150 $deadline 10 "bench/moert" || return
   echo "===== moert_cuda_bench (up to $secs s)" >>"$out/bench.log"
   rc=0
   timeout -k 10 "$secs" "${runner[@]}" "$dir/bin/moert_cuda_bench" --plugin "$dir/lib/libmoert_cuda.so" \
@@ -430,11 +423,7 @@ phase_torch_bench() {
     failed "bench/torch: no python3"
     return
   fi
-  secs=$(budget 60 $deadline)
-  if [ "$secs" -lt 10 ]; then
-    failed "bench/torch: not run, out of time"
-    return
-  fi
+  take_time 60 $deadline 10 "bench/torch" || return
   echo "===== torch_cuda_moe_bench.py (up to $secs s)" >>"$out/bench.log"
   rc=0
   # The machine's own environment: LD_LIBRARY_PATH was never changed for this.
@@ -464,11 +453,7 @@ phase_train() {
       continue
     fi
     seen[$p]=1
-    secs=$(budget 160 $phase_end)
-    if [ "$secs" -lt 10 ]; then
-      failed "train/$p: not run, out of time"
-      continue
-    fi
+    take_time 160 $phase_end 10 "train/$p" || continue
     start=$SECONDS
     rc=0
     timeout -k 10 "$secs" "${runner[@]}" "$dir/bin/moert" train --corpus "$dir/corpus" \
@@ -508,11 +493,7 @@ phase_cpu_bench() {
   for step in "${steps[@]}"; do
     name=${step%%:*}
     args=${step#*:}
-    secs=$(budget 100 $phase_end)
-    if [ "$secs" -lt 10 ]; then
-      failed "cpu-bench/$name: not run, out of time"
-      continue
-    fi
+    take_time 100 $phase_end 10 "cpu-bench/$name" || continue
     echo "===== $name (up to $secs s)" >>"$f"
     rc=0
     if [ -n "$args" ]; then
