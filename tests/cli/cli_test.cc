@@ -733,12 +733,11 @@ TEST(Cli, AnOptionGivenTwiceIsRefused) {
   EXPECT_EQ(std::distance(fs::directory_iterator(dir), {}), 2);
 }
 
-// Trains the tiny model for a step with loss-free balancing and saves it to DIR/ck: a checkpoint
-// with a data file, for the export and import cases below.
-void train_checkpoint(const fs::path& dir) {
-  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
-                    " --steps 1 --balancing loss-free --probe-rows 0 --eval-rows 64 --save " +
-                    (dir / "ck").string(),
+// Trains the tiny model for a step with `balancing` and saves it to DIR/ck: a checkpoint with a
+// data file, for the export, import and convert cases below.
+void train_checkpoint(const fs::path& dir, const std::string& balancing = "loss-free") {
+  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) + " --steps 1 --balancing " +
+                    balancing + " --probe-rows 0 --eval-rows 64 --save " + (dir / "ck").string(),
                 dir)
                 .code,
             0);
@@ -762,8 +761,7 @@ bool wait_until_staged(const fs::path& out) {
 // nothing left behind: no temporary file, no folder the export created.
 TEST(Cli, ImportAndExportRefuseAnInputCutShort) {
   const fs::path dir = workdir("cut_short");
-  train_checkpoint(dir);
-  if (HasFatalFailure()) return;
+  ASSERT_NO_FATAL_FAILURE(train_checkpoint(dir));
   const std::string ck = (dir / "ck" / "loss-free.moert").string();
   ASSERT_EQ(run("export " + ck + " " + (dir / "hf").string(), dir).code, 0);
   const fs::path shard = dir / "hf" / "model-00001-of-00002.safetensors";
@@ -797,8 +795,7 @@ TEST(Cli, ImportAndExportRefuseAnInputCutShort) {
 // at most 30 s for it, failed while a large export was written.)
 TEST(Cli, AnExportTakesItsFoldersLockOnlyToCommit) {
   const fs::path dir = workdir("export_lock");
-  train_checkpoint(dir);
-  if (HasFatalFailure()) return;
+  ASSERT_NO_FATAL_FAILURE(train_checkpoint(dir));
   const fs::path out = dir / "hf";
   fs::create_directories(out);
   const int fd = ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -827,8 +824,7 @@ TEST(Cli, AnExportTakesItsFoldersLockOnlyToCommit) {
 // is caught right after it creates the folder: stopped, the folder locked, then let go on.
 TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
   const fs::path dir = workdir("export_failed_commit");
-  train_checkpoint(dir);
-  if (HasFatalFailure()) return;
+  ASSERT_NO_FATAL_FAILURE(train_checkpoint(dir));
   const fs::path out = dir / "hf";
   const std::string model = (dir / "ck" / "loss-free.moert").string();
   bool caught = false;
@@ -902,8 +898,7 @@ TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
 // shards it does not write again, which no manifest named before.
 TEST(Cli, TheExportAfterAFailedOneRemovesItsStrayShards) {
   const fs::path dir = workdir("export_stray_shards");
-  train_checkpoint(dir);
-  if (HasFatalFailure()) return;
+  ASSERT_NO_FATAL_FAILURE(train_checkpoint(dir));
   const std::string two = (dir / "ck" / "loss-free.moert").string();
   ASSERT_EQ(run("export " + two + " " + (dir / "hf2").string(), dir).code, 0);
   const std::string one = (dir / "one.moert").string();
@@ -944,8 +939,7 @@ TEST(Cli, TheExportAfterAFailedOneRemovesItsStrayShards) {
 // on. (A check meant for replaced safetensors shards refused 31 of 40 such exports.)
 TEST(Cli, AnExportWhileTheSameStateIsSavedAgainSucceeds) {
   const fs::path dir = workdir("export_during_resave");
-  train_checkpoint(dir);
-  if (HasFatalFailure()) return;
+  ASSERT_NO_FATAL_FAILURE(train_checkpoint(dir));
   const std::string ck = (dir / "ck" / "loss-free.moert").string();
   moert_model* m = nullptr;
   ASSERT_EQ(moert_model_load_file(ck.c_str(), &m), nullptr);
@@ -986,12 +980,7 @@ TEST(Cli, AnExportWhileTheSameStateIsSavedAgainSucceeds) {
 // sending the user to a folder without it.
 TEST(Cli, ConvertSaysWhereAMissingDataFileIs) {
   const fs::path dir = workdir("convert_data_file");
-  ASSERT_EQ(run("train --corpus " + std::string(MOERT_TINY_CORPUS) +
-                    " --steps 1 --balancing none --probe-rows 0 --eval-rows 64 --save " +
-                    (dir / "ck").string(),
-                dir)
-                .code,
-            0);
+  ASSERT_NO_FATAL_FAILURE(train_checkpoint(dir, "none"));
   std::string data;
   for (const auto& e : fs::directory_iterator(dir / "ck"))
     if (e.path().extension() == ".data") data = e.path().filename().string();
