@@ -129,30 +129,31 @@ void CpuBackend::transpose_matrices(const float* src, int64_t matrices, int64_t 
 
 int64_t CpuBackend::packed_bf16_bytes(int64_t rows, int64_t cols) {
   if (!packed_ || rows <= 0 || cols <= 0) return 0;
-  const int64_t full = rows / kPackRows, rest = rows % kPackRows;
-  return full * static_cast<int64_t>(bf16_gemm_.packed_bytes(kPackRows, cols)) +
+  const int64_t block = pack_rows(rows), full = rows / block, rest = rows % block;
+  return full * static_cast<int64_t>(bf16_gemm_.packed_bytes(block, cols)) +
          (rest ? static_cast<int64_t>(bf16_gemm_.packed_bytes(rest, cols)) : 0);
 }
 
 void CpuBackend::pack_bf16(const uint16_t* src, int64_t matrices, int64_t rows, int64_t cols,
                            void* dst) {
-  const int64_t per = packed_bf16_bytes(rows, cols), nb = blocks(rows, kPackRows);
+  const int64_t per = packed_bf16_bytes(rows, cols), rb = pack_rows(rows), nb = blocks(rows, rb);
   if (per == 0) fail(Code::Internal, "the CPU backend keeps no packed bf16 weights here");
-  const auto block = static_cast<int64_t>(bf16_gemm_.packed_bytes(kPackRows, cols));
+  const auto block = static_cast<int64_t>(bf16_gemm_.packed_bytes(rb, cols));
   pool_.parallel_for(matrices * nb, [&](int64_t i, unsigned worker) {
-    const int64_t mtx = i / nb, b = i % nb, r0 = b * kPackRows;
-    bf16_gemm_.pack(src + mtx * rows * cols + r0 * cols, cols, std::min(kPackRows, rows - r0), cols,
+    const int64_t mtx = i / nb, b = i % nb, r0 = b * rb;
+    bf16_gemm_.pack(src + mtx * rows * cols + r0 * cols, cols, std::min(rb, rows - r0), cols,
                     static_cast<unsigned char*>(dst) + mtx * per + b * block, worker);
   });
 }
 
-void CpuBackend::packed_nt(const void* a, int64_t lda, const unsigned char* w, float* c,
-                           int64_t ldc, int64_t m, int64_t c0, int64_t n, int64_t k,
+void CpuBackend::packed_nt(const void* a, int64_t lda, const unsigned char* w, int64_t rows,
+                           float* c, int64_t ldc, int64_t m, int64_t c0, int64_t n, int64_t k,
                            bool accumulate, unsigned worker) {
-  const auto block = static_cast<int64_t>(bf16_gemm_.packed_bytes(kPackRows, k));
-  for (int64_t j = 0; j < n; j += kPackRows)
-    bf16_gemm_.act_packed_nt(a, lda, w + (c0 + j) / kPackRows * block, c + j, ldc, m,
-                             std::min(kPackRows, n - j), k, accumulate, worker);
+  const int64_t rb = pack_rows(rows);
+  const auto block = static_cast<int64_t>(bf16_gemm_.packed_bytes(rb, k));
+  for (int64_t j = 0; j < n; j += rb)
+    bf16_gemm_.act_packed_nt(a, lda, w + (c0 + j) / rb * block, c + j, ldc, m, std::min(rb, n - j),
+                             k, accumulate, worker);
 }
 
 void CpuBackend::to_bf16(const float* src, uint16_t* dst, int64_t n) {

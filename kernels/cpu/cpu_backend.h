@@ -30,8 +30,8 @@ class CpuBackend final : public Backend {
   bool transposed_copies() const override { return transposed_; }
   void transpose_matrices(const float* src, int64_t matrices, int64_t rows, int64_t cols,
                           float* dst) override;
-  // A packed matrix: its rows in blocks of kPackRows (the forward's column units), each packed
-  // alone (Bf16Gemm::pack), block b at b * packed_bytes(kPackRows, cols).
+  // A packed matrix: its rows in blocks of pack_rows(rows) (the forward's column units), each
+  // packed alone (Bf16Gemm::pack), block b at b * packed_bytes(pack_rows(rows), cols).
   int64_t packed_bf16_bytes(int64_t rows, int64_t cols) override;
   void pack_bf16(const uint16_t* src, int64_t matrices, int64_t rows, int64_t cols,
                  void* dst) override;
@@ -224,14 +224,25 @@ class CpuBackend final : public Backend {
   // or more, where their activations (kept in cut_ between the two) take at most kCutFloats.
   static constexpr int64_t kCutItems = 8, kCutWeights = int64_t{1} << 20,
                            kCutFloats = int64_t{1} << 24;
-  // Rows of a weight (output columns of its GEMM) packed together: every column unit above is a
-  // whole number of them.
-  static constexpr int64_t kPackRows = 256;
+  // Rows of a weight (output columns of its GEMM) packed together: a weight of up to kWholeRows
+  // rows whole, so that one GEMM writes its output rows in place (oneDNN 2.6 has only its
+  // reference kernel for a packed weight's product into a longer row stride: Bf16Gemm then
+  // computes into a dense block and copies it, which cost the bench layer's bf16 forward a
+  // sixth of its time on AMX); larger ones in blocks of kPackRows, so that every column unit
+  // above is a whole number of blocks.
+  static constexpr int64_t kPackRows = 256, kWholeRows = 512;
   static_assert(kUpColumns % kPackRows == 0 && kDownColumns % kPackRows == 0);
-  // c[m, n] (+)= a[m, k] w^T on the output columns [c0, c0 + n) of a weight w packed as
-  // pack_bf16 packs it (c and w from column c0; c0 a multiple of kPackRows).
-  void packed_nt(const void* a, int64_t lda, const unsigned char* w, float* c, int64_t ldc,
-                 int64_t m, int64_t c0, int64_t n, int64_t k, bool accumulate, unsigned worker);
+  static int64_t pack_rows(int64_t rows) { return rows <= kWholeRows ? rows : kPackRows; }
+  // The column units of a weight of `rows` rows cut into units of `unit`: the whole weight
+  // where it is packed whole.
+  static int64_t unit_columns(int64_t rows, int64_t unit) {
+    return rows <= kWholeRows ? rows : unit;
+  }
+  // c[m, n] (+)= a[m, k] w^T on the output columns [c0, c0 + n) of a weight w of `rows` rows
+  // packed as pack_bf16 packs it (c and w from column c0; c0 a multiple of pack_rows(rows)).
+  void packed_nt(const void* a, int64_t lda, const unsigned char* w, int64_t rows, float* c,
+                 int64_t ldc, int64_t m, int64_t c0, int64_t n, int64_t k, bool accumulate,
+                 unsigned worker);
   Buffer<float> cut_;
   // The gathered rows of those items, when the call does not keep them in its x.
   Buffer<float> cut_x_;

@@ -172,24 +172,46 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
                   sizeof(float) * static_cast<size_t>(dim));
   };
   auto kept_rows = [&](int64_t begin) { return gather->kept + begin * dim; };
+  // In bf16 the activations a = swiglu(h1, h3) leave the up GEMMs already in the down GEMM's
+  // operand form (bf16_gemm_.act_bytes() per element, row stride `hidden` elements, in the same
+  // storage), and rows to gather go from x to the up GEMMs' operand form in one step.
+  auto in_bf16 = [](const Segment& s) {
+    return !all_fp8(s.w1, s.w3, s.w2) && all_bf16(s.w1, s.w3, s.w2);
+  };
+  const size_t es = bf16_gemm_.act_bytes();
+  const bool widened = bf16_gemm_.kernels() == Bf16Kernels::Widen;
   // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
-  auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, float* p1, float* p3,
-                float* a, int64_t c0, int64_t n, unsigned worker) {
-    if (all_fp8(s.w1, s.w3, s.w2)) {
-      fp8_up(s, m, row0, xr, p1, p3, c0, n, dim, hidden, worker);
-    } else if (all_bf16(s.w1, s.w3, s.w2)) {
+  // The rows: xr, or (`tokens`, bf16) rows tokens[r] of the gather's source.
+  auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, const int32_t* tokens,
+                float* p1, float* p3, float* a, int64_t c0, int64_t n, unsigned worker) {
+    if (in_bf16(s)) {
       auto& act = scratch_[worker].bytes;
-      act.resize(static_cast<size_t>(m * dim) * bf16_gemm_.act_bytes());
-      bf16_gemm_.prepare(xr, dim, m, dim, act.data(), dim, false);
+      act.resize(static_cast<size_t>(m * dim) * es);
+      if (tokens)
+        for (int64_t r = 0; r < m; ++r)
+          bf16_gemm_.prepare(gather->src + static_cast<int64_t>(tokens[r]) * dim, dim, 1, dim,
+                             act.data() + static_cast<size_t>(r * dim) * es, dim, false);
+      else
+        bf16_gemm_.prepare(xr, dim, m, dim, act.data(), dim, false);
       if (s.w1.bf16_packed && s.w3.bf16_packed) {
-        packed_nt(act.data(), dim, s.w1.bf16_packed, p1 + c0, hidden, m, c0, n, dim, false, worker);
-        packed_nt(act.data(), dim, s.w3.bf16_packed, p3 + c0, hidden, m, c0, n, dim, false, worker);
+        packed_nt(act.data(), dim, s.w1.bf16_packed, hidden, p1 + c0, hidden, m, c0, n, dim, false,
+                  worker);
+        packed_nt(act.data(), dim, s.w3.bf16_packed, hidden, p3 + c0, hidden, m, c0, n, dim, false,
+                  worker);
       } else {
         bf16_gemm_.act_weight_nt(act.data(), dim, s.w1.bf16 + c0 * dim, dim, p1 + c0, hidden, m, n,
                                  dim, false, worker);
         bf16_gemm_.act_weight_nt(act.data(), dim, s.w3.bf16 + c0 * dim, dim, p3 + c0, hidden, m, n,
                                  dim, false, worker);
       }
+      auto* ab = reinterpret_cast<unsigned char*>(a);
+      for (int64_t r = 0; r < m; ++r)
+        swiglu_to_bf16(p1 + r * hidden + c0, p3 + r * hidden + c0,
+                       ab + static_cast<size_t>(r * hidden + c0) * es, n, widened);
+      return;
+    }
+    if (all_fp8(s.w1, s.w3, s.w2)) {
+      fp8_up(s, m, row0, xr, p1, p3, c0, n, dim, hidden, worker);
     } else if (s.w1.f32t && s.w3.f32t) {
       sgemm(false, false, m, n, dim, xr, dim, s.w1.f32t + c0, hidden, p1 + c0, hidden, false);
       sgemm(false, false, m, n, dim, xr, dim, s.w3.f32t + c0, hidden, p3 + c0, hidden, false);
@@ -203,18 +225,15 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   // y (row stride `dim`) (+)= a W2^T on output columns [c0, c0 + n).
   auto down = [&](const Segment& s, int64_t m, int64_t row0, const float* a, float* yr, int64_t c0,
                   int64_t n, unsigned worker) {
-    if (all_fp8(s.w1, s.w3, s.w2)) {
-      fp8_down(s, m, row0, a, yr, c0, n, dim, hidden, accumulate, worker);
-    } else if (all_bf16(s.w1, s.w3, s.w2)) {
-      auto& act = scratch_[worker].bytes;
-      act.resize(static_cast<size_t>(m * hidden) * bf16_gemm_.act_bytes());
-      bf16_gemm_.prepare(a, hidden, m, hidden, act.data(), hidden, false);
+    if (in_bf16(s)) {
       if (s.w2.bf16_packed)
-        packed_nt(act.data(), hidden, s.w2.bf16_packed, yr + c0, dim, m, c0, n, hidden, accumulate,
+        packed_nt(a, hidden, s.w2.bf16_packed, dim, yr + c0, dim, m, c0, n, hidden, accumulate,
                   worker);
       else
-        bf16_gemm_.act_weight_nt(act.data(), hidden, s.w2.bf16 + c0 * hidden, hidden, yr + c0, dim,
-                                 m, n, hidden, accumulate, worker);
+        bf16_gemm_.act_weight_nt(a, hidden, s.w2.bf16 + c0 * hidden, hidden, yr + c0, dim, m, n,
+                                 hidden, accumulate, worker);
+    } else if (all_fp8(s.w1, s.w3, s.w2)) {
+      fp8_down(s, m, row0, a, yr, c0, n, dim, hidden, accumulate, worker);
     } else if (s.w2.f32t) {
       sgemm(false, false, m, n, hidden, a, hidden, s.w2.f32t + c0, dim, yr + c0, dim, accumulate);
     } else {
@@ -249,10 +268,12 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     }
     cut_at[i] = cut_rows;
     cut_rows += items[i].rows;
-    for (int64_t c = 0; c < hidden; c += kUpColumns)
-      units.push_back({i, c, std::min(kUpColumns, hidden - c)});
-    for (int64_t c = 0; c < dim; c += kDownColumns)
-      second.push_back({i, c, std::min(kDownColumns, dim - c)});
+    const int64_t up_cols = unit_columns(hidden, kUpColumns);
+    const int64_t down_cols = unit_columns(dim, kDownColumns);
+    for (int64_t c = 0; c < hidden; c += up_cols)
+      units.push_back({i, c, std::min(up_cols, hidden - c)});
+    for (int64_t c = 0; c < dim; c += down_cols)
+      second.push_back({i, c, std::min(down_cols, dim - c)});
   }
   cut_.resize(*this, static_cast<size_t>(cut_rows * hidden * (keep ? 1 : 3)));
   // A cut item's rows are read by each of its column units: gathered once, before them.
@@ -279,13 +300,16 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       float* a = cut_.data() + cut_at[un.item] * hidden;
       float* p1 = keep ? h1 + it.begin * hidden : a + cut_rows * hidden;
       float* p3 = keep ? h3 + it.begin * hidden : a + 2 * cut_rows * hidden;
-      up(s, m, it.begin, xr, p1, p3, a, un.c0, un.n, worker);
+      up(s, m, it.begin, xr, nullptr, p1, p3, a, un.c0, un.n, worker);
       return;
     }
     auto& sc = scratch_[worker].f;
     const int64_t act = (keep ? 1 : 3) * m * hidden;
-    sc.resize(static_cast<size_t>(act + (gather && !gather->kept ? m * dim : 0)));
-    if (gather) {
+    // Rows the bf16 up GEMMs take straight from x: gathered nowhere else.
+    const bool convert_gathered = gather && !gather->kept && in_bf16(s);
+    sc.resize(
+        static_cast<size_t>(act + (gather && !gather->kept && !convert_gathered ? m * dim : 0)));
+    if (gather && !convert_gathered) {
       // The item's rows, gathered where its GEMMs read them next (L2), not in a pass of their own.
       float* to = gather->kept ? kept_rows(it.begin) : sc.data() + act;
       gather_rows(it.begin, m, to);
@@ -294,7 +318,8 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     float* a = sc.data();
     float* p1 = keep ? h1 + it.begin * hidden : a + m * hidden;
     float* p3 = keep ? h3 + it.begin * hidden : a + 2 * m * hidden;
-    up(s, m, it.begin, xr, p1, p3, a, 0, hidden, worker);
+    up(s, m, it.begin, xr, convert_gathered ? gather->token + it.begin : nullptr, p1, p3, a, 0,
+       hidden, worker);
     down(s, m, it.begin, a, y + it.begin * dim, 0, dim, worker);
   });
   pool_.parallel_for(static_cast<int64_t>(second.size()), [&](int64_t u, unsigned worker) {

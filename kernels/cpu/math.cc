@@ -384,12 +384,44 @@ void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* o
     for (int64_t c = 0; c < cols; ++c) out[c * ldo + r] = x[r * ldx + c];
 }
 
-void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
-                   bool transposed, bool widened) {
+namespace {
+
+void round_to_bf16_narrow(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out,
+                          int64_t ldo, bool transposed, bool widened) {
   if (use_avx2()) return round_to_bf16_avx2(x, ldx, rows, cols, out, ldo, transposed, widened);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c)
       store_bf16(out, transposed ? c * ldo + r : r * ldo + c, x[r * ldx + c], widened);
+}
+
+}  // namespace
+
+void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
+                   bool transposed, bool widened) {
+  if (transposed || !use_avx512())
+    return round_to_bf16_narrow(x, ldx, rows, cols, out, ldo, transposed, widened);
+  const size_t es = widened ? 4 : 2;
+  auto* o = static_cast<unsigned char*>(out);
+  for (int64_t r = 0; r < rows; ++r) {
+    unsigned char* row = o + static_cast<size_t>(r * ldo) * es;
+    const int64_t done = round_to_bf16_avx512(x + r * ldx, row, cols, widened);
+    if (done < cols)
+      round_to_bf16_narrow(x + r * ldx + done, ldx, 1, cols - done,
+                           row + static_cast<size_t>(done) * es, ldo, false, widened);
+  }
+}
+
+void swiglu_to_bf16(const float* h1, const float* h3, void* out, int64_t n, bool widened) {
+  // In pieces that stay in L1 between the two steps.
+  constexpr int64_t kPiece = 512;
+  alignas(64) float a[kPiece];
+  auto* o = static_cast<unsigned char*>(out);
+  const size_t es = widened ? 4 : 2;
+  for (int64_t i = 0; i < n; i += kPiece) {
+    const int64_t len = std::min(kPiece, n - i);
+    swiglu(h1 + i, h3 + i, a, len);
+    round_to_bf16(a, len, 1, len, o + static_cast<size_t>(i) * es, len, false, widened);
+  }
 }
 
 void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy,

@@ -54,6 +54,10 @@ void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* o
 void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
                    bool transposed, bool widened);
 
+// out = swiglu(h1, h3) rounded to bf16, codes or (widened) floats: the bits of swiglu followed by
+// round_to_bf16, without the fp32 result passing through memory.
+void swiglu_to_bf16(const float* h1, const float* h3, void* out, int64_t n, bool widened);
+
 // y = x / sqrt(mean(x^2) + eps) * w for each of `rows` rows of width dim; inv_rms (optional)
 // receives 1 / sqrt(mean(x^2) + eps) per row.
 void rmsnorm(const float* x, const float* w, float* y, float* inv_rms, int64_t rows, int64_t dim,

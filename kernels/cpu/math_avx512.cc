@@ -37,7 +37,35 @@ MOERT_AVX512 inline __m512 sigmoid16(__m512 x) {
   return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
+// math.cc's bf16_bits8 on 16 lanes: the rounded value's code in the upper 16 bits of each lane.
+MOERT_AVX512 inline __m512i bf16_bits16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  return _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+}
+
 }  // namespace
+
+MOERT_AVX512 int64_t round_to_bf16_avx512(const float* x, void* out, int64_t n, bool widened) {
+  int64_t i = 0;
+  if (widened) {
+    auto* o = static_cast<float*>(out);
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_si512(o + i,
+                          _mm512_and_si512(bf16_bits16(_mm512_loadu_ps(x + i)),
+                                           _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return i;
+  }
+  auto* o = static_cast<uint16_t*>(out);
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(
+        reinterpret_cast<__m256i*>(o + i),
+        _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits16(_mm512_loadu_ps(x + i)), 16)));
+  return i;
+}
 
 MOERT_AVX512 int64_t add_avx512(float* dst, const float* src, int64_t n) {
   int64_t i = 0;

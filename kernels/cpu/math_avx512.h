@@ -14,5 +14,7 @@ int64_t axpy_avx512(float* y, float a, const float* x, int64_t n);
 int64_t swiglu_avx512(const float* h1, const float* h3, float* a, int64_t n);
 int64_t swiglu_backward_avx512(const float* h1, const float* h3, const float* da, float* dh1,
                                float* dh3, int64_t n);
+// out[i] = x[i] rounded to bf16 (math.h's round_to_bf16 on one row): codes, or widened floats.
+int64_t round_to_bf16_avx512(const float* x, void* out, int64_t n, bool widened);
 
 }  // namespace moert::cpu

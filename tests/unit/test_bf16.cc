@@ -69,8 +69,8 @@ TEST(Bf16Convert, VectorRoundingMatchesTheScalarRule) {
                                          0x80008000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u,
                                          0xFF800001u, 0x7F800001u, 0x7FBFFFFFu};
   for (int64_t rows : {1, 7, 8, 19})
-    for (int64_t cols : {1, 8, 13, 24}) {
-      const int64_t ldx = cols + 3;  // a row stride wider than the row
+    for (int64_t cols : {1, 8, 13, 24, 37}) {  // 37: two AVX-512 blocks, a scalar tail
+      const int64_t ldx = cols + 3;            // a row stride wider than the row
       std::vector<float> x(static_cast<size_t>((rows - 1) * ldx + cols));
       for (size_t i = 0; i < x.size(); ++i) {
         const int64_t r = static_cast<int64_t>(i) / ldx, c = static_cast<int64_t>(i) % ldx;

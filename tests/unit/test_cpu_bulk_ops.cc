@@ -150,6 +150,18 @@ TEST(CpuBulkOps, ElementwiseKernelsGiveTheAvx2BitsOnEveryIsa) {
   in_pieces([&](int64_t i, int64_t m) { cpu::add_into(&yb[i], &x[i], m); });
   EXPECT_TRUE(same(ya, yb)) << "add_into";
   for (int64_t i = 0; i < n; ++i) ASSERT_EQ(ya[i], y0[i] + x[i]) << i;
+
+  // The bf16 forward's fused step: swiglu rounded to bf16 in pieces of its own, the bits of
+  // swiglu followed by round_to_bf16, as codes and widened, over lengths that end inside a
+  // 16-wide block, an 8-wide one and a piece (512).
+  for (const int64_t len : {int64_t{1}, int64_t{15}, int64_t{24}, int64_t{531}, n})
+    for (const bool widened : {false, true}) {
+      std::vector<uint32_t> want(static_cast<size_t>(len), 0xDEADBEEFu), got = want;
+      cpu::swiglu(h1.data(), h3.data(), whole.data(), len);
+      cpu::round_to_bf16(whole.data(), len, 1, len, want.data(), len, false, widened);
+      cpu::swiglu_to_bf16(h1.data(), h3.data(), got.data(), len, widened);
+      EXPECT_EQ(got, want) << "swiglu_to_bf16, " << len << (widened ? " widened" : " codes");
+    }
 }
 
 }  // namespace
