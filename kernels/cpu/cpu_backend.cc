@@ -150,6 +150,9 @@ void CpuBackend::packed_nt(const void* a, int64_t lda, const unsigned char* w, i
                            float* c, int64_t ldc, int64_t m, int64_t c0, int64_t n, int64_t k,
                            bool accumulate, unsigned worker) {
   const int64_t rb = pack_rows(rows);
+  if (c0 % rb != 0 || (c0 + n != rows && (c0 + n) % rb != 0))
+    fail(Code::Internal, "columns [", c0, ", ", c0 + n, ") of a packed weight of ", rows,
+         " rows are not whole blocks of ", rb);
   const auto block = static_cast<int64_t>(bf16_gemm_.packed_bytes(rb, k));
   for (int64_t j = 0; j < n; j += rb)
     bf16_gemm_.act_packed_nt(a, lda, w + (c0 + j) / rb * block, c + j, ldc, m, std::min(rb, n - j),

@@ -218,7 +218,8 @@ class CpuBackend final : public Backend {
   // weights at a time as kTransposedWeights floats allow.
   Buffer<float> t_w_;
   // Forward items of at most kFewRows rows are cut into column units of the up (w1, w3) and down
-  // (w2) GEMMs; their activations live in cut_ between the two.
+  // (w2) GEMMs (a packed weight of up to kWholeRows rows is one unit); their activations live in
+  // cut_ between the two.
   static constexpr int64_t kFewRows = 16, kUpColumns = 256, kDownColumns = 512;
   // So are all items of a call of fewer than kCutItems items on weights of kCutWeights elements
   // or more, where their activations (kept in cut_ between the two) take at most kCutFloats.
@@ -227,19 +228,20 @@ class CpuBackend final : public Backend {
   // Rows of a weight (output columns of its GEMM) packed together: a weight of up to kWholeRows
   // rows whole, so that one GEMM writes its output rows in place (oneDNN 2.6 has only its
   // reference kernel for a packed weight's product into a longer row stride: Bf16Gemm then
-  // computes into a dense block and copies it, which cost the bench layer's bf16 forward a
-  // sixth of its time on AMX); larger ones in blocks of kPackRows, so that every column unit
-  // above is a whole number of blocks.
+  // computes into a dense block and copies it: with the gathers, a fifth of the bench layer's
+  // bf16 forward went to memmove on AMX); larger ones in blocks of kPackRows, so that every column
+  // unit above is a whole number of blocks.
   static constexpr int64_t kPackRows = 256, kWholeRows = 512;
   static_assert(kUpColumns % kPackRows == 0 && kDownColumns % kPackRows == 0);
   static int64_t pack_rows(int64_t rows) { return rows <= kWholeRows ? rows : kPackRows; }
-  // The column units of a weight of `rows` rows cut into units of `unit`: the whole weight
-  // where it is packed whole.
+  // The column units of a packed weight of `rows` rows cut into units of `unit`: the whole
+  // weight where it is packed whole (other layouts take units of `unit` at any width).
   static int64_t unit_columns(int64_t rows, int64_t unit) {
     return rows <= kWholeRows ? rows : unit;
   }
   // c[m, n] (+)= a[m, k] w^T on the output columns [c0, c0 + n) of a weight w of `rows` rows
-  // packed as pack_bf16 packs it (c and w from column c0; c0 a multiple of pack_rows(rows)).
+  // packed as pack_bf16 packs it (c and w from column c0): whole blocks of pack_rows(rows), the
+  // last one possibly shorter (Code::Internal otherwise).
   void packed_nt(const void* a, int64_t lda, const unsigned char* w, int64_t rows, float* c,
                  int64_t ldc, int64_t m, int64_t c0, int64_t n, int64_t k, bool accumulate,
                  unsigned worker);

@@ -247,7 +247,8 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   // item of a call with too few items to keep the threads busy on large weights: a decode step's
   // shared expert is one item, 64 rows of 5.6 GFLOP at DeepSeek-V3's width, which alone would
   // run on one thread while the others wait. The cuts depend on the call's shapes only, never on
-  // the thread count.
+  // the thread count. A packed bf16 weight is cut only at its blocks: up to 512 rows it is one
+  // unit (CpuBackend::pack_rows).
   const bool keep = h1 != nullptr;
   int64_t rows_in_all = 0;
   for (const Item& it : items) rows_in_all += it.rows;
@@ -268,8 +269,12 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     }
     cut_at[i] = cut_rows;
     cut_rows += items[i].rows;
-    const int64_t up_cols = unit_columns(hidden, kUpColumns);
-    const int64_t down_cols = unit_columns(dim, kDownColumns);
+    // Units of a packed weight are whole blocks of it; other layouts take any columns.
+    const Segment& s = segs[items[i].segment];
+    const bool packed = in_bf16(s) && s.w1.bf16_packed && s.w3.bf16_packed;
+    const int64_t up_cols = packed ? unit_columns(hidden, kUpColumns) : kUpColumns;
+    const int64_t down_cols =
+        in_bf16(s) && s.w2.bf16_packed ? unit_columns(dim, kDownColumns) : kDownColumns;
     for (int64_t c = 0; c < hidden; c += up_cols)
       units.push_back({i, c, std::min(up_cols, hidden - c)});
     for (int64_t c = 0; c < dim; c += down_cols)

@@ -24,11 +24,11 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const fl
 enum class Bf16Kernels { Dnnl, Widen };
 
 // bf16 GEMMs with fp32 accumulation for one backend. Activation operands are prepared once per
-// call with prepare() into the form the kernels read — bf16 values (2 bytes) for oneDNN, fp32
-// values rounded to bf16 (4 bytes) for the widening kernels — so each kernel call converts
-// nothing; weights are read from their bf16 copies as stored (which oneDNN repacks per call) or,
-// with oneDNN, packed once in its own layout (pack, act_packed_nt). Thread-safe: each worker
-// passes its own index.
+// call with prepare() (or written so by their producer: math.h's swiglu_to_bf16) into the form
+// the kernels read — bf16 values (2 bytes) for oneDNN, fp32 values rounded to bf16 (4 bytes) for
+// the widening kernels — so each kernel call converts nothing; weights are read from their bf16
+// copies as stored (which oneDNN repacks per call) or, with oneDNN, packed once in its own layout
+// (pack, act_packed_nt). Thread-safe: each worker passes its own index.
 class Bf16Gemm {
  public:
   // `workers`: the backend's thread count; `kernels`: normally what the CPU supports
