@@ -60,8 +60,9 @@ std::vector<uint16_t> bf16_of(const Vec& v) {
 // The vector conversion gives the scalar to_bf16's bits for every kind of value (ties both ways,
 // values that round up to infinity, subnormals, infinities, NaNs of either sign and payload) and
 // every layout: rows or transposed, codes or widened, with block tails on both sides. The special
-// values fill the first full 8 x 8 block, so that each passes through several vector lanes; the
-// buffers are sized exactly and the output's padding must keep its sentinel.
+// values fill the first 8 rows' first 16 columns, so that each passes through several lanes of
+// the 8- and 16-wide bodies; the buffers are sized exactly and the output's padding must keep its
+// sentinel.
 TEST(Bf16Convert, VectorRoundingMatchesTheScalarRule) {
   std::mt19937 rng(3);
   const std::vector<uint32_t> special = {0x00000000u, 0x80000000u, 0x3F808000u, 0x3F818000u,
@@ -74,8 +75,8 @@ TEST(Bf16Convert, VectorRoundingMatchesTheScalarRule) {
       std::vector<float> x(static_cast<size_t>((rows - 1) * ldx + cols));
       for (size_t i = 0; i < x.size(); ++i) {
         const int64_t r = static_cast<int64_t>(i) / ldx, c = static_cast<int64_t>(i) % ldx;
-        const uint32_t u = rows >= 8 && r < 8 && c < 8 ? special[(r * 8 + c) % special.size()]
-                                                       : static_cast<uint32_t>(rng());
+        const uint32_t u = rows >= 8 && r < 8 && c < 16 ? special[(r * 16 + c) % special.size()]
+                                                        : static_cast<uint32_t>(rng());
         std::memcpy(&x[i], &u, 4);
       }
       for (bool transposed : {false, true})
