@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -25,9 +26,11 @@ using moert_cli::StDType;
 
 std::vector<uint8_t> file_of(const std::string& header, size_t data_bytes, uint64_t length = 0) {
   const uint64_t n = length ? length : header.size();
-  std::vector<uint8_t> out(8);
+  // Sized once, then filled: GCC 12 at -O3 (the cuda preset) takes the insert into an 8-byte
+  // vector for a copy out of its bounds (a false -Warray-bounds).
+  std::vector<uint8_t> out(8 + header.size());
   for (int i = 0; i < 8; ++i) out[i] = static_cast<uint8_t>(n >> (8 * i));
-  out.insert(out.end(), header.begin(), header.end());
+  std::copy(header.begin(), header.end(), out.begin() + 8);
   for (size_t i = 0; i < data_bytes; ++i) out.push_back(static_cast<uint8_t>(i));
   return out;
 }
