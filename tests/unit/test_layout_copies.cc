@@ -393,7 +393,7 @@ TEST(LayoutCopies, PackedBf16ForwardAgreesWithThePlainCopies) {
   // after the write, the same bits before and after weights of up to 512 rows were packed whole).
   // Inference: a decode step's 3 rows go through moert's widening kernels on the plain copies and
   // through oneDNN's on the packed ones, whose last blocks of the mixed layer are 8 and 1 rows
-  // wide (measured 2.9e-5 there, below 1e-5 elsewhere).
+  // wide (measured 2.9e-5 there, below 1e-5 elsewhere): that row count's own bound.
   struct Case {
     MoeWidths widths;
     double training_tol, inference_tol;
@@ -411,7 +411,7 @@ TEST(LayoutCopies, PackedBf16ForwardAgreesWithThePlainCopies) {
       Session off(model, with("off", Mode::Inference, 2, Precision::Bf16));
       on.forward_tokens(b.tokens.data(), b.tokens.size(), rows, a.data(), a.size());
       off.forward_tokens(b.tokens.data(), b.tokens.size(), rows, c.data(), c.size());
-      EXPECT_LT(rel(a, c), k.inference_tol) << rows;
+      EXPECT_LT(rel(a, c), rows == 3 ? k.inference_tol : 1e-5) << rows;
     }
     const int64_t rows = 128;
     Session on(model, with("on", Mode::Training, 2, Precision::Bf16));
