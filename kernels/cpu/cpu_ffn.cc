@@ -178,6 +178,10 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   auto in_bf16 = [](const Segment& s) {
     return !all_fp8(s.w1, s.w3, s.w2) && all_bf16(s.w1, s.w3, s.w2);
   };
+  // Whether the up and down GEMMs read packed copies: the same test chooses the GEMM and the
+  // column units, which for a packed weight must be whole blocks of it.
+  auto packed_up = [](const Segment& s) { return s.w1.bf16_packed && s.w3.bf16_packed; };
+  auto packed_down = [](const Segment& s) { return s.w2.bf16_packed != nullptr; };
   const size_t es = bf16_gemm_.act_bytes();
   const bool widened = bf16_gemm_.kernels() == Bf16Kernels::Widen;
   // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
@@ -193,7 +197,7 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
                              act.data() + static_cast<size_t>(r * dim) * es, dim, false);
       else
         bf16_gemm_.prepare(xr, dim, m, dim, act.data(), dim, false);
-      if (s.w1.bf16_packed && s.w3.bf16_packed) {
+      if (packed_up(s)) {
         packed_nt(act.data(), dim, s.w1.bf16_packed, hidden, p1 + c0, hidden, m, c0, n, dim, false,
                   worker);
         packed_nt(act.data(), dim, s.w3.bf16_packed, hidden, p3 + c0, hidden, m, c0, n, dim, false,
@@ -226,7 +230,7 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   auto down = [&](const Segment& s, int64_t m, int64_t row0, const float* a, float* yr, int64_t c0,
                   int64_t n, unsigned worker) {
     if (in_bf16(s)) {
-      if (s.w2.bf16_packed)
+      if (packed_down(s))
         packed_nt(a, hidden, s.w2.bf16_packed, dim, yr + c0, dim, m, c0, n, hidden, accumulate,
                   worker);
       else
@@ -271,10 +275,10 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     cut_rows += items[i].rows;
     // Units of a packed weight are whole blocks of it; other layouts take any columns.
     const Segment& s = segs[items[i].segment];
-    const bool packed = in_bf16(s) && s.w1.bf16_packed && s.w3.bf16_packed;
-    const int64_t up_cols = packed ? unit_columns(hidden, kUpColumns) : kUpColumns;
+    const int64_t up_cols =
+        in_bf16(s) && packed_up(s) ? unit_columns(hidden, kUpColumns) : kUpColumns;
     const int64_t down_cols =
-        in_bf16(s) && s.w2.bf16_packed ? unit_columns(dim, kDownColumns) : kDownColumns;
+        in_bf16(s) && packed_down(s) ? unit_columns(dim, kDownColumns) : kDownColumns;
     for (int64_t c = 0; c < hidden; c += up_cols)
       units.push_back({i, c, std::min(up_cols, hidden - c)});
     for (int64_t c = 0; c < dim; c += down_cols)
