@@ -127,15 +127,45 @@ struct Bf16Gemm::Dnnl {
     bool reference() const { return impl.rfind("ref", 0) == 0; }
   };
 
-  explicit Dnnl(unsigned workers) : streams(workers, nullptr), scratch(workers), dense(workers) {
+  // A product as one worker runs it: the primitive of its routed key and memory objects made
+  // for that primitive's operands once, whose data handles each call sets. Making four memory
+  // objects per call cost more than a small item's arithmetic.
+  struct Bound {
+    const Prim* prim = nullptr;
+    bool dense_copy = false;  // computed into the worker's dense destination, then copied
+    dnnl_memory_t a = nullptr, b = nullptr, c = nullptr, scratch = nullptr;
+    void release() {
+      for (dnnl_memory_t m : {a, b, c, scratch})
+        if (m) dnnl_memory_destroy(m);
+      a = b = c = scratch = nullptr;
+    }
+  };
+  // What only one worker touches, so that a call takes no lock once its shape has run there.
+  struct Worker {
+    dnnl_stream_t stream = nullptr;
+    std::vector<unsigned char> scratch;
+    std::vector<float> dense;  // run's dense destination
+    std::map<Key, Bound> bound;
+  };
+
+  explicit Dnnl(unsigned workers) : per_worker(workers) {
     check_dnnl(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine creation");
   }
   ~Dnnl() {
+    for (Worker& w : per_worker) {
+      for (auto& [key, b] : w.bound) b.release();
+      if (w.stream) dnnl_stream_destroy(w.stream);
+    }
     for (auto& [key, p] : prims) dnnl_primitive_destroy(p.prim);
     for (auto& [key, r] : reorders) dnnl_primitive_destroy(r);
-    for (dnnl_stream_t s : streams)
-      if (s) dnnl_stream_destroy(s);
     if (engine) dnnl_engine_destroy(engine);
+  }
+
+  dnnl_stream_t stream(unsigned worker) {
+    dnnl_stream_t& s = per_worker[worker].stream;
+    if (!s)
+      check_dnnl(dnnl_stream_create(&s, engine, dnnl_stream_default_flags), "stream creation");
+    return s;
   }
 
   // The layout oneDNN's matmul chooses for a bf16 weight operand [k, n] (asked with m = 64; the
@@ -206,9 +236,7 @@ struct Bf16Gemm::Dnnl {
   };
   void run_prim(dnnl_primitive_t prim, std::initializer_list<Arg> args, unsigned worker,
                 const char* what) {
-    if (!streams[worker])
-      check_dnnl(dnnl_stream_create(&streams[worker], engine, dnnl_stream_default_flags),
-                 "stream creation");
+    dnnl_stream_t st = stream(worker);
     std::vector<dnnl_memory_t> mem;
     std::vector<dnnl_exec_arg_t> exec;
     dnnl_status_t s = dnnl_success;
@@ -220,8 +248,8 @@ struct Bf16Gemm::Dnnl {
       exec.push_back({a.arg, m});
     }
     if (s == dnnl_success) {
-      s = dnnl_primitive_execute(prim, streams[worker], static_cast<int>(exec.size()), exec.data());
-      if (s == dnnl_success) s = dnnl_stream_wait(streams[worker]);
+      s = dnnl_primitive_execute(prim, st, static_cast<int>(exec.size()), exec.data());
+      if (s == dnnl_success) s = dnnl_stream_wait(st);
     }
     for (dnnl_memory_t m : mem) dnnl_memory_destroy(m);
     check_dnnl(s, what);
@@ -295,18 +323,58 @@ struct Bf16Gemm::Dnnl {
     return key;
   }
 
-  void run(const Key& key, const void* a, const void* b, float* c, unsigned worker) {
+  // `key`'s Bound on `worker`, made on its first call there.
+  Bound& bound(const Key& key, unsigned worker) {
+    auto& map = per_worker[worker].bound;
+    auto it = map.find(key);
+    if (it != map.end()) return it->second;
     const Key r = routed(key);
-    if (r.ldc == key.ldc || key.m == 1) {
-      execute(get(r), a, b, c, worker);
-      return;
+    Bound b;
+    b.prim = &get(r);
+    b.dense_copy = r.ldc != key.ldc && key.m != 1;
+    const dnnl_dims_t sd{static_cast<dnnl_dim_t>(std::max<size_t>(b.prim->scratch_bytes, 1))};
+    dnnl_memory_desc_t sp;
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&sp, 1, sd, dnnl_u8, dnnl_a);
+    // No buffers yet (DNNL_MEMORY_NONE): each call sets its own.
+    if (s == dnnl_success) s = dnnl_memory_create(&b.a, &b.prim->a, engine, DNNL_MEMORY_NONE);
+    if (s == dnnl_success) s = dnnl_memory_create(&b.b, &b.prim->b, engine, DNNL_MEMORY_NONE);
+    if (s == dnnl_success) s = dnnl_memory_create(&b.c, &b.prim->c, engine, DNNL_MEMORY_NONE);
+    if (s == dnnl_success) s = dnnl_memory_create(&b.scratch, &sp, engine, DNNL_MEMORY_NONE);
+    if (s != dnnl_success) {
+      b.release();
+      check_dnnl(s, "bf16 matmul memory creation");
     }
-    auto& d = dense[worker];
-    d.resize(static_cast<size_t>(key.m * key.n));
-    execute(get(r), a, b, d.data(), worker);
+    return map.emplace(key, b).first->second;
+  }
+
+  void run(const Key& key, const void* a, const void* b, float* c, unsigned worker) {
+    const AsyncSignalScope no_signals;
+    Bound& bd = bound(key, worker);
+    Worker& w = per_worker[worker];
+    const Prim& p = *bd.prim;
+    if (w.scratch.size() < p.scratch_bytes) w.scratch.resize(p.scratch_bytes);
+    float* dst = c;
+    if (bd.dense_copy) {
+      w.dense.resize(static_cast<size_t>(key.m * key.n));
+      dst = w.dense.data();
+    }
+    dnnl_status_t s = dnnl_memory_set_data_handle(bd.a, const_cast<void*>(a));
+    if (s == dnnl_success) s = dnnl_memory_set_data_handle(bd.b, const_cast<void*>(b));
+    if (s == dnnl_success) s = dnnl_memory_set_data_handle(bd.c, dst);
+    if (s == dnnl_success)
+      s = dnnl_memory_set_data_handle(bd.scratch, w.scratch.empty() ? nullptr : w.scratch.data());
+    const dnnl_exec_arg_t args[] = {{DNNL_ARG_SRC, bd.a},
+                                    {DNNL_ARG_WEIGHTS, bd.b},
+                                    {DNNL_ARG_DST, bd.c},
+                                    {DNNL_ARG_SCRATCHPAD, bd.scratch}};
+    dnnl_stream_t st = stream(worker);
+    if (s == dnnl_success) s = dnnl_primitive_execute(p.prim, st, 4, args);
+    if (s == dnnl_success) s = dnnl_stream_wait(st);
+    check_dnnl(s, "bf16 matmul");
+    if (!bd.dense_copy) return;
     for (int64_t i = 0; i < key.m; ++i) {
       float* ci = c + i * key.ldc;
-      const float* di = d.data() + i * key.n;
+      const float* di = dst + i * key.n;
       if (key.accumulate)
         add_into(ci, di, key.n);
       else
@@ -314,29 +382,12 @@ struct Bf16Gemm::Dnnl {
     }
   }
 
-  void execute(const Prim& p, const void* a, const void* b, float* c, unsigned worker) {
-    const AsyncSignalScope no_signals;
-    auto& sp = scratch[worker];
-    if (sp.size() < p.scratch_bytes) sp.resize(p.scratch_bytes);
-    dnnl_memory_desc_t sp_desc;
-    const dnnl_dims_t sd{static_cast<dnnl_dim_t>(std::max<size_t>(p.scratch_bytes, 1))};
-    check_dnnl(dnnl_memory_desc_init_by_tag(&sp_desc, 1, sd, dnnl_u8, dnnl_a), "scratch desc");
-    run_prim(p.prim,
-             {{DNNL_ARG_SRC, &p.a, const_cast<void*>(a)},
-              {DNNL_ARG_WEIGHTS, &p.b, const_cast<void*>(b)},
-              {DNNL_ARG_DST, &p.c, c},
-              {DNNL_ARG_SCRATCHPAD, &sp_desc, sp.empty() ? nullptr : sp.data()}},
-             worker, "bf16 matmul");
-  }
-
   dnnl_engine_t engine = nullptr;
   std::mutex mu;
   std::map<Key, Prim> prims;
   std::map<std::pair<int64_t, int64_t>, dnnl_memory_desc_t> packed_mds;        // (k, n)
   std::map<std::tuple<int64_t, int64_t, int64_t>, dnnl_primitive_t> reorders;  // (k, n, ldw)
-  std::vector<dnnl_stream_t> streams;                                          // per worker
-  std::vector<std::vector<unsigned char>> scratch;                             // per worker
-  std::vector<std::vector<float>> dense;  // per worker: run's dense destination
+  std::vector<Worker> per_worker;
 };
 
 Bf16Gemm::Bf16Gemm(unsigned workers, Bf16Kernels kernels)
