@@ -3,9 +3,11 @@
 #include <immintrin.h>
 
 // GCC 12's AVX-512 intrinsics build some results from _mm512_undefined_ps(), which its
-// -Wmaybe-uninitialized reports once inlined here (GCC bug 105593, fixed in GCC 13).
+// -Wmaybe-uninitialized (at -O2) and -Wuninitialized (at -Og, the asan preset) report once
+// inlined here (GCC bug 105593, fixed in GCC 13).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace moert::cpu {
