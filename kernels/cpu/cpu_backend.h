@@ -142,6 +142,7 @@ class CpuBackend final : public Backend {
     const float* src = nullptr;
     const int32_t* token = nullptr;
     float* kept = nullptr;
+    int64_t src_rows = 0;  // rows of src (the plan's tokens)
   };
   // The experts of `plan` (weights from expert 0 of w1, w3, w2) as segments, those without rows
   // left out.
@@ -248,6 +249,9 @@ class CpuBackend final : public Backend {
   Buffer<float> cut_;
   // The gathered rows of those items, when the call does not keep them in its x.
   Buffer<float> cut_x_;
+  // A bf16 forward's gather source in the up GEMMs' operand form, converted once per call: each
+  // token's row is then copied to its top-K items instead of rounded once per assignment.
+  Buffer<unsigned char> src_bf16_;
   static constexpr int64_t kTransposedWeights = int64_t{64} << 20;
   // Below this many elements a weight's fp32 GEMMs are small enough that oneDNN's nn and tn
   // kernels run as fast as nt, and the transposes would cost more than they save: Dgrad and

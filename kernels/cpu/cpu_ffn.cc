@@ -156,7 +156,7 @@ void CpuBackend::dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, f
                                      bool keep_x_perm, Weight w1, Weight w3, Weight w2,
                                      float* y_perm, float* h1, float* h3, int64_t dim,
                                      int64_t hidden) {
-  const Gather gather{x, plan.token.data(), keep_x_perm ? x_perm : nullptr};
+  const Gather gather{x, plan.token.data(), keep_x_perm ? x_perm : nullptr, plan.rows};
   ffn_forward(expert_segments(plan, w1, w3, w2, dim, hidden), x_perm, y_perm, h1, h3, dim, hidden,
               false, &gather);
 }
@@ -184,6 +184,24 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   auto packed_down = [](const Segment& s) { return s.w2.bf16_packed != nullptr; };
   const size_t es = bf16_gemm_.act_bytes();
   const bool widened = bf16_gemm_.kernels() == Bf16Kernels::Widen;
+  // Rows gathered straight into the bf16 up GEMMs' operand: from the source converted once when
+  // there are at least as many rows to gather as source rows (the bits are the same either way).
+  int64_t gathered = 0;
+  bool any_bf16 = false;
+  for (const Item& it : items) {
+    gathered += it.rows;
+    any_bf16 = any_bf16 || in_bf16(segs[it.segment]);
+  }
+  const bool src_once = gather && !gather->kept && any_bf16 && gathered >= gather->src_rows;
+  if (src_once) {
+    const int64_t n = gather->src_rows;
+    src_bf16_.resize(*this, static_cast<size_t>(n * dim) * es);
+    pool_.parallel_for((n + kReduceRows - 1) / kReduceRows, [&](int64_t b, unsigned) {
+      const int64_t r0 = b * kReduceRows;
+      bf16_gemm_.prepare(gather->src + r0 * dim, dim, std::min(kReduceRows, n - r0), dim,
+                         src_bf16_.data() + static_cast<size_t>(r0 * dim) * es, dim, false);
+    });
+  }
   // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
   // The rows: xr, or (`tokens`, bf16) rows tokens[r] of the gather's source.
   auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, const int32_t* tokens,
@@ -191,10 +209,15 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     if (in_bf16(s)) {
       auto& act = scratch_[worker].bytes;
       act.resize(static_cast<size_t>(m * dim) * es);
-      if (tokens)
+      const size_t row_bytes = static_cast<size_t>(dim) * es;
+      if (tokens && src_once)
+        for (int64_t r = 0; r < m; ++r)
+          std::memcpy(act.data() + static_cast<size_t>(r) * row_bytes,
+                      src_bf16_.data() + static_cast<size_t>(tokens[r]) * row_bytes, row_bytes);
+      else if (tokens)
         for (int64_t r = 0; r < m; ++r)
           bf16_gemm_.prepare(gather->src + static_cast<int64_t>(tokens[r]) * dim, dim, 1, dim,
-                             act.data() + static_cast<size_t>(r * dim) * es, dim, false);
+                             act.data() + static_cast<size_t>(r) * row_bytes, dim, false);
       else
         bf16_gemm_.prepare(xr, dim, m, dim, act.data(), dim, false);
       if (packed_up(s)) {

@@ -319,14 +319,19 @@ TEST(CpuReduction, Fp32FfnBackwardMatchesFloat64) {
 // The routed experts' forward straight from unpermuted rows (the CPU backend gathers each item's
 // rows itself) gives the bits of dispatch + grouped_swiglu_ffn, for items of many rows and of few
 // (the column-unit path of a decode step), whether x_perm is kept and h1, h3 are, on any thread
-// count; x_perm holds the dispatched rows when kept and is left alone otherwise.
-TEST_P(FfnReduction, DispatchedForwardEqualsDispatchThenGrouped) {
-  const Precision prec = GetParam().precision;
+// count; x_perm holds the dispatched rows when kept and is left alone otherwise. With 150 tokens
+// there are more assignments (175) than tokens, so a bf16 pass converts x once and copies its
+// rows; with 400, fewer, so it converts each gathered row.
+class FfnDispatchedForward : public ::testing::TestWithParam<std::tuple<FfnCase, int64_t>> {};
+
+TEST_P(FfnDispatchedForward, EqualsDispatchThenGrouped) {
+  const auto [param, rows] = GetParam();
+  const Precision prec = param.precision;
   std::mt19937 rng(5);
-  const int64_t E = 5, rows = 150;
+  const int64_t E = 5;
   const std::vector<int64_t> counts{2 * kReduceRows + 9, 0, 5, 16, 17};
   auto be0 = make_cpu_backend(2, prec);
-  const Ffn f(rng, E, *be0, GetParam().dim, GetParam().hidden);
+  const Ffn f(rng, E, *be0, param.dim, param.hidden);
   const int64_t D = f.dim, H = f.hidden;
   DispatchPlan plan;
   plan.rows = rows;
@@ -462,18 +467,26 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Precisions, FfnReduction,
-    ::testing::Values(FfnCase{Precision::Fp32, 20, 12}, FfnCase{Precision::Bf16, 20, 12},
-                      FfnCase{Precision::Fp32, 260, 256}, FfnCase{Precision::Bf16, 130, 96},
-                      FfnCase{Precision::Fp8, 20, 12}, FfnCase{Precision::Fp8, 200, 136}),
-    [](const auto& p) {
-      const Precision q = p.param.precision;
-      return std::string(q == Precision::Bf16  ? "bf16_"
-                         : q == Precision::Fp8 ? "fp8_"
-                                               : "fp32_") +
-             std::to_string(p.param.dim) + "x" + std::to_string(p.param.hidden);
-    });
+const FfnCase kFfnCases[] = {{Precision::Fp32, 20, 12},   {Precision::Bf16, 20, 12},
+                             {Precision::Fp32, 260, 256}, {Precision::Bf16, 130, 96},
+                             {Precision::Fp8, 20, 12},    {Precision::Fp8, 200, 136}};
+
+std::string ffn_case_name(const FfnCase& c) {
+  return std::string(c.precision == Precision::Bf16  ? "bf16_"
+                     : c.precision == Precision::Fp8 ? "fp8_"
+                                                     : "fp32_") +
+         std::to_string(c.dim) + "x" + std::to_string(c.hidden);
+}
+
+INSTANTIATE_TEST_SUITE_P(Precisions, FfnReduction, ::testing::ValuesIn(kFfnCases),
+                         [](const auto& p) { return ffn_case_name(p.param); });
+INSTANTIATE_TEST_SUITE_P(Precisions, FfnDispatchedForward,
+                         ::testing::Combine(::testing::ValuesIn(kFfnCases),
+                                            ::testing::Values(int64_t{150}, int64_t{400})),
+                         [](const auto& p) {
+                           return ffn_case_name(std::get<0>(p.param)) + "_tokens" +
+                                  std::to_string(std::get<1>(p.param));
+                         });
 
 // A call of few items on large weights (a decode step's shared expert: one 64-row item) runs as
 // column units, like few-row items: same bits on every thread count, h1/h3 kept or not, the
