@@ -57,7 +57,7 @@ CpuBackend::CpuBackend(unsigned threads, Precision experts, Fp8Options fp8, Layo
 
 size_t CpuBackend::work_bytes() const {
   size_t n = held_bytes(t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_, t_fp8_scales_, t_w_,
-                        cut_, cut_x_);
+                        cut_, cut_x_, src_bf16_);
   for (const Scratch& s : scratch_)
     n += s.f.capacity() * sizeof(float) + s.bytes.capacity() + s.quant.capacity() * sizeof(float);
   return n;
@@ -65,7 +65,7 @@ size_t CpuBackend::work_bytes() const {
 
 void CpuBackend::release_work() {
   clear_buffers(t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_, t_fp8_scales_, t_w_, cut_,
-                cut_x_);
+                cut_x_, src_bf16_);
   for (Scratch& s : scratch_) s = Scratch();
 }
 

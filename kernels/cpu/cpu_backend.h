@@ -249,8 +249,8 @@ class CpuBackend final : public Backend {
   Buffer<float> cut_;
   // The gathered rows of those items, when the call does not keep them in its x.
   Buffer<float> cut_x_;
-  // A bf16 forward's gather source in the up GEMMs' operand form, converted once per call: each
-  // token's row is then copied to its top-K items instead of rounded once per assignment.
+  // The source rows a bf16 forward's items gather, in the up GEMMs' operand form, each converted
+  // once per call (ffn_forward): a token's row is copied to its top-K items, not rounded K times.
   Buffer<unsigned char> src_bf16_;
   static constexpr int64_t kTransposedWeights = int64_t{64} << 20;
   // Below this many elements a weight's fp32 GEMMs are small enough that oneDNN's nn and tn

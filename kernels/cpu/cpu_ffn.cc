@@ -184,24 +184,11 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   auto packed_down = [](const Segment& s) { return s.w2.bf16_packed != nullptr; };
   const size_t es = bf16_gemm_.act_bytes();
   const bool widened = bf16_gemm_.kernels() == Bf16Kernels::Widen;
-  // Rows gathered straight into the bf16 up GEMMs' operand: from the source converted once when
-  // there are at least as many rows to gather as source rows (the bits are the same either way).
-  int64_t gathered = 0;
-  bool any_bf16 = false;
-  for (const Item& it : items) {
-    gathered += it.rows;
-    any_bf16 = any_bf16 || in_bf16(segs[it.segment]);
-  }
-  const bool src_once = gather && !gather->kept && any_bf16 && gathered >= gather->src_rows;
-  if (src_once) {
-    const int64_t n = gather->src_rows;
-    src_bf16_.resize(*this, static_cast<size_t>(n * dim) * es);
-    pool_.parallel_for((n + kReduceRows - 1) / kReduceRows, [&](int64_t b, unsigned) {
-      const int64_t r0 = b * kReduceRows;
-      bf16_gemm_.prepare(gather->src + r0 * dim, dim, std::min(kReduceRows, n - r0), dim,
-                         src_bf16_.data() + static_cast<size_t>(r0 * dim) * es, dim, false);
-    });
-  }
+  // Set before the items run (below): whether the rows the bf16 up GEMMs gather are copied from
+  // src_bf16_, where the source rows they read were converted once; slot[t] is token t's row
+  // there.
+  bool src_once = false;
+  std::vector<int32_t> slot;
   // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
   // The rows: xr, or (`tokens`, bf16) rows tokens[r] of the gather's source.
   auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, const int32_t* tokens,
@@ -213,7 +200,9 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       if (tokens && src_once)
         for (int64_t r = 0; r < m; ++r)
           std::memcpy(act.data() + static_cast<size_t>(r) * row_bytes,
-                      src_bf16_.data() + static_cast<size_t>(tokens[r]) * row_bytes, row_bytes);
+                      src_bf16_.data() +
+                          static_cast<size_t>(slot[static_cast<size_t>(tokens[r])]) * row_bytes,
+                      row_bytes);
       else if (tokens)
         for (int64_t r = 0; r < m; ++r)
           bf16_gemm_.prepare(gather->src + static_cast<int64_t>(tokens[r]) * dim, dim, 1, dim,
@@ -320,6 +309,38 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       gather_rows(items[i].begin, items[i].rows,
                   cut_apart ? cut_x_.data() + cut_at[i] * dim : kept_rows(items[i].begin));
     });
+  }
+  // An item not cut into units gathers its rows straight into the bf16 up GEMMs' operand, so
+  // each token is rounded once per assignment: top-K times. Where those items read each source
+  // row twice or more on average, the rows they read are converted once and copied from there
+  // (the same bits). No other row is touched: under expert parallelism the rest of the source
+  // may still be arriving.
+  if (gather && !gather->kept) {
+    std::vector<int32_t> rows_read;
+    int64_t gathered = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (cut_at[i] >= 0 || !in_bf16(segs[items[i].segment])) continue;
+      if (slot.empty()) slot.assign(static_cast<size_t>(gather->src_rows), -1);
+      for (int64_t r = items[i].begin; r < items[i].begin + items[i].rows; ++r) {
+        int32_t& at = slot[static_cast<size_t>(gather->token[r])];
+        if (at < 0) {
+          at = static_cast<int32_t>(rows_read.size());
+          rows_read.push_back(gather->token[r]);
+        }
+      }
+      gathered += items[i].rows;
+    }
+    const int64_t n = static_cast<int64_t>(rows_read.size());
+    src_once = n > 0 && gathered >= 2 * n;
+    if (src_once) {
+      const size_t row_bytes = static_cast<size_t>(dim) * es;
+      src_bf16_.resize(*this, static_cast<size_t>(n) * row_bytes);
+      pool_.parallel_for((n + kReduceRows - 1) / kReduceRows, [&](int64_t b, unsigned) {
+        for (int64_t i = b * kReduceRows; i < std::min(n, (b + 1) * kReduceRows); ++i)
+          bf16_gemm_.prepare(gather->src + static_cast<int64_t>(rows_read[i]) * dim, dim, 1, dim,
+                             src_bf16_.data() + static_cast<size_t>(i) * row_bytes, dim, false);
+      });
+    }
   }
   pool_.parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u, unsigned worker) {
     const Unit& un = units[static_cast<size_t>(u)];

@@ -344,7 +344,12 @@ struct Bf16Gemm::Dnnl {
       b.release();
       check_dnnl(s, "bf16 matmul memory creation");
     }
-    return map.emplace(key, b).first->second;
+    try {
+      return map.emplace(key, b).first->second;
+    } catch (...) {
+      b.release();  // the map could not take it: nothing else owns these objects
+      throw;
+    }
   }
 
   void run(const Key& key, const void* a, const void* b, float* c, unsigned worker) {

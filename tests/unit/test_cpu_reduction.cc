@@ -3,6 +3,8 @@
 // roots of any chunk-aligned split of the rows (what processes holding those rows would give),
 // and must not depend on the thread count. Row outputs (dx) of a split must equal the full call's.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -319,16 +321,17 @@ TEST(CpuReduction, Fp32FfnBackwardMatchesFloat64) {
 // The routed experts' forward straight from unpermuted rows (the CPU backend gathers each item's
 // rows itself) gives the bits of dispatch + grouped_swiglu_ffn, for items of many rows and of few
 // (the column-unit path of a decode step), whether x_perm is kept and h1, h3 are, on any thread
-// count; x_perm holds the dispatched rows when kept and is left alone otherwise. With 150 tokens
-// there are more assignments (175) than tokens, so a bf16 pass converts x once and copies its
-// rows; with 400, fewer, so it converts each gathered row.
+// count; x_perm holds the dispatched rows when kept and is left alone otherwise. The assignments
+// draw their tokens from the first `drawn` of 150: from 40, the items of more than kFewRows rows
+// read each of their rows about 3.6 times, so a bf16 pass converts those rows once and copies
+// them; from all 150, about 1.6 times, so it converts each gathered row.
 class FfnDispatchedForward : public ::testing::TestWithParam<std::tuple<FfnCase, int64_t>> {};
 
 TEST_P(FfnDispatchedForward, EqualsDispatchThenGrouped) {
-  const auto [param, rows] = GetParam();
+  const auto [param, drawn] = GetParam();
   const Precision prec = param.precision;
   std::mt19937 rng(5);
-  const int64_t E = 5;
+  const int64_t E = 5, rows = 150;
   const std::vector<int64_t> counts{2 * kReduceRows + 9, 0, 5, 16, 17};
   auto be0 = make_cpu_backend(2, prec);
   const Ffn f(rng, E, *be0, param.dim, param.hidden);
@@ -340,7 +343,7 @@ TEST_P(FfnDispatchedForward, EqualsDispatchThenGrouped) {
   const int64_t A = plan.num_assignments();
   plan.token.resize(*be0, static_cast<size_t>(A));
   for (int64_t a = 0; a < A; ++a)
-    plan.token.data()[a] = std::uniform_int_distribution<int32_t>(0, rows - 1)(rng);
+    plan.token.data()[a] = std::uniform_int_distribution<int32_t>(0, drawn - 1)(rng);
   const Vec x = randv(rows * D, rng);
   Vec x_perm(A * D), want_y(A * D), want_h1(A * H), want_h3(A * H);
   be0->dispatch(plan, x.data(), x_perm.data(), D);
@@ -363,6 +366,75 @@ TEST_P(FfnDispatchedForward, EqualsDispatchThenGrouped) {
         }
         EXPECT_TRUE(same_bits(kept, keep ? x_perm : Vec(A * D, -7.0f))) << where;
       }
+}
+
+// A plan over the first of E experts with the given counts; assignment a takes token token(a).
+template <typename Token>
+DispatchPlan plan_of(Backend& be, int64_t rows, const std::vector<int64_t>& counts, Token token) {
+  DispatchPlan plan;
+  plan.rows = rows;
+  plan.host_offsets.assign(counts.size() + 1, 0);
+  for (size_t e = 0; e < counts.size(); ++e)
+    plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
+  const int64_t A = plan.num_assignments();
+  plan.token.resize(be, static_cast<size_t>(A));
+  for (int64_t a = 0; a < A; ++a) plan.token.data()[a] = token(a);
+  return plan;
+}
+
+// A bf16 forward that converts the gathered rows once reads no source row its items do not
+// gather: under expert parallelism, the receive area of a later chunk may still be being written.
+// Here the rows past those gathered lie on a page that cannot be read.
+TEST(CpuBf16Gather, ConvertsOnlyTheRowsItsItemsRead) {
+  std::mt19937 rng(8);
+  const int64_t E = 5, rows = 300, read_rows = 150, D = 130, H = 96;
+  auto be = make_cpu_backend(2, Precision::Bf16);
+  const Ffn f(rng, E, *be, D, H);
+  const DispatchPlan plan = plan_of(*be, rows, {2 * kReduceRows + 9, 0, 5, 16, 17}, [&](int64_t) {
+    return std::uniform_int_distribution<int32_t>(0, 39)(rng);
+  });
+  const int64_t A = plan.num_assignments();
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t read_bytes = static_cast<size_t>(read_rows * D) * sizeof(float);
+  const size_t open = (read_bytes + page - 1) / page * page, guarded = open;
+  void* map =
+      mmap(nullptr, open + guarded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  auto* base = static_cast<unsigned char*>(map);
+  ASSERT_EQ(mprotect(base + open, guarded, PROT_NONE), 0);
+  // Rows [0, read_rows) end where the unreadable page begins.
+  auto* src = reinterpret_cast<float*>(base + open - read_bytes);
+  const Vec x = randv(read_rows * D, rng);
+  std::memcpy(src, x.data(), read_bytes);
+  Vec x_perm(A * D), want(A * D), y(A * D);
+  be->dispatch(plan, src, x_perm.data(), D);
+  be->grouped_swiglu_ffn(plan, x_perm.data(), f.W(1, Precision::Bf16), f.W(3, Precision::Bf16),
+                         f.W(2, Precision::Bf16), want.data(), nullptr, nullptr, D, H);
+  be->dispatch_swiglu_ffn(plan, src, nullptr, false, f.W(1, Precision::Bf16),
+                          f.W(3, Precision::Bf16), f.W(2, Precision::Bf16), y.data(), nullptr,
+                          nullptr, D, H);
+  EXPECT_TRUE(same_bits(y, want));
+  munmap(map, open + guarded);
+}
+
+// The converted rows count as the backend's working memory and are given back with it.
+TEST(CpuBf16Gather, ConvertedRowsAreWorkingMemory) {
+  std::mt19937 rng(9);
+  const int64_t rows = 4096, D = 130, H = 96;
+  auto be = make_cpu_backend(2, Precision::Bf16);
+  const Ffn f(rng, 4, *be, D, H);
+  // Every token twice, in items of 64 rows.
+  const DispatchPlan plan = plan_of(*be, rows, {2048, 2048, 2048, 2048},
+                                    [&](int64_t a) { return static_cast<int32_t>(a % rows); });
+  const Vec x = randv(rows * D, rng);
+  Vec y(plan.num_assignments() * D);
+  be->dispatch_swiglu_ffn(plan, x.data(), nullptr, false, f.W(1, Precision::Bf16),
+                          f.W(3, Precision::Bf16), f.W(2, Precision::Bf16), y.data(), nullptr,
+                          nullptr, D, H);
+  // At least 2 bytes for each of the 4096 rows' 130 values; the items' own scratch is a tenth.
+  EXPECT_GE(be->work_bytes(), static_cast<size_t>(rows * D * 2));
+  be->release_work();
+  EXPECT_EQ(be->work_bytes(), 0u);
 }
 
 // Experts' lists of very different lengths (one empty); a split hands each process a
@@ -482,9 +554,9 @@ INSTANTIATE_TEST_SUITE_P(Precisions, FfnReduction, ::testing::ValuesIn(kFfnCases
                          [](const auto& p) { return ffn_case_name(p.param); });
 INSTANTIATE_TEST_SUITE_P(Precisions, FfnDispatchedForward,
                          ::testing::Combine(::testing::ValuesIn(kFfnCases),
-                                            ::testing::Values(int64_t{150}, int64_t{400})),
+                                            ::testing::Values(int64_t{40}, int64_t{150})),
                          [](const auto& p) {
-                           return ffn_case_name(std::get<0>(p.param)) + "_tokens" +
+                           return ffn_case_name(std::get<0>(p.param)) + "_drawn" +
                                   std::to_string(std::get<1>(p.param));
                          });
 
