@@ -182,7 +182,7 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   // column units, which for a packed weight must be whole blocks of it.
   auto packed_up = [](const Segment& s) { return s.w1.bf16_packed && s.w3.bf16_packed; };
   auto packed_down = [](const Segment& s) { return s.w2.bf16_packed != nullptr; };
-  const size_t es = bf16_gemm_.act_bytes();
+  const size_t es = bf16_gemm_.act_bytes(), row_bytes = static_cast<size_t>(dim) * es;
   const bool widened = bf16_gemm_.kernels() == Bf16Kernels::Widen;
   // Set before the items run (below): whether the rows the bf16 up GEMMs gather are copied from
   // src_bf16_, where the source rows they read were converted once; slot[t] is token t's row
@@ -195,8 +195,7 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
                 float* p1, float* p3, float* a, int64_t c0, int64_t n, unsigned worker) {
     if (in_bf16(s)) {
       auto& act = scratch_[worker].bytes;
-      act.resize(static_cast<size_t>(m * dim) * es);
-      const size_t row_bytes = static_cast<size_t>(dim) * es;
+      act.resize(static_cast<size_t>(m) * row_bytes);
       if (tokens && src_once)
         for (int64_t r = 0; r < m; ++r)
           std::memcpy(act.data() + static_cast<size_t>(r) * row_bytes,
@@ -333,7 +332,6 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     const int64_t n = static_cast<int64_t>(rows_read.size());
     src_once = n > 0 && gathered >= 2 * n;
     if (src_once) {
-      const size_t row_bytes = static_cast<size_t>(dim) * es;
       src_bf16_.resize(*this, static_cast<size_t>(n) * row_bytes);
       pool_.parallel_for((n + kReduceRows - 1) / kReduceRows, [&](int64_t b, unsigned) {
         for (int64_t i = b * kReduceRows; i < std::min(n, (b + 1) * kReduceRows); ++i)
