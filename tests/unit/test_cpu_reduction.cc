@@ -318,6 +318,21 @@ TEST(CpuReduction, Fp32FfnBackwardMatchesFloat64) {
   }
 }
 
+// A plan of `rows` tokens over counts.size() experts, counts[e] assignments each; assignment a
+// takes token token(a).
+template <typename Token>
+DispatchPlan plan_of(Backend& be, int64_t rows, const std::vector<int64_t>& counts, Token token) {
+  DispatchPlan plan;
+  plan.rows = rows;
+  plan.host_offsets.assign(counts.size() + 1, 0);
+  for (size_t e = 0; e < counts.size(); ++e)
+    plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
+  const int64_t A = plan.num_assignments();
+  plan.token.resize(be, static_cast<size_t>(A));
+  for (int64_t a = 0; a < A; ++a) plan.token.data()[a] = token(a);
+  return plan;
+}
+
 // The routed experts' forward straight from unpermuted rows (the CPU backend gathers each item's
 // rows itself) gives the bits of dispatch + grouped_swiglu_ffn, for items of many rows and of few
 // (the column-unit path of a decode step), whether x_perm is kept and h1, h3 are, on any thread
@@ -336,14 +351,10 @@ TEST_P(FfnDispatchedForward, EqualsDispatchThenGrouped) {
   auto be0 = make_cpu_backend(2, prec);
   const Ffn f(rng, E, *be0, param.dim, param.hidden);
   const int64_t D = f.dim, H = f.hidden;
-  DispatchPlan plan;
-  plan.rows = rows;
-  plan.host_offsets.assign(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
+  const DispatchPlan plan = plan_of(*be0, rows, counts, [&](int64_t) {
+    return std::uniform_int_distribution<int32_t>(0, static_cast<int32_t>(drawn) - 1)(rng);
+  });
   const int64_t A = plan.num_assignments();
-  plan.token.resize(*be0, static_cast<size_t>(A));
-  for (int64_t a = 0; a < A; ++a)
-    plan.token.data()[a] = std::uniform_int_distribution<int32_t>(0, drawn - 1)(rng);
   const Vec x = randv(rows * D, rng);
   Vec x_perm(A * D), want_y(A * D), want_h1(A * H), want_h3(A * H);
   be0->dispatch(plan, x.data(), x_perm.data(), D);
@@ -366,20 +377,6 @@ TEST_P(FfnDispatchedForward, EqualsDispatchThenGrouped) {
         }
         EXPECT_TRUE(same_bits(kept, keep ? x_perm : Vec(A * D, -7.0f))) << where;
       }
-}
-
-// A plan over the first of E experts with the given counts; assignment a takes token token(a).
-template <typename Token>
-DispatchPlan plan_of(Backend& be, int64_t rows, const std::vector<int64_t>& counts, Token token) {
-  DispatchPlan plan;
-  plan.rows = rows;
-  plan.host_offsets.assign(counts.size() + 1, 0);
-  for (size_t e = 0; e < counts.size(); ++e)
-    plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
-  const int64_t A = plan.num_assignments();
-  plan.token.resize(be, static_cast<size_t>(A));
-  for (int64_t a = 0; a < A; ++a) plan.token.data()[a] = token(a);
-  return plan;
 }
 
 // A bf16 forward that converts the gathered rows once reads no source row its items do not
