@@ -398,10 +398,21 @@ void round_to_bf16_narrow(const float* x, int64_t ldx, int64_t rows, int64_t col
 
 void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
                    bool transposed, bool widened) {
-  if (transposed || !use_avx512())
-    return round_to_bf16_narrow(x, ldx, rows, cols, out, ldo, transposed, widened);
+  if (!use_avx512()) return round_to_bf16_narrow(x, ldx, rows, cols, out, ldo, transposed, widened);
   const size_t es = widened ? 4 : 2;
   auto* o = static_cast<unsigned char*>(out);
+  if (transposed) {
+    // The 16 x 16 blocks, then the columns right of them and the rows below, on the narrow path.
+    const int64_t r16 = rows / 16 * 16, c16 = cols / 16 * 16;
+    round_to_bf16_transposed_avx512(x, ldx, rows, cols, out, ldo, widened);
+    if (c16 < cols && r16 > 0)
+      round_to_bf16_narrow(x + c16, ldx, r16, cols - c16, o + static_cast<size_t>(c16 * ldo) * es,
+                           ldo, true, widened);
+    if (r16 < rows)
+      round_to_bf16_narrow(x + r16 * ldx, ldx, rows - r16, cols, o + static_cast<size_t>(r16) * es,
+                           ldo, true, widened);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     unsigned char* row = o + static_cast<size_t>(r * ldo) * es;
     const int64_t done = round_to_bf16_avx512(x + r * ldx, row, cols, widened);

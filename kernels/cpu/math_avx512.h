@@ -16,5 +16,9 @@ int64_t swiglu_backward_avx512(const float* h1, const float* h3, const float* da
                                float* dh3, int64_t n);
 // out[i] = x[i] rounded to bf16 (math.h's round_to_bf16 on one row): codes, or widened floats.
 int64_t round_to_bf16_avx512(const float* x, void* out, int64_t n, bool widened);
+// out[c * ldo + r] = x[r * ldx + c] rounded to bf16 (math.h's round_to_bf16, transposed) for
+// r < rows / 16 * 16 and c < cols / 16 * 16: the whole 16 x 16 blocks only.
+void round_to_bf16_transposed_avx512(const float* x, int64_t ldx, int64_t rows, int64_t cols,
+                                     void* out, int64_t ldo, bool widened);
 
 }  // namespace moert::cpu

@@ -69,7 +69,7 @@ TEST(Bf16Convert, VectorRoundingMatchesTheScalarRule) {
                                          0x3F807FFFu, 0x7F7FFFFFu, 0xFF7F8000u, 0x00000001u,
                                          0x80008000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u,
                                          0xFF800001u, 0x7F800001u, 0x7FBFFFFFu};
-  for (int64_t rows : {1, 7, 8, 19})
+  for (int64_t rows : {1, 7, 8, 19, 40})       // 40: two 16-row blocks, an 8-row one
     for (int64_t cols : {1, 8, 13, 24, 37}) {  // 37: two AVX-512 blocks, a scalar tail
       const int64_t ldx = cols + 3;            // a row stride wider than the row
       std::vector<float> x(static_cast<size_t>((rows - 1) * ldx + cols));
