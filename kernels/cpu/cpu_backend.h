@@ -164,9 +164,14 @@ class CpuBackend final : public Backend {
   struct Transposed {
     const float *w1, *w3, *w2;
   };
+  // Bf16 mode: whether the Wgrad's right operands x and a are kept as rows ([rows, width], row
+  // stride width) rather than transposed per chunk like the left ones (dy, dh1, dh3).
+  struct WgradRows {
+    bool x = false, a = false;
+  };
   void backward_item(Mode mode, const Segment& s, const Item& it, const float* x, const float* h1,
                      const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
-                     int64_t hidden, Transposed wt, unsigned worker);
+                     int64_t hidden, Transposed wt, WgradRows rows, unsigned worker);
   // backward_item in FP8 (cpu_ffn_fp8.cc), on an item of one 128-token tile (kFp8ShareRows
   // rows): Dgrad on row tiles; the Wgrad operands quantized in column tiles, the item being one
   // tile, into t_x_ ... t_dh3_ (codes [rows, width]) and t_fp8_scales_ (item `item`'s scales).

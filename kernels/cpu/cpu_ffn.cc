@@ -420,8 +420,8 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
   //  Transposed (larger fp32 weights): Dgrad nt against the weights transposed (their copies
   //    where they carry them, else transposed once per call), Wgrad nt on the operands written
   //    chunk by chunk transposed.
-  //  Bf16: Dgrad through Bf16Gemm (bf16 weights as stored), Wgrad nt on operands prepared
-  //    transposed.
+  //  Bf16: Dgrad through Bf16Gemm (bf16 weights as stored), Wgrad on operands prepared in
+  //    bf16: the left ones transposed, the right ones transposed or as rows (WgradRows).
   //  Fp8: Dgrad and Wgrad on block-scaled E4M3 codes (cpu_ffn_fp8.cc), the Wgrad operands kept
   //    row-major as codes, 1 byte each.
   const Mode mode = fp8                   ? Mode::Fp8
@@ -442,6 +442,73 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
   for (size_t s = 0; s < segs.size(); ++s) first_item_of[s + 1] += first_item_of[s];
   if (mode == Mode::Fp8)
     t_fp8_scales_.resize(*this, items.size() * static_cast<size_t>(fp8_item_scales(dim, hidden)));
+  WgradRows rows;  // set below, once the tiles are known; read by the items and the partials
+  // dW = sum over chunks of the chunk's A^T B, as the mode lays the operands out.
+  // ka, kb: the operands as fp8_wgrad_operand numbers them.
+  auto grad = [&](size_t si, const GradOut* g, Buffer<unsigned char>& ta, int ka, int64_t out,
+                  Buffer<unsigned char>& tb, int kb, int64_t in) {
+    const Segment& s = segs[si];
+    DenseGrad d;
+    d.g = g;
+    d.chunks = reduce_chunks(s.rows);
+    d.out = out;
+    d.in = in;
+    // Direct mode's row-major operands: dy and x as given, a, dh1, dh3 as kept.
+    auto rows_of = [&](Buffer<unsigned char>& t) {
+      return &t == &t_dy_ ? dy : &t == &t_x_ ? x : reinterpret_cast<const float*>(t.data());
+    };
+    const float* ra = rows_of(ta);
+    const float* rb = rows_of(tb);
+    d.exact_accumulate = mode == Mode::Direct || mode == Mode::Transposed;
+    d.partial = [&, s, si, ka, kb, out, in, ra, rb](int64_t j, int64_t o0, int64_t no, int64_t i0,
+                                                    int64_t ni, float* c, int64_t ldc,
+                                                    bool accumulate, unsigned worker) {
+      const int64_t r0 = s.begin + j * kReduceRows, m = chunk_rows(s.rows, j);
+      if (mode == Mode::Fp8) {
+        // The chunk lies inside one tile, its item; its rows from r0 on, with the tile's scales.
+        const size_t item =
+            first_item_of[si] + static_cast<size_t>(j * kReduceRows / kFp8ShareRows);
+        auto& q = scratch_[worker].quant;
+        q.resize(static_cast<size_t>(fp8::gemm_wgrad_scratch_floats(m, no, ni)));
+        fp8::gemm_wgrad(fp8_wgrad_operand(ka, item, r0, dim, hidden).tiles().from_column(o0),
+                        fp8_wgrad_operand(kb, item, r0, dim, hidden).tiles().from_column(i0), c,
+                        ldc, m, no, ni, accumulate, q.data());
+        return;
+      }
+      if (mode == Mode::Direct) {
+        sgemm(true, false, no, ni, m, ra + r0 * out + o0, out, rb + r0 * in + i0, in, c, ldc,
+              accumulate);
+        return;
+      }
+      const unsigned char* pa = ta.data() + static_cast<size_t>(r0 * out + o0 * m) * es;
+      if (mode == Mode::Bf16 && (&tb == &t_x_ ? rows.x : rows.a)) {
+        const unsigned char* pb = tb.data() + static_cast<size_t>(r0 * in + i0) * es;
+        bf16_gemm_.act_act_nn(pa, m, pb, in, c, ldc, no, ni, m, accumulate, worker);
+        return;
+      }
+      const unsigned char* pb = tb.data() + static_cast<size_t>(r0 * in + i0 * m) * es;
+      if (mode == Mode::Bf16)
+        bf16_gemm_.act_act_nt(pa, m, pb, m, c, ldc, no, ni, m, accumulate, worker);
+      else
+        sgemm(false, true, no, ni, m, reinterpret_cast<const float*>(pa), m,
+              reinterpret_cast<const float*>(pb), m, c, ldc, accumulate);
+    };
+    return d;
+  };
+  std::vector<DenseGrad> grads;
+  for (size_t si = 0; si < segs.size(); ++si) {
+    const Segment& s = segs[si];
+    grads.push_back(grad(si, s.dw2, t_dy_, 0, dim, t_a_, 2, hidden));
+    grads.push_back(grad(si, s.dw1, t_dh1_, 3, hidden, t_x_, 1, dim));
+    grads.push_back(grad(si, s.dw3, t_dh3_, 4, hidden, t_x_, 1, dim));
+  }
+  // Bf16 Wgrad's right operands (x, a) as their rows come, where every tile spans whole rows of
+  // them: oneDNN reads those as fast as transposed ones, which saves their transposition. A
+  // strided [rows, part of a row] operand gets oneDNN 2.6's slower gemm:jit instead of brgemm
+  // (AVX512-BF16: 260-280 against 315-330 GFLOP/s), so wider ones stay transposed.
+  const int64_t cols = DenseReducer::tile_cols(grads);
+  rows.x = mode == Mode::Bf16 && dim <= cols;
+  rows.a = mode == Mode::Bf16 && hidden <= cols;
   size_t first_item = 0;
   for (size_t s0 = 0; s0 < segs.size();) {
     size_t s1 = s0;
@@ -490,66 +557,12 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
         const float* t = t_w_.data() + slot[it.segment];
         wt = {t, t + per, t + 2 * per};
       }
-      backward_item(mode, s, it, x, h1, h3, dy, dx, dx_accumulate, dim, hidden, wt, w);
+      backward_item(mode, s, it, x, h1, h3, dy, dx, dx_accumulate, dim, hidden, wt, rows, w);
     });
     first_item = last_item;
     s0 = s1;
   }
 
-  // dW = sum over chunks of the chunk's A^T B, as the mode lays the operands out.
-  // ka, kb: the operands as fp8_wgrad_operand numbers them.
-  auto grad = [&](size_t si, const GradOut* g, Buffer<unsigned char>& ta, int ka, int64_t out,
-                  Buffer<unsigned char>& tb, int kb, int64_t in) {
-    const Segment& s = segs[si];
-    DenseGrad d;
-    d.g = g;
-    d.chunks = reduce_chunks(s.rows);
-    d.out = out;
-    d.in = in;
-    // Direct mode's row-major operands: dy and x as given, a, dh1, dh3 as kept.
-    auto rows_of = [&](Buffer<unsigned char>& t) {
-      return &t == &t_dy_ ? dy : &t == &t_x_ ? x : reinterpret_cast<const float*>(t.data());
-    };
-    const float* ra = rows_of(ta);
-    const float* rb = rows_of(tb);
-    d.exact_accumulate = mode == Mode::Direct || mode == Mode::Transposed;
-    d.partial = [&, s, si, ka, kb, out, in, ra, rb](int64_t j, int64_t o0, int64_t no, int64_t i0,
-                                                    int64_t ni, float* c, int64_t ldc,
-                                                    bool accumulate, unsigned worker) {
-      const int64_t r0 = s.begin + j * kReduceRows, m = chunk_rows(s.rows, j);
-      if (mode == Mode::Fp8) {
-        // The chunk lies inside one tile, its item; its rows from r0 on, with the tile's scales.
-        const size_t item =
-            first_item_of[si] + static_cast<size_t>(j * kReduceRows / kFp8ShareRows);
-        auto& q = scratch_[worker].quant;
-        q.resize(static_cast<size_t>(fp8::gemm_wgrad_scratch_floats(m, no, ni)));
-        fp8::gemm_wgrad(fp8_wgrad_operand(ka, item, r0, dim, hidden).tiles().from_column(o0),
-                        fp8_wgrad_operand(kb, item, r0, dim, hidden).tiles().from_column(i0), c,
-                        ldc, m, no, ni, accumulate, q.data());
-        return;
-      }
-      if (mode == Mode::Direct) {
-        sgemm(true, false, no, ni, m, ra + r0 * out + o0, out, rb + r0 * in + i0, in, c, ldc,
-              accumulate);
-        return;
-      }
-      const unsigned char* pa = ta.data() + static_cast<size_t>(r0 * out + o0 * m) * es;
-      const unsigned char* pb = tb.data() + static_cast<size_t>(r0 * in + i0 * m) * es;
-      if (mode == Mode::Bf16)
-        bf16_gemm_.act_act_nt(pa, m, pb, m, c, ldc, no, ni, m, accumulate, worker);
-      else
-        sgemm(false, true, no, ni, m, reinterpret_cast<const float*>(pa), m,
-              reinterpret_cast<const float*>(pb), m, c, ldc, accumulate);
-    };
-    return d;
-  };
-  std::vector<DenseGrad> grads;
-  for (size_t si = 0; si < segs.size(); ++si) {
-    const Segment& s = segs[si];
-    grads.push_back(grad(si, s.dw2, t_dy_, 0, dim, t_a_, 2, hidden));
-    grads.push_back(grad(si, s.dw1, t_dh1_, 3, hidden, t_x_, 1, dim));
-    grads.push_back(grad(si, s.dw3, t_dh3_, 4, hidden, t_x_, 1, dim));
-  }
   reducer_.run(*this, grads);
 }
 
@@ -558,7 +571,7 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
 void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, const float* x,
                                const float* h1, const float* h3, const float* dy, float* dx,
                                bool dx_accumulate, int64_t dim, int64_t hidden, Transposed wt,
-                               unsigned worker) {
+                               WgradRows rows, unsigned worker) {
   const int64_t m = it.rows, b = it.begin, mh = m * hidden;
   const size_t es = mode == Mode::Bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
   // Chunk operand of width n, [n, m] from row b on: at b * n elements.
@@ -596,8 +609,8 @@ void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, cons
       bf16_gemm_.prepare(dh3, hidden, m, hidden, act, hidden, false);
       bf16_gemm_.act_weight_nn(act, hidden, s.w3.bf16, dim, dxr, dim, m, dim, hidden, true, worker);
       bf16_gemm_.prepare(dyr, dim, m, dim, at(t_dy_, dim), m, true);
-      bf16_gemm_.prepare(xr, dim, m, dim, at(t_x_, dim), m, true);
-      bf16_gemm_.prepare(a, hidden, m, hidden, at(t_a_, hidden), m, true);
+      bf16_gemm_.prepare(xr, dim, m, dim, at(t_x_, dim), rows.x ? dim : m, !rows.x);
+      bf16_gemm_.prepare(a, hidden, m, hidden, at(t_a_, hidden), rows.a ? hidden : m, !rows.a);
       bf16_gemm_.prepare(dh1, hidden, m, hidden, at(t_dh1_, hidden), m, true);
       bf16_gemm_.prepare(dh3, hidden, m, hidden, at(t_dh3_, hidden), m, true);
       return;

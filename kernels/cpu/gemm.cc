@@ -466,6 +466,23 @@ void Bf16Gemm::act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb
   dnnl_->run({m, n, k, lda, ldb, ldc, true, accumulate}, a, b, c, worker);
 }
 
+void Bf16Gemm::act_act_nn(const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
+                          int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
+                          unsigned worker) {
+  const DnnlCall call;
+  if (m <= 0 || n <= 0) return;
+  if (kernels_ == Bf16Kernels::Widen || k == 0) {
+    // As act_act_nt: exact products, summed in fp32.
+    if (kernels_ == Bf16Kernels::Widen)
+      sgemm(false, false, m, n, k, static_cast<const float*>(a), lda, static_cast<const float*>(b),
+            ldb, c, ldc, accumulate);
+    else
+      sgemm(false, false, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
+    return;
+  }
+  dnnl_->run({m, n, k, lda, ldb, ldc, false, accumulate}, a, b, c, worker);
+}
+
 size_t Bf16Gemm::packed_bytes(int64_t n, int64_t k) {
   const DnnlCall call;
   if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
@@ -477,6 +494,13 @@ void Bf16Gemm::pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t k, void* 
   const DnnlCall call;
   if (!dnnl_) fail(Code::Internal, "packed bf16 weights need oneDNN's bf16 kernels");
   dnnl_->pack(w, ldw, n, k, out, worker);
+}
+
+std::string Bf16Gemm::act_act_nn_implementation(int64_t m, int64_t n, int64_t k, int64_t lda,
+                                                int64_t ldb, int64_t ldc) {
+  const DnnlCall call;
+  if (!dnnl_) fail(Code::Internal, "oneDNN's implementations need its bf16 kernels");
+  return dnnl_->get(dnnl_->routed({m, n, k, lda, ldb, ldc, false, false})).impl;
 }
 
 std::string Bf16Gemm::packed_implementation(int64_t m, int64_t n, int64_t k, int64_t lda,

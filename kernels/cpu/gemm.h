@@ -61,6 +61,13 @@ class Bf16Gemm {
   // c[m, n] (+)= a[m, k] b[n, k]^T, both prepared (Wgrad, from transposed operands).
   void act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb, float* c, int64_t ldc,
                   int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker);
+  // c[m, n] (+)= a[m, k] b[k, n], both prepared (Wgrad, a transposed, b as its rows come).
+  void act_act_nn(const void* a, int64_t lda, const void* b, int64_t ldb, float* c, int64_t ldc,
+                  int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker);
+  // The oneDNN implementation act_act_nn runs for a shape (kernels Dnnl; tests: never its
+  // reference kernel).
+  std::string act_act_nn_implementation(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                                        int64_t ldc);
 
   // Packed weights (kernels Dnnl only): a weight w[n, k] as the [k, n] operand of oneDNN's
   // matmul in the blocked layout its kernels read directly, so that a call repacks nothing. The

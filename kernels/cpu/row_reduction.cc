@@ -40,31 +40,44 @@ void size_roots(Allocator& mem, const GradOut& g, int64_t chunks, int64_t n) {
 
 }  // namespace
 
-void DenseReducer::run(Allocator& mem, const std::vector<DenseGrad>& grads) {
-  struct Tile {
-    size_t grad;
-    int64_t o0, no, i0, ni;
-  };
+namespace {
+
+struct Tile {
+  size_t grad;
+  int64_t o0, no, i0, ni;
+};
+
+// The tiles of a call whose tiles have at most `cols` columns.
+std::vector<Tile> tiles_of(const std::vector<DenseGrad>& grads, int64_t cols) {
   std::vector<Tile> tiles;
+  for (size_t gi = 0; gi < grads.size(); ++gi) {
+    const DenseGrad& d = grads[gi];
+    if (d.chunks == 0 || d.out == 0 || d.in == 0) continue;
+    const int64_t ni = std::min(d.in, cols);
+    const int64_t no =
+        std::min(d.out, std::max(kTileRows, kTileFloats / std::min(d.in, kTileCols)));
+    for (int64_t o0 = 0; o0 < d.out; o0 += no)
+      for (int64_t i0 = 0; i0 < d.in; i0 += ni)
+        tiles.push_back({gi, o0, std::min(no, d.out - o0), i0, std::min(ni, d.in - i0)});
+  }
+  return tiles;
+}
+
+}  // namespace
+
+// Tiles of at most kTileCols columns; a call of too few (the router's gradient alone, 16 x 512:
+// one tile) gets narrower ones, so that its chunks' partials do not all run on one thread.
+int64_t DenseReducer::tile_cols(const std::vector<DenseGrad>& grads) {
+  int64_t cols = kTileCols;
+  while (static_cast<int64_t>(tiles_of(grads, cols).size()) < kMinTiles && cols / 2 >= kMinTileCols)
+    cols /= 2;
+  return cols;
+}
+
+void DenseReducer::run(Allocator& mem, const std::vector<DenseGrad>& grads) {
   for (const DenseGrad& d : grads)
     if (d.g->roots) size_roots(mem, *d.g, d.chunks, d.out * d.in);
-  // Tiles of at most `cols` columns; a call of too few (the router's gradient alone, 16 x 512:
-  // one tile) gets narrower ones, so that its chunks' partials do not all run on one thread.
-  // The tiling depends on the call's shapes only.
-  for (int64_t cols = kTileCols;; cols /= 2) {
-    tiles.clear();
-    for (size_t gi = 0; gi < grads.size(); ++gi) {
-      const DenseGrad& d = grads[gi];
-      if (d.chunks == 0 || d.out == 0 || d.in == 0) continue;
-      const int64_t ni = std::min(d.in, cols);
-      const int64_t no =
-          std::min(d.out, std::max(kTileRows, kTileFloats / std::min(d.in, kTileCols)));
-      for (int64_t o0 = 0; o0 < d.out; o0 += no)
-        for (int64_t i0 = 0; i0 < d.in; i0 += ni)
-          tiles.push_back({gi, o0, std::min(no, d.out - o0), i0, std::min(ni, d.in - i0)});
-    }
-    if (static_cast<int64_t>(tiles.size()) >= kMinTiles || cols / 2 < kMinTileCols) break;
-  }
+  const std::vector<Tile> tiles = tiles_of(grads, tile_cols(grads));
   pool_.parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t ti, unsigned worker) {
     const Tile& t = tiles[static_cast<size_t>(ti)];
     const DenseGrad& d = grads[t.grad];

@@ -43,6 +43,10 @@ class DenseReducer {
  public:
   explicit DenseReducer(ThreadPool& pool) : pool_(pool), scratch_(pool.size()) {}
   void run(Allocator& mem, const std::vector<DenseGrad>& grads);
+  // The most columns a tile of `grads` spans in run(): a gradient of at most that many columns
+  // is tiled by rows only, so that a tile's partials read whole rows of their right operand.
+  // Depends on the shapes only (out, in, chunks), not on `partial`.
+  static int64_t tile_cols(const std::vector<DenseGrad>& grads);
 
  private:
   ThreadPool& pool_;

@@ -165,6 +165,28 @@ TEST(Bf16Gemm, KernelsComputeBf16OperandsWithFp32Accumulation) {
       c = c0;
       gemm.act_act_nt(ap.data(), s.k, wp.data(), s.k, c.data(), s.n, s.m, s.n, s.k, accumulate, 0);
       EXPECT_LT(rel(c, nt), tol) << "act_act " << what;
+      // The right operand as rows ([k, n], w's storage seen as k rows of n, as nn reads it):
+      // dense, and as the first n columns of rows 5 longer (a tile of a wider operand).
+      for (int64_t ldb : {s.n, s.n + 5}) {
+        const Vec wk = [&] {
+          Vec v(static_cast<size_t>(s.k * ldb), 7.0f);
+          for (int64_t p = 0; p < s.k; ++p)
+            std::copy(w.begin() + p * s.n, w.begin() + (p + 1) * s.n, v.begin() + p * ldb);
+          return v;
+        }();
+        std::vector<unsigned char> bp(static_cast<size_t>(s.k * ldb) * es + 1);
+        gemm.prepare(wk.data(), ldb, s.k, ldb, bp.data(), ldb, false);
+        c = c0;
+        gemm.act_act_nn(ap.data(), s.k, bp.data(), ldb, c.data(), s.n, s.m, s.n, s.k, accumulate,
+                        0);
+        EXPECT_LT(rel(c, nn), tol) << "act_act_nn, ldb " << ldb << " " << what;
+        if (gemm.kernels() == cpu::Bf16Kernels::Dnnl && s.k > 0) {
+          EXPECT_NE(gemm.act_act_nn_implementation(s.m, s.n, s.k, s.k, ldb, s.n).rfind("ref", 0),
+                    0u)
+              << gemm.act_act_nn_implementation(s.m, s.n, s.k, s.k, ldb, s.n) << ", ldb " << ldb
+              << " " << what;
+        }
+      }
       // oneDNN's packed weights (where bf16 is native): into a dense destination and into one
       // with a longer row stride (the forward's column blocks).
       if (gemm.kernels() == cpu::Bf16Kernels::Dnnl && s.k > 0) {
