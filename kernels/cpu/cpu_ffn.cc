@@ -459,7 +459,7 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     };
     const float* ra = rows_of(ta);
     const float* rb = rows_of(tb);
-    d.exact_accumulate = mode == Mode::Direct || mode == Mode::Transposed;
+    d.exact_accumulate = mode != Mode::Fp8;
     d.partial = [&, s, si, ka, kb, out, in, ra, rb](int64_t j, int64_t o0, int64_t no, int64_t i0,
                                                     int64_t ni, float* c, int64_t ldc,
                                                     bool accumulate, unsigned worker) {

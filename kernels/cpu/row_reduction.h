@@ -30,8 +30,10 @@ struct DenseGrad {
       partial;
   // Whether `accumulate` rounds each element exactly as c + (the partial from zero) would, so
   // that the fold's first merge of a pair of chunks can happen inside the partial's GEMM.
-  // oneDNN's sgemm with beta = 1 does on tiles of at least 2 x 2; the reducer asks no more
-  // (CpuReduction.GemmAccumulateRoundsAsAddingThePartial checks it).
+  // oneDNN's sgemm with beta = 1 does on tiles of at least 2 x 2, and so do the bf16 Wgrad
+  // products (oneDNN's matmul with a sum post-op, or the widening kernels' sgemm); the reducer
+  // asks no more (CpuReduction.GemmAccumulateRoundsAsAddingThePartial and
+  // Bf16GemmAccumulateRoundsAsAddingThePartial check it).
   bool exact_accumulate = false;
 };
 

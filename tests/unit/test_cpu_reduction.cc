@@ -799,6 +799,58 @@ TEST(CpuReduction, GemmAccumulateRoundsAsAddingThePartial) {
       }
 }
 
+// The same for the bf16 Wgrad's products (Bf16Gemm::act_act_nt and act_act_nn on prepared
+// operands), with every kernel this CPU runs: the bf16 reduction merges pairs of chunks inside
+// the GEMM too.
+TEST(CpuReduction, Bf16GemmAccumulateRoundsAsAddingThePartial) {
+  std::mt19937 rng(12);
+  std::vector<cpu::Bf16Kernels> kernels{cpu::Bf16Kernels::Widen};
+  if (cpu::Bf16Gemm::default_kernels() == cpu::Bf16Kernels::Dnnl)
+    kernels.push_back(cpu::Bf16Kernels::Dnnl);
+  for (cpu::Bf16Kernels kind : kernels) {
+    cpu::Bf16Gemm gemm(1, kind);
+    const size_t es = gemm.act_bytes();
+    for (bool b_rows : {false, true})
+      for (auto [m, n] : {std::pair<int64_t, int64_t>{64, 512},
+                          {128, 256},
+                          {16, 512},
+                          {64, 64},
+                          {100, 300},
+                          {2, 7},
+                          {5, 2},
+                          {2, 2}})
+        for (int64_t k : {kReduceRows, int64_t{17}, int64_t{1}}) {
+          // a [m, k]; b [n, k] (nt) or [k, n] (rows): both prepared in bf16.
+          auto prepared = [&](int64_t rows, int64_t cols) {
+            const Vec v = randv(rows * cols, rng);
+            std::vector<unsigned char> out(static_cast<size_t>(rows * cols) * es);
+            gemm.prepare(v.data(), cols, rows, cols, out.data(), cols, false);
+            return out;
+          };
+          const auto a0 = prepared(m, k), a1 = prepared(m, k);
+          const auto b0 = b_rows ? prepared(k, n) : prepared(n, k);
+          const auto b1 = b_rows ? prepared(k, n) : prepared(n, k);
+          auto product = [&](const std::vector<unsigned char>& a,
+                             const std::vector<unsigned char>& b, Vec& c, bool accumulate) {
+            if (b_rows)
+              gemm.act_act_nn(a.data(), k, b.data(), n, c.data(), n, m, n, k, accumulate, 0);
+            else
+              gemm.act_act_nt(a.data(), k, b.data(), k, c.data(), n, m, n, k, accumulate, 0);
+          };
+          Vec left(m * n), right(m * n);
+          product(a0, b0, left, false);
+          product(a1, b1, right, false);
+          Vec want = left;
+          for (size_t i = 0; i < want.size(); ++i) want[i] = want[i] + right[i];
+          Vec fused = left;
+          product(a1, b1, fused, true);
+          EXPECT_TRUE(same_bits(fused, want))
+              << (kind == cpu::Bf16Kernels::Dnnl ? "oneDNN " : "widening ")
+              << (b_rows ? "nn " : "nt ") << m << " x " << n << " x " << k;
+        }
+  }
+}
+
 TEST(CpuBackend, AddIsElementwise) {
   std::mt19937 rng(7);
   const int64_t n = 100003;
