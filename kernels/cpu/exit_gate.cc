@@ -23,6 +23,8 @@ alignas(64) std::atomic<int64_t> g_deadline{0};
 thread_local int t_depth = 0;         // this thread's nested DnnlCalls
 thread_local bool t_created = false;  // created_dnnl_state() in the current call
 std::once_flag g_fork_handler;
+// Registrations of at_exit so far, each kept until exit.
+std::atomic<int64_t> g_registrations{0};
 
 constexpr int64_t kEveryCall = 4096;
 // How long exit waits for the calls in flight, in all: a GEMM takes milliseconds; a thread
@@ -55,7 +57,7 @@ std::mutex g_registering;
 
 void register_exit_handler() {
   const std::lock_guard<std::mutex> lock(g_registering);
-  std::atexit(at_exit);
+  if (std::atexit(at_exit) == 0) g_registrations.fetch_add(1, std::memory_order_relaxed);
 }
 
 void before_fork() { g_registering.lock(); }
@@ -69,6 +71,8 @@ void after_fork_in_child() {
 }  // namespace
 
 void created_dnnl_state() { t_created = true; }
+
+int64_t exit_handler_registrations() { return g_registrations.load(std::memory_order_relaxed); }
 
 DnnlCall::DnnlCall() {
   if (t_depth == 0) {

@@ -10,12 +10,19 @@
 // kernels/cpu/gemm.h).
 #pragma once
 
+#include <cstdint>
+
 namespace moert::cpu {
 
-// Says that the current call created oneDNN state (a primitive, a reorder), whose teardown
-// oneDNN may register: the gate's exit handler is registered again when the call ends, so that
-// it runs before that teardown.
+// Says that the current call created oneDNN state the process had not created before (a
+// primitive, a reorder, of a new shape), whose teardown oneDNN may register: the gate's exit
+// handler is registered again when the call ends, so that it runs before that teardown. Not for
+// a shape created before: each registration stays until exit (kernels/cpu/gemm.cc).
 void created_dnnl_state();
+
+// How many times the process has registered the gate's exit handler; each registration stays until
+// exit (for tests).
+int64_t exit_handler_registrations();
 
 // Held for the duration of one oneDNN call (nested holds on one thread count once). Throws
 // Error(Code::InvalidState) once the process has begun to exit.

@@ -10,6 +10,8 @@
 #include <initializer_list>
 #include <map>
 #include <mutex>
+#include <new>
+#include <set>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -148,6 +150,37 @@ struct Bf16Gemm::Dnnl {
     std::map<Key, Bound> bound;
   };
 
+  // The primitives and reorders that any Bf16Gemm of the process has created. oneDNN sets up
+  // what a kind of primitive needs process-wide (function-local statics, whose teardown it
+  // registers with atexit) when it first creates one; creating the same key again, as another
+  // session does (each Bf16Gemm has its own primitives), sets up nothing new. So only a first
+  // creation calls created_dnnl_state(): calling it for every one registered the exit gate's
+  // handler again for each session and shape, and a registration is never released, so a host
+  // that creates and frees sessions or batchers in a loop grew without bound (12 registrations,
+  // about 0.4 KB, per bf16 session of examples/models/tiny_moe.moert). Never destroyed: a static
+  // destructor could run at exit while another thread still creates a primitive.
+  struct Created {
+    std::mutex mu;
+    std::set<Key> prims;
+    std::set<std::tuple<int64_t, int64_t, int64_t>> reorders;  // (k, n, ldw)
+  };
+  static Created& created() {
+    static Created* const c = new Created;
+    return *c;
+  }
+  // Whether this is the process's first creation of `item` (then the handler is due), recorded.
+  // Without the memory to record it, it counts as a first: registering again is harmless.
+  template <class Item>
+  static bool first_creation(std::set<Item> Created::*set, const Item& item) noexcept {
+    Created& c = created();
+    const std::lock_guard<std::mutex> lock(c.mu);
+    try {
+      return (c.*set).insert(item).second;
+    } catch (const std::bad_alloc&) {
+      return true;
+    }
+  }
+
   explicit Dnnl(unsigned workers) : per_worker(workers) {
     check_dnnl(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine creation");
   }
@@ -219,7 +252,7 @@ struct Bf16Gemm::Dnnl {
         if (st == dnnl_success) st = dnnl_primitive_create(&reorder, pd);
         if (pd) dnnl_primitive_desc_destroy(pd);
         check_dnnl(st, "bf16 weight packing (reorder) creation");
-        created_dnnl_state();
+        if (first_creation(&Created::reorders, std::make_tuple(k, n, ldw))) created_dnnl_state();
         it = reorders.emplace(std::make_tuple(k, n, ldw), reorder).first;
       }
       reorder = it->second;
@@ -301,7 +334,7 @@ struct Bf16Gemm::Dnnl {
     if (ops) dnnl_post_ops_destroy(ops);
     if (attr) dnnl_primitive_attr_destroy(attr);
     check_dnnl(s, "bf16 matmul primitive creation");
-    created_dnnl_state();
+    if (first_creation(&Created::prims, key)) created_dnnl_state();
     return prims.emplace(key, p).first->second;
   }
 

@@ -18,6 +18,7 @@
 #include "core/model_loader.h"
 #include "core/session.h"
 #include "kernels/cpu/bf16.h"
+#include "kernels/cpu/exit_gate.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math.h"
@@ -223,6 +224,39 @@ TEST(Bf16Gemm, KernelsComputeBf16OperandsWithFp32Accumulation) {
       }
     }
   }
+}
+
+// Every session has its own Bf16Gemm, which creates its own oneDNN primitives; one that creates
+// a shape the process created before sets up nothing new in oneDNN and registers no exit handler
+// for it (kernels/cpu/exit_gate.h): registrations stay until exit, so that creating and freeing
+// sessions or batchers in a loop grew the process without bound. A new shape still registers.
+TEST(Bf16Gemm, RecreatedShapesRegisterNoExitHandler) {
+  if (cpu::Bf16Gemm::default_kernels() != cpu::Bf16Kernels::Dnnl)
+    GTEST_SKIP() << "oneDNN's bf16 primitives run only where bf16 is native";
+  // Past the process's first 4096 oneDNN calls, after each of which the handler is registered.
+  for (int i = 0; i < 4200; ++i) const cpu::DnnlCall call;
+  // A shape of this test's own (no other creates it), above the few-row kernels' rows.
+  const int64_t m = 29, n = 23, k = 19;
+  std::mt19937 rng(7);
+  const Vec a = randv(m * k, rng), w = randv(n * k, rng);
+  const auto wb = bf16_of(w);
+  Vec c(m * n);
+  auto one_session = [&] {
+    cpu::Bf16Gemm gemm(1, cpu::Bf16Kernels::Dnnl);
+    std::vector<unsigned char> ap(static_cast<size_t>(m * k) * gemm.act_bytes());
+    gemm.prepare(a.data(), k, m, k, ap.data(), k, false);
+    gemm.act_weight_nt(ap.data(), k, wb.data(), k, c.data(), n, m, n, k, false, 0);
+    std::vector<unsigned char> packed(gemm.packed_bytes(n, k));
+    gemm.pack(wb.data(), k, n, k, packed.data(), 0);
+    gemm.act_packed_nt(ap.data(), k, packed.data(), c.data(), n, m, n, k, false, 0);
+  };
+  const int64_t before = cpu::exit_handler_registrations();
+  one_session();
+  const int64_t first = cpu::exit_handler_registrations();
+  EXPECT_GE(first - before, 1) << "a new shape's primitive must register the handler";
+  for (int i = 0; i < 16; ++i) one_session();
+  // At most one: the process's call count may pass a power of two meanwhile.
+  EXPECT_LE(cpu::exit_handler_registrations() - first, 1);
 }
 
 // The widening kernels everywhere (oneDNN's only where bf16 is native), same checks on the
