@@ -598,21 +598,23 @@ void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, cons
     case Mode::Bf16: {
       sc.bytes.resize(static_cast<size_t>(m * std::max(dim, hidden)) * es);
       void* act = sc.bytes.data();
-      // dA = dy W2, into dh1's storage; then dh1, dh3 from it.
+      // dA = dy W2, into dh1's storage; then dh1, dh3 from it. Each of dy, dh1 and dh3, once
+      // prepared as rows for its Dgrad, is transposed from there for the Wgrad: moving bf16
+      // codes costs less than rounding the fp32 values again.
       bf16_gemm_.prepare(dyr, dim, m, dim, act, dim, false);
       bf16_gemm_.act_weight_nn(act, dim, s.w2.bf16, hidden, dh1, hidden, m, hidden, dim, false,
                                worker);
+      bf16_gemm_.transpose_prepared(act, dim, m, dim, at(t_dy_, dim), m);
       swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
       bf16_gemm_.prepare(dh1, hidden, m, hidden, act, hidden, false);
       bf16_gemm_.act_weight_nn(act, hidden, s.w1.bf16, dim, dxr, dim, m, dim, hidden, dx_accumulate,
                                worker);
+      bf16_gemm_.transpose_prepared(act, hidden, m, hidden, at(t_dh1_, hidden), m);
       bf16_gemm_.prepare(dh3, hidden, m, hidden, act, hidden, false);
       bf16_gemm_.act_weight_nn(act, hidden, s.w3.bf16, dim, dxr, dim, m, dim, hidden, true, worker);
-      bf16_gemm_.prepare(dyr, dim, m, dim, at(t_dy_, dim), m, true);
+      bf16_gemm_.transpose_prepared(act, hidden, m, hidden, at(t_dh3_, hidden), m);
       bf16_gemm_.prepare(xr, dim, m, dim, at(t_x_, dim), rows.x ? dim : m, !rows.x);
       bf16_gemm_.prepare(a, hidden, m, hidden, at(t_a_, hidden), rows.a ? hidden : m, !rows.a);
-      bf16_gemm_.prepare(dh1, hidden, m, hidden, at(t_dh1_, hidden), m, true);
-      bf16_gemm_.prepare(dh3, hidden, m, hidden, at(t_dh3_, hidden), m, true);
       return;
     }
     case Mode::Direct:

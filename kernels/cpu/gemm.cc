@@ -445,6 +445,11 @@ void Bf16Gemm::prepare(const float* x, int64_t ldx, int64_t rows, int64_t cols, 
   round_to_bf16(x, ldx, rows, cols, out, ldo, transpose, kernels_ == Bf16Kernels::Widen);
 }
 
+void Bf16Gemm::transpose_prepared(const void* x, int64_t ldx, int64_t rows, int64_t cols, void* out,
+                                  int64_t ldo) const {
+  transpose_bf16(x, ldx, rows, cols, out, ldo, kernels_ == Bf16Kernels::Widen);
+}
+
 const float* Bf16Gemm::widened(const void* a, int64_t lda, int64_t m, int64_t k, unsigned worker) {
   auto& s = scratch_[worker];
   s.resize(static_cast<size_t>(m * k));

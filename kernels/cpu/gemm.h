@@ -49,6 +49,10 @@ class Bf16Gemm {
   // out[c * ldo + r] = x[r, c] (the [cols, rows] operand of a Wgrad).
   void prepare(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
                bool transpose) const;
+  // out [cols, rows] (row stride ldo) = x [rows, cols] (row stride ldx) transposed, both
+  // prepared: the bits prepare() with `transpose` gives from the values x was prepared from.
+  void transpose_prepared(const void* x, int64_t ldx, int64_t rows, int64_t cols, void* out,
+                          int64_t ldo) const;
 
   // c[m, n] (+)= a[m, k] w[n, k]^T: a prepared, w bf16 (a linear layer's weight: Fprop).
   void act_weight_nt(const void* a, int64_t lda, const uint16_t* w, int64_t ldw, float* c,

@@ -8,6 +8,7 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math_avx512.h"
+#include "kernels/cpu/transpose16.h"
 
 namespace moert::cpu {
 namespace {
@@ -289,6 +290,20 @@ MOERT_AVX2 void round_to_bf16_avx2(const float* x, int64_t ldx, int64_t rows, in
     for (int64_t c = (r < r8 ? c8 : 0); c < cols; ++c) scalar(c * ldo + r, x[r * ldx + c]);
 }
 
+// out[c * ldo + r] = x[r * ldx + c], 16-bit elements, for the whole 16 x 16 blocks.
+MOERT_AVX2 void transpose_epi16_avx2(const uint16_t* x, int64_t ldx, int64_t rows, int64_t cols,
+                                     uint16_t* out, int64_t ldo) {
+  __m256i y[16];
+  for (int64_t c = 0; c + 16 <= cols; c += 16)
+    for (int64_t r = 0; r + 16 <= rows; r += 16) {
+      for (int i = 0; i < 16; ++i)
+        y[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + (r + i) * ldx + c));
+      transpose16x16_epi16(y);
+      for (int i = 0; i < 16; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (c + i) * ldo + r), y[i]);
+    }
+}
+
 }  // namespace
 
 void matmul_nt(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k,
@@ -420,6 +435,18 @@ void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void
       round_to_bf16_narrow(x + r * ldx + done, ldx, 1, cols - done,
                            row + static_cast<size_t>(done) * es, ldo, false, widened);
   }
+}
+
+void transpose_bf16(const void* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
+                    bool widened) {
+  if (widened)
+    return transpose(static_cast<const float*>(x), ldx, rows, cols, static_cast<float*>(out), ldo);
+  const auto* xc = static_cast<const uint16_t*>(x);
+  auto* oc = static_cast<uint16_t*>(out);
+  const int64_t r16 = use_avx2() ? rows / 16 * 16 : 0, c16 = use_avx2() ? cols / 16 * 16 : 0;
+  if (r16 > 0 && c16 > 0) transpose_epi16_avx2(xc, ldx, r16, c16, oc, ldo);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = (r < r16 ? c16 : 0); c < cols; ++c) oc[c * ldo + r] = xc[r * ldx + c];
 }
 
 void swiglu_to_bf16(const float* h1, const float* h3, void* out, int64_t n, bool widened) {

@@ -54,6 +54,12 @@ void transpose(const float* x, int64_t ldx, int64_t rows, int64_t cols, float* o
 void round_to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
                    bool transposed, bool widened);
 
+// out[c * ldo + r] = x[r * ldx + c] for r < rows, c < cols, elements of round_to_bf16's output
+// (codes, or with `widened` floats): the transposed layout from the rows one, the same bits as
+// round_to_bf16 with `transposed` of the values x was rounded from.
+void transpose_bf16(const void* x, int64_t ldx, int64_t rows, int64_t cols, void* out, int64_t ldo,
+                    bool widened);
+
 // out = swiglu(h1, h3) rounded to bf16, codes or (widened) floats: the bits of swiglu followed by
 // round_to_bf16, without the fp32 result passing through memory.
 void swiglu_to_bf16(const float* h1, const float* h3, void* out, int64_t n, bool widened);

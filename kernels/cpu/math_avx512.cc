@@ -2,6 +2,8 @@
 
 #include <immintrin.h>
 
+#include "kernels/cpu/transpose16.h"
+
 // GCC 12's AVX-512 intrinsics build some results from _mm512_undefined_ps(), which its
 // -Wmaybe-uninitialized (at -O2) and -Wuninitialized (at -Og, the asan preset) report once
 // inlined here (GCC bug 105593, fixed in GCC 13).
@@ -47,33 +49,6 @@ MOERT_AVX512 inline __m512i bf16_bits16(__m512 v) {
   const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
                                                 _mm512_set1_epi32(0x7F800000));
   return _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-}
-
-// Transposes the 16 x 16 block of 16-bit codes y[0..15] (y[i] a row) in place: y[j] becomes
-// column j. Interleaves of 16, 32 and 64 bits leave, in t[j] and t[8 + j], column j (low 128-bit
-// lane) and column 8 + j (high lane) of rows 0-7 and 8-15; a lane swap pairs them. On 16-bit
-// codes rather than 32-bit lanes: 256-bit shuffles, a fifth faster on Zen 5.
-MOERT_AVX512 inline void transpose16x16_epi16(__m256i y[16]) {
-  __m256i s[16], t[16];
-  for (int p = 0; p < 16; p += 2) {
-    s[p] = _mm256_unpacklo_epi16(y[p], y[p + 1]);
-    s[p + 1] = _mm256_unpackhi_epi16(y[p], y[p + 1]);
-  }
-  for (int q = 0; q < 16; q += 4) {
-    t[q] = _mm256_unpacklo_epi32(s[q], s[q + 2]);
-    t[q + 1] = _mm256_unpackhi_epi32(s[q], s[q + 2]);
-    t[q + 2] = _mm256_unpacklo_epi32(s[q + 1], s[q + 3]);
-    t[q + 3] = _mm256_unpackhi_epi32(s[q + 1], s[q + 3]);
-  }
-  for (int h = 0; h < 16; h += 8)
-    for (int k = 0; k < 4; ++k) {
-      s[h + 2 * k] = _mm256_unpacklo_epi64(t[h + k], t[h + 4 + k]);
-      s[h + 2 * k + 1] = _mm256_unpackhi_epi64(t[h + k], t[h + 4 + k]);
-    }
-  for (int j = 0; j < 8; ++j) {
-    y[j] = _mm256_permute2x128_si256(s[j], s[8 + j], 0x20);
-    y[8 + j] = _mm256_permute2x128_si256(s[j], s[8 + j], 0x31);
-  }
 }
 
 }  // namespace

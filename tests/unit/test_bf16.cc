@@ -115,6 +115,29 @@ TEST(Bf16Convert, VectorRoundingMatchesTheScalarRule) {
     }
 }
 
+// Transposing prepared operands (the bf16 backward's Dgrad operands reused for the Wgrad) gives
+// the bits of rounding the values transposed, codes and widened, with block tails on both sides
+// and an output row stride past the rows; the padding keeps its sentinel.
+TEST(Bf16Convert, TransposingPreparedOperandsMatchesTransposedRounding) {
+  std::mt19937 rng(5);
+  for (int64_t rows : {1, 15, 16, 40, 67})
+    for (int64_t cols : {1, 16, 37, 64})
+      for (bool widened : {false, true}) {
+        const std::string what = "rows " + std::to_string(rows) + " cols " + std::to_string(cols) +
+                                 (widened ? " widened" : "");
+        const Vec x = randv(rows * cols, rng);
+        const size_t es = widened ? 4 : 2;
+        const int64_t ldo = rows + 3;
+        std::vector<unsigned char> prepared(static_cast<size_t>(rows * cols) * es);
+        cpu::round_to_bf16(x.data(), cols, rows, cols, prepared.data(), cols, false, widened);
+        std::vector<unsigned char> want(static_cast<size_t>(cols * ldo) * es, 0xA5),
+            got(want.size(), 0xA5);
+        cpu::round_to_bf16(x.data(), cols, rows, cols, want.data(), ldo, true, widened);
+        cpu::transpose_bf16(prepared.data(), cols, rows, cols, got.data(), ldo, widened);
+        EXPECT_EQ(got, want) << what;
+      }
+}
+
 struct Shape {
   int64_t m, n, k;
 };
