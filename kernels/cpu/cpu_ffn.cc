@@ -505,10 +505,15 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
   // Bf16 Wgrad's right operands (x, a) as their rows come, where every tile spans whole rows of
   // them: oneDNN reads those as fast as transposed ones, which saves their transposition. A
   // strided [rows, part of a row] operand gets oneDNN 2.6's slower gemm:jit instead of brgemm
-  // (AVX512-BF16: 260-280 against 315-330 GFLOP/s), so wider ones stay transposed.
+  // (AVX512-BF16: 260-280 against 315-330 GFLOP/s), so wider ones stay transposed. A process
+  // holding fewer experts can get narrower tiles, and so the other layout, for the same chunk:
+  // both must give the same bits (core/grad_reduction.h). oneDNN's bf16 kernels do
+  // (Bf16WgradLayouts.RowsAndTransposedRightOperandsGiveTheSameBits); the widening kernels' nn
+  // and nt sgemm sum in different orders, so they keep the transposed layout.
   const int64_t cols = DenseReducer::tile_cols(grads);
-  rows.x = mode == Mode::Bf16 && dim <= cols;
-  rows.a = mode == Mode::Bf16 && hidden <= cols;
+  const bool dnnl = bf16_gemm_.kernels() == Bf16Kernels::Dnnl;
+  rows.x = mode == Mode::Bf16 && dnnl && dim <= cols;
+  rows.a = mode == Mode::Bf16 && dnnl && hidden <= cols;
   size_t first_item = 0;
   for (size_t s0 = 0; s0 < segs.size();) {
     size_t s1 = s0;
