@@ -14,7 +14,8 @@ class Allocator {
  public:
   virtual ~Allocator() = default;
   virtual void* allocate(size_t bytes) = 0;  // throws Error(OutOfMemory) on failure
-  virtual void deallocate(void* p) noexcept = 0;
+  // Releases what allocate(bytes) returned, told the same `bytes`.
+  virtual void deallocate(void* p, size_t bytes) noexcept = 0;
 };
 
 // An owning, move-only array of T in an allocator's memory. Resizing keeps no contents.
@@ -60,7 +61,7 @@ class Buffer {
 
  private:
   void release() {
-    if (data_ && alloc_) alloc_->deallocate(data_);
+    if (data_ && alloc_) alloc_->deallocate(data_, capacity_ * sizeof(T));
     data_ = nullptr;
     alloc_ = nullptr;
     size_ = capacity_ = 0;

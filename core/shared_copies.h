@@ -12,8 +12,9 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <new>
 #include <tuple>
+
+#include "kernels/cpu/large_alloc.h"
 
 namespace moert {
 
@@ -37,9 +38,12 @@ class SharedCopies {
     const std::lock_guard<std::mutex> lock(mu_);
     std::weak_ptr<const void>& slot = copies_[{&t, kind, bytes}];
     if (std::shared_ptr<const void> live = slot.lock()) return live;
-    void* raw = ::operator new (bytes, std::align_val_t{64}, std::nothrow);
+    // Mapped, not taken from malloc, when large (large_alloc.h): a copy freed with the last
+    // session that reads it gives its pages back.
+    void* raw = cpu::large_alloc(bytes);
     if (!raw) return nullptr;
-    std::shared_ptr<void> made(raw, [](void* p) { ::operator delete (p, std::align_val_t{64}); });
+    // (Should the control block not be had, shared_ptr calls the deleter.)
+    std::shared_ptr<void> made(raw, [bytes](void* p) { cpu::large_free(p, bytes); });
     fill(made.get());
     slot = made;
     return made;

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "kernels/cpu/bf16.h"
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/large_alloc.h"
 #include "kernels/cpu/math.h"
 #include "kernels/cpu/optimizer.h"
 #include "kernels/router_rules.h"
@@ -69,13 +70,14 @@ void CpuBackend::release_work() {
   for (Scratch& s : scratch_) s = Scratch();
 }
 
+// Large buffers are mapped, not taken from malloc (large_alloc.h).
 void* CpuBackend::allocate(size_t bytes) {
-  void* p = ::operator new (bytes, std::align_val_t{64}, std::nothrow);
+  void* p = large_alloc(bytes);
   if (!p) fail(Code::OutOfMemory, "out of memory allocating ", bytes, " bytes");
   return p;
 }
 
-void CpuBackend::deallocate(void* p) noexcept { ::operator delete (p, std::align_val_t{64}); }
+void CpuBackend::deallocate(void* p, size_t bytes) noexcept { large_free(p, bytes); }
 
 namespace {
 

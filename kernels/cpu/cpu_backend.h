@@ -40,7 +40,7 @@ class CpuBackend final : public Backend {
   size_t work_bytes() const override;
   void release_work() override;
   void* allocate(size_t bytes) override;
-  void deallocate(void* p) noexcept override;
+  void deallocate(void* p, size_t bytes) noexcept override;
   void upload(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override;

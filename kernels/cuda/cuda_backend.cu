@@ -132,7 +132,7 @@ class CudaBackend final : public Backend {
     }
     return p;
   }
-  void deallocate(void* p) noexcept override {
+  void deallocate(void* p, size_t) noexcept override {
     // cudaFree waits for the device to finish with p: a scratch buffer may be freed (resized)
     // while kernels queued on the stream still read it.
     const DeviceRestore restore;

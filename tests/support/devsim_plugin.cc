@@ -59,7 +59,7 @@ class DevSimBackend final : public Backend {
     blocks_[static_cast<const char*>(p)] = bytes;
     return p;
   }
-  void deallocate(void* p) noexcept override {
+  void deallocate(void* p, size_t) noexcept override {
     if (!p) return;
     {
       std::lock_guard<std::mutex> lock(mu_);
