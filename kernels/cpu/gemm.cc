@@ -487,38 +487,33 @@ void Bf16Gemm::act_weight_nn(const void* a, int64_t lda, const uint16_t* w, int6
   }
 }
 
-void Bf16Gemm::act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
-                          int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
-                          unsigned worker) {
+void Bf16Gemm::act_act(bool b_trans, const void* a, int64_t lda, const void* b, int64_t ldb,
+                       float* c, int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
+                       unsigned worker) {
   const DnnlCall call;
   if (m <= 0 || n <= 0) return;
   if (kernels_ == Bf16Kernels::Widen || k == 0) {
     // Both operands hold bf16 values, so every product is exact and sgemm sums them in fp32.
     if (kernels_ == Bf16Kernels::Widen)
-      sgemm(false, true, m, n, k, static_cast<const float*>(a), lda, static_cast<const float*>(b),
-            ldb, c, ldc, accumulate);
+      sgemm(false, b_trans, m, n, k, static_cast<const float*>(a), lda,
+            static_cast<const float*>(b), ldb, c, ldc, accumulate);
     else
-      sgemm(false, true, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
+      sgemm(false, b_trans, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
     return;
   }
-  dnnl_->run({m, n, k, lda, ldb, ldc, true, accumulate}, a, b, c, worker);
+  dnnl_->run({m, n, k, lda, ldb, ldc, b_trans, accumulate}, a, b, c, worker);
+}
+
+void Bf16Gemm::act_act_nt(const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
+                          int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
+                          unsigned worker) {
+  act_act(true, a, lda, b, ldb, c, ldc, m, n, k, accumulate, worker);
 }
 
 void Bf16Gemm::act_act_nn(const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
                           int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate,
                           unsigned worker) {
-  const DnnlCall call;
-  if (m <= 0 || n <= 0) return;
-  if (kernels_ == Bf16Kernels::Widen || k == 0) {
-    // As act_act_nt: exact products, summed in fp32.
-    if (kernels_ == Bf16Kernels::Widen)
-      sgemm(false, false, m, n, k, static_cast<const float*>(a), lda, static_cast<const float*>(b),
-            ldb, c, ldc, accumulate);
-    else
-      sgemm(false, false, m, n, 0, nullptr, 1, nullptr, 1, c, ldc, accumulate);
-    return;
-  }
-  dnnl_->run({m, n, k, lda, ldb, ldc, false, accumulate}, a, b, c, worker);
+  act_act(false, a, lda, b, ldb, c, ldc, m, n, k, accumulate, worker);
 }
 
 size_t Bf16Gemm::packed_bytes(int64_t n, int64_t k) {

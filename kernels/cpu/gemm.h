@@ -94,6 +94,9 @@ class Bf16Gemm {
   // 18 rows per expert, 178 ms against 226 with the cut at 16; the cut at 1 slows the 8-row batch
   // from 72 to 108 ms).
   static constexpr int64_t kFewRows = 8;
+  // act_act_nt (b_trans) or act_act_nn.
+  void act_act(bool b_trans, const void* a, int64_t lda, const void* b, int64_t ldb, float* c,
+               int64_t ldc, int64_t m, int64_t n, int64_t k, bool accumulate, unsigned worker);
   // a (bf16, prepared for oneDNN) widened into the worker's scratch, for the widening kernels.
   const float* widened(const void* a, int64_t lda, int64_t m, int64_t k, unsigned worker);
 

@@ -33,7 +33,7 @@ struct DenseGrad {
   // oneDNN's sgemm with beta = 1 does on tiles of at least 2 x 2, and so do the bf16 Wgrad
   // products (oneDNN's matmul with a sum post-op, or the widening kernels' sgemm); the reducer
   // asks no more (CpuReduction.GemmAccumulateRoundsAsAddingThePartial and
-  // Bf16GemmAccumulateRoundsAsAddingThePartial check it).
+  // Bf16WgradLayouts.AccumulateRoundsAsAddingThePartialOnMoreShapes check it).
   bool exact_accumulate = false;
 };
 

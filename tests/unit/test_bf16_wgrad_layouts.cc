@@ -2,9 +2,8 @@
 // count and of how processes share the rows (core/grad_reduction.h): the transposing conversion
 // against the scalar rule on random shapes and strides; the two layouts of the right operand
 // (transposed, or as rows where oneDNN's bf16 kernels run) giving the same bits on the reducer's
-// tiles; the GEMM's accumulate rounding exactly as c + the partial; and a call split between
-// processes by experts, whose tiling and layouts differ from the whole call's, folding to the
-// whole call's bits.
+// tiles; and the GEMM's accumulate rounding exactly as c + the partial. (A call split between
+// processes by experts: test_cpu_reduction.cc's Bf16ExpertSplit.)
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -162,8 +161,10 @@ TEST(Bf16WgradLayouts, RowsAndTransposedRightOperandsGiveTheSameBits) {
   }
 }
 
-// As CpuReduction.Bf16GemmAccumulateRoundsAsAddingThePartial, on the reducer's tile shapes, every
-// k from 1 to 64, and strided destinations (ldc > n: oneDNN may route those through a dense copy).
+// As CpuReduction.GemmAccumulateRoundsAsAddingThePartial for the bf16 Wgrad's products (nt, and
+// rows): the reducer merges pairs of chunks inside the GEMM in bf16 too. Every kernel this CPU
+// runs, random tile shapes, every k from 1 to 64, and strided destinations (ldc > n: oneDNN may
+// route those through a dense copy).
 TEST(Bf16WgradLayouts, AccumulateRoundsAsAddingThePartialOnMoreShapes) {
   std::mt19937 rng(31);
   for (cpu::Bf16Kernels kind : kernels_here()) {
@@ -211,117 +212,6 @@ TEST(Bf16WgradLayouts, AccumulateRoundsAsAddingThePartialOnMoreShapes) {
     }
   }
 }
-
-void fold_into(std::vector<GradRoots>& parts, Vec& acc) {
-  TreeFold<float*> fold(0);
-  const size_t n = acc.size();
-  auto add = [n](float* l, float* r) {
-    for (size_t i = 0; i < n; ++i) l[i] = l[i] + r[i];
-  };
-  bool any = false;
-  for (GradRoots& p : parts)
-    for (size_t b = 0; b < p.blocks.size(); ++b) {
-      fold.push_block(p.blocks[b], p.values[b].data(), add);
-      any = true;
-    }
-  if (!any) return;
-  const float* t = fold.finish(add);
-  for (size_t i = 0; i < n; ++i) acc[i] = acc[i] + t[i];
-}
-
-// The grouped bf16 FFN backward over 4 experts (one empty), whole, then split between two
-// processes by experts: process 0 holds expert 0's list, process 1 experts 2 and 3. Each process
-// has fewer nonempty segments than the whole call, so DenseReducer::tile_cols (and with it
-// WgradRows) can differ from the whole call's: the folded roots must still give the whole call's
-// bits (core/grad_reduction.h).
-class Bf16ExpertSplit : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
-
-TEST_P(Bf16ExpertSplit, ExpertSplitMatchesTheWholeCall) {
-  const auto [D, H] = GetParam();
-  std::mt19937 rng(4);
-  const int64_t E = 4, per = H * D;
-  const std::vector<int64_t> counts{3 * kReduceRows + 5, 0, kReduceRows, 2 * kReduceRows + 40};
-  auto be0 = make_cpu_backend(2, Precision::Bf16);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  auto rv = [&](int64_t n, float scale) {
-    Vec v(static_cast<size_t>(n));
-    for (float& x : v) x = scale * u(rng);
-    return v;
-  };
-  const Vec w1 = rv(E * per, 0.3f), w3 = rv(E * per, 0.3f), w2 = rv(E * per, 0.3f);
-  std::vector<uint16_t> b1(w1.size()), b3(w3.size()), b2(w2.size());
-  be0->to_bf16(w1.data(), b1.data(), static_cast<int64_t>(w1.size()));
-  be0->to_bf16(w3.data(), b3.data(), static_cast<int64_t>(w3.size()));
-  be0->to_bf16(w2.data(), b2.data(), static_cast<int64_t>(w2.size()));
-  const Weight W1{w1.data(), b1.data()}, W3{w3.data(), b3.data()}, W2{w2.data(), b2.data()};
-  DispatchPlan plan;
-  plan.host_offsets.assign(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
-  const int64_t A = plan.num_assignments();
-  const Vec x = rv(A * D, 1.0f), dy = rv(A * D, 1.0f);
-  Vec y(A * D), h1(A * H), h3(A * H);
-  be0->grouped_swiglu_ffn(plan, x.data(), W1, W3, W2, y.data(), h1.data(), h3.data(), D, H);
-  std::vector<Vec> full(3, Vec(E * per, 0.0f));
-  {
-    Vec dx(A * D);
-    std::vector<GradOut> out[3];
-    for (int k = 0; k < 3; ++k)
-      for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{full[k].data() + e * per});
-    be0->grouped_swiglu_ffn_backward(plan, x.data(), W1, W3, W2, h1.data(), h3.data(), dy.data(),
-                                     dx.data(), out[0].data(), out[1].data(), out[2].data(), D, H);
-  }
-  // roots[k][e][p]
-  const int parts = 2;
-  const std::vector<std::vector<int64_t>> holds{{0}, {2, 3}};
-  // The backends own the roots' memory: declared first, destroyed last.
-  std::vector<std::unique_ptr<Backend>> bes;
-  for (int p = 0; p < parts; ++p) bes.push_back(make_cpu_backend(2, Precision::Bf16));
-  std::vector<std::vector<std::vector<GradRoots>>> roots(3);
-  for (auto& k : roots) {
-    k.resize(E);
-    for (auto& e : k) e.resize(parts);
-  }
-  for (int p = 0; p < parts; ++p) {
-    DispatchPlan part;
-    part.host_offsets.assign(E + 1, 0);
-    Vec px, pdy, ph1, ph3;
-    std::vector<GradOut> out[3];
-    for (int64_t e = 0; e < E; ++e) {
-      const bool mine = std::find(holds[p].begin(), holds[p].end(), e) != holds[p].end();
-      const int64_t a0 = plan.host_offsets[e], a1 = mine ? plan.host_offsets[e + 1] : a0;
-      part.host_offsets[e + 1] = part.host_offsets[e] + (a1 - a0);
-      px.insert(px.end(), x.begin() + a0 * D, x.begin() + a1 * D);
-      pdy.insert(pdy.end(), dy.begin() + a0 * D, dy.begin() + a1 * D);
-      ph1.insert(ph1.end(), h1.begin() + a0 * H, h1.begin() + a1 * H);
-      ph3.insert(ph3.end(), h3.begin() + a0 * H, h3.begin() + a1 * H);
-      for (int k = 0; k < 3; ++k) out[k].push_back(GradOut{nullptr, &roots[k][e][p], 0});
-    }
-    Vec pdx(px.size());
-    bes[static_cast<size_t>(p)]->grouped_swiglu_ffn_backward(
-        part, px.data(), W1, W3, W2, ph1.data(), ph3.data(), pdy.data(), pdx.data(), out[0].data(),
-        out[1].data(), out[2].data(), D, H);
-  }
-  const char* names[] = {"dw1", "dw3", "dw2"};
-  for (int k = 0; k < 3; ++k)
-    for (int64_t e = 0; e < E; ++e) {
-      Vec ge(static_cast<size_t>(per), 0.0f);
-      fold_into(roots[k][e], ge);
-      const Vec want(full[k].begin() + e * per, full[k].begin() + (e + 1) * per);
-      size_t diff = 0;
-      for (size_t i = 0; i < ge.size(); ++i) diff += std::memcmp(&ge[i], &want[i], 4) != 0;
-      EXPECT_EQ(diff, 0u) << names[k] << " expert " << e << " (D " << D << ", H " << H << ")";
-    }
-}
-
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, Bf16ExpertSplit,
-    ::testing::Values(std::pair<int64_t, int64_t>{130, 96}, std::pair<int64_t, int64_t>{130, 8},
-                      std::pair<int64_t, int64_t>{8, 130}, std::pair<int64_t, int64_t>{256, 128},
-                      std::pair<int64_t, int64_t>{128, 256}, std::pair<int64_t, int64_t>{200, 136},
-                      std::pair<int64_t, int64_t>{512, 256}),
-    [](const auto& p) {
-      return std::to_string(p.param.first) + "x" + std::to_string(p.param.second);
-    });
 
 }  // namespace
 }  // namespace moert

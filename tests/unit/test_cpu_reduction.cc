@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <tuple>
@@ -536,6 +537,100 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
   }
 }
 
+// The grouped bf16 FFN backward over 4 experts (one empty), whole, then split between two
+// processes by experts: process 0 holds expert 0's list, process 1 experts 2 and 3. Each process
+// has fewer nonempty segments than the whole call, so DenseReducer::tile_cols (and with it
+// WgradRows) can differ from the whole call's: the folded roots must still give the whole call's
+// bits (core/grad_reduction.h).
+class Bf16ExpertSplit : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
+
+TEST_P(Bf16ExpertSplit, ExpertSplitMatchesTheWholeCall) {
+  const auto [D, H] = GetParam();
+  std::mt19937 rng(4);
+  const int64_t E = 4, per = H * D;
+  const std::vector<int64_t> counts{3 * kReduceRows + 5, 0, kReduceRows, 2 * kReduceRows + 40};
+  auto be0 = make_cpu_backend(2, Precision::Bf16);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  auto rv = [&](int64_t n, float scale) {
+    Vec v(static_cast<size_t>(n));
+    for (float& x : v) x = scale * u(rng);
+    return v;
+  };
+  const Vec w1 = rv(E * per, 0.3f), w3 = rv(E * per, 0.3f), w2 = rv(E * per, 0.3f);
+  std::vector<uint16_t> b1(w1.size()), b3(w3.size()), b2(w2.size());
+  be0->to_bf16(w1.data(), b1.data(), static_cast<int64_t>(w1.size()));
+  be0->to_bf16(w3.data(), b3.data(), static_cast<int64_t>(w3.size()));
+  be0->to_bf16(w2.data(), b2.data(), static_cast<int64_t>(w2.size()));
+  const Weight W1{w1.data(), b1.data()}, W3{w3.data(), b3.data()}, W2{w2.data(), b2.data()};
+  DispatchPlan plan;
+  plan.host_offsets.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
+  const int64_t A = plan.num_assignments();
+  const Vec x = rv(A * D, 1.0f), dy = rv(A * D, 1.0f);
+  Vec y(A * D), h1(A * H), h3(A * H);
+  be0->grouped_swiglu_ffn(plan, x.data(), W1, W3, W2, y.data(), h1.data(), h3.data(), D, H);
+  std::vector<Vec> full(3, Vec(E * per, 0.0f));
+  {
+    Vec dx(A * D);
+    std::vector<GradOut> out[3];
+    for (int k = 0; k < 3; ++k)
+      for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{full[k].data() + e * per});
+    be0->grouped_swiglu_ffn_backward(plan, x.data(), W1, W3, W2, h1.data(), h3.data(), dy.data(),
+                                     dx.data(), out[0].data(), out[1].data(), out[2].data(), D, H);
+  }
+  // roots[k][e][p]
+  const int parts = 2;
+  const std::vector<std::vector<int64_t>> holds{{0}, {2, 3}};
+  // The backends own the roots' memory: declared first, destroyed last.
+  std::vector<std::unique_ptr<Backend>> bes;
+  for (int p = 0; p < parts; ++p) bes.push_back(make_cpu_backend(2, Precision::Bf16));
+  std::vector<std::vector<std::vector<GradRoots>>> roots(3);
+  for (auto& k : roots) {
+    k.resize(E);
+    for (auto& e : k) e.resize(parts);
+  }
+  for (int p = 0; p < parts; ++p) {
+    DispatchPlan part;
+    part.host_offsets.assign(E + 1, 0);
+    Vec px, pdy, ph1, ph3;
+    std::vector<GradOut> out[3];
+    for (int64_t e = 0; e < E; ++e) {
+      const bool mine = std::find(holds[p].begin(), holds[p].end(), e) != holds[p].end();
+      const int64_t a0 = plan.host_offsets[e], a1 = mine ? plan.host_offsets[e + 1] : a0;
+      part.host_offsets[e + 1] = part.host_offsets[e] + (a1 - a0);
+      px.insert(px.end(), x.begin() + a0 * D, x.begin() + a1 * D);
+      pdy.insert(pdy.end(), dy.begin() + a0 * D, dy.begin() + a1 * D);
+      ph1.insert(ph1.end(), h1.begin() + a0 * H, h1.begin() + a1 * H);
+      ph3.insert(ph3.end(), h3.begin() + a0 * H, h3.begin() + a1 * H);
+      for (int k = 0; k < 3; ++k) out[k].push_back(GradOut{nullptr, &roots[k][e][p], 0});
+    }
+    Vec pdx(px.size());
+    bes[static_cast<size_t>(p)]->grouped_swiglu_ffn_backward(
+        part, px.data(), W1, W3, W2, ph1.data(), ph3.data(), pdy.data(), pdx.data(), out[0].data(),
+        out[1].data(), out[2].data(), D, H);
+  }
+  const char* names[] = {"dw1", "dw3", "dw2"};
+  for (int k = 0; k < 3; ++k)
+    for (int64_t e = 0; e < E; ++e) {
+      Vec ge(static_cast<size_t>(per), 0.0f);
+      fold_roots_into(roots[k][e], ge);
+      const Vec want(full[k].begin() + e * per, full[k].begin() + (e + 1) * per);
+      size_t diff = 0;
+      for (size_t i = 0; i < ge.size(); ++i) diff += std::memcmp(&ge[i], &want[i], 4) != 0;
+      EXPECT_EQ(diff, 0u) << names[k] << " expert " << e << " (D " << D << ", H " << H << ")";
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, Bf16ExpertSplit,
+    ::testing::Values(std::pair<int64_t, int64_t>{130, 96}, std::pair<int64_t, int64_t>{130, 8},
+                      std::pair<int64_t, int64_t>{8, 130}, std::pair<int64_t, int64_t>{256, 128},
+                      std::pair<int64_t, int64_t>{128, 256}, std::pair<int64_t, int64_t>{200, 136},
+                      std::pair<int64_t, int64_t>{512, 256}),
+    [](const auto& p) {
+      return std::to_string(p.param.first) + "x" + std::to_string(p.param.second);
+    });
+
 const FfnCase kFfnCases[] = {{Precision::Fp32, 20, 12},   {Precision::Bf16, 20, 12},
                              {Precision::Fp32, 260, 256}, {Precision::Bf16, 130, 96},
                              {Precision::Fp8, 20, 12},    {Precision::Fp8, 200, 136}};
@@ -762,6 +857,11 @@ TEST(CpuReduction, CrossEntropyGivesOneSumPerChunk) {
   EXPECT_TRUE(same_bits(dl, dl_full));
 }
 
+// Tile shapes (m x n) of the accumulation checks below: the bench layer's, odd ones, the
+// smallest the reducer fuses.
+const std::pair<int64_t, int64_t> kAccumulateTiles[] = {{64, 512},  {128, 256}, {16, 512}, {64, 64},
+                                                        {100, 300}, {2, 7},     {5, 2},    {2, 2}};
+
 // The reducer lets a Wgrad partial's GEMM make the first merge of a pair of chunks (sgemm with
 // accumulate, DenseGrad::exact_accumulate). That is only the tree's sum if oneDNN rounds
 // c + (the product from zero) once per element, as add_into does: checked at the tiles' shapes,
@@ -771,14 +871,7 @@ TEST(CpuReduction, CrossEntropyGivesOneSumPerChunk) {
 TEST(CpuReduction, GemmAccumulateRoundsAsAddingThePartial) {
   std::mt19937 rng(11);
   for (bool trans_a : {true, false})
-    for (auto [m, n] : {std::pair<int64_t, int64_t>{64, 512},
-                        {128, 256},
-                        {16, 512},
-                        {64, 64},
-                        {100, 300},
-                        {2, 7},
-                        {5, 2},
-                        {2, 2}})
+    for (auto [m, n] : kAccumulateTiles)
       for (int64_t k : {kReduceRows, int64_t{17}, int64_t{1}}) {
         const bool trans_b = !trans_a;
         const int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
@@ -797,58 +890,6 @@ TEST(CpuReduction, GemmAccumulateRoundsAsAddingThePartial) {
         EXPECT_TRUE(same_bits(fused, want))
             << (trans_a ? "tn " : "nt ") << m << " x " << n << " x " << k;
       }
-}
-
-// The same for the bf16 Wgrad's products (Bf16Gemm::act_act_nt and act_act_nn on prepared
-// operands), with every kernel this CPU runs: the bf16 reduction merges pairs of chunks inside
-// the GEMM too.
-TEST(CpuReduction, Bf16GemmAccumulateRoundsAsAddingThePartial) {
-  std::mt19937 rng(12);
-  std::vector<cpu::Bf16Kernels> kernels{cpu::Bf16Kernels::Widen};
-  if (cpu::Bf16Gemm::default_kernels() == cpu::Bf16Kernels::Dnnl)
-    kernels.push_back(cpu::Bf16Kernels::Dnnl);
-  for (cpu::Bf16Kernels kind : kernels) {
-    cpu::Bf16Gemm gemm(1, kind);
-    const size_t es = gemm.act_bytes();
-    for (bool b_rows : {false, true})
-      for (auto [m, n] : {std::pair<int64_t, int64_t>{64, 512},
-                          {128, 256},
-                          {16, 512},
-                          {64, 64},
-                          {100, 300},
-                          {2, 7},
-                          {5, 2},
-                          {2, 2}})
-        for (int64_t k : {kReduceRows, int64_t{17}, int64_t{1}}) {
-          // a [m, k]; b [n, k] (nt) or [k, n] (rows): both prepared in bf16.
-          auto prepared = [&](int64_t rows, int64_t cols) {
-            const Vec v = randv(rows * cols, rng);
-            std::vector<unsigned char> out(static_cast<size_t>(rows * cols) * es);
-            gemm.prepare(v.data(), cols, rows, cols, out.data(), cols, false);
-            return out;
-          };
-          const auto a0 = prepared(m, k), a1 = prepared(m, k);
-          const auto b0 = b_rows ? prepared(k, n) : prepared(n, k);
-          const auto b1 = b_rows ? prepared(k, n) : prepared(n, k);
-          auto product = [&](const std::vector<unsigned char>& a,
-                             const std::vector<unsigned char>& b, Vec& c, bool accumulate) {
-            if (b_rows)
-              gemm.act_act_nn(a.data(), k, b.data(), n, c.data(), n, m, n, k, accumulate, 0);
-            else
-              gemm.act_act_nt(a.data(), k, b.data(), k, c.data(), n, m, n, k, accumulate, 0);
-          };
-          Vec left(m * n), right(m * n);
-          product(a0, b0, left, false);
-          product(a1, b1, right, false);
-          Vec want = left;
-          for (size_t i = 0; i < want.size(); ++i) want[i] = want[i] + right[i];
-          Vec fused = left;
-          product(a1, b1, fused, true);
-          EXPECT_TRUE(same_bits(fused, want))
-              << (kind == cpu::Bf16Kernels::Dnnl ? "oneDNN " : "widening ")
-              << (b_rows ? "nn " : "nt ") << m << " x " << n << " x " << k;
-        }
-  }
 }
 
 TEST(CpuBackend, AddIsElementwise) {

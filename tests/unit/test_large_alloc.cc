@@ -15,14 +15,7 @@
 #include "core/error.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/large_alloc.h"
-
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define MOERT_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define MOERT_TEST_SANITIZED 1
-#endif
-#endif
+#include "tests/unit/sanitized.h"
 
 namespace moert::cpu {
 namespace {
@@ -110,7 +103,7 @@ TEST(LargeAlloc, CpuBufferReleasesTheBlockItAllocated) {
 }
 
 TEST(LargeAlloc, AnAbsurdSizeIsOutOfMemory) {
-#if MOERT_TEST_SANITIZED
+#ifdef MOERT_TEST_SANITIZED
   GTEST_SKIP() << "the sanitizers' allocators abort on an absurd size";
 #else
   const size_t absurd = size_t{1} << 60;

@@ -12,14 +12,7 @@
 
 #include "core/error.h"
 #include "kernels/cpu/thread_pool.h"
-
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define MOERT_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define MOERT_TEST_SANITIZED 1
-#endif
-#endif
+#include "tests/unit/sanitized.h"
 
 #if MOERT_DNNL_OPENMP
 #include <omp.h>
