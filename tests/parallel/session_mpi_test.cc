@@ -5,8 +5,12 @@
 // data parallelism.
 #include <gtest/gtest.h>
 #include <moert/moert.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -26,11 +30,10 @@
 #include "mpi_test_main.h"
 
 // While not zero, the library's backend memory (the aligned nothrow operator new, which this
-// program replaces for the whole process) fails from this many bytes on: a process that ran out
-// of memory. As libstdc++'s own, it takes memory from aligned_alloc, which the aligned delete
-// frees.
-// The sanitizers replace operator new themselves (and pair it with their own delete), so there
-// the limit is not installed and the test that uses it skips.
+// program replaces for the whole process, and anonymous mmap) fails from this many bytes on: a
+// process that ran out of memory. As libstdc++'s own, it takes memory from aligned_alloc, which the
+// aligned delete frees. The sanitizers replace operator new themselves (and pair it with their own
+// delete), so there the limit is not installed and the test that uses it skips.
 std::atomic<size_t> g_allocation_limit{0};
 
 // The same for new[] (what the MPI communicator's staging buffers come from), while
@@ -62,6 +65,19 @@ void* operator new(std::size_t n) {
   throw std::bad_alloc();
 }
 // libstdc++'s operator delete is free(): it stays.
+// The library maps its blocks of 1 MiB or more directly (kernels/cpu/large_alloc.h), so the limit
+// covers anonymous mappings too; everything else (and everything while no limit is set) goes to
+// the kernel unchanged.
+extern "C" __attribute__((visibility("default"))) void* mmap(void* addr, size_t len, int prot,
+                                                             int flags, int fd,
+                                                             off_t off) noexcept {
+  const size_t limit = g_allocation_limit.load();
+  if (limit != 0 && (flags & MAP_ANONYMOUS) && len >= limit) {
+    errno = ENOMEM;
+    return MAP_FAILED;
+  }
+  return reinterpret_cast<void*>(syscall(SYS_mmap, addr, len, prot, flags, fd, off));
+}
 #endif
 
 namespace {
