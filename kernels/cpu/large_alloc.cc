@@ -23,7 +23,7 @@ void* large_alloc(size_t bytes) noexcept {
 void large_free(void* p, size_t bytes) noexcept {
   if (!p) return;
   if (!mapped(bytes))
-    ::operator delete(p, bytes, kAlign);
+    ::operator delete(p, kAlign);
   else
     ::munmap(p, bytes);
 }
