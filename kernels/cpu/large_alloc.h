@@ -26,8 +26,7 @@ namespace moert::cpu {
 inline constexpr size_t kLargeAllocBytes = size_t{1} << 20;
 
 // Under AddressSanitizer every size comes from operator new: the sanitizer's allocator is not
-// glibc's, and its redzones check the bounds of the large arrays too, and its sized delete
-// that every release names the size it was allocated with.
+// glibc's, and its redzones check the bounds of the large arrays too.
 #if defined(__SANITIZE_ADDRESS__)
 inline constexpr bool kLargeAllocMaps = false;
 #elif defined(__has_feature)
