@@ -214,8 +214,8 @@ class CpuBackend final : public Backend {
     std::vector<float> quant;  // FP8 tile scales and the FP8 GEMMs' scratch
   };
   std::vector<Scratch> scratch_;  // one per worker
-  // Backward operands, chunk by chunk, transposed for the Wgrad partials (kept between calls,
-  // never initialised).
+  // Backward operands of the Wgrad partials: chunk by chunk transposed, or (Direct mode) rows at
+  // padded strides (kept between calls, never initialised).
   Buffer<unsigned char> t_x_, t_dy_, t_a_, t_dh1_, t_dh3_, t_lin_x_, t_lin_dy_;
   // FP8 Wgrad: the column-tile scales of every item's five operands (fp8_wgrad_operand).
   Buffer<float> t_fp8_scales_;

@@ -41,6 +41,12 @@ bool bf16_of(Weight w) { return w.bf16 || w.bf16_packed; }
 bool all_bf16(Weight a, Weight b, Weight c) { return bf16_of(a) && bf16_of(b) && bf16_of(c); }
 bool all_fp8(Weight a, Weight b, Weight c) { return a.fp8 && b.fp8 && c.fp8; }
 
+// Row stride of a Direct-mode Wgrad operand of `width` floats. oneDNN's sgemm reads a "tn"
+// partial's operands down a chunk's 64 rows, and rows 1 or 2 KiB apart fall into a handful of
+// L1 sets: a dW1 of 1024 rows in [64, 512] tiles ran at 134 GFLOP/s with rows 512 floats apart
+// and at 187 with 528 (Zen 5, one core). The padding is never read.
+int64_t wgrad_ld(int64_t width) { return width % 32 == 0 ? width + 16 : width; }
+
 }  // namespace
 
 std::vector<CpuBackend::Item> CpuBackend::row_items(const std::vector<Segment>& segments,
@@ -416,7 +422,8 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
   const int64_t per = hidden * dim;
   // How the GEMMs read their operands:
   //  Direct (small fp32 weights; all of them on AVX-512): Dgrad nn against the weights as
-  //    stored, Wgrad tn on the row-major operands (a, dh1, dh3 are kept row-major for it).
+  //    stored, Wgrad tn on the row-major operands, kept at padded row strides (x and dy copied,
+  //    a, dh1 and dh3 written there; wgrad_ld).
   //  Transposed (larger fp32 weights): Dgrad nt against the weights transposed (their copies
   //    where they carry them, else transposed once per call), Wgrad nt on the operands written
   //    chunk by chunk transposed.
@@ -429,10 +436,11 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
                     : per < direct_below_ ? Mode::Direct
                                           : Mode::Transposed;
   const size_t es = fp8 ? 1 : bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
-  if (mode != Mode::Direct)
-    for (auto* t : {&t_x_, &t_dy_}) t->resize(*this, static_cast<size_t>(end * dim) * es);
-  for (auto* t : {&t_a_, &t_dh1_, &t_dh3_})
-    t->resize(*this, static_cast<size_t>(end * hidden) * es);
+  // Direct mode's operands are rows [end, width] with padded strides (x and dy copied there).
+  const int64_t ldx = mode == Mode::Direct ? wgrad_ld(dim) : dim;
+  const int64_t ldh = mode == Mode::Direct ? wgrad_ld(hidden) : hidden;
+  for (auto* t : {&t_x_, &t_dy_}) t->resize(*this, static_cast<size_t>(end * ldx) * es);
+  for (auto* t : {&t_a_, &t_dh1_, &t_dh3_}) t->resize(*this, static_cast<size_t>(end * ldh) * es);
 
   // Row items in segment order; with transposed weights, segments go in batches whose
   // transposes fit kTransposedWeights. FP8 items are Wgrad's 128-token tiles, two chunks each.
@@ -453,16 +461,14 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
     d.chunks = reduce_chunks(s.rows);
     d.out = out;
     d.in = in;
-    // Direct mode's row-major operands: dy and x as given, a, dh1, dh3 as kept.
-    auto rows_of = [&](Buffer<unsigned char>& t) {
-      return &t == &t_dy_ ? dy : &t == &t_x_ ? x : reinterpret_cast<const float*>(t.data());
-    };
-    const float* ra = rows_of(ta);
-    const float* rb = rows_of(tb);
+    // Direct mode's row-major operands and their strides.
+    const auto* ra = reinterpret_cast<const float*>(ta.data());
+    const auto* rb = reinterpret_cast<const float*>(tb.data());
+    const int64_t lda = ka < 2 ? ldx : ldh, ldb = kb < 2 ? ldx : ldh;
     d.exact_accumulate = mode != Mode::Fp8;
-    d.partial = [&, s, si, ka, kb, out, in, ra, rb](int64_t j, int64_t o0, int64_t no, int64_t i0,
-                                                    int64_t ni, float* c, int64_t ldc,
-                                                    bool accumulate, unsigned worker) {
+    d.partial = [&, s, si, ka, kb, out, in, ra, rb, lda, ldb](
+                    int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni, float* c,
+                    int64_t ldc, bool accumulate, unsigned worker) {
       const int64_t r0 = s.begin + j * kReduceRows, m = chunk_rows(s.rows, j);
       if (mode == Mode::Fp8) {
         // The chunk lies inside one tile, its item; its rows from r0 on, with the tile's scales.
@@ -476,7 +482,7 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
         return;
       }
       if (mode == Mode::Direct) {
-        sgemm(true, false, no, ni, m, ra + r0 * out + o0, out, rb + r0 * in + i0, in, c, ldc,
+        sgemm(true, false, no, ni, m, ra + r0 * lda + o0, lda, rb + r0 * ldb + i0, ldb, c, ldc,
               accumulate);
         return;
       }
@@ -583,21 +589,38 @@ void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, cons
   auto at = [&](Buffer<unsigned char>& t, int64_t n) {
     return t.data() + static_cast<size_t>(b * n) * es;
   };
-  auto& sc = scratch_[worker];
-  sc.f.resize(static_cast<size_t>(3 * mh));
-  float* a = sc.f.data();
-  float* dh1 = a + mh;
-  float* dh3 = dh1 + mh;
-  if (mode == Mode::Direct) {
-    a = reinterpret_cast<float*>(at(t_a_, hidden));
-    dh1 = reinterpret_cast<float*>(at(t_dh1_, hidden));
-    dh3 = reinterpret_cast<float*>(at(t_dh3_, hidden));
-  }
   const float* h1r = h1 + b * hidden;
   const float* h3r = h3 + b * hidden;
   const float* dyr = dy + b * dim;
   const float* xr = x + b * dim;
   float* dxr = dx + b * dim;
+  if (mode == Mode::Direct) {
+    // The Wgrad operands, rows at padded strides (wgrad_ld): x and dy copied, a, dh1 and dh3
+    // written there; the Dgrad GEMMs read them from there too.
+    const int64_t lx = wgrad_ld(dim), lh = wgrad_ld(hidden);
+    auto at_row = [&](Buffer<unsigned char>& t, int64_t ld) {
+      return reinterpret_cast<float*>(t.data()) + b * ld;
+    };
+    float *xc = at_row(t_x_, lx), *dyc = at_row(t_dy_, lx), *a = at_row(t_a_, lh);
+    float *dh1 = at_row(t_dh1_, lh), *dh3 = at_row(t_dh3_, lh);
+    for (int64_t r = 0; r < m; ++r) {
+      std::memcpy(xc + r * lx, xr + r * dim, static_cast<size_t>(dim) * sizeof(float));
+      std::memcpy(dyc + r * lx, dyr + r * dim, static_cast<size_t>(dim) * sizeof(float));
+      swiglu(h1r + r * hidden, h3r + r * hidden, a + r * lh, hidden);
+    }
+    sgemm(false, false, m, hidden, dim, dyc, lx, f32_of(s.w2), hidden, dh1, lh, false);
+    for (int64_t r = 0; r < m; ++r)
+      swiglu_backward(h1r + r * hidden, h3r + r * hidden, dh1 + r * lh, dh1 + r * lh, dh3 + r * lh,
+                      hidden);
+    sgemm(false, false, m, dim, hidden, dh1, lh, f32_of(s.w1), dim, dxr, dim, dx_accumulate);
+    sgemm(false, false, m, dim, hidden, dh3, lh, f32_of(s.w3), dim, dxr, dim, true);
+    return;
+  }
+  auto& sc = scratch_[worker];
+  sc.f.resize(static_cast<size_t>(3 * mh));
+  float* a = sc.f.data();
+  float* dh1 = a + mh;
+  float* dh3 = dh1 + mh;
   swiglu(h1r, h3r, a, mh);
   switch (mode) {
     case Mode::Bf16: {
@@ -622,12 +645,6 @@ void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, cons
       bf16_gemm_.prepare(a, hidden, m, hidden, at(t_a_, hidden), rows.a ? hidden : m, !rows.a);
       return;
     }
-    case Mode::Direct:
-      sgemm(false, false, m, hidden, dim, dyr, dim, f32_of(s.w2), hidden, dh1, hidden, false);
-      swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
-      sgemm(false, false, m, dim, hidden, dh1, hidden, f32_of(s.w1), dim, dxr, dim, dx_accumulate);
-      sgemm(false, false, m, dim, hidden, dh3, hidden, f32_of(s.w3), dim, dxr, dim, true);
-      return;
     case Mode::Transposed: {
       sgemm(false, true, m, hidden, dim, dyr, dim, wt.w2, dim, dh1, hidden, false);
       swiglu_backward(h1r, h3r, dh1, dh1, dh3, mh);
@@ -643,8 +660,9 @@ void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, cons
       tr(dh3, hidden, t_dh3_);
       return;
     }
+    case Mode::Direct:
     case Mode::Fp8:
-      fail(Code::Internal, "an FP8 row item reached the fp32 and bf16 backward");
+      fail(Code::Internal, "an FP8 or Direct row item reached the transposing backward");
   }
 }
 
