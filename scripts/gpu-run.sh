@@ -26,19 +26,21 @@
 #   moert_bench.json  torch_bench.json  table.md
 #   train-bf16.txt  train-fp8.txt   (train phase, instead of the above) `moert train --device
 #                     cuda`'s output per precision
-#   cpu-bench.txt     (cpu-bench phase) the CPU backend's `moert bench` on that machine's CPU
-#                     (its ISA may differ from this one's: AMX, say) and bench/torch_moe_bench.py
+#   cpu-bench.txt     (cpu-bench phase) on that machine's CPU (its ISA may differ from this
+#                     one's: AMX, say): the unit tests of the CPU backend's bf16 paths (layouts,
+#                     packed copies, the reduction's bits), the CPU backend's `moert bench` and
+#                     bench/torch_moe_bench.py
 #
 # Settings for the device half (environment):
 #   MOERT_PHASES      which phases run, of: tests sanitize bench (both benchmarks), moert-bench,
 #                     torch-bench, train, cpu-bench. Default "tests sanitize bench" (a stage-train
 #                     folder: "train"): a later call can rerun only what is needed. cpu-bench
-#                     (stage-train folders) takes up to 300 s.
+#                     (stage-train folders) takes up to 360 s.
 #   MOERT_TRAIN_PRECISIONS  the train phase's precisions (default "bf16 fp8"), each one run of
 #                     `moert train --device cuda` on the experiment's model, budget and seed;
 #   MOERT_TRAIN_BALANCING   its --balancing (default "loss-free"; "none,aux,loss-free" takes
 #                     about 45 s in bf16 and 90 s in fp8 on an H200). The phase's cap is 240 s:
-#                     with cpu-bench (300 s) as well, raise MOERT_TIME_BUDGET to 570.
+#                     with cpu-bench (360 s) as well, raise MOERT_TIME_BUDGET to 630.
 #   MOERT_SKIP_BENCH=1  drops the benchmarks from MOERT_PHASES (the older switch, still honoured).
 #   MOERT_TIME_BUDGET   seconds for the whole device half (default 420). A session has 15
 #                     minutes of device time in all, a cold start costs a minute or two, and no
@@ -81,7 +83,7 @@ stage() {
       echo "stage-train: no corpus at /usr/share/games/fortunes (scripts/install-deps.sh installs it)" >&2
       exit 1
     }
-    cmake --build --preset cuda --target moert moert_cuda moert_cli
+    cmake --build --preset cuda --target moert moert_cuda moert_cli moert_unit_tests
   else
     cmake --build --preset cuda --target moert moert_cuda moert_gpu_kernel_tests \
       moert_gpu_session_tests moert_gpu_fp8_tests moert_gpu_fp8_session_tests moert_gpu_nccl_tests \
@@ -99,7 +101,7 @@ stage() {
   cp "$(readlink -f "$build/capi/libmoert_cuda.so")" "$dir/lib/libmoert_cuda.so"
   if [ "$kind" = train ]; then
     # The command finds the plugin beside libmoert, as an installed one does.
-    cp "$build/cli/moert" "$dir/bin/"
+    cp "$build/cli/moert" "$build/tests/unit/moert_unit_tests" "$dir/bin/"
     cp bench/torch_moe_bench.py "$dir/"
     mkdir -p "$dir/corpus"
     find /usr/share/games/fortunes -maxdepth 1 -type f -exec cp {} "$dir/corpus/" \;
@@ -472,7 +474,7 @@ phase_train() {
 
 # The CPU backend on the device machine's CPU, which may have what this one lacks (AMX).
 phase_cpu_bench() {
-  local phase_end=$((SECONDS + 300)) f=$out/cpu-bench.txt secs rc name
+  local phase_end=$((SECONDS + 360)) f=$out/cpu-bench.txt secs rc name
   echo "== cpu bench" | tee -a "$out/device.txt"
   if [ ! -e "$dir/bin/moert" ]; then
     failed "cpu-bench: no moert command staged (scripts/gpu-run.sh stage-train)"
@@ -483,7 +485,10 @@ phase_cpu_bench() {
   printf '#!/bin/bash\nexec %s%q "$@"\n' "$(printf '%q ' "${runner[@]}")" "$dir/bin/moert" >"$tmp/moert"
   chmod +x "$tmp/moert"
   : >"$f"
+  # bf16-tests: what only runs natively there (AMX's kernels and packed layouts) giving the bits
+  # the reduction rule needs, before the timings.
   local -a steps=(
+    "bf16-tests:"
     "moert-bf16-2:bench --threads 2 --precision bf16 --repeats 7"
     "moert-bf16-1:bench --threads 1 --precision bf16 --repeats 7"
     "torch-2:"
@@ -496,7 +501,11 @@ phase_cpu_bench() {
     take_time 100 $phase_end 10 "cpu-bench/$name" || continue
     echo "===== $name (up to $secs s)" >>"$f"
     rc=0
-    if [ -n "$args" ]; then
+    if [ "$name" = bf16-tests ]; then
+      timeout -k 5 "$secs" "${runner[@]}" "$dir/bin/moert_unit_tests" \
+        --gtest_filter='Bf16*:*Bf16ExpertSplit*:CpuReduction.*:*FfnReduction*:LayoutCopies.*' \
+        >>"$f" 2>&1 || rc=$?
+    elif [ -n "$args" ]; then
       # shellcheck disable=SC2086 # the step's arguments are words
       timeout -k 5 "$secs" "$tmp/moert" $args >>"$f" 2>&1 || rc=$?
     else
@@ -504,7 +513,7 @@ phase_cpu_bench() {
         >>"$f" 2>&1 || rc=$?
     fi
     sed -n '/^===== '"$name"' /,$p' "$f" |
-      grep -E 'ISA|machine limits|peak|best single|^forward|^pass|speed|^ *[0-9]+ +[0-9]|moert|torch|Error|error' |
+      grep -E 'ISA|machine limits|peak|best single|^forward|^pass|speed|^ *[0-9]+ +[0-9]|moert|torch|Error|error|PASSED|FAILED|tests from .* ran' |
       head -24
     case $rc in
     0) result "PASS cpu-bench/$name" ;;
