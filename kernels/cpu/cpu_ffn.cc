@@ -43,8 +43,9 @@ bool all_fp8(Weight a, Weight b, Weight c) { return a.fp8 && b.fp8 && c.fp8; }
 
 // Row stride of a Direct-mode Wgrad operand of `width` floats. oneDNN's sgemm reads a "tn"
 // partial's operands down a chunk's 64 rows, and rows 1 or 2 KiB apart fall into a handful of
-// L1 sets: a dW1 of 1024 rows in [64, 512] tiles ran at 134 GFLOP/s with rows 512 floats apart
-// and at 187 with 528 (Zen 5, one core). The padding is never read.
+// L1 sets: a dW1 of 1024 rows in [64, 512] tiles ran at 190-193 GFLOP/s with rows 512 floats
+// apart and at 199-202 with 528 (Zen 5, one core; 134 against 187 on a busier host). The
+// padding is never read.
 int64_t wgrad_ld(int64_t width) { return width % 32 == 0 ? width + 16 : width; }
 
 }  // namespace
