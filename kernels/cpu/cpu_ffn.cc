@@ -599,11 +599,11 @@ void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, cons
     // The Wgrad operands, rows at padded strides (wgrad_ld): x and dy copied, a, dh1 and dh3
     // written there; the Dgrad GEMMs read them from there too.
     const int64_t lx = wgrad_ld(dim), lh = wgrad_ld(hidden);
-    auto at_row = [&](Buffer<unsigned char>& t, int64_t ld) {
-      return reinterpret_cast<float*>(t.data()) + b * ld;
-    };
-    float *xc = at_row(t_x_, lx), *dyc = at_row(t_dy_, lx), *a = at_row(t_a_, lh);
-    float *dh1 = at_row(t_dh1_, lh), *dh3 = at_row(t_dh3_, lh);
+    auto* xc = reinterpret_cast<float*>(at(t_x_, lx));
+    auto* dyc = reinterpret_cast<float*>(at(t_dy_, lx));
+    auto* a = reinterpret_cast<float*>(at(t_a_, lh));
+    auto* dh1 = reinterpret_cast<float*>(at(t_dh1_, lh));
+    auto* dh3 = reinterpret_cast<float*>(at(t_dh3_, lh));
     for (int64_t r = 0; r < m; ++r) {
       std::memcpy(xc + r * lx, xr + r * dim, static_cast<size_t>(dim) * sizeof(float));
       std::memcpy(dyc + r * lx, dyr + r * dim, static_cast<size_t>(dim) * sizeof(float));
