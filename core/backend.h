@@ -133,6 +133,9 @@ class Backend : public Allocator {
   // (Session::after_call).
   virtual size_t work_bytes() const { return 0; }
   virtual void release_work() {}
+  // How long the backend's threads poll for more work before they sleep (option spin_wait_us);
+  // a backend without threads of its own ignores it.
+  virtual void set_spin_wait(int64_t /*microseconds*/) {}
 
   // ---- Memory. Transfers are complete when they return (host buffers may be reused at once).
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;

@@ -26,6 +26,8 @@ std::string exact_text(double v) {
 namespace {
 
 constexpr uint32_t kAllLayers = std::numeric_limits<uint32_t>::max();
+// The longest poll option spin_wait_us accepts: a tenth of a second.
+constexpr uint64_t kMaxSpinWaitUs = 100000;
 
 // The cosine decay runs from lr down to min_lr: a floor above the peak would raise it.
 void check_schedule(const TrainingConfig& t, Code code) {
@@ -200,6 +202,12 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
         value == "unlimited" ? std::numeric_limits<uint64_t>::max() : parse_count(key, value);
   } else if (key == "ep_overlap") {
     ep_overlap = parse_bool(key, value);
+  } else if (key == "spin_wait_us") {
+    const uint64_t us = parse_count(key, value);
+    if (us > kMaxSpinWaitUs)
+      fail(Code::InvalidArgument, "option 'spin_wait_us' takes an integer in [0, ", kMaxSpinWaitUs,
+           "] (microseconds), got '", value, "'");
+    spin_wait_us = static_cast<int64_t>(us);
   } else if (key == "aux_loss_scope") {
     if (value != "local" && value != "global")
       fail(Code::InvalidArgument, "option 'aux_loss_scope' takes local or global, got '", value,
@@ -219,7 +227,7 @@ void SessionOptions::set(const std::string& key, const std::string& value) {
          "optimizer, lr, min_lr, "
          "weight_decay, "
          "beta1, beta2, eps, momentum, clip_norm, warmup_steps, total_steps, sequence_length, "
-         "aux_loss_scope, ep_chunks, ep_overlap, kept_work_bytes)");
+         "aux_loss_scope, ep_chunks, ep_overlap, kept_work_bytes, spin_wait_us)");
   }
 }
 
@@ -311,6 +319,7 @@ void Session::build() {
 // The options the parallel context and the MoE layers keep a copy of: at creation and after every
 // set_config, so that a change reaches them and not only options_.
 void Session::pass_on_options() {
+  backend_->set_spin_wait(options_.spin_wait_us);
   if (par_) {
     par_->set_chunks(options_.ep_chunks);
     par_->set_overlap(options_.ep_overlap);

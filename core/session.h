@@ -106,6 +106,10 @@ struct SessionOptions {
   // after its largest allocate nothing.
   uint64_t kept_work_bytes = std::numeric_limits<uint64_t>::max();
 
+  // How long a CPU session's threads poll for the next piece of work before they sleep
+  // ("spin_wait_us", microseconds; 0: at once). Changes no result.
+  int64_t spin_wait_us = 50;
+
   // Applies a knob by name; throws InvalidArgument for an unknown key or a value it refuses.
   void set(const std::string& key, const std::string& value);
 };

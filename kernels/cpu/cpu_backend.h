@@ -39,6 +39,7 @@ class CpuBackend final : public Backend {
   // ---- Memory (cpu_backend.cc)
   size_t work_bytes() const override;
   void release_work() override;
+  void set_spin_wait(int64_t microseconds) override { pool_.set_spin_wait(microseconds); }
   void* allocate(size_t bytes) override;
   void deallocate(void* p, size_t bytes) noexcept override;
   void upload(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }

@@ -1,5 +1,8 @@
 #include "kernels/cpu/thread_pool.h"
 
+#include <sched.h>
+
+#include <chrono>
 #include <exception>
 
 #include "core/error.h"
@@ -7,8 +10,25 @@
 #include "kernels/cpu/signal_guard.h"
 
 namespace moert::cpu {
+namespace {
 
-ThreadPool::ThreadPool(unsigned threads) {
+// The CPUs this process may run on (its affinity mask, as a container or taskset limits it).
+unsigned usable_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<unsigned>(CPU_COUNT(&set));
+  return std::thread::hardware_concurrency();
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(unsigned threads) : may_spin_(threads <= usable_cpus()) {
+  set_spin_wait(kDefaultSpinWaitUs);
   // A thread starts with its creator's mask: created under the scope, a worker never has the
   // asynchronous signals open, not even before its first instruction.
   const AsyncSignalScope no_signals;
@@ -27,6 +47,26 @@ ThreadPool::ThreadPool(unsigned threads) {
 }
 
 ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::set_spin_wait(int64_t microseconds) {
+  spin_ns_.store(may_spin_ && microseconds > 0 ? microseconds * 1000 : 0,
+                 std::memory_order_relaxed);
+}
+
+template <class Done>
+bool ThreadPool::spin_until(Done&& done) const {
+  const int64_t ns = spin_ns_.load(std::memory_order_relaxed);
+  if (ns <= 0) return done();
+  const auto end = std::chrono::steady_clock::now() + std::chrono::nanoseconds(ns);
+  for (;;) {
+    // The clock is read every few microseconds, not on every poll.
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= end) return done();
+  }
+}
 
 void ThreadPool::stop_workers() noexcept {
   {
@@ -64,6 +104,11 @@ void ThreadPool::worker_loop(unsigned worker) {
   for (;;) {
     const std::function<void(int64_t, unsigned)>* job;
     int64_t n;
+    // A hint only: what the job is, is read under the lock below.
+    spin_until([&] {
+      return stop_.load(std::memory_order_relaxed) ||
+             generation_.load(std::memory_order_relaxed) != seen;
+    });
     {
       std::unique_lock<std::mutex> lock(mu_);
       wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
@@ -101,6 +146,7 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, unsig
   }
   wake_.notify_all();
   run_items(0, &fn, n);
+  spin_until([&] { return busy_.load(std::memory_order_relaxed) == 0; });
   std::exception_ptr error;
   {
     std::unique_lock<std::mutex> lock(mu_);

@@ -2,6 +2,11 @@
 // not depend on the thread count, so results are identical whatever the pool size. Every item runs
 // with OpenMP limited to its own thread (omp_guard.h): a GEMM inside an item is single-threaded,
 // and the caller's thread gets its OpenMP setting back when parallel_for returns.
+//
+// Between calls a worker polls for the next one for a while before it sleeps, and the caller
+// polls for the workers' last items before it sleeps: a small model's training step makes a
+// hundred calls a few microseconds apart, and a sleep and wake through the kernel costs tens of
+// microseconds each (the spin_wait_us session option; OpenMP runtimes do the same, for longer).
 #pragma once
 
 #include <atomic>
@@ -20,6 +25,11 @@ class ThreadPool {
   // threads >= 1; the calling thread counts as one, so threads - 1 workers are started. Throws
   // Error(OutOfMemory) when one cannot be started, with those already started stopped again.
   explicit ThreadPool(unsigned threads);
+  // How long, in microseconds, a thread polls before it sleeps (see above); 0: it sleeps at once.
+  // A pool with more threads than the process may run on never polls. Thread-safe; takes
+  // effect from the next wait.
+  void set_spin_wait(int64_t microseconds);
+  static constexpr int64_t kDefaultSpinWaitUs = 50;
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -34,6 +44,9 @@ class ThreadPool {
   void stop_workers() noexcept;
   void worker_loop(unsigned worker);
   void run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job, int64_t n);
+  // Polls done() for up to spin_ns_; returns whether it became true.
+  template <class Done>
+  bool spin_until(Done&& done) const;
 
   std::vector<std::thread> workers_;
   std::mutex mu_;
@@ -43,9 +56,12 @@ class ThreadPool {
   int64_t job_size_ = 0;
   std::atomic<int64_t> next_{0};  // items are taken without the lock
   std::atomic<bool> failed_{false};
-  uint64_t generation_ = 0;
-  unsigned busy_ = 0;
-  bool stop_ = false;
+  // Changed under mu_; the polls read them without it.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<unsigned> busy_{0};
+  std::atomic<bool> stop_{false};
+  const bool may_spin_;  // no more threads than the CPUs the process may run on
+  std::atomic<int64_t> spin_ns_{0};
   std::exception_ptr error_;
 };
 

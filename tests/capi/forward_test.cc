@@ -1,7 +1,10 @@
 // Forward passes through the C ABI: misuse is refused before any work, leaves the session as the
 // last successful pass left it, and a session shared between threads gives the single-threaded
 // answers.
+#include <time.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -575,6 +578,57 @@ TEST(ConcurrentForward, SessionsPerThreadShareTransposedCopies) {
 
 TEST(ConcurrentForward, Bf16SessionsPerThreadOverOneModel) {
   sessions_per_thread_match_one("bf16", 64);
+}
+
+// ---- spin_wait_us: how long a session's threads poll for more work before they sleep ----------
+
+TEST(SpinWait, TakesMicrosecondsUpToATenthOfASecond) {
+  moert_session_options* raw = nullptr;
+  ASSERT_TRUE(IsOk(moert_session_options_create(&raw)));
+  OptionsPtr o(raw);
+  for (const char* ok : {"0", "50", "100000"})
+    EXPECT_TRUE(IsOk(moert_session_options_set_config(o.get(), "spin_wait_us", ok))) << ok;
+  for (const char* bad : {"100001", "-1", "50us", "", "1e3"})
+    EXPECT_TRUE(IsError(moert_session_options_set_config(o.get(), "spin_wait_us", bad), kInvalid,
+                        {"spin_wait_us"}))
+        << bad;
+}
+
+double process_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+// Polling changes no result, a live session takes a new value, and the poll ends: threads left
+// idle after a call sleep once their time is up (a pool whose threads outnumber the CPUs the
+// process may use never polls, and then this holds trivially).
+TEST(SpinWait, ChangesNoResultAndIdleThreadsSleepWhenTheirTimeIsUp) {
+  moert_model* m = nullptr;
+  ASSERT_TRUE(IsOk(moert_model_load_file(example_model_path().c_str(), &m)));
+  ModelPtr model(m);
+  const auto tokens = token_rows(37, 4, 9);
+  auto forward = [&](moert_session* s) {
+    std::vector<float> out(37 * 64, kSentinel);
+    EXPECT_TRUE(IsOk(
+        moert_session_forward_tokens(s, tokens.data(), tokens.size(), 37, out.data(), out.size())));
+    return out;
+  };
+  const unsigned threads = std::max(2u, std::min(3u, std::thread::hardware_concurrency()));
+  SessionPtr s = make_session(model.get(), threads);
+  ASSERT_TRUE(s);
+  const std::vector<float> ref = forward(s.get());
+  for (const char* spin : {"0", "100000", "2000"}) {
+    ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "spin_wait_us", spin))) << spin;
+    EXPECT_EQ(forward(s.get()), ref) << spin;
+  }
+  EXPECT_TRUE(IsError(moert_session_set_config(s.get(), "spin_wait_us", "100001"), kInvalid,
+                      {"spin_wait_us"}));
+  // Still polling for 2 ms after each call, not the refused value's 0.1 s or for ever.
+  forward(s.get());
+  const double before = process_cpu_seconds();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_LT(process_cpu_seconds() - before, 0.1);
 }
 
 }  // namespace

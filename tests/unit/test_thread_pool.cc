@@ -23,7 +23,9 @@ namespace {
 
 TEST(ThreadPool, RunsEveryItemOnceWithValidWorkerIds) {
   ThreadPool pool(4);
-  for (int round = 0; round < 50; ++round) {
+  for (int round = 0; round < 60; ++round) {
+    // Workers that poll between calls, that sleep at once, and that poll for long.
+    pool.set_spin_wait(round < 20 ? ThreadPool::kDefaultSpinWaitUs : round < 40 ? 0 : 100000);
     std::vector<std::atomic<int>> hits(1000);
     std::atomic<bool> bad_worker{false};
     pool.parallel_for(1000, [&](int64_t i, unsigned w) {
