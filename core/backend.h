@@ -124,6 +124,11 @@ class Backend : public Allocator {
   // Pairs may nest; activate() throws where the device cannot be selected.
   virtual void activate() {}
   virtual void deactivate() noexcept {}
+  // Around a stretch of computation that waits for nothing outside the process (a layer's pass
+  // in one process: no exchange, no file), which a backend may prepare the calling thread for
+  // once rather than per operation. Pairs may nest; on the same thread.
+  virtual void begin_compute() {}
+  virtual void end_compute() noexcept {}
   // The CUDA stream (a cudaStream_t) on which the backend queues its work, so that a device
   // communicator's operations start after it (Communicator::set_stream); null where every
   // operation is complete when it returns.
@@ -376,6 +381,18 @@ class ActiveDevice {
   ~ActiveDevice() { b_.deactivate(); }
   ActiveDevice(const ActiveDevice&) = delete;
   ActiveDevice& operator=(const ActiveDevice&) = delete;
+
+ private:
+  Backend& b_;
+};
+
+// Backend::begin_compute() to end_compute() for the life of the object.
+class ComputeStretch {
+ public:
+  explicit ComputeStretch(Backend& b) : b_(b) { b_.begin_compute(); }
+  ~ComputeStretch() { b_.end_compute(); }
+  ComputeStretch(const ComputeStretch&) = delete;
+  ComputeStretch& operator=(const ComputeStretch&) = delete;
 
  private:
   Backend& b_;

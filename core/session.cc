@@ -657,11 +657,17 @@ void Session::reserve_backward(const float* grad_in) {
 
 template <typename F>
 void Session::run_layer(size_t layer, float* out, size_t n, F&& f) {
-  if (!par_ || model_->layers[layer].kind == LayerKind::MoE) return f();
+  // Among ranks a MoE layer waits for its exchanges: a host's signal (SIGINT) must be able to
+  // reach the thread meanwhile. Every other layer is computation alone.
+  if (par_ && model_->layers[layer].kind == LayerKind::MoE) return f();
+  const ComputeStretch stretch(*backend_);
+  if (!par_) return f();
   if (!par_->compute(f) && out) backend_->zero(out, n * sizeof(float));
 }
 
 void Session::run_from(size_t first_layer, const float* x, float* out, Pass pass, std::string bad) {
+  std::optional<ComputeStretch> alone;  // in one process a pass waits for nothing: run_layer
+  if (!par_) alone.emplace(*backend_);
   // Among ranks, a layer's own computation that fails is held (ParallelContext::compute) while
   // the pass's exchanges go on, and refused with the pass at its end.
   std::exception_ptr held = par_ ? par_->held_failure() : nullptr;
@@ -760,6 +766,8 @@ void Session::finish_empty_pass(float* out, Pass pass) {
 // Once it has begun, a failure leaves part of this micro-batch's gradient accumulated: the step is
 // then refused until zero_grad discards it. Ends with `call`'s closing agreement among ranks.
 double Session::run_backward(float* grad_in, const char* call) {
+  std::optional<ComputeStretch> alone;  // as in run_from
+  if (!par_) alone.emplace(*backend_);
   const int64_t rows = last_rows_;
   double aux = 0.0;
   try {
@@ -991,6 +999,9 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
     take_back_moments();
     throw;
   }
+  // In one process the step waits for nothing (run_layer); among ranks, its update below.
+  std::optional<ComputeStretch> alone;
+  if (!par_) alone.emplace(*backend_);
   // Everything that can refuse the step comes before the first change.
   std::vector<std::vector<float>> biases;
   double sum_squares = 0.0;
@@ -1037,6 +1048,7 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
       throw;
     }
     updated = true;
+    const ComputeStretch update(*backend_);
     stale_copies_.clear();  // every copy is made again below
     // A copy that cannot be refreshed does not stop the update: every parameter and the biases
     // still take the step (among ranks, as on the others), and the failure is reported with it.

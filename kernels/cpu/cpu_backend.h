@@ -14,6 +14,7 @@
 #include "kernels/cpu/fp8.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/row_reduction.h"
+#include "kernels/cpu/signal_guard.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace moert::cpu {
@@ -24,6 +25,10 @@ class CpuBackend final : public Backend {
 
   const char* name() const override { return "cpu"; }
   bool host_memory() const override { return true; }
+  // The asynchronous signals blocked once for the stretch (signal_guard.h): its parallel_for
+  // calls and GEMMs then find the mask set instead of changing it twice each.
+  void begin_compute() override { block_async_signals_for_now(); }
+  void end_compute() noexcept override { restore_async_signals(); }
   Bf16Copies bf16_copies() const override { return bf16_ ? Bf16Copies::Experts : Bf16Copies::None; }
   bool fp8_experts() const override { return precision_ == Precision::Fp8; }
   Fp8Options fp8_options() const override { return fp8_; }

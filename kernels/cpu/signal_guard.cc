@@ -2,7 +2,9 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <time.h>
 
+#include <cstdint>
 #include <initializer_list>
 
 namespace moert::cpu {
@@ -12,6 +14,17 @@ namespace {
 // that never closes.
 thread_local int depth = 0;
 thread_local sigset_t saved;
+thread_local bool owned = false;            // block_async_signals(): never opened again
+thread_local int64_t blocked_since_ns = 0;  // when the outermost scope last blocked them
+
+// How long a stretch of work keeps the signals out before it lets the pending ones in.
+constexpr int64_t kMaxBlockedNs = 10'000'000;
+
+int64_t monotonic_ns() {
+  timespec t{};
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return static_cast<int64_t>(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
+}
 
 // The set is computed once; every scope and every owned thread blocks the same signals.
 const sigset_t& asynchronous_signals() {
@@ -26,15 +39,31 @@ const sigset_t& asynchronous_signals() {
 
 }  // namespace
 
-AsyncSignalScope::AsyncSignalScope() {
+void block_async_signals_for_now() {
   if (depth++ > 0) return;
   pthread_sigmask(SIG_BLOCK, &asynchronous_signals(), &saved);
+  blocked_since_ns = monotonic_ns();
 }
 
-AsyncSignalScope::~AsyncSignalScope() {
+void let_pending_signals_in() noexcept {
+  if (owned || depth == 0) return;
+  const int64_t now = monotonic_ns();
+  if (now - blocked_since_ns < kMaxBlockedNs) return;
+  // The thread's own mask for a moment: the kernel delivers what is pending as the call returns,
+  // to the host's handlers, on this thread's own stack (no GEMM runs on it here).
+  pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+  pthread_sigmask(SIG_BLOCK, &asynchronous_signals(), nullptr);
+  blocked_since_ns = now;
+}
+
+void restore_async_signals() noexcept {
   if (--depth > 0) return;
   pthread_sigmask(SIG_SETMASK, &saved, nullptr);
 }
+
+AsyncSignalScope::AsyncSignalScope() { block_async_signals_for_now(); }
+
+AsyncSignalScope::~AsyncSignalScope() { restore_async_signals(); }
 
 static_assert(sizeof(sigset_t) <= 128 && alignof(sigset_t) <= 16);
 
@@ -49,6 +78,7 @@ KeepSignalMask::~KeepSignalMask() {
 void block_async_signals() {
   pthread_sigmask(SIG_BLOCK, &asynchronous_signals(), nullptr);
   ++depth;
+  owned = true;
 }
 
 }  // namespace moert::cpu

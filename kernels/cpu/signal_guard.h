@@ -27,6 +27,17 @@ class AsyncSignalScope {
   AsyncSignalScope& operator=(const AsyncSignalScope&) = delete;
 };
 
+// The same as a pair of calls, for a scope that outlives a C++ block (CpuBackend::activate and
+// deactivate, around a whole session call: its passes' hundred parallel_for calls then change the
+// mask once, not twice each). Every block_async_signals_for_now() needs its
+// restore_async_signals(), on the same thread.
+void block_async_signals_for_now();
+void restore_async_signals() noexcept;
+// Where no GEMM runs on this thread (a parallel_for's start): if the signals have been blocked
+// by such a scope for 10 ms or more, opens the thread's own mask for a moment, so that a signal
+// sent meanwhile (the host's SIGINT) waits about that long at most, not for the whole call.
+void let_pending_signals_in() noexcept;
+
 // For a thread moert owns: it takes no asynchronous signal from now on.
 void block_async_signals();
 

@@ -129,6 +129,7 @@ void ThreadPool::worker_loop(unsigned worker) {
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, unsigned)>& fn) {
   if (n <= 0) return;
+  let_pending_signals_in();
   const SerialOmpScope serial;
   const AsyncSignalScope no_signals;
   if (workers_.empty() || n == 1) {

@@ -79,6 +79,53 @@ void on_profiler_tick(int) { profiler_ticks.fetch_add(1, std::memory_order_relax
 // async-profiler) while several threads run GEMMs. Before the guard this corrupted the heap within
 // a second on an AVX2 machine (glibc aborted with "corrupted size vs. prev_size"); now every
 // product stays bitwise what it was without signals.
+std::atomic<int> g_usr1{0};
+void count_usr1(int) { g_usr1.fetch_add(1); }
+
+// A stretch of work (a single-process pass: Session::run_from) blocks the signals once, and a
+// parallel_for that starts 10 ms or more after they were last open lets the pending ones in on
+// the caller's own stack, then blocks them again; the caller's mask survives the stretch. A
+// thread the library owns never opens them.
+TEST(SignalGuard, AStretchOfWorkLetsPendingSignalsInEvery10Ms) {
+  struct sigaction act {
+  }, old{};
+  act.sa_handler = count_usr1;
+  sigemptyset(&act.sa_mask);
+  ASSERT_EQ(sigaction(SIGUSR1, &act, &old), 0);
+  const sigset_t original = current_mask();
+  ThreadPool pool(2);
+  g_usr1 = 0;
+  block_async_signals_for_now();
+  EXPECT_TRUE(work_mask_ok(current_mask()));
+  pthread_kill(pthread_self(), SIGUSR1);
+  pool.parallel_for(4, [](int64_t, unsigned) {});
+  EXPECT_EQ(g_usr1.load(), 0) << "delivered inside the stretch's first 10 ms";
+  std::this_thread::sleep_for(std::chrono::milliseconds(15));
+  EXPECT_EQ(g_usr1.load(), 0) << "delivered while blocked";
+  pool.parallel_for(4, [](int64_t, unsigned) {});
+  EXPECT_EQ(g_usr1.load(), 1) << "still pending 15 ms into the stretch";
+  EXPECT_TRUE(work_mask_ok(current_mask())) << "not blocked again after letting it in";
+  restore_async_signals();
+  EXPECT_TRUE(same_mask(current_mask(), original));
+
+  int owned_got = -1;
+  std::thread([&] {
+    block_async_signals();
+    pthread_kill(pthread_self(), SIGUSR1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(15));
+    let_pending_signals_in();
+    owned_got = g_usr1.load() - 1;
+    // Taken from the pending set without a handler run, so that it does not outlive the thread.
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    const timespec now{};
+    sigtimedwait(&usr1, nullptr, &now);
+  }).join();
+  EXPECT_EQ(owned_got, 0) << "a thread the library owns let a signal in";
+  sigaction(SIGUSR1, &old, nullptr);
+}
+
 TEST(SignalGuard, GemmsOnSeveralThreadsSurviveAProfilerTimer) {
   constexpr int64_t n = 256, k = 512;
   const int64_t shapes[] = {8, 16, 64};

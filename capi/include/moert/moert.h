@@ -26,8 +26,11 @@
  *  - Signals: a call that computes on the CPU blocks the asynchronous signals (all but SIGSEGV,
  *    SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS) on the calling thread while it computes and restores
  *    the thread's mask before it returns; the library's own threads never take them. A signal
- *    sent meanwhile goes to another thread of the process, or waits for the call to end. Reason:
- *    oneDNN's generated GEMM kernels move the stack pointer into the heap (oneDNN issue 4845).
+ *    sent meanwhile goes to another thread of the process, or waits on the calling thread until
+ *    the call lets it in: between two pieces of its work once 10 ms have passed since the mask
+ *    was last open (a piece is at most a few milliseconds of GEMMs for a typical layer), or at
+ *    the call's end; its handler then runs on the calling thread's own stack. Reason: oneDNN's
+ *    generated GEMM kernels move the stack pointer into the heap (oneDNN issue 4845).
  *  - No function throws, aborts or exits on bad input.
  *  - Exit: the process may exit while calls compute on other threads; at exit the library lets
  *    the calls in flight finish (up to 10 s) and later ones fail with MOERT_ERR_INVALID_STATE,
