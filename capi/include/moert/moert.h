@@ -1265,11 +1265,11 @@ MOERT_API moert_status* moert_session_set_eval(moert_session* session, int32_t e
 
 /* A knob by name (the lists above), for this session from now on. An inference session takes it
  * too (as step_count and get_expert_bias): there the training knobs are
- * MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks, ep_overlap and kept_work_bytes apply. A
- * knob fixed at moert_session_create() (precision, fp8_scales, layout_copies, cuda_plugin) refuses
- * a change with MOERT_ERR_INVALID_STATE; setting its current value is accepted. So do "optimizer"
- * after the first step (its state would not carry over), and "sequence_length" and "aux_loss_scope"
- * between a forward and its backward. */
+ * MOERT_ERR_INVALID_STATE, and check_finite, ep_chunks, ep_overlap, kept_work_bytes and
+ * spin_wait_us apply. A knob fixed at moert_session_create() (precision, fp8_scales,
+ * layout_copies, cuda_plugin) refuses a change with MOERT_ERR_INVALID_STATE; setting its current
+ * value is accepted. So do "optimizer" after the first step (its state would not carry over), and
+ * "sequence_length" and "aux_loss_scope" between a forward and its backward. */
 MOERT_API moert_status* moert_session_set_config(moert_session* session, const char* key,
                                                  const char* value);
 
