@@ -374,29 +374,23 @@ class Backend : public Allocator {
                    double wd, double gscale) = 0;
 };
 
+// One of Backend's pairs, Begin now and End when the object goes.
+template <void (Backend::*Begin)(), void (Backend::*End)() noexcept>
+class BackendScope {
+ public:
+  explicit BackendScope(Backend& b) : b_(b) { (b_.*Begin)(); }
+  ~BackendScope() { (b_.*End)(); }
+  BackendScope(const BackendScope&) = delete;
+  BackendScope& operator=(const BackendScope&) = delete;
+
+ private:
+  Backend& b_;
+};
+
 // A backend's device, current on this thread for the life of the object.
-class ActiveDevice {
- public:
-  explicit ActiveDevice(Backend& b) : b_(b) { b_.activate(); }
-  ~ActiveDevice() { b_.deactivate(); }
-  ActiveDevice(const ActiveDevice&) = delete;
-  ActiveDevice& operator=(const ActiveDevice&) = delete;
-
- private:
-  Backend& b_;
-};
-
-// Backend::begin_compute() to end_compute() for the life of the object.
-class ComputeStretch {
- public:
-  explicit ComputeStretch(Backend& b) : b_(b) { b_.begin_compute(); }
-  ~ComputeStretch() { b_.end_compute(); }
-  ComputeStretch(const ComputeStretch&) = delete;
-  ComputeStretch& operator=(const ComputeStretch&) = delete;
-
- private:
-  Backend& b_;
-};
+using ActiveDevice = BackendScope<&Backend::activate, &Backend::deactivate>;
+// A stretch of computation (Backend::begin_compute) for the life of the object.
+using ComputeStretch = BackendScope<&Backend::begin_compute, &Backend::end_compute>;
 
 // The floats of the block scales of `matrices` matrices [rows, cols] (Fp8Weight's layout).
 inline int64_t fp8_blocks_scale_floats(int64_t matrices, int64_t rows, int64_t cols) {
