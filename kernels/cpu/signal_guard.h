@@ -27,9 +27,9 @@ class AsyncSignalScope {
   AsyncSignalScope& operator=(const AsyncSignalScope&) = delete;
 };
 
-// The same as a pair of calls, for a scope that outlives a C++ block (CpuBackend::activate and
-// deactivate, around a whole session call: its passes' hundred parallel_for calls then change the
-// mask once, not twice each). Every block_async_signals_for_now() needs its
+// The same as a pair of calls, for a scope that outlives a C++ block (CpuBackend::begin_compute
+// and end_compute, around a stretch of computation such as a whole pass: its hundred parallel_for
+// calls then change the mask once, not twice each). Every block_async_signals_for_now() needs its
 // restore_async_signals(), on the same thread.
 void block_async_signals_for_now();
 void restore_async_signals() noexcept;
