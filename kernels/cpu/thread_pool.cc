@@ -54,17 +54,17 @@ void ThreadPool::set_spin_wait(int64_t microseconds) {
 }
 
 template <class Done>
-bool ThreadPool::spin_until(Done&& done) const {
+void ThreadPool::spin_until(Done&& done) const {
   const int64_t ns = spin_ns_.load(std::memory_order_relaxed);
-  if (ns <= 0) return done();
+  if (ns <= 0) return;
   const auto end = std::chrono::steady_clock::now() + std::chrono::nanoseconds(ns);
   for (;;) {
     // The clock is read every few microseconds, not on every poll.
     for (int i = 0; i < 64; ++i) {
-      if (done()) return true;
+      if (done()) return;
       cpu_relax();
     }
-    if (std::chrono::steady_clock::now() >= end) return done();
+    if (std::chrono::steady_clock::now() >= end) return;
   }
 }
 

@@ -44,9 +44,9 @@ class ThreadPool {
   void stop_workers() noexcept;
   void worker_loop(unsigned worker);
   void run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job, int64_t n);
-  // Polls done() for up to spin_ns_; returns whether it became true.
+  // Polls done() until it holds or spin_ns_ has passed.
   template <class Done>
-  bool spin_until(Done&& done) const;
+  void spin_until(Done&& done) const;
 
   std::vector<std::thread> workers_;
   std::mutex mu_;
