@@ -474,13 +474,18 @@ void Session::deliver_rows(const float* src, int64_t width, float* out) {
     backend_->download(out, src, row_bytes * static_cast<size_t>(last_rows_));
     return;
   }
-  // Padding rows are zero; the others come back in the caller's order.
-  std::vector<float> host(valid_.size() * static_cast<size_t>(width));
-  if (!host.empty()) backend_->download(host.data(), src, host.size() * sizeof(float));
+  // Padding rows are zero; the others come back in the caller's order, from a device through a
+  // host copy.
+  std::vector<float> host;
+  if (!backend_->host_memory()) {
+    host.resize(valid_.size() * static_cast<size_t>(width));
+    if (!host.empty()) backend_->download(host.data(), src, host.size() * sizeof(float));
+    src = host.data();
+  }
   std::fill(out, out + batch_rows_ * width, 0.0f);
   for (size_t i = 0; i < valid_.size(); ++i)
-    std::copy(host.begin() + static_cast<int64_t>(i) * width,
-              host.begin() + static_cast<int64_t>(i + 1) * width, out + valid_[i] * width);
+    std::copy(src + static_cast<int64_t>(i) * width, src + static_cast<int64_t>(i + 1) * width,
+              out + valid_[i] * width);
 }
 
 void Session::forward_tokens(const int32_t* tokens, uint64_t num_tokens, const uint8_t* row_mask,
@@ -543,6 +548,8 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
                              uint64_t mask_len, uint64_t rows, float* out, uint64_t out_len,
                              bool mask_required) {
   const Pass pass = next_pass();
+  std::vector<float> staging;  // a masked pass's rows, where x may point until the pass ends
+  const float* x = nullptr;
   collective_step("forward", Failure::DiscardsPass, [&] {
     if (model_->token_input)
       fail(Code::InvalidArgument,
@@ -563,22 +570,27 @@ void Session::forward_hidden(const float* in, uint64_t in_len, const uint8_t* ro
     // The arguments are good: from here on the pass replaces the one a backward would read.
     pending_backward_ = false;
     begin_pass(rows, row_mask);
-    std::vector<float> staging;
-    const float* x = gather_rows(in, static_cast<int64_t>(width), staging);
-    // The caller's buffer is not ours to keep (backward reads the input again).
-    const size_t n = static_cast<size_t>(last_rows_) * width;
-    input_.resize(*backend_, n);
-    if (n) backend_->upload(input_.data(), x, n * sizeof(float));
-    // Checked where it now lies, by the backend's parallel scan: a failure leaves nothing behind
-    // that a later call reads (no backward is pending any more).
-    if (options_.check_finite)
-      refuse_nonfinite(input_.data(), static_cast<int64_t>(width), "input");
+    x = gather_rows(in, static_cast<int64_t>(width), staging);
+    // The caller's buffer is not ours to keep: a training pass's backward reads the input again,
+    // and a device reads its own memory. Another pass on the CPU reads it where it lies (the
+    // rows only, during this call; `out` may be `in`: the last layer writes our buffer, and
+    // deliver_rows copies it out at the end). Among ranks the copy stays: the exchanges' buffers
+    // are the ranks' own.
+    if (pass == Pass::Train || !backend_->host_memory() || par_) {
+      const size_t n = static_cast<size_t>(last_rows_) * width;
+      input_.resize(*backend_, n);
+      if (n) backend_->upload(input_.data(), x, n * sizeof(float));
+      x = input_.data();
+    }
+    // Checked where the layers read it, by the backend's parallel scan: a failure leaves nothing
+    // behind that a later call reads (no backward is pending any more).
+    if (options_.check_finite) refuse_nonfinite(x, static_cast<int64_t>(width), "input");
     reserve_activations();
   });
   if (par_) par_->exchange_rows(last_rows_);
   if (last_rows_ == 0 && !par_) return finish_empty_pass(out, pass);
   if (par_) par_->drop_held_failure();
-  run_from(0, input_.data(), out, pass, "");
+  run_from(0, x, out, pass, "");
 }
 
 std::string Session::nonfinite_at(const float* rows, int64_t width) const {

@@ -329,6 +329,75 @@ TEST_F(HiddenForward, CheckFiniteFalseInFp8NamesTheCallersRow) {
 // on column 3 makes a row's hidden values large only where its input's column 3 is not zero: with
 // 1e25 its activation overflows in the forward; with 1e18 the forward holds, and an output
 // gradient of 1e24 on that row overflows dh1 and dh3 in the backward.
+// A layer of equal input and output widths may be run in place, `out` being `in`: in inference
+// the CPU backend reads the caller's rows where they lie, in training it copies them (backward
+// reads them again), and masked passes gather the kept rows first. Each gives what separate
+// buffers give.
+TEST(InPlaceForward, OutMayBeInInEveryKindOfPass) {
+  ModelDesc desc;
+  desc.input_dim = 8;
+  desc.layers.push_back(moe_layer("moe0", 8));
+  desc.layers.push_back(rmsnorm_layer("norm0", 8));
+  desc.layers.push_back(moe_layer("moe1", 8));
+  ModelPtr model = load_ok(build(desc));
+  ASSERT_TRUE(model);
+  constexpr uint64_t kRows = 6;
+  std::vector<float> in(kRows * 8);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = std::cos(0.3f * static_cast<float>(i));
+  const std::vector<uint8_t> mask = {1, 0, 1, 1, 0, 1};
+  for (const int32_t mode : {MOERT_MODE_INFERENCE, MOERT_MODE_TRAINING}) {
+    for (const int32_t eval : {0, 1}) {
+      if (mode == MOERT_MODE_INFERENCE && eval) continue;
+      for (const bool masked : {false, true}) {
+        SCOPED_TRACE(testing::Message()
+                     << "mode " << mode << ", eval " << eval << ", masked " << masked);
+        moert_session_options* o = nullptr;
+        ASSERT_TRUE(IsOk(moert_session_options_create(&o)));
+        ASSERT_TRUE(IsOk(moert_session_options_set_mode(o, mode)));
+        moert_session* raw = nullptr;
+        ASSERT_TRUE(IsOk(moert_session_create(model.get(), o, &raw)));
+        moert_session_options_free(o);
+        SessionPtr s(raw);
+        if (mode == MOERT_MODE_TRAINING) {
+          ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), eval)));
+        }
+        auto forward = [&](const float* x, float* y) {
+          return masked ? moert_session_forward_hidden_masked(s.get(), x, in.size(), mask.data(),
+                                                              mask.size(), kRows, y, in.size())
+                        : moert_session_forward_hidden(s.get(), x, in.size(), kRows, y, in.size());
+        };
+        std::vector<float> apart(in.size(), kSentinel);
+        ASSERT_TRUE(IsOk(forward(in.data(), apart.data())));
+        std::vector<float> io = in;
+        ASSERT_TRUE(IsOk(forward(io.data(), io.data())));
+        EXPECT_EQ(io, apart);
+        EXPECT_NE(io, in);
+        if (mode == MOERT_MODE_TRAINING && !eval) {
+          // The backward of the in-place pass reads the input the pass began with: the first
+          // layer's weight gradients depend on it.
+          const std::vector<float> dy(in.size(), 0.25f);
+          auto gradients = [&] {
+            std::vector<float> dx(in.size());
+            EXPECT_TRUE(IsOk(moert_session_backward(s.get(), dy.data(), dy.size(), dx.data(),
+                                                    dx.size(), nullptr)));
+            std::vector<float> w1(4 * 4 * 8), gate(4 * 8);
+            EXPECT_TRUE(IsOk(moert_session_get_gradient(s.get(), "moe0.w1", w1.data(), w1.size())));
+            EXPECT_TRUE(
+                IsOk(moert_session_get_gradient(s.get(), "moe0.gate", gate.data(), gate.size())));
+            EXPECT_TRUE(IsOk(moert_session_zero_grad(s.get())));
+            dx.insert(dx.end(), w1.begin(), w1.end());
+            dx.insert(dx.end(), gate.begin(), gate.end());
+            return dx;
+          };
+          const std::vector<float> after_io = gradients();
+          ASSERT_TRUE(IsOk(forward(in.data(), apart.data())));
+          EXPECT_EQ(after_io, gradients());
+        }
+      }
+    }
+  }
+}
+
 TEST(Fp8Overflow, NamesTheLayerTheCallersRowAndTheCause) {
   constexpr uint64_t kRows = 5;
   auto session = [](float scale, const char* check) {

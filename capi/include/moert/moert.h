@@ -832,7 +832,9 @@ MOERT_API moert_status* moert_session_forward_tokens(moert_session* session, con
  * `in` holds rows * input_width floats (`in_len`), `out` receives rows * output_width (`out_len`).
  * `rows` and the errors are as for moert_session_forward_tokens(), the model being one that takes
  * hidden states; with "check_finite" on, a NaN or infinity in `in` is MOERT_ERR_NUMERIC naming its
- * row and column. */
+ * row and column. `in` is read during the call only (a training pass copies it for its backward;
+ * an inference or eval pass on the CPU reads it where it lies), and `out` may be `in` when the
+ * widths agree: the output is written after the last layer has run. */
 MOERT_API moert_status* moert_session_forward_hidden(moert_session* session, const float* in,
                                                      uint64_t in_len, uint64_t rows, float* out,
                                                      uint64_t out_len);

@@ -838,7 +838,9 @@ extern "C" {
     #[doc = " `in` holds rows * input_width floats (`in_len`), `out` receives rows * output_width (`out_len`)."]
     #[doc = " `rows` and the errors are as for moert_session_forward_tokens(), the model being one that takes"]
     #[doc = " hidden states; with \"check_finite\" on, a NaN or infinity in `in` is MOERT_ERR_NUMERIC naming its"]
-    #[doc = " row and column."]
+    #[doc = " row and column. `in` is read during the call only (a training pass copies it for its backward;"]
+    #[doc = " an inference or eval pass on the CPU reads it where it lies), and `out` may be `in` when the"]
+    #[doc = " widths agree: the output is written after the last layer has run."]
     pub fn moert_session_forward_hidden(
         session: *mut moert_session,
         in_: *const f32,
