@@ -265,12 +265,13 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
 
 // The fp32 FFN backward computes the gradients it should: against a float64 backward from the
 // same h1, h3 (the forward's), each output within fp32 rounding, dx accumulated into what it
-// held. The 20 x 12 FFN takes the direct path (tn Wgrad); 260 x 256 and 64 x 40 take it too
-// where oneDNN runs AVX-512, with some operands at padded row strides (hidden 256: a, dh1, dh3;
-// dim 64: x, dy), and the transposed path (nt Wgrad on operands transposed chunk by chunk)
-// elsewhere, which the suite's run with oneDNN capped below AVX-512 covers on any machine.
+// held. The 20 x 12 FFN takes the direct path (tn Wgrad, x and dy read where they lie); 260 x
+// 256 and 256 x 40 take it too where oneDNN runs AVX-512, with some operands at padded row
+// strides (hidden 256: a, dh1, dh3; dim 256: x and dy copied there), and the transposed path (nt
+// Wgrad on operands transposed chunk by chunk) elsewhere, which the suite's run with oneDNN
+// capped below AVX-512 covers on any machine.
 TEST(CpuReduction, Fp32FfnBackwardMatchesFloat64) {
-  for (const auto& [D, H] : {std::pair<int64_t, int64_t>{20, 12}, {260, 256}, {64, 40}}) {
+  for (const auto& [D, H] : {std::pair<int64_t, int64_t>{20, 12}, {260, 256}, {256, 40}}) {
     std::mt19937 rng(7);
     auto be = make_cpu_backend(2, Precision::Fp32);
     const Ffn f(rng, 1, *be, D, H);
@@ -632,10 +633,11 @@ INSTANTIATE_TEST_SUITE_P(
       return std::to_string(p.param.first) + "x" + std::to_string(p.param.second);
     });
 
-// Fp32 96 x 40: on AVX-512 (the direct path) x and dy kept at a padded row stride, a, dh1 and
-// dh3 not (cpu_ffn.cc, wgrad_ld).
+// Fp32 256 x 40: on AVX-512 (the direct path) x and dy copied to a padded row stride, a, dh1
+// and dh3 not; 260 x 256 the other way round; 20 x 12 reads x and dy where they lie
+// (cpu_ffn.cc, wgrad_ld).
 const FfnCase kFfnCases[] = {{Precision::Fp32, 20, 12},   {Precision::Bf16, 20, 12},
-                             {Precision::Fp32, 260, 256}, {Precision::Fp32, 96, 40},
+                             {Precision::Fp32, 260, 256}, {Precision::Fp32, 256, 40},
                              {Precision::Bf16, 130, 96},  {Precision::Fp8, 20, 12},
                              {Precision::Fp8, 200, 136}};
 
