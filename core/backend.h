@@ -282,14 +282,16 @@ class Backend : public Allocator {
   virtual void embedding_backward(const int32_t* tokens, const float* dy, const GradOut& dtable,
                                   int64_t rows, int64_t context, int64_t dim, int64_t vocab) = 0;
 
-  // Backward of swiglu_ffn: dx (+)= d/dx; dw1, dw3, dw2 get d/dw.
+  // Backward of swiglu_ffn: dx (+)= d/dx; dw1, dw3, dw2 get d/dw. dx aliases none of x, h1,
+  // h3, dy: the Wgrad reads x and dy after dx is written (the CPU backend in place).
   virtual void swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2, const float* h1,
                                    const float* h3, const float* dy, float* dx, bool dx_accumulate,
                                    const GradOut& dw1, const GradOut& dw3, const GradOut& dw2,
                                    int64_t rows, int64_t dim, int64_t hidden) = 0;
 
-  // Backward of grouped_swiglu_ffn: dx_perm (overwritten) and, per expert e, dw1[e], dw3[e],
-  // dw2[e] (arrays of E; acc is that expert's slice). An expert's rows are its assignments, in
+  // Backward of grouped_swiglu_ffn: dx_perm (overwritten; aliasing none of the inputs, as for
+  // swiglu_ffn_backward) and, per expert e, dw1[e], dw3[e], dw2[e] (arrays of E; acc is that
+  // expert's slice). An expert's rows are its assignments, in
   // plan order; its chunks are counted from the start of its list (in roots mode from that
   // GradOut's first_chunk).
   virtual void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,

@@ -25,6 +25,7 @@
 #include "core/error.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/math.h"
+#include "kernels/cpu/wgrad_stride.h"
 
 namespace moert::cpu {
 namespace {
@@ -41,15 +42,11 @@ bool bf16_of(Weight w) { return w.bf16 || w.bf16_packed; }
 bool all_bf16(Weight a, Weight b, Weight c) { return bf16_of(a) && bf16_of(b) && bf16_of(c); }
 bool all_fp8(Weight a, Weight b, Weight c) { return a.fp8 && b.fp8 && c.fp8; }
 
-// Row stride of a Direct-mode Wgrad operand of `width` floats. oneDNN's sgemm reads a "tn"
-// partial's operands down a chunk's 64 rows, and rows 1 or 2 KiB apart fall into a handful of
-// L1 sets: a dW1 of 1024 rows in [64, 512] tiles ran at 190-193 GFLOP/s with rows 512 floats
-// apart and at 199-202 with 528 (Zen 5, one core; 134 against 187 on a busier host). The
-// padding is never read. Only strides of whole KiB do that (L1's 64 sets of 64 bytes: such rows
-// share 4 sets or fewer; 512 bytes apart, 8 sets of 8 lines fit its 12 ways); narrower rows stay
-// unpadded, which spares the copies of x and dy: the main job (rows of 128 and 32 floats) runs
-// 3-7 % more steps per second so; layers of d = 384, or of experts 384 wide, are unchanged.
-int64_t wgrad_ld(int64_t width) { return width % 256 == 0 ? width + 16 : width; }
+// Row stride of a Direct-mode Wgrad operand of `width` floats on this CPU (wgrad_stride.h).
+int64_t wgrad_ld(int64_t width) {
+  static const L1Geometry l1 = l1_geometry();
+  return wgrad_row_stride(width, l1);
+}
 
 }  // namespace
 

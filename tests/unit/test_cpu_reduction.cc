@@ -18,6 +18,7 @@
 #include "core/backend.h"
 #include "core/grad_reduction.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/wgrad_stride.h"
 #include "tests/unit/random_tensor.h"
 
 namespace moert {
@@ -261,6 +262,33 @@ TEST_P(FfnReduction, DenseSwiGLUBackward) {
     }
     EXPECT_TRUE(same_bits(dx, dx_full)) << "trial " << trial;
   }
+}
+
+// The Wgrad operands' row stride follows the L1's shape: padded where more of a chunk's 64 rows
+// share a set than the set has ways to spare, and at every multiple of 256 floats.
+TEST(CpuReduction, WgradRowsArePaddedWhereTheyWouldShareL1Sets) {
+  using cpu::L1Geometry;
+  const L1Geometry zen5{64, 64, 12}, small{64, 64, 8};
+  struct Case {
+    int64_t width, on_zen5, on_small;
+  };
+  // 32 floats: 2 rows a set; 64: 4; 128 and 384: 8; 256 and 512: 16 and 32; 40 and 100 floats
+  // do not start their rows on a line boundary.
+  for (const Case& c : {Case{32, 32, 32}, Case{64, 64, 64}, Case{128, 128, 144},
+                        Case{384, 384, 400}, Case{256, 272, 272}, Case{512, 528, 528},
+                        Case{1024, 1040, 1040}, Case{40, 40, 40}, Case{100, 100, 100}}) {
+    EXPECT_EQ(cpu::wgrad_row_stride(c.width, zen5), c.on_zen5) << c.width;
+    EXPECT_EQ(cpu::wgrad_row_stride(c.width, small), c.on_small) << c.width;
+  }
+  // A cache of many ways still pads multiples of 256 (oneDNN's "bad" strides); 128 sets halve
+  // the rows in each.
+  EXPECT_EQ(cpu::wgrad_row_stride(256, L1Geometry{64, 64, 32}), 272);
+  EXPECT_EQ(cpu::wgrad_row_stride(128, L1Geometry{64, 128, 8}), 128);
+  // This machine's cache, or the default where the system does not say.
+  const L1Geometry here = cpu::l1_geometry();
+  EXPECT_GT(here.line, 0);
+  EXPECT_GT(here.sets, 0);
+  EXPECT_GT(here.ways, 0);
 }
 
 // The fp32 FFN backward computes the gradients it should: against a float64 backward from the
