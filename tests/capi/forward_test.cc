@@ -323,12 +323,6 @@ TEST_F(HiddenForward, CheckFiniteFalseInFp8NamesTheCallersRow) {
   }
 }
 
-// A finite input whose activation overflows inside an fp8 MoE layer: E4M3 has no infinity, so the
-// experts' quantizer refuses it. The error names the layer, the caller's row (not the row's place
-// in an expert's list) and the cause, whether check_finite is on or off. A norm weight of `scale`
-// on column 3 makes a row's hidden values large only where its input's column 3 is not zero: with
-// 1e25 its activation overflows in the forward; with 1e18 the forward holds, and an output
-// gradient of 1e24 on that row overflows dh1 and dh3 in the backward.
 // A layer of equal input and output widths may be run in place, `out` being `in`: in inference
 // the CPU backend reads the caller's rows where they lie, in training it copies them (backward
 // reads them again), and masked passes gather the kept rows first. Each gives what separate
@@ -398,6 +392,12 @@ TEST(InPlaceForward, OutMayBeInInEveryKindOfPass) {
   }
 }
 
+// A finite input whose activation overflows inside an fp8 MoE layer: E4M3 has no infinity, so the
+// experts' quantizer refuses it. The error names the layer, the caller's row (not the row's place
+// in an expert's list) and the cause, whether check_finite is on or off. A norm weight of `scale`
+// on column 3 makes a row's hidden values large only where its input's column 3 is not zero: with
+// 1e25 its activation overflows in the forward; with 1e18 the forward holds, and an output
+// gradient of 1e24 on that row overflows dh1 and dh3 in the backward.
 TEST(Fp8Overflow, NamesTheLayerTheCallersRowAndTheCause) {
   constexpr uint64_t kRows = 5;
   auto session = [](float scale, const char* check) {
