@@ -298,11 +298,15 @@ TEST_F(SavedFiles, AChildForkedWhileLocksAreHeldDoesNotKeepThem) {
     if (lock.timed_out() || file.fd() < 0 || ::flock(file.fd(), LOCK_EX) != 0) ::_exit(2);
     const pid_t child = ::fork();
     if (child == 0) {
-      ::sleep(60);  // holds whatever it inherited; killed below
+      // Told from here, once fork() has returned in the child: its fork handlers have run by
+      // then. Told by the saver, the test could look before the child had run at all, while it
+      // still held every descriptor the kernel copied.
+      const pid_t me = ::getpid();
+      if (::write(pipe_fds[1], &me, sizeof me) != sizeof me) ::_exit(3);
+      ::sleep(60);  // holds whatever it kept; killed below
       ::_exit(0);
     }
-    const bool sent = ::write(pipe_fds[1], &child, sizeof child) == sizeof child;
-    ::_exit(child > 0 && sent ? 0 : 3);  // dies holding both locks: no destructor runs
+    ::_exit(child > 0 ? 0 : 3);  // dies holding both locks: no destructor runs
   }
   ::close(pipe_fds[1]);
   pid_t child = -1;
