@@ -291,9 +291,8 @@ class Backend : public Allocator {
 
   // Backward of grouped_swiglu_ffn: dx_perm (overwritten; aliasing none of the inputs, as for
   // swiglu_ffn_backward) and, per expert e, dw1[e], dw3[e], dw2[e] (arrays of E; acc is that
-  // expert's slice). An expert's rows are its assignments, in
-  // plan order; its chunks are counted from the start of its list (in roots mode from that
-  // GradOut's first_chunk).
+  // expert's slice). An expert's rows are its assignments, in plan order; its chunks are counted
+  // from the start of its list (in roots mode from that GradOut's first_chunk).
   virtual void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
                                            Weight w3, Weight w2, const float* h1, const float* h3,
                                            const float* dy_perm, float* dx_perm, const GradOut* dw1,
