@@ -39,7 +39,7 @@ ModelPtr load_ok(const std::vector<uint8_t>& bytes, const char* external_dir) {
   return ModelPtr(m);
 }
 
-SessionPtr make_session(const moert_model* model, uint32_t threads) {
+SessionPtr make_session(const moert_model* model, uint32_t threads, int32_t mode) {
   moert_session_options* raw = nullptr;
   if (!IsOk(moert_session_options_create(&raw))) {
     ADD_FAILURE() << "moert_session_options_create failed";
@@ -48,6 +48,7 @@ SessionPtr make_session(const moert_model* model, uint32_t threads) {
   OptionsPtr options(raw);
   const auto threads_ok = IsOk(moert_session_options_set_threads(options.get(), threads));
   EXPECT_TRUE(threads_ok);
+  EXPECT_TRUE(IsOk(moert_session_options_set_mode(options.get(), mode)));
   moert_session* s = nullptr;
   const auto created = IsOk(moert_session_create(model, options.get(), &s));
   EXPECT_TRUE(created);

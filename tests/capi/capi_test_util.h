@@ -96,7 +96,9 @@ class TempDir {
 // Loads a model from memory; on failure fails the current test and returns NULL.
 ModelPtr load_ok(const std::vector<uint8_t>& bytes, const char* external_dir = nullptr);
 
-// A session with default options except `threads`; NULL (and a test failure) on error.
-SessionPtr make_session(const moert_model* model, uint32_t threads = 1);
+// A session with default options except `threads` and `mode` (MOERT_MODE_*); NULL (and a test
+// failure) on error.
+SessionPtr make_session(const moert_model* model, uint32_t threads = 1,
+                        int32_t mode = MOERT_MODE_INFERENCE);
 
 }  // namespace capi_test

@@ -345,13 +345,8 @@ TEST(InPlaceForward, OutMayBeInInEveryKindOfPass) {
       for (const bool masked : {false, true}) {
         SCOPED_TRACE(testing::Message()
                      << "mode " << mode << ", eval " << eval << ", masked " << masked);
-        moert_session_options* o = nullptr;
-        ASSERT_TRUE(IsOk(moert_session_options_create(&o)));
-        ASSERT_TRUE(IsOk(moert_session_options_set_mode(o, mode)));
-        moert_session* raw = nullptr;
-        ASSERT_TRUE(IsOk(moert_session_create(model.get(), o, &raw)));
-        moert_session_options_free(o);
-        SessionPtr s(raw);
+        SessionPtr s = make_session(model.get(), 1, mode);
+        ASSERT_TRUE(s);
         if (mode == MOERT_MODE_TRAINING) {
           ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), eval)));
         }

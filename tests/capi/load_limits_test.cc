@@ -173,16 +173,6 @@ TEST(LoadLimits, NullArgumentsAndHandles) {
   moert_model_free(m);
 }
 
-SessionPtr training_session(const moert_model* model) {
-  moert_session_options* raw = nullptr;
-  EXPECT_TRUE(IsOk(moert_session_options_create(&raw)));
-  OptionsPtr o(raw);
-  EXPECT_TRUE(IsOk(moert_session_options_set_mode(o.get(), MOERT_MODE_TRAINING)));
-  moert_session* s = nullptr;
-  EXPECT_TRUE(IsOk(moert_session_create(model, o.get(), &s)));
-  return SessionPtr(s);
-}
-
 uint64_t step_count(const moert_session* s) {
   uint64_t n = 99;
   EXPECT_TRUE(IsOk(moert_session_step_count(s, &n)));
@@ -203,12 +193,12 @@ TEST(LoadLimits, CheckpointLoadsAreBoundedByTheSessionsArchitectureAndByTheOptio
   // A checkpoint of a model 300 times the size of hidden_baseline (64 experts of hidden 256).
   ModelPtr big_model = load_ok(build(many_experts(256)));
   ASSERT_TRUE(big_model);
-  SessionPtr writer = training_session(big_model.get());
+  SessionPtr writer = make_session(big_model.get(), 1, MOERT_MODE_TRAINING);
   const std::string big_ckpt = (dir.path() / "big.moert").string();
   ASSERT_TRUE(IsOk(moert_session_save(writer.get(), big_ckpt.c_str())));
 
   ModelPtr small_model = load_ok(build(hidden_baseline()));
-  SessionPtr s = training_session(small_model.get());
+  SessionPtr s = make_session(small_model.get(), 1, MOERT_MODE_TRAINING);
   // Refused for its size before anything of it is read into memory, not for its architecture.
   EXPECT_TRUE(IsError(moert_session_load(s.get(), big_ckpt.c_str()), MOERT_ERR_LIMIT,
                       {"big.moert", "another, larger model", "load options only lower"}));
@@ -222,7 +212,7 @@ TEST(LoadLimits, CheckpointLoadsAreBoundedByTheSessionsArchitectureAndByTheOptio
   ASSERT_TRUE(IsOk(moert_session_step(s.get(), nullptr, nullptr)));
   const std::string ckpt = (dir.path() / "small.moert").string();
   ASSERT_TRUE(IsOk(moert_session_save(s.get(), ckpt.c_str())));
-  SessionPtr t = training_session(small_model.get());
+  SessionPtr t = make_session(small_model.get(), 1, MOERT_MODE_TRAINING);
   EXPECT_TRUE(
       IsError(moert_session_load_with_options(t.get(), ckpt.c_str(), load_options(2224 * 2).get()),
               MOERT_ERR_LIMIT));
@@ -242,7 +232,7 @@ TEST(LoadLimits, ConfineExternalDataCoversACheckpointsDataFile) {
   // Experts big enough (256 KiB per weight) that the checkpoint has a data file.
   ModelPtr model = load_ok(build(many_experts(128)));
   ASSERT_TRUE(model);
-  SessionPtr writer = training_session(model.get());
+  SessionPtr writer = make_session(model.get(), 1, MOERT_MODE_TRAINING);
   std::vector<float> x(8 * 4, 0.5f), y(16 * 4), dy(16 * 4, 0.01f);
   ASSERT_TRUE(
       IsOk(moert_session_forward_hidden(writer.get(), x.data(), x.size(), 4, y.data(), y.size())));
@@ -264,7 +254,7 @@ TEST(LoadLimits, ConfineExternalDataCoversACheckpointsDataFile) {
   auto confine = load_options(UINT64_MAX);
   // Any non-zero value turns it on, as the ABI's other flags.
   ASSERT_TRUE(IsOk(moert_load_options_set_confine_external_data(confine.get(), 7)));
-  SessionPtr s = training_session(model.get());
+  SessionPtr s = make_session(model.get(), 1, MOERT_MODE_TRAINING);
   const auto w1 = [&] {
     std::vector<float> w(64 * 128 * 8);
     EXPECT_TRUE(IsOk(moert_session_get_parameter(s.get(), "moe0.w1", w.data(), w.size())));
