@@ -1,16 +1,7 @@
 #include "kernels/cpu/math_avx512.h"
 
-#include <immintrin.h>
-
+#include "kernels/cpu/avx512_intrinsics.h"
 #include "kernels/cpu/transpose16.h"
-
-// GCC 12's AVX-512 intrinsics build some results from _mm512_undefined_ps(), which its
-// -Wmaybe-uninitialized (at -O2) and -Wuninitialized (at -Og, the asan preset) report once
-// inlined here (GCC bug 105593, fixed in GCC 13).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 
 namespace moert::cpu {
 namespace {

@@ -1,9 +1,8 @@
 #include "kernels/cpu/optimizer.h"
 
-#include <immintrin.h>
-
 #include <cmath>
 
+#include "kernels/cpu/avx512_intrinsics.h"
 #include "kernels/cpu/isa.h"
 
 namespace moert::cpu {
@@ -47,6 +46,35 @@ __attribute__((target("avx2"))) void adamw_avx2(const AdamW& a, float* p, const 
   for (; i < n; ++i) adamw_one(a, p + i, g + i, m + i, v + i);
 }
 
+// The same operations 8 at a time. The update's divisions and square root bound it (AdamW was
+// 7 % of the main job's time on AVX2); zmm halves their count, with the same bits: each is
+// correctly rounded, whatever the width.
+__attribute__((target("avx512f"))) int64_t adamw_avx512(const AdamW& a, float* p, const float* g,
+                                                        float* m, float* v, int64_t n) {
+  const __m512d gscale = _mm512_set1_pd(a.gscale), b1 = _mm512_set1_pd(a.beta1),
+                b2 = _mm512_set1_pd(a.beta2), c1 = _mm512_set1_pd(1.0 - a.beta1),
+                c2 = _mm512_set1_pd(1.0 - a.beta2), bc1 = _mm512_set1_pd(a.bias_correction1),
+                bc2 = _mm512_set1_pd(a.bias_correction2), eps = _mm512_set1_pd(a.eps),
+                wd = _mm512_set1_pd(a.wd), lr = _mm512_set1_pd(a.lr);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m512d gi = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(g + i)), gscale);
+    const __m512d mi = _mm512_add_pd(_mm512_mul_pd(b1, _mm512_cvtps_pd(_mm256_loadu_ps(m + i))),
+                                     _mm512_mul_pd(c1, gi));
+    const __m512d vi = _mm512_add_pd(_mm512_mul_pd(b2, _mm512_cvtps_pd(_mm256_loadu_ps(v + i))),
+                                     _mm512_mul_pd(_mm512_mul_pd(c2, gi), gi));
+    _mm256_storeu_ps(m + i, _mm512_cvtpd_ps(mi));
+    _mm256_storeu_ps(v + i, _mm512_cvtpd_ps(vi));
+    const __m512d pi = _mm512_cvtps_pd(_mm256_loadu_ps(p + i));
+    const __m512d update =
+        _mm512_add_pd(_mm512_div_pd(_mm512_div_pd(mi, bc1),
+                                    _mm512_add_pd(_mm512_sqrt_pd(_mm512_div_pd(vi, bc2)), eps)),
+                      _mm512_mul_pd(wd, pi));
+    _mm256_storeu_ps(p + i, _mm512_cvtpd_ps(_mm512_sub_pd(pi, _mm512_mul_pd(lr, update))));
+  }
+  return i;
+}
+
 __attribute__((target("avx2"))) double sum_squares_avx2(const float* x, int64_t n) {
   __m256d s = _mm256_setzero_pd();
   int64_t i = 0;
@@ -63,6 +91,14 @@ __attribute__((target("avx2"))) double sum_squares_avx2(const float* x, int64_t 
 }  // namespace
 
 void adamw_update(const AdamW& a, float* p, const float* g, float* m, float* v, int64_t n) {
+  if (use_avx512()) {
+    const int64_t done = adamw_avx512(a, p, g, m, v, n);
+    p += done;
+    g += done;
+    m += done;
+    v += done;
+    n -= done;
+  }
   if (use_avx2()) return adamw_avx2(a, p, g, m, v, n);
   for (int64_t i = 0; i < n; ++i) adamw_one(a, p + i, g + i, m + i, v + i);
 }

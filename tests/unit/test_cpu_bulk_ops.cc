@@ -15,6 +15,7 @@
 #include "core/backend.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math.h"
+#include "kernels/cpu/optimizer.h"
 
 namespace moert {
 namespace {
@@ -162,6 +163,42 @@ TEST(CpuBulkOps, ElementwiseKernelsGiveTheAvx2BitsOnEveryIsa) {
       cpu::swiglu_to_bf16(h1.data(), h3.data(), got.data(), len, widened);
       EXPECT_EQ(got, want) << "swiglu_to_bf16, " << len << (widened ? " widened" : " codes");
     }
+}
+
+// AdamW's update runs 8 elements at a time on AVX-512, 4 on AVX2 and one by one on the scalar
+// path (calls of 1 element): each must give the scalar formula's bits, or a training's weights
+// would depend on the CPU it ran on. Lengths end inside an 8-wide block and a 4-wide one.
+TEST(CpuBulkOps, AdamWUpdateGivesTheScalarBitsOnEveryPath) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n = 8 * 29 + 4 + 3;
+  std::vector<float> p0(n), g(n), m0(n), v0(n);
+  for (int64_t i = 0; i < n; ++i) {
+    p0[i] = normal(rng);
+    g[i] = normal(rng) * 1e-2f;
+    m0[i] = normal(rng) * 1e-3f;
+    v0[i] = std::abs(normal(rng)) * 1e-5f;
+  }
+  g[5] = 0.0f;
+  v0[5] = 0.0f;  // the update is then eps-bound
+  // Step 3 of lr 1e-3, betas (0.9, 0.95), eps 1e-8, decay 0.1, gradients scaled by 0.5.
+  cpu::AdamW a{1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, 1.0 - 0.9 * 0.9 * 0.9, 1.0 - 0.95 * 0.95 * 0.95};
+  for (const int64_t piece : {n, int64_t{4}, int64_t{1}}) {
+    auto p = p0, m = m0, v = v0;
+    for (int64_t i = 0; i < n; i += piece)
+      cpu::adamw_update(a, &p[i], &g[i], &m[i], &v[i], std::min(piece, n - i));
+    for (int64_t i = 0; i < n; ++i) {
+      const double gi = static_cast<double>(g[i]) * a.gscale;
+      const double mi = a.beta1 * m0[i] + (1.0 - a.beta1) * gi;
+      const double vi = a.beta2 * v0[i] + (1.0 - a.beta2) * gi * gi;
+      const double want =
+          p0[i] - a.lr * ((mi / a.bias_correction1) / (std::sqrt(vi / a.bias_correction2) + a.eps) +
+                          a.wd * p0[i]);
+      ASSERT_EQ(m[i], static_cast<float>(mi)) << "m, pieces of " << piece << ", element " << i;
+      ASSERT_EQ(v[i], static_cast<float>(vi)) << "v, pieces of " << piece << ", element " << i;
+      ASSERT_EQ(p[i], static_cast<float>(want)) << "p, pieces of " << piece << ", element " << i;
+    }
+  }
 }
 
 }  // namespace
