@@ -14,14 +14,29 @@
 namespace moert::cpu {
 namespace {
 
-// Each on its own cache line: every GEMM call of every thread touches the first two.
-alignas(64) std::atomic<int64_t> g_in_flight{0};
+// The calls in flight, counted in slots that threads take in turn, each on its own cache line:
+// every GEMM call of every thread writes its slot twice, and one counter shared by the pool's
+// threads moved its line between their cores on each call (1-3 % of the main job's steps). Exit
+// sums the slots.
+constexpr unsigned kSlots = 64;
+struct alignas(64) Slot {
+  std::atomic<int64_t> calls{0};
+};
+Slot g_in_flight[kSlots];
+std::atomic<unsigned> g_next_slot{0};
+// Read by every call, written once at exit: stays in every core's cache meanwhile.
 alignas(64) std::atomic<bool> g_exiting{false};
+// The process's calls, counted while the calling thread is within its own first kEveryCall.
 alignas(64) std::atomic<int64_t> g_calls{0};
 // When exit stops waiting (steady clock, nanoseconds; 0 until the first handler runs).
 alignas(64) std::atomic<int64_t> g_deadline{0};
-thread_local int t_depth = 0;         // this thread's nested DnnlCalls
-thread_local bool t_created = false;  // created_dnnl_state() in the current call
+struct ThreadState {
+  int depth = 0;         // nested DnnlCalls
+  bool created = false;  // created_dnnl_state() in the current call
+  int slot = -1;         // in g_in_flight, taken at the thread's first call
+  int64_t calls = 0;     // calls made
+};
+thread_local ThreadState t;
 std::once_flag g_fork_handler;
 // Registrations of at_exit so far, each kept until exit.
 std::atomic<int64_t> g_registrations{0};
@@ -45,8 +60,13 @@ void at_exit() {
   if (g_deadline.compare_exchange_strong(deadline, mine)) deadline = mine;
   // The exiting thread's own call (exit() from a signal handler that interrupted one) never
   // returns: it is not waited for.
-  const int64_t own = t_depth > 0 ? 1 : 0;
-  while (g_in_flight.load() > own && now_ns() < deadline)
+  const int64_t own = t.depth > 0 ? 1 : 0;
+  auto in_flight = [] {
+    int64_t n = 0;
+    for (const Slot& s : g_in_flight) n += s.calls.load();
+    return n;
+  };
+  while (in_flight() > own && now_ns() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 
@@ -65,41 +85,57 @@ void after_fork_in_parent() { g_registering.unlock(); }
 // A child of fork() has only the forking thread: the other threads' calls never end there.
 void after_fork_in_child() {
   g_registering.unlock();
-  g_in_flight.store(t_depth > 0 ? 1 : 0);
+  for (Slot& s : g_in_flight) s.calls.store(0);
+  if (t.depth > 0) g_in_flight[t.slot].calls.store(1);
 }
 
 }  // namespace
 
-void created_dnnl_state() { t_created = true; }
+void created_dnnl_state() { t.created = true; }
 
 int64_t exit_handler_registrations() { return g_registrations.load(std::memory_order_relaxed); }
 
 DnnlCall::DnnlCall() {
-  if (t_depth == 0) {
+  ThreadState& ts = t;
+  if (ts.depth == 0) {
     std::call_once(g_fork_handler,
                    [] { pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); });
-    // Counted before the check: at_exit() sets the flag before it reads the count, so a call
+    if (ts.slot < 0)
+      ts.slot = static_cast<int>(g_next_slot.fetch_add(1, std::memory_order_relaxed) % kSlots);
+    // Counted before the check: at_exit() sets the flag before it reads the counts, so a call
     // either sees the flag or is waited for.
-    g_in_flight.fetch_add(1);
+    std::atomic<int64_t>& mine = g_in_flight[ts.slot].calls;
+    mine.fetch_add(1);
     if (g_exiting.load()) {
-      g_in_flight.fetch_sub(1);
+      mine.fetch_sub(1);
       fail(Code::InvalidState,
            "the process is exiting: oneDNN is being torn down, so no GEMM can run any more");
     }
   }
-  ++t_depth;
+  ++ts.depth;
 }
 
 DnnlCall::~DnnlCall() {
-  if (--t_depth > 0) return;
-  g_in_flight.fetch_sub(1);
+  ThreadState& ts = t;
+  if (--ts.depth > 0) return;
+  g_in_flight[ts.slot].calls.fetch_sub(1);
   // The first calls of a process set up nearly everything oneDNN sets up lazily; later, fewer
-  // and fewer calls do. Registering again after each of the first kEveryCall calls and then at
-  // every power of two keeps the registrations bounded (about 32 bytes each); what the library
-  // creates itself later (a bf16 primitive for a new shape) registers at once.
-  const int64_t n = g_calls.fetch_add(1, std::memory_order_relaxed) + 1;
-  if (n <= kEveryCall || (n & (n - 1)) == 0 || t_created) register_exit_handler();
-  t_created = false;
+  // and fewer calls do. The handler is registered again after each of the process's first
+  // kEveryCall calls, then at every power of two of them; a thread past its own first kEveryCall
+  // counts its calls alone (the shared counter's line is not moved between cores on every call)
+  // and registers at their powers of two. That keeps the registrations bounded (about 32 bytes
+  // each): kEveryCall plus about 40 per thread. What the library creates itself later (a bf16
+  // primitive for a new shape) registers at once.
+  const int64_t own = ++ts.calls;
+  bool again = ts.created;
+  if (own <= kEveryCall) {
+    const int64_t n = g_calls.fetch_add(1, std::memory_order_relaxed) + 1;
+    again = again || n <= kEveryCall || (n & (n - 1)) == 0;
+  } else {
+    again = again || (own & (own - 1)) == 0;
+  }
+  if (again) register_exit_handler();
+  ts.created = false;
 }
 
 }  // namespace moert::cpu

@@ -11,6 +11,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/backend.h"
@@ -280,6 +281,28 @@ TEST(Bf16Gemm, RecreatedShapesRegisterNoExitHandler) {
   for (int i = 0; i < 16; ++i) one_session();
   // At most one: the process's call count may pass a power of two meanwhile.
   EXPECT_LE(cpu::exit_handler_registrations() - first, 1);
+}
+
+// Each thread counts its own calls past its first 4096 (kernels/cpu/exit_gate.cc), so that the
+// pool's threads do not share a counter's cache line on every GEMM: the handler's registrations
+// must stay a few per thread, at the powers of two of its count, not one per call.
+TEST(ExitGate, ThreadsPastTheirFirstCallsRegisterAtPowersOfTwo) {
+  for (int i = 0; i < 4200; ++i) const cpu::DnnlCall call;  // the process past its first 4096
+  const int64_t before = cpu::exit_handler_registrations();
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 4; ++k)
+    threads.emplace_back([] {
+      for (int i = 0; i < 20000; ++i) {
+        const cpu::DnnlCall outer;
+        const cpu::DnnlCall nested;  // counts once
+      }
+    });
+  for (auto& th : threads) th.join();
+  // Each thread: its own counts 8192 and 16384, and the process's powers of two (8192, 16384,
+  // 32768, 65536) that its first 4096 calls may meet.
+  const int64_t added = cpu::exit_handler_registrations() - before;
+  EXPECT_GE(added, 8);
+  EXPECT_LE(added, 4 * 2 + 4);
 }
 
 // The widening kernels everywhere (oneDNN's only where bf16 is native), same checks on the
