@@ -34,7 +34,7 @@ struct TrainSettings {
 
 struct StepRecord {
   uint64_t step = 0;
-  double train_loss = 0.0;  // cross-entropy of the step's batch, computed from its logits
+  double train_loss = 0.0;  // cross-entropy of the step's batch
   double aux_loss = 0.0;    // the auxiliary balancing loss the library added (aux policy only)
   double max_vio_batch = 0.0;
   double lr = 0.0;
