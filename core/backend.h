@@ -370,6 +370,30 @@ class Backend : public Allocator {
                      double beta1, double beta2, double eps, double wd, double gscale,
                      double bias_correction1, double bias_correction2) = 0;
 
+  // One parameter's AdamW update in adamw_many(): its values, gradient, moments, count and weight
+  // decay.
+  struct AdamWTensor {
+    float* p;
+    const float* g;
+    float* m;
+    float* v;
+    int64_t n;
+    double wd;
+  };
+
+  // adamw() on each of `count` tensors with the same step's hyperparameters. A model has many
+  // small parameters (norms, routers, shared experts): a backend may update them as one piece of
+  // work rather than each on its own. The default calls adamw() for each, in order.
+  virtual void adamw_many(const AdamWTensor* tensors, size_t count, double lr, double beta1,
+                          double beta2, double eps, double gscale, double bias_correction1,
+                          double bias_correction2) {
+    for (size_t i = 0; i < count; ++i) {
+      const AdamWTensor& t = tensors[i];
+      adamw(t.p, t.g, t.m, t.v, t.n, lr, beta1, beta2, eps, t.wd, gscale, bias_correction1,
+            bias_correction2);
+    }
+  }
+
   // One SGD update with momentum buffer m and L2 weight decay wd.
   virtual void sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum,
                    double wd, double gscale) = 0;

@@ -1053,8 +1053,14 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
     const uint64_t t = step_ + 1;
     const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
+    // Each parameter's update, gathered before the first change: AdamW's run as one call.
+    std::vector<Backend::AdamWTensor> tensors;
     try {
       allocate_moments();  // made above already, unless a source of gradients escaped that test
+      tensors.reserve(slots_.size());
+      for (Slot& s : slots_)
+        tensors.push_back({store_->f32_mutable(*s.param), store_->grad(*s.param), s.m.data(),
+                           s.v.data(), s.param->numel(), s.matrix ? c.weight_decay : 0.0});
     } catch (...) {
       take_back_moments();
       throw;
@@ -1062,19 +1068,16 @@ StepInfo Session::step(std::optional<StepInfo>* made) {
     updated = true;
     const ComputeStretch update(*backend_);
     stale_copies_.clear();  // every copy is made again below
+    if (adamw)
+      backend_->adamw_many(tensors.data(), tensors.size(), info.lr, c.beta1, c.beta2, c.eps, gscale,
+                           bc1, bc2);
+    else
+      for (const Backend::AdamWTensor& x : tensors)
+        backend_->sgd(x.p, x.g, x.m, x.n, info.lr, c.momentum, x.wd, gscale);
     // A copy that cannot be refreshed does not stop the update: every parameter and the biases
     // still take the step (among ranks, as on the others), and the failure is reported with it.
     for (size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
-      float* p = store_->f32_mutable(*s.param);
-      const float* g = store_->grad(*s.param);
-      const int64_t n = s.param->numel();
-      const double wd = s.matrix ? c.weight_decay : 0.0;
-      if (adamw)
-        backend_->adamw(p, g, s.m.data(), s.v.data(), n, info.lr, c.beta1, c.beta2, c.eps, wd,
-                        gscale, bc1, bc2);
-      else
-        backend_->sgd(p, g, s.m.data(), n, info.lr, c.momentum, wd, gscale);
       try {
         store_->refresh_copies(*s.param);
       } catch (const Error& e) {

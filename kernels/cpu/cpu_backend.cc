@@ -510,6 +510,19 @@ void CpuBackend::adamw(float* p, const float* g, float* m, float* v, int64_t n, 
   });
 }
 
+void CpuBackend::adamw_many(const AdamWTensor* tensors, size_t count, double lr, double beta1,
+                            double beta2, double eps, double gscale, double bc1, double bc2) {
+  std::vector<std::pair<size_t, int64_t>> items;  // (tensor, first element of the block)
+  for (size_t t = 0; t < count; ++t)
+    for (int64_t i = 0; i < tensors[t].n; i += kElementBlock) items.push_back({t, i});
+  pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t k, unsigned) {
+    const auto [t, i] = items[static_cast<size_t>(k)];
+    const AdamWTensor& x = tensors[t];
+    const AdamW a{lr, beta1, beta2, eps, x.wd, gscale, bc1, bc2};
+    adamw_update(a, x.p + i, x.g + i, x.m + i, x.v + i, std::min(kElementBlock, x.n - i));
+  });
+}
+
 void CpuBackend::sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum,
                      double wd, double gscale) {
   pool_.parallel_for(blocks(n, kElementBlock), [&](int64_t b, unsigned) {

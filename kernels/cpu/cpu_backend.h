@@ -121,6 +121,11 @@ class CpuBackend final : public Backend {
   void adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
              double beta2, double eps, double wd, double gscale, double bias_correction1,
              double bias_correction2) override;
+  // Every tensor's blocks in one parallel_for: the main job's step updates about twenty
+  // parameters, most of one block, which one call each ran on one thread while the others
+  // waited.
+  void adamw_many(const AdamWTensor* tensors, size_t count, double lr, double beta1, double beta2,
+                  double eps, double gscale, double bc1, double bc2) override;
   void sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum, double wd,
            double gscale) override;
 

@@ -201,5 +201,43 @@ TEST(CpuBulkOps, AdamWUpdateGivesTheScalarBitsOnEveryPath) {
   }
 }
 
+// A step's AdamW updates as one call (Backend::adamw_many): each tensor's bits are those of its
+// own adamw() call, for tensors of no element, of part of a block and of several blocks (32768
+// elements each), with their own weight decay.
+TEST(CpuBulkOps, AdamWManyGivesEachTensorItsOwnUpdate) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const std::vector<int64_t> sizes = {70001, 0, 1, 4096, 32768};
+  struct Tensor {
+    std::vector<float> p, g, m, v;
+  };
+  std::vector<Tensor> one(sizes.size());
+  for (size_t t = 0; t < sizes.size(); ++t)
+    for (int64_t i = 0; i < sizes[t]; ++i) {
+      one[t].p.push_back(normal(rng));
+      one[t].g.push_back(normal(rng) * 1e-2f);
+      one[t].m.push_back(normal(rng) * 1e-3f);
+      one[t].v.push_back(std::abs(normal(rng)) * 1e-5f);
+    }
+  auto many = one;
+  auto be = make_cpu_backend(2);
+  const double lr = 1e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, gscale = 0.5;
+  const double bc1 = 1.0 - b1 * b1, bc2 = 1.0 - b2 * b2;
+  std::vector<Backend::AdamWTensor> list;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    const double wd = t % 2 ? 0.0 : 0.1;
+    be->adamw(one[t].p.data(), one[t].g.data(), one[t].m.data(), one[t].v.data(), sizes[t], lr,
+              b1, b2, eps, wd, gscale, bc1, bc2);
+    list.push_back({many[t].p.data(), many[t].g.data(), many[t].m.data(), many[t].v.data(),
+                    sizes[t], wd});
+  }
+  be->adamw_many(list.data(), list.size(), lr, b1, b2, eps, gscale, bc1, bc2);
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    EXPECT_EQ(many[t].p, one[t].p) << "tensor " << t;
+    EXPECT_EQ(many[t].m, one[t].m) << "tensor " << t;
+    EXPECT_EQ(many[t].v, one[t].v) << "tensor " << t;
+  }
+}
+
 }  // namespace
 }  // namespace moert
