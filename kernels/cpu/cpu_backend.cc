@@ -500,6 +500,26 @@ double CpuBackend::sum_squares(const float* x, int64_t n) {
   return total;
 }
 
+double CpuBackend::sum_squares_many(const float* const* xs, const int64_t* ns, size_t count) {
+  std::vector<std::pair<size_t, int64_t>> items;  // (array, first element of the block)
+  for (size_t a = 0; a < count; ++a)
+    for (int64_t i = 0; i < ns[a]; i += kElementBlock) items.push_back({a, i});
+  std::vector<double> partial(items.size());
+  pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t k, unsigned) {
+    const auto [a, i] = items[static_cast<size_t>(k)];
+    partial[static_cast<size_t>(k)] =
+        sum_squares_lanes(xs[a] + i, std::min(kElementBlock, ns[a] - i));
+  });
+  double total = 0.0;
+  for (size_t k = 0; k < items.size();) {
+    double one = 0.0;  // an array's sum, as sum_squares() adds its blocks
+    const size_t a = items[k].first;
+    for (; k < items.size() && items[k].first == a; ++k) one += partial[k];
+    total += one;
+  }
+  return total;
+}
+
 void CpuBackend::adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr,
                        double beta1, double beta2, double eps, double wd, double gscale, double bc1,
                        double bc2) {

@@ -226,10 +226,10 @@ TEST(CpuBulkOps, AdamWManyGivesEachTensorItsOwnUpdate) {
   std::vector<Backend::AdamWTensor> list;
   for (size_t t = 0; t < sizes.size(); ++t) {
     const double wd = t % 2 ? 0.0 : 0.1;
-    be->adamw(one[t].p.data(), one[t].g.data(), one[t].m.data(), one[t].v.data(), sizes[t], lr,
-              b1, b2, eps, wd, gscale, bc1, bc2);
-    list.push_back({many[t].p.data(), many[t].g.data(), many[t].m.data(), many[t].v.data(),
-                    sizes[t], wd});
+    be->adamw(one[t].p.data(), one[t].g.data(), one[t].m.data(), one[t].v.data(), sizes[t], lr, b1,
+              b2, eps, wd, gscale, bc1, bc2);
+    list.push_back(
+        {many[t].p.data(), many[t].g.data(), many[t].m.data(), many[t].v.data(), sizes[t], wd});
   }
   be->adamw_many(list.data(), list.size(), lr, b1, b2, eps, gscale, bc1, bc2);
   for (size_t t = 0; t < sizes.size(); ++t) {
@@ -237,6 +237,26 @@ TEST(CpuBulkOps, AdamWManyGivesEachTensorItsOwnUpdate) {
     EXPECT_EQ(many[t].m, one[t].m) << "tensor " << t;
     EXPECT_EQ(many[t].v, one[t].v) << "tensor " << t;
   }
+}
+
+// The gradient norm's sum over many arrays in one call: the bits of sum_squares() on each, added
+// in order (Backend's default), for arrays of no element, part of a block and several blocks.
+TEST(CpuBulkOps, SumSquaresManyAddsEachArraysSumInOrder) {
+  std::mt19937 rng(19);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const std::vector<int64_t> sizes = {5, 0, 70001, 1, 32768, 40000};
+  std::vector<std::vector<float>> arrays;
+  std::vector<const float*> ptrs;
+  for (const int64_t n : sizes) {
+    arrays.emplace_back();
+    for (int64_t i = 0; i < n; ++i) arrays.back().push_back(normal(rng));
+  }
+  for (const auto& a : arrays) ptrs.push_back(a.data());
+  auto be = make_cpu_backend(2);
+  double want = 0.0;
+  for (size_t a = 0; a < sizes.size(); ++a) want += be->sum_squares(ptrs[a], sizes[a]);
+  const double got = be->sum_squares_many(ptrs.data(), sizes.data(), sizes.size());
+  EXPECT_EQ(std::memcmp(&got, &want, sizeof got), 0) << got << " against " << want;
 }
 
 }  // namespace
