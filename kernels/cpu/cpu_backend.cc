@@ -488,31 +488,35 @@ void CpuBackend::cross_entropy(const float* logits, const int32_t* targets, int6
 
 // Elementwise work is cut into blocks of kElementBlock: parallel, and for sums a fixed order of
 // fixed partials, whatever the thread count.
-double CpuBackend::sum_squares(const float* x, int64_t n) {
-  const int64_t nb = blocks(n, kElementBlock);
-  std::vector<double> partial(static_cast<size_t>(nb));
-  pool_.parallel_for(nb, [&](int64_t b, unsigned) {
-    const int64_t i = b * kElementBlock;
-    partial[static_cast<size_t>(b)] = sum_squares_lanes(x + i, std::min(kElementBlock, n - i));
-  });
-  double total = 0.0;
-  for (double v : partial) total += v;
-  return total;
+
+namespace {
+
+// (array, first element) of every kElementBlock block of `count` arrays of sizes[a] elements, in
+// order: the items of one parallel_for over all of them.
+std::vector<std::pair<size_t, int64_t>> element_blocks(const int64_t* sizes, size_t count) {
+  std::vector<std::pair<size_t, int64_t>> items;
+  for (size_t a = 0; a < count; ++a)
+    for (int64_t i = 0; i < sizes[a]; i += kElementBlock) items.push_back({a, i});
+  return items;
 }
 
+}  // namespace
+
+double CpuBackend::sum_squares(const float* x, int64_t n) { return sum_squares_many(&x, &n, 1); }
+
 double CpuBackend::sum_squares_many(const float* const* xs, const int64_t* ns, size_t count) {
-  std::vector<std::pair<size_t, int64_t>> items;  // (array, first element of the block)
-  for (size_t a = 0; a < count; ++a)
-    for (int64_t i = 0; i < ns[a]; i += kElementBlock) items.push_back({a, i});
+  const auto items = element_blocks(ns, count);
   std::vector<double> partial(items.size());
   pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t k, unsigned) {
     const auto [a, i] = items[static_cast<size_t>(k)];
     partial[static_cast<size_t>(k)] =
         sum_squares_lanes(xs[a] + i, std::min(kElementBlock, ns[a] - i));
   });
+  // Each array's partials in block order from zero, then the arrays' sums in order: the bits of
+  // Backend's default, one sum_squares() per array.
   double total = 0.0;
   for (size_t k = 0; k < items.size();) {
-    double one = 0.0;  // an array's sum, as sum_squares() adds its blocks
+    double one = 0.0;
     const size_t a = items[k].first;
     for (; k < items.size() && items[k].first == a; ++k) one += partial[k];
     total += one;
@@ -523,18 +527,15 @@ double CpuBackend::sum_squares_many(const float* const* xs, const int64_t* ns, s
 void CpuBackend::adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr,
                        double beta1, double beta2, double eps, double wd, double gscale, double bc1,
                        double bc2) {
-  const AdamW a{lr, beta1, beta2, eps, wd, gscale, bc1, bc2};
-  pool_.parallel_for(blocks(n, kElementBlock), [&](int64_t b, unsigned) {
-    const int64_t i = b * kElementBlock;
-    adamw_update(a, p + i, g + i, m + i, v + i, std::min(kElementBlock, n - i));
-  });
+  const AdamWTensor one{p, g, m, v, n, wd};
+  adamw_many(&one, 1, lr, beta1, beta2, eps, gscale, bc1, bc2);
 }
 
 void CpuBackend::adamw_many(const AdamWTensor* tensors, size_t count, double lr, double beta1,
                             double beta2, double eps, double gscale, double bc1, double bc2) {
-  std::vector<std::pair<size_t, int64_t>> items;  // (tensor, first element of the block)
-  for (size_t t = 0; t < count; ++t)
-    for (int64_t i = 0; i < tensors[t].n; i += kElementBlock) items.push_back({t, i});
+  std::vector<int64_t> sizes(count);
+  for (size_t t = 0; t < count; ++t) sizes[t] = tensors[t].n;
+  const auto items = element_blocks(sizes.data(), count);
   pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t k, unsigned) {
     const auto [t, i] = items[static_cast<size_t>(k)];
     const AdamWTensor& x = tensors[t];
