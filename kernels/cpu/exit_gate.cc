@@ -36,7 +36,7 @@ struct ThreadState {
   int slot = -1;         // in g_in_flight, taken at the thread's first call
   int64_t calls = 0;     // calls made
 };
-thread_local ThreadState t;
+thread_local ThreadState t_state;
 std::once_flag g_fork_handler;
 // Registrations of at_exit so far, each kept until exit.
 std::atomic<int64_t> g_registrations{0};
@@ -60,7 +60,7 @@ void at_exit() {
   if (g_deadline.compare_exchange_strong(deadline, mine)) deadline = mine;
   // The exiting thread's own call (exit() from a signal handler that interrupted one) never
   // returns: it is not waited for.
-  const int64_t own = t.depth > 0 ? 1 : 0;
+  const int64_t own = t_state.depth > 0 ? 1 : 0;
   auto in_flight = [] {
     int64_t n = 0;
     for (const Slot& s : g_in_flight) n += s.calls.load();
@@ -86,17 +86,17 @@ void after_fork_in_parent() { g_registering.unlock(); }
 void after_fork_in_child() {
   g_registering.unlock();
   for (Slot& s : g_in_flight) s.calls.store(0);
-  if (t.depth > 0) g_in_flight[t.slot].calls.store(1);
+  if (t_state.depth > 0) g_in_flight[t_state.slot].calls.store(1);
 }
 
 }  // namespace
 
-void created_dnnl_state() { t.created = true; }
+void created_dnnl_state() { t_state.created = true; }
 
 int64_t exit_handler_registrations() { return g_registrations.load(std::memory_order_relaxed); }
 
 DnnlCall::DnnlCall() {
-  ThreadState& ts = t;
+  ThreadState& ts = t_state;
   if (ts.depth == 0) {
     std::call_once(g_fork_handler,
                    [] { pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); });
@@ -116,7 +116,7 @@ DnnlCall::DnnlCall() {
 }
 
 DnnlCall::~DnnlCall() {
-  ThreadState& ts = t;
+  ThreadState& ts = t_state;
   if (--ts.depth > 0) return;
   g_in_flight[ts.slot].calls.fetch_sub(1);
   // The first calls of a process set up nearly everything oneDNN sets up lazily; later, fewer
