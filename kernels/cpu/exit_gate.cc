@@ -24,8 +24,9 @@ struct alignas(64) Slot {
 };
 Slot g_in_flight[kSlots];
 std::atomic<unsigned> g_next_slot{0};
-// Read by every call, written once at exit: stays in every core's cache meanwhile.
+// Read by every call, written at exit and around a fork: stays in every core's cache meanwhile.
 alignas(64) std::atomic<bool> g_exiting{false};
+alignas(64) std::atomic<bool> g_forking{false};
 // The process's calls, counted while the calling thread is within its own first kEveryCall.
 alignas(64) std::atomic<int64_t> g_calls{0};
 // When exit stops waiting (steady clock, nanoseconds; 0 until the first handler runs).
@@ -42,14 +43,20 @@ std::once_flag g_fork_handler;
 std::atomic<int64_t> g_registrations{0};
 
 constexpr int64_t kEveryCall = 4096;
-// How long exit waits for the calls in flight, in all: a GEMM takes milliseconds; a thread
-// stopped in one (a debugger, SIGSTOP) must not hang the exit for ever.
+// How long exit, or a fork, waits for the calls in flight, in all: a GEMM takes milliseconds; a
+// thread stopped in one (a debugger, SIGSTOP) must not hang the exit or the fork for ever.
 constexpr auto kExitWait = std::chrono::seconds(10);
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+int64_t in_flight() {
+  int64_t n = 0;
+  for (const Slot& s : g_in_flight) n += s.calls.load();
+  return n;
 }
 
 // Runs once per registration: the first run sets the deadline, which every later run keeps.
@@ -61,11 +68,6 @@ void at_exit() {
   // The exiting thread's own call (exit() from a signal handler that interrupted one) never
   // returns: it is not waited for.
   const int64_t own = t_state.depth > 0 ? 1 : 0;
-  auto in_flight = [] {
-    int64_t n = 0;
-    for (const Slot& s : g_in_flight) n += s.calls.load();
-    return n;
-  };
   while (in_flight() > own && now_ns() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
@@ -80,10 +82,25 @@ void register_exit_handler() {
   if (std::atexit(at_exit) == 0) g_registrations.fetch_add(1, std::memory_order_relaxed);
 }
 
-void before_fork() { g_registering.lock(); }
-void after_fork_in_parent() { g_registering.unlock(); }
+// A fork waits for the oneDNN calls of the other threads to return, and holds new ones back
+// until it is done: a child forked while another thread was inside oneDNN inherited the locks
+// that thread held there (in dnnl_sgemm's setup), and its own first GEMM waited on one for good
+// (capi.Fork hung about once in 60 forks on a loaded machine). As at exit, the wait is bounded.
+void before_fork() {
+  g_registering.lock();
+  g_forking.store(true);
+  const int64_t own = t_state.depth > 0 ? 1 : 0;
+  const int64_t deadline = now_ns() + std::chrono::nanoseconds(kExitWait).count();
+  while (in_flight() > own && now_ns() < deadline)
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+}
+void after_fork_in_parent() {
+  g_forking.store(false);
+  g_registering.unlock();
+}
 // A child of fork() has only the forking thread: the other threads' calls never end there.
 void after_fork_in_child() {
+  g_forking.store(false);
   g_registering.unlock();
   for (Slot& s : g_in_flight) s.calls.store(0);
   if (t_state.depth > 0) g_in_flight[t_state.slot].calls.store(1);
@@ -102,14 +119,19 @@ DnnlCall::DnnlCall() {
                    [] { pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); });
     if (ts.slot < 0)
       ts.slot = static_cast<int>(g_next_slot.fetch_add(1, std::memory_order_relaxed) % kSlots);
-    // Counted before the check: at_exit() sets the flag before it reads the counts, so a call
-    // either sees the flag or is waited for.
+    // Counted before the checks: at_exit() and before_fork() set their flag before they read the
+    // counts, so a call either sees the flag or is waited for.
     std::atomic<int64_t>& mine = g_in_flight[ts.slot].calls;
-    mine.fetch_add(1);
-    if (g_exiting.load()) {
-      mine.fetch_sub(1);
-      fail(Code::InvalidState,
-           "the process is exiting: oneDNN is being torn down, so no GEMM can run any more");
+    for (;;) {
+      mine.fetch_add(1);
+      if (g_exiting.load()) {
+        mine.fetch_sub(1);
+        fail(Code::InvalidState,
+             "the process is exiting: oneDNN is being torn down, so no GEMM can run any more");
+      }
+      if (!g_forking.load()) break;
+      mine.fetch_sub(1);  // a fork is waiting for the calls in flight: this one starts after it
+      while (g_forking.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
   ++ts.depth;

@@ -25,7 +25,9 @@ void created_dnnl_state();
 int64_t exit_handler_registrations();
 
 // Held for the duration of one oneDNN call (nested holds on one thread count once). Throws
-// Error(Code::InvalidState) once the process has begun to exit.
+// Error(Code::InvalidState) once the process has begun to exit. A fork() waits (10 s at most)
+// for the calls held by other threads to end, and a call that begins meanwhile waits for the
+// fork, so that a child never inherits a lock oneDNN held in another thread.
 class DnnlCall {
  public:
   DnnlCall();

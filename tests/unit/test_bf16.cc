@@ -1,9 +1,13 @@
 // bf16 on the CPU: the GEMM kernels compute exactly "bf16 operands, fp32 accumulation"; layers
 // and sessions of precision bf16 stay within bf16 bounds of fp32; the precision option.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -303,6 +307,42 @@ TEST(ExitGate, ThreadsPastTheirFirstCallsRegisterAtPowersOfTwo) {
   const int64_t added = cpu::exit_handler_registrations() - before;
   EXPECT_GE(added, 8);
   EXPECT_LE(added, 4 * 2 + 4);
+}
+
+// A fork waits for the oneDNN calls other threads are in (kernels/cpu/exit_gate.h): a child
+// forked inside one inherited the locks oneDNN held there, and its first GEMM could wait on one
+// for good. Here a thread holds a call for 300 ms; the fork must return only after it ends, and
+// the child can call oneDNN.
+TEST(ExitGate, AForkWaitsForTheCallsOfOtherThreads) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizer runtime's allocator does not survive fork() with threads";
+#endif
+  { const cpu::DnnlCall first; }  // the gate's fork handler is registered at the first call
+  std::atomic<bool> inside{false};
+  std::thread busy([&] {
+    const cpu::DnnlCall call;
+    inside.store(true);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  });
+  while (!inside.load()) std::this_thread::yield();
+  const auto t0 = std::chrono::steady_clock::now();
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int code = 0;
+    try {
+      const cpu::DnnlCall call;
+    } catch (...) {
+      code = 1;
+    }
+    _exit(code);
+  }
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  busy.join();
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_GE(waited, std::chrono::milliseconds(200)) << "fork() did not wait for the call";
 }
 
 // The widening kernels everywhere (oneDNN's only where bf16 is native), same checks on the

@@ -50,7 +50,10 @@
  *    there): the thread it returns to is the parent's batcher's. A save holds a file lock
  *    (moert_session_save()) that a child does not share: its descriptors are closed in the child
  *    by a pthread_atfork handler, which fork() runs (vfork(), posix_spawn() and a raw clone() do
- *    not, and need not when they exec), and a fork() waits while a save opens such a file.
+ *    not, and need not when they exec), and a fork() waits while a save opens such a file. A
+ *    fork() also waits for the GEMMs that other threads are running to return (10 s at most),
+ *    and GEMMs that begin meanwhile wait for it, so that the child does not inherit a lock
+ *    oneDNN held in another thread (its first GEMM could wait on one for good).
  *  - Status messages are one line of valid UTF-8: text taken from a file (a model's or layer's
  *    name, say) is quoted with every byte that is not part of valid UTF-8, and every ASCII control
  *    character (newline, tab, NUL, DEL, ...), written as \xNN.
