@@ -200,25 +200,31 @@ FmaPeak bf16_dot_peak(unsigned threads) {
   return p;
 }
 
-double read_bandwidth(unsigned threads, size_t bytes) {
-  const size_t n = bytes / sizeof(float) / 32 * 32;
-  std::unique_ptr<float, decltype(&std::free)> buf(
-      static_cast<float*>(std::aligned_alloc(64, n * sizeof(float))), &std::free);
-  if (!buf) return 0.0;
+ReadProbe::ReadProbe(unsigned threads, size_t bytes)
+    : threads_(std::max(1u, threads)),
+      n_(bytes / sizeof(float) / threads_ / 32 * 32),
+      buf_(static_cast<float*>(std::aligned_alloc(64, n_ * threads_ * sizeof(float))), &std::free) {
+  if (!buf_) return;
   // Touched by the threads that read it, in the parts they read.
-  concurrently(threads, [&](unsigned i) {
-    std::memset(buf.get() + i * (n / threads), 0, n / threads * sizeof(float));
-  });
+  concurrently(threads_,
+               [&](unsigned i) { std::memset(buf_.get() + i * n_, 0, n_ * sizeof(float)); });
+}
+
+double ReadProbe::measure() {
+  if (!buf_ || n_ == 0) return 0.0;
   const bool avx2 = __builtin_cpu_supports("avx2");
+  std::vector<double> sink(threads_);
+  const double t = concurrently(threads_, [&](unsigned i) {
+    const float* part = buf_.get() + i * n_;
+    sink[i] = avx2 ? sum_avx2(part, n_) : sum_plain(part, n_);
+  });
+  return static_cast<double>(n_ * threads_ * sizeof(float)) / t / 1e9;
+}
+
+double read_bandwidth(unsigned threads, size_t bytes) {
+  ReadProbe probe(threads, bytes);
   double best = 0.0;
-  for (int rep = 0; rep < 3; ++rep) {
-    std::vector<double> sink(threads);
-    const double t = concurrently(threads, [&](unsigned i) {
-      const float* part = buf.get() + i * (n / threads);
-      sink[i] = avx2 ? sum_avx2(part, n / threads) : sum_plain(part, n / threads);
-    });
-    best = std::max(best, static_cast<double>(n / threads * threads * sizeof(float)) / t / 1e9);
-  }
+  for (int rep = 0; rep < 3; ++rep) best = std::max(best, probe.measure());
   return best;
 }
 

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdlib>
+#include <memory>
 #include <string>
 
 namespace moert_cli {
@@ -38,8 +40,24 @@ FmaPeak fma_peak(unsigned threads);
 // `how` says why) on a CPU without AVX512-BF16.
 FmaPeak bf16_dot_peak(unsigned threads);
 
-// GB/s (1e9 bytes) of `threads` threads reading disjoint parts of a `bytes` buffer (far larger
-// than the caches), best of three passes.
+// A buffer of about `bytes` (far larger than the caches) that `threads` threads read in disjoint
+// parts. It is allocated and touched once, so that a benchmark can measure the bandwidth beside
+// each of its passes: on a host shared with other jobs the bandwidth left to this process moves
+// by a factor of two within a minute, and a figure measured once at the start does not bound a
+// pass timed later. Not thread-safe.
+class ReadProbe {
+ public:
+  ReadProbe(unsigned threads, size_t bytes);
+  // GB/s (1e9 bytes) of one read of the whole buffer; 0 if it could not be allocated.
+  double measure();
+
+ private:
+  unsigned threads_;
+  size_t n_;  // floats per thread
+  std::unique_ptr<float, decltype(&std::free)> buf_;
+};
+
+// The best of three ReadProbe(threads, bytes).measure().
 double read_bandwidth(unsigned threads, size_t bytes);
 
 }  // namespace moert_cli

@@ -46,8 +46,9 @@ const CommandSpec kBenchSpec = {
     "--decode adds decode-sized batches (1, 8 and 64 rows) of a large bf16 layer (DeepSeek-V3's\n"
     "width: d 7168, 32 routed experts of 2048 + 1 shared, top-8; about 6 GB of fp32 weights are\n"
     "built): the effective bandwidth, bytes of weights the pass touches (bf16 experts selected,\n"
-    "the shared expert, the fp32 router) per second, against the measured read bandwidth; and\n"
-    "the pass against its roofline, the longer of those bytes at the read bandwidth and its\n"
+    "the shared expert, the fp32 router) per second, against the read bandwidth measured right\n"
+    "before each pass (a shared host's bandwidth moves within seconds); and the pass against\n"
+    "its roofline, the longer of those bytes at that read bandwidth and its\n"
     "FLOPs at the bf16 GEMMs' compute peak (24 chains of vdpbf16ps per thread with AVX512-BF16,\n"
     "the ymm FMA peak for moert's AVX2 widening kernels, not known under AMX), naming the bound.\n"
     "Times are medians over REPEATS runs after one warm-up run.\n\n"
@@ -151,22 +152,28 @@ Isa cpu_isa() {
 struct DecodeRow {
   uint32_t rows = 0, touched = 0;
   double seconds = 0.0, bytes = 0.0, flops = 0.0;
+  double read_gbps = 0.0;  // the read bandwidth measured beside this batch's passes
 };
 
-// The time a decode pass cannot beat: its weights read at the measured bandwidth, or its FLOPs
-// at the compute peak of the kernels that run them, whichever takes longer (the roofline).
+// The time a decode pass cannot beat: its weights read at the bandwidth measured beside it, or
+// its FLOPs at the compute peak of the kernels that run them, whichever takes longer (the
+// roofline).
 struct Roofline {
-  double gbps = 0.0, gflops = 0.0;  // gflops 0: the compute limit is not known
-  std::string compute;              // which peak gflops is, or why none is known
-  bool known() const { return gflops > 0.0 && gbps > 0.0; }
-  bool compute_bound(const DecodeRow& r) const { return r.flops / gflops > r.bytes / gbps; }
+  double gflops = 0.0;  // 0: the compute limit is not known
+  std::string compute;  // which peak gflops is, or why none is known
+  bool known(const DecodeRow& r) const { return gflops > 0.0 && r.read_gbps > 0.0; }
+  bool compute_bound(const DecodeRow& r) const { return r.flops / gflops > r.bytes / r.read_gbps; }
   double seconds(const DecodeRow& r) const {
-    return std::max(r.bytes / gbps, r.flops / gflops) / 1e9;
+    return std::max(r.bytes / r.read_gbps, r.flops / gflops) / 1e9;
   }
 };
 
+// Each pass is timed right after the read bandwidth is measured (the better of two reads of
+// `probe`), and a batch is set against the median of those measurements, not against the figure
+// measured at the start: on a shared host the bandwidth this process gets moves within seconds.
 std::vector<DecodeRow> decode_rows(const Dims& d, const SessionConfig& base, int repeats,
-                                   uint64_t seed, const std::vector<uint32_t>& row_counts) {
+                                   uint64_t seed, const std::vector<uint32_t>& row_counts,
+                                   ReadProbe& probe) {
   ModelPtr model =
       load_model_bytes(json_to_binary(moe_json(d, seed), "decode model"), "", "decode model");
   SessionConfig c = base;
@@ -178,10 +185,20 @@ std::vector<DecodeRow> decode_rows(const Dims& d, const SessionConfig& base, int
     std::vector<float> y(x.size());
     DecodeRow r;
     r.rows = rows;
-    r.seconds = time_median(repeats, [&] {
+    auto pass = [&] {
       check(moert_session_forward_hidden(s.get(), x.data(), x.size(), rows, y.data(), y.size()),
             "forward");
-    });
+    };
+    pass();  // warm-up
+    std::vector<double> t, gbps;
+    for (int i = 0; i < repeats; ++i) {
+      gbps.push_back(std::max(probe.measure(), probe.measure()));
+      const double a = bench_clock();
+      pass();
+      t.push_back(bench_clock() - a);
+    }
+    r.seconds = median(t);
+    r.read_gbps = median(gbps);
     assignments_of(s.get(), model.get(), &r.touched);
     const double expert_bytes = 3.0 * d.dim * d.expert_hidden * 2.0;
     const double shared_bytes = 3.0 * d.dim * d.shared_hidden * 2.0 * d.shared;
@@ -281,7 +298,6 @@ int run_bench(const Args& args) {
   const bool cpu = config.device == MOERT_DEVICE_CPU;
   FmaPeak dot;
   Roofline roof;
-  roof.gbps = bandwidth;
   if (!cpu) {
     roof.compute = "a peak not measured for this device";
   } else if (isa.dnnl.find("amx") != std::string::npos) {
@@ -335,7 +351,12 @@ int run_bench(const Args& args) {
   const double best_nt = best ? best->nt : 0.0;
 
   std::vector<DecodeRow> dec;
-  if (decode) dec = decode_rows(dd, config, repeats, seed, {1, 8, 64});
+  if (decode) {
+    // A quarter of the start's buffer (the same in a quick run): read twice before each pass,
+    // it costs a few ms per pass.
+    ReadProbe probe(threads, quick ? size_t{64} << 20 : size_t{256} << 20);
+    dec = decode_rows(dd, config, repeats, seed, {1, 8, 64}, probe);
+  }
 
   const double g32f = moe_fwd / t32.forward / 1e9, g32b = 3 * moe_fwd / t32.forward_backward / 1e9;
   const double g16f = low ? moe_fwd / t16.forward / 1e9 : 0.0;
@@ -386,12 +407,14 @@ int run_bench(const Args& args) {
           << ", \"bytes\": " << json_number(dec[i].bytes)
           << ", \"seconds\": " << json_number(dec[i].seconds)
           << ", \"gbps\": " << json_number(dec[i].bytes / dec[i].seconds / 1e9)
+          << ", \"read_gbps\": " << json_number(dec[i].read_gbps)
           << ", \"flops\": " << json_number(dec[i].flops)
           << ", \"gflops\": " << json_number(dec[i].flops / dec[i].seconds / 1e9) << ", \"bound\": "
-          << (roof.known() ? json_string(roof.compute_bound(dec[i]) ? "compute" : "memory")
-                           : "null")
+          << (roof.known(dec[i]) ? json_string(roof.compute_bound(dec[i]) ? "compute" : "memory")
+                                 : "null")
           << ", \"roofline\": "
-          << (roof.known() ? json_number(roof.seconds(dec[i]) / dec[i].seconds) : "null") << "}";
+          << (roof.known(dec[i]) ? json_number(roof.seconds(dec[i]) / dec[i].seconds) : "null")
+          << "}";
       o << "]";
     }
     o << "}\n";
@@ -464,19 +487,25 @@ int run_bench(const Args& args) {
         "\ndecode-sized batches: d=%u, %u routed experts x %u + %u shared, top-%u, bf16 "
         "weights; forward, median of %d\n",
         dd.dim, dd.experts, dd.expert_hidden, dd.shared, dd.top_k, repeats);
-    std::printf("%6s %9s %12s %10s %10s %14s %14s %10s %8s %10s\n", "rows", "experts", "weight MB",
-                "GFLOP", "ms", "effective GB/s", "/memory read", "GF/s", "bound", "/roofline");
-    for (const DecodeRow& r : dec)
-      std::printf("%6u %6u+%u %12.1f %10.3f %10.2f %14.2f %14.2f %10.1f %8s %10s\n", r.rows,
+    std::printf("%6s %9s %12s %10s %10s %14s %11s %14s %10s %8s %10s\n", "rows", "experts",
+                "weight MB", "GFLOP", "ms", "effective GB/s", "read GB/s", "/memory read", "GF/s",
+                "bound", "/roofline");
+    for (const DecodeRow& r : dec) {
+      const bool known = roof.known(r);
+      std::printf("%6u %6u+%u %12.1f %10.3f %10.2f %14.2f %11.1f %14.2f %10.1f %8s %10s\n", r.rows,
                   r.touched, dd.shared, r.bytes / 1e6, r.flops / 1e9, r.seconds * 1e3,
-                  r.bytes / r.seconds / 1e9, r.bytes / r.seconds / 1e9 / bandwidth,
+                  r.bytes / r.seconds / 1e9, r.read_gbps,
+                  r.read_gbps > 0 ? r.bytes / r.seconds / 1e9 / r.read_gbps : 0.0,
                   r.flops / r.seconds / 1e9,
-                  roof.known() ? (roof.compute_bound(r) ? "compute" : "memory") : "n/a",
-                  roof.known() ? f2(roof.seconds(r) / r.seconds).c_str() : "n/a");
+                  known ? (roof.compute_bound(r) ? "compute" : "memory") : "n/a",
+                  known ? f2(roof.seconds(r) / r.seconds).c_str() : "n/a");
+    }
     std::printf(
-        "roofline: the longer of the weights at the memory read rate and the GFLOP at %s "
-        "(%s); /roofline = that time / the pass's\n",
-        roof.compute.c_str(), roof.known() ? cat(f2(roof.gflops), " GFLOP/s").c_str() : "n/a");
+        "read GB/s: the memory read bandwidth measured right before each pass (median); "
+        "/memory read = effective / read\n"
+        "roofline: the longer of the weights at that read rate and the GFLOP at %s (%s); "
+        "/roofline = that time / the pass's\n",
+        roof.compute.c_str(), roof.gflops > 0 ? cat(f2(roof.gflops), " GFLOP/s").c_str() : "n/a");
   }
   return 0;
 }

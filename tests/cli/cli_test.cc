@@ -1391,12 +1391,12 @@ TEST(Cli, BenchDecodeSetsEachBatchAgainstItsRoofline) {
       "--decode-experts 8 --decode-top-k 2";
   const Result r = run(layer, dir);
   ASSERT_EQ(r.code, 0) << r.err;
-  // rows, experts; MB, GFLOP, ms, GB/s, /read, GF/s; the bound, /roofline.
+  // rows, experts; MB, GFLOP, ms, GB/s, read GB/s, /read, GF/s; the bound, /roofline.
   for (const char* rows : {"1", "8", "64"})
     EXPECT_TRUE(std::regex_search(
         r.out,
         std::regex(std::string(R"(\n +)") + rows +
-                   R"( +[0-9]+\+1( +[0-9.]+){6} +(memory +[0-9.]+|compute +[0-9.]+|n/a +n/a))")))
+                   R"( +[0-9]+\+1( +[0-9.]+){7} +(memory +[0-9.]+|compute +[0-9.]+|n/a +n/a))")))
         << r.out;
   EXPECT_NE(r.out.find("roofline: the longer of"), std::string::npos) << r.out;
   const Result j = run(layer + " --json", dir);
@@ -1406,6 +1406,8 @@ TEST(Cli, BenchDecodeSetsEachBatchAgainstItsRoofline) {
   // One row: the router (2 d E), the shared expert (6 d h) and its top-2 experts (2 x 6 d h).
   EXPECT_EQ(json_value(j.out, "flops", at), 256.0 * (2 * 8 + 6 * 128 + 2 * 6 * 128));
   EXPECT_GT(json_value(j.out, "gflops", at), 0.0);
+  // Each batch carries the read bandwidth measured beside its passes.
+  EXPECT_GT(json_value(j.out, "read_gbps", at), 0.0);
   // Where the compute limit is known the time is at least the roofline's, up to timing noise.
   const size_t roof = j.out.find("\"roofline\": ", at);
   ASSERT_NE(roof, std::string::npos) << j.out;
