@@ -59,17 +59,21 @@ int64_t in_flight() {
   return n;
 }
 
+// Waits, polling every `poll`, until no other thread has a call in flight or `deadline` (now_ns())
+// has passed. The calling thread's own call (exit() or fork() from a signal handler that
+// interrupted one) cannot return while it waits: it is not waited for.
+void wait_for_other_calls(int64_t deadline, std::chrono::microseconds poll) {
+  const int64_t own = t_state.depth > 0 ? 1 : 0;
+  while (in_flight() > own && now_ns() < deadline) std::this_thread::sleep_for(poll);
+}
+
 // Runs once per registration: the first run sets the deadline, which every later run keeps.
 void at_exit() {
   g_exiting.store(true);
   int64_t deadline = 0;
   const int64_t mine = now_ns() + std::chrono::nanoseconds(kExitWait).count();
   if (g_deadline.compare_exchange_strong(deadline, mine)) deadline = mine;
-  // The exiting thread's own call (exit() from a signal handler that interrupted one) never
-  // returns: it is not waited for.
-  const int64_t own = t_state.depth > 0 ? 1 : 0;
-  while (in_flight() > own && now_ns() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  wait_for_other_calls(deadline, std::chrono::milliseconds(1));
 }
 
 // Registrations hold this, and fork() takes it first: glibc does not reset its atexit lock in a
@@ -89,10 +93,8 @@ void register_exit_handler() {
 void before_fork() {
   g_registering.lock();
   g_forking.store(true);
-  const int64_t own = t_state.depth > 0 ? 1 : 0;
-  const int64_t deadline = now_ns() + std::chrono::nanoseconds(kExitWait).count();
-  while (in_flight() > own && now_ns() < deadline)
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  wait_for_other_calls(now_ns() + std::chrono::nanoseconds(kExitWait).count(),
+                       std::chrono::microseconds(50));
 }
 void after_fork_in_parent() {
   g_forking.store(false);
