@@ -82,6 +82,17 @@ void DenseReducer::run(Allocator& mem, const std::vector<DenseGrad>& grads) {
     const Tile& t = tiles[static_cast<size_t>(ti)];
     const DenseGrad& d = grads[t.grad];
     const GradOut& g = *d.g;
+    // oneDNN's matrix-vector products (a tile of one row or column) start their FMA chains from
+    // c instead of adding it at the end.
+    const bool exact = d.exact_accumulate && t.no > 1 && t.ni > 1;
+    // A single chunk's total is its partial, and acc + that partial is what its GEMM makes with
+    // an exact accumulate, in place: no partial is written and read back. A call's experts get
+    // one chunk each wherever they hold at most kReduceRows rows, as in small batches and in
+    // models of many experts.
+    if (exact && !g.roots && d.chunks == 1) {
+      d.partial(0, t.o0, t.no, t.i0, t.ni, g.acc + t.o0 * d.in + t.i0, d.in, true, worker);
+      return;
+    }
     const int64_t size = t.no * t.ni;
     // Open blocks of a fold over n chunks: at most 2 per bit of n (an unaligned first chunk),
     // plus the partial being computed.
@@ -97,9 +108,6 @@ void DenseReducer::run(Allocator& mem, const std::vector<DenseGrad>& grads) {
       free.push_back(r);
     };
     const int64_t first = g.roots ? g.first_chunk : 0;
-    // oneDNN's matrix-vector products (a tile of one row or column) start their FMA chains from
-    // c instead of adding it at the end.
-    const bool exact = d.exact_accumulate && t.no > 1 && t.ni > 1;
     TreeFold<float*> fold(first);
     for (int64_t j = 0; j < d.chunks; ++j) {
       // The second chunk of an aligned pair whose first is open alone merges into it at once:

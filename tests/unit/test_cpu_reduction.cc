@@ -897,33 +897,40 @@ const std::pair<int64_t, int64_t> kAccumulateTiles[] = {{64, 512},  {128, 256}, 
                                                         {100, 300}, {2, 7},     {5, 2},    {2, 2}};
 
 // The reducer lets a Wgrad partial's GEMM make the first merge of a pair of chunks (sgemm with
-// accumulate, DenseGrad::exact_accumulate). That is only the tree's sum if oneDNN rounds
-// c + (the product from zero) once per element, as add_into does: checked at the tiles' shapes,
-// in both layouts the backward uses (tn direct, nt transposed), with full and short chunks, down
-// to tiles of 2 x 2 (the reducer never fuses a tile of one row or column: oneDNN's
-// matrix-vector path starts its FMA chains from c).
+// accumulate, DenseGrad::exact_accumulate), and a gradient of one chunk add its partial into the
+// gradient's tile in place (row stride: the gradient's width, wider than the tile). That is only
+// the tree's sum if oneDNN rounds c + (the product from zero) once per element, as add_into does:
+// checked at the tiles' shapes, in both layouts the backward uses (tn direct, nt transposed),
+// with full and short chunks, dense and strided destinations, down to tiles of 2 x 2 (the reducer
+// never fuses a tile of one row or column: oneDNN's matrix-vector path starts its FMA chains
+// from c).
 TEST(CpuReduction, GemmAccumulateRoundsAsAddingThePartial) {
   std::mt19937 rng(11);
   for (bool trans_a : {true, false})
     for (auto [m, n] : kAccumulateTiles)
-      for (int64_t k : {kReduceRows, int64_t{17}, int64_t{1}}) {
-        const bool trans_b = !trans_a;
-        const int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
-        const Vec a0 = randv(m * k, rng), b0 = randv(k * n, rng);
-        const Vec a1 = randv(m * k, rng), b1 = randv(k * n, rng);
-        Vec left(m * n), right(m * n);
-        cpu::sgemm(trans_a, trans_b, m, n, k, a0.data(), lda, b0.data(), ldb, left.data(), n,
-                   false);
-        cpu::sgemm(trans_a, trans_b, m, n, k, a1.data(), lda, b1.data(), ldb, right.data(), n,
-                   false);
-        Vec want = left;
-        for (size_t i = 0; i < want.size(); ++i) want[i] = want[i] + right[i];
-        Vec fused = left;
-        cpu::sgemm(trans_a, trans_b, m, n, k, a1.data(), lda, b1.data(), ldb, fused.data(), n,
-                   true);
-        EXPECT_TRUE(same_bits(fused, want))
-            << (trans_a ? "tn " : "nt ") << m << " x " << n << " x " << k;
-      }
+      for (int64_t k : {kReduceRows, int64_t{17}, int64_t{1}})
+        for (int64_t ldc : {n, n + 9, 2 * n}) {
+          const bool trans_b = !trans_a;
+          const int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
+          const Vec a0 = randv(m * k, rng), b0 = randv(k * n, rng);
+          const Vec a1 = randv(m * k, rng), b1 = randv(k * n, rng);
+          // The destinations' gaps (ldc > n) hold values the GEMMs must leave alone.
+          const Vec gaps = randv(m * ldc, rng);
+          Vec left = gaps, right = gaps;
+          cpu::sgemm(trans_a, trans_b, m, n, k, a0.data(), lda, b0.data(), ldb, left.data(), ldc,
+                     false);
+          cpu::sgemm(trans_a, trans_b, m, n, k, a1.data(), lda, b1.data(), ldb, right.data(), ldc,
+                     false);
+          Vec want = left;
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j)
+              want[i * ldc + j] = left[i * ldc + j] + right[i * ldc + j];
+          Vec fused = left;
+          cpu::sgemm(trans_a, trans_b, m, n, k, a1.data(), lda, b1.data(), ldb, fused.data(), ldc,
+                     true);
+          EXPECT_TRUE(same_bits(fused, want))
+              << (trans_a ? "tn " : "nt ") << m << " x " << n << " x " << k << " ldc " << ldc;
+        }
 }
 
 TEST(CpuBackend, AddIsElementwise) {
