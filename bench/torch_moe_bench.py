@@ -106,6 +106,10 @@ def child(a, flag, blas_dir, gemm_width=0):
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = blas_dir + (":" + env["LD_LIBRARY_PATH"]
                                          if env.get("LD_LIBRARY_PATH") else "")
+    # A threaded BLAS (openblas-pthread) starts a thread per core unless told otherwise, which
+    # torch.set_num_threads does not do: the run is held to --threads cores, as moert's is.
+    for var in ("OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS"):
+        env[var] = str(a.threads)
     cmd = [sys.executable, os.path.abspath(__file__), flag, str(gemm_width or 1)]
     for k in ("threads", "tokens", "dim", "experts", "top_k", "expert_hidden", "shared",
               "shared_hidden", "repeats", "seed"):
