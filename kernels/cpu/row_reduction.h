@@ -29,7 +29,8 @@ struct DenseGrad {
                      int64_t ldc, bool accumulate, unsigned worker)>
       partial;
   // Whether `accumulate` rounds each element exactly as c + (the partial from zero) would, so
-  // that the fold's first merge of a pair of chunks can happen inside the partial's GEMM.
+  // that the fold's first merge of a pair of chunks can happen inside the partial's GEMM, and a
+  // one-chunk gradient's partial can be added into GradOut::acc by its GEMM (ldc: acc's width).
   // oneDNN's sgemm with beta = 1 does on tiles of at least 2 x 2, and so do the bf16 Wgrad
   // products (oneDNN's matmul with a sum post-op, or the widening kernels' sgemm); the reducer
   // asks no more (CpuReduction.GemmAccumulateRoundsAsAddingThePartial and
