@@ -26,17 +26,23 @@ std::vector<float> random_values(size_t n, uint64_t seed);
 
 double median(std::vector<double> v);
 
-// Runs `pass` once to warm up, then `repeats` times; the median time in seconds (bench_clock()).
-template <typename F>
-double time_median(int repeats, F&& pass) {
+// Runs `pass` once to warm up, then `repeats` times, each timed run after `before` (untimed: a
+// measurement to set beside it); the median time in seconds (bench_clock()).
+template <typename F, typename B>
+double time_median(int repeats, F&& pass, B&& before) {
   pass();
   std::vector<double> t;
   for (int i = 0; i < repeats; ++i) {
+    before();
     const double a = bench_clock();
     pass();
     t.push_back(bench_clock() - a);
   }
   return median(t);
+}
+template <typename F>
+double time_median(int repeats, F&& pass) {
+  return time_median(repeats, pass, [] {});
 }
 
 // Token-expert assignments of the last pass over every MoE layer; `touched`: experts with any.

@@ -185,19 +185,14 @@ std::vector<DecodeRow> decode_rows(const Dims& d, const SessionConfig& base, int
     std::vector<float> y(x.size());
     DecodeRow r;
     r.rows = rows;
-    auto pass = [&] {
-      check(moert_session_forward_hidden(s.get(), x.data(), x.size(), rows, y.data(), y.size()),
-            "forward");
-    };
-    pass();  // warm-up
-    std::vector<double> t, gbps;
-    for (int i = 0; i < repeats; ++i) {
-      gbps.push_back(std::max(probe.measure(), probe.measure()));
-      const double a = bench_clock();
-      pass();
-      t.push_back(bench_clock() - a);
-    }
-    r.seconds = median(t);
+    std::vector<double> gbps;
+    r.seconds = time_median(
+        repeats,
+        [&] {
+          check(moert_session_forward_hidden(s.get(), x.data(), x.size(), rows, y.data(), y.size()),
+                "forward");
+        },
+        [&] { gbps.push_back(std::max(probe.measure(), probe.measure())); });
     r.read_gbps = median(gbps);
     assignments_of(s.get(), model.get(), &r.touched);
     const double expert_bytes = 3.0 * d.dim * d.expert_hidden * 2.0;
