@@ -166,6 +166,19 @@ static jbyteArray moert_jni_bytes(JNIEnv* env, const char* s) {
   return a;
 }
 
+/* Every copy an argument's `in` typemap makes is owned by a local with a cleanup function
+ * (GCC's and clang's `cleanup` attribute, run whenever the local goes out of scope). SWIG's Java
+ * wrappers return straight out of an `in` typemap that fails and run `freearg` only after the
+ * call, so an argument refused after another had been copied (a read-only heap buffer after an
+ * array-backed one, an out-of-memory string after a string) would otherwise leak the earlier
+ * copies. */
+#define MOERT_JNI_OWNED(fn) __attribute__((cleanup(fn)))
+
+static void moert_jni_free_cstring(char** s) {
+  free(*s);
+  *s = NULL;
+}
+
 /* UTF-8 bytes from Java (a String encoded by Capi.cstring) as a malloc'ed C string. */
 static char* moert_jni_cstring(JNIEnv* env, jbyteArray a, int* failed) {
   *failed = 0;
@@ -300,11 +313,12 @@ static int moert_jni_buffer_get(JNIEnv* env, jobject buffer, int type, moert_jni
   return 1;
 }
 
-/* `copy_back`: an output of a call that succeeded. */
+/* `copy_back`: an output of a call that succeeded. Releasing twice is harmless. */
 static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type, int copy_back) {
   if (b->unaligned) {
     if (copy_back) memcpy(b->unaligned, b->data, b->bytes);
     free(b->data);
+    b->data = NULL;
     b->unaligned = NULL;
     return;
   }
@@ -314,6 +328,12 @@ static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type,
   b->data = NULL;
   b->array = NULL;
 }
+
+/* The cleanup of a buffer's local: frees a copy that `freearg` did not reach (no copy-back, so no
+ * JNI call, which an exception pending at that point would forbid). */
+static void moert_jni_buffer_drop(moert_jni_buffer* b) {
+  moert_jni_buffer_release(NULL, b, MOERT_JNI_BYTE, 0);
+}
 %}
 
 /* Strings in: Java String -> UTF-8 bytes (Capi.cstring) -> C string; null is NULL. */
@@ -322,10 +342,13 @@ static void moert_jni_buffer_release(JNIEnv* env, moert_jni_buffer* b, int type,
 %typemap(jstype) const char* "String"
 %typemap(javain) const char* "Capi.cstring($javainput)"
 %typemap(in) const char* (int failed) %{
-  $1 = moert_jni_cstring(jenv, $input, &failed);
+  char* cstring$argnum MOERT_JNI_OWNED(moert_jni_free_cstring) =
+      moert_jni_cstring(jenv, $input, &failed);
   if (failed) return $null;
+  $1 = cstring$argnum;
 %}
-%typemap(freearg) const char* %{ free((void*)$1); %}
+/* Empty, so that SWIG's default (ReleaseStringUTFChars) does not apply: the local above frees. */
+%typemap(freearg) const char* ""
 
 /* Strings out (static or library-owned): byte[] decoded as UTF-8 by Capi.string. */
 %typemap(out) const char* %{ $result = moert_jni_bytes(jenv, $1); %}
@@ -390,7 +413,7 @@ MOERT_JAVA_SCALAR_OUT(double, jdouble, double, jdoubleArray, SetDoubleArrayRegio
 %typemap(jstype) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) #BUFFER
 %typemap(javain) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) "$javainput"
 %typemap(in) MOERT_IN_ARRAYS(CTYPE), MOERT_OUT_ARRAYS(CTYPE) %{
-  moert_jni_buffer buffer$argnum;
+  moert_jni_buffer buffer$argnum MOERT_JNI_OWNED(moert_jni_buffer_drop);
   if (!moert_jni_buffer_get(jenv, $input, TAG, &buffer$argnum)) return $null;
   $1 = ($1_ltype)buffer$argnum.data;
   $2 = ($2_ltype)buffer$argnum.length;
@@ -421,7 +444,7 @@ MOERT_JAVA_ARRAYS(double, java.nio.DoubleBuffer, MOERT_JNI_DOUBLE)
 %typemap(jstype) (const void* data, size_t size) "java.nio.ByteBuffer"
 %typemap(javain) (const void* data, size_t size) "$javainput"
 %typemap(in) (const void* data, size_t size) %{
-  moert_jni_buffer buffer$argnum;
+  moert_jni_buffer buffer$argnum MOERT_JNI_OWNED(moert_jni_buffer_drop);
   if (!moert_jni_buffer_get(jenv, $input, MOERT_JNI_BYTE, &buffer$argnum)) return $null;
   $1 = ($1_ltype)buffer$argnum.data;
   $2 = ($2_ltype)buffer$argnum.length;

@@ -3,6 +3,7 @@ package dev.moert;
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
@@ -15,6 +16,7 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.concurrent.atomic.AtomicReference;
 import java.util.function.IntFunction;
+import org.junit.jupiter.api.Assumptions;
 import org.junit.jupiter.api.Test;
 
 /**
@@ -119,6 +121,42 @@ class BuffersTest {
       assertThrows(
           ReadOnlyBufferException.class, () -> b.forwardHidden(FloatBuffer.wrap(in), 2, readOnlyOut));
     }
+  }
+
+  private static long residentKiB(Path status) throws java.io.IOException {
+    for (String line : Files.readAllLines(status)) {
+      if (line.startsWith("VmRSS:")) {
+        return Long.parseLong(line.replaceAll("[^0-9]", ""));
+      }
+    }
+    throw new IllegalStateException("no VmRSS line in " + status);
+  }
+
+  /**
+   * The JNI layer copies an array-backed input into native memory; an argument it refuses after
+   * that one (here a read-only heap output, through the generated layer, which the idiomatic
+   * classes would have staged) must free the copy. 64 refused calls with a 16 MiB input would
+   * leave 1 GiB behind otherwise.
+   */
+  @Test
+  void aRefusedArgumentFreesTheCopiesMadeBeforeIt() throws Exception {
+    Path status = Path.of("/proc/self/status");
+    Assumptions.assumeTrue(Files.isReadable(status), "needs /proc/self/status");
+    FloatBuffer input = FloatBuffer.wrap(new float[4 << 20]);
+    FloatBuffer refused = FloatBuffer.allocate(8).asReadOnlyBuffer();
+    for (int i = 0; i < 4; i++) { // the allocator's and the JIT's first use
+      assertThrows(
+          IllegalArgumentException.class,
+          () -> Capi.moert_session_forward_hidden(null, input, 1, refused));
+    }
+    long before = residentKiB(status);
+    for (int i = 0; i < 64; i++) {
+      assertThrows(
+          IllegalArgumentException.class,
+          () -> Capi.moert_session_forward_hidden(null, input, 1, refused));
+    }
+    long grown = residentKiB(status) - before;
+    assertTrue(grown < 256 * 1024, "resident memory grew by " + grown + " KiB");
   }
 
   private static Session trainingSession(Model m) {
