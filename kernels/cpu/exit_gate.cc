@@ -108,13 +108,9 @@ void after_fork_in_child() {
   if (t_state.depth > 0) g_in_flight[t_state.slot].calls.store(1);
 }
 
-}  // namespace
-
-void created_dnnl_state() { t_state.created = true; }
-
-int64_t exit_handler_registrations() { return g_registrations.load(std::memory_order_relaxed); }
-
-DnnlCall::DnnlCall() {
+// Counts the calling thread's call, or returns false, counting nothing, once the process has
+// begun to exit.
+bool enter_call() noexcept {
   ThreadState& ts = t_state;
   if (ts.depth == 0) {
     std::call_once(g_fork_handler,
@@ -128,8 +124,7 @@ DnnlCall::DnnlCall() {
       mine.fetch_add(1);
       if (g_exiting.load()) {
         mine.fetch_sub(1);
-        fail(Code::InvalidState,
-             "the process is exiting: oneDNN is being torn down, so no GEMM can run any more");
+        return false;
       }
       if (!g_forking.load()) break;
       mine.fetch_sub(1);  // a fork is waiting for the calls in flight: this one starts after it
@@ -137,6 +132,19 @@ DnnlCall::DnnlCall() {
     }
   }
   ++ts.depth;
+  return true;
+}
+
+}  // namespace
+
+void created_dnnl_state() { t_state.created = true; }
+
+int64_t exit_handler_registrations() { return g_registrations.load(std::memory_order_relaxed); }
+
+DnnlCall::DnnlCall() {
+  if (!enter_call())
+    fail(Code::InvalidState,
+         "the process is exiting: oneDNN is being torn down, so no GEMM can run any more");
 }
 
 DnnlCall::~DnnlCall() {
@@ -160,6 +168,14 @@ DnnlCall::~DnnlCall() {
   }
   if (again) register_exit_handler();
   ts.created = false;
+}
+
+DnnlTeardown::DnnlTeardown() noexcept : entered_(enter_call()) {}
+
+DnnlTeardown::~DnnlTeardown() {
+  if (!entered_) return;
+  ThreadState& ts = t_state;
+  if (--ts.depth == 0) g_in_flight[ts.slot].calls.fetch_sub(1);
 }
 
 }  // namespace moert::cpu

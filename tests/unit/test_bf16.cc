@@ -309,18 +309,16 @@ TEST(ExitGate, ThreadsPastTheirFirstCallsRegisterAtPowersOfTwo) {
   EXPECT_LE(added, 4 * 2 + 4);
 }
 
-// A fork waits for the oneDNN calls other threads are in (kernels/cpu/exit_gate.h): a child
-// forked inside one inherited the locks oneDNN held there, and its first GEMM could wait on one
-// for good. Here a thread holds a call for 300 ms; the fork must return only after it ends, and
-// the child can call oneDNN.
-TEST(ExitGate, AForkWaitsForTheCallsOfOtherThreads) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizer runtime's allocator does not survive fork() with threads";
-#endif
+// A fork waits for the oneDNN calls other threads are in (kernels/cpu/exit_gate.h), and for the
+// teardowns of oneDNN objects (a Bf16Gemm freed): a child forked inside one inherited the locks
+// oneDNN held there, and its first GEMM could wait on one for good. Here a thread holds a `Guard`
+// for 300 ms; the fork must return only after it ends, and the child can call oneDNN.
+template <class Guard>
+void expect_fork_waits_for() {
   { const cpu::DnnlCall first; }  // the gate's fork handler is registered at the first call
   std::atomic<bool> inside{false};
   std::thread busy([&] {
-    const cpu::DnnlCall call;
+    const Guard held;
     inside.store(true);
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
   });
@@ -342,7 +340,50 @@ TEST(ExitGate, AForkWaitsForTheCallsOfOtherThreads) {
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
-  EXPECT_GE(waited, std::chrono::milliseconds(200)) << "fork() did not wait for the call";
+  EXPECT_GE(waited, std::chrono::milliseconds(200)) << "fork() did not wait";
+}
+
+TEST(ExitGate, AForkWaitsForTheCallsAndTeardownsOfOtherThreads) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizer runtime's allocator does not survive fork() with threads";
+#endif
+  expect_fork_waits_for<cpu::DnnlCall>();
+  expect_fork_waits_for<cpu::DnnlTeardown>();
+}
+
+// Once the process has begun to exit, a call is refused and a teardown is not entered (its
+// objects are left to the process's end: oneDNN may have torn down what they refer to). A child
+// registers a check first and then the gate's handler, which exit runs in reverse order.
+TEST(ExitGate, ATeardownAfterExitHasBegunIsNotEntered) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizer runtime's allocator does not survive fork() with threads";
+#endif
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::atexit([] {
+      const cpu::DnnlTeardown teardown;
+      bool refused = false;
+      try {
+        const cpu::DnnlCall call;
+      } catch (const moert::Error&) {
+        refused = true;
+      }
+      _exit(!teardown.entered() && refused ? 3 : 2);
+    });
+    {
+      const cpu::DnnlCall call;
+      cpu::created_dnnl_state();  // the handler is registered when the call ends
+    }
+    {
+      const cpu::DnnlTeardown teardown;
+      if (!teardown.entered()) _exit(4);
+    }
+    std::exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 3) << status;
 }
 
 // The widening kernels everywhere (oneDNN's only where bf16 is native), same checks on the
