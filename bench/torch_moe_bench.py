@@ -261,12 +261,16 @@ def main():
           f"default libblas.so.3: {default_blas()}")
     print(f"GEMM = C[{T}, {N}] = X[{T}, {D}] W^T (the MoE layer's forward FLOPs); moert's GEMM "
           f"column: the best library moert bench measured ({m['gemm'].get('library', '?')})")
+    # moert/beside: each of moert's passes against that GEMM run again right before it.
+    beside = m["gemm"].get("beside", {})
     print(f"{'pass':<18} {'moert GF/s':>11} {'torch GF/s':>11} {'moert/torch':>12} "
-          f"{'best GEMM':>10} {'torch GEMM':>11} {'moert/GEMM':>11}")
+          f"{'best GEMM':>10} {'torch GEMM':>11} {'moert/GEMM':>11} {'moert/beside':>13}")
     for i, name in enumerate(["forward", "forward+backward"]):
+        ratio = beside.get(["forward", "forward_backward"][i], 0.0)
         print(f"{name:<18} {moert_gf[i]:>11.2f} {torch_gf[i]:>11.2f} "
               f"{moert_gf[i] / torch_gf[i]:>12.2f} {moert_gemm[0]:>10.2f} {torch_gemm[i]:>11.2f} "
-              f"{moert_gf[i] / moert_gemm[0]:>11.2f}")
+              f"{moert_gf[i] / moert_gemm[0]:>11.2f} "
+              + (f"{ratio:>13.2f}" if ratio > 0 else f"{'n/a':>13}"))
     return 0
 
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <memory>
 #include <thread>
 
 #include "cli/bench_machine.h"
@@ -210,92 +211,143 @@ double median_seconds(int repeats, F&& f) {
   return t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
 }
 
+// The operands, shared by the comparison and the GemmPass it returns.
+struct Operands {
+  int64_t m, n, k;
+  std::vector<float> x, w, c, dx, dw;
+  Operands(int64_t m_, int64_t n_, int64_t k_)
+      : m(m_),
+        n(n_),
+        k(k_),
+        x(static_cast<size_t>(m * k)),
+        w(static_cast<size_t>(n * k)),
+        c(static_cast<size_t>(m * n)),
+        dx(x.size()),
+        dw(w.size()) {
+    for (size_t i = 0; i < x.size(); ++i)
+      x[i] = static_cast<float>((i * 7919) % 1000) * 1e-3f - 0.5f;
+    for (size_t i = 0; i < w.size(); ++i)
+      w[i] = static_cast<float>((i * 104729) % 1000) * 1e-3f - 0.5f;
+  }
+  double flops() const { return 2.0 * static_cast<double>(m) * n * k; }
+};
+
+// The GEMMs of one library on `o`: nt: C = X W^T; nn: dX = C W; tn: dW = C^T X, on rows [r0, r1)
+// or output rows [o0, o1); run as `threads` single-threaded calls at once (split) or as one call
+// on the library's threads (threaded).
+struct Runner {
+  Loaded l;
+  std::shared_ptr<Operands> o;
+  unsigned threads;
+
+  void nt(int64_t r0, int64_t r1) const {
+    l.gemm(false, true, r1 - r0, o->n, o->k, o->x.data() + r0 * o->k, o->k, o->w.data(), o->k,
+           o->c.data() + r0 * o->n, o->n);
+  }
+  void nn(int64_t r0, int64_t r1) const {
+    l.gemm(false, false, r1 - r0, o->k, o->n, o->c.data() + r0 * o->n, o->n, o->w.data(), o->k,
+           o->dx.data() + r0 * o->k, o->k);
+  }
+  void tn(int64_t o0, int64_t o1) const {
+    l.gemm(true, false, o1 - o0, o->k, o->m, o->c.data() + o0, o->n, o->x.data(), o->k,
+           o->dw.data() + o0 * o->k, o->k);
+  }
+  void split(bool trio) const {
+    const int64_t m = o->m, n = o->n;
+    std::vector<std::thread> pool;
+    auto part = [&](unsigned t) {
+      if (t > 0 && l.serial_here) l.serial_here();
+      nt(m * t / threads, m * (t + 1) / threads);
+      if (trio) {
+        nn(m * t / threads, m * (t + 1) / threads);
+        tn(n * t / threads, n * (t + 1) / threads);
+      }
+    };
+    for (unsigned t = 1; t < threads; ++t) pool.emplace_back(part, t);
+    part(0);
+    for (auto& th : pool) th.join();
+  }
+  void threaded(bool trio) const {
+    nt(0, o->m);
+    if (trio) {
+      nn(0, o->m);
+      tn(0, o->n);
+    }
+  }
+  // The median seconds of `repeats` runs of `run` after a warm-up (none and one run when
+  // `repeats` is 0), with the library's threads set to `lib_threads` around them.
+  template <typename F>
+  double timed(int lib_threads, int repeats, F&& run) const {
+    int before = 0;
+    if (l.threads_here) before = l.threads_here(lib_threads);
+    double s = 0.0;
+    if (repeats > 0) {
+      s = median_seconds(repeats, run);
+    } else {
+      const double a = bench_clock();
+      run();
+      s = bench_clock() - a;
+    }
+    if (l.threads_here) l.threads_here(before);
+    return s;
+  }
+};
+
 }  // namespace
 
-std::vector<GemmLibrary> measure_gemm_libraries(int64_t m, int64_t n, int64_t k, unsigned threads,
-                                                int repeats) {
+GemmComparison measure_gemm_libraries(int64_t m, int64_t n, int64_t k, unsigned threads,
+                                      int repeats) {
   std::vector<Loaded> libs;
   load_dnnl(libs);
   load_blis(libs);
   load_openblas(libs);
 
-  std::vector<float> x(static_cast<size_t>(m * k)), w(static_cast<size_t>(n * k)),
-      c(static_cast<size_t>(m * n)), dx(x.size()), dw(w.size());
-  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 1000) * 1e-3f - 0.5f;
-  for (size_t i = 0; i < w.size(); ++i)
-    w[i] = static_cast<float>((i * 104729) % 1000) * 1e-3f - 0.5f;
-  const double flops = 2.0 * static_cast<double>(m) * n * k;
-
-  std::vector<GemmLibrary> out;
+  auto operands = std::make_shared<Operands>(m, n, k);
+  const double flops = operands->flops();
+  GemmComparison out;
+  double best = 0.0;
   for (Loaded& l : libs) {
     if (!l.info.available) {
-      out.push_back(l.info);
+      out.libraries.push_back(l.info);
       continue;
     }
-    const Sgemm& g = l.gemm;
-    // nt: C = X W^T; nn: dX = C W; tn: dW = C^T X, on rows [r0, r1) or output rows [o0, o1).
-    auto nt = [&](int64_t r0, int64_t r1) {
-      g(false, true, r1 - r0, n, k, x.data() + r0 * k, k, w.data(), k, c.data() + r0 * n, n);
-    };
-    auto nn = [&](int64_t r0, int64_t r1) {
-      g(false, false, r1 - r0, k, n, c.data() + r0 * n, n, w.data(), k, dx.data() + r0 * k, k);
-    };
-    auto tn = [&](int64_t o0, int64_t o1) {
-      g(true, false, o1 - o0, k, m, c.data() + o0, n, x.data(), k, dw.data() + o0 * k, k);
-    };
+    const Runner r{l, operands, threads};
     double best_nt = 0.0, best_trio = 0.0;
     std::string how;
+    bool split_best = false;
     if (l.concurrent || threads == 1) {
-      auto split = [&](bool trio) {
-        std::vector<std::thread> pool;
-        auto part = [&](unsigned t) {
-          if (t > 0 && l.serial_here) l.serial_here();
-          nt(m * t / threads, m * (t + 1) / threads);
-          if (trio) {
-            nn(m * t / threads, m * (t + 1) / threads);
-            tn(n * t / threads, n * (t + 1) / threads);
-          }
-        };
-        for (unsigned t = 1; t < threads; ++t) pool.emplace_back(part, t);
-        part(0);
-        for (auto& th : pool) th.join();
-      };
-      int before = 0;
-      if (l.threads_here) before = l.threads_here(1);
-      best_nt = flops / median_seconds(repeats, [&] { split(false); }) / 1e9;
-      best_trio = 3 * flops / median_seconds(repeats, [&] { split(true); }) / 1e9;
-      if (l.threads_here) l.threads_here(before);
+      best_nt = flops / r.timed(1, repeats, [&] { r.split(false); }) / 1e9;
+      best_trio = 3 * flops / r.timed(1, repeats, [&] { r.split(true); }) / 1e9;
+      split_best = true;
       how = threads == 1 ? "one single-threaded call"
                          : std::to_string(threads) + " single-threaded calls at once";
     }
     if (threads > 1 && l.threads_here) {
-      const int before = l.threads_here(static_cast<int>(threads));
-      const double a = flops / median_seconds(repeats, [&] { nt(0, m); }) / 1e9;
-      const double b = 3 * flops /
-                       median_seconds(repeats,
-                                      [&] {
-                                        nt(0, m);
-                                        nn(0, m);
-                                        tn(0, n);
-                                      }) /
-                       1e9;
-      l.threads_here(before);
+      const int lt = static_cast<int>(threads);
+      const double a = flops / r.timed(lt, repeats, [&] { r.threaded(false); }) / 1e9;
+      const double b = 3 * flops / r.timed(lt, repeats, [&] { r.threaded(true); }) / 1e9;
       if (a > best_nt) {
         best_nt = a;
-        best_trio = std::max(best_trio, b);
+        split_best = false;
         how = "one call on " + std::to_string(threads) + " library threads";
-      } else {
-        best_trio = std::max(best_trio, b);
       }
+      best_trio = std::max(best_trio, b);
     }
     if (how.empty()) {
       l.info.available = false;
       l.info.missing = "single-threaded only and not safe for concurrent calls";
+    } else if (best_nt > best) {
+      best = best_nt;
+      const int lt = split_best ? 1 : static_cast<int>(threads);
+      out.best_pass = [r, lt, split_best, flops] {
+        return flops / r.timed(lt, 0, [&] { split_best ? r.split(false) : r.threaded(false); }) /
+               1e9;
+      };
     }
     l.info.nt = best_nt;
     l.info.trio = best_trio;
     l.info.how = how;
-    out.push_back(l.info);
+    out.libraries.push_back(l.info);
   }
   return out;
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,11 +21,21 @@ struct GemmLibrary {
   double trio = 0.0;    // GFLOP/s of the forward plus both backward GEMMs (nt + nn + tn)
 };
 
+// One more forward GEMM of the best library, run the way it ran best: its GFLOP/s. A shared host
+// moves a machine's rates within minutes, so the bench sets each timed pass of its layer against
+// one of these run right before it, not against a rate measured once.
+using GemmPass = std::function<double()>;
+
+struct GemmComparison {
+  std::vector<GemmLibrary> libraries;
+  GemmPass best_pass;  // empty when no library ran
+};
+
 // Measures C[m, n] = X[m, k] W[n, k]^T (and the backward pair dX = dC W, dW = dC^T X) with
 // `threads` threads: as `threads` concurrent single-threaded calls on row blocks (how moert runs
 // GEMMs, for libraries that allow concurrent calls) and as one call with the library's own
 // threads; each library's better way counts. Median of `repeats` after a warm-up.
-std::vector<GemmLibrary> measure_gemm_libraries(int64_t m, int64_t n, int64_t k, unsigned threads,
-                                                int repeats);
+GemmComparison measure_gemm_libraries(int64_t m, int64_t n, int64_t k, unsigned threads,
+                                      int repeats);
 
 }  // namespace moert_cli

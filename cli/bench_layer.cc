@@ -66,28 +66,68 @@ uint64_t assignments_of(moert_session* s, const moert_model* model, uint32_t* to
   return total;
 }
 
-Timing time_layer(const moert_model* model, const SessionConfig& base, uint32_t tokens,
-                  uint32_t dim, int repeats, uint64_t seed) {
-  const std::vector<float> x = random_values(static_cast<size_t>(tokens) * dim, seed);
-  const std::vector<float> dy = random_values(x.size(), seed + 1);
-  std::vector<float> y(x.size()), dx(x.size());
-  Timing t;
-  SessionPtr inf = create_session(model, base);
-  t.forward = time_median(repeats, [&] {
-    check(moert_session_forward_hidden(inf.get(), x.data(), x.size(), tokens, y.data(), y.size()),
-          "forward");
-  });
-  t.assignments = assignments_of(inf.get(), model);
+double median_ratio(double flops, const std::vector<double>& seconds,
+                    const std::vector<double>& gemm_gflops) {
+  std::vector<double> r;
+  for (size_t i = 0; i < seconds.size() && i < gemm_gflops.size(); ++i)
+    if (seconds[i] > 0 && gemm_gflops[i] > 0)
+      r.push_back(flops / seconds[i] / 1e9 / gemm_gflops[i]);
+  return r.empty() ? 0.0 : median(r);
+}
+
+LayerTimer::LayerTimer(const moert_model* model, const SessionConfig& base, uint32_t tokens,
+                       uint32_t dim, uint64_t seed)
+    : model_(model),
+      tokens_(tokens),
+      x_(random_values(static_cast<size_t>(tokens) * dim, seed)),
+      dy_(random_values(x_.size(), seed + 1)),
+      y_(x_.size()),
+      dx_(x_.size()) {
+  inference_ = create_session(model, base);
   SessionConfig train = base;
   train.training = true;
-  SessionPtr tr = create_session(model, train);
-  t.forward_backward = time_median(repeats, [&] {
-    check(moert_session_forward_hidden(tr.get(), x.data(), x.size(), tokens, y.data(), y.size()),
-          "forward");
-    check(moert_session_backward(tr.get(), dy.data(), dy.size(), dx.data(), dx.size(), nullptr),
-          "backward");
-  });
+  training_ = create_session(model, train);
+  forward();
+  assignments_ = assignments_of(inference_.get(), model_);
+  forward_backward();
+}
+
+void LayerTimer::forward() {
+  check(moert_session_forward_hidden(inference_.get(), x_.data(), x_.size(), tokens_, y_.data(),
+                                     y_.size()),
+        "forward");
+}
+
+void LayerTimer::forward_backward() {
+  check(moert_session_forward_hidden(training_.get(), x_.data(), x_.size(), tokens_, y_.data(),
+                                     y_.size()),
+        "forward");
+  check(moert_session_backward(training_.get(), dy_.data(), dy_.size(), dx_.data(), dx_.size(),
+                               nullptr),
+        "backward");
+}
+
+Timing LayerTimer::time(int repeats, const std::function<double()>& gemm) {
+  Timing t;
+  t.assignments = assignments_;
+  t.forward_runs = time_runs(
+      repeats, [&] { forward(); },
+      [&] {
+        if (gemm) t.gemm_before_forward.push_back(gemm());
+      });
+  t.forward_backward_runs = time_runs(
+      repeats, [&] { forward_backward(); },
+      [&] {
+        if (gemm) t.gemm_before_forward_backward.push_back(gemm());
+      });
+  t.forward = median(t.forward_runs);
+  t.forward_backward = median(t.forward_backward_runs);
   return t;
+}
+
+Timing time_layer(const moert_model* model, const SessionConfig& base, uint32_t tokens,
+                  uint32_t dim, int repeats, uint64_t seed) {
+  return LayerTimer(model, base, tokens, dim, seed).time(repeats);
 }
 
 }  // namespace moert_cli

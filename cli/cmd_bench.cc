@@ -40,7 +40,9 @@ const CommandSpec kBenchSpec = {
     "Limits, measured first: the fp32 FMA peak (12 independent FMA chains per thread); the GEMM\n"
     "libraries installed (oneDNN, which libmoert links, BLIS, OpenBLAS) on C = X W^T of the\n"
     "layer's forward FLOPs (X: TOKENS x DIM), at the same thread count, the best one being the\n"
-    "baseline; the memory read bandwidth. With --precision bf16 or fp8 the layer runs in fp32\n"
+    "baseline (/best GEMM; /GEMM beside: each timed fp32 pass against that GEMM run again right\n"
+    "before it, the median of those ratios, as a shared host's rates move within minutes);\n"
+    "the memory read bandwidth. With --precision bf16 or fp8 the layer runs in fp32\n"
     "and in that precision, and the results' distance to fp32 is printed per GEMM kind (Fprop:\n"
     "the output, Dgrad: the input gradient, Wgrad: the expert weight gradients).\n\n"
     "--decode adds decode-sized batches (1, 8 and 64 rows) of a large bf16 layer (DeepSeek-V3's\n"
@@ -316,10 +318,31 @@ int run_bench(const Args& args) {
   ModelPtr moe =
       load_model_bytes(json_to_binary(moe_json(d, seed), "bench model"), "", "bench model");
   const SessionConfig fp32 = config;  // the device's own precision: fp32 on the CPU
-  const Timing t32 = time_layer(moe.get(), fp32, d.tokens, d.dim, repeats, seed);
+  // Its sessions first: oneDNN sets its GEMMs up in them (see load_dnnl in bench_gemm.cc).
+  LayerTimer layer32(moe.get(), fp32, d.tokens, d.dim, seed);
   const double T = d.tokens, D = d.dim;
   const double moe_fwd = T * (2.0 * D * d.experts + d.shared * 6.0 * D * d.shared_hidden) +
-                         static_cast<double>(t32.assignments) * 6.0 * D * d.expert_hidden;
+                         static_cast<double>(layer32.assignments()) * 6.0 * D * d.expert_hidden;
+
+  // The GEMM of equal FLOPs: 2 * T * D * N = moe_fwd.
+  const auto width = static_cast<uint32_t>(std::max(1.0, std::round(moe_fwd / (2.0 * T * D))));
+  GemmComparison gemms;
+  if (!args.has("no-libraries"))
+    gemms = measure_gemm_libraries(d.tokens, width, d.dim, threads, repeats);
+  const std::vector<GemmLibrary>& libs = gemms.libraries;
+  const GemmLibrary* best = nullptr;
+  for (const GemmLibrary& l : libs)
+    if (l.available && (!best || l.nt > best->nt)) best = &l;
+  const double best_nt = best ? best->nt : 0.0;
+  // Each fp32 pass after a run of that GEMM: the ratios below are of passes timed together.
+  const Timing t32 = layer32.time(repeats, gemms.best_pass);
+  const double beside_f = median_ratio(moe_fwd, t32.forward_runs, t32.gemm_before_forward);
+  const double beside_fb =
+      median_ratio(3 * moe_fwd, t32.forward_backward_runs, t32.gemm_before_forward_backward);
+  std::vector<double> beside_rates = t32.gemm_before_forward;
+  beside_rates.insert(beside_rates.end(), t32.gemm_before_forward_backward.begin(),
+                      t32.gemm_before_forward_backward.end());
+  const double beside_gemm = beside_rates.empty() ? 0.0 : median(beside_rates);
   Timing t16;
   GemmAccuracy acc;
   const bool low = precision != "fp32" && config.device == MOERT_DEVICE_CPU;
@@ -334,16 +357,6 @@ int run_bench(const Args& args) {
     ops.dy = random_values(ops.x.size(), seed + 1);
     acc = gemm_accuracy(moe.get(), fp32, c, ops);
   }
-
-  // The GEMM of equal FLOPs: 2 * T * D * N = moe_fwd.
-  const auto width = static_cast<uint32_t>(std::max(1.0, std::round(moe_fwd / (2.0 * T * D))));
-  std::vector<GemmLibrary> libs;
-  if (!args.has("no-libraries"))
-    libs = measure_gemm_libraries(d.tokens, width, d.dim, threads, repeats);
-  const GemmLibrary* best = nullptr;
-  for (const GemmLibrary& l : libs)
-    if (l.available && (!best || l.nt > best->nt)) best = &l;
-  const double best_nt = best ? best->nt : 0.0;
 
   std::vector<DecodeRow> dec;
   if (decode) {
@@ -385,7 +398,10 @@ int run_bench(const Args& args) {
       << ", \"bf16_dot_peak_gflops\": " << json_number(dot.gflops);
     o << ",\n \"gemm\": {\"library\": " << json_string(best ? best->name : "")
       << ", \"forward\": {\"gflops\": " << json_number(best_nt)
-      << "}, \"forward_backward\": {\"gflops\": " << json_number(best ? best->trio : 0.0) << "}}";
+      << "}, \"forward_backward\": {\"gflops\": " << json_number(best ? best->trio : 0.0)
+      << "}, \"beside\": {\"gflops\": " << json_number(beside_gemm)
+      << ", \"forward\": " << json_number(beside_f)
+      << ", \"forward_backward\": " << json_number(beside_fb) << "}}";
     o << ",\n \"libraries\": [";
     for (size_t i = 0; i < libs.size(); ++i)
       o << (i ? ", " : "") << "{\"name\": " << json_string(libs[i].name)
@@ -448,26 +464,30 @@ int run_bench(const Args& args) {
                   l.trio, l.how.c_str());
     }
     if (best)
-      std::printf("best single-GEMM rate: %.1f GFLOP/s (%s)\n", best_nt, best->name.c_str());
+      std::printf(
+          "best single-GEMM rate: %.1f GFLOP/s (%s); run again right before each timed fp32 "
+          "pass: median %.1f GFLOP/s\n",
+          best_nt, best->name.c_str(), beside_gemm);
     std::printf("\n");
   }
   std::printf(
       "MoE layer d=%u, %u experts x hidden %u, top-%u, %u shared x hidden %u; %u tokens; "
       "median of %d\n",
       d.dim, d.experts, d.expert_hidden, d.top_k, d.shared, d.shared_hidden, d.tokens, repeats);
-  std::printf("%-18s %-9s %10s %10s %10s %12s %9s\n", "pass", "precision", "GFLOP", "ms", "GF/s",
-              "/best GEMM", "/peak");
-  auto row = [&](const char* name, const char* prec, double flops, double s) {
+  std::printf("%-18s %-9s %10s %10s %10s %12s %13s %9s\n", "pass", "precision", "GFLOP", "ms",
+              "GF/s", "/best GEMM", "/GEMM beside", "/peak");
+  auto row = [&](const char* name, const char* prec, double flops, double s, double beside) {
     const double g = flops / s / 1e9;
-    std::printf("%-18s %-9s %10.3f %10.2f %10.2f %12s %9.2f\n", name, prec, flops / 1e9, s * 1e3, g,
-                best_nt > 0 ? f2(g / best_nt).c_str() : "n/a", g / peak.gflops);
+    std::printf("%-18s %-9s %10.3f %10.2f %10.2f %12s %13s %9.2f\n", name, prec, flops / 1e9,
+                s * 1e3, g, best_nt > 0 ? f2(g / best_nt).c_str() : "n/a",
+                beside > 0 ? f2(beside).c_str() : "n/a", g / peak.gflops);
   };
   const char* p32 = config.device == MOERT_DEVICE_CUDA ? "bf16" : "fp32";
-  row("forward", p32, moe_fwd, t32.forward);
-  row("forward+backward", p32, 3 * moe_fwd, t32.forward_backward);
+  row("forward", p32, moe_fwd, t32.forward, beside_f);
+  row("forward+backward", p32, 3 * moe_fwd, t32.forward_backward, beside_fb);
   if (low) {
-    row("forward", lp, moe_fwd, t16.forward);
-    row("forward+backward", lp, 3 * moe_fwd, t16.forward_backward);
+    row("forward", lp, moe_fwd, t16.forward, 0.0);
+    row("forward+backward", lp, 3 * moe_fwd, t16.forward_backward, 0.0);
     std::printf("%s / fp32 speed: forward %.2fx, forward+backward %.2fx\n", lp, g16f / g32f,
                 g16b / g32b);
     std::printf(

@@ -1362,6 +1362,18 @@ TEST(Cli, BenchQuickPrintsItsTable) {
   EXPECT_NE(r.out.find("memory read"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("oneDNN ISA: "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("best single-GEMM rate"), std::string::npos) << r.out;
+  // Each fp32 pass is also set against that GEMM run right before it (/GEMM beside); the bf16
+  // passes are not.
+  for (const char* pass : {"forward", "forward\\+backward"}) {
+    EXPECT_TRUE(std::regex_search(
+        r.out,
+        std::regex(std::string("\n") + pass + " +fp32( +[0-9.]+){3} +[0-9.]+ +[0-9.]+ +[0-9.]+\n")))
+        << r.out;
+    EXPECT_TRUE(std::regex_search(
+        r.out,
+        std::regex(std::string("\n") + pass + " +bf16( +[0-9.]+){3} +[0-9.]+ +n/a +[0-9.]+\n")))
+        << r.out;
+  }
   EXPECT_TRUE(std::regex_search(r.out, std::regex("Fprop \\(output\\) [0-9.]+e-0[2-5]"))) << r.out;
   const Result j = run("bench --quick --threads 1 --json", dir);
   ASSERT_EQ(j.code, 0) << j.err;
@@ -1370,6 +1382,10 @@ TEST(Cli, BenchQuickPrintsItsTable) {
   const double fwd = 256.0 * (2 * 64 * 8 + 6.0 * 64 * 64) + 512.0 * 6 * 64 * 64;
   EXPECT_EQ(json_value(j.out, "flops"), fwd);
   EXPECT_GT(json_value(j.out, "gflops"), 0.0);
+  const size_t beside = j.out.find("\"beside\"");
+  ASSERT_NE(beside, std::string::npos) << j.out;
+  for (const char* key : {"gflops", "forward", "forward_backward"})
+    EXPECT_GT(json_value(j.out, key, beside), 0.0) << key << "\n" << j.out;
   EXPECT_EQ(j.err.find("exceeds"), std::string::npos) << j.err;
   // More threads than CPUs: said at once, on stderr, and the run still measures.
   cpu_set_t cpus;
