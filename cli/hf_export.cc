@@ -150,7 +150,7 @@ class Exporter {
     for (size_t i = 0; i < moe_.size(); ++i)
       refuse_writing_onto_inputs((fs::path(req_.out_dir) / shard_name(i)).string(), inputs);
     refuse_foreign_files(dir);
-    const std::vector<fs::path> created = create_folders(req_.out_dir);
+    created_ = create_folders(req_.out_dir);
     std::error_code ec;
     try {
       try {
@@ -166,7 +166,7 @@ class Exporter {
       // first, each only while empty. Its temporary files are gone by now, and so is what its
       // commit had put in place (write_all); what others wrote there meanwhile (a save, another
       // export's files) keeps the folder.
-      for (auto it = created.rbegin(); it != created.rend(); ++it) fs::remove(*it, ec);
+      for (auto it = created_.rbegin(); it != created_.rend(); ++it) fs::remove(*it, ec);
       throw;
     }
     return result_;
@@ -233,7 +233,27 @@ class Exporter {
     StagedFiles files;
     std::vector<std::string> names = {"config.json"};
     const std::string config = config_text();
-    files.stage((dir / names.back()).string(), {as_bytes(config)});
+    // Another export that created OUT_DIR and was refused removes it, but only while it is
+    // empty: between create_folders() finding it and this first file, it can be gone. Nothing of
+    // this export was in it then, so the folders are made again (this export's own now) and the
+    // file staged again, a few times at most.
+    for (int attempt = 1;; ++attempt) {
+      try {
+        files.stage((dir / names.back()).string(), {as_bytes(config)});
+        break;
+      } catch (const Error&) {
+        std::error_code ec;
+        if (attempt == 3 || fs::exists(fs::symlink_status(dir, ec))) throw;
+        for (const fs::path& p : create_folders(req_.out_dir))
+          if (std::find(created_.begin(), created_.end(), p) == created_.end())
+            created_.push_back(p);
+        // Outermost first, as create_folders() gives them.
+        std::stable_sort(
+            created_.begin(), created_.end(), [](const fs::path& a, const fs::path& b) {
+              return std::distance(a.begin(), a.end()) < std::distance(b.begin(), b.end());
+            });
+      }
+    }
     json weight_map = json::object();
     uint64_t total = 0;
     for (size_t i = 0; i < moe_.size(); ++i) {
@@ -817,6 +837,9 @@ class Exporter {
   json config_;
   HfMoeConfig hf_;  // the family written: its tensor names and whether it has a sigmoid router
   ExportResult result_;
+  // The folders this export created, outermost first: a refused export removes them (only while
+  // empty).
+  std::vector<fs::path> created_;
 };
 
 }  // namespace

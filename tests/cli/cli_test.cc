@@ -893,6 +893,29 @@ TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
   if (!caught) GTEST_SKIP() << "the export committed before it could be stopped, three times";
 }
 
+// Another export that created OUT_DIR and was refused removes it while it is empty, which can be
+// right after this export found it and before its first file is in it. (This export then failed:
+// "cannot create its temporary file".) Here a preloaded library removes the folder at exactly that
+// moment; the export makes it again and succeeds.
+TEST(Cli, AnExportWhoseFoundFolderIsRemovedMakesItAgain) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizer runtime must come first in the process's libraries";
+#endif
+  const fs::path dir = workdir("export_vanishing_folder");
+  ASSERT_NO_FATAL_FAILURE(train_checkpoint(dir));
+  const fs::path out = dir / "hf";
+  fs::create_directories(out);
+  ::setenv("MOERT_TEST_VANISH_DIR", out.c_str(), 1);
+  ::setenv("LD_PRELOAD", MOERT_VANISHING_FOLDER, 1);
+  const Result r =
+      run("export " + (dir / "ck" / "loss-free.moert").string() + " " + out.string(), dir);
+  ::unsetenv("LD_PRELOAD");
+  ::unsetenv("MOERT_TEST_VANISH_DIR");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(out / "config.json"));
+  EXPECT_TRUE(fs::exists(out / "model.safetensors.index.json"));
+}
+
 // An export whose commit fails midway in a folder holding an earlier export leaves its marker
 // (imports refuse the folder), and the marker lists its files: the next export removes the
 // shards it does not write again, which no manifest named before.
