@@ -1253,6 +1253,18 @@ std::unique_ptr<Model> load_file_once(const std::string& path, const LoadOptions
     }
     got += static_cast<size_t>(n);
   }
+  if (size == 0) {
+    // /proc and /sys files report a size of 0 whatever they hold: "0 bytes" would be wrong.
+    char byte = 0;
+    ssize_t n = 0;
+    do {
+      n = ::read(fd, &byte, 1);
+    } while (n < 0 && errno == EINTR);
+    if (n > 0)
+      fail(Code::InvalidModel, "'", path,
+           "': its file system reports a size of 0 bytes, but it holds data (a /proc or /sys "
+           "file?): a model file must report its true size");
+  }
   ::close(file.release());
   try {
     return parse(aligned.data(), size, dir, options, policy, nullptr, confined.fd);

@@ -281,6 +281,14 @@ TEST(ModelFiles, EmptyFile) {
   EXPECT_TRUE(IsError(load_file(p), MOERT_ERR_INVALID_MODEL, {p.string(), "0 bytes"}));
 }
 
+// A /proc file reports a size of 0 whatever it holds: refused as such, not as "0 bytes".
+TEST(ModelFiles, AFileReportingSizeZeroWithDataIsNamedSo) {
+  const fs::path p = "/proc/self/maps";
+  if (!fs::exists(p)) GTEST_SKIP() << "no /proc";
+  EXPECT_TRUE(IsError(load_file(p), MOERT_ERR_INVALID_MODEL,
+                      {p.string(), "reports a size of 0 bytes, but it holds data"}));
+}
+
 TEST(ModelFiles, EmptyBuffer) {
   const uint8_t byte = 0;
   EXPECT_TRUE(IsError(load_buffer(&byte, 0), MOERT_ERR_INVALID_MODEL, {"0 bytes"}));
