@@ -1,9 +1,15 @@
 #include "cli/trainer.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <string>
 
 #include "cli/error.h"
 #include "cli/progress.h"
@@ -34,28 +40,81 @@ std::string number(double v) { return cat(v); }
 }  // namespace
 
 StepCsv::StepCsv(const std::string& path) : path_(path) {
-  f_ = std::fopen(path.c_str(), "w");
-  if (!f_) fail(path, ": cannot open for writing: ", std::strerror(errno));
-  std::fputs("strategy,step,train_loss,aux_loss,max_vio_batch,lr,grad_norm\n", f_);
+  // Opened without truncating, so that a file another run is writing (it holds the lock) keeps
+  // its rows: two runs writing one file interleaved their rows, both "succeeding". A FIFO or a
+  // device (/dev/stdout) is written as it is, unlocked.
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0666);
+  if (fd_ < 0) fail(path, ": cannot open for writing: ", std::strerror(errno));
+  struct stat st {};
+  regular_ = ::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode);
+  if (regular_) {
+    int locked = 0;
+    do {
+      locked = ::flock(fd_, LOCK_EX | LOCK_NB);
+    } while (locked != 0 && errno == EINTR);
+    if (locked != 0 && errno == EWOULDBLOCK) {
+      ::close(fd_);
+      fd_ = -1;
+      fail(path,
+           ": another process is writing its per-step rows there (a --csv of another run): "
+           "name another file");
+    }
+    // Other failures (a file system without locks): written unlocked, as before.
+    if (::ftruncate(fd_, 0) != 0) {
+      const int err = errno;
+      ::close(fd_);
+      fd_ = -1;
+      fail(path, ": cannot truncate it: ", std::strerror(err));
+    }
+  }
+  write("strategy,step,train_loss,aux_loss,max_vio_batch,lr,grad_norm\n");
 }
 
 StepCsv::~StepCsv() {
-  if (f_) std::fclose(f_);
+  if (fd_ >= 0) ::close(fd_);  // also releases the lock
+}
+
+// A row at a time, straight to the file (no buffer): `tail -f` sees whole rows as they come, and
+// a run killed midway leaves whole rows behind.
+void StepCsv::write(const std::string& row) {
+  if (failed_) return;
+  size_t done = 0;
+  while (done < row.size()) {
+    const ssize_t n = ::write(fd_, row.data() + done, row.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      // A full disk: the row went in part. The file is cut back to its last whole row, so that
+      // what it holds reads as a CSV; close() reports the failure.
+      error_ = n < 0 ? errno : ENOSPC;
+      failed_ = true;
+      if (regular_ && ::ftruncate(fd_, complete_) != 0) {
+        // The write error is reported all the same.
+      }
+      return;
+    }
+    done += static_cast<size_t>(n);
+  }
+  complete_ += static_cast<off_t>(row.size());
 }
 
 void StepCsv::add(const std::string& label, const StepRecord& r) {
   // Labels such as "loss-free(gamma=0.01)" hold no comma or quote, so they need no quoting.
-  std::fprintf(f_, "%s,%llu,%.6f,%.6g,%.6f,%.6g,%.6g\n", label.c_str(),
-               static_cast<unsigned long long>(r.step), r.train_loss, r.aux_loss, r.max_vio_batch,
-               r.lr, r.grad_norm);
+  char numbers[512];  // %.6f of fp32's largest value takes 46 characters
+  std::snprintf(numbers, sizeof numbers, ",%llu,%.6f,%.6g,%.6f,%.6g,%.6g\n",
+                static_cast<unsigned long long>(r.step), r.train_loss, r.aux_loss, r.max_vio_batch,
+                r.lr, r.grad_norm);
+  write(label + numbers);
 }
 
 void StepCsv::close() {
-  if (!f_) return;
-  const bool bad = std::ferror(f_) != 0;
-  const bool closed = std::fclose(f_) == 0;
-  f_ = nullptr;
-  if (bad || !closed) fail(path_, ": write error");
+  if (fd_ < 0) return;
+  const bool closed = ::close(fd_) == 0;
+  const int err = errno;
+  fd_ = -1;
+  if (failed_)
+    fail(path_, ": cannot write: ", std::strerror(error_),
+         " (it holds the rows written before, whole)");
+  if (!closed) fail(path_, ": cannot write: ", std::strerror(err));
 }
 
 RunResult train_run(const moert_model* model, const std::string& label,

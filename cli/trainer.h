@@ -2,6 +2,8 @@
 // per-step metrics (CSV), and the final validation.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -50,7 +52,10 @@ struct RunResult {
   SessionPtr session;  // the trained session, for diagnostics and checkpoints
 };
 
-// Writes the per-step metrics of any number of runs to one CSV file.
+// Writes the per-step metrics of any number of runs to one CSV file, a row at a time as the runs
+// go (`tail -f`, /dev/stdout, a FIFO), so that a run that fails or is killed leaves the rows
+// before it, whole. A regular file is locked (flock) while it is written: a second run given the
+// same file is refused rather than interleaving its rows.
 class StepCsv {
  public:
   explicit StepCsv(const std::string& path);
@@ -58,11 +63,18 @@ class StepCsv {
   StepCsv(const StepCsv&) = delete;
   StepCsv& operator=(const StepCsv&) = delete;
   void add(const std::string& label, const StepRecord& r);
+  // Throws when a row could not be written (a full disk).
   void close();
 
  private:
+  void write(const std::string& row);
+
   std::string path_;
-  FILE* f_ = nullptr;
+  int fd_ = -1;
+  bool regular_ = false;
+  bool failed_ = false;
+  int error_ = 0;       // errno of the failed write
+  off_t complete_ = 0;  // bytes of whole rows written
 };
 
 // Trains `model` (token input, `context` ids per row, an OutputHead over the vocabulary) on the

@@ -893,6 +893,53 @@ TEST(Cli, AFailedExportTakesBackOnlyItsOwnFiles) {
   if (!caught) GTEST_SKIP() << "the export committed before it could be stopped, three times";
 }
 
+// --csv is written a row at a time as the runs go (tail -f), by one run at a time: a second run
+// given the same file is refused while the first writes it (two runs interleaved their rows,
+// both exiting 0), and a run killed midway leaves whole rows (it left a row cut at a 4 KiB
+// block).
+TEST(Cli, ACsvIsWrittenByOneRunAtATimeInWholeRows) {
+  const fs::path dir = workdir("csv_one_writer");
+  const std::string csv = (dir / "steps.csv").string();
+  const std::string corpus = MOERT_TINY_CORPUS;
+  const char* argv[] = {MOERT_CLI,      "train", "--corpus",  corpus.c_str(), "--steps",
+                        "100000",       "--csv", csv.c_str(), "--balancing",  "none",
+                        "--probe-rows", "0",     nullptr};
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+  pid_t pid = -1;
+  ASSERT_EQ(posix_spawn(&pid, MOERT_CLI, &actions, nullptr, const_cast<char**>(argv), environ), 0);
+  posix_spawn_file_actions_destroy(&actions);
+  // Until the first run has written a few rows (30 s at most).
+  for (int i = 0; i < 3000 && count_lines(slurp(csv)) < 4; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  const bool writing = count_lines(slurp(csv)) >= 4;
+  const Result second =
+      run("train --corpus " + corpus + " --steps 1 --balancing none --csv " + csv, dir);
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(writing) << "the first run wrote no rows";
+  expect_one_line_error(second, 1, "train", "another process is writing its per-step rows");
+  const std::string rows = slurp(csv);
+  EXPECT_EQ(rows.rfind("strategy,step,", 0), 0u);
+  ASSERT_FALSE(rows.empty());
+  EXPECT_EQ(rows.back(), '\n') << "a row was cut";
+  std::istringstream lines(rows);
+  for (std::string line; std::getline(lines, line);)
+    EXPECT_EQ(std::count(line.begin(), line.end(), ','), 6) << line;
+  // Once the writer is gone, the file is free again.
+  EXPECT_EQ(run("train --corpus " + corpus +
+                    " --steps 2 --balancing none --probe-rows 0 "
+                    "--eval-rows 64 --csv " +
+                    csv,
+                dir)
+                .code,
+            0);
+  EXPECT_EQ(count_lines(slurp(csv)), 3);
+}
+
 // Another export that created OUT_DIR and was refused removes it while it is empty, which can be
 // right after this export found it and before its first file is in it. (This export then failed:
 // "cannot create its temporary file".) Here a preloaded library removes the folder at exactly that
