@@ -220,6 +220,19 @@ class Exporter {
           fail(req_.out_dir, " holds a ", name,
                " that no moert export wrote (another checkpoint's, or an export by a moert "
                "older than the export manifest): export to another folder");
+    // Nor shards no export of moert's lists (a download in progress, another tool's checkpoint):
+    // this export would replace those of its own names and leave the others beside its index.
+    static const std::regex shard(R"(^model-\d{5}-of-\d{5}\.safetensors$)");
+    const std::vector<std::string> ours = earlier_files(dir);
+    for (const auto& e : fs::directory_iterator(dir, ec)) {
+      const std::string name = e.path().filename().string();
+      // A folder under a shard's name is no shard: the commit fails on it, taking back its own.
+      if (std::regex_match(name, shard) && !fs::is_directory(e.symlink_status(ec)) &&
+          std::find(ours.begin(), ours.end(), name) == ours.end())
+        fail(req_.out_dir, " holds ", name,
+             ", a shard that no moert export of this folder wrote (another checkpoint's, or a "
+             "download's): export to another folder");
+    }
   }
 
   // Every file is written to its temporary file first, so that a failure (a full disk) leaves

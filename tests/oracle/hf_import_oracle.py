@@ -1029,6 +1029,20 @@ def check_export_folders(cli_path, work):
     lines.append(f"  refused into another checkpoint: {p.stderr.strip()}")
     if p.returncode != 1 or "that no moert export wrote" not in p.stderr or files_of(ck) != before:
         failures.append(f"export into another checkpoint: exit {p.returncode}, {p.stderr!r}")
+    # Into a folder holding shards and nothing else (a download in progress): refused, the shards
+    # as they were. (The export replaced them, exit 0: only config.json and the index were
+    # looked at.)
+    partial = os.path.join(d, "partial")
+    os.makedirs(partial)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        shutil.copy(os.path.join(ck, name), os.path.join(partial, name))
+    before = files_of(partial)
+    p = cli(["export", one, partial], cli_path, expect_ok=False)
+    lines.append(f"  refused over another checkpoint's shards: {p.stderr.strip()}")
+    if (p.returncode != 1 or "a shard that no moert export of this folder wrote" not in p.stderr
+            or files_of(partial) != before):
+        failures.append(f"export over another checkpoint's shards: exit {p.returncode}, "
+                        f"{p.stderr!r}")
     # Three layers, then one: the two shards only the first wrote are gone.
     out = os.path.join(d, "out")
     cli(["export", three, out], cli_path)
