@@ -39,9 +39,10 @@ class ReportedError : public Error {
 void set_command_name(const std::string& name);
 const std::string& command_name();
 
-// `text` with its control characters (and DEL) written as \xNN, as the library writes them: a
-// name from a file (a layer, a tensor of a safetensors header) or an argument, made safe to print
-// on one line of a terminal.
+// `text` with its control characters (and DEL) and the bytes of malformed UTF-8 written as \xNN,
+// as the library writes them: a name from a file (a layer, a tensor of a safetensors header, a
+// JSON parser's "last read" of a corrupt header) or an argument, made safe to print as one line
+// of valid UTF-8.
 std::string printable(const std::string& text);
 
 // Prints "`who`: error: printable(`text`)" as one line on stderr.

@@ -124,3 +124,19 @@ TEST(Codec, FloatChangesFindWhatSixDecimalsLose) {
   EXPECT_EQ(walked.values, 1u);
   EXPECT_EQ(walked.changed, 0u);
 }
+
+// Error lines are valid UTF-8 on one line: control characters and the bytes of malformed UTF-8
+// (a corrupt safetensors header's "last read" echoed raw) are written as \xNN; well-formed
+// characters of any length stay.
+TEST(Printable, EscapesControlsAndMalformedUtf8Only) {
+  using moert_cli::printable;
+  EXPECT_EQ(printable("tab\there\n"), "tab\\x09here\\x0A");
+  EXPECT_EQ(printable("caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80"),
+            "caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80");
+  EXPECT_EQ(printable("last read: '{\xdd'"), "last read: '{\\xDD'");
+  EXPECT_EQ(printable("\xC0\xAF"), "\\xC0\\xAF");                    // overlong '/'
+  EXPECT_EQ(printable("\xED\xA0\x80"), "\\xED\\xA0\\x80");           // a surrogate
+  EXPECT_EQ(printable("\xF4\x90\x80\x80"), "\\xF4\\x90\\x80\\x80");  // past U+10FFFF
+  EXPECT_EQ(printable("\xE2\x82"), "\\xE2\\x82");                    // cut short
+  EXPECT_EQ(printable("\x7F"), "\\x7F");
+}
