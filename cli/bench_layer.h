@@ -79,7 +79,8 @@ class LayerTimer {
              uint64_t seed);
   // Assignments of the forward's pass.
   uint64_t assignments() const { return assignments_; }
-  // `repeats` timed passes of each kind, each after a run of `gemm` when there is one.
+  // `repeats` timed passes of each kind, each after a run of `gemm` (when there is one) and an
+  // untimed pass.
   Timing time(int repeats, const std::function<double()>& gemm = {});
 
  private:
