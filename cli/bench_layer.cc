@@ -113,20 +113,15 @@ Timing LayerTimer::time(int repeats, const std::function<double()>& gemm) {
   // The GEMM's operands (80 MB at the default shape) push the layer's weights out of the caches,
   // where back-to-back passes find them: an untimed pass after it puts them back (the forward
   // was 9 % slower without it).
-  t.forward_runs = time_runs(
-      repeats, [&] { forward(); },
-      [&] {
-        if (!gemm) return;
-        t.gemm_before_forward.push_back(gemm());
-        forward();
-      });
-  t.forward_backward_runs = time_runs(
-      repeats, [&] { forward_backward(); },
-      [&] {
-        if (!gemm) return;
-        t.gemm_before_forward_backward.push_back(gemm());
-        forward_backward();
-      });
+  auto runs = [&](auto pass, std::vector<double>& gemm_gflops) {
+    return time_runs(repeats, pass, [&] {
+      if (!gemm) return;
+      gemm_gflops.push_back(gemm());
+      pass();
+    });
+  };
+  t.forward_runs = runs([&] { forward(); }, t.gemm_before_forward);
+  t.forward_backward_runs = runs([&] { forward_backward(); }, t.gemm_before_forward_backward);
   t.forward = median(t.forward_runs);
   t.forward_backward = median(t.forward_backward_runs);
   return t;
