@@ -108,9 +108,9 @@ void after_fork_in_child() {
   if (t_state.depth > 0) g_in_flight[t_state.slot].calls.store(1);
 }
 
-// Counts the calling thread's call, or returns false, counting nothing, once the process has
-// begun to exit.
-bool enter_call() noexcept {
+// Counts the calling thread's call. Once the process has begun to exit, a call is not counted
+// and false is returned, unless `even_at_exit` (a teardown).
+bool enter_call(bool even_at_exit) noexcept {
   ThreadState& ts = t_state;
   if (ts.depth == 0) {
     std::call_once(g_fork_handler,
@@ -122,7 +122,7 @@ bool enter_call() noexcept {
     std::atomic<int64_t>& mine = g_in_flight[ts.slot].calls;
     for (;;) {
       mine.fetch_add(1);
-      if (g_exiting.load()) {
+      if (g_exiting.load() && !even_at_exit) {
         mine.fetch_sub(1);
         return false;
       }
@@ -142,7 +142,7 @@ void created_dnnl_state() { t_state.created = true; }
 int64_t exit_handler_registrations() { return g_registrations.load(std::memory_order_relaxed); }
 
 DnnlCall::DnnlCall() {
-  if (!enter_call())
+  if (!enter_call(false))
     fail(Code::InvalidState,
          "the process is exiting: oneDNN is being torn down, so no GEMM can run any more");
 }
@@ -170,10 +170,9 @@ DnnlCall::~DnnlCall() {
   ts.created = false;
 }
 
-DnnlTeardown::DnnlTeardown() noexcept : entered_(enter_call()) {}
+DnnlTeardown::DnnlTeardown() noexcept { enter_call(true); }
 
 DnnlTeardown::~DnnlTeardown() {
-  if (!entered_) return;
   ThreadState& ts = t_state;
   if (--ts.depth == 0) g_in_flight[ts.slot].calls.fetch_sub(1);
 }

@@ -185,11 +185,9 @@ struct Bf16Gemm::Dnnl {
     check_dnnl(dnnl_engine_create(&engine, dnnl_cpu, 0), "engine creation");
   }
   ~Dnnl() {
-    // A fork waits for this as for a call (a child must not inherit a lock oneDNN holds while it
-    // frees); at exit, oneDNN may have torn down what these refer to, and the process's end
-    // frees them.
+    // A fork waits for this as for a call: a child must not inherit a lock oneDNN holds while it
+    // frees.
     const DnnlTeardown teardown;
-    if (!teardown.entered()) return;
     for (Worker& w : per_worker) {
       for (auto& [key, b] : w.bound) b.release();
       if (w.stream) dnnl_stream_destroy(w.stream);
