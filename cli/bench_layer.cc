@@ -77,8 +77,7 @@ double median_ratio(double flops, const std::vector<double>& seconds,
 
 LayerTimer::LayerTimer(const moert_model* model, const SessionConfig& base, uint32_t tokens,
                        uint32_t dim, uint64_t seed)
-    : model_(model),
-      tokens_(tokens),
+    : tokens_(tokens),
       x_(random_values(static_cast<size_t>(tokens) * dim, seed)),
       dy_(random_values(x_.size(), seed + 1)),
       y_(x_.size()),
@@ -88,7 +87,7 @@ LayerTimer::LayerTimer(const moert_model* model, const SessionConfig& base, uint
   train.training = true;
   training_ = create_session(model, train);
   forward();
-  assignments_ = assignments_of(inference_.get(), model_);
+  assignments_ = assignments_of(inference_.get(), model);
   forward_backward();
 }
 

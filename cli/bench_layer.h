@@ -87,7 +87,6 @@ class LayerTimer {
   void forward();
   void forward_backward();
 
-  const moert_model* model_;
   uint32_t tokens_;
   std::vector<float> x_, dy_, y_, dx_;
   SessionPtr inference_, training_;

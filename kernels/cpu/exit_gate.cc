@@ -135,6 +135,14 @@ bool enter_call(bool even_at_exit) noexcept {
   return true;
 }
 
+// Ends the calling thread's call; true when it was the outermost (no longer counted).
+bool leave_call() noexcept {
+  ThreadState& ts = t_state;
+  if (--ts.depth > 0) return false;
+  g_in_flight[ts.slot].calls.fetch_sub(1);
+  return true;
+}
+
 }  // namespace
 
 void created_dnnl_state() { t_state.created = true; }
@@ -148,9 +156,8 @@ DnnlCall::DnnlCall() {
 }
 
 DnnlCall::~DnnlCall() {
+  if (!leave_call()) return;
   ThreadState& ts = t_state;
-  if (--ts.depth > 0) return;
-  g_in_flight[ts.slot].calls.fetch_sub(1);
   // The first calls of a process set up nearly everything oneDNN sets up lazily; later, fewer
   // and fewer calls do. The handler is registered again after each of the process's first
   // kEveryCall calls, then at every power of two of them; a thread past its own first kEveryCall
@@ -172,9 +179,6 @@ DnnlCall::~DnnlCall() {
 
 DnnlTeardown::DnnlTeardown() noexcept { enter_call(true); }
 
-DnnlTeardown::~DnnlTeardown() {
-  ThreadState& ts = t_state;
-  if (--ts.depth == 0) g_in_flight[ts.slot].calls.fetch_sub(1);
-}
+DnnlTeardown::~DnnlTeardown() { leave_call(); }
 
 }  // namespace moert::cpu
