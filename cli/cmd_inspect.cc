@@ -13,7 +13,7 @@ namespace moert_cli {
 
 const CommandSpec kInspectSpec = {
     "inspect",
-    "MODEL [--json]",
+    "MODEL [--json] [--verify]",
     "print a model's layers, routing, parameter counts, weights' precision and bytes, and forward "
     "FLOPs per token",
     std::string(
@@ -23,14 +23,23 @@ const CommandSpec kInspectSpec = {
         "top-K routed experts of each MoE layer, and every other parameter.\n"
         "Each weight is listed with the precision its file stored it in and the one it is\n"
         "held in after loading (FP8 E4M3 in 128x128 blocks stays FP8: 1 byte per value plus\n"
-        "one fp32 scale per block; everything else becomes fp32), and its bytes in memory.\n\n") +
+        "one fp32 scale per block; everything else becomes fp32), and its bytes in memory.\n"
+        "The description is read and checked first. The weights are then loaded and checked\n"
+        "(every value finite, the data file whole, a checkpoint's digest) when the model would\n"
+        "hold at most 1 GiB, the library's default load limit, or with --verify; a larger\n"
+        "model is shown from its description alone, in a moment whatever its size, and the\n"
+        "output says so.\n\n") +
         kFlopsFormula,
     1,
     1,
-    {{"json", "", "print the same figures as one JSON object", ""}},
+    {{"json", "", "print the same figures as one JSON object", ""},
+     {"verify", "", "load and check the weights whatever the model's size", ""}},
 };
 
 namespace {
+
+// The library's default max_memory: what a service would load from a file it did not write.
+constexpr uint64_t kInspectLoadBytes = uint64_t{1} << 30;
 
 std::string flops_text(double f) {
   char buf[32];
@@ -77,11 +86,21 @@ std::string routing_text(const LayerInfo& l, bool checkpoint) {
 
 void print_text(const std::string& path, const ModelInfo& info) {
   std::printf("model '%s' from %s\n", printable(info.name).c_str(), printable(path).c_str());
-  if (info.checkpoint)
+  if (info.checkpoint && info.weights_loaded)
     std::printf(
         "checkpoint: training state at step %llu, verified (a training session resumes "
         "it)\n",
         static_cast<unsigned long long>(info.checkpoint_step));
+  else if (info.checkpoint)
+    std::printf(
+        "checkpoint: training state at step %llu, not verified (its digest covers the "
+        "weights)\n",
+        static_cast<unsigned long long>(info.checkpoint_step));
+  if (!info.weights_loaded)
+    std::printf(
+        "weights: not loaded: the description alone was read and checked (the model "
+        "would hold %.2f GiB); --verify loads and checks them\n",
+        static_cast<double>(info.resident_bytes) / (1 << 30));
   if (info.input_kind == MOERT_INPUT_TOKENS)
     std::printf("input: %u token ids per row; output: %u values per row\n\n", info.input_width,
                 info.output_width);
@@ -123,9 +142,10 @@ void print_text(const std::string& path, const ModelInfo& info) {
                   static_cast<unsigned long long>(t.numel),
                   static_cast<unsigned long long>(t.bytes));
     }
-  std::printf("resident weight bytes: %llu (%.2f MiB)\n",
+  std::printf("resident weight bytes: %llu (%.2f MiB)%s\n",
               static_cast<unsigned long long>(info.resident_bytes),
-              static_cast<double>(info.resident_bytes) / (1 << 20));
+              static_cast<double>(info.resident_bytes) / (1 << 20),
+              info.weights_loaded ? "" : ", as a full load would hold them");
   const double share = info.total_parameters
                            ? 100.0 * static_cast<double>(info.activated_parameters) /
                                  static_cast<double>(info.total_parameters)
@@ -152,7 +172,9 @@ void print_json(const std::string& path, const ModelInfo& info) {
           ",\n  \"activated_parameters\": ", info.activated_parameters,
           ",\n  \"flops_per_token\": ", json_number(info.flops),
           ",\n  \"dense_equivalent_flops_per_token\": ", json_number(info.dense_flops),
-          ",\n  \"resident_bytes\": ", info.resident_bytes, ",\n  \"checkpoint\": ",
+          ",\n  \"resident_bytes\": ", info.resident_bytes,
+          ",\n  \"weights_loaded\": ", info.weights_loaded ? "true" : "false",
+          ",\n  \"checkpoint\": ",
           info.checkpoint ? cat("{\"step\": ", info.checkpoint_step, "}") : std::string("null"),
           ",\n  \"layers\": [");
   for (size_t i = 0; i < info.layers.size(); ++i) {
@@ -202,8 +224,15 @@ void print_json(const std::string& path, const ModelInfo& info) {
 
 int run_inspect(const Args& args) {
   const std::string path = args.positional()[0];
-  ModelPtr model = load_model_file(path);
-  const ModelInfo info = describe_model(model.get());
+  // The description first: a few hundred bytes can declare terabytes of weights (a layout being
+  // planned, or a flipped bit), which only --verify should build.
+  ModelPtr model = load_model_file(path, nullptr, LoadWeights::DescriptionOnly);
+  uint64_t held = 0;
+  check(moert_model_resident_bytes(model.get(), &held), path);
+  const bool load = args.has("verify") || held <= kInspectLoadBytes;
+  if (load) model = load_model_file(path);
+  ModelInfo info = describe_model(model.get());
+  info.weights_loaded = load;
   if (args.has("json"))
     print_json(path, info);
   else

@@ -19,7 +19,7 @@ void check(moert_status* status, const std::string& what) {
 }
 
 ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& external_dir,
-                          const std::string& origin, int32_t* refusal) {
+                          const std::string& origin, int32_t* refusal, LoadWeights weights) {
   // The command loads what its user names or what it generates itself: the library's default
   // limits, meant for services loading files they did not write, would only refuse large models
   // here. Physical memory remains the bound.
@@ -29,6 +29,8 @@ ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& 
       raw, moert_load_options_free);
   check(moert_load_options_set_max_memory(options.get(), UINT64_MAX), "load options");
   check(moert_load_options_set_max_file_bytes(options.get(), UINT64_MAX), "load options");
+  if (weights == LoadWeights::DescriptionOnly)
+    check(moert_load_options_set_description_only(options.get(), 1), "load options");
   moert_model* m = nullptr;
   moert_status* status = moert_model_load_buffer_with_options(
       bytes.data(), bytes.size(), external_dir.empty() ? nullptr : external_dir.c_str(),

@@ -30,10 +30,15 @@ using ModelPtr = std::unique_ptr<moert_model, ModelDeleter>;
 using SessionPtr = std::unique_ptr<moert_session, SessionDeleter>;
 using OptionsPtr = std::unique_ptr<moert_session_options, OptionsDeleter>;
 
+// What a load builds: the model whole, or its description alone (no tensor read or initialised;
+// moert_load_options_set_description_only), for commands that only describe it.
+enum class LoadWeights { Yes, DescriptionOnly };
+
 // Loads a binary model description held in memory; `external_dir` resolves external weights.
 // A refusal throws Error, its status code first stored in `*refusal` when given.
 ModelPtr load_model_bytes(const std::vector<uint8_t>& bytes, const std::string& external_dir,
-                          const std::string& origin, int32_t* refusal = nullptr);
+                          const std::string& origin, int32_t* refusal = nullptr,
+                          LoadWeights weights = LoadWeights::Yes);
 
 // The processes a command shares its work with (`mpirun -np N moert ... --expert-parallel EP`):
 // rank 0 prints; every rank computes its share. Alone: rank 0 of 1, no communicator.

@@ -41,6 +41,7 @@ std::string directory_of(const std::string& path);
 // Loads a model file in either form (binary or JSON, told apart by content) through the library;
 // external weights resolve against the file's directory. A library refusal's status code goes
 // to `*refusal` when given (see load_model_bytes).
-ModelPtr load_model_file(const std::string& path, int32_t* refusal = nullptr);
+ModelPtr load_model_file(const std::string& path, int32_t* refusal = nullptr,
+                         LoadWeights weights = LoadWeights::Yes);
 
 }  // namespace moert_cli

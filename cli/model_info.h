@@ -57,6 +57,7 @@ struct ModelInfo {
   uint64_t resident_bytes = 0;                              // every weight in memory, as held
   bool checkpoint = false;                                  // loaded from a checkpoint
   uint64_t checkpoint_step = 0;                             // its run's optimizer steps
+  bool weights_loaded = true;  // false: described only (moert_load_options_set_description_only)
   double flops = 0.0, dense_flops = 0.0;
 };
 

@@ -35,6 +35,7 @@ void copy_figures(const int64_t* from, int known, int64_t* to, uint64_t len) {
 
 Batcher::Batcher(std::shared_ptr<const Model> model, const BatcherOptions& options)
     : model_(std::move(model)), options_(options) {
+  model_->require_weights("serve requests");
   if (options_.sessions < 1 || options_.sessions > 256)
     fail(Code::InvalidArgument, "sessions must be between 1 and 256, got ", options_.sessions);
   if (options_.max_batch_rows < 1 || options_.max_batch_rows > kMaxBatchRows)

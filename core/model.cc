@@ -36,11 +36,20 @@ void Fp8Blocks::decode(int64_t first, int64_t count, float* out) const {
     }
 }
 
-void Tensor::refuse_fp8_data() {
+int64_t Tensor::shape_numel() const {
+  int64_t n = 1;
+  for (const int64_t d : shape) n *= d;  // the loader checked the product against overflow
+  return n;
+}
+
+void Tensor::refuse_data() const {
+  if (unloaded)
+    fail(Code::Internal, "the values of a tensor of a description-only model were asked for");
   fail(Code::Internal, "the fp32 values of a tensor held in FP8 were asked for; decode it first");
 }
 
 std::vector<float> Tensor::decode_fp32() const {
+  if (unloaded) refuse_data();
   if (!fp8) return values;
   std::vector<float> out(static_cast<size_t>(fp8->numel()));
   fp8->decode(0, fp8->matrices, out.data());
@@ -60,6 +69,14 @@ uint64_t Model::resident_bytes() const {
     if (const auto* m = std::get_if<MoESpec>(&l.spec)) n += m->gate_bias.resident_bytes();
   }
   return n;
+}
+
+void Model::require_weights(const char* use) const {
+  if (description_only)
+    fail(Code::InvalidArgument,
+         "the model was loaded description-only (moert_load_options_set_description_only): it "
+         "holds no weights, so it cannot ",
+         use, "; load it without that option");
 }
 
 void Model::make_fp32() {

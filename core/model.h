@@ -72,20 +72,36 @@ struct Tensor {
   // model share the codes.
   std::shared_ptr<const Fp8Blocks> fp8;
   StoredType stored = StoredType::F32;
+  // Set, with `values` empty and `fp8` null, by a description-only load (LoadOptions) for a
+  // tensor its file gives values to: how a full load would hold it. Its values were neither read
+  // nor initialised.
+  struct Unloaded {
+    uint64_t bytes = 0;
+    bool fp8 = false;  // as resident FP8 codes and scales
+  };
+  std::optional<Unloaded> unloaded;
 
-  bool present() const { return !values.empty() || fp8 != nullptr; }
-  int64_t numel() const { return fp8 ? fp8->numel() : static_cast<int64_t>(values.size()); }
+  bool present() const { return !values.empty() || fp8 != nullptr || unloaded; }
+  int64_t numel() const {
+    if (fp8) return fp8->numel();
+    if (unloaded) return shape_numel();
+    return static_cast<int64_t>(values.size());
+  }
+  // Whether it is (or, unloaded, would be) held as resident FP8 codes and scales.
+  bool held_fp8() const { return fp8 != nullptr || (unloaded && unloaded->fp8); }
   // Bytes the values take in memory: 4 per fp32 value, or the FP8 codes and scales.
   uint64_t resident_bytes() const {
+    if (unloaded) return unloaded->bytes;
     return fp8 ? fp8->bytes() : static_cast<uint64_t>(values.size()) * sizeof(float);
   }
-  // The fp32 values; throws Error(Internal) for a resident FP8 tensor (decode it first).
+  // The fp32 values; throws Error(Internal) for a resident FP8 tensor (decode it first) or an
+  // unloaded one.
   float* data() {
-    if (fp8) refuse_fp8_data();
+    if (fp8 || unloaded) refuse_data();
     return values.data();
   }
   const float* data() const {
-    if (fp8) refuse_fp8_data();
+    if (fp8 || unloaded) refuse_data();
     return values.data();
   }
   // The values as fp32 whatever the representation (a copy).
@@ -94,7 +110,8 @@ struct Tensor {
   void make_fp32();
 
  private:
-  [[noreturn]] static void refuse_fp8_data();
+  int64_t shape_numel() const;
+  [[noreturn]] void refuse_data() const;
 };
 
 struct EmbeddingSpec {
@@ -251,6 +268,10 @@ struct Model {
   // The copies derived from its weights (decoded, layout, bf16, FP8) that the inference
   // sessions over this model share.
   SharedCopiesSlot shared_copies;
+  // Loaded description-only (LoadOptions::description_only): its tensors are unloaded (shapes,
+  // element types and sizes only), so it can be inspected but not run, trained, saved or
+  // quantized (require_weights).
+  bool description_only = false;
 
   uint64_t total_parameters() const;
   uint64_t activated_parameters() const;
@@ -261,6 +282,8 @@ struct Model {
   uint64_t resident_bytes() const;
   // Decodes every resident FP8 tensor to fp32 (a training session's master weights).
   void make_fp32();
+  // Throws Error(InvalidArgument) naming `use` for a description-only model.
+  void require_weights(const char* use) const;
 };
 
 }  // namespace moert

@@ -398,6 +398,9 @@ class Loader {
 
   void layers(Model& model);
   ExternalFile& external(const char* field);
+  // The external data file's name, checked (relative, inside the directory, no NUL).
+  std::filesystem::path external_name(const char* field) const;
+  bool description_only() const { return options_.description_only; }
   Tensor tensor(const fb::Tensor* t, const char* field, std::vector<int64_t> shape, bool required);
   void decode(const fb::Tensor* t, const char* field, const std::vector<int64_t>& shape,
               uint64_t numel, const uint8_t* bytes, Tensor& out) const;
@@ -434,8 +437,7 @@ class Loader {
   std::string prev_desc_ = "the model's input_dim";
 };
 
-ExternalFile& Loader::external(const char* field) {
-  if (external_) return *external_;
+std::filesystem::path Loader::external_name(const char* field) const {
   const auto* name = root_->external_data();
   if (!name || name->size() == 0)
     bad(field, "refers to external data but the model's 'external_data' file name is not set");
@@ -451,6 +453,13 @@ ExternalFile& Loader::external(const char* field) {
            name->str(), "'");
   if (name->str().find('\0') != std::string::npos)
     fail(Code::InvalidModel, "model: field 'external_data' contains a NUL byte");
+  return rel;
+}
+
+ExternalFile& Loader::external(const char* field) {
+  if (external_) return *external_;
+  const std::filesystem::path rel = external_name(field);
+  const auto* name = root_->external_data();
   // The description is sound; the caller left out the argument it needs (moert.h).
   if (external_dir_.empty())
     fail(Code::InvalidArgument, "model: has external weights ('", name->str(),
@@ -635,11 +644,16 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
                      fb::EnumNameDType(t->dtype()), " needs ", bytes));
     if (offset % kExternalAlignment != 0)
       bad(field, cat("external.offset ", offset, " is not a multiple of ", kExternalAlignment));
-    ExternalFile& file = external(field);
     uint64_t end;
-    if (__builtin_add_overflow(offset, size, &end) || end > file.size())
+    const bool overflows = __builtin_add_overflow(offset, size, &end);
+    if (description_only()) {
+      // Nothing is read: the data file is neither opened nor needed.
+      external_name(field);
+      if (overflows) bad(field, cat("external range [", offset, ", +", size, ") overflows"));
+    } else if (ExternalFile& file = external(field); overflows || end > file.size()) {
       bad(field, cat("external range [", offset, ", +", size, ") runs past the end of '",
                      file.path(), "' (", file.size(), " bytes)"));
+    }
   } else if (t->dtype() != fb::DType::F32) {
     bad(field, "an initialised tensor must have dtype F32");
   }
@@ -658,6 +672,12 @@ Tensor Loader::tensor(const fb::Tensor* t, const char* field, std::vector<int64_
   }
 
   out.stored = static_cast<StoredType>(t->dtype());
+  if (description_only()) {
+    out.unloaded = Tensor::Unloaded{
+        resident ? sat_add(numel, sat_mul(fp8_scale_floats(shape), sizeof(float))) : fp32_bytes,
+        resident};
+    return out;
+  }
   if (resident) {
     out.fp8 = resident_fp8(t, field, shape);
   } else if (t->data()) {
@@ -810,6 +830,8 @@ LayerSpec Loader::moe(const fb::MoE* m, uint32_t width) {
   if (!m->gate_bias()) {
     if (planning_)
       plan_memory(static_cast<uint64_t>(E) * sizeof(float), "gate_bias");
+    else if (description_only())
+      s.gate_bias.unloaded = Tensor::Unloaded{static_cast<uint64_t>(E) * sizeof(float), false};
     else
       s.gate_bias.values.assign(E, 0.0f);
   }
@@ -943,6 +965,9 @@ void Loader::plan_state() {
 }
 
 void Loader::check_plan() const {
+  // A description-only model holds none of it and reads only its description, whose size was
+  // checked against max_file_bytes before it was read.
+  if (description_only()) return;
   const uint64_t physical = physical_memory_bytes();
   const bool by_option = options_.max_memory <= physical;
   const uint64_t memory_limit = std::min(options_.max_memory, physical);
@@ -969,6 +994,10 @@ std::unique_ptr<Model> Loader::run() {
   // moert_model_name() returns a C string, which would end at the NUL.
   if (root_->name() && root_->name()->string_view().find('\0') != std::string_view::npos)
     fail(Code::InvalidModel, "model: field 'name' contains a NUL byte");
+  if (description_only() && policy_ != StatePolicy::Verify)
+    fail(Code::InvalidArgument,
+         "a checkpoint to resume from, or to digest, is read with its values: the load option "
+         "description_only does not apply to it");
   // Every check first, with nothing allocated or read: the limits are enforced on the totals.
   {
     planning_ = true;
@@ -982,6 +1011,7 @@ std::unique_ptr<Model> Loader::run() {
   model->name = root_->name() ? root_->name()->str() : "";
   model->schema_minor = root_->schema_minor();
   model->seed = root_->seed();
+  model->description_only = description_only();
   layers(*model);
   if (root_->training()) training_state(root_->training(), *model);
   return model;
@@ -1020,9 +1050,13 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
     bad_state(cat("field 'optimizer' is '", st.optimizer, "', expected adamw or sgd"));
   const bool adamw = st.optimizer == "adamw";
 
+  // Described only, the state's parameters are not read (they are the size of the weights) and
+  // the digest, which covers the weights, cannot be computed: the step and the balancing state
+  // are what such a model shows.
+  const bool described = description_only();
   ContentHasher h;
-  hash_model(h, model);
-  const uint32_t num_params = t->params() ? t->params()->size() : 0;
+  if (!described) hash_model(h, model);
+  const uint32_t num_params = described || !t->params() ? 0 : t->params()->size();
   hash_state_header(h, st.step, st.micro_batches, st.rng, st.optimizer, num_params);
 
   std::set<std::string> seen;
@@ -1154,15 +1188,16 @@ void Loader::training_state(const fb::TrainingState* t, Model& model) {
     }
   // The writer names every parameter and every MoE layer: a state left out would resume from
   // zeros (or this session's own settings) instead of the run's.
-  for (const auto& r : params)
-    if (!seen.count(r.name)) bad_state(cat("has no state for parameter '", r.name, "'"));
+  if (!described)
+    for (const auto& r : params)
+      if (!seen.count(r.name)) bad_state(cat("has no state for parameter '", r.name, "'"));
   for (uint32_t i = 0; i < model.layers.size(); ++i)
     if (model.layers[i].kind == LayerKind::MoE && !balanced.count(i))
       bad_state(cat("has no balancing state for MoE layer ", i, " ('", model.layers[i].name, "')"));
   hash_layer_states(h, st.layers);
   computed_digest_ = h.digest();
   if (policy_ == StatePolicy::Recompute) return;
-  if (computed_digest_ != stored_digest)
+  if (!described && computed_digest_ != stored_digest)
     bad_state("the digest does not match the content: the checkpoint is corrupt");
   st.digest = stored_digest;
   CheckpointSummary summary{st.step, {}};

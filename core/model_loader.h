@@ -31,6 +31,13 @@ struct LoadOptions {
   // every file from elsewhere. A file reached by a way out is Code::InvalidModel, as a ".." in
   // its name is.
   bool confine_external_data = false;
+  // When set, the description alone is loaded and checked: no tensor is read, decoded or
+  // initialised and the external data file is not opened, so the limits do not apply beyond the
+  // description's own size. The model (Model::description_only) answers every question about its
+  // layers, shapes, parameter counts and the bytes its tensors would hold, and refuses to run,
+  // train, save or quantize. A checkpoint shows its step and balancing state; its digest, which
+  // covers the weights, is not verified.
+  bool description_only = false;
 };
 
 // The machine's physical memory in bytes (max_memory's ceiling); UINT64_MAX when unknown.

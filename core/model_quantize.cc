@@ -38,6 +38,7 @@ std::shared_ptr<const Fp8Blocks> quantize_tensor(const Tensor& t, const std::str
 
 std::unique_ptr<Model> quantize_experts_fp8(const Model& model, const Fp8QuantizeOptions& options,
                                             uint32_t* quantized) {
+  model.require_weights("be quantized");
   auto out = std::make_unique<Model>(model);
   out->checkpoint.reset();  // a new model, not the checkpoint it came from
   uint32_t count = 0;

@@ -602,6 +602,7 @@ void write_checkpoint(const std::string& path, const Model& model, const Trainin
 }
 
 void write_model(const std::string& path, const Model& model) {
+  model.require_weights("be saved");
   write_description(path, model, nullptr);
 }
 

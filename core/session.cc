@@ -262,6 +262,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionOptions& optio
 }
 
 void Session::build() {
+  model_->require_weights(options_.mode == Mode::Training ? "be trained" : "run");
   if (par_) check_parallel();
   // Options are set one at a time, in any order: the pair is known whole only here.
   if (options_.mode == Mode::Training) check_schedule(options_.training, Code::InvalidArgument);
@@ -1667,6 +1668,10 @@ LoadOptions Session::checkpoint_limits(const LoadOptions* limits) const {
     if (const auto* m = std::get_if<MoESpec>(&l.spec))
       values += m->gate_bias.values.size() + 2 * m->router.num_experts;
   }
+  if (limits && limits->description_only)
+    fail(Code::InvalidArgument,
+         "the load option description_only does not apply to a checkpoint a session resumes from: "
+         "it is read with its values");
   LoadOptions need;
   need.max_memory = 4 * values * sizeof(float) + (uint64_t{1} << 20);
   need.max_file_bytes = 4 * values * sizeof(float) + (uint64_t{1} << 20) + 4096 * tensors;

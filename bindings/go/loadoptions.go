@@ -84,6 +84,22 @@ func (o *LoadOptions) SetConfineExternalData(on bool) error {
 	})
 }
 
+// SetDescriptionOnly, when on, loads the description alone: no tensor is read or initialised and
+// the external data file is not opened, so a model of any size loads in a scan of its
+// description. Such a model answers the calls that describe it (layers, parameter counts, tensor
+// info, resident bytes: what a full load would hold) and refuses sessions, batchers, saves and
+// FP8 quantization (ErrInvalidArgument). moert.h (moert_load_options_set_description_only) says
+// what is and is not checked.
+func (o *LoadOptions) SetDescriptionOnly(on bool) error {
+	var v int32
+	if on {
+		v = 1
+	}
+	return o.set(func() capi.Struct_SS_moert_status {
+		return capi.Moert_load_options_set_description_only(o.ptr, v)
+	})
+}
+
 // withOptions runs f with the C pointer of opts (NULL for nil), holding opts open meanwhile.
 func withOptions(opts *LoadOptions, f func(capi.Struct_SS_moert_load_options) error) error {
 	if opts == nil {

@@ -53,6 +53,14 @@ moert_status* moert_load_options_set_confine_external_data(moert_load_options* o
   });
 }
 
+moert_status* moert_load_options_set_description_only(moert_load_options* options,
+                                                      int32_t description_only) {
+  return guarded([&] {
+    require(options, "options");
+    options->options.description_only = description_only != 0;
+  });
+}
+
 moert_status* moert_model_load_file_with_options(const char* path,
                                                  const moert_load_options* options,
                                                  moert_model** out) {

@@ -281,7 +281,7 @@ moert_status* moert_model_tensor_info(const moert_model* model, uint32_t index, 
     const auto& [field, t] = tensors[tensor];
     if (name) *name = field;
     if (stored_dtype) *stored_dtype = static_cast<int32_t>(t->stored);
-    if (held_dtype) *held_dtype = t->fp8 ? MOERT_DTYPE_F8E4M3 : MOERT_DTYPE_F32;
+    if (held_dtype) *held_dtype = t->held_fp8() ? MOERT_DTYPE_F8E4M3 : MOERT_DTYPE_F32;
     if (numel) *numel = static_cast<uint64_t>(t->numel());
     if (bytes) *bytes = t->resident_bytes();
   });

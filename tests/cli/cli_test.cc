@@ -198,6 +198,71 @@ TEST(Cli, InspectMatchesLibraryAndFormula) {
   EXPECT_EQ(tj.out.substr(tj.out.find('\n')), t.out.substr(t.out.find('\n')));
 }
 
+// A few hundred bytes can declare a model far larger than memory (a layout being planned, or a
+// flipped bit: num_experts 8 -> 524288 makes tiny_moe 24 GiB): inspect shows it from its
+// description at once and says so; --verify loads it, and a small model is loaded and checked
+// as before.
+TEST(Cli, InspectShowsAModelTooLargeToLoadFromItsDescription) {
+  const fs::path dir = workdir("inspect-described");
+  std::string json = slurp(MOERT_TINY_JSON);
+  for (size_t at; (at = json.find("\"num_experts\": 8,")) != std::string::npos;)
+    json.replace(at, 17, "\"num_experts\": 524288,");
+  std::ofstream(dir / "big.json") << json;
+  // What the library reports for the same description, loaded description-only.
+  const std::string binary = (dir / "big.moert").string();
+  ASSERT_EQ(run("convert " + (dir / "big.json").string() + " " + binary + " --no-check", dir).code,
+            0);
+  moert_load_options* options = nullptr;
+  ASSERT_EQ(moert_load_options_create(&options), nullptr);
+  ASSERT_EQ(moert_load_options_set_description_only(options, 1), nullptr);
+  moert_model* m = nullptr;
+  ASSERT_EQ(moert_model_load_file_with_options(binary.c_str(), options, &m), nullptr);
+  moert_load_options_free(options);
+  uint64_t total = 0, resident = 0;
+  ASSERT_EQ(moert_model_num_parameters(m, &total, nullptr), nullptr);
+  ASSERT_EQ(moert_model_resident_bytes(m, &resident), nullptr);
+  moert_model_free(m);
+  EXPECT_GT(resident, uint64_t{24} << 30);
+
+  const auto start = std::chrono::steady_clock::now();
+  const Result t = run("inspect " + (dir / "big.json").string(), dir);
+  const Result j = run("inspect --json " + binary, dir);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 30.0);
+  ASSERT_EQ(t.code, 0) << t.err;
+  EXPECT_NE(t.out.find("weights: not loaded: the description alone was read and checked (the "
+                       "model would hold 24.25 GiB); --verify loads and checks them"),
+            std::string::npos)
+      << t.out;
+  EXPECT_NE(t.out.find("524288 routed experts"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find(", as a full load would hold them"), std::string::npos) << t.out;
+  ASSERT_EQ(j.code, 0) << j.err;
+  EXPECT_NE(j.out.find("\"weights_loaded\": false"), std::string::npos) << j.out;
+  EXPECT_EQ(json_value(j.out, "total_parameters"), static_cast<double>(total));
+  EXPECT_EQ(json_value(j.out, "resident_bytes"), static_cast<double>(resident));
+
+  // --verify loads the weights: here it stops at once, at the data file the description names
+  // and the directory lacks, before anything is allocated.
+  const std::string gone = "\"w2\": { \"init\": { \"kind\": \"Normal\", \"std\": 0.18 } }\n      }";
+  ASSERT_NE(json.rfind(gone), std::string::npos);
+  json.replace(json.rfind(gone), gone.size(),
+               "\"w2\": { \"external\": { \"offset\": 0, \"size\": 4294967296 } }\n      }");
+  json.replace(json.find("\"seed\": 42,"), 11, "\"seed\": 42, \"external_data\": \"gone.bin\",");
+  std::ofstream(dir / "gone.json") << json;
+  const Result described = run("inspect " + (dir / "gone.json").string(), dir);
+  EXPECT_EQ(described.code, 0) << described.err;
+  expect_one_line_error(run("inspect --verify " + (dir / "gone.json").string(), dir), 1, "inspect",
+                        "gone.bin");
+
+  // Within the default load limit the weights are loaded and checked, as --verify does.
+  const Result tiny = run(std::string("inspect --json ") + MOERT_TINY_MODEL, dir);
+  ASSERT_EQ(tiny.code, 0) << tiny.err;
+  EXPECT_NE(tiny.out.find("\"weights_loaded\": true"), std::string::npos) << tiny.out;
+  const Result verified = run(std::string("inspect --verify ") + MOERT_TINY_MODEL, dir);
+  ASSERT_EQ(verified.code, 0) << verified.err;
+  EXPECT_EQ(verified.out, run(std::string("inspect ") + MOERT_TINY_MODEL, dir).out);
+  EXPECT_EQ(verified.out.find("weights: not loaded"), std::string::npos) << verified.out;
+}
+
 // Names come from files: a layer named with an escape sequence and a newline is printed with
 // them as \xNN, so that it neither breaks the table's lines nor drives the terminal.
 TEST(Cli, InspectPrintsControlCharactersOfNamesEscaped) {

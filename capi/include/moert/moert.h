@@ -228,6 +228,26 @@ MOERT_API moert_status* moert_load_options_set_max_file_bytes(moert_load_options
 MOERT_API moert_status* moert_load_options_set_confine_external_data(moert_load_options* options,
                                                                      int32_t confine);
 
+/* Sets description_only: non-zero on, 0 off (the default). On, a load reads and checks the
+ * description alone: every check of the description's meaning runs as in a full load, but no
+ * tensor is read, decoded or initialised, the external data file is neither opened nor needed
+ * (its name is still checked; a missing or short file is not noticed), and no value is checked
+ * for NaN or infinity. max_memory does not apply (nothing is held); max_file_bytes bounds the
+ * description's size. It costs a scan of the description, whatever the model's size: a tool can
+ * show a DeepSeek-V3-sized layout, or a file whose description a flipped bit has changed,
+ * without building its weights.
+ * The model answers the calls that describe it as a full load of the same file would:
+ * moert_model_num_parameters(), moert_model_tensor_info() (numel, stored and held types, and
+ * `bytes`: what the tensor would hold loaded), moert_model_resident_bytes() (likewise), the
+ * layer and MoE queries, and for a checkpoint moert_model_checkpoint_step() and the
+ * MOERT_MOE_SAVED_* keys (its training state's digest, which covers the weights, is not verified,
+ * and its optimizer state is not read). Everything that needs the weights refuses it with
+ * MOERT_ERR_INVALID_ARGUMENT: moert_session_create(), moert_batcher_create(),
+ * moert_model_save_file() and moert_model_quantize_fp8(). Loading a checkpoint into a session
+ * with options that set it is MOERT_ERR_INVALID_ARGUMENT. */
+MOERT_API moert_status* moert_load_options_set_description_only(moert_load_options* options,
+                                                                int32_t description_only);
+
 /* As moert_model_load_file(), within the limits of `options` (NULL: the defaults). */
 MOERT_API moert_status* moert_model_load_file_with_options(const char* path,
                                                            const moert_load_options* options,
@@ -344,9 +364,9 @@ MOERT_API moert_status* moert_model_moe_float(const moert_model* model, uint32_t
                                               double* out);
 
 /* Whether `model` was loaded from a checkpoint (a model file with training state, which loading
- * verifies against its digest and then drops; moert_session_load() resumes it): then
- * *is_checkpoint is 1 and *step the optimizer steps its run had taken, else both are 0. The
- * balancing state it held is read with the MOERT_MOE_SAVED_* keys. A model that
+ * verifies against its digest -- except description-only -- and then drops; moert_session_load()
+ * resumes it): then *is_checkpoint is 1 and *step the optimizer steps its run had taken, else both
+ * are 0. The balancing state it held is read with the MOERT_MOE_SAVED_* keys. A model that
  * moert_model_quantize_fp8() made is not a checkpoint. MOERT_ERR_INVALID_ARGUMENT for a NULL
  * pointer. */
 MOERT_API moert_status* moert_model_checkpoint_step(const moert_model* model,
@@ -376,7 +396,8 @@ MOERT_API moert_status* moert_model_num_tensors(const moert_model* model, uint32
  *                  load: BF16, and FP8 in other block shapes);
  *   *numel         its elements;
  *   *bytes         the bytes it takes in memory as held (an FP8 tensor's scales included, each
- *                  row of block scales padded to a multiple of 4 floats).
+ *                  row of block scales padded to a multiple of 4 floats); for a model loaded
+ *                  description-only, the bytes a full load of its file would hold.
  * Any output may be NULL. MOERT_ERR_INVALID_ARGUMENT for an index out of range. */
 MOERT_API moert_status* moert_model_tensor_info(const moert_model* model, uint32_t index,
                                                 uint32_t tensor, const char** name,
@@ -384,7 +405,8 @@ MOERT_API moert_status* moert_model_tensor_info(const moert_model* model, uint32
                                                 uint64_t* numel, uint64_t* bytes);
 
 /* The bytes the model's weights take in memory as held: the sum of moert_model_tensor_info()'s
- * *bytes over every tensor of every layer (what max_memory bounds at load). */
+ * *bytes over every tensor of every layer (what max_memory bounds at load; for a model loaded
+ * description-only, what a full load of its file would hold). */
 MOERT_API moert_status* moert_model_resident_bytes(const moert_model* model, uint64_t* out);
 
 /* Flags of moert_model_quantize_fp8(). */

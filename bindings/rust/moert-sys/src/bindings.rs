@@ -193,6 +193,29 @@ extern "C" {
     ) -> *mut moert_status;
 }
 extern "C" {
+    #[doc = " Sets description_only: non-zero on, 0 off (the default). On, a load reads and checks the"]
+    #[doc = " description alone: every check of the description's meaning runs as in a full load, but no"]
+    #[doc = " tensor is read, decoded or initialised, the external data file is neither opened nor needed"]
+    #[doc = " (its name is still checked; a missing or short file is not noticed), and no value is checked"]
+    #[doc = " for NaN or infinity. max_memory does not apply (nothing is held); max_file_bytes bounds the"]
+    #[doc = " description's size. It costs a scan of the description, whatever the model's size: a tool can"]
+    #[doc = " show a DeepSeek-V3-sized layout, or a file whose description a flipped bit has changed,"]
+    #[doc = " without building its weights."]
+    #[doc = " The model answers the calls that describe it as a full load of the same file would:"]
+    #[doc = " moert_model_num_parameters(), moert_model_tensor_info() (numel, stored and held types, and"]
+    #[doc = " `bytes`: what the tensor would hold loaded), moert_model_resident_bytes() (likewise), the"]
+    #[doc = " layer and MoE queries, and for a checkpoint moert_model_checkpoint_step() and the"]
+    #[doc = " MOERT_MOE_SAVED_* keys (its training state's digest, which covers the weights, is not verified,"]
+    #[doc = " and its optimizer state is not read). Everything that needs the weights refuses it with"]
+    #[doc = " MOERT_ERR_INVALID_ARGUMENT: moert_session_create(), moert_batcher_create(),"]
+    #[doc = " moert_model_save_file() and moert_model_quantize_fp8(). Loading a checkpoint into a session"]
+    #[doc = " with options that set it is MOERT_ERR_INVALID_ARGUMENT."]
+    pub fn moert_load_options_set_description_only(
+        options: *mut moert_load_options,
+        description_only: i32,
+    ) -> *mut moert_status;
+}
+extern "C" {
     #[doc = " As moert_model_load_file(), within the limits of `options` (NULL: the defaults)."]
     pub fn moert_model_load_file_with_options(
         path: *const ::std::os::raw::c_char,
@@ -304,9 +327,9 @@ extern "C" {
 }
 extern "C" {
     #[doc = " Whether `model` was loaded from a checkpoint (a model file with training state, which loading"]
-    #[doc = " verifies against its digest and then drops; moert_session_load() resumes it): then"]
-    #[doc = " *is_checkpoint is 1 and *step the optimizer steps its run had taken, else both are 0. The"]
-    #[doc = " balancing state it held is read with the MOERT_MOE_SAVED_* keys. A model that"]
+    #[doc = " verifies against its digest -- except description-only -- and then drops; moert_session_load()"]
+    #[doc = " resumes it): then *is_checkpoint is 1 and *step the optimizer steps its run had taken, else both"]
+    #[doc = " are 0. The balancing state it held is read with the MOERT_MOE_SAVED_* keys. A model that"]
     #[doc = " moert_model_quantize_fp8() made is not a checkpoint. MOERT_ERR_INVALID_ARGUMENT for a NULL"]
     #[doc = " pointer."]
     pub fn moert_model_checkpoint_step(
@@ -337,7 +360,8 @@ extern "C" {
     #[doc = "                  load: BF16, and FP8 in other block shapes);"]
     #[doc = "   *numel         its elements;"]
     #[doc = "   *bytes         the bytes it takes in memory as held (an FP8 tensor's scales included, each"]
-    #[doc = "                  row of block scales padded to a multiple of 4 floats)."]
+    #[doc = "                  row of block scales padded to a multiple of 4 floats); for a model loaded"]
+    #[doc = "                  description-only, the bytes a full load of its file would hold."]
     #[doc = " Any output may be NULL. MOERT_ERR_INVALID_ARGUMENT for an index out of range."]
     pub fn moert_model_tensor_info(
         model: *const moert_model,
@@ -352,7 +376,8 @@ extern "C" {
 }
 extern "C" {
     #[doc = " The bytes the model's weights take in memory as held: the sum of moert_model_tensor_info()'s"]
-    #[doc = " *bytes over every tensor of every layer (what max_memory bounds at load)."]
+    #[doc = " *bytes over every tensor of every layer (what max_memory bounds at load; for a model loaded"]
+    #[doc = " description-only, what a full load of its file would hold)."]
     pub fn moert_model_resident_bytes(
         model: *const moert_model,
         out: *mut u64,

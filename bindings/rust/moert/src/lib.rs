@@ -1296,6 +1296,20 @@ impl LoadOptions {
         Ok(self)
     }
 
+    /// When `on`, a load reads the description alone: no tensor is read or initialised and the
+    /// external data file is not opened, so a model of any size loads in a scan of its
+    /// description. Such a model answers the calls that describe it (layers, parameter counts,
+    /// tensor info, resident bytes: what a full load would hold) and refuses sessions, batchers,
+    /// saves and FP8 quantization with [`Code::INVALID_ARGUMENT`]. `moert.h`
+    /// (`moert_load_options_set_description_only`) says what is and is not checked.
+    pub fn description_only(&mut self, on: bool) -> Result<&mut Self> {
+        // SAFETY: live options, exclusively borrowed.
+        check(unsafe {
+            sys::moert_load_options_set_description_only(self.ptr.as_ptr(), i32::from(on))
+        })?;
+        Ok(self)
+    }
+
     /// As [`Model::load`], within these limits.
     pub fn load_model(&self, path: impl AsRef<Path>) -> Result<Model> {
         let path = c_path(path.as_ref())?;

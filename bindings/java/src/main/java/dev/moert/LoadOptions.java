@@ -58,6 +58,21 @@ public final class LoadOptions extends NativeHandle<SWIGTYPE_p_moert_load_option
     return this;
   }
 
+  /**
+   * When {@code on}, a load reads the description alone: no tensor is read or initialised and the
+   * external data file is not opened, so a model of any size loads in a scan of its description.
+   * Such a model answers the calls that describe it (layers, parameter counts, tensor info,
+   * resident bytes: what a full load would hold) and refuses sessions, batchers, saves and FP8
+   * quantization ({@code MOERT_ERR_INVALID_ARGUMENT}). moert.h ({@code
+   * moert_load_options_set_description_only}) says what is and is not checked.
+   */
+  public LoadOptions descriptionOnly(boolean on) {
+    try (Use u = use()) {
+      MoertException.check(Capi.moert_load_options_set_description_only(u.ptr(), on ? 1 : 0));
+    }
+    return this;
+  }
+
   /** As {@link Model#load(Path)}, within these limits. */
   public Model loadModel(Path path) {
     return loadModel(path.toString());
