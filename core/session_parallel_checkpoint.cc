@@ -210,7 +210,15 @@ void Session::save_parallel(const std::string& path, bool path_given) const {
       failed = std::current_exception();
     }
   }
-  par.agree(failed, "save");
+  try {
+    par.agree(failed, "save");
+  } catch (const Error& e) {
+    // Only the communication can fail once the writer has written: its rank says what the file
+    // now holds, which a driver deciding where to resume from needs.
+    if (!writer || failed) throw;
+    throw Error(e.code(), cat(e.message(), "; checkpoint '", path, "' was written (step ", step_,
+                              ") before the ranks could confirm it"));
+  }
 }
 
 }  // namespace moert

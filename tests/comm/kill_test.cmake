@@ -1,11 +1,12 @@
 # Runs mpi_killed_rank_test under `mpirun --enable-recovery -np NP` and checks every survivor's
 # verdict file (mpirun's own exit status says nothing under --enable-recovery).
-#   cmake -DMPIRUN=.. -DPROGRAM=.. -DNP=.. -DVICTIM=.. -DDIR=.. -P kill_test.cmake
+#   cmake -DMPIRUN=.. -DPROGRAM=.. -DNP=.. -DVICTIM=.. -DDIR=.. [-DMODE=..] -P kill_test.cmake
+# MODE, when given, is passed to the program after the victim's rank.
 file(REMOVE_RECURSE ${DIR})
 file(MAKE_DIRECTORY ${DIR})
 execute_process(
   COMMAND ${MPIRUN} --allow-run-as-root --oversubscribe --enable-recovery -np ${NP}
-          ${PROGRAM} ${DIR} ${VICTIM}
+          ${PROGRAM} ${DIR} ${VICTIM} ${MODE}
   TIMEOUT 90
   RESULT_VARIABLE rc)
 message(STATUS "mpirun returned ${rc}")

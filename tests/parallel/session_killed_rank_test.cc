@@ -2,13 +2,21 @@
 // fails with MOERT_ERR_COMM within the communicator's timeout, later calls fail at once, and the
 // process exits normally — no hang, no abort. Run by tests/comm/kill_test.cmake under
 // `mpirun --enable-recovery`; each survivor writes its verdict to <dir>/rank<r>.txt.
+//
+// With a third argument `save`, the victim dies during a collective save, as soon as rank 0
+// starts writing the checkpoint: rank 0 finishes writing it and then cannot confirm it with the
+// others, so its MOERT_ERR_COMM must say that the file was written, and the file must hold the
+// new checkpoint, whole.
 #include <moert/moert.h>
 #include <signal.h>
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "model_builder.h"
@@ -27,13 +35,41 @@ std::string take(moert_status* st) {
 
 }  // namespace
 
+// Kills this process as soon as a file not in `before` appears in `dir`: the first file of a save.
+void die_when_a_file_appears(const std::string& dir, std::set<std::string> before) {
+  std::thread([dir, before = std::move(before)] {
+    for (;;) {
+      for (const auto& e : std::filesystem::directory_iterator(dir))
+        if (!before.count(e.path().filename().string())) raise(SIGKILL);
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }).detach();
+}
+
+// The checkpoint step of the file at `path`, or a description of why it could not be read.
+std::string checkpoint_step(const std::string& path) {
+  moert_model* m = nullptr;
+  moert_load_options* o = nullptr;
+  std::string e = take(moert_load_options_create(&o));
+  if (e.empty()) e = take(moert_load_options_set_max_memory(o, UINT64_MAX));
+  if (e.empty()) e = take(moert_model_load_file_with_options(path.c_str(), o, &m));
+  int32_t is_checkpoint = 0;
+  uint64_t step = 0;
+  if (e.empty()) e = take(moert_model_checkpoint_step(m, &is_checkpoint, &step));
+  moert_model_free(m);
+  moert_load_options_free(o);
+  if (!e.empty()) return "unreadable: " + e;
+  return is_checkpoint ? "step " + std::to_string(step) : "not a checkpoint";
+}
+
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s <output dir> <victim rank>\n", argv[0]);
+  if (argc != 3 && !(argc == 4 && std::string(argv[3]) == "save")) {
+    std::fprintf(stderr, "usage: %s <output dir> <victim rank> [save]\n", argv[0]);
     return 2;
   }
   const std::string dir = argv[1];
   const int victim = std::stoi(argv[2]);
+  const bool during_save = argc == 4;
   constexpr double kTimeout = 3.0;
   moert_comm* comm = nullptr;
   if (!take(moert_comm_create_mpi(nullptr, &comm)).empty()) return 1;
@@ -43,7 +79,15 @@ int main(int argc, char** argv) {
   take(moert_comm_set_timeout(comm, kTimeout));
   std::string verdict = "FAIL: nothing happened";
 
-  const std::vector<uint8_t> bytes = capi_test::build(capi_test::hidden_baseline());
+  capi_test::ModelDesc desc = capi_test::hidden_baseline();
+  if (during_save) {
+    // 6 MiB of expert weights, 24 MiB with their gradients and moments: writing the checkpoint
+    // takes long enough for the victim to die while rank 0 writes.
+    desc.layers[1].moe.num_experts = 64;
+    desc.layers[1].moe.num_groups = 1;
+    desc.layers[1].moe.expert_hidden = 1024;
+  }
+  const std::vector<uint8_t> bytes = capi_test::build(desc);
   moert_model* model = nullptr;
   moert_session_options* o = nullptr;
   moert_session* s = nullptr;
@@ -63,8 +107,24 @@ int main(int argc, char** argv) {
     return e;
   };
   if (err.empty()) err = step();  // a healthy step first
+  const std::string ckpt_dir = dir + "/checkpoints", ckpt = ckpt_dir + "/ckpt.moert";
   if (!err.empty()) {
     verdict = "FAIL: before the kill: " + err;
+  } else if (during_save) {
+    std::filesystem::create_directories(ckpt_dir);
+    if (rank == victim) die_when_a_file_appears(ckpt_dir, {});
+    const std::string e = take(moert_session_save(s, ckpt.c_str()));
+    const std::string holds = rank == 0 ? checkpoint_step(ckpt) : "";
+    if (e.rfind("MOERT_ERR_COMM", 0) != 0)
+      verdict = "FAIL: the save during the kill returned '" + e + "'";
+    else if (rank == 0 &&
+             e.find("checkpoint '" + ckpt + "' was written (step 1)") == std::string::npos)
+      verdict = "FAIL: rank 0 wrote the checkpoint but did not say so: " + e;
+    else if (rank == 0 && holds != "step 1")
+      verdict = "FAIL: the file rank 0 wrote holds " + holds;
+    else
+      verdict = "ok: " + e;
+    if (rank == 0) std::filesystem::remove_all(ckpt_dir);
   } else {
     if (rank == victim) raise(SIGKILL);
     const auto t = Clock::now();

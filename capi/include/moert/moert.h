@@ -1425,7 +1425,11 @@ MOERT_API moert_status* moert_session_set_bias_frozen(moert_session* session, ui
  * shard must be the same -- as they are when every rank made the same calls -- and are checked:
  * MOERT_ERR_INVALID_STATE on every rank otherwise, naming the first rank that differs, and
  * nothing is written. When rank 0 cannot write, every rank fails with its code (the others'
- * messages name rank 0), and the previous checkpoint is intact. */
+ * messages name rank 0), and the previous checkpoint is intact. The ranks confirm the write to each
+ * other after rank 0 has made it: when a rank dies or stalls in between, the others fail with
+ * MOERT_ERR_COMM although the file at `path` is already the new checkpoint, whole. Rank 0's
+ * message then says so ("checkpoint ... was written"); on any rank, after such a failure,
+ * moert_model_checkpoint_step() of the file tells which checkpoint it holds. */
 MOERT_API moert_status* moert_session_save(const moert_session* session, const char* path);
 
 /* Restores a checkpoint written by moert_session_save() for the same architecture. The file is

@@ -1480,7 +1480,11 @@ extern "C" {
     #[doc = " shard must be the same -- as they are when every rank made the same calls -- and are checked:"]
     #[doc = " MOERT_ERR_INVALID_STATE on every rank otherwise, naming the first rank that differs, and"]
     #[doc = " nothing is written. When rank 0 cannot write, every rank fails with its code (the others'"]
-    #[doc = " messages name rank 0), and the previous checkpoint is intact."]
+    #[doc = " messages name rank 0), and the previous checkpoint is intact. The ranks confirm the write to each"]
+    #[doc = " other after rank 0 has made it: when a rank dies or stalls in between, the others fail with"]
+    #[doc = " MOERT_ERR_COMM although the file at `path` is already the new checkpoint, whole. Rank 0's"]
+    #[doc = " message then says so (\"checkpoint ... was written\"); on any rank, after such a failure,"]
+    #[doc = " moert_model_checkpoint_step() of the file tells which checkpoint it holds."]
     pub fn moert_session_save(
         session: *const moert_session,
         path: *const ::std::os::raw::c_char,
