@@ -200,6 +200,14 @@ Communicator* create(const void* host_comm, double timeout, int64_t max_message)
     base = *static_cast<const MPI_Comm*>(host_comm);
     if (base == MPI_COMM_NULL)
       fail(Code::InvalidArgument, "the host's MPI communicator is MPI_COMM_NULL");
+    // All zero bits is no communicator in Open MPI (a pointer) nor in MPICH (an int whose kind
+    // bits are zero): a handle never assigned, as a static MPI_Comm starts. MPI would run the
+    // fatal error handler on it and abort the job; a garbage handle cannot be told apart.
+    const auto* bits = static_cast<const unsigned char*>(host_comm);
+    if (std::all_of(bits, bits + sizeof(MPI_Comm), [](unsigned char b) { return b == 0; }))
+      fail(Code::InvalidArgument,
+           "the host's MPI communicator handle is all zero bits: a handle never assigned (pass "
+           "&MPI_COMM_WORLD, or a handle MPI_Comm_dup or MPI_Comm_split filled)");
     int inter = 0;
     check_mpi(MPI_Comm_test_inter(base, &inter), "MPI_Comm_test_inter");
     if (inter) fail(Code::InvalidArgument, "the host's MPI communicator is an intercommunicator");

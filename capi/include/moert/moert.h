@@ -679,6 +679,10 @@ typedef struct moert_comm moert_comm;
  * naming MPI_Finalize, and moert_comm_free() returns at once -- and a later creation fails with
  * MOERT_ERR_INVALID_STATE.
  *
+ * MOERT_ERR_INVALID_ARGUMENT when `mpi_comm` points at MPI_COMM_NULL, an intercommunicator, or a
+ * handle whose bits are all zero (never assigned, as a static MPI_Comm starts); any other handle
+ * must be a communicator: MPI itself judges it, and its error handler on MPI_COMM_WORLD (fatal
+ * unless the host set another) decides what an invalid one does.
  * MOERT_ERR_UNSUPPORTED when the plugin is missing (moert built without Open MPI) or MPI cannot
  * be used as above; MOERT_ERR_COMM when the duplication does not complete within the default
  * timeout. On success *out receives a communicator the caller frees with moert_comm_free(). */
