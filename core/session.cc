@@ -615,7 +615,8 @@ void Session::collective_step(const char* call, Failure failure, F&& body) {
   }
   try {
     par_->agree(failed, call, pass_settings(),
-                "its eval mode, ep_chunks or ep_overlap (set_eval and set_config are local to a "
+                "its eval mode, check_finite, ep_chunks or ep_overlap (set_eval and set_config are "
+                "local to a "
                 "rank: make the same calls on every rank)");
   } catch (...) {
     if (failure == Failure::DiscardsPass) pending_backward_ = false;

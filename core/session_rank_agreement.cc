@@ -185,8 +185,11 @@ uint64_t Session::training_settings_digest() const {
 }
 
 uint64_t Session::pass_settings() const {
+  // check_finite too: creation compares it, and a rank that stopped checking would let a NaN
+  // into collectives the others refuse to start.
   return static_cast<uint64_t>(eval_) | static_cast<uint64_t>(options_.ep_overlap) << 1 |
-         static_cast<uint64_t>(options_.ep_chunks) << 2;
+         static_cast<uint64_t>(options_.check_finite) << 2 |
+         static_cast<uint64_t>(options_.ep_chunks) << 3;
 }
 
 void Session::note_written(Written what, size_t index, const float* in, uint64_t len) {

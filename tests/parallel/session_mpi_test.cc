@@ -615,13 +615,18 @@ TEST(SessionMpi, RanksThatDivergeAreRefusedAtTheNextCall) {
   ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), odd ? 1 : 0)));
   EXPECT_TRUE(
       IsError(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size()),
-              MOERT_ERR_INVALID_STATE, {"eval mode, ep_chunks or ep_overlap"}));
+              MOERT_ERR_INVALID_STATE, {"eval mode, check_finite, ep_chunks or ep_overlap"}));
   ASSERT_TRUE(IsOk(moert_session_set_eval(s.get(), 0)));
   ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "ep_overlap", odd ? "false" : "true")));
   EXPECT_TRUE(
       IsError(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size()),
-              MOERT_ERR_INVALID_STATE, {"eval mode, ep_chunks or ep_overlap"}));
+              MOERT_ERR_INVALID_STATE, {"eval mode, check_finite, ep_chunks or ep_overlap"}));
   ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "ep_overlap", "true")));
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "check_finite", odd ? "false" : "true")));
+  EXPECT_TRUE(
+      IsError(moert_session_forward_tokens(s.get(), tokens.data(), n, n, out.data(), out.size()),
+              MOERT_ERR_INVALID_STATE, {"eval mode, check_finite, ep_chunks or ep_overlap"}));
+  ASSERT_TRUE(IsOk(moert_session_set_config(s.get(), "check_finite", "true")));
   const std::string dir = ::testing::TempDir();
   const std::string a = dir + "diverge_a_" + std::to_string(g_size) + ".moert";
   const std::string b = dir + "diverge_b_" + std::to_string(g_size) + ".moert";

@@ -791,9 +791,10 @@ MOERT_API moert_status* moert_comm_all_reduce_sum(moert_comm* comm, double* data
  * rank in the middle of a pass (an FP8 quantizer meeting a NaN with check_finite off) fails the
  * call on every rank at its end, without leaving the others waiting: a failed forward is discarded,
  * a failed backward refuses the step until moert_session_zero_grad() or a load. set_eval and
- * set_config are local: a rank whose eval mode, ep_chunks or ep_overlap differ from rank 0's makes
- * its next forward, backward or step fail on every rank with MOERT_ERR_INVALID_STATE, as does a
- * load in which the ranks read different checkpoints (nothing is loaded). zero_grad and the writes
+ * set_config are local: a rank whose eval mode, check_finite, ep_chunks or ep_overlap differ from
+ * rank 0's makes its next forward, backward or step fail on every rank with
+ * MOERT_ERR_INVALID_STATE, as does a load in which the ranks read different checkpoints (nothing
+ * is loaded). zero_grad and the writes
  * (set_parameter, set_gradient, set_expert_bias, the bias rate and freeze) are local too: a rank
  * that made them alone makes the next step or save fail on every rank with
  * MOERT_ERR_INVALID_STATE naming what differs (the micro-batches counted since zero_grad, a
