@@ -341,7 +341,9 @@ MOERT_API moert_status* moert_model_num_parameters(const moert_model* model, uin
 #define MOERT_MOE_AUX_ALPHA 103
 #define MOERT_MOE_CAPACITY_FACTOR 104
 /* A checkpoint's loss-free bias update rate in force when it was saved (a schedule or
- * moert_session_set_bias_update_rate() may have moved it from MOERT_MOE_BIAS_UPDATE_RATE). */
+ * moert_session_set_bias_update_rate() may have moved it from MOERT_MOE_BIAS_UPDATE_RATE). For a
+ * layer of another balancing policy both keys answer the rate its file stores, which nothing uses
+ * (moert_session_set_bias_update_rate() refuses such a layer). */
 #define MOERT_MOE_SAVED_BIAS_UPDATE_RATE 105
 
 #define MOERT_SCORE_SIGMOID 0
