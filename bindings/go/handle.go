@@ -53,3 +53,11 @@ func noNUL(what, s string) error {
 	}
 	return nil
 }
+
+// flag is a Go bool as the C ABI's int32 flags take it.
+func flag(on bool) int32 {
+	if on {
+		return 1
+	}
+	return 0
+}

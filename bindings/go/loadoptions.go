@@ -75,12 +75,8 @@ func (o *LoadOptions) SetMaxFileBytes(bytes uint64) error {
 // the Hugging Face hub cache link every file from elsewhere. moert.h (moert_load_options) says
 // how it is checked, and what differs on a kernel without openat2.
 func (o *LoadOptions) SetConfineExternalData(on bool) error {
-	var v int32
-	if on {
-		v = 1
-	}
 	return o.set(func() capi.Struct_SS_moert_status {
-		return capi.Moert_load_options_set_confine_external_data(o.ptr, v)
+		return capi.Moert_load_options_set_confine_external_data(o.ptr, flag(on))
 	})
 }
 
@@ -91,12 +87,8 @@ func (o *LoadOptions) SetConfineExternalData(on bool) error {
 // FP8 quantization (ErrInvalidArgument). moert.h (moert_load_options_set_description_only) says
 // what is and is not checked.
 func (o *LoadOptions) SetDescriptionOnly(on bool) error {
-	var v int32
-	if on {
-		v = 1
-	}
 	return o.set(func() capi.Struct_SS_moert_status {
-		return capi.Moert_load_options_set_description_only(o.ptr, v)
+		return capi.Moert_load_options_set_description_only(o.ptr, flag(on))
 	})
 }
 

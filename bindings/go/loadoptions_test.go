@@ -145,3 +145,35 @@ func TestLoadOptionsConfineExternalData(t *testing.T) {
 		t.Fatalf("step count %d after loading a checkpoint of step 1", n)
 	}
 }
+
+// A description-only load answers as a full one and refuses a session.
+func TestLoadOptionsDescriptionOnly(t *testing.T) {
+	full := mustModel(t)
+	o := mustLoadOptions(t)
+	if err := o.SetDescriptionOnly(true); err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadModelWithOptions(modelPath(t), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	wantTotal, wantActivated, _ := full.NumParameters()
+	total, activated, err := m.NumParameters()
+	if err != nil || total != wantTotal || activated != wantActivated {
+		t.Fatalf("parameters %d, %d (%v), want %d, %d", total, activated, err, wantTotal, wantActivated)
+	}
+	wantBytes, _ := full.ResidentBytes()
+	if n, err := m.ResidentBytes(); err != nil || n != wantBytes {
+		t.Fatalf("resident bytes %d (%v), want %d", n, err, wantBytes)
+	}
+	opts, err := NewSessionOptions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer opts.Close()
+	_, err = NewSession(m, opts)
+	if e := wantCode(t, err, ErrInvalidArgument); !strings.Contains(e.Message, "description-only") {
+		t.Errorf("message: %q", e.Message)
+	}
+}

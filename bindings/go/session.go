@@ -345,11 +345,9 @@ func (s *Session) StepCount() (uint64, error) {
 
 // SetEval switches a training session to evaluation (true) or back to training (false).
 func (s *Session) SetEval(eval bool) error {
-	var v int32
-	if eval {
-		v = 1
-	}
-	return s.call(func() capi.Struct_SS_moert_status { return capi.Moert_session_set_eval(s.ptr, v) })
+	return s.call(func() capi.Struct_SS_moert_status {
+		return capi.Moert_session_set_eval(s.ptr, flag(eval))
+	})
 }
 
 // SetConfig sets a knob by name (see moert.h) for this session from now on; training knobs
@@ -523,12 +521,8 @@ func (s *Session) SetBiasFrozen(l int, frozen bool) error {
 	if err != nil {
 		return err
 	}
-	var v int32
-	if frozen {
-		v = 1
-	}
 	return s.call(func() capi.Struct_SS_moert_status {
-		return capi.Moert_session_set_bias_frozen(s.ptr, idx, v)
+		return capi.Moert_session_set_bias_frozen(s.ptr, idx, flag(frozen))
 	})
 }
 

@@ -114,3 +114,22 @@ fn expect_invalid_model<T: std::fmt::Debug>(result: moert::Result<T>) -> String 
     assert_eq!(err.code(), Code::INVALID_MODEL, "{err}");
     err.message().to_string()
 }
+
+#[test]
+fn a_description_only_model_answers_as_a_full_one_and_refuses_a_session() {
+    let full = Model::load(model_path()).unwrap();
+    let mut options = LoadOptions::new().unwrap();
+    options.description_only(true).unwrap();
+    let described = options.load_model(model_path()).unwrap();
+    assert_eq!(
+        described.num_parameters().unwrap(),
+        full.num_parameters().unwrap()
+    );
+    assert_eq!(
+        described.resident_bytes().unwrap(),
+        full.resident_bytes().unwrap()
+    );
+    let err = Session::new(&described, None).expect_err("a session over no weights");
+    assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{err}");
+    assert!(err.message().contains("description-only"), "{err}");
+}

@@ -113,6 +113,20 @@ class LoadOptionsTest {
   }
 
   @Test
+  void aDescriptionOnlyModelAnswersAsAFullOneAndRefusesASession() {
+    try (Model full = Model.load(MODEL);
+        LoadOptions options = LoadOptions.create().descriptionOnly(true);
+        Model described = options.loadModel(MODEL)) {
+      assertEquals(full.numParameters(), described.numParameters());
+      assertEquals(full.residentBytes(), described.residentBytes());
+      MoertException e =
+          assertThrows(MoertException.class, () -> Session.create(described, null).close());
+      assertEquals(CapiConstants.MOERT_ERR_INVALID_ARGUMENT, e.getCode(), e.getMessage());
+      assertTrue(e.getMessage().contains("description-only"), e.getMessage());
+    }
+  }
+
+  @Test
   void closedOptionsRefuseCalls() {
     LoadOptions options = LoadOptions.create();
     options.close();
