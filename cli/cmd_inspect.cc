@@ -1,5 +1,6 @@
 // `moert inspect`: what a model is and what a token costs in it.
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -96,11 +97,17 @@ void print_text(const std::string& path, const ModelInfo& info) {
         "checkpoint: training state at step %llu, not verified (its digest covers the "
         "weights)\n",
         static_cast<unsigned long long>(info.checkpoint_step));
-  if (!info.weights_loaded)
+  if (!info.weights_loaded) {
+    // A sum past 2^64 reads as the largest value (moert_model_resident_bytes).
+    char held[64] = "2^64 bytes or more";
+    if (info.resident_bytes != UINT64_MAX)
+      std::snprintf(held, sizeof held, "%.2f GiB",
+                    static_cast<double>(info.resident_bytes) / (1 << 30));
     std::printf(
-        "weights: not loaded: the description alone was read and checked (the model "
-        "would hold %.2f GiB); --verify loads and checks them\n",
-        static_cast<double>(info.resident_bytes) / (1 << 30));
+        "weights: not loaded: the description alone was read and checked (the model would hold "
+        "%s); --verify loads and checks them\n",
+        held);
+  }
   if (info.input_kind == MOERT_INPUT_TOKENS)
     std::printf("input: %u token ids per row; output: %u values per row\n\n", info.input_width,
                 info.output_width);
@@ -175,7 +182,9 @@ void print_json(const std::string& path, const ModelInfo& info) {
           ",\n  \"resident_bytes\": ", info.resident_bytes,
           ",\n  \"weights_loaded\": ", info.weights_loaded ? "true" : "false",
           ",\n  \"checkpoint\": ",
-          info.checkpoint ? cat("{\"step\": ", info.checkpoint_step, "}") : std::string("null"),
+          info.checkpoint ? cat("{\"step\": ", info.checkpoint_step,
+                                ", \"verified\": ", info.weights_loaded ? "true" : "false", "}")
+                          : std::string("null"),
           ",\n  \"layers\": [");
   for (size_t i = 0; i < info.layers.size(); ++i) {
     const LayerInfo& l = info.layers[i];

@@ -1,5 +1,8 @@
 #include "cli/model_info.h"
 
+#include <algorithm>
+#include <cstdint>
+
 #include "cli/error.h"
 
 namespace moert_cli {
@@ -165,7 +168,12 @@ ModelInfo describe_model(const moert_model* model) {
     l.tensors = std::move(tensors[i]);
     check(moert_model_layer_kind(model, i, &l.kind), "model");
     check(moert_model_layer_dims(model, i, &l.in_width, &l.out_width), "model");
-    for (const auto& [t, size] : sizes.by_layer[i]) l.parameters += size;
+    // A described-only model may declare more than 2^64 values: the sums stop at the largest.
+    const auto sum = [](uint64_t a, uint64_t b) {
+      uint64_t r;
+      return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
+    };
+    for (const auto& [t, size] : sizes.by_layer[i]) l.parameters = sum(l.parameters, size);
     const double d = l.in_width;
     switch (l.kind) {
       case MOERT_LAYER_EMBEDDING: {
@@ -200,10 +208,11 @@ ModelInfo describe_model(const moert_model* model) {
           m.saved_bias_frozen = moe_int(model, i, MOERT_MOE_SAVED_BIAS_FROZEN);
           m.saved_gamma = moe_float(model, i, MOERT_MOE_SAVED_BIAS_UPDATE_RATE);
         }
-        const uint64_t routed = sizes.get(i, "w1") + sizes.get(i, "w3") + sizes.get(i, "w2");
+        const uint64_t routed =
+            sum(sum(sizes.get(i, "w1"), sizes.get(i, "w3")), sizes.get(i, "w2"));
         l.activated =
-            l.parameters - routed +
-            routed / static_cast<uint64_t>(m.num_experts) * static_cast<uint64_t>(m.top_k);
+            sum(l.parameters - std::min(routed, l.parameters),
+                routed / static_cast<uint64_t>(m.num_experts) * static_cast<uint64_t>(m.top_k));
         const double expert = 6.0 * d * static_cast<double>(m.expert_hidden);
         const double fixed =
             2.0 * d * static_cast<double>(m.num_experts) +

@@ -4,6 +4,15 @@
 #include "core/tensor_codec.h"
 
 namespace moert {
+namespace {
+
+// Sums of a description-only model's sizes can pass 2^64 (a full load is refused long before):
+// they stop at the largest value rather than wrap to a small one.
+void add_saturating(uint64_t& sum, uint64_t v) {
+  if (__builtin_add_overflow(sum, v, &sum)) sum = UINT64_MAX;
+}
+
+}  // namespace
 
 const char* layer_kind_name(LayerKind kind) {
   switch (kind) {
@@ -65,8 +74,9 @@ void Tensor::make_fp32() {
 uint64_t Model::resident_bytes() const {
   uint64_t n = 0;
   for (const auto& l : layers) {
-    visit_tensors(l, [&](const char*, const Tensor& t) { n += t.resident_bytes(); });
-    if (const auto* m = std::get_if<MoESpec>(&l.spec)) n += m->gate_bias.resident_bytes();
+    visit_tensors(l, [&](const char*, const Tensor& t) { add_saturating(n, t.resident_bytes()); });
+    if (const auto* m = std::get_if<MoESpec>(&l.spec))
+      add_saturating(n, m->gate_bias.resident_bytes());
   }
   return n;
 }
@@ -94,7 +104,7 @@ std::vector<ParamRef> Model::parameters() const {
 
 uint64_t Model::total_parameters() const {
   uint64_t n = 0;
-  for (const auto& p : parameters()) n += static_cast<uint64_t>(p.tensor->numel());
+  for (const auto& p : parameters()) add_saturating(n, static_cast<uint64_t>(p.tensor->numel()));
   return n;
 }
 
@@ -104,12 +114,12 @@ uint64_t Model::activated_parameters() const {
     const LayerSpec& l = layers[p.layer];
     const uint64_t numel = static_cast<uint64_t>(p.tensor->numel());
     if (const auto* e = std::get_if<EmbeddingSpec>(&l.spec)) {
-      n += static_cast<uint64_t>(e->context) * e->dim;
+      add_saturating(n, static_cast<uint64_t>(e->context) * e->dim);
     } else if (const auto* m = std::get_if<MoESpec>(&l.spec);
                m && (p.tensor == &m->w1 || p.tensor == &m->w3 || p.tensor == &m->w2)) {
-      n += numel / m->router.num_experts * m->router.top_k;
+      add_saturating(n, numel / m->router.num_experts * m->router.top_k);
     } else {
-      n += numel;
+      add_saturating(n, numel);
     }
   }
   return n;

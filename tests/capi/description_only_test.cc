@@ -177,6 +177,37 @@ TEST(DescriptionOnly, A8GiBModelLoadsInAMomentUnderTheDefaultLimits) {
       MOERT_ERR_LIMIT, {"moert_load_options_set_max_file_bytes"}));
 }
 
+TEST(DescriptionOnly, TotalsPast2To64StopAtTheLargestValue) {
+  // Three shared-expert tensors of 2^61 - 2^29 values (2^63 - 2^31 bytes) each: every size fits
+  // 64 bits, their sum of bytes does not. A full load is refused by its limits; described, the
+  // total must not wrap to a small number (a tool would then load it whole).
+  ModelDesc d = hidden_baseline();
+  d.layers[1].moe.num_shared = 1u << 26;
+  d.layers[1].moe.shared_hidden = 0xFFFFFFFFu;
+  for (TensorDesc* t :
+       {&d.layers[1].moe.shared_w1, &d.layers[1].moe.shared_w3, &d.layers[1].moe.shared_w2})
+    *t = TensorDesc::init();
+  const auto bytes = build(d);
+  moert_model* raw = nullptr;
+  EXPECT_TRUE(
+      IsError(moert_model_load_buffer(bytes.data(), bytes.size(), nullptr, &raw), MOERT_ERR_LIMIT));
+  ModelPtr m = load_described(bytes);
+  ASSERT_TRUE(m);
+  uint64_t resident = 0, tensor_bytes = 0;
+  ASSERT_TRUE(IsOk(moert_model_resident_bytes(m.get(), &resident)));
+  EXPECT_EQ(resident, UINT64_MAX);
+  uint32_t tensors = 0;
+  ASSERT_TRUE(IsOk(moert_model_num_tensors(m.get(), 1, &tensors)));
+  for (uint32_t t = 0; t < tensors; ++t) {
+    const char* name = nullptr;
+    ASSERT_TRUE(IsOk(
+        moert_model_tensor_info(m.get(), 1, t, &name, nullptr, nullptr, nullptr, &tensor_bytes)));
+    if (std::string(name) == "shared_w1") {
+      EXPECT_EQ(tensor_bytes, (uint64_t{1} << 63) - (1u << 31));
+    }
+  }
+}
+
 TEST(DescriptionOnly, TheDataFileIsNeitherOpenedNorNeededButItsNameIsChecked) {
   // hidden_baseline with its experts' w1 in an external file that is not there.
   ModelDesc d = hidden_baseline();

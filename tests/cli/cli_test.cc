@@ -1364,7 +1364,8 @@ TEST(Cli, TinyTrainingLearnsAndWritesMetrics) {
       << ins.out;
   const Result insj = run("inspect --json '" + ckpt.string() + "'", dir);
   ASSERT_EQ(insj.code, 0) << insj.err;
-  EXPECT_NE(insj.out.find("\"checkpoint\": {\"step\": 80}"), std::string::npos) << insj.out;
+  EXPECT_NE(insj.out.find("\"checkpoint\": {\"step\": 80, \"verified\": true}"), std::string::npos)
+      << insj.out;
   EXPECT_EQ(json_value(insj.out, "saved_bias_update_rate"), static_cast<double>(0.01f));
   EXPECT_NE(
       run(std::string("inspect --json ") + MOERT_TINY_MODEL, dir).out.find("\"checkpoint\": null"),
