@@ -1228,10 +1228,19 @@ std::unique_ptr<Model> parse(const uint64_t* aligned, size_t size, const std::st
     fail(Code::InvalidModel, "not a moert model: file identifier is '", id, "', expected '",
          fb::ModelIdentifier(), "'");
   }
-  flatbuffers::Verifier verifier(bytes, size, 64, 1000000);
-  if (!fb::VerifyModelBuffer(verifier))
+  // The verifier's bounds on nesting and on tables visited keep a crafted buffer's verification
+  // short; a sound description past the table bound (about 250000 layers) is told apart from a
+  // corrupt one by a second pass with a larger bound, which only a refused buffer pays for.
+  constexpr flatbuffers::uoffset_t kMaxDepth = 64, kMaxTables = 1000000;
+  flatbuffers::Verifier verifier(bytes, size, kMaxDepth, kMaxTables);
+  if (!fb::VerifyModelBuffer(verifier)) {
+    flatbuffers::Verifier larger(bytes, size, kMaxDepth, 16 * kMaxTables);
+    if (fb::VerifyModelBuffer(larger))
+      fail(Code::InvalidModel, "model description holds more than ", kMaxTables,
+           " tables (layers, tensors and their parts), more than this library reads");
     fail(Code::InvalidModel,
          "model failed FlatBuffers verification: the file is truncated or corrupt");
+  }
   Loader loader(fb::GetModel(bytes), size, external_dir, external_dir_fd, options, policy);
   auto model = loader.run();
   if (computed_digest) *computed_digest = loader.computed_digest();

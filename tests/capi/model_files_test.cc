@@ -197,6 +197,23 @@ TEST(ModelFiles, HiddenBaselineLoads) {
   EXPECT_EQ(out_width, 16u);
 }
 
+// The verifier stops at a million tables. A sound description past that bound (here 260000 norm
+// layers of four tables each) is named so, not called corrupt; a cut one still is.
+TEST(ModelFiles, ADescriptionPastTheVerifiersTableBoundIsNamedSo) {
+  ModelDesc d = hidden_baseline();
+  LayerDesc norm = rmsnorm_layer("", 8);
+  norm.name = std::nullopt;
+  d.layers.insert(d.layers.begin() + 1, 260000, norm);
+  const auto bytes = build(d);
+  moert_model* m = nullptr;
+  EXPECT_TRUE(IsError(moert_model_load_buffer(bytes.data(), bytes.size(), nullptr, &m),
+                      MOERT_ERR_INVALID_MODEL, {"more than 1000000 tables"}));
+  const std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + bytes.size() / 2);
+  EXPECT_TRUE(IsError(moert_model_load_buffer(cut.data(), cut.size(), nullptr, &m),
+                      MOERT_ERR_INVALID_MODEL, {"truncated or corrupt"}));
+  EXPECT_EQ(m, nullptr);
+}
+
 TEST(ModelFiles, UnnamedLayerIsNamedByItsIndex) {
   ModelDesc d = token_baseline();
   d.layers[kFfn].name.reset();
