@@ -70,6 +70,10 @@ struct OptionsDeleter {
 using ModelPtr = std::unique_ptr<moert_model, ModelDeleter>;
 using SessionPtr = std::unique_ptr<moert_session, SessionDeleter>;
 using OptionsPtr = std::unique_ptr<moert_session_options, OptionsDeleter>;
+struct LoadOptionsDeleter {
+  void operator()(moert_load_options* o) const { moert_load_options_free(o); }
+};
+using LoadOptionsPtr = std::unique_ptr<moert_load_options, LoadOptionsDeleter>;
 
 // The example model shipped with the sources (tokens in, context 4, vocab 64).
 inline std::string example_model_path() { return MOERT_EXAMPLE_MODEL; }

@@ -15,11 +15,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct LoadOptionsDeleter {
-  void operator()(moert_load_options* o) const { moert_load_options_free(o); }
-};
-using LoadOptionsPtr = std::unique_ptr<moert_load_options, LoadOptionsDeleter>;
-
 LoadOptionsPtr described_only() {
   moert_load_options* raw = nullptr;
   EXPECT_TRUE(IsOk(moert_load_options_create(&raw)));
