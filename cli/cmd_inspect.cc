@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/error.h"
@@ -235,11 +236,13 @@ int run_inspect(const Args& args) {
   const std::string path = args.positional()[0];
   // The description first: a few hundred bytes can declare terabytes of weights (a layout being
   // planned, or a flipped bit), which only --verify should build.
-  ModelPtr model = load_model_file(path, nullptr, LoadWeights::DescriptionOnly);
+  const std::vector<uint8_t> bytes = read_model_file(path);
+  const std::string dir = directory_of(path);
+  ModelPtr model = load_model_bytes(bytes, dir, path, nullptr, LoadWeights::DescriptionOnly);
   uint64_t held = 0;
   check(moert_model_resident_bytes(model.get(), &held), path);
   const bool load = args.has("verify") || held <= kInspectLoadBytes;
-  if (load) model = load_model_file(path);
+  if (load) model = load_model_bytes(bytes, dir, path);
   ModelInfo info = describe_model(model.get());
   info.weights_loaded = load;
   if (args.has("json"))

@@ -272,13 +272,17 @@ std::string directory_of(const std::string& path) {
   return dir.empty() ? "." : dir;
 }
 
-ModelPtr load_model_file(const std::string& path, int32_t* refusal, LoadWeights weights) {
+std::vector<uint8_t> read_model_file(const std::string& path) {
   std::vector<uint8_t> bytes = read_file(path);
   if (!is_binary_model(bytes)) {
     const std::string text(bytes.begin(), bytes.end());
     bytes = json_to_binary(text, path);
   }
-  return load_model_bytes(bytes, directory_of(path), path, refusal, weights);
+  return bytes;
+}
+
+ModelPtr load_model_file(const std::string& path, int32_t* refusal, LoadWeights weights) {
+  return load_model_bytes(read_model_file(path), directory_of(path), path, refusal, weights);
 }
 
 }  // namespace moert_cli

@@ -38,6 +38,9 @@ std::vector<uint8_t> read_file(const std::string& path);
 // The directory of a file's path, "." for a bare name: where its data file and temporaries go.
 std::string directory_of(const std::string& path);
 
+// A model file in either form (binary or JSON, told apart by content) as a binary description.
+std::vector<uint8_t> read_model_file(const std::string& path);
+
 // Loads a model file in either form (binary or JSON, told apart by content) through the library;
 // external weights resolve against the file's directory. A library refusal's status code goes
 // to `*refusal` when given (see load_model_bytes).

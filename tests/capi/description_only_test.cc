@@ -95,6 +95,16 @@ std::string describe(const moert_model* m) {
   return s;
 }
 
+// The file at `path` loaded both ways: its description-only answers, which must be the full load's.
+std::string described_as_loaded(const fs::path& path) {
+  ModelPtr full = load_file(path, nullptr);
+  ModelPtr described = load_file(path, described_only().get());
+  if (!full || !described) return "";
+  const std::string text = describe(described.get());
+  EXPECT_EQ(text, describe(full.get())) << path;
+  return text;
+}
+
 // One optimizer step of a training session over `model`, saved to `path` as a checkpoint.
 void save_trained_checkpoint(const moert_model* model, const fs::path& path) {
   SessionPtr s = make_session(model, 1, MOERT_MODE_TRAINING);
@@ -126,21 +136,13 @@ TEST(DescriptionOnly, AnswersEveryDescribingCallAsAFullLoadDoes) {
   ModelPtr fp8(raw);
   const fs::path fp8_path = dir.path() / "fp8.moert";
   ASSERT_TRUE(IsOk(moert_model_save_file(fp8.get(), fp8_path.c_str())));
-  ModelPtr fp8_full = load_file(fp8_path, nullptr);
-  ModelPtr fp8_described = load_file(fp8_path, described_only().get());
-  ASSERT_TRUE(fp8_full && fp8_described);
-  const std::string fp8_text = describe(fp8_described.get());
-  EXPECT_EQ(fp8_text, describe(fp8_full.get()));
+  const std::string fp8_text = described_as_loaded(fp8_path);
   EXPECT_NE(fp8_text.find("w1 held = 2"), std::string::npos) << fp8_text;
   // A checkpoint: its step and the balancing state its run saved.
   ModelPtr hidden = load_ok(build(hidden_baseline()));
   const fs::path ckpt = dir.path() / "ckpt.moert";
   save_trained_checkpoint(hidden.get(), ckpt);
-  ModelPtr ckpt_full = load_file(ckpt, nullptr);
-  ModelPtr ckpt_described = load_file(ckpt, described_only().get());
-  ASSERT_TRUE(ckpt_full && ckpt_described);
-  const std::string ckpt_text = describe(ckpt_described.get());
-  EXPECT_EQ(ckpt_text, describe(ckpt_full.get()));
+  const std::string ckpt_text = described_as_loaded(ckpt);
   EXPECT_NE(ckpt_text.find("step = 1\n"), std::string::npos) << ckpt_text;
   EXPECT_NE(ckpt_text.find("float 105 = 0.25"), std::string::npos) << ckpt_text;
 }
