@@ -38,16 +38,25 @@ namespace moert::format {
 // for as long as it keeps its copies: one that does not exec kept a directory locked after its
 // parent died, and every later save there waited out its patience. The child's copies are closed
 // at the fork instead (pthread_atfork), so that a lock lives exactly as long as its holder in the
-// parent. Opening and registering happen under a mutex that the fork handler takes first, so that
-// no descriptor is forked between the two. More than kSlots at once are not registered: their
-// children keep copies, as before.
+// parent. Registering happens under a mutex that the fork handler takes first; the open does not,
+// since an open can block for as long as its file system (a stuck NFS mount) and every fork() in
+// the process would wait with it. A descriptor that a fork may have copied before it was
+// registered is closed and its file opened again (the handler counts forks). More than kSlots at
+// once are not registered: their children keep copies, as before.
 namespace fork_closed {
 inline constexpr int kSlots = 64;
 inline std::atomic<int> slots[kSlots];  // descriptor + 1; 0 is a free slot
 inline pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
+// Forks made by this process, counted after each while the mutex is still held: a descriptor
+// opened after a fork was counted cannot have been copied by it.
+inline std::atomic<uint64_t> forks{0};
 
 inline void lock() { ::pthread_mutex_lock(&mutex); }
 inline void unlock() { ::pthread_mutex_unlock(&mutex); }
+inline void after_fork_in_parent() {
+  forks.fetch_add(1);
+  unlock();
+}
 inline void close_in_child() {
   for (auto& slot : slots)
     if (const int registered = slot.exchange(0); registered > 0) ::close(registered - 1);
@@ -56,7 +65,8 @@ inline void close_in_child() {
 // Installed once per copy of this header's variables (the library's, the moert command's): the
 // function-local static goes with them. A failed registration leaves descriptors unregistered.
 inline bool handlers_installed() {
-  static const bool installed = ::pthread_atfork(&lock, &unlock, &close_in_child) == 0;
+  static const bool installed =
+      ::pthread_atfork(&lock, &after_fork_in_parent, &close_in_child) == 0;
   return installed;
 }
 }  // namespace fork_closed
@@ -67,17 +77,26 @@ class ForkClosedFd {
   // fd() is -1 with errno set when the open failed.
   ForkClosedFd(const char* path, int flags, mode_t mode = 0) {
     const bool handled = fork_closed::handlers_installed();
-    if (handled) fork_closed::lock();
-    fd_ = ::open(path, flags | O_CLOEXEC, mode);
-    const int saved_errno = errno;
-    if (fd_ >= 0 && handled)
-      for (auto& slot : fork_closed::slots)
-        if (int free = 0; slot.compare_exchange_strong(free, fd_ + 1)) {
-          registered_ = &slot;
-          break;
-        }
-    if (handled) fork_closed::unlock();
-    errno = saved_errno;
+    for (;;) {
+      const uint64_t forks = fork_closed::forks.load();
+      fd_ = ::open(path, flags | O_CLOEXEC, mode);
+      if (fd_ < 0 || !handled) return;
+      fork_closed::lock();
+      const bool forked = fork_closed::forks.load() != forks;
+      if (!forked)
+        for (auto& slot : fork_closed::slots)
+          if (int free = 0; slot.compare_exchange_strong(free, fd_ + 1)) {
+            registered_ = &slot;
+            break;
+          }
+      fork_closed::unlock();
+      if (!forked) return;
+      // A child forked since the open may hold a copy of this open file description, which no
+      // handler closes: a lock taken on it would live on in the child. A new open makes another
+      // description. The file is this call's own by now, so it is not created again.
+      ::close(fd_);
+      flags &= ~(O_CREAT | O_EXCL | O_TRUNC);
+    }
   }
   // Releases its flock, if any, with the descriptor. In a child of fork() whose copy the handler
   // closed, does nothing: the number may name another file of the child's by now.

@@ -326,6 +326,59 @@ TEST_F(SavedFiles, AChildForkedWhileLocksAreHeldDoesNotKeepThem) {
   ::kill(child, SIGKILL);
 }
 
+// An open that blocks (a stuck file system; here a FIFO that has no writer yet) does not hold up
+// fork() elsewhere in the process: before, the fork handler waited for the mutex that the open was
+// made under. The descriptor is still registered, from an open made after the fork.
+TEST_F(SavedFiles, AForkDoesNotWaitForAnOpenThatBlocks) {
+  const fs::path fifo = dir_ / "slow-file-system";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  std::atomic<pid_t> opener_tid{0};
+  std::atomic<bool> opened{false};
+  bool registered = false;
+  std::thread opener([&] {
+    opener_tid = static_cast<pid_t>(::gettid());
+    const format::ForkClosedFd file(fifo.c_str(), O_RDONLY);
+    registered = file.fd() >= 0 && file.open_here();
+    opened = true;
+  });
+  // The opener asleep in the kernel: inside its open, the only call of its that blocks.
+  const auto asleep = [&] {
+    std::ifstream stat("/proc/self/task/" + std::to_string(opener_tid.load()) + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    const auto close_paren = line.rfind(')');
+    return close_paren != std::string::npos && close_paren + 2 < line.size() &&
+           line[close_paren + 2] == 'S';
+  };
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while ((opener_tid == 0 || !asleep()) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  // Gives the open its writer after the fork, or after 20 s if the fork waits for it (which then
+  // fails the test instead of hanging it). The writer stays until the opener is done: it opens
+  // the FIFO a second time.
+  std::atomic<bool> forked{false};
+  std::thread writer([&] {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!forked && std::chrono::steady_clock::now() < give_up)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    const int fd = ::open(fifo.c_str(), O_WRONLY | O_CLOEXEC);
+    while (!opened) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    if (fd >= 0) ::close(fd);
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  forked = true;
+  ASSERT_GT(child, 0);
+  int status = 0;
+  EXPECT_EQ(::waitpid(child, &status, 0), child);
+  writer.join();
+  opener.join();
+  EXPECT_LT(took, 10.0) << "fork() waited for an open under way in another thread";
+  EXPECT_TRUE(registered) << "the descriptor opened across a fork was not registered";
+}
+
 // A model loaded from a path that saves keep replacing (a server reloading the checkpoint a
 // trainer writes) loads whole every time: when the description it read was replaced and its data
 // file removed before it opened that file, the load reads the new one instead of failing.
