@@ -340,7 +340,7 @@ GemmComparison measure_gemm_libraries(int64_t m, int64_t n, int64_t k, unsigned 
       best = best_nt;
       const int lt = split_best ? 1 : static_cast<int>(threads);
       out.best_pass = [r, lt, split_best, flops] {
-        return flops / r.timed(lt, 0, [&] { split_best ? r.split(false) : r.threaded(false); }) /
+        return flops / r.timed(lt, 1, [&] { split_best ? r.split(false) : r.threaded(false); }) /
                1e9;
       };
     }

@@ -21,9 +21,11 @@ struct GemmLibrary {
   double trio = 0.0;    // GFLOP/s of the forward plus both backward GEMMs (nt + nn + tn)
 };
 
-// One more forward GEMM of the best library, run the way it ran best: its GFLOP/s. A shared host
-// moves a machine's rates within minutes, so the bench sets each timed pass of its layer against
-// one of these run right before it, not against a rate measured once.
+// One more forward GEMM of the best library, run the way it ran best, after a warm-up run as in
+// the comparison (a single cold run of a small GEMM, its operands evicted by the layer's pass,
+// ran at a fifth of the compared rate): its GFLOP/s. A shared host moves a machine's rates within
+// minutes, so the bench sets each timed pass of its layer against one of these run right before
+// it, not against a rate measured once.
 using GemmPass = std::function<double()>;
 
 struct GemmComparison {

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "cli/bench_machine.h"
 #include "cli/error.h"
 
 namespace moert_cli {
@@ -19,8 +20,8 @@ std::string moe_json(const Dims& d, uint64_t seed) {
       cat("\"dim\": ", d.dim, ", \"num_experts\": ", d.experts, ", \"top_k\": ", d.top_k,
           ", \"expert_hidden\": ", d.expert_hidden,
           ", \"score_function\": \"Sigmoid\", \"num_groups\": 1, \"topk_groups\": 1",
-          ", \"normalize_weights\": true, \"routed_scaling_factor\": 1.0",
-          ", \"num_shared_experts\": ", d.shared,
+          ", \"normalize_weights\": ", d.top_k > 1 ? "true" : "false",
+          ", \"routed_scaling_factor\": 1.0", ", \"num_shared_experts\": ", d.shared,
           ", \"shared_hidden\": ", d.shared ? d.shared_hidden : 0, ", \"residual\": true",
           ", \"balancing\": { \"policy\": \"None\" }, \"gate\": ", uniform(d.dim),
           ", \"w1\": ", uniform(d.dim), ", \"w3\": ", uniform(d.dim),
@@ -111,11 +112,13 @@ Timing LayerTimer::time(int repeats, const std::function<double()>& gemm) {
   t.assignments = assignments_;
   // The GEMM's operands (80 MB at the default shape) push the layer's weights out of the caches,
   // where back-to-back passes find them: an untimed pass after it puts them back (the forward
-  // was 9 % slower without it).
+  // was 9 % slower without it). Each side starts once the other's threads have stopped spinning.
   auto runs = [&](auto pass, std::vector<double>& gemm_gflops) {
     return time_runs(repeats, pass, [&] {
       if (!gemm) return;
+      wait_for_idle_threads();
       gemm_gflops.push_back(gemm());
+      wait_for_idle_threads();
       pass();
     });
   };

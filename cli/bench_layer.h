@@ -19,7 +19,8 @@ struct Dims {
 };
 
 // The model description (JSON) of one MoE layer of shape `d` on hidden-state input: sigmoid
-// router, top-K with renormalised weights, SwiGLU experts, residual, no balancing.
+// router, top-K with renormalised weights (unnormalised at top-1, where renormalising would make
+// every weight 1 and leave the router no gradient), SwiGLU experts, residual, no balancing.
 std::string moe_json(const Dims& d, uint64_t seed);
 
 // n values uniform in [-1, 1) from a fixed xorshift stream of `seed`.

@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -135,6 +136,28 @@ double bench_clock() {
   }
   clock_gettime(CLOCK_MONOTONIC, &t);
   return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+void wait_for_idle_threads() {
+  constexpr auto kWindow = std::chrono::milliseconds(2);
+  constexpr double kIdleSeconds = 1e-4;  // CPU the other threads may use in a quiet window
+  constexpr int kMostWindows = 100;
+  auto seconds = [](clockid_t clock) {
+    timespec t{};
+    clock_gettime(clock, &t);
+    return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+  };
+  auto others = [&] {
+    return seconds(CLOCK_PROCESS_CPUTIME_ID) - seconds(CLOCK_THREAD_CPUTIME_ID);
+  };
+  double before = others();
+  int quiet = 0;
+  for (int i = 0; i < kMostWindows && quiet < 2; ++i) {
+    std::this_thread::sleep_for(kWindow);
+    const double now = others();
+    quiet = now - before < kIdleSeconds ? quiet + 1 : 0;
+    before = now;
+  }
 }
 
 std::string cpu_name() {

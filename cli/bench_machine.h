@@ -18,6 +18,13 @@ void use_cpu_time(bool cpu_time, unsigned threads);
 bool using_cpu_time();
 double bench_clock();
 
+// Returns once the process's other threads have used almost no CPU for two short windows in a
+// row (200 ms at most). A GEMM library's OpenMP threads spin after each parallel region before
+// they sleep (libgomp's default: 8-9 ms on Zen 5, measured), and on a machine of few CPUs a
+// spinning thread takes a core from whatever runs next: the bench layer's 4 ms forward at 256
+// tokens ran at 5-9 ms right after the GEMM it is set beside. Called between the two.
+void wait_for_idle_threads();
+
 // The CPU as /proc/cpuinfo names it, with its family and model ("AMD EPYC (family 25 model 1)"),
 // and the number of CPUs the process may run on.
 std::string cpu_name();

@@ -1535,6 +1535,18 @@ TEST(Cli, BenchQuickPrintsItsTable) {
   EXPECT_GT(json_value(o.out, "gflops"), 0.0);
 }
 
+// A top-1 layer is timed too: its gate weights are left unnormalised (renormalised, each would be
+// 1 and the training pass would be refused for giving the router no gradient, as it was).
+TEST(Cli, BenchTimesATopOneLayer) {
+  const Result r =
+      run("bench --quick --threads 1 --no-libraries --top-k 1 --json", workdir("bench_top1"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(json_value(r.out, "assignments"), 256.0);  // the quick layer's 256 tokens, one each
+  const size_t at = r.out.find("\"forward_backward\"");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  EXPECT_GT(json_value(r.out, "gflops", at), 0.0) << r.out;
+}
+
 TEST(Cli, BenchDecodeSetsEachBatchAgainstItsRoofline) {
   // A small decode layer (the real one builds 6 GB): d 256, 8 experts x 128 + 1 shared, top-2.
   const fs::path dir = workdir("bench_decode");
