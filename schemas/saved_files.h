@@ -38,11 +38,12 @@ namespace moert::format {
 // for as long as it keeps its copies: one that does not exec kept a directory locked after its
 // parent died, and every later save there waited out its patience. The child's copies are closed
 // at the fork instead (pthread_atfork), so that a lock lives exactly as long as its holder in the
-// parent. Registering happens under a mutex that the fork handler takes first; the open does not,
-// since an open can block for as long as its file system (a stuck NFS mount) and every fork() in
-// the process would wait with it. A descriptor that a fork may have copied before it was
-// registered is closed and its file opened again (the handler counts forks). More than kSlots at
-// once are not registered: their children keep copies, as before.
+// parent. Registering happens under a mutex that the fork handler takes first. The first open does
+// not: an open can block for as long as its file system (a stuck NFS mount), and every fork() in
+// the process would wait with it. The handler counts forks; a descriptor that a fork may have
+// copied before it was registered is replaced by a second open, made under the mutex (forks wait
+// for that one, which only a fork during the first makes). More than kSlots at once are not
+// registered: their children keep copies, as before.
 namespace fork_closed {
 inline constexpr int kSlots = 64;
 inline std::atomic<int> slots[kSlots];  // descriptor + 1; 0 is a free slot
@@ -50,6 +51,9 @@ inline pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
 // Forks made by this process, counted after each while the mutex is still held: a descriptor
 // opened after a fork was counted cannot have been copied by it.
 inline std::atomic<uint64_t> forks{0};
+// For tests: called between a ForkClosedFd's first open and its check for forks, the window where
+// another thread's fork() or a change to the path can fall.
+inline void (*after_first_open)() = nullptr;
 
 inline void lock() { ::pthread_mutex_lock(&mutex); }
 inline void unlock() { ::pthread_mutex_unlock(&mutex); }
@@ -74,38 +78,36 @@ inline bool handlers_installed() {
 // A descriptor opened with O_CLOEXEC whose copy in a child of fork() is closed at the fork (above).
 class ForkClosedFd {
  public:
-  // fd() is -1 with errno set when the open failed.
+  // fd() is -1 with errno set when the open failed. After a fork during the first open, a file
+  // it created (O_CREAT | O_EXCL) is removed and created again, and any other file is opened
+  // again and must be the same one (ESTALE if the path names another by then).
   ForkClosedFd(const char* path, int flags, mode_t mode = 0) {
+    flags |= O_CLOEXEC;
     const bool handled = fork_closed::handlers_installed();
-    for (;;) {
-      const uint64_t forks = fork_closed::forks.load();
-      fd_ = ::open(path, flags | O_CLOEXEC, mode);
-      if (fd_ < 0 || !handled) return;
-      fork_closed::lock();
-      const bool forked = fork_closed::forks.load() != forks;
-      if (!forked)
-        for (auto& slot : fork_closed::slots)
-          if (int free = 0; slot.compare_exchange_strong(free, fd_ + 1)) {
-            registered_ = &slot;
-            break;
-          }
-      fork_closed::unlock();
-      if (!forked) return;
-      // A child forked since the open may hold a copy of this open file description, which no
-      // handler closes: a lock taken on it would live on in the child. A new open makes another
-      // description. The file is this call's own by now, so it is not created again.
-      ::close(fd_);
-      flags &= ~(O_CREAT | O_EXCL | O_TRUNC);
-    }
+    const uint64_t forks = fork_closed::forks.load();
+    fd_ = ::open(path, flags, mode);
+    if (fd_ < 0 || !handled) return;
+    if (fork_closed::after_first_open) fork_closed::after_first_open();
+    fork_closed::lock();
+    if (fork_closed::forks.load() != forks) reopen(path, flags, mode);
+    const int saved_errno = errno;
+    if (fd_ >= 0)
+      for (auto& slot : fork_closed::slots)
+        if (int free = 0; slot.compare_exchange_strong(free, fd_ + 1)) {
+          registered_ = &slot;
+          break;
+        }
+    fork_closed::unlock();
+    errno = saved_errno;
   }
-  // Releases its flock, if any, with the descriptor. In a child of fork() whose copy the handler
-  // closed, does nothing: the number may name another file of the child's by now.
+  // Releases its flock, if any, before a fork can copy the descriptor unregistered, then closes
+  // it. In a child of fork() whose copy the handler closed, does nothing: the number may name
+  // another file of the child's by now.
   ~ForkClosedFd() {
     if (fd_ < 0) return;
-    if (registered_) {
-      int mine = fd_ + 1;
-      if (!registered_->compare_exchange_strong(mine, 0)) return;
-    }
+    if (registered_ && registered_->load() != fd_ + 1) return;
+    ::flock(fd_, LOCK_UN);
+    if (registered_) registered_->store(0);
     ::close(fd_);
   }
   // False in a child of fork() whose copy the handler closed.
@@ -116,6 +118,36 @@ class ForkClosedFd {
   int fd() const { return fd_; }
 
  private:
+  // Under the mutex: replaces fd_, which a child forked since its open may hold a copy of (a lock
+  // taken on it would live on in that child), by a new open file description of the same file.
+  void reopen(const char* path, int flags, mode_t mode) {
+    struct stat first {};
+    const bool known = ::fstat(fd_, &first) == 0;
+    auto same = [&](const struct stat& st) {
+      return known && st.st_dev == first.st_dev && st.st_ino == first.st_ino;
+    };
+    if ((flags & (O_CREAT | O_EXCL)) == (O_CREAT | O_EXCL)) {
+      // Created by the first open: opened again, it could refuse the access its own creation
+      // granted (a mode without write permission), so it is made again.
+      struct stat at_path {};
+      if (::lstat(path, &at_path) == 0 && same(at_path)) ::unlink(path);
+      ::close(fd_);
+      fd_ = ::open(path, flags, mode);
+      return;
+    }
+    const int second = ::open(path, flags & ~O_TRUNC, mode);
+    const int saved_errno = errno;
+    ::close(fd_);
+    fd_ = second;
+    errno = saved_errno;
+    struct stat st {};
+    if (fd_ >= 0 && !(::fstat(fd_, &st) == 0 && same(st))) {
+      ::close(fd_);
+      fd_ = -1;
+      errno = ESTALE;
+    }
+  }
+
   int fd_ = -1;
   std::atomic<int>* registered_ = nullptr;
 };

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -377,6 +378,115 @@ TEST_F(SavedFiles, AForkDoesNotWaitForAnOpenThatBlocks) {
   opener.join();
   EXPECT_LT(took, 10.0) << "fork() waited for an open under way in another thread";
   EXPECT_TRUE(registered) << "the descriptor opened across a fork was not registered";
+}
+
+// What the hook below makes of the window between a ForkClosedFd's first open and its check for
+// forks (a fork() from another thread, a path changed by another process), in the forms the
+// hook's plain function pointer allows.
+int g_report_fd = -1;     // where a forked child writes its pid, when set
+pid_t g_forked = -1;      // the child forked in the window
+fs::path g_replace_from;  // renamed over g_replace_to in the window, when set
+fs::path g_replace_to;
+void fork_in_the_window() {
+  g_forked = ::fork();
+  if (g_forked == 0) {
+    if (g_report_fd < 0) ::_exit(0);
+    const pid_t me = ::getpid();
+    if (::write(g_report_fd, &me, sizeof me) != sizeof me) ::_exit(3);
+    ::sleep(60);  // keeps every descriptor it was forked with; killed by the test
+    ::_exit(0);
+  }
+  if (!g_replace_from.empty()) ::rename(g_replace_from.c_str(), g_replace_to.c_str());
+}
+struct WindowHook {
+  WindowHook() { format::fork_closed::after_first_open = &fork_in_the_window; }
+  ~WindowHook() {
+    format::fork_closed::after_first_open = nullptr;
+    if (g_forked > 0 && g_report_fd < 0) ::waitpid(g_forked, nullptr, 0);
+    g_forked = -1;
+    g_replace_from.clear();
+  }
+};
+
+// A temporary file created just before a fork() is made again, so that the saver's lock is not
+// shared with that child, which lives on after the saver dies. The saver runs as an unprivileged
+// user under umask 0222: opening the file again by path would be refused the write access its
+// creation granted (79 saves in 300 failed so before this was made a second creation).
+TEST_F(SavedFiles, AFileCreatedAcrossAForkIsMadeAgainAndItsLockIsNotTheChilds) {
+  const fs::path temporary = dir_ / ".m.moert.data-fK4a9Q";
+  fs::permissions(dir_, fs::perms::all);  // 0777: the unprivileged saver creates files here
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t saver = ::fork();
+  ASSERT_GE(saver, 0);
+  if (saver == 0) {
+    if (::geteuid() == 0 && (::setgid(65534) != 0 || ::setuid(65534) != 0)) ::_exit(4);
+    ::umask(0222);
+    g_report_fd = pipe_fds[1];
+    const WindowHook hook;
+    const format::ForkClosedFd file(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (file.fd() < 0) ::_exit(2);
+    if (::flock(file.fd(), LOCK_EX) != 0 || ::write(file.fd(), "x", 1) != 1) ::_exit(3);
+    ::_exit(0);  // dies holding the lock: no destructor runs
+  }
+  ::close(pipe_fds[1]);
+  pid_t child = -1;
+  const bool received = ::read(pipe_fds[0], &child, sizeof child) == sizeof child;
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(saver, &status, 0), saver);
+  ASSERT_TRUE(received && child > 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "saver exit " << status;
+  EXPECT_EQ(::kill(child, 0), 0) << "the child forked in the window should still be alive";
+  EXPECT_EQ(fs::file_size(temporary), 1u);
+  EXPECT_FALSE(format::held_by_a_writer(temporary))
+      << "the child forked between the creation and its check kept the temporary file locked";
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+}
+
+// A path that names another file by the time of the second open is refused, not taken for the
+// file first opened (a directory lock would lock the wrong directory).
+TEST_F(SavedFiles, APathReplacedAcrossAForkIsRefused) {
+  const fs::path first = dir_ / "first", other = dir_ / "other";
+  std::ofstream(first) << "first";
+  std::ofstream(other) << "other";
+  g_replace_from = other;
+  g_replace_to = first;
+  errno = 0;
+  int fd = 0, error = 0;
+  {
+    const WindowHook hook;
+    const format::ForkClosedFd file(first.c_str(), O_RDONLY);
+    fd = file.fd();
+    error = errno;
+  }
+  EXPECT_EQ(fd, -1);
+  EXPECT_EQ(error, ESTALE) << std::strerror(error);
+}
+
+// A created file whose path became a symbolic link across a fork is not written through the link:
+// the second creation is exclusive too, and fails.
+TEST_F(SavedFiles, ACreatedFileReplacedByALinkAcrossAForkIsNotFollowed) {
+  const fs::path temporary = dir_ / ".m.moert.data-Zz01Yy", victim = dir_ / "victim",
+                 link = dir_ / "link";
+  std::ofstream(victim) << "untouched";
+  fs::create_symlink(victim, link);
+  g_replace_from = link;
+  g_replace_to = temporary;
+  int fd = 0, error = 0;
+  {
+    const WindowHook hook;
+    const format::ForkClosedFd file(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_TRUNC, 0644);
+    fd = file.fd();
+    error = errno;
+  }
+  EXPECT_EQ(fd, -1);
+  EXPECT_EQ(error, EEXIST) << std::strerror(error);
+  std::string content;
+  std::ifstream(victim) >> content;
+  EXPECT_EQ(content, "untouched");
+  EXPECT_TRUE(fs::is_symlink(temporary));
 }
 
 // A model loaded from a path that saves keep replacing (a server reloading the checkpoint a
