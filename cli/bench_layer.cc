@@ -116,9 +116,11 @@ Timing LayerTimer::time(int repeats, const std::function<double()>& gemm) {
   auto runs = [&](auto pass, std::vector<double>& gemm_gflops) {
     return time_runs(repeats, pass, [&] {
       if (!gemm) return;
-      wait_for_idle_threads();
-      gemm_gflops.push_back(gemm());
-      wait_for_idle_threads();
+      for (int side = 0; side < 2; ++side) {
+        ++t.waits;
+        if (!wait_for_idle_threads()) ++t.busy_waits;
+        if (side == 0) gemm_gflops.push_back(gemm());
+      }
       pass();
     });
   };

@@ -64,6 +64,9 @@ struct Timing {
   // GFLOP/s of the GEMM run right before it.
   std::vector<double> forward_runs, forward_backward_runs;
   std::vector<double> gemm_before_forward, gemm_before_forward_backward;
+  // Waits between a GEMM and a pass after which other threads still used CPU (see
+  // wait_for_idle_threads), and all such waits.
+  int busy_waits = 0, waits = 0;
 };
 
 // The median over the timed passes of (the pass's GFLOP/s) / (the GEMM's right before it); 0

@@ -138,7 +138,7 @@ double bench_clock() {
   return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
 }
 
-void wait_for_idle_threads() {
+bool wait_for_idle_threads() {
   constexpr auto kWindow = std::chrono::milliseconds(2);
   constexpr double kIdleSeconds = 1e-4;  // CPU the other threads may use in a quiet window
   constexpr int kMostWindows = 100;
@@ -158,6 +158,7 @@ void wait_for_idle_threads() {
     quiet = now - before < kIdleSeconds ? quiet + 1 : 0;
     before = now;
   }
+  return quiet >= 2;
 }
 
 std::string cpu_name() {

@@ -19,11 +19,12 @@ bool using_cpu_time();
 double bench_clock();
 
 // Returns once the process's other threads have used almost no CPU for two short windows in a
-// row (200 ms at most). A GEMM library's OpenMP threads spin after each parallel region before
-// they sleep (libgomp's default: 8-9 ms on Zen 5, measured), and on a machine of few CPUs a
-// spinning thread takes a core from whatever runs next: the bench layer's 4 ms forward at 256
-// tokens ran at 5-9 ms right after the GEMM it is set beside. Called between the two.
-void wait_for_idle_threads();
+// row: true then, false after 200 ms of waiting (threads that spin for good, as OpenMP's do under
+// OMP_WAIT_POLICY=active). A GEMM library's threads spin after each call before they sleep
+// (libgomp's default: 8-9 ms on Zen 5, measured; OpenBLAS's pthreads too), and on a machine of
+// few CPUs a spinning thread takes a core from whatever runs next: the bench layer's 4 ms forward
+// at 256 tokens ran at 5-9 ms right after the GEMM it is set beside. Called between the two.
+bool wait_for_idle_threads();
 
 // The CPU as /proc/cpuinfo names it, with its family and model ("AMD EPYC (family 25 model 1)"),
 // and the number of CPUs the process may run on.
