@@ -284,6 +284,24 @@ TEST_F(SavedFiles, ALockHeldElsewhereIsWaitedForABoundedTime) {
   ::close(fd);
 }
 
+// A test's saver process exits 0 once it has forked a child that writes its pid into `pipe_fds`
+// and lives on holding what it was forked with: returns that child's pid (-1, reported, if none).
+pid_t wait_for_saver(pid_t saver, int pipe_fds[2]) {
+  ::close(pipe_fds[1]);
+  pid_t child = -1;
+  const bool received = ::read(pipe_fds[0], &child, sizeof child) == sizeof child;
+  ::close(pipe_fds[0]);
+  int status = 0;
+  EXPECT_EQ(::waitpid(saver, &status, 0), saver);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the saver's status: " << status;
+  if (!received || child <= 0) {
+    ADD_FAILURE() << "the saver's child did not report";
+    return -1;
+  }
+  EXPECT_EQ(::kill(child, 0), 0) << "the forked child should still be alive";
+  return child;
+}
+
 // A child forked without exec while a save holds its locks does not share them: once the saver
 // has died, the directory and its temporary file are free although the child lives on (before,
 // every later save there waited out its patience and failed, and the file was never cleaned up).
@@ -309,15 +327,8 @@ TEST_F(SavedFiles, AChildForkedWhileLocksAreHeldDoesNotKeepThem) {
     }
     ::_exit(child > 0 ? 0 : 3);  // dies holding both locks: no destructor runs
   }
-  ::close(pipe_fds[1]);
-  pid_t child = -1;
-  const bool received = ::read(pipe_fds[0], &child, sizeof child) == sizeof child;
-  ::close(pipe_fds[0]);
-  int status = 0;
-  ASSERT_EQ(::waitpid(saver, &status, 0), saver);
-  ASSERT_TRUE(received && child > 0);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
-  EXPECT_EQ(::kill(child, 0), 0) << "the forked child should still be alive";
+  const pid_t child = wait_for_saver(saver, pipe_fds);
+  ASSERT_GT(child, 0);
   {
     const format::DirectoryLock lock(dir_, std::chrono::milliseconds(2000));
     EXPECT_FALSE(lock.timed_out()) << "the forked child kept the directory locked";
@@ -429,15 +440,8 @@ TEST_F(SavedFiles, AFileCreatedAcrossAForkIsMadeAgainAndItsLockIsNotTheChilds) {
     if (::flock(file.fd(), LOCK_EX) != 0 || ::write(file.fd(), "x", 1) != 1) ::_exit(3);
     ::_exit(0);  // dies holding the lock: no destructor runs
   }
-  ::close(pipe_fds[1]);
-  pid_t child = -1;
-  const bool received = ::read(pipe_fds[0], &child, sizeof child) == sizeof child;
-  ::close(pipe_fds[0]);
-  int status = 0;
-  ASSERT_EQ(::waitpid(saver, &status, 0), saver);
-  ASSERT_TRUE(received && child > 0);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "saver exit " << status;
-  EXPECT_EQ(::kill(child, 0), 0) << "the child forked in the window should still be alive";
+  const pid_t child = wait_for_saver(saver, pipe_fds);
+  ASSERT_GT(child, 0);
   EXPECT_EQ(fs::file_size(temporary), 1u);
   EXPECT_FALSE(format::held_by_a_writer(temporary))
       << "the child forked between the creation and its check kept the temporary file locked";

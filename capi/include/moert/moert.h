@@ -52,9 +52,10 @@
  *    by a pthread_atfork handler, which fork() runs (vfork(), posix_spawn() and a raw clone() do
  *    not, and need not when they exec). A fork() does not wait for a save's open of such a file
  *    (an open on a stuck file system can block for good); a fork during one makes the save open
- *    the file a second time, and that open the fork waits for. A fork() also waits for the GEMMs that other threads are running to return (10 s at most),
- *    and GEMMs that begin meanwhile wait for it, so that the child does not inherit a lock
- *    oneDNN held in another thread (its first GEMM could wait on one for good).
+ *    the file a second time, and that open the fork waits for. A fork() also waits for the
+ *    GEMMs that other threads are running to return (10 s at most), and GEMMs that begin
+ *    meanwhile wait for it, so that the child does not inherit a lock oneDNN held in another
+ *    thread (its first GEMM could wait on one for good).
  *  - Status messages are one line of valid UTF-8: text taken from a file (a model's or layer's
  *    name, say) is quoted with every byte that is not part of valid UTF-8, and every ASCII control
  *    character (newline, tab, NUL, DEL, ...), written as \xNN.
