@@ -321,13 +321,12 @@ GemmComparison measure_gemm_libraries(int64_t m, int64_t n, int64_t k, unsigned 
       // Its first runs after other heavy work (the bf16 dot-product peak, another library) ran
       // up to 15 % slow for a second or two; a single warm-up run did not cover them. Runs of its
       // forward GEMM for a second go first.
-      const double start = bench_clock();
-      for (int run = 0; run < 12 && bench_clock() - start < 1.0; ++run) {
+      run_for(1.0, 1, 12, [&] {
         if (l.concurrent || threads == 1)
           r.timed(1, 0, [&] { r.split(false); });
         else
           r.timed(static_cast<int>(threads), 0, [&] { r.threaded(false); });
-      }
+      });
       double best_nt = 0.0, best_trio = 0.0;
       std::string how;
       bool split_best = false;

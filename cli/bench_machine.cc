@@ -161,6 +161,11 @@ bool wait_for_idle_threads() {
   return quiet >= 2;
 }
 
+void run_for(double seconds, int least, int most, const std::function<void()>& run) {
+  const double start = bench_clock();
+  for (int i = 0; i < most && (i < least || bench_clock() - start < seconds); ++i) run();
+}
+
 std::string cpu_name() {
   std::ifstream in("/proc/cpuinfo");
   std::string line, model, family, number;

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -25,6 +26,11 @@ double bench_clock();
 // few CPUs a spinning thread takes a core from whatever runs next: the bench layer's 4 ms forward
 // at 256 tokens ran at 5-9 ms right after the GEMM it is set beside. Called between the two.
 bool wait_for_idle_threads();
+
+// Runs `run` at least `least` times, then again while fewer than `seconds` (bench_clock()) have
+// passed since the first, `most` times in all at most: a GEMM's first runs after other heavy work
+// in the process ran slow for a second or two (docs/cpu-performance.md, stop 58).
+void run_for(double seconds, int least, int most, const std::function<void()>& run);
 
 // The CPU as /proc/cpuinfo names it, with its family and model ("AMD EPYC (family 25 model 1)"),
 // and the number of CPUs the process may run on.

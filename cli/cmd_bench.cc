@@ -340,11 +340,7 @@ int run_bench(const Args& args) {
   // while the layer's passes between them held still; with glibc's malloc thresholds set high
   // the slow runs were two, which points at oneDNN's per-call buffers). It runs until that has
   // passed before the GEMMs beside the passes count.
-  if (gemms.best_pass) {
-    const double start = bench_clock();
-    for (int run = 0; run < 2 || (run < 12 && bench_clock() - start < 2.0); ++run)
-      gemms.best_pass();
-  }
+  if (gemms.best_pass) run_for(2.0, 2, 12, [&] { gemms.best_pass(); });
   const Timing t32 = layer32.time(repeats, gemms.best_pass);
   const double beside_f = median_ratio(moe_fwd, t32.forward_runs, t32.gemm_before_forward);
   const double beside_fb =
