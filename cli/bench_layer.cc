@@ -113,14 +113,16 @@ Timing LayerTimer::time(int repeats, const std::function<double()>& gemm) {
   // The GEMM's operands (80 MB at the default shape) push the layer's weights out of the caches,
   // where back-to-back passes find them: an untimed pass after it puts them back (the forward
   // was 9 % slower without it). Each side starts once the other's threads have stopped spinning.
+  auto wait = [&] {
+    ++t.waits;
+    if (!wait_for_idle_threads()) ++t.busy_waits;
+  };
   auto runs = [&](auto pass, std::vector<double>& gemm_gflops) {
     return time_runs(repeats, pass, [&] {
       if (!gemm) return;
-      for (int side = 0; side < 2; ++side) {
-        ++t.waits;
-        if (!wait_for_idle_threads()) ++t.busy_waits;
-        if (side == 0) gemm_gflops.push_back(gemm());
-      }
+      wait();
+      gemm_gflops.push_back(gemm());
+      wait();
       pass();
     });
   };
