@@ -18,6 +18,8 @@
 #include "core/backend.h"
 #include "core/grad_reduction.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/row_reduction.h"
+#include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/wgrad_stride.h"
 #include "tests/unit/random_tensor.h"
 
@@ -931,6 +933,75 @@ TEST(CpuReduction, GemmAccumulateRoundsAsAddingThePartial) {
           EXPECT_TRUE(same_bits(fused, want))
               << (trans_a ? "tn " : "nt ") << m << " x " << n << " x " << k << " ldc " << ldc;
         }
+}
+
+// DenseReducer against the rule's definition, not only against itself split: for any count of
+// chunks, from any first chunk, with and without the partials' GEMMs merging pairs of chunks,
+// the result is bit for bit the reference tree's: acc + T, or each aligned block's tree sum as
+// a root. Two gradients, one of several tiles in both directions with short edge tiles, on two
+// threads.
+TEST(CpuReduction, DenseFoldIsTheReferenceTreeForAnyChunkCount) {
+  std::mt19937 rng(23);
+  cpu::ThreadPool pool(2);
+  cpu::DenseReducer reducer(pool);
+  const auto mem = make_cpu_backend(1);
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{70, 600}, {3, 40}};
+  for (int64_t chunks : {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 31, 33})
+    for (int64_t first : {int64_t{-1}, int64_t{0}, int64_t{3}, int64_t{8}})  // -1: acc mode
+      for (bool exact : {true, false}) {
+        std::vector<std::vector<Vec>> parts(shapes.size());
+        std::vector<Vec> acc(shapes.size());
+        std::vector<GradRoots> roots(shapes.size());
+        std::vector<GradOut> outs(shapes.size());
+        std::vector<cpu::DenseGrad> grads;
+        for (size_t s = 0; s < shapes.size(); ++s) {
+          const auto [out, in] = shapes[s];
+          for (int64_t j = 0; j < chunks; ++j) parts[s].push_back(randv(out * in, rng));
+          acc[s] = randv(out * in, rng);
+          outs[s] = {acc[s].data(), first < 0 ? nullptr : &roots[s], std::max<int64_t>(first, 0)};
+          cpu::DenseGrad d;
+          d.g = &outs[s];
+          d.chunks = chunks;
+          d.out = out;
+          d.in = in;
+          d.exact_accumulate = exact;
+          d.partial = [&, s, in](int64_t j, int64_t o0, int64_t no, int64_t i0, int64_t ni,
+                                 float* c, int64_t ldc, bool accumulate, unsigned) {
+            const float* p = parts[s][static_cast<size_t>(j)].data();
+            for (int64_t o = 0; o < no; ++o)
+              for (int64_t i = 0; i < ni; ++i) {
+                const float v = p[(o0 + o) * in + i0 + i];
+                c[o * ldc + i] = accumulate ? c[o * ldc + i] + v : v;
+              }
+          };
+          grads.push_back(std::move(d));
+        }
+        const std::vector<Vec> acc0 = acc;
+        reducer.run(*mem, grads);
+        for (size_t s = 0; s < shapes.size(); ++s) {
+          const std::string what = "gradient " + std::to_string(s) + ", " +
+                                   std::to_string(chunks) + " chunks from " +
+                                   std::to_string(first) + (exact ? ", exact" : "");
+          if (first < 0) {
+            Vec want = acc0[s];
+            const Vec total = reference_tree_sum(parts[s]);
+            for (size_t i = 0; i < want.size(); ++i) want[i] = want[i] + total[i];
+            EXPECT_TRUE(same_bits(acc[s], want)) << what;
+            continue;
+          }
+          EXPECT_TRUE(same_bits(acc[s], acc0[s])) << what << ": acc written in roots mode";
+          const auto blocks = aligned_blocks(first, first + chunks);
+          ASSERT_EQ(roots[s].blocks.size(), blocks.size()) << what;
+          for (size_t b = 0; b < blocks.size(); ++b) {
+            EXPECT_EQ(roots[s].blocks[b], blocks[b]) << what;
+            const auto begin = parts[s].begin() + (blocks[b].begin - first);
+            const Vec want = reference_tree_sum({begin, begin + blocks[b].size});
+            const Vec got(roots[s].values[b].data(),
+                          roots[s].values[b].data() + roots[s].values[b].size());
+            EXPECT_TRUE(same_bits(got, want)) << what << ", block " << b;
+          }
+        }
+      }
 }
 
 TEST(CpuBackend, AddIsElementwise) {
