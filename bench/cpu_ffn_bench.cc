@@ -128,9 +128,9 @@ void run_layer(const Layer& l, unsigned threads, int reps, double limit) {
                                  h1.data(), h3.data(), D, H);
       });
       const double tb = seconds([&] {
-        r.be->grouped_swiglu_ffn_backward(plan, x.data(), r.ws.w[0], r.ws.w[1], r.ws.w[2],
-                                          h1.data(), h3.data(), dy.data(), dx.data(),
-                                          r.out[0].data(), r.out[1].data(), r.out[2].data(), D, H);
+        r.be->grouped_swiglu_ffn_backward(
+            plan, x.data(), r.ws.w[0], r.ws.w[1], r.ws.w[2], h1.data(), h3.data(), dy.data(),
+            dx.data(), r.out[0].data(), r.out[1].data(), r.out[2].data(), D, H, D);
       });
       if (rep == 0) continue;
       r.tf = std::min(r.tf, tf);

@@ -243,16 +243,28 @@ class Backend : public Allocator {
                                   int64_t dim, int64_t hidden) = 0;
 
   // dispatch() then grouped_swiglu_ffn(), for experts whose tokens lie unpermuted in x [plan.rows,
-  // dim]. x_perm [A, dim] holds the dispatched rows on return when keep_x_perm (a training pass
-  // reads them in backward); otherwise it is room the backend may leave unwritten. Same results
-  // as the two calls. The CPU backend gathers each GEMM item's rows where the item reads them,
-  // instead of in a pass of their own over memory.
+  // dim]. x_perm [A, ld] holds the dispatched rows on return when keep_x_perm (a training pass
+  // reads them in backward), at row stride ld (kept_rows_stride, or dim); otherwise it is room
+  // the backend may leave unwritten. Same results as the two calls. The CPU backend gathers each
+  // GEMM item's rows where the item reads them, instead of in a pass of their own over memory.
   virtual void dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
                                    [[maybe_unused]] bool keep_x_perm, Weight w1, Weight w3,
                                    Weight w2, float* y_perm, float* h1, float* h3, int64_t dim,
-                                   int64_t hidden) {
+                                   int64_t hidden, int64_t ld) {
+    dense_rows(ld, dim, "dispatch_swiglu_ffn");
     dispatch(plan, x, x_perm, dim);
     grouped_swiglu_ffn(plan, x_perm, w1, w3, w2, y_perm, h1, h3, dim, hidden);
+  }
+
+  // The row stride (floats, at least dim) at which a training pass keeps the routed experts'
+  // rows for their backward: x_perm as dispatch_swiglu_ffn keeps it, dy_perm as combine_backward
+  // writes it, both as grouped_swiglu_ffn_backward reads them, for experts of these weights
+  // ([E, hidden, dim] w1, w3; [E, dim, hidden] w2). The CPU backend pads rows whose stride would
+  // make its Wgrad GEMMs' reads down a chunk collide in L1 (kernels/cpu/wgrad_stride.h), so that
+  // it reads them where they lie rather than copying them; other backends keep them dense.
+  virtual int64_t kept_rows_stride(Weight /*w1*/, Weight /*w3*/, Weight /*w2*/, int64_t dim,
+                                   int64_t /*hidden*/) const {
+    return dim;
   }
 
   // y[t] += sum over t's assignments a (in expert order) of plan.weight[a] * y_perm[a].
@@ -289,20 +301,21 @@ class Backend : public Allocator {
                                    const GradOut& dw1, const GradOut& dw3, const GradOut& dw2,
                                    int64_t rows, int64_t dim, int64_t hidden) = 0;
 
-  // Backward of grouped_swiglu_ffn: dx_perm (overwritten; aliasing none of the inputs, as for
-  // swiglu_ffn_backward) and, per expert e, dw1[e], dw3[e], dw2[e] (arrays of E; acc is that
-  // expert's slice). An expert's rows are its assignments, in plan order; its chunks are counted
-  // from the start of its list (in roots mode from that GradOut's first_chunk).
+  // Backward of grouped_swiglu_ffn: dx_perm [A, dim] (overwritten; aliasing none of the inputs,
+  // as for swiglu_ffn_backward) and, per expert e, dw1[e], dw3[e], dw2[e] (arrays of E; acc is
+  // that expert's slice). x_perm and dy_perm are [A, ld] (row stride ld: kept_rows_stride, or
+  // dim). An expert's rows are its assignments, in plan order; its chunks are counted from the
+  // start of its list (in roots mode from that GradOut's first_chunk).
   virtual void grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm, Weight w1,
                                            Weight w3, Weight w2, const float* h1, const float* h3,
                                            const float* dy_perm, float* dx_perm, const GradOut* dw1,
                                            const GradOut* dw3, const GradOut* dw2, int64_t dim,
-                                           int64_t hidden) = 0;
+                                           int64_t hidden, int64_t ld) = 0;
 
-  // Backward of combine: dy_perm[a] = weight[a] * dy[token[a]], dweight[a] = <dy[token[a]],
-  // y_perm[a]>.
+  // Backward of combine: dy_perm[a] = weight[a] * dy[token[a]] (dy_perm at row stride ld >= dim),
+  // dweight[a] = <dy[token[a]], y_perm[a]>.
   virtual void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
-                                float* dy_perm, float* dweight, int64_t dim) = 0;
+                                float* dy_perm, float* dweight, int64_t dim, int64_t ld) = 0;
 
   // Backward of dispatch: dx[t] += sum over t's assignments of dx_perm[a].
   virtual void dispatch_backward(const DispatchPlan& plan, const float* dx_perm, float* dx,
@@ -397,6 +410,15 @@ class Backend : public Allocator {
   // One SGD update with momentum buffer m and L2 weight decay wd.
   virtual void sgd(float* p, const float* g, float* m, int64_t n, double lr, double momentum,
                    double wd, double gscale) = 0;
+
+ protected:
+  // For a backend that keeps the routed experts' rows dense (kept_rows_stride's default): a row
+  // stride other than dim reaching `call` is a caller's error.
+  void dense_rows(int64_t ld, int64_t dim, const char* call) const {
+    if (ld != dim)
+      fail(Code::Internal, "the ", name(), " backend got rows at stride ", ld, " for width ", dim,
+           " in ", call, ": it keeps them dense");
+  }
 };
 
 // One of Backend's pairs, Begin now and End when the object goes.

@@ -23,7 +23,8 @@ class Communicator;
 //    packed_bf16_bytes, pack_bf16.
 // 9: Backend::route_expert_choice takes the row window its plan keeps.
 // 10: Backend::work_bytes and release_work.
-inline constexpr uint32_t kCudaPluginAbi = 10;
+// 11: Backend::kept_rows_stride; the routed experts' kept rows carry their row stride.
+inline constexpr uint32_t kCudaPluginAbi = 11;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =
     MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(

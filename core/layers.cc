@@ -241,7 +241,12 @@ void MoELayer::experts_forward(Backend& be, const DispatchPlan& plan, int64_t fi
   const int64_t off = expert_weight_offset(first_expert);
   be.dispatch_swiglu_ffn(plan, x, x_perm, keep_x_perm, p_.weight(s_.w1).offset(off),
                          p_.weight(s_.w3).offset(off), p_.weight(s_.w2).offset(off), y_perm, h1, h3,
-                         s_.dim, s_.expert_hidden);
+                         s_.dim, s_.expert_hidden, keep_x_perm ? kept_ld_ : s_.dim);
+}
+
+int64_t MoELayer::kept_rows_stride(const Backend& be) const {
+  return be.kept_rows_stride(p_.weight(s_.w1), p_.weight(s_.w3), p_.weight(s_.w2), s_.dim,
+                             s_.expert_hidden);
 }
 
 int64_t MoELayer::expert_weight_offset(int64_t expert) const {
@@ -284,12 +289,13 @@ void MoELayer::residual_and_shared(Backend& be, const float* x, float* y, int64_
 void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass pass) {
   const bool train = pass == Pass::Train;
   if (train) x_ = x;
+  kept_ld_ = train ? kept_rows_stride(be) : s_.dim;
   if (par_) return forward_parallel(be, x, y, rows, train);
   const int64_t E = s_.router.num_experts, D = s_.dim;
   route(be, x, rows);
   const int64_t A = plan_.num_assignments();
-  x_perm_.resize(be, static_cast<size_t>(A * D));
-  y_perm_.resize(be, x_perm_.size());
+  x_perm_.resize(be, static_cast<size_t>(A * kept_ld_));
+  y_perm_.resize(be, static_cast<size_t>(A * D));
   keep_hidden(be, A, train);
   in_routing_order(be, plan_, [&] {
     experts_forward(be, plan_, 0, x, x_perm_.data(), train, y_perm_.data(),
@@ -390,7 +396,7 @@ void MoELayer::experts_backward(Backend& be, const DispatchPlan& plan, int64_t f
   be.grouped_swiglu_ffn_backward(plan, x_perm, p_.weight(s_.w1).offset(base),
                                  p_.weight(s_.w3).offset(base), p_.weight(s_.w2).offset(base), h1,
                                  h3, dy_perm, dx_perm, g1.data(), g3.data(), g2.data(), s_.dim,
-                                 s_.expert_hidden);
+                                 s_.expert_hidden, kept_ld_);
 }
 
 void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
@@ -406,10 +412,10 @@ void MoELayer::backward(Backend& be, const float* dy, float* dx, int64_t rows) {
   // dx gets the shared experts, then the routed ones, then the router: the order expert
   // parallelism keeps while the routed experts' exchange is under way.
   shared_backward(be, dy, dx, rows);
-  dy_perm_.resize(be, static_cast<size_t>(A * D));
+  dy_perm_.resize(be, static_cast<size_t>(A * kept_ld_));
   dweight_.resize(be, static_cast<size_t>(A));
-  dx_perm_.resize(be, dy_perm_.size());
-  be.combine_backward(plan_, y_perm_.data(), dy, dy_perm_.data(), dweight_.data(), D);
+  dx_perm_.resize(be, static_cast<size_t>(A * D));
+  be.combine_backward(plan_, y_perm_.data(), dy, dy_perm_.data(), dweight_.data(), D, kept_ld_);
   in_routing_order(be, plan_, [&] {
     experts_backward(be, plan_, 0, x_perm_.data(), h1_.data(), h3_.data(), dy_perm_.data(),
                      dx_perm_.data(), nullptr, nullptr);

@@ -162,6 +162,8 @@ class MoELayer final : public Layer {
   // keep the pre-activations for backward.
   void experts_forward(Backend& be, const DispatchPlan& plan, int64_t first_expert, const float* x,
                        float* x_perm, bool keep_x_perm, float* y_perm, float* h1, float* h3);
+  // The backend's kept_rows_stride for this layer's routed experts.
+  int64_t kept_rows_stride(const Backend& be) const;
   // Where expert `expert`'s weights (and gradients) start in this session's stacked tensors.
   int64_t expert_weight_offset(int64_t expert) const;
   // Room for the experts' pre-activations of `assignments` assignments (training passes).
@@ -193,6 +195,9 @@ class MoELayer final : public Layer {
   Buffer<float> logits_, scores_, weights_, x_perm_, y_perm_, h1_, h3_, aux_ds_;
   Buffer<float> all_logits_, all_scores_;  // Expert Choice among ranks: every rank's rows
   Buffer<float> dy_perm_, dweight_, dx_perm_, dlogits_, scratch_;
+  // Row stride of x_perm_ and dy_perm_, the rows the experts' backward reads: the backend's
+  // kept_rows_stride in a training pass (set by forward), else dim.
+  int64_t kept_ld_ = 0;
   std::vector<Buffer<float>> shared_h1_, shared_h3_;
   Buffer<int32_t> experts_;
   double aux_loss_ = 0.0;

@@ -230,8 +230,8 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
                           reinterpret_cast<const char*>(send_meta.data() + send_meta.size())));
     ex.x_recv.resize(be, static_cast<size_t>(n_recv * D));
     ex.meta_recv.resize(be, static_cast<size_t>(a_recv) * sizeof(Assignment));
-    x_perm_.resize(be, static_cast<size_t>(a_local * D));
-    y_perm_.resize(be, x_perm_.size());
+    x_perm_.resize(be, static_cast<size_t>(a_local * kept_ld_));
+    y_perm_.resize(be, static_cast<size_t>(a_local * D));
     keep_hidden(be, a_local, train);
     ex.y_ret.resize(be, static_cast<size_t>(a_local * D));
     ex.y_back.resize(be, static_cast<size_t>(A * D));
@@ -355,7 +355,7 @@ void MoELayer::forward_parallel(Backend& be, const float* x, float* y, int64_t r
     const auto te = Clock::now();
     if (!par_->compute([&] {
           experts_forward(be, g, sharding.first_expert() + l0, ex.x_recv.data(),
-                          x_perm_.data() + s0 * D, train, y_perm_.data() + s0 * D,
+                          x_perm_.data() + s0 * kept_ld_, train, y_perm_.data() + s0 * D,
                           train ? h1_.data() + s0 * H : nullptr,
                           train ? h3_.data() + s0 * H : nullptr);
         }))
@@ -407,9 +407,9 @@ void MoELayer::reserve_backward(Backend& be, int64_t rows, bool dx_given) {
   ex_.dy_recv.resize(be, ex_.x_recv.size());
   dweight_.resize(be, static_cast<size_t>(A));
   ex_.scratch.resize(be, static_cast<size_t>(std::max(A * D, a_local)));
-  dy_perm_.resize(be, static_cast<size_t>(a_local * D));
-  dx_perm_.resize(be, dy_perm_.size());
-  ex_.dx_ret.resize(be, dy_perm_.size());
+  dy_perm_.resize(be, static_cast<size_t>(a_local * kept_ld_));
+  dx_perm_.resize(be, static_cast<size_t>(a_local * D));
+  ex_.dx_ret.resize(be, dx_perm_.size());
   ex_.dx_back.resize(be, static_cast<size_t>(A * D));
   ex_.dx_home.resize(be, ex_.dx_back.size());
   dlogits_.resize(be, static_cast<size_t>(rows * E));
@@ -443,7 +443,7 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
   // Every buffer was sized in the call's opening agreement (reserve_backward).
   par_->compute([&] {
     shared_backward(be, dy, dx, rows);
-    be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D);
+    be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D, D);
   });
   // Expert gradients by roots where the backend gives them (Session::reduce_local_gradients
   // all-reduces them otherwise).
@@ -464,10 +464,10 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
     const auto te = Clock::now();
     if (!par_->compute([&] {
           be.combine_backward(g, y_perm_.data() + s0 * D, ex.dy_recv.data(),
-                              dy_perm_.data() + s0 * D, ex.scratch.data(), D);
-          experts_backward(be, g, par_->sharding(E).first_expert() + l0, x_perm_.data() + s0 * D,
-                           h1_.data() + s0 * H, h3_.data() + s0 * H, dy_perm_.data() + s0 * D,
-                           dx_perm_.data() + s0 * D,
+                              dy_perm_.data() + s0 * kept_ld_, ex.scratch.data(), D, kept_ld_);
+          experts_backward(be, g, par_->sharding(E).first_expert() + l0,
+                           x_perm_.data() + s0 * kept_ld_, h1_.data() + s0 * H, h3_.data() + s0 * H,
+                           dy_perm_.data() + s0 * kept_ld_, dx_perm_.data() + s0 * D,
                            replicated ? ex.expert_roots.data() + 3 * l0 : nullptr,
                            ex.first_chunk.data() + l0);
         }))

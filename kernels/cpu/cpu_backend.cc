@@ -308,7 +308,7 @@ void CpuBackend::combine(const DispatchPlan& plan, const float* y_perm, float* y
 }
 
 void CpuBackend::combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
-                                  float* dy_perm, float* dweight, int64_t dim) {
+                                  float* dy_perm, float* dweight, int64_t dim, int64_t ld) {
   const int64_t A = plan.num_assignments();
   const int32_t* token = plan.token.data();
   const float* weight = plan.weight.data();
@@ -317,7 +317,7 @@ void CpuBackend::combine_backward(const DispatchPlan& plan, const float* y_perm,
     for (int64_t a = a0; a < a0 + n; ++a) {
       const float* g = dy + static_cast<int64_t>(token[a]) * dim;
       dweight[a] =
-          static_cast<float>(scale_and_dot(dy_perm + a * dim, weight[a], g, y_perm + a * dim, dim));
+          static_cast<float>(scale_and_dot(dy_perm + a * ld, weight[a], g, y_perm + a * dim, dim));
     }
   });
 }

@@ -79,7 +79,10 @@ class CpuBackend final : public Backend {
                           int64_t hidden) override;
   void dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
                            bool keep_x_perm, Weight w1, Weight w3, Weight w2, float* y_perm,
-                           float* h1, float* h3, int64_t dim, int64_t hidden) override;
+                           float* h1, float* h3, int64_t dim, int64_t hidden, int64_t ld) override;
+  // Direct mode's padded stride (wgrad_ld) where the experts' backward runs in Direct mode.
+  int64_t kept_rows_stride(Weight w1, Weight w3, Weight w2, int64_t dim,
+                           int64_t hidden) const override;
   void combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) override;
 
   // ---- Training
@@ -98,9 +101,9 @@ class CpuBackend final : public Backend {
                                    Weight w3, Weight w2, const float* h1, const float* h3,
                                    const float* dy_perm, float* dx_perm, const GradOut* dw1,
                                    const GradOut* dw3, const GradOut* dw2, int64_t dim,
-                                   int64_t hidden) override;
+                                   int64_t hidden, int64_t ld) override;
   void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
-                        float* dy_perm, float* dweight, int64_t dim) override;
+                        float* dy_perm, float* dweight, int64_t dim, int64_t ld) override;
   void dispatch_backward(const DispatchPlan& plan, const float* dx_perm, float* dx,
                          int64_t dim) override;
   void router_backward(const RouterConfig& cfg, bool normalize, const float* scores,
@@ -151,12 +154,13 @@ class CpuBackend final : public Backend {
                                      int64_t unit = kReduceRows);
 
   // Rows an FFN forward gathers itself: row r of its input is src[token[r]], written to kept
-  // (row stride dim) when that is set. The call's x is then not read.
+  // (row stride kept_ld) when that is set. The call's x is then not read.
   struct Gather {
     const float* src = nullptr;
     const int32_t* token = nullptr;
     float* kept = nullptr;
     int64_t src_rows = 0;  // rows of src (the plan's tokens)
+    int64_t kept_ld = 0;
   };
   // The experts of `plan` (weights from expert 0 of w1, w3, w2) as segments, those without rows
   // left out.
@@ -185,7 +189,7 @@ class CpuBackend final : public Backend {
   };
   void backward_item(Mode mode, const Segment& s, const Item& it, const float* x, const float* h1,
                      const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
-                     int64_t hidden, Transposed wt, WgradRows rows, unsigned worker);
+                     int64_t hidden, int64_t ld, Transposed wt, WgradRows rows, unsigned worker);
   // backward_item in FP8 (cpu_ffn_fp8.cc), on an item of one 128-token tile (kFp8ShareRows
   // rows): Dgrad on row tiles; the Wgrad operands quantized in column tiles, the item being one
   // tile, into t_x_ ... t_dh3_ (codes [rows, width]) and t_fp8_scales_ (item `item`'s scales).
@@ -208,10 +212,14 @@ class CpuBackend final : public Backend {
   static int64_t fp8_item_scales(int64_t dim, int64_t hidden) {
     return kFp8ItemTiles * (2 * dim + 3 * hidden);
   }
-  // The FFN backward of every segment: dx (+)= and the weight gradients (cpu_ffn.cc).
+  // The mode ffn_backward runs weights in: FP8 or bf16 where all of them carry such copies, else
+  // by their size (cpu_ffn.cc).
+  Mode backward_mode(bool all_bf16, bool all_fp8, int64_t dim, int64_t hidden) const;
+  // The FFN backward of every segment: dx (+)= and the weight gradients (cpu_ffn.cc); x and dy
+  // at row stride ld (dim, or Direct mode's wgrad_ld).
   void ffn_backward(const std::vector<Segment>& segs, const float* x, const float* h1,
                     const float* h3, const float* dy, float* dx, bool dx_accumulate, int64_t dim,
-                    int64_t hidden);
+                    int64_t hidden, int64_t ld);
 
   bool bf16_;
   // The fp32 forward multiplies by Weight::f32t ("nn") where a weight carries it; the bf16

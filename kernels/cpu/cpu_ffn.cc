@@ -162,8 +162,12 @@ void CpuBackend::grouped_swiglu_ffn(const DispatchPlan& plan, const float* x_per
 void CpuBackend::dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
                                      bool keep_x_perm, Weight w1, Weight w3, Weight w2,
                                      float* y_perm, float* h1, float* h3, int64_t dim,
-                                     int64_t hidden) {
-  const Gather gather{x, plan.token.data(), keep_x_perm ? x_perm : nullptr, plan.rows};
+                                     int64_t hidden, int64_t ld) {
+  // Only rows kept for a Direct-mode backward come padded: the other modes read them dense.
+  if (ld != dim && (!keep_x_perm || kept_rows_stride(w1, w3, w2, dim, hidden) != ld))
+    fail(Code::Internal, "dispatch_swiglu_ffn got a row stride ", ld, " for width ", dim,
+         " where its rows are not kept padded");
+  const Gather gather{x, plan.token.data(), keep_x_perm ? x_perm : nullptr, plan.rows, ld};
   ffn_forward(expert_segments(plan, w1, w3, w2, dim, hidden), x_perm, y_perm, h1, h3, dim, hidden,
               false, &gather);
 }
@@ -172,13 +176,15 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
                              float* h3, int64_t dim, int64_t hidden, bool accumulate,
                              const Gather* gather) {
   const auto items = row_items(segs);
-  // m rows from `begin` on, gathered into `to` (row stride dim).
-  auto gather_rows = [&](int64_t begin, int64_t m, float* to) {
+  // m rows from `begin` on, gathered into `to` (row stride ld).
+  auto gather_rows = [&](int64_t begin, int64_t m, float* to, int64_t ld) {
     for (int64_t r = 0; r < m; ++r)
-      std::memcpy(to + r * dim, gather->src + static_cast<int64_t>(gather->token[begin + r]) * dim,
+      std::memcpy(to + r * ld, gather->src + static_cast<int64_t>(gather->token[begin + r]) * dim,
                   sizeof(float) * static_cast<size_t>(dim));
   };
-  auto kept_rows = [&](int64_t begin) { return gather->kept + begin * dim; };
+  // The rows of x (the kept x_perm) at their own stride.
+  const int64_t ldk = gather && gather->kept ? gather->kept_ld : dim;
+  auto kept_rows = [&](int64_t begin) { return gather->kept + begin * ldk; };
   // In bf16 the activations a = swiglu(h1, h3) leave the up GEMMs already in the down GEMM's
   // operand form (bf16_gemm_.act_bytes() per element, row stride `hidden` elements, in the same
   // storage), and rows to gather go from x to the up GEMMs' operand form in one step.
@@ -198,8 +204,9 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   std::vector<int32_t> slot;
   // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
   // The rows: xr, or (`tokens`, bf16) rows tokens[r] of the gather's source.
-  auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, const int32_t* tokens,
-                float* p1, float* p3, float* a, int64_t c0, int64_t n, unsigned worker) {
+  auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, int64_t ldx,
+                const int32_t* tokens, float* p1, float* p3, float* a, int64_t c0, int64_t n,
+                unsigned worker) {
     if (in_bf16(s)) {
       auto& act = scratch_[worker].bytes;
       act.resize(static_cast<size_t>(m) * row_bytes);
@@ -214,7 +221,7 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
           bf16_gemm_.prepare(gather->src + static_cast<int64_t>(tokens[r]) * dim, dim, 1, dim,
                              act.data() + static_cast<size_t>(r) * row_bytes, dim, false);
       else
-        bf16_gemm_.prepare(xr, dim, m, dim, act.data(), dim, false);
+        bf16_gemm_.prepare(xr, ldx, m, dim, act.data(), dim, false);
       if (packed_up(s)) {
         packed_nt(act.data(), dim, s.w1.bf16_packed, hidden, p1 + c0, hidden, m, c0, n, dim, false,
                   worker);
@@ -233,13 +240,14 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       return;
     }
     if (all_fp8(s.w1, s.w3, s.w2)) {
+      if (ldx != dim) fail(Code::Internal, "FP8 rows reached the forward at a padded stride");
       fp8_up(s, m, row0, xr, p1, p3, c0, n, dim, hidden, worker);
     } else if (s.w1.f32t && s.w3.f32t) {
-      sgemm(false, false, m, n, dim, xr, dim, s.w1.f32t + c0, hidden, p1 + c0, hidden, false);
-      sgemm(false, false, m, n, dim, xr, dim, s.w3.f32t + c0, hidden, p3 + c0, hidden, false);
+      sgemm(false, false, m, n, dim, xr, ldx, s.w1.f32t + c0, hidden, p1 + c0, hidden, false);
+      sgemm(false, false, m, n, dim, xr, ldx, s.w3.f32t + c0, hidden, p3 + c0, hidden, false);
     } else {
-      sgemm(false, true, m, n, dim, xr, dim, f32_of(s.w1) + c0 * dim, dim, p1 + c0, hidden, false);
-      sgemm(false, true, m, n, dim, xr, dim, f32_of(s.w3) + c0 * dim, dim, p3 + c0, hidden, false);
+      sgemm(false, true, m, n, dim, xr, ldx, f32_of(s.w1) + c0 * dim, dim, p1 + c0, hidden, false);
+      sgemm(false, true, m, n, dim, xr, ldx, f32_of(s.w3) + c0 * dim, dim, p3 + c0, hidden, false);
     }
     for (int64_t r = 0; r < m; ++r)
       swiglu(p1 + r * hidden + c0, p3 + r * hidden + c0, a + r * hidden + c0, n);
@@ -312,8 +320,10 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
       if (cut_at[i] >= 0) cut.push_back(i);
     pool_.parallel_for(static_cast<int64_t>(cut.size()), [&](int64_t f, unsigned) {
       const size_t i = cut[static_cast<size_t>(f)];
-      gather_rows(items[i].begin, items[i].rows,
-                  cut_apart ? cut_x_.data() + cut_at[i] * dim : kept_rows(items[i].begin));
+      if (cut_apart)
+        gather_rows(items[i].begin, items[i].rows, cut_x_.data() + cut_at[i] * dim, dim);
+      else
+        gather_rows(items[i].begin, items[i].rows, kept_rows(items[i].begin), ldk);
     });
   }
   // An item not cut into units gathers its rows straight into the bf16 up GEMMs' operand, so
@@ -352,13 +362,17 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     const Item& it = items[un.item];
     const Segment& s = segs[it.segment];
     const int64_t m = it.rows;
-    const float* xr = x + it.begin * dim;
+    const float* xr = x + it.begin * ldk;
+    int64_t ldx = ldk;
     if (cut_at[un.item] >= 0) {
-      if (cut_apart) xr = cut_x_.data() + cut_at[un.item] * dim;
+      if (cut_apart) {
+        xr = cut_x_.data() + cut_at[un.item] * dim;
+        ldx = dim;
+      }
       float* a = cut_.data() + cut_at[un.item] * hidden;
       float* p1 = keep ? h1 + it.begin * hidden : a + cut_rows * hidden;
       float* p3 = keep ? h3 + it.begin * hidden : a + 2 * cut_rows * hidden;
-      up(s, m, it.begin, xr, nullptr, p1, p3, a, un.c0, un.n, worker);
+      up(s, m, it.begin, xr, ldx, nullptr, p1, p3, a, un.c0, un.n, worker);
       return;
     }
     auto& sc = scratch_[worker].f;
@@ -370,13 +384,14 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     if (gather && !convert_gathered) {
       // The item's rows, gathered where its GEMMs read them next (L2), not in a pass of their own.
       float* to = gather->kept ? kept_rows(it.begin) : sc.data() + act;
-      gather_rows(it.begin, m, to);
+      ldx = gather->kept ? ldk : dim;
+      gather_rows(it.begin, m, to, ldx);
       xr = to;
     }
     float* a = sc.data();
     float* p1 = keep ? h1 + it.begin * hidden : a + m * hidden;
     float* p3 = keep ? h3 + it.begin * hidden : a + 2 * m * hidden;
-    up(s, m, it.begin, xr, convert_gathered ? gather->token + it.begin : nullptr, p1, p3, a, 0,
+    up(s, m, it.begin, xr, ldx, convert_gathered ? gather->token + it.begin : nullptr, p1, p3, a, 0,
        hidden, worker);
     down(s, m, it.begin, a, y + it.begin * dim, 0, dim, worker);
   });
@@ -394,25 +409,41 @@ void CpuBackend::swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weigh
                                      const GradOut& dw2, int64_t rows, int64_t dim,
                                      int64_t hidden) {
   ffn_backward({Segment{w1, w3, w2, 0, rows, &dw1, &dw3, &dw2}}, x, h1, h3, dy, dx, dx_accumulate,
-               dim, hidden);
+               dim, hidden, dim);
 }
 
 void CpuBackend::grouped_swiglu_ffn_backward(const DispatchPlan& plan, const float* x_perm,
                                              Weight w1, Weight w3, Weight w2, const float* h1,
                                              const float* h3, const float* dy_perm, float* dx_perm,
                                              const GradOut* dw1, const GradOut* dw3,
-                                             const GradOut* dw2, int64_t dim, int64_t hidden) {
+                                             const GradOut* dw2, int64_t dim, int64_t hidden,
+                                             int64_t ld) {
   const int64_t E = static_cast<int64_t>(plan.host_offsets.size()) - 1, per = hidden * dim;
   std::vector<Segment> segs;
   for (int64_t e = 0; e < E; ++e)
     segs.push_back({w1.offset(e * per), w3.offset(e * per), w2.offset(e * per),
                     plan.host_offsets[e], plan.count(e), &dw1[e], &dw3[e], &dw2[e]});
-  ffn_backward(segs, x_perm, h1, h3, dy_perm, dx_perm, false, dim, hidden);
+  ffn_backward(segs, x_perm, h1, h3, dy_perm, dx_perm, false, dim, hidden, ld);
+}
+
+CpuBackend::Mode CpuBackend::backward_mode(bool all_bf16, bool all_fp8, int64_t dim,
+                                           int64_t hidden) const {
+  return all_fp8                        ? Mode::Fp8
+         : all_bf16                     ? Mode::Bf16
+         : hidden * dim < direct_below_ ? Mode::Direct
+                                        : Mode::Transposed;
+}
+
+int64_t CpuBackend::kept_rows_stride(Weight w1, Weight w3, Weight w2, int64_t dim,
+                                     int64_t hidden) const {
+  return backward_mode(all_bf16(w1, w3, w2), all_fp8(w1, w3, w2), dim, hidden) == Mode::Direct
+             ? wgrad_ld(dim)
+             : dim;
 }
 
 void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, const float* h1,
                               const float* h3, const float* dy, float* dx, bool dx_accumulate,
-                              int64_t dim, int64_t hidden) {
+                              int64_t dim, int64_t hidden, int64_t ld) {
   bool bf16 = !segs.empty(), fp8 = !segs.empty();
   int64_t end = 0;
   for (const Segment& s : segs) {
@@ -432,16 +463,16 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
   //    bf16: the left ones transposed, the right ones transposed or as rows (WgradRows).
   //  Fp8: Dgrad and Wgrad on block-scaled E4M3 codes (cpu_ffn_fp8.cc), the Wgrad operands kept
   //    row-major as codes, 1 byte each.
-  const Mode mode = fp8                   ? Mode::Fp8
-                    : bf16                ? Mode::Bf16
-                    : per < direct_below_ ? Mode::Direct
-                                          : Mode::Transposed;
+  const Mode mode = backward_mode(bf16, fp8, dim, hidden);
   const size_t es = fp8 ? 1 : bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
-  // Direct mode's operands are rows [end, width] with padded strides (x and dy copied there),
-  // or x and dy where they lie when their rows need no padding.
+  // Direct mode's operands are rows [end, width] with padded strides: x and dy where they lie
+  // when they come at that stride (kept_rows_stride) or their rows need no padding, else copied.
   const int64_t ldx = mode == Mode::Direct ? wgrad_ld(dim) : dim;
   const int64_t ldh = mode == Mode::Direct ? wgrad_ld(hidden) : hidden;
-  const bool x_in_place = mode == Mode::Direct && ldx == dim;
+  if (ld != dim && ld != ldx)
+    fail(Code::Internal, "the FFN backward got rows at stride ", ld, " for width ", dim,
+         " where it reads them at ", ldx);
+  const bool x_in_place = mode == Mode::Direct && ld == ldx;
   if (!x_in_place)
     for (auto* t : {&t_x_, &t_dy_}) t->resize(*this, static_cast<size_t>(end * ldx) * es);
   for (auto* t : {&t_a_, &t_dh1_, &t_dh3_}) t->resize(*this, static_cast<size_t>(end * ldh) * es);
@@ -576,7 +607,7 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
         const float* t = t_w_.data() + slot[it.segment];
         wt = {t, t + per, t + 2 * per};
       }
-      backward_item(mode, s, it, x, h1, h3, dy, dx, dx_accumulate, dim, hidden, wt, rows, w);
+      backward_item(mode, s, it, x, h1, h3, dy, dx, dx_accumulate, dim, hidden, ld, wt, rows, w);
     });
     first_item = last_item;
     s0 = s1;
@@ -589,8 +620,8 @@ void CpuBackend::ffn_backward(const std::vector<Segment>& segs, const float* x, 
 // and the item's Wgrad operands, laid out as `mode` needs them.
 void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, const float* x,
                                const float* h1, const float* h3, const float* dy, float* dx,
-                               bool dx_accumulate, int64_t dim, int64_t hidden, Transposed wt,
-                               WgradRows rows, unsigned worker) {
+                               bool dx_accumulate, int64_t dim, int64_t hidden, int64_t ld,
+                               Transposed wt, WgradRows rows, unsigned worker) {
   const int64_t m = it.rows, b = it.begin, mh = m * hidden;
   const size_t es = mode == Mode::Bf16 ? bf16_gemm_.act_bytes() : sizeof(float);
   // Chunk operand of width n, [n, m] from row b on: at b * n elements.
@@ -599,21 +630,21 @@ void CpuBackend::backward_item(Mode mode, const Segment& s, const Item& it, cons
   };
   const float* h1r = h1 + b * hidden;
   const float* h3r = h3 + b * hidden;
-  const float* dyr = dy + b * dim;
-  const float* xr = x + b * dim;
+  const float* dyr = dy + b * ld;
+  const float* xr = x + b * ld;
   float* dxr = dx + b * dim;
   if (mode == Mode::Direct) {
-    // The Wgrad operands, rows at padded strides (wgrad_ld): x and dy copied (unless their rows
-    // need no padding: then they are read where they lie), a, dh1 and dh3 written there; the
+    // The Wgrad operands, rows at padded strides (wgrad_ld): x and dy copied (unless they come
+    // at that stride: then they are read where they lie), a, dh1 and dh3 written there; the
     // Dgrad GEMMs read them from there too.
     const int64_t lx = wgrad_ld(dim), lh = wgrad_ld(hidden);
     const float* dyc = dyr;
-    if (lx != dim) {
+    if (lx != ld) {
       auto* xc = reinterpret_cast<float*>(at(t_x_, lx));
       auto* dyp = reinterpret_cast<float*>(at(t_dy_, lx));
       for (int64_t r = 0; r < m; ++r) {
-        std::memcpy(xc + r * lx, xr + r * dim, static_cast<size_t>(dim) * sizeof(float));
-        std::memcpy(dyp + r * lx, dyr + r * dim, static_cast<size_t>(dim) * sizeof(float));
+        std::memcpy(xc + r * lx, xr + r * ld, static_cast<size_t>(dim) * sizeof(float));
+        std::memcpy(dyp + r * lx, dyr + r * ld, static_cast<size_t>(dim) * sizeof(float));
       }
       dyc = dyp;
     }

@@ -385,7 +385,8 @@ class CudaBackend final : public Backend {
                                    Weight w3, Weight w2, const float* h1, const float* h3,
                                    const float* dy_perm, float* dx_perm, const GradOut* dw1,
                                    const GradOut* dw3, const GradOut* dw2, int64_t dim,
-                                   int64_t hidden) override {
+                                   int64_t hidden, int64_t ld) override {
+    dense_rows(ld, dim, "grouped_swiglu_ffn_backward");
     if (ffn_fp8_ && FfnFp8::all_fp8(w1, w3, w2)) {
       ffn_fp8_->backward(FfnFp8::expert_segments(plan, w1, w3, w2, hidden * dim, dw1, dw3, dw2),
                          x_perm, h1, h3, dy_perm, dx_perm, false, dim, hidden);
@@ -425,7 +426,8 @@ class CudaBackend final : public Backend {
   }
 
   void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
-                        float* dy_perm, float* dweight, int64_t dim) override {
+                        float* dy_perm, float* dweight, int64_t dim, int64_t ld) override {
+    dense_rows(ld, dim, "combine_backward");
     cuda::combine_backward(plan.token.data(), plan.weight.data(), y_perm, dy, dy_perm, dweight,
                            plan.num_assignments(), dim, stream_);
   }

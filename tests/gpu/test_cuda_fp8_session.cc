@@ -244,14 +244,14 @@ TEST(CudaFp8Backend, GroupedFfnMatchesTheCpuEmulation) {
   grads(dw1.data(), dw3.data(), dw2.data(), c1, c3, c2);
   cpu().grouped_swiglu_ffn_backward(plan, x.data(), w1.on_cpu(), w3.on_cpu(), w2.on_cpu(),
                                     h1.data(), h3.data(), dy.data(), dx.data(), c1.data(),
-                                    c3.data(), c2.data(), dim, hidden);
+                                    c3.data(), c2.data(), dim, hidden, dim);
   auto gdy = up(dy), gph1 = up(h1), gph3 = up(h3), gdw1 = up(dw1_0), gdw3 = up(dw1_0),
        gdw2 = up(dw2_0);
   Buffer<float> gdx(gpu(), dx.size());
   grads(gdw1.data(), gdw3.data(), gdw2.data(), g1, g3, g2);
   gpu().grouped_swiglu_ffn_backward(plan, gx.data(), w1.on_gpu(), w3.on_gpu(), w2.on_gpu(),
                                     gph1.data(), gph3.data(), gdy.data(), gdx.data(), g1.data(),
-                                    g3.data(), g2.data(), dim, hidden);
+                                    g3.data(), g2.data(), dim, hidden, dim);
   // Gradients are compared as what this call added (the start values would dilute the error).
   auto added = [](const Vec& after, const Vec& before) {
     Vec d(after.size());

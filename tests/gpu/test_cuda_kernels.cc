@@ -309,12 +309,12 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
       dl(rows * E);
   // What dispatch_backward and the weight gradients add into, as it was before the CPU did.
   auto DX = up(dx), DW1 = up(dw1), DW3 = up(dw3), DW2 = up(dw2);
-  c.combine_backward(cp, yp.data(), gy.data(), dyp.data(), dwt.data(), dim);
+  c.combine_backward(cp, yp.data(), gy.data(), dyp.data(), dwt.data(), dim, dim);
   const int64_t per = hidden * dim;
   c.grouped_swiglu_ffn_backward(cp, xp.data(), w1.cpu(), w3.cpu(), w2.cpu(), h1.data(), h3.data(),
                                 dyp.data(), dxp.data(), per_expert(dw1.data(), E, per).data(),
                                 per_expert(dw3.data(), E, per).data(),
-                                per_expert(dw2.data(), E, per).data(), dim, hidden);
+                                per_expert(dw2.data(), E, per).data(), dim, hidden, dim);
   c.dispatch_backward(cp, dxp.data(), dx.data(), dim);
   // The sequence-wise auxiliary loss over 3 sequences of 111 rows: statistics per chunk, folded
   // on the host, then the gradient through P.
@@ -331,7 +331,7 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
   c.router_backward(cfg, rc.normalize, scores.data(), cp, dwt.data(), ds.data(), dl.data(), rows);
   auto YPc = up(yp), XPc = up(xp), H1c = up(h1), H3c = up(h3), GY = up(gy), DYP = up(dyp),
        DWT = up(dwt), DXP = up(dxp), DL = up(dl), DS = up(ds), Sc = up(scores);
-  d.combine_backward(gp, YPc.data(), GY.data(), DYP.data(), DWT.data(), dim);
+  d.combine_backward(gp, YPc.data(), GY.data(), DYP.data(), DWT.data(), dim, dim);
   // dy_perm is one product per element, exact on both sides, but of each side's own routing
   // weight: the GPU's sigmoid rounds differently (within 1e-6, checked above), so compare with
   // the GPU's weights exactly and with the CPU's result within that.
@@ -349,7 +349,7 @@ TEST_P(CudaRouting, MoEPipelineMatchesTheCpu) {
   d.grouped_swiglu_ffn_backward(
       gp, XPc.data(), w1.gpu(), w3.gpu(), w2.gpu(), H1c.data(), H3c.data(), DYPc.data(), DXP.data(),
       per_expert(DW1.data(), E, per).data(), per_expert(DW3.data(), E, per).data(),
-      per_expert(DW2.data(), E, per).data(), dim, hidden);
+      per_expert(DW2.data(), E, per).data(), dim, hidden, dim);
   EXPECT_LT(rel(down(DXP), dxp), kBf16);
   EXPECT_LT(rel(down(DW1), dw1), kBf16);
   EXPECT_LT(rel(down(DW3), dw3), kBf16);
@@ -416,12 +416,12 @@ TEST(CudaKernels, GroupedExpertsWithEmptyExpertsAndOddShapes) {
   c.grouped_swiglu_ffn_backward(cp, xp.data(), w1.cpu(), w3.cpu(), w2.cpu(), h1.data(), h3.data(),
                                 dyp.data(), dxp.data(), per_expert(dw1.data(), E, per).data(),
                                 per_expert(dw3.data(), E, per).data(),
-                                per_expert(dw2.data(), E, per).data(), dim, hidden);
+                                per_expert(dw2.data(), E, per).data(), dim, hidden, dim);
   auto H1 = up(h1), H3 = up(h3), DYP = up(dyp), DXP = up(std::vector<float>(A * dim, 0.0f));
   d.grouped_swiglu_ffn_backward(gp, XP.data(), w1.gpu(), w3.gpu(), w2.gpu(), H1.data(), H3.data(),
                                 DYP.data(), DXP.data(), per_expert(DW1.data(), E, per).data(),
                                 per_expert(DW3.data(), E, per).data(),
-                                per_expert(DW2.data(), E, per).data(), dim, hidden);
+                                per_expert(DW2.data(), E, per).data(), dim, hidden, dim);
   EXPECT_LT(rel(down(DXP), dxp), kBf16);
   EXPECT_LT(rel(down(DW1), dw1), kBf16);
   EXPECT_LT(rel(down(DW3), dw3), kBf16);

@@ -219,7 +219,8 @@ class DevSimBackend final : public Backend {
                                    Weight w3, Weight w2, const float* h1, const float* h3,
                                    const float* dy_perm, float* dx_perm, const GradOut* dw1,
                                    const GradOut* dw3, const GradOut* dw2, int64_t dim,
-                                   int64_t hidden) override {
+                                   int64_t hidden, int64_t ld) override {
+    dense_rows(ld, dim, "grouped_swiglu_ffn_backward");
     const int64_t A = plan.num_assignments(), E = experts(plan), n = E * hidden * dim;
     for (const float* p : {x_perm, dy_perm, static_cast<const float*>(dx_perm)})
       device(p, A * dim * 4, "grouped_backward rows");
@@ -231,16 +232,17 @@ class DevSimBackend final : public Backend {
       }
     cpu_->grouped_swiglu_ffn_backward(plan, x_perm, weight(w1, n, w_[0]), weight(w3, n, w_[1]),
                                       weight(w2, n, w_[2]), h1, h3, dy_perm, dx_perm, dw1, dw3, dw2,
-                                      dim, hidden);
+                                      dim, hidden, ld);
   }
   void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
-                        float* dy_perm, float* dweight, int64_t dim) override {
+                        float* dy_perm, float* dweight, int64_t dim, int64_t ld) override {
+    dense_rows(ld, dim, "combine_backward");
     const int64_t A = plan.num_assignments();
     device(y_perm, A * dim * 4, "combine_backward y_perm");
     device(dy, plan.rows * dim * 4, "combine_backward dy");
     device(dy_perm, A * dim * 4, "combine_backward dy_perm");
     device(dweight, A * 4, "combine_backward dweight");
-    cpu_->combine_backward(plan, y_perm, dy, dy_perm, dweight, dim);
+    cpu_->combine_backward(plan, y_perm, dy, dy_perm, dweight, dim, ld);
   }
   void dispatch_backward(const DispatchPlan& plan, const float* dx_perm, float* dx,
                          int64_t dim) override {

@@ -227,7 +227,7 @@ struct FfnLayer {
       g2.push_back(GradOut{r.dw2.data() + e * D * H});
     }
     be.grouped_swiglu_ffn_backward(plan, x.data(), W1, W3, W2, r.h1.data(), r.h3.data(), dy.data(),
-                                   r.dx.data(), g1.data(), g3.data(), g2.data(), D, H);
+                                   r.dx.data(), g1.data(), g3.data(), g2.data(), D, H, D);
     return r;
   }
 };
@@ -463,7 +463,7 @@ TEST(CpuFp8Errors, NonFiniteIsNumericError) {
                                  be->grouped_swiglu_ffn_backward(
                                      L.plan, L.x.data(), L.w1->weight(true), L.w3->weight(true),
                                      L.w2->weight(true), h1.data(), h3.data(), L.dy.data(),
-                                     dx.data(), go.data(), go.data(), go.data(), 200, 72);
+                                     dx.data(), go.data(), go.data(), go.data(), 200, 72, 200);
                                },
                                &msg));
   EXPECT_NE(msg.find("row 7 of the FFN's rows, column 3"), std::string::npos) << msg;

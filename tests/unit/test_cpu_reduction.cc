@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -400,7 +401,7 @@ TEST_P(FfnDispatchedForward, EqualsDispatchThenGrouped) {
         Vec kept(A * D, -7.0f), y(A * D), h1(A * H), h3(A * H);
         be->dispatch_swiglu_ffn(plan, x.data(), kept.data(), keep, f.W(1, prec), f.W(3, prec),
                                 f.W(2, prec), y.data(), hidden ? h1.data() : nullptr,
-                                hidden ? h3.data() : nullptr, D, H);
+                                hidden ? h3.data() : nullptr, D, H, D);
         const std::string where = "threads " + std::to_string(threads) + " keep " +
                                   std::to_string(keep) + " hidden " + std::to_string(hidden);
         EXPECT_TRUE(same_bits(y, want_y)) << where;
@@ -410,6 +411,104 @@ TEST_P(FfnDispatchedForward, EqualsDispatchThenGrouped) {
         }
         EXPECT_TRUE(same_bits(kept, keep ? x_perm : Vec(A * D, -7.0f))) << where;
       }
+}
+
+// A training pass keeps the routed experts' rows (x_perm, dy_perm) at the stride the backend asks
+// for (kept_rows_stride): fp32 rows of 256 floats, which the Wgrad's reads down a chunk would map
+// onto few L1 sets, at 272, where the backward reads them in place instead of copying them; bf16
+// rows dense. Kept padded, the forward, the combine's backward and the experts' backward give the
+// bits of dense rows, and leave the padding alone; a stride the backend did not ask for is
+// refused.
+TEST(CpuReduction, ExpertRowsKeptAtThePaddedStrideGiveTheSameBits) {
+  std::mt19937 rng(12);
+  const int64_t E = 3, rows = 200, D = 256, H = 40;
+  auto be = make_cpu_backend(2);
+  const Ffn f(rng, E, *be, D, H);
+  const Weight w1 = f.W(1, Precision::Fp32), w3 = f.W(3, Precision::Fp32),
+               w2 = f.W(2, Precision::Fp32);
+  const int64_t ld = be->kept_rows_stride(w1, w3, w2, D, H);
+  ASSERT_EQ(ld, D + 16);
+  auto bf = make_cpu_backend(2, Precision::Bf16);
+  EXPECT_EQ(bf->kept_rows_stride(f.W(1, Precision::Bf16), f.W(3, Precision::Bf16),
+                                 f.W(2, Precision::Bf16), D, H),
+            D);
+  DispatchPlan plan = plan_of(*be, rows, {2 * kReduceRows + 9, 17, kReduceRows}, [&](int64_t) {
+    return std::uniform_int_distribution<int32_t>(0, rows - 1)(rng);
+  });
+  const int64_t A = plan.num_assignments(), per = H * D;
+  plan.weight.resize(*be, static_cast<size_t>(A));
+  const Vec gate = randv(A, rng);
+  std::copy(gate.begin(), gate.end(), plan.weight.data());
+  const Vec x = randv(rows * D, rng), dy = randv(rows * D, rng), g0 = randv(E * per, rng);
+  struct Pass {
+    Vec kept, y, h1, h3, dy_perm, dweight, dx;
+    std::vector<Vec> g;
+  };
+  auto run = [&](int64_t stride) {
+    Pass r{Vec(A * stride, -7.0f), Vec(A * D), Vec(A * H), Vec(A * H),
+           Vec(A * stride, -7.0f), Vec(A),     Vec(A * D), std::vector<Vec>(3, g0)};
+    be->dispatch_swiglu_ffn(plan, x.data(), r.kept.data(), true, w1, w3, w2, r.y.data(),
+                            r.h1.data(), r.h3.data(), D, H, stride);
+    be->combine_backward(plan, r.y.data(), dy.data(), r.dy_perm.data(), r.dweight.data(), D,
+                         stride);
+    std::vector<GradOut> out[3];
+    for (int k = 0; k < 3; ++k)
+      for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{r.g[k].data() + e * per});
+    be->grouped_swiglu_ffn_backward(plan, r.kept.data(), w1, w3, w2, r.h1.data(), r.h3.data(),
+                                    r.dy_perm.data(), r.dx.data(), out[0].data(), out[1].data(),
+                                    out[2].data(), D, H, stride);
+    return r;
+  };
+  const Pass dense = run(D), padded = run(ld);
+  EXPECT_TRUE(same_bits(padded.y, dense.y));
+  EXPECT_TRUE(same_bits(padded.h1, dense.h1));
+  EXPECT_TRUE(same_bits(padded.h3, dense.h3));
+  EXPECT_TRUE(same_bits(padded.dweight, dense.dweight));
+  EXPECT_TRUE(same_bits(padded.dx, dense.dx));
+  for (int k = 0; k < 3; ++k) EXPECT_TRUE(same_bits(padded.g[k], dense.g[k])) << "gradient " << k;
+  for (const auto& [p, d] :
+       {std::pair{&padded.kept, &dense.kept}, std::pair{&padded.dy_perm, &dense.dy_perm}})
+    for (int64_t a = 0; a < A; ++a) {
+      EXPECT_TRUE(std::equal(d->begin() + a * D, d->begin() + (a + 1) * D, p->begin() + a * ld,
+                             [](float u, float v) { return std::memcmp(&u, &v, 4) == 0; }))
+          << "row " << a;
+      EXPECT_TRUE(std::all_of(p->begin() + a * ld + D, p->begin() + (a + 1) * ld,
+                              [](float v) { return v == -7.0f; }))
+          << "padding of row " << a;
+    }
+  auto refused = [](const std::function<void()>& call, const char* what) {
+    try {
+      call();
+      ADD_FAILURE() << what << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Code::Internal) << what << ": " << e.what();
+    }
+  };
+  Vec room(A * ld), y(A * D), h1(A * H), h3(A * H), dx(A * D), dweight(A);
+  refused(
+      [&] {
+        be->dispatch_swiglu_ffn(plan, x.data(), room.data(), true, w1, w3, w2, y.data(), h1.data(),
+                                h3.data(), D, H, D + 8);
+      },
+      "a stride it did not ask for");
+  refused(
+      [&] {
+        be->dispatch_swiglu_ffn(plan, x.data(), room.data(), false, w1, w3, w2, y.data(), nullptr,
+                                nullptr, D, H, ld);
+      },
+      "a padded stride for rows it does not keep");
+  refused(
+      [&] {
+        std::vector<Vec> g(3, g0);
+        std::vector<GradOut> out[3];
+        for (int k = 0; k < 3; ++k)
+          for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{g[k].data() + e * per});
+        bf->grouped_swiglu_ffn_backward(plan, room.data(), f.W(1, Precision::Bf16),
+                                        f.W(3, Precision::Bf16), f.W(2, Precision::Bf16), h1.data(),
+                                        h3.data(), room.data(), dx.data(), out[0].data(),
+                                        out[1].data(), out[2].data(), D, H, ld);
+      },
+      "a padded stride in bf16");
 }
 
 // A bf16 forward that converts the gathered rows once reads no source row its items do not
@@ -442,7 +541,7 @@ TEST(CpuBf16Gather, ConvertsOnlyTheRowsItsItemsRead) {
                          f.W(2, Precision::Bf16), want.data(), nullptr, nullptr, D, H);
   be->dispatch_swiglu_ffn(plan, src, nullptr, false, f.W(1, Precision::Bf16),
                           f.W(3, Precision::Bf16), f.W(2, Precision::Bf16), y.data(), nullptr,
-                          nullptr, D, H);
+                          nullptr, D, H, D);
   EXPECT_TRUE(same_bits(y, want));
   munmap(map, open + guarded);
 }
@@ -460,7 +559,7 @@ TEST(CpuBf16Gather, ConvertedRowsAreWorkingMemory) {
   Vec y(plan.num_assignments() * D);
   be->dispatch_swiglu_ffn(plan, x.data(), nullptr, false, f.W(1, Precision::Bf16),
                           f.W(3, Precision::Bf16), f.W(2, Precision::Bf16), y.data(), nullptr,
-                          nullptr, D, H);
+                          nullptr, D, H, D);
   // At least 2 bytes for each of the 4096 rows' 130 values; the items' own scratch is a tenth.
   EXPECT_GE(be->work_bytes(), static_cast<size_t>(rows * D * 2));
   be->release_work();
@@ -493,7 +592,7 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
       for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{g[k].data() + e * per});
     be->grouped_swiglu_ffn_backward(plan, x.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec),
                                     h1.data(), h3.data(), dy.data(), dx.data(), out[0].data(),
-                                    out[1].data(), out[2].data(), D, H);
+                                    out[1].data(), out[2].data(), D, H, D);
   };
   std::vector<Vec> full(3, g0);
   Vec dx_full(A * D);
@@ -545,7 +644,7 @@ TEST_P(FfnReduction, GroupedSwiGLUBackwardPerExpert) {
       Vec pdx(px.size());
       be->grouped_swiglu_ffn_backward(part, px.data(), f.W(1, prec), f.W(3, prec), f.W(2, prec),
                                       ph1.data(), ph3.data(), pdy.data(), pdx.data(), out[0].data(),
-                                      out[1].data(), out[2].data(), D, H);
+                                      out[1].data(), out[2].data(), D, H, D);
       for (size_t i = 0; i < src.size(); ++i)
         std::copy(pdx.begin() + i * D, pdx.begin() + (i + 1) * D, dx.begin() + src[i] * D);
       // The forward over the part's rows runs the same GEMM calls: the same bits.
@@ -608,7 +707,8 @@ TEST_P(Bf16ExpertSplit, ExpertSplitMatchesTheWholeCall) {
     for (int k = 0; k < 3; ++k)
       for (int64_t e = 0; e < E; ++e) out[k].push_back(GradOut{full[k].data() + e * per});
     be0->grouped_swiglu_ffn_backward(plan, x.data(), W1, W3, W2, h1.data(), h3.data(), dy.data(),
-                                     dx.data(), out[0].data(), out[1].data(), out[2].data(), D, H);
+                                     dx.data(), out[0].data(), out[1].data(), out[2].data(), D, H,
+                                     D);
   }
   // roots[k][e][p]
   const int parts = 2;
@@ -639,7 +739,7 @@ TEST_P(Bf16ExpertSplit, ExpertSplitMatchesTheWholeCall) {
     Vec pdx(px.size());
     bes[static_cast<size_t>(p)]->grouped_swiglu_ffn_backward(
         part, px.data(), W1, W3, W2, ph1.data(), ph3.data(), pdy.data(), pdx.data(), out[0].data(),
-        out[1].data(), out[2].data(), D, H);
+        out[1].data(), out[2].data(), D, H, D);
   }
   const char* names[] = {"dw1", "dw3", "dw2"};
   for (int k = 0; k < 3; ++k)
@@ -979,9 +1079,9 @@ TEST(CpuReduction, DenseFoldIsTheReferenceTreeForAnyChunkCount) {
         const std::vector<Vec> acc0 = acc;
         reducer.run(*mem, grads);
         for (size_t s = 0; s < shapes.size(); ++s) {
-          const std::string what = "gradient " + std::to_string(s) + ", " +
-                                   std::to_string(chunks) + " chunks from " +
-                                   std::to_string(first) + (exact ? ", exact" : "");
+          const std::string what = "gradient " + std::to_string(s) + ", " + std::to_string(chunks) +
+                                   " chunks from " + std::to_string(first) +
+                                   (exact ? ", exact" : "");
           if (first < 0) {
             Vec want = acc0[s];
             const Vec total = reference_tree_sum(parts[s]);

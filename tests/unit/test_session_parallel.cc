@@ -23,19 +23,21 @@ namespace {
 
 using test::random_tensor;
 
-// Hidden input of width 16: RMSNorm, MoE (8 experts, top-2, groups 2/1, 1 shared), RMSNorm, MoE.
-std::shared_ptr<const Model> two_moe_model(std::mt19937& rng, BalancingPolicy policy) {
+// Hidden input of width 16 (or `width`): RMSNorm, MoE (8 experts, top-2, groups 2/1, 1 shared),
+// RMSNorm, MoE.
+std::shared_ptr<const Model> two_moe_model(std::mt19937& rng, BalancingPolicy policy,
+                                           int64_t width = 16) {
   auto m = std::make_shared<Model>();
   m->name = "parallel";
-  m->input_width = m->output_width = 16;
+  m->input_width = m->output_width = width;
   auto norm = [&](const char* name) {
     LayerSpec l;
     l.name = name;
     l.kind = LayerKind::RMSNorm;
-    l.in_width = l.out_width = 16;
+    l.in_width = l.out_width = width;
     RMSNormSpec s;
-    s.dim = 16;
-    s.weight = random_tensor({16}, rng, 0.2f);
+    s.dim = width;
+    s.weight = random_tensor({width}, rng, 0.2f);
     for (float& v : s.weight.values) v += 1.0f;
     l.spec = s;
     return l;
@@ -44,23 +46,23 @@ std::shared_ptr<const Model> two_moe_model(std::mt19937& rng, BalancingPolicy po
     LayerSpec l;
     l.name = name;
     l.kind = LayerKind::MoE;
-    l.in_width = l.out_width = 16;
+    l.in_width = l.out_width = width;
     MoESpec s;
-    s.dim = 16;
+    s.dim = width;
     s.expert_hidden = 12;
     s.num_shared = 1;
     s.shared_hidden = 10;
     s.router = {8, 2, ScoreFunction::Sigmoid, 2, 1, true, 2.5f};
     s.balancing.policy = policy;
     s.balancing.aux_alpha = policy == BalancingPolicy::LossFreeBias ? 0.0f : 0.01f;
-    s.gate = random_tensor({8, 16}, rng, 0.5f);
+    s.gate = random_tensor({8, width}, rng, 0.5f);
     s.gate_bias = random_tensor({8}, rng, 0.05f);
-    s.w1 = random_tensor({8, 12, 16}, rng);
-    s.w3 = random_tensor({8, 12, 16}, rng);
-    s.w2 = random_tensor({8, 16, 12}, rng);
-    s.shared_w1 = random_tensor({1, 10, 16}, rng);
-    s.shared_w3 = random_tensor({1, 10, 16}, rng);
-    s.shared_w2 = random_tensor({1, 16, 10}, rng);
+    s.w1 = random_tensor({8, 12, width}, rng);
+    s.w3 = random_tensor({8, 12, width}, rng);
+    s.w2 = random_tensor({8, width, 12}, rng);
+    s.shared_w1 = random_tensor({1, 10, width}, rng);
+    s.shared_w3 = random_tensor({1, 10, width}, rng);
+    s.shared_w2 = random_tensor({1, width, 10}, rng);
     l.spec = s;
     return l;
   };
@@ -291,31 +293,32 @@ TEST(SessionParallel, BadInputOnOneRankFailsTheCallOnEveryRank) {
 }
 
 // A token model: embedding (sparse gradient), RMSNorm, MoE, RMSNorm, head (with bias).
-std::shared_ptr<const Model> token_model(std::mt19937& rng, BalancingPolicy policy) {
-  auto m = std::make_shared<Model>(*two_moe_model(rng, policy));
+std::shared_ptr<const Model> token_model(std::mt19937& rng, BalancingPolicy policy,
+                                         int64_t width = 16) {
+  auto m = std::make_shared<Model>(*two_moe_model(rng, policy, width));
   m->token_input = true;
   m->input_width = 2;
   LayerSpec emb;
   emb.name = "embed";
   emb.kind = LayerKind::Embedding;
   emb.in_width = 2;
-  emb.out_width = 16;
+  emb.out_width = width;
   EmbeddingSpec e;
   e.vocab_size = 40;
-  e.dim = 8;
+  e.dim = width / 2;
   e.context = 2;
-  e.weight = random_tensor({40, 8}, rng, 1.0f);
+  e.weight = random_tensor({40, width / 2}, rng, 1.0f);
   emb.spec = e;
   LayerSpec head;
   head.name = "head";
   head.kind = LayerKind::OutputHead;
-  head.in_width = 16;
+  head.in_width = width;
   head.out_width = 40;
   OutputHeadSpec h;
-  h.dim = 16;
+  h.dim = width;
   h.vocab_size = 40;
   h.has_bias = true;
-  h.weight = random_tensor({40, 16}, rng, 0.3f);
+  h.weight = random_tensor({40, width}, rng, 0.3f);
   h.bias = random_tensor({40}, rng, 0.1f);
   head.spec = h;
   m->layers.insert(m->layers.begin(), emb);
@@ -369,6 +372,72 @@ void train(Session& s, int rank, int world, const std::vector<int32_t>& tokens,
 
 std::string s_name(size_t i) { return "#" + std::to_string(i); }
 
+// One session against each layout of ranks (world, EP) over `steps` steps of `model`: losses,
+// counts, biases, the first gradients and the final parameters, bit for bit.
+void expect_training_is_one_sessions(const std::shared_ptr<const Model>& model,
+                                     BalancingPolicy policy, std::mt19937& rng, int steps,
+                                     const std::vector<std::pair<int, int>>& layouts) {
+  const int64_t rows = 256;
+  std::vector<int32_t> tokens(3 * rows * 2), targets(3 * rows);
+  std::uniform_int_distribution<int32_t> id(0, 39);
+  for (auto& v : tokens) v = id(rng);
+  for (auto& v : targets) v = id(rng);
+  auto opts = [&](SessionOptions o) {
+    o.set("lr", "0.01");
+    o.set("clip_norm", "1");
+    o.set("aux_loss_scope", "global");
+    if (policy == BalancingPolicy::SequenceAuxLoss) o.set("sequence_length", "32");
+    return o;
+  };
+  Trace want;
+  {
+    Session one(model, opts(options(Mode::Training)));
+    train(one, 0, 1, tokens, targets, rows, steps, want);
+  }
+  for (auto [world, ep] : layouts) {
+    auto comms = testing::make_inprocess_communicators(world, 60.0);
+    std::vector<Trace> got(static_cast<size_t>(world));
+    std::vector<std::thread> threads;
+    for (int r = 0; r < world; ++r)
+      threads.emplace_back([&, r] {
+        SessionOptions o = opts(options(Mode::Training));
+        o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), ep);
+        Session s(model, o);
+        train(s, r, world, tokens, targets, rows, steps, got[r]);
+      });
+    for (auto& t : threads) t.join();
+    const std::string what = std::to_string(world) + " ranks, EP " + std::to_string(ep) +
+                             ", policy " + std::to_string(static_cast<int>(policy));
+    for (int r = 0; r < world; ++r) {
+      const Trace& g = got[r];
+      ASSERT_EQ(g.losses.size(), want.losses.size());
+      for (size_t i = 0; i < g.losses.size(); ++i)
+        EXPECT_EQ(std::memcmp(&g.losses[i], &want.losses[i], 8), 0)
+            << what << " rank " << r << " loss " << i << ": " << g.losses[i] << " vs "
+            << want.losses[i];
+      EXPECT_EQ(g.counts, want.counts) << what;
+      for (size_t l = 0; l < g.biases.size(); ++l)
+        EXPECT_TRUE(bitwise(g.biases[l], want.biases[l])) << what << " bias " << l;
+      ASSERT_EQ(g.params.size(), want.params.size());
+      for (size_t i = 0; i < g.params.size(); ++i) {
+        // Expert tensors hold the rank's shard: compare it with that slice of one session's.
+        const auto& full = want.params[i];
+        const size_t n = g.params[i].size();
+        const size_t at = n == full.size() ? 0 : (r % ep) * n;
+        EXPECT_TRUE(
+            bitwise(g.params[i], std::vector<float>(full.begin() + static_cast<int64_t>(at),
+                                                    full.begin() + static_cast<int64_t>(at + n))))
+            << what << " rank " << r << " parameter " << s_name(i);
+        const auto& gfull = want.grads[i];
+        EXPECT_TRUE(
+            bitwise(g.grads[i], std::vector<float>(gfull.begin() + static_cast<int64_t>(at),
+                                                   gfull.begin() + static_cast<int64_t>(at + n))))
+            << what << " rank " << r << " gradient " << s_name(i);
+      }
+    }
+  }
+}
+
 // Training over 2 and 4 ranks (EP = size, EP 2 x DP 2, pure DP): every gradient, the losses, the
 // step counts and biases after 20 steps and every parameter are bitwise one session's over the
 // same global batches, for every balancing policy (Expert Choice's experts choosing from every
@@ -377,68 +446,18 @@ TEST(SessionParallel, TrainingIsBitwiseOneSessionsForEveryLayout) {
   for (BalancingPolicy policy : {BalancingPolicy::LossFreeBias, BalancingPolicy::AuxLoss,
                                  BalancingPolicy::SequenceAuxLoss, BalancingPolicy::ExpertChoice}) {
     std::mt19937 rng(53);
-    const auto model = token_model(rng, policy);
-    const int64_t rows = 256;
-    const int steps = 20;
-    std::vector<int32_t> tokens(3 * rows * 2), targets(3 * rows);
-    std::uniform_int_distribution<int32_t> id(0, 39);
-    for (auto& v : tokens) v = id(rng);
-    for (auto& v : targets) v = id(rng);
-    auto opts = [&](SessionOptions o) {
-      o.set("lr", "0.01");
-      o.set("clip_norm", "1");
-      o.set("aux_loss_scope", "global");
-      if (policy == BalancingPolicy::SequenceAuxLoss) o.set("sequence_length", "32");
-      return o;
-    };
-    Trace want;
-    {
-      Session one(model, opts(options(Mode::Training)));
-      train(one, 0, 1, tokens, targets, rows, steps, want);
-    }
-    for (auto [world, ep] : std::vector<std::pair<int, int>>{{2, 2}, {4, 4}, {4, 2}, {2, 1}}) {
-      auto comms = testing::make_inprocess_communicators(world, 60.0);
-      std::vector<Trace> got(static_cast<size_t>(world));
-      std::vector<std::thread> threads;
-      for (int r = 0; r < world; ++r)
-        threads.emplace_back([&, r] {
-          SessionOptions o = opts(options(Mode::Training));
-          o.set_comm(std::shared_ptr<Communicator>(std::move(comms[r])), ep);
-          Session s(model, o);
-          train(s, r, world, tokens, targets, rows, steps, got[r]);
-        });
-      for (auto& t : threads) t.join();
-      const std::string what = std::to_string(world) + " ranks, EP " + std::to_string(ep) +
-                               ", policy " + std::to_string(static_cast<int>(policy));
-      for (int r = 0; r < world; ++r) {
-        const Trace& g = got[r];
-        ASSERT_EQ(g.losses.size(), want.losses.size());
-        for (size_t i = 0; i < g.losses.size(); ++i)
-          EXPECT_EQ(std::memcmp(&g.losses[i], &want.losses[i], 8), 0)
-              << what << " rank " << r << " loss " << i << ": " << g.losses[i] << " vs "
-              << want.losses[i];
-        EXPECT_EQ(g.counts, want.counts) << what;
-        for (size_t l = 0; l < g.biases.size(); ++l)
-          EXPECT_TRUE(bitwise(g.biases[l], want.biases[l])) << what << " bias " << l;
-        ASSERT_EQ(g.params.size(), want.params.size());
-        for (size_t i = 0; i < g.params.size(); ++i) {
-          // Expert tensors hold the rank's shard: compare it with that slice of one session's.
-          const auto& full = want.params[i];
-          const size_t n = g.params[i].size();
-          const size_t at = n == full.size() ? 0 : (r % ep) * n;
-          EXPECT_TRUE(
-              bitwise(g.params[i], std::vector<float>(full.begin() + static_cast<int64_t>(at),
-                                                      full.begin() + static_cast<int64_t>(at + n))))
-              << what << " rank " << r << " parameter " << s_name(i);
-          const auto& gfull = want.grads[i];
-          EXPECT_TRUE(
-              bitwise(g.grads[i], std::vector<float>(gfull.begin() + static_cast<int64_t>(at),
-                                                     gfull.begin() + static_cast<int64_t>(at + n))))
-              << what << " rank " << r << " gradient " << s_name(i);
-        }
-      }
-    }
+    expect_training_is_one_sessions(token_model(rng, policy), policy, rng, 20,
+                                    {{2, 2}, {4, 4}, {4, 2}, {2, 1}});
   }
+}
+
+// Width 256: the CPU backend keeps the routed experts' rows (x_perm, dy_perm) at a padded row
+// stride (kept_rows_stride), sharded and gathered chunk by chunk among ranks as in one session.
+TEST(SessionParallel, TrainingWithPaddedExpertRowsIsOneSessions) {
+  std::mt19937 rng(59);
+  const auto model = token_model(rng, BalancingPolicy::LossFreeBias, 256);
+  expect_training_is_one_sessions(model, BalancingPolicy::LossFreeBias, rng, 3,
+                                  {{2, 2}, {4, 2}, {2, 1}});
 }
 
 // Direct writes are local to a rank, so the step compares them: a replicated tensor written on
