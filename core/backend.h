@@ -313,7 +313,9 @@ class Backend : public Allocator {
                                            int64_t hidden, int64_t ld) = 0;
 
   // Backward of combine: dy_perm[a] = weight[a] * dy[token[a]] (dy_perm at row stride ld >= dim),
-  // dweight[a] = <dy[token[a]], y_perm[a]>.
+  // dweight[a] = <dy[token[a]], y_perm[a]>. Either output may be null: it is then not computed
+  // (under expert parallelism the token's rank needs only dweight and the expert's only dy_perm),
+  // and the other has the bits it has when both are.
   virtual void combine_backward(const DispatchPlan& plan, const float* y_perm, const float* dy,
                                 float* dy_perm, float* dweight, int64_t dim, int64_t ld) = 0;
 

@@ -182,7 +182,7 @@ size_t MoELayer::work_bytes() const {
   for (const auto& b : shared_h3_) n += b.capacity_bytes();
   const Exchange& e = ex_;
   n += held_bytes(e.x_send, e.x_recv, e.y_ret, e.y_back, e.y_home, e.dy_send, e.dy_recv, e.dx_ret,
-                  e.dx_back, e.dx_home, e.scratch, e.meta_send, e.meta_recv) +
+                  e.dx_back, e.dx_home, e.meta_send, e.meta_recv) +
        plan_bytes(e.send) + plan_bytes(e.remote) + plan_bytes(e.home);
   for (const auto& p : e.groups) n += plan_bytes(p);
   for (const auto& p : e.ret) n += plan_bytes(p);
@@ -201,7 +201,7 @@ void MoELayer::release_work() {
   shared_h3_.clear();
   Exchange& e = ex_;
   clear_buffers(e.x_send, e.x_recv, e.y_ret, e.y_back, e.y_home, e.dy_send, e.dy_recv, e.dx_ret,
-                e.dx_back, e.dx_home, e.scratch, e.meta_send, e.meta_recv);
+                e.dx_back, e.dx_home, e.meta_send, e.meta_recv);
   clear_plan(e.send);
   clear_plan(e.remote);
   clear_plan(e.home);

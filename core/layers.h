@@ -226,7 +226,7 @@ class MoELayer final : public Layer {
     std::vector<int64_t> first_chunk;     // per local expert: its first chunk in the expert's tree
     std::vector<GradRoots> expert_roots;  // per local expert: w1, w3, w2 (data parallel only)
     Buffer<float> x_send, x_recv, y_ret, y_back, y_home;
-    Buffer<float> dy_send, dy_recv, dx_ret, dx_back, dx_home, scratch;
+    Buffer<float> dy_send, dy_recv, dx_ret, dx_back, dx_home;
     Buffer<char> meta_send, meta_recv;
     // Host memory the pass fills once the rows travel, sized with the buffers above before the
     // layer's agreement: the slots' tokens, weights and local experts; a chunk's received

@@ -406,7 +406,6 @@ void MoELayer::reserve_backward(Backend& be, int64_t rows, bool dx_given) {
   ex_.dy_send.resize(be, ex_.x_send.size());
   ex_.dy_recv.resize(be, ex_.x_recv.size());
   dweight_.resize(be, static_cast<size_t>(A));
-  ex_.scratch.resize(be, static_cast<size_t>(std::max(A * D, a_local)));
   dy_perm_.resize(be, static_cast<size_t>(a_local * kept_ld_));
   dx_perm_.resize(be, static_cast<size_t>(a_local * D));
   ex_.dx_ret.resize(be, dx_perm_.size());
@@ -443,7 +442,7 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
   // Every buffer was sized in the call's opening agreement (reserve_backward).
   par_->compute([&] {
     shared_backward(be, dy, dx, rows);
-    be.combine_backward(plan_, ex.y_home.data(), dy, ex.scratch.data(), dweight_.data(), D, D);
+    be.combine_backward(plan_, ex.y_home.data(), dy, nullptr, dweight_.data(), D, D);
   });
   // Expert gradients by roots where the backend gives them (Session::reduce_local_gradients
   // all-reduces them otherwise).
@@ -459,12 +458,12 @@ void MoELayer::backward_parallel(Backend& be, const float* dy, float* dx, int64_
     const int64_t l0 = chunk_first_local(c, C, P);
     const int64_t s0 = ex.slot_off[l0], s1 = ex.slot_off[chunk_first_local(c + 1, C, P)];
     const DispatchPlan& g = ex.groups[c];
-    // dy_perm = weight * dy of each assignment's token (combine_backward also gives the
-    // gate-weight gradients, which the token's own rank computed).
+    // dy_perm = weight * dy of each assignment's token (the gate-weight gradients are the
+    // token's own rank's, not asked for here).
     const auto te = Clock::now();
     if (!par_->compute([&] {
           be.combine_backward(g, y_perm_.data() + s0 * D, ex.dy_recv.data(),
-                              dy_perm_.data() + s0 * kept_ld_, ex.scratch.data(), D, kept_ld_);
+                              dy_perm_.data() + s0 * kept_ld_, nullptr, D, kept_ld_);
           experts_backward(be, g, par_->sharding(E).first_expert() + l0,
                            x_perm_.data() + s0 * kept_ld_, h1_.data() + s0 * H, h3_.data() + s0 * H,
                            dy_perm_.data() + s0 * kept_ld_, dx_perm_.data() + s0 * D,

@@ -312,12 +312,22 @@ void CpuBackend::combine_backward(const DispatchPlan& plan, const float* y_perm,
   const int64_t A = plan.num_assignments();
   const int32_t* token = plan.token.data();
   const float* weight = plan.weight.data();
-  pool_.parallel_for(blocks(A, kReduceRows), [&](int64_t b, unsigned) {
+  if (!dy_perm && !dweight) return;
+  pool_.parallel_for(blocks(A, kReduceRows), [&](int64_t b, unsigned worker) {
     const int64_t a0 = b * kReduceRows, n = std::min(kReduceRows, A - a0);
+    // Without dy_perm, each row's scaled copy goes to a row of the worker's (in L1), so that
+    // dweight is scale_and_dot's, bit for bit; without dweight, only the scaling runs.
+    auto& row = scratch_[worker].f;
+    if (!dy_perm) row.resize(static_cast<size_t>(dim));
     for (int64_t a = a0; a < a0 + n; ++a) {
       const float* g = dy + static_cast<int64_t>(token[a]) * dim;
-      dweight[a] =
-          static_cast<float>(scale_and_dot(dy_perm + a * ld, weight[a], g, y_perm + a * dim, dim));
+      if (!dweight) {
+        float* out = dy_perm + a * ld;
+        for (int64_t i = 0; i < dim; ++i) out[i] = weight[a] * g[i];
+        continue;
+      }
+      float* out = dy_perm ? dy_perm + a * ld : row.data();
+      dweight[a] = static_cast<float>(scale_and_dot(out, weight[a], g, y_perm + a * dim, dim));
     }
   });
 }

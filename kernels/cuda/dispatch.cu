@@ -103,7 +103,7 @@ __global__ void combine_backward_k(const int32_t* token, const float* weight, co
   const float w = weight[a];
   double dot = 0.0;
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-    dy_perm[a * dim + d] = w * g[d];
+    if (dy_perm) dy_perm[a * dim + d] = w * g[d];
     dot += double{g[d]} * yp[d];
   }
   shared[threadIdx.x] = dot;
@@ -112,7 +112,7 @@ __global__ void combine_backward_k(const int32_t* token, const float* weight, co
     if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
     __syncthreads();
   }
-  if (threadIdx.x == 0) dweight[a] = static_cast<float>(shared[0]);
+  if (threadIdx.x == 0 && dweight) dweight[a] = static_cast<float>(shared[0]);
 }
 
 // One block per token.

@@ -102,6 +102,7 @@ void gather_rows(const float* x, const int32_t* token, int64_t n, int64_t dim, f
                  cudaStream_t s);
 void combine(const int64_t* token_offsets, const int32_t* token_assign, const float* weight,
              const float* y_perm, float* y, int64_t rows, int64_t dim, cudaStream_t s);
+// dy_perm or dweight may be null (Backend::combine_backward).
 void combine_backward(const int32_t* token, const float* weight, const float* y_perm,
                       const float* dy, float* dy_perm, float* dweight, int64_t n, int64_t dim,
                       cudaStream_t s);

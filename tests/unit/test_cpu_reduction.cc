@@ -511,6 +511,32 @@ TEST(CpuReduction, ExpertRowsKeptAtThePaddedStrideGiveTheSameBits) {
       "a padded stride in bf16");
 }
 
+// Under expert parallelism the token's rank asks combine_backward for the gate-weight gradients
+// only and the expert's rank for dy_perm only: each alone has the bits it has beside the other,
+// at a dense and a padded stride, and with neither nothing is written.
+TEST(CpuReduction, CombineBackwardGivesEitherOutputAloneWithTheSameBits) {
+  std::mt19937 rng(14);
+  const int64_t rows = 150, D = 130;
+  auto be = make_cpu_backend(2);
+  DispatchPlan plan = plan_of(*be, rows, {kReduceRows + 7, 0, 2 * kReduceRows + 3}, [&](int64_t) {
+    return std::uniform_int_distribution<int32_t>(0, rows - 1)(rng);
+  });
+  const int64_t A = plan.num_assignments();
+  plan.weight.resize(*be, static_cast<size_t>(A));
+  const Vec gate = randv(A, rng);
+  std::copy(gate.begin(), gate.end(), plan.weight.data());
+  const Vec y_perm = randv(A * D, rng), dy = randv(rows * D, rng);
+  for (int64_t ld : {D, D + 16}) {
+    Vec both(A * ld, -7.0f), dweight(A), alone(A * ld, -7.0f), dweight_alone(A, -7.0f);
+    be->combine_backward(plan, y_perm.data(), dy.data(), both.data(), dweight.data(), D, ld);
+    be->combine_backward(plan, y_perm.data(), dy.data(), alone.data(), nullptr, D, ld);
+    EXPECT_TRUE(same_bits(alone, both)) << "dy_perm alone, stride " << ld;
+    be->combine_backward(plan, y_perm.data(), dy.data(), nullptr, dweight_alone.data(), D, ld);
+    EXPECT_TRUE(same_bits(dweight_alone, dweight)) << "dweight alone, stride " << ld;
+    be->combine_backward(plan, y_perm.data(), dy.data(), nullptr, nullptr, D, ld);
+  }
+}
+
 // A bf16 forward that converts the gathered rows once reads no source row its items do not
 // gather: under expert parallelism, the receive area of a later chunk may still be being written.
 // Here the rows past those gathered lie on a page that cannot be read.
