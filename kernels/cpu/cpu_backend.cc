@@ -322,8 +322,10 @@ void CpuBackend::combine_backward(const DispatchPlan& plan, const float* y_perm,
     for (int64_t a = a0; a < a0 + n; ++a) {
       const float* g = dy + static_cast<int64_t>(token[a]) * dim;
       if (!dweight) {
+        // The gate weight in a register: `out` could alias `weight` as far as the compiler knows.
+        const float w = weight[a];
         float* out = dy_perm + a * ld;
-        for (int64_t i = 0; i < dim; ++i) out[i] = weight[a] * g[i];
+        for (int64_t i = 0; i < dim; ++i) out[i] = w * g[i];
         continue;
       }
       float* out = dy_perm ? dy_perm + a * ld : row.data();
