@@ -2,6 +2,7 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
 
@@ -33,6 +34,7 @@ ThreadPool::ThreadPool(unsigned threads) : may_spin_(threads <= usable_cpus()) {
   // asynchronous signals open, not even before its first instruction.
   const AsyncSignalScope no_signals;
   try {
+    shares_ = std::make_unique<Share[]>(threads);
     workers_.reserve(threads);
     for (unsigned w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
   } catch (const std::exception& e) {
@@ -78,21 +80,38 @@ void ThreadPool::stop_workers() noexcept {
   workers_.clear();
 }
 
-void ThreadPool::run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job,
-                           int64_t n) {
+int64_t ThreadPool::claim(unsigned from, unsigned worker) {
+  std::atomic<uint64_t>& range = shares_[from].range;
+  uint64_t r = range.load(std::memory_order_relaxed);
   for (;;) {
-    // Claimed by compare-and-swap, never past n: a worker that woke after its job ended holds
-    // n = 0 and so cannot take an index of the next job.
-    int64_t i = next_.load(std::memory_order_relaxed);
-    do {
-      if (i >= n || failed_.load(std::memory_order_relaxed)) return;
-    } while (!next_.compare_exchange_weak(i, i + 1, std::memory_order_relaxed));
-    try {
-      (*job)(i, worker);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!error_) error_ = std::current_exception();
-      failed_.store(true, std::memory_order_relaxed);
+    const uint64_t begin = r >> 32, end = r & 0xffffffffu;
+    if (begin >= end) return -1;
+    const bool own = from == worker;
+    const uint64_t taken = own ? begin : end - 1;
+    const uint64_t rest = own ? (begin + 1) << 32 | end : begin << 32 | (end - 1);
+    if (range.compare_exchange_weak(r, rest, std::memory_order_relaxed))
+      return static_cast<int64_t>(taken);
+  }
+}
+
+void ThreadPool::run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job) {
+  // A worker that woke after its call ended holds no job; the shares are reset only once every
+  // thread that took the call's job has left it, so none can take an item of the next call.
+  if (!job) return;
+  const unsigned threads = size();
+  for (unsigned k = 0; k < threads; ++k) {
+    const unsigned from = (worker + k) % threads;
+    for (;;) {
+      if (failed_.load(std::memory_order_relaxed)) return;
+      const int64_t i = claim(from, worker);
+      if (i < 0) break;
+      try {
+        (*job)(i, worker);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) error_ = std::current_exception();
+        failed_.store(true, std::memory_order_relaxed);
+      }
     }
   }
 }
@@ -103,7 +122,6 @@ void ThreadPool::worker_loop(unsigned worker) {
   uint64_t seen = 0;
   for (;;) {
     const std::function<void(int64_t, unsigned)>* job;
-    int64_t n;
     // A hint only: what the job is, is read under the lock below.
     spin_until([&] {
       return stop_.load(std::memory_order_relaxed) ||
@@ -115,10 +133,9 @@ void ThreadPool::worker_loop(unsigned worker) {
       if (stop_) return;
       seen = generation_;
       job = job_;
-      n = job_size_;
       ++busy_;
     }
-    run_items(worker, job, n);
+    run_items(worker, job);
     {
       std::lock_guard<std::mutex> lock(mu_);
       --busy_;
@@ -136,26 +153,38 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, unsig
     for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
+  // A share's bounds are 32-bit: a call of more items runs as several (none does: items are
+  // blocks of rows).
+  constexpr int64_t kMostItems = 0xffffffff;
+  if (n > kMostItems) {
+    for (int64_t first = 0; first < n; first += kMostItems)
+      parallel_for(std::min(kMostItems, n - first),
+                   [&](int64_t i, unsigned w) { fn(first + i, w); });
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     job_ = &fn;
-    job_size_ = n;
-    next_.store(0, std::memory_order_relaxed);
+    const auto threads = static_cast<int64_t>(size());
+    for (int64_t w = 0; w < threads; ++w) {
+      const auto begin = static_cast<uint64_t>(n * w / threads),
+                 end = static_cast<uint64_t>(n * (w + 1) / threads);
+      shares_[w].range.store(begin << 32 | end, std::memory_order_relaxed);
+    }
     failed_.store(false, std::memory_order_relaxed);
     error_ = nullptr;
     ++generation_;
   }
   wake_.notify_all();
-  run_items(0, &fn, n);
+  run_items(0, &fn);
   spin_until([&] { return busy_.load(std::memory_order_relaxed) == 0; });
   std::exception_ptr error;
   {
     std::unique_lock<std::mutex> lock(mu_);
     // Workers that woke late find no items left and leave at once, so waiting for busy_ == 0 after
-    // the counter is exhausted is enough.
+    // every share is empty is enough.
     done_.wait(lock, [&] { return busy_ == 0; });
     job_ = nullptr;
-    job_size_ = 0;
     error = error_;
     error_ = nullptr;
   }

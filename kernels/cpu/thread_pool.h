@@ -3,6 +3,12 @@
 // with OpenMP limited to its own thread (omp_guard.h): a GEMM inside an item is single-threaded,
 // and the caller's thread gets its OpenMP setting back when parallel_for returns.
 //
+// Each thread first runs the items of its own contiguous share of a call, in order, and then
+// takes the last remaining items of the others' shares. A thread so runs the same rows in
+// consecutive calls over the same rows (a norm, then the router, then the next layer): on a
+// small model most of what an item reads was written by the same core a moment before, where
+// items claimed from one shared counter landed on either core and ran 15 % slower.
+//
 // Between calls a worker polls for the next one for a while before it sleeps, and the caller
 // polls for the workers' last items before it sleeps: a small model's training step makes a
 // hundred calls a few microseconds apart, and a sleep and wake through the kernel costs tens of
@@ -14,6 +20,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -43,7 +50,10 @@ class ThreadPool {
  private:
   void stop_workers() noexcept;
   void worker_loop(unsigned worker);
-  void run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job, int64_t n);
+  void run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job);
+  // Claims the next item of share `from` for thread `worker` (its own share from the front,
+  // another's from the back); -1 when that share is empty.
+  int64_t claim(unsigned from, unsigned worker);
   // Polls done() until it holds or spin_ns_ has passed.
   template <class Done>
   void spin_until(Done&& done) const;
@@ -53,8 +63,13 @@ class ThreadPool {
   std::condition_variable wake_;
   std::condition_variable done_;
   const std::function<void(int64_t, unsigned)>* job_ = nullptr;
-  int64_t job_size_ = 0;
-  std::atomic<int64_t> next_{0};  // items are taken without the lock
+  // Thread w's share of the current call: [begin, end) packed as begin << 32 | end. Its owner
+  // takes items from the front, the other threads from the back; both by compare-and-swap,
+  // without the lock. One cache line each: the owner's claims do not disturb the others.
+  struct alignas(64) Share {
+    std::atomic<uint64_t> range{0};
+  };
+  std::unique_ptr<Share[]> shares_;
   std::atomic<bool> failed_{false};
   // Changed under mu_; the polls read them without it.
   std::atomic<uint64_t> generation_{0};

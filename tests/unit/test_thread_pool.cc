@@ -37,6 +37,52 @@ TEST(ThreadPool, RunsEveryItemOnceWithValidWorkerIds) {
   }
 }
 
+// Each thread runs its own contiguous share of a call first, from its front and in order; what
+// it takes from another's share comes from that share's back, in decreasing order. So a thread
+// runs the same items in consecutive calls of the same size (unless another took them first),
+// and every item still runs once.
+TEST(ThreadPool, ThreadsRunTheirOwnSharesFromTheFrontAndTakeOthersFromTheBack) {
+  for (unsigned threads : {2u, 3u, 4u}) {
+    ThreadPool pool(threads);
+    for (int64_t n : {2, 7, 64, 1001}) {
+      for (int round = 0; round < 20; ++round) {
+        pool.set_spin_wait(round % 2 ? 0 : ThreadPool::kDefaultSpinWaitUs);
+        std::vector<std::vector<int64_t>> ran(threads);  // each written by its own thread
+        std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+        pool.parallel_for(n, [&](int64_t i, unsigned w) {
+          hits[static_cast<size_t>(i)]++;
+          ran[w].push_back(i);
+          // Items long enough that the workers wake before the caller ran them all.
+          std::atomic<int> spin{0};
+          while (spin.fetch_add(1, std::memory_order_relaxed) < 2000) {
+          }
+        });
+        for (auto& h : hits) ASSERT_EQ(h.load(), 1);
+        const auto share = [&](int64_t i) {
+          int64_t w = 0;
+          while (i >= n * (w + 1) / threads) ++w;
+          return static_cast<unsigned>(w);
+        };
+        for (unsigned w = 0; w < threads; ++w) {
+          const int64_t begin = n * w / threads;
+          int64_t own = 0;
+          std::vector<int64_t> last_taken(threads, INT64_MAX);
+          for (int64_t i : ran[w]) {
+            const unsigned from = share(i);
+            if (from == w) {
+              ASSERT_EQ(i, begin + own) << threads << " threads, n " << n << ", thread " << w;
+              ++own;
+            } else {
+              ASSERT_LT(i, last_taken[from]) << threads << " threads, n " << n << ", thread " << w;
+              last_taken[from] = i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // A session asking for more threads than the process may start gets an error, not a hang: the
 // workers started before the failure are stopped (they once waited on a destroyed condition
 // variable). Run in a child whose address space is capped so that thread stacks run out.
