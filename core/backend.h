@@ -147,6 +147,11 @@ class Backend : public Allocator {
   virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void zero(void* dst, size_t bytes) = 0;
+  // zero(dsts[i], bytes[i]) for i < count, as one call: a session's gradients are many small
+  // arrays, which a backend with threads clears together rather than one after another.
+  virtual void zero_many(void* const* dsts, const size_t* bytes, size_t count) {
+    for (size_t i = 0; i < count; ++i) zero(dsts[i], bytes[i]);
+  }
   // dst[i] = bf16(src[i]), round to nearest even, for the bf16 copies of weights: a finite
   // value beyond bf16's largest (3.3895e38; fp32 goes to 3.4028e38) saturates to it rather than
   // rounding to infinity, so that a finite weight has a finite copy (within the same 0.4 % as

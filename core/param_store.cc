@@ -372,10 +372,15 @@ void ParamStore::refresh_copies(const Tensor& t) {
 }
 
 void ParamStore::zero_grads() {
+  std::vector<void*> grads;
+  std::vector<size_t> bytes;
   for (auto& [key, e] : entries_) {
     const size_t n = e.grad.size() ? e.grad.size() : e.host->values.size();
-    if (e.grad_ptr) be_.zero(e.grad_ptr, n * sizeof(float));
+    if (!e.grad_ptr) continue;
+    grads.push_back(e.grad_ptr);
+    bytes.push_back(n * sizeof(float));
   }
+  be_.zero_many(grads.data(), bytes.data(), grads.size());
 }
 
 }  // namespace moert

@@ -81,9 +81,11 @@ void CpuBackend::deallocate(void* p, size_t bytes) noexcept { large_free(p, byte
 
 namespace {
 
-// Copies and fills of a pass's activations (the residual, inputs, outputs: megabytes each) are
-// split over the threads: one core alone does not reach the memory's bandwidth.
-constexpr size_t kCopyBlock = size_t{1} << 20;
+// Copies and fills of a pass's activations (the residual, inputs, outputs) are split over the
+// threads: one core alone does not reach the memory's bandwidth, and from a few hundred KiB on
+// (a small model's residual: 512 rows of 128 floats) one core copying while the others wait
+// costs more than handing out the pieces.
+constexpr size_t kCopyBlock = size_t{128} << 10;
 
 // piece(offset, length) over [0, bytes) in kCopyBlock pieces, on the pool's threads.
 template <typename F>
@@ -115,6 +117,16 @@ void CpuBackend::zero(void* dst, size_t bytes) {
     return;
   }
   in_pieces(pool_, bytes, [&](size_t at, size_t n) { std::memset(d + at, 0, n); });
+}
+
+void CpuBackend::zero_many(void* const* dsts, const size_t* bytes, size_t count) {
+  std::vector<std::pair<size_t, size_t>> pieces;  // (array, offset)
+  for (size_t a = 0; a < count; ++a)
+    for (size_t at = 0; at < bytes[a]; at += kCopyBlock) pieces.push_back({a, at});
+  pool_.parallel_for(static_cast<int64_t>(pieces.size()), [&](int64_t k, unsigned) {
+    const auto [a, at] = pieces[static_cast<size_t>(k)];
+    std::memset(static_cast<unsigned char*>(dsts[a]) + at, 0, std::min(kCopyBlock, bytes[a] - at));
+  });
 }
 
 void CpuBackend::transpose_matrices(const float* src, int64_t matrices, int64_t rows, int64_t cols,

@@ -51,6 +51,7 @@ class CpuBackend final : public Backend {
   void download(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override;
   void zero(void* dst, size_t bytes) override;
+  void zero_many(void* const* dsts, const size_t* bytes, size_t count) override;
   void to_bf16(const float* src, uint16_t* dst, int64_t n) override;
   void add(float* dst, const float* src, int64_t n) override;
   // (cpu_ffn_fp8.cc)

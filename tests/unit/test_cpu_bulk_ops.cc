@@ -73,8 +73,11 @@ TEST(CpuBulkOps, FindNonfiniteAcrossThreadBlocksReportsTheFirst) {
 TEST(CpuBulkOps, CopyAndZeroOfAnySizeMatchTheSerialOnes) {
   auto be = make_cpu_backend(2);
   const size_t mib = size_t{1} << 20;
-  // Below, at and above the size where the work is split, and not a multiple of its block.
-  for (size_t bytes : {size_t{0}, size_t{1}, size_t{4097}, 2 * mib - 1, 2 * mib, 5 * mib + 3}) {
+  const size_t kib = size_t{1} << 10;
+  // Below, at and above the size where the work is split (256 KiB, in 128 KiB pieces), and not a
+  // multiple of its block.
+  for (size_t bytes : {size_t{0}, size_t{1}, size_t{4097}, 256 * kib - 1, 256 * kib, 256 * kib + 1,
+                       2 * mib - 1, 2 * mib, 5 * mib + 3}) {
     std::vector<unsigned char> src(bytes), dst(bytes + 2, 0xAB);
     for (size_t i = 0; i < bytes; ++i) src[i] = static_cast<unsigned char>(i * 131 + 7);
     be->copy(dst.data() + 1, src.data(), bytes);
@@ -87,6 +90,32 @@ TEST(CpuBulkOps, CopyAndZeroOfAnySizeMatchTheSerialOnes) {
     EXPECT_EQ(dst[0], 0xAB);
     EXPECT_EQ(dst[bytes + 1], 0xAB) << "zero wrote past the end at " << bytes;
   }
+}
+
+// A session's gradients are cleared in one call over all of them: each array exactly, none of
+// the bytes around or between them, whatever its size (empty, below one piece, several pieces).
+TEST(CpuBulkOps, ZeroManyClearsEachArrayAndNothingElse) {
+  auto be = make_cpu_backend(2);
+  const std::vector<size_t> sizes = {5,   0, 128 << 10, (128 << 10) + 3, 1,
+                                     700, 0, 3 << 20,   (1 << 20) - 1,   64};
+  std::vector<unsigned char> all;
+  std::vector<size_t> at;
+  for (size_t n : sizes) {
+    at.push_back(all.size() + 1);  // one guard byte before each array
+    all.resize(all.size() + n + 1, 0xAB);
+  }
+  all.push_back(0xAB);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i % 7 ? static_cast<unsigned char>(i) : 0xAB;
+  std::vector<unsigned char> want = all;
+  std::vector<void*> dsts;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    std::fill(want.begin() + static_cast<std::ptrdiff_t>(at[k]),
+              want.begin() + static_cast<std::ptrdiff_t>(at[k] + sizes[k]), 0);
+    dsts.push_back(all.data() + at[k]);
+  }
+  be->zero_many(dsts.data(), sizes.data(), sizes.size());
+  for (size_t i = 0; i < all.size(); ++i) ASSERT_EQ(all[i], want[i]) << "byte " << i;
+  be->zero_many(nullptr, nullptr, 0);
 }
 
 TEST(CpuBulkOps, OverlappingCopyMovesLikeMemmove) {
