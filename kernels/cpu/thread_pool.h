@@ -6,8 +6,9 @@
 // Each thread first runs the items of its own contiguous share of a call, in order, and then
 // takes the last remaining items of the others' shares. A thread so runs the same rows in
 // consecutive calls over the same rows (a norm, then the router, then the next layer): on a
-// small model most of what an item reads was written by the same core a moment before, where
-// items claimed from one shared counter landed on either core and ran 15 % slower.
+// small model most of what an item reads was written by the same core a moment before. Items
+// claimed from one shared counter landed on either core: the main job's training then took
+// 17 % more CPU time on 2 threads than on 1, nearly all of it inside the items.
 //
 // Between calls a worker polls for the next one for a while before it sleeps, and the caller
 // polls for the workers' last items before it sleeps: a small model's training step makes a
