@@ -3,6 +3,7 @@
 // CUDA) unless its name says host. Every operation is deterministic for a given input.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -383,6 +384,13 @@ class Backend : public Allocator {
     double total = 0.0;
     for (size_t i = 0; i < count; ++i) total += sum_squares(xs[i], ns[i]);
     return total;
+  }
+
+  // Whether any of the count arrays xs[i] (ns[i] values each) holds a NaN or infinity: the check
+  // of the parameters after an optimizer step. By default through sum_squares_many (the square
+  // of every finite float is finite in double); a backend with a scan of its own overrides it.
+  virtual bool any_nonfinite_many(const float* const* xs, const int64_t* ns, size_t count) {
+    return !std::isfinite(sum_squares_many(xs, ns, count));
   }
 
   // One AdamW update of n parameters from gradient g * gscale (decoupled weight decay wd).

@@ -1158,10 +1158,9 @@ void Session::refuse_overflowed_update(double lr) {
   // An update that overflowed (a learning rate or weight decay too large for the values) cannot
   // be undone without a second copy of the state, so it is found after the fact: the step is
   // made and counted, and the call says so before any pass or save meets the values. AdamW's
-  // moments cannot overflow (step() bounds the gradient); SGD's momentum can. One batched sum of
-  // squares finds whether any value is not finite (a double holds the square of every finite
-  // float), then the tensors are searched only when one is. Among ranks the agreement is made
-  // whatever check_finite says, which may differ between ranks.
+  // moments cannot overflow (step() bounds the gradient); SGD's momentum can. One batched scan
+  // finds whether any value is not finite, then the tensors are searched only when one is. Among
+  // ranks the agreement is made whatever check_finite says, which may differ between ranks.
   const TrainingConfig& c = options_.training;
   const bool sgd = c.optimizer != "adamw";
   auto refuse_overflow = [&] {
@@ -1175,8 +1174,7 @@ void Session::refuse_overflowed_update(double lr) {
         sizes.push_back(s.param->numel());
       }
     }
-    if (std::isfinite(backend_->sum_squares_many(pieces.data(), sizes.data(), pieces.size())))
-      return;
+    if (!backend_->any_nonfinite_many(pieces.data(), sizes.data(), pieces.size())) return;
     for (size_t i = 0; i < pieces.size(); ++i) {
       const int64_t at = backend_->find_nonfinite(pieces[i], sizes[i]);
       if (at < 0) continue;

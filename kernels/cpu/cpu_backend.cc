@@ -1,6 +1,7 @@
 #include "kernels/cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -546,6 +547,20 @@ double CpuBackend::sum_squares_many(const float* const* xs, const int64_t* ns, s
     total += one;
   }
   return total;
+}
+
+bool CpuBackend::any_nonfinite_many(const float* const* xs, const int64_t* ns, size_t count) {
+  // A scan, not a sum: no chain of additions to wait on (the sum of squares runs one dependent
+  // add per 4 values; on the main job's parameters the scan takes a quarter of its time).
+  const auto items = element_blocks(ns, count);
+  std::atomic<bool> found{false};
+  pool_.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t k, unsigned) {
+    if (found.load(std::memory_order_relaxed)) return;
+    const auto [a, i] = items[static_cast<size_t>(k)];
+    if (first_nonfinite(xs[a] + i, std::min(kElementBlock, ns[a] - i)) >= 0)
+      found.store(true, std::memory_order_relaxed);
+  });
+  return found.load();
 }
 
 void CpuBackend::adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr,

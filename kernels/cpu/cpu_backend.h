@@ -125,6 +125,7 @@ class CpuBackend final : public Backend {
   // Every array's blocks in one parallel_for (the gradient norm and the step's overflow check
   // visit every parameter, most of them one block), summed as sum_squares() each, in order.
   double sum_squares_many(const float* const* xs, const int64_t* ns, size_t count) override;
+  bool any_nonfinite_many(const float* const* xs, const int64_t* ns, size_t count) override;
   void adamw(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
              double beta2, double eps, double wd, double gscale, double bias_correction1,
              double bias_correction2) override;

@@ -268,6 +268,38 @@ TEST(CpuBulkOps, AdamWManyGivesEachTensorItsOwnUpdate) {
   }
 }
 
+// The check of the parameters after a step: a NaN or infinity at any position of any array
+// (first and last element, a block's edges, the last array's tail) is found, the largest
+// finite values are not, and neither are empty arrays.
+TEST(CpuBulkOps, AnyNonfiniteManyFindsEveryBadValueAndNoFiniteOne) {
+  const std::vector<int64_t> sizes = {5, 0, 70001, 1, 32768, 40000};
+  std::vector<std::vector<float>> arrays;
+  std::vector<const float*> ptrs;
+  for (const int64_t n : sizes) {
+    arrays.emplace_back(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i)
+      arrays.back()[static_cast<size_t>(i)] =
+          i % 3 ? std::numeric_limits<float>::max() : -std::numeric_limits<float>::denorm_min();
+  }
+  for (const auto& a : arrays) ptrs.push_back(a.data());
+  auto be = make_cpu_backend(2);
+  EXPECT_FALSE(be->any_nonfinite_many(ptrs.data(), sizes.data(), sizes.size()));
+  EXPECT_FALSE(be->any_nonfinite_many(nullptr, nullptr, 0));
+  for (size_t a = 0; a < sizes.size(); ++a)
+    for (const int64_t at :
+         {int64_t{0}, int64_t{4095}, int64_t{4096}, int64_t{32767}, int64_t{65536}, sizes[a] - 1}) {
+      if (at < 0 || at >= sizes[a]) continue;
+      for (const float bad : kBad) {
+        float& x = arrays[a][static_cast<size_t>(at)];
+        const float kept = x;
+        x = bad;
+        EXPECT_TRUE(be->any_nonfinite_many(ptrs.data(), sizes.data(), sizes.size()))
+            << "array " << a << ", element " << at << ", value " << bad;
+        x = kept;
+      }
+    }
+}
+
 // The gradient norm's sum over many arrays in one call: the bits of sum_squares() on each, added
 // in order (Backend's default), for arrays of no element, part of a block and several blocks.
 TEST(CpuBulkOps, SumSquaresManyAddsEachArraysSumInOrder) {
