@@ -24,7 +24,9 @@ class Communicator;
 // 9: Backend::route_expert_choice takes the row window its plan keeps.
 // 10: Backend::work_bytes and release_work.
 // 11: Backend::kept_rows_stride; the routed experts' kept rows carry their row stride.
-inline constexpr uint32_t kCudaPluginAbi = 11;
+// 12: combine_backward's outputs may be null (each skipped); Backend::zero_many and
+//     any_nonfinite_many.
+inline constexpr uint32_t kCudaPluginAbi = 12;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =
     MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(
