@@ -35,11 +35,12 @@ ThreadPool::ThreadPool(unsigned threads) : may_spin_(threads <= usable_cpus()) {
   const AsyncSignalScope no_signals;
   try {
     shares_ = std::make_unique<Share[]>(threads);
+    states_ = std::make_unique<State[]>(threads);
     workers_.reserve(threads);
     for (unsigned w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
   } catch (const std::exception& e) {
     // The destructor does not run for a constructor that throws: the workers already started
-    // would wait forever on a destroyed condition variable.
+    // would poll a destroyed pool.
     const size_t started = workers_.size() + 1;
     stop_workers();
     fail(Code::OutOfMemory, "cannot start the CPU backend's ", threads, " threads (", started,
@@ -73,44 +74,43 @@ void ThreadPool::spin_until(Done&& done) const {
 void ThreadPool::stop_workers() noexcept {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
   workers_.clear();
 }
 
-int64_t ThreadPool::claim(unsigned from, unsigned worker) {
+int64_t ThreadPool::claim(unsigned from, unsigned worker, uint32_t tag) {
   std::atomic<uint64_t>& range = shares_[from].range;
-  uint64_t r = range.load(std::memory_order_relaxed);
+  uint64_t r = range.load();
   for (;;) {
-    const uint64_t begin = r >> 32, end = r & 0xffffffffu;
-    if (begin >= end) return -1;
+    const uint64_t begin = r >> 16 & kShareItems, end = r & kShareItems;
+    if (static_cast<uint32_t>(r >> 32) != tag || begin >= end) return -1;
     const bool own = from == worker;
     const uint64_t taken = own ? begin : end - 1;
-    const uint64_t rest = own ? (begin + 1) << 32 | end : begin << 32 | (end - 1);
-    if (range.compare_exchange_weak(r, rest, std::memory_order_relaxed))
+    if (range.compare_exchange_weak(r, own ? pack(tag, begin + 1, end) : pack(tag, begin, end - 1)))
       return static_cast<int64_t>(taken);
   }
 }
 
-void ThreadPool::run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job) {
-  // A worker that woke after its call ended holds no job; the shares are reset only once every
-  // thread that took the call's job has left it, so none can take an item of the next call.
-  if (!job) return;
+void ThreadPool::run_items(unsigned worker, uint32_t tag) {
   const unsigned threads = size();
   for (unsigned k = 0; k < threads; ++k) {
     const unsigned from = (worker + k) % threads;
     for (;;) {
       if (failed_.load(std::memory_order_relaxed)) return;
-      const int64_t i = claim(from, worker);
+      const int64_t i = claim(from, worker, tag);
       if (i < 0) break;
+      // Read only once an item of this call is claimed: the call cannot have ended, so its
+      // function is still the one published with it.
+      const auto* job = job_.load(std::memory_order_acquire);
       try {
         (*job)(i, worker);
       } catch (...) {
         std::lock_guard<std::mutex> lock(mu_);
         if (!error_) error_ = std::current_exception();
-        failed_.store(true, std::memory_order_relaxed);
+        failed_.store(true);
       }
     }
   }
@@ -121,26 +121,28 @@ void ThreadPool::worker_loop(unsigned worker) {
   block_async_signals();
   uint64_t seen = 0;
   for (;;) {
-    const std::function<void(int64_t, unsigned)>* job;
-    // A hint only: what the job is, is read under the lock below.
-    spin_until([&] {
-      return stop_.load(std::memory_order_relaxed) ||
-             generation_.load(std::memory_order_relaxed) != seen;
-    });
-    {
+    spin_until([&] { return stop_.load(std::memory_order_relaxed) || generation_.load() != seen; });
+    uint64_t g = generation_.load();
+    if (g == seen && !stop_.load()) {
       std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      job = job_;
-      ++busy_;
+      sleepers_.fetch_add(1);
+      // Checked after counting itself a sleeper: a call that published its generation before
+      // saw the count (and wakes it through the lock), or this sees the generation.
+      while (!stop_.load() && (g = generation_.load()) == seen) wake_.wait(lock);
+      sleepers_.fetch_sub(1);
     }
-    run_items(worker, job);
-    {
+    if (stop_.load()) return;
+    seen = g;
+    // In the call, announced before its generation is read again: the caller, once every share
+    // is closed, waits for the workers it sees in its call. One that announces itself later
+    // finds the shares closed or tagged for a later call, and claims nothing.
+    states_[worker].at.store(2 * g + 1);
+    if (generation_.load() == g) run_items(worker, static_cast<uint32_t>(g));
+    states_[worker].at.store(2 * g);
+    if (caller_waits_.load()) {
       std::lock_guard<std::mutex> lock(mu_);
-      --busy_;
+      done_.notify_all();
     }
-    done_.notify_all();
   }
 }
 
@@ -153,42 +155,53 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, unsig
     for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
-  // A share's bounds are 32-bit: a call of more items runs as several (none does: items are
-  // blocks of rows).
-  constexpr int64_t kMostItems = 0xffffffff;
+  // A share's bounds are 16-bit: a call of more items runs as several (items are blocks of rows
+  // or elements; a call this large does enough work per item for the few extra calls).
+  constexpr auto kMostItems = static_cast<int64_t>(kShareItems);
   if (n > kMostItems) {
     for (int64_t first = 0; first < n; first += kMostItems)
       parallel_for(std::min(kMostItems, n - first),
                    [&](int64_t i, unsigned w) { fn(first + i, w); });
     return;
   }
-  {
+  const uint64_t g = generation_.load(std::memory_order_relaxed) + 1;
+  const auto tag = static_cast<uint32_t>(g);
+  const auto threads = static_cast<int64_t>(size());
+  job_.store(&fn, std::memory_order_relaxed);
+  failed_.store(false, std::memory_order_relaxed);
+  for (int64_t w = 0; w < threads; ++w)
+    shares_[w].range.store(pack(tag, static_cast<uint64_t>(n * w / threads),
+                                static_cast<uint64_t>(n * (w + 1) / threads)),
+                           std::memory_order_relaxed);
+  generation_.store(g);  // publishes the above
+  if (sleepers_.load() > 0) {
     std::lock_guard<std::mutex> lock(mu_);
-    job_ = &fn;
-    const auto threads = static_cast<int64_t>(size());
-    for (int64_t w = 0; w < threads; ++w) {
-      const auto begin = static_cast<uint64_t>(n * w / threads),
-                 end = static_cast<uint64_t>(n * (w + 1) / threads);
-      shares_[w].range.store(begin << 32 | end, std::memory_order_relaxed);
-    }
-    failed_.store(false, std::memory_order_relaxed);
-    error_ = nullptr;
-    ++generation_;
+    wake_.notify_all();
   }
-  wake_.notify_all();
-  run_items(0, &fn);
-  spin_until([&] { return busy_.load(std::memory_order_relaxed) == 0; });
-  std::exception_ptr error;
-  {
+  run_items(0, tag);
+  // Closed: no item of this call can be claimed from here on (after a failure some are left).
+  for (int64_t w = 0; w < threads; ++w) shares_[w].range.store(pack(tag, 0, 0));
+  // Every worker that announced itself in this call is waited for; those that did not yet can
+  // claim nothing of it.
+  for (size_t w = 1; w < static_cast<size_t>(threads); ++w) {
+    auto in_call = [&] { return states_[w].at.load() == 2 * g + 1; };
+    if (!in_call()) continue;
+    spin_until([&] { return !in_call(); });
+    if (!in_call()) continue;
     std::unique_lock<std::mutex> lock(mu_);
-    // Workers that woke late find no items left and leave at once, so waiting for busy_ == 0 after
-    // every share is empty is enough.
-    done_.wait(lock, [&] { return busy_ == 0; });
-    job_ = nullptr;
-    error = error_;
-    error_ = nullptr;
+    caller_waits_.store(true);
+    while (in_call()) done_.wait(lock);
+    caller_waits_.store(false);
   }
-  if (error) std::rethrow_exception(error);
+  if (failed_.load()) {
+    std::exception_ptr error;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      error = error_;
+      error_ = nullptr;
+    }
+    if (error) std::rethrow_exception(error);
+  }
 }
 
 }  // namespace moert::cpu

@@ -51,32 +51,49 @@ class ThreadPool {
  private:
   void stop_workers() noexcept;
   void worker_loop(unsigned worker);
-  void run_items(unsigned worker, const std::function<void(int64_t, unsigned)>* job);
-  // Claims the next item of share `from` for thread `worker` (its own share from the front,
-  // another's from the back); -1 when that share is empty.
-  int64_t claim(unsigned from, unsigned worker);
+  // Runs the items of call `tag` that thread `worker` can claim (its own share first), until
+  // none is left or an item failed.
+  void run_items(unsigned worker, uint32_t tag);
+  // Claims the next item of call `tag` from share `from` for thread `worker` (its own share
+  // from the front, another's from the back); -1 when that share holds none of that call.
+  int64_t claim(unsigned from, unsigned worker, uint32_t tag);
   // Polls done() until it holds or spin_ns_ has passed.
   template <class Done>
   void spin_until(Done&& done) const;
 
-  std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable wake_;
-  std::condition_variable done_;
-  const std::function<void(int64_t, unsigned)>* job_ = nullptr;
-  // Thread w's share of the current call: [begin, end) packed as begin << 32 | end. Its owner
-  // takes items from the front, the other threads from the back; both by compare-and-swap,
-  // without the lock. One cache line each: the owner's claims do not disturb the others.
+  // A call hands its items to the workers without the lock: it writes the shares, then the
+  // generation; a worker that sees the generation announces itself (state), checks the
+  // generation again and claims items. Each share carries its call's tag (the generation's low
+  // 32 bits), so a worker that looked in late, after its call ended, can claim nothing of a
+  // later one; and the caller waits only for the workers that announced themselves. The lock
+  // and condition variables serve only threads that stopped polling and sleep.
+  static constexpr uint64_t kShareItems = 0xffff;  // a share's bounds are 16-bit
+  static uint64_t pack(uint32_t tag, uint64_t begin, uint64_t end) {
+    return uint64_t{tag} << 32 | begin << 16 | end;
+  }
+  // Per thread, one cache line each: its share of the current call ([begin, end) and the call's
+  // tag, packed by pack()), and (workers) what it is doing: 2g + 1 while in call g, 2g once
+  // out of it.
   struct alignas(64) Share {
     std::atomic<uint64_t> range{0};
   };
+  struct alignas(64) State {
+    std::atomic<uint64_t> at{0};
+  };
+
+  std::vector<std::thread> workers_;
   std::unique_ptr<Share[]> shares_;
-  std::atomic<bool> failed_{false};
-  // Changed under mu_; the polls read them without it.
+  std::unique_ptr<State[]> states_;
+  std::atomic<const std::function<void(int64_t, unsigned)>*> job_{nullptr};
   std::atomic<uint64_t> generation_{0};
-  std::atomic<unsigned> busy_{0};
+  std::atomic<bool> failed_{false};
   std::atomic<bool> stop_{false};
-  const bool may_spin_;  // no more threads than the CPUs the process may run on
+  std::mutex mu_;  // error_, and the sleeping threads' condition variables
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  std::atomic<unsigned> sleepers_{0};      // workers asleep on wake_
+  std::atomic<bool> caller_waits_{false};  // the caller asleep on done_
+  const bool may_spin_;                    // no more threads than the CPUs the process may run on
   std::atomic<int64_t> spin_ns_{0};
   std::exception_ptr error_;
 };

@@ -83,6 +83,18 @@ TEST(ThreadPool, ThreadsRunTheirOwnSharesFromTheFrontAndTakeOthersFromTheBack) {
   }
 }
 
+// A call of more items than a share's 16-bit bounds hold runs as several calls: every item
+// still runs once, with its own index.
+TEST(ThreadPool, ACallOfMoreItemsThanAShareHoldsRunsEveryItemOnce) {
+  ThreadPool pool(3);
+  for (int64_t n : {int64_t{65535}, int64_t{65536}, int64_t{200003}}) {
+    std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+    pool.parallel_for(n, [&](int64_t i, unsigned) { hits[static_cast<size_t>(i)]++; });
+    for (int64_t i = 0; i < n; ++i)
+      ASSERT_EQ(hits[static_cast<size_t>(i)].load(), 1) << n << " " << i;
+  }
+}
+
 // A session asking for more threads than the process may start gets an error, not a hang: the
 // workers started before the failure are stopped (they once waited on a destroyed condition
 // variable). Run in a child whose address space is capped so that thread stacks run out.
