@@ -65,8 +65,9 @@ class ThreadPool {
   // generation; a worker that sees the generation announces itself (state), checks the
   // generation again and claims items. Each share carries its call's tag (the generation's low
   // 32 bits), so a worker that looked in late, after its call ended, can claim nothing of a
-  // later one; and the caller waits only for the workers that announced themselves. The lock
-  // and condition variables serve only threads that stopped polling and sleep.
+  // later one (unless it stalled between two of its instructions for 2^32 calls); and the caller
+  // waits only for the workers that announced themselves. The lock and condition variables serve
+  // only threads that stopped polling and sleep.
   static constexpr uint64_t kShareItems = 0xffff;  // a share's bounds are 16-bit
   static uint64_t pack(uint32_t tag, uint64_t begin, uint64_t end) {
     return uint64_t{tag} << 32 | begin << 16 | end;
