@@ -112,12 +112,11 @@ void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
 }
 
 void CpuBackend::zero(void* dst, size_t bytes) {
-  auto* d = static_cast<unsigned char*>(dst);
   if (bytes < 2 * kCopyBlock) {
     if (bytes) std::memset(dst, 0, bytes);
     return;
   }
-  in_pieces(pool_, bytes, [&](size_t at, size_t n) { std::memset(d + at, 0, n); });
+  zero_many(&dst, &bytes, 1);
 }
 
 void CpuBackend::zero_many(void* const* dsts, const size_t* bytes, size_t count) {
