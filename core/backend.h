@@ -75,6 +75,17 @@ struct Weight {
 
 // Token-to-expert assignments of one MoE layer, in expert-major order, tokens ascending within an
 // expert (a stable sort), so that the same routing always gives the same order.
+// A MoE layer's shared expert, run beside its routed experts (Backend::routed_and_shared_ffn).
+struct SharedExpert {
+  Weight w1, w3, w2;  // [hidden, dim], [hidden, dim], [dim, hidden]
+  int64_t hidden = 0;
+  // y [rows, dim] = x + FFN(x) with `residual`, else FFN(x): whatever y held is replaced.
+  bool residual = false;
+  float* y = nullptr;
+  // The pre-activations W1 x, W3 x ([rows, hidden]) kept for backward, or null.
+  float *h1 = nullptr, *h3 = nullptr;
+};
+
 struct DispatchPlan {
   int64_t rows = 0;
   std::vector<int64_t> host_offsets;  // [E + 1] on the host: expert e owns [o[e], o[e + 1])
@@ -260,6 +271,32 @@ class Backend : public Allocator {
     dense_rows(ld, dim, "dispatch_swiglu_ffn");
     dispatch(plan, x, x_perm, dim);
     grouped_swiglu_ffn(plan, x_perm, w1, w3, w2, y_perm, h1, h3, dim, hidden);
+  }
+
+  // dispatch_swiglu_ffn(), and a shared expert on the same rows x [plan.rows, dim]: shared.y =
+  // (shared.residual ? x : 0) + its SwiGLU FFN of x. Same results as those two calls (the shared
+  // one accumulating into y set to x or zero); a row named by an error of the shared expert is
+  // the layer's (RowError::layer_row()), one of the routed experts' is in routing order as
+  // dispatch_swiglu_ffn names it. The CPU backend runs both FFNs' items in one parallel stretch,
+  // feeds both from one bf16 conversion of x in inference, and writes y's residual where the
+  // shared expert's down GEMM adds to it.
+  virtual void routed_and_shared_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
+                                     bool keep_x_perm, Weight w1, Weight w3, Weight w2,
+                                     float* y_perm, float* h1, float* h3, int64_t dim,
+                                     int64_t hidden, int64_t ld, const SharedExpert& shared) {
+    dispatch_swiglu_ffn(plan, x, x_perm, keep_x_perm, w1, w3, w2, y_perm, h1, h3, dim, hidden, ld);
+    const size_t bytes = static_cast<size_t>(plan.rows * dim) * sizeof(float);
+    if (shared.residual)
+      copy(shared.y, x, bytes);
+    else
+      zero(shared.y, bytes);
+    try {
+      swiglu_ffn(x, shared.w1, shared.w3, shared.w2, shared.y, shared.h1, shared.h3, plan.rows, dim,
+                 shared.hidden, true);
+    } catch (const RowError& e) {
+      if (e.layer_row()) throw;
+      throw e.at_layer_row(e.row());
+    }
   }
 
   // The row stride (floats, at least dim) at which a training pass keeps the routed experts'

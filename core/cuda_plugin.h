@@ -26,7 +26,8 @@ class Communicator;
 // 11: Backend::kept_rows_stride; the routed experts' kept rows carry their row stride.
 // 12: combine_backward's outputs may be null (each skipped); Backend::zero_many and
 //     any_nonfinite_many.
-inline constexpr uint32_t kCudaPluginAbi = 12;
+// 13: Backend::routed_and_shared_ffn and SharedExpert.
+inline constexpr uint32_t kCudaPluginAbi = 13;
 // The library version a plugin must have been built with, "major.minor.patch".
 inline constexpr const char* kPluginLibraryVersion =
     MOERT_PLUGIN_STR(MOERT_VERSION_MAJOR) "." MOERT_PLUGIN_STR(

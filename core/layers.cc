@@ -259,30 +259,40 @@ int64_t MoELayer::expert_weight_offset(int64_t expert) const {
   return (expert - par_->sharding(E).first_expert()) * per_expert;
 }
 
-void MoELayer::residual_and_shared(Backend& be, const float* x, float* y, int64_t rows,
-                                   bool train) {
-  const int64_t D = s_.dim;
-  const size_t n = static_cast<size_t>(rows * D);
-  if (s_.residual)
-    be.copy(y, x, n * sizeof(float));
-  else
-    be.zero(y, n * sizeof(float));
-  const int64_t HS = s_.shared_hidden, shared_stride = HS * D;
+SharedExpert MoELayer::shared_expert(Backend& be, uint32_t i, float* y, int64_t rows, bool train) {
+  const int64_t D = s_.dim, HS = s_.shared_hidden, off = i * HS * D;
   shared_h1_.resize(s_.num_shared);
   shared_h3_.resize(s_.num_shared);
-  for (uint32_t i = 0; i < s_.num_shared; ++i) {
-    const int64_t off = i * shared_stride;
-    float *sh1 = nullptr, *sh3 = nullptr;
-    if (train) {
-      shared_h1_[i].resize(be, static_cast<size_t>(rows * HS));
-      shared_h3_[i].resize(be, shared_h1_[i].size());
-      sh1 = shared_h1_[i].data();
-      sh3 = shared_h3_[i].data();
-    }
-    in_layer_rows([&] {
-      be.swiglu_ffn(x, p_.weight(s_.shared_w1).offset(off), p_.weight(s_.shared_w3).offset(off),
-                    p_.weight(s_.shared_w2).offset(off), y, sh1, sh3, rows, D, HS, true);
-    });
+  SharedExpert e;
+  e.w1 = p_.weight(s_.shared_w1).offset(off);
+  e.w3 = p_.weight(s_.shared_w3).offset(off);
+  e.w2 = p_.weight(s_.shared_w2).offset(off);
+  e.hidden = HS;
+  e.residual = s_.residual;
+  e.y = y;
+  if (train) {
+    shared_h1_[i].resize(be, static_cast<size_t>(rows * HS));
+    shared_h3_[i].resize(be, shared_h1_[i].size());
+    e.h1 = shared_h1_[i].data();
+    e.h3 = shared_h3_[i].data();
+  }
+  return e;
+}
+
+void MoELayer::residual_and_shared(Backend& be, const float* x, float* y, int64_t rows, bool train,
+                                   uint32_t first) {
+  const int64_t D = s_.dim;
+  const size_t n = static_cast<size_t>(rows * D);
+  if (first == 0) {
+    if (s_.residual)
+      be.copy(y, x, n * sizeof(float));
+    else
+      be.zero(y, n * sizeof(float));
+  }
+  for (uint32_t i = first; i < s_.num_shared; ++i) {
+    const SharedExpert e = shared_expert(be, i, y, rows, train);
+    in_layer_rows(
+        [&] { be.swiglu_ffn(x, e.w1, e.w3, e.w2, y, e.h1, e.h3, rows, D, e.hidden, true); });
   }
 }
 
@@ -297,11 +307,24 @@ void MoELayer::forward(Backend& be, const float* x, float* y, int64_t rows, Pass
   x_perm_.resize(be, static_cast<size_t>(A * kept_ld_));
   y_perm_.resize(be, static_cast<size_t>(A * D));
   keep_hidden(be, A, train);
-  in_routing_order(be, plan_, [&] {
-    experts_forward(be, plan_, 0, x, x_perm_.data(), train, y_perm_.data(),
-                    train ? h1_.data() : nullptr, train ? h3_.data() : nullptr);
-  });
-  residual_and_shared(be, x, y, rows, train);
+  float* h1 = train ? h1_.data() : nullptr;
+  float* h3 = train ? h3_.data() : nullptr;
+  if (s_.num_shared > 0) {
+    // The first shared expert runs beside the routed ones (one parallel stretch; in bf16 one
+    // conversion of x for both), the others after it, as residual_and_shared orders them.
+    const SharedExpert shared = shared_expert(be, 0, y, rows, train);
+    in_routing_order(be, plan_, [&] {
+      be.routed_and_shared_ffn(plan_, x, x_perm_.data(), train, p_.weight(s_.w1), p_.weight(s_.w3),
+                               p_.weight(s_.w2), y_perm_.data(), h1, h3, D, s_.expert_hidden,
+                               kept_ld_, shared);
+    });
+    residual_and_shared(be, x, y, rows, train, 1);
+  } else {
+    in_routing_order(be, plan_, [&] {
+      experts_forward(be, plan_, 0, x, x_perm_.data(), train, y_perm_.data(), h1, h3);
+    });
+    residual_and_shared(be, x, y, rows, train);
+  }
   be.combine(plan_, y_perm_.data(), y, D);
   for (int64_t e = 0; e < E; ++e) pending_[e] = plan_.count(e);
   aux_loss_ = 0.0;

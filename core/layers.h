@@ -168,8 +168,12 @@ class MoELayer final : public Layer {
   int64_t expert_weight_offset(int64_t expert) const;
   // Room for the experts' pre-activations of `assignments` assignments (training passes).
   void keep_hidden(Backend& be, int64_t assignments, bool train);
-  // y = x (residual) or 0, plus the shared experts.
-  void residual_and_shared(Backend& be, const float* x, float* y, int64_t rows, bool train);
+  // y = x (residual) or 0, plus the shared experts; from shared expert `first` on, y already
+  // holding the residual and the shared experts before it.
+  void residual_and_shared(Backend& be, const float* x, float* y, int64_t rows, bool train,
+                           uint32_t first = 0);
+  // Shared expert i writing y ([rows, dim]), with room for its pre-activations in training.
+  SharedExpert shared_expert(Backend& be, uint32_t i, float* y, int64_t rows, bool train);
   void aux_forward(Backend& be, int64_t rows);
   void shared_backward(Backend& be, const float* dy, float* dx, int64_t rows);
   void router_backward(Backend& be, float* dx, int64_t rows);

@@ -81,6 +81,11 @@ class CpuBackend final : public Backend {
   void dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
                            bool keep_x_perm, Weight w1, Weight w3, Weight w2, float* y_perm,
                            float* h1, float* h3, int64_t dim, int64_t hidden, int64_t ld) override;
+  // Both FFNs' items in one parallel stretch; in bf16 inference x is converted once for both.
+  void routed_and_shared_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
+                             bool keep_x_perm, Weight w1, Weight w3, Weight w2, float* y_perm,
+                             float* h1, float* h3, int64_t dim, int64_t hidden, int64_t ld,
+                             const SharedExpert& shared) override;
   // Direct mode's padded stride (wgrad_ld) where the experts' backward runs in Direct mode.
   int64_t kept_rows_stride(Weight w1, Weight w3, Weight w2, int64_t dim,
                            int64_t hidden) const override;
@@ -168,7 +173,32 @@ class CpuBackend final : public Backend {
   // left out.
   static std::vector<Segment> expert_segments(const DispatchPlan& plan, Weight w1, Weight w3,
                                               Weight w2, int64_t dim, int64_t hidden);
-  // The FFN forward of each item (cpu_ffn.cc), its rows from x or gathered.
+  // One FFN of a forward call: its segments, where their rows come from and where they go.
+  struct ForwardFfn {
+    std::vector<Segment> segs;
+    const float* x = nullptr;  // the rows (row stride dim), unless gathered
+    float *y = nullptr, *h1 = nullptr, *h3 = nullptr;
+    int64_t hidden = 0;
+    bool accumulate = false;
+    const Gather* gather = nullptr;
+    // Before the down GEMM adds to y's columns, they are set to x's (Copy) or to zero (Zero): a
+    // shared expert's residual, written where its GEMM reads it next. Needs accumulate and x.
+    enum class Init { None, Copy, Zero } init = Init::None;
+    // Errors name rows of the layer (a shared expert's), not of the call's segments.
+    bool layer_rows = false;
+  };
+  // A routed call's gather of its rows from x (Code::Internal for a stride it does not keep),
+  // and its FFN.
+  Gather routed_gather(const DispatchPlan& plan, const float* x, float* x_perm, bool keep_x_perm,
+                       Weight w1, Weight w3, Weight w2, int64_t dim, int64_t hidden,
+                       int64_t ld) const;
+  static ForwardFfn routed_ffn(const DispatchPlan& plan, const Gather* gather, const float* x_perm,
+                               Weight w1, Weight w3, Weight w2, float* y_perm, float* h1, float* h3,
+                               int64_t dim, int64_t hidden);
+  // The FFN forward of each item of every FFN (cpu_ffn.cc) in one parallel stretch, their rows
+  // from x or gathered. An FFN without a gather whose x is a gathering FFN's source reads that
+  // source's bf16 conversion where the call converts it (a MoE layer's shared expert).
+  void ffn_forward(const std::vector<ForwardFfn>& ffns, int64_t dim);
   void ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1, float* h3,
                    int64_t dim, int64_t hidden, bool accumulate, const Gather* gather = nullptr);
   // FP8 Fprop of an item of m rows (cpu_ffn_fp8.cc): h1, h3 (row stride hidden) = x W1^T, x W3^T

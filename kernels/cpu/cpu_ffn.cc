@@ -21,6 +21,7 @@
 // segment by segment, the backward when every segment of the call carries them.
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "core/error.h"
 #include "kernels/cpu/cpu_backend.h"
@@ -163,28 +164,76 @@ void CpuBackend::dispatch_swiglu_ffn(const DispatchPlan& plan, const float* x, f
                                      bool keep_x_perm, Weight w1, Weight w3, Weight w2,
                                      float* y_perm, float* h1, float* h3, int64_t dim,
                                      int64_t hidden, int64_t ld) {
+  const Gather gather = routed_gather(plan, x, x_perm, keep_x_perm, w1, w3, w2, dim, hidden, ld);
+  ffn_forward({routed_ffn(plan, &gather, x_perm, w1, w3, w2, y_perm, h1, h3, dim, hidden)}, dim);
+}
+
+void CpuBackend::routed_and_shared_ffn(const DispatchPlan& plan, const float* x, float* x_perm,
+                                       bool keep_x_perm, Weight w1, Weight w3, Weight w2,
+                                       float* y_perm, float* h1, float* h3, int64_t dim,
+                                       int64_t hidden, int64_t ld, const SharedExpert& shared) {
+  const Gather gather = routed_gather(plan, x, x_perm, keep_x_perm, w1, w3, w2, dim, hidden, ld);
+  ForwardFfn s;
+  s.segs = {Segment{shared.w1, shared.w3, shared.w2, 0, plan.rows}};
+  s.x = x;
+  s.y = shared.y;
+  s.h1 = shared.h1;
+  s.h3 = shared.h3;
+  s.hidden = shared.hidden;
+  s.accumulate = true;
+  s.init = shared.residual ? ForwardFfn::Init::Copy : ForwardFfn::Init::Zero;
+  s.layer_rows = true;
+  ffn_forward({routed_ffn(plan, &gather, x_perm, w1, w3, w2, y_perm, h1, h3, dim, hidden), s}, dim);
+}
+
+CpuBackend::Gather CpuBackend::routed_gather(const DispatchPlan& plan, const float* x,
+                                             float* x_perm, bool keep_x_perm, Weight w1, Weight w3,
+                                             Weight w2, int64_t dim, int64_t hidden,
+                                             int64_t ld) const {
   // Only rows kept for a Direct-mode backward come padded: the other modes read them dense.
   if (ld != dim && (!keep_x_perm || kept_rows_stride(w1, w3, w2, dim, hidden) != ld))
     fail(Code::Internal, "dispatch_swiglu_ffn got a row stride ", ld, " for width ", dim,
          " where its rows are not kept padded");
-  const Gather gather{x, plan.token.data(), keep_x_perm ? x_perm : nullptr, plan.rows, ld};
-  ffn_forward(expert_segments(plan, w1, w3, w2, dim, hidden), x_perm, y_perm, h1, h3, dim, hidden,
-              false, &gather);
+  return Gather{x, plan.token.data(), keep_x_perm ? x_perm : nullptr, plan.rows, ld};
+}
+
+CpuBackend::ForwardFfn CpuBackend::routed_ffn(const DispatchPlan& plan, const Gather* gather,
+                                              const float* x_perm, Weight w1, Weight w3, Weight w2,
+                                              float* y_perm, float* h1, float* h3, int64_t dim,
+                                              int64_t hidden) {
+  ForwardFfn f;
+  f.segs = expert_segments(plan, w1, w3, w2, dim, hidden);
+  f.x = x_perm;
+  f.y = y_perm;
+  f.h1 = h1;
+  f.h3 = h3;
+  f.hidden = hidden;
+  f.gather = gather;
+  return f;
 }
 
 void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1,
                              float* h3, int64_t dim, int64_t hidden, bool accumulate,
                              const Gather* gather) {
-  const auto items = row_items(segs);
-  // m rows from `begin` on, gathered into `to` (row stride ld).
-  auto gather_rows = [&](int64_t begin, int64_t m, float* to, int64_t ld) {
+  ForwardFfn f;
+  f.segs = segs;
+  f.x = x;
+  f.y = y;
+  f.h1 = h1;
+  f.h3 = h3;
+  f.hidden = hidden;
+  f.accumulate = accumulate;
+  f.gather = gather;
+  ffn_forward({f}, dim);
+}
+
+void CpuBackend::ffn_forward(const std::vector<ForwardFfn>& ffns, int64_t dim) {
+  // m rows from `begin` on of a gather, into `to` (row stride ld).
+  auto gather_rows = [&](const Gather& g, int64_t begin, int64_t m, float* to, int64_t ld) {
     for (int64_t r = 0; r < m; ++r)
-      std::memcpy(to + r * ld, gather->src + static_cast<int64_t>(gather->token[begin + r]) * dim,
+      std::memcpy(to + r * ld, g.src + static_cast<int64_t>(g.token[begin + r]) * dim,
                   sizeof(float) * static_cast<size_t>(dim));
   };
-  // The rows of x (the kept x_perm) at their own stride.
-  const int64_t ldk = gather && gather->kept ? gather->kept_ld : dim;
-  auto kept_rows = [&](int64_t begin) { return gather->kept + begin * ldk; };
   // In bf16 the activations a = swiglu(h1, h3) leave the up GEMMs already in the down GEMM's
   // operand form (bf16_gemm_.act_bytes() per element, row stride `hidden` elements, in the same
   // storage), and rows to gather go from x to the up GEMMs' operand form in one step.
@@ -197,41 +246,59 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
   auto packed_down = [](const Segment& s) { return s.w2.bf16_packed != nullptr; };
   const size_t es = bf16_gemm_.act_bytes(), row_bytes = static_cast<size_t>(dim) * es;
   const bool widened = bf16_gemm_.kernels() == Bf16Kernels::Widen;
-  // Set before the items run (below): whether the rows the bf16 up GEMMs gather are copied from
-  // src_bf16_, where the source rows they read were converted once; slot[t] is token t's row
-  // there.
-  bool src_once = false;
+
+  // What each FFN's items need beyond the FFN itself.
+  struct Run {
+    std::vector<Item> items;
+    std::vector<int64_t> cut_at;  // a cut item's rows among the FFN's cut rows, else -1
+    int64_t cut_rows = 0;
+    size_t cut_base = 0, cut_x_base = 0;  // floats of cut_, rows of cut_x_ before the FFN's
+    bool keep = false;
+    bool cut_apart = false;  // its cut items' rows gathered into cut_x_ (not kept)
+    int64_t ldk = 0;         // row stride of its x (the kept rows') where gathered rows are kept
+    // Its bf16 up GEMMs copy the rows they gather from src_bf16_ (slot[t]: token t's row there).
+    bool src_once = false;
+    // Its rows already in the up GEMMs' operand form, in order (a shared expert's, where the
+    // call converted the whole source it shares with a gathering FFN).
+    const unsigned char* x_bf16 = nullptr;
+  };
+  std::vector<Run> runs(ffns.size());
   std::vector<int32_t> slot;
-  // h1, h3 (row stride `hidden`) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
-  // The rows: xr, or (`tokens`, bf16) rows tokens[r] of the gather's source.
-  auto up = [&](const Segment& s, int64_t m, int64_t row0, const float* xr, int64_t ldx,
-                const int32_t* tokens, float* p1, float* p3, float* a, int64_t c0, int64_t n,
-                unsigned worker) {
+
+  // h1, h3 (row stride hidden) = x W1^T, x W3^T on hidden columns [c0, c0 + n), then a there.
+  // The rows: `pre` (already in operand form), xr, or (`tokens`, bf16) rows tokens[r] of the
+  // gather's source.
+  auto up = [&](const ForwardFfn& f, const Run& run, const Segment& s, int64_t m, int64_t row0,
+                const float* xr, int64_t ldx, const int32_t* tokens, const unsigned char* pre,
+                float* p1, float* p3, float* a, int64_t c0, int64_t n, unsigned worker) {
+    const int64_t hidden = f.hidden;
     if (in_bf16(s)) {
-      auto& act = scratch_[worker].bytes;
-      act.resize(static_cast<size_t>(m) * row_bytes);
-      if (tokens && src_once)
-        for (int64_t r = 0; r < m; ++r)
-          std::memcpy(act.data() + static_cast<size_t>(r) * row_bytes,
-                      src_bf16_.data() +
-                          static_cast<size_t>(slot[static_cast<size_t>(tokens[r])]) * row_bytes,
-                      row_bytes);
-      else if (tokens)
-        for (int64_t r = 0; r < m; ++r)
-          bf16_gemm_.prepare(gather->src + static_cast<int64_t>(tokens[r]) * dim, dim, 1, dim,
-                             act.data() + static_cast<size_t>(r) * row_bytes, dim, false);
-      else
-        bf16_gemm_.prepare(xr, ldx, m, dim, act.data(), dim, false);
+      const void* op = pre;
+      if (!pre) {
+        auto& act = scratch_[worker].bytes;
+        act.resize(static_cast<size_t>(m) * row_bytes);
+        if (tokens && run.src_once)
+          for (int64_t r = 0; r < m; ++r)
+            std::memcpy(act.data() + static_cast<size_t>(r) * row_bytes,
+                        src_bf16_.data() +
+                            static_cast<size_t>(slot[static_cast<size_t>(tokens[r])]) * row_bytes,
+                        row_bytes);
+        else if (tokens)
+          for (int64_t r = 0; r < m; ++r)
+            bf16_gemm_.prepare(f.gather->src + static_cast<int64_t>(tokens[r]) * dim, dim, 1, dim,
+                               act.data() + static_cast<size_t>(r) * row_bytes, dim, false);
+        else
+          bf16_gemm_.prepare(xr, ldx, m, dim, act.data(), dim, false);
+        op = act.data();
+      }
       if (packed_up(s)) {
-        packed_nt(act.data(), dim, s.w1.bf16_packed, hidden, p1 + c0, hidden, m, c0, n, dim, false,
-                  worker);
-        packed_nt(act.data(), dim, s.w3.bf16_packed, hidden, p3 + c0, hidden, m, c0, n, dim, false,
-                  worker);
+        packed_nt(op, dim, s.w1.bf16_packed, hidden, p1 + c0, hidden, m, c0, n, dim, false, worker);
+        packed_nt(op, dim, s.w3.bf16_packed, hidden, p3 + c0, hidden, m, c0, n, dim, false, worker);
       } else {
-        bf16_gemm_.act_weight_nt(act.data(), dim, s.w1.bf16 + c0 * dim, dim, p1 + c0, hidden, m, n,
-                                 dim, false, worker);
-        bf16_gemm_.act_weight_nt(act.data(), dim, s.w3.bf16 + c0 * dim, dim, p3 + c0, hidden, m, n,
-                                 dim, false, worker);
+        bf16_gemm_.act_weight_nt(op, dim, s.w1.bf16 + c0 * dim, dim, p1 + c0, hidden, m, n, dim,
+                                 false, worker);
+        bf16_gemm_.act_weight_nt(op, dim, s.w3.bf16 + c0 * dim, dim, p3 + c0, hidden, m, n, dim,
+                                 false, worker);
       }
       auto* ab = reinterpret_cast<unsigned char*>(a);
       for (int64_t r = 0; r < m; ++r)
@@ -252,154 +319,237 @@ void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, f
     for (int64_t r = 0; r < m; ++r)
       swiglu(p1 + r * hidden + c0, p3 + r * hidden + c0, a + r * hidden + c0, n);
   };
-  // y (row stride `dim`) (+)= a W2^T on output columns [c0, c0 + n).
-  auto down = [&](const Segment& s, int64_t m, int64_t row0, const float* a, float* yr, int64_t c0,
-                  int64_t n, unsigned worker) {
+  // y (row stride `dim`) (+)= a W2^T on output columns [c0, c0 + n), the item's rows of y first
+  // set as f.init says.
+  auto down = [&](const ForwardFfn& f, const Segment& s, int64_t m, int64_t row0, const float* a,
+                  float* yr, int64_t c0, int64_t n, unsigned worker) {
+    const int64_t hidden = f.hidden;
+    if (f.init != ForwardFfn::Init::None)
+      for (int64_t r = 0; r < m; ++r) {
+        float* to = yr + r * dim + c0;
+        if (f.init == ForwardFfn::Init::Copy)
+          std::memcpy(to, f.x + (row0 + r) * dim + c0, sizeof(float) * static_cast<size_t>(n));
+        else
+          std::memset(to, 0, sizeof(float) * static_cast<size_t>(n));
+      }
     if (in_bf16(s)) {
       if (packed_down(s))
-        packed_nt(a, hidden, s.w2.bf16_packed, dim, yr + c0, dim, m, c0, n, hidden, accumulate,
+        packed_nt(a, hidden, s.w2.bf16_packed, dim, yr + c0, dim, m, c0, n, hidden, f.accumulate,
                   worker);
       else
         bf16_gemm_.act_weight_nt(a, hidden, s.w2.bf16 + c0 * hidden, hidden, yr + c0, dim, m, n,
-                                 hidden, accumulate, worker);
+                                 hidden, f.accumulate, worker);
     } else if (all_fp8(s.w1, s.w3, s.w2)) {
-      fp8_down(s, m, row0, a, yr, c0, n, dim, hidden, accumulate, worker);
+      fp8_down(s, m, row0, a, yr, c0, n, dim, hidden, f.accumulate, worker);
     } else if (s.w2.f32t) {
-      sgemm(false, false, m, n, hidden, a, hidden, s.w2.f32t + c0, dim, yr + c0, dim, accumulate);
+      sgemm(false, false, m, n, hidden, a, hidden, s.w2.f32t + c0, dim, yr + c0, dim, f.accumulate);
     } else {
       sgemm(false, true, m, n, hidden, a, hidden, f32_of(s.w2) + c0 * hidden, hidden, yr + c0, dim,
-            accumulate);
+            f.accumulate);
     }
   };
 
   // Items of a few rows (a decode step) do little work each but read their whole weights: they
   // are cut into column blocks, so that every thread streams a share of the weights. So is every
-  // item of a call with too few items to keep the threads busy on large weights: a decode step's
+  // item of an FFN with too few items to keep the threads busy on large weights: a decode step's
   // shared expert is one item, 64 rows of 5.6 GFLOP at DeepSeek-V3's width, which alone would
-  // run on one thread while the others wait. The cuts depend on the call's shapes only, never on
-  // the thread count. A packed bf16 weight is cut only at its blocks: up to 512 rows it is one
-  // unit (CpuBackend::pack_rows).
-  const bool keep = h1 != nullptr;
-  int64_t rows_in_all = 0;
-  for (const Item& it : items) rows_in_all += it.rows;
-  const bool cut_all = static_cast<int64_t>(items.size()) < kCutItems &&
-                       hidden * dim >= kCutWeights &&
-                       rows_in_all * hidden * (keep ? 1 : 3) <= kCutFloats;
+  // run on one thread while the others wait. The cuts depend on each FFN's shapes only, never on
+  // the thread count or on the other FFNs of the call. A packed bf16 weight is cut only at its
+  // blocks: up to 512 rows it is one unit (CpuBackend::pack_rows).
   struct Unit {
-    size_t item;
+    size_t ffn, item;
     int64_t c0, n;
   };
   std::vector<Unit> units, second;
-  std::vector<int64_t> cut_at(items.size(), -1);  // a cut item's rows in cut_
-  int64_t cut_rows = 0;
-  for (size_t i = 0; i < items.size(); ++i) {
-    if (items[i].rows > kFewRows && !cut_all) {
-      units.push_back({i, 0, 0});
-      continue;
+  size_t cut_floats = 0, cut_x_rows = 0;
+  for (size_t g = 0; g < ffns.size(); ++g) {
+    const ForwardFfn& f = ffns[g];
+    Run& run = runs[g];
+    run.items = row_items(f.segs);
+    run.keep = f.h1 != nullptr;
+    run.ldk = f.gather && f.gather->kept ? f.gather->kept_ld : dim;
+    run.cut_apart = f.gather && !f.gather->kept;
+    run.cut_at.assign(run.items.size(), -1);
+    const int64_t hidden = f.hidden, per_row = hidden * (run.keep ? 1 : 3);
+    int64_t rows_in_all = 0;
+    for (const Item& it : run.items) rows_in_all += it.rows;
+    const bool cut_all = static_cast<int64_t>(run.items.size()) < kCutItems &&
+                         hidden * dim >= kCutWeights && rows_in_all * per_row <= kCutFloats;
+    for (size_t i = 0; i < run.items.size(); ++i) {
+      if (run.items[i].rows > kFewRows && !cut_all) {
+        units.push_back({g, i, 0, 0});
+        continue;
+      }
+      run.cut_at[i] = run.cut_rows;
+      run.cut_rows += run.items[i].rows;
+      // Units of a packed weight are whole blocks of it; other layouts take any columns.
+      const Segment& s = f.segs[run.items[i].segment];
+      const int64_t up_cols =
+          in_bf16(s) && packed_up(s) ? unit_columns(hidden, kUpColumns) : kUpColumns;
+      const int64_t down_cols =
+          in_bf16(s) && packed_down(s) ? unit_columns(dim, kDownColumns) : kDownColumns;
+      for (int64_t c = 0; c < hidden; c += up_cols)
+        units.push_back({g, i, c, std::min(up_cols, hidden - c)});
+      for (int64_t c = 0; c < dim; c += down_cols)
+        second.push_back({g, i, c, std::min(down_cols, dim - c)});
     }
-    cut_at[i] = cut_rows;
-    cut_rows += items[i].rows;
-    // Units of a packed weight are whole blocks of it; other layouts take any columns.
-    const Segment& s = segs[items[i].segment];
-    const int64_t up_cols =
-        in_bf16(s) && packed_up(s) ? unit_columns(hidden, kUpColumns) : kUpColumns;
-    const int64_t down_cols =
-        in_bf16(s) && packed_down(s) ? unit_columns(dim, kDownColumns) : kDownColumns;
-    for (int64_t c = 0; c < hidden; c += up_cols)
-      units.push_back({i, c, std::min(up_cols, hidden - c)});
-    for (int64_t c = 0; c < dim; c += down_cols)
-      second.push_back({i, c, std::min(down_cols, dim - c)});
+    run.cut_base = cut_floats;
+    cut_floats += static_cast<size_t>(run.cut_rows * per_row);
+    run.cut_x_base = cut_x_rows;
+    if (f.gather && run.cut_apart) cut_x_rows += static_cast<size_t>(run.cut_rows);
   }
-  cut_.resize(*this, static_cast<size_t>(cut_rows * hidden * (keep ? 1 : 3)));
+  cut_.resize(*this, cut_floats);
+  if (cut_x_rows > 0) cut_x_.resize(*this, cut_x_rows * static_cast<size_t>(dim));
   // A cut item's rows are read by each of its column units: gathered once, before them.
-  const bool cut_apart = gather && !gather->kept;
-  if (gather && cut_rows > 0) {
-    if (cut_apart) cut_x_.resize(*this, static_cast<size_t>(cut_rows * dim));
-    std::vector<size_t> cut;
-    for (size_t i = 0; i < items.size(); ++i)
-      if (cut_at[i] >= 0) cut.push_back(i);
-    pool_.parallel_for(static_cast<int64_t>(cut.size()), [&](int64_t f, unsigned) {
-      const size_t i = cut[static_cast<size_t>(f)];
-      if (cut_apart)
-        gather_rows(items[i].begin, items[i].rows, cut_x_.data() + cut_at[i] * dim, dim);
-      else
-        gather_rows(items[i].begin, items[i].rows, kept_rows(items[i].begin), ldk);
-    });
+  {
+    std::vector<std::pair<size_t, size_t>> cut;
+    for (size_t g = 0; g < ffns.size(); ++g)
+      if (ffns[g].gather)
+        for (size_t i = 0; i < runs[g].items.size(); ++i)
+          if (runs[g].cut_at[i] >= 0) cut.emplace_back(g, i);
+    if (!cut.empty())
+      pool_.parallel_for(static_cast<int64_t>(cut.size()), [&](int64_t c, unsigned) {
+        const auto [g, i] = cut[static_cast<size_t>(c)];
+        const Run& run = runs[g];
+        const Item& it = run.items[i];
+        const Gather& ga = *ffns[g].gather;
+        if (run.cut_apart)
+          gather_rows(ga, it.begin, it.rows, cut_x_.data() + (run.cut_x_base + run.cut_at[i]) * dim,
+                      dim);
+        else
+          gather_rows(ga, it.begin, it.rows, ga.kept + it.begin * run.ldk, run.ldk);
+      });
   }
   // An item not cut into units gathers its rows straight into the bf16 up GEMMs' operand, so
   // each token is rounded once per assignment: top-K times. Where those items read each source
   // row twice or more on average, the rows they read are converted once and copied from there
-  // (the same bits). No other row is touched: under expert parallelism the rest of the source
-  // may still be arriving.
-  if (gather && !gather->kept) {
+  // (the same bits). No other row is touched (under expert parallelism the rest of the source
+  // may still be arriving), unless an FFN of the call reads the whole source in bf16 (a shared
+  // expert): then every row is converted, in order, and that FFN multiplies them where they lie.
+  for (size_t g = 0; g < ffns.size(); ++g) {
+    const ForwardFfn& f = ffns[g];
+    if (!f.gather || f.gather->kept) continue;
+    const Gather& ga = *f.gather;
+    std::vector<size_t> whole;
+    for (size_t h = 0; h < ffns.size(); ++h) {
+      const ForwardFfn& o = ffns[h];
+      if (o.gather || o.x != ga.src || o.segs.empty() || runs[h].items.empty()) continue;
+      bool reads = true;
+      for (const Segment& s : o.segs)
+        reads = reads && in_bf16(s) && s.begin == 0 && s.rows == ga.src_rows;
+      if (reads) whole.push_back(h);
+    }
+    Run& run = runs[g];
+    bool any = !whole.empty();
+    for (size_t i = 0; i < run.items.size() && !any; ++i)
+      any = run.cut_at[i] < 0 && in_bf16(f.segs[run.items[i].segment]);
+    if (!any) break;
     std::vector<int32_t> rows_read;
     int64_t gathered = 0;
-    for (size_t i = 0; i < items.size(); ++i) {
-      if (cut_at[i] >= 0 || !in_bf16(segs[items[i].segment])) continue;
-      if (slot.empty()) slot.assign(static_cast<size_t>(gather->src_rows), -1);
-      for (int64_t r = items[i].begin; r < items[i].begin + items[i].rows; ++r) {
-        int32_t& at = slot[static_cast<size_t>(gather->token[r])];
+    slot.assign(static_cast<size_t>(ga.src_rows), -1);
+    if (!whole.empty())
+      for (int64_t t = 0; t < ga.src_rows; ++t) {
+        slot[static_cast<size_t>(t)] = static_cast<int32_t>(t);
+        rows_read.push_back(static_cast<int32_t>(t));
+      }
+    for (size_t i = 0; i < run.items.size(); ++i) {
+      if (run.cut_at[i] >= 0 || !in_bf16(f.segs[run.items[i].segment])) continue;
+      const Item& it = run.items[i];
+      for (int64_t r = it.begin; whole.empty() && r < it.begin + it.rows; ++r) {
+        int32_t& at = slot[static_cast<size_t>(ga.token[r])];
         if (at < 0) {
           at = static_cast<int32_t>(rows_read.size());
-          rows_read.push_back(gather->token[r]);
+          rows_read.push_back(ga.token[r]);
         }
       }
-      gathered += items[i].rows;
+      gathered += it.rows;
     }
     const int64_t n = static_cast<int64_t>(rows_read.size());
-    src_once = n > 0 && gathered >= 2 * n;
-    if (src_once) {
-      src_bf16_.resize(*this, static_cast<size_t>(n) * row_bytes);
-      pool_.parallel_for((n + kReduceRows - 1) / kReduceRows, [&](int64_t b, unsigned) {
-        for (int64_t i = b * kReduceRows; i < std::min(n, (b + 1) * kReduceRows); ++i)
-          bf16_gemm_.prepare(gather->src + static_cast<int64_t>(rows_read[i]) * dim, dim, 1, dim,
-                             src_bf16_.data() + static_cast<size_t>(i) * row_bytes, dim, false);
-      });
-    }
+    if (n == 0 || (whole.empty() && gathered < 2 * n)) break;
+    run.src_once = gathered > 0;
+    src_bf16_.resize(*this, static_cast<size_t>(n) * row_bytes);
+    pool_.parallel_for((n + kReduceRows - 1) / kReduceRows, [&](int64_t b, unsigned) {
+      const int64_t r0 = b * kReduceRows, m = std::min(n, r0 + kReduceRows) - r0;
+      if (!whole.empty()) {
+        bf16_gemm_.prepare(ga.src + r0 * dim, dim, m, dim,
+                           src_bf16_.data() + static_cast<size_t>(r0) * row_bytes, dim, false);
+        return;
+      }
+      for (int64_t i = r0; i < r0 + m; ++i)
+        bf16_gemm_.prepare(ga.src + static_cast<int64_t>(rows_read[i]) * dim, dim, 1, dim,
+                           src_bf16_.data() + static_cast<size_t>(i) * row_bytes, dim, false);
+    });
+    for (size_t h : whole) runs[h].x_bf16 = src_bf16_.data();
+    break;  // one source converted per call
   }
+
+  // Runs f's work on layer rows as an error names them.
+  auto named = [&](const ForwardFfn& f, auto&& work) {
+    if (!f.layer_rows) return work();
+    try {
+      work();
+    } catch (const RowError& e) {
+      if (e.layer_row()) throw;
+      throw e.at_layer_row(e.row());
+    }
+  };
   pool_.parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u, unsigned worker) {
     const Unit& un = units[static_cast<size_t>(u)];
-    const Item& it = items[un.item];
-    const Segment& s = segs[it.segment];
-    const int64_t m = it.rows;
-    const float* xr = x + it.begin * ldk;
-    int64_t ldx = ldk;
-    if (cut_at[un.item] >= 0) {
-      if (cut_apart) {
-        xr = cut_x_.data() + cut_at[un.item] * dim;
-        ldx = dim;
+    const ForwardFfn& f = ffns[un.ffn];
+    const Run& run = runs[un.ffn];
+    const Item& it = run.items[un.item];
+    const Segment& s = f.segs[it.segment];
+    const int64_t m = it.rows, hidden = f.hidden;
+    const Gather* gather = f.gather;
+    const unsigned char* pre =
+        run.x_bf16 ? run.x_bf16 + static_cast<size_t>(it.begin) * row_bytes : nullptr;
+    named(f, [&] {
+      const float* xr = f.x + it.begin * run.ldk;
+      int64_t ldx = run.ldk;
+      if (run.cut_at[un.item] >= 0) {
+        if (run.cut_apart) {
+          xr = cut_x_.data() + (run.cut_x_base + run.cut_at[un.item]) * dim;
+          ldx = dim;
+        }
+        float* a = cut_.data() + run.cut_base + run.cut_at[un.item] * hidden;
+        float* p1 = run.keep ? f.h1 + it.begin * hidden : a + run.cut_rows * hidden;
+        float* p3 = run.keep ? f.h3 + it.begin * hidden : a + 2 * run.cut_rows * hidden;
+        up(f, run, s, m, it.begin, xr, ldx, nullptr, pre, p1, p3, a, un.c0, un.n, worker);
+        return;
       }
-      float* a = cut_.data() + cut_at[un.item] * hidden;
-      float* p1 = keep ? h1 + it.begin * hidden : a + cut_rows * hidden;
-      float* p3 = keep ? h3 + it.begin * hidden : a + 2 * cut_rows * hidden;
-      up(s, m, it.begin, xr, ldx, nullptr, p1, p3, a, un.c0, un.n, worker);
-      return;
-    }
-    auto& sc = scratch_[worker].f;
-    const int64_t act = (keep ? 1 : 3) * m * hidden;
-    // Rows the bf16 up GEMMs take straight from x: gathered nowhere else.
-    const bool convert_gathered = gather && !gather->kept && in_bf16(s);
-    sc.resize(
-        static_cast<size_t>(act + (gather && !gather->kept && !convert_gathered ? m * dim : 0)));
-    if (gather && !convert_gathered) {
-      // The item's rows, gathered where its GEMMs read them next (L2), not in a pass of their own.
-      float* to = gather->kept ? kept_rows(it.begin) : sc.data() + act;
-      ldx = gather->kept ? ldk : dim;
-      gather_rows(it.begin, m, to, ldx);
-      xr = to;
-    }
-    float* a = sc.data();
-    float* p1 = keep ? h1 + it.begin * hidden : a + m * hidden;
-    float* p3 = keep ? h3 + it.begin * hidden : a + 2 * m * hidden;
-    up(s, m, it.begin, xr, ldx, convert_gathered ? gather->token + it.begin : nullptr, p1, p3, a, 0,
-       hidden, worker);
-    down(s, m, it.begin, a, y + it.begin * dim, 0, dim, worker);
+      auto& sc = scratch_[worker].f;
+      const int64_t act = (run.keep ? 1 : 3) * m * hidden;
+      // Rows the bf16 up GEMMs take straight from x: gathered nowhere else.
+      const bool convert_gathered = gather && !gather->kept && in_bf16(s);
+      sc.resize(
+          static_cast<size_t>(act + (gather && !gather->kept && !convert_gathered ? m * dim : 0)));
+      if (gather && !convert_gathered) {
+        // The item's rows, gathered where its GEMMs read them next (L2), not in a pass of their
+        // own.
+        float* to = gather->kept ? gather->kept + it.begin * run.ldk : sc.data() + act;
+        ldx = gather->kept ? run.ldk : dim;
+        gather_rows(*gather, it.begin, m, to, ldx);
+        xr = to;
+      }
+      float* a = sc.data();
+      float* p1 = run.keep ? f.h1 + it.begin * hidden : a + m * hidden;
+      float* p3 = run.keep ? f.h3 + it.begin * hidden : a + 2 * m * hidden;
+      up(f, run, s, m, it.begin, xr, ldx, convert_gathered ? gather->token + it.begin : nullptr,
+         pre, p1, p3, a, 0, hidden, worker);
+      down(f, s, m, it.begin, a, f.y + it.begin * dim, 0, dim, worker);
+    });
   });
+  if (second.empty()) return;
   pool_.parallel_for(static_cast<int64_t>(second.size()), [&](int64_t u, unsigned worker) {
     const Unit& un = second[static_cast<size_t>(u)];
-    const Item& it = items[un.item];
-    down(segs[it.segment], it.rows, it.begin, cut_.data() + cut_at[un.item] * hidden,
-         y + it.begin * dim, un.c0, un.n, worker);
+    const ForwardFfn& f = ffns[un.ffn];
+    const Run& run = runs[un.ffn];
+    const Item& it = run.items[un.item];
+    named(f, [&] {
+      down(f, f.segs[it.segment], it.rows, it.begin,
+           cut_.data() + run.cut_base + run.cut_at[un.item] * f.hidden, f.y + it.begin * dim, un.c0,
+           un.n, worker);
+    });
   });
 }
 

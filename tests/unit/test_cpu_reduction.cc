@@ -22,22 +22,17 @@
 #include "kernels/cpu/row_reduction.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/wgrad_stride.h"
+#include "tests/unit/ffn_fixture.h"
 #include "tests/unit/random_tensor.h"
 
 namespace moert {
 namespace {
 
-using Vec = std::vector<float>;
-
-Vec randv(int64_t n, std::mt19937& rng, float scale = 1.0f) {
-  return test::random_tensor({n}, rng, scale).values;
-}
-
-bool same_bits(const Vec& a, const Vec& b) {
-  // memcmp may not be given the null data() of an empty vector, even for 0 bytes.
-  return a.size() == b.size() &&
-         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
-}
+using test::Ffn;
+using test::plan_of;
+using test::randv;
+using test::same_bits;
+using test::Vec;
 
 // Aligned cuts of [0, rows): 0 = c_0 < c_1 < ... < c_k = rows, inner cuts multiples of `align`
 // (kReduceRows, or kFp8ShareRows for FP8 experts); some parts may be empty.
@@ -165,45 +160,6 @@ TEST(CpuReduction, RMSNormBackward) {
     EXPECT_TRUE(same_bits(dx, dx_full)) << "trial " << trial;
   }
 }
-
-struct Ffn {
-  int64_t dim, hidden;
-  Vec w1, w3, w2;
-  std::vector<uint16_t> b1, b3, b2;  // bf16 copies, for the bf16 variant
-  // FP8 copies (codes, block scales), for the fp8 variant.
-  std::vector<uint8_t> c1, c3, c2;
-  Vec s1, s3, s2;
-  Ffn(std::mt19937& rng, int64_t experts, Backend& be, int64_t d, int64_t h) : dim(d), hidden(h) {
-    w1 = randv(experts * hidden * dim, rng, 0.3f);
-    w3 = randv(experts * hidden * dim, rng, 0.3f);
-    w2 = randv(experts * dim * hidden, rng, 0.3f);
-    for (auto [f, b] : {std::pair{&w1, &b1}, std::pair{&w3, &b3}, std::pair{&w2, &b2}}) {
-      b->resize(f->size());
-      be.to_bf16(f->data(), b->data(), static_cast<int64_t>(f->size()));
-    }
-    if (!be.fp8_experts()) return;
-    for (auto [f, c, s, rows, cols] :
-         {std::tuple{&w1, &c1, &s1, hidden, dim}, std::tuple{&w3, &c3, &s3, hidden, dim},
-          std::tuple{&w2, &c2, &s2, dim, hidden}}) {
-      c->resize(f->size());
-      s->resize(static_cast<size_t>(fp8_blocks_scale_floats(experts, rows, cols)));
-      be.quantize_weight_blocks(f->data(), experts, rows, cols, c->data(), s->data(), "w");
-    }
-  }
-  // Weight k (1, 3 or 2) as a backend of precision p reads it.
-  Weight W(int k, Precision p) const {
-    const Vec& f = k == 1 ? w1 : k == 3 ? w3 : w2;
-    const auto& b = k == 1 ? b1 : k == 3 ? b3 : b2;
-    Weight w{f.data(), p == Precision::Bf16 ? b.data() : nullptr};
-    if (p == Precision::Fp8) {
-      const auto& c = k == 1 ? c1 : k == 3 ? c3 : c2;
-      const auto& s = k == 1 ? s1 : k == 3 ? s3 : s2;
-      const int64_t rows = k == 2 ? dim : hidden, cols = k == 2 ? hidden : dim;
-      w.fp8 = {c.data(), s.data(), rows * cols, fp8_blocks_scale_floats(1, rows, cols)};
-    }
-    return w;
-  }
-};
 
 // The experts' precision; the FFN's width and hidden width: small fp32 weights take the CPU
 // backend's direct path (nn / tn GEMMs), larger ones its transposed path (nt GEMMs, transposed
@@ -350,21 +306,6 @@ TEST(CpuReduction, Fp32FfnBackwardMatchesFloat64) {
     EXPECT_LT(rel(dx, rdx), 1e-6) << shape;
     for (int k = 0; k < 3; ++k) EXPECT_LT(rel(g[k], rg[k]), 1e-6) << shape << ", gradient " << k;
   }
-}
-
-// A plan of `rows` tokens over counts.size() experts, counts[e] assignments each; assignment a
-// takes token token(a).
-template <typename Token>
-DispatchPlan plan_of(Backend& be, int64_t rows, const std::vector<int64_t>& counts, Token token) {
-  DispatchPlan plan;
-  plan.rows = rows;
-  plan.host_offsets.assign(counts.size() + 1, 0);
-  for (size_t e = 0; e < counts.size(); ++e)
-    plan.host_offsets[e + 1] = plan.host_offsets[e] + counts[e];
-  const int64_t A = plan.num_assignments();
-  plan.token.resize(be, static_cast<size_t>(A));
-  for (int64_t a = 0; a < A; ++a) plan.token.data()[a] = token(a);
-  return plan;
 }
 
 // The routed experts' forward straight from unpermuted rows (the CPU backend gathers each item's
