@@ -387,6 +387,40 @@ TEST(InPlaceForward, OutMayBeInInEveryKindOfPass) {
   }
 }
 
+// A pass run in place that fails (here the residual of a row of 3e38 overflows in the layer that
+// reads the caller's rows) leaves the input as it was, as a failed pass into a separate buffer
+// leaves that buffer; the session stays usable, its next pass giving what a fresh session gives.
+TEST(InPlaceForward, AFailedPassLeavesTheInputWhole) {
+  ModelDesc desc;
+  desc.input_dim = 8;
+  desc.layers.push_back(moe_layer("moe0", 8));
+  ModelPtr model = load_ok(build(desc));
+  ASSERT_TRUE(model);
+  constexpr uint64_t kRows = 6;
+  std::vector<float> in(kRows * 8);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = std::cos(0.3f * static_cast<float>(i));
+  std::vector<float> huge = in;
+  for (size_t c = 0; c < 8; ++c) huge[2 * 8 + c] = 3e38f;
+  SessionPtr s = make_session(model.get(), 1, MOERT_MODE_INFERENCE);
+  ASSERT_TRUE(s);
+  auto forward = [&](const float* x, float* y) {
+    return moert_session_forward_hidden(s.get(), x, in.size(), kRows, y, in.size());
+  };
+  std::vector<float> io = huge;
+  EXPECT_TRUE(IsError(forward(io.data(), io.data()), MOERT_ERR_NUMERIC, {"row 2"}));
+  EXPECT_EQ(io, huge);
+  std::vector<float> apart(in.size(), kSentinel);
+  EXPECT_TRUE(IsError(forward(huge.data(), apart.data()), MOERT_ERR_NUMERIC, {"row 2"}));
+  EXPECT_EQ(apart, std::vector<float>(in.size(), kSentinel));
+  std::vector<float> again(in.size(), kSentinel), fresh(in.size(), kSentinel);
+  ASSERT_TRUE(IsOk(forward(in.data(), again.data())));
+  SessionPtr s2 = make_session(model.get(), 1, MOERT_MODE_INFERENCE);
+  ASSERT_TRUE(s2);
+  ASSERT_TRUE(IsOk(moert_session_forward_hidden(s2.get(), in.data(), in.size(), kRows, fresh.data(),
+                                                fresh.size())));
+  EXPECT_EQ(again, fresh);
+}
+
 // A finite input whose activation overflows inside an fp8 MoE layer: E4M3 has no infinity, so the
 // experts' quantizer refuses it. The error names the layer, the caller's row (not the row's place
 // in an expert's list) and the cause, whether check_finite is on or off. A norm weight of `scale`
