@@ -275,8 +275,9 @@ class Backend : public Allocator {
 
   // dispatch_swiglu_ffn(), and a shared expert on the same rows x [plan.rows, dim]: shared.y =
   // (shared.residual ? x : 0) + its SwiGLU FFN of x. Same results as those two calls (the shared
-  // one accumulating into y set to x or zero); a row named by an error of the shared expert is
-  // the layer's (RowError::layer_row()), one of the routed experts' is in routing order as
+  // one accumulating into y set to x or zero), errors included: where both fail, the routed
+  // experts' error is raised; a row named by an error of the shared expert is the layer's
+  // (RowError::layer_row()), one of the routed experts' is in routing order as
   // dispatch_swiglu_ffn names it. The CPU backend runs both FFNs' items in one parallel stretch,
   // feeds both from one bf16 conversion of x in inference, and writes y's residual where the
   // shared expert's down GEMM adds to it.

@@ -20,7 +20,11 @@
 // FFNs whose three weights carry FP8 copies multiply in FP8 (cpu_ffn_fp8.cc): the forward decides
 // segment by segment, the backward when every segment of the call carries them.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
 #include <utility>
 
 #include "core/error.h"
@@ -483,15 +487,34 @@ void CpuBackend::ffn_forward(const std::vector<ForwardFfn>& ffns, int64_t dim) {
     break;  // one source converted per call
   }
 
-  // Runs f's work on layer rows as an error names them.
-  auto named = [&](const ForwardFfn& f, auto&& work) {
-    if (!f.layer_rows) return work();
+  // Runs FFN g's work (nothing once g has failed), an error naming the layer's rows where g's
+  // rows are the layer's. Each FFN keeps its first error, and the call fails as the FFNs' own
+  // calls in their order would have, each its up pass then its down pass: the first FFN that
+  // fails in the first pass stops every later FFN's second pass. Which of one FFN's errors is
+  // reported may depend on the threads, as in a call of its own.
+  std::vector<std::exception_ptr> errors(ffns.size());
+  const std::unique_ptr<std::atomic<bool>[]> failed(new std::atomic<bool>[ffns.size()]());
+  std::mutex error_lock;
+  auto guarded = [&](size_t g, auto&& work) {
+    if (failed[g].load(std::memory_order_relaxed)) return;
     try {
-      work();
-    } catch (const RowError& e) {
-      if (e.layer_row()) throw;
-      throw e.at_layer_row(e.row());
+      if (!ffns[g].layer_rows) return work();
+      try {
+        work();
+      } catch (const RowError& e) {
+        if (e.layer_row()) throw;
+        throw e.at_layer_row(e.row());
+      }
+    } catch (...) {
+      const std::lock_guard<std::mutex> hold(error_lock);
+      if (!errors[g]) errors[g] = std::current_exception();
+      failed[g].store(true, std::memory_order_relaxed);
     }
+  };
+  auto first_failed = [&] {
+    size_t g = 0;
+    while (g < ffns.size() && !errors[g]) ++g;
+    return g;
   };
   pool_.parallel_for(static_cast<int64_t>(units.size()), [&](int64_t u, unsigned worker) {
     const Unit& un = units[static_cast<size_t>(u)];
@@ -503,7 +526,7 @@ void CpuBackend::ffn_forward(const std::vector<ForwardFfn>& ffns, int64_t dim) {
     const Gather* gather = f.gather;
     const unsigned char* pre =
         run.x_bf16 ? run.x_bf16 + static_cast<size_t>(it.begin) * row_bytes : nullptr;
-    named(f, [&] {
+    guarded(un.ffn, [&] {
       const float* xr = f.x + it.begin * run.ldk;
       int64_t ldx = run.ldk;
       if (run.cut_at[un.item] >= 0) {
@@ -539,18 +562,22 @@ void CpuBackend::ffn_forward(const std::vector<ForwardFfn>& ffns, int64_t dim) {
       down(f, s, m, it.begin, a, f.y + it.begin * dim, 0, dim, worker);
     });
   });
-  if (second.empty()) return;
-  pool_.parallel_for(static_cast<int64_t>(second.size()), [&](int64_t u, unsigned worker) {
-    const Unit& un = second[static_cast<size_t>(u)];
-    const ForwardFfn& f = ffns[un.ffn];
-    const Run& run = runs[un.ffn];
-    const Item& it = run.items[un.item];
-    named(f, [&] {
-      down(f, f.segs[it.segment], it.rows, it.begin,
-           cut_.data() + run.cut_base + run.cut_at[un.item] * f.hidden, f.y + it.begin * dim, un.c0,
-           un.n, worker);
+  const size_t stop = first_failed();
+  const auto later =
+      std::find_if(second.begin(), second.end(), [&](const Unit& un) { return un.ffn >= stop; });
+  if (later != second.begin())
+    pool_.parallel_for(later - second.begin(), [&](int64_t u, unsigned worker) {
+      const Unit& un = second[static_cast<size_t>(u)];
+      const ForwardFfn& f = ffns[un.ffn];
+      const Run& run = runs[un.ffn];
+      const Item& it = run.items[un.item];
+      guarded(un.ffn, [&] {
+        down(f, f.segs[it.segment], it.rows, it.begin,
+             cut_.data() + run.cut_base + run.cut_at[un.item] * f.hidden, f.y + it.begin * dim,
+             un.c0, un.n, worker);
+      });
     });
-  });
+  if (const size_t g = first_failed(); g < ffns.size()) std::rethrow_exception(errors[g]);
 }
 
 void CpuBackend::swiglu_ffn_backward(const float* x, Weight w1, Weight w3, Weight w2,

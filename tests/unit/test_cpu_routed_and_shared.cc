@@ -181,5 +181,37 @@ TEST(RoutedAndSharedErrors, TheSharedExpertNamesTheLayersRow) {
   }
 }
 
+// Where both fail, the call fails as the separate calls in their order did: the routed experts'
+// error first, even when theirs comes in a down GEMM of a column-unit item (the call's second
+// pass) and the shared expert's in its first. Row 120, of 1e36 everywhere, overflows both FFNs'
+// activations; it is routed once, to the 5-row list (assignment 139), whose item is cut.
+TEST(RoutedAndSharedErrors, TheRoutedExpertsFailureComesFirst) {
+  std::mt19937 rng(13);
+  const int64_t D = 200, H = 136, HS = 128, rows = 150;
+  auto be0 = make_cpu_backend(1, Precision::Fp8);
+  const Ffn f(rng, 5, *be0, D, H), s(rng, 1, *be0, D, HS);
+  const DispatchPlan plan = plan_of(*be0, rows, kCounts, [&](int64_t a) {
+    return a == 139 ? 120 : std::uniform_int_distribution<int32_t>(0, 39)(rng);
+  });
+  const int64_t A = plan.num_assignments();
+  Vec x = randv(rows * D, rng), room(A * D), perm(A * D), y(rows * D);
+  std::fill(x.begin() + 120 * D, x.begin() + 121 * D, 1e36f);
+  const SharedExpert shared{
+      s.W(1, Precision::Fp8), s.W(3, Precision::Fp8), s.W(2, Precision::Fp8), HS, true, y.data()};
+  for (unsigned threads : {1u, 2u, 3u}) {
+    auto be = make_cpu_backend(threads, Precision::Fp8);
+    try {
+      be->routed_and_shared_ffn(plan, x.data(), room.data(), false, f.W(1, Precision::Fp8),
+                                f.W(3, Precision::Fp8), f.W(2, Precision::Fp8), perm.data(),
+                                nullptr, nullptr, D, H, D, shared);
+      ADD_FAILURE() << "an overflowed activation reached the FP8 quantizer without an error";
+    } catch (const RowError& e) {
+      EXPECT_FALSE(e.layer_row()) << threads << " threads: " << e.what();
+      EXPECT_EQ(e.row(), 139) << threads << " threads: " << e.what();
+      EXPECT_NE(std::string(e.what()).find("activation"), std::string::npos) << e.what();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moert
