@@ -177,16 +177,15 @@ void CpuBackend::routed_and_shared_ffn(const DispatchPlan& plan, const float* x,
                                        float* y_perm, float* h1, float* h3, int64_t dim,
                                        int64_t hidden, int64_t ld, const SharedExpert& shared) {
   const Gather gather = routed_gather(plan, x, x_perm, keep_x_perm, w1, w3, w2, dim, hidden, ld);
-  ForwardFfn s;
-  s.segs = {Segment{shared.w1, shared.w3, shared.w2, 0, plan.rows}};
-  s.x = x;
-  s.y = shared.y;
-  s.h1 = shared.h1;
-  s.h3 = shared.h3;
-  s.hidden = shared.hidden;
-  s.accumulate = true;
-  s.init = shared.residual ? ForwardFfn::Init::Copy : ForwardFfn::Init::Zero;
-  s.layer_rows = true;
+  const ForwardFfn s{.segs = {Segment{shared.w1, shared.w3, shared.w2, 0, plan.rows}},
+                     .x = x,
+                     .y = shared.y,
+                     .h1 = shared.h1,
+                     .h3 = shared.h3,
+                     .hidden = shared.hidden,
+                     .accumulate = true,
+                     .init = shared.residual ? ForwardFfn::Init::Copy : ForwardFfn::Init::Zero,
+                     .layer_rows = true};
   ffn_forward({routed_ffn(plan, &gather, x_perm, w1, w3, w2, y_perm, h1, h3, dim, hidden), s}, dim);
 }
 
@@ -205,30 +204,27 @@ CpuBackend::ForwardFfn CpuBackend::routed_ffn(const DispatchPlan& plan, const Ga
                                               const float* x_perm, Weight w1, Weight w3, Weight w2,
                                               float* y_perm, float* h1, float* h3, int64_t dim,
                                               int64_t hidden) {
-  ForwardFfn f;
-  f.segs = expert_segments(plan, w1, w3, w2, dim, hidden);
-  f.x = x_perm;
-  f.y = y_perm;
-  f.h1 = h1;
-  f.h3 = h3;
-  f.hidden = hidden;
-  f.gather = gather;
-  return f;
+  return {.segs = expert_segments(plan, w1, w3, w2, dim, hidden),
+          .x = x_perm,
+          .y = y_perm,
+          .h1 = h1,
+          .h3 = h3,
+          .hidden = hidden,
+          .gather = gather};
 }
 
 void CpuBackend::ffn_forward(const std::vector<Segment>& segs, const float* x, float* y, float* h1,
                              float* h3, int64_t dim, int64_t hidden, bool accumulate,
                              const Gather* gather) {
-  ForwardFfn f;
-  f.segs = segs;
-  f.x = x;
-  f.y = y;
-  f.h1 = h1;
-  f.h3 = h3;
-  f.hidden = hidden;
-  f.accumulate = accumulate;
-  f.gather = gather;
-  ffn_forward({f}, dim);
+  ffn_forward({{.segs = segs,
+                .x = x,
+                .y = y,
+                .h1 = h1,
+                .h3 = h3,
+                .hidden = hidden,
+                .accumulate = accumulate,
+                .gather = gather}},
+              dim);
 }
 
 void CpuBackend::ffn_forward(const std::vector<ForwardFfn>& ffns, int64_t dim) {
