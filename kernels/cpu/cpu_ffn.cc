@@ -396,7 +396,7 @@ void CpuBackend::ffn_forward(const std::vector<ForwardFfn>& ffns, int64_t dim) {
     run.cut_base = cut_floats;
     cut_floats += static_cast<size_t>(run.cut_rows * per_row);
     run.cut_x_base = cut_x_rows;
-    if (f.gather && run.cut_apart) cut_x_rows += static_cast<size_t>(run.cut_rows);
+    if (run.cut_apart) cut_x_rows += static_cast<size_t>(run.cut_rows);
   }
   cut_.resize(*this, cut_floats);
   if (cut_x_rows > 0) cut_x_.resize(*this, cut_x_rows * static_cast<size_t>(dim));
@@ -444,27 +444,27 @@ void CpuBackend::ffn_forward(const std::vector<ForwardFfn>& ffns, int64_t dim) {
     for (size_t i = 0; i < run.items.size() && !any; ++i)
       any = run.cut_at[i] < 0 && in_bf16(f.segs[run.items[i].segment]);
     if (!any) break;
+    // The rows read, in the order they are converted (every row, in order, where `whole`).
     std::vector<int32_t> rows_read;
     int64_t gathered = 0;
     slot.assign(static_cast<size_t>(ga.src_rows), -1);
     if (!whole.empty())
-      for (int64_t t = 0; t < ga.src_rows; ++t) {
+      for (int64_t t = 0; t < ga.src_rows; ++t)
         slot[static_cast<size_t>(t)] = static_cast<int32_t>(t);
-        rows_read.push_back(static_cast<int32_t>(t));
-      }
     for (size_t i = 0; i < run.items.size(); ++i) {
       if (run.cut_at[i] >= 0 || !in_bf16(f.segs[run.items[i].segment])) continue;
       const Item& it = run.items[i];
-      for (int64_t r = it.begin; whole.empty() && r < it.begin + it.rows; ++r) {
+      gathered += it.rows;
+      if (!whole.empty()) continue;
+      for (int64_t r = it.begin; r < it.begin + it.rows; ++r) {
         int32_t& at = slot[static_cast<size_t>(ga.token[r])];
         if (at < 0) {
           at = static_cast<int32_t>(rows_read.size());
           rows_read.push_back(ga.token[r]);
         }
       }
-      gathered += it.rows;
     }
-    const int64_t n = static_cast<int64_t>(rows_read.size());
+    const int64_t n = whole.empty() ? static_cast<int64_t>(rows_read.size()) : ga.src_rows;
     if (n == 0 || (whole.empty() && gathered < 2 * n)) break;
     run.src_once = gathered > 0;
     src_bf16_.resize(*this, static_cast<size_t>(n) * row_bytes);
