@@ -491,11 +491,9 @@ void CpuBackend::cross_entropy(const float* logits, const int32_t* targets, int6
       auto& e = scratch_[worker].bytes;
       e.resize(static_cast<size_t>(vocab) * sizeof(double));
       double* ev = reinterpret_cast<double*>(e.data());
+      softmax_exp(z, mx, ev, vocab);
       double sum = 0.0;
-      for (int64_t v = 0; v < vocab; ++v) {
-        ev[v] = std::exp(static_cast<double>(z[v] - mx));
-        sum += ev[v];
-      }
+      for (int64_t v = 0; v < vocab; ++v) sum += ev[v];
       loss += mx + std::log(sum) - z[targets[r]];
       if (dlogits) {
         float* g = dlogits + r * vocab;

@@ -8,6 +8,7 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math_avx512.h"
+#include "kernels/cpu/softmax_exp_steps.h"
 #include "kernels/cpu/transpose16.h"
 
 namespace moert::cpu {
@@ -127,6 +128,37 @@ MOERT_AVX2 double scale_and_dot_avx2(float* out, float a, const float* x, const 
     dot += static_cast<double>(x[i]) * z[i];
   }
   return dot;
+}
+
+// softmax_exp_steps::one on 4 lanes, step for step.
+MOERT_AVX2 inline __m256d softmax_exp4(__m256d x) {
+  namespace k = softmax_exp_steps;
+  const __m256d below = _mm256_cmp_pd(x, _mm256_set1_pd(k::kLowest), _CMP_LT_OQ);
+  // A NaN passes both bounds (the second operand is returned when either is NaN).
+  x = _mm256_min_pd(_mm256_setzero_pd(), _mm256_max_pd(_mm256_set1_pd(k::kLowest), x));
+  const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(k::kLog2e)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(k::kLn2Hi), x);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(k::kLn2Lo), r);
+  __m256d p = _mm256_set1_pd(k::kTaylor[0]);
+  for (int i = 1; i < 14; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(k::kTaylor[i]));
+  const __m256i e = _mm256_slli_epi64(
+      _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)), _mm256_set1_epi64x(1023)), 52);
+  return _mm256_andnot_pd(below, _mm256_mul_pd(p, _mm256_castsi256_pd(e)));
+}
+
+// The whole row, its last partial group of 4 through a padded copy.
+MOERT_AVX2 void softmax_exp_avx2(const float* z, float max, double* e, int64_t n) {
+  const __m128 m = _mm_set1_ps(max);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    _mm256_storeu_pd(e + i, softmax_exp4(_mm256_cvtps_pd(_mm_sub_ps(_mm_loadu_ps(z + i), m))));
+  if (i == n) return;
+  float zt[4] = {max, max, max, max};
+  double et[4];
+  std::copy(z + i, z + n, zt);
+  _mm256_storeu_pd(et, softmax_exp4(_mm256_cvtps_pd(_mm_sub_ps(_mm_loadu_ps(zt), m))));
+  std::copy(et, et + (n - i), e + i);
 }
 
 // rmsnorm and its backward, 4 doubles at a time; AVX2 without FMA so that every elementwise
@@ -387,6 +419,17 @@ void axpy(float* y, float a, const float* x, int64_t n) {
   }
   if (use_avx2()) return axpy_avx2(y, a, x, n);
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+void softmax_exp(const float* z, float max, double* e, int64_t n) {
+  if (use_avx512()) {
+    const int64_t done = softmax_exp_avx512(z, max, e, n);
+    z += done;
+    e += done;
+    n -= done;
+  }
+  if (use_avx2()) return softmax_exp_avx2(z, max, e, n);
+  for (int64_t i = 0; i < n; ++i) e[i] = softmax_exp_steps::one(static_cast<double>(z[i] - max));
 }
 
 double scale_and_dot(float* out, float a, const float* x, const float* z, int64_t n) {

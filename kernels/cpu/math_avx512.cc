@@ -1,6 +1,7 @@
 #include "kernels/cpu/math_avx512.h"
 
 #include "kernels/cpu/avx512_intrinsics.h"
+#include "kernels/cpu/softmax_exp_steps.h"
 #include "kernels/cpu/transpose16.h"
 
 namespace moert::cpu {
@@ -81,6 +82,30 @@ MOERT_AVX512 int64_t round_to_bf16_avx512(const float* x, void* out, int64_t n, 
     _mm256_storeu_si256(
         reinterpret_cast<__m256i*>(o + i),
         _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits16(_mm512_loadu_ps(x + i)), 16)));
+  return i;
+}
+
+MOERT_AVX512 int64_t softmax_exp_avx512(const float* z, float max, double* e, int64_t n) {
+  namespace k = softmax_exp_steps;
+  const __m256 m = _mm256_set1_ps(max);
+  int64_t i = 0;
+  // math.cc's softmax_exp4 on 8 lanes, step for step.
+  for (; i + 8 <= n; i += 8) {
+    __m512d x = _mm512_cvtps_pd(_mm256_sub_ps(_mm256_loadu_ps(z + i), m));
+    const __mmask8 below = _mm512_cmp_pd_mask(x, _mm512_set1_pd(k::kLowest), _CMP_LT_OQ);
+    x = _mm512_min_pd(_mm512_setzero_pd(), _mm512_max_pd(_mm512_set1_pd(k::kLowest), x));
+    const __m512d nn = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(k::kLog2e)),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(nn, _mm512_set1_pd(k::kLn2Hi), x);
+    r = _mm512_fnmadd_pd(nn, _mm512_set1_pd(k::kLn2Lo), r);
+    __m512d p = _mm512_set1_pd(k::kTaylor[0]);
+    for (int j = 1; j < 14; ++j) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(k::kTaylor[j]));
+    const __m512i ex = _mm512_slli_epi64(
+        _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_cvtpd_epi32(nn)), _mm512_set1_epi64(1023)),
+        52);
+    _mm512_storeu_pd(e + i, _mm512_maskz_mov_pd(static_cast<__mmask8>(~below),
+                                                _mm512_mul_pd(p, _mm512_castsi512_pd(ex))));
+  }
   return i;
 }
 

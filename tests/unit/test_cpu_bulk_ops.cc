@@ -4,6 +4,7 @@
 // positions where a split or a vector step could go wrong.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/math.h"
 #include "kernels/cpu/optimizer.h"
+#include "kernels/cpu/softmax_exp_steps.h"
 
 namespace moert {
 namespace {
@@ -192,6 +194,69 @@ TEST(CpuBulkOps, ElementwiseKernelsGiveTheAvx2BitsOnEveryIsa) {
       cpu::swiglu_to_bf16(h1.data(), h3.data(), got.data(), len, widened);
       EXPECT_EQ(got, want) << "swiglu_to_bf16, " << len << (widened ? " widened" : " codes");
     }
+}
+
+// A softmax's exponentials run 8 at a time on AVX-512, 4 on AVX2 (the row's end through a padded
+// block) and one by one on the scalar path: every element must have the scalar steps' bits,
+// wherever it lies in the row, or a training's loss and gradients would depend on the CPU. And
+// the steps must be e^x to 2 ulp (against long double) down to the smallest normal result.
+TEST(CpuBulkOps, SoftmaxExpGivesTheScalarBitsWithin2Ulp) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 30.0f);
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const double lowest = cpu::softmax_exp_steps::kLowest;
+  double worst_ulp = 0.0;
+  int64_t checked = 0;
+  for (const int64_t len : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 98, 531}) {
+    std::vector<float> z(static_cast<size_t>(len));
+    for (float& v : z) v = normal(rng);
+    // The far ends: a term that underflows, one at the smallest normal result, -inf.
+    const float special[] = {-1000.0f, static_cast<float>(lowest) + 0.0001f, -inf, -1e-30f};
+    for (size_t k = 0; k < std::size(special) && 2 * k + 1 < z.size(); ++k)
+      z[2 * k + 1] = special[k];
+    const float mx = *std::max_element(z.begin(), z.end());
+    std::vector<double> e(z.size(), -1.0);
+    cpu::softmax_exp(z.data(), mx, e.data(), len);
+    for (int64_t i = 0; i < len; ++i) {
+      const double x = static_cast<double>(z[i] - mx);
+      const double want = cpu::softmax_exp_steps::one(x);
+      ASSERT_EQ(std::memcmp(&e[i], &want, sizeof want), 0)
+          << "length " << len << ", element " << i << ": " << e[i] << " against " << want;
+      if (x < lowest) {
+        ASSERT_EQ(e[i], 0.0) << x;
+        continue;
+      }
+      const long double exact = std::exp(static_cast<long double>(x));
+      const double ulp =
+          std::nextafter(static_cast<double>(exact), INFINITY) - static_cast<double>(exact);
+      worst_ulp = std::max(worst_ulp, static_cast<double>(std::fabs(e[i] - exact) / ulp));
+      ++checked;
+    }
+    EXPECT_EQ(e[static_cast<size_t>(std::max_element(z.begin(), z.end()) - z.begin())], 1.0);
+  }
+  // A dense sweep of the arguments' range.
+  std::vector<float> z(4099);
+  for (size_t i = 0; i < z.size(); ++i) z[i] = -708.0f * static_cast<float>(i) / 4098.0f;
+  std::vector<double> e(z.size());
+  cpu::softmax_exp(z.data(), 0.0f, e.data(), static_cast<int64_t>(z.size()));
+  for (size_t i = 0; i < z.size(); ++i) {
+    const long double exact = std::exp(static_cast<long double>(z[i]));
+    const double ulp =
+        std::nextafter(static_cast<double>(exact), INFINITY) - static_cast<double>(exact);
+    worst_ulp = std::max(worst_ulp, static_cast<double>(std::fabs(e[i] - exact) / ulp));
+    ASSERT_EQ(e[i], cpu::softmax_exp_steps::one(z[i])) << i;
+  }
+  EXPECT_LE(worst_ulp, 2.0) << "over " << checked + 4099 << " arguments";
+
+  // NaN stays NaN, in a vector block and in a tail.
+  std::vector<float> bad(11, -1.0f);
+  bad[2] = nan;
+  bad[9] = nan;
+  std::vector<double> out(bad.size());
+  cpu::softmax_exp(bad.data(), 0.0f, out.data(), static_cast<int64_t>(bad.size()));
+  for (size_t i = 0; i < bad.size(); ++i) EXPECT_EQ(std::isnan(out[i]), std::isnan(bad[i])) << i;
+  EXPECT_EQ(out[0], std::exp(-1.0));
 }
 
 // AdamW's update runs 8 elements at a time on AVX-512, 4 on AVX2 and one by one on the scalar
