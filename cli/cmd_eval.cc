@@ -76,8 +76,8 @@ int run_eval(const Args& args) {
   SessionPtr session = create_session(model.get(), config);
   const std::vector<uint64_t> positions = eval_positions(stream.size(), context, max_rows);
   Progress progress("eval", positions.size(), 0, "row");
-  const EvalResult r =
-      evaluate(session.get(), model.get(), stream, context, positions, batch, false, &progress);
+  const EvalResult r = evaluate(session.get(), model.get(), stream, context, positions, batch,
+                                false, config.threads, &progress);
   progress.finish(cat("loss ", r.loss));
   const std::vector<uint32_t> moe = moe_layer_indices(model.get());
 

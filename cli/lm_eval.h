@@ -31,20 +31,23 @@ std::vector<uint64_t> eval_positions(uint64_t stream_size, uint32_t context, uin
 void gather_rows(const std::vector<int32_t>& stream, uint32_t context, const uint64_t* positions,
                  uint64_t rows, int32_t* tokens, int32_t* targets);
 
-// Mean softmax cross-entropy of `rows` rows of logits against `targets`, in double precision.
-double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows, uint32_t vocab);
+// Mean softmax cross-entropy of `rows` rows of logits against `targets`, in double precision, on
+// up to `threads` threads (the caller's among them). Rows are summed in fixed blocks, so the
+// result has the same bits for any thread count.
+double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows, uint32_t vocab,
+                     unsigned threads = 1);
 
 // A perplexity as printed: 3 decimals below 10^5, in exponent form from there (a diverged run's
 // exp(loss) has 150 digits, which broke the table).
 std::string perplexity_text(double perplexity);
 
 // `training_session`: the session is in training mode and is switched to eval mode for the pass
-// (and back); an inference session counts eval metrics as it is. `job` (may be null): the ranks
-// the session's work is shared with; each evaluates its slice of every batch, and the figures are
-// the job's.
+// (and back); an inference session counts eval metrics as it is. `threads`: the session's, which
+// the cross-entropy between its passes uses too. `job` (may be null): the ranks the session's work
+// is shared with; each evaluates its slice of every batch, and the figures are the job's.
 EvalResult evaluate(moert_session* session, const moert_model* model,
                     const std::vector<int32_t>& stream, uint32_t context,
                     const std::vector<uint64_t>& positions, uint64_t batch, bool training_session,
-                    Progress* progress, const Job* job = nullptr);
+                    unsigned threads, Progress* progress, const Job* job = nullptr);
 
 }  // namespace moert_cli

@@ -189,12 +189,12 @@ RunResult train_run(const moert_model* model, const std::string& label,
     StepRecord rec;
     rec.step = step;
     // The batch's cross-entropy. Without an auxiliary loss it is the library's loss, computed in
-    // parallel over the whole job's rows (computing it here too, on this thread alone, took 5 %
-    // of a step while the session's threads waited). With one, the library returns the sum:
-    // the cross-entropy is then this rank's rows' sum, summed over the ranks.
+    // parallel over the whole job's rows. With one, the library returns the sum: the
+    // cross-entropy is then computed here too, on as many threads as the session's (one took 5 %
+    // of a step while the session's threads waited), this rank's rows' sum summed over the ranks.
     if (has_aux) {
-      rec.train_loss =
-          cross_entropy(logits.data(), targets.data(), n, vocab) * static_cast<double>(n);
+      rec.train_loss = cross_entropy(logits.data(), targets.data(), n, vocab, st.threads) *
+                       static_cast<double>(n);
       job.sum(&rec.train_loss, 1);
       rec.train_loss /= static_cast<double>(B);
     }
@@ -231,8 +231,8 @@ RunResult train_run(const moert_model* model, const std::string& label,
 
   const std::vector<uint64_t> pos = eval_positions(validation.size(), context, st.eval_rows);
   Progress eval_progress(label + " validation", pos.size(), pos.size(), "row");
-  result.validation =
-      evaluate(s, model, validation, context, pos, st.eval_batch, true, &eval_progress, &job);
+  result.validation = evaluate(s, model, validation, context, pos, st.eval_batch, true, st.threads,
+                               &eval_progress, &job);
   eval_progress.finish(cat("loss ", std::round(result.validation.loss * 1e4) / 1e4));
   result.eval_seconds = eval_progress.elapsed_seconds();
   return result;

@@ -1437,6 +1437,15 @@ TEST(Cli, EvalPadsItsLastBatchWithoutChangingAnything) {
   EXPECT_EQ(json_value(padded.out, "characters"), 301.0);
   EXPECT_EQ(whole.out.substr(whole.out.find("\"moe_layers\"")),
             padded.out.substr(padded.out.find("\"moe_layers\"")));
+  // The cross-entropy between the passes runs on the session's threads, summed in fixed blocks:
+  // the same bits for any thread count, as the passes give.
+  const Result threaded = run("eval '" + ckpt.string() +
+                                  "' --json --threads 3 --val-every 5 --rows 301 --batch 301 "
+                                  "--corpus " +
+                                  MOERT_TINY_CORPUS,
+                              dir);
+  ASSERT_EQ(threaded.code, 0) << threaded.err;
+  EXPECT_EQ(json_value(threaded.out, "loss"), json_value(whole.out, "loss"));
   // A plain text file (no '%' lines: one record) has no validation split, but --split all and
   // --split train evaluate it whole; --split validation says why it cannot.
   std::ofstream(dir / "plain.txt") << "A plain text of one record, which is all of it.\n";
