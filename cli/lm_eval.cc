@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <system_error>
+#include <exception>
 #include <thread>
 
 #include "cli/error.h"
@@ -55,15 +55,19 @@ double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows,
   };
   if (blocks == 0) return 0.0;
   // The exponentials took 5 % of a step of `moert train`'s model on one thread, while the
-  // session's threads waited: they run on as many. A thread that cannot be started leaves its
+  // session's threads waited: they run on as many, at most one per CPU and two blocks each (a
+  // thread costs tens of microseconds to start). A thread that cannot be started leaves its
   // blocks to the caller.
-  const auto helpers = static_cast<uint64_t>(std::min<uint64_t>(blocks, std::max(threads, 1u)) - 1);
+  const uint64_t cpus = std::max(1u, std::thread::hardware_concurrency());
+  const uint64_t helpers =
+      std::min({static_cast<uint64_t>(std::max(threads, 1u)), cpus, (blocks + 1) / 2}) - 1;
   std::vector<std::thread> pool;
+  pool.reserve(helpers);
   std::vector<bool> started(helpers, false);
   for (uint64_t t = 0; t < helpers; ++t) try {
       pool.emplace_back(run, t + 1, helpers + 1);
       started[t] = true;
-    } catch (const std::system_error&) {
+    } catch (const std::exception&) {
     }
   run(0, helpers + 1);
   for (uint64_t t = 0; t < helpers; ++t)

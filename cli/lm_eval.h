@@ -31,9 +31,10 @@ std::vector<uint64_t> eval_positions(uint64_t stream_size, uint32_t context, uin
 void gather_rows(const std::vector<int32_t>& stream, uint32_t context, const uint64_t* positions,
                  uint64_t rows, int32_t* tokens, int32_t* targets);
 
-// Mean softmax cross-entropy of `rows` rows of logits against `targets`, in double precision, on
-// up to `threads` threads (the caller's among them). Rows are summed in fixed blocks, so the
-// result has the same bits for any thread count.
+// Mean softmax cross-entropy of `rows` rows of logits against `targets`, in double precision
+// (glibc's exp: a figure to print, not a gradient), on up to `threads` threads (the caller's among
+// them); 0 for no rows. Rows are summed in fixed blocks, so the result has the same bits for any
+// thread count.
 double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows, uint32_t vocab,
                      unsigned threads = 1);
 

@@ -136,8 +136,9 @@ MOERT_AVX2 inline __m256d softmax_exp4(__m256d x) {
   const __m256d below = _mm256_cmp_pd(x, _mm256_set1_pd(k::kLowest), _CMP_LT_OQ);
   // A NaN passes both bounds (the second operand is returned when either is NaN).
   x = _mm256_min_pd(_mm256_setzero_pd(), _mm256_max_pd(_mm256_set1_pd(k::kLowest), x));
+  // In the current rounding mode, as std::nearbyint on the scalar path.
   const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(k::kLog2e)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                                    _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
   __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(k::kLn2Hi), x);
   r = _mm256_fnmadd_pd(n, _mm256_set1_pd(k::kLn2Lo), r);
   __m256d p = _mm256_set1_pd(k::kTaylor[0]);
@@ -153,7 +154,7 @@ MOERT_AVX2 void softmax_exp_avx2(const float* z, float max, double* e, int64_t n
   int64_t i = 0;
   for (; i + 4 <= n; i += 4)
     _mm256_storeu_pd(e + i, softmax_exp4(_mm256_cvtps_pd(_mm_sub_ps(_mm_loadu_ps(z + i), m))));
-  if (i == n) return;
+  if (i >= n) return;
   float zt[4] = {max, max, max, max};
   double et[4];
   std::copy(z + i, z + n, zt);

@@ -41,12 +41,14 @@ void add_into(float* dst, const float* src, int64_t n);
 // y[i] = y[i] + a * x[i].
 void axpy(float* y, float a, const float* x, int64_t n);
 
-// e[i] = e^(z[i] - max) in double, from the float difference z[i] - max: the terms of a softmax
-// whose largest logit is max, so that every argument is at most 0 (a larger one gives 1). Within
-// 2 ulp of the exact value; 0 where that would be subnormal (below e^-708.4, which beside the
-// softmax's term e^0 = 1 weighs nothing in any sum or float); a NaN gives NaN. Every path (scalar,
-// AVX2, AVX-512) and every position in z gives the bits of softmax_exp_steps::one, so a training's
-// losses and gradients do not depend on the CPU (softmax_exp_steps.h has the method).
+// e[i] = e^(z[i] - max) in double for i < n (nothing for n <= 0), from the float difference
+// z[i] - max: the terms of a softmax whose largest logit is max, so that every argument is at
+// most 0 (a larger one gives 1). Within 1 ulp of the exact value in the default rounding mode
+// (0.88 at worst over every float argument); 0 where that would be subnormal (below
+// e^-708.4, which beside the softmax's term e^0 = 1 weighs nothing in any sum or float); a NaN
+// gives NaN. Every path (scalar, AVX2, AVX-512) and every position in z gives the bits of
+// softmax_exp_steps::one, so a training's losses and gradients do not depend on the CPU
+// (softmax_exp_steps.h has the method).
 void softmax_exp(const float* z, float max, double* e, int64_t n);
 
 // out[i] = a * x[i]; returns the sum of x[i] * z[i] in double.

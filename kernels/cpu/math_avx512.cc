@@ -95,7 +95,7 @@ MOERT_AVX512 int64_t softmax_exp_avx512(const float* z, float max, double* e, in
     const __mmask8 below = _mm512_cmp_pd_mask(x, _mm512_set1_pd(k::kLowest), _CMP_LT_OQ);
     x = _mm512_min_pd(_mm512_setzero_pd(), _mm512_max_pd(_mm512_set1_pd(k::kLowest), x));
     const __m512d nn = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(k::kLog2e)),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                                            _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
     __m512d r = _mm512_fnmadd_pd(nn, _mm512_set1_pd(k::kLn2Hi), x);
     r = _mm512_fnmadd_pd(nn, _mm512_set1_pd(k::kLn2Lo), r);
     __m512d p = _mm512_set1_pd(k::kTaylor[0]);

@@ -1,10 +1,12 @@
 // The steps of math.h's softmax_exp, shared by its scalar, AVX2 and AVX-512 paths so that each
-// lane of a vector goes through exactly the scalar operations: x = n ln2 + r with
-// n = nearest(x / ln2) and r reduced in two FMAs (fdlibm's split of ln2, whose high part ends in
-// zeros), e^r by its Taylor polynomial to degree 13 in Horner form (the remainder, below
-// |r|^14 / 14! < 5e-18 for |r| <= ln2 / 2, is under a thirtieth of an ulp; each FMA rounds once),
-// then 2^n through the exponent bits. Arguments run from kLowest to 0, where n stays in
-// [-1022, 0] and 2^n is a normal number.
+// lane of a vector goes through exactly the scalar operations, in any rounding mode: x = n ln2 + r
+// with n = x / ln2 rounded to an integer (to nearest in the default mode, where |r| <= ln2 / 2 and
+// a little more, x / ln2 being rounded) and r reduced in two FMAs (fdlibm's split of ln2, whose
+// high part ends in zeros), e^r by its Taylor polynomial to degree 13 in Horner form (the
+// remainder, below 5e-18 there, is under a twentieth of an ulp; each FMA rounds once), then 2^n
+// through the exponent bits. Arguments run from kLowest to 0, where n stays in [-1022, 0] and 2^n
+// is a normal number. The directed rounding modes keep the bits the same on every path, not the
+// accuracy.
 #pragma once
 
 #include <cmath>
