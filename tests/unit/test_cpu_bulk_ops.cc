@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfenv>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -259,6 +260,25 @@ TEST(CpuBulkOps, SoftmaxExpGivesTheScalarBitsWithin1Ulp) {
   for (size_t i = 0; i < sweep.size(); ++i) sweep[i] = -708.0f * static_cast<float>(i) / 4098.0f;
   check(sweep, 0.0f, "sweep");
   EXPECT_LE(worst_ulp, 1.0) << "over " << checked << " arguments";
+  // The same bits in the directed rounding modes too (a host may set one), on arguments around
+  // the points where x / ln2 rounds to one integer or the next.
+  std::vector<float> halves;
+  for (int k = -1022; k <= 0; k += 7) {
+    const float at = static_cast<float>((k - 0.5) * 0.6931471805599453);
+    halves.push_back(std::nextafter(at, -inf));
+    halves.push_back(at);
+    halves.push_back(std::nextafter(at, 0.0f));
+  }
+  for (const int mode : {FE_UPWARD, FE_DOWNWARD, FE_TOWARDZERO}) {
+    ASSERT_EQ(std::fesetround(mode), 0);
+    std::vector<double> e(halves.size());
+    cpu::softmax_exp(halves.data(), 0.0f, e.data(), static_cast<int64_t>(halves.size()));
+    std::vector<double> want(halves.size());
+    for (size_t i = 0; i < halves.size(); ++i) want[i] = cpu::softmax_exp_steps::one(halves[i]);
+    std::fesetround(FE_TONEAREST);
+    for (size_t i = 0; i < halves.size(); ++i)
+      ASSERT_TRUE(same_bits(e[i], want[i])) << "rounding mode " << mode << ", e^" << halves[i];
+  }
   // A NaN gives NaN, with the scalar steps' bits, in a vector block and in a tail.
   std::vector<float> bad(11, -1.0f);
   bad[2] = std::numeric_limits<float>::quiet_NaN();
