@@ -37,6 +37,7 @@ void gather_rows(const std::vector<int32_t>& stream, uint32_t context, const uin
 
 double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows, uint32_t vocab,
                      unsigned threads) {
+  if (rows == 0) return 0.0;
   constexpr uint64_t kBlock = 64;  // rows per partial sum
   const uint64_t blocks = (rows + kBlock - 1) / kBlock;
   std::vector<double> partial(blocks, 0.0);
@@ -53,7 +54,6 @@ double cross_entropy(const float* logits, const int32_t* targets, uint64_t rows,
       partial[b] = total;
     }
   };
-  if (blocks == 0) return 0.0;
   // The exponentials took 5 % of a step of `moert train`'s model on one thread, while the
   // session's threads waited: they run on as many, at most one per CPU and two blocks each (a
   // thread costs tens of microseconds to start). A thread that cannot be started leaves its
