@@ -1777,6 +1777,7 @@ TEST(BatcherSubmit, NestedFreesFromCallbacksReleaseEachBatcherOnce) {
     std::condition_variable cv;
     int answered = 0;
     int refused_as_freed = 0;
+    bool freeing_b = false;  // A's callback is about to free B
   } ctx;
   ctx.a = make_batcher(f.model.get(), {1, 1, 2, 0}).release();
   ctx.b = make_batcher(f.model.get(), {1, 1, 2, 1000000}).release();
@@ -1789,10 +1790,17 @@ TEST(BatcherSubmit, NestedFreesFromCallbacksReleaseEachBatcherOnce) {
       ++c.answered;
       c.cv.notify_all();
     }
+    // Holds B's thread until A's callback frees B, and a moment more for that free to begin:
+    // B's second request must still be queued then, whatever the host's load delays.
     static void slow(void* user_data, moert_status* status, const float*, uint64_t, const int64_t*,
                      uint64_t) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      done(*static_cast<Ctx*>(user_data), status);
+      auto& c = *static_cast<Ctx*>(user_data);
+      {
+        std::unique_lock<std::mutex> lock(c.mu);
+        c.cv.wait_for(lock, std::chrono::seconds(20), [&] { return c.freeing_b; });
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      done(c, status);
     }
     static void frees_a_and_b(void* user_data, moert_status* status, const float*, uint64_t,
                               const int64_t*, uint64_t) {
@@ -1804,13 +1812,18 @@ TEST(BatcherSubmit, NestedFreesFromCallbacksReleaseEachBatcherOnce) {
     static void frees_b(void* user_data, moert_status* status, const float*, uint64_t,
                         const int64_t*, uint64_t) {
       auto& c = *static_cast<Ctx*>(user_data);
+      {
+        std::lock_guard<std::mutex> lock(c.mu);
+        c.freeing_b = true;
+      }
+      c.cv.notify_all();
       moert_batcher_free(c.b);
       done(c, status);
     }
   };
   const auto in = f.token_input(2, 0);
-  // B's first request fills its pass and holds B's thread; the second queues behind it (B waits
-  // a second to fill a batch) until A's callback frees B.
+  // B's first request fills its pass and holds B's thread; the second queues behind it until A's
+  // callback frees B.
   ASSERT_TRUE(IsOk(moert_batcher_submit_tokens(ctx.b, in.data(), in.size(), 2, &Cb::slow, &ctx)));
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   ASSERT_TRUE(
