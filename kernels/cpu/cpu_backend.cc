@@ -21,6 +21,8 @@ namespace {
 int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
 constexpr int64_t kElementBlock = int64_t{1} << 15;
+// Rows a combine (or its backward) adds into one token's row per pass over it: a top-K's.
+constexpr int kRowsAtOnce = 16;
 
 // Fills the token-major view of a plan from its expert-major lists, and the offsets' copy.
 void index_by_token(Allocator& mem, DispatchPlan& plan) {
@@ -311,10 +313,18 @@ void CpuBackend::combine(const DispatchPlan& plan, const float* y_perm, float* y
   const float* weight = plan.weight.data();
   pool_.parallel_for(blocks(plan.rows, kReduceRows), [&](int64_t b, unsigned) {
     const int64_t r0 = b * kReduceRows, n = std::min(kReduceRows, plan.rows - r0);
+    // A token's rows in its assignments' order, up to kRowsAtOnce per pass over its y row.
+    float w[kRowsAtOnce];
+    const float* rows[kRowsAtOnce];
     for (int64_t t = r0; t < r0 + n; ++t)
-      for (int64_t j = to[t]; j < to[t + 1]; ++j) {
-        const int64_t a = ta[j];
-        axpy(y + t * dim, weight[a], y_perm + a * dim, dim);
+      for (int64_t j = to[t]; j < to[t + 1];) {
+        int k = 0;
+        for (; k < kRowsAtOnce && j < to[t + 1]; ++k, ++j) {
+          const int64_t a = ta[j];
+          w[k] = weight[a];
+          rows[k] = y_perm + a * dim;
+        }
+        axpy_rows(y + t * dim, w, rows, k, dim);
       }
   });
 }
@@ -352,9 +362,13 @@ void CpuBackend::dispatch_backward(const DispatchPlan& plan, const float* dx_per
   const int32_t* ta = plan.token_assign.data();
   pool_.parallel_for(blocks(plan.rows, kReduceRows), [&](int64_t b, unsigned) {
     const int64_t r0 = b * kReduceRows, n = std::min(kReduceRows, plan.rows - r0);
+    const float* rows[kRowsAtOnce];
     for (int64_t t = r0; t < r0 + n; ++t)
-      for (int64_t j = to[t]; j < to[t + 1]; ++j) {
-        add_into(dx + t * dim, dx_perm + static_cast<int64_t>(ta[j]) * dim, dim);
+      for (int64_t j = to[t]; j < to[t + 1];) {
+        int k = 0;
+        for (; k < kRowsAtOnce && j < to[t + 1]; ++k, ++j)
+          rows[k] = dx_perm + static_cast<int64_t>(ta[j]) * dim;
+        add_rows(dx + t * dim, rows, k, dim);
       }
   });
 }

@@ -107,6 +107,36 @@ MOERT_AVX2 void axpy_avx2(float* y, float a, const float* x, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// The tails' `v += a * x` is contracted to an FMA here as axpy_avx2's is, and not in the
+// scalar path below, as axpy's.
+MOERT_AVX2 void axpy_rows_avx2(float* y, const float* a, const float* const* x, int k, int64_t i,
+                               int64_t n) {
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = _mm256_loadu_ps(y + i);
+    for (int j = 0; j < k; ++j)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(a[j]), _mm256_loadu_ps(x[j] + i), acc);
+    _mm256_storeu_ps(y + i, acc);
+  }
+  for (; i < n; ++i) {
+    float v = y[i];
+    for (int j = 0; j < k; ++j) v += a[j] * x[j][i];
+    y[i] = v;
+  }
+}
+
+MOERT_AVX2 void add_rows_avx2(float* dst, const float* const* src, int k, int64_t i, int64_t n) {
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = _mm256_loadu_ps(dst + i);
+    for (int j = 0; j < k; ++j) acc = _mm256_add_ps(acc, _mm256_loadu_ps(src[j] + i));
+    _mm256_storeu_ps(dst + i, acc);
+  }
+  for (; i < n; ++i) {
+    float v = dst[i];
+    for (int j = 0; j < k; ++j) v = v + src[j][i];
+    dst[i] = v;
+  }
+}
+
 MOERT_AVX2 double scale_and_dot_avx2(float* out, float a, const float* x, const float* z,
                                      int64_t n) {
   const __m256 av = _mm256_set1_ps(a);
@@ -420,6 +450,26 @@ void axpy(float* y, float a, const float* x, int64_t n) {
   }
   if (use_avx2()) return axpy_avx2(y, a, x, n);
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+void axpy_rows(float* y, const float* a, const float* const* x, int k, int64_t n) {
+  const int64_t done = use_avx512() ? axpy_rows_avx512(y, a, x, k, n) : 0;
+  if (use_avx2()) return axpy_rows_avx2(y, a, x, k, done, n);
+  for (int64_t i = done; i < n; ++i) {
+    float v = y[i];
+    for (int j = 0; j < k; ++j) v += a[j] * x[j][i];
+    y[i] = v;
+  }
+}
+
+void add_rows(float* dst, const float* const* src, int k, int64_t n) {
+  const int64_t done = use_avx512() ? add_rows_avx512(dst, src, k, n) : 0;
+  if (use_avx2()) return add_rows_avx2(dst, src, k, done, n);
+  for (int64_t i = done; i < n; ++i) {
+    float v = dst[i];
+    for (int j = 0; j < k; ++j) v = v + src[j][i];
+    dst[i] = v;
+  }
 }
 
 void softmax_exp(const float* z, float max, double* e, int64_t n) {

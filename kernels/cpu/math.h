@@ -41,6 +41,14 @@ void add_into(float* dst, const float* src, int64_t n);
 // y[i] = y[i] + a * x[i].
 void axpy(float* y, float a, const float* x, int64_t n);
 
+// y[i] = (...(y[i] + a[0] * x[0][i]) + ...) + a[k-1] * x[k-1][i]: the bits of axpy(y, a[j],
+// x[j], n) for j = 0, ..., k-1 in turn (a combine's order), with y read and written once.
+void axpy_rows(float* y, const float* a, const float* const* x, int k, int64_t n);
+
+// dst[i] = (...(dst[i] + src[0][i]) + ...) + src[k-1][i]: the bits of add_into(dst, src[j], n)
+// for j = 0, ..., k-1 in turn, with dst read and written once.
+void add_rows(float* dst, const float* const* src, int k, int64_t n);
+
 // e[i] = e^(z[i] - max) in double for i < n (nothing for n <= 0), from the float difference
 // z[i] - max: the terms of a softmax whose largest logit is max, so that every argument is at
 // most 0 (a larger one gives 1). Within 1 ulp of the exact value in the default rounding mode

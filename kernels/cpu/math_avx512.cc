@@ -124,6 +124,28 @@ MOERT_AVX512 int64_t axpy_avx512(float* y, float a, const float* x, int64_t n) {
   return i;
 }
 
+MOERT_AVX512 int64_t axpy_rows_avx512(float* y, const float* a, const float* const* x, int k,
+                                      int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 acc = _mm512_loadu_ps(y + i);
+    for (int j = 0; j < k; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(a[j]), _mm512_loadu_ps(x[j] + i), acc);
+    _mm512_storeu_ps(y + i, acc);
+  }
+  return i;
+}
+
+MOERT_AVX512 int64_t add_rows_avx512(float* dst, const float* const* src, int k, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 acc = _mm512_loadu_ps(dst + i);
+    for (int j = 0; j < k; ++j) acc = _mm512_add_ps(acc, _mm512_loadu_ps(src[j] + i));
+    _mm512_storeu_ps(dst + i, acc);
+  }
+  return i;
+}
+
 MOERT_AVX512 int64_t swiglu_avx512(const float* h1, const float* h3, float* a, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {

@@ -11,6 +11,9 @@ namespace moert::cpu {
 
 int64_t add_avx512(float* dst, const float* src, int64_t n);
 int64_t axpy_avx512(float* y, float a, const float* x, int64_t n);
+// math.h's axpy_rows and add_rows.
+int64_t axpy_rows_avx512(float* y, const float* a, const float* const* x, int k, int64_t n);
+int64_t add_rows_avx512(float* dst, const float* const* src, int k, int64_t n);
 // math.h's softmax_exp in blocks of 8.
 int64_t softmax_exp_avx512(const float* z, float max, double* e, int64_t n);
 int64_t swiglu_avx512(const float* h1, const float* h3, float* a, int64_t n);

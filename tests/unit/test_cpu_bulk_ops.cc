@@ -198,6 +198,39 @@ TEST(CpuBulkOps, ElementwiseKernelsGiveTheAvx2BitsOnEveryIsa) {
     }
 }
 
+// The combine adds a token's top-K rows in one pass over its row, and the dispatch's backward its
+// rows' input gradients: each must give the bits of the one-row calls in turn (the order an
+// expert-parallel combine adds in), for any count of rows and wherever a row ends (a 16-wide
+// block, an 8-wide one, the scalar tail).
+TEST(CpuBulkOps, AxpyRowsAndAddRowsGiveTheBitsOfOneRowAtATime) {
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const int64_t longest = 16 * 37 + 13;
+  std::vector<std::vector<float>> x(17, std::vector<float>(longest));
+  std::vector<float> a(17), y0(longest);
+  for (auto& row : x)
+    for (float& v : row) v = normal(rng);
+  for (float& v : a) v = normal(rng);
+  for (float& v : y0) v = normal(rng);
+  std::vector<const float*> rows;
+  for (const auto& row : x) rows.push_back(row.data());
+  for (const int k : {0, 1, 2, 3, 8, 16, 17})
+    for (const int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{13}, int64_t{16},
+                            int64_t{24}, int64_t{31}, longest}) {
+      std::vector<float> want = y0, got = y0;
+      for (int j = 0; j < k; ++j) cpu::axpy(want.data(), a[static_cast<size_t>(j)], rows[j], n);
+      cpu::axpy_rows(got.data(), a.data(), rows.data(), k, n);
+      EXPECT_EQ(0, std::memcmp(want.data(), got.data(), sizeof(float) * y0.size()))
+          << "axpy_rows, k " << k << ", n " << n;
+      want = y0;
+      got = y0;
+      for (int j = 0; j < k; ++j) cpu::add_into(want.data(), rows[j], n);
+      cpu::add_rows(got.data(), rows.data(), k, n);
+      EXPECT_EQ(0, std::memcmp(want.data(), got.data(), sizeof(float) * y0.size()))
+          << "add_rows, k " << k << ", n " << n;
+    }
+}
+
 // A softmax's exponentials run 8 at a time on AVX-512, 4 on AVX2 (the row's end through a padded
 // block) and one by one on the scalar path: every element must have the scalar steps' bits,
 // wherever it lies in the row, or a training's loss and gradients would depend on the CPU. And
