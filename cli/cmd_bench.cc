@@ -384,11 +384,16 @@ int run_bench(const Args& args) {
     };
     o << "{\"moe\": {\"forward\": " << pass(moe_fwd, t32.forward)
       << ", \"forward_backward\": " << pass(3 * moe_fwd, t32.forward_backward) << "},\n";
-    if (low)
+    if (low) {
       o << " \"moe_" << precision << "\": {\"forward\": " << pass(moe_fwd, t16.forward)
         << ", \"forward_backward\": " << pass(3 * moe_fwd, t16.forward_backward)
         << ", \"error_fprop\": " << json_number(acc.fprop)
-        << ", \"error_dgrad\": " << json_number(acc.dgrad) << "},\n";
+        << ", \"error_dgrad\": " << json_number(acc.dgrad) << ", \"error_wgrad\": {";
+      for (size_t i = 0; i < acc.wgrad.size(); ++i)
+        o << (i ? ", " : "") << json_string(acc.wgrad[i].first) << ": "
+          << json_number(acc.wgrad[i].second);
+      o << "}},\n";
+    }
     o << " \"device\": " << json_string(device) << ", \"threads\": " << threads
       << ", \"clock\": " << json_string(using_cpu_time() ? "cpu" : "wall")
       << ", \"cpu\": " << json_string(cpu_name()) << ", \"isa\": " << json_string(isa.dnnl)
@@ -402,13 +407,15 @@ int run_bench(const Args& args) {
       << ", \"gemm_width\": " << width << ",\n \"peak_gflops\": " << json_number(peak.gflops)
       << ", \"read_gbps\": " << json_number(bandwidth)
       << ", \"bf16_dot_peak_gflops\": " << json_number(dot.gflops);
-    o << ",\n \"gemm\": {\"library\": " << json_string(best ? best->name : "")
-      << ", \"forward\": {\"gflops\": " << json_number(best_nt)
-      << "}, \"forward_backward\": {\"gflops\": " << json_number(best ? best->trio : 0.0)
-      << "}, \"beside\": {\"gflops\": " << json_number(beside_gemm)
-      << ", \"forward\": " << json_number(beside_f)
-      << ", \"forward_backward\": " << json_number(beside_fb)
-      << ", \"busy_waits\": " << t32.busy_waits << "}}";
+    // Without a library (--no-libraries, or none installed) there is no baseline: null figures.
+    auto baseline = [&](double v) { return best ? json_number(v) : std::string("null"); };
+    o << ",\n \"gemm\": {\"library\": " << (best ? json_string(best->name) : "null")
+      << ", \"forward\": {\"gflops\": " << baseline(best_nt)
+      << "}, \"forward_backward\": {\"gflops\": " << baseline(best ? best->trio : 0.0)
+      << "}, \"beside\": {\"gflops\": " << baseline(beside_gemm)
+      << ", \"forward\": " << baseline(beside_f)
+      << ", \"forward_backward\": " << baseline(beside_fb) << ", \"busy_waits\": " << t32.busy_waits
+      << "}}";
     o << ",\n \"libraries\": [";
     for (size_t i = 0; i < libs.size(); ++i)
       o << (i ? ", " : "") << "{\"name\": " << json_string(libs[i].name)

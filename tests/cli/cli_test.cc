@@ -1520,6 +1520,15 @@ TEST(Cli, BenchQuickPrintsItsTable) {
         << r.out;
   }
   EXPECT_TRUE(std::regex_search(r.out, std::regex("Fprop \\(output\\) [0-9.]+e-0[2-5]"))) << r.out;
+  // The JSON carries every GEMM kind's distance the table prints, each weight's Wgrad too.
+  const Result b = run("bench --quick --threads 1 --precision bf16 --json", dir);
+  ASSERT_EQ(b.code, 0) << b.err;
+  const size_t wgrad = b.out.find("\"error_wgrad\": {");
+  ASSERT_NE(wgrad, std::string::npos) << b.out;
+  for (const char* w : {"w1", "w3", "w2", "shared_w1", "shared_w3", "shared_w2"}) {
+    const double e = json_value(b.out, w, wgrad);
+    EXPECT_TRUE(e > 1e-5 && e < 1e-2) << w << " " << e << "\n" << b.out;
+  }
   const Result j = run("bench --quick --threads 1 --json", dir);
   ASSERT_EQ(j.code, 0) << j.err;
   // The quick layer: 256 tokens of width 64, 8 experts x 64, top-2, 1 shared x 64.
@@ -1542,6 +1551,13 @@ TEST(Cli, BenchQuickPrintsItsTable) {
             std::string::npos)
       << o.err;
   EXPECT_GT(json_value(o.out, "gflops"), 0.0);
+  // Far more threads than CPUs: the peak probe runs each thread's share of a CPU's work, so a
+  // quick run stays quick (64 threads on 2 CPUs took 2 minutes with each thread's full share),
+  // and the peak is still the CPUs' own.
+  const Result many = run("bench --quick --no-libraries --repeats 1 --threads 64 --json", dir);
+  ASSERT_EQ(many.code, 0) << many.err;
+  EXPECT_GT(json_value(many.out, "peak_gflops"), 0.0);
+  EXPECT_LT(json_value(many.out, "peak_gflops"), 4 * json_value(j.out, "peak_gflops") * over);
 }
 
 // A top-1 layer is timed too: its gate weights are left unnormalised (renormalised, each would be
@@ -1551,6 +1567,10 @@ TEST(Cli, BenchTimesATopOneLayer) {
       run("bench --quick --threads 1 --no-libraries --top-k 1 --json", workdir("bench_top1"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(json_value(r.out, "assignments"), 256.0);  // the quick layer's 256 tokens, one each
+  // No library ran: the baseline's figures are null, not zeros that read as measured.
+  EXPECT_NE(r.out.find("\"gemm\": {\"library\": null, \"forward\": {\"gflops\": null}"),
+            std::string::npos)
+      << r.out;
   const size_t at = r.out.find("\"forward_backward\"");
   ASSERT_NE(at, std::string::npos) << r.out;
   EXPECT_GT(json_value(r.out, "gflops", at), 0.0) << r.out;
