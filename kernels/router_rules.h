@@ -53,8 +53,28 @@ MOERT_HOST_DEVICE inline int argmax_untaken(const float* v, const unsigned char*
   return best;
 }
 
-// Floats of scratch one token needs in route_token: biased [E], group scores [G], and the taken
-// flags [E + G] as bytes in E more floats.
+// The k largest of v [n] (1 <= k <= n), largest first, the lower index first among equals: the
+// indices that k successive argmax_untaken calls take, in their order, from one pass over v
+// (insertion into the sorted best k; k passes took 1.5x as long for 4 of 16 values, 2.4x for
+// DeepSeek-V3's 8 of 256).
+// idx (out) [k]; best (out) [k]: their values. v holds no NaN (the callers rank NaN as -inf).
+MOERT_HOST_DEVICE inline void top_k_of(const float* v, int n, int k, int32_t* idx, float* best) {
+  int filled = 0;
+  for (int i = 0; i < n; ++i) {
+    const float x = v[i];
+    if (filled == k && !(x > best[k - 1])) continue;
+    int j = filled < k ? filled++ : k - 1;
+    for (; j > 0 && best[j - 1] < x; --j) {
+      best[j] = best[j - 1];
+      idx[j] = idx[j - 1];
+    }
+    best[j] = x;
+    idx[j] = i;
+  }
+}
+
+// Floats of scratch one token needs in route_token: biased [E], group scores [G], and the groups'
+// taken flags [G] as bytes in E more floats.
 MOERT_HOST_DEVICE inline int64_t route_scratch_floats(const RouterConfig& cfg) {
   return 2 * static_cast<int64_t>(cfg.num_experts) + cfg.num_groups;
 }
@@ -107,14 +127,13 @@ MOERT_HOST_DEVICE inline void route_token(const RouterConfig& cfg, const float* 
   const int K = static_cast<int>(cfg.top_k);
   float* biased = scratch;
   float* gscore = biased + E;
-  unsigned char* taken = reinterpret_cast<unsigned char*>(gscore + G);  // E + G bytes <= E floats
+  unsigned char* gtaken = reinterpret_cast<unsigned char*>(gscore + G);  // G bytes <= E floats
 
   score_token(cfg.score, z, s, E);
   for (int e = 0; e < E; ++e) {
     float b = s[e] + (bias ? bias[e] : 0.0f);
     if (is_nan(b)) b = -INFINITY;  // ranks below every real score
     biased[e] = b;
-    taken[e] = 0;
   }
   if (G > 1 && cfg.topk_groups < cfg.num_groups) {
     const int gs = E / G;
@@ -132,18 +151,16 @@ MOERT_HOST_DEVICE inline void route_token(const RouterConfig& cfg, const float* 
       }
       gscore[g] = gs >= 2 ? first + second : first;
     }
-    unsigned char* gtaken = taken + E;
     for (int g = 0; g < G; ++g) gtaken[g] = 0;
     for (unsigned i = 0; i < cfg.topk_groups; ++i) gtaken[argmax_untaken(gscore, gtaken, G)] = 1;
     // Experts of the groups not kept cannot be chosen: -inf, never 0.
     for (int e = 0; e < E; ++e)
       if (!gtaken[e / gs]) biased[e] = -INFINITY;
   }
+  if (K > 0) top_k_of(biased, E, K, experts, weights);  // weights: the biased scores, for now
   float sum = 0.0f;
   for (int k = 0; k < K; ++k) {
-    const int e = argmax_untaken(biased, taken, E);
-    taken[e] = 1;
-    experts[k] = e;
+    const int e = experts[k];
     weights[k] = s[e];  // from the unbiased score
     sum += s[e];
   }

@@ -175,6 +175,46 @@ TEST_F(RouterRules, RouteTopkIsTheCpusBitForBit) {
               static_cast<long long>(cases), static_cast<long long>(tokens));
 }
 
+// The top-K is found in one pass by insertion; it must take exactly what K successive argmaxes
+// take, in their order: ties to the lower index however many values tie, -inf (a masked group's
+// or a NaN score's) after every real value and among themselves by index, for any K up to n.
+TEST(RouterTopK, TopKOfTakesWhatSuccessiveArgmaxesTake) {
+  std::mt19937 rng(77);
+  std::uniform_int_distribution<int> pick(0, 9), small(-2, 2);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  int64_t cases = 0;
+  for (int n : {1, 2, 3, 5, 8, 16, 17, 64, 256, 300})
+    for (int k = 1; k <= std::min(n, 12); ++k)
+      for (int kind = 0; kind < 4; ++kind)
+        for (int rep = 0; rep < 20; ++rep) {
+          std::vector<float> v(static_cast<size_t>(n));
+          for (float& x : v) {
+            const int p = pick(rng);
+            x = kind == 0   ? normal(rng)                     // distinct
+                : kind == 1 ? static_cast<float>(small(rng))  // ties everywhere
+                : kind == 2 ? (p < 3   ? -kInf
+                               : p < 5 ? kInf
+                                       : static_cast<float>(small(rng)))
+                            : -kInf;  // all masked
+          }
+          std::vector<unsigned char> taken(static_cast<size_t>(n), 0);
+          std::vector<int32_t> want(static_cast<size_t>(k)), got(static_cast<size_t>(k), -7);
+          for (int j = 0; j < k; ++j) {
+            want[static_cast<size_t>(j)] = rules::argmax_untaken(v.data(), taken.data(), n);
+            taken[static_cast<size_t>(want[static_cast<size_t>(j)])] = 1;
+          }
+          std::vector<float> best(static_cast<size_t>(k), kNaN);
+          rules::top_k_of(v.data(), n, k, got.data(), best.data());
+          ASSERT_EQ(got, want) << "n " << n << " k " << k << " kind " << kind;
+          for (int j = 0; j < k; ++j)
+            ASSERT_EQ(std::memcmp(&best[static_cast<size_t>(j)],
+                                  &v[static_cast<size_t>(want[static_cast<size_t>(j)])], 4),
+                      0);
+          ++cases;
+        }
+  std::printf("top_k_of: %lld cases, all as successive argmaxes\n", static_cast<long long>(cases));
+}
+
 // A routing of random logits and the plan the CPU builds from it.
 struct Routed {
   Routing r;
