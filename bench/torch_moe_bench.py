@@ -260,17 +260,20 @@ def main():
                                        for g, d in probes) + " GFLOP/s on the GEMM); "
           f"default libblas.so.3: {default_blas()}")
     print(f"GEMM = C[{T}, {N}] = X[{T}, {D}] W^T (the MoE layer's forward FLOPs); moert's GEMM "
-          f"column: the best library moert bench measured ({m['gemm'].get('library', '?')})")
+          f"column: the best library moert bench measured ({m['gemm'].get('library') or 'none'})")
     # moert/beside: each of moert's passes against that GEMM run again right before it.
     beside = m["gemm"].get("beside", {})
     print(f"{'pass':<18} {'moert GF/s':>11} {'torch GF/s':>11} {'moert/torch':>12} "
           f"{'best GEMM':>10} {'torch GEMM':>11} {'moert/GEMM':>11} {'moert/beside':>13}")
+    # moert bench writes null where it measured no baseline (no GEMM library ran).
+    def figure(v, width):
+        return f"{v:>{width}.2f}" if v else f"{'n/a':>{width}}"
     for i, name in enumerate(["forward", "forward+backward"]):
-        ratio = beside.get(["forward", "forward_backward"][i], 0.0)
+        ratio = beside.get(["forward", "forward_backward"][i])
         print(f"{name:<18} {moert_gf[i]:>11.2f} {torch_gf[i]:>11.2f} "
-              f"{moert_gf[i] / torch_gf[i]:>12.2f} {moert_gemm[0]:>10.2f} {torch_gemm[i]:>11.2f} "
-              f"{moert_gf[i] / moert_gemm[0]:>11.2f} "
-              + (f"{ratio:>13.2f}" if ratio > 0 else f"{'n/a':>13}"))
+              f"{moert_gf[i] / torch_gf[i]:>12.2f} {figure(moert_gemm[0], 10)} "
+              f"{torch_gemm[i]:>11.2f} "
+              f"{figure(moert_gemm[0] and moert_gf[i] / moert_gemm[0], 11)} {figure(ratio, 13)}")
     return 0
 
 

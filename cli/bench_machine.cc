@@ -127,7 +127,9 @@ double sum_plain(const float* p, size_t n) {
 
 void use_cpu_time(bool cpu_time, unsigned threads) {
   g_cpu_time = cpu_time;
-  g_threads = std::max(1u, threads);
+  // Threads beyond the CPUs take turns and add no CPU time: the process's CPU time is that of the
+  // CPUs it runs on.
+  g_threads = std::max(1u, std::min(threads, cpu_count()));
 }
 
 bool using_cpu_time() { return g_cpu_time; }

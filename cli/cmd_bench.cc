@@ -85,8 +85,8 @@ const CommandSpec kBenchSpec = {
         {"seed", "N", "seed of the weights and inputs", "1"},
         {"no-libraries", "", "skip the GEMM libraries (the baseline is then missing)", ""},
         {"cpu-time", "",
-         "time by the process's CPU time / threads instead of wall time (a machine shared with "
-         "other jobs)",
+         "time by the process's CPU time / threads (at most the CPUs) instead of wall time (a "
+         "machine shared with other jobs)",
          ""},
         {"decode", "", "also time decode-sized batches of a large bf16 layer", ""},
         {"decode-dim", "N", "width of the decode layer", "7168"},
@@ -406,7 +406,7 @@ int run_bench(const Args& args) {
       << ", \"repeats\": " << repeats << ", \"assignments\": " << t32.assignments
       << ", \"gemm_width\": " << width << ",\n \"peak_gflops\": " << json_number(peak.gflops)
       << ", \"read_gbps\": " << json_number(bandwidth)
-      << ", \"bf16_dot_peak_gflops\": " << json_number(dot.gflops);
+      << ", \"bf16_dot_peak_gflops\": " << json_number(dot.gflops > 0 ? dot.gflops : NAN);
     // Without a library (--no-libraries, or none installed) there is no baseline: null figures.
     auto baseline = [&](double v) { return best ? json_number(v) : std::string("null"); };
     o << ",\n \"gemm\": {\"library\": " << (best ? json_string(best->name) : "null")
@@ -422,8 +422,8 @@ int run_bench(const Args& args) {
         << ", \"available\": " << (libs[i].available ? "true" : "false")
         << ", \"kernels\": " << json_string(libs[i].kernels)
         << ", \"how\": " << json_string(libs[i].available ? libs[i].how : libs[i].missing)
-        << ", \"nt_gflops\": " << json_number(libs[i].nt)
-        << ", \"trio_gflops\": " << json_number(libs[i].trio) << "}";
+        << ", \"nt_gflops\": " << json_number(libs[i].available ? libs[i].nt : NAN)
+        << ", \"trio_gflops\": " << json_number(libs[i].available ? libs[i].trio : NAN) << "}";
     o << "]";
     if (decode) {
       o << ",\n \"decode\": [";
@@ -455,8 +455,8 @@ int run_bench(const Args& args) {
       transposed_copies ? "transposed copies (nn)" : "as stored (nt)",
       packed_copies ? "packed copies (oneDNN's blocked layout)" : "as stored");
   if (using_cpu_time())
-    std::printf("times: process CPU time / %u thread%s (--cpu-time), not wall time\n", threads,
-                threads == 1 ? "" : "s");
+    std::printf("times: process CPU time / %u thread%s (--cpu-time), not wall time\n",
+                std::min(threads, cpu_count()), std::min(threads, cpu_count()) == 1 ? "" : "s");
   std::printf(
       "machine limits, measured now: fp32 FMA peak %.1f GFLOP/s (%s); memory read %.1f GB/s\n",
       peak.gflops, peak.how.c_str(), bandwidth);

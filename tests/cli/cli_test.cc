@@ -1558,6 +1558,12 @@ TEST(Cli, BenchQuickPrintsItsTable) {
   ASSERT_EQ(many.code, 0) << many.err;
   EXPECT_GT(json_value(many.out, "peak_gflops"), 0.0);
   EXPECT_LT(json_value(many.out, "peak_gflops"), 4 * json_value(j.out, "peak_gflops") * over);
+  // And by CPU time, which threads taking turns do not add to: divided by the CPUs, not the
+  // threads (which put the peak at threads / CPUs times the CPUs' own).
+  const Result cpu_time =
+      run("bench --quick --no-libraries --repeats 1 --threads 64 --cpu-time --json", dir);
+  ASSERT_EQ(cpu_time.code, 0) << cpu_time.err;
+  EXPECT_LT(json_value(cpu_time.out, "peak_gflops"), 4 * json_value(j.out, "peak_gflops") * over);
 }
 
 // A top-1 layer is timed too: its gate weights are left unnormalised (renormalised, each would be
