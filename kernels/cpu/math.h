@@ -42,11 +42,14 @@ void add_into(float* dst, const float* src, int64_t n);
 void axpy(float* y, float a, const float* x, int64_t n);
 
 // y[i] = (...(y[i] + a[0] * x[0][i]) + ...) + a[k-1] * x[k-1][i]: the bits of axpy(y, a[j],
-// x[j], n) for j = 0, ..., k-1 in turn (a combine's order), with y read and written once.
+// x[j], n) for j = 0, ..., k-1 in turn (a combine's order), with y read and written once. The
+// rows must not overlap y. Where two NaNs meet, which one's payload comes out is the compiler's
+// choice of operand order, here as between axpy's own paths: the bits hold for every other
+// result.
 void axpy_rows(float* y, const float* a, const float* const* x, int k, int64_t n);
 
 // dst[i] = (...(dst[i] + src[0][i]) + ...) + src[k-1][i]: the bits of add_into(dst, src[j], n)
-// for j = 0, ..., k-1 in turn, with dst read and written once.
+// for j = 0, ..., k-1 in turn, with dst read and written once; the same conditions.
 void add_rows(float* dst, const float* const* src, int k, int64_t n);
 
 // e[i] = e^(z[i] - max) in double for i < n (nothing for n <= 0), from the float difference

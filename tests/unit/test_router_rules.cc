@@ -176,22 +176,23 @@ TEST_F(RouterRules, RouteTopkIsTheCpusBitForBit) {
 }
 
 // The top-K is found in one pass by insertion; it must take exactly what K successive argmaxes
-// take, in their order: ties to the lower index however many values tie, -inf (a masked group's
-// or a NaN score's) after every real value and among themselves by index, for any K up to n.
+// take, in their order: ties to the lower index however many values tie (-0 and +0 among them),
+// -inf (a masked group's or a NaN score's) after every real value and among themselves by index,
+// for K from 1 to 12 and n - 1 and n.
 TEST(RouterTopK, TopKOfTakesWhatSuccessiveArgmaxesTake) {
   std::mt19937 rng(77);
   std::uniform_int_distribution<int> pick(0, 9), small(-2, 2);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   int64_t cases = 0;
   for (int n : {1, 2, 3, 5, 8, 16, 17, 64, 256, 300})
-    for (int k = 1; k <= std::min(n, 12); ++k)
+    for (int k = 1; k <= n; k = k < 12 ? k + 1 : std::max(k + 1, n - 1))
       for (int kind = 0; kind < 4; ++kind)
         for (int rep = 0; rep < 20; ++rep) {
           std::vector<float> v(static_cast<size_t>(n));
           for (float& x : v) {
             const int p = pick(rng);
-            x = kind == 0   ? normal(rng)                     // distinct
-                : kind == 1 ? static_cast<float>(small(rng))  // ties everywhere
+            x = kind == 0   ? normal(rng)                                        // distinct
+                : kind == 1 ? (p == 0 ? -0.0f : static_cast<float>(small(rng)))  // ties, +-0
                 : kind == 2 ? (p < 3   ? -kInf
                                : p < 5 ? kInf
                                        : static_cast<float>(small(rng)))
