@@ -90,6 +90,21 @@ namespace {
 // costs more than handing out the pieces.
 constexpr size_t kCopyBlock = size_t{128} << 10;
 
+// rows(t, a, k) for every token t of the plan, a its assignments (token_assign's) in order, up to
+// kRowsAtOnce of them per call: the rows a combine, or its backward, adds into token t's row in
+// one pass over it. On the pool's threads, in fixed blocks of tokens.
+template <typename F>
+void by_token_rows(ThreadPool& pool, const DispatchPlan& plan, F&& rows) {
+  const int64_t* to = plan.token_offsets.data();
+  const int32_t* ta = plan.token_assign.data();
+  pool.parallel_for(blocks(plan.rows, kReduceRows), [&](int64_t b, unsigned) {
+    const int64_t r0 = b * kReduceRows, n = std::min(kReduceRows, plan.rows - r0);
+    for (int64_t t = r0; t < r0 + n; ++t)
+      for (int64_t j = to[t]; j < to[t + 1]; j += kRowsAtOnce)
+        rows(t, ta + j, static_cast<int>(std::min<int64_t>(kRowsAtOnce, to[t + 1] - j)));
+  });
+}
+
 // piece(offset, length) over [0, bytes) in kCopyBlock pieces, on the pool's threads.
 template <typename F>
 void in_pieces(ThreadPool& pool, size_t bytes, F&& piece) {
@@ -308,24 +323,15 @@ void CpuBackend::dispatch(const DispatchPlan& plan, const float* x, float* x_per
 }
 
 void CpuBackend::combine(const DispatchPlan& plan, const float* y_perm, float* y, int64_t dim) {
-  const int64_t* to = plan.token_offsets.data();
-  const int32_t* ta = plan.token_assign.data();
   const float* weight = plan.weight.data();
-  pool_.parallel_for(blocks(plan.rows, kReduceRows), [&](int64_t b, unsigned) {
-    const int64_t r0 = b * kReduceRows, n = std::min(kReduceRows, plan.rows - r0);
-    // A token's rows in its assignments' order, up to kRowsAtOnce per pass over its y row.
+  by_token_rows(pool_, plan, [&](int64_t t, const int32_t* a, int k) {
     float w[kRowsAtOnce];
     const float* rows[kRowsAtOnce];
-    for (int64_t t = r0; t < r0 + n; ++t)
-      for (int64_t j = to[t]; j < to[t + 1];) {
-        int k = 0;
-        for (; k < kRowsAtOnce && j < to[t + 1]; ++k, ++j) {
-          const int64_t a = ta[j];
-          w[k] = weight[a];
-          rows[k] = y_perm + a * dim;
-        }
-        axpy_rows(y + t * dim, w, rows, k, dim);
-      }
+    for (int i = 0; i < k; ++i) {
+      w[i] = weight[a[i]];
+      rows[i] = y_perm + static_cast<int64_t>(a[i]) * dim;
+    }
+    axpy_rows(y + t * dim, w, rows, k, dim);
   });
 }
 
@@ -358,18 +364,10 @@ void CpuBackend::combine_backward(const DispatchPlan& plan, const float* y_perm,
 
 void CpuBackend::dispatch_backward(const DispatchPlan& plan, const float* dx_perm, float* dx,
                                    int64_t dim) {
-  const int64_t* to = plan.token_offsets.data();
-  const int32_t* ta = plan.token_assign.data();
-  pool_.parallel_for(blocks(plan.rows, kReduceRows), [&](int64_t b, unsigned) {
-    const int64_t r0 = b * kReduceRows, n = std::min(kReduceRows, plan.rows - r0);
+  by_token_rows(pool_, plan, [&](int64_t t, const int32_t* a, int k) {
     const float* rows[kRowsAtOnce];
-    for (int64_t t = r0; t < r0 + n; ++t)
-      for (int64_t j = to[t]; j < to[t + 1];) {
-        int k = 0;
-        for (; k < kRowsAtOnce && j < to[t + 1]; ++k, ++j)
-          rows[k] = dx_perm + static_cast<int64_t>(ta[j]) * dim;
-        add_rows(dx + t * dim, rows, k, dim);
-      }
+    for (int i = 0; i < k; ++i) rows[i] = dx_perm + static_cast<int64_t>(a[i]) * dim;
+    add_rows(dx + t * dim, rows, k, dim);
   });
 }
 
