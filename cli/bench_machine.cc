@@ -134,6 +134,8 @@ void use_cpu_time(bool cpu_time, unsigned threads) {
 
 bool using_cpu_time() { return g_cpu_time; }
 
+unsigned cpu_time_divisor() { return g_threads; }
+
 double bench_clock() {
   timespec t{};
   if (g_cpu_time) {

@@ -11,12 +11,14 @@
 namespace moert_cli {
 
 // The clock every benchmark figure is read from: wall time, or — for a machine shared with other
-// jobs — the process's CPU time divided by the thread count in use. CPU time leaves out the time
-// the threads spend descheduled by other jobs, and also the time they spend waiting for one
-// another (so it flatters a parallel run's balance); it still counts the cache misses that other
-// jobs cause. Seconds.
+// jobs — the process's CPU time divided by the thread count in use (at most the CPUs: threads
+// beyond them take turns). CPU time leaves out the time the threads spend descheduled by other
+// jobs, and also the time they spend waiting for one another (so it flatters a parallel run's
+// balance); it still counts the cache misses that other jobs cause. Seconds.
 void use_cpu_time(bool cpu_time, unsigned threads);
 bool using_cpu_time();
+// What the CPU time is divided by.
+unsigned cpu_time_divisor();
 double bench_clock();
 
 // Returns once the process's other threads have used almost no CPU for two short windows in a

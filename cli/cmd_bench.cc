@@ -456,7 +456,7 @@ int run_bench(const Args& args) {
       packed_copies ? "packed copies (oneDNN's blocked layout)" : "as stored");
   if (using_cpu_time())
     std::printf("times: process CPU time / %u thread%s (--cpu-time), not wall time\n",
-                std::min(threads, cpu_count()), std::min(threads, cpu_count()) == 1 ? "" : "s");
+                cpu_time_divisor(), cpu_time_divisor() == 1 ? "" : "s");
   std::printf(
       "machine limits, measured now: fp32 FMA peak %.1f GFLOP/s (%s); memory read %.1f GB/s\n",
       peak.gflops, peak.how.c_str(), bandwidth);
